@@ -1,0 +1,56 @@
+# GPU kernels: one object library of tier-1 (mma.sync, sm80+) instantiations, compiled for
+# every architecture in RINGATTN_CUDA_ARCHS (sm80 SASS does not run on Hopper, so tier 1 is
+# built for 90a too), plus the host dispatch. Static cudart: the .so needs only the driver.
+enable_language(CUDA)
+find_package(CUDAToolkit REQUIRED)
+set(CMAKE_CUDA_STANDARD 17)
+set(CMAKE_CUDA_STANDARD_REQUIRED ON)
+
+set(_ringattn_cuda_archs "")
+set(_ringattn_arch_numbers "")
+foreach(arch IN LISTS RINGATTN_CUDA_ARCHS)
+  if(NOT arch MATCHES "^(80|86|89|90|90a)$")
+    message(FATAL_ERROR "RINGATTN_CUDA_ARCHS: unsupported architecture '${arch}' (expected some of 80;86;89;90a)")
+  endif()
+  list(APPEND _ringattn_cuda_archs "${arch}-real")
+  string(REGEX REPLACE "a$" "" _num "${arch}")
+  list(APPEND _ringattn_arch_numbers "${_num}")
+endforeach()
+set(_ringattn_arch_defs "")
+foreach(num IN LISTS _ringattn_arch_numbers)
+  list(APPEND _ringattn_arch_defs RINGATTN_CUDA_ARCH_${num})
+endforeach()
+
+set(_ringattn_cuda_flags --expt-relaxed-constexpr -lineinfo)
+if(RINGATTN_PTXAS_VERBOSE)
+  list(APPEND _ringattn_cuda_flags -Xptxas=-v)
+endif()
+
+set(_ringattn_inst_sources "")
+set(_ringattn_hdim_defs "")
+foreach(hdim IN LISTS RINGATTN_HEAD_DIMS)
+  if(NOT hdim MATCHES "^(64|128|256)$")
+    message(FATAL_ERROR "RINGATTN_HEAD_DIMS: unsupported head dim '${hdim}' (expected some of 64;128;256)")
+  endif()
+  list(APPEND _ringattn_hdim_defs RINGATTN_HDIM_${hdim})
+  file(GLOB _f CONFIGURE_DEPENDS ${CMAKE_CURRENT_SOURCE_DIR}/csrc/cuda/sm80/instantiations/fwd_hdim${hdim}_*.cu)
+  list(APPEND _ringattn_inst_sources ${_f})
+endforeach()
+
+add_library(ringattn_cuda OBJECT
+  csrc/cuda/cuda_backend.cu
+  csrc/cuda/tile_scheduler.cu
+  ${_ringattn_inst_sources})
+set_target_properties(ringattn_cuda PROPERTIES
+  CUDA_ARCHITECTURES "${_ringattn_cuda_archs}"
+  POSITION_INDEPENDENT_CODE ON
+  CUDA_VISIBILITY_PRESET hidden)
+target_include_directories(ringattn_cuda PRIVATE
+  ${CMAKE_CURRENT_SOURCE_DIR}/include ${CMAKE_CURRENT_SOURCE_DIR}/csrc)
+target_compile_definitions(ringattn_cuda PRIVATE
+  ${_ringattn_hdim_defs} ${_ringattn_arch_defs})
+target_compile_options(ringattn_cuda PRIVATE $<$<COMPILE_LANGUAGE:CUDA>:${_ringattn_cuda_flags}>)
+
+target_sources(ringattn PRIVATE $<TARGET_OBJECTS:ringattn_cuda>)
+target_link_libraries(ringattn PRIVATE CUDA::cudart_static)
+message(STATUS "ringattn: CUDA archs ${_ringattn_cuda_archs}, head dims ${RINGATTN_HEAD_DIMS}")

@@ -1,0 +1,298 @@
+// Host dispatch of the CUDA backend: capability checks, workspace sizing, the work list, and
+// one flat table from (dtype, head dim, causal) to a compiled kernel instantiation.
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "common/backends.h"
+#include "common/error.h"
+#include "cuda/fwd_params.h"
+#include "cuda/sm80/fwd_traits.h"
+#include "cuda/tile_scheduler.h"
+
+namespace ringattn {
+namespace cuda {
+namespace {
+
+using FwdLaunchFn = cudaError_t (*)(const FwdKernelParams&, int, cudaStream_t);
+
+struct FwdKernelEntry {
+  int dtype;
+  int head_dim;
+  bool causal;
+  int block_m;
+  int block_n;
+  FwdLaunchFn launch;
+};
+
+template <typename Element, int kHeadDim, bool kCausal, int kDtype>
+constexpr FwdKernelEntry sm80_fwd_entry() {
+  using T = typename sm80::FwdConfig<Element, kHeadDim>::Traits;
+  return FwdKernelEntry{kDtype, kHeadDim, kCausal, T::kBlockM, T::kBlockN, &sm80::launch_grouped_fwd<T, kCausal>};
+}
+
+#define RINGATTN_FWD_ENTRIES(D)                                                     \
+  sm80_fwd_entry<__half, D, false, RINGATTN_DTYPE_FP16>(),                          \
+      sm80_fwd_entry<__half, D, true, RINGATTN_DTYPE_FP16>(),                       \
+      sm80_fwd_entry<__nv_bfloat16, D, false, RINGATTN_DTYPE_BF16>(),               \
+      sm80_fwd_entry<__nv_bfloat16, D, true, RINGATTN_DTYPE_BF16>(),
+
+// The compiled tier-1 forward kernels (CMake defines RINGATTN_HDIM_<D> for each head dim built).
+const FwdKernelEntry kFwdKernels[] = {
+#ifdef RINGATTN_HDIM_64
+    RINGATTN_FWD_ENTRIES(64)
+#endif
+#ifdef RINGATTN_HDIM_128
+    RINGATTN_FWD_ENTRIES(128)
+#endif
+#ifdef RINGATTN_HDIM_256
+    RINGATTN_FWD_ENTRIES(256)
+#endif
+};
+
+const FwdKernelEntry* find_fwd_kernel(int dtype, int head_dim, bool causal) {
+  for (const FwdKernelEntry& e : kFwdKernels)
+    if (e.dtype == dtype && e.head_dim == head_dim && e.causal == causal) return &e;
+  return nullptr;
+}
+
+ringattn_status cuda_fail(cudaError_t err, const char* what) {
+  return failf(RINGATTN_STATUS_CUDA_ERROR, "%s failed: %s (%s)", what, cudaGetErrorName(err), cudaGetErrorString(err));
+}
+
+// Makes `device` current for the scope of a call and restores the caller's device after.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    err_ = cudaGetDevice(&previous_);
+    if (err_ == cudaSuccess && previous_ != device) err_ = cudaSetDevice(device);
+  }
+  ~DeviceGuard() {
+    int now = -1;
+    if (cudaGetDevice(&now) == cudaSuccess && now != previous_ && previous_ >= 0) cudaSetDevice(previous_);
+  }
+  cudaError_t error() const { return err_; }
+
+ private:
+  int previous_ = -1;
+  cudaError_t err_ = cudaSuccess;
+};
+
+int64_t fwd_capacity(const ringattn_fwd_params& p, int block_m) {
+  std::vector<int64_t> total_q(p.problem.num_groups);
+  for (int g = 0; g < p.problem.num_groups; ++g) total_q[g] = p.groups[g].total_q;
+  return work_capacity(total_q.data(), p.problem.num_groups, p.problem.batch_size, block_m);
+}
+
+}  // namespace
+
+bool compiled() { return true; }
+
+int compiled_archs(int* archs, int capacity) {
+  // CMake defines RINGATTN_CUDA_ARCH_<sm> for each architecture it builds.
+  static const int kArchs[] = {
+#ifdef RINGATTN_CUDA_ARCH_80
+      80,
+#endif
+#ifdef RINGATTN_CUDA_ARCH_86
+      86,
+#endif
+#ifdef RINGATTN_CUDA_ARCH_89
+      89,
+#endif
+#ifdef RINGATTN_CUDA_ARCH_90
+      90,
+#endif
+      0};
+  const int n = static_cast<int>(sizeof(kArchs) / sizeof(kArchs[0])) - 1;
+  for (int i = 0; i < n && i < capacity; ++i) archs[i] = kArchs[i];
+  return n;
+}
+
+bool supports_head_dim(int head_dim) {
+  return find_fwd_kernel(RINGATTN_DTYPE_BF16, head_dim, false) != nullptr ||
+         find_fwd_kernel(RINGATTN_DTYPE_FP16, head_dim, false) != nullptr;
+}
+
+namespace {
+
+// Whether a device can run our kernels. Checked once per device (cudaGetDeviceProperties is
+// too slow for every call) and cached with its message.
+struct DeviceSupport {
+  bool checked = false;
+  ringattn_status status = RINGATTN_STATUS_OK;
+  std::string message;
+};
+
+ringattn_status check_device_uncached(int device_index) {
+  int count = 0;
+  cudaError_t err = cudaGetDeviceCount(&count);
+  if (err != cudaSuccess)
+    return failf(RINGATTN_STATUS_UNSUPPORTED, "no usable CUDA device: cudaGetDeviceCount failed: %s",
+                 cudaGetErrorString(err));
+  if (device_index >= count)
+    return failf(RINGATTN_STATUS_INVALID_ARGUMENT, "exec.device_index: expected 0 to %d, got %d", count - 1,
+                 device_index);
+  cudaDeviceProp prop;
+  if ((err = cudaGetDeviceProperties(&prop, device_index)) != cudaSuccess)
+    return cuda_fail(err, "cudaGetDeviceProperties");
+  const int cc = prop.major * 10 + prop.minor;
+  if (cc < 80)
+    return failf(RINGATTN_STATUS_UNSUPPORTED,
+                 "GPU %d (%s) has compute capability %d.%d; libringattn needs 8.0 or newer (Ampere, Ada, Hopper)",
+                 device_index, prop.name, prop.major, prop.minor);
+  DeviceGuard guard(device_index);
+  if (guard.error() != cudaSuccess) return cuda_fail(guard.error(), "cudaSetDevice");
+  if ((err = probe_kernel_image()) != cudaSuccess) {
+    cudaGetLastError();
+    int archs[16];
+    const int n = compiled_archs(archs, 16);
+    std::string list;
+    for (int i = 0; i < n && i < 16; ++i) list += (i ? ", " : "") + std::to_string(archs[i]);
+    return failf(RINGATTN_STATUS_UNSUPPORTED,
+                 "GPU %d (%s, compute capability %d.%d) has no kernel image in this build (compiled for sm %s); "
+                 "rebuild with RINGATTN_CUDA_ARCHS including %d",
+                 device_index, prop.name, prop.major, prop.minor, list.c_str(), cc);
+  }
+  return RINGATTN_STATUS_OK;
+}
+
+ringattn_status check_device(int device_index) {
+  constexpr int kMaxDevices = 64;
+  static std::mutex mutex;
+  static DeviceSupport cache[kMaxDevices];
+  if (device_index >= kMaxDevices) return check_device_uncached(device_index);
+  std::lock_guard<std::mutex> lock(mutex);
+  DeviceSupport& entry = cache[device_index];
+  if (!entry.checked) {
+    entry.status = check_device_uncached(device_index);
+    entry.message = entry.status == RINGATTN_STATUS_OK ? std::string() : std::string(last_error());
+    // A missing device can appear later (CUDA_VISIBLE_DEVICES is read once, but a driver
+    // error may be transient): cache only definite answers about an existing device.
+    entry.checked = entry.status == RINGATTN_STATUS_OK || entry.status == RINGATTN_STATUS_UNSUPPORTED;
+    return entry.status;
+  }
+  if (entry.status != RINGATTN_STATUS_OK) return fail(entry.status, entry.message);
+  return RINGATTN_STATUS_OK;
+}
+
+}  // namespace
+
+ringattn_status check_support(int device_index, int dtype, int head_dim) {
+  const ringattn_status s = check_device(device_index);
+  if (s != RINGATTN_STATUS_OK) return s;
+  if (find_fwd_kernel(dtype, head_dim, false) == nullptr)
+    return failf(RINGATTN_STATUS_UNSUPPORTED, "no GPU kernel compiled for dtype %d and head_dim %d", dtype, head_dim);
+  return RINGATTN_STATUS_OK;
+}
+
+ringattn_status fwd_workspace_size(const ringattn_fwd_params& p, size_t* bytes) {
+  const FwdKernelEntry* e = find_fwd_kernel(p.problem.dtype, p.problem.head_dim, p.problem.causal != 0);
+  if (e == nullptr)
+    return failf(RINGATTN_STATUS_UNSUPPORTED, "no GPU forward kernel compiled for dtype %d, head_dim %d, causal %d",
+                 p.problem.dtype, p.problem.head_dim, p.problem.causal);
+  *bytes = scheduler_workspace_bytes(p.problem.num_groups, p.problem.batch_size, fwd_capacity(p, e->block_m));
+  return RINGATTN_STATUS_OK;
+}
+
+ringattn_status bwd_workspace_size(const ringattn_bwd_params&, size_t*) {
+  return fail(RINGATTN_STATUS_UNSUPPORTED,
+              "the GPU backward kernel (tier 1, sm80) is not implemented yet; run the backward on CPU tensors");
+}
+
+ringattn_status grouped_bwd(const ringattn_bwd_params& p) {
+  size_t unused = 0;
+  return bwd_workspace_size(p, &unused);
+}
+
+ringattn_status grouped_fwd(const ringattn_fwd_params& p) {
+  const ringattn_problem& pr = p.problem;
+  ringattn_status s = check_support(p.exec.device_index, pr.dtype, pr.head_dim);
+  if (s != RINGATTN_STATUS_OK) return s;
+  const FwdKernelEntry* e = find_fwd_kernel(pr.dtype, pr.head_dim, pr.causal != 0);
+  if (e == nullptr)
+    return failf(RINGATTN_STATUS_UNSUPPORTED, "no GPU forward kernel compiled for dtype %d, head_dim %d, causal %d",
+                 pr.dtype, pr.head_dim, pr.causal);
+  const int64_t capacity = fwd_capacity(p, e->block_m);
+  const int64_t num_ctas = capacity * pr.num_heads_q;
+  if (num_ctas > INT32_MAX)
+    return failf(RINGATTN_STATUS_INVALID_ARGUMENT,
+                 "total_q: %lld query tiles x %d heads exceed the grid limit of %d CTAs",
+                 static_cast<long long>(capacity), pr.num_heads_q, INT32_MAX);
+
+  DeviceGuard guard(p.exec.device_index);
+  if (guard.error() != cudaSuccess) return cuda_fail(guard.error(), "cudaSetDevice");
+  cudaStream_t stream = static_cast<cudaStream_t>(p.exec.stream);
+
+  SchedulerArgs sched{};
+  for (int g = 0; g < pr.num_groups; ++g) {
+    sched.cu_seqlens_q[g] = p.groups[g].cu_seqlens_q;
+    sched.seqused_k[g] = p.groups[g].seqused_k;
+    sched.total_q[g] = static_cast<int32_t>(p.groups[g].total_q);
+  }
+  sched.cu_seqlens_k = pr.cu_seqlens_k;
+  sched.total_k = static_cast<int32_t>(pr.total_k);
+  sched.num_groups = pr.num_groups;
+  sched.batch_size = pr.batch_size;
+  sched.block_m = e->block_m;
+  sched.block_n = e->block_n;
+  sched.causal = pr.causal;
+  sched.capacity = static_cast<int32_t>(capacity);
+  carve_scheduler_workspace(p.workspace, pr.num_groups, pr.batch_size, capacity, &sched);
+
+  FwdKernelParams kp{};
+  for (int g = 0; g < pr.num_groups; ++g) {
+    const ringattn_fwd_group& src = p.groups[g];
+    FwdGroupArgs& dst = kp.groups[g];
+    dst.q = src.q;
+    dst.out = src.out;
+    dst.softmax_lse = src.softmax_lse;
+    dst.cu_seqlens_q = src.cu_seqlens_q;
+    dst.seqused_k = src.seqused_k;
+    dst.q_row_stride = src.q_row_stride;
+    dst.q_head_stride = src.q_head_stride;
+    dst.out_row_stride = src.out_row_stride;
+    dst.out_head_stride = src.out_head_stride;
+    dst.total_q = static_cast<int32_t>(src.total_q);
+  }
+  kp.k = p.k;
+  kp.v = p.v;
+  kp.k_row_stride = p.k_row_stride;
+  kp.k_head_stride = p.k_head_stride;
+  kp.v_row_stride = p.v_row_stride;
+  kp.v_head_stride = p.v_head_stride;
+  kp.cu_seqlens_k = pr.cu_seqlens_k;
+  kp.total_k = static_cast<int32_t>(pr.total_k);
+  kp.num_groups = pr.num_groups;
+  kp.batch_size = pr.batch_size;
+  kp.num_heads_q = pr.num_heads_q;
+  kp.q_heads_per_kv_head = pr.num_heads_q / pr.num_heads_k;
+  kp.softmax_scale = pr.softmax_scale > 0.f ? pr.softmax_scale : 1.f / std::sqrt(static_cast<float>(pr.head_dim));
+  kp.softmax_scale_log2 = kp.softmax_scale * 1.4426950408889634f;
+  kp.work_items = sched.sorted;
+  kp.work_count = sched.count;
+
+  cudaError_t err = launch_build_work_list(sched, stream);
+  if (err != cudaSuccess) return cuda_fail(err, "launching the work-list kernel");
+  err = e->launch(kp, static_cast<int>(num_ctas), stream);
+  if (err != cudaSuccess) return cuda_fail(err, "launching the grouped forward kernel");
+  return RINGATTN_STATUS_OK;
+}
+
+ringattn_status copy_to_host(const int32_t* device_ptr, int count, int32_t* host, int device_index, void* stream) {
+  DeviceGuard guard(device_index);
+  if (guard.error() != cudaSuccess) return cuda_fail(guard.error(), "cudaSetDevice");
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  cudaError_t err = cudaMemcpyAsync(host, device_ptr, sizeof(int32_t) * static_cast<size_t>(count),
+                                    cudaMemcpyDeviceToHost, s);
+  if (err == cudaSuccess) err = cudaStreamSynchronize(s);
+  if (err != cudaSuccess) return cuda_fail(err, "copying cu_seqlens/seqused_k to the host (check_metadata)");
+  return RINGATTN_STATUS_OK;
+}
+
+}  // namespace cuda
+}  // namespace ringattn

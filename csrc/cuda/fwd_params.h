@@ -1,0 +1,49 @@
+// Parameters of the GPU forward kernels, passed by value (kernel params space). Built by the
+// host dispatch (cuda_backend.cu) from validated ringattn_fwd_params.
+#pragma once
+
+#include <cstdint>
+
+#include "ringattn/ringattn.h"
+
+namespace ringattn {
+namespace cuda {
+
+struct FwdGroupArgs {
+  const void* q;
+  void* out;
+  float* softmax_lse;          // [Hq, total_q]
+  const int32_t* cu_seqlens_q;  // [B+1]
+  const int32_t* seqused_k;     // [B] or nullptr
+  int64_t q_row_stride, q_head_stride;
+  int64_t out_row_stride, out_head_stride;
+  int32_t total_q;
+  int32_t pad;
+};
+
+// One unit of work: a query tile of one (group, sequence). Heads are spread over blockIdx.
+struct WorkItem {
+  int32_t group_and_mblock;  // (m_block << 4) | group
+  int32_t batch;
+};
+
+struct FwdKernelParams {
+  FwdGroupArgs groups[RINGATTN_MAX_GROUPS];
+  const void* k;
+  const void* v;
+  int64_t k_row_stride, k_head_stride;
+  int64_t v_row_stride, v_head_stride;
+  const int32_t* cu_seqlens_k;
+  int32_t total_k;
+  int32_t num_groups;
+  int32_t batch_size;
+  int32_t num_heads_q;
+  int32_t q_heads_per_kv_head;
+  float softmax_scale;       // natural units
+  float softmax_scale_log2;  // softmax_scale * log2(e)
+  const WorkItem* work_items;  // sorted, longest first
+  const int32_t* work_count;   // number of valid items
+};
+
+}  // namespace cuda
+}  // namespace ringattn

@@ -1,0 +1,265 @@
+// Tier-1 grouped varlen attention forward: FlashAttention-2 structure on mma.sync.
+//
+// One CTA computes one query tile (kBlockM rows) of one (group, sequence, head), streaming
+// the K/V blocks that tile needs, from the last (the one needing the causal mask) to the first.
+// Which (group, sequence, tile) a CTA takes comes from the longest-first work list built by
+// tile_scheduler.cu; the heads of one work item are consecutive CTAs so the query heads of one
+// KV head (GQA) read the same K/V from L2 at about the same time.
+//
+// Per CTA: kNWarps warps, each owning kMTiles x 16 query rows. Q, K and V tiles live in shared
+// memory with an XOR swizzle of 16-byte chunks (conflict-free ldmatrix). K(n-1) is fetched with
+// cp.async while P*V(n) runs and V(n) while Q*K(n)^T runs. Softmax is online, in registers, in
+// the exp2 domain.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "cuda/fwd_params.h"
+#include "cuda/ptx.h"
+#include "cuda/seqlen_info.h"
+#include "cuda/sm80/fwd_traits.h"
+#include "cuda/sm80/softmax.cuh"
+
+namespace ringattn {
+namespace cuda {
+namespace sm80 {
+
+// cp.async a [kRows, kHeadDim] tile whose first `rows_valid` rows are real; the rest are zeros.
+template <typename T, int kRows>
+__device__ __forceinline__ void load_tile(typename T::Element* smem, const typename T::Element* gmem,
+                                          int64_t row_stride, int rows_valid, int tid) {
+  constexpr int kTotal = kRows * T::kChunks;
+  static_assert(kTotal % T::kThreads == 0, "tile chunks divide evenly over threads");
+#pragma unroll
+  for (int it = 0; it < kTotal / T::kThreads; ++it) {
+    const int i = tid + it * T::kThreads;
+    const int row = i / T::kChunks;
+    const int chunk = i % T::kChunks;
+    const bool valid = row < rows_valid;
+    const typename T::Element* src = valid ? gmem + row * row_stride + chunk * 8 : gmem;
+    ptx::cp_async_16(ptx::smem_addr(smem + swizzle<T::kHeadDim>(row, chunk)), src, valid);
+  }
+}
+
+template <typename T, bool kCausal>
+__global__ void __launch_bounds__(T::kThreads, T::kMinBlocksPerSm)
+    grouped_fwd_kernel(const __grid_constant__ FwdKernelParams params) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  using Element = typename T::Element;
+  constexpr int kHeadDim = T::kHeadDim;
+  constexpr int kBlockM = T::kBlockM;
+  constexpr int kBlockN = T::kBlockN;
+  constexpr int kMTiles = T::kMTiles;
+  constexpr int kNTiles = T::kNTiles;
+  constexpr int kDTiles = T::kDTiles;
+
+  const int num_heads_q = params.num_heads_q;
+  const int item_index = blockIdx.x / num_heads_q;
+  if (item_index >= *params.work_count) return;
+  const int head = blockIdx.x % num_heads_q;
+  const WorkItem item = params.work_items[item_index];
+  const int group = item.group_and_mblock & 15;
+  const int m_block = item.group_and_mblock >> 4;
+  const FwdGroupArgs& g = params.groups[group];
+  const SeqLenInfo seq(g.cu_seqlens_q, g.total_q, params.cu_seqlens_k, params.total_k, g.seqused_k, item.batch);
+  const int row0 = m_block * kBlockM;  // first query row of this tile, within the sequence
+  if (row0 >= seq.seqlen_q) return;
+  const int rows_valid = min(kBlockM, seq.seqlen_q - row0);
+  const int kv_head = head / params.q_heads_per_kv_head;
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+
+  Element* out_tile = static_cast<Element*>(g.out) + (seq.q_start + row0) * g.out_row_stride + head * g.out_head_stride;
+  float* lse_tile = g.softmax_lse + static_cast<int64_t>(head) * g.total_q + seq.q_start + row0;
+
+  const int n_block_max = seq.n_block_max<kBlockM, kBlockN, kCausal>(m_block);
+  if (n_block_max <= 0) {
+    // No query row of this tile sees a key: O = 0, LSE = -inf.
+    for (int i = tid; i < rows_valid * T::kChunks; i += T::kThreads) {
+      const int row = i / T::kChunks;
+      const int chunk = i % T::kChunks;
+      *reinterpret_cast<uint4*>(out_tile + row * g.out_row_stride + chunk * 8) = make_uint4(0, 0, 0, 0);
+    }
+    for (int row = tid; row < rows_valid; row += T::kThreads) lse_tile[row] = -INFINITY;
+    return;
+  }
+
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  Element* sQ = reinterpret_cast<Element*>(smem_raw);
+  Element* sK = sQ + kBlockM * kHeadDim;
+  Element* sV = sK + kBlockN * kHeadDim;
+
+  const Element* q_tile = static_cast<const Element*>(g.q) + (seq.q_start + row0) * g.q_row_stride + head * g.q_head_stride;
+  const Element* k_seq = static_cast<const Element*>(params.k) + seq.k_start * params.k_row_stride + kv_head * params.k_head_stride;
+  const Element* v_seq = static_cast<const Element*>(params.v) + seq.k_start * params.v_row_stride + kv_head * params.v_head_stride;
+
+  auto load_k = [&](int n) {
+    load_tile<T, kBlockN>(sK, k_seq + n * kBlockN * params.k_row_stride, params.k_row_stride,
+                          seq.seqlen_k - n * kBlockN, tid);
+  };
+  auto load_v = [&](int n) {
+    load_tile<T, kBlockN>(sV, v_seq + n * kBlockN * params.v_row_stride, params.v_row_stride,
+                          seq.seqlen_k - n * kBlockN, tid);
+  };
+
+  load_tile<T, kBlockM>(sQ, q_tile, g.q_row_stride, rows_valid, tid);
+  load_k(n_block_max - 1);
+  ptx::cp_async_commit();
+
+  float o[kMTiles][kDTiles][4];
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+    for (int dt = 0; dt < kDTiles; ++dt)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) o[mt][dt][c] = 0.f;
+  OnlineSoftmax<kMTiles> softmax;
+
+  const int warp_row0 = warp * kMTiles * 16;  // first row of this warp within the tile
+  // Causal: query row i (within the sequence) sees keys j <= i + causal_offset.
+  const int causal_offset = seq.causal_offset();
+
+  for (int n = n_block_max - 1; n >= 0; --n) {
+    ptx::cp_async_wait<0>();
+    __syncthreads();  // K(n) is in; every warp finished P*V(n+1), so sV is free
+    load_v(n);
+    ptx::cp_async_commit();
+
+    // ---- S = Q K^T ----
+    float s[kMTiles][kNTiles][4];
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) s[mt][nt][c] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+      uint32_t a[kMTiles][4];
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt) {
+        const int row = warp_row0 + mt * 16 + (lane & 15);
+        ptx::ldmatrix_x4(ptx::smem_addr(sQ + swizzle<kHeadDim>(row, 2 * kk + (lane >> 4))), a[mt][0], a[mt][1],
+                         a[mt][2], a[mt][3]);
+      }
+#pragma unroll
+      for (int nt2 = 0; nt2 < kNTiles / 2; ++nt2) {
+        const int key = nt2 * 16 + (lane & 7) + ((lane >> 4) << 3);
+        uint32_t b0, b1, b2, b3;
+        ptx::ldmatrix_x4(ptx::smem_addr(sK + swizzle<kHeadDim>(key, 2 * kk + ((lane >> 3) & 1))), b0, b1, b2, b3);
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt) {
+          ptx::mma_16816<Element>(s[mt][2 * nt2], a[mt], b0, b1);
+          ptx::mma_16816<Element>(s[mt][2 * nt2 + 1], a[mt], b2, b3);
+        }
+      }
+    }
+
+    // ---- mask the keys past the end and (causal) past each row's diagonal ----
+    const int col0 = n * kBlockN;
+    const bool need_mask = (col0 + kBlockN > seq.seqlen_k) ||
+                           (kCausal && col0 + kBlockN - 1 > row0 + causal_offset);
+    if (need_mask) {
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            const int row = row0 + warp_row0 + mt * 16 + (lane >> 2) + ((c >> 1) << 3);
+            const int col = col0 + nt * 8 + ((lane & 3) << 1) + (c & 1);
+            const bool masked = col >= seq.seqlen_k || (kCausal && col > row + causal_offset);
+            if (masked) s[mt][nt][c] = -INFINITY;
+          }
+    }
+
+    softmax.template update<kNTiles, kDTiles>(s, o, params.softmax_scale_log2);
+
+    ptx::cp_async_wait<0>();
+    __syncthreads();  // V(n) is in; every warp finished Q*K(n)^T, so sK is free
+    if (n > 0) {
+      load_k(n - 1);
+      ptx::cp_async_commit();
+    }
+
+    // ---- O += P V ----
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      uint32_t a[kMTiles][4];
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt) {
+        a[mt][0] = ptx::pack2<Element>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+        a[mt][1] = ptx::pack2<Element>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+        a[mt][2] = ptx::pack2<Element>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+        a[mt][3] = ptx::pack2<Element>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+      }
+#pragma unroll
+      for (int dt2 = 0; dt2 < kDTiles / 2; ++dt2) {
+        const int key = kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
+        uint32_t b0, b1, b2, b3;
+        ptx::ldmatrix_x4_trans(ptx::smem_addr(sV + swizzle<kHeadDim>(key, 2 * dt2 + (lane >> 4))), b0, b1, b2, b3);
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt) {
+          ptx::mma_16816<Element>(o[mt][2 * dt2], a[mt], b0, b1);
+          ptx::mma_16816<Element>(o[mt][2 * dt2 + 1], a[mt], b2, b3);
+        }
+      }
+    }
+  }
+
+  // ---- epilogue: normalise, stage O through shared memory, 16-byte stores ----
+  float lse[kMTiles][2];
+  softmax.template finalize<kDTiles>(o, params.softmax_scale, lse);
+  __syncthreads();  // every warp is done with sQ/sK/sV
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+    for (int dt = 0; dt < kDTiles; ++dt)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int row = warp_row0 + mt * 16 + (lane >> 2) + r * 8;
+        const int col = ((lane & 3) << 1);
+        *reinterpret_cast<uint32_t*>(sQ + swizzle<kHeadDim>(row, dt) + col) =
+            ptx::pack2<Element>(o[mt][dt][2 * r], o[mt][dt][2 * r + 1]);
+      }
+  if ((lane & 3) == 0) {
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int row = warp_row0 + mt * 16 + (lane >> 2) + r * 8;
+        if (row < rows_valid) lse_tile[row] = lse[mt][r];
+      }
+  }
+  __syncthreads();
+#pragma unroll
+  for (int it = 0; it < kBlockM * T::kChunks / T::kThreads; ++it) {
+    const int i = tid + it * T::kThreads;
+    const int row = i / T::kChunks;
+    const int chunk = i % T::kChunks;
+    if (row < rows_valid)
+      *reinterpret_cast<uint4*>(out_tile + row * g.out_row_stride + chunk * 8) =
+          *reinterpret_cast<const uint4*>(sQ + swizzle<kHeadDim>(row, chunk));
+  }
+#endif
+}
+
+// Host side: launch one instantiation over `num_ctas` CTAs (work items x heads).
+template <typename T, bool kCausal>
+cudaError_t launch_grouped_fwd(const FwdKernelParams& params, int num_ctas, cudaStream_t stream) {
+  auto kernel = &grouped_fwd_kernel<T, kCausal>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  if (num_ctas <= 0) return cudaSuccess;
+  kernel<<<num_ctas, T::kThreads, T::kSmemBytes, stream>>>(params);
+  return cudaGetLastError();
+}
+
+}  // namespace sm80
+}  // namespace cuda
+}  // namespace ringattn

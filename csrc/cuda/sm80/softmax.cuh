@@ -1,0 +1,97 @@
+// Online softmax over the rows a thread holds in mma.sync C fragments: each thread holds, per
+// m16 tile, two rows (lane/4 and lane/4 + 8), spread over the 4 threads of a quad. Exponentials
+// in the exp2 domain with the scale folded in; row sums stay per-thread partial until the end.
+#pragma once
+
+#include <cmath>
+
+#include "cuda/ptx.h"
+
+namespace ringattn {
+namespace cuda {
+namespace sm80 {
+
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+template <int kMTiles>
+struct OnlineSoftmax {
+  float row_max[kMTiles][2];  // raw (unscaled) scores; -inf until the row sees a key
+  float row_sum[kMTiles][2];  // this thread's part of sum(exp(scale * (s - row_max)))
+
+  __device__ __forceinline__ OnlineSoftmax() {
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        row_max[mt][r] = -INFINITY;
+        row_sum[mt][r] = 0.f;
+      }
+  }
+
+  // Turns the scores s into probabilities P (unnormalised, relative to the new running max)
+  // in place and rescales the output accumulator o by exp(old max - new max).
+  template <int kNTiles, int kDTiles>
+  __device__ __forceinline__ void update(float (&s)[kMTiles][kNTiles][4], float (&o)[kMTiles][kDTiles][4],
+                                         float scale_log2) {
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float m = row_max[mt][r];
+#pragma unroll
+        for (int nt = 0; nt < kNTiles; ++nt) m = fmaxf(m, fmaxf(s[mt][nt][2 * r], s[mt][nt][2 * r + 1]));
+        m = quad_max(m);
+        // A row that has seen no key yet keeps max -inf: subtract 0 so exp2 gives 0, not NaN.
+        const float base = (m == -INFINITY) ? 0.f : m * scale_log2;
+        const float correction = ptx::exp2_approx(row_max[mt][r] * scale_log2 - base);
+        row_max[mt][r] = m;
+        float sum = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            const float p = ptx::exp2_approx(fmaf(s[mt][nt][2 * r + c], scale_log2, -base));
+            s[mt][nt][2 * r + c] = p;
+            sum += p;
+          }
+        row_sum[mt][r] = row_sum[mt][r] * correction + sum;
+#pragma unroll
+        for (int dt = 0; dt < kDTiles; ++dt) {
+          o[mt][dt][2 * r] *= correction;
+          o[mt][dt][2 * r + 1] *= correction;
+        }
+      }
+  }
+
+  // Normalises o and returns the natural-log LSE of each row (-inf, with o = 0, for a row that
+  // saw no key).
+  template <int kDTiles>
+  __device__ __forceinline__ void finalize(float (&o)[kMTiles][kDTiles][4], float softmax_scale,
+                                           float (&lse)[kMTiles][2]) {
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const float sum = quad_sum(row_sum[mt][r]);
+        const bool empty = !(sum > 0.f);
+        const float inv = empty ? 0.f : 1.f / sum;
+        lse[mt][r] = empty ? -INFINITY : row_max[mt][r] * softmax_scale + logf(sum);
+#pragma unroll
+        for (int dt = 0; dt < kDTiles; ++dt) {
+          o[mt][dt][2 * r] *= inv;
+          o[mt][dt][2 * r + 1] *= inv;
+        }
+      }
+  }
+};
+
+}  // namespace sm80
+}  // namespace cuda
+}  // namespace ringattn

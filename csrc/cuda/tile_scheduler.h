@@ -1,0 +1,54 @@
+// The longest-first work list of the forward kernels, built on the device (the sequence
+// lengths live there; reading them on the host would synchronise).
+//
+// Work item = (group, sequence, query tile). Cost = number of K/V blocks the tile reads.
+// Items are sorted by cost, largest first, so the causal tail and the long group's tiles start
+// in the first wave and the cheap tiles fill the last one.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "cuda/fwd_params.h"
+#include "ringattn/ringattn.h"
+
+namespace ringattn {
+namespace cuda {
+
+struct SchedulerArgs {
+  const int32_t* cu_seqlens_q[RINGATTN_MAX_GROUPS];
+  const int32_t* seqused_k[RINGATTN_MAX_GROUPS];
+  int32_t total_q[RINGATTN_MAX_GROUPS];
+  const int32_t* cu_seqlens_k;
+  int32_t total_k;
+  int32_t num_groups;
+  int32_t batch_size;
+  int32_t block_m;
+  int32_t block_n;
+  int32_t causal;
+  int32_t capacity;  // upper bound on the number of items (host-computed)
+  // workspace
+  int32_t* tile_offsets;  // [G*B + 1]
+  int32_t* costs;         // [capacity]
+  WorkItem* unsorted;     // [capacity]
+  WorkItem* sorted;       // [capacity] (output)
+  int32_t* count;         // [1] (output)
+};
+
+// Upper bound on the number of work items: each sequence adds at most one partial tile.
+int64_t work_capacity(const int64_t* total_q, int num_groups, int batch_size, int block_m);
+
+// Bytes of workspace the scheduler needs, and the carving of it.
+size_t scheduler_workspace_bytes(int num_groups, int batch_size, int64_t capacity);
+void carve_scheduler_workspace(void* workspace, int num_groups, int batch_size, int64_t capacity,
+                               SchedulerArgs* args);
+
+cudaError_t launch_build_work_list(const SchedulerArgs& args, cudaStream_t stream);
+
+// For capability checks: whether a kernel image exists for the current device.
+cudaError_t probe_kernel_image();
+
+}  // namespace cuda
+}  // namespace ringattn

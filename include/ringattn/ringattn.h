@@ -1,0 +1,203 @@
+/*
+ * libringattn: grouped varlen attention behind a plain C ABI.
+ *
+ * Grouped attention: G query groups read ONE shared K/V stream. Group g has its own
+ * queries Q_g [total_q_g, Hq, D], its own cu_seqlens_q_g [B+1] and optionally its own
+ * seqused_k_g [B] (how many keys of each sequence, counted from the start, the group
+ * sees). G = 1 is plain varlen FlashAttention.
+ *
+ * Conventions (the same as FlashAttention's varlen API):
+ *  - Tensors are row-major with the head dim contiguous. Strides are in ELEMENTS.
+ *  - LSE is fp32, natural log, laid out [Hq, total_q] contiguous (head stride total_q).
+ *  - causal is bottom-right aligned per (group, sequence): query i of Lq attends key j < Lk
+ *    iff j <= i + Lk - Lq. A row that sees no key gets O = 0 and LSE = -inf.
+ *  - Hq % Hk == 0: query head h reads KV head h / (Hq / Hk).
+ *
+ * Every entry point validates all of its inputs before touching any output; a rejected
+ * call returns a non-zero status, writes nothing and leaves a message naming the argument,
+ * the expected and the actual value in ringattn_last_error() (thread-local).
+ *
+ * Plain fixed-width types only: the Python package mirrors these structs with ctypes.
+ */
+#ifndef RINGATTN_RINGATTN_H_
+#define RINGATTN_RINGATTN_H_
+
+#include <stddef.h>
+#include <stdint.h>
+
+#if defined(_WIN32)
+#define RINGATTN_API __declspec(dllexport)
+#else
+#define RINGATTN_API __attribute__((visibility("default")))
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Bumped whenever a struct below changes layout. The Python loader refuses a mismatch. */
+#define RINGATTN_ABI_VERSION 1
+/* The most query groups one call takes. */
+#define RINGATTN_MAX_GROUPS 16
+
+typedef enum {
+  RINGATTN_STATUS_OK = 0,
+  RINGATTN_STATUS_INVALID_ARGUMENT = 1, /* bad shape, stride, pointer, value */
+  RINGATTN_STATUS_UNSUPPORTED = 2,      /* valid, but not compiled in / not for this GPU */
+  RINGATTN_STATUS_CUDA_ERROR = 3,       /* a CUDA runtime call failed */
+  RINGATTN_STATUS_INTERNAL_ERROR = 4
+} ringattn_status;
+
+typedef enum {
+  RINGATTN_DTYPE_FP32 = 0,
+  RINGATTN_DTYPE_FP16 = 1,
+  RINGATTN_DTYPE_BF16 = 2,
+  RINGATTN_DTYPE_FP64 = 3 /* CPU backend only (gradcheck) */
+} ringattn_dtype;
+
+typedef enum {
+  RINGATTN_DEVICE_CPU = 0,
+  RINGATTN_DEVICE_CUDA = 1
+} ringattn_device_type;
+
+/* GPU kernel tier. AUTO picks the fastest compiled tier for the card. */
+typedef enum {
+  RINGATTN_TIER_AUTO = 0,
+  RINGATTN_TIER_SM80 = 80
+} ringattn_tier;
+
+/* Where a call runs. stream is a cudaStream_t (NULL = legacy default stream). */
+typedef struct {
+  int32_t device_type;  /* ringattn_device_type */
+  int32_t device_index; /* CUDA ordinal; ignored on CPU */
+  void* stream;         /* cudaStream_t; ignored on CPU */
+  int32_t tier;         /* ringattn_tier; ignored on CPU */
+  int32_t num_threads;  /* CPU backend threads; <= 0 means all hardware threads */
+} ringattn_exec;
+
+/* Shape and metadata shared by forward and backward. */
+typedef struct {
+  int32_t dtype;      /* ringattn_dtype of q, k, v, out (and dout, dq, dk, dv) */
+  int32_t batch_size; /* B: sequences per group */
+  int32_t num_heads_q;
+  int32_t num_heads_k;
+  int32_t head_dim;
+  int32_t num_groups; /* G, 1 .. RINGATTN_MAX_GROUPS */
+  float softmax_scale; /* <= 0 means 1/sqrt(head_dim) */
+  int32_t causal;      /* bottom-right aligned */
+  /* K/V: [total_k, Hk, D] */
+  int64_t total_k;
+  int32_t max_seqlen_k;            /* hint only; kernels never trust it for memory safety */
+  const int32_t* cu_seqlens_k;     /* [B+1], on the call's device */
+  /* Check cu_seqlens / seqused_k VALUES on the host before launching. Free on CPU (always on
+   * there); on CUDA it copies them to the host and synchronises the stream, so it is off in
+   * the hot path. Without it the kernels clamp every sequence to its tensor, so malformed
+   * metadata can give wrong numbers but never an out-of-bounds access. */
+  int32_t check_metadata;
+} ringattn_problem;
+
+/* One query group of the forward pass. */
+typedef struct {
+  const void* q;          /* [total_q, Hq, D] */
+  int64_t q_row_stride;
+  int64_t q_head_stride;
+  void* out;              /* [total_q, Hq, D], dtype of q */
+  int64_t out_row_stride;
+  int64_t out_head_stride;
+  float* softmax_lse;     /* [Hq, total_q] fp32, contiguous */
+  const int32_t* cu_seqlens_q; /* [B+1] */
+  const int32_t* seqused_k;    /* [B] or NULL (all keys of each sequence) */
+  int64_t total_q;
+  int32_t max_seqlen_q;   /* hint only */
+  int32_t reserved;
+} ringattn_fwd_group;
+
+typedef struct {
+  ringattn_problem problem;
+  ringattn_exec exec;
+  const void* k;
+  int64_t k_row_stride;
+  int64_t k_head_stride;
+  const void* v;
+  int64_t v_row_stride;
+  int64_t v_head_stride;
+  const ringattn_fwd_group* groups; /* [num_groups] (host memory) */
+  void* workspace;                  /* on the call's device, >= ringattn_fwd_workspace_size */
+  size_t workspace_size;
+} ringattn_fwd_params;
+
+/* One query group of the backward pass. */
+typedef struct {
+  const void* q;
+  int64_t q_row_stride;
+  int64_t q_head_stride;
+  const void* out;
+  int64_t out_row_stride;
+  int64_t out_head_stride;
+  const void* dout;
+  int64_t dout_row_stride;
+  int64_t dout_head_stride;
+  const float* softmax_lse; /* [Hq, total_q], as the forward wrote it */
+  void* dq;                 /* [total_q, Hq, D], dtype of q */
+  int64_t dq_row_stride;
+  int64_t dq_head_stride;
+  const int32_t* cu_seqlens_q;
+  const int32_t* seqused_k;
+  int64_t total_q;
+  int32_t max_seqlen_q;
+  int32_t reserved;
+} ringattn_bwd_group;
+
+typedef struct {
+  ringattn_problem problem;
+  ringattn_exec exec;
+  const void* k;
+  int64_t k_row_stride;
+  int64_t k_head_stride;
+  const void* v;
+  int64_t v_row_stride;
+  int64_t v_head_stride;
+  void* dk; /* [total_k, Hk, D], dtype of k: sum over groups (and over the query heads of each KV head) */
+  int64_t dk_row_stride;
+  int64_t dk_head_stride;
+  void* dv;
+  int64_t dv_row_stride;
+  int64_t dv_head_stride;
+  const ringattn_bwd_group* groups;
+  int32_t deterministic; /* bit-identical results run to run */
+  int32_t reserved;
+  void* workspace;
+  size_t workspace_size;
+} ringattn_bwd_params;
+
+/* ---- entry points ---- */
+RINGATTN_API ringattn_status ringattn_grouped_fwd(const ringattn_fwd_params* params);
+RINGATTN_API ringattn_status ringattn_grouped_bwd(const ringattn_bwd_params* params);
+
+/* Workspace bytes a call with these params needs (0 is a valid answer). Validates the params
+ * like the call itself, except data pointers, which may be NULL here. */
+RINGATTN_API ringattn_status ringattn_fwd_workspace_size(const ringattn_fwd_params* params, size_t* bytes);
+RINGATTN_API ringattn_status ringattn_bwd_workspace_size(const ringattn_bwd_params* params, size_t* bytes);
+
+/* ---- queries ---- */
+/* Message of the last failed call on this thread ("" if none). Valid until the next call. */
+RINGATTN_API const char* ringattn_last_error(void);
+RINGATTN_API const char* ringattn_version(void);
+RINGATTN_API int32_t ringattn_abi_version(void);
+/* 1 if GPU kernels are compiled in. */
+RINGATTN_API int32_t ringattn_cuda_compiled(void);
+/* Writes up to `capacity` compiled SM architectures (80, 90, ...) into archs; returns how many
+ * are compiled in. */
+RINGATTN_API int32_t ringattn_compiled_archs(int32_t* archs, int32_t capacity);
+/* Head dims the backend has kernels for; same convention as ringattn_compiled_archs. */
+RINGATTN_API int32_t ringattn_supported_head_dims(int32_t device_type, int32_t* head_dims, int32_t capacity);
+/* RINGATTN_STATUS_OK if (device, dtype, head_dim) can run here; otherwise a status and
+ * ringattn_last_error() says why (no GPU, GPU too old, dtype or head dim not compiled in). */
+RINGATTN_API ringattn_status ringattn_check_support(int32_t device_type, int32_t device_index,
+                                                    int32_t dtype, int32_t head_dim);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* RINGATTN_RINGATTN_H_ */

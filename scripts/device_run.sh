@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# The one script sent to the GPU machine: build for the card found there (-j16), run the
+# GoogleTest suite and the pytest `gpu` marker, run the benchmark, print a short table last.
+#
+#   bash scripts/device_run.sh [quick|full]     (default: quick)
+#
+# Logs and CSVs go to $OUT (the device tool's return folder) or build/device-out.
+# GoogleTest: the GPU machine has no GoogleTest package; this machine copies its sources to
+# .device/googletest (git-ignored) and the device call carries that folder:
+#   mkdir -p .device && cp -r /usr/src/googletest .device/
+set -uo pipefail
+mode="${1:-quick}"
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+out="${OUT:-$root/build/device-out}"
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+py="${PYTHON:-python3}"
+summary=()
+note() { summary+=("$1"); echo "== $1"; }
+
+# Which card, which archs.
+cc=$("$py" -c 'import torch; p=torch.cuda.get_device_capability(); print(f"{p[0]}{p[1]}")' 2>/dev/null || echo "")
+gpu=$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1)
+case "$cc" in
+  90) archs="90a" ;;
+  80|86|89) archs="$cc" ;;
+  *) archs="80;90a" ;;
+esac
+note "GPU: ${gpu:-unknown} (sm_${cc:-?}); building archs ${archs}"
+
+gtest_arg=()
+[ -d .device/googletest ] && gtest_arg=(-DRINGATTN_GTEST_SOURCE_DIR="$root/.device/googletest")
+t0=$(date +%s)
+if cmake -S . -B build/device -G Ninja -DCMAKE_BUILD_TYPE=Release -DRINGATTN_CUDA_ARCHS="$archs" \
+     -DRINGATTN_PTXAS_VERBOSE=ON "${gtest_arg[@]}" >"$out/configure.log" 2>&1 &&
+   cmake --build build/device -j16 >"$out/build.log" 2>&1; then
+  note "build: ok in $(( $(date +%s) - t0 )) s; spills: $(grep -c 'bytes spill stores' "$out/build.log") reports, $(grep -E '[1-9][0-9]* bytes spill stores' "$out/build.log" | wc -l) non-zero"
+else
+  tail -30 "$out/configure.log" "$out/build.log"
+  note "build: FAILED (see build.log)"
+  printf '%s\n' "${summary[@]}"
+  exit 1
+fi
+lib="$root/build/device/libringattn.so"
+
+if [ -x build/device/test/cpp/ringattn_tests ]; then
+  build/device/test/cpp/ringattn_tests --gtest_brief=1 >"$out/gtest.log" 2>&1
+  rc=$?
+  note "gtest: rc=$rc, $(grep -E '^\[  PASSED  \]|FAILED TEST|tests? ran|SKIPPED' "$out/gtest.log" | tr '\n' ' ' | cut -c1-200)"
+  [ $rc -ne 0 ] && grep -E "Failure|error|Expected|Which is" "$out/gtest.log" | head -30
+else
+  note "gtest: not built (no GoogleTest found; carry .device/googletest)"
+fi
+
+export RING_FLASH_ATTN_LIBRARY="$lib"
+export PYTHONPATH="$root/python${PYTHONPATH:+:$PYTHONPATH}"
+"$py" -m pytest test -m "gpu" -q -p no:cacheprovider >"$out/pytest_gpu.log" 2>&1
+rc=$?
+note "pytest -m gpu: rc=$rc, $(tail -1 "$out/pytest_gpu.log")"
+[ $rc -ne 0 ] && grep -E "Error|assert|FAILED" "$out/pytest_gpu.log" | head -30
+
+if [ -f benchmark/benchmark_grouped_attention.py ]; then
+  if [ "$mode" = full ]; then
+    bench_args=(--seqlens 8192 16384 65536 --world-size 8 --rank 0)
+  else
+    bench_args=(--seqlens 16384 --num-runs 20)
+  fi
+  "$py" benchmark/benchmark_grouped_attention.py "${bench_args[@]}" --csv "$out/bench.csv" >"$out/bench.log" 2>&1
+  note "benchmark: rc=$? (bench.log, bench.csv)"
+  cat "$out/bench.log" | tail -40
+fi
+
+echo
+echo "================ summary ================"
+printf '%s\n' "${summary[@]}"

@@ -1,0 +1,198 @@
+"""GPU correctness of the grouped varlen attention forward (marker ``gpu``).
+
+Every check compares against an fp32 reference computed on the rounded inputs, with
+FlashAttention's rule: max|out - ref_fp32| <= 2 * max|out_lowp - ref_fp32| + floor, where
+out_lowp is the same reference math carried out in the test dtype. Inputs are fresh random
+normals; the CUDA caching allocator is filled with NaN before each call so an output element the
+kernel fails to write shows up as NaN; NaN never passes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence
+
+import pytest
+import torch
+
+from reference import grouped_attention_reference
+
+import ring_flash_attn
+from ring_flash_attn import flash_attn_varlen_func, grouped_flash_attn_varlen_func
+
+pytestmark = pytest.mark.gpu
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+FLOOR = 1e-4
+
+
+def _poison_allocator(device: torch.device, numel: int = 64 << 20) -> None:
+    """Fill cached, free blocks with NaN so torch.empty in the op returns NaN-filled memory."""
+    blob = torch.full((numel,), float("nan"), dtype=torch.float32, device=device)
+    del blob
+
+
+def _cu(lengths: Sequence[int], device) -> torch.Tensor:
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + n)
+    return torch.tensor(cu, dtype=torch.int32, device=device)
+
+
+def _make(seqlens_q: List[List[int]], seqlens_k: List[int], hq: int, hk: int, d: int, dtype, device="cuda"):
+    q_list = [torch.randn(sum(lq), hq, d, device=device, dtype=dtype) for lq in seqlens_q]
+    k = torch.randn(sum(seqlens_k), hk, d, device=device, dtype=dtype)
+    v = torch.randn(sum(seqlens_k), hk, d, device=device, dtype=dtype)
+    cu_q = [_cu(lq, device) for lq in seqlens_q]
+    cu_k = _cu(seqlens_k, device)
+    return q_list, k, v, cu_q, cu_k
+
+
+def _check(name: str, out: torch.Tensor, ref32: torch.Tensor, ref_lowp: torch.Tensor) -> None:
+    assert not torch.isnan(out).any(), f"{name}: NaN in output (unwritten element?)"
+    err = (out.float() - ref32.float()).abs().max().item()
+    base = (ref_lowp.float() - ref32.float()).abs().max().item()
+    assert err <= 2 * base + FLOOR, f"{name}: max err {err:.3e} > 2 * {base:.3e} + {FLOOR}"
+
+
+def _check_lse(name: str, lse: torch.Tensor, ref: torch.Tensor) -> None:
+    assert not torch.isnan(lse).any(), f"{name}: NaN in lse"
+    inf_ref = torch.isinf(ref)
+    assert torch.equal(torch.isinf(lse), inf_ref), f"{name}: -inf rows differ"
+    if (~inf_ref).any():
+        err = (lse[~inf_ref] - ref[~inf_ref]).abs().max().item()
+        assert err <= 2e-3, f"{name}: lse max err {err:.3e}"
+
+
+def _run_and_check(seqlens_q, seqlens_k, hq, hk, d, dtype, causal, seqused=None, scale=None):
+    q_list, k, v, cu_q, cu_k = _make(seqlens_q, seqlens_k, hq, hk, d, dtype)
+    used = None
+    if seqused is not None:
+        used = [None if u is None else torch.tensor(u, dtype=torch.int32, device="cuda") for u in seqused]
+    _poison_allocator(k.device)
+    outs, lses = grouped_flash_attn_varlen_func(
+        q_list, k, v, cu_q, cu_k, [max(l) for l in seqlens_q], max(seqlens_k),
+        seqused_k_list=used, softmax_scale=scale, causal=causal, return_lse=True)
+    torch.cuda.synchronize()
+    ref32, lse32 = grouped_attention_reference(
+        [q.float() for q in q_list], k.float(), v.float(), cu_q, cu_k, used, scale, causal)
+    ref_lp, _ = grouped_attention_reference(q_list, k, v, cu_q, cu_k, used, scale, causal)
+    for g in range(len(q_list)):
+        _check(f"group {g}", outs[g], ref32[g], ref_lp[g])
+        _check_lse(f"group {g}", lses[g], lse32[g])
+    return q_list, k, v, cu_q, cu_k, used, outs
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_grouped_vs_separate_correctness(dtype, causal, head_dim):
+    """The seed's check: two zigzag groups (early / late chunk) in one call vs one call per group."""
+    torch.manual_seed(0)
+    c = 256  # chunk; world size 2, rank 0: early chunk sees c keys, late chunk sees 4c - 0*c
+    seqlens_k = [4 * c]
+    q_list, k, v, cu_q, cu_k, used, outs = _run_and_check(
+        [[c], [c]], seqlens_k, 16, 4, head_dim, DTYPES[dtype], causal, seqused=[[c], [4 * c]])
+    for g in range(2):
+        sep = flash_attn_varlen_func(q_list[g], k[: used[g][0]], v[: used[g][0]], cu_q[g],
+                                     _cu([int(used[g][0])], "cuda"), c, int(used[g][0]), causal=causal)
+        diff = (sep.float() - outs[g].float()).abs().max().item()
+        assert diff == 0.0 or diff < 1e-2, f"group {g}: grouped vs separate differ by {diff}"
+
+
+@pytest.mark.parametrize("num_groups", [1, 2, 3, 4])
+@pytest.mark.parametrize("heads", [(8, 8), (32, 8), (8, 1)], ids=["mha", "gqa4", "mqa"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_varlen_groups(dtype, causal, heads, num_groups):
+    torch.manual_seed(num_groups)
+    hq, hk = heads
+    seqlens_k = [203, 1, 512, 64]
+    base = [[113, 1, 300, 64], [1, 1, 17, 129], [239, 1, 512, 1], [64, 0, 65, 7]]
+    _run_and_check(base[:num_groups], seqlens_k, hq, hk, 128, DTYPES[dtype], causal)
+
+
+@pytest.mark.parametrize("lengths", [(1, 1), (113, 203), (239, 1), (128, 128), (1, 4096)],
+                         ids=lambda x: f"{x[0]}x{x[1]}")
+@pytest.mark.parametrize("causal", [True, False])
+def test_odd_lengths(lengths, causal):
+    torch.manual_seed(7)
+    lq, lk = lengths
+    _run_and_check([[lq]], [lk], 4, 2, 64, torch.bfloat16, causal)
+
+
+def test_overlapping_kv_ranges_and_seqused_zero():
+    """Groups see different prefixes of one K/V (seqused_k), including none at all."""
+    torch.manual_seed(3)
+    _run_and_check([[100, 50], [100, 50], [30, 50]], [400, 100], 8, 2, 128, torch.bfloat16, True,
+                   seqused=[[100, 100], [400, 0], None])
+
+
+def test_custom_scale_and_strided_inputs():
+    torch.manual_seed(5)
+    d, hq, hk = 128, 8, 2
+    qkv = torch.randn(300, hq + 2 * hk, d, device="cuda", dtype=torch.bfloat16)
+    q, k, v = qkv[:, :hq], qkv[:, hq:hq + hk], qkv[:, hq + hk:]
+    cu = _cu([100, 200], "cuda")
+    _poison_allocator(q.device)
+    out = flash_attn_varlen_func(q, k, v, cu, cu, 200, 200, softmax_scale=0.3, causal=True)
+    ref32, _ = grouped_attention_reference([q.float()], k.float(), v.float(), [cu], cu, None, 0.3, True)
+    ref_lp, _ = grouped_attention_reference([q], k, v, [cu], cu, None, 0.3, True)
+    _check("strided", out, ref32[0], ref_lp[0])
+
+
+def test_large_logits_do_not_overflow():
+    torch.manual_seed(11)
+    q_list, k, v, cu_q, cu_k = _make([[256]], [512], 4, 4, 128, torch.float16)
+    q_list = [q * 30 for q in q_list]
+    out = flash_attn_varlen_func(q_list[0], k, v, cu_q[0], cu_k, 256, 512, causal=True)
+    assert torch.isfinite(out).all()
+    ref32, _ = grouped_attention_reference([q_list[0].float()], k.float(), v.float(), cu_q, cu_k, None, None, True)
+    assert (out.float() - ref32[0]).abs().max().item() < 2e-2
+
+
+def test_grouped_python_matches_fused():
+    from ring_flash_attn.grouped_python import _flash_attn_varlen_forward_grouped
+
+    torch.manual_seed(13)
+    q_list, k, v, cu_q, cu_k = _make([[256, 64], [256, 100]], [1024, 100], 32, 8, 128, torch.bfloat16)
+    used = [torch.tensor([256, 100], dtype=torch.int32, device="cuda"), None]
+    fused, _ = grouped_flash_attn_varlen_func(q_list, k, v, cu_q, cu_k, [256, 100], 1024,
+                                              seqused_k_list=used, return_lse=True)
+    wrapped, _ = _flash_attn_varlen_forward_grouped(q_list, k, v, cu_q, cu_k, [256, 100], 1024,
+                                                    seqused_k_list=used)
+    for a, b in zip(fused, wrapped):
+        assert (a.float() - b.float()).abs().max().item() < 1e-2
+
+
+def test_cuda_graph_capture_and_current_stream():
+    torch.manual_seed(17)
+    q_list, k, v, cu_q, cu_k = _make([[512], [512]], [1024], 8, 2, 128, torch.bfloat16)
+    used = [torch.tensor([512], dtype=torch.int32, device="cuda"), None]
+    args = (q_list, k, v, cu_q, cu_k, [512, 512], 1024)
+    eager = grouped_flash_attn_varlen_func(*args, seqused_k_list=used)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):  # warm-up on the side stream, as graph capture requires
+            grouped_flash_attn_varlen_func(*args, seqused_k_list=used)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = grouped_flash_attn_varlen_func(*args, seqused_k_list=used)
+    for q in q_list:
+        q.normal_()
+    graph.replay()
+    torch.cuda.synchronize()
+    fresh = grouped_flash_attn_varlen_func(*args, seqused_k_list=used)
+    for a, b, e in zip(captured, fresh, eager):
+        assert torch.equal(a, b), "graph replay differs from an eager call on the same inputs"
+        assert not torch.equal(a, e), "replay did not recompute on the new inputs"
+
+
+def test_opcheck_cuda():
+    torch.manual_seed(19)
+    q_list, k, v, cu_q, cu_k = _make([[64, 3], [64, 5]], [128, 9], 4, 2, 64, torch.bfloat16)
+    used = [None, torch.tensor([100, 9], dtype=torch.int32, device="cuda")]
+    args = (q_list, k, v, cu_q, cu_k, used, [64, 5], 128, 0.0, True, False)
+    torch.library.opcheck(torch.ops.ring_flash_attn.grouped_fwd.default, args)
