@@ -89,7 +89,7 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocksPerSm)
     return;
   }
 
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
   Element* sQ = reinterpret_cast<Element*>(smem_raw);
   Element* sK = sQ + kBlockM * kHeadDim;
   Element* sV = sK + kBlockN * kHeadDim;
@@ -121,6 +121,11 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocksPerSm)
   OnlineSoftmax<kMTiles> softmax;
 
   const int warp_row0 = warp * kMTiles * 16;  // first row of this warp within the tile
+  // Fragment addresses (see SwizzledRows): Q as the A operand, K as B (non-transposed), V as B
+  // (transposed). The lane -> (row, chunk) maps follow ldmatrix's four 8x8 matrices per x4.
+  const SwizzledRows<kHeadDim> q_rows(ptx::smem_addr(sQ), warp_row0 + (lane & 15), lane >> 4);
+  const SwizzledRows<kHeadDim> k_rows(ptx::smem_addr(sK), (lane & 7) + ((lane >> 4) << 3), (lane >> 3) & 1);
+  const SwizzledRows<kHeadDim> v_rows(ptx::smem_addr(sV), (lane & 7) + (((lane >> 3) & 1) << 3), lane >> 4);
   // Causal: query row i (within the sequence) sees keys j <= i + causal_offset.
   const int causal_offset = seq.causal_offset();
 
@@ -142,16 +147,12 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocksPerSm)
     for (int kk = 0; kk < kHeadDim / 16; ++kk) {
       uint32_t a[kMTiles][4];
 #pragma unroll
-      for (int mt = 0; mt < kMTiles; ++mt) {
-        const int row = warp_row0 + mt * 16 + (lane & 15);
-        ptx::ldmatrix_x4(ptx::smem_addr(sQ + swizzle<kHeadDim>(row, 2 * kk + (lane >> 4))), a[mt][0], a[mt][1],
-                         a[mt][2], a[mt][3]);
-      }
+      for (int mt = 0; mt < kMTiles; ++mt)
+        ptx::ldmatrix_x4(q_rows(kk, mt * 16), a[mt][0], a[mt][1], a[mt][2], a[mt][3]);
 #pragma unroll
       for (int nt2 = 0; nt2 < kNTiles / 2; ++nt2) {
-        const int key = nt2 * 16 + (lane & 7) + ((lane >> 4) << 3);
         uint32_t b0, b1, b2, b3;
-        ptx::ldmatrix_x4(ptx::smem_addr(sK + swizzle<kHeadDim>(key, 2 * kk + ((lane >> 3) & 1))), b0, b1, b2, b3);
+        ptx::ldmatrix_x4(k_rows(kk, nt2 * 16), b0, b1, b2, b3);
 #pragma unroll
         for (int mt = 0; mt < kMTiles; ++mt) {
           ptx::mma_16816<Element>(s[mt][2 * nt2], a[mt], b0, b1);
@@ -200,9 +201,8 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocksPerSm)
       }
 #pragma unroll
       for (int dt2 = 0; dt2 < kDTiles / 2; ++dt2) {
-        const int key = kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
         uint32_t b0, b1, b2, b3;
-        ptx::ldmatrix_x4_trans(ptx::smem_addr(sV + swizzle<kHeadDim>(key, 2 * dt2 + (lane >> 4))), b0, b1, b2, b3);
+        ptx::ldmatrix_x4_trans(v_rows(dt2, kk * 16), b0, b1, b2, b3);
 #pragma unroll
         for (int mt = 0; mt < kMTiles; ++mt) {
           ptx::mma_16816<Element>(o[mt][2 * dt2], a[mt], b0, b1);

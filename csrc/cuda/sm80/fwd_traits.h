@@ -38,6 +38,23 @@ __device__ __forceinline__ int swizzle(int row, int chunk) {
   return row * kHeadDim + ((chunk ^ (row & 7)) << 3);
 }
 
+// ldmatrix row address of one thread in a swizzled tile, computed once per kernel.
+// A thread reads chunk 2*j + lane_chunk of rows `row + 8*i` (offsets that keep row & 7). The
+// swizzle only flips the chunk bits of the byte offset, and the tile rows are aligned to their
+// size (the tiles sit at multiples of kHeadDim*2*8 bytes from a 1024-byte-aligned base), so
+// every fragment address is base ^ (2j << 4) plus a compile-time row offset: one register per
+// operand and no per-iteration address arithmetic beyond one LOP3.
+template <int kHeadDim>
+struct SwizzledRows {
+  uint32_t base;
+  __device__ __forceinline__ SwizzledRows(uint32_t tile_addr, int row, int lane_chunk)
+      : base(tile_addr + static_cast<uint32_t>(row * kHeadDim * 2 + ((lane_chunk ^ (row & 7)) << 4))) {}
+  // Byte address of chunk 2*j + lane_chunk in row `row + row_offset` (j, row_offset compile-time).
+  __device__ __forceinline__ uint32_t operator()(int j, int row_offset) const {
+    return (base ^ static_cast<uint32_t>((2 * j) << 4)) + static_cast<uint32_t>(row_offset * kHeadDim * 2);
+  }
+};
+
 // The configuration used for each head dim (see docs/perf-notes.md for why).
 template <typename Element, int kHeadDim>
 struct FwdConfig;
@@ -45,9 +62,18 @@ template <typename Element>
 struct FwdConfig<Element, 64> {
   using Traits = FwdTraits<Element, 64, 128, 64, 4, 1>;
 };
+// RINGATTN_D128_{BM,BN,WARPS,MINB} override the tile for tuning experiments
+// (scripts/tune_d128.sh); the defaults are the measured best (docs/perf-notes.md).
+#ifndef RINGATTN_D128_BM
+#define RINGATTN_D128_BM 128
+#define RINGATTN_D128_BN 32
+#define RINGATTN_D128_WARPS 4
+#define RINGATTN_D128_MINB 1
+#endif
 template <typename Element>
 struct FwdConfig<Element, 128> {
-  using Traits = FwdTraits<Element, 128, 128, 64, 8, 1>;
+  using Traits =
+      FwdTraits<Element, 128, RINGATTN_D128_BM, RINGATTN_D128_BN, RINGATTN_D128_WARPS, RINGATTN_D128_MINB>;
 };
 template <typename Element>
 struct FwdConfig<Element, 256> {
