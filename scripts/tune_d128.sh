@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Tuning experiment: builds the head-dim-128 forward with several tiles (only hdim 128, this
-# card's arch) and times each with scripts/bench_probe.py. Usage: bash scripts/tune_d128.sh BM_BN_W_MB ...
+# card's arch) and times each with scripts/bench_probe.py. Usage: bash scripts/tune_d128.sh BM_BN_W_MB[_STAGES] ...
 set -uo pipefail
 cc=$(python3 -c 'import torch; p=torch.cuda.get_device_capability(); print(f"{p[0]}{p[1]}")')
 arch=$([ "$cc" = 90 ] && echo 90a || echo "$cc")

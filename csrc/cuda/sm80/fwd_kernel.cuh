@@ -91,24 +91,26 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocksPerSm)
 
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   Element* sQ = reinterpret_cast<Element*>(smem_raw);
-  Element* sK = sQ + kBlockM * kHeadDim;
-  Element* sV = sK + kBlockN * kHeadDim;
+  Element* sK = sQ + kBlockM * kHeadDim;     // [kStages][kBlockN, kHeadDim]
+  Element* sV = sK + T::kStages * T::kKVTileElems;  // [kStages][kBlockN, kHeadDim]
 
   const Element* q_tile = static_cast<const Element*>(g.q) + (seq.q_start + row0) * g.q_row_stride + head * g.q_head_stride;
   const Element* k_seq = static_cast<const Element*>(params.k) + seq.k_start * params.k_row_stride + kv_head * params.k_head_stride;
   const Element* v_seq = static_cast<const Element*>(params.v) + seq.k_start * params.v_row_stride + kv_head * params.v_head_stride;
 
+  // K/V block n lives in stage n % kStages.
   auto load_k = [&](int n) {
-    load_tile<T, kBlockN>(sK, k_seq + n * kBlockN * params.k_row_stride, params.k_row_stride,
+    load_tile<T, kBlockN>(sK + (n % T::kStages) * T::kKVTileElems, k_seq + n * kBlockN * params.k_row_stride, params.k_row_stride,
                           seq.seqlen_k - n * kBlockN, tid);
   };
   auto load_v = [&](int n) {
-    load_tile<T, kBlockN>(sV, v_seq + n * kBlockN * params.v_row_stride, params.v_row_stride,
+    load_tile<T, kBlockN>(sV + (n % T::kStages) * T::kKVTileElems, v_seq + n * kBlockN * params.v_row_stride, params.v_row_stride,
                           seq.seqlen_k - n * kBlockN, tid);
   };
 
   load_tile<T, kBlockM>(sQ, q_tile, g.q_row_stride, rows_valid, tid);
   load_k(n_block_max - 1);
+  if constexpr (T::kStages == 2) load_v(n_block_max - 1);
   ptx::cp_async_commit();
 
   float o[kMTiles][kDTiles][4];
@@ -131,9 +133,21 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocksPerSm)
 
   for (int n = n_block_max - 1; n >= 0; --n) {
     ptx::cp_async_wait<0>();
-    __syncthreads();  // K(n) is in; every warp finished P*V(n+1), so sV is free
-    load_v(n);
-    ptx::cp_async_commit();
+    __syncthreads();  // block n is in (K, or K and V); every warp finished block n+1
+    if constexpr (T::kStages == 2) {
+      if (n > 0) {  // the other stage is free: fetch all of block n-1 during this block
+        load_k(n - 1);
+        load_v(n - 1);
+        ptx::cp_async_commit();
+      }
+    } else {
+      load_v(n);
+      ptx::cp_async_commit();
+    }
+    constexpr uint32_t kStageBytes = T::kKVTileElems * sizeof(Element);
+    const uint32_t stage_bytes = static_cast<uint32_t>(n % T::kStages) * kStageBytes;
+    const SwizzledRows<kHeadDim> k_stage = k_rows.shifted(stage_bytes);
+    const SwizzledRows<kHeadDim> v_stage = v_rows.shifted(stage_bytes);
 
     // ---- S = Q K^T ----
     float s[kMTiles][kNTiles][4];
@@ -152,7 +166,7 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocksPerSm)
 #pragma unroll
       for (int nt2 = 0; nt2 < kNTiles / 2; ++nt2) {
         uint32_t b0, b1, b2, b3;
-        ptx::ldmatrix_x4(k_rows(kk, nt2 * 16), b0, b1, b2, b3);
+        ptx::ldmatrix_x4(k_stage(kk, nt2 * 16), b0, b1, b2, b3);
 #pragma unroll
         for (int mt = 0; mt < kMTiles; ++mt) {
           ptx::mma_16816<Element>(s[mt][2 * nt2], a[mt], b0, b1);
@@ -181,11 +195,13 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocksPerSm)
 
     softmax.template update<kNTiles, kDTiles>(s, o, params.softmax_scale_log2);
 
-    ptx::cp_async_wait<0>();
-    __syncthreads();  // V(n) is in; every warp finished Q*K(n)^T, so sK is free
-    if (n > 0) {
-      load_k(n - 1);
-      ptx::cp_async_commit();
+    if constexpr (T::kStages == 1) {
+      ptx::cp_async_wait<0>();
+      __syncthreads();  // V(n) is in; every warp finished Q*K(n)^T, so sK is free
+      if (n > 0) {
+        load_k(n - 1);
+        ptx::cp_async_commit();
+      }
     }
 
     // ---- O += P V ----
@@ -202,7 +218,7 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocksPerSm)
 #pragma unroll
       for (int dt2 = 0; dt2 < kDTiles / 2; ++dt2) {
         uint32_t b0, b1, b2, b3;
-        ptx::ldmatrix_x4_trans(v_rows(dt2, kk * 16), b0, b1, b2, b3);
+        ptx::ldmatrix_x4_trans(v_stage(dt2, kk * 16), b0, b1, b2, b3);
 #pragma unroll
         for (int mt = 0; mt < kMTiles; ++mt) {
           ptx::mma_16816<Element>(o[mt][2 * dt2], a[mt], b0, b1);

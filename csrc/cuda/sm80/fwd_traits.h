@@ -12,7 +12,8 @@ namespace ringattn {
 namespace cuda {
 namespace sm80 {
 
-template <typename Element_, int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_, int kMinBlocksPerSm_>
+template <typename Element_, int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_, int kMinBlocksPerSm_,
+          int kStages_ = 1>
 struct FwdTraits {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;
@@ -21,11 +22,16 @@ struct FwdTraits {
   static constexpr int kNWarps = kNWarps_;
   static constexpr int kThreads = kNWarps * 32;
   static constexpr int kMinBlocksPerSm = kMinBlocksPerSm_;
+  // K/V shared-memory stages: 1 = one K and one V buffer (K(n-1) loads during P*V(n), V(n)
+  // during Q*K(n)^T, two barriers per block); 2 = double-buffered K and V (the next block loads
+  // during the whole current one, one barrier per block).
+  static constexpr int kStages = kStages_;
+  static constexpr int kKVTileElems = kBlockN * kHeadDim;
   static constexpr int kMTiles = kBlockM / (16 * kNWarps);  // m16 tiles per warp
   static constexpr int kNTiles = kBlockN / 8;               // n8 tiles of S per warp
   static constexpr int kDTiles = kHeadDim / 8;              // n8 tiles of O per warp
   static constexpr int kChunks = kHeadDim / 8;              // 16-byte chunks per row
-  static constexpr int kSmemElems = (kBlockM + 2 * kBlockN) * kHeadDim;
+  static constexpr int kSmemElems = kBlockM * kHeadDim + 2 * kStages * kKVTileElems;
   static constexpr int kSmemBytes = kSmemElems * static_cast<int>(sizeof(Element));
   static_assert(kBlockM % (16 * kNWarps) == 0, "each warp owns whole m16 tiles");
   static_assert(kBlockN % 16 == 0 && kHeadDim % 16 == 0, "mma k/n granularity");
@@ -50,6 +56,12 @@ struct SwizzledRows {
   __device__ __forceinline__ SwizzledRows(uint32_t tile_addr, int row, int lane_chunk)
       : base(tile_addr + static_cast<uint32_t>(row * kHeadDim * 2 + ((lane_chunk ^ (row & 7)) << 4))) {}
   // Byte address of chunk 2*j + lane_chunk in row `row + row_offset` (j, row_offset compile-time).
+  // The same rows `bytes` further on (a multiple of the tile's row size * 8, e.g. another stage).
+  __device__ __forceinline__ SwizzledRows shifted(uint32_t bytes) const {
+    SwizzledRows r = *this;
+    r.base += bytes;
+    return r;
+  }
   __device__ __forceinline__ uint32_t operator()(int j, int row_offset) const {
     return (base ^ static_cast<uint32_t>((2 * j) << 4)) + static_cast<uint32_t>(row_offset * kHeadDim * 2);
   }
@@ -64,6 +76,9 @@ struct FwdConfig<Element, 64> {
 };
 // RINGATTN_D128_{BM,BN,WARPS,MINB} override the tile for tuning experiments
 // (scripts/tune_d128.sh); the defaults are the measured best (docs/perf-notes.md).
+#ifndef RINGATTN_D128_STAGES
+#define RINGATTN_D128_STAGES 1
+#endif
 #ifndef RINGATTN_D128_BM
 #define RINGATTN_D128_BM 128
 #define RINGATTN_D128_BN 32
@@ -73,7 +88,8 @@ struct FwdConfig<Element, 64> {
 template <typename Element>
 struct FwdConfig<Element, 128> {
   using Traits =
-      FwdTraits<Element, 128, RINGATTN_D128_BM, RINGATTN_D128_BN, RINGATTN_D128_WARPS, RINGATTN_D128_MINB>;
+      FwdTraits<Element, 128, RINGATTN_D128_BM, RINGATTN_D128_BN, RINGATTN_D128_WARPS, RINGATTN_D128_MINB,
+                RINGATTN_D128_STAGES>;
 };
 template <typename Element>
 struct FwdConfig<Element, 256> {

@@ -1,0 +1,348 @@
+"""ctypes binding of ``libringattn`` (include/ringattn/ringattn.h).
+
+The library is plain C: this module mirrors every struct of the header field by field (same order,
+same fixed-width types), declares ``argtypes``/``restype`` once, and loads the shared object lazily
+on first use, so ``import ring_flash_attn`` works (and ``torch.compile`` can trace the ops through
+their fake kernels) on a machine where the library was not built.
+
+Search order for the shared object:
+  1. the path in the environment variable ``RING_FLASH_ATTN_LIBRARY``;
+  2. ``libringattn.so`` next to this file (where ``pip install .`` puts it).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from pathlib import Path
+from typing import List, Optional
+
+# ---- constants (keep in step with ringattn.h) ------------------------------------------------
+
+ABI_VERSION = 1
+MAX_GROUPS = 16
+
+STATUS_OK = 0
+STATUS_INVALID_ARGUMENT = 1
+STATUS_UNSUPPORTED = 2
+STATUS_CUDA_ERROR = 3
+STATUS_INTERNAL_ERROR = 4
+
+_STATUS_NAMES = {
+    STATUS_OK: "OK",
+    STATUS_INVALID_ARGUMENT: "INVALID_ARGUMENT",
+    STATUS_UNSUPPORTED: "UNSUPPORTED",
+    STATUS_CUDA_ERROR: "CUDA_ERROR",
+    STATUS_INTERNAL_ERROR: "INTERNAL_ERROR",
+}
+
+DTYPE_FP32 = 0
+DTYPE_FP16 = 1
+DTYPE_BF16 = 2
+DTYPE_FP64 = 3
+
+DEVICE_CPU = 0
+DEVICE_CUDA = 1
+
+TIER_AUTO = 0
+TIER_SM80 = 80
+
+ENV_LIBRARY = "RING_FLASH_ATTN_LIBRARY"
+LIBRARY_NAME = "libringattn.so"
+
+# ---- struct mirrors ----------------------------------------------------------------------------
+
+_i32 = ctypes.c_int32
+_i64 = ctypes.c_int64
+_ptr = ctypes.c_void_p
+_i32p = ctypes.POINTER(ctypes.c_int32)
+# Data pointers inside the structs are declared c_void_p whatever their C pointee type
+# (const int32_t*, float*, const void*): same size and calling convention, and a plain int
+# (tensor.data_ptr()) can be stored without a ctypes.cast, which costs about 1.4 us each.
+# The C type is noted beside each field.
+
+
+class Exec(ctypes.Structure):
+    """``ringattn_exec``: where a call runs."""
+
+    _fields_ = [
+        ("device_type", _i32),
+        ("device_index", _i32),
+        ("stream", _ptr),
+        ("tier", _i32),
+        ("num_threads", _i32),
+    ]
+
+
+class Problem(ctypes.Structure):
+    """``ringattn_problem``: shape and metadata shared by forward and backward."""
+
+    _fields_ = [
+        ("dtype", _i32),
+        ("batch_size", _i32),
+        ("num_heads_q", _i32),
+        ("num_heads_k", _i32),
+        ("head_dim", _i32),
+        ("num_groups", _i32),
+        ("softmax_scale", ctypes.c_float),
+        ("causal", _i32),
+        ("total_k", _i64),
+        ("max_seqlen_k", _i32),
+        ("cu_seqlens_k", _ptr),  # const int32_t*
+        ("check_metadata", _i32),
+    ]
+
+
+class FwdGroup(ctypes.Structure):
+    """``ringattn_fwd_group``: one query group of the forward pass."""
+
+    _fields_ = [
+        ("q", _ptr),
+        ("q_row_stride", _i64),
+        ("q_head_stride", _i64),
+        ("out", _ptr),
+        ("out_row_stride", _i64),
+        ("out_head_stride", _i64),
+        ("softmax_lse", _ptr),  # float* (const float* in bwd)
+        ("cu_seqlens_q", _ptr),  # const int32_t*
+        ("seqused_k", _ptr),  # const int32_t* or NULL
+        ("total_q", _i64),
+        ("max_seqlen_q", _i32),
+        ("reserved", _i32),
+    ]
+
+
+class FwdParams(ctypes.Structure):
+    """``ringattn_fwd_params``."""
+
+    _fields_ = [
+        ("problem", Problem),
+        ("exec", Exec),
+        ("k", _ptr),
+        ("k_row_stride", _i64),
+        ("k_head_stride", _i64),
+        ("v", _ptr),
+        ("v_row_stride", _i64),
+        ("v_head_stride", _i64),
+        ("groups", ctypes.POINTER(FwdGroup)),
+        ("workspace", _ptr),
+        ("workspace_size", ctypes.c_size_t),
+    ]
+
+
+class BwdGroup(ctypes.Structure):
+    """``ringattn_bwd_group``: one query group of the backward pass."""
+
+    _fields_ = [
+        ("q", _ptr),
+        ("q_row_stride", _i64),
+        ("q_head_stride", _i64),
+        ("out", _ptr),
+        ("out_row_stride", _i64),
+        ("out_head_stride", _i64),
+        ("dout", _ptr),
+        ("dout_row_stride", _i64),
+        ("dout_head_stride", _i64),
+        ("softmax_lse", _ptr),  # float* (const float* in bwd)
+        ("dq", _ptr),
+        ("dq_row_stride", _i64),
+        ("dq_head_stride", _i64),
+        ("cu_seqlens_q", _ptr),  # const int32_t*
+        ("seqused_k", _ptr),  # const int32_t* or NULL
+        ("total_q", _i64),
+        ("max_seqlen_q", _i32),
+        ("reserved", _i32),
+    ]
+
+
+class BwdParams(ctypes.Structure):
+    """``ringattn_bwd_params``."""
+
+    _fields_ = [
+        ("problem", Problem),
+        ("exec", Exec),
+        ("k", _ptr),
+        ("k_row_stride", _i64),
+        ("k_head_stride", _i64),
+        ("v", _ptr),
+        ("v_row_stride", _i64),
+        ("v_head_stride", _i64),
+        ("dk", _ptr),
+        ("dk_row_stride", _i64),
+        ("dk_head_stride", _i64),
+        ("dv", _ptr),
+        ("dv_row_stride", _i64),
+        ("dv_head_stride", _i64),
+        ("groups", ctypes.POINTER(BwdGroup)),
+        ("deterministic", _i32),
+        ("reserved", _i32),
+        ("workspace", _ptr),
+        ("workspace_size", ctypes.c_size_t),
+    ]
+
+
+# ---- loading -----------------------------------------------------------------------------------
+
+_lock = threading.Lock()
+_lib: Optional[ctypes.CDLL] = None
+
+
+def candidate_paths() -> List[Path]:
+    """The places the loader looks for the shared library, in order."""
+    paths = []
+    env = os.environ.get(ENV_LIBRARY)
+    if env:
+        paths.append(Path(env))
+    paths.append(Path(__file__).resolve().parent / LIBRARY_NAME)
+    return paths
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    """Set argtypes/restype once, so every call is type-checked by ctypes."""
+    status = ctypes.c_int  # C enums are int-sized
+    decls = {
+        "ringattn_grouped_fwd": (status, [ctypes.POINTER(FwdParams)]),
+        "ringattn_grouped_bwd": (status, [ctypes.POINTER(BwdParams)]),
+        "ringattn_fwd_workspace_size": (
+            status,
+            [ctypes.POINTER(FwdParams), ctypes.POINTER(ctypes.c_size_t)],
+        ),
+        "ringattn_bwd_workspace_size": (
+            status,
+            [ctypes.POINTER(BwdParams), ctypes.POINTER(ctypes.c_size_t)],
+        ),
+        "ringattn_last_error": (ctypes.c_char_p, []),
+        "ringattn_version": (ctypes.c_char_p, []),
+        "ringattn_abi_version": (_i32, []),
+        "ringattn_cuda_compiled": (_i32, []),
+        "ringattn_compiled_archs": (_i32, [_i32p, _i32]),
+        "ringattn_supported_head_dims": (_i32, [_i32, _i32p, _i32]),
+        "ringattn_check_support": (status, [_i32, _i32, _i32, _i32]),
+    }
+    for name, (restype, argtypes) in decls.items():
+        fn = getattr(lib, name)  # AttributeError names the missing symbol
+        fn.restype = restype
+        fn.argtypes = argtypes
+
+
+def _load() -> ctypes.CDLL:
+    tried = []
+    for path in candidate_paths():
+        if not path.is_file():
+            tried.append(f"{path} (not found)")
+            continue
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError as e:
+            tried.append(f"{path} ({e})")
+            continue
+        try:
+            _declare(lib)
+        except AttributeError as e:
+            raise RuntimeError(
+                f"ring_flash_attn: {path} is not a compatible libringattn ({e}). "
+                "Rebuild it with `pip install .` from the repository root."
+            ) from e
+        abi = lib.ringattn_abi_version()
+        if abi != ABI_VERSION:
+            raise RuntimeError(
+                f"ring_flash_attn: {path} has C ABI version {abi}, but this Python package "
+                f"expects version {ABI_VERSION}. Rebuild the library with `pip install .` from "
+                "the repository root (or point RING_FLASH_ATTN_LIBRARY at a matching build)."
+            )
+        return lib
+    raise RuntimeError(
+        "ring_flash_attn: cannot load the native library libringattn.so. Looked in:\n  "
+        + "\n  ".join(tried)
+        + f"\nBuild and install it with `pip install .` from the repository root, or build it "
+        "with CMake (cmake -S . -B build && cmake --build build) and set "
+        f"{ENV_LIBRARY}=/path/to/libringattn.so."
+    )
+
+
+def get() -> ctypes.CDLL:
+    """The loaded library (loaded on first call). Raises RuntimeError if it cannot be found."""
+    global _lib
+    lib = _lib
+    if lib is None:
+        with _lock:
+            if _lib is None:
+                _lib = _load()
+            lib = _lib
+    return lib
+
+
+def is_available() -> bool:
+    """True if the native library can be loaded."""
+    try:
+        get()
+    except RuntimeError:
+        return False
+    return True
+
+
+# ---- status handling ---------------------------------------------------------------------------
+
+
+def last_error() -> str:
+    msg = get().ringattn_last_error()
+    return msg.decode("utf-8", "replace") if msg else ""
+
+
+def check(status: int, what: str = "libringattn") -> None:
+    """Raise the Python exception matching a ``ringattn_status``, with the library's message.
+
+    INVALID_ARGUMENT -> ValueError, UNSUPPORTED -> NotImplementedError, anything else that is
+    not OK -> RuntimeError.
+    """
+    if status == STATUS_OK:
+        return
+    message = last_error() or "(no message)"
+    text = f"{what}: {message}"
+    if status == STATUS_INVALID_ARGUMENT:
+        raise ValueError(text)
+    if status == STATUS_UNSUPPORTED:
+        raise NotImplementedError(text)
+    name = _STATUS_NAMES.get(status, f"status {status}")
+    raise RuntimeError(f"{text} [{name}]")
+
+
+# ---- queries -----------------------------------------------------------------------------------
+
+
+def version() -> str:
+    return get().ringattn_version().decode()
+
+
+def abi_version() -> int:
+    return int(get().ringattn_abi_version())
+
+
+def cuda_compiled() -> bool:
+    return bool(get().ringattn_cuda_compiled())
+
+
+def _int_list(fn, *args) -> List[int]:
+    cap = 64
+    buf = (ctypes.c_int32 * cap)()
+    n = fn(*args, buf, cap)
+    return [int(buf[i]) for i in range(min(n, cap))]
+
+
+def compiled_archs() -> List[int]:
+    """SM architectures the GPU kernels are compiled for (empty for a CPU-only build)."""
+    return _int_list(get().ringattn_compiled_archs)
+
+
+def supported_head_dims(device_type: int) -> List[int]:
+    """Head dims the backend of ``device_type`` (DEVICE_CPU / DEVICE_CUDA) has kernels for."""
+    return _int_list(get().ringattn_supported_head_dims, device_type)
+
+
+def check_support(device_type: int, device_index: int, dtype: int, head_dim: int) -> None:
+    """Raise (see ``check``) unless (device, dtype, head_dim) can run here."""
+    check(
+        get().ringattn_check_support(device_type, device_index, dtype, head_dim),
+        "ringattn_check_support",
+    )

@@ -1,0 +1,162 @@
+"""Public single-device API: grouped varlen attention and the flash-attn compatible G = 1 case.
+
+Notation: G query groups, B sequences, Hq query heads, Hk KV heads (Hq % Hk == 0), D head dim.
+All groups share one K/V stream; group g sees, of sequence b, the first ``seqused_k_list[g][b]``
+keys (all of them by default). Causal masks are bottom-right aligned per (group, sequence): query
+i of Lq attends key j < Lk iff j <= i + Lk - Lq, and a row that sees no key gets out = 0 and
+lse = -inf.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple, Union
+
+from torch import Tensor
+
+from . import ops
+
+_grouped_fwd = ops.grouped_fwd
+
+__all__ = ["grouped_flash_attn_varlen_func", "flash_attn_varlen_func"]
+
+
+def _resolve_scale(softmax_scale: Optional[float]) -> float:
+    # The C ABI treats a scale <= 0 as "1/sqrt(head_dim)", so the default is the library's, and
+    # a user-given scale must be positive to mean what it says.
+    if softmax_scale is None:
+        return 0.0
+    scale = float(softmax_scale)
+    if not scale > 0.0:
+        raise ValueError(f"softmax_scale: expected a positive float or None, got {softmax_scale}")
+    return scale
+
+
+def grouped_flash_attn_varlen_func(
+    q_list: Sequence[Tensor],
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q_list: Sequence[Tensor],
+    cu_seqlens_k: Tensor,
+    max_seqlen_q_list: Sequence[int],
+    max_seqlen_k: int,
+    seqused_k_list: Optional[Sequence[Optional[Tensor]]] = None,
+    softmax_scale: Optional[float] = None,
+    causal: bool = True,
+    return_lse: bool = False,
+    deterministic: bool = False,
+) -> Union[List[Tensor], Tuple[List[Tensor], List[Tensor]]]:
+    """Grouped varlen attention: G query groups over one shared K/V stream, in one library call.
+
+    Args:
+        q_list: G tensors ``[total_q_g, Hq, D]`` (float16, bfloat16; float32 and float64 on CPU).
+        k, v: ``[total_k, Hk, D]``, same dtype and device as the queries.
+        cu_seqlens_q_list: G int32 tensors ``[B + 1]``, cumulative query lengths of each group.
+        cu_seqlens_k: int32 ``[B + 1]``, cumulative key lengths (shared by all groups).
+        max_seqlen_q_list: G ints, the longest query sequence of each group (a hint; Python ints
+            so that no host sync is needed).
+        max_seqlen_k: int, the longest key sequence (a hint).
+        seqused_k_list: None, or G entries, each None or an int32 ``[B]`` tensor: how many keys
+            of each sequence (from its start) the group sees.
+        softmax_scale: scale of QK^T; default ``1 / sqrt(D)``.
+        causal: bottom-right aligned causal mask per (group, sequence).
+        return_lse: also return the log-sum-exp of each group.
+        deterministic: bit-identical backward run to run.
+
+    Tokens and heads may be strided (e.g. slices of a larger tensor); the head dim must be
+    contiguous.
+
+    Returns:
+        ``out_list`` (G tensors ``[total_q_g, Hq, D]``, dtype of q), or
+        ``(out_list, lse_list)`` with ``return_lse=True`` (lse: float32 ``[Hq, total_q_g]``,
+        natural log; differentiable: a loss that uses it gets its gradient through it, at the cost
+        of one more forward and backward kernel call in the backward pass).
+
+    Raises:
+        ValueError: a bad argument; the message names it with the expected and actual value.
+        NotImplementedError: valid, but not supported by this build or device.
+    """
+    q_list = list(q_list)
+    G = len(q_list)
+    seqused = [None] * G if seqused_k_list is None else list(seqused_k_list)
+    out_list, lse_list = _grouped_fwd(
+        q_list,
+        k,
+        v,
+        list(cu_seqlens_q_list),
+        cu_seqlens_k,
+        seqused,
+        list(max_seqlen_q_list),
+        max_seqlen_k,
+        _resolve_scale(softmax_scale),
+        bool(causal),
+        bool(deterministic),
+    )
+    if return_lse:
+        return out_list, lse_list
+    return out_list
+
+
+def flash_attn_varlen_func(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_p: float = 0.0,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    window_size: Tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Optional[Tensor] = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+    block_table: Optional[Tensor] = None,
+) -> Union[Tensor, Tuple[Tensor, Tensor, None]]:
+    """flash-attn's ``flash_attn_varlen_func``: the G = 1 case of the grouped op.
+
+    Args:
+        q: ``[total_q, Hq, D]``; k, v: ``[total_k, Hk, D]`` with Hq % Hk == 0.
+        cu_seqlens_q, cu_seqlens_k: int32 ``[B + 1]``.
+        max_seqlen_q, max_seqlen_k: ints (hints).
+        softmax_scale: default ``1 / sqrt(D)``.
+        causal: bottom-right aligned causal mask (flash-attn >= 2.1 convention).
+        deterministic: bit-identical backward run to run.
+        return_attn_probs: return ``(out, softmax_lse, None)`` like flash-attn (the attention
+            probabilities themselves are not materialised).
+        dropout_p, window_size, softcap, alibi_slopes, block_table: only their defaults are
+            supported; anything else raises NotImplementedError naming the argument.
+
+    Returns:
+        ``out`` ``[total_q, Hq, D]``, or ``(out, softmax_lse [Hq, total_q] float32, None)``.
+    """
+    if dropout_p != 0.0:
+        raise NotImplementedError(f"dropout_p: dropout is not supported (got {dropout_p}); pass 0.0")
+    if tuple(window_size) != (-1, -1):
+        raise NotImplementedError(
+            f"window_size: sliding-window attention is not supported yet (got {tuple(window_size)}); "
+            "pass (-1, -1)"
+        )
+    if softcap != 0.0:
+        raise NotImplementedError(f"softcap: logit soft-capping is not supported yet (got {softcap}); pass 0.0")
+    if alibi_slopes is not None:
+        raise NotImplementedError("alibi_slopes: ALiBi is not supported; pass None")
+    if block_table is not None:
+        raise NotImplementedError("block_table: paged KV cache is not supported; pass None")
+    out_list, lse_list = grouped_flash_attn_varlen_func(
+        [q],
+        k,
+        v,
+        [cu_seqlens_q],
+        cu_seqlens_k,
+        [max_seqlen_q],
+        max_seqlen_k,
+        softmax_scale=softmax_scale,
+        causal=causal,
+        return_lse=True,
+        deterministic=deterministic,
+    )
+    if return_attn_probs:
+        return out_list[0], lse_list[0], None
+    return out_list[0]

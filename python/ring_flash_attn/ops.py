@@ -1,0 +1,609 @@
+"""``torch.library`` custom ops over libringattn's grouped varlen attention.
+
+Two ops in the namespace ``ring_flash_attn``:
+
+``torch.ops.ring_flash_attn.grouped_fwd(q_list, k, v, cu_seqlens_q_list, cu_seqlens_k,
+seqused_k_list, max_seqlen_q_list, max_seqlen_k, softmax_scale, causal, deterministic)``
+    -> ``(out_list, lse_list)``
+
+``torch.ops.ring_flash_attn.grouped_bwd(dout_list, q_list, k, v, out_list, lse_list,
+cu_seqlens_q_list, cu_seqlens_k, seqused_k_list, max_seqlen_q_list, max_seqlen_k, softmax_scale,
+causal, deterministic)`` -> ``(dq_list, dk, dv)``
+
+Shapes (G groups, B sequences, Hq query heads, Hk KV heads, D head dim):
+  q_list[g], out_list[g], dout_list[g], dq_list[g]: [total_q_g, Hq, D]
+  k, v, dk, dv: [total_k, Hk, D]
+  cu_seqlens_q_list[g], cu_seqlens_k: [B + 1] int32
+  seqused_k_list: empty, or G entries each None or [B] int32
+  lse_list[g]: [Hq, total_q_g] float32 (natural log)
+
+``softmax_scale <= 0`` means the library default 1/sqrt(D). ``deterministic`` only affects the
+backward; the forward op takes it so that autograd can hand it on.
+
+The kernels are registered with ``Library.define`` + ``Library.impl`` (not ``custom_op``, whose
+Python dispatch costs more per call), for CPU and CUDA with the same Python function, which passes
+data pointers, strides, the device index and the current CUDA stream to the C ABI. Outputs and
+workspaces come from PyTorch's allocator. Nothing here reads tensor values on the host: no
+``.item()``, no device-to-host copies (the metadata value checks are the library's, on request).
+
+Autograd (``torch.library.register_autograd``): the backward of ``grouped_fwd`` calls
+``grouped_bwd``; a loss that also uses the LSE outputs gets their gradient through one more
+forward and backward call (see ``_add_lse_gradient``). ``grouped_bwd`` has no double backward.
+
+Python checks only what the ctypes call needs to be memory-safe (devices, dtypes, ranks, the
+shapes that the C structs carry once for all groups, last-dim contiguity, sizes of the
+metadata arrays); everything else is validated by the library, whose message is raised as
+ValueError (invalid argument) or NotImplementedError (unsupported).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _lib
+
+__all__ = ["grouped_fwd", "grouped_bwd", "dtype_code"]
+
+_NAMESPACE = "ring_flash_attn"
+
+_DTYPE_CODES = {
+    torch.float32: _lib.DTYPE_FP32,
+    torch.float16: _lib.DTYPE_FP16,
+    torch.bfloat16: _lib.DTYPE_BF16,
+    torch.float64: _lib.DTYPE_FP64,
+}
+
+ENV_CHECK_METADATA = "RING_FLASH_ATTN_CHECK_METADATA"
+
+
+def dtype_code(dtype: torch.dtype, name: str = "q") -> int:
+    """The ``ringattn_dtype`` of a torch dtype; ValueError for an unsupported one."""
+    try:
+        return _DTYPE_CODES[dtype]
+    except KeyError:
+        raise ValueError(
+            f"{name}: expected dtype float16, bfloat16, float32 or float64, got {dtype}"
+        ) from None
+
+
+# ---- validation (what ctypes needs to be safe) -----------------------------------------------
+#
+# Written for a small per-call cost: every tensor's shape and strides are read once (a
+# Tensor.stride(i) call costs about 0.5 us) and handed on to the struct filling.
+
+
+def _device_error(name: str, device: torch.device, got: torch.device) -> ValueError:
+    return ValueError(f"{name}: expected a tensor on {device} (the device of q_list[0]), got {got}")
+
+
+def _check_3d(t: Tensor, name: str, device: torch.device, dtype: torch.dtype):
+    """A [tokens, heads, head_dim] tensor of `dtype` on `device` with the last dim contiguous.
+    Returns (shape, strides)."""
+    if not isinstance(t, Tensor):
+        raise ValueError(f"{name}: expected a Tensor, got {type(t).__name__}")
+    shape = t.shape
+    if len(shape) != 3:
+        raise ValueError(f"{name}: expected a 3-D tensor [tokens, heads, head_dim], got shape {tuple(shape)}")
+    if t.dtype != dtype:
+        raise ValueError(f"{name}: expected dtype {dtype} (the dtype of q_list[0]), got {t.dtype}")
+    if t.device != device:
+        raise _device_error(name, device, t.device)
+    if shape[0] == 0 or shape[1] == 0:
+        # No element is ever addressed; hand the library the strides of a dense layout (an
+        # empty tensor may carry any strides, e.g. an expanded empty gradient).
+        return shape, (shape[1] * shape[2], shape[2], 1)
+    stride = t.stride()
+    if stride[2] != 1 and shape[2] > 1:
+        raise ValueError(f"{name}: expected the last dim contiguous (stride 1), got strides {tuple(stride)}")
+    return shape, stride
+
+
+def _check_like(t: Tensor, name: str, device, dtype, shape, like_name: str):
+    """An output / gradient tensor shaped like `like_name`. Returns its strides."""
+    t_shape, stride = _check_3d(t, name, device, dtype)
+    if t_shape != shape:
+        raise ValueError(f"{name}: expected shape {tuple(shape)} (the shape of {like_name}), got {tuple(t_shape)}")
+    return stride
+
+
+def _check_int32_vector(t: Tensor, name: str, numel, device: torch.device, what: str = "") -> None:
+    """A 1-D contiguous int32 tensor on `device` with `numel` entries (any if None)."""
+    if not isinstance(t, Tensor):
+        raise ValueError(f"{name}: expected an int32 Tensor, got {type(t).__name__}")
+    if t.dtype != torch.int32:
+        raise ValueError(f"{name}: expected dtype torch.int32, got {t.dtype}")
+    shape = t.shape
+    if len(shape) != 1:
+        raise ValueError(f"{name}: expected a 1-D tensor, got shape {tuple(shape)}")
+    n = shape[0]
+    if numel is not None and n != numel:
+        raise ValueError(f"{name}: expected {numel} elements ({what}), got {n}")
+    if n > 1 and t.stride(0) != 1:
+        raise ValueError(f"{name}: expected a contiguous tensor, got stride {t.stride(0)}")
+    if t.device != device:
+        raise _device_error(name, device, t.device)
+
+
+def _check_lse(t: Tensor, name: str, Hq, total_q, device: torch.device) -> int:
+    """A contiguous float32 [Hq, total_q] tensor. Returns its data pointer."""
+    if not isinstance(t, Tensor):
+        raise ValueError(f"{name}: expected a float32 Tensor, got {type(t).__name__}")
+    if t.dtype != torch.float32:
+        raise ValueError(f"{name}: expected dtype torch.float32, got {t.dtype}")
+    shape = t.shape
+    if len(shape) != 2 or shape[0] != Hq or shape[1] != total_q:
+        raise ValueError(
+            f"{name}: expected shape ({Hq}, {total_q}) ([num_heads_q, total_q]), got {tuple(shape)}"
+        )
+    if not t.is_contiguous():
+        raise ValueError(f"{name}: expected a contiguous tensor, got strides {tuple(t.stride())}")
+    if t.device != device:
+        raise _device_error(name, device, t.device)
+    return t.data_ptr()
+
+
+def _check_list_len(name: str, lst: Sequence, G: int) -> None:
+    if len(lst) != G:
+        raise ValueError(f"{name}: expected {G} entries (one per group in q_list), got {len(lst)}")
+
+
+def _validate_common(
+    q_list: Sequence[Tensor],
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q_list: Sequence[Tensor],
+    cu_seqlens_k: Tensor,
+    seqused_k_list: Sequence[Optional[Tensor]],
+    max_seqlen_q_list: Sequence[int],
+):
+    """Checks shared by forward and backward (and their fake kernels).
+
+    Returns (G, B, Hq, Hk, D, dtype, device, [(shape, strides) of each q], k strides, v strides).
+    Reads no data pointer, so it serves the fake kernels too."""
+    G = len(q_list)
+    if G == 0:
+        raise ValueError("q_list: expected at least one query group, got an empty list")
+    q0 = q_list[0]
+    if not isinstance(q0, Tensor):
+        raise ValueError(f"q_list[0]: expected a Tensor, got {type(q0).__name__}")
+    dtype, device = q0.dtype, q0.device
+    dtype_code(dtype, "q_list[0]")
+    if device.type not in ("cpu", "cuda", "meta"):
+        raise ValueError(f"q_list[0]: expected a CPU or CUDA tensor, got device {device}")
+    _check_list_len("cu_seqlens_q_list", cu_seqlens_q_list, G)
+    _check_list_len("max_seqlen_q_list", max_seqlen_q_list, G)
+    if len(seqused_k_list) not in (0, G):
+        raise ValueError(
+            f"seqused_k_list: expected None or {G} entries (one per group in q_list), got {len(seqused_k_list)}"
+        )
+
+    k_shape, k_stride = _check_3d(k, "k", device, dtype)
+    v_shape, v_stride = _check_3d(v, "v", device, dtype)
+    if v_shape != k_shape:
+        raise ValueError(f"v: expected the shape of k {tuple(k_shape)}, got {tuple(v_shape)}")
+    Hk, D = k_shape[1], k_shape[2]
+
+    q_info = []
+    Hq = None
+    for g in range(G):
+        name = f"q_list[{g}]"
+        shape, stride = _check_3d(q_list[g], name, device, dtype)
+        if g == 0:
+            Hq = shape[1]
+        elif shape[1] != Hq:
+            raise ValueError(f"{name}: expected {Hq} heads (as q_list[0]), got {shape[1]}")
+        if shape[2] != D:
+            raise ValueError(f"{name}: expected head_dim {D} (the head_dim of k), got {shape[2]}")
+        q_info.append((shape, stride))
+
+    _check_int32_vector(cu_seqlens_k, "cu_seqlens_k", None, device)
+    B = cu_seqlens_k.shape[0] - 1
+    if B < 1:
+        raise ValueError(f"cu_seqlens_k: expected at least 2 elements (batch_size + 1), got {B + 1}")
+    for g in range(G):
+        _check_int32_vector(cu_seqlens_q_list[g], f"cu_seqlens_q_list[{g}]", B + 1, device,
+                            "batch_size + 1, as cu_seqlens_k")
+    for g, s in enumerate(seqused_k_list):
+        if s is not None:
+            _check_int32_vector(s, f"seqused_k_list[{g}]", B, device,
+                                "batch_size, one less than cu_seqlens_k")
+    return G, B, Hq, Hk, D, dtype, device, q_info, k_stride, v_stride
+
+
+# ---- filling the C structs --------------------------------------------------------------------
+
+
+def _exec(device: torch.device) -> Tuple[_lib.Exec, int]:
+    """(ringattn_exec, check_metadata) for a call on `device`."""
+    ex = _lib.Exec()
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        ex.device_type = _lib.DEVICE_CUDA
+        ex.device_index = index
+        ex.stream = torch.cuda.current_stream(index).cuda_stream
+        ex.tier = _lib.TIER_AUTO
+        check_metadata = 1 if os.environ.get(ENV_CHECK_METADATA, "0") == "1" else 0
+    elif device.type == "cpu":
+        ex.device_type = _lib.DEVICE_CPU
+        ex.num_threads = torch.get_num_threads()
+        check_metadata = 1  # free on the host
+    else:
+        raise ValueError(f"q_list[0]: expected a CPU or CUDA tensor, got device {device}")
+    return ex, check_metadata
+
+
+def _fill_common(params, checked, k, v, cu_seqlens_k, max_seqlen_k, softmax_scale, causal) -> None:
+    """The ringattn_problem, ringattn_exec and K/V fields shared by forward and backward."""
+    G, B, Hq, Hk, D, dtype, device, _, k_stride, v_stride = checked
+    params.exec, check_metadata = _exec(device)
+    p = params.problem
+    p.dtype = _DTYPE_CODES[dtype]
+    p.batch_size = B
+    p.num_heads_q = Hq
+    p.num_heads_k = Hk
+    p.head_dim = D
+    p.num_groups = G
+    p.softmax_scale = softmax_scale
+    p.causal = 1 if causal else 0
+    p.total_k = k.shape[0]
+    p.max_seqlen_k = max_seqlen_k
+    p.cu_seqlens_k = cu_seqlens_k.data_ptr()
+    p.check_metadata = check_metadata
+    params.k = k.data_ptr()
+    params.k_row_stride = k_stride[0]
+    params.k_head_stride = k_stride[1]
+    params.v = v.data_ptr()
+    params.v_row_stride = v_stride[0]
+    params.v_head_stride = v_stride[1]
+
+
+def _workspace(size_fn, params, device: torch.device) -> Optional[Tensor]:
+    """Ask the library how much workspace the call needs; allocate it if any."""
+    size = ctypes.c_size_t(0)
+    _lib.check(size_fn(ctypes.byref(params), ctypes.byref(size)), size_fn.__name__)
+    if size.value == 0:
+        return None
+    ws = torch.empty(size.value, dtype=torch.uint8, device=device)
+    params.workspace = ws.data_ptr()
+    params.workspace_size = size.value
+    return ws
+
+
+def fwd_into(
+    q_list: Sequence[Tensor],
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q_list: Sequence[Tensor],
+    cu_seqlens_k: Tensor,
+    seqused_k_list: Sequence[Optional[Tensor]],
+    max_seqlen_q_list: Sequence[int],
+    max_seqlen_k: int,
+    softmax_scale: float,
+    causal: bool,
+    out_list: Sequence[Tensor],
+    lse_list: Sequence[Tensor],
+) -> None:
+    """Run the grouped forward into caller-provided outputs (the ops' kernel; tests use it to
+    check that a rejected call leaves pre-filled outputs untouched)."""
+    checked = _validate_common(q_list, k, v, cu_seqlens_q_list, cu_seqlens_k, seqused_k_list,
+                               max_seqlen_q_list)
+    G, Hq, dtype, device, q_info = checked[0], checked[2], checked[5], checked[6], checked[7]
+    have_seqused = len(seqused_k_list) == G
+    _check_list_len("out_list", out_list, G)
+    _check_list_len("lse_list", lse_list, G)
+    lib = _lib.get()
+    params = _lib.FwdParams()
+    _fill_common(params, checked, k, v, cu_seqlens_k, max_seqlen_k, softmax_scale, causal)
+
+    groups = (_lib.FwdGroup * G)()
+    for g in range(G):
+        q_shape, q_stride = q_info[g]
+        out = out_list[g]
+        out_stride = _check_like(out, f"out_list[{g}]", device, dtype, q_shape, f"q_list[{g}]")
+        gr = groups[g]
+        gr.q = q_list[g].data_ptr()
+        gr.q_row_stride = q_stride[0]
+        gr.q_head_stride = q_stride[1]
+        gr.out = out.data_ptr()
+        gr.out_row_stride = out_stride[0]
+        gr.out_head_stride = out_stride[1]
+        gr.softmax_lse = _check_lse(lse_list[g], f"lse_list[{g}]", Hq, q_shape[0], device)
+        gr.cu_seqlens_q = cu_seqlens_q_list[g].data_ptr()
+        seqused = seqused_k_list[g] if have_seqused else None
+        gr.seqused_k = seqused.data_ptr() if seqused is not None else None
+        gr.total_q = q_shape[0]
+        gr.max_seqlen_q = max_seqlen_q_list[g]
+    params.groups = groups
+
+    workspace = _workspace(lib.ringattn_fwd_workspace_size, params, device)
+    _lib.check(lib.ringattn_grouped_fwd(ctypes.byref(params)), "ringattn_grouped_fwd")
+    # The workspace lives until the call has been issued; on CUDA the caching allocator hands
+    # freed memory only to later work on the same stream, which runs after this kernel.
+    del workspace
+
+
+def bwd_into(
+    dout_list: Sequence[Tensor],
+    q_list: Sequence[Tensor],
+    k: Tensor,
+    v: Tensor,
+    out_list: Sequence[Tensor],
+    lse_list: Sequence[Tensor],
+    cu_seqlens_q_list: Sequence[Tensor],
+    cu_seqlens_k: Tensor,
+    seqused_k_list: Sequence[Optional[Tensor]],
+    max_seqlen_q_list: Sequence[int],
+    max_seqlen_k: int,
+    softmax_scale: float,
+    causal: bool,
+    deterministic: bool,
+    dq_list: Sequence[Tensor],
+    dk: Tensor,
+    dv: Tensor,
+) -> None:
+    """Run the grouped backward into caller-provided gradients (dk, dv are overwritten with the
+    sum over groups, not accumulated into)."""
+    checked = _validate_common(q_list, k, v, cu_seqlens_q_list, cu_seqlens_k, seqused_k_list,
+                               max_seqlen_q_list)
+    G, Hq, dtype, device, q_info = checked[0], checked[2], checked[5], checked[6], checked[7]
+    have_seqused = len(seqused_k_list) == G
+    for name, lst in (("dout_list", dout_list), ("out_list", out_list), ("lse_list", lse_list),
+                      ("dq_list", dq_list)):
+        _check_list_len(name, lst, G)
+    dk_stride = _check_like(dk, "dk", device, dtype, k.shape, "k")
+    dv_stride = _check_like(dv, "dv", device, dtype, v.shape, "v")
+    lib = _lib.get()
+    params = _lib.BwdParams()
+    _fill_common(params, checked, k, v, cu_seqlens_k, max_seqlen_k, softmax_scale, causal)
+    params.dk = dk.data_ptr()
+    params.dk_row_stride = dk_stride[0]
+    params.dk_head_stride = dk_stride[1]
+    params.dv = dv.data_ptr()
+    params.dv_row_stride = dv_stride[0]
+    params.dv_head_stride = dv_stride[1]
+    params.deterministic = 1 if deterministic else 0
+
+    groups = (_lib.BwdGroup * G)()
+    for g in range(G):
+        q_shape, q_stride = q_info[g]
+        out, dout, dq = out_list[g], dout_list[g], dq_list[g]
+        like = f"q_list[{g}]"
+        out_stride = _check_like(out, f"out_list[{g}]", device, dtype, q_shape, like)
+        dout_stride = _check_like(dout, f"dout_list[{g}]", device, dtype, q_shape, like)
+        dq_stride = _check_like(dq, f"dq_list[{g}]", device, dtype, q_shape, like)
+        gr = groups[g]
+        gr.q = q_list[g].data_ptr()
+        gr.q_row_stride = q_stride[0]
+        gr.q_head_stride = q_stride[1]
+        gr.out = out.data_ptr()
+        gr.out_row_stride = out_stride[0]
+        gr.out_head_stride = out_stride[1]
+        gr.dout = dout.data_ptr()
+        gr.dout_row_stride = dout_stride[0]
+        gr.dout_head_stride = dout_stride[1]
+        gr.softmax_lse = _check_lse(lse_list[g], f"lse_list[{g}]", Hq, q_shape[0], device)
+        gr.dq = dq.data_ptr()
+        gr.dq_row_stride = dq_stride[0]
+        gr.dq_head_stride = dq_stride[1]
+        gr.cu_seqlens_q = cu_seqlens_q_list[g].data_ptr()
+        seqused = seqused_k_list[g] if have_seqused else None
+        gr.seqused_k = seqused.data_ptr() if seqused is not None else None
+        gr.total_q = q_shape[0]
+        gr.max_seqlen_q = max_seqlen_q_list[g]
+    params.groups = groups
+
+    workspace = _workspace(lib.ringattn_bwd_workspace_size, params, device)
+    _lib.check(lib.ringattn_grouped_bwd(ctypes.byref(params)), "ringattn_grouped_bwd")
+    # The workspace lives until the call has been issued; on CUDA the caching allocator hands
+    # freed memory only to later work on the same stream, which runs after this kernel.
+    del workspace
+
+
+# ---- op definitions ----------------------------------------------------------------------------
+
+_FWD_SCHEMA = (
+    "grouped_fwd(Tensor[] q_list, Tensor k, Tensor v, Tensor[] cu_seqlens_q_list, "
+    "Tensor cu_seqlens_k, Tensor?[] seqused_k_list, SymInt[] max_seqlen_q_list, "
+    "SymInt max_seqlen_k, float softmax_scale, bool causal, bool deterministic) "
+    "-> (Tensor[], Tensor[])"
+)
+_BWD_SCHEMA = (
+    "grouped_bwd(Tensor[] dout_list, Tensor[] q_list, Tensor k, Tensor v, Tensor[] out_list, "
+    "Tensor[] lse_list, Tensor[] cu_seqlens_q_list, Tensor cu_seqlens_k, Tensor?[] seqused_k_list, "
+    "SymInt[] max_seqlen_q_list, SymInt max_seqlen_k, float softmax_scale, bool causal, "
+    "bool deterministic) -> (Tensor[], Tensor, Tensor)"
+)
+
+_library = torch.library.Library(_NAMESPACE, "DEF")
+_library.define(_FWD_SCHEMA)
+_library.define(_BWD_SCHEMA)
+
+
+def _alloc_fwd_outputs(q_list: Sequence[Tensor], Hq) -> Tuple[List[Tensor], List[Tensor]]:
+    outs = [torch.empty(q.shape, dtype=q.dtype, device=q.device) for q in q_list]
+    lses = [torch.empty((Hq, q.shape[0]), dtype=torch.float32, device=q.device) for q in q_list]
+    return outs, lses
+
+
+def _grouped_fwd_kernel(q_list, k, v, cu_seqlens_q_list, cu_seqlens_k, seqused_k_list,
+                        max_seqlen_q_list, max_seqlen_k, softmax_scale, causal, deterministic):
+    if not q_list or not isinstance(q_list[0], Tensor) or q_list[0].dim() != 3:
+        _validate_common(q_list, k, v, cu_seqlens_q_list, cu_seqlens_k, seqused_k_list,
+                         max_seqlen_q_list)  # raises the precise error
+    outs, lses = _alloc_fwd_outputs(q_list, q_list[0].shape[1])
+    fwd_into(q_list, k, v, cu_seqlens_q_list, cu_seqlens_k, seqused_k_list, max_seqlen_q_list,
+             max_seqlen_k, softmax_scale, causal, outs, lses)
+    return outs, lses
+
+
+def _grouped_bwd_kernel(dout_list, q_list, k, v, out_list, lse_list, cu_seqlens_q_list,
+                        cu_seqlens_k, seqused_k_list, max_seqlen_q_list, max_seqlen_k,
+                        softmax_scale, causal, deterministic):
+    dqs = [torch.empty(q.shape, dtype=q.dtype, device=q.device) for q in q_list]
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    bwd_into(dout_list, q_list, k, v, out_list, lse_list, cu_seqlens_q_list, cu_seqlens_k,
+             seqused_k_list, max_seqlen_q_list, max_seqlen_k, softmax_scale, causal,
+             deterministic, dqs, dk, dv)
+    return dqs, dk, dv
+
+
+for _key in ("CPU", "CUDA"):
+    _library.impl("grouped_fwd", _grouped_fwd_kernel, _key)
+    _library.impl("grouped_bwd", _grouped_bwd_kernel, _key)
+
+
+@torch.library.register_fake(f"{_NAMESPACE}::grouped_fwd")
+def _grouped_fwd_fake(q_list, k, v, cu_seqlens_q_list, cu_seqlens_k, seqused_k_list,
+                      max_seqlen_q_list, max_seqlen_k, softmax_scale, causal, deterministic):
+    _validate_common(q_list, k, v, cu_seqlens_q_list, cu_seqlens_k, seqused_k_list,
+                     max_seqlen_q_list)
+    return _alloc_fwd_outputs(q_list, q_list[0].shape[1])
+
+
+@torch.library.register_fake(f"{_NAMESPACE}::grouped_bwd")
+def _grouped_bwd_fake(dout_list, q_list, k, v, out_list, lse_list, cu_seqlens_q_list,
+                      cu_seqlens_k, seqused_k_list, max_seqlen_q_list, max_seqlen_k,
+                      softmax_scale, causal, deterministic):
+    _validate_common(q_list, k, v, cu_seqlens_q_list, cu_seqlens_k, seqused_k_list,
+                     max_seqlen_q_list)
+    dqs = [torch.empty(q.shape, dtype=q.dtype, device=q.device) for q in q_list]
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    return dqs, dk, dv
+
+
+# ---- autograd ---------------------------------------------------------------------------------
+
+
+def _list_grad_structure(values: Sequence) -> Optional[list]:
+    """The None-gradient for a list input, shaped the way torch.library's tensor-list autograd
+    expects: a list of Nones when every entry is a Tensor (including []), else a single None."""
+    if all(isinstance(x, Tensor) for x in values):
+        return [None] * len(values)
+    return None
+
+
+def _fwd_setup_context(ctx, inputs, output) -> None:
+    (q_list, k, v, cu_seqlens_q_list, cu_seqlens_k, seqused_k_list, max_seqlen_q_list,
+     max_seqlen_k, softmax_scale, causal, deterministic) = inputs
+    out_list, lse_list = output
+    G = len(q_list)
+    # Outputs the loss does not use arrive as None (not zeros), so the backward can skip work:
+    # an unused group gets a zero dout, and the LSE term (below) runs only if some LSE is used.
+    ctx.set_materialize_grads(False)
+    seqused_present = [s is not None for s in seqused_k_list]
+    ctx.save_for_backward(
+        *q_list, k, v, *out_list, *lse_list, *cu_seqlens_q_list, cu_seqlens_k,
+        *[s for s in seqused_k_list if s is not None],
+    )
+    ctx.num_groups = G
+    ctx.seqused_present = seqused_present
+    ctx.max_seqlen_q_list = list(max_seqlen_q_list)
+    ctx.max_seqlen_k = max_seqlen_k
+    ctx.softmax_scale = softmax_scale
+    ctx.causal = causal
+    ctx.deterministic = deterministic
+    ctx.cu_seqlens_q_grad = _list_grad_structure(cu_seqlens_q_list)
+    ctx.seqused_k_grad = _list_grad_structure(seqused_k_list)
+
+
+def _fwd_backward(ctx, grad_out_list, grad_lse_list):
+    G = ctx.num_groups
+    saved = list(ctx.saved_tensors)
+    q_list, saved = saved[:G], saved[G:]
+    k, v, saved = saved[0], saved[1], saved[2:]
+    out_list, saved = saved[:G], saved[G:]
+    lse_list, saved = saved[:G], saved[G:]
+    cu_seqlens_q_list, saved = saved[:G], saved[G:]
+    cu_seqlens_k, saved = saved[0], saved[1:]
+    seqused_k_list = []
+    for present in ctx.seqused_present:
+        if present:
+            seqused_k_list.append(saved.pop(0))
+        else:
+            seqused_k_list.append(None)
+
+    dout_list = []
+    for g in range(G):
+        d = grad_out_list[g] if grad_out_list is not None else None
+        # Incoming gradients may have any strides (the gradient of a .sum() is expanded, all
+        # strides 0); the kernel wants a contiguous head dim and non-overlapping rows and heads.
+        dout_list.append(torch.zeros_like(out_list[g]) if d is None else d.contiguous())
+
+    meta = (cu_seqlens_q_list, cu_seqlens_k, seqused_k_list, ctx.max_seqlen_q_list,
+            ctx.max_seqlen_k, ctx.softmax_scale, ctx.causal, ctx.deterministic)
+    dq_list, dk, dv = torch.ops.ring_flash_attn.grouped_bwd(
+        dout_list, q_list, k, v, out_list, lse_list, *meta)
+    dq_list = list(dq_list)
+
+    if grad_lse_list is not None and any(d is not None for d in grad_lse_list):
+        dq_list, dk = _add_lse_gradient(grad_lse_list, q_list, k, v, out_list, lse_list, meta,
+                                        dq_list, dk)
+    return (dq_list, dk, dv, ctx.cu_seqlens_q_grad, None, ctx.seqused_k_grad, None, None,
+            None, None, None)
+
+
+def _add_lse_gradient(grad_lse_list, q_list, k, v, out_list, lse_list, meta, dq_list, dk):
+    """Adds the gradient that flows through LSE, using the library's own kernels.
+
+    With S = scale * Q K^T and lse_i = logsumexp_j S_ij, d lse_i / d S_ij = P_ij, so a dlse adds
+    dS_ij = dlse_i * P_ij, that is
+        dQ_i += scale * dlse_i * (P K)_i      = scale * dlse_i * attention(Q, K, V=K)_i
+        dK_j += scale * sum_i P_ij dlse_i Q_i = scale * (dV of a backward with dout_i = dlse_i Q_i)
+    (P is the same masked softmax, GQA sums included). Rows without keys have P = 0 and get
+    nothing. Costs one more forward and backward, only when some LSE is used by the loss.
+    """
+    (cu_seqlens_q_list, cu_seqlens_k, seqused_k_list, max_seqlen_q_list, max_seqlen_k,
+     softmax_scale, causal, deterministic) = meta
+    scale = softmax_scale if softmax_scale > 0 else 1.0 / math.sqrt(k.shape[-1])
+    G = len(q_list)
+    # dlse [Hq, total_q] fp32 -> a per-row factor [total_q, Hq, 1]; unused groups get zeros.
+    factors = []
+    for g in range(G):
+        d = grad_lse_list[g]
+        if d is None:
+            d = torch.zeros(lse_list[g].shape, dtype=torch.float32, device=q_list[g].device)
+        # -inf rows have P = 0 whatever their dlse; keep inf * 0 from making NaN.
+        d = torch.where(torch.isneginf(lse_list[g]), 0.0, d)
+        factors.append(d.t().unsqueeze(-1))
+    pk_list, _ = torch.ops.ring_flash_attn.grouped_fwd(
+        q_list, k, k, cu_seqlens_q_list, cu_seqlens_k, seqused_k_list, max_seqlen_q_list,
+        max_seqlen_k, softmax_scale, causal, deterministic)
+    acc = torch.float64 if k.dtype == torch.float64 else torch.float32
+    dq_list = [
+        (dq.to(acc) + scale * f.to(acc) * pk.to(acc)).to(dq.dtype)
+        for dq, f, pk in zip(dq_list, factors, pk_list)
+    ]
+    dout_q = [(f.to(acc) * q.to(acc)).to(q.dtype) for f, q in zip(factors, q_list)]
+    _, _, dk_extra = torch.ops.ring_flash_attn.grouped_bwd(
+        dout_q, q_list, k, v, out_list, lse_list, *meta)
+    dk = (dk.to(acc) + scale * dk_extra.to(acc)).to(dk.dtype)
+    return dq_list, dk
+
+
+def _bwd_setup_context(ctx, inputs, output) -> None:
+    pass
+
+
+def _bwd_backward(ctx, *grads):
+    raise NotImplementedError(
+        "ring_flash_attn: double backward (gradients of the attention backward) is not supported"
+    )
+
+
+torch.library.register_autograd(
+    f"{_NAMESPACE}::grouped_fwd", _fwd_backward, setup_context=_fwd_setup_context
+)
+torch.library.register_autograd(
+    f"{_NAMESPACE}::grouped_bwd", _bwd_backward, setup_context=_bwd_setup_context
+)
+
+grouped_fwd = torch.ops.ring_flash_attn.grouped_fwd.default
+grouped_bwd = torch.ops.ring_flash_attn.grouped_bwd.default

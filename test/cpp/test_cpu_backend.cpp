@@ -1,0 +1,498 @@
+// The CPU backend against the naive double-precision reference, through the public C ABI.
+//
+// Every case runs forward and backward in fp32, fp16, bf16 and fp64 on fresh random inputs,
+// with every output poisoned with NaN first; it checks that every output element was written
+// and is close to the reference computed on the same (rounded) inputs, that stride padding
+// was not touched, and that 1 and 4 threads give the same bits.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "naive_reference.h"
+#include "ringattn/ringattn.h"
+#include "test_util.h"
+
+namespace ratest {
+namespace {
+
+constexpr int kAllDtypes[] = {RINGATTN_DTYPE_FP32, RINGATTN_DTYPE_FP16, RINGATTN_DTYPE_BF16, RINGATTN_DTYPE_FP64};
+
+// ---------------------------------------------------------------------------------------------
+// the scenarios
+// ---------------------------------------------------------------------------------------------
+
+CaseSpec single(const std::string& name, int lq, int lk, bool causal, int hq = 2, int hk = 1, int dim = 64) {
+  CaseSpec c;
+  c.name = name;
+  c.heads_q = hq;
+  c.heads_k = hk;
+  c.dim = dim;
+  c.causal = causal;
+  c.lk = {lk};
+  c.groups = {GroupSpec{{lq}, {}, 0}};
+  return c;
+}
+
+std::vector<CaseSpec> scenarios() {
+  std::vector<CaseSpec> s;
+  // Odd single-sequence shapes, both mask modes.
+  for (bool causal : {true, false}) {
+    const std::string m = causal ? "_causal" : "_full";
+    s.push_back(single("len1x1" + m, 1, 1, causal));
+    s.push_back(single("len113x203" + m, 113, 203, causal));
+    s.push_back(single("len239x1" + m, 239, 1, causal));  // causal: only the last row sees a key
+    s.push_back(single("len203x113" + m, 203, 113, causal));
+  }
+  s.push_back(single("square128_mha_d128", 128, 128, true, 4, 4, 128));
+  s.push_back(single("hdim8", 70, 90, true, 2, 2, 8));
+  s.push_back(single("hdim40_mqa", 33, 47, true, 3, 1, 40));
+  s.push_back(single("hdim256", 20, 75, false, 2, 1, 256));
+
+  // Tile edges: lengths around the 64-row tiles.
+  {
+    CaseSpec c;
+    c.name = "tile_edges_gqa";
+    c.heads_q = 4;
+    c.heads_k = 2;
+    c.dim = 32;
+    c.lk = {64, 129, 63, 128, 65};
+    c.groups = {GroupSpec{{64, 65, 127, 129, 1}, {}, 0}};
+    s.push_back(c);
+  }
+
+  // Varlen, one group: empty and single-token query sequences, an empty key sequence,
+  // Lq > Lk and Lq < Lk.
+  for (bool causal : {true, false}) {
+    CaseSpec c;
+    c.name = causal ? "varlen_g1_causal" : "varlen_g1_full";
+    c.heads_q = 4;
+    c.heads_k = 2;
+    c.dim = 64;
+    c.causal = causal;
+    c.lk = {3, 1, 64, 50, 0, 130};
+    c.groups = {GroupSpec{{0, 1, 37, 70, 5, 64}, {}, 0}};
+    s.push_back(c);
+  }
+
+  // Two groups with seqused_k (including 0 keys for one sequence).
+  for (bool causal : {true, false}) {
+    CaseSpec c;
+    c.name = causal ? "varlen_g2_seqused_causal" : "varlen_g2_seqused_full";
+    c.heads_q = 2;
+    c.heads_k = 2;
+    c.dim = 64;
+    c.causal = causal;
+    c.lk = {40, 96, 17, 70};
+    c.groups = {GroupSpec{{20, 48, 1, 35}, {20, 48, 0, 35}, 0}, GroupSpec{{20, 48, 9, 0}, {40, 96, 17, 70}, 0}};
+    s.push_back(c);
+  }
+
+  // Three groups, GQA, mixed NULL and explicit seqused_k, custom scale.
+  {
+    CaseSpec c;
+    c.name = "varlen_g3_gqa_scale";
+    c.heads_q = 6;
+    c.heads_k = 2;
+    c.dim = 48;
+    c.causal = true;
+    c.softmax_scale = 0.37f;
+    c.lk = {50, 0, 81};
+    c.groups = {GroupSpec{{10, 3, 27}, {10, 0, 27}, 0}, GroupSpec{{25, 0, 27}, {}, 0},
+                GroupSpec{{50, 7, 54}, {30, 0, 81}, 0}};
+    s.push_back(c);
+  }
+
+  // MQA with several groups, non-causal.
+  {
+    CaseSpec c;
+    c.name = "varlen_g2_mqa_full";
+    c.heads_q = 4;
+    c.heads_k = 1;
+    c.dim = 32;
+    c.causal = false;
+    c.lk = {33, 7};
+    c.groups = {GroupSpec{{12, 20}, {}, 0}, GroupSpec{{40, 1}, {20, 3}, 0}};
+    s.push_back(c);
+  }
+
+  // The zigzag llama3 per-rank workload: N = 2 ranks, chunk c = 24, rank 0 holds chunks 0 and
+  // 3 of each sequence; the early chunk sees the first (r + 1) c keys, the late one (2N - r) c.
+  {
+    CaseSpec c;
+    c.name = "zigzag_llama3_rank0";
+    c.heads_q = 4;
+    c.heads_k = 2;
+    c.dim = 64;
+    c.causal = true;
+    c.lk = {96, 48};  // global lengths, divisible by 2N
+    c.groups = {GroupSpec{{24, 12}, {24, 12}, 0}, GroupSpec{{24, 12}, {96, 48}, 0}};
+    s.push_back(c);
+  }
+
+  // Strided tensors: padded heads and head-major memory, on inputs and on outputs.
+  {
+    CaseSpec c;
+    c.name = "strided_padded_and_headmajor";
+    c.heads_q = 4;
+    c.heads_k = 2;
+    c.dim = 40;
+    c.lk = {77, 20};
+    c.groups = {GroupSpec{{60, 33}, {}, 0}, GroupSpec{{5, 20}, {50, 20}, 0}};
+    c.q_layout = Layout::kPaddedHeads;
+    c.kv_layout = Layout::kHeadMajor;
+    c.out_layout = Layout::kHeadMajor;
+    c.grad_layout = Layout::kPaddedHeads;
+    s.push_back(c);
+  }
+
+  // Rows after the last sequence (cu_seqlens[B] < total) belong to no sequence.
+  {
+    CaseSpec c;
+    c.name = "trailing_rows";
+    c.heads_q = 2;
+    c.heads_k = 1;
+    c.dim = 16;
+    c.lk = {30, 11};
+    c.extra_k_rows = 5;
+    c.groups = {GroupSpec{{9, 14}, {}, 3}, GroupSpec{{2, 11}, {30, 5}, 1}};
+    s.push_back(c);
+  }
+
+  // Large logits: scores spread over tens of units, so the running max changes between key
+  // tiles and the rescale matters.
+  {
+    CaseSpec c;
+    c.name = "large_logits";
+    c.heads_q = 2;
+    c.heads_k = 2;
+    c.dim = 64;
+    c.lk = {200, 90};
+    c.groups = {GroupSpec{{150, 90}, {}, 0}};
+    c.q_amplitude = 24.0;
+    s.push_back(c);
+  }
+  return s;
+}
+
+// ---------------------------------------------------------------------------------------------
+// CPU backend vs the naive reference, every scenario x every dtype
+// ---------------------------------------------------------------------------------------------
+
+class CpuVsNaive : public ::testing::TestWithParam<std::tuple<CaseSpec, int>> {};
+
+TEST_P(CpuVsNaive, ForwardBackward) {
+  const CaseSpec& spec = std::get<0>(GetParam());
+  const int dtype = std::get<1>(GetParam());
+  const Tolerance tol = tolerance_for(dtype);
+  const CaseInputs in = make_inputs(spec, dtype, seed_from(spec.name, dtype));
+  const int G = static_cast<int>(spec.groups.size());
+
+  const naive::Problem np = naive_problem(in);
+  const std::vector<naive::Group> ng = naive_groups(in);
+
+  // ---- forward ----
+  const ForwardResult fwd = run_forward(in, 4);
+  ASSERT_EQ(fwd.status, RINGATTN_STATUS_OK) << fwd.error;
+  for (int g = 0; g < G; ++g) {
+    const naive::Forward ref = naive::forward(np, ng[g]);
+    const std::string tag = " (group " + std::to_string(g) + ")";
+    EXPECT_TRUE(close_to_reference("out" + tag, fwd.out[g], ref.out, tol.out));
+    EXPECT_TRUE(lse_close("lse" + tag, fwd.lse[g], ref.lse, tol.lse));
+    EXPECT_TRUE(padding_untouched("out" + tag, fwd.out[g]));
+    // A row without keys is exactly zero (the LSE check above requires -inf there).
+    for (int h = 0; h < spec.heads_q; ++h)
+      for (int64_t row = 0; row < in.total_q[g]; ++row)
+        if (std::isinf(ref.lse[h * in.total_q[g] + row])) {
+          for (int d = 0; d < spec.dim; ++d) ASSERT_EQ(fwd.out[g].get(row, h, d), 0.0) << "row " << row << tag;
+        }
+  }
+
+  const ForwardResult fwd1 = run_forward(in, 1);
+  ASSERT_EQ(fwd1.status, RINGATTN_STATUS_OK) << fwd1.error;
+  for (int g = 0; g < G; ++g) {
+    EXPECT_TRUE(same_bits("out, 1 vs 4 threads", fwd.out[g], fwd1.out[g]));
+    EXPECT_TRUE(same_bits("lse, 1 vs 4 threads", fwd.lse[g], fwd1.lse[g]));
+  }
+
+  // ---- backward (on the backend's own out and LSE, as autograd does) ----
+  const BackwardResult bwd = run_backward(in, fwd, 4);
+  ASSERT_EQ(bwd.status, RINGATTN_STATUS_OK) << bwd.error;
+  const naive::Gradients ref = naive::backward(np, ng);
+  for (int g = 0; g < G; ++g) {
+    const std::string tag = " (group " + std::to_string(g) + ")";
+    EXPECT_TRUE(close_to_reference("dq" + tag, bwd.dq[g], ref.dq[g], tol.grad));
+    EXPECT_TRUE(padding_untouched("dq" + tag, bwd.dq[g]));
+  }
+  EXPECT_TRUE(close_to_reference("dk", bwd.dk, ref.dk, tol.grad));
+  EXPECT_TRUE(close_to_reference("dv", bwd.dv, ref.dv, tol.grad));
+  EXPECT_TRUE(padding_untouched("dk", bwd.dk));
+  EXPECT_TRUE(padding_untouched("dv", bwd.dv));
+
+  const BackwardResult bwd1 = run_backward(in, fwd1, 1);
+  ASSERT_EQ(bwd1.status, RINGATTN_STATUS_OK) << bwd1.error;
+  for (int g = 0; g < G; ++g) EXPECT_TRUE(same_bits("dq, 1 vs 4 threads", bwd.dq[g], bwd1.dq[g]));
+  EXPECT_TRUE(same_bits("dk, 1 vs 4 threads", bwd.dk, bwd1.dk));
+  EXPECT_TRUE(same_bits("dv, 1 vs 4 threads", bwd.dv, bwd1.dv));
+}
+
+std::string case_name(const ::testing::TestParamInfo<std::tuple<CaseSpec, int>>& info) {
+  return std::get<0>(info.param).name + "_" + dtype_name(std::get<1>(info.param));
+}
+
+INSTANTIATE_TEST_SUITE_P(AllFeatures, CpuVsNaive,
+                         ::testing::Combine(::testing::ValuesIn(scenarios()), ::testing::ValuesIn(kAllDtypes)),
+                         case_name);
+
+// ---------------------------------------------------------------------------------------------
+// the contract's conventions on a case small enough to work out by hand
+// ---------------------------------------------------------------------------------------------
+
+// Q = 0 makes every visible key equally likely, so O is the mean of the visible V rows and
+// LSE = log(#visible keys). Lq = 3, Lk = 2, causal bottom-right: row 0 sees no key, row 1 sees
+// key 0, row 2 sees keys 0 and 1.
+TEST(CpuBackendConventions, CausalIsBottomRightAligned) {
+  CaseSpec c = single("hand", 3, 2, true, 1, 1, 8);
+  CaseInputs in = make_inputs(c, RINGATTN_DTYPE_FP32, 1);
+  for (int d = 0; d < 8; ++d) {
+    for (int r = 0; r < 3; ++r) in.q[0].set(r, 0, d, 0.0);
+    in.v.set(0, 0, d, 1.0 + d);
+    in.v.set(1, 0, d, -4.0 * d);
+  }
+  const ForwardResult f = run_forward(in, 1);
+  ASSERT_EQ(f.status, RINGATTN_STATUS_OK) << f.error;
+  EXPECT_TRUE(std::isinf(f.lse[0][0]) && f.lse[0][0] < 0);
+  EXPECT_FLOAT_EQ(f.lse[0][1], 0.0f);
+  EXPECT_FLOAT_EQ(f.lse[0][2], std::log(2.0f));
+  for (int d = 0; d < 8; ++d) {
+    EXPECT_EQ(f.out[0].get(0, 0, d), 0.0);
+    EXPECT_EQ(f.out[0].get(1, 0, d), 1.0 + d);
+    EXPECT_FLOAT_EQ(static_cast<float>(f.out[0].get(2, 0, d)), static_cast<float>((1.0 + d - 4.0 * d) / 2));
+  }
+}
+
+// Keys past seqused_k are never read: NaN there changes nothing, and their dK, dV are exactly 0.
+TEST(CpuBackendConventions, KeysPastSequsedAreNeverRead) {
+  CaseSpec c;
+  c.name = "unused_keys";
+  c.heads_q = 2;
+  c.heads_k = 1;
+  c.dim = 32;
+  c.lk = {80, 50};
+  c.groups = {GroupSpec{{70, 50}, {60, 50}, 0}};
+  CaseInputs in = make_inputs(c, RINGATTN_DTYPE_FP32, 5);
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  for (int64_t row = 60; row < 80; ++row)
+    for (int d = 0; d < c.dim; ++d) {
+      in.k.set(row, 0, d, nan);
+      in.v.set(row, 0, d, nan);
+    }
+  const Tolerance tol = tolerance_for(RINGATTN_DTYPE_FP32);
+  const naive::Problem np = naive_problem(in);
+  const std::vector<naive::Group> ng = naive_groups(in);
+  const ForwardResult f = run_forward(in, 4);
+  ASSERT_EQ(f.status, RINGATTN_STATUS_OK) << f.error;
+  const naive::Forward ref = naive::forward(np, ng[0]);
+  EXPECT_TRUE(close_to_reference("out", f.out[0], ref.out, tol.out));
+  EXPECT_TRUE(lse_close("lse", f.lse[0], ref.lse, tol.lse));
+  const BackwardResult b = run_backward(in, f, 4);
+  ASSERT_EQ(b.status, RINGATTN_STATUS_OK) << b.error;
+  const naive::Gradients g = naive::backward(np, ng);
+  EXPECT_TRUE(close_to_reference("dq", b.dq[0], g.dq[0], tol.grad));
+  EXPECT_TRUE(close_to_reference("dk", b.dk, g.dk, tol.grad));
+  EXPECT_TRUE(close_to_reference("dv", b.dv, g.dv, tol.grad));
+  for (int64_t row = 60; row < 80; ++row)
+    for (int d = 0; d < c.dim; ++d) {
+      ASSERT_EQ(b.dk.get(row, 0, d), 0.0) << "dk row " << row;
+      ASSERT_EQ(b.dv.get(row, 0, d), 0.0) << "dv row " << row;
+    }
+}
+
+// A causally masked key never enters a row's sum, not even as 0 * inf: with V = inf on the last
+// key only the last query row (which sees it) is affected.
+TEST(CpuBackendConventions, MaskedKeysNeverContribute) {
+  CaseSpec c = single("masked_inf", 100, 100, true, 2, 1, 32);
+  CaseInputs in = make_inputs(c, RINGATTN_DTYPE_FP32, 9);
+  for (int d = 0; d < c.dim; ++d) in.v.set(99, 0, d, kInf);
+  const ForwardResult f = run_forward(in, 2);
+  ASSERT_EQ(f.status, RINGATTN_STATUS_OK) << f.error;
+  const naive::Forward ref = naive::forward(naive_problem(in), naive_groups(in)[0]);
+  for (int h = 0; h < 2; ++h)
+    for (int64_t row = 0; row < 99; ++row)
+      for (int d = 0; d < c.dim; ++d) {
+        const double got = f.out[0].get(row, h, d);
+        const double want = ref.out[(row * 2 + h) * c.dim + d];
+        ASSERT_TRUE(std::fabs(got - want) <= 1e-5) << "row " << row << " head " << h << ": " << got << " vs " << want;
+      }
+  EXPECT_TRUE(std::isinf(f.out[0].get(99, 0, 0)));
+}
+
+// num_threads <= 0 means all hardware threads; the result does not depend on it.
+TEST(CpuBackendConventions, DefaultThreadCountGivesSameBits) {
+  CaseSpec c;
+  c.name = "threads";
+  c.heads_q = 4;
+  c.heads_k = 2;
+  c.dim = 32;
+  c.lk = {130, 70};
+  c.groups = {GroupSpec{{100, 70}, {}, 0}, GroupSpec{{30, 2}, {60, 70}, 0}};
+  const CaseInputs in = make_inputs(c, RINGATTN_DTYPE_BF16, 7);
+  const ForwardResult a = run_forward(in, 0);
+  const ForwardResult b = run_forward(in, 3);
+  ASSERT_EQ(a.status, RINGATTN_STATUS_OK) << a.error;
+  ASSERT_EQ(b.status, RINGATTN_STATUS_OK) << b.error;
+  for (int g = 0; g < 2; ++g) EXPECT_TRUE(same_bits("out", a.out[g], b.out[g]));
+  const BackwardResult da = run_backward(in, a, 0);
+  const BackwardResult db = run_backward(in, a, 3);
+  ASSERT_EQ(da.status, RINGATTN_STATUS_OK) << da.error;
+  ASSERT_EQ(db.status, RINGATTN_STATUS_OK) << db.error;
+  EXPECT_TRUE(same_bits("dk", da.dk, db.dk));
+  EXPECT_TRUE(same_bits("dv", da.dv, db.dv));
+  for (int g = 0; g < 2; ++g) EXPECT_TRUE(same_bits("dq", da.dq[g], db.dq[g]));
+}
+
+// ---------------------------------------------------------------------------------------------
+// fp16 / bf16 conversions, checked bit for bit through the ABI
+// ---------------------------------------------------------------------------------------------
+
+Format format_of(int dtype) { return dtype == RINGATTN_DTYPE_FP16 ? kHalf : kBf16; }
+
+// A problem of `batch` sequences of one query and `keys_per_seq` keys, D = 8, Q = 0 (so every
+// key gets the same weight) and K = 1.
+CaseInputs uniform_weight_problem(int dtype, int batch, int keys_per_seq) {
+  CaseSpec c;
+  c.name = "convert";
+  c.heads_q = 1;
+  c.heads_k = 1;
+  c.dim = 8;
+  c.causal = false;
+  c.lk.assign(batch, keys_per_seq);
+  c.groups = {GroupSpec{std::vector<int>(batch, 1), {}, 0}};
+  CaseInputs in = make_inputs(c, dtype, 3);
+  for (int64_t r = 0; r < in.total_q[0]; ++r)
+    for (int d = 0; d < 8; ++d) in.q[0].set(r, 0, d, 0.0);
+  for (int64_t r = 0; r < in.total_k; ++r)
+    for (int d = 0; d < 8; ++d) in.k.set(r, 0, d, 1.0);
+  return in;
+}
+
+// With one key per sequence O = V: every one of the 65536 bit patterns survives the trip
+// through the float accumulator and back (NaN stays NaN, zeros keep their value).
+class Convert16 : public ::testing::TestWithParam<int> {};
+
+TEST_P(Convert16, EveryBitPatternRoundTrips) {
+  const int dtype = GetParam();
+  CaseInputs in = uniform_weight_problem(dtype, 65536 / 8, 1);
+  for (int64_t r = 0; r < in.total_k; ++r)
+    for (int d = 0; d < 8; ++d) in.v.set_bits_at(in.v.offset(r, 0, d), static_cast<uint64_t>(r * 8 + d));
+  const ForwardResult f = run_forward(in, 2);
+  ASSERT_EQ(f.status, RINGATTN_STATUS_OK) << f.error;
+  int bad = 0;
+  for (int64_t r = 0; r < in.total_k; ++r)
+    for (int d = 0; d < 8; ++d) {
+      const double expected = in.v.get(r, 0, d);
+      const double got = f.out[0].get(r, 0, d);
+      const bool ok = std::isnan(expected) ? std::isnan(got) : (got == expected);
+      if (!ok && bad++ < 5) ADD_FAILURE() << "pattern 0x" << std::hex << (r * 8 + d) << ": got " << got;
+    }
+  EXPECT_EQ(bad, 0);
+}
+
+// With two keys per sequence O = (v0 + v1) / 2 computed in float and rounded once to the
+// 16-bit format: random finite pairs cover subnormals, ties, and (bf16) overflow to inf.
+TEST_P(Convert16, RoundsToNearestEven) {
+  const int dtype = GetParam();
+  const Format fmt = format_of(dtype);
+  const int batch = 8192;
+  CaseInputs in = uniform_weight_problem(dtype, batch, 2);
+  std::mt19937 rng(11);
+  const uint16_t exp_mask = dtype == RINGATTN_DTYPE_FP16 ? 0x7c00 : 0x7f80;
+  auto random_finite = [&]() {
+    for (;;) {
+      const uint16_t b = static_cast<uint16_t>(rng());
+      if ((b & exp_mask) != exp_mask) return b;
+    }
+  };
+  for (int64_t r = 0; r < in.total_k; ++r)
+    for (int d = 0; d < 8; ++d) {
+      uint16_t b = random_finite();
+      // A quarter of the values are tiny (subnormal or near the smallest normal).
+      if (d % 4 == 0) b = static_cast<uint16_t>(b & (dtype == RINGATTN_DTYPE_FP16 ? 0x87ff : 0x80ff));
+      in.v.set_bits_at(in.v.offset(r, 0, d), b);
+    }
+  const ForwardResult f = run_forward(in, 2);
+  ASSERT_EQ(f.status, RINGATTN_STATUS_OK) << f.error;
+  int bad = 0;
+  for (int b = 0; b < batch; ++b)
+    for (int d = 0; d < 8; ++d) {
+      const float v0 = static_cast<float>(in.v.get(2 * b, 0, d));
+      const float v1 = static_cast<float>(in.v.get(2 * b + 1, 0, d));
+      const float mean = (v0 + v1) * 0.5f;
+      const double expected = round_to_format(static_cast<double>(mean), fmt);
+      const double got = f.out[0].get(b, 0, d);
+      if (!(got == expected) && bad++ < 5)
+        ADD_FAILURE() << "mean of " << v0 << " and " << v1 << " (" << mean << "): got " << got << ", expected "
+                      << expected;
+    }
+  EXPECT_EQ(bad, 0);
+}
+
+INSTANTIATE_TEST_SUITE_P(Formats, Convert16, ::testing::Values(RINGATTN_DTYPE_FP16, RINGATTN_DTYPE_BF16),
+                         [](const ::testing::TestParamInfo<int>& info) { return std::string(dtype_name(info.param)); });
+
+// The test-side encoder agrees with hand-picked IEEE facts, so the checks above are anchored.
+TEST(TestHelpers, Float16FormatsKnownValues) {
+  EXPECT_EQ(encode_exact(round_to_format(65504.0, kHalf), kHalf), 0x7bff);
+  EXPECT_EQ(encode_exact(round_to_format(65520.0, kHalf), kHalf), 0x7c00);  // tie rounds up to inf
+  EXPECT_EQ(encode_exact(round_to_format(65519.0, kHalf), kHalf), 0x7bff);
+  EXPECT_EQ(encode_exact(round_to_format(std::ldexp(1.0, -24), kHalf), kHalf), 0x0001);
+  EXPECT_EQ(encode_exact(round_to_format(std::ldexp(1.0, -25), kHalf), kHalf), 0x0000);  // tie to even: 0
+  EXPECT_EQ(encode_exact(round_to_format(std::ldexp(1.5, -24), kHalf), kHalf), 0x0002);  // tie to even: 2
+  EXPECT_EQ(encode_exact(round_to_format(-1.0, kHalf), kHalf), 0xbc00);
+  EXPECT_EQ(encode_exact(round_to_format(1.0 + std::ldexp(1.0, -11), kHalf), kHalf), 0x3c00);  // tie to even
+  EXPECT_EQ(encode_exact(round_to_format(1.0, kBf16), kBf16), 0x3f80);
+  EXPECT_EQ(encode_exact(round_to_format(std::ldexp(1.0, -133), kBf16), kBf16), 0x0001);
+  EXPECT_EQ(encode_exact(round_to_format(3.4e38, kBf16), kBf16), 0x7f80);  // past bf16 max: inf
+  EXPECT_EQ(decode(0x7bff, kHalf), 65504.0);
+  EXPECT_EQ(decode(0x0001, kHalf), std::ldexp(1.0, -24));
+  EXPECT_EQ(decode(0x7f7f, kBf16), std::ldexp(255.0, 120));
+  EXPECT_TRUE(std::isnan(decode(0x7e5a, kHalf)));
+}
+
+// ---------------------------------------------------------------------------------------------
+// the checks can fail
+// ---------------------------------------------------------------------------------------------
+
+TEST(TestHelpers, ChecksRejectNaNAndErrorsBeyondTolerance) {
+  Tensor3 t(RINGATTN_DTYPE_FP32, 2, 1, 8, Layout::kContiguous);
+  std::vector<double> ref(16);
+  for (int i = 0; i < 16; ++i) ref[i] = t.set(i / 8, 0, i % 8, 0.5 - 0.1 * i);
+  EXPECT_TRUE(close_to_reference("exact", t, ref, 1e-5));
+
+  t.set(1, 0, 3, ref[11] + 3e-5);  // 3e-5 > 1e-5 * (max|ref| (1.0) + 0.1)
+  EXPECT_FALSE(close_to_reference("perturbed", t, ref, 1e-5));
+  t.set(1, 0, 3, ref[11]);
+
+  t.poison();  // NaN everywhere: never close, whatever the tolerance
+  EXPECT_FALSE(close_to_reference("nan", t, ref, 1e30));
+
+  std::vector<float> lse = {-std::numeric_limits<float>::infinity(), 1.0f};
+  EXPECT_TRUE(lse_close("lse", lse, {-kInf, 1.0}, 1e-6));
+  EXPECT_FALSE(lse_close("lse", lse, {0.0, 1.0}, 1e-6));
+  lse[0] = std::numeric_limits<float>::quiet_NaN();
+  EXPECT_FALSE(lse_close("lse", lse, {-kInf, 1.0}, 1e30));
+
+  Tensor3 padded(RINGATTN_DTYPE_BF16, 3, 2, 8, Layout::kPaddedHeads);
+  padded.poison();
+  EXPECT_TRUE(padding_untouched("padded", padded));
+  padded.set_bits_at(padded.offset(0, 0, 8), 0);  // first padding element after head 0
+  EXPECT_FALSE(padding_untouched("padded", padded));
+}
+
+}  // namespace
+}  // namespace ratest

@@ -1,0 +1,278 @@
+"""CPU-only checks of the benchmark's pure-Python parts and of the Python-grouped implementation.
+
+* benchmark/benchmark_grouped_attention.py: workload construction (default and zigzag per-rank),
+  the unmasked-pairs count and the FLOPs formula against brute force, the analytic K/V bytes
+  against the figures in DESIGN.md, the CSV header, and the command line without a GPU.
+* ring_flash_attn.grouped_python._flash_attn_varlen_forward_grouped against the fused
+  grouped_flash_attn_varlen_func on the CPU backend (float32; GQA, varlen, seqused_k, rows after
+  the last sequence), forward and gradients.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_BENCH_DIR = os.path.join(_ROOT, "benchmark")
+_SCRIPT = os.path.join(_BENCH_DIR, "benchmark_grouped_attention.py")
+if _BENCH_DIR not in sys.path:
+    sys.path.insert(0, _BENCH_DIR)
+
+import benchmark_grouped_attention as bench  # noqa: E402
+
+
+# ---- workloads ---------------------------------------------------------------------------------
+
+
+def brute_force_pairs(q_len: int, k_len: int, causal: bool = True) -> int:
+    """Count (i, j) with query i < Lq, key j < Lk visible under the bottom-right causal mask."""
+    return sum(1 for i in range(q_len) for j in range(k_len) if not causal or j <= i + k_len - q_len)
+
+
+@pytest.mark.parametrize("q_len", [0, 1, 2, 5, 8, 13])
+@pytest.mark.parametrize("k_len", [0, 1, 3, 5, 8, 21])
+@pytest.mark.parametrize("causal", [True, False])
+def test_count_pairs_matches_brute_force(q_len, k_len, causal):
+    assert bench.count_pairs(q_len, k_len, causal) == brute_force_pairs(q_len, k_len, causal)
+
+
+def test_flops_formula():
+    w = bench.build_workload(24, num_groups=3)  # chunks of 8: 8x8, 8x16, 8x24
+    pairs = sum(brute_force_pairs(g.q_len, g.k_len) for g in w.groups)
+    assert bench.workload_pairs(w) == pairs == 24 * 25 // 2  # the groups tile one causal square
+    fwd = bench.attention_flops(pairs, num_heads_q=4, head_dim=16, pass_name="fwd")
+    assert fwd == 4 * 16 * 4 * pairs
+    assert bench.attention_flops(pairs, 4, 16, "bwd") == 2.5 * fwd
+    assert bench.attention_flops(pairs, 4, 16, "fwd_bwd") == 3.5 * fwd
+
+
+def test_default_workload_equal_chunks():
+    w = bench.build_workload(4096, num_groups=4, batch=3)
+    assert w.num_groups == 4 and w.kv_len == 4096 and w.world_size is None
+    assert [(g.q_start, g.q_len, g.k_len) for g in w.groups] == [
+        (0, 1024, 1024), (1024, 1024, 2048), (2048, 1024, 3072), (3072, 1024, 4096)]
+    assert [w.total_q(g) for g in range(4)] == [3 * 1024] * 4
+    assert w.total_k == 3 * 4096
+    with pytest.raises(ValueError, match="multiple of num_groups"):
+        bench.build_workload(100, num_groups=3)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4, 8])
+def test_zigzag_workload_token_counts(world_size):
+    L = 2 * world_size * 8  # chunk c = 8
+    c = 8
+    total_pairs = 0
+    for rank in range(world_size):
+        w = bench.build_workload(L, world_size=world_size, rank=rank, batch=2)
+        early, late = w.groups
+        assert (early.q_start, early.q_len, early.k_len) == (rank * c, c, (rank + 1) * c)
+        late_chunk = 2 * world_size - 1 - rank
+        assert (late.q_start, late.q_len, late.k_len) == (late_chunk * c, c, (2 * world_size - rank) * c)
+        assert w.kv_len == (2 * world_size - rank) * c
+        assert w.total_q(0) == w.total_q(1) == 2 * c  # batch 2
+        assert w.total_k == 2 * w.kv_len
+        for g in w.groups:  # bottom-right causal: the chunk's last query sees the last key
+            assert g.q_start + g.q_len == g.k_len
+        total_pairs += bench.workload_pairs(w)
+    # the ranks' chunks tile the full causal attention of each sequence exactly once
+    assert total_pairs == 2 * L * (L + 1) // 2
+
+
+def test_world_size_one_is_the_default_two_group_workload():
+    z = bench.build_workload(64, world_size=1, rank=0)
+    d = bench.build_workload(64, num_groups=2)
+    assert z.groups == d.groups and z.kv_len == d.kv_len == 64
+
+
+def test_zigzag_workload_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="multiple of 2 \\* world_size"):
+        bench.build_workload(100, world_size=8)
+    with pytest.raises(ValueError, match="rank"):
+        bench.build_workload(64, world_size=2, rank=2)
+    with pytest.raises(ValueError, match="2 groups"):
+        bench.build_workload(64, num_groups=4, world_size=2)
+
+
+def test_kv_bytes_match_design_figures():
+    # DESIGN.md section 3: L = 65536, N = 8, Llama3-8B (8 KV heads, D = 128), bf16:
+    # two calls read 285 MB of K/V, the shared stream 268 MB at rank 0 and 151 MB at rank 7.
+    cfg = bench.CONFIGS["llama3-8b"]
+    w0 = bench.build_workload(65536, world_size=8, rank=0)
+    w7 = bench.build_workload(65536, world_size=8, rank=7)
+    mb = lambda w, impl: bench.kv_bytes_read(w, impl, cfg.num_heads_k, cfg.head_dim, 2) / 1e6  # noqa: E731
+    assert round(mb(w0, "baseline")) == 285
+    assert round(mb(w0, "fused")) == 268
+    assert round(mb(w7, "fused")) == 151
+    # grouped_python: read once + write G copies of the shared K/V, then the per-group reads
+    assert mb(w0, "grouped_python") == pytest.approx(3 * 268.435456 + 285.212672)
+    # fwd_bwd reads K/V in both passes
+    assert bench.kv_bytes_read(w0, "fused", cfg.num_heads_k, cfg.head_dim, 2, pass_name="fwd_bwd") == \
+        2 * bench.kv_bytes_read(w0, "fused", cfg.num_heads_k, cfg.head_dim, 2)
+
+
+# ---- CSV, command line -------------------------------------------------------------------------
+
+
+def test_csv_header_and_append(tmp_path):
+    assert ",".join(bench.CSV_COLUMNS) == (
+        "gpu,torch,cuda,config,seqlen,world_size,rank,num_groups,impl,pass,time_ms,tflops,hbm_mb")
+    w = bench.build_workload(8192, world_size=2, rank=1)
+    row = bench.csv_row("GPU", "2.11", "13.0", "llama3-8b", w, "fused", "fwd", 1.23456, 300.0, 42.0)
+    path = tmp_path / "sub" / "r.csv"
+    bench.append_csv(str(path), [row])
+    bench.append_csv(str(path), [row, row])
+    with open(path, newline="") as f:
+        lines = list(csv.reader(f))
+    assert lines[0] == list(bench.CSV_COLUMNS)
+    assert len(lines) == 4  # one header, three rows
+    assert lines[1] == ["GPU", "2.11", "13.0", "llama3-8b", "8192", "2", "1", "2", "fused", "fwd", "1.2346",
+                        "300.00", "42.0"]
+
+
+def test_box_table_shape():
+    text = bench.box_table(["A", "Time (ms)"], [["x", "1.0"], ["longer", "10.25"]], ["l", "r"])
+    lines = text.splitlines()
+    assert len(lines) == 6 and len({len(line) for line in lines}) == 1
+
+
+def test_parse_args_defaults_and_errors():
+    args = bench.parse_args([])
+    assert args.num_groups == [2] and args.config == "llama3-8b" and args.num_runs == 50
+    assert args.passes == ["fwd"] and args.dtype == "bf16" and args.world_size is None
+    assert args.output_dir == os.path.join("benchmark", "results")
+    assert len(bench.workloads_from_args(args)) == len(args.seqlens)
+    args = bench.parse_args(["--seqlens", "65536", "--world-size", "8", "--rank", "0", "7"])
+    assert [(w.rank, w.kv_len) for w in bench.workloads_from_args(args)] == [(0, 65536), (7, 36864)]
+    for bad in (["--world-size", "2", "--num-groups", "4"], ["--world-size", "2", "--rank", "2"],
+                ["--seqlens", "100", "--num-groups", "3"], ["--impls", "nope"]):
+        with pytest.raises(SystemExit) as e:
+            bench.parse_args(bad)
+        assert e.value.code == 2
+
+
+def _run_script(*argv):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    return subprocess.run([sys.executable, _SCRIPT, *argv], capture_output=True, text=True, env=env,
+                          timeout=120)
+
+
+def test_help_without_gpu():
+    r = _run_script("--help")
+    assert r.returncode == 0, r.stderr
+    for flag in ("--seqlens", "--num-groups", "--config", "--num-runs", "--world-size", "--rank", "--csv",
+                 "--passes", "--impls", "--output-dir"):
+        assert flag in r.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU exit path")
+def test_no_gpu_exits_with_code_2():
+    r = _run_script("--seqlens", "1024")
+    assert r.returncode == 2
+    assert "no CUDA GPU" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+# ---- grouped_python vs the fused kernel (CPU backend) ------------------------------------------
+
+
+def _library_available() -> bool:
+    try:
+        from ring_flash_attn import _lib
+    except ImportError:
+        return False
+    return _lib.is_available()
+
+
+needs_library = pytest.mark.skipif(not _library_available(), reason="libringattn cannot be loaded")
+
+
+def _cu(lengths):
+    out = [0]
+    for n in lengths:
+        out.append(out[-1] + n)
+    return torch.tensor(out, dtype=torch.int32)
+
+
+# (query lengths per group and sequence, key lengths, seqused per group (None = all), extra rows
+#  after the last sequence per group (q) and for K/V, Hq, Hk, causal)
+CASES = {
+    "g2-gqa-causal": ([[5, 17, 1], [9, 3, 8]], [12, 17, 9], [[4, 17, 0], None], [0, 0], 0, 8, 2, True),
+    "g3-gqa-tail-rows": ([[3, 13, 2], [7, 1, 5], [0, 4, 4]], [7, 13, 5],
+                         [[3, 13, 5], None, [0, 10, 4]], [0, 2, 1], 3, 4, 2, True),
+    "g3-mqa-noncausal": ([[6, 2], [1, 11], [4, 4]], [10, 7], [None, [5, 7], [10, 0]], [1, 0, 0], 0, 4, 1, False),
+}
+
+
+@needs_library
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_grouped_python_matches_fused_kernel(name):
+    from ring_flash_attn import grouped_flash_attn_varlen_func
+    from ring_flash_attn.grouped_python import _flash_attn_varlen_forward_grouped
+
+    seqlens_q, seqlens_k, used, extra_q, extra_k, Hq, Hk, causal = CASES[name]
+    D = 16
+    gen = torch.Generator().manual_seed(7)
+    G = len(seqlens_q)
+    total_k = sum(seqlens_k) + extra_k
+    q_list = [torch.randn(sum(seqlens_q[g]) + extra_q[g], Hq, D, generator=gen).requires_grad_() for g in range(G)]
+    k = torch.randn(total_k, Hk, D, generator=gen).requires_grad_()
+    v = torch.randn(total_k, Hk, D, generator=gen).requires_grad_()
+    cu_q = [_cu(s) for s in seqlens_q]
+    cu_k = _cu(seqlens_k)
+    seqused = [None if u is None else torch.tensor(u, dtype=torch.int32) for u in used]
+    max_q = [max(s) for s in seqlens_q]
+    args = (q_list, k, v, cu_q, cu_k, max_q, max(seqlens_k))
+
+    out_f, lse_f = grouped_flash_attn_varlen_func(*args, seqused_k_list=seqused, softmax_scale=0.3, causal=causal,
+                                                  return_lse=True)
+    out_p, lse_p = _flash_attn_varlen_forward_grouped(*args, seqused_k_list=seqused, softmax_scale=0.3,
+                                                      causal=causal)
+    assert len(out_p) == len(lse_p) == G
+    for g in range(G):
+        assert out_p[g].shape == q_list[g].shape and out_p[g].dtype == q_list[g].dtype
+        assert lse_p[g].shape == (Hq, q_list[g].shape[0]) and lse_p[g].dtype == torch.float32
+        assert lse_p[g].is_contiguous()
+        torch.testing.assert_close(out_p[g], out_f[g], atol=1e-5, rtol=1e-5)
+        assert torch.equal(torch.isneginf(lse_p[g]), torch.isneginf(lse_f[g]))
+        finite = torch.isfinite(lse_f[g])
+        torch.testing.assert_close(lse_p[g][finite], lse_f[g][finite], atol=1e-5, rtol=1e-5)
+
+    douts = [torch.randn(o.shape, generator=gen) for o in out_f]
+    leaves = [*q_list, k, v]
+    grads_f = torch.autograd.grad(out_f, leaves, douts)
+    grads_p = torch.autograd.grad(out_p, leaves, douts)
+    names = [f"dq[{g}]" for g in range(G)] + ["dk", "dv"]
+    for n, a, b in zip(names, grads_p, grads_f):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
+
+
+@needs_library
+def test_grouped_python_single_group_and_errors():
+    from ring_flash_attn import flash_attn_varlen_func
+    from ring_flash_attn.grouped_python import _flash_attn_varlen_forward_grouped
+
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(10, 4, 16, generator=gen)
+    k = torch.randn(12, 2, 16, generator=gen)
+    v = torch.randn(12, 2, 16, generator=gen)
+    cu_q, cu_k = _cu([4, 6]), _cu([5, 7])
+    out, lse = _flash_attn_varlen_forward_grouped([q], k, v, [cu_q], cu_k, [6], 7)
+    ref, ref_lse, _ = flash_attn_varlen_func(q, k, v, cu_q, cu_k, 6, 7, causal=True, return_attn_probs=True)
+    torch.testing.assert_close(out[0], ref)
+    torch.testing.assert_close(lse[0], ref_lse)
+
+    with pytest.raises(ValueError, match="cu_seqlens_q_list"):
+        _flash_attn_varlen_forward_grouped([q, q], k, v, [cu_q], cu_k, [6, 6], 7)
+    with pytest.raises(ValueError, match="cu_seqlens_q_list\\[0\\]"):
+        _flash_attn_varlen_forward_grouped([q], k, v, [_cu([10])], cu_k, [10], 7)
+    with pytest.raises(ValueError, match="seqused_k_list\\[0\\]"):
+        _flash_attn_varlen_forward_grouped([q], k, v, [cu_q], cu_k, [6], 7,
+                                           seqused_k_list=[torch.tensor([1], dtype=torch.int32)])
+    with pytest.raises(ValueError, match="q_list"):
+        _flash_attn_varlen_forward_grouped([], k, v, [], cu_k, [], 7)

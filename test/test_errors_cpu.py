@@ -1,0 +1,397 @@
+"""Error paths: every bad input raises ValueError (or NotImplementedError for valid-but-unsupported)
+with a message naming the argument, and a rejected call writes nothing."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from cases import make_case
+from ring_flash_attn import _lib, flash_attn_varlen_func, grouped_flash_attn_varlen_func
+from ring_flash_attn import ops as rfa_ops
+
+
+def _case(G=2, Hq=4, Hk=2, D=32, dtype=torch.float32, seqused=None):
+    seqlens_k = [10, 7]
+    seqlens_q = [[10, 7], [6, 3], [4, 7]][:G] if G <= 3 else [[10, 7]] * G
+    return make_case(seqlens_q, seqlens_k, Hq, Hk, D, dtype, seqused_k=seqused, seed=21)
+
+
+def _call(case, **kw):
+    kw.setdefault("seqused_k_list", case.seqused_k_list)
+    return grouped_flash_attn_varlen_func(*case.api_args(), **kw)
+
+
+# ---- rejected in Python (what the ctypes call needs to be safe) ---------------------------------
+
+
+def test_empty_q_list():
+    c = _case()
+    c.q_list, c.cu_seqlens_q_list, c.max_seqlen_q_list = [], [], []
+    with pytest.raises(ValueError, match=r"q_list: expected at least one"):
+        _call(c)
+
+
+def test_q_not_3d():
+    c = _case()
+    c.q_list[1] = c.q_list[1].flatten(1)
+    with pytest.raises(ValueError, match=r"q_list\[1\]: expected a 3-D tensor"):
+        _call(c)
+
+
+def test_k_not_3d():
+    c = _case()
+    c.k = c.k[None]
+    with pytest.raises(ValueError, match=r"^k: expected a 3-D tensor"):
+        _call(c)
+
+
+def test_unsupported_dtype():
+    c = _case()
+    c.q_list = [q.to(torch.int32) for q in c.q_list]
+    c.k, c.v = c.k.to(torch.int32), c.v.to(torch.int32)
+    with pytest.raises(ValueError, match=r"q_list\[0\]: expected dtype float16, bfloat16, float32 or float64, got torch.int32"):
+        _call(c)
+
+
+def test_mixed_dtypes_q_and_k():
+    c = _case()
+    c.k = c.k.half()
+    with pytest.raises(ValueError, match=r"^k: expected dtype torch.float32 .*got torch.float16"):
+        _call(c)
+
+
+def test_mixed_dtypes_between_groups():
+    c = _case()
+    c.q_list[1] = c.q_list[1].double()
+    with pytest.raises(ValueError, match=r"q_list\[1\]: expected dtype torch.float32"):
+        _call(c)
+
+
+def test_last_dim_not_contiguous():
+    c = _case()
+    q = c.q_list[0]
+    c.q_list[0] = q.transpose(1, 2).contiguous().transpose(1, 2)  # same values, stride(-1) != 1
+    assert c.q_list[0].stride(-1) != 1
+    with pytest.raises(ValueError, match=r"q_list\[0\]: expected the last dim contiguous"):
+        _call(c)
+    c = _case()
+    c.v = c.v.transpose(1, 2).contiguous().transpose(1, 2)
+    with pytest.raises(ValueError, match=r"^v: expected the last dim contiguous"):
+        _call(c)
+
+
+def test_head_dim_differs_between_q_and_k():
+    c = _case()
+    c.q_list[1] = torch.randn(c.q_list[1].shape[0], 4, 40)
+    with pytest.raises(ValueError, match=r"q_list\[1\]: expected head_dim 32 \(the head_dim of k\), got 40"):
+        _call(c)
+
+
+def test_v_shape_differs_from_k():
+    c = _case()
+    c.v = torch.randn(c.v.shape[0], 1, 32)
+    with pytest.raises(ValueError, match=r"^v: expected the shape of k"):
+        _call(c)
+
+
+def test_heads_differ_between_groups():
+    c = _case()
+    c.q_list[1] = torch.randn(c.q_list[1].shape[0], 8, 32)
+    with pytest.raises(ValueError, match=r"q_list\[1\]: expected 4 heads"):
+        _call(c)
+
+
+@pytest.mark.parametrize("bad_dtype", [torch.int64, torch.float32])
+def test_cu_seqlens_wrong_dtype(bad_dtype):
+    c = _case()
+    c.cu_seqlens_k = c.cu_seqlens_k.to(bad_dtype)
+    with pytest.raises(ValueError, match=r"cu_seqlens_k: expected dtype torch.int32"):
+        _call(c)
+    c = _case()
+    c.cu_seqlens_q_list[1] = c.cu_seqlens_q_list[1].to(bad_dtype)
+    with pytest.raises(ValueError, match=r"cu_seqlens_q_list\[1\]: expected dtype torch.int32"):
+        _call(c)
+
+
+def test_cu_seqlens_q_wrong_length():
+    c = _case()
+    c.cu_seqlens_q_list[0] = c.cu_seqlens_q_list[0][:2]
+    with pytest.raises(ValueError, match=r"cu_seqlens_q_list\[0\]: expected 3 elements"):
+        _call(c)
+
+
+def test_cu_seqlens_k_too_short():
+    c = _case()
+    c.cu_seqlens_k = c.cu_seqlens_k[:1]
+    with pytest.raises(ValueError, match=r"cu_seqlens_k: expected at least 2 elements"):
+        _call(c)
+
+
+def test_cu_seqlens_not_contiguous():
+    c = _case()
+    c.cu_seqlens_k = torch.stack([c.cu_seqlens_k, c.cu_seqlens_k], 1)[:, 0]
+    with pytest.raises(ValueError, match=r"cu_seqlens_k: expected a contiguous tensor"):
+        _call(c)
+
+
+def test_seqused_k_wrong_length_and_dtype():
+    c = _case(seqused=[None, [3, 3]])
+    c.seqused_k_list[1] = c.seqused_k_list[1][:1]
+    with pytest.raises(ValueError, match=r"seqused_k_list\[1\]: expected 2 elements"):
+        _call(c)
+    c = _case(seqused=[None, [3, 3]])
+    c.seqused_k_list[1] = c.seqused_k_list[1].long()
+    with pytest.raises(ValueError, match=r"seqused_k_list\[1\]: expected dtype torch.int32"):
+        _call(c)
+
+
+@pytest.mark.parametrize("which", ["cu_seqlens_q_list", "max_seqlen_q_list", "seqused_k_list"])
+def test_mismatched_list_lengths(which):
+    c = _case(G=2)
+    if which == "cu_seqlens_q_list":
+        c.cu_seqlens_q_list = c.cu_seqlens_q_list[:1]
+    elif which == "max_seqlen_q_list":
+        c.max_seqlen_q_list = c.max_seqlen_q_list + [3]
+    else:
+        c.seqused_k_list = [None]
+    with pytest.raises(ValueError, match=rf"{which}: expected .*2 entries"):
+        _call(c)
+
+
+def test_negative_softmax_scale():
+    c = _case()
+    with pytest.raises(ValueError, match=r"softmax_scale: expected a positive float"):
+        _call(c, softmax_scale=-1.0)
+
+
+def test_device_mismatch():
+    # A meta tensor stands in for "another device" on a CPU-only machine.
+    c = _case()
+    c.k = torch.empty(c.k.shape, dtype=c.k.dtype, device="meta")
+    with pytest.raises((ValueError, RuntimeError), match=r"k|device"):
+        _call(c)
+
+
+# ---- rejected by the library (its message reaches the user as ValueError) ----------------------
+
+
+def test_heads_not_divisible():
+    c = _case(Hq=6, Hk=4)
+    with pytest.raises(ValueError, match=r"num_heads_q: expected a positive multiple of num_heads_k \(4\), got 6"):
+        _call(c)
+
+
+@pytest.mark.parametrize("head_dim", [12, 260])
+def test_unsupported_head_dim(head_dim):
+    c = _case(D=head_dim)
+    with pytest.raises(ValueError, match=rf"head_dim: expected .*got {head_dim}"):
+        _call(c)
+
+
+def test_too_many_groups():
+    c = _case(G=_lib.MAX_GROUPS + 1)
+    with pytest.raises(ValueError, match=rf"num_groups: expected 1 to 16, got {_lib.MAX_GROUPS + 1}"):
+        _call(c)
+
+
+def test_max_groups_is_accepted():
+    c = _case(G=_lib.MAX_GROUPS)
+    outs = _call(c)
+    assert len(outs) == _lib.MAX_GROUPS
+    for o in outs:
+        assert torch.all(torch.isfinite(o))
+
+
+def test_cu_seqlens_k_not_monotone():
+    c = _case()
+    c.cu_seqlens_k = torch.tensor([0, 10, 9], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"cu_seqlens_k\[2\].*never decrease"):
+        _call(c)
+
+
+def test_cu_seqlens_k_not_starting_at_zero():
+    c = _case()
+    c.cu_seqlens_k = torch.tensor([1, 10, 17], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"cu_seqlens_k\[0\]: expected 0, got 1"):
+        _call(c)
+
+
+def test_cu_seqlens_k_exceeds_total():
+    c = _case()
+    c.cu_seqlens_k = torch.tensor([0, 10, 18], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"cu_seqlens_k\[2\].*expected <= the number of tokens in the tensor \(17\), got 18"):
+        _call(c)
+
+
+def test_cu_seqlens_q_exceeds_total():
+    c = _case()
+    c.cu_seqlens_q_list[1] = torch.tensor([0, 6, 10], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"cu_seqlens_q\[2\] \(group 1\).*\(9\), got 10"):
+        _call(c)
+
+
+def test_cu_seqlens_q_not_monotone():
+    c = _case()
+    c.cu_seqlens_q_list[0] = torch.tensor([0, 11, 10], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"cu_seqlens_q\[2\] \(group 0\)"):
+        _call(c)
+
+
+@pytest.mark.parametrize("used, match", [([11, 3], r"seqused_k\[0\] \(group 1\).*\(10\), got 11"),
+                                         ([3, -1], r"seqused_k\[1\] \(group 1\).*got -1")])
+def test_seqused_k_out_of_range(used, match):
+    c = _case(seqused=[None, used])
+    with pytest.raises(ValueError, match=match):
+        _call(c)
+
+
+def test_backward_rejects_bad_metadata():
+    c = _case()
+    args = c.op_args(causal=True)
+    outs, lses = rfa_ops.grouped_fwd(*args)
+    douts = [torch.randn_like(o) for o in outs]
+    (q_list, k, v, cu_q, cu_k, seqused, max_q, max_k, scale, causal, det) = args
+    bad_cu_k = torch.tensor([0, 12, 11], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"cu_seqlens_k\[2\]"):
+        rfa_ops.grouped_bwd(douts, q_list, k, v, outs, lses, cu_q, bad_cu_k, seqused, max_q,
+                            max_k, scale, causal, det)
+    with pytest.raises(ValueError, match=r"dout_list\[1\]: expected shape"):
+        rfa_ops.grouped_bwd([douts[0], douts[1][:-1]], q_list, k, v, outs, lses, cu_q, cu_k,
+                            seqused, max_q, max_k, scale, causal, det)
+    with pytest.raises(ValueError, match=r"lse_list\[0\]: expected shape"):
+        rfa_ops.grouped_bwd(douts, q_list, k, v, outs, [lses[0].t(), lses[1]], cu_q, cu_k,
+                            seqused, max_q, max_k, scale, causal, det)
+    with pytest.raises(ValueError, match=r"lse_list\[1\]: expected dtype torch.float32"):
+        rfa_ops.grouped_bwd(douts, q_list, k, v, outs, [lses[0], lses[1].double()], cu_q, cu_k,
+                            seqused, max_q, max_k, scale, causal, det)
+    with pytest.raises(ValueError, match=r"out_list: expected 2 entries"):
+        rfa_ops.grouped_bwd(douts, q_list, k, v, outs[:1], lses, cu_q, cu_k, seqused, max_q,
+                            max_k, scale, causal, det)
+
+
+def test_cuda_request_on_cpu_only_build():
+    if _lib.cuda_compiled():
+        pytest.skip("this libringattn has CUDA compiled in")
+    with pytest.raises(NotImplementedError, match=r"CUDA|cuda"):
+        _lib.check_support(_lib.DEVICE_CUDA, 0, _lib.DTYPE_FP16, 128)
+    # The same through a full forward call with exec.device_type = CUDA on host pointers: the
+    # library refuses before touching memory.
+    c = _case()
+    outs = [torch.empty_like(q) for q in c.q_list]
+    lses = [torch.empty(q.shape[1], q.shape[0]) for q in c.q_list]
+    orig = rfa_ops._exec
+
+    def cuda_exec(device):
+        ex, _ = orig(device)
+        ex.device_type = _lib.DEVICE_CUDA
+        return ex, 0
+
+    rfa_ops._exec = cuda_exec
+    try:
+        with pytest.raises(NotImplementedError, match=r"exec.device_type"):
+            rfa_ops.fwd_into(*c.op_args()[:-3], 0.0, True, outs, lses)
+    finally:
+        rfa_ops._exec = orig
+
+
+def test_flash_attn_varlen_func_errors_name_arguments():
+    c = _case(G=1)
+    with pytest.raises(ValueError, match=r"cu_seqlens_k: expected dtype torch.int32"):
+        flash_attn_varlen_func(c.q_list[0], c.k, c.v, c.cu_seqlens_q_list[0],
+                               c.cu_seqlens_k.long(), 10, 10)
+
+
+# ---- a rejected call writes nothing ------------------------------------------------------------
+
+SENTINEL = 12.5
+
+
+def _prefilled_fwd_outputs(c):
+    outs = [torch.full_like(q, SENTINEL) for q in c.q_list]
+    lses = [torch.full((q.shape[1], q.shape[0]), SENTINEL) for q in c.q_list]
+    return outs, lses
+
+
+@pytest.mark.parametrize("bad", ["cu_seqlens_k", "cu_seqlens_q", "seqused_k", "heads", "head_dim"])
+def test_rejected_forward_writes_nothing(bad):
+    c = _case(seqused=[None, [3, 3]], Hq=6 if bad == "heads" else 4, Hk=4 if bad == "heads" else 2,
+              D=12 if bad == "head_dim" else 32)
+    if bad == "cu_seqlens_k":
+        c.cu_seqlens_k = torch.tensor([0, 12, 11], dtype=torch.int32)
+    elif bad == "cu_seqlens_q":
+        # Group 0 is valid and would be computed first; group 1 is not: nothing may be written.
+        c.cu_seqlens_q_list[1] = torch.tensor([0, 6, 99], dtype=torch.int32)
+    elif bad == "seqused_k":
+        c.seqused_k_list[1] = torch.tensor([3, 8], dtype=torch.int32)
+    outs, lses = _prefilled_fwd_outputs(c)
+    with pytest.raises(ValueError):
+        rfa_ops.fwd_into(*c.op_args()[:-3], 0.0, True, outs, lses)
+    for t in (*outs, *lses):
+        assert torch.all(t == SENTINEL)
+
+
+def test_rejected_backward_writes_nothing():
+    c = _case(seqused=[None, [3, 3]])
+    args = c.op_args(causal=True)
+    outs, lses = rfa_ops.grouped_fwd(*args)
+    douts = [torch.randn_like(o) for o in outs]
+    (q_list, k, v, cu_q, cu_k, seqused, max_q, max_k, scale, causal, det) = args
+    seqused = [None, torch.tensor([3, 8], dtype=torch.int32)]
+    dqs = [torch.full_like(q, SENTINEL) for q in q_list]
+    dk, dv = torch.full_like(k, SENTINEL), torch.full_like(v, SENTINEL)
+    with pytest.raises(ValueError, match=r"seqused_k\[1\] \(group 1\)"):
+        rfa_ops.bwd_into(douts, q_list, k, v, outs, lses, cu_q, cu_k, seqused, max_q, max_k,
+                         scale, causal, det, dqs, dk, dv)
+    for t in (*dqs, dk, dv):
+        assert torch.all(t == SENTINEL)
+
+
+def test_backward_overwrites_poisoned_gradients():
+    # dk/dv are written (not accumulated into) everywhere, including keys no query sees.
+    c = _case(seqused=[[4, 0], [3, 2]])
+    args = c.op_args(causal=True)
+    outs, lses = rfa_ops.grouped_fwd(*args)
+    douts = [torch.randn_like(o) for o in outs]
+    (q_list, k, v, cu_q, cu_k, seqused, max_q, max_k, scale, causal, det) = args
+    dqs = [torch.full_like(q, math.nan) for q in q_list]
+    dk, dv = torch.full_like(k, math.nan), torch.full_like(v, math.nan)
+    rfa_ops.bwd_into(douts, q_list, k, v, outs, lses, cu_q, cu_k, seqused, max_q, max_k, scale,
+                     causal, det, dqs, dk, dv)
+    for t in (*dqs, dk, dv):
+        assert not torch.isnan(t).any()
+    # Keys 4..9 of sequence 0 (tokens 4..9) and 2..6 of sequence 1 (tokens 12..16) are past
+    # every group's seqused_k; the keys some group sees get non-zero gradients.
+    for rows in (slice(4, 10), slice(12, 17)):
+        assert torch.all(dk[rows] == 0) and torch.all(dv[rows] == 0)
+    for rows in (slice(0, 4), slice(10, 12)):
+        assert torch.all(dv[rows].abs().sum(-1) > 0)
+
+
+def test_forward_overwrites_poisoned_outputs():
+    c = _case()
+    outs = [torch.full_like(q, math.nan) for q in c.q_list]
+    lses = [torch.full((q.shape[1], q.shape[0]), math.nan) for q in c.q_list]
+    rfa_ops.fwd_into(*c.op_args()[:-3], 0.0, True, outs, lses)
+    ref_outs, ref_lses = rfa_ops.grouped_fwd(*c.op_args())
+    for a, b in zip(outs + lses, ref_outs + ref_lses):
+        assert not torch.isnan(a).any()
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# ---- status mapping ----------------------------------------------------------------------------
+
+
+def test_check_maps_status_to_exception():
+    _lib.get()
+    _lib.check(_lib.STATUS_OK)
+    with pytest.raises(ValueError):
+        _lib.check(_lib.STATUS_INVALID_ARGUMENT)
+    with pytest.raises(NotImplementedError):
+        _lib.check(_lib.STATUS_UNSUPPORTED)
+    with pytest.raises(RuntimeError, match="CUDA_ERROR"):
+        _lib.check(_lib.STATUS_CUDA_ERROR)
+    with pytest.raises(RuntimeError, match="INTERNAL_ERROR"):
+        _lib.check(_lib.STATUS_INTERNAL_ERROR)
