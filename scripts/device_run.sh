@@ -2,7 +2,7 @@
 # The one script sent to the GPU machine: build for the card found there (-j16), run the
 # GoogleTest suite and the pytest `gpu` marker, run the benchmark, print a short table last.
 #
-#   bash scripts/device_run.sh [quick|full]     (default: quick)
+#   bash scripts/device_run.sh [quick|full|tests]     (default: quick; tests = no benchmark)
 #
 # Logs and CSVs go to $OUT (the device tool's return folder) or build/device-out.
 # GoogleTest: the GPU machine has no GoogleTest package; this machine copies its sources to
@@ -60,16 +60,29 @@ rc=$?
 note "pytest -m gpu: rc=$rc, $(tail -1 "$out/pytest_gpu.log")"
 [ $rc -ne 0 ] && grep -E "Error|assert|FAILED" "$out/pytest_gpu.log" | head -30
 
-if [ -f benchmark/benchmark_grouped_attention.py ]; then
-  if [ "$mode" = full ]; then
-    bench_args=(--seqlens 8192 16384 65536 --world-size 8 --rank 0)
-  else
-    bench_args=(--seqlens 16384 --num-runs 20)
-  fi
-  "$py" benchmark/benchmark_grouped_attention.py "${bench_args[@]}" --csv "$out/bench.csv" >"$out/bench.log" 2>&1
-  note "benchmark: rc=$? (bench.log, bench.csv)"
-  cat "$out/bench.log" | tail -40
+# Benchmark: quick = the headline per-rank workload; full = the issue's target workloads and the
+# seed's default sweep. Every run appends to one CSV; each run's report goes to $OUT.
+bench() {
+  "$py" benchmark/benchmark_grouped_attention.py "$@" --csv "$out/bench.csv" --output-dir "$out" \
+    >>"$out/bench.log" 2>&1
+  note "benchmark $*: rc=$?"
+}
+if [ "$mode" = full ]; then
+  bench --seqlens 65536 --world-size 8 --rank 0 7
+  bench --seqlens 16384 --world-size 2 --rank 0
+  bench --seqlens 8192 --world-size 1 --rank 0
+  bench --seqlens 4096 8192 16384 32768 --num-groups 2
+elif [ "$mode" = quick ]; then
+  bench --seqlens 65536 --world-size 8 --rank 0 --num-runs 20
 fi
+[ -f "$out/bench.csv" ] && "$py" - "$out/bench.csv" <<'PYEOF'
+import csv, sys
+rows = list(csv.DictReader(open(sys.argv[1])))
+print(f"{'workload':34s} {'impl':15s} {'pass':7s} {'ms':>8s} {'TFLOPS':>7s}")
+for r in rows:
+    w = f"{r['config']} L={r['seqlen']} N={r['world_size']} r={r['rank']} G={r['num_groups']}"
+    print(f"{w:34s} {r['impl']:15s} {r['pass']:7s} {float(r['time_ms']):8.3f} {float(r['tflops']):7.1f}")
+PYEOF
 
 echo
 echo "================ summary ================"
