@@ -55,10 +55,16 @@ fi
 
 export RING_FLASH_ATTN_LIBRARY="$lib"
 export PYTHONPATH="$root/python${PYTHONPATH:+:$PYTHONPATH}"
-"$py" -m pytest test -m "gpu" -q -p no:cacheprovider >"$out/pytest_gpu.log" 2>&1
+"$py" -m pytest test -m "gpu and not stress" -q -p no:cacheprovider >"$out/pytest_gpu.log" 2>&1
 rc=$?
-note "pytest -m gpu: rc=$rc, $(tail -1 "$out/pytest_gpu.log")"
+note "pytest -m 'gpu and not stress': rc=$rc, $(tail -1 "$out/pytest_gpu.log")"
 [ $rc -ne 0 ] && grep -E "Error|assert|FAILED" "$out/pytest_gpu.log" | head -30
+if [ "$mode" != quick ]; then
+  "$py" -m pytest test -m "stress" -q -p no:cacheprovider >"$out/pytest_stress.log" 2>&1
+  rc=$?
+  note "pytest -m stress: rc=$rc, $(tail -1 "$out/pytest_stress.log")"
+  [ $rc -ne 0 ] && grep -E "Error|assert|FAILED" "$out/pytest_stress.log" | head -30
+fi
 
 # Benchmark: quick = the headline per-rank workload; full = the issue's target workloads and the
 # seed's default sweep. Every run appends to one CSV; each run's report goes to $OUT.
