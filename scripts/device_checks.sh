@@ -18,3 +18,6 @@ ncu --clock-control none --metrics dram__bytes_read.sum,dram__bytes_write.sum,lt
   -k regex:grouped_fwd_kernel python3 scripts/hbm_probe.py 65536 8 0 >"$out/ncu_hbm.log" 2>&1
 echo "== ncu (L=65536 N=8 r=0; launch 1 = fused, 2-3 = baseline): rc=$?"
 grep -E "analytic|grouped_fwd_kernel|dram__bytes|lts__t_sector_hit" "$out/ncu_hbm.log" | sed 's/  */ /g' | cut -c1-160
+if [ -n "${OUT:-}" ]; then
+  (cd "$out" && files=$(ls | grep -E '^(sanitizer_|ncu_).*\.log$') && [ -n "$files" ] && tar czf checks.tgz $files && rm -f $files)
+fi

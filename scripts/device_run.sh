@@ -90,6 +90,11 @@ for r in rows:
     print(f"{w:34s} {r['impl']:15s} {r['pass']:7s} {float(r['time_ms']):8.3f} {float(r['tflops']):7.1f}")
 PYEOF
 
+# The device tool returns at most 8 files: pack the logs and reports into one archive.
+if [ -n "${OUT:-}" ]; then
+  (cd "$out" && files=$(ls | grep -E '\.(log|txt)$') && [ -n "$files" ] && tar czf logs.tgz $files && rm -f $files)
+fi
+
 echo
 echo "================ summary ================"
 printf '%s\n' "${summary[@]}"
