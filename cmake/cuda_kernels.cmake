@@ -50,11 +50,15 @@ foreach(hdim IN LISTS RINGATTN_HEAD_DIMS)
   list(APPEND _ringattn_hdim_defs RINGATTN_HDIM_${hdim})
   file(GLOB _f CONFIGURE_DEPENDS ${CMAKE_CURRENT_SOURCE_DIR}/csrc/cuda/sm80/instantiations/fwd_hdim${hdim}_*.cu)
   list(APPEND _ringattn_inst_sources ${_f})
+  file(GLOB _f CONFIGURE_DEPENDS ${CMAKE_CURRENT_SOURCE_DIR}/csrc/cuda/sm80/instantiations/bwd_hdim${hdim}_*.cu)
+  list(APPEND _ringattn_inst_sources ${_f})
 endforeach()
 
 add_library(ringattn_cuda OBJECT
   csrc/cuda/cuda_backend.cu
   csrc/cuda/tile_scheduler.cu
+  csrc/cuda/bwd_scheduler.cu
+  csrc/cuda/bwd_prepost.cu
   ${_ringattn_inst_sources})
 set_target_properties(ringattn_cuda PROPERTIES
   CUDA_ARCHITECTURES "${_ringattn_cuda_archs}"

@@ -10,7 +10,11 @@
 
 #include "common/backends.h"
 #include "common/error.h"
+#include "cuda/bwd_params.h"
+#include "cuda/bwd_prepost.h"
+#include "cuda/bwd_scheduler.h"
 #include "cuda/fwd_params.h"
+#include "cuda/sm80/bwd_traits.h"
 #include "cuda/sm80/fwd_traits.h"
 #include "cuda/tile_scheduler.h"
 
@@ -56,6 +60,69 @@ const FwdKernelEntry kFwdKernels[] = {
 
 const FwdKernelEntry* find_fwd_kernel(int dtype, int head_dim, bool causal) {
   for (const FwdKernelEntry& e : kFwdKernels)
+    if (e.dtype == dtype && e.head_dim == head_dim && e.causal == causal) return &e;
+  return nullptr;
+}
+
+using BwdLaunchFn = cudaError_t (*)(const BwdKernelParams&, int, cudaStream_t);
+using BwdPrepFn = cudaError_t (*)(const BwdPrepParams&, cudaStream_t);
+
+// One backward instantiation: the dK/dV kernel, the deterministic-mode dQ kernel and the
+// dtype's pre/postprocess (bwd_params.h lists the launches).
+struct BwdKernelEntry {
+  int dtype;
+  int head_dim;
+  bool causal;
+  int block_m;     // dK/dV kernel: query rows per inner step
+  int block_n;     // dK/dV kernel: keys per CTA
+  int dq_block_m;  // dQ kernel: query rows per CTA
+  int dq_block_n;  // dQ kernel: keys per step
+  int smem_bytes;  // the larger of the two kernels'
+  BwdLaunchFn dkdv;
+  BwdLaunchFn dq;
+  BwdPrepFn preprocess;
+  BwdPrepFn postprocess;
+};
+
+template <typename Element, int kHeadDim, bool kCausal, int kDtype>
+constexpr BwdKernelEntry sm80_bwd_entry() {
+  using T = typename sm80::BwdConfig<Element, kHeadDim>::Traits;
+  using Q = typename sm80::BwdConfig<Element, kHeadDim>::DqTraits;
+  return BwdKernelEntry{kDtype,
+                        kHeadDim,
+                        kCausal,
+                        T::kBlockM,
+                        T::kBlockN,
+                        Q::kBlockM,
+                        Q::kBlockN,
+                        T::kSmemBytes > Q::kSmemBytes ? T::kSmemBytes : Q::kSmemBytes,
+                        &sm80::launch_grouped_bwd_dkdv<T, kCausal>,
+                        &sm80::launch_grouped_bwd_dq<Q, kCausal>,
+                        &launch_bwd_preprocess<Element>,
+                        &launch_bwd_postprocess<Element>};
+}
+
+#define RINGATTN_BWD_ENTRIES(D)                                                     \
+  sm80_bwd_entry<__half, D, false, RINGATTN_DTYPE_FP16>(),                          \
+      sm80_bwd_entry<__half, D, true, RINGATTN_DTYPE_FP16>(),                       \
+      sm80_bwd_entry<__nv_bfloat16, D, false, RINGATTN_DTYPE_BF16>(),               \
+      sm80_bwd_entry<__nv_bfloat16, D, true, RINGATTN_DTYPE_BF16>(),
+
+// The compiled tier-1 backward kernels.
+const BwdKernelEntry kBwdKernels[] = {
+#ifdef RINGATTN_HDIM_64
+    RINGATTN_BWD_ENTRIES(64)
+#endif
+#ifdef RINGATTN_HDIM_128
+    RINGATTN_BWD_ENTRIES(128)
+#endif
+#ifdef RINGATTN_HDIM_256
+    RINGATTN_BWD_ENTRIES(256)
+#endif
+};
+
+const BwdKernelEntry* find_bwd_kernel(int dtype, int head_dim, bool causal) {
+  for (const BwdKernelEntry& e : kBwdKernels)
     if (e.dtype == dtype && e.head_dim == head_dim && e.causal == causal) return &e;
   return nullptr;
 }
@@ -199,14 +266,229 @@ ringattn_status fwd_workspace_size(const ringattn_fwd_params& p, size_t* bytes) 
   return RINGATTN_STATUS_OK;
 }
 
-ringattn_status bwd_workspace_size(const ringattn_bwd_params&, size_t*) {
-  return fail(RINGATTN_STATUS_UNSUPPORTED,
-              "the GPU backward kernel (tier 1, sm80) is not implemented yet; run the backward on CPU tensors");
+namespace {
+
+size_t align256(size_t x) { return (x + 255) & ~size_t{255}; }
+
+// Where everything of one backward call lives in its workspace (byte offsets, 256-aligned).
+struct BwdWorkspaceLayout {
+  size_t lse_log2[RINGATTN_MAX_GROUPS];  // [Hq, total_q] fp32
+  size_t di[RINGATTN_MAX_GROUPS];        // [Hq, total_q] fp32
+  size_t dq_accum[RINGATTN_MAX_GROUPS];  // [total_q, Hq, D] fp32
+  size_t kv_scheduler;                   // dK/dV work list
+  size_t q_scheduler;                    // deterministic dQ work list (the forward's)
+  size_t total;
+  int64_t kv_capacity;
+  int64_t q_capacity;  // 0 unless deterministic
+};
+
+BwdWorkspaceLayout bwd_layout(const ringattn_bwd_params& p, const BwdKernelEntry& e) {
+  const ringattn_problem& pr = p.problem;
+  BwdWorkspaceLayout l{};
+  size_t at = 0;
+  for (int g = 0; g < pr.num_groups; ++g) {
+    const size_t rows = static_cast<size_t>(p.groups[g].total_q) * static_cast<size_t>(pr.num_heads_q);
+    l.lse_log2[g] = at;
+    at += align256(rows * sizeof(float));
+    l.di[g] = at;
+    at += align256(rows * sizeof(float));
+    l.dq_accum[g] = at;
+    at += align256(rows * static_cast<size_t>(pr.head_dim) * sizeof(float));
+  }
+  l.kv_capacity = bwd_kv_capacity(pr.total_k, pr.batch_size, e.block_n);
+  l.kv_scheduler = at;
+  at += align256(bwd_scheduler_workspace_bytes(pr.batch_size, l.kv_capacity));
+  l.q_scheduler = at;
+  if (p.deterministic) {
+    std::vector<int64_t> total_q(pr.num_groups);
+    for (int g = 0; g < pr.num_groups; ++g) total_q[g] = p.groups[g].total_q;
+    l.q_capacity = work_capacity(total_q.data(), pr.num_groups, pr.batch_size, e.dq_block_m);
+    at += align256(scheduler_workspace_bytes(pr.num_groups, pr.batch_size, l.q_capacity));
+  }
+  l.total = at;
+  return l;
+}
+
+const BwdKernelEntry* find_bwd_kernel_or_fail(const ringattn_problem& pr) {
+  const BwdKernelEntry* e = find_bwd_kernel(pr.dtype, pr.head_dim, pr.causal != 0);
+  if (e == nullptr)
+    failf(RINGATTN_STATUS_UNSUPPORTED, "no GPU backward kernel compiled for dtype %d, head_dim %d, causal %d",
+          pr.dtype, pr.head_dim, pr.causal);
+  return e;
+}
+
+}  // namespace
+
+ringattn_status bwd_workspace_size(const ringattn_bwd_params& p, size_t* bytes) {
+  const BwdKernelEntry* e = find_bwd_kernel_or_fail(p.problem);
+  if (e == nullptr) return RINGATTN_STATUS_UNSUPPORTED;
+  *bytes = bwd_layout(p, *e).total;
+  return RINGATTN_STATUS_OK;
 }
 
 ringattn_status grouped_bwd(const ringattn_bwd_params& p) {
-  size_t unused = 0;
-  return bwd_workspace_size(p, &unused);
+  const ringattn_problem& pr = p.problem;
+  ringattn_status s = check_support(p.exec.device_index, pr.dtype, pr.head_dim);
+  if (s != RINGATTN_STATUS_OK) return s;
+  const BwdKernelEntry* e = find_bwd_kernel_or_fail(pr);
+  if (e == nullptr) return RINGATTN_STATUS_UNSUPPORTED;
+  const BwdWorkspaceLayout layout = bwd_layout(p, *e);
+  const int64_t kv_ctas = layout.kv_capacity * pr.num_heads_k;
+  const int64_t q_ctas = layout.q_capacity * pr.num_heads_q;
+  if (kv_ctas > INT32_MAX || q_ctas > INT32_MAX)
+    return failf(RINGATTN_STATUS_INVALID_ARGUMENT,
+                 "total_k / total_q: %lld key blocks x %d KV heads or %lld query tiles x %d heads exceed the grid "
+                 "limit of %d CTAs",
+                 static_cast<long long>(layout.kv_capacity), pr.num_heads_k, static_cast<long long>(layout.q_capacity),
+                 pr.num_heads_q, INT32_MAX);
+
+  if (reinterpret_cast<uintptr_t>(p.workspace) % 16 != 0)
+    return failf(RINGATTN_STATUS_INVALID_ARGUMENT, "workspace: expected a 16-byte aligned pointer, got %p",
+                 p.workspace);
+
+  DeviceGuard guard(p.exec.device_index);
+  if (guard.error() != cudaSuccess) return cuda_fail(guard.error(), "cudaSetDevice");
+  int max_smem = 0;
+  cudaError_t err = cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, p.exec.device_index);
+  if (err != cudaSuccess) return cuda_fail(err, "cudaDeviceGetAttribute(MaxSharedMemoryPerBlockOptin)");
+  if (max_smem < e->smem_bytes)
+    return failf(RINGATTN_STATUS_UNSUPPORTED,
+                 "the GPU backward kernel for head_dim %d needs %d bytes of shared memory per block; GPU %d allows %d",
+                 pr.head_dim, e->smem_bytes, p.exec.device_index, max_smem);
+  cudaStream_t stream = static_cast<cudaStream_t>(p.exec.stream);
+  char* ws = static_cast<char*>(p.workspace);
+  const float softmax_scale =
+      pr.softmax_scale > 0.f ? pr.softmax_scale : 1.f / std::sqrt(static_cast<float>(pr.head_dim));
+
+  // ---- pre/postprocess params ----
+  BwdPrepParams prep{};
+  for (int g = 0; g < pr.num_groups; ++g) {
+    const ringattn_bwd_group& src = p.groups[g];
+    BwdPrepGroupArgs& dst = prep.groups[g];
+    dst.out = src.out;
+    dst.dout = src.dout;
+    dst.lse = src.softmax_lse;
+    dst.dq = src.dq;
+    dst.ws.lse_log2 = reinterpret_cast<float*>(ws + layout.lse_log2[g]);
+    dst.ws.di = reinterpret_cast<float*>(ws + layout.di[g]);
+    dst.ws.dq_accum = reinterpret_cast<float*>(ws + layout.dq_accum[g]);
+    dst.out_row_stride = src.out_row_stride;
+    dst.out_head_stride = src.out_head_stride;
+    dst.dout_row_stride = src.dout_row_stride;
+    dst.dout_head_stride = src.dout_head_stride;
+    dst.dq_row_stride = src.dq_row_stride;
+    dst.dq_head_stride = src.dq_head_stride;
+    dst.total_q = static_cast<int32_t>(src.total_q);
+  }
+  prep.dk = p.dk;
+  prep.dv = p.dv;
+  prep.dk_row_stride = p.dk_row_stride;
+  prep.dk_head_stride = p.dk_head_stride;
+  prep.dv_row_stride = p.dv_row_stride;
+  prep.dv_head_stride = p.dv_head_stride;
+  prep.cu_seqlens_k = pr.cu_seqlens_k;
+  prep.total_k = static_cast<int32_t>(pr.total_k);
+  prep.batch_size = pr.batch_size;
+  prep.num_groups = pr.num_groups;
+  prep.num_heads_q = pr.num_heads_q;
+  prep.num_heads_k = pr.num_heads_k;
+  prep.head_dim = pr.head_dim;
+  prep.softmax_scale = softmax_scale;
+
+  // ---- dK/dV work list ----
+  BwdSchedulerArgs kv_sched{};
+  for (int g = 0; g < pr.num_groups; ++g) {
+    kv_sched.cu_seqlens_q[g] = p.groups[g].cu_seqlens_q;
+    kv_sched.seqused_k[g] = p.groups[g].seqused_k;
+    kv_sched.total_q[g] = static_cast<int32_t>(p.groups[g].total_q);
+  }
+  kv_sched.cu_seqlens_k = pr.cu_seqlens_k;
+  kv_sched.total_k = static_cast<int32_t>(pr.total_k);
+  kv_sched.num_groups = pr.num_groups;
+  kv_sched.batch_size = pr.batch_size;
+  kv_sched.block_m = e->block_m;
+  kv_sched.block_n = e->block_n;
+  kv_sched.causal = pr.causal;
+  kv_sched.capacity = static_cast<int32_t>(layout.kv_capacity);
+  carve_bwd_scheduler_workspace(ws + layout.kv_scheduler, pr.batch_size, layout.kv_capacity, &kv_sched);
+
+  // ---- kernel params ----
+  BwdKernelParams kp{};
+  for (int g = 0; g < pr.num_groups; ++g) {
+    const ringattn_bwd_group& src = p.groups[g];
+    BwdGroupArgs& dst = kp.groups[g];
+    dst.q = src.q;
+    dst.dout = src.dout;
+    dst.lse_log2 = prep.groups[g].ws.lse_log2;
+    dst.di = prep.groups[g].ws.di;
+    dst.dq_accum = prep.groups[g].ws.dq_accum;
+    dst.cu_seqlens_q = src.cu_seqlens_q;
+    dst.seqused_k = src.seqused_k;
+    dst.q_row_stride = src.q_row_stride;
+    dst.q_head_stride = src.q_head_stride;
+    dst.dout_row_stride = src.dout_row_stride;
+    dst.dout_head_stride = src.dout_head_stride;
+    dst.total_q = static_cast<int32_t>(src.total_q);
+  }
+  kp.k = p.k;
+  kp.v = p.v;
+  kp.dk = p.dk;
+  kp.dv = p.dv;
+  kp.k_row_stride = p.k_row_stride;
+  kp.k_head_stride = p.k_head_stride;
+  kp.v_row_stride = p.v_row_stride;
+  kp.v_head_stride = p.v_head_stride;
+  kp.dk_row_stride = p.dk_row_stride;
+  kp.dk_head_stride = p.dk_head_stride;
+  kp.dv_row_stride = p.dv_row_stride;
+  kp.dv_head_stride = p.dv_head_stride;
+  kp.cu_seqlens_k = pr.cu_seqlens_k;
+  kp.total_k = static_cast<int32_t>(pr.total_k);
+  kp.num_groups = pr.num_groups;
+  kp.batch_size = pr.batch_size;
+  kp.num_heads_q = pr.num_heads_q;
+  kp.num_heads_k = pr.num_heads_k;
+  kp.q_heads_per_kv_head = pr.num_heads_q / pr.num_heads_k;
+  kp.softmax_scale = softmax_scale;
+  kp.softmax_scale_log2 = softmax_scale * 1.4426950408889634f;
+  kp.accumulate_dq = p.deterministic ? 0 : 1;
+  kp.kv_items = kv_sched.sorted;
+  kp.kv_count = kv_sched.count;
+
+  // ---- deterministic mode: the query-tile work list of the dQ kernel ----
+  SchedulerArgs q_sched{};
+  if (p.deterministic) {
+    for (int g = 0; g < pr.num_groups; ++g) {
+      q_sched.cu_seqlens_q[g] = p.groups[g].cu_seqlens_q;
+      q_sched.seqused_k[g] = p.groups[g].seqused_k;
+      q_sched.total_q[g] = static_cast<int32_t>(p.groups[g].total_q);
+    }
+    q_sched.cu_seqlens_k = pr.cu_seqlens_k;
+    q_sched.total_k = static_cast<int32_t>(pr.total_k);
+    q_sched.num_groups = pr.num_groups;
+    q_sched.batch_size = pr.batch_size;
+    q_sched.block_m = e->dq_block_m;
+    q_sched.block_n = e->dq_block_n;
+    q_sched.causal = pr.causal;
+    q_sched.capacity = static_cast<int32_t>(layout.q_capacity);
+    carve_scheduler_workspace(ws + layout.q_scheduler, pr.num_groups, pr.batch_size, layout.q_capacity, &q_sched);
+    kp.q_items = q_sched.sorted;
+    kp.q_count = q_sched.count;
+  }
+
+  if ((err = e->preprocess(prep, stream)) != cudaSuccess) return cuda_fail(err, "launching the backward preprocess");
+  if ((err = launch_build_bwd_work_list(kv_sched, stream)) != cudaSuccess)
+    return cuda_fail(err, "launching the backward work-list kernel");
+  if ((err = e->dkdv(kp, static_cast<int>(kv_ctas), stream)) != cudaSuccess)
+    return cuda_fail(err, "launching the grouped backward dK/dV kernel");
+  if (p.deterministic) {
+    if ((err = launch_build_work_list(q_sched, stream)) != cudaSuccess)
+      return cuda_fail(err, "launching the backward dQ work-list kernel");
+    if ((err = e->dq(kp, static_cast<int>(q_ctas), stream)) != cudaSuccess)
+      return cuda_fail(err, "launching the grouped backward dQ kernel");
+  }
+  if ((err = e->postprocess(prep, stream)) != cudaSuccess) return cuda_fail(err, "launching the backward postprocess");
+  return RINGATTN_STATUS_OK;
 }
 
 ringattn_status grouped_fwd(const ringattn_fwd_params& p) {

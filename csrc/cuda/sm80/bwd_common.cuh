@@ -1,0 +1,86 @@
+// Small device helpers shared by the two tier-1 backward kernels: tile loads into swizzled
+// shared memory and the PTX the forward does not need (4-byte cp.async, fp32 atomics).
+// The swizzle itself (swizzle<W>, SwizzledRows<W>) is the forward's, from fwd_traits.h: a tile
+// of power-of-two rows of W >= 64 elements, 16-byte chunk c of row r at chunk c ^ (r & 7).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda/ptx.h"
+#include "cuda/sm80/fwd_traits.h"
+
+namespace ringattn {
+namespace cuda {
+namespace sm80 {
+namespace bwd {
+
+// 4-byte global -> shared copy; zero-fills the destination when `valid` is false.
+__device__ __forceinline__ void cp_async_4(uint32_t dst, const void* src, bool valid) {
+  const int src_bytes = valid ? 4 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
+
+// dst[0..3] += (a, b, c, d) in global memory, result unused; dst 16-byte aligned. One vector
+// reduction on sm_90 (fewer L2 atomic operations), four scalar ones before.
+__device__ __forceinline__ void red_add_v4(float* dst, float a, float b, float c, float d) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(dst), "f"(a), "f"(b), "f"(c), "f"(d)
+               : "memory");
+#else
+  atomicAdd(dst, a);
+  atomicAdd(dst + 1, b);
+  atomicAdd(dst + 2, c);
+  atomicAdd(dst + 3, d);
+#endif
+}
+
+// cp.async a [kRows, kHeadDim] tile of rows `row_stride` elements apart whose first
+// `rows_valid` rows are real; the rest are zeros. All kThreads threads take part.
+template <typename Element, int kHeadDim, int kRows, int kThreads>
+__device__ __forceinline__ void load_rows(Element* smem, const Element* gmem, int64_t row_stride, int rows_valid,
+                                          int tid) {
+  constexpr int kChunks = kHeadDim / 8;
+  constexpr int kTotal = kRows * kChunks;
+  static_assert(kTotal % kThreads == 0, "tile chunks divide evenly over threads");
+#pragma unroll
+  for (int it = 0; it < kTotal / kThreads; ++it) {
+    const int i = tid + it * kThreads;
+    const int row = i / kChunks;
+    const int chunk = i % kChunks;
+    const bool valid = row < rows_valid;
+    const Element* src = valid ? gmem + row * row_stride + chunk * 8 : gmem;
+    ptx::cp_async_16(ptx::smem_addr(smem + swizzle<kHeadDim>(row, chunk)), src, valid);
+  }
+}
+
+// cp.async kCount consecutive floats, zero past `valid`.
+template <int kCount, int kThreads>
+__device__ __forceinline__ void load_floats(float* smem, const float* gmem, int valid, int tid) {
+  for (int i = tid; i < kCount; i += kThreads)
+    cp_async_4(ptx::smem_addr(smem + i), i < valid ? gmem + i : gmem, i < valid);
+}
+
+// Writes a [kRows, kHeadDim] swizzled tile to global rows (first rows_valid), 16 bytes a thread.
+template <typename Element, int kHeadDim, int kRows, int kThreads>
+__device__ __forceinline__ void store_rows(Element* gmem, int64_t row_stride, const Element* smem, int rows_valid,
+                                           int tid) {
+  constexpr int kChunks = kHeadDim / 8;
+  constexpr int kTotal = kRows * kChunks;
+  static_assert(kTotal % kThreads == 0, "tile chunks divide evenly over threads");
+#pragma unroll
+  for (int it = 0; it < kTotal / kThreads; ++it) {
+    const int i = tid + it * kThreads;
+    const int row = i / kChunks;
+    const int chunk = i % kChunks;
+    if (row < rows_valid)
+      *reinterpret_cast<uint4*>(gmem + row * row_stride + chunk * 8) =
+          *reinterpret_cast<const uint4*>(smem + swizzle<kHeadDim>(row, chunk));
+  }
+}
+
+}  // namespace bwd
+}  // namespace sm80
+}  // namespace cuda
+}  // namespace ringattn

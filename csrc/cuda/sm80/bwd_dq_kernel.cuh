@@ -1,0 +1,237 @@
+// Tier-1 grouped varlen attention backward, dQ kernel of the deterministic mode.
+//
+// One CTA owns one query tile (kBlockM rows) of one (group, sequence, query head), from the
+// forward's longest-first work list (tile_scheduler.cu). It streams the K/V blocks the tile
+// sees in a fixed order (first to last, K and V double-buffered through cp.async), recomputes
+// P and dP like the dK/dV kernel, and accumulates dQ = dS K in fp32 registers:
+//   S = Q K^T, dP = dO V^T; P = exp2(S * scale_log2 - LSE_log2), dS = P (dP - Di); dQ += dS K.
+// dS goes from the C fragments straight into A fragments (as P does in the forward). The tile
+// is written once, with plain stores, into the group's dq_accum (the postprocess scales and
+// converts it), so results are bit-identical run to run.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "cuda/bwd_params.h"
+#include "cuda/ptx.h"
+#include "cuda/seqlen_info.h"
+#include "cuda/sm80/bwd_common.cuh"
+#include "cuda/sm80/bwd_traits.h"
+
+namespace ringattn {
+namespace cuda {
+namespace sm80 {
+
+template <typename T, bool kCausal>
+__global__ void __launch_bounds__(T::kThreads, 1) grouped_bwd_dq_kernel(const __grid_constant__ BwdKernelParams params) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  using Element = typename T::Element;
+  constexpr int kHeadDim = T::kHeadDim;
+  constexpr int kBlockM = T::kBlockM;
+  constexpr int kBlockN = T::kBlockN;
+  constexpr int kThreads = T::kThreads;
+  constexpr int kMTiles = T::kMTiles;
+  constexpr int kNTiles = T::kNTiles;
+  constexpr int kDTiles = T::kDTiles;
+  constexpr uint32_t kKvBytes = kBlockN * kHeadDim * sizeof(Element);  // one K or V stage
+
+  const int num_heads_q = params.num_heads_q;
+  const int item_index = blockIdx.x / num_heads_q;
+  if (item_index >= *params.q_count) return;
+  const int head = blockIdx.x % num_heads_q;
+  const WorkItem item = params.q_items[item_index];
+  const int group = item.group_and_mblock & 15;
+  const int m_block = item.group_and_mblock >> 4;
+  const BwdGroupArgs& g = params.groups[group];
+  const SeqLenInfo seq(g.cu_seqlens_q, g.total_q, params.cu_seqlens_k, params.total_k, g.seqused_k, item.batch);
+  const int row0 = m_block * kBlockM;
+  if (row0 >= seq.seqlen_q) return;
+  const int rows_valid = min(kBlockM, seq.seqlen_q - row0);
+  // A tile that sees no key keeps dQ = 0 (dq_accum was zeroed by the preprocess).
+  const int n_block_max = seq.n_block_max<kBlockM, kBlockN, kCausal>(m_block);
+  if (n_block_max <= 0) return;
+  const int kv_head = head / params.q_heads_per_kv_head;
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  Element* sQ = reinterpret_cast<Element*>(smem_raw);
+  Element* sdO = sQ + kBlockM * kHeadDim;
+  Element* sK = sdO + kBlockM * kHeadDim;  // [2][kBlockN][kHeadDim]
+  Element* sV = sK + 2 * kBlockN * kHeadDim;  // [2][kBlockN][kHeadDim]
+
+  const int64_t token0 = static_cast<int64_t>(seq.q_start) + row0;
+  const Element* k_seq = static_cast<const Element*>(params.k) + static_cast<int64_t>(seq.k_start) * params.k_row_stride +
+                         kv_head * params.k_head_stride;
+  const Element* v_seq = static_cast<const Element*>(params.v) + static_cast<int64_t>(seq.k_start) * params.v_row_stride +
+                         kv_head * params.v_head_stride;
+  auto load_kv = [&](int n, int stage) {
+    bwd::load_rows<Element, kHeadDim, kBlockN, kThreads>(sK + stage * kBlockN * kHeadDim,
+                                                         k_seq + n * kBlockN * params.k_row_stride,
+                                                         params.k_row_stride, seq.seqlen_k - n * kBlockN, tid);
+    bwd::load_rows<Element, kHeadDim, kBlockN, kThreads>(sV + stage * kBlockN * kHeadDim,
+                                                         v_seq + n * kBlockN * params.v_row_stride,
+                                                         params.v_row_stride, seq.seqlen_k - n * kBlockN, tid);
+  };
+
+  bwd::load_rows<Element, kHeadDim, kBlockM, kThreads>(
+      sQ, static_cast<const Element*>(g.q) + token0 * g.q_row_stride + head * g.q_head_stride, g.q_row_stride,
+      rows_valid, tid);
+  bwd::load_rows<Element, kHeadDim, kBlockM, kThreads>(
+      sdO, static_cast<const Element*>(g.dout) + token0 * g.dout_row_stride + head * g.dout_head_stride,
+      g.dout_row_stride, rows_valid, tid);
+  load_kv(0, 0);
+  ptx::cp_async_commit();
+
+  // Per-row statistics of the two rows (lane/4 and lane/4 + 8) a thread holds per m16 tile.
+  // Rows past the sequence get LSE = +inf, so their P (and dS) are 0.
+  const int warp_row0 = warp * kMTiles * 16;
+  float lse[kMTiles][2], di[kMTiles][2];
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = warp_row0 + mt * 16 + (lane >> 2) + r * 8;
+      const int64_t idx = static_cast<int64_t>(head) * g.total_q + token0 + row;
+      lse[mt][r] = row < rows_valid ? g.lse_log2[idx] : INFINITY;
+      di[mt][r] = row < rows_valid ? g.di[idx] : 0.f;
+    }
+
+  float dq[kMTiles][kDTiles][4];
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+    for (int dt = 0; dt < kDTiles; ++dt)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) dq[mt][dt][c] = 0.f;
+
+  // Fragment addresses: Q and dO as A; K and V as B (non-transposed) for S and dP; K as B
+  // (transposed: k = keys, n = head dim) for dQ.
+  const SwizzledRows<kHeadDim> qdo_a(ptx::smem_addr(sQ), warp_row0 + (lane & 15), lane >> 4);
+  const SwizzledRows<kHeadDim> kv_b(ptx::smem_addr(sK), (lane & 7) + ((lane >> 4) << 3), (lane >> 3) & 1);
+  const SwizzledRows<kHeadDim> k_bt(ptx::smem_addr(sK), (lane & 7) + (((lane >> 3) & 1) << 3), lane >> 4);
+  constexpr uint32_t kDoOffset = kBlockM * kHeadDim * sizeof(Element);  // sdO - sQ
+  constexpr uint32_t kVOffset = 2 * kKvBytes;                           // sV - sK
+  const int causal_offset = seq.causal_offset();
+
+  for (int n = 0; n < n_block_max; ++n) {
+    const int stage = n & 1;
+    const uint32_t kv_off = stage * kKvBytes;
+    ptx::cp_async_wait<0>();
+    __syncthreads();  // K/V(n) are in; every warp finished block n-1, so the other stage is free
+    if (n + 1 < n_block_max) {
+      load_kv(n + 1, stage ^ 1);
+      ptx::cp_async_commit();
+    }
+
+    // ---- S = Q K^T, dP = dO V^T ----
+    float s[kMTiles][kNTiles][4], dp[kMTiles][kNTiles][4];
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) s[mt][nt][c] = dp[mt][nt][c] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+      uint32_t aq[kMTiles][4], ado[kMTiles][4];
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt) {
+        ptx::ldmatrix_x4(qdo_a(kk, mt * 16), aq[mt][0], aq[mt][1], aq[mt][2], aq[mt][3]);
+        ptx::ldmatrix_x4(qdo_a(kk, mt * 16) + kDoOffset, ado[mt][0], ado[mt][1], ado[mt][2], ado[mt][3]);
+      }
+#pragma unroll
+      for (int nt2 = 0; nt2 < kNTiles / 2; ++nt2) {
+        uint32_t b0, b1, b2, b3;
+        ptx::ldmatrix_x4(kv_b(kk, nt2 * 16) + kv_off, b0, b1, b2, b3);
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt) {
+          ptx::mma_16816<Element>(s[mt][2 * nt2], aq[mt], b0, b1);
+          ptx::mma_16816<Element>(s[mt][2 * nt2 + 1], aq[mt], b2, b3);
+        }
+        ptx::ldmatrix_x4(kv_b(kk, nt2 * 16) + kv_off + kVOffset, b0, b1, b2, b3);
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt) {
+          ptx::mma_16816<Element>(dp[mt][2 * nt2], ado[mt], b0, b1);
+          ptx::mma_16816<Element>(dp[mt][2 * nt2 + 1], ado[mt], b2, b3);
+        }
+      }
+    }
+
+    // ---- P and dS (masked entries: 0) ----
+    const int col0 = n * kBlockN;
+    const bool need_mask = (col0 + kBlockN > seq.seqlen_k) || (kCausal && col0 + kBlockN - 1 > row0 + causal_offset);
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const int r = c >> 1;
+          float p = ptx::exp2_approx(fmaf(s[mt][nt][c], params.softmax_scale_log2, -lse[mt][r]));
+          if (need_mask) {
+            const int row = row0 + warp_row0 + mt * 16 + (lane >> 2) + r * 8;
+            const int col = col0 + nt * 8 + 2 * (lane & 3) + (c & 1);
+            if (col >= seq.seqlen_k || (kCausal && col > row + causal_offset)) p = 0.f;
+          }
+          dp[mt][nt][c] = p * (dp[mt][nt][c] - di[mt][r]);
+        }
+
+    // ---- dQ += dS K ----
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      uint32_t a[kMTiles][4];
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt) {
+        a[mt][0] = ptx::pack2<Element>(dp[mt][2 * kk][0], dp[mt][2 * kk][1]);
+        a[mt][1] = ptx::pack2<Element>(dp[mt][2 * kk][2], dp[mt][2 * kk][3]);
+        a[mt][2] = ptx::pack2<Element>(dp[mt][2 * kk + 1][0], dp[mt][2 * kk + 1][1]);
+        a[mt][3] = ptx::pack2<Element>(dp[mt][2 * kk + 1][2], dp[mt][2 * kk + 1][3]);
+      }
+#pragma unroll
+      for (int dt2 = 0; dt2 < kDTiles / 2; ++dt2) {
+        uint32_t b0, b1, b2, b3;
+        ptx::ldmatrix_x4_trans(k_bt(dt2, kk * 16) + kv_off, b0, b1, b2, b3);
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt) {
+          ptx::mma_16816<Element>(dq[mt][2 * dt2], a[mt], b0, b1);
+          ptx::mma_16816<Element>(dq[mt][2 * dt2 + 1], a[mt], b2, b3);
+        }
+      }
+    }
+  }
+
+  // ---- epilogue: unscaled fp32 dQ into dq_accum, 8-byte stores ----
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = warp_row0 + mt * 16 + (lane >> 2) + r * 8;
+      if (row >= rows_valid) continue;
+      float* dst = g.dq_accum + ((token0 + row) * num_heads_q + head) * kHeadDim + 2 * (lane & 3);
+#pragma unroll
+      for (int dt = 0; dt < kDTiles; ++dt)
+        *reinterpret_cast<float2*>(dst + dt * 8) = make_float2(dq[mt][dt][2 * r], dq[mt][dt][2 * r + 1]);
+    }
+#endif
+}
+
+// Host side: launch one instantiation over `num_ctas` CTAs (query tiles x query heads).
+template <typename T, bool kCausal>
+cudaError_t launch_grouped_bwd_dq(const BwdKernelParams& params, int num_ctas, cudaStream_t stream) {
+  auto kernel = &grouped_bwd_dq_kernel<T, kCausal>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  if (num_ctas <= 0) return cudaSuccess;
+  kernel<<<num_ctas, T::kThreads, T::kSmemBytes, stream>>>(params);
+  return cudaGetLastError();
+}
+
+}  // namespace sm80
+}  // namespace cuda
+}  // namespace ringattn

@@ -1,0 +1,407 @@
+// Tier-1 grouped varlen attention backward, dK/dV kernel (mma.sync, FlashAttention-2 order).
+//
+// One CTA owns one K/V block (kBlockN keys) of one (sequence, KV head). It loads K and V once,
+// then walks every (group, query head of this KV head, query tile) that sees the block (for
+// causal: the query tiles from the first one whose last row reaches the block's first key to
+// the end of the sequence; groups whose used keys end before the block are skipped). Per query
+// tile (kBlockM rows), with Q, dO, LSE and Di double-buffered through cp.async:
+//   phase 1  S^T = K Q^T and dP^T = V dO^T; P = exp2(S * scale_log2 - LSE_log2), dS = P (dP - Di);
+//            P^T and dS^T go to shared memory in the dtype;
+//   phase 2  dV += P^T dO and dK += dS^T Q into fp32 registers that live across all tiles;
+//   phase 3  dQ_tile = dS K, added to the group's fp32 dq_accum with atomics (skipped in
+//            deterministic mode, where bwd_dq_kernel.cuh computes dQ).
+// At the end dK (times the softmax scale) and dV are converted and written once: every key
+// row of the block, zeros for keys no query sees. See bwd_traits.h for the warp layouts.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "cuda/bwd_params.h"
+#include "cuda/ptx.h"
+#include "cuda/seqlen_info.h"
+#include "cuda/sm80/bwd_common.cuh"
+#include "cuda/sm80/bwd_traits.h"
+
+namespace ringattn {
+namespace cuda {
+namespace sm80 {
+
+// Walks the (group, query head, query tile) triples that see keys [key0, key0 + kBlockN) of
+// sequence b: groups outermost, then the query heads of the KV head, then the tiles.
+template <int kBlockM, bool kCausal>
+struct QueryTileCursor {
+  int group;
+  int head_in_kv;  // 0 .. q_heads_per_kv_head - 1
+  int m_block;
+  int m_first, m_end;  // tiles of this group that see the block
+  int q_start, seqlen_q, seqlen_k;
+
+  __device__ __forceinline__ void enter_group(const BwdKernelParams& p, int b, int key0) {
+    const BwdGroupArgs& g = p.groups[group];
+    const SeqLenInfo seq(g.cu_seqlens_q, g.total_q, p.cu_seqlens_k, p.total_k, g.seqused_k, b);
+    q_start = seq.q_start;
+    seqlen_q = seq.seqlen_q;
+    seqlen_k = seq.seqlen_k;
+    m_first = m_end = 0;
+    if (key0 < seqlen_k && seqlen_q > 0) {
+      // Causal: row i sees key j iff j <= i + causal_offset, so the first row seeing key0 is
+      // key0 - causal_offset.
+      const int first_row = kCausal ? max(0, key0 - seq.causal_offset()) : 0;
+      if (first_row < seqlen_q) {
+        m_first = first_row / kBlockM;
+        m_end = (seqlen_q + kBlockM - 1) / kBlockM;
+      }
+    }
+    head_in_kv = 0;
+    m_block = m_first;
+  }
+  // Moves forward to the first valid triple at or after the current one.
+  __device__ __forceinline__ void settle(const BwdKernelParams& p, int b, int key0) {
+    while (group < p.num_groups && m_block >= m_end) {
+      if (m_end > m_first && ++head_in_kv < p.q_heads_per_kv_head) {
+        m_block = m_first;
+      } else if (++group < p.num_groups) {
+        enter_group(p, b, key0);
+      }
+    }
+  }
+  __device__ __forceinline__ void start(const BwdKernelParams& p, int b, int key0) {
+    group = 0;
+    enter_group(p, b, key0);
+    settle(p, b, key0);
+  }
+  __device__ __forceinline__ void next(const BwdKernelParams& p, int b, int key0) {
+    ++m_block;
+    settle(p, b, key0);
+  }
+  __device__ __forceinline__ bool valid(const BwdKernelParams& p) const { return group < p.num_groups; }
+};
+
+// CTAs per SM to ask registers for: T::kMinBlocksPerSm where that many fit in the shared memory
+// of the architecture being compiled (sm_90: 228 KB, sm_80: 164 KB, sm_86/89: 100 KB), else
+// fewer (more CTAs would only cap the registers).
+template <typename T>
+constexpr int bwd_min_blocks_per_sm() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  constexpr int kSmemPerSm = 228 * 1024;
+#elif defined(__CUDA_ARCH__) && (__CUDA_ARCH__ == 860 || __CUDA_ARCH__ == 890)
+  constexpr int kSmemPerSm = 100 * 1024;
+#else
+  constexpr int kSmemPerSm = 164 * 1024;
+#endif
+  constexpr int kFit = kSmemPerSm / (T::kSmemBytes + 1024);  // 1 KB reserved per CTA
+  return kFit < 1 ? 1 : (kFit < T::kMinBlocksPerSm ? kFit : T::kMinBlocksPerSm);
+}
+
+template <typename T, bool kCausal>
+__global__ void __launch_bounds__(T::kThreads, bwd_min_blocks_per_sm<T>())
+    grouped_bwd_dkdv_kernel(const __grid_constant__ BwdKernelParams params) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  using Element = typename T::Element;
+  constexpr int kHeadDim = T::kHeadDim;
+  constexpr int kBlockM = T::kBlockM;
+  constexpr int kBlockN = T::kBlockN;
+  constexpr int kThreads = T::kThreads;
+  constexpr int kStages = T::kStages;
+  constexpr int kWarpsN = T::kWarpsN;
+  constexpr int kQCols = T::kQCols;
+  constexpr int kSTiles = T::kSTiles;
+  constexpr int kDCols2 = T::kDCols2;
+  constexpr int kDTiles2 = T::kDTiles2;
+  constexpr int kWarpsM3 = T::kWarpsM3;
+  constexpr int kDCols3 = T::kDCols3;
+  constexpr int kDqChunk = T::kDqChunk;
+  // Byte offsets between the tiles (all multiples of 1024, so SwizzledRows addresses of one
+  // tile move to another by a plain add).
+  constexpr uint32_t kKvBytes = T::kKvElems * sizeof(Element);
+  constexpr uint32_t kQBytes = T::kQElems * sizeof(Element);
+  constexpr uint32_t kPBytes = T::kPElems * sizeof(Element);
+  constexpr uint32_t kDoOffset = kStages * kQBytes;  // sdO - sQ
+
+  const int item_index = blockIdx.x / params.num_heads_k;
+  if (item_index >= *params.kv_count) return;
+  const int kv_head = blockIdx.x % params.num_heads_k;
+  const BwdKvWorkItem item = params.kv_items[item_index];
+  const int b = item.batch;
+  const int key0 = item.n_block * kBlockN;  // first key of the block, within the sequence
+  const int32_t k_start = SeqLenInfo::clamp(params.cu_seqlens_k[b], 0, params.total_k);
+  const int32_t seqlen_k_full = SeqLenInfo::clamp(params.cu_seqlens_k[b + 1], k_start, params.total_k) - k_start;
+  const int keys_valid = min(kBlockN, seqlen_k_full - key0);  // rows of dK/dV this CTA writes
+  if (keys_valid <= 0) return;
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int ratio = params.q_heads_per_kv_head;
+
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  Element* sK = reinterpret_cast<Element*>(smem_raw);
+  Element* sV = sK + T::kKvElems;
+  Element* sQ = sV + T::kKvElems;             // [kStages][kBlockM][kHeadDim]
+  Element* sdO = sQ + kStages * T::kQElems;   // [kStages][kBlockM][kHeadDim]
+  Element* sP = sdO + kStages * T::kQElems;   // P^T  [kBlockN][kBlockM]
+  Element* sdS = sP + T::kPElems;             // dS^T [kBlockN][kBlockM]
+  float* sLse = reinterpret_cast<float*>(sdS + T::kPElems);  // [kStages][kBlockM]
+  float* sDi = sLse + kStages * kBlockM;                      // [kStages][kBlockM]
+
+  const int64_t key_row0 = static_cast<int64_t>(k_start) + key0;
+  const Element* k_blk = static_cast<const Element*>(params.k) + key_row0 * params.k_row_stride + kv_head * params.k_head_stride;
+  const Element* v_blk = static_cast<const Element*>(params.v) + key_row0 * params.v_row_stride + kv_head * params.v_head_stride;
+
+  auto load_query_tile = [&](const QueryTileCursor<kBlockM, kCausal>& c, int stage) {
+    const BwdGroupArgs& g = params.groups[c.group];
+    const int head = kv_head * ratio + c.head_in_kv;
+    const int row0 = c.m_block * kBlockM;
+    const int rows_valid = min(kBlockM, c.seqlen_q - row0);
+    const int64_t token0 = static_cast<int64_t>(c.q_start) + row0;
+    bwd::load_rows<Element, kHeadDim, kBlockM, kThreads>(
+        sQ + stage * T::kQElems,
+        static_cast<const Element*>(g.q) + token0 * g.q_row_stride + head * g.q_head_stride, g.q_row_stride,
+        rows_valid, tid);
+    bwd::load_rows<Element, kHeadDim, kBlockM, kThreads>(
+        sdO + stage * T::kQElems,
+        static_cast<const Element*>(g.dout) + token0 * g.dout_row_stride + head * g.dout_head_stride,
+        g.dout_row_stride, rows_valid, tid);
+    const int64_t stat0 = static_cast<int64_t>(head) * g.total_q + token0;
+    bwd::load_floats<kBlockM, kThreads>(sLse + stage * kBlockM, g.lse_log2 + stat0, rows_valid, tid);
+    bwd::load_floats<kBlockM, kThreads>(sDi + stage * kBlockM, g.di + stat0, rows_valid, tid);
+  };
+
+  // Accumulators: this warp's 16 keys x kDCols2 head-dim columns of dK and dV.
+  float dk[kDTiles2][4], dv[kDTiles2][4];
+#pragma unroll
+  for (int dt = 0; dt < kDTiles2; ++dt)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) dk[dt][c] = dv[dt][c] = 0.f;
+
+  // Warp layouts (bwd_traits.h).
+  const int wn = warp % kWarpsN;  // phases 1, 2: keys [16 wn, 16 wn + 16)
+  const int wq = warp / kWarpsN;  // phase 1: query cols [kQCols wq, ...); phase 2: head-dim cols [kDCols2 wq, ...)
+  const int wm = warp % kWarpsM3;  // phase 3: query rows [16 wm, 16 wm + 16)
+  const int wd = warp / kWarpsM3;  // phase 3: head-dim cols [kDCols3 wd, ...)
+
+  // Fragment addresses (SwizzledRows; the lane -> (row, chunk) maps follow ldmatrix's four 8x8
+  // matrices per x4, as in the forward). A warp's column offset is folded into the lane chunk:
+  // it is a multiple of the chunks the warp's j range spans, so the XOR stays exact.
+  // phase 1: K and V as A (rows = keys), Q and dO as B (non-transposed, rows = queries).
+  const SwizzledRows<kHeadDim> kv_a(ptx::smem_addr(sK), wn * 16 + (lane & 15), lane >> 4);
+  const SwizzledRows<kHeadDim> qdo_b(ptx::smem_addr(sQ), wq * kQCols + (lane & 7) + ((lane >> 4) << 3),
+                                     (lane >> 3) & 1);
+  // phase 2: P^T and dS^T as A (rows = keys), dO and Q as B (transposed: k = queries, n = head dim).
+  const SwizzledRows<kBlockM> pds_a(ptx::smem_addr(sP), wn * 16 + (lane & 15), lane >> 4);
+  const SwizzledRows<kHeadDim> qdo_bt(ptx::smem_addr(sQ), (lane & 7) + (((lane >> 3) & 1) << 3),
+                                      (lane >> 4) + wq * (kDCols2 / 8));
+  // phase 3: dS as A read transposed from dS^T (k = keys), K as B (transposed: k = keys, n = head dim).
+  const SwizzledRows<kBlockM> ds_at(ptx::smem_addr(sdS), (lane & 7) + ((lane >> 4) << 3),
+                                    ((lane >> 3) & 1) + 2 * wm);
+  const SwizzledRows<kHeadDim> k_bt(ptx::smem_addr(sK), (lane & 7) + (((lane >> 3) & 1) << 3),
+                                    (lane >> 4) + wd * (kDCols3 / 8));
+
+  QueryTileCursor<kBlockM, kCausal> cur;
+  cur.start(params, b, key0);
+  if (cur.valid(params)) {
+    bwd::load_rows<Element, kHeadDim, kBlockN, kThreads>(sK, k_blk, params.k_row_stride, keys_valid, tid);
+    bwd::load_rows<Element, kHeadDim, kBlockN, kThreads>(sV, v_blk, params.v_row_stride, keys_valid, tid);
+    load_query_tile(cur, 0);
+    ptx::cp_async_commit();
+    QueryTileCursor<kBlockM, kCausal> nxt = cur;
+    nxt.next(params, b, key0);
+
+    for (int it = 0;; ++it) {
+      const int stage = kStages == 2 ? (it & 1) : 0;
+      ptx::cp_async_wait<0>();
+      __syncthreads();  // tile `it` is in; every warp finished tile it-1 (its stage, sP, sdS)
+      if (kStages == 2 && nxt.valid(params)) {
+        load_query_tile(nxt, stage ^ 1);
+        ptx::cp_async_commit();
+      }
+      const uint32_t q_off = stage * kQBytes;
+      const int row0 = cur.m_block * kBlockM;  // first query row of the tile, within the sequence
+
+      // ---- phase 1: S^T = K Q^T, dP^T = V dO^T ----
+      float s[kSTiles][4], dp[kSTiles][4];
+#pragma unroll
+      for (int nt = 0; nt < kSTiles; ++nt)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) s[nt][c] = dp[nt][c] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+        uint32_t ak[4], av[4];
+        ptx::ldmatrix_x4(kv_a(kk, 0), ak[0], ak[1], ak[2], ak[3]);
+        ptx::ldmatrix_x4(kv_a(kk, 0) + kKvBytes, av[0], av[1], av[2], av[3]);
+#pragma unroll
+        for (int nt2 = 0; nt2 < kSTiles / 2; ++nt2) {
+          uint32_t b0, b1, b2, b3;
+          ptx::ldmatrix_x4(qdo_b(kk, nt2 * 16) + q_off, b0, b1, b2, b3);
+          ptx::mma_16816<Element>(s[2 * nt2], ak, b0, b1);
+          ptx::mma_16816<Element>(s[2 * nt2 + 1], ak, b2, b3);
+          ptx::ldmatrix_x4(qdo_b(kk, nt2 * 16) + q_off + kDoOffset, b0, b1, b2, b3);
+          ptx::mma_16816<Element>(dp[2 * nt2], av, b0, b1);
+          ptx::mma_16816<Element>(dp[2 * nt2 + 1], av, b2, b3);
+        }
+      }
+
+      // ---- P and dS (masked entries: 0), stored transposed for phases 2 and 3 ----
+      {
+        const float* lse = sLse + stage * kBlockM;
+        const float* di = sDi + stage * kBlockM;
+        const int key_base = key0 + wn * 16 + (lane >> 2);  // + 8 for the second row pair
+        const int col_base = wq * kQCols + 2 * (lane & 3);   // query column within the tile
+        const int causal_offset = cur.seqlen_k - cur.seqlen_q;
+        const bool need_mask = key0 + kBlockN > cur.seqlen_k || row0 + kBlockM > cur.seqlen_q ||
+                               (kCausal && key0 + kBlockN - 1 > row0 + causal_offset);
+#pragma unroll
+        for (int nt = 0; nt < kSTiles; ++nt) {
+          const int col = col_base + nt * 8;
+          const float2 l = *reinterpret_cast<const float2*>(lse + col);
+          const float2 d = *reinterpret_cast<const float2*>(di + col);
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            const float lse_c = (c & 1) ? l.y : l.x;
+            const float di_c = (c & 1) ? d.y : d.x;
+            float p = ptx::exp2_approx(fmaf(s[nt][c], params.softmax_scale_log2, -lse_c));
+            if (need_mask) {
+              const int key = key_base + ((c >> 1) << 3);
+              const int row = row0 + col + (c & 1);
+              const bool masked =
+                  key >= cur.seqlen_k || row >= cur.seqlen_q || (kCausal && key > row + causal_offset);
+              if (masked) p = 0.f;
+            }
+            s[nt][c] = p;
+            dp[nt][c] = p * (dp[nt][c] - di_c);
+          }
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const int key_row = wn * 16 + (lane >> 2) + r * 8;
+            const int off = swizzle<kBlockM>(key_row, col >> 3) + (col & 7);
+            *reinterpret_cast<uint32_t*>(sP + off) = ptx::pack2<Element>(s[nt][2 * r], s[nt][2 * r + 1]);
+            *reinterpret_cast<uint32_t*>(sdS + off) = ptx::pack2<Element>(dp[nt][2 * r], dp[nt][2 * r + 1]);
+          }
+        }
+      }
+      __syncthreads();  // P^T and dS^T complete
+
+      // ---- phase 2: dV += P^T dO, dK += dS^T Q ----
+#pragma unroll
+      for (int kk = 0; kk < kBlockM / 16; ++kk) {
+        uint32_t ap[4], ads[4];
+        ptx::ldmatrix_x4(pds_a(kk, 0), ap[0], ap[1], ap[2], ap[3]);
+        ptx::ldmatrix_x4(pds_a(kk, 0) + kPBytes, ads[0], ads[1], ads[2], ads[3]);
+#pragma unroll
+        for (int dt2 = 0; dt2 < kDTiles2 / 2; ++dt2) {
+          uint32_t b0, b1, b2, b3;
+          ptx::ldmatrix_x4_trans(qdo_bt(dt2, kk * 16) + q_off + kDoOffset, b0, b1, b2, b3);
+          ptx::mma_16816<Element>(dv[2 * dt2], ap, b0, b1);
+          ptx::mma_16816<Element>(dv[2 * dt2 + 1], ap, b2, b3);
+          ptx::ldmatrix_x4_trans(qdo_bt(dt2, kk * 16) + q_off, b0, b1, b2, b3);
+          ptx::mma_16816<Element>(dk[2 * dt2], ads, b0, b1);
+          ptx::mma_16816<Element>(dk[2 * dt2 + 1], ads, b2, b3);
+        }
+      }
+
+      // ---- phase 3: dQ += dS K into the group's fp32 accumulator ----
+      if (params.accumulate_dq) {
+        const BwdGroupArgs& g = params.groups[cur.group];
+        const int head = kv_head * ratio + cur.head_in_kv;
+        const int row_a = row0 + wm * 16 + (lane >> 2);  // and row_a + 8
+        float* dq_row_a = g.dq_accum +
+                          ((static_cast<int64_t>(cur.q_start) + row_a) * params.num_heads_q + head) * kHeadDim +
+                          wd * kDCols3 + 2 * (lane & 3);
+        const int64_t dq_8rows = static_cast<int64_t>(8) * params.num_heads_q * kHeadDim;
+        const bool row_a_ok = row_a < cur.seqlen_q;
+        const bool row_b_ok = row_a + 8 < cur.seqlen_q;
+#pragma unroll
+        for (int ch = 0; ch < kDCols3 / kDqChunk; ++ch) {
+          float acc[kDqChunk / 8][4];
+#pragma unroll
+          for (int dt = 0; dt < kDqChunk / 8; ++dt)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) acc[dt][c] = 0.f;
+#pragma unroll
+          for (int kk = 0; kk < kBlockN / 16; ++kk) {
+            uint32_t a[4];
+            ptx::ldmatrix_x4_trans(ds_at(0, kk * 16), a[0], a[1], a[2], a[3]);
+#pragma unroll
+            for (int dt2 = 0; dt2 < kDqChunk / 16; ++dt2) {
+              uint32_t b0, b1, b2, b3;
+              ptx::ldmatrix_x4_trans(k_bt(ch * (kDqChunk / 16) + dt2, kk * 16), b0, b1, b2, b3);
+              ptx::mma_16816<Element>(acc[2 * dt2], a, b0, b1);
+              ptx::mma_16816<Element>(acc[2 * dt2 + 1], a, b2, b3);
+            }
+          }
+          // C fragments hold 2 consecutive columns per row and n8 tile; lanes t and t^1 swap
+          // one pair so that each holds 4: even t columns 2t..2t+3 of tile dt, odd t columns
+          // 2t-2..2t+1 of tile dt+1. One 16-byte reduction per row and tile pair.
+          const bool odd = lane & 1;
+#pragma unroll
+          for (int dt = 0; dt < kDqChunk / 8; dt += 2) {
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+              const float x0 = acc[dt][2 * r], x1 = acc[dt][2 * r + 1];
+              const float y0 = acc[dt + 1][2 * r], y1 = acc[dt + 1][2 * r + 1];
+              const float got0 = __shfl_xor_sync(0xffffffffu, odd ? x0 : y0, 1);
+              const float got1 = __shfl_xor_sync(0xffffffffu, odd ? x1 : y1, 1);
+              if (r == 0 ? row_a_ok : row_b_ok) {
+                float* dst = dq_row_a + r * dq_8rows + ch * kDqChunk + (odd ? (dt + 1) * 8 - 2 : dt * 8);
+                if (odd)
+                  bwd::red_add_v4(dst, got0, got1, y0, y1);
+                else
+                  bwd::red_add_v4(dst, x0, x1, got0, got1);
+              }
+            }
+          }
+        }
+      }
+
+      if (!nxt.valid(params)) break;
+      if (kStages == 1) {
+        __syncthreads();  // every warp is done with the only Q/dO buffer
+        load_query_tile(nxt, 0);
+        ptx::cp_async_commit();
+      }
+      cur = nxt;
+      nxt.next(params, b, key0);
+    }
+  }
+
+  // ---- epilogue: dK * scale and dV through shared memory (sK, sV), 16-byte stores ----
+  __syncthreads();  // every warp is done with sK and sV
+#pragma unroll
+  for (int dt = 0; dt < kDTiles2; ++dt)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = wn * 16 + (lane >> 2) + r * 8;
+      const int col = wq * kDCols2 + dt * 8 + 2 * (lane & 3);
+      const int off = swizzle<kHeadDim>(row, col >> 3) + (col & 7);
+      *reinterpret_cast<uint32_t*>(sK + off) = ptx::pack2<Element>(dk[dt][2 * r] * params.softmax_scale,
+                                                                  dk[dt][2 * r + 1] * params.softmax_scale);
+      *reinterpret_cast<uint32_t*>(sV + off) = ptx::pack2<Element>(dv[dt][2 * r], dv[dt][2 * r + 1]);
+    }
+  __syncthreads();
+  Element* dk_blk = static_cast<Element*>(params.dk) + key_row0 * params.dk_row_stride + kv_head * params.dk_head_stride;
+  Element* dv_blk = static_cast<Element*>(params.dv) + key_row0 * params.dv_row_stride + kv_head * params.dv_head_stride;
+  bwd::store_rows<Element, kHeadDim, kBlockN, kThreads>(dk_blk, params.dk_row_stride, sK, keys_valid, tid);
+  bwd::store_rows<Element, kHeadDim, kBlockN, kThreads>(dv_blk, params.dv_row_stride, sV, keys_valid, tid);
+#endif
+}
+
+// Host side: launch one instantiation over `num_ctas` CTAs (work items x KV heads).
+template <typename T, bool kCausal>
+cudaError_t launch_grouped_bwd_dkdv(const BwdKernelParams& params, int num_ctas, cudaStream_t stream) {
+  auto kernel = &grouped_bwd_dkdv_kernel<T, kCausal>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  // All of the unified L1/shared memory as shared, so two CTAs of the D=128 tile fit on sm_90.
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
+  if (err != cudaSuccess) return err;
+  if (num_ctas <= 0) return cudaSuccess;
+  kernel<<<num_ctas, T::kThreads, T::kSmemBytes, stream>>>(params);
+  return cudaGetLastError();
+}
+
+}  // namespace sm80
+}  // namespace cuda
+}  // namespace ringattn
