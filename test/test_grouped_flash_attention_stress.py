@@ -129,7 +129,8 @@ class TestGroupedFlashAttentionLargeScales:
         _check_sampled(out, q, k, v, 4096, name="extreme")
 
     def test_all_keys_masked_rows(self):
-        # Lq > Lk with bottom-right causal: the first Lq - Lk rows see no key -> O = 0, LSE = -inf.
+        # Lq > Lk with bottom-right causal: row i sees keys j <= i - (Lq - Lk), so the first
+        # Lq - Lk = 4000 rows see no key -> O = 0, LSE = -inf.
         torch.manual_seed(5)
         q = torch.randn(5000, 4, 64, device="cuda", dtype=torch.bfloat16)
         k = torch.randn(1000, 4, 64, device="cuda", dtype=torch.bfloat16)
@@ -137,9 +138,10 @@ class TestGroupedFlashAttentionLargeScales:
         cu_q = torch.tensor([0, 5000], dtype=torch.int32, device="cuda")
         cu_k = torch.tensor([0, 1000], dtype=torch.int32, device="cuda")
         out, lse, _ = flash_attn_varlen_func(q, k, v, cu_q, cu_k, 5000, 1000, causal=True, return_attn_probs=True)
-        assert torch.equal(out[:3999], torch.zeros_like(out[:3999]))
-        assert torch.isinf(lse[:, :3999]).all() and (lse[:, :3999] < 0).all()
-        assert torch.isfinite(lse[:, 3999:]).all()
+        assert torch.equal(out[:4000], torch.zeros_like(out[:4000]))
+        assert torch.isinf(lse[:, :4000]).all() and (lse[:, :4000] < 0).all()
+        assert torch.isfinite(lse[:, 4000:]).all()
+        _check_sampled(out[4000:], q[4000:], k, v, 1000, name="rows that see keys")
 
     def test_imbalanced_groups(self):
         # One group of 1 query over 64K keys next to one of 16K queries over 1K keys.
