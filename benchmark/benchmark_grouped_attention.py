@@ -698,6 +698,21 @@ def _try_first_call(impl: Impl, inputs, pass_name: str, w: Workload):
             return None, (e, reason)
 
 
+def _extra_peak_mb(fn, impl: Impl, device) -> Optional[float]:
+    """Peak device memory one call allocates beyond what was allocated before it (MB)."""
+    import torch
+
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with impl.context():
+        fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 1e6
+
+
 def run_workload(w: Workload, cfg: ModelConfig, args, dtype, device, env: Dict[str, str], report: Report,
                  notes: Dict[str, str], csv_rows: List[Dict[str, str]], failures: List[str]) -> None:
     import torch
@@ -749,6 +764,7 @@ def run_workload(w: Workload, cfg: ModelConfig, args, dtype, device, env: Dict[s
                 else:
                     report(f"note: {name} ({pass_name}) skipped: {reason}")
                 continue
+            peak_mb = _extra_peak_mb(fn0, impl, device)
             fns = [fn0] + [_make_pass_fn(impl, pass_name, s, w) for s in sets[1:]]
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -756,7 +772,7 @@ def run_workload(w: Workload, cfg: ModelConfig, args, dtype, device, env: Dict[s
             flops = attention_flops(pairs, cfg.num_heads_q, cfg.head_dim, pass_name)
             tflops = flops / (ms * 1e-3) / 1e12
             hbm_mb = kv_bytes_read(w, name, cfg.num_heads_k, cfg.head_dim, elem, pass_name, impl.head_repeat) / 1e6
-            results[name] = (ms, tflops, hbm_mb)
+            results[name] = (ms, tflops, hbm_mb, peak_mb)
             if impl.note:
                 row_notes[name] = impl.note
             csv_rows.append(csv_row(env["gpu"], env["torch"], env["cuda"], cfg.name, w, name, pass_name, ms, tflops,
@@ -779,14 +795,15 @@ def run_workload(w: Workload, cfg: ModelConfig, args, dtype, device, env: Dict[s
             for name in args.impls:
                 if name not in results:
                     continue
-                ms, tflops, hbm_mb = results[name]
+                ms, tflops, hbm_mb, peak_mb = results[name]
                 speedup = f"{base[0] / ms:.2f}x" if base else "n/a"
                 label = DISPLAY_NAMES[name] + (" *" if name in row_notes else "")
                 rows.append([label, f"{ms:.3f}", speedup, f"{tflops:.1f}",
-                             f"{hbm_mb:.0f}" if hbm_mb >= 10 else f"{hbm_mb:.2f}"])
+                             f"{hbm_mb:.0f}" if hbm_mb >= 10 else f"{hbm_mb:.2f}",
+                             "n/a" if peak_mb is None else f"{peak_mb:.0f}"])
             report(f"{pass_name}:")
-            report(box_table(["Implementation", "Time (ms)", "Speedup vs baseline", "TFLOPS", "KV MB (analytic)"], rows,
-                             ["l", "r", "c", "r", "r"]))
+            report(box_table(["Implementation", "Time (ms)", "Speedup vs baseline", "TFLOPS", "KV MB (analytic)",
+                              "Peak MB (extra)"], rows, ["l", "r", "c", "r", "r", "r"]))
             for name, note in row_notes.items():
                 report(f"  * {DISPLAY_NAMES[name]}: {note}")
             if base and "fused" in results:

@@ -74,9 +74,9 @@ bench() {
   note "benchmark $*: rc=$?"
 }
 if [ "$mode" = full ]; then
-  bench --seqlens 65536 --world-size 8 --rank 0 7
-  bench --seqlens 16384 --world-size 2 --rank 0
-  bench --seqlens 8192 --world-size 1 --rank 0
+  bench --seqlens 65536 --world-size 8 --rank 0 7 --passes fwd fwd_bwd bwd
+  bench --seqlens 16384 --world-size 2 --rank 0 --passes fwd fwd_bwd bwd
+  bench --seqlens 8192 --world-size 1 --rank 0 --passes fwd fwd_bwd
   bench --seqlens 4096 8192 16384 32768 --num-groups 2
 elif [ "$mode" = quick ]; then
   bench --seqlens 65536 --world-size 8 --rank 0 --num-runs 20

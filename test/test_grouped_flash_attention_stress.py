@@ -32,7 +32,9 @@ def _rows_reference(q_rows, k, v, row_index, seqlen_q, seqlen_k, causal, dtype):
         j = torch.arange(seqlen_k, device=k.device)[None, :]
         allowed = j <= row_index[:, None] + (seqlen_k - seqlen_q)
         s = s.masked_fill(~allowed[None], float("-inf"))
-    p = torch.softmax(s.float(), dim=-1).to(dtype)
+    # A row that sees no key (Lq > Lk, bottom-right causal) has O = 0: softmax over only -inf
+    # gives NaN, which is replaced by 0 here (the kernel output itself is checked for NaN).
+    p = torch.softmax(s.float(), dim=-1).nan_to_num(0.0).to(dtype)
     return torch.einsum("hrk,khd->rhd", p, vv)
 
 
