@@ -279,8 +279,14 @@ struct BwdWorkspaceLayout {
   size_t q_scheduler;                    // deterministic dQ work list (the forward's)
   size_t total;
   int64_t kv_capacity;
-  int64_t q_capacity;  // 0 unless deterministic
+  int64_t q_capacity;  // 0 unless the dQ kernel runs
 };
+
+// dQ through the separate dQ kernel (plain stores, fixed order) instead of fp32 atomics from the
+// dK/dV kernel. Always in deterministic mode; also the default at head dim 128, where it measured
+// as fast or faster on an H100 (zigzag rank 0, L=65536, N=8: 56.0 vs 61.8 ms for the fused call;
+// L=16384, N=2: 14.4 vs 14.6 ms) while the atomics win at 64 and 256 (docs/perf-notes.md).
+bool use_dq_kernel(const ringattn_bwd_params& p) { return p.deterministic != 0 || p.problem.head_dim == 128; }
 
 BwdWorkspaceLayout bwd_layout(const ringattn_bwd_params& p, const BwdKernelEntry& e) {
   const ringattn_problem& pr = p.problem;
@@ -299,7 +305,7 @@ BwdWorkspaceLayout bwd_layout(const ringattn_bwd_params& p, const BwdKernelEntry
   l.kv_scheduler = at;
   at += align256(bwd_scheduler_workspace_bytes(pr.batch_size, l.kv_capacity));
   l.q_scheduler = at;
-  if (p.deterministic) {
+  if (use_dq_kernel(p)) {
     std::vector<int64_t> total_q(pr.num_groups);
     for (int g = 0; g < pr.num_groups; ++g) total_q[g] = p.groups[g].total_q;
     l.q_capacity = work_capacity(total_q.data(), pr.num_groups, pr.batch_size, e.dq_block_m);
@@ -451,13 +457,14 @@ ringattn_status grouped_bwd(const ringattn_bwd_params& p) {
   kp.q_heads_per_kv_head = pr.num_heads_q / pr.num_heads_k;
   kp.softmax_scale = softmax_scale;
   kp.softmax_scale_log2 = softmax_scale * 1.4426950408889634f;
-  kp.accumulate_dq = p.deterministic ? 0 : 1;
+  const bool dq_kernel = use_dq_kernel(p);
+  kp.accumulate_dq = dq_kernel ? 0 : 1;
   kp.kv_items = kv_sched.sorted;
   kp.kv_count = kv_sched.count;
 
-  // ---- deterministic mode: the query-tile work list of the dQ kernel ----
+  // ---- dQ kernel (deterministic mode, and the default at some head dims): its work list ----
   SchedulerArgs q_sched{};
-  if (p.deterministic) {
+  if (dq_kernel) {
     for (int g = 0; g < pr.num_groups; ++g) {
       q_sched.cu_seqlens_q[g] = p.groups[g].cu_seqlens_q;
       q_sched.seqused_k[g] = p.groups[g].seqused_k;
@@ -481,7 +488,7 @@ ringattn_status grouped_bwd(const ringattn_bwd_params& p) {
     return cuda_fail(err, "launching the backward work-list kernel");
   if ((err = e->dkdv(kp, static_cast<int>(kv_ctas), stream)) != cudaSuccess)
     return cuda_fail(err, "launching the grouped backward dK/dV kernel");
-  if (p.deterministic) {
+  if (dq_kernel) {
     if ((err = launch_build_work_list(q_sched, stream)) != cudaSuccess)
       return cuda_fail(err, "launching the backward dQ work-list kernel");
     if ((err = e->dq(kp, static_cast<int>(q_ctas), stream)) != cudaSuccess)
