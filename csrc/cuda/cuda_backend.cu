@@ -149,10 +149,35 @@ class DeviceGuard {
   cudaError_t err_ = cudaSuccess;
 };
 
-int64_t fwd_capacity(const ringattn_fwd_params& p, int block_m) {
+// Upper bound on the query-tile work items of a forward or backward call's groups.
+template <typename Params>
+int64_t query_tile_capacity(const Params& p, int block_m) {
   std::vector<int64_t> total_q(p.problem.num_groups);
   for (int g = 0; g < p.problem.num_groups; ++g) total_q[g] = p.groups[g].total_q;
   return work_capacity(total_q.data(), p.problem.num_groups, p.problem.batch_size, block_m);
+}
+
+// The query-tile work list's arguments (forward kernel, and the backward's dQ kernel) for the
+// groups of a forward or backward call, carved out of `workspace`.
+template <typename Params>
+SchedulerArgs query_tile_scheduler(const Params& p, int block_m, int block_n, int64_t capacity, void* workspace) {
+  const ringattn_problem& pr = p.problem;
+  SchedulerArgs sched{};
+  for (int g = 0; g < pr.num_groups; ++g) {
+    sched.cu_seqlens_q[g] = p.groups[g].cu_seqlens_q;
+    sched.seqused_k[g] = p.groups[g].seqused_k;
+    sched.total_q[g] = static_cast<int32_t>(p.groups[g].total_q);
+  }
+  sched.cu_seqlens_k = pr.cu_seqlens_k;
+  sched.total_k = static_cast<int32_t>(pr.total_k);
+  sched.num_groups = pr.num_groups;
+  sched.batch_size = pr.batch_size;
+  sched.block_m = block_m;
+  sched.block_n = block_n;
+  sched.causal = pr.causal;
+  sched.capacity = static_cast<int32_t>(capacity);
+  carve_scheduler_workspace(workspace, pr.num_groups, pr.batch_size, capacity, &sched);
+  return sched;
 }
 
 }  // namespace
@@ -262,7 +287,7 @@ ringattn_status fwd_workspace_size(const ringattn_fwd_params& p, size_t* bytes) 
   if (e == nullptr)
     return failf(RINGATTN_STATUS_UNSUPPORTED, "no GPU forward kernel compiled for dtype %d, head_dim %d, causal %d",
                  p.problem.dtype, p.problem.head_dim, p.problem.causal);
-  *bytes = scheduler_workspace_bytes(p.problem.num_groups, p.problem.batch_size, fwd_capacity(p, e->block_m));
+  *bytes = scheduler_workspace_bytes(p.problem.num_groups, p.problem.batch_size, query_tile_capacity(p, e->block_m));
   return RINGATTN_STATUS_OK;
 }
 
@@ -306,9 +331,7 @@ BwdWorkspaceLayout bwd_layout(const ringattn_bwd_params& p, const BwdKernelEntry
   at += align256(bwd_scheduler_workspace_bytes(pr.batch_size, l.kv_capacity));
   l.q_scheduler = at;
   if (use_dq_kernel(p)) {
-    std::vector<int64_t> total_q(pr.num_groups);
-    for (int g = 0; g < pr.num_groups; ++g) total_q[g] = p.groups[g].total_q;
-    l.q_capacity = work_capacity(total_q.data(), pr.num_groups, pr.batch_size, e.dq_block_m);
+    l.q_capacity = query_tile_capacity(p, e.dq_block_m);
     at += align256(scheduler_workspace_bytes(pr.num_groups, pr.batch_size, l.q_capacity));
   }
   l.total = at;
@@ -465,20 +488,7 @@ ringattn_status grouped_bwd(const ringattn_bwd_params& p) {
   // ---- dQ kernel (deterministic mode, and the default at some head dims): its work list ----
   SchedulerArgs q_sched{};
   if (dq_kernel) {
-    for (int g = 0; g < pr.num_groups; ++g) {
-      q_sched.cu_seqlens_q[g] = p.groups[g].cu_seqlens_q;
-      q_sched.seqused_k[g] = p.groups[g].seqused_k;
-      q_sched.total_q[g] = static_cast<int32_t>(p.groups[g].total_q);
-    }
-    q_sched.cu_seqlens_k = pr.cu_seqlens_k;
-    q_sched.total_k = static_cast<int32_t>(pr.total_k);
-    q_sched.num_groups = pr.num_groups;
-    q_sched.batch_size = pr.batch_size;
-    q_sched.block_m = e->dq_block_m;
-    q_sched.block_n = e->dq_block_n;
-    q_sched.causal = pr.causal;
-    q_sched.capacity = static_cast<int32_t>(layout.q_capacity);
-    carve_scheduler_workspace(ws + layout.q_scheduler, pr.num_groups, pr.batch_size, layout.q_capacity, &q_sched);
+    q_sched = query_tile_scheduler(p, e->dq_block_m, e->dq_block_n, layout.q_capacity, ws + layout.q_scheduler);
     kp.q_items = q_sched.sorted;
     kp.q_count = q_sched.count;
   }
@@ -506,7 +516,7 @@ ringattn_status grouped_fwd(const ringattn_fwd_params& p) {
   if (e == nullptr)
     return failf(RINGATTN_STATUS_UNSUPPORTED, "no GPU forward kernel compiled for dtype %d, head_dim %d, causal %d",
                  pr.dtype, pr.head_dim, pr.causal);
-  const int64_t capacity = fwd_capacity(p, e->block_m);
+  const int64_t capacity = query_tile_capacity(p, e->block_m);
   const int64_t num_ctas = capacity * pr.num_heads_q;
   if (num_ctas > INT32_MAX)
     return failf(RINGATTN_STATUS_INVALID_ARGUMENT,
@@ -517,21 +527,7 @@ ringattn_status grouped_fwd(const ringattn_fwd_params& p) {
   if (guard.error() != cudaSuccess) return cuda_fail(guard.error(), "cudaSetDevice");
   cudaStream_t stream = static_cast<cudaStream_t>(p.exec.stream);
 
-  SchedulerArgs sched{};
-  for (int g = 0; g < pr.num_groups; ++g) {
-    sched.cu_seqlens_q[g] = p.groups[g].cu_seqlens_q;
-    sched.seqused_k[g] = p.groups[g].seqused_k;
-    sched.total_q[g] = static_cast<int32_t>(p.groups[g].total_q);
-  }
-  sched.cu_seqlens_k = pr.cu_seqlens_k;
-  sched.total_k = static_cast<int32_t>(pr.total_k);
-  sched.num_groups = pr.num_groups;
-  sched.batch_size = pr.batch_size;
-  sched.block_m = e->block_m;
-  sched.block_n = e->block_n;
-  sched.causal = pr.causal;
-  sched.capacity = static_cast<int32_t>(capacity);
-  carve_scheduler_workspace(p.workspace, pr.num_groups, pr.batch_size, capacity, &sched);
+  const SchedulerArgs sched = query_tile_scheduler(p, e->block_m, e->block_n, capacity, p.workspace);
 
   FwdKernelParams kp{};
   for (int g = 0; g < pr.num_groups; ++g) {
