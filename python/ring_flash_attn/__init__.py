@@ -6,6 +6,19 @@ is loaded on first use (see ``ring_flash_attn._lib`` for where it is looked for)
 
 from . import ops
 from .grouped import flash_attn_varlen_func, grouped_flash_attn_varlen_func
+from .zigzag_llama3 import (
+    zigzag_llama3_flash_attn_varlen_func,
+    zigzag_llama3_flash_attn_varlen_kvpacked_func,
+    zigzag_llama3_flash_attn_varlen_qkvpacked_func,
+)
+from .zigzag_utils import (
+    llama3_flash_attn_prepare_cu_seqlens,
+    zigzag_gather,
+    zigzag_llama3_prepare_cu_seqlens,
+    zigzag_local_cu_seqlens,
+    zigzag_shard,
+    zigzag_unshard,
+)
 
 __version__ = "0.1.0"
 
@@ -13,7 +26,16 @@ __all__ = [
     "flash_attn_varlen_func",
     "grouped_flash_attn_varlen_func",
     "library_version",
+    "llama3_flash_attn_prepare_cu_seqlens",
     "ops",
+    "zigzag_gather",
+    "zigzag_llama3_flash_attn_varlen_func",
+    "zigzag_llama3_flash_attn_varlen_kvpacked_func",
+    "zigzag_llama3_flash_attn_varlen_qkvpacked_func",
+    "zigzag_llama3_prepare_cu_seqlens",
+    "zigzag_local_cu_seqlens",
+    "zigzag_shard",
+    "zigzag_unshard",
 ]
 
 

@@ -1,0 +1,621 @@
+"""Zigzag llama3 context parallelism on ``torch.distributed``: forward and backward.
+
+Layout (see ``zigzag_utils``): N ranks; every sequence b of the packed batch (global length L_b,
+a multiple of 2N) is cut into 2N chunks of c_b = L_b / 2N tokens and rank r holds chunks r and
+2N-1-r, so its LOCAL cu_seqlens is the GLOBAL one divided by N.
+
+Forward, per slice of ``heads_k_stride`` KV heads (and the Hq/Hk query heads of each):
+
+1. all-gather the slice's local K and V (one collective, K and V interleaved) - asynchronously:
+   the NEXT slice's all-gather is issued before the current slice is computed, so it runs on the
+   communication stream (NCCL's own stream; gloo's worker thread on CPU) while the attention
+   kernels of the current slice run on the current stream; ``Work.wait()`` only makes the
+   current stream wait (no host block on NCCL);
+2. reorder the gathered rows from rank-major zigzag order to natural order with one
+   ``index_select`` (the index map is built once per call on the device);
+3. attention of two query groups over that one K/V: the "early" group (chunk r of every
+   sequence) sees the first (r+1) c_b keys of sequence b, the "late" group (chunk 2N-1-r) the
+   first (2N-r) c_b keys, both causal with bottom-right alignment; both groups use the GLOBAL
+   cu_seqlens as cu_seqlens_k, ``seqused_k`` = (r+1) c_b resp. (2N-r) c_b (int32 tensors computed
+   on the device) and cu_seqlens_q = cu_seqlens_k // 2N.
+
+Backward, per slice: re-gather K/V (next slice in flight, as in the forward), compute dQ (local)
+and the slice's dK/dV over the whole gathered K/V with the grouped backward (summed over both
+groups), put dK/dV back in rank-major zigzag order and reduce-scatter them to the owning ranks
+(optionally in fp32) asynchronously: slice s's reduce-scatter runs while slice s+1 is computed;
+the current stream waits for it (and copies its result into dK/dV) after issuing slice s+1's.
+
+Three implementations of step 3 (the seed's): ``baseline`` (one library call per group),
+``grouped_python`` (``grouped_python._flash_attn_varlen_forward_grouped``: one G=1 call over both
+groups with K/V duplicated; its backward is the same rewrite through one G=1 backward call) and
+``fused`` (one call of the fused grouped kernel, G=2, forward and backward).
+
+No host synchronisation anywhere in forward or backward (no ``.item()``, no device-to-host copy,
+no value-dependent Python control flow): every index map and per-group length is a device tensor
+built from cu_seqlens and host-known sizes, and ``max_seqlen_*`` are Python ints from the caller.
+Metadata VALUES are validated on the host where that is free (CPU tensors) or when
+``RING_FLASH_ATTN_CHECK_METADATA=1`` asks for it (then it synchronises).
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from . import ops
+from .grouped import _resolve_scale
+from .grouped_python import _flash_attn_varlen_forward_grouped
+from .zigzag_utils import (
+    _inverse_permutation,
+    _sequence_of,
+    metadata_checks_enabled,
+    zigzag_check_cu_seqlens,
+    zigzag_gathered_to_global_index,
+)
+
+__all__ = [
+    "zigzag_llama3_flash_attn_varlen_func",
+    "zigzag_llama3_flash_attn_varlen_kvpacked_func",
+    "zigzag_llama3_flash_attn_varlen_qkvpacked_func",
+    "IMPL_BASELINE",
+    "IMPL_GROUPED_PYTHON",
+    "IMPL_FUSED",
+]
+
+IMPL_BASELINE = "baseline"
+IMPL_GROUPED_PYTHON = "grouped_python"
+IMPL_FUSED = "fused"
+
+
+def resolve_impl(use_grouped_attention: bool = False, use_triton_grouped: bool = False,
+                 use_fused_kernel: bool = False) -> str:
+    """The implementation the flags select: the fused kernel if ``use_fused_kernel`` or its alias
+    ``use_triton_grouped`` is set (it takes precedence), else the Python-wrapper grouping if
+    ``use_grouped_attention``, else the baseline."""
+    if use_fused_kernel or use_triton_grouped:
+        return IMPL_FUSED
+    if use_grouped_attention:
+        return IMPL_GROUPED_PYTHON
+    return IMPL_BASELINE
+
+
+# ---- process group -----------------------------------------------------------------------------
+
+
+def _world(group) -> Tuple[object, int, int]:
+    """(group, world_size, rank). Without an initialised default group (and group=None) the call
+    is single-process: world_size 1, rank 0, no collectives."""
+    import torch.distributed as dist
+
+    if group is None and not (dist.is_available() and dist.is_initialized()):
+        return None, 1, 0
+    return group, dist.get_world_size(group), dist.get_rank(group)
+
+
+# ---- validation --------------------------------------------------------------------------------
+
+
+def _check_int(value, name: str, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name}: expected a Python int ({what}; a tensor would need a host sync), "
+                         f"got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{name}: expected >= 0, got {value}")
+    return int(value)
+
+
+def _short(values: List[int], limit: int = 12) -> str:
+    return str(values) if len(values) <= limit else str(values[:limit])[:-1] + ", ...]"
+
+
+def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride,
+              local_k_slice, dropout_p, window_size, alibi_slopes, grad_reduce_dtype, world_size):
+    """Host-side checks of everything the shapes tell (no tensor values are read here)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{name}: expected a Tensor, got {type(t).__name__}")
+        if t.dim() != 3:
+            raise ValueError(f"{name}: expected a 3-D tensor [local_tokens, heads, head_dim], got shape "
+                             f"{tuple(t.shape)}")
+    for name, t in (("k", k), ("v", v)):
+        if t.device != q.device:
+            raise ValueError(f"{name}: expected a tensor on {q.device} (the device of q), got {t.device}")
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name}: expected dtype {q.dtype} (the dtype of q), got {t.dtype}")
+    if v.shape != k.shape:
+        raise ValueError(f"v: expected the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    T, Hq, D = q.shape
+    if k.shape[0] != T:
+        raise ValueError(f"k: expected {T} local tokens (the tokens of q: the zigzag layout shards q, k and v "
+                         f"alike), got {k.shape[0]}")
+    if k.shape[2] != D:
+        raise ValueError(f"k: expected head_dim {D} (the head_dim of q), got {k.shape[2]}")
+    Hk = k.shape[1]
+    if Hk == 0 or Hq % Hk:
+        raise ValueError(f"q: expected a number of heads divisible by the KV heads of k ({Hk}), got {Hq}")
+    if T % 2:
+        raise ValueError(f"q: expected an even number of local tokens (every sequence contributes two chunks of "
+                         f"equal length), got {T}")
+    if isinstance(heads_k_stride, bool) or not isinstance(heads_k_stride, numbers.Integral) or heads_k_stride < 1:
+        raise ValueError(f"heads_k_stride: expected an int >= 1, got {heads_k_stride!r}")
+    if Hk % heads_k_stride:
+        raise ValueError(f"heads_k_stride: expected a divisor of the KV heads of k ({Hk}), got {heads_k_stride}")
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if not isinstance(cu, Tensor):
+            raise ValueError(f"{name}: expected an int32 Tensor, got {type(cu).__name__}")
+        if cu.dtype != torch.int32:
+            raise ValueError(f"{name}: expected dtype torch.int32, got {cu.dtype}")
+        if cu.dim() != 1 or cu.shape[0] < 2:
+            raise ValueError(f"{name}: expected a 1-D tensor of batch_size + 1 >= 2 entries, got shape "
+                             f"{tuple(cu.shape)}")
+        if cu.device != q.device:
+            raise ValueError(f"{name}: expected a tensor on {q.device} (the device of q), got {cu.device}")
+    if cu_seqlens_q.shape[0] != cu_seqlens_k.shape[0]:
+        raise ValueError(f"cu_seqlens_q: expected {cu_seqlens_k.shape[0]} entries (batch_size + 1, as "
+                         f"cu_seqlens_k), got {cu_seqlens_q.shape[0]}")
+    _check_int(max_seqlen_q, "max_seqlen_q", "the longest local sequence, a hint")
+    _check_int(max_seqlen_k, "max_seqlen_k", "the longest global sequence, a hint")
+    if local_k_slice is not None and not isinstance(local_k_slice, slice):
+        raise ValueError(f"local_k_slice: expected a slice or None, got {type(local_k_slice).__name__}")
+    if dropout_p != 0.0:
+        raise NotImplementedError(f"dropout_p: dropout is not supported (got {dropout_p}); pass 0.0")
+    if tuple(window_size) != (-1, -1):
+        raise NotImplementedError(f"window_size: sliding-window attention is not supported yet "
+                                  f"(got {tuple(window_size)}); pass (-1, -1)")
+    if alibi_slopes is not None:
+        raise NotImplementedError("alibi_slopes: ALiBi is not supported; pass None")
+    if grad_reduce_dtype is not None and grad_reduce_dtype not in (torch.float32, torch.float64, q.dtype):
+        raise ValueError(f"grad_reduce_dtype: expected None, torch.float32, torch.float64 or {q.dtype} "
+                         f"(the dtype of q), got {grad_reduce_dtype}")
+    if world_size > 1 and q.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"q: expected a CPU or CUDA tensor, got device {q.device}")
+
+
+def _check_values(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, world_size: int, total_local: int) -> None:
+    """Metadata VALUES (host read: free on CPU, a sync on CUDA; see metadata_checks_enabled)."""
+    glob = zigzag_check_cu_seqlens(
+        cu_seqlens_k, world_size, "cu_seqlens_k", total=world_size * total_local,
+        total_what=f" (world_size {world_size} x {total_local} local tokens of q: cu_seqlens_k is the GLOBAL "
+                   f"cumulative lengths)")
+    local = cu_seqlens_q.tolist()
+    expected = [x // world_size for x in glob]
+    if local != expected:
+        raise ValueError(
+            f"cu_seqlens_q: expected the rank's LOCAL cumulative lengths, cu_seqlens_k // world_size = "
+            f"{_short(expected)}, got {_short(local)}")
+
+
+# ---- the per-call plan: device-side index maps and per-group metadata --------------------------
+
+
+@dataclass
+class _Plan:
+    group: object
+    world_size: int
+    rank: int
+    impl: str
+    total_local: int  # T: local tokens of q, k, v
+    num_heads_q: int
+    num_heads_k: int
+    heads_k_stride: int
+    softmax_scale: Optional[float]  # as given (None = default), for the public API calls
+    scale: float  # for the op-level calls (0.0 = library default)
+    causal: bool
+    deterministic: bool
+    reduce_dtype: torch.dtype
+    max_seqlen_q: int  # per group (c_max), a hint
+    max_seqlen_k: int  # global, a hint
+    cu_seqlens_k: Tensor  # GLOBAL, int32 [B+1]
+    cu_seqlens_half: Tensor  # cu_seqlens_k // 2N, int32 [B+1]: cu_seqlens_q of either group
+    seqused: List[Tensor]  # int32 [B] per group: (r+1) c_b and (2N-r) c_b
+    perm: Optional[Tensor]  # grouped row -> local row (int64 [T]); None when the identity (B = 1)
+    inv_perm: Optional[Tensor]
+    src: Optional[Tensor]  # natural global row -> rank-major gathered row; None when N = 1
+    inv_src: Optional[Tensor]
+    combined: Optional[Tuple[Tensor, Tensor, Tensor]] = field(default=None)  # grouped_python bwd metadata
+
+    @property
+    def half(self) -> int:
+        return self.total_local // 2
+
+    @property
+    def num_slices(self) -> int:
+        return self.num_heads_k // self.heads_k_stride
+
+    @property
+    def heads_q_per_slice(self) -> int:
+        return self.heads_k_stride * (self.num_heads_q // self.num_heads_k)
+
+    @property
+    def total_global(self) -> int:
+        return self.world_size * self.total_local
+
+
+def _make_plan(q, k, cu_seqlens_k, max_seqlen_k, heads_k_stride, softmax_scale, causal,
+               deterministic, grad_reduce_dtype, impl, group, world_size, rank) -> _Plan:
+    T = q.shape[0]
+    N, two_n = world_size, 2 * world_size
+    B = cu_seqlens_k.shape[0] - 1
+    cu = cu_seqlens_k.to(torch.int64)
+    lengths = cu[1:] - cu[:-1]
+    chunk = torch.div(lengths, two_n, rounding_mode="floor")
+    cu_half64 = torch.div(cu, two_n, rounding_mode="floor")
+    cu_half = cu_half64.to(torch.int32)
+    if causal:
+        seqused = [((rank + 1) * chunk).to(torch.int32), ((two_n - rank) * chunk).to(torch.int32)]
+    else:
+        full = lengths.to(torch.int32)
+        seqused = [full, full]
+
+    perm = inv_perm = None
+    if B > 1:
+        # Grouped order: [early chunks of all sequences ; late chunks of all sequences]; both
+        # halves are described by cu_half. Row j of half g comes from local row
+        # 2 cu_half[b] + g c_b + (j - cu_half[b]).
+        half = T // 2
+        rows = torch.arange(T, device=q.device, dtype=torch.int64)
+        late = rows >= half
+        j = rows - late.to(torch.int64) * half
+        b = _sequence_of(j, cu_half64)
+        perm = (cu_half64[b] + j + late.to(torch.int64) * chunk[b]).clamp_(0, max(T, 1) - 1)
+        inv_perm = _inverse_permutation(perm)
+
+    src = inv_src = None
+    if N > 1:
+        src = zigzag_gathered_to_global_index(cu_seqlens_k, N, T)
+        inv_src = _inverse_permutation(src)
+
+    plan = _Plan(
+        group=group, world_size=N, rank=rank, impl=impl, total_local=T,
+        num_heads_q=q.shape[1], num_heads_k=k.shape[1], heads_k_stride=int(heads_k_stride),
+        softmax_scale=softmax_scale, scale=_resolve_scale(softmax_scale), causal=bool(causal),
+        deterministic=bool(deterministic),
+        reduce_dtype=grad_reduce_dtype if grad_reduce_dtype is not None else k.dtype,
+        max_seqlen_q=int(max_seqlen_k) // two_n, max_seqlen_k=int(max_seqlen_k),
+        cu_seqlens_k=cu_seqlens_k, cu_seqlens_half=cu_half, seqused=seqused,
+        perm=perm, inv_perm=inv_perm, src=src, inv_src=inv_src,
+    )
+    if impl == IMPL_GROUPED_PYTHON:
+        # One G=1 problem over both groups: sequences (g, b) for g in {early, late}; group g's
+        # query rows start at g * T/2 and its K/V copy at g * total_global.
+        Tg = plan.total_global
+        cu_q_all = torch.cat([cu_half, cu_half[1:] + plan.half]).to(torch.int32)
+        cu_k_all = torch.cat([cu_seqlens_k, cu_seqlens_k[1:] + Tg]).to(torch.int32)
+        used_all = torch.cat(seqused).to(torch.int32)
+        plan.combined = (cu_q_all, cu_k_all, used_all)
+    return plan
+
+
+# ---- communication -----------------------------------------------------------------------------
+
+
+def _gathered_kv(plan: _Plan, k: Tensor, v: Tensor):
+    """Yields (k_s, v_s) per KV-head slice s: the GLOBAL K/V of the slice in natural order
+    ([total_global, heads_k_stride, D], strided views). The all-gather of slice s+1 is issued
+    before slice s is yielded, so it is in flight while the caller computes slice s."""
+    hs = plan.heads_k_stride
+    if plan.world_size == 1:
+        for s in range(plan.num_slices):
+            sl = slice(s * hs, (s + 1) * hs)
+            yield k[:, sl], v[:, sl]
+        return
+
+    import torch.distributed as dist
+
+    T, N, D = plan.total_local, plan.world_size, k.shape[2]
+
+    def start(s):
+        sl = slice(s * hs, (s + 1) * hs)
+        send = torch.stack((k[:, sl], v[:, sl]), dim=1)  # [T, 2, hs, D]: one collective for K and V
+        recv = torch.empty((N * T, 2, hs, D), dtype=k.dtype, device=k.device)
+        work = dist.all_gather_into_tensor(recv, send, group=plan.group, async_op=True)
+        return recv, work
+
+    pending = start(0)
+    for s in range(plan.num_slices):
+        recv, work = pending
+        if s + 1 < plan.num_slices:
+            pending = start(s + 1)  # in flight while slice s is computed
+        work.wait()  # NCCL: the current stream waits; no host block
+        kv = recv.index_select(0, plan.src)  # rank-major zigzag -> natural order
+        del recv, work
+        yield kv[:, 0], kv[:, 1]
+        del kv  # (with the caller's del) at most three gathered slices are alive at once
+
+
+class _ReduceScatter:
+    """Asynchronous reduce-scatter of each slice's dK/dV to the owning ranks, one slice behind."""
+
+    def __init__(self, plan: _Plan, dk: Tensor, dv: Tensor):
+        self.plan, self.dk, self.dv = plan, dk, dv
+        self.pending = None
+
+    def submit(self, s: int, dkv: Tensor) -> None:
+        """dkv: [total_global, 2, hs, D] in natural order, dtype plan.reduce_dtype."""
+        plan = self.plan
+        sl = slice(s * plan.heads_k_stride, (s + 1) * plan.heads_k_stride)
+        if plan.world_size == 1:
+            self.dk[:, sl] = dkv[:, 0]
+            self.dv[:, sl] = dkv[:, 1]
+            return
+        import torch.distributed as dist
+
+        send = dkv.index_select(0, plan.inv_src)  # natural -> rank-major zigzag order
+        recv = torch.empty((plan.total_local,) + tuple(dkv.shape[1:]), dtype=dkv.dtype, device=dkv.device)
+        work = dist.reduce_scatter_tensor(recv, send, group=plan.group, async_op=True)
+        self.finish()  # the previous slice's, which ran while this slice was computed
+        self.pending = (sl, recv, send, work)
+
+    def finish(self) -> None:
+        if self.pending is None:
+            return
+        sl, recv, send, work = self.pending
+        self.pending = None
+        work.wait()  # NCCL: the current stream waits; no host block
+        self.dk[:, sl] = recv[:, 0]
+        self.dv[:, sl] = recv[:, 1]
+
+
+# ---- attention of one slice ----------------------------------------------------------------------
+
+
+def _fwd_slice(plan: _Plan, q_pair, k_s, v_s, out_pair, lse_pair) -> None:
+    """Both groups' forward over one K/V slice, into out_pair / lse_pair (views of the buffers)."""
+    cu_half, cu_k, used = plan.cu_seqlens_half, plan.cu_seqlens_k, plan.seqused
+    mq, mk = plan.max_seqlen_q, plan.max_seqlen_k
+    if plan.impl == IMPL_FUSED:
+        ops.fwd_into(list(q_pair), k_s, v_s, [cu_half, cu_half], cu_k, used, [mq, mq], mk,
+                     plan.scale, plan.causal, list(out_pair), list(lse_pair))
+    elif plan.impl == IMPL_BASELINE:
+        for g in range(2):
+            ops.fwd_into([q_pair[g]], k_s, v_s, [cu_half], cu_k, [used[g]], [mq], mk,
+                         plan.scale, plan.causal, [out_pair[g]], [lse_pair[g]])
+    else:
+        outs, lses = _flash_attn_varlen_forward_grouped(
+            list(q_pair), k_s, v_s, [cu_half, cu_half], cu_k, [mq, mq], mk,
+            seqused_k_list=used, softmax_scale=plan.softmax_scale, causal=plan.causal)
+        for g in range(2):
+            out_pair[g].copy_(outs[g])
+            lse_pair[g].copy_(lses[g])
+
+
+def _bwd_slice(plan: _Plan, s: int, dout_g, q_g, out_g, lse_slice, dq_g, k_s, v_s) -> Tensor:
+    """Both groups' backward over one K/V slice: writes dQ into dq_g's slice and returns
+    dK/dV of the whole gathered slice, [total_global, 2, hs, D] in plan.reduce_dtype (summed over
+    the two groups)."""
+    half, Tg, hs, D = plan.half, plan.total_global, plan.heads_k_stride, k_s.shape[2]
+    hq = plan.heads_q_per_slice
+    qsl = slice(s * hq, (s + 1) * hq)
+    cu_half, cu_k, used = plan.cu_seqlens_half, plan.cu_seqlens_k, plan.seqused
+    mq, mk = plan.max_seqlen_q, plan.max_seqlen_k
+    dtype, device = k_s.dtype, k_s.device
+
+    def pair(t):
+        return [t[:half, qsl], t[half:, qsl]]
+
+    q_p, out_p, dout_p, dq_p = pair(q_g), pair(out_g), pair(dout_g), pair(dq_g)
+    lse_p = [lse_slice[0], lse_slice[1]]
+    dkv = torch.empty((Tg, 2, hs, D), dtype=dtype, device=device)
+    if plan.impl == IMPL_FUSED:
+        ops.bwd_into(dout_p, q_p, k_s, v_s, out_p, lse_p, [cu_half, cu_half], cu_k, used, [mq, mq], mk,
+                     plan.scale, plan.causal, plan.deterministic, dq_p, dkv[:, 0], dkv[:, 1])
+        return dkv.to(plan.reduce_dtype)
+    if plan.impl == IMPL_BASELINE:
+        extra = torch.empty_like(dkv)
+        for g, (dk_t, dv_t) in enumerate(((dkv[:, 0], dkv[:, 1]), (extra[:, 0], extra[:, 1]))):
+            ops.bwd_into([dout_p[g]], [q_p[g]], k_s, v_s, [out_p[g]], [lse_p[g]], [cu_half], cu_k, [used[g]],
+                         [mq], mk, plan.scale, plan.causal, plan.deterministic, [dq_p[g]], dk_t, dv_t)
+        return _sum_pair(dkv, extra, plan.reduce_dtype)
+    # grouped_python: the forward's rewrite, one G=1 backward call over both groups with K/V
+    # duplicated (group g's copy at rows g * Tg), then the two copies' gradients summed.
+    cu_q_all, cu_k_all, used_all = plan.combined
+    k2 = torch.cat([k_s, k_s])
+    v2 = torch.cat([v_s, v_s])
+    lse_all = lse_slice.permute(1, 0, 2).reshape(hq, 2 * half)
+    dkv2 = torch.empty((2 * Tg, 2, hs, D), dtype=dtype, device=device)
+    ops.bwd_into([dout_g[:, qsl]], [q_g[:, qsl]], k2, v2, [out_g[:, qsl]], [lse_all], [cu_q_all], cu_k_all,
+                 [used_all], [mq], mk, plan.scale, plan.causal, plan.deterministic, [dq_g[:, qsl]],
+                 dkv2[:, 0], dkv2[:, 1])
+    return _sum_pair(dkv2[:Tg], dkv2[Tg:], plan.reduce_dtype)
+
+
+def _sum_pair(a: Tensor, b: Tensor, reduce_dtype: torch.dtype) -> Tensor:
+    """a + b, added in fp32 (fp64 for fp64 inputs) and rounded once to reduce_dtype: the two
+    groups' dK/dV of the baseline (two calls) are summed as accurately as the fused kernel sums
+    them internally."""
+    acc_dtype = torch.float64 if torch.float64 in (a.dtype, reduce_dtype) else torch.float32
+    acc = a.to(acc_dtype)
+    acc += b
+    return acc.to(reduce_dtype)
+
+
+# ---- forward and backward --------------------------------------------------------------------------
+
+
+def _to_grouped(plan: _Plan, t: Tensor) -> Tensor:
+    """Local order -> grouped order [early chunks ; late chunks] (a copy unless the identity)."""
+    if plan.perm is None:
+        return t if t.stride(-1) == 1 else t.contiguous()
+    return t.index_select(0, plan.perm)
+
+
+def _from_grouped(plan: _Plan, t: Tensor, dim: int = 0) -> Tensor:
+    return t if plan.inv_perm is None else t.index_select(dim, plan.inv_perm)
+
+
+def _forward(plan: _Plan, q: Tensor, k: Tensor, v: Tensor):
+    T, Hq, D = q.shape
+    half, hq = plan.half, plan.heads_q_per_slice
+    q_g = _to_grouped(plan, q)
+    out_g = torch.empty((T, Hq, D), dtype=q.dtype, device=q.device)
+    # lse per (slice, group): contiguous [hq, T/2] blocks, as the kernels want them.
+    lse_buf = torch.empty((plan.num_slices, 2, hq, half), dtype=torch.float32, device=q.device)
+    for s, (k_s, v_s) in enumerate(_gathered_kv(plan, k, v)):
+        qsl = slice(s * hq, (s + 1) * hq)
+        _fwd_slice(plan, (q_g[:half, qsl], q_g[half:, qsl]), k_s, v_s,
+                   (out_g[:half, qsl], out_g[half:, qsl]), (lse_buf[s, 0], lse_buf[s, 1]))
+        del k_s, v_s
+    out = _from_grouped(plan, out_g)
+    lse = _from_grouped(plan, lse_buf.permute(0, 2, 1, 3).reshape(Hq, T), dim=1)
+    return out, lse, lse_buf
+
+
+def _backward(plan: _Plan, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse_buf: Tensor):
+    q_g, out_g, dout_g = _to_grouped(plan, q), _to_grouped(plan, out), _to_grouped(plan, dout)
+    if dout_g.stride(-1) != 1 or not dout_g.is_contiguous():
+        dout_g = dout_g.contiguous()  # e.g. the expanded gradient of a .sum()
+    dq_g = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    rs = _ReduceScatter(plan, dk, dv)
+    for s, (k_s, v_s) in enumerate(_gathered_kv(plan, k, v)):
+        dkv = _bwd_slice(plan, s, dout_g, q_g, out_g, lse_buf[s], dq_g, k_s, v_s)
+        del k_s, v_s
+        rs.submit(s, dkv)
+        del dkv
+    rs.finish()
+    return _from_grouped(plan, dq_g), dk, dv
+
+
+class _ZigzagLlama3Attention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, plan):
+        out, lse, lse_buf = _forward(plan, q, k, v)
+        ctx.save_for_backward(q, k, v, out, lse_buf)
+        ctx.plan = plan
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse_buf = ctx.saved_tensors
+        dq, dk, dv = _backward(ctx.plan, dout, q, k, v, out, lse_buf)
+        return dq, dk, dv, None
+
+
+# ---- public API --------------------------------------------------------------------------------------
+
+
+def zigzag_llama3_flash_attn_varlen_func(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    heads_k_stride: int,
+    local_k_slice: Optional[slice] = None,
+    dropout_p: float = 0.0,
+    softmax_scale: Optional[float] = None,
+    causal: bool = True,
+    window_size: Tuple[int, int] = (-1, -1),
+    alibi_slopes: Optional[Tensor] = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+    group=None,
+    use_grouped_attention: bool = False,
+    use_triton_grouped: bool = False,
+    use_fused_kernel: bool = False,
+    grad_reduce_dtype: Optional[torch.dtype] = None,
+) -> Union[Tensor, Tuple[Tensor, Tensor, None]]:
+    """Zigzag llama3 context-parallel attention (forward and backward) over ``group``.
+
+    Each rank passes its zigzag shard (``zigzag_shard``): of every sequence b, chunk r then chunk
+    2N-1-r (c_b = L_b / 2N tokens each, N = world size of ``group``, r = rank).
+
+    Args:
+        q: ``[T, Hq, D]`` local queries; k, v: ``[T, Hk, D]`` local keys/values (Hq % Hk == 0;
+            the same dtype and device; any token/head strides).
+        cu_seqlens_q: int32 ``[B + 1]``, the rank's LOCAL cumulative lengths
+            (``cu_seqlens_k // N``; ``cu_seqlens_q[-1] == T``).
+        cu_seqlens_k: int32 ``[B + 1]``, the GLOBAL cumulative lengths of the unsharded batch
+            (every length a multiple of 2N; ``cu_seqlens_k[-1] == N * T``).
+        max_seqlen_q, max_seqlen_k: Python ints, hints (the longest local and global sequence);
+            never read from tensors, so no host sync.
+        heads_k_stride: KV heads per all-gather slice (divides Hk): memory for the gathered K/V
+            is bounded by two slices, and the next slice's all-gather overlaps this slice's
+            compute. ``heads_k_stride == Hk`` gathers everything at once (no overlap).
+        local_k_slice: accepted for upstream's signature (a slice or None); the zigzag layout
+            always needs the whole gathered K/V, so it is not used.
+        dropout_p, window_size, alibi_slopes: only their defaults (NotImplementedError otherwise).
+        softmax_scale: default ``1 / sqrt(D)``.
+        causal: bottom-right aligned causal mask per (group, sequence) (default True, the case
+            the zigzag layout is for); False lets every query see its whole global sequence.
+        deterministic: bit-identical backward kernels run to run.
+        return_attn_probs: return ``(out, lse, None)`` like upstream (lse: float32 ``[Hq, T]``,
+            natural log, local order; not differentiable).
+        group: the ``torch.distributed`` process group (default: the default group; without an
+            initialised one the call is single-process, N = 1).
+        use_fused_kernel: one fused grouped-kernel call for both query groups (forward and
+            backward). ``use_triton_grouped`` is the seed's name for it (an alias).
+        use_grouped_attention: both groups in one plain varlen call through
+            ``grouped_python._flash_attn_varlen_forward_grouped`` (K/V duplicated per group).
+            Neither flag: the baseline, one library call per group. The fused flags take
+            precedence over ``use_grouped_attention``.
+        grad_reduce_dtype: dtype of the dK/dV reduce-scatter (and of summing the two groups'
+            dK/dV in the baseline); None = the dtype of k; ``torch.float32`` for an fp32
+            reduction of bf16/fp16 gradients.
+
+    Returns:
+        ``out`` ``[T, Hq, D]`` (local order, dtype of q), or ``(out, lse, None)``.
+
+    Raises:
+        ValueError: a bad argument, naming it with the expected and actual value: mixed devices
+            or dtypes, Hq % Hk != 0, heads_k_stride not dividing Hk, cu_seqlens of different
+            sizes, not int32, or (when values are checked: always for CPU tensors, with
+            ``RING_FLASH_ATTN_CHECK_METADATA=1`` on CUDA) a sequence length not a multiple of
+            2N, cu_seqlens_k[-1] != N * T, or cu_seqlens_q != cu_seqlens_k // N.
+        NotImplementedError: dropout, sliding window, ALiBi; or a backend without the kernel.
+
+    No host synchronisation: the forward can be captured in a CUDA graph for fixed shapes.
+    Collective: every rank of ``group`` must call it with the same shapes and flags.
+    """
+    group, world_size, rank = _world(group)
+    _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride,
+              local_k_slice, dropout_p, window_size, alibi_slopes, grad_reduce_dtype, world_size)
+    if metadata_checks_enabled(q.device):
+        _check_values(cu_seqlens_q, cu_seqlens_k, world_size, q.shape[0])
+    impl = resolve_impl(use_grouped_attention, use_triton_grouped, use_fused_kernel)
+    plan = _make_plan(q, k, cu_seqlens_k, max_seqlen_k, heads_k_stride, softmax_scale, causal,
+                      deterministic, grad_reduce_dtype, impl, group, world_size, rank)
+    out, lse = _ZigzagLlama3Attention.apply(q, k, v, plan)
+    if return_attn_probs:
+        return out, lse, None
+    return out
+
+
+def zigzag_llama3_flash_attn_varlen_kvpacked_func(
+    q: Tensor, kv: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
+    heads_k_stride: int, local_k_slice: Optional[slice] = None, dropout_p: float = 0.0,
+    softmax_scale: Optional[float] = None, causal: bool = True, window_size=(-1, -1), alibi_slopes=None,
+    deterministic: bool = False, return_attn_probs: bool = False, group=None, **impl_flags,
+):
+    """``zigzag_llama3_flash_attn_varlen_func`` with ``kv`` ``[T, 2, Hk, D]`` (K and V packed)."""
+    if not isinstance(kv, Tensor) or kv.dim() != 4 or kv.shape[1] != 2:
+        raise ValueError(f"kv: expected a 4-D tensor [local_tokens, 2, heads_k, head_dim], got "
+                         f"{getattr(kv, 'shape', type(kv).__name__)}")
+    return zigzag_llama3_flash_attn_varlen_func(
+        q, kv[:, 0], kv[:, 1], cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride,
+        local_k_slice, dropout_p, softmax_scale, causal, window_size, alibi_slopes, deterministic,
+        return_attn_probs, group, **impl_flags)
+
+
+def zigzag_llama3_flash_attn_varlen_qkvpacked_func(
+    qkv: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
+    heads_k_stride: int, local_k_slice: Optional[slice] = None, dropout_p: float = 0.0,
+    softmax_scale: Optional[float] = None, causal: bool = True, window_size=(-1, -1), alibi_slopes=None,
+    deterministic: bool = False, return_attn_probs: bool = False, group=None, **impl_flags,
+):
+    """``zigzag_llama3_flash_attn_varlen_func`` with ``qkv`` ``[T, 3, H, D]`` (MHA, packed)."""
+    if not isinstance(qkv, Tensor) or qkv.dim() != 4 or qkv.shape[1] != 3:
+        raise ValueError(f"qkv: expected a 4-D tensor [local_tokens, 3, heads, head_dim], got "
+                         f"{getattr(qkv, 'shape', type(qkv).__name__)}")
+    return zigzag_llama3_flash_attn_varlen_func(
+        qkv[:, 0], qkv[:, 1], qkv[:, 2], cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+        heads_k_stride, local_k_slice, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
+        deterministic, return_attn_probs, group, **impl_flags)

@@ -1,0 +1,342 @@
+"""The zigzag layout of context parallelism: index maps, shard / gather helpers, cu_seqlens helpers.
+
+Zigzag layout over N ranks: every sequence b of a packed batch (global ``cu_seqlens``, length
+L_b, every L_b a multiple of 2N) is cut into 2N chunks of ``c_b = L_b / 2N`` tokens; rank r holds
+chunks r and 2N-1-r of every sequence, in that order, sequence after sequence::
+
+    local rows of rank r = [seq 0: chunk r, chunk 2N-1-r][seq 1: chunk r, chunk 2N-1-r] ...
+
+so the rank's LOCAL ``cu_seqlens`` is the global one divided by N (sequence b has 2 c_b = L_b / N
+local rows). Causal work is balanced: chunk r ("early") sees the (r+1) c_b first keys of its
+sequence, chunk 2N-1-r ("late") the (2N-r) c_b first keys.
+
+Every index map here is built with tensor ops on the device of ``cu_seqlens`` from sizes the
+host already knows (tensor shapes, world size, rank): no ``.item()``, no device-to-host copy, so
+the maps can be built inside the attention's hot path and inside a CUDA graph. Metadata VALUES
+(lengths divisible by 2N, totals matching the tensors) are checked on the host only where that is
+free (CPU tensors, Python lists) or when ``RING_FLASH_ATTN_CHECK_METADATA=1`` asks for it; the
+maps clamp every index into range, so malformed metadata gives wrong rows, never an out-of-bounds
+access.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "zigzag_check_cu_seqlens",
+    "zigzag_local_cu_seqlens",
+    "zigzag_local_to_global_index",
+    "zigzag_shard",
+    "zigzag_unshard",
+    "zigzag_gather",
+    "zigzag_llama3_prepare_cu_seqlens",
+    "llama3_flash_attn_prepare_cu_seqlens",
+]
+
+ENV_CHECK_METADATA = "RING_FLASH_ATTN_CHECK_METADATA"
+
+CuSeqlens = Union[Tensor, Sequence[int]]
+
+
+# ---- metadata checks -------------------------------------------------------------------------
+
+
+def _check_world(world_size: int, rank: Optional[int] = None) -> None:
+    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
+        raise ValueError(f"world_size: expected an int >= 1, got {world_size!r}")
+    if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank < world_size):
+        raise ValueError(f"rank: expected an int in [0, {world_size}) (world_size {world_size}), got {rank!r}")
+
+
+def _as_cu_tensor(cu_seqlens: CuSeqlens, name: str, device=None) -> Tensor:
+    """cu_seqlens as a 1-D int32 tensor (a list is converted; a tensor must already be int32)."""
+    if isinstance(cu_seqlens, Tensor):
+        t = cu_seqlens
+        if t.dtype != torch.int32:
+            raise ValueError(f"{name}: expected dtype torch.int32, got {t.dtype}")
+    else:
+        try:
+            values = [int(x) for x in cu_seqlens]
+        except TypeError:
+            raise ValueError(f"{name}: expected an int32 tensor or a sequence of ints, got "
+                             f"{type(cu_seqlens).__name__}") from None
+        t = torch.tensor(values, dtype=torch.int32, device=device)
+    if t.dim() != 1 or t.shape[0] < 2:
+        raise ValueError(f"{name}: expected a 1-D tensor of batch_size + 1 >= 2 entries, got shape {tuple(t.shape)}")
+    return t
+
+
+def metadata_checks_enabled(device: torch.device) -> bool:
+    """Whether metadata values are checked on the host: always on CPU (free), on other devices
+    only when RING_FLASH_ATTN_CHECK_METADATA=1 (it synchronises)."""
+    return device.type == "cpu" or os.environ.get(ENV_CHECK_METADATA, "0") == "1"
+
+
+def zigzag_check_cu_seqlens(
+    cu_seqlens: CuSeqlens,
+    world_size: int,
+    name: str = "cu_seqlens",
+    total: Optional[int] = None,
+    total_what: str = "",
+) -> List[int]:
+    """Check GLOBAL cu_seqlens values for the zigzag layout and return them as a list.
+
+    Reads the values on the host (a device-to-host copy for a CUDA tensor: call it at setup, not
+    in the hot path). Raises ValueError naming ``name``: first entry not 0, a decreasing entry, a
+    sequence length not a multiple of 2 * world_size, or (with ``total``) a last entry that is not
+    ``total``.
+    """
+    _check_world(world_size)
+    values = cu_seqlens.tolist() if isinstance(cu_seqlens, Tensor) else [int(x) for x in cu_seqlens]
+    if len(values) < 2:
+        raise ValueError(f"{name}: expected batch_size + 1 >= 2 entries, got {len(values)}")
+    if values[0] != 0:
+        raise ValueError(f"{name}: expected the first entry to be 0, got {values[0]}")
+    two_n = 2 * world_size
+    for b in range(len(values) - 1):
+        length = values[b + 1] - values[b]
+        if length < 0:
+            raise ValueError(f"{name}: expected non-decreasing entries, got {values[b]} then {values[b + 1]} "
+                             f"at index {b}")
+        if length % two_n:
+            raise ValueError(
+                f"{name}: sequence {b} has length {length}, expected a multiple of 2 * world_size = {two_n} "
+                f"(the zigzag layout cuts every sequence into {two_n} equal chunks)")
+    if total is not None and values[-1] != total:
+        raise ValueError(f"{name}: expected the last entry to be {total}{total_what}, got {values[-1]}")
+    return values
+
+
+# ---- cu_seqlens of the local shard -------------------------------------------------------------
+
+
+def zigzag_local_cu_seqlens(cu_seqlens: CuSeqlens, world_size: int) -> Tensor:
+    """The LOCAL cu_seqlens of every rank (the same on all ranks): ``cu_seqlens // world_size``.
+
+    Sequence b has L_b / N local rows (chunks r and 2N-1-r of c_b = L_b / 2N tokens each). A
+    device op on a tensor input (no host sync); a list input gives a CPU tensor.
+    """
+    _check_world(world_size)
+    cu = _as_cu_tensor(cu_seqlens, "cu_seqlens")
+    if cu.device.type == "cpu" or not isinstance(cu_seqlens, Tensor):
+        zigzag_check_cu_seqlens(cu, world_size)
+    return torch.div(cu, world_size, rounding_mode="floor").to(torch.int32)
+
+
+# ---- index maps ------------------------------------------------------------------------------
+
+
+def _sequence_of(rows: Tensor, cu: Tensor) -> Tensor:
+    """For each row index, the sequence b with cu[b] <= row < cu[b+1] (int64, clamped to [0, B-1])."""
+    b = torch.searchsorted(cu, rows, right=True) - 1
+    return b.clamp_(0, cu.shape[0] - 2)
+
+
+def zigzag_local_to_global_index(
+    cu_seqlens: Tensor, rank: int, world_size: int, total_local: int
+) -> Tensor:
+    """int64 ``[total_local]``: the global row (natural order) of each local row of ``rank``.
+
+    ``cu_seqlens`` is the GLOBAL int32 tensor; the map is built on its device without a host sync
+    (indices are clamped into ``[0, world_size * total_local)``).
+    """
+    _check_world(world_size, rank)
+    cu = cu_seqlens.to(torch.int64)
+    two_n = 2 * world_size
+    rows = torch.arange(total_local, device=cu.device, dtype=torch.int64)
+    cu_local = torch.div(cu, world_size, rounding_mode="floor")
+    b = _sequence_of(rows, cu_local)
+    chunk = torch.div(cu[1:] - cu[:-1], two_n, rounding_mode="floor")[b]
+    pos = rows - cu_local[b]  # position among the sequence's 2 c_b local rows
+    second = pos >= chunk  # in chunk 2N-1-r
+    chunk_index = torch.where(second, two_n - 1 - rank, rank)
+    glob = cu[b] + chunk_index * chunk + pos - second.to(torch.int64) * chunk
+    total_global = max(world_size * total_local, 1)
+    return glob.clamp_(0, total_global - 1)
+
+
+def _inverse_permutation(perm: Tensor) -> Tensor:
+    """inv with inv[perm[i]] = i, by a scatter (no host sync)."""
+    inv = torch.empty_like(perm)
+    inv.scatter_(0, perm, torch.arange(perm.shape[0], device=perm.device, dtype=perm.dtype))
+    return inv
+
+
+def zigzag_gathered_to_global_index(cu_seqlens: Tensor, world_size: int, total_local: int) -> Tensor:
+    """int64 ``[world_size * total_local]``: for each global row (natural order), its row in the
+    rank-major concatenation of every rank's local shard (what ``all_gather_into_tensor`` gives).
+
+    ``gathered.index_select(0, idx)`` puts gathered rows back in natural order. Built on the device
+    of ``cu_seqlens`` (GLOBAL, int32) without a host sync; indices are clamped into range.
+    """
+    _check_world(world_size)
+    cu = cu_seqlens.to(torch.int64)
+    N, two_n = world_size, 2 * world_size
+    total_global = world_size * total_local
+    rows = torch.arange(total_global, device=cu.device, dtype=torch.int64)
+    b = _sequence_of(rows, cu)
+    chunk_all = torch.div(cu[1:] - cu[:-1], two_n, rounding_mode="floor")
+    chunk = chunk_all[b]
+    pos = rows - cu[b]
+    j = torch.div(pos, chunk.clamp(min=1), rounding_mode="floor").clamp_(0, two_n - 1)  # chunk index
+    offset = pos - j * chunk
+    second = j >= N
+    owner = torch.where(second, two_n - 1 - j, j)
+    local = 2 * torch.div(cu[b], two_n, rounding_mode="floor") + second.to(torch.int64) * chunk + offset
+    return (owner * total_local + local).clamp_(0, max(total_global, 1) - 1)
+
+
+# ---- shard and gather ----------------------------------------------------------------------------
+
+
+def _prepare_shard_args(x: Tensor, cu_seqlens: CuSeqlens, world_size: int, name: str, total: int):
+    _check_world(world_size)
+    if not isinstance(x, Tensor) or x.dim() < 1:
+        raise ValueError(f"{name}: expected a tensor with a token dim 0, got {getattr(x, 'shape', type(x).__name__)}")
+    cu = _as_cu_tensor(cu_seqlens, "cu_seqlens", device=x.device)
+    if (not isinstance(cu_seqlens, Tensor)) or metadata_checks_enabled(cu.device):
+        zigzag_check_cu_seqlens(cu, world_size, "cu_seqlens", total=total,
+                                total_what=f" (the {name} rows)")
+    return cu.to(x.device)
+
+
+def zigzag_shard(x: Tensor, cu_seqlens: CuSeqlens, rank: int, world_size: int) -> Tensor:
+    """Rank ``rank``'s zigzag shard of a packed global batch: ``[total / N, ...]``.
+
+    Args:
+        x: ``[total, ...]`` tokens of all sequences in natural order (any trailing dims).
+        cu_seqlens: GLOBAL cumulative lengths (int32 tensor or list of ints), every length a
+            multiple of 2 * world_size, last entry ``total``.
+        rank, world_size: which shard, of how many.
+
+    Returns a new tensor (not a view) on x's device; the local cu_seqlens of the shard is
+    ``zigzag_local_cu_seqlens(cu_seqlens, world_size)``.
+    """
+    _check_world(world_size, rank)
+    if x.shape[0] % world_size:
+        raise ValueError(f"x: expected a token count divisible by world_size {world_size}, got {x.shape[0]}")
+    cu = _prepare_shard_args(x, cu_seqlens, world_size, "x", x.shape[0])
+    idx = zigzag_local_to_global_index(cu, rank, world_size, x.shape[0] // world_size)
+    return x.index_select(0, idx)
+
+
+def zigzag_unshard(shards: Sequence[Tensor], cu_seqlens: CuSeqlens) -> Tensor:
+    """The inverse of ``zigzag_shard``: N local shards (rank order) -> the global batch in natural
+    order. ``cu_seqlens`` is the GLOBAL one. Pure tensor ops (no communication)."""
+    shards = list(shards)
+    world_size = len(shards)
+    if world_size == 0:
+        raise ValueError("shards: expected one tensor per rank, got an empty list")
+    for i, s in enumerate(shards):
+        if not isinstance(s, Tensor) or s.shape != shards[0].shape:
+            raise ValueError(f"shards[{i}]: expected the shape of shards[0] {tuple(shards[0].shape)}, "
+                             f"got {getattr(s, 'shape', type(s).__name__)}")
+    gathered = torch.cat(shards, dim=0)
+    cu = _prepare_shard_args(gathered, cu_seqlens, world_size, "shards", gathered.shape[0])
+    idx = zigzag_gathered_to_global_index(cu, world_size, shards[0].shape[0])
+    return gathered.index_select(0, idx)
+
+
+def zigzag_gather(x_local: Tensor, cu_seqlens: CuSeqlens, group=None) -> Tensor:
+    """All-gather every rank's zigzag shard and return the global batch in natural order (on all
+    ranks). ``cu_seqlens`` is the GLOBAL one. Not differentiable. Collective: every rank of
+    ``group`` must call it."""
+    import torch.distributed as dist
+
+    world_size = dist.get_world_size(group)
+    x_local = x_local.contiguous()
+    gathered = torch.empty((world_size * x_local.shape[0],) + tuple(x_local.shape[1:]),
+                           dtype=x_local.dtype, device=x_local.device)
+    dist.all_gather_into_tensor(gathered, x_local, group=group)
+    cu = _prepare_shard_args(gathered, cu_seqlens, world_size, "x_local", gathered.shape[0])
+    idx = zigzag_gathered_to_global_index(cu, world_size, x_local.shape[0])
+    return gathered.index_select(0, idx)
+
+
+# ---- cu_seqlens preparation (upstream-style helpers) ---------------------------------------------
+
+
+def zigzag_llama3_prepare_cu_seqlens(
+    cu_seqlens: CuSeqlens,
+    causal: bool = True,
+    rank: Optional[int] = None,
+    world_size: int = 1,
+    max_seqlen: Optional[int] = None,
+) -> Tuple[Tensor, Tensor, int, int, slice]:
+    """What ``zigzag_llama3_flash_attn_varlen_func`` takes, from the GLOBAL cu_seqlens of a batch.
+
+    Returns ``(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, local_k_slice)`` in the
+    order of upstream's ``llama3_flash_attn_prepare_cu_seqlens``:
+
+    * ``cu_seqlens_q``: the rank's LOCAL cumulative lengths (global // world_size; the same on
+      every rank, so ``rank`` is accepted for signature compatibility only);
+    * ``cu_seqlens_k``: the GLOBAL cumulative lengths (the input, as an int32 tensor);
+    * ``max_seqlen_q``: the longest local sequence (max L_b / N); ``max_seqlen_k``: max L_b;
+    * ``local_k_slice``: ``slice(None)``: in the zigzag layout every rank needs the whole gathered
+      K/V (its late chunk sees up to the end of every sequence but one chunk).
+
+    A setup step: the maxima are read on the host (one device-to-host copy for a CUDA tensor)
+    unless ``max_seqlen`` (the longest GLOBAL sequence, a Python int) is given, in which case
+    nothing is read and values are checked only on CPU. ``causal`` is accepted for upstream
+    compatibility (both cases use the same metadata).
+    """
+    _check_world(world_size, rank)
+    cu = _as_cu_tensor(cu_seqlens, "cu_seqlens")
+    if max_seqlen is None or cu.device.type == "cpu" or not isinstance(cu_seqlens, Tensor):
+        values = zigzag_check_cu_seqlens(cu, world_size)
+        longest = max(values[b + 1] - values[b] for b in range(len(values) - 1))
+        if max_seqlen is not None and int(max_seqlen) < longest:
+            raise ValueError(f"max_seqlen: expected >= the longest sequence ({longest}), got {max_seqlen}")
+        if max_seqlen is None:
+            max_seqlen = longest
+    max_seqlen = int(max_seqlen)
+    cu_q = torch.div(cu, world_size, rounding_mode="floor").to(torch.int32)
+    return cu_q, cu, max_seqlen // world_size, max_seqlen, slice(None)
+
+
+def llama3_flash_attn_prepare_cu_seqlens(
+    cu_seqlens: CuSeqlens, causal: bool, rank: int, world_size: int
+) -> Tuple[Tensor, Tensor, int, int, slice]:
+    """Upstream ring-flash-attention's helper for the CONTIGUOUS (non-zigzag) llama3 layout.
+
+    Rank r holds global tokens ``[r T/N, (r+1) T/N)`` of the packed batch (T = cu_seqlens[-1],
+    divisible by N). Returns ``(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+    local_k_slice)``: the rank's pieces of the sequences it touches (relative to its first token),
+    the matching key lengths in the gathered K/V from ``local_k_slice.start`` (causal: keys up to
+    the rank's last token; non-causal: up to the end of the last sequence it touches), their
+    maxima, and the slice of the gathered K/V (natural order) that the rank needs.
+
+    Kept so that scripts written for upstream (and the seed) run unchanged; the zigzag function
+    takes ``zigzag_llama3_prepare_cu_seqlens``'s metadata instead (passing this helper's
+    ``local_k_slice`` to it is harmless: it always uses the whole gathered K/V). A setup step: it
+    reads cu_seqlens on the host.
+    """
+    _check_world(world_size, rank)
+    cu = _as_cu_tensor(cu_seqlens, "cu_seqlens")
+    values = cu.tolist()
+    total = values[-1]
+    if total % world_size:
+        raise ValueError(f"cu_seqlens: expected a total length divisible by world_size {world_size}, got {total}")
+    per_rank = total // world_size
+    start, end = rank * per_rank, (rank + 1) * per_rank
+    first = bisect.bisect_left(values, start)  # sequence holding the rank's first token
+    if first == len(values) or values[first] != start:
+        first -= 1
+    last = bisect.bisect_left(values, end)  # boundary at or after the rank's last token
+    bounds = values[first:last + 1]
+    q_bounds = [min(max(x - start, 0), per_rank) for x in bounds]
+    slice_left = bounds[0]
+    slice_right = end if causal else values[last]
+    k_bounds = [x - slice_left for x in bounds]
+    k_bounds[-1] = slice_right - slice_left
+    max_q = max(q_bounds[i + 1] - q_bounds[i] for i in range(len(q_bounds) - 1))
+    max_k = max(k_bounds[i + 1] - k_bounds[i] for i in range(len(k_bounds) - 1))
+    cu_q = torch.tensor(q_bounds, dtype=torch.int32, device=cu.device)
+    cu_k = torch.tensor(k_bounds, dtype=torch.int32, device=cu.device)
+    return cu_q, cu_k, max_q, max_k, slice(slice_left, slice_right)
