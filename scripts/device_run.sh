@@ -66,6 +66,19 @@ if [ "$mode" != quick ]; then
   [ $rc -ne 0 ] && grep -E "Error|assert|FAILED" "$out/pytest_stress.log" | head -30
 fi
 
+# Zigzag llama3 over the GPUs of this machine (torchrun, NCCL), and the distributed benchmark.
+ngpu=$(nvidia-smi -L 2>/dev/null | wc -l)
+if [ "$mode" != quick ] && [ "${ngpu:-0}" -ge 1 ]; then
+  torchrun --nproc_per_node="$ngpu" test/test_zigzag_llama3_grouped.py >"$out/zigzag_torchrun.log" 2>&1
+  rc=$?
+  note "torchrun --nproc_per_node=$ngpu test/test_zigzag_llama3_grouped.py: rc=$rc, $(grep -cE '\bPASS' "$out/zigzag_torchrun.log") PASS lines, $(grep -cE '\bFAIL' "$out/zigzag_torchrun.log") FAIL lines"
+  [ $rc -ne 0 ] && grep -E "FAIL|Error" "$out/zigzag_torchrun.log" | head -20
+  torchrun --nproc_per_node="$ngpu" benchmark/benchmark_zigzag_distributed.py --csv "$out/zigzag_bench.csv" \
+    >"$out/zigzag_bench.log" 2>&1
+  note "zigzag distributed benchmark ($ngpu GPU): rc=$?"
+  tail -15 "$out/zigzag_bench.log"
+fi
+
 # Benchmark: quick = the headline per-rank workload; full = the issue's target workloads and the
 # seed's default sweep. Every run appends to one CSV; each run's report goes to $OUT.
 bench() {
