@@ -28,7 +28,7 @@ def bench(fn, n=20):
 
 def main():
     hq, hk, d = 32, 8, 128
-    shapes = [(65536, 8, 0), (65536, 8, 7), (16384, 2, 0), (8192, 1, 0)]
+    shapes = [(131072, 8, 0), (65536, 8, 0), (65536, 8, 7), (16384, 2, 0), (8192, 1, 0)]
     if "--fused-only" in sys.argv:
         shapes = [(65536, 8, 0), (16384, 2, 0)]
     for L, N, r in shapes:
@@ -63,6 +63,8 @@ def main():
                  ("sdpa_cudnn", sdpa(SDPBackend.CUDNN_ATTENTION))]
         if "--fused-only" in sys.argv:
             impls = impls[:1]
+        elif "--ours" in sys.argv:
+            impls = impls[:2]
         for name, fn in impls:
             try:
                 t = bench(fn)

@@ -5,7 +5,7 @@ namespace cuda {
 namespace {
 
 constexpr int kThreads = 1024;
-constexpr int kBuckets = 2048;  // costs >= kBuckets-1 K/V blocks share the top bucket
+constexpr int kBuckets = 2048;  // costs are shifted right until the largest one fits
 
 __device__ __forceinline__ int32_t clamp_i(int32_t x, int32_t lo, int32_t hi) {
   return x < lo ? lo : (x > hi ? hi : x);
@@ -24,6 +24,8 @@ __device__ void block_inclusive_scan(int32_t* v) {
 __global__ void __launch_bounds__(kThreads) build_work_list_kernel(const __grid_constant__ SchedulerArgs args) {
   __shared__ int32_t scan[kThreads];
   __shared__ int32_t buckets[kBuckets];
+  __shared__ int32_t max_cost;
+  if (threadIdx.x == 0) max_cost = 0;
   const int tid = threadIdx.x;
   const int pairs = args.num_groups * args.batch_size;
 
@@ -76,9 +78,17 @@ __global__ void __launch_bounds__(kThreads) build_work_list_kernel(const __grid_
       const int32_t cost = keys <= 0 ? 0 : (keys + args.block_n - 1) / args.block_n;
       args.unsorted[idx] = WorkItem{(m << 4) | g, b};
       args.costs[idx] = cost;
-      atomicAdd(&buckets[cost < kBuckets - 1 ? cost : kBuckets - 1], 1);
+      atomicMax(&max_cost, cost);
     }
   }
+  __syncthreads();
+
+  // Long sequences have more K/V blocks than there are buckets: coarsen the costs by the
+  // smallest power of two that fits them all, so the order stays longest-first at any length
+  // (a shared top bucket would leave the longest tiles in arbitrary order).
+  int shift = 0;
+  while ((max_cost >> shift) >= kBuckets) ++shift;
+  for (int32_t i = tid; i < total_items; i += kThreads) atomicAdd(&buckets[args.costs[i] >> shift], 1);
   __syncthreads();
 
   // 3. bucket start positions, most expensive bucket first.
@@ -98,8 +108,7 @@ __global__ void __launch_bounds__(kThreads) build_work_list_kernel(const __grid_
 
   // 4. scatter (order inside a bucket is arbitrary: it only affects scheduling).
   for (int32_t i = tid; i < total_items; i += kThreads) {
-    const int32_t cost = args.costs[i];
-    const int32_t pos = atomicAdd(&buckets[cost < kBuckets - 1 ? cost : kBuckets - 1], 1);
+    const int32_t pos = atomicAdd(&buckets[args.costs[i] >> shift], 1);
     args.sorted[pos] = args.unsorted[i];
   }
   if (tid == 0) *args.count = total_items;
