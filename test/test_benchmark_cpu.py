@@ -355,8 +355,13 @@ needs_library = pytest.mark.skipif(not _library_available(), reason="libringattn
 
 def _run_cpu_bench(tmp_path, env_extra, *argv):
     csv_path = tmp_path / "out.csv"
+    # The child imports the same ring_flash_attn as this process (the installed one under CI,
+    # python/ with RING_FLASH_ATTN_LIBRARY in a development run), so it finds the same library.
+    import ring_flash_attn
+
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(ring_flash_attn.__file__)))
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=os.pathsep.join(
-        [os.path.join(_ROOT, "python"), os.environ.get("PYTHONPATH", "")]), **env_extra)
+        [package_parent, os.environ.get("PYTHONPATH", "")]), **env_extra)
     r = subprocess.run([sys.executable, _SCRIPT, "--device", "cpu", "--seqlens", "64", "--num-runs", "1",
                         "--warmup", "0", "--output-dir", "", "--csv", str(csv_path), "--measure-hbm", *argv],
                        capture_output=True, text=True, env=env, timeout=300)
