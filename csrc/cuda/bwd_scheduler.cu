@@ -1,25 +1,13 @@
 #include "cuda/bwd_scheduler.h"
 
+#include "cuda/work_list_sort.cuh"
+
 namespace ringattn {
 namespace cuda {
 namespace {
 
-constexpr int kThreads = 1024;
-constexpr int kBuckets = 2048;  // costs >= kBuckets-1 query tiles share the top bucket
-
-__device__ __forceinline__ int32_t clamp_i(int32_t x, int32_t lo, int32_t hi) {
-  return x < lo ? lo : (x > hi ? hi : x);
-}
-
-// In-place inclusive scan of kThreads values in shared memory (Hillis-Steele).
-__device__ void scan_inclusive(int32_t* v) {
-  for (int offset = 1; offset < kThreads; offset <<= 1) {
-    const int32_t add = threadIdx.x >= offset ? v[threadIdx.x - offset] : 0;
-    __syncthreads();
-    v[threadIdx.x] += add;
-    __syncthreads();
-  }
-}
+using work_list::clamp_i;
+using work_list::kThreads;
 
 // Query tiles (of all groups) that see keys [n*block_n, ...) of sequence b.
 __device__ int32_t block_cost(const BwdSchedulerArgs& args, int b, int32_t n) {
@@ -43,71 +31,38 @@ __device__ int32_t block_cost(const BwdSchedulerArgs& args, int b, int32_t n) {
 
 __global__ void __launch_bounds__(kThreads) build_bwd_work_list_kernel(const __grid_constant__ BwdSchedulerArgs args) {
   __shared__ int32_t scan[kThreads];
-  __shared__ int32_t buckets[kBuckets];
-  const int tid = threadIdx.x;
   const int B = args.batch_size;
 
   // 1. K/V blocks per sequence, exclusive prefix sums into block_offsets.
-  int32_t carry = 0;
-  for (int base = 0; base < B; base += kThreads) {
-    const int b = base + tid;
-    int32_t blocks = 0;
-    if (b < B) {
-      const int32_t start = clamp_i(args.cu_seqlens_k[b], 0, args.total_k);
-      const int32_t end = clamp_i(args.cu_seqlens_k[b + 1], start, args.total_k);
-      blocks = (end - start + args.block_n - 1) / args.block_n;
-    }
-    scan[tid] = blocks;
-    __syncthreads();
-    scan_inclusive(scan);
-    if (b < B) args.block_offsets[b] = carry + scan[tid] - blocks;
-    carry += scan[kThreads - 1];
-    __syncthreads();
-  }
-  if (tid == 0) args.block_offsets[B] = carry;
-  const int32_t total_items = carry < args.capacity ? carry : args.capacity;
-  for (int i = tid; i < kBuckets; i += kThreads) buckets[i] = 0;
-  __threadfence_block();
+  const int32_t blocks_total = work_list::block_exclusive_offsets(
+      B,
+      [&](int b) {
+        const int32_t start = clamp_i(args.cu_seqlens_k[b], 0, args.total_k);
+        const int32_t end = clamp_i(args.cu_seqlens_k[b + 1], start, args.total_k);
+        return (end - start + args.block_n - 1) / args.block_n;
+      },
+      args.block_offsets, scan);
+  const int32_t total_items = blocks_total < args.capacity ? blocks_total : args.capacity;
   __syncthreads();
 
-  // 2. one item per block, with its cost; histogram of costs. Item i belongs to the last
-  // sequence whose offset is <= i (binary search; empty sequences share offsets).
-  for (int32_t i = tid; i < total_items; i += kThreads) {
+  // 2. one item per block, with its cost. Item i belongs to the last sequence whose offset is
+  // <= i (binary search; empty sequences share offsets).
+  for (int32_t i = threadIdx.x; i < total_items; i += kThreads) {
     int lo = 0, hi = B - 1;
     while (lo < hi) {
       const int mid = (lo + hi + 1) >> 1;
       if (args.block_offsets[mid] <= i) lo = mid; else hi = mid - 1;
     }
     const int32_t n = i - args.block_offsets[lo];
-    const int32_t cost = block_cost(args, lo, n);
     args.unsorted[i] = BwdKvWorkItem{n, lo};
-    args.costs[i] = cost;
-    atomicAdd(&buckets[cost < kBuckets - 1 ? cost : kBuckets - 1], 1);
+    args.costs[i] = block_cost(args, lo, n);
   }
   __syncthreads();
 
-  // 3. bucket start positions, most expensive bucket first (two buckets per thread).
-  static_assert(kBuckets == 2 * kThreads, "two buckets per thread");
-  const int top = kBuckets - 1 - 2 * tid;
-  const int32_t c_hi = buckets[top];
-  const int32_t c_lo = buckets[top - 1];
-  scan[tid] = c_hi + c_lo;
-  __syncthreads();
-  scan_inclusive(scan);
-  const int32_t start = scan[tid] - c_hi - c_lo;
-  __syncthreads();
-  buckets[top] = start;
-  buckets[top - 1] = start + c_hi;
-  __syncthreads();
-
-  // 4. scatter (order inside a bucket is arbitrary: it only affects scheduling, never results,
-  // since every (block, KV head) has exactly one CTA whichever slot it lands in).
-  for (int32_t i = tid; i < total_items; i += kThreads) {
-    const int32_t cost = args.costs[i];
-    const int32_t pos = atomicAdd(&buckets[cost < kBuckets - 1 ? cost : kBuckets - 1], 1);
-    args.sorted[pos] = args.unsorted[i];
-  }
-  if (tid == 0) *args.count = total_items;
+  // 3. longest first (the order only affects scheduling, never results: every (block, KV head)
+  // has exactly one CTA whichever slot it lands in).
+  work_list::sort_by_cost_desc(args.unsorted, args.costs, total_items, args.sorted);
+  if (threadIdx.x == 0) *args.count = total_items;
 }
 
 size_t align256(size_t x) { return (x + 255) & ~size_t{255}; }
