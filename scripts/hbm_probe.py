@@ -10,29 +10,21 @@ import sys
 
 import torch
 
+from probe_common import D, HK, HQ, zigzag_rank
 from ring_flash_attn import flash_attn_varlen_func, grouped_flash_attn_varlen_func
 
 
 def main():
     L, N, r = (int(x) for x in sys.argv[1:4]) if len(sys.argv) > 3 else (65536, 8, 0)
-    hq, hk, d = 32, 8, 128
-    c = L // (2 * N)
-    lk = [(r + 1) * c, (2 * N - r) * c]
-    kmax = max(lk)
-    q = [torch.randn(c, hq, d, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
-    k = torch.randn(kmax, hk, d, device="cuda", dtype=torch.bfloat16)
-    v = torch.randn_like(k)
-    cu_q = torch.tensor([0, c], dtype=torch.int32, device="cuda")
-    cu_k = torch.tensor([0, kmax], dtype=torch.int32, device="cuda")
-    used = [torch.tensor([n], dtype=torch.int32, device="cuda") for n in lk]
-    cu_ks = [torch.tensor([0, n], dtype=torch.int32, device="cuda") for n in lk]
-    grouped_flash_attn_varlen_func(q, k, v, [cu_q, cu_q], cu_k, [c, c], kmax, seqused_k_list=used)
+    w = zigzag_rank(L, N, r)
+    grouped_flash_attn_varlen_func(w.q, w.k, w.v, [w.cu_q, w.cu_q], w.cu_k, [w.c, w.c], w.kmax, seqused_k_list=w.seqused)
     for g in range(2):
-        flash_attn_varlen_func(q[g], k[: lk[g]], v[: lk[g]], cu_q, cu_ks[g], c, lk[g], causal=True)
+        flash_attn_varlen_func(w.q[g], w.k[: w.lk[g]], w.v[: w.lk[g]], w.cu_q, w.cu_ks[g], w.c, w.lk[g], causal=True)
     torch.cuda.synchronize()
-    kv = 2 * hk * d * 2  # bytes per key of K and V
-    print(f"analytic K/V bytes: fused {kmax * kv / 1e6:.0f} MB (shared prefix once), "
-          f"baseline {sum(lk) * kv / 1e6:.0f} MB (each group its own prefix); Q+O {4 * c * hq * d * 2 / 1e6:.0f} MB")
+    kv = 2 * HK * D * 2  # bytes per key of K and V
+    print(f"analytic K/V bytes: fused {w.kmax * kv / 1e6:.0f} MB (shared prefix once), "
+          f"baseline {sum(w.lk) * kv / 1e6:.0f} MB (each group its own prefix); "
+          f"Q+O {4 * w.c * HQ * D * 2 / 1e6:.0f} MB")
 
 
 if __name__ == "__main__":
