@@ -137,7 +137,9 @@ typedef struct {
   const void* dout;
   int64_t dout_row_stride;
   int64_t dout_head_stride;
-  const float* softmax_lse; /* [Hq, total_q], as the forward wrote it */
+  const float* softmax_lse; /* [Hq, total_q], as the forward wrote it. fp64 (CPU backend only):
+                               ignored; the backward recomputes the LSE in double over this call's
+                               keys, since an fp32 LSE would cap fp64 gradients at fp32 accuracy */
   void* dq;                 /* [total_q, Hq, D], dtype of q */
   int64_t dq_row_stride;
   int64_t dq_head_stride;

@@ -1,0 +1,652 @@
+"""Ring-style context parallelism on ``torch.distributed``: upstream ring-flash-attention's
+``ring_*``, ``zigzag_ring_*`` and ``stripe_*`` functions (batched ``[B, L, H, D]`` forms) and the
+``ring_*_varlen`` / ``zigzag_ring_*_varlen`` forms (packed ``[T, H, D]`` with the rank's LOCAL
+``cu_seqlens``), on the library's kernels.
+
+Layouts (N ranks of ``group``, rank r; of every sequence each rank holds the same number of tokens,
+L, the global length being N L):
+
+* ``ring``   (contiguous): rank r holds tokens ``[r L, (r + 1) L)`` of each sequence.
+* ``zigzag``: each sequence is cut into 2N chunks of c = L / 2 tokens; rank r holds chunk r then
+  chunk 2N-1-r (L must be even; ``zigzag_shard``'s layout). Causal work is balanced across ranks.
+* ``stripe`` (batched only): rank r holds tokens ``r, r + N, r + 2N, ...`` (local token i is global
+  token i N + r).
+
+Internally every form is varlen (a batch is B sequences of L tokens); sub-blocks are row sets
+(all rows, the first / second half of each sequence, all but the first / last row of each),
+gathered with index maps built on the device from cu_seqlens (no host read).
+
+Forward: the K/V block of every rank travels around the ring (rank r sends to r+1 and receives
+from r-1 with ``batch_isend_irecv``; K and V in one buffer); at step s rank r holds the block of
+rank src = (r - s) mod N. The next block's send/receive is posted before the current block is
+computed, so the transfer overlaps the kernels. Each step runs one or no library forward call
+(G = 1, with LSE) on a sub-block (a row set of the local queries against a row set of the held
+K/V, causal or not) chosen by the layout (see ``_tasks``); the partial outputs are merged through
+their LSE in fp32 (fp64 for fp64 inputs):
+``lse = logaddexp(lse_acc, lse_blk)``, ``out = exp(lse_acc - lse) out_acc + exp(lse_blk - lse) out_blk``.
+
+Backward: the same ring. At every step the library backward runs on the same sub-block with the
+FINAL (merged) out and lse, giving the block's exact share of dQ, dK and dV. dQ is accumulated
+locally in fp32 (fp64) and returned in the dtype of q; the dK/dV of a block are accumulated in
+fp32 (fp64) into a buffer that travels around the ring with the block (one step behind the K/V,
+its transfer overlapping the next step's kernels) and arrives back at the block's owner after N
+transfers. (The CPU backend's fp64 backward recomputes the LSE of its own call instead of using
+the given one; ``_rescale_dout`` compensates exactly, see there.)
+
+Causal block patterns (those of upstream), with src the rank whose K/V block is held:
+
+* ring: step 0 (src = r) causal on the local block; src < r: all local queries see the whole block;
+  src > r: nothing (the step only forwards the block).
+* zigzag: step 0 causal on the local pair; src < r: all local queries see the block's first chunk
+  (chunk src) fully; src > r: only the second local chunk (2N-1-r) sees the whole block.
+* stripe: src <= r: causal on the whole block (diagonal included); src > r: query i sees keys
+  j < i (local queries 1.. against keys ..L-2, causal).
+
+Without ``causal`` every query sees every key block fully (upstream's zigzag asserts causal).
+Differences from upstream: dQ keeps the input dtype (upstream returns bf16); the merge is done in
+fp64 for fp64 inputs; the varlen LSE is flash-attn's ``[H, T]`` layout; no host sync (upstream's
+zigzag varlen reads cu_seqlens on the host).
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from . import ops
+from .grouped import _resolve_scale
+from .zigzag_utils import _sequence_of, metadata_checks_enabled
+
+__all__ = [
+    "ring_flash_attn_func",
+    "ring_flash_attn_kvpacked_func",
+    "ring_flash_attn_qkvpacked_func",
+    "zigzag_ring_flash_attn_func",
+    "zigzag_ring_flash_attn_kvpacked_func",
+    "zigzag_ring_flash_attn_qkvpacked_func",
+    "stripe_flash_attn_func",
+    "stripe_flash_attn_kvpacked_func",
+    "stripe_flash_attn_qkvpacked_func",
+    "ring_flash_attn_varlen_func",
+    "ring_flash_attn_varlen_kvpacked_func",
+    "ring_flash_attn_varlen_qkvpacked_func",
+    "zigzag_ring_flash_attn_varlen_func",
+    "zigzag_ring_flash_attn_varlen_kvpacked_func",
+    "zigzag_ring_flash_attn_varlen_qkvpacked_func",
+]
+
+LAYOUT_RING = "ring"
+LAYOUT_ZIGZAG = "zigzag"
+LAYOUT_STRIPE = "stripe"
+
+_TAG_KV = 11
+_TAG_DKV = 12
+
+
+# ---- process group and ring communication ------------------------------------------------------
+
+
+def _world(group) -> Tuple[object, int, int]:
+    """(group, world_size, rank); single-process (1, 0) without an initialised default group."""
+    import torch.distributed as dist
+
+    if group is None and not (dist.is_available() and dist.is_initialized()):
+        return None, 1, 0
+    return group, dist.get_world_size(group), dist.get_rank(group)
+
+
+class _Ring:
+    """Point-to-point exchange with the ring neighbours: send to rank+1, receive from rank-1."""
+
+    def __init__(self, group, world_size: int, rank: int):
+        import torch.distributed as dist
+
+        self.group = group
+        nxt, prv = (rank + 1) % world_size, (rank - 1) % world_size
+        if group is None:
+            self.next, self.prev = nxt, prv
+        else:
+            self.next = dist.get_global_rank(group, nxt)
+            self.prev = dist.get_global_rank(group, prv)
+
+    def post(self, send: Tensor, tag: int):
+        """Posts the send of `send` and the receive of a tensor like it; returns
+        (recv buffer, pending works). The buffers must stay alive until ``wait``."""
+        import torch.distributed as dist
+
+        recv = torch.empty_like(send)
+        p2p = [dist.P2POp(dist.isend, send, self.next, self.group, tag),
+               dist.P2POp(dist.irecv, recv, self.prev, self.group, tag)]
+        works = dist.batch_isend_irecv(p2p)
+        return recv, (works, send)
+
+    @staticmethod
+    def wait(pending) -> None:
+        works, _send = pending
+        for w in works:
+            w.wait()
+
+
+# ---- validation ------------------------------------------------------------------------------------
+
+
+def _validate(q, k, v, dropout_p, window_size, alibi_slopes, layout: str) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{name}: expected a Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name}: expected a 4-D tensor [batch, local_seqlen, heads, head_dim], got shape "
+                             f"{tuple(t.shape)}")
+    for name, t in (("k", k), ("v", v)):
+        if t.device != q.device:
+            raise ValueError(f"{name}: expected a tensor on {q.device} (the device of q), got {t.device}")
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name}: expected dtype {q.dtype} (the dtype of q), got {t.dtype}")
+    if v.shape != k.shape:
+        raise ValueError(f"v: expected the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    B, L, Hq, D = q.shape
+    if k.shape[0] != B or k.shape[1] != L:
+        raise ValueError(f"k: expected batch {B} and local_seqlen {L} (those of q: the layout shards q, k and v "
+                         f"alike), got {tuple(k.shape[:2])}")
+    if k.shape[3] != D:
+        raise ValueError(f"k: expected head_dim {D} (the head_dim of q), got {k.shape[3]}")
+    Hk = k.shape[2]
+    if Hk == 0 or Hq % Hk:
+        raise ValueError(f"q: expected a number of heads divisible by the KV heads of k ({Hk}), got {Hq}")
+    if layout == LAYOUT_ZIGZAG and L % 2:
+        raise ValueError(f"q: expected an even local_seqlen for the zigzag layout (two chunks of equal length "
+                         f"per rank), got {L}")
+    if dropout_p != 0.0:
+        raise NotImplementedError(f"dropout_p: dropout is not supported (got {dropout_p}); pass 0.0")
+    if tuple(window_size) != (-1, -1):
+        raise NotImplementedError(f"window_size: sliding-window attention is not supported yet "
+                                  f"(got {tuple(window_size)}); pass (-1, -1)")
+    if alibi_slopes is not None:
+        raise NotImplementedError("alibi_slopes: ALiBi is not supported; pass None")
+
+
+def _validate_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p, window_size, alibi_slopes, layout: str) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{name}: expected a Tensor, got {type(t).__name__}")
+        if t.dim() != 3:
+            raise ValueError(f"{name}: expected a 3-D tensor [local_tokens, heads, head_dim], got shape "
+                             f"{tuple(t.shape)}")
+    for name, t in (("k", k), ("v", v)):
+        if t.shape[0] != q.shape[0]:
+            raise ValueError(f"{name}: expected {q.shape[0]} local tokens (those of q: the layout shards q, k and v "
+                             f"alike), got {t.shape[0]}")
+    # the other shape checks of the batched form, on [1, T, H, D] views
+    _validate(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), dropout_p, window_size, alibi_slopes, LAYOUT_RING)
+    if not isinstance(cu_seqlens, Tensor):
+        raise ValueError(f"cu_seqlens: expected an int32 Tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype != torch.int32:
+        raise ValueError(f"cu_seqlens: expected dtype torch.int32, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
+        raise ValueError(f"cu_seqlens: expected a 1-D tensor of batch_size + 1 >= 2 entries, got shape "
+                         f"{tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != q.device:
+        raise ValueError(f"cu_seqlens: expected a tensor on {q.device} (the device of q), got {cu_seqlens.device}")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, numbers.Integral) or max_seqlen < 0:
+        raise ValueError(f"max_seqlen: expected a Python int >= 0 (the longest local sequence, a hint; a tensor "
+                         f"would need a host sync), got {max_seqlen!r}")
+    if metadata_checks_enabled(q.device):  # values: free on CPU, a sync (on request) on CUDA
+        cu = cu_seqlens.tolist()
+        T = q.shape[0]
+        if cu[0] != 0 or any(b < a for a, b in zip(cu, cu[1:])):
+            raise ValueError(f"cu_seqlens: expected non-decreasing cumulative lengths from 0, got {cu[:12]}")
+        if cu[-1] != T:
+            raise ValueError(f"cu_seqlens: expected the last entry to be {T} (the local tokens of q: cu_seqlens "
+                             f"is the rank's LOCAL cumulative lengths), got {cu[-1]}")
+        if layout == LAYOUT_ZIGZAG:
+            for b, (x, y) in enumerate(zip(cu, cu[1:])):
+                if (y - x) % 2:
+                    raise ValueError(f"cu_seqlens: local sequence {b} has length {y - x}, expected an even length "
+                                     f"(two zigzag chunks of equal length)")
+
+
+# ---- row sets and block patterns ------------------------------------------------------------------
+#
+# Internally every layout is varlen: q [T, Hq, D], k/v [T, Hk, D] with the rank's LOCAL cumulative
+# lengths (the batched [B, L, ...] forms are B sequences of L tokens). A row set is a subset of the
+# local rows, the same for every sequence (all rows, the first or the second half of each sequence,
+# all but the first / last row of each), given by an index (None: all rows), its own cumulative
+# lengths and max length.
+
+
+@dataclass
+class _Rows:
+    index: Optional[Tensor]  # int64 local rows, None = all
+    cu: Tensor  # int32 [B + 1]
+    max_seqlen: int
+
+    def take(self, t: Tensor, dim: int = 0) -> Tensor:
+        return t if self.index is None else t.index_select(dim, self.index)
+
+
+def _rows_of(cu_local: Tensor, select: str, max_local: int, n: int, T: int) -> _Rows:
+    """A row set of the sequences with LOCAL cumulative lengths cu_local (T rows in all), built on
+    its device without a host read. select: "front" / "back" (first / second half of each sequence;
+    lengths even; n = T / 2 rows), "drop_first" / "drop_last" (each sequence but its first / last
+    row; n = T - B rows when no sequence is empty)."""
+    cu = cu_local.to(torch.int64)
+    B = cu.shape[0] - 1
+    lengths = cu[1:] - cu[:-1]
+    if select in ("front", "back"):
+        sub_len = torch.div(lengths, 2, rounding_mode="floor")
+        max_sub = max_local // 2
+    else:
+        sub_len = (lengths - 1).clamp_(min=0)
+        max_sub = max(max_local - 1, 0)
+    sub_cu = torch.zeros(B + 1, dtype=torch.int64, device=cu.device)
+    torch.cumsum(sub_len, 0, out=sub_cu[1:])
+    j = torch.arange(n, device=cu.device, dtype=torch.int64)
+    b = _sequence_of(j, sub_cu)
+    offset = j - sub_cu[b]
+    if select == "back":
+        offset = offset + lengths[b] - sub_len[b]
+    elif select == "drop_first":
+        offset = offset + 1
+    index = (cu[b] + offset).clamp_(0, max(T, 1) - 1)
+    return _Rows(index, sub_cu.to(torch.int32), max_sub)
+
+
+def _row_sets(layout: str, causal: bool, cu_local: Tensor, max_local: int, T: int):
+    """The row sets the layout's tasks use (name -> _Rows)."""
+    B = cu_local.shape[0] - 1
+    sets = {"all": _Rows(None, cu_local, max_local)}
+    if not causal:
+        return sets
+    wanted = {LAYOUT_ZIGZAG: (("front", T // 2), ("back", T // 2)),
+              LAYOUT_STRIPE: (("drop_first", T - B), ("drop_last", T - B))}.get(layout, ())
+    for select, n in wanted:
+        sets[select] = _rows_of(cu_local, select, max_local, max(n, 0), T)
+    return sets
+
+
+def _tasks(layout: str, causal: bool, step: int, src: int, rank: int):
+    """The sub-blocks computed at `step` (K/V block of rank `src` held): a list of
+    (query row set, key row set, causal)."""
+    if not causal:
+        return [("all", "all", False)]
+    if layout == LAYOUT_RING:
+        if step == 0:
+            return [("all", "all", True)]
+        return [("all", "all", False)] if src < rank else []
+    if layout == LAYOUT_ZIGZAG:
+        if step == 0:
+            return [("all", "all", True)]
+        if src < rank:
+            return [("all", "front", False)]
+        return [("back", "all", False)]
+    # stripe: query i (global i N + r) sees key j (global j N + src) iff j <= i (src <= r), j < i (src > r)
+    if src <= rank:
+        return [("all", "all", True)]
+    return [("drop_first", "drop_last", True)]
+
+
+# ---- per-call plan -----------------------------------------------------------------------------
+
+
+@dataclass
+class _Plan:
+    layout: str
+    group: object
+    world_size: int
+    rank: int
+    scale: float
+    causal: bool
+    deterministic: bool
+    acc_dtype: torch.dtype
+    rows: dict  # name -> _Rows
+    lse_recomputed: bool = False  # the backend's backward ignores the given LSE (see _rescale_dout)
+
+
+# ---- forward ---------------------------------------------------------------------------------------
+
+
+def _merge(out_acc: Tensor, lse_acc: Tensor, rows: _Rows, out_blk: Tensor, lse_blk: Tensor) -> None:
+    """Merges a partial result (out_blk [n, H, D], lse_blk [H, n]) into `rows` of the accumulators
+    (out_acc [T, H, D], lse_acc [H, T]; in place)."""
+    la = rows.take(lse_acc, 1)
+    oa = rows.take(out_acc)
+    lb = lse_blk.to(la.dtype)
+    new = torch.logaddexp(la, lb)
+    safe = torch.where(torch.isneginf(new), torch.zeros_like(new), new)  # rows with no key yet
+    wa = torch.exp(la - safe).t().unsqueeze(-1)
+    wb = torch.exp(lb - safe).t().unsqueeze(-1)
+    merged = oa * wa + out_blk.to(oa.dtype) * wb
+    if rows.index is None:
+        out_acc.copy_(merged)
+        lse_acc.copy_(new)
+    else:
+        out_acc.index_copy_(0, rows.index, merged)
+        lse_acc.index_copy_(1, rows.index, new)
+
+
+def _block_fwd(plan: _Plan, q: Tensor, kv: Tensor, qn: str, kn: str, causal: bool):
+    qr, kr = plan.rows[qn], plan.rows[kn]
+    (o,), (lse,) = ops.grouped_fwd(
+        [qr.take(q)], kr.take(kv[0]), kr.take(kv[1]), [qr.cu], kr.cu, [None], [qr.max_seqlen], kr.max_seqlen,
+        plan.scale, causal, plan.deterministic)
+    return o, lse
+
+
+def _forward(plan: _Plan, q: Tensor, k: Tensor, v: Tensor):
+    T, Hq, D = q.shape
+    N, rank = plan.world_size, plan.rank
+    out_acc = torch.zeros((T, Hq, D), dtype=plan.acc_dtype, device=q.device)
+    lse_acc = torch.full((Hq, T), float("-inf"), dtype=plan.acc_dtype, device=q.device)
+    kv = torch.stack([k, v])  # one send buffer [2, T, Hk, D]
+    ring = _Ring(plan.group, N, rank) if N > 1 else None
+    for step in range(N):
+        pending = None
+        if step + 1 < N:
+            kv_next, pending = ring.post(kv, _TAG_KV)  # in flight while this block is computed
+        src = (rank - step) % N
+        for qn, kn, causal in _tasks(plan.layout, plan.causal, step, src, rank):
+            o, lse = _block_fwd(plan, q, kv, qn, kn, causal)
+            _merge(out_acc, lse_acc, plan.rows[qn], o, lse)
+        if pending is not None:
+            _Ring.wait(pending)
+            kv = kv_next
+    return out_acc.to(q.dtype), lse_acc.to(torch.float32)
+
+
+# ---- backward ----------------------------------------------------------------------------------
+
+
+def _rescale_dout(plan: _Plan, dout_b: Tensor, q: Tensor, kv: Tensor, lse_b: Tensor, qn: str, kn: str,
+                  causal: bool) -> Tensor:
+    """For a backend whose backward recomputes the LSE over the keys of its call (the CPU
+    backend with fp64 data does, for fp64 accuracy) instead of using the given one: its
+    probabilities are the block's own, P_blk = P * exp(lse - lse_blk) per row. The backward is
+    linear in dout given P (dS = P (dO V^T - rowsum(dO O)), dV = P^T dO), so scaling dout by
+    w = exp(lse_blk - lse) per row gives exactly the gradients of the global softmax. lse_blk
+    comes from one more forward call on the block (fp32 LSE: fp32-accurate weights)."""
+    _, lse_blk = _block_fwd(plan, q, kv, qn, kn, causal)
+    lse_all = lse_b.to(torch.float64)
+    w = torch.exp(lse_blk.to(torch.float64) - torch.where(torch.isneginf(lse_all), 0.0, lse_all))
+    w = torch.where(torch.isneginf(lse_all), 0.0, w)
+    return dout_b * w.t().unsqueeze(-1).to(dout_b.dtype)
+
+
+def _backward(plan: _Plan, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor):
+    T, Hq, D = q.shape
+    Hk = k.shape[1]
+    N, rank = plan.world_size, plan.rank
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    dq_acc = torch.zeros((T, Hq, D), dtype=plan.acc_dtype, device=q.device)
+    kv = torch.stack([k, v])
+    ring = _Ring(plan.group, N, rank) if N > 1 else None
+    dkv_pending = None
+    dkv = None
+    for step in range(N):
+        kv_pending = None
+        if step + 1 < N:
+            kv_next, kv_pending = ring.post(kv, _TAG_KV)
+        src = (rank - step) % N
+        dkv_step = None
+        for qn, kn, causal in _tasks(plan.layout, plan.causal, step, src, rank):
+            qr, kr = plan.rows[qn], plan.rows[kn]
+            lse_b = qr.take(lse, 1).contiguous()
+            dout_b = qr.take(dout)
+            if plan.lse_recomputed and N > 1:
+                dout_b = _rescale_dout(plan, dout_b, q, kv, lse_b, qn, kn, causal)
+            (dq_b,), dk_b, dv_b = ops.grouped_bwd(
+                [dout_b], [qr.take(q)], kr.take(kv[0]), kr.take(kv[1]), [qr.take(out)], [lse_b],
+                [qr.cu], kr.cu, [None], [qr.max_seqlen], kr.max_seqlen, plan.scale, causal, plan.deterministic)
+            if dkv_step is None:
+                dkv_step = torch.zeros((2, T, Hk, D), dtype=plan.acc_dtype, device=q.device)
+            if qr.index is None:
+                dq_acc += dq_b
+            else:
+                dq_acc.index_add_(0, qr.index, dq_b.to(dq_acc.dtype))
+            if kr.index is None:
+                dkv_step[0] += dk_b
+                dkv_step[1] += dv_b
+            else:
+                dkv_step[0].index_add_(0, kr.index, dk_b.to(dkv_step.dtype))
+                dkv_step[1].index_add_(0, kr.index, dv_b.to(dkv_step.dtype))
+        # the dK/dV travelling with this block: received from the previous rank (one step behind)
+        if dkv_pending is not None:
+            _Ring.wait(dkv_pending)
+            dkv = dkv_recv if dkv_step is None else dkv_recv.add_(dkv_step)
+        else:
+            dkv = dkv_step if dkv_step is not None else torch.zeros(
+                (2, T, Hk, D), dtype=plan.acc_dtype, device=q.device)
+        if N > 1:
+            dkv_recv, dkv_pending = ring.post(dkv, _TAG_DKV)
+        if kv_pending is not None:
+            _Ring.wait(kv_pending)
+            kv = kv_next
+    if dkv_pending is not None:  # the N-th transfer brings every block's dK/dV home
+        _Ring.wait(dkv_pending)
+        dkv = dkv_recv
+    return dq_acc.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, plan):
+        out, lse = _forward(plan, q, k, v)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.plan = plan
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _backward(ctx.plan, dout, q, k, v, out, lse)
+        return dq, dk, dv, None
+
+
+def _make_plan(layout, q3, cu_local, max_local, softmax_scale, causal, deterministic, group) -> _Plan:
+    group, world_size, rank = _world(group)
+    acc = torch.float64 if q3.dtype == torch.float64 else torch.float32
+    return _Plan(layout=layout, group=group, world_size=world_size, rank=rank,
+                 scale=_resolve_scale(softmax_scale), causal=bool(causal),
+                 deterministic=bool(deterministic), acc_dtype=acc,
+                 rows=_row_sets(layout, bool(causal), cu_local, max_local, q3.shape[0]),
+                 lse_recomputed=q3.dtype == torch.float64 and q3.device.type == "cpu")
+
+
+def _attention(layout, q, k, v, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
+               deterministic, return_attn_probs, group):
+    """The batched [B, L, H, D] forms: B sequences of L local tokens."""
+    _validate(q, k, v, dropout_p, window_size, alibi_slopes, layout)
+    B, L, Hq, D = q.shape
+    Hk = k.shape[2]
+    cu = torch.arange(0, (B + 1) * L, max(L, 1), dtype=torch.int32, device=q.device)[: B + 1] if L > 0 \
+        else torch.zeros(B + 1, dtype=torch.int32, device=q.device)
+    q3, k3, v3 = q.reshape(B * L, Hq, D), k.reshape(B * L, Hk, D), v.reshape(B * L, Hk, D)
+    plan = _make_plan(layout, q3, cu, L, softmax_scale, causal, deterministic, group)
+    out, lse = _RingAttention.apply(q3, k3, v3, plan)
+    out = out.view(B, L, Hq, D)
+    if return_attn_probs:
+        return out, lse.view(Hq, B, L).permute(1, 0, 2), None
+    return out
+
+
+def _attention_varlen(layout, q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal, window_size,
+                      alibi_slopes, deterministic, return_attn_probs, group):
+    """The varlen [T, H, D] forms, cu_seqlens being the rank's LOCAL cumulative lengths."""
+    _validate_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p, window_size, alibi_slopes, layout)
+    plan = _make_plan(layout, q, cu_seqlens, int(max_seqlen), softmax_scale, causal, deterministic, group)
+    out, lse = _RingAttention.apply(q, k, v, plan)
+    if return_attn_probs:
+        return out, lse, None
+    return out
+
+
+def _unpack_kv(kv) -> Tuple[Tensor, Tensor]:
+    if not isinstance(kv, Tensor) or kv.dim() != 5 or kv.shape[2] != 2:
+        raise ValueError(f"kv: expected a 5-D tensor [batch, local_seqlen, 2, heads_k, head_dim], got "
+                         f"{tuple(kv.shape) if isinstance(kv, Tensor) else type(kv).__name__}")
+    return kv[:, :, 0], kv[:, :, 1]
+
+
+def _unpack_qkv(qkv) -> Tuple[Tensor, Tensor, Tensor]:
+    if not isinstance(qkv, Tensor) or qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise ValueError(f"qkv: expected a 5-D tensor [batch, local_seqlen, 3, heads, head_dim], got "
+                         f"{tuple(qkv.shape) if isinstance(qkv, Tensor) else type(qkv).__name__}")
+    return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+
+
+_Result = Union[Tensor, Tuple[Tensor, Tensor, None]]
+
+_DOC = """{title}
+
+    Args (upstream ring-flash-attention's):
+        q: ``[B, L, Hq, D]`` the rank's local queries ({layout_doc}); k, v: ``[B, L, Hk, D]``
+            (Hq % Hk == 0; same dtype and device; strided views such as slices of a packed qkv
+            are fine). The ``kvpacked`` form takes ``kv [B, L, 2, Hk, D]``, the ``qkvpacked`` form
+            ``qkv [B, L, 3, H, D]``.
+        dropout_p, window_size, alibi_slopes: only their defaults (NotImplementedError naming the
+            argument otherwise).
+        softmax_scale: default ``1 / sqrt(D)``.
+        causal: causal attention over the GLOBAL token order (default False, as upstream).
+        deterministic: bit-identical backward kernels run to run.
+        return_attn_probs: return ``(out, lse, None)``; lse: float32 ``[B, Hq, L]``, natural log,
+            not differentiable.
+        group: the ``torch.distributed`` process group (default: the default group; without an
+            initialised one the call is single-process attention).
+
+    Returns:
+        ``out`` ``[B, L, Hq, D]`` (dtype of q), or ``(out, lse, None)``.
+
+    Collective: every rank of ``group`` must call it with the same shapes and flags.
+    """
+
+
+def _make(layout: str, name: str, layout_doc: str, title: str):
+    def func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+             alibi_slopes=None, deterministic=False, return_attn_probs=False, group=None) -> _Result:
+        return _attention(layout, q, k, v, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
+                          deterministic, return_attn_probs, group)
+
+    def kvpacked(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                 alibi_slopes=None, deterministic=False, return_attn_probs=False, group=None) -> _Result:
+        k, v = _unpack_kv(kv)
+        return _attention(layout, q, k, v, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
+                          deterministic, return_attn_probs, group)
+
+    def qkvpacked(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                  alibi_slopes=None, deterministic=False, return_attn_probs=False, group=None) -> _Result:
+        q, k, v = _unpack_qkv(qkv)
+        return _attention(layout, q, k, v, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
+                          deterministic, return_attn_probs, group)
+
+    doc = _DOC.format(title=title, layout_doc=layout_doc)
+    for f, suffix, fname in ((func, "", f"{name}_func"), (kvpacked, " (K and V packed)", f"{name}_kvpacked_func"),
+                             (qkvpacked, " (Q, K and V packed)", f"{name}_qkvpacked_func")):
+        f.__doc__ = doc.replace(title, title + suffix, 1)
+        f.__name__ = f.__qualname__ = fname
+    return func, kvpacked, qkvpacked
+
+
+ring_flash_attn_func, ring_flash_attn_kvpacked_func, ring_flash_attn_qkvpacked_func = _make(
+    LAYOUT_RING, "ring_flash_attn", "contiguous layout: rank r holds global tokens [r L, (r+1) L)",
+    "Ring attention over the contiguous layout (upstream's ``ring_flash_attn_func``).")
+
+zigzag_ring_flash_attn_func, zigzag_ring_flash_attn_kvpacked_func, zigzag_ring_flash_attn_qkvpacked_func = _make(
+    LAYOUT_ZIGZAG, "zigzag_ring_flash_attn",
+    "zigzag layout: of the 2N chunks of L/2 tokens, rank r holds chunk r then chunk 2N-1-r; L even",
+    "Ring attention over the zigzag layout (upstream's ``zigzag_ring_flash_attn_func``).")
+
+stripe_flash_attn_func, stripe_flash_attn_kvpacked_func, stripe_flash_attn_qkvpacked_func = _make(
+    LAYOUT_STRIPE, "stripe_flash_attn", "stripe layout: local token i is global token i N + r",
+    "Ring attention over the stripe layout (upstream's ``stripe_flash_attn_func``).")
+
+
+# ---- varlen forms --------------------------------------------------------------------------------
+
+_VARLEN_DOC = """{title}
+
+    Args (upstream ring-flash-attention's):
+        q: ``[T, Hq, D]`` the rank's local queries, packed sequences ({layout_doc}); k, v:
+            ``[T, Hk, D]`` (Hq % Hk == 0). The ``kvpacked`` form takes ``kv [T, 2, Hk, D]``, the
+            ``qkvpacked`` form ``qkv [T, 3, H, D]``.
+        cu_seqlens: int32 ``[B + 1]``, the rank's LOCAL cumulative lengths (every rank holds the
+            same number of tokens of each sequence: its global length / N); ``cu_seqlens[-1] == T``.
+        max_seqlen: Python int, the longest LOCAL sequence (a hint; never read from a tensor).
+        dropout_p, window_size, alibi_slopes: only their defaults (NotImplementedError naming the
+            argument otherwise).
+        softmax_scale: default ``1 / sqrt(D)``.
+        causal: causal attention over each sequence's GLOBAL token order (default False, as upstream).
+        deterministic: bit-identical backward kernels run to run.
+        return_attn_probs: return ``(out, lse, None)``; lse: float32 ``[Hq, T]`` (flash-attn's
+            varlen layout), natural log, not differentiable.
+        group: the ``torch.distributed`` process group (default: the default group; without an
+            initialised one the call is single-process attention).
+
+    Returns:
+        ``out`` ``[T, Hq, D]`` (dtype of q), or ``(out, lse, None)``.
+
+    Metadata values are checked on the host where that is free (CPU tensors) or with
+    ``RING_FLASH_ATTN_CHECK_METADATA=1``. Collective: every rank of ``group`` must call it with
+    the same shapes and flags.
+    """
+
+
+def _unpack_kv3(kv) -> Tuple[Tensor, Tensor]:
+    if not isinstance(kv, Tensor) or kv.dim() != 4 or kv.shape[1] != 2:
+        raise ValueError(f"kv: expected a 4-D tensor [local_tokens, 2, heads_k, head_dim], got "
+                         f"{tuple(kv.shape) if isinstance(kv, Tensor) else type(kv).__name__}")
+    return kv[:, 0], kv[:, 1]
+
+
+def _unpack_qkv3(qkv) -> Tuple[Tensor, Tensor, Tensor]:
+    if not isinstance(qkv, Tensor) or qkv.dim() != 4 or qkv.shape[1] != 3:
+        raise ValueError(f"qkv: expected a 4-D tensor [local_tokens, 3, heads, head_dim], got "
+                         f"{tuple(qkv.shape) if isinstance(qkv, Tensor) else type(qkv).__name__}")
+    return qkv[:, 0], qkv[:, 1], qkv[:, 2]
+
+
+def _make_varlen(layout: str, name: str, layout_doc: str, title: str):
+    def func(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
+             window_size=(-1, -1), alibi_slopes=None, deterministic=False, return_attn_probs=False,
+             group=None) -> _Result:
+        return _attention_varlen(layout, q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
+                                 window_size, alibi_slopes, deterministic, return_attn_probs, group)
+
+    def kvpacked(q, kv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
+                 window_size=(-1, -1), alibi_slopes=None, deterministic=False, return_attn_probs=False,
+                 group=None) -> _Result:
+        k, v = _unpack_kv3(kv)
+        return _attention_varlen(layout, q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
+                                 window_size, alibi_slopes, deterministic, return_attn_probs, group)
+
+    def qkvpacked(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
+                  window_size=(-1, -1), alibi_slopes=None, deterministic=False, return_attn_probs=False,
+                  group=None) -> _Result:
+        q, k, v = _unpack_qkv3(qkv)
+        return _attention_varlen(layout, q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
+                                 window_size, alibi_slopes, deterministic, return_attn_probs, group)
+
+    doc = _VARLEN_DOC.format(title=title, layout_doc=layout_doc)
+    for f, suffix, fname in ((func, "", f"{name}_func"), (kvpacked, " (K and V packed)", f"{name}_kvpacked_func"),
+                             (qkvpacked, " (Q, K and V packed)", f"{name}_qkvpacked_func")):
+        f.__doc__ = doc.replace(title, title + suffix, 1)
+        f.__name__ = f.__qualname__ = fname
+    return func, kvpacked, qkvpacked
+
+
+(ring_flash_attn_varlen_func, ring_flash_attn_varlen_kvpacked_func,
+ ring_flash_attn_varlen_qkvpacked_func) = _make_varlen(
+    LAYOUT_RING, "ring_flash_attn_varlen",
+    "contiguous layout: of every sequence, split into N pieces, rank r holds piece r",
+    "Ring attention over packed sequences, contiguous layout (upstream's ``ring_flash_attn_varlen_func``).")
+
+(zigzag_ring_flash_attn_varlen_func, zigzag_ring_flash_attn_varlen_kvpacked_func,
+ zigzag_ring_flash_attn_varlen_qkvpacked_func) = _make_varlen(
+    LAYOUT_ZIGZAG, "zigzag_ring_flash_attn_varlen",
+    "zigzag layout: of every sequence, split into 2N chunks, rank r holds chunk r then chunk 2N-1-r, as "
+    "``zigzag_shard`` lays them out",
+    "Ring attention over packed sequences, zigzag layout (upstream's ``zigzag_ring_flash_attn_varlen_func``).")
