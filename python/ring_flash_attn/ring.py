@@ -58,6 +58,7 @@ import torch
 from torch import Tensor
 
 from . import ops
+from ._checks import check_qkv
 from .grouped import _resolve_scale
 from .zigzag_utils import _sequence_of, metadata_checks_enabled
 
@@ -135,19 +136,7 @@ class _Ring:
 
 
 def _validate(q, k, v, dropout_p, window_size, alibi_slopes, layout: str) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor):
-            raise ValueError(f"{name}: expected a Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name}: expected a 4-D tensor [batch, local_seqlen, heads, head_dim], got shape "
-                             f"{tuple(t.shape)}")
-    for name, t in (("k", k), ("v", v)):
-        if t.device != q.device:
-            raise ValueError(f"{name}: expected a tensor on {q.device} (the device of q), got {t.device}")
-        if t.dtype != q.dtype:
-            raise ValueError(f"{name}: expected dtype {q.dtype} (the dtype of q), got {t.dtype}")
-    if v.shape != k.shape:
-        raise ValueError(f"v: expected the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    check_qkv(q, k, v, 4, "[batch, local_seqlen, heads, head_dim]")
     B, L, Hq, D = q.shape
     if k.shape[0] != B or k.shape[1] != L:
         raise ValueError(f"k: expected batch {B} and local_seqlen {L} (those of q: the layout shards q, k and v "
@@ -170,12 +159,7 @@ def _validate(q, k, v, dropout_p, window_size, alibi_slopes, layout: str) -> Non
 
 
 def _validate_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p, window_size, alibi_slopes, layout: str) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor):
-            raise ValueError(f"{name}: expected a Tensor, got {type(t).__name__}")
-        if t.dim() != 3:
-            raise ValueError(f"{name}: expected a 3-D tensor [local_tokens, heads, head_dim], got shape "
-                             f"{tuple(t.shape)}")
+    check_qkv(q, k, v, 3, "[local_tokens, heads, head_dim]")
     for name, t in (("k", k), ("v", v)):
         if t.shape[0] != q.shape[0]:
             raise ValueError(f"{name}: expected {q.shape[0]} local tokens (those of q: the layout shards q, k and v "

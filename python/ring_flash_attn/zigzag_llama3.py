@@ -47,6 +47,7 @@ import torch
 from torch import Tensor
 
 from . import ops
+from ._checks import check_qkv
 from .grouped import _resolve_scale
 from .grouped_python import _flash_attn_varlen_forward_grouped
 from .zigzag_utils import (
@@ -115,19 +116,7 @@ def _short(values: List[int], limit: int = 12) -> str:
 def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride,
               local_k_slice, dropout_p, window_size, alibi_slopes, grad_reduce_dtype, world_size):
     """Host-side checks of everything the shapes tell (no tensor values are read here)."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor):
-            raise ValueError(f"{name}: expected a Tensor, got {type(t).__name__}")
-        if t.dim() != 3:
-            raise ValueError(f"{name}: expected a 3-D tensor [local_tokens, heads, head_dim], got shape "
-                             f"{tuple(t.shape)}")
-    for name, t in (("k", k), ("v", v)):
-        if t.device != q.device:
-            raise ValueError(f"{name}: expected a tensor on {q.device} (the device of q), got {t.device}")
-        if t.dtype != q.dtype:
-            raise ValueError(f"{name}: expected dtype {q.dtype} (the dtype of q), got {t.dtype}")
-    if v.shape != k.shape:
-        raise ValueError(f"v: expected the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    check_qkv(q, k, v, 3, "[local_tokens, heads, head_dim]")
     T, Hq, D = q.shape
     if k.shape[0] != T:
         raise ValueError(f"k: expected {T} local tokens (the tokens of q: the zigzag layout shards q, k and v "
