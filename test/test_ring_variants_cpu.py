@@ -16,7 +16,6 @@ import datetime
 import json
 import os
 import random
-import socket
 import time
 import traceback
 from typing import Dict, List
@@ -25,6 +24,7 @@ import pytest
 import torch
 
 import ring_flash_attn as rfa
+from dist_harness import CachedSpawns
 from reference import grouped_attention_reference
 
 _SEED = random.SystemRandom().randrange(1 << 30)
@@ -326,36 +326,7 @@ def _worker(rank: int, world_size: int, port: int, seed: int, out_dir: str) -> N
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-_RESULTS: Dict[int, List[dict]] = {}
-
-
-def _results(world_size: int, tmp_root: str) -> List[dict]:
-    if world_size in _RESULTS:
-        return _RESULTS[world_size]
-    import torch.multiprocessing as mp
-
-    out_dir = os.path.join(tmp_root, f"ring_w{world_size}")
-    os.makedirs(out_dir, exist_ok=True)
-    ctx = mp.spawn(_worker, args=(world_size, _free_port(), _SEED, out_dir), nprocs=world_size, join=False)
-    deadline = time.monotonic() + _SPAWN_TIMEOUT_S
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail(f"{world_size} gloo processes did not finish in {_SPAWN_TIMEOUT_S} s")
-    per_rank = []
-    for r in range(world_size):
-        with open(os.path.join(out_dir, f"rank{r}.json")) as f:
-            per_rank.append(json.load(f))
-    _RESULTS[world_size] = per_rank
-    return per_rank
+_results = CachedSpawns(_worker, _SEED, "ring", _SPAWN_TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,6 @@ import datetime
 import json
 import os
 import random
-import socket
 import sys
 import time
 import traceback
@@ -31,6 +30,7 @@ import torch
 
 import ring_flash_attn as rfa
 from ring_flash_attn import zigzag_utils as zu
+from dist_harness import CachedSpawns, free_port
 from reference import grouped_attention_reference
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -340,37 +340,7 @@ def _worker(rank: int, world_size: int, port: int, seed: int, out_dir: str) -> N
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-_RESULTS: Dict[int, List[dict]] = {}
-
-
-def _results(world_size: int, tmp_root: str) -> List[dict]:
-    """Spawn world_size gloo processes once; per-rank results of every case."""
-    if world_size in _RESULTS:
-        return _RESULTS[world_size]
-    import torch.multiprocessing as mp
-
-    out_dir = os.path.join(tmp_root, f"zigzag_w{world_size}")
-    os.makedirs(out_dir, exist_ok=True)
-    ctx = mp.spawn(_worker, args=(world_size, _free_port(), _SEED, out_dir), nprocs=world_size, join=False)
-    deadline = time.monotonic() + _SPAWN_TIMEOUT_S
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail(f"{world_size} gloo processes did not finish in {_SPAWN_TIMEOUT_S} s")
-    per_rank = []
-    for r in range(world_size):
-        with open(os.path.join(out_dir, f"rank{r}.json")) as f:
-            per_rank.append(json.load(f))
-    _RESULTS[world_size] = per_rank
-    return per_rank
+_results = CachedSpawns(_worker, _SEED, "zigzag", _SPAWN_TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")
@@ -595,7 +565,7 @@ def test_distributed_benchmark_runs_on_gloo(tmp_path):
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(rfa.__file__)))
     env["PYTHONPATH"] = os.pathsep.join([package_root] + [p for p in [env.get("PYTHONPATH")] if p])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", script, "--device", "cpu", "--seqlens", "64", "--num-runs", "2",
+           f"--master_port={free_port()}", script, "--device", "cpu", "--seqlens", "64", "--num-runs", "2",
            "--warmup", "1", "--csv", str(out_csv)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
     assert r.returncode == 0, f"exit {r.returncode}\nstdout:\n{r.stdout[-3000:]}\nstderr:\n{r.stderr[-3000:]}"
@@ -622,7 +592,7 @@ def test_gpu_script_smoke_on_gloo():
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(rfa.__file__)))
     env["PYTHONPATH"] = os.pathsep.join([package_root] + [p for p in [env.get("PYTHONPATH")] if p])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", script, "--device", "cpu", "--seqlens", "64", "--num-heads-q", "4",
+           f"--master_port={free_port()}", script, "--device", "cpu", "--seqlens", "64", "--num-heads-q", "4",
            "--num-heads-k", "2", "--head-dim", "16", "--heads-k-stride", "1", "--varlen-unit", "1",
            "--seed", str(_SEED)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
