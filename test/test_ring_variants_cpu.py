@@ -16,7 +16,6 @@ import datetime
 import json
 import os
 import random
-import time
 import traceback
 from typing import Dict, List
 

@@ -21,7 +21,6 @@ import json
 import os
 import random
 import sys
-import time
 import traceback
 from typing import Dict, List
 
