@@ -23,6 +23,11 @@ from .ring import (
     zigzag_ring_flash_attn_varlen_kvpacked_func,
     zigzag_ring_flash_attn_varlen_qkvpacked_func,
 )
+from .llama3 import (
+    llama3_flash_attn_varlen_func,
+    llama3_flash_attn_varlen_kvpacked_func,
+    llama3_flash_attn_varlen_qkvpacked_func,
+)
 from .zigzag_llama3 import (
     zigzag_llama3_flash_attn_varlen_func,
     zigzag_llama3_flash_attn_varlen_kvpacked_func,
@@ -44,6 +49,9 @@ __all__ = [
     "grouped_flash_attn_varlen_func",
     "library_version",
     "llama3_flash_attn_prepare_cu_seqlens",
+    "llama3_flash_attn_varlen_func",
+    "llama3_flash_attn_varlen_kvpacked_func",
+    "llama3_flash_attn_varlen_qkvpacked_func",
     "ops",
     "ring_flash_attn_func",
     "ring_flash_attn_kvpacked_func",

@@ -310,7 +310,8 @@ def _gathered_kv(plan: _Plan, k: Tensor, v: Tensor):
         if s + 1 < plan.num_slices:
             pending = start(s + 1)  # in flight while slice s is computed
         work.wait()  # NCCL: the current stream waits; no host block
-        kv = recv.index_select(0, plan.src)  # rank-major zigzag -> natural order
+        # rank-major zigzag -> natural order (src None: the layout is already natural, llama3.py)
+        kv = recv if plan.src is None else recv.index_select(0, plan.src)
         del recv, work
         yield kv[:, 0], kv[:, 1]
         del kv  # (with the caller's del) at most three gathered slices are alive at once
@@ -333,7 +334,8 @@ class _ReduceScatter:
             return
         import torch.distributed as dist
 
-        send = dkv.index_select(0, plan.inv_src)  # natural -> rank-major zigzag order
+        # natural -> rank-major zigzag order (inv_src None: already rank-major, llama3.py)
+        send = dkv if plan.inv_src is None else dkv.index_select(0, plan.inv_src)
         recv = torch.empty((plan.total_local,) + tuple(dkv.shape[1:]), dtype=dkv.dtype, device=dkv.device)
         work = dist.reduce_scatter_tensor(recv, send, group=plan.group, async_op=True)
         self.finish()  # the previous slice's, which ran while this slice was computed
