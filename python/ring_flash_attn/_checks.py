@@ -22,3 +22,13 @@ def check_qkv(q, k, v, ndim: int, layout: str) -> None:
             raise ValueError(f"{name}: expected dtype {q.dtype} (the dtype of q), got {t.dtype}")
     if v.shape != k.shape:
         raise ValueError(f"v: expected the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+
+
+def unpack(packed, name: str, count: int, layout: str):
+    """Splits a packed ``kv`` (count 2) or ``qkv`` (count 3) tensor along its packing dim, the
+    third from last in every layout (e.g. "[local_tokens, 2, heads_k, head_dim]"): views, no copy."""
+    ndim = layout.count(",") + 1
+    if not isinstance(packed, Tensor) or packed.dim() != ndim or packed.shape[-3] != count:
+        got = tuple(packed.shape) if isinstance(packed, Tensor) else type(packed).__name__
+        raise ValueError(f"{name}: expected a {ndim}-D tensor {layout}, got {got}")
+    return packed.unbind(-3)

@@ -31,9 +31,9 @@ import torch
 from torch import Tensor
 
 from . import ops
-from ._checks import check_qkv
+from ._checks import check_qkv, unpack
 from .grouped import _resolve_scale
-from .zigzag_llama3 import _ReduceScatter, _check_int, _gathered_kv, _short, _world
+from .zigzag_llama3 import _ReduceScatter, _SlicedKVAttention, _check_int, _gathered_kv, _short, _world
 from .zigzag_utils import metadata_checks_enabled
 
 __all__ = [
@@ -181,22 +181,6 @@ def _backward(plan: _Plan, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
     return dq, dk, dv
 
 
-class _Llama3Attention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, plan):
-        out, lse, lse_buf = _forward(plan, q, k, v)
-        ctx.save_for_backward(q, k, v, out, lse_buf)
-        ctx.plan = plan
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, _dlse):
-        q, k, v, out, lse_buf = ctx.saved_tensors
-        dq, dk, dv = _backward(ctx.plan, dout, q, k, v, out, lse_buf)
-        return dq, dk, dv, None
-
-
 def llama3_flash_attn_varlen_func(
     q: Tensor,
     k: Tensor,
@@ -245,7 +229,7 @@ def llama3_flash_attn_varlen_func(
         num_heads_k=k.shape[1], heads_k_stride=int(heads_k_stride), scale=_resolve_scale(softmax_scale),
         causal=bool(causal), deterministic=bool(deterministic), max_seqlen_q=int(max_seqlen_q),
         max_seqlen_k=int(max_seqlen_k), cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, k_slice=k_slice)
-    out, lse = _Llama3Attention.apply(q, k, v, plan)
+    out, lse = _SlicedKVAttention.apply(q, k, v, plan, _forward, _backward)
     if return_attn_probs:
         return out, lse, None
     return out
@@ -258,11 +242,9 @@ def llama3_flash_attn_varlen_kvpacked_func(
     return_attn_probs: bool = False, group=None,
 ):
     """``llama3_flash_attn_varlen_func`` with ``kv`` ``[T, 2, Hk, D]`` (K and V packed)."""
-    if not isinstance(kv, Tensor) or kv.dim() != 4 or kv.shape[1] != 2:
-        raise ValueError(f"kv: expected a 4-D tensor [local_tokens, 2, heads_k, head_dim], got "
-                         f"{getattr(kv, 'shape', type(kv).__name__)}")
+    k, v = unpack(kv, "kv", 2, "[local_tokens, 2, heads_k, head_dim]")
     return llama3_flash_attn_varlen_func(
-        q, kv[:, 0], kv[:, 1], cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride,
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride,
         local_k_slice, dropout_p, softmax_scale, causal, window_size, alibi_slopes, deterministic,
         return_attn_probs, group)
 
@@ -274,10 +256,8 @@ def llama3_flash_attn_varlen_qkvpacked_func(
     return_attn_probs: bool = False, group=None,
 ):
     """``llama3_flash_attn_varlen_func`` with ``qkv`` ``[T, 3, H, D]`` (MHA, packed)."""
-    if not isinstance(qkv, Tensor) or qkv.dim() != 4 or qkv.shape[1] != 3:
-        raise ValueError(f"qkv: expected a 4-D tensor [local_tokens, 3, heads, head_dim], got "
-                         f"{getattr(qkv, 'shape', type(qkv).__name__)}")
+    q, k, v = unpack(qkv, "qkv", 3, "[local_tokens, 3, heads, head_dim]")
     return llama3_flash_attn_varlen_func(
-        qkv[:, 0], qkv[:, 1], qkv[:, 2], cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
         heads_k_stride, local_k_slice, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
         deterministic, return_attn_probs, group)

@@ -58,7 +58,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from ._checks import check_qkv
+from ._checks import check_qkv, unpack
 from .grouped import _resolve_scale
 from .zigzag_utils import _sequence_of, metadata_checks_enabled
 
@@ -470,17 +470,11 @@ def _attention_varlen(layout, q, k, v, cu_seqlens, max_seqlen, dropout_p, softma
 
 
 def _unpack_kv(kv) -> Tuple[Tensor, Tensor]:
-    if not isinstance(kv, Tensor) or kv.dim() != 5 or kv.shape[2] != 2:
-        raise ValueError(f"kv: expected a 5-D tensor [batch, local_seqlen, 2, heads_k, head_dim], got "
-                         f"{tuple(kv.shape) if isinstance(kv, Tensor) else type(kv).__name__}")
-    return kv[:, :, 0], kv[:, :, 1]
+    return unpack(kv, "kv", 2, "[batch, local_seqlen, 2, heads_k, head_dim]")
 
 
 def _unpack_qkv(qkv) -> Tuple[Tensor, Tensor, Tensor]:
-    if not isinstance(qkv, Tensor) or qkv.dim() != 5 or qkv.shape[2] != 3:
-        raise ValueError(f"qkv: expected a 5-D tensor [batch, local_seqlen, 3, heads, head_dim], got "
-                         f"{tuple(qkv.shape) if isinstance(qkv, Tensor) else type(qkv).__name__}")
-    return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    return unpack(qkv, "qkv", 3, "[batch, local_seqlen, 3, heads, head_dim]")
 
 
 _Result = Union[Tensor, Tuple[Tensor, Tensor, None]]
@@ -580,17 +574,11 @@ _VARLEN_DOC = """{title}
 
 
 def _unpack_kv3(kv) -> Tuple[Tensor, Tensor]:
-    if not isinstance(kv, Tensor) or kv.dim() != 4 or kv.shape[1] != 2:
-        raise ValueError(f"kv: expected a 4-D tensor [local_tokens, 2, heads_k, head_dim], got "
-                         f"{tuple(kv.shape) if isinstance(kv, Tensor) else type(kv).__name__}")
-    return kv[:, 0], kv[:, 1]
+    return unpack(kv, "kv", 2, "[local_tokens, 2, heads_k, head_dim]")
 
 
 def _unpack_qkv3(qkv) -> Tuple[Tensor, Tensor, Tensor]:
-    if not isinstance(qkv, Tensor) or qkv.dim() != 4 or qkv.shape[1] != 3:
-        raise ValueError(f"qkv: expected a 4-D tensor [local_tokens, 3, heads, head_dim], got "
-                         f"{tuple(qkv.shape) if isinstance(qkv, Tensor) else type(qkv).__name__}")
-    return qkv[:, 0], qkv[:, 1], qkv[:, 2]
+    return unpack(qkv, "qkv", 3, "[local_tokens, 3, heads, head_dim]")
 
 
 def _make_varlen(layout: str, name: str, layout_doc: str, title: str):

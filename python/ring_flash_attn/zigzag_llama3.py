@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from ._checks import check_qkv
+from ._checks import check_qkv, unpack
 from .grouped import _resolve_scale
 from .grouped_python import _flash_attn_varlen_forward_grouped
 from .zigzag_utils import (
@@ -472,20 +472,24 @@ def _backward(plan: _Plan, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
     return _from_grouped(plan, dq_g), dk, dv
 
 
-class _ZigzagLlama3Attention(torch.autograd.Function):
+class _SlicedKVAttention(torch.autograd.Function):
+    """Autograd of an attention over all-gathered K/V slices (zigzag llama3 here, the contiguous
+    llama3 layout in llama3.py): forward_fn(plan, q, k, v) -> (out, lse, lse_buf) and
+    backward_fn(plan, dout, q, k, v, out, lse_buf) -> (dq, dk, dv). The lse is not differentiable."""
+
     @staticmethod
-    def forward(ctx, q, k, v, plan):
-        out, lse, lse_buf = _forward(plan, q, k, v)
+    def forward(ctx, q, k, v, plan, forward_fn, backward_fn):
+        out, lse, lse_buf = forward_fn(plan, q, k, v)
         ctx.save_for_backward(q, k, v, out, lse_buf)
-        ctx.plan = plan
+        ctx.plan, ctx.backward_fn = plan, backward_fn
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse_buf = ctx.saved_tensors
-        dq, dk, dv = _backward(ctx.plan, dout, q, k, v, out, lse_buf)
-        return dq, dk, dv, None
+        dq, dk, dv = ctx.backward_fn(ctx.plan, dout, q, k, v, out, lse_buf)
+        return dq, dk, dv, None, None, None
 
 
 # ---- public API --------------------------------------------------------------------------------------
@@ -574,7 +578,7 @@ def zigzag_llama3_flash_attn_varlen_func(
     impl = resolve_impl(use_grouped_attention, use_triton_grouped, use_fused_kernel)
     plan = _make_plan(q, k, cu_seqlens_k, max_seqlen_k, heads_k_stride, softmax_scale, causal,
                       deterministic, grad_reduce_dtype, impl, group, world_size, rank)
-    out, lse = _ZigzagLlama3Attention.apply(q, k, v, plan)
+    out, lse = _SlicedKVAttention.apply(q, k, v, plan, _forward, _backward)
     if return_attn_probs:
         return out, lse, None
     return out
@@ -587,11 +591,9 @@ def zigzag_llama3_flash_attn_varlen_kvpacked_func(
     deterministic: bool = False, return_attn_probs: bool = False, group=None, **impl_flags,
 ):
     """``zigzag_llama3_flash_attn_varlen_func`` with ``kv`` ``[T, 2, Hk, D]`` (K and V packed)."""
-    if not isinstance(kv, Tensor) or kv.dim() != 4 or kv.shape[1] != 2:
-        raise ValueError(f"kv: expected a 4-D tensor [local_tokens, 2, heads_k, head_dim], got "
-                         f"{getattr(kv, 'shape', type(kv).__name__)}")
+    k, v = unpack(kv, "kv", 2, "[local_tokens, 2, heads_k, head_dim]")
     return zigzag_llama3_flash_attn_varlen_func(
-        q, kv[:, 0], kv[:, 1], cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride,
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride,
         local_k_slice, dropout_p, softmax_scale, causal, window_size, alibi_slopes, deterministic,
         return_attn_probs, group, **impl_flags)
 
@@ -603,10 +605,8 @@ def zigzag_llama3_flash_attn_varlen_qkvpacked_func(
     deterministic: bool = False, return_attn_probs: bool = False, group=None, **impl_flags,
 ):
     """``zigzag_llama3_flash_attn_varlen_func`` with ``qkv`` ``[T, 3, H, D]`` (MHA, packed)."""
-    if not isinstance(qkv, Tensor) or qkv.dim() != 4 or qkv.shape[1] != 3:
-        raise ValueError(f"qkv: expected a 4-D tensor [local_tokens, 3, heads, head_dim], got "
-                         f"{getattr(qkv, 'shape', type(qkv).__name__)}")
+    q, k, v = unpack(qkv, "qkv", 3, "[local_tokens, 3, heads, head_dim]")
     return zigzag_llama3_flash_attn_varlen_func(
-        qkv[:, 0], qkv[:, 1], qkv[:, 2], cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
         heads_k_stride, local_k_slice, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
         deterministic, return_attn_probs, group, **impl_flags)
