@@ -54,3 +54,61 @@ class CachedSpawns:
             self._results[world_size] = spawn_and_collect(self.worker, world_size, self.seed, out_dir,
                                                           self.timeout_s)
         return self._results[world_size]
+
+
+def run_cases(cases: List[dict], run_case: Callable, seed: int, rank: int, world_size: int) -> Dict[str, dict]:
+    """run_case(case, seed + i, rank, world_size) for every case; an exception is recorded (as its
+    traceback) under the case's id instead of stopping the others."""
+    import traceback
+
+    results = {}
+    for i, case in enumerate(cases):
+        try:
+            results[case["id"]] = run_case(case, seed + i, rank, world_size)
+        except Exception:  # noqa: BLE001 - reported per case
+            results[case["id"]] = {"exception": traceback.format_exc()}
+    return results
+
+
+def assert_case_within(per_rank: List[dict], case: dict, quantities, tol: float, seed: int) -> None:
+    """Every rank ran `case` without an exception and each of its `quantities` (relative errors)
+    is at most `tol`."""
+    world_size = len(per_rank)
+    for r, res in enumerate(per_rank):
+        got = res["cases"][case["id"]]
+        assert "exception" not in got, f"rank {r} of {world_size} (seed {seed}):\n{got.get('exception')}"
+        for name in quantities:
+            err = got[name]
+            assert err <= tol, (f"rank {r} of {world_size}, case {case['id']} (seed {seed}): {name} "
+                                f"max|err| / max(1, max|ref|) = {err:.3e} > {tol:.1e}")
+
+
+class NoHostReads:
+    """Reading a tensor value into Python (``.item()``, ``.tolist()``, ``bool()/int()/float()``,
+    ``.numpy()``) raises, and `module`'s host-side metadata checks are off: what is left is the hot
+    path, which must not read a value (on CUDA each such read is a device-to-host sync)."""
+
+    _METHODS = ("item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__")
+
+    def __init__(self, module):
+        self.module = module
+
+    def __enter__(self):
+        import torch
+
+        self._saved = {m: getattr(torch.Tensor, m) for m in self._METHODS}
+        for m in self._METHODS:
+            def refuse(*args, _m=m, **kwargs):
+                raise AssertionError(f"host read of a tensor value in the hot path: Tensor.{_m}")
+            setattr(torch.Tensor, m, refuse)
+        self._checks = self.module.metadata_checks_enabled
+        self.module.metadata_checks_enabled = lambda device: False
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        for m, f in self._saved.items():
+            setattr(torch.Tensor, m, f)
+        self.module.metadata_checks_enabled = self._checks
+        return False

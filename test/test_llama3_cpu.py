@@ -14,14 +14,14 @@ import datetime
 import json
 import os
 import random
-import traceback
 from typing import Dict, List
 
 import pytest
 import torch
 
 import ring_flash_attn as rfa
-from dist_harness import CachedSpawns
+from ring_flash_attn import llama3
+from dist_harness import assert_case_within, CachedSpawns, NoHostReads, run_cases
 from reference import grouped_attention_reference
 
 _SEED = random.SystemRandom().randrange(1 << 30)
@@ -80,33 +80,6 @@ def _rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return (x - ref).abs().max().item() / max(1.0, ref.abs().max().item())
 
 
-class _NoHostReads:
-    """Reading a tensor value into Python raises, and the host-side metadata checks are off: what
-    runs is the hot path, which must not read a value (a device-to-host sync on CUDA)."""
-
-    _METHODS = ("item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__")
-
-    def __enter__(self):
-        from ring_flash_attn import llama3
-
-        self._saved = {m: getattr(torch.Tensor, m) for m in self._METHODS}
-        for m in self._METHODS:
-            def refuse(*args, _m=m, **kwargs):
-                raise AssertionError(f"host read of a tensor value in the hot path: Tensor.{_m}")
-            setattr(torch.Tensor, m, refuse)
-        self._checks = llama3.metadata_checks_enabled
-        llama3.metadata_checks_enabled = lambda device: False
-        return self
-
-    def __exit__(self, *exc):
-        from ring_flash_attn import llama3
-
-        for m, f in self._saved.items():
-            setattr(torch.Tensor, m, f)
-        llama3.metadata_checks_enabled = self._checks
-        return False
-
-
 def _run_case(case: dict, seed: int, rank: int, world_size: int) -> Dict[str, float]:
     dtype = getattr(torch, case["dtype"])
     Hq, Hk, D = case["Hq"], case["Hk"], case["D"]
@@ -143,7 +116,7 @@ def _run_case(case: dict, seed: int, rank: int, world_size: int) -> Dict[str, fl
     else:
         q, k, v = (t.requires_grad_(True) for t in (q, k, v))
         if case["no_host_reads"]:
-            with _NoHostReads():
+            with NoHostReads(llama3):
                 out, lse, none = rfa.llama3_flash_attn_varlen_func(
                     q, k, v, cu_q, cu_k, max_q, max_k, case["hs"], local_k_slice, **kw)
                 dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
@@ -175,11 +148,7 @@ def _worker(rank: int, world_size: int, port: int, seed: int, out_dir: str) -> N
                             timeout=datetime.timedelta(seconds=60))
     results = {"cases": {}}
     try:
-        for i, case in enumerate(CASES[world_size]):
-            try:
-                results["cases"][case["id"]] = _run_case(case, seed + i, rank, world_size)
-            except Exception:  # noqa: BLE001 - reported per case
-                results["cases"][case["id"]] = {"exception": traceback.format_exc()}
+        results["cases"] = run_cases(CASES[world_size], _run_case, seed, rank, world_size)
     finally:
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(results, f)
@@ -199,15 +168,7 @@ _PARAMS = [pytest.param(ws, c, id=f"w{ws}-{c['id']}") for ws in sorted(CASES) fo
 
 @pytest.mark.parametrize("world_size,case", _PARAMS)
 def test_llama3_matches_full_attention(world_size, case, spawn_root):
-    per_rank = _results(world_size, spawn_root)
-    tol = _TOL[case["dtype"]]
-    for r, res in enumerate(per_rank):
-        got = res["cases"][case["id"]]
-        assert "exception" not in got, f"rank {r} of {world_size} (seed {_SEED}):\n{got.get('exception')}"
-        for name in _QUANTITIES:
-            err = got[name]
-            assert err <= tol, (f"rank {r} of {world_size}, case {case['id']} (seed {_SEED}): {name} "
-                                f"max|err| / max(1, max|ref|) = {err:.3e} > {tol:.1e}")
+    assert_case_within(_results(world_size, spawn_root), case, _QUANTITIES, _TOL[case["dtype"]], _SEED)
 
 
 # ---- single process (no initialised group: world size 1) --------------------------------------------

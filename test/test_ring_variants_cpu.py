@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import ring_flash_attn as rfa
-from dist_harness import CachedSpawns
+from dist_harness import assert_case_within, CachedSpawns, run_cases
 from reference import grouped_attention_reference
 
 _SEED = random.SystemRandom().randrange(1 << 30)
@@ -300,11 +300,7 @@ def _worker(rank: int, world_size: int, port: int, seed: int, out_dir: str) -> N
                             timeout=datetime.timedelta(seconds=60))
     results = {"cases": {}}
     try:
-        for i, case in enumerate(CASES[world_size]):
-            try:
-                results["cases"][case["id"]] = _run_case(case, seed + i, rank, world_size)
-            except Exception:  # noqa: BLE001 - reported per case
-                results["cases"][case["id"]] = {"exception": traceback.format_exc()}
+        results["cases"] = run_cases(CASES[world_size], _run_case, seed, rank, world_size)
         if world_size == 2:
             try:
                 results["order"] = " ".join(_overlap_check(rank, world_size))
@@ -338,15 +334,7 @@ _PARAMS = [pytest.param(ws, c, id=f"w{ws}-{c['id']}") for ws in sorted(CASES) fo
 
 @pytest.mark.parametrize("world_size,case", _PARAMS)
 def test_ring_variant_matches_full_attention(world_size, case, spawn_root):
-    per_rank = _results(world_size, spawn_root)
-    tol = _TOL[case["dtype"]]
-    for r, res in enumerate(per_rank):
-        got = res["cases"][case["id"]]
-        assert "exception" not in got, f"rank {r} of {world_size} (seed {_SEED}):\n{got.get('exception')}"
-        for name in _QUANTITIES:
-            err = got[name]
-            assert err <= tol, (f"rank {r} of {world_size}, case {case['id']} (seed {_SEED}): {name} "
-                                f"max|err| / max(1, max|ref|) = {err:.3e} > {tol:.1e}")
+    assert_case_within(_results(world_size, spawn_root), case, _QUANTITIES, _TOL[case["dtype"]], _SEED)
 
 
 def test_ring_overlap_order_two_ranks(spawn_root):

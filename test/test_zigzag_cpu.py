@@ -28,8 +28,9 @@ import pytest
 import torch
 
 import ring_flash_attn as rfa
+from ring_flash_attn import zigzag_llama3
 from ring_flash_attn import zigzag_utils as zu
-from dist_harness import CachedSpawns, free_port
+from dist_harness import assert_case_within, CachedSpawns, free_port, NoHostReads, run_cases
 from reference import grouped_attention_reference
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -115,35 +116,6 @@ def _rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return (x - ref).abs().max().item() / max(1.0, ref.abs().max().item())
 
 
-class _NoHostReads:
-    """Makes every way of reading tensor values into Python raise (``.item()``, ``.tolist()``,
-    ``bool()/int()/float()`` of a tensor, ``.numpy()``) and turns off the host-side metadata
-    checks: what is left is the hot path, which must not read a value (on CUDA each such read is
-    a device-to-host sync). Used around forward and backward."""
-
-    _METHODS = ("item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__")
-
-    def __enter__(self):
-        from ring_flash_attn import zigzag_llama3
-
-        self._saved = {m: getattr(torch.Tensor, m) for m in self._METHODS}
-        for m in self._METHODS:
-            def refuse(*args, _m=m, **kwargs):
-                raise AssertionError(f"host read of a tensor value in the hot path: Tensor.{_m}")
-            setattr(torch.Tensor, m, refuse)
-        self._checks = zigzag_llama3.metadata_checks_enabled
-        zigzag_llama3.metadata_checks_enabled = lambda device: False
-        return self
-
-    def __exit__(self, *exc):
-        from ring_flash_attn import zigzag_llama3
-
-        for m, f in self._saved.items():
-            setattr(torch.Tensor, m, f)
-        zigzag_llama3.metadata_checks_enabled = self._checks
-        return False
-
-
 def _run_case(case: dict, seed: int, rank: int, world_size: int) -> Dict[str, float]:
     dtype = getattr(torch, case["dtype"])
     Hq, Hk, D = case["Hq"], case["Hk"], case["D"]
@@ -185,7 +157,7 @@ def _run_case(case: dict, seed: int, rank: int, world_size: int) -> Dict[str, fl
     else:
         q, k, v = (t.requires_grad_(True) for t in (q, k, v))
         dout = shard(dout_full).to(dtype)
-        guard = _NoHostReads() if case["no_host_reads"] else contextlib.nullcontext()
+        guard = NoHostReads(zigzag_llama3) if case["no_host_reads"] else contextlib.nullcontext()
         with guard:
             out, lse, none = rfa.zigzag_llama3_flash_attn_varlen_func(
                 q, k, v, cu_q, cu_k, max_q, max_k, case["hs"], local_k_slice, **kw)
@@ -322,11 +294,7 @@ def _worker(rank: int, world_size: int, port: int, seed: int, out_dir: str) -> N
                             timeout=datetime.timedelta(seconds=60))
     results = {"cases": {}, "errors": {}}
     try:
-        for i, case in enumerate(CASES[world_size]):
-            try:
-                results["cases"][case["id"]] = _run_case(case, seed + i, rank, world_size)
-            except Exception:  # noqa: BLE001 - reported per case
-                results["cases"][case["id"]] = {"exception": traceback.format_exc()}
+        results["cases"] = run_cases(CASES[world_size], _run_case, seed, rank, world_size)
         if world_size == 2:
             results["errors"] = _error_checks(rank, world_size)
             try:
@@ -352,15 +320,7 @@ _PARAMS = [pytest.param(ws, c, id=f"w{ws}-{c['id']}") for ws in sorted(CASES) fo
 
 @pytest.mark.parametrize("world_size,case", _PARAMS)
 def test_zigzag_matches_full_attention(world_size, case, spawn_root):
-    per_rank = _results(world_size, spawn_root)
-    tol = _TOL[case["dtype"]]
-    for r, res in enumerate(per_rank):
-        got = res["cases"][case["id"]]
-        assert "exception" not in got, f"rank {r} of {world_size} (seed {_SEED}):\n{got.get('exception')}"
-        for name in _QUANTITIES:
-            err = got[name]
-            assert err <= tol, (f"rank {r} of {world_size}, case {case['id']} (seed {_SEED}): {name} "
-                                f"max|err| / max(1, max|ref|) = {err:.3e} > {tol:.1e}")
+    assert_case_within(_results(world_size, spawn_root), case, _QUANTITIES, _TOL[case["dtype"]], _SEED)
 
 
 @pytest.mark.parametrize("check", ["length-not-multiple-of-2N", "cu_seqlens_k-total", "cu_seqlens_q-global-not-local",
@@ -542,10 +502,10 @@ def test_single_process_no_host_reads(impl):
     q = torch.randn(24, 4, 8, dtype=torch.float64, requires_grad=True)
     k = torch.randn(24, 2, 8, dtype=torch.float64, requires_grad=True)
     v = torch.randn(24, 2, 8, dtype=torch.float64, requires_grad=True)
-    with _NoHostReads():
+    with NoHostReads(zigzag_llama3):
         out = rfa.zigzag_llama3_flash_attn_varlen_func(q, k, v, cu, cu, 12, 12, 1, None, **_impl_flags(impl))
         torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
-    with pytest.raises(AssertionError, match="host read"), _NoHostReads():
+    with pytest.raises(AssertionError, match="host read"), NoHostReads(zigzag_llama3):
         torch.zeros(2).tolist()  # the guard itself works
 
 
