@@ -1,7 +1,8 @@
 """ring_flash_attn: context-parallel exact attention on libringattn (a CUDA C++ library with a C ABI).
 
 Importing the package registers the ``torch.ops.ring_flash_attn`` custom ops; the native library
-is loaded on first use (see ``ring_flash_attn._lib`` for where it is looked for).
+is loaded on first use (see ``ring_flash_attn._lib`` for where it is looked for). The HuggingFace
+adapter (``ring_flash_attn.hf_adapter``) imports transformers only when it is used.
 """
 
 from . import ops
@@ -22,6 +23,15 @@ from .ring import (
     zigzag_ring_flash_attn_varlen_func,
     zigzag_ring_flash_attn_varlen_kvpacked_func,
     zigzag_ring_flash_attn_varlen_qkvpacked_func,
+)
+from .hf_adapter import (
+    HF_ATTN_LLAMA3,
+    HF_ATTN_ZIGZAG_LLAMA3,
+    register_hf_attention,
+    restore_hf_flash_attn,
+    substitute_hf_flash_attn,
+    update_ring_flash_attn_params,
+    use_ring_attn,
 )
 from .llama3 import (
     llama3_flash_attn_varlen_func,
@@ -45,6 +55,8 @@ from .zigzag_utils import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "HF_ATTN_LLAMA3",
+    "HF_ATTN_ZIGZAG_LLAMA3",
     "flash_attn_varlen_func",
     "grouped_flash_attn_varlen_func",
     "library_version",
@@ -53,6 +65,8 @@ __all__ = [
     "llama3_flash_attn_varlen_kvpacked_func",
     "llama3_flash_attn_varlen_qkvpacked_func",
     "ops",
+    "register_hf_attention",
+    "restore_hf_flash_attn",
     "ring_flash_attn_func",
     "ring_flash_attn_kvpacked_func",
     "ring_flash_attn_qkvpacked_func",
@@ -62,6 +76,9 @@ __all__ = [
     "stripe_flash_attn_func",
     "stripe_flash_attn_kvpacked_func",
     "stripe_flash_attn_qkvpacked_func",
+    "substitute_hf_flash_attn",
+    "update_ring_flash_attn_params",
+    "use_ring_attn",
     "zigzag_gather",
     "zigzag_llama3_flash_attn_varlen_func",
     "zigzag_llama3_flash_attn_varlen_kvpacked_func",
