@@ -8,6 +8,9 @@
 set -euo pipefail
 RFA_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 RFA_TORCH_VERSION="${RING_FLASH_ATTN_TORCH:-torch==2.11.0}"
+# transformers: for the HuggingFace adapter's tests (test/test_hf_adapter_cpu.py); the package
+# itself does not need it. About 35 s on a fresh environment, see docs/build-and-ci.md.
+RFA_TRANSFORMERS_VERSION="${RING_FLASH_ATTN_TRANSFORMERS:-transformers==5.24.0}"
 
 if [ -n "${RING_FLASH_ATTN_PYTHON:-}" ]; then
   PY="$RING_FLASH_ATTN_PYTHON"
@@ -23,7 +26,7 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   echo "[setup] installing $RFA_TORCH_VERSION into $("$PY" -c 'import sys; print(sys.prefix)') (first run: a large download)"
   "$PY" -m pip install -q "$RFA_TORCH_VERSION"
 fi
-"$PY" -m pip install -q numpy pytest "scikit-build-core>=0.10"
+"$PY" -m pip install -q numpy pytest "scikit-build-core>=0.10" "$RFA_TRANSFORMERS_VERSION"
 
 # Build libringattn with CMake (CUDA kernels when nvcc is present) and install the package.
 if [ -z "${RINGATTN_ENABLE_CUDA:-}" ]; then
