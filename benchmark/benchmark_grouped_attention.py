@@ -32,7 +32,10 @@ Implementations (--impls; names as in the CSV):
   grouped_python  ring_flash_attn.grouped_python._flash_attn_varlen_forward_grouped: the groups
                   rewritten as ONE plain varlen call over G*B sequences (Q concatenated, K/V
                   duplicated per group, all inside the timed region)
-  fused           one ring_flash_attn.grouped_flash_attn_varlen_func call (the fused kernel)
+  fused           one ring_flash_attn.grouped_flash_attn_varlen_func call (the fused kernel; on
+                  sm90 cards its forward is tier 2, TMA + wgmma)
+  fused_sm80      the same call with RING_FLASH_ATTN_TIER=sm80: the tier-1 (mma.sync) kernels,
+                  for comparison (identical to fused on cards other than sm90)
   sdpa_flash      torch SDPA, FLASH_ATTENTION backend, one call per group on [B, H, L, D] views
   sdpa_cudnn      torch SDPA, CUDNN_ATTENTION backend, likewise
   varlen_attn     torch.nn.attention.varlen.varlen_attn, one call per group (if importable)
@@ -106,13 +109,15 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 # ---- constants -----------------------------------------------------------------------------------
 
-IMPLS = ("baseline", "grouped_python", "fused", "sdpa_flash", "sdpa_cudnn", "varlen_attn", "flash_attn")
-OUR_IMPLS = ("baseline", "grouped_python", "fused")
-CHECKED_IMPLS = ("grouped_python", "fused")  # a FAIL line when these differ from baseline
+IMPLS = ("baseline", "grouped_python", "fused", "fused_sm80", "sdpa_flash", "sdpa_cudnn", "varlen_attn",
+         "flash_attn")
+OUR_IMPLS = ("baseline", "grouped_python", "fused", "fused_sm80")
+CHECKED_IMPLS = ("grouped_python", "fused", "fused_sm80")  # a FAIL line when these differ from baseline
 DISPLAY_NAMES = {
     "baseline": "Baseline (separate)",
     "grouped_python": "Python grouped",
     "fused": "Fused grouped (CUDA)",
+    "fused_sm80": "Fused grouped (tier 1)",
     "sdpa_flash": "SDPA flash",
     "sdpa_cudnn": "SDPA cuDNN",
     "varlen_attn": "torch varlen_attn",
@@ -251,7 +256,7 @@ def kv_bytes_read(w: Workload, impl: str, num_heads_k: int, head_dim: int, elem_
     head_repeat: KV heads are repeated this many times (SDPA's repeat_interleave fallback)."""
     row = 2 * num_heads_k * head_dim * elem_size * head_repeat  # one K row plus one V row
     per_group = w.batch * sum(g.k_len for g in w.groups)
-    if impl == "fused":
+    if impl in ("fused", "fused_sm80"):
         rows = w.batch * max(g.k_len for g in w.groups)
     elif impl == "grouped_python":
         # build: read K/V once, write G copies; then the attention reads each group's prefix
@@ -766,13 +771,28 @@ def make_impls(names: Sequence[str], w: Workload, cfg: ModelConfig, meta: Meta, 
         impls["grouped_python"] = Impl("grouped_python", lambda q, k, v: (q, k, v), run_grouped_python,
                                        _identity_list)
 
-    if rfa is not None and "fused" in names:
-        def run_fused(state):
-            q_list, k, v = state
-            return rfa.grouped_flash_attn_varlen_func(q_list, k, v, meta.cu_q, meta.cu_k, meta.max_q, meta.max_k,
-                                                      seqused_k_list=meta.seqused, causal=True)
+    def run_fused(state):
+        q_list, k, v = state
+        return rfa.grouped_flash_attn_varlen_func(q_list, k, v, meta.cu_q, meta.cu_k, meta.max_q, meta.max_k,
+                                                  seqused_k_list=meta.seqused, causal=True)
 
+    if rfa is not None and "fused" in names:
         impls["fused"] = Impl("fused", lambda q, k, v: (q, k, v), run_fused, _identity_list)
+
+    if rfa is not None and "fused_sm80" in names:
+        def run_fused_sm80(state):
+            # The op reads the tier at every forward call (the backward is tier 1 on every card).
+            previous = os.environ.get("RING_FLASH_ATTN_TIER")
+            os.environ["RING_FLASH_ATTN_TIER"] = "sm80"
+            try:
+                return run_fused(state)
+            finally:
+                if previous is None:
+                    os.environ.pop("RING_FLASH_ATTN_TIER", None)
+                else:
+                    os.environ["RING_FLASH_ATTN_TIER"] = previous
+
+        impls["fused_sm80"] = Impl("fused_sm80", lambda q, k, v: (q, k, v), run_fused_sm80, _identity_list)
 
     for name in ("sdpa_flash", "sdpa_cudnn"):
         if name in names:

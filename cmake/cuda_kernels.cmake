@@ -70,6 +70,28 @@ target_compile_definitions(ringattn_cuda PRIVATE
   ${_ringattn_hdim_defs} ${_ringattn_arch_defs})
 target_compile_options(ringattn_cuda PRIVATE $<$<COMPILE_LANGUAGE:CUDA>:${_ringattn_cuda_flags}>)
 
+# Tier 2 (sm90a: TMA + wgmma): its own object library compiled for 90a only (wgmma and setmaxnreg
+# exist only there), built when RINGATTN_CUDA_ARCHS lists 90a.
+if("90a" IN_LIST RINGATTN_CUDA_ARCHS)
+  set(_ringattn_sm90_sources csrc/cuda/sm90/tma_host.cu)
+  foreach(hdim IN LISTS RINGATTN_HEAD_DIMS)
+    file(GLOB _f CONFIGURE_DEPENDS ${CMAKE_CURRENT_SOURCE_DIR}/csrc/cuda/sm90/instantiations/fwd_hdim${hdim}_*.cu)
+    list(APPEND _ringattn_sm90_sources ${_f})
+  endforeach()
+  add_library(ringattn_cuda_sm90 OBJECT ${_ringattn_sm90_sources})
+  set_target_properties(ringattn_cuda_sm90 PROPERTIES
+    CUDA_ARCHITECTURES "90a-real"
+    POSITION_INDEPENDENT_CODE ON
+    CUDA_VISIBILITY_PRESET hidden)
+  target_include_directories(ringattn_cuda_sm90 PRIVATE
+    ${CMAKE_CURRENT_SOURCE_DIR}/include ${CMAKE_CURRENT_SOURCE_DIR}/csrc)
+  target_compile_definitions(ringattn_cuda_sm90 PRIVATE ${_ringattn_hdim_defs} ${_ringattn_arch_defs})
+  target_compile_options(ringattn_cuda_sm90 PRIVATE $<$<COMPILE_LANGUAGE:CUDA>:${_ringattn_cuda_flags}>)
+  target_compile_definitions(ringattn_cuda PRIVATE RINGATTN_SM90_TIER)
+  target_sources(ringattn PRIVATE $<TARGET_OBJECTS:ringattn_cuda_sm90>)
+  message(STATUS "ringattn: tier 2 (sm90a) forward kernels built")
+endif()
+
 target_sources(ringattn PRIVATE $<TARGET_OBJECTS:ringattn_cuda>)
 target_link_libraries(ringattn PRIVATE CUDA::cudart_static)
 message(STATUS "ringattn: CUDA archs ${_ringattn_cuda_archs}, head dims ${RINGATTN_HEAD_DIMS}")

@@ -2,7 +2,10 @@
 # The one script sent to the GPU machine: build for the card found there (-j16), run the
 # GoogleTest suite and the pytest `gpu` marker, run the benchmark, print a short table last.
 #
-#   bash scripts/device_run.sh [quick|full|tests]     (default: quick; tests = no benchmark)
+#   bash scripts/device_run.sh [quick|full|tests|targets]
+#     quick (default): tests + the headline per-rank workload; tests: no benchmark;
+#     full: + stress tests, torchrun zigzag, the full benchmark set; targets: tests + issue 10's
+#     tier-2 target workloads (fused vs fused_sm80 vs baselines).
 #
 # Logs and CSVs go to $OUT (the device tool's return folder) or build/device-out.
 # GoogleTest: the GPU machine has no GoogleTest package; this machine copies its sources to
@@ -55,11 +58,38 @@ fi
 
 export RING_FLASH_ATTN_LIBRARY="$lib"
 export PYTHONPATH="$root/python${PYTHONPATH:+:$PYTHONPATH}"
-"$py" -m pytest test -m "gpu and not stress" -q -p no:cacheprovider >"$out/pytest_gpu.log" 2>&1
-rc=$?
-note "pytest -m 'gpu and not stress': rc=$rc, $(tail -1 "$out/pytest_gpu.log")"
-[ $rc -ne 0 ] && grep -E "Error|assert|FAILED" "$out/pytest_gpu.log" | head -30
-if [ "$mode" != quick ]; then
+
+# Tier 2 (sm90a): HGMMA in the SASS, then a smoke test under a timeout (a pipeline bug hangs).
+tier2_ok=1
+if [ "$cc" = 90 ]; then
+  if command -v cuobjdump >/dev/null 2>&1; then
+    cuobjdump -sass "$lib" 2>/dev/null | awk '/Function :/{f=$3} /HGMMA/{if (f ~ /sm90/) n++} /(LDL|STL)/{if (f ~ /sm90/) s++}
+      END {print "sm90 kernels: " n+0 " HGMMA, " s+0 " LDL/STL"}' >"$out/sass_check.txt"
+    note "SASS: $(cat "$out/sass_check.txt")"
+  fi
+  timeout 120 "$py" scripts/tier2_smoke.py >"$out/tier2_smoke.log" 2>&1
+  rc=$?
+  note "tier-2 smoke: rc=$rc ($(grep -c '^ok' "$out/tier2_smoke.log") ok, $(grep -c '^FAIL' "$out/tier2_smoke.log") FAIL)"
+  cat "$out/tier2_smoke.log"
+  [ $rc -ne 0 ] && tier2_ok=0
+fi
+# The GPU tests on the default tier (tier 2 on sm90 cards) and, on sm90 cards, again on tier 1
+# (in targets mode after the benchmark).
+pytest_tier() {
+  RING_FLASH_ATTN_TIER=$1 timeout 300 "$py" -m pytest test -m "gpu and not stress" -q -p no:cacheprovider \
+    >"$out/pytest_gpu_$1.log" 2>&1
+  local rc=$?
+  note "pytest -m 'gpu and not stress' (RING_FLASH_ATTN_TIER=$1): rc=$rc, $(tail -1 "$out/pytest_gpu_$1.log")"
+  [ $rc -ne 0 ] && grep -E "Error|assert|FAILED" "$out/pytest_gpu_$1.log" | head -30
+}
+if [ "$tier2_ok" = 0 ]; then
+  note "tier 2 failed its smoke test: GPU tests run on tier 1 only"
+  pytest_tier sm80
+else
+  pytest_tier auto
+  [ "$cc" = 90 ] && [ "$mode" != targets ] && pytest_tier sm80
+fi
+if [ "$mode" = full ] || [ "$mode" = tests ]; then
   "$py" -m pytest test -m "stress" -q -p no:cacheprovider >"$out/pytest_stress.log" 2>&1
   rc=$?
   note "pytest -m stress: rc=$rc, $(tail -1 "$out/pytest_stress.log")"
@@ -68,7 +98,7 @@ fi
 
 # Zigzag llama3 over the GPUs of this machine (torchrun, NCCL), and the distributed benchmark.
 ngpu=$(nvidia-smi -L 2>/dev/null | wc -l)
-if [ "$mode" != quick ] && [ "${ngpu:-0}" -ge 1 ]; then
+if { [ "$mode" = full ] || [ "$mode" = tests ]; } && [ "${ngpu:-0}" -ge 1 ]; then
   torchrun --nproc_per_node="$ngpu" test/test_zigzag_llama3_grouped.py >"$out/zigzag_torchrun.log" 2>&1
   rc=$?
   note "torchrun --nproc_per_node=$ngpu test/test_zigzag_llama3_grouped.py: rc=$rc, $(grep -cE '\bPASS' "$out/zigzag_torchrun.log") PASS lines, $(grep -cE '\bFAIL' "$out/zigzag_torchrun.log") FAIL lines"
@@ -93,7 +123,14 @@ if [ "$mode" = full ]; then
   bench --seqlens 4096 8192 16384 32768 --num-groups 2
 elif [ "$mode" = quick ]; then
   bench --seqlens 65536 --world-size 8 --rank 0 --num-runs 20
+elif [ "$mode" = targets ]; then
+  # Issue 10's target workloads: tier 2 (fused) and tier 1 (fused_sm80) next to the baselines.
+  impls=(--impls fused fused_sm80 baseline sdpa_flash sdpa_cudnn varlen_attn)
+  bench --seqlens 65536 --world-size 8 --rank 0 7 --passes fwd fwd_bwd --num-runs 10 --warmup 2 "${impls[@]}"
+  bench --seqlens 16384 --world-size 2 --rank 0 --passes fwd --num-runs 10 "${impls[@]}"
+  bench --seqlens 16384 --num-groups 1 --passes fwd --num-runs 10 "${impls[@]}"
 fi
+[ "$mode" = targets ] && [ "$cc" = 90 ] && [ "$tier2_ok" = 1 ] && pytest_tier sm80
 [ -f "$out/bench.csv" ] && "$py" - "$out/bench.csv" <<'PYEOF'
 import csv, sys
 rows = list(csv.DictReader(open(sys.argv[1])))

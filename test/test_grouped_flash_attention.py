@@ -292,3 +292,92 @@ def test_backward_lse_returning_and_compile():
     grads_c = torch.autograd.grad(loss_c, leaves)
     for a, b in zip(eager, grads_c):
         assert torch.allclose(a.float(), b.float(), atol=1e-2, rtol=1e-2)
+
+
+# ---- kernel tiers (tier 2 = sm90a TMA + wgmma forward; tier 1 = mma.sync) ----------------------
+
+
+def _is_sm90() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+@pytest.mark.parametrize("tier", ["sm80", "sm90"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("causal", [True, False])
+def test_forced_tier_matches_reference(monkeypatch, tier, head_dim, causal):
+    """Each tier on its own: varlen groups, odd lengths, GQA, sequences shorter than one tile."""
+    if tier == "sm90" and not _is_sm90():
+        pytest.skip("tier 2 needs an sm90 card")
+    monkeypatch.setenv("RING_FLASH_ATTN_TIER", tier)
+    torch.manual_seed(head_dim + causal)
+    _run_and_check([[300, 1, 129, 700], [77, 128, 5, 256]], [513, 129, 64, 1000], 16, 4, head_dim,
+                   torch.bfloat16, causal, seqused=[None, [400, 0, 64, 999]])
+
+
+@pytest.mark.parametrize("tier", ["auto", "sm80"])
+def test_unused_kv_rows_may_hold_nan(monkeypatch, tier):
+    """Keys past seqused_k (and past a sequence's end inside a tile) are never read into the
+    output, even when they hold NaN: tier 2 loads whole tiles with TMA and zeroes those V rows."""
+    monkeypatch.setenv("RING_FLASH_ATTN_TIER", tier)
+    torch.manual_seed(17)
+    d = 128
+    seqlens_k = [300, 200]
+    used = [torch.tensor([130, 77], dtype=torch.int32, device="cuda")]
+    q_list, k, v, cu_q, cu_k = _make([[200, 150]], seqlens_k, 8, 2, d, torch.float16)
+    k_nan, v_nan = k.clone(), v.clone()
+    for b, (start, n_used) in enumerate([(0, 130), (300, 77)]):
+        k_nan[start + n_used:start + seqlens_k[b]] = float("nan")
+        v_nan[start + n_used:start + seqlens_k[b]] = float("nan")
+    for causal in (True, False):
+        _poison_allocator(k.device)
+        outs = grouped_flash_attn_varlen_func(q_list, k_nan, v_nan, cu_q, cu_k, [200], 300,
+                                              seqused_k_list=used, causal=causal)
+        ref32, _ = grouped_attention_reference([q_list[0].float()], k.float(), v.float(), cu_q, cu_k, used, None,
+                                               causal)
+        ref_lp, _ = grouped_attention_reference(q_list, k, v, cu_q, cu_k, used, None, causal)
+        _check(f"nan tail causal={causal}", outs[0], ref32[0], ref_lp[0])
+
+
+def test_tiers_agree_on_a_long_sequence(monkeypatch):
+    if not _is_sm90():
+        pytest.skip("tier 2 needs an sm90 card")
+    torch.manual_seed(19)
+    q_list, k, v, cu_q, cu_k = _make([[4096]], [4096], 16, 4, 128, torch.bfloat16)
+    outs = {}
+    for tier in ("sm80", "sm90"):
+        monkeypatch.setenv("RING_FLASH_ATTN_TIER", tier)
+        outs[tier] = flash_attn_varlen_func(q_list[0], k, v, cu_q[0], cu_k, 4096, 4096, causal=True)
+    ref32, _ = grouped_attention_reference([q_list[0].float()], k.float(), v.float(), cu_q, cu_k, None, None, True)
+    ref_lp, _ = grouped_attention_reference(q_list, k, v, cu_q, cu_k, None, None, True)
+    for tier, out in outs.items():
+        _check(f"tier {tier}", out, ref32[0], ref_lp[0])
+    assert (outs["sm80"].float() - outs["sm90"].float()).abs().max().item() < 2e-2
+
+
+def test_forced_tier2_explains_what_it_cannot_run(monkeypatch):
+    """Forcing tier 2 on operands TMA cannot address (here a head stride of 129 elements) fails
+    with the reason instead of falling back; auto runs them on tier 1."""
+    if not _is_sm90():
+        pytest.skip("tier 2 needs an sm90 card")
+    torch.manual_seed(23)
+    d = 128
+    base = torch.randn(256, 4, d + 1, device="cuda", dtype=torch.bfloat16)
+    q = base[..., :d]
+    k = torch.randn(256, 4, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(256, 4, d, device="cuda", dtype=torch.bfloat16)
+    cu = _cu([256], "cuda")
+    monkeypatch.setenv("RING_FLASH_ATTN_TIER", "sm90")
+    with pytest.raises(NotImplementedError, match="tier 2 cannot run this call.*q"):
+        flash_attn_varlen_func(q, k, v, cu, cu, 256, 256, causal=True)
+    monkeypatch.setenv("RING_FLASH_ATTN_TIER", "auto")
+    out = flash_attn_varlen_func(q, k, v, cu, cu, 256, 256, causal=True)
+    ref32, _ = grouped_attention_reference([q.float()], k.float(), v.float(), [cu], cu, None, None, True)
+    ref_lp, _ = grouped_attention_reference([q], k, v, [cu], cu, None, None, True)
+    _check("auto, unaligned q", out, ref32[0], ref_lp[0])
+
+
+def test_bad_tier_name_is_rejected(monkeypatch):
+    monkeypatch.setenv("RING_FLASH_ATTN_TIER", "sm75")
+    q_list, k, v, cu_q, cu_k = _make([[16]], [16], 2, 2, 64, torch.bfloat16)
+    with pytest.raises(ValueError, match="RING_FLASH_ATTN_TIER"):
+        flash_attn_varlen_func(q_list[0], k, v, cu_q[0], cu_k, 16, 16)

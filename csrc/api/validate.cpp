@@ -149,9 +149,11 @@ ringattn_status check_exec(const ringattn_exec& exec) {
     if (exec.device_index < 0)
       return failf(RINGATTN_STATUS_INVALID_ARGUMENT, "exec.device_index: expected >= 0, got %d",
                    exec.device_index);
-    if (exec.tier != RINGATTN_TIER_AUTO && exec.tier != RINGATTN_TIER_SM80)
+    if (exec.tier != RINGATTN_TIER_AUTO && exec.tier != RINGATTN_TIER_SM80 && exec.tier != RINGATTN_TIER_SM90)
       return failf(RINGATTN_STATUS_INVALID_ARGUMENT,
-                   "exec.tier: expected RINGATTN_TIER_AUTO (0) or RINGATTN_TIER_SM80 (80), got %d", exec.tier);
+                   "exec.tier: expected RINGATTN_TIER_AUTO (0), RINGATTN_TIER_SM80 (80) or RINGATTN_TIER_SM90 (90), "
+                   "got %d",
+                   exec.tier);
   }
   return RINGATTN_STATUS_OK;
 }

@@ -17,6 +17,10 @@
 #include "cuda/sm80/bwd_traits.h"
 #include "cuda/sm80/fwd_traits.h"
 #include "cuda/tile_scheduler.h"
+#ifdef RINGATTN_SM90_TIER
+#include "cuda/sm90/fwd_launch.h"
+#include "cuda/sm90/tma_host.h"
+#endif
 
 namespace ringattn {
 namespace cuda {
@@ -63,6 +67,46 @@ const FwdKernelEntry* find_fwd_kernel(int dtype, int head_dim, bool causal) {
     if (e.dtype == dtype && e.head_dim == head_dim && e.causal == causal) return &e;
   return nullptr;
 }
+
+#ifdef RINGATTN_SM90_TIER
+// The compiled tier-2 (sm90a: TMA + wgmma, warp specialised) forward kernels.
+using Sm90FwdLaunchFn = cudaError_t (*)(const sm90::FwdKernelParams&, int, cudaStream_t);
+struct Sm90FwdKernelEntry {
+  int dtype;
+  int head_dim;
+  bool causal;
+  int block_m;
+  int block_n;
+  Sm90FwdLaunchFn launch;
+};
+
+template <typename Element, int kHeadDim, bool kCausal, int kDtype>
+constexpr Sm90FwdKernelEntry sm90_fwd_entry() {
+  using T = typename sm90::FwdConfig<Element, kHeadDim>::Traits;
+  return Sm90FwdKernelEntry{kDtype, kHeadDim, kCausal, T::kBlockM, T::kBlockN, &sm90::launch_grouped_fwd<T, kCausal>};
+}
+
+#define RINGATTN_SM90_FWD_ENTRIES(D)                                                \
+  sm90_fwd_entry<__half, D, false, RINGATTN_DTYPE_FP16>(),                          \
+      sm90_fwd_entry<__half, D, true, RINGATTN_DTYPE_FP16>(),                       \
+      sm90_fwd_entry<__nv_bfloat16, D, false, RINGATTN_DTYPE_BF16>(),               \
+      sm90_fwd_entry<__nv_bfloat16, D, true, RINGATTN_DTYPE_BF16>(),
+
+const Sm90FwdKernelEntry kSm90FwdKernels[] = {
+#ifdef RINGATTN_HDIM_64
+    RINGATTN_SM90_FWD_ENTRIES(64)
+#endif
+#ifdef RINGATTN_HDIM_128
+    RINGATTN_SM90_FWD_ENTRIES(128)
+#endif
+    Sm90FwdKernelEntry{-1, 0, false, 0, 0, nullptr}};
+
+const Sm90FwdKernelEntry* find_sm90_fwd_kernel(int dtype, int head_dim, bool causal) {
+  for (const Sm90FwdKernelEntry& e : kSm90FwdKernels)
+    if (e.launch != nullptr && e.dtype == dtype && e.head_dim == head_dim && e.causal == causal) return &e;
+  return nullptr;
+}
+#endif
 
 using BwdLaunchFn = cudaError_t (*)(const BwdKernelParams&, int, cudaStream_t);
 using BwdPrepFn = cudaError_t (*)(const BwdPrepParams&, cudaStream_t);
@@ -218,9 +262,10 @@ struct DeviceSupport {
   bool checked = false;
   ringattn_status status = RINGATTN_STATUS_OK;
   std::string message;
+  int cc = 0;  // compute capability, major * 10 + minor
 };
 
-ringattn_status check_device_uncached(int device_index) {
+ringattn_status check_device_uncached(int device_index, int* cc_out) {
   int count = 0;
   cudaError_t err = cudaGetDeviceCount(&count);
   if (err != cudaSuccess)
@@ -233,6 +278,7 @@ ringattn_status check_device_uncached(int device_index) {
   if ((err = cudaGetDeviceProperties(&prop, device_index)) != cudaSuccess)
     return cuda_fail(err, "cudaGetDeviceProperties");
   const int cc = prop.major * 10 + prop.minor;
+  *cc_out = cc;
   if (cc < 80)
     return failf(RINGATTN_STATUS_UNSUPPORTED,
                  "GPU %d (%s) has compute capability %d.%d; libringattn needs 8.0 or newer (Ampere, Ada, Hopper)",
@@ -253,15 +299,20 @@ ringattn_status check_device_uncached(int device_index) {
   return RINGATTN_STATUS_OK;
 }
 
-ringattn_status check_device(int device_index) {
+// Checks the device once and caches the answer; *cc (optional) gets its compute capability.
+ringattn_status check_device(int device_index, int* cc = nullptr) {
   constexpr int kMaxDevices = 64;
   static std::mutex mutex;
   static DeviceSupport cache[kMaxDevices];
-  if (device_index >= kMaxDevices) return check_device_uncached(device_index);
+  int scratch = 0;
+  if (cc == nullptr) cc = &scratch;
+  if (device_index >= kMaxDevices) return check_device_uncached(device_index, cc);
   std::lock_guard<std::mutex> lock(mutex);
   DeviceSupport& entry = cache[device_index];
+  *cc = entry.cc;
   if (!entry.checked) {
-    entry.status = check_device_uncached(device_index);
+    entry.status = check_device_uncached(device_index, &entry.cc);
+    *cc = entry.cc;
     entry.message = entry.status == RINGATTN_STATUS_OK ? std::string() : std::string(last_error());
     // A missing device can appear later (CUDA_VISIBLE_DEVICES is read once, but a driver
     // error may be transient): cache only definite answers about an existing device.
@@ -287,7 +338,13 @@ ringattn_status fwd_workspace_size(const ringattn_fwd_params& p, size_t* bytes) 
   if (e == nullptr)
     return failf(RINGATTN_STATUS_UNSUPPORTED, "no GPU forward kernel compiled for dtype %d, head_dim %d, causal %d",
                  p.problem.dtype, p.problem.head_dim, p.problem.causal);
-  *bytes = scheduler_workspace_bytes(p.problem.num_groups, p.problem.batch_size, query_tile_capacity(p, e->block_m));
+  int block_m = e->block_m;
+#ifdef RINGATTN_SM90_TIER
+  // Either tier may run the call: size the work list for the smaller query tile.
+  if (const Sm90FwdKernelEntry* e90 = find_sm90_fwd_kernel(p.problem.dtype, p.problem.head_dim, p.problem.causal != 0))
+    block_m = e90->block_m < block_m ? e90->block_m : block_m;
+#endif
+  *bytes = scheduler_workspace_bytes(p.problem.num_groups, p.problem.batch_size, query_tile_capacity(p, block_m));
   return RINGATTN_STATUS_OK;
 }
 
@@ -508,27 +565,11 @@ ringattn_status grouped_bwd(const ringattn_bwd_params& p) {
   return RINGATTN_STATUS_OK;
 }
 
-ringattn_status grouped_fwd(const ringattn_fwd_params& p) {
+namespace {
+
+// Tier-1 kernel parameters of a forward call (tier 2 wraps them).
+FwdKernelParams fwd_kernel_params(const ringattn_fwd_params& p, const SchedulerArgs& sched) {
   const ringattn_problem& pr = p.problem;
-  ringattn_status s = check_support(p.exec.device_index, pr.dtype, pr.head_dim);
-  if (s != RINGATTN_STATUS_OK) return s;
-  const FwdKernelEntry* e = find_fwd_kernel(pr.dtype, pr.head_dim, pr.causal != 0);
-  if (e == nullptr)
-    return failf(RINGATTN_STATUS_UNSUPPORTED, "no GPU forward kernel compiled for dtype %d, head_dim %d, causal %d",
-                 pr.dtype, pr.head_dim, pr.causal);
-  const int64_t capacity = query_tile_capacity(p, e->block_m);
-  const int64_t num_ctas = capacity * pr.num_heads_q;
-  if (num_ctas > INT32_MAX)
-    return failf(RINGATTN_STATUS_INVALID_ARGUMENT,
-                 "total_q: %lld query tiles x %d heads exceed the grid limit of %d CTAs",
-                 static_cast<long long>(capacity), pr.num_heads_q, INT32_MAX);
-
-  DeviceGuard guard(p.exec.device_index);
-  if (guard.error() != cudaSuccess) return cuda_fail(guard.error(), "cudaSetDevice");
-  cudaStream_t stream = static_cast<cudaStream_t>(p.exec.stream);
-
-  const SchedulerArgs sched = query_tile_scheduler(p, e->block_m, e->block_n, capacity, p.workspace);
-
   FwdKernelParams kp{};
   for (int g = 0; g < pr.num_groups; ++g) {
     const ringattn_fwd_group& src = p.groups[g];
@@ -560,10 +601,105 @@ ringattn_status grouped_fwd(const ringattn_fwd_params& p) {
   kp.softmax_scale_log2 = kp.softmax_scale * 1.4426950408889634f;
   kp.work_items = sched.sorted;
   kp.work_count = sched.count;
+  return kp;
+}
 
-  cudaError_t err = launch_build_work_list(sched, stream);
+ringattn_status launch_fwd(const ringattn_fwd_params& p, int block_m, int block_n, cudaStream_t stream,
+                           FwdKernelParams* kp, int64_t* num_ctas) {
+  const ringattn_problem& pr = p.problem;
+  const int64_t capacity = query_tile_capacity(p, block_m);
+  *num_ctas = capacity * pr.num_heads_q;
+  if (*num_ctas > INT32_MAX)
+    return failf(RINGATTN_STATUS_INVALID_ARGUMENT, "total_q: %lld query tiles x %d heads exceed the grid limit of %d CTAs",
+                 static_cast<long long>(capacity), pr.num_heads_q, INT32_MAX);
+  const SchedulerArgs sched = query_tile_scheduler(p, block_m, block_n, capacity, p.workspace);
+  *kp = fwd_kernel_params(p, sched);
+  const cudaError_t err = launch_build_work_list(sched, stream);
   if (err != cudaSuccess) return cuda_fail(err, "launching the work-list kernel");
-  err = e->launch(kp, static_cast<int>(num_ctas), stream);
+  return RINGATTN_STATUS_OK;
+}
+
+#ifdef RINGATTN_SM90_TIER
+// Tensor maps of a tier-2 forward call; false (with the reason) when TMA cannot address an operand.
+bool encode_fwd_tensor_maps(const ringattn_fwd_params& p, const Sm90FwdKernelEntry& e, sm90::FwdKernelParams* kp,
+                            std::string* why) {
+  const ringattn_problem& pr = p.problem;
+  const bool bf16 = pr.dtype == RINGATTN_DTYPE_BF16;
+  std::string reason;
+  for (int g = 0; g < pr.num_groups; ++g) {
+    const ringattn_fwd_group& src = p.groups[g];
+    if (src.total_q == 0) continue;  // no tiles read this map
+    if (!sm90::encode_token_head_map(&kp->tma_q[g], src.q, bf16, pr.head_dim, src.total_q, pr.num_heads_q,
+                                     src.q_row_stride, src.q_head_stride, e.block_m, &reason)) {
+      *why = "groups[" + std::to_string(g) + "].q: " + reason;
+      return false;
+    }
+  }
+  if (!sm90::encode_token_head_map(&kp->tma_k, p.k, bf16, pr.head_dim, pr.total_k, pr.num_heads_k, p.k_row_stride,
+                                   p.k_head_stride, e.block_n, &reason)) {
+    *why = "k: " + reason;
+    return false;
+  }
+  if (!sm90::encode_token_head_map(&kp->tma_v, p.v, bf16, pr.head_dim, pr.total_k, pr.num_heads_k, p.v_row_stride,
+                                   p.v_head_stride, e.block_n, &reason)) {
+    *why = "v: " + reason;
+    return false;
+  }
+  return true;
+}
+#endif
+
+}  // namespace
+
+ringattn_status grouped_fwd(const ringattn_fwd_params& p) {
+  const ringattn_problem& pr = p.problem;
+  ringattn_status s = check_support(p.exec.device_index, pr.dtype, pr.head_dim);
+  if (s != RINGATTN_STATUS_OK) return s;
+  int cc = 0;
+  if ((s = check_device(p.exec.device_index, &cc)) != RINGATTN_STATUS_OK) return s;
+  const bool causal = pr.causal != 0;
+  DeviceGuard guard(p.exec.device_index);
+  if (guard.error() != cudaSuccess) return cuda_fail(guard.error(), "cudaSetDevice");
+  cudaStream_t stream = static_cast<cudaStream_t>(p.exec.stream);
+
+#ifdef RINGATTN_SM90_TIER
+  // Tier 2 on sm90 cards unless tier 1 is asked for; it needs TMA-addressable operands (16-byte
+  // aligned bases, strides in multiples of 8 elements) and a compiled kernel for the shape.
+  if (p.exec.tier != RINGATTN_TIER_SM80) {
+    const Sm90FwdKernelEntry* e90 = cc == 90 ? find_sm90_fwd_kernel(pr.dtype, pr.head_dim, causal) : nullptr;
+    std::string why = cc != 90 ? "the GPU is not an sm90 card" : "no tier-2 kernel compiled for this dtype and head_dim";
+    if (e90 != nullptr && pr.total_k > 0) {
+      sm90::FwdKernelParams kp90{};
+      if (encode_fwd_tensor_maps(p, *e90, &kp90, &why)) {
+        int64_t num_ctas = 0;
+        if ((s = launch_fwd(p, e90->block_m, e90->block_n, stream, &kp90.base, &num_ctas)) != RINGATTN_STATUS_OK)
+          return s;
+        const cudaError_t err = e90->launch(kp90, static_cast<int>(num_ctas), stream);
+        if (err != cudaSuccess) return cuda_fail(err, "launching the grouped forward kernel (tier 2, sm90a)");
+        return RINGATTN_STATUS_OK;
+      }
+    } else if (e90 != nullptr) {
+      why = "total_k is 0";
+    }
+    if (p.exec.tier == RINGATTN_TIER_SM90)
+      return failf(RINGATTN_STATUS_UNSUPPORTED, "exec.tier: RINGATTN_TIER_SM90 requested, but tier 2 cannot run this call: %s",
+                   why.c_str());
+  }
+#else
+  if (p.exec.tier == RINGATTN_TIER_SM90)
+    return fail(RINGATTN_STATUS_UNSUPPORTED,
+                "exec.tier: RINGATTN_TIER_SM90 requested, but this libringattn was built without sm90a kernels "
+                "(RINGATTN_CUDA_ARCHS has no 90a)");
+#endif
+
+  const FwdKernelEntry* e = find_fwd_kernel(pr.dtype, pr.head_dim, causal);
+  if (e == nullptr)
+    return failf(RINGATTN_STATUS_UNSUPPORTED, "no GPU forward kernel compiled for dtype %d, head_dim %d, causal %d",
+                 pr.dtype, pr.head_dim, pr.causal);
+  FwdKernelParams kp{};
+  int64_t num_ctas = 0;
+  if ((s = launch_fwd(p, e->block_m, e->block_n, stream, &kp, &num_ctas)) != RINGATTN_STATUS_OK) return s;
+  const cudaError_t err = e->launch(kp, static_cast<int>(num_ctas), stream);
   if (err != cudaSuccess) return cuda_fail(err, "launching the grouped forward kernel");
   return RINGATTN_STATUS_OK;
 }

@@ -219,6 +219,21 @@ def _validate_common(
 # ---- filling the C structs --------------------------------------------------------------------
 
 
+ENV_TIER = "RING_FLASH_ATTN_TIER"
+_TIERS = {"auto": _lib.TIER_AUTO, "sm80": _lib.TIER_SM80, "sm90": _lib.TIER_SM90}
+
+
+def _kernel_tier() -> int:
+    """The GPU kernel tier from $RING_FLASH_ATTN_TIER: ``auto`` (default: tier 2 on sm90 cards where
+    it applies, else tier 1), ``sm80`` (force tier 1, for comparison) or ``sm90`` (force tier 2; a
+    call it cannot run fails with the reason). Read at every call, so it can be switched at run time."""
+    name = os.environ.get(ENV_TIER, "auto").strip().lower() or "auto"
+    tier = _TIERS.get(name)
+    if tier is None:
+        raise ValueError(f"${ENV_TIER}: expected one of {sorted(_TIERS)}, got {name!r}")
+    return tier
+
+
 def _exec(device: torch.device) -> Tuple[_lib.Exec, int]:
     """(ringattn_exec, check_metadata) for a call on `device`."""
     ex = _lib.Exec()
@@ -227,7 +242,7 @@ def _exec(device: torch.device) -> Tuple[_lib.Exec, int]:
         ex.device_type = _lib.DEVICE_CUDA
         ex.device_index = index
         ex.stream = torch.cuda.current_stream(index).cuda_stream
-        ex.tier = _lib.TIER_AUTO
+        ex.tier = _kernel_tier()
         check_metadata = 1 if os.environ.get(ENV_CHECK_METADATA, "0") == "1" else 0
     elif device.type == "cpu":
         ex.device_type = _lib.DEVICE_CPU

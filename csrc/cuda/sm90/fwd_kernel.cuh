@@ -1,0 +1,347 @@
+// Tier-2 grouped varlen attention forward for sm90a: TMA loads on an mbarrier pipeline, wgmma
+// for both products, warp specialisation.
+//
+// One CTA computes one 128-row query tile of one (group, sequence, head), taken from the same
+// longest-first work list as tier 1 (heads of one item are consecutive CTAs, so the query heads
+// of one KV head read the same K/V from L2 at about the same time).
+//   warpgroup 0 (producer, 24 registers): one thread loads Q once, then K and V block by block,
+//     from the last block to the first, into kStages stages guarded by full/empty mbarriers.
+//   warpgroups 1, 2 (consumers, 240 registers): 64 query rows each. S = Q K^T (wgmma, both
+//     operands in shared memory), masking, online softmax in registers, O += P V (wgmma, P from
+//     registers, V transposed from shared memory). The softmax of block n overlaps the P V
+//     product of block n+1, which is issued right after S(n).
+// Varlen through TMA: a tile may run past its sequence into the next one (or past the tensor,
+// where TMA fills zeros); those key columns are masked to -inf and, in the block that holds
+// the sequence's last key, the rows of V past it are zeroed in shared memory before P V reads
+// them (0 * garbage could be NaN). Query rows past the sequence are computed and not stored.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "cuda/ptx.h"
+#include "cuda/seqlen_info.h"
+#include "cuda/sm90/fwd_launch.h"
+#include "cuda/sm90/ptx_sm90.h"
+#include "cuda/sm90/softmax.cuh"
+#include "cuda/sm90/wgmma.h"
+
+namespace ringattn {
+namespace cuda {
+namespace sm90 {
+
+// Named barrier ids (0 is __syncthreads): one per consumer warpgroup.
+enum class NamedBarrier : int { kConsumerWg0 = 1 };
+
+template <typename T>
+struct SmemPlan {
+  uint32_t q, k, v, bars;
+  __device__ __forceinline__ explicit SmemPlan(uint32_t base)
+      : q(base + T::kOffQ), k(base + T::kOffK), v(base + T::kOffV), bars(base + T::kOffBarriers) {}
+  __device__ __forceinline__ uint32_t bar_q() const { return bars; }
+  __device__ __forceinline__ uint32_t full_k(int s) const { return bars + 8 * (1 + s); }
+  __device__ __forceinline__ uint32_t empty_k(int s) const { return bars + 8 * (1 + T::kStages + s); }
+  __device__ __forceinline__ uint32_t full_v(int s) const { return bars + 8 * (1 + 2 * T::kStages + s); }
+  __device__ __forceinline__ uint32_t empty_v(int s) const { return bars + 8 * (1 + 3 * T::kStages + s); }
+  __device__ __forceinline__ uint32_t k_stage(int s) const { return k + s * T::kKVBytes; }
+  __device__ __forceinline__ uint32_t v_stage(int s) const { return v + s * T::kKVBytes; }
+};
+
+// The producer: one thread. Block i of the tile's loop (key block n = n_block_max - 1 - i) goes
+// to stage i % kStages; the empty barrier's phase tells when the consumers released that stage.
+template <typename T>
+__device__ __forceinline__ void produce(const FwdKernelParams& params, const SmemPlan<T>& sm, int group, int head,
+                                        int kv_head, int q_token0, int k_token0, int n_block_max) {
+  const void* tma_q = &params.tma_q[group];
+  ptx::mbarrier_arrive_expect_tx(sm.bar_q(), T::kQBytes);
+#pragma unroll
+  for (int cb = 0; cb < T::kColBlocks; ++cb)
+    ptx::tma_load_3d(sm.q + cb * T::kQColBlockBytes, tma_q, sm.bar_q(), cb * 64, head, q_token0);
+  for (int i = 0; i < n_block_max; ++i) {
+    const int n = n_block_max - 1 - i;
+    const int s = i % T::kStages;
+    const uint32_t parity = ((i / T::kStages) & 1) ^ 1;
+    const int token = k_token0 + n * T::kBlockN;
+    ptx::mbarrier_wait_parity(sm.empty_k(s), parity);
+    ptx::mbarrier_arrive_expect_tx(sm.full_k(s), T::kKVBytes);
+#pragma unroll
+    for (int cb = 0; cb < T::kColBlocks; ++cb)
+      ptx::tma_load_3d(sm.k_stage(s) + cb * T::kKVColBlockBytes, &params.tma_k, sm.full_k(s), cb * 64, kv_head, token);
+    ptx::mbarrier_wait_parity(sm.empty_v(s), parity);
+    ptx::mbarrier_arrive_expect_tx(sm.full_v(s), T::kKVBytes);
+#pragma unroll
+    for (int cb = 0; cb < T::kColBlocks; ++cb)
+      ptx::tma_load_3d(sm.v_stage(s) + cb * T::kKVColBlockBytes, &params.tma_v, sm.full_v(s), cb * 64, kv_head, token);
+  }
+}
+
+// One consumer warpgroup's view of the tile: its 64 query rows and the wgmma operand descriptors.
+template <typename T>
+struct ConsumerTile {
+  using Element = typename T::Element;
+  static constexpr int kNTiles = T::kBlockN / 8;    // S accumulator: m16n8 fragments per warp
+  static constexpr int kDTiles = T::kHeadDim / 8;   // O accumulator
+  static constexpr int kPSteps = T::kBlockN / 16;   // k-steps of P V
+  static constexpr int kQKSteps = T::kHeadDim / 16;  // k-steps of Q K^T
+
+  const SmemPlan<T>& sm;
+  int wg;  // consumer warpgroup 0 or 1
+
+  // Q rows [64 wg, 64 wg + 64), k-step kk: column block kk/4, 32 bytes per k-step inside it.
+  __device__ __forceinline__ uint64_t q_desc(int kk) const {
+    return ptx::smem_desc_sw128(sm.q + (kk / 4) * T::kQColBlockBytes + wg * 64 * 128 + (kk % 4) * 32, 16, 1024);
+  }
+  __device__ __forceinline__ uint64_t k_desc(int s, int kk) const {
+    return ptx::smem_desc_sw128(sm.k_stage(s) + (kk / 4) * T::kKVColBlockBytes + (kk % 4) * 32, 16, 1024);
+  }
+  // V as the MN-major B operand of P V: k-step kk covers keys [16 kk, 16 kk + 16) (two 8-row
+  // groups, 1024 bytes apart); the 64-column blocks of the head dim are kKVColBlockBytes apart.
+  __device__ __forceinline__ uint64_t v_desc(int s, int kk) const {
+    return ptx::smem_desc_sw128(sm.v_stage(s) + kk * 2048, T::kKVColBlockBytes, 1024);
+  }
+
+  __device__ __forceinline__ void issue_qk(float (&s)[kNTiles][4], int stage) const {
+    ptx::wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kQKSteps; ++kk)
+      ptx::Wgmma<Element, T::kBlockN>::ss(s, q_desc(kk), k_desc(stage, kk), kk > 0 ? 1 : 0);
+    ptx::wgmma_commit_group();
+  }
+  __device__ __forceinline__ void issue_pv(float (&o)[kDTiles][4], const uint32_t (&p)[kPSteps][4], int stage) const {
+    ptx::wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kPSteps; ++kk) ptx::Wgmma<Element, T::kHeadDim>::rs_tb(o, p[kk], v_desc(stage, kk), 1);
+    ptx::wgmma_commit_group();
+  }
+};
+
+template <int kNTiles>
+__device__ __forceinline__ void fence_accumulator(float (&a)[kNTiles][4]) {
+#pragma unroll
+  for (int i = 0; i < kNTiles; ++i)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) ptx::fence_operand(a[i][c]);
+}
+
+template <typename T, bool kCausal>
+__global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __grid_constant__ FwdKernelParams params) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using Element = typename T::Element;
+  using Tile = ConsumerTile<T>;
+  constexpr int kBlockM = T::kBlockM;
+  constexpr int kBlockN = T::kBlockN;
+  constexpr int kNTiles = Tile::kNTiles;
+  constexpr int kDTiles = Tile::kDTiles;
+  constexpr int kPSteps = Tile::kPSteps;
+  const cuda::FwdKernelParams& p = params.base;
+
+  const int num_heads_q = p.num_heads_q;
+  const int item_index = blockIdx.x / num_heads_q;
+  if (item_index >= *p.work_count) return;
+  const int head = blockIdx.x % num_heads_q;
+  const WorkItem item = p.work_items[item_index];
+  const int group = item.group_and_mblock & 15;
+  const int m_block = item.group_and_mblock >> 4;
+  const FwdGroupArgs& g = p.groups[group];
+  const SeqLenInfo seq(g.cu_seqlens_q, g.total_q, p.cu_seqlens_k, p.total_k, g.seqused_k, item.batch);
+  const int row0 = m_block * kBlockM;
+  if (row0 >= seq.seqlen_q) return;
+  const int rows_valid = min(kBlockM, seq.seqlen_q - row0);
+  const int kv_head = head / p.q_heads_per_kv_head;
+  const int tid = threadIdx.x;
+
+  Element* out_tile = static_cast<Element*>(g.out) + (seq.q_start + row0) * g.out_row_stride + head * g.out_head_stride;
+  float* lse_tile = g.softmax_lse + static_cast<int64_t>(head) * g.total_q + seq.q_start + row0;
+
+  const int n_block_max = seq.n_block_max<kBlockM, kBlockN, kCausal>(m_block);
+  if (n_block_max <= 0) {  // no row of this tile sees a key: O = 0, LSE = -inf
+    constexpr int kChunks = T::kHeadDim / 8;
+    for (int i = tid; i < rows_valid * kChunks; i += T::kThreads)
+      *reinterpret_cast<uint4*>(out_tile + (i / kChunks) * g.out_row_stride + (i % kChunks) * 8) = make_uint4(0, 0, 0, 0);
+    for (int row = tid; row < rows_valid; row += T::kThreads) lse_tile[row] = -INFINITY;
+    return;
+  }
+
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  const uint32_t base = (ptx::smem_addr(smem_raw) + 1023u) & ~1023u;
+  const SmemPlan<T> sm(base);
+  if (tid == 0) {
+    ptx::mbarrier_init(sm.bar_q(), 1);
+#pragma unroll
+    for (int s = 0; s < T::kStages; ++s) {
+      ptx::mbarrier_init(sm.full_k(s), 1);
+      ptx::mbarrier_init(sm.full_v(s), 1);
+      ptx::mbarrier_init(sm.empty_k(s), T::kConsumerWarps);
+      ptx::mbarrier_init(sm.empty_v(s), T::kConsumerWarps);
+    }
+    ptx::fence_mbarrier_init();
+  }
+  __syncthreads();
+
+  const int warpgroup = tid / 128;
+  if (warpgroup == 0) {
+    // ---------------- producer ----------------
+    ptx::setmaxnreg_dec<T::kProducerRegs>();
+    if (tid == 0) {
+      ptx::prefetch_tensor_map(&params.tma_q[group]);
+      ptx::prefetch_tensor_map(&params.tma_k);
+      ptx::prefetch_tensor_map(&params.tma_v);
+      produce<T>(params, sm, group, head, kv_head, seq.q_start + row0, seq.k_start, n_block_max);
+    }
+    return;
+  }
+
+  // ---------------- consumers ----------------
+  ptx::setmaxnreg_inc<T::kConsumerRegs>();
+  const int wg = warpgroup - 1;
+  const int lane = tid & 31;
+  const int warp_in_wg = (tid / 32) & 3;
+  const bool arrive_lane = lane == 0;
+  const Tile tile{sm, wg};
+  // This thread's two query rows, within the sequence, and its first key column in a block.
+  const int my_row = row0 + wg * 64 + warp_in_wg * 16 + (lane >> 2);
+  const int my_col = (lane & 3) * 2;
+  const int wg_row0 = row0 + wg * 64;
+  const int causal_offset = seq.causal_offset();
+
+  float o[kDTiles][4];
+#pragma unroll
+  for (int dt = 0; dt < kDTiles; ++dt)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) o[dt][c] = 0.f;
+  float s[kNTiles][4];
+  uint32_t pfrag[kPSteps][4];
+  RowSoftmax softmax;
+
+  // Masks key columns past the sequence and (causal) past each row's diagonal.
+  auto mask = [&](int n) {
+    const int col0 = n * kBlockN;
+    const bool need = (col0 + kBlockN > seq.seqlen_k) || (kCausal && col0 + kBlockN - 1 > wg_row0 + causal_offset);
+    if (!need) return;
+#pragma unroll
+    for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int row = my_row + ((c >> 1) << 3);
+        const int col = col0 + nt * 8 + my_col + (c & 1);
+        if (col >= seq.seqlen_k || (kCausal && col > row + causal_offset)) s[nt][c] = -INFINITY;
+      }
+  };
+  // P (fp32 in s) -> the register A operand of P V.
+  auto convert_p = [&]() {
+#pragma unroll
+    for (int kk = 0; kk < kPSteps; ++kk) {
+      pfrag[kk][0] = ptx::pack2<Element>(s[2 * kk][0], s[2 * kk][1]);
+      pfrag[kk][1] = ptx::pack2<Element>(s[2 * kk][2], s[2 * kk][3]);
+      pfrag[kk][2] = ptx::pack2<Element>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      pfrag[kk][3] = ptx::pack2<Element>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+    }
+  };
+  // In the block holding the sequence's last key, zero the V rows past it (this warpgroup's
+  // copy of the work; both write the same zeros), then make them visible to wgmma.
+  auto zero_v_tail = [&](int n, int stage) {
+    const int valid = seq.seqlen_k - n * kBlockN;
+    if (valid >= kBlockN) return;
+    const int first = valid < 0 ? 0 : valid;
+    const int chunks = (kBlockN - first) * 8 * T::kColBlocks;  // 16-byte chunks
+    for (int i = tid - 128 * (wg + 1); i < chunks; i += 128) {
+      const int cb = i / ((kBlockN - first) * 8);
+      const int rem = i % ((kBlockN - first) * 8);
+      const uint32_t addr = sm.v_stage(stage) + cb * T::kKVColBlockBytes + (first + rem / 8) * 128 + (rem % 8) * 16;
+      asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(addr), "r"(0) : "memory");
+    }
+    ptx::fence_proxy_async_shared();
+    ptx::named_barrier_sync(static_cast<int>(NamedBarrier::kConsumerWg0) + wg, 128);
+  };
+  auto release = [&](uint32_t bar) {
+    __syncwarp();
+    if (arrive_lane) ptx::mbarrier_arrive(bar);
+  };
+
+  ptx::mbarrier_wait_parity(sm.bar_q(), 0);
+
+  // Block i of the loop is key block n = n_block_max - 1 - i, in stage i % kStages.
+  float correction[2];
+  {
+    const int n = n_block_max - 1;
+    ptx::mbarrier_wait_parity(sm.full_k(0), 0);
+    tile.issue_qk(s, 0);
+    ptx::wgmma_wait_group<0>();
+    fence_accumulator(s);
+    release(sm.empty_k(0));
+    mask(n);
+    softmax.update(s, p.softmax_scale_log2, correction);
+    convert_p();
+  }
+  for (int i = 1; i < n_block_max; ++i) {
+    const int n = n_block_max - 1 - i;
+    const int stage = i % T::kStages;
+    const uint32_t parity = (i / T::kStages) & 1;
+    const int prev_stage = (i - 1) % T::kStages;
+    const uint32_t prev_parity = ((i - 1) / T::kStages) & 1;
+    ptx::mbarrier_wait_parity(sm.full_k(stage), parity);
+    tile.issue_qk(s, stage);
+    ptx::mbarrier_wait_parity(sm.full_v(prev_stage), prev_parity);
+    zero_v_tail(n + 1, prev_stage);
+    tile.issue_pv(o, pfrag, prev_stage);
+    ptx::wgmma_wait_group<1>();  // S(n) is in; P V(n+1) may still run
+    fence_accumulator(s);
+    release(sm.empty_k(stage));
+    mask(n);
+    softmax.update(s, p.softmax_scale_log2, correction);
+    ptx::wgmma_wait_group<0>();
+    fence_accumulator(o);
+    release(sm.empty_v(prev_stage));
+#pragma unroll
+    for (int dt = 0; dt < kDTiles; ++dt) {
+      o[dt][0] *= correction[0];
+      o[dt][1] *= correction[0];
+      o[dt][2] *= correction[1];
+      o[dt][3] *= correction[1];
+    }
+    convert_p();
+  }
+  {
+    const int i = n_block_max - 1;
+    const int stage = i % T::kStages;
+    ptx::mbarrier_wait_parity(sm.full_v(stage), (i / T::kStages) & 1);
+    zero_v_tail(0, stage);
+    tile.issue_pv(o, pfrag, stage);
+    ptx::wgmma_wait_group<0>();
+    fence_accumulator(o);
+    release(sm.empty_v(stage));
+  }
+
+  // ---------------- epilogue: normalise, store O and the LSE ----------------
+  float lse[2];
+  softmax.finalize(o, p.softmax_scale, lse);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = my_row + r * 8 - row0;  // within the tile
+    if (row < rows_valid) {
+      Element* dst = out_tile + row * g.out_row_stride + my_col;
+#pragma unroll
+      for (int dt = 0; dt < kDTiles; ++dt)
+        *reinterpret_cast<uint32_t*>(dst + dt * 8) = ptx::pack2<Element>(o[dt][2 * r], o[dt][2 * r + 1]);
+      if ((lane & 3) == 0) lse_tile[row] = lse[r];
+    }
+  }
+#endif
+}
+
+// Host side: launch one instantiation over `num_ctas` CTAs (work items x heads).
+template <typename T, bool kCausal>
+cudaError_t launch_grouped_fwd(const FwdKernelParams& params, int num_ctas, cudaStream_t stream) {
+  auto kernel = &grouped_fwd_kernel<T, kCausal>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  if (num_ctas <= 0) return cudaSuccess;
+  kernel<<<num_ctas, T::kThreads, T::kSmemBytes, stream>>>(params);
+  return cudaGetLastError();
+}
+
+}  // namespace sm90
+}  // namespace cuda
+}  // namespace ringattn

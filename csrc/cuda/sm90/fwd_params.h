@@ -1,0 +1,26 @@
+// Parameters of the tier-2 (sm90a) forward kernel: the tier-1 parameters plus TMA tensor maps
+// of Q (one per group), K and V, encoded on the host (tma_host.h). Passed by value as a
+// __grid_constant__ kernel parameter, so the tensor maps live in the parameter space TMA reads.
+#pragma once
+
+#include <cuda.h>
+
+#include "cuda/fwd_params.h"
+
+namespace ringattn {
+namespace cuda {
+namespace sm90 {
+
+struct FwdKernelParams {
+  cuda::FwdKernelParams base;
+  // Tensor maps over [tokens][heads][head_dim] (dims innermost first: D, heads, tokens), boxes
+  // of 64 x 1 x block rows with the 128-byte swizzle (tma_host.h).
+  CUtensorMap tma_q[RINGATTN_MAX_GROUPS];
+  CUtensorMap tma_k;
+  CUtensorMap tma_v;
+};
+static_assert(sizeof(FwdKernelParams) <= 4096, "kernel parameters fit the 4 KB parameter space");
+
+}  // namespace sm90
+}  // namespace cuda
+}  // namespace ringattn

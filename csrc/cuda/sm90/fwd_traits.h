@@ -1,0 +1,62 @@
+// Tile shapes and shared-memory plan of the tier-2 (sm90a) forward kernel.
+//
+// A CTA is three warpgroups: warpgroup 0 is the producer (one thread issues the TMA loads),
+// warpgroups 1 and 2 are consumers, each owning 64 of the tile's kBlockM = 128 query rows.
+// Q, K and V tiles are stored as TMA writes them with the 128-byte swizzle: column blocks of 64
+// elements ([D/64][rows][64]), each 1024-byte aligned, which is also the wgmma operand layout.
+#pragma once
+
+#include <cstdint>
+
+namespace ringattn {
+namespace cuda {
+namespace sm90 {
+
+template <typename Element_, int kHeadDim_, int kBlockN_, int kStages_>
+struct FwdTraits {
+  using Element = Element_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = 128;
+  static constexpr int kBlockN = kBlockN_;
+  static constexpr int kStages = kStages_;
+  static constexpr int kNumConsumerWarpgroups = 2;
+  static constexpr int kThreads = 128 * (1 + kNumConsumerWarpgroups);
+  static constexpr int kConsumerWarps = 4 * kNumConsumerWarpgroups;
+  static constexpr int kColBlocks = kHeadDim / 64;  // 64-element (128-byte) column blocks
+  static constexpr int kProducerRegs = 24;
+  static constexpr int kConsumerRegs = 240;
+
+  static constexpr uint32_t kQBytes = kBlockM * kHeadDim * sizeof(Element);
+  static constexpr uint32_t kKVBytes = kBlockN * kHeadDim * sizeof(Element);  // one K or V stage
+  static constexpr uint32_t kQColBlockBytes = kBlockM * 128;
+  static constexpr uint32_t kKVColBlockBytes = kBlockN * 128;
+  // Offsets from the 1024-byte aligned base.
+  static constexpr uint32_t kOffQ = 0;
+  static constexpr uint32_t kOffK = kOffQ + kQBytes;
+  static constexpr uint32_t kOffV = kOffK + kStages * kKVBytes;
+  static constexpr uint32_t kOffBarriers = kOffV + kStages * kKVBytes;
+  static constexpr int kNumBarriers = 1 + 4 * kStages;  // Q, full/empty of K and V per stage
+  static constexpr int kSmemBytes = 1024 /* alignment slack */ + kOffBarriers + 8 * kNumBarriers;
+
+  static_assert(sizeof(Element) == 2, "16-bit elements");
+  static_assert(kHeadDim % 64 == 0, "head dim in 64-element column blocks");
+  static_assert(kBlockN % 16 == 0 && kBlockN <= 256, "wgmma N");
+  static_assert(kQBytes % 1024 == 0 && kKVBytes % 1024 == 0, "1024-byte aligned tiles");
+  static_assert(kSmemBytes <= 227 * 1024, "fits an H100's shared memory");
+};
+
+// The configuration used per (dtype, head dim).
+template <typename Element, int kHeadDim>
+struct FwdConfig;
+template <typename Element>
+struct FwdConfig<Element, 64> {
+  using Traits = FwdTraits<Element, 64, 128, 2>;
+};
+template <typename Element>
+struct FwdConfig<Element, 128> {
+  using Traits = FwdTraits<Element, 128, 128, 2>;
+};
+
+}  // namespace sm90
+}  // namespace cuda
+}  // namespace ringattn

@@ -1,0 +1,74 @@
+#include "cuda/sm90/tma_host.h"
+
+#include <cuda_runtime.h>
+#include <cudaTypedefs.h>
+
+#include <mutex>
+
+namespace ringattn {
+namespace cuda {
+namespace sm90 {
+namespace {
+
+PFN_cuTensorMapEncodeTiled_v12000 encode_fn(std::string* why) {
+  static std::once_flag once;
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = nullptr;
+  static std::string error;
+  std::call_once(once, [] {
+    void* p = nullptr;
+    cudaDriverEntryPointQueryResult q = cudaDriverEntryPointSymbolNotFound;
+    const cudaError_t err = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &q);
+    if (err != cudaSuccess || q != cudaDriverEntryPointSuccess || p == nullptr) {
+      error = std::string("the driver has no cuTensorMapEncodeTiled (") + cudaGetErrorString(err) + ")";
+      cudaGetLastError();
+      return;
+    }
+    fn = reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(p);
+  });
+  if (fn == nullptr && why) *why = error;
+  return fn;
+}
+
+}  // namespace
+
+bool encode_token_head_map(CUtensorMap* map, const void* base, bool bf16, int head_dim, int64_t tokens, int heads,
+                           int64_t row_stride, int64_t head_stride, int box_rows, std::string* why) {
+  constexpr int64_t kElem = 2;
+  if (reinterpret_cast<uintptr_t>(base) % 16 != 0) {
+    *why = "base pointer not 16-byte aligned";
+    return false;
+  }
+  if (tokens <= 0 || heads <= 0) {
+    *why = "empty tensor";
+    return false;
+  }
+  // A single head's stride is never used; give TMA a valid one.
+  if (heads == 1) head_stride = head_dim;
+  if ((row_stride * kElem) % 16 != 0 || (head_stride * kElem) % 16 != 0 || row_stride <= 0 || head_stride <= 0) {
+    *why = "row/head strides not multiples of 8 elements";
+    return false;
+  }
+  if (tokens > (int64_t{1} << 31) - 1) {
+    *why = "more than 2^31 - 1 tokens";
+    return false;
+  }
+  PFN_cuTensorMapEncodeTiled_v12000 fn = encode_fn(why);
+  if (fn == nullptr) return false;
+  const cuuint64_t dims[3] = {static_cast<cuuint64_t>(head_dim), static_cast<cuuint64_t>(heads),
+                              static_cast<cuuint64_t>(tokens)};
+  const cuuint64_t strides[2] = {static_cast<cuuint64_t>(head_stride * kElem), static_cast<cuuint64_t>(row_stride * kElem)};
+  const cuuint32_t box[3] = {64, 1, static_cast<cuuint32_t>(box_rows)};
+  const cuuint32_t elem_strides[3] = {1, 1, 1};
+  const CUresult r = fn(map, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 3,
+                        const_cast<void*>(base), dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                        CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS) {
+    *why = "cuTensorMapEncodeTiled returned error " + std::to_string(static_cast<int>(r));
+    return false;
+  }
+  return true;
+}
+
+}  // namespace sm90
+}  // namespace cuda
+}  // namespace ringattn
