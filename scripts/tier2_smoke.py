@@ -5,6 +5,7 @@ next to PyTorch's SDPA at L=16384 (one group, full causal). Run under `timeout`:
 shows up as a hang. Prints one line per check; exit code 1 if any check fails.
 
     RING_FLASH_ATTN_LIBRARY=build/device/libringattn.so PYTHONPATH=python python scripts/tier2_smoke.py
+    ... --timing-only      (the timing alone, e.g. under RINGATTN_SM90_PINGPONG=0)
 """
 import os
 import sys
@@ -89,6 +90,10 @@ def timing(L=16384, hq=32, hk=8, d=128, iters=20):
 
 def main():
     print(f"GPU: {torch.cuda.get_device_name()} cc {torch.cuda.get_device_capability()}", flush=True)
+    if "--timing-only" in sys.argv:
+        print(f"RINGATTN_SM90_PINGPONG={os.environ.get('RINGATTN_SM90_PINGPONG', '1')}")
+        timing()
+        return 0
     ok = True
     t0 = time.time()
     for d in (64, 128):

@@ -3,6 +3,7 @@
 #include <cuda_runtime.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <cstdint>
 #include <mutex>
 #include <string>
@@ -620,6 +621,16 @@ ringattn_status launch_fwd(const ringattn_fwd_params& p, int block_m, int block_
 }
 
 #ifdef RINGATTN_SM90_TIER
+// Tuning switch, read once: RINGATTN_SM90_PINGPONG=0 lets the tier-2 consumer warpgroups issue
+// their products independently instead of taking turns (for measuring what ping-pong buys).
+bool sm90_pingpong() {
+  static const bool on = [] {
+    const char* v = std::getenv("RINGATTN_SM90_PINGPONG");
+    return v == nullptr || std::string(v) != "0";
+  }();
+  return on;
+}
+
 // Tensor maps of a tier-2 forward call; false (with the reason) when TMA cannot address an operand.
 bool encode_fwd_tensor_maps(const ringattn_fwd_params& p, const Sm90FwdKernelEntry& e, sm90::FwdKernelParams* kp,
                             std::string* why) {
@@ -670,6 +681,7 @@ ringattn_status grouped_fwd(const ringattn_fwd_params& p) {
     std::string why = cc != 90 ? "the GPU is not an sm90 card" : "no tier-2 kernel compiled for this dtype and head_dim";
     if (e90 != nullptr && pr.total_k > 0) {
       sm90::FwdKernelParams kp90{};
+      kp90.pingpong = sm90_pingpong() ? 1 : 0;
       if (encode_fwd_tensor_maps(p, *e90, &kp90, &why)) {
         int64_t num_ctas = 0;
         if ((s = launch_fwd(p, e90->block_m, e90->block_n, stream, &kp90.base, &num_ctas)) != RINGATTN_STATUS_OK)

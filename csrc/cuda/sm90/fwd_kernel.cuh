@@ -32,8 +32,27 @@ namespace ringattn {
 namespace cuda {
 namespace sm90 {
 
-// Named barrier ids (0 is __syncthreads): one per consumer warpgroup.
-enum class NamedBarrier : int { kConsumerWg0 = 1 };
+// Named barrier ids (0 is __syncthreads): one per consumer warpgroup for its own V fix-up, and
+// one per consumer warpgroup for the ping-pong order of wgmma issue.
+enum class NamedBarrier : int { kConsumerWg0 = 1, kIssueWg0 = 3 };
+
+// Ping-pong between the two consumer warpgroups: each waits for its turn before issuing a block's
+// products and hands the turn over right after, so one warpgroup's softmax runs while the other's
+// products keep the tensor cores busy. Warpgroup 1 gives warpgroup 0 the first turn and skips its
+// last hand-over, so every bar.sync meets exactly one bar.arrive.
+struct IssueOrder {
+  bool enabled;
+  int wg;
+  __device__ __forceinline__ void wait_turn() const {
+    if (enabled) ptx::named_barrier_sync(static_cast<int>(NamedBarrier::kIssueWg0) + wg, 256);
+  }
+  __device__ __forceinline__ void pass_turn(bool last) const {
+    if (enabled && !(last && wg == 1)) ptx::named_barrier_arrive(static_cast<int>(NamedBarrier::kIssueWg0) + (wg ^ 1), 256);
+  }
+  __device__ __forceinline__ void start() const {
+    if (enabled && wg == 1) ptx::named_barrier_arrive(static_cast<int>(NamedBarrier::kIssueWg0), 256);
+  }
+};
 
 template <typename T>
 struct SmemPlan {
@@ -260,6 +279,8 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __gri
     if (arrive_lane) ptx::mbarrier_arrive(bar);
   };
 
+  const IssueOrder order{params.pingpong != 0, wg};
+  order.start();
   ptx::mbarrier_wait_parity(sm.bar_q(), 0);
 
   // Block i of the loop is key block n = n_block_max - 1 - i, in stage i % kStages.
@@ -267,7 +288,9 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __gri
   {
     const int n = n_block_max - 1;
     ptx::mbarrier_wait_parity(sm.full_k(0), 0);
+    order.wait_turn();
     tile.issue_qk(s, 0);
+    order.pass_turn(false);
     ptx::wgmma_wait_group<0>();
     fence_accumulator(s);
     release(sm.empty_k(0));
@@ -282,10 +305,12 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __gri
     const int prev_stage = (i - 1) % T::kStages;
     const uint32_t prev_parity = ((i - 1) / T::kStages) & 1;
     ptx::mbarrier_wait_parity(sm.full_k(stage), parity);
-    tile.issue_qk(s, stage);
     ptx::mbarrier_wait_parity(sm.full_v(prev_stage), prev_parity);
     zero_v_tail(n + 1, prev_stage);
+    order.wait_turn();
+    tile.issue_qk(s, stage);
     tile.issue_pv(o, pfrag, prev_stage);
+    order.pass_turn(false);
     ptx::wgmma_wait_group<1>();  // S(n) is in; P V(n+1) may still run
     fence_accumulator(s);
     release(sm.empty_k(stage));
@@ -308,7 +333,9 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __gri
     const int stage = i % T::kStages;
     ptx::mbarrier_wait_parity(sm.full_v(stage), (i / T::kStages) & 1);
     zero_v_tail(0, stage);
+    order.wait_turn();
     tile.issue_pv(o, pfrag, stage);
+    order.pass_turn(true);
     ptx::wgmma_wait_group<0>();
     fence_accumulator(o);
     release(sm.empty_v(stage));
