@@ -96,8 +96,7 @@ class _BatchParams:
     world_size: int
     rank: int
     total: int  # tokens of the packed batch (all ranks)
-    cu_seqlens: Tensor  # GLOBAL, int32, on the caller's device
-    # (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, local_k_slice) per causal flag
+    # (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, local_k_slice), CPU tensors, per causal flag
     llama3: Dict[bool, Tuple[Tensor, Tensor, int, int, slice]]
     zigzag: Optional[Tuple[Tensor, Tensor, int, int, slice]]
     zigzag_error: Optional[str]  # why the zigzag layout cannot take this batch
@@ -150,8 +149,9 @@ def update_ring_flash_attn_params(cu_seqlens: Tensor, process_group=None) -> Non
     Args:
         cu_seqlens: the GLOBAL cumulative sequence lengths of the packed batch: a 1-D integer
             tensor (or list of ints) ``[B + 1]``, ``cu_seqlens[0] == 0``, ``cu_seqlens[-1] == T``
-            (the tokens of all ranks, ``T % N == 0``). Any integer dtype; int32 is used. The
-            metadata tensors are moved to the device of the attention inputs on first use.
+            (the tokens of all ranks, ``T % N == 0``). Any integer dtype, any device: its values
+            are read once here, and the metadata tensors built from them are moved to the device
+            of the attention inputs on first use.
         process_group: the context-parallel group (None: the default group, or a single process
             when ``torch.distributed`` is not initialised). Must be the group the attention runs
             on (the one given to ``register_hf_attention`` / ``substitute_hf_flash_attn``).
@@ -160,7 +160,8 @@ def update_ring_flash_attn_params(cu_seqlens: Tensor, process_group=None) -> Non
     (causal and not) for the contiguous layout and, when every sequence length is a multiple of
     2N, ``zigzag_llama3_prepare_cu_seqlens`` for the zigzag layout. A setup step: it reads
     cu_seqlens on the host (one device-to-host copy for a CUDA tensor), once per batch, so the
-    attention calls of the layers never do.
+    attention calls of the layers never do (they only copy the small metadata tensors to the
+    device, host to device, once per batch).
 
     Raises:
         ValueError: cu_seqlens is not 1-D with >= 2 entries, not integer, does not start at 0,
@@ -190,7 +191,8 @@ def update_ring_flash_attn_params(cu_seqlens: Tensor, process_group=None) -> Non
     if total % world_size:
         raise ValueError(f"cu_seqlens: expected a total length divisible by the world size {world_size} of the "
                          f"process group (each rank holds total / world_size tokens), got {total}")
-    llama3 = {c: llama3_flash_attn_prepare_cu_seqlens(cu, c, rank, world_size) for c in (True, False)}
+    # from the host values: CPU tensors, moved to the activations' device on first use
+    llama3 = {c: llama3_flash_attn_prepare_cu_seqlens(values, c, rank, world_size) for c in (True, False)}
     two_n = 2 * world_size
     bad = [(b, n) for b, n in enumerate(lengths) if n % two_n]
     if bad:
@@ -198,10 +200,10 @@ def update_ring_flash_attn_params(cu_seqlens: Tensor, process_group=None) -> Non
         zigzag, zigzag_error = None, (f"sequence {b} has length {n}, expected a multiple of 2 * world_size = "
                                       f"{two_n}; use the contiguous layout ({HF_ATTN_LLAMA3!r}) for such batches")
     else:
-        zigzag = zigzag_llama3_prepare_cu_seqlens(cu, True, rank, world_size, max_seqlen=max(lengths))
+        zigzag = zigzag_llama3_prepare_cu_seqlens(values, True, rank, world_size, max_seqlen=max(lengths))
         zigzag_error = None
-    params = _BatchParams(world_size=world_size, rank=rank, total=total, cu_seqlens=cu, llama3=llama3,
-                          zigzag=zigzag, zigzag_error=zigzag_error)
+    params = _BatchParams(world_size=world_size, rank=rank, total=total, llama3=llama3, zigzag=zigzag,
+                          zigzag_error=zigzag_error)
     with _LOCK:
         _STATE.batch = params
 
