@@ -780,19 +780,27 @@ def make_impls(names: Sequence[str], w: Workload, cfg: ModelConfig, meta: Meta, 
         impls["fused"] = Impl("fused", lambda q, k, v: (q, k, v), run_fused, _identity_list)
 
     if rfa is not None and "fused_sm80" in names:
-        def run_fused_sm80(state):
-            # The op reads the tier at every forward call (the backward is tier 1 on every card).
+        @contextlib.contextmanager
+        def tier1():
+            # The op reads RING_FLASH_ATTN_TIER at every forward and backward call.
             previous = os.environ.get("RING_FLASH_ATTN_TIER")
             os.environ["RING_FLASH_ATTN_TIER"] = "sm80"
             try:
-                return run_fused(state)
+                yield
             finally:
                 if previous is None:
                     os.environ.pop("RING_FLASH_ATTN_TIER", None)
                 else:
                     os.environ["RING_FLASH_ATTN_TIER"] = previous
 
-        impls["fused_sm80"] = Impl("fused_sm80", lambda q, k, v: (q, k, v), run_fused_sm80, _identity_list)
+        def run_fused_sm80(state):
+            with tier1():
+                return run_fused(state)
+
+        # run: the forward on tier 1 wherever it is called; context: the timed region, so the
+        # backward of the fwd_bwd / bwd passes runs on tier 1 too.
+        impls["fused_sm80"] = Impl("fused_sm80", lambda q, k, v: (q, k, v), run_fused_sm80, _identity_list,
+                                   context=tier1)
 
     for name in ("sdpa_flash", "sdpa_cudnn"):
         if name in names:

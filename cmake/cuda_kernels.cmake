@@ -75,7 +75,8 @@ target_compile_options(ringattn_cuda PRIVATE $<$<COMPILE_LANGUAGE:CUDA>:${_ringa
 if("90a" IN_LIST RINGATTN_CUDA_ARCHS)
   set(_ringattn_sm90_sources csrc/cuda/sm90/tma_host.cu)
   foreach(hdim IN LISTS RINGATTN_HEAD_DIMS)
-    file(GLOB _f CONFIGURE_DEPENDS ${CMAKE_CURRENT_SOURCE_DIR}/csrc/cuda/sm90/instantiations/fwd_hdim${hdim}_*.cu)
+    file(GLOB _f CONFIGURE_DEPENDS ${CMAKE_CURRENT_SOURCE_DIR}/csrc/cuda/sm90/instantiations/fwd_hdim${hdim}_*.cu
+         ${CMAKE_CURRENT_SOURCE_DIR}/csrc/cuda/sm90/instantiations/bwd_hdim${hdim}_*.cu)
     list(APPEND _ringattn_sm90_sources ${_f})
   endforeach()
   add_library(ringattn_cuda_sm90 OBJECT ${_ringattn_sm90_sources})
@@ -89,7 +90,7 @@ if("90a" IN_LIST RINGATTN_CUDA_ARCHS)
   target_compile_options(ringattn_cuda_sm90 PRIVATE $<$<COMPILE_LANGUAGE:CUDA>:${_ringattn_cuda_flags}>)
   target_compile_definitions(ringattn_cuda PRIVATE RINGATTN_SM90_TIER)
   target_sources(ringattn PRIVATE $<TARGET_OBJECTS:ringattn_cuda_sm90>)
-  message(STATUS "ringattn: tier 2 (sm90a) forward kernels built")
+  message(STATUS "ringattn: tier 2 (sm90a) forward and backward kernels built")
 endif()
 
 target_sources(ringattn PRIVATE $<TARGET_OBJECTS:ringattn_cuda>)

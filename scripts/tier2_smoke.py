@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Quick first look at the tier-2 (sm90a) forward on the device, before the full suites: a few
-varlen shapes on both tiers against an fp32 reference (max errors), then one timing of each tier
+varlen shapes on both tiers against an fp32 reference (max errors), forward and backward, then one timing of each tier
 next to PyTorch's SDPA at L=16384 (one group, full causal). Run under `timeout`: a pipeline bug
 shows up as a hang. Prints one line per check; exit code 1 if any check fails.
 
@@ -45,6 +45,36 @@ def check(tier, d, causal, dtype, lq, lk, hq=8, hk=2):
     ok = (not torch.isnan(out[0]).any().item()) and err <= 2 * base + 1e-4 and lse_err < 2e-3
     print(f"{'ok  ' if ok else 'FAIL'} tier={tier} D={d} causal={int(causal)} {str(dtype)[6:]} lq={lq} lk={lk}: "
           f"err {err:.2e} (bound {2 * base + 1e-4:.2e}), lse err {lse_err:.2e}", flush=True)
+    return ok
+
+
+def check_bwd(tier, d, causal, dtype, lq, lk, hq=8, hk=2, deterministic=False):
+    os.environ["RING_FLASH_ATTN_TIER"] = tier
+    torch.manual_seed(d * 11 + causal)
+    q = torch.randn(sum(lq), hq, d, device="cuda", dtype=dtype, requires_grad=True)
+    k = torch.randn(sum(lk), hk, d, device="cuda", dtype=dtype, requires_grad=True)
+    v = torch.randn(sum(lk), hk, d, device="cuda", dtype=dtype, requires_grad=True)
+    dout = torch.randn(sum(lq), hq, d, device="cuda", dtype=dtype)
+    cq, ck = cu(lq), cu(lk)
+    out = rfa.flash_attn_varlen_func(q, k, v, cq, ck, max(lq), max(lk), causal=causal, deterministic=deterministic)
+    got = torch.autograd.grad(out, (q, k, v), dout)
+    torch.cuda.synchronize()
+
+    def ref(cast):
+        xs = [t.detach().to(cast).requires_grad_() for t in (q, k, v)]
+        o, _ = grouped_attention_reference([xs[0]], xs[1], xs[2], [cq], ck, None, None, causal)
+        return torch.autograd.grad(o[0], xs, dout.to(cast))
+
+    r32, rlp = ref(torch.float32), ref(dtype)
+    ok = True
+    parts = []
+    for name, a, b, c in zip(("dq", "dk", "dv"), got, r32, rlp):
+        err = (a.float() - b).abs().max().item()
+        bound = 2 * (c.float() - b).abs().max().item() + 1e-4
+        ok &= (not torch.isnan(a).any().item()) and err <= bound
+        parts.append(f"{name} {err:.1e}/{bound:.1e}")
+    print(f"{'ok  ' if ok else 'FAIL'} bwd tier={tier} D={d} causal={int(causal)} det={int(deterministic)} "
+          f"{str(dtype)[6:]} lq={lq} lk={lk}: " + ", ".join(parts), flush=True)
     return ok
 
 
@@ -103,6 +133,12 @@ def main():
                 ok &= check(tier, d, causal, torch.bfloat16, [300, 1, 129], [513, 129, 64])
     ok &= check("sm90", 128, True, torch.float16, [1000, 77], [1000, 700])
     ok &= check("sm90", 64, False, torch.float16, [5, 2048], [3000, 2048])
+    for d in (64, 128):
+        for causal in (True, False):
+            for tier in ("sm90", "sm80"):
+                ok &= check_bwd(tier, d, causal, torch.bfloat16, [300, 1, 129], [513, 129, 64])
+    ok &= check_bwd("sm90", 128, True, torch.bfloat16, [1000, 77], [1000, 700], deterministic=True)
+    ok &= check_bwd("sm90", 128, True, torch.float16, [2048], [2048], hq=16, hk=4)
     print(f"checks took {time.time() - t0:.1f} s", flush=True)
     if ok:
         timing()

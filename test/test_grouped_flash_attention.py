@@ -377,3 +377,26 @@ def test_bad_tier_name_is_rejected(monkeypatch):
     q_list, k, v, cu_q, cu_k = _make([[16]], [16], 2, 2, 64, torch.bfloat16)
     with pytest.raises(ValueError, match="RING_FLASH_ATTN_TIER"):
         flash_attn_varlen_func(q_list[0], k, v, cu_q[0], cu_k, 16, 16)
+
+
+@pytest.mark.parametrize("tier", ["sm80", "sm90"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic_dq", "deterministic"])
+def test_forced_tier_backward_matches_reference(monkeypatch, tier, head_dim, causal, deterministic):
+    """Each tier's backward on its own: K/V blocks partly past their sequence, overlapping groups
+    with seqused_k, GQA, query tiles partly past their sequence; both dQ paths."""
+    if tier == "sm90" and not _is_sm90():
+        pytest.skip("tier 2 needs an sm90 card")
+    monkeypatch.setenv("RING_FLASH_ATTN_TIER", tier)
+    torch.manual_seed(head_dim * 3 + causal)
+    _backward_case([[300, 1, 129], [77, 200, 5]], [513, 129, 64], 16, 4, head_dim, torch.bfloat16, causal,
+                   seqused=[None, [400, 0, 60]], deterministic=deterministic)
+
+
+def test_tier2_backward_long_sequence_fp16(monkeypatch):
+    if not _is_sm90():
+        pytest.skip("tier 2 needs an sm90 card")
+    monkeypatch.setenv("RING_FLASH_ATTN_TIER", "sm90")
+    torch.manual_seed(37)
+    _backward_case([[2048, 1000]], [2048, 3000], 8, 2, 128, torch.float16, True)

@@ -19,6 +19,8 @@
 #include "cuda/sm80/fwd_traits.h"
 #include "cuda/tile_scheduler.h"
 #ifdef RINGATTN_SM90_TIER
+#include "cuda/sm90/bwd_params.h"
+#include "cuda/sm90/bwd_traits.h"
 #include "cuda/sm90/fwd_launch.h"
 #include "cuda/sm90/tma_host.h"
 #endif
@@ -105,6 +107,45 @@ const Sm90FwdKernelEntry kSm90FwdKernels[] = {
 const Sm90FwdKernelEntry* find_sm90_fwd_kernel(int dtype, int head_dim, bool causal) {
   for (const Sm90FwdKernelEntry& e : kSm90FwdKernels)
     if (e.launch != nullptr && e.dtype == dtype && e.head_dim == head_dim && e.causal == causal) return &e;
+  return nullptr;
+}
+
+// The compiled tier-2 backward dK/dV kernels (dQ through their fp32 atomics; the deterministic
+// mode adds tier 1's dQ kernel).
+using Sm90BwdLaunchFn = cudaError_t (*)(const sm90::BwdKernelParams&, int, cudaStream_t);
+struct Sm90BwdKernelEntry {
+  int dtype;
+  int head_dim;
+  bool causal;
+  int block_m;
+  int block_n;
+  Sm90BwdLaunchFn dkdv;
+};
+
+template <typename Element, int kHeadDim, bool kCausal, int kDtype>
+constexpr Sm90BwdKernelEntry sm90_bwd_entry() {
+  using T = typename sm90::BwdConfig<Element, kHeadDim>::Traits;
+  return Sm90BwdKernelEntry{kDtype, kHeadDim, kCausal, T::kBlockM, T::kBlockN, &sm90::launch_grouped_bwd_dkdv<T, kCausal>};
+}
+
+#define RINGATTN_SM90_BWD_ENTRIES(D)                                                \
+  sm90_bwd_entry<__half, D, false, RINGATTN_DTYPE_FP16>(),                          \
+      sm90_bwd_entry<__half, D, true, RINGATTN_DTYPE_FP16>(),                       \
+      sm90_bwd_entry<__nv_bfloat16, D, false, RINGATTN_DTYPE_BF16>(),               \
+      sm90_bwd_entry<__nv_bfloat16, D, true, RINGATTN_DTYPE_BF16>(),
+
+const Sm90BwdKernelEntry kSm90BwdKernels[] = {
+#ifdef RINGATTN_HDIM_64
+    RINGATTN_SM90_BWD_ENTRIES(64)
+#endif
+#ifdef RINGATTN_HDIM_128
+    RINGATTN_SM90_BWD_ENTRIES(128)
+#endif
+    Sm90BwdKernelEntry{-1, 0, false, 0, 0, nullptr}};
+
+const Sm90BwdKernelEntry* find_sm90_bwd_kernel(int dtype, int head_dim, bool causal) {
+  for (const Sm90BwdKernelEntry& e : kSm90BwdKernels)
+    if (e.dkdv != nullptr && e.dtype == dtype && e.head_dim == head_dim && e.causal == causal) return &e;
   return nullptr;
 }
 #endif
@@ -413,6 +454,43 @@ ringattn_status bwd_workspace_size(const ringattn_bwd_params& p, size_t* bytes) 
   return RINGATTN_STATUS_OK;
 }
 
+#ifdef RINGATTN_SM90_TIER
+namespace {
+// Tensor maps of a tier-2 backward call; false (with the reason) when TMA cannot address an operand.
+bool encode_bwd_tensor_maps(const ringattn_bwd_params& p, const Sm90BwdKernelEntry& e, sm90::BwdKernelParams* kp,
+                            std::string* why) {
+  const ringattn_problem& pr = p.problem;
+  const bool bf16 = pr.dtype == RINGATTN_DTYPE_BF16;
+  std::string reason;
+  for (int g = 0; g < pr.num_groups; ++g) {
+    const ringattn_bwd_group& src = p.groups[g];
+    if (src.total_q == 0) continue;
+    if (!sm90::encode_token_head_map(&kp->tma_q[g], src.q, bf16, pr.head_dim, src.total_q, pr.num_heads_q,
+                                     src.q_row_stride, src.q_head_stride, e.block_m, &reason)) {
+      *why = "groups[" + std::to_string(g) + "].q: " + reason;
+      return false;
+    }
+    if (!sm90::encode_token_head_map(&kp->tma_do[g], src.dout, bf16, pr.head_dim, src.total_q, pr.num_heads_q,
+                                     src.dout_row_stride, src.dout_head_stride, e.block_m, &reason)) {
+      *why = "groups[" + std::to_string(g) + "].dout: " + reason;
+      return false;
+    }
+  }
+  if (!sm90::encode_token_head_map(&kp->tma_k, p.k, bf16, pr.head_dim, pr.total_k, pr.num_heads_k, p.k_row_stride,
+                                   p.k_head_stride, e.block_n, &reason)) {
+    *why = "k: " + reason;
+    return false;
+  }
+  if (!sm90::encode_token_head_map(&kp->tma_v, p.v, bf16, pr.head_dim, pr.total_k, pr.num_heads_k, p.v_row_stride,
+                                   p.v_head_stride, e.block_n, &reason)) {
+    *why = "v: " + reason;
+    return false;
+  }
+  return true;
+}
+}  // namespace
+#endif
+
 ringattn_status grouped_bwd(const ringattn_bwd_params& p) {
   const ringattn_problem& pr = p.problem;
   ringattn_status s = check_support(p.exec.device_index, pr.dtype, pr.head_dim);
@@ -538,7 +616,43 @@ ringattn_status grouped_bwd(const ringattn_bwd_params& p) {
   kp.q_heads_per_kv_head = pr.num_heads_q / pr.num_heads_k;
   kp.softmax_scale = softmax_scale;
   kp.softmax_scale_log2 = softmax_scale * 1.4426950408889634f;
-  const bool dq_kernel = use_dq_kernel(p);
+  bool dq_kernel = use_dq_kernel(p);
+
+  // ---- tier 2 (sm90a) dK/dV kernel where it applies (see ringattn_tier) ----
+  int64_t dkdv_ctas = kv_ctas;
+#ifdef RINGATTN_SM90_TIER
+  const Sm90BwdKernelEntry* e90 = nullptr;
+  sm90::BwdKernelParams kp90{};
+  if (p.exec.tier != RINGATTN_TIER_SM80) {
+    int cc = 0;
+    if ((s = check_device(p.exec.device_index, &cc)) != RINGATTN_STATUS_OK) return s;
+    std::string why = cc != 90 ? "the GPU is not an sm90 card" : "no tier-2 kernel compiled for this dtype and head_dim";
+    const Sm90BwdKernelEntry* cand = cc == 90 ? find_sm90_bwd_kernel(pr.dtype, pr.head_dim, pr.causal != 0) : nullptr;
+    if (cand != nullptr && pr.total_k == 0) {
+      cand = nullptr;
+      why = "total_k is 0";
+    }
+    if (cand != nullptr && encode_bwd_tensor_maps(p, *cand, &kp90, &why)) e90 = cand;
+    if (e90 == nullptr && p.exec.tier == RINGATTN_TIER_SM90)
+      return failf(RINGATTN_STATUS_UNSUPPORTED,
+                   "exec.tier: RINGATTN_TIER_SM90 requested, but tier 2 cannot run this backward: %s", why.c_str());
+  }
+  if (e90 != nullptr) {
+    // Its own K/V block size: the work list shrinks into the workspace sized for tier 1's blocks.
+    const int64_t capacity = bwd_kv_capacity(pr.total_k, pr.batch_size, e90->block_n);
+    kv_sched.block_m = e90->block_m;
+    kv_sched.block_n = e90->block_n;
+    kv_sched.capacity = static_cast<int32_t>(capacity);
+    carve_bwd_scheduler_workspace(ws + layout.kv_scheduler, pr.batch_size, capacity, &kv_sched);
+    dkdv_ctas = capacity * pr.num_heads_k;
+    dq_kernel = p.deterministic != 0;
+  }
+#else
+  if (p.exec.tier == RINGATTN_TIER_SM90)
+    return fail(RINGATTN_STATUS_UNSUPPORTED,
+                "exec.tier: RINGATTN_TIER_SM90 requested, but this libringattn was built without sm90a kernels "
+                "(RINGATTN_CUDA_ARCHS has no 90a)");
+#endif
   kp.accumulate_dq = dq_kernel ? 0 : 1;
   kp.kv_items = kv_sched.sorted;
   kp.kv_count = kv_sched.count;
@@ -554,7 +668,14 @@ ringattn_status grouped_bwd(const ringattn_bwd_params& p) {
   if ((err = e->preprocess(prep, stream)) != cudaSuccess) return cuda_fail(err, "launching the backward preprocess");
   if ((err = launch_build_bwd_work_list(kv_sched, stream)) != cudaSuccess)
     return cuda_fail(err, "launching the backward work-list kernel");
-  if ((err = e->dkdv(kp, static_cast<int>(kv_ctas), stream)) != cudaSuccess)
+#ifdef RINGATTN_SM90_TIER
+  if (e90 != nullptr) {
+    kp90.base = kp;
+    if ((err = e90->dkdv(kp90, static_cast<int>(dkdv_ctas), stream)) != cudaSuccess)
+      return cuda_fail(err, "launching the grouped backward dK/dV kernel (tier 2, sm90a)");
+  } else
+#endif
+      if ((err = e->dkdv(kp, static_cast<int>(dkdv_ctas), stream)) != cudaSuccess)
     return cuda_fail(err, "launching the grouped backward dK/dV kernel");
   if (dq_kernel) {
     if ((err = launch_build_work_list(q_sched, stream)) != cudaSuccess)

@@ -61,12 +61,13 @@ typedef enum {
 } ringattn_device_type;
 
 /* GPU kernel tier. AUTO picks the fastest compiled tier for the card: tier 2 (SM90: TMA + wgmma,
- * warp specialised) for the forward on sm90 cards when the build has sm_90a kernels for the
+ * warp specialised) on sm90 cards when the build has sm_90a kernels for the
  * dtype and head dim and TMA can address the operands (16-byte aligned base pointers, row and
  * head strides in multiples of 8 elements), else tier 1 (SM80: mma.sync, every sm80+ card).
- * SM80 forces tier 1 (for comparison); SM90 forces tier 2 and fails with
- * RINGATTN_STATUS_UNSUPPORTED, saying why, where tier 2 cannot run the call. The backward runs
- * tier 1 on every card for now, whatever the tier. */
+ * The same rule picks the backward's dK/dV kernel (tier 2: dQ through fp32 atomics; in
+ * deterministic mode tier 1's dQ kernel adds dQ in a fixed order). SM80 forces tier 1 (for
+ * comparison); SM90 forces tier 2 and fails with RINGATTN_STATUS_UNSUPPORTED, saying why, where
+ * tier 2 cannot run the call (e.g. head_dim 256). */
 typedef enum {
   RINGATTN_TIER_AUTO = 0,
   RINGATTN_TIER_SM80 = 80,

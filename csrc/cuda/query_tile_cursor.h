@@ -1,0 +1,62 @@
+// The dK/dV kernels' walk over the query tiles that see one K/V block (both tiers).
+#pragma once
+
+#include "cuda/bwd_params.h"
+#include "cuda/seqlen_info.h"
+
+namespace ringattn {
+namespace cuda {
+
+// Walks the (group, query head, query tile) triples that see keys [key0, key0 + kBlockN) of
+// sequence b: groups outermost, then the query heads of the KV head, then the tiles.
+template <int kBlockM, bool kCausal>
+struct QueryTileCursor {
+  int group;
+  int head_in_kv;  // 0 .. q_heads_per_kv_head - 1
+  int m_block;
+  int m_first, m_end;  // tiles of this group that see the block
+  int q_start, seqlen_q, seqlen_k;
+
+  __device__ __forceinline__ void enter_group(const BwdKernelParams& p, int b, int key0) {
+    const BwdGroupArgs& g = p.groups[group];
+    const SeqLenInfo seq(g.cu_seqlens_q, g.total_q, p.cu_seqlens_k, p.total_k, g.seqused_k, b);
+    q_start = seq.q_start;
+    seqlen_q = seq.seqlen_q;
+    seqlen_k = seq.seqlen_k;
+    m_first = m_end = 0;
+    if (key0 < seqlen_k && seqlen_q > 0) {
+      // Causal: row i sees key j iff j <= i + causal_offset, so the first row seeing key0 is
+      // key0 - causal_offset.
+      const int first_row = kCausal ? max(0, key0 - seq.causal_offset()) : 0;
+      if (first_row < seqlen_q) {
+        m_first = first_row / kBlockM;
+        m_end = (seqlen_q + kBlockM - 1) / kBlockM;
+      }
+    }
+    head_in_kv = 0;
+    m_block = m_first;
+  }
+  // Moves forward to the first valid triple at or after the current one.
+  __device__ __forceinline__ void settle(const BwdKernelParams& p, int b, int key0) {
+    while (group < p.num_groups && m_block >= m_end) {
+      if (m_end > m_first && ++head_in_kv < p.q_heads_per_kv_head) {
+        m_block = m_first;
+      } else if (++group < p.num_groups) {
+        enter_group(p, b, key0);
+      }
+    }
+  }
+  __device__ __forceinline__ void start(const BwdKernelParams& p, int b, int key0) {
+    group = 0;
+    enter_group(p, b, key0);
+    settle(p, b, key0);
+  }
+  __device__ __forceinline__ void next(const BwdKernelParams& p, int b, int key0) {
+    ++m_block;
+    settle(p, b, key0);
+  }
+  __device__ __forceinline__ bool valid(const BwdKernelParams& p) const { return group < p.num_groups; }
+};
+
+}  // namespace cuda
+}  // namespace ringattn

@@ -1,0 +1,402 @@
+// Tier-2 grouped varlen attention backward for sm90a, dK/dV kernel: TMA loads on mbarriers,
+// wgmma for all five products, warp specialisation.
+//
+// One CTA owns one 128-key K/V block of one (sequence, KV head) (the tier-1 dK/dV work list,
+// longest first) and walks every (group, query head of this KV head, 64-row query tile) that sees
+// the block, so dK and dV accumulate across all groups in registers and are written once.
+//   warpgroup 0 (producer): loads K and V once; per query tile, Q and dO by TMA and the tile's
+//     LSE (log2 units) and Di by plain loads (zeros past the sequence), into 2 stages.
+//   warpgroups 1, 2 (consumers): 64 keys each. Per query tile:
+//     S^T = K Q^T and dP^T = V dO^T (wgmma, shared-memory operands), P^T = exp2(S^T scale - LSE),
+//     dS^T = P^T (dP^T - Di) with masked entries exactly 0; dV += P^T dO and dK += dS^T Q (wgmma,
+//     P^T/dS^T from registers, dO/Q transposed); dS^T to shared memory; after both warpgroups
+//     wrote theirs, dQ = dS K over all 128 keys (each warpgroup half of the head dim), added to
+//     the group's fp32 dq_accum with vector atomics (skipped in deterministic mode, where the
+//     tier-1 dQ kernel computes dQ).
+// Keys past the sequence are masked; their K rows are zeroed once (dQ reads K), V and garbage
+// rows elsewhere only reach masked entries, which are selected to 0, never multiplied.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "cuda/ptx.h"
+#include "cuda/query_tile_cursor.h"
+#include "cuda/seqlen_info.h"
+#include "cuda/sm80/bwd_common.cuh"
+#include "cuda/sm90/bwd_params.h"
+#include "cuda/sm90/bwd_traits.h"
+#include "cuda/sm90/ptx_sm90.h"
+#include "cuda/sm90/wgmma.h"
+
+namespace ringattn {
+namespace cuda {
+namespace sm90 {
+
+enum class BwdNamedBarrier : int { kKZeroed = 1, kDsWritten = 2 };
+
+template <typename T>
+struct BwdSmem {
+  uint32_t k, v, q, dout, ds, stats, bars;
+  __device__ __forceinline__ explicit BwdSmem(uint32_t base)
+      : k(base + T::kOffK),
+        v(base + T::kOffV),
+        q(base + T::kOffQ),
+        dout(base + T::kOffDo),
+        ds(base + T::kOffDs),
+        stats(base + T::kOffStats),
+        bars(base + T::kOffBarriers) {}
+  __device__ __forceinline__ uint32_t bar_kv() const { return bars; }
+  __device__ __forceinline__ uint32_t full_q(int s) const { return bars + 8 * (1 + s); }
+  __device__ __forceinline__ uint32_t empty_q(int s) const { return bars + 8 * (1 + T::kStages + s); }
+  __device__ __forceinline__ uint32_t q_stage(int s) const { return q + s * T::kQBytes; }
+  __device__ __forceinline__ uint32_t do_stage(int s) const { return dout + s * T::kQBytes; }
+  __device__ __forceinline__ uint32_t ds_buf(int b) const { return ds + b * T::kDsBytes; }
+  __device__ __forceinline__ uint32_t lse_stage(int s) const { return stats + s * T::kStatBytes; }
+  __device__ __forceinline__ uint32_t di_stage(int s) const { return stats + s * T::kStatBytes + T::kBlockM * 4; }
+};
+
+__device__ __forceinline__ float2 ld_shared_f2(uint32_t addr) {
+  float2 v;
+  asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "r"(addr));
+  return v;
+}
+__device__ __forceinline__ void st_shared_f32(uint32_t addr, float v) {
+  asm volatile("st.shared.f32 [%0], %1;\n" ::"r"(addr), "f"(v) : "memory");
+}
+__device__ __forceinline__ void st_shared_u32(uint32_t addr, uint32_t v) {
+  asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
+}
+
+template <typename T, bool kCausal>
+__global__ void __launch_bounds__(T::kThreads, 1)
+    grouped_bwd_dkdv_kernel(const __grid_constant__ BwdKernelParams params) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using Element = typename T::Element;
+  constexpr int kHeadDim = T::kHeadDim;
+  constexpr int kBlockM = T::kBlockM;
+  constexpr int kBlockN = T::kBlockN;
+  constexpr int kSTiles = kBlockM / 8;   // S^T / dP^T accumulators: n8 fragments (queries)
+  constexpr int kDTiles = kHeadDim / 8;  // dK / dV accumulators
+  constexpr int kQSteps = kBlockM / 16;  // k-steps over queries (dV, dK)
+  constexpr int kDSteps = kHeadDim / 16;  // k-steps over the head dim (S^T, dP^T)
+  constexpr int kDqTiles = T::kDqCols / 8;
+  using Cursor = QueryTileCursor<kBlockM, kCausal>;
+  const cuda::BwdKernelParams& p = params.base;
+
+  const int item_index = blockIdx.x / p.num_heads_k;
+  if (item_index >= *p.kv_count) return;
+  const int kv_head = blockIdx.x % p.num_heads_k;
+  const BwdKvWorkItem item = p.kv_items[item_index];
+  const int b = item.batch;
+  const int key0 = item.n_block * kBlockN;
+  const int32_t k_start = SeqLenInfo::clamp(p.cu_seqlens_k[b], 0, p.total_k);
+  const int32_t seqlen_k_full = SeqLenInfo::clamp(p.cu_seqlens_k[b + 1], k_start, p.total_k) - k_start;
+  const int keys_valid = min(kBlockN, seqlen_k_full - key0);
+  if (keys_valid <= 0) return;
+  const int ratio = p.q_heads_per_kv_head;
+  const int tid = threadIdx.x;
+
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  const uint32_t base = (ptx::smem_addr(smem_raw) + 1023u) & ~1023u;
+  const BwdSmem<T> sm(base);
+  if (tid == 0) {
+    ptx::mbarrier_init(sm.bar_kv(), 1);
+#pragma unroll
+    for (int s = 0; s < T::kStages; ++s) {
+      ptx::mbarrier_init(sm.full_q(s), 32);  // the producer warp: 31 arrivals + 1 with the TMA bytes
+      ptx::mbarrier_init(sm.empty_q(s), T::kConsumerWarps);
+    }
+    ptx::fence_mbarrier_init();
+  }
+  __syncthreads();
+
+  const int warpgroup = tid / 128;
+  if (warpgroup == 0) {
+    // ---------------- producer (warp 0) ----------------
+    ptx::setmaxnreg_dec<T::kProducerRegs>();
+    if (tid >= 32) return;
+    const int lane = tid;
+    if (lane == 0) {
+      ptx::mbarrier_arrive_expect_tx(sm.bar_kv(), 2 * T::kKVBytes);
+#pragma unroll
+      for (int cb = 0; cb < T::kColBlocks; ++cb) {
+        ptx::tma_load_3d(sm.k + cb * T::kKVColBlockBytes, &params.tma_k, sm.bar_kv(), cb * 64, kv_head, k_start + key0);
+        ptx::tma_load_3d(sm.v + cb * T::kKVColBlockBytes, &params.tma_v, sm.bar_kv(), cb * 64, kv_head, k_start + key0);
+      }
+    }
+    Cursor cur;
+    cur.start(p, b, key0);
+    for (int t = 0; cur.valid(p); ++t) {
+      const int s = t % T::kStages;
+      ptx::mbarrier_wait_parity(sm.empty_q(s), ((t / T::kStages) & 1) ^ 1);
+      const BwdGroupArgs& g = p.groups[cur.group];
+      const int head = kv_head * ratio + cur.head_in_kv;
+      const int row0 = cur.m_block * kBlockM;
+      const int rows_valid = min(kBlockM, cur.seqlen_q - row0);
+      const int token0 = cur.q_start + row0;
+      const int64_t stat0 = static_cast<int64_t>(head) * g.total_q + token0;
+      for (int i = lane; i < kBlockM; i += 32) {
+        const bool ok = i < rows_valid;
+        st_shared_f32(sm.lse_stage(s) + 4 * i, ok ? g.lse_log2[stat0 + i] : 0.f);
+        st_shared_f32(sm.di_stage(s) + 4 * i, ok ? g.di[stat0 + i] : 0.f);
+      }
+      if (lane == 0) {
+        ptx::mbarrier_arrive_expect_tx(sm.full_q(s), 2 * T::kQBytes);
+#pragma unroll
+        for (int cb = 0; cb < T::kColBlocks; ++cb) {
+          ptx::tma_load_3d(sm.q_stage(s) + cb * T::kQColBlockBytes, &params.tma_q[cur.group], sm.full_q(s), cb * 64,
+                           head, token0);
+          ptx::tma_load_3d(sm.do_stage(s) + cb * T::kQColBlockBytes, &params.tma_do[cur.group], sm.full_q(s),
+                           cb * 64, head, token0);
+        }
+      } else {
+        ptx::mbarrier_arrive(sm.full_q(s));
+      }
+      cur.next(p, b, key0);
+    }
+    return;
+  }
+
+  // ---------------- consumers ----------------
+  ptx::setmaxnreg_inc<T::kConsumerRegs>();
+  const int wg = warpgroup - 1;
+  const int ctid = tid - 128;  // 0 .. 255
+  const int lane = tid & 31;
+  const int warp_in_wg = (tid / 32) & 3;
+  const int key_local = wg * 64 + warp_in_wg * 16 + (lane >> 2);  // this thread's first key in the block
+  const int qcol = (lane & 3) * 2;                                 // this thread's first query column in an n8 fragment
+
+  float dk[kDTiles][4], dv[kDTiles][4];
+#pragma unroll
+  for (int i = 0; i < kDTiles; ++i)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) dk[i][c] = dv[i][c] = 0.f;
+
+  Cursor cur;
+  cur.start(p, b, key0);
+  if (cur.valid(p)) {
+    ptx::mbarrier_wait_parity(sm.bar_kv(), 0);
+    if (keys_valid < kBlockN) {  // zero K rows past the sequence: dQ = dS K reads them
+      const int rows = kBlockN - keys_valid;
+      for (int i = ctid; i < rows * 8 * T::kColBlocks; i += 256) {
+        const int cb = i / (rows * 8);
+        const int rem = i % (rows * 8);
+        const uint32_t addr = sm.k + cb * T::kKVColBlockBytes + (keys_valid + rem / 8) * 128 + (rem % 8) * 16;
+        asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(addr), "r"(0) : "memory");
+      }
+      ptx::fence_proxy_async_shared();
+      ptx::named_barrier_sync(static_cast<int>(BwdNamedBarrier::kKZeroed), 256);
+    }
+
+    // Descriptors (see fwd_kernel.cuh for the layouts).
+    auto kv_a_desc = [&](uint32_t tile, int kk) {  // K or V rows of this warpgroup as the K-major A operand
+      return ptx::smem_desc_sw128(tile + (kk / 4) * T::kKVColBlockBytes + wg * 64 * 128 + (kk % 4) * 32, 16, 1024);
+    };
+    auto qdo_b_desc = [&](uint32_t tile, int kk) {  // Q or dO as the K-major B operand (N = queries)
+      return ptx::smem_desc_sw128(tile + (kk / 4) * T::kQColBlockBytes + (kk % 4) * 32, 16, 1024);
+    };
+    auto qdo_bt_desc = [&](uint32_t tile, int kk) {  // Q or dO as the MN-major B operand (K = queries, N = head dim)
+      return ptx::smem_desc_sw128(tile + kk * 2048, T::kQColBlockBytes, 1024);
+    };
+
+    for (int t = 0; cur.valid(p); ++t) {
+      const int s = t % T::kStages;
+      ptx::mbarrier_wait_parity(sm.full_q(s), (t / T::kStages) & 1);
+      const uint32_t q_tile = sm.q_stage(s);
+      const uint32_t do_tile = sm.do_stage(s);
+
+      // ---- S^T = K Q^T, dP^T = V dO^T ----
+      float st[kSTiles][4], dpt[kSTiles][4];
+      ptx::wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kDSteps; ++kk)
+        ptx::Wgmma<Element, kBlockM>::ss(st, kv_a_desc(sm.k, kk), qdo_b_desc(q_tile, kk), kk > 0 ? 1 : 0);
+      ptx::wgmma_commit_group();
+      ptx::wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kDSteps; ++kk)
+        ptx::Wgmma<Element, kBlockM>::ss(dpt, kv_a_desc(sm.v, kk), qdo_b_desc(do_tile, kk), kk > 0 ? 1 : 0);
+      ptx::wgmma_commit_group();
+
+      const int row0 = cur.m_block * kBlockM;
+      const int causal_offset = cur.seqlen_k - cur.seqlen_q;
+      const bool need_mask = key0 + kBlockN > cur.seqlen_k || row0 + kBlockM > cur.seqlen_q ||
+                             (kCausal && key0 + kBlockN - 1 > row0 + causal_offset);
+      auto masked = [&](int nt, int c) {
+        const int key = key0 + key_local + ((c >> 1) << 3);
+        const int row = row0 + nt * 8 + qcol + (c & 1);
+        return key >= cur.seqlen_k || row >= cur.seqlen_q || (kCausal && key > row + causal_offset);
+      };
+
+      ptx::wgmma_wait_group<1>();
+#pragma unroll
+      for (int nt = 0; nt < kSTiles; ++nt)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) ptx::fence_operand(st[nt][c]);
+      // P^T = exp2(S^T * scale_log2 - LSE_log2[query]); masked entries 0.
+#pragma unroll
+      for (int nt = 0; nt < kSTiles; ++nt) {
+        const float2 l = ld_shared_f2(sm.lse_stage(s) + 4 * (nt * 8 + qcol));
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          float pv = ptx::exp2_approx(fmaf(st[nt][c], p.softmax_scale_log2, -((c & 1) ? l.y : l.x)));
+          if (need_mask && masked(nt, c)) pv = 0.f;
+          st[nt][c] = pv;
+        }
+      }
+      ptx::wgmma_wait_group<0>();
+#pragma unroll
+      for (int nt = 0; nt < kSTiles; ++nt)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) ptx::fence_operand(dpt[nt][c]);
+      // dS^T = P^T (dP^T - Di[query]); masked entries 0 (selected: dP^T there may be garbage).
+#pragma unroll
+      for (int nt = 0; nt < kSTiles; ++nt) {
+        const float2 d = ld_shared_f2(sm.di_stage(s) + 4 * (nt * 8 + qcol));
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          float ds = st[nt][c] * (dpt[nt][c] - ((c & 1) ? d.y : d.x));
+          if (need_mask && masked(nt, c)) ds = 0.f;
+          dpt[nt][c] = ds;
+        }
+      }
+      uint32_t pfrag[kQSteps][4], dsfrag[kQSteps][4];
+#pragma unroll
+      for (int kk = 0; kk < kQSteps; ++kk) {
+        pfrag[kk][0] = ptx::pack2<Element>(st[2 * kk][0], st[2 * kk][1]);
+        pfrag[kk][1] = ptx::pack2<Element>(st[2 * kk][2], st[2 * kk][3]);
+        pfrag[kk][2] = ptx::pack2<Element>(st[2 * kk + 1][0], st[2 * kk + 1][1]);
+        pfrag[kk][3] = ptx::pack2<Element>(st[2 * kk + 1][2], st[2 * kk + 1][3]);
+        dsfrag[kk][0] = ptx::pack2<Element>(dpt[2 * kk][0], dpt[2 * kk][1]);
+        dsfrag[kk][1] = ptx::pack2<Element>(dpt[2 * kk][2], dpt[2 * kk][3]);
+        dsfrag[kk][2] = ptx::pack2<Element>(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]);
+        dsfrag[kk][3] = ptx::pack2<Element>(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3]);
+      }
+
+      // ---- dV += P^T dO, dK += dS^T Q ----
+      ptx::wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kQSteps; ++kk) ptx::Wgmma<Element, kHeadDim>::rs_tb(dv, pfrag[kk], qdo_bt_desc(do_tile, kk), 1);
+#pragma unroll
+      for (int kk = 0; kk < kQSteps; ++kk) ptx::Wgmma<Element, kHeadDim>::rs_tb(dk, dsfrag[kk], qdo_bt_desc(q_tile, kk), 1);
+      ptx::wgmma_commit_group();
+
+      // ---- dQ = dS K (both warpgroups' keys) into dq_accum ----
+      if (p.accumulate_dq) {
+        // dS^T rows of this thread's keys, 128-byte swizzled rows of 64 queries.
+        const uint32_t ds_tile = sm.ds_buf(t & 1);
+#pragma unroll
+        for (int nt = 0; nt < kSTiles; ++nt)
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const int key = key_local + r * 8;
+            const int byte = (nt * 8 + qcol) * 2;
+            st_shared_u32(ds_tile + key * 128 + (((byte >> 4) ^ (key & 7)) << 4) + (byte & 15),
+                          r == 0 ? dsfrag[nt / 2][(nt & 1) * 2] : dsfrag[nt / 2][(nt & 1) * 2 + 1]);
+          }
+        ptx::fence_proxy_async_shared();
+        ptx::named_barrier_sync(static_cast<int>(BwdNamedBarrier::kDsWritten), 256);
+        const bool dq_here = T::kDqCols == kHeadDim ? wg == 0 : true;
+        if (dq_here) {
+          float dq[kDqTiles][4];
+          ptx::wgmma_fence();
+#pragma unroll
+          for (int kk = 0; kk < kBlockN / 16; ++kk) {
+            // A = dS (M = queries, K = keys) read M-major from dS^T; B = K (K = keys, N = head dim)
+            // read N-major, from this warpgroup's column block.
+            const uint64_t a = ptx::smem_desc_sw128(ds_tile + kk * 2048, T::kDsBytes, 1024);
+            const uint64_t bk = ptx::smem_desc_sw128(sm.k + (T::kDqCols == kHeadDim ? 0 : wg) * T::kKVColBlockBytes +
+                                                         kk * 2048,
+                                                     T::kKVColBlockBytes, 1024);
+            ptx::Wgmma<Element, T::kDqCols>::ss_tt(dq, a, bk, kk > 0 ? 1 : 0);
+          }
+          ptx::wgmma_commit_group();
+          ptx::wgmma_wait_group<0>();
+#pragma unroll
+          for (int i = 0; i < kDqTiles; ++i)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) ptx::fence_operand(dq[i][c]);
+          __syncwarp();
+          if (lane == 0) ptx::mbarrier_arrive(sm.empty_q(s));
+          // Atomics: rows = this warp's 16 queries; lanes t, t^1 swap a pair so each adds 4
+          // consecutive floats (see the tier-1 kernel).
+          const BwdGroupArgs& g = p.groups[cur.group];
+          const int head = kv_head * ratio + cur.head_in_kv;
+          const int row_a = row0 + warp_in_wg * 16 + (lane >> 2);
+          const int col0 = (T::kDqCols == kHeadDim ? 0 : wg * T::kDqCols) + qcol;
+          float* dq_row_a = g.dq_accum + ((static_cast<int64_t>(cur.q_start) + row_a) * p.num_heads_q + head) * kHeadDim + col0;
+          const int64_t dq_8rows = static_cast<int64_t>(8) * p.num_heads_q * kHeadDim;
+          const bool odd = lane & 1;
+#pragma unroll
+          for (int dt = 0; dt < kDqTiles; dt += 2)
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+              const float x0 = dq[dt][2 * r], x1 = dq[dt][2 * r + 1];
+              const float y0 = dq[dt + 1][2 * r], y1 = dq[dt + 1][2 * r + 1];
+              const float got0 = __shfl_xor_sync(0xffffffffu, odd ? x0 : y0, 1);
+              const float got1 = __shfl_xor_sync(0xffffffffu, odd ? x1 : y1, 1);
+              if (row_a + r * 8 < cur.seqlen_q) {
+                float* dst = dq_row_a + r * dq_8rows + (odd ? (dt + 1) * 8 - 2 : dt * 8);
+                if (odd)
+                  sm80::bwd::red_add_v4(dst, got0, got1, y0, y1);
+                else
+                  sm80::bwd::red_add_v4(dst, x0, x1, got0, got1);
+              }
+            }
+        } else {
+          ptx::wgmma_wait_group<0>();
+          __syncwarp();
+          if (lane == 0) ptx::mbarrier_arrive(sm.empty_q(s));
+        }
+      } else {
+        ptx::wgmma_wait_group<0>();
+        __syncwarp();
+        if (lane == 0) ptx::mbarrier_arrive(sm.empty_q(s));
+      }
+      cur.next(p, b, key0);
+    }
+#pragma unroll
+    for (int i = 0; i < kDTiles; ++i)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        ptx::fence_operand(dk[i][c]);
+        ptx::fence_operand(dv[i][c]);
+      }
+  }
+
+  // ---- epilogue: dK * scale and dV, rows of this thread's keys (zeros where no query saw them) ----
+  const int64_t key_row0 = static_cast<int64_t>(k_start) + key0;
+  Element* dk_blk = static_cast<Element*>(p.dk) + key_row0 * p.dk_row_stride + kv_head * p.dk_head_stride;
+  Element* dv_blk = static_cast<Element*>(p.dv) + key_row0 * p.dv_row_stride + kv_head * p.dv_head_stride;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int key = key_local + r * 8;
+    if (key < keys_valid) {
+#pragma unroll
+      for (int dt = 0; dt < kDTiles; ++dt) {
+        *reinterpret_cast<uint32_t*>(dk_blk + key * p.dk_row_stride + dt * 8 + qcol) =
+            ptx::pack2<Element>(dk[dt][2 * r] * p.softmax_scale, dk[dt][2 * r + 1] * p.softmax_scale);
+        *reinterpret_cast<uint32_t*>(dv_blk + key * p.dv_row_stride + dt * 8 + qcol) =
+            ptx::pack2<Element>(dv[dt][2 * r], dv[dt][2 * r + 1]);
+      }
+    }
+  }
+#endif
+}
+
+template <typename T, bool kCausal>
+cudaError_t launch_grouped_bwd_dkdv(const BwdKernelParams& params, int num_ctas, cudaStream_t stream) {
+  auto kernel = &grouped_bwd_dkdv_kernel<T, kCausal>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  if (num_ctas <= 0) return cudaSuccess;
+  kernel<<<num_ctas, T::kThreads, T::kSmemBytes, stream>>>(params);
+  return cudaGetLastError();
+}
+
+}  // namespace sm90
+}  // namespace cuda
+}  // namespace ringattn

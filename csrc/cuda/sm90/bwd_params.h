@@ -1,0 +1,28 @@
+// Parameters of the tier-2 (sm90a) backward dK/dV kernel: the tier-1 parameters plus TMA tensor
+// maps of Q and dO (one per group), K and V (tma_host.h). About 6 KB: kernel parameters above
+// 4 KB need CUDA 12.1+ and a matching driver (up to 32 KB), which this library requires anyway.
+#pragma once
+
+#include <cuda.h>
+
+#include "cuda/bwd_params.h"
+
+namespace ringattn {
+namespace cuda {
+namespace sm90 {
+
+struct BwdKernelParams {
+  cuda::BwdKernelParams base;
+  CUtensorMap tma_q[RINGATTN_MAX_GROUPS];   // boxes of 64 x 1 x kBlockM rows
+  CUtensorMap tma_do[RINGATTN_MAX_GROUPS];  // likewise
+  CUtensorMap tma_k;                        // boxes of 64 x 1 x kBlockN rows
+  CUtensorMap tma_v;
+};
+static_assert(sizeof(BwdKernelParams) <= 32764, "kernel parameters fit the 32 KB parameter space");
+
+template <typename T, bool kCausal>
+cudaError_t launch_grouped_bwd_dkdv(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+
+}  // namespace sm90
+}  // namespace cuda
+}  // namespace ringattn
