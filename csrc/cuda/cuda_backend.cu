@@ -220,9 +220,12 @@ ringattn_status cuda_fail(cudaError_t err, const char* what) {
 // Makes `device` current for the scope of a call and restores the caller's device after.
 class DeviceGuard {
  public:
+  // cudaSetDevice also when `device` is already current: it makes the device's primary context
+  // current on this thread (a thread that has made no runtime call yet, such as PyTorch's
+  // autograd worker, may have none), which the driver calls of tier 2 (tensor maps) need.
   explicit DeviceGuard(int device) {
     err_ = cudaGetDevice(&previous_);
-    if (err_ == cudaSuccess && previous_ != device) err_ = cudaSetDevice(device);
+    if (err_ == cudaSuccess) err_ = cudaSetDevice(device);
   }
   ~DeviceGuard() {
     int now = -1;
@@ -632,7 +635,13 @@ ringattn_status grouped_bwd(const ringattn_bwd_params& p) {
       cand = nullptr;
       why = "total_k is 0";
     }
-    if (cand != nullptr && encode_bwd_tensor_maps(p, *cand, &kp90, &why)) e90 = cand;
+    if (cand != nullptr) {
+      // As in the forward: a refused tensor map is an error, not a reason to run tier 1.
+      if (!encode_bwd_tensor_maps(p, *cand, &kp90, &why))
+        return failf(RINGATTN_STATUS_CUDA_ERROR, "tier 2 backward: encoding a TMA tensor map failed: %s",
+                     why.c_str());
+      e90 = cand;
+    }
     if (e90 == nullptr && p.exec.tier == RINGATTN_TIER_SM90)
       return failf(RINGATTN_STATUS_UNSUPPORTED,
                    "exec.tier: RINGATTN_TIER_SM90 requested, but tier 2 cannot run this backward: %s", why.c_str());
@@ -803,7 +812,11 @@ ringattn_status grouped_fwd(const ringattn_fwd_params& p) {
     if (e90 != nullptr && pr.total_k > 0) {
       sm90::FwdKernelParams kp90{};
       kp90.pingpong = sm90_pingpong() ? 1 : 0;
-      if (encode_fwd_tensor_maps(p, *e90, &kp90, &why)) {
+      // Every operand the API accepts on a GPU is TMA-addressable (16-byte aligned, strides in
+      // multiples of 8 elements), so a refused tensor map is an error, not a reason to run tier 1.
+      if (!encode_fwd_tensor_maps(p, *e90, &kp90, &why))
+        return failf(RINGATTN_STATUS_CUDA_ERROR, "tier 2 forward: encoding a TMA tensor map failed: %s", why.c_str());
+      {
         int64_t num_ctas = 0;
         if ((s = launch_fwd(p, e90->block_m, e90->block_n, stream, &kp90.base, &num_ctas)) != RINGATTN_STATUS_OK)
           return s;
