@@ -32,9 +32,9 @@ namespace ringattn {
 namespace cuda {
 namespace sm90 {
 
-// Named barrier ids (0 is __syncthreads): one per consumer warpgroup for its own V fix-up, and
-// one per consumer warpgroup for the ping-pong order of wgmma issue.
-enum class NamedBarrier : int { kConsumerWg0 = 1, kIssueWg0 = 3 };
+// Named barrier ids (0 is __syncthreads): the consumers' V fix-up, and one per consumer
+// warpgroup for the ping-pong order of wgmma issue.
+enum class NamedBarrier : int { kVZeroed = 1, kIssueWg0 = 3 };
 
 // Ping-pong between the two consumer warpgroups: each waits for its turn before issuing a block's
 // products and hands the turn over right after, so one warpgroup's softmax runs while the other's
@@ -258,21 +258,22 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __gri
       pfrag[kk][3] = ptx::pack2<Element>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
     }
   };
-  // In the block holding the sequence's last key, zero the V rows past it (this warpgroup's
-  // copy of the work; both write the same zeros), then make them visible to wgmma.
+  // In the block holding the sequence's last key, zero the V rows past it (both consumer
+  // warpgroups share the work and meet at a barrier: each one's P V reads all of them), then
+  // make them visible to wgmma. Both warpgroups reach this for the same blocks.
   auto zero_v_tail = [&](int n, int stage) {
     const int valid = seq.seqlen_k - n * kBlockN;
     if (valid >= kBlockN) return;
     const int first = valid < 0 ? 0 : valid;
     const int chunks = (kBlockN - first) * 8 * T::kColBlocks;  // 16-byte chunks
-    for (int i = tid - 128 * (wg + 1); i < chunks; i += 128) {
+    for (int i = tid - 128; i < chunks; i += 256) {
       const int cb = i / ((kBlockN - first) * 8);
       const int rem = i % ((kBlockN - first) * 8);
       const uint32_t addr = sm.v_stage(stage) + cb * T::kKVColBlockBytes + (first + rem / 8) * 128 + (rem % 8) * 16;
       asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(addr), "r"(0) : "memory");
     }
     ptx::fence_proxy_async_shared();
-    ptx::named_barrier_sync(static_cast<int>(NamedBarrier::kConsumerWg0) + wg, 128);
+    ptx::named_barrier_sync(static_cast<int>(NamedBarrier::kVZeroed), 256);
   };
   auto release = [&](uint32_t bar) {
     __syncwarp();
