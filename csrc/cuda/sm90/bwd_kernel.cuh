@@ -10,9 +10,9 @@
 //     S^T = K Q^T and dP^T = V dO^T (wgmma, shared-memory operands), P^T = exp2(S^T scale - LSE),
 //     dS^T = P^T (dP^T - Di) with masked entries exactly 0; dV += P^T dO and dK += dS^T Q (wgmma,
 //     P^T/dS^T from registers, dO/Q transposed); dS^T to shared memory; after both warpgroups
-//     wrote theirs, dQ = dS K over all 128 keys (each warpgroup half of the head dim), staged in
-//     shared memory per warp and added to the group's fp32 dq_accum with bulk reductions (one
-//     per query row; skipped in deterministic mode, where the tier-1 dQ kernel computes dQ).
+//     wrote theirs, dQ = dS K over all 128 keys (each warpgroup half of the head dim), added to
+//     the group's fp32 dq_accum with vector atomics (skipped in deterministic mode, where the
+//     tier-1 dQ kernel computes dQ).
 // Keys past the sequence are masked; their K rows are zeroed once (dQ reads K), V and garbage
 // rows elsewhere only reach masked entries, which are selected to 0, never multiplied.
 #pragma once
@@ -25,6 +25,7 @@
 #include "cuda/ptx.h"
 #include "cuda/query_tile_cursor.h"
 #include "cuda/seqlen_info.h"
+#include "cuda/sm80/bwd_common.cuh"
 #include "cuda/sm90/bwd_params.h"
 #include "cuda/sm90/bwd_traits.h"
 #include "cuda/sm90/ptx_sm90.h"
@@ -38,7 +39,7 @@ enum class BwdNamedBarrier : int { kKZeroed = 1, kDsWritten = 2 };
 
 template <typename T>
 struct BwdSmem {
-  uint32_t k, v, q, dout, ds, stats, dq, bars;
+  uint32_t k, v, q, dout, ds, stats, bars;
   __device__ __forceinline__ explicit BwdSmem(uint32_t base)
       : k(base + T::kOffK),
         v(base + T::kOffV),
@@ -46,7 +47,6 @@ struct BwdSmem {
         dout(base + T::kOffDo),
         ds(base + T::kOffDs),
         stats(base + T::kOffStats),
-        dq(base + T::kOffDq),
         bars(base + T::kOffBarriers) {}
   __device__ __forceinline__ uint32_t bar_kv() const { return bars; }
   __device__ __forceinline__ uint32_t full_q(int s) const { return bars + 8 * (1 + s); }
@@ -321,33 +321,31 @@ __global__ void __launch_bounds__(T::kThreads, 1)
             for (int c = 0; c < 4; ++c) ptx::fence_operand(dq[i][c]);
           __syncwarp();
           if (lane == 0) ptx::mbarrier_arrive(sm.empty_q(s));
-          // Stage this warp's 16 rows in shared memory (after the previous tile's reductions
-          // have read them), then lane 0 adds each valid row to dq_accum with one bulk reduction.
-          const uint32_t dq_warp = sm.dq + (wg * 4 + warp_in_wg) * T::kDqWarpBytes;
-          if (lane == 0) ptx::bulk_wait_group_read<0>();
-          __syncwarp();
+          // Atomics: rows = this warp's 16 queries; lanes t, t^1 swap a pair so each adds 4
+          // consecutive floats (see the tier-1 kernel).
+          const BwdGroupArgs& g = p.groups[cur.group];
+          const int head = kv_head * ratio + cur.head_in_kv;
+          const int row_a = row0 + warp_in_wg * 16 + (lane >> 2);
+          const int col0 = (T::kDqCols == kHeadDim ? 0 : wg * T::kDqCols) + qcol;
+          float* dq_row_a = g.dq_accum + ((static_cast<int64_t>(cur.q_start) + row_a) * p.num_heads_q + head) * kHeadDim + col0;
+          const int64_t dq_8rows = static_cast<int64_t>(8) * p.num_heads_q * kHeadDim;
+          const bool odd = lane & 1;
 #pragma unroll
-          for (int dt = 0; dt < kDqTiles; ++dt)
+          for (int dt = 0; dt < kDqTiles; dt += 2)
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
-              const uint32_t addr = dq_warp + ((lane >> 2) + 8 * r) * T::kDqRowBytes + (dt * 8 + qcol) * 4;
-              asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr), "f"(dq[dt][2 * r]), "f"(dq[dt][2 * r + 1])
-                           : "memory");
+              const float x0 = dq[dt][2 * r], x1 = dq[dt][2 * r + 1];
+              const float y0 = dq[dt + 1][2 * r], y1 = dq[dt + 1][2 * r + 1];
+              const float got0 = __shfl_xor_sync(0xffffffffu, odd ? x0 : y0, 1);
+              const float got1 = __shfl_xor_sync(0xffffffffu, odd ? x1 : y1, 1);
+              if (row_a + r * 8 < cur.seqlen_q) {
+                float* dst = dq_row_a + r * dq_8rows + (odd ? (dt + 1) * 8 - 2 : dt * 8);
+                if (odd)
+                  sm80::bwd::red_add_v4(dst, got0, got1, y0, y1);
+                else
+                  sm80::bwd::red_add_v4(dst, x0, x1, got0, got1);
+              }
             }
-          ptx::fence_proxy_async_shared();
-          __syncwarp();
-          if (lane == 0) {
-            const BwdGroupArgs& g = p.groups[cur.group];
-            const int head = kv_head * ratio + cur.head_in_kv;
-            const int row_w = row0 + warp_in_wg * 16;  // first query row of this warp, within the sequence
-            const int rows = min(16, cur.seqlen_q - row_w);
-            const int col0 = T::kDqCols == kHeadDim ? 0 : wg * T::kDqCols;
-            float* dst = g.dq_accum + ((static_cast<int64_t>(cur.q_start) + row_w) * p.num_heads_q + head) * kHeadDim + col0;
-            const int64_t row_stride = static_cast<int64_t>(p.num_heads_q) * kHeadDim;
-            for (int r = 0; r < rows; ++r)
-              ptx::bulk_reduce_add_f32(dst + r * row_stride, dq_warp + r * T::kDqRowBytes, T::kDqCols * 4);
-            ptx::bulk_commit_group();
-          }
         } else {
           ptx::wgmma_wait_group<0>();
           __syncwarp();
@@ -367,7 +365,6 @@ __global__ void __launch_bounds__(T::kThreads, 1)
         ptx::fence_operand(dk[i][c]);
         ptx::fence_operand(dv[i][c]);
       }
-    if (lane == 0) ptx::bulk_wait_group<0>();  // the dQ reductions are done with shared memory
   }
 
   // ---- epilogue: dK * scale and dV, rows of this thread's keys (zeros where no query saw them) ----

@@ -4,8 +4,7 @@
 // tiles. Warpgroup 0 is the producer; consumer warpgroup w (1 or 2) owns keys [64 (w-1), +64).
 // K, V, Q and dO tiles are stored as TMA writes them (128-byte swizzle, [D/64][rows][64]).
 // dS^T goes to shared memory as [keys][64 queries] rows of 128 bytes with the same swizzle,
-// double-buffered, where the dQ product reads it as an M-major operand. dQ tiles are staged per
-// warp in fp32 and added to dq_accum with bulk reductions (cp.reduce.async.bulk), one per row.
+// double-buffered, where the dQ product reads it as an M-major operand.
 #pragma once
 
 #include <cstdint>
@@ -43,12 +42,7 @@ struct BwdTraits {
   static constexpr uint32_t kOffDo = kOffQ + kStages * kQBytes;
   static constexpr uint32_t kOffDs = kOffDo + kStages * kQBytes;
   static constexpr uint32_t kOffStats = kOffDs + 2 * kDsBytes;
-  // dQ staging for the bulk reductions: per consumer warp 16 rows of kDqCols fp32, rows padded
-  // by 16 bytes (2-way bank conflicts at most for the 8-byte fragment stores).
-  static constexpr uint32_t kDqRowBytes = kDqCols * 4 + 16;
-  static constexpr uint32_t kDqWarpBytes = 16 * kDqRowBytes;
-  static constexpr uint32_t kOffDq = kOffStats + kStages * kStatBytes;
-  static constexpr uint32_t kOffBarriers = kOffDq + kConsumerWarps * kDqWarpBytes;
+  static constexpr uint32_t kOffBarriers = kOffStats + kStages * kStatBytes;
   static constexpr int kNumBarriers = 1 + 2 * kStages;  // K/V, full/empty per Q stage
   static constexpr int kSmemBytes = 1024 + kOffBarriers + 8 * kNumBarriers;
 
