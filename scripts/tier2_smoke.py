@@ -131,6 +131,7 @@ def main():
         for d in (64, 128):
             ok &= check("sm90", d, True, torch.bfloat16, [300, 1, 129], [513, 129, 64])
             ok &= check_bwd("sm90", d, True, torch.bfloat16, [300, 1, 129], [513, 129, 64])
+        ok &= check("sm90", 256, True, torch.bfloat16, [300, 1, 129], [513, 129, 64])
         print("SMOKE " + ("PASS" if ok else "FAIL"), flush=True)
         return 0 if ok else 1
     for d in (64, 128):
@@ -140,6 +141,9 @@ def main():
                 ok &= check(tier, d, causal, torch.bfloat16, [300, 1, 129], [513, 129, 64])
     ok &= check("sm90", 128, True, torch.float16, [1000, 77], [1000, 700])
     ok &= check("sm90", 64, False, torch.float16, [5, 2048], [3000, 2048])
+    for causal in (True, False):
+        ok &= check("sm90", 256, causal, torch.bfloat16, [300, 1, 129], [513, 129, 64])
+        ok &= check("sm90", 256, causal, torch.float16, [1000, 77], [1000, 700])
     for d in (64, 128):
         for causal in (True, False):
             for tier in ("sm90", "sm80"):

@@ -302,7 +302,7 @@ def _is_sm90() -> bool:
 
 
 @pytest.mark.parametrize("tier", ["sm80", "sm90"])
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("causal", [True, False])
 def test_forced_tier_matches_reference(monkeypatch, tier, head_dim, causal):
     """Each tier on its own: varlen groups, odd lengths, GQA, sequences shorter than one tile."""
@@ -355,21 +355,21 @@ def test_tiers_agree_on_a_long_sequence(monkeypatch):
 
 
 def test_forced_tier2_explains_what_it_cannot_run(monkeypatch):
-    """Forcing tier 2 where it has no kernel (head dim 256) fails with the reason instead of falling
-    back; auto runs the same call on tier 1. (Every stride the API accepts on a GPU, multiples of 8
-    elements, is one TMA can address, so head dim is what decides.)"""
+    """Forcing tier 2 where it has no kernel (the backward at head dim 256) fails with the reason
+    instead of falling back; auto runs the same backward on tier 1. (Every stride the API accepts
+    on a GPU, multiples of 8 elements, is one TMA can address, so head dim is what decides.)"""
     if not _is_sm90():
         pytest.skip("tier 2 needs an sm90 card")
     torch.manual_seed(23)
     q_list, k, v, cu_q, cu_k = _make([[256]], [256], 4, 4, 256, torch.bfloat16)
+    leaves = [t.requires_grad_() for t in (q_list[0], k, v)]
+    dout = torch.randn_like(q_list[0])
     monkeypatch.setenv("RING_FLASH_ATTN_TIER", "sm90")
-    with pytest.raises(NotImplementedError, match="tier 2 cannot run this call: no tier-2 kernel"):
-        flash_attn_varlen_func(q_list[0], k, v, cu_q[0], cu_k, 256, 256, causal=True)
+    out = flash_attn_varlen_func(*leaves, cu_q[0], cu_k, 256, 256, causal=True)  # the forward has tier 2
+    with pytest.raises(NotImplementedError, match="tier 2 cannot run this backward: no tier-2 kernel"):
+        torch.autograd.grad(out, leaves, dout)
     monkeypatch.setenv("RING_FLASH_ATTN_TIER", "auto")
-    out = flash_attn_varlen_func(q_list[0], k, v, cu_q[0], cu_k, 256, 256, causal=True)
-    ref32, _ = grouped_attention_reference([q_list[0].float()], k.float(), v.float(), cu_q, cu_k, None, None, True)
-    ref_lp, _ = grouped_attention_reference(q_list, k, v, cu_q, cu_k, None, None, True)
-    _check("auto, head dim 256", out, ref32[0], ref_lp[0])
+    _backward_case([[256]], [256], 4, 4, 256, torch.bfloat16, True)
 
 
 def test_bad_tier_name_is_rejected(monkeypatch):

@@ -102,6 +102,9 @@ const Sm90FwdKernelEntry kSm90FwdKernels[] = {
 #ifdef RINGATTN_HDIM_128
     RINGATTN_SM90_FWD_ENTRIES(128)
 #endif
+#ifdef RINGATTN_HDIM_256
+    RINGATTN_SM90_FWD_ENTRIES(256)
+#endif
     Sm90FwdKernelEntry{-1, 0, false, 0, 0, nullptr}};
 
 const Sm90FwdKernelEntry* find_sm90_fwd_kernel(int dtype, int head_dim, bool causal) {

@@ -67,7 +67,7 @@ typedef enum {
  * The same rule picks the backward's dK/dV kernel (tier 2: dQ through fp32 atomics; in
  * deterministic mode tier 1's dQ kernel adds dQ in a fixed order). SM80 forces tier 1 (for
  * comparison); SM90 forces tier 2 and fails with RINGATTN_STATUS_UNSUPPORTED, saying why, where
- * tier 2 cannot run the call (e.g. head_dim 256). */
+ * tier 2 cannot run the call (the backward at head_dim 256, which only tier 1 has). */
 typedef enum {
   RINGATTN_TIER_AUTO = 0,
   RINGATTN_TIER_SM80 = 80,

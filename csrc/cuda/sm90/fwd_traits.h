@@ -56,6 +56,11 @@ template <typename Element>
 struct FwdConfig<Element, 128> {
   using Traits = FwdTraits<Element, 128, 128, 2>;
 };
+// Head dim 256: 64-key blocks (the 64 x 256 output accumulator of a warpgroup is 128 registers).
+template <typename Element>
+struct FwdConfig<Element, 256> {
+  using Traits = FwdTraits<Element, 256, 64, 2>;
+};
 
 }  // namespace sm90
 }  // namespace cuda
