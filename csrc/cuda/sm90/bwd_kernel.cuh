@@ -10,10 +10,9 @@
 //     S^T = K Q^T and dP^T = V dO^T (wgmma, shared-memory operands), P^T = exp2(S^T scale - LSE),
 //     dS^T = P^T (dP^T - Di) with masked entries exactly 0; dV += P^T dO and dK += dS^T Q (wgmma,
 //     P^T/dS^T from registers, dO/Q transposed); dS^T to shared memory; after both warpgroups
-//     wrote theirs, dQ = dS K over all 128 keys (each warpgroup half of the head dim), staged in
-//     shared memory as fp32 (skipped in deterministic mode, where the tier-1 dQ kernel computes dQ).
-//   warp 1 of warpgroup 0 (dQ writer): adds each staged dQ tile to the group's fp32 dq_accum
-//     with bulk reductions (cp.reduce.async.bulk, one per query row), off the consumers' path.
+//     wrote theirs, dQ = dS K over all 128 keys (each warpgroup half of the head dim), added to
+//     the group's fp32 dq_accum with vector atomics (skipped in deterministic mode, where the
+//     tier-1 dQ kernel computes dQ).
 // Keys past the sequence are masked; their K rows are zeroed once (dQ reads K), V and garbage
 // rows elsewhere only reach masked entries, which are selected to 0, never multiplied.
 #pragma once
@@ -26,6 +25,7 @@
 #include "cuda/ptx.h"
 #include "cuda/query_tile_cursor.h"
 #include "cuda/seqlen_info.h"
+#include "cuda/sm80/bwd_common.cuh"
 #include "cuda/sm90/bwd_params.h"
 #include "cuda/sm90/bwd_traits.h"
 #include "cuda/sm90/ptx_sm90.h"
@@ -39,7 +39,7 @@ enum class BwdNamedBarrier : int { kKZeroed = 1, kDsWritten = 2 };
 
 template <typename T>
 struct BwdSmem {
-  uint32_t k, v, q, dout, ds, stats, dq, bars;
+  uint32_t k, v, q, dout, ds, stats, bars;
   __device__ __forceinline__ explicit BwdSmem(uint32_t base)
       : k(base + T::kOffK),
         v(base + T::kOffV),
@@ -47,14 +47,10 @@ struct BwdSmem {
         dout(base + T::kOffDo),
         ds(base + T::kOffDs),
         stats(base + T::kOffStats),
-        dq(base + T::kOffDq),
         bars(base + T::kOffBarriers) {}
   __device__ __forceinline__ uint32_t bar_kv() const { return bars; }
   __device__ __forceinline__ uint32_t full_q(int s) const { return bars + 8 * (1 + s); }
   __device__ __forceinline__ uint32_t empty_q(int s) const { return bars + 8 * (1 + T::kStages + s); }
-  __device__ __forceinline__ uint32_t dq_full(int w) const { return bars + 8 * (1 + 2 * T::kStages + w); }
-  __device__ __forceinline__ uint32_t dq_empty(int w) const { return bars + 8 * (1 + 2 * T::kStages + 2 + w); }
-  __device__ __forceinline__ uint32_t dq_stage(int w) const { return dq + w * T::kDqStageBytes; }
   __device__ __forceinline__ uint32_t q_stage(int s) const { return q + s * T::kQBytes; }
   __device__ __forceinline__ uint32_t do_stage(int s) const { return dout + s * T::kQBytes; }
   __device__ __forceinline__ uint32_t ds_buf(int b) const { return ds + b * T::kDsBytes; }
@@ -113,11 +109,6 @@ __global__ void __launch_bounds__(T::kThreads, 1)
       ptx::mbarrier_init(sm.full_q(s), 32);  // the producer warp: 31 arrivals + 1 with the TMA bytes
       ptx::mbarrier_init(sm.empty_q(s), T::kConsumerWarps);
     }
-#pragma unroll
-    for (int w = 0; w < 2; ++w) {
-      ptx::mbarrier_init(sm.dq_full(w), 4);  // the warpgroup's 4 warps
-      ptx::mbarrier_init(sm.dq_empty(w), 1);  // the dQ writer warp
-    }
     ptx::fence_mbarrier_init();
   }
   __syncthreads();
@@ -126,34 +117,6 @@ __global__ void __launch_bounds__(T::kThreads, 1)
   if (warpgroup == 0) {
     // ---------------- producer (warp 0) ----------------
     ptx::setmaxnreg_dec<T::kProducerRegs>();
-    if (tid >= 32 && tid < 64 && p.accumulate_dq) {
-      // ---------------- dQ writer (warp 1): staged dQ tiles -> dq_accum, bulk reductions ----------------
-      const int lane = tid - 32;
-      Cursor cur;
-      cur.start(p, b, key0);
-      for (int t = 0; cur.valid(p); ++t) {
-        const BwdGroupArgs& g = p.groups[cur.group];
-        const int head = kv_head * ratio + cur.head_in_kv;
-        const int row0 = cur.m_block * kBlockM;
-        const int rows = min(kBlockM, cur.seqlen_q - row0);
-        float* dst0 = g.dq_accum + ((static_cast<int64_t>(cur.q_start) + row0) * p.num_heads_q + head) * kHeadDim;
-        const int64_t row_stride = static_cast<int64_t>(p.num_heads_q) * kHeadDim;
-#pragma unroll
-        for (int w = 0; w < T::kDqWarpgroups; ++w) {
-          ptx::mbarrier_wait_parity(sm.dq_full(w), t & 1);
-          for (int r = lane; r < rows; r += 32)
-            ptx::bulk_reduce_add_f32(dst0 + r * row_stride + w * T::kDqCols, sm.dq_stage(w) + r * T::kDqRowBytes,
-                                     T::kDqCols * 4);
-          ptx::bulk_commit_group();
-          ptx::bulk_wait_group_read<0>();
-          __syncwarp();
-          if (lane == 0) ptx::mbarrier_arrive(sm.dq_empty(w));
-        }
-        cur.next(p, b, key0);
-      }
-      ptx::bulk_wait_group<0>();
-      return;
-    }
     if (tid >= 32) return;
     const int lane = tid;
     if (lane == 0) {
@@ -358,21 +321,31 @@ __global__ void __launch_bounds__(T::kThreads, 1)
             for (int c = 0; c < 4; ++c) ptx::fence_operand(dq[i][c]);
           __syncwarp();
           if (lane == 0) ptx::mbarrier_arrive(sm.empty_q(s));
-          // Stage dQ(t) for the writer warp once it has drained tile t-1 from the staging buffer.
-          const int w = T::kDqWarpgroups == 1 ? 0 : wg;
-          ptx::mbarrier_wait_parity(sm.dq_empty(w), (t & 1) ^ 1);
+          // Atomics: rows = this warp's 16 queries; lanes t, t^1 swap a pair so each adds 4
+          // consecutive floats (see the tier-1 kernel).
+          const BwdGroupArgs& g = p.groups[cur.group];
+          const int head = kv_head * ratio + cur.head_in_kv;
+          const int row_a = row0 + warp_in_wg * 16 + (lane >> 2);
+          const int col0 = (T::kDqCols == kHeadDim ? 0 : wg * T::kDqCols) + qcol;
+          float* dq_row_a = g.dq_accum + ((static_cast<int64_t>(cur.q_start) + row_a) * p.num_heads_q + head) * kHeadDim + col0;
+          const int64_t dq_8rows = static_cast<int64_t>(8) * p.num_heads_q * kHeadDim;
+          const bool odd = lane & 1;
 #pragma unroll
-          for (int dt = 0; dt < kDqTiles; ++dt)
+          for (int dt = 0; dt < kDqTiles; dt += 2)
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
-              const uint32_t addr =
-                  sm.dq_stage(w) + (warp_in_wg * 16 + (lane >> 2) + 8 * r) * T::kDqRowBytes + (dt * 8 + qcol) * 4;
-              asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr), "f"(dq[dt][2 * r]), "f"(dq[dt][2 * r + 1])
-                           : "memory");
+              const float x0 = dq[dt][2 * r], x1 = dq[dt][2 * r + 1];
+              const float y0 = dq[dt + 1][2 * r], y1 = dq[dt + 1][2 * r + 1];
+              const float got0 = __shfl_xor_sync(0xffffffffu, odd ? x0 : y0, 1);
+              const float got1 = __shfl_xor_sync(0xffffffffu, odd ? x1 : y1, 1);
+              if (row_a + r * 8 < cur.seqlen_q) {
+                float* dst = dq_row_a + r * dq_8rows + (odd ? (dt + 1) * 8 - 2 : dt * 8);
+                if (odd)
+                  sm80::bwd::red_add_v4(dst, got0, got1, y0, y1);
+                else
+                  sm80::bwd::red_add_v4(dst, x0, x1, got0, got1);
+              }
             }
-          ptx::fence_proxy_async_shared();
-          __syncwarp();
-          if (lane == 0) ptx::mbarrier_arrive(sm.dq_full(w));
         } else {
           ptx::wgmma_wait_group<0>();
           __syncwarp();

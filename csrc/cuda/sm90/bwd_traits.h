@@ -24,10 +24,8 @@ struct BwdTraits {
   static constexpr int kThreads = 128 * (1 + kNumConsumerWarpgroups);
   static constexpr int kConsumerWarps = 4 * kNumConsumerWarpgroups;
   static constexpr int kColBlocks = kHeadDim / 64;
-  // The producer warpgroup runs two loops (loads; the dQ writer), which need more than 24;
-  // 48 x 128 + 232 x 256 = 65536, the whole register file.
-  static constexpr int kProducerRegs = 48;
-  static constexpr int kConsumerRegs = 232;
+  static constexpr int kProducerRegs = 24;
+  static constexpr int kConsumerRegs = 240;
   // dQ = dS K: each consumer warpgroup computes kDqCols head-dim columns (all keys of the block);
   // at head dim 64 warpgroup 0 computes all of them.
   static constexpr int kDqCols = kHeadDim >= 128 ? kHeadDim / 2 : kHeadDim;
@@ -44,15 +42,8 @@ struct BwdTraits {
   static constexpr uint32_t kOffDo = kOffQ + kStages * kQBytes;
   static constexpr uint32_t kOffDs = kOffDo + kStages * kQBytes;
   static constexpr uint32_t kOffStats = kOffDs + 2 * kDsBytes;
-  // dQ staging: per dQ-computing warpgroup, its 64 x kDqCols fp32 tile, rows padded by 16 bytes;
-  // a warp of the producer warpgroup adds it to dq_accum with bulk reductions, one per row.
-  static constexpr int kDqWarpgroups = kDqCols == kHeadDim ? 1 : 2;
-  static constexpr uint32_t kDqRowBytes = kDqCols * 4 + 16;
-  static constexpr uint32_t kDqStageBytes = kBlockM * kDqRowBytes;
-  static constexpr uint32_t kOffDq = kOffStats + kStages * kStatBytes;
-  static constexpr uint32_t kOffBarriers = kOffDq + kDqWarpgroups * kDqStageBytes;
-  // K/V, full/empty per Q stage, dQ staging full/empty per warpgroup
-  static constexpr int kNumBarriers = 1 + 2 * kStages + 2 * kNumConsumerWarpgroups;
+  static constexpr uint32_t kOffBarriers = kOffStats + kStages * kStatBytes;
+  static constexpr int kNumBarriers = 1 + 2 * kStages;  // K/V, full/empty per Q stage
   static constexpr int kSmemBytes = 1024 + kOffBarriers + 8 * kNumBarriers;
 
   static_assert(sizeof(Element) == 2, "16-bit elements");
