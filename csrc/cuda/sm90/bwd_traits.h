@@ -26,6 +26,12 @@ struct BwdTraits {
   static constexpr int kColBlocks = kHeadDim / 64;
   static constexpr int kProducerRegs = 24;
   static constexpr int kConsumerRegs = 240;
+  // setmaxnreg moves registers between warpgroups within what the launch allocated (the
+  // __launch_bounds__(kThreads, 1) cap, 65536 / kThreads rounded down to 8): the consumers can
+  // only grow by what the producer gives back, or setmaxnreg.inc waits forever.
+  static constexpr int kLaunchRegs = (65536 / kThreads) / 8 * 8;
+  static_assert(128 * (kLaunchRegs - kProducerRegs) >= 128 * kNumConsumerWarpgroups * (kConsumerRegs - kLaunchRegs),
+                "setmaxnreg: the consumers ask for more registers than the producer frees");
   // dQ = dS K: each consumer warpgroup computes kDqCols head-dim columns (all keys of the block);
   // at head dim 64 warpgroup 0 computes all of them.
   static constexpr int kDqCols = kHeadDim >= 128 ? kHeadDim / 2 : kHeadDim;
