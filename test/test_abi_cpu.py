@@ -52,7 +52,7 @@ def c_layout(tmp_path_factory):
                   "RINGATTN_STATUS_UNSUPPORTED", "RINGATTN_STATUS_CUDA_ERROR",
                   "RINGATTN_STATUS_INTERNAL_ERROR", "RINGATTN_DTYPE_FP32", "RINGATTN_DTYPE_FP16",
                   "RINGATTN_DTYPE_BF16", "RINGATTN_DTYPE_FP64", "RINGATTN_DEVICE_CPU",
-                  "RINGATTN_DEVICE_CUDA", "RINGATTN_TIER_AUTO", "RINGATTN_TIER_SM80"):
+                  "RINGATTN_DEVICE_CUDA", "RINGATTN_TIER_AUTO", "RINGATTN_TIER_SM80", "RINGATTN_TIER_SM90"):
         lines.append(f'  printf("const {const} %d\\n", (int){const});')
     lines += ["  return 0;", "}"]
     d = tmp_path_factory.mktemp("abi")
@@ -91,6 +91,7 @@ def test_constants_match_header(c_layout):
         "RINGATTN_DEVICE_CUDA": _lib.DEVICE_CUDA,
         "RINGATTN_TIER_AUTO": _lib.TIER_AUTO,
         "RINGATTN_TIER_SM80": _lib.TIER_SM80,
+        "RINGATTN_TIER_SM90": _lib.TIER_SM90,
     }
     for name, value in names.items():
         assert c_layout[("const", name)] == value, name

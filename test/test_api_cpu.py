@@ -427,3 +427,24 @@ def test_threads_follow_torch():
     finally:
         torch.set_num_threads(before)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+
+@pytest.mark.parametrize("value, expected", [(None, 0), ("auto", 0), ("", 0), ("sm80", 80), ("SM90", 90), (" sm90 ", 90)])
+def test_kernel_tier_from_environment(monkeypatch, value, expected):
+    """RING_FLASH_ATTN_TIER picks ringattn_exec.tier for GPU calls (read at every call)."""
+    from ring_flash_attn import ops
+
+    if value is None:
+        monkeypatch.delenv("RING_FLASH_ATTN_TIER", raising=False)
+    else:
+        monkeypatch.setenv("RING_FLASH_ATTN_TIER", value)
+    assert ops._kernel_tier() == expected
+
+
+def test_kernel_tier_rejects_unknown_names(monkeypatch):
+    from ring_flash_attn import ops
+
+    monkeypatch.setenv("RING_FLASH_ATTN_TIER", "sm75")
+    with pytest.raises(ValueError, match=r"RING_FLASH_ATTN_TIER: expected one of \['auto', 'sm80', 'sm90'\], got 'sm75'"):
+        ops._kernel_tier()
