@@ -323,8 +323,10 @@ def _block_fwd(plan: _Plan, q: Tensor, kv: Tensor, qn: str, kn: str, causal: boo
 def _forward(plan: _Plan, q: Tensor, k: Tensor, v: Tensor):
     T, Hq, D = q.shape
     N, rank = plan.world_size, plan.rank
-    out_acc = torch.zeros((T, Hq, D), dtype=plan.acc_dtype, device=q.device)
-    lse_acc = torch.full((Hq, T), float("-inf"), dtype=plan.acc_dtype, device=q.device)
+    # The first block of every layout covers all rows: it becomes the accumulator as it is (no
+    # merge with zeros, which at N = 1 would be the whole cost of the ring code around the kernel).
+    out_acc: Optional[Tensor] = None
+    lse_acc: Optional[Tensor] = None
     kv = torch.stack([k, v])  # one send buffer [2, T, Hk, D]
     ring = _Ring(plan.group, N, rank) if N > 1 else None
     for step in range(N):
@@ -334,10 +336,18 @@ def _forward(plan: _Plan, q: Tensor, k: Tensor, v: Tensor):
         src = (rank - step) % N
         for qn, kn, causal in _tasks(plan.layout, plan.causal, step, src, rank):
             o, lse = _block_fwd(plan, q, kv, qn, kn, causal)
+            if out_acc is None and plan.rows[qn].index is None:
+                out_acc, lse_acc = o, lse
+                continue
+            if out_acc is None:
+                out_acc = torch.zeros((T, Hq, D), dtype=plan.acc_dtype, device=q.device)
+                lse_acc = torch.full((Hq, T), float("-inf"), dtype=plan.acc_dtype, device=q.device)
+            out_acc, lse_acc = out_acc.to(plan.acc_dtype), lse_acc.to(plan.acc_dtype)
             _merge(out_acc, lse_acc, plan.rows[qn], o, lse)
         if pending is not None:
             _Ring.wait(pending)
             kv = kv_next
+    assert out_acc is not None and lse_acc is not None, "step 0 of every layout computes all rows"
     return out_acc.to(q.dtype), lse_acc.to(torch.float32)
 
 
