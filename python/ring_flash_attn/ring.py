@@ -375,7 +375,10 @@ def _backward(plan: _Plan, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
     N, rank = plan.world_size, plan.rank
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
-    dq_acc = torch.zeros((T, Hq, D), dtype=plan.acc_dtype, device=q.device)
+    # As in the forward, the first contribution over all rows becomes the accumulator as it is.
+    dq_acc: Optional[Tensor] = None
+    if N == 1:  # one step, no transfer: nothing to stack, merge or send
+        return _backward_single_step(plan, dout, q, k, v, out, lse)
     kv = torch.stack([k, v])
     ring = _Ring(plan.group, N, rank) if N > 1 else None
     dkv_pending = None
@@ -397,10 +400,16 @@ def _backward(plan: _Plan, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
                 [qr.cu], kr.cu, [None], [qr.max_seqlen], kr.max_seqlen, plan.scale, causal, plan.deterministic)
             if dkv_step is None:
                 dkv_step = torch.zeros((2, T, Hk, D), dtype=plan.acc_dtype, device=q.device)
-            if qr.index is None:
-                dq_acc += dq_b
+            if dq_acc is None and qr.index is None:
+                dq_acc = dq_b
             else:
-                dq_acc.index_add_(0, qr.index, dq_b.to(dq_acc.dtype))
+                if dq_acc is None:
+                    dq_acc = torch.zeros((T, Hq, D), dtype=plan.acc_dtype, device=q.device)
+                dq_acc = dq_acc.to(plan.acc_dtype)
+                if qr.index is None:
+                    dq_acc += dq_b
+                else:
+                    dq_acc.index_add_(0, qr.index, dq_b.to(dq_acc.dtype))
             if kr.index is None:
                 dkv_step[0] += dk_b
                 dkv_step[1] += dv_b
@@ -422,7 +431,19 @@ def _backward(plan: _Plan, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
     if dkv_pending is not None:  # the N-th transfer brings every block's dK/dV home
         _Ring.wait(dkv_pending)
         dkv = dkv_recv
+    assert dq_acc is not None, "step 0 of every layout computes all rows"
     return dq_acc.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
+
+
+def _backward_single_step(plan: _Plan, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor):
+    """The backward at world size 1: step 0 of every layout is one block over all rows, so the
+    kernel's gradients are the result (no accumulators, no stacking of K and V)."""
+    ((qn, kn, causal),) = _tasks(plan.layout, plan.causal, 0, plan.rank, plan.rank)
+    assert qn == kn == "all", "step 0 of every layout computes all rows"
+    (dq,), dk, dv = ops.grouped_bwd(
+        [dout], [q], k, v, [out], [lse.contiguous()], [plan.rows["all"].cu], plan.rows["all"].cu, [None],
+        [plan.rows["all"].max_seqlen], plan.rows["all"].max_seqlen, plan.scale, causal, plan.deterministic)
+    return dq, dk, dv
 
 
 class _RingAttention(torch.autograd.Function):
