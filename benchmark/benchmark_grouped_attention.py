@@ -33,7 +33,7 @@ Implementations (--impls; names as in the CSV):
                   rewritten as ONE plain varlen call over G*B sequences (Q concatenated, K/V
                   duplicated per group, all inside the timed region)
   fused           one ring_flash_attn.grouped_flash_attn_varlen_func call (the fused kernel; on
-                  sm90 cards its forward is tier 2, TMA + wgmma)
+                  sm90 cards tier 2, TMA + wgmma, forward and backward)
   fused_sm80      the same call with RING_FLASH_ATTN_TIER=sm80: the tier-1 (mma.sync) kernels,
                   for comparison (identical to fused on cards other than sm90)
   sdpa_flash      torch SDPA, FLASH_ATTENTION backend, one call per group on [B, H, L, D] views

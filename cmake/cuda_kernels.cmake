@@ -72,7 +72,18 @@ target_compile_options(ringattn_cuda PRIVATE $<$<COMPILE_LANGUAGE:CUDA>:${_ringa
 
 # Tier 2 (sm90a: TMA + wgmma): its own object library compiled for 90a only (wgmma and setmaxnreg
 # exist only there), built when RINGATTN_CUDA_ARCHS lists 90a.
+# The tier-2 host code looks cuTensorMapEncodeTiled up with cudaGetDriverEntryPointByVersion
+# (CUDA 12.5+).
+set(_ringattn_tier2 OFF)
 if("90a" IN_LIST RINGATTN_CUDA_ARCHS)
+  if(CUDAToolkit_VERSION VERSION_LESS 12.5)
+    message(WARNING "ringattn: CUDA ${CUDAToolkit_VERSION} < 12.5: building WITHOUT the tier-2 (sm90a) kernels; "
+                    "H100/H200 will run tier 1 (about half the speed). Use CUDA 12.5 or newer for tier 2.")
+  else()
+    set(_ringattn_tier2 ON)
+  endif()
+endif()
+if(_ringattn_tier2)
   set(_ringattn_sm90_sources csrc/cuda/sm90/tma_host.cu)
   foreach(hdim IN LISTS RINGATTN_HEAD_DIMS)
     file(GLOB _f CONFIGURE_DEPENDS ${CMAKE_CURRENT_SOURCE_DIR}/csrc/cuda/sm90/instantiations/fwd_hdim${hdim}_*.cu

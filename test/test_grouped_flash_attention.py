@@ -400,3 +400,34 @@ def test_tier2_backward_long_sequence_fp16(monkeypatch):
     monkeypatch.setenv("RING_FLASH_ATTN_TIER", "sm90")
     torch.manual_seed(37)
     _backward_case([[2048, 1000]], [2048, 3000], 8, 2, 128, torch.float16, True)
+
+
+@pytest.mark.parametrize("tier", ["auto", "sm80"])
+def test_backward_padding_rows_may_hold_nan(monkeypatch, tier):
+    """Query rows after the last sequence (cu_seqlens_q[B] < total_q) may hold NaN in q and dout:
+    they belong to no sequence and must not reach dK/dV (tier 2 loads whole 64-row query tiles)."""
+    monkeypatch.setenv("RING_FLASH_ATTN_TIER", tier)
+    torch.manual_seed(41)
+    d, hq, hk = 128, 8, 2
+    lens_q, lens_k = [100, 150], [200, 150]
+    used_q = sum(lens_q)
+    q = torch.randn(used_q + 50, hq, d, device="cuda", dtype=torch.bfloat16)
+    dout = torch.randn_like(q)
+    q[used_q:] = float("nan")
+    dout[used_q:] = float("nan")
+    k = torch.randn(sum(lens_k), hk, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(sum(lens_k), hk, d, device="cuda", dtype=torch.bfloat16)
+    cu_q, cu_k = _cu(lens_q, "cuda"), _cu(lens_k, "cuda")
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    outs = grouped_flash_attn_varlen_func([leaves[0]], leaves[1], leaves[2], [cu_q], cu_k, [150], 200, causal=True)
+    dq, dk, dv = torch.autograd.grad(outs[0], leaves, dout)
+
+    def reference(cast):
+        xs = [q[:used_q].to(cast).requires_grad_(), k.to(cast).requires_grad_(), v.to(cast).requires_grad_()]
+        (o,), _ = grouped_attention_reference([xs[0]], xs[1], xs[2], [cu_q], cu_k, None, None, True)
+        return torch.autograd.grad(o, xs, dout[:used_q].to(cast))
+
+    r32, rlp = reference(torch.float32), reference(torch.bfloat16)
+    _check("dq (sequence rows)", dq[:used_q], r32[0], rlp[0])
+    _check("dk", dk, r32[1], rlp[1])
+    _check("dv", dv, r32[2], rlp[2])

@@ -462,3 +462,24 @@ def test_exports():
              for s in ("_func", "_kvpacked_func", "_qkvpacked_func")]
     for n in names:
         assert n in rfa.__all__ and getattr(rfa, n).__name__ == n
+
+
+@pytest.mark.parametrize("layout", ["ring", "zigzag"])
+def test_single_process_accepts_any_kv_layout_in_backward(layout):
+    """K/V whose last dim is not contiguous: the forward works on a stacked copy, and so must the
+    backward (world size 1 takes its own path there)."""
+    _no_default_group()
+    gen = torch.Generator().manual_seed(_SEED + 1)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    q, dout = (torch.randn(10, 4, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    k, v = (torch.randn(10, 8, 2, generator=gen, dtype=torch.float64).transpose(1, 2) for _ in range(2))
+    assert k.stride(-1) != 1
+    ins = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    (ref,), _ = grouped_attention_reference([ins[0]], ins[1], ins[2], [cu], cu, None, None, True)
+    ref_grads = torch.autograd.grad(ref, ins, dout)
+    q, k, v = (t.requires_grad_(True) for t in (q, k, v))
+    out = _VARLEN_FUNCS[layout][0](q, k, v, cu, 6, causal=True)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    assert _rel_err(out, ref) <= 1e-12
+    for name, x, r in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert _rel_err(x, r) <= 1e-12, name

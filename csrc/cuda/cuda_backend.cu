@@ -650,7 +650,11 @@ ringattn_status grouped_bwd(const ringattn_bwd_params& p) {
                    "exec.tier: RINGATTN_TIER_SM90 requested, but tier 2 cannot run this backward: %s", why.c_str());
   }
   if (e90 != nullptr) {
-    // Its own K/V block size: the work list shrinks into the workspace sized for tier 1's blocks.
+    // Its own K/V block size: the work list shrinks into the workspace sized for tier 1's blocks
+    // (bwd_layout), which holds as long as tier 2's blocks are not smaller.
+    static_assert(sm90::BwdConfig<__half, 64>::Traits::kBlockN >= sm80::BwdConfig<__half, 64>::Traits::kBlockN &&
+                      sm90::BwdConfig<__half, 128>::Traits::kBlockN >= sm80::BwdConfig<__half, 128>::Traits::kBlockN,
+                  "tier 2's K/V blocks fit the work list sized for tier 1's");
     const int64_t capacity = bwd_kv_capacity(pr.total_k, pr.batch_size, e90->block_n);
     kv_sched.block_m = e90->block_m;
     kv_sched.block_n = e90->block_n;

@@ -61,13 +61,16 @@ typedef enum {
 } ringattn_device_type;
 
 /* GPU kernel tier. AUTO picks the fastest compiled tier for the card: tier 2 (SM90: TMA + wgmma,
- * warp specialised) on sm90 cards when the build has sm_90a kernels for the
- * dtype and head dim and TMA can address the operands (16-byte aligned base pointers, row and
- * head strides in multiples of 8 elements), else tier 1 (SM80: mma.sync, every sm80+ card).
- * The same rule picks the backward's dK/dV kernel (tier 2: dQ through fp32 atomics; in
- * deterministic mode tier 1's dQ kernel adds dQ in a fixed order). SM80 forces tier 1 (for
- * comparison); SM90 forces tier 2 and fails with RINGATTN_STATUS_UNSUPPORTED, saying why, where
- * tier 2 cannot run the call (the backward at head_dim 256, which only tier 1 has). */
+ * warp specialised) on sm90 cards when the build has sm_90a kernels for the dtype and head dim
+ * (forward: 64/128/256; backward: 64/128) and total_k > 0, else tier 1 (SM80: mma.sync, every
+ * sm80+ card). Every operand the API accepts on a GPU is one TMA can address (16-byte aligned
+ * bases, strides in multiples of 8 elements), so a tensor map the driver still refuses is
+ * reported as RINGATTN_STATUS_CUDA_ERROR, not silently run on tier 1. In the backward, tier 2
+ * adds dQ with fp32 atomics; in deterministic mode tier 1's dQ kernel adds it in a fixed order.
+ * SM80 forces tier 1 (for comparison); SM90 forces tier 2 and fails with
+ * RINGATTN_STATUS_UNSUPPORTED, saying why, where tier 2 has no kernel (the backward at head_dim
+ * 256, total_k == 0, a card other than sm90). The GPU calls make the device's primary context
+ * current on the calling thread (cudaSetDevice). */
 typedef enum {
   RINGATTN_TIER_AUTO = 0,
   RINGATTN_TIER_SM80 = 80,

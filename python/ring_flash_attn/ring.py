@@ -440,6 +440,9 @@ def _backward_single_step(plan: _Plan, dout: Tensor, q: Tensor, k: Tensor, v: Te
     kernel's gradients are the result (no accumulators, no stacking of K and V)."""
     ((qn, kn, causal),) = _tasks(plan.layout, plan.causal, 0, plan.rank, plan.rank)
     assert qn == kn == "all", "step 0 of every layout computes all rows"
+    # The forward ran on a fresh K/V buffer (torch.stack); so does this call, so that any K/V
+    # layout the forward accepted is accepted here too.
+    k, v = torch.stack([k, v])
     (dq,), dk, dv = ops.grouped_bwd(
         [dout], [q], k, v, [out], [lse.contiguous()], [plan.rows["all"].cu], plan.rows["all"].cu, [None],
         [plan.rows["all"].max_seqlen], plan.rows["all"].max_seqlen, plan.scale, causal, plan.deterministic)

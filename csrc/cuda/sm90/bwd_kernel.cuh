@@ -13,8 +13,9 @@
 //     wrote theirs, dQ = dS K over all 128 keys (each warpgroup half of the head dim), added to
 //     the group's fp32 dq_accum with vector atomics (skipped in deterministic mode, where the
 //     tier-1 dQ kernel computes dQ).
-// Keys past the sequence are masked; their K rows are zeroed once (dQ reads K), V and garbage
-// rows elsewhere only reach masked entries, which are selected to 0, never multiplied.
+// Keys past the sequence are masked; their K rows are zeroed once (dQ reads K); query rows past
+// the sequence in a partial tile are zeroed in Q and dO (dV and dK read them); V rows past the
+// sequence only reach masked entries of dP^T, which are selected to 0, never multiplied.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -35,7 +36,7 @@ namespace ringattn {
 namespace cuda {
 namespace sm90 {
 
-enum class BwdNamedBarrier : int { kKZeroed = 1, kDsWritten = 2 };
+enum class BwdNamedBarrier : int { kKZeroed = 1, kDsWritten = 2, kQTailZeroed = 3 };
 
 template <typename T>
 struct BwdSmem {
@@ -119,7 +120,11 @@ __global__ void __launch_bounds__(T::kThreads, 1)
     ptx::setmaxnreg_dec<T::kProducerRegs>();
     if (tid >= 32) return;
     const int lane = tid;
-    if (lane == 0) {
+    Cursor cur;
+    cur.start(p, b, key0);
+    // K and V only when some query tile sees the block: the consumers wait for them only then, and
+    // a CTA must not exit with a bulk copy into its shared memory still in flight.
+    if (lane == 0 && cur.valid(p)) {
       ptx::mbarrier_arrive_expect_tx(sm.bar_kv(), 2 * T::kKVBytes);
 #pragma unroll
       for (int cb = 0; cb < T::kColBlocks; ++cb) {
@@ -127,8 +132,6 @@ __global__ void __launch_bounds__(T::kThreads, 1)
         ptx::tma_load_3d(sm.v + cb * T::kKVColBlockBytes, &params.tma_v, sm.bar_kv(), cb * 64, kv_head, k_start + key0);
       }
     }
-    Cursor cur;
-    cur.start(p, b, key0);
     for (int t = 0; cur.valid(p); ++t) {
       const int s = t % T::kStages;
       ptx::mbarrier_wait_parity(sm.empty_q(s), ((t / T::kStages) & 1) ^ 1);
@@ -207,6 +210,26 @@ __global__ void __launch_bounds__(T::kThreads, 1)
       ptx::mbarrier_wait_parity(sm.full_q(s), (t / T::kStages) & 1);
       const uint32_t q_tile = sm.q_stage(s);
       const uint32_t do_tile = sm.do_stage(s);
+      {
+        // Rows of a partial query tile past the sequence are the next sequence's or padding (TMA
+        // fills zeros only past the tensor): zero them in Q and dO, since P^T dO and dS^T Q
+        // multiply them by 0 and 0 * NaN would reach dK/dV. Both warpgroups, same condition.
+        const int rows_valid = cur.seqlen_q - cur.m_block * kBlockM;
+        if (rows_valid < kBlockM) {
+          const int rows = kBlockM - rows_valid;
+          for (int i = ctid; i < 2 * rows * 8 * T::kColBlocks; i += 256) {
+            const int tile = i / (rows * 8 * T::kColBlocks);  // 0: Q, 1: dO
+            const int rem = i % (rows * 8 * T::kColBlocks);
+            const int cb = rem / (rows * 8);
+            const int r = rem % (rows * 8);
+            const uint32_t addr =
+                (tile == 0 ? q_tile : do_tile) + cb * T::kQColBlockBytes + (rows_valid + r / 8) * 128 + (r % 8) * 16;
+            asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(addr), "r"(0) : "memory");
+          }
+          ptx::fence_proxy_async_shared();
+          ptx::named_barrier_sync(static_cast<int>(BwdNamedBarrier::kQTailZeroed), 256);
+        }
+      }
 
       // ---- S^T = K Q^T, dP^T = V dO^T ----
       float st[kSTiles][4], dpt[kSTiles][4];

@@ -42,8 +42,10 @@ bool encode_token_head_map(CUtensorMap* map, const void* base, bool bf16, int he
     *why = "empty tensor";
     return false;
   }
-  // A single head's stride is never used; give TMA a valid one.
+  // A stride of a dimension of extent 1 is never used (and the API accepts any value there);
+  // give TMA valid ones.
   if (heads == 1) head_stride = head_dim;
+  if (tokens == 1) row_stride = static_cast<int64_t>(heads) * head_stride;
   if ((row_stride * kElem) % 16 != 0 || (head_stride * kElem) % 16 != 0 || row_stride <= 0 || head_stride <= 0) {
     *why = "row/head strides not multiples of 8 elements";
     return false;
