@@ -1,9 +1,12 @@
-"""Argument checks shared by the context-parallel entry points (ring.py, zigzag_llama3.py).
+"""Argument checks shared by the context-parallel entry points (ring.py, zigzag_llama3.py, llama3.py).
 
 Each raises ValueError naming the argument with the expected and the actual value."""
 
 from __future__ import annotations
 
+import numbers
+
+import torch
 from torch import Tensor
 
 
@@ -32,3 +35,29 @@ def unpack(packed, name: str, count: int, layout: str):
         got = tuple(packed.shape) if isinstance(packed, Tensor) else type(packed).__name__
         raise ValueError(f"{name}: expected a {ndim}-D tensor {layout}, got {got}")
     return packed.unbind(-3)
+
+
+def check_heads_k_stride(heads_k_stride, num_heads_k: int) -> None:
+    """heads_k_stride is an int >= 1 dividing the KV heads."""
+    if isinstance(heads_k_stride, bool) or not isinstance(heads_k_stride, numbers.Integral) or heads_k_stride < 1:
+        raise ValueError(f"heads_k_stride: expected an int >= 1, got {heads_k_stride!r}")
+    if num_heads_k % heads_k_stride:
+        raise ValueError(f"heads_k_stride: expected a divisor of the KV heads of k ({num_heads_k}), got {heads_k_stride}")
+
+
+def check_cu_seqlens_pair(cu_seqlens_q, cu_seqlens_k, device) -> None:
+    """cu_seqlens_q and cu_seqlens_k are 1-D int32 tensors on `device` (q's) with the same
+    batch_size + 1 >= 2 entries."""
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if not isinstance(cu, Tensor):
+            raise ValueError(f"{name}: expected an int32 Tensor, got {type(cu).__name__}")
+        if cu.dtype != torch.int32:
+            raise ValueError(f"{name}: expected dtype torch.int32, got {cu.dtype}")
+        if cu.dim() != 1 or cu.shape[0] < 2:
+            raise ValueError(f"{name}: expected a 1-D tensor of batch_size + 1 >= 2 entries, got shape "
+                             f"{tuple(cu.shape)}")
+        if cu.device != device:
+            raise ValueError(f"{name}: expected a tensor on {device} (the device of q), got {cu.device}")
+    if cu_seqlens_q.shape[0] != cu_seqlens_k.shape[0]:
+        raise ValueError(f"cu_seqlens_q: expected {cu_seqlens_k.shape[0]} entries (batch_size + 1, as "
+                         f"cu_seqlens_k), got {cu_seqlens_q.shape[0]}")

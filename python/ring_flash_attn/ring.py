@@ -380,7 +380,7 @@ def _backward(plan: _Plan, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
     if N == 1:  # one step, no transfer: nothing to stack, merge or send
         return _backward_single_step(plan, dout, q, k, v, out, lse)
     kv = torch.stack([k, v])
-    ring = _Ring(plan.group, N, rank) if N > 1 else None
+    ring = _Ring(plan.group, N, rank)
     dkv_pending = None
     dkv = None
     for step in range(N):
@@ -393,7 +393,7 @@ def _backward(plan: _Plan, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
             qr, kr = plan.rows[qn], plan.rows[kn]
             lse_b = qr.take(lse, 1).contiguous()
             dout_b = qr.take(dout)
-            if plan.lse_recomputed and N > 1:
+            if plan.lse_recomputed:
                 dout_b = _rescale_dout(plan, dout_b, q, kv, lse_b, qn, kn, causal)
             (dq_b,), dk_b, dv_b = ops.grouped_bwd(
                 [dout_b], [qr.take(q)], kr.take(kv[0]), kr.take(kv[1]), [qr.take(out)], [lse_b],
@@ -423,8 +423,7 @@ def _backward(plan: _Plan, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
         else:
             dkv = dkv_step if dkv_step is not None else torch.zeros(
                 (2, T, Hk, D), dtype=plan.acc_dtype, device=q.device)
-        if N > 1:
-            dkv_recv, dkv_pending = ring.post(dkv, _TAG_DKV)
+        dkv_recv, dkv_pending = ring.post(dkv, _TAG_DKV)
         if kv_pending is not None:
             _Ring.wait(kv_pending)
             kv = kv_next

@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from ._checks import check_qkv, unpack
+from ._checks import check_cu_seqlens_pair, check_heads_k_stride, check_qkv, unpack
 from .grouped import _resolve_scale
 from .grouped_python import _flash_attn_varlen_forward_grouped
 from .zigzag_utils import (
@@ -129,23 +129,8 @@ def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, h
     if T % 2:
         raise ValueError(f"q: expected an even number of local tokens (every sequence contributes two chunks of "
                          f"equal length), got {T}")
-    if isinstance(heads_k_stride, bool) or not isinstance(heads_k_stride, numbers.Integral) or heads_k_stride < 1:
-        raise ValueError(f"heads_k_stride: expected an int >= 1, got {heads_k_stride!r}")
-    if Hk % heads_k_stride:
-        raise ValueError(f"heads_k_stride: expected a divisor of the KV heads of k ({Hk}), got {heads_k_stride}")
-    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
-        if not isinstance(cu, Tensor):
-            raise ValueError(f"{name}: expected an int32 Tensor, got {type(cu).__name__}")
-        if cu.dtype != torch.int32:
-            raise ValueError(f"{name}: expected dtype torch.int32, got {cu.dtype}")
-        if cu.dim() != 1 or cu.shape[0] < 2:
-            raise ValueError(f"{name}: expected a 1-D tensor of batch_size + 1 >= 2 entries, got shape "
-                             f"{tuple(cu.shape)}")
-        if cu.device != q.device:
-            raise ValueError(f"{name}: expected a tensor on {q.device} (the device of q), got {cu.device}")
-    if cu_seqlens_q.shape[0] != cu_seqlens_k.shape[0]:
-        raise ValueError(f"cu_seqlens_q: expected {cu_seqlens_k.shape[0]} entries (batch_size + 1, as "
-                         f"cu_seqlens_k), got {cu_seqlens_q.shape[0]}")
+    check_heads_k_stride(heads_k_stride, Hk)
+    check_cu_seqlens_pair(cu_seqlens_q, cu_seqlens_k, q.device)
     _check_int(max_seqlen_q, "max_seqlen_q", "the longest local sequence, a hint")
     _check_int(max_seqlen_k, "max_seqlen_k", "the longest global sequence, a hint")
     if local_k_slice is not None and not isinstance(local_k_slice, slice):
