@@ -29,16 +29,34 @@ namespace ringattn {
 namespace cuda {
 namespace {
 
-using FwdLaunchFn = cudaError_t (*)(const FwdKernelParams&, int, cudaStream_t);
+// The four entries of one head dim: fp16/bf16 x causal or not, each made by make<Element, D,
+// causal, dtype>() (one of the *_entry functions below).
+#define RINGATTN_KERNEL_ENTRIES(make, D)                                            \
+  make<__half, D, false, RINGATTN_DTYPE_FP16>(), make<__half, D, true, RINGATTN_DTYPE_FP16>(), \
+      make<__nv_bfloat16, D, false, RINGATTN_DTYPE_BF16>(), make<__nv_bfloat16, D, true, RINGATTN_DTYPE_BF16>(),
 
-struct FwdKernelEntry {
+// The entry of a dispatch table for (dtype, head dim, causal), or nullptr. A table's sentinel
+// (dtype -1, for tables that may otherwise be empty) matches nothing.
+template <typename Entry, size_t N>
+const Entry* find_entry(const Entry (&table)[N], int dtype, int head_dim, bool causal) {
+  for (const Entry& e : table)
+    if (e.dtype == dtype && e.head_dim == head_dim && e.causal == causal) return &e;
+  return nullptr;
+}
+
+// One compiled kernel with its tile shape: the forward of either tier, tier 2's dK/dV kernel.
+template <typename LaunchFn>
+struct KernelEntry {
   int dtype;
   int head_dim;
   bool causal;
   int block_m;
   int block_n;
-  FwdLaunchFn launch;
+  LaunchFn launch;
 };
+
+using FwdLaunchFn = cudaError_t (*)(const FwdKernelParams&, int, cudaStream_t);
+using FwdKernelEntry = KernelEntry<FwdLaunchFn>;
 
 template <typename Element, int kHeadDim, bool kCausal, int kDtype>
 constexpr FwdKernelEntry sm80_fwd_entry() {
@@ -46,42 +64,26 @@ constexpr FwdKernelEntry sm80_fwd_entry() {
   return FwdKernelEntry{kDtype, kHeadDim, kCausal, T::kBlockM, T::kBlockN, &sm80::launch_grouped_fwd<T, kCausal>};
 }
 
-#define RINGATTN_FWD_ENTRIES(D)                                                     \
-  sm80_fwd_entry<__half, D, false, RINGATTN_DTYPE_FP16>(),                          \
-      sm80_fwd_entry<__half, D, true, RINGATTN_DTYPE_FP16>(),                       \
-      sm80_fwd_entry<__nv_bfloat16, D, false, RINGATTN_DTYPE_BF16>(),               \
-      sm80_fwd_entry<__nv_bfloat16, D, true, RINGATTN_DTYPE_BF16>(),
-
 // The compiled tier-1 forward kernels (CMake defines RINGATTN_HDIM_<D> for each head dim built).
 const FwdKernelEntry kFwdKernels[] = {
 #ifdef RINGATTN_HDIM_64
-    RINGATTN_FWD_ENTRIES(64)
+    RINGATTN_KERNEL_ENTRIES(sm80_fwd_entry, 64)
 #endif
 #ifdef RINGATTN_HDIM_128
-    RINGATTN_FWD_ENTRIES(128)
+    RINGATTN_KERNEL_ENTRIES(sm80_fwd_entry, 128)
 #endif
 #ifdef RINGATTN_HDIM_256
-    RINGATTN_FWD_ENTRIES(256)
+    RINGATTN_KERNEL_ENTRIES(sm80_fwd_entry, 256)
 #endif
 };
 
 const FwdKernelEntry* find_fwd_kernel(int dtype, int head_dim, bool causal) {
-  for (const FwdKernelEntry& e : kFwdKernels)
-    if (e.dtype == dtype && e.head_dim == head_dim && e.causal == causal) return &e;
-  return nullptr;
+  return find_entry(kFwdKernels, dtype, head_dim, causal);
 }
 
 #ifdef RINGATTN_SM90_TIER
 // The compiled tier-2 (sm90a: TMA + wgmma, warp specialised) forward kernels.
-using Sm90FwdLaunchFn = cudaError_t (*)(const sm90::FwdKernelParams&, int, cudaStream_t);
-struct Sm90FwdKernelEntry {
-  int dtype;
-  int head_dim;
-  bool causal;
-  int block_m;
-  int block_n;
-  Sm90FwdLaunchFn launch;
-};
+using Sm90FwdKernelEntry = KernelEntry<cudaError_t (*)(const sm90::FwdKernelParams&, int, cudaStream_t)>;
 
 template <typename Element, int kHeadDim, bool kCausal, int kDtype>
 constexpr Sm90FwdKernelEntry sm90_fwd_entry() {
@@ -89,41 +91,25 @@ constexpr Sm90FwdKernelEntry sm90_fwd_entry() {
   return Sm90FwdKernelEntry{kDtype, kHeadDim, kCausal, T::kBlockM, T::kBlockN, &sm90::launch_grouped_fwd<T, kCausal>};
 }
 
-#define RINGATTN_SM90_FWD_ENTRIES(D)                                                \
-  sm90_fwd_entry<__half, D, false, RINGATTN_DTYPE_FP16>(),                          \
-      sm90_fwd_entry<__half, D, true, RINGATTN_DTYPE_FP16>(),                       \
-      sm90_fwd_entry<__nv_bfloat16, D, false, RINGATTN_DTYPE_BF16>(),               \
-      sm90_fwd_entry<__nv_bfloat16, D, true, RINGATTN_DTYPE_BF16>(),
-
 const Sm90FwdKernelEntry kSm90FwdKernels[] = {
 #ifdef RINGATTN_HDIM_64
-    RINGATTN_SM90_FWD_ENTRIES(64)
+    RINGATTN_KERNEL_ENTRIES(sm90_fwd_entry, 64)
 #endif
 #ifdef RINGATTN_HDIM_128
-    RINGATTN_SM90_FWD_ENTRIES(128)
+    RINGATTN_KERNEL_ENTRIES(sm90_fwd_entry, 128)
 #endif
 #ifdef RINGATTN_HDIM_256
-    RINGATTN_SM90_FWD_ENTRIES(256)
+    RINGATTN_KERNEL_ENTRIES(sm90_fwd_entry, 256)
 #endif
     Sm90FwdKernelEntry{-1, 0, false, 0, 0, nullptr}};
 
 const Sm90FwdKernelEntry* find_sm90_fwd_kernel(int dtype, int head_dim, bool causal) {
-  for (const Sm90FwdKernelEntry& e : kSm90FwdKernels)
-    if (e.launch != nullptr && e.dtype == dtype && e.head_dim == head_dim && e.causal == causal) return &e;
-  return nullptr;
+  return find_entry(kSm90FwdKernels, dtype, head_dim, causal);
 }
 
 // The compiled tier-2 backward dK/dV kernels (dQ through their fp32 atomics; the deterministic
 // mode adds tier 1's dQ kernel).
-using Sm90BwdLaunchFn = cudaError_t (*)(const sm90::BwdKernelParams&, int, cudaStream_t);
-struct Sm90BwdKernelEntry {
-  int dtype;
-  int head_dim;
-  bool causal;
-  int block_m;
-  int block_n;
-  Sm90BwdLaunchFn dkdv;
-};
+using Sm90BwdKernelEntry = KernelEntry<cudaError_t (*)(const sm90::BwdKernelParams&, int, cudaStream_t)>;
 
 template <typename Element, int kHeadDim, bool kCausal, int kDtype>
 constexpr Sm90BwdKernelEntry sm90_bwd_entry() {
@@ -131,25 +117,29 @@ constexpr Sm90BwdKernelEntry sm90_bwd_entry() {
   return Sm90BwdKernelEntry{kDtype, kHeadDim, kCausal, T::kBlockM, T::kBlockN, &sm90::launch_grouped_bwd_dkdv<T, kCausal>};
 }
 
-#define RINGATTN_SM90_BWD_ENTRIES(D)                                                \
-  sm90_bwd_entry<__half, D, false, RINGATTN_DTYPE_FP16>(),                          \
-      sm90_bwd_entry<__half, D, true, RINGATTN_DTYPE_FP16>(),                       \
-      sm90_bwd_entry<__nv_bfloat16, D, false, RINGATTN_DTYPE_BF16>(),               \
-      sm90_bwd_entry<__nv_bfloat16, D, true, RINGATTN_DTYPE_BF16>(),
-
 const Sm90BwdKernelEntry kSm90BwdKernels[] = {
 #ifdef RINGATTN_HDIM_64
-    RINGATTN_SM90_BWD_ENTRIES(64)
+    RINGATTN_KERNEL_ENTRIES(sm90_bwd_entry, 64)
 #endif
 #ifdef RINGATTN_HDIM_128
-    RINGATTN_SM90_BWD_ENTRIES(128)
+    RINGATTN_KERNEL_ENTRIES(sm90_bwd_entry, 128)
 #endif
     Sm90BwdKernelEntry{-1, 0, false, 0, 0, nullptr}};
 
 const Sm90BwdKernelEntry* find_sm90_bwd_kernel(int dtype, int head_dim, bool causal) {
-  for (const Sm90BwdKernelEntry& e : kSm90BwdKernels)
-    if (e.dkdv != nullptr && e.dtype == dtype && e.head_dim == head_dim && e.causal == causal) return &e;
-  return nullptr;
+  return find_entry(kSm90BwdKernels, dtype, head_dim, causal);
+}
+
+// One operand's tensor map; false with "<name>: <reason>" in *why when TMA cannot address it.
+bool encode_operand_map(CUtensorMap* map, const std::string& name, const void* base, const ringattn_problem& pr,
+                        int64_t tokens, int heads, int64_t row_stride, int64_t head_stride, int box_rows,
+                        std::string* why) {
+  std::string reason;
+  if (sm90::encode_token_head_map(map, base, pr.dtype == RINGATTN_DTYPE_BF16, pr.head_dim, tokens, heads, row_stride,
+                                  head_stride, box_rows, &reason))
+    return true;
+  *why = name + ": " + reason;
+  return false;
 }
 #endif
 
@@ -191,29 +181,21 @@ constexpr BwdKernelEntry sm80_bwd_entry() {
                         &launch_bwd_postprocess<Element>};
 }
 
-#define RINGATTN_BWD_ENTRIES(D)                                                     \
-  sm80_bwd_entry<__half, D, false, RINGATTN_DTYPE_FP16>(),                          \
-      sm80_bwd_entry<__half, D, true, RINGATTN_DTYPE_FP16>(),                       \
-      sm80_bwd_entry<__nv_bfloat16, D, false, RINGATTN_DTYPE_BF16>(),               \
-      sm80_bwd_entry<__nv_bfloat16, D, true, RINGATTN_DTYPE_BF16>(),
-
 // The compiled tier-1 backward kernels.
 const BwdKernelEntry kBwdKernels[] = {
 #ifdef RINGATTN_HDIM_64
-    RINGATTN_BWD_ENTRIES(64)
+    RINGATTN_KERNEL_ENTRIES(sm80_bwd_entry, 64)
 #endif
 #ifdef RINGATTN_HDIM_128
-    RINGATTN_BWD_ENTRIES(128)
+    RINGATTN_KERNEL_ENTRIES(sm80_bwd_entry, 128)
 #endif
 #ifdef RINGATTN_HDIM_256
-    RINGATTN_BWD_ENTRIES(256)
+    RINGATTN_KERNEL_ENTRIES(sm80_bwd_entry, 256)
 #endif
 };
 
 const BwdKernelEntry* find_bwd_kernel(int dtype, int head_dim, bool causal) {
-  for (const BwdKernelEntry& e : kBwdKernels)
-    if (e.dtype == dtype && e.head_dim == head_dim && e.causal == causal) return &e;
-  return nullptr;
+  return find_entry(kBwdKernels, dtype, head_dim, causal);
 }
 
 ringattn_status cuda_fail(cudaError_t err, const char* what) {
@@ -466,33 +448,20 @@ namespace {
 bool encode_bwd_tensor_maps(const ringattn_bwd_params& p, const Sm90BwdKernelEntry& e, sm90::BwdKernelParams* kp,
                             std::string* why) {
   const ringattn_problem& pr = p.problem;
-  const bool bf16 = pr.dtype == RINGATTN_DTYPE_BF16;
-  std::string reason;
   for (int g = 0; g < pr.num_groups; ++g) {
     const ringattn_bwd_group& src = p.groups[g];
     if (src.total_q == 0) continue;
-    if (!sm90::encode_token_head_map(&kp->tma_q[g], src.q, bf16, pr.head_dim, src.total_q, pr.num_heads_q,
-                                     src.q_row_stride, src.q_head_stride, e.block_m, &reason)) {
-      *why = "groups[" + std::to_string(g) + "].q: " + reason;
+    const std::string prefix = "groups[" + std::to_string(g) + "].";
+    if (!encode_operand_map(&kp->tma_q[g], prefix + "q", src.q, pr, src.total_q, pr.num_heads_q, src.q_row_stride,
+                            src.q_head_stride, e.block_m, why) ||
+        !encode_operand_map(&kp->tma_do[g], prefix + "dout", src.dout, pr, src.total_q, pr.num_heads_q,
+                            src.dout_row_stride, src.dout_head_stride, e.block_m, why))
       return false;
-    }
-    if (!sm90::encode_token_head_map(&kp->tma_do[g], src.dout, bf16, pr.head_dim, src.total_q, pr.num_heads_q,
-                                     src.dout_row_stride, src.dout_head_stride, e.block_m, &reason)) {
-      *why = "groups[" + std::to_string(g) + "].dout: " + reason;
-      return false;
-    }
   }
-  if (!sm90::encode_token_head_map(&kp->tma_k, p.k, bf16, pr.head_dim, pr.total_k, pr.num_heads_k, p.k_row_stride,
-                                   p.k_head_stride, e.block_n, &reason)) {
-    *why = "k: " + reason;
-    return false;
-  }
-  if (!sm90::encode_token_head_map(&kp->tma_v, p.v, bf16, pr.head_dim, pr.total_k, pr.num_heads_k, p.v_row_stride,
-                                   p.v_head_stride, e.block_n, &reason)) {
-    *why = "v: " + reason;
-    return false;
-  }
-  return true;
+  return encode_operand_map(&kp->tma_k, "k", p.k, pr, pr.total_k, pr.num_heads_k, p.k_row_stride, p.k_head_stride,
+                            e.block_n, why) &&
+         encode_operand_map(&kp->tma_v, "v", p.v, pr, pr.total_k, pr.num_heads_k, p.v_row_stride, p.v_head_stride,
+                            e.block_n, why);
 }
 }  // namespace
 #endif
@@ -687,7 +656,7 @@ ringattn_status grouped_bwd(const ringattn_bwd_params& p) {
 #ifdef RINGATTN_SM90_TIER
   if (e90 != nullptr) {
     kp90.base = kp;
-    if ((err = e90->dkdv(kp90, static_cast<int>(dkdv_ctas), stream)) != cudaSuccess)
+    if ((err = e90->launch(kp90, static_cast<int>(dkdv_ctas), stream)) != cudaSuccess)
       return cuda_fail(err, "launching the grouped backward dK/dV kernel (tier 2, sm90a)");
   } else
 #endif
@@ -772,28 +741,17 @@ bool sm90_pingpong() {
 bool encode_fwd_tensor_maps(const ringattn_fwd_params& p, const Sm90FwdKernelEntry& e, sm90::FwdKernelParams* kp,
                             std::string* why) {
   const ringattn_problem& pr = p.problem;
-  const bool bf16 = pr.dtype == RINGATTN_DTYPE_BF16;
-  std::string reason;
   for (int g = 0; g < pr.num_groups; ++g) {
     const ringattn_fwd_group& src = p.groups[g];
     if (src.total_q == 0) continue;  // no tiles read this map
-    if (!sm90::encode_token_head_map(&kp->tma_q[g], src.q, bf16, pr.head_dim, src.total_q, pr.num_heads_q,
-                                     src.q_row_stride, src.q_head_stride, e.block_m, &reason)) {
-      *why = "groups[" + std::to_string(g) + "].q: " + reason;
+    if (!encode_operand_map(&kp->tma_q[g], "groups[" + std::to_string(g) + "].q", src.q, pr, src.total_q,
+                            pr.num_heads_q, src.q_row_stride, src.q_head_stride, e.block_m, why))
       return false;
-    }
   }
-  if (!sm90::encode_token_head_map(&kp->tma_k, p.k, bf16, pr.head_dim, pr.total_k, pr.num_heads_k, p.k_row_stride,
-                                   p.k_head_stride, e.block_n, &reason)) {
-    *why = "k: " + reason;
-    return false;
-  }
-  if (!sm90::encode_token_head_map(&kp->tma_v, p.v, bf16, pr.head_dim, pr.total_k, pr.num_heads_k, p.v_row_stride,
-                                   p.v_head_stride, e.block_n, &reason)) {
-    *why = "v: " + reason;
-    return false;
-  }
-  return true;
+  return encode_operand_map(&kp->tma_k, "k", p.k, pr, pr.total_k, pr.num_heads_k, p.k_row_stride, p.k_head_stride,
+                            e.block_n, why) &&
+         encode_operand_map(&kp->tma_v, "v", p.v, pr, pr.total_k, pr.num_heads_k, p.v_row_stride, p.v_head_stride,
+                            e.block_n, why);
 }
 #endif
 
