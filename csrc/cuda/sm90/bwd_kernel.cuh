@@ -183,13 +183,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
   if (cur.valid(p)) {
     ptx::mbarrier_wait_parity(sm.bar_kv(), 0);
     if (keys_valid < kBlockN) {  // zero K rows past the sequence: dQ = dS K reads them
-      const int rows = kBlockN - keys_valid;
-      for (int i = ctid; i < rows * 8 * T::kColBlocks; i += 256) {
-        const int cb = i / (rows * 8);
-        const int rem = i % (rows * 8);
-        const uint32_t addr = sm.k + cb * T::kKVColBlockBytes + (keys_valid + rem / 8) * 128 + (rem % 8) * 16;
-        asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(addr), "r"(0) : "memory");
-      }
+      ptx::zero_swizzled_rows(sm.k, T::kKVColBlockBytes, T::kColBlocks, keys_valid, kBlockN, ctid, 256);
       ptx::fence_proxy_async_shared();
       ptx::named_barrier_sync(static_cast<int>(BwdNamedBarrier::kKZeroed), 256);
     }
@@ -216,16 +210,8 @@ __global__ void __launch_bounds__(T::kThreads, 1)
         // multiply them by 0 and 0 * NaN would reach dK/dV. Both warpgroups, same condition.
         const int rows_valid = cur.seqlen_q - cur.m_block * kBlockM;
         if (rows_valid < kBlockM) {
-          const int rows = kBlockM - rows_valid;
-          for (int i = ctid; i < 2 * rows * 8 * T::kColBlocks; i += 256) {
-            const int tile = i / (rows * 8 * T::kColBlocks);  // 0: Q, 1: dO
-            const int rem = i % (rows * 8 * T::kColBlocks);
-            const int cb = rem / (rows * 8);
-            const int r = rem % (rows * 8);
-            const uint32_t addr =
-                (tile == 0 ? q_tile : do_tile) + cb * T::kQColBlockBytes + (rows_valid + r / 8) * 128 + (r % 8) * 16;
-            asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(addr), "r"(0) : "memory");
-          }
+          ptx::zero_swizzled_rows(q_tile, T::kQColBlockBytes, T::kColBlocks, rows_valid, kBlockM, ctid, 256);
+          ptx::zero_swizzled_rows(do_tile, T::kQColBlockBytes, T::kColBlocks, rows_valid, kBlockM, ctid, 256);
           ptx::fence_proxy_async_shared();
           ptx::named_barrier_sync(static_cast<int>(BwdNamedBarrier::kQTailZeroed), 256);
         }

@@ -264,14 +264,8 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __gri
   auto zero_v_tail = [&](int n, int stage) {
     const int valid = seq.seqlen_k - n * kBlockN;
     if (valid >= kBlockN) return;
-    const int first = valid < 0 ? 0 : valid;
-    const int chunks = (kBlockN - first) * 8 * T::kColBlocks;  // 16-byte chunks
-    for (int i = tid - 128; i < chunks; i += 256) {
-      const int cb = i / ((kBlockN - first) * 8);
-      const int rem = i % ((kBlockN - first) * 8);
-      const uint32_t addr = sm.v_stage(stage) + cb * T::kKVColBlockBytes + (first + rem / 8) * 128 + (rem % 8) * 16;
-      asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(addr), "r"(0) : "memory");
-    }
+    ptx::zero_swizzled_rows(sm.v_stage(stage), T::kKVColBlockBytes, T::kColBlocks, valid < 0 ? 0 : valid, kBlockN,
+                            tid - 128, 256);
     ptx::fence_proxy_async_shared();
     ptx::named_barrier_sync(static_cast<int>(NamedBarrier::kVZeroed), 256);
   };

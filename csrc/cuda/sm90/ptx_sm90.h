@@ -104,6 +104,21 @@ __device__ __forceinline__ void named_barrier_arrive(int id, int num_threads) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(num_threads) : "memory");
 }
 
+// Zeroes rows [first_row, rows) of a tile stored as TMA writes it with the 128-byte swizzle:
+// `col_blocks` blocks of 128-byte rows, `col_block_bytes` apart (the swizzle only permutes the
+// 16-byte chunks inside a row, so whole rows are contiguous). Threads thread = 0 .. num_threads-1
+// share the work; the caller orders the stores for wgmma/TMA (fence_proxy_async_shared + a barrier).
+__device__ __forceinline__ void zero_swizzled_rows(uint32_t tile, uint32_t col_block_bytes, int col_blocks,
+                                                   int first_row, int rows, int thread, int num_threads) {
+  const int chunks_per_block = (rows - first_row) * 8;  // 16-byte chunks
+  for (int i = thread; i < chunks_per_block * col_blocks; i += num_threads) {
+    const int cb = i / chunks_per_block;
+    const int rem = i % chunks_per_block;
+    const uint32_t addr = tile + cb * col_block_bytes + (first_row + rem / 8) * 128 + (rem % 8) * 16;
+    asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(addr), "r"(0) : "memory");
+  }
+}
+
 __device__ __forceinline__ bool elect_one_lane() { return (threadIdx.x & 31) == 0; }
 
 }  // namespace ptx
