@@ -69,37 +69,29 @@ template cudaError_t launch_grouped_bwd_dkdv<BwdConfig<{element}, {hdim}>::Trait
 """
 
 
+# (folder, arch suffix, pass, head dims, template) of every set of instantiation files.
+KERNEL_SETS = (
+    (OUT, "sm80", "fwd", HEAD_DIMS, TEMPLATE),
+    (OUT, "sm80", "bwd", HEAD_DIMS, BWD_TEMPLATE),  # the dK/dV kernel and the deterministic-mode dQ kernel
+    (OUT_SM90, "sm90", "fwd", SM90_FWD_HEAD_DIMS, SM90_FWD_TEMPLATE),
+    (OUT_SM90, "sm90", "bwd", SM90_BWD_HEAD_DIMS, SM90_BWD_TEMPLATE),
+)
+
+
 def main() -> None:
-    OUT.mkdir(parents=True, exist_ok=True)
-    for old in OUT.glob("*.cu"):
-        old.unlink()
-    for hdim in HEAD_DIMS:
-        for dname, element in DTYPES.items():
-            for causal in (False, True):
-                name = f"fwd_hdim{hdim}_{dname}{'_causal' if causal else ''}_sm80.cu"
-                (OUT / name).write_text(
-                    TEMPLATE.format(element=element, hdim=hdim, causal="true" if causal else "false"))
-                # Backward: the dK/dV kernel and the deterministic-mode dQ kernel.
-                name = f"bwd_hdim{hdim}_{dname}{'_causal' if causal else ''}_sm80.cu"
-                (OUT / name).write_text(
-                    BWD_TEMPLATE.format(element=element, hdim=hdim, causal="true" if causal else "false"))
-    print(f"wrote {len(list(OUT.glob('*.cu')))} files to {OUT.relative_to(ROOT)}")
-    OUT_SM90.mkdir(parents=True, exist_ok=True)
-    for old in OUT_SM90.glob("*.cu"):
-        old.unlink()
-    for hdim in SM90_FWD_HEAD_DIMS:
-        for dname, element in DTYPES.items():
-            for causal in (False, True):
-                name = f"fwd_hdim{hdim}_{dname}{'_causal' if causal else ''}_sm90.cu"
-                (OUT_SM90 / name).write_text(
-                    SM90_FWD_TEMPLATE.format(element=element, hdim=hdim, causal="true" if causal else "false"))
-    for hdim in SM90_BWD_HEAD_DIMS:
-        for dname, element in DTYPES.items():
-            for causal in (False, True):
-                name = f"bwd_hdim{hdim}_{dname}{'_causal' if causal else ''}_sm90.cu"
-                (OUT_SM90 / name).write_text(
-                    SM90_BWD_TEMPLATE.format(element=element, hdim=hdim, causal="true" if causal else "false"))
-    print(f"wrote {len(list(OUT_SM90.glob('*.cu')))} files to {OUT_SM90.relative_to(ROOT)}")
+    for folder in (OUT, OUT_SM90):
+        folder.mkdir(parents=True, exist_ok=True)
+        for old in folder.glob("*.cu"):
+            old.unlink()
+    for folder, arch, pass_name, head_dims, template in KERNEL_SETS:
+        for hdim in head_dims:
+            for dname, element in DTYPES.items():
+                for causal in (False, True):
+                    name = f"{pass_name}_hdim{hdim}_{dname}{'_causal' if causal else ''}_{arch}.cu"
+                    (folder / name).write_text(
+                        template.format(element=element, hdim=hdim, causal="true" if causal else "false"))
+    for folder in (OUT, OUT_SM90):
+        print(f"wrote {len(list(folder.glob('*.cu')))} files to {folder.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":
