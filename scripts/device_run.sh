@@ -5,7 +5,9 @@
 #   bash scripts/device_run.sh [quick|full|tests|targets]
 #     quick (default): tests + the headline per-rank workload; tests: no benchmark;
 #     full: + stress tests, torchrun zigzag, the full benchmark set; targets: tests + issue 10's
-#     tier-2 target workloads (fused vs fused_sm80 vs baselines).
+#     tier-2 target workloads (fused vs fused_sm80 vs baselines); multi: build, smoke, then only
+#     the runs over every GPU of the machine (torchrun zigzag test, distributed benchmark at
+#     $ZIGZAG_SEQLENS, default the benchmark's own), no single-GPU pytest suites.
 #
 # Logs and CSVs go to $OUT (the device tool's return folder) or build/device-out.
 # GoogleTest: the GPU machine has no GoogleTest package; this machine copies its sources to
@@ -85,7 +87,9 @@ pytest_tier() {
   note "pytest -m 'gpu and not stress' (RING_FLASH_ATTN_TIER=$1): rc=$rc, $(tail -1 "$out/pytest_gpu_$1.log")"
   [ $rc -ne 0 ] && grep -E "Error|assert|FAILED" "$out/pytest_gpu_$1.log" | head -30
 }
-if [ "$tier2_ok" = 0 ]; then
+if [ "$mode" = multi ]; then
+  :
+elif [ "$tier2_ok" = 0 ]; then
   note "tier 2 failed its smoke test: GPU tests run on tier 1 only"
   pytest_tier sm80
 else
@@ -101,14 +105,18 @@ fi
 
 # Zigzag llama3 over the GPUs of this machine (torchrun, NCCL), and the distributed benchmark.
 ngpu=$(nvidia-smi -L 2>/dev/null | wc -l)
-if { [ "$mode" = full ] || [ "$mode" = tests ]; } && [ "${ngpu:-0}" -ge 1 ]; then
+if { [ "$mode" = full ] || [ "$mode" = tests ] || [ "$mode" = multi ]; } && [ "${ngpu:-0}" -ge 1 ]; then
+  t0=$(date +%s)
   torchrun --nproc_per_node="$ngpu" test/test_zigzag_llama3_grouped.py >"$out/zigzag_torchrun.log" 2>&1
   rc=$?
-  note "torchrun --nproc_per_node=$ngpu test/test_zigzag_llama3_grouped.py: rc=$rc, $(grep -cE '\bPASS' "$out/zigzag_torchrun.log") PASS lines, $(grep -cE '\bFAIL' "$out/zigzag_torchrun.log") FAIL lines"
+  note "torchrun --nproc_per_node=$ngpu test/test_zigzag_llama3_grouped.py: rc=$rc in $(( $(date +%s) - t0 )) s, $(grep -cE '\bPASS' "$out/zigzag_torchrun.log") PASS lines, $(grep -cE '\bFAIL' "$out/zigzag_torchrun.log") FAIL lines"
   [ $rc -ne 0 ] && grep -E "FAIL|Error" "$out/zigzag_torchrun.log" | head -20
+  seqlen_arg=()
+  [ -n "${ZIGZAG_SEQLENS:-}" ] && seqlen_arg=(--seqlens $ZIGZAG_SEQLENS)
+  t0=$(date +%s)
   torchrun --nproc_per_node="$ngpu" benchmark/benchmark_zigzag_distributed.py --csv "$out/zigzag_bench.csv" \
-    >"$out/zigzag_bench.log" 2>&1
-  note "zigzag distributed benchmark ($ngpu GPU): rc=$?"
+    "${seqlen_arg[@]}" >"$out/zigzag_bench.log" 2>&1
+  note "zigzag distributed benchmark ($ngpu GPU, ${ZIGZAG_SEQLENS:-default seqlens}): rc=$? in $(( $(date +%s) - t0 )) s"
   tail -15 "$out/zigzag_bench.log"
 fi
 
@@ -136,7 +144,7 @@ fi
 [ "$mode" = targets ] && [ "$cc" = 90 ] && [ "$tier2_ok" = 1 ] && pytest_tier sm80
 # compute-sanitizer on small tier-2 cases, while the time budget of the device call allows
 # (SANITIZER_DEADLINE_S seconds since the script started, default 420).
-if [ "$cc" = 90 ] && [ "$tier2_ok" = 1 ] && command -v compute-sanitizer >/dev/null 2>&1; then
+if [ "$mode" != multi ] && [ "$cc" = 90 ] && [ "$tier2_ok" = 1 ] && command -v compute-sanitizer >/dev/null 2>&1; then
   for tool in memcheck racecheck synccheck; do
     if [ "$SECONDS" -gt "${SANITIZER_DEADLINE_S:-420}" ]; then note "compute-sanitizer --tool $tool: skipped (time)"; continue; fi
     timeout 120 compute-sanitizer --tool $tool --error-exitcode 9 "$py" scripts/tier2_smoke.py --tiny \
