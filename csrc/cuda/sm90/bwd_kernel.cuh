@@ -36,7 +36,19 @@ namespace ringattn {
 namespace cuda {
 namespace sm90 {
 
-enum class BwdNamedBarrier : int { kKZeroed = 1, kDsWritten = 2, kQTailZeroed = 3 };
+enum class BwdNamedBarrier : int {
+  kKZeroed = 1, kDsWritten = 2, kQTailZeroed = 3,
+  kDsWritten0 = 4, kDsFree0 = 6,  // dQ mode 2: one of each per ds buffer (4, 5 and 6, 7)
+};
+
+// How the dQ product is scheduled (kernel development; see docs/perf-notes.md):
+// 0: both warpgroups wait for each other's dS^T, each computes half of dQ's columns after dV, dK;
+// 1: as 0, but dQ is issued before dK and added while dK runs;
+// 2: the warpgroups take turns computing all of dQ, the other goes on without waiting.
+#ifndef RINGATTN_SM90_BWD_DQ_MODE
+#define RINGATTN_SM90_BWD_DQ_MODE 0
+#endif
+constexpr int kDqMode = RINGATTN_SM90_BWD_DQ_MODE;
 
 template <typename T>
 struct BwdSmem {
@@ -199,7 +211,48 @@ __global__ void __launch_bounds__(T::kThreads, 1)
       return ptx::smem_desc_sw128(tile + kk * 2048, T::kQColBlockBytes, 1024);
     };
 
-    for (int t = 0; cur.valid(p); ++t) {
+    // dS^T rows of this thread's keys into a 128-byte swizzled [keys][64 queries] tile.
+    auto store_ds_t = [&](uint32_t ds_tile, const uint32_t (&dsfrag)[kQSteps][4]) {
+#pragma unroll
+      for (int nt = 0; nt < kSTiles; ++nt)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int key = key_local + r * 8;
+          const int byte = (nt * 8 + qcol) * 2;
+          st_shared_u32(ds_tile + key * 128 + (((byte >> 4) ^ (key & 7)) << 4) + (byte & 15),
+                        r == 0 ? dsfrag[nt / 2][(nt & 1) * 2] : dsfrag[nt / 2][(nt & 1) * 2 + 1]);
+        }
+    };
+    // Adds a warpgroup's dQ accumulator (64 query rows x kTiles * 8 head-dim columns from col_base)
+    // to dq_accum: rows = this warp's 16 queries; lanes t, t^1 swap a pair so each adds 4
+    // consecutive floats (see the tier-1 kernel).
+    auto add_dq = [&](auto& dq, const BwdGroupArgs& g, const Cursor& c, int head, int row0, int col_base) {
+      constexpr int kTiles = sizeof(dq) / sizeof(dq[0]);
+      const int row_a = row0 + warp_in_wg * 16 + (lane >> 2);
+      float* dq_row_a = g.dq_accum + ((static_cast<int64_t>(c.q_start) + row_a) * p.num_heads_q + head) * kHeadDim +
+                        col_base + qcol;
+      const int64_t dq_8rows = static_cast<int64_t>(8) * p.num_heads_q * kHeadDim;
+      const bool odd = lane & 1;
+#pragma unroll
+      for (int dt = 0; dt < kTiles; dt += 2)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const float x0 = dq[dt][2 * r], x1 = dq[dt][2 * r + 1];
+          const float y0 = dq[dt + 1][2 * r], y1 = dq[dt + 1][2 * r + 1];
+          const float got0 = __shfl_xor_sync(0xffffffffu, odd ? x0 : y0, 1);
+          const float got1 = __shfl_xor_sync(0xffffffffu, odd ? x1 : y1, 1);
+          if (row_a + r * 8 < c.seqlen_q) {
+            float* dst = dq_row_a + r * dq_8rows + (odd ? (dt + 1) * 8 - 2 : dt * 8);
+            if (odd)
+              sm80::bwd::red_add_v4(dst, got0, got1, y0, y1);
+            else
+              sm80::bwd::red_add_v4(dst, x0, x1, got0, got1);
+          }
+        }
+    };
+
+    int num_tiles = 0;
+    for (int t = 0; cur.valid(p); ++t, ++num_tiles) {
       const int s = t % T::kStages;
       ptx::mbarrier_wait_parity(sm.full_q(s), (t / T::kStages) & 1);
       const uint32_t q_tile = sm.q_stage(s);
@@ -285,6 +338,117 @@ __global__ void __launch_bounds__(T::kThreads, 1)
         dsfrag[kk][3] = ptx::pack2<Element>(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3]);
       }
 
+      if constexpr (kDqMode == 2) {
+        // ---- dQ alternates between the warpgroups: warpgroup (t & 1) computes all of dQ = dS K
+        // for tile t; the other only writes its dS^T half and goes on (bar.arrive), so the two
+        // warpgroups are not held in lock step. ds_buf(t & 1) is reused at t + 2: the writer of
+        // the next use waits (kDsFree) until the dQ product of t has read it.
+        const bool dq_wg = p.accumulate_dq && (t & 1) == wg;
+        if (p.accumulate_dq) {
+          const uint32_t ds_tile = sm.ds_buf(t & 1);
+          if (!dq_wg && t >= 2) ptx::named_barrier_sync(static_cast<int>(BwdNamedBarrier::kDsFree0) + (t & 1), 256);
+          store_ds_t(ds_tile, dsfrag);
+          ptx::fence_proxy_async_shared();
+          if (!dq_wg) ptx::named_barrier_arrive(static_cast<int>(BwdNamedBarrier::kDsWritten0) + (t & 1), 256);
+        }
+        ptx::wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < kQSteps; ++kk) ptx::Wgmma<Element, kHeadDim>::rs_tb(dv, pfrag[kk], qdo_bt_desc(do_tile, kk), 1);
+#pragma unroll
+        for (int kk = 0; kk < kQSteps; ++kk) ptx::Wgmma<Element, kHeadDim>::rs_tb(dk, dsfrag[kk], qdo_bt_desc(q_tile, kk), 1);
+        ptx::wgmma_commit_group();
+        if (dq_wg) {
+          const uint32_t ds_tile = sm.ds_buf(t & 1);
+          ptx::named_barrier_sync(static_cast<int>(BwdNamedBarrier::kDsWritten0) + (t & 1), 256);
+          ptx::wgmma_wait_group<0>();
+          __syncwarp();
+          if (lane == 0) ptx::mbarrier_arrive(sm.empty_q(s));
+          float dq[kDTiles][4];
+          ptx::wgmma_fence();
+#pragma unroll
+          for (int kk = 0; kk < kBlockN / 16; ++kk) {
+            const uint64_t a = ptx::smem_desc_sw128(ds_tile + kk * 2048, T::kDsBytes, 1024);
+            const uint64_t bk = ptx::smem_desc_sw128(sm.k + kk * 2048, T::kKVColBlockBytes, 1024);
+            ptx::Wgmma<Element, kHeadDim>::ss_tt(dq, a, bk, kk > 0 ? 1 : 0);
+          }
+          ptx::wgmma_commit_group();
+          ptx::wgmma_wait_group<0>();
+#pragma unroll
+          for (int i = 0; i < kDTiles; ++i)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) ptx::fence_operand(dq[i][c]);
+          ptx::named_barrier_arrive(static_cast<int>(BwdNamedBarrier::kDsFree0) + (t & 1), 256);
+          add_dq(dq, p.groups[cur.group], cur, kv_head * ratio + cur.head_in_kv, row0, 0);
+        } else {
+          ptx::wgmma_wait_group<0>();
+          __syncwarp();
+          if (lane == 0) ptx::mbarrier_arrive(sm.empty_q(s));
+        }
+      } else if constexpr (kDqMode == 1) {
+      // ---- dV += P^T dO, dK += dS^T Q; dQ = dS K (both warpgroups' keys) into dq_accum ----
+      // Mode 1 writes dS^T and issues dV first, then (after the barrier) dQ, then dK, and adds
+      // dQ while dK runs; mode 0 issues dV and dK first and dQ last.
+      const bool dq_here = p.accumulate_dq && (T::kDqCols == kHeadDim ? wg == 0 : true);
+      const uint32_t ds_tile = sm.ds_buf(t & 1);
+      if (p.accumulate_dq && kDqMode == 1) {
+        store_ds_t(ds_tile, dsfrag);
+        ptx::fence_proxy_async_shared();
+      }
+      ptx::wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kQSteps; ++kk) ptx::Wgmma<Element, kHeadDim>::rs_tb(dv, pfrag[kk], qdo_bt_desc(do_tile, kk), 1);
+      if constexpr (kDqMode == 1) ptx::wgmma_commit_group();
+      else {
+#pragma unroll
+        for (int kk = 0; kk < kQSteps; ++kk) ptx::Wgmma<Element, kHeadDim>::rs_tb(dk, dsfrag[kk], qdo_bt_desc(q_tile, kk), 1);
+        ptx::wgmma_commit_group();
+      }
+      if (p.accumulate_dq) {
+        if (kDqMode == 0) {
+          store_ds_t(ds_tile, dsfrag);
+          ptx::fence_proxy_async_shared();
+        }
+        ptx::named_barrier_sync(static_cast<int>(BwdNamedBarrier::kDsWritten), 256);
+      }
+      float dq[kDqTiles][4];
+      if (dq_here) {
+        ptx::wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < kBlockN / 16; ++kk) {
+          // A = dS (M = queries, K = keys) read M-major from dS^T; B = K (K = keys, N = head dim)
+          // read N-major, from this warpgroup's column block.
+          const uint64_t a = ptx::smem_desc_sw128(ds_tile + kk * 2048, T::kDsBytes, 1024);
+          const uint64_t bk = ptx::smem_desc_sw128(sm.k + (T::kDqCols == kHeadDim ? 0 : wg) * T::kKVColBlockBytes +
+                                                       kk * 2048,
+                                                   T::kKVColBlockBytes, 1024);
+          ptx::Wgmma<Element, T::kDqCols>::ss_tt(dq, a, bk, kk > 0 ? 1 : 0);
+        }
+        ptx::wgmma_commit_group();
+      }
+      if constexpr (kDqMode == 1) {
+#pragma unroll
+        for (int kk = 0; kk < kQSteps; ++kk) ptx::Wgmma<Element, kHeadDim>::rs_tb(dk, dsfrag[kk], qdo_bt_desc(q_tile, kk), 1);
+        ptx::wgmma_commit_group();
+        if (dq_here) ptx::wgmma_wait_group<1>();  // dV and dQ done; dK may still run
+      } else {
+        ptx::wgmma_wait_group<0>();
+        __syncwarp();
+        if (lane == 0) ptx::mbarrier_arrive(sm.empty_q(s));
+      }
+      if (dq_here) {
+#pragma unroll
+        for (int i = 0; i < kDqTiles; ++i)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) ptx::fence_operand(dq[i][c]);
+        add_dq(dq, p.groups[cur.group], cur, kv_head * ratio + cur.head_in_kv, row0,
+                         T::kDqCols == kHeadDim ? 0 : wg * T::kDqCols);
+      }
+      if constexpr (kDqMode == 1) {
+        ptx::wgmma_wait_group<0>();
+        __syncwarp();
+        if (lane == 0) ptx::mbarrier_arrive(sm.empty_q(s));
+      }
+      } else {
       // ---- dV += P^T dO, dK += dS^T Q ----
       ptx::wgmma_fence();
 #pragma unroll
@@ -365,7 +529,15 @@ __global__ void __launch_bounds__(T::kThreads, 1)
         __syncwarp();
         if (lane == 0) ptx::mbarrier_arrive(sm.empty_q(s));
       }
+      }
       cur.next(p, b, key0);
+    }
+    if constexpr (kDqMode == 2) {
+      // The kDsFree arrivals of the last two tiles have no writer waiting at t + 2: consume them.
+      if (p.accumulate_dq) {
+        for (int t = max(num_tiles - 2, 0); t < num_tiles; ++t)
+          if ((t & 1) != wg) ptx::named_barrier_sync(static_cast<int>(BwdNamedBarrier::kDsFree0) + (t & 1), 256);
+      }
     }
 #pragma unroll
     for (int i = 0; i < kDTiles; ++i)
