@@ -46,7 +46,7 @@ enum class BwdNamedBarrier : int {
 // 1: as 0, but dQ is issued before dK and added while dK runs;
 // 2: the warpgroups take turns computing all of dQ, the other goes on without waiting.
 #ifndef RINGATTN_SM90_BWD_DQ_MODE
-#define RINGATTN_SM90_BWD_DQ_MODE 0
+#define RINGATTN_SM90_BWD_DQ_MODE 2
 #endif
 constexpr int kDqMode = RINGATTN_SM90_BWD_DQ_MODE;
 
