@@ -44,7 +44,8 @@ enum class BwdNamedBarrier : int {
 // How the dQ product is scheduled (kernel development; see docs/perf-notes.md):
 // 0: both warpgroups wait for each other's dS^T, each computes half of dQ's columns after dV, dK;
 // 1: as 0, but dQ is issued before dK and added while dK runs;
-// 2: the warpgroups take turns computing all of dQ, the other goes on without waiting.
+// 2: the warpgroups take turns computing all of dQ, the other goes on without waiting;
+// 4: as 2, dQ in two column halves, the first added while the second is computed.
 #ifndef RINGATTN_SM90_BWD_DQ_MODE
 #define RINGATTN_SM90_BWD_DQ_MODE 2
 #endif
@@ -338,7 +339,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
         dsfrag[kk][3] = ptx::pack2<Element>(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3]);
       }
 
-      if constexpr (kDqMode == 2) {
+      if constexpr (kDqMode == 2 || kDqMode == 4) {
         // ---- dQ alternates between the warpgroups: warpgroup (t & 1) computes all of dQ = dS K
         // for tile t; the other only writes its dS^T half and goes on (bar.arrive), so the two
         // warpgroups are not held in lock step. ds_buf(t & 1) is reused at t + 2: the writer of
@@ -363,22 +364,38 @@ __global__ void __launch_bounds__(T::kThreads, 1)
           ptx::wgmma_wait_group<0>();
           __syncwarp();
           if (lane == 0) ptx::mbarrier_arrive(sm.empty_q(s));
-          float dq[kDTiles][4];
+          // Mode 4 splits dQ into two column halves (one commit group each) and adds the first
+          // while the second is computed.
+          constexpr int kDqSplit = (kDqMode == 4 && kHeadDim >= 128) ? 2 : 1;
+          constexpr int kPartTiles = kDTiles / kDqSplit;
+          float dq[kDqSplit][kPartTiles][4];
           ptx::wgmma_fence();
 #pragma unroll
-          for (int kk = 0; kk < kBlockN / 16; ++kk) {
-            const uint64_t a = ptx::smem_desc_sw128(ds_tile + kk * 2048, T::kDsBytes, 1024);
-            const uint64_t bk = ptx::smem_desc_sw128(sm.k + kk * 2048, T::kKVColBlockBytes, 1024);
-            ptx::Wgmma<Element, kHeadDim>::ss_tt(dq, a, bk, kk > 0 ? 1 : 0);
+          for (int h = 0; h < kDqSplit; ++h) {
+#pragma unroll
+            for (int kk = 0; kk < kBlockN / 16; ++kk) {
+              const uint64_t a = ptx::smem_desc_sw128(ds_tile + kk * 2048, T::kDsBytes, 1024);
+              const uint64_t bk = ptx::smem_desc_sw128(sm.k + h * T::kKVColBlockBytes + kk * 2048, T::kKVColBlockBytes, 1024);
+              ptx::Wgmma<Element, kPartTiles * 8>::ss_tt(dq[h], a, bk, kk > 0 ? 1 : 0);
+            }
+            ptx::wgmma_commit_group();
           }
-          ptx::wgmma_commit_group();
-          ptx::wgmma_wait_group<0>();
+          const BwdGroupArgs& g = p.groups[cur.group];
+          const int head = kv_head * ratio + cur.head_in_kv;
 #pragma unroll
-          for (int i = 0; i < kDTiles; ++i)
+          for (int h = 0; h < kDqSplit; ++h) {
+            if (h + 1 < kDqSplit)
+              ptx::wgmma_wait_group<1>();
+            else
+              ptx::wgmma_wait_group<0>();
 #pragma unroll
-            for (int c = 0; c < 4; ++c) ptx::fence_operand(dq[i][c]);
-          ptx::named_barrier_arrive(static_cast<int>(BwdNamedBarrier::kDsFree0) + (t & 1), 256);
-          add_dq(dq, p.groups[cur.group], cur, kv_head * ratio + cur.head_in_kv, row0, 0);
+            for (int i = 0; i < kPartTiles; ++i)
+#pragma unroll
+              for (int c = 0; c < 4; ++c) ptx::fence_operand(dq[h][i][c]);
+            if (h + 1 == kDqSplit)
+              ptx::named_barrier_arrive(static_cast<int>(BwdNamedBarrier::kDsFree0) + (t & 1), 256);
+            add_dq(dq[h], g, cur, head, row0, h * kPartTiles * 8);
+          }
         } else {
           ptx::wgmma_wait_group<0>();
           __syncwarp();
@@ -532,7 +549,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
       }
       cur.next(p, b, key0);
     }
-    if constexpr (kDqMode == 2) {
+    if constexpr (kDqMode == 2 || kDqMode == 4) {
       // The kDsFree arrivals of the last two tiles have no writer waiting at t + 2: consume them.
       if (p.accumulate_dq) {
         for (int t = max(num_tiles - 2, 0); t < num_tiles; ++t)
