@@ -9,10 +9,12 @@
 //   warpgroups 1, 2 (consumers): 64 keys each. Per query tile:
 //     S^T = K Q^T and dP^T = V dO^T (wgmma, shared-memory operands), P^T = exp2(S^T scale - LSE),
 //     dS^T = P^T (dP^T - Di) with masked entries exactly 0; dV += P^T dO and dK += dS^T Q (wgmma,
-//     P^T/dS^T from registers, dO/Q transposed); dS^T to shared memory; after both warpgroups
-//     wrote theirs, dQ = dS K over all 128 keys (each warpgroup half of the head dim), added to
-//     the group's fp32 dq_accum with vector atomics (skipped in deterministic mode, where the
-//     tier-1 dQ kernel computes dQ).
+//     P^T/dS^T from registers, dO/Q transposed); dS^T to shared memory. dQ = dS K over all 128
+//     keys is computed by the warpgroups in turn (tile t by warpgroup t & 1, all head-dim
+//     columns, once the other has written its dS^T half) and added to the group's fp32 dq_accum
+//     with vector atomics; the other warpgroup goes on to the next tile without waiting, so the
+//     two are not held in lock step (skipped in deterministic mode, where the tier-1 dQ kernel
+//     computes dQ).
 // Keys past the sequence are masked; their K rows are zeroed once (dQ reads K); query rows past
 // the sequence in a partial tile are zeroed in Q and dO (dV and dK read them); V rows past the
 // sequence only reach masked entries of dP^T, which are selected to 0, never multiplied.
@@ -36,20 +38,8 @@ namespace ringattn {
 namespace cuda {
 namespace sm90 {
 
-enum class BwdNamedBarrier : int {
-  kKZeroed = 1, kDsWritten = 2, kQTailZeroed = 3,
-  kDsWritten0 = 4, kDsFree0 = 6,  // dQ mode 2: one of each per ds buffer (4, 5 and 6, 7)
-};
-
-// How the dQ product is scheduled (kernel development; see docs/perf-notes.md):
-// 0: both warpgroups wait for each other's dS^T, each computes half of dQ's columns after dV, dK;
-// 1: as 0, but dQ is issued before dK and added while dK runs;
-// 2: the warpgroups take turns computing all of dQ, the other goes on without waiting;
-// 4: as 2, dQ in two column halves, the first added while the second is computed.
-#ifndef RINGATTN_SM90_BWD_DQ_MODE
-#define RINGATTN_SM90_BWD_DQ_MODE 2
-#endif
-constexpr int kDqMode = RINGATTN_SM90_BWD_DQ_MODE;
+// Named barriers (0 is __syncthreads). kDsWritten0 + b / kDsFree0 + b belong to ds buffer b.
+enum class BwdNamedBarrier : int { kKZeroed = 1, kQTailZeroed = 2, kDsWritten0 = 3, kDsFree0 = 5 };
 
 template <typename T>
 struct BwdSmem {
@@ -96,7 +86,6 @@ __global__ void __launch_bounds__(T::kThreads, 1)
   constexpr int kDTiles = kHeadDim / 8;  // dK / dV accumulators
   constexpr int kQSteps = kBlockM / 16;  // k-steps over queries (dV, dK)
   constexpr int kDSteps = kHeadDim / 16;  // k-steps over the head dim (S^T, dP^T)
-  constexpr int kDqTiles = T::kDqCols / 8;
   using Cursor = QueryTileCursor<kBlockM, kCausal>;
   const cuda::BwdKernelParams& p = params.base;
 
@@ -339,222 +328,73 @@ __global__ void __launch_bounds__(T::kThreads, 1)
         dsfrag[kk][3] = ptx::pack2<Element>(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3]);
       }
 
-      if constexpr (kDqMode == 2 || kDqMode == 4) {
-        // ---- dQ alternates between the warpgroups: warpgroup (t & 1) computes all of dQ = dS K
-        // for tile t; the other only writes its dS^T half and goes on (bar.arrive), so the two
-        // warpgroups are not held in lock step. ds_buf(t & 1) is reused at t + 2: the writer of
-        // the next use waits (kDsFree) until the dQ product of t has read it.
-        const bool dq_wg = p.accumulate_dq && (t & 1) == wg;
-        if (p.accumulate_dq) {
-          const uint32_t ds_tile = sm.ds_buf(t & 1);
-          if (!dq_wg && t >= 2) ptx::named_barrier_sync(static_cast<int>(BwdNamedBarrier::kDsFree0) + (t & 1), 256);
-          store_ds_t(ds_tile, dsfrag);
-          ptx::fence_proxy_async_shared();
-          if (!dq_wg) ptx::named_barrier_arrive(static_cast<int>(BwdNamedBarrier::kDsWritten0) + (t & 1), 256);
-        }
-        ptx::wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < kQSteps; ++kk) ptx::Wgmma<Element, kHeadDim>::rs_tb(dv, pfrag[kk], qdo_bt_desc(do_tile, kk), 1);
-#pragma unroll
-        for (int kk = 0; kk < kQSteps; ++kk) ptx::Wgmma<Element, kHeadDim>::rs_tb(dk, dsfrag[kk], qdo_bt_desc(q_tile, kk), 1);
-        ptx::wgmma_commit_group();
-        if (dq_wg) {
-          const uint32_t ds_tile = sm.ds_buf(t & 1);
-          ptx::named_barrier_sync(static_cast<int>(BwdNamedBarrier::kDsWritten0) + (t & 1), 256);
-          ptx::wgmma_wait_group<0>();
-          __syncwarp();
-          if (lane == 0) ptx::mbarrier_arrive(sm.empty_q(s));
-          // Mode 4 splits dQ into two column halves (one commit group each) and adds the first
-          // while the second is computed.
-          constexpr int kDqSplit = (kDqMode == 4 && kHeadDim >= 128) ? 2 : 1;
-          constexpr int kPartTiles = kDTiles / kDqSplit;
-          float dq[kDqSplit][kPartTiles][4];
-          ptx::wgmma_fence();
-#pragma unroll
-          for (int h = 0; h < kDqSplit; ++h) {
-#pragma unroll
-            for (int kk = 0; kk < kBlockN / 16; ++kk) {
-              const uint64_t a = ptx::smem_desc_sw128(ds_tile + kk * 2048, T::kDsBytes, 1024);
-              const uint64_t bk = ptx::smem_desc_sw128(sm.k + h * T::kKVColBlockBytes + kk * 2048, T::kKVColBlockBytes, 1024);
-              ptx::Wgmma<Element, kPartTiles * 8>::ss_tt(dq[h], a, bk, kk > 0 ? 1 : 0);
-            }
-            ptx::wgmma_commit_group();
-          }
-          const BwdGroupArgs& g = p.groups[cur.group];
-          const int head = kv_head * ratio + cur.head_in_kv;
-#pragma unroll
-          for (int h = 0; h < kDqSplit; ++h) {
-            if (h + 1 < kDqSplit)
-              ptx::wgmma_wait_group<1>();
-            else
-              ptx::wgmma_wait_group<0>();
-#pragma unroll
-            for (int i = 0; i < kPartTiles; ++i)
-#pragma unroll
-              for (int c = 0; c < 4; ++c) ptx::fence_operand(dq[h][i][c]);
-            if (h + 1 == kDqSplit)
-              ptx::named_barrier_arrive(static_cast<int>(BwdNamedBarrier::kDsFree0) + (t & 1), 256);
-            add_dq(dq[h], g, cur, head, row0, h * kPartTiles * 8);
-          }
-        } else {
-          ptx::wgmma_wait_group<0>();
-          __syncwarp();
-          if (lane == 0) ptx::mbarrier_arrive(sm.empty_q(s));
-        }
-      } else if constexpr (kDqMode == 1) {
-      // ---- dV += P^T dO, dK += dS^T Q; dQ = dS K (both warpgroups' keys) into dq_accum ----
-      // Mode 1 writes dS^T and issues dV first, then (after the barrier) dQ, then dK, and adds
-      // dQ while dK runs; mode 0 issues dV and dK first and dQ last.
-      const bool dq_here = p.accumulate_dq && (T::kDqCols == kHeadDim ? wg == 0 : true);
-      const uint32_t ds_tile = sm.ds_buf(t & 1);
-      if (p.accumulate_dq && kDqMode == 1) {
+      // ---- dQ alternates between the warpgroups: warpgroup (t & 1) computes all of dQ = dS K
+      // for tile t; the other only writes its dS^T half and goes on (bar.arrive), so the two
+      // warpgroups are not held in lock step. ds_buf(t & 1) is reused at t + 2: the writer of
+      // the next use waits (kDsFree) until the dQ product of t has read it.
+      const bool dq_wg = p.accumulate_dq && (t & 1) == wg;
+      if (p.accumulate_dq) {
+        const uint32_t ds_tile = sm.ds_buf(t & 1);
+        if (!dq_wg && t >= 2) ptx::named_barrier_sync(static_cast<int>(BwdNamedBarrier::kDsFree0) + (t & 1), 256);
         store_ds_t(ds_tile, dsfrag);
         ptx::fence_proxy_async_shared();
+        if (!dq_wg) ptx::named_barrier_arrive(static_cast<int>(BwdNamedBarrier::kDsWritten0) + (t & 1), 256);
       }
-      ptx::wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < kQSteps; ++kk) ptx::Wgmma<Element, kHeadDim>::rs_tb(dv, pfrag[kk], qdo_bt_desc(do_tile, kk), 1);
-      if constexpr (kDqMode == 1) ptx::wgmma_commit_group();
-      else {
-#pragma unroll
-        for (int kk = 0; kk < kQSteps; ++kk) ptx::Wgmma<Element, kHeadDim>::rs_tb(dk, dsfrag[kk], qdo_bt_desc(q_tile, kk), 1);
-        ptx::wgmma_commit_group();
-      }
-      if (p.accumulate_dq) {
-        if (kDqMode == 0) {
-          store_ds_t(ds_tile, dsfrag);
-          ptx::fence_proxy_async_shared();
-        }
-        ptx::named_barrier_sync(static_cast<int>(BwdNamedBarrier::kDsWritten), 256);
-      }
-      float dq[kDqTiles][4];
-      if (dq_here) {
-        ptx::wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < kBlockN / 16; ++kk) {
-          // A = dS (M = queries, K = keys) read M-major from dS^T; B = K (K = keys, N = head dim)
-          // read N-major, from this warpgroup's column block.
-          const uint64_t a = ptx::smem_desc_sw128(ds_tile + kk * 2048, T::kDsBytes, 1024);
-          const uint64_t bk = ptx::smem_desc_sw128(sm.k + (T::kDqCols == kHeadDim ? 0 : wg) * T::kKVColBlockBytes +
-                                                       kk * 2048,
-                                                   T::kKVColBlockBytes, 1024);
-          ptx::Wgmma<Element, T::kDqCols>::ss_tt(dq, a, bk, kk > 0 ? 1 : 0);
-        }
-        ptx::wgmma_commit_group();
-      }
-      if constexpr (kDqMode == 1) {
-#pragma unroll
-        for (int kk = 0; kk < kQSteps; ++kk) ptx::Wgmma<Element, kHeadDim>::rs_tb(dk, dsfrag[kk], qdo_bt_desc(q_tile, kk), 1);
-        ptx::wgmma_commit_group();
-        if (dq_here) ptx::wgmma_wait_group<1>();  // dV and dQ done; dK may still run
-      } else {
-        ptx::wgmma_wait_group<0>();
-        __syncwarp();
-        if (lane == 0) ptx::mbarrier_arrive(sm.empty_q(s));
-      }
-      if (dq_here) {
-#pragma unroll
-        for (int i = 0; i < kDqTiles; ++i)
-#pragma unroll
-          for (int c = 0; c < 4; ++c) ptx::fence_operand(dq[i][c]);
-        add_dq(dq, p.groups[cur.group], cur, kv_head * ratio + cur.head_in_kv, row0,
-                         T::kDqCols == kHeadDim ? 0 : wg * T::kDqCols);
-      }
-      if constexpr (kDqMode == 1) {
-        ptx::wgmma_wait_group<0>();
-        __syncwarp();
-        if (lane == 0) ptx::mbarrier_arrive(sm.empty_q(s));
-      }
-      } else {
-      // ---- dV += P^T dO, dK += dS^T Q ----
       ptx::wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < kQSteps; ++kk) ptx::Wgmma<Element, kHeadDim>::rs_tb(dv, pfrag[kk], qdo_bt_desc(do_tile, kk), 1);
 #pragma unroll
       for (int kk = 0; kk < kQSteps; ++kk) ptx::Wgmma<Element, kHeadDim>::rs_tb(dk, dsfrag[kk], qdo_bt_desc(q_tile, kk), 1);
       ptx::wgmma_commit_group();
-
-      // ---- dQ = dS K (both warpgroups' keys) into dq_accum ----
-      if (p.accumulate_dq) {
-        // dS^T rows of this thread's keys, 128-byte swizzled rows of 64 queries.
+      if (dq_wg) {
         const uint32_t ds_tile = sm.ds_buf(t & 1);
+        ptx::named_barrier_sync(static_cast<int>(BwdNamedBarrier::kDsWritten0) + (t & 1), 256);
+        ptx::wgmma_wait_group<0>();
+        __syncwarp();
+        if (lane == 0) ptx::mbarrier_arrive(sm.empty_q(s));
+        // At head dim >= 128, dQ in two column halves (one commit group each): the first is
+        // added while the second is computed.
+        constexpr int kDqSplit = kHeadDim >= 128 ? 2 : 1;
+        constexpr int kPartTiles = kDTiles / kDqSplit;
+        float dq[kDqSplit][kPartTiles][4];
+        ptx::wgmma_fence();
 #pragma unroll
-        for (int nt = 0; nt < kSTiles; ++nt)
-#pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            const int key = key_local + r * 8;
-            const int byte = (nt * 8 + qcol) * 2;
-            st_shared_u32(ds_tile + key * 128 + (((byte >> 4) ^ (key & 7)) << 4) + (byte & 15),
-                          r == 0 ? dsfrag[nt / 2][(nt & 1) * 2] : dsfrag[nt / 2][(nt & 1) * 2 + 1]);
-          }
-        ptx::fence_proxy_async_shared();
-        ptx::named_barrier_sync(static_cast<int>(BwdNamedBarrier::kDsWritten), 256);
-        const bool dq_here = T::kDqCols == kHeadDim ? wg == 0 : true;
-        if (dq_here) {
-          float dq[kDqTiles][4];
-          ptx::wgmma_fence();
+        for (int h = 0; h < kDqSplit; ++h) {
 #pragma unroll
           for (int kk = 0; kk < kBlockN / 16; ++kk) {
-            // A = dS (M = queries, K = keys) read M-major from dS^T; B = K (K = keys, N = head dim)
-            // read N-major, from this warpgroup's column block.
             const uint64_t a = ptx::smem_desc_sw128(ds_tile + kk * 2048, T::kDsBytes, 1024);
-            const uint64_t bk = ptx::smem_desc_sw128(sm.k + (T::kDqCols == kHeadDim ? 0 : wg) * T::kKVColBlockBytes +
-                                                         kk * 2048,
-                                                     T::kKVColBlockBytes, 1024);
-            ptx::Wgmma<Element, T::kDqCols>::ss_tt(dq, a, bk, kk > 0 ? 1 : 0);
+            const uint64_t bk = ptx::smem_desc_sw128(sm.k + h * T::kKVColBlockBytes + kk * 2048, T::kKVColBlockBytes, 1024);
+            ptx::Wgmma<Element, kPartTiles * 8>::ss_tt(dq[h], a, bk, kk > 0 ? 1 : 0);
           }
           ptx::wgmma_commit_group();
-          ptx::wgmma_wait_group<0>();
+        }
+        const BwdGroupArgs& g = p.groups[cur.group];
+        const int head = kv_head * ratio + cur.head_in_kv;
 #pragma unroll
-          for (int i = 0; i < kDqTiles; ++i)
+        for (int h = 0; h < kDqSplit; ++h) {
+          if (h + 1 < kDqSplit)
+            ptx::wgmma_wait_group<1>();
+          else
+            ptx::wgmma_wait_group<0>();
 #pragma unroll
-            for (int c = 0; c < 4; ++c) ptx::fence_operand(dq[i][c]);
-          __syncwarp();
-          if (lane == 0) ptx::mbarrier_arrive(sm.empty_q(s));
-          // Atomics: rows = this warp's 16 queries; lanes t, t^1 swap a pair so each adds 4
-          // consecutive floats (see the tier-1 kernel).
-          const BwdGroupArgs& g = p.groups[cur.group];
-          const int head = kv_head * ratio + cur.head_in_kv;
-          const int row_a = row0 + warp_in_wg * 16 + (lane >> 2);
-          const int col0 = (T::kDqCols == kHeadDim ? 0 : wg * T::kDqCols) + qcol;
-          float* dq_row_a = g.dq_accum + ((static_cast<int64_t>(cur.q_start) + row_a) * p.num_heads_q + head) * kHeadDim + col0;
-          const int64_t dq_8rows = static_cast<int64_t>(8) * p.num_heads_q * kHeadDim;
-          const bool odd = lane & 1;
+          for (int i = 0; i < kPartTiles; ++i)
 #pragma unroll
-          for (int dt = 0; dt < kDqTiles; dt += 2)
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-              const float x0 = dq[dt][2 * r], x1 = dq[dt][2 * r + 1];
-              const float y0 = dq[dt + 1][2 * r], y1 = dq[dt + 1][2 * r + 1];
-              const float got0 = __shfl_xor_sync(0xffffffffu, odd ? x0 : y0, 1);
-              const float got1 = __shfl_xor_sync(0xffffffffu, odd ? x1 : y1, 1);
-              if (row_a + r * 8 < cur.seqlen_q) {
-                float* dst = dq_row_a + r * dq_8rows + (odd ? (dt + 1) * 8 - 2 : dt * 8);
-                if (odd)
-                  sm80::bwd::red_add_v4(dst, got0, got1, y0, y1);
-                else
-                  sm80::bwd::red_add_v4(dst, x0, x1, got0, got1);
-              }
-            }
-        } else {
-          ptx::wgmma_wait_group<0>();
-          __syncwarp();
-          if (lane == 0) ptx::mbarrier_arrive(sm.empty_q(s));
+            for (int c = 0; c < 4; ++c) ptx::fence_operand(dq[h][i][c]);
+          if (h + 1 == kDqSplit)
+            ptx::named_barrier_arrive(static_cast<int>(BwdNamedBarrier::kDsFree0) + (t & 1), 256);
+          add_dq(dq[h], g, cur, head, row0, h * kPartTiles * 8);
         }
       } else {
         ptx::wgmma_wait_group<0>();
         __syncwarp();
         if (lane == 0) ptx::mbarrier_arrive(sm.empty_q(s));
       }
-      }
       cur.next(p, b, key0);
     }
-    if constexpr (kDqMode == 2 || kDqMode == 4) {
-      // The kDsFree arrivals of the last two tiles have no writer waiting at t + 2: consume them.
-      if (p.accumulate_dq) {
-        for (int t = max(num_tiles - 2, 0); t < num_tiles; ++t)
-          if ((t & 1) != wg) ptx::named_barrier_sync(static_cast<int>(BwdNamedBarrier::kDsFree0) + (t & 1), 256);
-      }
+    // The kDsFree arrivals of the last two tiles have no writer waiting at t + 2: consume them.
+    if (p.accumulate_dq) {
+      for (int t = max(num_tiles - 2, 0); t < num_tiles; ++t)
+        if ((t & 1) != wg) ptx::named_barrier_sync(static_cast<int>(BwdNamedBarrier::kDsFree0) + (t & 1), 256);
     }
 #pragma unroll
     for (int i = 0; i < kDTiles; ++i)

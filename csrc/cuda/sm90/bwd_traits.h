@@ -4,7 +4,7 @@
 // tiles. Warpgroup 0 is the producer; consumer warpgroup w (1 or 2) owns keys [64 (w-1), +64).
 // K, V, Q and dO tiles are stored as TMA writes them (128-byte swizzle, [D/64][rows][64]).
 // dS^T goes to shared memory as [keys][64 queries] rows of 128 bytes with the same swizzle,
-// double-buffered, where the dQ product reads it as an M-major operand.
+// double-buffered (tile t in buffer t & 1), where the dQ product reads it as an M-major operand.
 #pragma once
 
 #include <cstdint>
@@ -32,9 +32,6 @@ struct BwdTraits {
   static constexpr int kLaunchRegs = (65536 / kThreads) / 8 * 8;
   static_assert(128 * (kLaunchRegs - kProducerRegs) >= 128 * kNumConsumerWarpgroups * (kConsumerRegs - kLaunchRegs),
                 "setmaxnreg: the consumers ask for more registers than the producer frees");
-  // dQ = dS K: each consumer warpgroup computes kDqCols head-dim columns (all keys of the block);
-  // at head dim 64 warpgroup 0 computes all of them.
-  static constexpr int kDqCols = kHeadDim >= 128 ? kHeadDim / 2 : kHeadDim;
 
   static constexpr uint32_t kKVBytes = kBlockN * kHeadDim * sizeof(Element);
   static constexpr uint32_t kQBytes = kBlockM * kHeadDim * sizeof(Element);  // one Q or dO stage
