@@ -36,6 +36,36 @@ __device__ __forceinline__ void red_add_v4(float* dst, float a, float b, float c
 #endif
 }
 
+// Adds one warp's fp32 mma C fragments of a [16 rows, kTiles * 8 columns] tile to global memory
+// (a dQ accumulator). acc[dt] holds rows lane/4 and lane/4 + 8, columns dt*8 + (lane%4)*2 + {0,1};
+// row_a points at this thread's first element (row lane/4, column (lane%4)*2), row8_stride elements
+// separate row r from row r + 8. Lanes t and t^1 swap one pair so each holds 4 consecutive floats:
+// even t columns 2t..2t+3 of tile dt, odd t columns 2t-2..2t+1 of tile dt+1; one 16-byte
+// reduction per row and tile pair. Rows with row_ok[r] false are skipped (all lanes still shuffle).
+template <int kTiles>
+__device__ __forceinline__ void red_add_fragments(const float (&acc)[kTiles][4], float* row_a, int64_t row8_stride,
+                                                  bool row_a_ok, bool row_b_ok, int lane) {
+  static_assert(kTiles % 2 == 0, "tiles go in pairs");
+  const bool odd = lane & 1;
+#pragma unroll
+  for (int dt = 0; dt < kTiles; dt += 2) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float x0 = acc[dt][2 * r], x1 = acc[dt][2 * r + 1];
+      const float y0 = acc[dt + 1][2 * r], y1 = acc[dt + 1][2 * r + 1];
+      const float got0 = __shfl_xor_sync(0xffffffffu, odd ? x0 : y0, 1);
+      const float got1 = __shfl_xor_sync(0xffffffffu, odd ? x1 : y1, 1);
+      if (r == 0 ? row_a_ok : row_b_ok) {
+        float* dst = row_a + r * row8_stride + (odd ? (dt + 1) * 8 - 2 : dt * 8);
+        if (odd)
+          red_add_v4(dst, got0, got1, y0, y1);
+        else
+          red_add_v4(dst, x0, x1, got0, got1);
+      }
+    }
+  }
+}
+
 // cp.async a [kRows, kHeadDim] tile of rows `row_stride` elements apart whose first
 // `rows_valid` rows are real; the rest are zeros. All kThreads threads take part.
 template <typename Element, int kHeadDim, int kRows, int kThreads>

@@ -282,27 +282,7 @@ __global__ void __launch_bounds__(T::kThreads, bwd_min_blocks_per_sm<T>())
               ptx::mma_16816<Element>(acc[2 * dt2 + 1], a, b2, b3);
             }
           }
-          // C fragments hold 2 consecutive columns per row and n8 tile; lanes t and t^1 swap
-          // one pair so that each holds 4: even t columns 2t..2t+3 of tile dt, odd t columns
-          // 2t-2..2t+1 of tile dt+1. One 16-byte reduction per row and tile pair.
-          const bool odd = lane & 1;
-#pragma unroll
-          for (int dt = 0; dt < kDqChunk / 8; dt += 2) {
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-              const float x0 = acc[dt][2 * r], x1 = acc[dt][2 * r + 1];
-              const float y0 = acc[dt + 1][2 * r], y1 = acc[dt + 1][2 * r + 1];
-              const float got0 = __shfl_xor_sync(0xffffffffu, odd ? x0 : y0, 1);
-              const float got1 = __shfl_xor_sync(0xffffffffu, odd ? x1 : y1, 1);
-              if (r == 0 ? row_a_ok : row_b_ok) {
-                float* dst = dq_row_a + r * dq_8rows + ch * kDqChunk + (odd ? (dt + 1) * 8 - 2 : dt * 8);
-                if (odd)
-                  bwd::red_add_v4(dst, got0, got1, y0, y1);
-                else
-                  bwd::red_add_v4(dst, x0, x1, got0, got1);
-              }
-            }
-          }
+          bwd::red_add_fragments(acc, dq_row_a + ch * kDqChunk, dq_8rows, row_a_ok, row_b_ok, lane);
         }
       }
 

@@ -216,29 +216,12 @@ __global__ void __launch_bounds__(T::kThreads, 1)
     // Adds a warpgroup's dQ accumulator (64 query rows x kTiles * 8 head-dim columns from col_base)
     // to dq_accum: rows = this warp's 16 queries; lanes t, t^1 swap a pair so each adds 4
     // consecutive floats (see the tier-1 kernel).
-    auto add_dq = [&](auto& dq, const BwdGroupArgs& g, const Cursor& c, int head, int row0, int col_base) {
-      constexpr int kTiles = sizeof(dq) / sizeof(dq[0]);
+    auto add_dq = [&](const auto& dq, const BwdGroupArgs& g, const Cursor& c, int head, int row0, int col_base) {
       const int row_a = row0 + warp_in_wg * 16 + (lane >> 2);
       float* dq_row_a = g.dq_accum + ((static_cast<int64_t>(c.q_start) + row_a) * p.num_heads_q + head) * kHeadDim +
                         col_base + qcol;
-      const int64_t dq_8rows = static_cast<int64_t>(8) * p.num_heads_q * kHeadDim;
-      const bool odd = lane & 1;
-#pragma unroll
-      for (int dt = 0; dt < kTiles; dt += 2)
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const float x0 = dq[dt][2 * r], x1 = dq[dt][2 * r + 1];
-          const float y0 = dq[dt + 1][2 * r], y1 = dq[dt + 1][2 * r + 1];
-          const float got0 = __shfl_xor_sync(0xffffffffu, odd ? x0 : y0, 1);
-          const float got1 = __shfl_xor_sync(0xffffffffu, odd ? x1 : y1, 1);
-          if (row_a + r * 8 < c.seqlen_q) {
-            float* dst = dq_row_a + r * dq_8rows + (odd ? (dt + 1) * 8 - 2 : dt * 8);
-            if (odd)
-              sm80::bwd::red_add_v4(dst, got0, got1, y0, y1);
-            else
-              sm80::bwd::red_add_v4(dst, x0, x1, got0, got1);
-          }
-        }
+      sm80::bwd::red_add_fragments(dq, dq_row_a, static_cast<int64_t>(8) * p.num_heads_q * kHeadDim,
+                                   row_a < c.seqlen_q, row_a + 8 < c.seqlen_q, lane);
     };
 
     int num_tiles = 0;
