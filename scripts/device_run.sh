@@ -2,7 +2,7 @@
 # The one script sent to the GPU machine: build for the card found there (-j16), run the
 # GoogleTest suite and the pytest `gpu` marker, run the benchmark, print a short table last.
 #
-#   bash scripts/device_run.sh [quick|full|tests|targets]
+#   bash scripts/device_run.sh [quick|full|tests|targets|multi]
 #     quick (default): tests + the headline per-rank workload; tests: no benchmark;
 #     full: + stress tests, torchrun zigzag, the full benchmark set; targets: tests + issue 10's
 #     tier-2 target workloads (fused vs fused_sm80 vs baselines); multi: build, smoke, then only

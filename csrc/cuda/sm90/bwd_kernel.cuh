@@ -6,11 +6,11 @@
 // the block, so dK and dV accumulate across all groups in registers and are written once.
 //   warpgroup 0 (producer): loads K and V once; per query tile, Q and dO by TMA and the tile's
 //     LSE (log2 units) and Di by plain loads (zeros past the sequence), into 2 stages.
-//   warpgroups 1, 2 (consumers): 64 keys each. Per query tile:
+//   warpgroups 1, 2 (consumers; wg = 0, 1 below): 64 keys each. Per query tile:
 //     S^T = K Q^T and dP^T = V dO^T (wgmma, shared-memory operands), P^T = exp2(S^T scale - LSE),
 //     dS^T = P^T (dP^T - Di) with masked entries exactly 0; dV += P^T dO and dK += dS^T Q (wgmma,
 //     P^T/dS^T from registers, dO/Q transposed); dS^T to shared memory. dQ = dS K over all 128
-//     keys is computed by the warpgroups in turn (tile t by warpgroup t & 1, all head-dim
+//     keys is computed by the consumers in turn (tile t by consumer wg = t & 1, all head-dim
 //     columns, once the other has written its dS^T half) and added to the group's fp32 dq_accum
 //     with vector atomics; the other warpgroup goes on to the next tile without waiting, so the
 //     two are not held in lock step (skipped in deterministic mode, where the tier-1 dQ kernel
@@ -224,7 +224,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
                                    row_a < c.seqlen_q, row_a + 8 < c.seqlen_q, lane);
     };
 
-    int num_tiles = 0;
+    int num_tiles = 0;  // tiles walked, for the kDsFree drain after the loop
     for (int t = 0; cur.valid(p); ++t, ++num_tiles) {
       const int s = t % T::kStages;
       ptx::mbarrier_wait_parity(sm.full_q(s), (t / T::kStages) & 1);

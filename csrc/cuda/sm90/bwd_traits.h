@@ -50,6 +50,8 @@ struct BwdTraits {
   static constexpr int kSmemBytes = 1024 + kOffBarriers + 8 * kNumBarriers;
 
   static_assert(sizeof(Element) == 2, "16-bit elements");
+  static_assert(kHeadDim == 64 || kHeadDim == 128,
+                "the dQ product splits the head dim into 64-column halves of K's column blocks (64 or 128 only)");
   static_assert(kBlockM * sizeof(Element) == 128, "one dS^T row is one 128-byte swizzle row");
   static_assert(kSmemBytes <= 227 * 1024, "fits an H100's shared memory");
 };
