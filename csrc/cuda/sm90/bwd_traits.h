@@ -19,7 +19,13 @@ struct BwdTraits {
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = 64;   // query rows per step (one 128-byte row of dS^T)
   static constexpr int kBlockN = 128;  // keys per CTA, 64 per consumer warpgroup
-  static constexpr int kStages = 2;    // Q/dO/LSE/Di stages
+  // Q/dO/LSE/Di stages. RINGATTN_SM90_BWD_STAGES overrides it at build time (kernel development:
+  // scripts/bwd_variants.sh); 2 is what was measured.
+#ifdef RINGATTN_SM90_BWD_STAGES
+  static constexpr int kStages = RINGATTN_SM90_BWD_STAGES;
+#else
+  static constexpr int kStages = 2;
+#endif
   static constexpr int kNumConsumerWarpgroups = 2;
   static constexpr int kThreads = 128 * (1 + kNumConsumerWarpgroups);
   static constexpr int kConsumerWarps = 4 * kNumConsumerWarpgroups;
