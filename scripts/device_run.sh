@@ -103,6 +103,14 @@ if [ "$mode" = full ] || [ "$mode" = tests ]; then
   [ $rc -ne 0 ] && grep -E "Error|assert|FAILED" "$out/pytest_stress.log" | head -30
 fi
 
+# Host time per call of each Python layer on a tiny problem (DESIGN: measure the per-call overhead).
+if [ "$mode" != multi ]; then
+  timeout 60 "$py" scripts/host_overhead.py --calls 1000 --repeats 3 >"$out/host_overhead.txt" 2>&1
+  us_of() { grep -F "$1" "$out/host_overhead.txt" | sed -E 's/.* ([0-9.]+) us.*/\1/' | head -1; }
+  note "host time per call (us): fwd_into $(us_of fwd_into), public no grad $(us_of 'public (no grad)'), public grad $(us_of 'public (grad)'), fwd+bwd $(us_of 'fwd+bwd')"
+  cat "$out/host_overhead.txt"
+fi
+
 # Zigzag llama3 over the GPUs of this machine (torchrun, NCCL), and the distributed benchmark.
 ngpu=$(nvidia-smi -L 2>/dev/null | wc -l)
 if { [ "$mode" = full ] || [ "$mode" = tests ] || [ "$mode" = multi ]; } && [ "${ngpu:-0}" -ge 1 ]; then

@@ -6,6 +6,7 @@
 * --measure-hbm: parsing canned Nsight Compute CSV output, the ncu command line (its child
   arguments give back the same workload), error classification, and the whole path on the CPU
   backend with a fake `ncu` ($NCU) and without one (fallback to the analytic bytes).
+* scripts/host_overhead.py runs on the CPU backend (one timing row per layer).
 * The progress lines ([i/n], elapsed time) and benchmark/plot_results.py (grouping always; the
   PNG only where matplotlib is importable).
 * ring_flash_attn.grouped_python._flash_attn_varlen_forward_grouped against the fused
@@ -557,3 +558,21 @@ def test_grouped_python_single_group_and_errors():
                                            seqused_k_list=[torch.tensor([1], dtype=torch.int32)])
     with pytest.raises(ValueError, match="q_list"):
         _flash_attn_varlen_forward_grouped([], k, v, [], cu_k, [], 7)
+
+
+# ---- scripts/host_overhead.py ------------------------------------------------------------------
+
+
+def test_host_overhead_script_runs_on_cpu():
+    """The per-call host-time script (run by scripts/device_run.sh on the GPU) runs on the CPU
+    backend and prints one timing row per layer."""
+    script = os.path.join(_ROOT, "scripts", "host_overhead.py")
+    res = subprocess.run([sys.executable, script, "--device", "cpu", "--calls", "4", "--repeats", "1"],
+                         capture_output=True, text=True, timeout=120, env=dict(os.environ))
+    assert res.returncode == 0, res.stderr
+    names = ("ctypes call", "fwd_into", "op (no grad)", "public (no grad)", "public (grad)", "fwd+bwd (grad)")
+    for name in names:
+        line = next((l for l in res.stdout.splitlines() if l.strip().startswith(name)), None)
+        assert line is not None, f"no row {name!r} in:\n{res.stdout}"
+        us = float(line.split(" us")[0].split()[-1])
+        assert us > 0.0, line
