@@ -3,7 +3,7 @@
 # -D knob such as RINGATTN_SM90_BWD_STAGES) and, for each, run the tier-2 smoke test under a
 # timeout (a pipeline or barrier bug hangs), the per-kernel backward times and the fwd+bwd
 # benchmark row at L=64K N=8 rank 0; a summary line per variant comes last.
-#   VARIANTS="base: stages3:-DRINGATTN_SM90_BWD_STAGES=3" bash scripts/bwd_variants.sh
+#   VARIANTS="base: stages3:-DRINGATTN_SM90_BWD_STAGES=3 dqtma:-DRINGATTN_SM90_BWD_DQ_TMA=1" bash scripts/bwd_variants.sh
 #   NCU=1 ...   also ncu's throughput / stall sections of one dK/dV launch per variant
 # Variants are name:flags, separated by spaces (flags may not contain spaces; use commas inside
 # one -D value if ever needed). Builds run in parallel (build/variant-NAME, -j16 each).

@@ -39,7 +39,7 @@ namespace cuda {
 namespace sm90 {
 
 // Named barriers (0 is __syncthreads). kDsWritten0 + b / kDsFree0 + b belong to ds buffer b.
-enum class BwdNamedBarrier : int { kKZeroed = 1, kQTailZeroed = 2, kDsWritten0 = 3, kDsFree0 = 5 };
+enum class BwdNamedBarrier : int { kKZeroed = 1, kQTailZeroed = 2, kDsWritten0 = 3, kDsFree0 = 5, kDqStage0 = 7 };
 
 template <typename T>
 struct BwdSmem {
@@ -58,6 +58,7 @@ struct BwdSmem {
   __device__ __forceinline__ uint32_t q_stage(int s) const { return q + s * T::kQBytes; }
   __device__ __forceinline__ uint32_t do_stage(int s) const { return dout + s * T::kQBytes; }
   __device__ __forceinline__ uint32_t ds_buf(int b) const { return ds + b * T::kDsBytes; }
+  __device__ __forceinline__ uint32_t dq_stage(int wg) const { return ds - T::kOffDs + T::kOffDqStage + wg * T::kDqStageBytes; }
   __device__ __forceinline__ uint32_t lse_stage(int s) const { return stats + s * T::kStatBytes; }
   __device__ __forceinline__ uint32_t di_stage(int s) const { return stats + s * T::kStatBytes + T::kBlockM * 4; }
 };
@@ -69,6 +70,9 @@ __device__ __forceinline__ float2 ld_shared_f2(uint32_t addr) {
 }
 __device__ __forceinline__ void st_shared_f32(uint32_t addr, float v) {
   asm volatile("st.shared.f32 [%0], %1;\n" ::"r"(addr), "f"(v) : "memory");
+}
+__device__ __forceinline__ void st_shared_f2(uint32_t addr, float x, float y) {
+  asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr), "f"(x), "f"(y) : "memory");
 }
 __device__ __forceinline__ void st_shared_u32(uint32_t addr, uint32_t v) {
   asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
@@ -224,6 +228,39 @@ __global__ void __launch_bounds__(T::kThreads, 1)
                                    row_a < c.seqlen_q, row_a + 8 < c.seqlen_q, lane);
     };
 
+#if RINGATTN_SM90_BWD_DQ_TMA
+    // RINGATTN_SM90_BWD_DQ_TMA: writes one column part (kTiles * 8 columns from h * kTiles * 8) of
+    // this warpgroup's dQ tile into its fp32 staging boxes ([64 rows][32 floats], 128-byte
+    // swizzle; rows past the sequence as 0, so the next sequence's rows get exactly +0), then one
+    // thread adds the boxes to dq_accum with TMA reduce-add.
+    auto stage_and_reduce_dq = [&](const auto& dq, int h, const Cursor& c, int head, int row0) {
+      constexpr int kTiles = sizeof(dq) / sizeof(dq[0]);
+      constexpr int kBoxes = kTiles / 4;  // 32 columns = 4 n8 tiles per box
+      const uint32_t stage = sm.dq_stage(wg);
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int row = warp_in_wg * 16 + (lane >> 2) + r * 8;
+        const bool ok = row0 + row < c.seqlen_q;
+#pragma unroll
+        for (int dt = 0; dt < kTiles; ++dt) {
+          const int box = h * kBoxes + dt / 4;
+          const int byte = (dt % 4) * 32 + (lane & 3) * 8;
+          const uint32_t addr = stage + box * T::kDqBoxBytes + row * 128 + ((((byte >> 4) ^ (row & 7))) << 4) + (byte & 15);
+          st_shared_f2(addr, ok ? dq[dt][2 * r] : 0.f, ok ? dq[dt][2 * r + 1] : 0.f);
+        }
+      }
+      ptx::fence_proxy_async_shared();
+      ptx::named_barrier_sync(static_cast<int>(BwdNamedBarrier::kDqStage0) + wg, 128);
+      if (ctid % 128 == 0) {
+#pragma unroll
+        for (int bx = 0; bx < kBoxes; ++bx)
+          ptx::tma_reduce_add_3d(&params.tma_dq[c.group], stage + (h * kBoxes + bx) * T::kDqBoxBytes,
+                                 (h * kBoxes + bx) * 32, head, c.q_start + row0);
+        ptx::bulk_commit_group();
+      }
+    };
+#endif
+
     int num_tiles = 0;  // tiles walked, for the kDsFree drain after the loop
     for (int t = 0; cur.valid(p); ++t, ++num_tiles) {
       const int s = t % T::kStages;
@@ -332,6 +369,11 @@ __global__ void __launch_bounds__(T::kThreads, 1)
       if (dq_wg) {
         const uint32_t ds_tile = sm.ds_buf(t & 1);
         ptx::named_barrier_sync(static_cast<int>(BwdNamedBarrier::kDsWritten0) + (t & 1), 256);
+        if constexpr (T::kDqTma) {
+          // This warpgroup's staging boxes are free once its previous tile's reduce has read them.
+          if (ctid % 128 == 0) ptx::bulk_wait_group_read<0>();
+          ptx::named_barrier_sync(static_cast<int>(BwdNamedBarrier::kDqStage0) + wg, 128);
+        }
         ptx::wgmma_wait_group<0>();
         __syncwarp();
         if (lane == 0) ptx::mbarrier_arrive(sm.empty_q(s));
@@ -351,7 +393,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
           }
           ptx::wgmma_commit_group();
         }
-        const BwdGroupArgs& g = p.groups[cur.group];
+        [[maybe_unused]] const BwdGroupArgs& g = p.groups[cur.group];
         const int head = kv_head * ratio + cur.head_in_kv;
 #pragma unroll
         for (int h = 0; h < kDqSplit; ++h) {
@@ -365,7 +407,11 @@ __global__ void __launch_bounds__(T::kThreads, 1)
             for (int c = 0; c < 4; ++c) ptx::fence_operand(dq[h][i][c]);
           if (h + 1 == kDqSplit)
             ptx::named_barrier_arrive(static_cast<int>(BwdNamedBarrier::kDsFree0) + (t & 1), 256);
+#if RINGATTN_SM90_BWD_DQ_TMA
+          stage_and_reduce_dq(dq[h], h, cur, head, row0);
+#else
           add_dq(dq[h], g, cur, head, row0, h * kPartTiles * 8);
+#endif
         }
       } else {
         ptx::wgmma_wait_group<0>();
@@ -373,6 +419,10 @@ __global__ void __launch_bounds__(T::kThreads, 1)
         if (lane == 0) ptx::mbarrier_arrive(sm.empty_q(s));
       }
       cur.next(p, b, key0);
+    }
+    // A CTA must not exit while a TMA reduce still reads its shared memory (or is unfinished).
+    if constexpr (T::kDqTma) {
+      if (p.accumulate_dq && ctid % 128 == 0) ptx::bulk_wait_group<0>();
     }
     // The kDsFree arrivals of the last two tiles have no writer waiting at t + 2: consume them.
     if (p.accumulate_dq) {

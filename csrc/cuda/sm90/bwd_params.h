@@ -7,6 +7,13 @@
 
 #include "cuda/bwd_params.h"
 
+// Experimental (kernel development; default off, not yet measured): dQ tiles staged in shared
+// memory and added to dq_accum by TMA reduce-add (one bulk operation per 32-column box) instead
+// of per-thread vector atomics. Host and device code must see the same value (CMAKE_CUDA_FLAGS).
+#ifndef RINGATTN_SM90_BWD_DQ_TMA
+#define RINGATTN_SM90_BWD_DQ_TMA 0
+#endif
+
 namespace ringattn {
 namespace cuda {
 namespace sm90 {
@@ -17,6 +24,9 @@ struct BwdKernelParams {
   CUtensorMap tma_do[RINGATTN_MAX_GROUPS];  // likewise
   CUtensorMap tma_k;                        // boxes of 64 x 1 x kBlockN rows
   CUtensorMap tma_v;
+#if RINGATTN_SM90_BWD_DQ_TMA
+  CUtensorMap tma_dq[RINGATTN_MAX_GROUPS];  // fp32 dq_accum, boxes of 32 x 1 x kBlockM rows
+#endif
 };
 static_assert(sizeof(BwdKernelParams) <= 32764, "kernel parameters fit the 32 KB parameter space");
 

@@ -71,6 +71,37 @@ bool encode_token_head_map(CUtensorMap* map, const void* base, bool bf16, int he
   return true;
 }
 
+bool encode_accum_map(CUtensorMap* map, float* base, int head_dim, int64_t tokens, int heads, int box_rows,
+                      std::string* why) {
+  if (reinterpret_cast<uintptr_t>(base) % 16 != 0) {
+    *why = "base pointer not 16-byte aligned";
+    return false;
+  }
+  if (tokens <= 0 || heads <= 0 || head_dim % 32 != 0) {
+    *why = "empty tensor or head_dim not a multiple of 32";
+    return false;
+  }
+  if (tokens > (int64_t{1} << 31) - 1) {
+    *why = "more than 2^31 - 1 tokens";
+    return false;
+  }
+  PFN_cuTensorMapEncodeTiled_v12000 fn = encode_fn(why);
+  if (fn == nullptr) return false;
+  const cuuint64_t dims[3] = {static_cast<cuuint64_t>(head_dim), static_cast<cuuint64_t>(heads),
+                              static_cast<cuuint64_t>(tokens)};
+  const cuuint64_t strides[2] = {static_cast<cuuint64_t>(head_dim) * 4, static_cast<cuuint64_t>(heads) * head_dim * 4};
+  const cuuint32_t box[3] = {32, 1, static_cast<cuuint32_t>(box_rows)};
+  const cuuint32_t elem_strides[3] = {1, 1, 1};
+  const CUresult r = fn(map, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 3, base, dims, strides, box, elem_strides,
+                        CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                        CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS) {
+    *why = "cuTensorMapEncodeTiled returned error " + std::to_string(static_cast<int>(r));
+    return false;
+  }
+  return true;
+}
+
 }  // namespace sm90
 }  // namespace cuda
 }  // namespace ringattn

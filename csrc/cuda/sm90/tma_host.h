@@ -20,6 +20,12 @@ namespace sm90 {
 bool encode_token_head_map(CUtensorMap* map, const void* base, bool bf16, int head_dim, int64_t tokens, int heads,
                            int64_t row_stride, int64_t head_stride, int box_rows, std::string* why);
 
+// Tensor map over a contiguous fp32 [tokens, heads, head_dim] accumulator (dq_accum), boxes of
+// 32 (head dim, 128 bytes) x 1 x box_rows with the 128-byte swizzle, for TMA reduce-add stores;
+// coordinates (d, head, token).
+bool encode_accum_map(CUtensorMap* map, float* base, int head_dim, int64_t tokens, int heads, int box_rows,
+                      std::string* why);
+
 }  // namespace sm90
 }  // namespace cuda
 }  // namespace ringattn
