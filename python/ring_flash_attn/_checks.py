@@ -1,6 +1,7 @@
 """Argument checks shared by the context-parallel entry points (ring.py, zigzag_llama3.py, llama3.py).
 
-Each raises ValueError naming the argument with the expected and the actual value."""
+Each raises ValueError naming the argument with the expected and the actual value
+(check_flash_attn_defaults: NotImplementedError for a feature this library does not have)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,20 @@ import numbers
 
 import torch
 from torch import Tensor
+
+
+def check_flash_attn_defaults(dropout_p, window_size, alibi_slopes, softcap=0.0) -> None:
+    """flash-attn arguments supported only at their defaults: NotImplementedError naming the first
+    one that is not (in this order: dropout_p, window_size, softcap, alibi_slopes)."""
+    if dropout_p != 0.0:
+        raise NotImplementedError(f"dropout_p: dropout is not supported (got {dropout_p}); pass 0.0")
+    if tuple(window_size) != (-1, -1):
+        raise NotImplementedError(f"window_size: sliding-window attention is not supported yet "
+                                  f"(got {tuple(window_size)}); pass (-1, -1)")
+    if softcap != 0.0:
+        raise NotImplementedError(f"softcap: logit soft-capping is not supported yet (got {softcap}); pass 0.0")
+    if alibi_slopes is not None:
+        raise NotImplementedError("alibi_slopes: ALiBi is not supported; pass None")
 
 
 def check_qkv(q, k, v, ndim: int, layout: str) -> None:
@@ -45,19 +60,24 @@ def check_heads_k_stride(heads_k_stride, num_heads_k: int) -> None:
         raise ValueError(f"heads_k_stride: expected a divisor of the KV heads of k ({num_heads_k}), got {heads_k_stride}")
 
 
+def check_cu_seqlens(cu, name: str, device) -> None:
+    """`cu` is a 1-D int32 tensor of batch_size + 1 >= 2 entries on `device` (q's)."""
+    if not isinstance(cu, Tensor):
+        raise ValueError(f"{name}: expected an int32 Tensor, got {type(cu).__name__}")
+    if cu.dtype != torch.int32:
+        raise ValueError(f"{name}: expected dtype torch.int32, got {cu.dtype}")
+    if cu.dim() != 1 or cu.shape[0] < 2:
+        raise ValueError(f"{name}: expected a 1-D tensor of batch_size + 1 >= 2 entries, got shape "
+                         f"{tuple(cu.shape)}")
+    if cu.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device} (the device of q), got {cu.device}")
+
+
 def check_cu_seqlens_pair(cu_seqlens_q, cu_seqlens_k, device) -> None:
     """cu_seqlens_q and cu_seqlens_k are 1-D int32 tensors on `device` (q's) with the same
     batch_size + 1 >= 2 entries."""
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
-        if not isinstance(cu, Tensor):
-            raise ValueError(f"{name}: expected an int32 Tensor, got {type(cu).__name__}")
-        if cu.dtype != torch.int32:
-            raise ValueError(f"{name}: expected dtype torch.int32, got {cu.dtype}")
-        if cu.dim() != 1 or cu.shape[0] < 2:
-            raise ValueError(f"{name}: expected a 1-D tensor of batch_size + 1 >= 2 entries, got shape "
-                             f"{tuple(cu.shape)}")
-        if cu.device != device:
-            raise ValueError(f"{name}: expected a tensor on {device} (the device of q), got {cu.device}")
+        check_cu_seqlens(cu, name, device)
     if cu_seqlens_q.shape[0] != cu_seqlens_k.shape[0]:
         raise ValueError(f"cu_seqlens_q: expected {cu_seqlens_k.shape[0]} entries (batch_size + 1, as "
                          f"cu_seqlens_k), got {cu_seqlens_q.shape[0]}")

@@ -14,6 +14,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 from torch import Tensor
 
 from . import ops
+from ._checks import check_flash_attn_defaults
 
 _grouped_fwd = ops.grouped_fwd
 
@@ -131,17 +132,7 @@ def flash_attn_varlen_func(
     Returns:
         ``out`` ``[total_q, Hq, D]``, or ``(out, softmax_lse [Hq, total_q] float32, None)``.
     """
-    if dropout_p != 0.0:
-        raise NotImplementedError(f"dropout_p: dropout is not supported (got {dropout_p}); pass 0.0")
-    if tuple(window_size) != (-1, -1):
-        raise NotImplementedError(
-            f"window_size: sliding-window attention is not supported yet (got {tuple(window_size)}); "
-            "pass (-1, -1)"
-        )
-    if softcap != 0.0:
-        raise NotImplementedError(f"softcap: logit soft-capping is not supported yet (got {softcap}); pass 0.0")
-    if alibi_slopes is not None:
-        raise NotImplementedError("alibi_slopes: ALiBi is not supported; pass None")
+    check_flash_attn_defaults(dropout_p, window_size, alibi_slopes, softcap)
     if block_table is not None:
         raise NotImplementedError("block_table: paged KV cache is not supported; pass None")
     out_list, lse_list = grouped_flash_attn_varlen_func(

@@ -30,9 +30,10 @@ import torch
 from torch import Tensor
 
 from . import ops
-from ._checks import check_cu_seqlens_pair, check_heads_k_stride, check_qkv, unpack
+from ._checks import (check_cu_seqlens_pair, check_flash_attn_defaults, check_heads_k_stride, check_qkv,
+                      unpack)
 from .grouped import _resolve_scale
-from .zigzag_llama3 import _ReduceScatter, _SlicedKVAttention, _check_int, _gathered_kv, _short, _world
+from .zigzag_llama3 import _HeadSlices, _ReduceScatter, _SlicedKVAttention, _check_int, _gathered_kv, _short, _world
 from .zigzag_utils import metadata_checks_enabled
 
 __all__ = [
@@ -43,7 +44,7 @@ __all__ = [
 
 
 @dataclass
-class _Plan:
+class _Plan(_HeadSlices):
     """What _gathered_kv / _ReduceScatter (zigzag_llama3) and the kernels of one call need."""
 
     group: object
@@ -64,29 +65,11 @@ class _Plan:
     src: Optional[Tensor] = None  # the contiguous layout needs no reordering
     inv_src: Optional[Tensor] = None
 
-    @property
-    def num_slices(self) -> int:
-        return self.num_heads_k // self.heads_k_stride
-
-    @property
-    def heads_q_per_slice(self) -> int:
-        return self.heads_k_stride * (self.num_heads_q // self.num_heads_k)
-
-    @property
-    def total_global(self) -> int:
-        return self.world_size * self.total_local
-
 
 def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride,
               local_k_slice, dropout_p, window_size, alibi_slopes, world_size) -> slice:
     """Host-side checks of what shapes and Python values tell; returns the normalised k slice."""
-    if dropout_p != 0.0:
-        raise NotImplementedError(f"dropout_p: dropout is not supported (got {dropout_p}); pass 0.0")
-    if tuple(window_size) != (-1, -1):
-        raise NotImplementedError(f"window_size: sliding-window attention is not supported "
-                                  f"(got {tuple(window_size)}); pass (-1, -1)")
-    if alibi_slopes is not None:
-        raise NotImplementedError("alibi_slopes: ALiBi is not supported; pass None")
+    check_flash_attn_defaults(dropout_p, window_size, alibi_slopes)
     check_qkv(q, k, v, 3, "[local_tokens, heads, head_dim]")
     T, Hq, D = q.shape
     if k.shape[0] != T:

@@ -58,7 +58,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from ._checks import check_qkv, unpack
+from ._checks import check_cu_seqlens, check_flash_attn_defaults, check_qkv, unpack
 from .grouped import _resolve_scale
 from .zigzag_utils import _sequence_of, metadata_checks_enabled
 
@@ -149,13 +149,7 @@ def _validate(q, k, v, dropout_p, window_size, alibi_slopes, layout: str) -> Non
     if layout == LAYOUT_ZIGZAG and L % 2:
         raise ValueError(f"q: expected an even local_seqlen for the zigzag layout (two chunks of equal length "
                          f"per rank), got {L}")
-    if dropout_p != 0.0:
-        raise NotImplementedError(f"dropout_p: dropout is not supported (got {dropout_p}); pass 0.0")
-    if tuple(window_size) != (-1, -1):
-        raise NotImplementedError(f"window_size: sliding-window attention is not supported yet "
-                                  f"(got {tuple(window_size)}); pass (-1, -1)")
-    if alibi_slopes is not None:
-        raise NotImplementedError("alibi_slopes: ALiBi is not supported; pass None")
+    check_flash_attn_defaults(dropout_p, window_size, alibi_slopes)
 
 
 def _validate_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p, window_size, alibi_slopes, layout: str) -> None:
@@ -166,15 +160,7 @@ def _validate_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p, window_size, al
                              f"alike), got {t.shape[0]}")
     # the other shape checks of the batched form, on [1, T, H, D] views
     _validate(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), dropout_p, window_size, alibi_slopes, LAYOUT_RING)
-    if not isinstance(cu_seqlens, Tensor):
-        raise ValueError(f"cu_seqlens: expected an int32 Tensor, got {type(cu_seqlens).__name__}")
-    if cu_seqlens.dtype != torch.int32:
-        raise ValueError(f"cu_seqlens: expected dtype torch.int32, got {cu_seqlens.dtype}")
-    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
-        raise ValueError(f"cu_seqlens: expected a 1-D tensor of batch_size + 1 >= 2 entries, got shape "
-                         f"{tuple(cu_seqlens.shape)}")
-    if cu_seqlens.device != q.device:
-        raise ValueError(f"cu_seqlens: expected a tensor on {q.device} (the device of q), got {cu_seqlens.device}")
+    check_cu_seqlens(cu_seqlens, "cu_seqlens", q.device)
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, numbers.Integral) or max_seqlen < 0:
         raise ValueError(f"max_seqlen: expected a Python int >= 0 (the longest local sequence, a hint; a tensor "
                          f"would need a host sync), got {max_seqlen!r}")

@@ -47,7 +47,8 @@ import torch
 from torch import Tensor
 
 from . import ops
-from ._checks import check_cu_seqlens_pair, check_heads_k_stride, check_qkv, unpack
+from ._checks import (check_cu_seqlens_pair, check_flash_attn_defaults, check_heads_k_stride, check_qkv,
+                      unpack)
 from .grouped import _resolve_scale
 from .grouped_python import _flash_attn_varlen_forward_grouped
 from .zigzag_utils import (
@@ -135,13 +136,7 @@ def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, h
     _check_int(max_seqlen_k, "max_seqlen_k", "the longest global sequence, a hint")
     if local_k_slice is not None and not isinstance(local_k_slice, slice):
         raise ValueError(f"local_k_slice: expected a slice or None, got {type(local_k_slice).__name__}")
-    if dropout_p != 0.0:
-        raise NotImplementedError(f"dropout_p: dropout is not supported (got {dropout_p}); pass 0.0")
-    if tuple(window_size) != (-1, -1):
-        raise NotImplementedError(f"window_size: sliding-window attention is not supported yet "
-                                  f"(got {tuple(window_size)}); pass (-1, -1)")
-    if alibi_slopes is not None:
-        raise NotImplementedError("alibi_slopes: ALiBi is not supported; pass None")
+    check_flash_attn_defaults(dropout_p, window_size, alibi_slopes)
     if grad_reduce_dtype is not None and grad_reduce_dtype not in (torch.float32, torch.float64, q.dtype):
         raise ValueError(f"grad_reduce_dtype: expected None, torch.float32, torch.float64 or {q.dtype} "
                          f"(the dtype of q), got {grad_reduce_dtype}")
@@ -166,8 +161,31 @@ def _check_values(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, world_size: int, t
 # ---- the per-call plan: device-side index maps and per-group metadata --------------------------
 
 
+class _HeadSlices:
+    """Derived sizes of a plan (llama3 and zigzag llama3): K/V head slices of heads_k_stride heads
+    each, the query heads of one slice, and the gathered token count."""
+
+    num_heads_q: int
+    num_heads_k: int
+    heads_k_stride: int
+    world_size: int
+    total_local: int
+
+    @property
+    def num_slices(self) -> int:
+        return self.num_heads_k // self.heads_k_stride
+
+    @property
+    def heads_q_per_slice(self) -> int:
+        return self.heads_k_stride * (self.num_heads_q // self.num_heads_k)
+
+    @property
+    def total_global(self) -> int:
+        return self.world_size * self.total_local
+
+
 @dataclass
-class _Plan:
+class _Plan(_HeadSlices):
     group: object
     world_size: int
     rank: int
@@ -195,18 +213,6 @@ class _Plan:
     @property
     def half(self) -> int:
         return self.total_local // 2
-
-    @property
-    def num_slices(self) -> int:
-        return self.num_heads_k // self.heads_k_stride
-
-    @property
-    def heads_q_per_slice(self) -> int:
-        return self.heads_k_stride * (self.num_heads_q // self.num_heads_k)
-
-    @property
-    def total_global(self) -> int:
-        return self.world_size * self.total_local
 
 
 def _make_plan(q, k, cu_seqlens_k, max_seqlen_k, heads_k_stride, softmax_scale, causal,
