@@ -16,6 +16,7 @@
 #include <cstdint>
 
 #include "cuda/bwd_params.h"
+#include "cuda/launch.h"
 #include "cuda/ptx.h"
 #include "cuda/seqlen_info.h"
 #include "cuda/sm80/bwd_common.cuh"
@@ -224,12 +225,7 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_bwd_dq_kernel(const __
 // Host side: launch one instantiation over `num_ctas` CTAs (query tiles x query heads).
 template <typename T, bool kCausal>
 cudaError_t launch_grouped_bwd_dq(const BwdKernelParams& params, int num_ctas, cudaStream_t stream) {
-  auto kernel = &grouped_bwd_dq_kernel<T, kCausal>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::kSmemBytes);
-  if (err != cudaSuccess) return err;
-  if (num_ctas <= 0) return cudaSuccess;
-  kernel<<<num_ctas, T::kThreads, T::kSmemBytes, stream>>>(params);
-  return cudaGetLastError();
+  return launch_with_smem(&grouped_bwd_dq_kernel<T, kCausal>, num_ctas, T::kThreads, T::kSmemBytes, stream, params);
 }
 
 }  // namespace sm80

@@ -20,6 +20,7 @@
 #include <cstdint>
 
 #include "cuda/bwd_params.h"
+#include "cuda/launch.h"
 #include "cuda/ptx.h"
 #include "cuda/query_tile_cursor.h"
 #include "cuda/seqlen_info.h"
@@ -321,15 +322,9 @@ __global__ void __launch_bounds__(T::kThreads, bwd_min_blocks_per_sm<T>())
 // Host side: launch one instantiation over `num_ctas` CTAs (work items x KV heads).
 template <typename T, bool kCausal>
 cudaError_t launch_grouped_bwd_dkdv(const BwdKernelParams& params, int num_ctas, cudaStream_t stream) {
-  auto kernel = &grouped_bwd_dkdv_kernel<T, kCausal>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::kSmemBytes);
-  if (err != cudaSuccess) return err;
   // All of the unified L1/shared memory as shared, so two CTAs of the D=128 tile fit on sm_90.
-  err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
-  if (err != cudaSuccess) return err;
-  if (num_ctas <= 0) return cudaSuccess;
-  kernel<<<num_ctas, T::kThreads, T::kSmemBytes, stream>>>(params);
-  return cudaGetLastError();
+  return launch_with_smem(&grouped_bwd_dkdv_kernel<T, kCausal>, num_ctas, T::kThreads, T::kSmemBytes, stream, params,
+                          /*max_shared_carveout=*/true);
 }
 
 }  // namespace sm80

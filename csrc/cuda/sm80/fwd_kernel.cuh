@@ -18,6 +18,7 @@
 #include <cstdint>
 
 #include "cuda/fwd_params.h"
+#include "cuda/launch.h"
 #include "cuda/ptx.h"
 #include "cuda/seqlen_info.h"
 #include "cuda/sm80/fwd_traits.h"
@@ -268,12 +269,7 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocksPerSm)
 // Host side: launch one instantiation over `num_ctas` CTAs (work items x heads).
 template <typename T, bool kCausal>
 cudaError_t launch_grouped_fwd(const FwdKernelParams& params, int num_ctas, cudaStream_t stream) {
-  auto kernel = &grouped_fwd_kernel<T, kCausal>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::kSmemBytes);
-  if (err != cudaSuccess) return err;
-  if (num_ctas <= 0) return cudaSuccess;
-  kernel<<<num_ctas, T::kThreads, T::kSmemBytes, stream>>>(params);
-  return cudaGetLastError();
+  return launch_with_smem(&grouped_fwd_kernel<T, kCausal>, num_ctas, T::kThreads, T::kSmemBytes, stream, params);
 }
 
 }  // namespace sm80

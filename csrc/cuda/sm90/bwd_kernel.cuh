@@ -25,6 +25,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "cuda/launch.h"
 #include "cuda/ptx.h"
 #include "cuda/query_tile_cursor.h"
 #include "cuda/seqlen_info.h"
@@ -460,12 +461,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
 
 template <typename T, bool kCausal>
 cudaError_t launch_grouped_bwd_dkdv(const BwdKernelParams& params, int num_ctas, cudaStream_t stream) {
-  auto kernel = &grouped_bwd_dkdv_kernel<T, kCausal>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::kSmemBytes);
-  if (err != cudaSuccess) return err;
-  if (num_ctas <= 0) return cudaSuccess;
-  kernel<<<num_ctas, T::kThreads, T::kSmemBytes, stream>>>(params);
-  return cudaGetLastError();
+  return launch_with_smem(&grouped_bwd_dkdv_kernel<T, kCausal>, num_ctas, T::kThreads, T::kSmemBytes, stream, params);
 }
 
 }  // namespace sm90
