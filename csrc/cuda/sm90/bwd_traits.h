@@ -10,13 +10,14 @@
 #include <cstdint>
 
 #include "cuda/sm90/bwd_params.h"
+#include "cuda/sm90/warp_specialization.h"
 
 namespace ringattn {
 namespace cuda {
 namespace sm90 {
 
 template <typename Element_, int kHeadDim_>
-struct BwdTraits {
+struct BwdTraits : WarpSpecialization {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = 64;   // query rows per step (one 128-byte row of dS^T)
@@ -28,18 +29,7 @@ struct BwdTraits {
 #else
   static constexpr int kStages = 2;
 #endif
-  static constexpr int kNumConsumerWarpgroups = 2;
-  static constexpr int kThreads = 128 * (1 + kNumConsumerWarpgroups);
-  static constexpr int kConsumerWarps = 4 * kNumConsumerWarpgroups;
   static constexpr int kColBlocks = kHeadDim / 64;
-  static constexpr int kProducerRegs = 24;
-  static constexpr int kConsumerRegs = 240;
-  // setmaxnreg moves registers between warpgroups within what the launch allocated (the
-  // __launch_bounds__(kThreads, 1) cap, 65536 / kThreads rounded down to 8): the consumers can
-  // only grow by what the producer gives back, or setmaxnreg.inc waits forever.
-  static constexpr int kLaunchRegs = (65536 / kThreads) / 8 * 8;
-  static_assert(128 * (kLaunchRegs - kProducerRegs) >= 128 * kNumConsumerWarpgroups * (kConsumerRegs - kLaunchRegs),
-                "setmaxnreg: the consumers ask for more registers than the producer frees");
 
   static constexpr uint32_t kKVBytes = kBlockN * kHeadDim * sizeof(Element);
   static constexpr uint32_t kQBytes = kBlockM * kHeadDim * sizeof(Element);  // one Q or dO stage

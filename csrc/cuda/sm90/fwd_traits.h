@@ -8,29 +8,20 @@
 
 #include <cstdint>
 
+#include "cuda/sm90/warp_specialization.h"
+
 namespace ringattn {
 namespace cuda {
 namespace sm90 {
 
 template <typename Element_, int kHeadDim_, int kBlockN_, int kStages_>
-struct FwdTraits {
+struct FwdTraits : WarpSpecialization {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = 128;
   static constexpr int kBlockN = kBlockN_;
   static constexpr int kStages = kStages_;
-  static constexpr int kNumConsumerWarpgroups = 2;
-  static constexpr int kThreads = 128 * (1 + kNumConsumerWarpgroups);
-  static constexpr int kConsumerWarps = 4 * kNumConsumerWarpgroups;
   static constexpr int kColBlocks = kHeadDim / 64;  // 64-element (128-byte) column blocks
-  static constexpr int kProducerRegs = 24;
-  static constexpr int kConsumerRegs = 240;
-  // setmaxnreg moves registers between warpgroups within what the launch allocated (the
-  // __launch_bounds__(kThreads, 1) cap, 65536 / kThreads rounded down to 8): the consumers can
-  // only grow by what the producer gives back, or setmaxnreg.inc waits forever.
-  static constexpr int kLaunchRegs = (65536 / kThreads) / 8 * 8;
-  static_assert(128 * (kLaunchRegs - kProducerRegs) >= 128 * kNumConsumerWarpgroups * (kConsumerRegs - kLaunchRegs),
-                "setmaxnreg: the consumers ask for more registers than the producer frees");
 
   static constexpr uint32_t kQBytes = kBlockM * kHeadDim * sizeof(Element);
   static constexpr uint32_t kKVBytes = kBlockN * kHeadDim * sizeof(Element);  // one K or V stage
