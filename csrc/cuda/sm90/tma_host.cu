@@ -29,11 +29,11 @@ PFN_cuTensorMapEncodeTiled_v12000 encode_fn(std::string* why) {
   return fn;
 }
 
-}  // namespace
-
-bool encode_token_head_map(CUtensorMap* map, const void* base, bool bf16, int head_dim, int64_t tokens, int heads,
-                           int64_t row_stride, int64_t head_stride, int box_rows, std::string* why) {
-  constexpr int64_t kElem = 2;
+// A [tokens, heads, head_dim] tensor of `elem_bytes`-byte elements (element strides row_stride,
+// head_stride; the last dimension contiguous), boxes of box_cols x 1 x box_rows, 128-byte swizzle.
+bool encode_token_head_3d(CUtensorMap* map, CUtensorMapDataType dtype, int64_t elem_bytes, const void* base,
+                          int head_dim, int64_t tokens, int heads, int64_t row_stride, int64_t head_stride,
+                          int box_cols, int box_rows, std::string* why) {
   if (reinterpret_cast<uintptr_t>(base) % 16 != 0) {
     *why = "base pointer not 16-byte aligned";
     return false;
@@ -46,8 +46,9 @@ bool encode_token_head_map(CUtensorMap* map, const void* base, bool bf16, int he
   // give TMA valid ones.
   if (heads == 1) head_stride = head_dim;
   if (tokens == 1) row_stride = static_cast<int64_t>(heads) * head_stride;
-  if ((row_stride * kElem) % 16 != 0 || (head_stride * kElem) % 16 != 0 || row_stride <= 0 || head_stride <= 0) {
-    *why = "row/head strides not multiples of 8 elements";
+  if ((row_stride * elem_bytes) % 16 != 0 || (head_stride * elem_bytes) % 16 != 0 || row_stride <= 0 ||
+      head_stride <= 0) {
+    *why = "row/head strides not multiples of " + std::to_string(16 / elem_bytes) + " elements";
     return false;
   }
   if (tokens > (int64_t{1} << 31) - 1) {
@@ -58,41 +59,11 @@ bool encode_token_head_map(CUtensorMap* map, const void* base, bool bf16, int he
   if (fn == nullptr) return false;
   const cuuint64_t dims[3] = {static_cast<cuuint64_t>(head_dim), static_cast<cuuint64_t>(heads),
                               static_cast<cuuint64_t>(tokens)};
-  const cuuint64_t strides[2] = {static_cast<cuuint64_t>(head_stride * kElem), static_cast<cuuint64_t>(row_stride * kElem)};
-  const cuuint32_t box[3] = {64, 1, static_cast<cuuint32_t>(box_rows)};
+  const cuuint64_t strides[2] = {static_cast<cuuint64_t>(head_stride * elem_bytes),
+                                 static_cast<cuuint64_t>(row_stride * elem_bytes)};
+  const cuuint32_t box[3] = {static_cast<cuuint32_t>(box_cols), 1, static_cast<cuuint32_t>(box_rows)};
   const cuuint32_t elem_strides[3] = {1, 1, 1};
-  const CUresult r = fn(map, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 3,
-                        const_cast<void*>(base), dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                        CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  if (r != CUDA_SUCCESS) {
-    *why = "cuTensorMapEncodeTiled returned error " + std::to_string(static_cast<int>(r));
-    return false;
-  }
-  return true;
-}
-
-bool encode_accum_map(CUtensorMap* map, float* base, int head_dim, int64_t tokens, int heads, int box_rows,
-                      std::string* why) {
-  if (reinterpret_cast<uintptr_t>(base) % 16 != 0) {
-    *why = "base pointer not 16-byte aligned";
-    return false;
-  }
-  if (tokens <= 0 || heads <= 0 || head_dim % 32 != 0) {
-    *why = "empty tensor or head_dim not a multiple of 32";
-    return false;
-  }
-  if (tokens > (int64_t{1} << 31) - 1) {
-    *why = "more than 2^31 - 1 tokens";
-    return false;
-  }
-  PFN_cuTensorMapEncodeTiled_v12000 fn = encode_fn(why);
-  if (fn == nullptr) return false;
-  const cuuint64_t dims[3] = {static_cast<cuuint64_t>(head_dim), static_cast<cuuint64_t>(heads),
-                              static_cast<cuuint64_t>(tokens)};
-  const cuuint64_t strides[2] = {static_cast<cuuint64_t>(head_dim) * 4, static_cast<cuuint64_t>(heads) * head_dim * 4};
-  const cuuint32_t box[3] = {32, 1, static_cast<cuuint32_t>(box_rows)};
-  const cuuint32_t elem_strides[3] = {1, 1, 1};
-  const CUresult r = fn(map, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 3, base, dims, strides, box, elem_strides,
+  const CUresult r = fn(map, dtype, 3, const_cast<void*>(base), dims, strides, box, elem_strides,
                         CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                         CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (r != CUDA_SUCCESS) {
@@ -100,6 +71,24 @@ bool encode_accum_map(CUtensorMap* map, float* base, int head_dim, int64_t token
     return false;
   }
   return true;
+}
+
+}  // namespace
+
+bool encode_token_head_map(CUtensorMap* map, const void* base, bool bf16, int head_dim, int64_t tokens, int heads,
+                           int64_t row_stride, int64_t head_stride, int box_rows, std::string* why) {
+  return encode_token_head_3d(map, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2, base,
+                              head_dim, tokens, heads, row_stride, head_stride, 64, box_rows, why);
+}
+
+bool encode_accum_map(CUtensorMap* map, float* base, int head_dim, int64_t tokens, int heads, int box_rows,
+                      std::string* why) {
+  if (head_dim % 32 != 0) {
+    *why = "head_dim not a multiple of 32";
+    return false;
+  }
+  return encode_token_head_3d(map, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4, base, head_dim, tokens, heads,
+                              static_cast<int64_t>(heads) * head_dim, head_dim, 32, box_rows, why);
 }
 
 }  // namespace sm90
