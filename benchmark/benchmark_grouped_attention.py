@@ -1275,6 +1275,29 @@ def _correctness_check(w, cfg, args, dtype, device, meta, impls, outputs, report
     report(f"Correctness (max |out - baseline|, fwd): {', '.join(parts) if parts else 'nothing to compare'}")
 
 
+def init_distributed(on_gpu: bool, master_port: str, cpu_threads: Optional[int] = None):
+    """Join the process group of a torchrun-launched benchmark (a plain ``python`` run becomes rank
+    0 of 1 on `master_port`): NCCL on the LOCAL_RANK GPU, or gloo on the CPU with `cpu_threads`
+    torch threads (None: the CPU's cores shared among the ranks). Returns the device."""
+    import torch
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=master_port)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if on_gpu:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        if cpu_threads is None:
+            cpu_threads = max(1, (os.cpu_count() or 1) // int(os.environ["WORLD_SIZE"]))
+        torch.set_num_threads(cpu_threads)
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return device
+
+
 def environment(device) -> Dict[str, str]:
     import torch
 

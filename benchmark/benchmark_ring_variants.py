@@ -264,17 +264,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return gb.EXIT_NO_GPU
     _fill_defaults(args, on_gpu)
     varlen_local_batches(args.seqlen_per_gpu)  # validates --seqlen-per-gpu before any process group
-    if "RANK" not in os.environ:  # plain `python benchmark/...`: one rank
-        os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29521")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if on_gpu:
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        torch.set_num_threads(1)  # a smoke test: idle OpenMP workers cost more than they give on tiny tensors
-        device = torch.device("cpu")
-        dist.init_process_group("gloo")
+    # On the CPU a smoke test: idle OpenMP workers cost more than they give on tiny tensors.
+    device = gb.init_distributed(on_gpu, master_port="29521", cpu_threads=1)
     rank, N = dist.get_rank(), dist.get_world_size()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     hs = heads_k_stride_for(args.num_kv_heads, args.heads_k_stride)

@@ -221,17 +221,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("error: --device cuda but no CUDA GPU is available", file=sys.stderr)
         return gb.EXIT_NO_GPU
     _fill_defaults(args, on_gpu)
-    if "RANK" not in os.environ:  # plain `python benchmark/...`: one rank
-        os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29518")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if on_gpu:
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["WORLD_SIZE"])))
-        device = torch.device("cpu")
-        dist.init_process_group("gloo")
+    device = gb.init_distributed(on_gpu, master_port="29518")
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = CONFIGS[args.config]
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
