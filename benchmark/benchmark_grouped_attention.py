@@ -731,7 +731,7 @@ def make_impls(names: Sequence[str], w: Workload, cfg: ModelConfig, meta: Meta, 
                notes: Dict[str, str]) -> Dict[str, Impl]:
     """The requested implementations that can be constructed here (others noted and dropped)."""
     impls: Dict[str, Impl] = {}
-    G, B = w.num_groups, w.batch
+    G = w.num_groups
     need_ours = [n for n in names if n in OUR_IMPLS]
     rfa = None
     if need_ours:
@@ -849,7 +849,6 @@ def make_impls(names: Sequence[str], w: Workload, cfg: ModelConfig, meta: Meta, 
 
 def _make_sdpa_impl(name: str, w: Workload, cfg: ModelConfig, head_repeat: int) -> Impl:
     """SDPA on [B, H, L, D] transposed views of the varlen tensors, one call per group."""
-    import torch
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.bias import causal_lower_right
