@@ -13,6 +13,19 @@ import time
 from typing import Callable, Dict, List
 
 import pytest
+import torch
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |x - ref| / max(1, max |ref|) in float64; inf for a shape mismatch, NaN if x has a NaN."""
+    x, ref = x.detach().double(), ref.detach().double()
+    if x.shape != ref.shape:
+        return float("inf")
+    if torch.isnan(x).any():
+        return float("nan")
+    if x.numel() == 0:
+        return 0.0
+    return (x - ref).abs().max().item() / max(1.0, ref.abs().max().item())
 
 
 def free_port() -> int:

@@ -24,6 +24,8 @@ import sys
 import pytest
 import torch
 
+from cases import cu_seqlens
+
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _BENCH_DIR = os.path.join(_ROOT, "benchmark")
 _SCRIPT = os.path.join(_BENCH_DIR, "benchmark_grouped_attention.py")
@@ -474,12 +476,6 @@ def test_plot_without_matplotlib(tmp_path, monkeypatch, capsys):
 # ---- grouped_python vs the fused kernel (CPU backend) ------------------------------------------
 
 
-def _cu(lengths):
-    out = [0]
-    for n in lengths:
-        out.append(out[-1] + n)
-    return torch.tensor(out, dtype=torch.int32)
-
 
 # (query lengths per group and sequence, key lengths, seqused per group (None = all), extra rows
 #  after the last sequence per group (q) and for K/V, Hq, Hk, causal)
@@ -505,8 +501,8 @@ def test_grouped_python_matches_fused_kernel(name):
     q_list = [torch.randn(sum(seqlens_q[g]) + extra_q[g], Hq, D, generator=gen).requires_grad_() for g in range(G)]
     k = torch.randn(total_k, Hk, D, generator=gen).requires_grad_()
     v = torch.randn(total_k, Hk, D, generator=gen).requires_grad_()
-    cu_q = [_cu(s) for s in seqlens_q]
-    cu_k = _cu(seqlens_k)
+    cu_q = [cu_seqlens(s) for s in seqlens_q]
+    cu_k = cu_seqlens(seqlens_k)
     seqused = [None if u is None else torch.tensor(u, dtype=torch.int32) for u in used]
     max_q = [max(s) for s in seqlens_q]
     args = (q_list, k, v, cu_q, cu_k, max_q, max(seqlens_k))
@@ -543,7 +539,7 @@ def test_grouped_python_single_group_and_errors():
     q = torch.randn(10, 4, 16, generator=gen)
     k = torch.randn(12, 2, 16, generator=gen)
     v = torch.randn(12, 2, 16, generator=gen)
-    cu_q, cu_k = _cu([4, 6]), _cu([5, 7])
+    cu_q, cu_k = cu_seqlens([4, 6]), cu_seqlens([5, 7])
     out, lse = _flash_attn_varlen_forward_grouped([q], k, v, [cu_q], cu_k, [6], 7)
     ref, ref_lse, _ = flash_attn_varlen_func(q, k, v, cu_q, cu_k, 6, 7, causal=True, return_attn_probs=True)
     torch.testing.assert_close(out[0], ref)
@@ -552,7 +548,7 @@ def test_grouped_python_single_group_and_errors():
     with pytest.raises(ValueError, match="cu_seqlens_q_list"):
         _flash_attn_varlen_forward_grouped([q, q], k, v, [cu_q], cu_k, [6, 6], 7)
     with pytest.raises(ValueError, match="cu_seqlens_q_list\\[0\\]"):
-        _flash_attn_varlen_forward_grouped([q], k, v, [_cu([10])], cu_k, [10], 7)
+        _flash_attn_varlen_forward_grouped([q], k, v, [cu_seqlens([10])], cu_k, [10], 7)
     with pytest.raises(ValueError, match="seqused_k_list\\[0\\]"):
         _flash_attn_varlen_forward_grouped([q], k, v, [cu_q], cu_k, [6], 7,
                                            seqused_k_list=[torch.tensor([1], dtype=torch.int32)])

@@ -9,15 +9,14 @@ kernel fails to write shows up as NaN; NaN never passes.
 
 from __future__ import annotations
 
-import math
-from typing import List, Optional, Sequence
+from typing import List
 
 import pytest
 import torch
 
+from cases import cu_seqlens
 from reference import grouped_attention_reference
 
-import ring_flash_attn
 from ring_flash_attn import flash_attn_varlen_func, grouped_flash_attn_varlen_func
 
 pytestmark = pytest.mark.gpu
@@ -32,19 +31,12 @@ def _poison_allocator(device: torch.device, numel: int = 64 << 20) -> None:
     del blob
 
 
-def _cu(lengths: Sequence[int], device) -> torch.Tensor:
-    cu = [0]
-    for n in lengths:
-        cu.append(cu[-1] + n)
-    return torch.tensor(cu, dtype=torch.int32, device=device)
-
-
 def _make(seqlens_q: List[List[int]], seqlens_k: List[int], hq: int, hk: int, d: int, dtype, device="cuda"):
     q_list = [torch.randn(sum(lq), hq, d, device=device, dtype=dtype) for lq in seqlens_q]
     k = torch.randn(sum(seqlens_k), hk, d, device=device, dtype=dtype)
     v = torch.randn(sum(seqlens_k), hk, d, device=device, dtype=dtype)
-    cu_q = [_cu(lq, device) for lq in seqlens_q]
-    cu_k = _cu(seqlens_k, device)
+    cu_q = [cu_seqlens(lq, device) for lq in seqlens_q]
+    cu_k = cu_seqlens(seqlens_k, device)
     return q_list, k, v, cu_q, cu_k
 
 
@@ -95,7 +87,7 @@ def test_grouped_vs_separate_correctness(dtype, causal, head_dim):
         [[c], [c]], seqlens_k, 16, 4, head_dim, DTYPES[dtype], causal, seqused=[[c], [4 * c]])
     for g in range(2):
         sep = flash_attn_varlen_func(q_list[g], k[: used[g][0]], v[: used[g][0]], cu_q[g],
-                                     _cu([int(used[g][0])], "cuda"), c, int(used[g][0]), causal=causal)
+                                     cu_seqlens([int(used[g][0])], "cuda"), c, int(used[g][0]), causal=causal)
         diff = (sep.float() - outs[g].float()).abs().max().item()
         assert diff == 0.0 or diff < 1e-2, f"group {g}: grouped vs separate differ by {diff}"
 
@@ -133,7 +125,7 @@ def test_custom_scale_and_strided_inputs():
     d, hq, hk = 128, 8, 2
     qkv = torch.randn(300, hq + 2 * hk, d, device="cuda", dtype=torch.bfloat16)
     q, k, v = qkv[:, :hq], qkv[:, hq:hq + hk], qkv[:, hq + hk:]
-    cu = _cu([100, 200], "cuda")
+    cu = cu_seqlens([100, 200], "cuda")
     _poison_allocator(q.device)
     out = flash_attn_varlen_func(q, k, v, cu, cu, 200, 200, softmax_scale=0.3, causal=True)
     ref32, _ = grouped_attention_reference([q.float()], k.float(), v.float(), [cu], cu, None, 0.3, True)
@@ -417,7 +409,7 @@ def test_backward_padding_rows_may_hold_nan(monkeypatch, tier):
     dout[used_q:] = float("nan")
     k = torch.randn(sum(lens_k), hk, d, device="cuda", dtype=torch.bfloat16)
     v = torch.randn(sum(lens_k), hk, d, device="cuda", dtype=torch.bfloat16)
-    cu_q, cu_k = _cu(lens_q, "cuda"), _cu(lens_k, "cuda")
+    cu_q, cu_k = cu_seqlens(lens_q, "cuda"), cu_seqlens(lens_k, "cuda")
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     outs = grouped_flash_attn_varlen_func([leaves[0]], leaves[1], leaves[2], [cu_q], cu_k, [150], 200, causal=True)
     dq, dk, dv = torch.autograd.grad(outs[0], leaves, dout)

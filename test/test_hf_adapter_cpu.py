@@ -37,6 +37,7 @@ import torch
 import ring_flash_attn as rfa
 from ring_flash_attn import hf_adapter
 from dist_harness import CachedSpawns, free_port, run_cases
+from cases import cu_seqlens
 
 _SEED = random.SystemRandom().randrange(1 << 30)
 _SPAWN_TIMEOUT_S = 180
@@ -73,12 +74,6 @@ CASES: Dict[int, List[dict]] = {
 def _transformers():
     return pytest.importorskip("transformers", reason="transformers is not installed (pip install transformers)")
 
-
-def _cu(lens) -> torch.Tensor:
-    out = [0]
-    for n in lens:
-        out.append(out[-1] + n)
-    return torch.tensor(out, dtype=torch.int32)
 
 
 def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -151,7 +146,7 @@ def _run_case(case: dict, seed: int, rank: int, world_size: int) -> Dict[str, fl
     result: Dict[str, float] = {}
     try:
         for i, lens in enumerate(case["batches"]):
-            cu = _cu(lens)
+            cu = cu_seqlens(lens)
             ids, pos, w = _batch(lens, dtype, _CONFIG["vocab_size"], gen)
             ref.zero_grad(set_to_none=True)
             model.zero_grad(set_to_none=True)
@@ -264,7 +259,7 @@ def test_single_process_matches_eager(attn, clean_adapter):
     ids, pos, w = _batch(lens, torch.float64, _CONFIG["vocab_size"], torch.Generator().manual_seed(_SEED))
     ref_logits, ref_loss = _forward_loss(ref, ids, pos, w)
     ref_loss.backward()
-    rfa.update_ring_flash_attn_params(_cu(lens), None)
+    rfa.update_ring_flash_attn_params(cu_seqlens(lens), None)
     logits, loss = _forward_loss(model, ids, pos, w)
     loss.backward()
     assert _rel(logits, ref_logits) <= _TOL["float64"]
@@ -291,9 +286,9 @@ def test_substitute_restore_and_switch(clean_adapter):
     gen = torch.Generator().manual_seed(_SEED)
     q = torch.randn(1, 12, 4, 8, generator=gen, dtype=torch.float64)
     k, v = (torch.randn(1, 12, 2, 8, generator=gen, dtype=torch.float64) for _ in range(2))
-    rfa.update_ring_flash_attn_params(_cu([5, 7]), None)
+    rfa.update_ring_flash_attn_params(cu_seqlens([5, 7]), None)
     out = fa_utils._flash_attention_forward(q, k, v, None, 12, True)
-    ref = rfa.flash_attn_varlen_func(q[0], k[0], v[0], _cu([5, 7]), _cu([5, 7]), 7, 7, causal=True)
+    ref = rfa.flash_attn_varlen_func(q[0], k[0], v[0], cu_seqlens([5, 7]), cu_seqlens([5, 7]), 7, 7, causal=True)
     assert out.shape == (1, 12, 4, 8) and _rel(out[0], ref) <= 1e-12
 
     # switched off: both entry points go to transformers' originals (recorded calls)
@@ -334,7 +329,7 @@ def test_attention_function_output_and_errors(clean_adapter):
     rfa.update_ring_flash_attn_params(torch.tensor([0, 5, 12]), None)  # int64 is accepted
     out, weights = fwd(_Attn(), q, k, v, None, scaling=0.3)
     assert weights is None and out.shape == (1, 12, 4, 8)  # [B, S, H, D]
-    cu = _cu([5, 7])
+    cu = cu_seqlens([5, 7])
     ref = rfa.flash_attn_varlen_func(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu, cu,
                                      7, 7, softmax_scale=0.3, causal=True)
     assert _rel(out[0], ref) <= 1e-12
@@ -362,7 +357,7 @@ def test_attention_function_output_and_errors(clean_adapter):
         zz(_Attn(), q, k, v, None)  # lengths 5 and 7 are odd
     rfa.update_ring_flash_attn_params([0, 4, 12], None)  # a list is accepted
     out_zz, _ = zz(_Attn(), q, k, v, None)
-    cu = _cu([4, 8])
+    cu = cu_seqlens([4, 8])
     ref_zz = rfa.flash_attn_varlen_func(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu, cu,
                                         8, 8, causal=True)
     assert _rel(out_zz[0], ref_zz) <= 1e-12

@@ -21,8 +21,9 @@ import torch
 
 import ring_flash_attn as rfa
 from ring_flash_attn import llama3
-from dist_harness import assert_case_within, CachedSpawns, NoHostReads, run_cases
+from dist_harness import assert_case_within, CachedSpawns, NoHostReads, rel_err, run_cases
 from reference import grouped_attention_reference
+from cases import cu_seqlens
 
 _SEED = random.SystemRandom().randrange(1 << 30)
 _SPAWN_TIMEOUT_S = 180
@@ -62,28 +63,12 @@ _TOL = {"float64": 1e-10, "float32": 3e-5}
 _QUANTITIES = ("out", "lse", "dq", "dk", "dv")
 
 
-def _cu(lens) -> torch.Tensor:
-    out = [0]
-    for n in lens:
-        out.append(out[-1] + n)
-    return torch.tensor(out, dtype=torch.int32)
-
-
-def _rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    x, ref = x.detach().double(), ref.detach().double()
-    if x.shape != ref.shape:
-        return float("inf")
-    if torch.isnan(x).any():
-        return float("nan")
-    if x.numel() == 0:
-        return 0.0
-    return (x - ref).abs().max().item() / max(1.0, ref.abs().max().item())
 
 
 def _run_case(case: dict, seed: int, rank: int, world_size: int) -> Dict[str, float]:
     dtype = getattr(torch, case["dtype"])
     Hq, Hk, D = case["Hq"], case["Hk"], case["D"]
-    cu = _cu(case["lens"])
+    cu = cu_seqlens(case["lens"])
     total = int(cu[-1])
     T = total // world_size
     gen = torch.Generator().manual_seed(seed)
@@ -132,11 +117,11 @@ def _run_case(case: dict, seed: int, rank: int, world_size: int) -> Dict[str, fl
     assert none is None
     assert out.dtype == dtype and lse.dtype == torch.float32 and lse.shape == (Hq, T)
     return {
-        "out": _rel_err(out, ref_out[rows]),
-        "lse": _rel_err(lse, ref_lse[:, rows]),
-        "dq": _rel_err(dq, ref_dq[rows]),
-        "dk": _rel_err(dk, ref_dk[rows]),
-        "dv": _rel_err(dv, ref_dv[rows]),
+        "out": rel_err(out, ref_out[rows]),
+        "lse": rel_err(lse, ref_lse[:, rows]),
+        "dq": rel_err(dq, ref_dq[rows]),
+        "dk": rel_err(dk, ref_dk[rows]),
+        "dv": rel_err(dv, ref_dv[rows]),
     }
 
 
@@ -176,7 +161,7 @@ def test_llama3_matches_full_attention(world_size, case, spawn_root):
 
 def test_llama3_single_process_matches_reference():
     gen = torch.Generator().manual_seed(_SEED)
-    cu = _cu([5, 7, 4])
+    cu = cu_seqlens([5, 7, 4])
     q = torch.randn(16, 4, 8, generator=gen, dtype=torch.float64, requires_grad=True)
     k = torch.randn(16, 2, 8, generator=gen, dtype=torch.float64, requires_grad=True)
     v = torch.randn(16, 2, 8, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -188,14 +173,14 @@ def test_llama3_single_process_matches_reference():
         grads = torch.autograd.grad(out, (q, k, v), dout)
         (ref_out,), (ref_lse,) = grouped_attention_reference([q], k, v, [cu], cu, None, None, causal)
         ref_grads = torch.autograd.grad(ref_out, (q, k, v), dout)
-        assert _rel_err(out, ref_out) <= 1e-10
-        assert _rel_err(lse, ref_lse) <= 1e-10
+        assert rel_err(out, ref_out) <= 1e-10
+        assert rel_err(lse, ref_lse) <= 1e-10
         for g, rg in zip(grads, ref_grads):
-            assert _rel_err(g, rg) <= 1e-10
+            assert rel_err(g, rg) <= 1e-10
 
 
 def _args(**over):
-    cu = _cu([6, 10])
+    cu = cu_seqlens([6, 10])
     a = dict(q=torch.randn(16, 4, 8, dtype=torch.float64), k=torch.randn(16, 2, 8, dtype=torch.float64),
              v=torch.randn(16, 2, 8, dtype=torch.float64), cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=10,
              max_seqlen_k=10, heads_k_stride=1, local_k_slice=slice(0, 16))
@@ -208,8 +193,8 @@ def _args(**over):
     (dict(alibi_slopes=torch.zeros(4)), NotImplementedError, r"alibi_slopes"),
     (dict(dropout_p=0.1), NotImplementedError, r"dropout_p"),
     (dict(heads_k_stride=3), ValueError, r"heads_k_stride: expected a divisor of the KV heads of k \(2\), got 3"),
-    (dict(cu_seqlens_k=_cu([6, 10]).long()), ValueError, r"cu_seqlens_k: expected dtype torch.int32"),
-    (dict(cu_seqlens_q=_cu([16])), ValueError, r"cu_seqlens_q: expected 3 entries"),
+    (dict(cu_seqlens_k=cu_seqlens([6, 10]).long()), ValueError, r"cu_seqlens_k: expected dtype torch.int32"),
+    (dict(cu_seqlens_q=cu_seqlens([16])), ValueError, r"cu_seqlens_q: expected 3 entries"),
     (dict(k=torch.randn(16, 2, 8)), ValueError, r"k: expected dtype torch.float64"),
     (dict(k=torch.randn(14, 2, 8, dtype=torch.float64), v=torch.randn(14, 2, 8, dtype=torch.float64)),
      ValueError, r"k: expected 16 local tokens"),
@@ -217,7 +202,7 @@ def _args(**over):
     (dict(max_seqlen_q=torch.tensor(10)), ValueError, r"max_seqlen_q: expected a Python int"),
     (dict(local_k_slice=(0, 16)), ValueError, r"local_k_slice: expected a slice"),
     (dict(local_k_slice=slice(0, 16, 2)), ValueError, r"local_k_slice: expected a step of 1"),
-    (dict(cu_seqlens_q=_cu([6, 8])), ValueError, r"cu_seqlens_q: expected the last entry to be 16"),
+    (dict(cu_seqlens_q=cu_seqlens([6, 8])), ValueError, r"cu_seqlens_q: expected the last entry to be 16"),
     (dict(local_k_slice=slice(0, 12)), ValueError, r"cu_seqlens_k: expected the last entry to be <= 12"),
 ])
 def test_llama3_errors(over, exc, pattern):

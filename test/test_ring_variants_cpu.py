@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import ring_flash_attn as rfa
-from dist_harness import assert_case_within, CachedSpawns, run_cases
+from dist_harness import assert_case_within, CachedSpawns, rel_err, run_cases
 from reference import grouped_attention_reference
 
 _SEED = random.SystemRandom().randrange(1 << 30)
@@ -94,14 +94,6 @@ def _layout_index(layout: str, r: int, N: int, L: int) -> torch.Tensor:
         return torch.cat([torch.arange(r * c, (r + 1) * c), torch.arange((2 * N - 1 - r) * c, (2 * N - r) * c)])
     return torch.arange(L) * N + r  # stripe
 
-
-def _rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    x, ref = x.detach().double(), ref.detach().double()
-    if x.shape != ref.shape:
-        return float("inf")
-    if torch.isnan(x).any():
-        return float("nan")
-    return (x - ref).abs().max().item() / max(1.0, ref.abs().max().item())
 
 
 def _reference(q, k, v, dout, scale, causal):
@@ -184,11 +176,11 @@ def _run_varlen_case(case: dict, seed: int, rank: int, world_size: int) -> Dict[
     assert none is None
     assert out.dtype == dtype and lse.dtype == torch.float32 and lse.shape == (Hq, q.shape[0])
     return {
-        "out": _rel_err(out, shard(ref_out)),
-        "lse": _rel_err(lse, shard(ref_lse, 1)),
-        "dq": _rel_err(dq, shard(ref_dq)),
-        "dk": _rel_err(dk, shard(ref_dk)),
-        "dv": _rel_err(dv, shard(ref_dv)),
+        "out": rel_err(out, shard(ref_out)),
+        "lse": rel_err(lse, shard(ref_lse, 1)),
+        "dq": rel_err(dq, shard(ref_dq)),
+        "dk": rel_err(dk, shard(ref_dk)),
+        "dv": rel_err(dv, shard(ref_dv)),
     }
 
 
@@ -240,11 +232,11 @@ def _run_case(case: dict, seed: int, rank: int, world_size: int) -> Dict[str, fl
     assert dq.dtype == dtype and dk.dtype == dtype and dv.dtype == dtype
     ref_out, ref_lse, ref_dq, ref_dk, ref_dv = ref
     return {
-        "out": _rel_err(out, shard(ref_out)),
-        "lse": _rel_err(lse, shard(ref_lse, 2)),
-        "dq": _rel_err(dq, shard(ref_dq)),
-        "dk": _rel_err(dk, shard(ref_dk)),
-        "dv": _rel_err(dv, shard(ref_dv)),
+        "out": rel_err(out, shard(ref_out)),
+        "lse": rel_err(lse, shard(ref_lse, 2)),
+        "dq": rel_err(dq, shard(ref_dq)),
+        "dk": rel_err(dk, shard(ref_dk)),
+        "dv": rel_err(dv, shard(ref_dv)),
     }
 
 
@@ -368,7 +360,7 @@ def test_single_process_matches_full_attention(layout, causal):
     grads = torch.autograd.grad(out, (q, k, v), dout)
     assert none is None
     for name, x, r in zip(_QUANTITIES, (out, lse) + grads, ref):
-        assert _rel_err(x, r) <= 1e-12, name
+        assert rel_err(x, r) <= 1e-12, name
 
 
 @pytest.mark.parametrize("layout", ["ring", "zigzag", "stripe"])
@@ -416,7 +408,7 @@ def test_single_process_varlen_matches_full_attention(layout, causal):
     grads = torch.autograd.grad(out, (q, k, v), dout)
     assert none is None
     for name, x, r in zip(_QUANTITIES, (out, lse) + grads, (ref, ref_lse) + ref_grads):
-        assert _rel_err(x, r) <= 1e-12, name
+        assert rel_err(x, r) <= 1e-12, name
 
 
 @pytest.mark.parametrize("layout", ["ring", "zigzag"])
@@ -480,6 +472,6 @@ def test_single_process_accepts_any_kv_layout_in_backward(layout):
     q, k, v = (t.requires_grad_(True) for t in (q, k, v))
     out = _VARLEN_FUNCS[layout][0](q, k, v, cu, 6, causal=True)
     grads = torch.autograd.grad(out, (q, k, v), dout)
-    assert _rel_err(out, ref) <= 1e-12
+    assert rel_err(out, ref) <= 1e-12
     for name, x, r in zip(("dq", "dk", "dv"), grads, ref_grads):
-        assert _rel_err(x, r) <= 1e-12, name
+        assert rel_err(x, r) <= 1e-12, name

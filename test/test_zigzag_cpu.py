@@ -30,8 +30,9 @@ import torch
 import ring_flash_attn as rfa
 from ring_flash_attn import zigzag_llama3
 from ring_flash_attn import zigzag_utils as zu
-from dist_harness import assert_case_within, CachedSpawns, free_port, NoHostReads, run_cases
+from dist_harness import assert_case_within, CachedSpawns, free_port, NoHostReads, rel_err, run_cases
 from reference import grouped_attention_reference
+from cases import cu_seqlens
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _SEED = random.SystemRandom().randrange(1 << 30)
@@ -98,28 +99,12 @@ def _impl_flags(impl: str) -> dict:
     }[impl]
 
 
-def _cu(lens) -> torch.Tensor:
-    out = [0]
-    for n in lens:
-        out.append(out[-1] + n)
-    return torch.tensor(out, dtype=torch.int32)
-
-
-def _rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    x, ref = x.detach().double(), ref.detach().double()
-    if x.shape != ref.shape:
-        return float("inf")
-    if torch.isnan(x).any():
-        return float("nan")
-    if x.numel() == 0:
-        return 0.0
-    return (x - ref).abs().max().item() / max(1.0, ref.abs().max().item())
 
 
 def _run_case(case: dict, seed: int, rank: int, world_size: int) -> Dict[str, float]:
     dtype = getattr(torch, case["dtype"])
     Hq, Hk, D = case["Hq"], case["Hk"], case["D"]
-    cu = _cu(case["lens"])
+    cu = cu_seqlens(case["lens"])
     total = int(cu[-1])
     gen = torch.Generator().manual_seed(seed)
     q_full, dout_full = (torch.randn(total, Hq, D, generator=gen, dtype=torch.float64) for _ in range(2))
@@ -166,12 +151,12 @@ def _run_case(case: dict, seed: int, rank: int, world_size: int) -> Dict[str, fl
     assert out.dtype == dtype and lse.dtype == torch.float32
     gathered = rfa.zigzag_gather(out.detach(), cu)
     return {
-        "out": _rel_err(out, shard(ref_out)),
-        "lse": _rel_err(lse, shard(ref_lse.t()).t()),
-        "dq": _rel_err(dq, shard(ref_dq)),
-        "dk": _rel_err(dk, shard(ref_dk)),
-        "dv": _rel_err(dv, shard(ref_dv)),
-        "gathered_out": _rel_err(gathered, ref_out),
+        "out": rel_err(out, shard(ref_out)),
+        "lse": rel_err(lse, shard(ref_lse.t()).t()),
+        "dq": rel_err(dq, shard(ref_dq)),
+        "dk": rel_err(dk, shard(ref_dk)),
+        "dv": rel_err(dv, shard(ref_dv)),
+        "gathered_out": rel_err(gathered, ref_out),
     }
 
 
@@ -182,7 +167,7 @@ def _error_checks(rank: int, world_size: int) -> Dict[str, str]:
 
     N = world_size
     lens = [4 * N, 2 * N]
-    cu = _cu(lens)
+    cu = cu_seqlens(lens)
     T = int(cu[-1]) // N
     q = torch.randn(T, 4, 8, dtype=torch.float64)
     k = torch.randn(T, 2, 8, dtype=torch.float64)
@@ -193,7 +178,7 @@ def _error_checks(rank: int, world_size: int) -> Dict[str, str]:
         return rfa.zigzag_llama3_flash_attn_varlen_func(q, k, v, cu_q, cu_k, 4 * N, 4 * N, hs, None,
                                                         use_fused_kernel=True)
 
-    bad_len = _cu([4 * N + N, 2 * N - N])  # total unchanged, first length not a multiple of 2N
+    bad_len = cu_seqlens([4 * N + N, 2 * N - N])  # total unchanged, first length not a multiple of 2N
     checks = {
         "length-not-multiple-of-2N": (lambda: call(cu_q=torch.div(bad_len, N, rounding_mode="floor").to(torch.int32),
                                                    cu_k=bad_len),
@@ -265,7 +250,7 @@ def _order_check(rank: int, world_size: int) -> List[str]:
     rfa_ops.bwd_into = wrap_kernel(saved[3], "bwd")
     try:
         N = world_size
-        cu = _cu([4 * N, 2 * N])
+        cu = cu_seqlens([4 * N, 2 * N])
         T = int(cu[-1]) // N
         q = torch.randn(T, 3, 8, dtype=torch.float64, requires_grad=True)
         k = torch.randn(T, 3, 8, dtype=torch.float64, requires_grad=True)
@@ -349,7 +334,7 @@ def _random_lengths(rng: random.Random, world_size: int, batch: int) -> List[int
 def test_shard_unshard_round_trip(world_size):
     rng = random.Random(_SEED + world_size)
     lens = _random_lengths(rng, world_size, 4) + [2 * world_size]
-    cu = _cu(lens)
+    cu = cu_seqlens(lens)
     total = int(cu[-1])
     x = torch.randn(total, 3, 2, dtype=torch.float64)
     shards = [zu.zigzag_shard(x, cu, r, world_size) for r in range(world_size)]
@@ -382,7 +367,7 @@ def test_shard_rejects_bad_lengths():
 @pytest.mark.parametrize("world_size", [1, 2, 4, 8])
 def test_zigzag_prepare_cu_seqlens(world_size):
     lens = [2 * world_size * m for m in (3, 1, 5)]
-    cu = _cu(lens)
+    cu = cu_seqlens(lens)
     cu_q, cu_k, max_q, max_k, local_k_slice = rfa.zigzag_llama3_prepare_cu_seqlens(cu, True, 0, world_size)
     assert cu_q.dtype == torch.int32 and cu_k.dtype == torch.int32
     assert cu_q.tolist() == [x // world_size for x in cu.tolist()]
@@ -394,7 +379,7 @@ def test_zigzag_prepare_cu_seqlens(world_size):
         1000 // world_size, 1000)
     if world_size > 1:
         with pytest.raises(ValueError, match=r"cu_seqlens: sequence 0 has length"):
-            rfa.zigzag_llama3_prepare_cu_seqlens(_cu([world_size] + lens), True, 0, world_size)
+            rfa.zigzag_llama3_prepare_cu_seqlens(cu_seqlens([world_size] + lens), True, 0, world_size)
 
 
 def _llama3_brute_force(cu: List[int], causal: bool, rank: int, world_size: int):
@@ -417,7 +402,7 @@ def test_llama3_prepare_cu_seqlens_matches_brute_force(causal):
         lens = [rng.randrange(1, 12) for _ in range(rng.randrange(1, 6))]
         pad = (-sum(lens)) % world_size
         lens[-1] += pad
-        cu = _cu(lens).tolist()
+        cu = cu_seqlens(lens).tolist()
         for rank in range(world_size):
             cu_q, cu_k, max_q, max_k, sl = rfa.llama3_flash_attn_prepare_cu_seqlens(
                 torch.tensor(cu, dtype=torch.int32), causal, rank, world_size)
@@ -441,7 +426,7 @@ def test_single_process_matches_full_attention(impl):
         pytest.skip("a default process group is initialised in this process")
     gen = torch.Generator().manual_seed(_SEED)
     lens = [6, 2, 10]
-    cu = _cu(lens)
+    cu = cu_seqlens(lens)
     q = torch.randn(18, 4, 16, generator=gen, dtype=torch.float64, requires_grad=True)
     k = torch.randn(18, 2, 16, generator=gen, dtype=torch.float64, requires_grad=True)
     v = torch.randn(18, 2, 16, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -451,9 +436,9 @@ def test_single_process_matches_full_attention(impl):
     (ref,), (ref_lse,) = grouped_attention_reference([q], k, v, [cu], cu, None, None, True)
     grads = torch.autograd.grad(out, (q, k, v), dout)
     ref_grads = torch.autograd.grad(ref, (q, k, v), dout)
-    assert _rel_err(out, ref) <= 1e-12 and _rel_err(lse, ref_lse) <= 1e-12
+    assert rel_err(out, ref) <= 1e-12 and rel_err(lse, ref_lse) <= 1e-12
     for name, g, rg in zip("qkv", grads, ref_grads):
-        assert _rel_err(g, rg) <= 1e-12, name
+        assert rel_err(g, rg) <= 1e-12, name
 
 
 def test_single_process_errors():
@@ -461,11 +446,11 @@ def test_single_process_errors():
         pytest.skip("a default process group is initialised in this process")
     q = torch.randn(8, 4, 8)
     k = torch.randn(8, 2, 8)
-    cu = _cu([8])
+    cu = cu_seqlens([8])
     f = rfa.zigzag_llama3_flash_attn_varlen_func
     with pytest.raises(ValueError,
                        match=r"cu_seqlens_k: sequence 0 has length 3, expected a multiple of 2 \* world_size = 2"):
-        f(q, k, k, _cu([3, 5]), _cu([3, 5]), 5, 5, 1, None)
+        f(q, k, k, cu_seqlens([3, 5]), cu_seqlens([3, 5]), 5, 5, 1, None)
     with pytest.raises(ValueError, match=r"q: expected an even number of local tokens"):
         f(q[:7], k[:7], k[:7], cu, cu, 8, 8, 1, None)
     with pytest.raises(ValueError, match=r"max_seqlen_k: expected a Python int"):
@@ -498,7 +483,7 @@ def test_single_process_no_host_reads(impl):
     the CPU backend by making every host read raise)."""
     if __import__("torch.distributed").distributed.is_initialized():
         pytest.skip("a default process group is initialised in this process")
-    cu = _cu([4, 12, 8])
+    cu = cu_seqlens([4, 12, 8])
     q = torch.randn(24, 4, 8, dtype=torch.float64, requires_grad=True)
     k = torch.randn(24, 2, 8, dtype=torch.float64, requires_grad=True)
     v = torch.randn(24, 2, 8, dtype=torch.float64, requires_grad=True)
