@@ -44,7 +44,7 @@ enum class BwdNamedBarrier : int { kKZeroed = 1, kQTailZeroed = 2, kDsWritten0 =
 
 template <typename T>
 struct BwdSmem {
-  uint32_t k, v, q, dout, ds, stats, bars;
+  uint32_t k, v, q, dout, ds, stats, dq_stages, bars;
   __device__ __forceinline__ explicit BwdSmem(uint32_t base)
       : k(base + T::kOffK),
         v(base + T::kOffV),
@@ -52,6 +52,7 @@ struct BwdSmem {
         dout(base + T::kOffDo),
         ds(base + T::kOffDs),
         stats(base + T::kOffStats),
+        dq_stages(base + T::kOffDqStage),
         bars(base + T::kOffBarriers) {}
   __device__ __forceinline__ uint32_t bar_kv() const { return bars; }
   __device__ __forceinline__ uint32_t full_q(int s) const { return bars + 8 * (1 + s); }
@@ -59,7 +60,7 @@ struct BwdSmem {
   __device__ __forceinline__ uint32_t q_stage(int s) const { return q + s * T::kQBytes; }
   __device__ __forceinline__ uint32_t do_stage(int s) const { return dout + s * T::kQBytes; }
   __device__ __forceinline__ uint32_t ds_buf(int b) const { return ds + b * T::kDsBytes; }
-  __device__ __forceinline__ uint32_t dq_stage(int wg) const { return ds - T::kOffDs + T::kOffDqStage + wg * T::kDqStageBytes; }
+  __device__ __forceinline__ uint32_t dq_stage(int wg) const { return dq_stages + wg * T::kDqStageBytes; }
   __device__ __forceinline__ uint32_t lse_stage(int s) const { return stats + s * T::kStatBytes; }
   __device__ __forceinline__ uint32_t di_stage(int s) const { return stats + s * T::kStatBytes + T::kBlockM * 4; }
 };
