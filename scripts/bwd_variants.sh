@@ -3,10 +3,14 @@
 # -D knob such as RINGATTN_SM90_BWD_STAGES) and, for each, run the tier-2 smoke test under a
 # timeout (a pipeline or barrier bug hangs), the per-kernel backward times and the fwd+bwd
 # benchmark row at L=64K N=8 rank 0; a summary line per variant comes last.
-#   VARIANTS="base: stages3:-DRINGATTN_SM90_BWD_STAGES=3 dqtma:-DRINGATTN_SM90_BWD_DQ_TMA=1" bash scripts/bwd_variants.sh
-#   NCU=1 ...   also ncu's throughput / stall sections of one dK/dV launch per variant
-# Variants are name:flags, separated by spaces (flags may not contain spaces; use commas inside
-# one -D value if ever needed). Builds run in parallel (build/variant-NAME, -j16 each).
+#   VARIANTS="base: stages3:-DRINGATTN_SM90_BWD_STAGES=3" bash scripts/bwd_variants.sh
+#   VARIANTS="prev@.device/prev: new:" ...   prev built from another source tree (e.g. an older
+#       commit: mkdir -p .device/prev && git archive COMMIT | tar -x -C .device/prev; carry .device)
+#   NCU=1 ...   also ncu's throughput / stall sections of one dK/dV launch per variant, and its
+#       per-SASS-instruction source page (warp stall samples) as ncu_source_NAME.csv
+# Variants are name[@source dir]:flags, separated by spaces (flags may not contain spaces; use
+# commas inside one -D value if ever needed). Builds run in parallel (build/variant-NAME, -j16
+# each). With $OUT set (the device tool), every log ends up in $OUT/variants.tgz.
 set -uo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root" || exit 1
@@ -15,8 +19,9 @@ mkdir -p "$out"
 variants="${VARIANTS:-base:}"
 t0=$SECONDS
 for v in $variants; do
-  name="${v%%:*}" flags="${v#*:}"
-  (cmake -S . -B "build/variant-$name" -G Ninja -DCMAKE_BUILD_TYPE=Release -DRINGATTN_CUDA_ARCHS=90a \
+  name="${v%%:*}" flags="${v#*:}" src=.
+  case "$name" in *@*) src="${name#*@}" name="${name%%@*}" ;; esac
+  (cmake -S "$src" -B "build/variant-$name" -G Ninja -DCMAKE_BUILD_TYPE=Release -DRINGATTN_CUDA_ARCHS=90a \
      -DRINGATTN_BUILD_TESTS=OFF -DRINGATTN_PTXAS_VERBOSE=ON -DCMAKE_CUDA_FLAGS="$flags" >"$out/build_$name.log" 2>&1 &&
    cmake --build "build/variant-$name" -j16 >>"$out/build_$name.log" 2>&1
    echo "variant $name ($flags): build rc=$?, $(grep -cE '[1-9][0-9]* bytes spill stores' "$out/build_$name.log") kernels with spills, $(grep -c C7512 "$out/build_$name.log") wgmma-serialized") &
@@ -27,6 +32,7 @@ export PYTHONPATH="$root/python:$root/scripts" PYTHONUNBUFFERED=1
 summary=()
 for v in $variants; do
   name="${v%%:*}"
+  name="${name%%@*}"
   export RING_FLASH_ATTN_LIBRARY="$root/build/variant-$name/libringattn.so"
   [ -f "$RING_FLASH_ATTN_LIBRARY" ] || { summary+=("$name: no library (see build_$name.log)"); continue; }
   timeout 120 python3 scripts/tier2_smoke.py >"$out/smoke_$name.log" 2>&1
@@ -41,9 +47,12 @@ for v in $variants; do
     line+="; fwd+bwd $(python3 -c "import csv,sys; r=list(csv.DictReader(open(sys.argv[1]))); print(' '.join(f\"{x['time_ms']} ms {float(x['tflops']):.1f} TF\" for x in r))" "$out/bench_$name.csv" 2>/dev/null)"
     if [ "${NCU:-0}" = 1 ]; then
       timeout 180 ncu --kernel-name regex:grouped_bwd_dkdv --launch-skip 1 --launch-count 1 \
-        --section SpeedOfLight --section WarpStateStats --section SchedulerStats \
-        python3 scripts/bwd_kernel_times.py --once >"$out/ncu_$name.txt" 2>&1
-      line+="; ncu: $(grep -E 'Eligible Warps Per Scheduler|Issue Slots Busy' "$out/ncu_$name.txt" | awk '{print $1, $2, $(NF)}' | tr '\n' ' ')"
+        --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section SourceCounters \
+        -o "$out/ncu_$name" python3 scripts/bwd_kernel_times.py --once >"$out/ncu_run_$name.log" 2>&1
+      ncu -i "$out/ncu_$name.ncu-rep" >"$out/ncu_$name.txt" 2>&1
+      ncu -i "$out/ncu_$name.ncu-rep" --page source --csv --print-source sass >"$out/ncu_source_$name.csv" 2>&1
+      line+="; ncu: $(grep -E 'Issue Slots Busy|Eligible Warps Per Scheduler|No Eligible|Compute \(SM\) Throughput' "$out/ncu_$name.txt" |
+        sed -E 's/ +/ /g; s/^ //' | tr '\n' ';')"
     fi
   else
     grep -E '^FAIL' "$out/smoke_$name.log" | head -5
@@ -51,3 +60,8 @@ for v in $variants; do
   summary+=("$line")
 done
 printf '%s\n' "${summary[@]}"
+if [ -n "${OUT:-}" ] && [ "$out" != "$OUT" ]; then
+  (cd "$out" && tar czf "$OUT/variants.tgz" --exclude='*.ncu-rep' . 2>/dev/null)
+elif [ -n "${OUT:-}" ]; then
+  (cd "$out" && tar czf variants.tgz --exclude='*.ncu-rep' --exclude=variants.tgz $(ls | grep -v variants.tgz) && ls | grep -v '^variants.tgz$' | xargs rm -f)
+fi

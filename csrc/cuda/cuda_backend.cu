@@ -656,7 +656,6 @@ ringattn_status grouped_bwd(const ringattn_bwd_params& p) {
 #ifdef RINGATTN_SM90_TIER
   if (e90 != nullptr) {
     kp90.base = kp;
-#if RINGATTN_SM90_BWD_DQ_TMA
     if (kp.accumulate_dq) {
       for (int g = 0; g < pr.num_groups; ++g) {
         std::string why;
@@ -667,7 +666,6 @@ ringattn_status grouped_bwd(const ringattn_bwd_params& p) {
                        g, why.c_str());
       }
     }
-#endif
     if ((err = e90->launch(kp90, static_cast<int>(dkdv_ctas), stream)) != cudaSuccess)
       return cuda_fail(err, "launching the grouped backward dK/dV kernel (tier 2, sm90a)");
   } else

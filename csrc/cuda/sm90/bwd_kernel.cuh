@@ -11,8 +11,9 @@
 //     dS^T = P^T (dP^T - Di) with masked entries exactly 0; dV += P^T dO and dK += dS^T Q (wgmma,
 //     P^T/dS^T from registers, dO/Q transposed); dS^T to shared memory. dQ = dS K over all 128
 //     keys is computed by the consumers in turn (tile t by consumer wg = t & 1, all head-dim
-//     columns, once the other has written its dS^T half) and added to the group's fp32 dq_accum
-//     with vector atomics; the other warpgroup goes on to the next tile without waiting, so the
+//     columns, once the other has written its dS^T half), staged in fp32 in shared memory and added
+//     to the group's dq_accum by TMA reduce-add (one bulk operation per 64 x 32 box, issued by one
+//     thread); the other warpgroup goes on to the next tile without waiting, so the
 //     two are not held in lock step (skipped in deterministic mode, where the tier-1 dQ kernel
 //     computes dQ).
 // Keys past the sequence are masked; their K rows are zeroed once (dQ reads K); query rows past
@@ -122,7 +123,9 @@ __global__ void __launch_bounds__(T::kThreads, 1)
   }
   __syncthreads();
 
-  const int warpgroup = tid / 128;
+  // Broadcast from lane 0 so the compiler knows it is warp-uniform: descriptors and addresses
+  // derived from it stay in uniform registers instead of being rebuilt per thread.
+  const int warpgroup = __shfl_sync(0xffffffffu, tid / 128, 0);
   if (warpgroup == 0) {
     // ---------------- producer (warp 0) ----------------
     ptx::setmaxnreg_dec<T::kProducerRegs>();
@@ -196,15 +199,18 @@ __global__ void __launch_bounds__(T::kThreads, 1)
       ptx::named_barrier_sync(static_cast<int>(BwdNamedBarrier::kKZeroed), 256);
     }
 
-    // Descriptors (see fwd_kernel.cuh for the layouts).
-    auto kv_a_desc = [&](uint32_t tile, int kk) {  // K or V rows of this warpgroup as the K-major A operand
-      return ptx::smem_desc_sw128(tile + (kk / 4) * T::kKVColBlockBytes + wg * 64 * 128 + (kk % 4) * 32, 16, 1024);
+    // Descriptors (see fwd_kernel.cuh for the layouts): one per operand tile, advanced by
+    // constant byte offsets per k step.
+    const uint64_t k_a_desc0 = ptx::smem_desc_sw128(sm.k + wg * 64 * 128, 16, 1024);
+    const uint64_t v_a_desc0 = ptx::smem_desc_sw128(sm.v + wg * 64 * 128, 16, 1024);
+    auto kv_a_desc = [&](uint64_t desc0, int kk) {  // K or V rows of this warpgroup as the K-major A operand
+      return ptx::desc_advance(desc0, (kk / 4) * T::kKVColBlockBytes + (kk % 4) * 32);
     };
-    auto qdo_b_desc = [&](uint32_t tile, int kk) {  // Q or dO as the K-major B operand (N = queries)
-      return ptx::smem_desc_sw128(tile + (kk / 4) * T::kQColBlockBytes + (kk % 4) * 32, 16, 1024);
+    auto qdo_b_desc = [&](uint64_t desc0, int kk) {  // Q or dO as the K-major B operand (N = queries); desc0: (tile, 16, 1024)
+      return ptx::desc_advance(desc0, (kk / 4) * T::kQColBlockBytes + (kk % 4) * 32);
     };
-    auto qdo_bt_desc = [&](uint32_t tile, int kk) {  // Q or dO as the MN-major B operand (K = queries, N = head dim)
-      return ptx::smem_desc_sw128(tile + kk * 2048, T::kQColBlockBytes, 1024);
+    auto qdo_bt_desc = [&](uint64_t desc0, int kk) {  // Q or dO as the MN-major B operand (K = queries, N = head dim); desc0: (tile, kQColBlockBytes, 1024)
+      return ptx::desc_advance(desc0, kk * 2048);
     };
 
     // dS^T rows of this thread's keys into a 128-byte swizzled [keys][64 queries] tile.
@@ -219,19 +225,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
                         r == 0 ? dsfrag[nt / 2][(nt & 1) * 2] : dsfrag[nt / 2][(nt & 1) * 2 + 1]);
         }
     };
-    // Adds a warpgroup's dQ accumulator (64 query rows x kTiles * 8 head-dim columns from col_base)
-    // to dq_accum: rows = this warp's 16 queries; lanes t, t^1 swap a pair so each adds 4
-    // consecutive floats (see the tier-1 kernel).
-    auto add_dq = [&](const auto& dq, const BwdGroupArgs& g, const Cursor& c, int head, int row0, int col_base) {
-      const int row_a = row0 + warp_in_wg * 16 + (lane >> 2);
-      float* dq_row_a = g.dq_accum + ((static_cast<int64_t>(c.q_start) + row_a) * p.num_heads_q + head) * kHeadDim +
-                        col_base + qcol;
-      sm80::bwd::red_add_fragments(dq, dq_row_a, static_cast<int64_t>(8) * p.num_heads_q * kHeadDim,
-                                   row_a < c.seqlen_q, row_a + 8 < c.seqlen_q, lane);
-    };
-
-#if RINGATTN_SM90_BWD_DQ_TMA
-    // RINGATTN_SM90_BWD_DQ_TMA: writes one column part (kTiles * 8 columns from h * kTiles * 8) of
+    // Writes one column part (kTiles * 8 columns from h * kTiles * 8) of
     // this warpgroup's dQ tile into its fp32 staging boxes ([64 rows][32 floats], 128-byte
     // swizzle; rows past the sequence as 0, so the next sequence's rows get exactly +0), then one
     // thread adds the boxes to dq_accum with TMA reduce-add.
@@ -261,7 +255,6 @@ __global__ void __launch_bounds__(T::kThreads, 1)
         ptx::bulk_commit_group();
       }
     };
-#endif
 
     int num_tiles = 0;  // tiles walked, for the kDsFree drain after the loop
     for (int t = 0; cur.valid(p); ++t, ++num_tiles) {
@@ -284,42 +277,61 @@ __global__ void __launch_bounds__(T::kThreads, 1)
 
       // ---- S^T = K Q^T, dP^T = V dO^T ----
       float st[kSTiles][4], dpt[kSTiles][4];
+      const uint64_t q_b_desc0 = ptx::smem_desc_sw128(q_tile, 16, 1024);
+      const uint64_t do_b_desc0 = ptx::smem_desc_sw128(do_tile, 16, 1024);
       ptx::wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < kDSteps; ++kk)
-        ptx::Wgmma<Element, kBlockM>::ss(st, kv_a_desc(sm.k, kk), qdo_b_desc(q_tile, kk), kk > 0 ? 1 : 0);
+        ptx::Wgmma<Element, kBlockM>::ss(st, kv_a_desc(k_a_desc0, kk), qdo_b_desc(q_b_desc0, kk), kk > 0 ? 1 : 0);
       ptx::wgmma_commit_group();
       ptx::wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < kDSteps; ++kk)
-        ptx::Wgmma<Element, kBlockM>::ss(dpt, kv_a_desc(sm.v, kk), qdo_b_desc(do_tile, kk), kk > 0 ? 1 : 0);
+        ptx::Wgmma<Element, kBlockM>::ss(dpt, kv_a_desc(v_a_desc0, kk), qdo_b_desc(do_b_desc0, kk), kk > 0 ? 1 : 0);
       ptx::wgmma_commit_group();
 
       const int row0 = cur.m_block * kBlockM;
       const int causal_offset = cur.seqlen_k - cur.seqlen_q;
       const bool need_mask = key0 + kBlockN > cur.seqlen_k || row0 + kBlockM > cur.seqlen_q ||
                              (kCausal && key0 + kBlockN - 1 > row0 + causal_offset);
-      auto masked = [&](int nt, int c) {
-        const int key = key0 + key_local + ((c >> 1) << 3);
-        const int row = row0 + nt * 8 + qcol + (c & 1);
-        return key >= cur.seqlen_k || row >= cur.seqlen_q || (kCausal && key > row + causal_offset);
-      };
 
       ptx::wgmma_wait_group<1>();
 #pragma unroll
       for (int nt = 0; nt < kSTiles; ++nt)
 #pragma unroll
         for (int c = 0; c < 4; ++c) ptx::fence_operand(st[nt][c]);
+      // The mask of entry (nt, c): key row r = c >> 1 of this thread, query row0 + j with
+      // j = nt * 8 + qcol + (c & 1). Entry visible iff the key is in the sequence and
+      // lo_r <= query < seqlen_q (lo_r = key - causal_offset when causal, else 0), i.e. iff
+      // (unsigned)(j + row_bias[r]) < width[r]. Made opaque after the wait: the test depends on
+      // indices only, and the compiler would otherwise hoist it above the wgmma and run it,
+      // predicated, on every tile.
+      int row_bias[2], width[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int key = key0 + key_local + r * 8;
+        const int lo = kCausal ? key - causal_offset : 0;
+        row_bias[r] = row0 - lo;
+        width[r] = key < cur.seqlen_k ? max(cur.seqlen_q - lo, 0) : 0;
+        asm volatile("" : "+r"(row_bias[r]), "+r"(width[r]));
+      }
+      auto masked = [&](int nt, int c) {
+        return static_cast<uint32_t>(nt * 8 + qcol + (c & 1) + row_bias[c >> 1]) >= static_cast<uint32_t>(width[c >> 1]);
+      };
       // P^T = exp2(S^T * scale_log2 - LSE_log2[query]); masked entries 0.
 #pragma unroll
       for (int nt = 0; nt < kSTiles; ++nt) {
         const float2 l = ld_shared_f2(sm.lse_stage(s) + 4 * (nt * 8 + qcol));
 #pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          float pv = ptx::exp2_approx(fmaf(st[nt][c], p.softmax_scale_log2, -((c & 1) ? l.y : l.x)));
-          if (need_mask && masked(nt, c)) pv = 0.f;
-          st[nt][c] = pv;
-        }
+        for (int c = 0; c < 4; ++c)
+          st[nt][c] = ptx::exp2_approx(fmaf(st[nt][c], p.softmax_scale_log2, -((c & 1) ? l.y : l.x)));
+      }
+      if (need_mask) {
+#pragma unroll
+        for (int nt = 0; nt < kSTiles; ++nt)
+#pragma unroll
+          for (int c = 0; c < 4; ++c)
+            if (masked(nt, c)) st[nt][c] = 0.f;
       }
       ptx::wgmma_wait_group<0>();
 #pragma unroll
@@ -331,11 +343,14 @@ __global__ void __launch_bounds__(T::kThreads, 1)
       for (int nt = 0; nt < kSTiles; ++nt) {
         const float2 d = ld_shared_f2(sm.di_stage(s) + 4 * (nt * 8 + qcol));
 #pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          float ds = st[nt][c] * (dpt[nt][c] - ((c & 1) ? d.y : d.x));
-          if (need_mask && masked(nt, c)) ds = 0.f;
-          dpt[nt][c] = ds;
-        }
+        for (int c = 0; c < 4; ++c) dpt[nt][c] = st[nt][c] * (dpt[nt][c] - ((c & 1) ? d.y : d.x));
+      }
+      if (need_mask) {
+#pragma unroll
+        for (int nt = 0; nt < kSTiles; ++nt)
+#pragma unroll
+          for (int c = 0; c < 4; ++c)
+            if (masked(nt, c)) dpt[nt][c] = 0.f;
       }
       uint32_t pfrag[kQSteps][4], dsfrag[kQSteps][4];
 #pragma unroll
@@ -362,20 +377,20 @@ __global__ void __launch_bounds__(T::kThreads, 1)
         ptx::fence_proxy_async_shared();
         if (!dq_wg) ptx::named_barrier_arrive(static_cast<int>(BwdNamedBarrier::kDsWritten0) + (t & 1), 256);
       }
+      const uint64_t do_bt_desc0 = ptx::smem_desc_sw128(do_tile, T::kQColBlockBytes, 1024);
+      const uint64_t q_bt_desc0 = ptx::smem_desc_sw128(q_tile, T::kQColBlockBytes, 1024);
       ptx::wgmma_fence();
 #pragma unroll
-      for (int kk = 0; kk < kQSteps; ++kk) ptx::Wgmma<Element, kHeadDim>::rs_tb(dv, pfrag[kk], qdo_bt_desc(do_tile, kk), 1);
+      for (int kk = 0; kk < kQSteps; ++kk) ptx::Wgmma<Element, kHeadDim>::rs_tb(dv, pfrag[kk], qdo_bt_desc(do_bt_desc0, kk), 1);
 #pragma unroll
-      for (int kk = 0; kk < kQSteps; ++kk) ptx::Wgmma<Element, kHeadDim>::rs_tb(dk, dsfrag[kk], qdo_bt_desc(q_tile, kk), 1);
+      for (int kk = 0; kk < kQSteps; ++kk) ptx::Wgmma<Element, kHeadDim>::rs_tb(dk, dsfrag[kk], qdo_bt_desc(q_bt_desc0, kk), 1);
       ptx::wgmma_commit_group();
       if (dq_wg) {
         const uint32_t ds_tile = sm.ds_buf(t & 1);
         ptx::named_barrier_sync(static_cast<int>(BwdNamedBarrier::kDsWritten0) + (t & 1), 256);
-        if constexpr (T::kDqTma) {
-          // This warpgroup's staging boxes are free once its previous tile's reduce has read them.
-          if (ctid % 128 == 0) ptx::bulk_wait_group_read<0>();
-          ptx::named_barrier_sync(static_cast<int>(BwdNamedBarrier::kDqStage0) + wg, 128);
-        }
+        // This warpgroup's staging boxes are free once its previous tile's reduce has read them.
+        if (ctid % 128 == 0) ptx::bulk_wait_group_read<0>();
+        ptx::named_barrier_sync(static_cast<int>(BwdNamedBarrier::kDqStage0) + wg, 128);
         ptx::wgmma_wait_group<0>();
         __syncwarp();
         if (lane == 0) ptx::mbarrier_arrive(sm.empty_q(s));
@@ -385,17 +400,18 @@ __global__ void __launch_bounds__(T::kThreads, 1)
         constexpr int kPartTiles = kDTiles / kDqSplit;
         float dq[kDqSplit][kPartTiles][4];
         ptx::wgmma_fence();
+        const uint64_t ds_a_desc0 = ptx::smem_desc_sw128(ds_tile, T::kDsBytes, 1024);
+        const uint64_t k_b_desc0 = ptx::smem_desc_sw128(sm.k, T::kKVColBlockBytes, 1024);
 #pragma unroll
         for (int h = 0; h < kDqSplit; ++h) {
 #pragma unroll
           for (int kk = 0; kk < kBlockN / 16; ++kk) {
-            const uint64_t a = ptx::smem_desc_sw128(ds_tile + kk * 2048, T::kDsBytes, 1024);
-            const uint64_t bk = ptx::smem_desc_sw128(sm.k + h * T::kKVColBlockBytes + kk * 2048, T::kKVColBlockBytes, 1024);
+            const uint64_t a = ptx::desc_advance(ds_a_desc0, kk * 2048);
+            const uint64_t bk = ptx::desc_advance(k_b_desc0, h * T::kKVColBlockBytes + kk * 2048);
             ptx::Wgmma<Element, kPartTiles * 8>::ss_tt(dq[h], a, bk, kk > 0 ? 1 : 0);
           }
           ptx::wgmma_commit_group();
         }
-        [[maybe_unused]] const BwdGroupArgs& g = p.groups[cur.group];
         const int head = kv_head * ratio + cur.head_in_kv;
 #pragma unroll
         for (int h = 0; h < kDqSplit; ++h) {
@@ -409,11 +425,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
             for (int c = 0; c < 4; ++c) ptx::fence_operand(dq[h][i][c]);
           if (h + 1 == kDqSplit)
             ptx::named_barrier_arrive(static_cast<int>(BwdNamedBarrier::kDsFree0) + (t & 1), 256);
-#if RINGATTN_SM90_BWD_DQ_TMA
           stage_and_reduce_dq(dq[h], h, cur, head, row0);
-#else
-          add_dq(dq[h], g, cur, head, row0, h * kPartTiles * 8);
-#endif
         }
       } else {
         ptx::wgmma_wait_group<0>();
@@ -423,9 +435,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
       cur.next(p, b, key0);
     }
     // A CTA must not exit while a TMA reduce still reads its shared memory (or is unfinished).
-    if constexpr (T::kDqTma) {
-      if (p.accumulate_dq && ctid % 128 == 0) ptx::bulk_wait_group<0>();
-    }
+    if (p.accumulate_dq && ctid % 128 == 0) ptx::bulk_wait_group<0>();
     // The kDsFree arrivals of the last two tiles have no writer waiting at t + 2: consume them.
     if (p.accumulate_dq) {
       for (int t = max(num_tiles - 2, 0); t < num_tiles; ++t)

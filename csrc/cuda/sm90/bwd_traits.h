@@ -43,11 +43,10 @@ struct BwdTraits : WarpSpecialization {
   static constexpr uint32_t kOffDo = kOffQ + kStages * kQBytes;
   static constexpr uint32_t kOffDs = kOffDo + kStages * kQBytes;
   static constexpr uint32_t kOffStats = kOffDs + 2 * kDsBytes;
-  // RINGATTN_SM90_BWD_DQ_TMA: per consumer warpgroup, its dQ tile in fp32 as kHeadDim / 32 boxes
-  // of [kBlockM rows][32 floats] with the 128-byte swizzle (what the TMA reduce reads).
-  static constexpr bool kDqTma = RINGATTN_SM90_BWD_DQ_TMA != 0;
+  // dQ: per consumer warpgroup, its dQ tile in fp32 as kHeadDim / 32 boxes of [kBlockM rows][32
+  // floats] with the 128-byte swizzle, what the TMA reduce-add into dq_accum reads.
   static constexpr uint32_t kDqBoxBytes = kBlockM * 128;
-  static constexpr uint32_t kDqStageBytes = kDqTma ? (kHeadDim / 32) * kDqBoxBytes : 0;
+  static constexpr uint32_t kDqStageBytes = (kHeadDim / 32) * kDqBoxBytes;
   static constexpr uint32_t kOffDqStage = (kOffStats + kStages * kStatBytes + 1023) / 1024 * 1024;
   static constexpr uint32_t kOffBarriers = kOffDqStage + kNumConsumerWarpgroups * kDqStageBytes;
   static constexpr int kNumBarriers = 1 + 2 * kStages;  // K/V, full/empty per Q stage
@@ -58,7 +57,7 @@ struct BwdTraits : WarpSpecialization {
                 "the dQ product splits the head dim into 64-column halves of K's column blocks (64 or 128 only)");
   static_assert(kBlockM * sizeof(Element) == 128, "one dS^T row is one 128-byte swizzle row");
   static_assert(kSmemBytes <= 227 * 1024, "fits an H100's shared memory");
-  static_assert(!kDqTma || kOffDqStage % 1024 == 0, "swizzled dQ staging boxes start 1024-byte aligned");
+  static_assert(kOffDqStage % 1024 == 0, "swizzled dQ staging boxes start 1024-byte aligned");
 };
 
 template <typename Element, int kHeadDim>

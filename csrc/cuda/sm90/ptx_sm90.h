@@ -107,6 +107,14 @@ __device__ __forceinline__ uint64_t smem_desc_sw128(uint32_t smem_addr, uint32_t
   return d;
 }
 
+// A descriptor for the operand start_addr + byte_offset, from the descriptor of start_addr: the
+// start-address field is the low 14 bits (address / 16) and a shared-memory address stays below
+// 2^18, so adding byte_offset / 16 never carries out of it. One add instead of a rebuilt
+// descriptor per k step (byte_offset is a multiple of 16, usually a compile-time constant).
+__device__ __forceinline__ uint64_t desc_advance(uint64_t desc, uint32_t byte_offset) {
+  return desc + (byte_offset >> 4);
+}
+
 // ---- register reallocation between warpgroups (needs a register cap at kernel entry) ----
 template <int kRegs>
 __device__ __forceinline__ void setmaxnreg_inc() {
