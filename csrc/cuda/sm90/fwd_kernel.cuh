@@ -109,17 +109,20 @@ struct ConsumerTile {
   const SmemPlan<T>& sm;
   int wg;  // consumer warpgroup 0 or 1
 
+  // Each descriptor is the tile's base descriptor advanced by a constant per k step (one add,
+  // not a descriptor rebuilt from the address per k step).
   // Q rows [64 wg, 64 wg + 64), k-step kk: column block kk/4, 32 bytes per k-step inside it.
   __device__ __forceinline__ uint64_t q_desc(int kk) const {
-    return ptx::smem_desc_sw128(sm.q + (kk / 4) * T::kQColBlockBytes + wg * 64 * 128 + (kk % 4) * 32, 16, 1024);
+    return ptx::desc_advance(ptx::smem_desc_sw128(sm.q + wg * 64 * 128, 16, 1024),
+                             (kk / 4) * T::kQColBlockBytes + (kk % 4) * 32);
   }
   __device__ __forceinline__ uint64_t k_desc(int s, int kk) const {
-    return ptx::smem_desc_sw128(sm.k_stage(s) + (kk / 4) * T::kKVColBlockBytes + (kk % 4) * 32, 16, 1024);
+    return ptx::desc_advance(ptx::smem_desc_sw128(sm.k_stage(s), 16, 1024), (kk / 4) * T::kKVColBlockBytes + (kk % 4) * 32);
   }
   // V as the MN-major B operand of P V: k-step kk covers keys [16 kk, 16 kk + 16) (two 8-row
   // groups, 1024 bytes apart); the 64-column blocks of the head dim are kKVColBlockBytes apart.
   __device__ __forceinline__ uint64_t v_desc(int s, int kk) const {
-    return ptx::smem_desc_sw128(sm.v_stage(s) + kk * 2048, T::kKVColBlockBytes, 1024);
+    return ptx::desc_advance(ptx::smem_desc_sw128(sm.v_stage(s), T::kKVColBlockBytes, 1024), kk * 2048);
   }
 
   __device__ __forceinline__ void issue_qk(float (&s)[kNTiles][4], int stage) const {
@@ -200,7 +203,9 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __gri
   }
   __syncthreads();
 
-  const int warpgroup = tid / 128;
+  // Broadcast from lane 0 so the compiler knows it is warp-uniform (descriptors derived from it
+  // stay in uniform registers).
+  const int warpgroup = __shfl_sync(0xffffffffu, tid / 128, 0);
   if (warpgroup == 0) {
     // ---------------- producer ----------------
     ptx::setmaxnreg_dec<T::kProducerRegs>();
