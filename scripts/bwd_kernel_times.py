@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Per-kernel times of one backward call (torch profiler), on the per-rank zigzag workload
-(Llama3-8B heads, bf16, L=64K, N=8, rank 0), for the atomic-dQ and the deterministic mode of the
+(Llama3-8B heads, bf16, L=64K, N=8, rank 0), for the default (dQ in the dK/dV kernel) and the deterministic mode of the
 current tier. Kernel development only. --once: a single backward call, for running under ncu."""
 import sys
 from collections import defaultdict

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Kernel development: where the tier-2 backward's time goes, on the device. Builds head dim 128
-# for this card (-j16), prints the per-kernel times of one backward call (atomic dQ and
+# for this card (-j16), prints the per-kernel times of one backward call (default dQ and
 # deterministic) and ncu's throughput, warp-stall and memory sections of one dK/dV launch.
 #   bash scripts/bwd_profile.sh
 set -uo pipefail
