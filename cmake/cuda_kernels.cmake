@@ -87,7 +87,8 @@ if(_ringattn_tier2)
   set(_ringattn_sm90_sources csrc/cuda/sm90/tma_host.cu)
   foreach(hdim IN LISTS RINGATTN_HEAD_DIMS)
     file(GLOB _f CONFIGURE_DEPENDS ${CMAKE_CURRENT_SOURCE_DIR}/csrc/cuda/sm90/instantiations/fwd_hdim${hdim}_*.cu
-         ${CMAKE_CURRENT_SOURCE_DIR}/csrc/cuda/sm90/instantiations/bwd_hdim${hdim}_*.cu)
+         ${CMAKE_CURRENT_SOURCE_DIR}/csrc/cuda/sm90/instantiations/bwd_hdim${hdim}_*.cu
+         ${CMAKE_CURRENT_SOURCE_DIR}/csrc/cuda/sm90/instantiations/bwd_dq_hdim${hdim}_*.cu)
     list(APPEND _ringattn_sm90_sources ${_f})
   endforeach()
   add_library(ringattn_cuda_sm90 OBJECT ${_ringattn_sm90_sources})

@@ -131,6 +131,7 @@ def main():
         for d in (64, 128):
             ok &= check("sm90", d, True, torch.bfloat16, [300, 1, 129], [513, 129, 64])
             ok &= check_bwd("sm90", d, True, torch.bfloat16, [300, 1, 129], [513, 129, 64])
+        ok &= check_bwd("sm90", 128, True, torch.bfloat16, [300, 1, 129], [513, 129, 64], deterministic=True)
         ok &= check("sm90", 256, True, torch.bfloat16, [300, 1, 129], [513, 129, 64])
         print("SMOKE " + ("PASS" if ok else "FAIL"), flush=True)
         return 0 if ok else 1
@@ -149,6 +150,9 @@ def main():
             for tier in ("sm90", "sm80"):
                 ok &= check_bwd(tier, d, causal, torch.bfloat16, [300, 1, 129], [513, 129, 64])
     ok &= check_bwd("sm90", 128, True, torch.bfloat16, [1000, 77], [1000, 700], deterministic=True)
+    ok &= check_bwd("sm90", 128, False, torch.float16, [300, 1, 129], [513, 129, 64], deterministic=True)
+    ok &= check_bwd("sm90", 64, True, torch.bfloat16, [300, 1, 129], [513, 129, 64], deterministic=True)
+    ok &= check_bwd("sm90", 64, False, torch.bfloat16, [1000, 77], [1000, 700], deterministic=True)
     ok &= check_bwd("sm90", 128, True, torch.float16, [2048], [2048], hq=16, hk=4)
     print(f"checks took {time.time() - t0:.1f} s", flush=True)
     if ok:

@@ -5,11 +5,13 @@
 //   1. preprocess  (bwd_prepost.cu): Di = rowsum(dO * O), the LSE in log2 units, dq_accum = 0,
 //                  dK = dV = 0 on key rows that belong to no sequence;
 //   2. the dK/dV work list (bwd_scheduler.cu): one item per (sequence, K/V block), longest first;
-//   3. dK/dV kernel (sm80/bwd_kernel.cuh): one CTA per (K/V block, sequence, KV head), walking
-//                  every query tile of every group that sees the block; adds dQ into dq_accum
-//                  with fp32 atomics unless deterministic;
-//   4. deterministic mode only: dQ kernel (sm80/bwd_dq_kernel.cuh), one CTA per query tile,
-//                  writes dq_accum with plain stores (fixed K/V order, bit-identical runs);
+//   3. dK/dV kernel (sm80/bwd_kernel.cuh; tier 2: sm90/bwd_kernel.cuh): one CTA per (K/V block,
+//                  sequence, KV head), walking every query tile of every group that sees the
+//                  block; adds dQ into dq_accum (tier 1: fp32 atomics, tier 2: TMA reduce-add)
+//                  unless the dQ kernel runs;
+//   4. deterministic mode (and tier 1 at head dim 128): dQ kernel (sm80/bwd_dq_kernel.cuh; tier 2:
+//                  sm90/bwd_dq_kernel.cuh), one CTA per query tile, writes dq_accum with plain
+//                  stores (fixed K/V order, bit-identical runs);
 //   5. postprocess (bwd_prepost.cu): dQ = scale * dq_accum, converted to the dtype.
 #pragma once
 

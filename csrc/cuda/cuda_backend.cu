@@ -19,6 +19,7 @@
 #include "cuda/sm80/fwd_traits.h"
 #include "cuda/tile_scheduler.h"
 #ifdef RINGATTN_SM90_TIER
+#include "cuda/sm90/bwd_dq_traits.h"
 #include "cuda/sm90/bwd_params.h"
 #include "cuda/sm90/bwd_traits.h"
 #include "cuda/sm90/fwd_launch.h"
@@ -107,8 +108,8 @@ const Sm90FwdKernelEntry* find_sm90_fwd_kernel(int dtype, int head_dim, bool cau
   return find_entry(kSm90FwdKernels, dtype, head_dim, causal);
 }
 
-// The compiled tier-2 backward dK/dV kernels (dQ through their fp32 atomics; the deterministic
-// mode adds tier 1's dQ kernel).
+// The compiled tier-2 backward dK/dV kernels (dQ through TMA reduce-add into dq_accum; the
+// deterministic mode adds the tier-2 dQ kernel below).
 using Sm90BwdKernelEntry = KernelEntry<cudaError_t (*)(const sm90::BwdKernelParams&, int, cudaStream_t)>;
 
 template <typename Element, int kHeadDim, bool kCausal, int kDtype>
@@ -128,6 +129,29 @@ const Sm90BwdKernelEntry kSm90BwdKernels[] = {
 
 const Sm90BwdKernelEntry* find_sm90_bwd_kernel(int dtype, int head_dim, bool causal) {
   return find_entry(kSm90BwdKernels, dtype, head_dim, causal);
+}
+
+// The compiled tier-2 dQ kernels of the deterministic mode (block_m: query rows per CTA,
+// block_n: keys per step).
+using Sm90BwdDqKernelEntry = KernelEntry<cudaError_t (*)(const sm90::BwdDqKernelParams&, int, cudaStream_t)>;
+
+template <typename Element, int kHeadDim, bool kCausal, int kDtype>
+constexpr Sm90BwdDqKernelEntry sm90_bwd_dq_entry() {
+  using T = typename sm90::BwdDqConfig<Element, kHeadDim>::Traits;
+  return Sm90BwdDqKernelEntry{kDtype, kHeadDim, kCausal, T::kBlockM, T::kBlockN, &sm90::launch_grouped_bwd_dq<T, kCausal>};
+}
+
+const Sm90BwdDqKernelEntry kSm90BwdDqKernels[] = {
+#ifdef RINGATTN_HDIM_64
+    RINGATTN_KERNEL_ENTRIES(sm90_bwd_dq_entry, 64)
+#endif
+#ifdef RINGATTN_HDIM_128
+    RINGATTN_KERNEL_ENTRIES(sm90_bwd_dq_entry, 128)
+#endif
+    Sm90BwdDqKernelEntry{-1, 0, false, 0, 0, nullptr}};
+
+const Sm90BwdDqKernelEntry* find_sm90_bwd_dq_kernel(int dtype, int head_dim, bool causal) {
+  return find_entry(kSm90BwdDqKernels, dtype, head_dim, causal);
 }
 
 // One operand's tensor map; false with "<name>: <reason>" in *why when TMA cannot address it.
@@ -444,24 +468,25 @@ ringattn_status bwd_workspace_size(const ringattn_bwd_params& p, size_t* bytes) 
 
 #ifdef RINGATTN_SM90_TIER
 namespace {
-// Tensor maps of a tier-2 backward call; false (with the reason) when TMA cannot address an operand.
-bool encode_bwd_tensor_maps(const ringattn_bwd_params& p, const Sm90BwdKernelEntry& e, sm90::BwdKernelParams* kp,
-                            std::string* why) {
+// Q, dO, K and V tensor maps of a tier-2 backward kernel (the dK/dV or the dQ kernel), with boxes
+// of block_m query rows and block_n keys; false (with the reason) when TMA cannot address an operand.
+template <typename KernelParams>
+bool encode_bwd_tensor_maps(const ringattn_bwd_params& p, int block_m, int block_n, KernelParams* kp, std::string* why) {
   const ringattn_problem& pr = p.problem;
   for (int g = 0; g < pr.num_groups; ++g) {
     const ringattn_bwd_group& src = p.groups[g];
     if (src.total_q == 0) continue;
     const std::string prefix = "groups[" + std::to_string(g) + "].";
     if (!encode_operand_map(&kp->tma_q[g], prefix + "q", src.q, pr, src.total_q, pr.num_heads_q, src.q_row_stride,
-                            src.q_head_stride, e.block_m, why) ||
+                            src.q_head_stride, block_m, why) ||
         !encode_operand_map(&kp->tma_do[g], prefix + "dout", src.dout, pr, src.total_q, pr.num_heads_q,
-                            src.dout_row_stride, src.dout_head_stride, e.block_m, why))
+                            src.dout_row_stride, src.dout_head_stride, block_m, why))
       return false;
   }
   return encode_operand_map(&kp->tma_k, "k", p.k, pr, pr.total_k, pr.num_heads_k, p.k_row_stride, p.k_head_stride,
-                            e.block_n, why) &&
+                            block_n, why) &&
          encode_operand_map(&kp->tma_v, "v", p.v, pr, pr.total_k, pr.num_heads_k, p.v_row_stride, p.v_head_stride,
-                            e.block_n, why);
+                            block_n, why);
 }
 }  // namespace
 #endif
@@ -597,7 +622,9 @@ ringattn_status grouped_bwd(const ringattn_bwd_params& p) {
   int64_t dkdv_ctas = kv_ctas;
 #ifdef RINGATTN_SM90_TIER
   const Sm90BwdKernelEntry* e90 = nullptr;
+  const Sm90BwdDqKernelEntry* e90_dq = nullptr;  // deterministic mode only
   sm90::BwdKernelParams kp90{};
+  sm90::BwdDqKernelParams kp90_dq{};
   if (p.exec.tier != RINGATTN_TIER_SM80) {
     int cc = 0;
     if ((s = check_device(p.exec.device_index, &cc)) != RINGATTN_STATUS_OK) return s;
@@ -609,10 +636,19 @@ ringattn_status grouped_bwd(const ringattn_bwd_params& p) {
     }
     if (cand != nullptr) {
       // As in the forward: a refused tensor map is an error, not a reason to run tier 1.
-      if (!encode_bwd_tensor_maps(p, *cand, &kp90, &why))
+      if (!encode_bwd_tensor_maps(p, cand->block_m, cand->block_n, &kp90, &why))
         return failf(RINGATTN_STATUS_CUDA_ERROR, "tier 2 backward: encoding a TMA tensor map failed: %s",
                      why.c_str());
       e90 = cand;
+      if (p.deterministic != 0) {
+        e90_dq = find_sm90_bwd_dq_kernel(pr.dtype, pr.head_dim, pr.causal != 0);
+        if (e90_dq == nullptr)
+          return failf(RINGATTN_STATUS_UNSUPPORTED, "tier 2 backward: no deterministic dQ kernel compiled for head_dim %d",
+                       pr.head_dim);
+        if (!encode_bwd_tensor_maps(p, e90_dq->block_m, e90_dq->block_n, &kp90_dq, &why))
+          return failf(RINGATTN_STATUS_CUDA_ERROR, "tier 2 backward: encoding a TMA tensor map of the dQ kernel failed: %s",
+                       why.c_str());
+      }
     }
     if (e90 == nullptr && p.exec.tier == RINGATTN_TIER_SM90)
       return failf(RINGATTN_STATUS_UNSUPPORTED,
@@ -644,8 +680,23 @@ ringattn_status grouped_bwd(const ringattn_bwd_params& p) {
 
   // ---- dQ kernel (deterministic mode, and the default at some head dims): its work list ----
   SchedulerArgs q_sched{};
+  int64_t dq_ctas = q_ctas;
   if (dq_kernel) {
-    q_sched = query_tile_scheduler(p, e->dq_block_m, e->dq_block_n, layout.q_capacity, ws + layout.q_scheduler);
+    int dq_block_m = e->dq_block_m, dq_block_n = e->dq_block_n;
+    int64_t dq_capacity = layout.q_capacity;
+#ifdef RINGATTN_SM90_TIER
+    if (e90_dq != nullptr) {
+      // Its own query tiles: the work list fits the workspace sized for tier 1's (smaller) tiles.
+      static_assert(sm90::BwdDqConfig<__half, 64>::Traits::kBlockM >= sm80::BwdConfig<__half, 64>::DqTraits::kBlockM &&
+                        sm90::BwdDqConfig<__half, 128>::Traits::kBlockM >= sm80::BwdConfig<__half, 128>::DqTraits::kBlockM,
+                    "tier 2's dQ query tiles fit the work list sized for tier 1's");
+      dq_block_m = e90_dq->block_m;
+      dq_block_n = e90_dq->block_n;
+      dq_capacity = query_tile_capacity(p, dq_block_m);
+      dq_ctas = dq_capacity * pr.num_heads_q;
+    }
+#endif
+    q_sched = query_tile_scheduler(p, dq_block_m, dq_block_n, dq_capacity, ws + layout.q_scheduler);
     kp.q_items = q_sched.sorted;
     kp.q_count = q_sched.count;
   }
@@ -675,7 +726,14 @@ ringattn_status grouped_bwd(const ringattn_bwd_params& p) {
   if (dq_kernel) {
     if ((err = launch_build_work_list(q_sched, stream)) != cudaSuccess)
       return cuda_fail(err, "launching the backward dQ work-list kernel");
-    if ((err = e->dq(kp, static_cast<int>(q_ctas), stream)) != cudaSuccess)
+#ifdef RINGATTN_SM90_TIER
+    if (e90_dq != nullptr) {
+      kp90_dq.base = kp;
+      if ((err = e90_dq->launch(kp90_dq, static_cast<int>(dq_ctas), stream)) != cudaSuccess)
+        return cuda_fail(err, "launching the grouped backward dQ kernel (tier 2, sm90a)");
+    } else
+#endif
+        if ((err = e->dq(kp, static_cast<int>(dq_ctas), stream)) != cudaSuccess)
       return cuda_fail(err, "launching the grouped backward dQ kernel");
   }
   if ((err = e->postprocess(prep, stream)) != cudaSuccess) return cuda_fail(err, "launching the backward postprocess");

@@ -66,7 +66,8 @@ typedef enum {
  * sm80+ card). Every operand the API accepts on a GPU is one TMA can address (16-byte aligned
  * bases, strides in multiples of 8 elements), so a tensor map the driver still refuses is
  * reported as RINGATTN_STATUS_CUDA_ERROR, not silently run on tier 1. In the backward, tier 2
- * adds dQ with fp32 atomics; in deterministic mode tier 1's dQ kernel adds it in a fixed order.
+ * adds dQ with TMA reduce-add (fp32, order not fixed); in deterministic mode tier 2's dQ kernel
+ * computes it per query tile in a fixed order.
  * SM80 forces tier 1 (for comparison); SM90 forces tier 2 and fails with
  * RINGATTN_STATUS_UNSUPPORTED, saying why, where tier 2 has no kernel (the backward at head_dim
  * 256, total_k == 0, a card other than sm90). The GPU calls make the device's primary context

@@ -24,6 +24,20 @@ static_assert(sizeof(BwdKernelParams) <= 32764, "kernel parameters fit the 32 KB
 template <typename T, bool kCausal>
 cudaError_t launch_grouped_bwd_dkdv(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
 
+// The deterministic mode's dQ kernel (bwd_dq_kernel.cuh): the tier-1 parameters (its work list
+// in q_items / q_count) plus its own tensor maps, whose boxes follow its tile shape.
+struct BwdDqKernelParams {
+  cuda::BwdKernelParams base;
+  CUtensorMap tma_q[RINGATTN_MAX_GROUPS];   // boxes of 64 x 1 x kBlockM rows
+  CUtensorMap tma_do[RINGATTN_MAX_GROUPS];  // likewise
+  CUtensorMap tma_k;                        // boxes of 64 x 1 x kBlockN rows
+  CUtensorMap tma_v;
+};
+static_assert(sizeof(BwdDqKernelParams) <= 32764, "kernel parameters fit the 32 KB parameter space");
+
+template <typename T, bool kCausal>
+cudaError_t launch_grouped_bwd_dq(const BwdDqKernelParams& params, int num_ctas, cudaStream_t stream);
+
 }  // namespace sm90
 }  // namespace cuda
 }  // namespace ringattn

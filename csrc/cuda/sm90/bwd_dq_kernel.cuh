@@ -1,0 +1,298 @@
+// Tier-2 grouped varlen attention backward for sm90a, dQ kernel of the deterministic mode: TMA
+// loads on an mbarrier pipeline, wgmma for all three products, warp specialisation.
+//
+// One CTA owns one 128-row query tile of one (group, sequence, query head), from the forward's
+// longest-first work list built with this kernel's tile shape. It streams the K/V blocks the tile
+// sees in a fixed order (first to last) and accumulates dQ in fp32 registers; the tile is written
+// once, with plain stores, into the group's dq_accum (the postprocess scales and converts it), so
+// results are bit-identical run to run.
+//   warpgroup 0 (producer): one thread loads Q and dO once, then K and V block by block into
+//     kStages stages guarded by full/empty mbarriers.
+//   warpgroups 1, 2 (consumers): 64 query rows each. Per K/V block: S = Q K^T and dP = dO V^T
+//     (wgmma, shared-memory operands), P = exp2(S scale - LSE), dS = P (dP - Di) with masked
+//     entries exactly 0, dQ += dS K (wgmma, dS from registers, K transposed from shared memory).
+//     The dQ product of block n runs while block n+1's S and dP are issued; a stage is released
+//     once the dQ product that reads its K has completed.
+// Keys past the sequence are masked; in the block holding the sequence's last key, K rows past
+// it are zeroed in shared memory before dQ = dS K reads them (0 * garbage could be NaN). Query
+// rows past the sequence get LSE = +inf (P = 0) and are computed but not stored.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "cuda/launch.h"
+#include "cuda/ptx.h"
+#include "cuda/seqlen_info.h"
+#include "cuda/sm90/bwd_dq_traits.h"
+#include "cuda/sm90/bwd_params.h"
+#include "cuda/sm90/ptx_sm90.h"
+#include "cuda/sm90/wgmma.h"
+
+namespace ringattn {
+namespace cuda {
+namespace sm90 {
+
+// Named barriers (0 is __syncthreads).
+enum class BwdDqNamedBarrier : int { kKZeroed = 1 };
+
+template <typename T>
+struct BwdDqSmem {
+  uint32_t q, dout, k, v, bars;
+  __device__ __forceinline__ explicit BwdDqSmem(uint32_t base)
+      : q(base + T::kOffQ), dout(base + T::kOffDo), k(base + T::kOffK), v(base + T::kOffV), bars(base + T::kOffBarriers) {}
+  __device__ __forceinline__ uint32_t bar_q() const { return bars; }  // Q and dO
+  __device__ __forceinline__ uint32_t full_kv(int s) const { return bars + 8 * (1 + s); }
+  __device__ __forceinline__ uint32_t empty_kv(int s) const { return bars + 8 * (1 + T::kStages + s); }
+  __device__ __forceinline__ uint32_t k_stage(int s) const { return k + s * T::kKVBytes; }
+  __device__ __forceinline__ uint32_t v_stage(int s) const { return v + s * T::kKVBytes; }
+};
+
+template <typename T, bool kCausal>
+__global__ void __launch_bounds__(T::kThreads, 1)
+    grouped_bwd_dq_kernel(const __grid_constant__ BwdDqKernelParams params) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using Element = typename T::Element;
+  constexpr int kHeadDim = T::kHeadDim;
+  constexpr int kBlockM = T::kBlockM;
+  constexpr int kBlockN = T::kBlockN;
+  constexpr int kNTiles = kBlockN / 8;    // S / dP accumulators: n8 fragments (keys)
+  constexpr int kDTiles = kHeadDim / 8;   // dQ accumulator
+  constexpr int kKSteps = kBlockN / 16;   // k-steps of dQ = dS K (keys)
+  constexpr int kDSteps = kHeadDim / 16;  // k-steps of S and dP (head dim)
+  const cuda::BwdKernelParams& p = params.base;
+
+  const int num_heads_q = p.num_heads_q;
+  const int item_index = blockIdx.x / num_heads_q;
+  if (item_index >= *p.q_count) return;
+  const int head = blockIdx.x % num_heads_q;
+  const WorkItem item = p.q_items[item_index];
+  const int group = item.group_and_mblock & 15;
+  const int m_block = item.group_and_mblock >> 4;
+  const BwdGroupArgs& g = p.groups[group];
+  const SeqLenInfo seq(g.cu_seqlens_q, g.total_q, p.cu_seqlens_k, p.total_k, g.seqused_k, item.batch);
+  const int row0 = m_block * kBlockM;
+  if (row0 >= seq.seqlen_q) return;
+  // A tile that sees no key keeps dQ = 0 (dq_accum was zeroed by the preprocess).
+  const int n_block_max = seq.n_block_max<kBlockM, kBlockN, kCausal>(m_block);
+  if (n_block_max <= 0) return;
+  const int kv_head = head / p.q_heads_per_kv_head;
+  const int tid = threadIdx.x;
+
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  const uint32_t base = (ptx::smem_addr(smem_raw) + 1023u) & ~1023u;
+  const BwdDqSmem<T> sm(base);
+  if (tid == 0) {
+    ptx::mbarrier_init(sm.bar_q(), 1);
+#pragma unroll
+    for (int s = 0; s < T::kStages; ++s) {
+      ptx::mbarrier_init(sm.full_kv(s), 1);
+      ptx::mbarrier_init(sm.empty_kv(s), T::kConsumerWarps);
+    }
+    ptx::fence_mbarrier_init();
+  }
+  __syncthreads();
+
+  // Broadcast from lane 0 so the compiler knows it is warp-uniform (see the dK/dV kernel).
+  const int warpgroup = __shfl_sync(0xffffffffu, tid / 128, 0);
+  if (warpgroup == 0) {
+    // ---------------- producer (one thread) ----------------
+    ptx::setmaxnreg_dec<T::kProducerRegs>();
+    if (tid == 0) {
+      ptx::prefetch_tensor_map(&params.tma_q[group]);
+      ptx::prefetch_tensor_map(&params.tma_do[group]);
+      ptx::prefetch_tensor_map(&params.tma_k);
+      ptx::prefetch_tensor_map(&params.tma_v);
+      const int q_token0 = seq.q_start + row0;
+      ptx::mbarrier_arrive_expect_tx(sm.bar_q(), 2 * T::kQBytes);
+#pragma unroll
+      for (int cb = 0; cb < T::kColBlocks; ++cb) {
+        ptx::tma_load_3d(sm.q + cb * T::kQColBlockBytes, &params.tma_q[group], sm.bar_q(), cb * 64, head, q_token0);
+        ptx::tma_load_3d(sm.dout + cb * T::kQColBlockBytes, &params.tma_do[group], sm.bar_q(), cb * 64, head, q_token0);
+      }
+      for (int n = 0; n < n_block_max; ++n) {
+        const int s = n % T::kStages;
+        const int token = seq.k_start + n * kBlockN;
+        ptx::mbarrier_wait_parity(sm.empty_kv(s), ((n / T::kStages) & 1) ^ 1);
+        ptx::mbarrier_arrive_expect_tx(sm.full_kv(s), 2 * T::kKVBytes);
+#pragma unroll
+        for (int cb = 0; cb < T::kColBlocks; ++cb) {
+          ptx::tma_load_3d(sm.k_stage(s) + cb * T::kKVColBlockBytes, &params.tma_k, sm.full_kv(s), cb * 64, kv_head, token);
+          ptx::tma_load_3d(sm.v_stage(s) + cb * T::kKVColBlockBytes, &params.tma_v, sm.full_kv(s), cb * 64, kv_head, token);
+        }
+      }
+    }
+    return;
+  }
+
+  // ---------------- consumers ----------------
+  ptx::setmaxnreg_inc<T::kConsumerRegs>();
+  const int wg = warpgroup - 1;
+  const int ctid = tid - 128;  // 0 .. 255
+  const int lane = tid & 31;
+  const int warp_in_wg = (tid / 32) & 3;
+  const int my_row = row0 + wg * 64 + warp_in_wg * 16 + (lane >> 2);  // this thread's first row (+8: its second)
+  const int qcol = (lane & 3) * 2;  // this thread's first key column in an n8 fragment
+  const int causal_offset = seq.causal_offset();
+
+  // LSE (log2 units) and Di of this thread's two rows; rows past the sequence: LSE = +inf (P = 0).
+  float lse[2], di[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = my_row + 8 * r;
+    const bool ok = row < seq.seqlen_q;
+    const int64_t idx = static_cast<int64_t>(head) * g.total_q + seq.q_start + row;
+    lse[r] = ok ? g.lse_log2[idx] : INFINITY;
+    di[r] = ok ? g.di[idx] : 0.f;
+  }
+
+  float dq[kDTiles][4];
+#pragma unroll
+  for (int dt = 0; dt < kDTiles; ++dt)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) dq[dt][c] = 0.f;
+
+  // Descriptors: a base per operand tile, advanced by constant offsets per k step.
+  const uint64_t q_a_desc0 = ptx::smem_desc_sw128(sm.q + wg * 64 * 128, 16, 1024);
+  const uint64_t do_a_desc0 = ptx::smem_desc_sw128(sm.dout + wg * 64 * 128, 16, 1024);
+  auto qdo_a_desc = [&](uint64_t desc0, int kk) {  // Q or dO rows of this warpgroup as the K-major A operand
+    return ptx::desc_advance(desc0, (kk / 4) * T::kQColBlockBytes + (kk % 4) * 32);
+  };
+  auto kv_b_desc = [&](uint64_t desc0, int kk) {  // K or V as the K-major B operand (N = keys); desc0: (tile, 16, 1024)
+    return ptx::desc_advance(desc0, (kk / 4) * T::kKVColBlockBytes + (kk % 4) * 32);
+  };
+  auto k_bt_desc = [&](uint64_t desc0, int kk) {  // K as the MN-major B operand (K = keys, N = head dim); desc0: (tile, kKVColBlockBytes, 1024)
+    return ptx::desc_advance(desc0, kk * 2048);
+  };
+  auto release = [&](int s) {
+    __syncwarp();
+    if (lane == 0) ptx::mbarrier_arrive(sm.empty_kv(s));
+  };
+
+  ptx::mbarrier_wait_parity(sm.bar_q(), 0);
+  for (int n = 0; n < n_block_max; ++n) {
+    const int s = n % T::kStages;
+    ptx::mbarrier_wait_parity(sm.full_kv(s), (n / T::kStages) & 1);
+    const uint32_t k_tile = sm.k_stage(s);
+    const uint32_t v_tile = sm.v_stage(s);
+    const int col0 = n * kBlockN;
+    const int keys_valid = seq.seqlen_k - col0;
+    if (keys_valid < kBlockN) {  // both warpgroups reach this for the same block
+      ptx::zero_swizzled_rows(k_tile, T::kKVColBlockBytes, T::kColBlocks, keys_valid, kBlockN, ctid, 256);
+      ptx::fence_proxy_async_shared();
+      ptx::named_barrier_sync(static_cast<int>(BwdDqNamedBarrier::kKZeroed), 256);
+    }
+
+    // ---- S = Q K^T, dP = dO V^T (the dQ product of block n - 1 may still run) ----
+    float sacc[kNTiles][4], dpacc[kNTiles][4];
+    const uint64_t k_b_desc0 = ptx::smem_desc_sw128(k_tile, 16, 1024);
+    const uint64_t v_b_desc0 = ptx::smem_desc_sw128(v_tile, 16, 1024);
+    ptx::wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kDSteps; ++kk)
+      ptx::Wgmma<Element, kBlockN>::ss(sacc, qdo_a_desc(q_a_desc0, kk), kv_b_desc(k_b_desc0, kk), kk > 0 ? 1 : 0);
+    ptx::wgmma_commit_group();
+    ptx::wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kDSteps; ++kk)
+      ptx::Wgmma<Element, kBlockN>::ss(dpacc, qdo_a_desc(do_a_desc0, kk), kv_b_desc(v_b_desc0, kk), kk > 0 ? 1 : 0);
+    ptx::wgmma_commit_group();
+
+    ptx::wgmma_wait_group<1>();  // S(n) is in, and so is dQ(n - 1): its K stage is free
+#pragma unroll
+    for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) ptx::fence_operand(sacc[nt][c]);
+    if (n > 0) release((n - 1) % T::kStages);
+
+    // Entry (nt, c) is key col0 + j, j = nt * 8 + qcol + (c & 1), of row r = c >> 1; visible iff
+    // j < width[r] (keys past the sequence and, causal, past the row's diagonal are masked). Made
+    // opaque after the wait so the index-only test is not hoisted above the wgmma (see the dK/dV
+    // kernel); run only on blocks that need it.
+    const bool need_mask =
+        col0 + kBlockN > seq.seqlen_k || (kCausal && col0 + kBlockN - 1 > row0 + wg * 64 + causal_offset);
+    int width[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      int limit = seq.seqlen_k;
+      if (kCausal) limit = min(limit, my_row + 8 * r + causal_offset + 1);
+      width[r] = limit - col0 - qcol;
+      asm volatile("" : "+r"(width[r]));
+    }
+    auto masked = [&](int nt, int c) { return nt * 8 + (c & 1) >= width[c >> 1]; };
+
+    // P = exp2(S * scale_log2 - LSE_log2[row]); masked entries 0.
+#pragma unroll
+    for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+      for (int c = 0; c < 4; ++c)
+        sacc[nt][c] = ptx::exp2_approx(fmaf(sacc[nt][c], p.softmax_scale_log2, -lse[c >> 1]));
+    if (need_mask) {
+#pragma unroll
+      for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+        for (int c = 0; c < 4; ++c)
+          if (masked(nt, c)) sacc[nt][c] = 0.f;
+    }
+    ptx::wgmma_wait_group<0>();
+#pragma unroll
+    for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) ptx::fence_operand(dpacc[nt][c]);
+    // dS = P (dP - Di[row]); masked entries 0 (selected: dP there may be garbage).
+#pragma unroll
+    for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) dpacc[nt][c] = sacc[nt][c] * (dpacc[nt][c] - di[c >> 1]);
+    if (need_mask) {
+#pragma unroll
+      for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+        for (int c = 0; c < 4; ++c)
+          if (masked(nt, c)) dpacc[nt][c] = 0.f;
+    }
+    uint32_t dsfrag[kKSteps][4];
+#pragma unroll
+    for (int kk = 0; kk < kKSteps; ++kk) {
+      dsfrag[kk][0] = ptx::pack2<Element>(dpacc[2 * kk][0], dpacc[2 * kk][1]);
+      dsfrag[kk][1] = ptx::pack2<Element>(dpacc[2 * kk][2], dpacc[2 * kk][3]);
+      dsfrag[kk][2] = ptx::pack2<Element>(dpacc[2 * kk + 1][0], dpacc[2 * kk + 1][1]);
+      dsfrag[kk][3] = ptx::pack2<Element>(dpacc[2 * kk + 1][2], dpacc[2 * kk + 1][3]);
+    }
+
+    // ---- dQ += dS K ----
+    const uint64_t k_bt_desc0 = ptx::smem_desc_sw128(k_tile, T::kKVColBlockBytes, 1024);
+    ptx::wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kKSteps; ++kk) ptx::Wgmma<Element, kHeadDim>::rs_tb(dq, dsfrag[kk], k_bt_desc(k_bt_desc0, kk), 1);
+    ptx::wgmma_commit_group();
+  }
+  ptx::wgmma_wait_group<0>();
+#pragma unroll
+  for (int dt = 0; dt < kDTiles; ++dt)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) ptx::fence_operand(dq[dt][c]);
+
+  // ---- epilogue: unscaled fp32 dQ into dq_accum, rows in the sequence, 8-byte stores ----
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = my_row + 8 * r;
+    if (row >= seq.seqlen_q) continue;
+    float* dst = g.dq_accum + ((static_cast<int64_t>(seq.q_start) + row) * num_heads_q + head) * kHeadDim + qcol;
+#pragma unroll
+    for (int dt = 0; dt < kDTiles; ++dt)
+      *reinterpret_cast<float2*>(dst + dt * 8) = make_float2(dq[dt][2 * r], dq[dt][2 * r + 1]);
+  }
+#endif
+}
+
+template <typename T, bool kCausal>
+cudaError_t launch_grouped_bwd_dq(const BwdDqKernelParams& params, int num_ctas, cudaStream_t stream) {
+  return launch_with_smem(&grouped_bwd_dq_kernel<T, kCausal>, num_ctas, T::kThreads, T::kSmemBytes, stream, params);
+}
+
+}  // namespace sm90
+}  // namespace cuda
+}  // namespace ringattn
