@@ -394,6 +394,51 @@ def test_tier2_backward_long_sequence_fp16(monkeypatch):
     _backward_case([[2048, 1000]], [2048, 3000], 8, 2, 128, torch.float16, True)
 
 
+@pytest.mark.parametrize("deterministic", [False, True], ids=["dq_in_dkdv", "deterministic"])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("tier", ["auto", "sm80"])
+def test_backward_keys_past_seqused_may_hold_nan(monkeypatch, tier, head_dim, deterministic):
+    """Keys in [seqused_k, sequence end) (an unused KV-cache tail) and after the last sequence may
+    hold NaN: no query sees them, so they must reach no gradient (dQ = dS K and dS = P (dP - Di)
+    would turn a masked 0 into NaN if those K/V rows were read). Two groups with different
+    seqused_k: keys one group uses and the other does not are real data."""
+    monkeypatch.setenv("RING_FLASH_ATTN_TIER", tier)
+    torch.manual_seed(43 + head_dim)
+    hq, hk, dtype = 8, 2, torch.bfloat16
+    lens_q = [[300, 1, 129, 50], [64, 200, 7, 70]]
+    lens_k = [513, 129, 64, 70]
+    used = [[400, 0, 60, 69], [300, 129, 1, 20]]
+    used_k = sum(lens_k)
+    q_list = [torch.randn(sum(l), hq, head_dim, device="cuda", dtype=dtype) for l in lens_q]
+    douts = [torch.randn_like(q) for q in q_list]
+    k = torch.randn(used_k + 9, hk, head_dim, device="cuda", dtype=dtype)
+    v = torch.randn_like(k)
+    cu_q = [cu_seqlens(l, "cuda") for l in lens_q]
+    cu_k = cu_seqlens(lens_k, "cuda")
+    seqused = [torch.tensor(u, dtype=torch.int32, device="cuda") for u in used]
+    k_clean, v_clean = k.clone(), v.clone()
+    for b in range(len(lens_k)):  # keys no group uses: NaN
+        first_unused = int(cu_k[b]) + max(u[b] for u in used)
+        k[first_unused:int(cu_k[b + 1])] = float("nan")
+        v[first_unused:int(cu_k[b + 1])] = float("nan")
+    k[used_k:] = float("nan")
+    v[used_k:] = float("nan")
+    leaves = [t.clone().requires_grad_() for t in (*q_list, k, v)]
+    outs = grouped_flash_attn_varlen_func(leaves[:2], leaves[2], leaves[3], cu_q, cu_k,
+                                          [max(l) for l in lens_q], max(lens_k), seqused_k_list=seqused,
+                                          causal=True, deterministic=deterministic)
+    got = torch.autograd.grad(outs, leaves, douts)
+
+    def reference(cast):
+        xs = [t.to(cast).requires_grad_() for t in (*q_list, k_clean, v_clean)]
+        o, _ = grouped_attention_reference(xs[:2], xs[2], xs[3], cu_q, cu_k, seqused, None, True)
+        return torch.autograd.grad(o, xs, [d.to(cast) for d in douts])
+
+    r32, rlp = reference(torch.float32), reference(dtype)
+    for name, a, b32, blp in zip(("dq[0]", "dq[1]", "dk", "dv"), got, r32, rlp):
+        _check(name, a, b32, blp)
+
+
 @pytest.mark.parametrize("tier", ["auto", "sm80"])
 def test_backward_padding_rows_may_hold_nan(monkeypatch, tier):
     """Query rows after the last sequence (cu_seqlens_q[B] < total_q) may hold NaN in q and dout:

@@ -7,6 +7,20 @@
 namespace ringattn {
 namespace cuda {
 
+// Keys of sequence b that some group with queries uses (seqused_k applied): no query of any
+// group sees a key at or past it. The dK/dV kernels keep K/V rows only below it (zeros past it),
+// since the keys past seqused_k may hold anything, NaN included, and a masked dS = 0 times a NaN
+// row of K (dQ = dS K) or of V (dP, tier 1) would still be NaN.
+__device__ __forceinline__ int32_t keys_used_by_any_group(const BwdKernelParams& p, int b) {
+  int32_t used = 0;
+  for (int g = 0; g < p.num_groups; ++g) {
+    const BwdGroupArgs& gr = p.groups[g];
+    const SeqLenInfo seq(gr.cu_seqlens_q, gr.total_q, p.cu_seqlens_k, p.total_k, gr.seqused_k, b);
+    if (seq.seqlen_q > 0 && seq.seqlen_k > used) used = seq.seqlen_k;
+  }
+  return used;
+}
+
 // Walks the (group, query head, query tile) triples that see keys [key0, key0 + kBlockN) of
 // sequence b: groups outermost, then the query heads of the KV head, then the tiles.
 template <int kBlockM, bool kCausal>

@@ -154,8 +154,10 @@ __global__ void __launch_bounds__(T::kThreads, bwd_min_blocks_per_sm<T>())
   QueryTileCursor<kBlockM, kCausal> cur;
   cur.start(params, b, key0);
   if (cur.valid(params)) {
-    bwd::load_rows<Element, kHeadDim, kBlockN, kThreads>(sK, k_blk, params.k_row_stride, keys_valid, tid);
-    bwd::load_rows<Element, kHeadDim, kBlockN, kThreads>(sV, v_blk, params.v_row_stride, keys_valid, tid);
+    // K/V rows some group uses; zeros past them (keys past seqused_k may hold NaN).
+    const int keys_loaded = max(0, min(keys_valid, keys_used_by_any_group(params, b) - key0));
+    bwd::load_rows<Element, kHeadDim, kBlockN, kThreads>(sK, k_blk, params.k_row_stride, keys_loaded, tid);
+    bwd::load_rows<Element, kHeadDim, kBlockN, kThreads>(sV, v_blk, params.v_row_stride, keys_loaded, tid);
     load_query_tile(cur, 0);
     ptx::cp_async_commit();
     QueryTileCursor<kBlockM, kCausal> nxt = cur;

@@ -14,11 +14,12 @@
 //     columns, once the other has written its dS^T half), staged in fp32 in shared memory and added
 //     to the group's dq_accum by TMA reduce-add (one bulk operation per 64 x 32 box, issued by one
 //     thread); the other warpgroup goes on to the next tile without waiting, so the
-//     two are not held in lock step (skipped in deterministic mode, where the tier-1 dQ kernel
-//     computes dQ).
-// Keys past the sequence are masked; their K rows are zeroed once (dQ reads K); query rows past
-// the sequence in a partial tile are zeroed in Q and dO (dV and dK read them); V rows past the
-// sequence only reach masked entries of dP^T, which are selected to 0, never multiplied.
+//     two are not held in lock step (skipped in deterministic mode, where the tier-2 dQ kernel,
+//     bwd_dq_kernel.cuh, computes dQ).
+// Keys past the sequence, or past every group's seqused_k, are masked; their K rows are zeroed
+// once (dQ reads K: they may hold NaN); query rows past the sequence in a partial tile are zeroed
+// in Q and dO (dV and dK read them); V rows past the keys in use only reach masked entries of
+// dP^T, which are selected to 0, never multiplied.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -193,8 +194,12 @@ __global__ void __launch_bounds__(T::kThreads, 1)
   cur.start(p, b, key0);
   if (cur.valid(p)) {
     ptx::mbarrier_wait_parity(sm.bar_kv(), 0);
-    if (keys_valid < kBlockN) {  // zero K rows past the sequence: dQ = dS K reads them
-      ptx::zero_swizzled_rows(sm.k, T::kKVColBlockBytes, T::kColBlocks, keys_valid, kBlockN, ctid, 256);
+    // Zero K rows past the keys some group uses (past the sequence, or past every group's
+    // seqused_k, where they may hold NaN): dQ = dS K reads them. V rows there only reach masked
+    // entries of dP^T, which are selected to 0.
+    const int keys_in_use = max(0, min(keys_valid, keys_used_by_any_group(p, b) - key0));
+    if (keys_in_use < kBlockN) {
+      ptx::zero_swizzled_rows(sm.k, T::kKVColBlockBytes, T::kColBlocks, keys_in_use, kBlockN, ctid, 256);
       ptx::fence_proxy_async_shared();
       ptx::named_barrier_sync(static_cast<int>(BwdNamedBarrier::kKZeroed), 256);
     }
