@@ -439,10 +439,12 @@ def test_backward_keys_past_seqused_may_hold_nan(monkeypatch, tier, head_dim, de
         _check(name, a, b32, blp)
 
 
+@pytest.mark.parametrize("deterministic", [False, True], ids=["dq_in_dkdv", "deterministic"])
 @pytest.mark.parametrize("tier", ["auto", "sm80"])
-def test_backward_padding_rows_may_hold_nan(monkeypatch, tier):
+def test_backward_padding_rows_may_hold_nan(monkeypatch, tier, deterministic):
     """Query rows after the last sequence (cu_seqlens_q[B] < total_q) may hold NaN in q and dout:
-    they belong to no sequence and must not reach dK/dV (tier 2 loads whole 64-row query tiles)."""
+    they belong to no sequence and must not reach dK/dV or another row's dQ (tier 2 loads whole
+    64-row query tiles in the dK/dV kernel and 128-row tiles in the deterministic dQ kernel)."""
     monkeypatch.setenv("RING_FLASH_ATTN_TIER", tier)
     torch.manual_seed(41)
     d, hq, hk = 128, 8, 2
@@ -456,7 +458,8 @@ def test_backward_padding_rows_may_hold_nan(monkeypatch, tier):
     v = torch.randn(sum(lens_k), hk, d, device="cuda", dtype=torch.bfloat16)
     cu_q, cu_k = cu_seqlens(lens_q, "cuda"), cu_seqlens(lens_k, "cuda")
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    outs = grouped_flash_attn_varlen_func([leaves[0]], leaves[1], leaves[2], [cu_q], cu_k, [150], 200, causal=True)
+    outs = grouped_flash_attn_varlen_func([leaves[0]], leaves[1], leaves[2], [cu_q], cu_k, [150], 200, causal=True,
+                                          deterministic=deterministic)
     dq, dk, dv = torch.autograd.grad(outs[0], leaves, dout)
 
     def reference(cast):
