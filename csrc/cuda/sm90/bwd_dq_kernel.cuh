@@ -28,6 +28,7 @@
 #include "cuda/seqlen_info.h"
 #include "cuda/sm90/bwd_dq_traits.h"
 #include "cuda/sm90/bwd_params.h"
+#include "cuda/sm90/fragments.h"
 #include "cuda/sm90/ptx_sm90.h"
 #include "cuda/sm90/wgmma.h"
 
@@ -201,10 +202,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
     ptx::wgmma_commit_group();
 
     ptx::wgmma_wait_group<1>();  // S(n) is in, and so is dQ(n - 1): its K stage is free
-#pragma unroll
-    for (int nt = 0; nt < kNTiles; ++nt)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) ptx::fence_operand(sacc[nt][c]);
+    fence_accumulator(sacc);
     if (n > 0) release((n - 1) % T::kStages);
 
     // Entry (nt, c) is key col0 + j, j = nt * 8 + qcol + (c & 1), of row r = c >> 1; visible iff
@@ -229,38 +227,17 @@ __global__ void __launch_bounds__(T::kThreads, 1)
 #pragma unroll
       for (int c = 0; c < 4; ++c)
         sacc[nt][c] = ptx::exp2_approx(fmaf(sacc[nt][c], p.softmax_scale_log2, -lse[c >> 1]));
-    if (need_mask) {
-#pragma unroll
-      for (int nt = 0; nt < kNTiles; ++nt)
-#pragma unroll
-        for (int c = 0; c < 4; ++c)
-          if (masked(nt, c)) sacc[nt][c] = 0.f;
-    }
+    if (need_mask) zero_masked(sacc, masked);
     ptx::wgmma_wait_group<0>();
-#pragma unroll
-    for (int nt = 0; nt < kNTiles; ++nt)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) ptx::fence_operand(dpacc[nt][c]);
+    fence_accumulator(dpacc);
     // dS = P (dP - Di[row]); masked entries 0 (selected: dP there may be garbage).
 #pragma unroll
     for (int nt = 0; nt < kNTiles; ++nt)
 #pragma unroll
       for (int c = 0; c < 4; ++c) dpacc[nt][c] = sacc[nt][c] * (dpacc[nt][c] - di[c >> 1]);
-    if (need_mask) {
-#pragma unroll
-      for (int nt = 0; nt < kNTiles; ++nt)
-#pragma unroll
-        for (int c = 0; c < 4; ++c)
-          if (masked(nt, c)) dpacc[nt][c] = 0.f;
-    }
+    if (need_mask) zero_masked(dpacc, masked);
     uint32_t dsfrag[kKSteps][4];
-#pragma unroll
-    for (int kk = 0; kk < kKSteps; ++kk) {
-      dsfrag[kk][0] = ptx::pack2<Element>(dpacc[2 * kk][0], dpacc[2 * kk][1]);
-      dsfrag[kk][1] = ptx::pack2<Element>(dpacc[2 * kk][2], dpacc[2 * kk][3]);
-      dsfrag[kk][2] = ptx::pack2<Element>(dpacc[2 * kk + 1][0], dpacc[2 * kk + 1][1]);
-      dsfrag[kk][3] = ptx::pack2<Element>(dpacc[2 * kk + 1][2], dpacc[2 * kk + 1][3]);
-    }
+    pack_a_fragments<Element>(dpacc, dsfrag);
 
     // ---- dQ += dS K ----
     const uint64_t k_bt_desc0 = ptx::smem_desc_sw128(k_tile, T::kKVColBlockBytes, 1024);
@@ -270,10 +247,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
     ptx::wgmma_commit_group();
   }
   ptx::wgmma_wait_group<0>();
-#pragma unroll
-  for (int dt = 0; dt < kDTiles; ++dt)
-#pragma unroll
-    for (int c = 0; c < 4; ++c) ptx::fence_operand(dq[dt][c]);
+  fence_accumulator(dq);
 
   // ---- epilogue: unscaled fp32 dQ into dq_accum, rows in the sequence, 8-byte stores ----
 #pragma unroll

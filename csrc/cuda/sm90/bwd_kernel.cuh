@@ -34,6 +34,7 @@
 #include "cuda/sm80/bwd_common.cuh"
 #include "cuda/sm90/bwd_params.h"
 #include "cuda/sm90/bwd_traits.h"
+#include "cuda/sm90/fragments.h"
 #include "cuda/sm90/ptx_sm90.h"
 #include "cuda/sm90/wgmma.h"
 
@@ -301,10 +302,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
                              (kCausal && key0 + kBlockN - 1 > row0 + causal_offset);
 
       ptx::wgmma_wait_group<1>();
-#pragma unroll
-      for (int nt = 0; nt < kSTiles; ++nt)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) ptx::fence_operand(st[nt][c]);
+      fence_accumulator(st);
       // The mask of entry (nt, c): key row r = c >> 1 of this thread, query row0 + j with
       // j = nt * 8 + qcol + (c & 1). Entry visible iff the key is in the sequence and
       // lo_r <= query < seqlen_q (lo_r = key - causal_offset when causal, else 0), i.e. iff
@@ -331,18 +329,9 @@ __global__ void __launch_bounds__(T::kThreads, 1)
         for (int c = 0; c < 4; ++c)
           st[nt][c] = ptx::exp2_approx(fmaf(st[nt][c], p.softmax_scale_log2, -((c & 1) ? l.y : l.x)));
       }
-      if (need_mask) {
-#pragma unroll
-        for (int nt = 0; nt < kSTiles; ++nt)
-#pragma unroll
-          for (int c = 0; c < 4; ++c)
-            if (masked(nt, c)) st[nt][c] = 0.f;
-      }
+      if (need_mask) zero_masked(st, masked);
       ptx::wgmma_wait_group<0>();
-#pragma unroll
-      for (int nt = 0; nt < kSTiles; ++nt)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) ptx::fence_operand(dpt[nt][c]);
+      fence_accumulator(dpt);
       // dS^T = P^T (dP^T - Di[query]); masked entries 0 (selected: dP^T there may be garbage).
 #pragma unroll
       for (int nt = 0; nt < kSTiles; ++nt) {
@@ -350,24 +339,12 @@ __global__ void __launch_bounds__(T::kThreads, 1)
 #pragma unroll
         for (int c = 0; c < 4; ++c) dpt[nt][c] = st[nt][c] * (dpt[nt][c] - ((c & 1) ? d.y : d.x));
       }
-      if (need_mask) {
-#pragma unroll
-        for (int nt = 0; nt < kSTiles; ++nt)
-#pragma unroll
-          for (int c = 0; c < 4; ++c)
-            if (masked(nt, c)) dpt[nt][c] = 0.f;
-      }
+      if (need_mask) zero_masked(dpt, masked);
       uint32_t pfrag[kQSteps][4], dsfrag[kQSteps][4];
 #pragma unroll
       for (int kk = 0; kk < kQSteps; ++kk) {
-        pfrag[kk][0] = ptx::pack2<Element>(st[2 * kk][0], st[2 * kk][1]);
-        pfrag[kk][1] = ptx::pack2<Element>(st[2 * kk][2], st[2 * kk][3]);
-        pfrag[kk][2] = ptx::pack2<Element>(st[2 * kk + 1][0], st[2 * kk + 1][1]);
-        pfrag[kk][3] = ptx::pack2<Element>(st[2 * kk + 1][2], st[2 * kk + 1][3]);
-        dsfrag[kk][0] = ptx::pack2<Element>(dpt[2 * kk][0], dpt[2 * kk][1]);
-        dsfrag[kk][1] = ptx::pack2<Element>(dpt[2 * kk][2], dpt[2 * kk][3]);
-        dsfrag[kk][2] = ptx::pack2<Element>(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]);
-        dsfrag[kk][3] = ptx::pack2<Element>(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3]);
+        pack_a_fragment<Element>(st, kk, pfrag[kk]);
+        pack_a_fragment<Element>(dpt, kk, dsfrag[kk]);
       }
 
       // ---- dQ alternates between the warpgroups: warpgroup (t & 1) computes all of dQ = dS K
@@ -424,10 +401,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
             ptx::wgmma_wait_group<1>();
           else
             ptx::wgmma_wait_group<0>();
-#pragma unroll
-          for (int i = 0; i < kPartTiles; ++i)
-#pragma unroll
-            for (int c = 0; c < 4; ++c) ptx::fence_operand(dq[h][i][c]);
+          fence_accumulator(dq[h]);
           if (h + 1 == kDqSplit)
             ptx::named_barrier_arrive(static_cast<int>(BwdNamedBarrier::kDsFree0) + (t & 1), 256);
           stage_and_reduce_dq(dq[h], h, cur, head, row0);
@@ -446,13 +420,8 @@ __global__ void __launch_bounds__(T::kThreads, 1)
       for (int t = max(num_tiles - 2, 0); t < num_tiles; ++t)
         if ((t & 1) != wg) ptx::named_barrier_sync(static_cast<int>(BwdNamedBarrier::kDsFree0) + (t & 1), 256);
     }
-#pragma unroll
-    for (int i = 0; i < kDTiles; ++i)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        ptx::fence_operand(dk[i][c]);
-        ptx::fence_operand(dv[i][c]);
-      }
+    fence_accumulator(dk);
+    fence_accumulator(dv);
   }
 
   // ---- epilogue: dK * scale and dV, rows of this thread's keys (zeros where no query saw them) ----

@@ -24,6 +24,7 @@
 #include "cuda/launch.h"
 #include "cuda/ptx.h"
 #include "cuda/seqlen_info.h"
+#include "cuda/sm90/fragments.h"
 #include "cuda/sm90/fwd_launch.h"
 #include "cuda/sm90/ptx_sm90.h"
 #include "cuda/sm90/softmax.cuh"
@@ -140,14 +141,6 @@ struct ConsumerTile {
   }
 };
 
-template <int kNTiles>
-__device__ __forceinline__ void fence_accumulator(float (&a)[kNTiles][4]) {
-#pragma unroll
-  for (int i = 0; i < kNTiles; ++i)
-#pragma unroll
-    for (int c = 0; c < 4; ++c) ptx::fence_operand(a[i][c]);
-}
-
 template <typename T, bool kCausal>
 __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __grid_constant__ FwdKernelParams params) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -255,15 +248,7 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __gri
       }
   };
   // P (fp32 in s) -> the register A operand of P V.
-  auto convert_p = [&]() {
-#pragma unroll
-    for (int kk = 0; kk < kPSteps; ++kk) {
-      pfrag[kk][0] = ptx::pack2<Element>(s[2 * kk][0], s[2 * kk][1]);
-      pfrag[kk][1] = ptx::pack2<Element>(s[2 * kk][2], s[2 * kk][3]);
-      pfrag[kk][2] = ptx::pack2<Element>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      pfrag[kk][3] = ptx::pack2<Element>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-    }
-  };
+  auto convert_p = [&]() { pack_a_fragments<Element>(s, pfrag); };
   // In the block holding the sequence's last key, zero the V rows past it (both consumer
   // warpgroups share the work and meet at a barrier: each one's P V reads all of them), then
   // make them visible to wgmma. Both warpgroups reach this for the same blocks.
