@@ -25,6 +25,7 @@
 
 #include "cuda/launch.h"
 #include "cuda/ptx.h"
+#include "cuda/query_tile_work.h"
 #include "cuda/seqlen_info.h"
 #include "cuda/sm90/bwd_dq_traits.h"
 #include "cuda/sm90/bwd_params.h"
@@ -66,14 +67,11 @@ __global__ void __launch_bounds__(T::kThreads, 1)
   const cuda::BwdKernelParams& p = params.base;
 
   const int num_heads_q = p.num_heads_q;
-  const int item_index = blockIdx.x / num_heads_q;
-  if (item_index >= *p.q_count) return;
-  const int head = blockIdx.x % num_heads_q;
-  const WorkItem item = p.q_items[item_index];
-  const int group = item.group_and_mblock & 15;
-  const int m_block = item.group_and_mblock >> 4;
+  QueryTileWork work;
+  if (!work.decode(p.q_items, p.q_count, num_heads_q)) return;
+  const int head = work.head, group = work.group, m_block = work.m_block;
   const BwdGroupArgs& g = p.groups[group];
-  const SeqLenInfo seq(g.cu_seqlens_q, g.total_q, p.cu_seqlens_k, p.total_k, g.seqused_k, item.batch);
+  const SeqLenInfo seq(g.cu_seqlens_q, g.total_q, p.cu_seqlens_k, p.total_k, g.seqused_k, work.batch);
   const int row0 = m_block * kBlockM;
   if (row0 >= seq.seqlen_q) return;
   // A tile that sees no key keeps dQ = 0 (dq_accum was zeroed by the preprocess).

@@ -23,6 +23,7 @@
 
 #include "cuda/launch.h"
 #include "cuda/ptx.h"
+#include "cuda/query_tile_work.h"
 #include "cuda/seqlen_info.h"
 #include "cuda/sm90/fragments.h"
 #include "cuda/sm90/fwd_launch.h"
@@ -154,14 +155,11 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __gri
   const cuda::FwdKernelParams& p = params.base;
 
   const int num_heads_q = p.num_heads_q;
-  const int item_index = blockIdx.x / num_heads_q;
-  if (item_index >= *p.work_count) return;
-  const int head = blockIdx.x % num_heads_q;
-  const WorkItem item = p.work_items[item_index];
-  const int group = item.group_and_mblock & 15;
-  const int m_block = item.group_and_mblock >> 4;
+  QueryTileWork work;
+  if (!work.decode(p.work_items, p.work_count, num_heads_q)) return;
+  const int head = work.head, group = work.group, m_block = work.m_block;
   const FwdGroupArgs& g = p.groups[group];
-  const SeqLenInfo seq(g.cu_seqlens_q, g.total_q, p.cu_seqlens_k, p.total_k, g.seqused_k, item.batch);
+  const SeqLenInfo seq(g.cu_seqlens_q, g.total_q, p.cu_seqlens_k, p.total_k, g.seqused_k, work.batch);
   const int row0 = m_block * kBlockM;
   if (row0 >= seq.seqlen_q) return;
   const int rows_valid = min(kBlockM, seq.seqlen_q - row0);
