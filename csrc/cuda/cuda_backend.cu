@@ -470,8 +470,8 @@ ringattn_status bwd_workspace_size(const ringattn_bwd_params& p, size_t* bytes) 
 namespace {
 // Q, dO, K and V tensor maps of a tier-2 backward kernel (the dK/dV or the dQ kernel), with boxes
 // of block_m query rows and block_n keys; false (with the reason) when TMA cannot address an operand.
-template <typename KernelParams>
-bool encode_bwd_tensor_maps(const ringattn_bwd_params& p, int block_m, int block_n, KernelParams* kp, std::string* why) {
+bool encode_bwd_tensor_maps(const ringattn_bwd_params& p, int block_m, int block_n, sm90::BwdOperandMaps* kp,
+                            std::string* why) {
   const ringattn_problem& pr = p.problem;
   for (int g = 0; g < pr.num_groups; ++g) {
     const ringattn_bwd_group& src = p.groups[g];
@@ -636,7 +636,7 @@ ringattn_status grouped_bwd(const ringattn_bwd_params& p) {
     }
     if (cand != nullptr) {
       // As in the forward: a refused tensor map is an error, not a reason to run tier 1.
-      if (!encode_bwd_tensor_maps(p, cand->block_m, cand->block_n, &kp90, &why))
+      if (!encode_bwd_tensor_maps(p, cand->block_m, cand->block_n, &kp90.maps, &why))
         return failf(RINGATTN_STATUS_CUDA_ERROR, "tier 2 backward: encoding a TMA tensor map failed: %s",
                      why.c_str());
       e90 = cand;
@@ -645,7 +645,7 @@ ringattn_status grouped_bwd(const ringattn_bwd_params& p) {
         if (e90_dq == nullptr)
           return failf(RINGATTN_STATUS_UNSUPPORTED, "tier 2 backward: no deterministic dQ kernel compiled for head_dim %d",
                        pr.head_dim);
-        if (!encode_bwd_tensor_maps(p, e90_dq->block_m, e90_dq->block_n, &kp90_dq, &why))
+        if (!encode_bwd_tensor_maps(p, e90_dq->block_m, e90_dq->block_n, &kp90_dq.maps, &why))
           return failf(RINGATTN_STATUS_CUDA_ERROR, "tier 2 backward: encoding a TMA tensor map of the dQ kernel failed: %s",
                        why.c_str());
       }

@@ -94,22 +94,21 @@ __global__ void __launch_bounds__(T::kThreads, 1)
   }
   __syncthreads();
 
-  // Broadcast from lane 0 so the compiler knows it is warp-uniform (see the dK/dV kernel).
-  const int warpgroup = __shfl_sync(0xffffffffu, tid / 128, 0);
+  const int warpgroup = ptx::warpgroup_index();
   if (warpgroup == 0) {
     // ---------------- producer (one thread) ----------------
     ptx::setmaxnreg_dec<T::kProducerRegs>();
     if (tid == 0) {
-      ptx::prefetch_tensor_map(&params.tma_q[group]);
-      ptx::prefetch_tensor_map(&params.tma_do[group]);
-      ptx::prefetch_tensor_map(&params.tma_k);
-      ptx::prefetch_tensor_map(&params.tma_v);
+      ptx::prefetch_tensor_map(&params.maps.tma_q[group]);
+      ptx::prefetch_tensor_map(&params.maps.tma_do[group]);
+      ptx::prefetch_tensor_map(&params.maps.tma_k);
+      ptx::prefetch_tensor_map(&params.maps.tma_v);
       const int q_token0 = seq.q_start + row0;
       ptx::mbarrier_arrive_expect_tx(sm.bar_q(), 2 * T::kQBytes);
 #pragma unroll
       for (int cb = 0; cb < T::kColBlocks; ++cb) {
-        ptx::tma_load_3d(sm.q + cb * T::kQColBlockBytes, &params.tma_q[group], sm.bar_q(), cb * 64, head, q_token0);
-        ptx::tma_load_3d(sm.dout + cb * T::kQColBlockBytes, &params.tma_do[group], sm.bar_q(), cb * 64, head, q_token0);
+        ptx::tma_load_3d(sm.q + cb * T::kQColBlockBytes, &params.maps.tma_q[group], sm.bar_q(), cb * 64, head, q_token0);
+        ptx::tma_load_3d(sm.dout + cb * T::kQColBlockBytes, &params.maps.tma_do[group], sm.bar_q(), cb * 64, head, q_token0);
       }
       for (int n = 0; n < n_block_max; ++n) {
         const int s = n % T::kStages;
@@ -118,8 +117,8 @@ __global__ void __launch_bounds__(T::kThreads, 1)
         ptx::mbarrier_arrive_expect_tx(sm.full_kv(s), 2 * T::kKVBytes);
 #pragma unroll
         for (int cb = 0; cb < T::kColBlocks; ++cb) {
-          ptx::tma_load_3d(sm.k_stage(s) + cb * T::kKVColBlockBytes, &params.tma_k, sm.full_kv(s), cb * 64, kv_head, token);
-          ptx::tma_load_3d(sm.v_stage(s) + cb * T::kKVColBlockBytes, &params.tma_v, sm.full_kv(s), cb * 64, kv_head, token);
+          ptx::tma_load_3d(sm.k_stage(s) + cb * T::kKVColBlockBytes, &params.maps.tma_k, sm.full_kv(s), cb * 64, kv_head, token);
+          ptx::tma_load_3d(sm.v_stage(s) + cb * T::kKVColBlockBytes, &params.maps.tma_v, sm.full_kv(s), cb * 64, kv_head, token);
         }
       }
     }

@@ -125,9 +125,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
   }
   __syncthreads();
 
-  // Broadcast from lane 0 so the compiler knows it is warp-uniform: descriptors and addresses
-  // derived from it stay in uniform registers instead of being rebuilt per thread.
-  const int warpgroup = __shfl_sync(0xffffffffu, tid / 128, 0);
+  const int warpgroup = ptx::warpgroup_index();
   if (warpgroup == 0) {
     // ---------------- producer (warp 0) ----------------
     ptx::setmaxnreg_dec<T::kProducerRegs>();
@@ -141,8 +139,8 @@ __global__ void __launch_bounds__(T::kThreads, 1)
       ptx::mbarrier_arrive_expect_tx(sm.bar_kv(), 2 * T::kKVBytes);
 #pragma unroll
       for (int cb = 0; cb < T::kColBlocks; ++cb) {
-        ptx::tma_load_3d(sm.k + cb * T::kKVColBlockBytes, &params.tma_k, sm.bar_kv(), cb * 64, kv_head, k_start + key0);
-        ptx::tma_load_3d(sm.v + cb * T::kKVColBlockBytes, &params.tma_v, sm.bar_kv(), cb * 64, kv_head, k_start + key0);
+        ptx::tma_load_3d(sm.k + cb * T::kKVColBlockBytes, &params.maps.tma_k, sm.bar_kv(), cb * 64, kv_head, k_start + key0);
+        ptx::tma_load_3d(sm.v + cb * T::kKVColBlockBytes, &params.maps.tma_v, sm.bar_kv(), cb * 64, kv_head, k_start + key0);
       }
     }
     for (int t = 0; cur.valid(p); ++t) {
@@ -163,9 +161,9 @@ __global__ void __launch_bounds__(T::kThreads, 1)
         ptx::mbarrier_arrive_expect_tx(sm.full_q(s), 2 * T::kQBytes);
 #pragma unroll
         for (int cb = 0; cb < T::kColBlocks; ++cb) {
-          ptx::tma_load_3d(sm.q_stage(s) + cb * T::kQColBlockBytes, &params.tma_q[cur.group], sm.full_q(s), cb * 64,
+          ptx::tma_load_3d(sm.q_stage(s) + cb * T::kQColBlockBytes, &params.maps.tma_q[cur.group], sm.full_q(s), cb * 64,
                            head, token0);
-          ptx::tma_load_3d(sm.do_stage(s) + cb * T::kQColBlockBytes, &params.tma_do[cur.group], sm.full_q(s),
+          ptx::tma_load_3d(sm.do_stage(s) + cb * T::kQColBlockBytes, &params.maps.tma_do[cur.group], sm.full_q(s),
                            cb * 64, head, token0);
         }
       } else {

@@ -11,12 +11,17 @@ namespace ringattn {
 namespace cuda {
 namespace sm90 {
 
-struct BwdKernelParams {
-  cuda::BwdKernelParams base;
+// The operand maps both backward kernels read, with boxes of their own tile shape.
+struct BwdOperandMaps {
   CUtensorMap tma_q[RINGATTN_MAX_GROUPS];   // boxes of 64 x 1 x kBlockM rows
   CUtensorMap tma_do[RINGATTN_MAX_GROUPS];  // likewise
   CUtensorMap tma_k;                        // boxes of 64 x 1 x kBlockN rows
   CUtensorMap tma_v;
+};
+
+struct BwdKernelParams {
+  cuda::BwdKernelParams base;
+  BwdOperandMaps maps;
   CUtensorMap tma_dq[RINGATTN_MAX_GROUPS];  // fp32 dq_accum (TMA reduce-add), boxes of 32 x 1 x kBlockM rows
 };
 static_assert(sizeof(BwdKernelParams) <= 32764, "kernel parameters fit the 32 KB parameter space");
@@ -28,10 +33,7 @@ cudaError_t launch_grouped_bwd_dkdv(const BwdKernelParams& params, int num_ctas,
 // in q_items / q_count) plus its own tensor maps, whose boxes follow its tile shape.
 struct BwdDqKernelParams {
   cuda::BwdKernelParams base;
-  CUtensorMap tma_q[RINGATTN_MAX_GROUPS];   // boxes of 64 x 1 x kBlockM rows
-  CUtensorMap tma_do[RINGATTN_MAX_GROUPS];  // likewise
-  CUtensorMap tma_k;                        // boxes of 64 x 1 x kBlockN rows
-  CUtensorMap tma_v;
+  BwdOperandMaps maps;
 };
 static_assert(sizeof(BwdDqKernelParams) <= 32764, "kernel parameters fit the 32 KB parameter space");
 

@@ -194,9 +194,7 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __gri
   }
   __syncthreads();
 
-  // Broadcast from lane 0 so the compiler knows it is warp-uniform (descriptors derived from it
-  // stay in uniform registers).
-  const int warpgroup = __shfl_sync(0xffffffffu, tid / 128, 0);
+  const int warpgroup = ptx::warpgroup_index();
   if (warpgroup == 0) {
     // ---------------- producer ----------------
     ptx::setmaxnreg_dec<T::kProducerRegs>();
