@@ -677,6 +677,19 @@ ringattn_status grouped_bwd(const ringattn_bwd_params& p) {
   kp.accumulate_dq = dq_kernel ? 0 : 1;
   kp.kv_items = kv_sched.sorted;
   kp.kv_count = kv_sched.count;
+#ifdef RINGATTN_SM90_TIER
+  // The dq_accum maps of tier 2's reduce-add, before anything is launched (a refused map writes nothing).
+  if (e90 != nullptr && kp.accumulate_dq) {
+    for (int g = 0; g < pr.num_groups; ++g) {
+      std::string why;
+      if (p.groups[g].total_q > 0 &&
+          !sm90::encode_accum_map(&kp90.tma_dq[g], kp.groups[g].dq_accum, pr.head_dim, p.groups[g].total_q,
+                                  pr.num_heads_q, e90->block_m, &why))
+        return failf(RINGATTN_STATUS_CUDA_ERROR, "tier 2 backward: encoding the dq_accum tensor map of group %d failed: %s",
+                     g, why.c_str());
+    }
+  }
+#endif
 
   // ---- dQ kernel (deterministic mode, and the default at some head dims): its work list ----
   SchedulerArgs q_sched{};
@@ -707,16 +720,6 @@ ringattn_status grouped_bwd(const ringattn_bwd_params& p) {
 #ifdef RINGATTN_SM90_TIER
   if (e90 != nullptr) {
     kp90.base = kp;
-    if (kp.accumulate_dq) {
-      for (int g = 0; g < pr.num_groups; ++g) {
-        std::string why;
-        if (p.groups[g].total_q > 0 &&
-            !sm90::encode_accum_map(&kp90.tma_dq[g], kp.groups[g].dq_accum, pr.head_dim, p.groups[g].total_q,
-                                    pr.num_heads_q, e90->block_m, &why))
-          return failf(RINGATTN_STATUS_CUDA_ERROR, "tier 2 backward: encoding the dq_accum tensor map of group %d failed: %s",
-                       g, why.c_str());
-      }
-    }
     if ((err = e90->launch(kp90, static_cast<int>(dkdv_ctas), stream)) != cudaSuccess)
       return cuda_fail(err, "launching the grouped backward dK/dV kernel (tier 2, sm90a)");
   } else
