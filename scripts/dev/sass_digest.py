@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,8 +26,23 @@ _ENC = re.compile(r"/\* 0x[0-9a-f]+ \*/")
 _SYM = re.compile(r"\b_Z\w+")
 
 
+def _find_cuobjdump() -> str:
+    """$CUOBJDUMP, the PATH, the CUDA toolkit, or the copy Triton's wheel ships (the toolkit on the
+    development machine has nvcc but no cuobjdump)."""
+    import glob
+
+    found = [os.environ.get("CUOBJDUMP", ""), shutil.which("cuobjdump") or "",
+             os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "cuobjdump")]
+    found += sorted(glob.glob(os.path.expanduser(
+        "~/.cache/ring-flash-attn/venv/lib/python3*/site-packages/triton/backends/nvidia/bin/cuobjdump")))
+    for path in found:
+        if path and os.access(path, os.X_OK):
+            return path
+    sys.exit("sass_digest: no cuobjdump found (set CUOBJDUMP=/path/to/cuobjdump)")
+
+
 def digest_object(path: Path) -> list[str]:
-    out = subprocess.run(["cuobjdump", "-sass", str(path)], capture_output=True, text=True, check=False).stdout
+    out = subprocess.run([_find_cuobjdump(), "-sass", str(path)], capture_output=True, text=True, check=False).stdout
     rows, arch, func, body = [], "?", None, []
 
     def flush() -> None:
@@ -36,7 +53,8 @@ def digest_object(path: Path) -> list[str]:
     for line in out.splitlines():
         s = line.strip()
         if s.startswith("arch ="):
-            arch = s.split("=", 1)[1].strip()
+            flush()
+            func, arch = None, s.split("=", 1)[1].strip()
         elif s.startswith("Function :"):
             flush()
             func, body = s, []
