@@ -104,7 +104,7 @@ def main() -> None:
                 for causal in (False, True):
                     name = f"{pass_name}_hdim{hdim}_{dname}{'_causal' if causal else ''}_{arch}.cu"
                     (folder / name).write_text(
-                        template.format(element=element, hdim=hdim, causal="true" if causal else "false"))
+                        template.format(element=element, hdim=hdim, causal="MaskMode::kCausal" if causal else "MaskMode::kNone"))
     for folder in (OUT, OUT_SM90):
         print(f"wrote {len(list(folder.glob('*.cu')))} files to {folder.relative_to(ROOT)}")
 

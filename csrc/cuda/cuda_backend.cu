@@ -33,8 +33,9 @@ namespace {
 // The four entries of one head dim: fp16/bf16 x causal or not, each made by make<Element, D,
 // causal, dtype>() (one of the *_entry functions below).
 #define RINGATTN_KERNEL_ENTRIES(make, D)                                            \
-  make<__half, D, false, RINGATTN_DTYPE_FP16>(), make<__half, D, true, RINGATTN_DTYPE_FP16>(), \
-      make<__nv_bfloat16, D, false, RINGATTN_DTYPE_BF16>(), make<__nv_bfloat16, D, true, RINGATTN_DTYPE_BF16>(),
+  make<__half, D, MaskMode::kNone, RINGATTN_DTYPE_FP16>(), make<__half, D, MaskMode::kCausal, RINGATTN_DTYPE_FP16>(), \
+      make<__nv_bfloat16, D, MaskMode::kNone, RINGATTN_DTYPE_BF16>(),                                          \
+      make<__nv_bfloat16, D, MaskMode::kCausal, RINGATTN_DTYPE_BF16>(),
 
 // The entry of a dispatch table for (dtype, head dim, causal), or nullptr. A table's sentinel
 // (dtype -1, for tables that may otherwise be empty) matches nothing.
@@ -59,10 +60,10 @@ struct KernelEntry {
 using FwdLaunchFn = cudaError_t (*)(const FwdKernelParams&, int, cudaStream_t);
 using FwdKernelEntry = KernelEntry<FwdLaunchFn>;
 
-template <typename Element, int kHeadDim, bool kCausal, int kDtype>
+template <typename Element, int kHeadDim, MaskMode kMask, int kDtype>
 constexpr FwdKernelEntry sm80_fwd_entry() {
   using T = typename sm80::FwdConfig<Element, kHeadDim>::Traits;
-  return FwdKernelEntry{kDtype, kHeadDim, kCausal, T::kBlockM, T::kBlockN, &sm80::launch_grouped_fwd<T, kCausal>};
+  return FwdKernelEntry{kDtype, kHeadDim, kMask == MaskMode::kCausal, T::kBlockM, T::kBlockN, &sm80::launch_grouped_fwd<T, kMask>};
 }
 
 // The compiled tier-1 forward kernels (CMake defines RINGATTN_HDIM_<D> for each head dim built).
@@ -86,10 +87,10 @@ const FwdKernelEntry* find_fwd_kernel(int dtype, int head_dim, bool causal) {
 // The compiled tier-2 (sm90a: TMA + wgmma, warp specialised) forward kernels.
 using Sm90FwdKernelEntry = KernelEntry<cudaError_t (*)(const sm90::FwdKernelParams&, int, cudaStream_t)>;
 
-template <typename Element, int kHeadDim, bool kCausal, int kDtype>
+template <typename Element, int kHeadDim, MaskMode kMask, int kDtype>
 constexpr Sm90FwdKernelEntry sm90_fwd_entry() {
   using T = typename sm90::FwdConfig<Element, kHeadDim>::Traits;
-  return Sm90FwdKernelEntry{kDtype, kHeadDim, kCausal, T::kBlockM, T::kBlockN, &sm90::launch_grouped_fwd<T, kCausal>};
+  return Sm90FwdKernelEntry{kDtype, kHeadDim, kMask == MaskMode::kCausal, T::kBlockM, T::kBlockN, &sm90::launch_grouped_fwd<T, kMask>};
 }
 
 const Sm90FwdKernelEntry kSm90FwdKernels[] = {
@@ -112,10 +113,10 @@ const Sm90FwdKernelEntry* find_sm90_fwd_kernel(int dtype, int head_dim, bool cau
 // deterministic mode adds the tier-2 dQ kernel below).
 using Sm90BwdKernelEntry = KernelEntry<cudaError_t (*)(const sm90::BwdKernelParams&, int, cudaStream_t)>;
 
-template <typename Element, int kHeadDim, bool kCausal, int kDtype>
+template <typename Element, int kHeadDim, MaskMode kMask, int kDtype>
 constexpr Sm90BwdKernelEntry sm90_bwd_entry() {
   using T = typename sm90::BwdConfig<Element, kHeadDim>::Traits;
-  return Sm90BwdKernelEntry{kDtype, kHeadDim, kCausal, T::kBlockM, T::kBlockN, &sm90::launch_grouped_bwd_dkdv<T, kCausal>};
+  return Sm90BwdKernelEntry{kDtype, kHeadDim, kMask == MaskMode::kCausal, T::kBlockM, T::kBlockN, &sm90::launch_grouped_bwd_dkdv<T, kMask>};
 }
 
 const Sm90BwdKernelEntry kSm90BwdKernels[] = {
@@ -135,10 +136,10 @@ const Sm90BwdKernelEntry* find_sm90_bwd_kernel(int dtype, int head_dim, bool cau
 // block_n: keys per step).
 using Sm90BwdDqKernelEntry = KernelEntry<cudaError_t (*)(const sm90::BwdDqKernelParams&, int, cudaStream_t)>;
 
-template <typename Element, int kHeadDim, bool kCausal, int kDtype>
+template <typename Element, int kHeadDim, MaskMode kMask, int kDtype>
 constexpr Sm90BwdDqKernelEntry sm90_bwd_dq_entry() {
   using T = typename sm90::BwdDqConfig<Element, kHeadDim>::Traits;
-  return Sm90BwdDqKernelEntry{kDtype, kHeadDim, kCausal, T::kBlockM, T::kBlockN, &sm90::launch_grouped_bwd_dq<T, kCausal>};
+  return Sm90BwdDqKernelEntry{kDtype, kHeadDim, kMask == MaskMode::kCausal, T::kBlockM, T::kBlockN, &sm90::launch_grouped_bwd_dq<T, kMask>};
 }
 
 const Sm90BwdDqKernelEntry kSm90BwdDqKernels[] = {
@@ -187,20 +188,20 @@ struct BwdKernelEntry {
   BwdPrepFn postprocess;
 };
 
-template <typename Element, int kHeadDim, bool kCausal, int kDtype>
+template <typename Element, int kHeadDim, MaskMode kMask, int kDtype>
 constexpr BwdKernelEntry sm80_bwd_entry() {
   using T = typename sm80::BwdConfig<Element, kHeadDim>::Traits;
   using Q = typename sm80::BwdConfig<Element, kHeadDim>::DqTraits;
   return BwdKernelEntry{kDtype,
                         kHeadDim,
-                        kCausal,
+                        kMask == MaskMode::kCausal,
                         T::kBlockM,
                         T::kBlockN,
                         Q::kBlockM,
                         Q::kBlockN,
                         T::kSmemBytes > Q::kSmemBytes ? T::kSmemBytes : Q::kSmemBytes,
-                        &sm80::launch_grouped_bwd_dkdv<T, kCausal>,
-                        &sm80::launch_grouped_bwd_dq<Q, kCausal>,
+                        &sm80::launch_grouped_bwd_dkdv<T, kMask>,
+                        &sm80::launch_grouped_bwd_dq<Q, kMask>,
                         &launch_bwd_preprocess<Element>,
                         &launch_bwd_postprocess<Element>};
 }

@@ -26,8 +26,9 @@ namespace ringattn {
 namespace cuda {
 namespace sm80 {
 
-template <typename T, bool kCausal>
+template <typename T, MaskMode kMask>
 __global__ void __launch_bounds__(T::kThreads, 1) grouped_bwd_dq_kernel(const __grid_constant__ BwdKernelParams params) {
+  constexpr bool kCausal = kMask == MaskMode::kCausal;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using Element = typename T::Element;
   constexpr int kHeadDim = T::kHeadDim;
@@ -223,9 +224,9 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_bwd_dq_kernel(const __
 }
 
 // Host side: launch one instantiation over `num_ctas` CTAs (query tiles x query heads).
-template <typename T, bool kCausal>
+template <typename T, MaskMode kMask>
 cudaError_t launch_grouped_bwd_dq(const BwdKernelParams& params, int num_ctas, cudaStream_t stream) {
-  return launch_with_smem(&grouped_bwd_dq_kernel<T, kCausal>, num_ctas, T::kThreads, T::kSmemBytes, stream, params);
+  return launch_with_smem(&grouped_bwd_dq_kernel<T, kMask>, num_ctas, T::kThreads, T::kSmemBytes, stream, params);
 }
 
 }  // namespace sm80

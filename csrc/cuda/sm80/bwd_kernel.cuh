@@ -47,9 +47,10 @@ constexpr int bwd_min_blocks_per_sm() {
   return kFit < 1 ? 1 : (kFit < T::kMinBlocksPerSm ? kFit : T::kMinBlocksPerSm);
 }
 
-template <typename T, bool kCausal>
+template <typename T, MaskMode kMask>
 __global__ void __launch_bounds__(T::kThreads, bwd_min_blocks_per_sm<T>())
     grouped_bwd_dkdv_kernel(const __grid_constant__ BwdKernelParams params) {
+  constexpr bool kCausal = kMask == MaskMode::kCausal;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using Element = typename T::Element;
   constexpr int kHeadDim = T::kHeadDim;
@@ -322,10 +323,10 @@ __global__ void __launch_bounds__(T::kThreads, bwd_min_blocks_per_sm<T>())
 }
 
 // Host side: launch one instantiation over `num_ctas` CTAs (work items x KV heads).
-template <typename T, bool kCausal>
+template <typename T, MaskMode kMask>
 cudaError_t launch_grouped_bwd_dkdv(const BwdKernelParams& params, int num_ctas, cudaStream_t stream) {
   // All of the unified L1/shared memory as shared, so two CTAs of the D=128 tile fit on sm_90.
-  return launch_with_smem(&grouped_bwd_dkdv_kernel<T, kCausal>, num_ctas, T::kThreads, T::kSmemBytes, stream, params,
+  return launch_with_smem(&grouped_bwd_dkdv_kernel<T, kMask>, num_ctas, T::kThreads, T::kSmemBytes, stream, params,
                           /*max_shared_carveout=*/true);
 }
 

@@ -16,6 +16,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "common/mask.h"
 #include "cuda/bwd_params.h"
 
 namespace ringattn {
@@ -111,9 +112,9 @@ struct BwdConfig<Element, 256> {
 // Defined in bwd_kernel.cuh / bwd_dq_kernel.cuh, explicitly instantiated one (head dim, dtype,
 // causal) per file under instantiations/. num_ctas: work-list capacity x heads (KV heads for
 // dK/dV, query heads for dQ).
-template <typename T, bool kCausal>
+template <typename T, MaskMode kMask>
 cudaError_t launch_grouped_bwd_dkdv(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
-template <typename T, bool kCausal>
+template <typename T, MaskMode kMask>
 cudaError_t launch_grouped_bwd_dq(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
 
 }  // namespace sm80

@@ -45,9 +45,10 @@ __device__ __forceinline__ void load_tile(typename T::Element* smem, const typen
   }
 }
 
-template <typename T, bool kCausal>
+template <typename T, MaskMode kMask>
 __global__ void __launch_bounds__(T::kThreads, T::kMinBlocksPerSm)
     grouped_fwd_kernel(const __grid_constant__ FwdKernelParams params) {
+  constexpr bool kCausal = kMask == MaskMode::kCausal;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using Element = typename T::Element;
   constexpr int kHeadDim = T::kHeadDim;
@@ -267,9 +268,9 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocksPerSm)
 }
 
 // Host side: launch one instantiation over `num_ctas` CTAs (work items x heads).
-template <typename T, bool kCausal>
+template <typename T, MaskMode kMask>
 cudaError_t launch_grouped_fwd(const FwdKernelParams& params, int num_ctas, cudaStream_t stream) {
-  return launch_with_smem(&grouped_fwd_kernel<T, kCausal>, num_ctas, T::kThreads, T::kSmemBytes, stream, params);
+  return launch_with_smem(&grouped_fwd_kernel<T, kMask>, num_ctas, T::kThreads, T::kSmemBytes, stream, params);
 }
 
 }  // namespace sm80

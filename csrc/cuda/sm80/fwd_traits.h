@@ -6,6 +6,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "common/mask.h"
 #include "cuda/fwd_params.h"
 
 namespace ringattn {
@@ -97,7 +98,7 @@ struct FwdConfig<Element, 256> {
 };
 
 // Defined in fwd_kernel.cuh, explicitly instantiated one per file under instantiations/.
-template <typename T, bool kCausal>
+template <typename T, MaskMode kMask>
 cudaError_t launch_grouped_fwd(const FwdKernelParams& params, int num_ctas, cudaStream_t stream);
 
 }  // namespace sm80

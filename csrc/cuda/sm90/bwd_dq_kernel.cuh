@@ -52,9 +52,10 @@ struct BwdDqSmem {
   __device__ __forceinline__ uint32_t v_stage(int s) const { return v + s * T::kKVBytes; }
 };
 
-template <typename T, bool kCausal>
+template <typename T, MaskMode kMask>
 __global__ void __launch_bounds__(T::kThreads, 1)
     grouped_bwd_dq_kernel(const __grid_constant__ BwdDqKernelParams params) {
+  constexpr bool kCausal = kMask == MaskMode::kCausal;
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Element = typename T::Element;
   constexpr int kHeadDim = T::kHeadDim;
@@ -259,9 +260,9 @@ __global__ void __launch_bounds__(T::kThreads, 1)
 #endif
 }
 
-template <typename T, bool kCausal>
+template <typename T, MaskMode kMask>
 cudaError_t launch_grouped_bwd_dq(const BwdDqKernelParams& params, int num_ctas, cudaStream_t stream) {
-  return launch_with_smem(&grouped_bwd_dq_kernel<T, kCausal>, num_ctas, T::kThreads, T::kSmemBytes, stream, params);
+  return launch_with_smem(&grouped_bwd_dq_kernel<T, kMask>, num_ctas, T::kThreads, T::kSmemBytes, stream, params);
 }
 
 }  // namespace sm90

@@ -83,9 +83,10 @@ __device__ __forceinline__ void st_shared_u32(uint32_t addr, uint32_t v) {
   asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
 }
 
-template <typename T, bool kCausal>
+template <typename T, MaskMode kMask>
 __global__ void __launch_bounds__(T::kThreads, 1)
     grouped_bwd_dkdv_kernel(const __grid_constant__ BwdKernelParams params) {
+  constexpr bool kCausal = kMask == MaskMode::kCausal;
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Element = typename T::Element;
   constexpr int kHeadDim = T::kHeadDim;
@@ -442,9 +443,9 @@ __global__ void __launch_bounds__(T::kThreads, 1)
 #endif
 }
 
-template <typename T, bool kCausal>
+template <typename T, MaskMode kMask>
 cudaError_t launch_grouped_bwd_dkdv(const BwdKernelParams& params, int num_ctas, cudaStream_t stream) {
-  return launch_with_smem(&grouped_bwd_dkdv_kernel<T, kCausal>, num_ctas, T::kThreads, T::kSmemBytes, stream, params);
+  return launch_with_smem(&grouped_bwd_dkdv_kernel<T, kMask>, num_ctas, T::kThreads, T::kSmemBytes, stream, params);
 }
 
 }  // namespace sm90

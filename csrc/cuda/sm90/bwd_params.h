@@ -5,6 +5,7 @@
 
 #include <cuda.h>
 
+#include "common/mask.h"
 #include "cuda/bwd_params.h"
 
 namespace ringattn {
@@ -26,7 +27,7 @@ struct BwdKernelParams {
 };
 static_assert(sizeof(BwdKernelParams) <= 32764, "kernel parameters fit the 32 KB parameter space");
 
-template <typename T, bool kCausal>
+template <typename T, MaskMode kMask>
 cudaError_t launch_grouped_bwd_dkdv(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
 
 // The deterministic mode's dQ kernel (bwd_dq_kernel.cuh): the tier-1 parameters (its work list
@@ -37,7 +38,7 @@ struct BwdDqKernelParams {
 };
 static_assert(sizeof(BwdDqKernelParams) <= 32764, "kernel parameters fit the 32 KB parameter space");
 
-template <typename T, bool kCausal>
+template <typename T, MaskMode kMask>
 cudaError_t launch_grouped_bwd_dq(const BwdDqKernelParams& params, int num_ctas, cudaStream_t stream);
 
 }  // namespace sm90

@@ -142,8 +142,9 @@ struct ConsumerTile {
   }
 };
 
-template <typename T, bool kCausal>
+template <typename T, MaskMode kMask>
 __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __grid_constant__ FwdKernelParams params) {
+  constexpr bool kCausal = kMask == MaskMode::kCausal;
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Element = typename T::Element;
   using Tile = ConsumerTile<T>;
@@ -341,9 +342,9 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __gri
 }
 
 // Host side: launch one instantiation over `num_ctas` CTAs (work items x heads).
-template <typename T, bool kCausal>
+template <typename T, MaskMode kMask>
 cudaError_t launch_grouped_fwd(const FwdKernelParams& params, int num_ctas, cudaStream_t stream) {
-  return launch_with_smem(&grouped_fwd_kernel<T, kCausal>, num_ctas, T::kThreads, T::kSmemBytes, stream, params);
+  return launch_with_smem(&grouped_fwd_kernel<T, kMask>, num_ctas, T::kThreads, T::kSmemBytes, stream, params);
 }
 
 }  // namespace sm90

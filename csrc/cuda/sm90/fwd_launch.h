@@ -4,6 +4,7 @@
 
 #include <cuda_runtime.h>
 
+#include "common/mask.h"
 #include "cuda/sm90/fwd_params.h"
 #include "cuda/sm90/fwd_traits.h"
 
@@ -11,7 +12,7 @@ namespace ringattn {
 namespace cuda {
 namespace sm90 {
 
-template <typename T, bool kCausal>
+template <typename T, MaskMode kMask>
 cudaError_t launch_grouped_fwd(const FwdKernelParams& params, int num_ctas, cudaStream_t stream);
 
 }  // namespace sm90

@@ -5,9 +5,9 @@
 namespace ringattn {
 namespace cuda {
 namespace sm80 {
-template cudaError_t launch_grouped_bwd_dkdv<BwdConfig<__half, 128>::Traits, false>(
+template cudaError_t launch_grouped_bwd_dkdv<BwdConfig<__half, 128>::Traits, MaskMode::kNone>(
     const BwdKernelParams&, int, cudaStream_t);
-template cudaError_t launch_grouped_bwd_dq<BwdConfig<__half, 128>::DqTraits, false>(
+template cudaError_t launch_grouped_bwd_dq<BwdConfig<__half, 128>::DqTraits, MaskMode::kNone>(
     const BwdKernelParams&, int, cudaStream_t);
 }  // namespace sm80
 }  // namespace cuda

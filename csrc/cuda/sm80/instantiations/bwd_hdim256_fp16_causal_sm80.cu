@@ -5,9 +5,9 @@
 namespace ringattn {
 namespace cuda {
 namespace sm80 {
-template cudaError_t launch_grouped_bwd_dkdv<BwdConfig<__half, 256>::Traits, true>(
+template cudaError_t launch_grouped_bwd_dkdv<BwdConfig<__half, 256>::Traits, MaskMode::kCausal>(
     const BwdKernelParams&, int, cudaStream_t);
-template cudaError_t launch_grouped_bwd_dq<BwdConfig<__half, 256>::DqTraits, true>(
+template cudaError_t launch_grouped_bwd_dq<BwdConfig<__half, 256>::DqTraits, MaskMode::kCausal>(
     const BwdKernelParams&, int, cudaStream_t);
 }  // namespace sm80
 }  // namespace cuda

@@ -4,7 +4,7 @@
 namespace ringattn {
 namespace cuda {
 namespace sm80 {
-template cudaError_t launch_grouped_fwd<FwdConfig<__half, 256>::Traits, false>(
+template cudaError_t launch_grouped_fwd<FwdConfig<__half, 256>::Traits, MaskMode::kNone>(
     const FwdKernelParams&, int, cudaStream_t);
 }  // namespace sm80
 }  // namespace cuda

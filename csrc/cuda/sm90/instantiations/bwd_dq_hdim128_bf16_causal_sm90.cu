@@ -4,7 +4,7 @@
 namespace ringattn {
 namespace cuda {
 namespace sm90 {
-template cudaError_t launch_grouped_bwd_dq<BwdDqConfig<__nv_bfloat16, 128>::Traits, true>(
+template cudaError_t launch_grouped_bwd_dq<BwdDqConfig<__nv_bfloat16, 128>::Traits, MaskMode::kCausal>(
     const BwdDqKernelParams&, int, cudaStream_t);
 }  // namespace sm90
 }  // namespace cuda

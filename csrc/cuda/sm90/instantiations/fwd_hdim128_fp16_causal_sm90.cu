@@ -4,7 +4,7 @@
 namespace ringattn {
 namespace cuda {
 namespace sm90 {
-template cudaError_t launch_grouped_fwd<FwdConfig<__half, 128>::Traits, true>(
+template cudaError_t launch_grouped_fwd<FwdConfig<__half, 128>::Traits, MaskMode::kCausal>(
     const FwdKernelParams&, int, cudaStream_t);
 }  // namespace sm90
 }  // namespace cuda
