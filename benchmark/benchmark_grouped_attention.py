@@ -85,7 +85,7 @@ above 2e-2 for bf16, 1e-2 for fp16; other implementations are listed for informa
 progress on stderr: one line per (workload, pass) step, "[i/n] workload | pass (elapsed 1m05s)",
 or a tqdm bar when tqdm imports and stderr is a terminal. --csv appends one row per (workload,
 impl, pass); the report text is also saved under --output-dir. benchmark/plot_results.py plots a
-CSV (TFLOPS vs sequence length); scripts/sweep.sh runs the full sweep on one GPU.
+CSV (TFLOPS vs sequence length); scripts/dev/sweep.sh runs the full sweep on one GPU.
 
 The pure-Python parts (build_workload, count_pairs, attention_flops, kv_bytes_read, CSV helpers,
 the ncu CSV parser and command, the progress lines) import without torch and are tested by
