@@ -290,7 +290,7 @@ def append_csv(path: str, rows: Sequence[Dict[str, str]]) -> None:
 
 
 def box_table(headers: Sequence[str], rows: Sequence[Sequence[str]], align: Sequence[str]) -> str:
-    """A box-drawn table (the seed's style). align: 'l', 'r' or 'c' per column."""
+    """A box-drawn table. align: 'l', 'r' or 'c' per column."""
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
 
     def cell(text, i):
