@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Quick sanity check of the three grouped-attention implementations (the seed guide's Test 1).
+"""Quick sanity check of the three grouped-attention implementations.
 
 Two query groups share one K/V stream, as in zigzag llama3 context parallelism: the "early"
 group sees the first half of the keys, the "late" group all of them (causal, bottom-right).
@@ -9,7 +9,7 @@ group sees the first half of the keys, the "late" group all of them (causal, bot
                     (ring_flash_attn.grouped_python._flash_attn_varlen_forward_grouped)
 * fused grouped   - one fused grouped kernel launch (grouped_flash_attn_varlen_func)
 
-On a GPU it runs the guide's configuration (seqlen 4096, 32 Q heads, 8 KV heads, head dim 128,
+On a GPU it runs a Llama3-8B-like configuration (seqlen 4096, 32 Q heads, 8 KV heads, head dim 128,
 batch 2, fp16). Without a GPU it runs a small configuration on the CPU backend and says so.
 """
 

@@ -59,21 +59,10 @@ reads K/V once and writes G copies to build its input, then reads each group's p
 With the SDPA repeat_interleave fallback the repeated heads count. Backward passes read K/V once
 more per pass (fwd_bwd counts both passes).
 
---measure-hbm: "HBM MB (ncu)" instead. After timing, each forward call of baseline, grouped_python
-and fused runs once more in a subprocess under Nsight Compute:
-
-    ncu --clock-control none --profile-from-start off --metrics dram__bytes_read.sum
-        -k regex:grouped_fwd_kernel --csv --print-units base
-        python benchmark/benchmark_grouped_attention.py --_ncu-child IMPL <the workload's arguments>
-
-(the hidden --_ncu-child entry point makes one warm-up call, then one call inside a
-cudaProfilerStart/Stop range). The cell is the DRAM bytes read summed over that call's
-grouped_fwd_kernel launches (baseline: one per group); ncu flushes the caches before each launch.
-It counts all DRAM reads of the attention kernels (Q, and K/V as often as L2 misses it), so it is
-larger than the analytic K/V bytes; grouped_python's K/V copies are other kernels and not counted.
-Other rows (other implementations, backward passes) keep the analytic number, marked "(a)". When
-ncu is missing or fails, a note says why and the column is "KV MB (analytic, no ncu)". The CSV's
-hbm_mb holds whichever number the table shows (the columns do not change).
+--measure-hbm: "HBM MB (ncu)" instead: each forward call of baseline, grouped_python, fused and
+fused_sm80 runs once more under Nsight Compute, and the cell holds the DRAM bytes its attention
+kernels read (benchmark/ncu_hbm.py, which describes the measurement; analytic bytes with a note
+where ncu is missing or fails).
 
 Passes: fwd, fwd_bwd, bwd (backward only, from a graph built outside the timed region; gradients
 w.r.t. the shared q/k/v leaves, so per-group implementations pay for summing dK/dV over groups).
@@ -85,11 +74,10 @@ above 2e-2 for bf16, 1e-2 for fp16; other implementations are listed for informa
 progress on stderr: one line per (workload, pass) step, "[i/n] workload | pass (elapsed 1m05s)",
 or a tqdm bar when tqdm imports and stderr is a terminal. --csv appends one row per (workload,
 impl, pass); the report text is also saved under --output-dir. benchmark/plot_results.py plots a
-CSV (TFLOPS vs sequence length); scripts/sweep.sh runs the full sweep on one GPU.
+CSV (TFLOPS vs sequence length); scripts/dev/sweep.sh runs the full sweep on one GPU.
 
 The pure-Python parts (build_workload, count_pairs, attention_flops, kv_bytes_read, CSV helpers,
-the ncu CSV parser and command, the progress lines) import without torch and are tested by
-test/test_benchmark_cpu.py.
+the progress lines) import without torch and are tested by test/test_benchmark_cpu.py.
 """
 
 from __future__ import annotations
@@ -302,7 +290,7 @@ def append_csv(path: str, rows: Sequence[Dict[str, str]]) -> None:
 
 
 def box_table(headers: Sequence[str], rows: Sequence[Sequence[str]], align: Sequence[str]) -> str:
-    """A box-drawn table (the seed's style). align: 'l', 'r' or 'c' per column."""
+    """A box-drawn table. align: 'l', 'r' or 'c' per column."""
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
 
     def cell(text, i):
@@ -319,152 +307,6 @@ def box_table(headers: Sequence[str], rows: Sequence[Sequence[str]], align: Sequ
         out.append("│" + "│".join(" " + cell(r[i], i) + " " for i in range(len(headers))) + "│")
     out.append(line("└", "┴", "┘"))
     return "\n".join(out)
-
-
-# ---- Nsight Compute: HBM bytes (pure Python) ----------------------------------------------------
-
-NCU_METRIC = "dram__bytes_read.sum"
-NCU_KERNEL_REGEX = "grouped_fwd_kernel"  # the attention kernel of baseline, grouped_python and fused
-NCU_TIMEOUT_S = 240  # one measurement: a Python start, a warm-up call and one profiled call
-NCU_CHILD_FAILED = 3  # exit status of --_ncu-child when the implementation cannot run
-NCU_CHILD_ERROR_PREFIX = "ncu-child error:"
-# ncu prints SI-prefixed byte units unless --print-units base; binary prefixes for completeness
-_NCU_BYTE_UNITS = {"byte": 1.0, "b": 1.0, "kbyte": 1e3, "kb": 1e3, "mbyte": 1e6, "mb": 1e6, "gbyte": 1e9,
-                   "gb": 1e9, "tbyte": 1e12, "tb": 1e12, "kibyte": 2.0 ** 10, "kib": 2.0 ** 10,
-                   "mibyte": 2.0 ** 20, "mib": 2.0 ** 20, "gibyte": 2.0 ** 30, "gib": 2.0 ** 30}
-
-
-class NcuError(Exception):
-    """No usable ncu measurement. tool=True: ncu itself failed (missing permissions, a crash, a
-    timeout), so later measurements would fail the same way; False: this one call failed."""
-
-    def __init__(self, message: str, tool: bool):
-        super().__init__(message)
-        self.tool = tool
-
-
-@dataclass(frozen=True)
-class NcuLaunch:
-    """One profiled kernel launch of ncu's CSV: its ID, kernel name and the metric in bytes."""
-
-    launch_id: str
-    kernel: str
-    value: float
-
-
-def parse_ncu_number(text: str) -> float:
-    """A number as ncu prints it: '1240000000', '1,240,000,000' (thousands separators), '1.24',
-    '9,00' or '1.234.567,8' (comma as the decimal separator, as some locales print)."""
-    s = text.strip().replace("\u202f", "").replace("\u00a0", "").replace(" ", "")
-    if s.count(".") >= 2 or ("." in s and "," in s and s.rfind(",") > s.rfind(".")):
-        s = s.replace(".", "").replace(",", ".")  # 1.234.567,8
-    elif "," in s:
-        head, *groups = s.split(",")
-        if groups and all(len(g.split(".")[0]) == 3 for g in groups) and 1 <= len(head.lstrip("+-")) <= 3:
-            s = s.replace(",", "")  # 1,240,000,000 or 1,234.5
-        elif len(groups) == 1:
-            s = s.replace(",", ".")  # 9,00
-    return float(s)
-
-
-def ncu_unit_scale(unit: str) -> float:
-    """Bytes per `unit` (ValueError for a unit that is not a byte count)."""
-    key = unit.strip().lower()
-    if key not in _NCU_BYTE_UNITS:
-        raise ValueError(f"unexpected ncu unit {unit!r} (expected bytes)")
-    return _NCU_BYTE_UNITS[key]
-
-
-def parse_ncu_csv(text: str, metric: str = NCU_METRIC) -> List[NcuLaunch]:
-    """The launches that report `metric` in `ncu --csv` output (one row per launch and metric),
-    in order, values in bytes. Everything that is not a row of that table is skipped: ==PROF==,
-    ==WARNING== and ==ERROR== lines and whatever the profiled program printed."""
-    header: Optional[Dict[str, int]] = None
-    launches = []
-    for line in text.splitlines():
-        if not line.startswith('"'):
-            continue
-        try:
-            fields = next(csv.reader([line]))
-        except (csv.Error, StopIteration):
-            continue
-        if "Metric Name" in fields and "Metric Value" in fields:
-            header = {name: i for i, name in enumerate(fields)}
-            continue
-        if header is None or len(fields) != len(header) or fields[header["Metric Name"]] != metric:
-            continue
-        unit = fields[header["Metric Unit"]] if "Metric Unit" in header else "byte"
-        value = parse_ncu_number(fields[header["Metric Value"]]) * ncu_unit_scale(unit)
-        launch_id = fields[header["ID"]] if "ID" in header else str(len(launches))
-        kernel = fields[header["Kernel Name"]] if "Kernel Name" in header else "?"
-        launches.append(NcuLaunch(launch_id, kernel, value))
-    return launches
-
-
-def ncu_messages(text: str) -> List[str]:
-    """ncu's ==ERROR== and ==WARNING== lines, in order, without repeats."""
-    lines = [line.strip() for line in text.splitlines()
-             if line.startswith("==ERROR==") or line.startswith("==WARNING==")]
-    return list(dict.fromkeys(lines))
-
-
-def interpret_ncu_output(text: str, returncode: int, metric: str = NCU_METRIC,
-                         kernel_regex: str = NCU_KERNEL_REGEX) -> Tuple[float, int]:
-    """(sum of `metric` over the profiled launches, number of launches) from one ncu run of the
-    --_ncu-child helper (stdout and stderr together); NcuError when there is nothing usable."""
-    messages = ncu_messages(text)
-    errors = [m for m in messages if m.startswith("==ERROR==")]
-    child_errors = [line.strip() for line in text.splitlines() if line.startswith(NCU_CHILD_ERROR_PREFIX)]
-    if child_errors:
-        raise NcuError(child_errors[0][len(NCU_CHILD_ERROR_PREFIX):].strip(), tool=False)
-    if errors:
-        raise NcuError(errors[0], tool=True)
-    if returncode != 0:
-        tail = [line.strip() for line in text.splitlines() if line.strip()][-1:] or ["no output"]
-        raise NcuError(f"ncu exited with status {returncode} ({tail[0][:200]})", tool=True)
-    try:
-        launches = parse_ncu_csv(text, metric)
-    except ValueError as e:
-        raise NcuError(f"unreadable ncu output: {e}", tool=True) from None
-    if not launches:
-        warning = f" ({messages[0]})" if messages else ""
-        raise NcuError(f"ncu reported no {metric} for a {kernel_regex} launch{warning}", tool=False)
-    return sum(launch.value for launch in launches), len(launches)
-
-
-def ncu_command(ncu: str, impl: str, w: Workload, config: str, dtype: str, python: Optional[str] = None,
-                script: Optional[str] = None, extra: Sequence[str] = ()) -> List[str]:
-    """The ncu command line that profiles one forward call of `impl` on workload `w` (the
-    --_ncu-child entry point of this script): DRAM bytes read by the kernels matching
-    NCU_KERNEL_REGEX, inside the helper's cudaProfilerStart/Stop range only, clocks untouched."""
-    cmd = [ncu, "--clock-control", "none", "--profile-from-start", "off", "--metrics", NCU_METRIC,
-           "-k", f"regex:{NCU_KERNEL_REGEX}", "--csv", "--print-units", "base",
-           python or sys.executable, script or os.path.abspath(__file__), "--_ncu-child", impl,
-           "--seqlens", str(w.seqlen), "--config", config, "--dtype", dtype, "--batch", str(w.batch)]
-    if w.world_size is not None:
-        cmd += ["--world-size", str(w.world_size), "--rank", str(w.rank)]
-    else:
-        cmd += ["--num-groups", str(w.num_groups)]
-    return cmd + list(extra)
-
-
-def find_ncu() -> Optional[str]:
-    """$NCU if set, else ncu on PATH, in $CUDA_HOME/bin, /usr/local/cuda/bin or the newest
-    /opt/nvidia/nsight-compute/*/ncu; None when there is none."""
-    import glob
-    import shutil
-
-    if os.environ.get("NCU"):
-        return shutil.which(os.environ["NCU"])
-    found = shutil.which("ncu")
-    if found:
-        return found
-    candidates = [os.path.join(d, "bin", "ncu") for d in (os.environ.get("CUDA_HOME"), "/usr/local/cuda") if d]
-    candidates += sorted(glob.glob("/opt/nvidia/nsight-compute/*/ncu"), reverse=True)
-    for c in candidates:
-        if os.path.isfile(c) and os.access(c, os.X_OK):
-            return c
-    return None
 
 
 # ---- progress (pure Python) ----------------------------------------------------------------------
@@ -587,14 +429,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="where the report text is saved; '' to not save (default: %(default)s)")
     p.add_argument("--no-check", action="store_true", help="skip the correctness check")
     p.add_argument("--measure-hbm", action="store_true",
-                   help="measure the HBM column with Nsight Compute: each forward call of baseline, "
-                        "grouped_python and fused runs once more under `ncu` (in a subprocess) and the "
-                        f"column holds the DRAM bytes read ({NCU_METRIC}) of its {NCU_KERNEL_REGEX} "
-                        "launches; falls back to the analytic K/V bytes, with a note, if ncu is missing "
-                        "or fails (ncu: $NCU, PATH, $CUDA_HOME/bin, /usr/local/cuda/bin)")
-    # The helper that --measure-hbm runs under ncu: one forward call of one implementation on the
-    # one workload given, inside a cudaProfilerStart/Stop range. Internal, hence hidden.
-    p.add_argument("--_ncu-child", dest="ncu_child", choices=OUR_IMPLS, default=None, help=argparse.SUPPRESS)
+                   help="measure the HBM column with Nsight Compute: each forward call of our "
+                        "implementations runs once more under `ncu` (in a subprocess) and the column holds "
+                        "the DRAM bytes its attention kernels read; falls back to the analytic K/V bytes, "
+                        "with a note, if ncu is missing or fails (benchmark/ncu_hbm.py; ncu: $NCU, PATH, "
+                        "$CUDA_HOME/bin, /usr/local/cuda/bin)")
     # Smoke-testing the script's own code paths on a machine without a GPU (tiny shapes only;
     # host timers, meaningless numbers). Not a benchmark mode, hence hidden.
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help=argparse.SUPPRESS)
@@ -616,8 +455,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                     build_workload(L, G, args.world_size, r, args.batch)
     except ValueError as e:
         p.error(str(e))
-    if args.ncu_child is not None and len(workloads_from_args(args)) != 1:
-        p.error("--_ncu-child: expected exactly one workload (one --seqlens, --num-groups and --rank value)")
     return args
 
 
@@ -650,7 +487,7 @@ class Report:
         self.lines.append(text)
 
 
-def _first_line(e: BaseException, limit: int = 240) -> str:
+def first_line(e: BaseException, limit: int = 240) -> str:
     """`Type: first line of the message`, cut to `limit` characters."""
     text = str(e).strip().splitlines()
     line = f"{type(e).__name__}: {text[0] if text else ''}"
@@ -743,7 +580,7 @@ def make_impls(names: Sequence[str], w: Workload, cfg: ModelConfig, meta: Meta, 
         except Exception as e:  # noqa: BLE001 (any import/load failure means: skip ours)
             key = "ring_flash_attn"
             if key not in notes:
-                notes[key] = f"ring_flash_attn unavailable ({_first_line(e)}): skipping {', '.join(need_ours)}"
+                notes[key] = f"ring_flash_attn unavailable ({first_line(e)}): skipping {', '.join(need_ours)}"
                 report(f"note: {notes[key]}")
             rfa = None
 
@@ -812,7 +649,7 @@ def make_impls(names: Sequence[str], w: Workload, cfg: ModelConfig, meta: Meta, 
         except ImportError as e:
             if "varlen_attn" not in notes:
                 notes["varlen_attn"] = (f"torch.nn.attention.varlen.varlen_attn is not importable "
-                                        f"({_first_line(e)}): skipping varlen_attn")
+                                        f"({first_line(e)}): skipping varlen_attn")
                 report(f"note: {notes['varlen_attn']}")
         else:
             def prep_varlen(q_list, k, v):
@@ -831,7 +668,7 @@ def make_impls(names: Sequence[str], w: Workload, cfg: ModelConfig, meta: Meta, 
             import flash_attn
         except ImportError as e:
             if "flash_attn" not in notes:
-                notes["flash_attn"] = f"flash-attn is not installed ({_first_line(e)}): skipping flash_attn"
+                notes["flash_attn"] = f"flash-attn is not installed ({first_line(e)}): skipping flash_attn"
                 report(f"note: {notes['flash_attn']}")
         else:
             def prep_fa(q_list, k, v):
@@ -901,7 +738,7 @@ def _make_sdpa_impl(name: str, w: Workload, cfg: ModelConfig, head_repeat: int) 
                 head_repeat=head_repeat)
 
 
-def _make_pass_fn(impl: Impl, pass_name: str, inputs, w: Workload):
+def make_pass_fn(impl: Impl, pass_name: str, inputs, w: Workload):
     """A zero-argument callable that runs one timed call of `pass_name` on one input set."""
     import torch
 
@@ -972,7 +809,7 @@ def _try_first_call(impl: Impl, inputs, pass_name: str, w: Workload):
         warnings.simplefilter("always")
         try:
             with impl.context():
-                fn = _make_pass_fn(impl, pass_name, inputs, w)
+                fn = make_pass_fn(impl, pass_name, inputs, w)
                 fn()
             if inputs[1].is_cuda:
                 torch.cuda.synchronize()
@@ -980,7 +817,7 @@ def _try_first_call(impl: Impl, inputs, pass_name: str, w: Workload):
         except (RuntimeError, NotImplementedError, ValueError, TypeError) as e:
             reasons = [str(c.message).strip().splitlines()[0][:200] for c in caught
                        if issubclass(c.category, UserWarning) and str(c.message).strip()]
-            reason = _first_line(e)
+            reason = first_line(e)
             if reasons:
                 reason += " | " + " | ".join(dict.fromkeys(reasons))
             return None, (e, reason)
@@ -1001,92 +838,28 @@ def _extra_peak_mb(fn, impl: Impl, device) -> Optional[float]:
     return (torch.cuda.max_memory_allocated() - before) / 1e6
 
 
-class HbmProbe:
-    """--measure-hbm: runs one forward call of one of our implementations under ncu, in a
-    subprocess (this script's --_ncu-child entry point), and returns its DRAM bytes read.
-
-    `unavailable` holds the reason once ncu is known not to work here (missing, no permission to
-    read the counters, crashed, timed out): later calls then return it at once."""
-
-    def __init__(self, ncu: Optional[str], args, extra: Sequence[str] = ()):
-        self.ncu = ncu
-        self.args = args
-        self.extra = list(extra)
-        self.unavailable: Optional[str] = None if ncu else (
-            "ncu not found ($NCU, PATH, $CUDA_HOME/bin, /usr/local/cuda/bin, /opt/nvidia/nsight-compute)")
-
-    def measure(self, impl: str, w: Workload) -> Tuple[Optional[float], str]:
-        """(bytes, '<n> launch(es)') or (None, reason)."""
-        import subprocess
-
-        if self.unavailable:
-            return None, self.unavailable
-        cmd = ncu_command(self.ncu, impl, w, self.args.config, self.args.dtype, extra=self.extra)
-        try:
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=NCU_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            self.unavailable = f"ncu did not finish within {NCU_TIMEOUT_S} s"
-            return None, self.unavailable
-        except OSError as e:
-            self.unavailable = f"ncu could not be started ({_first_line(e)})"
-            return None, self.unavailable
-        try:
-            total, launches = interpret_ncu_output(r.stdout + "\n" + r.stderr, r.returncode)
-        except NcuError as e:
-            if e.tool:
-                self.unavailable = str(e)
-            return None, str(e)
-        return total, f"{launches} launch{'es' if launches != 1 else ''}"
-
-
-def ncu_child(args) -> int:
-    """--_ncu-child IMPL: one untimed warm-up forward call of IMPL on the single workload of the
-    arguments, then one more inside a cudaProfilerStart/Stop range (what ncu profiles when run
-    with --profile-from-start off). Reasons for failing go to stderr after NCU_CHILD_ERROR_PREFIX."""
-    import torch
-
-    name = args.ncu_child
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print(f"{NCU_CHILD_ERROR_PREFIX} no CUDA GPU is available", file=sys.stderr, flush=True)
-        return NCU_CHILD_FAILED
-    device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    cfg = CONFIGS[args.config]
-    (w,) = workloads_from_args(args)
-    notes: Dict[str, str] = {}
-    to_stderr = Report(printer=lambda text: print(text, file=sys.stderr, flush=True))
-    impls = make_impls([name], w, cfg, make_meta(w, device), to_stderr, notes)
-    if name not in impls:
-        print(f"{NCU_CHILD_ERROR_PREFIX} {name} unavailable ({'; '.join(notes.values()) or 'unknown reason'})",
-              file=sys.stderr, flush=True)
-        return NCU_CHILD_FAILED
-    impl = impls[name]
-    torch.manual_seed(0)
-    try:
-        fn = _make_pass_fn(impl, "fwd", make_input_set(w, cfg, dtype, device, False), w)
-        with impl.context():
-            fn()  # warm-up, outside the profiled range
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.profiler.start()
-        with impl.context():
-            fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.profiler.stop()
-    except (RuntimeError, NotImplementedError, ValueError, TypeError) as e:
-        print(f"{NCU_CHILD_ERROR_PREFIX} {name} failed: {_first_line(e)}", file=sys.stderr, flush=True)
-        return NCU_CHILD_FAILED
-    return 0
-
-
 def _format_mb(mb: float) -> str:
     return f"{mb:.0f}" if mb >= 10 else f"{mb:.2f}"
 
 
+@dataclass
+class Timed:
+    """One table row: median time, TFLOPS, the HBM cell (MB; measured by ncu or analytic), the
+    extra peak memory of one call (None off the GPU) and the analytic K/V MB."""
+
+    ms: float
+    tflops: float
+    hbm_mb: float
+    peak_mb: Optional[float]
+    measured: bool
+    analytic_mb: float
+
+
 def run_workload(w: Workload, cfg: ModelConfig, args, dtype, device, env: Dict[str, str], report: Report,
                  notes: Dict[str, str], csv_rows: List[Dict[str, str]], failures: List[str],
-                 prog: Optional[Progress] = None, hbm: Optional[HbmProbe] = None) -> None:
+                 prog: Optional[Progress] = None, hbm=None) -> None:
+    """Time every requested pass of every implementation on workload `w` and report the tables.
+    hbm: an ncu_hbm.HbmProbe (--measure-hbm) or None."""
     import torch
 
     prog = prog or Progress(len(args.passes), use_bar=False)
@@ -1112,9 +885,9 @@ def run_workload(w: Workload, cfg: ModelConfig, args, dtype, device, env: Dict[s
         prog.start(f"{w.describe()} | {pass_name}")
         need_grad = pass_name != "fwd"
         sets = [make_input_set(w, cfg, dtype, device, need_grad) for _ in range(n_sets)]
-        results = {}
+        results: Dict[str, Timed] = {}
         row_notes = {}
-        hbm_notes: Dict[str, str] = {}  # impl -> launches, or why it was not measured
+        hbm_details: Dict[str, str] = {}  # impl -> ncu launches, or why it was not measured
         no_gpu_bwd = []  # our implementations skipped because libringattn has no GPU backward
         no_gpu_bwd_reason = ""
         for name in args.impls:
@@ -1142,7 +915,7 @@ def run_workload(w: Workload, cfg: ModelConfig, args, dtype, device, env: Dict[s
                     report(f"note: {name} ({pass_name}) skipped: {reason}")
                 continue
             peak_mb = _extra_peak_mb(fn0, impl, device)
-            fns = [fn0] + [_make_pass_fn(impl, pass_name, s, w) for s in sets[1:]]
+            fns = [fn0] + [make_pass_fn(impl, pass_name, s, w) for s in sets[1:]]
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 ms = time_calls(fns, args.num_runs, warmup, impl.context, device)
@@ -1151,17 +924,14 @@ def run_workload(w: Workload, cfg: ModelConfig, args, dtype, device, env: Dict[s
             analytic_mb = kv_bytes_read(w, name, cfg.num_heads_k, cfg.head_dim, elem, pass_name,
                                         impl.head_repeat) / 1e6
             hbm_mb, measured = analytic_mb, False
-            if hbm is not None and pass_name == "fwd" and name in OUR_IMPLS:
+            if hbm is not None and hbm.wants(name, pass_name):
                 if device.type == "cuda":
                     torch.cuda.synchronize()
-                    torch.cuda.empty_cache()  # the child runs on the same GPU
-                if not hbm.unavailable:
-                    prog.note(f"  ncu: one {name} fwd call ({w.describe()})")
-                measured_bytes, detail = hbm.measure(name, w)
-                hbm_notes[name] = detail
+                    torch.cuda.empty_cache()  # the measurement runs on the same GPU
+                measured_bytes, hbm_details[name] = hbm.measure(name, w, prog.note)
                 if measured_bytes is not None:
                     hbm_mb, measured = measured_bytes / 1e6, True
-            results[name] = (ms, tflops, hbm_mb, peak_mb, measured, analytic_mb)
+            results[name] = Timed(ms, tflops, hbm_mb, peak_mb, measured, analytic_mb)
             if impl.note:
                 row_notes[name] = impl.note
             csv_rows.append(csv_row(env["gpu"], env["torch"], env["cuda"], cfg.name, w, name, pass_name, ms, tflops,
@@ -1179,61 +949,43 @@ def run_workload(w: Workload, cfg: ModelConfig, args, dtype, device, env: Dict[s
             report(f"note: {notes['ringattn-bwd']}")
 
         if results:
-            _report_pass_table(report, pass_name, args.impls, results, row_notes, hbm_notes, hbm is not None)
+            if hbm is None:
+                hbm_header, hbm_lines = "KV MB (analytic)", []
+            else:
+                hbm_header, hbm_lines = hbm.column({n: r.measured for n, r in results.items()}, hbm_details)
+            _report_pass_table(report, pass_name, results, row_notes, hbm_header, hbm_lines)
 
     if not args.no_check and "fwd" in args.passes:
         _correctness_check(w, cfg, args, dtype, device, meta, impls, outputs_for_check, report, notes, failures)
 
 
-def _report_pass_table(report: Report, pass_name: str, names: Sequence[str], results: Dict[str, tuple],
-                       row_notes: Dict[str, str], hbm_notes: Dict[str, str], hbm_requested: bool) -> None:
-    """One pass's box table. results: impl -> (ms, tflops, hbm_mb, peak_mb, measured, analytic_mb).
-    The HBM column is "HBM MB (ncu)" when any row was measured (unmeasured rows then show their
-    analytic K/V bytes marked "(a)"), else "KV MB (analytic)", or "KV MB (analytic, no ncu)" when
-    --measure-hbm was asked for and failed (a line below the table says why)."""
-    any_measured = any(r[4] for r in results.values())
-    failed = {n: hbm_notes[n] for n in names if n in results and not results[n][4] and n in hbm_notes}
-    if any_measured:
-        hbm_header = "HBM MB (ncu)"
-    elif hbm_requested and failed:
-        hbm_header = "KV MB (analytic, no ncu)"  # --measure-hbm asked, nothing measured: the note says why
-    else:
-        hbm_header = "KV MB (analytic)"
+def _report_pass_table(report: Report, pass_name: str, results: Dict[str, Timed], row_notes: Dict[str, str],
+                       hbm_header: str, hbm_lines: Sequence[str]) -> None:
+    """One pass's box table, rows in the order of `results`; hbm_header heads the HBM column and
+    hbm_lines go under the table (what ncu measured, or why not). Unmeasured cells are marked
+    "(a)" (analytic) when other rows of the column were measured."""
+    any_measured = any(r.measured for r in results.values())
     base = results.get("baseline")
     rows = []
-    for name in names:
-        if name not in results:
-            continue
-        ms, tflops, hbm_mb, peak_mb, measured, _ = results[name]
-        speedup = f"{base[0] / ms:.2f}x" if base else "n/a"
+    for name, r in results.items():
+        speedup = f"{base.ms / r.ms:.2f}x" if base else "n/a"
         label = DISPLAY_NAMES[name] + (" *" if name in row_notes else "")
-        cell = _format_mb(hbm_mb) + ("" if measured or not any_measured else " (a)")
-        peak = "n/a" if peak_mb is None else f"{peak_mb:.0f}"
-        rows.append([label, f"{ms:.3f}", speedup, f"{tflops:.1f}", cell, peak])
+        cell = _format_mb(r.hbm_mb) + ("" if r.measured or not any_measured else " (a)")
+        peak = "n/a" if r.peak_mb is None else f"{r.peak_mb:.0f}"
+        rows.append([label, f"{r.ms:.3f}", speedup, f"{r.tflops:.1f}", cell, peak])
     report(f"{pass_name}:")
     report(box_table(["Implementation", "Time (ms)", "Speedup vs baseline", "TFLOPS", hbm_header, "Peak MB (extra)"],
                      rows, ["l", "r", "c", "r", "r", "r"]))
     for name, note in row_notes.items():
         report(f"  * {DISPLAY_NAMES[name]}: {note}")
-    if any_measured:
-        launches = ", ".join(f"{n} {hbm_notes[n]}" for n in names if n in results and results[n][4])
-        report(f"  HBM MB (ncu): {NCU_METRIC} summed over the call's {NCU_KERNEL_REGEX} launches ({launches}); "
-               f"one call each under ncu, which flushes the caches before every launch")
-        if any(not r[4] for r in results.values()):
-            report("  (a): not measured, the analytic K/V bytes (ncu measures the fwd calls of "
-                   f"{', '.join(OUR_IMPLS)} only)")
-    if hbm_requested and failed and not any_measured and len(set(failed.values())) == 1:
-        report(f"  HBM: not measured with ncu ({next(iter(failed.values()))}): the column holds the analytic "
-               f"K/V bytes")
-    else:
-        for name, reason in failed.items():
-            report(f"  ncu: {name} not measured ({reason}); its HBM cell holds the analytic K/V bytes")
+    for line in hbm_lines:
+        report(line)
     if base and "fused" in results:
         fused = results["fused"]
-        line = (f"  fused vs baseline: {base[0] / fused[0]:.2f}x time, "
-                f"{100 * (1 - fused[5] / base[5]):.0f}% fewer K/V bytes (analytic)")
-        if fused[4] and base[4]:
-            line += f", {100 * (1 - fused[2] / base[2]):.0f}% fewer DRAM bytes read (ncu)"
+        line = (f"  fused vs baseline: {base.ms / fused.ms:.2f}x time, "
+                f"{100 * (1 - fused.analytic_mb / base.analytic_mb):.0f}% fewer K/V bytes (analytic)")
+        if fused.measured and base.measured:
+            line += f", {100 * (1 - fused.hbm_mb / base.hbm_mb):.0f}% fewer DRAM bytes read (ncu)"
         report(line)
 
 
@@ -1322,7 +1074,7 @@ def environment(device) -> Dict[str, str]:
 
         env["library"] = ring_flash_attn.library_version()
     except Exception as e:  # noqa: BLE001
-        env["library"] = f"unavailable ({_first_line(e)})"
+        env["library"] = f"unavailable ({first_line(e)})"
     return env
 
 
@@ -1333,8 +1085,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ImportError as e:
         print(f"error: PyTorch is required to run the benchmark ({e})", file=sys.stderr)
         return EXIT_NO_GPU
-    if args.ncu_child is not None:
-        return ncu_child(args)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: no CUDA GPU is available (torch.cuda.is_available() is False); this benchmark "
               "times GPU kernels and needs one. `--help` lists the options.", file=sys.stderr)
@@ -1365,15 +1115,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
            f"call among them), median of {args.num_runs}; FLOPs on unmasked pairs (fwd 4*D*Hq*pairs, bwd 2.5x)")
     hbm = None
     if args.measure_hbm:
-        hbm = HbmProbe(find_ncu(), args, extra=["--device", "cpu"] if device.type == "cpu" else [])
-        if hbm.unavailable:
-            report(f"HBM: --measure-hbm: {hbm.unavailable}; the HBM column holds the analytic K/V bytes "
-                   f"(\"KV MB (analytic, no ncu)\")")
-        else:
-            report(f"HBM: --measure-hbm: {hbm.ncu} measures {NCU_METRIC} of one fwd call of each of "
-                   f"{', '.join(n for n in OUR_IMPLS if n in args.impls) or 'none requested'} "
-                   f"({NCU_KERNEL_REGEX} launches, in a subprocess); other rows and passes keep the analytic "
-                   f"K/V bytes")
+        import ncu_hbm  # this folder: the Nsight Compute measurement
+
+        hbm = ncu_hbm.HbmProbe(ncu_hbm.find_ncu(), args.config, args.dtype,
+                               extra=["--device", "cpu"] if device.type == "cpu" else [])
+        report(hbm.describe(args.impls))
     else:
         report("HBM: analytic K/V bytes (--measure-hbm measures DRAM reads with Nsight Compute)")
 
@@ -1385,7 +1131,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         try:
             run_workload(w, cfg, args, dtype, device, env, report, notes, csv_rows, failures, prog, hbm)
         except torch.OutOfMemoryError as e:
-            report(f"note: {w.describe()}: out of GPU memory ({_first_line(e)}); skipped")
+            report(f"note: {w.describe()}: out of GPU memory ({first_line(e)}); skipped")
             prog.advance_to((i + 1) * len(args.passes))
         if device.type == "cuda":
             torch.cuda.empty_cache()

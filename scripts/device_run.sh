@@ -4,10 +4,10 @@
 #
 #   bash scripts/device_run.sh [quick|full|tests|targets|multi]
 #     quick (default): tests + the headline per-rank workload; tests: no benchmark;
-#     full: + stress tests, torchrun zigzag, the full benchmark set; targets: tests + issue 10's
-#     tier-2 target workloads (fused vs fused_sm80 vs baselines); multi: build, smoke, then only
-#     the runs over every GPU of the machine (torchrun zigzag test, distributed benchmark at
-#     $ZIGZAG_SEQLENS, default the benchmark's own), no single-GPU pytest suites.
+#     full: + stress tests, torchrun zigzag, the full benchmark set; targets: tests + the
+#     headline workloads of docs/performance.md (fused vs fused_sm80 vs baselines); multi: build,
+#     smoke, then only the runs over every GPU of the machine (torchrun zigzag test, distributed
+#     benchmark at $ZIGZAG_SEQLENS, default the benchmark's own), no single-GPU pytest suites.
 #
 # Logs and CSVs go to $OUT (the device tool's return folder) or build/device-out.
 # GoogleTest: the GPU machine has no GoogleTest package; this machine copies its sources to
@@ -103,7 +103,7 @@ if [ "$mode" = full ] || [ "$mode" = tests ]; then
   [ $rc -ne 0 ] && grep -E "Error|assert|FAILED" "$out/pytest_stress.log" | head -30
 fi
 
-# Host time per call of each Python layer on a tiny problem (DESIGN: measure the per-call overhead).
+# Host time per call of each Python layer on a tiny problem (the per-call overhead, docs/performance.md).
 if [ "$mode" != multi ]; then
   timeout 60 "$py" scripts/host_overhead.py --calls 1000 --repeats 3 >"$out/host_overhead.txt" 2>&1
   us_of() { grep -F "$1" "$out/host_overhead.txt" | sed -E 's/.* ([0-9.]+) us.*/\1/' | head -1; }
@@ -128,8 +128,9 @@ if { [ "$mode" = full ] || [ "$mode" = tests ] || [ "$mode" = multi ]; } && [ "$
   tail -15 "$out/zigzag_bench.log"
 fi
 
-# Benchmark: quick = the headline per-rank workload; full = the issue's target workloads and the
-# seed's default sweep. Every run appends to one CSV; each run's report goes to $OUT.
+# Benchmark: quick = the headline per-rank workload; full = the per-rank workloads (L=64K N=8,
+# L=16K N=2, L=8K N=1) and the benchmark's default sweep of L with 2 groups. Every run appends to
+# one CSV; each run's report goes to $OUT.
 bench() {
   "$py" benchmark/benchmark_grouped_attention.py "$@" --csv "$out/bench.csv" --output-dir "$out" \
     >>"$out/bench.log" 2>&1
@@ -143,7 +144,7 @@ if [ "$mode" = full ]; then
 elif [ "$mode" = quick ]; then
   bench --seqlens 65536 --world-size 8 --rank 0 --num-runs 20
 elif [ "$mode" = targets ]; then
-  # Issue 10's target workloads: tier 2 (fused) and tier 1 (fused_sm80) next to the baselines.
+  # The headline workloads of docs/performance.md: tier 2 (fused) and tier 1 (fused_sm80) next to the baselines.
   impls=(--impls fused fused_sm80 baseline sdpa_flash sdpa_cudnn varlen_attn)
   bench --seqlens 65536 --world-size 8 --rank 0 7 --passes fwd fwd_bwd --num-runs 10 --warmup 2 "${impls[@]}"
   bench --seqlens 16384 --world-size 2 --rank 0 --passes fwd --num-runs 10 "${impls[@]}"

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Host (CPU) time per call of each layer of the Python path, on a tiny problem so that the
-kernel's own work is negligible (DESIGN: keep the per-call host overhead small; measure it).
+kernel's own work is negligible (the per-call host overhead; numbers in docs/performance.md).
 
     python scripts/host_overhead.py            # CUDA if present, else the CPU backend
     python scripts/host_overhead.py --device cpu --calls 5000

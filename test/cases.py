@@ -174,3 +174,13 @@ def assert_lse_close(name: str, lse: Tensor, ref: Tensor, tol: float = 1e-4) -> 
 def poison_like(t: Tensor) -> Tensor:
     """A tensor shaped like `t` filled with NaN (to catch unwritten outputs)."""
     return torch.full_like(t, math.nan)
+
+
+def library_available() -> bool:
+    """True when ring_flash_attn imports and libringattn loads (tests that run the library skip
+    themselves otherwise, e.g. a benchmark test on a machine without a build)."""
+    try:
+        from ring_flash_attn import _lib
+    except ImportError:
+        return False
+    return _lib.is_available()

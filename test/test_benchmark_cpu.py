@@ -2,10 +2,8 @@
 
 * benchmark/benchmark_grouped_attention.py: workload construction (default and zigzag per-rank),
   the unmasked-pairs count and the FLOPs formula against brute force, the analytic K/V bytes
-  against the figures in DESIGN.md, the CSV header, and the command line without a GPU.
-* --measure-hbm: parsing canned Nsight Compute CSV output, the ncu command line (its child
-  arguments give back the same workload), error classification, and the whole path on the CPU
-  backend with a fake `ncu` ($NCU) and without one (fallback to the analytic bytes).
+  against figures worked out by hand, the CSV header, and the command line without a GPU.
+  (--measure-hbm, the Nsight Compute part: test/test_benchmark_ncu_cpu.py.)
 * scripts/host_overhead.py runs on the CPU backend (one timing row per layer).
 * The progress lines ([i/n], elapsed time) and benchmark/plot_results.py (grouping always; the
   PNG only where matplotlib is importable).
@@ -24,7 +22,7 @@ import sys
 import pytest
 import torch
 
-from cases import cu_seqlens
+from cases import cu_seqlens, library_available
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _BENCH_DIR = os.path.join(_ROOT, "benchmark")
@@ -33,6 +31,8 @@ if _BENCH_DIR not in sys.path:
     sys.path.insert(0, _BENCH_DIR)
 
 import benchmark_grouped_attention as bench  # noqa: E402
+
+needs_library = pytest.mark.skipif(not library_available(), reason="libringattn cannot be loaded")
 
 
 # ---- workloads ---------------------------------------------------------------------------------
@@ -107,9 +107,10 @@ def test_zigzag_workload_rejects_bad_arguments():
         bench.build_workload(64, num_groups=4, world_size=2)
 
 
-def test_kv_bytes_match_design_figures():
-    # DESIGN.md section 3: L = 65536, N = 8, Llama3-8B (8 KV heads, D = 128), bf16:
-    # two calls read 285 MB of K/V, the shared stream 268 MB at rank 0 and 151 MB at rank 7.
+def test_kv_bytes_match_hand_worked_figures():
+    # L = 65536, N = 8, Llama3-8B (8 KV heads, D = 128), bf16: chunks of c = 4096 tokens, 4 KiB of
+    # K+V per key; two calls read c + 16c keys = 285 MB of K/V, the shared stream 16c = 268 MB at
+    # rank 0 and 9c = 151 MB at rank 7.
     cfg = bench.CONFIGS["llama3-8b"]
     w0 = bench.build_workload(65536, world_size=8, rank=0)
     w7 = bench.build_workload(65536, world_size=8, rank=7)
@@ -176,7 +177,6 @@ def test_help_without_gpu():
     for flag in ("--seqlens", "--num-groups", "--config", "--num-runs", "--world-size", "--rank", "--csv",
                  "--passes", "--impls", "--output-dir", "--measure-hbm"):
         assert flag in r.stdout
-    assert "--_ncu-child" not in r.stdout  # internal
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU exit path")
@@ -185,102 +185,6 @@ def test_no_gpu_exits_with_code_2():
     assert r.returncode == 2
     assert "no CUDA GPU" in r.stderr
     assert "Traceback" not in r.stderr
-
-
-# ---- --measure-hbm: ncu output and command ----------------------------------------------------
-
-# `ncu --csv` output for two launches, written by hand after ncu's long CSV form (not captured from
-# a run): its own ==PROF== lines, the profiled program's output, one row per launch and metric, a
-# kernel name with commas, and values with thousands separators and in scaled units.
-NCU_OUTPUT = """\
-==PROF== Connected to process 4242 (/usr/bin/python3.12)
-note: something the program printed
-==PROF== Profiling "grouped_fwd_kernel" - 0: 0%....50%....100% - 1 pass
-==PROF== Profiling "grouped_fwd_kernel" - 1: 0%....50%....100% - 1 pass
-==PROF== Disconnected from process 4242
-"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"
-"0","4242","python3.12","127.0.0.1","void ringattn::grouped_fwd_kernel<Traits<128, 32, 4>, true>(Params, int)","1","7","(128, 1, 1)","(32, 32, 1)","0","9.0","Command line profiler metrics","dram__bytes_read.sum","byte","52,428,800"
-"0","4242","python3.12","127.0.0.1","void ringattn::grouped_fwd_kernel<Traits<128, 32, 4>, true>(Params, int)","1","7","(128, 1, 1)","(32, 32, 1)","0","9.0","Command line profiler metrics","lts__t_sector_hit_rate.pct","%","90.31"
-"1","4242","python3.12","127.0.0.1","void ringattn::grouped_fwd_kernel<Traits<128, 32, 4>, true>(Params, int)","1","7","(128, 1, 1)","(512, 32, 1)","0","9.0","Command line profiler metrics","dram__bytes_read.sum","Gbyte","1.22"
-"""
-
-
-def test_parse_ncu_csv_canned_output():
-    launches = bench.parse_ncu_csv(NCU_OUTPUT)
-    assert [launch.launch_id for launch in launches] == ["0", "1"]
-    assert launches[0].kernel.startswith("void ringattn::grouped_fwd_kernel<Traits<128, 32, 4>")  # commas kept
-    assert launches[0].value == 52_428_800
-    assert launches[1].value == pytest.approx(1.22e9)
-    total, n = bench.interpret_ncu_output(NCU_OUTPUT, 0)
-    assert n == 2 and total == pytest.approx(52_428_800 + 1.22e9)
-    assert bench.parse_ncu_csv("==PROF== nothing\n") == []
-    assert bench.parse_ncu_csv(NCU_OUTPUT, metric="dram__bytes_write.sum") == []
-
-
-@pytest.mark.parametrize("text, value", [
-    ("1240000000", 1240000000.0), ("1,240,000,000", 1240000000.0), ("1.22", 1.22), ("9,00", 9.0),
-    ("1,234.5", 1234.5), ("1.234.567,8", 1234567.8), ("52 428 800", 52428800.0), ("0", 0.0)])
-def test_parse_ncu_number(text, value):
-    assert bench.parse_ncu_number(text) == pytest.approx(value)
-
-
-def test_ncu_units():
-    assert bench.ncu_unit_scale("byte") == 1 and bench.ncu_unit_scale("Mbyte") == 1e6
-    assert bench.ncu_unit_scale("Gbyte") == 1e9 and bench.ncu_unit_scale("KB") == 1e3
-    with pytest.raises(ValueError, match="unit"):
-        bench.ncu_unit_scale("%")
-
-
-def test_interpret_ncu_output_failures():
-    # no permission to read the counters: ncu itself fails, later calls would too
-    perm = ("==PROF== Connected to process 1\n==ERROR== ERR_NVGPUCTRPERM - The user does not have permission to "
-            "access NVIDIA GPU Performance Counters on the target device 0.\n")
-    with pytest.raises(bench.NcuError, match="ERR_NVGPUCTRPERM") as e:
-        bench.interpret_ncu_output(perm, 0)
-    assert e.value.tool
-    # the helper could not run this implementation: only this measurement is lost
-    child = f"==PROF== Connected\n{bench.NCU_CHILD_ERROR_PREFIX} fused unavailable (no library)\n"
-    with pytest.raises(bench.NcuError, match="fused unavailable") as e:
-        bench.interpret_ncu_output(child, bench.NCU_CHILD_FAILED)
-    assert not e.value.tool
-    # nothing matched the kernel filter
-    none = "==PROF== Connected\n==WARNING== No kernels were profiled.\n==PROF== Disconnected\n"
-    with pytest.raises(bench.NcuError, match="No kernels were profiled") as e:
-        bench.interpret_ncu_output(none, 0)
-    assert not e.value.tool
-    # ncu crashed
-    with pytest.raises(bench.NcuError, match="status 139") as e:
-        bench.interpret_ncu_output("Segmentation fault\n", 139)
-    assert e.value.tool
-    with pytest.raises(bench.NcuError, match="unreadable"):
-        bench.interpret_ncu_output(NCU_OUTPUT.replace('"Gbyte"', '"%"'), 0)
-
-
-@pytest.mark.parametrize("kwargs", [dict(seqlen=65536, world_size=8, rank=7), dict(seqlen=4096, num_groups=4),
-                                    dict(seqlen=2048, num_groups=2, batch=3)])
-def test_ncu_command_round_trip(kwargs):
-    w = bench.build_workload(**kwargs)
-    cmd = bench.ncu_command("/opt/ncu", "baseline", w, "llama3-70b", "fp16", python="py", script="bench.py",
-                            extra=["--device", "cpu"])
-    assert cmd[0] == "/opt/ncu"
-    joined = " ".join(cmd)
-    for part in ("--clock-control none", "--profile-from-start off", "--metrics dram__bytes_read.sum",
-                 "-k regex:grouped_fwd_kernel", "--csv", "--print-units base", "py bench.py --_ncu-child baseline"):
-        assert part in joined
-    args = bench.parse_args(cmd[cmd.index("bench.py") + 1:])
-    assert args.ncu_child == "baseline" and args.config == "llama3-70b" and args.dtype == "fp16"
-    assert args.device == "cpu"
-    assert bench.workloads_from_args(args) == [w]
-
-
-def test_find_ncu_honours_env(tmp_path, monkeypatch):
-    fake = tmp_path / "ncu"
-    fake.write_text("#!/bin/sh\n")
-    fake.chmod(0o755)
-    monkeypatch.setenv("NCU", str(fake))
-    assert bench.find_ncu() == str(fake)
-    monkeypatch.setenv("NCU", str(tmp_path / "missing"))
-    assert bench.find_ncu() is None
 
 
 # ---- progress ----------------------------------------------------------------------------------
@@ -327,86 +231,6 @@ def test_progress_bar_when_tqdm_is_there():
     assert prog.bar.n == 1
     prog.close()
     assert "3/3" in stream.getvalue() and "done: 2/3 steps" in stream.getvalue()
-
-
-# ---- --measure-hbm end to end on the CPU backend -------------------------------------------------
-
-
-FAKE_NCU = """\
-import sys
-argv = sys.argv[1:]
-assert argv[:2] == ["--clock-control", "none"], argv
-impl = argv[argv.index("--_ncu-child") + 1]
-print("==PROF== Connected to process 4242")
-print('"ID","Kernel Name","Metric Name","Metric Unit","Metric Value"')
-for i in range(2 if impl == "baseline" else 1):  # baseline: one launch per group
-    print(f'"{i}","grouped_fwd_kernel","dram__bytes_read.sum","byte","{(i + 1) * 1_500_000:,}"')
-print("==PROF== Disconnected from process 4242")
-"""
-
-
-def _library_available() -> bool:
-    try:
-        from ring_flash_attn import _lib
-    except ImportError:
-        return False
-    return _lib.is_available()
-
-
-needs_library = pytest.mark.skipif(not _library_available(), reason="libringattn cannot be loaded")
-
-
-def _run_cpu_bench(tmp_path, env_extra, *argv):
-    csv_path = tmp_path / "out.csv"
-    # The child imports the same ring_flash_attn as this process (the installed one under CI,
-    # python/ with RING_FLASH_ATTN_LIBRARY in a development run), so it finds the same library.
-    import ring_flash_attn
-
-    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(ring_flash_attn.__file__)))
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=os.pathsep.join(
-        [package_parent, os.environ.get("PYTHONPATH", "")]), **env_extra)
-    r = subprocess.run([sys.executable, _SCRIPT, "--device", "cpu", "--seqlens", "64", "--num-runs", "1",
-                        "--warmup", "0", "--output-dir", "", "--csv", str(csv_path), "--measure-hbm", *argv],
-                       capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0, r.stdout + r.stderr
-    with open(csv_path, newline="") as f:
-        rows = {(row["impl"], row["pass"]): row for row in csv.DictReader(f)}
-    return r, rows
-
-
-@needs_library
-def test_measure_hbm_with_fake_ncu(tmp_path):
-    fake = tmp_path / "ncu"
-    fake.write_text(f"#!{sys.executable}\n" + FAKE_NCU)
-    fake.chmod(0o755)
-    r, rows = _run_cpu_bench(tmp_path, {"NCU": str(fake)}, "--impls", "baseline", "grouped_python", "fused",
-                             "sdpa_flash")
-    assert "HBM MB (ncu)" in r.stdout and "KV MB (analytic)" not in r.stdout
-    assert "baseline 2 launches" in r.stdout and "fused 1 launch" in r.stdout
-    assert rows["baseline", "fwd"]["hbm_mb"] == "4.5"  # 1.5 MB + 3.0 MB, the sum of its two launches
-    assert rows["grouped_python", "fwd"]["hbm_mb"] == rows["fused", "fwd"]["hbm_mb"] == "1.5"
-    # sdpa_flash is not measured: analytic K/V bytes, marked in the table
-    w = bench.build_workload(64, 2)
-    assert float(rows["sdpa_flash", "fwd"]["hbm_mb"]) == pytest.approx(
-        bench.kv_bytes_read(w, "sdpa_flash", 8, 128, 2) / 1e6, abs=0.06)
-    assert " (a) " in r.stdout
-    assert "[1/1]" in r.stderr and "ncu: one baseline fwd call" in r.stderr
-    assert list(rows["fused", "fwd"].keys()) == list(bench.CSV_COLUMNS)
-
-
-@needs_library
-def test_measure_hbm_without_ncu_falls_back(tmp_path):
-    r, rows = _run_cpu_bench(tmp_path, {"NCU": str(tmp_path / "no-ncu-here")}, "--impls", "baseline", "fused",
-                             "--passes", "fwd", "fwd_bwd")
-    assert "KV MB (analytic, no ncu)" in r.stdout and "HBM MB (ncu)" not in r.stdout
-    assert "KV MB (analytic) " in r.stdout  # the fwd_bwd table: never measured
-    assert "ncu not found" in r.stdout
-    assert "HBM: not measured with ncu" in r.stdout
-    w = bench.build_workload(64, 2)
-    for pass_name in ("fwd", "fwd_bwd"):
-        assert float(rows["fused", pass_name]["hbm_mb"]) == pytest.approx(
-            bench.kv_bytes_read(w, "fused", 8, 128, 2, pass_name) / 1e6, abs=0.06)
-    assert "[1/2]" in r.stderr and "[2/2]" in r.stderr and "elapsed" in r.stderr
 
 
 # ---- benchmark/plot_results.py -------------------------------------------------------------------

@@ -79,7 +79,7 @@ def _run_and_check(seqlens_q, seqlens_k, hq, hk, d, dtype, causal, seqused=None,
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_grouped_vs_separate_correctness(dtype, causal, head_dim):
-    """The seed's check: two zigzag groups (early / late chunk) in one call vs one call per group."""
+    """Two zigzag groups (early / late chunk) in one call vs one call per group."""
     torch.manual_seed(0)
     c = 256  # chunk; world size 2, rank 0: early chunk sees c keys, late chunk sees 4c - 0*c
     seqlens_k = [4 * c]

@@ -2,7 +2,7 @@
 """One fused call and one baseline pair (two calls) on the per-rank zigzag workload, for ncu:
 
   ncu --clock-control none --metrics dram__bytes_read.sum,lts__t_sector_hit_rate.pct \
-      -k regex:grouped_fwd_kernel python3 scripts/hbm_probe.py [L N r]
+      -k regex:grouped_fwd_kernel python3 scripts/dev/hbm_probe.py [L N r]
 
 Prints the analytic K/V bytes next to what ncu measures (ncu prints per kernel launch; the first
 launch is the fused one, the next two the baseline's)."""

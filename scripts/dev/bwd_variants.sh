@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Kernel development on the device: build the library once per variant (extra nvcc flags, e.g. a
-# -D knob such as RINGATTN_SM90_BWD_STAGES) and, for each, run the tier-2 smoke test under a
-# timeout (a pipeline or barrier bug hangs), the per-kernel backward times and the fwd+bwd
-# benchmark row at L=64K N=8 rank 0; a summary line per variant comes last.
-#   VARIANTS="base: stages3:-DRINGATTN_SM90_BWD_STAGES=3" bash scripts/bwd_variants.sh
+# Kernel development on the device: build the library once per variant (a source tree and extra
+# nvcc flags, e.g. a -D macro that a kernel under study reads) and, for each, run the tier-2 smoke
+# test under a timeout (a pipeline or barrier bug hangs), the per-kernel backward times and the
+# fwd+bwd benchmark row at L=64K N=8 rank 0; a summary line per variant comes last.
+#   VARIANTS="base: try:-DMY_KERNEL_KNOB=1" bash scripts/dev/bwd_variants.sh
 #   VARIANTS="prev@.device/prev: new:" ...   prev built from another source tree (e.g. an older
 #       commit: mkdir -p .device/prev && git archive COMMIT | tar -x -C .device/prev; carry .device)
 #   NCU=1 ...   also ncu's throughput / stall sections of one dK/dV launch per variant, and its
@@ -12,7 +12,7 @@
 # commas inside one -D value if ever needed). Builds run in parallel (build/variant-NAME, -j16
 # each). With $OUT set (the device tool), every log ends up in $OUT/variants.tgz.
 set -uo pipefail
-root="$(cd "$(dirname "$0")/.." && pwd)"
+root="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$root" || exit 1
 out="${OUT:-$root/build/variants-out}"
 mkdir -p "$out"
@@ -28,7 +28,7 @@ for v in $variants; do
 done
 wait
 echo "builds took $((SECONDS - t0)) s"
-export PYTHONPATH="$root/python:$root/scripts" PYTHONUNBUFFERED=1
+export PYTHONPATH="$root/python" PYTHONUNBUFFERED=1
 summary=()
 for v in $variants; do
   name="${v%%:*}"
@@ -39,7 +39,7 @@ for v in $variants; do
   rc=$?
   line="$name: smoke rc=$rc ($(grep -c '^ok' "$out/smoke_$name.log") ok, $(grep -c '^FAIL' "$out/smoke_$name.log") FAIL)"
   if [ $rc -eq 0 ]; then
-    timeout 100 python3 scripts/bwd_kernel_times.py >"$out/times_$name.log" 2>&1
+    timeout 100 python3 scripts/dev/bwd_kernel_times.py >"$out/times_$name.log" 2>&1
     line+="; $(grep -m1 'deterministic=0' "$out/times_$name.log")"
     timeout 120 python3 benchmark/benchmark_grouped_attention.py --seqlens 65536 --world-size 8 --rank 0 \
       --passes fwd_bwd --impls fused --num-runs 10 --warmup 2 --csv "$out/bench_$name.csv" --output-dir "$out" \
@@ -48,7 +48,7 @@ for v in $variants; do
     if [ "${NCU:-0}" = 1 ]; then
       timeout 180 ncu --kernel-name regex:grouped_bwd_dkdv --launch-skip 1 --launch-count 1 \
         --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section SourceCounters \
-        -o "$out/ncu_$name" python3 scripts/bwd_kernel_times.py --once >"$out/ncu_run_$name.log" 2>&1
+        -o "$out/ncu_$name" python3 scripts/dev/bwd_kernel_times.py --once >"$out/ncu_run_$name.log" 2>&1
       ncu -i "$out/ncu_$name.ncu-rep" >"$out/ncu_$name.txt" 2>&1
       ncu -i "$out/ncu_$name.ncu-rep" --page source --csv --print-source sass >"$out/ncu_source_$name.csv" 2>&1
       line+="; ncu: $(grep -E 'Issue Slots Busy|Eligible Warps Per Scheduler|No Eligible|Compute \(SM\) Throughput' "$out/ncu_$name.txt" |

@@ -4,7 +4,7 @@
 # fwd_bwd, Llama3-8B and Llama3-70B heads, sequence lengths 4K-128K, 2/4/8 groups, and the zigzag
 # per-rank workloads of N=2 (ranks 0, 1) and N=8 (ranks 0, 7) at L = 64K and 128K.
 #
-#   bash scripts/sweep.sh
+#   bash scripts/dev/sweep.sh
 #
 # Output, under $OUT (the device tool's return folder) or build/sweep-out:
 #   sweep.csv          every row of every step (the benchmark's CSV columns)
@@ -16,8 +16,9 @@
 # scripts/device_run.sh on a machine still warm), else a build of its own in build/sweep (head dim
 # 128 only, this card's arch, no tests, -j16), whose minutes count against the time budget below.
 #
-# Time: the ~8 minutes are an estimate from the tier-1 H100 numbers (forward ~320 TFLOPS, our
-# backward ~200), not yet a measurement; the summary gives each step's seconds. A step starts only
+# Time: measured once, on one H100 with the tier-1 kernels (benchmark/results/2026-11-25_h100_sweep):
+# steps 1-9 fitted a 330 s budget, 10-13 (Llama3-70B at L >= 32K) did not; not re-measured with the
+# tier-2 kernels (faster for the fused rows only). The summary gives each step's seconds. A step starts only
 # while less than $SWEEP_BUDGET_S seconds (default 420) have passed since the script started; the
 # steps after that are listed as skipped. The steps run in order of importance (Llama3-8B first,
 # then Llama3-70B), and the longest (8B, L=128K, N=2, fwd_bwd) comes early, so a late step that
@@ -42,7 +43,7 @@
 # * The bwd-only pass (fwd_bwd minus fwd gives it) and fp16 (bf16 only).
 # * flash_attn where the flash-attn package is not installed (the benchmark skips it with a note).
 set -uo pipefail
-root="$(cd "$(dirname "$0")/.." && pwd)"
+root="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$root" || exit 1
 out="${OUT:-$root/build/sweep-out}"
 mkdir -p "$out"
