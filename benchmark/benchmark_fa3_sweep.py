@@ -892,7 +892,7 @@ class Sweep:
         self.notes: "OrderedDict[str, None]" = OrderedDict()  # run-wide notes, each once
         self.skips = SkipLog()  # measurements that did not run, and why
         self.module_cache: Dict[str, object] = {}
-        self.checks: Dict[Tuple[Shape, bool, str], Tuple[float, str]] = {}  # (shape, causal, impl) -> result
+        self.checks: Dict[Tuple[Shape, bool, str], Tuple[Optional[float], str]] = {}  # (shape, causal, impl)
         self.context_lost: Optional[str] = None
         self.stopped_for_time = False
 
@@ -977,8 +977,6 @@ class Sweep:
             except torch.OutOfMemoryError as e:
                 self.skips.add(case.impl, place, f"out of GPU memory ({short_reason(e)})")
                 outcome = "skipped: out of memory"
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
             except Exception as e:  # noqa: BLE001 (one failing measurement never stops the sweep)
                 if self.device.type == "cuda" and not cuda_usable():
                     self.context_lost = f"{case.describe()}: {short_reason(e)}"
@@ -989,6 +987,8 @@ class Sweep:
                     self.skips.add(case.impl, place, short_reason(e), verb="failed")
                     outcome = f"failed: {short_text(short_reason(e))}"
             self.progress.finished(case, outcome)
+            if outcome.startswith("skipped: out of memory") and self.device.type == "cuda":
+                torch.cuda.empty_cache()  # here, once the exception (and the tensors its frames held) is gone
         del sets, references
 
     def measure(self, case: Case, sets, references: Dict[bool, object]) -> Measurement:
@@ -1005,18 +1005,30 @@ class Sweep:
         del calls
         key = (case.shape, case.causal, case.impl)
         if not self.args.no_check and key not in self.checks:
-            q, k, v = (t.detach() for t in sets[0])
-            if case.causal not in references:
-                h = min(CHECK_HEADS, case.shape.num_heads)
-                L = case.shape.seqlen
-                references[case.causal] = reference_attention(q[:L, :h].float(), k[:L, :h].float(),
-                                                              v[:L, :h].float(), case.causal)
-            with torch.no_grad(), runner.context():
-                out = runner.to_varlen(runner.forward(q, k, v))
-            self.checks[key] = check_output(out, references[case.causal], case.shape, case.impl,
-                                            CHECK_TOLERANCE[self.args.dtype])
-            del out
+            try:
+                self.checks[key] = self.check(case, runner, sets[0], references)
+            except torch.OutOfMemoryError as e:  # keep the time; say why there is no check
+                self.checks[key] = (None, f"unchecked: {short_reason(e, 120)}")
+            except Exception as e:  # noqa: BLE001
+                if self.device.type == "cuda" and not cuda_usable():
+                    raise
+                self.checks[key] = (None, f"unchecked: {short_reason(e, 120)}")
         return self.record(case, time_ms)
+
+    def check(self, case: Case, runner: Runner, inputs, references: Dict[bool, object]) -> Tuple[float, str]:
+        """One forward call on the first input set against the fp32 reference (computed once per
+        causal flag and input set, on the first sequence and CHECK_HEADS heads)."""
+        import torch
+
+        q, k, v = (t.detach() for t in inputs)
+        if case.causal not in references:
+            h = min(CHECK_HEADS, case.shape.num_heads)
+            L = case.shape.seqlen
+            references[case.causal] = reference_attention(q[:L, :h].float(), k[:L, :h].float(), v[:L, :h].float(),
+                                                          case.causal)
+        with torch.no_grad(), runner.context():
+            out = runner.to_varlen(runner.forward(q, k, v))
+        return check_output(out, references[case.causal], case.shape, case.impl, CHECK_TOLERANCE[self.args.dtype])
 
 
 # ---- reporting -----------------------------------------------------------------------------------

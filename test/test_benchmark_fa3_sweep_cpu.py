@@ -412,3 +412,18 @@ def test_time_budget_stops_new_measurements(tmp_path):
     assert len(rows) < 2 * 2 * 2  # later (shape, pass) groups did not run
     assert "--time-budget-s 1e-06 spent" in r.stdout
     assert "not run (--time-budget-s" in r.stderr
+
+
+def test_cpu_device_check_that_raises_keeps_the_time(tmp_path, monkeypatch, capsys):
+    def broken_reference(*args, **kwargs):
+        raise RuntimeError("reference broke")
+
+    monkeypatch.setattr(sweep, "reference_attention", broken_reference)
+    csv_path = str(tmp_path / "fa3_sweep.csv")
+    status = sweep.main(["--device", "cpu", *TINY, "--seqlens", "64", "--impls", "ours", "--passes", "fwd",
+                         "--causal", "yes", "--csv", csv_path, "--plot", ""])
+    capsys.readouterr()
+    assert status == 0
+    _, rows = read_rows(csv_path)
+    assert len(rows) == 1 and float(rows[0]["time_ms"]) > 0
+    assert rows[0]["status"] == "unchecked: RuntimeError: reference broke" and rows[0]["check_max_abs_diff"] == ""
