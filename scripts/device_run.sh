@@ -49,6 +49,27 @@ else
 fi
 lib="$root/build/device/libringattn.so"
 
+# Mode sweep: only the FlashAttention-3 paper's sweep (benchmark/benchmark_fa3_sweep.py, extra
+# arguments in $SWEEP_ARGS), no tests. New measurements stop SWEEP_DEADLINE_S seconds after this
+# script started (default 540, inside a 10-minute device call); the CSV is written row by row.
+if [ "$mode" = sweep ]; then
+  budget=$(( ${SWEEP_DEADLINE_S:-540} - SECONDS ))
+  [ "$budget" -lt 30 ] && budget=30
+  t0=$(date +%s)
+  RING_FLASH_ATTN_LIBRARY="$lib" PYTHONPATH="$root/python${PYTHONPATH:+:$PYTHONPATH}" \
+    timeout -k 10 $(( budget + 60 )) "$py" benchmark/benchmark_fa3_sweep.py --csv "$out/fa3_sweep.csv" \
+    --plot "$out/fa3_sweep.png" --time-budget-s "$budget" ${SWEEP_ARGS:-} \
+    >"$out/fa3_sweep.txt" 2>"$out/fa3_sweep_progress.log"
+  rc=$?
+  rows=$(( $(wc -l <"$out/fa3_sweep.csv" 2>/dev/null || echo 1) - 1 ))
+  note "benchmark_fa3_sweep.py ${SWEEP_ARGS:-}: rc=$rc in $(( $(date +%s) - t0 )) s, $rows CSV rows"
+  cat "$out/fa3_sweep.txt"
+  tail -3 "$out/fa3_sweep_progress.log"
+  [ -n "${OUT:-}" ] && (cd "$out" && tar czf logs.tgz ./*.log && rm -f ./*.log)
+  printf '%s\n' "${summary[@]}"
+  exit "$rc"
+fi
+
 if [ -x build/device/test/cpp/ringattn_tests ]; then
   build/device/test/cpp/ringattn_tests --gtest_brief=1 >"$out/gtest.log" 2>&1
   rc=$?
