@@ -1,0 +1,12 @@
+"""Context parallelism: attention over a sequence split across the ranks of a process group.
+
+Shared pieces, each in one module:
+
+* ``process_group``: resolving a group to (group, world size, rank);
+* ``validation``: the argument checks of every scheme;
+* ``index_maps``: device-side row maps (sequence of a row, inverse permutation);
+* ``ring_comm``: ring point-to-point exchange of K/V (and dK/dV) blocks;
+* ``lse_merge``: merging partial outputs through their log-sum-exp (fp32 / fp64);
+* ``all_gather``: the sliced K/V all-gather and the autograd function of the all-gather schemes;
+* ``reduce_scatter``: the reduce-scatter of their dK/dV slices.
+"""
