@@ -7,16 +7,16 @@ adapter (``ring_flash_attn.hf_adapter``) imports transformers only when it is us
 
 from . import ops
 from .grouped import flash_attn_varlen_func, grouped_flash_attn_varlen_func
-from .ring import (
+from .cp.ring import (
     ring_flash_attn_func,
     ring_flash_attn_kvpacked_func,
     ring_flash_attn_qkvpacked_func,
     ring_flash_attn_varlen_func,
     ring_flash_attn_varlen_kvpacked_func,
     ring_flash_attn_varlen_qkvpacked_func,
-    stripe_flash_attn_func,
-    stripe_flash_attn_kvpacked_func,
-    stripe_flash_attn_qkvpacked_func,
+)
+from .cp.stripe import stripe_flash_attn_func, stripe_flash_attn_kvpacked_func, stripe_flash_attn_qkvpacked_func
+from .cp.zigzag_ring import (
     zigzag_ring_flash_attn_func,
     zigzag_ring_flash_attn_kvpacked_func,
     zigzag_ring_flash_attn_qkvpacked_func,

@@ -8,5 +8,8 @@ Shared pieces, each in one module:
 * ``ring_comm``: ring point-to-point exchange of K/V (and dK/dV) blocks;
 * ``lse_merge``: merging partial outputs through their log-sum-exp (fp32 / fp64);
 * ``all_gather``: the sliced K/V all-gather and the autograd function of the all-gather schemes;
-* ``reduce_scatter``: the reduce-scatter of their dK/dV slices.
+* ``reduce_scatter``: the reduce-scatter of their dK/dV slices;
+* ``ring_engine``: the ring attention forward / backward shared by the ring schemes.
+
+Schemes, one module each: ``ring``, ``zigzag_ring``, ``stripe`` (ring attention).
 """
