@@ -7,6 +7,12 @@ adapter (``ring_flash_attn.hf_adapter``) imports transformers only when it is us
 
 from . import ops
 from .grouped import flash_attn_varlen_func, grouped_flash_attn_varlen_func
+from .cp.llama3 import (
+    llama3_flash_attn_varlen_func,
+    llama3_flash_attn_varlen_kvpacked_func,
+    llama3_flash_attn_varlen_qkvpacked_func,
+)
+from .cp.llama3_layout import llama3_flash_attn_prepare_cu_seqlens
 from .cp.ring import (
     ring_flash_attn_func,
     ring_flash_attn_kvpacked_func,
@@ -16,6 +22,18 @@ from .cp.ring import (
     ring_flash_attn_varlen_qkvpacked_func,
 )
 from .cp.stripe import stripe_flash_attn_func, stripe_flash_attn_kvpacked_func, stripe_flash_attn_qkvpacked_func
+from .cp.zigzag_layout import (
+    zigzag_gather,
+    zigzag_llama3_prepare_cu_seqlens,
+    zigzag_local_cu_seqlens,
+    zigzag_shard,
+    zigzag_unshard,
+)
+from .cp.zigzag_llama3 import (
+    zigzag_llama3_flash_attn_varlen_func,
+    zigzag_llama3_flash_attn_varlen_kvpacked_func,
+    zigzag_llama3_flash_attn_varlen_qkvpacked_func,
+)
 from .cp.zigzag_ring import (
     zigzag_ring_flash_attn_func,
     zigzag_ring_flash_attn_kvpacked_func,
@@ -32,24 +50,6 @@ from .hf_adapter import (
     substitute_hf_flash_attn,
     update_ring_flash_attn_params,
     use_ring_attn,
-)
-from .llama3 import (
-    llama3_flash_attn_varlen_func,
-    llama3_flash_attn_varlen_kvpacked_func,
-    llama3_flash_attn_varlen_qkvpacked_func,
-)
-from .zigzag_llama3 import (
-    zigzag_llama3_flash_attn_varlen_func,
-    zigzag_llama3_flash_attn_varlen_kvpacked_func,
-    zigzag_llama3_flash_attn_varlen_qkvpacked_func,
-)
-from .zigzag_utils import (
-    llama3_flash_attn_prepare_cu_seqlens,
-    zigzag_gather,
-    zigzag_llama3_prepare_cu_seqlens,
-    zigzag_local_cu_seqlens,
-    zigzag_shard,
-    zigzag_unshard,
 )
 
 __version__ = "0.1.0"

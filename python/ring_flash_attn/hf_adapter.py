@@ -52,9 +52,11 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .llama3 import llama3_flash_attn_varlen_func
-from .zigzag_llama3 import _world, zigzag_llama3_flash_attn_varlen_func
-from .zigzag_utils import llama3_flash_attn_prepare_cu_seqlens, zigzag_llama3_prepare_cu_seqlens
+from .cp.llama3 import llama3_flash_attn_varlen_func
+from .cp.llama3_layout import llama3_flash_attn_prepare_cu_seqlens
+from .cp.process_group import resolve_group
+from .cp.zigzag_layout import zigzag_llama3_prepare_cu_seqlens
+from .cp.zigzag_llama3 import zigzag_llama3_flash_attn_varlen_func
 
 __all__ = [
     "HF_ATTN_LLAMA3",
@@ -180,7 +182,7 @@ def update_ring_flash_attn_params(cu_seqlens: Tensor, process_group=None) -> Non
     if cu.dim() != 1 or cu.shape[0] < 2:
         raise ValueError(f"cu_seqlens: expected a 1-D tensor of batch_size + 1 >= 2 entries, got shape "
                          f"{tuple(cu.shape)}")
-    _, world_size, rank = _world(process_group)
+    _, world_size, rank = resolve_group(process_group)
     values = cu.tolist()
     if values[0] != 0:
         raise ValueError(f"cu_seqlens: expected the first entry to be 0, got {values[0]}")
@@ -220,7 +222,7 @@ def _ring_attention(scheme: str, q: Tensor, k: Tensor, v: Tensor, causal: bool, 
                            "update_ring_flash_attn_params(cu_seqlens, process_group) on every rank before the "
                            "model's forward")
     group = _STATE.group
-    _, world_size, rank = _world(group)
+    _, world_size, rank = resolve_group(group)
     if (world_size, rank) != (batch.world_size, batch.rank):
         raise RuntimeError(f"update_ring_flash_attn_params was called for rank {batch.rank} of {batch.world_size}, "
                            f"but the attention runs on rank {rank} of {world_size} (the process group given to "

@@ -9,7 +9,9 @@ Shared pieces, each in one module:
 * ``lse_merge``: merging partial outputs through their log-sum-exp (fp32 / fp64);
 * ``all_gather``: the sliced K/V all-gather and the autograd function of the all-gather schemes;
 * ``reduce_scatter``: the reduce-scatter of their dK/dV slices;
-* ``ring_engine``: the ring attention forward / backward shared by the ring schemes.
+* ``ring_engine``: the ring attention forward / backward shared by the ring schemes;
+* ``zigzag_layout``, ``llama3_layout``: the sharding and metadata helpers of the layouts.
 
-Schemes, one module each: ``ring``, ``zigzag_ring``, ``stripe`` (ring attention).
+Schemes, one module each: ``ring``, ``zigzag_ring``, ``stripe`` (ring attention),
+``llama3``, ``zigzag_llama3`` (all-gather of K/V).
 """
