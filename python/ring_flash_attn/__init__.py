@@ -1,8 +1,10 @@
 """ring_flash_attn: context-parallel exact attention on libringattn (a CUDA C++ library with a C ABI).
 
 Importing the package registers the ``torch.ops.ring_flash_attn`` custom ops; the native library
-is loaded on first use (see ``ring_flash_attn._lib`` for where it is looked for). The HuggingFace
-adapter (``ring_flash_attn.hf_adapter``) imports transformers only when it is used.
+is loaded on first use (see ``ring_flash_attn._lib`` for where it is looked for). The
+context-parallel schemes live in ``ring_flash_attn.cp`` (one module per scheme, a registry of
+them in ``ring_flash_attn.cp.registry``). The HuggingFace adapter (``ring_flash_attn.hf_adapter``)
+imports transformers only when it is used.
 """
 
 from . import ops

@@ -13,5 +13,14 @@ Shared pieces, each in one module:
 * ``zigzag_layout``, ``llama3_layout``: the sharding and metadata helpers of the layouts.
 
 Schemes, one module each: ``ring``, ``zigzag_ring``, ``stripe`` (ring attention),
-``llama3``, ``zigzag_llama3`` (all-gather of K/V).
+``llama3``, ``zigzag_llama3`` (all-gather of K/V). ``scheme`` describes a scheme and
+``registry`` lists them (``get_scheme(name)``, ``schemes()``); the HuggingFace adapter
+(``ring_flash_attn.hf_adapter``) offers the registered schemes that have an ``hf`` binding.
+The public functions are re-exported by the top-level ``ring_flash_attn`` package.
 """
+
+from .registry import get_scheme, hf_schemes, register_scheme, schemes
+from .scheme import BatchNotSupported, ContextParallelScheme, HFBinding
+
+__all__ = ["BatchNotSupported", "ContextParallelScheme", "HFBinding", "get_scheme", "hf_schemes",
+           "register_scheme", "schemes"]

@@ -25,7 +25,7 @@ when ``RING_FLASH_ATTN_CHECK_METADATA=1`` asks for it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -34,16 +34,22 @@ from .. import ops
 from .._checks import check_flash_attn_defaults
 from ..grouped import _resolve_scale
 from .all_gather import KVSlicePlan, gather_kv_slices, sliced_kv_attention
+from .llama3_layout import llama3_flash_attn_prepare_cu_seqlens
 from .process_group import resolve_group
 from .reduce_scatter import SliceReduceScatter
+from .scheme import BatchMetadata
 from .validation import (check_collective_device, check_cu_seqlens_pair, check_heads, check_heads_k_stride,
                          check_local_tokens, check_python_int, check_qkv, metadata_checks_enabled, short_list, unpack)
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
-__all__ = ["llama3_flash_attn_varlen_func",
+__all__ = ["HF_ATTN_LLAMA3", "hf_batch_metadata", "llama3_flash_attn_varlen_func",
            "llama3_flash_attn_varlen_kvpacked_func", "llama3_flash_attn_varlen_qkvpacked_func"]
+
+# The name of the scheme in transformers' AttentionInterface (ring_flash_attn.hf_adapter).
+HF_ATTN_LLAMA3 = "ring_attn_llama3"
+
 
 @dataclass
 class _Plan(KVSlicePlan):
@@ -213,3 +219,8 @@ def llama3_flash_attn_varlen_qkvpacked_func(
         local_k_slice, dropout_p, softmax_scale, causal, window_size, alibi_slopes, deterministic,
         return_attn_probs, group)
 
+
+def hf_batch_metadata(cu_seqlens: List[int], rank: int, world_size: int) -> Dict[bool, BatchMetadata]:
+    """The HF adapter's per-batch metadata: ``llama3_flash_attn_prepare_cu_seqlens`` of the GLOBAL
+    ``cu_seqlens`` (host ints) for ``rank``, causal and not (CPU tensors)."""
+    return {c: llama3_flash_attn_prepare_cu_seqlens(cu_seqlens, c, rank, world_size) for c in (True, False)}

@@ -38,7 +38,7 @@ Metadata VALUES are validated on the host where that is free (CPU tensors) or wh
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -49,16 +49,18 @@ from ..grouped import _resolve_scale
 from ..grouped_python import _flash_attn_varlen_forward_grouped
 from .all_gather import KVSlicePlan, gather_kv_slices, sliced_kv_attention
 from .index_maps import inverse_permutation, sequence_of
+from .llama3 import HF_ATTN_LLAMA3
 from .process_group import resolve_group
 from .reduce_scatter import SliceReduceScatter
+from .scheme import BatchMetadata, BatchNotSupported
 from .validation import (check_collective_device, check_cu_seqlens_pair, check_heads, check_heads_k_stride,
                          check_local_tokens, check_python_int, check_qkv, metadata_checks_enabled, short_list, unpack)
-from .zigzag_layout import zigzag_check_cu_seqlens, zigzag_gathered_to_global_index
+from .zigzag_layout import zigzag_check_cu_seqlens, zigzag_gathered_to_global_index, zigzag_llama3_prepare_cu_seqlens
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
-__all__ = ["resolve_impl",
+__all__ = ["HF_ATTN_ZIGZAG_LLAMA3", "hf_batch_metadata", "resolve_impl",
            "zigzag_llama3_flash_attn_varlen_func", "zigzag_llama3_flash_attn_varlen_kvpacked_func",
            "zigzag_llama3_flash_attn_varlen_qkvpacked_func", "IMPL_BASELINE", "IMPL_GROUPED_PYTHON",
            "IMPL_FUSED"]
@@ -66,6 +68,10 @@ __all__ = ["resolve_impl",
 IMPL_BASELINE = "baseline"
 IMPL_GROUPED_PYTHON = "grouped_python"
 IMPL_FUSED = "fused"
+
+# The name of the scheme in transformers' AttentionInterface (ring_flash_attn.hf_adapter).
+HF_ATTN_ZIGZAG_LLAMA3 = "ring_attn_zigzag_llama3"
+
 
 def resolve_impl(use_grouped_attention: bool = False, use_triton_grouped: bool = False,
                  use_fused_kernel: bool = False) -> str:
@@ -436,3 +442,17 @@ def zigzag_llama3_flash_attn_varlen_qkvpacked_func(
         local_k_slice, dropout_p, softmax_scale, causal, window_size, alibi_slopes, deterministic,
         return_attn_probs, group, **impl_flags)
 
+
+def hf_batch_metadata(cu_seqlens: List[int], rank: int, world_size: int) -> Dict[bool, BatchMetadata]:
+    """The HF adapter's per-batch metadata: ``zigzag_llama3_prepare_cu_seqlens`` of the GLOBAL
+    ``cu_seqlens`` (host ints), the same for causal and not (CPU tensors). Raises
+    ``BatchNotSupported`` when a sequence length is not a multiple of 2 * world_size."""
+    two_n = 2 * world_size
+    lengths = [b - a for a, b in zip(cu_seqlens, cu_seqlens[1:])]
+    bad = [(b, n) for b, n in enumerate(lengths) if n % two_n]
+    if bad:
+        b, n = bad[0]
+        raise BatchNotSupported(f"sequence {b} has length {n}, expected a multiple of 2 * world_size = {two_n}; "
+                                f"use the contiguous layout ({HF_ATTN_LLAMA3!r}) for such batches")
+    metadata = zigzag_llama3_prepare_cu_seqlens(cu_seqlens, True, rank, world_size, max_seqlen=max(lengths))
+    return {True: metadata, False: metadata}
