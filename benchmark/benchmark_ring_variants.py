@@ -20,7 +20,7 @@ inputs. Variants:
     ring_varlen,                  the packed S tokens per rank cycle, call after call, through four
     zigzag_ring_varlen,           batches (as upstream's varlen benchmark): one sequence; 256, 7392
     llama3_varlen,                and 544 tokens; two halves; 3104, 3200, 1600, 160 and 128 tokens
-    zigzag_llama3_varlen          (scaled to S, rounded to even lengths). The ring.py forms get the
+    zigzag_llama3_varlen          (scaled to S, rounded to even lengths). The ring varlen forms get the
                                   rank's LOCAL cu_seqlens (every sequence N times longer globally);
                                   llama3 gets llama3_flash_attn_prepare_cu_seqlens's metadata for
                                   the global batch (contiguous pieces), zigzag llama3 that of

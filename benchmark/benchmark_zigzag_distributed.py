@@ -187,7 +187,7 @@ def make_kernels(inp, impl: str, pass_name: str, hs: int, reduce_dtype, world_si
     """The step's attention calls alone, on K/V already gathered and in natural order."""
     import torch
 
-    from ring_flash_attn import zigzag_llama3 as zl
+    from ring_flash_attn.cp import zigzag_llama3 as zl
 
     q, k_glob, v_glob = inp["q"], inp["k_glob"], inp["v_glob"]
     plan = zl._make_plan(q, inp["k"], inp["cu_k"], inp["max_k"], hs, None, True, False, reduce_dtype,

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import ring_flash_attn as rfa
-from ring_flash_attn import llama3
+from ring_flash_attn.cp import llama3
 from dist_harness import assert_case_within, CachedSpawns, NoHostReads, rel_err, run_cases
 from reference import grouped_attention_reference
 from cases import cu_seqlens

@@ -244,10 +244,11 @@ def _overlap_check(rank: int, world_size: int) -> List[str]:
     """Order of P2P posts, waits and kernels in one causal ring forward + backward."""
     import torch.distributed as dist
 
-    from ring_flash_attn import ring as ring_mod
+    from ring_flash_attn import ops
+    from ring_flash_attn.cp.ring_comm import RingComm
 
     events: List[str] = []
-    saved = (dist.batch_isend_irecv, ring_mod.ops.grouped_fwd, ring_mod.ops.grouped_bwd, ring_mod._Ring.wait)
+    saved = (dist.batch_isend_irecv, ops.grouped_fwd, ops.grouped_bwd, RingComm.wait)
 
     def post(p2p):
         events.append(f"post{p2p[0].tag}")
@@ -264,9 +265,9 @@ def _overlap_check(rank: int, world_size: int) -> List[str]:
         return saved[3](pending)
 
     dist.batch_isend_irecv = post
-    ring_mod.ops.grouped_fwd = kernel(saved[1], "fwd")
-    ring_mod.ops.grouped_bwd = kernel(saved[2], "bwd")
-    ring_mod._Ring.wait = staticmethod(wait)
+    ops.grouped_fwd = kernel(saved[1], "fwd")
+    ops.grouped_bwd = kernel(saved[2], "bwd")
+    RingComm.wait = staticmethod(wait)
     try:
         q = torch.randn(1, 4, 2, 8, dtype=torch.float32, requires_grad=True)  # fp64 adds LSE forwards
         out = rfa.ring_flash_attn_func(q, q, q, causal=False)
@@ -274,8 +275,8 @@ def _overlap_check(rank: int, world_size: int) -> List[str]:
         torch.autograd.grad(out, (q,), torch.ones_like(out))
     finally:
         dist.batch_isend_irecv = saved[0]
-        ring_mod.ops.grouped_fwd, ring_mod.ops.grouped_bwd = saved[1], saved[2]
-        ring_mod._Ring.wait = staticmethod(saved[3])
+        ops.grouped_fwd, ops.grouped_bwd = saved[1], saved[2]
+        RingComm.wait = staticmethod(saved[3])
     return events
 
 

@@ -5,10 +5,10 @@
     torchrun --nproc_per_node=N test/test_ring_variants_gpu.py --full     # every combination (144)
     torchrun --nproc_per_node=N test/test_ring_variants_gpu.py --families ring stripe --forms func
 
-Families (python/ring_flash_attn/ring.py and llama3.py), each in its three forms (func, kvpacked,
-qkvpacked):
+Families (python/ring_flash_attn/cp/: ring.py, zigzag_ring.py, stripe.py and llama3.py), each in
+its three forms (func, kvpacked, qkvpacked):
 
-    ring, zigzag_ring, stripe                   batched [B, L, H, D], layouts of ring.py
+    ring, zigzag_ring, stripe                   batched [B, L, H, D], the ring schemes' layouts
     ring_varlen, zigzag_ring_varlen             packed [T, H, D], the rank's LOCAL cu_seqlens
     llama3_varlen                               contiguous pieces of the packed batch, metadata of
                                                 llama3_flash_attn_prepare_cu_seqlens
@@ -71,7 +71,7 @@ LSE_TOL = 2e-3
 
 @dataclass(frozen=True)
 class Family:
-    kind: str  # "batched", "varlen" (ring.py's varlen forms) or "llama3"
+    kind: str  # "batched", "varlen" (the ring schemes' varlen forms) or "llama3"
     layout: str  # "ring" (contiguous), "zigzag" or "stripe"
     funcs: Tuple[Callable, Callable, Callable]  # func, kvpacked, qkvpacked
 
@@ -145,7 +145,7 @@ class Geometry:
     rows: List[torch.Tensor]  # per rank, int64 on the device
     batch: int = 0  # batched families: B
     local_len: int = 0  # batched families: L
-    cu_local: Optional[List[int]] = None  # ring.py varlen: the rank's LOCAL cumulative lengths
+    cu_local: Optional[List[int]] = None  # ring varlen forms: the rank's LOCAL cumulative lengths
 
 
 def _cumsum(lens: Sequence[int]) -> List[int]:

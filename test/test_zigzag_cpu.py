@@ -28,8 +28,8 @@ import pytest
 import torch
 
 import ring_flash_attn as rfa
-from ring_flash_attn import zigzag_llama3
-from ring_flash_attn import zigzag_utils as zu
+from ring_flash_attn.cp import zigzag_layout as zu
+from ring_flash_attn.cp import zigzag_llama3
 from dist_harness import assert_case_within, CachedSpawns, free_port, NoHostReads, rel_err, run_cases
 from reference import grouped_attention_reference
 from cases import cu_seqlens
@@ -468,7 +468,7 @@ def test_single_process_errors():
 
 
 def test_impl_flags_resolution():
-    from ring_flash_attn.zigzag_llama3 import resolve_impl
+    from ring_flash_attn.cp.zigzag_llama3 import resolve_impl
 
     assert resolve_impl() == "baseline"
     assert resolve_impl(use_grouped_attention=True) == "grouped_python"

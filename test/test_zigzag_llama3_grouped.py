@@ -49,7 +49,7 @@ except ImportError:
     sys.path.insert(0, os.path.join(os.path.dirname(_HERE), "python"))
 
 import ring_flash_attn as rfa  # noqa: E402
-from ring_flash_attn import zigzag_utils as zu  # noqa: E402
+from ring_flash_attn.cp import zigzag_layout as zu  # noqa: E402
 
 IMPLS = {
     "baseline": {},

@@ -1,22 +1,42 @@
 """ring_flash_attn: context-parallel exact attention on libringattn (a CUDA C++ library with a C ABI).
 
 Importing the package registers the ``torch.ops.ring_flash_attn`` custom ops; the native library
-is loaded on first use (see ``ring_flash_attn._lib`` for where it is looked for). The HuggingFace
-adapter (``ring_flash_attn.hf_adapter``) imports transformers only when it is used.
+is loaded on first use (see ``ring_flash_attn._lib`` for where it is looked for). The
+context-parallel schemes live in ``ring_flash_attn.cp`` (one module per scheme, a registry of
+them in ``ring_flash_attn.cp.registry``). The HuggingFace adapter (``ring_flash_attn.hf_adapter``)
+imports transformers only when it is used.
 """
 
 from . import ops
 from .grouped import flash_attn_varlen_func, grouped_flash_attn_varlen_func
-from .ring import (
+from .cp.llama3 import (
+    llama3_flash_attn_varlen_func,
+    llama3_flash_attn_varlen_kvpacked_func,
+    llama3_flash_attn_varlen_qkvpacked_func,
+)
+from .cp.llama3_layout import llama3_flash_attn_prepare_cu_seqlens
+from .cp.ring import (
     ring_flash_attn_func,
     ring_flash_attn_kvpacked_func,
     ring_flash_attn_qkvpacked_func,
     ring_flash_attn_varlen_func,
     ring_flash_attn_varlen_kvpacked_func,
     ring_flash_attn_varlen_qkvpacked_func,
-    stripe_flash_attn_func,
-    stripe_flash_attn_kvpacked_func,
-    stripe_flash_attn_qkvpacked_func,
+)
+from .cp.stripe import stripe_flash_attn_func, stripe_flash_attn_kvpacked_func, stripe_flash_attn_qkvpacked_func
+from .cp.zigzag_layout import (
+    zigzag_gather,
+    zigzag_llama3_prepare_cu_seqlens,
+    zigzag_local_cu_seqlens,
+    zigzag_shard,
+    zigzag_unshard,
+)
+from .cp.zigzag_llama3 import (
+    zigzag_llama3_flash_attn_varlen_func,
+    zigzag_llama3_flash_attn_varlen_kvpacked_func,
+    zigzag_llama3_flash_attn_varlen_qkvpacked_func,
+)
+from .cp.zigzag_ring import (
     zigzag_ring_flash_attn_func,
     zigzag_ring_flash_attn_kvpacked_func,
     zigzag_ring_flash_attn_qkvpacked_func,
@@ -32,24 +52,6 @@ from .hf_adapter import (
     substitute_hf_flash_attn,
     update_ring_flash_attn_params,
     use_ring_attn,
-)
-from .llama3 import (
-    llama3_flash_attn_varlen_func,
-    llama3_flash_attn_varlen_kvpacked_func,
-    llama3_flash_attn_varlen_qkvpacked_func,
-)
-from .zigzag_llama3 import (
-    zigzag_llama3_flash_attn_varlen_func,
-    zigzag_llama3_flash_attn_varlen_kvpacked_func,
-    zigzag_llama3_flash_attn_varlen_qkvpacked_func,
-)
-from .zigzag_utils import (
-    llama3_flash_attn_prepare_cu_seqlens,
-    zigzag_gather,
-    zigzag_llama3_prepare_cu_seqlens,
-    zigzag_local_cu_seqlens,
-    zigzag_shard,
-    zigzag_unshard,
 )
 
 __version__ = "0.1.0"

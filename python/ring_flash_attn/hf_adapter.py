@@ -4,7 +4,8 @@ Two ways in, sharing one state (the process group, ``heads_k_stride`` and the cu
 metadata):
 
 1. **Our attention implementations** (recommended), registered in transformers'
-   ``AttentionInterface`` by ``register_hf_attention(process_group, heads_k_stride)``:
+   ``AttentionInterface`` by ``register_hf_attention(process_group, heads_k_stride)``: one per
+   scheme of ``ring_flash_attn.cp.registry`` with an ``hf`` binding, today
 
    * ``"ring_attn_llama3"`` (``HF_ATTN_LLAMA3``): the CONTIGUOUS layout of
      ``llama3_flash_attn_varlen_func``: of the packed batch (``T`` tokens, ``T % N == 0``, any
@@ -30,7 +31,8 @@ metadata):
 Either way, before the forward of every batch, every rank calls
 ``update_ring_flash_attn_params(cu_seqlens, process_group)`` with the GLOBAL cumulative sequence
 lengths of the packed batch (int tensor ``[B + 1]``, ``cu_seqlens[-1] == T``): it computes the
-rank's metadata (``llama3_flash_attn_prepare_cu_seqlens`` for the contiguous layout,
+rank's metadata of every registered scheme (its ``hf.prepare_batch``:
+``llama3_flash_attn_prepare_cu_seqlens`` for the contiguous layout,
 ``zigzag_llama3_prepare_cu_seqlens`` for the zigzag one) on the host once per batch, so the
 attention calls in the layers read nothing from the device. The model's input is the rank's
 shard of the packed batch with batch size 1: ``input_ids`` ``[1, T/N]`` and the matching
@@ -47,14 +49,16 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from .llama3 import llama3_flash_attn_varlen_func
-from .zigzag_llama3 import _world, zigzag_llama3_flash_attn_varlen_func
-from .zigzag_utils import llama3_flash_attn_prepare_cu_seqlens, zigzag_llama3_prepare_cu_seqlens
+from .cp.llama3 import HF_ATTN_LLAMA3
+from .cp.process_group import resolve_group
+from .cp.registry import hf_scheme, hf_schemes
+from .cp.scheme import BatchMetadata, BatchNotSupported
+from .cp.zigzag_llama3 import HF_ATTN_ZIGZAG_LLAMA3
 
 __all__ = [
     "HF_ATTN_LLAMA3",
@@ -68,11 +72,8 @@ __all__ = [
     "zigzag_llama3_attention_forward",
 ]
 
-HF_ATTN_LLAMA3 = "ring_attn_llama3"
-HF_ATTN_ZIGZAG_LLAMA3 = "ring_attn_zigzag_llama3"
-
-_SCHEME_LLAMA3 = "llama3"
-_SCHEME_ZIGZAG = "zigzag_llama3"
+# What "flash_attention_2" runs after substitute_hf_flash_attn (upstream's adapter: contiguous llama3).
+_SUBSTITUTED_SCHEME = HF_ATTN_LLAMA3
 
 
 def _transformers():
@@ -96,25 +97,23 @@ class _BatchParams:
     world_size: int
     rank: int
     total: int  # tokens of the packed batch (all ranks)
-    # (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, local_k_slice), CPU tensors, per causal flag
-    llama3: Dict[bool, Tuple[Tensor, Tensor, int, int, slice]]
-    zigzag: Optional[Tuple[Tensor, Tensor, int, int, slice]]
-    zigzag_error: Optional[str]  # why the zigzag layout cannot take this batch
-    _on_device: Dict[Tuple[str, bool, str], Tuple[Tensor, Tensor, int, int, slice]] = field(default_factory=dict)
+    # per scheme name: {causal: metadata} (CPU tensors), or why the scheme's layout cannot take the batch
+    prepared: Dict[str, Union[Dict[bool, BatchMetadata], BatchNotSupported]]
+    _on_device: Dict[Tuple[str, bool, str], BatchMetadata] = field(default_factory=dict)
 
-    def metadata(self, scheme: str, causal: bool, device: torch.device) -> Tuple[Tensor, Tensor, int, int, slice]:
+    def metadata(self, attn_implementation: str, causal: bool, device: torch.device) -> BatchMetadata:
         """The scheme's metadata with its tensors on ``device`` (copied once per device, no sync)."""
-        key = (scheme, causal, str(device))
+        key = (attn_implementation, causal, str(device))
         if key not in self._on_device:
-            if scheme == _SCHEME_LLAMA3:
-                meta = self.llama3[causal]
-            else:
-                if self.zigzag is None:
-                    raise ValueError(f"cu_seqlens: the zigzag layout cannot take this batch: {self.zigzag_error}")
-                meta = self.zigzag
-            cu_q, cu_k, max_q, max_k, k_slice = meta
-            self._on_device[key] = (cu_q.to(device, non_blocking=True), cu_k.to(device, non_blocking=True),
-                                    max_q, max_k, k_slice)
+            scheme = hf_scheme(attn_implementation)
+            if scheme.name not in self.prepared:
+                raise RuntimeError(f"ring_flash_attn.hf_adapter: no metadata of the scheme {scheme.name!r} (registered "
+                                   f"after update_ring_flash_attn_params): call update_ring_flash_attn_params again")
+            prepared = self.prepared[scheme.name]
+            if isinstance(prepared, BatchNotSupported):
+                raise ValueError(f"cu_seqlens: the {scheme.layout} layout cannot take this batch: {prepared}")
+            self._on_device[key] = tuple(x.to(device, non_blocking=True) if isinstance(x, Tensor) else x
+                                         for x in prepared[causal])
         return self._on_device[key]
 
 
@@ -156,9 +155,11 @@ def update_ring_flash_attn_params(cu_seqlens: Tensor, process_group=None) -> Non
             when ``torch.distributed`` is not initialised). Must be the group the attention runs
             on (the one given to ``register_hf_attention`` / ``substitute_hf_flash_attn``).
 
-    Computes, for this rank, ``llama3_flash_attn_prepare_cu_seqlens(cu_seqlens, causal, rank, N)``
-    (causal and not) for the contiguous layout and, when every sequence length is a multiple of
-    2N, ``zigzag_llama3_prepare_cu_seqlens`` for the zigzag layout. A setup step: it reads
+    Computes, for this rank, the metadata of every scheme the adapter offers (its
+    ``hf.prepare_batch`` in ``ring_flash_attn.cp.registry``):
+    ``llama3_flash_attn_prepare_cu_seqlens(cu_seqlens, causal, rank, N)`` (causal and not) for the
+    contiguous layout and, when every sequence length is a multiple of 2N,
+    ``zigzag_llama3_prepare_cu_seqlens`` for the zigzag layout. A setup step: it reads
     cu_seqlens on the host (one device-to-host copy for a CUDA tensor), once per batch, so the
     attention calls of the layers never do (they only copy the small metadata tensors to the
     device, host to device, once per batch).
@@ -180,7 +181,7 @@ def update_ring_flash_attn_params(cu_seqlens: Tensor, process_group=None) -> Non
     if cu.dim() != 1 or cu.shape[0] < 2:
         raise ValueError(f"cu_seqlens: expected a 1-D tensor of batch_size + 1 >= 2 entries, got shape "
                          f"{tuple(cu.shape)}")
-    _, world_size, rank = _world(process_group)
+    _, world_size, rank = resolve_group(process_group)
     values = cu.tolist()
     if values[0] != 0:
         raise ValueError(f"cu_seqlens: expected the first entry to be 0, got {values[0]}")
@@ -192,18 +193,13 @@ def update_ring_flash_attn_params(cu_seqlens: Tensor, process_group=None) -> Non
         raise ValueError(f"cu_seqlens: expected a total length divisible by the world size {world_size} of the "
                          f"process group (each rank holds total / world_size tokens), got {total}")
     # from the host values: CPU tensors, moved to the activations' device on first use
-    llama3 = {c: llama3_flash_attn_prepare_cu_seqlens(values, c, rank, world_size) for c in (True, False)}
-    two_n = 2 * world_size
-    bad = [(b, n) for b, n in enumerate(lengths) if n % two_n]
-    if bad:
-        b, n = bad[0]
-        zigzag, zigzag_error = None, (f"sequence {b} has length {n}, expected a multiple of 2 * world_size = "
-                                      f"{two_n}; use the contiguous layout ({HF_ATTN_LLAMA3!r}) for such batches")
-    else:
-        zigzag = zigzag_llama3_prepare_cu_seqlens(values, True, rank, world_size, max_seqlen=max(lengths))
-        zigzag_error = None
-    params = _BatchParams(world_size=world_size, rank=rank, total=total, llama3=llama3, zigzag=zigzag,
-                          zigzag_error=zigzag_error)
+    prepared: Dict[str, Union[Dict[bool, BatchMetadata], BatchNotSupported]] = {}
+    for scheme in hf_schemes():
+        try:
+            prepared[scheme.name] = scheme.hf.prepare_batch(values, rank, world_size)
+        except BatchNotSupported as e:  # reported when the scheme is used on this batch
+            prepared[scheme.name] = e
+    params = _BatchParams(world_size=world_size, rank=rank, total=total, prepared=prepared)
     with _LOCK:
         _STATE.batch = params
 
@@ -211,16 +207,17 @@ def update_ring_flash_attn_params(cu_seqlens: Tensor, process_group=None) -> Non
 # ---- the attention itself ------------------------------------------------------------------------
 
 
-def _ring_attention(scheme: str, q: Tensor, k: Tensor, v: Tensor, causal: bool, softmax_scale: Optional[float],
-                    dropout: float, deterministic: Optional[bool]) -> Tensor:
-    """q ``[T, Hq, D]``, k/v ``[T, Hk, D]`` (the rank's T = total / N tokens) -> out ``[T, Hq, D]``."""
+def _ring_attention(attn_implementation: str, q: Tensor, k: Tensor, v: Tensor, causal: bool,
+                    softmax_scale: Optional[float], dropout: float, deterministic: Optional[bool]) -> Tensor:
+    """The scheme registered as ``attn_implementation`` on q ``[T, Hq, D]``, k/v ``[T, Hk, D]``
+    (the rank's T = total / N tokens) -> out ``[T, Hq, D]``."""
     batch = _STATE.batch
     if batch is None:
         raise RuntimeError("ring_flash_attn.hf_adapter: no batch metadata: call "
                            "update_ring_flash_attn_params(cu_seqlens, process_group) on every rank before the "
                            "model's forward")
     group = _STATE.group
-    _, world_size, rank = _world(group)
+    _, world_size, rank = resolve_group(group)
     if (world_size, rank) != (batch.world_size, batch.rank):
         raise RuntimeError(f"update_ring_flash_attn_params was called for rank {batch.rank} of {batch.world_size}, "
                            f"but the attention runs on rank {rank} of {world_size} (the process group given to "
@@ -231,8 +228,8 @@ def _ring_attention(scheme: str, q: Tensor, k: Tensor, v: Tensor, causal: bool, 
                          f"to update_ring_flash_attn_params / world size {batch.world_size}), got {q.shape[0]}")
     if deterministic is None:
         deterministic = os.environ.get("FLASH_ATTENTION_DETERMINISTIC", "0") == "1"
-    cu_q, cu_k, max_q, max_k, k_slice = batch.metadata(scheme, bool(causal), q.device)
-    fn = llama3_flash_attn_varlen_func if scheme == _SCHEME_LLAMA3 else zigzag_llama3_flash_attn_varlen_func
+    cu_q, cu_k, max_q, max_k, k_slice = batch.metadata(attn_implementation, bool(causal), q.device)
+    fn = hf_scheme(attn_implementation).varlen_func
     return fn(q, k, v, cu_q, cu_k, max_q, max_k, _STATE.heads_k_stride, k_slice, dropout_p=dropout,
               softmax_scale=softmax_scale, causal=bool(causal), deterministic=bool(deterministic), group=group)
 
@@ -257,7 +254,7 @@ def _check_unsupported(batch_size: int, q_len: int, k_len: int, attention_mask, 
         raise NotImplementedError("s_aux: attention sinks are not supported")
 
 
-def _hf_attention(scheme: str, module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
+def _hf_attention(attn_implementation: str, module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
                   attention_mask: Optional[Tensor], dropout: float, scaling: Optional[float],
                   sliding_window: Optional[int], softcap: Optional[float], is_causal: Optional[bool],
                   kwargs: Dict[str, Any]) -> Tuple[Tensor, None]:
@@ -268,22 +265,14 @@ def _hf_attention(scheme: str, module: torch.nn.Module, query: Tensor, key: Tens
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     # [1, H, S, D] -> [S, H, D] views (token and head strides are free, head_dim stays contiguous)
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
-    out = _ring_attention(scheme, q, k, v, causal, scaling, dropout, kwargs.get("deterministic"))
+    out = _ring_attention(attn_implementation, q, k, v, causal, scaling, dropout, kwargs.get("deterministic"))
     return out.unsqueeze(0), None
 
 
 def llama3_attention_forward(
-    module: torch.nn.Module,
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    attention_mask: Optional[Tensor],
-    dropout: float = 0.0,
-    scaling: Optional[float] = None,
-    sliding_window: Optional[int] = None,
-    softcap: Optional[float] = None,
-    is_causal: Optional[bool] = None,
-    **kwargs,
+    module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
+    dropout: float = 0.0, scaling: Optional[float] = None, sliding_window: Optional[int] = None,
+    softcap: Optional[float] = None, is_causal: Optional[bool] = None, **kwargs: Any,
 ) -> Tuple[Tensor, None]:
     """transformers attention function (``AttentionInterface``) for the CONTIGUOUS llama3 layout.
 
@@ -301,34 +290,47 @@ def llama3_attention_forward(
     Returns ``(attn_output [1, T, Hq, D], None)`` (no attention weights). Collective over the
     group of ``register_hf_attention``.
     """
-    return _hf_attention(_SCHEME_LLAMA3, module, query, key, value, attention_mask, dropout, scaling,
+    return _hf_attention(HF_ATTN_LLAMA3, module, query, key, value, attention_mask, dropout, scaling,
                          sliding_window, softcap, is_causal, kwargs)
 
 
 def zigzag_llama3_attention_forward(
-    module: torch.nn.Module,
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    attention_mask: Optional[Tensor],
-    dropout: float = 0.0,
-    scaling: Optional[float] = None,
-    sliding_window: Optional[int] = None,
-    softcap: Optional[float] = None,
-    is_causal: Optional[bool] = None,
-    **kwargs,
+    module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
+    dropout: float = 0.0, scaling: Optional[float] = None, sliding_window: Optional[int] = None,
+    softcap: Optional[float] = None, is_causal: Optional[bool] = None, **kwargs: Any,
 ) -> Tuple[Tensor, None]:
     """transformers attention function for the ZIGZAG llama3 layout: as ``llama3_attention_forward``
     but the rank's T tokens are its ``zigzag_shard`` of the packed batch (of every sequence, chunk
     r then chunk 2N-1-r; every sequence length a multiple of 2N). Returns
     ``(attn_output [1, T, Hq, D], None)`` in the rank's local (zigzag) order."""
-    return _hf_attention(_SCHEME_ZIGZAG, module, query, key, value, attention_mask, dropout, scaling,
+    return _hf_attention(HF_ATTN_ZIGZAG_LLAMA3, module, query, key, value, attention_mask, dropout, scaling,
                          sliding_window, softcap, is_causal, kwargs)
 
 
-def register_hf_attention(process_group=None, heads_k_stride: int = 1) -> Tuple[str, str]:
-    """Register ``"ring_attn_llama3"`` and ``"ring_attn_zigzag_llama3"`` in transformers'
-    ``AttentionInterface`` and set the group and ``heads_k_stride`` they use.
+_ATTENTION_FUNCTIONS: Dict[str, Callable[..., Tuple[Tensor, None]]] = {}
+
+
+def _attention_function(attn_implementation: str) -> Callable[..., Tuple[Tensor, None]]:
+    """The function registered in transformers as ``attn_implementation`` (made once per name):
+    ``llama3_attention_forward``'s contract, running the registry's scheme of that name."""
+    if attn_implementation not in _ATTENTION_FUNCTIONS:
+        def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                              attention_mask: Optional[Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
+                              sliding_window: Optional[int] = None, softcap: Optional[float] = None,
+                              is_causal: Optional[bool] = None, **kwargs: Any) -> Tuple[Tensor, None]:
+            return _hf_attention(attn_implementation, module, query, key, value, attention_mask, dropout, scaling,
+                                 sliding_window, softcap, is_causal, kwargs)
+
+        attention_forward.__qualname__ = attention_forward.__name__ = f"{attn_implementation}_attention_forward"
+        _ATTENTION_FUNCTIONS[attn_implementation] = attention_forward
+    return _ATTENTION_FUNCTIONS[attn_implementation]
+
+
+def register_hf_attention(process_group=None, heads_k_stride: int = 1) -> Tuple[str, ...]:
+    """Register the attention implementations of the context-parallel schemes in transformers'
+    ``AttentionInterface`` (every scheme of ``ring_flash_attn.cp.registry`` with an ``hf``
+    binding: ``"ring_attn_llama3"`` and ``"ring_attn_zigzag_llama3"``) and set the group and
+    ``heads_k_stride`` they use.
 
     Args:
         process_group: the context-parallel group (None: the default group).
@@ -336,17 +338,18 @@ def register_hf_attention(process_group=None, heads_k_stride: int = 1) -> Tuple[
             does): bounds the gathered K/V memory and lets the next slice's all-gather overlap
             this slice's compute.
 
-    Returns ``(HF_ATTN_LLAMA3, HF_ATTN_ZIGZAG_LLAMA3)``, the names to pass as
-    ``attn_implementation``. Calling it again replaces the group and stride (shared with
-    ``substitute_hf_flash_attn``). Raises ImportError without transformers.
+    Returns the registered names in registry order, ``(HF_ATTN_LLAMA3, HF_ATTN_ZIGZAG_LLAMA3)``,
+    the names to pass as ``attn_implementation``. Calling it again replaces the group and stride
+    (shared with ``substitute_hf_flash_attn``). Raises ImportError without transformers.
     """
     transformers = _transformers()
     stride = _check_stride(heads_k_stride)
     with _LOCK:
         _STATE.group, _STATE.heads_k_stride = process_group, stride
-    transformers.AttentionInterface.register(HF_ATTN_LLAMA3, llama3_attention_forward)
-    transformers.AttentionInterface.register(HF_ATTN_ZIGZAG_LLAMA3, zigzag_llama3_attention_forward)
-    return HF_ATTN_LLAMA3, HF_ATTN_ZIGZAG_LLAMA3
+    names = tuple(scheme.hf.attn_implementation for scheme in hf_schemes())
+    for name in names:
+        transformers.AttentionInterface.register(name, _attention_function(name))
+    return names
 
 
 # ---- upstream's drop-in: "flash_attention_2" runs the contiguous llama3 scheme ----------------------
@@ -361,7 +364,7 @@ def _substituted_attention(module: torch.nn.Module, query: Tensor, key: Tensor, 
         return _STATE.original_attention(module, query, key, value, attention_mask, dropout=dropout,
                                          scaling=scaling, sliding_window=sliding_window, softcap=softcap,
                                          is_causal=is_causal, **kwargs)
-    return _hf_attention(_SCHEME_LLAMA3, module, query, key, value, attention_mask, dropout, scaling,
+    return _hf_attention(_SUBSTITUTED_SCHEME, module, query, key, value, attention_mask, dropout, scaling,
                          sliding_window, softcap, is_causal, kwargs)
 
 
@@ -393,7 +396,7 @@ def _substituted_flash_attention_forward(
                          f"{tuple(query_states.shape)}")
     _check_unsupported(query_states.shape[0], query_states.shape[1], key_states.shape[1], attention_mask,
                        sliding_window, softcap, kwargs.get("s_aux"))
-    out = _ring_attention(_SCHEME_LLAMA3, query_states[0], key_states[0], value_states[0], is_causal,
+    out = _ring_attention(_SUBSTITUTED_SCHEME, query_states[0], key_states[0], value_states[0], is_causal,
                           softmax_scale, dropout, deterministic)
     return out.unsqueeze(0)
 

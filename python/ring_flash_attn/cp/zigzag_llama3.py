@@ -1,16 +1,14 @@
 """Zigzag llama3 context parallelism on ``torch.distributed``: forward and backward.
 
-Layout (see ``zigzag_utils``): N ranks; every sequence b of the packed batch (global length L_b,
+Layout (see ``zigzag_layout``): N ranks; every sequence b of the packed batch (global length L_b,
 a multiple of 2N) is cut into 2N chunks of c_b = L_b / 2N tokens and rank r holds chunks r and
 2N-1-r, so its LOCAL cu_seqlens is the GLOBAL one divided by N.
 
 Forward, per slice of ``heads_k_stride`` KV heads (and the Hq/Hk query heads of each):
 
 1. all-gather the slice's local K and V (one collective, K and V interleaved) - asynchronously:
-   the NEXT slice's all-gather is issued before the current slice is computed, so it runs on the
-   communication stream (NCCL's own stream; gloo's worker thread on CPU) while the attention
-   kernels of the current slice run on the current stream; ``Work.wait()`` only makes the
-   current stream wait (no host block on NCCL);
+   the NEXT slice's all-gather is in flight while the current slice is computed
+   (``all_gather.gather_kv_slices``);
 2. reorder the gathered rows from rank-major zigzag order to natural order with one
    ``index_select`` (the index map is built once per call on the device);
 3. attention of two query groups over that one K/V: the "early" group (chunk r of every
@@ -22,10 +20,10 @@ Forward, per slice of ``heads_k_stride`` KV heads (and the Hq/Hk query heads of 
 Backward, per slice: re-gather K/V (next slice in flight, as in the forward), compute dQ (local)
 and the slice's dK/dV over the whole gathered K/V with the grouped backward (summed over both
 groups), put dK/dV back in rank-major zigzag order and reduce-scatter them to the owning ranks
-(optionally in fp32) asynchronously: slice s's reduce-scatter runs while slice s+1 is computed;
-the current stream waits for it (and copies its result into dK/dV) after issuing slice s+1's.
+(optionally in fp32) asynchronously: slice s's reduce-scatter runs while slice s+1 is computed
+(``reduce_scatter.SliceReduceScatter``).
 
-Three implementations of step 3 (the seed's): ``baseline`` (one library call per group),
+Three implementations of step 3: ``baseline`` (one library call per group),
 ``grouped_python`` (``grouped_python._flash_attn_varlen_forward_grouped``: one G=1 call over both
 groups with K/V duplicated; its backward is the same rewrite through one G=1 backward call) and
 ``fused`` (one call of the fused grouped kernel, G=2, forward and backward).
@@ -39,38 +37,40 @@ Metadata VALUES are validated on the host where that is free (CPU tensors) or wh
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from . import ops
-from ._checks import (check_cu_seqlens_pair, check_flash_attn_defaults, check_heads_k_stride, check_qkv,
-                      unpack)
-from .grouped import _resolve_scale
-from .grouped_python import _flash_attn_varlen_forward_grouped
-from .zigzag_utils import (
-    _inverse_permutation,
-    _sequence_of,
-    metadata_checks_enabled,
-    zigzag_check_cu_seqlens,
-    zigzag_gathered_to_global_index,
-)
+from .. import ops
+from .._checks import check_flash_attn_defaults
+from ..grouped import _resolve_scale
+from ..grouped_python import _flash_attn_varlen_forward_grouped
+from .all_gather import KVSlicePlan, gather_kv_slices, sliced_kv_attention
+from .index_maps import inverse_permutation, sequence_of
+from .llama3 import HF_ATTN_LLAMA3
+from .process_group import resolve_group
+from .reduce_scatter import SliceReduceScatter
+from .scheme import BatchMetadata, BatchNotSupported
+from .validation import (check_collective_device, check_cu_seqlens_pair, check_heads, check_heads_k_stride,
+                         check_local_tokens, check_python_int, check_qkv, metadata_checks_enabled, short_list, unpack)
+from .zigzag_layout import zigzag_check_cu_seqlens, zigzag_gathered_to_global_index, zigzag_llama3_prepare_cu_seqlens
 
-__all__ = [
-    "zigzag_llama3_flash_attn_varlen_func",
-    "zigzag_llama3_flash_attn_varlen_kvpacked_func",
-    "zigzag_llama3_flash_attn_varlen_qkvpacked_func",
-    "IMPL_BASELINE",
-    "IMPL_GROUPED_PYTHON",
-    "IMPL_FUSED",
-]
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
+__all__ = ["HF_ATTN_ZIGZAG_LLAMA3", "hf_batch_metadata", "resolve_impl",
+           "zigzag_llama3_flash_attn_varlen_func", "zigzag_llama3_flash_attn_varlen_kvpacked_func",
+           "zigzag_llama3_flash_attn_varlen_qkvpacked_func", "IMPL_BASELINE", "IMPL_GROUPED_PYTHON",
+           "IMPL_FUSED"]
 
 IMPL_BASELINE = "baseline"
 IMPL_GROUPED_PYTHON = "grouped_python"
 IMPL_FUSED = "fused"
+
+# The name of the scheme in transformers' AttentionInterface (ring_flash_attn.hf_adapter).
+HF_ATTN_ZIGZAG_LLAMA3 = "ring_attn_zigzag_llama3"
 
 
 def resolve_impl(use_grouped_attention: bool = False, use_triton_grouped: bool = False,
@@ -85,63 +85,30 @@ def resolve_impl(use_grouped_attention: bool = False, use_triton_grouped: bool =
     return IMPL_BASELINE
 
 
-# ---- process group -----------------------------------------------------------------------------
-
-
-def _world(group) -> Tuple[object, int, int]:
-    """(group, world_size, rank). Without an initialised default group (and group=None) the call
-    is single-process: world_size 1, rank 0, no collectives."""
-    import torch.distributed as dist
-
-    if group is None and not (dist.is_available() and dist.is_initialized()):
-        return None, 1, 0
-    return group, dist.get_world_size(group), dist.get_rank(group)
-
-
 # ---- validation --------------------------------------------------------------------------------
-
-
-def _check_int(value, name: str, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name}: expected a Python int ({what}; a tensor would need a host sync), "
-                         f"got {type(value).__name__}")
-    if value < 0:
-        raise ValueError(f"{name}: expected >= 0, got {value}")
-    return int(value)
-
-
-def _short(values: List[int], limit: int = 12) -> str:
-    return str(values) if len(values) <= limit else str(values[:limit])[:-1] + ", ...]"
 
 
 def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride,
               local_k_slice, dropout_p, window_size, alibi_slopes, grad_reduce_dtype, world_size):
     """Host-side checks of everything the shapes tell (no tensor values are read here)."""
     check_qkv(q, k, v, 3, "[local_tokens, heads, head_dim]")
-    T, Hq, D = q.shape
-    if k.shape[0] != T:
-        raise ValueError(f"k: expected {T} local tokens (the tokens of q: the zigzag layout shards q, k and v "
-                         f"alike), got {k.shape[0]}")
-    if k.shape[2] != D:
-        raise ValueError(f"k: expected head_dim {D} (the head_dim of q), got {k.shape[2]}")
-    Hk = k.shape[1]
-    if Hk == 0 or Hq % Hk:
-        raise ValueError(f"q: expected a number of heads divisible by the KV heads of k ({Hk}), got {Hq}")
+    check_local_tokens(q, k, v, "the tokens of q: the zigzag layout shards q, k and v alike")
+    check_heads(q, k)
+    T, Hk = q.shape[0], k.shape[1]
     if T % 2:
         raise ValueError(f"q: expected an even number of local tokens (every sequence contributes two chunks of "
                          f"equal length), got {T}")
     check_heads_k_stride(heads_k_stride, Hk)
     check_cu_seqlens_pair(cu_seqlens_q, cu_seqlens_k, q.device)
-    _check_int(max_seqlen_q, "max_seqlen_q", "the longest local sequence, a hint")
-    _check_int(max_seqlen_k, "max_seqlen_k", "the longest global sequence, a hint")
+    check_python_int(max_seqlen_q, "max_seqlen_q", "the longest local sequence, a hint")
+    check_python_int(max_seqlen_k, "max_seqlen_k", "the longest global sequence, a hint")
     if local_k_slice is not None and not isinstance(local_k_slice, slice):
         raise ValueError(f"local_k_slice: expected a slice or None, got {type(local_k_slice).__name__}")
     check_flash_attn_defaults(dropout_p, window_size, alibi_slopes)
     if grad_reduce_dtype is not None and grad_reduce_dtype not in (torch.float32, torch.float64, q.dtype):
         raise ValueError(f"grad_reduce_dtype: expected None, torch.float32, torch.float64 or {q.dtype} "
                          f"(the dtype of q), got {grad_reduce_dtype}")
-    if world_size > 1 and q.device.type not in ("cpu", "cuda"):
-        raise ValueError(f"q: expected a CPU or CUDA tensor, got device {q.device}")
+    check_collective_device(q, world_size)
 
 
 def _check_values(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, world_size: int, total_local: int) -> None:
@@ -155,37 +122,14 @@ def _check_values(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, world_size: int, t
     if local != expected:
         raise ValueError(
             f"cu_seqlens_q: expected the rank's LOCAL cumulative lengths, cu_seqlens_k // world_size = "
-            f"{_short(expected)}, got {_short(local)}")
+            f"{short_list(expected)}, got {short_list(local)}")
 
 
 # ---- the per-call plan: device-side index maps and per-group metadata --------------------------
 
 
-class _HeadSlices:
-    """Derived sizes of a plan (llama3 and zigzag llama3): K/V head slices of heads_k_stride heads
-    each, the query heads of one slice, and the gathered token count."""
-
-    num_heads_q: int
-    num_heads_k: int
-    heads_k_stride: int
-    world_size: int
-    total_local: int
-
-    @property
-    def num_slices(self) -> int:
-        return self.num_heads_k // self.heads_k_stride
-
-    @property
-    def heads_q_per_slice(self) -> int:
-        return self.heads_k_stride * (self.num_heads_q // self.num_heads_k)
-
-    @property
-    def total_global(self) -> int:
-        return self.world_size * self.total_local
-
-
 @dataclass
-class _Plan(_HeadSlices):
+class _Plan(KVSlicePlan):
     group: object
     world_size: int
     rank: int
@@ -240,14 +184,14 @@ def _make_plan(q, k, cu_seqlens_k, max_seqlen_k, heads_k_stride, softmax_scale, 
         rows = torch.arange(T, device=q.device, dtype=torch.int64)
         late = rows >= half
         j = rows - late.to(torch.int64) * half
-        b = _sequence_of(j, cu_half64)
+        b = sequence_of(j, cu_half64)
         perm = (cu_half64[b] + j + late.to(torch.int64) * chunk[b]).clamp_(0, max(T, 1) - 1)
-        inv_perm = _inverse_permutation(perm)
+        inv_perm = inverse_permutation(perm)
 
     src = inv_src = None
     if N > 1:
         src = zigzag_gathered_to_global_index(cu_seqlens_k, N, T)
-        inv_src = _inverse_permutation(src)
+        inv_src = inverse_permutation(src)
 
     plan = _Plan(
         group=group, world_size=N, rank=rank, impl=impl, total_local=T,
@@ -268,78 +212,6 @@ def _make_plan(q, k, cu_seqlens_k, max_seqlen_k, heads_k_stride, softmax_scale, 
         used_all = torch.cat(seqused).to(torch.int32)
         plan.combined = (cu_q_all, cu_k_all, used_all)
     return plan
-
-
-# ---- communication -----------------------------------------------------------------------------
-
-
-def _gathered_kv(plan: _Plan, k: Tensor, v: Tensor):
-    """Yields (k_s, v_s) per KV-head slice s: the GLOBAL K/V of the slice in natural order
-    ([total_global, heads_k_stride, D], strided views). The all-gather of slice s+1 is issued
-    before slice s is yielded, so it is in flight while the caller computes slice s."""
-    hs = plan.heads_k_stride
-    if plan.world_size == 1:
-        for s in range(plan.num_slices):
-            sl = slice(s * hs, (s + 1) * hs)
-            yield k[:, sl], v[:, sl]
-        return
-
-    import torch.distributed as dist
-
-    T, N, D = plan.total_local, plan.world_size, k.shape[2]
-
-    def start(s):
-        sl = slice(s * hs, (s + 1) * hs)
-        send = torch.stack((k[:, sl], v[:, sl]), dim=1)  # [T, 2, hs, D]: one collective for K and V
-        recv = torch.empty((N * T, 2, hs, D), dtype=k.dtype, device=k.device)
-        work = dist.all_gather_into_tensor(recv, send, group=plan.group, async_op=True)
-        return recv, work
-
-    pending = start(0)
-    for s in range(plan.num_slices):
-        recv, work = pending
-        if s + 1 < plan.num_slices:
-            pending = start(s + 1)  # in flight while slice s is computed
-        work.wait()  # NCCL: the current stream waits; no host block
-        # rank-major zigzag -> natural order (src None: the layout is already natural, llama3.py)
-        kv = recv if plan.src is None else recv.index_select(0, plan.src)
-        del recv, work
-        yield kv[:, 0], kv[:, 1]
-        del kv  # (with the caller's del) at most three gathered slices are alive at once
-
-
-class _ReduceScatter:
-    """Asynchronous reduce-scatter of each slice's dK/dV to the owning ranks, one slice behind."""
-
-    def __init__(self, plan: _Plan, dk: Tensor, dv: Tensor):
-        self.plan, self.dk, self.dv = plan, dk, dv
-        self.pending = None
-
-    def submit(self, s: int, dkv: Tensor) -> None:
-        """dkv: [total_global, 2, hs, D] in natural order, dtype plan.reduce_dtype."""
-        plan = self.plan
-        sl = slice(s * plan.heads_k_stride, (s + 1) * plan.heads_k_stride)
-        if plan.world_size == 1:
-            self.dk[:, sl] = dkv[:, 0]
-            self.dv[:, sl] = dkv[:, 1]
-            return
-        import torch.distributed as dist
-
-        # natural -> rank-major zigzag order (inv_src None: already rank-major, llama3.py)
-        send = dkv if plan.inv_src is None else dkv.index_select(0, plan.inv_src)
-        recv = torch.empty((plan.total_local,) + tuple(dkv.shape[1:]), dtype=dkv.dtype, device=dkv.device)
-        work = dist.reduce_scatter_tensor(recv, send, group=plan.group, async_op=True)
-        self.finish()  # the previous slice's, which ran while this slice was computed
-        self.pending = (sl, recv, send, work)
-
-    def finish(self) -> None:
-        if self.pending is None:
-            return
-        sl, recv, send, work = self.pending
-        self.pending = None
-        work.wait()  # NCCL: the current stream waits; no host block
-        self.dk[:, sl] = recv[:, 0]
-        self.dv[:, sl] = recv[:, 1]
 
 
 # ---- attention of one slice ----------------------------------------------------------------------
@@ -436,7 +308,7 @@ def _forward(plan: _Plan, q: Tensor, k: Tensor, v: Tensor):
     out_g = torch.empty((T, Hq, D), dtype=q.dtype, device=q.device)
     # lse per (slice, group): contiguous [hq, T/2] blocks, as the kernels want them.
     lse_buf = torch.empty((plan.num_slices, 2, hq, half), dtype=torch.float32, device=q.device)
-    for s, (k_s, v_s) in enumerate(_gathered_kv(plan, k, v)):
+    for s, (k_s, v_s) in enumerate(gather_kv_slices(plan, k, v)):
         qsl = slice(s * hq, (s + 1) * hq)
         _fwd_slice(plan, (q_g[:half, qsl], q_g[half:, qsl]), k_s, v_s,
                    (out_g[:half, qsl], out_g[half:, qsl]), (lse_buf[s, 0], lse_buf[s, 1]))
@@ -453,8 +325,8 @@ def _backward(plan: _Plan, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
     dq_g = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    rs = _ReduceScatter(plan, dk, dv)
-    for s, (k_s, v_s) in enumerate(_gathered_kv(plan, k, v)):
+    rs = SliceReduceScatter(plan, dk, dv)
+    for s, (k_s, v_s) in enumerate(gather_kv_slices(plan, k, v)):
         dkv = _bwd_slice(plan, s, dout_g, q_g, out_g, lse_buf[s], dq_g, k_s, v_s)
         del k_s, v_s
         rs.submit(s, dkv)
@@ -463,51 +335,16 @@ def _backward(plan: _Plan, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
     return _from_grouped(plan, dq_g), dk, dv
 
 
-class _SlicedKVAttention(torch.autograd.Function):
-    """Autograd of an attention over all-gathered K/V slices (zigzag llama3 here, the contiguous
-    llama3 layout in llama3.py): forward_fn(plan, q, k, v) -> (out, lse, lse_buf) and
-    backward_fn(plan, dout, q, k, v, out, lse_buf) -> (dq, dk, dv). The lse is not differentiable."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, plan, forward_fn, backward_fn):
-        out, lse, lse_buf = forward_fn(plan, q, k, v)
-        ctx.save_for_backward(q, k, v, out, lse_buf)
-        ctx.plan, ctx.backward_fn = plan, backward_fn
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, _dlse):
-        q, k, v, out, lse_buf = ctx.saved_tensors
-        dq, dk, dv = ctx.backward_fn(ctx.plan, dout, q, k, v, out, lse_buf)
-        return dq, dk, dv, None, None, None
-
-
 # ---- public API --------------------------------------------------------------------------------------
 
 
 def zigzag_llama3_flash_attn_varlen_func(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    cu_seqlens_q: Tensor,
-    cu_seqlens_k: Tensor,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    heads_k_stride: int,
-    local_k_slice: Optional[slice] = None,
-    dropout_p: float = 0.0,
-    softmax_scale: Optional[float] = None,
-    causal: bool = True,
-    window_size: Tuple[int, int] = (-1, -1),
-    alibi_slopes: Optional[Tensor] = None,
-    deterministic: bool = False,
-    return_attn_probs: bool = False,
-    group=None,
-    use_grouped_attention: bool = False,
-    use_triton_grouped: bool = False,
-    use_fused_kernel: bool = False,
-    grad_reduce_dtype: Optional[torch.dtype] = None,
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
+    max_seqlen_k: int, heads_k_stride: int, local_k_slice: Optional[slice] = None, dropout_p: float = 0.0,
+    softmax_scale: Optional[float] = None, causal: bool = True, window_size: Tuple[int, int] = (-1, -1),
+    alibi_slopes: Optional[Tensor] = None, deterministic: bool = False, return_attn_probs: bool = False,
+    group: Optional[ProcessGroup] = None, use_grouped_attention: bool = False, use_triton_grouped: bool = False,
+    use_fused_kernel: bool = False, grad_reduce_dtype: Optional[torch.dtype] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor, None]]:
     """Zigzag llama3 context-parallel attention (forward and backward) over ``group``.
 
@@ -538,7 +375,7 @@ def zigzag_llama3_flash_attn_varlen_func(
         group: the ``torch.distributed`` process group (default: the default group; without an
             initialised one the call is single-process, N = 1).
         use_fused_kernel: one fused grouped-kernel call for both query groups (forward and
-            backward). ``use_triton_grouped`` is the seed's name for it (an alias).
+            backward). ``use_triton_grouped`` is an older name for it (an alias).
         use_grouped_attention: both groups in one plain varlen call through
             ``grouped_python._flash_attn_varlen_forward_grouped`` (K/V duplicated per group).
             Neither flag: the baseline, one library call per group. The fused flags take
@@ -561,7 +398,7 @@ def zigzag_llama3_flash_attn_varlen_func(
     No host synchronisation: the forward can be captured in a CUDA graph for fixed shapes.
     Collective: every rank of ``group`` must call it with the same shapes and flags.
     """
-    group, world_size, rank = _world(group)
+    group, world_size, rank = resolve_group(group)
     _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride,
               local_k_slice, dropout_p, window_size, alibi_slopes, grad_reduce_dtype, world_size)
     if metadata_checks_enabled(q.device):
@@ -569,19 +406,20 @@ def zigzag_llama3_flash_attn_varlen_func(
     impl = resolve_impl(use_grouped_attention, use_triton_grouped, use_fused_kernel)
     plan = _make_plan(q, k, cu_seqlens_k, max_seqlen_k, heads_k_stride, softmax_scale, causal,
                       deterministic, grad_reduce_dtype, impl, group, world_size, rank)
-    out, lse = _SlicedKVAttention.apply(q, k, v, plan, _forward, _backward)
-    if return_attn_probs:
-        return out, lse, None
-    return out
+    return sliced_kv_attention(q, k, v, plan, _forward, _backward, return_attn_probs)
 
 
 def zigzag_llama3_flash_attn_varlen_kvpacked_func(
     q: Tensor, kv: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
     heads_k_stride: int, local_k_slice: Optional[slice] = None, dropout_p: float = 0.0,
-    softmax_scale: Optional[float] = None, causal: bool = True, window_size=(-1, -1), alibi_slopes=None,
-    deterministic: bool = False, return_attn_probs: bool = False, group=None, **impl_flags,
-):
-    """``zigzag_llama3_flash_attn_varlen_func`` with ``kv`` ``[T, 2, Hk, D]`` (K and V packed)."""
+    softmax_scale: Optional[float] = None, causal: bool = True, window_size: Tuple[int, int] = (-1, -1),
+    alibi_slopes: Optional[Tensor] = None, deterministic: bool = False, return_attn_probs: bool = False,
+    group: Optional[ProcessGroup] = None, **impl_flags: Any,
+) -> Union[Tensor, Tuple[Tensor, Tensor, None]]:
+    """``zigzag_llama3_flash_attn_varlen_func`` with K and V packed: q ``[T, Hq, D]``, ``kv``
+    ``[T, 2, Hk, D]``; impl_flags: its keyword arguments ``use_grouped_attention``,
+    ``use_triton_grouped``, ``use_fused_kernel``, ``grad_reduce_dtype``. Returns ``out``
+    ``[T, Hq, D]`` or ``(out, lse, None)``."""
     k, v = unpack(kv, "kv", 2, "[local_tokens, 2, heads_k, head_dim]")
     return zigzag_llama3_flash_attn_varlen_func(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride,
@@ -592,12 +430,29 @@ def zigzag_llama3_flash_attn_varlen_kvpacked_func(
 def zigzag_llama3_flash_attn_varlen_qkvpacked_func(
     qkv: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
     heads_k_stride: int, local_k_slice: Optional[slice] = None, dropout_p: float = 0.0,
-    softmax_scale: Optional[float] = None, causal: bool = True, window_size=(-1, -1), alibi_slopes=None,
-    deterministic: bool = False, return_attn_probs: bool = False, group=None, **impl_flags,
-):
-    """``zigzag_llama3_flash_attn_varlen_func`` with ``qkv`` ``[T, 3, H, D]`` (MHA, packed)."""
+    softmax_scale: Optional[float] = None, causal: bool = True, window_size: Tuple[int, int] = (-1, -1),
+    alibi_slopes: Optional[Tensor] = None, deterministic: bool = False, return_attn_probs: bool = False,
+    group: Optional[ProcessGroup] = None, **impl_flags: Any,
+) -> Union[Tensor, Tuple[Tensor, Tensor, None]]:
+    """``zigzag_llama3_flash_attn_varlen_func`` with Q, K and V packed (MHA): ``qkv``
+    ``[T, 3, H, D]``; impl_flags as there. Returns ``out`` ``[T, H, D]`` or ``(out, lse, None)``."""
     q, k, v = unpack(qkv, "qkv", 3, "[local_tokens, 3, heads, head_dim]")
     return zigzag_llama3_flash_attn_varlen_func(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-        heads_k_stride, local_k_slice, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
-        deterministic, return_attn_probs, group, **impl_flags)
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride,
+        local_k_slice, dropout_p, softmax_scale, causal, window_size, alibi_slopes, deterministic,
+        return_attn_probs, group, **impl_flags)
+
+
+def hf_batch_metadata(cu_seqlens: List[int], rank: int, world_size: int) -> Dict[bool, BatchMetadata]:
+    """The HF adapter's per-batch metadata: ``zigzag_llama3_prepare_cu_seqlens`` of the GLOBAL
+    ``cu_seqlens`` (host ints), the same for causal and not (CPU tensors). Raises
+    ``BatchNotSupported`` when a sequence length is not a multiple of 2 * world_size."""
+    two_n = 2 * world_size
+    lengths = [b - a for a, b in zip(cu_seqlens, cu_seqlens[1:])]
+    bad = [(b, n) for b, n in enumerate(lengths) if n % two_n]
+    if bad:
+        b, n = bad[0]
+        raise BatchNotSupported(f"sequence {b} has length {n}, expected a multiple of 2 * world_size = {two_n}; "
+                                f"use the contiguous layout ({HF_ATTN_LLAMA3!r}) for such batches")
+    metadata = zigzag_llama3_prepare_cu_seqlens(cu_seqlens, True, rank, world_size, max_seqlen=max(lengths))
+    return {True: metadata, False: metadata}

@@ -1,4 +1,5 @@
-"""The zigzag layout of context parallelism: index maps, shard / gather helpers, cu_seqlens helpers.
+"""The zigzag layout of context parallelism: index maps, shard / gather helpers, cu_seqlens helpers
+(used by zigzag llama3 and zigzag ring attention).
 
 Zigzag layout over N ranks: every sequence b of a packed batch (global ``cu_seqlens``, length
 L_b, every L_b a multiple of 2N) is cut into 2N chunks of ``c_b = L_b / 2N`` tokens; rank r holds
@@ -21,61 +22,27 @@ access.
 
 from __future__ import annotations
 
-import bisect
-import os
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
+from .index_maps import sequence_of
+from .validation import CuSeqlens, as_cu_tensor, check_world, metadata_checks_enabled
+
 __all__ = [
     "zigzag_check_cu_seqlens",
+    "zigzag_gathered_to_global_index",
     "zigzag_local_cu_seqlens",
     "zigzag_local_to_global_index",
     "zigzag_shard",
     "zigzag_unshard",
     "zigzag_gather",
     "zigzag_llama3_prepare_cu_seqlens",
-    "llama3_flash_attn_prepare_cu_seqlens",
 ]
-
-ENV_CHECK_METADATA = "RING_FLASH_ATTN_CHECK_METADATA"
-
-CuSeqlens = Union[Tensor, Sequence[int]]
 
 
 # ---- metadata checks -------------------------------------------------------------------------
-
-
-def _check_world(world_size: int, rank: Optional[int] = None) -> None:
-    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
-        raise ValueError(f"world_size: expected an int >= 1, got {world_size!r}")
-    if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank < world_size):
-        raise ValueError(f"rank: expected an int in [0, {world_size}) (world_size {world_size}), got {rank!r}")
-
-
-def _as_cu_tensor(cu_seqlens: CuSeqlens, name: str, device=None) -> Tensor:
-    """cu_seqlens as a 1-D int32 tensor (a list is converted; a tensor must already be int32)."""
-    if isinstance(cu_seqlens, Tensor):
-        t = cu_seqlens
-        if t.dtype != torch.int32:
-            raise ValueError(f"{name}: expected dtype torch.int32, got {t.dtype}")
-    else:
-        try:
-            values = [int(x) for x in cu_seqlens]
-        except TypeError:
-            raise ValueError(f"{name}: expected an int32 tensor or a sequence of ints, got "
-                             f"{type(cu_seqlens).__name__}") from None
-        t = torch.tensor(values, dtype=torch.int32, device=device)
-    if t.dim() != 1 or t.shape[0] < 2:
-        raise ValueError(f"{name}: expected a 1-D tensor of batch_size + 1 >= 2 entries, got shape {tuple(t.shape)}")
-    return t
-
-
-def metadata_checks_enabled(device: torch.device) -> bool:
-    """Whether metadata values are checked on the host: always on CPU (free), on other devices
-    only when RING_FLASH_ATTN_CHECK_METADATA=1 (it synchronises)."""
-    return device.type == "cpu" or os.environ.get(ENV_CHECK_METADATA, "0") == "1"
 
 
 def zigzag_check_cu_seqlens(
@@ -92,7 +59,7 @@ def zigzag_check_cu_seqlens(
     sequence length not a multiple of 2 * world_size, or (with ``total``) a last entry that is not
     ``total``.
     """
-    _check_world(world_size)
+    check_world(world_size)
     values = cu_seqlens.tolist() if isinstance(cu_seqlens, Tensor) else [int(x) for x in cu_seqlens]
     if len(values) < 2:
         raise ValueError(f"{name}: expected batch_size + 1 >= 2 entries, got {len(values)}")
@@ -122,20 +89,14 @@ def zigzag_local_cu_seqlens(cu_seqlens: CuSeqlens, world_size: int) -> Tensor:
     Sequence b has L_b / N local rows (chunks r and 2N-1-r of c_b = L_b / 2N tokens each). A
     device op on a tensor input (no host sync); a list input gives a CPU tensor.
     """
-    _check_world(world_size)
-    cu = _as_cu_tensor(cu_seqlens, "cu_seqlens")
+    check_world(world_size)
+    cu = as_cu_tensor(cu_seqlens, "cu_seqlens")
     if cu.device.type == "cpu" or not isinstance(cu_seqlens, Tensor):
         zigzag_check_cu_seqlens(cu, world_size)
     return torch.div(cu, world_size, rounding_mode="floor").to(torch.int32)
 
 
 # ---- index maps ------------------------------------------------------------------------------
-
-
-def _sequence_of(rows: Tensor, cu: Tensor) -> Tensor:
-    """For each row index, the sequence b with cu[b] <= row < cu[b+1] (int64, clamped to [0, B-1])."""
-    b = torch.searchsorted(cu, rows, right=True) - 1
-    return b.clamp_(0, cu.shape[0] - 2)
 
 
 def zigzag_local_to_global_index(
@@ -146,12 +107,12 @@ def zigzag_local_to_global_index(
     ``cu_seqlens`` is the GLOBAL int32 tensor; the map is built on its device without a host sync
     (indices are clamped into ``[0, world_size * total_local)``).
     """
-    _check_world(world_size, rank)
+    check_world(world_size, rank)
     cu = cu_seqlens.to(torch.int64)
     two_n = 2 * world_size
     rows = torch.arange(total_local, device=cu.device, dtype=torch.int64)
     cu_local = torch.div(cu, world_size, rounding_mode="floor")
-    b = _sequence_of(rows, cu_local)
+    b = sequence_of(rows, cu_local)
     chunk = torch.div(cu[1:] - cu[:-1], two_n, rounding_mode="floor")[b]
     pos = rows - cu_local[b]  # position among the sequence's 2 c_b local rows
     second = pos >= chunk  # in chunk 2N-1-r
@@ -161,13 +122,6 @@ def zigzag_local_to_global_index(
     return glob.clamp_(0, total_global - 1)
 
 
-def _inverse_permutation(perm: Tensor) -> Tensor:
-    """inv with inv[perm[i]] = i, by a scatter (no host sync)."""
-    inv = torch.empty_like(perm)
-    inv.scatter_(0, perm, torch.arange(perm.shape[0], device=perm.device, dtype=perm.dtype))
-    return inv
-
-
 def zigzag_gathered_to_global_index(cu_seqlens: Tensor, world_size: int, total_local: int) -> Tensor:
     """int64 ``[world_size * total_local]``: for each global row (natural order), its row in the
     rank-major concatenation of every rank's local shard (what ``all_gather_into_tensor`` gives).
@@ -175,12 +129,12 @@ def zigzag_gathered_to_global_index(cu_seqlens: Tensor, world_size: int, total_l
     ``gathered.index_select(0, idx)`` puts gathered rows back in natural order. Built on the device
     of ``cu_seqlens`` (GLOBAL, int32) without a host sync; indices are clamped into range.
     """
-    _check_world(world_size)
+    check_world(world_size)
     cu = cu_seqlens.to(torch.int64)
     N, two_n = world_size, 2 * world_size
     total_global = world_size * total_local
     rows = torch.arange(total_global, device=cu.device, dtype=torch.int64)
-    b = _sequence_of(rows, cu)
+    b = sequence_of(rows, cu)
     chunk_all = torch.div(cu[1:] - cu[:-1], two_n, rounding_mode="floor")
     chunk = chunk_all[b]
     pos = rows - cu[b]
@@ -196,10 +150,10 @@ def zigzag_gathered_to_global_index(cu_seqlens: Tensor, world_size: int, total_l
 
 
 def _prepare_shard_args(x: Tensor, cu_seqlens: CuSeqlens, world_size: int, name: str, total: int):
-    _check_world(world_size)
+    check_world(world_size)
     if not isinstance(x, Tensor) or x.dim() < 1:
         raise ValueError(f"{name}: expected a tensor with a token dim 0, got {getattr(x, 'shape', type(x).__name__)}")
-    cu = _as_cu_tensor(cu_seqlens, "cu_seqlens", device=x.device)
+    cu = as_cu_tensor(cu_seqlens, "cu_seqlens", device=x.device)
     if (not isinstance(cu_seqlens, Tensor)) or metadata_checks_enabled(cu.device):
         zigzag_check_cu_seqlens(cu, world_size, "cu_seqlens", total=total,
                                 total_what=f" (the {name} rows)")
@@ -218,7 +172,7 @@ def zigzag_shard(x: Tensor, cu_seqlens: CuSeqlens, rank: int, world_size: int) -
     Returns a new tensor (not a view) on x's device; the local cu_seqlens of the shard is
     ``zigzag_local_cu_seqlens(cu_seqlens, world_size)``.
     """
-    _check_world(world_size, rank)
+    check_world(world_size, rank)
     if x.shape[0] % world_size:
         raise ValueError(f"x: expected a token count divisible by world_size {world_size}, got {x.shape[0]}")
     cu = _prepare_shard_args(x, cu_seqlens, world_size, "x", x.shape[0])
@@ -286,8 +240,8 @@ def zigzag_llama3_prepare_cu_seqlens(
     nothing is read and values are checked only on CPU. ``causal`` is accepted for upstream
     compatibility (both cases use the same metadata).
     """
-    _check_world(world_size, rank)
-    cu = _as_cu_tensor(cu_seqlens, "cu_seqlens")
+    check_world(world_size, rank)
+    cu = as_cu_tensor(cu_seqlens, "cu_seqlens")
     if max_seqlen is None or cu.device.type == "cpu" or not isinstance(cu_seqlens, Tensor):
         values = zigzag_check_cu_seqlens(cu, world_size)
         longest = max(values[b + 1] - values[b] for b in range(len(values) - 1))
@@ -298,45 +252,3 @@ def zigzag_llama3_prepare_cu_seqlens(
     max_seqlen = int(max_seqlen)
     cu_q = torch.div(cu, world_size, rounding_mode="floor").to(torch.int32)
     return cu_q, cu, max_seqlen // world_size, max_seqlen, slice(None)
-
-
-def llama3_flash_attn_prepare_cu_seqlens(
-    cu_seqlens: CuSeqlens, causal: bool, rank: int, world_size: int
-) -> Tuple[Tensor, Tensor, int, int, slice]:
-    """Upstream ring-flash-attention's helper for the CONTIGUOUS (non-zigzag) llama3 layout.
-
-    Rank r holds global tokens ``[r T/N, (r+1) T/N)`` of the packed batch (T = cu_seqlens[-1],
-    divisible by N). Returns ``(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-    local_k_slice)``: the rank's pieces of the sequences it touches (relative to its first token),
-    the matching key lengths in the gathered K/V from ``local_k_slice.start`` (causal: keys up to
-    the rank's last token; non-causal: up to the end of the last sequence it touches), their
-    maxima, and the slice of the gathered K/V (natural order) that the rank needs.
-
-    Kept so that scripts written for upstream (and the seed) run unchanged; the zigzag function
-    takes ``zigzag_llama3_prepare_cu_seqlens``'s metadata instead (passing this helper's
-    ``local_k_slice`` to it is harmless: it always uses the whole gathered K/V). A setup step: it
-    reads cu_seqlens on the host.
-    """
-    _check_world(world_size, rank)
-    cu = _as_cu_tensor(cu_seqlens, "cu_seqlens")
-    values = cu.tolist()
-    total = values[-1]
-    if total % world_size:
-        raise ValueError(f"cu_seqlens: expected a total length divisible by world_size {world_size}, got {total}")
-    per_rank = total // world_size
-    start, end = rank * per_rank, (rank + 1) * per_rank
-    first = bisect.bisect_left(values, start)  # sequence holding the rank's first token
-    if first == len(values) or values[first] != start:
-        first -= 1
-    last = bisect.bisect_left(values, end)  # boundary at or after the rank's last token
-    bounds = values[first:last + 1]
-    q_bounds = [min(max(x - start, 0), per_rank) for x in bounds]
-    slice_left = bounds[0]
-    slice_right = end if causal else values[last]
-    k_bounds = [x - slice_left for x in bounds]
-    k_bounds[-1] = slice_right - slice_left
-    max_q = max(q_bounds[i + 1] - q_bounds[i] for i in range(len(q_bounds) - 1))
-    max_k = max(k_bounds[i + 1] - k_bounds[i] for i in range(len(k_bounds) - 1))
-    cu_q = torch.tensor(q_bounds, dtype=torch.int32, device=cu.device)
-    cu_k = torch.tensor(k_bounds, dtype=torch.int32, device=cu.device)
-    return cu_q, cu_k, max_q, max_k, slice(slice_left, slice_right)

@@ -1,29 +1,21 @@
-"""Ring-style context parallelism on ``torch.distributed``: upstream ring-flash-attention's
-``ring_*``, ``zigzag_ring_*`` and ``stripe_*`` functions (batched ``[B, L, H, D]`` forms) and the
-``ring_*_varlen`` / ``zigzag_ring_*_varlen`` forms (packed ``[T, H, D]`` with the rank's LOCAL
-``cu_seqlens``), on the library's kernels.
+"""The ring attention engine shared by the ring, zigzag ring and stripe schemes.
 
-Layouts (N ranks of ``group``, rank r; of every sequence each rank holds the same number of tokens,
-L, the global length being N L):
-
-* ``ring``   (contiguous): rank r holds tokens ``[r L, (r + 1) L)`` of each sequence.
-* ``zigzag``: each sequence is cut into 2N chunks of c = L / 2 tokens; rank r holds chunk r then
-  chunk 2N-1-r (L must be even; ``zigzag_shard``'s layout). Causal work is balanced across ranks.
-* ``stripe`` (batched only): rank r holds tokens ``r, r + N, r + 2N, ...`` (local token i is global
-  token i N + r).
+A scheme is a ``RingLayout``: how the tokens of every sequence are spread over the N ranks of the
+group, given by which sub-blocks each ring step computes under a causal mask (``causal_tasks``)
+and which row sets those sub-blocks use. Of every sequence each rank holds the same number of
+tokens, L, the global length being N L.
 
 Internally every form is varlen (a batch is B sequences of L tokens); sub-blocks are row sets
 (all rows, the first / second half of each sequence, all but the first / last row of each),
 gathered with index maps built on the device from cu_seqlens (no host read).
 
 Forward: the K/V block of every rank travels around the ring (rank r sends to r+1 and receives
-from r-1 with ``batch_isend_irecv``; K and V in one buffer); at step s rank r holds the block of
-rank src = (r - s) mod N. The next block's send/receive is posted before the current block is
-computed, so the transfer overlaps the kernels. Each step runs one or no library forward call
-(G = 1, with LSE) on a sub-block (a row set of the local queries against a row set of the held
-K/V, causal or not) chosen by the layout (see ``_tasks``); the partial outputs are merged through
-their LSE in fp32 (fp64 for fp64 inputs):
-``lse = logaddexp(lse_acc, lse_blk)``, ``out = exp(lse_acc - lse) out_acc + exp(lse_blk - lse) out_blk``.
+from r-1 with ``batch_isend_irecv``; K and V in one buffer; ``ring_comm.RingComm``); at step s
+rank r holds the block of rank src = (r - s) mod N. The next block's send/receive is posted
+before the current block is computed, so the transfer overlaps the kernels. Each step runs one
+or no library forward call (G = 1, with LSE) on a sub-block (a row set of the local queries
+against a row set of the held K/V, causal or not) chosen by the layout; the partial outputs are
+merged through their LSE in fp32 (fp64 for fp64 inputs; ``lse_merge.merge_partial``).
 
 Backward: the same ring. At every step the library backward runs on the same sub-block with the
 FINAL (merged) out and lse, giving the block's exact share of dQ, dK and dV. dQ is accumulated
@@ -32,15 +24,6 @@ fp32 (fp64) into a buffer that travels around the ring with the block (one step 
 its transfer overlapping the next step's kernels) and arrives back at the block's owner after N
 transfers. (The CPU backend's fp64 backward recomputes the LSE of its own call instead of using
 the given one; ``_rescale_dout`` compensates exactly, see there.)
-
-Causal block patterns (those of upstream), with src the rank whose K/V block is held:
-
-* ring: step 0 (src = r) causal on the local block; src < r: all local queries see the whole block;
-  src > r: nothing (the step only forwards the block).
-* zigzag: step 0 causal on the local pair; src < r: all local queries see the block's first chunk
-  (chunk src) fully; src > r: only the second local chunk (2N-1-r) sees the whole block.
-* stripe: src <= r: causal on the whole block (diagonal included); src > r: query i sees keys
-  j < i (local queries 1.. against keys ..L-2, causal).
 
 Without ``causal`` every query sees every key block fully (upstream's zigzag asserts causal).
 Differences from upstream: dQ keeps the input dtype (upstream returns bf16); the merge is done in
@@ -52,114 +35,83 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass
-from typing import Optional, Tuple, Union
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from . import ops
-from ._checks import check_cu_seqlens, check_flash_attn_defaults, check_qkv, unpack
-from .grouped import _resolve_scale
-from .zigzag_utils import _sequence_of, metadata_checks_enabled
+from .. import ops
+from .._checks import check_flash_attn_defaults
+from ..grouped import _resolve_scale
+from .index_maps import sequence_of
+from .lse_merge import merge_partial
+from .process_group import resolve_group
+from .ring_comm import RingComm
+from .validation import check_cu_seqlens, check_heads, check_local_tokens, check_qkv, metadata_checks_enabled, unpack
 
 __all__ = [
-    "ring_flash_attn_func",
-    "ring_flash_attn_kvpacked_func",
-    "ring_flash_attn_qkvpacked_func",
-    "zigzag_ring_flash_attn_func",
-    "zigzag_ring_flash_attn_kvpacked_func",
-    "zigzag_ring_flash_attn_qkvpacked_func",
-    "stripe_flash_attn_func",
-    "stripe_flash_attn_kvpacked_func",
-    "stripe_flash_attn_qkvpacked_func",
-    "ring_flash_attn_varlen_func",
-    "ring_flash_attn_varlen_kvpacked_func",
-    "ring_flash_attn_varlen_qkvpacked_func",
-    "zigzag_ring_flash_attn_varlen_func",
-    "zigzag_ring_flash_attn_varlen_kvpacked_func",
-    "zigzag_ring_flash_attn_varlen_qkvpacked_func",
+    "RingLayout",
+    "Task",
+    "ring_attention",
+    "ring_attention_varlen",
+    "unpack_batched_kv",
+    "unpack_batched_qkv",
+    "unpack_varlen_kv",
+    "unpack_varlen_qkv",
+    "with_batched_args_doc",
+    "with_varlen_args_doc",
 ]
-
-LAYOUT_RING = "ring"
-LAYOUT_ZIGZAG = "zigzag"
-LAYOUT_STRIPE = "stripe"
 
 _TAG_KV = 11
 _TAG_DKV = 12
 
-
-# ---- process group and ring communication ------------------------------------------------------
-
-
-def _world(group) -> Tuple[object, int, int]:
-    """(group, world_size, rank); single-process (1, 0) without an initialised default group."""
-    import torch.distributed as dist
-
-    if group is None and not (dist.is_available() and dist.is_initialized()):
-        return None, 1, 0
-    return group, dist.get_world_size(group), dist.get_rank(group)
+# A sub-block computed at one ring step: (query row set, key row set, causal). Row sets: "all",
+# "front" / "back" (first / second half of each sequence), "drop_first" / "drop_last" (each
+# sequence but its first / last row).
+Task = Tuple[str, str, bool]
 
 
-class _Ring:
-    """Point-to-point exchange with the ring neighbours: send to rank+1, receive from rank-1."""
+@dataclass(frozen=True)
+class RingLayout:
+    """A ring scheme's layout.
 
-    def __init__(self, group, world_size: int, rank: int):
-        import torch.distributed as dist
+    name: the layout's name (``"ring"``, ``"zigzag"``, ``"stripe"``).
+    causal_tasks: ``(step, src, rank) -> [Task]``, the sub-blocks computed under a causal mask
+        at ``step`` while the K/V block of rank ``src`` is held (step 0: ``src == rank``). The
+        first task of step 0 must cover all rows. Without a causal mask every step computes
+        ``("all", "all", False)``.
+    row_sets: the row sets other than "all" that ``causal_tasks`` uses.
+    even_halves: every local sequence is two chunks of equal length (its length must be even).
+    """
 
-        self.group = group
-        nxt, prv = (rank + 1) % world_size, (rank - 1) % world_size
-        if group is None:
-            self.next, self.prev = nxt, prv
-        else:
-            self.next = dist.get_global_rank(group, nxt)
-            self.prev = dist.get_global_rank(group, prv)
-
-    def post(self, send: Tensor, tag: int):
-        """Posts the send of `send` and the receive of a tensor like it; returns
-        (recv buffer, pending works). The buffers must stay alive until ``wait``."""
-        import torch.distributed as dist
-
-        recv = torch.empty_like(send)
-        p2p = [dist.P2POp(dist.isend, send, self.next, self.group, tag),
-               dist.P2POp(dist.irecv, recv, self.prev, self.group, tag)]
-        works = dist.batch_isend_irecv(p2p)
-        return recv, (works, send)
-
-    @staticmethod
-    def wait(pending) -> None:
-        works, _send = pending
-        for w in works:
-            w.wait()
+    name: str
+    causal_tasks: Callable[[int, int, int], List[Task]]
+    row_sets: Tuple[str, ...] = ()
+    even_halves: bool = False
 
 
 # ---- validation ------------------------------------------------------------------------------------
 
 
-def _validate(q, k, v, dropout_p, window_size, alibi_slopes, layout: str) -> None:
+def _validate(q, k, v, dropout_p, window_size, alibi_slopes, layout: RingLayout) -> None:
     check_qkv(q, k, v, 4, "[batch, local_seqlen, heads, head_dim]")
-    B, L, Hq, D = q.shape
+    B, L = q.shape[:2]
     if k.shape[0] != B or k.shape[1] != L:
         raise ValueError(f"k: expected batch {B} and local_seqlen {L} (those of q: the layout shards q, k and v "
                          f"alike), got {tuple(k.shape[:2])}")
-    if k.shape[3] != D:
-        raise ValueError(f"k: expected head_dim {D} (the head_dim of q), got {k.shape[3]}")
-    Hk = k.shape[2]
-    if Hk == 0 or Hq % Hk:
-        raise ValueError(f"q: expected a number of heads divisible by the KV heads of k ({Hk}), got {Hq}")
-    if layout == LAYOUT_ZIGZAG and L % 2:
-        raise ValueError(f"q: expected an even local_seqlen for the zigzag layout (two chunks of equal length "
-                         f"per rank), got {L}")
+    check_heads(q, k)
+    if layout.even_halves and L % 2:
+        raise ValueError(f"q: expected an even local_seqlen for the {layout.name} layout (two chunks of equal "
+                         f"length per rank), got {L}")
     check_flash_attn_defaults(dropout_p, window_size, alibi_slopes)
 
 
-def _validate_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p, window_size, alibi_slopes, layout: str) -> None:
+def _validate_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p, window_size, alibi_slopes,
+                     layout: RingLayout) -> None:
     check_qkv(q, k, v, 3, "[local_tokens, heads, head_dim]")
-    for name, t in (("k", k), ("v", v)):
-        if t.shape[0] != q.shape[0]:
-            raise ValueError(f"{name}: expected {q.shape[0]} local tokens (those of q: the layout shards q, k and v "
-                             f"alike), got {t.shape[0]}")
-    # the other shape checks of the batched form, on [1, T, H, D] views
-    _validate(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), dropout_p, window_size, alibi_slopes, LAYOUT_RING)
+    check_local_tokens(q, k, v, "those of q: the layout shards q, k and v alike")
+    check_heads(q, k)
+    check_flash_attn_defaults(dropout_p, window_size, alibi_slopes)
     check_cu_seqlens(cu_seqlens, "cu_seqlens", q.device)
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, numbers.Integral) or max_seqlen < 0:
         raise ValueError(f"max_seqlen: expected a Python int >= 0 (the longest local sequence, a hint; a tensor "
@@ -172,19 +124,18 @@ def _validate_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p, window_size, al
         if cu[-1] != T:
             raise ValueError(f"cu_seqlens: expected the last entry to be {T} (the local tokens of q: cu_seqlens "
                              f"is the rank's LOCAL cumulative lengths), got {cu[-1]}")
-        if layout == LAYOUT_ZIGZAG:
+        if layout.even_halves:
             for b, (x, y) in enumerate(zip(cu, cu[1:])):
                 if (y - x) % 2:
                     raise ValueError(f"cu_seqlens: local sequence {b} has length {y - x}, expected an even length "
-                                     f"(two zigzag chunks of equal length)")
+                                     f"(two {layout.name} chunks of equal length)")
 
 
-# ---- row sets and block patterns ------------------------------------------------------------------
+# ---- row sets ----------------------------------------------------------------------------------------
 #
 # Internally every layout is varlen: q [T, Hq, D], k/v [T, Hk, D] with the rank's LOCAL cumulative
 # lengths (the batched [B, L, ...] forms are B sequences of L tokens). A row set is a subset of the
-# local rows, the same for every sequence (all rows, the first or the second half of each sequence,
-# all but the first / last row of each), given by an index (None: all rows), its own cumulative
+# local rows, the same for every sequence, given by an index (None: all rows), its own cumulative
 # lengths and max length.
 
 
@@ -215,7 +166,7 @@ def _rows_of(cu_local: Tensor, select: str, max_local: int, n: int, T: int) -> _
     sub_cu = torch.zeros(B + 1, dtype=torch.int64, device=cu.device)
     torch.cumsum(sub_len, 0, out=sub_cu[1:])
     j = torch.arange(n, device=cu.device, dtype=torch.int64)
-    b = _sequence_of(j, sub_cu)
+    b = sequence_of(j, sub_cu)
     offset = j - sub_cu[b]
     if select == "back":
         offset = offset + lengths[b] - sub_len[b]
@@ -225,38 +176,23 @@ def _rows_of(cu_local: Tensor, select: str, max_local: int, n: int, T: int) -> _
     return _Rows(index, sub_cu.to(torch.int32), max_sub)
 
 
-def _row_sets(layout: str, causal: bool, cu_local: Tensor, max_local: int, T: int):
+def _row_sets(layout: RingLayout, causal: bool, cu_local: Tensor, max_local: int, T: int):
     """The row sets the layout's tasks use (name -> _Rows)."""
     B = cu_local.shape[0] - 1
     sets = {"all": _Rows(None, cu_local, max_local)}
     if not causal:
         return sets
-    wanted = {LAYOUT_ZIGZAG: (("front", T // 2), ("back", T // 2)),
-              LAYOUT_STRIPE: (("drop_first", T - B), ("drop_last", T - B))}.get(layout, ())
-    for select, n in wanted:
+    for select in layout.row_sets:
+        n = T // 2 if select in ("front", "back") else T - B
         sets[select] = _rows_of(cu_local, select, max_local, max(n, 0), T)
     return sets
 
 
-def _tasks(layout: str, causal: bool, step: int, src: int, rank: int):
-    """The sub-blocks computed at `step` (K/V block of rank `src` held): a list of
-    (query row set, key row set, causal)."""
+def _tasks(layout: RingLayout, causal: bool, step: int, src: int, rank: int) -> List[Task]:
+    """The sub-blocks computed at `step` (K/V block of rank `src` held)."""
     if not causal:
         return [("all", "all", False)]
-    if layout == LAYOUT_RING:
-        if step == 0:
-            return [("all", "all", True)]
-        return [("all", "all", False)] if src < rank else []
-    if layout == LAYOUT_ZIGZAG:
-        if step == 0:
-            return [("all", "all", True)]
-        if src < rank:
-            return [("all", "front", False)]
-        return [("back", "all", False)]
-    # stripe: query i (global i N + r) sees key j (global j N + src) iff j <= i (src <= r), j < i (src > r)
-    if src <= rank:
-        return [("all", "all", True)]
-    return [("drop_first", "drop_last", True)]
+    return layout.causal_tasks(step, src, rank)
 
 
 # ---- per-call plan -----------------------------------------------------------------------------
@@ -264,7 +200,7 @@ def _tasks(layout: str, causal: bool, step: int, src: int, rank: int):
 
 @dataclass
 class _Plan:
-    layout: str
+    layout: RingLayout
     group: object
     world_size: int
     rank: int
@@ -277,25 +213,6 @@ class _Plan:
 
 
 # ---- forward ---------------------------------------------------------------------------------------
-
-
-def _merge(out_acc: Tensor, lse_acc: Tensor, rows: _Rows, out_blk: Tensor, lse_blk: Tensor) -> None:
-    """Merges a partial result (out_blk [n, H, D], lse_blk [H, n]) into `rows` of the accumulators
-    (out_acc [T, H, D], lse_acc [H, T]; in place)."""
-    la = rows.take(lse_acc, 1)
-    oa = rows.take(out_acc)
-    lb = lse_blk.to(la.dtype)
-    new = torch.logaddexp(la, lb)
-    safe = torch.where(torch.isneginf(new), torch.zeros_like(new), new)  # rows with no key yet
-    wa = torch.exp(la - safe).t().unsqueeze(-1)
-    wb = torch.exp(lb - safe).t().unsqueeze(-1)
-    merged = oa * wa + out_blk.to(oa.dtype) * wb
-    if rows.index is None:
-        out_acc.copy_(merged)
-        lse_acc.copy_(new)
-    else:
-        out_acc.index_copy_(0, rows.index, merged)
-        lse_acc.index_copy_(1, rows.index, new)
 
 
 def _block_fwd(plan: _Plan, q: Tensor, kv: Tensor, qn: str, kn: str, causal: bool):
@@ -314,7 +231,7 @@ def _forward(plan: _Plan, q: Tensor, k: Tensor, v: Tensor):
     out_acc: Optional[Tensor] = None
     lse_acc: Optional[Tensor] = None
     kv = torch.stack([k, v])  # one send buffer [2, T, Hk, D]
-    ring = _Ring(plan.group, N, rank) if N > 1 else None
+    ring = RingComm(plan.group, N, rank) if N > 1 else None
     for step in range(N):
         pending = None
         if step + 1 < N:
@@ -329,9 +246,9 @@ def _forward(plan: _Plan, q: Tensor, k: Tensor, v: Tensor):
                 out_acc = torch.zeros((T, Hq, D), dtype=plan.acc_dtype, device=q.device)
                 lse_acc = torch.full((Hq, T), float("-inf"), dtype=plan.acc_dtype, device=q.device)
             out_acc, lse_acc = out_acc.to(plan.acc_dtype), lse_acc.to(plan.acc_dtype)
-            _merge(out_acc, lse_acc, plan.rows[qn], o, lse)
+            merge_partial(out_acc, lse_acc, plan.rows[qn].index, o, lse)
         if pending is not None:
-            _Ring.wait(pending)
+            RingComm.wait(pending)
             kv = kv_next
     assert out_acc is not None and lse_acc is not None, "step 0 of every layout computes all rows"
     return out_acc.to(q.dtype), lse_acc.to(torch.float32)
@@ -366,7 +283,7 @@ def _backward(plan: _Plan, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
     if N == 1:  # one step, no transfer: nothing to stack, merge or send
         return _backward_single_step(plan, dout, q, k, v, out, lse)
     kv = torch.stack([k, v])
-    ring = _Ring(plan.group, N, rank)
+    ring = RingComm(plan.group, N, rank)
     dkv_pending = None
     dkv = None
     for step in range(N):
@@ -404,17 +321,17 @@ def _backward(plan: _Plan, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
                 dkv_step[1].index_add_(0, kr.index, dv_b.to(dkv_step.dtype))
         # the dK/dV travelling with this block: received from the previous rank (one step behind)
         if dkv_pending is not None:
-            _Ring.wait(dkv_pending)
+            RingComm.wait(dkv_pending)
             dkv = dkv_recv if dkv_step is None else dkv_recv.add_(dkv_step)
         else:
             dkv = dkv_step if dkv_step is not None else torch.zeros(
                 (2, T, Hk, D), dtype=plan.acc_dtype, device=q.device)
         dkv_recv, dkv_pending = ring.post(dkv, _TAG_DKV)
         if kv_pending is not None:
-            _Ring.wait(kv_pending)
+            RingComm.wait(kv_pending)
             kv = kv_next
     if dkv_pending is not None:  # the N-th transfer brings every block's dK/dV home
-        _Ring.wait(dkv_pending)
+        RingComm.wait(dkv_pending)
         dkv = dkv_recv
     assert dq_acc is not None, "step 0 of every layout computes all rows"
     return dq_acc.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
@@ -450,8 +367,8 @@ class _RingAttention(torch.autograd.Function):
         return dq, dk, dv, None
 
 
-def _make_plan(layout, q3, cu_local, max_local, softmax_scale, causal, deterministic, group) -> _Plan:
-    group, world_size, rank = _world(group)
+def _make_plan(layout: RingLayout, q3, cu_local, max_local, softmax_scale, causal, deterministic, group) -> _Plan:
+    group, world_size, rank = resolve_group(group)
     acc = torch.float64 if q3.dtype == torch.float64 else torch.float32
     return _Plan(layout=layout, group=group, world_size=world_size, rank=rank,
                  scale=_resolve_scale(softmax_scale), causal=bool(causal),
@@ -460,9 +377,15 @@ def _make_plan(layout, q3, cu_local, max_local, softmax_scale, causal, determini
                  lse_recomputed=q3.dtype == torch.float64 and q3.device.type == "cpu")
 
 
-def _attention(layout, q, k, v, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
-               deterministic, return_attn_probs, group):
-    """The batched [B, L, H, D] forms: B sequences of L local tokens."""
+# ---- the entry points of the scheme modules ------------------------------------------------------------
+
+
+def ring_attention(layout: RingLayout, q: Tensor, k: Tensor, v: Tensor, dropout_p: float,
+                   softmax_scale: Optional[float], causal: bool, window_size: Tuple[int, int],
+                   alibi_slopes: Optional[Tensor], deterministic: bool, return_attn_probs: bool,
+                   group: Optional[object]):
+    """The batched forms: q ``[B, L, Hq, D]``, k/v ``[B, L, Hk, D]`` (B sequences of L local
+    tokens) -> out ``[B, L, Hq, D]``, or ``(out, lse [B, Hq, L], None)``."""
     _validate(q, k, v, dropout_p, window_size, alibi_slopes, layout)
     B, L, Hq, D = q.shape
     Hk = k.shape[2]
@@ -477,9 +400,12 @@ def _attention(layout, q, k, v, dropout_p, softmax_scale, causal, window_size, a
     return out
 
 
-def _attention_varlen(layout, q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal, window_size,
-                      alibi_slopes, deterministic, return_attn_probs, group):
-    """The varlen [T, H, D] forms, cu_seqlens being the rank's LOCAL cumulative lengths."""
+def ring_attention_varlen(layout: RingLayout, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor,
+                          max_seqlen: int, dropout_p: float, softmax_scale: Optional[float], causal: bool,
+                          window_size: Tuple[int, int], alibi_slopes: Optional[Tensor], deterministic: bool,
+                          return_attn_probs: bool, group: Optional[object]):
+    """The varlen forms: q ``[T, Hq, D]``, k/v ``[T, Hk, D]``, cu_seqlens the rank's LOCAL
+    cumulative lengths -> out ``[T, Hq, D]``, or ``(out, lse [Hq, T], None)``."""
     _validate_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p, window_size, alibi_slopes, layout)
     plan = _make_plan(layout, q, cu_seqlens, int(max_seqlen), softmax_scale, causal, deterministic, group)
     out, lse = _RingAttention.apply(q, k, v, plan)
@@ -488,23 +414,32 @@ def _attention_varlen(layout, q, k, v, cu_seqlens, max_seqlen, dropout_p, softma
     return out
 
 
-def _unpack_kv(kv) -> Tuple[Tensor, Tensor]:
+def unpack_batched_kv(kv: Tensor) -> Tuple[Tensor, Tensor]:
+    """k, v views of a packed ``kv [B, L, 2, Hk, D]``."""
     return unpack(kv, "kv", 2, "[batch, local_seqlen, 2, heads_k, head_dim]")
 
 
-def _unpack_qkv(qkv) -> Tuple[Tensor, Tensor, Tensor]:
+def unpack_batched_qkv(qkv: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """q, k, v views of a packed ``qkv [B, L, 3, H, D]``."""
     return unpack(qkv, "qkv", 3, "[batch, local_seqlen, 3, heads, head_dim]")
 
 
-_Result = Union[Tensor, Tuple[Tensor, Tensor, None]]
+def unpack_varlen_kv(kv: Tensor) -> Tuple[Tensor, Tensor]:
+    """k, v views of a packed ``kv [T, 2, Hk, D]``."""
+    return unpack(kv, "kv", 2, "[local_tokens, 2, heads_k, head_dim]")
 
-_DOC = """{title}
 
+def unpack_varlen_qkv(qkv: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """q, k, v views of a packed ``qkv [T, 3, H, D]``."""
+    return unpack(qkv, "qkv", 3, "[local_tokens, 3, heads, head_dim]")
+
+
+# ---- the argument docs the public functions share ---------------------------------------------------
+
+_BATCHED_ARGS_DOC = """
     Args (upstream ring-flash-attention's):
-        q: ``[B, L, Hq, D]`` the rank's local queries ({layout_doc}); k, v: ``[B, L, Hk, D]``
-            (Hq % Hk == 0; same dtype and device; strided views such as slices of a packed qkv
-            are fine). The ``kvpacked`` form takes ``kv [B, L, 2, Hk, D]``, the ``qkvpacked`` form
-            ``qkv [B, L, 3, H, D]``.
+        q, k, v (or kv, qkv): the rank's local shard as above (Hq % Hk == 0; same dtype and
+            device; strided views such as slices of a packed qkv are fine).
         dropout_p, window_size, alibi_slopes: only their defaults (NotImplementedError naming the
             argument otherwise).
         softmax_scale: default ``1 / sqrt(D)``.
@@ -521,55 +456,10 @@ _DOC = """{title}
     Collective: every rank of ``group`` must call it with the same shapes and flags.
     """
 
-
-def _make(layout: str, name: str, layout_doc: str, title: str):
-    def func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
-             alibi_slopes=None, deterministic=False, return_attn_probs=False, group=None) -> _Result:
-        return _attention(layout, q, k, v, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
-                          deterministic, return_attn_probs, group)
-
-    def kvpacked(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
-                 alibi_slopes=None, deterministic=False, return_attn_probs=False, group=None) -> _Result:
-        k, v = _unpack_kv(kv)
-        return _attention(layout, q, k, v, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
-                          deterministic, return_attn_probs, group)
-
-    def qkvpacked(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
-                  alibi_slopes=None, deterministic=False, return_attn_probs=False, group=None) -> _Result:
-        q, k, v = _unpack_qkv(qkv)
-        return _attention(layout, q, k, v, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
-                          deterministic, return_attn_probs, group)
-
-    doc = _DOC.format(title=title, layout_doc=layout_doc)
-    for f, suffix, fname in ((func, "", f"{name}_func"), (kvpacked, " (K and V packed)", f"{name}_kvpacked_func"),
-                             (qkvpacked, " (Q, K and V packed)", f"{name}_qkvpacked_func")):
-        f.__doc__ = doc.replace(title, title + suffix, 1)
-        f.__name__ = f.__qualname__ = fname
-    return func, kvpacked, qkvpacked
-
-
-ring_flash_attn_func, ring_flash_attn_kvpacked_func, ring_flash_attn_qkvpacked_func = _make(
-    LAYOUT_RING, "ring_flash_attn", "contiguous layout: rank r holds global tokens [r L, (r+1) L)",
-    "Ring attention over the contiguous layout (upstream's ``ring_flash_attn_func``).")
-
-zigzag_ring_flash_attn_func, zigzag_ring_flash_attn_kvpacked_func, zigzag_ring_flash_attn_qkvpacked_func = _make(
-    LAYOUT_ZIGZAG, "zigzag_ring_flash_attn",
-    "zigzag layout: of the 2N chunks of L/2 tokens, rank r holds chunk r then chunk 2N-1-r; L even",
-    "Ring attention over the zigzag layout (upstream's ``zigzag_ring_flash_attn_func``).")
-
-stripe_flash_attn_func, stripe_flash_attn_kvpacked_func, stripe_flash_attn_qkvpacked_func = _make(
-    LAYOUT_STRIPE, "stripe_flash_attn", "stripe layout: local token i is global token i N + r",
-    "Ring attention over the stripe layout (upstream's ``stripe_flash_attn_func``).")
-
-
-# ---- varlen forms --------------------------------------------------------------------------------
-
-_VARLEN_DOC = """{title}
-
+_VARLEN_ARGS_DOC = """
     Args (upstream ring-flash-attention's):
-        q: ``[T, Hq, D]`` the rank's local queries, packed sequences ({layout_doc}); k, v:
-            ``[T, Hk, D]`` (Hq % Hk == 0). The ``kvpacked`` form takes ``kv [T, 2, Hk, D]``, the
-            ``qkvpacked`` form ``qkv [T, 3, H, D]``.
+        q, k, v (or kv, qkv): the rank's local tokens as above, packed sequences (Hq % Hk == 0;
+            same dtype and device).
         cu_seqlens: int32 ``[B + 1]``, the rank's LOCAL cumulative lengths (every rank holds the
             same number of tokens of each sequence: its global length / N); ``cu_seqlens[-1] == T``.
         max_seqlen: Python int, the longest LOCAL sequence (a hint; never read from a tensor).
@@ -592,52 +482,13 @@ _VARLEN_DOC = """{title}
     """
 
 
-def _unpack_kv3(kv) -> Tuple[Tensor, Tensor]:
-    return unpack(kv, "kv", 2, "[local_tokens, 2, heads_k, head_dim]")
+def with_batched_args_doc(fn: Callable) -> Callable:
+    """Appends the argument documentation of the batched ``[B, L, H, D]`` forms to fn's docstring."""
+    fn.__doc__ = fn.__doc__.rstrip() + "\n" + _BATCHED_ARGS_DOC
+    return fn
 
 
-def _unpack_qkv3(qkv) -> Tuple[Tensor, Tensor, Tensor]:
-    return unpack(qkv, "qkv", 3, "[local_tokens, 3, heads, head_dim]")
-
-
-def _make_varlen(layout: str, name: str, layout_doc: str, title: str):
-    def func(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
-             window_size=(-1, -1), alibi_slopes=None, deterministic=False, return_attn_probs=False,
-             group=None) -> _Result:
-        return _attention_varlen(layout, q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
-                                 window_size, alibi_slopes, deterministic, return_attn_probs, group)
-
-    def kvpacked(q, kv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
-                 window_size=(-1, -1), alibi_slopes=None, deterministic=False, return_attn_probs=False,
-                 group=None) -> _Result:
-        k, v = _unpack_kv3(kv)
-        return _attention_varlen(layout, q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
-                                 window_size, alibi_slopes, deterministic, return_attn_probs, group)
-
-    def qkvpacked(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
-                  window_size=(-1, -1), alibi_slopes=None, deterministic=False, return_attn_probs=False,
-                  group=None) -> _Result:
-        q, k, v = _unpack_qkv3(qkv)
-        return _attention_varlen(layout, q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
-                                 window_size, alibi_slopes, deterministic, return_attn_probs, group)
-
-    doc = _VARLEN_DOC.format(title=title, layout_doc=layout_doc)
-    for f, suffix, fname in ((func, "", f"{name}_func"), (kvpacked, " (K and V packed)", f"{name}_kvpacked_func"),
-                             (qkvpacked, " (Q, K and V packed)", f"{name}_qkvpacked_func")):
-        f.__doc__ = doc.replace(title, title + suffix, 1)
-        f.__name__ = f.__qualname__ = fname
-    return func, kvpacked, qkvpacked
-
-
-(ring_flash_attn_varlen_func, ring_flash_attn_varlen_kvpacked_func,
- ring_flash_attn_varlen_qkvpacked_func) = _make_varlen(
-    LAYOUT_RING, "ring_flash_attn_varlen",
-    "contiguous layout: of every sequence, split into N pieces, rank r holds piece r",
-    "Ring attention over packed sequences, contiguous layout (upstream's ``ring_flash_attn_varlen_func``).")
-
-(zigzag_ring_flash_attn_varlen_func, zigzag_ring_flash_attn_varlen_kvpacked_func,
- zigzag_ring_flash_attn_varlen_qkvpacked_func) = _make_varlen(
-    LAYOUT_ZIGZAG, "zigzag_ring_flash_attn_varlen",
-    "zigzag layout: of every sequence, split into 2N chunks, rank r holds chunk r then chunk 2N-1-r, as "
-    "``zigzag_shard`` lays them out",
-    "Ring attention over packed sequences, zigzag layout (upstream's ``zigzag_ring_flash_attn_varlen_func``).")
+def with_varlen_args_doc(fn: Callable) -> Callable:
+    """Appends the argument documentation of the varlen ``[T, H, D]`` forms to fn's docstring."""
+    fn.__doc__ = fn.__doc__.rstrip() + "\n" + _VARLEN_ARGS_DOC
+    return fn

@@ -1,0 +1,177 @@
+"""Argument checks shared by the context-parallel schemes.
+
+Each raises ValueError naming the argument with the expected and the actual value. The checks
+of flash-attn arguments that are supported only at their defaults (dropout, window, ALiBi) are
+``ring_flash_attn._checks.check_flash_attn_defaults``, shared with the single-device API.
+
+Metadata VALUES (lengths, totals) are read on the host only where that is free (CPU tensors) or
+when ``RING_FLASH_ATTN_CHECK_METADATA=1`` asks for it (``metadata_checks_enabled``): on CUDA every
+such read is a device-to-host synchronisation.
+"""
+
+from __future__ import annotations
+
+import numbers
+import os
+from typing import List, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "ENV_CHECK_METADATA",
+    "CuSeqlens",
+    "as_cu_tensor",
+    "check_collective_device",
+    "check_cu_seqlens",
+    "check_cu_seqlens_pair",
+    "check_heads",
+    "check_heads_k_stride",
+    "check_local_tokens",
+    "check_python_int",
+    "check_qkv",
+    "check_world",
+    "metadata_checks_enabled",
+    "short_list",
+    "unpack",
+]
+
+ENV_CHECK_METADATA = "RING_FLASH_ATTN_CHECK_METADATA"
+
+CuSeqlens = Union[Tensor, Sequence[int]]
+
+
+def metadata_checks_enabled(device: torch.device) -> bool:
+    """Whether metadata values are checked on the host: always on CPU (free), on other devices
+    only when RING_FLASH_ATTN_CHECK_METADATA=1 (it synchronises)."""
+    return device.type == "cpu" or os.environ.get(ENV_CHECK_METADATA, "0") == "1"
+
+
+def short_list(values: List[int], limit: int = 12) -> str:
+    """``values`` as text, cut after ``limit`` entries (for error messages)."""
+    return str(values) if len(values) <= limit else str(values[:limit])[:-1] + ", ...]"
+
+
+# ---- world, cu_seqlens and Python ints ---------------------------------------------------------
+
+
+def check_world(world_size: int, rank: Optional[int] = None) -> None:
+    """world_size is an int >= 1 and (when given) rank an int in [0, world_size)."""
+    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
+        raise ValueError(f"world_size: expected an int >= 1, got {world_size!r}")
+    if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank < world_size):
+        raise ValueError(f"rank: expected an int in [0, {world_size}) (world_size {world_size}), got {rank!r}")
+
+
+def as_cu_tensor(cu_seqlens: CuSeqlens, name: str, device=None) -> Tensor:
+    """cu_seqlens as a 1-D int32 tensor (a list is converted; a tensor must already be int32)."""
+    if isinstance(cu_seqlens, Tensor):
+        t = cu_seqlens
+        if t.dtype != torch.int32:
+            raise ValueError(f"{name}: expected dtype torch.int32, got {t.dtype}")
+    else:
+        try:
+            values = [int(x) for x in cu_seqlens]
+        except TypeError:
+            raise ValueError(f"{name}: expected an int32 tensor or a sequence of ints, got "
+                             f"{type(cu_seqlens).__name__}") from None
+        t = torch.tensor(values, dtype=torch.int32, device=device)
+    if t.dim() != 1 or t.shape[0] < 2:
+        raise ValueError(f"{name}: expected a 1-D tensor of batch_size + 1 >= 2 entries, got shape {tuple(t.shape)}")
+    return t
+
+
+def check_cu_seqlens(cu, name: str, device) -> None:
+    """`cu` is a 1-D int32 tensor of batch_size + 1 >= 2 entries on `device` (q's)."""
+    if not isinstance(cu, Tensor):
+        raise ValueError(f"{name}: expected an int32 Tensor, got {type(cu).__name__}")
+    if cu.dtype != torch.int32:
+        raise ValueError(f"{name}: expected dtype torch.int32, got {cu.dtype}")
+    if cu.dim() != 1 or cu.shape[0] < 2:
+        raise ValueError(f"{name}: expected a 1-D tensor of batch_size + 1 >= 2 entries, got shape "
+                         f"{tuple(cu.shape)}")
+    if cu.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device} (the device of q), got {cu.device}")
+
+
+def check_cu_seqlens_pair(cu_seqlens_q, cu_seqlens_k, device) -> None:
+    """cu_seqlens_q and cu_seqlens_k are 1-D int32 tensors on `device` (q's) with the same
+    batch_size + 1 >= 2 entries."""
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        check_cu_seqlens(cu, name, device)
+    if cu_seqlens_q.shape[0] != cu_seqlens_k.shape[0]:
+        raise ValueError(f"cu_seqlens_q: expected {cu_seqlens_k.shape[0]} entries (batch_size + 1, as "
+                         f"cu_seqlens_k), got {cu_seqlens_q.shape[0]}")
+
+
+def check_python_int(value, name: str, what: str) -> int:
+    """value is a Python int >= 0 (``what`` says what it is, e.g. "the longest local sequence, a
+    hint"); returns it as an int."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name}: expected a Python int ({what}; a tensor would need a host sync), "
+                         f"got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{name}: expected >= 0, got {value}")
+    return int(value)
+
+
+# ---- q, k, v ---------------------------------------------------------------------------------------
+
+
+def check_qkv(q, k, v, ndim: int, layout: str) -> None:
+    """q, k, v are tensors of `ndim` dims (described by `layout`, e.g. "[local_tokens, heads,
+    head_dim]"); k and v on q's device, in q's dtype, and v shaped like k."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{name}: expected a Tensor, got {type(t).__name__}")
+        if t.dim() != ndim:
+            raise ValueError(f"{name}: expected a {ndim}-D tensor {layout}, got shape {tuple(t.shape)}")
+    for name, t in (("k", k), ("v", v)):
+        if t.device != q.device:
+            raise ValueError(f"{name}: expected a tensor on {q.device} (the device of q), got {t.device}")
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name}: expected dtype {q.dtype} (the dtype of q), got {t.dtype}")
+    if v.shape != k.shape:
+        raise ValueError(f"v: expected the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+
+
+def check_local_tokens(q: Tensor, k: Tensor, v: Tensor, why: str) -> None:
+    """k and v have the local tokens (dim 0) of q; ``why`` ends the message, e.g. "the tokens of
+    q: the zigzag layout shards q, k and v alike"."""
+    for name, t in (("k", k), ("v", v)):
+        if t.shape[0] != q.shape[0]:
+            raise ValueError(f"{name}: expected {q.shape[0]} local tokens ({why}), got {t.shape[0]}")
+
+
+def check_heads(q: Tensor, k: Tensor) -> None:
+    """q ``[..., Hq, D]`` and k ``[..., Hk, D]``: the same head_dim, and Hq a multiple of Hk."""
+    D = q.shape[-1]
+    if k.shape[-1] != D:
+        raise ValueError(f"k: expected head_dim {D} (the head_dim of q), got {k.shape[-1]}")
+    Hq, Hk = q.shape[-2], k.shape[-2]
+    if Hk == 0 or Hq % Hk:
+        raise ValueError(f"q: expected a number of heads divisible by the KV heads of k ({Hk}), got {Hq}")
+
+
+def check_heads_k_stride(heads_k_stride, num_heads_k: int) -> None:
+    """heads_k_stride is an int >= 1 dividing the KV heads."""
+    if isinstance(heads_k_stride, bool) or not isinstance(heads_k_stride, numbers.Integral) or heads_k_stride < 1:
+        raise ValueError(f"heads_k_stride: expected an int >= 1, got {heads_k_stride!r}")
+    if num_heads_k % heads_k_stride:
+        raise ValueError(f"heads_k_stride: expected a divisor of the KV heads of k ({num_heads_k}), got {heads_k_stride}")
+
+
+def check_collective_device(q: Tensor, world_size: int) -> None:
+    """With more than one rank, q is on a device the collectives run on (CPU: gloo, CUDA: NCCL)."""
+    if world_size > 1 and q.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"q: expected a CPU or CUDA tensor, got device {q.device}")
+
+
+def unpack(packed, name: str, count: int, layout: str):
+    """Splits a packed ``kv`` (count 2) or ``qkv`` (count 3) tensor along its packing dim, the
+    third from last in every layout (e.g. "[local_tokens, 2, heads_k, head_dim]"): views, no copy."""
+    ndim = layout.count(",") + 1
+    if not isinstance(packed, Tensor) or packed.dim() != ndim or packed.shape[-3] != count:
+        got = tuple(packed.shape) if isinstance(packed, Tensor) else type(packed).__name__
+        raise ValueError(f"{name}: expected a {ndim}-D tensor {layout}, got {got}")
+    return packed.unbind(-3)

@@ -1,0 +1,120 @@
+"""Ring attention over the zigzag layout (upstream ring-flash-attention's ``zigzag_ring_*`` functions).
+
+Layout: of every sequence each of the N ranks holds the same number of tokens, L (even): the
+sequence is cut into 2N chunks of c = L / 2 tokens and rank r holds chunk r then chunk 2N-1-r
+(``zigzag_layout.zigzag_shard``'s layout). Causal work is balanced across ranks.
+
+Causal block pattern (src: the rank whose K/V block is held at a ring step): step 0 causal on
+the local pair of chunks; src < r: all local queries see the block's first chunk (chunk src)
+fully; src > r: only the second local chunk (2N-1-r) sees the whole block. The ring itself is
+``ring_engine``'s.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, List, Optional, Tuple, Union
+
+from torch import Tensor
+
+from .ring_engine import (RingLayout, Task, ring_attention, ring_attention_varlen, unpack_batched_kv,
+                          unpack_batched_qkv, unpack_varlen_kv, unpack_varlen_qkv, with_batched_args_doc,
+                          with_varlen_args_doc)
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
+__all__ = ["ZIGZAG_LAYOUT", "zigzag_ring_flash_attn_func", "zigzag_ring_flash_attn_kvpacked_func",
+           "zigzag_ring_flash_attn_qkvpacked_func", "zigzag_ring_flash_attn_varlen_func",
+           "zigzag_ring_flash_attn_varlen_kvpacked_func", "zigzag_ring_flash_attn_varlen_qkvpacked_func"]
+
+
+def _causal_tasks(step: int, src: int, rank: int) -> List[Task]:
+    if step == 0:
+        return [("all", "all", True)]
+    if src < rank:
+        return [("all", "front", False)]
+    return [("back", "all", False)]
+
+
+ZIGZAG_LAYOUT = RingLayout(name="zigzag", causal_tasks=_causal_tasks, row_sets=("front", "back"), even_halves=True)
+
+
+@with_batched_args_doc
+def zigzag_ring_flash_attn_func(
+    q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+    causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
+    deterministic: bool = False, return_attn_probs: bool = False, group: Optional[ProcessGroup] = None,
+) -> Union[Tensor, Tuple[Tensor, Tensor, None]]:
+    """Ring attention over the zigzag layout (upstream's ``zigzag_ring_flash_attn_func``).
+
+    q ``[B, L, Hq, D]``, k and v ``[B, L, Hk, D]``, L even: of the 2N chunks of L/2 tokens of
+    each of the B sequences, rank r holds chunk r then chunk 2N-1-r.
+    """
+    return ring_attention(ZIGZAG_LAYOUT, q, k, v, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
+                          deterministic, return_attn_probs, group)
+
+
+@with_batched_args_doc
+def zigzag_ring_flash_attn_kvpacked_func(
+    q: Tensor, kv: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+    causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
+    deterministic: bool = False, return_attn_probs: bool = False, group: Optional[ProcessGroup] = None,
+) -> Union[Tensor, Tuple[Tensor, Tensor, None]]:
+    """``zigzag_ring_flash_attn_func`` with K and V packed: q ``[B, L, Hq, D]``, kv ``[B, L, 2, Hk, D]``."""
+    k, v = unpack_batched_kv(kv)
+    return ring_attention(ZIGZAG_LAYOUT, q, k, v, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
+                          deterministic, return_attn_probs, group)
+
+
+@with_batched_args_doc
+def zigzag_ring_flash_attn_qkvpacked_func(
+    qkv: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+    causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
+    deterministic: bool = False, return_attn_probs: bool = False, group: Optional[ProcessGroup] = None,
+) -> Union[Tensor, Tuple[Tensor, Tensor, None]]:
+    """``zigzag_ring_flash_attn_func`` with Q, K and V packed (MHA): qkv ``[B, L, 3, H, D]``."""
+    q, k, v = unpack_batched_qkv(qkv)
+    return ring_attention(ZIGZAG_LAYOUT, q, k, v, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
+                          deterministic, return_attn_probs, group)
+
+
+@with_varlen_args_doc
+def zigzag_ring_flash_attn_varlen_func(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0,
+    softmax_scale: Optional[float] = None, causal: bool = False, window_size: Tuple[int, int] = (-1, -1),
+    alibi_slopes: Optional[Tensor] = None, deterministic: bool = False, return_attn_probs: bool = False,
+    group: Optional[ProcessGroup] = None,
+) -> Union[Tensor, Tuple[Tensor, Tensor, None]]:
+    """Ring attention over packed sequences, zigzag layout (upstream's ``zigzag_ring_flash_attn_varlen_func``).
+
+    q ``[T, Hq, D]``, k and v ``[T, Hk, D]``: of every sequence, split into 2N chunks, rank r
+    holds chunk r then chunk 2N-1-r, as ``zigzag_shard`` lays them out (local lengths even).
+    """
+    return ring_attention_varlen(ZIGZAG_LAYOUT, q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
+                                 causal, window_size, alibi_slopes, deterministic, return_attn_probs, group)
+
+
+@with_varlen_args_doc
+def zigzag_ring_flash_attn_varlen_kvpacked_func(
+    q: Tensor, kv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0,
+    softmax_scale: Optional[float] = None, causal: bool = False, window_size: Tuple[int, int] = (-1, -1),
+    alibi_slopes: Optional[Tensor] = None, deterministic: bool = False, return_attn_probs: bool = False,
+    group: Optional[ProcessGroup] = None,
+) -> Union[Tensor, Tuple[Tensor, Tensor, None]]:
+    """``zigzag_ring_flash_attn_varlen_func`` with K and V packed: q ``[T, Hq, D]``, kv ``[T, 2, Hk, D]``."""
+    k, v = unpack_varlen_kv(kv)
+    return ring_attention_varlen(ZIGZAG_LAYOUT, q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
+                                 causal, window_size, alibi_slopes, deterministic, return_attn_probs, group)
+
+
+@with_varlen_args_doc
+def zigzag_ring_flash_attn_varlen_qkvpacked_func(
+    qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0,
+    softmax_scale: Optional[float] = None, causal: bool = False, window_size: Tuple[int, int] = (-1, -1),
+    alibi_slopes: Optional[Tensor] = None, deterministic: bool = False, return_attn_probs: bool = False,
+    group: Optional[ProcessGroup] = None,
+) -> Union[Tensor, Tuple[Tensor, Tensor, None]]:
+    """``zigzag_ring_flash_attn_varlen_func`` with Q, K and V packed (MHA): qkv ``[T, 3, H, D]``."""
+    q, k, v = unpack_varlen_qkv(qkv)
+    return ring_attention_varlen(ZIGZAG_LAYOUT, q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
+                                 causal, window_size, alibi_slopes, deterministic, return_attn_probs, group)
