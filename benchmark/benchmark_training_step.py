@@ -325,14 +325,15 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         tokens = hidden.shape[0]
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if need_grad else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grad else None
-        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        acc = torch.promote_types(hidden.dtype, torch.float32)  # softmax and sums: fp32 at least
+        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_grad else None
+        loss = torch.zeros((), dtype=acc, device=hidden.device)
         for start in range(0, tokens, chunk):
             h = hidden[start:start + chunk]
             lab = labels[start:start + chunk]
             valid = lab != -100
             target = lab.clamp(min=0)
-            logits = (h @ weight.t()).float()  # [c, V]
+            logits = (h @ weight.t()).to(acc)  # [c, V]
             lse = torch.logsumexp(logits, dim=-1)
             target_logit = logits.gather(1, target[:, None])[:, 0]
             loss += ((lse - target_logit) * valid).sum()
@@ -343,7 +344,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 g = probs.to(hidden.dtype)
                 del probs, logits
                 grad_hidden[start:start + chunk] = g @ weight
-                grad_weight += (g.t() @ h).float()
+                grad_weight += (g.t() @ h).to(acc)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.normalizer = normalizer
         ctx.weight_dtype = weight.dtype
@@ -362,7 +363,7 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                           normalizer: float) -> torch.Tensor:
     """Mean next-token loss of ``hidden`` ``[T, H]`` under the LM head ``weight`` ``[V, H]`` with
     ``labels`` ``[T]`` (-100: ignored), summed over the valid tokens and divided by
-    ``normalizer`` (the valid tokens of all ranks). Scalar fp32."""
+    ``normalizer`` (the valid tokens of all ranks). Scalar, fp32 (fp64 for fp64 inputs)."""
     if chunk < 1:
         raise ValueError(f"--loss-chunk: expected >= 1, got {chunk}")
     return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, int(chunk), float(normalizer))
