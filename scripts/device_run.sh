@@ -49,6 +49,23 @@ else
 fi
 lib="$root/build/device/libringattn.so"
 
+# Mode train: only the end-to-end training-step benchmark (benchmark/benchmark_training_step.py,
+# its default set on one GPU, about 4 minutes on an H200), extra arguments from $TRAIN_ARGS; rows
+# that would start after TRAIN_DEADLINE_S (default 540) seconds of this script are skipped.
+if [ "$mode" = train ]; then
+  export RING_FLASH_ATTN_LIBRARY="$lib" PYTHONPATH="$root/python${PYTHONPATH:+:$PYTHONPATH}"
+  t0=$(date +%s)
+  # shellcheck disable=SC2086  # TRAIN_ARGS: several words
+  "$py" benchmark/benchmark_training_step.py --csv "$out/training_step.csv" --plot "$out/training_step.png" \
+    --deadline-s $(( ${TRAIN_DEADLINE_S:-540} - SECONDS )) ${TRAIN_ARGS:-} \
+    >"$out/training_step.txt" 2>"$out/training_step.log"
+  note "training step benchmark (${TRAIN_ARGS:-default set}): rc=$? in $(( $(date +%s) - t0 )) s"
+  cat "$out/training_step.txt"
+  grep -vE '^\[[0-9]+/[0-9]+\]' "$out/training_step.log" | tail -20
+  echo; echo "================ summary ================"; printf '%s\n' "${summary[@]}"
+  exit 0
+fi
+
 if [ -x build/device/test/cpp/ringattn_tests ]; then
   build/device/test/cpp/ringattn_tests --gtest_brief=1 >"$out/gtest.log" 2>&1
   rc=$?
