@@ -1125,6 +1125,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"dtype); {args.warmup} warm-up steps, median of {args.steps}")
         print(f"# MFU against {args.peak_tflops:g} TFLOPS per GPU (--peak-tflops; 989 = H100/H200 dense bf16 "
               f"datasheet); model FLOPs = 6 * params * tokens + attention over visible causal pairs per document")
+        print("# sdpa_<backend>: that backend forced with torch.nn.attention.sdpa_kernel over the whole step (a row "
+              "that ran ran on it); packed rows pass the block-diagonal causal mask")
         print("# attn ms: share of one extra step spent inside the attention calls and their backward (CUDA events; "
               "host clock on the CPU), times the median step")
         os.makedirs(os.path.dirname(os.path.abspath(csv_path)), exist_ok=True)

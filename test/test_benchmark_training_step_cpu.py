@@ -278,6 +278,84 @@ def test_packed_documents_agree_across_implementations():
     assert (whole_row - per_doc).abs().max() / scale > 1e-3
 
 
+def _reference_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                           window_size=(-1, -1)):
+    """A CPU stand-in for torch's varlen_attn (its signature): every document on its own, causal
+    when window_size == (-1, 0), K/V heads repeated for GQA."""
+    assert window_size in ((-1, 0), (-1, -1)) and return_aux is None
+    assert cu_seq_q.dtype == torch.int32 and torch.equal(cu_seq_q, cu_seq_k)
+    cu = cu_seq_q.tolist()
+    assert max_q == max_k == max(b - a for a, b in zip(cu, cu[1:]))
+    rep = query.shape[1] // key.shape[1]
+    outs = []
+    for a, b in zip(cu, cu[1:]):
+        q, k, v = (t[a:b].transpose(0, 1) for t in (query, key, value))
+        k, v = k.repeat_interleave(rep, 0), v.repeat_interleave(rep, 0)
+        outs.append(F.scaled_dot_product_attention(q, k, v, is_causal=window_size == (-1, 0), scale=scale)
+                    .transpose(0, 1))
+    return torch.cat(outs)
+
+
+def test_varlen_attn_glue_with_a_reference_kernel(monkeypatch):
+    """The varlen_attn attention function (what transformers calls) on a tiny Llama, with torch's
+    kernel (CUDA only) replaced by a CPU reference of the same signature: the hidden states of a
+    packed row match the documents run one by one, and gradients flow."""
+    transformers = _transformers()
+    import torch.nn.attention.varlen as varlen_module
+
+    real_kwargs = ts._varlen_call_kwargs(varlen_module.varlen_attn, True, 0.25)
+    assert real_kwargs == {"window_size": (-1, 0), "scale": 0.25}  # this torch's varlen_attn
+    monkeypatch.setattr(varlen_module, "varlen_attn", _reference_varlen_attn)
+    transformers.AttentionInterface.register(ts.VARLEN_ATTN_NAME, ts.varlen_attention_forward)
+    model = _tiny_model()
+    lens = [6, 16, 10]
+    batch = ts.make_batch(lens, vocab=ts.TINY_MODEL.vocab, seed=_SEED)
+    ids, pos = batch.input_ids[None], batch.position_ids[None]
+    ts._VARLEN.cu_seqlens, ts._VARLEN.max_seqlen = batch.cu_seqlens, max(lens)
+    try:
+        ts.set_attn_implementation(model, ts.VARLEN_ATTN_NAME)
+        out = model.model(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state[0]
+        out.square().sum().backward()
+    finally:
+        ts._VARLEN.cu_seqlens = None
+    ts.set_attn_implementation(model, "sdpa")
+    with torch.no_grad():
+        per_doc = torch.cat([model.model(input_ids=ids[:, a:b], position_ids=pos[:, a:b], use_cache=False)
+                             .last_hidden_state[0] for a, b in zip(batch.cu_seqlens[:-1].tolist(),
+                                                                   batch.cu_seqlens[1:].tolist())])
+    assert not torch.isnan(out).any()
+    assert (out.detach() - per_doc).abs().max() / per_doc.abs().max() < 1e-10
+    assert model.model.layers[0].self_attn.q_proj.weight.grad.abs().max() > 0
+    with pytest.raises(RuntimeError, match="no cu_seqlens"):
+        ts.set_attn_implementation(model, ts.VARLEN_ATTN_NAME)
+        model.model(input_ids=ids, position_ids=pos, use_cache=False)
+
+
+def test_execute_turns_failures_into_statuses(monkeypatch):
+    ctx = ts.Context(device=torch.device("cpu"), dtype=torch.float32, group=None, rank=0, world_size=1, warmup=0,
+                     steps=1, peak_tflops=989.0, heads_k_stride=None, loss_chunk=8, math_max_tokens=64, env={})
+    plan = ts.RowPlan(ts.TINY_MODEL, 2, ts.single_layout(64), "sdpa_cudnn", False)
+
+    def out_of_memory(trainer, plan, ctx):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+
+    def refused(trainer, plan, ctx):
+        import warnings
+
+        warnings.warn("Flash attention does not support non-null attn_mask. (Triggered internally)")
+        raise RuntimeError("No available kernel. Aborting execution.")
+
+    monkeypatch.setattr(ts, "run_row", out_of_memory)
+    result = ts.execute(None, plan, ctx)
+    assert result.status.startswith("oom: ") and "Tried to allocate" in result.status and result.tokens_per_s is None
+    monkeypatch.setattr(ts, "run_row", refused)
+    result = ts.execute(None, plan, ctx)
+    assert result.status == "failed: RuntimeError: No available kernel. Aborting execution."
+    assert "does not support non-null attn_mask" in " ".join(result.notes)
+    skipped = ts.execute(None, ts.RowPlan(ts.TINY_MODEL, 2, ts.single_layout(64), "sdpa_cudnn", False, "why"), ctx)
+    assert skipped.status == "skipped: why"
+
+
 # ---- rows, skips, output ------------------------------------------------------------------------------
 
 
@@ -391,6 +469,38 @@ def test_tiny_run_end_to_end(tmp_path):
     assert progress[-1].startswith(f"[{len(rows)}/{len(rows)}]")
     assert "tok/s" in proc.stdout and "step ms" in proc.stdout and "the best other" in proc.stdout
     assert "MFU against 989 TFLOPS" in proc.stdout
+
+
+def test_deadline_skips_the_rows(tmp_path):
+    _transformers()
+    csv_path = tmp_path / "training_step.csv"
+    proc = _run(["--tiny", "--deadline-s", "0", "--csv", str(csv_path)], timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]  # no row ran
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 24 and all(r["status"].startswith("skipped: time budget") for r in rows)
+
+
+def test_tiny_run_two_ranks(tmp_path):
+    """The N > 1 path (torchrun, every rank its shard, gradients all-reduced) on 2 gloo ranks."""
+    _transformers()
+    csv_path = tmp_path / "training_step_n2.csv"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([os.path.join(_ROOT, "python"), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           _SCRIPT, "--tiny", "--checkpointing", "on", "--packed", "2x32", "mixed",
+                           "--csv", str(csv_path)], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 9
+    for r in rows:
+        assert r["num_gpus"] == "2"
+        if r["impl"] == "sdpa_math":
+            assert r["status"].startswith("skipped: single-GPU")
+        else:
+            assert r["status"] == "ok", r
+            assert float(r["tokens_per_s"]) == pytest.approx(64 / (float(r["step_ms"]) / 1e3), rel=1e-3)
 
 
 def test_cli_errors(tmp_path):
