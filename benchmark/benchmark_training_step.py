@@ -545,6 +545,8 @@ def build_model(spec: ModelSpec, layers: int, dtype: torch.dtype, device: torch.
             model = LlamaForCausalLM._from_config(config, attn_implementation="sdpa")
     finally:
         torch.set_default_dtype(previous)
+    if any(p.dtype != dtype or p.device.type != device.type for p in model.parameters()):
+        model.to(device=device, dtype=dtype)  # a transformers version that initialised elsewhere
     model.train()
     return model
 
@@ -1118,7 +1120,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     csv_file = writer = None
     if lead:
         print(f"# training step benchmark: {env['gpu']}, torch {env['torch']}, transformers {env['transformers']}, "
-              f"{world_size} GPU(s) ({device.type}), {str(dtype).replace('torch.', '')}, "
+              f"{world_size} rank(s) on {device.type}, {str(dtype).replace('torch.', '')}, "
               f"{datetime.datetime.now().isoformat(timespec='seconds')}")
         fused = "fused, " if device.type == "cuda" else ""
         print(f"# step: forward + chunked LM-head cross-entropy + backward + AdamW ({fused}states in the parameters' "
