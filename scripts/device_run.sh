@@ -2,12 +2,14 @@
 # The one script sent to the GPU machine: build for the card found there (-j16), run the
 # GoogleTest suite and the pytest `gpu` marker, run the benchmark, print a short table last.
 #
-#   bash scripts/device_run.sh [quick|full|tests|targets|multi]
+#   bash scripts/device_run.sh [quick|full|tests|targets|multi|sweep|train]
 #     quick (default): tests + the headline per-rank workload; tests: no benchmark;
 #     full: + stress tests, torchrun zigzag, the full benchmark set; targets: tests + the
 #     headline workloads of docs/performance.md (fused vs fused_sm80 vs baselines); multi: build,
 #     smoke, then only the runs over every GPU of the machine (torchrun zigzag test, distributed
-#     benchmark at $ZIGZAG_SEQLENS, default the benchmark's own), no single-GPU pytest suites.
+#     benchmark at $ZIGZAG_SEQLENS, default the benchmark's own), no single-GPU pytest suites;
+#     sweep: build, then only benchmark/benchmark_fa3_sweep.py ($SWEEP_ARGS); train: build, then
+#     only benchmark/benchmark_training_step.py ($TRAIN_ARGS).
 #
 # Logs and CSVs go to $OUT (the device tool's return folder) or build/device-out.
 # GoogleTest: the GPU machine has no GoogleTest package; this machine copies its sources to
@@ -68,6 +70,23 @@ if [ "$mode" = sweep ]; then
   [ -n "${OUT:-}" ] && (cd "$out" && tar czf logs.tgz ./*.log && rm -f ./*.log)
   printf '%s\n' "${summary[@]}"
   exit "$rc"
+fi
+
+# Mode train: only the end-to-end training-step benchmark (benchmark/benchmark_training_step.py,
+# its default set on one GPU, about 4 minutes on an H200), extra arguments from $TRAIN_ARGS; rows
+# that would start after TRAIN_DEADLINE_S (default 540) seconds of this script are skipped.
+if [ "$mode" = train ]; then
+  export RING_FLASH_ATTN_LIBRARY="$lib" PYTHONPATH="$root/python${PYTHONPATH:+:$PYTHONPATH}"
+  t0=$(date +%s)
+  # shellcheck disable=SC2086  # TRAIN_ARGS: several words
+  "$py" benchmark/benchmark_training_step.py --csv "$out/training_step.csv" --plot "$out/training_step.png" \
+    --deadline-s $(( ${TRAIN_DEADLINE_S:-540} - SECONDS )) ${TRAIN_ARGS:-} \
+    >"$out/training_step.txt" 2>"$out/training_step.log"
+  note "training step benchmark (${TRAIN_ARGS:-default set}): rc=$? in $(( $(date +%s) - t0 )) s"
+  cat "$out/training_step.txt"
+  grep -vE '^\[[0-9]+/[0-9]+\]' "$out/training_step.log" | tail -20
+  echo; echo "================ summary ================"; printf '%s\n' "${summary[@]}"
+  exit 0
 fi
 
 if [ -x build/device/test/cpp/ringattn_tests ]; then
