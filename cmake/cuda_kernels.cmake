@@ -56,6 +56,7 @@ endforeach()
 
 add_library(ringattn_cuda OBJECT
   csrc/cuda/cuda_backend.cu
+  csrc/cuda/kernel_registry.cu
   csrc/cuda/tile_scheduler.cu
   csrc/cuda/bwd_scheduler.cu
   csrc/cuda/bwd_prepost.cu

@@ -1,5 +1,5 @@
 // Host dispatch of the CUDA backend: capability checks, workspace sizing, the work list, and
-// one flat table from (dtype, head dim, causal) to a compiled kernel instantiation.
+// the lookups of the compiled kernels (kernel_registry.h).
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -15,6 +15,7 @@
 #include "cuda/bwd_prepost.h"
 #include "cuda/bwd_scheduler.h"
 #include "cuda/fwd_params.h"
+#include "cuda/kernel_registry.h"
 #include "cuda/sm80/bwd_traits.h"
 #include "cuda/sm80/fwd_traits.h"
 #include "cuda/tile_scheduler.h"
@@ -30,131 +31,7 @@ namespace ringattn {
 namespace cuda {
 namespace {
 
-// The four entries of one head dim: fp16/bf16 x causal or not, each made by make<Element, D,
-// causal, dtype>() (one of the *_entry functions below).
-#define RINGATTN_KERNEL_ENTRIES(make, D)                                            \
-  make<__half, D, MaskMode::kNone, RINGATTN_DTYPE_FP16>(), make<__half, D, MaskMode::kCausal, RINGATTN_DTYPE_FP16>(), \
-      make<__nv_bfloat16, D, MaskMode::kNone, RINGATTN_DTYPE_BF16>(),                                          \
-      make<__nv_bfloat16, D, MaskMode::kCausal, RINGATTN_DTYPE_BF16>(),
-
-// The entry of a dispatch table for (dtype, head dim, causal), or nullptr. A table's sentinel
-// (dtype -1, for tables that may otherwise be empty) matches nothing.
-template <typename Entry, size_t N>
-const Entry* find_entry(const Entry (&table)[N], int dtype, int head_dim, bool causal) {
-  for (const Entry& e : table)
-    if (e.dtype == dtype && e.head_dim == head_dim && e.causal == causal) return &e;
-  return nullptr;
-}
-
-// One compiled kernel with its tile shape: the forward of either tier, tier 2's dK/dV kernel.
-template <typename LaunchFn>
-struct KernelEntry {
-  int dtype;
-  int head_dim;
-  bool causal;
-  int block_m;
-  int block_n;
-  LaunchFn launch;
-};
-
-using FwdLaunchFn = cudaError_t (*)(const FwdKernelParams&, int, cudaStream_t);
-using FwdKernelEntry = KernelEntry<FwdLaunchFn>;
-
-template <typename Element, int kHeadDim, MaskMode kMask, int kDtype>
-constexpr FwdKernelEntry sm80_fwd_entry() {
-  using T = typename sm80::FwdConfig<Element, kHeadDim>::Traits;
-  return FwdKernelEntry{kDtype, kHeadDim, kMask == MaskMode::kCausal, T::kBlockM, T::kBlockN, &sm80::launch_grouped_fwd<T, kMask>};
-}
-
-// The compiled tier-1 forward kernels (CMake defines RINGATTN_HDIM_<D> for each head dim built).
-const FwdKernelEntry kFwdKernels[] = {
-#ifdef RINGATTN_HDIM_64
-    RINGATTN_KERNEL_ENTRIES(sm80_fwd_entry, 64)
-#endif
-#ifdef RINGATTN_HDIM_128
-    RINGATTN_KERNEL_ENTRIES(sm80_fwd_entry, 128)
-#endif
-#ifdef RINGATTN_HDIM_256
-    RINGATTN_KERNEL_ENTRIES(sm80_fwd_entry, 256)
-#endif
-};
-
-const FwdKernelEntry* find_fwd_kernel(int dtype, int head_dim, bool causal) {
-  return find_entry(kFwdKernels, dtype, head_dim, causal);
-}
-
 #ifdef RINGATTN_SM90_TIER
-// The compiled tier-2 (sm90a: TMA + wgmma, warp specialised) forward kernels.
-using Sm90FwdKernelEntry = KernelEntry<cudaError_t (*)(const sm90::FwdKernelParams&, int, cudaStream_t)>;
-
-template <typename Element, int kHeadDim, MaskMode kMask, int kDtype>
-constexpr Sm90FwdKernelEntry sm90_fwd_entry() {
-  using T = typename sm90::FwdConfig<Element, kHeadDim>::Traits;
-  return Sm90FwdKernelEntry{kDtype, kHeadDim, kMask == MaskMode::kCausal, T::kBlockM, T::kBlockN, &sm90::launch_grouped_fwd<T, kMask>};
-}
-
-const Sm90FwdKernelEntry kSm90FwdKernels[] = {
-#ifdef RINGATTN_HDIM_64
-    RINGATTN_KERNEL_ENTRIES(sm90_fwd_entry, 64)
-#endif
-#ifdef RINGATTN_HDIM_128
-    RINGATTN_KERNEL_ENTRIES(sm90_fwd_entry, 128)
-#endif
-#ifdef RINGATTN_HDIM_256
-    RINGATTN_KERNEL_ENTRIES(sm90_fwd_entry, 256)
-#endif
-    Sm90FwdKernelEntry{-1, 0, false, 0, 0, nullptr}};
-
-const Sm90FwdKernelEntry* find_sm90_fwd_kernel(int dtype, int head_dim, bool causal) {
-  return find_entry(kSm90FwdKernels, dtype, head_dim, causal);
-}
-
-// The compiled tier-2 backward dK/dV kernels (dQ through TMA reduce-add into dq_accum; the
-// deterministic mode adds the tier-2 dQ kernel below).
-using Sm90BwdKernelEntry = KernelEntry<cudaError_t (*)(const sm90::BwdKernelParams&, int, cudaStream_t)>;
-
-template <typename Element, int kHeadDim, MaskMode kMask, int kDtype>
-constexpr Sm90BwdKernelEntry sm90_bwd_entry() {
-  using T = typename sm90::BwdConfig<Element, kHeadDim>::Traits;
-  return Sm90BwdKernelEntry{kDtype, kHeadDim, kMask == MaskMode::kCausal, T::kBlockM, T::kBlockN, &sm90::launch_grouped_bwd_dkdv<T, kMask>};
-}
-
-const Sm90BwdKernelEntry kSm90BwdKernels[] = {
-#ifdef RINGATTN_HDIM_64
-    RINGATTN_KERNEL_ENTRIES(sm90_bwd_entry, 64)
-#endif
-#ifdef RINGATTN_HDIM_128
-    RINGATTN_KERNEL_ENTRIES(sm90_bwd_entry, 128)
-#endif
-    Sm90BwdKernelEntry{-1, 0, false, 0, 0, nullptr}};
-
-const Sm90BwdKernelEntry* find_sm90_bwd_kernel(int dtype, int head_dim, bool causal) {
-  return find_entry(kSm90BwdKernels, dtype, head_dim, causal);
-}
-
-// The compiled tier-2 dQ kernels of the deterministic mode (block_m: query rows per CTA,
-// block_n: keys per step).
-using Sm90BwdDqKernelEntry = KernelEntry<cudaError_t (*)(const sm90::BwdDqKernelParams&, int, cudaStream_t)>;
-
-template <typename Element, int kHeadDim, MaskMode kMask, int kDtype>
-constexpr Sm90BwdDqKernelEntry sm90_bwd_dq_entry() {
-  using T = typename sm90::BwdDqConfig<Element, kHeadDim>::Traits;
-  return Sm90BwdDqKernelEntry{kDtype, kHeadDim, kMask == MaskMode::kCausal, T::kBlockM, T::kBlockN, &sm90::launch_grouped_bwd_dq<T, kMask>};
-}
-
-const Sm90BwdDqKernelEntry kSm90BwdDqKernels[] = {
-#ifdef RINGATTN_HDIM_64
-    RINGATTN_KERNEL_ENTRIES(sm90_bwd_dq_entry, 64)
-#endif
-#ifdef RINGATTN_HDIM_128
-    RINGATTN_KERNEL_ENTRIES(sm90_bwd_dq_entry, 128)
-#endif
-    Sm90BwdDqKernelEntry{-1, 0, false, 0, 0, nullptr}};
-
-const Sm90BwdDqKernelEntry* find_sm90_bwd_dq_kernel(int dtype, int head_dim, bool causal) {
-  return find_entry(kSm90BwdDqKernels, dtype, head_dim, causal);
-}
-
 // One operand's tensor map; false with "<name>: <reason>" in *why when TMA cannot address it.
 bool encode_operand_map(CUtensorMap* map, const std::string& name, const void* base, const ringattn_problem& pr,
                         int64_t tokens, int heads, int64_t row_stride, int64_t head_stride, int box_rows,
@@ -167,61 +44,6 @@ bool encode_operand_map(CUtensorMap* map, const std::string& name, const void* b
   return false;
 }
 #endif
-
-using BwdLaunchFn = cudaError_t (*)(const BwdKernelParams&, int, cudaStream_t);
-using BwdPrepFn = cudaError_t (*)(const BwdPrepParams&, cudaStream_t);
-
-// One backward instantiation: the dK/dV kernel, the deterministic-mode dQ kernel and the
-// dtype's pre/postprocess (bwd_params.h lists the launches).
-struct BwdKernelEntry {
-  int dtype;
-  int head_dim;
-  bool causal;
-  int block_m;     // dK/dV kernel: query rows per inner step
-  int block_n;     // dK/dV kernel: keys per CTA
-  int dq_block_m;  // dQ kernel: query rows per CTA
-  int dq_block_n;  // dQ kernel: keys per step
-  int smem_bytes;  // the larger of the two kernels'
-  BwdLaunchFn dkdv;
-  BwdLaunchFn dq;
-  BwdPrepFn preprocess;
-  BwdPrepFn postprocess;
-};
-
-template <typename Element, int kHeadDim, MaskMode kMask, int kDtype>
-constexpr BwdKernelEntry sm80_bwd_entry() {
-  using T = typename sm80::BwdConfig<Element, kHeadDim>::Traits;
-  using Q = typename sm80::BwdConfig<Element, kHeadDim>::DqTraits;
-  return BwdKernelEntry{kDtype,
-                        kHeadDim,
-                        kMask == MaskMode::kCausal,
-                        T::kBlockM,
-                        T::kBlockN,
-                        Q::kBlockM,
-                        Q::kBlockN,
-                        T::kSmemBytes > Q::kSmemBytes ? T::kSmemBytes : Q::kSmemBytes,
-                        &sm80::launch_grouped_bwd_dkdv<T, kMask>,
-                        &sm80::launch_grouped_bwd_dq<Q, kMask>,
-                        &launch_bwd_preprocess<Element>,
-                        &launch_bwd_postprocess<Element>};
-}
-
-// The compiled tier-1 backward kernels.
-const BwdKernelEntry kBwdKernels[] = {
-#ifdef RINGATTN_HDIM_64
-    RINGATTN_KERNEL_ENTRIES(sm80_bwd_entry, 64)
-#endif
-#ifdef RINGATTN_HDIM_128
-    RINGATTN_KERNEL_ENTRIES(sm80_bwd_entry, 128)
-#endif
-#ifdef RINGATTN_HDIM_256
-    RINGATTN_KERNEL_ENTRIES(sm80_bwd_entry, 256)
-#endif
-};
-
-const BwdKernelEntry* find_bwd_kernel(int dtype, int head_dim, bool causal) {
-  return find_entry(kBwdKernels, dtype, head_dim, causal);
-}
 
 ringattn_status cuda_fail(cudaError_t err, const char* what) {
   return failf(RINGATTN_STATUS_CUDA_ERROR, "%s failed: %s (%s)", what, cudaGetErrorName(err), cudaGetErrorString(err));
@@ -305,8 +127,8 @@ int compiled_archs(int* archs, int capacity) {
 }
 
 bool supports_head_dim(int head_dim) {
-  return find_fwd_kernel(RINGATTN_DTYPE_BF16, head_dim, false) != nullptr ||
-         find_fwd_kernel(RINGATTN_DTYPE_FP16, head_dim, false) != nullptr;
+  return find_sm80_fwd_kernel(RINGATTN_DTYPE_BF16, head_dim, MaskMode::kNone) != nullptr ||
+         find_sm80_fwd_kernel(RINGATTN_DTYPE_FP16, head_dim, MaskMode::kNone) != nullptr;
 }
 
 namespace {
@@ -383,20 +205,20 @@ ringattn_status check_device(int device_index, int* cc = nullptr) {
 ringattn_status check_support(int device_index, int dtype, int head_dim) {
   const ringattn_status s = check_device(device_index);
   if (s != RINGATTN_STATUS_OK) return s;
-  if (find_fwd_kernel(dtype, head_dim, false) == nullptr)
+  if (find_sm80_fwd_kernel(dtype, head_dim, MaskMode::kNone) == nullptr)
     return failf(RINGATTN_STATUS_UNSUPPORTED, "no GPU kernel compiled for dtype %d and head_dim %d", dtype, head_dim);
   return RINGATTN_STATUS_OK;
 }
 
 ringattn_status fwd_workspace_size(const ringattn_fwd_params& p, size_t* bytes) {
-  const FwdKernelEntry* e = find_fwd_kernel(p.problem.dtype, p.problem.head_dim, p.problem.causal != 0);
+  const Sm80FwdKernelEntry* e = find_sm80_fwd_kernel(p.problem.dtype, p.problem.head_dim, mask_mode(p.problem));
   if (e == nullptr)
     return failf(RINGATTN_STATUS_UNSUPPORTED, "no GPU forward kernel compiled for dtype %d, head_dim %d, causal %d",
                  p.problem.dtype, p.problem.head_dim, p.problem.causal);
   int block_m = e->block_m;
 #ifdef RINGATTN_SM90_TIER
   // Either tier may run the call: size the work list for the smaller query tile.
-  if (const Sm90FwdKernelEntry* e90 = find_sm90_fwd_kernel(p.problem.dtype, p.problem.head_dim, p.problem.causal != 0))
+  if (const Sm90FwdKernelEntry* e90 = find_sm90_fwd_kernel(p.problem.dtype, p.problem.head_dim, mask_mode(p.problem)))
     block_m = e90->block_m < block_m ? e90->block_m : block_m;
 #endif
   *bytes = scheduler_workspace_bytes(p.problem.num_groups, p.problem.batch_size, query_tile_capacity(p, block_m));
@@ -425,7 +247,7 @@ struct BwdWorkspaceLayout {
 // L=16384, N=2: 14.4 vs 14.6 ms) while the atomics win at 64 and 256 (docs/perf-notes.md).
 bool use_dq_kernel(const ringattn_bwd_params& p) { return p.deterministic != 0 || p.problem.head_dim == 128; }
 
-BwdWorkspaceLayout bwd_layout(const ringattn_bwd_params& p, const BwdKernelEntry& e) {
+BwdWorkspaceLayout bwd_layout(const ringattn_bwd_params& p, const Sm80BwdKernelEntry& e) {
   const ringattn_problem& pr = p.problem;
   BwdWorkspaceLayout l{};
   size_t at = 0;
@@ -450,8 +272,8 @@ BwdWorkspaceLayout bwd_layout(const ringattn_bwd_params& p, const BwdKernelEntry
   return l;
 }
 
-const BwdKernelEntry* find_bwd_kernel_or_fail(const ringattn_problem& pr) {
-  const BwdKernelEntry* e = find_bwd_kernel(pr.dtype, pr.head_dim, pr.causal != 0);
+const Sm80BwdKernelEntry* find_bwd_kernel_or_fail(const ringattn_problem& pr) {
+  const Sm80BwdKernelEntry* e = find_sm80_bwd_kernel(pr.dtype, pr.head_dim, mask_mode(pr));
   if (e == nullptr)
     failf(RINGATTN_STATUS_UNSUPPORTED, "no GPU backward kernel compiled for dtype %d, head_dim %d, causal %d",
           pr.dtype, pr.head_dim, pr.causal);
@@ -461,7 +283,7 @@ const BwdKernelEntry* find_bwd_kernel_or_fail(const ringattn_problem& pr) {
 }  // namespace
 
 ringattn_status bwd_workspace_size(const ringattn_bwd_params& p, size_t* bytes) {
-  const BwdKernelEntry* e = find_bwd_kernel_or_fail(p.problem);
+  const Sm80BwdKernelEntry* e = find_bwd_kernel_or_fail(p.problem);
   if (e == nullptr) return RINGATTN_STATUS_UNSUPPORTED;
   *bytes = bwd_layout(p, *e).total;
   return RINGATTN_STATUS_OK;
@@ -496,7 +318,7 @@ ringattn_status grouped_bwd(const ringattn_bwd_params& p) {
   const ringattn_problem& pr = p.problem;
   ringattn_status s = check_support(p.exec.device_index, pr.dtype, pr.head_dim);
   if (s != RINGATTN_STATUS_OK) return s;
-  const BwdKernelEntry* e = find_bwd_kernel_or_fail(pr);
+  const Sm80BwdKernelEntry* e = find_bwd_kernel_or_fail(pr);
   if (e == nullptr) return RINGATTN_STATUS_UNSUPPORTED;
   const BwdWorkspaceLayout layout = bwd_layout(p, *e);
   const int64_t kv_ctas = layout.kv_capacity * pr.num_heads_k;
@@ -630,7 +452,7 @@ ringattn_status grouped_bwd(const ringattn_bwd_params& p) {
     int cc = 0;
     if ((s = check_device(p.exec.device_index, &cc)) != RINGATTN_STATUS_OK) return s;
     std::string why = cc != 90 ? "the GPU is not an sm90 card" : "no tier-2 kernel compiled for this dtype and head_dim";
-    const Sm90BwdKernelEntry* cand = cc == 90 ? find_sm90_bwd_kernel(pr.dtype, pr.head_dim, pr.causal != 0) : nullptr;
+    const Sm90BwdKernelEntry* cand = cc == 90 ? find_sm90_bwd_kernel(pr.dtype, pr.head_dim, mask_mode(pr)) : nullptr;
     if (cand != nullptr && pr.total_k == 0) {
       cand = nullptr;
       why = "total_k is 0";
@@ -642,7 +464,7 @@ ringattn_status grouped_bwd(const ringattn_bwd_params& p) {
                      why.c_str());
       e90 = cand;
       if (p.deterministic != 0) {
-        e90_dq = find_sm90_bwd_dq_kernel(pr.dtype, pr.head_dim, pr.causal != 0);
+        e90_dq = find_sm90_bwd_dq_kernel(pr.dtype, pr.head_dim, mask_mode(pr));
         if (e90_dq == nullptr)
           return failf(RINGATTN_STATUS_UNSUPPORTED, "tier 2 backward: no deterministic dQ kernel compiled for head_dim %d",
                        pr.head_dim);
@@ -835,7 +657,7 @@ ringattn_status grouped_fwd(const ringattn_fwd_params& p) {
   if (s != RINGATTN_STATUS_OK) return s;
   int cc = 0;
   if ((s = check_device(p.exec.device_index, &cc)) != RINGATTN_STATUS_OK) return s;
-  const bool causal = pr.causal != 0;
+  const MaskMode mask = mask_mode(pr);
   DeviceGuard guard(p.exec.device_index);
   if (guard.error() != cudaSuccess) return cuda_fail(guard.error(), "cudaSetDevice");
   cudaStream_t stream = static_cast<cudaStream_t>(p.exec.stream);
@@ -844,7 +666,7 @@ ringattn_status grouped_fwd(const ringattn_fwd_params& p) {
   // Tier 2 on sm90 cards unless tier 1 is asked for; it needs TMA-addressable operands (16-byte
   // aligned bases, strides in multiples of 8 elements) and a compiled kernel for the shape.
   if (p.exec.tier != RINGATTN_TIER_SM80) {
-    const Sm90FwdKernelEntry* e90 = cc == 90 ? find_sm90_fwd_kernel(pr.dtype, pr.head_dim, causal) : nullptr;
+    const Sm90FwdKernelEntry* e90 = cc == 90 ? find_sm90_fwd_kernel(pr.dtype, pr.head_dim, mask) : nullptr;
     std::string why = cc != 90 ? "the GPU is not an sm90 card" : "no tier-2 kernel compiled for this dtype and head_dim";
     if (e90 != nullptr && pr.total_k > 0) {
       sm90::FwdKernelParams kp90{};
@@ -875,7 +697,7 @@ ringattn_status grouped_fwd(const ringattn_fwd_params& p) {
                 "(RINGATTN_CUDA_ARCHS has no 90a)");
 #endif
 
-  const FwdKernelEntry* e = find_fwd_kernel(pr.dtype, pr.head_dim, causal);
+  const Sm80FwdKernelEntry* e = find_sm80_fwd_kernel(pr.dtype, pr.head_dim, mask);
   if (e == nullptr)
     return failf(RINGATTN_STATUS_UNSUPPORTED, "no GPU forward kernel compiled for dtype %d, head_dim %d, causal %d",
                  pr.dtype, pr.head_dim, pr.causal);
