@@ -55,7 +55,10 @@ foreach(hdim IN LISTS RINGATTN_HEAD_DIMS)
 endforeach()
 
 add_library(ringattn_cuda OBJECT
-  csrc/cuda/cuda_backend.cu
+  csrc/cuda/device_support.cu
+  csrc/cuda/workspace.cu
+  csrc/cuda/fwd_dispatch.cu
+  csrc/cuda/bwd_dispatch.cu
   csrc/cuda/kernel_registry.cu
   csrc/cuda/tile_scheduler.cu
   csrc/cuda/bwd_scheduler.cu
