@@ -4,7 +4,6 @@
 
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <string>
 
 #include "common/backends.h"
@@ -78,16 +77,6 @@ ringattn_status launch_fwd_work_list(const ringattn_fwd_params& p, int block_m, 
 }
 
 #ifdef RINGATTN_SM90_TIER
-// Tuning switch, read once: RINGATTN_SM90_PINGPONG=0 lets the tier-2 consumer warpgroups issue
-// their products independently instead of taking turns (for measuring what ping-pong buys).
-bool sm90_pingpong() {
-  static const bool on = [] {
-    const char* v = std::getenv("RINGATTN_SM90_PINGPONG");
-    return v == nullptr || std::string(v) != "0";
-  }();
-  return on;
-}
-
 // Tensor maps of a tier-2 forward call; false (with the reason) when TMA cannot address an operand.
 bool encode_fwd_tensor_maps(const ringattn_fwd_params& p, const Sm90FwdKernelEntry& e, sm90::FwdKernelParams* kp,
                             std::string* why) {
@@ -108,7 +97,6 @@ bool encode_fwd_tensor_maps(const ringattn_fwd_params& p, const Sm90FwdKernelEnt
 // The forward on tier 2.
 ringattn_status run_sm90_fwd(const ringattn_fwd_params& p, const Sm90FwdKernelEntry& e, cudaStream_t stream) {
   sm90::FwdKernelParams kp{};
-  kp.pingpong = sm90_pingpong() ? 1 : 0;
   // Every operand the API accepts on a GPU is TMA-addressable (16-byte aligned, strides in
   // multiples of 8 elements), so a refused tensor map is an error, not a reason to run tier 1.
   std::string why;
