@@ -228,19 +228,7 @@ void build_bwd_work_lists(const ringattn_bwd_params& p, BwdPlan* plan) {
 #endif
 
   BwdSchedulerArgs& kv = plan->kv_sched;
-  for (int g = 0; g < pr.num_groups; ++g) {
-    kv.cu_seqlens_q[g] = p.groups[g].cu_seqlens_q;
-    kv.seqused_k[g] = p.groups[g].seqused_k;
-    kv.total_q[g] = static_cast<int32_t>(p.groups[g].total_q);
-  }
-  kv.cu_seqlens_k = pr.cu_seqlens_k;
-  kv.total_k = static_cast<int32_t>(pr.total_k);
-  kv.num_groups = pr.num_groups;
-  kv.batch_size = pr.batch_size;
-  kv.block_m = block_m;
-  kv.block_n = block_n;
-  kv.causal = pr.causal;
-  kv.capacity = static_cast<int32_t>(kv_capacity);
+  set_work_list_args(p, block_m, block_n, kv_capacity, &kv);
   carve_bwd_scheduler_workspace(ws + plan->layout.kv_scheduler, pr.batch_size, kv_capacity, &kv);
   plan->dkdv_ctas = kv_capacity * pr.num_heads_k;
   plan->kp.accumulate_dq = plan->dq_kernel ? 0 : 1;

@@ -22,26 +22,34 @@ int64_t query_tile_capacity(const Params& p, int block_m) {
   return work_capacity(total_q.data(), p.problem.num_groups, p.problem.batch_size, block_m);
 }
 
+// What a work list (SchedulerArgs, BwdSchedulerArgs) takes from a forward or backward call: its
+// groups' sequence metadata, the kernel's block sizes and the item capacity (the workspace
+// pointers are carved separately).
+template <typename Args, typename Params>
+void set_work_list_args(const Params& p, int block_m, int block_n, int64_t capacity, Args* args) {
+  const ringattn_problem& pr = p.problem;
+  for (int g = 0; g < pr.num_groups; ++g) {
+    args->cu_seqlens_q[g] = p.groups[g].cu_seqlens_q;
+    args->seqused_k[g] = p.groups[g].seqused_k;
+    args->total_q[g] = static_cast<int32_t>(p.groups[g].total_q);
+  }
+  args->cu_seqlens_k = pr.cu_seqlens_k;
+  args->total_k = static_cast<int32_t>(pr.total_k);
+  args->num_groups = pr.num_groups;
+  args->batch_size = pr.batch_size;
+  args->block_m = block_m;
+  args->block_n = block_n;
+  args->causal = pr.causal;
+  args->capacity = static_cast<int32_t>(capacity);
+}
+
 // The query-tile work list's arguments (forward kernel, and the backward's dQ kernel) for the
 // groups of a forward or backward call, carved out of `workspace`.
 template <typename Params>
 SchedulerArgs query_tile_scheduler(const Params& p, int block_m, int block_n, int64_t capacity, void* workspace) {
-  const ringattn_problem& pr = p.problem;
   SchedulerArgs sched{};
-  for (int g = 0; g < pr.num_groups; ++g) {
-    sched.cu_seqlens_q[g] = p.groups[g].cu_seqlens_q;
-    sched.seqused_k[g] = p.groups[g].seqused_k;
-    sched.total_q[g] = static_cast<int32_t>(p.groups[g].total_q);
-  }
-  sched.cu_seqlens_k = pr.cu_seqlens_k;
-  sched.total_k = static_cast<int32_t>(pr.total_k);
-  sched.num_groups = pr.num_groups;
-  sched.batch_size = pr.batch_size;
-  sched.block_m = block_m;
-  sched.block_n = block_n;
-  sched.causal = pr.causal;
-  sched.capacity = static_cast<int32_t>(capacity);
-  carve_scheduler_workspace(workspace, pr.num_groups, pr.batch_size, capacity, &sched);
+  set_work_list_args(p, block_m, block_n, capacity, &sched);
+  carve_scheduler_workspace(workspace, p.problem.num_groups, p.problem.batch_size, capacity, &sched);
   return sched;
 }
 
