@@ -21,22 +21,7 @@ foreach(num IN LISTS _ringattn_arch_numbers)
   list(APPEND _ringattn_arch_defs RINGATTN_CUDA_ARCH_${num})
 endforeach()
 
-set(RINGATTN_D128_TILE "" CACHE STRING "Tuning only: BM_BN_WARPS_MINBLOCKS[_STAGES] of the head-dim-128 forward tile")
 set(_ringattn_cuda_flags --expt-relaxed-constexpr -lineinfo)
-if(RINGATTN_D128_TILE)
-  string(REPLACE "_" ";" _tile "${RINGATTN_D128_TILE}")
-  list(GET _tile 0 _bm)
-  list(GET _tile 1 _bn)
-  list(GET _tile 2 _w)
-  list(GET _tile 3 _mb)
-  list(APPEND _ringattn_cuda_flags -DRINGATTN_D128_BM=${_bm} -DRINGATTN_D128_BN=${_bn}
-       -DRINGATTN_D128_WARPS=${_w} -DRINGATTN_D128_MINB=${_mb})
-  list(LENGTH _tile _n)
-  if(_n GREATER 4)
-    list(GET _tile 4 _st)
-    list(APPEND _ringattn_cuda_flags -DRINGATTN_D128_STAGES=${_st})
-  endif()
-endif()
 if(RINGATTN_PTXAS_VERBOSE)
   list(APPEND _ringattn_cuda_flags -Xptxas=-v)
 endif()
@@ -55,7 +40,11 @@ foreach(hdim IN LISTS RINGATTN_HEAD_DIMS)
 endforeach()
 
 add_library(ringattn_cuda OBJECT
-  csrc/cuda/cuda_backend.cu
+  csrc/cuda/device_support.cu
+  csrc/cuda/workspace.cu
+  csrc/cuda/fwd_dispatch.cu
+  csrc/cuda/bwd_dispatch.cu
+  csrc/cuda/kernel_registry.cu
   csrc/cuda/tile_scheduler.cu
   csrc/cuda/bwd_scheduler.cu
   csrc/cuda/bwd_prepost.cu

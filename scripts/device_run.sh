@@ -114,9 +114,6 @@ if [ "$cc" = 90 ]; then
   note "tier-2 smoke: rc=$rc ($(grep -c '^ok' "$out/tier2_smoke.log") ok, $(grep -c '^FAIL' "$out/tier2_smoke.log") FAIL)"
   cat "$out/tier2_smoke.log"
   [ $rc -ne 0 ] && tier2_ok=0
-  if [ "$tier2_ok" = 1 ]; then
-    RINGATTN_SM90_PINGPONG=0 timeout 60 "$py" scripts/tier2_smoke.py --timing-only 2>&1 | grep -E "PINGPONG|tier sm90"
-  fi
 fi
 # The GPU tests on the default tier (tier 2 on sm90 cards) and, on sm90 cards, again on tier 1
 # (in targets mode after the benchmark).

@@ -5,7 +5,7 @@ next to PyTorch's SDPA at L=16384 (one group, full causal). Run under `timeout`:
 shows up as a hang. Prints one line per check; exit code 1 if any check fails.
 
     RING_FLASH_ATTN_LIBRARY=build/device/libringattn.so PYTHONPATH=python python scripts/tier2_smoke.py
-    ... --timing-only      (the timing alone, e.g. under RINGATTN_SM90_PINGPONG=0)
+    ... --timing-only      (the timing alone)
     ... --tiny             (two small tier-2 cases per head dim, no timing: for compute-sanitizer)
 """
 import os
@@ -122,7 +122,6 @@ def timing(L=16384, hq=32, hk=8, d=128, iters=20):
 def main():
     print(f"GPU: {torch.cuda.get_device_name()} cc {torch.cuda.get_device_capability()}", flush=True)
     if "--timing-only" in sys.argv:
-        print(f"RINGATTN_SM90_PINGPONG={os.environ.get('RINGATTN_SM90_PINGPONG', '1')}")
         timing()
         return 0
     ok = True

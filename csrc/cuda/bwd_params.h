@@ -1,5 +1,5 @@
 // Parameters of the GPU backward kernels, passed by value (kernel params space). Built by the
-// host dispatch (cuda_backend.cu) from validated ringattn_bwd_params.
+// host dispatch (bwd_dispatch.cu) from validated ringattn_bwd_params.
 //
 // The backward runs as up to five launches on the caller's stream:
 //   1. preprocess  (bwd_prepost.cu): Di = rowsum(dO * O), the LSE in log2 units, dq_accum = 0,

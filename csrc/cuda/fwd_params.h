@@ -1,5 +1,5 @@
 // Parameters of the GPU forward kernels, passed by value (kernel params space). Built by the
-// host dispatch (cuda_backend.cu) from validated ringattn_fwd_params.
+// host dispatch (fwd_dispatch.cu) from validated ringattn_fwd_params.
 #pragma once
 
 #include <cstdint>

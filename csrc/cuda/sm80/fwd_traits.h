@@ -75,22 +75,9 @@ template <typename Element>
 struct FwdConfig<Element, 64> {
   using Traits = FwdTraits<Element, 64, 128, 64, 4, 1>;
 };
-// RINGATTN_D128_{BM,BN,WARPS,MINB} override the tile for tuning experiments
-// (scripts/tune_d128.sh); the defaults are the measured best (docs/perf-notes.md).
-#ifndef RINGATTN_D128_STAGES
-#define RINGATTN_D128_STAGES 1
-#endif
-#ifndef RINGATTN_D128_BM
-#define RINGATTN_D128_BM 128
-#define RINGATTN_D128_BN 32
-#define RINGATTN_D128_WARPS 4
-#define RINGATTN_D128_MINB 1
-#endif
 template <typename Element>
 struct FwdConfig<Element, 128> {
-  using Traits =
-      FwdTraits<Element, 128, RINGATTN_D128_BM, RINGATTN_D128_BN, RINGATTN_D128_WARPS, RINGATTN_D128_MINB,
-                RINGATTN_D128_STAGES>;
+  using Traits = FwdTraits<Element, 128, 128, 32, 4, 1>;
 };
 template <typename Element>
 struct FwdConfig<Element, 256> {

@@ -262,7 +262,7 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __gri
     if (arrive_lane) ptx::mbarrier_arrive(bar);
   };
 
-  const IssueOrder order{params.pingpong != 0, wg};
+  const IssueOrder order{T::kPingPong, wg};
   order.start();
   ptx::mbarrier_wait_parity(sm.bar_q(), 0);
 

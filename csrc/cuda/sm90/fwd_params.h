@@ -18,7 +18,6 @@ struct FwdKernelParams {
   CUtensorMap tma_q[RINGATTN_MAX_GROUPS];
   CUtensorMap tma_k;
   CUtensorMap tma_v;
-  int32_t pingpong;  // 1: the consumer warpgroups take turns issuing wgmma (default; see fwd_kernel.cuh)
 };
 static_assert(sizeof(FwdKernelParams) <= 4096, "kernel parameters fit the 4 KB parameter space");
 

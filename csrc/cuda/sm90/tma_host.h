@@ -8,6 +8,8 @@
 #include <cstdint>
 #include <string>
 
+#include "ringattn/ringattn.h"
+
 namespace ringattn {
 namespace cuda {
 namespace sm90 {
@@ -25,6 +27,12 @@ bool encode_token_head_map(CUtensorMap* map, const void* base, bool bf16, int he
 // coordinates (d, head, token).
 bool encode_accum_map(CUtensorMap* map, float* base, int head_dim, int64_t tokens, int heads, int box_rows,
                       std::string* why);
+
+// encode_token_head_map of a call's operand (dtype and head dim from `pr`); false with
+// "<name>: <reason>" in *why when TMA cannot address it.
+bool encode_operand_map(CUtensorMap* map, const std::string& name, const void* base, const ringattn_problem& pr,
+                        int64_t tokens, int heads, int64_t row_stride, int64_t head_stride, int box_rows,
+                        std::string* why);
 
 }  // namespace sm90
 }  // namespace cuda

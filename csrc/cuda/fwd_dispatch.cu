@@ -1,0 +1,148 @@
+// Forward dispatch of the CUDA backend: the tier that runs the call, its kernel parameters, the
+// work-list launch, then the forward kernel (tier 2 with its TMA tensor maps, or tier 1).
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+
+#include "common/backends.h"
+#include "common/error.h"
+#include "cuda/device_support.h"
+#include "cuda/fwd_params.h"
+#include "cuda/kernel_registry.h"
+#include "cuda/tile_scheduler.h"
+#include "cuda/workspace.h"
+#ifdef RINGATTN_SM90_TIER
+#include "cuda/sm90/fwd_params.h"
+#include "cuda/sm90/tma_host.h"
+#endif
+
+namespace ringattn {
+namespace cuda {
+namespace {
+
+// Tier-1 kernel parameters of a forward call (tier 2 wraps them).
+FwdKernelParams fwd_kernel_params(const ringattn_fwd_params& p, const SchedulerArgs& sched) {
+  const ringattn_problem& pr = p.problem;
+  FwdKernelParams kp{};
+  for (int g = 0; g < pr.num_groups; ++g) {
+    const ringattn_fwd_group& src = p.groups[g];
+    FwdGroupArgs& dst = kp.groups[g];
+    dst.q = src.q;
+    dst.out = src.out;
+    dst.softmax_lse = src.softmax_lse;
+    dst.cu_seqlens_q = src.cu_seqlens_q;
+    dst.seqused_k = src.seqused_k;
+    dst.q_row_stride = src.q_row_stride;
+    dst.q_head_stride = src.q_head_stride;
+    dst.out_row_stride = src.out_row_stride;
+    dst.out_head_stride = src.out_head_stride;
+    dst.total_q = static_cast<int32_t>(src.total_q);
+  }
+  kp.k = p.k;
+  kp.v = p.v;
+  kp.k_row_stride = p.k_row_stride;
+  kp.k_head_stride = p.k_head_stride;
+  kp.v_row_stride = p.v_row_stride;
+  kp.v_head_stride = p.v_head_stride;
+  kp.cu_seqlens_k = pr.cu_seqlens_k;
+  kp.total_k = static_cast<int32_t>(pr.total_k);
+  kp.num_groups = pr.num_groups;
+  kp.batch_size = pr.batch_size;
+  kp.num_heads_q = pr.num_heads_q;
+  kp.q_heads_per_kv_head = pr.num_heads_q / pr.num_heads_k;
+  kp.softmax_scale = pr.softmax_scale > 0.f ? pr.softmax_scale : 1.f / std::sqrt(static_cast<float>(pr.head_dim));
+  kp.softmax_scale_log2 = kp.softmax_scale * 1.4426950408889634f;
+  kp.work_items = sched.sorted;
+  kp.work_count = sched.count;
+  return kp;
+}
+
+// Builds the kernel parameters of a forward with block_m x block_n tiles and launches its
+// work-list kernel; *num_ctas gets the forward kernel's grid.
+ringattn_status launch_fwd_work_list(const ringattn_fwd_params& p, int block_m, int block_n, cudaStream_t stream,
+                                     FwdKernelParams* kp, int64_t* num_ctas) {
+  const ringattn_problem& pr = p.problem;
+  const int64_t capacity = query_tile_capacity(p, block_m);
+  *num_ctas = capacity * pr.num_heads_q;
+  if (*num_ctas > INT32_MAX)
+    return failf(RINGATTN_STATUS_INVALID_ARGUMENT, "total_q: %lld query tiles x %d heads exceed the grid limit of %d CTAs",
+                 static_cast<long long>(capacity), pr.num_heads_q, INT32_MAX);
+  const SchedulerArgs sched = query_tile_scheduler(p, block_m, block_n, capacity, p.workspace);
+  *kp = fwd_kernel_params(p, sched);
+  const cudaError_t err = launch_build_work_list(sched, stream);
+  if (err != cudaSuccess) return cuda_fail(err, "launching the work-list kernel");
+  return RINGATTN_STATUS_OK;
+}
+
+#ifdef RINGATTN_SM90_TIER
+// Tensor maps of a tier-2 forward call; false (with the reason) when TMA cannot address an operand.
+bool encode_fwd_tensor_maps(const ringattn_fwd_params& p, const Sm90FwdKernelEntry& e, sm90::FwdKernelParams* kp,
+                            std::string* why) {
+  const ringattn_problem& pr = p.problem;
+  for (int g = 0; g < pr.num_groups; ++g) {
+    const ringattn_fwd_group& src = p.groups[g];
+    if (src.total_q == 0) continue;  // no tiles read this map
+    if (!sm90::encode_operand_map(&kp->tma_q[g], "groups[" + std::to_string(g) + "].q", src.q, pr, src.total_q,
+                                  pr.num_heads_q, src.q_row_stride, src.q_head_stride, e.block_m, why))
+      return false;
+  }
+  return sm90::encode_operand_map(&kp->tma_k, "k", p.k, pr, pr.total_k, pr.num_heads_k, p.k_row_stride,
+                                  p.k_head_stride, e.block_n, why) &&
+         sm90::encode_operand_map(&kp->tma_v, "v", p.v, pr, pr.total_k, pr.num_heads_k, p.v_row_stride,
+                                  p.v_head_stride, e.block_n, why);
+}
+
+// The forward on tier 2.
+ringattn_status run_sm90_fwd(const ringattn_fwd_params& p, const Sm90FwdKernelEntry& e, cudaStream_t stream) {
+  sm90::FwdKernelParams kp{};
+  // Every operand the API accepts on a GPU is TMA-addressable (16-byte aligned, strides in
+  // multiples of 8 elements), so a refused tensor map is an error, not a reason to run tier 1.
+  std::string why;
+  if (!encode_fwd_tensor_maps(p, e, &kp, &why))
+    return failf(RINGATTN_STATUS_CUDA_ERROR, "tier 2 forward: encoding a TMA tensor map failed: %s", why.c_str());
+  int64_t num_ctas = 0;
+  const ringattn_status s = launch_fwd_work_list(p, e.block_m, e.block_n, stream, &kp.base, &num_ctas);
+  if (s != RINGATTN_STATUS_OK) return s;
+  const cudaError_t err = e.launch(kp, static_cast<int>(num_ctas), stream);
+  if (err != cudaSuccess) return cuda_fail(err, "launching the grouped forward kernel (tier 2, sm90a)");
+  return RINGATTN_STATUS_OK;
+}
+#endif
+
+}  // namespace
+
+ringattn_status grouped_fwd(const ringattn_fwd_params& p) {
+  const ringattn_problem& pr = p.problem;
+  ringattn_status s = check_support(p.exec.device_index, pr.dtype, pr.head_dim);
+  if (s != RINGATTN_STATUS_OK) return s;
+  int cc = 0;
+  if ((s = check_device(p.exec.device_index, &cc)) != RINGATTN_STATUS_OK) return s;
+  DeviceGuard guard(p.exec.device_index);
+  if (guard.error() != cudaSuccess) return cuda_fail(guard.error(), "cudaSetDevice");
+  cudaStream_t stream = static_cast<cudaStream_t>(p.exec.stream);
+
+  bool tier2_kernel = false;
+#ifdef RINGATTN_SM90_TIER
+  const Sm90FwdKernelEntry* e90 = find_sm90_fwd_kernel(pr.dtype, pr.head_dim, mask_mode(pr));
+  tier2_kernel = e90 != nullptr;
+#endif
+  Tier tier = Tier::kSm80;
+  if ((s = choose_tier(p.exec, cc, tier2_kernel, pr.total_k, "this call", &tier)) != RINGATTN_STATUS_OK) return s;
+#ifdef RINGATTN_SM90_TIER
+  if (tier == Tier::kSm90) return run_sm90_fwd(p, *e90, stream);
+#endif
+
+  const Sm80FwdKernelEntry* e = sm80_fwd_kernel_or_fail(pr);
+  if (e == nullptr) return RINGATTN_STATUS_UNSUPPORTED;
+  FwdKernelParams kp{};
+  int64_t num_ctas = 0;
+  if ((s = launch_fwd_work_list(p, e->block_m, e->block_n, stream, &kp, &num_ctas)) != RINGATTN_STATUS_OK) return s;
+  const cudaError_t err = e->launch(kp, static_cast<int>(num_ctas), stream);
+  if (err != cudaSuccess) return cuda_fail(err, "launching the grouped forward kernel");
+  return RINGATTN_STATUS_OK;
+}
+
+}  // namespace cuda
+}  // namespace ringattn

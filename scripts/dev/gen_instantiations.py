@@ -1,0 +1,220 @@
+#!/usr/bin/env python3
+"""Writes the compiled-kernel set of the CUDA backend from one table (KERNELS x DTYPES x MASK_MODES):
+
+* one explicit kernel instantiation per small .cu file (tier, pass, head dim, dtype, mask mode)
+  under csrc/cuda/sm80/instantiations/ and csrc/cuda/sm90/instantiations/, so builds parallelise
+  and a change rebuilds little (cmake/cuda_kernels.cmake picks the files of the head dims in
+  RINGATTN_HEAD_DIMS);
+* csrc/cuda/kernel_registry.cu: the dispatch tables from (dtype, head dim, mask mode) to those
+  kernels and their lookup functions (declared in csrc/cuda/kernel_registry.h), each head dim's
+  rows under the RINGATTN_HDIM_<D> define CMake sets for the head dims it builds.
+
+Run after changing a table; --check tells whether the committed files are up to date
+(gen_common.py; test/test_generated_cpu.py runs it).
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import gen_common
+
+ME = "scripts/dev/gen_instantiations.py"
+REGISTRY = "csrc/cuda/kernel_registry.cu"
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One explicitly instantiated launch function: `function<traits, mask mode>(params, ...)`."""
+    function: str  # in the tier's namespace
+    traits: str  # a str.format pattern over {element} and {hdim}, in the tier's namespace
+    params: str  # the kernel parameter struct, in the tier's namespace
+
+
+@dataclass(frozen=True)
+class KernelSet:
+    """A (tier, pass) whose kernels are built for each of its head dims, each dtype, each mask mode."""
+    title: str  # the registry table's comment
+    tier: str  # "sm80" (tier 1, mma.sync) or "sm90" (tier 2, sm90a): namespace, folder, file suffix
+    pass_name: str  # file name prefix
+    head_dims: tuple[int, ...]
+    kernel_headers: tuple[str, ...]  # what an instantiation file includes
+    declarations: tuple[str, ...]  # what the registry includes: the launches' declarations, the configs
+    launches: tuple[Launch, ...]  # instantiated together in one file
+    table: str  # registry table: its entry type, name and lookup function
+    entry_type: str
+    lookup: str
+    # A table row is entry_maker(entry_args...) (kernel_registry.h), each a str.format pattern over
+    # {dtype}, {mask}, {element}, and {traits<i>} / {launch<i>} of the i-th launch.
+    entry_maker: str
+    entry_args: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Dtype:
+    name: str  # in file names
+    element: str  # C++ element type
+    abi: str  # ringattn.h dtype constant
+
+
+@dataclass(frozen=True)
+class Mask:
+    suffix: str  # in file names
+    mode: str  # MaskMode enumerator (csrc/common/mask.h)
+
+
+DTYPES = (Dtype("fp16", "__half", "RINGATTN_DTYPE_FP16"), Dtype("bf16", "__nv_bfloat16", "RINGATTN_DTYPE_BF16"))
+
+# Every kernel set is built for each of these; a new mask mode is one row here (and its MaskMode).
+MASK_MODES = (Mask("", "kNone"), Mask("_causal", "kCausal"))
+
+_SINGLE_ENTRY = {"entry_maker": "kernel_entry<{traits0}, {mask}>", "entry_args": ("{dtype}", "&{launch0}")}
+
+# The kernel sets. A head dim is one more number in a row's head_dims (and its traits' config).
+KERNELS = (
+    KernelSet(
+        title="Tier-1 (mma.sync, sm80 and newer) forward kernels.",
+        tier="sm80", pass_name="fwd", head_dims=(64, 128, 256),
+        kernel_headers=("cuda/sm80/fwd_kernel.cuh",), declarations=("cuda/sm80/fwd_traits.h",),
+        launches=(Launch("launch_grouped_fwd", "FwdConfig<{element}, {hdim}>::Traits", "FwdKernelParams"),),
+        table="kSm80FwdKernels", entry_type="Sm80FwdKernelEntry", lookup="find_sm80_fwd_kernel",
+        **_SINGLE_ENTRY),
+    KernelSet(
+        title="Tier-1 backward: dK/dV kernel, deterministic-mode dQ kernel, pre/postprocess.",
+        tier="sm80", pass_name="bwd", head_dims=(64, 128, 256),
+        kernel_headers=("cuda/sm80/bwd_dq_kernel.cuh", "cuda/sm80/bwd_kernel.cuh"),
+        declarations=("cuda/bwd_prepost.h", "cuda/sm80/bwd_traits.h"),
+        launches=(Launch("launch_grouped_bwd_dkdv", "BwdConfig<{element}, {hdim}>::Traits", "BwdKernelParams"),
+                  Launch("launch_grouped_bwd_dq", "BwdConfig<{element}, {hdim}>::DqTraits", "BwdKernelParams")),
+        table="kSm80BwdKernels", entry_type="Sm80BwdKernelEntry", lookup="find_sm80_bwd_kernel",
+        entry_maker="sm80_bwd_entry<{traits0}, {traits1}, {mask}>",
+        entry_args=("{dtype}", "&{launch0}", "&{launch1}", "&launch_bwd_preprocess<{element}>",
+                    "&launch_bwd_postprocess<{element}>")),
+    KernelSet(
+        title="Tier-2 (sm90a: TMA + wgmma, warp specialised) forward kernels.",
+        tier="sm90", pass_name="fwd", head_dims=(64, 128, 256),
+        kernel_headers=("cuda/sm90/fwd_kernel.cuh",), declarations=("cuda/sm90/fwd_launch.h",),
+        launches=(Launch("launch_grouped_fwd", "FwdConfig<{element}, {hdim}>::Traits", "FwdKernelParams"),),
+        table="kSm90FwdKernels", entry_type="Sm90FwdKernelEntry", lookup="find_sm90_fwd_kernel",
+        **_SINGLE_ENTRY),
+    # Head dim 256 runs tier 1's backward.
+    KernelSet(
+        title="Tier-2 backward dK/dV kernels (dQ through TMA reduce-add into dq_accum).",
+        tier="sm90", pass_name="bwd", head_dims=(64, 128),
+        kernel_headers=("cuda/sm90/bwd_kernel.cuh",), declarations=("cuda/sm90/bwd_traits.h",),
+        launches=(Launch("launch_grouped_bwd_dkdv", "BwdConfig<{element}, {hdim}>::Traits", "BwdKernelParams"),),
+        table="kSm90BwdKernels", entry_type="Sm90BwdKernelEntry", lookup="find_sm90_bwd_kernel",
+        **_SINGLE_ENTRY),
+    KernelSet(
+        title="Tier-2 dQ kernels of the deterministic mode.",
+        tier="sm90", pass_name="bwd_dq", head_dims=(64, 128),
+        kernel_headers=("cuda/sm90/bwd_dq_kernel.cuh",),
+        declarations=("cuda/sm90/bwd_dq_traits.h", "cuda/sm90/bwd_params.h"),
+        launches=(Launch("launch_grouped_bwd_dq", "BwdDqConfig<{element}, {hdim}>::Traits", "BwdDqKernelParams"),),
+        table="kSm90BwdDqKernels", entry_type="Sm90BwdDqKernelEntry", lookup="find_sm90_bwd_dq_kernel",
+        **_SINGLE_ENTRY),
+)
+
+# The tier-2 tables exist only in builds with the sm90a kernels (cmake/cuda_kernels.cmake).
+TIER_GUARD = {"sm90": "RINGATTN_SM90_TIER"}
+
+INSTANTIATION = """// Generated by {me}: do not edit.
+{includes}
+namespace ringattn {{
+namespace cuda {{
+namespace {tier} {{
+{instantiations}}}  // namespace {tier}
+}}  // namespace cuda
+}}  // namespace ringattn
+"""
+
+REGISTRY_HEADER = """// Generated by {me}: do not edit.
+//
+// The compiled kernels of the CUDA backend, one table per (tier, pass), and their lookups
+// (kernel_registry.h). Each head dim's rows exist when CMake builds that head dim
+// (RINGATTN_HEAD_DIMS sets RINGATTN_HDIM_<D>); a table ends with an entry of dtype -1, which
+// matches no lookup, so that it is never empty.
+#include "cuda/kernel_registry.h"
+
+{includes}
+namespace ringattn {{
+namespace cuda {{
+"""
+
+REGISTRY_FOOTER = """
+}  // namespace cuda
+}  // namespace ringattn
+"""
+
+
+def instantiation_file(ks: KernelSet, hdim: int, dtype: Dtype, mask: Mask) -> tuple[str, str]:
+    """(path, text) of the file instantiating one (kernel set, head dim, dtype, mask mode)."""
+    lines = ""
+    for launch in ks.launches:
+        traits = launch.traits.format(element=dtype.element, hdim=hdim)
+        lines += (f"template cudaError_t {launch.function}<{traits}, MaskMode::{mask.mode}>(\n"
+                  f"    const {launch.params}&, int, cudaStream_t);\n")
+    text = INSTANTIATION.format(me=ME, includes="".join(f'#include "{h}"\n' for h in ks.kernel_headers),
+                                tier=ks.tier, instantiations=lines)
+    path = (f"csrc/cuda/{ks.tier}/instantiations/"
+            f"{ks.pass_name}_hdim{hdim}_{dtype.name}{mask.suffix}_{ks.tier}.cu")
+    return path, text
+
+
+def registry_row(ks: KernelSet, hdim: int, dtype: Dtype, mask: Mask) -> str:
+    """One table entry of the registry: the kernel(s) of one (head dim, dtype, mask mode)."""
+    fields = {"dtype": dtype.abi, "mask": f"MaskMode::{mask.mode}", "element": dtype.element}
+    for i, launch in enumerate(ks.launches):
+        traits = f"{ks.tier}::" + launch.traits.format(element=dtype.element, hdim=hdim)
+        fields[f"traits{i}"] = traits
+        fields[f"launch{i}"] = f"{ks.tier}::{launch.function}<{traits}, MaskMode::{mask.mode}>"
+    args = ",\n        ".join(arg.format(**fields) for arg in ks.entry_args)
+    return f"{ks.entry_maker.format(**fields)}(\n        {args})"
+
+
+def registry_table(ks: KernelSet) -> str:
+    """A kernel set's table and lookup function."""
+    text = f"\n// {ks.title}\nconst {ks.entry_type} {ks.table}[] = {{\n"
+    for hdim in ks.head_dims:
+        text += f"#ifdef RINGATTN_HDIM_{hdim}\n"
+        for dtype in DTYPES:
+            for mask in MASK_MODES:
+                text += f"    {registry_row(ks, hdim, dtype, mask)},\n"
+        text += "#endif\n"
+    text += f"    {ks.entry_type}{{}}}};\n"  # the sentinel: dtype -1
+    text += (f"\nconst {ks.entry_type}* {ks.lookup}(int dtype, int head_dim, MaskMode mask) {{\n"
+             f"  return find_entry({ks.table}, dtype, head_dim, mask);\n}}\n")
+    return text
+
+
+def registry() -> str:
+    """The text of csrc/cuda/kernel_registry.cu."""
+    headers = [(TIER_GUARD.get(ks.tier), h) for ks in KERNELS for h in ks.declarations]
+    includes = ""
+    for guard in dict.fromkeys(g for g, _ in headers):
+        names = sorted(dict.fromkeys(h for g, h in headers if g == guard))
+        body = "".join(f'#include "{h}"\n' for h in names)
+        includes += f"#ifdef {guard}\n{body}#endif\n" if guard else body
+    text = REGISTRY_HEADER.format(me=ME, includes=includes)
+    for guard in dict.fromkeys(TIER_GUARD.get(ks.tier) for ks in KERNELS):
+        tables = "".join(registry_table(ks) for ks in KERNELS if TIER_GUARD.get(ks.tier) == guard)
+        text += f"\n#ifdef {guard}{tables}#endif  // {guard}\n" if guard else tables
+    return text + REGISTRY_FOOTER
+
+
+def generate() -> dict[str, str]:
+    """Every generated file's text, keyed by its path in the repository."""
+    files = {}
+    for ks in KERNELS:
+        for hdim in ks.head_dims:
+            for dtype in DTYPES:
+                for mask in MASK_MODES:
+                    path, text = instantiation_file(ks, hdim, dtype, mask)
+                    files[path] = text
+    files[REGISTRY] = registry()
+    return files
+
+
+if __name__ == "__main__":
+    sys.exit(gen_common.main("gen_instantiations.py", generate,
+                             owned=("csrc/cuda/sm80/instantiations/*.cu", "csrc/cuda/sm90/instantiations/*.cu")))
