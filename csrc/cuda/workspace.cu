@@ -34,7 +34,7 @@ const Sm80BwdKernelEntry* sm80_bwd_kernel_or_fail(const ringattn_problem& pr) {
 
 // Always in deterministic mode; also the default at head dim 128, where it measured as fast or
 // faster on an H100 (zigzag rank 0, L=65536, N=8: 56.0 vs 61.8 ms for the fused call; L=16384,
-// N=2: 14.4 vs 14.6 ms) while the atomics win at 64 and 256 (docs/perf-notes.md).
+// N=2: 14.4 vs 14.6 ms) while the atomics win at 64 and 256 (docs/perf-log.md).
 bool use_dq_kernel(const ringattn_bwd_params& p) { return p.deterministic != 0 || p.problem.head_dim == 128; }
 
 BwdWorkspaceLayout bwd_layout(const ringattn_bwd_params& p, const Sm80BwdKernelEntry& e) {

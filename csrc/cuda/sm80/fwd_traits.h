@@ -68,7 +68,7 @@ struct SwizzledRows {
   }
 };
 
-// The configuration used for each head dim (see docs/perf-notes.md for why).
+// The configuration used for each head dim (see docs/perf-log.md for why).
 template <typename Element, int kHeadDim>
 struct FwdConfig;
 template <typename Element>

@@ -23,7 +23,7 @@ struct FwdTraits : WarpSpecialization {
   static constexpr int kStages = kStages_;
   static constexpr int kColBlocks = kHeadDim / 64;  // 64-element (128-byte) column blocks
   // The two consumer warpgroups take turns issuing their wgmma products (IssueOrder in
-  // fwd_kernel.cuh); false lets them issue independently (docs/perf-notes.md has the measurement).
+  // fwd_kernel.cuh); false lets them issue independently (docs/perf-log.md has the measurement).
   static constexpr bool kPingPong = true;
 
   static constexpr uint32_t kQBytes = kBlockM * kHeadDim * sizeof(Element);

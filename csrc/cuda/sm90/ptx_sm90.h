@@ -117,7 +117,7 @@ __device__ __forceinline__ uint64_t desc_advance(uint64_t desc, uint32_t byte_of
 
 // This thread's warpgroup (threadIdx.x / 128), broadcast from lane 0 so the compiler knows it is
 // warp-uniform: descriptors and addresses derived from it then stay in uniform registers instead
-// of being rebuilt per thread (docs/perf-notes.md, "the loop's integer work").
+// of being rebuilt per thread (docs/perf-log.md, "the loop's integer work").
 __device__ __forceinline__ int warpgroup_index() { return __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x) / 128, 0); }
 
 // ---- register reallocation between warpgroups (needs a register cap at kernel entry) ----
