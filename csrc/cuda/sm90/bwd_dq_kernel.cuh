@@ -30,15 +30,13 @@
 #include "cuda/sm90/bwd_dq_traits.h"
 #include "cuda/sm90/bwd_params.h"
 #include "cuda/sm90/fragments.h"
+#include "cuda/sm90/named_barriers.h"
 #include "cuda/sm90/ptx_sm90.h"
 #include "cuda/sm90/wgmma.h"
 
 namespace ringattn {
 namespace cuda {
 namespace sm90 {
-
-// Named barriers (0 is __syncthreads).
-enum class BwdDqNamedBarrier : int { kKZeroed = 1 };
 
 template <typename T>
 struct BwdDqSmem {
@@ -181,7 +179,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
     if (keys_valid < kBlockN) {  // both warpgroups reach this for the same block
       ptx::zero_swizzled_rows(k_tile, T::kKVColBlockBytes, T::kColBlocks, keys_valid, kBlockN, ctid, 256);
       ptx::fence_proxy_async_shared();
-      ptx::named_barrier_sync(static_cast<int>(BwdDqNamedBarrier::kKZeroed), 256);
+      ptx::named_barrier_sync(barrier_id(NamedBarrier::kBwdDqKZeroed), 256);
     }
 
     // ---- S = Q K^T, dP = dO V^T (the dQ product of block n - 1 may still run) ----

@@ -35,15 +35,13 @@
 #include "cuda/sm90/bwd_params.h"
 #include "cuda/sm90/bwd_traits.h"
 #include "cuda/sm90/fragments.h"
+#include "cuda/sm90/named_barriers.h"
 #include "cuda/sm90/ptx_sm90.h"
 #include "cuda/sm90/wgmma.h"
 
 namespace ringattn {
 namespace cuda {
 namespace sm90 {
-
-// Named barriers (0 is __syncthreads). kDsWritten0 + b / kDsFree0 + b belong to ds buffer b.
-enum class BwdNamedBarrier : int { kKZeroed = 1, kQTailZeroed = 2, kDsWritten0 = 3, kDsFree0 = 5, kDqStage0 = 7 };
 
 template <typename T>
 struct BwdSmem {
@@ -201,7 +199,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
     if (keys_in_use < kBlockN) {
       ptx::zero_swizzled_rows(sm.k, T::kKVColBlockBytes, T::kColBlocks, keys_in_use, kBlockN, ctid, 256);
       ptx::fence_proxy_async_shared();
-      ptx::named_barrier_sync(static_cast<int>(BwdNamedBarrier::kKZeroed), 256);
+      ptx::named_barrier_sync(barrier_id(NamedBarrier::kBwdKZeroed), 256);
     }
 
     // Descriptors (see fwd_kernel.cuh for the layouts): one per operand tile, advanced by
@@ -251,7 +249,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
         }
       }
       ptx::fence_proxy_async_shared();
-      ptx::named_barrier_sync(static_cast<int>(BwdNamedBarrier::kDqStage0) + wg, 128);
+      ptx::named_barrier_sync(barrier_id(NamedBarrier::kBwdDqStage0, wg), 128);
       if (ctid % 128 == 0) {
 #pragma unroll
         for (int bx = 0; bx < kBoxes; ++bx)
@@ -276,7 +274,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
           ptx::zero_swizzled_rows(q_tile, T::kQColBlockBytes, T::kColBlocks, rows_valid, kBlockM, ctid, 256);
           ptx::zero_swizzled_rows(do_tile, T::kQColBlockBytes, T::kColBlocks, rows_valid, kBlockM, ctid, 256);
           ptx::fence_proxy_async_shared();
-          ptx::named_barrier_sync(static_cast<int>(BwdNamedBarrier::kQTailZeroed), 256);
+          ptx::named_barrier_sync(barrier_id(NamedBarrier::kBwdQTailZeroed), 256);
         }
       }
 
@@ -353,10 +351,10 @@ __global__ void __launch_bounds__(T::kThreads, 1)
       const bool dq_wg = p.accumulate_dq && (t & 1) == wg;
       if (p.accumulate_dq) {
         const uint32_t ds_tile = sm.ds_buf(t & 1);
-        if (!dq_wg && t >= 2) ptx::named_barrier_sync(static_cast<int>(BwdNamedBarrier::kDsFree0) + (t & 1), 256);
+        if (!dq_wg && t >= 2) ptx::named_barrier_sync(barrier_id(NamedBarrier::kBwdDsFree0, t & 1), 256);
         store_ds_t(ds_tile, dsfrag);
         ptx::fence_proxy_async_shared();
-        if (!dq_wg) ptx::named_barrier_arrive(static_cast<int>(BwdNamedBarrier::kDsWritten0) + (t & 1), 256);
+        if (!dq_wg) ptx::named_barrier_arrive(barrier_id(NamedBarrier::kBwdDsWritten0, t & 1), 256);
       }
       const uint64_t do_bt_desc0 = ptx::smem_desc_sw128(do_tile, T::kQColBlockBytes, 1024);
       const uint64_t q_bt_desc0 = ptx::smem_desc_sw128(q_tile, T::kQColBlockBytes, 1024);
@@ -368,10 +366,10 @@ __global__ void __launch_bounds__(T::kThreads, 1)
       ptx::wgmma_commit_group();
       if (dq_wg) {
         const uint32_t ds_tile = sm.ds_buf(t & 1);
-        ptx::named_barrier_sync(static_cast<int>(BwdNamedBarrier::kDsWritten0) + (t & 1), 256);
+        ptx::named_barrier_sync(barrier_id(NamedBarrier::kBwdDsWritten0, t & 1), 256);
         // This warpgroup's staging boxes are free once its previous tile's reduce has read them.
         if (ctid % 128 == 0) ptx::bulk_wait_group_read<0>();
-        ptx::named_barrier_sync(static_cast<int>(BwdNamedBarrier::kDqStage0) + wg, 128);
+        ptx::named_barrier_sync(barrier_id(NamedBarrier::kBwdDqStage0, wg), 128);
         ptx::wgmma_wait_group<0>();
         __syncwarp();
         if (lane == 0) ptx::mbarrier_arrive(sm.empty_q(s));
@@ -402,7 +400,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
             ptx::wgmma_wait_group<0>();
           fence_accumulator(dq[h]);
           if (h + 1 == kDqSplit)
-            ptx::named_barrier_arrive(static_cast<int>(BwdNamedBarrier::kDsFree0) + (t & 1), 256);
+            ptx::named_barrier_arrive(barrier_id(NamedBarrier::kBwdDsFree0, t & 1), 256);
           stage_and_reduce_dq(dq[h], h, cur, head, row0);
         }
       } else {
@@ -417,7 +415,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
     // The kDsFree arrivals of the last two tiles have no writer waiting at t + 2: consume them.
     if (p.accumulate_dq) {
       for (int t = max(num_tiles - 2, 0); t < num_tiles; ++t)
-        if ((t & 1) != wg) ptx::named_barrier_sync(static_cast<int>(BwdNamedBarrier::kDsFree0) + (t & 1), 256);
+        if ((t & 1) != wg) ptx::named_barrier_sync(barrier_id(NamedBarrier::kBwdDsFree0, t & 1), 256);
     }
     fence_accumulator(dk);
     fence_accumulator(dv);

@@ -27,6 +27,7 @@
 #include "cuda/seqlen_info.h"
 #include "cuda/sm90/fragments.h"
 #include "cuda/sm90/fwd_launch.h"
+#include "cuda/sm90/named_barriers.h"
 #include "cuda/sm90/ptx_sm90.h"
 #include "cuda/sm90/softmax.cuh"
 #include "cuda/sm90/wgmma.h"
@@ -34,10 +35,6 @@
 namespace ringattn {
 namespace cuda {
 namespace sm90 {
-
-// Named barrier ids (0 is __syncthreads): the consumers' V fix-up, and one per consumer
-// warpgroup for the ping-pong order of wgmma issue.
-enum class NamedBarrier : int { kVZeroed = 1, kIssueWg0 = 3 };
 
 // Ping-pong between the two consumer warpgroups: each waits for its turn before issuing a block's
 // products and hands the turn over right after, so one warpgroup's softmax runs while the other's
@@ -47,13 +44,13 @@ struct IssueOrder {
   bool enabled;
   int wg;
   __device__ __forceinline__ void wait_turn() const {
-    if (enabled) ptx::named_barrier_sync(static_cast<int>(NamedBarrier::kIssueWg0) + wg, 256);
+    if (enabled) ptx::named_barrier_sync(barrier_id(NamedBarrier::kFwdIssueWg0, wg), 256);
   }
   __device__ __forceinline__ void pass_turn(bool last) const {
-    if (enabled && !(last && wg == 1)) ptx::named_barrier_arrive(static_cast<int>(NamedBarrier::kIssueWg0) + (wg ^ 1), 256);
+    if (enabled && !(last && wg == 1)) ptx::named_barrier_arrive(barrier_id(NamedBarrier::kFwdIssueWg0, wg ^ 1), 256);
   }
   __device__ __forceinline__ void start() const {
-    if (enabled && wg == 1) ptx::named_barrier_arrive(static_cast<int>(NamedBarrier::kIssueWg0), 256);
+    if (enabled && wg == 1) ptx::named_barrier_arrive(barrier_id(NamedBarrier::kFwdIssueWg0), 256);
   }
 };
 
@@ -255,7 +252,7 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __gri
     ptx::zero_swizzled_rows(sm.v_stage(stage), T::kKVColBlockBytes, T::kColBlocks, valid < 0 ? 0 : valid, kBlockN,
                             tid - 128, 256);
     ptx::fence_proxy_async_shared();
-    ptx::named_barrier_sync(static_cast<int>(NamedBarrier::kVZeroed), 256);
+    ptx::named_barrier_sync(barrier_id(NamedBarrier::kFwdVZeroed), 256);
   };
   auto release = [&](uint32_t bar) {
     __syncwarp();
