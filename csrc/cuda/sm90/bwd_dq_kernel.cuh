@@ -31,6 +31,7 @@
 #include "cuda/sm90/bwd_params.h"
 #include "cuda/sm90/fragments.h"
 #include "cuda/sm90/named_barriers.h"
+#include "cuda/sm90/pipeline.h"
 #include "cuda/sm90/ptx_sm90.h"
 #include "cuda/sm90/wgmma.h"
 
@@ -40,12 +41,13 @@ namespace sm90 {
 
 template <typename T>
 struct BwdDqSmem {
+  using Pipeline = MbarrierPipeline<T::kStages>;
   uint32_t q, dout, k, v, bars;
   __device__ __forceinline__ explicit BwdDqSmem(uint32_t base)
       : q(base + T::kOffQ), dout(base + T::kOffDo), k(base + T::kOffK), v(base + T::kOffV), bars(base + T::kOffBarriers) {}
   __device__ __forceinline__ uint32_t bar_q() const { return bars; }  // Q and dO
-  __device__ __forceinline__ uint32_t full_kv(int s) const { return bars + 8 * (1 + s); }
-  __device__ __forceinline__ uint32_t empty_kv(int s) const { return bars + 8 * (1 + T::kStages + s); }
+  // The ring of K/V stages (sm90/pipeline.h): entries 1.. of the barrier array.
+  __device__ __forceinline__ Pipeline kv_pipe() const { return {bars, 1, 1 + T::kStages}; }
   __device__ __forceinline__ uint32_t k_stage(int s) const { return k + s * T::kKVBytes; }
   __device__ __forceinline__ uint32_t v_stage(int s) const { return v + s * T::kKVBytes; }
 };
@@ -82,12 +84,14 @@ __global__ void __launch_bounds__(T::kThreads, 1)
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   const uint32_t base = (ptx::smem_addr(smem_raw) + 1023u) & ~1023u;
   const BwdDqSmem<T> sm(base);
+  const typename BwdDqSmem<T>::Pipeline kv_pipe = sm.kv_pipe();
+  using State = PipelineState<T::kStages>;
   if (tid == 0) {
     ptx::mbarrier_init(sm.bar_q(), 1);
 #pragma unroll
     for (int s = 0; s < T::kStages; ++s) {
-      ptx::mbarrier_init(sm.full_kv(s), 1);
-      ptx::mbarrier_init(sm.empty_kv(s), T::kConsumerWarps);
+      ptx::mbarrier_init(kv_pipe.full(s), 1);
+      ptx::mbarrier_init(kv_pipe.empty(s), T::kConsumerWarps);
     }
     ptx::fence_mbarrier_init();
   }
@@ -110,14 +114,15 @@ __global__ void __launch_bounds__(T::kThreads, 1)
         ptx::tma_load_3d(sm.dout + cb * T::kQColBlockBytes, &params.maps.tma_do[group], sm.bar_q(), cb * 64, head, q_token0);
       }
       for (int n = 0; n < n_block_max; ++n) {
-        const int s = n % T::kStages;
+        const State st(n);
+        const int s = st.stage();
         const int token = seq.k_start + n * kBlockN;
-        ptx::mbarrier_wait_parity(sm.empty_kv(s), ((n / T::kStages) & 1) ^ 1);
-        ptx::mbarrier_arrive_expect_tx(sm.full_kv(s), 2 * T::kKVBytes);
+        kv_pipe.producer_acquire(st);
+        ptx::mbarrier_arrive_expect_tx(kv_pipe.full(s), 2 * T::kKVBytes);
 #pragma unroll
         for (int cb = 0; cb < T::kColBlocks; ++cb) {
-          ptx::tma_load_3d(sm.k_stage(s) + cb * T::kKVColBlockBytes, &params.maps.tma_k, sm.full_kv(s), cb * 64, kv_head, token);
-          ptx::tma_load_3d(sm.v_stage(s) + cb * T::kKVColBlockBytes, &params.maps.tma_v, sm.full_kv(s), cb * 64, kv_head, token);
+          ptx::tma_load_3d(sm.k_stage(s) + cb * T::kKVColBlockBytes, &params.maps.tma_k, kv_pipe.full(s), cb * 64, kv_head, token);
+          ptx::tma_load_3d(sm.v_stage(s) + cb * T::kKVColBlockBytes, &params.maps.tma_v, kv_pipe.full(s), cb * 64, kv_head, token);
         }
       }
     }
@@ -163,15 +168,12 @@ __global__ void __launch_bounds__(T::kThreads, 1)
   auto k_bt_desc = [&](uint64_t desc0, int kk) {  // K as the MN-major B operand (K = keys, N = head dim); desc0: (tile, kKVColBlockBytes, 1024)
     return ptx::desc_advance(desc0, kk * 2048);
   };
-  auto release = [&](int s) {
-    __syncwarp();
-    if (lane == 0) ptx::mbarrier_arrive(sm.empty_kv(s));
-  };
 
   ptx::mbarrier_wait_parity(sm.bar_q(), 0);
   for (int n = 0; n < n_block_max; ++n) {
-    const int s = n % T::kStages;
-    ptx::mbarrier_wait_parity(sm.full_kv(s), (n / T::kStages) & 1);
+    const State st(n);
+    const int s = st.stage();
+    kv_pipe.consumer_wait(st);
     const uint32_t k_tile = sm.k_stage(s);
     const uint32_t v_tile = sm.v_stage(s);
     const int col0 = n * kBlockN;
@@ -199,7 +201,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
 
     ptx::wgmma_wait_group<1>();  // S(n) is in, and so is dQ(n - 1): its K stage is free
     fence_accumulator(sacc);
-    if (n > 0) release((n - 1) % T::kStages);
+    if (n > 0) kv_pipe.consumer_release(st.prev().stage(), lane == 0);
 
     // Entry (nt, c) is key col0 + j, j = nt * 8 + qcol + (c & 1), of row r = c >> 1; visible iff
     // j < width[r] (keys past the sequence and, causal, past the row's diagonal are masked). Made

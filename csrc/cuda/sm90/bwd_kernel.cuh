@@ -36,6 +36,7 @@
 #include "cuda/sm90/bwd_traits.h"
 #include "cuda/sm90/fragments.h"
 #include "cuda/sm90/named_barriers.h"
+#include "cuda/sm90/pipeline.h"
 #include "cuda/sm90/ptx_sm90.h"
 #include "cuda/sm90/wgmma.h"
 
@@ -45,6 +46,7 @@ namespace sm90 {
 
 template <typename T>
 struct BwdSmem {
+  using Pipeline = MbarrierPipeline<T::kStages>;
   uint32_t k, v, q, dout, ds, stats, dq_stages, bars;
   __device__ __forceinline__ explicit BwdSmem(uint32_t base)
       : k(base + T::kOffK),
@@ -56,8 +58,8 @@ struct BwdSmem {
         dq_stages(base + T::kOffDqStage),
         bars(base + T::kOffBarriers) {}
   __device__ __forceinline__ uint32_t bar_kv() const { return bars; }
-  __device__ __forceinline__ uint32_t full_q(int s) const { return bars + 8 * (1 + s); }
-  __device__ __forceinline__ uint32_t empty_q(int s) const { return bars + 8 * (1 + T::kStages + s); }
+  // The ring of Q / dO / LSE / Di stages (sm90/pipeline.h): entries 1.. of the barrier array.
+  __device__ __forceinline__ Pipeline q_pipe() const { return {bars, 1, 1 + T::kStages}; }
   __device__ __forceinline__ uint32_t q_stage(int s) const { return q + s * T::kQBytes; }
   __device__ __forceinline__ uint32_t do_stage(int s) const { return dout + s * T::kQBytes; }
   __device__ __forceinline__ uint32_t ds_buf(int b) const { return ds + b * T::kDsBytes; }
@@ -113,12 +115,14 @@ __global__ void __launch_bounds__(T::kThreads, 1)
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   const uint32_t base = (ptx::smem_addr(smem_raw) + 1023u) & ~1023u;
   const BwdSmem<T> sm(base);
+  const typename BwdSmem<T>::Pipeline q_pipe = sm.q_pipe();
+  using State = PipelineState<T::kStages>;
   if (tid == 0) {
     ptx::mbarrier_init(sm.bar_kv(), 1);
 #pragma unroll
     for (int s = 0; s < T::kStages; ++s) {
-      ptx::mbarrier_init(sm.full_q(s), 32);  // the producer warp: 31 arrivals + 1 with the TMA bytes
-      ptx::mbarrier_init(sm.empty_q(s), T::kConsumerWarps);
+      ptx::mbarrier_init(q_pipe.full(s), 32);  // the producer warp: 31 arrivals + 1 with the TMA bytes
+      ptx::mbarrier_init(q_pipe.empty(s), T::kConsumerWarps);
     }
     ptx::fence_mbarrier_init();
   }
@@ -143,8 +147,9 @@ __global__ void __launch_bounds__(T::kThreads, 1)
       }
     }
     for (int t = 0; cur.valid(p); ++t) {
-      const int s = t % T::kStages;
-      ptx::mbarrier_wait_parity(sm.empty_q(s), ((t / T::kStages) & 1) ^ 1);
+      const State q_state(t);
+      const int s = q_state.stage();
+      q_pipe.producer_acquire(q_state);
       const BwdGroupArgs& g = p.groups[cur.group];
       const int head = kv_head * ratio + cur.head_in_kv;
       const int row0 = cur.m_block * kBlockM;
@@ -157,16 +162,16 @@ __global__ void __launch_bounds__(T::kThreads, 1)
         st_shared_f32(sm.di_stage(s) + 4 * i, ok ? g.di[stat0 + i] : 0.f);
       }
       if (lane == 0) {
-        ptx::mbarrier_arrive_expect_tx(sm.full_q(s), 2 * T::kQBytes);
+        ptx::mbarrier_arrive_expect_tx(q_pipe.full(s), 2 * T::kQBytes);
 #pragma unroll
         for (int cb = 0; cb < T::kColBlocks; ++cb) {
-          ptx::tma_load_3d(sm.q_stage(s) + cb * T::kQColBlockBytes, &params.maps.tma_q[cur.group], sm.full_q(s), cb * 64,
+          ptx::tma_load_3d(sm.q_stage(s) + cb * T::kQColBlockBytes, &params.maps.tma_q[cur.group], q_pipe.full(s), cb * 64,
                            head, token0);
-          ptx::tma_load_3d(sm.do_stage(s) + cb * T::kQColBlockBytes, &params.maps.tma_do[cur.group], sm.full_q(s),
+          ptx::tma_load_3d(sm.do_stage(s) + cb * T::kQColBlockBytes, &params.maps.tma_do[cur.group], q_pipe.full(s),
                            cb * 64, head, token0);
         }
       } else {
-        ptx::mbarrier_arrive(sm.full_q(s));
+        ptx::mbarrier_arrive(q_pipe.full(s));
       }
       cur.next(p, b, key0);
     }
@@ -261,8 +266,9 @@ __global__ void __launch_bounds__(T::kThreads, 1)
 
     int num_tiles = 0;  // tiles walked, for the kDsFree drain after the loop
     for (int t = 0; cur.valid(p); ++t, ++num_tiles) {
-      const int s = t % T::kStages;
-      ptx::mbarrier_wait_parity(sm.full_q(s), (t / T::kStages) & 1);
+      const State q_state(t);
+      const int s = q_state.stage();
+      q_pipe.consumer_wait(q_state);
       const uint32_t q_tile = sm.q_stage(s);
       const uint32_t do_tile = sm.do_stage(s);
       {
@@ -371,8 +377,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
         if (ctid % 128 == 0) ptx::bulk_wait_group_read<0>();
         ptx::named_barrier_sync(barrier_id(NamedBarrier::kBwdDqStage0, wg), 128);
         ptx::wgmma_wait_group<0>();
-        __syncwarp();
-        if (lane == 0) ptx::mbarrier_arrive(sm.empty_q(s));
+        q_pipe.consumer_release(s, lane == 0);
         // At head dim >= 128, dQ in two column halves (one commit group each): the first is
         // added while the second is computed.
         constexpr int kDqSplit = kHeadDim >= 128 ? 2 : 1;
@@ -405,8 +410,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
         }
       } else {
         ptx::wgmma_wait_group<0>();
-        __syncwarp();
-        if (lane == 0) ptx::mbarrier_arrive(sm.empty_q(s));
+        q_pipe.consumer_release(s, lane == 0);
       }
       cur.next(p, b, key0);
     }
