@@ -30,6 +30,7 @@
 #include "cuda/sm90/bwd_dq_traits.h"
 #include "cuda/sm90/bwd_params.h"
 #include "cuda/sm90/fragments.h"
+#include "cuda/sm90/mma_loop.h"
 #include "cuda/sm90/named_barriers.h"
 #include "cuda/sm90/pipeline.h"
 #include "cuda/sm90/ptx_sm90.h"
@@ -156,18 +157,10 @@ __global__ void __launch_bounds__(T::kThreads, 1)
 #pragma unroll
     for (int c = 0; c < 4; ++c) dq[dt][c] = 0.f;
 
-  // Descriptors: a base per operand tile, advanced by constant offsets per k step.
-  const uint64_t q_a_desc0 = ptx::smem_desc_sw128(sm.q + wg * 64 * 128, 16, 1024);
-  const uint64_t do_a_desc0 = ptx::smem_desc_sw128(sm.dout + wg * 64 * 128, 16, 1024);
-  auto qdo_a_desc = [&](uint64_t desc0, int kk) {  // Q or dO rows of this warpgroup as the K-major A operand
-    return ptx::desc_advance(desc0, (kk / 4) * T::kQColBlockBytes + (kk % 4) * 32);
-  };
-  auto kv_b_desc = [&](uint64_t desc0, int kk) {  // K or V as the K-major B operand (N = keys); desc0: (tile, 16, 1024)
-    return ptx::desc_advance(desc0, (kk / 4) * T::kKVColBlockBytes + (kk % 4) * 32);
-  };
-  auto k_bt_desc = [&](uint64_t desc0, int kk) {  // K as the MN-major B operand (K = keys, N = head dim); desc0: (tile, kKVColBlockBytes, 1024)
-    return ptx::desc_advance(desc0, kk * 2048);
-  };
+  // Descriptors: a base per operand tile, advanced by constant offsets per k step (mma_loop.h).
+  // Q and dO rows of this warpgroup as the K-major A operand.
+  const KMajorSteps<T::kQColBlockBytes> q_a{ptx::smem_desc_sw128(sm.q + wg * 64 * 128, 16, 1024)};
+  const KMajorSteps<T::kQColBlockBytes> do_a{ptx::smem_desc_sw128(sm.dout + wg * 64 * 128, 16, 1024)};
 
   ptx::mbarrier_wait_parity(sm.bar_q(), 0);
   for (int n = 0; n < n_block_max; ++n) {
@@ -186,17 +179,14 @@ __global__ void __launch_bounds__(T::kThreads, 1)
 
     // ---- S = Q K^T, dP = dO V^T (the dQ product of block n - 1 may still run) ----
     float sacc[kNTiles][4], dpacc[kNTiles][4];
-    const uint64_t k_b_desc0 = ptx::smem_desc_sw128(k_tile, 16, 1024);
-    const uint64_t v_b_desc0 = ptx::smem_desc_sw128(v_tile, 16, 1024);
+    // K and V as the K-major B operand (N = keys).
+    const KMajorSteps<T::kKVColBlockBytes> k_b{ptx::smem_desc_sw128(k_tile, 16, 1024)};
+    const KMajorSteps<T::kKVColBlockBytes> v_b{ptx::smem_desc_sw128(v_tile, 16, 1024)};
     ptx::wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kDSteps; ++kk)
-      ptx::Wgmma<Element, kBlockN>::ss(sacc, qdo_a_desc(q_a_desc0, kk), kv_b_desc(k_b_desc0, kk), kk > 0 ? 1 : 0);
+    mma_ss<Element, kDSteps, MmaInit::kOverwrite>(sacc, q_a, k_b);
     ptx::wgmma_commit_group();
     ptx::wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kDSteps; ++kk)
-      ptx::Wgmma<Element, kBlockN>::ss(dpacc, qdo_a_desc(do_a_desc0, kk), kv_b_desc(v_b_desc0, kk), kk > 0 ? 1 : 0);
+    mma_ss<Element, kDSteps, MmaInit::kOverwrite>(dpacc, do_a, v_b);
     ptx::wgmma_commit_group();
 
     ptx::wgmma_wait_group<1>();  // S(n) is in, and so is dQ(n - 1): its K stage is free
@@ -238,10 +228,10 @@ __global__ void __launch_bounds__(T::kThreads, 1)
     pack_a_fragments<Element>(dpacc, dsfrag);
 
     // ---- dQ += dS K ----
-    const uint64_t k_bt_desc0 = ptx::smem_desc_sw128(k_tile, T::kKVColBlockBytes, 1024);
+    // K as the MN-major B operand (K = keys, N = head dim).
+    const MnMajorSteps k_bt{ptx::smem_desc_sw128(k_tile, T::kKVColBlockBytes, 1024)};
     ptx::wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kKSteps; ++kk) ptx::Wgmma<Element, kHeadDim>::rs_tb(dq, dsfrag[kk], k_bt_desc(k_bt_desc0, kk), 1);
+    mma_rs_tb<Element, MmaInit::kAccumulate>(dq, dsfrag, k_bt);
     ptx::wgmma_commit_group();
   }
   ptx::wgmma_wait_group<0>();

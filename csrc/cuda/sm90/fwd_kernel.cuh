@@ -27,6 +27,7 @@
 #include "cuda/seqlen_info.h"
 #include "cuda/sm90/fragments.h"
 #include "cuda/sm90/fwd_launch.h"
+#include "cuda/sm90/mma_loop.h"
 #include "cuda/sm90/named_barriers.h"
 #include "cuda/sm90/pipeline.h"
 #include "cuda/sm90/ptx_sm90.h"
@@ -112,33 +113,29 @@ struct ConsumerTile {
   const SmemPlan<T>& sm;
   int wg;  // consumer warpgroup 0 or 1
 
-  // Each descriptor is the tile's base descriptor advanced by a constant per k step (one add,
-  // not a descriptor rebuilt from the address per k step).
-  // Q rows [64 wg, 64 wg + 64), k-step kk: column block kk/4, 32 bytes per k-step inside it.
-  __device__ __forceinline__ uint64_t q_desc(int kk) const {
-    return ptx::desc_advance(ptx::smem_desc_sw128(sm.q + wg * 64 * 128, 16, 1024),
-                             (kk / 4) * T::kQColBlockBytes + (kk % 4) * 32);
+  // Operand descriptors per k step (mma_loop.h): the tile's base descriptor advanced by a
+  // constant per step (one add, not a descriptor rebuilt from the address per k step).
+  // Q rows [64 wg, 64 wg + 64) and K of stage s as K-major operands.
+  __device__ __forceinline__ KMajorSteps<T::kQColBlockBytes> q_steps() const {
+    return {ptx::smem_desc_sw128(sm.q + wg * 64 * 128, 16, 1024)};
   }
-  __device__ __forceinline__ uint64_t k_desc(int s, int kk) const {
-    return ptx::desc_advance(ptx::smem_desc_sw128(sm.k_stage(s), 16, 1024), (kk / 4) * T::kKVColBlockBytes + (kk % 4) * 32);
+  __device__ __forceinline__ KMajorSteps<T::kKVColBlockBytes> k_steps(int s) const {
+    return {ptx::smem_desc_sw128(sm.k_stage(s), 16, 1024)};
   }
-  // V as the MN-major B operand of P V: k-step kk covers keys [16 kk, 16 kk + 16) (two 8-row
-  // groups, 1024 bytes apart); the 64-column blocks of the head dim are kKVColBlockBytes apart.
-  __device__ __forceinline__ uint64_t v_desc(int s, int kk) const {
-    return ptx::desc_advance(ptx::smem_desc_sw128(sm.v_stage(s), T::kKVColBlockBytes, 1024), kk * 2048);
+  // V of stage s as the MN-major B operand of P V: k-step kk covers keys [16 kk, 16 kk + 16);
+  // the 64-column blocks of the head dim are kKVColBlockBytes apart.
+  __device__ __forceinline__ MnMajorSteps v_steps(int s) const {
+    return {ptx::smem_desc_sw128(sm.v_stage(s), T::kKVColBlockBytes, 1024)};
   }
 
   __device__ __forceinline__ void issue_qk(float (&s)[kNTiles][4], int stage) const {
     ptx::wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kQKSteps; ++kk)
-      ptx::Wgmma<Element, T::kBlockN>::ss(s, q_desc(kk), k_desc(stage, kk), kk > 0 ? 1 : 0);
+    mma_ss<Element, kQKSteps, MmaInit::kOverwrite>(s, q_steps(), k_steps(stage));
     ptx::wgmma_commit_group();
   }
   __device__ __forceinline__ void issue_pv(float (&o)[kDTiles][4], const uint32_t (&p)[kPSteps][4], int stage) const {
     ptx::wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kPSteps; ++kk) ptx::Wgmma<Element, T::kHeadDim>::rs_tb(o, p[kk], v_desc(stage, kk), 1);
+    mma_rs_tb<Element, MmaInit::kAccumulate>(o, p, v_steps(stage));
     ptx::wgmma_commit_group();
   }
 };
