@@ -8,6 +8,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "cuda/warp_reduce.cuh"
+
 namespace ringattn {
 namespace cuda {
 namespace {
@@ -89,9 +91,7 @@ __global__ void __launch_bounds__(kThreads) bwd_preprocess_kernel(const __grid_c
       *reinterpret_cast<float4*>(acc + c * 8) = make_float4(0.f, 0.f, 0.f, 0.f);
       *reinterpret_cast<float4*>(acc + c * 8 + 4) = make_float4(0.f, 0.f, 0.f, 0.f);
     }
-    const unsigned row_mask = ((1u << kLanesPerRow) - 1u) << ((threadIdx.x & 31) & ~(kLanesPerRow - 1));
-#pragma unroll
-    for (int off = kLanesPerRow / 2; off > 0; off >>= 1) sum += __shfl_xor_sync(row_mask, sum, off);
+    sum = lane_group_sum<kLanesPerRow>(sum);
     if (lane == 0) {
       const int64_t idx = h * g.total_q + token;
       const float lse = g.lse[idx];

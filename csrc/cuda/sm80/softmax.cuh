@@ -6,19 +6,11 @@
 #include <cmath>
 
 #include "cuda/ptx.h"
+#include "cuda/warp_reduce.cuh"
 
 namespace ringattn {
 namespace cuda {
 namespace sm80 {
-
-__device__ __forceinline__ float quad_max(float x) {
-  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
-  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
-}
-__device__ __forceinline__ float quad_sum(float x) {
-  x += __shfl_xor_sync(0xffffffffu, x, 1);
-  return x + __shfl_xor_sync(0xffffffffu, x, 2);
-}
 
 template <int kMTiles>
 struct OnlineSoftmax {

@@ -30,6 +30,9 @@
 #include "cuda/sm90/bwd_dq_traits.h"
 #include "cuda/sm90/bwd_params.h"
 #include "cuda/sm90/fragments.h"
+#include "cuda/sm90/mma_loop.h"
+#include "cuda/sm90/named_barriers.h"
+#include "cuda/sm90/pipeline.h"
 #include "cuda/sm90/ptx_sm90.h"
 #include "cuda/sm90/wgmma.h"
 
@@ -37,17 +40,15 @@ namespace ringattn {
 namespace cuda {
 namespace sm90 {
 
-// Named barriers (0 is __syncthreads).
-enum class BwdDqNamedBarrier : int { kKZeroed = 1 };
-
 template <typename T>
 struct BwdDqSmem {
+  using Pipeline = MbarrierPipeline<T::kStages>;
   uint32_t q, dout, k, v, bars;
   __device__ __forceinline__ explicit BwdDqSmem(uint32_t base)
       : q(base + T::kOffQ), dout(base + T::kOffDo), k(base + T::kOffK), v(base + T::kOffV), bars(base + T::kOffBarriers) {}
   __device__ __forceinline__ uint32_t bar_q() const { return bars; }  // Q and dO
-  __device__ __forceinline__ uint32_t full_kv(int s) const { return bars + 8 * (1 + s); }
-  __device__ __forceinline__ uint32_t empty_kv(int s) const { return bars + 8 * (1 + T::kStages + s); }
+  // The ring of K/V stages (sm90/pipeline.h): entries 1.. of the barrier array.
+  __device__ __forceinline__ Pipeline kv_pipe() const { return {bars, 1, 1 + T::kStages}; }
   __device__ __forceinline__ uint32_t k_stage(int s) const { return k + s * T::kKVBytes; }
   __device__ __forceinline__ uint32_t v_stage(int s) const { return v + s * T::kKVBytes; }
 };
@@ -84,12 +85,14 @@ __global__ void __launch_bounds__(T::kThreads, 1)
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   const uint32_t base = (ptx::smem_addr(smem_raw) + 1023u) & ~1023u;
   const BwdDqSmem<T> sm(base);
+  const typename BwdDqSmem<T>::Pipeline kv_pipe = sm.kv_pipe();
+  using State = PipelineState<T::kStages>;
   if (tid == 0) {
     ptx::mbarrier_init(sm.bar_q(), 1);
 #pragma unroll
     for (int s = 0; s < T::kStages; ++s) {
-      ptx::mbarrier_init(sm.full_kv(s), 1);
-      ptx::mbarrier_init(sm.empty_kv(s), T::kConsumerWarps);
+      ptx::mbarrier_init(kv_pipe.full(s), 1);
+      ptx::mbarrier_init(kv_pipe.empty(s), T::kConsumerWarps);
     }
     ptx::fence_mbarrier_init();
   }
@@ -112,14 +115,15 @@ __global__ void __launch_bounds__(T::kThreads, 1)
         ptx::tma_load_3d(sm.dout + cb * T::kQColBlockBytes, &params.maps.tma_do[group], sm.bar_q(), cb * 64, head, q_token0);
       }
       for (int n = 0; n < n_block_max; ++n) {
-        const int s = n % T::kStages;
+        const State st(n);
+        const int s = st.stage();
         const int token = seq.k_start + n * kBlockN;
-        ptx::mbarrier_wait_parity(sm.empty_kv(s), ((n / T::kStages) & 1) ^ 1);
-        ptx::mbarrier_arrive_expect_tx(sm.full_kv(s), 2 * T::kKVBytes);
+        kv_pipe.producer_acquire(st);
+        ptx::mbarrier_arrive_expect_tx(kv_pipe.full(s), 2 * T::kKVBytes);
 #pragma unroll
         for (int cb = 0; cb < T::kColBlocks; ++cb) {
-          ptx::tma_load_3d(sm.k_stage(s) + cb * T::kKVColBlockBytes, &params.maps.tma_k, sm.full_kv(s), cb * 64, kv_head, token);
-          ptx::tma_load_3d(sm.v_stage(s) + cb * T::kKVColBlockBytes, &params.maps.tma_v, sm.full_kv(s), cb * 64, kv_head, token);
+          ptx::tma_load_3d(sm.k_stage(s) + cb * T::kKVColBlockBytes, &params.maps.tma_k, kv_pipe.full(s), cb * 64, kv_head, token);
+          ptx::tma_load_3d(sm.v_stage(s) + cb * T::kKVColBlockBytes, &params.maps.tma_v, kv_pipe.full(s), cb * 64, kv_head, token);
         }
       }
     }
@@ -153,27 +157,16 @@ __global__ void __launch_bounds__(T::kThreads, 1)
 #pragma unroll
     for (int c = 0; c < 4; ++c) dq[dt][c] = 0.f;
 
-  // Descriptors: a base per operand tile, advanced by constant offsets per k step.
-  const uint64_t q_a_desc0 = ptx::smem_desc_sw128(sm.q + wg * 64 * 128, 16, 1024);
-  const uint64_t do_a_desc0 = ptx::smem_desc_sw128(sm.dout + wg * 64 * 128, 16, 1024);
-  auto qdo_a_desc = [&](uint64_t desc0, int kk) {  // Q or dO rows of this warpgroup as the K-major A operand
-    return ptx::desc_advance(desc0, (kk / 4) * T::kQColBlockBytes + (kk % 4) * 32);
-  };
-  auto kv_b_desc = [&](uint64_t desc0, int kk) {  // K or V as the K-major B operand (N = keys); desc0: (tile, 16, 1024)
-    return ptx::desc_advance(desc0, (kk / 4) * T::kKVColBlockBytes + (kk % 4) * 32);
-  };
-  auto k_bt_desc = [&](uint64_t desc0, int kk) {  // K as the MN-major B operand (K = keys, N = head dim); desc0: (tile, kKVColBlockBytes, 1024)
-    return ptx::desc_advance(desc0, kk * 2048);
-  };
-  auto release = [&](int s) {
-    __syncwarp();
-    if (lane == 0) ptx::mbarrier_arrive(sm.empty_kv(s));
-  };
+  // Descriptors: a base per operand tile, advanced by constant offsets per k step (mma_loop.h).
+  // Q and dO rows of this warpgroup as the K-major A operand.
+  const KMajorSteps<T::kQColBlockBytes> q_a{ptx::smem_desc_sw128(sm.q + wg * 64 * 128, 16, 1024)};
+  const KMajorSteps<T::kQColBlockBytes> do_a{ptx::smem_desc_sw128(sm.dout + wg * 64 * 128, 16, 1024)};
 
   ptx::mbarrier_wait_parity(sm.bar_q(), 0);
   for (int n = 0; n < n_block_max; ++n) {
-    const int s = n % T::kStages;
-    ptx::mbarrier_wait_parity(sm.full_kv(s), (n / T::kStages) & 1);
+    const State st(n);
+    const int s = st.stage();
+    kv_pipe.consumer_wait(st);
     const uint32_t k_tile = sm.k_stage(s);
     const uint32_t v_tile = sm.v_stage(s);
     const int col0 = n * kBlockN;
@@ -181,27 +174,24 @@ __global__ void __launch_bounds__(T::kThreads, 1)
     if (keys_valid < kBlockN) {  // both warpgroups reach this for the same block
       ptx::zero_swizzled_rows(k_tile, T::kKVColBlockBytes, T::kColBlocks, keys_valid, kBlockN, ctid, 256);
       ptx::fence_proxy_async_shared();
-      ptx::named_barrier_sync(static_cast<int>(BwdDqNamedBarrier::kKZeroed), 256);
+      ptx::named_barrier_sync(barrier_id(NamedBarrier::kBwdDqKZeroed), 256);
     }
 
     // ---- S = Q K^T, dP = dO V^T (the dQ product of block n - 1 may still run) ----
     float sacc[kNTiles][4], dpacc[kNTiles][4];
-    const uint64_t k_b_desc0 = ptx::smem_desc_sw128(k_tile, 16, 1024);
-    const uint64_t v_b_desc0 = ptx::smem_desc_sw128(v_tile, 16, 1024);
+    // K and V as the K-major B operand (N = keys).
+    const KMajorSteps<T::kKVColBlockBytes> k_b{ptx::smem_desc_sw128(k_tile, 16, 1024)};
+    const KMajorSteps<T::kKVColBlockBytes> v_b{ptx::smem_desc_sw128(v_tile, 16, 1024)};
     ptx::wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kDSteps; ++kk)
-      ptx::Wgmma<Element, kBlockN>::ss(sacc, qdo_a_desc(q_a_desc0, kk), kv_b_desc(k_b_desc0, kk), kk > 0 ? 1 : 0);
+    mma_ss<Element, kDSteps, MmaInit::kOverwrite>(sacc, q_a, k_b);
     ptx::wgmma_commit_group();
     ptx::wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kDSteps; ++kk)
-      ptx::Wgmma<Element, kBlockN>::ss(dpacc, qdo_a_desc(do_a_desc0, kk), kv_b_desc(v_b_desc0, kk), kk > 0 ? 1 : 0);
+    mma_ss<Element, kDSteps, MmaInit::kOverwrite>(dpacc, do_a, v_b);
     ptx::wgmma_commit_group();
 
     ptx::wgmma_wait_group<1>();  // S(n) is in, and so is dQ(n - 1): its K stage is free
     fence_accumulator(sacc);
-    if (n > 0) release((n - 1) % T::kStages);
+    if (n > 0) kv_pipe.consumer_release(st.prev().stage(), lane == 0);
 
     // Entry (nt, c) is key col0 + j, j = nt * 8 + qcol + (c & 1), of row r = c >> 1; visible iff
     // j < width[r] (keys past the sequence and, causal, past the row's diagonal are masked). Made
@@ -238,10 +228,10 @@ __global__ void __launch_bounds__(T::kThreads, 1)
     pack_a_fragments<Element>(dpacc, dsfrag);
 
     // ---- dQ += dS K ----
-    const uint64_t k_bt_desc0 = ptx::smem_desc_sw128(k_tile, T::kKVColBlockBytes, 1024);
+    // K as the MN-major B operand (K = keys, N = head dim).
+    const MnMajorSteps k_bt{ptx::smem_desc_sw128(k_tile, T::kKVColBlockBytes, 1024)};
     ptx::wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kKSteps; ++kk) ptx::Wgmma<Element, kHeadDim>::rs_tb(dq, dsfrag[kk], k_bt_desc(k_bt_desc0, kk), 1);
+    mma_rs_tb<Element, MmaInit::kAccumulate>(dq, dsfrag, k_bt);
     ptx::wgmma_commit_group();
   }
   ptx::wgmma_wait_group<0>();

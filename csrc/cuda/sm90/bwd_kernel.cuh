@@ -35,6 +35,8 @@
 #include "cuda/sm90/bwd_params.h"
 #include "cuda/sm90/bwd_traits.h"
 #include "cuda/sm90/fragments.h"
+#include "cuda/sm90/named_barriers.h"
+#include "cuda/sm90/pipeline.h"
 #include "cuda/sm90/ptx_sm90.h"
 #include "cuda/sm90/wgmma.h"
 
@@ -42,11 +44,9 @@ namespace ringattn {
 namespace cuda {
 namespace sm90 {
 
-// Named barriers (0 is __syncthreads). kDsWritten0 + b / kDsFree0 + b belong to ds buffer b.
-enum class BwdNamedBarrier : int { kKZeroed = 1, kQTailZeroed = 2, kDsWritten0 = 3, kDsFree0 = 5, kDqStage0 = 7 };
-
 template <typename T>
 struct BwdSmem {
+  using Pipeline = MbarrierPipeline<T::kStages>;
   uint32_t k, v, q, dout, ds, stats, dq_stages, bars;
   __device__ __forceinline__ explicit BwdSmem(uint32_t base)
       : k(base + T::kOffK),
@@ -58,8 +58,8 @@ struct BwdSmem {
         dq_stages(base + T::kOffDqStage),
         bars(base + T::kOffBarriers) {}
   __device__ __forceinline__ uint32_t bar_kv() const { return bars; }
-  __device__ __forceinline__ uint32_t full_q(int s) const { return bars + 8 * (1 + s); }
-  __device__ __forceinline__ uint32_t empty_q(int s) const { return bars + 8 * (1 + T::kStages + s); }
+  // The ring of Q / dO / LSE / Di stages (sm90/pipeline.h): entries 1.. of the barrier array.
+  __device__ __forceinline__ Pipeline q_pipe() const { return {bars, 1, 1 + T::kStages}; }
   __device__ __forceinline__ uint32_t q_stage(int s) const { return q + s * T::kQBytes; }
   __device__ __forceinline__ uint32_t do_stage(int s) const { return dout + s * T::kQBytes; }
   __device__ __forceinline__ uint32_t ds_buf(int b) const { return ds + b * T::kDsBytes; }
@@ -115,12 +115,14 @@ __global__ void __launch_bounds__(T::kThreads, 1)
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   const uint32_t base = (ptx::smem_addr(smem_raw) + 1023u) & ~1023u;
   const BwdSmem<T> sm(base);
+  const typename BwdSmem<T>::Pipeline q_pipe = sm.q_pipe();
+  using State = PipelineState<T::kStages>;
   if (tid == 0) {
     ptx::mbarrier_init(sm.bar_kv(), 1);
 #pragma unroll
     for (int s = 0; s < T::kStages; ++s) {
-      ptx::mbarrier_init(sm.full_q(s), 32);  // the producer warp: 31 arrivals + 1 with the TMA bytes
-      ptx::mbarrier_init(sm.empty_q(s), T::kConsumerWarps);
+      ptx::mbarrier_init(q_pipe.full(s), 32);  // the producer warp: 31 arrivals + 1 with the TMA bytes
+      ptx::mbarrier_init(q_pipe.empty(s), T::kConsumerWarps);
     }
     ptx::fence_mbarrier_init();
   }
@@ -145,8 +147,9 @@ __global__ void __launch_bounds__(T::kThreads, 1)
       }
     }
     for (int t = 0; cur.valid(p); ++t) {
-      const int s = t % T::kStages;
-      ptx::mbarrier_wait_parity(sm.empty_q(s), ((t / T::kStages) & 1) ^ 1);
+      const State q_state(t);
+      const int s = q_state.stage();
+      q_pipe.producer_acquire(q_state);
       const BwdGroupArgs& g = p.groups[cur.group];
       const int head = kv_head * ratio + cur.head_in_kv;
       const int row0 = cur.m_block * kBlockM;
@@ -159,16 +162,16 @@ __global__ void __launch_bounds__(T::kThreads, 1)
         st_shared_f32(sm.di_stage(s) + 4 * i, ok ? g.di[stat0 + i] : 0.f);
       }
       if (lane == 0) {
-        ptx::mbarrier_arrive_expect_tx(sm.full_q(s), 2 * T::kQBytes);
+        ptx::mbarrier_arrive_expect_tx(q_pipe.full(s), 2 * T::kQBytes);
 #pragma unroll
         for (int cb = 0; cb < T::kColBlocks; ++cb) {
-          ptx::tma_load_3d(sm.q_stage(s) + cb * T::kQColBlockBytes, &params.maps.tma_q[cur.group], sm.full_q(s), cb * 64,
+          ptx::tma_load_3d(sm.q_stage(s) + cb * T::kQColBlockBytes, &params.maps.tma_q[cur.group], q_pipe.full(s), cb * 64,
                            head, token0);
-          ptx::tma_load_3d(sm.do_stage(s) + cb * T::kQColBlockBytes, &params.maps.tma_do[cur.group], sm.full_q(s),
+          ptx::tma_load_3d(sm.do_stage(s) + cb * T::kQColBlockBytes, &params.maps.tma_do[cur.group], q_pipe.full(s),
                            cb * 64, head, token0);
         }
       } else {
-        ptx::mbarrier_arrive(sm.full_q(s));
+        ptx::mbarrier_arrive(q_pipe.full(s));
       }
       cur.next(p, b, key0);
     }
@@ -201,7 +204,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
     if (keys_in_use < kBlockN) {
       ptx::zero_swizzled_rows(sm.k, T::kKVColBlockBytes, T::kColBlocks, keys_in_use, kBlockN, ctid, 256);
       ptx::fence_proxy_async_shared();
-      ptx::named_barrier_sync(static_cast<int>(BwdNamedBarrier::kKZeroed), 256);
+      ptx::named_barrier_sync(barrier_id(NamedBarrier::kBwdKZeroed), 256);
     }
 
     // Descriptors (see fwd_kernel.cuh for the layouts): one per operand tile, advanced by
@@ -251,7 +254,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
         }
       }
       ptx::fence_proxy_async_shared();
-      ptx::named_barrier_sync(static_cast<int>(BwdNamedBarrier::kDqStage0) + wg, 128);
+      ptx::named_barrier_sync(barrier_id(NamedBarrier::kBwdDqStage0, wg), 128);
       if (ctid % 128 == 0) {
 #pragma unroll
         for (int bx = 0; bx < kBoxes; ++bx)
@@ -263,8 +266,9 @@ __global__ void __launch_bounds__(T::kThreads, 1)
 
     int num_tiles = 0;  // tiles walked, for the kDsFree drain after the loop
     for (int t = 0; cur.valid(p); ++t, ++num_tiles) {
-      const int s = t % T::kStages;
-      ptx::mbarrier_wait_parity(sm.full_q(s), (t / T::kStages) & 1);
+      const State q_state(t);
+      const int s = q_state.stage();
+      q_pipe.consumer_wait(q_state);
       const uint32_t q_tile = sm.q_stage(s);
       const uint32_t do_tile = sm.do_stage(s);
       {
@@ -276,7 +280,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
           ptx::zero_swizzled_rows(q_tile, T::kQColBlockBytes, T::kColBlocks, rows_valid, kBlockM, ctid, 256);
           ptx::zero_swizzled_rows(do_tile, T::kQColBlockBytes, T::kColBlocks, rows_valid, kBlockM, ctid, 256);
           ptx::fence_proxy_async_shared();
-          ptx::named_barrier_sync(static_cast<int>(BwdNamedBarrier::kQTailZeroed), 256);
+          ptx::named_barrier_sync(barrier_id(NamedBarrier::kBwdQTailZeroed), 256);
         }
       }
 
@@ -353,10 +357,10 @@ __global__ void __launch_bounds__(T::kThreads, 1)
       const bool dq_wg = p.accumulate_dq && (t & 1) == wg;
       if (p.accumulate_dq) {
         const uint32_t ds_tile = sm.ds_buf(t & 1);
-        if (!dq_wg && t >= 2) ptx::named_barrier_sync(static_cast<int>(BwdNamedBarrier::kDsFree0) + (t & 1), 256);
+        if (!dq_wg && t >= 2) ptx::named_barrier_sync(barrier_id(NamedBarrier::kBwdDsFree0, t & 1), 256);
         store_ds_t(ds_tile, dsfrag);
         ptx::fence_proxy_async_shared();
-        if (!dq_wg) ptx::named_barrier_arrive(static_cast<int>(BwdNamedBarrier::kDsWritten0) + (t & 1), 256);
+        if (!dq_wg) ptx::named_barrier_arrive(barrier_id(NamedBarrier::kBwdDsWritten0, t & 1), 256);
       }
       const uint64_t do_bt_desc0 = ptx::smem_desc_sw128(do_tile, T::kQColBlockBytes, 1024);
       const uint64_t q_bt_desc0 = ptx::smem_desc_sw128(q_tile, T::kQColBlockBytes, 1024);
@@ -368,13 +372,12 @@ __global__ void __launch_bounds__(T::kThreads, 1)
       ptx::wgmma_commit_group();
       if (dq_wg) {
         const uint32_t ds_tile = sm.ds_buf(t & 1);
-        ptx::named_barrier_sync(static_cast<int>(BwdNamedBarrier::kDsWritten0) + (t & 1), 256);
+        ptx::named_barrier_sync(barrier_id(NamedBarrier::kBwdDsWritten0, t & 1), 256);
         // This warpgroup's staging boxes are free once its previous tile's reduce has read them.
         if (ctid % 128 == 0) ptx::bulk_wait_group_read<0>();
-        ptx::named_barrier_sync(static_cast<int>(BwdNamedBarrier::kDqStage0) + wg, 128);
+        ptx::named_barrier_sync(barrier_id(NamedBarrier::kBwdDqStage0, wg), 128);
         ptx::wgmma_wait_group<0>();
-        __syncwarp();
-        if (lane == 0) ptx::mbarrier_arrive(sm.empty_q(s));
+        q_pipe.consumer_release(s, lane == 0);
         // At head dim >= 128, dQ in two column halves (one commit group each): the first is
         // added while the second is computed.
         constexpr int kDqSplit = kHeadDim >= 128 ? 2 : 1;
@@ -402,13 +405,12 @@ __global__ void __launch_bounds__(T::kThreads, 1)
             ptx::wgmma_wait_group<0>();
           fence_accumulator(dq[h]);
           if (h + 1 == kDqSplit)
-            ptx::named_barrier_arrive(static_cast<int>(BwdNamedBarrier::kDsFree0) + (t & 1), 256);
+            ptx::named_barrier_arrive(barrier_id(NamedBarrier::kBwdDsFree0, t & 1), 256);
           stage_and_reduce_dq(dq[h], h, cur, head, row0);
         }
       } else {
         ptx::wgmma_wait_group<0>();
-        __syncwarp();
-        if (lane == 0) ptx::mbarrier_arrive(sm.empty_q(s));
+        q_pipe.consumer_release(s, lane == 0);
       }
       cur.next(p, b, key0);
     }
@@ -417,7 +419,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
     // The kDsFree arrivals of the last two tiles have no writer waiting at t + 2: consume them.
     if (p.accumulate_dq) {
       for (int t = max(num_tiles - 2, 0); t < num_tiles; ++t)
-        if ((t & 1) != wg) ptx::named_barrier_sync(static_cast<int>(BwdNamedBarrier::kDsFree0) + (t & 1), 256);
+        if ((t & 1) != wg) ptx::named_barrier_sync(barrier_id(NamedBarrier::kBwdDsFree0, t & 1), 256);
     }
     fence_accumulator(dk);
     fence_accumulator(dv);

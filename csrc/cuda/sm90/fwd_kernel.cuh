@@ -27,6 +27,9 @@
 #include "cuda/seqlen_info.h"
 #include "cuda/sm90/fragments.h"
 #include "cuda/sm90/fwd_launch.h"
+#include "cuda/sm90/mma_loop.h"
+#include "cuda/sm90/named_barriers.h"
+#include "cuda/sm90/pipeline.h"
 #include "cuda/sm90/ptx_sm90.h"
 #include "cuda/sm90/softmax.cuh"
 #include "cuda/sm90/wgmma.h"
@@ -34,10 +37,6 @@
 namespace ringattn {
 namespace cuda {
 namespace sm90 {
-
-// Named barrier ids (0 is __syncthreads): the consumers' V fix-up, and one per consumer
-// warpgroup for the ping-pong order of wgmma issue.
-enum class NamedBarrier : int { kVZeroed = 1, kIssueWg0 = 3 };
 
 // Ping-pong between the two consumer warpgroups: each waits for its turn before issuing a block's
 // products and hands the turn over right after, so one warpgroup's softmax runs while the other's
@@ -47,32 +46,34 @@ struct IssueOrder {
   bool enabled;
   int wg;
   __device__ __forceinline__ void wait_turn() const {
-    if (enabled) ptx::named_barrier_sync(static_cast<int>(NamedBarrier::kIssueWg0) + wg, 256);
+    if (enabled) ptx::named_barrier_sync(barrier_id(NamedBarrier::kFwdIssueWg0, wg), 256);
   }
   __device__ __forceinline__ void pass_turn(bool last) const {
-    if (enabled && !(last && wg == 1)) ptx::named_barrier_arrive(static_cast<int>(NamedBarrier::kIssueWg0) + (wg ^ 1), 256);
+    if (enabled && !(last && wg == 1)) ptx::named_barrier_arrive(barrier_id(NamedBarrier::kFwdIssueWg0, wg ^ 1), 256);
   }
   __device__ __forceinline__ void start() const {
-    if (enabled && wg == 1) ptx::named_barrier_arrive(static_cast<int>(NamedBarrier::kIssueWg0), 256);
+    if (enabled && wg == 1) ptx::named_barrier_arrive(barrier_id(NamedBarrier::kFwdIssueWg0), 256);
   }
 };
 
+// K and V stream through two rings of kStages stages each (sm90/pipeline.h), so the P V product
+// of one block reads its V stage while S of the next block reads the next K stage.
 template <typename T>
 struct SmemPlan {
+  using Pipeline = MbarrierPipeline<T::kStages>;
   uint32_t q, k, v, bars;
   __device__ __forceinline__ explicit SmemPlan(uint32_t base)
       : q(base + T::kOffQ), k(base + T::kOffK), v(base + T::kOffV), bars(base + T::kOffBarriers) {}
   __device__ __forceinline__ uint32_t bar_q() const { return bars; }
-  __device__ __forceinline__ uint32_t full_k(int s) const { return bars + 8 * (1 + s); }
-  __device__ __forceinline__ uint32_t empty_k(int s) const { return bars + 8 * (1 + T::kStages + s); }
-  __device__ __forceinline__ uint32_t full_v(int s) const { return bars + 8 * (1 + 2 * T::kStages + s); }
-  __device__ __forceinline__ uint32_t empty_v(int s) const { return bars + 8 * (1 + 3 * T::kStages + s); }
+  // Entry 0 is bar_q; then full K, empty K, full V, empty V, kStages entries each.
+  __device__ __forceinline__ Pipeline k_pipe() const { return {bars, 1, 1 + T::kStages}; }
+  __device__ __forceinline__ Pipeline v_pipe() const { return {bars, 1 + 2 * T::kStages, 1 + 3 * T::kStages}; }
   __device__ __forceinline__ uint32_t k_stage(int s) const { return k + s * T::kKVBytes; }
   __device__ __forceinline__ uint32_t v_stage(int s) const { return v + s * T::kKVBytes; }
 };
 
 // The producer: one thread. Block i of the tile's loop (key block n = n_block_max - 1 - i) goes
-// to stage i % kStages; the empty barrier's phase tells when the consumers released that stage.
+// to the stage of pipeline iteration i, once the consumers released that stage.
 template <typename T>
 __device__ __forceinline__ void produce(const FwdKernelParams& params, const SmemPlan<T>& sm, int group, int head,
                                         int kv_head, int q_token0, int k_token0, int n_block_max) {
@@ -81,21 +82,22 @@ __device__ __forceinline__ void produce(const FwdKernelParams& params, const Sme
 #pragma unroll
   for (int cb = 0; cb < T::kColBlocks; ++cb)
     ptx::tma_load_3d(sm.q + cb * T::kQColBlockBytes, tma_q, sm.bar_q(), cb * 64, head, q_token0);
+  const typename SmemPlan<T>::Pipeline k_pipe = sm.k_pipe(), v_pipe = sm.v_pipe();
   for (int i = 0; i < n_block_max; ++i) {
     const int n = n_block_max - 1 - i;
-    const int s = i % T::kStages;
-    const uint32_t parity = ((i / T::kStages) & 1) ^ 1;
+    const PipelineState<T::kStages> st(i);
+    const int s = st.stage();
     const int token = k_token0 + n * T::kBlockN;
-    ptx::mbarrier_wait_parity(sm.empty_k(s), parity);
-    ptx::mbarrier_arrive_expect_tx(sm.full_k(s), T::kKVBytes);
+    k_pipe.producer_acquire(st);
+    ptx::mbarrier_arrive_expect_tx(k_pipe.full(s), T::kKVBytes);
 #pragma unroll
     for (int cb = 0; cb < T::kColBlocks; ++cb)
-      ptx::tma_load_3d(sm.k_stage(s) + cb * T::kKVColBlockBytes, &params.tma_k, sm.full_k(s), cb * 64, kv_head, token);
-    ptx::mbarrier_wait_parity(sm.empty_v(s), parity);
-    ptx::mbarrier_arrive_expect_tx(sm.full_v(s), T::kKVBytes);
+      ptx::tma_load_3d(sm.k_stage(s) + cb * T::kKVColBlockBytes, &params.tma_k, k_pipe.full(s), cb * 64, kv_head, token);
+    v_pipe.producer_acquire(st);
+    ptx::mbarrier_arrive_expect_tx(v_pipe.full(s), T::kKVBytes);
 #pragma unroll
     for (int cb = 0; cb < T::kColBlocks; ++cb)
-      ptx::tma_load_3d(sm.v_stage(s) + cb * T::kKVColBlockBytes, &params.tma_v, sm.full_v(s), cb * 64, kv_head, token);
+      ptx::tma_load_3d(sm.v_stage(s) + cb * T::kKVColBlockBytes, &params.tma_v, v_pipe.full(s), cb * 64, kv_head, token);
   }
 }
 
@@ -111,33 +113,29 @@ struct ConsumerTile {
   const SmemPlan<T>& sm;
   int wg;  // consumer warpgroup 0 or 1
 
-  // Each descriptor is the tile's base descriptor advanced by a constant per k step (one add,
-  // not a descriptor rebuilt from the address per k step).
-  // Q rows [64 wg, 64 wg + 64), k-step kk: column block kk/4, 32 bytes per k-step inside it.
-  __device__ __forceinline__ uint64_t q_desc(int kk) const {
-    return ptx::desc_advance(ptx::smem_desc_sw128(sm.q + wg * 64 * 128, 16, 1024),
-                             (kk / 4) * T::kQColBlockBytes + (kk % 4) * 32);
+  // Operand descriptors per k step (mma_loop.h): the tile's base descriptor advanced by a
+  // constant per step (one add, not a descriptor rebuilt from the address per k step).
+  // Q rows [64 wg, 64 wg + 64) and K of stage s as K-major operands.
+  __device__ __forceinline__ KMajorSteps<T::kQColBlockBytes> q_steps() const {
+    return {ptx::smem_desc_sw128(sm.q + wg * 64 * 128, 16, 1024)};
   }
-  __device__ __forceinline__ uint64_t k_desc(int s, int kk) const {
-    return ptx::desc_advance(ptx::smem_desc_sw128(sm.k_stage(s), 16, 1024), (kk / 4) * T::kKVColBlockBytes + (kk % 4) * 32);
+  __device__ __forceinline__ KMajorSteps<T::kKVColBlockBytes> k_steps(int s) const {
+    return {ptx::smem_desc_sw128(sm.k_stage(s), 16, 1024)};
   }
-  // V as the MN-major B operand of P V: k-step kk covers keys [16 kk, 16 kk + 16) (two 8-row
-  // groups, 1024 bytes apart); the 64-column blocks of the head dim are kKVColBlockBytes apart.
-  __device__ __forceinline__ uint64_t v_desc(int s, int kk) const {
-    return ptx::desc_advance(ptx::smem_desc_sw128(sm.v_stage(s), T::kKVColBlockBytes, 1024), kk * 2048);
+  // V of stage s as the MN-major B operand of P V: k-step kk covers keys [16 kk, 16 kk + 16);
+  // the 64-column blocks of the head dim are kKVColBlockBytes apart.
+  __device__ __forceinline__ MnMajorSteps v_steps(int s) const {
+    return {ptx::smem_desc_sw128(sm.v_stage(s), T::kKVColBlockBytes, 1024)};
   }
 
   __device__ __forceinline__ void issue_qk(float (&s)[kNTiles][4], int stage) const {
     ptx::wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kQKSteps; ++kk)
-      ptx::Wgmma<Element, T::kBlockN>::ss(s, q_desc(kk), k_desc(stage, kk), kk > 0 ? 1 : 0);
+    mma_ss<Element, kQKSteps, MmaInit::kOverwrite>(s, q_steps(), k_steps(stage));
     ptx::wgmma_commit_group();
   }
   __device__ __forceinline__ void issue_pv(float (&o)[kDTiles][4], const uint32_t (&p)[kPSteps][4], int stage) const {
     ptx::wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kPSteps; ++kk) ptx::Wgmma<Element, T::kHeadDim>::rs_tb(o, p[kk], v_desc(stage, kk), 1);
+    mma_rs_tb<Element, MmaInit::kAccumulate>(o, p, v_steps(stage));
     ptx::wgmma_commit_group();
   }
 };
@@ -182,14 +180,15 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __gri
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   const uint32_t base = (ptx::smem_addr(smem_raw) + 1023u) & ~1023u;
   const SmemPlan<T> sm(base);
+  const typename SmemPlan<T>::Pipeline k_pipe = sm.k_pipe(), v_pipe = sm.v_pipe();
   if (tid == 0) {
     ptx::mbarrier_init(sm.bar_q(), 1);
 #pragma unroll
     for (int s = 0; s < T::kStages; ++s) {
-      ptx::mbarrier_init(sm.full_k(s), 1);
-      ptx::mbarrier_init(sm.full_v(s), 1);
-      ptx::mbarrier_init(sm.empty_k(s), T::kConsumerWarps);
-      ptx::mbarrier_init(sm.empty_v(s), T::kConsumerWarps);
+      ptx::mbarrier_init(k_pipe.full(s), 1);
+      ptx::mbarrier_init(v_pipe.full(s), 1);
+      ptx::mbarrier_init(k_pipe.empty(s), T::kConsumerWarps);
+      ptx::mbarrier_init(v_pipe.empty(s), T::kConsumerWarps);
     }
     ptx::fence_mbarrier_init();
   }
@@ -255,40 +254,36 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __gri
     ptx::zero_swizzled_rows(sm.v_stage(stage), T::kKVColBlockBytes, T::kColBlocks, valid < 0 ? 0 : valid, kBlockN,
                             tid - 128, 256);
     ptx::fence_proxy_async_shared();
-    ptx::named_barrier_sync(static_cast<int>(NamedBarrier::kVZeroed), 256);
-  };
-  auto release = [&](uint32_t bar) {
-    __syncwarp();
-    if (arrive_lane) ptx::mbarrier_arrive(bar);
+    ptx::named_barrier_sync(barrier_id(NamedBarrier::kFwdVZeroed), 256);
   };
 
   const IssueOrder order{T::kPingPong, wg};
   order.start();
   ptx::mbarrier_wait_parity(sm.bar_q(), 0);
 
-  // Block i of the loop is key block n = n_block_max - 1 - i, in stage i % kStages.
+  // Block i of the loop is key block n = n_block_max - 1 - i, pipeline iteration i of both rings.
+  using State = PipelineState<T::kStages>;
   float correction[2];
   {
     const int n = n_block_max - 1;
-    ptx::mbarrier_wait_parity(sm.full_k(0), 0);
+    const State st(0);
+    const int stage = st.stage();
+    k_pipe.consumer_wait(st);
     order.wait_turn();
-    tile.issue_qk(s, 0);
+    tile.issue_qk(s, stage);
     order.pass_turn(false);
     ptx::wgmma_wait_group<0>();
     fence_accumulator(s);
-    release(sm.empty_k(0));
+    k_pipe.consumer_release(stage, arrive_lane);
     mask(n);
     softmax.update(s, p.softmax_scale_log2, correction);
     convert_p();
   }
   for (int i = 1; i < n_block_max; ++i) {
     const int n = n_block_max - 1 - i;
-    const int stage = i % T::kStages;
-    const uint32_t parity = (i / T::kStages) & 1;
-    const int prev_stage = (i - 1) % T::kStages;
-    const uint32_t prev_parity = ((i - 1) / T::kStages) & 1;
-    ptx::mbarrier_wait_parity(sm.full_k(stage), parity);
-    ptx::mbarrier_wait_parity(sm.full_v(prev_stage), prev_parity);
+    const State st(i), prev = st.prev();  // S(n) reads K of st, P V(n+1) V of prev
+    const int stage = st.stage(), prev_stage = prev.stage();
+    consumer_wait(k_pipe, st, v_pipe, prev);
     zero_v_tail(n + 1, prev_stage);
     order.wait_turn();
     tile.issue_qk(s, stage);
@@ -296,12 +291,12 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __gri
     order.pass_turn(false);
     ptx::wgmma_wait_group<1>();  // S(n) is in; P V(n+1) may still run
     fence_accumulator(s);
-    release(sm.empty_k(stage));
+    k_pipe.consumer_release(stage, arrive_lane);
     mask(n);
     softmax.update(s, p.softmax_scale_log2, correction);
     ptx::wgmma_wait_group<0>();
     fence_accumulator(o);
-    release(sm.empty_v(prev_stage));
+    v_pipe.consumer_release(prev_stage, arrive_lane);
 #pragma unroll
     for (int dt = 0; dt < kDTiles; ++dt) {
       o[dt][0] *= correction[0];
@@ -312,16 +307,16 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __gri
     convert_p();
   }
   {
-    const int i = n_block_max - 1;
-    const int stage = i % T::kStages;
-    ptx::mbarrier_wait_parity(sm.full_v(stage), (i / T::kStages) & 1);
+    const State st(n_block_max - 1);
+    const int stage = st.stage();
+    v_pipe.consumer_wait(st);
     zero_v_tail(0, stage);
     order.wait_turn();
     tile.issue_pv(o, pfrag, stage);
     order.pass_turn(true);
     ptx::wgmma_wait_group<0>();
     fence_accumulator(o);
-    release(sm.empty_v(stage));
+    v_pipe.consumer_release(stage, arrive_lane);
   }
 
   // ---------------- epilogue: normalise, store O and the LSE ----------------

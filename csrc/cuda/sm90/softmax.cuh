@@ -7,7 +7,7 @@
 #include <cmath>
 
 #include "cuda/ptx.h"
-#include "cuda/sm80/softmax.cuh"
+#include "cuda/warp_reduce.cuh"
 
 namespace ringattn {
 namespace cuda {
@@ -31,7 +31,7 @@ struct RowSoftmax {
       float m = row_max[r];
 #pragma unroll
       for (int nt = 0; nt < kNTiles; ++nt) m = fmaxf(m, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
-      m = sm80::quad_max(m);
+      m = quad_max(m);
       const float base = (m == -INFINITY) ? 0.f : m * scale_log2;
       correction[r] = ptx::exp2_approx(row_max[r] * scale_log2 - base);
       row_max[r] = m;
@@ -53,7 +53,7 @@ struct RowSoftmax {
   __device__ __forceinline__ void finalize(float (&o)[kDTiles][4], float softmax_scale, float (&lse)[2]) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const float sum = sm80::quad_sum(row_sum[r]);
+      const float sum = quad_sum(row_sum[r]);
       const bool empty = !(sum > 0.f);
       const float inv = empty ? 0.f : 1.f / sum;
       lse[r] = empty ? -INFINITY : row_max[r] * softmax_scale + logf(sum);
