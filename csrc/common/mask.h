@@ -15,15 +15,18 @@
 //
 // Compiled by nvcc (device and host code) and by the host C++ compiler (CPU backend, tests).
 //
-// How the functions are written matters for the kernels' machine code, which must stay what it
-// was when the rule was written out inside each kernel (nvcc simplifies each inlined function on
-// its own before inlining it, so the shape of an expression survives into the kernel):
-//   - A window side that cannot bound (a fixed window's -1) is tested through the compile-time
-//     flags kMayBoundLeft / kMayBoundRight first, so its terms are dropped by the front end.
-//   - The tile and entry predicates combine their terms with the non-short-circuit `|`, and take
-//     rows and keys by const reference, so the comparisons keep their operand order.
-//   - The diagonal offset is computed once, at construction.
-// The mask-policy SASS check (scripts/dev/sass_digest.py --compare) is the judge of any change.
+// How the functions are written matters for the kernels' machine code, which this header must not
+// change: nvcc simplifies each inlined function on its own before inlining it, so the shape of an
+// expression here survives into the kernel. What keeps the kNone / kCausal kernels identical to
+// the rule written out inline:
+//   - terms of the left side are guarded by the compile-time flag kMayBoundLeft first, so the
+//     front end drops them for the kernel modes;
+//   - the tile and entry predicates combine their terms with the non-short-circuit `|`, and the
+//     entry predicates take the row and key by const reference (keeps the comparisons' operands
+//     in order);
+//   - the diagonal offset is computed once, at construction;
+//   - kernels write a tile's first key block as the constant 0 when kKeysStartAtZero.
+// Compare the SASS before and after any change here (scripts/dev/sass_digest.py --compare).
 #pragma once
 
 #include <cstdint>
@@ -187,8 +190,11 @@ struct MaskPolicy {
   // ---- tiles ----
 
   // Key blocks [n_block_min, n_block_max) (blocks of block_n keys) that query tile m_block (rows
-  // [m_block * block_m, (m_block + 1) * block_m)) needs; none when n_block_max <= n_block_min.
-  // n_block_min is 0 when kKeysStartAtZero; kernels write that 0 as a constant (see the kernels).
+  // [m_block * block_m, (m_block + 1) * block_m), the first one in the sequence) needs; none when
+  // n_block_max <= n_block_min. The rows' keys together are [key_begin(first row), key_end(last
+  // row)), since consecutive rows' windows overlap or touch. The last row may lie past the
+  // sequence (a partial last tile): the range then also covers the keys it would see. n_block_min
+  // is 0 when kKeysStartAtZero, and the kernels write that 0 as a constant.
   RINGATTN_HOST_DEVICE RINGATTN_FORCEINLINE Int n_block_min(Int m_block, Int block_m, Int block_n) const {
     return key_begin(m_block * block_m) / block_n;
   }

@@ -90,7 +90,7 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_bwd_dq_kernel(const __
   bwd::load_rows<Element, kHeadDim, kBlockM, kThreads>(
       sdO, static_cast<const Element*>(g.dout) + token0 * g.dout_row_stride + head * g.dout_head_stride,
       g.dout_row_stride, rows_valid, tid);
-  load_kv(n_block_min, 0);
+  load_kv(n_block_min, n_block_min & 1);  // K/V block n lives in stage n & 1
   ptx::cp_async_commit();
 
   // Per-row statistics of the two rows (lane/4 and lane/4 + 8) a thread holds per m16 tile.
@@ -124,7 +124,7 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_bwd_dq_kernel(const __
   constexpr uint32_t kVOffset = 2 * kKvBytes;                           // sV - sK
 
   for (int n = n_block_min; n < n_block_max; ++n) {
-    const int stage = (n - n_block_min) & 1;
+    const int stage = n & 1;
     const uint32_t kv_off = stage * kKvBytes;
     ptx::cp_async_wait<0>();
     __syncthreads();  // K/V(n) are in; every warp finished block n-1, so the other stage is free
