@@ -31,6 +31,7 @@
 
 #include "common/backends.h"
 #include "common/error.h"
+#include "common/mask.h"
 #include "cpu/dtype_convert.h"
 #include "cpu/thread_pool.h"
 
@@ -220,22 +221,14 @@ struct Seq {
   int64_t lk = 0;
 };
 
-// Exclusive end of the keys query row i sees: causal is bottom-right aligned, so row i sees
-// key j iff j <= i + lk - lq.
-inline int64_t key_end(const Seq& s, bool causal, int64_t i) {
-  if (!causal) return s.lk;
-  return std::min(s.lk, std::max<int64_t>(0, i + s.lk - s.lq + 1));
-}
-
-// First query row that sees key j.
-inline int64_t first_row_seeing(const Seq& s, bool causal, int64_t j) {
-  if (!causal) return 0;
-  return std::max<int64_t>(0, j - (s.lk - s.lq));
-}
+// Which keys each query row sees: the rule of common/mask.h, in 64-bit indices. The tiles below
+// take the keys a row sees in a key tile to be a prefix of the tile (counted from its first
+// key), which holds for windows without a left bound, the only ones make_shape builds.
+using SeqMask = MaskPolicy<MaskWindow, int64_t>;
 
 struct Shape {
   int batch = 0, groups = 0, heads_q = 0, heads_k = 0, head_dim = 0, ratio = 1;
-  bool causal = false;
+  MaskWindow window;  // kNone's or kCausal's
   int64_t total_k = 0;
   int64_t keys_end = 0;                // cu_seqlens_k[B]
   std::vector<int64_t> k_start, k_len;  // [B], whole key sequences
@@ -243,6 +236,9 @@ struct Shape {
   std::vector<int64_t> queries_end;     // [G], cu_seqlens_q_g[B]
   std::vector<std::vector<Seq>> seq;    // [G][B]
 };
+
+// The mask of one (group, sequence) of the problem.
+inline SeqMask mask_of(const Shape& s, const Seq& sq) { return SeqMask(sq.lq, sq.lk, s.window); }
 
 // Works for ringattn_fwd_group and ringattn_bwd_group (same metadata fields).
 template <typename Group>
@@ -254,7 +250,7 @@ Shape make_shape(const ringattn_problem& p, const Group* groups) {
   s.heads_k = p.num_heads_k;
   s.head_dim = p.head_dim;
   s.ratio = p.num_heads_q / p.num_heads_k;
-  s.causal = p.causal != 0;
+  s.window = MaskWindow::of(p.causal != 0 ? MaskMode::kCausal : MaskMode::kNone);
   s.total_k = p.total_k;
   s.keys_end = p.cu_seqlens_k[s.batch];
   s.k_start.resize(s.batch);
@@ -313,9 +309,10 @@ std::vector<QueryTask> make_query_tasks(const Shape& s) {
   for (int g = 0; g < s.groups; ++g)
     for (int b = 0; b < s.batch; ++b) {
       const Seq& sq = s.seq[g][b];
+      const SeqMask mask = mask_of(s, sq);
       for (int64_t i0 = 0; i0 < sq.lq; i0 += kTileQ) {
         const int64_t i1 = std::min(i0 + kTileQ, sq.lq);
-        const int64_t cost = (i1 - i0) * (key_end(sq, s.causal, i1 - 1) + 1);
+        const int64_t cost = (i1 - i0) * (mask.keys_seen_in(i1 - 1, 0, sq.lk) + 1);
         for (int h = 0; h < s.heads_q; ++h) tasks.push_back(QueryTask{g, b, h, i0, i1, cost});
       }
     }
@@ -349,11 +346,6 @@ struct ForwardScratch {
         zeros(kTileQ, 0), count(kTileQ) {}
 };
 
-// How many keys of the tile [j0, j1) query row i sees (a prefix of the tile).
-inline int visible_in_tile(const Seq& sq, bool causal, int64_t i, int64_t j0, int64_t j1) {
-  return static_cast<int>(std::max<int64_t>(0, std::min(j1, key_end(sq, causal, i)) - j0));
-}
-
 // The online softmax of one query tile against every key it sees. Leaves, per row r, the
 // running max m[r] of the scaled scores, the running sum l[r] of exp(score - m[r]) and (unless
 // kStatsOnly) the unnormalised output o[r] = sum_j exp(score_j - m[r]) v_j. A row that sees no
@@ -371,9 +363,10 @@ void attend_query_tile(const Shape& s, const View<const T>& q, const View<const 
   std::fill(w.l.begin(), w.l.begin() + nq, A(0));
   if (!kStatsOnly) std::fill(w.o.begin(), w.o.begin() + nq * d, A(0));
 
-  // The tile's last row sees the most keys.
-  const int64_t tile_key_end = key_end(sq, s.causal, t.i1 - 1);
-  for (int64_t j0 = 0; j0 < tile_key_end; j0 += kTileK) {
+  // The tile's first row sees the first keys and its last row the last ones.
+  const SeqMask mask = mask_of(s, sq);
+  const int64_t tile_key_end = mask.key_end(t.i1 - 1);
+  for (int64_t j0 = mask.key_begin(t.i0); j0 < tile_key_end; j0 += kTileK) {
     const int64_t j1 = std::min(j0 + kTileK, tile_key_end);
     const int nk = static_cast<int>(j1 - j0);
     for (int c = 0; c < nk; ++c) {
@@ -383,7 +376,7 @@ void attend_query_tile(const Shape& s, const View<const T>& q, const View<const 
     matmul_a_bt(w.q.data(), nq, w.kt.data(), static_cast<int>(kTileK), nk, d, w.s.data(), static_cast<int>(kTileK));
     for (int r = 0; r < nq; ++r) {
       w.count[r] = 0;
-      const int n = visible_in_tile(sq, s.causal, t.i0 + r, j0, j1);
+      const int n = static_cast<int>(mask.keys_seen_in(t.i0 + r, j0, j1));
       if (n == 0) continue;  // the whole key tile is masked for this row
       A* sr = &w.s[r * kTileK];
       A tile_max = neg_inf<A>();
@@ -548,15 +541,18 @@ void dkdv_key_tile(const Shape& s, const BackwardTensors<T>& x, A scale, const K
   for (int g = 0; g < s.groups; ++g) {
     const Seq& sq = s.seq[g][t.b];
     if (sq.lq == 0 || t.j0 >= sq.lk) continue;  // keys past seqused_k are invisible to this group
-    const int64_t i_first = first_row_seeing(sq, s.causal, t.j0);
+    // Rows [i_first, i_end) see a key of the tile.
+    const SeqMask mask = mask_of(s, sq);
+    const int64_t i_first = mask.row_begin(t.j0);
+    const int64_t i_end = mask.row_end(std::min(t.j1, sq.lk) - 1);
     for (int h = t.hk * s.ratio; h < (t.hk + 1) * s.ratio; ++h) {
-      for (int64_t i0 = i_first; i0 < sq.lq; i0 += kTileQ) {
-        const int nq = static_cast<int>(std::min(i0 + kTileQ, sq.lq) - i0);
+      for (int64_t i0 = i_first; i0 < i_end; i0 += kTileQ) {
+        const int nq = static_cast<int>(std::min(i0 + kTileQ, i_end) - i0);
         load_query_block(s, x, g, h, sq.q_start + i0, nq, w);
         for (int r = 0; r < nq; ++r)
-          w.count[r] = w.lse[r] == neg_inf<A>() ? 0 : visible_in_tile(sq, s.causal, i0 + r, t.j0, t.j1);
-        // Rows seeing key c: from first[c] on (the causal mask is a staircase; a row without
-        // keys has P = 0 on every entry anyway).
+          w.count[r] = w.lse[r] == neg_inf<A>() ? 0 : static_cast<int>(mask.keys_seen_in(i0 + r, t.j0, t.j1));
+        // Rows seeing key c: from first[c] on (a row's keys are a prefix of the tile that grows
+        // with the row; a row without keys has P = 0 on every entry anyway).
         for (int c = 0, r = 0; c < nk; ++c) {
           while (r < nq && w.count[r] <= c) ++r;
           w.first[c] = r;
@@ -585,8 +581,9 @@ void dq_query_tile(const Shape& s, const BackwardTensors<T>& x, A scale, const Q
   load_query_block(s, x, t.g, t.h, sq.q_start + t.i0, nq, w);
   std::fill(w.dq.begin(), w.dq.begin() + nq * d, A(0));
 
-  const int64_t tile_key_end = key_end(sq, s.causal, t.i1 - 1);
-  for (int64_t j0 = 0; j0 < tile_key_end; j0 += kTileK) {
+  const SeqMask mask = mask_of(s, sq);
+  const int64_t tile_key_end = mask.key_end(t.i1 - 1);
+  for (int64_t j0 = mask.key_begin(t.i0); j0 < tile_key_end; j0 += kTileK) {
     const int64_t j1 = std::min(j0 + kTileK, tile_key_end);
     const int nk = static_cast<int>(j1 - j0);
     for (int c = 0; c < nk; ++c) {
@@ -595,7 +592,7 @@ void dq_query_tile(const Shape& s, const BackwardTensors<T>& x, A scale, const Q
       load_column(x.v.at(sq.k_start + j0 + c, hk), d, &w.vt[c], static_cast<int>(kTileK));
     }
     for (int r = 0; r < nq; ++r)
-      w.count[r] = w.lse[r] == neg_inf<A>() ? 0 : visible_in_tile(sq, s.causal, t.i0 + r, j0, j1);
+      w.count[r] = w.lse[r] == neg_inf<A>() ? 0 : static_cast<int>(mask.keys_seen_in(t.i0 + r, j0, j1));
     probabilities_and_dscores(nq, nk, d, scale, w);
     accumulate_rows(w.dq.data(), nq, w.dp.data(), kTileK, 1, w.zeros.data(), w.count.data(), w.k.data(), d);
   }

@@ -1,5 +1,6 @@
 #include "cuda/bwd_scheduler.h"
 
+#include "common/mask.h"
 #include "cuda/work_list_sort.cuh"
 
 namespace ringattn {
@@ -21,8 +22,10 @@ __device__ int32_t block_cost(const BwdSchedulerArgs& args, int b, int32_t n) {
     const int32_t len_q = clamp_i(cu[b + 1], q_start, args.total_q[g]) - q_start;
     const int32_t used = args.seqused_k[g] != nullptr ? clamp_i(args.seqused_k[g][b], 0, len_k) : len_k;
     if (key0 >= used || len_q == 0) continue;
+    // Rows [first_row, len_q) see the block: every row, or (causal) those from the first whose
+    // diagonal reaches key0 (common/mask.h).
     int32_t first_row = 0;
-    if (args.causal) first_row = max(0, key0 - (used - len_q));
+    if (args.causal) first_row = Mask<MaskMode::kCausal>(len_q, used).row_begin(key0);
     if (first_row >= len_q) continue;
     cost += (len_q + args.block_m - 1) / args.block_m - first_row / args.block_m;
   }

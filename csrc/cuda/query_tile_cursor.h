@@ -22,8 +22,9 @@ __device__ __forceinline__ int32_t keys_used_by_any_group(const BwdKernelParams&
 }
 
 // Walks the (group, query head, query tile) triples that see keys [key0, key0 + kBlockN) of
-// sequence b: groups outermost, then the query heads of the KV head, then the tiles.
-template <int kBlockM, bool kCausal>
+// sequence b under mask kMask: groups outermost, then the query heads of the KV head, then the
+// tiles.
+template <int kBlockM, int kBlockN, MaskMode kMask>
 struct QueryTileCursor {
   int group;
   int head_in_kv;  // 0 .. q_heads_per_kv_head - 1
@@ -39,12 +40,13 @@ struct QueryTileCursor {
     seqlen_k = seq.seqlen_k;
     m_first = m_end = 0;
     if (key0 < seqlen_k && seqlen_q > 0) {
-      // Causal: row i sees key j iff j <= i + causal_offset, so the first row seeing key0 is
-      // key0 - causal_offset.
-      const int first_row = kCausal ? max(0, key0 - seq.causal_offset()) : 0;
-      if (first_row < seqlen_q) {
+      // Rows [first_row, rows_end) see a key of the block (common/mask.h); their tiles follow.
+      const Mask<kMask> seq_mask = seq.mask<kMask>();
+      const int first_row = seq_mask.row_begin(key0);
+      const int rows_end = seq_mask.row_end(min(key0 + kBlockN, seqlen_k) - 1);
+      if (first_row < rows_end) {
         m_first = first_row / kBlockM;
-        m_end = (seqlen_q + kBlockM - 1) / kBlockM;
+        m_end = (rows_end + kBlockM - 1) / kBlockM;
       }
     }
     head_in_kv = 0;
@@ -70,6 +72,8 @@ struct QueryTileCursor {
     settle(p, b, key0);
   }
   __device__ __forceinline__ bool valid(const BwdKernelParams& p) const { return group < p.num_groups; }
+  // The mask of the current (group, sequence).
+  __device__ __forceinline__ Mask<kMask> mask() const { return Mask<kMask>(seqlen_q, seqlen_k); }
 };
 
 }  // namespace cuda

@@ -1,9 +1,11 @@
 // Where one (group, sequence) lives and how long it is. All sequence-length logic of the GPU
-// kernels is here. Every length is clamped to its tensor, so malformed cu_seqlens can give
-// wrong numbers but never an out-of-bounds access.
+// kernels is here (which keys a row sees is common/mask.h's). Every length is clamped to its
+// tensor, so malformed cu_seqlens can give wrong numbers but never an out-of-bounds access.
 #pragma once
 
 #include <cstdint>
+
+#include "common/mask.h"
 
 namespace ringattn {
 namespace cuda {
@@ -29,18 +31,10 @@ struct SeqLenInfo {
     if (seqused_k != nullptr) seqlen_k = clamp(seqused_k[b], 0, seqlen_k);
   }
 
-  // Bottom-right causal: query row i sees keys j <= i + causal_offset().
-  __device__ __forceinline__ int32_t causal_offset() const { return seqlen_k - seqlen_q; }
-
-  // KV blocks [0, n_block_max) that a query tile [m_block*BM, (m_block+1)*BM) needs.
-  template <int kBlockM, int kBlockN, bool kCausal>
-  __device__ __forceinline__ int32_t n_block_max(int32_t m_block) const {
-    int32_t keys = seqlen_k;
-    if (kCausal) {
-      const int32_t last_visible = (m_block + 1) * kBlockM - 1 + causal_offset();  // inclusive
-      keys = last_visible + 1 < keys ? last_visible + 1 : keys;
-    }
-    return keys <= 0 ? 0 : (keys + kBlockN - 1) / kBlockN;
+  // Which keys each query row of this sequence sees (common/mask.h).
+  template <MaskMode kMode>
+  __device__ __forceinline__ Mask<kMode> mask() const {
+    return Mask<kMode>(seqlen_q, seqlen_k);
   }
 };
 

@@ -1,5 +1,6 @@
 #include "cuda/tile_scheduler.h"
 
+#include "common/mask.h"
 #include "cuda/work_list_sort.cuh"
 
 namespace ringattn {
@@ -37,18 +38,17 @@ __global__ void __launch_bounds__(kThreads) build_work_list_kernel(const __grid_
     const int32_t k_start = clamp_i(args.cu_seqlens_k[b], 0, args.total_k);
     int32_t seqlen_k = clamp_i(args.cu_seqlens_k[b + 1], k_start, args.total_k) - k_start;
     if (args.seqused_k[g] != nullptr) seqlen_k = clamp_i(args.seqused_k[g][b], 0, seqlen_k);
+    const Mask<MaskMode::kCausal> causal(seqlen_q, seqlen_k);
     const int32_t first = args.tile_offsets[p];
     const int32_t tiles = (seqlen_q + args.block_m - 1) / args.block_m;
     for (int32_t m = 0; m < tiles; ++m) {
       const int32_t idx = first + m;
       if (idx >= total_items) break;
+      // Keys the tile's last row sees: every key, or (causal) those up to its diagonal.
       int32_t keys = seqlen_k;
-      if (args.causal) {
-        const int32_t visible = (m + 1) * args.block_m + seqlen_k - seqlen_q;
-        keys = visible < keys ? visible : keys;
-      }
+      if (args.causal) keys = causal.key_end((m + 1) * args.block_m - 1);
       args.unsorted[idx] = WorkItem{(m << 4) | g, b};
-      args.costs[idx] = keys <= 0 ? 0 : (keys + args.block_n - 1) / args.block_n;
+      args.costs[idx] = blocks_covering(keys, args.block_n);
     }
   }
   __syncthreads();

@@ -28,7 +28,6 @@ namespace sm80 {
 
 template <typename T, MaskMode kMask>
 __global__ void __launch_bounds__(T::kThreads, 1) grouped_bwd_dq_kernel(const __grid_constant__ BwdKernelParams params) {
-  constexpr bool kCausal = kMask == MaskMode::kCausal;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using Element = typename T::Element;
   constexpr int kHeadDim = T::kHeadDim;
@@ -53,8 +52,12 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_bwd_dq_kernel(const __
   if (row0 >= seq.seqlen_q) return;
   const int rows_valid = min(kBlockM, seq.seqlen_q - row0);
   // A tile that sees no key keeps dQ = 0 (dq_accum was zeroed by the preprocess).
-  const int n_block_max = seq.n_block_max<kBlockM, kBlockN, kCausal>(m_block);
-  if (n_block_max <= 0) return;
+  const Mask<kMask> seq_mask = seq.mask<kMask>();
+  // Key blocks [n_block_min, n_block_max) of this tile; n_block_min is the constant 0 when no row's
+  // keys can start past key 0, so the loop bounds below stay compile-time constants then.
+  const int n_block_min = Mask<kMask>::kKeysStartAtZero ? 0 : seq_mask.n_block_min(m_block, kBlockM, kBlockN);
+  const int n_block_max = seq_mask.n_block_max(m_block, kBlockM, kBlockN);
+  if (n_block_max <= n_block_min) return;
   const int kv_head = head / params.q_heads_per_kv_head;
 
   const int tid = threadIdx.x;
@@ -87,7 +90,7 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_bwd_dq_kernel(const __
   bwd::load_rows<Element, kHeadDim, kBlockM, kThreads>(
       sdO, static_cast<const Element*>(g.dout) + token0 * g.dout_row_stride + head * g.dout_head_stride,
       g.dout_row_stride, rows_valid, tid);
-  load_kv(0, 0);
+  load_kv(n_block_min, n_block_min & 1);  // K/V block n lives in stage n & 1
   ptx::cp_async_commit();
 
   // Per-row statistics of the two rows (lane/4 and lane/4 + 8) a thread holds per m16 tile.
@@ -119,9 +122,8 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_bwd_dq_kernel(const __
   const SwizzledRows<kHeadDim> k_bt(ptx::smem_addr(sK), (lane & 7) + (((lane >> 3) & 1) << 3), lane >> 4);
   constexpr uint32_t kDoOffset = kBlockM * kHeadDim * sizeof(Element);  // sdO - sQ
   constexpr uint32_t kVOffset = 2 * kKvBytes;                           // sV - sK
-  const int causal_offset = seq.causal_offset();
 
-  for (int n = 0; n < n_block_max; ++n) {
+  for (int n = n_block_min; n < n_block_max; ++n) {
     const int stage = n & 1;
     const uint32_t kv_off = stage * kKvBytes;
     ptx::cp_async_wait<0>();
@@ -167,7 +169,7 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_bwd_dq_kernel(const __
 
     // ---- P and dS (masked entries: 0) ----
     const int col0 = n * kBlockN;
-    const bool need_mask = (col0 + kBlockN > seq.seqlen_k) || (kCausal && col0 + kBlockN - 1 > row0 + causal_offset);
+    const bool need_mask = seq_mask.tile_needs_key_mask(row0, kBlockM, col0, kBlockN);
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
@@ -179,7 +181,7 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_bwd_dq_kernel(const __
           if (need_mask) {
             const int row = row0 + warp_row0 + mt * 16 + (lane >> 2) + r * 8;
             const int col = col0 + nt * 8 + 2 * (lane & 3) + (c & 1);
-            if (col >= seq.seqlen_k || (kCausal && col > row + causal_offset)) p = 0.f;
+            if (seq_mask.key_masked(row, col)) p = 0.f;
           }
           dp[mt][nt][c] = p * (dp[mt][nt][c] - di[mt][r]);
         }

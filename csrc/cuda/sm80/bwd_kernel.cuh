@@ -1,9 +1,10 @@
 // Tier-1 grouped varlen attention backward, dK/dV kernel (mma.sync, FlashAttention-2 order).
 //
 // One CTA owns one K/V block (kBlockN keys) of one (sequence, KV head). It loads K and V once,
-// then walks every (group, query head of this KV head, query tile) that sees the block (for
-// causal: the query tiles from the first one whose last row reaches the block's first key to
-// the end of the sequence; groups whose used keys end before the block are skipped). Per query
+// then walks every (group, query head of this KV head, query tile) that sees the block (the
+// tiles holding the rows that see one of its keys, common/mask.h: for causal, from the first
+// one whose last row reaches the block's first key to the end of the sequence; groups whose
+// used keys end before the block are skipped). Per query
 // tile (kBlockM rows), with Q, dO, LSE and Di double-buffered through cp.async:
 //   phase 1  S^T = K Q^T and dP^T = V dO^T; P = exp2(S * scale_log2 - LSE_log2), dS = P (dP - Di);
 //            P^T and dS^T go to shared memory in the dtype;
@@ -50,7 +51,6 @@ constexpr int bwd_min_blocks_per_sm() {
 template <typename T, MaskMode kMask>
 __global__ void __launch_bounds__(T::kThreads, bwd_min_blocks_per_sm<T>())
     grouped_bwd_dkdv_kernel(const __grid_constant__ BwdKernelParams params) {
-  constexpr bool kCausal = kMask == MaskMode::kCausal;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using Element = typename T::Element;
   constexpr int kHeadDim = T::kHeadDim;
@@ -103,7 +103,8 @@ __global__ void __launch_bounds__(T::kThreads, bwd_min_blocks_per_sm<T>())
   const Element* k_blk = static_cast<const Element*>(params.k) + key_row0 * params.k_row_stride + kv_head * params.k_head_stride;
   const Element* v_blk = static_cast<const Element*>(params.v) + key_row0 * params.v_row_stride + kv_head * params.v_head_stride;
 
-  auto load_query_tile = [&](const QueryTileCursor<kBlockM, kCausal>& c, int stage) {
+  using Cursor = QueryTileCursor<kBlockM, kBlockN, kMask>;
+  auto load_query_tile = [&](const Cursor& c, int stage) {
     const BwdGroupArgs& g = params.groups[c.group];
     const int head = kv_head * ratio + c.head_in_kv;
     const int row0 = c.m_block * kBlockM;
@@ -152,7 +153,7 @@ __global__ void __launch_bounds__(T::kThreads, bwd_min_blocks_per_sm<T>())
   const SwizzledRows<kHeadDim> k_bt(ptx::smem_addr(sK), (lane & 7) + (((lane >> 3) & 1) << 3),
                                     (lane >> 4) + wd * (kDCols3 / 8));
 
-  QueryTileCursor<kBlockM, kCausal> cur;
+  Cursor cur;
   cur.start(params, b, key0);
   if (cur.valid(params)) {
     // K/V rows some group uses; zeros past them (keys past seqused_k may hold NaN).
@@ -161,7 +162,7 @@ __global__ void __launch_bounds__(T::kThreads, bwd_min_blocks_per_sm<T>())
     bwd::load_rows<Element, kHeadDim, kBlockN, kThreads>(sV, v_blk, params.v_row_stride, keys_loaded, tid);
     load_query_tile(cur, 0);
     ptx::cp_async_commit();
-    QueryTileCursor<kBlockM, kCausal> nxt = cur;
+    Cursor nxt = cur;
     nxt.next(params, b, key0);
 
     for (int it = 0;; ++it) {
@@ -204,9 +205,8 @@ __global__ void __launch_bounds__(T::kThreads, bwd_min_blocks_per_sm<T>())
         const float* di = sDi + stage * kBlockM;
         const int key_base = key0 + wn * 16 + (lane >> 2);  // + 8 for the second row pair
         const int col_base = wq * kQCols + 2 * (lane & 3);   // query column within the tile
-        const int causal_offset = cur.seqlen_k - cur.seqlen_q;
-        const bool need_mask = key0 + kBlockN > cur.seqlen_k || row0 + kBlockM > cur.seqlen_q ||
-                               (kCausal && key0 + kBlockN - 1 > row0 + causal_offset);
+        const Mask<kMask> seq_mask = cur.mask();
+        const bool need_mask = seq_mask.tile_needs_mask(row0, kBlockM, key0, kBlockN);
 #pragma unroll
         for (int nt = 0; nt < kSTiles; ++nt) {
           const int col = col_base + nt * 8;
@@ -220,9 +220,7 @@ __global__ void __launch_bounds__(T::kThreads, bwd_min_blocks_per_sm<T>())
             if (need_mask) {
               const int key = key_base + ((c >> 1) << 3);
               const int row = row0 + col + (c & 1);
-              const bool masked =
-                  key >= cur.seqlen_k || row >= cur.seqlen_q || (kCausal && key > row + causal_offset);
-              if (masked) p = 0.f;
+              if (seq_mask.masked(row, key)) p = 0.f;
             }
             s[nt][c] = p;
             dp[nt][c] = p * (dp[nt][c] - di_c);

@@ -48,7 +48,6 @@ __device__ __forceinline__ void load_tile(typename T::Element* smem, const typen
 template <typename T, MaskMode kMask>
 __global__ void __launch_bounds__(T::kThreads, T::kMinBlocksPerSm)
     grouped_fwd_kernel(const __grid_constant__ FwdKernelParams params) {
-  constexpr bool kCausal = kMask == MaskMode::kCausal;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using Element = typename T::Element;
   constexpr int kHeadDim = T::kHeadDim;
@@ -79,8 +78,12 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocksPerSm)
   Element* out_tile = static_cast<Element*>(g.out) + (seq.q_start + row0) * g.out_row_stride + head * g.out_head_stride;
   float* lse_tile = g.softmax_lse + static_cast<int64_t>(head) * g.total_q + seq.q_start + row0;
 
-  const int n_block_max = seq.n_block_max<kBlockM, kBlockN, kCausal>(m_block);
-  if (n_block_max <= 0) {
+  const Mask<kMask> seq_mask = seq.mask<kMask>();
+  // Key blocks [n_block_min, n_block_max) of this tile; n_block_min is the constant 0 when no row's
+  // keys can start past key 0, so the loop bounds below stay compile-time constants then.
+  const int n_block_min = Mask<kMask>::kKeysStartAtZero ? 0 : seq_mask.n_block_min(m_block, kBlockM, kBlockN);
+  const int n_block_max = seq_mask.n_block_max(m_block, kBlockM, kBlockN);
+  if (n_block_max <= n_block_min) {
     // No query row of this tile sees a key: O = 0, LSE = -inf.
     for (int i = tid; i < rows_valid * T::kChunks; i += T::kThreads) {
       const int row = i / T::kChunks;
@@ -130,14 +133,11 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocksPerSm)
   const SwizzledRows<kHeadDim> q_rows(ptx::smem_addr(sQ), warp_row0 + (lane & 15), lane >> 4);
   const SwizzledRows<kHeadDim> k_rows(ptx::smem_addr(sK), (lane & 7) + ((lane >> 4) << 3), (lane >> 3) & 1);
   const SwizzledRows<kHeadDim> v_rows(ptx::smem_addr(sV), (lane & 7) + (((lane >> 3) & 1) << 3), lane >> 4);
-  // Causal: query row i (within the sequence) sees keys j <= i + causal_offset.
-  const int causal_offset = seq.causal_offset();
-
-  for (int n = n_block_max - 1; n >= 0; --n) {
+  for (int n = n_block_max - 1; n >= n_block_min; --n) {
     ptx::cp_async_wait<0>();
     __syncthreads();  // block n is in (K, or K and V); every warp finished block n+1
     if constexpr (T::kStages == 2) {
-      if (n > 0) {  // the other stage is free: fetch all of block n-1 during this block
+      if (n > n_block_min) {  // the other stage is free: fetch all of block n-1 during this block
         load_k(n - 1);
         load_v(n - 1);
         ptx::cp_async_commit();
@@ -177,11 +177,9 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocksPerSm)
       }
     }
 
-    // ---- mask the keys past the end and (causal) past each row's diagonal ----
+    // ---- mask the keys past the end and outside each row's window (common/mask.h) ----
     const int col0 = n * kBlockN;
-    const bool need_mask = (col0 + kBlockN > seq.seqlen_k) ||
-                           (kCausal && col0 + kBlockN - 1 > row0 + causal_offset);
-    if (need_mask) {
+    if (seq_mask.tile_needs_key_mask(row0, kBlockM, col0, kBlockN)) {
 #pragma unroll
       for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
@@ -190,8 +188,7 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocksPerSm)
           for (int c = 0; c < 4; ++c) {
             const int row = row0 + warp_row0 + mt * 16 + (lane >> 2) + ((c >> 1) << 3);
             const int col = col0 + nt * 8 + ((lane & 3) << 1) + (c & 1);
-            const bool masked = col >= seq.seqlen_k || (kCausal && col > row + causal_offset);
-            if (masked) s[mt][nt][c] = -INFINITY;
+            if (seq_mask.key_masked(row, col)) s[mt][nt][c] = -INFINITY;
           }
     }
 
@@ -200,7 +197,7 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocksPerSm)
     if constexpr (T::kStages == 1) {
       ptx::cp_async_wait<0>();
       __syncthreads();  // V(n) is in; every warp finished Q*K(n)^T, so sK is free
-      if (n > 0) {
+      if (n > n_block_min) {
         load_k(n - 1);
         ptx::cp_async_commit();
       }

@@ -56,7 +56,10 @@ struct BwdDqSmem {
 template <typename T, MaskMode kMask>
 __global__ void __launch_bounds__(T::kThreads, 1)
     grouped_bwd_dq_kernel(const __grid_constant__ BwdDqKernelParams params) {
-  constexpr bool kCausal = kMask == MaskMode::kCausal;
+  // The producer and consumer loops walk key blocks from 0 to n_block_max - 1, and the element
+  // mask below bounds each row's keys on the right only: a mask with a left bound needs both to
+  // follow Mask::n_block_min and Mask::key_begin first.
+  static_assert(Mask<kMask>::kKeysStartAtZero, "tier-2 dQ: the key-block loops start at block 0");
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Element = typename T::Element;
   constexpr int kHeadDim = T::kHeadDim;
@@ -77,7 +80,8 @@ __global__ void __launch_bounds__(T::kThreads, 1)
   const int row0 = m_block * kBlockM;
   if (row0 >= seq.seqlen_q) return;
   // A tile that sees no key keeps dQ = 0 (dq_accum was zeroed by the preprocess).
-  const int n_block_max = seq.n_block_max<kBlockM, kBlockN, kCausal>(m_block);
+  const Mask<kMask> seq_mask = seq.mask<kMask>();
+  const int n_block_max = seq_mask.n_block_max(m_block, kBlockM, kBlockN);
   if (n_block_max <= 0) return;
   const int kv_head = head / p.q_heads_per_kv_head;
   const int tid = threadIdx.x;
@@ -138,7 +142,6 @@ __global__ void __launch_bounds__(T::kThreads, 1)
   const int warp_in_wg = (tid / 32) & 3;
   const int my_row = row0 + wg * 64 + warp_in_wg * 16 + (lane >> 2);  // this thread's first row (+8: its second)
   const int qcol = (lane & 3) * 2;  // this thread's first key column in an n8 fragment
-  const int causal_offset = seq.causal_offset();
 
   // LSE (log2 units) and Di of this thread's two rows; rows past the sequence: LSE = +inf (P = 0).
   float lse[2], di[2];
@@ -194,17 +197,14 @@ __global__ void __launch_bounds__(T::kThreads, 1)
     if (n > 0) kv_pipe.consumer_release(st.prev().stage(), lane == 0);
 
     // Entry (nt, c) is key col0 + j, j = nt * 8 + qcol + (c & 1), of row r = c >> 1; visible iff
-    // j < width[r] (keys past the sequence and, causal, past the row's diagonal are masked). Made
-    // opaque after the wait so the index-only test is not hoisted above the wgmma (see the dK/dV
-    // kernel); run only on blocks that need it.
-    const bool need_mask =
-        col0 + kBlockN > seq.seqlen_k || (kCausal && col0 + kBlockN - 1 > row0 + wg * 64 + causal_offset);
+    // j < width[r], i.e. the key is below the row's Mask::key_end (past the sequence and past the
+    // window are masked). Made opaque after the wait so the index-only test is not hoisted above
+    // the wgmma (see the dK/dV kernel); run only on blocks that need it.
+    const bool need_mask = seq_mask.tile_needs_key_mask(row0 + wg * 64, 64, col0, kBlockN);
     int width[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      int limit = seq.seqlen_k;
-      if (kCausal) limit = min(limit, my_row + 8 * r + causal_offset + 1);
-      width[r] = limit - col0 - qcol;
+      width[r] = seq_mask.key_end(my_row + 8 * r) - col0 - qcol;
       asm volatile("" : "+r"(width[r]));
     }
     auto masked = [&](int nt, int c) { return nt * 8 + (c & 1) >= width[c >> 1]; };

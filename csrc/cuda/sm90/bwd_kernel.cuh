@@ -86,7 +86,6 @@ __device__ __forceinline__ void st_shared_u32(uint32_t addr, uint32_t v) {
 template <typename T, MaskMode kMask>
 __global__ void __launch_bounds__(T::kThreads, 1)
     grouped_bwd_dkdv_kernel(const __grid_constant__ BwdKernelParams params) {
-  constexpr bool kCausal = kMask == MaskMode::kCausal;
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Element = typename T::Element;
   constexpr int kHeadDim = T::kHeadDim;
@@ -96,7 +95,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
   constexpr int kDTiles = kHeadDim / 8;  // dK / dV accumulators
   constexpr int kQSteps = kBlockM / 16;  // k-steps over queries (dV, dK)
   constexpr int kDSteps = kHeadDim / 16;  // k-steps over the head dim (S^T, dP^T)
-  using Cursor = QueryTileCursor<kBlockM, kCausal>;
+  using Cursor = QueryTileCursor<kBlockM, kBlockN, kMask>;
   const cuda::BwdKernelParams& p = params.base;
 
   const int item_index = blockIdx.x / p.num_heads_k;
@@ -300,25 +299,24 @@ __global__ void __launch_bounds__(T::kThreads, 1)
       ptx::wgmma_commit_group();
 
       const int row0 = cur.m_block * kBlockM;
-      const int causal_offset = cur.seqlen_k - cur.seqlen_q;
-      const bool need_mask = key0 + kBlockN > cur.seqlen_k || row0 + kBlockM > cur.seqlen_q ||
-                             (kCausal && key0 + kBlockN - 1 > row0 + causal_offset);
+      const Mask<kMask> seq_mask = cur.mask();
+      const bool need_mask = seq_mask.tile_needs_mask(row0, kBlockM, key0, kBlockN);
 
       ptx::wgmma_wait_group<1>();
       fence_accumulator(st);
       // The mask of entry (nt, c): key row r = c >> 1 of this thread, query row0 + j with
       // j = nt * 8 + qcol + (c & 1). Entry visible iff the key is in the sequence and
-      // lo_r <= query < seqlen_q (lo_r = key - causal_offset when causal, else 0), i.e. iff
-      // (unsigned)(j + row_bias[r]) < width[r]. Made opaque after the wait: the test depends on
-      // indices only, and the compiler would otherwise hoist it above the wgmma and run it,
-      // predicated, on every tile.
+      // lo_r <= query < hi_r (the rows that see the key: lo_r = Mask::row_begin_unclamped,
+      // hi_r = Mask::row_end), i.e. iff (unsigned)(j + row_bias[r]) < width[r]. Made opaque
+      // after the wait: the test depends on indices only, and the compiler would otherwise hoist
+      // it above the wgmma and run it, predicated, on every tile.
       int row_bias[2], width[2];
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int key = key0 + key_local + r * 8;
-        const int lo = kCausal ? key - causal_offset : 0;
+        const int lo = seq_mask.row_begin_unclamped(key);
         row_bias[r] = row0 - lo;
-        width[r] = key < cur.seqlen_k ? max(cur.seqlen_q - lo, 0) : 0;
+        width[r] = key < cur.seqlen_k ? max(seq_mask.row_end(key) - lo, 0) : 0;
         asm volatile("" : "+r"(row_bias[r]), "+r"(width[r]));
       }
       auto masked = [&](int nt, int c) {

@@ -142,7 +142,9 @@ struct ConsumerTile {
 
 template <typename T, MaskMode kMask>
 __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __grid_constant__ FwdKernelParams params) {
-  constexpr bool kCausal = kMask == MaskMode::kCausal;
+  // The producer and consumer loops walk key blocks n_block_max - 1 down to 0: a mask with a left
+  // bound needs them to stop at Mask::n_block_min first.
+  static_assert(Mask<kMask>::kKeysStartAtZero, "tier-2 forward: the key-block loops end at block 0");
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Element = typename T::Element;
   using Tile = ConsumerTile<T>;
@@ -168,7 +170,8 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __gri
   Element* out_tile = static_cast<Element*>(g.out) + (seq.q_start + row0) * g.out_row_stride + head * g.out_head_stride;
   float* lse_tile = g.softmax_lse + static_cast<int64_t>(head) * g.total_q + seq.q_start + row0;
 
-  const int n_block_max = seq.n_block_max<kBlockM, kBlockN, kCausal>(m_block);
+  const Mask<kMask> seq_mask = seq.mask<kMask>();
+  const int n_block_max = seq_mask.n_block_max(m_block, kBlockM, kBlockN);
   if (n_block_max <= 0) {  // no row of this tile sees a key: O = 0, LSE = -inf
     constexpr int kChunks = T::kHeadDim / 8;
     for (int i = tid; i < rows_valid * kChunks; i += T::kThreads)
@@ -218,7 +221,6 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __gri
   const int my_row = row0 + wg * 64 + warp_in_wg * 16 + (lane >> 2);
   const int my_col = (lane & 3) * 2;
   const int wg_row0 = row0 + wg * 64;
-  const int causal_offset = seq.causal_offset();
 
   float o[kDTiles][4];
 #pragma unroll
@@ -229,18 +231,17 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __gri
   uint32_t pfrag[kPSteps][4];
   RowSoftmax softmax;
 
-  // Masks key columns past the sequence and (causal) past each row's diagonal.
+  // Masks key columns past the sequence and outside each row's window (common/mask.h).
   auto mask = [&](int n) {
     const int col0 = n * kBlockN;
-    const bool need = (col0 + kBlockN > seq.seqlen_k) || (kCausal && col0 + kBlockN - 1 > wg_row0 + causal_offset);
-    if (!need) return;
+    if (!seq_mask.tile_needs_key_mask(wg_row0, 64, col0, kBlockN)) return;
 #pragma unroll
     for (int nt = 0; nt < kNTiles; ++nt)
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
         const int row = my_row + ((c >> 1) << 3);
         const int col = col0 + nt * 8 + my_col + (c & 1);
-        if (col >= seq.seqlen_k || (kCausal && col > row + causal_offset)) s[nt][c] = -INFINITY;
+        if (seq_mask.key_masked(row, col)) s[nt][c] = -INFINITY;
       }
   };
   // P (fp32 in s) -> the register A operand of P V.
