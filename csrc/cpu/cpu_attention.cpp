@@ -227,6 +227,10 @@ inline int64_t key_end(const Seq& s, bool causal, int64_t i) {
   return std::min(s.lk, std::max<int64_t>(0, i + s.lk - s.lq + 1));
 }
 
+// Whether query row i sees any key (a row that sees none gets O = 0, LSE = -inf, whatever the
+// scores of the masked keys).
+inline bool sees_a_key(const Seq& s, bool causal, int64_t i) { return key_end(s, causal, i) > 0; }
+
 // First query row that sees key j.
 inline int64_t first_row_seeing(const Seq& s, bool causal, int64_t j) {
   if (!causal) return 0;
@@ -356,8 +360,12 @@ inline int visible_in_tile(const Seq& sq, bool causal, int64_t i, int64_t j0, in
 
 // The online softmax of one query tile against every key it sees. Leaves, per row r, the
 // running max m[r] of the scaled scores, the running sum l[r] of exp(score - m[r]) and (unless
-// kStatsOnly) the unnormalised output o[r] = sum_j exp(score_j - m[r]) v_j. A row that sees no
-// key keeps m = -inf, l = 0, o = 0: masked keys are skipped, never turned into exp(-inf - -inf).
+// kStatsOnly) the unnormalised output o[r] = sum_j exp(score_j - m[r]) v_j. Masked keys are
+// skipped (a row that sees no key keeps m = -inf, l = 0, o = 0); every visible key enters in
+// IEEE arithmetic, as on the GPU: the max ignores NaN scores (like fmaxf), and exp() of a NaN
+// score, or of +inf - +inf, makes l and o NaN. While a row's max is still -inf (only -inf
+// scores so far) the exponent subtracts 0 rather than the max, so those keys weigh exp(-inf) =
+// 0, not exp(-inf - -inf) = NaN, and a later finite score starts the sum afresh.
 template <bool kStatsOnly, typename T, typename A>
 void attend_query_tile(const Shape& s, const View<const T>& q, const View<const T>& k, const View<const T>& v,
                        A scale, const QueryTask& t, ForwardScratch<A>& w) {
@@ -392,11 +400,11 @@ void attend_query_tile(const Shape& s, const View<const T>& q, const View<const 
         tile_max = std::max(tile_max, sr[c]);
       }
       const A m_new = std::max(w.m[r], tile_max);
-      if (m_new == neg_inf<A>()) continue;  // only -inf scores so far: nothing to add
-      const A alpha = std::exp(w.m[r] - m_new);  // 0 on the first tile the row sees
+      const A base = m_new == neg_inf<A>() ? A(0) : m_new;
+      const A alpha = std::exp(w.m[r] - base);  // 0 on the first tile with a score above -inf
       A sum = 0;
       for (int c = 0; c < n; ++c) {
-        sr[c] = std::exp(sr[c] - m_new);
+        sr[c] = std::exp(sr[c] - base);
         sum += sr[c];
       }
       if (!kStatsOnly && alpha != A(1)) scale_in_place(&w.o[r * d], alpha, d);
@@ -437,7 +445,9 @@ ringattn_status run_forward(const ringattn_fwd_params& p) {
         for (int64_t r = 0; r < t.i1 - t.i0; ++r) {
           const int64_t row = sq.q_start + t.i0 + r;
           T* dst = out[t.g].at(row, t.h);
-          if (w.l[r] > A(0)) {
+          if (sees_a_key(sq, s.causal, t.i0 + r)) {
+            // IEEE throughout: a NaN sum gives NaN out and LSE; a row whose visible scores are
+            // all -inf gives 0 * inf = NaN out and LSE -inf.
             const A inv_l = A(1) / w.l[r];
             store_row_scaled(dst, &w.o[r * d], inv_l, d);
             lse[row] = static_cast<float>(w.m[r] + std::log(w.l[r]));
@@ -506,7 +516,11 @@ void load_query_block(const Shape& s, const BackwardTensors<T>& x, int g, int h,
     load_row(x.dout[g].at(row, h), d, &w.dout[r * d]);
     load_row(x.out[g].at(row, h), d, w.o.data());
     w.di[r] = sequential_dot(&w.dout[r * d], w.o.data(), d);
-    w.lse[r] = x.lse(s, g, h, row);
+    // As the GPU backward: an LSE of -inf (a row that saw no key, or only -inf scores) becomes
+    // +inf, so exp(score - LSE) is 0 for every finite score instead of exp(+inf); a NaN score,
+    // LSE, O or dO still reaches dS and the gradients.
+    const A lse = x.lse(s, g, h, row);
+    w.lse[r] = lse == neg_inf<A>() ? -neg_inf<A>() : lse;
   }
 }
 
@@ -553,10 +567,8 @@ void dkdv_key_tile(const Shape& s, const BackwardTensors<T>& x, A scale, const K
       for (int64_t i0 = i_first; i0 < sq.lq; i0 += kTileQ) {
         const int nq = static_cast<int>(std::min(i0 + kTileQ, sq.lq) - i0);
         load_query_block(s, x, g, h, sq.q_start + i0, nq, w);
-        for (int r = 0; r < nq; ++r)
-          w.count[r] = w.lse[r] == neg_inf<A>() ? 0 : visible_in_tile(sq, s.causal, i0 + r, t.j0, t.j1);
-        // Rows seeing key c: from first[c] on (the causal mask is a staircase; a row without
-        // keys has P = 0 on every entry anyway).
+        for (int r = 0; r < nq; ++r) w.count[r] = visible_in_tile(sq, s.causal, i0 + r, t.j0, t.j1);
+        // Rows seeing key c: from first[c] on (the causal mask is a staircase).
         for (int c = 0, r = 0; c < nk; ++c) {
           while (r < nq && w.count[r] <= c) ++r;
           w.first[c] = r;
@@ -594,8 +606,7 @@ void dq_query_tile(const Shape& s, const BackwardTensors<T>& x, A scale, const Q
       load_column(x.k.at(sq.k_start + j0 + c, hk), d, &w.kt[c], static_cast<int>(kTileK));
       load_column(x.v.at(sq.k_start + j0 + c, hk), d, &w.vt[c], static_cast<int>(kTileK));
     }
-    for (int r = 0; r < nq; ++r)
-      w.count[r] = w.lse[r] == neg_inf<A>() ? 0 : visible_in_tile(sq, s.causal, t.i0 + r, j0, j1);
+    for (int r = 0; r < nq; ++r) w.count[r] = visible_in_tile(sq, s.causal, t.i0 + r, j0, j1);
     probabilities_and_dscores(nq, nk, d, scale, w);
     accumulate_rows(w.dq.data(), nq, w.dp.data(), kTileK, 1, w.zeros.data(), w.count.data(), w.k.data(), d);
   }
@@ -647,7 +658,8 @@ ringattn_status run_backward(const ringattn_bwd_params& p) {
           const Seq& sq = s.seq[t.g][t.b];
           A* lse = x.lse_exact[t.g].data() + static_cast<int64_t>(t.h) * s.total_q[t.g];
           for (int64_t r = 0; r < t.i1 - t.i0; ++r)
-            lse[sq.q_start + t.i0 + r] = w.l[r] > A(0) ? w.m[r] + std::log(w.l[r]) : neg_inf<A>();
+            lse[sq.q_start + t.i0 + r] =
+                sees_a_key(sq, s.causal, t.i0 + r) ? w.m[r] + std::log(w.l[r]) : neg_inf<A>();
         });
     if (!error.empty()) return fail(RINGATTN_STATUS_INTERNAL_ERROR, "CPU backend, backward (LSE): " + error);
   }

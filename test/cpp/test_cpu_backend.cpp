@@ -357,6 +357,150 @@ TEST(CpuBackendConventions, DefaultThreadCountGivesSameBits) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// non-finite values: IEEE propagation, as on the GPU; only a row that sees no key is "empty"
+// ---------------------------------------------------------------------------------------------
+
+class NonFinite : public ::testing::TestWithParam<int> {};
+
+// Lq = 70, Lk = 90, causal bottom-right: query row i sees keys 0 .. i + 20.
+CaseSpec non_finite_case() { return single("non_finite", 70, 90, true, 2, 1, 32); }
+
+bool row_all_nan(const Tensor3& t, int64_t row, int head) {
+  for (int d = 0; d < t.dim(); ++d)
+    if (!std::isnan(t.get(row, head, d))) return false;
+  return true;
+}
+
+bool row_same_bits(const Tensor3& a, const Tensor3& b, int64_t row, int head) {
+  for (int d = 0; d < a.dim(); ++d)
+    if (a.bits_at(a.offset(row, head, d)) != b.bits_at(b.offset(row, head, d))) return false;
+  return true;
+}
+
+// One NaN in one element of q: that row's O and LSE are NaN, its dQ is NaN, and so are dK and
+// dV of every key it sees; every other row and key is bit for bit what it is without the NaN.
+TEST_P(NonFinite, NanInQueryReachesItsRowAndItsGradients) {
+  const int dtype = GetParam();
+  const CaseInputs clean = make_inputs(non_finite_case(), dtype, 11);
+  CaseInputs in = make_inputs(non_finite_case(), dtype, 11);
+  in.q[0].set(40, 1, 3, std::numeric_limits<double>::quiet_NaN());
+  const ForwardResult fc = run_forward(clean, 2), f = run_forward(in, 2);
+  ASSERT_EQ(fc.status, RINGATTN_STATUS_OK) << fc.error;
+  ASSERT_EQ(f.status, RINGATTN_STATUS_OK) << f.error;
+  for (int h = 0; h < 2; ++h)
+    for (int64_t row = 0; row < 70; ++row) {
+      const float lse = f.lse[0][h * 70 + row];
+      if (row == 40 && h == 1) {
+        EXPECT_TRUE(row_all_nan(f.out[0], row, h)) << "out row 40 head 1";
+        EXPECT_TRUE(std::isnan(lse)) << "lse row 40 head 1: " << lse;
+      } else {
+        ASSERT_TRUE(row_same_bits(f.out[0], fc.out[0], row, h)) << "out row " << row << " head " << h;
+        ASSERT_EQ(lse, fc.lse[0][h * 70 + row]) << "lse row " << row << " head " << h;
+      }
+    }
+  const BackwardResult bc = run_backward(clean, fc, 2), b = run_backward(in, f, 2);
+  ASSERT_EQ(bc.status, RINGATTN_STATUS_OK) << bc.error;
+  ASSERT_EQ(b.status, RINGATTN_STATUS_OK) << b.error;
+  for (int h = 0; h < 2; ++h)
+    for (int64_t row = 0; row < 70; ++row) {
+      if (row == 40 && h == 1)
+        EXPECT_TRUE(row_all_nan(b.dq[0], row, h)) << "dq row 40 head 1";
+      else
+        ASSERT_TRUE(row_same_bits(b.dq[0], bc.dq[0], row, h)) << "dq row " << row << " head " << h;
+    }
+  for (int64_t key = 0; key < 90; ++key) {
+    if (key <= 60) {  // seen by query row 40
+      ASSERT_TRUE(row_all_nan(b.dk, key, 0)) << "dk key " << key;
+      ASSERT_TRUE(row_all_nan(b.dv, key, 0)) << "dv key " << key;
+    } else {
+      ASSERT_TRUE(row_same_bits(b.dk, bc.dk, key, 0)) << "dk key " << key;
+      ASSERT_TRUE(row_same_bits(b.dv, bc.dv, key, 0)) << "dv key " << key;
+    }
+  }
+}
+
+// One NaN, or one +inf score, in key 50: every row that sees key 50 (rows 30 ..) gets NaN O and
+// LSE; rows 0 .. 29 do not see it and keep their bits.
+TEST_P(NonFinite, NanOrPlusInfKeyReachesTheRowsThatSeeIt) {
+  const int dtype = GetParam();
+  for (const bool use_inf : {false, true}) {
+    SCOPED_TRACE(use_inf ? "k = +inf with q > 0 (score +inf)" : "k = NaN");
+    CaseInputs clean = make_inputs(non_finite_case(), dtype, 12);
+    for (int64_t row = 0; row < 70; ++row)
+      for (int h = 0; h < 2; ++h) clean.q[0].set(row, h, 0, 0.25 + 0.5 * std::fabs(clean.q[0].get(row, h, 0)));
+    CaseInputs in = clean;
+    in.k.set(50, 0, 0, use_inf ? kInf : std::numeric_limits<double>::quiet_NaN());
+    const ForwardResult fc = run_forward(clean, 2), f = run_forward(in, 2);
+    ASSERT_EQ(fc.status, RINGATTN_STATUS_OK) << fc.error;
+    ASSERT_EQ(f.status, RINGATTN_STATUS_OK) << f.error;
+    for (int h = 0; h < 2; ++h)
+      for (int64_t row = 0; row < 70; ++row) {
+        const float lse = f.lse[0][h * 70 + row];
+        if (row >= 30) {
+          ASSERT_TRUE(row_all_nan(f.out[0], row, h)) << "out row " << row << " head " << h;
+          ASSERT_TRUE(std::isnan(lse)) << "lse row " << row << " head " << h << ": " << lse;
+        } else {
+          ASSERT_TRUE(row_same_bits(f.out[0], fc.out[0], row, h)) << "out row " << row << " head " << h;
+        }
+      }
+    const BackwardResult b = run_backward(in, f, 2);
+    ASSERT_EQ(b.status, RINGATTN_STATUS_OK) << b.error;
+    EXPECT_TRUE(row_all_nan(b.dq[0], 30, 0));
+    EXPECT_TRUE(row_all_nan(b.dk, 0, 0));  // seen by the NaN rows
+    EXPECT_TRUE(row_all_nan(b.dv, 50, 0));
+  }
+}
+
+// A -inf score is an ordinary IEEE value: the key gets weight exp(-inf) = 0, so O and LSE are
+// those of the other keys (compared with the reference on the same inputs, which does the same).
+TEST_P(NonFinite, MinusInfScoreGivesTheKeyZeroWeight) {
+  const int dtype = GetParam();
+  CaseInputs in = make_inputs(non_finite_case(), dtype, 13);
+  for (int64_t row = 0; row < 70; ++row)
+    for (int h = 0; h < 2; ++h) in.q[0].set(row, h, 0, 0.25 + 0.5 * std::fabs(in.q[0].get(row, h, 0)));
+  in.k.set(50, 0, 0, -kInf);
+  const ForwardResult f = run_forward(in, 2);
+  ASSERT_EQ(f.status, RINGATTN_STATUS_OK) << f.error;
+  const Tolerance tol = tolerance_for(dtype);
+  const naive::Forward ref = naive::forward(naive_problem(in), naive_groups(in)[0]);
+  EXPECT_TRUE(close_to_reference("out", f.out[0], ref.out, tol.out));
+  EXPECT_TRUE(lse_close("lse", f.lse[0], ref.lse, tol.lse));
+}
+
+// Scores that overflow the accumulator (fp32 q and k of 1e20: q.k = 1e40 * D) give what IEEE
+// arithmetic gives, not zeros: +inf scores make O and LSE NaN; a row whose every score is -inf
+// has softmax 0 / 0, so O is NaN while its LSE, log(0), is -inf. A row that sees no key at all
+// (row 0 of a causal Lq = 3, Lk = 2 problem) still gets O = 0, LSE = -inf.
+TEST(NonFiniteFp32, OverflowingScoresAreNotZeros) {
+  CaseSpec c = single("overflow", 3, 2, true, 2, 1, 8);
+  CaseInputs in = make_inputs(c, RINGATTN_DTYPE_FP32, 14);
+  for (int64_t row = 0; row < 3; ++row)
+    for (int d = 0; d < 8; ++d) {
+      in.q[0].set(row, 0, d, 1e20);   // head 0: q.k = +1e40 * 8 -> +inf
+      in.q[0].set(row, 1, d, -1e20);  // head 1: -inf
+    }
+  for (int64_t key = 0; key < 2; ++key)
+    for (int d = 0; d < 8; ++d) in.k.set(key, 0, d, 1e20);
+  const ForwardResult f = run_forward(in, 1);
+  ASSERT_EQ(f.status, RINGATTN_STATUS_OK) << f.error;
+  for (int h = 0; h < 2; ++h) {
+    EXPECT_EQ(f.out[0].get(0, h, 0), 0.0) << "row 0 sees no key";
+    EXPECT_TRUE(std::isinf(f.lse[0][h * 3]) && f.lse[0][h * 3] < 0);
+    for (int64_t row = 1; row < 3; ++row) EXPECT_TRUE(row_all_nan(f.out[0], row, h)) << "row " << row << " head " << h;
+  }
+  EXPECT_TRUE(std::isnan(f.lse[0][1]) && std::isnan(f.lse[0][2]));
+  EXPECT_TRUE(std::isinf(f.lse[0][4]) && f.lse[0][4] < 0 && std::isinf(f.lse[0][5]) && f.lse[0][5] < 0);
+  const BackwardResult b = run_backward(in, f, 1);
+  ASSERT_EQ(b.status, RINGATTN_STATUS_OK) << b.error;
+  for (int h = 0; h < 2; ++h) EXPECT_TRUE(row_all_nan(b.dq[0], 2, h)) << "dq row 2 head " << h;
+  EXPECT_TRUE(row_all_nan(b.dk, 0, 0));
+  for (int d = 0; d < 8; ++d) EXPECT_EQ(b.dq[0].get(0, 0, d), 0.0) << "dq of the row that sees no key";
+}
+
+INSTANTIATE_TEST_SUITE_P(AllDtypes, NonFinite, ::testing::ValuesIn(kAllDtypes),
+                         [](const ::testing::TestParamInfo<int>& info) { return std::string(dtype_name(info.param)); });
+
+// ---------------------------------------------------------------------------------------------
 // fp16 / bf16 conversions, checked bit for bit through the ABI
 // ---------------------------------------------------------------------------------------------
 
