@@ -150,5 +150,5 @@ def test_abi_version_mismatch_is_refused(monkeypatch, tmp_path):
     src.write_text(_STUB)
     subprocess.run([cc, "-shared", "-fPIC", str(src), "-o", str(so)], check=True)
     monkeypatch.setattr(_lib, "candidate_paths", lambda: [so])
-    with pytest.raises(RuntimeError, match=r"C ABI version 999.*expects version 1.*pip install \."):
+    with pytest.raises(RuntimeError, match=rf"C ABI version 999.*expects version {_lib.ABI_VERSION}.*pip install \."):
         _lib._load()

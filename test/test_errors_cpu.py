@@ -163,8 +163,57 @@ def test_mismatched_list_lengths(which):
 
 def test_negative_softmax_scale():
     c = _case()
-    with pytest.raises(ValueError, match=r"softmax_scale: expected a positive float"):
+    with pytest.raises(ValueError, match=r"softmax_scale: expected a positive"):
         _call(c, softmax_scale=-1.0)
+
+
+@pytest.mark.parametrize("scale", [1e-50, 1e-40, 1e39, math.inf, math.nan, 0.0, -0.5, "0.5", True],
+                         ids=["underflows", "subnormal", "overflows", "inf", "nan", "zero", "negative", "str",
+                              "bool"])
+def test_softmax_scale_that_float32_cannot_hold_is_rejected(scale):
+    # 1e-50 used to become 0.0f in the C struct, which meant "default 1/sqrt(D)": silently.
+    c = _case()
+    with pytest.raises(ValueError, match=r"^softmax_scale: expected a positive"):
+        _call(c, softmax_scale=scale)
+
+
+@pytest.mark.parametrize("scale", [1e-50, -1.0, math.nan, 1e39])
+def test_op_softmax_scale_is_checked_before_narrowing(scale):
+    # At the op level 0.0 means the default; any other value must be a usable float32 scale
+    # (a negative one used to be taken for the default as well).
+    c = _case()
+    args = list(c.op_args())
+    args[8] = scale
+    with pytest.raises(ValueError, match=r"^softmax_scale: expected a positive"):
+        rfa_ops.grouped_fwd(*args)
+
+
+def test_small_but_normal_softmax_scale_is_used_as_given():
+    c = _case(G=1)
+    tiny = 1e-30  # a normal float32: scores ~1e-30, so every visible key weighs the same
+    outs = _call(c, softmax_scale=tiny, causal=False)
+    default = _call(c, causal=False)
+    assert not torch.equal(outs[0], default[0])
+    q0 = c.q_list[0]
+    cu_k = c.cu_seqlens_k.tolist()
+    for b, (s, e) in enumerate(zip(c.cu_seqlens_q_list[0].tolist(), c.cu_seqlens_q_list[0].tolist()[1:])):
+        mean_v = c.v[cu_k[b]:cu_k[b + 1]].mean(0).repeat_interleave(q0.shape[1] // c.v.shape[1], 0)
+        torch.testing.assert_close(outs[0][s:e], mean_v.expand(e - s, -1, -1), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("value", [2**32 + 5, 2**31, -1, 3.0, True])
+@pytest.mark.parametrize("which", ["max_seqlen_q", "max_seqlen_k"])
+def test_max_seqlen_hint_is_checked_before_narrowing(which, value):
+    # ctypes wraps modulo 2**32: 2**32 + 5 became 5 and 2**31 became -2147483648.
+    c = _case()
+    if which == "max_seqlen_q":
+        c.max_seqlen_q_list = [value] + c.max_seqlen_q_list[1:]
+        name = r"max_seqlen_q_list\[0\]"
+    else:
+        c.max_seqlen_k = value
+        name = "max_seqlen_k"
+    with pytest.raises(ValueError, match=rf"^{name}: expected (an int in \[0, 2147483647\]|a Python int)"):
+        _call(c)
 
 
 def test_device_mismatch():

@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <string>
 
 #include "common/backends.h"
@@ -178,10 +179,23 @@ ringattn_status check_problem(const ringattn_problem& p, const ringattn_exec& ex
   if (p.num_groups < 1 || p.num_groups > RINGATTN_MAX_GROUPS)
     return failf(RINGATTN_STATUS_INVALID_ARGUMENT, "num_groups: expected 1 to %d, got %d", RINGATTN_MAX_GROUPS,
                  p.num_groups);
-  if (!std::isfinite(p.softmax_scale))
+  if (p.default_softmax_scale != 0 && p.default_softmax_scale != 1)
     return failf(RINGATTN_STATUS_INVALID_ARGUMENT,
-                 "softmax_scale: expected a finite value (<= 0 means 1/sqrt(head_dim)), got %g",
+                 "default_softmax_scale: expected 0 (use softmax_scale) or 1 (use 1/sqrt(head_dim)), got %d",
+                 p.default_softmax_scale);
+  if (p.default_softmax_scale == 1 && p.softmax_scale != 0.0f)
+    return failf(RINGATTN_STATUS_INVALID_ARGUMENT,
+                 "softmax_scale: expected 0 with default_softmax_scale = 1 (the scale is then 1/sqrt(head_dim)), "
+                 "got %g",
                  static_cast<double>(p.softmax_scale));
+  // A NaN, inf, zero, negative or subnormal scale is an error, never the default: the default
+  // has its own flag.
+  if (p.default_softmax_scale == 0 &&
+      !(std::isfinite(p.softmax_scale) && p.softmax_scale >= std::numeric_limits<float>::min()))
+    return failf(RINGATTN_STATUS_INVALID_ARGUMENT,
+                 "softmax_scale: expected a finite float32 >= %g (positive, not subnormal; set "
+                 "default_softmax_scale = 1 for 1/sqrt(head_dim)), got %g",
+                 static_cast<double>(std::numeric_limits<float>::min()), static_cast<double>(p.softmax_scale));
   if (p.causal != 0 && p.causal != 1)
     return failf(RINGATTN_STATUS_INVALID_ARGUMENT, "causal: expected 0 or 1, got %d", p.causal);
   if (p.total_k < 0 || p.total_k > kMaxTokens)

@@ -285,9 +285,11 @@ Shape make_shape(const ringattn_problem& p, const Group* groups) {
   return s;
 }
 
+// The validated scale: problem.softmax_scale, or 1/sqrt(head_dim) (computed in A) when
+// problem.default_softmax_scale is set.
 template <typename A>
-A resolve_scale(float softmax_scale, int head_dim) {
-  return softmax_scale > 0.0f ? static_cast<A>(softmax_scale) : A(1) / std::sqrt(static_cast<A>(head_dim));
+A resolve_scale(const ringattn_problem& p) {
+  return p.default_softmax_scale ? A(1) / std::sqrt(static_cast<A>(p.head_dim)) : static_cast<A>(p.softmax_scale);
 }
 
 // ---- task lists ----
@@ -422,7 +424,7 @@ ringattn_status run_forward(const ringattn_fwd_params& p) {
   using A = typename Element<T>::Acc;
   const Shape s = make_shape(p.problem, p.groups);
   const int d = s.head_dim;
-  const A scale = resolve_scale<A>(p.problem.softmax_scale, d);
+  const A scale = resolve_scale<A>(p.problem);
   const View<const T> k = const_view<T>(p.k, p.k_row_stride, p.k_head_stride);
   const View<const T> v = const_view<T>(p.v, p.v_row_stride, p.v_head_stride);
   std::vector<View<const T>> q(s.groups);
@@ -619,7 +621,7 @@ ringattn_status run_backward(const ringattn_bwd_params& p) {
   using A = typename Element<T>::Acc;
   const Shape s = make_shape(p.problem, p.groups);
   const int d = s.head_dim;
-  const A scale = resolve_scale<A>(p.problem.softmax_scale, d);
+  const A scale = resolve_scale<A>(p.problem);
 
   BackwardTensors<T> x;
   x.k = const_view<T>(p.k, p.k_row_stride, p.k_head_stride);

@@ -41,8 +41,10 @@
 extern "C" {
 #endif
 
-/* Bumped whenever a struct below changes layout. The Python loader refuses a mismatch. */
-#define RINGATTN_ABI_VERSION 1
+/* Bumped whenever a struct below changes layout. The Python loader refuses a mismatch.
+ * 2: ringattn_problem.default_softmax_scale (the default scale has its own flag; a
+ *    softmax_scale <= 0 no longer means "default" and is rejected). */
+#define RINGATTN_ABI_VERSION 2
 /* The most query groups one call takes. */
 #define RINGATTN_MAX_GROUPS 16
 
@@ -101,11 +103,16 @@ typedef struct {
   int32_t num_heads_k;
   int32_t head_dim;
   int32_t num_groups; /* G, 1 .. RINGATTN_MAX_GROUPS */
-  float softmax_scale; /* <= 0 means 1/sqrt(head_dim) */
+  /* Scale of Q K^T: a finite float > 0 of normal magnitude (>= FLT_MIN), when
+   * default_softmax_scale is 0. default_softmax_scale = 1 means 1/sqrt(head_dim); softmax_scale
+   * must then be 0. Anything else (NaN, inf, <= 0, a subnormal, a flag other than 0/1) is
+   * rejected, so no value can silently turn into the default. */
+  float softmax_scale;
+  int32_t default_softmax_scale;
   int32_t causal;      /* bottom-right aligned */
   /* K/V: [total_k, Hk, D] */
   int64_t total_k;
-  int32_t max_seqlen_k;            /* hint only; kernels never trust it for memory safety */
+  int32_t max_seqlen_k;            /* hint only (>= 0); kernels never trust it for memory safety */
   const int32_t* cu_seqlens_k;     /* [B+1], on the call's device */
   /* Check cu_seqlens / seqused_k VALUES on the host before launching. Free on CPU (always on
    * there); on CUDA it copies them to the host and synchronises the stream, so it is off in
@@ -126,7 +133,7 @@ typedef struct {
   const int32_t* cu_seqlens_q; /* [B+1] */
   const int32_t* seqused_k;    /* [B] or NULL (all keys of each sequence) */
   int64_t total_q;
-  int32_t max_seqlen_q;   /* hint only */
+  int32_t max_seqlen_q;   /* hint only (>= 0) */
   int32_t reserved;
 } ringattn_fwd_group;
 

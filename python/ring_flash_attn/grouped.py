@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple, Union
 
+import torch
 from torch import Tensor
 
-from . import ops
+from . import _lib, ops
 from ._checks import check_flash_attn_defaults
 
 _grouped_fwd = ops.grouped_fwd
@@ -22,14 +23,21 @@ __all__ = ["grouped_flash_attn_varlen_func", "flash_attn_varlen_func"]
 
 
 def _resolve_scale(softmax_scale: Optional[float]) -> float:
-    # The C ABI treats a scale <= 0 as "1/sqrt(head_dim)", so the default is the library's, and
-    # a user-given scale must be positive to mean what it says.
+    """The ``softmax_scale`` argument of the ops: 0.0 for None (the library's 1/sqrt(head_dim)),
+    else the user's scale, which must be a positive float whose float32 value is finite and normal
+    (ValueError naming softmax_scale otherwise, e.g. for 1e-50, which float32 rounds to 0)."""
     if softmax_scale is None:
         return 0.0
-    scale = float(softmax_scale)
-    if not scale > 0.0:
-        raise ValueError(f"softmax_scale: expected a positive float or None, got {softmax_scale}")
-    return scale
+    return _lib.float32_scale(softmax_scale)
+
+
+def _seqlen_hint(value, name: str, what: str):
+    """A max_seqlen hint: an int in [0, 2**31 - 1] (ValueError naming `name` otherwise; a bool or a
+    float is not taken for an int). A SymInt (torch.compile with dynamic shapes) is checked when
+    the op runs."""
+    if isinstance(value, torch.SymInt):
+        return value
+    return _lib.int32_value(value, name, what)
 
 
 def grouped_flash_attn_varlen_func(
@@ -79,6 +87,9 @@ def grouped_flash_attn_varlen_func(
     q_list = list(q_list)
     G = len(q_list)
     seqused = [None] * G if seqused_k_list is None else list(seqused_k_list)
+    max_seqlen_q_list = [_seqlen_hint(m, f"max_seqlen_q_list[{g}]", "a hint: the longest query sequence of the group")
+                         for g, m in enumerate(max_seqlen_q_list)]
+    max_seqlen_k = _seqlen_hint(max_seqlen_k, "max_seqlen_k", "a hint: the longest key sequence")
     out_list, lse_list = _grouped_fwd(
         q_list,
         k,
@@ -86,7 +97,7 @@ def grouped_flash_attn_varlen_func(
         list(cu_seqlens_q_list),
         cu_seqlens_k,
         seqused,
-        list(max_seqlen_q_list),
+        max_seqlen_q_list,
         max_seqlen_k,
         _resolve_scale(softmax_scale),
         bool(causal),

@@ -17,8 +17,11 @@ Shapes (G groups, B sequences, Hq query heads, Hk KV heads, D head dim):
   seqused_k_list: empty, or G entries each None or [B] int32
   lse_list[g]: [Hq, total_q_g] float32 (natural log)
 
-``softmax_scale <= 0`` means the library default 1/sqrt(D). ``deterministic`` only affects the
-backward; the forward op takes it so that autograd can hand it on.
+``softmax_scale == 0.0`` means the library default 1/sqrt(D); any other value must be a positive
+float whose float32 value is finite and normal (ValueError otherwise: a value that the float32
+field would round to 0, inf or a subnormal never silently becomes the default or another scale).
+``max_seqlen_*`` are hints, ints in [0, 2**31 - 1]. ``deterministic`` only affects the backward;
+the forward op takes it so that autograd can hand it on.
 
 The kernels are registered with ``Library.define`` + ``Library.impl`` (not ``custom_op``, whose
 Python dispatch costs more per call), for CPU and CUDA with the same Python function, which passes
@@ -253,9 +256,22 @@ def _exec(device: torch.device) -> Tuple[_lib.Exec, int]:
     return ex, check_metadata
 
 
+def _max_seqlen_q(max_seqlen_q_list: Sequence[int], g: int) -> int:
+    return _lib.int32_value(max_seqlen_q_list[g], f"max_seqlen_q_list[{g}]",
+                            "a hint: the longest query sequence of the group")
+
+
 def _fill_common(params, checked, k, v, cu_seqlens_k, max_seqlen_k, softmax_scale, causal) -> None:
-    """The ringattn_problem, ringattn_exec and K/V fields shared by forward and backward."""
+    """The ringattn_problem, ringattn_exec and K/V fields shared by forward and backward. Every
+    value is checked before it is narrowed to its C type."""
     G, B, Hq, Hk, D, dtype, device, _, k_stride, v_stride = checked
+    for name, value, what in (("cu_seqlens_k", B + 1, "entries (batch_size + 1)"), ("q_list[0]", Hq, "heads"),
+                              ("k", Hk, "heads"), ("k", D, "elements in the head dim")):
+        if value > _lib.INT32_MAX:
+            raise ValueError(f"{name}: expected at most {_lib.INT32_MAX} {what}, got {value}")
+    max_seqlen_k = _lib.int32_value(max_seqlen_k, "max_seqlen_k", "a hint: the longest key sequence")
+    default_scale = softmax_scale == 0.0  # the ops' encoding of 1/sqrt(head_dim)
+    scale = 0.0 if default_scale else _lib.float32_scale(softmax_scale)
     params.exec, check_metadata = _exec(device)
     p = params.problem
     p.dtype = _DTYPE_CODES[dtype]
@@ -264,7 +280,8 @@ def _fill_common(params, checked, k, v, cu_seqlens_k, max_seqlen_k, softmax_scal
     p.num_heads_k = Hk
     p.head_dim = D
     p.num_groups = G
-    p.softmax_scale = softmax_scale
+    p.softmax_scale = scale
+    p.default_softmax_scale = 1 if default_scale else 0
     p.causal = 1 if causal else 0
     p.total_k = k.shape[0]
     p.max_seqlen_k = max_seqlen_k
@@ -333,7 +350,7 @@ def fwd_into(
         seqused = seqused_k_list[g] if have_seqused else None
         gr.seqused_k = seqused.data_ptr() if seqused is not None else None
         gr.total_q = q_shape[0]
-        gr.max_seqlen_q = max_seqlen_q_list[g]
+        gr.max_seqlen_q = _max_seqlen_q(max_seqlen_q_list, g)
     params.groups = groups
 
     workspace = _workspace(lib.ringattn_fwd_workspace_size, params, device)
@@ -410,7 +427,7 @@ def bwd_into(
         seqused = seqused_k_list[g] if have_seqused else None
         gr.seqused_k = seqused.data_ptr() if seqused is not None else None
         gr.total_q = q_shape[0]
-        gr.max_seqlen_q = max_seqlen_q_list[g]
+        gr.max_seqlen_q = _max_seqlen_q(max_seqlen_q_list, g)
     params.groups = groups
 
     workspace = _workspace(lib.ringattn_bwd_workspace_size, params, device)
@@ -577,7 +594,7 @@ def _add_lse_gradient(grad_lse_list, q_list, k, v, out_list, lse_list, meta, dq_
     """
     (cu_seqlens_q_list, cu_seqlens_k, seqused_k_list, max_seqlen_q_list, max_seqlen_k,
      softmax_scale, causal, deterministic) = meta
-    scale = softmax_scale if softmax_scale > 0 else 1.0 / math.sqrt(k.shape[-1])
+    scale = softmax_scale if softmax_scale != 0.0 else 1.0 / math.sqrt(k.shape[-1])
     G = len(q_list)
     # dlse [Hq, total_q] fp32 -> a per-row factor [total_q, Hq, 1]; unused groups get zeros.
     factors = []

@@ -501,6 +501,91 @@ INSTANTIATE_TEST_SUITE_P(AllDtypes, NonFinite, ::testing::ValuesIn(kAllDtypes),
                          [](const ::testing::TestParamInfo<int>& info) { return std::string(dtype_name(info.param)); });
 
 // ---------------------------------------------------------------------------------------------
+// host API validation of scalar arguments
+// ---------------------------------------------------------------------------------------------
+
+bool still_poisoned(const Tensor3& t) {
+  for (size_t i = 0; i < t.num_elems(); ++i)
+    if (t.bits_at(i) != poison_bits(t.dtype())) return false;
+  return true;
+}
+
+bool still_poisoned(const std::vector<float>& lse) {
+  for (float x : lse) {
+    uint32_t b;
+    std::memcpy(&b, &x, 4);
+    if (b != kLsePoison) return false;
+  }
+  return true;
+}
+
+// The default scale has its own flag: no float value (0, negative, NaN, inf, a subnormal that a
+// caller's 1e-50 would round to) is taken for "1/sqrt(head_dim)"; each is rejected, naming the
+// field, before anything is written.
+TEST(HostApiValidation, SoftmaxScaleDefaultHasItsOwnFlag) {
+  const CaseInputs in = make_inputs(single("scale", 20, 30, true, 2, 1, 64), RINGATTN_DTYPE_FP32, 21);
+  struct Bad {
+    int32_t flag;
+    float scale;
+    const char* field;
+  };
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const float inf = std::numeric_limits<float>::infinity();
+  const Bad bad[] = {{0, 0.0f, "softmax_scale"},   {0, -0.5f, "softmax_scale"},
+                     {0, nan, "softmax_scale"},    {0, inf, "softmax_scale"},
+                     {0, 1e-40f, "softmax_scale"}, {1, 0.125f, "softmax_scale"},
+                     {2, 0.0f, "default_softmax_scale"}};
+  for (const Bad& b : bad) {
+    SCOPED_TRACE("default_softmax_scale " + std::to_string(b.flag) + ", softmax_scale " + std::to_string(b.scale));
+    const ForwardResult f = run_forward(in, 1, [&](ringattn_fwd_params& p) {
+      p.problem.default_softmax_scale = b.flag;
+      p.problem.softmax_scale = b.scale;
+    });
+    EXPECT_EQ(f.status, RINGATTN_STATUS_INVALID_ARGUMENT);
+    EXPECT_EQ(f.error.rfind(b.field, 0), 0u) << f.error;
+    EXPECT_TRUE(still_poisoned(f.out[0]) && still_poisoned(f.lse[0]));
+    const ForwardResult ok = run_forward(in, 1);
+    ASSERT_EQ(ok.status, RINGATTN_STATUS_OK) << ok.error;
+    const BackwardResult bw = run_backward(in, ok, 1, [&](ringattn_bwd_params& p) {
+      p.problem.default_softmax_scale = b.flag;
+      p.problem.softmax_scale = b.scale;
+    });
+    EXPECT_EQ(bw.status, RINGATTN_STATUS_INVALID_ARGUMENT);
+    EXPECT_EQ(bw.error.rfind(b.field, 0), 0u) << bw.error;
+    EXPECT_TRUE(still_poisoned(bw.dk) && still_poisoned(bw.dv) && still_poisoned(bw.dq[0]));
+  }
+  // The flag and the explicit 1/sqrt(64) = 0.125 give the same bits.
+  const ForwardResult by_flag = run_forward(in, 1);
+  const ForwardResult explicit_scale = run_forward(in, 1, [](ringattn_fwd_params& p) {
+    p.problem.default_softmax_scale = 0;
+    p.problem.softmax_scale = 0.125f;
+  });
+  ASSERT_EQ(by_flag.status, RINGATTN_STATUS_OK) << by_flag.error;
+  ASSERT_EQ(explicit_scale.status, RINGATTN_STATUS_OK) << explicit_scale.error;
+  EXPECT_TRUE(same_bits("out", by_flag.out[0], explicit_scale.out[0]));
+  // A scale other than the default is used as given (not silently replaced).
+  const ForwardResult other = run_forward(in, 1, [](ringattn_fwd_params& p) {
+    p.problem.default_softmax_scale = 0;
+    p.problem.softmax_scale = 0.5f;
+  });
+  ASSERT_EQ(other.status, RINGATTN_STATUS_OK) << other.error;
+  EXPECT_FALSE(same_bits("out", by_flag.out[0], other.out[0]));
+}
+
+TEST(HostApiValidation, NegativeMaxSeqlenHintsAreRejected) {
+  const CaseInputs in = make_inputs(single("hints", 20, 30, true, 2, 1, 64), RINGATTN_DTYPE_FP32, 22);
+  const ForwardResult fk = run_forward(in, 1, [](ringattn_fwd_params& p) { p.problem.max_seqlen_k = -5; });
+  EXPECT_EQ(fk.status, RINGATTN_STATUS_INVALID_ARGUMENT);
+  EXPECT_EQ(fk.error.rfind("max_seqlen_k: expected >= 0, got -5", 0), 0u) << fk.error;
+  const ForwardResult fq = run_forward(in, 1, [](ringattn_fwd_params& p) {
+    const_cast<ringattn_fwd_group*>(p.groups)[0].max_seqlen_q = INT32_MIN;
+  });
+  EXPECT_EQ(fq.status, RINGATTN_STATUS_INVALID_ARGUMENT);
+  EXPECT_EQ(fq.error.rfind("max_seqlen_q (group 0): expected >= 0", 0), 0u) << fq.error;
+  EXPECT_TRUE(still_poisoned(fk.out[0]) && still_poisoned(fq.out[0]));
+}
+
+// ---------------------------------------------------------------------------------------------
 // fp16 / bf16 conversions, checked bit for bit through the ABI
 // ---------------------------------------------------------------------------------------------
 
