@@ -23,6 +23,14 @@
  * call returns a non-zero status, writes nothing and leaves a message naming the argument,
  * the expected and the actual value in ringattn_last_error() (thread-local).
  *
+ * Outputs (out, softmax_lse, dq, dk, dv, workspace) must not share memory with each other or
+ * with any input (tensors and metadata arrays), and an output's strides must not map two of
+ * its elements to one address. The host API checks this from pointers, shapes and strides
+ * alone (no data is read): exactly where the two tensors have the same strides (aliases,
+ * views into one packed buffer such as dk/dv halves of a [total_k, 2, Hk, D] gradient, which
+ * share no element and are accepted) or one is a contiguous range; tensors whose byte ranges
+ * interleave with different strides are not checked. Inputs may overlap each other.
+ *
  * Plain fixed-width types only: the Python package mirrors these structs with ctypes.
  */
 #ifndef RINGATTN_RINGATTN_H_
@@ -92,7 +100,8 @@ typedef struct {
   int32_t device_index; /* CUDA ordinal; ignored on CPU */
   void* stream;         /* cudaStream_t; ignored on CPU */
   int32_t tier;         /* ringattn_tier; ignored on CPU */
-  int32_t num_threads;  /* CPU backend threads; <= 0 means all hardware threads */
+  int32_t num_threads;  /* CPU backend threads; <= 0 means all hardware threads; capped at the
+                           hardware threads (std::thread::hardware_concurrency) */
 } ringattn_exec;
 
 /* Shape and metadata shared by forward and backward. */

@@ -6,14 +6,17 @@
 // was not touched, and that 1 and 4 threads give the same bits.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
 #include <random>
 #include <string>
+#include <thread>
 #include <tuple>
 #include <vector>
 
+#include "cpu/thread_pool.h"
 #include "naive_reference.h"
 #include "ringattn/ringattn.h"
 #include "test_util.h"
@@ -356,6 +359,20 @@ TEST(CpuBackendConventions, DefaultThreadCountGivesSameBits) {
   for (int g = 0; g < 2; ++g) EXPECT_TRUE(same_bits("dq", da.dq[g], db.dq[g]));
 }
 
+// exec.num_threads is capped at the hardware threads: torch.set_num_threads(30000) used to start
+// 30000 threads per call.
+TEST(CpuBackendConventions, ThreadCountIsCappedAtTheHardware) {
+  const unsigned hw = std::thread::hardware_concurrency();
+  const int64_t limit = hw == 0 ? ringattn::cpu::kThreadsIfHardwareUnknown : static_cast<int64_t>(hw);
+  const int64_t many_tasks = int64_t{1} << 20;
+  EXPECT_EQ(ringattn::cpu::resolve_num_threads(30000, many_tasks), limit);
+  EXPECT_EQ(ringattn::cpu::resolve_num_threads(0, many_tasks), limit);
+  EXPECT_EQ(ringattn::cpu::resolve_num_threads(-3, many_tasks), limit);
+  EXPECT_EQ(ringattn::cpu::resolve_num_threads(1, many_tasks), 1);
+  EXPECT_EQ(ringattn::cpu::resolve_num_threads(30000, 1), 1);  // never more than the tasks
+  EXPECT_EQ(ringattn::cpu::resolve_num_threads(30000, 0), 1);
+}
+
 // ---------------------------------------------------------------------------------------------
 // non-finite values: IEEE propagation, as on the GPU; only a row that sees no key is "empty"
 // ---------------------------------------------------------------------------------------------
@@ -583,6 +600,175 @@ TEST(HostApiValidation, NegativeMaxSeqlenHintsAreRejected) {
   EXPECT_EQ(fq.status, RINGATTN_STATUS_INVALID_ARGUMENT);
   EXPECT_EQ(fq.error.rfind("max_seqlen_q (group 0): expected >= 0", 0), 0u) << fq.error;
   EXPECT_TRUE(still_poisoned(fk.out[0]) && still_poisoned(fq.out[0]));
+}
+
+// ---------------------------------------------------------------------------------------------
+// host API validation of overlapping outputs
+// ---------------------------------------------------------------------------------------------
+
+constexpr uint32_t kFloatPoison = 0x7fdeadbeu;
+
+std::vector<float> poisoned_floats(size_t n) {
+  std::vector<float> v(n);
+  for (float& x : v) std::memcpy(&x, &kFloatPoison, 4);
+  return v;
+}
+
+bool all_poisoned(const std::vector<float>& v) {
+  for (float x : v) {
+    uint32_t b;
+    std::memcpy(&b, &x, 4);
+    if (b != kFloatPoison) return false;
+  }
+  return true;
+}
+
+// fp32, 20 queries and 30 keys of one sequence, Hq = 4, Hk = 2, D = 16.
+CaseInputs alias_case() { return make_inputs(single("alias", 20, 30, true, 4, 2, 16), RINGATTN_DTYPE_FP32, 23); }
+
+void expect_rejected(ringattn_status status, const std::string& error, const std::string& prefix) {
+  EXPECT_EQ(status, RINGATTN_STATUS_INVALID_ARGUMENT) << error;
+  EXPECT_EQ(error.rfind(prefix, 0), 0u) << "message: " << error << "\nexpected it to start with: " << prefix;
+}
+
+// An output whose own strides send two (row, head) pairs to one address: rows overlapping heads
+// (row stride = head_dim with 4 heads), and a subtler lattice (row stride 3 D, head stride 2 D:
+// row 0 head 3 is row 2 head 0), which needs 4 heads: with Hk = 2 heads the same strides are a
+// valid, non-overlapping layout.
+TEST(HostApiValidation, OutputOverlappingItselfIsRejected) {
+  const CaseInputs in = alias_case();
+  const int D = 16;
+  struct Layout3 {
+    int64_t row_stride, head_stride;
+    const char* what;
+  };
+  for (const Layout3& l : {Layout3{D, D, "rows overlap heads"}, Layout3{3 * D, 2 * D, "row 0 head 3 = row 2 head 0"}}) {
+    SCOPED_TRACE(l.what);
+    std::vector<float> out = poisoned_floats(64 * 64 * D);
+    const ForwardResult f = run_forward(in, 1, [&](ringattn_fwd_params& p) {
+      auto* g = const_cast<ringattn_fwd_group*>(p.groups);
+      g[0].out = out.data();
+      g[0].out_row_stride = l.row_stride;
+      g[0].out_head_stride = l.head_stride;
+    });
+    expect_rejected(f.status, f.error, "out (group 0): expected an output whose rows and heads do not overlap");
+    EXPECT_TRUE(all_poisoned(out) && still_poisoned(f.lse[0]));
+  }
+  // The second layout is fine for the 2 KV heads of dK: accepted, and the values are those of the
+  // contiguous run.
+  const ForwardResult f = run_forward(in, 1);
+  ASSERT_EQ(f.status, RINGATTN_STATUS_OK) << f.error;
+  const BackwardResult ref = run_backward(in, f, 1);
+  ASSERT_EQ(ref.status, RINGATTN_STATUS_OK) << ref.error;
+  std::vector<float> dk = poisoned_floats(30 * 3 * D + 4 * D);
+  const BackwardResult b = run_backward(in, f, 1, [&](ringattn_bwd_params& p) {
+    p.dk = dk.data();
+    p.dk_row_stride = 3 * D;
+    p.dk_head_stride = 2 * D;
+  });
+  ASSERT_EQ(b.status, RINGATTN_STATUS_OK) << b.error;
+  for (int64_t key = 0; key < 30; ++key)
+    for (int h = 0; h < 2; ++h)
+      for (int d = 0; d < D; ++d) ASSERT_EQ(dk[key * 3 * D + h * 2 * D + d], ref.dk.get(key, h, d));
+}
+
+TEST(HostApiValidation, ForwardOutputsOverlappingEachOtherOrAnInputAreRejected) {
+  const CaseInputs in = alias_case();
+  const std::vector<uint64_t> q_before(reinterpret_cast<const uint64_t*>(in.q[0].data()),
+                                       reinterpret_cast<const uint64_t*>(in.q[0].data()) + in.q[0].num_elems() / 2);
+  // out written over q (same layout): an output aliasing an input.
+  ForwardResult f = run_forward(in, 1, [&](ringattn_fwd_params& p) {
+    auto* g = const_cast<ringattn_fwd_group*>(p.groups);
+    g[0].out = const_cast<void*>(g[0].q);
+  });
+  expect_rejected(f.status, f.error, "out (group 0): expected an output that shares no memory with the input q (group 0)");
+  EXPECT_TRUE(std::equal(q_before.begin(), q_before.end(), reinterpret_cast<const uint64_t*>(in.q[0].data())));
+  // The LSE inside the output tensor.
+  std::vector<float> out = poisoned_floats(20 * 4 * 16 + 4 * 20);
+  f = run_forward(in, 1, [&](ringattn_fwd_params& p) {
+    auto* g = const_cast<ringattn_fwd_group*>(p.groups);
+    g[0].out = out.data();
+    g[0].softmax_lse = out.data() + 20 * 4 * 16 - 8;  // its first 8 floats are out's last row
+  });
+  expect_rejected(f.status, f.error, "softmax_lse (group 0): expected an output that shares no memory with the output out (group 0)");
+  EXPECT_TRUE(all_poisoned(out));
+  // The output over the metadata it reads.
+  f = run_forward(in, 1, [&](ringattn_fwd_params& p) {
+    auto* g = const_cast<ringattn_fwd_group*>(p.groups);
+    g[0].softmax_lse = const_cast<float*>(reinterpret_cast<const float*>(p.problem.cu_seqlens_k));
+  });
+  expect_rejected(f.status, f.error, "softmax_lse (group 0): expected an output that shares no memory with the input cu_seqlens_k");
+}
+
+TEST(HostApiValidation, BackwardGradientsOverlappingAreRejected) {
+  const CaseInputs in = alias_case();
+  const ForwardResult f = run_forward(in, 1);
+  ASSERT_EQ(f.status, RINGATTN_STATUS_OK) << f.error;
+  // dv on dk: dK would be lost.
+  BackwardResult b = run_backward(in, f, 1, [](ringattn_bwd_params& p) {
+    p.dv = p.dk;
+    p.dv_row_stride = p.dk_row_stride;
+    p.dv_head_stride = p.dk_head_stride;
+  });
+  expect_rejected(b.status, b.error, "dv: expected an output that shares no memory with the output dk");
+  EXPECT_TRUE(still_poisoned(b.dk) && still_poisoned(b.dq[0]));
+  // dk shifted by half a head inside dv's buffer: partial overlap.
+  b = run_backward(in, f, 1, [](ringattn_bwd_params& p) {
+    p.dk = static_cast<float*>(p.dv) + 8;
+    p.dk_row_stride = p.dv_row_stride;
+    p.dk_head_stride = p.dv_head_stride;
+  });
+  expect_rejected(b.status, b.error, "dv: expected an output that shares no memory with the output dk");
+  EXPECT_TRUE(still_poisoned(b.dv) && still_poisoned(b.dq[0]));
+  // dq over dout (an input).
+  b = run_backward(in, f, 1, [](ringattn_bwd_params& p) {
+    auto* g = const_cast<ringattn_bwd_group*>(p.groups);
+    g[0].dq = const_cast<void*>(g[0].dout);
+  });
+  expect_rejected(b.status, b.error, "dq (group 0): expected an output that shares no memory with the input dout (group 0)");
+  EXPECT_TRUE(still_poisoned(b.dk) && still_poisoned(b.dv));
+}
+
+// Views into one packed buffer interleave without sharing an element: dK and dV as the two
+// halves of a [total_k, 2, Hk, D] gradient, and q, k, v read from one packed [tokens, 3, H, D]
+// input (inputs may overlap). Accepted, with the values of the separate tensors.
+TEST(HostApiValidation, PackedViewsThatShareNoElementAreAccepted) {
+  const CaseInputs in = alias_case();
+  const int D = 16, Hk = 2;
+  const ForwardResult f = run_forward(in, 1);
+  ASSERT_EQ(f.status, RINGATTN_STATUS_OK) << f.error;
+  const BackwardResult ref = run_backward(in, f, 1);
+  ASSERT_EQ(ref.status, RINGATTN_STATUS_OK) << ref.error;
+  std::vector<float> dkv = poisoned_floats(30 * 2 * Hk * D);
+  const BackwardResult b = run_backward(in, f, 1, [&](ringattn_bwd_params& p) {
+    p.dk = dkv.data();
+    p.dv = dkv.data() + Hk * D;
+    p.dk_row_stride = p.dv_row_stride = 2 * Hk * D;
+    p.dk_head_stride = p.dv_head_stride = D;
+  });
+  ASSERT_EQ(b.status, RINGATTN_STATUS_OK) << b.error;
+  for (int64_t key = 0; key < 30; ++key)
+    for (int h = 0; h < Hk; ++h)
+      for (int d = 0; d < D; ++d) {
+        ASSERT_EQ(dkv[key * 2 * Hk * D + h * D + d], ref.dk.get(key, h, d));
+        ASSERT_EQ(dkv[key * 2 * Hk * D + Hk * D + h * D + d], ref.dv.get(key, h, d));
+      }
+  // k and v from one packed [30, 2, Hk, D] input.
+  std::vector<float> kv(30 * 2 * Hk * D);
+  for (int64_t key = 0; key < 30; ++key)
+    for (int h = 0; h < Hk; ++h)
+      for (int d = 0; d < D; ++d) {
+        kv[key * 2 * Hk * D + h * D + d] = static_cast<float>(in.k.get(key, h, d));
+        kv[key * 2 * Hk * D + Hk * D + h * D + d] = static_cast<float>(in.v.get(key, h, d));
+      }
+  const ForwardResult fp = run_forward(in, 1, [&](ringattn_fwd_params& p) {
+    p.k = kv.data();
+    p.v = kv.data() + Hk * D;
+    p.k_row_stride = p.v_row_stride = 2 * Hk * D;
+    p.k_head_stride = p.v_head_stride = D;
+  });
+  ASSERT_EQ(fp.status, RINGATTN_STATUS_OK) << fp.error;
+  EXPECT_TRUE(same_bits("out", fp.out[0], f.out[0]));
 }
 
 // ---------------------------------------------------------------------------------------------
