@@ -18,7 +18,7 @@ import numbers
 import os
 import threading
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 # ---- constants (keep in step with ringattn.h) ------------------------------------------------
 
@@ -332,22 +332,25 @@ def last_error() -> str:
     return msg.decode("utf-8", "replace") if msg else ""
 
 
-def check(status: int, what: str = "libringattn") -> None:
+def check(status: int, what: str = "", rename: Optional[Callable[[str], str]] = None) -> None:
     """Raise the Python exception matching a ``ringattn_status``, with the library's message.
 
-    INVALID_ARGUMENT -> ValueError, UNSUPPORTED -> NotImplementedError, anything else that is
-    not OK -> RuntimeError.
+    INVALID_ARGUMENT -> ValueError, UNSUPPORTED -> NotImplementedError (the message starts with
+    the argument's name, as the library wrote it or as ``rename`` maps it to the caller's
+    names); anything else that is not OK -> RuntimeError, prefixed with ``what`` (the operation,
+    e.g. "ring_flash_attn forward") and suffixed with the status name.
     """
     if status == STATUS_OK:
         return
     message = last_error() or "(no message)"
-    text = f"{what}: {message}"
+    if rename is not None:
+        message = rename(message)
     if status == STATUS_INVALID_ARGUMENT:
-        raise ValueError(text)
+        raise ValueError(message)
     if status == STATUS_UNSUPPORTED:
-        raise NotImplementedError(text)
+        raise NotImplementedError(message)
     name = _STATUS_NAMES.get(status, f"status {status}")
-    raise RuntimeError(f"{text} [{name}]")
+    raise RuntimeError(f"{what}: {message} [{name}]" if what else f"{message} [{name}]")
 
 
 # ---- queries -----------------------------------------------------------------------------------
@@ -384,7 +387,4 @@ def supported_head_dims(device_type: int) -> List[int]:
 
 def check_support(device_type: int, device_index: int, dtype: int, head_dim: int) -> None:
     """Raise (see ``check``) unless (device, dtype, head_dim) can run here."""
-    check(
-        get().ringattn_check_support(device_type, device_index, dtype, head_dim),
-        "ringattn_check_support",
-    )
+    check(get().ringattn_check_support(device_type, device_index, dtype, head_dim), "ring_flash_attn support query")

@@ -9,7 +9,9 @@ lse = -inf.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple, Union
+import contextlib
+import re
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -38,6 +40,28 @@ def _seqlen_hint(value, name: str, what: str):
     if isinstance(value, torch.SymInt):
         return value
     return _lib.int32_value(value, name, what)
+
+
+# flash_attn_varlen_func(q, ...) is the grouped op with G = 1: its errors name the caller's
+# arguments, not the op's lists.
+_GROUP0_ARGUMENT = re.compile(r"\b(q|cu_seqlens_q|max_seqlen_q|out|lse|dout|dq)_list\[0\]")
+_GROUP0_NAMES = {"lse": "softmax_lse"}
+
+
+def _single_group_names(message: str) -> str:
+    return _GROUP0_ARGUMENT.sub(lambda m: _GROUP0_NAMES.get(m.group(1), m.group(1)), message)
+
+
+@contextlib.contextmanager
+def _argument_names(rename: Callable[[str], str]) -> Iterator[None]:
+    """Rewrites the message of a ValueError / NotImplementedError raised inside with `rename`
+    (same exception object, same traceback)."""
+    try:
+        yield
+    except (ValueError, NotImplementedError) as e:
+        if e.args and isinstance(e.args[0], str):
+            e.args = (rename(e.args[0]),) + e.args[1:]
+        raise
 
 
 def grouped_flash_attn_varlen_func(
@@ -146,19 +170,20 @@ def flash_attn_varlen_func(
     check_flash_attn_defaults(dropout_p, window_size, alibi_slopes, softcap)
     if block_table is not None:
         raise NotImplementedError("block_table: paged KV cache is not supported; pass None")
-    out_list, lse_list = grouped_flash_attn_varlen_func(
-        [q],
-        k,
-        v,
-        [cu_seqlens_q],
-        cu_seqlens_k,
-        [max_seqlen_q],
-        max_seqlen_k,
-        softmax_scale=softmax_scale,
-        causal=causal,
-        return_lse=True,
-        deterministic=deterministic,
-    )
+    with _argument_names(_single_group_names):
+        out_list, lse_list = grouped_flash_attn_varlen_func(
+            [q],
+            k,
+            v,
+            [cu_seqlens_q],
+            cu_seqlens_k,
+            [max_seqlen_q],
+            max_seqlen_k,
+            softmax_scale=softmax_scale,
+            causal=causal,
+            return_lse=True,
+            deterministic=deterministic,
+        )
     if return_attn_probs:
         return out_list[0], lse_list[0], None
     return out_list[0]

@@ -44,6 +44,7 @@ from __future__ import annotations
 import ctypes
 import math
 import os
+import re
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -249,7 +250,8 @@ def _exec(device: torch.device) -> Tuple[_lib.Exec, int]:
         check_metadata = 1 if os.environ.get(ENV_CHECK_METADATA, "0") == "1" else 0
     elif device.type == "cpu":
         ex.device_type = _lib.DEVICE_CPU
-        ex.num_threads = torch.get_num_threads()
+        # torch's intra-op thread count; the library caps it at the hardware threads.
+        ex.num_threads = min(torch.get_num_threads(), _lib.INT32_MAX)
         check_metadata = 1  # free on the host
     else:
         raise ValueError(f"q_list[0]: expected a CPU or CUDA tensor, got device {device}")
@@ -295,10 +297,40 @@ def _fill_common(params, checked, k, v, cu_seqlens_k, max_seqlen_k, softmax_scal
     params.v_head_stride = v_stride[1]
 
 
-def _workspace(size_fn, params, device: torch.device) -> Optional[Tensor]:
+# The library names the fields of its C structs ("q (group 1)", "cu_seqlens_q[2] (group 0)",
+# "k.row_stride"); the ops' errors name the ops' arguments ("q_list[1]", "cu_seqlens_q_list[0][2]",
+# "k.stride(0)").
+_C_GROUP_FIELDS = {
+    "q": "q_list", "out": "out_list", "dout": "dout_list", "dq": "dq_list", "softmax_lse": "lse_list",
+    "cu_seqlens_q": "cu_seqlens_q_list", "seqused_k": "seqused_k_list", "max_seqlen_q": "max_seqlen_q_list",
+}
+_C_GROUP_FIELD = re.compile(
+    r"\b(total_q|" + "|".join(_C_GROUP_FIELDS) + r")(\.row_stride|\.head_stride)?((?:\[\d+\])?) \(group (\d+)\)")
+_C_STRIDE = re.compile(r"\b(k|v|dk|dv)\.(row|head)_stride\b")
+_STRIDE_DIM = {".row_stride": ".stride(0)", ".head_stride": ".stride(1)", None: ""}
+
+
+def _op_names(message: str) -> str:
+    """A library message with the C field names replaced by the ops' argument names."""
+    def group_field(m: "re.Match") -> str:
+        field, stride, index, g = m.group(1), m.group(2), m.group(3), m.group(4)
+        if field == "total_q":
+            return f"q_list[{g}].shape[0]"
+        return f"{_C_GROUP_FIELDS[field]}[{g}]{index}{_STRIDE_DIM[stride]}"
+
+    message = _C_GROUP_FIELD.sub(group_field, message)
+    return _C_STRIDE.sub(lambda m: f"{m.group(1)}.stride({0 if m.group(2) == 'row' else 1})", message)
+
+
+def _check_call(status: int, pass_name: str) -> None:
+    """Raise for a failed library call, naming the ops' arguments (see _lib.check)."""
+    _lib.check(status, f"ring_flash_attn {pass_name}", _op_names)
+
+
+def _workspace(size_fn, params, device: torch.device, pass_name: str) -> Optional[Tensor]:
     """Ask the library how much workspace the call needs; allocate it if any."""
     size = ctypes.c_size_t(0)
-    _lib.check(size_fn(ctypes.byref(params), ctypes.byref(size)), size_fn.__name__)
+    _check_call(size_fn(ctypes.byref(params), ctypes.byref(size)), pass_name)
     if size.value == 0:
         return None
     ws = torch.empty(size.value, dtype=torch.uint8, device=device)
@@ -353,8 +385,8 @@ def fwd_into(
         gr.max_seqlen_q = _max_seqlen_q(max_seqlen_q_list, g)
     params.groups = groups
 
-    workspace = _workspace(lib.ringattn_fwd_workspace_size, params, device)
-    _lib.check(lib.ringattn_grouped_fwd(ctypes.byref(params)), "ringattn_grouped_fwd")
+    workspace = _workspace(lib.ringattn_fwd_workspace_size, params, device, "forward")
+    _check_call(lib.ringattn_grouped_fwd(ctypes.byref(params)), "forward")
     # The workspace lives until the call has been issued; on CUDA the caching allocator hands
     # freed memory only to later work on the same stream, which runs after this kernel.
     del workspace
@@ -430,8 +462,8 @@ def bwd_into(
         gr.max_seqlen_q = _max_seqlen_q(max_seqlen_q_list, g)
     params.groups = groups
 
-    workspace = _workspace(lib.ringattn_bwd_workspace_size, params, device)
-    _lib.check(lib.ringattn_grouped_bwd(ctypes.byref(params)), "ringattn_grouped_bwd")
+    workspace = _workspace(lib.ringattn_bwd_workspace_size, params, device, "backward")
+    _check_call(lib.ringattn_grouped_bwd(ctypes.byref(params)), "backward")
     # The workspace lives until the call has been issued; on CUDA the caching allocator hands
     # freed memory only to later work on the same stream, which runs after this kernel.
     del workspace
