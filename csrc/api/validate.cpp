@@ -237,7 +237,8 @@ ringattn_status check_group_common(int g, int64_t total_q, int max_seqlen_q, con
 // this form: [rows, heads, head_dim] with a contiguous head dim, the LSE and the metadata arrays
 // (one segment), the workspace (one segment).
 struct Footprint {
-  std::string name;
+  const char* name = "";
+  int group = -1;  // -1 for shared tensors
   uintptr_t base = 0;
   int64_t n1 = 1, s1 = 0, n2 = 1, s2 = 0, seg = 0;
 
@@ -249,10 +250,18 @@ struct Footprint {
   }
 };
 
+// The argument's name as messages write it, e.g. "out (group 1)". Only built for a message.
+std::string footprint_name(const Footprint& f) {
+  std::string s = f.name;
+  if (f.group >= 0) s += " (group " + std::to_string(f.group) + ")";
+  return s;
+}
+
 // A contiguous range of `bytes` bytes.
-Footprint range_footprint(std::string name, const void* ptr, int64_t bytes) {
+Footprint range_footprint(const char* name, int group, const void* ptr, int64_t bytes) {
   Footprint f;
-  f.name = std::move(name);
+  f.name = name;
+  f.group = group;
   f.base = reinterpret_cast<uintptr_t>(ptr);
   f.seg = ptr != nullptr && bytes > 0 ? bytes : 0;
   return f;
@@ -263,7 +272,8 @@ Footprint range_footprint(std::string name, const void* ptr, int64_t bytes) {
 // stride first.
 Footprint tensor_footprint(const TensorArg& t, int head_dim, size_t elem_bytes) {
   Footprint f;
-  f.name = arg_name(t, nullptr);
+  f.name = t.name;
+  f.group = t.group;
   f.base = reinterpret_cast<uintptr_t>(t.ptr);
   if (t.ptr == nullptr || t.rows <= 0) return f;  // empty: no byte is addressed
   const int64_t e = static_cast<int64_t>(elem_bytes);
@@ -366,17 +376,19 @@ ringattn_status check_no_overlap(const std::vector<Footprint>& outputs, const st
       return failf(RINGATTN_STATUS_INVALID_ARGUMENT,
                    "%s: expected an output whose rows and heads do not overlap, got strides that map two "
                    "elements to one address",
-                   o.name.c_str());
+                   footprint_name(o).c_str());
     for (size_t j = 0; j < i; ++j)
       if (footprints_overlap(outputs[j], o) == Overlap::kYes)
         return failf(RINGATTN_STATUS_INVALID_ARGUMENT,
                      "%s: expected an output that shares no memory with the output %s, got overlapping %s and %s",
-                     o.name.c_str(), outputs[j].name.c_str(), describe(o).c_str(), describe(outputs[j]).c_str());
+                     footprint_name(o).c_str(), footprint_name(outputs[j]).c_str(), describe(o).c_str(),
+                     describe(outputs[j]).c_str());
     for (const Footprint& in : inputs)
       if (footprints_overlap(in, o) == Overlap::kYes)
         return failf(RINGATTN_STATUS_INVALID_ARGUMENT,
                      "%s: expected an output that shares no memory with the input %s, got overlapping %s and %s",
-                     o.name.c_str(), in.name.c_str(), describe(o).c_str(), describe(in).c_str());
+                     footprint_name(o).c_str(), footprint_name(in).c_str(), describe(o).c_str(),
+                     describe(in).c_str());
   }
   return RINGATTN_STATUS_OK;
 }
@@ -385,11 +397,10 @@ ringattn_status check_no_overlap(const std::vector<Footprint>& outputs, const st
 template <typename Group>
 void add_metadata_footprints(const ringattn_problem& pr, const Group* groups, std::vector<Footprint>& inputs) {
   const int64_t cu_bytes = static_cast<int64_t>(pr.batch_size + 1) * 4;
-  inputs.push_back(range_footprint("cu_seqlens_k", pr.cu_seqlens_k, cu_bytes));
+  inputs.push_back(range_footprint("cu_seqlens_k", -1, pr.cu_seqlens_k, cu_bytes));
   for (int g = 0; g < pr.num_groups; ++g) {
-    const std::string group = " (group " + std::to_string(g) + ")";
-    inputs.push_back(range_footprint("cu_seqlens_q" + group, groups[g].cu_seqlens_q, cu_bytes));
-    inputs.push_back(range_footprint("seqused_k" + group, groups[g].seqused_k, static_cast<int64_t>(pr.batch_size) * 4));
+    inputs.push_back(range_footprint("cu_seqlens_q", g, groups[g].cu_seqlens_q, cu_bytes));
+    inputs.push_back(range_footprint("seqused_k", g, groups[g].seqused_k, static_cast<int64_t>(pr.batch_size) * 4));
   }
 }
 
@@ -427,6 +438,8 @@ ringattn_status validate_fwd(const ringattn_fwd_params* params, bool need_data) 
   if (!need_data) return RINGATTN_STATUS_OK;
   const size_t e = dtype_size(pr.dtype);
   std::vector<Footprint> outputs, inputs;
+  outputs.reserve(2 * static_cast<size_t>(pr.num_groups) + 3);
+  inputs.reserve(6 * static_cast<size_t>(pr.num_groups) + 3);
   inputs.push_back(tensor_footprint({"k", -1, p.k, pr.total_k, p.k_row_stride, p.k_head_stride, pr.num_heads_k},
                                     pr.head_dim, e));
   inputs.push_back(tensor_footprint({"v", -1, p.v, pr.total_k, p.v_row_stride, p.v_head_stride, pr.num_heads_k},
@@ -437,11 +450,11 @@ ringattn_status validate_fwd(const ringattn_fwd_params* params, bool need_data) 
     inputs.push_back(tensor_footprint({"q", g, gr.q, gr.total_q, gr.q_row_stride, gr.q_head_stride, hq}, pr.head_dim, e));
     outputs.push_back(
         tensor_footprint({"out", g, gr.out, gr.total_q, gr.out_row_stride, gr.out_head_stride, hq}, pr.head_dim, e));
-    outputs.push_back(range_footprint("softmax_lse (group " + std::to_string(g) + ")", gr.softmax_lse,
+    outputs.push_back(range_footprint("softmax_lse", g, gr.softmax_lse,
                                       lse_bytes(pr, gr.total_q)));
   }
   add_metadata_footprints(pr, p.groups, inputs);
-  outputs.push_back(range_footprint("workspace", p.workspace, static_cast<int64_t>(std::min<size_t>(
+  outputs.push_back(range_footprint("workspace", -1, p.workspace, static_cast<int64_t>(std::min<size_t>(
                                                                    p.workspace_size, size_t{1} << 62))));
   return check_no_overlap(outputs, inputs);
 }
@@ -475,6 +488,8 @@ ringattn_status validate_bwd(const ringattn_bwd_params* params, bool need_data) 
   const size_t e = dtype_size(pr.dtype);
   const int d = pr.head_dim;
   std::vector<Footprint> outputs, inputs;
+  outputs.reserve(2 * static_cast<size_t>(pr.num_groups) + 3);
+  inputs.reserve(6 * static_cast<size_t>(pr.num_groups) + 3);
   inputs.push_back(tensor_footprint({"k", -1, p.k, pr.total_k, p.k_row_stride, p.k_head_stride, hk}, d, e));
   inputs.push_back(tensor_footprint({"v", -1, p.v, pr.total_k, p.v_row_stride, p.v_head_stride, hk}, d, e));
   outputs.push_back(tensor_footprint({"dk", -1, p.dk, pr.total_k, p.dk_row_stride, p.dk_head_stride, hk}, d, e));
@@ -485,12 +500,12 @@ ringattn_status validate_bwd(const ringattn_bwd_params* params, bool need_data) 
     inputs.push_back(tensor_footprint({"out", g, gr.out, gr.total_q, gr.out_row_stride, gr.out_head_stride, hq}, d, e));
     inputs.push_back(
         tensor_footprint({"dout", g, gr.dout, gr.total_q, gr.dout_row_stride, gr.dout_head_stride, hq}, d, e));
-    inputs.push_back(range_footprint("softmax_lse (group " + std::to_string(g) + ")", gr.softmax_lse,
+    inputs.push_back(range_footprint("softmax_lse", g, gr.softmax_lse,
                                      lse_bytes(pr, gr.total_q)));
     outputs.push_back(tensor_footprint({"dq", g, gr.dq, gr.total_q, gr.dq_row_stride, gr.dq_head_stride, hq}, d, e));
   }
   add_metadata_footprints(pr, p.groups, inputs);
-  outputs.push_back(range_footprint("workspace", p.workspace, static_cast<int64_t>(std::min<size_t>(
+  outputs.push_back(range_footprint("workspace", -1, p.workspace, static_cast<int64_t>(std::min<size_t>(
                                                                    p.workspace_size, size_t{1} << 62))));
   return check_no_overlap(outputs, inputs);
 }
