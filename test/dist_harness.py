@@ -1,19 +1,32 @@
 """Runs a worker in N gloo processes once per world size and collects each rank's JSON results
-(shared by the context-parallel CPU tests: test_zigzag_cpu.py, test_ring_variants_cpu.py).
+(shared by the context-parallel CPU tests: test_zigzag_cpu.py, test_ring_variants_cpu.py, ...).
 
 The worker is called as worker(rank, world_size, port, seed, out_dir) and must write
-out_dir/rank{rank}.json, whatever happens (exceptions go into the JSON, not out of the process)."""
+out_dir/rank{rank}.json, whatever happens (exceptions go into the JSON, not out of the process);
+finish_rank() writes it and tears the process group down in a safe order.
+
+Each rank's stdout and stderr (native output included: gloo's messages, std::terminate's) go to
+out_dir/rank{rank}.log, with Python's faulthandler dumping every thread's stack there on a fatal
+signal (SIGABRT, SIGSEGV, ...) and on SIGUSR1. When a rank fails, aborts, or leaves no JSON, or
+the ranks time out, the test fails with each rank's exit code and the end of its log."""
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
+import signal
 import socket
+import sys
 import time
-from typing import Callable, Dict, List
+import traceback
+from typing import Callable, Dict, List, Optional
 
 import pytest
 import torch
+
+# How much of each rank's log a failure report shows.
+_LOG_TAIL_LINES = 80
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -34,19 +47,127 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _log_path(out_dir: str, rank: int) -> str:
+    return os.path.join(out_dir, f"rank{rank}.log")
+
+
+def _rank_main(rank: int, worker: Callable, world_size: int, port: int, seed: int, out_dir: str) -> None:
+    """The spawned process: output into the rank's log, fatal-signal stacks on, then the worker.
+    An exception that escapes the worker is printed there with its traceback and re-raised.
+
+    After the worker returns (its results written, its process group destroyed by finish_rank)
+    the process ends with os._exit(0): nothing is left to run, and interpreter finalization with
+    gloo's C++ threads and objects still alive is a known way for a PyTorch process to abort at
+    exit (SIGABRT, "terminate called without an active exception") after all its work is done."""
+    log = open(_log_path(out_dir, rank), "w", buffering=1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(log.fileno(), 1)  # native writes (gloo, libstdc++'s "terminate called ...") too
+    os.dup2(log.fileno(), 2)
+    faulthandler.enable(file=log, all_threads=True)
+    faulthandler.register(signal.SIGUSR1, file=log, all_threads=True)
+    print(f"rank {rank} of {world_size}, pid {os.getpid()}, port {port}, seed {seed}", flush=True)
+    try:
+        worker(rank, world_size, port, seed, out_dir)
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        raise
+    print(f"rank {rank}: worker returned", flush=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def finish_rank(rank: int, out_dir: str, results: dict) -> None:
+    """The end of every worker, in its `finally`: writes out_dir/rank{rank}.json first (so the
+    results survive whatever follows), then waits at a barrier until every rank is done with the
+    process group, then destroys it. Without the barrier the first rank to finish tears down its
+    gloo group (and, on rank 0, the TCP store) while a slower rank still talks to it; without
+    destroy_process_group, gloo's worker threads are torn down at interpreter exit, which
+    aborts the process ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(results, f)
+    if not dist.is_initialized():
+        return
+    try:
+        dist.barrier()
+    except Exception:  # noqa: BLE001 - a peer is gone or stuck: still destroy the group
+        print(f"rank {rank}: barrier before destroy_process_group failed:", file=sys.stderr)
+        traceback.print_exc()
+    finally:
+        dist.destroy_process_group()
+
+
+def _tail(path: str, lines: int = _LOG_TAIL_LINES) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            text = f.readlines()
+    except OSError as e:
+        return f"(no log: {e})"
+    cut = text[-lines:]
+    head = f"(last {len(cut)} of {len(text)} lines)\n" if len(text) > lines else ""
+    return head + "".join(cut)
+
+
+def _failure_report(what: str, ctx, world_size: int, out_dir: str) -> str:
+    parts = [f"{world_size} gloo processes: {what}"]
+    for r, p in enumerate(ctx.processes):
+        code = p.exitcode
+        status = "running" if code is None else (f"killed by signal {-code} ({signal.Signals(-code).name})"
+                                                 if code < 0 else f"exit code {code}")
+        json_state = "wrote" if os.path.exists(os.path.join(out_dir, f"rank{r}.json")) else "did NOT write"
+        parts.append(f"---- rank {r}: {status}; {json_state} rank{r}.json; log {_log_path(out_dir, r)}:\n"
+                     + _tail(_log_path(out_dir, r)))
+    return "\n".join(parts)
+
+
+def _stop(ctx, grace_s: float = 3.0) -> None:
+    """Dumps the stacks of the ranks still running into their logs (SIGUSR1), then kills them."""
+    alive = [p for p in ctx.processes if p.is_alive()]
+    for p in alive:
+        try:
+            os.kill(p.pid, signal.SIGUSR1)
+        except OSError:
+            pass
+    time.sleep(grace_s if alive else 0)
+    for p in alive:
+        if p.is_alive():
+            p.kill()
+        p.join(5)
+
+
 def spawn_and_collect(worker: Callable, world_size: int, seed: int, out_dir: str, timeout_s: float) -> List[dict]:
-    """Spawns `world_size` processes of `worker`, waits at most `timeout_s`, returns per-rank results."""
+    """Spawns `world_size` processes of `worker`, waits at most `timeout_s`, returns per-rank results.
+    Fails the test with every rank's exit code and log tail if a rank fails or aborts, leaves no
+    JSON, or the ranks do not finish in time."""
     import torch.multiprocessing as mp
 
     os.makedirs(out_dir, exist_ok=True)
-    ctx = mp.spawn(worker, args=(world_size, free_port(), seed, out_dir), nprocs=world_size, join=False)
+    for r in range(world_size):  # a leftover from an earlier run must not pass for this one's
+        for name in (f"rank{r}.json", f"rank{r}.log"):
+            if os.path.exists(os.path.join(out_dir, name)):
+                os.remove(os.path.join(out_dir, name))
+    ctx = mp.spawn(_rank_main, args=(worker, world_size, free_port(), seed, out_dir), nprocs=world_size,
+                   join=False)
     deadline = time.monotonic() + timeout_s
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail(f"{world_size} gloo processes did not finish in {timeout_s} s")
+    failure: Optional[str] = None
+    try:
+        while not ctx.join(timeout=5):
+            if time.monotonic() > deadline:
+                failure = f"did not finish in {timeout_s} s (stacks of the ranks still running are in their logs)"
+                break
+    except Exception as e:  # noqa: BLE001 - ProcessRaisedException / ProcessExitedException
+        failure = f"a rank failed: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+    if failure is not None:
+        _stop(ctx)
+        pytest.fail(_failure_report(failure, ctx, world_size, out_dir), pytrace=False)
+    missing = [r for r in range(world_size) if not os.path.exists(os.path.join(out_dir, f"rank{r}.json"))]
+    if missing:
+        pytest.fail(_failure_report(f"rank(s) {missing} exited without writing their results", ctx, world_size,
+                                    out_dir), pytrace=False)
     per_rank = []
     for r in range(world_size):
         with open(os.path.join(out_dir, f"rank{r}.json")) as f:
@@ -55,17 +176,26 @@ def spawn_and_collect(worker: Callable, world_size: int, seed: int, out_dir: str
 
 
 class CachedSpawns:
-    """One spawn per world size per test session; later tests reuse its results."""
+    """One spawn per world size per test session; later tests reuse its results (or its failure,
+    reported again without spawning again)."""
 
     def __init__(self, worker: Callable, seed: int, name: str, timeout_s: float):
         self.worker, self.seed, self.name, self.timeout_s = worker, seed, name, timeout_s
         self._results: Dict[int, List[dict]] = {}
+        self._failures: Dict[int, str] = {}
 
     def __call__(self, world_size: int, tmp_root: str) -> List[dict]:
+        if world_size in self._failures:
+            pytest.fail(f"(the spawn shared by this test failed earlier)\n{self._failures[world_size]}",
+                        pytrace=False)
         if world_size not in self._results:
             out_dir = os.path.join(tmp_root, f"{self.name}_w{world_size}")
-            self._results[world_size] = spawn_and_collect(self.worker, world_size, self.seed, out_dir,
-                                                          self.timeout_s)
+            try:
+                self._results[world_size] = spawn_and_collect(self.worker, world_size, self.seed, out_dir,
+                                                              self.timeout_s)
+            except pytest.fail.Exception as e:
+                self._failures[world_size] = str(e)
+                raise
         return self._results[world_size]
 
 

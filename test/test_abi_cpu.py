@@ -150,5 +150,17 @@ def test_abi_version_mismatch_is_refused(monkeypatch, tmp_path):
     src.write_text(_STUB)
     subprocess.run([cc, "-shared", "-fPIC", str(src), "-o", str(so)], check=True)
     monkeypatch.setattr(_lib, "candidate_paths", lambda: [so])
-    with pytest.raises(RuntimeError, match=r"C ABI version 999.*expects version 1.*pip install \."):
+    with pytest.raises(RuntimeError, match=rf"C ABI version 999.*expects version {_lib.ABI_VERSION}.*pip install \."):
         _lib._load()
+
+
+def test_package_ships_py_typed():
+    """PEP 561 marker: type checkers use the package's hints. scikit-build-core puts every file of
+    the wheel.packages folder that git does not ignore into the wheel, py.typed included."""
+    package = REPO / "python" / "ring_flash_attn"
+    assert (package / "py.typed").is_file()
+    assert 'wheel.packages = ["python/ring_flash_attn"]' in (REPO / "pyproject.toml").read_text()
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("needs git and a checkout to ask whether py.typed is ignored")
+    ignored = subprocess.run(["git", "-C", str(REPO), "check-ignore", "-q", str(package / "py.typed")])
+    assert ignored.returncode == 1, "py.typed is git-ignored, so the wheel would leave it out"

@@ -448,3 +448,47 @@ def test_kernel_tier_rejects_unknown_names(monkeypatch):
     monkeypatch.setenv("RING_FLASH_ATTN_TIER", "sm75")
     with pytest.raises(ValueError, match=r"RING_FLASH_ATTN_TIER: expected one of \['auto', 'sm80', 'sm90'\], got 'sm75'"):
         ops._kernel_tier()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=dtype_id)
+def test_nan_in_one_query_reaches_its_row_and_the_gradients(dtype):
+    """A NaN in one element of q makes that row's out and lse NaN and, through autograd, its dq
+    and the dk, dv of every key it sees; rows and keys it does not touch keep their values
+    (as on the GPU: a NaN is never mistaken for "this row sees no key")."""
+    case = make_case([[9, 12]], [9, 14], 4, 2, 32, torch.float32, seed=31)
+    clean = case.to(dtype, requires_grad=True)
+    poisoned = case.to(dtype, requires_grad=True)
+    with torch.no_grad():
+        poisoned.q_list[0][4, 3, 7] = float("nan")  # sequence 0, row 4, head 3 (KV head 1)
+    results = []
+    for c in (clean, poisoned):
+        (out,), (lse,) = grouped_flash_attn_varlen_func(*c.api_args(), causal=True, return_lse=True)
+        dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+        results.append((out, lse, *torch.autograd.grad(out, [c.q_list[0], c.k, c.v], dout)))
+    (out_c, lse_c, dq_c, dk_c, dv_c), (out, lse, dq, dk, dv) = results
+    assert torch.isnan(out[4, 3]).all() and torch.isnan(lse[3, 4])
+    assert torch.isnan(dq[4, 3]).all()
+    # Causal bottom-right in sequence 0 (Lq 9, Lk 9): row 4 sees keys 0 .. 4, of KV head 1.
+    assert torch.isnan(dk[:5, 1]).all() and torch.isnan(dv[:5, 1]).all()
+    nan_rows = torch.zeros(out.shape[:2], dtype=torch.bool)
+    nan_rows[4, 3] = True
+    torch.testing.assert_close(out[~nan_rows], out_c[~nan_rows], rtol=0, atol=0)
+    torch.testing.assert_close(dq[~nan_rows], dq_c[~nan_rows], rtol=0, atol=0)
+    nan_keys = torch.zeros(dk.shape[:2], dtype=torch.bool)
+    nan_keys[:5, 1] = True
+    torch.testing.assert_close(dk[~nan_keys], dk_c[~nan_keys], rtol=0, atol=0)
+    torch.testing.assert_close(dv[~nan_keys], dv_c[~nan_keys], rtol=0, atol=0)
+    lse_mask = torch.ones_like(lse, dtype=torch.bool)
+    lse_mask[3, 4] = False
+    torch.testing.assert_close(lse[lse_mask], lse_c[lse_mask], rtol=0, atol=0)
+
+
+def test_overflowing_fp32_scores_are_not_zeros():
+    """fp32 q and k of 1e20 overflow q.k to +inf: out is NaN (inf - inf), as IEEE arithmetic
+    gives, never the zeros of a row that sees no key."""
+    case = make_case([[6]], [6], 2, 2, 16, torch.float32, seed=32)
+    q = case.q_list[0].abs() * 1e20
+    k = case.k.abs() * 1e20
+    out, lse, _ = flash_attn_varlen_func(q, k, case.v, case.cu_seqlens_q_list[0], case.cu_seqlens_k,
+                                         6, 6, return_attn_probs=True)
+    assert torch.isnan(out).all() and torch.isnan(lse).all()

@@ -4,12 +4,14 @@ with a message naming the argument, and a rejected call writes nothing."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
 
 from cases import make_case
-from ring_flash_attn import _lib, flash_attn_varlen_func, grouped_flash_attn_varlen_func
+from ring_flash_attn import (_lib, flash_attn_varlen_func, grouped_flash_attn_varlen_func, ring_flash_attn_func,
+                             stripe_flash_attn_func, zigzag_ring_flash_attn_func)
 from ring_flash_attn import ops as rfa_ops
 
 
@@ -163,8 +165,57 @@ def test_mismatched_list_lengths(which):
 
 def test_negative_softmax_scale():
     c = _case()
-    with pytest.raises(ValueError, match=r"softmax_scale: expected a positive float"):
+    with pytest.raises(ValueError, match=r"softmax_scale: expected a positive"):
         _call(c, softmax_scale=-1.0)
+
+
+@pytest.mark.parametrize("scale", [1e-50, 1e-40, 1e39, math.inf, math.nan, 0.0, -0.5, "0.5", True],
+                         ids=["underflows", "subnormal", "overflows", "inf", "nan", "zero", "negative", "str",
+                              "bool"])
+def test_softmax_scale_that_float32_cannot_hold_is_rejected(scale):
+    # 1e-50 used to become 0.0f in the C struct, which meant "default 1/sqrt(D)": silently.
+    c = _case()
+    with pytest.raises(ValueError, match=r"^softmax_scale: expected a positive"):
+        _call(c, softmax_scale=scale)
+
+
+@pytest.mark.parametrize("scale", [1e-50, -1.0, math.nan, 1e39])
+def test_op_softmax_scale_is_checked_before_narrowing(scale):
+    # At the op level 0.0 means the default; any other value must be a usable float32 scale
+    # (a negative one used to be taken for the default as well).
+    c = _case()
+    args = list(c.op_args())
+    args[8] = scale
+    with pytest.raises(ValueError, match=r"^softmax_scale: expected a positive"):
+        rfa_ops.grouped_fwd(*args)
+
+
+def test_small_but_normal_softmax_scale_is_used_as_given():
+    c = _case(G=1)
+    tiny = 1e-30  # a normal float32: scores ~1e-30, so every visible key weighs the same
+    outs = _call(c, softmax_scale=tiny, causal=False)
+    default = _call(c, causal=False)
+    assert not torch.equal(outs[0], default[0])
+    q0 = c.q_list[0]
+    cu_k = c.cu_seqlens_k.tolist()
+    for b, (s, e) in enumerate(zip(c.cu_seqlens_q_list[0].tolist(), c.cu_seqlens_q_list[0].tolist()[1:])):
+        mean_v = c.v[cu_k[b]:cu_k[b + 1]].mean(0).repeat_interleave(q0.shape[1] // c.v.shape[1], 0)
+        torch.testing.assert_close(outs[0][s:e], mean_v.expand(e - s, -1, -1), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("value", [2**32 + 5, 2**31, -1, 3.0, True])
+@pytest.mark.parametrize("which", ["max_seqlen_q", "max_seqlen_k"])
+def test_max_seqlen_hint_is_checked_before_narrowing(which, value):
+    # ctypes wraps modulo 2**32: 2**32 + 5 became 5 and 2**31 became -2147483648.
+    c = _case()
+    if which == "max_seqlen_q":
+        c.max_seqlen_q_list = [value] + c.max_seqlen_q_list[1:]
+        name = r"max_seqlen_q_list\[0\]"
+    else:
+        c.max_seqlen_k = value
+        name = "max_seqlen_k"
+    with pytest.raises(ValueError, match=rf"^{name}: expected (an int in \[0, 2147483647\]|a Python int)"):
+        _call(c)
 
 
 def test_device_mismatch():
@@ -229,19 +280,19 @@ def test_cu_seqlens_k_exceeds_total():
 def test_cu_seqlens_q_exceeds_total():
     c = _case()
     c.cu_seqlens_q_list[1] = torch.tensor([0, 6, 10], dtype=torch.int32)
-    with pytest.raises(ValueError, match=r"cu_seqlens_q\[2\] \(group 1\).*\(9\), got 10"):
+    with pytest.raises(ValueError, match=r"cu_seqlens_q_list\[1\]\[2\]: .*\(9\), got 10"):
         _call(c)
 
 
 def test_cu_seqlens_q_not_monotone():
     c = _case()
     c.cu_seqlens_q_list[0] = torch.tensor([0, 11, 10], dtype=torch.int32)
-    with pytest.raises(ValueError, match=r"cu_seqlens_q\[2\] \(group 0\)"):
+    with pytest.raises(ValueError, match=r"cu_seqlens_q_list\[0\]\[2\]: "):
         _call(c)
 
 
-@pytest.mark.parametrize("used, match", [([11, 3], r"seqused_k\[0\] \(group 1\).*\(10\), got 11"),
-                                         ([3, -1], r"seqused_k\[1\] \(group 1\).*got -1")])
+@pytest.mark.parametrize("used, match", [([11, 3], r"seqused_k_list\[1\]\[0\]: .*\(10\), got 11"),
+                                         ([3, -1], r"seqused_k_list\[1\]\[1\]: .*got -1")])
 def test_seqused_k_out_of_range(used, match):
     c = _case(seqused=[None, used])
     with pytest.raises(ValueError, match=match):
@@ -304,6 +355,161 @@ def test_flash_attn_varlen_func_errors_name_arguments():
                                c.cu_seqlens_k.long(), 10, 10)
 
 
+@pytest.mark.parametrize("window_size", [5, "ab", (1, 2, 3), (1.0, -1.0), None], ids=repr)
+def test_window_size_that_is_not_a_pair(window_size):
+    c = _case(G=1)
+    with pytest.raises(ValueError, match=r"^window_size: expected a \(left, right\) pair of ints"):
+        flash_attn_varlen_func(c.q_list[0], c.k, c.v, c.cu_seqlens_q_list[0], c.cu_seqlens_k, 10, 10,
+                               window_size=window_size)
+    q = torch.randn(1, 4, 2, 8)
+    with pytest.raises(ValueError, match=r"^window_size: expected a \(left, right\) pair of ints"):
+        ring_flash_attn_func(q, q, q, window_size=window_size)
+
+
+@pytest.mark.parametrize("func", [ring_flash_attn_func, zigzag_ring_flash_attn_func, stripe_flash_attn_func],
+                         ids=lambda f: f.__name__)
+def test_batch_of_zero_sequences_names_q(func):
+    # It used to fail deep inside with "cu_seqlens_k: expected at least 2 elements", an argument
+    # the caller never passed.
+    x = torch.randn(0, 8, 2, 16)
+    with pytest.raises(ValueError, match=r"^q: expected a batch of at least one sequence \[batch, local_seqlen"):
+        func(x, x, x)
+
+
+def _flash_attn_error(c, **kw):
+    args = dict(q=c.q_list[0], k=c.k, v=c.v, cu_seqlens_q=c.cu_seqlens_q_list[0], cu_seqlens_k=c.cu_seqlens_k,
+                max_seqlen_q=c.max_seqlen_q_list[0], max_seqlen_k=c.max_seqlen_k)
+    args.update(kw)
+    with pytest.raises((ValueError, NotImplementedError)) as info:
+        flash_attn_varlen_func(**args)
+    return str(info.value)
+
+
+@pytest.mark.parametrize("what, expected", [
+    ("q_dtype", r"q: expected dtype float16, bfloat16, float32 or float64, got torch.int32"),
+    ("q_ndim", r"q: expected a 3-D tensor"),
+    ("k_dtype", r"k: expected dtype torch.float32 \(the dtype of q\), got torch.float16"),
+    ("cu_seqlens_q_len", r"cu_seqlens_q: expected 3 elements \(batch_size \+ 1, as cu_seqlens_k\), got 2"),
+    ("cu_seqlens_q_value", r"forward: cu_seqlens_q\[2\]: expected <= the number of tokens in the tensor \(17\), got 18"),
+    ("max_seqlen_q", r"max_seqlen_q: expected an int in \[0, 2147483647\]"),
+    ("q_row_stride", r"q.stride\(0\): expected a row \(token\) stride >= head_dim \(32\) elements, got 16"),
+    ("head_dim", r"head_dim: expected a multiple of 8 in \[8, 256\] on CPU, got 12"),
+])
+def test_flash_attn_varlen_func_errors_name_its_own_arguments(what, expected):
+    """flash_attn_varlen_func(q, ...) is the grouped op with one group: its errors name q,
+    cu_seqlens_q, max_seqlen_q (not q_list[0], cu_seqlens_q_list[0], C struct fields) and no C
+    function (such as ringattn_fwd_workspace_size)."""
+    c = _case(G=1)
+    kw = {}
+    if what == "q_dtype":
+        kw["q"] = c.q_list[0].to(torch.int32)
+    elif what == "q_ndim":
+        kw["q"] = c.q_list[0][0]
+    elif what == "k_dtype":
+        kw["k"] = c.k.half()
+    elif what == "cu_seqlens_q_len":
+        kw["cu_seqlens_q"] = c.cu_seqlens_q_list[0][:2]
+    elif what == "cu_seqlens_q_value":
+        kw["cu_seqlens_q"] = torch.tensor([0, 10, 18], dtype=torch.int32)
+    elif what == "max_seqlen_q":
+        kw["max_seqlen_q"] = 2**31
+    elif what == "q_row_stride":  # rows 16 elements apart, heads of 32: not a valid layout
+        q = c.q_list[0]
+        kw["q"] = torch.empty(q.numel() * 4).as_strided(q.shape, (16, q.shape[0] * 16 + 32, 1))
+    elif what == "head_dim":
+        kw.update(q=c.q_list[0][..., :12].contiguous(), k=c.k[..., :12].contiguous(), v=c.v[..., :12].contiguous())
+    message = _flash_attn_error(c, **kw)
+    assert re.match(expected, message), message
+    for internal in ("_list", "ringattn_", "(group", "row_stride", "head_stride"):
+        assert internal not in message, message
+
+
+def test_op_errors_name_the_op_arguments():
+    """The library's C field names ("q (group 1)", "cu_seqlens_q[2] (group 1)", "k.row_stride")
+    reach the ops' callers as the ops' argument names."""
+    c = _case(G=2)
+    q = c.q_list[1]
+    c.q_list[1] = torch.empty(q.numel() * 4).as_strided(q.shape, (16, q.shape[0] * 16 + 32, 1))
+    with pytest.raises(ValueError) as info:
+        rfa_ops.grouped_fwd(*c.op_args())
+    assert str(info.value).startswith("q_list[1].stride(0): expected a row (token) stride >= head_dim (32)"), info.value
+    c = _case(G=2)
+    k = c.k
+    c.k = torch.empty(k.numel() * 4).as_strided(k.shape, (k.shape[1] * 32, 8, 1))
+    c.v = c.k
+    with pytest.raises(ValueError) as info:
+        rfa_ops.grouped_fwd(*c.op_args())
+    assert str(info.value).startswith("k.stride(1): expected a head stride >= head_dim (32)"), info.value
+
+
+# ---- overlapping outputs ------------------------------------------------------------------------
+
+
+def test_backward_rejects_dv_aliasing_dk():
+    c = _case(seqused=[None, [3, 3]])
+    args = c.op_args(causal=True)
+    outs, lses = rfa_ops.grouped_fwd(*args)
+    douts = [torch.randn_like(o) for o in outs]
+    (q_list, k, v, cu_q, cu_k, seqused, max_q, max_k, scale, causal, det) = args
+    dqs = [torch.full_like(q, SENTINEL) for q in q_list]
+    dk = torch.full_like(k, SENTINEL)
+    with pytest.raises(ValueError, match=r"^dv: expected an output that shares no memory with the output dk"):
+        rfa_ops.bwd_into(douts, q_list, k, v, outs, lses, cu_q, cu_k, seqused, max_q, max_k, scale, causal, det,
+                         dqs, dk, dk)
+    for t in (*dqs, dk):
+        assert torch.all(t == SENTINEL)
+    # dq of group 1 over dq of group 0
+    dv = torch.full_like(v, SENTINEL)
+    with pytest.raises(ValueError, match=r"^dq_list\[1\]: expected an output that shares no memory with the output "
+                                         r"dq_list\[0\]"):
+        rfa_ops.bwd_into(douts, q_list, k, v, outs, lses, cu_q, cu_k, seqused, max_q, max_k, scale, causal, det,
+                         [dqs[0], dqs[0][:q_list[1].shape[0]]], dk, dv)
+    for t in (*dqs, dk, dv):
+        assert torch.all(t == SENTINEL)
+
+
+def test_forward_rejects_overlapping_outputs():
+    c = _case()
+    q0 = c.q_list[0]
+    T, H, D = q0.shape
+    outs, lses = _prefilled_fwd_outputs(c)
+    args = c.op_args()[:-3]
+    # Rows and heads on top of each other: row stride D with H heads of D elements.
+    buf = torch.full((T * D + H * D,), SENTINEL)
+    overlapping = buf.as_strided((T, H, D), (D, D, 1))
+    with pytest.raises(ValueError, match=r"^out_list\[0\]: expected an output whose rows and heads do not overlap"):
+        rfa_ops.fwd_into(*args, 0.0, True, [overlapping, outs[1]], lses)
+    # The output written over the input q.
+    with pytest.raises(ValueError, match=r"^out_list\[0\]: expected an output that shares no memory with the input "
+                                         r"q_list\[0\]"):
+        rfa_ops.fwd_into(*args, 0.0, True, [q0, outs[1]], lses)
+    # Both groups' LSE in one tensor.
+    with pytest.raises(ValueError, match=r"^lse_list\[1\]: expected an output that shares no memory with the output "
+                                         r"lse_list\[0\]"):
+        rfa_ops.fwd_into(*args, 0.0, True, outs, [lses[0], lses[0].view(-1)[:lses[1].numel()].view(lses[1].shape)])
+    assert torch.all(buf == SENTINEL)
+    for t in (*outs, *lses):
+        assert torch.all(t == SENTINEL)
+
+
+def test_packed_gradient_views_are_accepted():
+    """dk and dv as the two halves of one [total_k, 2, Hk, D] tensor interleave without sharing
+    an element: accepted, same values as separate tensors."""
+    c = _case()
+    args = c.op_args(causal=True)
+    outs, lses = rfa_ops.grouped_fwd(*args)
+    douts = [torch.randn_like(o) for o in outs]
+    (q_list, k, v, cu_q, cu_k, seqused, max_q, max_k, scale, causal, det) = args
+    ref_dq, ref_dk, ref_dv = rfa_ops.grouped_bwd(douts, q_list, k, v, outs, lses, cu_q, cu_k, seqused, max_q, max_k,
+                                                 scale, causal, det)
+    dkv = torch.full((k.shape[0], 2, *k.shape[1:]), SENTINEL)
+    dqs = [torch.empty_like(q) for q in q_list]
+    rfa_ops.bwd_into(douts, q_list, k, v, outs, lses, cu_q, cu_k, seqused, max_q, max_k, scale, causal, det,
+                     dqs, dkv[:, 0], dkv[:, 1])
+    torch.testing.assert_close(dkv[:, 0], ref_dk, rtol=0, atol=0)
+    torch.testing.assert_close(dkv[:, 1], ref_dv, rtol=0, atol=0)
+
+
 # ---- a rejected call writes nothing ------------------------------------------------------------
 
 SENTINEL = 12.5
@@ -342,7 +548,7 @@ def test_rejected_backward_writes_nothing():
     seqused = [None, torch.tensor([3, 8], dtype=torch.int32)]
     dqs = [torch.full_like(q, SENTINEL) for q in q_list]
     dk, dv = torch.full_like(k, SENTINEL), torch.full_like(v, SENTINEL)
-    with pytest.raises(ValueError, match=r"seqused_k\[1\] \(group 1\)"):
+    with pytest.raises(ValueError, match=r"seqused_k_list\[1\]\[1\]: "):
         rfa_ops.bwd_into(douts, q_list, k, v, outs, lses, cu_q, cu_k, seqused, max_q, max_k,
                          scale, causal, det, dqs, dk, dv)
     for t in (*dqs, dk, dv):

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import datetime
-import json
 import os
 import random
 import subprocess
@@ -36,7 +35,7 @@ import torch
 
 import ring_flash_attn as rfa
 from ring_flash_attn import hf_adapter
-from dist_harness import CachedSpawns, free_port, run_cases
+from dist_harness import CachedSpawns, finish_rank, free_port, run_cases
 from cases import cu_seqlens
 
 _SEED = random.SystemRandom().randrange(1 << 30)
@@ -198,9 +197,7 @@ def _worker(rank: int, world_size: int, port: int, seed: int, out_dir: str) -> N
     try:
         results["cases"] = run_cases(CASES[world_size], _run_case, seed, rank, world_size)
     finally:
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(results, f)
-        dist.destroy_process_group()
+        finish_rank(rank, out_dir, results)
 
 
 _results = CachedSpawns(_worker, _SEED, "hf_adapter", _SPAWN_TIMEOUT_S)

@@ -11,8 +11,6 @@ reference. Error paths are checked single-process (they raise before any collect
 from __future__ import annotations
 
 import datetime
-import json
-import os
 import random
 from typing import Dict, List
 
@@ -21,7 +19,7 @@ import torch
 
 import ring_flash_attn as rfa
 from ring_flash_attn.cp import llama3
-from dist_harness import assert_case_within, CachedSpawns, NoHostReads, rel_err, run_cases
+from dist_harness import assert_case_within, CachedSpawns, finish_rank, NoHostReads, rel_err, run_cases
 from reference import grouped_attention_reference
 from cases import cu_seqlens
 
@@ -135,9 +133,7 @@ def _worker(rank: int, world_size: int, port: int, seed: int, out_dir: str) -> N
     try:
         results["cases"] = run_cases(CASES[world_size], _run_case, seed, rank, world_size)
     finally:
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(results, f)
-        dist.destroy_process_group()
+        finish_rank(rank, out_dir, results)
 
 
 _results = CachedSpawns(_worker, _SEED, "llama3", _SPAWN_TIMEOUT_S)

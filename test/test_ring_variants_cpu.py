@@ -13,8 +13,6 @@ are tested without spawning.
 from __future__ import annotations
 
 import datetime
-import json
-import os
 import random
 import traceback
 from typing import Dict, List
@@ -23,7 +21,7 @@ import pytest
 import torch
 
 import ring_flash_attn as rfa
-from dist_harness import assert_case_within, CachedSpawns, rel_err, run_cases
+from dist_harness import assert_case_within, CachedSpawns, finish_rank, rel_err, run_cases
 from reference import grouped_attention_reference
 
 _SEED = random.SystemRandom().randrange(1 << 30)
@@ -309,9 +307,7 @@ def _worker(rank: int, world_size: int, port: int, seed: int, out_dir: str) -> N
             except Exception:  # noqa: BLE001
                 results["subgroup"] = traceback.format_exc()
     finally:
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(results, f)
-        dist.destroy_process_group()
+        finish_rank(rank, out_dir, results)
 
 
 _results = CachedSpawns(_worker, _SEED, "ring", _SPAWN_TIMEOUT_S)

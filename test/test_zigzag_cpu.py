@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import json
 import os
 import random
 import sys
@@ -30,7 +29,7 @@ import torch
 import ring_flash_attn as rfa
 from ring_flash_attn.cp import zigzag_layout as zu
 from ring_flash_attn.cp import zigzag_llama3
-from dist_harness import assert_case_within, CachedSpawns, free_port, NoHostReads, rel_err, run_cases
+from dist_harness import assert_case_within, CachedSpawns, finish_rank, free_port, NoHostReads, rel_err, run_cases
 from reference import grouped_attention_reference
 from cases import cu_seqlens
 
@@ -287,9 +286,7 @@ def _worker(rank: int, world_size: int, port: int, seed: int, out_dir: str) -> N
             except Exception:  # noqa: BLE001
                 results["order"] = traceback.format_exc()
     finally:
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(results, f)
-        dist.destroy_process_group()
+        finish_rank(rank, out_dir, results)
 
 
 _results = CachedSpawns(_worker, _SEED, "zigzag", _SPAWN_TIMEOUT_S)

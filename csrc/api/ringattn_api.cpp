@@ -160,6 +160,7 @@ RINGATTN_API ringattn_status ringattn_check_support(int32_t device_type, int32_t
     pr.num_heads_q = pr.num_heads_k = 1;
     pr.head_dim = head_dim;
     pr.num_groups = 1;
+    pr.default_softmax_scale = 1;
     ringattn_fwd_group group{};
     ringattn_fwd_params p{};
     p.problem = pr;

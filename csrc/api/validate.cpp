@@ -1,8 +1,13 @@
 #include "api/validate.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <limits>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "common/backends.h"
 #include "common/error.h"
@@ -178,10 +183,23 @@ ringattn_status check_problem(const ringattn_problem& p, const ringattn_exec& ex
   if (p.num_groups < 1 || p.num_groups > RINGATTN_MAX_GROUPS)
     return failf(RINGATTN_STATUS_INVALID_ARGUMENT, "num_groups: expected 1 to %d, got %d", RINGATTN_MAX_GROUPS,
                  p.num_groups);
-  if (!std::isfinite(p.softmax_scale))
+  if (p.default_softmax_scale != 0 && p.default_softmax_scale != 1)
     return failf(RINGATTN_STATUS_INVALID_ARGUMENT,
-                 "softmax_scale: expected a finite value (<= 0 means 1/sqrt(head_dim)), got %g",
+                 "default_softmax_scale: expected 0 (use softmax_scale) or 1 (use 1/sqrt(head_dim)), got %d",
+                 p.default_softmax_scale);
+  if (p.default_softmax_scale == 1 && p.softmax_scale != 0.0f)
+    return failf(RINGATTN_STATUS_INVALID_ARGUMENT,
+                 "softmax_scale: expected 0 with default_softmax_scale = 1 (the scale is then 1/sqrt(head_dim)), "
+                 "got %g",
                  static_cast<double>(p.softmax_scale));
+  // A NaN, inf, zero, negative or subnormal scale is an error, never the default: the default
+  // has its own flag.
+  if (p.default_softmax_scale == 0 &&
+      !(std::isfinite(p.softmax_scale) && p.softmax_scale >= std::numeric_limits<float>::min()))
+    return failf(RINGATTN_STATUS_INVALID_ARGUMENT,
+                 "softmax_scale: expected a finite float32 >= %g (positive, not subnormal; set "
+                 "default_softmax_scale = 1 for 1/sqrt(head_dim)), got %g",
+                 static_cast<double>(std::numeric_limits<float>::min()), static_cast<double>(p.softmax_scale));
   if (p.causal != 0 && p.causal != 1)
     return failf(RINGATTN_STATUS_INVALID_ARGUMENT, "causal: expected 0 or 1, got %d", p.causal);
   if (p.total_k < 0 || p.total_k > kMaxTokens)
@@ -212,6 +230,182 @@ ringattn_status check_group_common(int g, int64_t total_q, int max_seqlen_q, con
   return RINGATTN_STATUS_OK;
 }
 
+// ---- overlapping memory ----
+//
+// The memory of a tensor argument as byte segments: `seg` bytes at base + i * s1 + j * s2 for
+// i < n1, j < n2 (s1 >= s2 >= 0; a dim of one entry has stride 0). Every tensor of the ABI has
+// this form: [rows, heads, head_dim] with a contiguous head dim, the LSE and the metadata arrays
+// (one segment), the workspace (one segment).
+struct Footprint {
+  const char* name = "";
+  int group = -1;  // -1 for shared tensors
+  uintptr_t base = 0;
+  int64_t n1 = 1, s1 = 0, n2 = 1, s2 = 0, seg = 0;
+
+  bool empty() const { return seg == 0 || base == 0; }
+  // The bounding byte range [lo, hi).
+  __int128 lo() const { return static_cast<__int128>(base); }
+  __int128 hi() const {
+    return lo() + static_cast<__int128>(n1 - 1) * s1 + static_cast<__int128>(n2 - 1) * s2 + seg;
+  }
+};
+
+// The argument's name as messages write it, e.g. "out (group 1)". Only built for a message.
+std::string footprint_name(const Footprint& f) {
+  std::string s = f.name;
+  if (f.group >= 0) s += " (group " + std::to_string(f.group) + ")";
+  return s;
+}
+
+// A contiguous range of `bytes` bytes.
+Footprint range_footprint(const char* name, int group, const void* ptr, int64_t bytes) {
+  Footprint f;
+  f.name = name;
+  f.group = group;
+  f.base = reinterpret_cast<uintptr_t>(ptr);
+  f.seg = ptr != nullptr && bytes > 0 ? bytes : 0;
+  return f;
+}
+
+// A [rows, heads, head_dim] tensor, in canonical form: dims of one entry dropped, a dim whose
+// stride equals the segment merged into it (so a dense tensor is one segment), the larger
+// stride first.
+Footprint tensor_footprint(const TensorArg& t, int head_dim, size_t elem_bytes) {
+  Footprint f;
+  f.name = t.name;
+  f.group = t.group;
+  f.base = reinterpret_cast<uintptr_t>(t.ptr);
+  if (t.ptr == nullptr || t.rows <= 0) return f;  // empty: no byte is addressed
+  const int64_t e = static_cast<int64_t>(elem_bytes);
+  f.seg = static_cast<int64_t>(head_dim) * e;
+  int64_t n[2] = {t.rows, t.num_heads};
+  int64_t s[2] = {t.rows > 1 ? t.row_stride * e : 0, t.num_heads > 1 ? t.head_stride * e : 0};
+  for (int pass = 0; pass < 2; ++pass)
+    for (int d = 0; d < 2; ++d)
+      if (n[d] > 1 && s[d] == f.seg) {  // dim d lays its segments end to end: one longer segment
+        f.seg *= n[d];
+        n[d] = 1;
+        s[d] = 0;
+      }
+  for (int d = 0; d < 2; ++d)
+    if (n[d] <= 1) n[d] = 1, s[d] = 0;
+  const int big = s[0] >= s[1] ? 0 : 1;
+  f.n1 = n[big];
+  f.s1 = s[big];
+  f.n2 = n[1 - big];
+  f.s2 = s[1 - big];
+  return f;
+}
+
+enum class Overlap { kNo, kYes, kUnknown };
+
+// Whether some integer d in [d_lo, d_hi] has lower < d * s < upper (s >= 0).
+bool multiple_in_open_range(__int128 d_lo, __int128 d_hi, int64_t s, __int128 lower, __int128 upper) {
+  if (d_lo > d_hi) return false;
+  if (s == 0) return d_lo <= 0 && 0 <= d_hi && lower < 0 && 0 < upper;
+  // Smallest d with d * s > lower: floor(lower / s) + 1.
+  __int128 q = lower / s;
+  if (lower % s != 0 && lower < 0) --q;
+  const __int128 d = std::max<__int128>(q + 1, d_lo);
+  return d <= d_hi && d * s < upper;
+}
+
+// More combinations than this of the enumerated dim: the check gives up (reports kUnknown).
+constexpr int64_t kMaxEnumerated = int64_t{1} << 16;
+
+// Whether d1 in [lo1, hi1], d2 in [lo2, hi2] exist with lower < delta + d1 * s1 + d2 * s2 <
+// upper; the dim with fewer values is enumerated, the other solved for.
+Overlap lattice_hits_range(__int128 lo1, __int128 hi1, int64_t s1, __int128 lo2, __int128 hi2, int64_t s2,
+                           __int128 delta, __int128 lower, __int128 upper) {
+  if (hi1 - lo1 > hi2 - lo2) {
+    std::swap(lo1, lo2);
+    std::swap(hi1, hi2);
+    std::swap(s1, s2);
+  }
+  if (hi1 - lo1 >= kMaxEnumerated) return Overlap::kUnknown;
+  for (__int128 d1 = lo1; d1 <= hi1; ++d1) {
+    const __int128 shift = delta + d1 * s1;
+    if (multiple_in_open_range(lo2, hi2, s2, lower - shift, upper - shift)) return Overlap::kYes;
+  }
+  return Overlap::kNo;
+}
+
+// Whether two footprints share a byte. Exact when one of them is a single segment or both have
+// the same strides (aliases, and views into one packed buffer such as dk/dv of a [tokens, 2,
+// heads, head_dim] gradient); kUnknown for interleaved layouts with different strides.
+Overlap footprints_overlap(const Footprint& a, const Footprint& b) {
+  if (a.empty() || b.empty()) return Overlap::kNo;
+  if (a.hi() <= b.lo() || b.hi() <= a.lo()) return Overlap::kNo;
+  // Segment A(i, j) = [x, x + a.seg) and B(i', j') = [y, y + b.seg) share a byte iff
+  // -b.seg < y - x < a.seg.
+  const __int128 delta = b.lo() - a.lo();
+  if (a.n1 == 1 && a.n2 == 1)  // y - x = delta + i' s1 + j' s2
+    return lattice_hits_range(0, b.n1 - 1, b.s1, 0, b.n2 - 1, b.s2, delta, -b.seg, a.seg);
+  if (b.n1 == 1 && b.n2 == 1)  // y - x = delta - i s1 - j s2
+    return lattice_hits_range(-(a.n1 - 1), 0, a.s1, -(a.n2 - 1), 0, a.s2, delta, -b.seg, a.seg);
+  if (a.s1 == b.s1 && a.s2 == b.s2)  // y - x = delta + (i' - i) s1 + (j' - j) s2
+    return lattice_hits_range(-(a.n1 - 1), b.n1 - 1, a.s1, -(a.n2 - 1), b.n2 - 1, a.s2, delta, -b.seg, a.seg);
+  return Overlap::kUnknown;
+}
+
+// Whether a footprint maps two of its own elements to one byte: some (d1, d2) != (0, 0) with
+// |d1 * s1 + d2 * s2| < seg. By symmetry d1 >= 0, and d2 >= 1 where d1 = 0.
+Overlap footprint_overlaps_itself(const Footprint& f) {
+  if (f.empty()) return Overlap::kNo;
+  if (f.n1 > 1 && f.s1 < f.seg) return Overlap::kYes;  // d1 = 1, d2 = 0 (s1 >= s2 >= 0)
+  if (f.n2 > 1 && f.s2 < f.seg) return Overlap::kYes;  // d1 = 0, d2 = 1
+  if (f.n1 == 1 || f.n2 == 1) return Overlap::kNo;
+  // d1 >= 1, d2 of either sign.
+  return lattice_hits_range(1, f.n1 - 1, f.s1, -(f.n2 - 1), f.n2 - 1, f.s2, 0, -f.seg, f.seg);
+}
+
+std::string describe(const Footprint& f) {
+  char buf[160];
+  std::snprintf(buf, sizeof(buf), "bytes [%p, %p)", reinterpret_cast<void*>(f.base),
+                reinterpret_cast<void*>(static_cast<uintptr_t>(f.hi())));
+  return buf;
+}
+
+// Outputs must neither overlap themselves, nor each other, nor any input; a call that breaks
+// this would write one element twice, or read an input another task has already overwritten.
+// Checked where it is exact and cheap (see footprints_overlap); layouts it cannot decide pass.
+ringattn_status check_no_overlap(const std::vector<Footprint>& outputs, const std::vector<Footprint>& inputs) {
+  for (size_t i = 0; i < outputs.size(); ++i) {
+    const Footprint& o = outputs[i];
+    if (footprint_overlaps_itself(o) == Overlap::kYes)
+      return failf(RINGATTN_STATUS_INVALID_ARGUMENT,
+                   "%s: expected an output whose rows and heads do not overlap, got strides that map two "
+                   "elements to one address",
+                   footprint_name(o).c_str());
+    for (size_t j = 0; j < i; ++j)
+      if (footprints_overlap(outputs[j], o) == Overlap::kYes)
+        return failf(RINGATTN_STATUS_INVALID_ARGUMENT,
+                     "%s: expected an output that shares no memory with the output %s, got overlapping %s and %s",
+                     footprint_name(o).c_str(), footprint_name(outputs[j]).c_str(), describe(o).c_str(),
+                     describe(outputs[j]).c_str());
+    for (const Footprint& in : inputs)
+      if (footprints_overlap(in, o) == Overlap::kYes)
+        return failf(RINGATTN_STATUS_INVALID_ARGUMENT,
+                     "%s: expected an output that shares no memory with the input %s, got overlapping %s and %s",
+                     footprint_name(o).c_str(), footprint_name(in).c_str(), describe(o).c_str(),
+                     describe(in).c_str());
+  }
+  return RINGATTN_STATUS_OK;
+}
+
+// The metadata arrays every call reads: cu_seqlens_k, and per group cu_seqlens_q and seqused_k.
+template <typename Group>
+void add_metadata_footprints(const ringattn_problem& pr, const Group* groups, std::vector<Footprint>& inputs) {
+  const int64_t cu_bytes = static_cast<int64_t>(pr.batch_size + 1) * 4;
+  inputs.push_back(range_footprint("cu_seqlens_k", -1, pr.cu_seqlens_k, cu_bytes));
+  for (int g = 0; g < pr.num_groups; ++g) {
+    inputs.push_back(range_footprint("cu_seqlens_q", g, groups[g].cu_seqlens_q, cu_bytes));
+    inputs.push_back(range_footprint("seqused_k", g, groups[g].seqused_k, static_cast<int64_t>(pr.batch_size) * 4));
+  }
+}
+
+int64_t lse_bytes(const ringattn_problem& pr, int64_t total_q) { return static_cast<int64_t>(pr.num_heads_q) * total_q * 4; }
+
 #define RINGATTN_TRY(expr)                          \
   do {                                              \
     const ringattn_status _s = (expr);              \
@@ -241,7 +435,28 @@ ringattn_status validate_fwd(const ringattn_fwd_params* params, bool need_data) 
     RINGATTN_TRY(check_tensor({"out", g, gr.out, gr.total_q, gr.out_row_stride, gr.out_head_stride, pr.num_heads_q},
                               pr.head_dim, lim, need_data));
   }
-  return RINGATTN_STATUS_OK;
+  if (!need_data) return RINGATTN_STATUS_OK;
+  const size_t e = dtype_size(pr.dtype);
+  std::vector<Footprint> outputs, inputs;
+  outputs.reserve(2 * static_cast<size_t>(pr.num_groups) + 3);
+  inputs.reserve(6 * static_cast<size_t>(pr.num_groups) + 3);
+  inputs.push_back(tensor_footprint({"k", -1, p.k, pr.total_k, p.k_row_stride, p.k_head_stride, pr.num_heads_k},
+                                    pr.head_dim, e));
+  inputs.push_back(tensor_footprint({"v", -1, p.v, pr.total_k, p.v_row_stride, p.v_head_stride, pr.num_heads_k},
+                                    pr.head_dim, e));
+  for (int g = 0; g < pr.num_groups; ++g) {
+    const ringattn_fwd_group& gr = p.groups[g];
+    const int hq = pr.num_heads_q;
+    inputs.push_back(tensor_footprint({"q", g, gr.q, gr.total_q, gr.q_row_stride, gr.q_head_stride, hq}, pr.head_dim, e));
+    outputs.push_back(
+        tensor_footprint({"out", g, gr.out, gr.total_q, gr.out_row_stride, gr.out_head_stride, hq}, pr.head_dim, e));
+    outputs.push_back(range_footprint("softmax_lse", g, gr.softmax_lse,
+                                      lse_bytes(pr, gr.total_q)));
+  }
+  add_metadata_footprints(pr, p.groups, inputs);
+  outputs.push_back(range_footprint("workspace", -1, p.workspace, static_cast<int64_t>(std::min<size_t>(
+                                                                   p.workspace_size, size_t{1} << 62))));
+  return check_no_overlap(outputs, inputs);
 }
 
 ringattn_status validate_bwd(const ringattn_bwd_params* params, bool need_data) {
@@ -269,7 +484,30 @@ ringattn_status validate_bwd(const ringattn_bwd_params* params, bool need_data) 
     RINGATTN_TRY(check_tensor({"dout", g, gr.dout, gr.total_q, gr.dout_row_stride, gr.dout_head_stride, hq}, pr.head_dim, lim, need_data));
     RINGATTN_TRY(check_tensor({"dq", g, gr.dq, gr.total_q, gr.dq_row_stride, gr.dq_head_stride, hq}, pr.head_dim, lim, need_data));
   }
-  return RINGATTN_STATUS_OK;
+  if (!need_data) return RINGATTN_STATUS_OK;
+  const size_t e = dtype_size(pr.dtype);
+  const int d = pr.head_dim;
+  std::vector<Footprint> outputs, inputs;
+  outputs.reserve(2 * static_cast<size_t>(pr.num_groups) + 3);
+  inputs.reserve(6 * static_cast<size_t>(pr.num_groups) + 3);
+  inputs.push_back(tensor_footprint({"k", -1, p.k, pr.total_k, p.k_row_stride, p.k_head_stride, hk}, d, e));
+  inputs.push_back(tensor_footprint({"v", -1, p.v, pr.total_k, p.v_row_stride, p.v_head_stride, hk}, d, e));
+  outputs.push_back(tensor_footprint({"dk", -1, p.dk, pr.total_k, p.dk_row_stride, p.dk_head_stride, hk}, d, e));
+  outputs.push_back(tensor_footprint({"dv", -1, p.dv, pr.total_k, p.dv_row_stride, p.dv_head_stride, hk}, d, e));
+  for (int g = 0; g < pr.num_groups; ++g) {
+    const ringattn_bwd_group& gr = p.groups[g];
+    inputs.push_back(tensor_footprint({"q", g, gr.q, gr.total_q, gr.q_row_stride, gr.q_head_stride, hq}, d, e));
+    inputs.push_back(tensor_footprint({"out", g, gr.out, gr.total_q, gr.out_row_stride, gr.out_head_stride, hq}, d, e));
+    inputs.push_back(
+        tensor_footprint({"dout", g, gr.dout, gr.total_q, gr.dout_row_stride, gr.dout_head_stride, hq}, d, e));
+    inputs.push_back(range_footprint("softmax_lse", g, gr.softmax_lse,
+                                     lse_bytes(pr, gr.total_q)));
+    outputs.push_back(tensor_footprint({"dq", g, gr.dq, gr.total_q, gr.dq_row_stride, gr.dq_head_stride, hq}, d, e));
+  }
+  add_metadata_footprints(pr, p.groups, inputs);
+  outputs.push_back(range_footprint("workspace", -1, p.workspace, static_cast<int64_t>(std::min<size_t>(
+                                                                   p.workspace_size, size_t{1} << 62))));
+  return check_no_overlap(outputs, inputs);
 }
 
 namespace {

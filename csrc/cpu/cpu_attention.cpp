@@ -277,9 +277,11 @@ Shape make_shape(const ringattn_problem& p, const Group* groups) {
   return s;
 }
 
+// The validated scale: problem.softmax_scale, or 1/sqrt(head_dim) (computed in A) when
+// problem.default_softmax_scale is set.
 template <typename A>
-A resolve_scale(float softmax_scale, int head_dim) {
-  return softmax_scale > 0.0f ? static_cast<A>(softmax_scale) : A(1) / std::sqrt(static_cast<A>(head_dim));
+A resolve_scale(const ringattn_problem& p) {
+  return p.default_softmax_scale ? A(1) / std::sqrt(static_cast<A>(p.head_dim)) : static_cast<A>(p.softmax_scale);
 }
 
 // ---- task lists ----
@@ -348,8 +350,12 @@ struct ForwardScratch {
 
 // The online softmax of one query tile against every key it sees. Leaves, per row r, the
 // running max m[r] of the scaled scores, the running sum l[r] of exp(score - m[r]) and (unless
-// kStatsOnly) the unnormalised output o[r] = sum_j exp(score_j - m[r]) v_j. A row that sees no
-// key keeps m = -inf, l = 0, o = 0: masked keys are skipped, never turned into exp(-inf - -inf).
+// kStatsOnly) the unnormalised output o[r] = sum_j exp(score_j - m[r]) v_j. Masked keys are
+// skipped (a row that sees no key keeps m = -inf, l = 0, o = 0); every visible key enters in
+// IEEE arithmetic, as on the GPU: the max ignores NaN scores (like fmaxf), and exp() of a NaN
+// score, or of +inf - +inf, makes l and o NaN. While a row's max is still -inf (only -inf
+// scores so far) the exponent subtracts 0 rather than the max, so those keys weigh exp(-inf) =
+// 0, not exp(-inf - -inf) = NaN, and a later finite score starts the sum afresh.
 template <bool kStatsOnly, typename T, typename A>
 void attend_query_tile(const Shape& s, const View<const T>& q, const View<const T>& k, const View<const T>& v,
                        A scale, const QueryTask& t, ForwardScratch<A>& w) {
@@ -385,11 +391,11 @@ void attend_query_tile(const Shape& s, const View<const T>& q, const View<const 
         tile_max = std::max(tile_max, sr[c]);
       }
       const A m_new = std::max(w.m[r], tile_max);
-      if (m_new == neg_inf<A>()) continue;  // only -inf scores so far: nothing to add
-      const A alpha = std::exp(w.m[r] - m_new);  // 0 on the first tile the row sees
+      const A base = m_new == neg_inf<A>() ? A(0) : m_new;
+      const A alpha = std::exp(w.m[r] - base);  // 0 on the first tile with a score above -inf
       A sum = 0;
       for (int c = 0; c < n; ++c) {
-        sr[c] = std::exp(sr[c] - m_new);
+        sr[c] = std::exp(sr[c] - base);
         sum += sr[c];
       }
       if (!kStatsOnly && alpha != A(1)) scale_in_place(&w.o[r * d], alpha, d);
@@ -407,7 +413,7 @@ ringattn_status run_forward(const ringattn_fwd_params& p) {
   using A = typename Element<T>::Acc;
   const Shape s = make_shape(p.problem, p.groups);
   const int d = s.head_dim;
-  const A scale = resolve_scale<A>(p.problem.softmax_scale, d);
+  const A scale = resolve_scale<A>(p.problem);
   const View<const T> k = const_view<T>(p.k, p.k_row_stride, p.k_head_stride);
   const View<const T> v = const_view<T>(p.v, p.v_row_stride, p.v_head_stride);
   std::vector<View<const T>> q(s.groups);
@@ -426,11 +432,14 @@ ringattn_status run_forward(const ringattn_fwd_params& p) {
         const QueryTask& t = tasks[index];
         attend_query_tile<false>(s, q[t.g], k, v, scale, t, w);
         const Seq& sq = s.seq[t.g][t.b];
+        const SeqMask mask = mask_of(s, sq);
         float* lse = p.groups[t.g].softmax_lse + static_cast<int64_t>(t.h) * s.total_q[t.g];
         for (int64_t r = 0; r < t.i1 - t.i0; ++r) {
           const int64_t row = sq.q_start + t.i0 + r;
           T* dst = out[t.g].at(row, t.h);
-          if (w.l[r] > A(0)) {
+          if (mask.keys_seen_in(t.i0 + r, 0, sq.lk) > 0) {  // the row sees a key
+            // IEEE throughout: a NaN sum gives NaN out and LSE; a row whose visible scores are
+            // all -inf gives 0 * inf = NaN out and LSE -inf.
             const A inv_l = A(1) / w.l[r];
             store_row_scaled(dst, &w.o[r * d], inv_l, d);
             lse[row] = static_cast<float>(w.m[r] + std::log(w.l[r]));
@@ -499,7 +508,11 @@ void load_query_block(const Shape& s, const BackwardTensors<T>& x, int g, int h,
     load_row(x.dout[g].at(row, h), d, &w.dout[r * d]);
     load_row(x.out[g].at(row, h), d, w.o.data());
     w.di[r] = sequential_dot(&w.dout[r * d], w.o.data(), d);
-    w.lse[r] = x.lse(s, g, h, row);
+    // As the GPU backward: an LSE of -inf (a row that saw no key, or only -inf scores) becomes
+    // +inf, so exp(score - LSE) is 0 for every finite score instead of exp(+inf); a NaN score,
+    // LSE, O or dO still reaches dS and the gradients.
+    const A lse = x.lse(s, g, h, row);
+    w.lse[r] = lse == neg_inf<A>() ? -neg_inf<A>() : lse;
   }
 }
 
@@ -550,7 +563,7 @@ void dkdv_key_tile(const Shape& s, const BackwardTensors<T>& x, A scale, const K
         const int nq = static_cast<int>(std::min(i0 + kTileQ, i_end) - i0);
         load_query_block(s, x, g, h, sq.q_start + i0, nq, w);
         for (int r = 0; r < nq; ++r)
-          w.count[r] = w.lse[r] == neg_inf<A>() ? 0 : static_cast<int>(mask.keys_seen_in(i0 + r, t.j0, t.j1));
+          w.count[r] = static_cast<int>(mask.keys_seen_in(i0 + r, t.j0, t.j1));
         // Rows seeing key c: from first[c] on (a row's keys are a prefix of the tile that grows
         // with the row; a row without keys has P = 0 on every entry anyway).
         for (int c = 0, r = 0; c < nk; ++c) {
@@ -592,7 +605,7 @@ void dq_query_tile(const Shape& s, const BackwardTensors<T>& x, A scale, const Q
       load_column(x.v.at(sq.k_start + j0 + c, hk), d, &w.vt[c], static_cast<int>(kTileK));
     }
     for (int r = 0; r < nq; ++r)
-      w.count[r] = w.lse[r] == neg_inf<A>() ? 0 : static_cast<int>(mask.keys_seen_in(t.i0 + r, j0, j1));
+      w.count[r] = static_cast<int>(mask.keys_seen_in(t.i0 + r, j0, j1));
     probabilities_and_dscores(nq, nk, d, scale, w);
     accumulate_rows(w.dq.data(), nq, w.dp.data(), kTileK, 1, w.zeros.data(), w.count.data(), w.k.data(), d);
   }
@@ -605,7 +618,7 @@ ringattn_status run_backward(const ringattn_bwd_params& p) {
   using A = typename Element<T>::Acc;
   const Shape s = make_shape(p.problem, p.groups);
   const int d = s.head_dim;
-  const A scale = resolve_scale<A>(p.problem.softmax_scale, d);
+  const A scale = resolve_scale<A>(p.problem);
 
   BackwardTensors<T> x;
   x.k = const_view<T>(p.k, p.k_row_stride, p.k_head_stride);
@@ -642,9 +655,11 @@ ringattn_status run_backward(const ringattn_bwd_params& p) {
           const QueryTask& t = query_tasks[index];
           attend_query_tile<true>(s, x.q[t.g], x.k, x.v, scale, t, w);
           const Seq& sq = s.seq[t.g][t.b];
+          const SeqMask mask = mask_of(s, sq);
           A* lse = x.lse_exact[t.g].data() + static_cast<int64_t>(t.h) * s.total_q[t.g];
           for (int64_t r = 0; r < t.i1 - t.i0; ++r)
-            lse[sq.q_start + t.i0 + r] = w.l[r] > A(0) ? w.m[r] + std::log(w.l[r]) : neg_inf<A>();
+            lse[sq.q_start + t.i0 + r] =
+                mask.keys_seen_in(t.i0 + r, 0, sq.lk) > 0 ? w.m[r] + std::log(w.l[r]) : neg_inf<A>();
         });
     if (!error.empty()) return fail(RINGATTN_STATUS_INTERNAL_ERROR, "CPU backend, backward (LSE): " + error);
   }

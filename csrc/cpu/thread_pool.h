@@ -19,13 +19,16 @@
 namespace ringattn {
 namespace cpu {
 
-// exec.num_threads <= 0 means every hardware thread; never more threads than tasks.
+// When the hardware thread count is unknown (hardware_concurrency() == 0): at most this many.
+constexpr int64_t kThreadsIfHardwareUnknown = 8;
+
+// The threads a call runs on: exec.num_threads, where <= 0 means every hardware thread; never
+// more than the hardware threads (a larger request, e.g. torch.set_num_threads(30000), would
+// only start threads that wait for a core) nor more than the tasks; at least 1.
 inline int resolve_num_threads(int requested, int64_t num_tasks) {
-  int64_t n = requested;
-  if (n <= 0) {
-    const unsigned hw = std::thread::hardware_concurrency();
-    n = hw == 0 ? 1 : static_cast<int64_t>(hw);
-  }
+  const unsigned hw = std::thread::hardware_concurrency();
+  const int64_t limit = hw == 0 ? kThreadsIfHardwareUnknown : static_cast<int64_t>(hw);
+  int64_t n = requested <= 0 ? limit : std::min<int64_t>(requested, limit);
   n = std::min(n, num_tasks);
   return static_cast<int>(std::max<int64_t>(n, 1));
 }

@@ -89,8 +89,7 @@ ringattn_status check_bwd_shared_memory(const ringattn_bwd_params& p, const Sm80
 void build_bwd_params(const ringattn_bwd_params& p, BwdPlan* plan) {
   const ringattn_problem& pr = p.problem;
   char* ws = static_cast<char*>(p.workspace);
-  const float softmax_scale =
-      pr.softmax_scale > 0.f ? pr.softmax_scale : 1.f / std::sqrt(static_cast<float>(pr.head_dim));
+  const float softmax_scale = resolved_softmax_scale(pr);
 
   BwdPrepParams& prep = plan->prep;
   for (int g = 0; g < pr.num_groups; ++g) {

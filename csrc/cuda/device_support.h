@@ -5,6 +5,7 @@
 
 #include <cuda_runtime.h>
 
+#include <cmath>
 #include <cstdint>
 
 #include "ringattn/ringattn.h"
@@ -14,6 +15,12 @@ namespace cuda {
 
 // RINGATTN_STATUS_CUDA_ERROR with "<what> failed: <error name> (<error string>)".
 ringattn_status cuda_fail(cudaError_t err, const char* what);
+
+// The scale the kernels use: 1/sqrt(head_dim) when the caller asked for the default, else the
+// (validated) softmax_scale.
+inline float resolved_softmax_scale(const ringattn_problem& pr) {
+  return pr.default_softmax_scale ? 1.f / std::sqrt(static_cast<float>(pr.head_dim)) : pr.softmax_scale;
+}
 
 // Makes `device` current for the scope of a call and restores the caller's device after.
 class DeviceGuard {

@@ -52,7 +52,7 @@ FwdKernelParams fwd_kernel_params(const ringattn_fwd_params& p, const SchedulerA
   kp.batch_size = pr.batch_size;
   kp.num_heads_q = pr.num_heads_q;
   kp.q_heads_per_kv_head = pr.num_heads_q / pr.num_heads_k;
-  kp.softmax_scale = pr.softmax_scale > 0.f ? pr.softmax_scale : 1.f / std::sqrt(static_cast<float>(pr.head_dim));
+  kp.softmax_scale = resolved_softmax_scale(pr);
   kp.softmax_scale_log2 = kp.softmax_scale * 1.4426950408889634f;
   kp.work_items = sched.sorted;
   kp.work_count = sched.count;

@@ -11,11 +11,26 @@
  *  - LSE is fp32, natural log, laid out [Hq, total_q] contiguous (head stride total_q).
  *  - causal is bottom-right aligned per (group, sequence): query i of Lq attends key j < Lk
  *    iff j <= i + Lk - Lq. A row that sees no key gets O = 0 and LSE = -inf.
+ *  - Non-finite inputs are never mistaken for masking: the softmax runs in IEEE arithmetic, so a
+ *    NaN or +inf score among the keys a row sees makes its O NaN and reaches dQ of the row and
+ *    dK of the keys it sees; a -inf score gives its key weight 0. The CPU backend also writes
+ *    that row's LSE as NaN (so dV of those keys is NaN too), and a row whose visible scores are
+ *    all -inf gets O = NaN, LSE = -inf (softmax 0/0). The GPU kernels write LSE = -inf for a
+ *    NaN row (dV is then NaN only for keys whose own score is NaN) and treat a row of only -inf
+ *    scores like a row without keys.
  *  - Hq % Hk == 0: query head h reads KV head h / (Hq / Hk).
  *
  * Every entry point validates all of its inputs before touching any output; a rejected
  * call returns a non-zero status, writes nothing and leaves a message naming the argument,
  * the expected and the actual value in ringattn_last_error() (thread-local).
+ *
+ * Outputs (out, softmax_lse, dq, dk, dv, workspace) must not share memory with each other or
+ * with any input (tensors and metadata arrays), and an output's strides must not map two of
+ * its elements to one address. The host API checks this from pointers, shapes and strides
+ * alone (no data is read): exactly where the two tensors have the same strides (aliases,
+ * views into one packed buffer such as dk/dv halves of a [total_k, 2, Hk, D] gradient, which
+ * share no element and are accepted) or one is a contiguous range; tensors whose byte ranges
+ * interleave with different strides are not checked. Inputs may overlap each other.
  *
  * Plain fixed-width types only: the Python package mirrors these structs with ctypes.
  */
@@ -35,8 +50,10 @@
 extern "C" {
 #endif
 
-/* Bumped whenever a struct below changes layout. The Python loader refuses a mismatch. */
-#define RINGATTN_ABI_VERSION 1
+/* Bumped whenever a struct below changes layout. The Python loader refuses a mismatch.
+ * 2: ringattn_problem.default_softmax_scale (the default scale has its own flag; a
+ *    softmax_scale <= 0 no longer means "default" and is rejected). */
+#define RINGATTN_ABI_VERSION 2
 /* The most query groups one call takes. */
 #define RINGATTN_MAX_GROUPS 16
 
@@ -84,7 +101,8 @@ typedef struct {
   int32_t device_index; /* CUDA ordinal; ignored on CPU */
   void* stream;         /* cudaStream_t; ignored on CPU */
   int32_t tier;         /* ringattn_tier; ignored on CPU */
-  int32_t num_threads;  /* CPU backend threads; <= 0 means all hardware threads */
+  int32_t num_threads;  /* CPU backend threads; <= 0 means all hardware threads; capped at the
+                           hardware threads (std::thread::hardware_concurrency) */
 } ringattn_exec;
 
 /* Shape and metadata shared by forward and backward. */
@@ -95,11 +113,16 @@ typedef struct {
   int32_t num_heads_k;
   int32_t head_dim;
   int32_t num_groups; /* G, 1 .. RINGATTN_MAX_GROUPS */
-  float softmax_scale; /* <= 0 means 1/sqrt(head_dim) */
+  /* Scale of Q K^T: a finite float > 0 of normal magnitude (>= FLT_MIN), when
+   * default_softmax_scale is 0. default_softmax_scale = 1 means 1/sqrt(head_dim); softmax_scale
+   * must then be 0. Anything else (NaN, inf, <= 0, a subnormal, a flag other than 0/1) is
+   * rejected, so no value can silently turn into the default. */
+  float softmax_scale;
+  int32_t default_softmax_scale;
   int32_t causal;      /* bottom-right aligned */
   /* K/V: [total_k, Hk, D] */
   int64_t total_k;
-  int32_t max_seqlen_k;            /* hint only; kernels never trust it for memory safety */
+  int32_t max_seqlen_k;            /* hint only (>= 0); kernels never trust it for memory safety */
   const int32_t* cu_seqlens_k;     /* [B+1], on the call's device */
   /* Check cu_seqlens / seqused_k VALUES on the host before launching. Free on CPU (always on
    * there); on CUDA it copies them to the host and synchronises the stream, so it is off in
@@ -120,7 +143,7 @@ typedef struct {
   const int32_t* cu_seqlens_q; /* [B+1] */
   const int32_t* seqused_k;    /* [B] or NULL (all keys of each sequence) */
   int64_t total_q;
-  int32_t max_seqlen_q;   /* hint only */
+  int32_t max_seqlen_q;   /* hint only (>= 0) */
   int32_t reserved;
 } ringattn_fwd_group;
 

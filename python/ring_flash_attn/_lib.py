@@ -13,15 +13,22 @@ Search order for the shared object:
 from __future__ import annotations
 
 import ctypes
+import math
+import numbers
 import os
 import threading
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 # ---- constants (keep in step with ringattn.h) ------------------------------------------------
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 MAX_GROUPS = 16
+
+INT32_MAX = 2**31 - 1
+# The smallest positive normal and the largest finite float32.
+FLOAT32_MIN_NORMAL = 1.1754943508222875e-38
+FLOAT32_MAX = 3.4028234663852886e38
 
 STATUS_OK = 0
 STATUS_INVALID_ARGUMENT = 1
@@ -86,7 +93,8 @@ class Problem(ctypes.Structure):
         ("num_heads_k", _i32),
         ("head_dim", _i32),
         ("num_groups", _i32),
-        ("softmax_scale", ctypes.c_float),
+        ("softmax_scale", ctypes.c_float),  # a normal float32 > 0, or 0 with default_softmax_scale
+        ("default_softmax_scale", _i32),  # 1: use 1/sqrt(head_dim)
         ("causal", _i32),
         ("total_k", _i64),
         ("max_seqlen_k", _i32),
@@ -181,6 +189,39 @@ class BwdParams(ctypes.Structure):
         ("workspace", _ptr),
         ("workspace_size", ctypes.c_size_t),
     ]
+
+
+# ---- narrowing to the C types (checked, never wrapped or rounded to a different meaning) --------
+
+
+def int32_value(value, name: str, what: str, minimum: int = 0) -> int:
+    """`value` as a Python int for an int32_t field: ValueError naming `name` unless it is an int
+    (not a bool) in [minimum, 2**31 - 1] (ctypes would silently wrap it modulo 2**32)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name}: expected a Python int ({what}), got {value!r} of type {type(value).__name__}")
+    value = int(value)
+    if not minimum <= value <= INT32_MAX:
+        raise ValueError(f"{name}: expected an int in [{minimum}, {INT32_MAX}] ({what}), got {value}")
+    return value
+
+
+def float32_scale(value, name: str = "softmax_scale") -> float:
+    """A softmax scale for the float field: ValueError naming `name` unless it is a real number
+    > 0 whose float32 rounding is finite and normal (1e-50 would round to 0.0, 1e39 to inf)."""
+    if isinstance(value, (bool, str, bytes)):
+        raise ValueError(f"{name}: expected a positive float, got {value!r}")
+    try:
+        scale = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected a positive float, got {value!r}") from None
+    narrowed = ctypes.c_float(scale).value
+    if not (scale > 0.0 and math.isfinite(scale) and FLOAT32_MIN_NORMAL <= narrowed <= FLOAT32_MAX):
+        raise ValueError(
+            f"{name}: expected a positive finite float whose float32 value is a normal number "
+            f"(between {FLOAT32_MIN_NORMAL:.9g} and {FLOAT32_MAX:.9g}), got {value!r}"
+            + (f" (float32: {narrowed!r})" if math.isfinite(scale) and scale > 0.0 else "")
+        )
+    return scale
 
 
 # ---- loading -----------------------------------------------------------------------------------
@@ -291,22 +332,25 @@ def last_error() -> str:
     return msg.decode("utf-8", "replace") if msg else ""
 
 
-def check(status: int, what: str = "libringattn") -> None:
+def check(status: int, what: str = "", rename: Optional[Callable[[str], str]] = None) -> None:
     """Raise the Python exception matching a ``ringattn_status``, with the library's message.
 
-    INVALID_ARGUMENT -> ValueError, UNSUPPORTED -> NotImplementedError, anything else that is
-    not OK -> RuntimeError.
+    INVALID_ARGUMENT -> ValueError, UNSUPPORTED -> NotImplementedError (the message starts with
+    the argument's name, as the library wrote it or as ``rename`` maps it to the caller's
+    names); anything else that is not OK -> RuntimeError, prefixed with ``what`` (the operation,
+    e.g. "ring_flash_attn forward") and suffixed with the status name.
     """
     if status == STATUS_OK:
         return
     message = last_error() or "(no message)"
-    text = f"{what}: {message}"
+    if rename is not None:
+        message = rename(message)
     if status == STATUS_INVALID_ARGUMENT:
-        raise ValueError(text)
+        raise ValueError(message)
     if status == STATUS_UNSUPPORTED:
-        raise NotImplementedError(text)
+        raise NotImplementedError(message)
     name = _STATUS_NAMES.get(status, f"status {status}")
-    raise RuntimeError(f"{text} [{name}]")
+    raise RuntimeError(f"{what}: {message} [{name}]" if what else f"{message} [{name}]")
 
 
 # ---- queries -----------------------------------------------------------------------------------
@@ -343,7 +387,4 @@ def supported_head_dims(device_type: int) -> List[int]:
 
 def check_support(device_type: int, device_index: int, dtype: int, head_dim: int) -> None:
     """Raise (see ``check``) unless (device, dtype, head_dim) can run here."""
-    check(
-        get().ringattn_check_support(device_type, device_index, dtype, head_dim),
-        "ringattn_check_support",
-    )
+    check(get().ringattn_check_support(device_type, device_index, dtype, head_dim), "ring_flash_attn support query")

@@ -9,11 +9,14 @@ lse = -inf.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple, Union
+import contextlib
+import re
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
+import torch
 from torch import Tensor
 
-from . import ops
+from . import _lib, ops
 from ._checks import check_flash_attn_defaults
 
 _grouped_fwd = ops.grouped_fwd
@@ -22,14 +25,43 @@ __all__ = ["grouped_flash_attn_varlen_func", "flash_attn_varlen_func"]
 
 
 def _resolve_scale(softmax_scale: Optional[float]) -> float:
-    # The C ABI treats a scale <= 0 as "1/sqrt(head_dim)", so the default is the library's, and
-    # a user-given scale must be positive to mean what it says.
+    """The ``softmax_scale`` argument of the ops: 0.0 for None (the library's 1/sqrt(head_dim)),
+    else the user's scale, which must be a positive float whose float32 value is finite and normal
+    (ValueError naming softmax_scale otherwise, e.g. for 1e-50, which float32 rounds to 0)."""
     if softmax_scale is None:
         return 0.0
-    scale = float(softmax_scale)
-    if not scale > 0.0:
-        raise ValueError(f"softmax_scale: expected a positive float or None, got {softmax_scale}")
-    return scale
+    return _lib.float32_scale(softmax_scale)
+
+
+def _seqlen_hint(value, name: str, what: str):
+    """A max_seqlen hint: an int in [0, 2**31 - 1] (ValueError naming `name` otherwise; a bool or a
+    float is not taken for an int). A SymInt (torch.compile with dynamic shapes) is checked when
+    the op runs."""
+    if isinstance(value, torch.SymInt):
+        return value
+    return _lib.int32_value(value, name, what)
+
+
+# flash_attn_varlen_func(q, ...) is the grouped op with G = 1: its errors name the caller's
+# arguments, not the op's lists.
+_GROUP0_ARGUMENT = re.compile(r"\b(q|cu_seqlens_q|max_seqlen_q|out|lse|dout|dq)_list\[0\]")
+_GROUP0_NAMES = {"lse": "softmax_lse"}
+
+
+def _single_group_names(message: str) -> str:
+    return _GROUP0_ARGUMENT.sub(lambda m: _GROUP0_NAMES.get(m.group(1), m.group(1)), message)
+
+
+@contextlib.contextmanager
+def _argument_names(rename: Callable[[str], str]) -> Iterator[None]:
+    """Rewrites the message of a ValueError / NotImplementedError raised inside with `rename`
+    (same exception object, same traceback)."""
+    try:
+        yield
+    except (ValueError, NotImplementedError) as e:
+        if e.args and isinstance(e.args[0], str):
+            e.args = (rename(e.args[0]),) + e.args[1:]
+        raise
 
 
 def grouped_flash_attn_varlen_func(
@@ -79,6 +111,9 @@ def grouped_flash_attn_varlen_func(
     q_list = list(q_list)
     G = len(q_list)
     seqused = [None] * G if seqused_k_list is None else list(seqused_k_list)
+    max_seqlen_q_list = [_seqlen_hint(m, f"max_seqlen_q_list[{g}]", "a hint: the longest query sequence of the group")
+                         for g, m in enumerate(max_seqlen_q_list)]
+    max_seqlen_k = _seqlen_hint(max_seqlen_k, "max_seqlen_k", "a hint: the longest key sequence")
     out_list, lse_list = _grouped_fwd(
         q_list,
         k,
@@ -86,7 +121,7 @@ def grouped_flash_attn_varlen_func(
         list(cu_seqlens_q_list),
         cu_seqlens_k,
         seqused,
-        list(max_seqlen_q_list),
+        max_seqlen_q_list,
         max_seqlen_k,
         _resolve_scale(softmax_scale),
         bool(causal),
@@ -135,19 +170,20 @@ def flash_attn_varlen_func(
     check_flash_attn_defaults(dropout_p, window_size, alibi_slopes, softcap)
     if block_table is not None:
         raise NotImplementedError("block_table: paged KV cache is not supported; pass None")
-    out_list, lse_list = grouped_flash_attn_varlen_func(
-        [q],
-        k,
-        v,
-        [cu_seqlens_q],
-        cu_seqlens_k,
-        [max_seqlen_q],
-        max_seqlen_k,
-        softmax_scale=softmax_scale,
-        causal=causal,
-        return_lse=True,
-        deterministic=deterministic,
-    )
+    with _argument_names(_single_group_names):
+        out_list, lse_list = grouped_flash_attn_varlen_func(
+            [q],
+            k,
+            v,
+            [cu_seqlens_q],
+            cu_seqlens_k,
+            [max_seqlen_q],
+            max_seqlen_k,
+            softmax_scale=softmax_scale,
+            causal=causal,
+            return_lse=True,
+            deterministic=deterministic,
+        )
     if return_attn_probs:
         return out_list[0], lse_list[0], None
     return out_list[0]

@@ -17,8 +17,11 @@ Shapes (G groups, B sequences, Hq query heads, Hk KV heads, D head dim):
   seqused_k_list: empty, or G entries each None or [B] int32
   lse_list[g]: [Hq, total_q_g] float32 (natural log)
 
-``softmax_scale <= 0`` means the library default 1/sqrt(D). ``deterministic`` only affects the
-backward; the forward op takes it so that autograd can hand it on.
+``softmax_scale == 0.0`` means the library default 1/sqrt(D); any other value must be a positive
+float whose float32 value is finite and normal (ValueError otherwise: a value that the float32
+field would round to 0, inf or a subnormal never silently becomes the default or another scale).
+``max_seqlen_*`` are hints, ints in [0, 2**31 - 1]. ``deterministic`` only affects the backward;
+the forward op takes it so that autograd can hand it on.
 
 The kernels are registered with ``Library.define`` + ``Library.impl`` (not ``custom_op``, whose
 Python dispatch costs more per call), for CPU and CUDA with the same Python function, which passes
@@ -41,6 +44,7 @@ from __future__ import annotations
 import ctypes
 import math
 import os
+import re
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -246,16 +250,30 @@ def _exec(device: torch.device) -> Tuple[_lib.Exec, int]:
         check_metadata = 1 if os.environ.get(ENV_CHECK_METADATA, "0") == "1" else 0
     elif device.type == "cpu":
         ex.device_type = _lib.DEVICE_CPU
-        ex.num_threads = torch.get_num_threads()
+        # torch's intra-op thread count; the library caps it at the hardware threads.
+        ex.num_threads = min(torch.get_num_threads(), _lib.INT32_MAX)
         check_metadata = 1  # free on the host
     else:
         raise ValueError(f"q_list[0]: expected a CPU or CUDA tensor, got device {device}")
     return ex, check_metadata
 
 
+def _max_seqlen_q(max_seqlen_q_list: Sequence[int], g: int) -> int:
+    return _lib.int32_value(max_seqlen_q_list[g], f"max_seqlen_q_list[{g}]",
+                            "a hint: the longest query sequence of the group")
+
+
 def _fill_common(params, checked, k, v, cu_seqlens_k, max_seqlen_k, softmax_scale, causal) -> None:
-    """The ringattn_problem, ringattn_exec and K/V fields shared by forward and backward."""
+    """The ringattn_problem, ringattn_exec and K/V fields shared by forward and backward. Every
+    value is checked before it is narrowed to its C type."""
     G, B, Hq, Hk, D, dtype, device, _, k_stride, v_stride = checked
+    for name, value, what in (("cu_seqlens_k", B + 1, "entries (batch_size + 1)"), ("q_list[0]", Hq, "heads"),
+                              ("k", Hk, "heads"), ("k", D, "elements in the head dim")):
+        if value > _lib.INT32_MAX:
+            raise ValueError(f"{name}: expected at most {_lib.INT32_MAX} {what}, got {value}")
+    max_seqlen_k = _lib.int32_value(max_seqlen_k, "max_seqlen_k", "a hint: the longest key sequence")
+    default_scale = softmax_scale == 0.0  # the ops' encoding of 1/sqrt(head_dim)
+    scale = 0.0 if default_scale else _lib.float32_scale(softmax_scale)
     params.exec, check_metadata = _exec(device)
     p = params.problem
     p.dtype = _DTYPE_CODES[dtype]
@@ -264,7 +282,8 @@ def _fill_common(params, checked, k, v, cu_seqlens_k, max_seqlen_k, softmax_scal
     p.num_heads_k = Hk
     p.head_dim = D
     p.num_groups = G
-    p.softmax_scale = softmax_scale
+    p.softmax_scale = scale
+    p.default_softmax_scale = 1 if default_scale else 0
     p.causal = 1 if causal else 0
     p.total_k = k.shape[0]
     p.max_seqlen_k = max_seqlen_k
@@ -278,10 +297,40 @@ def _fill_common(params, checked, k, v, cu_seqlens_k, max_seqlen_k, softmax_scal
     params.v_head_stride = v_stride[1]
 
 
-def _workspace(size_fn, params, device: torch.device) -> Optional[Tensor]:
+# The library names the fields of its C structs ("q (group 1)", "cu_seqlens_q[2] (group 0)",
+# "k.row_stride"); the ops' errors name the ops' arguments ("q_list[1]", "cu_seqlens_q_list[0][2]",
+# "k.stride(0)").
+_C_GROUP_FIELDS = {
+    "q": "q_list", "out": "out_list", "dout": "dout_list", "dq": "dq_list", "softmax_lse": "lse_list",
+    "cu_seqlens_q": "cu_seqlens_q_list", "seqused_k": "seqused_k_list", "max_seqlen_q": "max_seqlen_q_list",
+}
+_C_GROUP_FIELD = re.compile(
+    r"\b(total_q|" + "|".join(_C_GROUP_FIELDS) + r")(\.row_stride|\.head_stride)?((?:\[\d+\])?) \(group (\d+)\)")
+_C_STRIDE = re.compile(r"\b(k|v|dk|dv)\.(row|head)_stride\b")
+_STRIDE_DIM = {".row_stride": ".stride(0)", ".head_stride": ".stride(1)", None: ""}
+
+
+def _op_names(message: str) -> str:
+    """A library message with the C field names replaced by the ops' argument names."""
+    def group_field(m: "re.Match") -> str:
+        field, stride, index, g = m.group(1), m.group(2), m.group(3), m.group(4)
+        if field == "total_q":
+            return f"q_list[{g}].shape[0]"
+        return f"{_C_GROUP_FIELDS[field]}[{g}]{index}{_STRIDE_DIM[stride]}"
+
+    message = _C_GROUP_FIELD.sub(group_field, message)
+    return _C_STRIDE.sub(lambda m: f"{m.group(1)}.stride({0 if m.group(2) == 'row' else 1})", message)
+
+
+def _check_call(status: int, pass_name: str) -> None:
+    """Raise for a failed library call, naming the ops' arguments (see _lib.check)."""
+    _lib.check(status, f"ring_flash_attn {pass_name}", _op_names)
+
+
+def _workspace(size_fn, params, device: torch.device, pass_name: str) -> Optional[Tensor]:
     """Ask the library how much workspace the call needs; allocate it if any."""
     size = ctypes.c_size_t(0)
-    _lib.check(size_fn(ctypes.byref(params), ctypes.byref(size)), size_fn.__name__)
+    _check_call(size_fn(ctypes.byref(params), ctypes.byref(size)), pass_name)
     if size.value == 0:
         return None
     ws = torch.empty(size.value, dtype=torch.uint8, device=device)
@@ -333,11 +382,11 @@ def fwd_into(
         seqused = seqused_k_list[g] if have_seqused else None
         gr.seqused_k = seqused.data_ptr() if seqused is not None else None
         gr.total_q = q_shape[0]
-        gr.max_seqlen_q = max_seqlen_q_list[g]
+        gr.max_seqlen_q = _max_seqlen_q(max_seqlen_q_list, g)
     params.groups = groups
 
-    workspace = _workspace(lib.ringattn_fwd_workspace_size, params, device)
-    _lib.check(lib.ringattn_grouped_fwd(ctypes.byref(params)), "ringattn_grouped_fwd")
+    workspace = _workspace(lib.ringattn_fwd_workspace_size, params, device, "forward")
+    _check_call(lib.ringattn_grouped_fwd(ctypes.byref(params)), "forward")
     # The workspace lives until the call has been issued; on CUDA the caching allocator hands
     # freed memory only to later work on the same stream, which runs after this kernel.
     del workspace
@@ -410,11 +459,11 @@ def bwd_into(
         seqused = seqused_k_list[g] if have_seqused else None
         gr.seqused_k = seqused.data_ptr() if seqused is not None else None
         gr.total_q = q_shape[0]
-        gr.max_seqlen_q = max_seqlen_q_list[g]
+        gr.max_seqlen_q = _max_seqlen_q(max_seqlen_q_list, g)
     params.groups = groups
 
-    workspace = _workspace(lib.ringattn_bwd_workspace_size, params, device)
-    _lib.check(lib.ringattn_grouped_bwd(ctypes.byref(params)), "ringattn_grouped_bwd")
+    workspace = _workspace(lib.ringattn_bwd_workspace_size, params, device, "backward")
+    _check_call(lib.ringattn_grouped_bwd(ctypes.byref(params)), "backward")
     # The workspace lives until the call has been issued; on CUDA the caching allocator hands
     # freed memory only to later work on the same stream, which runs after this kernel.
     del workspace
@@ -577,7 +626,7 @@ def _add_lse_gradient(grad_lse_list, q_list, k, v, out_list, lse_list, meta, dq_
     """
     (cu_seqlens_q_list, cu_seqlens_k, seqused_k_list, max_seqlen_q_list, max_seqlen_k,
      softmax_scale, causal, deterministic) = meta
-    scale = softmax_scale if softmax_scale > 0 else 1.0 / math.sqrt(k.shape[-1])
+    scale = softmax_scale if softmax_scale != 0.0 else 1.0 / math.sqrt(k.shape[-1])
     G = len(q_list)
     # dlse [Hq, total_q] fp32 -> a per-row factor [total_q, Hq, 1]; unused groups get zeros.
     factors = []

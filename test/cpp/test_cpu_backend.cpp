@@ -6,14 +6,17 @@
 // was not touched, and that 1 and 4 threads give the same bits.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
 #include <random>
 #include <string>
+#include <thread>
 #include <tuple>
 #include <vector>
 
+#include "cpu/thread_pool.h"
 #include "naive_reference.h"
 #include "ringattn/ringattn.h"
 #include "test_util.h"
@@ -354,6 +357,418 @@ TEST(CpuBackendConventions, DefaultThreadCountGivesSameBits) {
   EXPECT_TRUE(same_bits("dk", da.dk, db.dk));
   EXPECT_TRUE(same_bits("dv", da.dv, db.dv));
   for (int g = 0; g < 2; ++g) EXPECT_TRUE(same_bits("dq", da.dq[g], db.dq[g]));
+}
+
+// exec.num_threads is capped at the hardware threads: torch.set_num_threads(30000) used to start
+// 30000 threads per call.
+TEST(CpuBackendConventions, ThreadCountIsCappedAtTheHardware) {
+  const unsigned hw = std::thread::hardware_concurrency();
+  const int64_t limit = hw == 0 ? ringattn::cpu::kThreadsIfHardwareUnknown : static_cast<int64_t>(hw);
+  const int64_t many_tasks = int64_t{1} << 20;
+  EXPECT_EQ(ringattn::cpu::resolve_num_threads(30000, many_tasks), limit);
+  EXPECT_EQ(ringattn::cpu::resolve_num_threads(0, many_tasks), limit);
+  EXPECT_EQ(ringattn::cpu::resolve_num_threads(-3, many_tasks), limit);
+  EXPECT_EQ(ringattn::cpu::resolve_num_threads(1, many_tasks), 1);
+  EXPECT_EQ(ringattn::cpu::resolve_num_threads(30000, 1), 1);  // never more than the tasks
+  EXPECT_EQ(ringattn::cpu::resolve_num_threads(30000, 0), 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// non-finite values: IEEE propagation, as on the GPU; only a row that sees no key is "empty"
+// ---------------------------------------------------------------------------------------------
+
+class NonFinite : public ::testing::TestWithParam<int> {};
+
+// Lq = 70, Lk = 90, causal bottom-right: query row i sees keys 0 .. i + 20.
+CaseSpec non_finite_case() { return single("non_finite", 70, 90, true, 2, 1, 32); }
+
+bool row_all_nan(const Tensor3& t, int64_t row, int head) {
+  for (int d = 0; d < t.dim(); ++d)
+    if (!std::isnan(t.get(row, head, d))) return false;
+  return true;
+}
+
+bool row_same_bits(const Tensor3& a, const Tensor3& b, int64_t row, int head) {
+  for (int d = 0; d < a.dim(); ++d)
+    if (a.bits_at(a.offset(row, head, d)) != b.bits_at(b.offset(row, head, d))) return false;
+  return true;
+}
+
+// One NaN in one element of q: that row's O and LSE are NaN, its dQ is NaN, and so are dK and
+// dV of every key it sees; every other row and key is bit for bit what it is without the NaN.
+TEST_P(NonFinite, NanInQueryReachesItsRowAndItsGradients) {
+  const int dtype = GetParam();
+  const CaseInputs clean = make_inputs(non_finite_case(), dtype, 11);
+  CaseInputs in = make_inputs(non_finite_case(), dtype, 11);
+  in.q[0].set(40, 1, 3, std::numeric_limits<double>::quiet_NaN());
+  const ForwardResult fc = run_forward(clean, 2), f = run_forward(in, 2);
+  ASSERT_EQ(fc.status, RINGATTN_STATUS_OK) << fc.error;
+  ASSERT_EQ(f.status, RINGATTN_STATUS_OK) << f.error;
+  for (int h = 0; h < 2; ++h)
+    for (int64_t row = 0; row < 70; ++row) {
+      const float lse = f.lse[0][h * 70 + row];
+      if (row == 40 && h == 1) {
+        EXPECT_TRUE(row_all_nan(f.out[0], row, h)) << "out row 40 head 1";
+        EXPECT_TRUE(std::isnan(lse)) << "lse row 40 head 1: " << lse;
+      } else {
+        ASSERT_TRUE(row_same_bits(f.out[0], fc.out[0], row, h)) << "out row " << row << " head " << h;
+        ASSERT_EQ(lse, fc.lse[0][h * 70 + row]) << "lse row " << row << " head " << h;
+      }
+    }
+  const BackwardResult bc = run_backward(clean, fc, 2), b = run_backward(in, f, 2);
+  ASSERT_EQ(bc.status, RINGATTN_STATUS_OK) << bc.error;
+  ASSERT_EQ(b.status, RINGATTN_STATUS_OK) << b.error;
+  for (int h = 0; h < 2; ++h)
+    for (int64_t row = 0; row < 70; ++row) {
+      if (row == 40 && h == 1)
+        EXPECT_TRUE(row_all_nan(b.dq[0], row, h)) << "dq row 40 head 1";
+      else
+        ASSERT_TRUE(row_same_bits(b.dq[0], bc.dq[0], row, h)) << "dq row " << row << " head " << h;
+    }
+  for (int64_t key = 0; key < 90; ++key) {
+    if (key <= 60) {  // seen by query row 40
+      ASSERT_TRUE(row_all_nan(b.dk, key, 0)) << "dk key " << key;
+      ASSERT_TRUE(row_all_nan(b.dv, key, 0)) << "dv key " << key;
+    } else {
+      ASSERT_TRUE(row_same_bits(b.dk, bc.dk, key, 0)) << "dk key " << key;
+      ASSERT_TRUE(row_same_bits(b.dv, bc.dv, key, 0)) << "dv key " << key;
+    }
+  }
+}
+
+// One NaN, or one +inf score, in key 50: every row that sees key 50 (rows 30 ..) gets NaN O and
+// LSE; rows 0 .. 29 do not see it and keep their bits.
+TEST_P(NonFinite, NanOrPlusInfKeyReachesTheRowsThatSeeIt) {
+  const int dtype = GetParam();
+  for (const bool use_inf : {false, true}) {
+    SCOPED_TRACE(use_inf ? "k = +inf with q > 0 (score +inf)" : "k = NaN");
+    CaseInputs clean = make_inputs(non_finite_case(), dtype, 12);
+    for (int64_t row = 0; row < 70; ++row)
+      for (int h = 0; h < 2; ++h) clean.q[0].set(row, h, 0, 0.25 + 0.5 * std::fabs(clean.q[0].get(row, h, 0)));
+    CaseInputs in = clean;
+    in.k.set(50, 0, 0, use_inf ? kInf : std::numeric_limits<double>::quiet_NaN());
+    const ForwardResult fc = run_forward(clean, 2), f = run_forward(in, 2);
+    ASSERT_EQ(fc.status, RINGATTN_STATUS_OK) << fc.error;
+    ASSERT_EQ(f.status, RINGATTN_STATUS_OK) << f.error;
+    for (int h = 0; h < 2; ++h)
+      for (int64_t row = 0; row < 70; ++row) {
+        const float lse = f.lse[0][h * 70 + row];
+        if (row >= 30) {
+          ASSERT_TRUE(row_all_nan(f.out[0], row, h)) << "out row " << row << " head " << h;
+          ASSERT_TRUE(std::isnan(lse)) << "lse row " << row << " head " << h << ": " << lse;
+        } else {
+          ASSERT_TRUE(row_same_bits(f.out[0], fc.out[0], row, h)) << "out row " << row << " head " << h;
+        }
+      }
+    const BackwardResult b = run_backward(in, f, 2);
+    ASSERT_EQ(b.status, RINGATTN_STATUS_OK) << b.error;
+    EXPECT_TRUE(row_all_nan(b.dq[0], 30, 0));
+    EXPECT_TRUE(row_all_nan(b.dk, 0, 0));  // seen by the NaN rows
+    EXPECT_TRUE(row_all_nan(b.dv, 50, 0));
+  }
+}
+
+// A -inf score is an ordinary IEEE value: the key gets weight exp(-inf) = 0, so O and LSE are
+// those of the other keys (compared with the reference on the same inputs, which does the same).
+TEST_P(NonFinite, MinusInfScoreGivesTheKeyZeroWeight) {
+  const int dtype = GetParam();
+  CaseInputs in = make_inputs(non_finite_case(), dtype, 13);
+  for (int64_t row = 0; row < 70; ++row)
+    for (int h = 0; h < 2; ++h) in.q[0].set(row, h, 0, 0.25 + 0.5 * std::fabs(in.q[0].get(row, h, 0)));
+  in.k.set(50, 0, 0, -kInf);
+  const ForwardResult f = run_forward(in, 2);
+  ASSERT_EQ(f.status, RINGATTN_STATUS_OK) << f.error;
+  const Tolerance tol = tolerance_for(dtype);
+  const naive::Forward ref = naive::forward(naive_problem(in), naive_groups(in)[0]);
+  EXPECT_TRUE(close_to_reference("out", f.out[0], ref.out, tol.out));
+  EXPECT_TRUE(lse_close("lse", f.lse[0], ref.lse, tol.lse));
+}
+
+// Scores that overflow the accumulator (fp32 q and k of 1e20: q.k = 1e40 * D) give what IEEE
+// arithmetic gives, not zeros: +inf scores make O and LSE NaN; a row whose every score is -inf
+// has softmax 0 / 0, so O is NaN while its LSE, log(0), is -inf. A row that sees no key at all
+// (row 0 of a causal Lq = 3, Lk = 2 problem) still gets O = 0, LSE = -inf.
+TEST(NonFiniteFp32, OverflowingScoresAreNotZeros) {
+  CaseSpec c = single("overflow", 3, 2, true, 2, 1, 8);
+  CaseInputs in = make_inputs(c, RINGATTN_DTYPE_FP32, 14);
+  for (int64_t row = 0; row < 3; ++row)
+    for (int d = 0; d < 8; ++d) {
+      in.q[0].set(row, 0, d, 1e20);   // head 0: q.k = +1e40 * 8 -> +inf
+      in.q[0].set(row, 1, d, -1e20);  // head 1: -inf
+    }
+  for (int64_t key = 0; key < 2; ++key)
+    for (int d = 0; d < 8; ++d) in.k.set(key, 0, d, 1e20);
+  const ForwardResult f = run_forward(in, 1);
+  ASSERT_EQ(f.status, RINGATTN_STATUS_OK) << f.error;
+  for (int h = 0; h < 2; ++h) {
+    EXPECT_EQ(f.out[0].get(0, h, 0), 0.0) << "row 0 sees no key";
+    EXPECT_TRUE(std::isinf(f.lse[0][h * 3]) && f.lse[0][h * 3] < 0);
+    for (int64_t row = 1; row < 3; ++row) EXPECT_TRUE(row_all_nan(f.out[0], row, h)) << "row " << row << " head " << h;
+  }
+  EXPECT_TRUE(std::isnan(f.lse[0][1]) && std::isnan(f.lse[0][2]));
+  EXPECT_TRUE(std::isinf(f.lse[0][4]) && f.lse[0][4] < 0 && std::isinf(f.lse[0][5]) && f.lse[0][5] < 0);
+  const BackwardResult b = run_backward(in, f, 1);
+  ASSERT_EQ(b.status, RINGATTN_STATUS_OK) << b.error;
+  for (int h = 0; h < 2; ++h) EXPECT_TRUE(row_all_nan(b.dq[0], 2, h)) << "dq row 2 head " << h;
+  EXPECT_TRUE(row_all_nan(b.dk, 0, 0));
+  for (int d = 0; d < 8; ++d) EXPECT_EQ(b.dq[0].get(0, 0, d), 0.0) << "dq of the row that sees no key";
+}
+
+INSTANTIATE_TEST_SUITE_P(AllDtypes, NonFinite, ::testing::ValuesIn(kAllDtypes),
+                         [](const ::testing::TestParamInfo<int>& info) { return std::string(dtype_name(info.param)); });
+
+// ---------------------------------------------------------------------------------------------
+// host API validation of scalar arguments
+// ---------------------------------------------------------------------------------------------
+
+bool still_poisoned(const Tensor3& t) {
+  for (size_t i = 0; i < t.num_elems(); ++i)
+    if (t.bits_at(i) != poison_bits(t.dtype())) return false;
+  return true;
+}
+
+bool still_poisoned(const std::vector<float>& lse) {
+  for (float x : lse) {
+    uint32_t b;
+    std::memcpy(&b, &x, 4);
+    if (b != kLsePoison) return false;
+  }
+  return true;
+}
+
+// The default scale has its own flag: no float value (0, negative, NaN, inf, a subnormal that a
+// caller's 1e-50 would round to) is taken for "1/sqrt(head_dim)"; each is rejected, naming the
+// field, before anything is written.
+TEST(HostApiValidation, SoftmaxScaleDefaultHasItsOwnFlag) {
+  const CaseInputs in = make_inputs(single("scale", 20, 30, true, 2, 1, 64), RINGATTN_DTYPE_FP32, 21);
+  struct Bad {
+    int32_t flag;
+    float scale;
+    const char* field;
+  };
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const float inf = std::numeric_limits<float>::infinity();
+  const Bad bad[] = {{0, 0.0f, "softmax_scale"},   {0, -0.5f, "softmax_scale"},
+                     {0, nan, "softmax_scale"},    {0, inf, "softmax_scale"},
+                     {0, 1e-40f, "softmax_scale"}, {1, 0.125f, "softmax_scale"},
+                     {2, 0.0f, "default_softmax_scale"}};
+  for (const Bad& b : bad) {
+    SCOPED_TRACE("default_softmax_scale " + std::to_string(b.flag) + ", softmax_scale " + std::to_string(b.scale));
+    const ForwardResult f = run_forward(in, 1, [&](ringattn_fwd_params& p) {
+      p.problem.default_softmax_scale = b.flag;
+      p.problem.softmax_scale = b.scale;
+    });
+    EXPECT_EQ(f.status, RINGATTN_STATUS_INVALID_ARGUMENT);
+    EXPECT_EQ(f.error.rfind(b.field, 0), 0u) << f.error;
+    EXPECT_TRUE(still_poisoned(f.out[0]) && still_poisoned(f.lse[0]));
+    const ForwardResult ok = run_forward(in, 1);
+    ASSERT_EQ(ok.status, RINGATTN_STATUS_OK) << ok.error;
+    const BackwardResult bw = run_backward(in, ok, 1, [&](ringattn_bwd_params& p) {
+      p.problem.default_softmax_scale = b.flag;
+      p.problem.softmax_scale = b.scale;
+    });
+    EXPECT_EQ(bw.status, RINGATTN_STATUS_INVALID_ARGUMENT);
+    EXPECT_EQ(bw.error.rfind(b.field, 0), 0u) << bw.error;
+    EXPECT_TRUE(still_poisoned(bw.dk) && still_poisoned(bw.dv) && still_poisoned(bw.dq[0]));
+  }
+  // The flag and the explicit 1/sqrt(64) = 0.125 give the same bits.
+  const ForwardResult by_flag = run_forward(in, 1);
+  const ForwardResult explicit_scale = run_forward(in, 1, [](ringattn_fwd_params& p) {
+    p.problem.default_softmax_scale = 0;
+    p.problem.softmax_scale = 0.125f;
+  });
+  ASSERT_EQ(by_flag.status, RINGATTN_STATUS_OK) << by_flag.error;
+  ASSERT_EQ(explicit_scale.status, RINGATTN_STATUS_OK) << explicit_scale.error;
+  EXPECT_TRUE(same_bits("out", by_flag.out[0], explicit_scale.out[0]));
+  // A scale other than the default is used as given (not silently replaced).
+  const ForwardResult other = run_forward(in, 1, [](ringattn_fwd_params& p) {
+    p.problem.default_softmax_scale = 0;
+    p.problem.softmax_scale = 0.5f;
+  });
+  ASSERT_EQ(other.status, RINGATTN_STATUS_OK) << other.error;
+  EXPECT_FALSE(same_bits("out", by_flag.out[0], other.out[0]));
+}
+
+TEST(HostApiValidation, NegativeMaxSeqlenHintsAreRejected) {
+  const CaseInputs in = make_inputs(single("hints", 20, 30, true, 2, 1, 64), RINGATTN_DTYPE_FP32, 22);
+  const ForwardResult fk = run_forward(in, 1, [](ringattn_fwd_params& p) { p.problem.max_seqlen_k = -5; });
+  EXPECT_EQ(fk.status, RINGATTN_STATUS_INVALID_ARGUMENT);
+  EXPECT_EQ(fk.error.rfind("max_seqlen_k: expected >= 0, got -5", 0), 0u) << fk.error;
+  const ForwardResult fq = run_forward(in, 1, [](ringattn_fwd_params& p) {
+    const_cast<ringattn_fwd_group*>(p.groups)[0].max_seqlen_q = INT32_MIN;
+  });
+  EXPECT_EQ(fq.status, RINGATTN_STATUS_INVALID_ARGUMENT);
+  EXPECT_EQ(fq.error.rfind("max_seqlen_q (group 0): expected >= 0", 0), 0u) << fq.error;
+  EXPECT_TRUE(still_poisoned(fk.out[0]) && still_poisoned(fq.out[0]));
+}
+
+// ---------------------------------------------------------------------------------------------
+// host API validation of overlapping outputs
+// ---------------------------------------------------------------------------------------------
+
+constexpr uint32_t kFloatPoison = 0x7fdeadbeu;
+
+std::vector<float> poisoned_floats(size_t n) {
+  std::vector<float> v(n);
+  for (float& x : v) std::memcpy(&x, &kFloatPoison, 4);
+  return v;
+}
+
+bool all_poisoned(const std::vector<float>& v) {
+  for (float x : v) {
+    uint32_t b;
+    std::memcpy(&b, &x, 4);
+    if (b != kFloatPoison) return false;
+  }
+  return true;
+}
+
+// fp32, 20 queries and 30 keys of one sequence, Hq = 4, Hk = 2, D = 16.
+CaseInputs alias_case() { return make_inputs(single("alias", 20, 30, true, 4, 2, 16), RINGATTN_DTYPE_FP32, 23); }
+
+void expect_rejected(ringattn_status status, const std::string& error, const std::string& prefix) {
+  EXPECT_EQ(status, RINGATTN_STATUS_INVALID_ARGUMENT) << error;
+  EXPECT_EQ(error.rfind(prefix, 0), 0u) << "message: " << error << "\nexpected it to start with: " << prefix;
+}
+
+// An output whose own strides send two (row, head) pairs to one address: rows overlapping heads
+// (row stride = head_dim with 4 heads), and a subtler lattice (row stride 3 D, head stride 2 D:
+// row 0 head 3 is row 2 head 0), which needs 4 heads: with Hk = 2 heads the same strides are a
+// valid, non-overlapping layout.
+TEST(HostApiValidation, OutputOverlappingItselfIsRejected) {
+  const CaseInputs in = alias_case();
+  const int D = 16;
+  struct Layout3 {
+    int64_t row_stride, head_stride;
+    const char* what;
+  };
+  for (const Layout3& l : {Layout3{D, D, "rows overlap heads"}, Layout3{3 * D, 2 * D, "row 0 head 3 = row 2 head 0"}}) {
+    SCOPED_TRACE(l.what);
+    std::vector<float> out = poisoned_floats(64 * 64 * D);
+    const ForwardResult f = run_forward(in, 1, [&](ringattn_fwd_params& p) {
+      auto* g = const_cast<ringattn_fwd_group*>(p.groups);
+      g[0].out = out.data();
+      g[0].out_row_stride = l.row_stride;
+      g[0].out_head_stride = l.head_stride;
+    });
+    expect_rejected(f.status, f.error, "out (group 0): expected an output whose rows and heads do not overlap");
+    EXPECT_TRUE(all_poisoned(out) && still_poisoned(f.lse[0]));
+  }
+  // The second layout is fine for the 2 KV heads of dK: accepted, and the values are those of the
+  // contiguous run.
+  const ForwardResult f = run_forward(in, 1);
+  ASSERT_EQ(f.status, RINGATTN_STATUS_OK) << f.error;
+  const BackwardResult ref = run_backward(in, f, 1);
+  ASSERT_EQ(ref.status, RINGATTN_STATUS_OK) << ref.error;
+  std::vector<float> dk = poisoned_floats(30 * 3 * D + 4 * D);
+  const BackwardResult b = run_backward(in, f, 1, [&](ringattn_bwd_params& p) {
+    p.dk = dk.data();
+    p.dk_row_stride = 3 * D;
+    p.dk_head_stride = 2 * D;
+  });
+  ASSERT_EQ(b.status, RINGATTN_STATUS_OK) << b.error;
+  for (int64_t key = 0; key < 30; ++key)
+    for (int h = 0; h < 2; ++h)
+      for (int d = 0; d < D; ++d) ASSERT_EQ(dk[key * 3 * D + h * 2 * D + d], ref.dk.get(key, h, d));
+}
+
+TEST(HostApiValidation, ForwardOutputsOverlappingEachOtherOrAnInputAreRejected) {
+  const CaseInputs in = alias_case();
+  const std::vector<uint64_t> q_before(reinterpret_cast<const uint64_t*>(in.q[0].data()),
+                                       reinterpret_cast<const uint64_t*>(in.q[0].data()) + in.q[0].num_elems() / 2);
+  // out written over q (same layout): an output aliasing an input.
+  ForwardResult f = run_forward(in, 1, [&](ringattn_fwd_params& p) {
+    auto* g = const_cast<ringattn_fwd_group*>(p.groups);
+    g[0].out = const_cast<void*>(g[0].q);
+  });
+  expect_rejected(f.status, f.error, "out (group 0): expected an output that shares no memory with the input q (group 0)");
+  EXPECT_TRUE(std::equal(q_before.begin(), q_before.end(), reinterpret_cast<const uint64_t*>(in.q[0].data())));
+  // The LSE inside the output tensor.
+  std::vector<float> out = poisoned_floats(20 * 4 * 16 + 4 * 20);
+  f = run_forward(in, 1, [&](ringattn_fwd_params& p) {
+    auto* g = const_cast<ringattn_fwd_group*>(p.groups);
+    g[0].out = out.data();
+    g[0].softmax_lse = out.data() + 20 * 4 * 16 - 8;  // its first 8 floats are out's last row
+  });
+  expect_rejected(f.status, f.error, "softmax_lse (group 0): expected an output that shares no memory with the output out (group 0)");
+  EXPECT_TRUE(all_poisoned(out));
+  // The output over the metadata it reads.
+  f = run_forward(in, 1, [&](ringattn_fwd_params& p) {
+    auto* g = const_cast<ringattn_fwd_group*>(p.groups);
+    g[0].softmax_lse = const_cast<float*>(reinterpret_cast<const float*>(p.problem.cu_seqlens_k));
+  });
+  expect_rejected(f.status, f.error, "softmax_lse (group 0): expected an output that shares no memory with the input cu_seqlens_k");
+}
+
+TEST(HostApiValidation, BackwardGradientsOverlappingAreRejected) {
+  const CaseInputs in = alias_case();
+  const ForwardResult f = run_forward(in, 1);
+  ASSERT_EQ(f.status, RINGATTN_STATUS_OK) << f.error;
+  // dv on dk: dK would be lost.
+  BackwardResult b = run_backward(in, f, 1, [](ringattn_bwd_params& p) {
+    p.dv = p.dk;
+    p.dv_row_stride = p.dk_row_stride;
+    p.dv_head_stride = p.dk_head_stride;
+  });
+  expect_rejected(b.status, b.error, "dv: expected an output that shares no memory with the output dk");
+  EXPECT_TRUE(still_poisoned(b.dk) && still_poisoned(b.dq[0]));
+  // dk shifted by half a head inside dv's buffer: partial overlap.
+  b = run_backward(in, f, 1, [](ringattn_bwd_params& p) {
+    p.dk = static_cast<float*>(p.dv) + 8;
+    p.dk_row_stride = p.dv_row_stride;
+    p.dk_head_stride = p.dv_head_stride;
+  });
+  expect_rejected(b.status, b.error, "dv: expected an output that shares no memory with the output dk");
+  EXPECT_TRUE(still_poisoned(b.dv) && still_poisoned(b.dq[0]));
+  // dq over dout (an input).
+  b = run_backward(in, f, 1, [](ringattn_bwd_params& p) {
+    auto* g = const_cast<ringattn_bwd_group*>(p.groups);
+    g[0].dq = const_cast<void*>(g[0].dout);
+  });
+  expect_rejected(b.status, b.error, "dq (group 0): expected an output that shares no memory with the input dout (group 0)");
+  EXPECT_TRUE(still_poisoned(b.dk) && still_poisoned(b.dv));
+}
+
+// Views into one packed buffer interleave without sharing an element: dK and dV as the two
+// halves of a [total_k, 2, Hk, D] gradient, and q, k, v read from one packed [tokens, 3, H, D]
+// input (inputs may overlap). Accepted, with the values of the separate tensors.
+TEST(HostApiValidation, PackedViewsThatShareNoElementAreAccepted) {
+  const CaseInputs in = alias_case();
+  const int D = 16, Hk = 2;
+  const ForwardResult f = run_forward(in, 1);
+  ASSERT_EQ(f.status, RINGATTN_STATUS_OK) << f.error;
+  const BackwardResult ref = run_backward(in, f, 1);
+  ASSERT_EQ(ref.status, RINGATTN_STATUS_OK) << ref.error;
+  std::vector<float> dkv = poisoned_floats(30 * 2 * Hk * D);
+  const BackwardResult b = run_backward(in, f, 1, [&](ringattn_bwd_params& p) {
+    p.dk = dkv.data();
+    p.dv = dkv.data() + Hk * D;
+    p.dk_row_stride = p.dv_row_stride = 2 * Hk * D;
+    p.dk_head_stride = p.dv_head_stride = D;
+  });
+  ASSERT_EQ(b.status, RINGATTN_STATUS_OK) << b.error;
+  for (int64_t key = 0; key < 30; ++key)
+    for (int h = 0; h < Hk; ++h)
+      for (int d = 0; d < D; ++d) {
+        ASSERT_EQ(dkv[key * 2 * Hk * D + h * D + d], ref.dk.get(key, h, d));
+        ASSERT_EQ(dkv[key * 2 * Hk * D + Hk * D + h * D + d], ref.dv.get(key, h, d));
+      }
+  // k and v from one packed [30, 2, Hk, D] input.
+  std::vector<float> kv(30 * 2 * Hk * D);
+  for (int64_t key = 0; key < 30; ++key)
+    for (int h = 0; h < Hk; ++h)
+      for (int d = 0; d < D; ++d) {
+        kv[key * 2 * Hk * D + h * D + d] = static_cast<float>(in.k.get(key, h, d));
+        kv[key * 2 * Hk * D + Hk * D + h * D + d] = static_cast<float>(in.v.get(key, h, d));
+      }
+  const ForwardResult fp = run_forward(in, 1, [&](ringattn_fwd_params& p) {
+    p.k = kv.data();
+    p.v = kv.data() + Hk * D;
+    p.k_row_stride = p.v_row_stride = 2 * Hk * D;
+    p.k_head_stride = p.v_head_stride = D;
+  });
+  ASSERT_EQ(fp.status, RINGATTN_STATUS_OK) << fp.error;
+  EXPECT_TRUE(same_bits("out", fp.out[0], f.out[0]));
 }
 
 // ---------------------------------------------------------------------------------------------

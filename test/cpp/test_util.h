@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <random>
 #include <sstream>
@@ -288,7 +289,7 @@ struct CaseSpec {
   int heads_k = 2;
   int dim = 64;
   bool causal = true;
-  float softmax_scale = 0.0f;  // <= 0: 1/sqrt(dim)
+  float softmax_scale = 0.0f;  // 0: default_softmax_scale (1/sqrt(dim))
   std::vector<int> lk;         // key tokens of each sequence
   std::vector<GroupSpec> groups;
   int extra_k_rows = 0;        // rows after cu_seqlens_k[B], in no sequence
@@ -369,7 +370,8 @@ inline ringattn_problem make_problem(const CaseInputs& in) {
   p.num_heads_k = in.spec.heads_k;
   p.head_dim = in.spec.dim;
   p.num_groups = static_cast<int32_t>(in.spec.groups.size());
-  p.softmax_scale = in.spec.softmax_scale;
+  p.default_softmax_scale = in.spec.softmax_scale > 0.0f ? 0 : 1;
+  p.softmax_scale = in.spec.softmax_scale > 0.0f ? in.spec.softmax_scale : 0.0f;
   p.causal = in.spec.causal ? 1 : 0;
   p.total_k = in.total_k;
   p.max_seqlen_k = in.spec.lk.empty() ? 0 : *std::max_element(in.spec.lk.begin(), in.spec.lk.end());
@@ -394,8 +396,10 @@ struct ForwardResult {
   std::vector<std::vector<float>> lse;  // [G][Hq * total_q]
 };
 
-// Calls ringattn_grouped_fwd on freshly poisoned outputs.
-inline ForwardResult run_forward(const CaseInputs& in, int num_threads) {
+// Calls ringattn_grouped_fwd on freshly poisoned outputs. `edit`, if given, changes the params
+// (and may point outputs elsewhere) before the workspace query and the call.
+inline ForwardResult run_forward(const CaseInputs& in, int num_threads,
+                                 const std::function<void(ringattn_fwd_params&)>& edit = nullptr) {
   ForwardResult r;
   const int G = static_cast<int>(in.spec.groups.size());
   std::vector<ringattn_fwd_group> groups(G);
@@ -430,6 +434,7 @@ inline ForwardResult run_forward(const CaseInputs& in, int num_threads) {
   p.v_row_stride = in.v.row_stride();
   p.v_head_stride = in.v.head_stride();
   p.groups = groups.data();
+  if (edit) edit(p);
   size_t ws_bytes = 0;
   r.status = ringattn_fwd_workspace_size(&p, &ws_bytes);
   if (r.status != RINGATTN_STATUS_OK) {
@@ -452,7 +457,9 @@ struct BackwardResult {
 };
 
 // Calls ringattn_grouped_bwd with the forward's out and LSE, on freshly poisoned gradients.
-inline BackwardResult run_backward(const CaseInputs& in, const ForwardResult& fwd, int num_threads) {
+// `edit` as in run_forward.
+inline BackwardResult run_backward(const CaseInputs& in, const ForwardResult& fwd, int num_threads,
+                                   const std::function<void(ringattn_bwd_params&)>& edit = nullptr) {
   BackwardResult r;
   const int G = static_cast<int>(in.spec.groups.size());
   for (int g = 0; g < G; ++g) {
@@ -502,6 +509,7 @@ inline BackwardResult run_backward(const CaseInputs& in, const ForwardResult& fw
   p.dv_head_stride = r.dv.head_stride();
   p.groups = groups.data();
   p.deterministic = 1;
+  if (edit) edit(p);
   size_t ws_bytes = 0;
   r.status = ringattn_bwd_workspace_size(&p, &ws_bytes);
   if (r.status != RINGATTN_STATUS_OK) {

@@ -126,6 +126,8 @@ def check_qkv(q, k, v, ndim: int, layout: str) -> None:
             raise ValueError(f"{name}: expected a Tensor, got {type(t).__name__}")
         if t.dim() != ndim:
             raise ValueError(f"{name}: expected a {ndim}-D tensor {layout}, got shape {tuple(t.shape)}")
+    if layout.startswith("[batch") and q.shape[0] == 0:
+        raise ValueError(f"q: expected a batch of at least one sequence {layout}, got shape {tuple(q.shape)}")
     for name, t in (("k", k), ("v", v)):
         if t.device != q.device:
             raise ValueError(f"{name}: expected a tensor on {q.device} (the device of q), got {t.device}")
