@@ -58,6 +58,7 @@ from .cp.llama3 import HF_ATTN_LLAMA3
 from .cp.process_group import resolve_group
 from .cp.registry import hf_scheme, hf_schemes
 from .cp.scheme import BatchMetadata, BatchNotSupported
+from .cp.validation import check_cumulative_values, check_int32_values
 from .cp.zigzag_llama3 import HF_ATTN_ZIGZAG_LLAMA3
 
 __all__ = [
@@ -171,23 +172,19 @@ def update_ring_flash_attn_params(cu_seqlens: Tensor, process_group=None) -> Non
     if isinstance(cu_seqlens, Tensor):
         if cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype.is_complex or cu_seqlens.dtype == torch.bool:
             raise ValueError(f"cu_seqlens: expected an integer tensor, got dtype {cu_seqlens.dtype}")
-        cu = cu_seqlens.to(torch.int32)
+        if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
+            raise ValueError(f"cu_seqlens: expected a 1-D tensor of batch_size + 1 >= 2 entries, got shape "
+                             f"{tuple(cu_seqlens.shape)}")
+        values = cu_seqlens.tolist()  # in its own dtype: checked before anything is narrowed to int32
     else:
         try:
-            cu = torch.tensor([int(x) for x in cu_seqlens], dtype=torch.int32)
+            values = [int(x) for x in cu_seqlens]
         except TypeError:
             raise ValueError(f"cu_seqlens: expected an integer tensor or a list of ints, got "
                              f"{type(cu_seqlens).__name__}") from None
-    if cu.dim() != 1 or cu.shape[0] < 2:
-        raise ValueError(f"cu_seqlens: expected a 1-D tensor of batch_size + 1 >= 2 entries, got shape "
-                         f"{tuple(cu.shape)}")
     _, world_size, rank = resolve_group(process_group)
-    values = cu.tolist()
-    if values[0] != 0:
-        raise ValueError(f"cu_seqlens: expected the first entry to be 0, got {values[0]}")
-    lengths = [b - a for a, b in zip(values, values[1:])]
-    if any(n < 0 for n in lengths):
-        raise ValueError(f"cu_seqlens: expected non-decreasing entries, got {values}")
+    check_cumulative_values(values, "cu_seqlens")
+    check_int32_values(values, "cu_seqlens")
     total = values[-1]
     if total % world_size:
         raise ValueError(f"cu_seqlens: expected a total length divisible by the world size {world_size} of the "

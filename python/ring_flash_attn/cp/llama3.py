@@ -39,7 +39,8 @@ from .process_group import resolve_group
 from .reduce_scatter import SliceReduceScatter
 from .scheme import BatchMetadata
 from .validation import (check_collective_device, check_cu_seqlens_pair, check_heads, check_heads_k_stride,
-                         check_local_tokens, check_python_int, check_qkv, metadata_checks_enabled, short_list, unpack)
+                         check_int32_count, check_local_tokens, check_python_int, check_qkv, metadata_checks_enabled,
+                         short_list, unpack)
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -82,6 +83,7 @@ def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, h
     check_local_tokens(q, k, v, "the tokens of q: the contiguous layout shards q, k and v alike")
     check_heads(q, k)
     T, Hk = q.shape[0], k.shape[1]
+    check_int32_count(world_size * T, "q", f"tokens in the gathered K/V (world_size {world_size} x {T} local tokens)")
     check_heads_k_stride(heads_k_stride, Hk)
     check_cu_seqlens_pair(cu_seqlens_q, cu_seqlens_k, q.device)
     check_python_int(max_seqlen_q, "max_seqlen_q", "the longest local query piece, a hint")

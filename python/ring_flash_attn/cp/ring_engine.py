@@ -47,7 +47,8 @@ from .index_maps import sequence_of
 from .lse_merge import merge_partial
 from .process_group import resolve_group
 from .ring_comm import RingComm
-from .validation import check_cu_seqlens, check_heads, check_local_tokens, check_qkv, metadata_checks_enabled, unpack
+from .validation import (check_cu_seqlens, check_heads, check_int32_count, check_local_tokens, check_qkv,
+                         metadata_checks_enabled, unpack)
 
 __all__ = [
     "RingLayout",
@@ -100,6 +101,7 @@ def _validate(q, k, v, dropout_p, window_size, alibi_slopes, layout: RingLayout)
         raise ValueError(f"k: expected batch {B} and local_seqlen {L} (those of q: the layout shards q, k and v "
                          f"alike), got {tuple(k.shape[:2])}")
     check_heads(q, k)
+    check_int32_count(B * L, "q", "local tokens (batch * local_seqlen)")
     if layout.even_halves and L % 2:
         raise ValueError(f"q: expected an even local_seqlen for the {layout.name} layout (two chunks of equal "
                          f"length per rank), got {L}")

@@ -237,12 +237,21 @@ def zigzag_llama3_prepare_cu_seqlens(
 
     A setup step: the maxima are read on the host (one device-to-host copy for a CUDA tensor)
     unless ``max_seqlen`` (the longest GLOBAL sequence, a Python int) is given, in which case
-    nothing is read and values are checked only on CPU. ``causal`` is accepted for upstream
-    compatibility (both cases use the same metadata).
+    nothing is read and values are checked only where that is free (CPU tensors, lists) or with
+    ``RING_FLASH_ATTN_CHECK_METADATA=1``. ``causal`` is accepted for upstream compatibility (both
+    cases use the same metadata).
+
+    Under ``torch.compile`` nothing is read on the host and the function traces without a graph
+    break: the value checks become one device-side assert (a RuntimeError on CPU, a device assert
+    on CUDA) instead of the ValueErrors, and without ``max_seqlen`` the longest sequence is a
+    data-dependent int (``torch._dynamo.config.capture_scalar_outputs = True`` keeps it in the
+    graph; otherwise that read is a graph break).
     """
     check_world(world_size, rank)
     cu = as_cu_tensor(cu_seqlens, "cu_seqlens")
-    if max_seqlen is None or cu.device.type == "cpu" or not isinstance(cu_seqlens, Tensor):
+    if torch.compiler.is_compiling():
+        return _zigzag_llama3_prepare_traced(cu, world_size, max_seqlen)
+    if max_seqlen is None or not isinstance(cu_seqlens, Tensor) or metadata_checks_enabled(cu.device):
         values = zigzag_check_cu_seqlens(cu, world_size)
         longest = max(values[b + 1] - values[b] for b in range(len(values) - 1))
         if max_seqlen is not None and int(max_seqlen) < longest:
@@ -250,5 +259,25 @@ def zigzag_llama3_prepare_cu_seqlens(
         if max_seqlen is None:
             max_seqlen = longest
     max_seqlen = int(max_seqlen)
+    cu_q = torch.div(cu, world_size, rounding_mode="floor").to(torch.int32)
+    return cu_q, cu, max_seqlen // world_size, max_seqlen, slice(None)
+
+
+def _zigzag_llama3_prepare_traced(cu: Tensor, world_size: int,
+                                  max_seqlen: Optional[int]) -> Tuple[Tensor, Tensor, int, int, slice]:
+    """``zigzag_llama3_prepare_cu_seqlens`` under torch.compile: no host read, the value checks
+    as one device-side assert."""
+    two_n = 2 * world_size
+    cu64 = cu.to(torch.int64)
+    lengths = cu64[1:] - cu64[:-1]
+    valid = (cu64[0] == 0) & (lengths >= 0).all() & (lengths % two_n == 0).all()
+    what = f"cumulative lengths from 0, non-decreasing, every length a multiple of 2 * world_size = {two_n}"
+    if max_seqlen is not None:
+        max_seqlen = int(max_seqlen)
+        valid = valid & (lengths.max() <= max_seqlen)
+        what += f", none longer than max_seqlen = {max_seqlen}"
+    torch._assert_async(valid, f"cu_seqlens: expected {what}")
+    if max_seqlen is None:
+        max_seqlen = lengths.max().item()
     cu_q = torch.div(cu, world_size, rounding_mode="floor").to(torch.int32)
     return cu_q, cu, max_seqlen // world_size, max_seqlen, slice(None)

@@ -54,7 +54,8 @@ from .process_group import resolve_group
 from .reduce_scatter import SliceReduceScatter
 from .scheme import BatchMetadata, BatchNotSupported
 from .validation import (check_collective_device, check_cu_seqlens_pair, check_heads, check_heads_k_stride,
-                         check_local_tokens, check_python_int, check_qkv, metadata_checks_enabled, short_list, unpack)
+                         check_int32_count, check_local_tokens, check_python_int, check_qkv, metadata_checks_enabled,
+                         short_list, unpack)
 from .zigzag_layout import zigzag_check_cu_seqlens, zigzag_gathered_to_global_index, zigzag_llama3_prepare_cu_seqlens
 
 if TYPE_CHECKING:
@@ -98,6 +99,7 @@ def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, h
     if T % 2:
         raise ValueError(f"q: expected an even number of local tokens (every sequence contributes two chunks of "
                          f"equal length), got {T}")
+    check_int32_count(world_size * T, "q", f"tokens in the gathered K/V (world_size {world_size} x {T} local tokens)")
     check_heads_k_stride(heads_k_stride, Hk)
     check_cu_seqlens_pair(cu_seqlens_q, cu_seqlens_k, q.device)
     check_python_int(max_seqlen_q, "max_seqlen_q", "the longest local sequence, a hint")
@@ -207,6 +209,8 @@ def _make_plan(q, k, cu_seqlens_k, max_seqlen_k, heads_k_stride, softmax_scale, 
         # One G=1 problem over both groups: sequences (g, b) for g in {early, late}; group g's
         # query rows start at g * T/2 and its K/V copy at g * total_global.
         Tg = plan.total_global
+        check_int32_count(2 * Tg, "q", f"rows of the K/V duplicated by use_grouped_attention (2 x world_size "
+                                       f"{N} x {T} local tokens)")
         cu_q_all = torch.cat([cu_half, cu_half[1:] + plan.half]).to(torch.int32)
         cu_k_all = torch.cat([cu_seqlens_k, cu_seqlens_k[1:] + Tg]).to(torch.int32)
         used_all = torch.cat(seqused).to(torch.int32)
