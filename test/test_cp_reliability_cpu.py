@@ -117,3 +117,53 @@ def test_int32_count_checks_are_wired_into_every_path(path, monkeypatch):
         with pytest.raises(ValueError, match=r"q: expected at most 40 rows of the K/V duplicated by "
                                              r"use_grouped_attention \(2 x world_size 1 x 32 local tokens\)"):
             rfa.zigzag_llama3_flash_attn_varlen_func(q, k, v, cu, cu, 20, 20, 1, use_grouped_attention=True)
+
+
+# ---- torch.compile of the metadata helpers --------------------------------------------------------
+
+
+def _assert_same_metadata(got, want, what):
+    assert len(got) == 5, what
+    for i in (0, 1):
+        assert got[i].dtype == torch.int32 and torch.equal(got[i], want[i]), f"{what}: output {i} {got[i]} != {want[i]}"
+    assert (int(got[2]), int(got[3])) == (want[2], want[3]), f"{what}: maxima {got[2:4]} != {want[2:4]}"
+    assert got[4] == want[4], f"{what}: slice {got[4]} != {want[4]}"
+
+
+@pytest.mark.parametrize("capture_scalar_outputs", [True, False])
+def test_torch_compile_llama3_prepare_cu_seqlens(capture_scalar_outputs):
+    """Compiles (it failed with GuardOnDataDependentSymNode at the total % world_size check when
+    scalar outputs are captured), returns what the eager call returns and keeps its ValueErrors."""
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(capture_scalar_outputs=capture_scalar_outputs):
+        compiled = torch.compile(rfa.llama3_flash_attn_prepare_cu_seqlens)
+        for lens, causal, rank, world_size in [([5, 11, 3, 13], True, 1, 2), ([7, 13, 2, 10], False, 2, 4),
+                                               ([9, 23], True, 3, 4), ([0, 8, 0, 8], False, 0, 2)]:
+            cu = cu_seqlens(lens)
+            want = rfa.llama3_flash_attn_prepare_cu_seqlens(cu, causal, rank, world_size)
+            _assert_same_metadata(compiled(cu, causal, rank, world_size), want, f"{lens} rank {rank}/{world_size}")
+        with pytest.raises(ValueError, match=r"cu_seqlens: expected non-decreasing entries"):
+            compiled(torch.tensor([0, 10, 4, 16], dtype=torch.int32), True, 0, 2)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("capture_scalar_outputs", [True, False])
+@pytest.mark.parametrize("with_max_seqlen", [True, False])
+def test_torch_compile_zigzag_llama3_prepare_cu_seqlens(capture_scalar_outputs, with_max_seqlen):
+    """Traces without a graph break (fullgraph=True) where no host read is asked for: with
+    max_seqlen, or with captured scalar outputs; a malformed cu_seqlens trips the device-side
+    assert (a RuntimeError on CPU) instead of passing."""
+    fullgraph = with_max_seqlen or capture_scalar_outputs
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(capture_scalar_outputs=capture_scalar_outputs):
+        compiled = torch.compile(rfa.zigzag_llama3_prepare_cu_seqlens, fullgraph=fullgraph)
+        for lens, world_size in [([8, 12, 4, 8], 2), ([16, 8, 24], 4)]:
+            cu = cu_seqlens(lens)
+            kw = dict(max_seqlen=max(lens)) if with_max_seqlen else {}
+            want = rfa.zigzag_llama3_prepare_cu_seqlens(cu, True, 1, world_size, **kw)
+            _assert_same_metadata(compiled(cu, True, 1, world_size, **kw), want, f"{lens} world {world_size}")
+        kw = dict(max_seqlen=12) if with_max_seqlen else {}
+        with pytest.raises(RuntimeError, match=r"cu_seqlens: expected cumulative lengths from 0, non-decreasing, "
+                                               r"every length a multiple of 2 \* world_size = 4"):
+            compiled(cu_seqlens([8, 6, 10]), True, 1, 2, **kw)
+    torch._dynamo.reset()
