@@ -167,3 +167,64 @@ def test_torch_compile_zigzag_llama3_prepare_cu_seqlens(capture_scalar_outputs, 
                                                r"every length a multiple of 2 \* world_size = 4"):
             compiled(cu_seqlens([8, 6, 10]), True, 1, 2, **kw)
     torch._dynamo.reset()
+
+
+# ---- metadata changed between forward and backward ------------------------------------------------
+
+_INPLACE_ERROR = r"one of the variables needed for gradient computation has been modified by an inplace operation"
+
+
+def _varlen_call(scheme: str, q, k, v, lens):
+    """(run, metadata tensors the caller owns) for `scheme` on one process: run() is the forward."""
+    cu = cu_seqlens(lens)
+    if scheme in ("ring", "zigzag_ring"):
+        fn = rfa.ring_flash_attn_varlen_func if scheme == "ring" else rfa.zigzag_ring_flash_attn_varlen_func
+        return (lambda: fn(q, k, v, cu, max(lens), causal=True)), {"cu_seqlens": cu}
+    if scheme == "llama3":
+        cu_q, cu_k, mq, mk, ks = rfa.llama3_flash_attn_prepare_cu_seqlens(cu, True, 0, 1)
+        return (lambda: rfa.llama3_flash_attn_varlen_func(q, k, v, cu_q, cu_k, mq, mk, 1, ks, causal=True)), \
+            {"cu_seqlens_q": cu_q, "cu_seqlens_k": cu_k}
+    cu_q, cu_k, mq, mk, ks = rfa.zigzag_llama3_prepare_cu_seqlens(cu, True, 0, 1)
+    return (lambda: rfa.zigzag_llama3_flash_attn_varlen_func(q, k, v, cu_q, cu_k, mq, mk, 1, ks, causal=True)), \
+        {"cu_seqlens_k": cu_k}
+
+
+_SCHEME_METADATA = [("ring", "cu_seqlens"), ("zigzag_ring", "cu_seqlens"), ("llama3", "cu_seqlens_q"),
+                    ("llama3", "cu_seqlens_k"), ("zigzag_llama3", "cu_seqlens_k")]
+
+
+@pytest.mark.parametrize("scheme,name", _SCHEME_METADATA)
+def test_metadata_changed_after_forward_makes_backward_raise(scheme, name):
+    """The caller's cu_seqlens changed in place between forward and backward (another batch's
+    lengths, same number of entries): the backward raises autograd's in-place error instead of
+    computing the gradients of the other batch (before: dq off by a relative 30)."""
+    q, k, v = (t.requires_grad_(True) for t in _small_inputs(16, Hq=4, Hk=2, seed=_SEED))
+    run, metadata = _varlen_call(scheme, q, k, v, [6, 10])
+    out = run()
+    other = metadata[name].clone()
+    other[1] = 10  # lengths [10, 6]: a valid batch of the same total
+    metadata[name].copy_(other)
+    with pytest.raises(RuntimeError, match=_INPLACE_ERROR):
+        out.backward(torch.randn_like(out))
+
+
+@pytest.mark.parametrize("scheme", ["ring", "zigzag_ring", "llama3", "zigzag_llama3"])
+def test_metadata_unchanged_backward_matches_reference(scheme):
+    """The control of the test above: the same calls without the change give the reference
+    gradients (and changing the metadata AFTER the backward is allowed)."""
+    from reference import grouped_attention_reference
+
+    lens = [6, 10]
+    q, k, v = (t.requires_grad_(True) for t in _small_inputs(16, Hq=4, Hk=2, seed=_SEED))
+    run, metadata = _varlen_call(scheme, q, k, v, lens)
+    out = run()
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    cu = cu_seqlens(lens)
+    (ref_out,), _ = grouped_attention_reference([q], k, v, [cu], cu, None, None, True)
+    ref_grads = torch.autograd.grad(ref_out, (q, k, v), dout)
+    for name, g, rg in zip("qkv", grads, ref_grads):
+        err = (g - rg).abs().max().item() / max(1.0, rg.abs().max().item())
+        assert err <= 1e-10, f"{scheme}: d{name} relative error {err:.3e}"
+    for t in metadata.values():
+        t.zero_()

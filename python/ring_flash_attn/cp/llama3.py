@@ -74,6 +74,9 @@ class _Plan(KVSlicePlan):
     src: Optional[Tensor] = None  # the contiguous layout needs no reordering
     inv_src: Optional[Tensor] = None
 
+    def caller_tensors(self) -> Tuple[Tensor, ...]:
+        return self.cu_seqlens_q, self.cu_seqlens_k  # the caller's, read again by the backward
+
 
 def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride,
               local_k_slice, dropout_p, window_size, alibi_slopes, world_size) -> slice:

@@ -354,19 +354,26 @@ def _backward_single_step(plan: _Plan, dout: Tensor, q: Tensor, k: Tensor, v: Te
 
 
 class _RingAttention(torch.autograd.Function):
+    """``_RingAttention.apply(q, k, v, cu_local, plan) -> (out, lse)``. ``cu_local`` (the
+    caller's cu_seqlens in the varlen forms, read again by the backward through the plan's "all"
+    row set) is an input saved for the backward, so that changing it in place between the
+    forward and the backward makes the backward raise (autograd's version check) instead of
+    computing the gradients of other sequences. The plan's other index tensors were built from it
+    in the forward and are private."""
+
     @staticmethod
-    def forward(ctx, q, k, v, plan):
+    def forward(ctx, q, k, v, cu_local, plan):
         out, lse = _forward(plan, q, k, v)
-        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_backward(q, k, v, out, lse, cu_local)
         ctx.plan = plan
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, _cu_local = ctx.saved_tensors  # raises if cu_local changed in place
         dq, dk, dv = _backward(ctx.plan, dout, q, k, v, out, lse)
-        return dq, dk, dv, None
+        return dq, dk, dv, None, None
 
 
 def _make_plan(layout: RingLayout, q3, cu_local, max_local, softmax_scale, causal, deterministic, group) -> _Plan:
@@ -395,7 +402,7 @@ def ring_attention(layout: RingLayout, q: Tensor, k: Tensor, v: Tensor, dropout_
         else torch.zeros(B + 1, dtype=torch.int32, device=q.device)
     q3, k3, v3 = q.reshape(B * L, Hq, D), k.reshape(B * L, Hk, D), v.reshape(B * L, Hk, D)
     plan = _make_plan(layout, q3, cu, L, softmax_scale, causal, deterministic, group)
-    out, lse = _RingAttention.apply(q3, k3, v3, plan)
+    out, lse = _RingAttention.apply(q3, k3, v3, cu, plan)
     out = out.view(B, L, Hq, D)
     if return_attn_probs:
         return out, lse.view(Hq, B, L).permute(1, 0, 2), None
@@ -410,7 +417,7 @@ def ring_attention_varlen(layout: RingLayout, q: Tensor, k: Tensor, v: Tensor, c
     cumulative lengths -> out ``[T, Hq, D]``, or ``(out, lse [Hq, T], None)``."""
     _validate_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p, window_size, alibi_slopes, layout)
     plan = _make_plan(layout, q, cu_seqlens, int(max_seqlen), softmax_scale, causal, deterministic, group)
-    out, lse = _RingAttention.apply(q, k, v, plan)
+    out, lse = _RingAttention.apply(q, k, v, cu_seqlens, plan)
     if return_attn_probs:
         return out, lse, None
     return out

@@ -160,6 +160,11 @@ class _Plan(KVSlicePlan):
     def half(self) -> int:
         return self.total_local // 2
 
+    def caller_tensors(self) -> Tuple[Tensor, ...]:
+        # the caller's GLOBAL cu_seqlens, read again by the backward (everything else the plan
+        # holds was built from it in the forward)
+        return (self.cu_seqlens_k,)
+
 
 def _make_plan(q, k, cu_seqlens_k, max_seqlen_k, heads_k_stride, softmax_scale, causal,
                deterministic, grad_reduce_dtype, impl, group, world_size, rank) -> _Plan:
