@@ -22,13 +22,16 @@ access.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from .index_maps import sequence_of
 from .validation import CuSeqlens, as_cu_tensor, check_world, metadata_checks_enabled
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = [
     "zigzag_check_cu_seqlens",
@@ -197,18 +200,28 @@ def zigzag_unshard(shards: Sequence[Tensor], cu_seqlens: CuSeqlens) -> Tensor:
     return gathered.index_select(0, idx)
 
 
-def zigzag_gather(x_local: Tensor, cu_seqlens: CuSeqlens, group=None) -> Tensor:
+def zigzag_gather(x_local: Tensor, cu_seqlens: CuSeqlens, group: Optional[ProcessGroup] = None) -> Tensor:
     """All-gather every rank's zigzag shard and return the global batch in natural order (on all
     ranks). ``cu_seqlens`` is the GLOBAL one. Not differentiable. Collective: every rank of
-    ``group`` must call it."""
+    ``group`` must call it (with ``RING_FLASH_ATTN_CHECK_METADATA=1``, ranks passing different
+    shard shapes, dtypes or cu_seqlens get a RuntimeError instead of an abort in the collective)."""
     import torch.distributed as dist
 
+    from .rank_agreement import Fingerprint, RankAgreement, device_of
+
     world_size = dist.get_world_size(group)
+    agreement = RankAgreement("zigzag_gather", group, world_size, device_of(x_local), values_checked=True)
+    with agreement.validating():
+        if not isinstance(x_local, Tensor) or x_local.dim() < 1:
+            raise ValueError(f"x_local: expected a tensor with a token dim 0, got "
+                             f"{getattr(x_local, 'shape', type(x_local).__name__)}")
+        cu = _prepare_shard_args(x_local, cu_seqlens, world_size, "x_local", world_size * x_local.shape[0])
+    agreement.check(lambda: Fingerprint().shape("the shape of x_local", x_local.shape)
+                    .dtype("the dtype of x_local", x_local.dtype).tensor_values("cu_seqlens", cu))
     x_local = x_local.contiguous()
     gathered = torch.empty((world_size * x_local.shape[0],) + tuple(x_local.shape[1:]),
                            dtype=x_local.dtype, device=x_local.device)
     dist.all_gather_into_tensor(gathered, x_local, group=group)
-    cu = _prepare_shard_args(gathered, cu_seqlens, world_size, "x_local", gathered.shape[0])
     idx = zigzag_gathered_to_global_index(cu, world_size, x_local.shape[0])
     return gathered.index_select(0, idx)
 
