@@ -488,3 +488,55 @@ def test_ranks_that_disagree_get_an_error_on_every_rank(world_size, case_id, exp
         assert got["raised"] == kind and re.search(pattern, got["message"]), (
             f"rank {rank} of {world_size}: expected {kind} matching {pattern!r}, got {got}")
 
+
+# ---- the public functions' signatures ------------------------------------------------------------------
+
+
+def _public_cp_functions():
+    import inspect
+
+    names = []
+    for name in rfa.__all__:
+        obj = getattr(rfa, name)
+        module = getattr(obj, "__module__", "") or ""
+        if inspect.isfunction(obj) and (module.startswith("ring_flash_attn.cp") or module == "ring_flash_attn.hf_adapter"):
+            names.append(name)
+    return names
+
+
+def test_public_cp_functions_are_found():
+    names = _public_cp_functions()
+    # every scheme's functions, the layout helpers and the HF adapter's
+    for expected in ("ring_flash_attn_func", "zigzag_ring_flash_attn_varlen_qkvpacked_func", "stripe_flash_attn_func",
+                     "llama3_flash_attn_varlen_kvpacked_func", "zigzag_llama3_flash_attn_varlen_func",
+                     "llama3_flash_attn_prepare_cu_seqlens", "zigzag_shard", "update_ring_flash_attn_params"):
+        assert expected in names
+    assert len(names) >= 30, names
+
+
+@pytest.mark.parametrize("name", _public_cp_functions())
+def test_public_cp_function_signature_is_typed_and_public(name):
+    """help() shows type hints for every parameter and the return value, and no private type
+    (a name starting with an underscore, e.g. an internal result class)."""
+    import inspect
+    import pydoc
+    import re
+    import typing
+
+    from torch.distributed import ProcessGroup
+
+    fn = getattr(rfa, name)
+    sig = inspect.signature(fn)
+    missing = [p.name for p in sig.parameters.values() if p.annotation is inspect.Parameter.empty]
+    assert not missing, f"{name}: parameters without a type hint: {missing}"
+    assert sig.return_annotation is not inspect.Signature.empty, f"{name}: no return type hint"
+    private = re.compile(r"(?<![\w])_[A-Za-z]\w*")
+    annotations = [str(p.annotation) for p in sig.parameters.values()] + [str(sig.return_annotation)]
+    bad = [a for a in annotations if private.search(a.replace("__", ""))]
+    assert not bad, f"{name}: private names in type hints: {bad}"
+    hints = typing.get_type_hints(fn, localns={"ProcessGroup": ProcessGroup})  # every hint resolves
+    assert "return" in hints
+    rendered = pydoc.render_doc(fn, renderer=pydoc.plaintext)
+    first_line = next(line for line in rendered.splitlines() if line.strip().startswith(name + "("))
+    assert not private.search(first_line), f"{name}: help() shows a private name: {first_line}"
+    assert (fn.__doc__ or "").strip(), f"{name}: no docstring"
