@@ -49,7 +49,7 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -58,6 +58,11 @@ from .cp.llama3 import HF_ATTN_LLAMA3
 from .cp.process_group import resolve_group
 from .cp.registry import hf_scheme, hf_schemes
 from .cp.scheme import BatchMetadata, BatchNotSupported
+from .cp.rank_agreement import Fingerprint, RankAgreement, device_of
+from .cp.validation import check_cumulative_values, check_int32_values
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 from .cp.zigzag_llama3 import HF_ATTN_ZIGZAG_LLAMA3
 
 __all__ = [
@@ -142,7 +147,31 @@ def _check_stride(heads_k_stride) -> int:
 # ---- per-batch metadata --------------------------------------------------------------------------
 
 
-def update_ring_flash_attn_params(cu_seqlens: Tensor, process_group=None) -> None:
+def _checked_values(cu_seqlens, world_size: int) -> List[int]:
+    """The values of update_ring_flash_attn_params's cu_seqlens (one host read), checked."""
+    if isinstance(cu_seqlens, Tensor):
+        if cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype.is_complex or cu_seqlens.dtype == torch.bool:
+            raise ValueError(f"cu_seqlens: expected an integer tensor, got dtype {cu_seqlens.dtype}")
+        if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
+            raise ValueError(f"cu_seqlens: expected a 1-D tensor of batch_size + 1 >= 2 entries, got shape "
+                             f"{tuple(cu_seqlens.shape)}")
+        values = cu_seqlens.tolist()  # in its own dtype: checked before anything is narrowed to int32
+    else:
+        try:
+            values = [int(x) for x in cu_seqlens]
+        except TypeError:
+            raise ValueError(f"cu_seqlens: expected an integer tensor or a list of ints, got "
+                             f"{type(cu_seqlens).__name__}") from None
+    check_cumulative_values(values, "cu_seqlens")
+    check_int32_values(values, "cu_seqlens")
+    if values[-1] % world_size:
+        raise ValueError(f"cu_seqlens: expected a total length divisible by the world size {world_size} of the "
+                         f"process group (each rank holds total / world_size tokens), got {values[-1]}")
+    return values
+
+
+def update_ring_flash_attn_params(cu_seqlens: Union[Tensor, Sequence[int]],
+                                  process_group: Optional[ProcessGroup] = None) -> None:
     """Set the packed batch the next forward (and its backward) runs on (upstream's semantics).
 
     Args:
@@ -166,32 +195,20 @@ def update_ring_flash_attn_params(cu_seqlens: Tensor, process_group=None) -> Non
 
     Raises:
         ValueError: cu_seqlens is not 1-D with >= 2 entries, not integer, does not start at 0,
-            decreases, or its total is not divisible by the group's world size.
+            decreases, has an entry outside int32, or its total is not divisible by the group's
+            world size.
+        RuntimeError: with ``RING_FLASH_ATTN_CHECK_METADATA=1``, the ranks passed different
+            cu_seqlens (compared with one small all-gather; every rank raises). Without it,
+            ranks given different batches compute wrong gradients.
     """
-    if isinstance(cu_seqlens, Tensor):
-        if cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype.is_complex or cu_seqlens.dtype == torch.bool:
-            raise ValueError(f"cu_seqlens: expected an integer tensor, got dtype {cu_seqlens.dtype}")
-        cu = cu_seqlens.to(torch.int32)
-    else:
-        try:
-            cu = torch.tensor([int(x) for x in cu_seqlens], dtype=torch.int32)
-        except TypeError:
-            raise ValueError(f"cu_seqlens: expected an integer tensor or a list of ints, got "
-                             f"{type(cu_seqlens).__name__}") from None
-    if cu.dim() != 1 or cu.shape[0] < 2:
-        raise ValueError(f"cu_seqlens: expected a 1-D tensor of batch_size + 1 >= 2 entries, got shape "
-                         f"{tuple(cu.shape)}")
-    _, world_size, rank = resolve_group(process_group)
-    values = cu.tolist()
-    if values[0] != 0:
-        raise ValueError(f"cu_seqlens: expected the first entry to be 0, got {values[0]}")
-    lengths = [b - a for a, b in zip(values, values[1:])]
-    if any(n < 0 for n in lengths):
-        raise ValueError(f"cu_seqlens: expected non-decreasing entries, got {values}")
+    group, world_size, rank = resolve_group(process_group)
+    device = cu_seqlens.device if isinstance(cu_seqlens, Tensor) else torch.device("cpu")
+    agreement = RankAgreement("update_ring_flash_attn_params", group, world_size, device, values_checked=True)
+    with agreement.validating():
+        values = _checked_values(cu_seqlens, world_size)
+    # the GLOBAL batch: the same on every rank (opt-in check; the host values are hashed on the CPU)
+    agreement.check(lambda: Fingerprint().tensor_values("cu_seqlens", torch.tensor(values, dtype=torch.int64)))
     total = values[-1]
-    if total % world_size:
-        raise ValueError(f"cu_seqlens: expected a total length divisible by the world size {world_size} of the "
-                         f"process group (each rank holds total / world_size tokens), got {total}")
     # from the host values: CPU tensors, moved to the activations' device on first use
     prepared: Dict[str, Union[Dict[bool, BatchMetadata], BatchNotSupported]] = {}
     for scheme in hf_schemes():
@@ -207,28 +224,40 @@ def update_ring_flash_attn_params(cu_seqlens: Tensor, process_group=None) -> Non
 # ---- the attention itself ------------------------------------------------------------------------
 
 
+def _validating(x: object):
+    """The adapter's own argument checks of an attention call: with the cross-rank check on
+    (``RING_FLASH_ATTN_CHECK_METADATA=1``), a rank whose checks raise tells the other ranks, which
+    raise in the scheme's own check instead of waiting for it (``cp.rank_agreement``)."""
+    group, world_size, _ = resolve_group(_STATE.group)
+    return RankAgreement("the HF adapter's attention", group, world_size, device_of(x),
+                         values_checked=True).validating()
+
+
 def _ring_attention(attn_implementation: str, q: Tensor, k: Tensor, v: Tensor, causal: bool,
                     softmax_scale: Optional[float], dropout: float, deterministic: Optional[bool]) -> Tensor:
     """The scheme registered as ``attn_implementation`` on q ``[T, Hq, D]``, k/v ``[T, Hk, D]``
     (the rank's T = total / N tokens) -> out ``[T, Hq, D]``."""
-    batch = _STATE.batch
-    if batch is None:
-        raise RuntimeError("ring_flash_attn.hf_adapter: no batch metadata: call "
-                           "update_ring_flash_attn_params(cu_seqlens, process_group) on every rank before the "
-                           "model's forward")
     group = _STATE.group
-    _, world_size, rank = resolve_group(group)
-    if (world_size, rank) != (batch.world_size, batch.rank):
-        raise RuntimeError(f"update_ring_flash_attn_params was called for rank {batch.rank} of {batch.world_size}, "
-                           f"but the attention runs on rank {rank} of {world_size} (the process group given to "
-                           f"register_hf_attention / substitute_hf_flash_attn): pass the same group to both")
-    local = batch.total // batch.world_size
-    if q.shape[0] != local:
-        raise ValueError(f"query: expected {local} local tokens (the {batch.total} tokens of the cu_seqlens given "
-                         f"to update_ring_flash_attn_params / world size {batch.world_size}), got {q.shape[0]}")
-    if deterministic is None:
-        deterministic = os.environ.get("FLASH_ATTENTION_DETERMINISTIC", "0") == "1"
-    cu_q, cu_k, max_q, max_k, k_slice = batch.metadata(attn_implementation, bool(causal), q.device)
+    with _validating(q):
+        batch = _STATE.batch
+        if batch is None:
+            raise RuntimeError("ring_flash_attn.hf_adapter: no batch metadata: call "
+                               "update_ring_flash_attn_params(cu_seqlens, process_group) on every rank before the "
+                               "model's forward")
+        _, world_size, rank = resolve_group(group)
+        if (world_size, rank) != (batch.world_size, batch.rank):
+            raise RuntimeError(f"update_ring_flash_attn_params was called for rank {batch.rank} of "
+                               f"{batch.world_size}, but the attention runs on rank {rank} of {world_size} (the "
+                               f"process group given to register_hf_attention / substitute_hf_flash_attn): pass the "
+                               f"same group to both")
+        local = batch.total // batch.world_size
+        if q.shape[0] != local:
+            raise ValueError(f"query: expected {local} local tokens (the {batch.total} tokens of the cu_seqlens "
+                             f"given to update_ring_flash_attn_params / world size {batch.world_size}), got "
+                             f"{q.shape[0]}")
+        if deterministic is None:
+            deterministic = os.environ.get("FLASH_ATTENTION_DETERMINISTIC", "0") == "1"
+        cu_q, cu_k, max_q, max_k, k_slice = batch.metadata(attn_implementation, bool(causal), q.device)
     fn = hf_scheme(attn_implementation).varlen_func
     return fn(q, k, v, cu_q, cu_k, max_q, max_k, _STATE.heads_k_stride, k_slice, dropout_p=dropout,
               softmax_scale=softmax_scale, causal=bool(causal), deterministic=bool(deterministic), group=group)
@@ -258,10 +287,12 @@ def _hf_attention(attn_implementation: str, module: torch.nn.Module, query: Tens
                   attention_mask: Optional[Tensor], dropout: float, scaling: Optional[float],
                   sliding_window: Optional[int], softcap: Optional[float], is_causal: Optional[bool],
                   kwargs: Dict[str, Any]) -> Tuple[Tensor, None]:
-    if query.dim() != 4:
-        raise ValueError(f"query: expected a 4-D tensor [batch, heads, seq, head_dim], got shape {tuple(query.shape)}")
-    _check_unsupported(query.shape[0], query.shape[2], key.shape[2], attention_mask, sliding_window, softcap,
-                       kwargs.get("s_aux"))
+    with _validating(query):
+        if query.dim() != 4:
+            raise ValueError(f"query: expected a 4-D tensor [batch, heads, seq, head_dim], got shape "
+                             f"{tuple(query.shape)}")
+        _check_unsupported(query.shape[0], query.shape[2], key.shape[2], attention_mask, sliding_window, softcap,
+                           kwargs.get("s_aux"))
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     # [1, H, S, D] -> [S, H, D] views (token and head strides are free, head_dim stays contiguous)
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
@@ -326,7 +357,7 @@ def _attention_function(attn_implementation: str) -> Callable[..., Tuple[Tensor,
     return _ATTENTION_FUNCTIONS[attn_implementation]
 
 
-def register_hf_attention(process_group=None, heads_k_stride: int = 1) -> Tuple[str, ...]:
+def register_hf_attention(process_group: Optional[ProcessGroup] = None, heads_k_stride: int = 1) -> Tuple[str, ...]:
     """Register the attention implementations of the context-parallel schemes in transformers'
     ``AttentionInterface`` (every scheme of ``ring_flash_attn.cp.registry`` with an ``hf``
     binding: ``"ring_attn_llama3"`` and ``"ring_attn_zigzag_llama3"``) and set the group and
@@ -391,17 +422,18 @@ def _substituted_flash_attention_forward(
             query_states, key_states, value_states, attention_mask, query_length, is_causal, dropout=dropout,
             position_ids=position_ids, softmax_scale=softmax_scale, sliding_window=sliding_window,
             use_top_left_mask=use_top_left_mask, softcap=softcap, deterministic=deterministic, **kwargs)
-    if query_states.dim() != 4:
-        raise ValueError(f"query_states: expected a 4-D tensor [batch, seq, heads, head_dim], got shape "
-                         f"{tuple(query_states.shape)}")
-    _check_unsupported(query_states.shape[0], query_states.shape[1], key_states.shape[1], attention_mask,
-                       sliding_window, softcap, kwargs.get("s_aux"))
+    with _validating(query_states):
+        if query_states.dim() != 4:
+            raise ValueError(f"query_states: expected a 4-D tensor [batch, seq, heads, head_dim], got shape "
+                             f"{tuple(query_states.shape)}")
+        _check_unsupported(query_states.shape[0], query_states.shape[1], key_states.shape[1], attention_mask,
+                           sliding_window, softcap, kwargs.get("s_aux"))
     out = _ring_attention(_SUBSTITUTED_SCHEME, query_states[0], key_states[0], value_states[0], is_causal,
                           softmax_scale, dropout, deterministic)
     return out.unsqueeze(0)
 
 
-def substitute_hf_flash_attn(process_group, heads_k_stride: int) -> None:
+def substitute_hf_flash_attn(process_group: Optional[ProcessGroup], heads_k_stride: int) -> None:
     """Make transformers' ``"flash_attention_2"`` run llama3 context parallelism (contiguous
     layout) over ``process_group`` (upstream ring-flash-attention's adapter entry point).
 

@@ -33,6 +33,13 @@ class KVSlicePlan:
     src: Optional[Tensor]  # natural global row -> rank-major gathered row; None: the identity
     inv_src: Optional[Tensor]  # its inverse
 
+    def caller_tensors(self) -> Tuple[Tensor, ...]:
+        """The caller's tensors that the backward reads (e.g. its cu_seqlens). ``SlicedKVAttention``
+        saves them through autograd, so that changing one in place between the forward and the
+        backward makes the backward raise (autograd's version check) instead of computing the
+        gradients of other metadata. Tensors the plan built itself are private and not listed."""
+        return ()
+
     @property
     def num_slices(self) -> int:
         return self.num_heads_k // self.heads_k_stride
@@ -85,30 +92,32 @@ class SlicedKVAttention(torch.autograd.Function):
     """Autograd of an attention over all-gathered K/V slices: forward_fn(plan, q, k, v) ->
     (out, lse, lse_buf) and backward_fn(plan, dout, q, k, v, out, lse_buf) -> (dq, dk, dv);
     lse_buf is whatever per-slice LSE layout the scheme's kernels want. The lse is not
-    differentiable. ``SlicedKVAttention.apply(q, k, v, plan, forward_fn, backward_fn)`` returns
-    ``(out, lse)``."""
+    differentiable. ``SlicedKVAttention.apply(q, k, v, plan, forward_fn, backward_fn,
+    *plan.caller_tensors())`` returns ``(out, lse)``; the caller's tensors are inputs so that
+    autograd checks their versions when the backward reads them."""
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, plan: KVSlicePlan, forward_fn: Callable,
-                backward_fn: Callable):
+                backward_fn: Callable, *caller_tensors: Tensor):
         out, lse, lse_buf = forward_fn(plan, q, k, v)
-        ctx.save_for_backward(q, k, v, out, lse_buf)
+        ctx.save_for_backward(q, k, v, out, lse_buf, *caller_tensors)
         ctx.plan, ctx.backward_fn = plan, backward_fn
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse_buf = ctx.saved_tensors
+        # unpacking raises if a caller tensor the plan reads changed in place since the forward
+        q, k, v, out, lse_buf, *caller_tensors = ctx.saved_tensors
         dq, dk, dv = ctx.backward_fn(ctx.plan, dout, q, k, v, out, lse_buf)
-        return dq, dk, dv, None, None, None
+        return (dq, dk, dv, None, None, None) + (None,) * len(caller_tensors)
 
 
 def sliced_kv_attention(q: Tensor, k: Tensor, v: Tensor, plan: KVSlicePlan, forward_fn: Callable,
                         backward_fn: Callable, return_attn_probs: bool) -> Union[Tensor, Tuple[Tensor, Tensor, None]]:
     """``SlicedKVAttention`` on q ``[T, Hq, D]``, k/v ``[T, Hk, D]``: ``out`` ``[T, Hq, D]``, or
     ``(out, lse [Hq, T], None)`` with ``return_attn_probs`` (upstream's return convention)."""
-    out, lse = SlicedKVAttention.apply(q, k, v, plan, forward_fn, backward_fn)
+    out, lse = SlicedKVAttention.apply(q, k, v, plan, forward_fn, backward_fn, *plan.caller_tensors())
     if return_attn_probs:
         return out, lse, None
     return out

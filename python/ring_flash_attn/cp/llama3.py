@@ -36,10 +36,12 @@ from ..grouped import _resolve_scale
 from .all_gather import KVSlicePlan, gather_kv_slices, sliced_kv_attention
 from .llama3_layout import llama3_flash_attn_prepare_cu_seqlens
 from .process_group import resolve_group
+from .rank_agreement import Fingerprint, RankAgreement, device_of, effective_scale
 from .reduce_scatter import SliceReduceScatter
 from .scheme import BatchMetadata
 from .validation import (check_collective_device, check_cu_seqlens_pair, check_heads, check_heads_k_stride,
-                         check_local_tokens, check_python_int, check_qkv, metadata_checks_enabled, short_list, unpack)
+                         check_int32_count, check_local_tokens, check_python_int, check_qkv, metadata_checks_enabled,
+                         short_list, unpack)
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -73,6 +75,9 @@ class _Plan(KVSlicePlan):
     src: Optional[Tensor] = None  # the contiguous layout needs no reordering
     inv_src: Optional[Tensor] = None
 
+    def caller_tensors(self) -> Tuple[Tensor, ...]:
+        return self.cu_seqlens_q, self.cu_seqlens_k  # the caller's, read again by the backward
+
 
 def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride,
               local_k_slice, dropout_p, window_size, alibi_slopes, world_size) -> slice:
@@ -82,6 +87,7 @@ def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, h
     check_local_tokens(q, k, v, "the tokens of q: the contiguous layout shards q, k and v alike")
     check_heads(q, k)
     T, Hk = q.shape[0], k.shape[1]
+    check_int32_count(world_size * T, "q", f"tokens in the gathered K/V (world_size {world_size} x {T} local tokens)")
     check_heads_k_stride(heads_k_stride, Hk)
     check_cu_seqlens_pair(cu_seqlens_q, cu_seqlens_k, q.device)
     check_python_int(max_seqlen_q, "max_seqlen_q", "the longest local query piece, a hint")
@@ -98,8 +104,18 @@ def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, h
     return slice(start, max(start, stop))
 
 
-def _check_values(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, total_local: int, k_rows: int) -> None:
-    """Metadata VALUES (host read: free on CPU, a sync on CUDA)."""
+def _check_values(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, total_local: int, k_slice: slice, rank: int,
+                  causal: bool) -> Tuple[List[int], List[int]]:
+    """Metadata VALUES (host read: free on CPU, a sync on CUDA); returns them (host ints).
+
+    Besides each tensor's own checks, the keys must be where the contiguous layout puts them
+    (as ``llama3_flash_attn_prepare_cu_seqlens`` computes them): with the rank's first token at
+    global row ``r T`` and ``local_k_slice.start`` at ``s``, a sequence starting among the rank's
+    queries (``cu_seqlens_q[i]``, 0 < i < B) starts at the same global row among the keys
+    (``s + cu_seqlens_k[i]``), the first piece's keys start at or before ``r T``, and the keys
+    end at the rank's last token (causal) or at or after it (not causal)."""
+    k_rows = k_slice.stop - k_slice.start
+    checked = []
     for name, cu, last, what in (
             ("cu_seqlens_q", cu_seqlens_q, total_local, f"{total_local} local tokens of q"),
             ("cu_seqlens_k", cu_seqlens_k, k_rows, f"{k_rows} rows of local_k_slice in the gathered K/V")):
@@ -112,6 +128,69 @@ def _check_values(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, total_local: int, 
             raise ValueError(f"{name}: expected the last entry to be {last} (the {what}), got {values[-1]}")
         if name == "cu_seqlens_k" and values[-1] > last:
             raise ValueError(f"{name}: expected the last entry to be <= {last} (the {what}), got {values[-1]}")
+        checked.append(values)
+    q_values, k_values = checked
+    first, end, s = rank * total_local, (rank + 1) * total_local, k_slice.start
+    if s > first:
+        raise ValueError(f"local_k_slice: expected a start <= {first} (the rank's first token: the keys of its first "
+                         f"sequence piece start at or before it), got {s}")
+    for i in range(1, len(q_values) - 1):
+        if s + k_values[i] != first + q_values[i]:
+            raise ValueError(
+                f"cu_seqlens_k: expected entry {i} to be {first + q_values[i] - s} (where cu_seqlens_q[{i}] = "
+                f"{q_values[i]} puts that sequence's start: the rank's first token {first} + {q_values[i]} - "
+                f"local_k_slice.start {s}), got {k_values[i]}")
+    key_end = s + k_values[-1]
+    if causal and key_end != end:
+        raise ValueError(f"cu_seqlens_k: expected the last entry to be {end - s} (causal: the keys end at the rank's "
+                         f"last token, {end} - local_k_slice.start {s}), got {k_values[-1]}")
+    if not causal and key_end < end:
+        raise ValueError(f"cu_seqlens_k: expected the last entry to be >= {end - s} (the keys of the rank's last "
+                         f"sequence piece end at or after its last token, {end} - local_k_slice.start {s}), got "
+                         f"{k_values[-1]}")
+    return q_values, k_values
+
+
+def _boundary_facts(q_values: List[int], k_values: List[int], total_local: int, k_slice: slice,
+                    rank: int) -> List[int]:
+    """The rank's claims about the global sequence boundaries, for the cross-rank check:
+    [start of the sequence holding its first token, end of the keys of its last piece, its first
+    and last own boundary (a sequence start among its tokens, -1 if none)]."""
+    first, s = rank * total_local, k_slice.start
+    own = [first + x for x in q_values[1:-1]] + ([first] if s == first else [])
+    return [s, s + k_values[-1], min(own) if own else -1, max(own) if own else -1]
+
+
+def _boundaries_agree(causal: bool, total_local: int):
+    """The cross-rank consistency check of the ranks' ``_boundary_facts``: every rank's first
+    sequence starts at the last boundary at or before its first token and (not causal) its last
+    sequence ends at the first boundary at or after its end, as the other ranks' own boundaries
+    place them (global row 0 and the total are boundaries)."""
+
+    def check(facts: List[Dict[str, List[int]]]) -> Optional[str]:
+        N, T = len(facts), total_local
+        key_start, key_end, own_min, own_max = zip(*(f["sequence boundaries"] for f in facts))
+        advice = ("every rank must take its metadata from the same GLOBAL cu_seqlens "
+                  "(llama3_flash_attn_prepare_cu_seqlens(cu_seqlens, causal, rank, world_size))")
+        for r in range(N):
+            before = [0] + [own_max[p] for p in range(r) if own_max[p] >= 0] + \
+                ([r * T] if own_min[r] == r * T else [])
+            if key_start[r] != max(before):
+                return (f"ranks disagree on the sequence boundaries: rank {r} starts the sequence holding its first "
+                        f"token {r * T} at token {key_start[r]} (local_k_slice.start), but the ranks' cu_seqlens_q "
+                        f"put the last sequence start at or before token {r * T} at {max(before)}; {advice}")
+            if causal:
+                continue
+            after = [N * T] + [own_min[p] for p in range(r + 1, N) if own_min[p] >= 0] + \
+                ([(r + 1) * T] if own_max[r] == (r + 1) * T else [])
+            if key_end[r] != min(after):
+                return (f"ranks disagree on the sequence boundaries: rank {r} ends the sequence holding its last "
+                        f"token {(r + 1) * T - 1} at token {key_end[r]} (local_k_slice.start + cu_seqlens_k[-1]), "
+                        f"but the ranks' metadata put the first sequence boundary at or after token {(r + 1) * T} at "
+                        f"{min(after)}; {advice}")
+        return None
+
+    return check
 
 
 def _forward(plan: _Plan, q: Tensor, k: Tensor, v: Tensor):
@@ -173,16 +252,31 @@ def llama3_flash_attn_varlen_func(
         group: the process group (default: the default group; none initialised: single process).
 
     Returns ``out`` ``[T, Hq, D]`` or ``(out, lse, None)``. Collective: every rank of ``group``
-    must call it with the same shapes. No host synchronisation in forward or backward.
+    must call it with the same shapes and flags and its metadata of the same global batch;
+    ``RING_FLASH_ATTN_CHECK_METADATA=1`` compares them across the ranks (RuntimeError
+    on every rank naming what differs); without it, ranks that disagree get wrong results or an
+    abort inside the collective. No host synchronisation in forward or backward (without
+    that variable, on CUDA).
     """
     group, world_size, rank = resolve_group(group)
-    k_slice = _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride,
-                        local_k_slice, dropout_p, window_size, alibi_slopes, world_size)
-    if metadata_checks_enabled(q.device):
-        _check_values(cu_seqlens_q, cu_seqlens_k, q.shape[0], k_slice.stop - k_slice.start)
+    values_checked = metadata_checks_enabled(device_of(q))
+    agreement = RankAgreement("llama3_flash_attn_varlen_func", group, world_size, device_of(q), values_checked)
+    with agreement.validating():
+        k_slice = _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride,
+                            local_k_slice, dropout_p, window_size, alibi_slopes, world_size)
+        scale = _resolve_scale(softmax_scale)
+        if values_checked:
+            q_values, k_values = _check_values(cu_seqlens_q, cu_seqlens_k, q.shape[0], k_slice, rank, bool(causal))
+    agreement.check(lambda: Fingerprint()
+                    .shape("the shape of q", q.shape).shape("the shape of k", k.shape)
+                    .dtype("the dtype of q", q.dtype).integer("heads_k_stride", heads_k_stride)
+                    .flag("causal", causal).real("softmax_scale", effective_scale(softmax_scale, q.shape[-1]))
+                    .flag("deterministic", deterministic)
+                    .local("sequence boundaries", _boundary_facts(q_values, k_values, q.shape[0], k_slice, rank)),
+                    _boundaries_agree(bool(causal), q.shape[0]))
     plan = _Plan(
         group=group, world_size=world_size, rank=rank, total_local=q.shape[0], num_heads_q=q.shape[1],
-        num_heads_k=k.shape[1], heads_k_stride=int(heads_k_stride), scale=_resolve_scale(softmax_scale),
+        num_heads_k=k.shape[1], heads_k_stride=int(heads_k_stride), scale=scale,
         causal=bool(causal), deterministic=bool(deterministic), max_seqlen_q=int(max_seqlen_q),
         max_seqlen_k=int(max_seqlen_k), cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, k_slice=k_slice)
     return sliced_kv_attention(q, k, v, plan, _forward, _backward, return_attn_probs)

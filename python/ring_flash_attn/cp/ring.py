@@ -32,7 +32,7 @@ def _causal_tasks(step: int, src: int, rank: int) -> List[Task]:
     return [("all", "all", False)] if src < rank else []
 
 
-RING_LAYOUT = RingLayout(name="ring", causal_tasks=_causal_tasks)
+RING_LAYOUT = RingLayout(name="ring", causal_tasks=_causal_tasks, api_name="ring_flash_attn")
 
 
 @with_batched_args_doc

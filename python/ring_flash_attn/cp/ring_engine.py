@@ -46,8 +46,10 @@ from ..grouped import _resolve_scale
 from .index_maps import sequence_of
 from .lse_merge import merge_partial
 from .process_group import resolve_group
+from .rank_agreement import Fingerprint, RankAgreement, device_of, effective_scale
 from .ring_comm import RingComm
-from .validation import check_cu_seqlens, check_heads, check_local_tokens, check_qkv, metadata_checks_enabled, unpack
+from .validation import (check_cu_seqlens, check_heads, check_int32_count, check_local_tokens, check_qkv,
+                         metadata_checks_enabled, unpack)
 
 __all__ = [
     "RingLayout",
@@ -82,12 +84,19 @@ class RingLayout:
         ``("all", "all", False)``.
     row_sets: the row sets other than "all" that ``causal_tasks`` uses.
     even_halves: every local sequence is two chunks of equal length (its length must be even).
+    api_name: the prefix of the scheme's public functions (e.g. ``"zigzag_ring_flash_attn"``),
+        naming the function in the cross-rank check's errors (default: ``name``).
     """
 
     name: str
     causal_tasks: Callable[[int, int, int], List[Task]]
     row_sets: Tuple[str, ...] = ()
     even_halves: bool = False
+    api_name: str = ""
+
+    def function_name(self, varlen: bool) -> str:
+        """The public function of this layout's batched or varlen form."""
+        return f"{self.api_name or self.name}{'_varlen' if varlen else ''}_func"
 
 
 # ---- validation ------------------------------------------------------------------------------------
@@ -100,6 +109,7 @@ def _validate(q, k, v, dropout_p, window_size, alibi_slopes, layout: RingLayout)
         raise ValueError(f"k: expected batch {B} and local_seqlen {L} (those of q: the layout shards q, k and v "
                          f"alike), got {tuple(k.shape[:2])}")
     check_heads(q, k)
+    check_int32_count(B * L, "q", "local tokens (batch * local_seqlen)")
     if layout.even_halves and L % 2:
         raise ValueError(f"q: expected an even local_seqlen for the {layout.name} layout (two chunks of equal "
                          f"length per rank), got {L}")
@@ -352,23 +362,30 @@ def _backward_single_step(plan: _Plan, dout: Tensor, q: Tensor, k: Tensor, v: Te
 
 
 class _RingAttention(torch.autograd.Function):
+    """``_RingAttention.apply(q, k, v, cu_local, plan) -> (out, lse)``. ``cu_local`` (the
+    caller's cu_seqlens in the varlen forms, read again by the backward through the plan's "all"
+    row set) is an input saved for the backward, so that changing it in place between the
+    forward and the backward makes the backward raise (autograd's version check) instead of
+    computing the gradients of other sequences. The plan's other index tensors were built from it
+    in the forward and are private."""
+
     @staticmethod
-    def forward(ctx, q, k, v, plan):
+    def forward(ctx, q, k, v, cu_local, plan):
         out, lse = _forward(plan, q, k, v)
-        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_backward(q, k, v, out, lse, cu_local)
         ctx.plan = plan
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, _cu_local = ctx.saved_tensors  # raises if cu_local changed in place
         dq, dk, dv = _backward(ctx.plan, dout, q, k, v, out, lse)
-        return dq, dk, dv, None
+        return dq, dk, dv, None, None
 
 
-def _make_plan(layout: RingLayout, q3, cu_local, max_local, softmax_scale, causal, deterministic, group) -> _Plan:
-    group, world_size, rank = resolve_group(group)
+def _make_plan(layout: RingLayout, q3, cu_local, max_local, softmax_scale, causal, deterministic, group,
+               world_size: int, rank: int) -> _Plan:
     acc = torch.float64 if q3.dtype == torch.float64 else torch.float32
     return _Plan(layout=layout, group=group, world_size=world_size, rank=rank,
                  scale=_resolve_scale(softmax_scale), causal=bool(causal),
@@ -380,20 +397,42 @@ def _make_plan(layout: RingLayout, q3, cu_local, max_local, softmax_scale, causa
 # ---- the entry points of the scheme modules ------------------------------------------------------------
 
 
+def _agree(agreement: RankAgreement, q: Tensor, k: Tensor, softmax_scale: Optional[float], causal: bool,
+           deterministic: bool, cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None) -> None:
+    """The cross-rank check (``rank_agreement``, opt-in) of a ring call's validated arguments."""
+
+    def fingerprint() -> Fingerprint:
+        fp = (Fingerprint().shape("the shape of q", q.shape).shape("the shape of k", k.shape)
+              .dtype("the dtype of q", q.dtype).flag("causal", causal)
+              .real("softmax_scale", effective_scale(softmax_scale, q.shape[-1]))
+              .flag("deterministic", deterministic))
+        if cu_seqlens is not None:
+            fp.tensor_values("cu_seqlens", cu_seqlens).integer("max_seqlen", max_seqlen)
+        return fp
+
+    agreement.check(fingerprint)
+
+
 def ring_attention(layout: RingLayout, q: Tensor, k: Tensor, v: Tensor, dropout_p: float,
                    softmax_scale: Optional[float], causal: bool, window_size: Tuple[int, int],
                    alibi_slopes: Optional[Tensor], deterministic: bool, return_attn_probs: bool,
                    group: Optional[object]):
     """The batched forms: q ``[B, L, Hq, D]``, k/v ``[B, L, Hk, D]`` (B sequences of L local
     tokens) -> out ``[B, L, Hq, D]``, or ``(out, lse [B, Hq, L], None)``."""
-    _validate(q, k, v, dropout_p, window_size, alibi_slopes, layout)
+    group, world_size, rank = resolve_group(group)
+    agreement = RankAgreement(layout.function_name(varlen=False), group, world_size, device_of(q),
+                              metadata_checks_enabled(device_of(q)))
+    with agreement.validating():
+        _validate(q, k, v, dropout_p, window_size, alibi_slopes, layout)
+        _resolve_scale(softmax_scale)
+    _agree(agreement, q, k, softmax_scale, causal, deterministic)
     B, L, Hq, D = q.shape
     Hk = k.shape[2]
     cu = torch.arange(0, (B + 1) * L, max(L, 1), dtype=torch.int32, device=q.device)[: B + 1] if L > 0 \
         else torch.zeros(B + 1, dtype=torch.int32, device=q.device)
     q3, k3, v3 = q.reshape(B * L, Hq, D), k.reshape(B * L, Hk, D), v.reshape(B * L, Hk, D)
-    plan = _make_plan(layout, q3, cu, L, softmax_scale, causal, deterministic, group)
-    out, lse = _RingAttention.apply(q3, k3, v3, plan)
+    plan = _make_plan(layout, q3, cu, L, softmax_scale, causal, deterministic, group, world_size, rank)
+    out, lse = _RingAttention.apply(q3, k3, v3, cu, plan)
     out = out.view(B, L, Hq, D)
     if return_attn_probs:
         return out, lse.view(Hq, B, L).permute(1, 0, 2), None
@@ -406,9 +445,16 @@ def ring_attention_varlen(layout: RingLayout, q: Tensor, k: Tensor, v: Tensor, c
                           return_attn_probs: bool, group: Optional[object]):
     """The varlen forms: q ``[T, Hq, D]``, k/v ``[T, Hk, D]``, cu_seqlens the rank's LOCAL
     cumulative lengths -> out ``[T, Hq, D]``, or ``(out, lse [Hq, T], None)``."""
-    _validate_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p, window_size, alibi_slopes, layout)
-    plan = _make_plan(layout, q, cu_seqlens, int(max_seqlen), softmax_scale, causal, deterministic, group)
-    out, lse = _RingAttention.apply(q, k, v, plan)
+    group, world_size, rank = resolve_group(group)
+    agreement = RankAgreement(layout.function_name(varlen=True), group, world_size, device_of(q),
+                              metadata_checks_enabled(device_of(q)))
+    with agreement.validating():
+        _validate_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p, window_size, alibi_slopes, layout)
+        _resolve_scale(softmax_scale)
+    _agree(agreement, q, k, softmax_scale, causal, deterministic, cu_seqlens, int(max_seqlen))
+    plan = _make_plan(layout, q, cu_seqlens, int(max_seqlen), softmax_scale, causal, deterministic, group,
+                      world_size, rank)
+    out, lse = _RingAttention.apply(q, k, v, cu_seqlens, plan)
     if return_attn_probs:
         return out, lse, None
     return out
@@ -453,7 +499,10 @@ _BATCHED_ARGS_DOC = """
     Returns:
         ``out`` ``[B, L, Hq, D]`` (dtype of q), or ``(out, lse, None)``.
 
-    Collective: every rank of ``group`` must call it with the same shapes and flags.
+    Collective: every rank of ``group`` must call it with the same shapes and flags;
+    ``RING_FLASH_ATTN_CHECK_METADATA=1`` compares them across the ranks (RuntimeError
+    on every rank naming what differs); without it, ranks that disagree get wrong results or an
+    abort inside the collective.
     """
 
 _VARLEN_ARGS_DOC = """
@@ -478,7 +527,9 @@ _VARLEN_ARGS_DOC = """
 
     Metadata values are checked on the host where that is free (CPU tensors) or with
     ``RING_FLASH_ATTN_CHECK_METADATA=1``. Collective: every rank of ``group`` must call it with
-    the same shapes and flags.
+    the same shapes, flags and cu_seqlens; ``RING_FLASH_ATTN_CHECK_METADATA=1`` compares them across the ranks (RuntimeError
+    on every rank naming what differs); without it, ranks that disagree get wrong results or an
+    abort inside the collective.
     """
 
 

@@ -30,7 +30,8 @@ def _causal_tasks(step: int, src: int, rank: int) -> List[Task]:
     return [("drop_first", "drop_last", True)]
 
 
-STRIPE_LAYOUT = RingLayout(name="stripe", causal_tasks=_causal_tasks, row_sets=("drop_first", "drop_last"))
+STRIPE_LAYOUT = RingLayout(name="stripe", causal_tasks=_causal_tasks, row_sets=("drop_first", "drop_last"),
+                           api_name="stripe_flash_attn")
 
 
 @with_batched_args_doc

@@ -20,13 +20,17 @@ from torch import Tensor
 
 __all__ = [
     "ENV_CHECK_METADATA",
+    "INT32_MAX",
     "CuSeqlens",
     "as_cu_tensor",
     "check_collective_device",
+    "check_cumulative_values",
     "check_cu_seqlens",
     "check_cu_seqlens_pair",
     "check_heads",
     "check_heads_k_stride",
+    "check_int32_count",
+    "check_int32_values",
     "check_local_tokens",
     "check_python_int",
     "check_qkv",
@@ -39,6 +43,10 @@ __all__ = [
 ENV_CHECK_METADATA = "RING_FLASH_ATTN_CHECK_METADATA"
 
 CuSeqlens = Union[Tensor, Sequence[int]]
+
+# The largest value an int32 (the dtype of every cu_seqlens / seqused tensor and of the C ABI's
+# lengths) holds.
+INT32_MAX = 2**31 - 1
 
 
 def metadata_checks_enabled(device: torch.device) -> bool:
@@ -63,8 +71,38 @@ def check_world(world_size: int, rank: Optional[int] = None) -> None:
         raise ValueError(f"rank: expected an int in [0, {world_size}) (world_size {world_size}), got {rank!r}")
 
 
+def check_int32_values(values: Sequence[int], name: str) -> None:
+    """Every entry of ``values`` (host ints, e.g. cumulative lengths about to be stored as int32)
+    is in ``[0, INT32_MAX]``: checked BEFORE the narrowing, which would wrap silently."""
+    for i, x in enumerate(values):
+        if not 0 <= x <= INT32_MAX:
+            raise ValueError(f"{name}: expected entries in [0, {INT32_MAX}] (they are stored as int32), got {x} "
+                             f"at index {i}")
+
+
+def check_cumulative_values(values: Sequence[int], name: str) -> None:
+    """``values`` (host ints) are cumulative lengths: at least two entries, the first 0, none
+    smaller than the one before."""
+    if len(values) < 2:
+        raise ValueError(f"{name}: expected batch_size + 1 >= 2 entries, got {len(values)}")
+    if values[0] != 0:
+        raise ValueError(f"{name}: expected the first entry to be 0, got {values[0]}")
+    for i in range(len(values) - 1):
+        if values[i + 1] < values[i]:
+            raise ValueError(f"{name}: expected non-decreasing entries, got {values[i]} then {values[i + 1]} at "
+                             f"index {i} ({short_list(list(values))})")
+
+
+def check_int32_count(count: int, name: str, what: str) -> None:
+    """A host-known count (``what`` says what it is, e.g. "the local tokens B * L of q") that an
+    int32 index or cumulative length must hold is at most ``INT32_MAX``."""
+    if count > INT32_MAX:
+        raise ValueError(f"{name}: expected at most {INT32_MAX} {what} (int32 cumulative lengths), got {count}")
+
+
 def as_cu_tensor(cu_seqlens: CuSeqlens, name: str, device=None) -> Tensor:
-    """cu_seqlens as a 1-D int32 tensor (a list is converted; a tensor must already be int32)."""
+    """cu_seqlens as a 1-D int32 tensor (a list is converted after its values are checked to fit
+    int32; a tensor must already be int32)."""
     if isinstance(cu_seqlens, Tensor):
         t = cu_seqlens
         if t.dtype != torch.int32:
@@ -75,6 +113,7 @@ def as_cu_tensor(cu_seqlens: CuSeqlens, name: str, device=None) -> Tensor:
         except TypeError:
             raise ValueError(f"{name}: expected an int32 tensor or a sequence of ints, got "
                              f"{type(cu_seqlens).__name__}") from None
+        check_int32_values(values, name)
         t = torch.tensor(values, dtype=torch.int32, device=device)
     if t.dim() != 1 or t.shape[0] < 2:
         raise ValueError(f"{name}: expected a 1-D tensor of batch_size + 1 >= 2 entries, got shape {tuple(t.shape)}")

@@ -22,13 +22,16 @@ access.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from .index_maps import sequence_of
 from .validation import CuSeqlens, as_cu_tensor, check_world, metadata_checks_enabled
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = [
     "zigzag_check_cu_seqlens",
@@ -197,18 +200,28 @@ def zigzag_unshard(shards: Sequence[Tensor], cu_seqlens: CuSeqlens) -> Tensor:
     return gathered.index_select(0, idx)
 
 
-def zigzag_gather(x_local: Tensor, cu_seqlens: CuSeqlens, group=None) -> Tensor:
+def zigzag_gather(x_local: Tensor, cu_seqlens: CuSeqlens, group: Optional[ProcessGroup] = None) -> Tensor:
     """All-gather every rank's zigzag shard and return the global batch in natural order (on all
     ranks). ``cu_seqlens`` is the GLOBAL one. Not differentiable. Collective: every rank of
-    ``group`` must call it."""
+    ``group`` must call it (with ``RING_FLASH_ATTN_CHECK_METADATA=1``, ranks passing different
+    shard shapes, dtypes or cu_seqlens get a RuntimeError instead of an abort in the collective)."""
     import torch.distributed as dist
 
+    from .rank_agreement import Fingerprint, RankAgreement, device_of
+
     world_size = dist.get_world_size(group)
+    agreement = RankAgreement("zigzag_gather", group, world_size, device_of(x_local), values_checked=True)
+    with agreement.validating():
+        if not isinstance(x_local, Tensor) or x_local.dim() < 1:
+            raise ValueError(f"x_local: expected a tensor with a token dim 0, got "
+                             f"{getattr(x_local, 'shape', type(x_local).__name__)}")
+        cu = _prepare_shard_args(x_local, cu_seqlens, world_size, "x_local", world_size * x_local.shape[0])
+    agreement.check(lambda: Fingerprint().shape("the shape of x_local", x_local.shape)
+                    .dtype("the dtype of x_local", x_local.dtype).tensor_values("cu_seqlens", cu))
     x_local = x_local.contiguous()
     gathered = torch.empty((world_size * x_local.shape[0],) + tuple(x_local.shape[1:]),
                            dtype=x_local.dtype, device=x_local.device)
     dist.all_gather_into_tensor(gathered, x_local, group=group)
-    cu = _prepare_shard_args(gathered, cu_seqlens, world_size, "x_local", gathered.shape[0])
     idx = zigzag_gathered_to_global_index(cu, world_size, x_local.shape[0])
     return gathered.index_select(0, idx)
 
@@ -237,12 +250,21 @@ def zigzag_llama3_prepare_cu_seqlens(
 
     A setup step: the maxima are read on the host (one device-to-host copy for a CUDA tensor)
     unless ``max_seqlen`` (the longest GLOBAL sequence, a Python int) is given, in which case
-    nothing is read and values are checked only on CPU. ``causal`` is accepted for upstream
-    compatibility (both cases use the same metadata).
+    nothing is read and values are checked only where that is free (CPU tensors, lists) or with
+    ``RING_FLASH_ATTN_CHECK_METADATA=1``. ``causal`` is accepted for upstream compatibility (both
+    cases use the same metadata).
+
+    Under ``torch.compile`` nothing is read on the host and the function traces without a graph
+    break: the value checks become one device-side assert (a RuntimeError on CPU, a device assert
+    on CUDA) instead of the ValueErrors, and without ``max_seqlen`` the longest sequence is a
+    data-dependent int (``torch._dynamo.config.capture_scalar_outputs = True`` keeps it in the
+    graph; otherwise that read is a graph break).
     """
     check_world(world_size, rank)
     cu = as_cu_tensor(cu_seqlens, "cu_seqlens")
-    if max_seqlen is None or cu.device.type == "cpu" or not isinstance(cu_seqlens, Tensor):
+    if torch.compiler.is_compiling():
+        return _zigzag_llama3_prepare_traced(cu, world_size, max_seqlen)
+    if max_seqlen is None or not isinstance(cu_seqlens, Tensor) or metadata_checks_enabled(cu.device):
         values = zigzag_check_cu_seqlens(cu, world_size)
         longest = max(values[b + 1] - values[b] for b in range(len(values) - 1))
         if max_seqlen is not None and int(max_seqlen) < longest:
@@ -250,5 +272,25 @@ def zigzag_llama3_prepare_cu_seqlens(
         if max_seqlen is None:
             max_seqlen = longest
     max_seqlen = int(max_seqlen)
+    cu_q = torch.div(cu, world_size, rounding_mode="floor").to(torch.int32)
+    return cu_q, cu, max_seqlen // world_size, max_seqlen, slice(None)
+
+
+def _zigzag_llama3_prepare_traced(cu: Tensor, world_size: int,
+                                  max_seqlen: Optional[int]) -> Tuple[Tensor, Tensor, int, int, slice]:
+    """``zigzag_llama3_prepare_cu_seqlens`` under torch.compile: no host read, the value checks
+    as one device-side assert."""
+    two_n = 2 * world_size
+    cu64 = cu.to(torch.int64)
+    lengths = cu64[1:] - cu64[:-1]
+    valid = (cu64[0] == 0) & (lengths >= 0).all() & (lengths % two_n == 0).all()
+    what = f"cumulative lengths from 0, non-decreasing, every length a multiple of 2 * world_size = {two_n}"
+    if max_seqlen is not None:
+        max_seqlen = int(max_seqlen)
+        valid = valid & (lengths.max() <= max_seqlen)
+        what += f", none longer than max_seqlen = {max_seqlen}"
+    torch._assert_async(valid, f"cu_seqlens: expected {what}")
+    if max_seqlen is None:
+        max_seqlen = lengths.max().item()
     cu_q = torch.div(cu, world_size, rounding_mode="floor").to(torch.int32)
     return cu_q, cu, max_seqlen // world_size, max_seqlen, slice(None)

@@ -51,10 +51,12 @@ from .all_gather import KVSlicePlan, gather_kv_slices, sliced_kv_attention
 from .index_maps import inverse_permutation, sequence_of
 from .llama3 import HF_ATTN_LLAMA3
 from .process_group import resolve_group
+from .rank_agreement import Fingerprint, RankAgreement, device_of, effective_scale
 from .reduce_scatter import SliceReduceScatter
 from .scheme import BatchMetadata, BatchNotSupported
 from .validation import (check_collective_device, check_cu_seqlens_pair, check_heads, check_heads_k_stride,
-                         check_local_tokens, check_python_int, check_qkv, metadata_checks_enabled, short_list, unpack)
+                         check_int32_count, check_local_tokens, check_python_int, check_qkv, metadata_checks_enabled,
+                         short_list, unpack)
 from .zigzag_layout import zigzag_check_cu_seqlens, zigzag_gathered_to_global_index, zigzag_llama3_prepare_cu_seqlens
 
 if TYPE_CHECKING:
@@ -89,7 +91,7 @@ def resolve_impl(use_grouped_attention: bool = False, use_triton_grouped: bool =
 
 
 def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride,
-              local_k_slice, dropout_p, window_size, alibi_slopes, grad_reduce_dtype, world_size):
+              local_k_slice, dropout_p, window_size, alibi_slopes, grad_reduce_dtype, world_size, impl):
     """Host-side checks of everything the shapes tell (no tensor values are read here)."""
     check_qkv(q, k, v, 3, "[local_tokens, heads, head_dim]")
     check_local_tokens(q, k, v, "the tokens of q: the zigzag layout shards q, k and v alike")
@@ -98,6 +100,10 @@ def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, h
     if T % 2:
         raise ValueError(f"q: expected an even number of local tokens (every sequence contributes two chunks of "
                          f"equal length), got {T}")
+    check_int32_count(world_size * T, "q", f"tokens in the gathered K/V (world_size {world_size} x {T} local tokens)")
+    if impl == IMPL_GROUPED_PYTHON:  # its K/V is duplicated: cu_seqlens_k + N T must fit int32
+        check_int32_count(2 * world_size * T, "q", f"rows of the K/V duplicated by use_grouped_attention (2 x "
+                                                   f"world_size {world_size} x {T} local tokens)")
     check_heads_k_stride(heads_k_stride, Hk)
     check_cu_seqlens_pair(cu_seqlens_q, cu_seqlens_k, q.device)
     check_python_int(max_seqlen_q, "max_seqlen_q", "the longest local sequence, a hint")
@@ -157,6 +163,11 @@ class _Plan(KVSlicePlan):
     @property
     def half(self) -> int:
         return self.total_local // 2
+
+    def caller_tensors(self) -> Tuple[Tensor, ...]:
+        # the caller's GLOBAL cu_seqlens, read again by the backward (everything else the plan
+        # holds was built from it in the forward)
+        return (self.cu_seqlens_k,)
 
 
 def _make_plan(q, k, cu_seqlens_k, max_seqlen_k, heads_k_stride, softmax_scale, causal,
@@ -396,14 +407,30 @@ def zigzag_llama3_flash_attn_varlen_func(
         NotImplementedError: dropout, sliding window, ALiBi; or a backend without the kernel.
 
     No host synchronisation: the forward can be captured in a CUDA graph for fixed shapes.
-    Collective: every rank of ``group`` must call it with the same shapes and flags.
+    Collective: every rank of ``group`` must call it with the same shapes, flags and
+    cu_seqlens; ``RING_FLASH_ATTN_CHECK_METADATA=1`` compares them across the ranks (RuntimeError
+    on every rank naming what differs); without it, ranks that disagree get wrong results or an
+    abort inside the collective.
     """
     group, world_size, rank = resolve_group(group)
-    _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride,
-              local_k_slice, dropout_p, window_size, alibi_slopes, grad_reduce_dtype, world_size)
-    if metadata_checks_enabled(q.device):
-        _check_values(cu_seqlens_q, cu_seqlens_k, world_size, q.shape[0])
+    values_checked = metadata_checks_enabled(device_of(q))
+    agreement = RankAgreement("zigzag_llama3_flash_attn_varlen_func", group, world_size, device_of(q), values_checked)
     impl = resolve_impl(use_grouped_attention, use_triton_grouped, use_fused_kernel)
+    with agreement.validating():
+        _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride,
+                  local_k_slice, dropout_p, window_size, alibi_slopes, grad_reduce_dtype, world_size, impl)
+        _resolve_scale(softmax_scale)
+        if values_checked:
+            _check_values(cu_seqlens_q, cu_seqlens_k, world_size, q.shape[0])
+    agreement.check(lambda: Fingerprint()
+                    .shape("the shape of q", q.shape).shape("the shape of k", k.shape)
+                    .dtype("the dtype of q", q.dtype).integer("heads_k_stride", heads_k_stride)
+                    .flag("causal", causal).real("softmax_scale", effective_scale(softmax_scale, q.shape[-1]))
+                    .flag("deterministic", deterministic)
+                    .dtype("the dtype of the dK/dV reduction (grad_reduce_dtype)", 
+                           grad_reduce_dtype if grad_reduce_dtype is not None else k.dtype)
+                    .tensor_values("cu_seqlens_q", cu_seqlens_q).tensor_values("cu_seqlens_k", cu_seqlens_k)
+                    .integer("max_seqlen_q", max_seqlen_q).integer("max_seqlen_k", max_seqlen_k))
     plan = _make_plan(q, k, cu_seqlens_k, max_seqlen_k, heads_k_stride, softmax_scale, causal,
                       deterministic, grad_reduce_dtype, impl, group, world_size, rank)
     return sliced_kv_attention(q, k, v, plan, _forward, _backward, return_attn_probs)

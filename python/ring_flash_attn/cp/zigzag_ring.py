@@ -36,7 +36,8 @@ def _causal_tasks(step: int, src: int, rank: int) -> List[Task]:
     return [("back", "all", False)]
 
 
-ZIGZAG_LAYOUT = RingLayout(name="zigzag", causal_tasks=_causal_tasks, row_sets=("front", "back"), even_halves=True)
+ZIGZAG_LAYOUT = RingLayout(name="zigzag", causal_tasks=_causal_tasks, row_sets=("front", "back"), even_halves=True,
+                           api_name="zigzag_ring_flash_attn")
 
 
 @with_batched_args_doc
