@@ -38,9 +38,9 @@ TINY = ["--tokens", "256", "--hidden", "64", "--head-dims", "32", "--seqlens", "
 
 
 def run_script(*argv: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in [os.path.join(_ROOT, "python"), env.get("PYTHONPATH", "")] if p)
-    return subprocess.run([sys.executable, _SCRIPT, *argv], capture_output=True, text=True, env=env, timeout=timeout,
+    # The environment as is: the package this test imports (installed, or the tree's through the
+    # caller's PYTHONPATH) is the one the script gets; python/ of the tree has no library.
+    return subprocess.run([sys.executable, _SCRIPT, *argv], capture_output=True, text=True, timeout=timeout,
                           cwd=_ROOT)
 
 

@@ -129,6 +129,7 @@ void run_case(const Case& c, uint32_t seed) {
   p.problem.head_dim = D;
   p.problem.num_groups = G;
   p.problem.causal = c.causal;
+  p.problem.default_softmax_scale = 1;  // 1/sqrt(D)
   p.problem.total_k = total_k;
   p.problem.max_seqlen_k = *std::max_element(c.seqlens_k.begin(), c.seqlens_k.end());
   p.k_row_stride = p.v_row_stride = kv_row_stride;
