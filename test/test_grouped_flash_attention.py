@@ -330,6 +330,41 @@ def test_unused_kv_rows_may_hold_nan(monkeypatch, tier):
         _check(f"nan tail causal={causal}", outs[0], ref32[0], ref_lp[0])
 
 
+@pytest.mark.parametrize("tier", ["sm80", "sm90"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_non_finite_rows_follow_ieee_like_the_cpu_backend(monkeypatch, tier, head_dim):
+    """A NaN in one query row makes that row's O and LSE NaN (and only that row's); a row whose
+    visible scores are all -inf (every key weighs 0) is empty, O = 0 and LSE = -inf; the backward
+    of the NaN row is NaN in its dQ. The CPU backend follows the same rule (GoogleTest NonFinite*)."""
+    if tier == "sm90" and not _is_sm90():
+        pytest.skip("tier 2 needs an sm90 card")
+    monkeypatch.setenv("RING_FLASH_ATTN_TIER", tier)
+    torch.manual_seed(23 + head_dim)
+    lq, lk, hq, hk = 150, 200, 4, 2
+    q = torch.randn(lq, hq, head_dim, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(lk, hk, head_dim, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(lk, hk, head_dim, device="cuda", dtype=torch.bfloat16)
+    cu_q = torch.tensor([0, lq], dtype=torch.int32, device="cuda")
+    cu_k = torch.tensor([0, lk], dtype=torch.int32, device="cuda")
+    nan_row, minf_row = 77, 120
+    q[nan_row, 1, 5] = float("nan")
+    k[:, 0, 0] = torch.rand(lk, device="cuda").to(torch.bfloat16) + 1.0  # every key's dim 0 > 0 (KV head 0)
+    q[minf_row, 0] = 0.0
+    q[minf_row, 0, 0] = float("-inf")  # head 0 of this row: every score -inf
+    q.requires_grad_(True)
+    out, lse, _ = flash_attn_varlen_func(q, k, v, cu_q, cu_k, lq, lk, causal=True, return_attn_probs=True)
+    torch.cuda.synchronize()
+    assert torch.isnan(out[nan_row, 1]).all() and torch.isnan(lse[1, nan_row]), "NaN row: O and LSE NaN"
+    assert (out[minf_row, 0] == 0).all(), "all -inf row: O = 0"
+    assert lse[0, minf_row] == float("-inf"), "all -inf row: LSE = -inf"
+    other = torch.ones(lq, hq, dtype=torch.bool, device="cuda")
+    other[nan_row, 1] = other[minf_row, 0] = False
+    assert not torch.isnan(out.float()).any(dim=-1)[other].any(), "NaN leaked into other rows"
+    assert not torch.isnan(lse.t()[other]).any(), "NaN leaked into other rows' LSE"
+    out.float().sum().backward()
+    assert torch.isnan(q.grad[nan_row, 1]).all(), "dQ of the NaN row is NaN"
+
+
 def test_tiers_agree_on_a_long_sequence(monkeypatch):
     if not _is_sm90():
         pytest.skip("tier 2 needs an sm90 card")

@@ -437,9 +437,9 @@ ringattn_status run_forward(const ringattn_fwd_params& p) {
         for (int64_t r = 0; r < t.i1 - t.i0; ++r) {
           const int64_t row = sq.q_start + t.i0 + r;
           T* dst = out[t.g].at(row, t.h);
-          if (mask.keys_seen_in(t.i0 + r, 0, sq.lk) > 0) {  // the row sees a key
-            // IEEE throughout: a NaN sum gives NaN out and LSE; a row whose visible scores are
-            // all -inf gives 0 * inf = NaN out and LSE -inf.
+          if (mask.keys_seen_in(t.i0 + r, 0, sq.lk) > 0 && w.l[r] != A(0)) {
+            // IEEE throughout: a NaN sum gives NaN out and LSE. A row without keys, or whose
+            // visible scores are all -inf (every key weighs 0, l = 0), is empty, as on the GPU.
             const A inv_l = A(1) / w.l[r];
             store_row_scaled(dst, &w.o[r * d], inv_l, d);
             lse[row] = static_cast<float>(w.m[r] + std::log(w.l[r]));
@@ -659,7 +659,7 @@ ringattn_status run_backward(const ringattn_bwd_params& p) {
           A* lse = x.lse_exact[t.g].data() + static_cast<int64_t>(t.h) * s.total_q[t.g];
           for (int64_t r = 0; r < t.i1 - t.i0; ++r)
             lse[sq.q_start + t.i0 + r] =
-                mask.keys_seen_in(t.i0 + r, 0, sq.lk) > 0 ? w.m[r] + std::log(w.l[r]) : neg_inf<A>();
+                mask.keys_seen_in(t.i0 + r, 0, sq.lk) > 0 && w.l[r] != A(0) ? w.m[r] + std::log(w.l[r]) : neg_inf<A>();
         });
     if (!error.empty()) return fail(RINGATTN_STATUS_INTERNAL_ERROR, "CPU backend, backward (LSE): " + error);
   }

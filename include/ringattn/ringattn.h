@@ -12,12 +12,10 @@
  *  - causal is bottom-right aligned per (group, sequence): query i of Lq attends key j < Lk
  *    iff j <= i + Lk - Lq. A row that sees no key gets O = 0 and LSE = -inf.
  *  - Non-finite inputs are never mistaken for masking: the softmax runs in IEEE arithmetic, so a
- *    NaN or +inf score among the keys a row sees makes its O NaN and reaches dQ of the row and
- *    dK of the keys it sees; a -inf score gives its key weight 0. The CPU backend also writes
- *    that row's LSE as NaN (so dV of those keys is NaN too), and a row whose visible scores are
- *    all -inf gets O = NaN, LSE = -inf (softmax 0/0). The GPU kernels write LSE = -inf for a
- *    NaN row (dV is then NaN only for keys whose own score is NaN) and treat a row of only -inf
- *    scores like a row without keys.
+ *    NaN or +inf score among the keys a row sees makes its O and LSE NaN and reaches dQ of the
+ *    row and dK/dV of the keys it sees; a -inf score gives its key weight 0, and a row whose
+ *    visible scores are all -inf (every key weighs 0) is treated like a row without keys
+ *    (O = 0, LSE = -inf). The CPU backend and both GPU tiers follow this rule.
  *  - Hq % Hk == 0: query head h reads KV head h / (Hq / Hk).
  *
  * Every entry point validates all of its inputs before touching any output; a rejected

@@ -485,9 +485,9 @@ TEST_P(NonFinite, MinusInfScoreGivesTheKeyZeroWeight) {
 }
 
 // Scores that overflow the accumulator (fp32 q and k of 1e20: q.k = 1e40 * D) give what IEEE
-// arithmetic gives, not zeros: +inf scores make O and LSE NaN; a row whose every score is -inf
-// has softmax 0 / 0, so O is NaN while its LSE, log(0), is -inf. A row that sees no key at all
-// (row 0 of a causal Lq = 3, Lk = 2 problem) still gets O = 0, LSE = -inf.
+// arithmetic gives, not zeros: +inf scores make O and LSE NaN. A row whose every visible score is
+// -inf gives every key weight 0, so it is empty like a row that sees no key at all (row 0 of a
+// causal Lq = 3, Lk = 2 problem): O = 0, LSE = -inf, as on the GPU.
 TEST(NonFiniteFp32, OverflowingScoresAreNotZeros) {
   CaseSpec c = single("overflow", 3, 2, true, 2, 1, 8);
   CaseInputs in = make_inputs(c, RINGATTN_DTYPE_FP32, 14);
@@ -503,15 +503,21 @@ TEST(NonFiniteFp32, OverflowingScoresAreNotZeros) {
   for (int h = 0; h < 2; ++h) {
     EXPECT_EQ(f.out[0].get(0, h, 0), 0.0) << "row 0 sees no key";
     EXPECT_TRUE(std::isinf(f.lse[0][h * 3]) && f.lse[0][h * 3] < 0);
-    for (int64_t row = 1; row < 3; ++row) EXPECT_TRUE(row_all_nan(f.out[0], row, h)) << "row " << row << " head " << h;
+  }
+  for (int64_t row = 1; row < 3; ++row) {
+    EXPECT_TRUE(row_all_nan(f.out[0], row, 0)) << "row " << row << " head 0 (+inf scores)";
+    for (int d = 0; d < 8; ++d) EXPECT_EQ(f.out[0].get(row, 1, d), 0.0) << "row " << row << " head 1 (-inf scores)";
   }
   EXPECT_TRUE(std::isnan(f.lse[0][1]) && std::isnan(f.lse[0][2]));
   EXPECT_TRUE(std::isinf(f.lse[0][4]) && f.lse[0][4] < 0 && std::isinf(f.lse[0][5]) && f.lse[0][5] < 0);
   const BackwardResult b = run_backward(in, f, 1);
   ASSERT_EQ(b.status, RINGATTN_STATUS_OK) << b.error;
-  for (int h = 0; h < 2; ++h) EXPECT_TRUE(row_all_nan(b.dq[0], 2, h)) << "dq row 2 head " << h;
+  EXPECT_TRUE(row_all_nan(b.dq[0], 2, 0)) << "dq row 2 head 0";
   EXPECT_TRUE(row_all_nan(b.dk, 0, 0));
-  for (int d = 0; d < 8; ++d) EXPECT_EQ(b.dq[0].get(0, 0, d), 0.0) << "dq of the row that sees no key";
+  for (int d = 0; d < 8; ++d) {
+    EXPECT_EQ(b.dq[0].get(0, 0, d), 0.0) << "dq of the row that sees no key";
+    EXPECT_EQ(b.dq[0].get(2, 1, d), 0.0) << "dq of a row whose keys all weigh 0";
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(AllDtypes, NonFinite, ::testing::ValuesIn(kAllDtypes),

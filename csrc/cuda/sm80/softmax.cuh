@@ -72,7 +72,7 @@ struct OnlineSoftmax {
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const float sum = quad_sum(row_sum[mt][r]);
-        const bool empty = !(sum > 0.f);
+        const bool empty = sum == 0.f;  // no key weighs anything; a NaN sum stays NaN (O and LSE)
         const float inv = empty ? 0.f : 1.f / sum;
         lse[mt][r] = empty ? -INFINITY : row_max[mt][r] * softmax_scale + logf(sum);
 #pragma unroll
