@@ -1026,6 +1026,24 @@ def _correctness_check(w, cfg, args, dtype, device, meta, impls, outputs, report
     report(f"Correctness (max |out - baseline|, fwd): {', '.join(parts) if parts else 'nothing to compare'}")
 
 
+def finish_distributed(status: int) -> None:
+    """The end of a torchrun-launched benchmark: every rank waits at a barrier, destroys the process
+    group, flushes its output and leaves with `status` through os._exit, skipping interpreter
+    finalisation. A gloo group's worker threads can still hold collective handles then, and tearing
+    them down while the interpreter finalises aborts the process ("terminate called without an
+    active exception", SIGABRT: a known PyTorch/gloo shutdown race, seen here under CPU load after
+    the benchmark had written its results)."""
+    import torch.distributed as dist
+
+    try:
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+
+
 def init_distributed(on_gpu: bool, master_port: str, cpu_threads: Optional[int] = None):
     """Join the process group of a torchrun-launched benchmark (a plain ``python`` run becomes rank
     0 of 1 on `master_port`): NCCL on the LOCAL_RANK GPU, or gloo on the CPU with `cpu_threads`

@@ -356,8 +356,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 writer.writeheader()
             writer.writerows(rows)
         say(f"wrote {len(rows)} rows to {args.csv}")
-    dist.barrier()
-    dist.destroy_process_group()
+    gb.finish_distributed(status)  # does not return
     return status
 
 

@@ -297,8 +297,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if rank == 0 and args.csv and rows:
         append_csv(args.csv, rows)
         say(f"\nwrote {len(rows)} rows to {args.csv}")
-    dist.barrier()
-    dist.destroy_process_group()
+    gb.finish_distributed(status)  # does not return
     return status
 
 
