@@ -30,6 +30,19 @@ STRUCTS = {
 }
 
 
+# ringattn_metadata_error bits: C name -> the _lib constant.
+METADATA_CONSTANTS = {
+    "RINGATTN_METADATA_CU_SEQLENS_Q_FIRST": _lib.METADATA_CU_SEQLENS_Q_FIRST,
+    "RINGATTN_METADATA_CU_SEQLENS_Q_DECREASING": _lib.METADATA_CU_SEQLENS_Q_DECREASING,
+    "RINGATTN_METADATA_CU_SEQLENS_Q_PAST_END": _lib.METADATA_CU_SEQLENS_Q_PAST_END,
+    "RINGATTN_METADATA_CU_SEQLENS_K_FIRST": _lib.METADATA_CU_SEQLENS_K_FIRST,
+    "RINGATTN_METADATA_CU_SEQLENS_K_DECREASING": _lib.METADATA_CU_SEQLENS_K_DECREASING,
+    "RINGATTN_METADATA_CU_SEQLENS_K_PAST_END": _lib.METADATA_CU_SEQLENS_K_PAST_END,
+    "RINGATTN_METADATA_SEQUSED_K_RANGE": _lib.METADATA_SEQUSED_K_RANGE,
+    "RINGATTN_METADATA_ALL_ERRORS": _lib.METADATA_ALL_ERRORS,
+}
+
+
 def _compiler():
     for cc in (os.environ.get("CC"), "cc", "gcc", "clang"):
         if cc and shutil.which(cc):
@@ -52,7 +65,8 @@ def c_layout(tmp_path_factory):
                   "RINGATTN_STATUS_UNSUPPORTED", "RINGATTN_STATUS_CUDA_ERROR",
                   "RINGATTN_STATUS_INTERNAL_ERROR", "RINGATTN_DTYPE_FP32", "RINGATTN_DTYPE_FP16",
                   "RINGATTN_DTYPE_BF16", "RINGATTN_DTYPE_FP64", "RINGATTN_DEVICE_CPU",
-                  "RINGATTN_DEVICE_CUDA", "RINGATTN_TIER_AUTO", "RINGATTN_TIER_SM80", "RINGATTN_TIER_SM90"):
+                  "RINGATTN_DEVICE_CUDA", "RINGATTN_TIER_AUTO", "RINGATTN_TIER_SM80", "RINGATTN_TIER_SM90",
+                  *METADATA_CONSTANTS):
         lines.append(f'  printf("const {const} %d\\n", (int){const});')
     lines += ["  return 0;", "}"]
     d = tmp_path_factory.mktemp("abi")
@@ -92,6 +106,7 @@ def test_constants_match_header(c_layout):
         "RINGATTN_TIER_AUTO": _lib.TIER_AUTO,
         "RINGATTN_TIER_SM80": _lib.TIER_SM80,
         "RINGATTN_TIER_SM90": _lib.TIER_SM90,
+        **METADATA_CONSTANTS,
     }
     for name, value in names.items():
         assert c_layout[("const", name)] == value, name
@@ -133,6 +148,7 @@ int ringattn_grouped_bwd(const void* p) { return 0; }
 int ringattn_fwd_workspace_size(const void* p, size_t* b) { return 0; }
 int ringattn_bwd_workspace_size(const void* p, size_t* b) { return 0; }
 const char* ringattn_last_error(void) { return ""; }
+const char* ringattn_describe_metadata_errors(uint32_t bits) { return ""; }
 const char* ringattn_version(void) { return "stub"; }
 int32_t ringattn_abi_version(void) { return 999; }
 int32_t ringattn_cuda_compiled(void) { return 0; }

@@ -1,6 +1,8 @@
 // The C ABI: validate, then dispatch to the CPU or CUDA backend. Nothing here knows kernel
 // details; nothing in the backends re-validates.
+#include <cstdio>
 #include <exception>
+#include <string>
 #include <vector>
 
 #include "api/validate.h"
@@ -67,9 +69,51 @@ ringattn_status guarded(Fn&& fn) {
   }
 }
 
+// One phrase per ringattn_metadata_error bit (what the condition is, as the host check words it).
+struct MetadataErrorPhrase {
+  uint32_t bit;
+  const char* phrase;
+};
+constexpr MetadataErrorPhrase kMetadataErrorPhrases[] = {
+    {RINGATTN_METADATA_CU_SEQLENS_Q_FIRST, "cu_seqlens_q[0] of some group is not 0"},
+    {RINGATTN_METADATA_CU_SEQLENS_Q_DECREASING, "cu_seqlens_q of some group decreases"},
+    {RINGATTN_METADATA_CU_SEQLENS_Q_PAST_END,
+     "cu_seqlens_q[batch_size] of some group exceeds the group's query tokens (total_q)"},
+    {RINGATTN_METADATA_CU_SEQLENS_K_FIRST, "cu_seqlens_k[0] is not 0"},
+    {RINGATTN_METADATA_CU_SEQLENS_K_DECREASING, "cu_seqlens_k decreases"},
+    {RINGATTN_METADATA_CU_SEQLENS_K_PAST_END, "cu_seqlens_k[batch_size] exceeds the key tokens (total_k)"},
+    {RINGATTN_METADATA_SEQUSED_K_RANGE,
+     "seqused_k of some group is negative or exceeds its sequence's keys (cu_seqlens_k[b + 1] - cu_seqlens_k[b])"},
+};
+
+constexpr uint32_t phrased_bits() {
+  uint32_t bits = 0;
+  for (const MetadataErrorPhrase& p : kMetadataErrorPhrases) bits |= p.bit;
+  return bits;
+}
+static_assert(phrased_bits() == RINGATTN_METADATA_ALL_ERRORS, "every metadata error bit has a phrase");
+
 }  // namespace
 
 extern "C" {
+
+RINGATTN_API const char* ringattn_describe_metadata_errors(uint32_t bits) {
+  thread_local std::string text;
+  text.clear();
+  for (const MetadataErrorPhrase& p : kMetadataErrorPhrases) {
+    if ((bits & p.bit) == 0) continue;
+    if (!text.empty()) text += "; ";
+    text += p.phrase;
+  }
+  const uint32_t unknown = bits & ~static_cast<uint32_t>(RINGATTN_METADATA_ALL_ERRORS);
+  if (unknown != 0) {
+    char buf[48];
+    std::snprintf(buf, sizeof(buf), "unknown bits 0x%x", static_cast<unsigned>(unknown));
+    if (!text.empty()) text += "; ";
+    text += buf;
+  }
+  return text.c_str();
+}
 
 RINGATTN_API ringattn_status ringattn_grouped_fwd(const ringattn_fwd_params* params) {
   return guarded([&]() -> ringattn_status {

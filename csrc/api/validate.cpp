@@ -159,6 +159,10 @@ ringattn_status check_exec(const ringattn_exec& exec) {
                    "exec.tier: expected RINGATTN_TIER_AUTO (0), RINGATTN_TIER_SM80 (80) or RINGATTN_TIER_SM90 (90), "
                    "got %d",
                    exec.tier);
+    if (reinterpret_cast<uintptr_t>(exec.metadata_errors) % alignof(uint32_t) != 0)
+      return failf(RINGATTN_STATUS_INVALID_ARGUMENT,
+                   "exec.metadata_errors: expected NULL or a %zu-byte aligned pointer, got address %p",
+                   alignof(uint32_t), static_cast<void*>(exec.metadata_errors));
   }
   return RINGATTN_STATUS_OK;
 }
@@ -265,6 +269,14 @@ Footprint range_footprint(const char* name, int group, const void* ptr, int64_t 
   f.base = reinterpret_cast<uintptr_t>(ptr);
   f.seg = ptr != nullptr && bytes > 0 ? bytes : 0;
   return f;
+}
+
+// The error word a GPU call may write (exec.metadata_errors): an output like the others. Nothing
+// on CPU, which ignores it.
+Footprint metadata_errors_footprint(const ringattn_exec& exec) {
+  return range_footprint("exec.metadata_errors", -1,
+                         exec.device_type == RINGATTN_DEVICE_CUDA ? exec.metadata_errors : nullptr,
+                         static_cast<int64_t>(sizeof(uint32_t)));
 }
 
 // A [rows, heads, head_dim] tensor, in canonical form: dims of one entry dropped, a dim whose
@@ -438,7 +450,7 @@ ringattn_status validate_fwd(const ringattn_fwd_params* params, bool need_data) 
   if (!need_data) return RINGATTN_STATUS_OK;
   const size_t e = dtype_size(pr.dtype);
   std::vector<Footprint> outputs, inputs;
-  outputs.reserve(2 * static_cast<size_t>(pr.num_groups) + 3);
+  outputs.reserve(2 * static_cast<size_t>(pr.num_groups) + 4);
   inputs.reserve(6 * static_cast<size_t>(pr.num_groups) + 3);
   inputs.push_back(tensor_footprint({"k", -1, p.k, pr.total_k, p.k_row_stride, p.k_head_stride, pr.num_heads_k},
                                     pr.head_dim, e));
@@ -456,6 +468,7 @@ ringattn_status validate_fwd(const ringattn_fwd_params* params, bool need_data) 
   add_metadata_footprints(pr, p.groups, inputs);
   outputs.push_back(range_footprint("workspace", -1, p.workspace, static_cast<int64_t>(std::min<size_t>(
                                                                    p.workspace_size, size_t{1} << 62))));
+  outputs.push_back(metadata_errors_footprint(p.exec));
   return check_no_overlap(outputs, inputs);
 }
 
@@ -488,7 +501,7 @@ ringattn_status validate_bwd(const ringattn_bwd_params* params, bool need_data) 
   const size_t e = dtype_size(pr.dtype);
   const int d = pr.head_dim;
   std::vector<Footprint> outputs, inputs;
-  outputs.reserve(2 * static_cast<size_t>(pr.num_groups) + 3);
+  outputs.reserve(2 * static_cast<size_t>(pr.num_groups) + 4);
   inputs.reserve(6 * static_cast<size_t>(pr.num_groups) + 3);
   inputs.push_back(tensor_footprint({"k", -1, p.k, pr.total_k, p.k_row_stride, p.k_head_stride, hk}, d, e));
   inputs.push_back(tensor_footprint({"v", -1, p.v, pr.total_k, p.v_row_stride, p.v_head_stride, hk}, d, e));
@@ -507,6 +520,7 @@ ringattn_status validate_bwd(const ringattn_bwd_params* params, bool need_data) 
   add_metadata_footprints(pr, p.groups, inputs);
   outputs.push_back(range_footprint("workspace", -1, p.workspace, static_cast<int64_t>(std::min<size_t>(
                                                                    p.workspace_size, size_t{1} << 62))));
+  outputs.push_back(metadata_errors_footprint(p.exec));
   return check_no_overlap(outputs, inputs);
 }
 

@@ -1,12 +1,14 @@
 #include "cuda/bwd_scheduler.h"
 
 #include "common/mask.h"
+#include "cuda/metadata_errors.cuh"
 #include "cuda/work_list_sort.cuh"
 
 namespace ringattn {
 namespace cuda {
 namespace {
 
+using metadata_errors::CuSeqlens;
 using work_list::clamp_i;
 using work_list::kThreads;
 
@@ -60,6 +62,19 @@ __global__ void __launch_bounds__(kThreads) build_bwd_work_list_kernel(const __g
     args.unsorted[i] = BwdKvWorkItem{n, lo};
     args.costs[i] = block_cost(args, lo, n);
   }
+  // The metadata values of every (group, sequence) (block_cost reads those of sequences with a
+  // K/V block): malformed ones are reported (metadata_errors.cuh); the costs clamp them.
+  uint32_t errors = 0;
+  for (int p = threadIdx.x; p < args.num_groups * B; p += kThreads) {
+    const int g = p / B;
+    const int b = p % B;
+    const int32_t* cu = args.cu_seqlens_q[g];
+    const int32_t cu_k_b = args.cu_seqlens_k[b], cu_k_next = args.cu_seqlens_k[b + 1];
+    errors |= metadata_errors::cu_seqlens_pair<CuSeqlens::kQuery>(cu[b], cu[b + 1], b, B, args.total_q[g]) |
+              metadata_errors::cu_seqlens_pair<CuSeqlens::kKey>(cu_k_b, cu_k_next, b, B, args.total_k);
+    if (args.seqused_k[g] != nullptr) errors |= metadata_errors::seqused_k_entry(args.seqused_k[g][b], cu_k_b, cu_k_next);
+  }
+  metadata_errors::report(args.metadata_errors, errors);
   __syncthreads();
 
   // 3. longest first (the order only affects scheduling, never results: every (block, KV head)

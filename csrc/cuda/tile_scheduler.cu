@@ -1,12 +1,14 @@
 #include "cuda/tile_scheduler.h"
 
 #include "common/mask.h"
+#include "cuda/metadata_errors.cuh"
 #include "cuda/work_list_sort.cuh"
 
 namespace ringattn {
 namespace cuda {
 namespace {
 
+using metadata_errors::CuSeqlens;
 using work_list::clamp_i;
 using work_list::kThreads;
 
@@ -28,16 +30,28 @@ __global__ void __launch_bounds__(kThreads) build_work_list_kernel(const __grid_
       args.tile_offsets, scan);
   const int32_t total_items = tiles_total < args.capacity ? tiles_total : args.capacity;
 
-  // 2. one item per tile, with its cost (the K/V blocks it reads).
+  // 2. one item per tile, with its cost (the K/V blocks it reads). The metadata values of every
+  // (group, sequence) pass through here: malformed ones are reported (metadata_errors.cuh), and
+  // clamped to the tensors like everywhere else.
+  uint32_t errors = 0;
   for (int p = threadIdx.x; p < pairs; p += kThreads) {
     const int g = p / args.batch_size;
     const int b = p % args.batch_size;
     const int32_t* cu = args.cu_seqlens_q[g];
-    const int32_t q_start = clamp_i(cu[b], 0, args.total_q[g]);
-    const int32_t seqlen_q = clamp_i(cu[b + 1], q_start, args.total_q[g]) - q_start;
-    const int32_t k_start = clamp_i(args.cu_seqlens_k[b], 0, args.total_k);
-    int32_t seqlen_k = clamp_i(args.cu_seqlens_k[b + 1], k_start, args.total_k) - k_start;
-    if (args.seqused_k[g] != nullptr) seqlen_k = clamp_i(args.seqused_k[g][b], 0, seqlen_k);
+    const int32_t cu_q_b = cu[b], cu_q_next = cu[b + 1];
+    const int32_t cu_k_b = args.cu_seqlens_k[b], cu_k_next = args.cu_seqlens_k[b + 1];
+    errors |= metadata_errors::cu_seqlens_pair<CuSeqlens::kQuery>(cu_q_b, cu_q_next, b, args.batch_size,
+                                                                  args.total_q[g]) |
+              metadata_errors::cu_seqlens_pair<CuSeqlens::kKey>(cu_k_b, cu_k_next, b, args.batch_size, args.total_k);
+    const int32_t q_start = clamp_i(cu_q_b, 0, args.total_q[g]);
+    const int32_t seqlen_q = clamp_i(cu_q_next, q_start, args.total_q[g]) - q_start;
+    const int32_t k_start = clamp_i(cu_k_b, 0, args.total_k);
+    int32_t seqlen_k = clamp_i(cu_k_next, k_start, args.total_k) - k_start;
+    if (args.seqused_k[g] != nullptr) {
+      const int32_t used = args.seqused_k[g][b];
+      errors |= metadata_errors::seqused_k_entry(used, cu_k_b, cu_k_next);
+      seqlen_k = clamp_i(used, 0, seqlen_k);
+    }
     const Mask<MaskMode::kCausal> causal(seqlen_q, seqlen_k);
     const int32_t first = args.tile_offsets[p];
     const int32_t tiles = (seqlen_q + args.block_m - 1) / args.block_m;
@@ -51,6 +65,7 @@ __global__ void __launch_bounds__(kThreads) build_work_list_kernel(const __grid_
       args.costs[idx] = blocks_covering(keys, args.block_n);
     }
   }
+  metadata_errors::report(args.metadata_errors, errors);
   __syncthreads();
 
   // 3. longest first.

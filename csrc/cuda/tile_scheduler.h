@@ -29,6 +29,7 @@ struct SchedulerArgs {
   int32_t block_n;
   int32_t causal;
   int32_t capacity;  // upper bound on the number of items (host-computed)
+  uint32_t* metadata_errors;  // ringattn_exec.metadata_errors (NULL: no report)
   // workspace
   int32_t* tile_offsets;  // [G*B + 1]
   int32_t* costs;         // [capacity]

@@ -41,6 +41,7 @@ void set_work_list_args(const Params& p, int block_m, int block_n, int64_t capac
   args->block_n = block_n;
   args->causal = pr.causal;
   args->capacity = static_cast<int32_t>(capacity);
+  args->metadata_errors = p.exec.metadata_errors;
 }
 
 // The query-tile work list's arguments (forward kernel, and the backward's dQ kernel) for the

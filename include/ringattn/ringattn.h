@@ -50,8 +50,10 @@ extern "C" {
 
 /* Bumped whenever a struct below changes layout. The Python loader refuses a mismatch.
  * 2: ringattn_problem.default_softmax_scale (the default scale has its own flag; a
- *    softmax_scale <= 0 no longer means "default" and is rejected). */
-#define RINGATTN_ABI_VERSION 2
+ *    softmax_scale <= 0 no longer means "default" and is rejected).
+ * 3: ringattn_exec.metadata_errors (a device word where GPU calls flag malformed cu_seqlens /
+ *    seqused_k without a host sync) and ringattn_describe_metadata_errors. */
+#define RINGATTN_ABI_VERSION 3
 /* The most query groups one call takes. */
 #define RINGATTN_MAX_GROUPS 16
 
@@ -93,6 +95,23 @@ typedef enum {
   RINGATTN_TIER_SM90 = 90
 } ringattn_tier;
 
+/* Bits a GPU call sets in *ringattn_exec.metadata_errors, one per condition that the host check
+ * (ringattn_problem.check_metadata, and the CPU backend) rejects, so a word still 0 after a
+ * call means that check would have accepted the call's metadata values. B is batch_size; a
+ * negative entry shows up as one of these (a first entry not 0, or a decrease). */
+typedef enum {
+  RINGATTN_METADATA_CU_SEQLENS_Q_FIRST = 1 << 0,      /* cu_seqlens_q[0] != 0 (some group) */
+  RINGATTN_METADATA_CU_SEQLENS_Q_DECREASING = 1 << 1, /* cu_seqlens_q[b + 1] < cu_seqlens_q[b] (some group, some b) */
+  RINGATTN_METADATA_CU_SEQLENS_Q_PAST_END = 1 << 2,   /* cu_seqlens_q[B] > total_q of its group */
+  RINGATTN_METADATA_CU_SEQLENS_K_FIRST = 1 << 3,      /* cu_seqlens_k[0] != 0 */
+  RINGATTN_METADATA_CU_SEQLENS_K_DECREASING = 1 << 4, /* cu_seqlens_k[b + 1] < cu_seqlens_k[b] (some b) */
+  RINGATTN_METADATA_CU_SEQLENS_K_PAST_END = 1 << 5,   /* cu_seqlens_k[B] > total_k */
+  RINGATTN_METADATA_SEQUSED_K_RANGE = 1 << 6 /* seqused_k[b] < 0 or > cu_seqlens_k[b + 1] - cu_seqlens_k[b]
+                                                (some group, some b) */
+} ringattn_metadata_error;
+/* Every bit above. */
+#define RINGATTN_METADATA_ALL_ERRORS 0x7fu
+
 /* Where a call runs. stream is a cudaStream_t (NULL = legacy default stream). */
 typedef struct {
   int32_t device_type;  /* ringattn_device_type */
@@ -101,6 +120,16 @@ typedef struct {
   int32_t tier;         /* ringattn_tier; ignored on CPU */
   int32_t num_threads;  /* CPU backend threads; <= 0 means all hardware threads; capped at the
                            hardware threads (std::thread::hardware_concurrency) */
+  /* GPU calls without check_metadata read cu_seqlens / seqused_k values on the device only:
+   * malformed ones give wrong numbers for the sequences concerned (every access stays inside
+   * the tensors) and the call still returns RINGATTN_STATUS_OK. To see them without a host
+   * sync, point this at a 4-byte aligned uint32_t in the memory of device_index that the caller
+   * zeroed: the call's work-list kernels atomicOr ringattn_metadata_error bits into it, in
+   * stream order, and never clear it (a well-formed call leaves it unchanged). Read it when you
+   * choose (after synchronising the streams of the calls), then zero it again. It must not
+   * overlap any output of the call. NULL: no report. Ignored on CPU, where the values are
+   * always checked and a malformed call fails with RINGATTN_STATUS_INVALID_ARGUMENT. */
+  uint32_t* metadata_errors;
 } ringattn_exec;
 
 /* Shape and metadata shared by forward and backward. */
@@ -125,7 +154,8 @@ typedef struct {
   /* Check cu_seqlens / seqused_k VALUES on the host before launching. Free on CPU (always on
    * there); on CUDA it copies them to the host and synchronises the stream, so it is off in
    * the hot path. Without it the kernels clamp every sequence to its tensor, so malformed
-   * metadata can give wrong numbers but never an out-of-bounds access. */
+   * metadata can give wrong numbers but never an out-of-bounds access; exec.metadata_errors
+   * then reports them without a sync. */
   int32_t check_metadata;
 } ringattn_problem;
 
@@ -215,6 +245,10 @@ RINGATTN_API ringattn_status ringattn_fwd_workspace_size(const ringattn_fwd_para
 RINGATTN_API ringattn_status ringattn_bwd_workspace_size(const ringattn_bwd_params* params, size_t* bytes);
 
 /* ---- queries ---- */
+/* What the ringattn_metadata_error bits of `bits` mean: one phrase per set bit, joined by "; "
+ * ("" for 0; bits outside RINGATTN_METADATA_ALL_ERRORS are named as unknown). Thread-local
+ * storage, valid until this thread's next call of it. */
+RINGATTN_API const char* ringattn_describe_metadata_errors(uint32_t bits);
 /* Message of the last failed call on this thread ("" if none). Valid until the next call. */
 RINGATTN_API const char* ringattn_last_error(void);
 RINGATTN_API const char* ringattn_version(void);

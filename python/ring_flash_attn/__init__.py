@@ -8,6 +8,7 @@ imports transformers only when it is used.
 """
 
 from . import ops
+from ._metadata_errors import check_errors
 from .grouped import flash_attn_varlen_func, grouped_flash_attn_varlen_func
 from .cp.llama3 import (
     llama3_flash_attn_varlen_func,
@@ -59,6 +60,7 @@ __version__ = "0.1.0"
 __all__ = [
     "HF_ATTN_LLAMA3",
     "HF_ATTN_ZIGZAG_LLAMA3",
+    "check_errors",
     "flash_attn_varlen_func",
     "grouped_flash_attn_varlen_func",
     "library_version",

@@ -22,7 +22,7 @@ from typing import Callable, List, Optional
 
 # ---- constants (keep in step with ringattn.h) ------------------------------------------------
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 MAX_GROUPS = 16
 
 INT32_MAX = 2**31 - 1
@@ -56,6 +56,16 @@ TIER_AUTO = 0
 TIER_SM80 = 80
 TIER_SM90 = 90
 
+# ringattn_metadata_error: bits GPU calls set in *ringattn_exec.metadata_errors.
+METADATA_CU_SEQLENS_Q_FIRST = 1 << 0
+METADATA_CU_SEQLENS_Q_DECREASING = 1 << 1
+METADATA_CU_SEQLENS_Q_PAST_END = 1 << 2
+METADATA_CU_SEQLENS_K_FIRST = 1 << 3
+METADATA_CU_SEQLENS_K_DECREASING = 1 << 4
+METADATA_CU_SEQLENS_K_PAST_END = 1 << 5
+METADATA_SEQUSED_K_RANGE = 1 << 6
+METADATA_ALL_ERRORS = 0x7F
+
 ENV_LIBRARY = "RING_FLASH_ATTN_LIBRARY"
 LIBRARY_NAME = "libringattn.so"
 
@@ -80,6 +90,7 @@ class Exec(ctypes.Structure):
         ("stream", _ptr),
         ("tier", _i32),
         ("num_threads", _i32),
+        ("metadata_errors", _ptr),  # uint32_t* in device memory, or NULL (ignored on CPU)
     ]
 
 
@@ -255,6 +266,7 @@ def _declare(lib: ctypes.CDLL) -> None:
             [ctypes.POINTER(BwdParams), ctypes.POINTER(ctypes.c_size_t)],
         ),
         "ringattn_last_error": (ctypes.c_char_p, []),
+        "ringattn_describe_metadata_errors": (ctypes.c_char_p, [ctypes.c_uint32]),
         "ringattn_version": (ctypes.c_char_p, []),
         "ringattn_abi_version": (_i32, []),
         "ringattn_cuda_compiled": (_i32, []),
@@ -373,6 +385,13 @@ def _int_list(fn, *args) -> List[int]:
     buf = (ctypes.c_int32 * cap)()
     n = fn(*args, buf, cap)
     return [int(buf[i]) for i in range(min(n, cap))]
+
+
+def describe_metadata_errors(bits: int) -> str:
+    """The library's description of ringattn_metadata_error ``bits`` (one phrase per set bit,
+    joined by "; "; "" for 0; bits it does not define are named as unknown)."""
+    msg = get().ringattn_describe_metadata_errors(int(bits) & 0xFFFFFFFF)
+    return msg.decode("utf-8", "replace") if msg else ""
 
 
 def compiled_archs() -> List[int]:

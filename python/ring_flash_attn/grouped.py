@@ -106,6 +106,10 @@ def grouped_flash_attn_varlen_func(
 
     Raises:
         ValueError: a bad argument; the message names it with the expected and actual value.
+            The VALUES of cu_seqlens / seqused_k are checked on CPU tensors always, on CUDA only
+            with ``RING_FLASH_ATTN_CHECK_METADATA=1`` (a host copy and a sync per call); without it
+            a malformed value gives wrong outputs for its sequences (never an access outside the
+            tensors) and is recorded for ``ring_flash_attn.check_errors()``, which raises naming it.
         NotImplementedError: valid, but not supported by this build or device.
     """
     q_list = list(q_list)

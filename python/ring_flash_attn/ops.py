@@ -33,6 +33,12 @@ Autograd (``torch.library.register_autograd``): the backward of ``grouped_fwd`` 
 ``grouped_bwd``; a loss that also uses the LSE outputs gets their gradient through one more
 forward and backward call (see ``_add_lse_gradient``). ``grouped_bwd`` has no double backward.
 
+Metadata values: on CPU tensors the library always checks them (ValueError at the call). On CUDA
+it does so only with ``RING_FLASH_ATTN_CHECK_METADATA=1`` (a host copy and a sync per call);
+otherwise every call passes the error word of its device (``_metadata_errors``), into which the
+kernels record each kind of malformed ``cu_seqlens`` / ``seqused_k`` without a sync, and
+``ring_flash_attn.check_errors()`` reads it when the caller chooses.
+
 Python checks only what the ctypes call needs to be memory-safe (devices, dtypes, ranks, the
 shapes that the C structs carry once for all groups, last-dim contiguity, sizes of the
 metadata arrays); everything else is validated by the library, whose message is raised as
@@ -50,7 +56,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from . import _lib
+from . import _lib, _metadata_errors
 
 __all__ = ["grouped_fwd", "grouped_bwd", "dtype_code"]
 
@@ -247,6 +253,8 @@ def _exec(device: torch.device) -> Tuple[_lib.Exec, int]:
         ex.device_index = index
         ex.stream = torch.cuda.current_stream(index).cuda_stream
         ex.tier = _kernel_tier()
+        # Where the kernels report malformed metadata without a sync (ring_flash_attn.check_errors).
+        ex.metadata_errors = _metadata_errors.word_pointer(index)
         check_metadata = 1 if os.environ.get(ENV_CHECK_METADATA, "0") == "1" else 0
     elif device.type == "cpu":
         ex.device_type = _lib.DEVICE_CPU

@@ -9,14 +9,18 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <iterator>
 #include <limits>
 #include <random>
+#include <set>
 #include <string>
 #include <thread>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/thread_pool.h"
+#include "metadata_cases.h"
 #include "naive_reference.h"
 #include "ringattn/ringattn.h"
 #include "test_util.h"
@@ -609,6 +613,98 @@ TEST(HostApiValidation, NegativeMaxSeqlenHintsAreRejected) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// metadata error bits (exec.metadata_errors, written by GPU calls): their descriptions, and the
+// CPU backend, which ignores the word and rejects malformed metadata itself
+// ---------------------------------------------------------------------------------------------
+
+void expect_rejected(ringattn_status status, const std::string& error, const std::string& prefix) {
+  EXPECT_EQ(status, RINGATTN_STATUS_INVALID_ARGUMENT) << error;
+  EXPECT_EQ(error.rfind(prefix, 0), 0u) << "message: " << error << "\nexpected it to start with: " << prefix;
+}
+
+TEST(MetadataErrors, EachBitHasItsOwnPhraseNamingItsArgument) {
+  EXPECT_STREQ(ringattn_describe_metadata_errors(0), "");
+  struct Expect {
+    uint32_t bit;
+    const char* argument;
+  };
+  const Expect expect[] = {
+      {RINGATTN_METADATA_CU_SEQLENS_Q_FIRST, "cu_seqlens_q[0]"},
+      {RINGATTN_METADATA_CU_SEQLENS_Q_DECREASING, "cu_seqlens_q of some group decreases"},
+      {RINGATTN_METADATA_CU_SEQLENS_Q_PAST_END, "cu_seqlens_q[batch_size]"},
+      {RINGATTN_METADATA_CU_SEQLENS_K_FIRST, "cu_seqlens_k[0]"},
+      {RINGATTN_METADATA_CU_SEQLENS_K_DECREASING, "cu_seqlens_k decreases"},
+      {RINGATTN_METADATA_CU_SEQLENS_K_PAST_END, "cu_seqlens_k[batch_size]"},
+      {RINGATTN_METADATA_SEQUSED_K_RANGE, "seqused_k"},
+  };
+  uint32_t all = 0;
+  std::set<std::string> phrases;
+  for (const Expect& e : expect) {
+    const std::string phrase = ringattn_describe_metadata_errors(e.bit);
+    EXPECT_EQ(phrase.rfind(e.argument, 0), 0u) << "bit 0x" << std::hex << e.bit << ": " << phrase;
+    EXPECT_EQ(phrase.find(';'), std::string::npos) << phrase;
+    EXPECT_EQ(all & e.bit, 0u) << "bits are distinct";
+    all |= e.bit;
+    phrases.insert(phrase);
+  }
+  EXPECT_EQ(all, static_cast<uint32_t>(RINGATTN_METADATA_ALL_ERRORS));
+  EXPECT_EQ(phrases.size(), std::size(expect));
+  // Several bits: their phrases in bit order, joined by "; ".
+  const std::string q_decreasing = ringattn_describe_metadata_errors(RINGATTN_METADATA_CU_SEQLENS_Q_DECREASING);
+  const std::string seqused = ringattn_describe_metadata_errors(RINGATTN_METADATA_SEQUSED_K_RANGE);
+  EXPECT_EQ(std::string(ringattn_describe_metadata_errors(RINGATTN_METADATA_SEQUSED_K_RANGE |
+                                                          RINGATTN_METADATA_CU_SEQLENS_Q_DECREASING)),
+            q_decreasing + "; " + seqused);
+  // Bits the library does not define are named, never dropped.
+  EXPECT_EQ(std::string(ringattn_describe_metadata_errors(RINGATTN_METADATA_SEQUSED_K_RANGE | 0x80000100u)),
+            seqused + "; unknown bits 0x80000100");
+  EXPECT_EQ(std::string(ringattn_describe_metadata_errors(0x80u)), "unknown bits 0x80");
+}
+
+// The metadata of metadata_cases.h on the CPU backend: every malformed case is rejected with the
+// host check's message (forward and backward) before anything is written, every well-formed one
+// runs; exec.metadata_errors is never touched on CPU.
+TEST(MetadataErrors, CpuBackendRejectsEachMalformedCaseAndIgnoresTheWord) {
+  CaseSpec spec;
+  spec.name = "metadata_cases";
+  spec.heads_q = 2;
+  spec.heads_k = 1;
+  spec.dim = 64;
+  spec.lk = {9, 7};
+  spec.groups = {GroupSpec{{5, 7}, {}, 0}, GroupSpec{{4, 6}, {9, 7}, 0}};
+  const CaseInputs in = make_inputs(spec, RINGATTN_DTYPE_FP32, 25);
+  ASSERT_EQ(in.total_q[0], kMetadataCaseTotalQ[0]);
+  ASSERT_EQ(in.total_q[1], kMetadataCaseTotalQ[1]);
+  ASSERT_EQ(in.total_k, kMetadataCaseTotalK);
+  const ForwardResult base = run_forward(in, 1);
+  ASSERT_EQ(base.status, RINGATTN_STATUS_OK) << base.error;
+  constexpr uint32_t kSentinel = 0x5a5a0000u;
+  for (const MetadataCase& c : metadata_cases()) {
+    SCOPED_TRACE(c.name);
+    uint32_t word = kSentinel;
+    auto use_case = [&](auto& p) {
+      p.exec.metadata_errors = &word;
+      p.problem.cu_seqlens_k = c.cu_k.data();
+      auto* groups = const_cast<std::remove_const_t<std::remove_pointer_t<decltype(p.groups)>>*>(p.groups);
+      for (int g = 0; g < kMetadataCaseGroups; ++g) groups[g].cu_seqlens_q = c.cu_q[g].data();
+      groups[1].seqused_k = c.seqused_k1.data();
+    };
+    const ForwardResult f = run_forward(in, 1, use_case);
+    const BackwardResult b = run_backward(in, base, 1, use_case);
+    if (c.bits == 0) {
+      EXPECT_EQ(f.status, RINGATTN_STATUS_OK) << f.error;
+      EXPECT_EQ(b.status, RINGATTN_STATUS_OK) << b.error;
+    } else {
+      expect_rejected(f.status, f.error, c.host_error);
+      expect_rejected(b.status, b.error, "backward" + c.host_error.substr(std::string("forward").size()));
+      EXPECT_TRUE(still_poisoned(f.out[0]) && still_poisoned(f.out[1]) && still_poisoned(f.lse[1]));
+      EXPECT_TRUE(still_poisoned(b.dk) && still_poisoned(b.dv) && still_poisoned(b.dq[1]));
+    }
+    EXPECT_EQ(word, kSentinel);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // host API validation of overlapping outputs
 // ---------------------------------------------------------------------------------------------
 
@@ -631,11 +727,6 @@ bool all_poisoned(const std::vector<float>& v) {
 
 // fp32, 20 queries and 30 keys of one sequence, Hq = 4, Hk = 2, D = 16.
 CaseInputs alias_case() { return make_inputs(single("alias", 20, 30, true, 4, 2, 16), RINGATTN_DTYPE_FP32, 23); }
-
-void expect_rejected(ringattn_status status, const std::string& error, const std::string& prefix) {
-  EXPECT_EQ(status, RINGATTN_STATUS_INVALID_ARGUMENT) << error;
-  EXPECT_EQ(error.rfind(prefix, 0), 0u) << "message: " << error << "\nexpected it to start with: " << prefix;
-}
 
 // An output whose own strides send two (row, head) pairs to one address: rows overlapping heads
 // (row stride = head_dim with 4 heads), and a subtler lattice (row stride 3 D, head stride 2 D:
