@@ -21,6 +21,7 @@
 #include "cuda/seqlen_info.h"
 #include "cuda/sm80/bwd_common.cuh"
 #include "cuda/sm80/bwd_traits.h"
+#include "cuda/sm80/mma_fragments.cuh"
 
 namespace ringattn {
 namespace cuda {
@@ -108,12 +109,7 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_bwd_dq_kernel(const __
     }
 
   float dq[kMTiles][kDTiles][4];
-#pragma unroll
-  for (int mt = 0; mt < kMTiles; ++mt)
-#pragma unroll
-    for (int dt = 0; dt < kDTiles; ++dt)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) dq[mt][dt][c] = 0.f;
+  zero_fragments(dq);
 
   // Fragment addresses: Q and dO as A; K and V as B (non-transposed) for S and dP; K as B
   // (transposed: k = keys, n = head dim) for dQ.
@@ -153,17 +149,9 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_bwd_dq_kernel(const __
       for (int nt2 = 0; nt2 < kNTiles / 2; ++nt2) {
         uint32_t b0, b1, b2, b3;
         ptx::ldmatrix_x4(kv_b(kk, nt2 * 16) + kv_off, b0, b1, b2, b3);
-#pragma unroll
-        for (int mt = 0; mt < kMTiles; ++mt) {
-          ptx::mma_16816<Element>(s[mt][2 * nt2], aq[mt], b0, b1);
-          ptx::mma_16816<Element>(s[mt][2 * nt2 + 1], aq[mt], b2, b3);
-        }
+        mma_tile_pair<Element>(s, nt2, aq, b0, b1, b2, b3);
         ptx::ldmatrix_x4(kv_b(kk, nt2 * 16) + kv_off + kVOffset, b0, b1, b2, b3);
-#pragma unroll
-        for (int mt = 0; mt < kMTiles; ++mt) {
-          ptx::mma_16816<Element>(dp[mt][2 * nt2], ado[mt], b0, b1);
-          ptx::mma_16816<Element>(dp[mt][2 * nt2 + 1], ado[mt], b2, b3);
-        }
+        mma_tile_pair<Element>(dp, nt2, ado, b0, b1, b2, b3);
       }
     }
 
@@ -187,27 +175,9 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_bwd_dq_kernel(const __
         }
 
     // ---- dQ += dS K ----
+    const auto k_bt_stage = [&](int j, int row) { return k_bt(j, row) + kv_off; };
 #pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk) {
-      uint32_t a[kMTiles][4];
-#pragma unroll
-      for (int mt = 0; mt < kMTiles; ++mt) {
-        a[mt][0] = ptx::pack2<Element>(dp[mt][2 * kk][0], dp[mt][2 * kk][1]);
-        a[mt][1] = ptx::pack2<Element>(dp[mt][2 * kk][2], dp[mt][2 * kk][3]);
-        a[mt][2] = ptx::pack2<Element>(dp[mt][2 * kk + 1][0], dp[mt][2 * kk + 1][1]);
-        a[mt][3] = ptx::pack2<Element>(dp[mt][2 * kk + 1][2], dp[mt][2 * kk + 1][3]);
-      }
-#pragma unroll
-      for (int dt2 = 0; dt2 < kDTiles / 2; ++dt2) {
-        uint32_t b0, b1, b2, b3;
-        ptx::ldmatrix_x4_trans(k_bt(dt2, kk * 16) + kv_off, b0, b1, b2, b3);
-#pragma unroll
-        for (int mt = 0; mt < kMTiles; ++mt) {
-          ptx::mma_16816<Element>(dq[mt][2 * dt2], a[mt], b0, b1);
-          ptx::mma_16816<Element>(dq[mt][2 * dt2 + 1], a[mt], b2, b3);
-        }
-      }
-    }
+    for (int kk = 0; kk < kBlockN / 16; ++kk) mma_c_times_bt_step<Element>(dq, dp, kk, k_bt_stage);
   }
 
   // ---- epilogue: unscaled fp32 dQ into dq_accum, 8-byte stores ----

@@ -27,6 +27,7 @@
 #include "cuda/seqlen_info.h"
 #include "cuda/sm80/bwd_common.cuh"
 #include "cuda/sm80/bwd_traits.h"
+#include "cuda/sm80/mma_fragments.cuh"
 
 namespace ringattn {
 namespace cuda {
@@ -191,11 +192,9 @@ __global__ void __launch_bounds__(T::kThreads, bwd_min_blocks_per_sm<T>())
         for (int nt2 = 0; nt2 < kSTiles / 2; ++nt2) {
           uint32_t b0, b1, b2, b3;
           ptx::ldmatrix_x4(qdo_b(kk, nt2 * 16) + q_off, b0, b1, b2, b3);
-          ptx::mma_16816<Element>(s[2 * nt2], ak, b0, b1);
-          ptx::mma_16816<Element>(s[2 * nt2 + 1], ak, b2, b3);
+          mma_tile_pair<Element>(s, nt2, ak, b0, b1, b2, b3);
           ptx::ldmatrix_x4(qdo_b(kk, nt2 * 16) + q_off + kDoOffset, b0, b1, b2, b3);
-          ptx::mma_16816<Element>(dp[2 * nt2], av, b0, b1);
-          ptx::mma_16816<Element>(dp[2 * nt2 + 1], av, b2, b3);
+          mma_tile_pair<Element>(dp, nt2, av, b0, b1, b2, b3);
         }
       }
 
@@ -246,11 +245,9 @@ __global__ void __launch_bounds__(T::kThreads, bwd_min_blocks_per_sm<T>())
         for (int dt2 = 0; dt2 < kDTiles2 / 2; ++dt2) {
           uint32_t b0, b1, b2, b3;
           ptx::ldmatrix_x4_trans(qdo_bt(dt2, kk * 16) + q_off + kDoOffset, b0, b1, b2, b3);
-          ptx::mma_16816<Element>(dv[2 * dt2], ap, b0, b1);
-          ptx::mma_16816<Element>(dv[2 * dt2 + 1], ap, b2, b3);
+          mma_tile_pair<Element>(dv, dt2, ap, b0, b1, b2, b3);
           ptx::ldmatrix_x4_trans(qdo_bt(dt2, kk * 16) + q_off, b0, b1, b2, b3);
-          ptx::mma_16816<Element>(dk[2 * dt2], ads, b0, b1);
-          ptx::mma_16816<Element>(dk[2 * dt2 + 1], ads, b2, b3);
+          mma_tile_pair<Element>(dk, dt2, ads, b0, b1, b2, b3);
         }
       }
 
@@ -280,8 +277,7 @@ __global__ void __launch_bounds__(T::kThreads, bwd_min_blocks_per_sm<T>())
             for (int dt2 = 0; dt2 < kDqChunk / 16; ++dt2) {
               uint32_t b0, b1, b2, b3;
               ptx::ldmatrix_x4_trans(k_bt(ch * (kDqChunk / 16) + dt2, kk * 16), b0, b1, b2, b3);
-              ptx::mma_16816<Element>(acc[2 * dt2], a, b0, b1);
-              ptx::mma_16816<Element>(acc[2 * dt2 + 1], a, b2, b3);
+              mma_tile_pair<Element>(acc, dt2, a, b0, b1, b2, b3);
             }
           }
           bwd::red_add_fragments(acc, dq_row_a + ch * kDqChunk, dq_8rows, row_a_ok, row_b_ok, lane);

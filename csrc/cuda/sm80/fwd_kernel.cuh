@@ -22,6 +22,7 @@
 #include "cuda/ptx.h"
 #include "cuda/seqlen_info.h"
 #include "cuda/sm80/fwd_traits.h"
+#include "cuda/sm80/mma_fragments.cuh"
 #include "cuda/sm80/softmax.cuh"
 
 namespace ringattn {
@@ -119,12 +120,7 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocksPerSm)
   ptx::cp_async_commit();
 
   float o[kMTiles][kDTiles][4];
-#pragma unroll
-  for (int mt = 0; mt < kMTiles; ++mt)
-#pragma unroll
-    for (int dt = 0; dt < kDTiles; ++dt)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) o[mt][dt][c] = 0.f;
+  zero_fragments(o);
   OnlineSoftmax<kMTiles> softmax;
 
   const int warp_row0 = warp * kMTiles * 16;  // first row of this warp within the tile
@@ -153,12 +149,7 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocksPerSm)
 
     // ---- S = Q K^T ----
     float s[kMTiles][kNTiles][4];
-#pragma unroll
-    for (int mt = 0; mt < kMTiles; ++mt)
-#pragma unroll
-      for (int nt = 0; nt < kNTiles; ++nt)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) s[mt][nt][c] = 0.f;
+    zero_fragments(s);
 #pragma unroll
     for (int kk = 0; kk < kHeadDim / 16; ++kk) {
       uint32_t a[kMTiles][4];
@@ -169,11 +160,7 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocksPerSm)
       for (int nt2 = 0; nt2 < kNTiles / 2; ++nt2) {
         uint32_t b0, b1, b2, b3;
         ptx::ldmatrix_x4(k_stage(kk, nt2 * 16), b0, b1, b2, b3);
-#pragma unroll
-        for (int mt = 0; mt < kMTiles; ++mt) {
-          ptx::mma_16816<Element>(s[mt][2 * nt2], a[mt], b0, b1);
-          ptx::mma_16816<Element>(s[mt][2 * nt2 + 1], a[mt], b2, b3);
-        }
+        mma_tile_pair<Element>(s, nt2, a, b0, b1, b2, b3);
       }
     }
 
@@ -218,11 +205,7 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocksPerSm)
       for (int dt2 = 0; dt2 < kDTiles / 2; ++dt2) {
         uint32_t b0, b1, b2, b3;
         ptx::ldmatrix_x4_trans(v_stage(dt2, kk * 16), b0, b1, b2, b3);
-#pragma unroll
-        for (int mt = 0; mt < kMTiles; ++mt) {
-          ptx::mma_16816<Element>(o[mt][2 * dt2], a[mt], b0, b1);
-          ptx::mma_16816<Element>(o[mt][2 * dt2 + 1], a[mt], b2, b3);
-        }
+        mma_tile_pair<Element>(o, dt2, a, b0, b1, b2, b3);
       }
     }
   }

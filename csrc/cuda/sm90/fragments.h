@@ -1,11 +1,12 @@
 // Register-fragment helpers shared by the tier-2 kernels: a wgmma accumulator (m64nN, fp32,
 // [N / 8][4] per thread) fenced after a wait, converted into the A-operand fragments of the next
 // wgmma (the accumulator layout of m64nN is the A layout of m64nXk16 over k = N), and zeroed where
-// a mask says so.
+// a mask says so. pack_a_fragment (one k-step) is in cuda/mma_fragment.h.
 #pragma once
 
 #include <cstdint>
 
+#include "cuda/mma_fragment.h"
 #include "cuda/ptx.h"
 #include "cuda/sm90/ptx_sm90.h"
 
@@ -21,15 +22,6 @@ __device__ __forceinline__ void fence_accumulator(float (&a)[kNTiles][4]) {
   for (int i = 0; i < kNTiles; ++i)
 #pragma unroll
     for (int c = 0; c < 4; ++c) ptx::fence_operand(a[i][c]);
-}
-
-// The 16-bit A-operand fragments of k-step kk (16 columns = two n8 tiles of the accumulator).
-template <typename Element, int kNTiles>
-__device__ __forceinline__ void pack_a_fragment(const float (&acc)[kNTiles][4], int kk, uint32_t (&frag)[4]) {
-  frag[0] = ptx::pack2<Element>(acc[2 * kk][0], acc[2 * kk][1]);
-  frag[1] = ptx::pack2<Element>(acc[2 * kk][2], acc[2 * kk][3]);
-  frag[2] = ptx::pack2<Element>(acc[2 * kk + 1][0], acc[2 * kk + 1][1]);
-  frag[3] = ptx::pack2<Element>(acc[2 * kk + 1][2], acc[2 * kk + 1][3]);
 }
 
 // The whole accumulator as A-operand fragments, one per k-step of 16 columns.
