@@ -103,6 +103,19 @@ std::string arg_name(const TensorArg& t, const char* field) {
   return s;
 }
 
+// One stride of a tensor (its row or head stride): at least head_dim elements and a multiple of the
+// backend's stride alignment. what: how the first message names the stride ("row (token)", "head").
+ringattn_status check_stride(const TensorArg& t, int64_t stride, const char* field, const char* what, int head_dim,
+                             const BackendLimits& lim) {
+  if (stride < head_dim)
+    return failf(RINGATTN_STATUS_INVALID_ARGUMENT, "%s: expected a %s stride >= head_dim (%d) elements, got %lld",
+                 arg_name(t, field).c_str(), what, head_dim, static_cast<long long>(stride));
+  if (stride % lim.stride_alignment_elems != 0)
+    return failf(RINGATTN_STATUS_INVALID_ARGUMENT, "%s: expected a multiple of %d elements on this device, got %lld",
+                 arg_name(t, field).c_str(), lim.stride_alignment_elems, static_cast<long long>(stride));
+  return RINGATTN_STATUS_OK;
+}
+
 ringattn_status check_tensor(const TensorArg& t, int head_dim, const BackendLimits& lim,
                              bool need_data) {
   if (t.rows > 0 && need_data) {
@@ -116,29 +129,10 @@ ringattn_status check_tensor(const TensorArg& t, int head_dim, const BackendLimi
                    static_cast<unsigned long long>(reinterpret_cast<uintptr_t>(t.ptr) %
                                                    static_cast<uintptr_t>(lim.pointer_alignment_bytes)));
   }
-  if (t.rows > 1) {
-    if (t.row_stride < head_dim)
-      return failf(RINGATTN_STATUS_INVALID_ARGUMENT,
-                   "%s: expected a row (token) stride >= head_dim (%d) elements, got %lld",
-                   arg_name(t, "row_stride").c_str(), head_dim, static_cast<long long>(t.row_stride));
-    if (t.row_stride % lim.stride_alignment_elems != 0)
-      return failf(RINGATTN_STATUS_INVALID_ARGUMENT,
-                   "%s: expected a multiple of %d elements on this device, got %lld",
-                   arg_name(t, "row_stride").c_str(), lim.stride_alignment_elems,
-                   static_cast<long long>(t.row_stride));
-  }
-  if (t.num_heads > 1) {
-    if (t.head_stride < head_dim)
-      return failf(RINGATTN_STATUS_INVALID_ARGUMENT,
-                   "%s: expected a head stride >= head_dim (%d) elements, got %lld",
-                   arg_name(t, "head_stride").c_str(), head_dim, static_cast<long long>(t.head_stride));
-    if (t.head_stride % lim.stride_alignment_elems != 0)
-      return failf(RINGATTN_STATUS_INVALID_ARGUMENT,
-                   "%s: expected a multiple of %d elements on this device, got %lld",
-                   arg_name(t, "head_stride").c_str(), lim.stride_alignment_elems,
-                   static_cast<long long>(t.head_stride));
-  }
-  return RINGATTN_STATUS_OK;
+  ringattn_status s = RINGATTN_STATUS_OK;
+  if (t.rows > 1) s = check_stride(t, t.row_stride, "row_stride", "row (token)", head_dim, lim);
+  if (s == RINGATTN_STATUS_OK && t.num_heads > 1) s = check_stride(t, t.head_stride, "head_stride", "head", head_dim, lim);
+  return s;
 }
 
 ringattn_status check_exec(const ringattn_exec& exec) {
