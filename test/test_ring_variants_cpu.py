@@ -12,7 +12,6 @@ are tested without spawning.
 
 from __future__ import annotations
 
-import datetime
 import random
 import traceback
 from typing import Dict, List
@@ -21,7 +20,7 @@ import pytest
 import torch
 
 import ring_flash_attn as rfa
-from dist_harness import assert_case_within, CachedSpawns, finish_rank, rel_err, run_cases
+from dist_harness import assert_case_within, CachedSpawns, case_params, CaseWorker, rel_err, spawn_root_fixture
 from reference import grouped_attention_reference
 
 _SEED = random.SystemRandom().randrange(1 << 30)
@@ -283,45 +282,33 @@ def _overlap_check(rank: int, world_size: int) -> List[str]:
 EXPECTED_ORDER_2 = "post11 fwd wait fwd | post11 bwd post12 wait bwd wait post12 wait"
 
 
-def _worker(rank: int, world_size: int, port: int, seed: int, out_dir: str) -> None:
+def _two_rank_checks(rank: int, world_size: int, seed: int, results: dict) -> None:
+    """With two ranks: the overlap order and a sub-group call, into results["order"] / ["subgroup"]
+    ("" or the failure)."""
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=60))
-    results = {"cases": {}}
+    if world_size != 2:
+        return
     try:
-        results["cases"] = run_cases(CASES[world_size], _run_case, seed, rank, world_size)
-        if world_size == 2:
-            try:
-                results["order"] = " ".join(_overlap_check(rank, world_size))
-            except Exception:  # noqa: BLE001
-                results["order"] = traceback.format_exc()
-            # a sub-group (here of the whole world) is used through its group ranks
-            try:
-                sub = dist.new_group([0, 1])
-                x = torch.randn(1, 4, 2, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
-                a = rfa.zigzag_ring_flash_attn_func(x, x, x, causal=True, group=sub)
-                b = rfa.zigzag_ring_flash_attn_func(x, x, x, causal=True)
-                results["subgroup"] = "" if torch.equal(a, b) else "results differ"
-            except Exception:  # noqa: BLE001
-                results["subgroup"] = traceback.format_exc()
-    finally:
-        finish_rank(rank, out_dir, results)
+        results["order"] = " ".join(_overlap_check(rank, world_size))
+    except Exception:  # noqa: BLE001
+        results["order"] = traceback.format_exc()
+    # a sub-group (here of the whole world) is used through its group ranks
+    try:
+        sub = dist.new_group([0, 1])
+        x = torch.randn(1, 4, 2, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+        a = rfa.zigzag_ring_flash_attn_func(x, x, x, causal=True, group=sub)
+        b = rfa.zigzag_ring_flash_attn_func(x, x, x, causal=True)
+        results["subgroup"] = "" if torch.equal(a, b) else "results differ"
+    except Exception:  # noqa: BLE001
+        results["subgroup"] = traceback.format_exc()
 
 
-_results = CachedSpawns(_worker, _SEED, "ring", _SPAWN_TIMEOUT_S)
+_results = CachedSpawns(CaseWorker(CASES, _run_case, _two_rank_checks), _SEED, "ring", _SPAWN_TIMEOUT_S)
+spawn_root = spawn_root_fixture("ring_dist")
 
 
-@pytest.fixture(scope="module")
-def spawn_root(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("ring_dist"))
-
-
-_PARAMS = [pytest.param(ws, c, id=f"w{ws}-{c['id']}") for ws in sorted(CASES) for c in CASES[ws]]
-
-
-@pytest.mark.parametrize("world_size,case", _PARAMS)
+@pytest.mark.parametrize("world_size,case", case_params(CASES))
 def test_ring_variant_matches_full_attention(world_size, case, spawn_root):
     assert_case_within(_results(world_size, spawn_root), case, _QUANTITIES, _TOL[case["dtype"]], _SEED)
 
