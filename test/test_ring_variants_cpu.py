@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 import traceback
-from typing import Dict, List
+from typing import Callable, Dict, List
 
 import pytest
 import torch
@@ -22,6 +22,7 @@ import torch
 import ring_flash_attn as rfa
 from dist_harness import assert_case_within, CachedSpawns, case_params, CaseWorker, rel_err, spawn_root_fixture
 from reference import grouped_attention_reference
+from cases import case_dict
 
 _SEED = random.SystemRandom().randrange(1 << 30)
 _SPAWN_TIMEOUT_S = 180
@@ -40,10 +41,7 @@ _BASE = dict(B=2, Hq=4, Hk=2, D=8, dtype="float64", causal=True, scale=None, pac
 
 def _case(case_id, layout, L, **kw):
     """L: local tokens per rank (global length N L)."""
-    c = dict(_BASE)
-    c.update(kw)
-    c.update(id=f"{layout}-{case_id}", layout=layout, L=L)
-    return c
+    return case_dict(_BASE, kw, id=f"{layout}-{case_id}", layout=layout, L=L)
 
 
 def _cases() -> List[dict]:
@@ -80,6 +78,13 @@ CASES: Dict[int, List[dict]] = {2: _cases(), 4: _cases()}
 # even for float64 inputs.
 _TOL = {"float64": 2e-6, "float32": 5e-5}
 _QUANTITIES = ("out", "lse", "dq", "dk", "dv")
+
+
+def _shard_errors(got, ref, shard: Callable, lse_dim: int) -> Dict[str, float]:
+    """rel_err of each of out, lse, dq, dk, dv (got) against this rank's shard of its full
+    reference (ref, same order): shard(t) selects the rank's tokens, shard(t, lse_dim) the lse's."""
+    return {name: rel_err(x, shard(r, lse_dim) if name == "lse" else shard(r))
+            for name, x, r in zip(_QUANTITIES, got, ref)}
 
 
 def _layout_index(layout: str, r: int, N: int, L: int) -> torch.Tensor:
@@ -172,13 +177,7 @@ def _run_varlen_case(case: dict, seed: int, rank: int, world_size: int) -> Dict[
         dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
     assert none is None
     assert out.dtype == dtype and lse.dtype == torch.float32 and lse.shape == (Hq, q.shape[0])
-    return {
-        "out": rel_err(out, shard(ref_out)),
-        "lse": rel_err(lse, shard(ref_lse, 1)),
-        "dq": rel_err(dq, shard(ref_dq)),
-        "dk": rel_err(dk, shard(ref_dk)),
-        "dv": rel_err(dv, shard(ref_dv)),
-    }
+    return _shard_errors((out, lse, dq, dk, dv), (ref_out, ref_lse, ref_dq, ref_dk, ref_dv), shard, lse_dim=1)
 
 
 def _run_case(case: dict, seed: int, rank: int, world_size: int) -> Dict[str, float]:
@@ -227,14 +226,7 @@ def _run_case(case: dict, seed: int, rank: int, world_size: int) -> Dict[str, fl
     assert none is None
     assert out.dtype == dtype and lse.dtype == torch.float32
     assert dq.dtype == dtype and dk.dtype == dtype and dv.dtype == dtype
-    ref_out, ref_lse, ref_dq, ref_dk, ref_dv = ref
-    return {
-        "out": rel_err(out, shard(ref_out)),
-        "lse": rel_err(lse, shard(ref_lse, 2)),
-        "dq": rel_err(dq, shard(ref_dq)),
-        "dk": rel_err(dk, shard(ref_dk)),
-        "dv": rel_err(dv, shard(ref_dv)),
-    }
+    return _shard_errors((out, lse, dq, dk, dv), ref, shard, lse_dim=2)
 
 
 def _overlap_check(rank: int, world_size: int) -> List[str]:

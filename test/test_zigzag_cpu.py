@@ -31,7 +31,7 @@ from ring_flash_attn.cp import zigzag_llama3
 from dist_harness import (assert_case_within, CachedSpawns, case_params, CaseWorker, free_port, NoHostReads, rel_err,
                           spawn_root_fixture)
 from reference import grouped_attention_reference
-from cases import cu_seqlens
+from cases import case_dict, cu_seqlens
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _SEED = random.SystemRandom().randrange(1 << 30)
@@ -46,11 +46,7 @@ _BASE = dict(Hq=4, Hk=2, D=8, hs=1, dtype="float64", causal=True, scale=None, re
 
 
 def _case(case_id, lens, **kw):
-    c = dict(_BASE)
-    c.update(kw)
-    c["id"] = case_id
-    c["lens"] = list(lens)
-    return c
+    return case_dict(_BASE, kw, id=case_id, lens=list(lens))
 
 
 CASES: Dict[int, List[dict]] = {

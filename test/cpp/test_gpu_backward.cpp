@@ -69,17 +69,9 @@ void download(Tensor3& t, const void* d) {
 
 // ringattn_grouped_bwd on the GPU with the forward's O and LSE, on poisoned gradients.
 BackwardResult run_backward_gpu(const CaseInputs& in, const ForwardResult& fwd, int deterministic) {
-  BackwardResult r;
+  BackwardResult r = ratest::poisoned_gradients(in);
   const int G = static_cast<int>(in.spec.groups.size());
   DeviceMemory mem;
-  for (int g = 0; g < G; ++g) {
-    r.dq.emplace_back(in.dtype, in.total_q[g], in.spec.heads_q, in.spec.dim, in.spec.grad_layout);
-    r.dq.back().poison();
-  }
-  r.dk = Tensor3(in.dtype, in.total_k, in.spec.heads_k, in.spec.dim, in.spec.grad_layout);
-  r.dv = Tensor3(in.dtype, in.total_k, in.spec.heads_k, in.spec.dim, in.spec.grad_layout);
-  r.dk.poison();
-  r.dv.poison();
 
   std::vector<ringattn_bwd_group> groups(G);
   std::vector<void*> d_dq(G);
