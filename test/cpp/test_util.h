@@ -396,13 +396,20 @@ struct ForwardResult {
   std::vector<std::vector<float>> lse;  // [G][Hq * total_q]
 };
 
+// Points the tensor `name` of a call's params or group `obj` at `data`, with the strides of the
+// test tensor `t`: obj.name, obj.name_row_stride, obj.name_head_stride.
+#define RATEST_SET_TENSOR(obj, name, data, t)     \
+  do {                                            \
+    (obj).name = (data);                          \
+    (obj).name##_row_stride = (t).row_stride();   \
+    (obj).name##_head_stride = (t).head_stride(); \
+  } while (0)
+
 // A call's group g (ringattn_fwd_group / ringattn_bwd_group) on the host inputs of group g: q and
 // its strides, cu_seqlens_q, seqused_k (NULL when the case has none), total_q, max_seqlen_q.
 template <typename Group>
 void set_group_queries(Group& gr, const CaseInputs& in, int g) {
-  gr.q = in.q[g].data();
-  gr.q_row_stride = in.q[g].row_stride();
-  gr.q_head_stride = in.q[g].head_stride();
+  RATEST_SET_TENSOR(gr, q, in.q[g].data(), in.q[g]);
   gr.cu_seqlens_q = in.cu_q[g].data();
   gr.seqused_k = in.seqused[g].empty() ? nullptr : in.seqused[g].data();
   gr.total_q = in.total_q[g];
@@ -412,12 +419,8 @@ void set_group_queries(Group& gr, const CaseInputs& in, int g) {
 // A call's K and V (ringattn_fwd_params / ringattn_bwd_params) on the host inputs.
 template <typename Params>
 void set_keys_values(Params& p, const CaseInputs& in) {
-  p.k = in.k.data();
-  p.k_row_stride = in.k.row_stride();
-  p.k_head_stride = in.k.head_stride();
-  p.v = in.v.data();
-  p.v_row_stride = in.v.row_stride();
-  p.v_head_stride = in.v.head_stride();
+  RATEST_SET_TENSOR(p, k, in.k.data(), in.k);
+  RATEST_SET_TENSOR(p, v, in.v.data(), in.v);
 }
 
 // Queries the workspace of a forward or backward call, then runs it into r.status (and r.error
@@ -455,9 +458,7 @@ inline ForwardResult run_forward(const CaseInputs& in, int num_threads,
     ringattn_fwd_group& gr = groups[g];
     gr = ringattn_fwd_group{};
     set_group_queries(gr, in, g);
-    gr.out = r.out[g].data();
-    gr.out_row_stride = r.out[g].row_stride();
-    gr.out_head_stride = r.out[g].head_stride();
+    RATEST_SET_TENSOR(gr, out, r.out[g].data(), r.out[g]);
     gr.softmax_lse = r.lse[g].data();
   }
   ringattn_fwd_params p{};
@@ -503,27 +504,17 @@ inline BackwardResult run_backward(const CaseInputs& in, const ForwardResult& fw
     ringattn_bwd_group& gr = groups[g];
     gr = ringattn_bwd_group{};
     set_group_queries(gr, in, g);
-    gr.out = fwd.out[g].data();
-    gr.out_row_stride = fwd.out[g].row_stride();
-    gr.out_head_stride = fwd.out[g].head_stride();
-    gr.dout = in.dout[g].data();
-    gr.dout_row_stride = in.dout[g].row_stride();
-    gr.dout_head_stride = in.dout[g].head_stride();
+    RATEST_SET_TENSOR(gr, out, fwd.out[g].data(), fwd.out[g]);
+    RATEST_SET_TENSOR(gr, dout, in.dout[g].data(), in.dout[g]);
     gr.softmax_lse = fwd.lse[g].data();
-    gr.dq = r.dq[g].data();
-    gr.dq_row_stride = r.dq[g].row_stride();
-    gr.dq_head_stride = r.dq[g].head_stride();
+    RATEST_SET_TENSOR(gr, dq, r.dq[g].data(), r.dq[g]);
   }
   ringattn_bwd_params p{};
   p.problem = make_problem(in);
   p.exec = cpu_exec(num_threads);
   set_keys_values(p, in);
-  p.dk = r.dk.data();
-  p.dk_row_stride = r.dk.row_stride();
-  p.dk_head_stride = r.dk.head_stride();
-  p.dv = r.dv.data();
-  p.dv_row_stride = r.dv.row_stride();
-  p.dv_head_stride = r.dv.head_stride();
+  RATEST_SET_TENSOR(p, dk, r.dk.data(), r.dk);
+  RATEST_SET_TENSOR(p, dv, r.dv.data(), r.dv);
   p.groups = groups.data();
   p.deterministic = 1;
   if (edit) edit(p);
