@@ -82,7 +82,8 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
-from benchmark_grouped_attention import attention_flops, count_pairs  # noqa: E402  (pure Python)
+from benchmark_grouped_attention import attention_flops, count_pairs, import_torch_for  # noqa: E402  (pure Python)
+from benchmark_grouped_attention import format_elapsed as format_duration  # noqa: E402,F401  (45s, 3m07s, 1h02m03s)
 
 # ---- constants -----------------------------------------------------------------------------------
 
@@ -219,18 +220,6 @@ def case_weights(cases: Sequence[Case]) -> List[float]:
     flops = [case_flops(c) for c in cases]
     mean = sum(flops) / len(flops)
     return [1.0 + (f / mean if mean > 0 else 0.0) for f in flops]
-
-
-def format_duration(seconds: float) -> str:
-    """45s, 3m07s, 1h02m03s."""
-    s = int(round(max(0.0, seconds)))
-    if s < 60:
-        return f"{s}s"
-    m, s = divmod(s, 60)
-    if m < 60:
-        return f"{m}m{s:02d}s"
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m{s:02d}s"
 
 
 def eta_seconds(elapsed: float, done_weight: float, total_weight: float) -> Optional[float]:
@@ -1108,14 +1097,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     torch = None
     if not args.dry_run:
-        try:
-            import torch
-        except ImportError as e:
-            print(f"error: PyTorch is required to measure ({e}); --dry-run needs none", file=sys.stderr)
-            return EXIT_NO_GPU
-        if args.device == "cuda" and not torch.cuda.is_available():
-            print("error: no CUDA GPU is available (torch.cuda.is_available() is False); this benchmark times GPU "
-                  "kernels. --dry-run exercises the script without one; --help lists the options.", file=sys.stderr)
+        torch = import_torch_for(args.device, "to measure ({error}); --dry-run needs none",
+                                 ". --dry-run exercises the script without one; --help lists the options.")
+        if torch is None:
             return EXIT_NO_GPU
 
     if args.dry_run:

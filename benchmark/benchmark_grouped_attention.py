@@ -564,6 +564,23 @@ def _identity_list(outs):
     return list(outs)
 
 
+def _per_group_varlen_impl(name: str, varlen_func: Callable, w: Workload, meta: Meta, **call_kwargs) -> Impl:
+    """One plain varlen call per group over that group's own K/V, gathered in the preparation:
+    varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, **call_kwargs)."""
+    G = w.num_groups
+
+    def prep(q_list, k, v):
+        return q_list, [group_kv(k, w, meta, g) for g in range(G)], [group_kv(v, w, meta, g) for g in range(G)]
+
+    def run(state):
+        q_list, ks, vs = state
+        return [varlen_func(q_list[g], ks[g], vs[g], meta.cu_q[g], meta.cu_k_group[g], meta.max_q[g],
+                            w.groups[g].k_len, **call_kwargs)
+                for g in range(G)]
+
+    return Impl(name, prep, run, _identity_list)
+
+
 def make_impls(names: Sequence[str], w: Workload, cfg: ModelConfig, meta: Meta, report: Report,
                notes: Dict[str, str]) -> Dict[str, Impl]:
     """The requested implementations that can be constructed here (others noted and dropped)."""
@@ -585,16 +602,7 @@ def make_impls(names: Sequence[str], w: Workload, cfg: ModelConfig, meta: Meta, 
             rfa = None
 
     if rfa is not None and "baseline" in names:
-        def prep_baseline(q_list, k, v):
-            return q_list, [group_kv(k, w, meta, g) for g in range(G)], [group_kv(v, w, meta, g) for g in range(G)]
-
-        def run_baseline(state):
-            q_list, ks, vs = state
-            return [rfa.flash_attn_varlen_func(q_list[g], ks[g], vs[g], meta.cu_q[g], meta.cu_k_group[g],
-                                               meta.max_q[g], w.groups[g].k_len, causal=True)
-                    for g in range(G)]
-
-        impls["baseline"] = Impl("baseline", prep_baseline, run_baseline, _identity_list)
+        impls["baseline"] = _per_group_varlen_impl("baseline", rfa.flash_attn_varlen_func, w, meta, causal=True)
 
     if rfa is not None and "grouped_python" in names:
         from ring_flash_attn.grouped_python import _flash_attn_varlen_forward_grouped
@@ -652,16 +660,7 @@ def make_impls(names: Sequence[str], w: Workload, cfg: ModelConfig, meta: Meta, 
                                         f"({first_line(e)}): skipping varlen_attn")
                 report(f"note: {notes['varlen_attn']}")
         else:
-            def prep_varlen(q_list, k, v):
-                return q_list, [group_kv(k, w, meta, g) for g in range(G)], [group_kv(v, w, meta, g) for g in range(G)]
-
-            def run_varlen(state):
-                q_list, ks, vs = state
-                return [varlen_attn(q_list[g], ks[g], vs[g], meta.cu_q[g], meta.cu_k_group[g], meta.max_q[g],
-                                    w.groups[g].k_len, window_size=(-1, 0))
-                        for g in range(G)]
-
-            impls["varlen_attn"] = Impl("varlen_attn", prep_varlen, run_varlen, _identity_list)
+            impls["varlen_attn"] = _per_group_varlen_impl("varlen_attn", varlen_attn, w, meta, window_size=(-1, 0))
 
     if "flash_attn" in names:
         try:
@@ -671,16 +670,8 @@ def make_impls(names: Sequence[str], w: Workload, cfg: ModelConfig, meta: Meta, 
                 notes["flash_attn"] = f"flash-attn is not installed ({first_line(e)}): skipping flash_attn"
                 report(f"note: {notes['flash_attn']}")
         else:
-            def prep_fa(q_list, k, v):
-                return q_list, [group_kv(k, w, meta, g) for g in range(G)], [group_kv(v, w, meta, g) for g in range(G)]
-
-            def run_fa(state):
-                q_list, ks, vs = state
-                return [flash_attn.flash_attn_varlen_func(q_list[g], ks[g], vs[g], meta.cu_q[g], meta.cu_k_group[g],
-                                                          meta.max_q[g], w.groups[g].k_len, causal=True)
-                        for g in range(G)]
-
-            impls["flash_attn"] = Impl("flash_attn", prep_fa, run_fa, _identity_list)
+            impls["flash_attn"] = _per_group_varlen_impl("flash_attn", flash_attn.flash_attn_varlen_func, w, meta,
+                                                         causal=True)
     return impls
 
 
@@ -1044,6 +1035,35 @@ def finish_distributed(status: int) -> None:
         os._exit(status)
 
 
+def distributed_on_gpu(device: Optional[str]) -> Optional[bool]:
+    """Whether a distributed benchmark runs on the GPU: --device cuda, or no --device and a CUDA GPU
+    available; None after an error line on stderr when --device cuda finds no CUDA GPU."""
+    import torch
+
+    on_gpu = device == "cuda" or (device is None and torch.cuda.is_available())
+    if on_gpu and not torch.cuda.is_available():
+        print("error: --device cuda but no CUDA GPU is available", file=sys.stderr)
+        return None
+    return on_gpu
+
+
+def rank0_printer(rank: int) -> Callable[..., None]:
+    """print(text, flush=True) on rank 0 only (a distributed benchmark's report)."""
+    def say(text: str = "") -> None:
+        if rank == 0:
+            print(text, flush=True)
+    return say
+
+
+def distributed_environment(device, on_gpu: bool) -> Dict[str, str]:
+    """The device name ("cpu" off the GPU), torch version and process-group backend of a run."""
+    import torch
+    import torch.distributed as dist
+
+    return {"device": torch.cuda.get_device_name(device) if on_gpu else "cpu", "torch": torch.__version__,
+            "backend": dist.get_backend()}
+
+
 def init_distributed(on_gpu: bool, master_port: str, cpu_threads: Optional[int] = None):
     """Join the process group of a torchrun-launched benchmark (a plain ``python`` run becomes rank
     0 of 1 on `master_port`): NCCL on the LOCAL_RANK GPU, or gloo on the CPU with `cpu_threads`
@@ -1096,16 +1116,27 @@ def environment(device) -> Dict[str, str]:
     return env
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
+def import_torch_for(device: str, need_torch: str, no_gpu_tail: str):
+    """torch, or None after an error line on stderr: PyTorch does not import ("error: PyTorch is
+    required " + need_torch, with {error} the import error), or device is "cuda" and no CUDA GPU
+    is available (the line ends with no_gpu_tail)."""
     try:
         import torch
     except ImportError as e:
-        print(f"error: PyTorch is required to run the benchmark ({e})", file=sys.stderr)
-        return EXIT_NO_GPU
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("error: no CUDA GPU is available (torch.cuda.is_available() is False); this benchmark "
-              "times GPU kernels and needs one. `--help` lists the options.", file=sys.stderr)
+        print("error: PyTorch is required " + need_torch.format(error=e), file=sys.stderr)
+        return None
+    if device == "cuda" and not torch.cuda.is_available():
+        print("error: no CUDA GPU is available (torch.cuda.is_available() is False); this benchmark times GPU "
+              "kernels" + no_gpu_tail, file=sys.stderr)
+        return None
+    return torch
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    torch = import_torch_for(args.device, "to run the benchmark ({error})",
+                             " and needs one. `--help` lists the options.")
+    if torch is None:
         return EXIT_NO_GPU
 
     device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")

@@ -258,9 +258,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import torch.distributed as dist
 
     args = parse_args(argv)
-    on_gpu = args.device == "cuda" or (args.device is None and torch.cuda.is_available())
-    if on_gpu and not torch.cuda.is_available():
-        print("error: --device cuda but no CUDA GPU is available", file=sys.stderr)
+    on_gpu = gb.distributed_on_gpu(args.device)
+    if on_gpu is None:
         return gb.EXIT_NO_GPU
     _fill_defaults(args, on_gpu)
     varlen_local_batches(args.seqlen_per_gpu)  # validates --seqlen-per-gpu before any process group
@@ -270,12 +269,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     hs = heads_k_stride_for(args.num_kv_heads, args.heads_k_stride)
     pass_name = "fwd" if args.fwd_only else "fwd_bwd"
-    env = {"device": torch.cuda.get_device_name(device) if on_gpu else "cpu", "torch": torch.__version__,
-           "backend": dist.get_backend()}
-
-    def say(text=""):
-        if rank == 0:
-            print(text, flush=True)
+    env = gb.distributed_environment(device, on_gpu)
+    say = gb.rank0_printer(rank)
 
     argv_list = list(sys.argv[1:] if argv is None else argv)
     say("Ring / llama3 context-parallel variants, upstream ring-flash-attention's benchmark setting")

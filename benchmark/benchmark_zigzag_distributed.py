@@ -216,9 +216,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import torch.distributed as dist
 
     args = parse_args(argv)
-    on_gpu = args.device == "cuda" or (args.device is None and torch.cuda.is_available())
-    if on_gpu and not torch.cuda.is_available():
-        print("error: --device cuda but no CUDA GPU is available", file=sys.stderr)
+    on_gpu = gb.distributed_on_gpu(args.device)
+    if on_gpu is None:
         return gb.EXIT_NO_GPU
     _fill_defaults(args, on_gpu)
     device = gb.init_distributed(on_gpu, master_port="29518")
@@ -227,12 +226,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     hs = args.heads_k_stride or max(1, cfg.num_heads_k // 2)
     reduce_dtype = torch.float32 if args.grad_reduce_dtype == "fp32" else None
-    env = {"device": torch.cuda.get_device_name(device) if on_gpu else "cpu", "torch": torch.__version__,
-           "backend": dist.get_backend()}
-
-    def say(text=""):
-        if rank == 0:
-            print(text, flush=True)
+    env = gb.distributed_environment(device, on_gpu)
+    say = gb.rank0_printer(rank)
 
     argv_list = list(sys.argv[1:] if argv is None else argv)
     command = f"torchrun --nproc_per_node={world} " + " ".join(

@@ -19,6 +19,15 @@ def dtype_id(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+def case_dict(base: dict, overrides: dict, **fixed) -> dict:
+    """A distributed test case as a plain dict (it travels to the spawned ranks): the module's
+    defaults `base`, then the case's `overrides`, then its `fixed` fields (id, lengths ...)."""
+    c = dict(base)
+    c.update(overrides)
+    c.update(fixed)
+    return c
+
+
 def cu_seqlens(lengths: Sequence[int], device="cpu") -> Tensor:
     out = [0]
     for n in lengths:

@@ -12,6 +12,7 @@ the ranks time out, the test fails with each rank's exit code and the end of its
 
 from __future__ import annotations
 
+import datetime
 import faulthandler
 import json
 import os
@@ -29,8 +30,9 @@ import torch
 _LOG_TAIL_LINES = 80
 
 
-def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """max |x - ref| / max(1, max |ref|) in float64; inf for a shape mismatch, NaN if x has a NaN."""
+def rel_err(x: torch.Tensor, ref: torch.Tensor, floor: float = 1.0) -> float:
+    """max |x - ref| / max(floor, max |ref|) in float64; inf for a shape mismatch, NaN if x has a
+    NaN, 0 for empty tensors."""
     x, ref = x.detach().double(), ref.detach().double()
     if x.shape != ref.shape:
         return float("inf")
@@ -38,7 +40,7 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
         return float("nan")
     if x.numel() == 0:
         return 0.0
-    return (x - ref).abs().max().item() / max(1.0, ref.abs().max().item())
+    return (x - ref).abs().max().item() / max(floor, ref.abs().max().item())
 
 
 def free_port() -> int:
@@ -77,6 +79,16 @@ def _rank_main(rank: int, worker: Callable, world_size: int, port: int, seed: in
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def init_gloo_group(rank: int, world_size: int, port: int) -> None:
+    """A worker's start: one CPU thread, then the gloo process group over 127.0.0.1:port (60 s
+    collective timeout)."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=60))
 
 
 def finish_rank(rank: int, out_dir: str, results: dict) -> None:
@@ -211,6 +223,41 @@ def run_cases(cases: List[dict], run_case: Callable, seed: int, rank: int, world
         except Exception:  # noqa: BLE001 - reported per case
             results[case["id"]] = {"exception": traceback.format_exc()}
     return results
+
+
+class CaseWorker:
+    """The worker of a test module whose ranks run its cases: worker(rank, world_size, port, seed,
+    out_dir) runs ``cases[world_size]`` through run_cases into results["cases"], then
+    ``extra(rank, world_size, seed, results)`` when given (the module's own checks, adding keys to
+    results), and always finishes with finish_rank. A class, not a closure: spawn pickles it."""
+
+    def __init__(self, cases: Dict[int, List[dict]], run_case: Callable, extra: Optional[Callable] = None):
+        self.cases, self.run_case, self.extra = cases, run_case, extra
+
+    def __call__(self, rank: int, world_size: int, port: int, seed: int, out_dir: str) -> None:
+        init_gloo_group(rank, world_size, port)
+        results = {"cases": {}}
+        try:
+            results["cases"] = run_cases(self.cases[world_size], self.run_case, seed, rank, world_size)
+            if self.extra is not None:
+                self.extra(rank, world_size, seed, results)
+        finally:
+            finish_rank(rank, out_dir, results)
+
+
+def case_params(cases: Dict[int, List[dict]]) -> list:
+    """pytest parameters (world_size, case) of every case of every world size, with ids w<N>-<case id>."""
+    return [pytest.param(ws, c, id=f"w{ws}-{c['id']}") for ws in sorted(cases) for c in cases[ws]]
+
+
+def spawn_root_fixture(name: str):
+    """A module-scoped ``spawn_root`` fixture: a fresh temporary folder named after `name` that the
+    module's spawns write under."""
+    @pytest.fixture(scope="module")
+    def spawn_root(tmp_path_factory):
+        return str(tmp_path_factory.mktemp(name))
+
+    return spawn_root
 
 
 def assert_case_within(per_rank: List[dict], case: dict, quantities, tol: float, seed: int) -> None:

@@ -23,7 +23,6 @@ need no transformers.
 from __future__ import annotations
 
 import copy
-import datetime
 import os
 import random
 import subprocess
@@ -35,7 +34,7 @@ import torch
 
 import ring_flash_attn as rfa
 from ring_flash_attn import hf_adapter
-from dist_harness import CachedSpawns, finish_rank, free_port, run_cases
+from dist_harness import CachedSpawns, case_params, CaseWorker, free_port, rel_err, spawn_root_fixture
 from cases import cu_seqlens
 
 _SEED = random.SystemRandom().randrange(1 << 30)
@@ -77,12 +76,7 @@ def _transformers():
 
 def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
     """max|x - ref| / max|ref| (inf for a shape mismatch, nan for a NaN in x)."""
-    x, ref = x.detach().double(), ref.detach().double()
-    if x.shape != ref.shape:
-        return float("inf")
-    if torch.isnan(x).any():
-        return float("nan")
-    return (x - ref).abs().max().item() / max(ref.abs().max().item(), 1e-30)
+    return rel_err(x, ref, floor=1e-30)
 
 
 def _make_models(attn_implementation: str, dtype: torch.dtype, seed: int):
@@ -187,29 +181,11 @@ def _run_case(case: dict, seed: int, rank: int, world_size: int) -> Dict[str, fl
     return result
 
 
-def _worker(rank: int, world_size: int, port: int, seed: int, out_dir: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=60))
-    results = {"cases": {}}
-    try:
-        results["cases"] = run_cases(CASES[world_size], _run_case, seed, rank, world_size)
-    finally:
-        finish_rank(rank, out_dir, results)
+_results = CachedSpawns(CaseWorker(CASES, _run_case), _SEED, "hf_adapter", _SPAWN_TIMEOUT_S)
+spawn_root = spawn_root_fixture("hf_adapter_dist")
 
 
-_results = CachedSpawns(_worker, _SEED, "hf_adapter", _SPAWN_TIMEOUT_S)
-
-
-@pytest.fixture(scope="module")
-def spawn_root(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("hf_adapter_dist"))
-
-
-@pytest.mark.parametrize("world_size,case", [pytest.param(ws, c, id=f"w{ws}-{c['id']}")
-                                             for ws in sorted(CASES) for c in CASES[ws]])
+@pytest.mark.parametrize("world_size,case", case_params(CASES))
 def test_hf_llama_context_parallel_matches_eager(world_size, case, spawn_root):
     _transformers()
     per_rank = _results(world_size, spawn_root)

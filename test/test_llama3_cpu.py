@@ -10,7 +10,6 @@ reference. Error paths are checked single-process (they raise before any collect
 
 from __future__ import annotations
 
-import datetime
 import random
 from typing import Dict, List
 
@@ -19,9 +18,10 @@ import torch
 
 import ring_flash_attn as rfa
 from ring_flash_attn.cp import llama3
-from dist_harness import assert_case_within, CachedSpawns, finish_rank, NoHostReads, rel_err, run_cases
+from dist_harness import (assert_case_within, CachedSpawns, case_params, CaseWorker, NoHostReads, rel_err,
+                          spawn_root_fixture)
 from reference import grouped_attention_reference
-from cases import cu_seqlens
+from cases import case_dict, cu_seqlens
 
 _SEED = random.SystemRandom().randrange(1 << 30)
 _SPAWN_TIMEOUT_S = 180
@@ -30,11 +30,7 @@ _BASE = dict(Hq=4, Hk=2, D=8, hs=1, dtype="float64", causal=True, scale=None, pa
 
 
 def _case(case_id, lens, **kw):
-    c = dict(_BASE)
-    c.update(kw)
-    c["id"] = case_id
-    c["lens"] = list(lens)
-    return c
+    return case_dict(_BASE, kw, id=case_id, lens=list(lens))
 
 
 # Totals divisible by N; sequences of any length, crossing rank boundaries or not.
@@ -123,31 +119,11 @@ def _run_case(case: dict, seed: int, rank: int, world_size: int) -> Dict[str, fl
     }
 
 
-def _worker(rank: int, world_size: int, port: int, seed: int, out_dir: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=60))
-    results = {"cases": {}}
-    try:
-        results["cases"] = run_cases(CASES[world_size], _run_case, seed, rank, world_size)
-    finally:
-        finish_rank(rank, out_dir, results)
+_results = CachedSpawns(CaseWorker(CASES, _run_case), _SEED, "llama3", _SPAWN_TIMEOUT_S)
+spawn_root = spawn_root_fixture("llama3_dist")
 
 
-_results = CachedSpawns(_worker, _SEED, "llama3", _SPAWN_TIMEOUT_S)
-
-
-@pytest.fixture(scope="module")
-def spawn_root(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("llama3_dist"))
-
-
-_PARAMS = [pytest.param(ws, c, id=f"w{ws}-{c['id']}") for ws in sorted(CASES) for c in CASES[ws]]
-
-
-@pytest.mark.parametrize("world_size,case", _PARAMS)
+@pytest.mark.parametrize("world_size,case", case_params(CASES))
 def test_llama3_matches_full_attention(world_size, case, spawn_root):
     assert_case_within(_results(world_size, spawn_root), case, _QUANTITIES, _TOL[case["dtype"]], _SEED)
 

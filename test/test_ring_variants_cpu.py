@@ -12,17 +12,17 @@ are tested without spawning.
 
 from __future__ import annotations
 
-import datetime
 import random
 import traceback
-from typing import Dict, List
+from typing import Callable, Dict, List
 
 import pytest
 import torch
 
 import ring_flash_attn as rfa
-from dist_harness import assert_case_within, CachedSpawns, finish_rank, rel_err, run_cases
+from dist_harness import assert_case_within, CachedSpawns, case_params, CaseWorker, rel_err, spawn_root_fixture
 from reference import grouped_attention_reference
+from cases import case_dict
 
 _SEED = random.SystemRandom().randrange(1 << 30)
 _SPAWN_TIMEOUT_S = 180
@@ -41,10 +41,7 @@ _BASE = dict(B=2, Hq=4, Hk=2, D=8, dtype="float64", causal=True, scale=None, pac
 
 def _case(case_id, layout, L, **kw):
     """L: local tokens per rank (global length N L)."""
-    c = dict(_BASE)
-    c.update(kw)
-    c.update(id=f"{layout}-{case_id}", layout=layout, L=L)
-    return c
+    return case_dict(_BASE, kw, id=f"{layout}-{case_id}", layout=layout, L=L)
 
 
 def _cases() -> List[dict]:
@@ -81,6 +78,13 @@ CASES: Dict[int, List[dict]] = {2: _cases(), 4: _cases()}
 # even for float64 inputs.
 _TOL = {"float64": 2e-6, "float32": 5e-5}
 _QUANTITIES = ("out", "lse", "dq", "dk", "dv")
+
+
+def _shard_errors(got, ref, shard: Callable, lse_dim: int) -> Dict[str, float]:
+    """rel_err of each of out, lse, dq, dk, dv (got) against this rank's shard of its full
+    reference (ref, same order): shard(t) selects the rank's tokens, shard(t, lse_dim) the lse's."""
+    return {name: rel_err(x, shard(r, lse_dim) if name == "lse" else shard(r))
+            for name, x, r in zip(_QUANTITIES, got, ref)}
 
 
 def _layout_index(layout: str, r: int, N: int, L: int) -> torch.Tensor:
@@ -173,13 +177,7 @@ def _run_varlen_case(case: dict, seed: int, rank: int, world_size: int) -> Dict[
         dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
     assert none is None
     assert out.dtype == dtype and lse.dtype == torch.float32 and lse.shape == (Hq, q.shape[0])
-    return {
-        "out": rel_err(out, shard(ref_out)),
-        "lse": rel_err(lse, shard(ref_lse, 1)),
-        "dq": rel_err(dq, shard(ref_dq)),
-        "dk": rel_err(dk, shard(ref_dk)),
-        "dv": rel_err(dv, shard(ref_dv)),
-    }
+    return _shard_errors((out, lse, dq, dk, dv), (ref_out, ref_lse, ref_dq, ref_dk, ref_dv), shard, lse_dim=1)
 
 
 def _run_case(case: dict, seed: int, rank: int, world_size: int) -> Dict[str, float]:
@@ -228,14 +226,7 @@ def _run_case(case: dict, seed: int, rank: int, world_size: int) -> Dict[str, fl
     assert none is None
     assert out.dtype == dtype and lse.dtype == torch.float32
     assert dq.dtype == dtype and dk.dtype == dtype and dv.dtype == dtype
-    ref_out, ref_lse, ref_dq, ref_dk, ref_dv = ref
-    return {
-        "out": rel_err(out, shard(ref_out)),
-        "lse": rel_err(lse, shard(ref_lse, 2)),
-        "dq": rel_err(dq, shard(ref_dq)),
-        "dk": rel_err(dk, shard(ref_dk)),
-        "dv": rel_err(dv, shard(ref_dv)),
-    }
+    return _shard_errors((out, lse, dq, dk, dv), ref, shard, lse_dim=2)
 
 
 def _overlap_check(rank: int, world_size: int) -> List[str]:
@@ -283,45 +274,33 @@ def _overlap_check(rank: int, world_size: int) -> List[str]:
 EXPECTED_ORDER_2 = "post11 fwd wait fwd | post11 bwd post12 wait bwd wait post12 wait"
 
 
-def _worker(rank: int, world_size: int, port: int, seed: int, out_dir: str) -> None:
+def _two_rank_checks(rank: int, world_size: int, seed: int, results: dict) -> None:
+    """With two ranks: the overlap order and a sub-group call, into results["order"] / ["subgroup"]
+    ("" or the failure)."""
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=60))
-    results = {"cases": {}}
+    if world_size != 2:
+        return
     try:
-        results["cases"] = run_cases(CASES[world_size], _run_case, seed, rank, world_size)
-        if world_size == 2:
-            try:
-                results["order"] = " ".join(_overlap_check(rank, world_size))
-            except Exception:  # noqa: BLE001
-                results["order"] = traceback.format_exc()
-            # a sub-group (here of the whole world) is used through its group ranks
-            try:
-                sub = dist.new_group([0, 1])
-                x = torch.randn(1, 4, 2, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
-                a = rfa.zigzag_ring_flash_attn_func(x, x, x, causal=True, group=sub)
-                b = rfa.zigzag_ring_flash_attn_func(x, x, x, causal=True)
-                results["subgroup"] = "" if torch.equal(a, b) else "results differ"
-            except Exception:  # noqa: BLE001
-                results["subgroup"] = traceback.format_exc()
-    finally:
-        finish_rank(rank, out_dir, results)
+        results["order"] = " ".join(_overlap_check(rank, world_size))
+    except Exception:  # noqa: BLE001
+        results["order"] = traceback.format_exc()
+    # a sub-group (here of the whole world) is used through its group ranks
+    try:
+        sub = dist.new_group([0, 1])
+        x = torch.randn(1, 4, 2, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+        a = rfa.zigzag_ring_flash_attn_func(x, x, x, causal=True, group=sub)
+        b = rfa.zigzag_ring_flash_attn_func(x, x, x, causal=True)
+        results["subgroup"] = "" if torch.equal(a, b) else "results differ"
+    except Exception:  # noqa: BLE001
+        results["subgroup"] = traceback.format_exc()
 
 
-_results = CachedSpawns(_worker, _SEED, "ring", _SPAWN_TIMEOUT_S)
+_results = CachedSpawns(CaseWorker(CASES, _run_case, _two_rank_checks), _SEED, "ring", _SPAWN_TIMEOUT_S)
+spawn_root = spawn_root_fixture("ring_dist")
 
 
-@pytest.fixture(scope="module")
-def spawn_root(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("ring_dist"))
-
-
-_PARAMS = [pytest.param(ws, c, id=f"w{ws}-{c['id']}") for ws in sorted(CASES) for c in CASES[ws]]
-
-
-@pytest.mark.parametrize("world_size,case", _PARAMS)
+@pytest.mark.parametrize("world_size,case", case_params(CASES))
 def test_ring_variant_matches_full_attention(world_size, case, spawn_root):
     assert_case_within(_results(world_size, spawn_root), case, _QUANTITIES, _TOL[case["dtype"]], _SEED)
 

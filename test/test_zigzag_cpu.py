@@ -16,7 +16,6 @@ single-process error paths are tested without spawning.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import os
 import random
 import sys
@@ -29,9 +28,10 @@ import torch
 import ring_flash_attn as rfa
 from ring_flash_attn.cp import zigzag_layout as zu
 from ring_flash_attn.cp import zigzag_llama3
-from dist_harness import assert_case_within, CachedSpawns, finish_rank, free_port, NoHostReads, rel_err, run_cases
+from dist_harness import (assert_case_within, CachedSpawns, case_params, CaseWorker, free_port, NoHostReads, rel_err,
+                          spawn_root_fixture)
 from reference import grouped_attention_reference
-from cases import cu_seqlens
+from cases import case_dict, cu_seqlens
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _SEED = random.SystemRandom().randrange(1 << 30)
@@ -46,11 +46,7 @@ _BASE = dict(Hq=4, Hk=2, D=8, hs=1, dtype="float64", causal=True, scale=None, re
 
 
 def _case(case_id, lens, **kw):
-    c = dict(_BASE)
-    c.update(kw)
-    c["id"] = case_id
-    c["lens"] = list(lens)
-    return c
+    return case_dict(_BASE, kw, id=case_id, lens=list(lens))
 
 
 CASES: Dict[int, List[dict]] = {
@@ -270,37 +266,24 @@ EXPECTED_ORDER = ("ag0 ag1 wait ag0 fwd ag2 wait ag1 fwd wait ag2 fwd | "
                   "ag3 ag4 wait ag3 bwd rs0 ag5 wait ag4 bwd rs1 wait rs0 wait ag5 bwd rs2 wait rs1 wait rs2")
 
 
-def _worker(rank: int, world_size: int, port: int, seed: int, out_dir: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=60))
-    results = {"cases": {}, "errors": {}}
+def _two_rank_checks(rank: int, world_size: int, seed: int, results: dict) -> None:
+    """results["errors"] ({} unless two ranks); with two ranks the error checks and the overlap
+    order (results["order"], or the failure)."""
+    results["errors"] = {}
+    if world_size != 2:
+        return
+    results["errors"] = _error_checks(rank, world_size)
     try:
-        results["cases"] = run_cases(CASES[world_size], _run_case, seed, rank, world_size)
-        if world_size == 2:
-            results["errors"] = _error_checks(rank, world_size)
-            try:
-                results["order"] = " ".join(_order_check(rank, world_size))
-            except Exception:  # noqa: BLE001
-                results["order"] = traceback.format_exc()
-    finally:
-        finish_rank(rank, out_dir, results)
+        results["order"] = " ".join(_order_check(rank, world_size))
+    except Exception:  # noqa: BLE001
+        results["order"] = traceback.format_exc()
 
 
-_results = CachedSpawns(_worker, _SEED, "zigzag", _SPAWN_TIMEOUT_S)
+_results = CachedSpawns(CaseWorker(CASES, _run_case, _two_rank_checks), _SEED, "zigzag", _SPAWN_TIMEOUT_S)
+spawn_root = spawn_root_fixture("zigzag_dist")
 
 
-@pytest.fixture(scope="module")
-def spawn_root(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("zigzag_dist"))
-
-
-_PARAMS = [pytest.param(ws, c, id=f"w{ws}-{c['id']}") for ws in sorted(CASES) for c in CASES[ws]]
-
-
-@pytest.mark.parametrize("world_size,case", _PARAMS)
+@pytest.mark.parametrize("world_size,case", case_params(CASES))
 def test_zigzag_matches_full_attention(world_size, case, spawn_root):
     assert_case_within(_results(world_size, spawn_root), case, _QUANTITIES, _TOL[case["dtype"]], _SEED)
 

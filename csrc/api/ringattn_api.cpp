@@ -93,6 +93,54 @@ constexpr uint32_t phrased_bits() {
 }
 static_assert(phrased_bits() == RINGATTN_METADATA_ALL_ERRORS, "every metadata error bit has a phrase");
 
+// What the forward and backward entry points differ by: their name in messages and their
+// validation and backend functions.
+template <typename Params>
+struct PassFunctions {
+  const char* pass_name;       // "forward" / "backward"
+  const char* size_function;  // the public workspace-size function, named in the message
+  ringattn_status (*validate)(const Params*, bool need_data);
+  ringattn_status (*cpu_run)(const Params&);
+  ringattn_status (*cuda_workspace_size)(const Params&, size_t*);
+  ringattn_status (*cuda_run)(const Params&);
+};
+
+const PassFunctions<ringattn_fwd_params> kFwdPass{"forward", "ringattn_fwd_workspace_size", validate_fwd,
+                                                  cpu::grouped_fwd, cuda::fwd_workspace_size, cuda::grouped_fwd};
+const PassFunctions<ringattn_bwd_params> kBwdPass{"backward", "ringattn_bwd_workspace_size", validate_bwd,
+                                                  cpu::grouped_bwd, cuda::bwd_workspace_size, cuda::grouped_bwd};
+
+// A forward or backward call: validate, check the metadata values, then run on the CPU or (after
+// checking the caller's workspace) on the GPU.
+template <typename Params>
+ringattn_status run_pass(const Params* params, const PassFunctions<Params>& fn) {
+  return guarded([&]() -> ringattn_status {
+    ringattn_status s = fn.validate(params, /*need_data=*/true);
+    if (s != RINGATTN_STATUS_OK) return s;
+    if ((s = check_metadata_values(*params, fn.pass_name)) != RINGATTN_STATUS_OK) return s;
+    if (params->exec.device_type == RINGATTN_DEVICE_CPU) return fn.cpu_run(*params);
+    size_t need = 0;
+    if ((s = fn.cuda_workspace_size(*params, &need)) != RINGATTN_STATUS_OK) return s;
+    if (params->workspace_size < need || (need > 0 && params->workspace == nullptr))
+      return failf(RINGATTN_STATUS_INVALID_ARGUMENT, "workspace: expected >= %zu bytes (%s), got %zu bytes at %p",
+                   need, fn.size_function, params->workspace_size, params->workspace);
+    return fn.cuda_run(*params);
+  });
+}
+
+// The workspace a forward or backward call needs (0 on the CPU), after validating its shapes.
+template <typename Params>
+ringattn_status query_workspace_size(const Params* params, size_t* bytes, const PassFunctions<Params>& fn) {
+  return guarded([&]() -> ringattn_status {
+    if (bytes == nullptr) return fail(RINGATTN_STATUS_INVALID_ARGUMENT, "bytes: expected a non-NULL pointer, got NULL");
+    *bytes = 0;
+    ringattn_status s = fn.validate(params, /*need_data=*/false);
+    if (s != RINGATTN_STATUS_OK) return s;
+    if (params->exec.device_type == RINGATTN_DEVICE_CPU) return RINGATTN_STATUS_OK;
+    return fn.cuda_workspace_size(*params, bytes);
+  });
+}
+
 }  // namespace
 
 extern "C" {
@@ -116,57 +164,19 @@ RINGATTN_API const char* ringattn_describe_metadata_errors(uint32_t bits) {
 }
 
 RINGATTN_API ringattn_status ringattn_grouped_fwd(const ringattn_fwd_params* params) {
-  return guarded([&]() -> ringattn_status {
-    ringattn_status s = validate_fwd(params, /*need_data=*/true);
-    if (s != RINGATTN_STATUS_OK) return s;
-    if ((s = check_metadata_values(*params, "forward")) != RINGATTN_STATUS_OK) return s;
-    if (params->exec.device_type == RINGATTN_DEVICE_CPU) return cpu::grouped_fwd(*params);
-    size_t need = 0;
-    if ((s = cuda::fwd_workspace_size(*params, &need)) != RINGATTN_STATUS_OK) return s;
-    if (params->workspace_size < need || (need > 0 && params->workspace == nullptr))
-      return failf(RINGATTN_STATUS_INVALID_ARGUMENT,
-                   "workspace: expected >= %zu bytes (ringattn_fwd_workspace_size), got %zu bytes at %p", need,
-                   params->workspace_size, params->workspace);
-    return cuda::grouped_fwd(*params);
-  });
+  return run_pass(params, kFwdPass);
 }
 
 RINGATTN_API ringattn_status ringattn_grouped_bwd(const ringattn_bwd_params* params) {
-  return guarded([&]() -> ringattn_status {
-    ringattn_status s = validate_bwd(params, /*need_data=*/true);
-    if (s != RINGATTN_STATUS_OK) return s;
-    if ((s = check_metadata_values(*params, "backward")) != RINGATTN_STATUS_OK) return s;
-    if (params->exec.device_type == RINGATTN_DEVICE_CPU) return cpu::grouped_bwd(*params);
-    size_t need = 0;
-    if ((s = cuda::bwd_workspace_size(*params, &need)) != RINGATTN_STATUS_OK) return s;
-    if (params->workspace_size < need || (need > 0 && params->workspace == nullptr))
-      return failf(RINGATTN_STATUS_INVALID_ARGUMENT,
-                   "workspace: expected >= %zu bytes (ringattn_bwd_workspace_size), got %zu bytes at %p", need,
-                   params->workspace_size, params->workspace);
-    return cuda::grouped_bwd(*params);
-  });
+  return run_pass(params, kBwdPass);
 }
 
 RINGATTN_API ringattn_status ringattn_fwd_workspace_size(const ringattn_fwd_params* params, size_t* bytes) {
-  return guarded([&]() -> ringattn_status {
-    if (bytes == nullptr) return fail(RINGATTN_STATUS_INVALID_ARGUMENT, "bytes: expected a non-NULL pointer, got NULL");
-    *bytes = 0;
-    ringattn_status s = validate_fwd(params, /*need_data=*/false);
-    if (s != RINGATTN_STATUS_OK) return s;
-    if (params->exec.device_type == RINGATTN_DEVICE_CPU) return RINGATTN_STATUS_OK;
-    return cuda::fwd_workspace_size(*params, bytes);
-  });
+  return query_workspace_size(params, bytes, kFwdPass);
 }
 
 RINGATTN_API ringattn_status ringattn_bwd_workspace_size(const ringattn_bwd_params* params, size_t* bytes) {
-  return guarded([&]() -> ringattn_status {
-    if (bytes == nullptr) return fail(RINGATTN_STATUS_INVALID_ARGUMENT, "bytes: expected a non-NULL pointer, got NULL");
-    *bytes = 0;
-    ringattn_status s = validate_bwd(params, /*need_data=*/false);
-    if (s != RINGATTN_STATUS_OK) return s;
-    if (params->exec.device_type == RINGATTN_DEVICE_CPU) return RINGATTN_STATUS_OK;
-    return cuda::bwd_workspace_size(*params, bytes);
-  });
+  return query_workspace_size(params, bytes, kBwdPass);
 }
 
 RINGATTN_API const char* ringattn_last_error(void) { return last_error(); }

@@ -1,9 +1,11 @@
 #include "api/validate.h"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <initializer_list>
 #include <limits>
 #include <string>
 #include <utility>
@@ -103,6 +105,19 @@ std::string arg_name(const TensorArg& t, const char* field) {
   return s;
 }
 
+// One stride of a tensor (its row or head stride): at least head_dim elements and a multiple of the
+// backend's stride alignment. what: how the first message names the stride ("row (token)", "head").
+ringattn_status check_stride(const TensorArg& t, int64_t stride, const char* field, const char* what, int head_dim,
+                             const BackendLimits& lim) {
+  if (stride < head_dim)
+    return failf(RINGATTN_STATUS_INVALID_ARGUMENT, "%s: expected a %s stride >= head_dim (%d) elements, got %lld",
+                 arg_name(t, field).c_str(), what, head_dim, static_cast<long long>(stride));
+  if (stride % lim.stride_alignment_elems != 0)
+    return failf(RINGATTN_STATUS_INVALID_ARGUMENT, "%s: expected a multiple of %d elements on this device, got %lld",
+                 arg_name(t, field).c_str(), lim.stride_alignment_elems, static_cast<long long>(stride));
+  return RINGATTN_STATUS_OK;
+}
+
 ringattn_status check_tensor(const TensorArg& t, int head_dim, const BackendLimits& lim,
                              bool need_data) {
   if (t.rows > 0 && need_data) {
@@ -116,29 +131,10 @@ ringattn_status check_tensor(const TensorArg& t, int head_dim, const BackendLimi
                    static_cast<unsigned long long>(reinterpret_cast<uintptr_t>(t.ptr) %
                                                    static_cast<uintptr_t>(lim.pointer_alignment_bytes)));
   }
-  if (t.rows > 1) {
-    if (t.row_stride < head_dim)
-      return failf(RINGATTN_STATUS_INVALID_ARGUMENT,
-                   "%s: expected a row (token) stride >= head_dim (%d) elements, got %lld",
-                   arg_name(t, "row_stride").c_str(), head_dim, static_cast<long long>(t.row_stride));
-    if (t.row_stride % lim.stride_alignment_elems != 0)
-      return failf(RINGATTN_STATUS_INVALID_ARGUMENT,
-                   "%s: expected a multiple of %d elements on this device, got %lld",
-                   arg_name(t, "row_stride").c_str(), lim.stride_alignment_elems,
-                   static_cast<long long>(t.row_stride));
-  }
-  if (t.num_heads > 1) {
-    if (t.head_stride < head_dim)
-      return failf(RINGATTN_STATUS_INVALID_ARGUMENT,
-                   "%s: expected a head stride >= head_dim (%d) elements, got %lld",
-                   arg_name(t, "head_stride").c_str(), head_dim, static_cast<long long>(t.head_stride));
-    if (t.head_stride % lim.stride_alignment_elems != 0)
-      return failf(RINGATTN_STATUS_INVALID_ARGUMENT,
-                   "%s: expected a multiple of %d elements on this device, got %lld",
-                   arg_name(t, "head_stride").c_str(), lim.stride_alignment_elems,
-                   static_cast<long long>(t.head_stride));
-  }
-  return RINGATTN_STATUS_OK;
+  ringattn_status s = RINGATTN_STATUS_OK;
+  if (t.rows > 1) s = check_stride(t, t.row_stride, "row_stride", "row (token)", head_dim, lim);
+  if (s == RINGATTN_STATUS_OK && t.num_heads > 1) s = check_stride(t, t.head_stride, "head_stride", "head", head_dim, lim);
+  return s;
 }
 
 ringattn_status check_exec(const ringattn_exec& exec) {
@@ -418,11 +414,58 @@ void add_metadata_footprints(const ringattn_problem& pr, const Group* groups, st
 
 int64_t lse_bytes(const ringattn_problem& pr, int64_t total_q) { return static_cast<int64_t>(pr.num_heads_q) * total_q * 4; }
 
+// The TensorArg of the tensor `name` of a call's params or group `obj`: its pointer obj.name and
+// strides obj.name_row_stride / obj.name_head_stride, named "name" in messages.
+#define RINGATTN_TENSOR_ARG(obj, name, group, rows, heads) \
+  TensorArg { #name, group, (obj).name, rows, (obj).name##_row_stride, (obj).name##_head_stride, heads }
+
 #define RINGATTN_TRY(expr)                          \
   do {                                              \
     const ringattn_status _s = (expr);              \
     if (_s != RINGATTN_STATUS_OK) return _s;        \
   } while (0)
+
+// check_tensor on each of `tensors`, in order.
+ringattn_status check_tensors(std::initializer_list<TensorArg> tensors, int head_dim, const BackendLimits& lim,
+                              bool need_data) {
+  for (const TensorArg& t : tensors) RINGATTN_TRY(check_tensor(t, head_dim, lim, need_data));
+  return RINGATTN_STATUS_OK;
+}
+
+// The groups array, then per group its common fields and its tensors (group_tensors(g), in order).
+template <typename Group, typename GroupTensors>
+ringattn_status check_groups(const Group* groups, int num_groups, bool need_data, const GroupTensors& group_tensors,
+                             int head_dim, const BackendLimits& lim) {
+  if (groups == nullptr)
+    return fail(RINGATTN_STATUS_INVALID_ARGUMENT, "groups: expected a non-NULL array of num_groups entries, got NULL");
+  for (int g = 0; g < num_groups; ++g) {
+    const Group& gr = groups[g];
+    RINGATTN_TRY(check_group_common(g, gr.total_q, gr.max_seqlen_q, gr.cu_seqlens_q, gr.softmax_lse, need_data));
+    for (const TensorArg& t : group_tensors(g)) RINGATTN_TRY(check_tensor(t, head_dim, lim, need_data));
+  }
+  return RINGATTN_STATUS_OK;
+}
+
+// The footprint lists of a call, room reserved, with K and V as its first inputs.
+void start_footprints(int num_groups, Footprint k, Footprint v, std::vector<Footprint>& outputs,
+                      std::vector<Footprint>& inputs) {
+  outputs.reserve(2 * static_cast<size_t>(num_groups) + 4);
+  inputs.reserve(6 * static_cast<size_t>(num_groups) + 3);
+  inputs.push_back(std::move(k));
+  inputs.push_back(std::move(v));
+}
+
+// check_no_overlap after adding the metadata arrays (inputs), the workspace and the metadata error
+// word (outputs).
+template <typename Params>
+ringattn_status check_no_overlap_with_metadata(const Params& p, std::vector<Footprint>& outputs,
+                                               std::vector<Footprint>& inputs) {
+  add_metadata_footprints(p.problem, p.groups, inputs);
+  outputs.push_back(range_footprint("workspace", -1, p.workspace, static_cast<int64_t>(std::min<size_t>(
+                                                                   p.workspace_size, size_t{1} << 62))));
+  outputs.push_back(metadata_errors_footprint(p.exec));
+  return check_no_overlap(outputs, inputs);
+}
 
 }  // namespace
 
@@ -433,43 +476,27 @@ ringattn_status validate_fwd(const ringattn_fwd_params* params, bool need_data) 
   RINGATTN_TRY(check_problem(p.problem, p.exec, need_data));
   const ringattn_problem& pr = p.problem;
   const BackendLimits lim = limits_for(p.exec.device_type);
-  RINGATTN_TRY(check_tensor({"k", -1, p.k, pr.total_k, p.k_row_stride, p.k_head_stride, pr.num_heads_k},
-                            pr.head_dim, lim, need_data));
-  RINGATTN_TRY(check_tensor({"v", -1, p.v, pr.total_k, p.v_row_stride, p.v_head_stride, pr.num_heads_k},
-                            pr.head_dim, lim, need_data));
-  if (p.groups == nullptr)
-    return fail(RINGATTN_STATUS_INVALID_ARGUMENT, "groups: expected a non-NULL array of num_groups entries, got NULL");
-  for (int g = 0; g < pr.num_groups; ++g) {
+  const int d = pr.head_dim, hk = pr.num_heads_k, hq = pr.num_heads_q;
+  const TensorArg k = RINGATTN_TENSOR_ARG(p, k, -1, pr.total_k, hk), v = RINGATTN_TENSOR_ARG(p, v, -1, pr.total_k, hk);
+  // The group's q and out.
+  auto group_tensors = [&](int g) {
     const ringattn_fwd_group& gr = p.groups[g];
-    RINGATTN_TRY(check_group_common(g, gr.total_q, gr.max_seqlen_q, gr.cu_seqlens_q, gr.softmax_lse, need_data));
-    RINGATTN_TRY(check_tensor({"q", g, gr.q, gr.total_q, gr.q_row_stride, gr.q_head_stride, pr.num_heads_q},
-                              pr.head_dim, lim, need_data));
-    RINGATTN_TRY(check_tensor({"out", g, gr.out, gr.total_q, gr.out_row_stride, gr.out_head_stride, pr.num_heads_q},
-                              pr.head_dim, lim, need_data));
-  }
+    return std::array<TensorArg, 2>{RINGATTN_TENSOR_ARG(gr, q, g, gr.total_q, hq),
+                                    RINGATTN_TENSOR_ARG(gr, out, g, gr.total_q, hq)};
+  };
+  RINGATTN_TRY(check_tensors({k, v}, d, lim, need_data));
+  RINGATTN_TRY(check_groups(p.groups, pr.num_groups, need_data, group_tensors, d, lim));
   if (!need_data) return RINGATTN_STATUS_OK;
   const size_t e = dtype_size(pr.dtype);
   std::vector<Footprint> outputs, inputs;
-  outputs.reserve(2 * static_cast<size_t>(pr.num_groups) + 4);
-  inputs.reserve(6 * static_cast<size_t>(pr.num_groups) + 3);
-  inputs.push_back(tensor_footprint({"k", -1, p.k, pr.total_k, p.k_row_stride, p.k_head_stride, pr.num_heads_k},
-                                    pr.head_dim, e));
-  inputs.push_back(tensor_footprint({"v", -1, p.v, pr.total_k, p.v_row_stride, p.v_head_stride, pr.num_heads_k},
-                                    pr.head_dim, e));
+  start_footprints(pr.num_groups, tensor_footprint(k, d, e), tensor_footprint(v, d, e), outputs, inputs);
   for (int g = 0; g < pr.num_groups; ++g) {
-    const ringattn_fwd_group& gr = p.groups[g];
-    const int hq = pr.num_heads_q;
-    inputs.push_back(tensor_footprint({"q", g, gr.q, gr.total_q, gr.q_row_stride, gr.q_head_stride, hq}, pr.head_dim, e));
-    outputs.push_back(
-        tensor_footprint({"out", g, gr.out, gr.total_q, gr.out_row_stride, gr.out_head_stride, hq}, pr.head_dim, e));
-    outputs.push_back(range_footprint("softmax_lse", g, gr.softmax_lse,
-                                      lse_bytes(pr, gr.total_q)));
+    const auto t = group_tensors(g);  // q, out
+    inputs.push_back(tensor_footprint(t[0], d, e));
+    outputs.push_back(tensor_footprint(t[1], d, e));
+    outputs.push_back(range_footprint("softmax_lse", g, p.groups[g].softmax_lse, lse_bytes(pr, p.groups[g].total_q)));
   }
-  add_metadata_footprints(pr, p.groups, inputs);
-  outputs.push_back(range_footprint("workspace", -1, p.workspace, static_cast<int64_t>(std::min<size_t>(
-                                                                   p.workspace_size, size_t{1} << 62))));
-  outputs.push_back(metadata_errors_footprint(p.exec));
-  return check_no_overlap(outputs, inputs);
+  return check_no_overlap_with_metadata(p, outputs, inputs);
 }
 
 ringattn_status validate_bwd(const ringattn_bwd_params* params, bool need_data) {
@@ -481,47 +508,32 @@ ringattn_status validate_bwd(const ringattn_bwd_params* params, bool need_data) 
   const BackendLimits lim = limits_for(p.exec.device_type);
   if (p.deterministic != 0 && p.deterministic != 1)
     return failf(RINGATTN_STATUS_INVALID_ARGUMENT, "deterministic: expected 0 or 1, got %d", p.deterministic);
-  const int hk = pr.num_heads_k;
-  RINGATTN_TRY(check_tensor({"k", -1, p.k, pr.total_k, p.k_row_stride, p.k_head_stride, hk}, pr.head_dim, lim, need_data));
-  RINGATTN_TRY(check_tensor({"v", -1, p.v, pr.total_k, p.v_row_stride, p.v_head_stride, hk}, pr.head_dim, lim, need_data));
-  RINGATTN_TRY(check_tensor({"dk", -1, p.dk, pr.total_k, p.dk_row_stride, p.dk_head_stride, hk}, pr.head_dim, lim, need_data));
-  RINGATTN_TRY(check_tensor({"dv", -1, p.dv, pr.total_k, p.dv_row_stride, p.dv_head_stride, hk}, pr.head_dim, lim, need_data));
-  if (p.groups == nullptr)
-    return fail(RINGATTN_STATUS_INVALID_ARGUMENT, "groups: expected a non-NULL array of num_groups entries, got NULL");
-  const int hq = pr.num_heads_q;
-  for (int g = 0; g < pr.num_groups; ++g) {
+  const int d = pr.head_dim, hk = pr.num_heads_k, hq = pr.num_heads_q;
+  const TensorArg k = RINGATTN_TENSOR_ARG(p, k, -1, pr.total_k, hk), v = RINGATTN_TENSOR_ARG(p, v, -1, pr.total_k, hk);
+  const TensorArg dk = RINGATTN_TENSOR_ARG(p, dk, -1, pr.total_k, hk);
+  const TensorArg dv = RINGATTN_TENSOR_ARG(p, dv, -1, pr.total_k, hk);
+  // The group's q, out, dout and dq.
+  auto group_tensors = [&](int g) {
     const ringattn_bwd_group& gr = p.groups[g];
-    RINGATTN_TRY(check_group_common(g, gr.total_q, gr.max_seqlen_q, gr.cu_seqlens_q, gr.softmax_lse, need_data));
-    RINGATTN_TRY(check_tensor({"q", g, gr.q, gr.total_q, gr.q_row_stride, gr.q_head_stride, hq}, pr.head_dim, lim, need_data));
-    RINGATTN_TRY(check_tensor({"out", g, gr.out, gr.total_q, gr.out_row_stride, gr.out_head_stride, hq}, pr.head_dim, lim, need_data));
-    RINGATTN_TRY(check_tensor({"dout", g, gr.dout, gr.total_q, gr.dout_row_stride, gr.dout_head_stride, hq}, pr.head_dim, lim, need_data));
-    RINGATTN_TRY(check_tensor({"dq", g, gr.dq, gr.total_q, gr.dq_row_stride, gr.dq_head_stride, hq}, pr.head_dim, lim, need_data));
-  }
+    return std::array<TensorArg, 4>{
+        RINGATTN_TENSOR_ARG(gr, q, g, gr.total_q, hq), RINGATTN_TENSOR_ARG(gr, out, g, gr.total_q, hq),
+        RINGATTN_TENSOR_ARG(gr, dout, g, gr.total_q, hq), RINGATTN_TENSOR_ARG(gr, dq, g, gr.total_q, hq)};
+  };
+  RINGATTN_TRY(check_tensors({k, v, dk, dv}, d, lim, need_data));
+  RINGATTN_TRY(check_groups(p.groups, pr.num_groups, need_data, group_tensors, d, lim));
   if (!need_data) return RINGATTN_STATUS_OK;
   const size_t e = dtype_size(pr.dtype);
-  const int d = pr.head_dim;
   std::vector<Footprint> outputs, inputs;
-  outputs.reserve(2 * static_cast<size_t>(pr.num_groups) + 4);
-  inputs.reserve(6 * static_cast<size_t>(pr.num_groups) + 3);
-  inputs.push_back(tensor_footprint({"k", -1, p.k, pr.total_k, p.k_row_stride, p.k_head_stride, hk}, d, e));
-  inputs.push_back(tensor_footprint({"v", -1, p.v, pr.total_k, p.v_row_stride, p.v_head_stride, hk}, d, e));
-  outputs.push_back(tensor_footprint({"dk", -1, p.dk, pr.total_k, p.dk_row_stride, p.dk_head_stride, hk}, d, e));
-  outputs.push_back(tensor_footprint({"dv", -1, p.dv, pr.total_k, p.dv_row_stride, p.dv_head_stride, hk}, d, e));
+  start_footprints(pr.num_groups, tensor_footprint(k, d, e), tensor_footprint(v, d, e), outputs, inputs);
+  outputs.push_back(tensor_footprint(dk, d, e));
+  outputs.push_back(tensor_footprint(dv, d, e));
   for (int g = 0; g < pr.num_groups; ++g) {
-    const ringattn_bwd_group& gr = p.groups[g];
-    inputs.push_back(tensor_footprint({"q", g, gr.q, gr.total_q, gr.q_row_stride, gr.q_head_stride, hq}, d, e));
-    inputs.push_back(tensor_footprint({"out", g, gr.out, gr.total_q, gr.out_row_stride, gr.out_head_stride, hq}, d, e));
-    inputs.push_back(
-        tensor_footprint({"dout", g, gr.dout, gr.total_q, gr.dout_row_stride, gr.dout_head_stride, hq}, d, e));
-    inputs.push_back(range_footprint("softmax_lse", g, gr.softmax_lse,
-                                     lse_bytes(pr, gr.total_q)));
-    outputs.push_back(tensor_footprint({"dq", g, gr.dq, gr.total_q, gr.dq_row_stride, gr.dq_head_stride, hq}, d, e));
+    const auto t = group_tensors(g);  // q, out, dout, dq
+    for (int i = 0; i < 3; ++i) inputs.push_back(tensor_footprint(t[i], d, e));
+    inputs.push_back(range_footprint("softmax_lse", g, p.groups[g].softmax_lse, lse_bytes(pr, p.groups[g].total_q)));
+    outputs.push_back(tensor_footprint(t[3], d, e));
   }
-  add_metadata_footprints(pr, p.groups, inputs);
-  outputs.push_back(range_footprint("workspace", -1, p.workspace, static_cast<int64_t>(std::min<size_t>(
-                                                                   p.workspace_size, size_t{1} << 62))));
-  outputs.push_back(metadata_errors_footprint(p.exec));
-  return check_no_overlap(outputs, inputs);
+  return check_no_overlap_with_metadata(p, outputs, inputs);
 }
 
 namespace {

@@ -300,6 +300,17 @@ struct KeyTask {
   int64_t cost;
 };
 
+// Calls fn(j0, j1, nk) for each tile [j0, j1) of nk <= kTileK keys that the query tile t needs,
+// in key order: its first row sees the first keys and its last row the last ones.
+template <typename Fn>
+void for_each_key_tile(const SeqMask& mask, const QueryTask& t, Fn&& fn) {
+  const int64_t tile_key_end = mask.key_end(t.i1 - 1);
+  for (int64_t j0 = mask.key_begin(t.i0); j0 < tile_key_end; j0 += kTileK) {
+    const int64_t j1 = std::min(j0 + kTileK, tile_key_end);
+    fn(j0, j1, static_cast<int>(j1 - j0));
+  }
+}
+
 // Longest first, so the expensive tiles do not run last and leave threads idle.
 template <typename Task>
 void order_longest_first(std::vector<Task>& tasks) {
@@ -369,12 +380,8 @@ void attend_query_tile(const Shape& s, const View<const T>& q, const View<const 
   std::fill(w.l.begin(), w.l.begin() + nq, A(0));
   if (!kStatsOnly) std::fill(w.o.begin(), w.o.begin() + nq * d, A(0));
 
-  // The tile's first row sees the first keys and its last row the last ones.
   const SeqMask mask = mask_of(s, sq);
-  const int64_t tile_key_end = mask.key_end(t.i1 - 1);
-  for (int64_t j0 = mask.key_begin(t.i0); j0 < tile_key_end; j0 += kTileK) {
-    const int64_t j1 = std::min(j0 + kTileK, tile_key_end);
-    const int nk = static_cast<int>(j1 - j0);
+  for_each_key_tile(mask, t, [&](int64_t j0, int64_t j1, int nk) {
     for (int c = 0; c < nk; ++c) {
       load_column(k.at(sq.k_start + j0 + c, hk), d, &w.kt[c], static_cast<int>(kTileK));
       if (!kStatsOnly) load_row(v.at(sq.k_start + j0 + c, hk), d, &w.v[c * d]);
@@ -405,7 +412,7 @@ void attend_query_tile(const Shape& s, const View<const T>& q, const View<const 
     }
     if (!kStatsOnly)
       accumulate_rows(w.o.data(), nq, w.s.data(), kTileK, 1, w.zeros.data(), w.count.data(), w.v.data(), d);
-  }
+  });
 }
 
 template <typename T>
@@ -595,10 +602,7 @@ void dq_query_tile(const Shape& s, const BackwardTensors<T>& x, A scale, const Q
   std::fill(w.dq.begin(), w.dq.begin() + nq * d, A(0));
 
   const SeqMask mask = mask_of(s, sq);
-  const int64_t tile_key_end = mask.key_end(t.i1 - 1);
-  for (int64_t j0 = mask.key_begin(t.i0); j0 < tile_key_end; j0 += kTileK) {
-    const int64_t j1 = std::min(j0 + kTileK, tile_key_end);
-    const int nk = static_cast<int>(j1 - j0);
+  for_each_key_tile(mask, t, [&](int64_t j0, int64_t j1, int nk) {
     for (int c = 0; c < nk; ++c) {
       load_row(x.k.at(sq.k_start + j0 + c, hk), d, &w.k[c * d]);
       load_column(x.k.at(sq.k_start + j0 + c, hk), d, &w.kt[c], static_cast<int>(kTileK));
@@ -608,7 +612,7 @@ void dq_query_tile(const Shape& s, const BackwardTensors<T>& x, A scale, const Q
       w.count[r] = static_cast<int>(mask.keys_seen_in(t.i0 + r, j0, j1));
     probabilities_and_dscores(nq, nk, d, scale, w);
     accumulate_rows(w.dq.data(), nq, w.dp.data(), kTileK, 1, w.zeros.data(), w.count.data(), w.k.data(), d);
-  }
+  });
   for (int r = 0; r < nq; ++r)
     store_row_scaled(x.dq[t.g].at(sq.q_start + t.i0 + r, t.h), &w.dq[r * d], scale, d);
 }

@@ -17,6 +17,7 @@
 #include "cuda/bwd_params.h"
 #include "cuda/bwd_scheduler.h"
 #include "cuda/device_support.h"
+#include "cuda/kernel_params_fill.h"
 #include "cuda/kernel_registry.h"
 #include "cuda/tile_scheduler.h"
 #include "cuda/workspace.h"
@@ -110,12 +111,7 @@ void build_bwd_params(const ringattn_bwd_params& p, BwdPlan* plan) {
     dst.dq_head_stride = src.dq_head_stride;
     dst.total_q = static_cast<int32_t>(src.total_q);
   }
-  prep.dk = p.dk;
-  prep.dv = p.dv;
-  prep.dk_row_stride = p.dk_row_stride;
-  prep.dk_head_stride = p.dk_head_stride;
-  prep.dv_row_stride = p.dv_row_stride;
-  prep.dv_head_stride = p.dv_head_stride;
+  fill_key_grads(prep, p);
   prep.cu_seqlens_k = pr.cu_seqlens_k;
   prep.total_k = static_cast<int32_t>(pr.total_k);
   prep.batch_size = pr.batch_size;
@@ -129,40 +125,17 @@ void build_bwd_params(const ringattn_bwd_params& p, BwdPlan* plan) {
   for (int g = 0; g < pr.num_groups; ++g) {
     const ringattn_bwd_group& src = p.groups[g];
     BwdGroupArgs& dst = kp.groups[g];
-    dst.q = src.q;
+    fill_query_group(dst, src);
     dst.dout = src.dout;
     dst.lse_log2 = prep.groups[g].ws.lse_log2;
     dst.di = prep.groups[g].ws.di;
     dst.dq_accum = prep.groups[g].ws.dq_accum;
-    dst.cu_seqlens_q = src.cu_seqlens_q;
-    dst.seqused_k = src.seqused_k;
-    dst.q_row_stride = src.q_row_stride;
-    dst.q_head_stride = src.q_head_stride;
     dst.dout_row_stride = src.dout_row_stride;
     dst.dout_head_stride = src.dout_head_stride;
-    dst.total_q = static_cast<int32_t>(src.total_q);
   }
-  kp.k = p.k;
-  kp.v = p.v;
-  kp.dk = p.dk;
-  kp.dv = p.dv;
-  kp.k_row_stride = p.k_row_stride;
-  kp.k_head_stride = p.k_head_stride;
-  kp.v_row_stride = p.v_row_stride;
-  kp.v_head_stride = p.v_head_stride;
-  kp.dk_row_stride = p.dk_row_stride;
-  kp.dk_head_stride = p.dk_head_stride;
-  kp.dv_row_stride = p.dv_row_stride;
-  kp.dv_head_stride = p.dv_head_stride;
-  kp.cu_seqlens_k = pr.cu_seqlens_k;
-  kp.total_k = static_cast<int32_t>(pr.total_k);
-  kp.num_groups = pr.num_groups;
-  kp.batch_size = pr.batch_size;
-  kp.num_heads_q = pr.num_heads_q;
+  fill_keys_and_problem(kp, p);
+  fill_key_grads(kp, p);
   kp.num_heads_k = pr.num_heads_k;
-  kp.q_heads_per_kv_head = pr.num_heads_q / pr.num_heads_k;
-  kp.softmax_scale = softmax_scale;
-  kp.softmax_scale_log2 = softmax_scale * 1.4426950408889634f;
   plan->dq_kernel = use_dq_kernel(p);
 }
 

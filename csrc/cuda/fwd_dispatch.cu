@@ -10,6 +10,7 @@
 #include "common/error.h"
 #include "cuda/device_support.h"
 #include "cuda/fwd_params.h"
+#include "cuda/kernel_params_fill.h"
 #include "cuda/kernel_registry.h"
 #include "cuda/tile_scheduler.h"
 #include "cuda/workspace.h"
@@ -29,31 +30,13 @@ FwdKernelParams fwd_kernel_params(const ringattn_fwd_params& p, const SchedulerA
   for (int g = 0; g < pr.num_groups; ++g) {
     const ringattn_fwd_group& src = p.groups[g];
     FwdGroupArgs& dst = kp.groups[g];
-    dst.q = src.q;
+    fill_query_group(dst, src);
     dst.out = src.out;
     dst.softmax_lse = src.softmax_lse;
-    dst.cu_seqlens_q = src.cu_seqlens_q;
-    dst.seqused_k = src.seqused_k;
-    dst.q_row_stride = src.q_row_stride;
-    dst.q_head_stride = src.q_head_stride;
     dst.out_row_stride = src.out_row_stride;
     dst.out_head_stride = src.out_head_stride;
-    dst.total_q = static_cast<int32_t>(src.total_q);
   }
-  kp.k = p.k;
-  kp.v = p.v;
-  kp.k_row_stride = p.k_row_stride;
-  kp.k_head_stride = p.k_head_stride;
-  kp.v_row_stride = p.v_row_stride;
-  kp.v_head_stride = p.v_head_stride;
-  kp.cu_seqlens_k = pr.cu_seqlens_k;
-  kp.total_k = static_cast<int32_t>(pr.total_k);
-  kp.num_groups = pr.num_groups;
-  kp.batch_size = pr.batch_size;
-  kp.num_heads_q = pr.num_heads_q;
-  kp.q_heads_per_kv_head = pr.num_heads_q / pr.num_heads_k;
-  kp.softmax_scale = resolved_softmax_scale(pr);
-  kp.softmax_scale_log2 = kp.softmax_scale * 1.4426950408889634f;
+  fill_keys_and_problem(kp, p);
   kp.work_items = sched.sorted;
   kp.work_count = sched.count;
   return kp;

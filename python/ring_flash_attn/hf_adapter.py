@@ -59,7 +59,7 @@ from .cp.process_group import resolve_group
 from .cp.registry import hf_scheme, hf_schemes
 from .cp.scheme import BatchMetadata, BatchNotSupported
 from .cp.rank_agreement import Fingerprint, RankAgreement, device_of
-from .cp.validation import check_cumulative_values, check_int32_values
+from .cp.validation import check_cumulative_values, check_int32_values, host_ints
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -157,11 +157,7 @@ def _checked_values(cu_seqlens, world_size: int) -> List[int]:
                              f"{tuple(cu_seqlens.shape)}")
         values = cu_seqlens.tolist()  # in its own dtype: checked before anything is narrowed to int32
     else:
-        try:
-            values = [int(x) for x in cu_seqlens]
-        except TypeError:
-            raise ValueError(f"cu_seqlens: expected an integer tensor or a list of ints, got "
-                             f"{type(cu_seqlens).__name__}") from None
+        values = host_ints(cu_seqlens, "cu_seqlens", "an integer tensor or a list of ints")
     check_cumulative_values(values, "cu_seqlens")
     check_int32_values(values, "cu_seqlens")
     if values[-1] % world_size:

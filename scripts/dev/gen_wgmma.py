@@ -56,34 +56,29 @@ def acc_operands(n: int) -> str:
     return ",\n".join(lines)
 
 
+def ss_method(name: str, ptype: str, n: int, transpose: str) -> str:
+    """An SS wgmma method (A and B from shared memory descriptors); transpose: "<tnspA>, <tnspB>"."""
+    na = n // 2
+    return f"""  __device__ __forceinline__ static void {name}(float (&d)[{n // 8}][4], uint64_t desc_a, uint64_t desc_b, int scale_d) {{
+    asm volatile(
+        "{{\\n"
+        ".reg .pred p;\\n"
+        "setp.ne.b32 p, %{na + 2}, 0;\\n"
+        "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ptype}.{ptype} "
+        "{{{acc_list(n)}}}, %{na}, %{na + 1}, p, 1, 1, {transpose};\\n"
+        "}}\\n"
+        : {acc_operands(n).lstrip()}
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+  }}
+"""
+
+
 def gen(element: str, ptype: str, n: int) -> str:
     na = n // 2
     return f"""
 template <>
 struct Wgmma<{element}, {n}> {{
-  __device__ __forceinline__ static void ss(float (&d)[{n // 8}][4], uint64_t desc_a, uint64_t desc_b, int scale_d) {{
-    asm volatile(
-        "{{\\n"
-        ".reg .pred p;\\n"
-        "setp.ne.b32 p, %{na + 2}, 0;\\n"
-        "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ptype}.{ptype} "
-        "{{{acc_list(n)}}}, %{na}, %{na + 1}, p, 1, 1, 0, 0;\\n"
-        "}}\\n"
-        : {acc_operands(n).lstrip()}
-        : "l"(desc_a), "l"(desc_b), "r"(scale_d));
-  }}
-  __device__ __forceinline__ static void ss_tt(float (&d)[{n // 8}][4], uint64_t desc_a, uint64_t desc_b, int scale_d) {{
-    asm volatile(
-        "{{\\n"
-        ".reg .pred p;\\n"
-        "setp.ne.b32 p, %{na + 2}, 0;\\n"
-        "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ptype}.{ptype} "
-        "{{{acc_list(n)}}}, %{na}, %{na + 1}, p, 1, 1, 1, 1;\\n"
-        "}}\\n"
-        : {acc_operands(n).lstrip()}
-        : "l"(desc_a), "l"(desc_b), "r"(scale_d));
-  }}
-  __device__ __forceinline__ static void rs_tb(float (&d)[{n // 8}][4], const uint32_t (&a)[4], uint64_t desc_b,
+{ss_method("ss", ptype, n, "0, 0")}{ss_method("ss_tt", ptype, n, "1, 1")}  __device__ __forceinline__ static void rs_tb(float (&d)[{n // 8}][4], const uint32_t (&a)[4], uint64_t desc_b,
                                                int scale_d) {{
     asm volatile(
         "{{\\n"

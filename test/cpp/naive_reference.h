@@ -83,26 +83,32 @@ inline Row attention_row(const Problem& p, const Group& g, int b, int h, int64_t
   return row;
 }
 
-inline Forward forward(const Problem& p, const Group& g) {
-  Forward f;
-  f.out.assign(static_cast<size_t>(g.total_q) * p.heads_q * p.dim, 0.0);
-  f.lse.assign(static_cast<size_t>(g.total_q) * p.heads_q, -std::numeric_limits<double>::infinity());
+// Calls fn(h, hk, q_row, k0, row) for every query row of group g and every query head h (hk: its
+// KV head; q_row: the row in the group's packed queries; k0: the first key row of its sequence;
+// row: its attention_row).
+template <typename Fn>
+void for_each_query_row(const Problem& p, const Group& g, Fn&& fn) {
   for (int b = 0; b < p.batch; ++b) {
     const int64_t lq = g.cu_seqlens_q[b + 1] - g.cu_seqlens_q[b];
     const int64_t k0 = p.cu_seqlens_k[b];
     for (int h = 0; h < p.heads_q; ++h) {
       const int hk = h / (p.heads_q / p.heads_k);
-      for (int64_t i = 0; i < lq; ++i) {
-        const int64_t q_row = g.cu_seqlens_q[b] + i;
-        const Row row = attention_row(p, g, b, h, i);
-        f.lse[h * g.total_q + q_row] = row.lse;
-        for (size_t n = 0; n < row.keys.size(); ++n)
-          for (int d = 0; d < p.dim; ++d)
-            f.out[(q_row * p.heads_q + h) * p.dim + d] +=
-                row.prob[n] * p.v[((k0 + row.keys[n]) * p.heads_k + hk) * p.dim + d];
-      }
+      for (int64_t i = 0; i < lq; ++i) fn(h, hk, g.cu_seqlens_q[b] + i, k0, attention_row(p, g, b, h, i));
     }
   }
+}
+
+inline Forward forward(const Problem& p, const Group& g) {
+  Forward f;
+  f.out.assign(static_cast<size_t>(g.total_q) * p.heads_q * p.dim, 0.0);
+  f.lse.assign(static_cast<size_t>(g.total_q) * p.heads_q, -std::numeric_limits<double>::infinity());
+  for_each_query_row(p, g, [&](int h, int hk, int64_t q_row, int64_t k0, const Row& row) {
+    f.lse[h * g.total_q + q_row] = row.lse;
+    for (size_t n = 0; n < row.keys.size(); ++n)
+      for (int d = 0; d < p.dim; ++d)
+        f.out[(q_row * p.heads_q + h) * p.dim + d] +=
+            row.prob[n] * p.v[((k0 + row.keys[n]) * p.heads_k + hk) * p.dim + d];
+  });
   return f;
 }
 
@@ -115,39 +121,30 @@ inline Gradients backward(const Problem& p, const std::vector<Group>& groups) {
   grads.dv.assign(grads.dk.size(), 0.0);
   for (const Group& g : groups) {
     std::vector<double> dq(static_cast<size_t>(g.total_q) * p.heads_q * p.dim, 0.0);
-    for (int b = 0; b < p.batch; ++b) {
-      const int64_t lq = g.cu_seqlens_q[b + 1] - g.cu_seqlens_q[b];
-      const int64_t k0 = p.cu_seqlens_k[b];
-      for (int h = 0; h < p.heads_q; ++h) {
-        const int hk = h / (p.heads_q / p.heads_k);
-        for (int64_t i = 0; i < lq; ++i) {
-          const int64_t q_row = g.cu_seqlens_q[b] + i;
-          const Row row = attention_row(p, g, b, h, i);
-          const double* q = &g.q[(q_row * p.heads_q + h) * p.dim];
-          const double* dout = &g.dout[(q_row * p.heads_q + h) * p.dim];
-          std::vector<double> dprob(row.keys.size(), 0.0);
-          double weighted = 0.0;
-          for (size_t n = 0; n < row.keys.size(); ++n) {
-            const double* v = &p.v[((k0 + row.keys[n]) * p.heads_k + hk) * p.dim];
-            for (int d = 0; d < p.dim; ++d) dprob[n] += dout[d] * v[d];
-            weighted += row.prob[n] * dprob[n];
-          }
-          for (size_t n = 0; n < row.keys.size(); ++n) {
-            const int64_t kv_row = k0 + row.keys[n];
-            const double dscore = row.prob[n] * (dprob[n] - weighted);
-            const double* k = &p.k[(kv_row * p.heads_k + hk) * p.dim];
-            double* dk = &grads.dk[(kv_row * p.heads_k + hk) * p.dim];
-            double* dv = &grads.dv[(kv_row * p.heads_k + hk) * p.dim];
-            double* dqr = &dq[(q_row * p.heads_q + h) * p.dim];
-            for (int d = 0; d < p.dim; ++d) {
-              dqr[d] += scale * dscore * k[d];
-              dk[d] += scale * dscore * q[d];
-              dv[d] += row.prob[n] * dout[d];
-            }
-          }
+    for_each_query_row(p, g, [&](int h, int hk, int64_t q_row, int64_t k0, const Row& row) {
+      const double* q = &g.q[(q_row * p.heads_q + h) * p.dim];
+      const double* dout = &g.dout[(q_row * p.heads_q + h) * p.dim];
+      std::vector<double> dprob(row.keys.size(), 0.0);
+      double weighted = 0.0;
+      for (size_t n = 0; n < row.keys.size(); ++n) {
+        const double* v = &p.v[((k0 + row.keys[n]) * p.heads_k + hk) * p.dim];
+        for (int d = 0; d < p.dim; ++d) dprob[n] += dout[d] * v[d];
+        weighted += row.prob[n] * dprob[n];
+      }
+      for (size_t n = 0; n < row.keys.size(); ++n) {
+        const int64_t kv_row = k0 + row.keys[n];
+        const double dscore = row.prob[n] * (dprob[n] - weighted);
+        const double* k = &p.k[(kv_row * p.heads_k + hk) * p.dim];
+        double* dk = &grads.dk[(kv_row * p.heads_k + hk) * p.dim];
+        double* dv = &grads.dv[(kv_row * p.heads_k + hk) * p.dim];
+        double* dqr = &dq[(q_row * p.heads_q + h) * p.dim];
+        for (int d = 0; d < p.dim; ++d) {
+          dqr[d] += scale * dscore * k[d];
+          dk[d] += scale * dscore * q[d];
+          dv[d] += row.prob[n] * dout[d];
         }
       }
-    }
+    });
     grads.dq.push_back(std::move(dq));
   }
   return grads;

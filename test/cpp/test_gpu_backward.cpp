@@ -69,37 +69,21 @@ void download(Tensor3& t, const void* d) {
 
 // ringattn_grouped_bwd on the GPU with the forward's O and LSE, on poisoned gradients.
 BackwardResult run_backward_gpu(const CaseInputs& in, const ForwardResult& fwd, int deterministic) {
-  BackwardResult r;
+  BackwardResult r = ratest::poisoned_gradients(in);
   const int G = static_cast<int>(in.spec.groups.size());
   DeviceMemory mem;
-  for (int g = 0; g < G; ++g) {
-    r.dq.emplace_back(in.dtype, in.total_q[g], in.spec.heads_q, in.spec.dim, in.spec.grad_layout);
-    r.dq.back().poison();
-  }
-  r.dk = Tensor3(in.dtype, in.total_k, in.spec.heads_k, in.spec.dim, in.spec.grad_layout);
-  r.dv = Tensor3(in.dtype, in.total_k, in.spec.heads_k, in.spec.dim, in.spec.grad_layout);
-  r.dk.poison();
-  r.dv.poison();
 
   std::vector<ringattn_bwd_group> groups(G);
   std::vector<void*> d_dq(G);
   for (int g = 0; g < G; ++g) {
     ringattn_bwd_group& gr = groups[g];
     gr = ringattn_bwd_group{};
-    gr.q = mem.upload(in.q[g]);
-    gr.q_row_stride = in.q[g].row_stride();
-    gr.q_head_stride = in.q[g].head_stride();
-    gr.out = mem.upload(fwd.out[g]);
-    gr.out_row_stride = fwd.out[g].row_stride();
-    gr.out_head_stride = fwd.out[g].head_stride();
-    gr.dout = mem.upload(in.dout[g]);
-    gr.dout_row_stride = in.dout[g].row_stride();
-    gr.dout_head_stride = in.dout[g].head_stride();
+    RATEST_SET_TENSOR(gr, q, mem.upload(in.q[g]), in.q[g]);
+    RATEST_SET_TENSOR(gr, out, mem.upload(fwd.out[g]), fwd.out[g]);
+    RATEST_SET_TENSOR(gr, dout, mem.upload(in.dout[g]), in.dout[g]);
     gr.softmax_lse = mem.upload(fwd.lse[g]);
     d_dq[g] = mem.upload(r.dq[g]);
-    gr.dq = d_dq[g];
-    gr.dq_row_stride = r.dq[g].row_stride();
-    gr.dq_head_stride = r.dq[g].head_stride();
+    RATEST_SET_TENSOR(gr, dq, d_dq[g], r.dq[g]);
     gr.cu_seqlens_q = mem.upload(in.cu_q[g]);
     gr.seqused_k = in.seqused[g].empty() ? nullptr : mem.upload(in.seqused[g]);
     gr.total_q = in.total_q[g];
@@ -110,20 +94,12 @@ BackwardResult run_backward_gpu(const CaseInputs& in, const ForwardResult& fwd, 
   p.problem.cu_seqlens_k = mem.upload(in.cu_k);
   p.exec.device_type = RINGATTN_DEVICE_CUDA;
   p.exec.device_index = 0;
-  p.k = mem.upload(in.k);
-  p.k_row_stride = in.k.row_stride();
-  p.k_head_stride = in.k.head_stride();
-  p.v = mem.upload(in.v);
-  p.v_row_stride = in.v.row_stride();
-  p.v_head_stride = in.v.head_stride();
+  RATEST_SET_TENSOR(p, k, mem.upload(in.k), in.k);
+  RATEST_SET_TENSOR(p, v, mem.upload(in.v), in.v);
   void* d_dk = mem.upload(r.dk);
   void* d_dv = mem.upload(r.dv);
-  p.dk = d_dk;
-  p.dk_row_stride = r.dk.row_stride();
-  p.dk_head_stride = r.dk.head_stride();
-  p.dv = d_dv;
-  p.dv_row_stride = r.dv.row_stride();
-  p.dv_head_stride = r.dv.head_stride();
+  RATEST_SET_TENSOR(p, dk, d_dk, r.dk);
+  RATEST_SET_TENSOR(p, dv, d_dv, r.dv);
   p.groups = groups.data();
   p.deterministic = deterministic;
 

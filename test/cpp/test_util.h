@@ -396,6 +396,51 @@ struct ForwardResult {
   std::vector<std::vector<float>> lse;  // [G][Hq * total_q]
 };
 
+// Points the tensor `name` of a call's params or group `obj` at `data`, with the strides of the
+// test tensor `t`: obj.name, obj.name_row_stride, obj.name_head_stride.
+#define RATEST_SET_TENSOR(obj, name, data, t)     \
+  do {                                            \
+    (obj).name = (data);                          \
+    (obj).name##_row_stride = (t).row_stride();   \
+    (obj).name##_head_stride = (t).head_stride(); \
+  } while (0)
+
+// A call's group g (ringattn_fwd_group / ringattn_bwd_group) on the host inputs of group g: q and
+// its strides, cu_seqlens_q, seqused_k (NULL when the case has none), total_q, max_seqlen_q.
+template <typename Group>
+void set_group_queries(Group& gr, const CaseInputs& in, int g) {
+  RATEST_SET_TENSOR(gr, q, in.q[g].data(), in.q[g]);
+  gr.cu_seqlens_q = in.cu_q[g].data();
+  gr.seqused_k = in.seqused[g].empty() ? nullptr : in.seqused[g].data();
+  gr.total_q = in.total_q[g];
+  gr.max_seqlen_q = max_len(in.spec.groups[g].lq);
+}
+
+// A call's K and V (ringattn_fwd_params / ringattn_bwd_params) on the host inputs.
+template <typename Params>
+void set_keys_values(Params& p, const CaseInputs& in) {
+  RATEST_SET_TENSOR(p, k, in.k.data(), in.k);
+  RATEST_SET_TENSOR(p, v, in.v.data(), in.v);
+}
+
+// Queries the workspace of a forward or backward call, then runs it into r.status (and r.error
+// when it fails).
+template <typename Params, typename Result>
+void run_with_workspace(Params& p, ringattn_status (*workspace_size)(const Params*, size_t*),
+                        ringattn_status (*run)(const Params*), Result& r) {
+  size_t ws_bytes = 0;
+  r.status = workspace_size(&p, &ws_bytes);
+  if (r.status != RINGATTN_STATUS_OK) {
+    r.error = ringattn_last_error();
+    return;
+  }
+  std::vector<uint64_t> workspace(ws_bytes / 8 + 1);
+  p.workspace = workspace.data();
+  p.workspace_size = ws_bytes;
+  r.status = run(&p);
+  if (r.status != RINGATTN_STATUS_OK) r.error = ringattn_last_error();
+}
+
 // Calls ringattn_grouped_fwd on freshly poisoned outputs. `edit`, if given, changes the params
 // (and may point outputs elsewhere) before the workspace query and the call.
 inline ForwardResult run_forward(const CaseInputs& in, int num_threads,
@@ -412,40 +457,17 @@ inline ForwardResult run_forward(const CaseInputs& in, int num_threads,
   for (int g = 0; g < G; ++g) {
     ringattn_fwd_group& gr = groups[g];
     gr = ringattn_fwd_group{};
-    gr.q = in.q[g].data();
-    gr.q_row_stride = in.q[g].row_stride();
-    gr.q_head_stride = in.q[g].head_stride();
-    gr.out = r.out[g].data();
-    gr.out_row_stride = r.out[g].row_stride();
-    gr.out_head_stride = r.out[g].head_stride();
+    set_group_queries(gr, in, g);
+    RATEST_SET_TENSOR(gr, out, r.out[g].data(), r.out[g]);
     gr.softmax_lse = r.lse[g].data();
-    gr.cu_seqlens_q = in.cu_q[g].data();
-    gr.seqused_k = in.seqused[g].empty() ? nullptr : in.seqused[g].data();
-    gr.total_q = in.total_q[g];
-    gr.max_seqlen_q = max_len(in.spec.groups[g].lq);
   }
   ringattn_fwd_params p{};
   p.problem = make_problem(in);
   p.exec = cpu_exec(num_threads);
-  p.k = in.k.data();
-  p.k_row_stride = in.k.row_stride();
-  p.k_head_stride = in.k.head_stride();
-  p.v = in.v.data();
-  p.v_row_stride = in.v.row_stride();
-  p.v_head_stride = in.v.head_stride();
+  set_keys_values(p, in);
   p.groups = groups.data();
   if (edit) edit(p);
-  size_t ws_bytes = 0;
-  r.status = ringattn_fwd_workspace_size(&p, &ws_bytes);
-  if (r.status != RINGATTN_STATUS_OK) {
-    r.error = ringattn_last_error();
-    return r;
-  }
-  std::vector<uint64_t> workspace(ws_bytes / 8 + 1);
-  p.workspace = workspace.data();
-  p.workspace_size = ws_bytes;
-  r.status = ringattn_grouped_fwd(&p);
-  if (r.status != RINGATTN_STATUS_OK) r.error = ringattn_last_error();
+  run_with_workspace(p, ringattn_fwd_workspace_size, ringattn_grouped_fwd, r);
   return r;
 }
 
@@ -456,13 +478,11 @@ struct BackwardResult {
   Tensor3 dk, dv;
 };
 
-// Calls ringattn_grouped_bwd with the forward's out and LSE, on freshly poisoned gradients.
-// `edit` as in run_forward.
-inline BackwardResult run_backward(const CaseInputs& in, const ForwardResult& fwd, int num_threads,
-                                   const std::function<void(ringattn_bwd_params&)>& edit = nullptr) {
+// A BackwardResult whose dq (one per group), dk and dv are allocated in the case's gradient layout
+// and poisoned (a value the call does not write shows up).
+inline BackwardResult poisoned_gradients(const CaseInputs& in) {
   BackwardResult r;
-  const int G = static_cast<int>(in.spec.groups.size());
-  for (int g = 0; g < G; ++g) {
+  for (size_t g = 0; g < in.spec.groups.size(); ++g) {
     r.dq.emplace_back(in.dtype, in.total_q[g], in.spec.heads_q, in.spec.dim, in.spec.grad_layout);
     r.dq.back().poison();
   }
@@ -470,57 +490,35 @@ inline BackwardResult run_backward(const CaseInputs& in, const ForwardResult& fw
   r.dv = Tensor3(in.dtype, in.total_k, in.spec.heads_k, in.spec.dim, in.spec.grad_layout);
   r.dk.poison();
   r.dv.poison();
+  return r;
+}
+
+// Calls ringattn_grouped_bwd with the forward's out and LSE, on freshly poisoned gradients.
+// `edit` as in run_forward.
+inline BackwardResult run_backward(const CaseInputs& in, const ForwardResult& fwd, int num_threads,
+                                   const std::function<void(ringattn_bwd_params&)>& edit = nullptr) {
+  BackwardResult r = poisoned_gradients(in);
+  const int G = static_cast<int>(in.spec.groups.size());
   std::vector<ringattn_bwd_group> groups(G);
   for (int g = 0; g < G; ++g) {
     ringattn_bwd_group& gr = groups[g];
     gr = ringattn_bwd_group{};
-    gr.q = in.q[g].data();
-    gr.q_row_stride = in.q[g].row_stride();
-    gr.q_head_stride = in.q[g].head_stride();
-    gr.out = fwd.out[g].data();
-    gr.out_row_stride = fwd.out[g].row_stride();
-    gr.out_head_stride = fwd.out[g].head_stride();
-    gr.dout = in.dout[g].data();
-    gr.dout_row_stride = in.dout[g].row_stride();
-    gr.dout_head_stride = in.dout[g].head_stride();
+    set_group_queries(gr, in, g);
+    RATEST_SET_TENSOR(gr, out, fwd.out[g].data(), fwd.out[g]);
+    RATEST_SET_TENSOR(gr, dout, in.dout[g].data(), in.dout[g]);
     gr.softmax_lse = fwd.lse[g].data();
-    gr.dq = r.dq[g].data();
-    gr.dq_row_stride = r.dq[g].row_stride();
-    gr.dq_head_stride = r.dq[g].head_stride();
-    gr.cu_seqlens_q = in.cu_q[g].data();
-    gr.seqused_k = in.seqused[g].empty() ? nullptr : in.seqused[g].data();
-    gr.total_q = in.total_q[g];
-    gr.max_seqlen_q = max_len(in.spec.groups[g].lq);
+    RATEST_SET_TENSOR(gr, dq, r.dq[g].data(), r.dq[g]);
   }
   ringattn_bwd_params p{};
   p.problem = make_problem(in);
   p.exec = cpu_exec(num_threads);
-  p.k = in.k.data();
-  p.k_row_stride = in.k.row_stride();
-  p.k_head_stride = in.k.head_stride();
-  p.v = in.v.data();
-  p.v_row_stride = in.v.row_stride();
-  p.v_head_stride = in.v.head_stride();
-  p.dk = r.dk.data();
-  p.dk_row_stride = r.dk.row_stride();
-  p.dk_head_stride = r.dk.head_stride();
-  p.dv = r.dv.data();
-  p.dv_row_stride = r.dv.row_stride();
-  p.dv_head_stride = r.dv.head_stride();
+  set_keys_values(p, in);
+  RATEST_SET_TENSOR(p, dk, r.dk.data(), r.dk);
+  RATEST_SET_TENSOR(p, dv, r.dv.data(), r.dv);
   p.groups = groups.data();
   p.deterministic = 1;
   if (edit) edit(p);
-  size_t ws_bytes = 0;
-  r.status = ringattn_bwd_workspace_size(&p, &ws_bytes);
-  if (r.status != RINGATTN_STATUS_OK) {
-    r.error = ringattn_last_error();
-    return r;
-  }
-  std::vector<uint64_t> workspace(ws_bytes / 8 + 1);
-  p.workspace = workspace.data();
-  p.workspace_size = ws_bytes;
-  r.status = ringattn_grouped_bwd(&p);
-  if (r.status != RINGATTN_STATUS_OK) r.error = ringattn_last_error();
+  run_with_workspace(p, ringattn_bwd_workspace_size, ringattn_grouped_bwd, r);
   return r;
 }
 

@@ -100,6 +100,15 @@ def check_int32_count(count: int, name: str, what: str) -> None:
         raise ValueError(f"{name}: expected at most {INT32_MAX} {what} (int32 cumulative lengths), got {count}")
 
 
+def host_ints(values: Sequence, name: str, expected: str) -> List[int]:
+    """The entries of a host sequence as ints; ValueError "<name>: expected <expected>, got <type>"
+    when ``values`` is not iterable."""
+    try:
+        return [int(x) for x in values]
+    except TypeError:
+        raise ValueError(f"{name}: expected {expected}, got {type(values).__name__}") from None
+
+
 def as_cu_tensor(cu_seqlens: CuSeqlens, name: str, device=None) -> Tensor:
     """cu_seqlens as a 1-D int32 tensor (a list is converted after its values are checked to fit
     int32; a tensor must already be int32)."""
@@ -108,11 +117,7 @@ def as_cu_tensor(cu_seqlens: CuSeqlens, name: str, device=None) -> Tensor:
         if t.dtype != torch.int32:
             raise ValueError(f"{name}: expected dtype torch.int32, got {t.dtype}")
     else:
-        try:
-            values = [int(x) for x in cu_seqlens]
-        except TypeError:
-            raise ValueError(f"{name}: expected an int32 tensor or a sequence of ints, got "
-                             f"{type(cu_seqlens).__name__}") from None
+        values = host_ints(cu_seqlens, name, "an int32 tensor or a sequence of ints")
         check_int32_values(values, name)
         t = torch.tensor(values, dtype=torch.int32, device=device)
     if t.dim() != 1 or t.shape[0] < 2:
