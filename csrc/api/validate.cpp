@@ -202,6 +202,31 @@ ringattn_status check_problem(const ringattn_problem& p, const ringattn_exec& ex
                  static_cast<double>(std::numeric_limits<float>::min()), static_cast<double>(p.softmax_scale));
   if (p.causal != 0 && p.causal != 1)
     return failf(RINGATTN_STATUS_INVALID_ARGUMENT, "causal: expected 0 or 1, got %d", p.causal);
+  if (p.has_window != 0 && p.has_window != 1)
+    return failf(RINGATTN_STATUS_INVALID_ARGUMENT, "has_window: expected 0 or 1, got %d", p.has_window);
+  if (p.has_window == 1) {
+    if (p.window_left < -1)
+      return failf(RINGATTN_STATUS_INVALID_ARGUMENT, "window_left: expected -1 (unbounded) or >= 0, got %d",
+                   p.window_left);
+    if (p.window_right < -1)
+      return failf(RINGATTN_STATUS_INVALID_ARGUMENT, "window_right: expected -1 (unbounded) or >= 0, got %d",
+                   p.window_right);
+    if (p.causal == 1 && p.window_right > 0)
+      return failf(RINGATTN_STATUS_INVALID_ARGUMENT,
+                   "window_right: expected -1 or 0 with causal = 1 (causal means no key right of the diagonal), "
+                   "got %d",
+                   p.window_right);
+  }
+  if (!(std::isfinite(p.softcap) && p.softcap >= 0.0f))
+    return failf(RINGATTN_STATUS_INVALID_ARGUMENT, "softcap: expected a finite float32 >= 0 (0 = off), got %g",
+                 static_cast<double>(p.softcap));
+  // Features of ABI 4 that no backend implements yet: refused, never ignored.
+  if (p.has_window == 1 && (p.window_left >= 0 || p.window_right >= 0))
+    return fail(RINGATTN_STATUS_UNSUPPORTED, "window_left/window_right: local attention is not implemented yet");
+  if (p.softcap != 0.0f)
+    return fail(RINGATTN_STATUS_UNSUPPORTED, "softcap: logit softcapping is not implemented yet");
+  if (p.sinks != nullptr)
+    return fail(RINGATTN_STATUS_UNSUPPORTED, "sinks: sink logits are not implemented yet");
   if (p.total_k < 0 || p.total_k > kMaxTokens)
     return failf(RINGATTN_STATUS_INVALID_ARGUMENT, "total_k: expected 0 to %lld, got %lld",
                  static_cast<long long>(kMaxTokens), static_cast<long long>(p.total_k));
@@ -441,6 +466,8 @@ ringattn_status check_groups(const Group* groups, int num_groups, bool need_data
   for (int g = 0; g < num_groups; ++g) {
     const Group& gr = groups[g];
     RINGATTN_TRY(check_group_common(g, gr.total_q, gr.max_seqlen_q, gr.cu_seqlens_q, gr.softmax_lse, need_data));
+    if (gr.diagonal_shift != nullptr)
+      return failf(RINGATTN_STATUS_UNSUPPORTED, "diagonal_shift (group %d): shifted masks are not implemented yet", g);
     for (const TensorArg& t : group_tensors(g)) RINGATTN_TRY(check_tensor(t, head_dim, lim, need_data));
   }
   return RINGATTN_STATUS_OK;

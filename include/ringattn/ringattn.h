@@ -10,7 +10,9 @@
  *  - Tensors are row-major with the head dim contiguous. Strides are in ELEMENTS.
  *  - LSE is fp32, natural log, laid out [Hq, total_q] contiguous (head stride total_q).
  *  - causal is bottom-right aligned per (group, sequence): query i of Lq attends key j < Lk
- *    iff j <= i + Lk - Lq. A row that sees no key gets O = 0 and LSE = -inf.
+ *    iff j <= i + Lk - Lq; a window (ringattn_problem.window_left/right) bounds the keys on
+ *    either side of that diagonal. A row that sees no key gets O = 0 and LSE = -inf (or the
+ *    head's sink logit, with sinks).
  *  - Non-finite inputs are never mistaken for masking: the softmax runs in IEEE arithmetic, so a
  *    NaN or +inf score among the keys a row sees makes its O and LSE NaN and reaches dQ of the
  *    row and dK/dV of the keys it sees; a -inf score gives its key weight 0, and a row whose
@@ -52,8 +54,10 @@ extern "C" {
  * 2: ringattn_problem.default_softmax_scale (the default scale has its own flag; a
  *    softmax_scale <= 0 no longer means "default" and is rejected).
  * 3: ringattn_exec.metadata_errors (a device word where GPU calls flag malformed cu_seqlens /
- *    seqused_k without a host sync) and ringattn_describe_metadata_errors. */
-#define RINGATTN_ABI_VERSION 3
+ *    seqused_k without a host sync) and ringattn_describe_metadata_errors.
+ * 4: ringattn_problem.has_window / window_left / window_right / softcap / sinks (local
+ *    attention, logit softcap, per-head sink logits) and the groups' diagonal_shift. */
+#define RINGATTN_ABI_VERSION 4
 /* The most query groups one call takes. */
 #define RINGATTN_MAX_GROUPS 16
 
@@ -157,6 +161,29 @@ typedef struct {
    * metadata can give wrong numbers but never an out-of-bounds access; exec.metadata_errors
    * then reports them without a sync. */
   int32_t check_metadata;
+  /* Local (sliding-window) attention, FlashAttention's window_size, when has_window = 1 (0, as
+   * in a zero-initialised struct: no window, window_left/right ignored). Row i of a (group,
+   * sequence) with Lq rows and Lk keys has the diagonal key d(i) = i + Lk - Lq + diagonal_shift[b]
+   * (the group's shift, 0 without one) and sees key j < Lk iff
+   *     d(i) - window_left <= j <= d(i) + window_right;
+   * -1 = unbounded on that side, otherwise >= 0. causal = 1 is window_right = 0, so with causal
+   * window_right must be -1 or 0. */
+  int32_t has_window;
+  int32_t window_left;
+  int32_t window_right;
+  /* Logit softcap: > 0 turns each score s = softmax_scale * q.k into softcap * tanh(s / softcap)
+   * before masking and softmax; 0 = off. Finite and >= 0. */
+  float softcap;
+  int32_t reserved0;
+  int32_t reserved1;
+  /* Per-query-head sink logits, fp32 [num_heads_q] on the call's device, or NULL. Sink h adds
+   * exp(sinks[h]) to the softmax denominator of every row of head h (so to its LSE), never to
+   * the output: O = sum_j exp(s_j - lse) v_j with lse = log(exp(sinks[h]) + sum_j exp(s_j)).
+   * A row that sees no key then has O = 0 and LSE = sinks[h]. The backward reads the forward's
+   * LSE, which already holds the sink, so its gradient formulas do not change; the sink's own
+   * gradient, -sum_i exp(sinks[h] - lse_i) * rowsum(dO_i * O_i), is left to the caller (it
+   * needs only O, dO and LSE). */
+  const float* sinks;
 } ringattn_problem;
 
 /* One query group of the forward pass. */
@@ -173,6 +200,11 @@ typedef struct {
   int64_t total_q;
   int32_t max_seqlen_q;   /* hint only (>= 0) */
   int32_t reserved;
+  /* [B] int32 on the call's device, or NULL (all 0): moves each sequence's diagonal (see
+   * ringattn_problem.window_left), as context parallelism needs when a query block and a key
+   * block sit at different positions of one sequence. Read only when the mask has a bound
+   * (causal or a window). */
+  const int32_t* diagonal_shift;
 } ringattn_fwd_group;
 
 typedef struct {
@@ -211,6 +243,7 @@ typedef struct {
   int64_t total_q;
   int32_t max_seqlen_q;
   int32_t reserved;
+  const int32_t* diagonal_shift; /* [B] or NULL, as in ringattn_fwd_group */
 } ringattn_bwd_group;
 
 typedef struct {

@@ -22,7 +22,7 @@ from typing import Callable, List, Optional
 
 # ---- constants (keep in step with ringattn.h) ------------------------------------------------
 
-ABI_VERSION = 3
+ABI_VERSION = 4
 MAX_GROUPS = 16
 
 INT32_MAX = 2**31 - 1
@@ -111,6 +111,13 @@ class Problem(ctypes.Structure):
         ("max_seqlen_k", _i32),
         ("cu_seqlens_k", _ptr),  # const int32_t*
         ("check_metadata", _i32),
+        ("has_window", _i32),  # 1: window_left/right apply
+        ("window_left", _i32),  # -1 unbounded, else >= 0
+        ("window_right", _i32),
+        ("softcap", ctypes.c_float),  # 0 = off
+        ("reserved0", _i32),
+        ("reserved1", _i32),
+        ("sinks", _ptr),  # const float* [Hq] or NULL
     ]
 
 
@@ -130,6 +137,7 @@ class FwdGroup(ctypes.Structure):
         ("total_q", _i64),
         ("max_seqlen_q", _i32),
         ("reserved", _i32),
+        ("diagonal_shift", _ptr),  # const int32_t* [B] or NULL
     ]
 
 
@@ -173,6 +181,7 @@ class BwdGroup(ctypes.Structure):
         ("total_q", _i64),
         ("max_seqlen_q", _i32),
         ("reserved", _i32),
+        ("diagonal_shift", _ptr),  # const int32_t* [B] or NULL
     ]
 
 
