@@ -9,7 +9,8 @@
 #     smoke, then only the runs over every GPU of the machine (torchrun zigzag test, distributed
 #     benchmark at $ZIGZAG_SEQLENS, default the benchmark's own), no single-GPU pytest suites;
 #     sweep: build, then only benchmark/benchmark_fa3_sweep.py ($SWEEP_ARGS); train: build, then
-#     only benchmark/benchmark_training_step.py ($TRAIN_ARGS).
+#     only benchmark/benchmark_training_step.py ($TRAIN_ARGS); features: tests (both tiers), then
+#     benchmark/benchmark_features.py ($FEATURES_ARGS: window / softcap / sinks vs causal).
 #
 # Logs and CSVs go to $OUT (the device tool's return folder) or build/device-out.
 # GoogleTest: the GPU machine has no GoogleTest package; this machine copies its sources to
@@ -186,6 +187,15 @@ elif [ "$mode" = targets ]; then
   bench --seqlens 65536 --world-size 8 --rank 0 7 --passes fwd fwd_bwd --num-runs 10 --warmup 2 "${impls[@]}"
   bench --seqlens 16384 --world-size 2 --rank 0 --passes fwd --num-runs 10 "${impls[@]}"
   bench --seqlens 16384 --num-groups 1 --passes fwd --num-runs 10 "${impls[@]}"
+fi
+if [ "$mode" = features ]; then
+  t0=$(date +%s)
+  # shellcheck disable=SC2086  # FEATURES_ARGS: several words
+  timeout 300 "$py" benchmark/benchmark_features.py --csv "$out/features.csv" ${FEATURES_ARGS:-} \
+    >"$out/features.txt" 2>"$out/features_progress.log"
+  note "benchmark_features.py ${FEATURES_ARGS:-}: rc=$? in $(( $(date +%s) - t0 )) s"
+  cat "$out/features.txt"
+  tail -3 "$out/features_progress.log"
 fi
 [ "$mode" = targets ] && [ "$cc" = 90 ] && [ "$tier2_ok" = 1 ] && pytest_tier sm80
 # compute-sanitizer on small tier-2 cases, while the time budget of the device call allows
