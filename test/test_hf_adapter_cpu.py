@@ -540,8 +540,38 @@ def test_update_params_padded_errors(clean_adapter):
     q, k, v = _qkv(B=2, S=4)
     out, _ = hf_adapter.llama3_attention_forward(_Attn(), q, k, v, None)  # the contiguous layout takes it
     assert out.shape == (2, 4, 4, 8)
-    with pytest.raises(ValueError, match="zigzag layout cannot take this batch.*row 0: 1 \\+ 3"):
+    with pytest.raises(ValueError, match="zigzag layout cannot take this batch.*row 0: padding 1 \\+ tokens 3"):
         hf_adapter.zigzag_llama3_attention_forward(_Attn(), q, k, v, None)
+
+
+def test_long_padding_is_cut_into_pieces(clean_adapter):
+    """Padding runs longer than _PADDING_PIECE become several sequences (linear cost), with the
+    same outputs at the tokens and zeros at padding."""
+    _transformers()
+    piece = hf_adapter._PADDING_PIECE
+    assert hf_adapter._row_sequences((0, 300), 300, piece) == [0, 300]  # tokens are never cut
+    assert hf_adapter._row_sequences((290, 10), 300, piece) == [0, piece, 2 * piece, 290, 300]
+    assert hf_adapter._row_sequences((0, 20), 300, piece) == [0, 20, 20 + piece, 20 + 2 * piece, 300]
+    assert hf_adapter._row_sequences((0, 0), 300, piece) == [0, piece, 2 * piece, 300]
+    rfa.register_hf_attention(None, 1)
+    S = 2 * piece + 40
+    q, k, v = _qkv(B=2, S=S)
+    mask = torch.zeros(2, S, dtype=torch.long)
+    mask[0, S - 24:] = 1  # left padding of 2 pieces + 16
+    mask[1, :30] = 1  # right padding
+    rfa.update_ring_flash_attn_params(attention_mask=mask)
+    for name, fwd in (("llama3", hf_adapter.llama3_attention_forward),
+                      ("zigzag_llama3", hf_adapter.zigzag_llama3_attention_forward)):
+        calls = hf_adapter._STATE.batch.prepared[name].calls
+        assert max(metadata[True][2] for _, _, metadata in calls) <= piece  # max_seqlen_q
+        out, _ = fwd(_Attn(), q, k, v, mask)
+        for b, cols in ((0, slice(S - 24, S)), (1, slice(0, 30))):
+            n = cols.stop - cols.start
+            cu = cu_seqlens([n])
+            ref = rfa.flash_attn_varlen_func(q[b, :, cols].transpose(0, 1), k[b, :, cols].transpose(0, 1),
+                                             v[b, :, cols].transpose(0, 1), cu, cu, n, n, causal=True)
+            assert _rel(out[b, cols], ref) <= 1e-12, name
+        assert torch.equal(out[~mask.bool()], torch.zeros_like(out[~mask.bool()])), name
 
 
 @pytest.mark.parametrize("world_size", [2, 4])

@@ -43,12 +43,14 @@ layers then read nothing from the device), in one of two forms:
   sequence, so RoPE sees the right positions); no attention_mask, or one without padding.
 * **a batch of padded rows** (``update_ring_flash_attn_params(attention_mask=mask, process_group=
   group)``): ``mask`` ``[B, L]`` (1 = token, 0 = padding; left, right or both-sided padding: each
-  row's tokens are one run). Each row is cut into its runs of tokens and of padding, and these
-  runs are the row's sequences: the row's tokens attend to each other only, the padding runs
-  attend among themselves and their outputs are replaced by zeros. The model's input is the
-  rank's shard of every row, ``[B, L/N]``: ``shard_padded_batch(x, mask, attn_implementation,
-  rank, N)`` cuts it (contiguous layout: columns ``[r L/N, (r+1) L/N)`` of every row; zigzag:
-  the zigzag shard of each run); ``unshard_padded_batch`` puts the ranks' outputs back. Pass
+  row's tokens are one run). A row's sequences are its run of tokens and its padding, cut into
+  pieces of at most 128 tokens (zigzag: a multiple of 2N): the tokens attend to each other only,
+  each padding piece among itself (about 64 key visits per padding token), and the attention
+  outputs at padding are zeros. The model's input is the rank's shard of every row, ``[B, L/N]``:
+  ``shard_padded_batch(x, mask, attn_implementation, rank, N)`` cuts it (contiguous layout:
+  columns ``[r L/N, (r+1) L/N)`` of every row, one call of the scheme per row; zigzag: the zigzag
+  shard of each of the row's sequences, one call for all rows); ``unshard_padded_batch`` puts the
+  ranks' outputs back. Pass
   the rank's shard of the mask as the model's ``attention_mask`` (or none): it is checked
   against the mask given here.
 
@@ -239,9 +241,18 @@ def _checked_values(cu_seqlens, world_size: int) -> List[int]:
 # ---- per-batch metadata: a batch of padded rows ------------------------------------------------------
 
 
-def _mask_rows(attention_mask: Tensor, world_size: int) -> Tuple[Tensor, List[List[int]]]:
-    """The GLOBAL padding mask on the host (bool ``[B, L]``, one device-to-host copy) and each
-    row's runs of tokens and of padding as cumulative lengths (``[0, ..., L]``, no empty run)."""
+# A row's padding is cut into pieces of at most this many tokens, each a sequence of its own:
+# attention among the padding then costs about _PADDING_PIECE / 2 key visits per padding token
+# (one key tile), not half the length of the padding run, and the outputs are discarded anyway.
+_PADDING_PIECE = 128
+
+# (first token, number of tokens) of a row of a padded batch: its tokens are one run.
+_Span = Tuple[int, int]
+
+
+def _mask_rows(attention_mask: Tensor, world_size: int) -> Tuple[Tensor, List[_Span]]:
+    """The GLOBAL padding mask on the host (bool ``[B, L]``, one device-to-host copy) and the
+    span of each row's tokens, checked: one run of tokens per row, ``L % world_size == 0``."""
     if not isinstance(attention_mask, Tensor):
         raise ValueError(f"attention_mask: expected a tensor [batch, seq] (1 = token, 0 = padding), got "
                          f"{type(attention_mask).__name__}")
@@ -274,29 +285,48 @@ def _mask_rows(attention_mask: Tensor, world_size: int) -> Tuple[Tensor, List[Li
         raise ValueError(f"attention_mask: expected padding only before and/or after the tokens of each row (left or "
                          f"right padding: one run of tokens per row), got {token_runs[b].item()} runs of tokens in "
                          f"row {b}: {short_list(m[b].tolist(), 32)}")
-    counts, firsts = m.sum(1).tolist(), m.argmax(1).tolist()
-    row_cus = []
-    for count, first in zip(counts, firsts):
-        cu = [0]
-        for bound in (first, first + count, length):
-            if bound > cu[-1]:
-                cu.append(bound)
-        row_cus.append(cu)
-    return mask, row_cus
+    spans = [(first if count else 0, count) for first, count in zip(m.argmax(1).tolist(), m.sum(1).tolist())]
+    return mask, spans
 
 
-def _runs_text(row_cus: List[List[int]], limit: int = 4) -> str:
-    """``row_cus`` as run lengths, for error messages: "row 0: 4 + 12, row 1: 16, ..."."""
-    parts = [f"row {b}: " + " + ".join(str(y - x) for x, y in zip(cu, cu[1:])) for b, cu in enumerate(row_cus[:limit])]
-    more = ", ..." if len(row_cus) > limit else ""
-    return "the sequences of a batch of padded rows are the runs of tokens and of padding of each row; " \
-           + ", ".join(parts) + more
+def _padding_piece(scheme: ContextParallelScheme, world_size: int) -> int:
+    """The longest piece of padding that is a sequence of its own: ``_PADDING_PIECE``, rounded
+    down to a multiple of 2N for the zigzag layout (which cuts every sequence into 2N chunks)."""
+    if scheme.layout in _SEQUENCE_WISE_LAYOUTS:
+        two_n = 2 * world_size
+        return max(two_n, _PADDING_PIECE // two_n * two_n)
+    return _PADDING_PIECE
+
+
+def _row_sequences(span: _Span, length: int, piece: int) -> List[int]:
+    """The cumulative lengths of a row's sequences: its run of tokens, and each run of padding
+    cut into pieces of ``piece`` tokens (the last piece of a run takes the rest)."""
+    first, count = span
+    cu = [0]
+    for start, end, padding in ((0, first, True), (first, first + count, False), (first + count, length, True)):
+        while padding and end - start > piece:
+            start += piece
+            cu.append(start)
+        if end > start:
+            cu.append(end)
+    return cu
+
+
+def _runs_text(spans: List[_Span], length: int, limit: int = 4) -> str:
+    """The rows' runs, for error messages: "row 0: padding 4 + tokens 12, row 1: tokens 16, ..."."""
+    parts = []
+    for b, (first, count) in enumerate(spans[:limit]):
+        runs = [("padding", first), ("tokens", count), ("padding", length - first - count)]
+        parts.append(f"row {b}: " + " + ".join(f"{what} {n}" for what, n in runs if n))
+    more = ", ..." if len(spans) > limit else ""
+    return (f"a padded row's sequences are its tokens and its padding in pieces of at most "
+            f"{_PADDING_PIECE} tokens; " + ", ".join(parts) + more)
 
 
 def _row_columns(scheme: ContextParallelScheme, row_cu: List[int], row_length: int, rank: int,
                  world_size: int) -> Tensor:
-    """int64 ``[row_length / N]``: the columns of a row (its runs: ``row_cu``) that ``rank`` holds
-    in the scheme's layout (contiguous: one piece of the row; else the scheme's shard helper)."""
+    """int64 ``[row_length / N]``: the columns of a row (its sequences: ``row_cu``) that ``rank``
+    holds in the scheme's layout (contiguous: one piece of the row; else the scheme's shard)."""
     per_rank = row_length // world_size
     if scheme.layout == "contiguous":
         return torch.arange(rank * per_rank, (rank + 1) * per_rank)
@@ -311,29 +341,37 @@ def _row_columns(scheme: ContextParallelScheme, row_cu: List[int], row_length: i
 def _columns(scheme: ContextParallelScheme, row_cus: List[List[int]], row_length: int, rank: int,
              world_size: int) -> Tensor:
     """int64 ``[B, row_length / N]``: the columns of every row that ``rank`` holds."""
-    by_runs: Dict[Tuple[int, ...], Tensor] = {}
+    by_cu: Dict[Tuple[int, ...], Tensor] = {}
     for cu in row_cus:
-        if tuple(cu) not in by_runs:
-            by_runs[tuple(cu)] = _row_columns(scheme, cu, row_length, rank, world_size)
-    return torch.stack([by_runs[tuple(cu)] for cu in row_cus])
+        if tuple(cu) not in by_cu:
+            by_cu[tuple(cu)] = _row_columns(scheme, cu, row_length, rank, world_size)
+    return torch.stack([by_cu[tuple(cu)] for cu in row_cus])
 
 
-def _padded_batch(scheme: ContextParallelScheme, mask: Tensor, row_cus: List[List[int]], rank: int,
+def _scheme_row_sequences(scheme: ContextParallelScheme, spans: List[_Span], length: int,
+                          world_size: int) -> List[List[int]]:
+    """The cumulative lengths of every row's sequences for ``scheme``."""
+    piece = _padding_piece(scheme, world_size)
+    return [_row_sequences(span, length, piece) for span in spans]
+
+
+def _padded_batch(scheme: ContextParallelScheme, mask: Tensor, spans: List[_Span], rank: int,
                   world_size: int) -> _SchemeBatch:
     """How ``scheme`` runs a batch of padded rows (``mask`` bool ``[B, L]`` on the host)."""
     rows, length = mask.shape
+    row_cus = _scheme_row_sequences(scheme, spans, length, world_size)
     if scheme.layout in _SEQUENCE_WISE_LAYOUTS:
         flat = [0]
         for b, cu in enumerate(row_cus):
             flat.extend(b * length + bound for bound in cu[1:])
         calls = [(0, rows, scheme.hf.prepare_batch(flat, rank, world_size))]
     else:
-        by_runs: Dict[Tuple[int, ...], Dict[bool, BatchMetadata]] = {}
+        by_cu: Dict[Tuple[int, ...], Dict[bool, BatchMetadata]] = {}
         calls = []
         for b, cu in enumerate(row_cus):
-            if tuple(cu) not in by_runs:
-                by_runs[tuple(cu)] = scheme.hf.prepare_batch(cu, rank, world_size)
-            calls.append((b, b + 1, by_runs[tuple(cu)]))
+            if tuple(cu) not in by_cu:
+                by_cu[tuple(cu)] = scheme.hf.prepare_batch(cu, rank, world_size)
+            calls.append((b, b + 1, by_cu[tuple(cu)]))
     local_tokens = mask.gather(1, _columns(scheme, row_cus, length, rank, world_size))
     return _SchemeBatch(calls=calls, local_tokens=local_tokens)
 
@@ -354,9 +392,10 @@ def update_ring_flash_attn_params(cu_seqlens: Optional[Union[Tensor, Sequence[in
             on (the one given to ``register_hf_attention`` / ``substitute_hf_flash_attn``).
         attention_mask: a batch of padded rows: the GLOBAL padding mask ``[B, L]`` (any real or
             bool dtype; 1 = token, 0 = padding; ``L % N == 0``), the tokens of each row one run (left,
-            right or both-sided padding). Each row's runs of tokens and of padding are its
-            sequences; the model then takes ``[B, L / N]`` per rank, each row cut in the scheme's
-            layout (``shard_padded_batch``), and the attention outputs at padding are zeros.
+            right or both-sided padding). A row's sequences are its tokens and its padding in
+            pieces of at most 128 tokens (zigzag: a multiple of 2N); the model then takes
+            ``[B, L / N]`` per rank, each row cut in the scheme's layout (``shard_padded_batch``),
+            and the attention outputs at padding are zeros.
 
     Any integer dtype, any device: the values are read once here (one device-to-host copy for a
     CUDA tensor), and the metadata built from them is moved to the device of the attention
@@ -388,7 +427,7 @@ def update_ring_flash_attn_params(cu_seqlens: Optional[Union[Tensor, Sequence[in
         if attention_mask is None:
             values = _checked_values(cu_seqlens, world_size)
         else:
-            mask, row_cus = _mask_rows(attention_mask, world_size)
+            mask, spans = _mask_rows(attention_mask, world_size)
     # the GLOBAL batch: the same on every rank (opt-in check; the host values are hashed on the CPU)
     if attention_mask is None:
         agreement.check(lambda: Fingerprint().tensor_values("cu_seqlens", torch.tensor(values, dtype=torch.int64)))
@@ -403,9 +442,9 @@ def update_ring_flash_attn_params(cu_seqlens: Optional[Union[Tensor, Sequence[in
 
         def prepare(scheme: ContextParallelScheme) -> _SchemeBatch:
             try:
-                return _padded_batch(scheme, mask, row_cus, rank, world_size)
+                return _padded_batch(scheme, mask, spans, rank, world_size)
             except BatchNotSupported as e:
-                raise BatchNotSupported(f"{e} ({_runs_text(row_cus)})") from None
+                raise BatchNotSupported(f"{e} ({_runs_text(spans, mask.shape[1])})") from None
     prepared: Dict[str, Union[_SchemeBatch, BatchNotSupported]] = {}
     for scheme in hf_schemes():
         try:
@@ -430,8 +469,9 @@ def shard_padded_batch(x: Tensor, attention_mask: Tensor, attn_implementation: s
             ``update_ring_flash_attn_params`` (1 = token, 0 = padding).
         attn_implementation: ``"ring_attn_llama3"`` or ``"flash_attention_2"`` (substituted):
             columns ``[r L/N, (r+1) L/N)`` of every row; ``"ring_attn_zigzag_llama3"``: of each
-            run of tokens and of padding of a row, its chunks r and 2N-1-r (every run a multiple
-            of 2N long).
+            of a row's sequences (its run of tokens, and its padding in pieces of at most 128
+            tokens), chunks r and 2N-1-r (every run of tokens and of padding a multiple of 2N
+            long).
         rank, world_size: which part, of how many.
 
     Returns ``[B, L / N, ...]``, a new tensor on x's device; ``unshard_padded_batch`` undoes it.
@@ -471,12 +511,13 @@ def _local_columns(attention_mask: Tensor, attn_implementation: str, rank: int, 
     """int64 ``[B, L / N]``: the columns of every row of the GLOBAL padded batch that ``rank`` holds."""
     check_world(world_size, rank)
     scheme = _scheme_of(attn_implementation)
-    mask, row_cus = _mask_rows(attention_mask, world_size)
+    mask, spans = _mask_rows(attention_mask, world_size)
+    length = mask.shape[1]
     try:
-        return _columns(scheme, row_cus, mask.shape[1], rank, world_size)
+        return _columns(scheme, _scheme_row_sequences(scheme, spans, length, world_size), length, rank, world_size)
     except BatchNotSupported as e:
         raise ValueError(f"attention_mask: the {scheme.layout} layout cannot cut this batch: {e} "
-                         f"({_runs_text(row_cus)})") from None
+                         f"({_runs_text(spans, length)})") from None
 
 
 # ---- the attention itself ------------------------------------------------------------------------
@@ -664,9 +705,9 @@ def zigzag_llama3_attention_forward(
 ) -> Tuple[Tensor, None]:
     """transformers attention function for the ZIGZAG llama3 layout: as ``llama3_attention_forward``
     but the rank's S tokens of a row are its ``zigzag_shard`` of the row's sequences (a packed
-    row: of every sequence, chunk r then chunk 2N-1-r; a batch of padded rows: the same for every
-    run of tokens and of padding of each row, see ``shard_padded_batch``; every length a multiple
-    of 2N). Returns ``(attn_output [B, S, Hq, D], None)`` in the rank's local (zigzag) order."""
+    row: of every sequence, chunk r then chunk 2N-1-r; a batch of padded rows: the same for each
+    row's tokens and padding pieces, see ``shard_padded_batch``; every length a multiple of
+    2N). Returns ``(attn_output [B, S, Hq, D], None)`` in the rank's local (zigzag) order."""
     return _hf_attention(HF_ATTN_ZIGZAG_LLAMA3, module, query, key, value, attention_mask, dropout, scaling,
                          sliding_window, softcap, is_causal, kwargs)
 
