@@ -143,10 +143,10 @@ class _SchemeBatch:
     # transformers passes one mask object to every layer, so it is compared once per forward
     _checked_mask: Optional[weakref.ref] = None
     _checked_version: int = -1
+    has_padding: bool = field(init=False)  # some of the rank's columns are padding
 
-    @property
-    def has_padding(self) -> bool:
-        return self.local_tokens is not None and not bool(self.local_tokens.all())
+    def __post_init__(self) -> None:
+        self.has_padding = self.local_tokens is not None and not bool(self.local_tokens.all())
 
     def on_device(self, causal: bool, device: torch.device) -> Tuple[List[_Call], Optional[Tensor]]:
         """The calls' metadata for ``causal`` and the token mask, on ``device`` (copied once, no sync)."""
@@ -534,7 +534,8 @@ def _validating(x: object):
 
 def _check_model_mask(attention_mask: Optional[Tensor], prepared: _SchemeBatch, batch: _BatchParams) -> None:
     """The 2-D mask the model was given must be this rank's part of the batch described to
-    ``update_ring_flash_attn_params`` (a packed row: no padding). One host read per mask object."""
+    ``update_ring_flash_attn_params`` (a packed row: no padding). One host read (a device-to-host
+    copy on CUDA) per mask object, i.e. per forward: transformers gives every layer the same one."""
     if attention_mask is None:
         return
     expected_shape = (batch.rows, batch.local_length)
