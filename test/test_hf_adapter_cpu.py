@@ -475,6 +475,12 @@ def test_attention_function_zeros_padding_outputs(clean_adapter):
                                              v[b, :, cols].transpose(0, 1), cu, cu, n, n, softmax_scale=0.3,
                                              causal=True)
             assert _rel(out[b, cols], ref) <= 1e-12
+    # is_causal=False (an encoder): every token sees its row's tokens, none of the padding
+    out_nc, _ = hf_adapter.llama3_attention_forward(_Attn(), q, k, v, None, is_causal=False)
+    ref_nc = rfa.flash_attn_varlen_func(q[0, :, 4:].transpose(0, 1), k[0, :, 4:].transpose(0, 1),
+                                        v[0, :, 4:].transpose(0, 1), cu_seqlens([8]), cu_seqlens([8]), 8, 8,
+                                        causal=False)
+    assert _rel(out_nc[0, 4:], ref_nc) <= 1e-12 and torch.equal(out_nc[0, :4], torch.zeros_like(out_nc[0, :4]))
     with pytest.raises(ValueError, match="expected batch size 2"):
         hf_adapter.llama3_attention_forward(_Attn(), *_qkv(B=1, S=12), None)
     with pytest.raises(ValueError, match="expected the rank's padding mask"):
