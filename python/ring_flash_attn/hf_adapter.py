@@ -397,9 +397,9 @@ def update_ring_flash_attn_params(cu_seqlens: Optional[Union[Tensor, Sequence[in
             ``[B, L / N]`` per rank, each row cut in the scheme's layout (``shard_padded_batch``),
             and the attention outputs at padding are zeros.
 
-    Any integer dtype, any device: the values are read once here (one device-to-host copy for a
-    CUDA tensor), and the metadata built from them is moved to the device of the attention
-    inputs on first use: a setup step, once per batch, so that the attention calls of the layers
+    Either on any device: the values are read once here (one device-to-host copy for a CUDA
+    tensor), and the metadata built from them is moved to the device of the attention inputs on
+    first use: a setup step, once per batch, so that the attention calls of the layers
     never read the device. Computes, for this rank, the metadata of every scheme the adapter
     offers (its ``hf.prepare_batch`` in ``ring_flash_attn.cp.registry``); a scheme whose layout
     cannot take the batch (zigzag: a sequence, or a run of a padded row, whose length is not a
@@ -409,8 +409,8 @@ def update_ring_flash_attn_params(cu_seqlens: Optional[Union[Tensor, Sequence[in
         ValueError: neither or both of cu_seqlens and attention_mask; cu_seqlens not 1-D with
             >= 2 entries, not integer, not starting at 0, decreasing, with an entry outside int32,
             or a total not divisible by the group's world size; attention_mask not a 2-D tensor
-            of 0/1 entries, a row length not divisible by the world size, or a
-            row whose tokens are not one run.
+            of 0/1 entries, a row length not divisible by the world size, or a row whose tokens
+            are not one run.
         RuntimeError: with ``RING_FLASH_ATTN_CHECK_METADATA=1``, the ranks passed different
             batches (compared with one small all-gather; every rank raises). Without it, ranks
             given different batches compute wrong gradients.
