@@ -173,6 +173,11 @@ class _BatchParams:
     prepared: Dict[str, Union[_SchemeBatch, BatchNotSupported]]
 
     @property
+    def total(self) -> int:
+        """The tokens of the batch on all ranks (padding included): B * L (T for a packed row)."""
+        return self.rows * self.row_length
+
+    @property
     def local_length(self) -> int:
         """S: the tokens of each row that one rank holds."""
         return self.row_length // self.world_size
