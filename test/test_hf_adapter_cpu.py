@@ -14,6 +14,13 @@ model with ``attn_implementation="eager"`` on the whole batch in one process. Th
 ``sum(logits * w)`` for a fixed random ``w``, so the ranks' losses add up to the reference loss:
 the gathered logits and the all-reduced gradient of every parameter must match the reference.
 
+Batches of padded rows (``[B, L]`` with a left- or right-padding ``attention_mask``, rows of
+mixed lengths) run through the model the same way: every rank describes the global mask to
+``update_ring_flash_attn_params(attention_mask=...)`` and runs its ``shard_padded_batch`` of the
+rows; the reference is the eager model on each row's tokens alone (batch size 1, no padding: what
+padding must not change; transformers' eager attention itself gives NaN for left-padded rows in
+float64), with ``w`` zero at padding. Logits are compared at the tokens, gradients everywhere.
+
 The HuggingFace tests skip (importorskip) only when transformers is missing; CI installs it
 (scripts/setup_env.sh). The import-without-transformers test and the drop-in example test
 (``examples/ring_flash_attn_drop_in.py`` under ``torch.distributed.run`` with 2 gloo processes)
@@ -56,6 +63,23 @@ def _case(case_id, path, scheme, batches, dtype="float64", hs=1, control=False):
                 control=control)
 
 
+# Schemes whose padded-batch cases use lengths that do not divide the world size: rows of 15
+# tokens on 2 ranks, runs of tokens and of padding of any length. Empty while every scheme needs
+# a row length divisible by N and zigzag needs runs that are multiples of 2N; add a scheme's name
+# ("llama3", "zigzag") once it takes any length.
+_ANY_LENGTH_SCHEMES: List[str] = []
+
+
+def _padded(case_id, path, scheme, side, lens, any_lens, row_len=16, dtype="float64", hs=1, model_mask=True,
+            use_cache=False, control=False):
+    """A batch of padded rows: ``lens`` tokens per row in rows of ``row_len`` (lengths the scheme
+    takes today), or ``any_lens`` in rows of 15 when the scheme is in _ANY_LENGTH_SCHEMES."""
+    if scheme in _ANY_LENGTH_SCHEMES:
+        lens, row_len = any_lens, 15
+    return dict(id=case_id, path=path, scheme=scheme, padded=True, side=side, lens=list(lens), row_len=row_len,
+                dtype=dtype, hs=hs, model_mask=model_mask, use_cache=use_cache, control=control)
+
+
 CASES: Dict[int, List[dict]] = {
     2: [
         # contiguous layout: odd lengths, a sequence crossing the rank boundary (token 16)
@@ -65,6 +89,20 @@ CASES: Dict[int, List[dict]] = {
         # upstream's drop-in, two batches with update_ring_flash_attn_params in between
         _case("substitute-fa2-odd-fp32", "substitute", "llama3", [[7, 2, 9, 14], [3, 21, 1, 7]], dtype="float32",
               hs=2),
+        # padded rows of mixed lengths. Contiguous layout: runs of any length (rank 0's half of
+        # row 2 is all padding); with a negative control: the same rows without padding described
+        _padded("padded-left-llama3", "interface", "llama3", "left", [16, 11, 5], [15, 8, 3], control=True),
+        # use_cache=True in a training forward: transformers fills a cache nothing reads
+        _padded("padded-right-llama3-cache", "interface", "llama3", "right", [7, 16, 2, 0], [7, 15, 2, 0],
+                use_cache=True),
+        # zigzag layout: runs of tokens and of padding multiples of 2N = 4 (a row of padding only)
+        _padded("padded-left-zigzag-hs2", "interface", "zigzag", "left", [16, 12, 0, 4], [15, 9, 0, 4], hs=2),
+        # the model is given no mask (update_ring_flash_attn_params carries it)
+        _padded("padded-right-zigzag-nomask", "interface", "zigzag", "right", [8, 16, 4], [8, 15, 5],
+                model_mask=False),
+        # upstream's drop-in: transformers' own FlashAttention mask function hands the mask over
+        _padded("padded-left-substitute-fp32", "substitute", "llama3", "left", [9, 16, 3], [9, 15, 2],
+                dtype="float32"),
     ],
 }
 
@@ -108,8 +146,14 @@ def _batch(lens, dtype: torch.dtype, vocab: int, gen: torch.Generator):
     return ids, pos, w
 
 
-def _forward_loss(model, ids: torch.Tensor, pos: torch.Tensor, w: torch.Tensor):
-    logits = model(input_ids=ids[None], position_ids=pos[None], use_cache=False).logits[0]
+def _forward_loss(model, ids: torch.Tensor, pos: torch.Tensor, w: torch.Tensor, attention_mask=None):
+    """ids, pos: [T] (one row) or [B, L]; w: [..., vocab]. Returns (logits, sum(logits * w))."""
+    one_row = ids.dim() == 1
+    if one_row:
+        ids, pos = ids[None], pos[None]
+        attention_mask = None if attention_mask is None else attention_mask[None]
+    logits = model(input_ids=ids, position_ids=pos, attention_mask=attention_mask, use_cache=False).logits
+    logits = logits[0] if one_row else logits
     return logits, (logits * w).sum()
 
 
@@ -121,7 +165,88 @@ def _grads(model) -> Dict[str, torch.Tensor]:
     return out
 
 
+def _padded_rows(lens: List[int], row_len: int, side: str, dtype: torch.dtype, vocab: int, gen: torch.Generator):
+    """A batch of padded rows: (mask [B, L] int64, ids [B, L], position_ids [B, L], w [B, L, vocab]
+    zero at padding). Position ids count the tokens of each row from 0 (left padding as in
+    generation; padding gets 0 or the last position, which no token sees)."""
+    mask = torch.zeros(len(lens), row_len, dtype=torch.long)
+    for b, n in enumerate(lens):
+        if side == "left":
+            mask[b, row_len - n:] = 1
+        else:
+            mask[b, :n] = 1
+    ids = torch.randint(0, vocab, (len(lens), row_len), generator=gen)
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    w = torch.randn(len(lens), row_len, vocab, generator=gen, dtype=torch.float64).to(dtype) * mask[..., None]
+    return mask, ids, pos, w
+
+
+def _rowwise_reference(ref, mask: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor, w: torch.Tensor):
+    """The eager model on each row's tokens alone (batch size 1, no padding, no mask): logits
+    [B, L, vocab] (zeros at padding) and every parameter's gradient of sum(logits * w)."""
+    ref.zero_grad(set_to_none=True)
+    logits = torch.zeros(w.shape, dtype=w.dtype)
+    loss = 0.0
+    for b in range(mask.shape[0]):
+        tokens = mask[b].bool()
+        if tokens.any():
+            row_logits, row_loss = _forward_loss(ref, ids[b, tokens], pos[b, tokens], w[b, tokens])
+            logits[b, tokens] = row_logits.detach()
+            loss = loss + row_loss
+    loss.backward()
+    return logits, _grads(ref)
+
+
 # ---- 2 gloo ranks ----------------------------------------------------------------------------------
+
+
+def _all_reduced_grad_error(model, ref_grads: Dict[str, torch.Tensor]) -> float:
+    """The worst _rel over the parameters of the all-reduced (summed over ranks) gradient."""
+    import torch.distributed as dist
+
+    worst = 0.0
+    for name, g in _grads(model).items():
+        dist.all_reduce(g)
+        err = _rel(g, ref_grads[name])
+        worst = err if (err != err or err > worst) else worst  # NaN sticks
+    return worst
+
+
+def _gathered_rows(logits: torch.Tensor, mask: torch.Tensor, attn: str, world_size: int) -> torch.Tensor:
+    """Every rank's logits [B, L/N, V] -> the global rows [B, L, V] (on every rank)."""
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(logits) for _ in range(world_size)]
+    dist.all_gather(parts, logits.detach().contiguous())
+    return hf_adapter.unshard_padded_batch(parts, mask, attn)
+
+
+def _run_padded_case(case: dict, model, ref, attn: str, dtype: torch.dtype, seed: int, rank: int,
+                     world_size: int) -> Dict[str, float]:
+    gen = torch.Generator().manual_seed(seed)
+    mask, ids, pos, w = _padded_rows(case["lens"], case["row_len"], case["side"], dtype, _CONFIG["vocab_size"], gen)
+    ref_logits, ref_grads = _rowwise_reference(ref, mask, ids, pos, w)
+    tokens = mask.bool()
+
+    def shard(x):
+        return hf_adapter.shard_padded_batch(x, mask, attn, rank, world_size)
+
+    rfa.update_ring_flash_attn_params(attention_mask=mask)
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=shard(ids), position_ids=shard(pos),
+                attention_mask=shard(mask) if case["model_mask"] else None, use_cache=case["use_cache"])
+    loss = (out.logits * shard(w)).sum()
+    loss.backward()
+    result = {"logits": _rel(_gathered_rows(out.logits, mask, attn, world_size)[tokens], ref_logits[tokens]),
+              "grads": _all_reduced_grad_error(model, ref_grads)}
+    if case["control"]:
+        # negative control: the same rows with no padding described (every token also sees the
+        # padding before it) must be far off, or the comparison above could not tell
+        rfa.update_ring_flash_attn_params(attention_mask=torch.ones_like(mask))
+        with torch.no_grad():
+            unmasked = model(input_ids=shard(ids), position_ids=shard(pos), use_cache=False).logits
+        result["control_logits"] = _rel(_gathered_rows(unmasked, mask, attn, world_size)[tokens], ref_logits[tokens])
+    return result
 
 
 def _run_case(case: dict, seed: int, rank: int, world_size: int) -> Dict[str, float]:
@@ -135,6 +260,11 @@ def _run_case(case: dict, seed: int, rank: int, world_size: int) -> Dict[str, fl
         rfa.substitute_hf_flash_attn(None, case["hs"])
         attn = "flash_attention_2"
     ref, model = _make_models(attn, dtype, seed)
+    if case.get("padded"):
+        try:
+            return _run_padded_case(case, model, ref, attn, dtype, seed, rank, world_size)
+        finally:
+            hf_adapter.restore_hf_flash_attn()
     gen = torch.Generator().manual_seed(seed)
     result: Dict[str, float] = {}
     try:
@@ -162,12 +292,7 @@ def _run_case(case: dict, seed: int, rank: int, world_size: int) -> Dict[str, fl
             else:
                 gathered = rfa.zigzag_gather(logits.detach(), cu)
             result[f"logits[{i}]"] = _rel(gathered, ref_logits)
-            worst = 0.0
-            for name, g in _grads(model).items():
-                dist.all_reduce(g)
-                err = _rel(g, ref_grads[name])
-                worst = err if (err != err or err > worst) else worst  # NaN sticks
-            result[f"grads[{i}]"] = worst
+            result[f"grads[{i}]"] = _all_reduced_grad_error(model, ref_grads)
             if case["control"]:
                 # negative control: attention over the rank's own tokens only (no context
                 # parallelism) must be far off, or the comparison above could not tell
@@ -185,7 +310,11 @@ _results = CachedSpawns(CaseWorker(CASES, _run_case), _SEED, "hf_adapter", _SPAW
 spawn_root = spawn_root_fixture("hf_adapter_dist")
 
 
-@pytest.mark.parametrize("world_size,case", case_params(CASES))
+def _params(padded: bool) -> list:
+    return [p for p in case_params(CASES) if bool(p.values[1].get("padded")) == padded]
+
+
+@pytest.mark.parametrize("world_size,case", _params(padded=False))
 def test_hf_llama_context_parallel_matches_eager(world_size, case, spawn_root):
     _transformers()
     per_rank = _results(world_size, spawn_root)
@@ -202,6 +331,25 @@ def test_hf_llama_context_parallel_matches_eager(world_size, case, spawn_root):
             assert got["control_logits"] > 100 * tol, (
                 f"rank {r} (seed {_SEED}): attention over local tokens only gave logits within "
                 f"{got['control_logits']:.3e} of the reference: the comparison cannot detect missing context")
+
+
+@pytest.mark.parametrize("world_size,case", _params(padded=True))
+def test_hf_llama_padded_batch_context_parallel_matches_eager(world_size, case, spawn_root):
+    """A batch of padded rows through the model on 2 ranks: logits at the tokens and every
+    parameter's gradient against the eager model on each row alone."""
+    _transformers()
+    per_rank = _results(world_size, spawn_root)
+    tol = _TOL[case["dtype"]]
+    for r, res in enumerate(per_rank):
+        got = res["cases"][case["id"]]
+        assert "exception" not in got, f"rank {r} of {world_size} (seed {_SEED}):\n{got.get('exception')}"
+        for what in ("logits", "grads"):
+            assert got[what] <= tol, (f"rank {r}, case {case['id']} (seed {_SEED}): {what} max|err| / max|ref| = "
+                                      f"{got[what]:.3e} > {tol:.1e}")
+        if case["control"]:
+            assert got["control_logits"] > 100 * tol, (
+                f"rank {r} (seed {_SEED}): the rows without their padding described gave logits within "
+                f"{got['control_logits']:.3e} of the reference: the comparison cannot detect ignored padding")
 
 
 # ---- single process -----------------------------------------------------------------------------------
@@ -242,6 +390,225 @@ def test_single_process_matches_eager(attn, clean_adapter):
     # the packed reference itself keeps sequences apart: its first sequence alone gives the same logits
     alone, _ = _forward_loss(ref, ids[:6], pos[:6], w[:6])
     assert _rel(alone, ref_logits[:6]) <= _TOL["float64"]
+
+
+def _padded_models(attn: str, seed: int):
+    """(eager reference, model for `attn`) in float64, after registering/substituting `attn`."""
+    _transformers()
+    if attn == "flash_attention_2":
+        rfa.substitute_hf_flash_attn(None, 1)
+    else:
+        rfa.register_hf_attention(None, 1)
+    return _make_models(attn, torch.float64, seed)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("attn", ["ring_attn_llama3", "ring_attn_zigzag_llama3", "flash_attention_2"])
+def test_single_process_padded_batch_matches_eager(attn, side, clean_adapter):
+    """World size 1: a batch of padded rows of mixed lengths (one without padding) through the
+    model, with the model given the mask, against the eager model on each row alone."""
+    ref, model = _padded_models(attn, _SEED)
+    gen = torch.Generator().manual_seed(_SEED)
+    mask, ids, pos, w = _padded_rows([6, 16, 2], 16, side, torch.float64, _CONFIG["vocab_size"], gen)
+    ref_logits, ref_grads = _rowwise_reference(ref, mask, ids, pos, w)
+    rfa.update_ring_flash_attn_params(attention_mask=mask.bool())  # bool as well as int64
+    logits, loss = _forward_loss(model, ids, pos, w, attention_mask=mask)
+    loss.backward()
+    tokens = mask.bool()
+    assert _rel(logits[tokens], ref_logits[tokens]) <= _TOL["float64"]
+    grads = _grads(model)
+    for name, g in grads.items():
+        assert _rel(g, ref_grads[name]) <= _TOL["float64"], name
+
+
+def test_padding_mask_reaches_the_adapter_and_changes_the_result(clean_adapter):
+    """Guards against a padding mask that is silently dropped on its way through the model."""
+    transformers = _transformers()
+    from transformers.masking_utils import AttentionMaskInterface
+
+    ref, model = _padded_models(rfa.HF_ATTN_LLAMA3, _SEED)
+    for name in (rfa.HF_ATTN_LLAMA3, rfa.HF_ATTN_ZIGZAG_LLAMA3):
+        assert AttentionMaskInterface._global_mapping[name] is hf_adapter._transformers_mask
+        assert transformers.AttentionInterface._global_mapping[name].__name__ == f"{name}_attention_forward"
+    gen = torch.Generator().manual_seed(_SEED)
+    mask, ids, pos, w = _padded_rows([10, 4], 16, "left", torch.float64, _CONFIG["vocab_size"], gen)
+    tokens = mask.bool()
+    ref_logits, _ = _rowwise_reference(ref, mask, ids, pos, w)
+    rfa.update_ring_flash_attn_params(attention_mask=mask)
+    with torch.no_grad():
+        padded, _ = _forward_loss(model, ids, pos, w, attention_mask=mask)
+    assert _rel(padded[tokens], ref_logits[tokens]) <= _TOL["float64"]
+    # the same rows with no padding described: the tokens also see the padding before them
+    rfa.update_ring_flash_attn_params(attention_mask=torch.ones_like(mask))
+    with torch.no_grad():
+        unpadded, _ = _forward_loss(model, ids, pos, w)
+    assert _rel(unpadded[tokens], ref_logits[tokens]) > 100 * _TOL["float64"]
+    # ... and a model given the padding mask now refuses it: the mask reached the attention
+    with pytest.raises(ValueError, match="attention_mask: the model's mask differs"):
+        _forward_loss(model, ids, pos, w, attention_mask=mask)
+    # a packed row (cu_seqlens) has no padding: a mask that hides tokens is refused too
+    rfa.update_ring_flash_attn_params(cu_seqlens([16]))
+    with pytest.raises(ValueError, match="hides tokens"):
+        _forward_loss(model, ids[1], pos[1], w[1], attention_mask=mask[1])
+    # ... while an all-ones mask (what a tokenizer returns for a packed row) is accepted
+    packed, _ = _forward_loss(model, ids[1], torch.arange(16), w[1], attention_mask=torch.ones(16, dtype=torch.long))
+    alone, _ = _forward_loss(ref, ids[1], torch.arange(16), w[1])
+    assert _rel(packed, alone) <= _TOL["float64"]
+
+
+def test_attention_function_zeros_padding_outputs(clean_adapter):
+    """The attention outputs at padding are zeros, at tokens attention over the row's tokens only."""
+    _transformers()
+    rfa.register_hf_attention(None, 1)
+    q, k, v = _qkv(B=2, S=12)
+    mask = torch.tensor([[0] * 4 + [1] * 8, [1] * 10 + [0] * 2])  # even runs: zigzag on one rank takes them
+    rfa.update_ring_flash_attn_params(attention_mask=mask)
+    for fwd in (hf_adapter.llama3_attention_forward, hf_adapter.zigzag_llama3_attention_forward):
+        out, _ = fwd(_Attn(), q, k, v, mask.bool(), scaling=0.3)
+        assert out.shape == (2, 12, 4, 8)
+        assert torch.equal(out[0, :4], torch.zeros_like(out[0, :4]))
+        assert torch.equal(out[1, 10:], torch.zeros_like(out[1, 10:]))
+        for b, cols in ((0, slice(4, 12)), (1, slice(0, 10))):
+            n = cols.stop - cols.start
+            cu = cu_seqlens([n])
+            ref = rfa.flash_attn_varlen_func(q[b, :, cols].transpose(0, 1), k[b, :, cols].transpose(0, 1),
+                                             v[b, :, cols].transpose(0, 1), cu, cu, n, n, softmax_scale=0.3,
+                                             causal=True)
+            assert _rel(out[b, cols], ref) <= 1e-12
+    # is_causal=False (an encoder): every token sees its row's tokens, none of the padding
+    out_nc, _ = hf_adapter.llama3_attention_forward(_Attn(), q, k, v, None, is_causal=False)
+    ref_nc = rfa.flash_attn_varlen_func(q[0, :, 4:].transpose(0, 1), k[0, :, 4:].transpose(0, 1),
+                                        v[0, :, 4:].transpose(0, 1), cu_seqlens([8]), cu_seqlens([8]), 8, 8,
+                                        causal=False)
+    assert _rel(out_nc[0, 4:], ref_nc) <= 1e-12 and torch.equal(out_nc[0, :4], torch.zeros_like(out_nc[0, :4]))
+    with pytest.raises(ValueError, match="expected batch size 2"):
+        hf_adapter.llama3_attention_forward(_Attn(), *_qkv(B=1, S=12), None)
+    with pytest.raises(ValueError, match="expected the rank's padding mask"):
+        hf_adapter.llama3_attention_forward(_Attn(), q, k, v, mask[:1].bool())
+
+
+def test_kv_cache_decode_raises_and_use_cache_forward_runs(clean_adapter):
+    _transformers()
+    ref, model = _padded_models(rfa.HF_ATTN_ZIGZAG_LLAMA3, _SEED)
+    gen = torch.Generator().manual_seed(_SEED)
+    mask, ids, pos, w = _padded_rows([8, 12], 16, "left", torch.float64, _CONFIG["vocab_size"], gen)
+    rfa.update_ring_flash_attn_params(attention_mask=mask)
+    without = model(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=False).logits
+    # use_cache=True in a training forward (the Llama default) runs, and transformers fills a cache
+    out = model(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=True)
+    assert torch.equal(out.logits, without)
+    cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    assert cache is not None and cache.get_seq_length() == 16
+    # a decoding step over that cache: the keys outnumber the queries
+    with pytest.raises(NotImplementedError, match="KV cache.*use_cache=False"):
+        model(input_ids=ids[:, :1], position_ids=pos[:, -1:] + 1, attention_mask=torch.cat([mask, mask[:, :1]], 1),
+              cache=cache, use_cache=True)
+
+
+def test_arbitrary_masks_raise(clean_adapter):
+    """A 4-D mask (passed through by transformers unchanged) and a mask pattern a model adds to
+    the causal one are refused by name, never dropped."""
+    _transformers()
+    from transformers.masking_utils import create_causal_mask
+
+    ref, model = _padded_models(rfa.HF_ATTN_LLAMA3, _SEED)
+    gen = torch.Generator().manual_seed(_SEED)
+    mask, ids, pos, w = _padded_rows([8, 12], 16, "right", torch.float64, _CONFIG["vocab_size"], gen)
+    rfa.update_ring_flash_attn_params(attention_mask=mask)
+    four_d = torch.ones(2, 1, 16, 16, dtype=torch.bool).tril()
+    with pytest.raises(NotImplementedError, match="attention_mask: expected None or a 2-D .* got a 4-D"):
+        model(input_ids=ids, position_ids=pos, attention_mask=four_d, use_cache=False)
+    embeds = torch.zeros(2, 16, _CONFIG["hidden_size"], dtype=torch.float64)
+    # what transformers' mask creation hands our attention: the 2-D padding mask itself
+    assert torch.equal(create_causal_mask(model.config, embeds, mask, None, pos), mask.bool())
+    with pytest.raises(NotImplementedError, match="own pattern"):
+        create_causal_mask(model.config, embeds, mask, None, pos, or_mask_function=lambda b, h, q, kv: kv < 2)
+    with pytest.raises(NotImplementedError, match="own pattern"):
+        create_causal_mask(model.config, embeds, mask, None, pos, and_mask_function=lambda b, h, q, kv: kv > 2)
+
+
+def test_update_params_padded_errors(clean_adapter):
+    with pytest.raises(ValueError, match="expected exactly one .* got neither"):
+        rfa.update_ring_flash_attn_params()
+    with pytest.raises(ValueError, match="expected exactly one .* got both"):
+        rfa.update_ring_flash_attn_params([0, 4], attention_mask=torch.ones(1, 4))
+    with pytest.raises(ValueError, match="attention_mask: expected a 2-D"):
+        rfa.update_ring_flash_attn_params(attention_mask=torch.ones(1, 1, 4, 4))
+    with pytest.raises(ValueError, match="entries 0 \\(padding\\) or 1 \\(token\\), got 2 at \\[1, 3\\]"):
+        rfa.update_ring_flash_attn_params(attention_mask=torch.tensor([[1, 1, 1, 1], [1, 1, 1, 2]]))
+    with pytest.raises(ValueError, match="one run of tokens per row.* 2 runs of tokens in row 1"):
+        rfa.update_ring_flash_attn_params(attention_mask=torch.tensor([[0, 1, 1, 1], [1, 0, 1, 1]]))
+    with pytest.raises(ValueError, match="row length divisible by the world size 2"):
+        hf_adapter._mask_rows(torch.ones(2, 5), 2)
+    # the zigzag layout's rule applies to each run, reported when that scheme runs on the batch
+    rfa.register_hf_attention(None, 1)
+    rfa.update_ring_flash_attn_params(attention_mask=torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]]))
+    q, k, v = _qkv(B=2, S=4)
+    out, _ = hf_adapter.llama3_attention_forward(_Attn(), q, k, v, None)  # the contiguous layout takes it
+    assert out.shape == (2, 4, 4, 8)
+    with pytest.raises(ValueError, match="zigzag layout cannot take this batch.*row 0: padding 1 \\+ tokens 3"):
+        hf_adapter.zigzag_llama3_attention_forward(_Attn(), q, k, v, None)
+
+
+def test_long_padding_is_cut_into_pieces(clean_adapter):
+    """Padding runs longer than _PADDING_PIECE become several sequences (linear cost), with the
+    same outputs at the tokens and zeros at padding."""
+    _transformers()
+    piece = hf_adapter._PADDING_PIECE
+    assert hf_adapter._row_sequences((0, 300), 300, piece) == [0, 300]  # tokens are never cut
+    assert hf_adapter._row_sequences((290, 10), 300, piece) == [0, piece, 2 * piece, 290, 300]
+    assert hf_adapter._row_sequences((0, 20), 300, piece) == [0, 20, 20 + piece, 20 + 2 * piece, 300]
+    assert hf_adapter._row_sequences((0, 0), 300, piece) == [0, piece, 2 * piece, 300]
+    rfa.register_hf_attention(None, 1)
+    S = 2 * piece + 40
+    q, k, v = _qkv(B=2, S=S)
+    mask = torch.zeros(2, S, dtype=torch.long)
+    mask[0, S - 24:] = 1  # left padding of 2 pieces + 16
+    mask[1, :30] = 1  # right padding
+    rfa.update_ring_flash_attn_params(attention_mask=mask)
+    for name, fwd in (("llama3", hf_adapter.llama3_attention_forward),
+                      ("zigzag_llama3", hf_adapter.zigzag_llama3_attention_forward)):
+        calls = hf_adapter._STATE.batch.prepared[name].calls
+        assert max(metadata[True][2] for _, _, metadata in calls) <= piece  # max_seqlen_q
+        out, _ = fwd(_Attn(), q, k, v, mask)
+        for b, cols in ((0, slice(S - 24, S)), (1, slice(0, 30))):
+            n = cols.stop - cols.start
+            cu = cu_seqlens([n])
+            ref = rfa.flash_attn_varlen_func(q[b, :, cols].transpose(0, 1), k[b, :, cols].transpose(0, 1),
+                                             v[b, :, cols].transpose(0, 1), cu, cu, n, n, causal=True)
+            assert _rel(out[b, cols], ref) <= 1e-12, name
+        assert torch.equal(out[~mask.bool()], torch.zeros_like(out[~mask.bool()])), name
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_shard_and_unshard_padded_batch(world_size):
+    mask = torch.zeros(3, 16, dtype=torch.long)
+    mask[0, 4:] = 1  # left padding: runs 4 + 12
+    mask[1, :8] = 1  # right padding: runs 8 + 8
+    mask[2] = 1  # no padding
+    x = torch.randn(3, 16, 5)
+    for attn in ("ring_attn_llama3", "flash_attention_2", "ring_attn_zigzag_llama3"):
+        if attn == "ring_attn_zigzag_llama3" and world_size == 4:
+            mask = torch.zeros(3, 16, dtype=torch.long)
+            mask[0, 8:] = 1  # runs that are multiples of 2N = 8
+            mask[1, :8] = 1
+            mask[2] = 1
+        shards = [hf_adapter.shard_padded_batch(x, mask, attn, r, world_size) for r in range(world_size)]
+        assert all(s.shape == (3, 16 // world_size, 5) for s in shards)
+        assert torch.equal(hf_adapter.unshard_padded_batch(shards, mask, attn), x)
+    # the columns each rank holds, written out for 2 ranks
+    mask = torch.tensor([[0] * 4 + [1] * 12])
+    cols = torch.arange(16)[None]
+    assert hf_adapter.shard_padded_batch(cols, mask, "ring_attn_llama3", 1, 2).tolist() == [list(range(8, 16))]
+    # zigzag: of the padding run (4 columns) chunks 0 and 3, of the token run (12) chunks 0 and 3
+    assert hf_adapter.shard_padded_batch(cols, mask, "ring_attn_zigzag_llama3", 0, 2).tolist() == [
+        [0, 3, 4, 5, 6, 13, 14, 15]]
+    with pytest.raises(ValueError, match="zigzag layout cannot cut this batch"):
+        hf_adapter.shard_padded_batch(cols, torch.tensor([[0] * 3 + [1] * 13]), "ring_attn_zigzag_llama3", 0, 2)
+    with pytest.raises(ValueError, match="x: expected a tensor \\[batch, seq, ...\\]"):
+        hf_adapter.shard_padded_batch(torch.zeros(2, 16), mask, "ring_attn_llama3", 0, 2)
+    with pytest.raises(ValueError, match="rank: expected an int in \\[0, 2\\)"):
+        hf_adapter.shard_padded_batch(cols, mask, "ring_attn_llama3", 2, 2)
 
 
 def test_substitute_restore_and_switch(clean_adapter):
