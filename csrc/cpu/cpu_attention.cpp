@@ -440,9 +440,10 @@ struct ForwardScratch {
 };
 
 // The online softmax of one query tile against every key it sees. Leaves, per row r, the
-// running max m[r] of the scores (scaled, and capped with a softcap), the running sum l[r] of exp(score - m[r]) and (unless
-// kStatsOnly) the unnormalised output o[r] = sum_j exp(score_j - m[r]) v_j. Masked keys are
-// skipped (a row that sees no key keeps m = -inf, l = 0, o = 0); every visible key enters in
+// running max m[r] of the scores (scaled, and capped with a softcap), the running sum l[r] of
+// exp(score - m[r]) and (unless kStatsOnly) the unnormalised output
+// o[r] = sum_j exp(score_j - m[r]) v_j. Masked keys are skipped (a row that sees no key keeps
+// m = -inf, l = 0, o = 0); every visible key enters in
 // IEEE arithmetic, as on the GPU: the max ignores NaN scores (like fmaxf), and exp() of a NaN
 // score, or of +inf - +inf, makes l and o NaN. While a row's max is still -inf (only -inf
 // scores so far) the exponent subtracts 0 rather than the max, so those keys weigh exp(-inf) =

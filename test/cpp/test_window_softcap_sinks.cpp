@@ -536,14 +536,14 @@ TEST(WindowSoftcapSinksValidation, CudaRefusesWhatItsKernelsLack) {
     std::function<void(ringattn_fwd_params&)> edit;
   };
   const std::vector<Feature> features = {
-      {"window_left/window_right", cuda::kSupportsWindow,
+      {"window_left/window_right", ringattn::cuda::kSupportsWindow,
        [](ringattn_fwd_params& p) {
          p.problem.has_window = 1;
          p.problem.window_left = 16;
        }},
-      {"softcap", cuda::kSupportsSoftcap, [](ringattn_fwd_params& p) { p.problem.softcap = 30.0f; }},
-      {"sinks", cuda::kSupportsSinks, [&](ringattn_fwd_params& p) { p.problem.sinks = sinks.data(); }},
-      {"diagonal_shift (group 0)", cuda::kSupportsDiagonalShift,
+      {"softcap", ringattn::cuda::kSupportsSoftcap, [](ringattn_fwd_params& p) { p.problem.softcap = 30.0f; }},
+      {"sinks", ringattn::cuda::kSupportsSinks, [&](ringattn_fwd_params& p) { p.problem.sinks = sinks.data(); }},
+      {"diagonal_shift (group 0)", ringattn::cuda::kSupportsDiagonalShift,
        [&](ringattn_fwd_params& p) { const_cast<ringattn_fwd_group*>(p.groups)[0].diagonal_shift = shift.data(); }},
   };
   for (const Feature& feature : features) {
