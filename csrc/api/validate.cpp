@@ -39,9 +39,11 @@ size_t dtype_size(int dtype) {
 BackendLimits limits_for(int device_type) {
   if (device_type == RINGATTN_DEVICE_CUDA) {
     // 16-byte vector loads: 8 half elements.
-    return BackendLimits{false, true, true, false, &cuda::supports_head_dim, 8, 16};
+    return BackendLimits{false, true, true, false, &cuda::supports_head_dim, 8, 16, cuda::kSupportsWindow,
+                         cuda::kSupportsSoftcap, cuda::kSupportsSinks, cuda::kSupportsDiagonalShift};
   }
-  return BackendLimits{true, true, true, true, &cpu::supports_head_dim, 1, 1};
+  return BackendLimits{true, true, true, true, &cpu::supports_head_dim, 1, 1, cpu::kSupportsWindow,
+                       cpu::kSupportsSoftcap, cpu::kSupportsSinks, cpu::kSupportsDiagonalShift};
 }
 
 namespace {
@@ -220,13 +222,31 @@ ringattn_status check_problem(const ringattn_problem& p, const ringattn_exec& ex
   if (!(std::isfinite(p.softcap) && p.softcap >= 0.0f))
     return failf(RINGATTN_STATUS_INVALID_ARGUMENT, "softcap: expected a finite float32 >= 0 (0 = off), got %g",
                  static_cast<double>(p.softcap));
-  // Features of ABI 4 that no backend implements yet: refused, never ignored.
-  if (p.has_window == 1 && (p.window_left >= 0 || p.window_right >= 0))
-    return fail(RINGATTN_STATUS_UNSUPPORTED, "window_left/window_right: local attention is not implemented yet");
-  if (p.softcap != 0.0f)
-    return fail(RINGATTN_STATUS_UNSUPPORTED, "softcap: logit softcapping is not implemented yet");
-  if (p.sinks != nullptr)
-    return fail(RINGATTN_STATUS_UNSUPPORTED, "sinks: sink logits are not implemented yet");
+  // A softcap so small that softmax_scale * q.k / softcap overflows for ordinary scores is a
+  // mistake, not a cap: the same normal-magnitude rule as the scale.
+  if (p.softcap != 0.0f && p.softcap < std::numeric_limits<float>::min())
+    return failf(RINGATTN_STATUS_INVALID_ARGUMENT,
+                 "softcap: expected 0 (off) or a float32 >= %g (positive, not subnormal), got %g",
+                 static_cast<double>(std::numeric_limits<float>::min()), static_cast<double>(p.softcap));
+  if (p.sinks != nullptr && reinterpret_cast<uintptr_t>(p.sinks) % alignof(float) != 0)
+    return failf(RINGATTN_STATUS_INVALID_ARGUMENT,
+                 "sinks: expected NULL or a %zu-byte aligned pointer to num_heads_q (%d) float32 values, got "
+                 "address %p",
+                 alignof(float), p.num_heads_q, static_cast<const void*>(p.sinks));
+  // Features the backend does not implement: refused, never ignored.
+  if (p.has_window == 1 && (p.window_left >= 0 || p.window_right >= 0) && !lim.supports_window)
+    return failf(RINGATTN_STATUS_UNSUPPORTED,
+                 "window_left/window_right: expected no window (has_window = 0, or both -1) on %s, where local "
+                 "(sliding-window) attention is not implemented yet, got (%d, %d)",
+                 device_name(exec.device_type), p.window_left, p.window_right);
+  if (p.softcap != 0.0f && !lim.supports_softcap)
+    return failf(RINGATTN_STATUS_UNSUPPORTED,
+                 "softcap: expected 0 on %s, where logit softcapping is not implemented yet, got %g",
+                 device_name(exec.device_type), static_cast<double>(p.softcap));
+  if (p.sinks != nullptr && !lim.supports_sinks)
+    return failf(RINGATTN_STATUS_UNSUPPORTED,
+                 "sinks: expected NULL on %s, where sink logits are not implemented yet, got address %p",
+                 device_name(exec.device_type), static_cast<const void*>(p.sinks));
   if (p.total_k < 0 || p.total_k > kMaxTokens)
     return failf(RINGATTN_STATUS_INVALID_ARGUMENT, "total_k: expected 0 to %lld, got %lld",
                  static_cast<long long>(kMaxTokens), static_cast<long long>(p.total_k));
@@ -252,6 +272,22 @@ ringattn_status check_group_common(int g, int64_t total_q, int max_seqlen_q, con
   if (need_data && total_q > 0 && lse == nullptr)
     return failf(RINGATTN_STATUS_INVALID_ARGUMENT,
                  "softmax_lse (group %d): expected a non-NULL pointer, got NULL", g);
+  return RINGATTN_STATUS_OK;
+}
+
+// A group's diagonal_shift: NULL, or an aligned int32 [B] on a backend that implements shifts.
+ringattn_status check_diagonal_shift(int g, const int32_t* shift, const BackendLimits& lim, const ringattn_exec& exec) {
+  if (shift == nullptr) return RINGATTN_STATUS_OK;
+  if (!lim.supports_diagonal_shift)
+    return failf(RINGATTN_STATUS_UNSUPPORTED,
+                 "diagonal_shift (group %d): expected NULL on %s, where shifted masks are not implemented yet, got "
+                 "address %p",
+                 g, device_name(exec.device_type), static_cast<const void*>(shift));
+  if (reinterpret_cast<uintptr_t>(shift) % alignof(int32_t) != 0)
+    return failf(RINGATTN_STATUS_INVALID_ARGUMENT,
+                 "diagonal_shift (group %d): expected NULL or a %zu-byte aligned pointer to batch_size int32 values, "
+                 "got address %p",
+                 g, alignof(int32_t), static_cast<const void*>(shift));
   return RINGATTN_STATUS_OK;
 }
 
@@ -426,14 +462,18 @@ ringattn_status check_no_overlap(const std::vector<Footprint>& outputs, const st
   return RINGATTN_STATUS_OK;
 }
 
-// The metadata arrays every call reads: cu_seqlens_k, and per group cu_seqlens_q and seqused_k.
+// The small arrays a call reads: cu_seqlens_k and the sinks [Hq] fp32, and per group cu_seqlens_q,
+// seqused_k and diagonal_shift [B] (the optional ones when given).
 template <typename Group>
 void add_metadata_footprints(const ringattn_problem& pr, const Group* groups, std::vector<Footprint>& inputs) {
   const int64_t cu_bytes = static_cast<int64_t>(pr.batch_size + 1) * 4;
+  const int64_t per_sequence_bytes = static_cast<int64_t>(pr.batch_size) * 4;
   inputs.push_back(range_footprint("cu_seqlens_k", -1, pr.cu_seqlens_k, cu_bytes));
+  inputs.push_back(range_footprint("sinks", -1, pr.sinks, static_cast<int64_t>(pr.num_heads_q) * 4));
   for (int g = 0; g < pr.num_groups; ++g) {
     inputs.push_back(range_footprint("cu_seqlens_q", g, groups[g].cu_seqlens_q, cu_bytes));
-    inputs.push_back(range_footprint("seqused_k", g, groups[g].seqused_k, static_cast<int64_t>(pr.batch_size) * 4));
+    inputs.push_back(range_footprint("seqused_k", g, groups[g].seqused_k, per_sequence_bytes));
+    inputs.push_back(range_footprint("diagonal_shift", g, groups[g].diagonal_shift, per_sequence_bytes));
   }
 }
 
@@ -460,14 +500,13 @@ ringattn_status check_tensors(std::initializer_list<TensorArg> tensors, int head
 // The groups array, then per group its common fields and its tensors (group_tensors(g), in order).
 template <typename Group, typename GroupTensors>
 ringattn_status check_groups(const Group* groups, int num_groups, bool need_data, const GroupTensors& group_tensors,
-                             int head_dim, const BackendLimits& lim) {
+                             int head_dim, const BackendLimits& lim, const ringattn_exec& exec) {
   if (groups == nullptr)
     return fail(RINGATTN_STATUS_INVALID_ARGUMENT, "groups: expected a non-NULL array of num_groups entries, got NULL");
   for (int g = 0; g < num_groups; ++g) {
     const Group& gr = groups[g];
     RINGATTN_TRY(check_group_common(g, gr.total_q, gr.max_seqlen_q, gr.cu_seqlens_q, gr.softmax_lse, need_data));
-    if (gr.diagonal_shift != nullptr)
-      return failf(RINGATTN_STATUS_UNSUPPORTED, "diagonal_shift (group %d): shifted masks are not implemented yet", g);
+    RINGATTN_TRY(check_diagonal_shift(g, gr.diagonal_shift, lim, exec));
     for (const TensorArg& t : group_tensors(g)) RINGATTN_TRY(check_tensor(t, head_dim, lim, need_data));
   }
   return RINGATTN_STATUS_OK;
@@ -477,7 +516,7 @@ ringattn_status check_groups(const Group* groups, int num_groups, bool need_data
 void start_footprints(int num_groups, Footprint k, Footprint v, std::vector<Footprint>& outputs,
                       std::vector<Footprint>& inputs) {
   outputs.reserve(2 * static_cast<size_t>(num_groups) + 4);
-  inputs.reserve(6 * static_cast<size_t>(num_groups) + 3);
+  inputs.reserve(7 * static_cast<size_t>(num_groups) + 4);
   inputs.push_back(std::move(k));
   inputs.push_back(std::move(v));
 }
@@ -512,7 +551,7 @@ ringattn_status validate_fwd(const ringattn_fwd_params* params, bool need_data) 
                                     RINGATTN_TENSOR_ARG(gr, out, g, gr.total_q, hq)};
   };
   RINGATTN_TRY(check_tensors({k, v}, d, lim, need_data));
-  RINGATTN_TRY(check_groups(p.groups, pr.num_groups, need_data, group_tensors, d, lim));
+  RINGATTN_TRY(check_groups(p.groups, pr.num_groups, need_data, group_tensors, d, lim, p.exec));
   if (!need_data) return RINGATTN_STATUS_OK;
   const size_t e = dtype_size(pr.dtype);
   std::vector<Footprint> outputs, inputs;
@@ -547,7 +586,7 @@ ringattn_status validate_bwd(const ringattn_bwd_params* params, bool need_data) 
         RINGATTN_TENSOR_ARG(gr, dout, g, gr.total_q, hq), RINGATTN_TENSOR_ARG(gr, dq, g, gr.total_q, hq)};
   };
   RINGATTN_TRY(check_tensors({k, v, dk, dv}, d, lim, need_data));
-  RINGATTN_TRY(check_groups(p.groups, pr.num_groups, need_data, group_tensors, d, lim));
+  RINGATTN_TRY(check_groups(p.groups, pr.num_groups, need_data, group_tensors, d, lim, p.exec));
   if (!need_data) return RINGATTN_STATUS_OK;
   const size_t e = dtype_size(pr.dtype);
   std::vector<Footprint> outputs, inputs;

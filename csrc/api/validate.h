@@ -14,6 +14,11 @@ struct BackendLimits {
   bool (*supports_head_dim)(int);
   int stride_alignment_elems;  // row/head strides must be multiples of this (1 = any)
   int pointer_alignment_bytes;  // data pointers must be aligned to this
+  // Features of ABI 4 (a call asking for one the backend lacks gets RINGATTN_STATUS_UNSUPPORTED):
+  bool supports_window;          // has_window = 1 with window_left or window_right >= 0
+  bool supports_softcap;         // softcap > 0
+  bool supports_sinks;           // sinks != NULL
+  bool supports_diagonal_shift;  // a group's diagonal_shift != NULL
 };
 
 BackendLimits limits_for(int device_type);

@@ -14,9 +14,20 @@ ringattn_status grouped_fwd(const ringattn_fwd_params& params);
 ringattn_status grouped_bwd(const ringattn_bwd_params& params);
 // Head dims the CPU backend accepts.
 bool supports_head_dim(int head_dim);
+// The features of ABI 4 (see BackendLimits in api/validate.h): all of them.
+constexpr bool kSupportsWindow = true;
+constexpr bool kSupportsSoftcap = true;
+constexpr bool kSupportsSinks = true;
+constexpr bool kSupportsDiagonalShift = true;
 }  // namespace cpu
 
 namespace cuda {
+// The features of ABI 4 that the GPU kernels implement (see BackendLimits in api/validate.h); the
+// host API refuses the others with RINGATTN_STATUS_UNSUPPORTED.
+constexpr bool kSupportsWindow = false;
+constexpr bool kSupportsSoftcap = false;
+constexpr bool kSupportsSinks = false;
+constexpr bool kSupportsDiagonalShift = false;
 // All of these exist in every build; without CUDA they report RINGATTN_STATUS_UNSUPPORTED.
 bool compiled();
 int compiled_archs(int* archs, int capacity);

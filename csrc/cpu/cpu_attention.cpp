@@ -18,6 +18,14 @@
 // memory: two extra GEMM-sized products buy full parallelism with no workspace and no
 // synchronisation.
 //
+// Masks: causal and local (sliding-window) attention follow common/mask.h, with each group's
+// diagonal_shift added to the diagonal. A query tile visits only the key tiles its rows' windows
+// reach, and a key tile only the query rows that see one of its keys; inside a tile each row
+// (key) adds exactly the keys (rows) it sees. Softcap turns each score s into
+// softcap * tanh(s / softcap); the backward multiplies dS by its derivative 1 - tanh^2. Sinks
+// add exp(sinks[h]) to each row's softmax denominator in the forward (so the LSE holds them);
+// the backward needs nothing more, since it reads that LSE (fp64 recomputes it the same way).
+//
 // Rows of a tensor that lie after the last sequence (cu_seqlens[B] < total) belong to no
 // sequence; they get O = 0, LSE = -inf, dQ = 0 and dK = dV = 0, so every output is defined.
 #include <algorithm>
@@ -219,16 +227,19 @@ struct Seq {
   int64_t lq = 0;
   int64_t k_start = 0;
   int64_t lk = 0;
+  int64_t shift = 0;  // the group's diagonal_shift[b] (0 without one, or when the mask has no bound)
 };
 
-// Which keys each query row sees: the rule of common/mask.h, in 64-bit indices. The tiles below
-// take the keys a row sees in a key tile to be a prefix of the tile (counted from its first
-// key), which holds for windows without a left bound, the only ones make_shape builds.
+// Which keys each query row sees: the rule of common/mask.h, in 64-bit indices. The keys a row
+// sees are one run, so in a key tile they are a run [lo, hi) of the tile; the rows that see a
+// key are one run too.
 using SeqMask = MaskPolicy<MaskWindow, int64_t>;
 
 struct Shape {
   int batch = 0, groups = 0, heads_q = 0, heads_k = 0, head_dim = 0, ratio = 1;
-  MaskWindow window;  // kNone's or kCausal's
+  MaskWindow window;        // the problem's: causal is a right bound of 0, a window adds its bounds
+  float softcap = 0.0f;     // 0 = off
+  const float* sinks = nullptr;  // [Hq] or NULL
   int64_t total_k = 0;
   int64_t keys_end = 0;                // cu_seqlens_k[B]
   std::vector<int64_t> k_start, k_len;  // [B], whole key sequences
@@ -237,8 +248,29 @@ struct Shape {
   std::vector<std::vector<Seq>> seq;    // [G][B]
 };
 
-// The mask of one (group, sequence) of the problem.
-inline SeqMask mask_of(const Shape& s, const Seq& sq) { return SeqMask(sq.lq, sq.lk, s.window); }
+// The mask of one (group, sequence) of the problem: its diagonal moved by the group's shift.
+inline SeqMask mask_of(const Shape& s, const Seq& sq) {
+  SeqMask mask(sq.lq, sq.lk, s.window);
+  mask.diagonal += sq.shift;
+  return mask;
+}
+
+// The keys of the tile [j0, j1) that row i sees, as offsets [lo, hi) into the tile; {0, 0} when none.
+struct TileRange {
+  int lo = 0, hi = 0;
+};
+inline TileRange keys_in_tile(const SeqMask& mask, int64_t i, int64_t j0, int64_t j1) {
+  const int64_t lo = std::max(j0, mask.key_begin(i));
+  const int64_t hi = std::min(j1, mask.key_end(i));
+  return hi > lo ? TileRange{static_cast<int>(lo - j0), static_cast<int>(hi - j0)} : TileRange{};
+}
+
+// The rows of the block [i0, i0 + nq) that see key j (< seqlen_k), as offsets into the block.
+inline TileRange rows_in_block(const SeqMask& mask, int64_t j, int64_t i0, int nq) {
+  const int64_t lo = std::max<int64_t>(0, mask.row_begin(j) - i0);
+  const int64_t hi = std::min<int64_t>(nq, mask.row_end(j) - i0);
+  return hi > lo ? TileRange{static_cast<int>(lo), static_cast<int>(hi)} : TileRange{};
+}
 
 // Works for ringattn_fwd_group and ringattn_bwd_group (same metadata fields).
 template <typename Group>
@@ -250,7 +282,16 @@ Shape make_shape(const ringattn_problem& p, const Group* groups) {
   s.heads_k = p.num_heads_k;
   s.head_dim = p.head_dim;
   s.ratio = p.num_heads_q / p.num_heads_k;
-  s.window = MaskWindow::of(p.causal != 0 ? MaskMode::kCausal : MaskMode::kNone);
+  const bool causal = p.causal != 0;
+  s.window = MaskWindow::of(causal ? MaskMode::kCausal : MaskMode::kNone);
+  if (p.has_window != 0) {  // validated: with causal, window_right is -1 or 0
+    s.window.left = p.window_left;
+    s.window.right = causal ? 0 : p.window_right;
+  }
+  // The shift moves the diagonal, so it matters (and is read) only where a side is bounded.
+  const bool bounded = s.window.left >= 0 || s.window.right >= 0;
+  s.softcap = p.softcap;
+  s.sinks = p.sinks;
   s.total_k = p.total_k;
   s.keys_end = p.cu_seqlens_k[s.batch];
   s.k_start.resize(s.batch);
@@ -272,6 +313,7 @@ Shape make_shape(const ringattn_problem& p, const Group* groups) {
       q.lq = static_cast<int64_t>(gr.cu_seqlens_q[b + 1]) - gr.cu_seqlens_q[b];
       q.k_start = s.k_start[b];
       q.lk = gr.seqused_k ? static_cast<int64_t>(gr.seqused_k[b]) : s.k_len[b];
+      q.shift = bounded && gr.diagonal_shift ? static_cast<int64_t>(gr.diagonal_shift[b]) : 0;
     }
   }
   return s;
@@ -282,6 +324,37 @@ Shape make_shape(const ringattn_problem& p, const Group* groups) {
 template <typename A>
 A resolve_scale(const ringattn_problem& p) {
   return p.default_softmax_scale ? A(1) / std::sqrt(static_cast<A>(p.head_dim)) : static_cast<A>(p.softmax_scale);
+}
+
+// Turns the dot products raw[lo, hi) of a row into its scores, in place: scale * q.k, capped
+// to softcap * tanh(scale * q.k / softcap) when softcap > 0.
+template <typename A>
+inline void scores_from_dots(A* raw, int lo, int hi, A scale, A softcap) {
+  if (softcap > A(0)) {
+    for (int c = lo; c < hi; ++c) raw[c] = softcap * std::tanh(scale * raw[c] / softcap);
+  } else {
+    for (int c = lo; c < hi; ++c) raw[c] *= scale;
+  }
+}
+
+// A row's LSE from its online-softmax state (max m and sum l of exp(score - m) over its keys),
+// with has_keys false for a row without keys or whose every key weighs 0 (l = 0). With a sink
+// logit: log(l exp(m) + exp(sink)), which is the sink alone for a row without keys.
+template <typename A>
+inline A row_lse(bool has_keys, A m, A l, const float* sink) {
+  if (sink == nullptr) return has_keys ? m + std::log(l) : neg_inf<A>();
+  const A sink_logit = static_cast<A>(*sink);
+  if (!has_keys) return sink_logit;
+  const A top = std::max(m, sink_logit);
+  return top + std::log(l * std::exp(m - top) + std::exp(sink_logit - top));
+}
+
+// The factor that normalises a row's unnormalised output: 1 / l, or 1 / (l + exp(sink - m))
+// with a sink logit (the sink takes its share of the row's probability, and no value).
+template <typename A>
+inline A row_normaliser(A m, A l, const float* sink) {
+  if (sink == nullptr) return A(1) / l;
+  return A(1) / (l + std::exp(static_cast<A>(*sink) - m));
 }
 
 // ---- task lists ----
@@ -301,7 +374,8 @@ struct KeyTask {
 };
 
 // Calls fn(j0, j1, nk) for each tile [j0, j1) of nk <= kTileK keys that the query tile t needs,
-// in key order: its first row sees the first keys and its last row the last ones.
+// in key order: its first row sees the first keys and its last row the last ones. Tiles outside
+// every row's window are never visited.
 template <typename Fn>
 void for_each_key_tile(const SeqMask& mask, const QueryTask& t, Fn&& fn) {
   const int64_t tile_key_end = mask.key_end(t.i1 - 1);
@@ -336,10 +410,16 @@ std::vector<QueryTask> make_query_tasks(const Shape& s) {
 std::vector<KeyTask> make_key_tasks(const Shape& s) {
   std::vector<KeyTask> tasks;
   for (int b = 0; b < s.batch; ++b) {
-    int64_t rows = 0;
-    for (int g = 0; g < s.groups; ++g) rows += s.seq[g][b].lq;
     for (int64_t j0 = 0; j0 < s.k_len[b]; j0 += kTileK) {
       const int64_t j1 = std::min(j0 + kTileK, s.k_len[b]);
+      // The query rows dkdv_key_tile visits for the tile, over every group.
+      int64_t rows = 0;
+      for (int g = 0; g < s.groups; ++g) {
+        const Seq& sq = s.seq[g][b];
+        if (j0 >= sq.lk) continue;
+        const SeqMask mask = mask_of(s, sq);
+        rows += std::max<int64_t>(0, mask.row_end(std::min(j1, sq.lk) - 1) - mask.row_begin(j0));
+      }
       const int64_t cost = (j1 - j0) * (rows * s.ratio + 1);
       for (int hk = 0; hk < s.heads_k; ++hk) tasks.push_back(KeyTask{b, hk, j0, j1, cost});
     }
@@ -353,16 +433,17 @@ std::vector<KeyTask> make_key_tasks(const Shape& s) {
 template <typename A>
 struct ForwardScratch {
   std::vector<A> q, o, kt, v, s, m, l;  // kt: the key tile transposed, [head_dim, kTileK]
-  std::vector<int> zeros, count;
+  std::vector<int> start, end;           // per row, the keys [start, end) of the tile it sees
   explicit ForwardScratch(int d)
       : q(kTileQ * d), o(kTileQ * d), kt(kTileK * d), v(kTileK * d), s(kTileQ * kTileK), m(kTileQ), l(kTileQ),
-        zeros(kTileQ, 0), count(kTileQ) {}
+        start(kTileQ), end(kTileQ) {}
 };
 
 // The online softmax of one query tile against every key it sees. Leaves, per row r, the
-// running max m[r] of the scaled scores, the running sum l[r] of exp(score - m[r]) and (unless
-// kStatsOnly) the unnormalised output o[r] = sum_j exp(score_j - m[r]) v_j. Masked keys are
-// skipped (a row that sees no key keeps m = -inf, l = 0, o = 0); every visible key enters in
+// running max m[r] of the scores (scaled, and capped with a softcap), the running sum l[r] of
+// exp(score - m[r]) and (unless kStatsOnly) the unnormalised output
+// o[r] = sum_j exp(score_j - m[r]) v_j. Masked keys are skipped (a row that sees no key keeps
+// m = -inf, l = 0, o = 0); every visible key enters in
 // IEEE arithmetic, as on the GPU: the max ignores NaN scores (like fmaxf), and exp() of a NaN
 // score, or of +inf - +inf, makes l and o NaN. While a row's max is still -inf (only -inf
 // scores so far) the exponent subtracts 0 rather than the max, so those keys weigh exp(-inf) =
@@ -370,6 +451,7 @@ struct ForwardScratch {
 template <bool kStatsOnly, typename T, typename A>
 void attend_query_tile(const Shape& s, const View<const T>& q, const View<const T>& k, const View<const T>& v,
                        A scale, const QueryTask& t, ForwardScratch<A>& w) {
+  const A softcap = static_cast<A>(s.softcap);
   const int d = s.head_dim;
   const Seq& sq = s.seq[t.g][t.b];
   const int hk = t.h / s.ratio;
@@ -388,30 +470,28 @@ void attend_query_tile(const Shape& s, const View<const T>& q, const View<const 
     }
     matmul_a_bt(w.q.data(), nq, w.kt.data(), static_cast<int>(kTileK), nk, d, w.s.data(), static_cast<int>(kTileK));
     for (int r = 0; r < nq; ++r) {
-      w.count[r] = 0;
-      const int n = static_cast<int>(mask.keys_seen_in(t.i0 + r, j0, j1));
-      if (n == 0) continue;  // the whole key tile is masked for this row
+      const TileRange keys = keys_in_tile(mask, t.i0 + r, j0, j1);
+      w.start[r] = keys.lo;
+      w.end[r] = keys.hi;
+      if (keys.lo == keys.hi) continue;  // the whole key tile is masked for this row
       A* sr = &w.s[r * kTileK];
+      scores_from_dots(sr, keys.lo, keys.hi, scale, softcap);
       A tile_max = neg_inf<A>();
-      for (int c = 0; c < n; ++c) {
-        sr[c] *= scale;
-        tile_max = std::max(tile_max, sr[c]);
-      }
+      for (int c = keys.lo; c < keys.hi; ++c) tile_max = std::max(tile_max, sr[c]);
       const A m_new = std::max(w.m[r], tile_max);
       const A base = m_new == neg_inf<A>() ? A(0) : m_new;
       const A alpha = std::exp(w.m[r] - base);  // 0 on the first tile with a score above -inf
       A sum = 0;
-      for (int c = 0; c < n; ++c) {
+      for (int c = keys.lo; c < keys.hi; ++c) {
         sr[c] = std::exp(sr[c] - base);
         sum += sr[c];
       }
       if (!kStatsOnly && alpha != A(1)) scale_in_place(&w.o[r * d], alpha, d);
       w.l[r] = w.l[r] * alpha + sum;
       w.m[r] = m_new;
-      w.count[r] = n;
     }
     if (!kStatsOnly)
-      accumulate_rows(w.o.data(), nq, w.s.data(), kTileK, 1, w.zeros.data(), w.count.data(), w.v.data(), d);
+      accumulate_rows(w.o.data(), nq, w.s.data(), kTileK, 1, w.start.data(), w.end.data(), w.v.data(), d);
   });
 }
 
@@ -441,24 +521,24 @@ ringattn_status run_forward(const ringattn_fwd_params& p) {
         const Seq& sq = s.seq[t.g][t.b];
         const SeqMask mask = mask_of(s, sq);
         float* lse = p.groups[t.g].softmax_lse + static_cast<int64_t>(t.h) * s.total_q[t.g];
+        const float* sink = s.sinks ? s.sinks + t.h : nullptr;
         for (int64_t r = 0; r < t.i1 - t.i0; ++r) {
           const int64_t row = sq.q_start + t.i0 + r;
           T* dst = out[t.g].at(row, t.h);
-          if (mask.keys_seen_in(t.i0 + r, 0, sq.lk) > 0 && w.l[r] != A(0)) {
-            // IEEE throughout: a NaN sum gives NaN out and LSE. A row without keys, or whose
-            // visible scores are all -inf (every key weighs 0, l = 0), is empty, as on the GPU.
-            const A inv_l = A(1) / w.l[r];
-            store_row_scaled(dst, &w.o[r * d], inv_l, d);
-            lse[row] = static_cast<float>(w.m[r] + std::log(w.l[r]));
-          } else {
+          // IEEE throughout: a NaN sum gives NaN out and LSE. A row without keys, or whose
+          // visible scores are all -inf (every key weighs 0, l = 0), is empty, as on the GPU:
+          // out = 0, LSE = -inf (the sink logit, with sinks).
+          const bool has_keys = mask.keys_seen_in(t.i0 + r, 0, sq.lk) > 0 && w.l[r] != A(0);
+          if (has_keys)
+            store_row_scaled(dst, &w.o[r * d], row_normaliser(w.m[r], w.l[r], sink), d);
+          else
             store_zero_row(dst, d);
-            lse[row] = neg_inf<float>();
-          }
+          lse[row] = static_cast<float>(row_lse(has_keys, w.m[r], w.l[r], sink));
         }
       });
   if (!error.empty()) return fail(RINGATTN_STATUS_INTERNAL_ERROR, "CPU backend, forward: " + error);
 
-  // Rows after the last sequence belong to no sequence.
+  // Rows after the last sequence belong to no sequence (their LSE is -inf, sinks or not).
   for (int g = 0; g < s.groups; ++g)
     for (int64_t row = s.queries_end[g]; row < s.total_q[g]; ++row)
       for (int h = 0; h < s.heads_q; ++h) {
@@ -496,11 +576,12 @@ struct BackwardScratch {
   std::vector<A> k, kt, vt, dk, dv;  // a key tile (row-major and transposed), dK/dV accumulators
   std::vector<A> q, dout, o, dq;      // a query block, dO, one row of O, dQ accumulators
   std::vector<A> s, dp, di, lse;      // scores -> P, dP -> dS, per-row Di and LSE
-  std::vector<int> zeros, count, first, all_rows;  // ranges for accumulate_rows
+  std::vector<int> start, end;          // per query row, the keys [start, end) of the tile it sees
+  std::vector<int> col_start, col_end;  // per key of the tile, the rows [start, end) of the block that see it
   explicit BackwardScratch(int d)
       : k(kTileK * d), kt(kTileK * d), vt(kTileK * d), dk(kTileK * d), dv(kTileK * d), q(kTileQ * d),
         dout(kTileQ * d), o(d), dq(kTileQ * d), s(kTileQ * kTileK), dp(kTileQ * kTileK), di(kTileQ), lse(kTileQ),
-        zeros(kTileQ, 0), count(kTileQ), first(kTileK), all_rows(kTileK) {}
+        start(kTileQ), end(kTileQ), col_start(kTileK), col_end(kTileK) {}
 };
 
 // Loads query rows [row0, row0 + nq) of (group g, head h): Q, dO, Di = rowsum(dO * O) (from the
@@ -524,23 +605,35 @@ void load_query_block(const Shape& s, const BackwardTensors<T>& x, int g, int h,
 }
 
 // For the block of nq query rows in w.q / w.dout against the nk keys in w.kt / w.vt, with
-// w.count[r] the keys row r sees: leaves P = exp(scale * S - LSE) in w.s and
-// dS = P * (dP - Di) in w.dp on visible entries, 0 on masked ones.
+// [w.start[r], w.end[r]) the keys row r sees: leaves P = exp(score - LSE) in w.s and
+// dS = P * (dP - Di) in w.dp on visible entries, 0 on masked ones. dS is the gradient of the
+// scaled dot product: with a softcap, the score is softcap * tanh(x / softcap) of x = scale * q.k,
+// so dS also carries d score / dx = 1 - tanh^2.
 template <typename A>
-void probabilities_and_dscores(int nq, int nk, int d, A scale, BackwardScratch<A>& w) {
+void probabilities_and_dscores(int nq, int nk, int d, A scale, A softcap, BackwardScratch<A>& w) {
   const int ld = static_cast<int>(kTileK);
   matmul_a_bt(w.q.data(), nq, w.kt.data(), ld, nk, d, w.s.data(), ld);
   matmul_a_bt(w.dout.data(), nq, w.vt.data(), ld, nk, d, w.dp.data(), ld);
   for (int r = 0; r < nq; ++r) {
     A* sr = &w.s[r * ld];
     A* dpr = &w.dp[r * ld];
-    const int n = w.count[r];
-    for (int c = 0; c < n; ++c) {
-      const A prob = std::exp(scale * sr[c] - w.lse[r]);
-      sr[c] = prob;
-      dpr[c] = prob * (dpr[c] - w.di[r]);
+    const int lo = w.start[r], hi = w.end[r];
+    for (int c = 0; c < lo; ++c) sr[c] = dpr[c] = A(0);
+    if (softcap > A(0)) {
+      for (int c = lo; c < hi; ++c) {
+        const A capped = std::tanh(scale * sr[c] / softcap);
+        const A prob = std::exp(softcap * capped - w.lse[r]);
+        sr[c] = prob;
+        dpr[c] = prob * (dpr[c] - w.di[r]) * (A(1) - capped * capped);
+      }
+    } else {
+      for (int c = lo; c < hi; ++c) {
+        const A prob = std::exp(scale * sr[c] - w.lse[r]);
+        sr[c] = prob;
+        dpr[c] = prob * (dpr[c] - w.di[r]);
+      }
     }
-    for (int c = n; c < nk; ++c) sr[c] = dpr[c] = A(0);
+    for (int c = hi; c < nk; ++c) sr[c] = dpr[c] = A(0);
   }
 }
 
@@ -549,6 +642,7 @@ void probabilities_and_dscores(int nq, int nk, int d, A scale, BackwardScratch<A
 template <typename T, typename A>
 void dkdv_key_tile(const Shape& s, const BackwardTensors<T>& x, A scale, const KeyTask& t, BackwardScratch<A>& w) {
   const int d = s.head_dim;
+  const A softcap = static_cast<A>(s.softcap);
   const int nk = static_cast<int>(t.j1 - t.j0);
   const int64_t key_row0 = s.k_start[t.b] + t.j0;
   for (int c = 0; c < nk; ++c) {
@@ -569,19 +663,22 @@ void dkdv_key_tile(const Shape& s, const BackwardTensors<T>& x, A scale, const K
       for (int64_t i0 = i_first; i0 < i_end; i0 += kTileQ) {
         const int nq = static_cast<int>(std::min(i0 + kTileQ, i_end) - i0);
         load_query_block(s, x, g, h, sq.q_start + i0, nq, w);
-        for (int r = 0; r < nq; ++r)
-          w.count[r] = static_cast<int>(mask.keys_seen_in(i0 + r, t.j0, t.j1));
-        // Rows seeing key c: from first[c] on (a row's keys are a prefix of the tile that grows
-        // with the row; a row without keys has P = 0 on every entry anyway).
-        for (int c = 0, r = 0; c < nk; ++c) {
-          while (r < nq && w.count[r] <= c) ++r;
-          w.first[c] = r;
-          w.all_rows[c] = nq;
+        for (int r = 0; r < nq; ++r) {
+          const TileRange keys = keys_in_tile(mask, i0 + r, t.j0, t.j1);
+          w.start[r] = keys.lo;
+          w.end[r] = keys.hi;
         }
-        probabilities_and_dscores(nq, nk, d, scale, w);
+        // The rows of the block that see key c (none for a key past the group's seqused_k).
+        for (int c = 0; c < nk; ++c) {
+          const TileRange rows = t.j0 + c < sq.lk ? rows_in_block(mask, t.j0 + c, i0, nq) : TileRange{};
+          w.col_start[c] = rows.lo;
+          w.col_end[c] = rows.hi;
+        }
+        probabilities_and_dscores(nq, nk, d, scale, softcap, w);
         // dV_c += sum_r P[r][c] dO_r and dK_c += sum_r dS[r][c] Q_r: the tiles read transposed.
-        accumulate_rows(w.dv.data(), nk, w.s.data(), 1, kTileK, w.first.data(), w.all_rows.data(), w.dout.data(), d);
-        accumulate_rows(w.dk.data(), nk, w.dp.data(), 1, kTileK, w.first.data(), w.all_rows.data(), w.q.data(), d);
+        accumulate_rows(w.dv.data(), nk, w.s.data(), 1, kTileK, w.col_start.data(), w.col_end.data(), w.dout.data(),
+                        d);
+        accumulate_rows(w.dk.data(), nk, w.dp.data(), 1, kTileK, w.col_start.data(), w.col_end.data(), w.q.data(), d);
       }
     }
   }
@@ -598,6 +695,7 @@ void dq_query_tile(const Shape& s, const BackwardTensors<T>& x, A scale, const Q
   const Seq& sq = s.seq[t.g][t.b];
   const int hk = t.h / s.ratio;
   const int nq = static_cast<int>(t.i1 - t.i0);
+  const A softcap = static_cast<A>(s.softcap);
   load_query_block(s, x, t.g, t.h, sq.q_start + t.i0, nq, w);
   std::fill(w.dq.begin(), w.dq.begin() + nq * d, A(0));
 
@@ -608,10 +706,13 @@ void dq_query_tile(const Shape& s, const BackwardTensors<T>& x, A scale, const Q
       load_column(x.k.at(sq.k_start + j0 + c, hk), d, &w.kt[c], static_cast<int>(kTileK));
       load_column(x.v.at(sq.k_start + j0 + c, hk), d, &w.vt[c], static_cast<int>(kTileK));
     }
-    for (int r = 0; r < nq; ++r)
-      w.count[r] = static_cast<int>(mask.keys_seen_in(t.i0 + r, j0, j1));
-    probabilities_and_dscores(nq, nk, d, scale, w);
-    accumulate_rows(w.dq.data(), nq, w.dp.data(), kTileK, 1, w.zeros.data(), w.count.data(), w.k.data(), d);
+    for (int r = 0; r < nq; ++r) {
+      const TileRange keys = keys_in_tile(mask, t.i0 + r, j0, j1);
+      w.start[r] = keys.lo;
+      w.end[r] = keys.hi;
+    }
+    probabilities_and_dscores(nq, nk, d, scale, softcap, w);
+    accumulate_rows(w.dq.data(), nq, w.dp.data(), kTileK, 1, w.start.data(), w.end.data(), w.k.data(), d);
   });
   for (int r = 0; r < nq; ++r)
     store_row_scaled(x.dq[t.g].at(sq.q_start + t.i0 + r, t.h), &w.dq[r * d], scale, d);
@@ -661,9 +762,10 @@ ringattn_status run_backward(const ringattn_bwd_params& p) {
           const Seq& sq = s.seq[t.g][t.b];
           const SeqMask mask = mask_of(s, sq);
           A* lse = x.lse_exact[t.g].data() + static_cast<int64_t>(t.h) * s.total_q[t.g];
+          const float* sink = s.sinks ? s.sinks + t.h : nullptr;
           for (int64_t r = 0; r < t.i1 - t.i0; ++r)
             lse[sq.q_start + t.i0 + r] =
-                mask.keys_seen_in(t.i0 + r, 0, sq.lk) > 0 && w.l[r] != A(0) ? w.m[r] + std::log(w.l[r]) : neg_inf<A>();
+                row_lse(mask.keys_seen_in(t.i0 + r, 0, sq.lk) > 0 && w.l[r] != A(0), w.m[r], w.l[r], sink);
         });
     if (!error.empty()) return fail(RINGATTN_STATUS_INTERNAL_ERROR, "CPU backend, backward (LSE): " + error);
   }

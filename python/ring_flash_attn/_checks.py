@@ -1,30 +1,44 @@
-"""The check of flash-attn arguments supported only at their defaults, shared by the single-device
-API (grouped.py) and the context-parallel schemes (whose other checks are ``cp/validation.py``)."""
+"""Checks of flash-attn arguments shared by the single-device API (grouped.py) and the
+context-parallel schemes (whose other checks are ``cp/validation.py``)."""
 
 from __future__ import annotations
 
+import math
 import numbers
+from typing import Optional, Tuple
+
+NO_WINDOW = (-1, -1)
 
 
-def check_flash_attn_defaults(dropout_p, window_size, alibi_slopes, softcap=0.0) -> None:
-    """flash-attn arguments supported only at their defaults: NotImplementedError naming the first
-    one that is not (in this order: dropout_p, window_size, softcap, alibi_slopes)."""
+def check_flash_attn_defaults(dropout_p, window_size, alibi_slopes, softcap=0.0, causal: Optional[bool] = None, *,
+                              window_softcap_supported: bool = False) -> Tuple[Tuple[int, int], float]:
+    """flash-attn arguments: NotImplementedError naming the first one that is not supported (in
+    this order: dropout_p, window_size, softcap, alibi_slopes); ValueError for a malformed
+    window_size or softcap. Returns ``(window_size, softcap)`` validated.
+
+    ``window_softcap_supported``: the caller runs local attention and softcapping (the
+    single-device API); callers that do not (yet) leave it False and get NotImplementedError
+    for a window other than (-1, -1) or a softcap other than 0. ``causal``: when given, a window
+    reaching right of the diagonal is refused with it (see check_window_size)."""
     if dropout_p != 0.0:
         raise NotImplementedError(f"dropout_p: dropout is not supported (got {dropout_p}); pass 0.0")
-    window = check_window_size(window_size)
-    if window != (-1, -1):
+    window = check_window_size(window_size, causal)
+    if not window_softcap_supported and window != NO_WINDOW:
         raise NotImplementedError(f"window_size: sliding-window attention is not supported yet "
                                   f"(got {window}); pass (-1, -1)")
-    if softcap != 0.0:
+    cap = check_softcap(softcap)
+    if not window_softcap_supported and cap != 0.0:
         raise NotImplementedError(f"softcap: logit soft-capping is not supported yet (got {softcap}); pass 0.0")
     if alibi_slopes is not None:
         raise NotImplementedError("alibi_slopes: ALiBi is not supported; pass None")
+    return window, cap
 
 
-def check_window_size(window_size) -> tuple:
-    """window_size as flash-attn takes it: a (left, right) pair of ints, -1 meaning unbounded.
-    Returns it as a tuple; ValueError naming window_size for anything else (an int, a string,
-    a triple, floats)."""
+def check_window_size(window_size, causal: Optional[bool] = None) -> Tuple[int, int]:
+    """window_size as flash-attn takes it: a (left, right) pair of ints, each -1 (unbounded) or
+    >= 0. Returns it as a tuple of ints; ValueError naming window_size for anything else (an int,
+    a string, a triple, floats, -2). With ``causal`` True the right side must be -1 or 0: causal
+    already bounds it at the diagonal, and a window reaching further right would contradict it."""
     try:
         pair = tuple(window_size)
     except TypeError:
@@ -33,4 +47,21 @@ def check_window_size(window_size) -> tuple:
             or any(isinstance(x, bool) or not isinstance(x, numbers.Integral) for x in pair)):
         raise ValueError(f"window_size: expected a (left, right) pair of ints (-1 for unbounded), "
                          f"got {window_size!r}")
-    return tuple(int(x) for x in pair)
+    left, right = int(pair[0]), int(pair[1])
+    if left < -1 or right < -1:
+        raise ValueError(f"window_size: expected each side -1 (unbounded) or >= 0, got {(left, right)}")
+    if causal and right > 0:
+        raise ValueError(f"window_size: expected a right side of -1 or 0 with causal=True (causal means no key "
+                         f"right of the diagonal), got {(left, right)}")
+    return left, right
+
+
+def check_softcap(softcap) -> float:
+    """softcap as flash-attn takes it: a real number >= 0, 0 meaning off. Returns it as a float;
+    ValueError naming softcap for anything else (negative, NaN, inf, a bool, a string)."""
+    if isinstance(softcap, (bool, str, bytes)) or not isinstance(softcap, numbers.Real):
+        raise ValueError(f"softcap: expected a float >= 0 (0 = off), got {softcap!r}")
+    value = float(softcap)
+    if not (math.isfinite(value) and value >= 0.0):
+        raise ValueError(f"softcap: expected a finite float >= 0 (0 = off), got {softcap!r}")
+    return value

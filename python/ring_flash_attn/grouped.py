@@ -2,9 +2,11 @@
 
 Notation: G query groups, B sequences, Hq query heads, Hk KV heads (Hq % Hk == 0), D head dim.
 All groups share one K/V stream; group g sees, of sequence b, the first ``seqused_k_list[g][b]``
-keys (all of them by default). Causal masks are bottom-right aligned per (group, sequence): query
-i of Lq attends key j < Lk iff j <= i + Lk - Lq, and a row that sees no key gets out = 0 and
-lse = -inf.
+keys (all of them by default). Masks are bottom-right aligned per (group, sequence): query i of Lq
+has the diagonal key i + Lk - Lq; causal attends keys j < Lk up to it, a window
+``(left, right)`` those with i + Lk - Lq - left <= j <= i + Lk - Lq + right (-1 = unbounded;
+flash-attn's ``window_size``). A row that sees no key gets out = 0 and lse = -inf (with sinks:
+lse = the head's sink logit).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 from torch import Tensor
 
 from . import _lib, ops
-from ._checks import check_flash_attn_defaults
+from ._checks import NO_WINDOW, check_flash_attn_defaults, check_softcap, check_window_size
 
 _grouped_fwd = ops.grouped_fwd
 
@@ -31,6 +33,23 @@ def _resolve_scale(softmax_scale: Optional[float]) -> float:
     if softmax_scale is None:
         return 0.0
     return _lib.float32_scale(softmax_scale)
+
+
+def _feature_kwargs(window_size, softcap, sinks, causal) -> dict:
+    """The ops' keyword arguments for a window, a softcap and sinks; {} when all are off (the
+    defaults cost two compares)."""
+    kwargs = {}
+    if not (type(window_size) is tuple and window_size == NO_WINDOW):
+        window = check_window_size(window_size, bool(causal))
+        if window != NO_WINDOW:
+            kwargs["window_size"] = list(window)
+    if softcap != 0.0:
+        kwargs["softcap"] = check_softcap(softcap)
+    if sinks is not None:
+        if not isinstance(sinks, Tensor):
+            raise ValueError(f"sinks: expected None or a float32 Tensor [num_heads_q], got {type(sinks).__name__}")
+        kwargs["sinks"] = sinks
+    return kwargs
 
 
 def _seqlen_hint(value, name: str, what: str):
@@ -77,6 +96,9 @@ def grouped_flash_attn_varlen_func(
     causal: bool = True,
     return_lse: bool = False,
     deterministic: bool = False,
+    window_size: Tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    sinks: Optional[Tensor] = None,
 ) -> Union[List[Tensor], Tuple[List[Tensor], List[Tensor]]]:
     """Grouped varlen attention: G query groups over one shared K/V stream, in one library call.
 
@@ -94,6 +116,21 @@ def grouped_flash_attn_varlen_func(
         causal: bottom-right aligned causal mask per (group, sequence).
         return_lse: also return the log-sum-exp of each group.
         deterministic: bit-identical backward run to run.
+        window_size: ``(left, right)`` local (sliding-window) attention, flash-attn's convention:
+            query i of a (group, sequence) sees key j iff
+            ``i + Lk - Lq - left <= j <= i + Lk - Lq + right``, -1 = unbounded on that side
+            (each group follows its own Lq and Lk, so its own bottom-right alignment). With
+            ``causal=True`` the right side is the diagonal: pass right = -1 or 0. Default
+            ``(-1, -1)``: no window.
+        softcap: > 0 turns each score ``s = softmax_scale * q.k`` into
+            ``softcap * tanh(s / softcap)`` before the mask and the softmax (Gemma 2). Default 0
+            (off).
+        sinks: None, or float32 ``[Hq]`` learnable sink logits (gpt-oss): sink h adds
+            ``exp(sinks[h])`` to the softmax denominator of every row of head h, so to its LSE,
+            and nothing to the output; a row without keys then gets out = 0 and lse = sinks[h].
+            With ``sinks.requires_grad`` autograd fills ``sinks.grad``
+            (``-sum_i exp(sinks[h] - lse_i) * rowsum(dout_i * out_i)`` over the rows of head h of
+            every group, plus the LSE's share when the loss uses it).
 
     Tokens and heads may be strided (e.g. slices of a larger tensor); the head dim must be
     contiguous.
@@ -101,8 +138,8 @@ def grouped_flash_attn_varlen_func(
     Returns:
         ``out_list`` (G tensors ``[total_q_g, Hq, D]``, dtype of q), or
         ``(out_list, lse_list)`` with ``return_lse=True`` (lse: float32 ``[Hq, total_q_g]``,
-        natural log; differentiable: a loss that uses it gets its gradient through it, at the cost
-        of one more forward and backward kernel call in the backward pass).
+        natural log, sinks included; differentiable: a loss that uses it gets its gradient
+        through it, at the cost of one more backward kernel call in the backward pass).
 
     Raises:
         ValueError: a bad argument; the message names it with the expected and actual value.
@@ -112,6 +149,7 @@ def grouped_flash_attn_varlen_func(
             tensors) and is recorded for ``ring_flash_attn.check_errors()``, which raises naming it.
         NotImplementedError: valid, but not supported by this build or device.
     """
+    features = _feature_kwargs(window_size, softcap, sinks, causal)
     q_list = list(q_list)
     G = len(q_list)
     seqused = [None] * G if seqused_k_list is None else list(seqused_k_list)
@@ -130,6 +168,7 @@ def grouped_flash_attn_varlen_func(
         _resolve_scale(softmax_scale),
         bool(causal),
         bool(deterministic),
+        **features,
     )
     if return_lse:
         return out_list, lse_list
@@ -153,6 +192,7 @@ def flash_attn_varlen_func(
     deterministic: bool = False,
     return_attn_probs: bool = False,
     block_table: Optional[Tensor] = None,
+    sinks: Optional[Tensor] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor, None]]:
     """flash-attn's ``flash_attn_varlen_func``: the G = 1 case of the grouped op.
 
@@ -162,16 +202,22 @@ def flash_attn_varlen_func(
         max_seqlen_q, max_seqlen_k: ints (hints).
         softmax_scale: default ``1 / sqrt(D)``.
         causal: bottom-right aligned causal mask (flash-attn >= 2.1 convention).
+        window_size: ``(left, right)`` local attention, -1 = unbounded (flash-attn's; with
+            ``causal=True`` the right side must be -1 or 0).
+        softcap: > 0: scores become ``softcap * tanh(score / softcap)``; 0 = off.
         deterministic: bit-identical backward run to run.
         return_attn_probs: return ``(out, softmax_lse, None)`` like flash-attn (the attention
             probabilities themselves are not materialised).
-        dropout_p, window_size, softcap, alibi_slopes, block_table: only their defaults are
-            supported; anything else raises NotImplementedError naming the argument.
+        sinks: None or float32 ``[Hq]`` sink logits (not a flash-attn argument; see
+            ``grouped_flash_attn_varlen_func``).
+        dropout_p, alibi_slopes, block_table: only their defaults are supported; anything else
+            raises NotImplementedError naming the argument.
 
     Returns:
         ``out`` ``[total_q, Hq, D]``, or ``(out, softmax_lse [Hq, total_q] float32, None)``.
     """
-    check_flash_attn_defaults(dropout_p, window_size, alibi_slopes, softcap)
+    window_size, softcap = check_flash_attn_defaults(dropout_p, window_size, alibi_slopes, softcap, causal,
+                                                     window_softcap_supported=True)
     if block_table is not None:
         raise NotImplementedError("block_table: paged KV cache is not supported; pass None")
     with _argument_names(_single_group_names):
@@ -187,6 +233,9 @@ def flash_attn_varlen_func(
             causal=causal,
             return_lse=True,
             deterministic=deterministic,
+            window_size=window_size,
+            softcap=softcap,
+            sinks=sinks,
         )
     if return_attn_probs:
         return out_list[0], lse_list[0], None

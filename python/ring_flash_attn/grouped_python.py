@@ -26,6 +26,10 @@ rows after ``cu_seqlens_q_list[g][B]`` (rows that belong to no sequence) and the
 after ``cu_seqlens_k[B]``, with ``seqused_k = 0``. Tail rows therefore come out as out = 0 and
 lse = -inf, the library's rule for rows after the last sequence, and the cumulative arrays stay
 contiguous without knowing their values on the host.
+
+Windows, softcap and sinks pass through unchanged: each (group, sequence) of the combined batch
+keeps its own query and key lengths, so its own bottom-right alignment. With sinks a tail row
+(a sequence without keys here) would get lse = its sink; it is set back to -inf, on the device.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from ._checks import NO_WINDOW
 from .grouped import grouped_flash_attn_varlen_func
 
 __all__ = ["_flash_attn_varlen_forward_grouped"]
@@ -97,6 +102,9 @@ def _flash_attn_varlen_forward_grouped(
     seqused_k_list: Optional[Sequence[Optional[Tensor]]] = None,
     softmax_scale: Optional[float] = None,
     causal: bool = True,
+    window_size: Tuple[int, int] = NO_WINDOW,
+    softcap: float = 0.0,
+    sinks: Optional[Tensor] = None,
 ) -> Tuple[List[Tensor], List[Tensor]]:
     """Grouped varlen attention as ONE plain (G = 1) library call over G * B sequences.
 
@@ -114,6 +122,8 @@ def _flash_attn_varlen_forward_grouped(
             the first ``seqused_k_list[g][b]`` keys of sequence b (all of them when None).
         softmax_scale: scale of QK^T; default ``1 / sqrt(D)``.
         causal: bottom-right aligned causal mask per (group, sequence).
+        window_size, softcap, sinks: as in ``grouped_flash_attn_varlen_func`` (local attention,
+            logit softcap, float32 ``[Hq]`` sink logits).
 
     Returns:
         ``(out_list, lse_list)``: out ``[total_q_g, Hq, D]`` in the dtype of q (views into one
@@ -172,13 +182,21 @@ def _flash_attn_varlen_forward_grouped(
         softmax_scale=softmax_scale,
         causal=causal,
         return_lse=True,
+        window_size=window_size,
+        softcap=softcap,
+        sinks=sinks,
     )
     out_all, lse_all = out_all[0], lse_all[0]
 
     out_list = list(out_all.split(total_q, dim=0))
     lse_list = []
     start = 0
-    for n in total_q:
-        lse_list.append(lse_all.narrow(1, start, n).contiguous())
+    for g, n in enumerate(total_q):
+        lse = lse_all.narrow(1, start, n).contiguous()
+        if sinks is not None:
+            # Rows after cu_seqlens_q_list[g][B] belong to no sequence: lse = -inf, sinks or not.
+            tail = torch.arange(n, device=lse.device) >= cu_seqlens_q_list[g][-1]
+            lse = torch.where(tail, float("-inf"), lse)
+        lse_list.append(lse)
         start += n
     return out_list, lse_list

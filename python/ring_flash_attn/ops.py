@@ -3,12 +3,14 @@
 Two ops in the namespace ``ring_flash_attn``:
 
 ``torch.ops.ring_flash_attn.grouped_fwd(q_list, k, v, cu_seqlens_q_list, cu_seqlens_k,
-seqused_k_list, max_seqlen_q_list, max_seqlen_k, softmax_scale, causal, deterministic)``
+seqused_k_list, max_seqlen_q_list, max_seqlen_k, softmax_scale, causal, deterministic,
+window_size=(-1, -1), softcap=0.0, sinks=None, diagonal_shift_list=None)``
     -> ``(out_list, lse_list)``
 
 ``torch.ops.ring_flash_attn.grouped_bwd(dout_list, q_list, k, v, out_list, lse_list,
 cu_seqlens_q_list, cu_seqlens_k, seqused_k_list, max_seqlen_q_list, max_seqlen_k, softmax_scale,
-causal, deterministic)`` -> ``(dq_list, dk, dv)``
+causal, deterministic, window_size=(-1, -1), softcap=0.0, sinks=None, diagonal_shift_list=None)``
+    -> ``(dq_list, dk, dv)``
 
 Shapes (G groups, B sequences, Hq query heads, Hk KV heads, D head dim):
   q_list[g], out_list[g], dout_list[g], dq_list[g]: [total_q_g, Hq, D]
@@ -16,6 +18,21 @@ Shapes (G groups, B sequences, Hq query heads, Hk KV heads, D head dim):
   cu_seqlens_q_list[g], cu_seqlens_k: [B + 1] int32
   seqused_k_list: empty, or G entries each None or [B] int32
   lse_list[g]: [Hq, total_q_g] float32 (natural log)
+  sinks: None or float32 [Hq]
+  diagonal_shift_list: None, or G entries each None or [B] int32
+
+The mask, score and sink arguments (defaults: off), as in ringattn.h:
+  ``window_size = (left, right)``: local attention, -1 = unbounded on that side; (-1, -1) is no
+  window. Row i of a (group, sequence) with Lq rows and Lk keys has the diagonal key
+  d = i + Lk - Lq (+ diagonal_shift_list[g][b]) and sees key j iff d - left <= j <= d + right;
+  ``causal`` bounds the right side at d (right must then be -1 or 0).
+  ``softcap > 0``: each score s = softmax_scale * q.k becomes softcap * tanh(s / softcap).
+  ``sinks``: sink h adds exp(sinks[h]) to the softmax denominator of every row of head h (so to
+  its LSE), never to the output; a row without keys gets out = 0 and lse = sinks[h]. The
+  backward op reads the forward's LSE, which holds the sinks (it takes them for the float64 CPU
+  path, which recomputes the LSE); the sinks' own gradient is computed by the autograd formula.
+  ``diagonal_shift_list``: moves each sequence's diagonal (context parallelism); read only when
+  the mask has a bound (causal or a window).
 
 ``softmax_scale == 0.0`` means the library default 1/sqrt(D); any other value must be a positive
 float whose float32 value is finite and normal (ValueError otherwise: a value that the float32
@@ -31,7 +48,10 @@ workspaces come from PyTorch's allocator. Nothing here reads tensor values on th
 
 Autograd (``torch.library.register_autograd``): the backward of ``grouped_fwd`` calls
 ``grouped_bwd``; a loss that also uses the LSE outputs gets their gradient through one more
-forward and backward call (see ``_add_lse_gradient``). ``grouped_bwd`` has no double backward.
+backward call (see ``_add_lse_gradient``). Sinks that require grad get
+``dsinks[h] = sum_i exp(sinks[h] - lse_i) * (dlse_i - rowsum(dO_i * O_i))`` over every row of
+head h in every group, computed in torch (``_sink_gradient``). ``grouped_bwd`` has no double
+backward.
 
 Metadata values: on CPU tensors the library always checks them (ValueError at the call). On CUDA
 it does so only with ``RING_FLASH_ATTN_CHECK_METADATA=1`` (a host copy and a sync per call);
@@ -48,7 +68,6 @@ ValueError (invalid argument) or NotImplementedError (unsupported).
 from __future__ import annotations
 
 import ctypes
-import math
 import os
 import re
 from typing import List, Optional, Sequence, Tuple
@@ -156,6 +175,23 @@ def _check_lse(t: Tensor, name: str, Hq, total_q, device: torch.device) -> int:
     if t.device != device:
         raise _device_error(name, device, t.device)
     return t.data_ptr()
+
+
+def _check_sinks(sinks: Tensor, Hq, device: torch.device) -> int:
+    """Sink logits: a float32 [Hq] tensor on the device (one element may have any stride).
+    Returns its data pointer."""
+    if not isinstance(sinks, Tensor):
+        raise ValueError(f"sinks: expected None or a float32 Tensor [num_heads_q], got {type(sinks).__name__}")
+    if sinks.dtype != torch.float32:
+        raise ValueError(f"sinks: expected dtype torch.float32, got {sinks.dtype}")
+    shape = sinks.shape
+    if len(shape) != 1 or shape[0] != Hq:
+        raise ValueError(f"sinks: expected shape ({Hq},) ([num_heads_q], the heads of q_list[0]), got {tuple(shape)}")
+    if Hq > 1 and sinks.stride(0) != 1:
+        raise ValueError(f"sinks: expected a contiguous tensor, got stride {sinks.stride(0)}")
+    if sinks.device != device:
+        raise _device_error("sinks", device, sinks.device)
+    return sinks.data_ptr()
 
 
 def _check_list_len(name: str, lst: Sequence, G: int) -> None:
@@ -271,7 +307,8 @@ def _max_seqlen_q(max_seqlen_q_list: Sequence[int], g: int) -> int:
                             "a hint: the longest query sequence of the group")
 
 
-def _fill_common(params, checked, k, v, cu_seqlens_k, max_seqlen_k, softmax_scale, causal) -> None:
+def _fill_common(params, checked, k, v, cu_seqlens_k, max_seqlen_k, softmax_scale, causal, window_size, softcap,
+                 sinks) -> None:
     """The ringattn_problem, ringattn_exec and K/V fields shared by forward and backward. Every
     value is checked before it is narrowed to its C type."""
     G, B, Hq, Hk, D, dtype, device, _, k_stride, v_stride = checked
@@ -303,6 +340,38 @@ def _fill_common(params, checked, k, v, cu_seqlens_k, max_seqlen_k, softmax_scal
     params.v = v.data_ptr()
     params.v_row_stride = v_stride[0]
     params.v_head_stride = v_stride[1]
+    # Window, softcap, sinks: a few compares when they are off.
+    try:
+        left, right = window_size
+    except (TypeError, ValueError):
+        raise ValueError(f"window_size: expected a (left, right) pair of ints (-1 for unbounded), "
+                         f"got {window_size!r}") from None
+    if left != -1 or right != -1:
+        p.has_window = 1
+        p.window_left = _lib.int32_value(left, "window_size[0]", "the keys left of the diagonal, -1 = unbounded",
+                                         minimum=-1)
+        p.window_right = _lib.int32_value(right, "window_size[1]", "the keys right of the diagonal, -1 = unbounded",
+                                          minimum=-1)
+    if softcap != 0.0:
+        p.softcap = _lib.float32_scale(softcap, "softcap")  # > 0, and its float32 value finite and normal
+    if sinks is not None:
+        p.sinks = _check_sinks(sinks, Hq, device)
+
+
+def _diagonal_shift_pointers(diagonal_shift_list, G: int, B: int, device: torch.device) -> Optional[list]:
+    """The data pointers of diagonal_shift_list (None or G entries, each None or int32 [B]), or
+    None when there is none."""
+    if diagonal_shift_list is None:
+        return None
+    _check_list_len("diagonal_shift_list", diagonal_shift_list, G)
+    pointers = []
+    for g, shift in enumerate(diagonal_shift_list):
+        if shift is None:
+            pointers.append(None)
+            continue
+        _check_int32_vector(shift, f"diagonal_shift_list[{g}]", B, device, "batch_size, one less than cu_seqlens_k")
+        pointers.append(shift.data_ptr())
+    return pointers
 
 
 # The library names the fields of its C structs ("q (group 1)", "cu_seqlens_q[2] (group 0)",
@@ -311,11 +380,13 @@ def _fill_common(params, checked, k, v, cu_seqlens_k, max_seqlen_k, softmax_scal
 _C_GROUP_FIELDS = {
     "q": "q_list", "out": "out_list", "dout": "dout_list", "dq": "dq_list", "softmax_lse": "lse_list",
     "cu_seqlens_q": "cu_seqlens_q_list", "seqused_k": "seqused_k_list", "max_seqlen_q": "max_seqlen_q_list",
+    "diagonal_shift": "diagonal_shift_list",
 }
 _C_GROUP_FIELD = re.compile(
     r"\b(total_q|" + "|".join(_C_GROUP_FIELDS) + r")(\.row_stride|\.head_stride)?((?:\[\d+\])?) \(group (\d+)\)")
 _C_STRIDE = re.compile(r"\b(k|v|dk|dv)\.(row|head)_stride\b")
 _STRIDE_DIM = {".row_stride": ".stride(0)", ".head_stride": ".stride(1)", None: ""}
+_C_WINDOW = re.compile(r"\bwindow_left/window_right\b|\bwindow_(left|right)\b")
 
 
 def _op_names(message: str) -> str:
@@ -327,6 +398,8 @@ def _op_names(message: str) -> str:
         return f"{_C_GROUP_FIELDS[field]}[{g}]{index}{_STRIDE_DIM[stride]}"
 
     message = _C_GROUP_FIELD.sub(group_field, message)
+    message = _C_WINDOW.sub(
+        lambda m: "window_size" if m.group(1) is None else f"window_size[{0 if m.group(1) == 'left' else 1}]", message)
     return _C_STRIDE.sub(lambda m: f"{m.group(1)}.stride({0 if m.group(2) == 'row' else 1})", message)
 
 
@@ -360,18 +433,27 @@ def fwd_into(
     causal: bool,
     out_list: Sequence[Tensor],
     lse_list: Sequence[Tensor],
+    *,
+    window_size: Tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    sinks: Optional[Tensor] = None,
+    diagonal_shift_list: Optional[Sequence[Optional[Tensor]]] = None,
 ) -> None:
     """Run the grouped forward into caller-provided outputs (the ops' kernel; tests use it to
-    check that a rejected call leaves pre-filled outputs untouched)."""
+    check that a rejected call leaves pre-filled outputs untouched). window_size, softcap,
+    sinks (float32 [Hq]) and diagonal_shift_list (G entries, each None or int32 [B]) as in the
+    module docstring."""
     checked = _validate_common(q_list, k, v, cu_seqlens_q_list, cu_seqlens_k, seqused_k_list,
                                max_seqlen_q_list)
     G, Hq, dtype, device, q_info = checked[0], checked[2], checked[5], checked[6], checked[7]
     have_seqused = len(seqused_k_list) == G
     _check_list_len("out_list", out_list, G)
     _check_list_len("lse_list", lse_list, G)
+    shifts = _diagonal_shift_pointers(diagonal_shift_list, G, checked[1], device)
     lib = _lib.get()
     params = _lib.FwdParams()
-    _fill_common(params, checked, k, v, cu_seqlens_k, max_seqlen_k, softmax_scale, causal)
+    _fill_common(params, checked, k, v, cu_seqlens_k, max_seqlen_k, softmax_scale, causal, window_size, softcap,
+                 sinks)
 
     groups = (_lib.FwdGroup * G)()
     for g in range(G):
@@ -391,6 +473,8 @@ def fwd_into(
         gr.seqused_k = seqused.data_ptr() if seqused is not None else None
         gr.total_q = q_shape[0]
         gr.max_seqlen_q = _max_seqlen_q(max_seqlen_q_list, g)
+        if shifts is not None:
+            gr.diagonal_shift = shifts[g]
     params.groups = groups
 
     workspace = _workspace(lib.ringattn_fwd_workspace_size, params, device, "forward")
@@ -418,9 +502,15 @@ def bwd_into(
     dq_list: Sequence[Tensor],
     dk: Tensor,
     dv: Tensor,
+    *,
+    window_size: Tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    sinks: Optional[Tensor] = None,
+    diagonal_shift_list: Optional[Sequence[Optional[Tensor]]] = None,
 ) -> None:
     """Run the grouped backward into caller-provided gradients (dk, dv are overwritten with the
-    sum over groups, not accumulated into)."""
+    sum over groups, not accumulated into). The mask, softcap, sinks and shifts must be the
+    forward's (lse_list holds the sinks already; the sinks' gradient is not computed here)."""
     checked = _validate_common(q_list, k, v, cu_seqlens_q_list, cu_seqlens_k, seqused_k_list,
                                max_seqlen_q_list)
     G, Hq, dtype, device, q_info = checked[0], checked[2], checked[5], checked[6], checked[7]
@@ -430,9 +520,11 @@ def bwd_into(
         _check_list_len(name, lst, G)
     dk_stride = _check_like(dk, "dk", device, dtype, k.shape, "k")
     dv_stride = _check_like(dv, "dv", device, dtype, v.shape, "v")
+    shifts = _diagonal_shift_pointers(diagonal_shift_list, G, checked[1], device)
     lib = _lib.get()
     params = _lib.BwdParams()
-    _fill_common(params, checked, k, v, cu_seqlens_k, max_seqlen_k, softmax_scale, causal)
+    _fill_common(params, checked, k, v, cu_seqlens_k, max_seqlen_k, softmax_scale, causal, window_size, softcap,
+                 sinks)
     params.dk = dk.data_ptr()
     params.dk_row_stride = dk_stride[0]
     params.dk_head_stride = dk_stride[1]
@@ -468,6 +560,8 @@ def bwd_into(
         gr.seqused_k = seqused.data_ptr() if seqused is not None else None
         gr.total_q = q_shape[0]
         gr.max_seqlen_q = _max_seqlen_q(max_seqlen_q_list, g)
+        if shifts is not None:
+            gr.diagonal_shift = shifts[g]
     params.groups = groups
 
     workspace = _workspace(lib.ringattn_bwd_workspace_size, params, device, "backward")
@@ -479,17 +573,21 @@ def bwd_into(
 
 # ---- op definitions ----------------------------------------------------------------------------
 
+# The mask, score and sink arguments come last with their defaults (positional in the schema, so
+# that autograd can give sinks a gradient; callers pass them by keyword).
+_FEATURE_ARGS = ("int[2] window_size=[-1, -1], float softcap=0.0, Tensor? sinks=None, "
+                 "Tensor?[]? diagonal_shift_list=None")
 _FWD_SCHEMA = (
     "grouped_fwd(Tensor[] q_list, Tensor k, Tensor v, Tensor[] cu_seqlens_q_list, "
     "Tensor cu_seqlens_k, Tensor?[] seqused_k_list, SymInt[] max_seqlen_q_list, "
-    "SymInt max_seqlen_k, float softmax_scale, bool causal, bool deterministic) "
-    "-> (Tensor[], Tensor[])"
+    "SymInt max_seqlen_k, float softmax_scale, bool causal, bool deterministic, "
+    f"{_FEATURE_ARGS}) -> (Tensor[], Tensor[])"
 )
 _BWD_SCHEMA = (
     "grouped_bwd(Tensor[] dout_list, Tensor[] q_list, Tensor k, Tensor v, Tensor[] out_list, "
     "Tensor[] lse_list, Tensor[] cu_seqlens_q_list, Tensor cu_seqlens_k, Tensor?[] seqused_k_list, "
     "SymInt[] max_seqlen_q_list, SymInt max_seqlen_k, float softmax_scale, bool causal, "
-    "bool deterministic) -> (Tensor[], Tensor, Tensor)"
+    f"bool deterministic, {_FEATURE_ARGS}) -> (Tensor[], Tensor, Tensor)"
 )
 
 _library = torch.library.Library(_NAMESPACE, "DEF")
@@ -504,25 +602,29 @@ def _alloc_fwd_outputs(q_list: Sequence[Tensor], Hq) -> Tuple[List[Tensor], List
 
 
 def _grouped_fwd_kernel(q_list, k, v, cu_seqlens_q_list, cu_seqlens_k, seqused_k_list,
-                        max_seqlen_q_list, max_seqlen_k, softmax_scale, causal, deterministic):
+                        max_seqlen_q_list, max_seqlen_k, softmax_scale, causal, deterministic,
+                        window_size=(-1, -1), softcap=0.0, sinks=None, diagonal_shift_list=None):
     if not q_list or not isinstance(q_list[0], Tensor) or q_list[0].dim() != 3:
         _validate_common(q_list, k, v, cu_seqlens_q_list, cu_seqlens_k, seqused_k_list,
                          max_seqlen_q_list)  # raises the precise error
     outs, lses = _alloc_fwd_outputs(q_list, q_list[0].shape[1])
     fwd_into(q_list, k, v, cu_seqlens_q_list, cu_seqlens_k, seqused_k_list, max_seqlen_q_list,
-             max_seqlen_k, softmax_scale, causal, outs, lses)
+             max_seqlen_k, softmax_scale, causal, outs, lses, window_size=window_size, softcap=softcap,
+             sinks=sinks, diagonal_shift_list=diagonal_shift_list)
     return outs, lses
 
 
 def _grouped_bwd_kernel(dout_list, q_list, k, v, out_list, lse_list, cu_seqlens_q_list,
                         cu_seqlens_k, seqused_k_list, max_seqlen_q_list, max_seqlen_k,
-                        softmax_scale, causal, deterministic):
+                        softmax_scale, causal, deterministic, window_size=(-1, -1), softcap=0.0,
+                        sinks=None, diagonal_shift_list=None):
     dqs = [torch.empty(q.shape, dtype=q.dtype, device=q.device) for q in q_list]
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     bwd_into(dout_list, q_list, k, v, out_list, lse_list, cu_seqlens_q_list, cu_seqlens_k,
              seqused_k_list, max_seqlen_q_list, max_seqlen_k, softmax_scale, causal,
-             deterministic, dqs, dk, dv)
+             deterministic, dqs, dk, dv, window_size=window_size, softcap=softcap, sinks=sinks,
+             diagonal_shift_list=diagonal_shift_list)
     return dqs, dk, dv
 
 
@@ -531,20 +633,42 @@ for _key in ("CPU", "CUDA"):
     _library.impl("grouped_bwd", _grouped_bwd_kernel, _key)
 
 
+def _validate_features_fake(checked, sinks, diagonal_shift_list) -> None:
+    """The shape checks of sinks and diagonal_shift_list that need no data pointer (the fake
+    kernels' share of _fill_common and _diagonal_shift_pointers)."""
+    G, B, Hq, device = checked[0], checked[1], checked[2], checked[6]
+    if sinks is not None:
+        if not isinstance(sinks, Tensor) or sinks.dtype != torch.float32 or tuple(sinks.shape) != (Hq,):
+            raise ValueError(f"sinks: expected None or a float32 Tensor of shape ({Hq},) ([num_heads_q]), got "
+                             f"{getattr(sinks, 'dtype', type(sinks).__name__)} {tuple(getattr(sinks, 'shape', ()))}")
+        if sinks.device != device:
+            raise _device_error("sinks", device, sinks.device)
+    if diagonal_shift_list is not None:
+        _check_list_len("diagonal_shift_list", diagonal_shift_list, G)
+        for g, shift in enumerate(diagonal_shift_list):
+            if shift is not None:
+                _check_int32_vector(shift, f"diagonal_shift_list[{g}]", B, device,
+                                    "batch_size, one less than cu_seqlens_k")
+
+
 @torch.library.register_fake(f"{_NAMESPACE}::grouped_fwd")
 def _grouped_fwd_fake(q_list, k, v, cu_seqlens_q_list, cu_seqlens_k, seqused_k_list,
-                      max_seqlen_q_list, max_seqlen_k, softmax_scale, causal, deterministic):
-    _validate_common(q_list, k, v, cu_seqlens_q_list, cu_seqlens_k, seqused_k_list,
-                     max_seqlen_q_list)
+                      max_seqlen_q_list, max_seqlen_k, softmax_scale, causal, deterministic,
+                      window_size=(-1, -1), softcap=0.0, sinks=None, diagonal_shift_list=None):
+    checked = _validate_common(q_list, k, v, cu_seqlens_q_list, cu_seqlens_k, seqused_k_list,
+                               max_seqlen_q_list)
+    _validate_features_fake(checked, sinks, diagonal_shift_list)
     return _alloc_fwd_outputs(q_list, q_list[0].shape[1])
 
 
 @torch.library.register_fake(f"{_NAMESPACE}::grouped_bwd")
 def _grouped_bwd_fake(dout_list, q_list, k, v, out_list, lse_list, cu_seqlens_q_list,
                       cu_seqlens_k, seqused_k_list, max_seqlen_q_list, max_seqlen_k,
-                      softmax_scale, causal, deterministic):
-    _validate_common(q_list, k, v, cu_seqlens_q_list, cu_seqlens_k, seqused_k_list,
-                     max_seqlen_q_list)
+                      softmax_scale, causal, deterministic, window_size=(-1, -1), softcap=0.0,
+                      sinks=None, diagonal_shift_list=None):
+    checked = _validate_common(q_list, k, v, cu_seqlens_q_list, cu_seqlens_k, seqused_k_list,
+                               max_seqlen_q_list)
+    _validate_features_fake(checked, sinks, diagonal_shift_list)
     dqs = [torch.empty(q.shape, dtype=q.dtype, device=q.device) for q in q_list]
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
@@ -554,26 +678,41 @@ def _grouped_bwd_fake(dout_list, q_list, k, v, out_list, lse_list, cu_seqlens_q_
 # ---- autograd ---------------------------------------------------------------------------------
 
 
-def _list_grad_structure(values: Sequence) -> Optional[list]:
+def _list_grad_structure(values: Optional[Sequence]) -> Optional[list]:
     """The None-gradient for a list input, shaped the way torch.library's tensor-list autograd
-    expects: a list of Nones when every entry is a Tensor (including []), else a single None."""
-    if all(isinstance(x, Tensor) for x in values):
+    expects: a list of Nones when every entry is a Tensor (including []), else a single None
+    (also for an optional list that is None)."""
+    if values is not None and all(isinstance(x, Tensor) for x in values):
         return [None] * len(values)
     return None
 
 
+def _feature_kwargs(window_size, softcap, sinks, diagonal_shift_list) -> Optional[dict]:
+    """The mask, score and sink arguments to hand on to the ops, or None when all are off (the
+    plain call then stays a plain call)."""
+    left, right = window_size
+    if left == -1 and right == -1 and softcap == 0.0 and sinks is None and diagonal_shift_list is None:
+        return None
+    return {"window_size": [left, right], "softcap": softcap, "sinks": sinks,
+            "diagonal_shift_list": diagonal_shift_list}
+
+
 def _fwd_setup_context(ctx, inputs, output) -> None:
     (q_list, k, v, cu_seqlens_q_list, cu_seqlens_k, seqused_k_list, max_seqlen_q_list,
-     max_seqlen_k, softmax_scale, causal, deterministic) = inputs
+     max_seqlen_k, softmax_scale, causal, deterministic, window_size, softcap, sinks,
+     diagonal_shift_list) = inputs
     out_list, lse_list = output
     G = len(q_list)
     # Outputs the loss does not use arrive as None (not zeros), so the backward can skip work:
     # an unused group gets a zero dout, and the LSE term (below) runs only if some LSE is used.
     ctx.set_materialize_grads(False)
     seqused_present = [s is not None for s in seqused_k_list]
+    shifts_present = None if diagonal_shift_list is None else [s is not None for s in diagonal_shift_list]
     ctx.save_for_backward(
         *q_list, k, v, *out_list, *lse_list, *cu_seqlens_q_list, cu_seqlens_k,
         *[s for s in seqused_k_list if s is not None],
+        *([] if sinks is None else [sinks]),
+        *([] if diagonal_shift_list is None else [s for s in diagonal_shift_list if s is not None]),
     )
     ctx.num_groups = G
     ctx.seqused_present = seqused_present
@@ -582,8 +721,17 @@ def _fwd_setup_context(ctx, inputs, output) -> None:
     ctx.softmax_scale = softmax_scale
     ctx.causal = causal
     ctx.deterministic = deterministic
+    ctx.window_size = window_size
+    ctx.softcap = softcap
+    ctx.has_sinks = sinks is not None
+    ctx.shifts_present = shifts_present
     ctx.cu_seqlens_q_grad = _list_grad_structure(cu_seqlens_q_list)
     ctx.seqused_k_grad = _list_grad_structure(seqused_k_list)
+    ctx.diagonal_shift_grad = _list_grad_structure(diagonal_shift_list)
+
+
+# Where sinks sits among grouped_fwd's arguments (for ctx.needs_input_grad).
+_FWD_SINKS_INDEX = 13
 
 
 def _fwd_backward(ctx, grad_out_list, grad_lse_list):
@@ -601,6 +749,11 @@ def _fwd_backward(ctx, grad_out_list, grad_lse_list):
             seqused_k_list.append(saved.pop(0))
         else:
             seqused_k_list.append(None)
+    sinks = saved.pop(0) if ctx.has_sinks else None
+    diagonal_shift_list = None
+    if ctx.shifts_present is not None:
+        diagonal_shift_list = [saved.pop(0) if present else None for present in ctx.shifts_present]
+    features = _feature_kwargs(ctx.window_size, ctx.softcap, sinks, diagonal_shift_list)
 
     dout_list = []
     for g in range(G):
@@ -611,52 +764,93 @@ def _fwd_backward(ctx, grad_out_list, grad_lse_list):
 
     meta = (cu_seqlens_q_list, cu_seqlens_k, seqused_k_list, ctx.max_seqlen_q_list,
             ctx.max_seqlen_k, ctx.softmax_scale, ctx.causal, ctx.deterministic)
-    dq_list, dk, dv = torch.ops.ring_flash_attn.grouped_bwd(
-        dout_list, q_list, k, v, out_list, lse_list, *meta)
+    if features is None:
+        dq_list, dk, dv = torch.ops.ring_flash_attn.grouped_bwd(
+            dout_list, q_list, k, v, out_list, lse_list, *meta)
+    else:
+        dq_list, dk, dv = torch.ops.ring_flash_attn.grouped_bwd(
+            dout_list, q_list, k, v, out_list, lse_list, *meta, **features)
     dq_list = list(dq_list)
 
-    if grad_lse_list is not None and any(d is not None for d in grad_lse_list):
+    lse_used = grad_lse_list is not None and any(d is not None for d in grad_lse_list)
+    if lse_used:
         dq_list, dk = _add_lse_gradient(grad_lse_list, q_list, k, v, out_list, lse_list, meta,
-                                        dq_list, dk)
-    return (dq_list, dk, dv, ctx.cu_seqlens_q_grad, None, ctx.seqused_k_grad, None, None,
-            None, None, None)
+                                        dq_list, dk, features)
+    # The dispatcher drops trailing arguments left at their defaults; autograd wants one gradient
+    # per argument it was given (needs_input_grad has one entry per argument).
+    given = len(ctx.needs_input_grad)
+    dsinks = None
+    if sinks is not None and given > _FWD_SINKS_INDEX and ctx.needs_input_grad[_FWD_SINKS_INDEX]:
+        dsinks = _sink_gradient(sinks, out_list, dout_list if grad_out_list is not None else None, lse_list,
+                                grad_lse_list if lse_used else None)
+    grads = (dq_list, dk, dv, ctx.cu_seqlens_q_grad, None, ctx.seqused_k_grad, None, None,
+             None, None, None, None, None, dsinks, ctx.diagonal_shift_grad)
+    return grads[:given]
 
 
-def _add_lse_gradient(grad_lse_list, q_list, k, v, out_list, lse_list, meta, dq_list, dk):
-    """Adds the gradient that flows through LSE, using the library's own kernels.
+def _sink_gradient(sinks: Tensor, out_list: Sequence[Tensor], dout_list: Optional[Sequence[Tensor]],
+                   lse_list: Sequence[Tensor], grad_lse_list: Optional[Sequence[Optional[Tensor]]]) -> Tensor:
+    """The gradient of the sink logits [Hq] (float32), summed over every row of every group.
 
-    With S = scale * Q K^T and lse_i = logsumexp_j S_ij, d lse_i / d S_ij = P_ij, so a dlse adds
-    dS_ij = dlse_i * P_ij, that is
-        dQ_i += scale * dlse_i * (P K)_i      = scale * dlse_i * attention(Q, K, V=K)_i
-        dK_j += scale * sum_i P_ij dlse_i Q_i = scale * (dV of a backward with dout_i = dlse_i Q_i)
-    (P is the same masked softmax, GQA sums included). Rows without keys have P = 0 and get
-    nothing. Costs one more forward and backward, only when some LSE is used by the loss.
+    With P_sink,i = exp(sinks[h] - lse_i) the sink's share of row i's softmax, d out_i /d sinks[h]
+    = -P_sink,i out_i and d lse_i / d sinks[h] = P_sink,i, so
+        dsinks[h] = sum_i P_sink,i * (dlse_i - rowsum(dO_i * O_i)).
+    Rows with lse = -inf (after the last sequence, or without keys under a -inf sink) have
+    P_sink = 0. Shapes: out_list[g], dout_list[g] [total_q_g, Hq, D]; lse_list[g] and
+    grad_lse_list[g] [Hq, total_q_g].
     """
-    (cu_seqlens_q_list, cu_seqlens_k, seqused_k_list, max_seqlen_q_list, max_seqlen_k,
-     softmax_scale, causal, deterministic) = meta
-    scale = softmax_scale if softmax_scale != 0.0 else 1.0 / math.sqrt(k.shape[-1])
+    acc = torch.float64 if out_list[0].dtype == torch.float64 else torch.float32
+    sink_column = sinks.to(acc).unsqueeze(1)  # [Hq, 1]
+    dsinks = torch.zeros(sinks.shape, dtype=acc, device=sinks.device)
+    for g, lse in enumerate(lse_list):
+        lse = lse.to(acc)
+        share = torch.where(torch.isneginf(lse), 0.0, torch.exp(sink_column - lse))  # [Hq, total_q]
+        term = None
+        if dout_list is not None:
+            rowsum = (dout_list[g].to(acc) * out_list[g].to(acc)).sum(-1).t()  # [Hq, total_q]
+            term = -rowsum
+        if grad_lse_list is not None and grad_lse_list[g] is not None:
+            dlse = grad_lse_list[g].to(acc)
+            term = dlse if term is None else term + dlse
+        if term is not None:
+            dsinks = dsinks + (share * term).sum(1)
+    return dsinks.to(sinks.dtype)
+
+
+def _add_lse_gradient(grad_lse_list, q_list, k, v, out_list, lse_list, meta, dq_list, dk, features=None):
+    """Adds the gradient that flows through LSE, with one more call of the library's backward.
+
+    d lse_i / d S_ij = P_ij for every score S_ij = scale * q_i . k_j (sinks only lower P), so a
+    dlse adds dS_ij = dlse_i * P_ij, before the softcap's derivative. The backward kernel forms
+    dS_ij = P_ij (dP_ij - D_i) with dP_ij = dO_i . v_j and D_i = rowsum(dO_i * O_i); called with
+    V = 0 (dP = 0), dO_i = e_0 and O_i = -dlse_i e_0 (D_i = -dlse_i) it forms exactly that, and
+    returns its dQ and dK with the mask, the softcap's derivative and GQA sums applied. Rows
+    without keys have P = 0 and get nothing. Costs one more backward call, only when some LSE is
+    used by the loss.
+    """
     G = len(q_list)
-    # dlse [Hq, total_q] fp32 -> a per-row factor [total_q, Hq, 1]; unused groups get zeros.
-    factors = []
+    zero_v = torch.zeros_like(v)
+    unit_douts, minus_dlse_outs = [], []
     for g in range(G):
-        d = grad_lse_list[g]
-        if d is None:
-            d = torch.zeros(lse_list[g].shape, dtype=torch.float32, device=q_list[g].device)
-        # -inf rows have P = 0 whatever their dlse; keep inf * 0 from making NaN.
-        d = torch.where(torch.isneginf(lse_list[g]), 0.0, d)
-        factors.append(d.t().unsqueeze(-1))
-    pk_list, _ = torch.ops.ring_flash_attn.grouped_fwd(
-        q_list, k, k, cu_seqlens_q_list, cu_seqlens_k, seqused_k_list, max_seqlen_q_list,
-        max_seqlen_k, softmax_scale, causal, deterministic)
+        q, lse, d = q_list[g], lse_list[g], grad_lse_list[g]
+        unit = torch.zeros_like(q)
+        unit[..., 0] = 1.0
+        minus_dlse = torch.zeros_like(q)
+        if d is not None:
+            # -inf rows have P = 0 whatever their dlse; keep inf * 0 from making NaN.
+            d = torch.where(torch.isneginf(lse), 0.0, d)
+            minus_dlse[..., 0] = -d.t()
+        unit_douts.append(unit)
+        minus_dlse_outs.append(minus_dlse)
+    if features is None:
+        dq_extra, dk_extra, _ = torch.ops.ring_flash_attn.grouped_bwd(
+            unit_douts, q_list, k, zero_v, minus_dlse_outs, lse_list, *meta)
+    else:
+        dq_extra, dk_extra, _ = torch.ops.ring_flash_attn.grouped_bwd(
+            unit_douts, q_list, k, zero_v, minus_dlse_outs, lse_list, *meta, **features)
     acc = torch.float64 if k.dtype == torch.float64 else torch.float32
-    dq_list = [
-        (dq.to(acc) + scale * f.to(acc) * pk.to(acc)).to(dq.dtype)
-        for dq, f, pk in zip(dq_list, factors, pk_list)
-    ]
-    dout_q = [(f.to(acc) * q.to(acc)).to(q.dtype) for f, q in zip(factors, q_list)]
-    _, _, dk_extra = torch.ops.ring_flash_attn.grouped_bwd(
-        dout_q, q_list, k, v, out_list, lse_list, *meta)
-    dk = (dk.to(acc) + scale * dk_extra.to(acc)).to(dk.dtype)
+    dq_list = [(dq.to(acc) + extra.to(acc)).to(dq.dtype) for dq, extra in zip(dq_list, dq_extra)]
+    dk = (dk.to(acc) + dk_extra.to(acc)).to(dk.dtype)
     return dq_list, dk
 
 

@@ -1,5 +1,6 @@
 // Grouped varlen attention straight from its definition, in double precision: for every query
-// row the full row of scores, a full-row softmax, then the products. O(Lq * Lk * D) per head,
+// row the full row of scores, a full-row softmax, then the products. Masks (causal, a window,
+// a diagonal shift), softcap and sinks as ringattn.h defines them. O(Lq * Lk * D) per head,
 // no tiling, no online softmax, nothing shared with the library. Tests compare both backends
 // against it.
 //
@@ -22,6 +23,14 @@ struct Problem {
   int dim = 8;
   double scale = 0.0;  // <= 0: 1/sqrt(dim)
   bool causal = false;
+  // Local attention when has_window: row i of a sequence sees key j iff
+  // d - window_left <= j <= d + window_right with d = i + Lk - Lq + diagonal_shift[b]; -1 =
+  // unbounded. causal bounds the right side at d.
+  bool has_window = false;
+  int window_left = -1;
+  int window_right = -1;
+  double softcap = 0.0;        // > 0: scores become softcap * tanh(score / softcap)
+  std::vector<double> sinks;   // [heads_q] sink logits, or empty
   int64_t total_k = 0;
   std::vector<int32_t> cu_seqlens_k;  // [B+1]
   std::vector<double> k, v;           // [total_k, heads_k, dim]
@@ -31,6 +40,7 @@ struct Group {
   int64_t total_q = 0;
   std::vector<int32_t> cu_seqlens_q;  // [B+1]
   std::vector<int32_t> seqused_k;     // [B], or empty for "all keys"
+  std::vector<int32_t> diagonal_shift;  // [B], or empty for no shift
   std::vector<double> q;              // [total_q, heads_q, dim]
   std::vector<double> dout;           // [total_q, heads_q, dim] (backward only)
 };
@@ -54,6 +64,7 @@ inline double effective_scale(const Problem& p) {
 struct Row {
   std::vector<int64_t> keys;
   std::vector<double> prob;
+  std::vector<double> tanh_derivative;  // d score / d (scale * q.k): 1 - tanh^2 with a softcap, else 1
   double lse = -std::numeric_limits<double>::infinity();
 };
 
@@ -65,21 +76,39 @@ inline Row attention_row(const Problem& p, const Group& g, int b, int h, int64_t
   const int64_t lk = g.seqused_k.empty() ? p.cu_seqlens_k[b + 1] - p.cu_seqlens_k[b] : g.seqused_k[b];
   const int hk = h / (p.heads_q / p.heads_k);
   const double scale = effective_scale(p);
+  // Bottom-right aligned: row i's diagonal key, moved by the group's shift.
+  const int64_t diag = i + lk - lq + (g.diagonal_shift.empty() ? 0 : g.diagonal_shift[b]);
+  const int64_t left = p.has_window ? p.window_left : -1;
+  const int64_t right = p.causal ? 0 : (p.has_window ? p.window_right : -1);
   std::vector<double> scores;
   for (int64_t j = 0; j < lk; ++j) {
-    if (p.causal && j > i + lk - lq) continue;  // bottom-right aligned causal mask
+    if (right >= 0 && j > diag + right) continue;
+    if (left >= 0 && j < diag - left) continue;
     double s = 0.0;
     for (int d = 0; d < p.dim; ++d)
       s += g.q[(q_row * p.heads_q + h) * p.dim + d] * p.k[((k0 + j) * p.heads_k + hk) * p.dim + d];
+    s *= scale;
+    if (p.softcap > 0.0) s = p.softcap * std::tanh(s / p.softcap);
     row.keys.push_back(j);
-    scores.push_back(scale * s);
+    scores.push_back(s);
   }
-  if (scores.empty()) return row;
-  const double mx = *std::max_element(scores.begin(), scores.end());
-  double sum = 0.0;
+  const bool sink = !p.sinks.empty();
+  if (scores.empty()) {
+    if (sink) row.lse = p.sinks[h];
+    return row;
+  }
+  double mx = *std::max_element(scores.begin(), scores.end());
+  if (sink) mx = std::max(mx, p.sinks[h]);
+  double sum = sink ? std::exp(p.sinks[h] - mx) : 0.0;  // the sink's share of the denominator
   for (double s : scores) sum += std::exp(s - mx);
   row.lse = mx + std::log(sum);
   for (double s : scores) row.prob.push_back(std::exp(s - mx) / sum);
+  row.tanh_derivative.assign(scores.size(), 1.0);
+  if (p.softcap > 0.0)
+    for (size_t n = 0; n < scores.size(); ++n) {
+      const double t = scores[n] / p.softcap;
+      row.tanh_derivative[n] = 1.0 - t * t;
+    }
   return row;
 }
 
@@ -113,7 +142,8 @@ inline Forward forward(const Problem& p, const Group& g) {
 }
 
 // Gradients of sum(O_g * dO_g) over all groups, from the definition of the softmax Jacobian:
-// dS_j = P_j (dP_j - sum_l P_l dP_l), with dP_j = dO . v_j.
+// dS_j = P_j (dP_j - sum_l P_l dP_l), with dP_j = dO . v_j (a sink has no value: it only lowers
+// every P_j), times the softcap's 1 - tanh^2.
 inline Gradients backward(const Problem& p, const std::vector<Group>& groups) {
   Gradients grads;
   const double scale = effective_scale(p);
@@ -133,7 +163,7 @@ inline Gradients backward(const Problem& p, const std::vector<Group>& groups) {
       }
       for (size_t n = 0; n < row.keys.size(); ++n) {
         const int64_t kv_row = k0 + row.keys[n];
-        const double dscore = row.prob[n] * (dprob[n] - weighted);
+        const double dscore = row.prob[n] * (dprob[n] - weighted) * row.tanh_derivative[n];
         const double* k = &p.k[(kv_row * p.heads_k + hk) * p.dim];
         double* dk = &grads.dk[(kv_row * p.heads_k + hk) * p.dim];
         double* dv = &grads.dv[(kv_row * p.heads_k + hk) * p.dim];

@@ -298,6 +298,15 @@ struct CaseSpec {
   Layout out_layout = Layout::kContiguous;   // out and dout
   Layout grad_layout = Layout::kContiguous;  // dq, dk, dv
   double q_amplitude = 1.0;  // |q| up to this: larger values give peakier softmax rows
+  // Local attention (has_window = 1 with these bounds, -1 = unbounded), softcap (0 = off) and
+  // sink logits ([heads_q], empty = NULL).
+  bool has_window = false;
+  int window_left = -1;
+  int window_right = -1;
+  float softcap = 0.0f;
+  std::vector<float> sinks;
+  // Per group, the diagonal shift of each sequence ([G][B]); empty, or an empty entry = NULL.
+  std::vector<std::vector<int>> diagonal_shift;
 };
 
 // gtest prints parameters of failing tests with this.
@@ -315,7 +324,7 @@ struct CaseInputs {
   int64_t total_k = 0;
   std::vector<int32_t> cu_k;
   std::vector<int64_t> total_q;
-  std::vector<std::vector<int32_t>> cu_q, seqused;
+  std::vector<std::vector<int32_t>> cu_q, seqused, diagonal_shift;
   Tensor3 k, v;
   std::vector<Tensor3> q, dout;
 };
@@ -349,6 +358,10 @@ inline CaseInputs make_inputs(const CaseSpec& spec, int dtype, uint32_t seed) {
   for (const GroupSpec& g : spec.groups) {
     in.cu_q.push_back(cumulative(g.lq));
     in.seqused.push_back(std::vector<int32_t>(g.seqused_k.begin(), g.seqused_k.end()));
+    const size_t group = in.cu_q.size() - 1;
+    const std::vector<int> shift =
+        group < spec.diagonal_shift.size() ? spec.diagonal_shift[group] : std::vector<int>();
+    in.diagonal_shift.push_back(std::vector<int32_t>(shift.begin(), shift.end()));
     in.total_q.push_back(in.cu_q.back().back() + g.extra_rows);
     Tensor3 q(dtype, in.total_q.back(), spec.heads_q, spec.dim, spec.q_layout);
     Tensor3 dout(dtype, in.total_q.back(), spec.heads_q, spec.dim, spec.out_layout);
@@ -377,6 +390,11 @@ inline ringattn_problem make_problem(const CaseInputs& in) {
   p.max_seqlen_k = in.spec.lk.empty() ? 0 : *std::max_element(in.spec.lk.begin(), in.spec.lk.end());
   p.cu_seqlens_k = in.cu_k.data();
   p.check_metadata = 1;
+  p.has_window = in.spec.has_window ? 1 : 0;
+  p.window_left = in.spec.window_left;
+  p.window_right = in.spec.window_right;
+  p.softcap = in.spec.softcap;
+  p.sinks = in.spec.sinks.empty() ? nullptr : in.spec.sinks.data();
   return p;
 }
 
@@ -412,6 +430,7 @@ void set_group_queries(Group& gr, const CaseInputs& in, int g) {
   RATEST_SET_TENSOR(gr, q, in.q[g].data(), in.q[g]);
   gr.cu_seqlens_q = in.cu_q[g].data();
   gr.seqused_k = in.seqused[g].empty() ? nullptr : in.seqused[g].data();
+  gr.diagonal_shift = in.diagonal_shift[g].empty() ? nullptr : in.diagonal_shift[g].data();
   gr.total_q = in.total_q[g];
   gr.max_seqlen_q = max_len(in.spec.groups[g].lq);
 }
@@ -531,6 +550,11 @@ inline naive::Problem naive_problem(const CaseInputs& in) {
   p.dim = in.spec.dim;
   p.scale = static_cast<double>(in.spec.softmax_scale);
   p.causal = in.spec.causal;
+  p.has_window = in.spec.has_window;
+  p.window_left = in.spec.window_left;
+  p.window_right = in.spec.window_right;
+  p.softcap = static_cast<double>(in.spec.softcap);
+  p.sinks.assign(in.spec.sinks.begin(), in.spec.sinks.end());
   p.total_k = in.total_k;
   p.cu_seqlens_k = in.cu_k;
   p.k = in.k.dense();
@@ -545,6 +569,7 @@ inline std::vector<naive::Group> naive_groups(const CaseInputs& in) {
     ng.total_q = in.total_q[g];
     ng.cu_seqlens_q = in.cu_q[g];
     ng.seqused_k = in.seqused[g];
+    ng.diagonal_shift = in.diagonal_shift[g];
     ng.q = in.q[g].dense();
     ng.dout = in.dout[g].dense();
     groups.push_back(std::move(ng));
