@@ -98,10 +98,10 @@ def _validate_common(q, k, v, dropout_p, window_size, alibi_slopes, softcap, sin
     check_softcap(softcap)
     ndim = 3 if layout.startswith("[local_tokens") else 4
     check_qkv(q, k, v, ndim, layout)
-    check_local_tokens(q, k, v, "the tokens of q: the contiguous layout shards q, k and v alike")
     if ndim == 4 and k.shape[:2] != q.shape[:2]:
         raise ValueError(f"k: expected batch and local length {tuple(q.shape[:2])} (those of q), got "
                          f"{tuple(k.shape[:2])}")
+    check_local_tokens(q, k, v, "the tokens of q: the contiguous layout shards q, k and v alike")
     check_heads(q, k)
     replicas = check_head_split(q.shape[-2], k.shape[-2], world_size)
     check_sinks(sinks, q.shape[-2], q.device)
