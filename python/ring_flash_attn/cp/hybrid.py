@@ -1,9 +1,11 @@
 """2-D hybrid context parallelism: Ulysses all-to-all inside a group of ``ulysses_degree`` ranks,
-an all-gather scheme (zigzag llama3, or contiguous llama3) across ``kv_degree`` ranks.
+a K/V-passing scheme across ``kv_degree`` ranks: zigzag llama3 (the default), contiguous llama3
+or zigzag ring attention.
 
 Layout (``HybridLayout``, ``mesh``): N = U K ranks, rank ``p = a U + u`` (KV coordinate a,
 Ulysses coordinate u). The global packed batch is first cut over the K KV groups by the KV
-scheme's layout (zigzag: of every sequence, chunks a and 2K-1-a; llama3: the contiguous piece a),
+scheme's layout (zigzag llama3 and zigzag ring: of every sequence, chunks a and 2K-1-a; llama3:
+the contiguous piece a),
 and that part (T_g / K tokens) is cut into U contiguous pieces, piece u on rank (a, u):
 ``hybrid_shard`` does both. The all-to-all inside the Ulysses group (``all_to_all``) gives
 each rank its KV group's whole part for Hq/U query heads (and their KV heads, replicated when
@@ -13,9 +15,11 @@ back. The backward differentiates the KV scheme's own autograd per chunk (its dK
 reduce-scatter included) between the two all-to-alls of the gradients.
 
 Communication: the all-to-all moves each rank's Q, K, V, O shares once inside the Ulysses group
-(NVLink when that group is inside a node); the KV scheme's all-gather / reduce-scatter move K/V
-of Hk/U heads (at least one) across the K ranks, slice by slice (``heads_k_stride``), the next
-slice's all-gather overlapping the current slice's compute. ``ulysses_heads_k_stride`` cuts the
+(NVLink when that group is inside a node); the KV scheme moves K/V of Hk/U heads (at least one)
+across the K ranks: the all-gather schemes slice by slice (``heads_k_stride``), the next slice's
+all-gather overlapping the current slice's compute (with one KV head per rank there is one slice,
+not overlapped); zigzag ring attention block by block around the ring, each step's transfer
+overlapping that step's compute. ``ulysses_heads_k_stride`` cuts the
 all-to-all into chunks that overlap each other's compute too (default: one chunk).
 """
 
@@ -40,6 +44,7 @@ from .validation import (CuSeqlens, as_cu_tensor, check_collective_device, check
                          check_local_tokens, check_qkv, metadata_checks_enabled, unpack)
 from .zigzag_layout import zigzag_check_cu_seqlens, zigzag_shard, zigzag_unshard
 from .zigzag_llama3 import zigzag_llama3_flash_attn_varlen_func, zigzag_llama3_prepare_cu_seqlens
+from .zigzag_ring import zigzag_ring_flash_attn_varlen_func
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -51,8 +56,28 @@ __all__ = ["HF_ATTN_HYBRID", "hf_batch_metadata", "hybrid_flash_attn_varlen_func
 # The name of the scheme in transformers' AttentionInterface (ring_flash_attn.hf_adapter).
 HF_ATTN_HYBRID = "ring_attn_hybrid"
 
-# kv_scheme -> its varlen function (llama3's signature)
-_KV_FUNCTIONS = {"zigzag_llama3": zigzag_llama3_flash_attn_varlen_func, "llama3": llama3_flash_attn_varlen_func}
+
+
+def _zigzag_ring_with_llama3_signature(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                                       max_seqlen_q: int, max_seqlen_k: int, heads_k_stride: int,
+                                       local_k_slice: Optional[slice], **kwargs):
+    """``zigzag_ring_flash_attn_varlen_func`` called with zigzag llama3's metadata: its LOCAL
+    ``cu_seqlens_q`` and ``max_seqlen_q`` are what the ring takes (``heads_k_stride`` and the
+    GLOBAL ``cu_seqlens_k`` are not used: the ring passes every KV head's block at each step)."""
+    return zigzag_ring_flash_attn_varlen_func(q, k, v, cu_seqlens_q, max_seqlen_q, **kwargs)
+
+
+# kv_scheme -> (the function called with llama3's signature, the public function whose parameters
+# say which features it takes)
+_KV_FUNCTIONS = {
+    "zigzag_llama3": (zigzag_llama3_flash_attn_varlen_func, zigzag_llama3_flash_attn_varlen_func),
+    "llama3": (llama3_flash_attn_varlen_func, llama3_flash_attn_varlen_func),
+    "zigzag_ring": (_zigzag_ring_with_llama3_signature, zigzag_ring_flash_attn_varlen_func),
+}
+
+
+def _is_zigzag(kv_scheme: str) -> bool:
+    return kv_scheme in ("zigzag_llama3", "zigzag_ring")
 
 
 def _layout_of(mesh: Union[HybridLayout, HybridMesh]) -> HybridLayout:
@@ -79,7 +104,7 @@ def hybrid_shard(x: Tensor, cu_seqlens: CuSeqlens, rank: int, mesh: Union[Hybrid
     if x.shape[0] % layout.world_size:
         raise ValueError(f"x: expected a token count divisible by the {layout.world_size} ranks of the mesh "
                          f"(ulysses_degree {U} x kv_degree {K}), got {x.shape[0]}")
-    if layout.kv_scheme == "zigzag_llama3":
+    if _is_zigzag(layout.kv_scheme):
         part = zigzag_shard(x, cu_seqlens, a, K)
     else:
         cu = as_cu_tensor(cu_seqlens, "cu_seqlens")
@@ -102,7 +127,7 @@ def hybrid_unshard(shards: Sequence[Tensor], cu_seqlens: CuSeqlens, mesh: Union[
         raise ValueError(f"shards: expected {layout.world_size} tensors (one per rank of the mesh), got {len(shards)}")
     U, K = layout.ulysses_degree, layout.kv_degree
     parts = [torch.cat(shards[a * U:(a + 1) * U]) for a in range(K)]
-    if layout.kv_scheme == "zigzag_llama3":
+    if _is_zigzag(layout.kv_scheme):
         return zigzag_unshard(parts, cu_seqlens)
     return torch.cat(parts)
 
@@ -114,10 +139,10 @@ def hybrid_prepare_cu_seqlens(
     """What ``hybrid_flash_attn_varlen_func`` takes on parent rank ``rank``, from the GLOBAL
     cu_seqlens: the KV scheme's metadata for the rank's KV coordinate a over the ``kv_degree``
     ranks, ``(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, local_k_slice)``
-    (``zigzag_llama3_prepare_cu_seqlens(cu_seqlens, causal, a, K, max_seqlen)`` or
-    ``llama3_flash_attn_prepare_cu_seqlens(cu_seqlens, causal, a, K)``). The total must be
-    divisible by the mesh's N ranks; zigzag llama3 also needs every sequence length a multiple
-    of 2K."""
+    (``zigzag_llama3_prepare_cu_seqlens(cu_seqlens, causal, a, K, max_seqlen)`` for both zigzag
+    schemes, or ``llama3_flash_attn_prepare_cu_seqlens(cu_seqlens, causal, a, K)``). The total
+    must be divisible by the mesh's N ranks; the zigzag layout also needs every sequence length a
+    multiple of 2K."""
     layout = _layout_of(mesh)
     a, _ = layout.coordinates(rank)
     cu = as_cu_tensor(cu_seqlens, "cu_seqlens")
@@ -128,7 +153,7 @@ def hybrid_prepare_cu_seqlens(
             raise ValueError(f"cu_seqlens: expected a total length divisible by the {layout.world_size} ranks of the "
                              f"mesh (ulysses_degree {layout.ulysses_degree} x kv_degree {layout.kv_degree}), got "
                              f"{values[-1]}")
-    if layout.kv_scheme == "zigzag_llama3":
+    if _is_zigzag(layout.kv_scheme):
         return zigzag_llama3_prepare_cu_seqlens(cu_seqlens, causal, a, layout.kv_degree, max_seqlen)
     return llama3_flash_attn_prepare_cu_seqlens(cu_seqlens, causal, a, layout.kv_degree)
 
@@ -145,7 +170,7 @@ def hf_batch_metadata(cu_seqlens: List[int], rank: int, world_size: int) -> Dict
                                 f"on every rank), got {got}")
     layout = mesh.layout
     try:
-        if layout.kv_scheme == "zigzag_llama3":
+        if _is_zigzag(layout.kv_scheme):
             zigzag_check_cu_seqlens(cu_seqlens, layout.kv_degree)
         return {c: hybrid_prepare_cu_seqlens(cu_seqlens, c, rank, layout) for c in (True, False)}
     except ValueError as e:
@@ -207,7 +232,7 @@ def hybrid_flash_attn_varlen_func(
     ulysses_heads_k_stride: Optional[int] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor, None]]:
     """Hybrid context-parallel attention: all-to-all over the mesh's Ulysses group, the KV scheme
-    (zigzag llama3 or llama3) over its KV group (llama3's signature).
+    (zigzag llama3, llama3 or zigzag ring) over its KV group (llama3's signature).
 
     Args:
         q: ``[T, Hq, D]``, k, v: ``[T, Hk, D]``: the rank's ``hybrid_shard`` of the packed batch
@@ -215,8 +240,9 @@ def hybrid_flash_attn_varlen_func(
         cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, local_k_slice: the KV scheme's
             metadata for the rank's KV coordinate, as ``hybrid_prepare_cu_seqlens`` returns it
             (it describes the KV group's part, U T tokens).
-        heads_k_stride: the KV scheme's KV heads per all-gather slice (divides the KV heads of an
-            all-to-all chunk); the next slice's all-gather overlaps this slice's compute.
+        heads_k_stride: the all-gather schemes' KV heads per all-gather slice (divides the KV heads
+            of an all-to-all chunk); the next slice's all-gather overlaps this slice's compute. Not
+            used by zigzag ring attention.
         ulysses_heads_k_stride: KV heads per all-to-all chunk (divides ``max(Hk, U) / U``); None:
             one chunk.
         dropout_p, alibi_slopes: only their defaults (NotImplementedError otherwise).
@@ -235,7 +261,7 @@ def hybrid_flash_attn_varlen_func(
     U = layout.ulysses_degree
     values_checked = metadata_checks_enabled(device_of(q))
     agreement = RankAgreement("hybrid_flash_attn_varlen_func", mesh.ulysses_group, U, device_of(q), values_checked)
-    fn = _KV_FUNCTIONS[layout.kv_scheme]
+    fn, public_fn = _KV_FUNCTIONS[layout.kv_scheme]
     with agreement.validating():
         check_flash_attn_defaults(dropout_p, (-1, -1), alibi_slopes)
         window = check_window_size(window_size)
@@ -253,7 +279,7 @@ def hybrid_flash_attn_varlen_func(
                 or chunk % heads_k_stride:
             raise ValueError(f"heads_k_stride: expected an int >= 1 dividing the {chunk} KV heads of an all-to-all "
                              f"chunk, got {heads_k_stride!r}")
-        features = feature_kwargs(fn, f"{fn.__name__}", softcap, sinks)
+        features = feature_kwargs(public_fn, public_fn.__name__, softcap, sinks)
         shards = HeadShards(group=mesh.ulysses_group, world_size=U, rank=mesh.ulysses_rank, total_local=q.shape[0],
                             batch=1, num_heads_q=q.shape[1], num_heads_k=k.shape[1], kv_replicas=replicas,
                             heads_k_stride=chunk)

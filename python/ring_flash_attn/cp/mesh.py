@@ -28,8 +28,8 @@ if TYPE_CHECKING:
 __all__ = ["KV_SCHEMES", "HybridLayout", "HybridMesh", "active_hybrid_mesh", "choose_hybrid_degrees",
            "hybrid_mesh", "hybrid_mesh_from_device_mesh", "set_active_hybrid_mesh"]
 
-# The schemes that can run across the KV groups (they take llama3's varlen signature).
-KV_SCHEMES = ("zigzag_llama3", "llama3")
+# The schemes that can run across the KV groups: the all-gather schemes and zigzag ring attention.
+KV_SCHEMES = ("zigzag_llama3", "llama3", "zigzag_ring")
 
 
 def _check_degree(value, name: str) -> int:
@@ -42,7 +42,7 @@ def _check_degree(value, name: str) -> int:
 class HybridLayout:
     """The numbers of a hybrid mesh: ``ulysses_degree`` (ranks of one all-to-all group),
     ``kv_degree`` (ranks of one K/V-passing group) and ``kv_scheme`` (the scheme run across the
-    KV groups: ``"zigzag_llama3"`` or ``"llama3"``)."""
+    KV groups: ``"zigzag_llama3"``, ``"llama3"`` or ``"zigzag_ring"``)."""
 
     ulysses_degree: int
     kv_degree: int
@@ -132,7 +132,9 @@ def hybrid_mesh(ulysses_degree: int, kv_degree: Optional[int] = None, group: Opt
         ulysses_degree: ranks per all-to-all group (consecutive ranks of ``group``).
         kv_degree: ranks per K/V-passing group; None: ``world_size / ulysses_degree``.
         group: the parent group (its world size must be ``ulysses_degree * kv_degree``).
-        kv_scheme: the scheme across the KV groups, ``"zigzag_llama3"`` (default) or ``"llama3"``.
+        kv_scheme: the scheme across the KV groups, ``"zigzag_llama3"`` (default), ``"llama3"`` or
+            ``"zigzag_ring"`` (ring attention: each step's K/V block hides behind that step's compute,
+            which suits many KV ranks across slow links; see docs/scaling.md).
         activate: make it the active mesh (``set_active_hybrid_mesh``).
 
     Collective: with ``group`` None every process of the default group calls it (it creates every
