@@ -13,7 +13,7 @@ Inputs (printed at the top of every run with where each comes from):
 * kernel rates: measured on one H200 (benchmark/results/2026-12-04_h200_refactor_ab: the per-rank
   zigzag llama3 workload, Llama-3-8B heads, 64K tokens over 8 ranks, tier-2 fused kernel, bf16,
   ranks 0 and 7): forward 659 TFLOPS, forward + backward 515 TFLOPS. A kernel launch with fewer
-  than two waves of 128-row query tiles on the 132 SMs is derated in proportion (a model
+  128-row query tiles (over its heads) than the 132 SMs is derated in proportion (a model
   assumption, not a measurement);
 * link rates: datasheet values unless ``--measured-links`` gives measured ones: NVLink 450 GB/s
   per direction per GPU inside a node, InfiniBand 50 GB/s per GPU across nodes (400 Gb/s NDR, one
@@ -34,8 +34,9 @@ The model (one sequence of S tokens, bf16, causal, N GPUs, G GPUs per node; per 
       reduce-scatter, (N-1)/N of the sequence's K/V each, in slices of ``heads_k_stride`` KV heads;
     ulysses: the all-to-all of Q, K, V (KV heads replicated when Hk < N) and O forward, of dO, dQ,
       dK, dV backward, (N-1)/N of the GPU's own shards;
-    hybrid (U x K): the all-to-all inside the U GPUs of a node-local group plus zigzag llama3 over
-      the K groups on max(Hk, U)/U KV heads;
+    hybrid (U x K): the all-to-all inside the U GPUs of a node-local group plus zigzag llama3
+      (``hybrid``) or zigzag ring attention (``hybrid_ring``) over the K groups on max(Hk, U)/U
+      KV heads;
 * hiding: a pipeline of n pieces (ring steps, all-gather slices, all-to-all chunks) exposes its
   first piece and whatever of the rest exceeds the compute: exposed = c/n + max(0, c (n-1)/n -
   t); ring steps each expose max(0, block time - step compute). The hybrid's all-to-all is one
@@ -43,8 +44,8 @@ The model (one sequence of S tokens, bf16, causal, N GPUs, G GPUs per node; per 
   pieces) whose launches still fill the GPU.
 
 A scheme HIDES its communication when exposed <= 5% of its compute. The mesh the helper picks is
-``ring_flash_attn.choose_hybrid_degrees(Hq, Hk, N, G)``; the table also shows the mesh this model
-finds fastest.
+``ring_flash_attn.choose_hybrid_layout(Hq, Hk, N, G)`` (degrees and the scheme across); the table
+also shows the mesh this model finds fastest.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ KERNEL_SOURCE = ("measured, one H200, benchmark/results/2026-12-04_h200_refactor
                  "Llama-3-8B heads, 64K tokens / 8 ranks, tier-2 fused, bf16)")
 NUM_SMS = 132  # H200
 TILE_ROWS = 128
-FULL_TILES = 2 * NUM_SMS  # launches with fewer query tiles than this are derated (model assumption)
+FULL_TILES = NUM_SMS  # launches with fewer query tiles than SMs are derated (model assumption)
 
 DATASHEET_GBPS = {"intra": 450.0, "inter": 50.0}  # NVLink 4 per direction per GPU; NDR 400 Gb/s per GPU
 COLLECTIVES = ("all_gather", "reduce_scatter", "all_to_all", "p2p")
@@ -85,7 +86,7 @@ class Model:
 
 
 MODELS = {"llama3-8b": Model("llama3-8b", 32, 8, 128), "llama3-70b": Model("llama3-70b", 64, 8, 128)}
-SCHEMES = ("ring", "zigzag_ring", "llama3", "zigzag_llama3", "ulysses", "hybrid")
+SCHEMES = ("ring", "zigzag_ring", "llama3", "zigzag_llama3", "ulysses", "hybrid", "hybrid_ring")
 
 
 class Links:
@@ -106,6 +107,11 @@ class Links:
         return nbytes / (self.gbps(collective, scope) * 1e9)
 
 
+def derating(tiles: int) -> float:
+    """The fraction of the measured rate a launch of ``tiles`` query tiles reaches (model assumption)."""
+    return min(1.0, tiles / FULL_TILES)
+
+
 @dataclass
 class Rates:
     fwd_tflops: float = MEASURED_FWD_TFLOPS
@@ -113,7 +119,7 @@ class Rates:
 
     def times(self, fwd_flops: float, tiles: int) -> Tuple[float, float]:
         """(forward s, backward s) of ``fwd_flops`` forward FLOPs in launches of ``tiles`` query tiles."""
-        derate = min(1.0, tiles / FULL_TILES)
+        derate = derating(tiles)
         t_fwd = fwd_flops / (self.fwd_tflops * 1e12 * derate)
         t_all = 3.5 * fwd_flops / (self.fwd_bwd_tflops * 1e12 * derate)
         return t_fwd, max(t_all - t_fwd, 0.0)
@@ -134,6 +140,7 @@ class Result:
     comm_ms: float  # the communication alone, forward + backward
     exposed_ms: float  # not hidden behind compute
     feasible: str = ""  # why the scheme cannot run this shape (empty: it can)
+    derate: float = 1.0  # the kernel launches' fraction of the measured rate (< 1: they underfill the GPU)
 
     @property
     def step_ms(self) -> float:
@@ -181,41 +188,39 @@ def _stride_for(heads_k: int, query_rows: int, q_per_k: int) -> int:
 
 
 def ring_scheme(model: Model, tokens: int, gpus: int, per_node: int, links: Links, rates: Rates, bytes_el: int,
-                grad_bytes: int, zigzag: bool) -> Result:
+                grad_bytes: int, zigzag: bool, group_stride: int = 1) -> Result:
     name = "zigzag_ring" if zigzag else "ring"
     D, Hq, Hk, N = model.head_dim, model.num_heads_q, model.num_heads_k, gpus
     T = tokens // N
     fwd_flops = _causal_fwd_flops(model, tokens, N, balanced=zigzag)
-    t_fwd, t_bwd = rates.times(fwd_flops, _tiles(T // 2 if zigzag else T, Hq))
+    tiles = _tiles(T // 2 if zigzag else T, Hq)
+    t_fwd, t_bwd = rates.times(fwd_flops, tiles)
     block = 2 * T * Hk * D * bytes_el  # K and V of one rank
     dblock = 2 * T * Hk * D * grad_bytes
-    scope = _scope(N, 1, per_node)
+    scope = _scope(N, group_stride, per_node)
     steps = N - 1
     step_fwd = links.seconds(block, "p2p", scope)
     step_bwd = links.seconds(block + dblock, "p2p", scope)
     exposed = steps * (max(0.0, step_fwd - t_fwd / N) + max(0.0, step_bwd - t_bwd / N))
     nbytes = steps * (2 * block + dblock)
     comm = steps * (step_fwd + step_bwd)
-    return Result(model.name, tokens, gpus, name, "", (t_fwd + t_bwd) * 1e3, nbytes / 1e9, comm * 1e3, exposed * 1e3)
+    return Result(model.name, tokens, gpus, name, "", (t_fwd + t_bwd) * 1e3, nbytes / 1e9, comm * 1e3, exposed * 1e3,
+                  derate=derating(tiles))
 
 
 def all_gather_scheme(model: Model, tokens: int, gpus: int, per_node: int, links: Links, rates: Rates,
-                      bytes_el: int, grad_bytes: int, zigzag: bool, heads_k: Optional[int] = None,
-                      group_stride: int = 1, name: Optional[str] = None, balanced_override: Optional[bool] = None,
-                      heads_q: Optional[int] = None) -> Result:
-    """llama3 / zigzag llama3 over ``gpus`` ranks (``group_stride`` apart), on ``heads_k`` KV heads
-    and ``heads_q`` query heads (the hybrid's inner scheme) or the model's."""
+                      bytes_el: int, grad_bytes: int, zigzag: bool, group_stride: int = 1,
+                      name: Optional[str] = None) -> Result:
+    """llama3 / zigzag llama3 over ``gpus`` ranks, ``group_stride`` apart in rank order."""
     name = name or ("zigzag_llama3" if zigzag else "llama3")
     D, N = model.head_dim, gpus
-    Hk = heads_k if heads_k is not None else model.num_heads_k
-    Hq = heads_q if heads_q is not None else model.num_heads_q
+    Hk, Hq = model.num_heads_k, model.num_heads_q
     T = tokens // N
-    balanced = zigzag if balanced_override is None else balanced_override
-    sub = Model(model.name, Hq, Hk, D)
-    fwd_flops = _causal_fwd_flops(sub, tokens, N, balanced)
+    fwd_flops = _causal_fwd_flops(model, tokens, N, zigzag)
     hs = _stride_for(Hk, T, Hq // Hk)
     slices = Hk // hs
-    t_fwd, t_bwd = rates.times(fwd_flops, _tiles(T, hs * Hq // Hk))
+    tiles = _tiles(T, hs * Hq // Hk)
+    t_fwd, t_bwd = rates.times(fwd_flops, tiles)
     gathered = (N - 1) / N * 2 * tokens * Hk * D  # K and V elements each rank receives
     scope = _scope(N, group_stride, per_node)
     ag = links.seconds(gathered * bytes_el, "all_gather", scope)
@@ -223,7 +228,7 @@ def all_gather_scheme(model: Model, tokens: int, gpus: int, per_node: int, links
     exposed = pipeline_exposed(ag, t_fwd, slices) + pipeline_exposed(ag + rs, t_bwd, slices)
     nbytes = gathered * (2 * bytes_el + grad_bytes)
     return Result(model.name, tokens, gpus, name, "", (t_fwd + t_bwd) * 1e3, nbytes / 1e9, (2 * ag + rs) * 1e3,
-                  exposed * 1e3)
+                  exposed * 1e3, derate=derating(tiles))
 
 
 def _head_split(Hq: int, Hk: int, degree: int) -> Optional[int]:
@@ -262,46 +267,58 @@ def ulysses_scheme(model: Model, tokens: int, gpus: int, per_node: int, links: L
     fwd_flops = _causal_fwd_flops(model, tokens, N, balanced=True)
     chunk = _stride_for(hk_loc, tokens, hq_loc // hk_loc)
     chunks = hk_loc // chunk
-    t_fwd, t_bwd = rates.times(fwd_flops, _tiles(tokens, chunk * hq_loc // hk_loc))
+    tiles = _tiles(tokens, chunk * hq_loc // hk_loc)
+    t_fwd, t_bwd = rates.times(fwd_flops, tiles)
     nbytes, a2a_fwd, a2a_bwd = _all_to_all(model, tokens // N, N, per_node, links, bytes_el)
     # in and out: two transfers per pass, each pipelined over the chunks
     exposed = pipeline_exposed(2 * a2a_fwd, t_fwd, chunks) + pipeline_exposed(2 * a2a_bwd, t_bwd, chunks)
     return Result(model.name, tokens, gpus, "ulysses", "", (t_fwd + t_bwd) * 1e3, nbytes / 1e9,
-                  2 * (a2a_fwd + a2a_bwd) * 1e3, exposed * 1e3)
+                  2 * (a2a_fwd + a2a_bwd) * 1e3, exposed * 1e3, derate=derating(tiles))
 
 
 def hybrid_scheme(model: Model, tokens: int, gpus: int, per_node: int, links: Links, rates: Rates, bytes_el: int,
-                  grad_bytes: int, ulysses_degree: int) -> Result:
+                  grad_bytes: int, ulysses_degree: int, across: str = "zigzag_llama3") -> Result:
+    """The hybrid on a ``ulysses_degree`` x N/``ulysses_degree`` mesh with ``across`` (zigzag_llama3 or
+    zigzag_ring) over the KV groups."""
     U, N = ulysses_degree, gpus
     K = N // U
     mesh = f"{U}x{K}"
+    name = "hybrid" if across == "zigzag_llama3" else "hybrid_ring"
     rep = _head_split(model.num_heads_q, model.num_heads_k, U)
     if rep is None or N % U or tokens % (2 * K):
-        return Result(model.name, tokens, gpus, "hybrid", mesh, math.nan, math.nan, math.nan, math.nan,
+        return Result(model.name, tokens, gpus, name, mesh, math.nan, math.nan, math.nan, math.nan,
                       feasible=f"mesh {mesh} does not fit {model.num_heads_q}/{model.num_heads_k} heads")
     hk_loc = max(model.num_heads_k, U) // U
     hq_loc = model.num_heads_q // U
-    # the inner zigzag llama3 over the K groups: S/K tokens per group, hq_loc query heads
-    inner = all_gather_scheme(model, tokens, K, per_node, links, rates, bytes_el, grad_bytes, zigzag=True,
-                              heads_k=hk_loc, heads_q=hq_loc, group_stride=U, name="hybrid")
-    # its compute over K ranks on Hq/U heads is the same per GPU as N ranks on Hq heads
+    sub = Model(model.name, hq_loc, hk_loc, model.head_dim)
+    # the scheme across the K groups on hq_loc / hk_loc heads: its compute per GPU is the same as
+    # N ranks on all heads; it spans nodes when the mesh does (its ranks are U apart)
+    if across == "zigzag_llama3":
+        inner = all_gather_scheme(sub, tokens, K, per_node, links, rates, bytes_el, grad_bytes, zigzag=True,
+                                  group_stride=U, name=name)
+    else:
+        inner = ring_scheme(sub, tokens, K, per_node, links, rates, bytes_el, grad_bytes, zigzag=True,
+                            group_stride=U)
     a2a_bytes, a2a_fwd, a2a_bwd = _all_to_all(model, tokens // N, U, per_node, links, bytes_el)
     exposed = inner.exposed_ms / 1e3 + 2 * (a2a_fwd + a2a_bwd)  # one all-to-all chunk: nothing to overlap
-    return Result(model.name, tokens, gpus, "hybrid", mesh, inner.compute_ms, inner.bytes_gb + a2a_bytes / 1e9,
-                  inner.comm_ms + 2 * (a2a_fwd + a2a_bwd) * 1e3, exposed * 1e3)
+    return Result(model.name, tokens, gpus, name, mesh, inner.compute_ms, inner.bytes_gb + a2a_bytes / 1e9,
+                  inner.comm_ms + 2 * (a2a_fwd + a2a_bwd) * 1e3, exposed * 1e3, derate=inner.derate)
 
 
-def helper_degrees(model: Model, gpus: int, per_node: int) -> Tuple[int, int]:
-    """The package's choose_hybrid_degrees (imported from python/ when possible), else its rule."""
+def helper_layout(model: Model, gpus: int, per_node: int) -> Tuple[int, str]:
+    """(ulysses_degree, scheme across) of the package's ``choose_hybrid_layout`` (imported from
+    python/; without torch, the same rule)."""
     try:
         sys.path.insert(0, os.path.join(_ROOT, "python"))
-        from ring_flash_attn.cp.mesh import choose_hybrid_degrees
+        from ring_flash_attn.cp.mesh import choose_hybrid_layout
 
-        return choose_hybrid_degrees(model.num_heads_q, model.num_heads_k, gpus, per_node)
-    except ImportError:  # no torch here: the same rule
+        layout = choose_hybrid_layout(model.num_heads_q, model.num_heads_k, gpus, per_node)
+        return layout.ulysses_degree, layout.kv_scheme
+    except ImportError:
         limit = math.gcd(gpus, per_node)
-        best = max(u for u in _divisors(limit) if _head_split(model.num_heads_q, model.num_heads_k, u) is not None)
-        return best, gpus // best
+        U = max(u for u in _divisors(limit) if _head_split(model.num_heads_q, model.num_heads_k, u) is not None)
+        ring = gpus // U > 1 and gpus > per_node and max(model.num_heads_k, U) // U == 1
+        return U, "zigzag_ring" if ring else "zigzag_llama3"
 
 
 def evaluate(model: Model, tokens: int, gpus: int, per_node: int, links: Links, rates: Rates, bytes_el: int = 2,
@@ -314,13 +331,14 @@ def evaluate(model: Model, tokens: int, gpus: int, per_node: int, links: Links, 
         all_gather_scheme(model, tokens, gpus, per_node, links, rates, bytes_el, grad_bytes, zigzag=True),
         ulysses_scheme(model, tokens, gpus, per_node, links, rates, bytes_el),
     ]
-    U, _ = helper_degrees(model, gpus, per_node)
-    picked = hybrid_scheme(model, tokens, gpus, per_node, links, rates, bytes_el, grad_bytes, U)
-    meshes = [hybrid_scheme(model, tokens, gpus, per_node, links, rates, bytes_el, grad_bytes, u)
-              for u in _divisors(gpus)]
+    U, across_picked = helper_layout(model, gpus, per_node)
+    for across in ("zigzag_llama3", "zigzag_ring"):
+        results.append(hybrid_scheme(model, tokens, gpus, per_node, links, rates, bytes_el, grad_bytes, U, across))
+    meshes = [hybrid_scheme(model, tokens, gpus, per_node, links, rates, bytes_el, grad_bytes, u, across)
+              for u in _divisors(gpus) for across in ("zigzag_llama3", "zigzag_ring")]
     meshes = [m for m in meshes if not m.feasible]
+    picked = results[-2] if across_picked == "zigzag_llama3" else results[-1]
     best = min(meshes, key=lambda m: m.step_ms) if meshes else picked
-    results.append(picked)
     return results, picked, best
 
 
@@ -348,10 +366,23 @@ def print_inputs(links: Links, rates: Rates, per_node: int) -> None:
           f"forward + backward, bf16, causal, one sequence")
 
 
+def _mesh_label(r: Result) -> str:
+    return f"{r.mesh} {'ring' if r.scheme == 'hybrid_ring' else 'ag'}"
+
+
+def _box(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in rows:
+        print("| " + " | ".join(c.rjust(w) for c, w in zip(r, widths)) + " |")
+
+
 def print_table(model: Model, token_list: Sequence[int], gpu_list: Sequence[int], per_node: int, links: Links,
                 rates: Rates, csv_rows: Optional[list], grad_bytes: int) -> None:
-    print(f"\n{model.name} ({model.num_heads_q} Q heads, {model.num_heads_k} KV heads, head_dim {model.head_dim})")
-    header = ["tokens", "GPUs", "compute ms"] + [f"{s} GB / exposed %" for s in SCHEMES] + ["helper mesh", "best mesh"]
+    print(f"\n{model.name} ({model.num_heads_q} Q heads, {model.num_heads_k} KV heads, head_dim {model.head_dim}): "
+          f"per GPU and layer, GB sent / step ms (forward + backward)")
+    header = ["tokens", "GPUs", "compute ms"] + list(SCHEMES) + ["helper mesh", "best mesh"]
     rows = []
     for tokens in token_list:
         for gpus in gpu_list:
@@ -360,27 +391,25 @@ def print_table(model: Model, token_list: Sequence[int], gpu_list: Sequence[int]
             results, picked, best = evaluate(model, tokens, gpus, per_node, links, rates, grad_bytes=grad_bytes)
             cells = [_tokens_label(tokens), str(gpus), _fmt(results[3].compute_ms)]
             for r in results:
-                if r.feasible:
-                    cells.append("n/a")
-                else:
-                    mark = "" if r.hides else " *"
-                    cells.append(f"{_fmt(r.bytes_gb, 2)} / {_fmt(100 * r.exposed_fraction, 0)}%{mark}")
-            agree = "" if best.mesh == picked.mesh else f" ({_fmt(100 * (picked.step_ms / best.step_ms - 1), 0)}% slower)"
-            cells += [picked.mesh + agree, best.mesh]
+                marks = ("" if r.hides else "*") + ("" if r.derate >= 1.0 else "~")
+                cells.append("n/a" if r.feasible else f"{_fmt(r.bytes_gb, 2)} / {_fmt(r.step_ms)}{' ' + marks if marks else ''}")
+            slower = picked.step_ms / best.step_ms - 1
+            note = "" if slower < 0.005 else f" (+{_fmt(100 * slower, 0)}%)"
+            cells += [_mesh_label(picked) + note, _mesh_label(best)]
             rows.append(cells)
             if csv_rows is not None:
                 for r in results:
                     csv_rows.append(dict(model=model.name, tokens=tokens, gpus=gpus, scheme=r.scheme, mesh=r.mesh,
                                          compute_ms=_fmt(r.compute_ms, 3), bytes_gb=_fmt(r.bytes_gb, 4),
                                          comm_ms=_fmt(r.comm_ms, 3), exposed_ms=_fmt(r.exposed_ms, 3),
-                                         hides=str(r.hides), feasible=r.feasible or "yes",
-                                         best_mesh=best.mesh if r.scheme == "hybrid" else ""))
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for r in rows:
-        print("| " + " | ".join(c.rjust(w) for c, w in zip(r, widths)) + " |")
-    print("(* = exposed communication above 5% of compute; n/a = the heads cannot be split over that many ranks)")
+                                         step_ms=_fmt(r.step_ms, 3), hides=str(r.hides), feasible=r.feasible or "yes",
+                                         best_mesh=_mesh_label(best) if r.scheme.startswith("hybrid") else ""))
+    _box(header, rows)
+    print("compute ms: zigzag llama3's attention kernels alone. * = exposed communication above 5% of the scheme's "
+          "compute (contiguous ring / llama3 compute at their busiest rank's pace); ~ = its launches underfill the "
+          "GPU (derated, a model assumption). n/a: the heads cannot be split over that many ranks. hybrid: zigzag "
+          "llama3 (ag) across the KV groups, hybrid_ring: zigzag ring (ring); helper mesh: choose_hybrid_layout's "
+          "(+x%: slower than the best mesh under this model)")
 
 
 def print_thresholds(model: Model, token_list: Sequence[int], gpu_list: Sequence[int], per_node: int, links: Links,
@@ -388,10 +417,10 @@ def print_thresholds(model: Model, token_list: Sequence[int], gpu_list: Sequence
     """Per scheme and GPU count: the shortest sequence of the grid at which it hides its communication."""
     print(f"\n{model.name}: shortest sequence (of {', '.join(_tokens_label(t) for t in token_list)}) at which each "
           f"scheme hides its communication")
-    header = ["GPUs"] + list(SCHEMES)
+    header = ["GPUs", "tokens/GPU at 128K"] + list(SCHEMES)
     rows = []
     for gpus in gpu_list:
-        cells = [str(gpus)]
+        cells = [str(gpus), str(131072 // gpus)]
         for i, scheme in enumerate(SCHEMES):
             found = "never"
             for tokens in token_list:
@@ -402,15 +431,12 @@ def print_thresholds(model: Model, token_list: Sequence[int], gpu_list: Sequence
                     found = "n/a"
                     break
                 if r.hides:
-                    found = _tokens_label(tokens)
+                    found = _tokens_label(tokens) + ("" if r.derate >= 1.0 else "~")
                     break
             cells.append(found)
         rows.append(cells)
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for r in rows:
-        print("| " + " | ".join(c.rjust(w) for c, w in zip(r, widths)) + " |")
+    _box(header, rows)
+    print("~ = there, the scheme's launches underfill the GPU (derated): the kernels, not the links, limit the step")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

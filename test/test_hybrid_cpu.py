@@ -282,6 +282,16 @@ def test_choose_hybrid_degrees(heads, world, per_node, expected):
     assert rfa.choose_hybrid_degrees(heads[0], heads[1], world, per_node) == expected
 
 
+@pytest.mark.parametrize("heads,world,per_node,expected", [
+    ((32, 8), 8, 8, HybridLayout(8, 1, "zigzag_llama3")),  # one node: nothing across
+    ((32, 8), 64, 8, HybridLayout(8, 8, "zigzag_ring")),  # one KV head per rank across nodes: the ring
+    ((64, 16), 64, 8, HybridLayout(8, 8, "zigzag_llama3")),  # two KV heads per rank: two all-gather slices
+    ((32, 8), 16, 16, HybridLayout(16, 1, "zigzag_llama3")),
+])
+def test_choose_hybrid_layout(heads, world, per_node, expected):
+    assert rfa.choose_hybrid_layout(heads[0], heads[1], world, per_node) == expected
+
+
 def test_choose_hybrid_degrees_errors():
     with pytest.raises(ValueError, match=r"num_heads_q: expected a multiple of num_heads_k 3, got 4"):
         rfa.choose_hybrid_degrees(4, 3, 8, 8)

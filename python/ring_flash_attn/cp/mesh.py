@@ -11,7 +11,7 @@ process groups. Build one with ``hybrid_mesh(ulysses_degree, ...)`` (from the pa
 ``hybrid_mesh_from_device_mesh(device_mesh)`` (a 2-D ``DeviceMesh`` with dims ``("kv",
 "ulysses")``); the last mesh built (or the one given to ``set_active_hybrid_mesh``) is the one the
 HuggingFace adapter's hybrid attention uses. ``choose_hybrid_degrees`` picks the degrees from the
-heads, the world size and the ranks per node.
+heads, the world size and the ranks per node; ``choose_hybrid_layout`` also the scheme across.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
 __all__ = ["KV_SCHEMES", "HybridLayout", "HybridMesh", "active_hybrid_mesh", "choose_hybrid_degrees",
-           "hybrid_mesh", "hybrid_mesh_from_device_mesh", "set_active_hybrid_mesh"]
+           "choose_hybrid_layout", "hybrid_mesh", "hybrid_mesh_from_device_mesh", "set_active_hybrid_mesh"]
 
 # The schemes that can run across the KV groups: the all-gather schemes and zigzag ring attention.
 KV_SCHEMES = ("zigzag_llama3", "llama3", "zigzag_ring")
@@ -238,3 +238,15 @@ def choose_hybrid_degrees(num_heads_q: int, num_heads_k: int, world_size: int,
             continue
         best = u
     return best, world_size // best
+
+
+def choose_hybrid_layout(num_heads_q: int, num_heads_k: int, world_size: int, ranks_per_node: int) -> HybridLayout:
+    """``choose_hybrid_degrees``'s mesh with the scheme to run across the KV groups:
+    ``"zigzag_ring"`` when those groups span nodes and each rank holds a single KV head after the
+    all-to-all (the all-gather of zigzag llama3 would then be one slice, with no compute to
+    overlap it across the slow links, while each ring step's block hides behind that step's
+    compute), else ``"zigzag_llama3"`` (docs/scaling.md compares them)."""
+    U, K = choose_hybrid_degrees(num_heads_q, num_heads_k, world_size, ranks_per_node)
+    spans_nodes = K > 1 and world_size > ranks_per_node
+    single_kv_head = max(num_heads_k, U) // U == 1
+    return HybridLayout(U, K, "zigzag_ring" if spans_nodes and single_kv_head else "zigzag_llama3")
