@@ -273,6 +273,9 @@ def test_ulysses_single_process_matches_reference():
             only = rfa.ulysses_flash_attn_varlen_func(q.detach(), k.detach(), v.detach(), *meta[:4], stride,
                                                       meta[4], causal=causal)
             assert isinstance(only, torch.Tensor) and torch.equal(only, out.detach())
+            with torch.no_grad():  # inference: the same output, no graph kept
+                inferred = rfa.ulysses_flash_attn_varlen_func(q, k, v, *meta[:4], stride, meta[4], causal=causal)
+            assert not inferred.requires_grad and torch.equal(inferred, out.detach())
 
 
 def test_check_head_split():

@@ -30,7 +30,8 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["HeadShardedAttention", "HeadShards", "HeadsToSequence", "check_head_split", "sequence_to_heads"]
+__all__ = ["HeadShardedAttention", "HeadShards", "HeadsToSequence", "check_head_split", "head_sharded_attention",
+           "sequence_to_heads"]
 
 
 def check_head_split(num_heads_q: int, num_heads_k: int, degree: int, what: str = "the all-to-all group") -> int:
@@ -240,9 +241,11 @@ def _sum_replicas(dx: Tensor, shards: HeadShards, dtype: torch.dtype) -> Tensor:
 class HeadShardedAttention(torch.autograd.Function):
     """Autograd of attention over head shards: all-to-all in, ``inner`` per chunk, all-to-all out.
 
-    ``HeadShardedAttention.apply(q, k, v, sinks, shards, inner, return_lse, *caller_tensors)`` with
-    q ``[T, Hq, D]``, k/v ``[T, Hk, D]`` (the rank's sequence shard) and sinks fp32 ``[Hq]`` or None
-    returns ``(out [T, Hq, D], lse [Hq, T] float32 or None)``; lse is computed (one more small
+    ``HeadShardedAttention.apply(q, k, v, sinks, shards, inner, return_lse, record_graph,
+    *caller_tensors)`` with q ``[T, Hq, D]``, k/v ``[T, Hk, D]`` (the rank's sequence shard), sinks
+    fp32 ``[Hq]`` or None and ``record_graph`` (build the inner autograd graphs: the caller's grad
+    mode, ``head_sharded_attention`` passes it) returns ``(out [T, Hq, D], lse [Hq, T] float32 or
+    None)``; lse is computed (one more small
     all-to-all per chunk) only with ``return_lse`` and is not differentiable. caller_tensors: the
     caller's metadata tensors that the inner backward reads (saved, so that an in-place change
     before the backward raises). The sinks gradient of a rank is non-zero only on the heads it
@@ -251,11 +254,11 @@ class HeadShardedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, sinks: Optional[Tensor], shards: HeadShards,
-                inner: InnerAttention, return_lse: bool, *caller_tensors: Tensor):
+                inner: InnerAttention, return_lse: bool, record_graph: bool, *caller_tensors: Tensor):
         T, Hq, D = q.shape
         hq, hk = shards.heads_q_per_chunk, shards.heads_k_stride
         hq_loc, hk_loc = shards.heads_q_local, shards.heads_k_local
-        needs_grad = any(ctx.needs_input_grad[:4])
+        needs_grad = record_graph and any(ctx.needs_input_grad[:4])
         fields = [(q, hq_loc, hq), (_replicated_kv_source(k, shards), hk_loc, hk),
                   (_replicated_kv_source(v, shards), hk_loc, hk)]
         out = torch.empty((T, Hq, D), dtype=q.dtype, device=q.device)
@@ -319,4 +322,15 @@ class HeadShardedAttention(torch.autograd.Function):
         dk = _sum_replicas(dk, shards, ctx.kv_dtype)
         dv = _sum_replicas(dv, shards, ctx.kv_dtype)
         n_caller = len(ctx.saved_tensors)
-        return (dq, dk, dv, dsinks, None, None, None) + (None,) * n_caller
+        return (dq, dk, dv, dsinks, None, None, None, None) + (None,) * n_caller
+
+
+
+def head_sharded_attention(q: Tensor, k: Tensor, v: Tensor, sinks: Optional[Tensor], shards: HeadShards,
+                           inner: InnerAttention, return_lse: bool,
+                           *caller_tensors: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+    """``HeadShardedAttention`` on q ``[T, Hq, D]``, k/v ``[T, Hk, D]``: ``(out, lse or None)``.
+    The inner attention's autograd graph is built only when a backward can follow (grad mode on
+    at the call; inside the function's forward it is always off)."""
+    return HeadShardedAttention.apply(q, k, v, sinks, shards, inner, return_lse, torch.is_grad_enabled(),
+                                      *caller_tensors)

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from .._checks import check_flash_attn_defaults, check_window_size
 from ..grouped import _resolve_scale
-from .all_to_all import HeadShardedAttention, HeadShards, check_head_split
+from .all_to_all import HeadShards, check_head_split, head_sharded_attention
 from .features import check_sinks, check_softcap, feature_kwargs
 from .llama3 import llama3_flash_attn_varlen_func
 from .llama3_layout import llama3_flash_attn_prepare_cu_seqlens
@@ -295,7 +295,7 @@ def hybrid_flash_attn_varlen_func(
                               heads_k_stride, softmax_scale, bool(causal), window, bool(deterministic), mesh.kv_group,
                               features)
     caller = tuple(t for t in (cu_seqlens_q, cu_seqlens_k) if isinstance(t, Tensor))
-    out, lse = HeadShardedAttention.apply(q, k, v, sinks, shards, inner, bool(return_attn_probs), *caller)
+    out, lse = head_sharded_attention(q, k, v, sinks, shards, inner, bool(return_attn_probs), *caller)
     if return_attn_probs:
         return out, lse, None
     return out

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .._checks import check_flash_attn_defaults, check_window_size
 from ..grouped import _resolve_scale, flash_attn_varlen_func
-from .all_to_all import HeadShardedAttention, HeadShards, check_head_split
+from .all_to_all import HeadShards, check_head_split, head_sharded_attention
 from .features import check_sinks, check_softcap, feature_kwargs
 from .process_group import resolve_group
 from .rank_agreement import Fingerprint, RankAgreement, device_of, effective_scale
@@ -210,7 +210,7 @@ def ulysses_flash_attn_varlen_func(
            cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k))
     inner = KernelAttention(cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), softmax_scale,
                             bool(causal), window, bool(deterministic), features)
-    out, lse = HeadShardedAttention.apply(q, k, v, sinks, shards, inner, bool(return_attn_probs),
+    out, lse = head_sharded_attention(q, k, v, sinks, shards, inner, bool(return_attn_probs),
                                           cu_seqlens_q, cu_seqlens_k)
     if return_attn_probs:
         return out, lse, None
@@ -281,7 +281,7 @@ def ulysses_flash_attn_func(
     inner = KernelAttention(cu, cu, L_global, L_global, softmax_scale, bool(causal), window, bool(deterministic),
                             features)
     Hq, D = q.shape[2], q.shape[3]
-    out, lse = HeadShardedAttention.apply(q.reshape(B * L, Hq, D), k.reshape(B * L, *k.shape[2:]),
+    out, lse = head_sharded_attention(q.reshape(B * L, Hq, D), k.reshape(B * L, *k.shape[2:]),
                                           v.reshape(B * L, *v.shape[2:]), sinks, shards, inner,
                                           bool(return_attn_probs))
     out = out.view(B, L, Hq, D)
