@@ -18,9 +18,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, List, Optional, Tuple
 
 from .all_to_all import check_head_split
+
+try:
+    from torch.distributed.device_mesh import DeviceMesh
+except ImportError:  # a torch without distributed support
+    DeviceMesh = Any
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -180,7 +185,7 @@ def hybrid_mesh(ulysses_degree: int, kv_degree: Optional[int] = None, group: Opt
     return mesh
 
 
-def hybrid_mesh_from_device_mesh(device_mesh, kv_dim: str = "kv", ulysses_dim: str = "ulysses",
+def hybrid_mesh_from_device_mesh(device_mesh: DeviceMesh, kv_dim: str = "kv", ulysses_dim: str = "ulysses",
                                  kv_scheme: str = "zigzag_llama3", group: Optional[ProcessGroup] = None,
                                  activate: bool = True) -> HybridMesh:
     """A hybrid mesh from a 2-D ``torch.distributed.device_mesh.DeviceMesh`` (e.g.
