@@ -42,7 +42,7 @@ import datetime
 import os
 import shlex
 import sys
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
