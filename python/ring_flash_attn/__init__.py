@@ -10,6 +10,15 @@ imports transformers only when it is used.
 from . import ops
 from ._metadata_errors import check_errors
 from .grouped import flash_attn_varlen_func, grouped_flash_attn_varlen_func
+from .cp.hybrid import (
+    HF_ATTN_HYBRID,
+    hybrid_flash_attn_varlen_func,
+    hybrid_flash_attn_varlen_kvpacked_func,
+    hybrid_flash_attn_varlen_qkvpacked_func,
+    hybrid_prepare_cu_seqlens,
+    hybrid_shard,
+    hybrid_unshard,
+)
 from .cp.llama3 import (
     llama3_flash_attn_varlen_func,
     llama3_flash_attn_varlen_kvpacked_func,
@@ -24,7 +33,28 @@ from .cp.ring import (
     ring_flash_attn_varlen_kvpacked_func,
     ring_flash_attn_varlen_qkvpacked_func,
 )
+from .cp.mesh import (
+    HybridLayout,
+    HybridMesh,
+    active_hybrid_mesh,
+    choose_hybrid_degrees,
+    choose_hybrid_layout,
+    hybrid_mesh,
+    hybrid_mesh_from_device_mesh,
+    set_active_hybrid_mesh,
+)
 from .cp.stripe import stripe_flash_attn_func, stripe_flash_attn_kvpacked_func, stripe_flash_attn_qkvpacked_func
+from .cp.ulysses import (
+    HF_ATTN_ULYSSES,
+    ulysses_flash_attn_func,
+    ulysses_flash_attn_kvpacked_func,
+    ulysses_flash_attn_qkvpacked_func,
+    ulysses_flash_attn_varlen_func,
+    ulysses_flash_attn_varlen_kvpacked_func,
+    ulysses_flash_attn_varlen_qkvpacked_func,
+    ulysses_prepare_cu_seqlens,
+    ulysses_shard,
+)
 from .cp.zigzag_layout import (
     zigzag_gather,
     zigzag_llama3_prepare_cu_seqlens,
@@ -97,6 +127,31 @@ __all__ = [
     "zigzag_ring_flash_attn_varlen_qkvpacked_func",
     "zigzag_shard",
     "zigzag_unshard",
+    # all-to-all (Ulysses) and the 2-D hybrid
+    "HF_ATTN_HYBRID",
+    "HF_ATTN_ULYSSES",
+    "HybridLayout",
+    "HybridMesh",
+    "active_hybrid_mesh",
+    "choose_hybrid_degrees",
+    "choose_hybrid_layout",
+    "hybrid_flash_attn_varlen_func",
+    "hybrid_flash_attn_varlen_kvpacked_func",
+    "hybrid_flash_attn_varlen_qkvpacked_func",
+    "hybrid_mesh",
+    "hybrid_mesh_from_device_mesh",
+    "hybrid_prepare_cu_seqlens",
+    "hybrid_shard",
+    "hybrid_unshard",
+    "set_active_hybrid_mesh",
+    "ulysses_flash_attn_func",
+    "ulysses_flash_attn_kvpacked_func",
+    "ulysses_flash_attn_qkvpacked_func",
+    "ulysses_flash_attn_varlen_func",
+    "ulysses_flash_attn_varlen_kvpacked_func",
+    "ulysses_flash_attn_varlen_qkvpacked_func",
+    "ulysses_prepare_cu_seqlens",
+    "ulysses_shard",
 ]
 
 

@@ -10,12 +10,17 @@ from __future__ import annotations
 
 from typing import Dict, Tuple
 
+from .hybrid import HF_ATTN_HYBRID, hybrid_flash_attn_varlen_func, hybrid_prepare_cu_seqlens
+from .hybrid import hf_batch_metadata as hybrid_hf_batch_metadata
 from .llama3 import HF_ATTN_LLAMA3, llama3_flash_attn_varlen_func
 from .llama3 import hf_batch_metadata as llama3_hf_batch_metadata
 from .llama3_layout import llama3_flash_attn_prepare_cu_seqlens
 from .ring import ring_flash_attn_func, ring_flash_attn_varlen_func
 from .scheme import ContextParallelScheme, HFBinding
 from .stripe import stripe_flash_attn_func
+from .ulysses import (HF_ATTN_ULYSSES, ulysses_flash_attn_func, ulysses_flash_attn_varlen_func,
+                      ulysses_prepare_cu_seqlens, ulysses_shard)
+from .ulysses import hf_batch_metadata as ulysses_hf_batch_metadata
 from .zigzag_layout import zigzag_llama3_prepare_cu_seqlens, zigzag_local_cu_seqlens, zigzag_shard
 from .zigzag_llama3 import HF_ATTN_ZIGZAG_LLAMA3, zigzag_llama3_flash_attn_varlen_func
 from .zigzag_llama3 import hf_batch_metadata as zigzag_llama3_hf_batch_metadata
@@ -97,3 +102,16 @@ register_scheme(ContextParallelScheme(
     varlen_func=zigzag_llama3_flash_attn_varlen_func, shard=zigzag_shard,
     prepare_cu_seqlens=zigzag_llama3_prepare_cu_seqlens,
     hf=HFBinding(attn_implementation=HF_ATTN_ZIGZAG_LLAMA3, prepare_batch=zigzag_llama3_hf_batch_metadata)))
+
+register_scheme(ContextParallelScheme(
+    name="ulysses", layout="contiguous",
+    summary="all-to-all from sequence to head shards, rank r holds tokens [r T/N, (r+1) T/N) of the packed batch",
+    func=ulysses_flash_attn_func, varlen_func=ulysses_flash_attn_varlen_func, shard=ulysses_shard,
+    prepare_cu_seqlens=ulysses_prepare_cu_seqlens,
+    hf=HFBinding(attn_implementation=HF_ATTN_ULYSSES, prepare_batch=ulysses_hf_batch_metadata)))
+
+register_scheme(ContextParallelScheme(
+    name="hybrid", layout="hybrid",
+    summary="all-to-all inside groups of ulysses_degree ranks, zigzag llama3 (or llama3) across kv_degree ranks",
+    varlen_func=hybrid_flash_attn_varlen_func, prepare_cu_seqlens=hybrid_prepare_cu_seqlens,
+    hf=HFBinding(attn_implementation=HF_ATTN_HYBRID, prepare_batch=hybrid_hf_batch_metadata)))

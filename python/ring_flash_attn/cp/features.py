@@ -1,0 +1,64 @@
+"""The attention features a context-parallel scheme hands on to the attention it runs (softcap,
+attention sinks; window_size is a parameter of every attention function and is always handed
+on): checked here, passed as keyword arguments only when set, so that an attention function
+that does not take a feature yet refuses it with a clear error instead of a TypeError."""
+
+from __future__ import annotations
+
+import inspect
+import numbers
+from typing import Callable, Dict, Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["accepts_keyword", "check_sinks", "check_softcap", "feature_kwargs"]
+
+
+def accepts_keyword(fn: Callable, name: str) -> bool:
+    """Whether ``fn`` takes a keyword argument ``name`` (a named parameter or ``**kwargs``)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def check_softcap(softcap) -> float:
+    """softcap is a real >= 0 (0: off); returns it as a float."""
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not softcap >= 0.0:
+        raise ValueError(f"softcap: expected a real >= 0 (0 turns soft-capping off), got {softcap!r}")
+    return float(softcap)
+
+
+def check_sinks(sinks: Optional[Tensor], num_heads_q: int, device: torch.device) -> None:
+    """sinks is None or a float32 ``[Hq]`` tensor on q's device (one sink logit per query head)."""
+    if sinks is None:
+        return
+    if not isinstance(sinks, Tensor):
+        raise ValueError(f"sinks: expected None or a float32 Tensor [{num_heads_q}], got {type(sinks).__name__}")
+    if sinks.dtype != torch.float32:
+        raise ValueError(f"sinks: expected dtype torch.float32, got {sinks.dtype}")
+    if tuple(sinks.shape) != (num_heads_q,):
+        raise ValueError(f"sinks: expected shape ({num_heads_q},) (one logit per query head), got "
+                         f"{tuple(sinks.shape)}")
+    if sinks.device != device:
+        raise ValueError(f"sinks: expected a tensor on {device} (the device of q), got {sinks.device}")
+
+
+def feature_kwargs(fn: Callable, fn_name: str, softcap: float, sinks: Optional[Tensor]) -> Dict[str, object]:
+    """The keyword arguments of the features that are set (``softcap`` != 0, ``sinks`` given) for
+    the attention function ``fn`` (named ``fn_name`` in errors). NotImplementedError naming the
+    feature when ``fn`` does not take it. The sinks entry is a placeholder (True): the caller
+    passes each call's slice of the sinks."""
+    kwargs: Dict[str, object] = {}
+    if softcap != 0.0:
+        if not accepts_keyword(fn, "softcap"):
+            raise NotImplementedError(f"softcap: {fn_name} does not take logit soft-capping in this build "
+                                      f"(got {softcap}); pass 0.0")
+        kwargs["softcap"] = softcap
+    if sinks is not None:
+        if not accepts_keyword(fn, "sinks"):
+            raise NotImplementedError(f"sinks: {fn_name} does not take attention sinks in this build; pass None")
+        kwargs["sinks"] = True
+    return kwargs

@@ -1,0 +1,59 @@
+"""test/test_all_to_all_gpu.py (the torchrun GPU check of Ulysses and the hybrid) in its --device cpu
+mode: gloo, the CPU backend, tiny lengths. Every case passes on 2 ranks, and a Ulysses function
+returning a wrong output makes the script report FAIL and exit 1."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import ring_flash_attn as rfa
+from dist_harness import free_port
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_SCRIPT = os.path.join(_HERE, "test_all_to_all_gpu.py")
+
+
+def _env():
+    env = dict(os.environ)
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(rfa.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([package_root] + [p for p in [env.get("PYTHONPATH")] if p])
+    return env
+
+
+def test_every_case_passes_on_two_gloo_ranks():
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", _SCRIPT, "--device", "cpu"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=_env())
+    assert r.returncode == 0, f"exit {r.returncode}\nstdout:\n{r.stdout[-4000:]}\nstderr:\n{r.stderr[-3000:]}"
+    # Ulysses 8 func + kvpacked + qkvpacked, batched 8, hybrid 2 meshes x 3 schemes x 2 + kvpacked
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith(("PASS ", "FAIL "))]
+    assert len(lines) == 31 and all(ln.startswith("PASS ") for ln in lines), r.stdout[-4000:]
+    assert "31 PASS / 0 FAIL (world_size 2" in r.stdout
+    assert r.stdout.count("mesh 2x1") == 7 and r.stdout.count("mesh 1x2") == 6
+
+
+def test_a_wrong_output_fails(tmp_path):
+    """ulysses_flash_attn_varlen_func returning 1.05 x its output (one rank, in-process launch): its
+    func cases FAIL, the batched ones pass, the exit status is 1."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {_HERE!r})
+        import test_all_to_all_gpu as t
+        good = t.rfa.ulysses_flash_attn_varlen_func
+        def scaled(*args, **kw):
+            res = good(*args, **kw)
+            return (res[0] * 1.05,) + tuple(res[1:]) if isinstance(res, tuple) else res * 1.05
+        t.rfa.ulysses_flash_attn_varlen_func = scaled
+        sys.exit(t.main(["--device", "cpu", "--kinds", "ulysses", "ulysses_batched"]))
+    """))
+    env = _env()
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    r = subprocess.run([sys.executable, str(driver)], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 1, f"exit {r.returncode}\nstdout:\n{r.stdout[-4000:]}\nstderr:\n{r.stderr[-3000:]}"
+    failed = [ln for ln in r.stdout.splitlines() if ln.startswith("FAIL ")]
+    assert len(failed) == 8 and all(" ulysses " in ln and " func " in ln for ln in failed), r.stdout
+    assert "10 PASS / 8 FAIL" in r.stdout
