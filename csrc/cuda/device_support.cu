@@ -43,8 +43,8 @@ int compiled_archs(int* archs, int capacity) {
 }
 
 bool supports_head_dim(int head_dim) {
-  return find_sm80_fwd_kernel(RINGATTN_DTYPE_BF16, head_dim, MaskMode::kNone) != nullptr ||
-         find_sm80_fwd_kernel(RINGATTN_DTYPE_FP16, head_dim, MaskMode::kNone) != nullptr;
+  return find_sm80_fwd_kernel(RINGATTN_DTYPE_BF16, head_dim, KernelVariant{}) != nullptr ||
+         find_sm80_fwd_kernel(RINGATTN_DTYPE_FP16, head_dim, KernelVariant{}) != nullptr;
 }
 
 namespace {
@@ -120,19 +120,24 @@ ringattn_status check_device(int device_index, int* cc) {
 ringattn_status check_support(int device_index, int dtype, int head_dim) {
   const ringattn_status s = check_device(device_index);
   if (s != RINGATTN_STATUS_OK) return s;
-  if (find_sm80_fwd_kernel(dtype, head_dim, MaskMode::kNone) == nullptr)
+  if (find_sm80_fwd_kernel(dtype, head_dim, KernelVariant{}) == nullptr)
     return failf(RINGATTN_STATUS_UNSUPPORTED, "no GPU kernel compiled for dtype %d and head_dim %d", dtype, head_dim);
   return RINGATTN_STATUS_OK;
 }
 
-ringattn_status choose_tier(const ringattn_exec& exec, int cc, bool tier2_kernel, int64_t total_k, const char* call,
-                            Tier* tier) {
+ringattn_status choose_tier(const ringattn_exec& exec, int cc, bool tier2_kernel, bool local, bool softcap,
+                            int64_t total_k, const char* call, Tier* tier) {
   *tier = Tier::kSm80;
 #ifdef RINGATTN_SM90_TIER
   if (exec.tier == RINGATTN_TIER_SM80) return RINGATTN_STATUS_OK;
   const char* why = nullptr;
   if (cc != 90)
     why = "the GPU is not an sm90 card";
+  else if (!tier2_kernel && local)
+    why = softcap ? "no tier-2 kernel compiled for this dtype and head_dim with a local window, diagonal shift or "
+                    "sinks and the softcap (tier 1 runs such calls)"
+                  : "no tier-2 kernel compiled for this dtype and head_dim with a local window, diagonal shift or "
+                    "sinks (tier 1 runs such calls)";
   else if (!tier2_kernel)
     why = "no tier-2 kernel compiled for this dtype and head_dim";
   else if (total_k <= 0)
@@ -148,6 +153,8 @@ ringattn_status choose_tier(const ringattn_exec& exec, int cc, bool tier2_kernel
 #else
   (void)cc;
   (void)tier2_kernel;
+  (void)local;
+  (void)softcap;
   (void)total_k;
   (void)call;
   if (exec.tier == RINGATTN_TIER_SM90)

@@ -27,8 +27,9 @@ namespace ringattn {
 namespace cuda {
 namespace sm80 {
 
-template <typename T, MaskMode kMask>
+template <typename T, MaskMode kMask, bool kSoftcap>
 __global__ void __launch_bounds__(T::kThreads, 1) grouped_bwd_dq_kernel(const __grid_constant__ BwdKernelParams params) {
+  static_assert(!kSoftcap || kMask == MaskMode::kLocal, "the softcap is compiled into kLocal kernels only");
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using Element = typename T::Element;
   constexpr int kHeadDim = T::kHeadDim;
@@ -53,7 +54,7 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_bwd_dq_kernel(const __
   if (row0 >= seq.seqlen_q) return;
   const int rows_valid = min(kBlockM, seq.seqlen_q - row0);
   // A tile that sees no key keeps dQ = 0 (dq_accum was zeroed by the preprocess).
-  const Mask<kMask> seq_mask = seq.mask<kMask>();
+  const Mask<kMask> seq_mask = seq.mask<kMask>(params.features, group, item.batch);
   // Key blocks [n_block_min, n_block_max) of this tile; n_block_min is the constant 0 when no row's
   // keys can start past key 0, so the loop bounds below stay compile-time constants then.
   const int n_block_min = Mask<kMask>::kKeysStartAtZero ? 0 : seq_mask.n_block_min(m_block, kBlockM, kBlockN);
@@ -196,9 +197,10 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_bwd_dq_kernel(const __
 }
 
 // Host side: launch one instantiation over `num_ctas` CTAs (query tiles x query heads).
-template <typename T, MaskMode kMask>
+template <typename T, MaskMode kMask, bool kSoftcap>
 cudaError_t launch_grouped_bwd_dq(const BwdKernelParams& params, int num_ctas, cudaStream_t stream) {
-  return launch_with_smem(&grouped_bwd_dq_kernel<T, kMask>, num_ctas, T::kThreads, T::kSmemBytes, stream, params);
+  return launch_with_smem(&grouped_bwd_dq_kernel<T, kMask, kSoftcap>, num_ctas, T::kThreads, T::kSmemBytes, stream,
+                          params);
 }
 
 }  // namespace sm80

@@ -49,9 +49,10 @@ constexpr int bwd_min_blocks_per_sm() {
   return kFit < 1 ? 1 : (kFit < T::kMinBlocksPerSm ? kFit : T::kMinBlocksPerSm);
 }
 
-template <typename T, MaskMode kMask>
+template <typename T, MaskMode kMask, bool kSoftcap>
 __global__ void __launch_bounds__(T::kThreads, bwd_min_blocks_per_sm<T>())
     grouped_bwd_dkdv_kernel(const __grid_constant__ BwdKernelParams params) {
+  static_assert(!kSoftcap || kMask == MaskMode::kLocal, "the softcap is compiled into kLocal kernels only");
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using Element = typename T::Element;
   constexpr int kHeadDim = T::kHeadDim;
@@ -155,7 +156,7 @@ __global__ void __launch_bounds__(T::kThreads, bwd_min_blocks_per_sm<T>())
                                     (lane >> 4) + wd * (kDCols3 / 8));
 
   Cursor cur;
-  cur.start(params, b, key0);
+  cur.start(params, params.features, b, key0);
   if (cur.valid(params)) {
     // K/V rows some group uses; zeros past them (keys past seqused_k may hold NaN).
     const int keys_loaded = max(0, min(keys_valid, keys_used_by_any_group(params, b) - key0));
@@ -164,7 +165,7 @@ __global__ void __launch_bounds__(T::kThreads, bwd_min_blocks_per_sm<T>())
     load_query_tile(cur, 0);
     ptx::cp_async_commit();
     Cursor nxt = cur;
-    nxt.next(params, b, key0);
+    nxt.next(params, params.features, b, key0);
 
     for (int it = 0;; ++it) {
       const int stage = kStages == 2 ? (it & 1) : 0;
@@ -291,7 +292,7 @@ __global__ void __launch_bounds__(T::kThreads, bwd_min_blocks_per_sm<T>())
         ptx::cp_async_commit();
       }
       cur = nxt;
-      nxt.next(params, b, key0);
+      nxt.next(params, params.features, b, key0);
     }
   }
 
@@ -317,11 +318,11 @@ __global__ void __launch_bounds__(T::kThreads, bwd_min_blocks_per_sm<T>())
 }
 
 // Host side: launch one instantiation over `num_ctas` CTAs (work items x KV heads).
-template <typename T, MaskMode kMask>
+template <typename T, MaskMode kMask, bool kSoftcap>
 cudaError_t launch_grouped_bwd_dkdv(const BwdKernelParams& params, int num_ctas, cudaStream_t stream) {
   // All of the unified L1/shared memory as shared, so two CTAs of the D=128 tile fit on sm_90.
-  return launch_with_smem(&grouped_bwd_dkdv_kernel<T, kMask>, num_ctas, T::kThreads, T::kSmemBytes, stream, params,
-                          /*max_shared_carveout=*/true);
+  return launch_with_smem(&grouped_bwd_dkdv_kernel<T, kMask, kSoftcap>, num_ctas, T::kThreads, T::kSmemBytes, stream,
+                          params, /*max_shared_carveout=*/true);
 }
 
 }  // namespace sm80

@@ -46,9 +46,10 @@ __device__ __forceinline__ void load_tile(typename T::Element* smem, const typen
   }
 }
 
-template <typename T, MaskMode kMask>
+template <typename T, MaskMode kMask, bool kSoftcap>
 __global__ void __launch_bounds__(T::kThreads, T::kMinBlocksPerSm)
     grouped_fwd_kernel(const __grid_constant__ FwdKernelParams params) {
+  static_assert(!kSoftcap || kMask == MaskMode::kLocal, "the softcap is compiled into kLocal kernels only");
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using Element = typename T::Element;
   constexpr int kHeadDim = T::kHeadDim;
@@ -79,7 +80,7 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocksPerSm)
   Element* out_tile = static_cast<Element*>(g.out) + (seq.q_start + row0) * g.out_row_stride + head * g.out_head_stride;
   float* lse_tile = g.softmax_lse + static_cast<int64_t>(head) * g.total_q + seq.q_start + row0;
 
-  const Mask<kMask> seq_mask = seq.mask<kMask>();
+  const Mask<kMask> seq_mask = seq.mask<kMask>(params.features, group, item.batch);
   // Key blocks [n_block_min, n_block_max) of this tile; n_block_min is the constant 0 when no row's
   // keys can start past key 0, so the loop bounds below stay compile-time constants then.
   const int n_block_min = Mask<kMask>::kKeysStartAtZero ? 0 : seq_mask.n_block_min(m_block, kBlockM, kBlockN);
@@ -248,9 +249,10 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocksPerSm)
 }
 
 // Host side: launch one instantiation over `num_ctas` CTAs (work items x heads).
-template <typename T, MaskMode kMask>
+template <typename T, MaskMode kMask, bool kSoftcap>
 cudaError_t launch_grouped_fwd(const FwdKernelParams& params, int num_ctas, cudaStream_t stream) {
-  return launch_with_smem(&grouped_fwd_kernel<T, kMask>, num_ctas, T::kThreads, T::kSmemBytes, stream, params);
+  return launch_with_smem(&grouped_fwd_kernel<T, kMask, kSoftcap>, num_ctas, T::kThreads, T::kSmemBytes, stream,
+                          params);
 }
 
 }  // namespace sm80
