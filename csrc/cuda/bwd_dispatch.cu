@@ -147,16 +147,14 @@ ringattn_status choose_bwd_kernels(const ringattn_bwd_params& p, BwdPlan* plan) 
   int cc = 0;
   ringattn_status s = check_device(p.exec.device_index, &cc);
   if (s != RINGATTN_STATUS_OK) return s;
-  const KernelVariant variant = kernel_variant(p, /*forward=*/false);
   bool tier2_kernel = false;
 #ifdef RINGATTN_SM90_TIER
+  const KernelVariant variant = kernel_variant(p, /*forward=*/false);
   const Sm90BwdKernelEntry* e90 = find_sm90_bwd_kernel(pr.dtype, pr.head_dim, variant);
   tier2_kernel = e90 != nullptr;
 #endif
   Tier tier = Tier::kSm80;
-  if ((s = choose_tier(p.exec, cc, tier2_kernel, variant.mask == MaskMode::kLocal, variant.softcap, pr.total_k,
-                       "this backward", &tier)) != RINGATTN_STATUS_OK)
-    return s;
+  if ((s = choose_tier(p.exec, cc, tier2_kernel, pr.total_k, "this backward", &tier)) != RINGATTN_STATUS_OK) return s;
 #ifdef RINGATTN_SM90_TIER
   if (tier == Tier::kSm90) {
     plan->e90 = e90;
@@ -266,7 +264,9 @@ ringattn_status encode_bwd_maps(const ringattn_bwd_params& p, BwdPlan* plan) {
     }
   }
   plan->kp90.base = plan->kp;
+  plan->kp90.features = plan->kp.features;
   plan->kp90_dq.base = plan->kp;
+  plan->kp90_dq.features = plan->kp.features;
 #else
   (void)p;
   (void)plan;

@@ -125,19 +125,14 @@ ringattn_status check_support(int device_index, int dtype, int head_dim) {
   return RINGATTN_STATUS_OK;
 }
 
-ringattn_status choose_tier(const ringattn_exec& exec, int cc, bool tier2_kernel, bool local, bool softcap,
-                            int64_t total_k, const char* call, Tier* tier) {
+ringattn_status choose_tier(const ringattn_exec& exec, int cc, bool tier2_kernel, int64_t total_k, const char* call,
+                            Tier* tier) {
   *tier = Tier::kSm80;
 #ifdef RINGATTN_SM90_TIER
   if (exec.tier == RINGATTN_TIER_SM80) return RINGATTN_STATUS_OK;
   const char* why = nullptr;
   if (cc != 90)
     why = "the GPU is not an sm90 card";
-  else if (!tier2_kernel && local)
-    why = softcap ? "no tier-2 kernel compiled for this dtype and head_dim with a local window, diagonal shift or "
-                    "sinks and the softcap (tier 1 runs such calls)"
-                  : "no tier-2 kernel compiled for this dtype and head_dim with a local window, diagonal shift or "
-                    "sinks (tier 1 runs such calls)";
   else if (!tier2_kernel)
     why = "no tier-2 kernel compiled for this dtype and head_dim";
   else if (total_k <= 0)
@@ -153,8 +148,6 @@ ringattn_status choose_tier(const ringattn_exec& exec, int cc, bool tier2_kernel
 #else
   (void)cc;
   (void)tier2_kernel;
-  (void)local;
-  (void)softcap;
   (void)total_k;
   (void)call;
   if (exec.tier == RINGATTN_TIER_SM90)

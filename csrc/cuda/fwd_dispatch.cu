@@ -89,6 +89,7 @@ ringattn_status run_sm90_fwd(const ringattn_fwd_params& p, const Sm90FwdKernelEn
   int64_t num_ctas = 0;
   const ringattn_status s = launch_fwd_work_list(p, e.block_m, e.block_n, stream, &kp.base, &num_ctas);
   if (s != RINGATTN_STATUS_OK) return s;
+  fill_features(kp.features, p);
   const cudaError_t err = e.launch(kp, static_cast<int>(num_ctas), stream);
   if (err != cudaSuccess) return cuda_fail(err, "launching the grouped forward kernel (tier 2, sm90a)");
   return RINGATTN_STATUS_OK;
@@ -107,16 +108,14 @@ ringattn_status grouped_fwd(const ringattn_fwd_params& p) {
   if (guard.error() != cudaSuccess) return cuda_fail(guard.error(), "cudaSetDevice");
   cudaStream_t stream = static_cast<cudaStream_t>(p.exec.stream);
 
-  const KernelVariant variant = kernel_variant(p, /*forward=*/true);
   bool tier2_kernel = false;
 #ifdef RINGATTN_SM90_TIER
+  const KernelVariant variant = kernel_variant(p, /*forward=*/true);
   const Sm90FwdKernelEntry* e90 = find_sm90_fwd_kernel(pr.dtype, pr.head_dim, variant);
   tier2_kernel = e90 != nullptr;
 #endif
   Tier tier = Tier::kSm80;
-  if ((s = choose_tier(p.exec, cc, tier2_kernel, variant.mask == MaskMode::kLocal, variant.softcap, pr.total_k,
-                       "this call", &tier)) != RINGATTN_STATUS_OK)
-    return s;
+  if ((s = choose_tier(p.exec, cc, tier2_kernel, pr.total_k, "this call", &tier)) != RINGATTN_STATUS_OK) return s;
 #ifdef RINGATTN_SM90_TIER
   if (tier == Tier::kSm90) return run_sm90_fwd(p, *e90, stream);
 #endif

@@ -273,12 +273,24 @@ const Sm90FwdKernelEntry kSm90FwdKernels[] = {
     kernel_entry<sm90::FwdConfig<__half, 64>::Traits, MaskMode::kCausal, false>(
         RINGATTN_DTYPE_FP16,
         &sm90::launch_grouped_fwd<sm90::FwdConfig<__half, 64>::Traits, MaskMode::kCausal>),
+    kernel_entry<sm90::FwdConfig<__half, 64>::Traits, MaskMode::kLocal, false>(
+        RINGATTN_DTYPE_FP16,
+        &sm90::launch_grouped_fwd<sm90::FwdConfig<__half, 64>::Traits, MaskMode::kLocal>),
+    kernel_entry<sm90::FwdConfig<__half, 64>::Traits, MaskMode::kLocal, true>(
+        RINGATTN_DTYPE_FP16,
+        &sm90::launch_grouped_fwd<sm90::FwdConfig<__half, 64>::Traits, MaskMode::kLocal, true>),
     kernel_entry<sm90::FwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kNone, false>(
         RINGATTN_DTYPE_BF16,
         &sm90::launch_grouped_fwd<sm90::FwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kNone>),
     kernel_entry<sm90::FwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kCausal, false>(
         RINGATTN_DTYPE_BF16,
         &sm90::launch_grouped_fwd<sm90::FwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kCausal>),
+    kernel_entry<sm90::FwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kLocal, false>(
+        RINGATTN_DTYPE_BF16,
+        &sm90::launch_grouped_fwd<sm90::FwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kLocal>),
+    kernel_entry<sm90::FwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kLocal, true>(
+        RINGATTN_DTYPE_BF16,
+        &sm90::launch_grouped_fwd<sm90::FwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kLocal, true>),
 #endif
 #ifdef RINGATTN_HDIM_128
     kernel_entry<sm90::FwdConfig<__half, 128>::Traits, MaskMode::kNone, false>(
@@ -287,12 +299,24 @@ const Sm90FwdKernelEntry kSm90FwdKernels[] = {
     kernel_entry<sm90::FwdConfig<__half, 128>::Traits, MaskMode::kCausal, false>(
         RINGATTN_DTYPE_FP16,
         &sm90::launch_grouped_fwd<sm90::FwdConfig<__half, 128>::Traits, MaskMode::kCausal>),
+    kernel_entry<sm90::FwdConfig<__half, 128>::Traits, MaskMode::kLocal, false>(
+        RINGATTN_DTYPE_FP16,
+        &sm90::launch_grouped_fwd<sm90::FwdConfig<__half, 128>::Traits, MaskMode::kLocal>),
+    kernel_entry<sm90::FwdConfig<__half, 128>::Traits, MaskMode::kLocal, true>(
+        RINGATTN_DTYPE_FP16,
+        &sm90::launch_grouped_fwd<sm90::FwdConfig<__half, 128>::Traits, MaskMode::kLocal, true>),
     kernel_entry<sm90::FwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kNone, false>(
         RINGATTN_DTYPE_BF16,
         &sm90::launch_grouped_fwd<sm90::FwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kNone>),
     kernel_entry<sm90::FwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kCausal, false>(
         RINGATTN_DTYPE_BF16,
         &sm90::launch_grouped_fwd<sm90::FwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kCausal>),
+    kernel_entry<sm90::FwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kLocal, false>(
+        RINGATTN_DTYPE_BF16,
+        &sm90::launch_grouped_fwd<sm90::FwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kLocal>),
+    kernel_entry<sm90::FwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kLocal, true>(
+        RINGATTN_DTYPE_BF16,
+        &sm90::launch_grouped_fwd<sm90::FwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kLocal, true>),
 #endif
 #ifdef RINGATTN_HDIM_256
     kernel_entry<sm90::FwdConfig<__half, 256>::Traits, MaskMode::kNone, false>(
@@ -301,12 +325,24 @@ const Sm90FwdKernelEntry kSm90FwdKernels[] = {
     kernel_entry<sm90::FwdConfig<__half, 256>::Traits, MaskMode::kCausal, false>(
         RINGATTN_DTYPE_FP16,
         &sm90::launch_grouped_fwd<sm90::FwdConfig<__half, 256>::Traits, MaskMode::kCausal>),
+    kernel_entry<sm90::FwdConfig<__half, 256>::Traits, MaskMode::kLocal, false>(
+        RINGATTN_DTYPE_FP16,
+        &sm90::launch_grouped_fwd<sm90::FwdConfig<__half, 256>::Traits, MaskMode::kLocal>),
+    kernel_entry<sm90::FwdConfig<__half, 256>::Traits, MaskMode::kLocal, true>(
+        RINGATTN_DTYPE_FP16,
+        &sm90::launch_grouped_fwd<sm90::FwdConfig<__half, 256>::Traits, MaskMode::kLocal, true>),
     kernel_entry<sm90::FwdConfig<__nv_bfloat16, 256>::Traits, MaskMode::kNone, false>(
         RINGATTN_DTYPE_BF16,
         &sm90::launch_grouped_fwd<sm90::FwdConfig<__nv_bfloat16, 256>::Traits, MaskMode::kNone>),
     kernel_entry<sm90::FwdConfig<__nv_bfloat16, 256>::Traits, MaskMode::kCausal, false>(
         RINGATTN_DTYPE_BF16,
         &sm90::launch_grouped_fwd<sm90::FwdConfig<__nv_bfloat16, 256>::Traits, MaskMode::kCausal>),
+    kernel_entry<sm90::FwdConfig<__nv_bfloat16, 256>::Traits, MaskMode::kLocal, false>(
+        RINGATTN_DTYPE_BF16,
+        &sm90::launch_grouped_fwd<sm90::FwdConfig<__nv_bfloat16, 256>::Traits, MaskMode::kLocal>),
+    kernel_entry<sm90::FwdConfig<__nv_bfloat16, 256>::Traits, MaskMode::kLocal, true>(
+        RINGATTN_DTYPE_BF16,
+        &sm90::launch_grouped_fwd<sm90::FwdConfig<__nv_bfloat16, 256>::Traits, MaskMode::kLocal, true>),
 #endif
     Sm90FwdKernelEntry{}};
 
@@ -323,12 +359,24 @@ const Sm90BwdKernelEntry kSm90BwdKernels[] = {
     kernel_entry<sm90::BwdConfig<__half, 64>::Traits, MaskMode::kCausal, false>(
         RINGATTN_DTYPE_FP16,
         &sm90::launch_grouped_bwd_dkdv<sm90::BwdConfig<__half, 64>::Traits, MaskMode::kCausal>),
+    kernel_entry<sm90::BwdConfig<__half, 64>::Traits, MaskMode::kLocal, false>(
+        RINGATTN_DTYPE_FP16,
+        &sm90::launch_grouped_bwd_dkdv<sm90::BwdConfig<__half, 64>::Traits, MaskMode::kLocal>),
+    kernel_entry<sm90::BwdConfig<__half, 64>::Traits, MaskMode::kLocal, true>(
+        RINGATTN_DTYPE_FP16,
+        &sm90::launch_grouped_bwd_dkdv<sm90::BwdConfig<__half, 64>::Traits, MaskMode::kLocal, true>),
     kernel_entry<sm90::BwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kNone, false>(
         RINGATTN_DTYPE_BF16,
         &sm90::launch_grouped_bwd_dkdv<sm90::BwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kNone>),
     kernel_entry<sm90::BwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kCausal, false>(
         RINGATTN_DTYPE_BF16,
         &sm90::launch_grouped_bwd_dkdv<sm90::BwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kCausal>),
+    kernel_entry<sm90::BwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kLocal, false>(
+        RINGATTN_DTYPE_BF16,
+        &sm90::launch_grouped_bwd_dkdv<sm90::BwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kLocal>),
+    kernel_entry<sm90::BwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kLocal, true>(
+        RINGATTN_DTYPE_BF16,
+        &sm90::launch_grouped_bwd_dkdv<sm90::BwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kLocal, true>),
 #endif
 #ifdef RINGATTN_HDIM_128
     kernel_entry<sm90::BwdConfig<__half, 128>::Traits, MaskMode::kNone, false>(
@@ -337,12 +385,24 @@ const Sm90BwdKernelEntry kSm90BwdKernels[] = {
     kernel_entry<sm90::BwdConfig<__half, 128>::Traits, MaskMode::kCausal, false>(
         RINGATTN_DTYPE_FP16,
         &sm90::launch_grouped_bwd_dkdv<sm90::BwdConfig<__half, 128>::Traits, MaskMode::kCausal>),
+    kernel_entry<sm90::BwdConfig<__half, 128>::Traits, MaskMode::kLocal, false>(
+        RINGATTN_DTYPE_FP16,
+        &sm90::launch_grouped_bwd_dkdv<sm90::BwdConfig<__half, 128>::Traits, MaskMode::kLocal>),
+    kernel_entry<sm90::BwdConfig<__half, 128>::Traits, MaskMode::kLocal, true>(
+        RINGATTN_DTYPE_FP16,
+        &sm90::launch_grouped_bwd_dkdv<sm90::BwdConfig<__half, 128>::Traits, MaskMode::kLocal, true>),
     kernel_entry<sm90::BwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kNone, false>(
         RINGATTN_DTYPE_BF16,
         &sm90::launch_grouped_bwd_dkdv<sm90::BwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kNone>),
     kernel_entry<sm90::BwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kCausal, false>(
         RINGATTN_DTYPE_BF16,
         &sm90::launch_grouped_bwd_dkdv<sm90::BwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kCausal>),
+    kernel_entry<sm90::BwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kLocal, false>(
+        RINGATTN_DTYPE_BF16,
+        &sm90::launch_grouped_bwd_dkdv<sm90::BwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kLocal>),
+    kernel_entry<sm90::BwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kLocal, true>(
+        RINGATTN_DTYPE_BF16,
+        &sm90::launch_grouped_bwd_dkdv<sm90::BwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kLocal, true>),
 #endif
     Sm90BwdKernelEntry{}};
 
@@ -359,12 +419,24 @@ const Sm90BwdDqKernelEntry kSm90BwdDqKernels[] = {
     kernel_entry<sm90::BwdDqConfig<__half, 64>::Traits, MaskMode::kCausal, false>(
         RINGATTN_DTYPE_FP16,
         &sm90::launch_grouped_bwd_dq<sm90::BwdDqConfig<__half, 64>::Traits, MaskMode::kCausal>),
+    kernel_entry<sm90::BwdDqConfig<__half, 64>::Traits, MaskMode::kLocal, false>(
+        RINGATTN_DTYPE_FP16,
+        &sm90::launch_grouped_bwd_dq<sm90::BwdDqConfig<__half, 64>::Traits, MaskMode::kLocal>),
+    kernel_entry<sm90::BwdDqConfig<__half, 64>::Traits, MaskMode::kLocal, true>(
+        RINGATTN_DTYPE_FP16,
+        &sm90::launch_grouped_bwd_dq<sm90::BwdDqConfig<__half, 64>::Traits, MaskMode::kLocal, true>),
     kernel_entry<sm90::BwdDqConfig<__nv_bfloat16, 64>::Traits, MaskMode::kNone, false>(
         RINGATTN_DTYPE_BF16,
         &sm90::launch_grouped_bwd_dq<sm90::BwdDqConfig<__nv_bfloat16, 64>::Traits, MaskMode::kNone>),
     kernel_entry<sm90::BwdDqConfig<__nv_bfloat16, 64>::Traits, MaskMode::kCausal, false>(
         RINGATTN_DTYPE_BF16,
         &sm90::launch_grouped_bwd_dq<sm90::BwdDqConfig<__nv_bfloat16, 64>::Traits, MaskMode::kCausal>),
+    kernel_entry<sm90::BwdDqConfig<__nv_bfloat16, 64>::Traits, MaskMode::kLocal, false>(
+        RINGATTN_DTYPE_BF16,
+        &sm90::launch_grouped_bwd_dq<sm90::BwdDqConfig<__nv_bfloat16, 64>::Traits, MaskMode::kLocal>),
+    kernel_entry<sm90::BwdDqConfig<__nv_bfloat16, 64>::Traits, MaskMode::kLocal, true>(
+        RINGATTN_DTYPE_BF16,
+        &sm90::launch_grouped_bwd_dq<sm90::BwdDqConfig<__nv_bfloat16, 64>::Traits, MaskMode::kLocal, true>),
 #endif
 #ifdef RINGATTN_HDIM_128
     kernel_entry<sm90::BwdDqConfig<__half, 128>::Traits, MaskMode::kNone, false>(
@@ -373,12 +445,24 @@ const Sm90BwdDqKernelEntry kSm90BwdDqKernels[] = {
     kernel_entry<sm90::BwdDqConfig<__half, 128>::Traits, MaskMode::kCausal, false>(
         RINGATTN_DTYPE_FP16,
         &sm90::launch_grouped_bwd_dq<sm90::BwdDqConfig<__half, 128>::Traits, MaskMode::kCausal>),
+    kernel_entry<sm90::BwdDqConfig<__half, 128>::Traits, MaskMode::kLocal, false>(
+        RINGATTN_DTYPE_FP16,
+        &sm90::launch_grouped_bwd_dq<sm90::BwdDqConfig<__half, 128>::Traits, MaskMode::kLocal>),
+    kernel_entry<sm90::BwdDqConfig<__half, 128>::Traits, MaskMode::kLocal, true>(
+        RINGATTN_DTYPE_FP16,
+        &sm90::launch_grouped_bwd_dq<sm90::BwdDqConfig<__half, 128>::Traits, MaskMode::kLocal, true>),
     kernel_entry<sm90::BwdDqConfig<__nv_bfloat16, 128>::Traits, MaskMode::kNone, false>(
         RINGATTN_DTYPE_BF16,
         &sm90::launch_grouped_bwd_dq<sm90::BwdDqConfig<__nv_bfloat16, 128>::Traits, MaskMode::kNone>),
     kernel_entry<sm90::BwdDqConfig<__nv_bfloat16, 128>::Traits, MaskMode::kCausal, false>(
         RINGATTN_DTYPE_BF16,
         &sm90::launch_grouped_bwd_dq<sm90::BwdDqConfig<__nv_bfloat16, 128>::Traits, MaskMode::kCausal>),
+    kernel_entry<sm90::BwdDqConfig<__nv_bfloat16, 128>::Traits, MaskMode::kLocal, false>(
+        RINGATTN_DTYPE_BF16,
+        &sm90::launch_grouped_bwd_dq<sm90::BwdDqConfig<__nv_bfloat16, 128>::Traits, MaskMode::kLocal>),
+    kernel_entry<sm90::BwdDqConfig<__nv_bfloat16, 128>::Traits, MaskMode::kLocal, true>(
+        RINGATTN_DTYPE_BF16,
+        &sm90::launch_grouped_bwd_dq<sm90::BwdDqConfig<__nv_bfloat16, 128>::Traits, MaskMode::kLocal, true>),
 #endif
     Sm90BwdDqKernelEntry{}};
 

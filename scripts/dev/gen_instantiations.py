@@ -111,7 +111,7 @@ KERNELS = (
         kernel_headers=("cuda/sm90/fwd_kernel.cuh",), declarations=("cuda/sm90/fwd_launch.h",),
         launches=(Launch("launch_grouped_fwd", "FwdConfig<{element}, {hdim}>::Traits", "FwdKernelParams"),),
         table="kSm90FwdKernels", entry_type="Sm90FwdKernelEntry", lookup="find_sm90_fwd_kernel",
-        variants=FIXED_MASKS, **_SINGLE_ENTRY),
+        variants=FIXED_MASKS + LOCAL_MASKS, **_SINGLE_ENTRY),
     # Head dim 256 runs tier 1's backward.
     KernelSet(
         title="Tier-2 backward dK/dV kernels (dQ through TMA reduce-add into dq_accum).",
@@ -119,7 +119,7 @@ KERNELS = (
         kernel_headers=("cuda/sm90/bwd_kernel.cuh",), declarations=("cuda/sm90/bwd_traits.h",),
         launches=(Launch("launch_grouped_bwd_dkdv", "BwdConfig<{element}, {hdim}>::Traits", "BwdKernelParams"),),
         table="kSm90BwdKernels", entry_type="Sm90BwdKernelEntry", lookup="find_sm90_bwd_kernel",
-        variants=FIXED_MASKS, **_SINGLE_ENTRY),
+        variants=FIXED_MASKS + LOCAL_MASKS, **_SINGLE_ENTRY),
     KernelSet(
         title="Tier-2 dQ kernels of the deterministic mode.",
         tier="sm90", pass_name="bwd_dq", head_dims=(64, 128),
@@ -127,7 +127,7 @@ KERNELS = (
         declarations=("cuda/sm90/bwd_dq_traits.h", "cuda/sm90/bwd_params.h"),
         launches=(Launch("launch_grouped_bwd_dq", "BwdDqConfig<{element}, {hdim}>::Traits", "BwdDqKernelParams"),),
         table="kSm90BwdDqKernels", entry_type="Sm90BwdDqKernelEntry", lookup="find_sm90_bwd_dq_kernel",
-        variants=FIXED_MASKS, **_SINGLE_ENTRY),
+        variants=FIXED_MASKS + LOCAL_MASKS, **_SINGLE_ENTRY),
 )
 
 # The tier-2 tables exist only in builds with the sm90a kernels (cmake/cuda_kernels.cmake).
