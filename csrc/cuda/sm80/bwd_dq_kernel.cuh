@@ -8,6 +8,8 @@
 // dS goes from the C fragments straight into A fragments (as P does in the forward). The tile
 // is written once, with plain stores, into the group's dq_accum (the postprocess scales and
 // converts it), so results are bit-identical run to run.
+// kMask = kLocal takes the call's window and diagonal shifts (params.features); kSoftcap (kLocal
+// only) recomputes the capped scores and multiplies dS by 1 - t^2, as the dK/dV kernel does.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -16,6 +18,7 @@
 #include <cstdint>
 
 #include "cuda/bwd_params.h"
+#include "cuda/features.cuh"
 #include "cuda/launch.h"
 #include "cuda/ptx.h"
 #include "cuda/seqlen_info.h"
@@ -166,13 +169,24 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_bwd_dq_kernel(const __
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
           const int r = c >> 1;
-          float p = ptx::exp2_approx(fmaf(s[mt][nt][c], params.softmax_scale_log2, -lse[mt][r]));
+          float t = 0.f;  // softcap: tanh of the scaled score
+          float p;
+          if constexpr (kSoftcap) {
+            t = tanh_approx(s[mt][nt][c] * params.features.softcap_scale);
+            p = ptx::exp2_approx(fmaf(t, params.features.softcap_log2, -lse[mt][r]));
+          } else {
+            p = ptx::exp2_approx(fmaf(s[mt][nt][c], params.softmax_scale_log2, -lse[mt][r]));
+          }
           if (need_mask) {
             const int row = row0 + warp_row0 + mt * 16 + (lane >> 2) + r * 8;
             const int col = col0 + nt * 8 + 2 * (lane & 3) + (c & 1);
-            if (seq_mask.key_masked(row, col)) p = 0.f;
+            if (seq_mask.key_masked(row, col)) p = 0.f;  // dS = 0 too (t stays: 1 - t^2 multiplies a 0)
           }
-          dp[mt][nt][c] = p * (dp[mt][nt][c] - di[mt][r]);
+          if constexpr (kSoftcap) {
+            dp[mt][nt][c] = p * (dp[mt][nt][c] - di[mt][r]) * fmaf(-t, t, 1.f);  // dS times 1 - t^2
+          } else {
+            dp[mt][nt][c] = p * (dp[mt][nt][c] - di[mt][r]);
+          }
         }
 
     // ---- dQ += dS K ----
