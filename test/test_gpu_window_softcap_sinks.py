@@ -14,9 +14,11 @@ keys: out = 0 and lse = the sink exactly); GQA, MQA, varlen, two groups with seq
 64 / 128 / 256; fp16 / bf16; the deterministic backward run to run; key blocks outside every
 window holding NaN (they must never be read).
 
-Tier 2 (sm90a) implements these features only where TIER2_IMPLEMENTS says so; until then a call
-forced onto tier 2 must fail with NotImplementedError naming why, and the automatic choice runs it
-on tier 1. Flip the entries when tier 2's kernels land.
+Tier 2 (sm90a) has every variant (fixed masks, kLocal, kLocal with the softcap); it has no
+backward at head dim 256, where a backward forced onto it must fail with NotImplementedError naming
+why (the automatic choice runs tier 1 there). On an sm90 card the automatic choice runs the feature
+calls on tier 2 (checked bit for bit against the forced tier), and long windows walk many key
+blocks that start far past block 0 (both tier-2 pipelines wrap several times).
 """
 
 from __future__ import annotations
@@ -43,9 +45,6 @@ DEVICE = "cuda"
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 HEAD_DIMS = [64, 128, 256]
 
-# Which kernel variants (csrc/cuda/kernel_registry.h: kernel_variant) tier 2 has: "local" is the
-# run-time window / diagonal shift / sinks kernels, "local_softcap" the same with the softcap.
-TIER2_IMPLEMENTS = {"local": False, "local_softcap": False}
 # Tier 2 has no backward at this head dim (tier 1 runs it).
 TIER2_NO_BACKWARD_HEAD_DIMS = (256,)
 
@@ -73,19 +72,6 @@ class Scenario:
     q_amplitude: float = 1.0  # larger: scores reach the softcap
     scale: float = 0.0  # 0: 1 / sqrt(head_dim)
     has_rows_without_keys: bool = False  # the case is built to have them (checked)
-
-    def bounded(self) -> bool:
-        """Whether the mask bounds a side (only then does a diagonal shift matter)."""
-        return self.causal or self.window[0] >= 0 or self.window[1] >= 0
-
-    def variant(self, forward: bool) -> Optional[str]:
-        """The kernel variant the call runs (kernel_variant in csrc/cuda/kernel_registry.h): None for
-        the fixed masks (kNone / kCausal), else "local" or "local_softcap"."""
-        right = 0 if self.causal else self.window[1]
-        shifted = self.bounded() and self.shifts is not None and any(s is not None for s in self.shifts)
-        if self.window[0] >= 0 or right > 0 or shifted or self.softcap > 0 or (forward and self.sinks):
-            return "local_softcap" if self.softcap > 0 else "local"
-        return None
 
 
 SCENARIOS = [
@@ -127,10 +113,8 @@ def _use_tier(monkeypatch, tier: str) -> None:
 
 
 def _tier2_runs(sc: Scenario, head_dim: int, forward: bool) -> bool:
-    if not forward and head_dim in TIER2_NO_BACKWARD_HEAD_DIMS:
-        return False
-    variant = sc.variant(forward)
-    return variant is None or TIER2_IMPLEMENTS[variant]
+    """Whether tier 2 has the kernel of the call (every variant; no backward at some head dims)."""
+    return forward or head_dim not in TIER2_NO_BACKWARD_HEAD_DIMS
 
 
 def _poison_allocator(device: torch.device, numel: int = 64 << 20) -> None:
@@ -321,7 +305,7 @@ def test_deterministic_backward_is_bit_identical(monkeypatch, tier: str, head_di
     _use_tier(monkeypatch, tier)
     sc = next(s for s in SCENARIOS if s.name == "groups_seqused_everything")
     if tier == "sm90" and not (_tier2_runs(sc, head_dim, forward=True) and _tier2_runs(sc, head_dim, forward=False)):
-        pytest.skip("tier 2 has no kernel for this call yet (test_forward_backward_against_reference checks "
+        pytest.skip("tier 2 has no backward at this head dim (test_forward_backward_against_reference checks "
                     "that it refuses it)")
     dt = torch.bfloat16
     x = make_inputs(sc, head_dim, dt, "/deterministic")
@@ -358,7 +342,7 @@ def test_key_blocks_outside_the_window_are_never_read(monkeypatch, tier: str, he
     _use_tier(monkeypatch, tier)
     sc = Scenario("skip", [[128]], [1024], hq=4, hk=2, causal=True, window=(16, -1))
     if tier == "sm90" and not _tier2_runs(sc, head_dim, forward=True):
-        pytest.skip("tier 2 has no kernel for this call yet (test_forward_backward_against_reference checks "
+        pytest.skip("tier 2 has no backward at this head dim (test_forward_backward_against_reference checks "
                     "that it refuses it)")
     dt = torch.bfloat16
     x = make_inputs(sc, head_dim, dt, "/skip")
@@ -403,3 +387,77 @@ def test_public_api_on_the_gpu():
     (out.float() * x.douts[0].float()).sum().backward()
     assert sinks.grad is not None and torch.all(torch.isfinite(sinks.grad)) and sinks.grad.abs().sum() > 0
     assert all(t.grad is not None and torch.all(torch.isfinite(t.grad)) for t in (q, k, v))
+
+
+# ---- tier 2: the automatic choice and long walks --------------------------------------------------
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("sc", [s for s in SCENARIOS if s.name in ("window_asymmetric_varlen", "softcap_causal",
+                                                                   "sinks_shift_empty_tiles",
+                                                                   "groups_seqused_everything")],
+                         ids=lambda s: s.name)
+def test_automatic_tier_runs_tier2_on_sm90(monkeypatch, sc: Scenario, head_dim: int):
+    """On an sm90 card the automatic choice runs the feature calls on tier 2: its forward and its
+    deterministic backward give the bits of the forced tier-2 call (tier 1 computes in another
+    order and would not)."""
+    if not _is_sm90():
+        pytest.skip("tier 2 needs an sm90 card")
+    dt = torch.bfloat16
+    x = make_inputs(sc, head_dim, dt, "/auto_is_tier2")
+    G = len(x.q_list)
+    results = {}
+    for tier in ("auto", "sm90", "sm80"):
+        monkeypatch.setenv("RING_FLASH_ATTN_TIER", tier)
+        leaves = [t.clone().requires_grad_() for t in (*x.q_list, x.k, x.v)]
+        sinks = None if x.sinks is None else x.sinks.clone().requires_grad_()
+        _poison_allocator(x.k.device)
+        outs, lses = run_op(sc, x, leaves[:G], leaves[G], leaves[G + 1], sinks, deterministic=True)
+        grads = torch.autograd.grad(outs, leaves + ([sinks] if sinks is not None else []), x.douts)
+        results[tier] = (list(outs), list(lses), list(grads))
+    for part, name in enumerate(("out", "lse", "grad")):
+        for a, b in zip(results["auto"][part], results["sm90"][part]):
+            assert torch.equal(a, b), f"{sc.name}: the automatic tier's {name} differs from tier 2's"
+    # The check can fail: tier 1 gives other bits for the same call.
+    assert any(not torch.equal(a, b) for a, b in zip(results["sm80"][0], results["sm90"][0])), \
+        f"{sc.name}: tier 1 and tier 2 outputs are bit-identical, the comparison shows nothing"
+
+
+LONG_SCENARIOS = [
+    # Many key blocks per query tile, the first one past block 0, so both pipelines wrap several
+    # times from a tile's first block (forward: 2 stages, dQ kernel: 3); a shift on top.
+    Scenario("long_window_causal_shift", [[2048]], [2560], hq=4, hk=1, causal=True, window=(700, -1),
+             shifts=[[-100]]),
+    # Two-sided window with softcap and sinks over long rows.
+    Scenario("long_window_two_sided_softcap_sinks", [[1536, 300]], [1536, 500], hq=4, hk=2, window=(400, 250),
+             softcap=10.0, sinks=True, q_amplitude=2.0),
+]
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["dq_default", "deterministic"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("sc", LONG_SCENARIOS, ids=lambda s: s.name)
+def test_tier2_long_windows(monkeypatch, sc: Scenario, head_dim: int, deterministic: bool):
+    """Tier 2 on windows that start many blocks past key 0 and span many blocks: forward and
+    backward (both dQ paths) against the reference."""
+    _use_tier(monkeypatch, "sm90")
+    dt = torch.float16
+    x = make_inputs(sc, head_dim, dt, "/long")
+    G = len(x.q_list)
+    leaves = [t.clone().requires_grad_() for t in (*x.q_list, x.k, x.v)]
+    sinks = None if x.sinks is None else x.sinks.clone().requires_grad_()
+    _poison_allocator(x.k.device)
+    outs, lses = run_op(sc, x, leaves[:G], leaves[G], leaves[G + 1], sinks, deterministic=deterministic)
+    hi_leaves, hi_sinks, ref_hi, lse_hi = run_reference(sc, x, torch.float64, head_dim)
+    lp_leaves, lp_sinks, ref_lp, _ = run_reference(sc, x, dt, head_dim)
+    check_forward(sc, x, outs, lses, ref_hi, lse_hi, ref_lp)
+    inputs = leaves + ([sinks] if sinks is not None else [])
+    _poison_allocator(x.k.device)
+    grads = torch.autograd.grad(outs, inputs, x.douts)
+    want_hi = torch.autograd.grad(ref_hi, hi_leaves + ([hi_sinks] if hi_sinks is not None else []),
+                                  [d.double() for d in x.douts])
+    want_lp = torch.autograd.grad(ref_lp, lp_leaves + ([lp_sinks] if lp_sinks is not None else []), x.douts)
+    for i, name in enumerate([f"dq[{g}]" for g in range(G)] + ["dk", "dv"]):
+        assert_pass_rule(name, grads[i], want_hi[i], want_lp[i])
+    if sinks is not None:
+        assert_sink_gradient("dsinks", grads[-1], want_hi[-1], want_lp[-1])
