@@ -498,10 +498,9 @@ def test_refused_calls_write_nothing():
         assert torch.all(outs[0] == sentinel) and torch.all(lses[0] == sentinel), kw
 
 
-def test_cuda_refuses_what_its_kernels_lack():
-    """The CUDA backend refuses a window, a softcap, sinks and diagonal shifts until its kernels
-    implement them (capability flags in csrc/common/backends.h), naming the field, already in the
-    workspace-size query, which needs no GPU. A library built without CUDA refuses every CUDA call
+def test_cuda_accepts_each_feature():
+    """Both GPU tiers implement windows, softcap, sinks and diagonal shifts (capability flags in
+    csrc/common/backends.h), so the CUDA workspace-size query, which needs no GPU, accepts each. A library built without CUDA refuses every CUDA call
     before reading these fields, so there is nothing to check then (the GoogleTest
     WindowSoftcapSinksValidation.CudaRefusesWhatItsKernelsLack covers CUDA builds as well)."""
     if not _lib.cuda_compiled():
@@ -548,5 +547,4 @@ def test_cuda_refuses_what_its_kernels_lack():
         size = ctypes.c_size_t(0)
         status = lib.ringattn_fwd_workspace_size(ctypes.byref(p), ctypes.byref(size))
         message = _lib.last_error()
-        assert status == _lib.STATUS_UNSUPPORTED, (field_name, status, message)
-        assert message.startswith(f"{field_name}: expected") and "CUDA" in message, message
+        assert status == _lib.STATUS_OK, (field_name, status, message)

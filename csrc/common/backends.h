@@ -24,10 +24,10 @@ constexpr bool kSupportsDiagonalShift = true;
 namespace cuda {
 // The features of ABI 4 that the GPU kernels implement (see BackendLimits in api/validate.h); the
 // host API refuses the others with RINGATTN_STATUS_UNSUPPORTED.
-constexpr bool kSupportsWindow = false;
-constexpr bool kSupportsSoftcap = false;
-constexpr bool kSupportsSinks = false;
-constexpr bool kSupportsDiagonalShift = false;
+constexpr bool kSupportsWindow = true;
+constexpr bool kSupportsSoftcap = true;
+constexpr bool kSupportsSinks = true;
+constexpr bool kSupportsDiagonalShift = true;
 // All of these exist in every build; without CUDA they report RINGATTN_STATUS_UNSUPPORTED.
 bool compiled();
 int compiled_archs(int* archs, int capacity);

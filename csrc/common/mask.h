@@ -5,11 +5,15 @@
 //
 // Geometry. A sequence has seqlen_q query rows and seqlen_k keys. Masks are aligned bottom-right:
 // the last query row lines up with the last key, so row i's diagonal key is i + offset() with
-// offset() = seqlen_k - seqlen_q. A window (left, right), each -1 for unbounded, lets row i see
-// key j iff
+// offset() = seqlen_k - seqlen_q + shift, where shift is the sequence's diagonal shift (0 unless
+// the caller moves the diagonal, as context parallelism does when a query block and a key block sit
+// at different positions of one sequence). A window (left, right), each -1 for unbounded, lets
+// row i see key j iff
 //     0 <= j < seqlen_k   and   i + offset - left <= j <= i + offset + right.
 // MaskMode::kNone is the window (-1, -1) (every key), MaskMode::kCausal is (-1, 0) (keys up to the
-// diagonal). The keys a row sees are one run [key_begin(i), key_end(i)) and the rows that see a
+// diagonal), both without a shift; MaskMode::kLocal takes the window and the shift at run time
+// (sliding windows, causal with a shift, and the kernels of the optional features: softcap and
+// sinks). The keys a row sees are one run [key_begin(i), key_end(i)) and the rows that see a
 // key are one run [row_begin(j), row_end(j)); both runs only move right as i (j) grows, which is
 // what the block ranges below rely on.
 //
@@ -45,6 +49,8 @@ namespace ringattn {
 enum class MaskMode : int {
   kNone = 0,    // every key of the sequence
   kCausal = 1,  // bottom-right aligned: query i of Lq sees key j of Lk iff j <= i + Lk - Lq
+  kLocal = 2,   // a window (left, right) chosen at run time around each row's diagonal, moved by
+                // the sequence's diagonal shift; (-1, -1) is every key, (-1, 0) causal
 };
 
 // A window whose bounds are compile-time constants (-1 = unbounded).
@@ -60,7 +66,8 @@ struct MaskWindow {
   int32_t left = -1;
   int32_t right = -1;
 
-  // The window of a kernel mode: (-1, -1) for kNone, (-1, 0) for kCausal.
+  // The window of a fixed kernel mode: (-1, -1) for kNone, (-1, 0) for kCausal (kLocal's window is
+  // the call's, not the mode's).
   RINGATTN_HOST_DEVICE static constexpr MaskWindow of(MaskMode mode) {
     return MaskWindow{-1, mode == MaskMode::kCausal ? 0 : -1};
   }
@@ -76,6 +83,10 @@ struct ModeWindow<MaskMode::kNone> {
 template <>
 struct ModeWindow<MaskMode::kCausal> {
   using type = FixedWindow<-1, 0>;
+};
+template <>
+struct ModeWindow<MaskMode::kLocal> {
+  using type = MaskWindow;
 };
 
 // Which sides of a window can bound a row, known at compile time: a run-time window may have
@@ -105,7 +116,7 @@ template <class Window, class Int = int32_t>
 struct MaskPolicy {
   Int seqlen_q;
   Int seqlen_k;
-  Int diagonal;  // offset(): seqlen_k - seqlen_q
+  Int diagonal;  // offset(): seqlen_k - seqlen_q (+ the diagonal shift)
   Window window;
 
   static constexpr bool kMayBoundLeft = WindowSides<Window>::kMayBoundLeft;
@@ -116,8 +127,11 @@ struct MaskPolicy {
 
   RINGATTN_HOST_DEVICE RINGATTN_FORCEINLINE MaskPolicy(Int seqlen_q_, Int seqlen_k_, Window window_ = Window{})
       : seqlen_q(seqlen_q_), seqlen_k(seqlen_k_), diagonal(seqlen_k_ - seqlen_q_), window(window_) {}
+  // With the diagonal moved by `shift` keys (row i's diagonal key is i + seqlen_k - seqlen_q + shift).
+  RINGATTN_HOST_DEVICE RINGATTN_FORCEINLINE MaskPolicy(Int seqlen_q_, Int seqlen_k_, Window window_, Int shift)
+      : seqlen_q(seqlen_q_), seqlen_k(seqlen_k_), diagonal(seqlen_k_ - seqlen_q_ + shift), window(window_) {}
 
-  // Row i's diagonal key is i + offset() (bottom-right alignment).
+  // Row i's diagonal key is i + offset() (bottom-right alignment, moved by the shift).
   RINGATTN_HOST_DEVICE RINGATTN_FORCEINLINE Int offset() const { return diagonal; }
   RINGATTN_HOST_DEVICE RINGATTN_FORCEINLINE bool has_left() const { return kMayBoundLeft && window.left >= 0; }
   RINGATTN_HOST_DEVICE RINGATTN_FORCEINLINE bool has_right() const { return kMayBoundRight && window.right >= 0; }
@@ -193,13 +207,18 @@ struct MaskPolicy {
   // [m_block * block_m, (m_block + 1) * block_m), the first one in the sequence) needs; none when
   // n_block_max <= n_block_min. The rows' keys together are [key_begin(first row), key_end(last
   // row)), since consecutive rows' windows overlap or touch. The last row may lie past the
-  // sequence (a partial last tile): the range then also covers the keys it would see. n_block_min
-  // is 0 when kKeysStartAtZero, and the kernels write that 0 as a constant.
+  // sequence (a partial last tile): the range then also covers the keys it would see. The range
+  // is empty exactly when no row of the tile sees a key (the union of consecutive rows' runs is
+  // one run). n_block_min is 0 when kKeysStartAtZero, and the kernels write that 0 as a constant.
   RINGATTN_HOST_DEVICE RINGATTN_FORCEINLINE Int n_block_min(Int m_block, Int block_m, Int block_n) const {
     return key_begin(m_block * block_m) / block_n;
   }
   RINGATTN_HOST_DEVICE RINGATTN_FORCEINLINE Int n_block_max(Int m_block, Int block_m, Int block_n) const {
-    return blocks_covering(key_end((m_block + 1) * block_m - 1), block_n);
+    const Int end = key_end((m_block + 1) * block_m - 1);
+    // With a left bound (and a diagonal shift) every row's keys may start past the sequence's
+    // last key, key_begin(first row) >= end: no row sees a key, and the range must be empty.
+    if (kMayBoundLeft && end <= key_begin(m_block * block_m)) return n_block_min(m_block, block_m, block_n);
+    return blocks_covering(end, block_n);
   }
 
   // Whether the tile of rows [row0, row0 + rows) and keys [col0, col0 + cols) has an entry that a

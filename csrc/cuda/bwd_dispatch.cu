@@ -38,7 +38,7 @@ struct BwdPlan {
   const Sm80BwdKernelEntry* e = nullptr;  // tier 1's kernels; the pre/postprocess of both tiers
   BwdWorkspaceLayout layout{};
   BwdPrepParams prep{};
-  BwdKernelParams kp{};
+  sm80::BwdKernelParams kp{};  // tier 2's kernels take its shared part (kp90.base)
   bool dq_kernel = false;       // dQ through a dQ kernel (else from the dK/dV kernel: atomics, TMA reduce-add)
   BwdSchedulerArgs kv_sched{};  // the dK/dV kernel's work list
   SchedulerArgs q_sched{};      // the dQ kernel's, when it runs
@@ -54,7 +54,7 @@ struct BwdPlan {
 
 ringattn_status plan_bwd_workspace(const ringattn_bwd_params& p, BwdPlan* plan) {
   const ringattn_problem& pr = p.problem;
-  plan->e = sm80_bwd_kernel_or_fail(pr);
+  plan->e = sm80_bwd_kernel_or_fail(p);
   if (plan->e == nullptr) return RINGATTN_STATUS_UNSUPPORTED;
   plan->layout = bwd_layout(p, *plan->e);
   const BwdWorkspaceLayout& layout = plan->layout;
@@ -121,7 +121,7 @@ void build_bwd_params(const ringattn_bwd_params& p, BwdPlan* plan) {
   prep.head_dim = pr.head_dim;
   prep.softmax_scale = softmax_scale;
 
-  BwdKernelParams& kp = plan->kp;
+  sm80::BwdKernelParams& kp = plan->kp;
   for (int g = 0; g < pr.num_groups; ++g) {
     const ringattn_bwd_group& src = p.groups[g];
     BwdGroupArgs& dst = kp.groups[g];
@@ -135,6 +135,7 @@ void build_bwd_params(const ringattn_bwd_params& p, BwdPlan* plan) {
   }
   fill_keys_and_problem(kp, p);
   fill_key_grads(kp, p);
+  fill_features(kp.features, p);
   kp.num_heads_k = pr.num_heads_k;
   plan->dq_kernel = use_dq_kernel(p);
 }
@@ -148,7 +149,8 @@ ringattn_status choose_bwd_kernels(const ringattn_bwd_params& p, BwdPlan* plan) 
   if (s != RINGATTN_STATUS_OK) return s;
   bool tier2_kernel = false;
 #ifdef RINGATTN_SM90_TIER
-  const Sm90BwdKernelEntry* e90 = find_sm90_bwd_kernel(pr.dtype, pr.head_dim, mask_mode(pr));
+  const KernelVariant variant = kernel_variant(p, /*forward=*/false);
+  const Sm90BwdKernelEntry* e90 = find_sm90_bwd_kernel(pr.dtype, pr.head_dim, variant);
   tier2_kernel = e90 != nullptr;
 #endif
   Tier tier = Tier::kSm80;
@@ -158,7 +160,7 @@ ringattn_status choose_bwd_kernels(const ringattn_bwd_params& p, BwdPlan* plan) 
     plan->e90 = e90;
     plan->dq_kernel = p.deterministic != 0;
     if (p.deterministic != 0) {
-      plan->e90_dq = find_sm90_bwd_dq_kernel(pr.dtype, pr.head_dim, mask_mode(pr));
+      plan->e90_dq = find_sm90_bwd_dq_kernel(pr.dtype, pr.head_dim, variant);
       if (plan->e90_dq == nullptr)
         return failf(RINGATTN_STATUS_UNSUPPORTED, "tier 2 backward: no deterministic dQ kernel compiled for head_dim %d",
                      pr.head_dim);
@@ -262,7 +264,9 @@ ringattn_status encode_bwd_maps(const ringattn_bwd_params& p, BwdPlan* plan) {
     }
   }
   plan->kp90.base = plan->kp;
+  plan->kp90.features = plan->kp.features;
   plan->kp90_dq.base = plan->kp;
+  plan->kp90_dq.features = plan->kp.features;
 #else
   (void)p;
   (void)plan;

@@ -78,6 +78,17 @@ struct BwdKernelParams {
   const int32_t* q_count;
 };
 
+namespace sm80 {
+
+// Tier 1's backward kernel parameters: the shared ones, then the features (fwd_params.h; the
+// backward reads the window, the diagonal shifts and the softcap, never the sinks: the forward's
+// LSE holds them).
+struct BwdKernelParams : cuda::BwdKernelParams {
+  FeatureParams features;
+};
+
+}  // namespace sm80
+
 // Pre- and postprocess (elementwise over [total_q, Hq] rows of every group).
 struct BwdPrepGroupArgs {
   const void* out;

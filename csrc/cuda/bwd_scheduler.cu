@@ -24,12 +24,15 @@ __device__ int32_t block_cost(const BwdSchedulerArgs& args, int b, int32_t n) {
     const int32_t len_q = clamp_i(cu[b + 1], q_start, args.total_q[g]) - q_start;
     const int32_t used = args.seqused_k[g] != nullptr ? clamp_i(args.seqused_k[g][b], 0, len_k) : len_k;
     if (key0 >= used || len_q == 0) continue;
-    // Rows [first_row, len_q) see the block: every row, or (causal) those from the first whose
-    // diagonal reaches key0 (common/mask.h).
-    int32_t first_row = 0;
-    if (args.causal) first_row = Mask<MaskMode::kCausal>(len_q, used).row_begin(key0);
-    if (first_row >= len_q) continue;
-    cost += (len_q + args.block_m - 1) / args.block_m - first_row / args.block_m;
+    // Rows [first_row, rows_end) see a key of the block (common/mask.h); their query tiles are
+    // the ones the dK/dV kernels' cursor walks (query_tile_cursor.h).
+    const int32_t* shifts = args.diagonal_shift[g];
+    const MaskPolicy<MaskWindow> mask(len_q, used, args.window, shifts != nullptr ? shifts[b] : 0);
+    const int32_t first_row = mask.row_begin(key0);
+    const int32_t last_key = (key0 + args.block_n < used ? key0 + args.block_n : used) - 1;
+    const int32_t rows_end = mask.row_end(last_key);
+    if (first_row >= rows_end) continue;
+    cost += (rows_end + args.block_m - 1) / args.block_m - first_row / args.block_m;
   }
   return cost;
 }

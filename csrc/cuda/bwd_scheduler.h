@@ -3,7 +3,8 @@
 //
 // Work item = (sequence, K/V block). Every block of every sequence is an item, also blocks no
 // query sees: their CTA writes dK = dV = 0. Cost = query tiles (over all groups) that see the
-// block; items are sorted by cost, largest first (for causal, the first blocks of the longest
+// block (the tiles of the rows [row_begin, row_end) of the mask policy, as the dK/dV kernels'
+// query-tile cursor walks them); items are sorted by cost, largest first (for causal, the first blocks of the longest
 // sequences start in the first wave).
 #pragma once
 
@@ -13,6 +14,7 @@
 #include <cstdint>
 
 #include "cuda/bwd_params.h"
+#include "common/mask.h"
 #include "ringattn/ringattn.h"
 
 namespace ringattn {
@@ -21,6 +23,9 @@ namespace cuda {
 struct BwdSchedulerArgs {
   const int32_t* cu_seqlens_q[RINGATTN_MAX_GROUPS];
   const int32_t* seqused_k[RINGATTN_MAX_GROUPS];
+  // Per group, the diagonal shift of each sequence ([B]) or nullptr (0); nullptr when the window
+  // bounds no side.
+  const int32_t* diagonal_shift[RINGATTN_MAX_GROUPS];
   int32_t total_q[RINGATTN_MAX_GROUPS];
   const int32_t* cu_seqlens_k;
   int32_t total_k;
@@ -28,7 +33,7 @@ struct BwdSchedulerArgs {
   int32_t batch_size;
   int32_t block_m;  // query rows per inner step of the dK/dV kernel (cost unit)
   int32_t block_n;  // keys per item
-  int32_t causal;
+  MaskWindow window;  // the kernels' mask (common/mask.h): (-1, -1) none, (-1, 0) causal
   int32_t capacity;  // upper bound on the number of items (host-computed)
   uint32_t* metadata_errors;  // ringattn_exec.metadata_errors (NULL: no report)
   // workspace

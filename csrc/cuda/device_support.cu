@@ -43,8 +43,8 @@ int compiled_archs(int* archs, int capacity) {
 }
 
 bool supports_head_dim(int head_dim) {
-  return find_sm80_fwd_kernel(RINGATTN_DTYPE_BF16, head_dim, MaskMode::kNone) != nullptr ||
-         find_sm80_fwd_kernel(RINGATTN_DTYPE_FP16, head_dim, MaskMode::kNone) != nullptr;
+  return find_sm80_fwd_kernel(RINGATTN_DTYPE_BF16, head_dim, KernelVariant{}) != nullptr ||
+         find_sm80_fwd_kernel(RINGATTN_DTYPE_FP16, head_dim, KernelVariant{}) != nullptr;
 }
 
 namespace {
@@ -120,7 +120,7 @@ ringattn_status check_device(int device_index, int* cc) {
 ringattn_status check_support(int device_index, int dtype, int head_dim) {
   const ringattn_status s = check_device(device_index);
   if (s != RINGATTN_STATUS_OK) return s;
-  if (find_sm80_fwd_kernel(dtype, head_dim, MaskMode::kNone) == nullptr)
+  if (find_sm80_fwd_kernel(dtype, head_dim, KernelVariant{}) == nullptr)
     return failf(RINGATTN_STATUS_UNSUPPORTED, "no GPU kernel compiled for dtype %d and head_dim %d", dtype, head_dim);
   return RINGATTN_STATUS_OK;
 }

@@ -55,8 +55,9 @@ enum class Tier { kSm80, kSm90 };
 
 // The tier that runs a call, the same rule for the forward and the backward: tier 2 unless
 // exec.tier asks for tier 1, when the GPU is an sm90 card (cc 90), a tier-2 kernel is compiled
-// for the call's shape (tier2_kernel) and total_k > 0; tier 1 otherwise. When exec.tier asks for
-// tier 2 and it cannot run, RINGATTN_STATUS_UNSUPPORTED saying why ("... cannot run <call>: ...").
+// for the call's shape and kernel variant (tier2_kernel) and total_k > 0; tier 1 otherwise. When
+// exec.tier asks for tier 2 and it cannot run, RINGATTN_STATUS_UNSUPPORTED saying why ("... cannot
+// run <call>: ...").
 ringattn_status choose_tier(const ringattn_exec& exec, int cc, bool tier2_kernel, int64_t total_k, const char* call,
                             Tier* tier);
 

@@ -23,7 +23,8 @@ namespace ringattn {
 namespace cuda {
 namespace {
 
-// Tier-1 kernel parameters of a forward call (tier 2 wraps them).
+// The kernel parameters both tiers share of a forward call (tier 1 adds the features, tier 2 its
+// tensor maps).
 FwdKernelParams fwd_kernel_params(const ringattn_fwd_params& p, const SchedulerArgs& sched) {
   const ringattn_problem& pr = p.problem;
   FwdKernelParams kp{};
@@ -88,6 +89,7 @@ ringattn_status run_sm90_fwd(const ringattn_fwd_params& p, const Sm90FwdKernelEn
   int64_t num_ctas = 0;
   const ringattn_status s = launch_fwd_work_list(p, e.block_m, e.block_n, stream, &kp.base, &num_ctas);
   if (s != RINGATTN_STATUS_OK) return s;
+  fill_features(kp.features, p);
   const cudaError_t err = e.launch(kp, static_cast<int>(num_ctas), stream);
   if (err != cudaSuccess) return cuda_fail(err, "launching the grouped forward kernel (tier 2, sm90a)");
   return RINGATTN_STATUS_OK;
@@ -108,7 +110,8 @@ ringattn_status grouped_fwd(const ringattn_fwd_params& p) {
 
   bool tier2_kernel = false;
 #ifdef RINGATTN_SM90_TIER
-  const Sm90FwdKernelEntry* e90 = find_sm90_fwd_kernel(pr.dtype, pr.head_dim, mask_mode(pr));
+  const KernelVariant variant = kernel_variant(p, /*forward=*/true);
+  const Sm90FwdKernelEntry* e90 = find_sm90_fwd_kernel(pr.dtype, pr.head_dim, variant);
   tier2_kernel = e90 != nullptr;
 #endif
   Tier tier = Tier::kSm80;
@@ -117,11 +120,12 @@ ringattn_status grouped_fwd(const ringattn_fwd_params& p) {
   if (tier == Tier::kSm90) return run_sm90_fwd(p, *e90, stream);
 #endif
 
-  const Sm80FwdKernelEntry* e = sm80_fwd_kernel_or_fail(pr);
+  const Sm80FwdKernelEntry* e = sm80_fwd_kernel_or_fail(p);
   if (e == nullptr) return RINGATTN_STATUS_UNSUPPORTED;
-  FwdKernelParams kp{};
+  sm80::FwdKernelParams kp{};
   int64_t num_ctas = 0;
   if ((s = launch_fwd_work_list(p, e->block_m, e->block_n, stream, &kp, &num_ctas)) != RINGATTN_STATUS_OK) return s;
+  fill_features(kp.features, p);
   const cudaError_t err = e->launch(kp, static_cast<int>(num_ctas), stream);
   if (err != cudaSuccess) return cuda_fail(err, "launching the grouped forward kernel");
   return RINGATTN_STATUS_OK;

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 
+#include "common/mask.h"
 #include "ringattn/ringattn.h"
 
 namespace ringattn {
@@ -44,6 +45,34 @@ struct FwdKernelParams {
   const WorkItem* work_items;  // sorted, longest first
   const int32_t* work_count;   // number of valid items
 };
+
+// The optional features of a call, read only by the kernels of MaskMode::kLocal (window, diagonal
+// shift, sinks) and by those compiled with softcap; the kNone / kCausal kernels never read them.
+// Filled by fill_features (kernel_params_fill.h), forward and backward alike.
+struct FeatureParams {
+  // Per group: the diagonal shift of each sequence ([B] int32 on the device), nullptr for none
+  // (all 0). Also nullptr when the window bounds no side (the shift then changes nothing).
+  const int32_t* diagonal_shift[RINGATTN_MAX_GROUPS];
+  const float* sinks;  // [Hq] fp32 sink logits, or nullptr; the forward's finalisation reads them
+  MaskWindow window;   // (left, right), -1 unbounded; causal is a right bound of 0
+  // Softcap (kernels compiled with it): a score s becomes softcap * tanh(s * softcap_scale) with
+  // softcap_scale = softmax_scale / softcap, so in these kernels the softmax runs on t =
+  // tanh(s * softcap_scale) with the scale `softcap` (natural units) / `softcap_log2`.
+  float softcap_scale;
+  float softcap;
+  float softcap_log2;  // softcap * log2(e)
+  int32_t pad;
+};
+
+namespace sm80 {
+
+// Tier 1's forward kernel parameters: the shared ones, then the features. Appending keeps every
+// shared field at the offset it has in tier 2's parameters, which wrap cuda::FwdKernelParams.
+struct FwdKernelParams : cuda::FwdKernelParams {
+  FeatureParams features;
+};
+
+}  // namespace sm80
 
 }  // namespace cuda
 }  // namespace ringattn

@@ -5,6 +5,8 @@
 #include <cstdint>
 
 #include "cuda/device_support.h"
+#include "cuda/fwd_params.h"
+#include "cuda/kernel_registry.h"
 #include "ringattn/ringattn.h"
 
 namespace ringattn {
@@ -39,6 +41,21 @@ void fill_keys_and_problem(KernelParams& kp, const CallParams& p) {
   kp.q_heads_per_kv_head = pr.num_heads_q / pr.num_heads_k;
   kp.softmax_scale = resolved_softmax_scale(pr);
   kp.softmax_scale_log2 = kp.softmax_scale * 1.4426950408889634f;
+}
+
+// The optional features of a forward or backward call (window, diagonal shifts, sinks, softcap),
+// which the kLocal kernels read.
+template <typename CallParams>
+void fill_features(FeatureParams& f, const CallParams& p) {
+  const ringattn_problem& pr = p.problem;
+  f.window = call_window(pr);
+  for (int g = 0; g < pr.num_groups; ++g) f.diagonal_shift[g] = call_diagonal_shift(p, g);
+  f.sinks = pr.sinks;
+  if (pr.softcap > 0.0f) {
+    f.softcap_scale = resolved_softmax_scale(pr) / pr.softcap;
+    f.softcap = pr.softcap;
+    f.softcap_log2 = pr.softcap * 1.4426950408889634f;
+  }
 }
 
 // The backward's dK/dV outputs and their strides.

@@ -22,260 +22,452 @@ namespace cuda {
 // Tier-1 (mma.sync, sm80 and newer) forward kernels.
 const Sm80FwdKernelEntry kSm80FwdKernels[] = {
 #ifdef RINGATTN_HDIM_64
-    kernel_entry<sm80::FwdConfig<__half, 64>::Traits, MaskMode::kNone>(
+    kernel_entry<sm80::FwdConfig<__half, 64>::Traits, MaskMode::kNone, false>(
         RINGATTN_DTYPE_FP16,
         &sm80::launch_grouped_fwd<sm80::FwdConfig<__half, 64>::Traits, MaskMode::kNone>),
-    kernel_entry<sm80::FwdConfig<__half, 64>::Traits, MaskMode::kCausal>(
+    kernel_entry<sm80::FwdConfig<__half, 64>::Traits, MaskMode::kCausal, false>(
         RINGATTN_DTYPE_FP16,
         &sm80::launch_grouped_fwd<sm80::FwdConfig<__half, 64>::Traits, MaskMode::kCausal>),
-    kernel_entry<sm80::FwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kNone>(
+    kernel_entry<sm80::FwdConfig<__half, 64>::Traits, MaskMode::kLocal, false>(
+        RINGATTN_DTYPE_FP16,
+        &sm80::launch_grouped_fwd<sm80::FwdConfig<__half, 64>::Traits, MaskMode::kLocal>),
+    kernel_entry<sm80::FwdConfig<__half, 64>::Traits, MaskMode::kLocal, true>(
+        RINGATTN_DTYPE_FP16,
+        &sm80::launch_grouped_fwd<sm80::FwdConfig<__half, 64>::Traits, MaskMode::kLocal, true>),
+    kernel_entry<sm80::FwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kNone, false>(
         RINGATTN_DTYPE_BF16,
         &sm80::launch_grouped_fwd<sm80::FwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kNone>),
-    kernel_entry<sm80::FwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kCausal>(
+    kernel_entry<sm80::FwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kCausal, false>(
         RINGATTN_DTYPE_BF16,
         &sm80::launch_grouped_fwd<sm80::FwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kCausal>),
+    kernel_entry<sm80::FwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kLocal, false>(
+        RINGATTN_DTYPE_BF16,
+        &sm80::launch_grouped_fwd<sm80::FwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kLocal>),
+    kernel_entry<sm80::FwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kLocal, true>(
+        RINGATTN_DTYPE_BF16,
+        &sm80::launch_grouped_fwd<sm80::FwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kLocal, true>),
 #endif
 #ifdef RINGATTN_HDIM_128
-    kernel_entry<sm80::FwdConfig<__half, 128>::Traits, MaskMode::kNone>(
+    kernel_entry<sm80::FwdConfig<__half, 128>::Traits, MaskMode::kNone, false>(
         RINGATTN_DTYPE_FP16,
         &sm80::launch_grouped_fwd<sm80::FwdConfig<__half, 128>::Traits, MaskMode::kNone>),
-    kernel_entry<sm80::FwdConfig<__half, 128>::Traits, MaskMode::kCausal>(
+    kernel_entry<sm80::FwdConfig<__half, 128>::Traits, MaskMode::kCausal, false>(
         RINGATTN_DTYPE_FP16,
         &sm80::launch_grouped_fwd<sm80::FwdConfig<__half, 128>::Traits, MaskMode::kCausal>),
-    kernel_entry<sm80::FwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kNone>(
+    kernel_entry<sm80::FwdConfig<__half, 128>::Traits, MaskMode::kLocal, false>(
+        RINGATTN_DTYPE_FP16,
+        &sm80::launch_grouped_fwd<sm80::FwdConfig<__half, 128>::Traits, MaskMode::kLocal>),
+    kernel_entry<sm80::FwdConfig<__half, 128>::Traits, MaskMode::kLocal, true>(
+        RINGATTN_DTYPE_FP16,
+        &sm80::launch_grouped_fwd<sm80::FwdConfig<__half, 128>::Traits, MaskMode::kLocal, true>),
+    kernel_entry<sm80::FwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kNone, false>(
         RINGATTN_DTYPE_BF16,
         &sm80::launch_grouped_fwd<sm80::FwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kNone>),
-    kernel_entry<sm80::FwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kCausal>(
+    kernel_entry<sm80::FwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kCausal, false>(
         RINGATTN_DTYPE_BF16,
         &sm80::launch_grouped_fwd<sm80::FwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kCausal>),
+    kernel_entry<sm80::FwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kLocal, false>(
+        RINGATTN_DTYPE_BF16,
+        &sm80::launch_grouped_fwd<sm80::FwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kLocal>),
+    kernel_entry<sm80::FwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kLocal, true>(
+        RINGATTN_DTYPE_BF16,
+        &sm80::launch_grouped_fwd<sm80::FwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kLocal, true>),
 #endif
 #ifdef RINGATTN_HDIM_256
-    kernel_entry<sm80::FwdConfig<__half, 256>::Traits, MaskMode::kNone>(
+    kernel_entry<sm80::FwdConfig<__half, 256>::Traits, MaskMode::kNone, false>(
         RINGATTN_DTYPE_FP16,
         &sm80::launch_grouped_fwd<sm80::FwdConfig<__half, 256>::Traits, MaskMode::kNone>),
-    kernel_entry<sm80::FwdConfig<__half, 256>::Traits, MaskMode::kCausal>(
+    kernel_entry<sm80::FwdConfig<__half, 256>::Traits, MaskMode::kCausal, false>(
         RINGATTN_DTYPE_FP16,
         &sm80::launch_grouped_fwd<sm80::FwdConfig<__half, 256>::Traits, MaskMode::kCausal>),
-    kernel_entry<sm80::FwdConfig<__nv_bfloat16, 256>::Traits, MaskMode::kNone>(
+    kernel_entry<sm80::FwdConfig<__half, 256>::Traits, MaskMode::kLocal, false>(
+        RINGATTN_DTYPE_FP16,
+        &sm80::launch_grouped_fwd<sm80::FwdConfig<__half, 256>::Traits, MaskMode::kLocal>),
+    kernel_entry<sm80::FwdConfig<__half, 256>::Traits, MaskMode::kLocal, true>(
+        RINGATTN_DTYPE_FP16,
+        &sm80::launch_grouped_fwd<sm80::FwdConfig<__half, 256>::Traits, MaskMode::kLocal, true>),
+    kernel_entry<sm80::FwdConfig<__nv_bfloat16, 256>::Traits, MaskMode::kNone, false>(
         RINGATTN_DTYPE_BF16,
         &sm80::launch_grouped_fwd<sm80::FwdConfig<__nv_bfloat16, 256>::Traits, MaskMode::kNone>),
-    kernel_entry<sm80::FwdConfig<__nv_bfloat16, 256>::Traits, MaskMode::kCausal>(
+    kernel_entry<sm80::FwdConfig<__nv_bfloat16, 256>::Traits, MaskMode::kCausal, false>(
         RINGATTN_DTYPE_BF16,
         &sm80::launch_grouped_fwd<sm80::FwdConfig<__nv_bfloat16, 256>::Traits, MaskMode::kCausal>),
+    kernel_entry<sm80::FwdConfig<__nv_bfloat16, 256>::Traits, MaskMode::kLocal, false>(
+        RINGATTN_DTYPE_BF16,
+        &sm80::launch_grouped_fwd<sm80::FwdConfig<__nv_bfloat16, 256>::Traits, MaskMode::kLocal>),
+    kernel_entry<sm80::FwdConfig<__nv_bfloat16, 256>::Traits, MaskMode::kLocal, true>(
+        RINGATTN_DTYPE_BF16,
+        &sm80::launch_grouped_fwd<sm80::FwdConfig<__nv_bfloat16, 256>::Traits, MaskMode::kLocal, true>),
 #endif
     Sm80FwdKernelEntry{}};
 
-const Sm80FwdKernelEntry* find_sm80_fwd_kernel(int dtype, int head_dim, MaskMode mask) {
-  return find_entry(kSm80FwdKernels, dtype, head_dim, mask);
+const Sm80FwdKernelEntry* find_sm80_fwd_kernel(int dtype, int head_dim, KernelVariant variant) {
+  return find_entry(kSm80FwdKernels, dtype, head_dim, variant);
 }
 
 // Tier-1 backward: dK/dV kernel, deterministic-mode dQ kernel, pre/postprocess.
 const Sm80BwdKernelEntry kSm80BwdKernels[] = {
 #ifdef RINGATTN_HDIM_64
-    sm80_bwd_entry<sm80::BwdConfig<__half, 64>::Traits, sm80::BwdConfig<__half, 64>::DqTraits, MaskMode::kNone>(
+    sm80_bwd_entry<sm80::BwdConfig<__half, 64>::Traits, sm80::BwdConfig<__half, 64>::DqTraits, MaskMode::kNone, false>(
         RINGATTN_DTYPE_FP16,
         &sm80::launch_grouped_bwd_dkdv<sm80::BwdConfig<__half, 64>::Traits, MaskMode::kNone>,
         &sm80::launch_grouped_bwd_dq<sm80::BwdConfig<__half, 64>::DqTraits, MaskMode::kNone>,
         &launch_bwd_preprocess<__half>,
         &launch_bwd_postprocess<__half>),
-    sm80_bwd_entry<sm80::BwdConfig<__half, 64>::Traits, sm80::BwdConfig<__half, 64>::DqTraits, MaskMode::kCausal>(
+    sm80_bwd_entry<sm80::BwdConfig<__half, 64>::Traits, sm80::BwdConfig<__half, 64>::DqTraits, MaskMode::kCausal, false>(
         RINGATTN_DTYPE_FP16,
         &sm80::launch_grouped_bwd_dkdv<sm80::BwdConfig<__half, 64>::Traits, MaskMode::kCausal>,
         &sm80::launch_grouped_bwd_dq<sm80::BwdConfig<__half, 64>::DqTraits, MaskMode::kCausal>,
         &launch_bwd_preprocess<__half>,
         &launch_bwd_postprocess<__half>),
-    sm80_bwd_entry<sm80::BwdConfig<__nv_bfloat16, 64>::Traits, sm80::BwdConfig<__nv_bfloat16, 64>::DqTraits, MaskMode::kNone>(
+    sm80_bwd_entry<sm80::BwdConfig<__half, 64>::Traits, sm80::BwdConfig<__half, 64>::DqTraits, MaskMode::kLocal, false>(
+        RINGATTN_DTYPE_FP16,
+        &sm80::launch_grouped_bwd_dkdv<sm80::BwdConfig<__half, 64>::Traits, MaskMode::kLocal>,
+        &sm80::launch_grouped_bwd_dq<sm80::BwdConfig<__half, 64>::DqTraits, MaskMode::kLocal>,
+        &launch_bwd_preprocess<__half>,
+        &launch_bwd_postprocess<__half>),
+    sm80_bwd_entry<sm80::BwdConfig<__half, 64>::Traits, sm80::BwdConfig<__half, 64>::DqTraits, MaskMode::kLocal, true>(
+        RINGATTN_DTYPE_FP16,
+        &sm80::launch_grouped_bwd_dkdv<sm80::BwdConfig<__half, 64>::Traits, MaskMode::kLocal, true>,
+        &sm80::launch_grouped_bwd_dq<sm80::BwdConfig<__half, 64>::DqTraits, MaskMode::kLocal, true>,
+        &launch_bwd_preprocess<__half>,
+        &launch_bwd_postprocess<__half>),
+    sm80_bwd_entry<sm80::BwdConfig<__nv_bfloat16, 64>::Traits, sm80::BwdConfig<__nv_bfloat16, 64>::DqTraits, MaskMode::kNone, false>(
         RINGATTN_DTYPE_BF16,
         &sm80::launch_grouped_bwd_dkdv<sm80::BwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kNone>,
         &sm80::launch_grouped_bwd_dq<sm80::BwdConfig<__nv_bfloat16, 64>::DqTraits, MaskMode::kNone>,
         &launch_bwd_preprocess<__nv_bfloat16>,
         &launch_bwd_postprocess<__nv_bfloat16>),
-    sm80_bwd_entry<sm80::BwdConfig<__nv_bfloat16, 64>::Traits, sm80::BwdConfig<__nv_bfloat16, 64>::DqTraits, MaskMode::kCausal>(
+    sm80_bwd_entry<sm80::BwdConfig<__nv_bfloat16, 64>::Traits, sm80::BwdConfig<__nv_bfloat16, 64>::DqTraits, MaskMode::kCausal, false>(
         RINGATTN_DTYPE_BF16,
         &sm80::launch_grouped_bwd_dkdv<sm80::BwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kCausal>,
         &sm80::launch_grouped_bwd_dq<sm80::BwdConfig<__nv_bfloat16, 64>::DqTraits, MaskMode::kCausal>,
         &launch_bwd_preprocess<__nv_bfloat16>,
         &launch_bwd_postprocess<__nv_bfloat16>),
+    sm80_bwd_entry<sm80::BwdConfig<__nv_bfloat16, 64>::Traits, sm80::BwdConfig<__nv_bfloat16, 64>::DqTraits, MaskMode::kLocal, false>(
+        RINGATTN_DTYPE_BF16,
+        &sm80::launch_grouped_bwd_dkdv<sm80::BwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kLocal>,
+        &sm80::launch_grouped_bwd_dq<sm80::BwdConfig<__nv_bfloat16, 64>::DqTraits, MaskMode::kLocal>,
+        &launch_bwd_preprocess<__nv_bfloat16>,
+        &launch_bwd_postprocess<__nv_bfloat16>),
+    sm80_bwd_entry<sm80::BwdConfig<__nv_bfloat16, 64>::Traits, sm80::BwdConfig<__nv_bfloat16, 64>::DqTraits, MaskMode::kLocal, true>(
+        RINGATTN_DTYPE_BF16,
+        &sm80::launch_grouped_bwd_dkdv<sm80::BwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kLocal, true>,
+        &sm80::launch_grouped_bwd_dq<sm80::BwdConfig<__nv_bfloat16, 64>::DqTraits, MaskMode::kLocal, true>,
+        &launch_bwd_preprocess<__nv_bfloat16>,
+        &launch_bwd_postprocess<__nv_bfloat16>),
 #endif
 #ifdef RINGATTN_HDIM_128
-    sm80_bwd_entry<sm80::BwdConfig<__half, 128>::Traits, sm80::BwdConfig<__half, 128>::DqTraits, MaskMode::kNone>(
+    sm80_bwd_entry<sm80::BwdConfig<__half, 128>::Traits, sm80::BwdConfig<__half, 128>::DqTraits, MaskMode::kNone, false>(
         RINGATTN_DTYPE_FP16,
         &sm80::launch_grouped_bwd_dkdv<sm80::BwdConfig<__half, 128>::Traits, MaskMode::kNone>,
         &sm80::launch_grouped_bwd_dq<sm80::BwdConfig<__half, 128>::DqTraits, MaskMode::kNone>,
         &launch_bwd_preprocess<__half>,
         &launch_bwd_postprocess<__half>),
-    sm80_bwd_entry<sm80::BwdConfig<__half, 128>::Traits, sm80::BwdConfig<__half, 128>::DqTraits, MaskMode::kCausal>(
+    sm80_bwd_entry<sm80::BwdConfig<__half, 128>::Traits, sm80::BwdConfig<__half, 128>::DqTraits, MaskMode::kCausal, false>(
         RINGATTN_DTYPE_FP16,
         &sm80::launch_grouped_bwd_dkdv<sm80::BwdConfig<__half, 128>::Traits, MaskMode::kCausal>,
         &sm80::launch_grouped_bwd_dq<sm80::BwdConfig<__half, 128>::DqTraits, MaskMode::kCausal>,
         &launch_bwd_preprocess<__half>,
         &launch_bwd_postprocess<__half>),
-    sm80_bwd_entry<sm80::BwdConfig<__nv_bfloat16, 128>::Traits, sm80::BwdConfig<__nv_bfloat16, 128>::DqTraits, MaskMode::kNone>(
+    sm80_bwd_entry<sm80::BwdConfig<__half, 128>::Traits, sm80::BwdConfig<__half, 128>::DqTraits, MaskMode::kLocal, false>(
+        RINGATTN_DTYPE_FP16,
+        &sm80::launch_grouped_bwd_dkdv<sm80::BwdConfig<__half, 128>::Traits, MaskMode::kLocal>,
+        &sm80::launch_grouped_bwd_dq<sm80::BwdConfig<__half, 128>::DqTraits, MaskMode::kLocal>,
+        &launch_bwd_preprocess<__half>,
+        &launch_bwd_postprocess<__half>),
+    sm80_bwd_entry<sm80::BwdConfig<__half, 128>::Traits, sm80::BwdConfig<__half, 128>::DqTraits, MaskMode::kLocal, true>(
+        RINGATTN_DTYPE_FP16,
+        &sm80::launch_grouped_bwd_dkdv<sm80::BwdConfig<__half, 128>::Traits, MaskMode::kLocal, true>,
+        &sm80::launch_grouped_bwd_dq<sm80::BwdConfig<__half, 128>::DqTraits, MaskMode::kLocal, true>,
+        &launch_bwd_preprocess<__half>,
+        &launch_bwd_postprocess<__half>),
+    sm80_bwd_entry<sm80::BwdConfig<__nv_bfloat16, 128>::Traits, sm80::BwdConfig<__nv_bfloat16, 128>::DqTraits, MaskMode::kNone, false>(
         RINGATTN_DTYPE_BF16,
         &sm80::launch_grouped_bwd_dkdv<sm80::BwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kNone>,
         &sm80::launch_grouped_bwd_dq<sm80::BwdConfig<__nv_bfloat16, 128>::DqTraits, MaskMode::kNone>,
         &launch_bwd_preprocess<__nv_bfloat16>,
         &launch_bwd_postprocess<__nv_bfloat16>),
-    sm80_bwd_entry<sm80::BwdConfig<__nv_bfloat16, 128>::Traits, sm80::BwdConfig<__nv_bfloat16, 128>::DqTraits, MaskMode::kCausal>(
+    sm80_bwd_entry<sm80::BwdConfig<__nv_bfloat16, 128>::Traits, sm80::BwdConfig<__nv_bfloat16, 128>::DqTraits, MaskMode::kCausal, false>(
         RINGATTN_DTYPE_BF16,
         &sm80::launch_grouped_bwd_dkdv<sm80::BwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kCausal>,
         &sm80::launch_grouped_bwd_dq<sm80::BwdConfig<__nv_bfloat16, 128>::DqTraits, MaskMode::kCausal>,
         &launch_bwd_preprocess<__nv_bfloat16>,
         &launch_bwd_postprocess<__nv_bfloat16>),
+    sm80_bwd_entry<sm80::BwdConfig<__nv_bfloat16, 128>::Traits, sm80::BwdConfig<__nv_bfloat16, 128>::DqTraits, MaskMode::kLocal, false>(
+        RINGATTN_DTYPE_BF16,
+        &sm80::launch_grouped_bwd_dkdv<sm80::BwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kLocal>,
+        &sm80::launch_grouped_bwd_dq<sm80::BwdConfig<__nv_bfloat16, 128>::DqTraits, MaskMode::kLocal>,
+        &launch_bwd_preprocess<__nv_bfloat16>,
+        &launch_bwd_postprocess<__nv_bfloat16>),
+    sm80_bwd_entry<sm80::BwdConfig<__nv_bfloat16, 128>::Traits, sm80::BwdConfig<__nv_bfloat16, 128>::DqTraits, MaskMode::kLocal, true>(
+        RINGATTN_DTYPE_BF16,
+        &sm80::launch_grouped_bwd_dkdv<sm80::BwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kLocal, true>,
+        &sm80::launch_grouped_bwd_dq<sm80::BwdConfig<__nv_bfloat16, 128>::DqTraits, MaskMode::kLocal, true>,
+        &launch_bwd_preprocess<__nv_bfloat16>,
+        &launch_bwd_postprocess<__nv_bfloat16>),
 #endif
 #ifdef RINGATTN_HDIM_256
-    sm80_bwd_entry<sm80::BwdConfig<__half, 256>::Traits, sm80::BwdConfig<__half, 256>::DqTraits, MaskMode::kNone>(
+    sm80_bwd_entry<sm80::BwdConfig<__half, 256>::Traits, sm80::BwdConfig<__half, 256>::DqTraits, MaskMode::kNone, false>(
         RINGATTN_DTYPE_FP16,
         &sm80::launch_grouped_bwd_dkdv<sm80::BwdConfig<__half, 256>::Traits, MaskMode::kNone>,
         &sm80::launch_grouped_bwd_dq<sm80::BwdConfig<__half, 256>::DqTraits, MaskMode::kNone>,
         &launch_bwd_preprocess<__half>,
         &launch_bwd_postprocess<__half>),
-    sm80_bwd_entry<sm80::BwdConfig<__half, 256>::Traits, sm80::BwdConfig<__half, 256>::DqTraits, MaskMode::kCausal>(
+    sm80_bwd_entry<sm80::BwdConfig<__half, 256>::Traits, sm80::BwdConfig<__half, 256>::DqTraits, MaskMode::kCausal, false>(
         RINGATTN_DTYPE_FP16,
         &sm80::launch_grouped_bwd_dkdv<sm80::BwdConfig<__half, 256>::Traits, MaskMode::kCausal>,
         &sm80::launch_grouped_bwd_dq<sm80::BwdConfig<__half, 256>::DqTraits, MaskMode::kCausal>,
         &launch_bwd_preprocess<__half>,
         &launch_bwd_postprocess<__half>),
-    sm80_bwd_entry<sm80::BwdConfig<__nv_bfloat16, 256>::Traits, sm80::BwdConfig<__nv_bfloat16, 256>::DqTraits, MaskMode::kNone>(
+    sm80_bwd_entry<sm80::BwdConfig<__half, 256>::Traits, sm80::BwdConfig<__half, 256>::DqTraits, MaskMode::kLocal, false>(
+        RINGATTN_DTYPE_FP16,
+        &sm80::launch_grouped_bwd_dkdv<sm80::BwdConfig<__half, 256>::Traits, MaskMode::kLocal>,
+        &sm80::launch_grouped_bwd_dq<sm80::BwdConfig<__half, 256>::DqTraits, MaskMode::kLocal>,
+        &launch_bwd_preprocess<__half>,
+        &launch_bwd_postprocess<__half>),
+    sm80_bwd_entry<sm80::BwdConfig<__half, 256>::Traits, sm80::BwdConfig<__half, 256>::DqTraits, MaskMode::kLocal, true>(
+        RINGATTN_DTYPE_FP16,
+        &sm80::launch_grouped_bwd_dkdv<sm80::BwdConfig<__half, 256>::Traits, MaskMode::kLocal, true>,
+        &sm80::launch_grouped_bwd_dq<sm80::BwdConfig<__half, 256>::DqTraits, MaskMode::kLocal, true>,
+        &launch_bwd_preprocess<__half>,
+        &launch_bwd_postprocess<__half>),
+    sm80_bwd_entry<sm80::BwdConfig<__nv_bfloat16, 256>::Traits, sm80::BwdConfig<__nv_bfloat16, 256>::DqTraits, MaskMode::kNone, false>(
         RINGATTN_DTYPE_BF16,
         &sm80::launch_grouped_bwd_dkdv<sm80::BwdConfig<__nv_bfloat16, 256>::Traits, MaskMode::kNone>,
         &sm80::launch_grouped_bwd_dq<sm80::BwdConfig<__nv_bfloat16, 256>::DqTraits, MaskMode::kNone>,
         &launch_bwd_preprocess<__nv_bfloat16>,
         &launch_bwd_postprocess<__nv_bfloat16>),
-    sm80_bwd_entry<sm80::BwdConfig<__nv_bfloat16, 256>::Traits, sm80::BwdConfig<__nv_bfloat16, 256>::DqTraits, MaskMode::kCausal>(
+    sm80_bwd_entry<sm80::BwdConfig<__nv_bfloat16, 256>::Traits, sm80::BwdConfig<__nv_bfloat16, 256>::DqTraits, MaskMode::kCausal, false>(
         RINGATTN_DTYPE_BF16,
         &sm80::launch_grouped_bwd_dkdv<sm80::BwdConfig<__nv_bfloat16, 256>::Traits, MaskMode::kCausal>,
         &sm80::launch_grouped_bwd_dq<sm80::BwdConfig<__nv_bfloat16, 256>::DqTraits, MaskMode::kCausal>,
         &launch_bwd_preprocess<__nv_bfloat16>,
         &launch_bwd_postprocess<__nv_bfloat16>),
+    sm80_bwd_entry<sm80::BwdConfig<__nv_bfloat16, 256>::Traits, sm80::BwdConfig<__nv_bfloat16, 256>::DqTraits, MaskMode::kLocal, false>(
+        RINGATTN_DTYPE_BF16,
+        &sm80::launch_grouped_bwd_dkdv<sm80::BwdConfig<__nv_bfloat16, 256>::Traits, MaskMode::kLocal>,
+        &sm80::launch_grouped_bwd_dq<sm80::BwdConfig<__nv_bfloat16, 256>::DqTraits, MaskMode::kLocal>,
+        &launch_bwd_preprocess<__nv_bfloat16>,
+        &launch_bwd_postprocess<__nv_bfloat16>),
+    sm80_bwd_entry<sm80::BwdConfig<__nv_bfloat16, 256>::Traits, sm80::BwdConfig<__nv_bfloat16, 256>::DqTraits, MaskMode::kLocal, true>(
+        RINGATTN_DTYPE_BF16,
+        &sm80::launch_grouped_bwd_dkdv<sm80::BwdConfig<__nv_bfloat16, 256>::Traits, MaskMode::kLocal, true>,
+        &sm80::launch_grouped_bwd_dq<sm80::BwdConfig<__nv_bfloat16, 256>::DqTraits, MaskMode::kLocal, true>,
+        &launch_bwd_preprocess<__nv_bfloat16>,
+        &launch_bwd_postprocess<__nv_bfloat16>),
 #endif
     Sm80BwdKernelEntry{}};
 
-const Sm80BwdKernelEntry* find_sm80_bwd_kernel(int dtype, int head_dim, MaskMode mask) {
-  return find_entry(kSm80BwdKernels, dtype, head_dim, mask);
+const Sm80BwdKernelEntry* find_sm80_bwd_kernel(int dtype, int head_dim, KernelVariant variant) {
+  return find_entry(kSm80BwdKernels, dtype, head_dim, variant);
 }
 
 #ifdef RINGATTN_SM90_TIER
 // Tier-2 (sm90a: TMA + wgmma, warp specialised) forward kernels.
 const Sm90FwdKernelEntry kSm90FwdKernels[] = {
 #ifdef RINGATTN_HDIM_64
-    kernel_entry<sm90::FwdConfig<__half, 64>::Traits, MaskMode::kNone>(
+    kernel_entry<sm90::FwdConfig<__half, 64>::Traits, MaskMode::kNone, false>(
         RINGATTN_DTYPE_FP16,
         &sm90::launch_grouped_fwd<sm90::FwdConfig<__half, 64>::Traits, MaskMode::kNone>),
-    kernel_entry<sm90::FwdConfig<__half, 64>::Traits, MaskMode::kCausal>(
+    kernel_entry<sm90::FwdConfig<__half, 64>::Traits, MaskMode::kCausal, false>(
         RINGATTN_DTYPE_FP16,
         &sm90::launch_grouped_fwd<sm90::FwdConfig<__half, 64>::Traits, MaskMode::kCausal>),
-    kernel_entry<sm90::FwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kNone>(
+    kernel_entry<sm90::FwdConfig<__half, 64>::Traits, MaskMode::kLocal, false>(
+        RINGATTN_DTYPE_FP16,
+        &sm90::launch_grouped_fwd<sm90::FwdConfig<__half, 64>::Traits, MaskMode::kLocal>),
+    kernel_entry<sm90::FwdConfig<__half, 64>::Traits, MaskMode::kLocal, true>(
+        RINGATTN_DTYPE_FP16,
+        &sm90::launch_grouped_fwd<sm90::FwdConfig<__half, 64>::Traits, MaskMode::kLocal, true>),
+    kernel_entry<sm90::FwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kNone, false>(
         RINGATTN_DTYPE_BF16,
         &sm90::launch_grouped_fwd<sm90::FwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kNone>),
-    kernel_entry<sm90::FwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kCausal>(
+    kernel_entry<sm90::FwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kCausal, false>(
         RINGATTN_DTYPE_BF16,
         &sm90::launch_grouped_fwd<sm90::FwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kCausal>),
+    kernel_entry<sm90::FwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kLocal, false>(
+        RINGATTN_DTYPE_BF16,
+        &sm90::launch_grouped_fwd<sm90::FwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kLocal>),
+    kernel_entry<sm90::FwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kLocal, true>(
+        RINGATTN_DTYPE_BF16,
+        &sm90::launch_grouped_fwd<sm90::FwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kLocal, true>),
 #endif
 #ifdef RINGATTN_HDIM_128
-    kernel_entry<sm90::FwdConfig<__half, 128>::Traits, MaskMode::kNone>(
+    kernel_entry<sm90::FwdConfig<__half, 128>::Traits, MaskMode::kNone, false>(
         RINGATTN_DTYPE_FP16,
         &sm90::launch_grouped_fwd<sm90::FwdConfig<__half, 128>::Traits, MaskMode::kNone>),
-    kernel_entry<sm90::FwdConfig<__half, 128>::Traits, MaskMode::kCausal>(
+    kernel_entry<sm90::FwdConfig<__half, 128>::Traits, MaskMode::kCausal, false>(
         RINGATTN_DTYPE_FP16,
         &sm90::launch_grouped_fwd<sm90::FwdConfig<__half, 128>::Traits, MaskMode::kCausal>),
-    kernel_entry<sm90::FwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kNone>(
+    kernel_entry<sm90::FwdConfig<__half, 128>::Traits, MaskMode::kLocal, false>(
+        RINGATTN_DTYPE_FP16,
+        &sm90::launch_grouped_fwd<sm90::FwdConfig<__half, 128>::Traits, MaskMode::kLocal>),
+    kernel_entry<sm90::FwdConfig<__half, 128>::Traits, MaskMode::kLocal, true>(
+        RINGATTN_DTYPE_FP16,
+        &sm90::launch_grouped_fwd<sm90::FwdConfig<__half, 128>::Traits, MaskMode::kLocal, true>),
+    kernel_entry<sm90::FwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kNone, false>(
         RINGATTN_DTYPE_BF16,
         &sm90::launch_grouped_fwd<sm90::FwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kNone>),
-    kernel_entry<sm90::FwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kCausal>(
+    kernel_entry<sm90::FwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kCausal, false>(
         RINGATTN_DTYPE_BF16,
         &sm90::launch_grouped_fwd<sm90::FwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kCausal>),
+    kernel_entry<sm90::FwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kLocal, false>(
+        RINGATTN_DTYPE_BF16,
+        &sm90::launch_grouped_fwd<sm90::FwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kLocal>),
+    kernel_entry<sm90::FwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kLocal, true>(
+        RINGATTN_DTYPE_BF16,
+        &sm90::launch_grouped_fwd<sm90::FwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kLocal, true>),
 #endif
 #ifdef RINGATTN_HDIM_256
-    kernel_entry<sm90::FwdConfig<__half, 256>::Traits, MaskMode::kNone>(
+    kernel_entry<sm90::FwdConfig<__half, 256>::Traits, MaskMode::kNone, false>(
         RINGATTN_DTYPE_FP16,
         &sm90::launch_grouped_fwd<sm90::FwdConfig<__half, 256>::Traits, MaskMode::kNone>),
-    kernel_entry<sm90::FwdConfig<__half, 256>::Traits, MaskMode::kCausal>(
+    kernel_entry<sm90::FwdConfig<__half, 256>::Traits, MaskMode::kCausal, false>(
         RINGATTN_DTYPE_FP16,
         &sm90::launch_grouped_fwd<sm90::FwdConfig<__half, 256>::Traits, MaskMode::kCausal>),
-    kernel_entry<sm90::FwdConfig<__nv_bfloat16, 256>::Traits, MaskMode::kNone>(
+    kernel_entry<sm90::FwdConfig<__half, 256>::Traits, MaskMode::kLocal, false>(
+        RINGATTN_DTYPE_FP16,
+        &sm90::launch_grouped_fwd<sm90::FwdConfig<__half, 256>::Traits, MaskMode::kLocal>),
+    kernel_entry<sm90::FwdConfig<__half, 256>::Traits, MaskMode::kLocal, true>(
+        RINGATTN_DTYPE_FP16,
+        &sm90::launch_grouped_fwd<sm90::FwdConfig<__half, 256>::Traits, MaskMode::kLocal, true>),
+    kernel_entry<sm90::FwdConfig<__nv_bfloat16, 256>::Traits, MaskMode::kNone, false>(
         RINGATTN_DTYPE_BF16,
         &sm90::launch_grouped_fwd<sm90::FwdConfig<__nv_bfloat16, 256>::Traits, MaskMode::kNone>),
-    kernel_entry<sm90::FwdConfig<__nv_bfloat16, 256>::Traits, MaskMode::kCausal>(
+    kernel_entry<sm90::FwdConfig<__nv_bfloat16, 256>::Traits, MaskMode::kCausal, false>(
         RINGATTN_DTYPE_BF16,
         &sm90::launch_grouped_fwd<sm90::FwdConfig<__nv_bfloat16, 256>::Traits, MaskMode::kCausal>),
+    kernel_entry<sm90::FwdConfig<__nv_bfloat16, 256>::Traits, MaskMode::kLocal, false>(
+        RINGATTN_DTYPE_BF16,
+        &sm90::launch_grouped_fwd<sm90::FwdConfig<__nv_bfloat16, 256>::Traits, MaskMode::kLocal>),
+    kernel_entry<sm90::FwdConfig<__nv_bfloat16, 256>::Traits, MaskMode::kLocal, true>(
+        RINGATTN_DTYPE_BF16,
+        &sm90::launch_grouped_fwd<sm90::FwdConfig<__nv_bfloat16, 256>::Traits, MaskMode::kLocal, true>),
 #endif
     Sm90FwdKernelEntry{}};
 
-const Sm90FwdKernelEntry* find_sm90_fwd_kernel(int dtype, int head_dim, MaskMode mask) {
-  return find_entry(kSm90FwdKernels, dtype, head_dim, mask);
+const Sm90FwdKernelEntry* find_sm90_fwd_kernel(int dtype, int head_dim, KernelVariant variant) {
+  return find_entry(kSm90FwdKernels, dtype, head_dim, variant);
 }
 
 // Tier-2 backward dK/dV kernels (dQ through TMA reduce-add into dq_accum).
 const Sm90BwdKernelEntry kSm90BwdKernels[] = {
 #ifdef RINGATTN_HDIM_64
-    kernel_entry<sm90::BwdConfig<__half, 64>::Traits, MaskMode::kNone>(
+    kernel_entry<sm90::BwdConfig<__half, 64>::Traits, MaskMode::kNone, false>(
         RINGATTN_DTYPE_FP16,
         &sm90::launch_grouped_bwd_dkdv<sm90::BwdConfig<__half, 64>::Traits, MaskMode::kNone>),
-    kernel_entry<sm90::BwdConfig<__half, 64>::Traits, MaskMode::kCausal>(
+    kernel_entry<sm90::BwdConfig<__half, 64>::Traits, MaskMode::kCausal, false>(
         RINGATTN_DTYPE_FP16,
         &sm90::launch_grouped_bwd_dkdv<sm90::BwdConfig<__half, 64>::Traits, MaskMode::kCausal>),
-    kernel_entry<sm90::BwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kNone>(
+    kernel_entry<sm90::BwdConfig<__half, 64>::Traits, MaskMode::kLocal, false>(
+        RINGATTN_DTYPE_FP16,
+        &sm90::launch_grouped_bwd_dkdv<sm90::BwdConfig<__half, 64>::Traits, MaskMode::kLocal>),
+    kernel_entry<sm90::BwdConfig<__half, 64>::Traits, MaskMode::kLocal, true>(
+        RINGATTN_DTYPE_FP16,
+        &sm90::launch_grouped_bwd_dkdv<sm90::BwdConfig<__half, 64>::Traits, MaskMode::kLocal, true>),
+    kernel_entry<sm90::BwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kNone, false>(
         RINGATTN_DTYPE_BF16,
         &sm90::launch_grouped_bwd_dkdv<sm90::BwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kNone>),
-    kernel_entry<sm90::BwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kCausal>(
+    kernel_entry<sm90::BwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kCausal, false>(
         RINGATTN_DTYPE_BF16,
         &sm90::launch_grouped_bwd_dkdv<sm90::BwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kCausal>),
+    kernel_entry<sm90::BwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kLocal, false>(
+        RINGATTN_DTYPE_BF16,
+        &sm90::launch_grouped_bwd_dkdv<sm90::BwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kLocal>),
+    kernel_entry<sm90::BwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kLocal, true>(
+        RINGATTN_DTYPE_BF16,
+        &sm90::launch_grouped_bwd_dkdv<sm90::BwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kLocal, true>),
 #endif
 #ifdef RINGATTN_HDIM_128
-    kernel_entry<sm90::BwdConfig<__half, 128>::Traits, MaskMode::kNone>(
+    kernel_entry<sm90::BwdConfig<__half, 128>::Traits, MaskMode::kNone, false>(
         RINGATTN_DTYPE_FP16,
         &sm90::launch_grouped_bwd_dkdv<sm90::BwdConfig<__half, 128>::Traits, MaskMode::kNone>),
-    kernel_entry<sm90::BwdConfig<__half, 128>::Traits, MaskMode::kCausal>(
+    kernel_entry<sm90::BwdConfig<__half, 128>::Traits, MaskMode::kCausal, false>(
         RINGATTN_DTYPE_FP16,
         &sm90::launch_grouped_bwd_dkdv<sm90::BwdConfig<__half, 128>::Traits, MaskMode::kCausal>),
-    kernel_entry<sm90::BwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kNone>(
+    kernel_entry<sm90::BwdConfig<__half, 128>::Traits, MaskMode::kLocal, false>(
+        RINGATTN_DTYPE_FP16,
+        &sm90::launch_grouped_bwd_dkdv<sm90::BwdConfig<__half, 128>::Traits, MaskMode::kLocal>),
+    kernel_entry<sm90::BwdConfig<__half, 128>::Traits, MaskMode::kLocal, true>(
+        RINGATTN_DTYPE_FP16,
+        &sm90::launch_grouped_bwd_dkdv<sm90::BwdConfig<__half, 128>::Traits, MaskMode::kLocal, true>),
+    kernel_entry<sm90::BwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kNone, false>(
         RINGATTN_DTYPE_BF16,
         &sm90::launch_grouped_bwd_dkdv<sm90::BwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kNone>),
-    kernel_entry<sm90::BwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kCausal>(
+    kernel_entry<sm90::BwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kCausal, false>(
         RINGATTN_DTYPE_BF16,
         &sm90::launch_grouped_bwd_dkdv<sm90::BwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kCausal>),
+    kernel_entry<sm90::BwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kLocal, false>(
+        RINGATTN_DTYPE_BF16,
+        &sm90::launch_grouped_bwd_dkdv<sm90::BwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kLocal>),
+    kernel_entry<sm90::BwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kLocal, true>(
+        RINGATTN_DTYPE_BF16,
+        &sm90::launch_grouped_bwd_dkdv<sm90::BwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kLocal, true>),
 #endif
     Sm90BwdKernelEntry{}};
 
-const Sm90BwdKernelEntry* find_sm90_bwd_kernel(int dtype, int head_dim, MaskMode mask) {
-  return find_entry(kSm90BwdKernels, dtype, head_dim, mask);
+const Sm90BwdKernelEntry* find_sm90_bwd_kernel(int dtype, int head_dim, KernelVariant variant) {
+  return find_entry(kSm90BwdKernels, dtype, head_dim, variant);
 }
 
 // Tier-2 dQ kernels of the deterministic mode.
 const Sm90BwdDqKernelEntry kSm90BwdDqKernels[] = {
 #ifdef RINGATTN_HDIM_64
-    kernel_entry<sm90::BwdDqConfig<__half, 64>::Traits, MaskMode::kNone>(
+    kernel_entry<sm90::BwdDqConfig<__half, 64>::Traits, MaskMode::kNone, false>(
         RINGATTN_DTYPE_FP16,
         &sm90::launch_grouped_bwd_dq<sm90::BwdDqConfig<__half, 64>::Traits, MaskMode::kNone>),
-    kernel_entry<sm90::BwdDqConfig<__half, 64>::Traits, MaskMode::kCausal>(
+    kernel_entry<sm90::BwdDqConfig<__half, 64>::Traits, MaskMode::kCausal, false>(
         RINGATTN_DTYPE_FP16,
         &sm90::launch_grouped_bwd_dq<sm90::BwdDqConfig<__half, 64>::Traits, MaskMode::kCausal>),
-    kernel_entry<sm90::BwdDqConfig<__nv_bfloat16, 64>::Traits, MaskMode::kNone>(
+    kernel_entry<sm90::BwdDqConfig<__half, 64>::Traits, MaskMode::kLocal, false>(
+        RINGATTN_DTYPE_FP16,
+        &sm90::launch_grouped_bwd_dq<sm90::BwdDqConfig<__half, 64>::Traits, MaskMode::kLocal>),
+    kernel_entry<sm90::BwdDqConfig<__half, 64>::Traits, MaskMode::kLocal, true>(
+        RINGATTN_DTYPE_FP16,
+        &sm90::launch_grouped_bwd_dq<sm90::BwdDqConfig<__half, 64>::Traits, MaskMode::kLocal, true>),
+    kernel_entry<sm90::BwdDqConfig<__nv_bfloat16, 64>::Traits, MaskMode::kNone, false>(
         RINGATTN_DTYPE_BF16,
         &sm90::launch_grouped_bwd_dq<sm90::BwdDqConfig<__nv_bfloat16, 64>::Traits, MaskMode::kNone>),
-    kernel_entry<sm90::BwdDqConfig<__nv_bfloat16, 64>::Traits, MaskMode::kCausal>(
+    kernel_entry<sm90::BwdDqConfig<__nv_bfloat16, 64>::Traits, MaskMode::kCausal, false>(
         RINGATTN_DTYPE_BF16,
         &sm90::launch_grouped_bwd_dq<sm90::BwdDqConfig<__nv_bfloat16, 64>::Traits, MaskMode::kCausal>),
+    kernel_entry<sm90::BwdDqConfig<__nv_bfloat16, 64>::Traits, MaskMode::kLocal, false>(
+        RINGATTN_DTYPE_BF16,
+        &sm90::launch_grouped_bwd_dq<sm90::BwdDqConfig<__nv_bfloat16, 64>::Traits, MaskMode::kLocal>),
+    kernel_entry<sm90::BwdDqConfig<__nv_bfloat16, 64>::Traits, MaskMode::kLocal, true>(
+        RINGATTN_DTYPE_BF16,
+        &sm90::launch_grouped_bwd_dq<sm90::BwdDqConfig<__nv_bfloat16, 64>::Traits, MaskMode::kLocal, true>),
 #endif
 #ifdef RINGATTN_HDIM_128
-    kernel_entry<sm90::BwdDqConfig<__half, 128>::Traits, MaskMode::kNone>(
+    kernel_entry<sm90::BwdDqConfig<__half, 128>::Traits, MaskMode::kNone, false>(
         RINGATTN_DTYPE_FP16,
         &sm90::launch_grouped_bwd_dq<sm90::BwdDqConfig<__half, 128>::Traits, MaskMode::kNone>),
-    kernel_entry<sm90::BwdDqConfig<__half, 128>::Traits, MaskMode::kCausal>(
+    kernel_entry<sm90::BwdDqConfig<__half, 128>::Traits, MaskMode::kCausal, false>(
         RINGATTN_DTYPE_FP16,
         &sm90::launch_grouped_bwd_dq<sm90::BwdDqConfig<__half, 128>::Traits, MaskMode::kCausal>),
-    kernel_entry<sm90::BwdDqConfig<__nv_bfloat16, 128>::Traits, MaskMode::kNone>(
+    kernel_entry<sm90::BwdDqConfig<__half, 128>::Traits, MaskMode::kLocal, false>(
+        RINGATTN_DTYPE_FP16,
+        &sm90::launch_grouped_bwd_dq<sm90::BwdDqConfig<__half, 128>::Traits, MaskMode::kLocal>),
+    kernel_entry<sm90::BwdDqConfig<__half, 128>::Traits, MaskMode::kLocal, true>(
+        RINGATTN_DTYPE_FP16,
+        &sm90::launch_grouped_bwd_dq<sm90::BwdDqConfig<__half, 128>::Traits, MaskMode::kLocal, true>),
+    kernel_entry<sm90::BwdDqConfig<__nv_bfloat16, 128>::Traits, MaskMode::kNone, false>(
         RINGATTN_DTYPE_BF16,
         &sm90::launch_grouped_bwd_dq<sm90::BwdDqConfig<__nv_bfloat16, 128>::Traits, MaskMode::kNone>),
-    kernel_entry<sm90::BwdDqConfig<__nv_bfloat16, 128>::Traits, MaskMode::kCausal>(
+    kernel_entry<sm90::BwdDqConfig<__nv_bfloat16, 128>::Traits, MaskMode::kCausal, false>(
         RINGATTN_DTYPE_BF16,
         &sm90::launch_grouped_bwd_dq<sm90::BwdDqConfig<__nv_bfloat16, 128>::Traits, MaskMode::kCausal>),
+    kernel_entry<sm90::BwdDqConfig<__nv_bfloat16, 128>::Traits, MaskMode::kLocal, false>(
+        RINGATTN_DTYPE_BF16,
+        &sm90::launch_grouped_bwd_dq<sm90::BwdDqConfig<__nv_bfloat16, 128>::Traits, MaskMode::kLocal>),
+    kernel_entry<sm90::BwdDqConfig<__nv_bfloat16, 128>::Traits, MaskMode::kLocal, true>(
+        RINGATTN_DTYPE_BF16,
+        &sm90::launch_grouped_bwd_dq<sm90::BwdDqConfig<__nv_bfloat16, 128>::Traits, MaskMode::kLocal, true>),
 #endif
     Sm90BwdDqKernelEntry{}};
 
-const Sm90BwdDqKernelEntry* find_sm90_bwd_dq_kernel(int dtype, int head_dim, MaskMode mask) {
-  return find_entry(kSm90BwdDqKernels, dtype, head_dim, mask);
+const Sm90BwdDqKernelEntry* find_sm90_bwd_dq_kernel(int dtype, int head_dim, KernelVariant variant) {
+  return find_entry(kSm90BwdDqKernels, dtype, head_dim, variant);
 }
 #endif  // RINGATTN_SM90_TIER
 

@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "common/mask.h"
+#include "cuda/fwd_params.h"
 
 namespace ringattn {
 namespace cuda {
@@ -31,10 +32,25 @@ struct SeqLenInfo {
     if (seqused_k != nullptr) seqlen_k = clamp(seqused_k[b], 0, seqlen_k);
   }
 
-  // Which keys each query row of this sequence sees (common/mask.h).
+  // Which keys each query row of this sequence sees (common/mask.h), for the fixed modes.
   template <MaskMode kMode>
   __device__ __forceinline__ Mask<kMode> mask() const {
     return Mask<kMode>(seqlen_q, seqlen_k);
+  }
+  // The same for any mode: kLocal takes the call's window and the shift of sequence b of `group`
+  // (nothing is read for the fixed modes).
+  template <MaskMode kMode>
+  __device__ __forceinline__ Mask<kMode> mask(const FeatureParams& features, int group, int b) const {
+    if constexpr (kMode == MaskMode::kLocal) {
+      return Mask<kMode>(seqlen_q, seqlen_k, features.window, diagonal_shift_of(features, group, b));
+    } else {
+      return mask<kMode>();
+    }
+  }
+  // The diagonal shift of sequence b of `group` (0 without a shift array).
+  __device__ __forceinline__ static int32_t diagonal_shift_of(const FeatureParams& features, int group, int b) {
+    const int32_t* shifts = features.diagonal_shift[group];
+    return shifts != nullptr ? shifts[b] : 0;
   }
 };
 

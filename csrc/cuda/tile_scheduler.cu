@@ -52,17 +52,17 @@ __global__ void __launch_bounds__(kThreads) build_work_list_kernel(const __grid_
       errors |= metadata_errors::seqused_k_entry(used, cu_k_b, cu_k_next);
       seqlen_k = clamp_i(used, 0, seqlen_k);
     }
-    const Mask<MaskMode::kCausal> causal(seqlen_q, seqlen_k);
+    const int32_t* shifts = args.diagonal_shift[g];
+    const MaskPolicy<MaskWindow> mask(seqlen_q, seqlen_k, args.window, shifts != nullptr ? shifts[b] : 0);
     const int32_t first = args.tile_offsets[p];
     const int32_t tiles = (seqlen_q + args.block_m - 1) / args.block_m;
     for (int32_t m = 0; m < tiles; ++m) {
       const int32_t idx = first + m;
       if (idx >= total_items) break;
-      // Keys the tile's last row sees: every key, or (causal) those up to its diagonal.
-      int32_t keys = seqlen_k;
-      if (args.causal) keys = causal.key_end((m + 1) * args.block_m - 1);
+      // The key blocks the tile reads (common/mask.h), as the kernels walk them.
+      const int32_t blocks = mask.n_block_max(m, args.block_m, args.block_n) - mask.n_block_min(m, args.block_m, args.block_n);
       args.unsorted[idx] = WorkItem{(m << 4) | g, b};
-      args.costs[idx] = blocks_covering(keys, args.block_n);
+      args.costs[idx] = blocks > 0 ? blocks : 0;
     }
   }
   metadata_errors::report(args.metadata_errors, errors);

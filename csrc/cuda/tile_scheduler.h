@@ -1,9 +1,10 @@
 // The longest-first work list of the forward kernels, built on the device (the sequence
 // lengths live there; reading them on the host would synchronise).
 //
-// Work item = (group, sequence, query tile). Cost = number of K/V blocks the tile reads.
-// Items are sorted by cost, largest first, so the causal tail and the long group's tiles start
-// in the first wave and the cheap tiles fill the last one.
+// Work item = (group, sequence, query tile). Every tile is an item (one that sees no key writes
+// O = 0 and its LSE). Cost = number of K/V blocks the tile reads, [n_block_min, n_block_max) of
+// the mask policy. Items are sorted by cost, largest first, so the causal tail and the long
+// group's tiles start in the first wave and the cheap tiles fill the last one.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -12,6 +13,7 @@
 #include <cstdint>
 
 #include "cuda/fwd_params.h"
+#include "common/mask.h"
 #include "ringattn/ringattn.h"
 
 namespace ringattn {
@@ -20,6 +22,9 @@ namespace cuda {
 struct SchedulerArgs {
   const int32_t* cu_seqlens_q[RINGATTN_MAX_GROUPS];
   const int32_t* seqused_k[RINGATTN_MAX_GROUPS];
+  // Per group, the diagonal shift of each sequence ([B]) or nullptr (0); nullptr when the window
+  // bounds no side.
+  const int32_t* diagonal_shift[RINGATTN_MAX_GROUPS];
   int32_t total_q[RINGATTN_MAX_GROUPS];
   const int32_t* cu_seqlens_k;
   int32_t total_k;
@@ -27,7 +32,7 @@ struct SchedulerArgs {
   int32_t batch_size;
   int32_t block_m;
   int32_t block_n;
-  int32_t causal;
+  MaskWindow window;  // the kernels' mask (common/mask.h): (-1, -1) none, (-1, 0) causal
   int32_t capacity;  // upper bound on the number of items (host-computed)
   uint32_t* metadata_errors;  // ringattn_exec.metadata_errors (NULL: no report)
   // workspace

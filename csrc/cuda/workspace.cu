@@ -16,19 +16,24 @@ size_t align256(size_t x) { return (x + 255) & ~size_t{255}; }
 
 }  // namespace
 
-const Sm80FwdKernelEntry* sm80_fwd_kernel_or_fail(const ringattn_problem& pr) {
-  const Sm80FwdKernelEntry* e = find_sm80_fwd_kernel(pr.dtype, pr.head_dim, mask_mode(pr));
+const Sm80FwdKernelEntry* sm80_fwd_kernel_or_fail(const ringattn_fwd_params& p) {
+  const ringattn_problem& pr = p.problem;
+  const KernelVariant v = kernel_variant(p, /*forward=*/true);
+  const Sm80FwdKernelEntry* e = find_sm80_fwd_kernel(pr.dtype, pr.head_dim, v);
   if (e == nullptr)
-    failf(RINGATTN_STATUS_UNSUPPORTED, "no GPU forward kernel compiled for dtype %d, head_dim %d, causal %d", pr.dtype,
-          pr.head_dim, pr.causal);
+    failf(RINGATTN_STATUS_UNSUPPORTED, "no GPU forward kernel compiled for dtype %d, head_dim %d, mask mode %d, softcap %d",
+          pr.dtype, pr.head_dim, static_cast<int>(v.mask), v.softcap ? 1 : 0);
   return e;
 }
 
-const Sm80BwdKernelEntry* sm80_bwd_kernel_or_fail(const ringattn_problem& pr) {
-  const Sm80BwdKernelEntry* e = find_sm80_bwd_kernel(pr.dtype, pr.head_dim, mask_mode(pr));
+const Sm80BwdKernelEntry* sm80_bwd_kernel_or_fail(const ringattn_bwd_params& p) {
+  const ringattn_problem& pr = p.problem;
+  const KernelVariant v = kernel_variant(p, /*forward=*/false);
+  const Sm80BwdKernelEntry* e = find_sm80_bwd_kernel(pr.dtype, pr.head_dim, v);
   if (e == nullptr)
-    failf(RINGATTN_STATUS_UNSUPPORTED, "no GPU backward kernel compiled for dtype %d, head_dim %d, causal %d",
-          pr.dtype, pr.head_dim, pr.causal);
+    failf(RINGATTN_STATUS_UNSUPPORTED,
+          "no GPU backward kernel compiled for dtype %d, head_dim %d, mask mode %d, softcap %d", pr.dtype, pr.head_dim,
+          static_cast<int>(v.mask), v.softcap ? 1 : 0);
   return e;
 }
 
@@ -63,12 +68,13 @@ BwdWorkspaceLayout bwd_layout(const ringattn_bwd_params& p, const Sm80BwdKernelE
 }
 
 ringattn_status fwd_workspace_size(const ringattn_fwd_params& p, size_t* bytes) {
-  const Sm80FwdKernelEntry* e = sm80_fwd_kernel_or_fail(p.problem);
+  const Sm80FwdKernelEntry* e = sm80_fwd_kernel_or_fail(p);
   if (e == nullptr) return RINGATTN_STATUS_UNSUPPORTED;
   int block_m = e->block_m;
 #ifdef RINGATTN_SM90_TIER
   // Either tier may run the call: size the work list for the smaller query tile.
-  if (const Sm90FwdKernelEntry* e90 = find_sm90_fwd_kernel(p.problem.dtype, p.problem.head_dim, mask_mode(p.problem)))
+  if (const Sm90FwdKernelEntry* e90 =
+          find_sm90_fwd_kernel(p.problem.dtype, p.problem.head_dim, kernel_variant(p, /*forward=*/true)))
     block_m = e90->block_m < block_m ? e90->block_m : block_m;
 #endif
   *bytes = scheduler_workspace_bytes(p.problem.num_groups, p.problem.batch_size, query_tile_capacity(p, block_m));
@@ -76,7 +82,7 @@ ringattn_status fwd_workspace_size(const ringattn_fwd_params& p, size_t* bytes) 
 }
 
 ringattn_status bwd_workspace_size(const ringattn_bwd_params& p, size_t* bytes) {
-  const Sm80BwdKernelEntry* e = sm80_bwd_kernel_or_fail(p.problem);
+  const Sm80BwdKernelEntry* e = sm80_bwd_kernel_or_fail(p);
   if (e == nullptr) return RINGATTN_STATUS_UNSUPPORTED;
   *bytes = bwd_layout(p, *e).total;
   return RINGATTN_STATUS_OK;

@@ -23,14 +23,16 @@ int64_t query_tile_capacity(const Params& p, int block_m) {
 }
 
 // What a work list (SchedulerArgs, BwdSchedulerArgs) takes from a forward or backward call: its
-// groups' sequence metadata, the kernel's block sizes and the item capacity (the workspace
-// pointers are carved separately).
+// groups' sequence metadata, its mask (window and diagonal shifts: every kernel variant applies
+// the call's), the kernel's block sizes and the item capacity (the workspace pointers are carved
+// separately).
 template <typename Args, typename Params>
 void set_work_list_args(const Params& p, int block_m, int block_n, int64_t capacity, Args* args) {
   const ringattn_problem& pr = p.problem;
   for (int g = 0; g < pr.num_groups; ++g) {
     args->cu_seqlens_q[g] = p.groups[g].cu_seqlens_q;
     args->seqused_k[g] = p.groups[g].seqused_k;
+    args->diagonal_shift[g] = call_diagonal_shift(p, g);
     args->total_q[g] = static_cast<int32_t>(p.groups[g].total_q);
   }
   args->cu_seqlens_k = pr.cu_seqlens_k;
@@ -39,7 +41,7 @@ void set_work_list_args(const Params& p, int block_m, int block_n, int64_t capac
   args->batch_size = pr.batch_size;
   args->block_m = block_m;
   args->block_n = block_n;
-  args->causal = pr.causal;
+  args->window = call_window(pr);
   args->capacity = static_cast<int32_t>(capacity);
   args->metadata_errors = p.exec.metadata_errors;
 }
@@ -75,9 +77,9 @@ BwdWorkspaceLayout bwd_layout(const ringattn_bwd_params& p, const Sm80BwdKernelE
 
 // The tier-1 forward / backward kernels of a call: every call has them (they size the workspace;
 // the backward's pre/postprocess run on both tiers). nullptr, with RINGATTN_STATUS_UNSUPPORTED
-// reported, when none is compiled for the call's dtype, head dim and mask.
-const Sm80FwdKernelEntry* sm80_fwd_kernel_or_fail(const ringattn_problem& pr);
-const Sm80BwdKernelEntry* sm80_bwd_kernel_or_fail(const ringattn_problem& pr);
+// reported, when none is compiled for the call's dtype, head dim and variant (kernel_variant).
+const Sm80FwdKernelEntry* sm80_fwd_kernel_or_fail(const ringattn_fwd_params& p);
+const Sm80BwdKernelEntry* sm80_bwd_kernel_or_fail(const ringattn_bwd_params& p);
 
 }  // namespace cuda
 }  // namespace ringattn

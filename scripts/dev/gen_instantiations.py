@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
-"""Writes the compiled-kernel set of the CUDA backend from one table (KERNELS x DTYPES x MASK_MODES):
+"""Writes the compiled-kernel set of the CUDA backend from one table (KERNELS x DTYPES x each kernel
+set's VARIANTS, a variant being a mask mode and whether the softcap is compiled in):
 
-* one explicit kernel instantiation per small .cu file (tier, pass, head dim, dtype, mask mode)
+* one explicit kernel instantiation per small .cu file (tier, pass, head dim, dtype, variant)
   under csrc/cuda/sm80/instantiations/ and csrc/cuda/sm90/instantiations/, so builds parallelise
   and a change rebuilds little (cmake/cuda_kernels.cmake picks the files of the head dims in
   RINGATTN_HEAD_DIMS);
-* csrc/cuda/kernel_registry.cu: the dispatch tables from (dtype, head dim, mask mode) to those
+* csrc/cuda/kernel_registry.cu: the dispatch tables from (dtype, head dim, variant) to those
   kernels and their lookup functions (declared in csrc/cuda/kernel_registry.h), each head dim's
   rows under the RINGATTN_HDIM_<D> define CMake sets for the head dims it builds.
 
@@ -25,7 +26,7 @@ REGISTRY = "csrc/cuda/kernel_registry.cu"
 
 @dataclass(frozen=True)
 class Launch:
-    """One explicitly instantiated launch function: `function<traits, mask mode>(params, ...)`."""
+    """One explicitly instantiated launch function: `function<traits, mask mode[, softcap]>(params, ...)`."""
     function: str  # in the tier's namespace
     traits: str  # a str.format pattern over {element} and {hdim}, in the tier's namespace
     params: str  # the kernel parameter struct, in the tier's namespace
@@ -33,7 +34,7 @@ class Launch:
 
 @dataclass(frozen=True)
 class KernelSet:
-    """A (tier, pass) whose kernels are built for each of its head dims, each dtype, each mask mode."""
+    """A (tier, pass) whose kernels are built for each of its head dims, each dtype, each of its variants."""
     title: str  # the registry table's comment
     tier: str  # "sm80" (tier 1, mma.sync) or "sm90" (tier 2, sm90a): namespace, folder, file suffix
     pass_name: str  # file name prefix
@@ -45,9 +46,10 @@ class KernelSet:
     entry_type: str
     lookup: str
     # A table row is entry_maker(entry_args...) (kernel_registry.h), each a str.format pattern over
-    # {dtype}, {mask}, {element}, and {traits<i>} / {launch<i>} of the i-th launch.
+    # {dtype}, {mask}, {softcap}, {element}, and {traits<i>} / {launch<i>} of the i-th launch.
     entry_maker: str
     entry_args: tuple[str, ...]
+    variants: tuple["Variant", ...]  # the mask modes / softcap it is built for
 
 
 @dataclass(frozen=True)
@@ -58,17 +60,29 @@ class Dtype:
 
 
 @dataclass(frozen=True)
-class Mask:
+class Variant:
+    """A mask mode (csrc/common/mask.h) and whether the kernel applies the logit softcap."""
     suffix: str  # in file names
-    mode: str  # MaskMode enumerator (csrc/common/mask.h)
+    mode: str  # MaskMode enumerator
+    softcap: bool = False  # the launch's `bool kSoftcap` template argument (written only when true)
+
+    def template_args(self) -> str:
+        """The launch's template arguments after the traits."""
+        return f"MaskMode::{self.mode}" + (", true" if self.softcap else "")
 
 
 DTYPES = (Dtype("fp16", "__half", "RINGATTN_DTYPE_FP16"), Dtype("bf16", "__nv_bfloat16", "RINGATTN_DTYPE_BF16"))
 
-# Every kernel set is built for each of these; a new mask mode is one row here (and its MaskMode).
-MASK_MODES = (Mask("", "kNone"), Mask("_causal", "kCausal"))
+# The variants a kernel set is built for. A new mask mode is one row here (and its MaskMode).
+# kNone and kCausal are the fixed masks of most calls. kLocal takes a run-time window and diagonal
+# shift and reads the sinks, so it serves every call that uses one of the optional features. The
+# softcap is a compile-time flag of kLocal only: a softcapped call runs kLocal whatever its window
+# (the fixed masks would only save the run-time window test, which costs little next to the
+# tanh), which adds one variant per (pass, head dim, dtype) instead of three.
+FIXED_MASKS = (Variant("", "kNone"), Variant("_causal", "kCausal"))
+LOCAL_MASKS = (Variant("_local", "kLocal"), Variant("_local_softcap", "kLocal", softcap=True))
 
-_SINGLE_ENTRY = {"entry_maker": "kernel_entry<{traits0}, {mask}>", "entry_args": ("{dtype}", "&{launch0}")}
+_SINGLE_ENTRY = {"entry_maker": "kernel_entry<{traits0}, {mask}, {softcap}>", "entry_args": ("{dtype}", "&{launch0}")}
 
 # The kernel sets. A head dim is one more number in a row's head_dims (and its traits' config).
 KERNELS = (
@@ -78,7 +92,7 @@ KERNELS = (
         kernel_headers=("cuda/sm80/fwd_kernel.cuh",), declarations=("cuda/sm80/fwd_traits.h",),
         launches=(Launch("launch_grouped_fwd", "FwdConfig<{element}, {hdim}>::Traits", "FwdKernelParams"),),
         table="kSm80FwdKernels", entry_type="Sm80FwdKernelEntry", lookup="find_sm80_fwd_kernel",
-        **_SINGLE_ENTRY),
+        variants=FIXED_MASKS + LOCAL_MASKS, **_SINGLE_ENTRY),
     KernelSet(
         title="Tier-1 backward: dK/dV kernel, deterministic-mode dQ kernel, pre/postprocess.",
         tier="sm80", pass_name="bwd", head_dims=(64, 128, 256),
@@ -87,16 +101,17 @@ KERNELS = (
         launches=(Launch("launch_grouped_bwd_dkdv", "BwdConfig<{element}, {hdim}>::Traits", "BwdKernelParams"),
                   Launch("launch_grouped_bwd_dq", "BwdConfig<{element}, {hdim}>::DqTraits", "BwdKernelParams")),
         table="kSm80BwdKernels", entry_type="Sm80BwdKernelEntry", lookup="find_sm80_bwd_kernel",
-        entry_maker="sm80_bwd_entry<{traits0}, {traits1}, {mask}>",
+        entry_maker="sm80_bwd_entry<{traits0}, {traits1}, {mask}, {softcap}>",
         entry_args=("{dtype}", "&{launch0}", "&{launch1}", "&launch_bwd_preprocess<{element}>",
-                    "&launch_bwd_postprocess<{element}>")),
+                    "&launch_bwd_postprocess<{element}>"),
+        variants=FIXED_MASKS + LOCAL_MASKS),
     KernelSet(
         title="Tier-2 (sm90a: TMA + wgmma, warp specialised) forward kernels.",
         tier="sm90", pass_name="fwd", head_dims=(64, 128, 256),
         kernel_headers=("cuda/sm90/fwd_kernel.cuh",), declarations=("cuda/sm90/fwd_launch.h",),
         launches=(Launch("launch_grouped_fwd", "FwdConfig<{element}, {hdim}>::Traits", "FwdKernelParams"),),
         table="kSm90FwdKernels", entry_type="Sm90FwdKernelEntry", lookup="find_sm90_fwd_kernel",
-        **_SINGLE_ENTRY),
+        variants=FIXED_MASKS + LOCAL_MASKS, **_SINGLE_ENTRY),
     # Head dim 256 runs tier 1's backward.
     KernelSet(
         title="Tier-2 backward dK/dV kernels (dQ through TMA reduce-add into dq_accum).",
@@ -104,7 +119,7 @@ KERNELS = (
         kernel_headers=("cuda/sm90/bwd_kernel.cuh",), declarations=("cuda/sm90/bwd_traits.h",),
         launches=(Launch("launch_grouped_bwd_dkdv", "BwdConfig<{element}, {hdim}>::Traits", "BwdKernelParams"),),
         table="kSm90BwdKernels", entry_type="Sm90BwdKernelEntry", lookup="find_sm90_bwd_kernel",
-        **_SINGLE_ENTRY),
+        variants=FIXED_MASKS + LOCAL_MASKS, **_SINGLE_ENTRY),
     KernelSet(
         title="Tier-2 dQ kernels of the deterministic mode.",
         tier="sm90", pass_name="bwd_dq", head_dims=(64, 128),
@@ -112,7 +127,7 @@ KERNELS = (
         declarations=("cuda/sm90/bwd_dq_traits.h", "cuda/sm90/bwd_params.h"),
         launches=(Launch("launch_grouped_bwd_dq", "BwdDqConfig<{element}, {hdim}>::Traits", "BwdDqKernelParams"),),
         table="kSm90BwdDqKernels", entry_type="Sm90BwdDqKernelEntry", lookup="find_sm90_bwd_dq_kernel",
-        **_SINGLE_ENTRY),
+        variants=FIXED_MASKS + LOCAL_MASKS, **_SINGLE_ENTRY),
 )
 
 # The tier-2 tables exist only in builds with the sm90a kernels (cmake/cuda_kernels.cmake).
@@ -147,27 +162,28 @@ REGISTRY_FOOTER = """
 """
 
 
-def instantiation_file(ks: KernelSet, hdim: int, dtype: Dtype, mask: Mask) -> tuple[str, str]:
-    """(path, text) of the file instantiating one (kernel set, head dim, dtype, mask mode)."""
+def instantiation_file(ks: KernelSet, hdim: int, dtype: Dtype, variant: Variant) -> tuple[str, str]:
+    """(path, text) of the file instantiating one (kernel set, head dim, dtype, variant)."""
     lines = ""
     for launch in ks.launches:
         traits = launch.traits.format(element=dtype.element, hdim=hdim)
-        lines += (f"template cudaError_t {launch.function}<{traits}, MaskMode::{mask.mode}>(\n"
+        lines += (f"template cudaError_t {launch.function}<{traits}, {variant.template_args()}>(\n"
                   f"    const {launch.params}&, int, cudaStream_t);\n")
     text = INSTANTIATION.format(me=ME, includes="".join(f'#include "{h}"\n' for h in ks.kernel_headers),
                                 tier=ks.tier, instantiations=lines)
     path = (f"csrc/cuda/{ks.tier}/instantiations/"
-            f"{ks.pass_name}_hdim{hdim}_{dtype.name}{mask.suffix}_{ks.tier}.cu")
+            f"{ks.pass_name}_hdim{hdim}_{dtype.name}{variant.suffix}_{ks.tier}.cu")
     return path, text
 
 
-def registry_row(ks: KernelSet, hdim: int, dtype: Dtype, mask: Mask) -> str:
-    """One table entry of the registry: the kernel(s) of one (head dim, dtype, mask mode)."""
-    fields = {"dtype": dtype.abi, "mask": f"MaskMode::{mask.mode}", "element": dtype.element}
+def registry_row(ks: KernelSet, hdim: int, dtype: Dtype, variant: Variant) -> str:
+    """One table entry of the registry: the kernel(s) of one (head dim, dtype, variant)."""
+    fields = {"dtype": dtype.abi, "mask": f"MaskMode::{variant.mode}", "softcap": str(variant.softcap).lower(),
+              "element": dtype.element}
     for i, launch in enumerate(ks.launches):
         traits = f"{ks.tier}::" + launch.traits.format(element=dtype.element, hdim=hdim)
         fields[f"traits{i}"] = traits
-        fields[f"launch{i}"] = f"{ks.tier}::{launch.function}<{traits}, MaskMode::{mask.mode}>"
+        fields[f"launch{i}"] = f"{ks.tier}::{launch.function}<{traits}, {variant.template_args()}>"
     args = ",\n        ".join(arg.format(**fields) for arg in ks.entry_args)
     return f"{ks.entry_maker.format(**fields)}(\n        {args})"
 
@@ -178,12 +194,12 @@ def registry_table(ks: KernelSet) -> str:
     for hdim in ks.head_dims:
         text += f"#ifdef RINGATTN_HDIM_{hdim}\n"
         for dtype in DTYPES:
-            for mask in MASK_MODES:
-                text += f"    {registry_row(ks, hdim, dtype, mask)},\n"
+            for variant in ks.variants:
+                text += f"    {registry_row(ks, hdim, dtype, variant)},\n"
         text += "#endif\n"
     text += f"    {ks.entry_type}{{}}}};\n"  # the sentinel: dtype -1
-    text += (f"\nconst {ks.entry_type}* {ks.lookup}(int dtype, int head_dim, MaskMode mask) {{\n"
-             f"  return find_entry({ks.table}, dtype, head_dim, mask);\n}}\n")
+    text += (f"\nconst {ks.entry_type}* {ks.lookup}(int dtype, int head_dim, KernelVariant variant) {{\n"
+             f"  return find_entry({ks.table}, dtype, head_dim, variant);\n}}\n")
     return text
 
 
@@ -208,8 +224,8 @@ def generate() -> dict[str, str]:
     for ks in KERNELS:
         for hdim in ks.head_dims:
             for dtype in DTYPES:
-                for mask in MASK_MODES:
-                    path, text = instantiation_file(ks, hdim, dtype, mask)
+                for variant in ks.variants:
+                    path, text = instantiation_file(ks, hdim, dtype, variant)
                     files[path] = text
     files[REGISTRY] = registry()
     return files

@@ -3,15 +3,16 @@
 // Every range the policy gives (a row's keys, a key's rows, a query tile's key blocks, whether a
 // tile needs the element mask) is checked against the same question answered by testing every
 // (row, key) pair with the definition: query row i of Lq sees key j of Lk iff 0 <= j < Lk and
-// i + Lk - Lq - left <= j <= i + Lk - Lq + right, -1 meaning unbounded. Lengths include 0, Lq > Lk,
-// Lq < Lk and lengths that are not multiples of the blocks; windows are the kernel modes', a few
-// fixed ones and random ones.
+// d - left <= j <= d + right with d = i + Lk - Lq + shift, -1 meaning unbounded. Lengths include 0,
+// Lq > Lk, Lq < Lk and lengths that are not multiples of the blocks; windows are the kernel modes',
+// a few fixed ones and random ones, with and without a diagonal shift.
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "common/mask.h"
@@ -26,18 +27,18 @@ using ringattn::MaskPolicy;
 using ringattn::MaskWindow;
 
 // The definition, one pair at a time.
-bool brute_visible(int64_t lq, int64_t lk, int64_t left, int64_t right, int64_t i, int64_t j) {
+bool brute_visible(int64_t lq, int64_t lk, int64_t left, int64_t right, int64_t i, int64_t j, int64_t shift) {
   if (i < 0 || i >= lq || j < 0 || j >= lk) return false;
-  const int64_t diagonal = i + lk - lq;
+  const int64_t diagonal = i + lk - lq + shift;
   if (left >= 0 && j < diagonal - left) return false;
   if (right >= 0 && j > diagonal + right) return false;
   return true;
 }
 
 // The window test alone (rows past the sequence allowed), for key_masked().
-bool brute_key_visible(int64_t lq, int64_t lk, int64_t left, int64_t right, int64_t i, int64_t j) {
+bool brute_key_visible(int64_t lq, int64_t lk, int64_t left, int64_t right, int64_t i, int64_t j, int64_t shift) {
   if (j < 0 || j >= lk) return false;
-  const int64_t diagonal = i + lk - lq;
+  const int64_t diagonal = i + lk - lq + shift;
   if (left >= 0 && j < diagonal - left) return false;
   if (right >= 0 && j > diagonal + right) return false;
   return true;
@@ -49,18 +50,25 @@ struct Blocks {
 
 constexpr Blocks kBlocks[] = {{1, 1}, {5, 7}, {16, 16}, {64, 64}, {64, 128}, {128, 64}, {128, 128}};
 
-std::string describe(int64_t lq, int64_t lk, int64_t left, int64_t right) {
+std::string describe(int64_t lq, int64_t lk, int64_t left, int64_t right, int64_t shift) {
   return "Lq=" + std::to_string(lq) + " Lk=" + std::to_string(lk) + " window=(" + std::to_string(left) + ", " +
-         std::to_string(right) + ")";
+         std::to_string(right) + ") shift=" + std::to_string(shift);
 }
 
 // Checks one mask (any window type, any index type) of lengths (lq, lk) against the definition
-// with window (left, right).
+// with window (left, right) and diagonal shift `shift`.
 template <class M>
-void check_mask(const M& mask, int64_t lq, int64_t lk, int64_t left, int64_t right) {
-  SCOPED_TRACE(describe(lq, lk, left, right));
+void check_mask(const M& mask, int64_t lq, int64_t lk, int64_t left, int64_t right, int64_t shift = 0) {
+  SCOPED_TRACE(describe(lq, lk, left, right, shift));
   using Int = decltype(mask.seqlen_q);
-  ASSERT_EQ(static_cast<int64_t>(mask.offset()), lk - lq);
+  // The brute-force predicates with this mask's window and shift.
+  auto brute_visible = [&](int64_t lq_, int64_t lk_, int64_t left_, int64_t right_, int64_t i, int64_t j) {
+    return ratest::brute_visible(lq_, lk_, left_, right_, i, j, shift);
+  };
+  auto brute_key_visible = [&](int64_t lq_, int64_t lk_, int64_t left_, int64_t right_, int64_t i, int64_t j) {
+    return ratest::brute_key_visible(lq_, lk_, left_, right_, i, j, shift);
+  };
+  ASSERT_EQ(static_cast<int64_t>(mask.offset()), lk - lq + shift);
   ASSERT_EQ(mask.has_left(), left >= 0);
   ASSERT_EQ(mask.has_right(), right >= 0);
 
@@ -108,7 +116,7 @@ void check_mask(const M& mask, int64_t lq, int64_t lk, int64_t left, int64_t rig
     const int64_t unclamped = mask.row_begin_unclamped(static_cast<Int>(j));
     ASSERT_EQ(std::max<int64_t>(unclamped, 0), begin) << "j=" << j;
     if (right >= 0) {
-      ASSERT_EQ(unclamped, j - (lk - lq) - right) << "j=" << j;
+      ASSERT_EQ(unclamped, j - (lk - lq + shift) - right) << "j=" << j;
     }
   }
 
@@ -237,6 +245,35 @@ TEST(MaskPolicy, RandomWindowsMatchDefinition) {
     const MaskWindow window{draw(), draw()};
     check_mask(MaskPolicy<MaskWindow>(lq, lk, window), lq, lk, window.left, window.right);
     check_mask(MaskPolicy<MaskWindow, int64_t>(lq, lk, window), lq, lk, window.left, window.right);
+  }
+}
+
+TEST(MaskPolicy, LocalModeIsARunTimeWindow) {
+  static_assert(std::is_same_v<Mask<MaskMode::kLocal>, MaskPolicy<MaskWindow, int32_t>>,
+                "kLocal takes its window at run time");
+  static_assert(!Mask<MaskMode::kLocal>::kKeysStartAtZero, "kLocal may bound the left side");
+  for (const auto& [lq, lk] : length_pairs()) {
+    check_mask(Mask<MaskMode::kLocal>(lq, lk, MaskWindow{-1, -1}, 0), lq, lk, -1, -1);
+    check_mask(Mask<MaskMode::kLocal>(lq, lk, MaskWindow{-1, 0}, 0), lq, lk, -1, 0);
+    check_mask(Mask<MaskMode::kLocal>(lq, lk, MaskWindow{5, 0}, 0), lq, lk, 5, 0);
+  }
+}
+
+TEST(MaskPolicy, ShiftedWindowsMatchDefinition) {
+  std::mt19937 rng(20260331);
+  std::uniform_int_distribution<int> length(0, 130);
+  for (int trial = 0; trial < 200; ++trial) {
+    const int lq = length(rng), lk = length(rng);
+    const int span = 2 * std::max(lq, lk) + 2;
+    std::uniform_int_distribution<int> bound(-1, span);
+    std::uniform_int_distribution<int> shift_of(-span, span);
+    auto draw = [&] { return rng() % 4 == 0 ? -1 : bound(rng); };
+    const MaskWindow window{draw(), draw()};
+    const int shift = shift_of(rng);
+    check_mask(MaskPolicy<MaskWindow>(lq, lk, window, shift), lq, lk, window.left, window.right, shift);
+    check_mask(MaskPolicy<MaskWindow, int64_t>(lq, lk, window, shift), lq, lk, window.left, window.right, shift);
+    // Causal with a shift: the right bound 0 of the moved diagonal.
+    check_mask(Mask<MaskMode::kLocal>(lq, lk, MaskWindow{-1, 0}, shift), lq, lk, -1, 0, shift);
   }
 }
 

@@ -520,7 +520,8 @@ TEST(WindowSoftcapSinksValidation, OutputsOverSinksOrShiftsAreRefused) {
                  "bytes");
 }
 
-// The CUDA backend refuses each feature its kernels do not implement yet (cuda::kSupports*), in
+// The CUDA backend refuses each feature its kernels do not implement (cuda::kSupports*; today all
+// are implemented, so each is accepted), in
 // the workspace-size query as in the call, naming the field; the query needs no GPU. Needs a
 // library built with CUDA: without it every CUDA call is refused before its fields are read.
 #ifdef RINGATTN_TEST_CUDA

@@ -8,6 +8,8 @@
 // dS goes from the C fragments straight into A fragments (as P does in the forward). The tile
 // is written once, with plain stores, into the group's dq_accum (the postprocess scales and
 // converts it), so results are bit-identical run to run.
+// kMask = kLocal takes the call's window and diagonal shifts (params.features); kSoftcap (kLocal
+// only) recomputes the capped scores and multiplies dS by 1 - t^2, as the dK/dV kernel does.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -16,6 +18,7 @@
 #include <cstdint>
 
 #include "cuda/bwd_params.h"
+#include "cuda/features.cuh"
 #include "cuda/launch.h"
 #include "cuda/ptx.h"
 #include "cuda/seqlen_info.h"
@@ -27,8 +30,9 @@ namespace ringattn {
 namespace cuda {
 namespace sm80 {
 
-template <typename T, MaskMode kMask>
+template <typename T, MaskMode kMask, bool kSoftcap>
 __global__ void __launch_bounds__(T::kThreads, 1) grouped_bwd_dq_kernel(const __grid_constant__ BwdKernelParams params) {
+  static_assert(!kSoftcap || kMask == MaskMode::kLocal, "the softcap is compiled into kLocal kernels only");
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using Element = typename T::Element;
   constexpr int kHeadDim = T::kHeadDim;
@@ -53,7 +57,7 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_bwd_dq_kernel(const __
   if (row0 >= seq.seqlen_q) return;
   const int rows_valid = min(kBlockM, seq.seqlen_q - row0);
   // A tile that sees no key keeps dQ = 0 (dq_accum was zeroed by the preprocess).
-  const Mask<kMask> seq_mask = seq.mask<kMask>();
+  const Mask<kMask> seq_mask = seq.mask<kMask>(params.features, group, item.batch);
   // Key blocks [n_block_min, n_block_max) of this tile; n_block_min is the constant 0 when no row's
   // keys can start past key 0, so the loop bounds below stay compile-time constants then.
   const int n_block_min = Mask<kMask>::kKeysStartAtZero ? 0 : seq_mask.n_block_min(m_block, kBlockM, kBlockN);
@@ -165,13 +169,24 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_bwd_dq_kernel(const __
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
           const int r = c >> 1;
-          float p = ptx::exp2_approx(fmaf(s[mt][nt][c], params.softmax_scale_log2, -lse[mt][r]));
+          float t = 0.f;  // softcap: tanh of the scaled score
+          float p;
+          if constexpr (kSoftcap) {
+            t = tanh_approx(s[mt][nt][c] * params.features.softcap_scale);
+            p = ptx::exp2_approx(fmaf(t, params.features.softcap_log2, -lse[mt][r]));
+          } else {
+            p = ptx::exp2_approx(fmaf(s[mt][nt][c], params.softmax_scale_log2, -lse[mt][r]));
+          }
           if (need_mask) {
             const int row = row0 + warp_row0 + mt * 16 + (lane >> 2) + r * 8;
             const int col = col0 + nt * 8 + 2 * (lane & 3) + (c & 1);
-            if (seq_mask.key_masked(row, col)) p = 0.f;
+            if (seq_mask.key_masked(row, col)) p = 0.f;  // dS = 0 too (t stays: 1 - t^2 multiplies a 0)
           }
-          dp[mt][nt][c] = p * (dp[mt][nt][c] - di[mt][r]);
+          if constexpr (kSoftcap) {
+            dp[mt][nt][c] = p * (dp[mt][nt][c] - di[mt][r]) * fmaf(-t, t, 1.f);  // dS times 1 - t^2
+          } else {
+            dp[mt][nt][c] = p * (dp[mt][nt][c] - di[mt][r]);
+          }
         }
 
     // ---- dQ += dS K ----
@@ -196,9 +211,10 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_bwd_dq_kernel(const __
 }
 
 // Host side: launch one instantiation over `num_ctas` CTAs (query tiles x query heads).
-template <typename T, MaskMode kMask>
+template <typename T, MaskMode kMask, bool kSoftcap>
 cudaError_t launch_grouped_bwd_dq(const BwdKernelParams& params, int num_ctas, cudaStream_t stream) {
-  return launch_with_smem(&grouped_bwd_dq_kernel<T, kMask>, num_ctas, T::kThreads, T::kSmemBytes, stream, params);
+  return launch_with_smem(&grouped_bwd_dq_kernel<T, kMask, kSoftcap>, num_ctas, T::kThreads, T::kSmemBytes, stream,
+                          params);
 }
 
 }  // namespace sm80

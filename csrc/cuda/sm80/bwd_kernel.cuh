@@ -11,6 +11,9 @@
 //   phase 2  dV += P^T dO and dK += dS^T Q into fp32 registers that live across all tiles;
 //   phase 3  dQ_tile = dS K, added to the group's fp32 dq_accum with atomics (skipped in
 //            deterministic mode, where bwd_dq_kernel.cuh computes dQ).
+// kMask = kLocal takes the call's window and diagonal shifts (params.features); kSoftcap (kLocal
+// only) recomputes the capped scores, P = exp2(t * softcap_log2 - LSE_log2) with
+// t = tanh(s * softcap_scale), and multiplies dS by 1 - t^2 (features.cuh).
 // At the end dK (times the softmax scale) and dV are converted and written once: every key
 // row of the block, zeros for keys no query sees. See bwd_traits.h for the warp layouts.
 #pragma once
@@ -21,6 +24,7 @@
 #include <cstdint>
 
 #include "cuda/bwd_params.h"
+#include "cuda/features.cuh"
 #include "cuda/launch.h"
 #include "cuda/ptx.h"
 #include "cuda/query_tile_cursor.h"
@@ -49,9 +53,10 @@ constexpr int bwd_min_blocks_per_sm() {
   return kFit < 1 ? 1 : (kFit < T::kMinBlocksPerSm ? kFit : T::kMinBlocksPerSm);
 }
 
-template <typename T, MaskMode kMask>
+template <typename T, MaskMode kMask, bool kSoftcap>
 __global__ void __launch_bounds__(T::kThreads, bwd_min_blocks_per_sm<T>())
     grouped_bwd_dkdv_kernel(const __grid_constant__ BwdKernelParams params) {
+  static_assert(!kSoftcap || kMask == MaskMode::kLocal, "the softcap is compiled into kLocal kernels only");
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using Element = typename T::Element;
   constexpr int kHeadDim = T::kHeadDim;
@@ -155,7 +160,7 @@ __global__ void __launch_bounds__(T::kThreads, bwd_min_blocks_per_sm<T>())
                                     (lane >> 4) + wd * (kDCols3 / 8));
 
   Cursor cur;
-  cur.start(params, b, key0);
+  cur.start(params, params.features, b, key0);
   if (cur.valid(params)) {
     // K/V rows some group uses; zeros past them (keys past seqused_k may hold NaN).
     const int keys_loaded = max(0, min(keys_valid, keys_used_by_any_group(params, b) - key0));
@@ -164,7 +169,7 @@ __global__ void __launch_bounds__(T::kThreads, bwd_min_blocks_per_sm<T>())
     load_query_tile(cur, 0);
     ptx::cp_async_commit();
     Cursor nxt = cur;
-    nxt.next(params, b, key0);
+    nxt.next(params, params.features, b, key0);
 
     for (int it = 0;; ++it) {
       const int stage = kStages == 2 ? (it & 1) : 0;
@@ -206,6 +211,20 @@ __global__ void __launch_bounds__(T::kThreads, bwd_min_blocks_per_sm<T>())
         const int col_base = wq * kQCols + 2 * (lane & 3);   // query column within the tile
         const Mask<kMask> seq_mask = cur.mask();
         const bool need_mask = seq_mask.tile_needs_mask(row0, kBlockM, key0, kBlockN);
+        // kLocal: the query columns (rows of the sequence minus row0) that see each of this
+        // thread's two keys, [rows_first[h], rows_end[h]) (common/mask.h; rows past the sequence
+        // and keys past it see nothing).
+        int rows_first[2] = {0, 0}, rows_end[2] = {0, 0};
+        if constexpr (kMask == MaskMode::kLocal) {
+          if (need_mask) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              const int key = key_base + h * 8;
+              rows_first[h] = seq_mask.row_begin(key) - row0;
+              rows_end[h] = key < cur.seqlen_k ? seq_mask.row_end(key) - row0 : rows_first[h];
+            }
+          }
+        }
 #pragma unroll
         for (int nt = 0; nt < kSTiles; ++nt) {
           const int col = col_base + nt * 8;
@@ -215,14 +234,32 @@ __global__ void __launch_bounds__(T::kThreads, bwd_min_blocks_per_sm<T>())
           for (int c = 0; c < 4; ++c) {
             const float lse_c = (c & 1) ? l.y : l.x;
             const float di_c = (c & 1) ? d.y : d.x;
-            float p = ptx::exp2_approx(fmaf(s[nt][c], params.softmax_scale_log2, -lse_c));
+            float t = 0.f;  // softcap: tanh of the scaled score
+            float p;
+            if constexpr (kSoftcap) {
+              t = tanh_approx(s[nt][c] * params.features.softcap_scale);
+              p = ptx::exp2_approx(fmaf(t, params.features.softcap_log2, -lse_c));
+            } else {
+              p = ptx::exp2_approx(fmaf(s[nt][c], params.softmax_scale_log2, -lse_c));
+            }
             if (need_mask) {
-              const int key = key_base + ((c >> 1) << 3);
-              const int row = row0 + col + (c & 1);
-              if (seq_mask.masked(row, key)) p = 0.f;
+              bool masked;
+              if constexpr (kMask == MaskMode::kLocal) {
+                const int h = c >> 1;
+                masked = (col + (c & 1) < rows_first[h]) | (col + (c & 1) >= rows_end[h]);
+              } else {
+                const int key = key_base + ((c >> 1) << 3);
+                const int row = row0 + col + (c & 1);
+                masked = seq_mask.masked(row, key);
+              }
+              if (masked) p = 0.f;  // dS = 0 too (t stays: 1 - t^2 multiplies a 0)
             }
             s[nt][c] = p;
-            dp[nt][c] = p * (dp[nt][c] - di_c);
+            if constexpr (kSoftcap) {
+              dp[nt][c] = p * (dp[nt][c] - di_c) * fmaf(-t, t, 1.f);  // dS times 1 - t^2
+            } else {
+              dp[nt][c] = p * (dp[nt][c] - di_c);
+            }
           }
 #pragma unroll
           for (int r = 0; r < 2; ++r) {
@@ -291,7 +328,7 @@ __global__ void __launch_bounds__(T::kThreads, bwd_min_blocks_per_sm<T>())
         ptx::cp_async_commit();
       }
       cur = nxt;
-      nxt.next(params, b, key0);
+      nxt.next(params, params.features, b, key0);
     }
   }
 
@@ -317,11 +354,11 @@ __global__ void __launch_bounds__(T::kThreads, bwd_min_blocks_per_sm<T>())
 }
 
 // Host side: launch one instantiation over `num_ctas` CTAs (work items x KV heads).
-template <typename T, MaskMode kMask>
+template <typename T, MaskMode kMask, bool kSoftcap>
 cudaError_t launch_grouped_bwd_dkdv(const BwdKernelParams& params, int num_ctas, cudaStream_t stream) {
   // All of the unified L1/shared memory as shared, so two CTAs of the D=128 tile fit on sm_90.
-  return launch_with_smem(&grouped_bwd_dkdv_kernel<T, kMask>, num_ctas, T::kThreads, T::kSmemBytes, stream, params,
-                          /*max_shared_carveout=*/true);
+  return launch_with_smem(&grouped_bwd_dkdv_kernel<T, kMask, kSoftcap>, num_ctas, T::kThreads, T::kSmemBytes, stream,
+                          params, /*max_shared_carveout=*/true);
 }
 
 }  // namespace sm80

@@ -110,11 +110,11 @@ struct BwdConfig<Element, 256> {
 };
 
 // Defined in bwd_kernel.cuh / bwd_dq_kernel.cuh, explicitly instantiated one (head dim, dtype,
-// causal) per file under instantiations/. num_ctas: work-list capacity x heads (KV heads for
-// dK/dV, query heads for dQ).
-template <typename T, MaskMode kMask>
+// variant) per file under instantiations/. num_ctas: work-list capacity x heads (KV heads for
+// dK/dV, query heads for dQ). kSoftcap (kLocal only) applies the logit softcap of params.features.
+template <typename T, MaskMode kMask, bool kSoftcap = false>
 cudaError_t launch_grouped_bwd_dkdv(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
-template <typename T, MaskMode kMask>
+template <typename T, MaskMode kMask, bool kSoftcap = false>
 cudaError_t launch_grouped_bwd_dq(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
 
 }  // namespace sm80

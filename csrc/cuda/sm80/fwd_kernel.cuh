@@ -10,6 +10,11 @@
 // memory with an XOR swizzle of 16-byte chunks (conflict-free ldmatrix). K(n-1) is fetched with
 // cp.async while P*V(n) runs and V(n) while Q*K(n)^T runs. Softmax is online, in registers, in
 // the exp2 domain.
+//
+// kMask = kLocal takes the call's window and diagonal shifts (params.features) and counts the
+// head's sink logit, if any, as one more key of every row with value 0 (so it joins each row's
+// denominator and LSE, never its output); kSoftcap (kLocal only) caps the scores with tanh before
+// the mask (features.cuh).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -17,6 +22,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "cuda/features.cuh"
 #include "cuda/fwd_params.h"
 #include "cuda/launch.h"
 #include "cuda/ptx.h"
@@ -46,9 +52,10 @@ __device__ __forceinline__ void load_tile(typename T::Element* smem, const typen
   }
 }
 
-template <typename T, MaskMode kMask>
+template <typename T, MaskMode kMask, bool kSoftcap>
 __global__ void __launch_bounds__(T::kThreads, T::kMinBlocksPerSm)
     grouped_fwd_kernel(const __grid_constant__ FwdKernelParams params) {
+  static_assert(!kSoftcap || kMask == MaskMode::kLocal, "the softcap is compiled into kLocal kernels only");
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using Element = typename T::Element;
   constexpr int kHeadDim = T::kHeadDim;
@@ -79,19 +86,24 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocksPerSm)
   Element* out_tile = static_cast<Element*>(g.out) + (seq.q_start + row0) * g.out_row_stride + head * g.out_head_stride;
   float* lse_tile = g.softmax_lse + static_cast<int64_t>(head) * g.total_q + seq.q_start + row0;
 
-  const Mask<kMask> seq_mask = seq.mask<kMask>();
+  const Mask<kMask> seq_mask = seq.mask<kMask>(params.features, group, item.batch);
   // Key blocks [n_block_min, n_block_max) of this tile; n_block_min is the constant 0 when no row's
   // keys can start past key 0, so the loop bounds below stay compile-time constants then.
   const int n_block_min = Mask<kMask>::kKeysStartAtZero ? 0 : seq_mask.n_block_min(m_block, kBlockM, kBlockN);
   const int n_block_max = seq_mask.n_block_max(m_block, kBlockM, kBlockN);
   if (n_block_max <= n_block_min) {
-    // No query row of this tile sees a key: O = 0, LSE = -inf.
+    // No query row of this tile sees a key: O = 0, LSE = -inf (the head's sink logit with sinks).
     for (int i = tid; i < rows_valid * T::kChunks; i += T::kThreads) {
       const int row = i / T::kChunks;
       const int chunk = i % T::kChunks;
       *reinterpret_cast<uint4*>(out_tile + row * g.out_row_stride + chunk * 8) = make_uint4(0, 0, 0, 0);
     }
-    for (int row = tid; row < rows_valid; row += T::kThreads) lse_tile[row] = -INFINITY;
+    if constexpr (kMask == MaskMode::kLocal) {
+      const float empty_lse = params.features.sinks != nullptr ? params.features.sinks[head] : -INFINITY;
+      for (int row = tid; row < rows_valid; row += T::kThreads) lse_tile[row] = empty_lse;
+    } else {
+      for (int row = tid; row < rows_valid; row += T::kThreads) lse_tile[row] = -INFINITY;
+    }
     return;
   }
 
@@ -122,6 +134,12 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocksPerSm)
   float o[kMTiles][kDTiles][4];
   zero_fragments(o);
   OnlineSoftmax<kMTiles> softmax;
+  if constexpr (kMask == MaskMode::kLocal) {
+    // The head's sink logit counts as one more key of every row (value 0).
+    if (params.features.sinks != nullptr)
+      softmax.start_with_sink(params.features.sinks[head] / (kSoftcap ? params.features.softcap : params.softmax_scale),
+                              lane);
+  }
 
   const int warp_row0 = warp * kMTiles * 16;  // first row of this warp within the tile
   // Fragment addresses (see SwizzledRows): Q as the A operand, K as B (non-transposed), V as B
@@ -164,22 +182,52 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocksPerSm)
       }
     }
 
-    // ---- mask the keys past the end and outside each row's window (common/mask.h) ----
-    const int col0 = n * kBlockN;
-    if (seq_mask.tile_needs_key_mask(row0, kBlockM, col0, kBlockN)) {
+    // ---- softcap: t = tanh(s * softcap_scale), the softmax then runs on t (features.cuh) ----
+    if constexpr (kSoftcap) {
 #pragma unroll
       for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
         for (int nt = 0; nt < kNTiles; ++nt)
 #pragma unroll
-          for (int c = 0; c < 4; ++c) {
-            const int row = row0 + warp_row0 + mt * 16 + (lane >> 2) + ((c >> 1) << 3);
-            const int col = col0 + nt * 8 + ((lane & 3) << 1) + (c & 1);
-            if (seq_mask.key_masked(row, col)) s[mt][nt][c] = -INFINITY;
-          }
+          for (int c = 0; c < 4; ++c) s[mt][nt][c] = tanh_approx(s[mt][nt][c] * params.features.softcap_scale);
     }
 
-    softmax.template update<kNTiles, kDTiles>(s, o, params.softmax_scale_log2);
+    // ---- mask the keys past the end and outside each row's window (common/mask.h) ----
+    const int col0 = n * kBlockN;
+    if (seq_mask.tile_needs_key_mask(row0, kBlockM, col0, kBlockN)) {
+      if constexpr (kMask == MaskMode::kLocal) {
+        // A run-time window: each of the thread's rows sees the keys [key_begin, key_end), two
+        // compares per entry (the same test as key_masked for a row in the sequence).
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const int row = row0 + warp_row0 + mt * 16 + (lane >> 2) + r * 8;
+            const int first = seq_mask.key_begin(row) - col0 - ((lane & 3) << 1);
+            const int end = seq_mask.key_end(row) - col0 - ((lane & 3) << 1);
+#pragma unroll
+            for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+              for (int c = 0; c < 2; ++c) {
+                const int col = nt * 8 + c;  // the entry's key minus the thread's first key of the block
+                if (col < first || col >= end) s[mt][nt][2 * r + c] = -INFINITY;
+              }
+          }
+      } else {
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+          for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+              const int row = row0 + warp_row0 + mt * 16 + (lane >> 2) + ((c >> 1) << 3);
+              const int col = col0 + nt * 8 + ((lane & 3) << 1) + (c & 1);
+              if (seq_mask.key_masked(row, col)) s[mt][nt][c] = -INFINITY;
+            }
+      }
+    }
+
+    softmax.template update<kNTiles, kDTiles>(s, o, kSoftcap ? params.features.softcap_log2 : params.softmax_scale_log2);
 
     if constexpr (T::kStages == 1) {
       ptx::cp_async_wait<0>();
@@ -212,7 +260,15 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocksPerSm)
 
   // ---- epilogue: normalise, stage O through shared memory, 16-byte stores ----
   float lse[kMTiles][2];
-  softmax.template finalize<kDTiles>(o, params.softmax_scale, lse);
+  if constexpr (kMask == MaskMode::kLocal) {
+    const float score_scale = kSoftcap ? params.features.softcap : params.softmax_scale;
+    // The head again from the CTA index (keeps no register alive across the loop for it).
+    const int sink_head = static_cast<int>(blockIdx.x % static_cast<unsigned>(params.num_heads_q));
+    const float sink = params.features.sinks != nullptr ? params.features.sinks[sink_head] : -INFINITY;
+    softmax.template finalize_with_sink<kDTiles>(o, score_scale, sink, sink / score_scale, lse);
+  } else {
+    softmax.template finalize<kDTiles>(o, params.softmax_scale, lse);
+  }
   __syncthreads();  // every warp is done with sQ/sK/sV
 #pragma unroll
   for (int mt = 0; mt < kMTiles; ++mt)
@@ -248,9 +304,10 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocksPerSm)
 }
 
 // Host side: launch one instantiation over `num_ctas` CTAs (work items x heads).
-template <typename T, MaskMode kMask>
+template <typename T, MaskMode kMask, bool kSoftcap>
 cudaError_t launch_grouped_fwd(const FwdKernelParams& params, int num_ctas, cudaStream_t stream) {
-  return launch_with_smem(&grouped_fwd_kernel<T, kMask>, num_ctas, T::kThreads, T::kSmemBytes, stream, params);
+  return launch_with_smem(&grouped_fwd_kernel<T, kMask, kSoftcap>, num_ctas, T::kThreads, T::kSmemBytes, stream,
+                          params);
 }
 
 }  // namespace sm80

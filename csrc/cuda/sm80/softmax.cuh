@@ -27,6 +27,22 @@ struct OnlineSoftmax {
       }
   }
 
+  // Counts a sink logit (in the scores' own units: the natural-units sink divided by the softmax
+  // scale) as one more key of every row, with value 0: the rows start with it as their running max
+  // and one lane of each quad with its weight 1. update() and finalize_with_sink() then give the
+  // sink's LSE and output (features.cuh); a row that sees no key ends with O = 0 and LSE = the
+  // sink. A sink of -inf changes nothing.
+  __device__ __forceinline__ void start_with_sink(float sink_in_score_units, int lane) {
+    if (sink_in_score_units == -INFINITY) return;
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        row_max[mt][r] = sink_in_score_units;
+        row_sum[mt][r] = (lane & 3) == 0 ? 1.f : 0.f;
+      }
+  }
+
   // Turns the scores s into probabilities P (unnormalised, relative to the new running max)
   // in place and rescales the output accumulator o by exp(old max - new max).
   template <int kNTiles, int kDTiles>
@@ -75,6 +91,31 @@ struct OnlineSoftmax {
         const bool empty = sum == 0.f;  // no key weighs anything; a NaN sum stays NaN (O and LSE)
         const float inv = empty ? 0.f : 1.f / sum;
         lse[mt][r] = empty ? -INFINITY : row_max[mt][r] * softmax_scale + logf(sum);
+#pragma unroll
+        for (int dt = 0; dt < kDTiles; ++dt) {
+          o[mt][dt][2 * r] *= inv;
+          o[mt][dt][2 * r + 1] *= inv;
+        }
+      }
+  }
+
+  // finalize() for rows that started with a sink (start_with_sink; `sink` in natural units and
+  // `sink_in_score_units` the value given there, -inf for none): a row whose running max is still
+  // the sink's takes its LSE from the sink's own value, so a row that saw no key gets exactly
+  // LSE = sink (and O = 0).
+  template <int kDTiles>
+  __device__ __forceinline__ void finalize_with_sink(float (&o)[kMTiles][kDTiles][4], float softmax_scale,
+                                                     float sink, float sink_in_score_units,
+                                                     float (&lse)[kMTiles][2]) {
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const float sum = quad_sum(row_sum[mt][r]);
+        const bool empty = sum == 0.f;  // as in finalize()
+        const float inv = empty ? 0.f : 1.f / sum;
+        const float max_natural = row_max[mt][r] == sink_in_score_units ? sink : row_max[mt][r] * softmax_scale;
+        lse[mt][r] = empty ? -INFINITY : max_natural + logf(sum);
 #pragma unroll
         for (int dt = 0; dt < kDTiles; ++dt) {
           o[mt][dt][2 * r] *= inv;

@@ -16,6 +16,9 @@
 // Keys past the sequence are masked; in the block holding the sequence's last key, K rows past
 // it are zeroed in shared memory before dQ = dS K reads them (0 * garbage could be NaN). Query
 // rows past the sequence get LSE = +inf (P = 0) and are computed but not stored.
+// The tile reads the key blocks [n_block_min, n_block_max) of the mask policy (common/mask.h), in
+// that order; with MaskMode::kLocal the element mask also bounds each row's keys on the left, and
+// kSoftcap kernels recompute the softcapped scores (softcap.cuh) and multiply dS by 1 - t^2.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -34,6 +37,7 @@
 #include "cuda/sm90/named_barriers.h"
 #include "cuda/sm90/pipeline.h"
 #include "cuda/sm90/ptx_sm90.h"
+#include "cuda/sm90/softcap.cuh"
 #include "cuda/sm90/wgmma.h"
 
 namespace ringattn {
@@ -53,13 +57,10 @@ struct BwdDqSmem {
   __device__ __forceinline__ uint32_t v_stage(int s) const { return v + s * T::kKVBytes; }
 };
 
-template <typename T, MaskMode kMask>
+template <typename T, MaskMode kMask, bool kSoftcap>
 __global__ void __launch_bounds__(T::kThreads, 1)
     grouped_bwd_dq_kernel(const __grid_constant__ BwdDqKernelParams params) {
-  // The producer and consumer loops walk key blocks from 0 to n_block_max - 1, and the element
-  // mask below bounds each row's keys on the right only: a mask with a left bound needs both to
-  // follow Mask::n_block_min and Mask::key_begin first.
-  static_assert(Mask<kMask>::kKeysStartAtZero, "tier-2 dQ: the key-block loops start at block 0");
+  static_assert(!kSoftcap || kMask == MaskMode::kLocal, "the softcap is compiled into kLocal kernels only");
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Element = typename T::Element;
   constexpr int kHeadDim = T::kHeadDim;
@@ -79,10 +80,12 @@ __global__ void __launch_bounds__(T::kThreads, 1)
   const SeqLenInfo seq(g.cu_seqlens_q, g.total_q, p.cu_seqlens_k, p.total_k, g.seqused_k, work.batch);
   const int row0 = m_block * kBlockM;
   if (row0 >= seq.seqlen_q) return;
-  // A tile that sees no key keeps dQ = 0 (dq_accum was zeroed by the preprocess).
-  const Mask<kMask> seq_mask = seq.mask<kMask>();
+  // Key blocks [n_block_min, n_block_max) (n_block_min the constant 0 for kNone / kCausal). A
+  // tile that sees no key keeps dQ = 0 (dq_accum was zeroed by the preprocess).
+  const Mask<kMask> seq_mask = seq.mask<kMask>(params.features, group, work.batch);
+  const int n_block_min = Mask<kMask>::kKeysStartAtZero ? 0 : seq_mask.n_block_min(m_block, kBlockM, kBlockN);
   const int n_block_max = seq_mask.n_block_max(m_block, kBlockM, kBlockN);
-  if (n_block_max <= 0) return;
+  if (n_block_max <= n_block_min) return;
   const int kv_head = head / p.q_heads_per_kv_head;
   const int tid = threadIdx.x;
 
@@ -118,8 +121,8 @@ __global__ void __launch_bounds__(T::kThreads, 1)
         ptx::tma_load_3d(sm.q + cb * T::kQColBlockBytes, &params.maps.tma_q[group], sm.bar_q(), cb * 64, head, q_token0);
         ptx::tma_load_3d(sm.dout + cb * T::kQColBlockBytes, &params.maps.tma_do[group], sm.bar_q(), cb * 64, head, q_token0);
       }
-      for (int n = 0; n < n_block_max; ++n) {
-        const State st(n);
+      for (int n = n_block_min; n < n_block_max; ++n) {
+        const State st(n - n_block_min);
         const int s = st.stage();
         const int token = seq.k_start + n * kBlockN;
         kv_pipe.producer_acquire(st);
@@ -165,9 +168,14 @@ __global__ void __launch_bounds__(T::kThreads, 1)
   const KMajorSteps<T::kQColBlockBytes> q_a{ptx::smem_desc_sw128(sm.q + wg * 64 * 128, 16, 1024)};
   const KMajorSteps<T::kQColBlockBytes> do_a{ptx::smem_desc_sw128(sm.dout + wg * 64 * 128, 16, 1024)};
 
+  // The softmax scale of the scores the wgmma leaves (log2 units): softmax_scale for the raw q.k,
+  // or, with the softcap, the softcap's for t = tanh(q.k * softcap_scale).
+  float score_scale_log2 = p.softmax_scale_log2;
+  if constexpr (kSoftcap) score_scale_log2 = params.features.softcap_log2;
+
   ptx::mbarrier_wait_parity(sm.bar_q(), 0);
-  for (int n = 0; n < n_block_max; ++n) {
-    const State st(n);
+  for (int n = n_block_min; n < n_block_max; ++n) {
+    const State st(n - n_block_min);
     const int s = st.stage();
     kv_pipe.consumer_wait(st);
     const uint32_t k_tile = sm.k_stage(s);
@@ -194,31 +202,61 @@ __global__ void __launch_bounds__(T::kThreads, 1)
 
     ptx::wgmma_wait_group<1>();  // S(n) is in, and so is dQ(n - 1): its K stage is free
     fence_accumulator(sacc);
-    if (n > 0) kv_pipe.consumer_release(st.prev().stage(), lane == 0);
+    if (n > n_block_min) kv_pipe.consumer_release(st.prev().stage(), lane == 0);
 
     // Entry (nt, c) is key col0 + j, j = nt * 8 + qcol + (c & 1), of row r = c >> 1; visible iff
     // j < width[r], i.e. the key is below the row's Mask::key_end (past the sequence and past the
-    // window are masked). Made opaque after the wait so the index-only test is not hoisted above
-    // the wgmma (see the dK/dV kernel); run only on blocks that need it.
+    // window are masked). kLocal (keys may start past 0) also needs the key at or past the row's
+    // Mask::key_begin: visible iff (unsigned)(j - first_key[r]) < width[r], with first_key[r] the
+    // row's key_begin and width[r] its number of keys (0 when none), both relative to column j = 0.
+    // Made opaque after the wait so the index-only test is not hoisted above the wgmma (see the
+    // dK/dV kernel); run only on blocks that need it.
     const bool need_mask = seq_mask.tile_needs_key_mask(row0 + wg * 64, 64, col0, kBlockN);
     int width[2];
+    [[maybe_unused]] int first_key[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      width[r] = seq_mask.key_end(my_row + 8 * r) - col0 - qcol;
+      if constexpr (Mask<kMask>::kKeysStartAtZero) {
+        width[r] = seq_mask.key_end(my_row + 8 * r) - col0 - qcol;
+      } else {
+        const int first = seq_mask.key_begin(my_row + 8 * r) - col0 - qcol;
+        width[r] = max(seq_mask.key_end(my_row + 8 * r) - col0 - qcol - first, 0);
+        first_key[r] = first;
+        asm volatile("" : "+r"(first_key[r]));
+      }
       asm volatile("" : "+r"(width[r]));
     }
-    auto masked = [&](int nt, int c) { return nt * 8 + (c & 1) >= width[c >> 1]; };
+    auto masked = [&](int nt, int c) {
+      if constexpr (Mask<kMask>::kKeysStartAtZero) {
+        return nt * 8 + (c & 1) >= width[c >> 1];
+      } else {
+        return static_cast<uint32_t>(nt * 8 + (c & 1) - first_key[c >> 1]) >= static_cast<uint32_t>(width[c >> 1]);
+      }
+    };
 
-    // P = exp2(S * scale_log2 - LSE_log2[row]); masked entries 0.
+    // P = exp2(S * scale_log2 - LSE_log2[row]); masked entries 0. With the softcap, S is first
+    // t = tanh(S * softcap_scale), and the factor 1 - t^2 of dS is folded into P here (this
+    // kernel needs P only for dS).
+    if constexpr (kSoftcap) {
 #pragma unroll
-    for (int nt = 0; nt < kNTiles; ++nt)
+      for (int nt = 0; nt < kNTiles; ++nt)
 #pragma unroll
-      for (int c = 0; c < 4; ++c)
-        sacc[nt][c] = ptx::exp2_approx(fmaf(sacc[nt][c], p.softmax_scale_log2, -lse[c >> 1]));
+        for (int c = 0; c < 4; ++c) {
+          const float t = tanh_approx(sacc[nt][c] * params.features.softcap_scale);
+          sacc[nt][c] = ptx::exp2_approx(fmaf(t, score_scale_log2, -lse[c >> 1])) * fmaf(-t, t, 1.f);
+        }
+    } else {
+#pragma unroll
+      for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+        for (int c = 0; c < 4; ++c)
+          sacc[nt][c] = ptx::exp2_approx(fmaf(sacc[nt][c], score_scale_log2, -lse[c >> 1]));
+    }
     if (need_mask) zero_masked(sacc, masked);
     ptx::wgmma_wait_group<0>();
     fence_accumulator(dpacc);
-    // dS = P (dP - Di[row]); masked entries 0 (selected: dP there may be garbage).
+    // dS = P (dP - Di[row]) (softcap: P (1 - t^2) (dP - Di[row])); masked entries 0 (selected: dP
+    // there may be garbage).
 #pragma unroll
     for (int nt = 0; nt < kNTiles; ++nt)
 #pragma unroll
@@ -250,9 +288,10 @@ __global__ void __launch_bounds__(T::kThreads, 1)
 #endif
 }
 
-template <typename T, MaskMode kMask>
+template <typename T, MaskMode kMask, bool kSoftcap>
 cudaError_t launch_grouped_bwd_dq(const BwdDqKernelParams& params, int num_ctas, cudaStream_t stream) {
-  return launch_with_smem(&grouped_bwd_dq_kernel<T, kMask>, num_ctas, T::kThreads, T::kSmemBytes, stream, params);
+  return launch_with_smem(&grouped_bwd_dq_kernel<T, kMask, kSoftcap>, num_ctas, T::kThreads, T::kSmemBytes, stream,
+                          params);
 }
 
 }  // namespace sm90

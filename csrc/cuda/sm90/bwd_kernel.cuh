@@ -20,6 +20,9 @@
 // once (dQ reads K: they may hold NaN); query rows past the sequence in a partial tile are zeroed
 // in Q and dO (dV and dK read them); V rows past the keys in use only reach masked entries of
 // dP^T, which are selected to 0, never multiplied.
+// The query tiles come from the mask policy (common/mask.h, through the cursor): with
+// MaskMode::kLocal, those of the call's window and diagonal shifts; kSoftcap kernels recompute
+// the softcapped scores (softcap.cuh) and multiply dS^T by 1 - t^2.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -38,6 +41,7 @@
 #include "cuda/sm90/named_barriers.h"
 #include "cuda/sm90/pipeline.h"
 #include "cuda/sm90/ptx_sm90.h"
+#include "cuda/sm90/softcap.cuh"
 #include "cuda/sm90/wgmma.h"
 
 namespace ringattn {
@@ -83,9 +87,10 @@ __device__ __forceinline__ void st_shared_u32(uint32_t addr, uint32_t v) {
   asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
 }
 
-template <typename T, MaskMode kMask>
+template <typename T, MaskMode kMask, bool kSoftcap>
 __global__ void __launch_bounds__(T::kThreads, 1)
     grouped_bwd_dkdv_kernel(const __grid_constant__ BwdKernelParams params) {
+  static_assert(!kSoftcap || kMask == MaskMode::kLocal, "the softcap is compiled into kLocal kernels only");
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Element = typename T::Element;
   constexpr int kHeadDim = T::kHeadDim;
@@ -97,6 +102,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
   constexpr int kDSteps = kHeadDim / 16;  // k-steps over the head dim (S^T, dP^T)
   using Cursor = QueryTileCursor<kBlockM, kBlockN, kMask>;
   const cuda::BwdKernelParams& p = params.base;
+  const FeatureParams& features = params.features;  // kLocal: the window and diagonal shifts (cursor)
 
   const int item_index = blockIdx.x / p.num_heads_k;
   if (item_index >= *p.kv_count) return;
@@ -134,7 +140,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
     if (tid >= 32) return;
     const int lane = tid;
     Cursor cur;
-    cur.start(p, b, key0);
+    cur.start(p, features, b, key0);
     // K and V only when some query tile sees the block: the consumers wait for them only then, and
     // a CTA must not exit with a bulk copy into its shared memory still in flight.
     if (lane == 0 && cur.valid(p)) {
@@ -172,7 +178,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
       } else {
         ptx::mbarrier_arrive(q_pipe.full(s));
       }
-      cur.next(p, b, key0);
+      cur.next(p, features, b, key0);
     }
     return;
   }
@@ -193,7 +199,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
     for (int c = 0; c < 4; ++c) dk[i][c] = dv[i][c] = 0.f;
 
   Cursor cur;
-  cur.start(p, b, key0);
+  cur.start(p, features, b, key0);
   if (cur.valid(p)) {
     ptx::mbarrier_wait_parity(sm.bar_kv(), 0);
     // Zero K rows past the keys some group uses (past the sequence, or past every group's
@@ -322,23 +328,51 @@ __global__ void __launch_bounds__(T::kThreads, 1)
       auto masked = [&](int nt, int c) {
         return static_cast<uint32_t>(nt * 8 + qcol + (c & 1) + row_bias[c >> 1]) >= static_cast<uint32_t>(width[c >> 1]);
       };
-      // P^T = exp2(S^T * scale_log2 - LSE_log2[query]); masked entries 0.
+      if constexpr (kSoftcap) {
+        // t = tanh(S^T * softcap_scale) in place while dP^T is still being computed; P^T and dS^T
+        // follow once it has landed, both from t (no third accumulator-sized array: the hdim-128
+        // kernel has no registers to spare for one).
 #pragma unroll
-      for (int nt = 0; nt < kSTiles; ++nt) {
-        const float2 l = ld_shared_f2(sm.lse_stage(s) + 4 * (nt * 8 + qcol));
+        for (int nt = 0; nt < kSTiles; ++nt)
 #pragma unroll
-        for (int c = 0; c < 4; ++c)
-          st[nt][c] = ptx::exp2_approx(fmaf(st[nt][c], p.softmax_scale_log2, -((c & 1) ? l.y : l.x)));
+          for (int c = 0; c < 4; ++c) st[nt][c] = tanh_approx(st[nt][c] * features.softcap_scale);
+      } else {
+        // P^T = exp2(S^T * scale_log2 - LSE_log2[query]); masked entries 0.
+#pragma unroll
+        for (int nt = 0; nt < kSTiles; ++nt) {
+          const float2 l = ld_shared_f2(sm.lse_stage(s) + 4 * (nt * 8 + qcol));
+#pragma unroll
+          for (int c = 0; c < 4; ++c)
+            st[nt][c] = ptx::exp2_approx(fmaf(st[nt][c], p.softmax_scale_log2, -((c & 1) ? l.y : l.x)));
+        }
+        if (need_mask) zero_masked(st, masked);
       }
-      if (need_mask) zero_masked(st, masked);
       ptx::wgmma_wait_group<0>();
       fence_accumulator(dpt);
-      // dS^T = P^T (dP^T - Di[query]); masked entries 0 (selected: dP^T there may be garbage).
+      if constexpr (kSoftcap) {
+        // P^T = exp2(t * softcap_log2 - LSE_log2[query]), dS^T = P^T (1 - t^2) (dP^T - Di[query]);
+        // masked entries 0 in both (selected: dP^T there may be garbage).
 #pragma unroll
-      for (int nt = 0; nt < kSTiles; ++nt) {
-        const float2 d = ld_shared_f2(sm.di_stage(s) + 4 * (nt * 8 + qcol));
+        for (int nt = 0; nt < kSTiles; ++nt) {
+          const float2 l = ld_shared_f2(sm.lse_stage(s) + 4 * (nt * 8 + qcol));
+          const float2 d = ld_shared_f2(sm.di_stage(s) + 4 * (nt * 8 + qcol));
 #pragma unroll
-        for (int c = 0; c < 4; ++c) dpt[nt][c] = st[nt][c] * (dpt[nt][c] - ((c & 1) ? d.y : d.x));
+          for (int c = 0; c < 4; ++c) {
+            const float t = st[nt][c];
+            const float prob = ptx::exp2_approx(fmaf(t, features.softcap_log2, -((c & 1) ? l.y : l.x)));
+            st[nt][c] = prob;
+            dpt[nt][c] = prob * fmaf(-t, t, 1.f) * (dpt[nt][c] - ((c & 1) ? d.y : d.x));
+          }
+        }
+        if (need_mask) zero_masked(st, masked);
+      } else {
+        // dS^T = P^T (dP^T - Di[query]); masked entries 0 (selected: dP^T there may be garbage).
+#pragma unroll
+        for (int nt = 0; nt < kSTiles; ++nt) {
+          const float2 d = ld_shared_f2(sm.di_stage(s) + 4 * (nt * 8 + qcol));
+#pragma unroll
+          for (int c = 0; c < 4; ++c) dpt[nt][c] = st[nt][c] * (dpt[nt][c] - ((c & 1) ? d.y : d.x));
+        }
       }
       if (need_mask) zero_masked(dpt, masked);
       uint32_t pfrag[kQSteps][4], dsfrag[kQSteps][4];
@@ -410,7 +444,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
         ptx::wgmma_wait_group<0>();
         q_pipe.consumer_release(s, lane == 0);
       }
-      cur.next(p, b, key0);
+      cur.next(p, features, b, key0);
     }
     // A CTA must not exit while a TMA reduce still reads its shared memory (or is unfinished).
     if (p.accumulate_dq && ctid % 128 == 0) ptx::bulk_wait_group<0>();
@@ -424,13 +458,25 @@ __global__ void __launch_bounds__(T::kThreads, 1)
   }
 
   // ---- epilogue: dK * scale and dV, rows of this thread's keys (zeros where no query saw them) ----
-  const int64_t key_row0 = static_cast<int64_t>(k_start) + key0;
+  int32_t block_k_start = k_start;
+  int block_keys = keys_valid;
+  int my_key = key_local;
+  if constexpr (kMask == MaskMode::kLocal) {
+    // Read again rather than held across the tile loop, whose run-time mask needs the registers
+    // (they would be spilled). The empty asm keeps the compiler from reusing the first loads.
+    asm volatile("" ::: "memory");
+    block_k_start = SeqLenInfo::clamp(p.cu_seqlens_k[b], 0, p.total_k);
+    block_keys = min(kBlockN, SeqLenInfo::clamp(p.cu_seqlens_k[b + 1], block_k_start, p.total_k) - block_k_start - key0);
+    const int thread = threadIdx.x;
+    my_key = (thread / 128 - 1) * 64 + ((thread / 32) & 3) * 16 + ((thread & 31) >> 2);
+  }
+  const int64_t key_row0 = static_cast<int64_t>(block_k_start) + key0;
   Element* dk_blk = static_cast<Element*>(p.dk) + key_row0 * p.dk_row_stride + kv_head * p.dk_head_stride;
   Element* dv_blk = static_cast<Element*>(p.dv) + key_row0 * p.dv_row_stride + kv_head * p.dv_head_stride;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const int key = key_local + r * 8;
-    if (key < keys_valid) {
+    const int key = my_key + r * 8;
+    if (key < block_keys) {
 #pragma unroll
       for (int dt = 0; dt < kDTiles; ++dt) {
         *reinterpret_cast<uint32_t*>(dk_blk + key * p.dk_row_stride + dt * 8 + qcol) =
@@ -443,9 +489,10 @@ __global__ void __launch_bounds__(T::kThreads, 1)
 #endif
 }
 
-template <typename T, MaskMode kMask>
+template <typename T, MaskMode kMask, bool kSoftcap>
 cudaError_t launch_grouped_bwd_dkdv(const BwdKernelParams& params, int num_ctas, cudaStream_t stream) {
-  return launch_with_smem(&grouped_bwd_dkdv_kernel<T, kMask>, num_ctas, T::kThreads, T::kSmemBytes, stream, params);
+  return launch_with_smem(&grouped_bwd_dkdv_kernel<T, kMask, kSoftcap>, num_ctas, T::kThreads, T::kSmemBytes, stream,
+                          params);
 }
 
 }  // namespace sm90

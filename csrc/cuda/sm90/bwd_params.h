@@ -24,10 +24,14 @@ struct BwdKernelParams {
   cuda::BwdKernelParams base;
   BwdOperandMaps maps;
   CUtensorMap tma_dq[RINGATTN_MAX_GROUPS];  // fp32 dq_accum (TMA reduce-add), boxes of 32 x 1 x kBlockM rows
+  // The optional features (window, diagonal shifts, softcap; the sinks are in the forward's LSE),
+  // read by the kLocal kernels only. Last, so every field before it keeps its offset.
+  FeatureParams features;
 };
 static_assert(sizeof(BwdKernelParams) <= 32764, "kernel parameters fit the 32 KB parameter space");
 
-template <typename T, MaskMode kMask>
+// kSoftcap (MaskMode::kLocal only) applies the logit softcap of params.features.
+template <typename T, MaskMode kMask, bool kSoftcap = false>
 cudaError_t launch_grouped_bwd_dkdv(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
 
 // The deterministic mode's dQ kernel (bwd_dq_kernel.cuh): the tier-1 parameters (its work list
@@ -35,10 +39,11 @@ cudaError_t launch_grouped_bwd_dkdv(const BwdKernelParams& params, int num_ctas,
 struct BwdDqKernelParams {
   cuda::BwdKernelParams base;
   BwdOperandMaps maps;
+  FeatureParams features;  // as in BwdKernelParams
 };
 static_assert(sizeof(BwdDqKernelParams) <= 32764, "kernel parameters fit the 32 KB parameter space");
 
-template <typename T, MaskMode kMask>
+template <typename T, MaskMode kMask, bool kSoftcap = false>
 cudaError_t launch_grouped_bwd_dq(const BwdDqKernelParams& params, int num_ctas, cudaStream_t stream);
 
 }  // namespace sm90

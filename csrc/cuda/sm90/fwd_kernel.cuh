@@ -14,6 +14,11 @@
 // where TMA fills zeros); those key columns are masked to -inf and, in the block that holds
 // the sequence's last key, the rows of V past it are zeroed in shared memory before P V reads
 // them (0 * garbage could be NaN). Query rows past the sequence are computed and not stored.
+// The tile reads the key blocks [n_block_min, n_block_max) of the mask policy (common/mask.h):
+// with a left bound (MaskMode::kLocal) the walk stops before block 0, and a tile that sees no key
+// block writes O = 0 and LSE = -inf (or the head's sink) without loading anything.
+// MaskMode::kLocal kernels also apply the sinks (RowSoftmax::finalize_with_sink) and, compiled
+// with kSoftcap, the logit softcap (softcap.cuh).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -31,6 +36,7 @@
 #include "cuda/sm90/named_barriers.h"
 #include "cuda/sm90/pipeline.h"
 #include "cuda/sm90/ptx_sm90.h"
+#include "cuda/sm90/softcap.cuh"
 #include "cuda/sm90/softmax.cuh"
 #include "cuda/sm90/wgmma.h"
 
@@ -72,18 +78,18 @@ struct SmemPlan {
   __device__ __forceinline__ uint32_t v_stage(int s) const { return v + s * T::kKVBytes; }
 };
 
-// The producer: one thread. Block i of the tile's loop (key block n = n_block_max - 1 - i) goes
-// to the stage of pipeline iteration i, once the consumers released that stage.
+// The producer: one thread. Block i of the tile's loop (key block n = n_block_max - 1 - i, down to
+// n_block_min) goes to the stage of pipeline iteration i, once the consumers released that stage.
 template <typename T>
 __device__ __forceinline__ void produce(const FwdKernelParams& params, const SmemPlan<T>& sm, int group, int head,
-                                        int kv_head, int q_token0, int k_token0, int n_block_max) {
+                                        int kv_head, int q_token0, int k_token0, int n_block_min, int n_block_max) {
   const void* tma_q = &params.tma_q[group];
   ptx::mbarrier_arrive_expect_tx(sm.bar_q(), T::kQBytes);
 #pragma unroll
   for (int cb = 0; cb < T::kColBlocks; ++cb)
     ptx::tma_load_3d(sm.q + cb * T::kQColBlockBytes, tma_q, sm.bar_q(), cb * 64, head, q_token0);
   const typename SmemPlan<T>::Pipeline k_pipe = sm.k_pipe(), v_pipe = sm.v_pipe();
-  for (int i = 0; i < n_block_max; ++i) {
+  for (int i = 0; i < n_block_max - n_block_min; ++i) {
     const int n = n_block_max - 1 - i;
     const PipelineState<T::kStages> st(i);
     const int s = st.stage();
@@ -140,12 +146,11 @@ struct ConsumerTile {
   }
 };
 
-template <typename T, MaskMode kMask>
+template <typename T, MaskMode kMask, bool kSoftcap>
 __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __grid_constant__ FwdKernelParams params) {
-  // The producer and consumer loops walk key blocks n_block_max - 1 down to 0: a mask with a left
-  // bound needs them to stop at Mask::n_block_min first.
-  static_assert(Mask<kMask>::kKeysStartAtZero, "tier-2 forward: the key-block loops end at block 0");
+  static_assert(!kSoftcap || kMask == MaskMode::kLocal, "the softcap is compiled into kLocal kernels only");
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr bool kLocal = kMask == MaskMode::kLocal;
   using Element = typename T::Element;
   using Tile = ConsumerTile<T>;
   constexpr int kBlockM = T::kBlockM;
@@ -170,13 +175,21 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __gri
   Element* out_tile = static_cast<Element*>(g.out) + (seq.q_start + row0) * g.out_row_stride + head * g.out_head_stride;
   float* lse_tile = g.softmax_lse + static_cast<int64_t>(head) * g.total_q + seq.q_start + row0;
 
-  const Mask<kMask> seq_mask = seq.mask<kMask>();
+  const Mask<kMask> seq_mask = seq.mask<kMask>(params.features, group, work.batch);
+  // Key blocks [n_block_min, n_block_max) of this tile. n_block_min is the constant 0 when no
+  // row's keys can start past key 0 (kNone, kCausal), so the loops below are those of a walk
+  // down to block 0.
+  const int n_block_min = Mask<kMask>::kKeysStartAtZero ? 0 : seq_mask.n_block_min(m_block, kBlockM, kBlockN);
   const int n_block_max = seq_mask.n_block_max(m_block, kBlockM, kBlockN);
-  if (n_block_max <= 0) {  // no row of this tile sees a key: O = 0, LSE = -inf
+  if (n_block_max <= n_block_min) {  // no row of this tile sees a key: O = 0, LSE = -inf (or the sink)
     constexpr int kChunks = T::kHeadDim / 8;
     for (int i = tid; i < rows_valid * kChunks; i += T::kThreads)
       *reinterpret_cast<uint4*>(out_tile + (i / kChunks) * g.out_row_stride + (i % kChunks) * 8) = make_uint4(0, 0, 0, 0);
-    for (int row = tid; row < rows_valid; row += T::kThreads) lse_tile[row] = -INFINITY;
+    float empty_lse = -INFINITY;
+    if constexpr (kLocal) {
+      if (params.features.sinks != nullptr) empty_lse = params.features.sinks[head];
+    }
+    for (int row = tid; row < rows_valid; row += T::kThreads) lse_tile[row] = empty_lse;
     return;
   }
 
@@ -205,7 +218,7 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __gri
       ptx::prefetch_tensor_map(&params.tma_q[group]);
       ptx::prefetch_tensor_map(&params.tma_k);
       ptx::prefetch_tensor_map(&params.tma_v);
-      produce<T>(params, sm, group, head, kv_head, seq.q_start + row0, seq.k_start, n_block_max);
+      produce<T>(params, sm, group, head, kv_head, seq.q_start + row0, seq.k_start, n_block_min, n_block_max);
     }
     return;
   }
@@ -244,6 +257,13 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __gri
         if (seq_mask.key_masked(row, col)) s[nt][c] = -INFINITY;
       }
   };
+  // Softcap (kSoftcap): the scores become t = tanh(s * softcap_scale) before the mask, and the
+  // softmax takes them with the softcap's scale (softcap.cuh).
+  auto softcap = [&]() {
+    if constexpr (kSoftcap) softcap_scores(s, params.features.softcap_scale);
+  };
+  float score_scale_log2 = p.softmax_scale_log2;
+  if constexpr (kSoftcap) score_scale_log2 = params.features.softcap_log2;
   // P (fp32 in s) -> the register A operand of P V.
   auto convert_p = [&]() { pack_a_fragments<Element>(s, pfrag); };
   // In the block holding the sequence's last key, zero the V rows past it (both consumer
@@ -262,8 +282,10 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __gri
   order.start();
   ptx::mbarrier_wait_parity(sm.bar_q(), 0);
 
-  // Block i of the loop is key block n = n_block_max - 1 - i, pipeline iteration i of both rings.
+  // Block i of the loop is key block n = n_block_max - 1 - i, pipeline iteration i of both rings,
+  // for i in [0, n_blocks).
   using State = PipelineState<T::kStages>;
+  const int n_blocks = n_block_max - n_block_min;
   float correction[2];
   {
     const int n = n_block_max - 1;
@@ -276,11 +298,12 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __gri
     ptx::wgmma_wait_group<0>();
     fence_accumulator(s);
     k_pipe.consumer_release(stage, arrive_lane);
+    softcap();
     mask(n);
-    softmax.update(s, p.softmax_scale_log2, correction);
+    softmax.update(s, score_scale_log2, correction);
     convert_p();
   }
-  for (int i = 1; i < n_block_max; ++i) {
+  for (int i = 1; i < n_blocks; ++i) {
     const int n = n_block_max - 1 - i;
     const State st(i), prev = st.prev();  // S(n) reads K of st, P V(n+1) V of prev
     const int stage = st.stage(), prev_stage = prev.stage();
@@ -293,8 +316,9 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __gri
     ptx::wgmma_wait_group<1>();  // S(n) is in; P V(n+1) may still run
     fence_accumulator(s);
     k_pipe.consumer_release(stage, arrive_lane);
+    softcap();
     mask(n);
-    softmax.update(s, p.softmax_scale_log2, correction);
+    softmax.update(s, score_scale_log2, correction);
     ptx::wgmma_wait_group<0>();
     fence_accumulator(o);
     v_pipe.consumer_release(prev_stage, arrive_lane);
@@ -308,10 +332,10 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __gri
     convert_p();
   }
   {
-    const State st(n_block_max - 1);
+    const State st(n_block_max - 1 - n_block_min);  // the last block's (this form keeps kNone / kCausal's code)
     const int stage = st.stage();
     v_pipe.consumer_wait(st);
-    zero_v_tail(0, stage);
+    zero_v_tail(n_block_min, stage);
     order.wait_turn();
     tile.issue_pv(o, pfrag, stage);
     order.pass_turn(true);
@@ -322,7 +346,12 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __gri
 
   // ---------------- epilogue: normalise, store O and the LSE ----------------
   float lse[2];
-  softmax.finalize(o, p.softmax_scale, lse);
+  if constexpr (kLocal) {
+    const float sink = params.features.sinks != nullptr ? params.features.sinks[head] : -INFINITY;
+    softmax.finalize_with_sink(o, kSoftcap ? params.features.softcap : p.softmax_scale, sink, lse);
+  } else {
+    softmax.finalize(o, p.softmax_scale, lse);
+  }
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int row = my_row + r * 8 - row0;  // within the tile
@@ -338,9 +367,10 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __gri
 }
 
 // Host side: launch one instantiation over `num_ctas` CTAs (work items x heads).
-template <typename T, MaskMode kMask>
+template <typename T, MaskMode kMask, bool kSoftcap>
 cudaError_t launch_grouped_fwd(const FwdKernelParams& params, int num_ctas, cudaStream_t stream) {
-  return launch_with_smem(&grouped_fwd_kernel<T, kMask>, num_ctas, T::kThreads, T::kSmemBytes, stream, params);
+  return launch_with_smem(&grouped_fwd_kernel<T, kMask, kSoftcap>, num_ctas, T::kThreads, T::kSmemBytes, stream,
+                          params);
 }
 
 }  // namespace sm90

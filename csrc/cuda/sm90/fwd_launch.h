@@ -12,7 +12,8 @@ namespace ringattn {
 namespace cuda {
 namespace sm90 {
 
-template <typename T, MaskMode kMask>
+// kSoftcap (MaskMode::kLocal only) applies the logit softcap of params.features.
+template <typename T, MaskMode kMask, bool kSoftcap = false>
 cudaError_t launch_grouped_fwd(const FwdKernelParams& params, int num_ctas, cudaStream_t stream);
 
 }  // namespace sm90

@@ -1,6 +1,7 @@
-// Parameters of the tier-2 (sm90a) forward kernel: the tier-1 parameters plus TMA tensor maps
-// of Q (one per group), K and V, encoded on the host (tma_host.h). Passed by value as a
-// __grid_constant__ kernel parameter, so the tensor maps live in the parameter space TMA reads.
+// Parameters of the tier-2 (sm90a) forward kernel: the parameters both tiers share plus TMA
+// tensor maps of Q (one per group), K and V, encoded on the host (tma_host.h), and the call's
+// optional features. Passed by value as a __grid_constant__ kernel parameter, so the tensor maps
+// live in the parameter space TMA reads.
 #pragma once
 
 #include <cuda.h>
@@ -18,6 +19,9 @@ struct FwdKernelParams {
   CUtensorMap tma_q[RINGATTN_MAX_GROUPS];
   CUtensorMap tma_k;
   CUtensorMap tma_v;
+  // The optional features (window, diagonal shifts, sinks, softcap), read by the kLocal kernels
+  // only. Last, so every field before it keeps its offset.
+  FeatureParams features;
 };
 static_assert(sizeof(FwdKernelParams) <= 4096, "kernel parameters fit the 4 KB parameter space");
 

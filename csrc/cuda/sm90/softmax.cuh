@@ -64,6 +64,34 @@ struct RowSoftmax {
       }
     }
   }
+
+  // finalize with a sink logit (natural units; -inf for none) in every row's denominator:
+  // LSE = ln(exp(sink) + sum_j exp(score_j)), O = sum_j exp(score_j - LSE) v_j. A row with no key
+  // gets O = 0 and LSE = sink exactly. The sum over the keys is taken relative to the row max, as
+  // in finalize; the sink joins it through a logaddexp, so a sink far above the scores cannot
+  // overflow.
+  template <int kDTiles>
+  __device__ __forceinline__ void finalize_with_sink(float (&o)[kDTiles][4], float softmax_scale, float sink,
+                                                     float (&lse)[2]) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float sum = quad_sum(row_sum[r]);
+      float inv = 0.f;
+      if (sum == 0.f) {  // no key weighs anything
+        lse[r] = sink;
+      } else {  // a NaN sum gives NaN (O and LSE), as in finalize
+        const float keys_lse = row_max[r] * softmax_scale + logf(sum);
+        const float hi = keys_lse >= sink ? keys_lse : sink;
+        lse[r] = hi + logf(expf(keys_lse - hi) + expf(sink - hi));
+        inv = expf(keys_lse - lse[r]) / sum;
+      }
+#pragma unroll
+      for (int dt = 0; dt < kDTiles; ++dt) {
+        o[dt][2 * r] *= inv;
+        o[dt][2 * r + 1] *= inv;
+      }
+    }
+  }
 };
 
 }  // namespace sm90
