@@ -33,7 +33,7 @@ Timing: CUDA events around each call (host timers on the CPU), --warmup calls fi
 --num-runs. Progress on stderr, a table on stdout, a CSV (--csv) written at the end with columns
 gpu,torch,tier,seqlen,variant,pass,time_ms,tflops,vs_causal,tflops_vs_causal,status.
 
-Correctness spot check: each row's first forward output is compared, on its first 128 rows and
+Correctness spot check: each row's first forward output is compared, on its last 128 rows and
 2 heads, with a float32 reference of the same mask, softcap and sinks; a difference above 2e-2
 (bf16) or any non-finite value marks the row FAIL (exit status 1).
 """
@@ -85,18 +85,19 @@ def visible_pairs(seqlen: int, window_left: int) -> int:
 
 
 def reference(q, k, v, scale: float, window: Tuple[int, int], softcap: float, sinks, rows: int, heads: int):
-    """fp32 causal reference of the first `rows` query rows and `heads` heads (one sequence, GQA)."""
+    """fp32 causal reference of the last `rows` query rows and `heads` heads (one sequence, GQA):
+    the rows whose window bound lies furthest from the sequence start."""
     L, Hq, D = q.shape
     Hk = k.shape[1]
     out = torch.empty(rows, heads, D, dtype=torch.float32, device=q.device)
-    i = torch.arange(rows, device=q.device)[:, None]
+    i = torch.arange(L - rows, L, device=q.device)[:, None]
     j = torch.arange(L, device=q.device)[None, :]
     visible = j <= i
     if window[0] >= 0:
         visible &= j >= i - window[0]
     for h in range(heads):
         kh = h // (Hq // Hk)
-        s = (q[:rows, h].float() @ k[:, kh].float().T) * scale
+        s = (q[L - rows:, h].float() @ k[:, kh].float().T) * scale
         if softcap > 0:
             s = softcap * torch.tanh(s / softcap)
         s = s.masked_fill(~visible, float("-inf"))
@@ -210,7 +211,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         out = out[0] if isinstance(out, tuple) else out
                         ref = reference(q, k, v, scale, var.window, var.softcap, sinks0 if var.sinks else None,
                                         min(128, L), min(2, Hq))
-                        got = out[: min(128, L), : min(2, Hq)].float()
+                        got = out[L - min(128, L):, : min(2, Hq)].float()
                         diff = (got - ref).abs().max().item()
                         if not torch.isfinite(out).all() or diff > 2e-2:
                             status = f"FAIL (max diff {diff:.3g})"
