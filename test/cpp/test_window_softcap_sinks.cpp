@@ -551,6 +551,9 @@ TEST(WindowSoftcapSinksValidation, CudaRefusesWhatItsKernelsLack) {
     SCOPED_TRACE(feature.field);
     std::vector<ringattn_fwd_group> groups(1);
     set_group_queries(groups[0], in, 0);
+    // The output's layout (the query's; data pointers may be NULL in the workspace query).
+    groups[0].out_row_stride = groups[0].q_row_stride;
+    groups[0].out_head_stride = groups[0].q_head_stride;
     ringattn_fwd_params p{};
     p.problem = make_problem(in);
     p.exec.device_type = RINGATTN_DEVICE_CUDA;

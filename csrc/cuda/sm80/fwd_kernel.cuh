@@ -227,7 +227,7 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocksPerSm)
       }
     }
 
-    softmax.template update<kNTiles, kDTiles>(s, o, kSoftcap ? params.features.softcap_log2 : params.softmax_scale_log2);
+    softmax.template update<kNTiles, kDTiles, kMask == MaskMode::kLocal>(s, o, kSoftcap ? params.features.softcap_log2 : params.softmax_scale_log2);
 
     if constexpr (T::kStages == 1) {
       ptx::cp_async_wait<0>();

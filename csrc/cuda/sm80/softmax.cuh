@@ -44,8 +44,12 @@ struct OnlineSoftmax {
   }
 
   // Turns the scores s into probabilities P (unnormalised, relative to the new running max)
-  // in place and rescales the output accumulator o by exp(old max - new max).
-  template <int kNTiles, int kDTiles>
+  // in place and rescales the output accumulator o by exp(old max - new max). kExactRescale
+  // (the run-time window kernels, which may start rows from a sink) rounds old max * scale before
+  // subtracting, so a max that did not move rescales by exactly 1: otherwise the contracted
+  // fma(old max, scale, -new max * scale) leaves a rounding residual, and a row that saw no key
+  // drifts from LSE = sink by an ulp per key block.
+  template <int kNTiles, int kDTiles, bool kExactRescale = false>
   __device__ __forceinline__ void update(float (&s)[kMTiles][kNTiles][4], float (&o)[kMTiles][kDTiles][4],
                                          float scale_log2) {
 #pragma unroll
@@ -58,7 +62,8 @@ struct OnlineSoftmax {
         m = quad_max(m);
         // A row that has seen no key yet keeps max -inf: subtract 0 so exp2 gives 0, not NaN.
         const float base = (m == -INFINITY) ? 0.f : m * scale_log2;
-        const float correction = ptx::exp2_approx(row_max[mt][r] * scale_log2 - base);
+        const float correction = ptx::exp2_approx(
+            kExactRescale ? __fsub_rn(__fmul_rn(row_max[mt][r], scale_log2), base) : row_max[mt][r] * scale_log2 - base);
         row_max[mt][r] = m;
         float sum = 0.f;
 #pragma unroll
