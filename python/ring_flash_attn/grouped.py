@@ -32,6 +32,8 @@ def _resolve_scale(softmax_scale: Optional[float]) -> float:
     (ValueError naming softmax_scale otherwise, e.g. for 1e-50, which float32 rounds to 0)."""
     if softmax_scale is None:
         return 0.0
+    if type(softmax_scale) is float and 2e-38 <= softmax_scale <= 3e38:
+        return softmax_scale  # float32 rounds it to a finite normal number: what float32_scale accepts
     return _lib.float32_scale(softmax_scale)
 
 
@@ -56,6 +58,8 @@ def _seqlen_hint(value, name: str, what: str):
     """A max_seqlen hint: an int in [0, 2**31 - 1] (ValueError naming `name` otherwise; a bool or a
     float is not taken for an int). A SymInt (torch.compile with dynamic shapes) is checked when
     the op runs."""
+    if type(value) is int and 0 <= value <= _lib.INT32_MAX:
+        return value
     if isinstance(value, torch.SymInt):
         return value
     return _lib.int32_value(value, name, what)
@@ -156,20 +160,31 @@ def grouped_flash_attn_varlen_func(
     max_seqlen_q_list = [_seqlen_hint(m, f"max_seqlen_q_list[{g}]", "a hint: the longest query sequence of the group")
                          for g, m in enumerate(max_seqlen_q_list)]
     max_seqlen_k = _seqlen_hint(max_seqlen_k, "max_seqlen_k", "a hint: the longest key sequence")
-    out_list, lse_list = _grouped_fwd(
-        q_list,
-        k,
-        v,
-        list(cu_seqlens_q_list),
-        cu_seqlens_k,
-        seqused,
-        max_seqlen_q_list,
-        max_seqlen_k,
-        _resolve_scale(softmax_scale),
-        bool(causal),
-        bool(deterministic),
-        **features,
-    )
+    cu_seqlens_q_list = list(cu_seqlens_q_list)
+    scale = _resolve_scale(softmax_scale)
+    # Eager calls skip the dispatcher (same kernel, autograd and errors; see ops.eager_call_ok);
+    # torch.compile, tracing, modes and tensor subclasses see the op.
+    if not torch.compiler.is_compiling() and ops.eager_call_ok(q_list, k, v, cu_seqlens_q_list, cu_seqlens_k,
+                                                                 seqused, sinks):
+        out_list, lse_list = ops.grouped_fwd_eager(
+            q_list, k, v, cu_seqlens_q_list, cu_seqlens_k, seqused, max_seqlen_q_list, max_seqlen_k, scale,
+            bool(causal), bool(deterministic), tuple(features.get("window_size", NO_WINDOW)),
+            features.get("softcap", 0.0), sinks)
+    else:
+        out_list, lse_list = _grouped_fwd(
+            q_list,
+            k,
+            v,
+            cu_seqlens_q_list,
+            cu_seqlens_k,
+            seqused,
+            max_seqlen_q_list,
+            max_seqlen_k,
+            scale,
+            bool(causal),
+            bool(deterministic),
+            **features,
+        )
     if return_lse:
         return out_list, lse_list
     return out_list
