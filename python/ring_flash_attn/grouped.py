@@ -11,9 +11,8 @@ lse = the head's sink logit).
 
 from __future__ import annotations
 
-import contextlib
 import re
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -75,16 +74,11 @@ def _single_group_names(message: str) -> str:
     return _GROUP0_ARGUMENT.sub(lambda m: _GROUP0_NAMES.get(m.group(1), m.group(1)), message)
 
 
-@contextlib.contextmanager
-def _argument_names(rename: Callable[[str], str]) -> Iterator[None]:
-    """Rewrites the message of a ValueError / NotImplementedError raised inside with `rename`
-    (same exception object, same traceback)."""
-    try:
-        yield
-    except (ValueError, NotImplementedError) as e:
-        if e.args and isinstance(e.args[0], str):
-            e.args = (rename(e.args[0]),) + e.args[1:]
-        raise
+def _rename_arguments(error: Exception, rename: Callable[[str], str]) -> None:
+    """Rewrites the message of a ValueError / NotImplementedError with `rename` (same exception
+    object, so the caller re-raises it with its traceback)."""
+    if error.args and isinstance(error.args[0], str):
+        error.args = (rename(error.args[0]),) + error.args[1:]
 
 
 def grouped_flash_attn_varlen_func(
@@ -231,11 +225,13 @@ def flash_attn_varlen_func(
     Returns:
         ``out`` ``[total_q, Hq, D]``, or ``(out, softmax_lse [Hq, total_q] float32, None)``.
     """
-    window_size, softcap = check_flash_attn_defaults(dropout_p, window_size, alibi_slopes, softcap, causal,
-                                                     window_softcap_supported=True)
+    if not (dropout_p == 0.0 and alibi_slopes is None and type(window_size) is tuple and window_size == NO_WINDOW
+            and type(softcap) is float and softcap == 0.0):  # the defaults need no check
+        window_size, softcap = check_flash_attn_defaults(dropout_p, window_size, alibi_slopes, softcap, causal,
+                                                         window_softcap_supported=True)
     if block_table is not None:
         raise NotImplementedError("block_table: paged KV cache is not supported; pass None")
-    with _argument_names(_single_group_names):
+    try:
         out_list, lse_list = grouped_flash_attn_varlen_func(
             [q],
             k,
@@ -252,6 +248,9 @@ def flash_attn_varlen_func(
             softcap=softcap,
             sinks=sinks,
         )
+    except (ValueError, NotImplementedError) as e:
+        _rename_arguments(e, _single_group_names)
+        raise
     if return_attn_probs:
         return out_list[0], lse_list[0], None
     return out_list[0]
