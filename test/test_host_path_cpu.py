@@ -548,3 +548,28 @@ def test_double_backward_is_refused_on_the_eager_path():
     dq = torch.autograd.grad(sum(o.pow(2).sum() for o in outs), q_list[0], create_graph=True)[0]
     with pytest.raises(NotImplementedError, match="double backward"):
         torch.autograd.grad(dq.sum(), k)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_activation_checkpointing_recomputes_the_same_gradients(use_reentrant):
+    from torch.utils.checkpoint import checkpoint
+
+    c = _case()
+    douts = [torch.randn_like(q) for q in c.q_list]
+
+    def attention(*qkv):
+        outs = grouped_flash_attn_varlen_func(list(qkv[:-2]), qkv[-2], qkv[-1], c.cu_seqlens_q_list, c.cu_seqlens_k,
+                                              c.max_seqlen_q_list, c.max_seqlen_k, seqused_k_list=c.seqused_k_list)
+        return sum((o * d).sum() for o, d in zip(outs, douts))
+
+    runs = []
+    for use_checkpoint in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (*c.q_list, c.k, c.v)]
+        if use_checkpoint:
+            loss = checkpoint(attention, *leaves, use_reentrant=use_reentrant)
+        else:
+            loss = attention(*leaves)
+        loss.backward()
+        runs.append([t.grad for t in leaves])
+    for a, b in zip(*runs):
+        assert a is not None and torch.equal(a, b)

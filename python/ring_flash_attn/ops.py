@@ -59,6 +59,13 @@ otherwise every call passes the error word of its device (``_metadata_errors``),
 kernels record each kind of malformed ``cu_seqlens`` / ``seqused_k`` without a sync, and
 ``ring_flash_attn.check_errors()`` reads it when the caller chooses.
 
+Per-call host work: a call whose tensors (type, dtype, device, shape, strides), scalars and
+environment settings equal an earlier call's reuses that call's C structs, built through the full
+validation, and writes only the data pointers and the stream (``_host_cache``; the library
+validates the structs again at every call). The public functions call the kernels without the
+dispatcher where nothing else would see the op (``eager_call_ok``), through an
+``autograd.Function`` that shares this module's saved context and backward.
+
 Python checks only what the ctypes call needs to be memory-safe (devices, dtypes, ranks, the
 shapes that the C structs carry once for all groups, last-dim contiguity, sizes of the
 metadata arrays); everything else is validated by the library, whose message is raised as
