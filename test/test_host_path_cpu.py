@@ -521,7 +521,7 @@ def test_tensor_subclasses_take_the_op_path():
 
 def test_profiler_records_the_op():
     c = _case()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], acc_events=True) as prof:
         grouped_flash_attn_varlen_func(*c.api_args())
     assert any(e.key == "ring_flash_attn::grouped_fwd" for e in prof.key_averages())
 
@@ -573,3 +573,30 @@ def test_activation_checkpointing_recomputes_the_same_gradients(use_reentrant):
         runs.append([t.grad for t in leaves])
     for a, b in zip(*runs):
         assert a is not None and torch.equal(a, b)
+
+
+def test_compile_fullgraph_of_flash_attn_varlen_func_sees_the_op():
+    """Under torch.compile the public functions trace to the op (the eager gate is constant-folded
+    by dynamo), forward and backward, with the eager path's results."""
+    c = _case(seqused=False)
+    q, k, v = (t.clone().requires_grad_() for t in (c.q_list[0], c.k, c.v))
+    cu_q, cu_k = c.cu_seqlens_q_list[0], c.cu_seqlens_k
+
+    def fn(q, k, v):
+        out, lse, _ = flash_attn_varlen_func(q, k, v, cu_q, cu_k, c.max_seqlen_q_list[0], c.max_seqlen_k,
+                                             causal=True, return_attn_probs=True)
+        return (out * 2).sum() + torch.where(torch.isfinite(lse), lse, 0.0).sum()
+
+    eager = torch.autograd.grad(fn(q, k, v), [q, k, v])
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend=backend)
+    got = torch.autograd.grad(compiled(q, k, v), [q, k, v])
+    assert any("ring_flash_attn.grouped_fwd" in g for g in graphs)
+    for a, b in zip(got, eager):
+        assert torch.equal(a, b)
