@@ -461,16 +461,22 @@ def _query_workspace(plan: _Plan, size_fn) -> None:
     plan.params.workspace_size = size.value
 
 
-def _launch(plan: _Plan) -> None:
-    """Allocate the workspace (if any) and run the call."""
-    workspace = None
+def _workspace(plan: _Plan) -> Optional[Tensor]:
+    """A new workspace for one call of `plan` (None when it needs none). Allocated before any
+    pointer of the call is written, so that nothing the allocation may run (a finalizer) can
+    use the plan between the writes and the call."""
     if plan.workspace_size:
-        workspace = torch.empty_strided((plan.workspace_size,), (1,), dtype=torch.uint8, device=plan.device)
+        return torch.empty_strided((plan.workspace_size,), (1,), dtype=torch.uint8, device=plan.device)
+    return None
+
+
+def _launch(plan: _Plan, workspace: Optional[Tensor]) -> None:
+    """Run the call with `workspace` (from _workspace)."""
+    if workspace is not None:
         plan.params.workspace = workspace.data_ptr()
     _check_call(plan.run(plan.ref), plan.pass_name)
     # The workspace lives until the call has been issued; on CUDA the caching allocator hands
     # freed memory only to later work on the same stream, which runs after this kernel.
-    del workspace
 
 
 def _write_call_pointers(plan: _Plan, k, v, cu_seqlens_k, sinks) -> None:
@@ -629,7 +635,7 @@ def _run_fwd(q_list, k, v, cu_seqlens_q_list, cu_seqlens_k, seqused_k_list, max_
         plan = _build_fwd(q_list, k, v, cu_seqlens_q_list, cu_seqlens_k, seqused_k_list, max_seqlen_q_list,
                           max_seqlen_k, softmax_scale, causal, out_list, lse_list, window_size, softcap, sinks,
                           diagonal_shift_list)
-        _launch(plan)
+        _launch(plan, _workspace(plan))
         if key is not None:
             if allocate:
                 plan.out_alloc = [_contiguous_layout(q.shape, q.dtype) for q in q_list]
@@ -643,6 +649,7 @@ def _run_fwd(q_list, k, v, cu_seqlens_q_list, cu_seqlens_k, seqused_k_list, max_
                     for shape, stride, dtype in plan.out_alloc]
         lse_list = [torch.empty_strided(shape, stride, dtype=dtype, device=device)
                     for shape, stride, dtype in plan.extra_alloc]
+    workspace = _workspace(plan)
     _write_call_pointers(plan, k, v, cu_seqlens_k, sinks)
     seqused = seqused_k_list if seqused_k_list else None
     for g, gr in enumerate(plan.groups):
@@ -654,7 +661,7 @@ def _run_fwd(q_list, k, v, cu_seqlens_q_list, cu_seqlens_k, seqused_k_list, max_
             gr.seqused_k = seqused[g].data_ptr()
         if diagonal_shift_list is not None and diagonal_shift_list[g] is not None:
             gr.diagonal_shift = diagonal_shift_list[g].data_ptr()
-    _launch(plan)
+    _launch(plan, workspace)
     return out_list, lse_list
 
 
@@ -765,7 +772,7 @@ def _run_bwd(dout_list, q_list, k, v, out_list, lse_list, cu_seqlens_q_list, cu_
         plan = _build_bwd(dout_list, q_list, k, v, out_list, lse_list, cu_seqlens_q_list, cu_seqlens_k,
                           seqused_k_list, max_seqlen_q_list, max_seqlen_k, softmax_scale, causal, deterministic,
                           dq_list, dk, dv, window_size, softcap, sinks, diagonal_shift_list)
-        _launch(plan)
+        _launch(plan, _workspace(plan))
         if key is not None:
             if allocate:
                 plan.out_alloc = [_contiguous_layout(q.shape, q.dtype) for q in q_list]
@@ -780,6 +787,7 @@ def _run_bwd(dout_list, q_list, k, v, out_list, lse_list, cu_seqlens_q_list, cu_
         (k_shape, k_stride, k_dtype), (v_shape, v_stride, v_dtype) = plan.extra_alloc
         dk = torch.empty_strided(k_shape, k_stride, dtype=k_dtype, device=device)
         dv = torch.empty_strided(v_shape, v_stride, dtype=v_dtype, device=device)
+    workspace = _workspace(plan)
     _write_call_pointers(plan, k, v, cu_seqlens_k, sinks)
     params = plan.params
     params.dk = dk.data_ptr()
@@ -796,7 +804,7 @@ def _run_bwd(dout_list, q_list, k, v, out_list, lse_list, cu_seqlens_q_list, cu_
             gr.seqused_k = seqused[g].data_ptr()
         if diagonal_shift_list is not None and diagonal_shift_list[g] is not None:
             gr.diagonal_shift = diagonal_shift_list[g].data_ptr()
-    _launch(plan)
+    _launch(plan, workspace)
     return dq_list, dk, dv
 
 
