@@ -390,7 +390,8 @@ def test_host_overhead_script_runs_on_cpu():
     res = subprocess.run([sys.executable, script, "--device", "cpu", "--calls", "4", "--repeats", "1"],
                          capture_output=True, text=True, timeout=120, env=dict(os.environ))
     assert res.returncode == 0, res.stderr
-    names = ("ctypes call", "fwd_into", "op (no grad)", "public (no grad)", "public (grad)", "fwd+bwd (grad)")
+    names = ("ctypes call", "lib call fwd", "fwd_into", "op (no grad)", "public (no grad)", "public (grad)",
+             "fwd+bwd (grad)", "lib call bwd", "bwd_into", "op bwd", "autograd floor")
     for name in names:
         line = next((l for l in res.stdout.splitlines() if l.strip().startswith(name)), None)
         assert line is not None, f"no row {name!r} in:\n{res.stdout}"

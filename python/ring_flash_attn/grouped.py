@@ -11,9 +11,8 @@ lse = the head's sink logit).
 
 from __future__ import annotations
 
-import contextlib
 import re
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -32,6 +31,8 @@ def _resolve_scale(softmax_scale: Optional[float]) -> float:
     (ValueError naming softmax_scale otherwise, e.g. for 1e-50, which float32 rounds to 0)."""
     if softmax_scale is None:
         return 0.0
+    if type(softmax_scale) is float and 2e-38 <= softmax_scale <= 3e38:
+        return softmax_scale  # float32 rounds it to a finite normal number: what float32_scale accepts
     return _lib.float32_scale(softmax_scale)
 
 
@@ -56,6 +57,8 @@ def _seqlen_hint(value, name: str, what: str):
     """A max_seqlen hint: an int in [0, 2**31 - 1] (ValueError naming `name` otherwise; a bool or a
     float is not taken for an int). A SymInt (torch.compile with dynamic shapes) is checked when
     the op runs."""
+    if type(value) is int and 0 <= value <= _lib.INT32_MAX:
+        return value
     if isinstance(value, torch.SymInt):
         return value
     return _lib.int32_value(value, name, what)
@@ -71,16 +74,11 @@ def _single_group_names(message: str) -> str:
     return _GROUP0_ARGUMENT.sub(lambda m: _GROUP0_NAMES.get(m.group(1), m.group(1)), message)
 
 
-@contextlib.contextmanager
-def _argument_names(rename: Callable[[str], str]) -> Iterator[None]:
-    """Rewrites the message of a ValueError / NotImplementedError raised inside with `rename`
-    (same exception object, same traceback)."""
-    try:
-        yield
-    except (ValueError, NotImplementedError) as e:
-        if e.args and isinstance(e.args[0], str):
-            e.args = (rename(e.args[0]),) + e.args[1:]
-        raise
+def _rename_arguments(error: Exception, rename: Callable[[str], str]) -> None:
+    """Rewrites the message of a ValueError / NotImplementedError with `rename` (same exception
+    object, so the caller re-raises it with its traceback)."""
+    if error.args and isinstance(error.args[0], str):
+        error.args = (rename(error.args[0]),) + error.args[1:]
 
 
 def grouped_flash_attn_varlen_func(
@@ -156,20 +154,31 @@ def grouped_flash_attn_varlen_func(
     max_seqlen_q_list = [_seqlen_hint(m, f"max_seqlen_q_list[{g}]", "a hint: the longest query sequence of the group")
                          for g, m in enumerate(max_seqlen_q_list)]
     max_seqlen_k = _seqlen_hint(max_seqlen_k, "max_seqlen_k", "a hint: the longest key sequence")
-    out_list, lse_list = _grouped_fwd(
-        q_list,
-        k,
-        v,
-        list(cu_seqlens_q_list),
-        cu_seqlens_k,
-        seqused,
-        max_seqlen_q_list,
-        max_seqlen_k,
-        _resolve_scale(softmax_scale),
-        bool(causal),
-        bool(deterministic),
-        **features,
-    )
+    cu_seqlens_q_list = list(cu_seqlens_q_list)
+    scale = _resolve_scale(softmax_scale)
+    # Eager calls skip the dispatcher (same kernel, autograd and errors; see ops.eager_call_ok);
+    # torch.compile, tracing, modes and tensor subclasses see the op.
+    if not torch.compiler.is_compiling() and ops.eager_call_ok(q_list, k, v, cu_seqlens_q_list, cu_seqlens_k,
+                                                                 seqused, sinks):
+        out_list, lse_list = ops.grouped_fwd_eager(
+            q_list, k, v, cu_seqlens_q_list, cu_seqlens_k, seqused, max_seqlen_q_list, max_seqlen_k, scale,
+            bool(causal), bool(deterministic), tuple(features.get("window_size", NO_WINDOW)),
+            features.get("softcap", 0.0), sinks)
+    else:
+        out_list, lse_list = _grouped_fwd(
+            q_list,
+            k,
+            v,
+            cu_seqlens_q_list,
+            cu_seqlens_k,
+            seqused,
+            max_seqlen_q_list,
+            max_seqlen_k,
+            scale,
+            bool(causal),
+            bool(deterministic),
+            **features,
+        )
     if return_lse:
         return out_list, lse_list
     return out_list
@@ -216,11 +225,13 @@ def flash_attn_varlen_func(
     Returns:
         ``out`` ``[total_q, Hq, D]``, or ``(out, softmax_lse [Hq, total_q] float32, None)``.
     """
-    window_size, softcap = check_flash_attn_defaults(dropout_p, window_size, alibi_slopes, softcap, causal,
-                                                     window_softcap_supported=True)
+    if not (dropout_p == 0.0 and alibi_slopes is None and type(window_size) is tuple and window_size == NO_WINDOW
+            and type(softcap) is float and softcap == 0.0):  # the defaults need no check
+        window_size, softcap = check_flash_attn_defaults(dropout_p, window_size, alibi_slopes, softcap, causal,
+                                                         window_softcap_supported=True)
     if block_table is not None:
         raise NotImplementedError("block_table: paged KV cache is not supported; pass None")
-    with _argument_names(_single_group_names):
+    try:
         out_list, lse_list = grouped_flash_attn_varlen_func(
             [q],
             k,
@@ -237,6 +248,9 @@ def flash_attn_varlen_func(
             softcap=softcap,
             sinks=sinks,
         )
+    except (ValueError, NotImplementedError) as e:
+        _rename_arguments(e, _single_group_names)
+        raise
     if return_attn_probs:
         return out_list[0], lse_list[0], None
     return out_list[0]

@@ -59,6 +59,13 @@ otherwise every call passes the error word of its device (``_metadata_errors``),
 kernels record each kind of malformed ``cu_seqlens`` / ``seqused_k`` without a sync, and
 ``ring_flash_attn.check_errors()`` reads it when the caller chooses.
 
+Per-call host work: a call whose tensors (type, dtype, device, shape, strides), scalars and
+environment settings equal an earlier call's reuses that call's C structs, built through the full
+validation, and writes only the data pointers and the stream (``_host_cache``; the library
+validates the structs again at every call). The public functions call the kernels without the
+dispatcher where nothing else would see the op (``eager_call_ok``), through an
+``autograd.Function`` that shares this module's saved context and backward.
+
 Python checks only what the ctypes call needs to be memory-safe (devices, dtypes, ranks, the
 shapes that the C structs carry once for all groups, last-dim contiguity, sizes of the
 metadata arrays); everything else is validated by the library, whose message is raised as
@@ -68,7 +75,6 @@ ValueError (invalid argument) or NotImplementedError (unsupported).
 from __future__ import annotations
 
 import ctypes
-import os
 import re
 from typing import List, Optional, Sequence, Tuple
 
@@ -76,6 +82,8 @@ import torch
 from torch import Tensor
 
 from . import _lib, _metadata_errors
+from ._host_cache import EnvSetting, PlanCache, current_raw_stream, eager_dispatch_ok
+from ._host_cache import clear_plan_caches as _clear_plan_caches
 
 __all__ = ["grouped_fwd", "grouped_bwd", "dtype_code"]
 
@@ -269,15 +277,23 @@ ENV_TIER = "RING_FLASH_ATTN_TIER"
 _TIERS = {"auto": _lib.TIER_AUTO, "sm80": _lib.TIER_SM80, "sm90": _lib.TIER_SM90}
 
 
-def _kernel_tier() -> int:
-    """The GPU kernel tier from $RING_FLASH_ATTN_TIER: ``auto`` (default: tier 2 on sm90 cards where
-    it applies, else tier 1), ``sm80`` (force tier 1, for comparison) or ``sm90`` (force tier 2; a
-    call it cannot run fails with the reason). Read at every call, so it can be switched at run time."""
-    name = os.environ.get(ENV_TIER, "auto").strip().lower() or "auto"
+def _parse_tier(raw: Optional[str]) -> int:
+    name = (raw if raw is not None else "auto").strip().lower() or "auto"
     tier = _TIERS.get(name)
     if tier is None:
         raise ValueError(f"${ENV_TIER}: expected one of {sorted(_TIERS)}, got {name!r}")
     return tier
+
+
+_TIER_SETTING = EnvSetting(ENV_TIER, _parse_tier)
+_CHECK_METADATA_SETTING = EnvSetting(ENV_CHECK_METADATA, lambda raw: 1 if raw == "1" else 0)
+
+
+def _kernel_tier() -> int:
+    """The GPU kernel tier from $RING_FLASH_ATTN_TIER: ``auto`` (default: tier 2 on sm90 cards where
+    it applies, else tier 1), ``sm80`` (force tier 1, for comparison) or ``sm90`` (force tier 2; a
+    call it cannot run fails with the reason). Read at every call, so it can be switched at run time."""
+    return _TIER_SETTING.get()
 
 
 def _exec(device: torch.device) -> Tuple[_lib.Exec, int]:
@@ -287,11 +303,11 @@ def _exec(device: torch.device) -> Tuple[_lib.Exec, int]:
         index = device.index if device.index is not None else torch.cuda.current_device()
         ex.device_type = _lib.DEVICE_CUDA
         ex.device_index = index
-        ex.stream = torch.cuda.current_stream(index).cuda_stream
+        ex.stream = current_raw_stream(index)
         ex.tier = _kernel_tier()
         # Where the kernels report malformed metadata without a sync (ring_flash_attn.check_errors).
         ex.metadata_errors = _metadata_errors.word_pointer(index)
-        check_metadata = 1 if os.environ.get(ENV_CHECK_METADATA, "0") == "1" else 0
+        check_metadata = _CHECK_METADATA_SETTING.get()
     elif device.type == "cpu":
         ex.device_type = _lib.DEVICE_CPU
         # torch's intra-op thread count; the library caps it at the hardware threads.
@@ -408,41 +424,161 @@ def _check_call(status: int, pass_name: str) -> None:
     _lib.check(status, f"ring_flash_attn {pass_name}", _op_names)
 
 
-def _workspace(size_fn, params, device: torch.device, pass_name: str) -> Optional[Tensor]:
-    """Ask the library how much workspace the call needs; allocate it if any."""
+
+# ---- call plans: the structs of a call, kept per key (see _host_cache) ---------------------------
+
+
+_ALLOCATE = object()  # the ops' outputs: allocated by _run_fwd / _run_bwd
+
+
+class _Plan:
+    """The C structs of one call key, built through the full validation on the key's first call.
+    A later call with the same key writes its data pointers (and CUDA stream) and runs."""
+
+    __slots__ = ("params", "ref", "problem", "exec", "group_array", "groups", "workspace_size", "device",
+                 "cuda_index", "run", "pass_name", "out_alloc", "extra_alloc")
+
+    def __init__(self, params, group_array, G: int, device: torch.device, run, pass_name: str) -> None:
+        self.params = params
+        self.ref = ctypes.byref(params)
+        self.problem = params.problem
+        self.exec = params.exec
+        self.group_array = group_array
+        self.groups = [group_array[g] for g in range(G)]
+        self.workspace_size = 0
+        self.device = device
+        self.cuda_index = device.index if device.type == "cuda" else None
+        self.run = run
+        self.pass_name = pass_name
+        self.out_alloc = None  # per group, _contiguous_layout of out (forward) or dq (backward)
+        self.extra_alloc = None  # forward: the LSEs' layouts; backward: dk's and dv's
+
+
+def _query_workspace(plan: _Plan, size_fn) -> None:
     size = ctypes.c_size_t(0)
-    _check_call(size_fn(ctypes.byref(params), ctypes.byref(size)), pass_name)
-    if size.value == 0:
+    _check_call(size_fn(plan.ref, ctypes.byref(size)), plan.pass_name)
+    plan.workspace_size = size.value
+    plan.params.workspace_size = size.value
+
+
+def _workspace(plan: _Plan) -> Optional[Tensor]:
+    """A new workspace for one call of `plan` (None when it needs none). Allocated before any
+    pointer of the call is written, so that nothing the allocation may run (a finalizer) can
+    use the plan between the writes and the call."""
+    if plan.workspace_size:
+        return torch.empty_strided((plan.workspace_size,), (1,), dtype=torch.uint8, device=plan.device)
+    return None
+
+
+def _launch(plan: _Plan, workspace: Optional[Tensor]) -> None:
+    """Run the call with `workspace` (from _workspace)."""
+    if workspace is not None:
+        plan.params.workspace = workspace.data_ptr()
+    _check_call(plan.run(plan.ref), plan.pass_name)
+    # The workspace lives until the call has been issued; on CUDA the caching allocator hands
+    # freed memory only to later work on the same stream, which runs after this kernel.
+
+
+def _write_call_pointers(plan: _Plan, k, v, cu_seqlens_k, sinks) -> None:
+    """The per-call fields shared by forward and backward: K/V and metadata pointers, stream."""
+    params = plan.params
+    params.k = k.data_ptr()
+    params.v = v.data_ptr()
+    problem = plan.problem
+    problem.cu_seqlens_k = cu_seqlens_k.data_ptr()
+    if sinks is not None:
+        problem.sinks = sinks.data_ptr()
+    index = plan.cuda_index
+    if index is not None:
+        ex = plan.exec
+        ex.stream = current_raw_stream(index)
+        ex.metadata_errors = _metadata_errors.word_pointer(index)
+
+
+def _contiguous_layout(shape, dtype: torch.dtype) -> tuple:
+    """(shape, strides, dtype) of a contiguous tensor: the recipe of an output allocated with
+    torch.empty_strided at each call (a torch.Size argument or keyword parsing would cost more)."""
+    shape = tuple(int(n) for n in shape)
+    return shape, torch.empty(shape, device="meta").stride(), dtype
+
+
+# Every tensor argument enters a key as (type, dtype, device, shape, strides): what the Python
+# checks read. The scalars enter as values, after their exact type is checked (True == 1 and
+# hash(True) == hash(1): a bool must not hit the plan of an int).
+
+
+def _fwd_key(q_list, k, v, cu_seqlens_q_list, cu_seqlens_k, seqused_k_list, max_seqlen_q_list, max_seqlen_k,
+             softmax_scale, causal, window_size, softcap, sinks, diagonal_shift_list, out_list, lse_list):
+    """The plan key of a forward call, or None when the call is not cached (it then takes the
+    full validation, which raises the precise error for a bad argument)."""
+    try:
+        if type(max_seqlen_k) is not int or type(softmax_scale) is not float or type(softcap) is not float:
+            return None
+        hints = tuple(max_seqlen_q_list)
+        for m in hints:
+            if type(m) is not int:
+                return None
+        left, right = window_size
+        if type(left) is not int or type(right) is not int:
+            return None
+        if q_list[0].is_cuda:
+            exec_key = (_TIER_SETTING.get(), _CHECK_METADATA_SETTING.get())
+        else:
+            exec_key = torch.get_num_threads()
+        return (
+            exec_key,
+            tuple([(type(t), t.dtype, t.device, t.shape, t.stride()) for t in q_list]),
+            (type(k), k.dtype, k.device, k.shape, k.stride()),
+            (type(v), v.dtype, v.device, v.shape, v.stride()),
+            (type(cu_seqlens_k), cu_seqlens_k.dtype, cu_seqlens_k.device, cu_seqlens_k.shape, cu_seqlens_k.stride()),
+            tuple([(type(t), t.dtype, t.device, t.shape, t.stride()) for t in cu_seqlens_q_list]),
+            tuple([None if t is None else (type(t), t.dtype, t.device, t.shape, t.stride()) for t in seqused_k_list]),
+            hints, max_seqlen_k, softmax_scale, True if causal else False, left, right, softcap,
+            None if sinks is None else (type(sinks), sinks.dtype, sinks.device, sinks.shape, sinks.stride()),
+            None if diagonal_shift_list is None else tuple(
+                [None if t is None else (type(t), t.dtype, t.device, t.shape, t.stride()) for t in diagonal_shift_list]),
+            None if out_list is _ALLOCATE else tuple([(type(t), t.dtype, t.device, t.shape, t.stride()) for t in out_list]),
+            None if lse_list is _ALLOCATE else tuple([(type(t), t.dtype, t.device, t.shape, t.stride()) for t in lse_list]),
+        )
+    except Exception:  # not a tensor, no strides (sparse), a malformed list: the full path says what
         return None
-    ws = torch.empty(size.value, dtype=torch.uint8, device=device)
-    params.workspace = ws.data_ptr()
-    params.workspace_size = size.value
-    return ws
 
 
-def fwd_into(
-    q_list: Sequence[Tensor],
-    k: Tensor,
-    v: Tensor,
-    cu_seqlens_q_list: Sequence[Tensor],
-    cu_seqlens_k: Tensor,
-    seqused_k_list: Sequence[Optional[Tensor]],
-    max_seqlen_q_list: Sequence[int],
-    max_seqlen_k: int,
-    softmax_scale: float,
-    causal: bool,
-    out_list: Sequence[Tensor],
-    lse_list: Sequence[Tensor],
-    *,
-    window_size: Tuple[int, int] = (-1, -1),
-    softcap: float = 0.0,
-    sinks: Optional[Tensor] = None,
-    diagonal_shift_list: Optional[Sequence[Optional[Tensor]]] = None,
-) -> None:
-    """Run the grouped forward into caller-provided outputs (the ops' kernel; tests use it to
-    check that a rejected call leaves pre-filled outputs untouched). window_size, softcap,
-    sinks (float32 [Hq]) and diagonal_shift_list (G entries, each None or int32 [B]) as in the
-    module docstring."""
+def _bwd_key(dout_list, q_list, k, v, out_list, lse_list, cu_seqlens_q_list, cu_seqlens_k, seqused_k_list,
+             max_seqlen_q_list, max_seqlen_k, softmax_scale, causal, deterministic, window_size, softcap, sinks,
+             diagonal_shift_list, dq_list, dk, dv):
+    """The plan key of a backward call (see _fwd_key); dq_list, dk, dv _ALLOCATE when the op
+    allocates them."""
+    try:
+        fwd = _fwd_key(q_list, k, v, cu_seqlens_q_list, cu_seqlens_k, seqused_k_list, max_seqlen_q_list,
+                       max_seqlen_k, softmax_scale, causal, window_size, softcap, sinks, diagonal_shift_list,
+                       out_list, lse_list)
+        if fwd is None:
+            return None
+        return (
+            fwd,
+            True if deterministic else False,
+            tuple([(type(t), t.dtype, t.device, t.shape, t.stride()) for t in dout_list]),
+            None if dq_list is _ALLOCATE else tuple([(type(t), t.dtype, t.device, t.shape, t.stride()) for t in dq_list]),
+            None if dk is _ALLOCATE else (type(dk), dk.dtype, dk.device, dk.shape, dk.stride()),
+            None if dv is _ALLOCATE else (type(dv), dv.dtype, dv.device, dv.shape, dv.stride()),
+        )
+    except Exception:
+        return None
+
+
+_FWD_PLANS = PlanCache()
+_BWD_PLANS = PlanCache()
+
+
+def clear_plan_caches() -> None:
+    """Forget the cached call plans of every thread (see _host_cache.clear_plan_caches)."""
+    _clear_plan_caches()
+
+
+def _build_fwd(q_list, k, v, cu_seqlens_q_list, cu_seqlens_k, seqused_k_list, max_seqlen_q_list, max_seqlen_k,
+               softmax_scale, causal, out_list, lse_list, window_size, softcap, sinks, diagonal_shift_list) -> _Plan:
+    """Validate a forward call and fill its structs (pointers included); query its workspace."""
     checked = _validate_common(q_list, k, v, cu_seqlens_q_list, cu_seqlens_k, seqused_k_list,
                                max_seqlen_q_list)
     G, Hq, dtype, device, q_info = checked[0], checked[2], checked[5], checked[6], checked[7]
@@ -476,21 +612,63 @@ def fwd_into(
         if shifts is not None:
             gr.diagonal_shift = shifts[g]
     params.groups = groups
-
-    workspace = _workspace(lib.ringattn_fwd_workspace_size, params, device, "forward")
-    _check_call(lib.ringattn_grouped_fwd(ctypes.byref(params)), "forward")
-    # The workspace lives until the call has been issued; on CUDA the caching allocator hands
-    # freed memory only to later work on the same stream, which runs after this kernel.
-    del workspace
+    plan = _Plan(params, groups, G, device, lib.ringattn_grouped_fwd, "forward")
+    _query_workspace(plan, lib.ringattn_fwd_workspace_size)
+    return plan
 
 
-def bwd_into(
-    dout_list: Sequence[Tensor],
+def _run_fwd(q_list, k, v, cu_seqlens_q_list, cu_seqlens_k, seqused_k_list, max_seqlen_q_list, max_seqlen_k,
+             softmax_scale, causal, window_size, softcap, sinks, diagonal_shift_list,
+             out_list=_ALLOCATE, lse_list=_ALLOCATE) -> Tuple[List[Tensor], List[Tensor]]:
+    """The forward into out_list / lse_list, or into new ones when they are _ALLOCATE (the op's
+    outputs: contiguous). Returns (out_list, lse_list)."""
+    key = _fwd_key(q_list, k, v, cu_seqlens_q_list, cu_seqlens_k, seqused_k_list, max_seqlen_q_list, max_seqlen_k,
+                   softmax_scale, causal, window_size, softcap, sinks, diagonal_shift_list, out_list, lse_list)
+    plan = _FWD_PLANS.get(key) if key is not None else None
+    if plan is None:
+        allocate = out_list is _ALLOCATE
+        if allocate:
+            if not q_list or not isinstance(q_list[0], Tensor) or q_list[0].dim() != 3:
+                _validate_common(q_list, k, v, cu_seqlens_q_list, cu_seqlens_k, seqused_k_list,
+                                 max_seqlen_q_list)  # raises the precise error
+            out_list, lse_list = _alloc_fwd_outputs(q_list, q_list[0].shape[1])
+        plan = _build_fwd(q_list, k, v, cu_seqlens_q_list, cu_seqlens_k, seqused_k_list, max_seqlen_q_list,
+                          max_seqlen_k, softmax_scale, causal, out_list, lse_list, window_size, softcap, sinks,
+                          diagonal_shift_list)
+        _launch(plan, _workspace(plan))
+        if key is not None:
+            if allocate:
+                plan.out_alloc = [_contiguous_layout(q.shape, q.dtype) for q in q_list]
+                plan.extra_alloc = [_contiguous_layout(lse.shape, torch.float32) for lse in lse_list]
+            _FWD_PLANS.put(key, plan)
+        return out_list, lse_list
+
+    if out_list is _ALLOCATE:
+        device = plan.device
+        out_list = [torch.empty_strided(shape, stride, dtype=dtype, device=device)
+                    for shape, stride, dtype in plan.out_alloc]
+        lse_list = [torch.empty_strided(shape, stride, dtype=dtype, device=device)
+                    for shape, stride, dtype in plan.extra_alloc]
+    workspace = _workspace(plan)
+    _write_call_pointers(plan, k, v, cu_seqlens_k, sinks)
+    seqused = seqused_k_list if seqused_k_list else None
+    for g, gr in enumerate(plan.groups):
+        gr.q = q_list[g].data_ptr()
+        gr.out = out_list[g].data_ptr()
+        gr.softmax_lse = lse_list[g].data_ptr()
+        gr.cu_seqlens_q = cu_seqlens_q_list[g].data_ptr()
+        if seqused is not None and seqused[g] is not None:
+            gr.seqused_k = seqused[g].data_ptr()
+        if diagonal_shift_list is not None and diagonal_shift_list[g] is not None:
+            gr.diagonal_shift = diagonal_shift_list[g].data_ptr()
+    _launch(plan, workspace)
+    return out_list, lse_list
+
+
+def fwd_into(
     q_list: Sequence[Tensor],
     k: Tensor,
     v: Tensor,
-    out_list: Sequence[Tensor],
-    lse_list: Sequence[Tensor],
     cu_seqlens_q_list: Sequence[Tensor],
     cu_seqlens_k: Tensor,
     seqused_k_list: Sequence[Optional[Tensor]],
@@ -498,19 +676,27 @@ def bwd_into(
     max_seqlen_k: int,
     softmax_scale: float,
     causal: bool,
-    deterministic: bool,
-    dq_list: Sequence[Tensor],
-    dk: Tensor,
-    dv: Tensor,
+    out_list: Sequence[Tensor],
+    lse_list: Sequence[Tensor],
     *,
     window_size: Tuple[int, int] = (-1, -1),
     softcap: float = 0.0,
     sinks: Optional[Tensor] = None,
     diagonal_shift_list: Optional[Sequence[Optional[Tensor]]] = None,
 ) -> None:
-    """Run the grouped backward into caller-provided gradients (dk, dv are overwritten with the
-    sum over groups, not accumulated into). The mask, softcap, sinks and shifts must be the
-    forward's (lse_list holds the sinks already; the sinks' gradient is not computed here)."""
+    """Run the grouped forward into caller-provided outputs (the ops' kernel; tests use it to
+    check that a rejected call leaves pre-filled outputs untouched). window_size, softcap,
+    sinks (float32 [Hq]) and diagonal_shift_list (G entries, each None or int32 [B]) as in the
+    module docstring. A call whose tensors match an earlier call's in type, dtype, device, shape
+    and strides (and whose other arguments are equal) reuses that call's validated structs."""
+    _run_fwd(q_list, k, v, cu_seqlens_q_list, cu_seqlens_k, seqused_k_list, max_seqlen_q_list, max_seqlen_k,
+             softmax_scale, causal, window_size, softcap, sinks, diagonal_shift_list, out_list, lse_list)
+
+
+def _build_bwd(dout_list, q_list, k, v, out_list, lse_list, cu_seqlens_q_list, cu_seqlens_k, seqused_k_list,
+               max_seqlen_q_list, max_seqlen_k, softmax_scale, causal, deterministic, dq_list, dk, dv, window_size,
+               softcap, sinks, diagonal_shift_list) -> _Plan:
+    """Validate a backward call and fill its structs (pointers included); query its workspace."""
     checked = _validate_common(q_list, k, v, cu_seqlens_q_list, cu_seqlens_k, seqused_k_list,
                                max_seqlen_q_list)
     G, Hq, dtype, device, q_info = checked[0], checked[2], checked[5], checked[6], checked[7]
@@ -563,12 +749,96 @@ def bwd_into(
         if shifts is not None:
             gr.diagonal_shift = shifts[g]
     params.groups = groups
+    plan = _Plan(params, groups, G, device, lib.ringattn_grouped_bwd, "backward")
+    _query_workspace(plan, lib.ringattn_bwd_workspace_size)
+    return plan
 
-    workspace = _workspace(lib.ringattn_bwd_workspace_size, params, device, "backward")
-    _check_call(lib.ringattn_grouped_bwd(ctypes.byref(params)), "backward")
-    # The workspace lives until the call has been issued; on CUDA the caching allocator hands
-    # freed memory only to later work on the same stream, which runs after this kernel.
-    del workspace
+
+def _run_bwd(dout_list, q_list, k, v, out_list, lse_list, cu_seqlens_q_list, cu_seqlens_k, seqused_k_list,
+             max_seqlen_q_list, max_seqlen_k, softmax_scale, causal, deterministic, window_size, softcap, sinks,
+             diagonal_shift_list, dq_list=_ALLOCATE, dk=_ALLOCATE, dv=_ALLOCATE) -> Tuple[List[Tensor], Tensor, Tensor]:
+    """The backward into dq_list / dk / dv, or into new ones (contiguous) when they are _ALLOCATE.
+    Returns (dq_list, dk, dv)."""
+    key = _bwd_key(dout_list, q_list, k, v, out_list, lse_list, cu_seqlens_q_list, cu_seqlens_k, seqused_k_list,
+                   max_seqlen_q_list, max_seqlen_k, softmax_scale, causal, deterministic, window_size, softcap, sinks,
+                   diagonal_shift_list, dq_list, dk, dv)
+    plan = _BWD_PLANS.get(key) if key is not None else None
+    if plan is None:
+        allocate = dq_list is _ALLOCATE
+        if allocate:
+            dq_list = [torch.empty(q.shape, dtype=q.dtype, device=q.device) for q in q_list]
+            dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+            dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+        plan = _build_bwd(dout_list, q_list, k, v, out_list, lse_list, cu_seqlens_q_list, cu_seqlens_k,
+                          seqused_k_list, max_seqlen_q_list, max_seqlen_k, softmax_scale, causal, deterministic,
+                          dq_list, dk, dv, window_size, softcap, sinks, diagonal_shift_list)
+        _launch(plan, _workspace(plan))
+        if key is not None:
+            if allocate:
+                plan.out_alloc = [_contiguous_layout(q.shape, q.dtype) for q in q_list]
+                plan.extra_alloc = (_contiguous_layout(k.shape, k.dtype), _contiguous_layout(v.shape, v.dtype))
+            _BWD_PLANS.put(key, plan)
+        return dq_list, dk, dv
+
+    if dq_list is _ALLOCATE:
+        device = plan.device
+        dq_list = [torch.empty_strided(shape, stride, dtype=dtype, device=device)
+                   for shape, stride, dtype in plan.out_alloc]
+        (k_shape, k_stride, k_dtype), (v_shape, v_stride, v_dtype) = plan.extra_alloc
+        dk = torch.empty_strided(k_shape, k_stride, dtype=k_dtype, device=device)
+        dv = torch.empty_strided(v_shape, v_stride, dtype=v_dtype, device=device)
+    workspace = _workspace(plan)
+    _write_call_pointers(plan, k, v, cu_seqlens_k, sinks)
+    params = plan.params
+    params.dk = dk.data_ptr()
+    params.dv = dv.data_ptr()
+    seqused = seqused_k_list if seqused_k_list else None
+    for g, gr in enumerate(plan.groups):
+        gr.q = q_list[g].data_ptr()
+        gr.out = out_list[g].data_ptr()
+        gr.dout = dout_list[g].data_ptr()
+        gr.softmax_lse = lse_list[g].data_ptr()
+        gr.dq = dq_list[g].data_ptr()
+        gr.cu_seqlens_q = cu_seqlens_q_list[g].data_ptr()
+        if seqused is not None and seqused[g] is not None:
+            gr.seqused_k = seqused[g].data_ptr()
+        if diagonal_shift_list is not None and diagonal_shift_list[g] is not None:
+            gr.diagonal_shift = diagonal_shift_list[g].data_ptr()
+    _launch(plan, workspace)
+    return dq_list, dk, dv
+
+
+def bwd_into(
+    dout_list: Sequence[Tensor],
+    q_list: Sequence[Tensor],
+    k: Tensor,
+    v: Tensor,
+    out_list: Sequence[Tensor],
+    lse_list: Sequence[Tensor],
+    cu_seqlens_q_list: Sequence[Tensor],
+    cu_seqlens_k: Tensor,
+    seqused_k_list: Sequence[Optional[Tensor]],
+    max_seqlen_q_list: Sequence[int],
+    max_seqlen_k: int,
+    softmax_scale: float,
+    causal: bool,
+    deterministic: bool,
+    dq_list: Sequence[Tensor],
+    dk: Tensor,
+    dv: Tensor,
+    *,
+    window_size: Tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    sinks: Optional[Tensor] = None,
+    diagonal_shift_list: Optional[Sequence[Optional[Tensor]]] = None,
+) -> None:
+    """Run the grouped backward into caller-provided gradients (dk, dv are overwritten with the
+    sum over groups, not accumulated into). The mask, softcap, sinks and shifts must be the
+    forward's (lse_list holds the sinks already; the sinks' gradient is not computed here).
+    Cached per call key like fwd_into."""
+    _run_bwd(dout_list, q_list, k, v, out_list, lse_list, cu_seqlens_q_list, cu_seqlens_k, seqused_k_list,
+             max_seqlen_q_list, max_seqlen_k, softmax_scale, causal, deterministic, window_size, softcap, sinks,
+             diagonal_shift_list, dq_list, dk, dv)
 
 
 # ---- op definitions ----------------------------------------------------------------------------
@@ -604,28 +874,17 @@ def _alloc_fwd_outputs(q_list: Sequence[Tensor], Hq) -> Tuple[List[Tensor], List
 def _grouped_fwd_kernel(q_list, k, v, cu_seqlens_q_list, cu_seqlens_k, seqused_k_list,
                         max_seqlen_q_list, max_seqlen_k, softmax_scale, causal, deterministic,
                         window_size=(-1, -1), softcap=0.0, sinks=None, diagonal_shift_list=None):
-    if not q_list or not isinstance(q_list[0], Tensor) or q_list[0].dim() != 3:
-        _validate_common(q_list, k, v, cu_seqlens_q_list, cu_seqlens_k, seqused_k_list,
-                         max_seqlen_q_list)  # raises the precise error
-    outs, lses = _alloc_fwd_outputs(q_list, q_list[0].shape[1])
-    fwd_into(q_list, k, v, cu_seqlens_q_list, cu_seqlens_k, seqused_k_list, max_seqlen_q_list,
-             max_seqlen_k, softmax_scale, causal, outs, lses, window_size=window_size, softcap=softcap,
-             sinks=sinks, diagonal_shift_list=diagonal_shift_list)
-    return outs, lses
+    return _run_fwd(q_list, k, v, cu_seqlens_q_list, cu_seqlens_k, seqused_k_list, max_seqlen_q_list,
+                    max_seqlen_k, softmax_scale, causal, window_size, softcap, sinks, diagonal_shift_list)
 
 
 def _grouped_bwd_kernel(dout_list, q_list, k, v, out_list, lse_list, cu_seqlens_q_list,
                         cu_seqlens_k, seqused_k_list, max_seqlen_q_list, max_seqlen_k,
                         softmax_scale, causal, deterministic, window_size=(-1, -1), softcap=0.0,
                         sinks=None, diagonal_shift_list=None):
-    dqs = [torch.empty(q.shape, dtype=q.dtype, device=q.device) for q in q_list]
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    bwd_into(dout_list, q_list, k, v, out_list, lse_list, cu_seqlens_q_list, cu_seqlens_k,
-             seqused_k_list, max_seqlen_q_list, max_seqlen_k, softmax_scale, causal,
-             deterministic, dqs, dk, dv, window_size=window_size, softcap=softcap, sinks=sinks,
-             diagonal_shift_list=diagonal_shift_list)
-    return dqs, dk, dv
+    return _run_bwd(dout_list, q_list, k, v, out_list, lse_list, cu_seqlens_q_list, cu_seqlens_k,
+                    seqused_k_list, max_seqlen_q_list, max_seqlen_k, softmax_scale, causal, deterministic,
+                    window_size, softcap, sinks, diagonal_shift_list)
 
 
 for _key in ("CPU", "CUDA"):
@@ -697,24 +956,25 @@ def _feature_kwargs(window_size, softcap, sinks, diagonal_shift_list) -> Optiona
             "diagonal_shift_list": diagonal_shift_list}
 
 
-def _fwd_setup_context(ctx, inputs, output) -> None:
-    (q_list, k, v, cu_seqlens_q_list, cu_seqlens_k, seqused_k_list, max_seqlen_q_list,
-     max_seqlen_k, softmax_scale, causal, deterministic, window_size, softcap, sinks,
-     diagonal_shift_list) = inputs
-    out_list, lse_list = output
-    G = len(q_list)
+def _save_attention_context(ctx, q_list, k, v, cu_seqlens_q_list, cu_seqlens_k, seqused_k_list, max_seqlen_q_list,
+                            max_seqlen_k, softmax_scale, causal, deterministic, window_size, softcap, sinks,
+                            diagonal_shift_list, out_list, lse_list) -> None:
+    """What _attention_grads reads: the tensors through save_for_backward, the rest on ctx."""
     # Outputs the loss does not use arrive as None (not zeros), so the backward can skip work:
-    # an unused group gets a zero dout, and the LSE term (below) runs only if some LSE is used.
+    # an unused group gets a zero dout, and the LSE term runs only if some LSE is used.
     ctx.set_materialize_grads(False)
     seqused_present = [s is not None for s in seqused_k_list]
-    shifts_present = None if diagonal_shift_list is None else [s is not None for s in diagonal_shift_list]
-    ctx.save_for_backward(
-        *q_list, k, v, *out_list, *lse_list, *cu_seqlens_q_list, cu_seqlens_k,
-        *[s for s in seqused_k_list if s is not None],
-        *([] if sinks is None else [sinks]),
-        *([] if diagonal_shift_list is None else [s for s in diagonal_shift_list if s is not None]),
-    )
-    ctx.num_groups = G
+    saved = [*q_list, k, v, *out_list, *lse_list, *cu_seqlens_q_list, cu_seqlens_k]
+    if any(seqused_present):
+        saved += [s for s in seqused_k_list if s is not None]
+    if sinks is not None:
+        saved.append(sinks)
+    shifts_present = None
+    if diagonal_shift_list is not None:
+        shifts_present = [s is not None for s in diagonal_shift_list]
+        saved += [s for s in diagonal_shift_list if s is not None]
+    ctx.save_for_backward(*saved)
+    ctx.num_groups = len(q_list)
     ctx.seqused_present = seqused_present
     ctx.max_seqlen_q_list = list(max_seqlen_q_list)
     ctx.max_seqlen_k = max_seqlen_k
@@ -725,6 +985,17 @@ def _fwd_setup_context(ctx, inputs, output) -> None:
     ctx.softcap = softcap
     ctx.has_sinks = sinks is not None
     ctx.shifts_present = shifts_present
+
+
+def _fwd_setup_context(ctx, inputs, output) -> None:
+    """setup_context of the grouped_fwd op's registered autograd."""
+    (q_list, k, v, cu_seqlens_q_list, cu_seqlens_k, seqused_k_list, max_seqlen_q_list,
+     max_seqlen_k, softmax_scale, causal, deterministic, window_size, softcap, sinks,
+     diagonal_shift_list) = inputs
+    out_list, lse_list = output
+    _save_attention_context(ctx, q_list, k, v, cu_seqlens_q_list, cu_seqlens_k, seqused_k_list, max_seqlen_q_list,
+                            max_seqlen_k, softmax_scale, causal, deterministic, window_size, softcap, sinks,
+                            diagonal_shift_list, out_list, lse_list)
     ctx.cu_seqlens_q_grad = _list_grad_structure(cu_seqlens_q_list)
     ctx.seqused_k_grad = _list_grad_structure(seqused_k_list)
     ctx.diagonal_shift_grad = _list_grad_structure(diagonal_shift_list)
@@ -734,7 +1005,23 @@ def _fwd_setup_context(ctx, inputs, output) -> None:
 _FWD_SINKS_INDEX = 13
 
 
-def _fwd_backward(ctx, grad_out_list, grad_lse_list):
+def _call_bwd(eager: bool, dout_list, q_list, k, v, out_list, lse_list, meta, features):
+    """One backward call: through torch.ops (recorded by tracers and modes, and by autograd, whose
+    node refuses a double backward), or straight to the kernel when `eager` (see
+    _host_cache.eager_dispatch_ok)."""
+    if eager:
+        f = features or {}
+        return _run_bwd(dout_list, q_list, k, v, out_list, lse_list, *meta, f.get("window_size", (-1, -1)),
+                        f.get("softcap", 0.0), f.get("sinks"), f.get("diagonal_shift_list"))
+    if features is None:
+        return torch.ops.ring_flash_attn.grouped_bwd(dout_list, q_list, k, v, out_list, lse_list, *meta)
+    return torch.ops.ring_flash_attn.grouped_bwd(dout_list, q_list, k, v, out_list, lse_list, *meta, **features)
+
+
+def _attention_grads(ctx, grad_out_list, grad_lse_list, sinks_need_grad: bool, eager: bool):
+    """(dq_list, dk, dv, dsinks) of grouped_fwd from what _fwd_setup_context saved, for the
+    gradients of the outputs (None for an output the loss does not use, or None for the whole
+    list). dsinks is None unless sinks_need_grad."""
     G = ctx.num_groups
     saved = list(ctx.saved_tensors)
     q_list, saved = saved[:G], saved[G:]
@@ -764,25 +1051,27 @@ def _fwd_backward(ctx, grad_out_list, grad_lse_list):
 
     meta = (cu_seqlens_q_list, cu_seqlens_k, seqused_k_list, ctx.max_seqlen_q_list,
             ctx.max_seqlen_k, ctx.softmax_scale, ctx.causal, ctx.deterministic)
-    if features is None:
-        dq_list, dk, dv = torch.ops.ring_flash_attn.grouped_bwd(
-            dout_list, q_list, k, v, out_list, lse_list, *meta)
-    else:
-        dq_list, dk, dv = torch.ops.ring_flash_attn.grouped_bwd(
-            dout_list, q_list, k, v, out_list, lse_list, *meta, **features)
+    dq_list, dk, dv = _call_bwd(eager, dout_list, q_list, k, v, out_list, lse_list, meta, features)
     dq_list = list(dq_list)
 
     lse_used = grad_lse_list is not None and any(d is not None for d in grad_lse_list)
     if lse_used:
         dq_list, dk = _add_lse_gradient(grad_lse_list, q_list, k, v, out_list, lse_list, meta,
-                                        dq_list, dk, features)
+                                        dq_list, dk, features, eager)
+    dsinks = None
+    if sinks is not None and sinks_need_grad:
+        dsinks = _sink_gradient(sinks, out_list, dout_list if grad_out_list is not None else None, lse_list,
+                                grad_lse_list if lse_used else None)
+    return dq_list, dk, dv, dsinks
+
+
+def _fwd_backward(ctx, grad_out_list, grad_lse_list):
+    """The backward registered for the grouped_fwd op (torch.library.register_autograd)."""
     # The dispatcher drops trailing arguments left at their defaults; autograd wants one gradient
     # per argument it was given (needs_input_grad has one entry per argument).
     given = len(ctx.needs_input_grad)
-    dsinks = None
-    if sinks is not None and given > _FWD_SINKS_INDEX and ctx.needs_input_grad[_FWD_SINKS_INDEX]:
-        dsinks = _sink_gradient(sinks, out_list, dout_list if grad_out_list is not None else None, lse_list,
-                                grad_lse_list if lse_used else None)
+    sinks_need_grad = given > _FWD_SINKS_INDEX and ctx.needs_input_grad[_FWD_SINKS_INDEX]
+    dq_list, dk, dv, dsinks = _attention_grads(ctx, grad_out_list, grad_lse_list, sinks_need_grad, eager=False)
     grads = (dq_list, dk, dv, ctx.cu_seqlens_q_grad, None, ctx.seqused_k_grad, None, None,
              None, None, None, None, None, dsinks, ctx.diagonal_shift_grad)
     return grads[:given]
@@ -817,7 +1106,8 @@ def _sink_gradient(sinks: Tensor, out_list: Sequence[Tensor], dout_list: Optiona
     return dsinks.to(sinks.dtype)
 
 
-def _add_lse_gradient(grad_lse_list, q_list, k, v, out_list, lse_list, meta, dq_list, dk, features=None):
+def _add_lse_gradient(grad_lse_list, q_list, k, v, out_list, lse_list, meta, dq_list, dk, features=None,
+                      eager: bool = False):
     """Adds the gradient that flows through LSE, with one more call of the library's backward.
 
     d lse_i / d S_ij = P_ij for every score S_ij = scale * q_i . k_j (sinks only lower P), so a
@@ -842,12 +1132,7 @@ def _add_lse_gradient(grad_lse_list, q_list, k, v, out_list, lse_list, meta, dq_
             minus_dlse[..., 0] = -d.t()
         unit_douts.append(unit)
         minus_dlse_outs.append(minus_dlse)
-    if features is None:
-        dq_extra, dk_extra, _ = torch.ops.ring_flash_attn.grouped_bwd(
-            unit_douts, q_list, k, zero_v, minus_dlse_outs, lse_list, *meta)
-    else:
-        dq_extra, dk_extra, _ = torch.ops.ring_flash_attn.grouped_bwd(
-            unit_douts, q_list, k, zero_v, minus_dlse_outs, lse_list, *meta, **features)
+    dq_extra, dk_extra, _ = _call_bwd(eager, unit_douts, q_list, k, zero_v, minus_dlse_outs, lse_list, meta, features)
     acc = torch.float64 if k.dtype == torch.float64 else torch.float32
     dq_list = [(dq.to(acc) + extra.to(acc)).to(dq.dtype) for dq, extra in zip(dq_list, dq_extra)]
     dk = (dk.to(acc) + dk_extra.to(acc)).to(dk.dtype)
@@ -873,3 +1158,95 @@ torch.library.register_autograd(
 
 grouped_fwd = torch.ops.ring_flash_attn.grouped_fwd.default
 grouped_bwd = torch.ops.ring_flash_attn.grouped_bwd.default
+
+
+# ---- eager calls: the ops' kernels and autograd without the dispatcher -------------------------
+#
+# A call through torch.ops pays the dispatcher's trip into Python and torch.library's autograd
+# wrapper (pytree flattening of the arguments and gradients) on every call: most of the host time
+# of a small attention call. Where nothing but the kernel would see the op (no compile, tracing,
+# mode or transform: _host_cache.eager_dispatch_ok, and plain tensors), the public functions call
+# the kernel directly, through the autograd.Function below when a gradient is needed. Its saved
+# tensors and backward are the registered autograd's (_fwd_setup_context, _attention_grads).
+
+_PLAIN_TENSOR_TYPES = frozenset((Tensor, torch.nn.Parameter))
+
+
+def eager_call_ok(q_list: Sequence, k, v, cu_seqlens_q_list: Sequence, cu_seqlens_k, seqused_k_list: Sequence,
+                  sinks) -> bool:
+    """True when grouped_fwd may run without the dispatcher: every tensor argument is a plain
+    torch.Tensor (or nn.Parameter) and eager_dispatch_ok(). Otherwise the caller uses torch.ops."""
+    plain = _PLAIN_TENSOR_TYPES
+    if type(k) not in plain or type(v) not in plain or type(cu_seqlens_k) not in plain:
+        return False
+    if sinks is not None and type(sinks) not in plain:
+        return False
+    for t in q_list:
+        if type(t) not in plain:
+            return False
+    for t in cu_seqlens_q_list:
+        if type(t) not in plain:
+            return False
+    for t in seqused_k_list:
+        if t is not None and type(t) not in plain:
+            return False
+    return eager_dispatch_ok()
+
+
+class _GroupedAttention(torch.autograd.Function):
+    """grouped_fwd with its gradient, for eager calls (see eager_call_ok). apply(args, k, v,
+    sinks, *q_list) with args = (cu_seqlens_q_list, cu_seqlens_k, seqused_k_list,
+    max_seqlen_q_list, max_seqlen_k, softmax_scale, causal, deterministic, window_size, softcap,
+    diagonal_shift_list); returns (*out_list, *lse_list)."""
+
+    @staticmethod
+    def forward(ctx, args, k, v, sinks, *q_list):
+        (cu_seqlens_q_list, cu_seqlens_k, seqused_k_list, max_seqlen_q_list, max_seqlen_k, softmax_scale, causal,
+         deterministic, window_size, softcap, diagonal_shift_list) = args
+        q_list = list(q_list)
+        out_list, lse_list = _run_fwd(q_list, k, v, cu_seqlens_q_list, cu_seqlens_k, seqused_k_list,
+                                      max_seqlen_q_list, max_seqlen_k, softmax_scale, causal, window_size, softcap,
+                                      sinks, diagonal_shift_list)
+        _save_attention_context(ctx, q_list, k, v, cu_seqlens_q_list, cu_seqlens_k, seqused_k_list,
+                                max_seqlen_q_list, max_seqlen_k, softmax_scale, causal, deterministic, window_size,
+                                softcap, sinks, diagonal_shift_list, out_list, lse_list)
+        return (*out_list, *lse_list)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        G = ctx.num_groups
+        grad_out_list, grad_lse_list = grads[:G], grads[G:]
+        if all(d is None for d in grad_out_list):
+            grad_out_list = None
+        # With create_graph=True (grad mode on here) the backward goes through torch.ops, whose
+        # autograd node refuses a double backward instead of silently returning no gradient.
+        eager = not torch.is_grad_enabled() and eager_dispatch_ok()
+        dq_list, dk, dv, dsinks = _attention_grads(ctx, grad_out_list, grad_lse_list,
+                                                   ctx.has_sinks and ctx.needs_input_grad[3], eager)
+        return (None, dk, dv, dsinks, *dq_list)
+
+
+def grouped_fwd_eager(q_list: List[Tensor], k: Tensor, v: Tensor, cu_seqlens_q_list: List[Tensor],
+                      cu_seqlens_k: Tensor, seqused_k_list: List[Optional[Tensor]], max_seqlen_q_list: List[int],
+                      max_seqlen_k: int, softmax_scale: float, causal: bool, deterministic: bool,
+                      window_size: Tuple[int, int] = (-1, -1), softcap: float = 0.0, sinks: Optional[Tensor] = None,
+                      diagonal_shift_list: Optional[List[Optional[Tensor]]] = None
+                      ) -> Tuple[List[Tensor], List[Tensor]]:
+    """grouped_fwd (same arguments, outputs, gradients and errors) without the dispatcher; only
+    where eager_call_ok(...) holds."""
+    need_grad = False
+    if torch.is_grad_enabled():
+        need_grad = k.requires_grad or v.requires_grad or (sinks is not None and sinks.requires_grad)
+        if not need_grad:
+            for q in q_list:
+                if q.requires_grad:
+                    need_grad = True
+                    break
+    if need_grad:
+        outputs = _GroupedAttention.apply(
+            (cu_seqlens_q_list, cu_seqlens_k, seqused_k_list, max_seqlen_q_list, max_seqlen_k, softmax_scale, causal,
+             deterministic, window_size, softcap, diagonal_shift_list), k, v, sinks, *q_list)
+        G = len(q_list)
+        return list(outputs[:G]), list(outputs[G:])
+    return _run_fwd(q_list, k, v, cu_seqlens_q_list, cu_seqlens_k, seqused_k_list, max_seqlen_q_list, max_seqlen_k,
+                    softmax_scale, causal, window_size, softcap, sinks, diagonal_shift_list)
