@@ -28,8 +28,8 @@ from .index_maps import sequence_of
 from .validation import CuSeqlens, as_cu_tensor, check_cumulative_values, check_world
 
 __all__ = ["LAYOUTS", "SeqlensArg", "checked_cu", "layout_unit", "local_cu_seqlens", "local_positions",
-           "padded_lengths", "real_rows", "shard", "shard_rows", "shard_sequences", "split_padding", "unshard",
-           "unshard_index", "unshard_sequences"]
+           "padded_lengths", "real_rows", "shard", "shard_rows", "shard_sequences", "split_keys", "split_padding",
+           "split_queries", "split_used", "unshard", "unshard_index", "unshard_sequences"]
 
 # The per-sequence layouts: "ring" (contiguous pieces), "zigzag" (chunks r and 2N-1-r), "stripe"
 # (tokens r, r + N, ...).
@@ -65,10 +65,12 @@ def local_positions(layout: str, pos_in_piece: Tensor, local_len: Tensor, holder
     raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
 
 
-def real_rows(layout: str, select: str, seqlens: Tensor, local_len: Tensor, holder: int, world_size: int) -> Tensor:
+def real_rows(layout: str, select: str, seqlens: Tensor, local_len: Tensor, holder: Union[int, Tensor],
+              world_size: int) -> Tensor:
     """int64 ``[B]``: how many rows of a row set of rank ``holder``'s pieces are real (a prefix of
     the row set), for sequences of ``seqlens`` real tokens laid out with ``local_len`` rows per
-    rank (both int64 ``[B]``, ``seqlens <= N * local_len``).
+    rank (both int64 ``[B]``, ``seqlens <= N * local_len``). ``holder`` may be an int64 tensor
+    ``[H, 1]`` of ranks: the counts of every one of them, ``[H, B]``.
 
     select: "all" (the whole piece), "front" / "back" (zigzag: chunk ``holder`` / chunk
     ``2N-1-holder``), "drop_first" / "drop_last" (the piece but its first / last row)."""
@@ -100,25 +102,33 @@ def real_rows(layout: str, select: str, seqlens: Tensor, local_len: Tensor, hold
     raise ValueError(f"select: expected a row set of the {layout} layout, got {select!r}")
 
 
+def split_queries(cu_q: Tensor, q_real: Tensor) -> Tensor:
+    """int32 ``[..., 2B+1]``: the query side of ``split_padding`` (``q_real`` int64 ``[..., B]``)."""
+    cq = cu_q.to(torch.int64)
+    starts = cq[:-1].expand_as(q_real)
+    pairs = torch.stack([starts, starts + q_real], dim=-1).flatten(-2)
+    return torch.cat([pairs, cq[-1:].expand(q_real.shape[:-1] + (1,))], dim=-1).to(torch.int32)
+
+
+def split_keys(cu_k: Tensor) -> Tensor:
+    """int32 ``[2B+1]``: the key side of ``split_padding``: each sequence's keys, then an empty range."""
+    return torch.cat([cu_k[:1], cu_k[1:].repeat_interleave(2)]).to(torch.int32)
+
+
+def split_used(k_used: Tensor) -> Tensor:
+    """int32 ``[..., 2B]``: the seqused_k of ``split_padding`` (``k_used`` ``[..., B]``), 0 for
+    every padding sequence."""
+    return torch.stack([k_used, torch.zeros_like(k_used)], dim=-1).flatten(-2).to(torch.int32)
+
+
 def split_padding(cu_q: Tensor, cu_k: Tensor, q_real: Tensor, k_used: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     """Kernel metadata that separates each sequence's padding: sequence b (query rows
     ``[cu_q[b], cu_q[b+1])``, keys ``[cu_k[b], cu_k[b+1])``) becomes two sequences, its first
     ``q_real[b]`` query rows against its first ``k_used[b]`` keys, then its other query rows
-    against no key (O = 0, LSE = -inf, no gradient). Returns int32 ``(cu_seqlens_q [2B+1],
-    cu_seqlens_k [2B+1], seqused_k [2B])``; the padding keys are never read."""
-    B = cu_q.shape[0] - 1
-    cq, ck = cu_q.to(torch.int64), cu_k.to(torch.int64)
-    out_q = torch.empty(2 * B + 1, dtype=torch.int64, device=cq.device)
-    out_q[0:2 * B:2] = cq[:-1]
-    out_q[1:2 * B:2] = cq[:-1] + q_real
-    out_q[2 * B] = cq[B]
-    out_k = torch.empty(2 * B + 1, dtype=torch.int64, device=ck.device)
-    out_k[0] = ck[0]
-    out_k[1::2] = ck[1:]
-    out_k[2::2] = ck[1:]
-    used = torch.zeros(2 * B, dtype=torch.int64, device=ck.device)
-    used[0::2] = k_used
-    return out_q.to(torch.int32), out_k.to(torch.int32), used.to(torch.int32)
+    against no key (O = 0, LSE = -inf, no gradient). Returns int32 ``(cu_seqlens_q [..., 2B+1],
+    cu_seqlens_k [2B+1], seqused_k [..., 2B])`` (``q_real``, ``k_used``: int64 ``[..., B]``, for
+    several query groups at once); the padding keys are never read."""
+    return split_queries(cu_q, q_real), split_keys(cu_k), split_used(k_used)
 
 
 # ---- sharding ------------------------------------------------------------------------------------

@@ -59,7 +59,7 @@ from .._checks import check_flash_attn_defaults
 from ..grouped import _resolve_scale
 from .index_maps import sequence_of
 from .lse_merge import merge_partial
-from .padding import SeqlensArg, real_rows, split_padding
+from .padding import SeqlensArg, real_rows, split_keys, split_queries, split_used
 from .precision import accumulation_dtype, fp32_partials, widen
 from .process_group import resolve_group
 from .rank_agreement import Fingerprint, RankAgreement, device_of, effective_scale
@@ -292,7 +292,7 @@ class _Plan:
     seqlens: Optional[Tensor] = None  # int64 [B], real GLOBAL lengths; None: no padding
     local_lengths: Optional[Tensor] = None  # int64 [B], local rows per sequence (with seqlens)
     wide: bool = False  # kernel calls on fp32 operands: partials not rounded (precision.fp32_partials)
-    metadata: dict = field(default_factory=dict)  # (qn, kn, causal, src) -> kernel metadata, built once
+    metadata: dict = field(default_factory=dict)  # (what, row set) -> split metadata, built once
 
     def task_metadata(self, qn: str, kn: str, causal: bool, src: int) -> tuple:
         """The kernel metadata of a sub-block (query row set qn of this rank against key row set
@@ -300,21 +300,32 @@ class _Plan:
         max_seqlen_k)``. With padding, each sequence is split into its real prefix and its
         padding suffix (``padding.split_padding``); a causal sub-block is square and top-left
         aligned and a real query sees no later position, so its keys are the first as many rows
-        as it has real queries (all real)."""
-        key = (qn, kn, causal, src)
-        meta = self.metadata.get(key)
-        if meta is None:
-            qr, kr = self.rows[qn], self.rows[kn]
-            if self.seqlens is None:
-                meta = ([qr.cu], kr.cu, [None], [qr.max_seqlen], kr.max_seqlen)
+        as it has real queries (all real); a non-causal one sees the real rows of src's block."""
+        qr, kr = self.rows[qn], self.rows[kn]
+        if self.seqlens is None:
+            return [qr.cu], kr.cu, [None], [qr.max_seqlen], kr.max_seqlen
+        used = self._split("used_q", qn) if causal else self._split("used_k", kn)[src]
+        return [self._split("cu_q", qn)], self._split("cu_k", kn), [used], [qr.max_seqlen], kr.max_seqlen
+
+    def _split(self, what: str, name: str) -> Tensor:
+        """The split metadata (built once per call, on the device) of row set ``name``: "cu_q" /
+        "cu_k" its split cu_seqlens as queries / keys, "used_q" the seqused_k of its real rows on
+        this rank, "used_k" ``[N, 2B]`` that of its real rows on every rank."""
+        key = (what, name)
+        if key not in self.metadata:
+            layout, N, rows = self.layout.name, self.world_size, self.rows[name]
+            if what == "cu_q":
+                real = real_rows(layout, name, self.seqlens, self.local_lengths, self.rank, N)
+                value = split_queries(rows.cu, real)
+            elif what == "cu_k":
+                value = split_keys(rows.cu)
+            elif what == "used_q":
+                value = split_used(real_rows(layout, name, self.seqlens, self.local_lengths, self.rank, N))
             else:
-                name, N = self.layout.name, self.world_size
-                q_real = real_rows(name, qn, self.seqlens, self.local_lengths, self.rank, N)
-                k_used = q_real if causal else real_rows(name, kn, self.seqlens, self.local_lengths, src, N)
-                cu_q, cu_k, used = split_padding(qr.cu, kr.cu, q_real, k_used)
-                meta = ([cu_q], cu_k, [used], [qr.max_seqlen], kr.max_seqlen)
-            self.metadata[key] = meta
-        return meta
+                holders = torch.arange(N, device=rows.cu.device, dtype=torch.int64)[:, None]
+                value = split_used(real_rows(layout, name, self.seqlens, self.local_lengths, holders, N))
+            self.metadata[key] = value
+        return self.metadata[key]
 
 
 # ---- forward ---------------------------------------------------------------------------------------

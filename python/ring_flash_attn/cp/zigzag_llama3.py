@@ -193,23 +193,19 @@ def _make_plan(q, k, cu_seqlens_k, max_seqlen_k, heads_k_stride, softmax_scale, 
     chunk = torch.div(lengths + (two_n - 1), two_n, rounding_mode="floor")  # c_b, padding included
     cu_half64 = torch.zeros_like(cu)
     torch.cumsum(chunk, 0, out=cu_half64[1:])
-    cu_half = cu_half64.to(torch.int32)
     cu_padded = (cu_half64 * two_n).to(torch.int32)  # the padded GLOBAL batch: 2N c_b per sequence
-    # real rows of each group's chunk (a prefix of it), and the keys they see
-    q_real = [torch.minimum((lengths - rank * chunk).clamp(min=0), chunk),
-              torch.minimum((lengths - (two_n - 1 - rank) * chunk).clamp(min=0), chunk)]
-    if causal:
-        used = [torch.minimum((rank + 1) * chunk, lengths), torch.minimum((two_n - rank) * chunk, lengths)]
-    else:
-        used = [lengths, lengths]
-    split = [split_padding(cu_half, cu_padded, q_real[g], used[g]) for g in range(2)]
-    cu_k_split = split[0][1]
+    # [2, B], one row per group: the real rows of its chunk of each sequence (a prefix of the
+    # chunk), and the keys they see (causal: up to the chunk's end; not causal: all L_b)
+    first = torch.stack([rank * chunk, (two_n - 1 - rank) * chunk])  # the chunks' first positions
+    q_real = torch.minimum((lengths - first).clamp(min=0), chunk)
+    used = torch.minimum(first + chunk, lengths) if causal else lengths.expand(2, B)
+    cu_q_split, cu_k_split, used_split = split_padding(cu_half64, cu_padded, q_real, used)
 
     perm = inv_perm = None
     if B > 1:
         # Grouped order: [early chunks of all sequences ; late chunks of all sequences]; both
-        # halves are described by cu_half. Row j of half g comes from local row
-        # 2 cu_half[b] + g c_b + (j - cu_half[b]).
+        # halves are described by cu_half64 (c_b rows per sequence). Row j of half g comes from
+        # local row 2 cu_half64[b] + g c_b + (j - cu_half64[b]).
         half = T // 2
         rows = torch.arange(T, device=q.device, dtype=torch.int64)
         late = rows >= half
@@ -230,17 +226,17 @@ def _make_plan(q, k, cu_seqlens_k, max_seqlen_k, heads_k_stride, softmax_scale, 
         deterministic=bool(deterministic),
         reduce_dtype=grad_reduce_dtype if grad_reduce_dtype is not None else accumulation_dtype(k.dtype),
         max_seqlen_q=-(-int(max_seqlen_k) // two_n), max_seqlen_k=-(-int(max_seqlen_k) // two_n) * two_n,
-        cu_seqlens_k=cu_seqlens_k, cu_q_groups=[split[0][0], split[1][0]], cu_k_split=cu_k_split,
-        seqused=[split[0][2], split[1][2]], wide=fp32_partials(q.device, q.dtype),
+        cu_seqlens_k=cu_seqlens_k, cu_q_groups=list(cu_q_split.unbind(0)), cu_k_split=cu_k_split,
+        seqused=list(used_split.unbind(0)), wide=fp32_partials(q.device, q.dtype),
         perm=perm, inv_perm=inv_perm, src=src, inv_src=inv_src,
     )
     if impl == IMPL_GROUPED_PYTHON:
         # One G=1 problem over both groups: sequences (g, b) for g in {early, late}; group g's
         # query rows start at g * T/2 and its K/V copy at g * total_global.
         Tg = plan.total_global
-        cu_q_all = torch.cat([split[0][0], split[1][0][1:] + plan.half]).to(torch.int32)
+        cu_q_all = torch.cat([cu_q_split[0], cu_q_split[1][1:] + plan.half]).to(torch.int32)
         cu_k_all = torch.cat([cu_k_split, cu_k_split[1:] + Tg]).to(torch.int32)
-        used_all = torch.cat(plan.seqused).to(torch.int32)
+        used_all = used_split.reshape(-1)
         plan.combined = (cu_q_all, cu_k_all, used_all)
     return plan
 
