@@ -112,7 +112,8 @@ def split_queries(cu_q: Tensor, q_real: Tensor) -> Tensor:
 
 def split_keys(cu_k: Tensor) -> Tensor:
     """int32 ``[2B+1]``: the key side of ``split_padding``: each sequence's keys, then an empty range."""
-    return torch.cat([cu_k[:1], cu_k[1:].repeat_interleave(2)]).to(torch.int32)
+    ends = cu_k[1:]
+    return torch.cat([cu_k[:1], torch.stack([ends, ends], dim=-1).flatten()]).to(torch.int32)
 
 
 def split_used(k_used: Tensor) -> Tensor:
