@@ -103,7 +103,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--passes", nargs="+", choices=PASSES, default=list(PASSES))
     p.add_argument("--heads-k-stride", type=int, default=None, help="KV heads per all-gather slice (default Hk / 2)")
     p.add_argument("--grad-reduce-dtype", choices=("same", "fp32"), default="same",
-                   help="dtype of the dK/dV reduce-scatter")
+                   help="dtype of the dK/dV reduce-scatter: the dtype of k (same) or fp32 (the library's default)")
     p.add_argument("--num-runs", type=int, default=None, help="timed calls (median); default 20 on cuda, 3 on cpu")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first; default 5 on cuda, 1 on cpu")
     p.add_argument("--csv", default=None, help="append one row per (rank, seqlen, impl, pass) to this CSV (rank 0)")
@@ -225,7 +225,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = CONFIGS[args.config]
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     hs = args.heads_k_stride or max(1, cfg.num_heads_k // 2)
-    reduce_dtype = torch.float32 if args.grad_reduce_dtype == "fp32" else None
+    reduce_dtype = torch.float32 if args.grad_reduce_dtype == "fp32" else dtype  # "same": the dtype of k
     env = gb.distributed_environment(device, on_gpu)
     say = gb.rank0_printer(rank)
 

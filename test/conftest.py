@@ -3,6 +3,8 @@
 Markers:
   gpu     needs a CUDA device; skipped when torch.cuda.is_available() is False.
   stress  long-running, large inputs; deselect with -m "not stress".
+  eight_ranks  runs 8 gloo processes (the CPU context-parallel tests); part of the default run,
+          deselect with -m "not eight_ranks" where time is short.
 
 The package is imported from python/ when it is not installed; the native library is found as
 ring_flash_attn._lib documents (RING_FLASH_ATTN_LIBRARY, then next to the package).
@@ -29,6 +31,7 @@ except ImportError:
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
     config.addinivalue_line("markers", "stress: long-running, large-input tests")
+    config.addinivalue_line("markers", "eight_ranks: runs 8 gloo processes (CPU context-parallel tests)")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -173,14 +173,16 @@ def _error_checks(rank: int, world_size: int) -> Dict[str, str]:
         return rfa.zigzag_llama3_flash_attn_varlen_func(q, k, v, cu_q, cu_k, 4 * N, 4 * N, hs, None,
                                                         use_fused_kernel=True)
 
-    bad_len = cu_seqlens([4 * N + N, 2 * N - N])  # total unchanged, first length not a multiple of 2N
+    # total unchanged, lengths not multiples of 2N: padded to 6N and 2N, a zigzag shard of 4 rows more
+    bad_len = cu_seqlens([4 * N + N, 2 * N - N])
     checks = {
         "length-not-multiple-of-2N": (lambda: call(cu_q=torch.div(bad_len, N, rounding_mode="floor").to(torch.int32),
                                                    cu_k=bad_len),
-                                      rf"cu_seqlens_k: sequence 0 has length {5 * N}, expected a multiple of "
-                                      rf"2 \* world_size = {2 * N}"),
+                                      rf"cu_seqlens_k: expected the GLOBAL cumulative lengths of a batch whose zigzag "
+                                      rf"shard has the {T} local tokens of q .* \({T + 2} local tokens\)"),
         "cu_seqlens_k-total": (lambda: call(cu_k=cu * 2, cu_q=cu_q * 2),
-                               rf"cu_seqlens_k: expected the last entry to be {N * T}"),
+                               rf"cu_seqlens_k: expected the GLOBAL cumulative lengths of a batch whose zigzag shard "
+                               rf"has the {T} local tokens of q .* \({2 * T} local tokens\)"),
         "cu_seqlens_q-global-not-local": (lambda: call(cu_q=cu) if N > 1 else call(cu_q=cu + 0 * cu + 1),
                                           r"cu_seqlens_q: expected the rank's LOCAL cumulative lengths"),
         "cu_seqlens-sizes": (lambda: call(cu_q=cu_q[:-1]), r"cu_seqlens_q: expected 3 entries"),
@@ -335,10 +337,9 @@ def test_shard_unshard_round_trip(world_size):
 
 
 def test_shard_rejects_bad_lengths():
-    with pytest.raises(ValueError,
-                       match=r"cu_seqlens: sequence 1 has length 6, expected a multiple of 2 \* world_size = 4"):
-        zu.zigzag_shard(torch.zeros(14, 2), [0, 8, 14], 0, 2)
-    with pytest.raises(ValueError, match=r"cu_seqlens: expected the last entry to be 16 \(the x rows\), got 8"):
+    with pytest.raises(ValueError, match=r"cu_seqlens: expected non-decreasing entries, got 8 then 6 at index 1"):
+        zu.zigzag_shard(torch.zeros(6, 2), [0, 8, 6], 0, 2)
+    with pytest.raises(ValueError, match=r"cu_seqlens: expected the last entry to be 16 \(the rows of x\), got 8"):
         zu.zigzag_shard(torch.zeros(16, 2), [0, 8], 0, 2)
     with pytest.raises(ValueError, match=r"rank: expected an int in \[0, 2\)"):
         zu.zigzag_shard(torch.zeros(8, 2), [0, 8], 2, 2)
@@ -354,12 +355,18 @@ def test_zigzag_prepare_cu_seqlens(world_size):
     assert cu_k.tolist() == cu.tolist()
     assert (max_q, max_k) == (max(lens) // world_size, max(lens))
     assert local_k_slice == slice(None)
-    # with max_seqlen given nothing is read (but CPU values are still checked)
+    # with max_seqlen given nothing is read (but CPU values are still checked): the longest local
+    # sequence of one of 1000 tokens, 2 ceil(1000 / 2N)
     assert rfa.zigzag_llama3_prepare_cu_seqlens(cu, True, 0, world_size, max_seqlen=1000)[2:4] == (
-        1000 // world_size, 1000)
-    if world_size > 1:
-        with pytest.raises(ValueError, match=r"cu_seqlens: sequence 0 has length"):
-            rfa.zigzag_llama3_prepare_cu_seqlens(cu_seqlens([world_size] + lens), True, 0, world_size)
+        2 * -(-1000 // (2 * world_size)), 1000)
+    # a length that is not a multiple of 2N is padded: 2 ceil(L / 2N) local rows
+    odd = [1, 2 * world_size + 1] + lens
+    cu_q, cu_k, max_q, max_k, _ = rfa.zigzag_llama3_prepare_cu_seqlens(cu_seqlens(odd), True, 0, world_size)
+    local = [2 * -(-n // (2 * world_size)) for n in odd]
+    assert cu_q.tolist() == cu_seqlens(local).tolist() and cu_k.tolist() == cu_seqlens(odd).tolist()
+    assert (max_q, max_k) == (max(local), max(odd))
+    with pytest.raises(ValueError, match=r"cu_seqlens: expected non-decreasing entries"):
+        rfa.zigzag_llama3_prepare_cu_seqlens([0, 4, 2], True, 0, world_size)
 
 
 def _llama3_brute_force(cu: List[int], causal: bool, rank: int, world_size: int):
@@ -380,19 +387,19 @@ def test_llama3_prepare_cu_seqlens_matches_brute_force(causal):
     for _ in range(20):
         world_size = rng.choice([1, 2, 4, 8])
         lens = [rng.randrange(1, 12) for _ in range(rng.randrange(1, 6))]
-        pad = (-sum(lens)) % world_size
-        lens[-1] += pad
         cu = cu_seqlens(lens).tolist()
+        # any total: the helper pads it to a multiple of N with a sequence of its own
+        padded = cu + ([cu[-1] + (-cu[-1]) % world_size] if cu[-1] % world_size else [])
         for rank in range(world_size):
             cu_q, cu_k, max_q, max_k, sl = rfa.llama3_flash_attn_prepare_cu_seqlens(
                 torch.tensor(cu, dtype=torch.int32), causal, rank, world_size)
-            q_lens, k_lens, expect_sl = _llama3_brute_force(cu, causal, rank, world_size)
+            q_lens, k_lens, expect_sl = _llama3_brute_force(padded, causal, rank, world_size)
             got_q = [b - a for a, b in zip(cu_q.tolist(), cu_q.tolist()[1:])]
             got_k = [b - a for a, b in zip(cu_k.tolist(), cu_k.tolist()[1:])]
             assert got_q == q_lens and got_k == k_lens and sl == expect_sl, (cu, rank, world_size)
             assert cu_q.tolist()[0] == 0 and cu_k.tolist()[0] == 0
             assert (max_q, max_k) == (max(q_lens), max(k_lens))
-            assert sum(q_lens) == cu[-1] // world_size
+            assert sum(q_lens) == padded[-1] // world_size == -(-cu[-1] // world_size)
 
 
 # ---- single-process (no process group: world size 1) --------------------------------------------
@@ -428,9 +435,10 @@ def test_single_process_errors():
     k = torch.randn(8, 2, 8)
     cu = cu_seqlens([8])
     f = rfa.zigzag_llama3_flash_attn_varlen_func
-    with pytest.raises(ValueError,
-                       match=r"cu_seqlens_k: sequence 0 has length 3, expected a multiple of 2 \* world_size = 2"):
-        f(q, k, k, cu_seqlens([3, 5]), cu_seqlens([3, 5]), 5, 5, 1, None)
+    # lengths 3 and 5 are padded to 4 and 6 (a shard of 10 rows, not 8)
+    with pytest.raises(ValueError, match=r"cu_seqlens_k: expected the GLOBAL cumulative lengths of a batch whose "
+                                         r"zigzag shard has the 8 local tokens of q .* \(10 local tokens\)"):
+        f(q, k, k, cu_seqlens([4, 6]), cu_seqlens([3, 5]), 5, 5, 1, None)
     with pytest.raises(ValueError, match=r"q: expected an even number of local tokens"):
         f(q[:7], k[:7], k[:7], cu, cu, 8, 8, 1, None)
     with pytest.raises(ValueError, match=r"max_seqlen_k: expected a Python int"):

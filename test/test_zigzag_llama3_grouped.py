@@ -218,7 +218,7 @@ def check_workload(name: str, lens: Sequence[int], args, rank: int, world: int, 
         try:
             out, lse, grads = run_zigzag(q, k, v, dout, cu_t, max(lens), rank, world, args.heads_k_stride, IMPLS[impl],
                                          backward=grads_single is not None,
-                                         reduce_dtype=torch.float32 if args.grad_reduce_dtype == "fp32" else None)
+                                         reduce_dtype=torch.float32 if args.grad_reduce_dtype == "fp32" else q.dtype)
         except Exception as e:  # noqa: BLE001 - reported as a failed check
             res.add(f"{tag} run", FAIL, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
             if rank == 0:
@@ -338,7 +338,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="cpu: a smoke test of this script on gloo and the CPU backend (use small sizes; the "
                         "no-sync and CUDA-graph checks are skipped)")
     p.add_argument("--grad-reduce-dtype", choices=("same", "fp32"), default="same",
-                   help="dtype of the dK/dV reduce-scatter (default: the dtype of k)")
+                   help="dtype of the dK/dV reduce-scatter: the dtype of k (same, the default here) or fp32 "
+                        "(the library's default)")
     p.add_argument("--varlen-unit", type=int, default=16,
                    help="the varlen batch has sequences of 96, 32 and 160 x (unit * world_size) tokens")
     return p.parse_args(argv)

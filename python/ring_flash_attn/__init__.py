@@ -24,7 +24,7 @@ from .cp.llama3 import (
     llama3_flash_attn_varlen_kvpacked_func,
     llama3_flash_attn_varlen_qkvpacked_func,
 )
-from .cp.llama3_layout import llama3_flash_attn_prepare_cu_seqlens
+from .cp.llama3_layout import llama3_flash_attn_prepare_cu_seqlens, llama3_shard, llama3_unshard
 from .cp.ring import (
     ring_flash_attn_func,
     ring_flash_attn_kvpacked_func,
@@ -55,6 +55,8 @@ from .cp.ulysses import (
     ulysses_prepare_cu_seqlens,
     ulysses_shard,
 )
+from .cp.ring_layout import ring_local_cu_seqlens, ring_shard, ring_unshard
+from .cp.stripe_layout import stripe_shard, stripe_unshard
 from .cp.zigzag_layout import (
     zigzag_gather,
     zigzag_llama3_prepare_cu_seqlens,
@@ -98,6 +100,8 @@ __all__ = [
     "llama3_flash_attn_varlen_func",
     "llama3_flash_attn_varlen_kvpacked_func",
     "llama3_flash_attn_varlen_qkvpacked_func",
+    "llama3_shard",
+    "llama3_unshard",
     "ops",
     "register_hf_attention",
     "restore_hf_flash_attn",
@@ -107,9 +111,14 @@ __all__ = [
     "ring_flash_attn_varlen_func",
     "ring_flash_attn_varlen_kvpacked_func",
     "ring_flash_attn_varlen_qkvpacked_func",
+    "ring_local_cu_seqlens",
+    "ring_shard",
+    "ring_unshard",
     "stripe_flash_attn_func",
     "stripe_flash_attn_kvpacked_func",
     "stripe_flash_attn_qkvpacked_func",
+    "stripe_shard",
+    "stripe_unshard",
     "substitute_hf_flash_attn",
     "update_ring_flash_attn_params",
     "use_ring_attn",

@@ -1,8 +1,9 @@
 """Llama3 context parallelism in the CONTIGUOUS layout (upstream ring-flash-attention's
 ``llama3_flash_attn_varlen_func``): forward and backward on the library's grouped op.
 
-Layout: N ranks; the packed batch (total T_g tokens, divisible by N) is cut into N contiguous
-pieces of T = T_g / N tokens and rank r holds tokens ``[r T, (r+1) T)``. The metadata is what
+Layout: N ranks; the packed batch (total T_g tokens, padded to a multiple of N by
+``llama3_shard``: the padding rows are a sequence of their own after the last one) is cut into N
+contiguous pieces of T = T_g / N tokens and rank r holds tokens ``[r T, (r+1) T)``. The metadata is what
 ``llama3_flash_attn_prepare_cu_seqlens`` returns for the rank: ``cu_seqlens_q`` (the rank's pieces
 of the sequences it touches, relative to its first token), ``cu_seqlens_k`` (the keys each piece
 needs, relative to ``local_k_slice.start`` in the gathered K/V), the maxima, and ``local_k_slice``.
@@ -15,7 +16,10 @@ is in flight while the current slice is computed (``all_gather.gather_kv_slices`
 Backward, per slice: re-gather K/V, one G=1 backward call writing dQ (local) and dK/dV of the
 gathered slice's ``local_k_slice`` rows into a zeroed buffer of the whole gathered slice, then an
 asynchronous reduce-scatter of that buffer to the owning ranks (one slice behind;
-``reduce_scatter.SliceReduceScatter``).
+``reduce_scatter.SliceReduceScatter``). The buffer and the reduce-scatter are in fp32 (fp64 for
+fp64 data) unless ``grad_reduce_dtype`` says otherwise, so that dK/dV are rounded to the input
+dtype once; where the backend can return a call's dK/dV unrounded (``precision.fp32_partials``),
+the backward calls run on fp32 operands.
 
 No host synchronisation in forward or backward: ``max_seqlen_*`` and ``local_k_slice`` are Python
 values from the caller; metadata VALUES are checked on the host only where that is free (CPU) or
@@ -35,6 +39,7 @@ from .._checks import check_flash_attn_defaults
 from ..grouped import _resolve_scale
 from .all_gather import KVSlicePlan, gather_kv_slices, sliced_kv_attention
 from .llama3_layout import llama3_flash_attn_prepare_cu_seqlens
+from .precision import accumulation_dtype, fp32_partials, widen
 from .process_group import resolve_group
 from .rank_agreement import Fingerprint, RankAgreement, device_of, effective_scale
 from .reduce_scatter import SliceReduceScatter
@@ -72,6 +77,8 @@ class _Plan(KVSlicePlan):
     cu_seqlens_q: Tensor
     cu_seqlens_k: Tensor
     k_slice: slice  # rows of the gathered K/V the local queries use
+    reduce_dtype: torch.dtype = torch.float32  # of the dK/dV buffer and its reduce-scatter
+    wide: bool = False  # backward calls on fp32 operands (precision.fp32_partials)
     src: Optional[Tensor] = None  # the contiguous layout needs no reordering
     inv_src: Optional[Tensor] = None
 
@@ -210,22 +217,30 @@ def _backward(plan: _Plan, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
     if not dout.is_contiguous():
         dout = dout.contiguous()  # e.g. the expanded gradient of a .sum()
     hq, hs, ks, D = plan.heads_q_per_slice, plan.heads_k_stride, plan.k_slice, k.shape[2]
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    q_in, out_in, dout_in = (widen(t, plan.wide) for t in (q, out, dout))
+    call_dtype = q_in.dtype
+    dq = torch.empty(q.shape, dtype=call_dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     rs = SliceReduceScatter(plan, dk, dv)
     for s, (k_s, v_s) in enumerate(gather_kv_slices(plan, k, v)):
         qsl = slice(s * hq, (s + 1) * hq)
         # rows outside local_k_slice get no gradient from this rank
-        dkv = torch.zeros((plan.total_global, 2, hs, D), dtype=k.dtype, device=k.device)
-        ops.bwd_into([dout[:, qsl]], [q[:, qsl]], k_s[ks], v_s[ks], [out[:, qsl]], [lse_buf[s]],
-                     [plan.cu_seqlens_q], plan.cu_seqlens_k, [None], [plan.max_seqlen_q], plan.max_seqlen_k,
-                     plan.scale, plan.causal, plan.deterministic, [dq[:, qsl]], dkv[ks, 0], dkv[ks, 1])
-        del k_s, v_s
+        dkv = torch.zeros((plan.total_global, 2, hs, D), dtype=plan.reduce_dtype, device=k.device)
+        # the call writes dK/dV in its own dtype: straight into the buffer, or through a copy
+        out_kv = dkv[ks] if call_dtype == plan.reduce_dtype else torch.empty(
+            (ks.stop - ks.start, 2, hs, D), dtype=call_dtype, device=k.device)
+        ops.bwd_into([dout_in[:, qsl]], [q_in[:, qsl]], widen(k_s[ks], plan.wide), widen(v_s[ks], plan.wide),
+                     [out_in[:, qsl]], [lse_buf[s]], [plan.cu_seqlens_q], plan.cu_seqlens_k, [None],
+                     [plan.max_seqlen_q], plan.max_seqlen_k, plan.scale, plan.causal, plan.deterministic,
+                     [dq[:, qsl]], out_kv[:, 0], out_kv[:, 1])
+        if out_kv.dtype != dkv.dtype:
+            dkv[ks] = out_kv
+        del k_s, v_s, out_kv
         rs.submit(s, dkv)
         del dkv
     rs.finish()
-    return dq, dk, dv
+    return dq.to(q.dtype), dk, dv
 
 
 def llama3_flash_attn_varlen_func(
@@ -233,7 +248,7 @@ def llama3_flash_attn_varlen_func(
     max_seqlen_k: int, heads_k_stride: int, local_k_slice: Optional[slice], dropout_p: float = 0.0,
     softmax_scale: Optional[float] = None, causal: bool = False, window_size: Tuple[int, int] = (-1, -1),
     alibi_slopes: Optional[Tensor] = None, deterministic: bool = False, return_attn_probs: bool = False,
-    group: Optional[ProcessGroup] = None,
+    group: Optional[ProcessGroup] = None, grad_reduce_dtype: Optional[torch.dtype] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor, None]]:
     """Llama3 context-parallel attention in the contiguous layout (upstream's signature).
 
@@ -250,6 +265,9 @@ def llama3_flash_attn_varlen_func(
         deterministic: bit-identical backward run to run.
         return_attn_probs: return ``(out, lse, None)`` (lse float32 ``[Hq, T]``, not differentiable).
         group: the process group (default: the default group; none initialised: single process).
+        grad_reduce_dtype: dtype of the dK/dV reduce-scatter: None = fp32 (fp64 for fp64 data),
+            so that the error of dK/dV does not grow with the number of ranks; the dtype of k
+            halves its bytes at the cost of a rounding per addition.
 
     Returns ``out`` ``[T, Hq, D]`` or ``(out, lse, None)``. Collective: every rank of ``group``
     must call it with the same shapes and flags and its metadata of the same global batch;
@@ -265,6 +283,10 @@ def llama3_flash_attn_varlen_func(
         k_slice = _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride,
                             local_k_slice, dropout_p, window_size, alibi_slopes, world_size)
         scale = _resolve_scale(softmax_scale)
+        if grad_reduce_dtype is not None and grad_reduce_dtype not in (torch.float32, torch.float64, q.dtype):
+            raise ValueError(f"grad_reduce_dtype: expected None, torch.float32, torch.float64 or {q.dtype} "
+                             f"(the dtype of q), got {grad_reduce_dtype}")
+        reduce_dtype = grad_reduce_dtype if grad_reduce_dtype is not None else accumulation_dtype(q.dtype)
         if values_checked:
             q_values, k_values = _check_values(cu_seqlens_q, cu_seqlens_k, q.shape[0], k_slice, rank, bool(causal))
     agreement.check(lambda: Fingerprint()
@@ -272,13 +294,15 @@ def llama3_flash_attn_varlen_func(
                     .dtype("the dtype of q", q.dtype).integer("heads_k_stride", heads_k_stride)
                     .flag("causal", causal).real("softmax_scale", effective_scale(softmax_scale, q.shape[-1]))
                     .flag("deterministic", deterministic)
+                    .dtype("the dtype of the dK/dV reduction (grad_reduce_dtype)", reduce_dtype)
                     .local("sequence boundaries", _boundary_facts(q_values, k_values, q.shape[0], k_slice, rank)),
                     _boundaries_agree(bool(causal), q.shape[0]))
     plan = _Plan(
         group=group, world_size=world_size, rank=rank, total_local=q.shape[0], num_heads_q=q.shape[1],
         num_heads_k=k.shape[1], heads_k_stride=int(heads_k_stride), scale=scale,
         causal=bool(causal), deterministic=bool(deterministic), max_seqlen_q=int(max_seqlen_q),
-        max_seqlen_k=int(max_seqlen_k), cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, k_slice=k_slice)
+        max_seqlen_k=int(max_seqlen_k), cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, k_slice=k_slice,
+        reduce_dtype=reduce_dtype, wide=world_size > 1 and fp32_partials(q.device, q.dtype))
     return sliced_kv_attention(q, k, v, plan, _forward, _backward, return_attn_probs)
 
 
@@ -287,7 +311,7 @@ def llama3_flash_attn_varlen_kvpacked_func(
     heads_k_stride: int, local_k_slice: Optional[slice], dropout_p: float = 0.0,
     softmax_scale: Optional[float] = None, causal: bool = False, window_size: Tuple[int, int] = (-1, -1),
     alibi_slopes: Optional[Tensor] = None, deterministic: bool = False, return_attn_probs: bool = False,
-    group: Optional[ProcessGroup] = None,
+    group: Optional[ProcessGroup] = None, grad_reduce_dtype: Optional[torch.dtype] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor, None]]:
     """``llama3_flash_attn_varlen_func`` with K and V packed: q ``[T, Hq, D]``, ``kv``
     ``[T, 2, Hk, D]``. Returns ``out`` ``[T, Hq, D]`` or ``(out, lse, None)``."""
@@ -295,7 +319,7 @@ def llama3_flash_attn_varlen_kvpacked_func(
     return llama3_flash_attn_varlen_func(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride,
         local_k_slice, dropout_p, softmax_scale, causal, window_size, alibi_slopes, deterministic,
-        return_attn_probs, group)
+        return_attn_probs, group, grad_reduce_dtype)
 
 
 def llama3_flash_attn_varlen_qkvpacked_func(
@@ -303,7 +327,7 @@ def llama3_flash_attn_varlen_qkvpacked_func(
     heads_k_stride: int, local_k_slice: Optional[slice], dropout_p: float = 0.0,
     softmax_scale: Optional[float] = None, causal: bool = False, window_size: Tuple[int, int] = (-1, -1),
     alibi_slopes: Optional[Tensor] = None, deterministic: bool = False, return_attn_probs: bool = False,
-    group: Optional[ProcessGroup] = None,
+    group: Optional[ProcessGroup] = None, grad_reduce_dtype: Optional[torch.dtype] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor, None]]:
     """``llama3_flash_attn_varlen_func`` with Q, K and V packed (MHA): ``qkv`` ``[T, 3, H, D]``.
     Returns ``out`` ``[T, H, D]`` or ``(out, lse, None)``."""
@@ -311,7 +335,7 @@ def llama3_flash_attn_varlen_qkvpacked_func(
     return llama3_flash_attn_varlen_func(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride,
         local_k_slice, dropout_p, softmax_scale, causal, window_size, alibi_slopes, deterministic,
-        return_attn_probs, group)
+        return_attn_probs, group, grad_reduce_dtype)
 
 
 def hf_batch_metadata(cu_seqlens: List[int], rank: int, world_size: int) -> Dict[bool, BatchMetadata]:

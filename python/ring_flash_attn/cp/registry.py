@@ -14,14 +14,16 @@ from .hybrid import HF_ATTN_HYBRID, hybrid_flash_attn_varlen_func, hybrid_prepar
 from .hybrid import hf_batch_metadata as hybrid_hf_batch_metadata
 from .llama3 import HF_ATTN_LLAMA3, llama3_flash_attn_varlen_func
 from .llama3 import hf_batch_metadata as llama3_hf_batch_metadata
-from .llama3_layout import llama3_flash_attn_prepare_cu_seqlens
+from .llama3_layout import llama3_flash_attn_prepare_cu_seqlens, llama3_shard, llama3_unshard
 from .ring import ring_flash_attn_func, ring_flash_attn_varlen_func
+from .ring_layout import ring_local_cu_seqlens, ring_shard, ring_unshard
 from .scheme import ContextParallelScheme, HFBinding
 from .stripe import stripe_flash_attn_func
 from .ulysses import (HF_ATTN_ULYSSES, ulysses_flash_attn_func, ulysses_flash_attn_varlen_func,
                       ulysses_prepare_cu_seqlens, ulysses_shard)
 from .ulysses import hf_batch_metadata as ulysses_hf_batch_metadata
-from .zigzag_layout import zigzag_llama3_prepare_cu_seqlens, zigzag_local_cu_seqlens, zigzag_shard
+from .stripe_layout import stripe_shard, stripe_unshard
+from .zigzag_layout import zigzag_llama3_prepare_cu_seqlens, zigzag_local_cu_seqlens, zigzag_shard, zigzag_unshard
 from .zigzag_llama3 import HF_ATTN_ZIGZAG_LLAMA3, zigzag_llama3_flash_attn_varlen_func
 from .zigzag_llama3 import hf_batch_metadata as zigzag_llama3_hf_batch_metadata
 from .zigzag_ring import zigzag_ring_flash_attn_func, zigzag_ring_flash_attn_varlen_func
@@ -77,29 +79,31 @@ def hf_scheme(attn_implementation: str) -> ContextParallelScheme:
 register_scheme(ContextParallelScheme(
     name="ring", layout="contiguous",
     summary="ring attention, rank r holds piece r of every sequence (K/V blocks pass around the ring)",
-    func=ring_flash_attn_func, varlen_func=ring_flash_attn_varlen_func))
+    func=ring_flash_attn_func, varlen_func=ring_flash_attn_varlen_func, shard=ring_shard, unshard=ring_unshard,
+    prepare_cu_seqlens=ring_local_cu_seqlens))
 
 register_scheme(ContextParallelScheme(
     name="zigzag_ring", layout="zigzag",
     summary="ring attention, rank r holds chunks r and 2N-1-r of every sequence (causal work balanced)",
     func=zigzag_ring_flash_attn_func, varlen_func=zigzag_ring_flash_attn_varlen_func,
-    shard=zigzag_shard, prepare_cu_seqlens=zigzag_local_cu_seqlens))
+    shard=zigzag_shard, unshard=zigzag_unshard, prepare_cu_seqlens=zigzag_local_cu_seqlens))
 
 register_scheme(ContextParallelScheme(
     name="stripe", layout="stripe",
     summary="ring attention, rank r holds tokens r, r + N, r + 2N, ... of every sequence",
-    func=stripe_flash_attn_func))
+    func=stripe_flash_attn_func, shard=stripe_shard, unshard=stripe_unshard))
 
 register_scheme(ContextParallelScheme(
     name="llama3", layout="contiguous",
-    summary="all-gather of K/V slices, rank r holds tokens [r T/N, (r+1) T/N) of the packed batch",
-    varlen_func=llama3_flash_attn_varlen_func, prepare_cu_seqlens=llama3_flash_attn_prepare_cu_seqlens,
+    summary="all-gather of K/V slices, rank r holds tokens [r T/N, (r+1) T/N) of the packed batch (padded to N T)",
+    varlen_func=llama3_flash_attn_varlen_func, shard=llama3_shard, unshard=llama3_unshard,
+    prepare_cu_seqlens=llama3_flash_attn_prepare_cu_seqlens,
     hf=HFBinding(attn_implementation=HF_ATTN_LLAMA3, prepare_batch=llama3_hf_batch_metadata)))
 
 register_scheme(ContextParallelScheme(
     name="zigzag_llama3", layout="zigzag",
     summary="all-gather of K/V slices, rank r holds chunks r and 2N-1-r of every sequence",
-    varlen_func=zigzag_llama3_flash_attn_varlen_func, shard=zigzag_shard,
+    varlen_func=zigzag_llama3_flash_attn_varlen_func, shard=zigzag_shard, unshard=zigzag_unshard,
     prepare_cu_seqlens=zigzag_llama3_prepare_cu_seqlens,
     hf=HFBinding(attn_implementation=HF_ATTN_ZIGZAG_LLAMA3, prepare_batch=zigzag_llama3_hf_batch_metadata)))
 

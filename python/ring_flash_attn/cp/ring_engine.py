@@ -25,6 +25,20 @@ its transfer overlapping the next step's kernels) and arrives back at the block'
 transfers. (The CPU backend's fp64 backward recomputes the LSE of its own call instead of using
 the given one; ``_rescale_dout`` compensates exactly, see there.)
 
+Sequences of any length (``seqlens``): a sequence whose global length S is not a multiple of the
+layout's unit (N; zigzag 2N) is laid out as one of P >= S tokens whose last P - S are padding
+(``padding``). The real rows of every piece are a prefix of it, so every sub-block call splits
+each sequence into its real prefix and its padding suffix (``padding.split_padding``): real
+queries see only real keys (``seqused_k``; a causal sub-block is square and top-left aligned, and
+a real query never sees a later position, so its keys are the first as many rows as it has real
+queries), padding queries see no key (O = 0, LSE = -inf, no gradient), padding keys are never
+read.
+
+Precision (``precision``): the partial outputs, dQ and the dK/dV buffers are summed in fp32 (fp64
+for fp64 data), the dK/dV travel in it, and each result is rounded to the input dtype once; where
+the backend can return a call's outputs unrounded (``precision.fp32_partials``), the calls run on
+fp32 operands so that no partial is rounded either.
+
 Without ``causal`` every query sees every key block fully (upstream's zigzag asserts causal).
 Differences from upstream: dQ keeps the input dtype (upstream returns bf16); the merge is done in
 fp64 for fp64 inputs; the varlen LSE is flash-attn's ``[H, T]`` layout; no host sync (upstream's
@@ -34,7 +48,7 @@ zigzag varlen reads cu_seqlens on the host).
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Tuple
 
 import torch
@@ -45,11 +59,13 @@ from .._checks import check_flash_attn_defaults
 from ..grouped import _resolve_scale
 from .index_maps import sequence_of
 from .lse_merge import merge_partial
+from .padding import SeqlensArg, real_rows, split_keys, split_queries, split_used
+from .precision import accumulation_dtype, fp32_partials, widen
 from .process_group import resolve_group
 from .rank_agreement import Fingerprint, RankAgreement, device_of, effective_scale
 from .ring_comm import RingComm
 from .validation import (check_cu_seqlens, check_heads, check_int32_count, check_local_tokens, check_qkv,
-                         metadata_checks_enabled, unpack)
+                         metadata_checks_enabled, short_list, unpack)
 
 __all__ = [
     "RingLayout",
@@ -77,10 +93,12 @@ Task = Tuple[str, str, bool]
 class RingLayout:
     """A ring scheme's layout.
 
-    name: the layout's name (``"ring"``, ``"zigzag"``, ``"stripe"``).
+    name: the layout's name (``"ring"``, ``"zigzag"``, ``"stripe"``; ``padding`` knows where each
+        puts a sequence's positions).
     causal_tasks: ``(step, src, rank) -> [Task]``, the sub-blocks computed under a causal mask
         at ``step`` while the K/V block of rank ``src`` is held (step 0: ``src == rank``). The
-        first task of step 0 must cover all rows. Without a causal mask every step computes
+        first task of step 0 must cover all rows. Every causal task is a square sub-block (row sets
+        of equal length per sequence) aligned top-left. Without a causal mask every step computes
         ``("all", "all", False)``.
     row_sets: the row sets other than "all" that ``causal_tasks`` uses.
     even_halves: every local sequence is two chunks of equal length (its length must be even).
@@ -139,6 +157,57 @@ def _validate_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p, window_size, al
                 if (y - x) % 2:
                     raise ValueError(f"cu_seqlens: local sequence {b} has length {y - x}, expected an even length "
                                      f"(two {layout.name} chunks of equal length)")
+
+
+def _resolve_seqlens(seqlens: SeqlensArg, local_lengths: Tensor, world_size: int, device: torch.device,
+                     batched_local: Optional[int]) -> Optional[Tensor]:
+    """The caller's ``seqlens`` (the real GLOBAL length of each sequence) as an int64 ``[B]``
+    tensor on ``device``, or None when every sequence is all real (no padding). local_lengths:
+    int64 ``[B]``, the local rows of each sequence (a sequence's real length is at most N times
+    that); batched_local: the batched forms' local_seqlen L (an int ``seqlens`` is accepted only
+    there), None for the varlen forms. Values are checked on the host where that is free (CPU)
+    or on request."""
+    batched = batched_local is not None
+    B = local_lengths.shape[0]
+    N = world_size
+    if seqlens is None:
+        return None
+    if isinstance(seqlens, bool):
+        raise ValueError(f"seqlens: expected an int, a sequence of {B} ints or an int tensor [{B}], got {seqlens!r}")
+    if isinstance(seqlens, numbers.Integral):
+        if not batched:
+            raise ValueError(f"seqlens: expected a sequence of {B} ints or an int32 tensor [{B}] (one real global "
+                             f"length per sequence), got the int {seqlens}")
+        full = N * batched_local
+        if not 0 <= int(seqlens) <= full:
+            raise ValueError(f"seqlens: expected a real global length in [0, {full}] (world_size {N} x local_seqlen "
+                             f"{batched_local}), got {int(seqlens)}")
+        if int(seqlens) == full:
+            return None
+        return torch.full((B,), int(seqlens), dtype=torch.int64, device=device)
+    if isinstance(seqlens, Tensor):
+        if seqlens.dtype not in (torch.int32, torch.int64) or seqlens.dim() != 1 or seqlens.shape[0] != B:
+            raise ValueError(f"seqlens: expected an int32 or int64 tensor [{B}] (one real global length per "
+                             f"sequence), got dtype {seqlens.dtype} shape {tuple(seqlens.shape)}")
+        if seqlens.device != device:
+            raise ValueError(f"seqlens: expected a tensor on {device} (the device of q), got {seqlens.device}")
+        lengths = seqlens.to(torch.int64)
+    else:
+        try:
+            values = [int(x) for x in seqlens]
+        except TypeError:
+            raise ValueError(f"seqlens: expected an int, a sequence of {B} ints or an int tensor [{B}], got "
+                             f"{type(seqlens).__name__}") from None
+        if len(values) != B:
+            raise ValueError(f"seqlens: expected {B} entries (one real global length per sequence), got {len(values)}")
+        lengths = torch.tensor(values, dtype=torch.int64, device=device)
+    if metadata_checks_enabled(device):
+        got, local = lengths.tolist(), local_lengths.tolist()
+        for b, (x, n) in enumerate(zip(got, local)):
+            if not 0 <= x <= N * n:
+                raise ValueError(f"seqlens: expected entry {b} in [0, {N * n}] (world_size {N} x its {n} local rows), "
+                                 f"got {x} ({short_list(got)})")
+    return lengths
 
 
 # ---- row sets ----------------------------------------------------------------------------------------
@@ -220,15 +289,53 @@ class _Plan:
     acc_dtype: torch.dtype
     rows: dict  # name -> _Rows
     lse_recomputed: bool = False  # the backend's backward ignores the given LSE (see _rescale_dout)
+    seqlens: Optional[Tensor] = None  # int64 [B], real GLOBAL lengths; None: no padding
+    local_lengths: Optional[Tensor] = None  # int64 [B], local rows per sequence (with seqlens)
+    wide: bool = False  # kernel calls on fp32 operands: partials not rounded (precision.fp32_partials)
+    metadata: dict = field(default_factory=dict)  # (what, row set) -> split metadata, built once
+
+    def task_metadata(self, qn: str, kn: str, causal: bool, src: int) -> tuple:
+        """The kernel metadata of a sub-block (query row set qn of this rank against key row set
+        kn of rank src): ``([cu_seqlens_q], cu_seqlens_k, [seqused_k], [max_seqlen_q],
+        max_seqlen_k)``. With padding, each sequence is split into its real prefix and its
+        padding suffix (``padding.split_padding``); a causal sub-block is square and top-left
+        aligned and a real query sees no later position, so its keys are the first as many rows
+        as it has real queries (all real); a non-causal one sees the real rows of src's block."""
+        qr, kr = self.rows[qn], self.rows[kn]
+        if self.seqlens is None:
+            return [qr.cu], kr.cu, [None], [qr.max_seqlen], kr.max_seqlen
+        used = self._split("used_q", qn) if causal else self._split("used_k", kn)[src]
+        return [self._split("cu_q", qn)], self._split("cu_k", kn), [used], [qr.max_seqlen], kr.max_seqlen
+
+    def _split(self, what: str, name: str) -> Tensor:
+        """The split metadata (built once per call, on the device) of row set ``name``: "cu_q" /
+        "cu_k" its split cu_seqlens as queries / keys, "used_q" the seqused_k of its real rows on
+        this rank, "used_k" ``[N, 2B]`` that of its real rows on every rank."""
+        key = (what, name)
+        if key not in self.metadata:
+            layout, N, rows = self.layout.name, self.world_size, self.rows[name]
+            if what == "cu_q":
+                real = real_rows(layout, name, self.seqlens, self.local_lengths, self.rank, N)
+                value = split_queries(rows.cu, real)
+            elif what == "cu_k":
+                value = split_keys(rows.cu)
+            elif what == "used_q":
+                value = split_used(real_rows(layout, name, self.seqlens, self.local_lengths, self.rank, N))
+            else:
+                holders = torch.arange(N, device=rows.cu.device, dtype=torch.int64)[:, None]
+                value = split_used(real_rows(layout, name, self.seqlens, self.local_lengths, holders, N))
+            self.metadata[key] = value
+        return self.metadata[key]
 
 
 # ---- forward ---------------------------------------------------------------------------------------
 
 
-def _block_fwd(plan: _Plan, q: Tensor, kv: Tensor, qn: str, kn: str, causal: bool):
+def _block_fwd(plan: _Plan, q: Tensor, kv: Tensor, qn: str, kn: str, causal: bool, src: int):
     qr, kr = plan.rows[qn], plan.rows[kn]
+    cu_q, cu_k, used, max_q, max_k = plan.task_metadata(qn, kn, causal, src)
     (o,), (lse,) = ops.grouped_fwd(
-        [qr.take(q)], kr.take(kv[0]), kr.take(kv[1]), [qr.cu], kr.cu, [None], [qr.max_seqlen], kr.max_seqlen,
+        [qr.take(q)], kr.take(kv[0]), kr.take(kv[1]), cu_q, cu_k, used, max_q, max_k,
         plan.scale, causal, plan.deterministic)
     return o, lse
 
@@ -240,15 +347,17 @@ def _forward(plan: _Plan, q: Tensor, k: Tensor, v: Tensor):
     # merge with zeros, which at N = 1 would be the whole cost of the ring code around the kernel).
     out_acc: Optional[Tensor] = None
     lse_acc: Optional[Tensor] = None
-    kv = torch.stack([k, v])  # one send buffer [2, T, Hk, D]
+    kv = torch.stack([k, v])  # one send buffer [2, T, Hk, D], in the input dtype
+    q_in = widen(q, plan.wide)
     ring = RingComm(plan.group, N, rank) if N > 1 else None
     for step in range(N):
         pending = None
         if step + 1 < N:
             kv_next, pending = ring.post(kv, _TAG_KV)  # in flight while this block is computed
         src = (rank - step) % N
+        kv_in = widen(kv, plan.wide)
         for qn, kn, causal in _tasks(plan.layout, plan.causal, step, src, rank):
-            o, lse = _block_fwd(plan, q, kv, qn, kn, causal)
+            o, lse = _block_fwd(plan, q_in, kv_in, qn, kn, causal, src)
             if out_acc is None and plan.rows[qn].index is None:
                 out_acc, lse_acc = o, lse
                 continue
@@ -268,14 +377,14 @@ def _forward(plan: _Plan, q: Tensor, k: Tensor, v: Tensor):
 
 
 def _rescale_dout(plan: _Plan, dout_b: Tensor, q: Tensor, kv: Tensor, lse_b: Tensor, qn: str, kn: str,
-                  causal: bool) -> Tensor:
+                  causal: bool, src: int) -> Tensor:
     """For a backend whose backward recomputes the LSE over the keys of its call (the CPU
     backend with fp64 data does, for fp64 accuracy) instead of using the given one: its
     probabilities are the block's own, P_blk = P * exp(lse - lse_blk) per row. The backward is
     linear in dout given P (dS = P (dO V^T - rowsum(dO O)), dV = P^T dO), so scaling dout by
     w = exp(lse_blk - lse) per row gives exactly the gradients of the global softmax. lse_blk
     comes from one more forward call on the block (fp32 LSE: fp32-accurate weights)."""
-    _, lse_blk = _block_fwd(plan, q, kv, qn, kn, causal)
+    _, lse_blk = _block_fwd(plan, q, kv, qn, kn, causal, src)
     lse_all = lse_b.to(torch.float64)
     w = torch.exp(lse_blk.to(torch.float64) - torch.where(torch.isneginf(lse_all), 0.0, lse_all))
     w = torch.where(torch.isneginf(lse_all), 0.0, w)
@@ -293,6 +402,7 @@ def _backward(plan: _Plan, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
     if N == 1:  # one step, no transfer: nothing to stack, merge or send
         return _backward_single_step(plan, dout, q, k, v, out, lse)
     kv = torch.stack([k, v])
+    q_in, out_in, dout_in = (widen(t, plan.wide) for t in (q, out, dout))
     ring = RingComm(plan.group, N, rank)
     dkv_pending = None
     dkv = None
@@ -301,16 +411,18 @@ def _backward(plan: _Plan, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
         if step + 1 < N:
             kv_next, kv_pending = ring.post(kv, _TAG_KV)
         src = (rank - step) % N
+        kv_in = widen(kv, plan.wide)
         dkv_step = None
         for qn, kn, causal in _tasks(plan.layout, plan.causal, step, src, rank):
             qr, kr = plan.rows[qn], plan.rows[kn]
             lse_b = qr.take(lse, 1).contiguous()
-            dout_b = qr.take(dout)
+            dout_b = qr.take(dout_in)
             if plan.lse_recomputed:
-                dout_b = _rescale_dout(plan, dout_b, q, kv, lse_b, qn, kn, causal)
+                dout_b = _rescale_dout(plan, dout_b, q_in, kv_in, lse_b, qn, kn, causal, src)
+            cu_q, cu_k, used, max_q, max_k = plan.task_metadata(qn, kn, causal, src)
             (dq_b,), dk_b, dv_b = ops.grouped_bwd(
-                [dout_b], [qr.take(q)], kr.take(kv[0]), kr.take(kv[1]), [qr.take(out)], [lse_b],
-                [qr.cu], kr.cu, [None], [qr.max_seqlen], kr.max_seqlen, plan.scale, causal, plan.deterministic)
+                [dout_b], [qr.take(q_in)], kr.take(kv_in[0]), kr.take(kv_in[1]), [qr.take(out_in)], [lse_b],
+                cu_q, cu_k, used, max_q, max_k, plan.scale, causal, plan.deterministic)
             if dkv_step is None:
                 dkv_step = torch.zeros((2, T, Hk, D), dtype=plan.acc_dtype, device=q.device)
             if dq_acc is None and qr.index is None:
@@ -355,9 +467,10 @@ def _backward_single_step(plan: _Plan, dout: Tensor, q: Tensor, k: Tensor, v: Te
     # The forward ran on a fresh K/V buffer (torch.stack); so does this call, so that any K/V
     # layout the forward accepted is accepted here too.
     k, v = torch.stack([k, v])
+    cu_q, cu_k, used, max_q, max_k = plan.task_metadata(qn, kn, causal, plan.rank)
     (dq,), dk, dv = ops.grouped_bwd(
-        [dout], [q], k, v, [out], [lse.contiguous()], [plan.rows["all"].cu], plan.rows["all"].cu, [None],
-        [plan.rows["all"].max_seqlen], plan.rows["all"].max_seqlen, plan.scale, causal, plan.deterministic)
+        [dout], [q], k, v, [out], [lse.contiguous()], cu_q, cu_k, used, max_q, max_k, plan.scale, causal,
+        plan.deterministic)
     return dq, dk, dv
 
 
@@ -385,20 +498,26 @@ class _RingAttention(torch.autograd.Function):
 
 
 def _make_plan(layout: RingLayout, q3, cu_local, max_local, softmax_scale, causal, deterministic, group,
-               world_size: int, rank: int) -> _Plan:
-    acc = torch.float64 if q3.dtype == torch.float64 else torch.float32
+               world_size: int, rank: int, seqlens: Optional[Tensor] = None) -> _Plan:
+    local_lengths = None
+    if seqlens is not None:
+        cu = cu_local.to(torch.int64)
+        local_lengths = cu[1:] - cu[:-1]
     return _Plan(layout=layout, group=group, world_size=world_size, rank=rank,
                  scale=_resolve_scale(softmax_scale), causal=bool(causal),
-                 deterministic=bool(deterministic), acc_dtype=acc,
+                 deterministic=bool(deterministic), acc_dtype=accumulation_dtype(q3.dtype),
                  rows=_row_sets(layout, bool(causal), cu_local, max_local, q3.shape[0]),
-                 lse_recomputed=q3.dtype == torch.float64 and q3.device.type == "cpu")
+                 lse_recomputed=q3.dtype == torch.float64 and q3.device.type == "cpu",
+                 seqlens=seqlens, local_lengths=local_lengths,
+                 wide=world_size > 1 and fp32_partials(q3.device, q3.dtype))
 
 
 # ---- the entry points of the scheme modules ------------------------------------------------------------
 
 
 def _agree(agreement: RankAgreement, q: Tensor, k: Tensor, softmax_scale: Optional[float], causal: bool,
-           deterministic: bool, cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None) -> None:
+           deterministic: bool, cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None,
+           seqlens: Optional[Tensor] = None) -> None:
     """The cross-rank check (``rank_agreement``, opt-in) of a ring call's validated arguments."""
 
     def fingerprint() -> Fingerprint:
@@ -408,6 +527,9 @@ def _agree(agreement: RankAgreement, q: Tensor, k: Tensor, softmax_scale: Option
               .flag("deterministic", deterministic))
         if cu_seqlens is not None:
             fp.tensor_values("cu_seqlens", cu_seqlens).integer("max_seqlen", max_seqlen)
+        fp.flag("padding (seqlens given)", seqlens is not None)
+        if seqlens is not None:
+            fp.tensor_values("seqlens", seqlens)
         return fp
 
     agreement.check(fingerprint)
@@ -416,22 +538,26 @@ def _agree(agreement: RankAgreement, q: Tensor, k: Tensor, softmax_scale: Option
 def ring_attention(layout: RingLayout, q: Tensor, k: Tensor, v: Tensor, dropout_p: float,
                    softmax_scale: Optional[float], causal: bool, window_size: Tuple[int, int],
                    alibi_slopes: Optional[Tensor], deterministic: bool, return_attn_probs: bool,
-                   group: Optional[object]):
+                   group: Optional[object], seqlens: SeqlensArg = None):
     """The batched forms: q ``[B, L, Hq, D]``, k/v ``[B, L, Hk, D]`` (B sequences of L local
-    tokens) -> out ``[B, L, Hq, D]``, or ``(out, lse [B, Hq, L], None)``."""
+    tokens) -> out ``[B, L, Hq, D]``, or ``(out, lse [B, Hq, L], None)``. seqlens: the real
+    GLOBAL length of each sequence (see the shared argument docs)."""
     group, world_size, rank = resolve_group(group)
     agreement = RankAgreement(layout.function_name(varlen=False), group, world_size, device_of(q),
                               metadata_checks_enabled(device_of(q)))
     with agreement.validating():
         _validate(q, k, v, dropout_p, window_size, alibi_slopes, layout)
         _resolve_scale(softmax_scale)
-    _agree(agreement, q, k, softmax_scale, causal, deterministic)
+        B, L = q.shape[:2]
+        lengths = None if seqlens is None else _resolve_seqlens(
+            seqlens, torch.full((B,), L, dtype=torch.int64), world_size, q.device, L)
+    _agree(agreement, q, k, softmax_scale, causal, deterministic, seqlens=lengths)
     B, L, Hq, D = q.shape
     Hk = k.shape[2]
     cu = torch.arange(0, (B + 1) * L, max(L, 1), dtype=torch.int32, device=q.device)[: B + 1] if L > 0 \
         else torch.zeros(B + 1, dtype=torch.int32, device=q.device)
     q3, k3, v3 = q.reshape(B * L, Hq, D), k.reshape(B * L, Hk, D), v.reshape(B * L, Hk, D)
-    plan = _make_plan(layout, q3, cu, L, softmax_scale, causal, deterministic, group, world_size, rank)
+    plan = _make_plan(layout, q3, cu, L, softmax_scale, causal, deterministic, group, world_size, rank, lengths)
     out, lse = _RingAttention.apply(q3, k3, v3, cu, plan)
     out = out.view(B, L, Hq, D)
     if return_attn_probs:
@@ -442,18 +568,23 @@ def ring_attention(layout: RingLayout, q: Tensor, k: Tensor, v: Tensor, dropout_
 def ring_attention_varlen(layout: RingLayout, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor,
                           max_seqlen: int, dropout_p: float, softmax_scale: Optional[float], causal: bool,
                           window_size: Tuple[int, int], alibi_slopes: Optional[Tensor], deterministic: bool,
-                          return_attn_probs: bool, group: Optional[object]):
+                          return_attn_probs: bool, group: Optional[object], seqlens: SeqlensArg = None):
     """The varlen forms: q ``[T, Hq, D]``, k/v ``[T, Hk, D]``, cu_seqlens the rank's LOCAL
-    cumulative lengths -> out ``[T, Hq, D]``, or ``(out, lse [Hq, T], None)``."""
+    cumulative lengths -> out ``[T, Hq, D]``, or ``(out, lse [Hq, T], None)``. seqlens: the real
+    GLOBAL length of each sequence (see the shared argument docs)."""
     group, world_size, rank = resolve_group(group)
     agreement = RankAgreement(layout.function_name(varlen=True), group, world_size, device_of(q),
                               metadata_checks_enabled(device_of(q)))
     with agreement.validating():
         _validate_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p, window_size, alibi_slopes, layout)
         _resolve_scale(softmax_scale)
-    _agree(agreement, q, k, softmax_scale, causal, deterministic, cu_seqlens, int(max_seqlen))
+        lengths = None
+        if seqlens is not None:
+            cu = cu_seqlens.to(torch.int64)
+            lengths = _resolve_seqlens(seqlens, cu[1:] - cu[:-1], world_size, q.device, None)
+    _agree(agreement, q, k, softmax_scale, causal, deterministic, cu_seqlens, int(max_seqlen), lengths)
     plan = _make_plan(layout, q, cu_seqlens, int(max_seqlen), softmax_scale, causal, deterministic, group,
-                      world_size, rank)
+                      world_size, rank, lengths)
     out, lse = _RingAttention.apply(q, k, v, cu_seqlens, plan)
     if return_attn_probs:
         return out, lse, None
@@ -495,6 +626,12 @@ _BATCHED_ARGS_DOC = """
             not differentiable.
         group: the ``torch.distributed`` process group (default: the default group; without an
             initialised one the call is single-process attention).
+        seqlens: the real GLOBAL length of each sequence when it is shorter than N L (a length
+            the layout cannot split evenly, or a padded batch): an int (every sequence), a
+            sequence of B ints, or an int32/int64 tensor ``[B]`` on q's device; each at most
+            N L. The global positions from it on are padding (the scheme's ``*_shard`` helper
+            pads a sequence there with zeros): they never act as keys, and their rows get
+            out = 0, lse = -inf and zero gradients, whatever they hold. Default: N L (no padding).
 
     Returns:
         ``out`` ``[B, L, Hq, D]`` (dtype of q), or ``(out, lse, None)``.
@@ -510,7 +647,8 @@ _VARLEN_ARGS_DOC = """
         q, k, v (or kv, qkv): the rank's local tokens as above, packed sequences (Hq % Hk == 0;
             same dtype and device).
         cu_seqlens: int32 ``[B + 1]``, the rank's LOCAL cumulative lengths (every rank holds the
-            same number of tokens of each sequence: its global length / N); ``cu_seqlens[-1] == T``.
+            same number of tokens of each sequence: its padded global length / N);
+            ``cu_seqlens[-1] == T``.
         max_seqlen: Python int, the longest LOCAL sequence (a hint; never read from a tensor).
         dropout_p, window_size, alibi_slopes: only their defaults (NotImplementedError naming the
             argument otherwise).
@@ -521,6 +659,14 @@ _VARLEN_ARGS_DOC = """
             varlen layout), natural log, not differentiable.
         group: the ``torch.distributed`` process group (default: the default group; without an
             initialised one the call is single-process attention).
+        seqlens: the real GLOBAL length of each sequence when it is shorter than N times its
+            local length (a length the layout cannot split evenly): a sequence of B ints or an
+            int32/int64 tensor ``[B]`` on q's device (``global_cu_seqlens.diff()``). The layout's
+            ``*_shard`` helper pads every sequence to the layout's unit and its
+            ``*_local_cu_seqlens`` gives the matching local cu_seqlens. The positions from
+            ``seqlens[b]`` on are padding: they never act as keys, and their rows get out = 0,
+            lse = -inf and zero gradients, whatever they hold. Default: N times the local
+            lengths (no padding).
 
     Returns:
         ``out`` ``[T, Hq, D]`` (dtype of q), or ``(out, lse, None)``.

@@ -54,7 +54,11 @@ class ContextParallelScheme:
     func: the batched ``[B, L, H, D]`` form, if the scheme has one.
     varlen_func: the packed ``[T, H, D]`` form, if the scheme has one.
     shard: the layout helper that cuts a global packed batch into the rank's part
-        (``(x, cu_seqlens, rank, world_size) -> x_local``), if the package has one.
+        (``(x, cu_seqlens, rank, world_size) -> x_local``, padding a length that does not
+        divide; ring, zigzag and stripe also take a batched ``x [B, S, ...]`` with
+        ``cu_seqlens=None``), if the package has one.
+    unshard: its inverse (``(shards, cu_seqlens) -> x`` without the padding, shards in rank
+        order), if the package has one.
     prepare_cu_seqlens: the helper that derives the varlen form's metadata from the GLOBAL
         cu_seqlens, if the package has one (see its docstring for what it returns).
     hf: how the HF adapter runs the scheme; None: not offered to transformers models.
@@ -66,5 +70,6 @@ class ContextParallelScheme:
     func: Optional[Callable] = None
     varlen_func: Optional[Callable] = None
     shard: Optional[Callable] = None
+    unshard: Optional[Callable] = None
     prepare_cu_seqlens: Optional[Callable] = None
     hf: Optional[HFBinding] = None

@@ -1,8 +1,9 @@
 """Zigzag llama3 context parallelism on ``torch.distributed``: forward and backward.
 
 Layout (see ``zigzag_layout``): N ranks; every sequence b of the packed batch (global length L_b,
-a multiple of 2N) is cut into 2N chunks of c_b = L_b / 2N tokens and rank r holds chunks r and
-2N-1-r, so its LOCAL cu_seqlens is the GLOBAL one divided by N.
+any length) is cut into 2N chunks of c_b = ceil(L_b / 2N) tokens, the last 2N c_b - L_b of them
+padding, and rank r holds chunks r and 2N-1-r, so its LOCAL cu_seqlens has 2 c_b rows per
+sequence (the GLOBAL one divided by N when every length is a multiple of 2N).
 
 Forward, per slice of ``heads_k_stride`` KV heads (and the Hq/Hk query heads of each):
 
@@ -13,15 +14,21 @@ Forward, per slice of ``heads_k_stride`` KV heads (and the Hq/Hk query heads of 
    ``index_select`` (the index map is built once per call on the device);
 3. attention of two query groups over that one K/V: the "early" group (chunk r of every
    sequence) sees the first (r+1) c_b keys of sequence b, the "late" group (chunk 2N-1-r) the
-   first (2N-r) c_b keys, both causal with bottom-right alignment; both groups use the GLOBAL
-   cu_seqlens as cu_seqlens_k, ``seqused_k`` = (r+1) c_b resp. (2N-r) c_b (int32 tensors computed
-   on the device) and cu_seqlens_q = cu_seqlens_k // 2N.
+   first (2N-r) c_b keys, both causal with bottom-right alignment; both groups use the padded
+   GLOBAL cu_seqlens (2N c_b per sequence) for the keys and ``seqused_k`` = (r+1) c_b resp.
+   (2N-r) c_b (int32 tensors computed on the device). Each group's chunk of sequence b is two
+   sequences for the kernels (``padding.split_padding``): its real rows against its real keys
+   (seqused_k capped at L_b; not causal: all L_b real keys), then its padding rows against no
+   key (O = 0, LSE = -inf, no gradient); padding keys are never read.
 
 Backward, per slice: re-gather K/V (next slice in flight, as in the forward), compute dQ (local)
 and the slice's dK/dV over the whole gathered K/V with the grouped backward (summed over both
 groups), put dK/dV back in rank-major zigzag order and reduce-scatter them to the owning ranks
-(optionally in fp32) asynchronously: slice s's reduce-scatter runs while slice s+1 is computed
-(``reduce_scatter.SliceReduceScatter``).
+(in fp32 unless ``grad_reduce_dtype`` says otherwise: a reduction in bf16 rounds at every
+addition, so its error grows with the number of ranks) asynchronously: slice s's reduce-scatter
+runs while slice s+1 is computed (``reduce_scatter.SliceReduceScatter``). Where the backend can
+return a call's dK/dV unrounded (``precision.fp32_partials``), the backward calls run on fp32
+operands and write fp32 dK/dV.
 
 Three implementations of step 3: ``baseline`` (one library call per group),
 ``grouped_python`` (``grouped_python._flash_attn_varlen_forward_grouped``: one G=1 call over both
@@ -50,6 +57,8 @@ from ..grouped_python import _flash_attn_varlen_forward_grouped
 from .all_gather import KVSlicePlan, gather_kv_slices, sliced_kv_attention
 from .index_maps import inverse_permutation, sequence_of
 from .llama3 import HF_ATTN_LLAMA3
+from .padding import local_cu_seqlens, split_padding
+from .precision import accumulation_dtype, fp32_partials, widen
 from .process_group import resolve_group
 from .rank_agreement import Fingerprint, RankAgreement, device_of, effective_scale
 from .reduce_scatter import SliceReduceScatter
@@ -119,16 +128,18 @@ def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, h
 
 def _check_values(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, world_size: int, total_local: int) -> None:
     """Metadata VALUES (host read: free on CPU, a sync on CUDA; see metadata_checks_enabled)."""
-    glob = zigzag_check_cu_seqlens(
-        cu_seqlens_k, world_size, "cu_seqlens_k", total=world_size * total_local,
-        total_what=f" (world_size {world_size} x {total_local} local tokens of q: cu_seqlens_k is the GLOBAL "
-                   f"cumulative lengths)")
+    zigzag_check_cu_seqlens(cu_seqlens_k, world_size, "cu_seqlens_k")
+    expected = local_cu_seqlens("zigzag", cu_seqlens_k, world_size).tolist()
+    if expected[-1] != total_local:
+        raise ValueError(
+            f"cu_seqlens_k: expected the GLOBAL cumulative lengths of a batch whose zigzag shard has the "
+            f"{total_local} local tokens of q (2 ceil(L_b / 2N) per sequence, world_size {world_size}), got "
+            f"{short_list(cu_seqlens_k.tolist())} ({expected[-1]} local tokens)")
     local = cu_seqlens_q.tolist()
-    expected = [x // world_size for x in glob]
     if local != expected:
         raise ValueError(
-            f"cu_seqlens_q: expected the rank's LOCAL cumulative lengths, cu_seqlens_k // world_size = "
-            f"{short_list(expected)}, got {short_list(local)}")
+            f"cu_seqlens_q: expected the rank's LOCAL cumulative lengths, zigzag_local_cu_seqlens(cu_seqlens_k, "
+            f"world_size) = {short_list(expected)}, got {short_list(local)}")
 
 
 # ---- the per-call plan: device-side index maps and per-group metadata --------------------------
@@ -150,10 +161,12 @@ class _Plan(KVSlicePlan):
     deterministic: bool
     reduce_dtype: torch.dtype
     max_seqlen_q: int  # per group (c_max), a hint
-    max_seqlen_k: int  # global, a hint
-    cu_seqlens_k: Tensor  # GLOBAL, int32 [B+1]
-    cu_seqlens_half: Tensor  # cu_seqlens_k // 2N, int32 [B+1]: cu_seqlens_q of either group
-    seqused: List[Tensor]  # int32 [B] per group: (r+1) c_b and (2N-r) c_b
+    max_seqlen_k: int  # padded global (2N c_max), a hint
+    cu_seqlens_k: Tensor  # the caller's GLOBAL cumulative lengths (real), int32 [B+1]
+    cu_q_groups: List[Tensor]  # int32 [2B+1] per group: real rows, padding rows of each chunk
+    cu_k_split: Tensor  # int32 [2B+1]: the padded GLOBAL sequences, each followed by an empty one
+    seqused: List[Tensor]  # int32 [2B] per group: the real keys of each chunk's real rows, then 0
+    wide: bool  # backward calls on fp32 operands (precision.fp32_partials)
     perm: Optional[Tensor]  # grouped row -> local row (int64 [T]); None when the identity (B = 1)
     inv_perm: Optional[Tensor]
     src: Optional[Tensor]  # natural global row -> rank-major gathered row; None when N = 1
@@ -177,20 +190,22 @@ def _make_plan(q, k, cu_seqlens_k, max_seqlen_k, heads_k_stride, softmax_scale, 
     B = cu_seqlens_k.shape[0] - 1
     cu = cu_seqlens_k.to(torch.int64)
     lengths = cu[1:] - cu[:-1]
-    chunk = torch.div(lengths, two_n, rounding_mode="floor")
-    cu_half64 = torch.div(cu, two_n, rounding_mode="floor")
-    cu_half = cu_half64.to(torch.int32)
-    if causal:
-        seqused = [((rank + 1) * chunk).to(torch.int32), ((two_n - rank) * chunk).to(torch.int32)]
-    else:
-        full = lengths.to(torch.int32)
-        seqused = [full, full]
+    chunk = torch.div(lengths + (two_n - 1), two_n, rounding_mode="floor")  # c_b, padding included
+    cu_half64 = torch.zeros_like(cu)
+    torch.cumsum(chunk, 0, out=cu_half64[1:])
+    cu_padded = (cu_half64 * two_n).to(torch.int32)  # the padded GLOBAL batch: 2N c_b per sequence
+    # [2, B], one row per group: the real rows of its chunk of each sequence (a prefix of the
+    # chunk), and the keys they see (causal: up to the chunk's end; not causal: all L_b)
+    first = torch.stack([rank * chunk, (two_n - 1 - rank) * chunk])  # the chunks' first positions
+    q_real = torch.minimum((lengths - first).clamp(min=0), chunk)
+    used = torch.minimum(first + chunk, lengths) if causal else lengths.expand(2, B)
+    cu_q_split, cu_k_split, used_split = split_padding(cu_half64, cu_padded, q_real, used)
 
     perm = inv_perm = None
     if B > 1:
         # Grouped order: [early chunks of all sequences ; late chunks of all sequences]; both
-        # halves are described by cu_half. Row j of half g comes from local row
-        # 2 cu_half[b] + g c_b + (j - cu_half[b]).
+        # halves are described by cu_half64 (c_b rows per sequence). Row j of half g comes from
+        # local row 2 cu_half64[b] + g c_b + (j - cu_half64[b]).
         half = T // 2
         rows = torch.arange(T, device=q.device, dtype=torch.int64)
         late = rows >= half
@@ -201,7 +216,7 @@ def _make_plan(q, k, cu_seqlens_k, max_seqlen_k, heads_k_stride, softmax_scale, 
 
     src = inv_src = None
     if N > 1:
-        src = zigzag_gathered_to_global_index(cu_seqlens_k, N, T)
+        src = zigzag_gathered_to_global_index(cu_padded, N, T)
         inv_src = inverse_permutation(src)
 
     plan = _Plan(
@@ -209,18 +224,19 @@ def _make_plan(q, k, cu_seqlens_k, max_seqlen_k, heads_k_stride, softmax_scale, 
         num_heads_q=q.shape[1], num_heads_k=k.shape[1], heads_k_stride=int(heads_k_stride),
         softmax_scale=softmax_scale, scale=_resolve_scale(softmax_scale), causal=bool(causal),
         deterministic=bool(deterministic),
-        reduce_dtype=grad_reduce_dtype if grad_reduce_dtype is not None else k.dtype,
-        max_seqlen_q=int(max_seqlen_k) // two_n, max_seqlen_k=int(max_seqlen_k),
-        cu_seqlens_k=cu_seqlens_k, cu_seqlens_half=cu_half, seqused=seqused,
+        reduce_dtype=grad_reduce_dtype if grad_reduce_dtype is not None else accumulation_dtype(k.dtype),
+        max_seqlen_q=-(-int(max_seqlen_k) // two_n), max_seqlen_k=-(-int(max_seqlen_k) // two_n) * two_n,
+        cu_seqlens_k=cu_seqlens_k, cu_q_groups=list(cu_q_split.unbind(0)), cu_k_split=cu_k_split,
+        seqused=list(used_split.unbind(0)), wide=fp32_partials(q.device, q.dtype),
         perm=perm, inv_perm=inv_perm, src=src, inv_src=inv_src,
     )
     if impl == IMPL_GROUPED_PYTHON:
         # One G=1 problem over both groups: sequences (g, b) for g in {early, late}; group g's
         # query rows start at g * T/2 and its K/V copy at g * total_global.
         Tg = plan.total_global
-        cu_q_all = torch.cat([cu_half, cu_half[1:] + plan.half]).to(torch.int32)
-        cu_k_all = torch.cat([cu_seqlens_k, cu_seqlens_k[1:] + Tg]).to(torch.int32)
-        used_all = torch.cat(seqused).to(torch.int32)
+        cu_q_all = torch.cat([cu_q_split[0], cu_q_split[1][1:] + plan.half]).to(torch.int32)
+        cu_k_all = torch.cat([cu_k_split, cu_k_split[1:] + Tg]).to(torch.int32)
+        used_all = used_split.reshape(-1)
         plan.combined = (cu_q_all, cu_k_all, used_all)
     return plan
 
@@ -230,18 +246,18 @@ def _make_plan(q, k, cu_seqlens_k, max_seqlen_k, heads_k_stride, softmax_scale, 
 
 def _fwd_slice(plan: _Plan, q_pair, k_s, v_s, out_pair, lse_pair) -> None:
     """Both groups' forward over one K/V slice, into out_pair / lse_pair (views of the buffers)."""
-    cu_half, cu_k, used = plan.cu_seqlens_half, plan.cu_seqlens_k, plan.seqused
+    cu_q, cu_k, used = plan.cu_q_groups, plan.cu_k_split, plan.seqused
     mq, mk = plan.max_seqlen_q, plan.max_seqlen_k
     if plan.impl == IMPL_FUSED:
-        ops.fwd_into(list(q_pair), k_s, v_s, [cu_half, cu_half], cu_k, used, [mq, mq], mk,
+        ops.fwd_into(list(q_pair), k_s, v_s, cu_q, cu_k, used, [mq, mq], mk,
                      plan.scale, plan.causal, list(out_pair), list(lse_pair))
     elif plan.impl == IMPL_BASELINE:
         for g in range(2):
-            ops.fwd_into([q_pair[g]], k_s, v_s, [cu_half], cu_k, [used[g]], [mq], mk,
+            ops.fwd_into([q_pair[g]], k_s, v_s, [cu_q[g]], cu_k, [used[g]], [mq], mk,
                          plan.scale, plan.causal, [out_pair[g]], [lse_pair[g]])
     else:
         outs, lses = _flash_attn_varlen_forward_grouped(
-            list(q_pair), k_s, v_s, [cu_half, cu_half], cu_k, [mq, mq], mk,
+            list(q_pair), k_s, v_s, cu_q, cu_k, [mq, mq], mk,
             seqused_k_list=used, softmax_scale=plan.softmax_scale, causal=plan.causal)
         for g in range(2):
             out_pair[g].copy_(outs[g])
@@ -255,7 +271,7 @@ def _bwd_slice(plan: _Plan, s: int, dout_g, q_g, out_g, lse_slice, dq_g, k_s, v_
     half, Tg, hs, D = plan.half, plan.total_global, plan.heads_k_stride, k_s.shape[2]
     hq = plan.heads_q_per_slice
     qsl = slice(s * hq, (s + 1) * hq)
-    cu_half, cu_k, used = plan.cu_seqlens_half, plan.cu_seqlens_k, plan.seqused
+    cu_q, cu_k, used = plan.cu_q_groups, plan.cu_k_split, plan.seqused
     mq, mk = plan.max_seqlen_q, plan.max_seqlen_k
     dtype, device = k_s.dtype, k_s.device
 
@@ -266,13 +282,13 @@ def _bwd_slice(plan: _Plan, s: int, dout_g, q_g, out_g, lse_slice, dq_g, k_s, v_
     lse_p = [lse_slice[0], lse_slice[1]]
     dkv = torch.empty((Tg, 2, hs, D), dtype=dtype, device=device)
     if plan.impl == IMPL_FUSED:
-        ops.bwd_into(dout_p, q_p, k_s, v_s, out_p, lse_p, [cu_half, cu_half], cu_k, used, [mq, mq], mk,
+        ops.bwd_into(dout_p, q_p, k_s, v_s, out_p, lse_p, cu_q, cu_k, used, [mq, mq], mk,
                      plan.scale, plan.causal, plan.deterministic, dq_p, dkv[:, 0], dkv[:, 1])
         return dkv.to(plan.reduce_dtype)
     if plan.impl == IMPL_BASELINE:
         extra = torch.empty_like(dkv)
         for g, (dk_t, dv_t) in enumerate(((dkv[:, 0], dkv[:, 1]), (extra[:, 0], extra[:, 1]))):
-            ops.bwd_into([dout_p[g]], [q_p[g]], k_s, v_s, [out_p[g]], [lse_p[g]], [cu_half], cu_k, [used[g]],
+            ops.bwd_into([dout_p[g]], [q_p[g]], k_s, v_s, [out_p[g]], [lse_p[g]], [cu_q[g]], cu_k, [used[g]],
                          [mq], mk, plan.scale, plan.causal, plan.deterministic, [dq_p[g]], dk_t, dv_t)
         return _sum_pair(dkv, extra, plan.reduce_dtype)
     # grouped_python: the forward's rewrite, one G=1 backward call over both groups with K/V
@@ -330,20 +346,20 @@ def _forward(plan: _Plan, q: Tensor, k: Tensor, v: Tensor):
 
 
 def _backward(plan: _Plan, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse_buf: Tensor):
-    q_g, out_g, dout_g = _to_grouped(plan, q), _to_grouped(plan, out), _to_grouped(plan, dout)
+    q_g, out_g, dout_g = (widen(_to_grouped(plan, t), plan.wide) for t in (q, out, dout))
     if dout_g.stride(-1) != 1 or not dout_g.is_contiguous():
         dout_g = dout_g.contiguous()  # e.g. the expanded gradient of a .sum()
-    dq_g = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dq_g = torch.empty(q.shape, dtype=q_g.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     rs = SliceReduceScatter(plan, dk, dv)
     for s, (k_s, v_s) in enumerate(gather_kv_slices(plan, k, v)):
-        dkv = _bwd_slice(plan, s, dout_g, q_g, out_g, lse_buf[s], dq_g, k_s, v_s)
+        dkv = _bwd_slice(plan, s, dout_g, q_g, out_g, lse_buf[s], dq_g, widen(k_s, plan.wide), widen(v_s, plan.wide))
         del k_s, v_s
         rs.submit(s, dkv)
         del dkv
     rs.finish()
-    return _from_grouped(plan, dq_g), dk, dv
+    return _from_grouped(plan, dq_g).to(q.dtype), dk, dv
 
 
 # ---- public API --------------------------------------------------------------------------------------
@@ -366,9 +382,13 @@ def zigzag_llama3_flash_attn_varlen_func(
         q: ``[T, Hq, D]`` local queries; k, v: ``[T, Hk, D]`` local keys/values (Hq % Hk == 0;
             the same dtype and device; any token/head strides).
         cu_seqlens_q: int32 ``[B + 1]``, the rank's LOCAL cumulative lengths
-            (``cu_seqlens_k // N``; ``cu_seqlens_q[-1] == T``).
+            (``zigzag_local_cu_seqlens(cu_seqlens_k, N)``: ``2 ceil(L_b / 2N)`` rows per
+            sequence; ``cu_seqlens_k // N`` when every length is a multiple of 2N;
+            ``cu_seqlens_q[-1] == T``).
         cu_seqlens_k: int32 ``[B + 1]``, the GLOBAL cumulative lengths of the unsharded batch
-            (every length a multiple of 2N; ``cu_seqlens_k[-1] == N * T``).
+            (any lengths: a sequence whose length is not a multiple of 2N is padded at its end,
+            as ``zigzag_shard`` lays it out; the padding rows get out = 0, lse = -inf and zero
+            gradients and never act as keys).
         max_seqlen_q, max_seqlen_k: Python ints, hints (the longest local and global sequence);
             never read from tensors, so no host sync.
         heads_k_stride: KV heads per all-gather slice (divides Hk): memory for the gathered K/V
@@ -392,8 +412,9 @@ def zigzag_llama3_flash_attn_varlen_func(
             Neither flag: the baseline, one library call per group. The fused flags take
             precedence over ``use_grouped_attention``.
         grad_reduce_dtype: dtype of the dK/dV reduce-scatter (and of summing the two groups'
-            dK/dV in the baseline); None = the dtype of k; ``torch.float32`` for an fp32
-            reduction of bf16/fp16 gradients.
+            dK/dV in the baseline); None = fp32 (fp64 for fp64 data), so that the error of dK/dV
+            does not grow with the number of ranks; the dtype of k halves the reduce-scatter's
+            bytes at the cost of a rounding per addition.
 
     Returns:
         ``out`` ``[T, Hq, D]`` (local order, dtype of q), or ``(out, lse, None)``.
@@ -402,8 +423,8 @@ def zigzag_llama3_flash_attn_varlen_func(
         ValueError: a bad argument, naming it with the expected and actual value: mixed devices
             or dtypes, Hq % Hk != 0, heads_k_stride not dividing Hk, cu_seqlens of different
             sizes, not int32, or (when values are checked: always for CPU tensors, with
-            ``RING_FLASH_ATTN_CHECK_METADATA=1`` on CUDA) a sequence length not a multiple of
-            2N, cu_seqlens_k[-1] != N * T, or cu_seqlens_q != cu_seqlens_k // N.
+            ``RING_FLASH_ATTN_CHECK_METADATA=1`` on CUDA) cu_seqlens_k whose zigzag shard does
+            not have T rows, or cu_seqlens_q != zigzag_local_cu_seqlens(cu_seqlens_k, N).
         NotImplementedError: dropout, sliding window, ALiBi; or a backend without the kernel.
 
     No host synchronisation: the forward can be captured in a CUDA graph for fixed shapes.
@@ -427,8 +448,8 @@ def zigzag_llama3_flash_attn_varlen_func(
                     .dtype("the dtype of q", q.dtype).integer("heads_k_stride", heads_k_stride)
                     .flag("causal", causal).real("softmax_scale", effective_scale(softmax_scale, q.shape[-1]))
                     .flag("deterministic", deterministic)
-                    .dtype("the dtype of the dK/dV reduction (grad_reduce_dtype)", 
-                           grad_reduce_dtype if grad_reduce_dtype is not None else k.dtype)
+                    .dtype("the dtype of the dK/dV reduction (grad_reduce_dtype)",
+                           grad_reduce_dtype if grad_reduce_dtype is not None else accumulation_dtype(k.dtype))
                     .tensor_values("cu_seqlens_q", cu_seqlens_q).tensor_values("cu_seqlens_k", cu_seqlens_k)
                     .integer("max_seqlen_q", max_seqlen_q).integer("max_seqlen_k", max_seqlen_k))
     plan = _make_plan(q, k, cu_seqlens_k, max_seqlen_k, heads_k_stride, softmax_scale, causal,
