@@ -309,8 +309,15 @@ def helper_layout(model: Model, gpus: int, per_node: int) -> Tuple[int, str]:
     """(ulysses_degree, scheme across) of the package's ``choose_hybrid_layout`` (imported from
     python/; without torch, the same rule)."""
     try:
-        sys.path.insert(0, os.path.join(_ROOT, "python"))
-        from ring_flash_attn.cp.mesh import choose_hybrid_layout
+        try:
+            from ring_flash_attn.cp.mesh import choose_hybrid_layout
+        except ImportError:  # a checkout without the package installed: python/ of the tree
+            # (appended, so an installed package keeps precedence in this process and in any
+            # process it spawns, which inherit sys.path)
+            python_dir = os.path.join(_ROOT, "python")
+            if python_dir not in sys.path:
+                sys.path.append(python_dir)
+            from ring_flash_attn.cp.mesh import choose_hybrid_layout
 
         layout = choose_hybrid_layout(model.num_heads_q, model.num_heads_k, gpus, per_node)
         return layout.ulysses_degree, layout.kv_scheme

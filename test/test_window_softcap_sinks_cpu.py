@@ -524,6 +524,7 @@ def test_cuda_accepts_each_feature():
         groups = (_lib.FwdGroup * 1)()
         g = groups[0]
         g.q, g.q_row_stride, g.q_head_stride = q.data_ptr(), 128, 64
+        g.out_row_stride, g.out_head_stride = 128, 64  # the output's layout (its pointer may be NULL here)
         g.cu_seqlens_q, g.total_q, g.max_seqlen_q = cu.data_ptr(), 64, 64
         p.groups = groups
         edit(p, groups)
