@@ -40,6 +40,7 @@ def ring_flash_attn_func(
     q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
     deterministic: bool = False, return_attn_probs: bool = False, group: Optional[ProcessGroup] = None,
+    softcap: float = 0.0, sinks: Optional[Tensor] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor, None]]:
     """Ring attention over the contiguous layout (upstream's ``ring_flash_attn_func``).
 
@@ -47,7 +48,7 @@ def ring_flash_attn_func(
     of the B sequences.
     """
     return ring_attention(RING_LAYOUT, q, k, v, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
-                          deterministic, return_attn_probs, group)
+                          deterministic, return_attn_probs, group, softcap, sinks)
 
 
 @with_batched_args_doc
@@ -55,11 +56,12 @@ def ring_flash_attn_kvpacked_func(
     q: Tensor, kv: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
     deterministic: bool = False, return_attn_probs: bool = False, group: Optional[ProcessGroup] = None,
+    softcap: float = 0.0, sinks: Optional[Tensor] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor, None]]:
     """``ring_flash_attn_func`` with K and V packed: q ``[B, L, Hq, D]``, kv ``[B, L, 2, Hk, D]``."""
     k, v = unpack_batched_kv(kv)
     return ring_attention(RING_LAYOUT, q, k, v, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
-                          deterministic, return_attn_probs, group)
+                          deterministic, return_attn_probs, group, softcap, sinks)
 
 
 @with_batched_args_doc
@@ -67,11 +69,12 @@ def ring_flash_attn_qkvpacked_func(
     qkv: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
     deterministic: bool = False, return_attn_probs: bool = False, group: Optional[ProcessGroup] = None,
+    softcap: float = 0.0, sinks: Optional[Tensor] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor, None]]:
     """``ring_flash_attn_func`` with Q, K and V packed (MHA): qkv ``[B, L, 3, H, D]``."""
     q, k, v = unpack_batched_qkv(qkv)
     return ring_attention(RING_LAYOUT, q, k, v, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
-                          deterministic, return_attn_probs, group)
+                          deterministic, return_attn_probs, group, softcap, sinks)
 
 
 @with_varlen_args_doc
@@ -79,7 +82,7 @@ def ring_flash_attn_varlen_func(
     q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0,
     softmax_scale: Optional[float] = None, causal: bool = False, window_size: Tuple[int, int] = (-1, -1),
     alibi_slopes: Optional[Tensor] = None, deterministic: bool = False, return_attn_probs: bool = False,
-    group: Optional[ProcessGroup] = None,
+    group: Optional[ProcessGroup] = None, softcap: float = 0.0, sinks: Optional[Tensor] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor, None]]:
     """Ring attention over packed sequences, contiguous layout (upstream's ``ring_flash_attn_varlen_func``).
 
@@ -87,7 +90,7 @@ def ring_flash_attn_varlen_func(
     holds piece r.
     """
     return ring_attention_varlen(RING_LAYOUT, q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
-                                 window_size, alibi_slopes, deterministic, return_attn_probs, group)
+                                 window_size, alibi_slopes, deterministic, return_attn_probs, group, softcap, sinks)
 
 
 @with_varlen_args_doc
@@ -95,12 +98,12 @@ def ring_flash_attn_varlen_kvpacked_func(
     q: Tensor, kv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0,
     softmax_scale: Optional[float] = None, causal: bool = False, window_size: Tuple[int, int] = (-1, -1),
     alibi_slopes: Optional[Tensor] = None, deterministic: bool = False, return_attn_probs: bool = False,
-    group: Optional[ProcessGroup] = None,
+    group: Optional[ProcessGroup] = None, softcap: float = 0.0, sinks: Optional[Tensor] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor, None]]:
     """``ring_flash_attn_varlen_func`` with K and V packed: q ``[T, Hq, D]``, kv ``[T, 2, Hk, D]``."""
     k, v = unpack_varlen_kv(kv)
     return ring_attention_varlen(RING_LAYOUT, q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
-                                 window_size, alibi_slopes, deterministic, return_attn_probs, group)
+                                 window_size, alibi_slopes, deterministic, return_attn_probs, group, softcap, sinks)
 
 
 @with_varlen_args_doc
@@ -108,9 +111,9 @@ def ring_flash_attn_varlen_qkvpacked_func(
     qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0,
     softmax_scale: Optional[float] = None, causal: bool = False, window_size: Tuple[int, int] = (-1, -1),
     alibi_slopes: Optional[Tensor] = None, deterministic: bool = False, return_attn_probs: bool = False,
-    group: Optional[ProcessGroup] = None,
+    group: Optional[ProcessGroup] = None, softcap: float = 0.0, sinks: Optional[Tensor] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor, None]]:
     """``ring_flash_attn_varlen_func`` with Q, K and V packed (MHA): qkv ``[T, 3, H, D]``."""
     q, k, v = unpack_varlen_qkv(qkv)
     return ring_attention_varlen(RING_LAYOUT, q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
-                                 window_size, alibi_slopes, deterministic, return_attn_probs, group)
+                                 window_size, alibi_slopes, deterministic, return_attn_probs, group, softcap, sinks)

@@ -26,6 +26,14 @@ transfers. (The CPU backend's fp64 backward recomputes the LSE of its own call i
 the given one; ``_rescale_dout`` compensates exactly, see there.)
 
 Without ``causal`` every query sees every key block fully (upstream's zigzag asserts causal).
+
+Local attention (``window_size``, global positions of each sequence): every kernel call gets the
+window unchanged and the diagonal shift that puts each query's diagonal at its own global position
+among the block's keys; a step's sub-blocks are then each (query run, key run) pair of the layout,
+and those wholly outside the window are skipped (``window.ring_calls``; the K/V block still passes
+on around the ring). ``softcap`` goes to every call. Sinks (``sinks.fold_sinks``): the steps run
+without them and the merged result takes each row's sink once; the backward runs on that result.
+
 Differences from upstream: dQ keeps the input dtype (upstream returns bf16); the merge is done in
 fp64 for fp64 inputs; the varlen LSE is flash-attn's ``[H, T]`` layout; no host sync (upstream's
 zigzag varlen reads cu_seqlens on the host).
@@ -34,7 +42,7 @@ zigzag varlen reads cu_seqlens on the host).
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Tuple
 
 import torch
@@ -48,8 +56,10 @@ from .lse_merge import merge_partial
 from .process_group import resolve_group
 from .rank_agreement import Fingerprint, RankAgreement, device_of, effective_scale
 from .ring_comm import RingComm
+from .sinks import check_sinks, fold_sinks, sink_gradient
 from .validation import (check_cu_seqlens, check_heads, check_int32_count, check_local_tokens, check_qkv,
                          metadata_checks_enabled, unpack)
+from .window import effective_window, ring_calls
 
 __all__ = [
     "RingLayout",
@@ -102,7 +112,8 @@ class RingLayout:
 # ---- validation ------------------------------------------------------------------------------------
 
 
-def _validate(q, k, v, dropout_p, window_size, alibi_slopes, layout: RingLayout) -> None:
+def _validate(q, k, v, dropout_p, window_size, alibi_slopes, layout: RingLayout, softcap=0.0, causal=None,
+              sinks=None) -> Tuple[Tuple[int, int], float]:
     check_qkv(q, k, v, 4, "[batch, local_seqlen, heads, head_dim]")
     B, L = q.shape[:2]
     if k.shape[0] != B or k.shape[1] != L:
@@ -113,15 +124,20 @@ def _validate(q, k, v, dropout_p, window_size, alibi_slopes, layout: RingLayout)
     if layout.even_halves and L % 2:
         raise ValueError(f"q: expected an even local_seqlen for the {layout.name} layout (two chunks of equal "
                          f"length per rank), got {L}")
-    check_flash_attn_defaults(dropout_p, window_size, alibi_slopes)
+    features = check_flash_attn_defaults(dropout_p, window_size, alibi_slopes, softcap, causal,
+                                         window_softcap_supported=True)
+    check_sinks(sinks, q.shape[2], q.device)
+    return features
 
 
 def _validate_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p, window_size, alibi_slopes,
-                     layout: RingLayout) -> None:
+                     layout: RingLayout, softcap=0.0, causal=None, sinks=None) -> Tuple[Tuple[int, int], float]:
     check_qkv(q, k, v, 3, "[local_tokens, heads, head_dim]")
     check_local_tokens(q, k, v, "those of q: the layout shards q, k and v alike")
     check_heads(q, k)
-    check_flash_attn_defaults(dropout_p, window_size, alibi_slopes)
+    features = check_flash_attn_defaults(dropout_p, window_size, alibi_slopes, softcap, causal,
+                                         window_softcap_supported=True)
+    check_sinks(sinks, q.shape[1], q.device)
     check_cu_seqlens(cu_seqlens, "cu_seqlens", q.device)
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, numbers.Integral) or max_seqlen < 0:
         raise ValueError(f"max_seqlen: expected a Python int >= 0 (the longest local sequence, a hint; a tensor "
@@ -139,6 +155,7 @@ def _validate_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p, window_size, al
                 if (y - x) % 2:
                     raise ValueError(f"cu_seqlens: local sequence {b} has length {y - x}, expected an even length "
                                      f"(two {layout.name} chunks of equal length)")
+    return features
 
 
 # ---- row sets ----------------------------------------------------------------------------------------
@@ -187,7 +204,8 @@ def _rows_of(cu_local: Tensor, select: str, max_local: int, n: int, T: int) -> _
 
 
 def _row_sets(layout: RingLayout, causal: bool, cu_local: Tensor, max_local: int, T: int):
-    """The row sets the layout's tasks use (name -> _Rows)."""
+    """The row sets the layout's tasks use (name -> _Rows); ``causal``: the causal tasks' (or the
+    windowed calls') row sets are needed."""
     B = cu_local.shape[0] - 1
     sets = {"all": _Rows(None, cu_local, max_local)}
     if not causal:
@@ -220,20 +238,54 @@ class _Plan:
     acc_dtype: torch.dtype
     rows: dict  # name -> _Rows
     lse_recomputed: bool = False  # the backend's backward ignores the given LSE (see _rescale_dout)
+    window: Optional[Tuple[int, int]] = None  # window.effective_window's; None: no window
+    softcap: float = 0.0
+    has_sinks: bool = False  # the result is folded with sink logits (sinks.fold_sinks)
+    min_unit: int = 1  # shortest non-empty chunk of the batch (window.ring_calls), a lower bound
+    local_len: int = 0  # the batched forms' local length (the stripe layout's windowed calls)
+    unit: Optional[Tensor] = None  # int64 [B]: each sequence's chunk length (the shifts' unit)
+    shifts: dict = field(default_factory=dict)  # (units, offset) -> int32 [B] diagonal shift
+
+    def kernel_features(self, window: Optional[Tuple[int, int]] = None, shift_units: int = 0,
+                        shift_offset: int = 0) -> dict:
+        """The keyword arguments of a kernel call: softcap, and a window with its diagonal shift
+        ``shift_units * unit_b + shift_offset`` per sequence b."""
+        features = {"softcap": self.softcap} if self.softcap else {}
+        if window is not None:
+            features["window_size"] = list(window)
+            if shift_units or shift_offset:
+                key = (shift_units, shift_offset)
+                if key not in self.shifts:  # device ops, no host read
+                    shift = self.unit * shift_units + shift_offset
+                    self.shifts[key] = shift.to(torch.int32)
+                features["diagonal_shift_list"] = [self.shifts[key]]
+        return features
+
+
+def _step_calls(plan: _Plan, step: int, src: int) -> List[Tuple[str, str, bool, dict]]:
+    """The kernel calls at ``step`` (K/V block of rank ``src`` held): (query row set, key row set,
+    causal, the call's keyword arguments). Without a window: the layout's tasks; with one: the
+    (query run, key run) pairs that some query sees (``window.ring_calls``)."""
+    if plan.window is None:
+        features = plan.kernel_features()
+        return [(qn, kn, causal, features) for qn, kn, causal in _tasks(plan.layout, plan.causal, step, src, plan.rank)]
+    return [(c.q_rows, c.k_rows, c.causal, plan.kernel_features(c.window, c.shift_units, c.shift_offset))
+            for c in ring_calls(plan.layout.name, plan.world_size, plan.rank, src, plan.causal, plan.window,
+                                plan.min_unit, plan.local_len)]
 
 
 # ---- forward ---------------------------------------------------------------------------------------
 
 
-def _block_fwd(plan: _Plan, q: Tensor, kv: Tensor, qn: str, kn: str, causal: bool):
+def _block_fwd(plan: _Plan, q: Tensor, kv: Tensor, qn: str, kn: str, causal: bool, features: dict):
     qr, kr = plan.rows[qn], plan.rows[kn]
     (o,), (lse,) = ops.grouped_fwd(
         [qr.take(q)], kr.take(kv[0]), kr.take(kv[1]), [qr.cu], kr.cu, [None], [qr.max_seqlen], kr.max_seqlen,
-        plan.scale, causal, plan.deterministic)
+        plan.scale, causal, plan.deterministic, **features)
     return o, lse
 
 
-def _forward(plan: _Plan, q: Tensor, k: Tensor, v: Tensor):
+def _forward(plan: _Plan, q: Tensor, k: Tensor, v: Tensor, sinks: Optional[Tensor] = None):
     T, Hq, D = q.shape
     N, rank = plan.world_size, plan.rank
     # The first block of every layout covers all rows: it becomes the accumulator as it is (no
@@ -247,8 +299,8 @@ def _forward(plan: _Plan, q: Tensor, k: Tensor, v: Tensor):
         if step + 1 < N:
             kv_next, pending = ring.post(kv, _TAG_KV)  # in flight while this block is computed
         src = (rank - step) % N
-        for qn, kn, causal in _tasks(plan.layout, plan.causal, step, src, rank):
-            o, lse = _block_fwd(plan, q, kv, qn, kn, causal)
+        for qn, kn, causal, features in _step_calls(plan, step, src):
+            o, lse = _block_fwd(plan, q, kv, qn, kn, causal, features)
             if out_acc is None and plan.rows[qn].index is None:
                 out_acc, lse_acc = o, lse
                 continue
@@ -261,6 +313,8 @@ def _forward(plan: _Plan, q: Tensor, k: Tensor, v: Tensor):
             RingComm.wait(pending)
             kv = kv_next
     assert out_acc is not None and lse_acc is not None, "step 0 of every layout computes all rows"
+    if sinks is not None:  # once per row, after the merge
+        out_acc, lse_acc = fold_sinks(out_acc, lse_acc.to(plan.acc_dtype), sinks)
     return out_acc.to(q.dtype), lse_acc.to(torch.float32)
 
 
@@ -268,14 +322,16 @@ def _forward(plan: _Plan, q: Tensor, k: Tensor, v: Tensor):
 
 
 def _rescale_dout(plan: _Plan, dout_b: Tensor, q: Tensor, kv: Tensor, lse_b: Tensor, qn: str, kn: str,
-                  causal: bool) -> Tensor:
+                  causal: bool, features: dict) -> Tensor:
     """For a backend whose backward recomputes the LSE over the keys of its call (the CPU
     backend with fp64 data does, for fp64 accuracy) instead of using the given one: its
     probabilities are the block's own, P_blk = P * exp(lse - lse_blk) per row. The backward is
     linear in dout given P (dS = P (dO V^T - rowsum(dO O)), dV = P^T dO), so scaling dout by
     w = exp(lse_blk - lse) per row gives exactly the gradients of the global softmax. lse_blk
-    comes from one more forward call on the block (fp32 LSE: fp32-accurate weights)."""
-    _, lse_blk = _block_fwd(plan, q, kv, qn, kn, causal)
+    comes from one more forward call on the block (fp32 LSE: fp32-accurate weights). With sinks,
+    lse is the sink-including one and lse_blk the block's without them: w then also takes the
+    sink's share of each row's softmax out."""
+    _, lse_blk = _block_fwd(plan, q, kv, qn, kn, causal, features)
     lse_all = lse_b.to(torch.float64)
     w = torch.exp(lse_blk.to(torch.float64) - torch.where(torch.isneginf(lse_all), 0.0, lse_all))
     w = torch.where(torch.isneginf(lse_all), 0.0, w)
@@ -302,15 +358,16 @@ def _backward(plan: _Plan, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
             kv_next, kv_pending = ring.post(kv, _TAG_KV)
         src = (rank - step) % N
         dkv_step = None
-        for qn, kn, causal in _tasks(plan.layout, plan.causal, step, src, rank):
+        for qn, kn, causal, features in _step_calls(plan, step, src):
             qr, kr = plan.rows[qn], plan.rows[kn]
             lse_b = qr.take(lse, 1).contiguous()
             dout_b = qr.take(dout)
             if plan.lse_recomputed:
-                dout_b = _rescale_dout(plan, dout_b, q, kv, lse_b, qn, kn, causal)
+                dout_b = _rescale_dout(plan, dout_b, q, kv, lse_b, qn, kn, causal, features)
             (dq_b,), dk_b, dv_b = ops.grouped_bwd(
                 [dout_b], [qr.take(q)], kr.take(kv[0]), kr.take(kv[1]), [qr.take(out)], [lse_b],
-                [qr.cu], kr.cu, [None], [qr.max_seqlen], kr.max_seqlen, plan.scale, causal, plan.deterministic)
+                [qr.cu], kr.cu, [None], [qr.max_seqlen], kr.max_seqlen, plan.scale, causal, plan.deterministic,
+                **features)
             if dkv_step is None:
                 dkv_step = torch.zeros((2, T, Hk, D), dtype=plan.acc_dtype, device=q.device)
             if dq_acc is None and qr.index is None:
@@ -350,55 +407,83 @@ def _backward(plan: _Plan, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
 def _backward_single_step(plan: _Plan, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor):
     """The backward at world size 1: step 0 of every layout is one block over all rows, so the
     kernel's gradients are the result (no accumulators, no stacking of K and V)."""
-    ((qn, kn, causal),) = _tasks(plan.layout, plan.causal, 0, plan.rank, plan.rank)
+    ((qn, kn, causal, features),) = _step_calls(plan, 0, plan.rank)
     assert qn == kn == "all", "step 0 of every layout computes all rows"
     # The forward ran on a fresh K/V buffer (torch.stack); so does this call, so that any K/V
     # layout the forward accepted is accepted here too.
-    k, v = torch.stack([k, v])
+    kv = torch.stack([k, v])
+    lse = lse.contiguous()
+    if plan.lse_recomputed and plan.has_sinks:  # the backend's own LSE would leave the sinks out
+        dout = _rescale_dout(plan, dout, q, kv, lse, qn, kn, causal, features)
+    k, v = kv
     (dq,), dk, dv = ops.grouped_bwd(
-        [dout], [q], k, v, [out], [lse.contiguous()], [plan.rows["all"].cu], plan.rows["all"].cu, [None],
-        [plan.rows["all"].max_seqlen], plan.rows["all"].max_seqlen, plan.scale, causal, plan.deterministic)
+        [dout], [q], k, v, [out], [lse], [plan.rows["all"].cu], plan.rows["all"].cu, [None],
+        [plan.rows["all"].max_seqlen], plan.rows["all"].max_seqlen, plan.scale, causal, plan.deterministic,
+        **features)
     return dq, dk, dv
 
 
 class _RingAttention(torch.autograd.Function):
-    """``_RingAttention.apply(q, k, v, cu_local, plan) -> (out, lse)``. ``cu_local`` (the
+    """``_RingAttention.apply(q, k, v, cu_local, plan, sinks) -> (out, lse)``. ``cu_local`` (the
     caller's cu_seqlens in the varlen forms, read again by the backward through the plan's "all"
     row set) is an input saved for the backward, so that changing it in place between the
     forward and the backward makes the backward raise (autograd's version check) instead of
     computing the gradients of other sequences. The plan's other index tensors were built from it
-    in the forward and are private."""
+    in the forward and are private. ``sinks`` (None or float32 ``[Hq]``): folded into out and
+    lse once per row; its gradient is the rank's rows' share (``sinks.sink_gradient``)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cu_local, plan):
-        out, lse = _forward(plan, q, k, v)
-        ctx.save_for_backward(q, k, v, out, lse, cu_local)
+    def forward(ctx, q, k, v, cu_local, plan, sinks=None):
+        out, lse = _forward(plan, q, k, v, sinks)
+        ctx.save_for_backward(q, k, v, out, lse, cu_local, sinks)
         ctx.plan = plan
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, _cu_local = ctx.saved_tensors  # raises if cu_local changed in place
+        q, k, v, out, lse, _cu_local, sinks = ctx.saved_tensors  # raises if cu_local changed in place
         dq, dk, dv = _backward(ctx.plan, dout, q, k, v, out, lse)
-        return dq, dk, dv, None, None
+        dsinks = None
+        if sinks is not None and ctx.needs_input_grad[5]:
+            dsinks = sink_gradient(sinks, out, dout, lse)
+        return dq, dk, dv, None, None, dsinks
 
 
 def _make_plan(layout: RingLayout, q3, cu_local, max_local, softmax_scale, causal, deterministic, group,
-               world_size: int, rank: int) -> _Plan:
+               world_size: int, rank: int, window: Tuple[int, int] = (-1, -1), softcap: float = 0.0,
+               has_sinks: bool = False, host_lengths: Optional[List[int]] = None,
+               local_len: int = 0) -> _Plan:
+    """host_lengths: the LOCAL length of every sequence when known on the host for free (batched
+    forms, CPU tensors, metadata checks on), else None; used only with a window (which steps to
+    skip, whether the window bounds anything at all)."""
     acc = torch.float64 if q3.dtype == torch.float64 else torch.float32
+    longest = world_size * max(host_lengths) if host_lengths else None
+    eff = effective_window(window, bool(causal), longest)
+    min_unit, unit = 1, None
+    if eff is not None:
+        halves = layout.name == "zigzag"
+        chunks = [n // 2 if halves else n for n in (host_lengths or []) if n > 0]
+        min_unit = min(chunks) if chunks else 1
+        cu = cu_local.to(torch.int64)
+        unit = cu[1:] - cu[:-1]
+        if halves:
+            unit = torch.div(unit, 2, rounding_mode="floor")
     return _Plan(layout=layout, group=group, world_size=world_size, rank=rank,
                  scale=_resolve_scale(softmax_scale), causal=bool(causal),
                  deterministic=bool(deterministic), acc_dtype=acc,
-                 rows=_row_sets(layout, bool(causal), cu_local, max_local, q3.shape[0]),
-                 lse_recomputed=q3.dtype == torch.float64 and q3.device.type == "cpu")
+                 rows=_row_sets(layout, bool(causal) or eff is not None, cu_local, max_local, q3.shape[0]),
+                 lse_recomputed=q3.dtype == torch.float64 and q3.device.type == "cpu",
+                 window=eff, softcap=float(softcap), has_sinks=has_sinks, min_unit=min_unit, local_len=local_len,
+                 unit=unit)
 
 
 # ---- the entry points of the scheme modules ------------------------------------------------------------
 
 
 def _agree(agreement: RankAgreement, q: Tensor, k: Tensor, softmax_scale: Optional[float], causal: bool,
-           deterministic: bool, cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None) -> None:
+           deterministic: bool, cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None,
+           window: Tuple[int, int] = (-1, -1), softcap: float = 0.0, sinks: Optional[Tensor] = None) -> None:
     """The cross-rank check (``rank_agreement``, opt-in) of a ring call's validated arguments."""
 
     def fingerprint() -> Fingerprint:
@@ -406,6 +491,8 @@ def _agree(agreement: RankAgreement, q: Tensor, k: Tensor, softmax_scale: Option
               .dtype("the dtype of q", q.dtype).flag("causal", causal)
               .real("softmax_scale", effective_scale(softmax_scale, q.shape[-1]))
               .flag("deterministic", deterministic))
+        fp.integer("window_size[0]", window[0]).integer("window_size[1]", window[1]).real("softcap", softcap)
+        fp.flag("sinks", sinks is not None)
         if cu_seqlens is not None:
             fp.tensor_values("cu_seqlens", cu_seqlens).integer("max_seqlen", max_seqlen)
         return fp
@@ -416,23 +503,24 @@ def _agree(agreement: RankAgreement, q: Tensor, k: Tensor, softmax_scale: Option
 def ring_attention(layout: RingLayout, q: Tensor, k: Tensor, v: Tensor, dropout_p: float,
                    softmax_scale: Optional[float], causal: bool, window_size: Tuple[int, int],
                    alibi_slopes: Optional[Tensor], deterministic: bool, return_attn_probs: bool,
-                   group: Optional[object]):
+                   group: Optional[object], softcap: float = 0.0, sinks: Optional[Tensor] = None):
     """The batched forms: q ``[B, L, Hq, D]``, k/v ``[B, L, Hk, D]`` (B sequences of L local
     tokens) -> out ``[B, L, Hq, D]``, or ``(out, lse [B, Hq, L], None)``."""
     group, world_size, rank = resolve_group(group)
     agreement = RankAgreement(layout.function_name(varlen=False), group, world_size, device_of(q),
                               metadata_checks_enabled(device_of(q)))
     with agreement.validating():
-        _validate(q, k, v, dropout_p, window_size, alibi_slopes, layout)
+        window, softcap = _validate(q, k, v, dropout_p, window_size, alibi_slopes, layout, softcap, causal, sinks)
         _resolve_scale(softmax_scale)
-    _agree(agreement, q, k, softmax_scale, causal, deterministic)
+    _agree(agreement, q, k, softmax_scale, causal, deterministic, window=window, softcap=softcap, sinks=sinks)
     B, L, Hq, D = q.shape
     Hk = k.shape[2]
     cu = torch.arange(0, (B + 1) * L, max(L, 1), dtype=torch.int32, device=q.device)[: B + 1] if L > 0 \
         else torch.zeros(B + 1, dtype=torch.int32, device=q.device)
     q3, k3, v3 = q.reshape(B * L, Hq, D), k.reshape(B * L, Hk, D), v.reshape(B * L, Hk, D)
-    plan = _make_plan(layout, q3, cu, L, softmax_scale, causal, deterministic, group, world_size, rank)
-    out, lse = _RingAttention.apply(q3, k3, v3, cu, plan)
+    plan = _make_plan(layout, q3, cu, L, softmax_scale, causal, deterministic, group, world_size, rank, window,
+                      softcap, sinks is not None, [L], L)
+    out, lse = _RingAttention.apply(q3, k3, v3, cu, plan, sinks)
     out = out.view(B, L, Hq, D)
     if return_attn_probs:
         return out, lse.view(Hq, B, L).permute(1, 0, 2), None
@@ -442,19 +530,25 @@ def ring_attention(layout: RingLayout, q: Tensor, k: Tensor, v: Tensor, dropout_
 def ring_attention_varlen(layout: RingLayout, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor,
                           max_seqlen: int, dropout_p: float, softmax_scale: Optional[float], causal: bool,
                           window_size: Tuple[int, int], alibi_slopes: Optional[Tensor], deterministic: bool,
-                          return_attn_probs: bool, group: Optional[object]):
+                          return_attn_probs: bool, group: Optional[object], softcap: float = 0.0,
+                          sinks: Optional[Tensor] = None):
     """The varlen forms: q ``[T, Hq, D]``, k/v ``[T, Hk, D]``, cu_seqlens the rank's LOCAL
     cumulative lengths -> out ``[T, Hq, D]``, or ``(out, lse [Hq, T], None)``."""
     group, world_size, rank = resolve_group(group)
     agreement = RankAgreement(layout.function_name(varlen=True), group, world_size, device_of(q),
                               metadata_checks_enabled(device_of(q)))
     with agreement.validating():
-        _validate_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p, window_size, alibi_slopes, layout)
+        window, softcap = _validate_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p, window_size, alibi_slopes,
+                                           layout, softcap, causal, sinks)
         _resolve_scale(softmax_scale)
-    _agree(agreement, q, k, softmax_scale, causal, deterministic, cu_seqlens, int(max_seqlen))
+    _agree(agreement, q, k, softmax_scale, causal, deterministic, cu_seqlens, int(max_seqlen), window, softcap, sinks)
+    host_lengths = None
+    if window != (-1, -1) and metadata_checks_enabled(device_of(q)):  # free on CPU: exact step skipping
+        cu = cu_seqlens.tolist()
+        host_lengths = [b - a for a, b in zip(cu, cu[1:])]
     plan = _make_plan(layout, q, cu_seqlens, int(max_seqlen), softmax_scale, causal, deterministic, group,
-                      world_size, rank)
-    out, lse = _RingAttention.apply(q, k, v, cu_seqlens, plan)
+                      world_size, rank, window, softcap, sinks is not None, host_lengths)
+    out, lse = _RingAttention.apply(q, k, v, cu_seqlens, plan, sinks)
     if return_attn_probs:
         return out, lse, None
     return out
@@ -486,10 +580,17 @@ _BATCHED_ARGS_DOC = """
     Args (upstream ring-flash-attention's):
         q, k, v (or kv, qkv): the rank's local shard as above (Hq % Hk == 0; same dtype and
             device; strided views such as slices of a packed qkv are fine).
-        dropout_p, window_size, alibi_slopes: only their defaults (NotImplementedError naming the
-            argument otherwise).
+        dropout_p, alibi_slopes: only their defaults (NotImplementedError naming the argument
+            otherwise).
         softmax_scale: default ``1 / sqrt(D)``.
         causal: causal attention over the GLOBAL token order (default False, as upstream).
+        window_size: ``(left, right)``, flash-attn's local attention over GLOBAL positions: query
+            p sees key j iff ``p - left <= j <= p + right`` (-1 = unbounded; with causal the
+            right side is -1 or 0). Steps whose block no query sees are skipped.
+        softcap: > 0: scores ``softcap * tanh(score / softcap)`` (0 = off).
+        sinks: None or float32 ``[Hq]`` sink logits (counted once per row); their gradient is
+            this rank's rows' share: the caller's gradient reduction over the ranks sums it,
+            as for any parameter replicated across the ranks.
         deterministic: bit-identical backward kernels run to run.
         return_attn_probs: return ``(out, lse, None)``; lse: float32 ``[B, Hq, L]``, natural log,
             not differentiable.
@@ -512,10 +613,20 @@ _VARLEN_ARGS_DOC = """
         cu_seqlens: int32 ``[B + 1]``, the rank's LOCAL cumulative lengths (every rank holds the
             same number of tokens of each sequence: its global length / N); ``cu_seqlens[-1] == T``.
         max_seqlen: Python int, the longest LOCAL sequence (a hint; never read from a tensor).
-        dropout_p, window_size, alibi_slopes: only their defaults (NotImplementedError naming the
-            argument otherwise).
+        dropout_p, alibi_slopes: only their defaults (NotImplementedError naming the argument
+            otherwise).
         softmax_scale: default ``1 / sqrt(D)``.
         causal: causal attention over each sequence's GLOBAL token order (default False, as upstream).
+        window_size: ``(left, right)``, flash-attn's local attention over each sequence's GLOBAL
+            positions: query p sees key j iff ``p - left <= j <= p + right`` (-1 = unbounded;
+            with causal the right side is -1 or 0). Steps whose block no query sees are skipped
+            (exactly when the lengths are known on the host: CPU tensors or
+            ``RING_FLASH_ATTN_CHECK_METADATA=1``; else the steps no sequence of one token per
+            chunk could need).
+        softcap: > 0: scores ``softcap * tanh(score / softcap)`` (0 = off).
+        sinks: None or float32 ``[Hq]`` sink logits (counted once per row); their gradient is
+            this rank's rows' share: the caller's gradient reduction over the ranks sums it,
+            as for any parameter replicated across the ranks.
         deterministic: bit-identical backward kernels run to run.
         return_attn_probs: return ``(out, lse, None)``; lse: float32 ``[Hq, T]`` (flash-attn's
             varlen layout), natural log, not differentiable.

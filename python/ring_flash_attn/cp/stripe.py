@@ -39,6 +39,7 @@ def stripe_flash_attn_func(
     q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
     deterministic: bool = False, return_attn_probs: bool = False, group: Optional[ProcessGroup] = None,
+    softcap: float = 0.0, sinks: Optional[Tensor] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor, None]]:
     """Ring attention over the stripe layout (upstream's ``stripe_flash_attn_func``).
 
@@ -46,7 +47,7 @@ def stripe_flash_attn_func(
     its global token i N + r.
     """
     return ring_attention(STRIPE_LAYOUT, q, k, v, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
-                          deterministic, return_attn_probs, group)
+                          deterministic, return_attn_probs, group, softcap, sinks)
 
 
 @with_batched_args_doc
@@ -54,11 +55,12 @@ def stripe_flash_attn_kvpacked_func(
     q: Tensor, kv: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
     deterministic: bool = False, return_attn_probs: bool = False, group: Optional[ProcessGroup] = None,
+    softcap: float = 0.0, sinks: Optional[Tensor] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor, None]]:
     """``stripe_flash_attn_func`` with K and V packed: q ``[B, L, Hq, D]``, kv ``[B, L, 2, Hk, D]``."""
     k, v = unpack_batched_kv(kv)
     return ring_attention(STRIPE_LAYOUT, q, k, v, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
-                          deterministic, return_attn_probs, group)
+                          deterministic, return_attn_probs, group, softcap, sinks)
 
 
 @with_batched_args_doc
@@ -66,8 +68,9 @@ def stripe_flash_attn_qkvpacked_func(
     qkv: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
     deterministic: bool = False, return_attn_probs: bool = False, group: Optional[ProcessGroup] = None,
+    softcap: float = 0.0, sinks: Optional[Tensor] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor, None]]:
     """``stripe_flash_attn_func`` with Q, K and V packed (MHA): qkv ``[B, L, 3, H, D]``."""
     q, k, v = unpack_batched_qkv(qkv)
     return ring_attention(STRIPE_LAYOUT, q, k, v, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
-                          deterministic, return_attn_probs, group)
+                          deterministic, return_attn_probs, group, softcap, sinks)

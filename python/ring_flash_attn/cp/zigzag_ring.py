@@ -45,6 +45,7 @@ def zigzag_ring_flash_attn_func(
     q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
     deterministic: bool = False, return_attn_probs: bool = False, group: Optional[ProcessGroup] = None,
+    softcap: float = 0.0, sinks: Optional[Tensor] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor, None]]:
     """Ring attention over the zigzag layout (upstream's ``zigzag_ring_flash_attn_func``).
 
@@ -52,7 +53,7 @@ def zigzag_ring_flash_attn_func(
     each of the B sequences, rank r holds chunk r then chunk 2N-1-r.
     """
     return ring_attention(ZIGZAG_LAYOUT, q, k, v, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
-                          deterministic, return_attn_probs, group)
+                          deterministic, return_attn_probs, group, softcap, sinks)
 
 
 @with_batched_args_doc
@@ -60,11 +61,12 @@ def zigzag_ring_flash_attn_kvpacked_func(
     q: Tensor, kv: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
     deterministic: bool = False, return_attn_probs: bool = False, group: Optional[ProcessGroup] = None,
+    softcap: float = 0.0, sinks: Optional[Tensor] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor, None]]:
     """``zigzag_ring_flash_attn_func`` with K and V packed: q ``[B, L, Hq, D]``, kv ``[B, L, 2, Hk, D]``."""
     k, v = unpack_batched_kv(kv)
     return ring_attention(ZIGZAG_LAYOUT, q, k, v, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
-                          deterministic, return_attn_probs, group)
+                          deterministic, return_attn_probs, group, softcap, sinks)
 
 
 @with_batched_args_doc
@@ -72,11 +74,12 @@ def zigzag_ring_flash_attn_qkvpacked_func(
     qkv: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
     deterministic: bool = False, return_attn_probs: bool = False, group: Optional[ProcessGroup] = None,
+    softcap: float = 0.0, sinks: Optional[Tensor] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor, None]]:
     """``zigzag_ring_flash_attn_func`` with Q, K and V packed (MHA): qkv ``[B, L, 3, H, D]``."""
     q, k, v = unpack_batched_qkv(qkv)
     return ring_attention(ZIGZAG_LAYOUT, q, k, v, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
-                          deterministic, return_attn_probs, group)
+                          deterministic, return_attn_probs, group, softcap, sinks)
 
 
 @with_varlen_args_doc
@@ -84,7 +87,7 @@ def zigzag_ring_flash_attn_varlen_func(
     q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0,
     softmax_scale: Optional[float] = None, causal: bool = False, window_size: Tuple[int, int] = (-1, -1),
     alibi_slopes: Optional[Tensor] = None, deterministic: bool = False, return_attn_probs: bool = False,
-    group: Optional[ProcessGroup] = None,
+    group: Optional[ProcessGroup] = None, softcap: float = 0.0, sinks: Optional[Tensor] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor, None]]:
     """Ring attention over packed sequences, zigzag layout (upstream's ``zigzag_ring_flash_attn_varlen_func``).
 
@@ -92,7 +95,8 @@ def zigzag_ring_flash_attn_varlen_func(
     holds chunk r then chunk 2N-1-r, as ``zigzag_shard`` lays them out (local lengths even).
     """
     return ring_attention_varlen(ZIGZAG_LAYOUT, q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
-                                 causal, window_size, alibi_slopes, deterministic, return_attn_probs, group)
+                                 causal, window_size, alibi_slopes, deterministic, return_attn_probs, group, softcap,
+                                 sinks)
 
 
 @with_varlen_args_doc
@@ -100,12 +104,13 @@ def zigzag_ring_flash_attn_varlen_kvpacked_func(
     q: Tensor, kv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0,
     softmax_scale: Optional[float] = None, causal: bool = False, window_size: Tuple[int, int] = (-1, -1),
     alibi_slopes: Optional[Tensor] = None, deterministic: bool = False, return_attn_probs: bool = False,
-    group: Optional[ProcessGroup] = None,
+    group: Optional[ProcessGroup] = None, softcap: float = 0.0, sinks: Optional[Tensor] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor, None]]:
     """``zigzag_ring_flash_attn_varlen_func`` with K and V packed: q ``[T, Hq, D]``, kv ``[T, 2, Hk, D]``."""
     k, v = unpack_varlen_kv(kv)
     return ring_attention_varlen(ZIGZAG_LAYOUT, q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
-                                 causal, window_size, alibi_slopes, deterministic, return_attn_probs, group)
+                                 causal, window_size, alibi_slopes, deterministic, return_attn_probs, group, softcap,
+                                 sinks)
 
 
 @with_varlen_args_doc
@@ -113,9 +118,10 @@ def zigzag_ring_flash_attn_varlen_qkvpacked_func(
     qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0,
     softmax_scale: Optional[float] = None, causal: bool = False, window_size: Tuple[int, int] = (-1, -1),
     alibi_slopes: Optional[Tensor] = None, deterministic: bool = False, return_attn_probs: bool = False,
-    group: Optional[ProcessGroup] = None,
+    group: Optional[ProcessGroup] = None, softcap: float = 0.0, sinks: Optional[Tensor] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor, None]]:
     """``zigzag_ring_flash_attn_varlen_func`` with Q, K and V packed (MHA): qkv ``[T, 3, H, D]``."""
     q, k, v = unpack_varlen_qkv(qkv)
     return ring_attention_varlen(ZIGZAG_LAYOUT, q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
-                                 causal, window_size, alibi_slopes, deterministic, return_attn_probs, group)
+                                 causal, window_size, alibi_slopes, deterministic, return_attn_probs, group, softcap,
+                                 sinks)
