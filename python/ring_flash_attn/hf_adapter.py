@@ -654,7 +654,8 @@ def _attention_features(sliding_window, softcap, s_aux, causal: bool, num_heads_
     tensor, handed on as float32: its gradient flows back into the model's parameter)."""
     features: Dict[str, Any] = {}
     if sliding_window is not None:
-        if isinstance(sliding_window, bool) or not isinstance(sliding_window, numbers.Integral) or sliding_window < 1:
+        if (isinstance(sliding_window, bool) or not isinstance(sliding_window, numbers.Integral)
+                or sliding_window < 1):
             raise ValueError(f"sliding_window: expected None or an int >= 1 (the keys a token sees on each side, itself "
                              f"included), got {sliding_window!r}")
         left = int(sliding_window) - 1
