@@ -11,6 +11,12 @@ local out, LSE, dQ, dK and dV. This process then checks that the padding rows go
 checked), puts the shards back together with the scheme's unshard helper and compares them with
 ONE process's result: the library's single-device attention on the unsharded batch, in float64.
 
+Cases with a window, a softcap and sink logits (``window`` / ``softcap`` / ``sinks``) check that
+the window's global positions, the ring steps' diagonal shifts and skipped steps, llama3's trimmed
+key range and zigzag llama3's non-causal shifts stay exact with padding; their padding rows get
+LSE = the sink of their head (a row without keys), and the sinks' gradient summed over the ranks
+is compared too.
+
 Also without spawning: the shard helpers against an independent description of each layout,
 shard/unshard round trips, the prepare helpers and the ``seqlens`` argument checks.
 """
@@ -39,7 +45,8 @@ _WORLD_SIZES = [2, 3, 4, pytest.param(8, marks=pytest.mark.eight_ranks)]
 _LONG = [1, 7, 1000, 4093]  # the lengths of the issue: none divides 2N for N in 2, 3, 4, 8
 _SHORT = [1, 7, 45, 128]  # total 181: padding on every world size for llama3 too
 
-_BASE = dict(form="varlen", packed=None, causal=True, Hq=2, Hk=1, D=16, impl=None, dtype="float32")
+_BASE = dict(form="varlen", packed=None, causal=True, Hq=2, Hk=1, D=16, impl=None, dtype="float32",
+             window=(-1, -1), softcap=0.0, sinks=False)
 
 
 def _case(case_id: str, scheme: str, lens: List[int], **kw) -> dict:
@@ -73,6 +80,24 @@ CASES = [
     _case("fused-kvpacked", "zigzag_llama3", _SHORT, packed="kv", impl="fused"),
     _case("grouped-python-noncausal", "zigzag_llama3", _SHORT, impl="grouped_python", causal=False),
     _case("qkvpacked", "zigzag_llama3", _SHORT, packed="qkv", Hk=2),
+    # a window (and softcap, sinks) with lengths that do not divide: the shifts of the split
+    # (real rows, padding rows) layout, the skipped ring steps, the trimmed llama3 key range
+    _case("window-sinks", "ring", [7, 1000, 1], window=(37, 0), sinks=True),
+    _case("batched-noncausal-window-softcap-sinks", "ring", [130, 7], form="batched", causal=False,
+          window=(5, 40), softcap=2.0, sinks=True),
+    _case("noncausal-window-sinks", "zigzag", [7, 1000], causal=False, window=(60, 9), sinks=True),
+    _case("window-softcap", "zigzag", [1000, 7, 1], window=(100, 0), softcap=2.0),
+    # long chunks only: the steps wholly outside the window are skipped
+    _case("window-sinks-skipped-steps", "zigzag", [1000, 701], window=(60, 0), sinks=True),
+    _case("batched-noncausal-window-sinks", "stripe", [45, 7, 1], form="batched", causal=False, window=(3, 11),
+          sinks=True),
+    _case("window-sinks", "llama3", [7, 1000], window=(50, 0), sinks=True),
+    _case("noncausal-window-softcap-sinks", "llama3", _SHORT, causal=False, window=(20, 33), softcap=2.0,
+          sinks=True),
+    _case("noncausal-window-sinks", "zigzag_llama3", [7, 1000], causal=False, window=(40, 25), sinks=True),
+    _case("grouped-python-noncausal-left-window-softcap-sinks", "zigzag_llama3", _SHORT, impl="grouped_python",
+          causal=False, window=(9, -1), softcap=2.0, sinks=True),
+    _case("fused-window-sinks", "zigzag_llama3", _LONG, impl="fused", window=(30, 0), sinks=True),
 ]
 
 _HELPERS = {  # scheme -> (shard, unshard): (x, cu_seqlens or None, rank, N), (shards, cu_seqlens or None[, S])
@@ -114,17 +139,43 @@ def _inputs(case: dict, seed: int) -> Tuple[torch.Tensor, ...]:
     return tuple(t.to(getattr(torch, case["dtype"])) for t in (q, k, v, dout))
 
 
+def _sinks(case: dict, seed: int) -> Optional[torch.Tensor]:
+    """The case's sink logits (float32 [Hq]), or None."""
+    if not case["sinks"]:
+        return None
+    return torch.randn(case["Hq"], generator=torch.Generator().manual_seed(seed + 7919)) + 1.0
+
+
+def _features(case: dict, sinks: Optional[torch.Tensor]) -> dict:
+    """The window / softcap / sinks keywords of the case (only those set)."""
+    kw = {}
+    if tuple(case["window"]) != (-1, -1):
+        kw["window_size"] = tuple(case["window"])
+    if case["softcap"]:
+        kw["softcap"] = case["softcap"]
+    if sinks is not None:
+        kw["sinks"] = sinks
+    return kw
+
+
 def _reference(case: dict, seed: int) -> Dict[str, torch.Tensor]:
     """One process: the library's single-device attention on the unsharded batch in float64 (out,
-    lse [Hq, total], dq, dk, dv)."""
+    lse [Hq, total], dq, dk, dv; dsinks with sinks)."""
     q, k, v, dout = (t.double() for t in _inputs(case, seed))
     cu = cu_seqlens(case["lens"])
     ins = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    sinks = _sinks(case, seed)
+    if sinks is not None:
+        sinks.requires_grad_(True)
+        ins.append(sinks)
     longest = max(case["lens"])
     out, lse, _ = rfa.flash_attn_varlen_func(ins[0], ins[1], ins[2], cu, cu, longest, longest, causal=case["causal"],
-                                             return_attn_probs=True)
-    dq, dk, dv = torch.autograd.grad(out, ins, dout)
-    return dict(out=out.detach(), lse=lse, dq=dq, dk=dk, dv=dv)
+                                             return_attn_probs=True, **_features(case, sinks))
+    grads = torch.autograd.grad(out, ins, dout)
+    ref = dict(out=out.detach(), lse=lse, dq=grads[0], dk=grads[1], dv=grads[2])
+    if sinks is not None:
+        ref["dsinks"] = grads[3]
+    return ref
 
 
 def _batched(x: torch.Tensor, lens: List[int]) -> torch.Tensor:
@@ -158,12 +209,20 @@ def _run(case: dict, seed: int, rank: int, world_size: int) -> Dict[str, torch.T
     if case["packed"] == "qkv":
         assert case["Hq"] == case["Hk"]
     real = _shard(case, torch.ones(q.shape[0]), rank, world_size) == 1  # False on padding rows
-    nan = float("nan")
-    ql, kl, vl, dl = (_shard(case, t, rank, world_size).masked_fill(~real[..., None, None], nan)
-                      for t in (q, k, v, dout))
     scheme, form, causal = case["scheme"], case["form"], case["causal"]
+    # padding rows hold NaN: they must never be read. llama3 with sinks: its padding is a
+    # sequence of its own that attends to itself, and the sinks' gradient sums over every row,
+    # so there the padding rows keep llama3_shard's zeros and get dout = 0 (a loss that ignores
+    # them), as in a real run
+    fill = 0.0 if scheme == "llama3" and case["sinks"] else float("nan")
+    ql, kl, vl, dl = (_shard(case, t, rank, world_size).masked_fill(~real[..., None, None], fill)
+                      for t in (q, k, v, dout))
     func, kvpacked, qkvpacked = _RING_FUNCS[(scheme, form)]
-    kw = dict(causal=causal, return_attn_probs=True)
+    sinks = _sinks(case, seed)
+    if sinks is not None:
+        sinks.requires_grad_(True)
+    kw = dict(causal=causal, return_attn_probs=True, **_features(case, sinks))
+    extra = () if sinks is None else (sinks,)
     lens = case["lens"]
     cu = cu_seqlens(lens)
     if scheme in ("ring", "zigzag", "stripe"):
@@ -184,19 +243,22 @@ def _run(case: dict, seed: int, rank: int, world_size: int) -> Dict[str, torch.T
         ql.requires_grad_(True)
         kv = torch.stack([kl, vl], dim=-3).requires_grad_(True)
         out, lse, _ = kvpacked(ql, kv, *args, **kw)
-        dq, dkv = torch.autograd.grad(out, (ql, kv), dl)
+        dq, dkv, *dsinks = torch.autograd.grad(out, (ql, kv) + extra, dl)
         dk, dv = dkv.unbind(-3)
     elif case["packed"] == "qkv":
         qkv = torch.stack([ql, kl, vl], dim=-3).requires_grad_(True)
         out, lse, _ = qkvpacked(qkv, *args, **kw)
-        (dqkv,) = torch.autograd.grad(out, (qkv,), dl)
+        dqkv, *dsinks = torch.autograd.grad(out, (qkv,) + extra, dl)
         dq, dk, dv = dqkv.unbind(-3)
     else:
         ql, kl, vl = (t.requires_grad_(True) for t in (ql, kl, vl))
         out, lse, _ = func(ql, kl, vl, *args, **kw)
-        dq, dk, dv = torch.autograd.grad(out, (ql, kl, vl), dl)
+        dq, dk, dv, *dsinks = torch.autograd.grad(out, (ql, kl, vl) + extra, dl)
     lse = lse.transpose(-1, -2)  # varlen [Hq, T] -> [T, Hq]; batched [B, Hq, L] -> [B, L, Hq]
-    return dict(out=out.detach(), lse=lse, dq=dq, dk=dk, dv=dv, real=real)
+    got = dict(out=out.detach(), lse=lse, dq=dq, dk=dk, dv=dv, real=real)
+    if sinks is not None:
+        got["dsinks"] = dsinks[0]  # this rank's rows' share
+    return got
 
 
 def _worker(rank: int, world_size: int, port: int, seed: int, out_dir: str) -> None:
@@ -253,7 +315,11 @@ def test_any_length_matches_one_process(world_size: int, case: dict, spawn_root:
             for name in ("out", "dq", "dk", "dv"):
                 assert torch.equal(g[name][pad], torch.zeros_like(g[name][pad])), \
                     f"{where}, rank {r}: {name} of padding rows is not 0: {g[name][pad].abs().max()}"
-            assert torch.isneginf(g["lse"][pad]).all(), f"{where}, rank {r}: lse of padding rows is not -inf"
+            if case["sinks"]:  # a row without keys: LSE = its head's sink
+                want_lse = _sinks(case, seed).expand_as(g["lse"])[pad]
+                assert torch.equal(g["lse"][pad], want_lse), f"{where}, rank {r}: lse of padding rows is not the sink"
+            else:
+                assert torch.isneginf(g["lse"][pad]).all(), f"{where}, rank {r}: lse of padding rows is not -inf"
     unshard = _HELPERS[scheme][1]
     for name in ("out", "lse", "dq", "dk", "dv"):
         shards = [g[name] for g in got]
@@ -264,6 +330,10 @@ def test_any_length_matches_one_process(world_size: int, case: dict, spawn_root:
         want = ref[name].t() if name == "lse" else ref[name]
         err, tol = rel_err(glob, want), _TOL[case["dtype"]]
         assert err <= tol, f"{where}: {name} max|err| / max(1, max|ref|) = {err:.3e} > {tol:.1e}"
+    if case["sinks"]:  # each rank returns its rows' share; the sum is the gradient
+        total = torch.stack([g["dsinks"] for g in got]).sum(0)
+        err, tol = rel_err(total, ref["dsinks"]), _TOL[case["dtype"]]
+        assert err <= tol, f"{where}: dsinks (summed over ranks) max|err| / max(1, max|ref|) = {err:.3e} > {tol:.1e}"
 
 
 @pytest.mark.parametrize("world_size", _WORLD_SIZES)

@@ -21,6 +21,14 @@ rows; the reference is the eager model on each row's tokens alone (batch size 1,
 padding must not change; transformers' eager attention itself gives NaN for left-padded rows in
 float64), with ``w`` zero at padding. Logits are compared at the tokens, gradients everywhere.
 
+The attention features of other model families run the same way (``_FAMILIES``: tiny random-weight
+models built from configs): Mistral and Qwen2 (a sliding-window layer; windows shorter than the
+sequences), Gemma 2 (attention logit softcap and sliding layers), gpt-oss (sink logits ``s_aux`` and
+sliding layers, 2 experts; float32, its expert matmul has no float64) and ModernBERT (non-causal,
+with bidirectional local layers), against the eager model on each sequence alone; the sinks'
+gradient (each rank's share, all-reduced) is among the parameters compared. A negative control
+per feature drops it from the attention call and must be far off.
+
 The HuggingFace tests skip (importorskip) only when transformers is missing; CI installs it
 (scripts/setup_env.sh). The import-without-transformers test and the drop-in example test
 (``examples/ring_flash_attn_drop_in.py`` under ``torch.distributed.run`` with 2 gloo processes)
@@ -80,8 +88,57 @@ def _padded(case_id, path, scheme, side, lens, any_lens, row_len=16, dtype="floa
                 dtype=dtype, hs=hs, model_mask=model_mask, use_cache=use_cache, control=control)
 
 
+# Tiny model families for the attention-feature cases: (config class, model class, config kwargs).
+# Windows of 5 tokens (ModernBERT: 3 on each side) are shorter than the test sequences.
+_COMMON = dict(_CONFIG)
+_FAMILIES = {
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(_COMMON, sliding_window=5)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(_COMMON, use_sliding_window=True, sliding_window=5,
+                                                      max_window_layers=1)),  # layer 1 slides
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(_COMMON, head_dim=16, sliding_window=5,
+                                                         attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
+                                                         query_pre_attn_scalar=16)),
+    "gptoss": ("GptOssConfig", "GptOssForCausalLM", dict(_COMMON, head_dim=16, sliding_window=5, num_local_experts=2,
+                                                         num_experts_per_tok=1,
+                                                         rope_parameters=dict(rope_type="default", rope_theta=1e4))),
+    "modernbert": ("ModernBertConfig", "ModernBertForMaskedLM",
+                   dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        vocab_size=128, max_position_embeddings=256, initializer_range=0.2, local_attention=6,
+                        global_attn_every_n_layers=2, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+                        cls_token_id=3, sep_token_id=4)),
+}
+
+
+def _feature(case_id, family, path, scheme, lens, dtype="float64", hs=1, control=None, padded=None):
+    """A model family with an attention feature on a packed row of sequences ``lens`` (or, with
+    ``padded=(side, lens, row_len)``, a batch of padded rows). control: the attention keyword the
+    negative control drops (``"is_causal"``: forced to True)."""
+    case = dict(id=case_id, family=family, path=path, scheme=scheme, batches=[list(lens)], dtype=dtype, hs=hs,
+                feature_control=control, control=False)
+    if padded is not None:
+        side, rows, row_len = padded
+        case.update(padded=True, side=side, lens=list(rows), row_len=row_len, model_mask=True, use_cache=False)
+    return case
+
+
+FEATURE_CASES: List[dict] = [
+    _feature("mistral-sliding-llama3", "mistral", "interface", "llama3", [5, 13, 3, 11], control="sliding_window"),
+    _feature("qwen2-sliding-layer-zigzag", "qwen2", "interface", "zigzag", [8, 12, 4, 8], control="sliding_window"),
+    _feature("gemma2-softcap-sliding-llama3", "gemma2", "interface", "llama3", [7, 2, 9, 14], control="softcap"),
+    _feature("gemma2-softcap-sliding-zigzag-hs2", "gemma2", "interface", "zigzag", [12, 8, 4, 8], hs=2),
+    _feature("gptoss-sinks-sliding-llama3-fp32", "gptoss", "interface", "llama3", [5, 13, 3, 11], dtype="float32",
+             control="s_aux"),
+    _feature("gptoss-sinks-sliding-zigzag-hs2-fp32", "gptoss", "interface", "zigzag", [8, 12, 4, 8],
+             dtype="float32", hs=2),
+    _feature("modernbert-noncausal-llama3", "modernbert", "interface", "llama3", [9, 7, 12, 4], control="is_causal"),
+    _feature("modernbert-noncausal-zigzag", "modernbert", "interface", "zigzag", [8, 16, 4, 4]),
+    _feature("mistral-sliding-substitute-fp32", "mistral", "substitute", "llama3", [7, 2, 9, 14], dtype="float32"),
+    # padded rows through a windowed, soft-capped model
+    _feature("gemma2-padded-left-llama3", "gemma2", "interface", "llama3", [], padded=("left", [16, 11, 5], 16)),
+]
+
 CASES: Dict[int, List[dict]] = {
-    2: [
+    2: FEATURE_CASES + [
         # contiguous layout: odd lengths, a sequence crossing the rank boundary (token 16)
         _case("interface-llama3-odd-fp64", "interface", "llama3", [[5, 13, 3, 11]], control=True),
         # zigzag layout: every length a multiple of 2N = 4; two KV heads per all-gather slice
@@ -117,22 +174,28 @@ def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
     return rel_err(x, ref, floor=1e-30)
 
 
-def _make_models(attn_implementation: str, dtype: torch.dtype, seed: int):
-    """(reference eager model, model for `attn_implementation`) with the same weights. Each gets its
-    own config: transformers writes the attention implementation into the config it is given."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _make_models(attn_implementation: str, dtype: torch.dtype, seed: int, family: str = "llama"):
+    """(reference eager model, model for `attn_implementation`) with the same weights: a tiny
+    Llama, or a model of ``_FAMILIES``. Each gets its own config: transformers writes the
+    attention implementation into the config it is given."""
+    import transformers
 
-    config = LlamaConfig(**_CONFIG)
+    if family == "llama":
+        config_cls, model_cls, kwargs = transformers.LlamaConfig, transformers.LlamaForCausalLM, _CONFIG
+    else:
+        config_name, model_name, kwargs = _FAMILIES[family]
+        config_cls, model_cls = getattr(transformers, config_name), getattr(transformers, model_name)
+    config = config_cls(**kwargs)
     torch.manual_seed(seed)
-    ref = LlamaForCausalLM._from_config(copy.deepcopy(config), attn_implementation="eager").to(dtype)
+    ref = model_cls._from_config(copy.deepcopy(config), attn_implementation="eager").to(dtype)
     if attn_implementation == "flash_attention_2":
         # transformers refuses to BUILD a "flash_attention_2" model without the flash_attn package
         # (a GPU machine with flash_attn has it); the dispatch at run time is what the
         # substitution changes, so build it eager and switch the name it dispatches on.
-        model = LlamaForCausalLM._from_config(copy.deepcopy(config), attn_implementation="eager").to(dtype)
+        model = model_cls._from_config(copy.deepcopy(config), attn_implementation="eager").to(dtype)
         model.config._attn_implementation = "flash_attention_2"
     else:
-        model = LlamaForCausalLM._from_config(copy.deepcopy(config), attn_implementation=attn_implementation)
+        model = model_cls._from_config(copy.deepcopy(config), attn_implementation=attn_implementation)
         model = model.to(dtype)
     model.load_state_dict(ref.state_dict())
     return ref, model
@@ -249,6 +312,86 @@ def _run_padded_case(case: dict, model, ref, attn: str, dtype: torch.dtype, seed
     return result
 
 
+def _per_sequence_reference(ref, lens: List[int], ids: torch.Tensor, pos: torch.Tensor, w: torch.Tensor):
+    """The eager model on each sequence of a packed row alone: logits [T, vocab] and every
+    parameter's gradient of sum(logits * w) (what packing must not change)."""
+    ref.zero_grad(set_to_none=True)
+    parts, loss, start = [], 0.0, 0
+    for n in lens:
+        logits, part = _forward_loss(ref, ids[start:start + n], pos[start:start + n], w[start:start + n])
+        parts.append(logits.detach())
+        loss = loss + part
+        start += n
+    loss.backward()
+    return torch.cat(parts), _grads(ref)
+
+
+class _DroppedFeature:
+    """Within the block, the attention function of ``attn`` runs without the keyword ``name``
+    (``"is_causal"``: forced to True): the negative control of a feature."""
+
+    def __init__(self, attn: str, name: str):
+        self.attn, self.name = attn, name
+
+    def __enter__(self):
+        import transformers
+
+        self.original = transformers.AttentionInterface._global_mapping[self.attn]
+        original, name = self.original, self.name
+
+        def without(module, query, key, value, attention_mask, **kwargs):
+            if name == "is_causal":
+                kwargs["is_causal"] = True
+            else:
+                kwargs.pop(name, None)
+            return original(module, query, key, value, attention_mask, **kwargs)
+
+        transformers.AttentionInterface.register(self.attn, without)
+        return self
+
+    def __exit__(self, *exc):
+        import transformers
+
+        transformers.AttentionInterface.register(self.attn, self.original)
+        return False
+
+
+def _run_feature_case(case: dict, model, ref, attn: str, dtype: torch.dtype, seed: int, rank: int,
+                      world_size: int) -> Dict[str, float]:
+    """A packed row through a model of ``_FAMILIES``: logits and every parameter's gradient on 2
+    ranks against the eager model on each sequence alone (and the negative control)."""
+    import torch.distributed as dist
+
+    lens = case["batches"][0]
+    cu = cu_seqlens(lens)
+    gen = torch.Generator().manual_seed(seed)
+    ids, pos, w = _batch(lens, dtype, _CONFIG["vocab_size"], gen)
+    ref_logits, ref_grads = _per_sequence_reference(ref, lens, ids, pos, w)
+    T = ids.shape[0] // world_size
+    if case["scheme"] == "llama3":
+        shard = lambda x: x[rank * T:(rank + 1) * T]  # noqa: E731
+    else:
+        shard = lambda x: rfa.zigzag_shard(x, cu, rank, world_size)  # noqa: E731
+
+    def gathered(logits):
+        if case["scheme"] == "llama3":
+            parts = [torch.empty_like(logits) for _ in range(world_size)]
+            dist.all_gather(parts, logits.detach().contiguous())
+            return torch.cat(parts)
+        return rfa.zigzag_gather(logits.detach(), cu)
+
+    rfa.update_ring_flash_attn_params(cu, None)
+    model.zero_grad(set_to_none=True)
+    logits, loss = _forward_loss(model, shard(ids), shard(pos), shard(w))
+    loss.backward()
+    result = {"logits[0]": _rel(gathered(logits), ref_logits), "grads[0]": _all_reduced_grad_error(model, ref_grads)}
+    if case["feature_control"]:
+        with _DroppedFeature(attn, case["feature_control"]), torch.no_grad():
+            dropped, _ = _forward_loss(model, shard(ids), shard(pos), shard(w))
+        result["control_logits"] = _rel(gathered(dropped), ref_logits)
+    return result
+
+
 def _run_case(case: dict, seed: int, rank: int, world_size: int) -> Dict[str, float]:
     import torch.distributed as dist
 
@@ -259,7 +402,12 @@ def _run_case(case: dict, seed: int, rank: int, world_size: int) -> Dict[str, fl
     else:
         rfa.substitute_hf_flash_attn(None, case["hs"])
         attn = "flash_attention_2"
-    ref, model = _make_models(attn, dtype, seed)
+    ref, model = _make_models(attn, dtype, seed, case.get("family", "llama"))
+    if case.get("family") and not case.get("padded"):
+        try:
+            return _run_feature_case(case, model, ref, attn, dtype, seed, rank, world_size)
+        finally:
+            hf_adapter.restore_hf_flash_attn()
     if case.get("padded"):
         try:
             return _run_padded_case(case, model, ref, attn, dtype, seed, rank, world_size)
@@ -310,8 +458,30 @@ _results = CachedSpawns(CaseWorker(CASES, _run_case), _SEED, "hf_adapter", _SPAW
 spawn_root = spawn_root_fixture("hf_adapter_dist")
 
 
-def _params(padded: bool) -> list:
-    return [p for p in case_params(CASES) if bool(p.values[1].get("padded")) == padded]
+def _params(padded: bool, features: bool = False) -> list:
+    return [p for p in case_params(CASES) if bool(p.values[1].get("padded")) == padded
+            and bool(p.values[1].get("family")) == features]
+
+
+@pytest.mark.parametrize("world_size,case", _params(padded=False, features=True) + _params(padded=True, features=True))
+def test_hf_attention_features_context_parallel_matches_eager(world_size, case, spawn_root):
+    """Sliding windows, softcap, sinks and non-causal attention of tiny Mistral / Qwen2 / Gemma 2 /
+    gpt-oss / ModernBERT models on 2 ranks: logits and every parameter's gradient (the sinks'
+    included) against the eager model on each sequence (row) alone; dropping the feature from
+    the attention call must be far off."""
+    _transformers()
+    per_rank = _results(world_size, spawn_root)
+    tol = _TOL[case["dtype"]]
+    for r, res in enumerate(per_rank):
+        got = res["cases"][case["id"]]
+        assert "exception" not in got, f"rank {r} of {world_size} (seed {_SEED}):\n{got.get('exception')}"
+        for what in (("logits", "grads") if case.get("padded") else ("logits[0]", "grads[0]")):
+            assert got[what] <= tol, (f"rank {r}, case {case['id']} (seed {_SEED}): {what} max|err| / max|ref| = "
+                                      f"{got[what]:.3e} > {tol:.1e}")
+        if case["feature_control"]:
+            assert got["control_logits"] > 100 * tol, (
+                f"rank {r} (seed {_SEED}): without {case['feature_control']} the logits are within "
+                f"{got['control_logits']:.3e} of the reference: the comparison cannot detect a dropped feature")
 
 
 @pytest.mark.parametrize("world_size,case", _params(padded=False))
@@ -679,6 +849,17 @@ def test_attention_function_output_and_errors(clean_adapter):
     ref_nc = rfa.flash_attn_varlen_func(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu, cu,
                                         7, 7, causal=False)
     assert _rel(out_nc[0], ref_nc) <= 1e-12
+    # transformers' sliding_window W: the key and the W - 1 before it (causal), W - 1 on each side
+    # (not); softcap and the sink logits s_aux (any float dtype, handed on as float32) pass on
+    sinks = torch.randn(4, dtype=torch.float64)
+    for causal, window in ((True, (3, 0)), (False, (3, 3))):
+        out_w, _ = fwd(_Attn(), q, k, v, None, scaling=0.3, sliding_window=4, softcap=2.0, s_aux=sinks,
+                       is_causal=causal)
+        ref_w = rfa.flash_attn_varlen_func(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu,
+                                           cu, 7, 7, softmax_scale=0.3, causal=causal, window_size=window,
+                                           softcap=2.0, sinks=sinks.float())
+        assert _rel(out_w[0], ref_w) <= 1e-12
+        assert _rel(out_w[0], ref if causal else ref_nc) > 1e-3  # the features change the result
 
     with pytest.raises(ValueError, match="batch size 1"):
         fwd(_Attn(), *_qkv(B=2), None)
@@ -686,10 +867,12 @@ def test_attention_function_output_and_errors(clean_adapter):
         fwd(_Attn(), q, k, v, torch.ones(1, 1, 12, 12, dtype=torch.bool))
     with pytest.raises(NotImplementedError, match="use_cache=False"):
         fwd(_Attn(), q, torch.cat([k, k], 2), torch.cat([v, v], 2), None)
-    with pytest.raises(NotImplementedError, match="sliding_window"):
-        fwd(_Attn(), q, k, v, None, sliding_window=4)
-    with pytest.raises(NotImplementedError, match="softcap"):
-        fwd(_Attn(), q, k, v, None, softcap=30.0)
+    with pytest.raises(ValueError, match="sliding_window: expected None or an int >= 1"):
+        fwd(_Attn(), q, k, v, None, sliding_window=0)
+    with pytest.raises(ValueError, match=r"s_aux: expected a tensor \[4\]"):
+        fwd(_Attn(), q, k, v, None, s_aux=torch.zeros(2))
+    with pytest.raises(ValueError, match="softcap: expected a finite float >= 0"):
+        fwd(_Attn(), q, k, v, None, softcap=-1.0)
     with pytest.raises(NotImplementedError, match="dropout"):
         fwd(_Attn(), q, k, v, None, dropout=0.1)
     with pytest.raises(ValueError, match="expected 12 local tokens"):

@@ -29,13 +29,13 @@ from cases import case_dict, cu_seqlens
 _SEED = random.SystemRandom().randrange(1 << 30)
 _SPAWN_TIMEOUT_S = 240
 
-# The zigzag layout cuts every sequence into 2 * kv_degree equal chunks. When the zigzag scheme
-# takes sequences of any length, set this to True: the odd-length zigzag cases then compare with
-# the reference instead of checking that the layout refuses them.
-ZIGZAG_ANY_LENGTH = False
+# The zigzag layout cuts every sequence into 2 * kv_degree equal chunks, padding a sequence whose
+# length it cannot cut: with True the odd-length zigzag cases compare their real rows with the
+# reference (padding rows: out and gradients 0) instead of checking that the layout refuses them.
+ZIGZAG_ANY_LENGTH = True
 
 _BASE = dict(U=2, kv="zigzag_llama3", Hq=4, Hk=2, D=8, hs=1, uhs=None, dtype="float64", causal=True, scale=None,
-             form="varlen", mesh="world", kind="attention")
+             form="varlen", mesh="world", kind="attention", window=(-1, -1), softcap=0.0, sinks=False)
 
 
 def _case(case_id, lens, **kw):
@@ -59,7 +59,10 @@ CASES: Dict[int, List[dict]] = {
         _case("1x4-zigzag-only", [8, 16, 8], U=1),
         _case("2x2-device-mesh", [8, 12, 4, 8], mesh="device_mesh"),
         _case("2x2-zigzag-odd-lengths", [5, 11, 3, 13]),
-        _case("2x2-sinks-refused", [8, 12, 4, 8], kind="sinks-refused"),
+        # window, softcap and sinks through the all-to-all and the scheme across
+        _case("2x2-zigzag-window-softcap-sinks", [8, 12, 4, 8], window=(3, 0), softcap=2.0, sinks=True),
+        _case("2x2-llama3-noncausal-window-sinks", [5, 11, 3, 13], kv="llama3", causal=False, window=(2, 4),
+              sinks=True),
         # the HF adapter on a tiny Llama (Hq 4, Hk 2): Ulysses over 4 ranks (KV heads replicated),
         # the hybrid on a 2x2 mesh (zigzag across: lengths multiples of 4)
         _case("hf-ulysses-odd", [5, 13, 3, 11], U=4, kind="hf"),
@@ -80,6 +83,7 @@ _TOL = {"float64": 1e-10, "float32": 3e-5}
 # ring attention merges its steps' partial outputs through the kernels' float32 LSE
 _RING_TOL = {"float64": 2e-6, "float32": 5e-5}
 _QUANTITIES = ("out", "lse", "dq", "dk", "dv")
+_DSINKS_TOL = 2e-6  # float32 sinks: their gradient is float32
 
 
 def _zigzag_refuses(case: dict, kv_degree: int) -> bool:
@@ -122,22 +126,38 @@ def _run_attention(case: dict, seed: int, rank: int, world_size: int) -> Dict[st
             rfa.hybrid_prepare_cu_seqlens(cu, case["causal"], prank, mesh)
         return {"refused": "odd lengths under the zigzag layout"}
     ref_in = [t.to(dtype).double().requires_grad_(True) for t in (q_full, k_full, v_full)]
-    (ref_out,), (ref_lse,) = grouped_attention_reference([ref_in[0]], ref_in[1], ref_in[2], [cu], cu, None,
-                                                         case["scale"], case["causal"])
+    sinks = None
+    if case["sinks"]:  # float32 values, the reference in float64
+        sinks = torch.randn(Hq, generator=torch.Generator().manual_seed(seed + 1)).requires_grad_(True)
+        ref_in.append(sinks.detach().double().requires_grad_(True))
+    (ref_out,), (ref_lse,) = grouped_attention_reference(
+        [ref_in[0]], ref_in[1], ref_in[2], [cu], cu, None, case["scale"], case["causal"], tuple(case["window"]),
+        case["softcap"], ref_in[3] if sinks is not None else None)
     ref_grads = torch.autograd.grad(ref_out, ref_in, dout_full.to(dtype).double())
 
     local = lambda t: rfa.hybrid_shard(t, cu, prank, mesh)  # noqa: E731
+    # the rows of real tokens (the zigzag layout pads a sequence whose length it cannot cut; its
+    # padding rows get out = 0, LSE = -inf or the sink, and are not compared)
+    real = local(torch.ones(total, dtype=torch.float64)) == 1
     q, k, v, dout = (local(t).to(dtype) for t in (q_full, k_full, v_full, dout_full))
     meta = rfa.hybrid_prepare_cu_seqlens(cu, case["causal"], prank, mesh)
     kw = dict(softmax_scale=case["scale"], causal=case["causal"], return_attn_probs=True, group=mesh,
               ulysses_heads_k_stride=case["uhs"])
-    if case["kind"] == "sinks-refused":
-        sinks = torch.zeros(Hq, requires_grad=True)
-        with pytest.raises(NotImplementedError, match=r"sinks: zigzag_llama3_flash_attn_varlen_func does not take"):
-            rfa.hybrid_flash_attn_varlen_func(q, k, v, *meta[:4], case["hs"], meta[4], sinks=sinks, **kw)
-        with pytest.raises(NotImplementedError, match=r"softcap: zigzag_llama3_flash_attn_varlen_func does not"):
-            rfa.hybrid_flash_attn_varlen_func(q, k, v, *meta[:4], case["hs"], meta[4], softcap=5.0, **kw)
-        return {"refused": "features the KV scheme lacks"}
+    if tuple(case["window"]) != (-1, -1):
+        kw["window_size"] = tuple(case["window"])
+    if case["softcap"]:
+        kw["softcap"] = case["softcap"]
+    if sinks is not None:
+        import torch.distributed as dist
+
+        q, k, v = (t.requires_grad_(True) for t in (q, k, v))
+        out, lse, none = rfa.hybrid_flash_attn_varlen_func(q, k, v, *meta[:4], case["hs"], meta[4], sinks=sinks, **kw)
+        *grads, dsinks = torch.autograd.grad(out, (q, k, v, sinks), dout)
+        dsinks = dsinks.double()
+        dist.all_reduce(dsinks)  # each rank's share: its rows of the heads it computes
+        errors = _errors(out, lse, grads, ref_out, ref_lse, ref_grads, local, real)
+        errors["dsinks"] = rel_err(dsinks, ref_grads[3])
+        return errors
     if case["form"] == "kvpacked":
         q.requires_grad_(True)
         kv = torch.stack([k, v], dim=1).requires_grad_(True)
@@ -153,9 +173,20 @@ def _run_attention(case: dict, seed: int, rank: int, world_size: int) -> Dict[st
         out, lse, none = rfa.hybrid_flash_attn_varlen_func(q, k, v, *meta[:4], case["hs"], meta[4], **kw)
         grads = torch.autograd.grad(out, (q, k, v), dout)
     assert none is None and out.dtype == dtype and lse.shape == (Hq, q.shape[0])
-    return {"out": rel_err(out, local(ref_out)), "lse": rel_err(lse, local(ref_lse.t()).t()),
-            "dq": rel_err(grads[0], local(ref_grads[0])), "dk": rel_err(grads[1], local(ref_grads[1])),
-            "dv": rel_err(grads[2], local(ref_grads[2]))}
+    return _errors(out, lse, grads, ref_out, ref_lse, ref_grads, local, real)
+
+
+def _errors(out, lse, grads, ref_out, ref_lse, ref_grads, local, real) -> Dict[str, float]:
+    """The relative errors of the rank's real rows; its padding rows must have out = 0 and zero
+    gradients (NaN otherwise: the case fails)."""
+    pad = ~real
+    if pad.any() and any(t[pad].abs().max() != 0 for t in (out,) + tuple(grads)):
+        return {"out": float("nan")}
+    return {"out": rel_err(out[real], local(ref_out)[real]),
+            "lse": rel_err(lse[:, real], local(ref_lse.t()).t()[:, real]),
+            "dq": rel_err(grads[0][real], local(ref_grads[0])[real]),
+            "dk": rel_err(grads[1][real], local(ref_grads[1])[real]),
+            "dv": rel_err(grads[2][real], local(ref_grads[2])[real])}
 
 
 def _run_ulysses(case: dict, seed: int, rank: int, world_size: int) -> Dict[str, float]:
@@ -257,12 +288,13 @@ def test_hybrid_matches_full_attention(world_size, case, spawn_root):
     got = [res["cases"][case["id"]] for res in per_rank]
     if all("refused" in g for g in got):
         # every rank checked that the call is refused (ValueError / NotImplementedError naming why)
-        assert case["kind"] == "sinks-refused" or _zigzag_refuses(case, world_size // case["U"]
-                                                                  if case["mesh"] != "halves" else 4 // case["U"])
+        assert _zigzag_refuses(case, world_size // case["U"] if case["mesh"] != "halves" else 4 // case["U"])
         return
     quantities = ("logits", "grads") if case["kind"] == "hf" else _QUANTITIES
     tol = _HF_TOL if case["kind"] == "hf" else (_RING_TOL if case["kv"] == "zigzag_ring" else _TOL)[case["dtype"]]
     assert_case_within(per_rank, case, quantities, tol, _SEED)
+    if case["sinks"]:  # the sinks and their gradient are float32
+        assert_case_within(per_rank, case, ("dsinks",), _DSINKS_TOL, _SEED)
 
 
 # ---- single process ---------------------------------------------------------------------------------

@@ -161,7 +161,8 @@ def _args(**over):
 
 
 @pytest.mark.parametrize("over,exc,pattern", [
-    (dict(window_size=(4, 0)), NotImplementedError, r"window_size"),
+    (dict(window_size=(4, 1), causal=True), ValueError, r"window_size: expected a right side of -1 or 0"),
+    (dict(softcap=-1.0), ValueError, r"softcap: expected a finite float >= 0"),
     (dict(alibi_slopes=torch.zeros(4)), NotImplementedError, r"alibi_slopes"),
     (dict(dropout_p=0.1), NotImplementedError, r"dropout_p"),
     (dict(heads_k_stride=3), ValueError, r"heads_k_stride: expected a divisor of the KV heads of k \(2\), got 3"),

@@ -345,8 +345,8 @@ def test_errors(layout):
     func, kvpacked, qkvpacked = _FUNCS[layout]
     q = torch.randn(1, 4, 4, 8)
     k = torch.randn(1, 4, 2, 8)
-    with pytest.raises(NotImplementedError, match=r"window_size"):
-        func(q, k, k, window_size=(2, 0))
+    with pytest.raises(ValueError, match=r"window_size: expected a right side of -1 or 0 with causal=True"):
+        func(q, k, k, causal=True, window_size=(2, 1))
     with pytest.raises(NotImplementedError, match=r"alibi_slopes"):
         func(q, k, k, alibi_slopes=torch.ones(4))
     with pytest.raises(NotImplementedError, match=r"dropout_p"):
@@ -394,8 +394,8 @@ def test_varlen_errors(layout):
     q = torch.randn(8, 4, 8)
     k = torch.randn(8, 2, 8)
     cu = torch.tensor([0, 4, 8], dtype=torch.int32)
-    with pytest.raises(NotImplementedError, match=r"window_size"):
-        func(q, k, k, cu, 4, window_size=(0, 0))
+    with pytest.raises(ValueError, match=r"window_size: expected each side -1 \(unbounded\) or >= 0"):
+        func(q, k, k, cu, 4, window_size=(0, -3))
     with pytest.raises(NotImplementedError, match=r"alibi_slopes"):
         func(q, k, k, cu, 4, alibi_slopes=torch.ones(4))
     with pytest.raises(NotImplementedError, match=r"dropout_p"):

@@ -54,6 +54,16 @@ layers then read nothing from the device), in one of two forms:
   the rank's shard of the mask as the model's ``attention_mask`` (or none): it is checked
   against the mask given here.
 
+The attention features of today's models reach the scheme: a layer's ``sliding_window`` W
+(Mistral, Qwen2's sliding layers, Gemma 2/3, gpt-oss, ModernBERT's local layers) is transformers'
+flash-attention convention, a window of ``(W - 1, 0)`` with causal attention (the key and the W - 1
+before it) and ``(W - 1, W - 1)`` without; ``softcap`` (Gemma 2's attention logit soft-capping)
+and the sink logits ``s_aux`` (gpt-oss; a ``[num_heads]`` parameter whose gradient flows back) are
+passed on; ``is_causal=False`` (encoders) runs non-causal attention. Windows and positions count
+within each sequence of the batch, over the GLOBAL sequence (not the rank's shard). The sinks'
+gradient of a rank is its tokens' share: sum the parameter gradients over the context-parallel
+ranks as for every other parameter (e.g. the data-parallel all-reduce spanning them).
+
 Keep the metadata until the backward is done (gradient checkpointing recomputes the forward with
 it). A 4-D ``attention_mask`` (an arbitrary mask) and a decoding step over a KV cache raise a
 named error. ``use_cache=True`` in a training forward (the default of most causal-LM configs)
@@ -66,6 +76,7 @@ need it raise ImportError naming ``pip install transformers``.
 
 from __future__ import annotations
 
+import numbers
 import os
 import threading
 import weakref
@@ -568,10 +579,11 @@ def _check_model_mask(attention_mask: Optional[Tensor], prepared: _SchemeBatch, 
 
 def _ring_attention(attn_implementation: str, q: Tensor, k: Tensor, v: Tensor, attention_mask: Optional[Tensor],
                     causal: bool, softmax_scale: Optional[float], dropout: float,
-                    deterministic: Optional[bool]) -> Tensor:
+                    deterministic: Optional[bool], features: Optional[Dict[str, Any]] = None) -> Tensor:
     """The scheme registered as ``attn_implementation`` on q ``[B, S, Hq, D]``, k/v ``[B, S, Hk, D]``
     (the rank's S tokens of each of the B rows; any strides) -> out ``[B, S, Hq, D]``, zeros at
-    padding. ``attention_mask``: None or the rank's 2-D ``[B, S]`` padding mask (checked)."""
+    padding. ``attention_mask``: None or the rank's 2-D ``[B, S]`` padding mask (checked).
+    ``features``: the scheme's window_size / softcap / sinks keywords (``_attention_features``)."""
     group = _STATE.group
     with _validating(q):
         batch = _STATE.batch
@@ -610,7 +622,8 @@ def _ring_attention(attn_implementation: str, q: Tensor, k: Tensor, v: Tensor, a
         # unless the rows are contiguous)
         q_c, k_c, v_c = (t[first] if end - first == 1 else t[first:end].reshape(-1, *t.shape[2:]) for t in (q, k, v))
         out = fn(q_c, k_c, v_c, cu_q, cu_k, max_q, max_k, _STATE.heads_k_stride, k_slice, dropout_p=dropout,
-                 softmax_scale=softmax_scale, causal=bool(causal), deterministic=bool(deterministic), group=group)
+                 softmax_scale=softmax_scale, causal=bool(causal), deterministic=bool(deterministic), group=group,
+                 **(features or {}))
         outs.append(out.reshape(end - first, q.shape[1], *out.shape[1:]))
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
     if prepared.has_padding:
@@ -618,7 +631,7 @@ def _ring_attention(attn_implementation: str, q: Tensor, k: Tensor, v: Tensor, a
     return out
 
 
-def _check_unsupported(q_len: int, k_len: int, attention_mask, sliding_window, softcap, s_aux) -> None:
+def _check_unsupported(q_len: int, k_len: int, attention_mask) -> None:
     if k_len != q_len:
         raise NotImplementedError(f"key: expected as many tokens as the query ({q_len}), got {k_len}: attention over "
                                   f"a KV cache (a decoding step after a forward with use_cache=True) is not supported "
@@ -632,12 +645,29 @@ def _check_unsupported(q_len: int, k_len: int, attention_mask, sliding_window, s
             f"{type(attention_mask).__name__} of shape {shape}: arbitrary attention masks are not supported by "
             f"context-parallel attention (describe padding with a 2-D mask and update_ring_flash_attn_params("
             f"attention_mask=...), packed sequences with update_ring_flash_attn_params(cu_seqlens))")
+
+
+def _attention_features(sliding_window, softcap, s_aux, causal: bool, num_heads_q: int) -> Dict[str, Any]:
+    """The scheme's keyword arguments for a layer's ``sliding_window`` (an int W >= 1: transformers'
+    flash-attention convention, window ``(W - 1, 0)`` causal and ``(W - 1, W - 1)`` not, the same
+    keys as its eager masks), ``softcap`` (None or 0: off) and sink logits ``s_aux`` (a ``[Hq]``
+    tensor, handed on as float32: its gradient flows back into the model's parameter)."""
+    features: Dict[str, Any] = {}
     if sliding_window is not None:
-        raise NotImplementedError(f"sliding_window: sliding-window attention is not supported (got {sliding_window})")
+        if (isinstance(sliding_window, bool) or not isinstance(sliding_window, numbers.Integral)
+                or sliding_window < 1):
+            raise ValueError(f"sliding_window: expected None or an int >= 1 (the keys a token sees on each side, itself "
+                             f"included), got {sliding_window!r}")
+        left = int(sliding_window) - 1
+        features["window_size"] = (left, 0 if causal else left)
     if softcap is not None and softcap != 0.0:
-        raise NotImplementedError(f"softcap: logit soft-capping is not supported (got {softcap})")
+        features["softcap"] = softcap
     if s_aux is not None:
-        raise NotImplementedError("s_aux: attention sinks are not supported")
+        if not isinstance(s_aux, Tensor) or tuple(s_aux.shape) != (num_heads_q,):
+            raise ValueError(f"s_aux: expected a tensor [{num_heads_q}] (one sink logit per query head), got "
+                             f"{tuple(s_aux.shape) if isinstance(s_aux, Tensor) else type(s_aux).__name__}")
+        features["sinks"] = s_aux if s_aux.dtype == torch.float32 else s_aux.float()
+    return features
 
 
 def _hf_attention(attn_implementation: str, module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
@@ -648,12 +678,13 @@ def _hf_attention(attn_implementation: str, module: torch.nn.Module, query: Tens
         if query.dim() != 4:
             raise ValueError(f"query: expected a 4-D tensor [batch, heads, seq, head_dim], got shape "
                              f"{tuple(query.shape)}")
-        _check_unsupported(query.shape[2], key.shape[2], attention_mask, sliding_window, softcap, kwargs.get("s_aux"))
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        _check_unsupported(query.shape[2], key.shape[2], attention_mask)
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        features = _attention_features(sliding_window, softcap, kwargs.get("s_aux"), bool(causal), query.shape[1])
     # [B, H, S, D] -> [B, S, H, D] views
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
     out = _ring_attention(attn_implementation, q, k, v, attention_mask, causal, scaling, dropout,
-                          kwargs.get("deterministic"))
+                          kwargs.get("deterministic"), features)
     return out, None
 
 
@@ -691,10 +722,15 @@ def llama3_attention_forward(
             match the batch given to ``update_ring_flash_attn_params`` (ValueError otherwise); a
             4-D mask raises NotImplementedError.
         dropout: must be 0.0. scaling: softmax scale (default ``1 / sqrt(D)``).
-        sliding_window, softcap, kwargs["s_aux"]: unsupported (NotImplementedError unless unset).
+        sliding_window: None or the layer's window W (int >= 1): with causal attention a token
+            sees itself and the W - 1 tokens before it, without it the W - 1 tokens on each side
+            (transformers' flash-attention convention), counted within its sequence.
+        softcap: None / 0, or the attention logit soft-cap (Gemma 2).
+        is_causal: overrides ``module.is_causal`` (False: encoders, non-causal attention).
         kwargs: the model's other keyword arguments (position_ids, use_cache, ...), ignored
             except ``deterministic`` (default: ``FLASH_ATTENTION_DETERMINISTIC=1`` in the
-            environment).
+            environment) and ``s_aux`` (gpt-oss's sink logits, ``[Hq]``; their gradient is this
+            rank's tokens' share).
 
     Returns ``(attn_output [B, S, Hq, D], None)`` (no attention weights), zeros at padding. Key
     and query must have the same length (a decoding step over a KV cache raises
@@ -819,10 +855,11 @@ def _substituted_flash_attention_forward(
         if query_states.dim() != 4:
             raise ValueError(f"query_states: expected a 4-D tensor [batch, seq, heads, head_dim], got shape "
                              f"{tuple(query_states.shape)}")
-        _check_unsupported(query_states.shape[1], key_states.shape[1], attention_mask, sliding_window, softcap,
-                           kwargs.get("s_aux"))
+        _check_unsupported(query_states.shape[1], key_states.shape[1], attention_mask)
+        features = _attention_features(sliding_window, softcap, kwargs.get("s_aux"), bool(is_causal),
+                                       query_states.shape[2])
     return _ring_attention(_SUBSTITUTED_SCHEME, query_states, key_states, value_states, attention_mask, is_causal,
-                           softmax_scale, dropout, deterministic)
+                           softmax_scale, dropout, deterministic, features)
 
 
 def substitute_hf_flash_attn(process_group: Optional[ProcessGroup], heads_k_stride: int) -> None:

@@ -15,6 +15,8 @@ from typing import Callable, Iterator, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+from .sinks import sink_gradient
+
 __all__ = ["KVSlicePlan", "SlicedKVAttention", "gather_kv_slices", "sliced_kv_attention"]
 
 
@@ -92,15 +94,20 @@ class SlicedKVAttention(torch.autograd.Function):
     """Autograd of an attention over all-gathered K/V slices: forward_fn(plan, q, k, v) ->
     (out, lse, lse_buf) and backward_fn(plan, dout, q, k, v, out, lse_buf) -> (dq, dk, dv);
     lse_buf is whatever per-slice LSE layout the scheme's kernels want. The lse is not
-    differentiable. ``SlicedKVAttention.apply(q, k, v, plan, forward_fn, backward_fn,
+    differentiable. ``SlicedKVAttention.apply(q, k, v, sinks, plan, forward_fn, backward_fn,
     *plan.caller_tensors())`` returns ``(out, lse)``; the caller's tensors are inputs so that
-    autograd checks their versions when the backward reads them."""
+    autograd checks their versions when the backward reads them. ``sinks`` (None or float32
+    ``[Hq]``): the sink logits the scheme's kernels added to every row (each row sees all of its
+    keys in one call, so once per row); their gradient is the rank's rows' share
+    (``sinks.sink_gradient`` of the final out and lse)."""
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, plan: KVSlicePlan, forward_fn: Callable,
-                backward_fn: Callable, *caller_tensors: Tensor):
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, sinks: Optional[Tensor], plan: KVSlicePlan,
+                forward_fn: Callable, backward_fn: Callable, *caller_tensors: Tensor):
         out, lse, lse_buf = forward_fn(plan, q, k, v)
-        ctx.save_for_backward(q, k, v, out, lse_buf, *caller_tensors)
+        ctx.has_sinks = sinks is not None
+        extra = (sinks, lse) if sinks is not None else ()
+        ctx.save_for_backward(q, k, v, out, lse_buf, *extra, *caller_tensors)
         ctx.plan, ctx.backward_fn = plan, backward_fn
         ctx.mark_non_differentiable(lse)
         return out, lse
@@ -108,16 +115,24 @@ class SlicedKVAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dlse):
         # unpacking raises if a caller tensor the plan reads changed in place since the forward
-        q, k, v, out, lse_buf, *caller_tensors = ctx.saved_tensors
+        q, k, v, out, lse_buf, *rest = ctx.saved_tensors
+        sinks = lse = None
+        if ctx.has_sinks:
+            sinks, lse, *rest = rest
         dq, dk, dv = ctx.backward_fn(ctx.plan, dout, q, k, v, out, lse_buf)
-        return (dq, dk, dv, None, None, None) + (None,) * len(caller_tensors)
+        dsinks = None
+        if sinks is not None and ctx.needs_input_grad[3]:
+            dsinks = sink_gradient(sinks, out, dout, lse)
+        return (dq, dk, dv, dsinks, None, None, None) + (None,) * len(rest)
 
 
 def sliced_kv_attention(q: Tensor, k: Tensor, v: Tensor, plan: KVSlicePlan, forward_fn: Callable,
-                        backward_fn: Callable, return_attn_probs: bool) -> Union[Tensor, Tuple[Tensor, Tensor, None]]:
+                        backward_fn: Callable, return_attn_probs: bool,
+                        sinks: Optional[Tensor] = None) -> Union[Tensor, Tuple[Tensor, Tensor, None]]:
     """``SlicedKVAttention`` on q ``[T, Hq, D]``, k/v ``[T, Hk, D]``: ``out`` ``[T, Hq, D]``, or
-    ``(out, lse [Hq, T], None)`` with ``return_attn_probs`` (upstream's return convention)."""
-    out, lse = SlicedKVAttention.apply(q, k, v, plan, forward_fn, backward_fn, *plan.caller_tensors())
+    ``(out, lse [Hq, T], None)`` with ``return_attn_probs`` (upstream's return convention).
+    sinks: None or the float32 ``[Hq]`` sink logits the scheme's kernels take."""
+    out, lse = SlicedKVAttention.apply(q, k, v, sinks, plan, forward_fn, backward_fn, *plan.caller_tensors())
     if return_attn_probs:
         return out, lse, None
     return out

@@ -1,7 +1,8 @@
 """The attention features a context-parallel scheme hands on to the attention it runs (softcap,
 attention sinks; window_size is a parameter of every attention function and is always handed
-on): checked here, passed as keyword arguments only when set, so that an attention function
-that does not take a feature yet refuses it with a clear error instead of a TypeError."""
+on): the softcap checked here (the sinks by ``sinks.check_sinks``, which every scheme shares),
+passed as keyword arguments only when set, so that an attention function that does not take a
+feature yet refuses it with a clear error instead of a TypeError."""
 
 from __future__ import annotations
 
@@ -9,10 +10,9 @@ import inspect
 import numbers
 from typing import Callable, Dict, Optional
 
-import torch
 from torch import Tensor
 
-__all__ = ["accepts_keyword", "check_sinks", "check_softcap", "feature_kwargs"]
+__all__ = ["accepts_keyword", "check_softcap", "feature_kwargs"]
 
 
 def accepts_keyword(fn: Callable, name: str) -> bool:
@@ -29,21 +29,6 @@ def check_softcap(softcap) -> float:
     if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not softcap >= 0.0:
         raise ValueError(f"softcap: expected a real >= 0 (0 turns soft-capping off), got {softcap!r}")
     return float(softcap)
-
-
-def check_sinks(sinks: Optional[Tensor], num_heads_q: int, device: torch.device) -> None:
-    """sinks is None or a float32 ``[Hq]`` tensor on q's device (one sink logit per query head)."""
-    if sinks is None:
-        return
-    if not isinstance(sinks, Tensor):
-        raise ValueError(f"sinks: expected None or a float32 Tensor [{num_heads_q}], got {type(sinks).__name__}")
-    if sinks.dtype != torch.float32:
-        raise ValueError(f"sinks: expected dtype torch.float32, got {sinks.dtype}")
-    if tuple(sinks.shape) != (num_heads_q,):
-        raise ValueError(f"sinks: expected shape ({num_heads_q},) (one logit per query head), got "
-                         f"{tuple(sinks.shape)}")
-    if sinks.device != device:
-        raise ValueError(f"sinks: expected a tensor on {device} (the device of q), got {sinks.device}")
 
 
 def feature_kwargs(fn: Callable, fn_name: str, softcap: float, sinks: Optional[Tensor]) -> Dict[str, object]:

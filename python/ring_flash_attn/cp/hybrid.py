@@ -33,7 +33,8 @@ from torch import Tensor
 from .._checks import check_flash_attn_defaults, check_window_size
 from ..grouped import _resolve_scale
 from .all_to_all import HeadShards, check_head_split, head_sharded_attention
-from .features import check_sinks, check_softcap, feature_kwargs
+from .features import check_softcap, feature_kwargs
+from .sinks import check_sinks
 from .llama3 import llama3_flash_attn_varlen_func
 from .llama3_layout import llama3_flash_attn_prepare_cu_seqlens
 from .mesh import HybridLayout, HybridMesh, active_hybrid_mesh

@@ -21,6 +21,15 @@ fp64 data) unless ``grad_reduce_dtype`` says otherwise, so that dK/dV are rounde
 dtype once; where the backend can return a call's dK/dV unrounded (``precision.fp32_partials``),
 the backward calls run on fp32 operands.
 
+Local attention (``window_size``, global positions): the window goes to the kernel calls unchanged
+(the keys of every piece end where its queries end, so the bottom-right alignment is the global
+diagonal; without causal the last piece's keys run past the rank's last token and that piece gets a
+diagonal shift), and the key range is trimmed to what the rank's queries can see
+(``window.contiguous_key_range``): the first piece's keys start at most ``left`` tokens before the
+rank's first token, the last piece's (without causal) end at most ``right`` tokens after its last.
+``softcap`` and ``sinks`` go to the kernel calls: each row sees all of its keys in one call, so the
+sink counts once per row; the sinks' gradient is the rank's rows' share.
+
 No host synchronisation in forward or backward: ``max_seqlen_*`` and ``local_k_slice`` are Python
 values from the caller; metadata VALUES are checked on the host only where that is free (CPU) or
 when ``RING_FLASH_ATTN_CHECK_METADATA=1`` asks for it.
@@ -28,7 +37,7 @@ when ``RING_FLASH_ATTN_CHECK_METADATA=1`` asks for it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Dict, List, Optional, Tuple, Union
 
 import torch
@@ -44,9 +53,11 @@ from .process_group import resolve_group
 from .rank_agreement import Fingerprint, RankAgreement, device_of, effective_scale
 from .reduce_scatter import SliceReduceScatter
 from .scheme import BatchMetadata
+from .sinks import check_sinks
 from .validation import (check_collective_device, check_cu_seqlens_pair, check_heads, check_heads_k_stride,
                          check_int32_count, check_local_tokens, check_python_int, check_qkv, metadata_checks_enabled,
                          short_list, unpack)
+from .window import contiguous_key_range, effective_window
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -81,15 +92,31 @@ class _Plan(KVSlicePlan):
     wide: bool = False  # backward calls on fp32 operands (precision.fp32_partials)
     src: Optional[Tensor] = None  # the contiguous layout needs no reordering
     inv_src: Optional[Tensor] = None
+    cu_seqlens_k_used: Optional[Tensor] = None  # cu_seqlens_k of the trimmed key range (a window)
+    features: dict = field(default_factory=dict)  # window_size / softcap / diagonal_shift_list
+    sinks: Optional[Tensor] = None  # float32 [Hq], to the kernels (sliced per KV-head slice)
 
     def caller_tensors(self) -> Tuple[Tensor, ...]:
         return self.cu_seqlens_q, self.cu_seqlens_k  # the caller's, read again by the backward
 
+    @property
+    def kernel_cu_seqlens_k(self) -> Tensor:
+        return self.cu_seqlens_k if self.cu_seqlens_k_used is None else self.cu_seqlens_k_used
+
+    def kernel_features(self, heads: slice) -> dict:
+        """The kernel calls' keyword arguments for the query heads ``heads`` of a slice."""
+        if self.sinks is None:
+            return self.features
+        return dict(self.features, sinks=self.sinks[heads])
+
 
 def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride,
-              local_k_slice, dropout_p, window_size, alibi_slopes, world_size) -> slice:
-    """Host-side checks of what shapes and Python values tell; returns the normalised k slice."""
-    check_flash_attn_defaults(dropout_p, window_size, alibi_slopes)
+              local_k_slice, dropout_p, window_size, alibi_slopes, world_size, softcap=0.0, causal=None,
+              sinks=None) -> Tuple[slice, Tuple[int, int], float]:
+    """Host-side checks of what shapes and Python values tell; returns the normalised k slice,
+    the window and the softcap."""
+    window, softcap = check_flash_attn_defaults(dropout_p, window_size, alibi_slopes, softcap, causal,
+                                                window_softcap_supported=True)
     check_qkv(q, k, v, 3, "[local_tokens, heads, head_dim]")
     check_local_tokens(q, k, v, "the tokens of q: the contiguous layout shards q, k and v alike")
     check_heads(q, k)
@@ -108,7 +135,8 @@ def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, h
     if step != 1:
         raise ValueError(f"local_k_slice: expected a step of 1, got {local_k_slice.step}")
     check_collective_device(q, world_size)
-    return slice(start, max(start, stop))
+    check_sinks(sinks, q.shape[1], q.device)
+    return slice(start, max(start, stop)), window, softcap
 
 
 def _check_values(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, total_local: int, k_slice: slice, rank: int,
@@ -207,8 +235,9 @@ def _forward(plan: _Plan, q: Tensor, k: Tensor, v: Tensor):
     lse_buf = torch.empty((plan.num_slices, hq, T), dtype=torch.float32, device=q.device)
     for s, (k_s, v_s) in enumerate(gather_kv_slices(plan, k, v)):
         qsl = slice(s * hq, (s + 1) * hq)
-        ops.fwd_into([q[:, qsl]], k_s[ks], v_s[ks], [plan.cu_seqlens_q], plan.cu_seqlens_k, [None],
-                     [plan.max_seqlen_q], plan.max_seqlen_k, plan.scale, plan.causal, [out[:, qsl]], [lse_buf[s]])
+        ops.fwd_into([q[:, qsl]], k_s[ks], v_s[ks], [plan.cu_seqlens_q], plan.kernel_cu_seqlens_k, [None],
+                     [plan.max_seqlen_q], plan.max_seqlen_k, plan.scale, plan.causal, [out[:, qsl]], [lse_buf[s]],
+                     **plan.kernel_features(qsl))
         del k_s, v_s
     return out, lse_buf.reshape(Hq, T), lse_buf
 
@@ -231,9 +260,9 @@ def _backward(plan: _Plan, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
         out_kv = dkv[ks] if call_dtype == plan.reduce_dtype else torch.empty(
             (ks.stop - ks.start, 2, hs, D), dtype=call_dtype, device=k.device)
         ops.bwd_into([dout_in[:, qsl]], [q_in[:, qsl]], widen(k_s[ks], plan.wide), widen(v_s[ks], plan.wide),
-                     [out_in[:, qsl]], [lse_buf[s]], [plan.cu_seqlens_q], plan.cu_seqlens_k, [None],
+                     [out_in[:, qsl]], [lse_buf[s]], [plan.cu_seqlens_q], plan.kernel_cu_seqlens_k, [None],
                      [plan.max_seqlen_q], plan.max_seqlen_k, plan.scale, plan.causal, plan.deterministic,
-                     [dq[:, qsl]], out_kv[:, 0], out_kv[:, 1])
+                     [dq[:, qsl]], out_kv[:, 0], out_kv[:, 1], **plan.kernel_features(qsl))
         if out_kv.dtype != dkv.dtype:
             dkv[ks] = out_kv
         del k_s, v_s, out_kv
@@ -249,6 +278,7 @@ def llama3_flash_attn_varlen_func(
     softmax_scale: Optional[float] = None, causal: bool = False, window_size: Tuple[int, int] = (-1, -1),
     alibi_slopes: Optional[Tensor] = None, deterministic: bool = False, return_attn_probs: bool = False,
     group: Optional[ProcessGroup] = None, grad_reduce_dtype: Optional[torch.dtype] = None,
+    softcap: float = 0.0, sinks: Optional[Tensor] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor, None]]:
     """Llama3 context-parallel attention in the contiguous layout (upstream's signature).
 
@@ -260,8 +290,14 @@ def llama3_flash_attn_varlen_func(
             them (int32 tensors on q's device, Python ints, a slice of the gathered K/V rows;
             ``local_k_slice=None`` means all of them).
         heads_k_stride: KV heads per all-gather slice (divides Hk).
-        dropout_p, window_size, alibi_slopes: only their defaults (NotImplementedError otherwise).
+        dropout_p, alibi_slopes: only their defaults (NotImplementedError otherwise).
         softmax_scale: default ``1 / sqrt(D)``. causal: bottom-right aligned per sequence piece.
+        window_size: ``(left, right)``, flash-attn's local attention over each sequence's GLOBAL
+            positions (-1 = unbounded; with causal the right side is -1 or 0); the kernels then
+            see only the keys the rank's queries can reach (the all-gather itself is unchanged).
+        softcap: > 0: scores ``softcap * tanh(score / softcap)`` (0 = off).
+        sinks: None or float32 ``[Hq]`` sink logits; their gradient is this rank's rows' share
+            (the caller's gradient reduction over the ranks sums it).
         deterministic: bit-identical backward run to run.
         return_attn_probs: return ``(out, lse, None)`` (lse float32 ``[Hq, T]``, not differentiable).
         group: the process group (default: the default group; none initialised: single process).
@@ -280,8 +316,9 @@ def llama3_flash_attn_varlen_func(
     values_checked = metadata_checks_enabled(device_of(q))
     agreement = RankAgreement("llama3_flash_attn_varlen_func", group, world_size, device_of(q), values_checked)
     with agreement.validating():
-        k_slice = _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride,
-                            local_k_slice, dropout_p, window_size, alibi_slopes, world_size)
+        k_slice, window, softcap = _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                             heads_k_stride, local_k_slice, dropout_p, window_size, alibi_slopes,
+                                             world_size, softcap, causal, sinks)
         scale = _resolve_scale(softmax_scale)
         if grad_reduce_dtype is not None and grad_reduce_dtype not in (torch.float32, torch.float64, q.dtype):
             raise ValueError(f"grad_reduce_dtype: expected None, torch.float32, torch.float64 or {q.dtype} "
@@ -295,6 +332,8 @@ def llama3_flash_attn_varlen_func(
                     .flag("causal", causal).real("softmax_scale", effective_scale(softmax_scale, q.shape[-1]))
                     .flag("deterministic", deterministic)
                     .dtype("the dtype of the dK/dV reduction (grad_reduce_dtype)", reduce_dtype)
+                    .integer("window_size[0]", window[0]).integer("window_size[1]", window[1])
+                    .real("softcap", softcap).flag("sinks", sinks is not None)
                     .local("sequence boundaries", _boundary_facts(q_values, k_values, q.shape[0], k_slice, rank)),
                     _boundaries_agree(bool(causal), q.shape[0]))
     plan = _Plan(
@@ -302,8 +341,31 @@ def llama3_flash_attn_varlen_func(
         num_heads_k=k.shape[1], heads_k_stride=int(heads_k_stride), scale=scale,
         causal=bool(causal), deterministic=bool(deterministic), max_seqlen_q=int(max_seqlen_q),
         max_seqlen_k=int(max_seqlen_k), cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, k_slice=k_slice,
-        reduce_dtype=reduce_dtype, wide=world_size > 1 and fp32_partials(q.device, q.dtype))
-    return sliced_kv_attention(q, k, v, plan, _forward, _backward, return_attn_probs)
+        reduce_dtype=reduce_dtype, wide=world_size > 1 and fp32_partials(q.device, q.dtype), sinks=sinks)
+    _apply_window(plan, effective_window(window, bool(causal), None), softcap)
+    return sliced_kv_attention(q, k, v, plan, _forward, _backward, return_attn_probs, sinks)
+
+
+def _apply_window(plan: _Plan, window: Optional[Tuple[int, int]], softcap: float) -> None:
+    """The kernel features of a call: softcap, and a window with the trimmed key range and the
+    last piece's diagonal shift (``window.contiguous_key_range``); device ops only. The padding
+    rows of a packed total that does not divide (``llama3_shard``) are a sequence of their own
+    after the last one: the trim treats it as any sequence (its rows see only its own keys)."""
+    plan.features = {"softcap": softcap} if softcap else {}
+    if window is None:
+        return
+    plan.features["window_size"] = list(window)
+    k_slice, last_shift = contiguous_key_range(window, plan.causal, plan.rank, plan.total_local, plan.k_slice)
+    cu_q, cu_k = plan.cu_seqlens_q, plan.cu_seqlens_k
+    if k_slice != plan.k_slice:
+        cu_used = cu_k - (k_slice.start - plan.k_slice.start)  # a new tensor: the caller's is not changed
+        cu_used[0] = 0
+        cu_used[-1] = k_slice.stop - k_slice.start
+        plan.cu_seqlens_k_used, plan.k_slice = cu_used, k_slice
+    if last_shift:
+        shift = torch.zeros(cu_q.shape[0] - 1, dtype=torch.int32, device=cu_q.device)
+        shift[-1] = last_shift
+        plan.features["diagonal_shift_list"] = [shift]
 
 
 def llama3_flash_attn_varlen_kvpacked_func(
@@ -312,6 +374,7 @@ def llama3_flash_attn_varlen_kvpacked_func(
     softmax_scale: Optional[float] = None, causal: bool = False, window_size: Tuple[int, int] = (-1, -1),
     alibi_slopes: Optional[Tensor] = None, deterministic: bool = False, return_attn_probs: bool = False,
     group: Optional[ProcessGroup] = None, grad_reduce_dtype: Optional[torch.dtype] = None,
+    softcap: float = 0.0, sinks: Optional[Tensor] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor, None]]:
     """``llama3_flash_attn_varlen_func`` with K and V packed: q ``[T, Hq, D]``, ``kv``
     ``[T, 2, Hk, D]``. Returns ``out`` ``[T, Hq, D]`` or ``(out, lse, None)``."""
@@ -319,7 +382,7 @@ def llama3_flash_attn_varlen_kvpacked_func(
     return llama3_flash_attn_varlen_func(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride,
         local_k_slice, dropout_p, softmax_scale, causal, window_size, alibi_slopes, deterministic,
-        return_attn_probs, group, grad_reduce_dtype)
+        return_attn_probs, group, grad_reduce_dtype, softcap, sinks)
 
 
 def llama3_flash_attn_varlen_qkvpacked_func(
@@ -328,6 +391,7 @@ def llama3_flash_attn_varlen_qkvpacked_func(
     softmax_scale: Optional[float] = None, causal: bool = False, window_size: Tuple[int, int] = (-1, -1),
     alibi_slopes: Optional[Tensor] = None, deterministic: bool = False, return_attn_probs: bool = False,
     group: Optional[ProcessGroup] = None, grad_reduce_dtype: Optional[torch.dtype] = None,
+    softcap: float = 0.0, sinks: Optional[Tensor] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor, None]]:
     """``llama3_flash_attn_varlen_func`` with Q, K and V packed (MHA): ``qkv`` ``[T, 3, H, D]``.
     Returns ``out`` ``[T, H, D]`` or ``(out, lse, None)``."""
@@ -335,7 +399,7 @@ def llama3_flash_attn_varlen_qkvpacked_func(
     return llama3_flash_attn_varlen_func(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride,
         local_k_slice, dropout_p, softmax_scale, causal, window_size, alibi_slopes, deterministic,
-        return_attn_probs, group, grad_reduce_dtype)
+        return_attn_probs, group, grad_reduce_dtype, softcap, sinks)
 
 
 def hf_batch_metadata(cu_seqlens: List[int], rank: int, world_size: int) -> Dict[bool, BatchMetadata]:

@@ -42,6 +42,7 @@ def ring_flash_attn_func(
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
     deterministic: bool = False, return_attn_probs: bool = False, group: Optional[ProcessGroup] = None,
     seqlens: SeqlensArg = None,
+    softcap: float = 0.0, sinks: Optional[Tensor] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor, None]]:
     """Ring attention over the contiguous layout (upstream's ``ring_flash_attn_func``).
 
@@ -49,7 +50,8 @@ def ring_flash_attn_func(
     of the B sequences.
     """
     return ring_attention(RING_LAYOUT, q, k, v, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
-                          deterministic, return_attn_probs, group, seqlens)
+                          deterministic, return_attn_probs, group, seqlens,
+                          softcap=softcap, sinks=sinks)
 
 
 @with_batched_args_doc
@@ -58,11 +60,13 @@ def ring_flash_attn_kvpacked_func(
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
     deterministic: bool = False, return_attn_probs: bool = False, group: Optional[ProcessGroup] = None,
     seqlens: SeqlensArg = None,
+    softcap: float = 0.0, sinks: Optional[Tensor] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor, None]]:
     """``ring_flash_attn_func`` with K and V packed: q ``[B, L, Hq, D]``, kv ``[B, L, 2, Hk, D]``."""
     k, v = unpack_batched_kv(kv)
     return ring_attention(RING_LAYOUT, q, k, v, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
-                          deterministic, return_attn_probs, group, seqlens)
+                          deterministic, return_attn_probs, group, seqlens,
+                          softcap=softcap, sinks=sinks)
 
 
 @with_batched_args_doc
@@ -71,11 +75,13 @@ def ring_flash_attn_qkvpacked_func(
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
     deterministic: bool = False, return_attn_probs: bool = False, group: Optional[ProcessGroup] = None,
     seqlens: SeqlensArg = None,
+    softcap: float = 0.0, sinks: Optional[Tensor] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor, None]]:
     """``ring_flash_attn_func`` with Q, K and V packed (MHA): qkv ``[B, L, 3, H, D]``."""
     q, k, v = unpack_batched_qkv(qkv)
     return ring_attention(RING_LAYOUT, q, k, v, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
-                          deterministic, return_attn_probs, group, seqlens)
+                          deterministic, return_attn_probs, group, seqlens,
+                          softcap=softcap, sinks=sinks)
 
 
 @with_varlen_args_doc
@@ -84,6 +90,7 @@ def ring_flash_attn_varlen_func(
     softmax_scale: Optional[float] = None, causal: bool = False, window_size: Tuple[int, int] = (-1, -1),
     alibi_slopes: Optional[Tensor] = None, deterministic: bool = False, return_attn_probs: bool = False,
     group: Optional[ProcessGroup] = None, seqlens: SeqlensArg = None,
+    softcap: float = 0.0, sinks: Optional[Tensor] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor, None]]:
     """Ring attention over packed sequences, contiguous layout (upstream's ``ring_flash_attn_varlen_func``).
 
@@ -91,7 +98,8 @@ def ring_flash_attn_varlen_func(
     holds piece r.
     """
     return ring_attention_varlen(RING_LAYOUT, q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
-                                 window_size, alibi_slopes, deterministic, return_attn_probs, group, seqlens)
+                                 window_size, alibi_slopes, deterministic, return_attn_probs, group, seqlens,
+                                 softcap=softcap, sinks=sinks)
 
 
 @with_varlen_args_doc
@@ -100,11 +108,13 @@ def ring_flash_attn_varlen_kvpacked_func(
     softmax_scale: Optional[float] = None, causal: bool = False, window_size: Tuple[int, int] = (-1, -1),
     alibi_slopes: Optional[Tensor] = None, deterministic: bool = False, return_attn_probs: bool = False,
     group: Optional[ProcessGroup] = None, seqlens: SeqlensArg = None,
+    softcap: float = 0.0, sinks: Optional[Tensor] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor, None]]:
     """``ring_flash_attn_varlen_func`` with K and V packed: q ``[T, Hq, D]``, kv ``[T, 2, Hk, D]``."""
     k, v = unpack_varlen_kv(kv)
     return ring_attention_varlen(RING_LAYOUT, q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
-                                 window_size, alibi_slopes, deterministic, return_attn_probs, group, seqlens)
+                                 window_size, alibi_slopes, deterministic, return_attn_probs, group, seqlens,
+                                 softcap=softcap, sinks=sinks)
 
 
 @with_varlen_args_doc
@@ -113,8 +123,10 @@ def ring_flash_attn_varlen_qkvpacked_func(
     softmax_scale: Optional[float] = None, causal: bool = False, window_size: Tuple[int, int] = (-1, -1),
     alibi_slopes: Optional[Tensor] = None, deterministic: bool = False, return_attn_probs: bool = False,
     group: Optional[ProcessGroup] = None, seqlens: SeqlensArg = None,
+    softcap: float = 0.0, sinks: Optional[Tensor] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor, None]]:
     """``ring_flash_attn_varlen_func`` with Q, K and V packed (MHA): qkv ``[T, 3, H, D]``."""
     q, k, v = unpack_varlen_qkv(qkv)
     return ring_attention_varlen(RING_LAYOUT, q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
-                                 window_size, alibi_slopes, deterministic, return_attn_probs, group, seqlens)
+                                 window_size, alibi_slopes, deterministic, return_attn_probs, group, seqlens,
+                                 softcap=softcap, sinks=sinks)

@@ -40,6 +40,14 @@ the backend can return a call's outputs unrounded (``precision.fp32_partials``),
 fp32 operands so that no partial is rounded either.
 
 Without ``causal`` every query sees every key block fully (upstream's zigzag asserts causal).
+
+Local attention (``window_size``, global positions of each sequence): every kernel call gets the
+window unchanged and the diagonal shift that puts each query's diagonal at its own global position
+among the block's keys; a step's sub-blocks are then each (query run, key run) pair of the layout,
+and those wholly outside the window are skipped (``window.ring_calls``; the K/V block still passes
+on around the ring). ``softcap`` goes to every call. Sinks (``sinks.fold_sinks``): the steps run
+without them and the merged result takes each row's sink once; the backward runs on that result.
+
 Differences from upstream: dQ keeps the input dtype (upstream returns bf16); the merge is done in
 fp64 for fp64 inputs; the varlen LSE is flash-attn's ``[H, T]`` layout; no host sync (upstream's
 zigzag varlen reads cu_seqlens on the host).
@@ -64,8 +72,10 @@ from .precision import accumulation_dtype, fp32_partials, widen
 from .process_group import resolve_group
 from .rank_agreement import Fingerprint, RankAgreement, device_of, effective_scale
 from .ring_comm import RingComm
+from .sinks import check_sinks, fold_sinks, sink_gradient
 from .validation import (check_cu_seqlens, check_heads, check_int32_count, check_local_tokens, check_qkv,
                          metadata_checks_enabled, short_list, unpack)
+from .window import effective_window, ring_calls
 
 __all__ = [
     "RingLayout",
@@ -120,7 +130,8 @@ class RingLayout:
 # ---- validation ------------------------------------------------------------------------------------
 
 
-def _validate(q, k, v, dropout_p, window_size, alibi_slopes, layout: RingLayout) -> None:
+def _validate(q, k, v, dropout_p, window_size, alibi_slopes, layout: RingLayout, softcap=0.0, causal=None,
+              sinks=None) -> Tuple[Tuple[int, int], float]:
     check_qkv(q, k, v, 4, "[batch, local_seqlen, heads, head_dim]")
     B, L = q.shape[:2]
     if k.shape[0] != B or k.shape[1] != L:
@@ -131,15 +142,20 @@ def _validate(q, k, v, dropout_p, window_size, alibi_slopes, layout: RingLayout)
     if layout.even_halves and L % 2:
         raise ValueError(f"q: expected an even local_seqlen for the {layout.name} layout (two chunks of equal "
                          f"length per rank), got {L}")
-    check_flash_attn_defaults(dropout_p, window_size, alibi_slopes)
+    features = check_flash_attn_defaults(dropout_p, window_size, alibi_slopes, softcap, causal,
+                                         window_softcap_supported=True)
+    check_sinks(sinks, q.shape[2], q.device)
+    return features
 
 
 def _validate_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p, window_size, alibi_slopes,
-                     layout: RingLayout) -> None:
+                     layout: RingLayout, softcap=0.0, causal=None, sinks=None) -> Tuple[Tuple[int, int], float]:
     check_qkv(q, k, v, 3, "[local_tokens, heads, head_dim]")
     check_local_tokens(q, k, v, "those of q: the layout shards q, k and v alike")
     check_heads(q, k)
-    check_flash_attn_defaults(dropout_p, window_size, alibi_slopes)
+    features = check_flash_attn_defaults(dropout_p, window_size, alibi_slopes, softcap, causal,
+                                         window_softcap_supported=True)
+    check_sinks(sinks, q.shape[1], q.device)
     check_cu_seqlens(cu_seqlens, "cu_seqlens", q.device)
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, numbers.Integral) or max_seqlen < 0:
         raise ValueError(f"max_seqlen: expected a Python int >= 0 (the longest local sequence, a hint; a tensor "
@@ -157,6 +173,7 @@ def _validate_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p, window_size, al
                 if (y - x) % 2:
                     raise ValueError(f"cu_seqlens: local sequence {b} has length {y - x}, expected an even length "
                                      f"(two {layout.name} chunks of equal length)")
+    return features
 
 
 def _resolve_seqlens(seqlens: SeqlensArg, local_lengths: Tensor, world_size: int, device: torch.device,
@@ -256,7 +273,8 @@ def _rows_of(cu_local: Tensor, select: str, max_local: int, n: int, T: int) -> _
 
 
 def _row_sets(layout: RingLayout, causal: bool, cu_local: Tensor, max_local: int, T: int):
-    """The row sets the layout's tasks use (name -> _Rows)."""
+    """The row sets the layout's tasks use (name -> _Rows); ``causal``: the causal tasks' (or the
+    windowed calls') row sets are needed."""
     B = cu_local.shape[0] - 1
     sets = {"all": _Rows(None, cu_local, max_local)}
     if not causal:
@@ -293,18 +311,28 @@ class _Plan:
     local_lengths: Optional[Tensor] = None  # int64 [B], local rows per sequence (with seqlens)
     wide: bool = False  # kernel calls on fp32 operands: partials not rounded (precision.fp32_partials)
     metadata: dict = field(default_factory=dict)  # (what, row set) -> split metadata, built once
+    window: Optional[Tuple[int, int]] = None  # window.effective_window's; None: no window
+    softcap: float = 0.0
+    has_sinks: bool = False  # the result is folded with sink logits (sinks.fold_sinks)
+    min_unit: int = 1  # shortest non-empty chunk of the batch (window.ring_calls), a lower bound
+    local_len: int = 0  # the batched forms' local length (the stripe layout's windowed calls)
+    unit: Optional[Tensor] = None  # int64 [B]: each sequence's chunk length (the shifts' unit)
+    shifts: dict = field(default_factory=dict)  # (units, offset[, qn, kn, src]) -> int32 diagonal shifts
 
     def task_metadata(self, qn: str, kn: str, causal: bool, src: int) -> tuple:
         """The kernel metadata of a sub-block (query row set qn of this rank against key row set
         kn of rank src): ``([cu_seqlens_q], cu_seqlens_k, [seqused_k], [max_seqlen_q],
         max_seqlen_k)``. With padding, each sequence is split into its real prefix and its
-        padding suffix (``padding.split_padding``); a causal sub-block is square and top-left
-        aligned and a real query sees no later position, so its keys are the first as many rows
-        as it has real queries (all real); a non-causal one sees the real rows of src's block."""
+        padding suffix (``padding.split_padding``); a causal sub-block of the layout's tasks is
+        square and top-left aligned and a real query sees no later position, so its keys are the
+        first as many rows as it has real queries (all real); a non-causal one, and every
+        windowed call (whose key block may sit anywhere relative to its queries: the diagonal
+        shift places it), sees the real rows of src's block."""
         qr, kr = self.rows[qn], self.rows[kn]
         if self.seqlens is None:
             return [qr.cu], kr.cu, [None], [qr.max_seqlen], kr.max_seqlen
-        used = self._split("used_q", qn) if causal else self._split("used_k", kn)[src]
+        keys_of_src = not causal or self.window is not None
+        used = self._split("used_k", kn)[src] if keys_of_src else self._split("used_q", qn)
         return [self._split("cu_q", qn)], self._split("cu_k", kn), [used], [qr.max_seqlen], kr.max_seqlen
 
     def _split(self, what: str, name: str) -> Tensor:
@@ -327,20 +355,66 @@ class _Plan:
             self.metadata[key] = value
         return self.metadata[key]
 
+    def kernel_features(self, qn: str = "all", kn: str = "all", src: int = 0,
+                        window: Optional[Tuple[int, int]] = None, shift_units: int = 0,
+                        shift_offset: int = 0) -> dict:
+        """The keyword arguments of a kernel call (query row set qn of this rank against key row
+        set kn of rank src): softcap, and a window with its diagonal shift. The key block is
+        placed so that row i's diagonal key is block key ``i + shift_units * unit_b +
+        shift_offset`` (sequence b). Without padding every call's query and key blocks are
+        equally long, so that is the kernel's shift. With padding (``task_metadata``'s split
+        layout) the kernel aligns the diagonal bottom-right on the lengths it sees, the real
+        query rows Lq and the used keys Lk of each sequence's real part, so the shift passed is
+        that minus ``(Lk - Lq)``; each padding part sees no key (its shift, 0, is never used)."""
+        features = {"softcap": self.softcap} if self.softcap else {}
+        if window is None:
+            return features
+        features["window_size"] = list(window)
+        padded = self.seqlens is not None
+        if not (shift_units or shift_offset or padded):
+            return features
+        key = (shift_units, shift_offset) + ((qn, kn, src) if padded else ())
+        if key not in self.shifts:  # device ops, no host read
+            shift = self.unit * shift_units + shift_offset  # int64 [B]
+            if padded:
+                layout, N = self.layout.name, self.world_size
+                q_real = real_rows(layout, qn, self.seqlens, self.local_lengths, self.rank, N)
+                k_used = real_rows(layout, kn, self.seqlens, self.local_lengths, src, N)
+                shift = shift - (k_used - q_real)
+                shift = torch.stack([shift, torch.zeros_like(shift)], dim=-1).flatten()  # [2B]: real, padding
+            self.shifts[key] = shift.to(torch.int32)
+        features["diagonal_shift_list"] = [self.shifts[key]]
+        return features
+
+
+def _step_calls(plan: _Plan, step: int, src: int) -> List[Tuple[str, str, bool, dict]]:
+    """The kernel calls at ``step`` (K/V block of rank ``src`` held): (query row set, key row set,
+    causal, the call's keyword arguments). Without a window: the layout's tasks; with one: the
+    (query run, key run) pairs that some query sees (``window.ring_calls``; with padding the
+    positions of the real rows are those of the padded layout, so the test stays exact: a pair
+    is skipped only when no pair of positions of it is within the window)."""
+    if plan.window is None:
+        features = plan.kernel_features()
+        return [(qn, kn, causal, features) for qn, kn, causal in _tasks(plan.layout, plan.causal, step, src, plan.rank)]
+    return [(c.q_rows, c.k_rows, c.causal,
+             plan.kernel_features(c.q_rows, c.k_rows, src, c.window, c.shift_units, c.shift_offset))
+            for c in ring_calls(plan.layout.name, plan.world_size, plan.rank, src, plan.causal, plan.window,
+                                plan.min_unit, plan.local_len)]
+
 
 # ---- forward ---------------------------------------------------------------------------------------
 
 
-def _block_fwd(plan: _Plan, q: Tensor, kv: Tensor, qn: str, kn: str, causal: bool, src: int):
+def _block_fwd(plan: _Plan, q: Tensor, kv: Tensor, qn: str, kn: str, causal: bool, src: int, features: dict):
     qr, kr = plan.rows[qn], plan.rows[kn]
     cu_q, cu_k, used, max_q, max_k = plan.task_metadata(qn, kn, causal, src)
     (o,), (lse,) = ops.grouped_fwd(
         [qr.take(q)], kr.take(kv[0]), kr.take(kv[1]), cu_q, cu_k, used, max_q, max_k,
-        plan.scale, causal, plan.deterministic)
+        plan.scale, causal, plan.deterministic, **features)
     return o, lse
 
 
-def _forward(plan: _Plan, q: Tensor, k: Tensor, v: Tensor):
+def _forward(plan: _Plan, q: Tensor, k: Tensor, v: Tensor, sinks: Optional[Tensor] = None):
     T, Hq, D = q.shape
     N, rank = plan.world_size, plan.rank
     # The first block of every layout covers all rows: it becomes the accumulator as it is (no
@@ -356,8 +430,8 @@ def _forward(plan: _Plan, q: Tensor, k: Tensor, v: Tensor):
             kv_next, pending = ring.post(kv, _TAG_KV)  # in flight while this block is computed
         src = (rank - step) % N
         kv_in = widen(kv, plan.wide)
-        for qn, kn, causal in _tasks(plan.layout, plan.causal, step, src, rank):
-            o, lse = _block_fwd(plan, q_in, kv_in, qn, kn, causal, src)
+        for qn, kn, causal, features in _step_calls(plan, step, src):
+            o, lse = _block_fwd(plan, q_in, kv_in, qn, kn, causal, src, features)
             if out_acc is None and plan.rows[qn].index is None:
                 out_acc, lse_acc = o, lse
                 continue
@@ -370,6 +444,8 @@ def _forward(plan: _Plan, q: Tensor, k: Tensor, v: Tensor):
             RingComm.wait(pending)
             kv = kv_next
     assert out_acc is not None and lse_acc is not None, "step 0 of every layout computes all rows"
+    if sinks is not None:  # once per row, after the merge
+        out_acc, lse_acc = fold_sinks(out_acc, lse_acc.to(plan.acc_dtype), sinks)
     return out_acc.to(q.dtype), lse_acc.to(torch.float32)
 
 
@@ -377,14 +453,16 @@ def _forward(plan: _Plan, q: Tensor, k: Tensor, v: Tensor):
 
 
 def _rescale_dout(plan: _Plan, dout_b: Tensor, q: Tensor, kv: Tensor, lse_b: Tensor, qn: str, kn: str,
-                  causal: bool, src: int) -> Tensor:
+                  causal: bool, src: int, features: dict) -> Tensor:
     """For a backend whose backward recomputes the LSE over the keys of its call (the CPU
     backend with fp64 data does, for fp64 accuracy) instead of using the given one: its
     probabilities are the block's own, P_blk = P * exp(lse - lse_blk) per row. The backward is
     linear in dout given P (dS = P (dO V^T - rowsum(dO O)), dV = P^T dO), so scaling dout by
     w = exp(lse_blk - lse) per row gives exactly the gradients of the global softmax. lse_blk
-    comes from one more forward call on the block (fp32 LSE: fp32-accurate weights)."""
-    _, lse_blk = _block_fwd(plan, q, kv, qn, kn, causal, src)
+    comes from one more forward call on the block (fp32 LSE: fp32-accurate weights). With sinks,
+    lse is the sink-including one and lse_blk the block's without them: w then also takes the
+    sink's share of each row's softmax out."""
+    _, lse_blk = _block_fwd(plan, q, kv, qn, kn, causal, src, features)
     lse_all = lse_b.to(torch.float64)
     w = torch.exp(lse_blk.to(torch.float64) - torch.where(torch.isneginf(lse_all), 0.0, lse_all))
     w = torch.where(torch.isneginf(lse_all), 0.0, w)
@@ -413,16 +491,16 @@ def _backward(plan: _Plan, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
         src = (rank - step) % N
         kv_in = widen(kv, plan.wide)
         dkv_step = None
-        for qn, kn, causal in _tasks(plan.layout, plan.causal, step, src, rank):
+        for qn, kn, causal, features in _step_calls(plan, step, src):
             qr, kr = plan.rows[qn], plan.rows[kn]
             lse_b = qr.take(lse, 1).contiguous()
             dout_b = qr.take(dout_in)
             if plan.lse_recomputed:
-                dout_b = _rescale_dout(plan, dout_b, q_in, kv_in, lse_b, qn, kn, causal, src)
+                dout_b = _rescale_dout(plan, dout_b, q_in, kv_in, lse_b, qn, kn, causal, src, features)
             cu_q, cu_k, used, max_q, max_k = plan.task_metadata(qn, kn, causal, src)
             (dq_b,), dk_b, dv_b = ops.grouped_bwd(
                 [dout_b], [qr.take(q_in)], kr.take(kv_in[0]), kr.take(kv_in[1]), [qr.take(out_in)], [lse_b],
-                cu_q, cu_k, used, max_q, max_k, plan.scale, causal, plan.deterministic)
+                cu_q, cu_k, used, max_q, max_k, plan.scale, causal, plan.deterministic, **features)
             if dkv_step is None:
                 dkv_step = torch.zeros((2, T, Hk, D), dtype=plan.acc_dtype, device=q.device)
             if dq_acc is None and qr.index is None:
@@ -462,54 +540,82 @@ def _backward(plan: _Plan, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
 def _backward_single_step(plan: _Plan, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor):
     """The backward at world size 1: step 0 of every layout is one block over all rows, so the
     kernel's gradients are the result (no accumulators, no stacking of K and V)."""
-    ((qn, kn, causal),) = _tasks(plan.layout, plan.causal, 0, plan.rank, plan.rank)
+    ((qn, kn, causal, features),) = _step_calls(plan, 0, plan.rank)
     assert qn == kn == "all", "step 0 of every layout computes all rows"
     # The forward ran on a fresh K/V buffer (torch.stack); so does this call, so that any K/V
     # layout the forward accepted is accepted here too.
-    k, v = torch.stack([k, v])
+    kv = torch.stack([k, v])
+    lse = lse.contiguous()
+    if plan.lse_recomputed and plan.has_sinks:  # the backend's own LSE would leave the sinks out
+        dout = _rescale_dout(plan, dout, q, kv, lse, qn, kn, causal, plan.rank, features)
+    k, v = kv
     cu_q, cu_k, used, max_q, max_k = plan.task_metadata(qn, kn, causal, plan.rank)
     (dq,), dk, dv = ops.grouped_bwd(
-        [dout], [q], k, v, [out], [lse.contiguous()], cu_q, cu_k, used, max_q, max_k, plan.scale, causal,
-        plan.deterministic)
+        [dout], [q], k, v, [out], [lse], cu_q, cu_k, used, max_q, max_k, plan.scale, causal,
+        plan.deterministic, **features)
     return dq, dk, dv
 
 
 class _RingAttention(torch.autograd.Function):
-    """``_RingAttention.apply(q, k, v, cu_local, plan) -> (out, lse)``. ``cu_local`` (the
+    """``_RingAttention.apply(q, k, v, cu_local, plan, sinks) -> (out, lse)``. ``cu_local`` (the
     caller's cu_seqlens in the varlen forms, read again by the backward through the plan's "all"
     row set) is an input saved for the backward, so that changing it in place between the
     forward and the backward makes the backward raise (autograd's version check) instead of
     computing the gradients of other sequences. The plan's other index tensors were built from it
-    in the forward and are private."""
+    in the forward and are private. ``sinks`` (None or float32 ``[Hq]``): folded into out and
+    lse once per row; its gradient is the rank's rows' share (``sinks.sink_gradient``)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cu_local, plan):
-        out, lse = _forward(plan, q, k, v)
-        ctx.save_for_backward(q, k, v, out, lse, cu_local)
+    def forward(ctx, q, k, v, cu_local, plan, sinks=None):
+        out, lse = _forward(plan, q, k, v, sinks)
+        ctx.save_for_backward(q, k, v, out, lse, cu_local, sinks)
         ctx.plan = plan
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, _cu_local = ctx.saved_tensors  # raises if cu_local changed in place
+        q, k, v, out, lse, _cu_local, sinks = ctx.saved_tensors  # raises if cu_local changed in place
         dq, dk, dv = _backward(ctx.plan, dout, q, k, v, out, lse)
-        return dq, dk, dv, None, None
+        dsinks = None
+        if sinks is not None and ctx.needs_input_grad[5]:
+            dsinks = sink_gradient(sinks, out, dout, lse)
+        return dq, dk, dv, None, None, dsinks
 
 
 def _make_plan(layout: RingLayout, q3, cu_local, max_local, softmax_scale, causal, deterministic, group,
-               world_size: int, rank: int, seqlens: Optional[Tensor] = None) -> _Plan:
+               world_size: int, rank: int, seqlens: Optional[Tensor] = None,
+               window: Tuple[int, int] = (-1, -1), softcap: float = 0.0, has_sinks: bool = False,
+               host_lengths: Optional[List[int]] = None, local_len: int = 0) -> _Plan:
+    """seqlens: the real GLOBAL lengths (int64 [B]) or None (no padding). host_lengths: the LOCAL
+    (padded) length of every sequence when known on the host for free (batched forms, CPU
+    tensors, metadata checks on), else None; used only with a window (which steps to skip,
+    whether the window bounds anything at all; padded lengths are upper bounds of the real
+    ones, so both stay exact for the real rows)."""
     local_lengths = None
     if seqlens is not None:
         cu = cu_local.to(torch.int64)
         local_lengths = cu[1:] - cu[:-1]
+    longest = world_size * max(host_lengths) if host_lengths else None
+    eff = effective_window(window, bool(causal), longest)
+    min_unit, unit = 1, None
+    if eff is not None:
+        halves = layout.name == "zigzag"
+        chunks = [n // 2 if halves else n for n in (host_lengths or []) if n > 0]
+        min_unit = min(chunks) if chunks else 1
+        cu = cu_local.to(torch.int64)
+        unit = cu[1:] - cu[:-1]
+        if halves:
+            unit = torch.div(unit, 2, rounding_mode="floor")
     return _Plan(layout=layout, group=group, world_size=world_size, rank=rank,
                  scale=_resolve_scale(softmax_scale), causal=bool(causal),
                  deterministic=bool(deterministic), acc_dtype=accumulation_dtype(q3.dtype),
-                 rows=_row_sets(layout, bool(causal), cu_local, max_local, q3.shape[0]),
+                 rows=_row_sets(layout, bool(causal) or eff is not None, cu_local, max_local, q3.shape[0]),
                  lse_recomputed=q3.dtype == torch.float64 and q3.device.type == "cpu",
                  seqlens=seqlens, local_lengths=local_lengths,
-                 wide=world_size > 1 and fp32_partials(q3.device, q3.dtype))
+                 wide=world_size > 1 and fp32_partials(q3.device, q3.dtype),
+                 window=eff, softcap=float(softcap), has_sinks=has_sinks, min_unit=min_unit, local_len=local_len,
+                 unit=unit)
 
 
 # ---- the entry points of the scheme modules ------------------------------------------------------------
@@ -517,7 +623,8 @@ def _make_plan(layout: RingLayout, q3, cu_local, max_local, softmax_scale, causa
 
 def _agree(agreement: RankAgreement, q: Tensor, k: Tensor, softmax_scale: Optional[float], causal: bool,
            deterministic: bool, cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None,
-           seqlens: Optional[Tensor] = None) -> None:
+           seqlens: Optional[Tensor] = None, window: Tuple[int, int] = (-1, -1), softcap: float = 0.0,
+           sinks: Optional[Tensor] = None) -> None:
     """The cross-rank check (``rank_agreement``, opt-in) of a ring call's validated arguments."""
 
     def fingerprint() -> Fingerprint:
@@ -525,6 +632,8 @@ def _agree(agreement: RankAgreement, q: Tensor, k: Tensor, softmax_scale: Option
               .dtype("the dtype of q", q.dtype).flag("causal", causal)
               .real("softmax_scale", effective_scale(softmax_scale, q.shape[-1]))
               .flag("deterministic", deterministic))
+        fp.integer("window_size[0]", window[0]).integer("window_size[1]", window[1]).real("softcap", softcap)
+        fp.flag("sinks", sinks is not None)
         if cu_seqlens is not None:
             fp.tensor_values("cu_seqlens", cu_seqlens).integer("max_seqlen", max_seqlen)
         fp.flag("padding (seqlens given)", seqlens is not None)
@@ -538,7 +647,8 @@ def _agree(agreement: RankAgreement, q: Tensor, k: Tensor, softmax_scale: Option
 def ring_attention(layout: RingLayout, q: Tensor, k: Tensor, v: Tensor, dropout_p: float,
                    softmax_scale: Optional[float], causal: bool, window_size: Tuple[int, int],
                    alibi_slopes: Optional[Tensor], deterministic: bool, return_attn_probs: bool,
-                   group: Optional[object], seqlens: SeqlensArg = None):
+                   group: Optional[object], seqlens: SeqlensArg = None, softcap: float = 0.0,
+                   sinks: Optional[Tensor] = None):
     """The batched forms: q ``[B, L, Hq, D]``, k/v ``[B, L, Hk, D]`` (B sequences of L local
     tokens) -> out ``[B, L, Hq, D]``, or ``(out, lse [B, Hq, L], None)``. seqlens: the real
     GLOBAL length of each sequence (see the shared argument docs)."""
@@ -546,19 +656,21 @@ def ring_attention(layout: RingLayout, q: Tensor, k: Tensor, v: Tensor, dropout_
     agreement = RankAgreement(layout.function_name(varlen=False), group, world_size, device_of(q),
                               metadata_checks_enabled(device_of(q)))
     with agreement.validating():
-        _validate(q, k, v, dropout_p, window_size, alibi_slopes, layout)
+        window, softcap = _validate(q, k, v, dropout_p, window_size, alibi_slopes, layout, softcap, causal, sinks)
         _resolve_scale(softmax_scale)
         B, L = q.shape[:2]
         lengths = None if seqlens is None else _resolve_seqlens(
             seqlens, torch.full((B,), L, dtype=torch.int64), world_size, q.device, L)
-    _agree(agreement, q, k, softmax_scale, causal, deterministic, seqlens=lengths)
+    _agree(agreement, q, k, softmax_scale, causal, deterministic, seqlens=lengths, window=window, softcap=softcap,
+           sinks=sinks)
     B, L, Hq, D = q.shape
     Hk = k.shape[2]
     cu = torch.arange(0, (B + 1) * L, max(L, 1), dtype=torch.int32, device=q.device)[: B + 1] if L > 0 \
         else torch.zeros(B + 1, dtype=torch.int32, device=q.device)
     q3, k3, v3 = q.reshape(B * L, Hq, D), k.reshape(B * L, Hk, D), v.reshape(B * L, Hk, D)
-    plan = _make_plan(layout, q3, cu, L, softmax_scale, causal, deterministic, group, world_size, rank, lengths)
-    out, lse = _RingAttention.apply(q3, k3, v3, cu, plan)
+    plan = _make_plan(layout, q3, cu, L, softmax_scale, causal, deterministic, group, world_size, rank, lengths,
+                      window, softcap, sinks is not None, [L], L)
+    out, lse = _RingAttention.apply(q3, k3, v3, cu, plan, sinks)
     out = out.view(B, L, Hq, D)
     if return_attn_probs:
         return out, lse.view(Hq, B, L).permute(1, 0, 2), None
@@ -568,7 +680,8 @@ def ring_attention(layout: RingLayout, q: Tensor, k: Tensor, v: Tensor, dropout_
 def ring_attention_varlen(layout: RingLayout, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor,
                           max_seqlen: int, dropout_p: float, softmax_scale: Optional[float], causal: bool,
                           window_size: Tuple[int, int], alibi_slopes: Optional[Tensor], deterministic: bool,
-                          return_attn_probs: bool, group: Optional[object], seqlens: SeqlensArg = None):
+                          return_attn_probs: bool, group: Optional[object], seqlens: SeqlensArg = None,
+                          softcap: float = 0.0, sinks: Optional[Tensor] = None):
     """The varlen forms: q ``[T, Hq, D]``, k/v ``[T, Hk, D]``, cu_seqlens the rank's LOCAL
     cumulative lengths -> out ``[T, Hq, D]``, or ``(out, lse [Hq, T], None)``. seqlens: the real
     GLOBAL length of each sequence (see the shared argument docs)."""
@@ -576,16 +689,22 @@ def ring_attention_varlen(layout: RingLayout, q: Tensor, k: Tensor, v: Tensor, c
     agreement = RankAgreement(layout.function_name(varlen=True), group, world_size, device_of(q),
                               metadata_checks_enabled(device_of(q)))
     with agreement.validating():
-        _validate_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p, window_size, alibi_slopes, layout)
+        window, softcap = _validate_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p, window_size, alibi_slopes,
+                                           layout, softcap, causal, sinks)
         _resolve_scale(softmax_scale)
         lengths = None
         if seqlens is not None:
             cu = cu_seqlens.to(torch.int64)
             lengths = _resolve_seqlens(seqlens, cu[1:] - cu[:-1], world_size, q.device, None)
-    _agree(agreement, q, k, softmax_scale, causal, deterministic, cu_seqlens, int(max_seqlen), lengths)
+    _agree(agreement, q, k, softmax_scale, causal, deterministic, cu_seqlens, int(max_seqlen), lengths, window,
+           softcap, sinks)
+    host_lengths = None
+    if window != (-1, -1) and metadata_checks_enabled(device_of(q)):  # free on CPU: exact step skipping
+        cu = cu_seqlens.tolist()
+        host_lengths = [b - a for a, b in zip(cu, cu[1:])]
     plan = _make_plan(layout, q, cu_seqlens, int(max_seqlen), softmax_scale, causal, deterministic, group,
-                      world_size, rank, lengths)
-    out, lse = _RingAttention.apply(q, k, v, cu_seqlens, plan)
+                      world_size, rank, lengths, window, softcap, sinks is not None, host_lengths)
+    out, lse = _RingAttention.apply(q, k, v, cu_seqlens, plan, sinks)
     if return_attn_probs:
         return out, lse, None
     return out
@@ -617,10 +736,17 @@ _BATCHED_ARGS_DOC = """
     Args (upstream ring-flash-attention's):
         q, k, v (or kv, qkv): the rank's local shard as above (Hq % Hk == 0; same dtype and
             device; strided views such as slices of a packed qkv are fine).
-        dropout_p, window_size, alibi_slopes: only their defaults (NotImplementedError naming the
-            argument otherwise).
+        dropout_p, alibi_slopes: only their defaults (NotImplementedError naming the argument
+            otherwise).
         softmax_scale: default ``1 / sqrt(D)``.
         causal: causal attention over the GLOBAL token order (default False, as upstream).
+        window_size: ``(left, right)``, flash-attn's local attention over GLOBAL positions: query
+            p sees key j iff ``p - left <= j <= p + right`` (-1 = unbounded; with causal the
+            right side is -1 or 0). Steps whose block no query sees are skipped.
+        softcap: > 0: scores ``softcap * tanh(score / softcap)`` (0 = off).
+        sinks: None or float32 ``[Hq]`` sink logits (counted once per row); their gradient is
+            this rank's rows' share: the caller's gradient reduction over the ranks sums it,
+            as for any parameter replicated across the ranks.
         deterministic: bit-identical backward kernels run to run.
         return_attn_probs: return ``(out, lse, None)``; lse: float32 ``[B, Hq, L]``, natural log,
             not differentiable.
@@ -650,10 +776,20 @@ _VARLEN_ARGS_DOC = """
             same number of tokens of each sequence: its padded global length / N);
             ``cu_seqlens[-1] == T``.
         max_seqlen: Python int, the longest LOCAL sequence (a hint; never read from a tensor).
-        dropout_p, window_size, alibi_slopes: only their defaults (NotImplementedError naming the
-            argument otherwise).
+        dropout_p, alibi_slopes: only their defaults (NotImplementedError naming the argument
+            otherwise).
         softmax_scale: default ``1 / sqrt(D)``.
         causal: causal attention over each sequence's GLOBAL token order (default False, as upstream).
+        window_size: ``(left, right)``, flash-attn's local attention over each sequence's GLOBAL
+            positions: query p sees key j iff ``p - left <= j <= p + right`` (-1 = unbounded;
+            with causal the right side is -1 or 0). Steps whose block no query sees are skipped
+            (exactly when the lengths are known on the host: CPU tensors or
+            ``RING_FLASH_ATTN_CHECK_METADATA=1``; else the steps no sequence of one token per
+            chunk could need).
+        softcap: > 0: scores ``softcap * tanh(score / softcap)`` (0 = off).
+        sinks: None or float32 ``[Hq]`` sink logits (counted once per row); their gradient is
+            this rank's rows' share: the caller's gradient reduction over the ranks sums it,
+            as for any parameter replicated across the ranks.
         deterministic: bit-identical backward kernels run to run.
         return_attn_probs: return ``(out, lse, None)``; lse: float32 ``[Hq, T]`` (flash-attn's
             varlen layout), natural log, not differentiable.

@@ -36,7 +36,8 @@ class HFBinding:
     The adapter calls the scheme's ``varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k,
     max_seqlen_q, max_seqlen_k, heads_k_stride, local_k_slice, dropout_p=..., softmax_scale=...,
     causal=..., deterministic=..., group=...)`` with q ``[T, Hq, D]``, k/v ``[T, Hk, D]`` (the
-    rank's T tokens in the scheme's layout) and expects out ``[T, Hq, D]``.
+    rank's T tokens in the scheme's layout), plus ``window_size=``, ``softcap=`` and ``sinks=``
+    when the model's layer uses them, and expects out ``[T, Hq, D]``.
     """
 
     attn_implementation: str

@@ -41,6 +41,7 @@ def stripe_flash_attn_func(
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
     deterministic: bool = False, return_attn_probs: bool = False, group: Optional[ProcessGroup] = None,
     seqlens: SeqlensArg = None,
+    softcap: float = 0.0, sinks: Optional[Tensor] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor, None]]:
     """Ring attention over the stripe layout (upstream's ``stripe_flash_attn_func``).
 
@@ -48,7 +49,8 @@ def stripe_flash_attn_func(
     its global token i N + r.
     """
     return ring_attention(STRIPE_LAYOUT, q, k, v, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
-                          deterministic, return_attn_probs, group, seqlens)
+                          deterministic, return_attn_probs, group, seqlens,
+                          softcap=softcap, sinks=sinks)
 
 
 @with_batched_args_doc
@@ -57,11 +59,13 @@ def stripe_flash_attn_kvpacked_func(
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
     deterministic: bool = False, return_attn_probs: bool = False, group: Optional[ProcessGroup] = None,
     seqlens: SeqlensArg = None,
+    softcap: float = 0.0, sinks: Optional[Tensor] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor, None]]:
     """``stripe_flash_attn_func`` with K and V packed: q ``[B, L, Hq, D]``, kv ``[B, L, 2, Hk, D]``."""
     k, v = unpack_batched_kv(kv)
     return ring_attention(STRIPE_LAYOUT, q, k, v, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
-                          deterministic, return_attn_probs, group, seqlens)
+                          deterministic, return_attn_probs, group, seqlens,
+                          softcap=softcap, sinks=sinks)
 
 
 @with_batched_args_doc
@@ -70,8 +74,10 @@ def stripe_flash_attn_qkvpacked_func(
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
     deterministic: bool = False, return_attn_probs: bool = False, group: Optional[ProcessGroup] = None,
     seqlens: SeqlensArg = None,
+    softcap: float = 0.0, sinks: Optional[Tensor] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor, None]]:
     """``stripe_flash_attn_func`` with Q, K and V packed (MHA): qkv ``[B, L, 3, H, D]``."""
     q, k, v = unpack_batched_qkv(qkv)
     return ring_attention(STRIPE_LAYOUT, q, k, v, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
-                          deterministic, return_attn_probs, group, seqlens)
+                          deterministic, return_attn_probs, group, seqlens,
+                          softcap=softcap, sinks=sinks)

@@ -30,7 +30,8 @@ from torch import Tensor
 from .._checks import check_flash_attn_defaults, check_window_size
 from ..grouped import _resolve_scale, flash_attn_varlen_func
 from .all_to_all import HeadShards, check_head_split, head_sharded_attention
-from .features import check_sinks, check_softcap, feature_kwargs
+from .features import check_softcap, feature_kwargs
+from .sinks import check_sinks
 from .process_group import resolve_group
 from .rank_agreement import Fingerprint, RankAgreement, device_of, effective_scale
 from .scheme import BatchMetadata

@@ -35,6 +35,13 @@ Three implementations of step 3: ``baseline`` (one library call per group),
 groups with K/V duplicated; its backward is the same rewrite through one G=1 backward call) and
 ``fused`` (one call of the fused grouped kernel, G=2, forward and backward).
 
+Local attention (``window_size``, global positions), ``softcap`` and ``sinks`` go to the kernel
+calls of every implementation. Causal: each group's keys end where its queries end, so the window
+applies unchanged. Without causal a group sees the keys up to ``right`` tokens past its chunk
+(``seqused_k``, the whole sequence without a right bound) and gets the diagonal shift that moves
+its diagonal from the end of those keys to its own positions. Every row sees all of its keys in
+one call, so a sink counts once per row; the sinks' gradient is the rank's rows' share.
+
 No host synchronisation anywhere in forward or backward (no ``.item()``, no device-to-host copy,
 no value-dependent Python control flow): every index map and per-group length is a device tensor
 built from cu_seqlens and host-known sizes, and ``max_seqlen_*`` are Python ints from the caller.
@@ -63,9 +70,11 @@ from .process_group import resolve_group
 from .rank_agreement import Fingerprint, RankAgreement, device_of, effective_scale
 from .reduce_scatter import SliceReduceScatter
 from .scheme import BatchMetadata, BatchNotSupported
+from .sinks import check_sinks
 from .validation import (check_collective_device, check_cu_seqlens_pair, check_heads, check_heads_k_stride,
                          check_int32_count, check_local_tokens, check_python_int, check_qkv, metadata_checks_enabled,
                          short_list, unpack)
+from .window import effective_window
 from .zigzag_layout import zigzag_check_cu_seqlens, zigzag_gathered_to_global_index, zigzag_llama3_prepare_cu_seqlens
 
 if TYPE_CHECKING:
@@ -100,8 +109,10 @@ def resolve_impl(use_grouped_attention: bool = False, use_triton_grouped: bool =
 
 
 def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride,
-              local_k_slice, dropout_p, window_size, alibi_slopes, grad_reduce_dtype, world_size, impl):
-    """Host-side checks of everything the shapes tell (no tensor values are read here)."""
+              local_k_slice, dropout_p, window_size, alibi_slopes, grad_reduce_dtype, world_size, impl,
+              softcap=0.0, causal=None, sinks=None) -> Tuple[Tuple[int, int], float]:
+    """Host-side checks of everything the shapes tell (no tensor values are read here); returns
+    the window and the softcap."""
     check_qkv(q, k, v, 3, "[local_tokens, heads, head_dim]")
     check_local_tokens(q, k, v, "the tokens of q: the zigzag layout shards q, k and v alike")
     check_heads(q, k)
@@ -119,11 +130,14 @@ def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, h
     check_python_int(max_seqlen_k, "max_seqlen_k", "the longest global sequence, a hint")
     if local_k_slice is not None and not isinstance(local_k_slice, slice):
         raise ValueError(f"local_k_slice: expected a slice or None, got {type(local_k_slice).__name__}")
-    check_flash_attn_defaults(dropout_p, window_size, alibi_slopes)
+    features = check_flash_attn_defaults(dropout_p, window_size, alibi_slopes, softcap, causal,
+                                         window_softcap_supported=True)
+    check_sinks(sinks, q.shape[1], q.device)
     if grad_reduce_dtype is not None and grad_reduce_dtype not in (torch.float32, torch.float64, q.dtype):
         raise ValueError(f"grad_reduce_dtype: expected None, torch.float32, torch.float64 or {q.dtype} "
                          f"(the dtype of q), got {grad_reduce_dtype}")
     check_collective_device(q, world_size)
+    return features
 
 
 def _check_values(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, world_size: int, total_local: int) -> None:
@@ -172,6 +186,9 @@ class _Plan(KVSlicePlan):
     src: Optional[Tensor]  # natural global row -> rank-major gathered row; None when N = 1
     inv_src: Optional[Tensor]
     combined: Optional[Tuple[Tensor, Tensor, Tensor]] = field(default=None)  # grouped_python bwd metadata
+    features: dict = field(default_factory=dict)  # window_size / softcap of every kernel call
+    shifts: Optional[List[Tensor]] = None  # int32 [B] per group: diagonal shift (non-causal window)
+    sinks: Optional[Tensor] = None  # float32 [Hq], to the kernels (sliced per KV-head slice)
 
     @property
     def half(self) -> int:
@@ -182,9 +199,21 @@ class _Plan(KVSlicePlan):
         # holds was built from it in the forward)
         return (self.cu_seqlens_k,)
 
+    def kernel_features(self, heads: slice, groups: Tuple[int, ...] = (0, 1)) -> dict:
+        """The keyword arguments of a kernel call over the query heads ``heads`` of a slice and
+        the query groups ``groups`` (one problem group each)."""
+        features = dict(self.features)
+        if self.shifts is not None:
+            features["diagonal_shift_list"] = [self.shifts[g] for g in groups]
+        if self.sinks is not None:
+            features["sinks"] = self.sinks[heads]
+        return features
+
 
 def _make_plan(q, k, cu_seqlens_k, max_seqlen_k, heads_k_stride, softmax_scale, causal,
-               deterministic, grad_reduce_dtype, impl, group, world_size, rank) -> _Plan:
+               deterministic, grad_reduce_dtype, impl, group, world_size, rank,
+               window: Optional[Tuple[int, int]] = None, softcap: float = 0.0,
+               sinks: Optional[Tensor] = None) -> _Plan:
     T = q.shape[0]
     N, two_n = world_size, 2 * world_size
     B = cu_seqlens_k.shape[0] - 1
@@ -195,10 +224,26 @@ def _make_plan(q, k, cu_seqlens_k, max_seqlen_k, heads_k_stride, softmax_scale, 
     torch.cumsum(chunk, 0, out=cu_half64[1:])
     cu_padded = (cu_half64 * two_n).to(torch.int32)  # the padded GLOBAL batch: 2N c_b per sequence
     # [2, B], one row per group: the real rows of its chunk of each sequence (a prefix of the
-    # chunk), and the keys they see (causal: up to the chunk's end; not causal: all L_b)
+    # chunk), and the keys they see (causal: up to the chunk's end; not causal: all L_b, or with a
+    # window up to `right` tokens past the last real row)
     first = torch.stack([rank * chunk, (two_n - 1 - rank) * chunk])  # the chunks' first positions
     q_real = torch.minimum((lengths - first).clamp(min=0), chunk)
-    used = torch.minimum(first + chunk, lengths) if causal else lengths.expand(2, B)
+    shifts = None
+    if causal:
+        # the real rows' keys end where they end: the kernel's bottom-right diagonal (row i's key
+        # i + Lk - Lq, Lk - Lq = first) is each row's own position, with or without a window
+        used = torch.minimum(first + chunk, lengths)
+    elif window is not None:
+        # the real rows end at q_end (a global position); their keys run up to `right` tokens past
+        # it. The diagonal shift moves the kernel's diagonal (row i's key i + Lk - Lq, Lk = used,
+        # Lq = q_real) to row i's own position first + i: shift = first - (used - q_real). The
+        # padding part of each chunk sees no key (its shift, 0, is never read).
+        q_end = first + q_real
+        used = lengths.expand(2, B) if window[1] < 0 else torch.minimum(lengths, q_end + window[1])
+        shift = q_end - used
+        shifts = list(torch.stack([shift, torch.zeros_like(shift)], dim=-1).flatten(-2).to(torch.int32).unbind(0))
+    else:
+        used = lengths.expand(2, B)
     cu_q_split, cu_k_split, used_split = split_padding(cu_half64, cu_padded, q_real, used)
 
     perm = inv_perm = None
@@ -229,7 +274,10 @@ def _make_plan(q, k, cu_seqlens_k, max_seqlen_k, heads_k_stride, softmax_scale, 
         cu_seqlens_k=cu_seqlens_k, cu_q_groups=list(cu_q_split.unbind(0)), cu_k_split=cu_k_split,
         seqused=list(used_split.unbind(0)), wide=fp32_partials(q.device, q.dtype),
         perm=perm, inv_perm=inv_perm, src=src, inv_src=inv_src,
+        features=({"softcap": softcap} if softcap else {}), shifts=shifts, sinks=sinks,
     )
+    if window is not None:
+        plan.features["window_size"] = list(window)
     if impl == IMPL_GROUPED_PYTHON:
         # One G=1 problem over both groups: sequences (g, b) for g in {early, late}; group g's
         # query rows start at g * T/2 and its K/V copy at g * total_global.
@@ -244,21 +292,38 @@ def _make_plan(q, k, cu_seqlens_k, max_seqlen_k, heads_k_stride, softmax_scale, 
 # ---- attention of one slice ----------------------------------------------------------------------
 
 
-def _fwd_slice(plan: _Plan, q_pair, k_s, v_s, out_pair, lse_pair) -> None:
-    """Both groups' forward over one K/V slice, into out_pair / lse_pair (views of the buffers)."""
+def _fwd_slice(plan: _Plan, q_pair, k_s, v_s, out_pair, lse_pair, qsl: slice = slice(None)) -> None:
+    """Both groups' forward over one K/V slice (query heads qsl), into out_pair / lse_pair (views
+    of the buffers)."""
     cu_q, cu_k, used = plan.cu_q_groups, plan.cu_k_split, plan.seqused
     mq, mk = plan.max_seqlen_q, plan.max_seqlen_k
     if plan.impl == IMPL_FUSED:
         ops.fwd_into(list(q_pair), k_s, v_s, cu_q, cu_k, used, [mq, mq], mk,
-                     plan.scale, plan.causal, list(out_pair), list(lse_pair))
+                     plan.scale, plan.causal, list(out_pair), list(lse_pair), **plan.kernel_features(qsl))
     elif plan.impl == IMPL_BASELINE:
         for g in range(2):
             ops.fwd_into([q_pair[g]], k_s, v_s, [cu_q[g]], cu_k, [used[g]], [mq], mk,
-                         plan.scale, plan.causal, [out_pair[g]], [lse_pair[g]])
+                         plan.scale, plan.causal, [out_pair[g]], [lse_pair[g]], **plan.kernel_features(qsl, (g,)))
+    elif plan.shifts is not None:
+        # the wrapper takes no diagonal shifts: the same rewrite (one G=1 call over both groups, K/V
+        # duplicated) on the combined metadata, as the backward runs it
+        cu_q_all, cu_k_all, used_all = plan.combined
+        half, hq = plan.half, q_pair[0].shape[1]
+        out_all = torch.empty((2 * half,) + tuple(q_pair[0].shape[1:]), dtype=q_pair[0].dtype,
+                              device=q_pair[0].device)
+        lse_all = torch.empty((hq, 2 * half), dtype=torch.float32, device=q_pair[0].device)
+        features = plan.kernel_features(qsl, ())
+        features["diagonal_shift_list"] = [torch.cat(plan.shifts)]
+        ops.fwd_into([torch.cat(list(q_pair))], torch.cat([k_s, k_s]), torch.cat([v_s, v_s]), [cu_q_all], cu_k_all,
+                     [used_all], [mq], mk, plan.scale, plan.causal, [out_all], [lse_all], **features)
+        for g in range(2):
+            out_pair[g].copy_(out_all[g * half:(g + 1) * half])
+            lse_pair[g].copy_(lse_all[:, g * half:(g + 1) * half])
     else:
         outs, lses = _flash_attn_varlen_forward_grouped(
             list(q_pair), k_s, v_s, cu_q, cu_k, [mq, mq], mk,
-            seqused_k_list=used, softmax_scale=plan.softmax_scale, causal=plan.causal)
+            seqused_k_list=used, softmax_scale=plan.softmax_scale, causal=plan.causal,
+            **plan.kernel_features(qsl, ()))
         for g in range(2):
             out_pair[g].copy_(outs[g])
             lse_pair[g].copy_(lses[g])
@@ -283,13 +348,15 @@ def _bwd_slice(plan: _Plan, s: int, dout_g, q_g, out_g, lse_slice, dq_g, k_s, v_
     dkv = torch.empty((Tg, 2, hs, D), dtype=dtype, device=device)
     if plan.impl == IMPL_FUSED:
         ops.bwd_into(dout_p, q_p, k_s, v_s, out_p, lse_p, cu_q, cu_k, used, [mq, mq], mk,
-                     plan.scale, plan.causal, plan.deterministic, dq_p, dkv[:, 0], dkv[:, 1])
+                     plan.scale, plan.causal, plan.deterministic, dq_p, dkv[:, 0], dkv[:, 1],
+                     **plan.kernel_features(qsl))
         return dkv.to(plan.reduce_dtype)
     if plan.impl == IMPL_BASELINE:
         extra = torch.empty_like(dkv)
         for g, (dk_t, dv_t) in enumerate(((dkv[:, 0], dkv[:, 1]), (extra[:, 0], extra[:, 1]))):
             ops.bwd_into([dout_p[g]], [q_p[g]], k_s, v_s, [out_p[g]], [lse_p[g]], [cu_q[g]], cu_k, [used[g]],
-                         [mq], mk, plan.scale, plan.causal, plan.deterministic, [dq_p[g]], dk_t, dv_t)
+                         [mq], mk, plan.scale, plan.causal, plan.deterministic, [dq_p[g]], dk_t, dv_t,
+                         **plan.kernel_features(qsl, (g,)))
         return _sum_pair(dkv, extra, plan.reduce_dtype)
     # grouped_python: the forward's rewrite, one G=1 backward call over both groups with K/V
     # duplicated (group g's copy at rows g * Tg), then the two copies' gradients summed.
@@ -298,9 +365,12 @@ def _bwd_slice(plan: _Plan, s: int, dout_g, q_g, out_g, lse_slice, dq_g, k_s, v_
     v2 = torch.cat([v_s, v_s])
     lse_all = lse_slice.permute(1, 0, 2).reshape(hq, 2 * half)
     dkv2 = torch.empty((2 * Tg, 2, hs, D), dtype=dtype, device=device)
+    features = plan.kernel_features(qsl, ())
+    if plan.shifts is not None:
+        features["diagonal_shift_list"] = [torch.cat(plan.shifts)]
     ops.bwd_into([dout_g[:, qsl]], [q_g[:, qsl]], k2, v2, [out_g[:, qsl]], [lse_all], [cu_q_all], cu_k_all,
                  [used_all], [mq], mk, plan.scale, plan.causal, plan.deterministic, [dq_g[:, qsl]],
-                 dkv2[:, 0], dkv2[:, 1])
+                 dkv2[:, 0], dkv2[:, 1], **features)
     return _sum_pair(dkv2[:Tg], dkv2[Tg:], plan.reduce_dtype)
 
 
@@ -338,7 +408,7 @@ def _forward(plan: _Plan, q: Tensor, k: Tensor, v: Tensor):
     for s, (k_s, v_s) in enumerate(gather_kv_slices(plan, k, v)):
         qsl = slice(s * hq, (s + 1) * hq)
         _fwd_slice(plan, (q_g[:half, qsl], q_g[half:, qsl]), k_s, v_s,
-                   (out_g[:half, qsl], out_g[half:, qsl]), (lse_buf[s, 0], lse_buf[s, 1]))
+                   (out_g[:half, qsl], out_g[half:, qsl]), (lse_buf[s, 0], lse_buf[s, 1]), qsl)
         del k_s, v_s
     out = _from_grouped(plan, out_g)
     lse = _from_grouped(plan, lse_buf.permute(0, 2, 1, 3).reshape(Hq, T), dim=1)
@@ -371,7 +441,8 @@ def zigzag_llama3_flash_attn_varlen_func(
     softmax_scale: Optional[float] = None, causal: bool = True, window_size: Tuple[int, int] = (-1, -1),
     alibi_slopes: Optional[Tensor] = None, deterministic: bool = False, return_attn_probs: bool = False,
     group: Optional[ProcessGroup] = None, use_grouped_attention: bool = False, use_triton_grouped: bool = False,
-    use_fused_kernel: bool = False, grad_reduce_dtype: Optional[torch.dtype] = None,
+    use_fused_kernel: bool = False, grad_reduce_dtype: Optional[torch.dtype] = None, softcap: float = 0.0,
+    sinks: Optional[Tensor] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor, None]]:
     """Zigzag llama3 context-parallel attention (forward and backward) over ``group``.
 
@@ -396,10 +467,15 @@ def zigzag_llama3_flash_attn_varlen_func(
             compute. ``heads_k_stride == Hk`` gathers everything at once (no overlap).
         local_k_slice: accepted for upstream's signature (a slice or None); the zigzag layout
             always needs the whole gathered K/V, so it is not used.
-        dropout_p, window_size, alibi_slopes: only their defaults (NotImplementedError otherwise).
+        dropout_p, alibi_slopes: only their defaults (NotImplementedError otherwise).
         softmax_scale: default ``1 / sqrt(D)``.
         causal: bottom-right aligned causal mask per (group, sequence) (default True, the case
             the zigzag layout is for); False lets every query see its whole global sequence.
+        window_size: ``(left, right)``, flash-attn's local attention over each sequence's GLOBAL
+            positions (-1 = unbounded; with causal the right side is -1 or 0).
+        softcap: > 0: scores ``softcap * tanh(score / softcap)`` (0 = off).
+        sinks: None or float32 ``[Hq]`` sink logits; their gradient is this rank's rows' share
+            (the caller's gradient reduction over the ranks sums it).
         deterministic: bit-identical backward kernels run to run.
         return_attn_probs: return ``(out, lse, None)`` like upstream (lse: float32 ``[Hq, T]``,
             natural log, local order; not differentiable).
@@ -425,7 +501,8 @@ def zigzag_llama3_flash_attn_varlen_func(
             sizes, not int32, or (when values are checked: always for CPU tensors, with
             ``RING_FLASH_ATTN_CHECK_METADATA=1`` on CUDA) cu_seqlens_k whose zigzag shard does
             not have T rows, or cu_seqlens_q != zigzag_local_cu_seqlens(cu_seqlens_k, N).
-        NotImplementedError: dropout, sliding window, ALiBi; or a backend without the kernel.
+        NotImplementedError: dropout, ALiBi; or a backend without the kernel (or without a
+            feature asked for: window, softcap, sinks).
 
     No host synchronisation: the forward can be captured in a CUDA graph for fixed shapes.
     Collective: every rank of ``group`` must call it with the same shapes, flags and
@@ -438,8 +515,9 @@ def zigzag_llama3_flash_attn_varlen_func(
     agreement = RankAgreement("zigzag_llama3_flash_attn_varlen_func", group, world_size, device_of(q), values_checked)
     impl = resolve_impl(use_grouped_attention, use_triton_grouped, use_fused_kernel)
     with agreement.validating():
-        _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride,
-                  local_k_slice, dropout_p, window_size, alibi_slopes, grad_reduce_dtype, world_size, impl)
+        window, softcap = _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride,
+                                    local_k_slice, dropout_p, window_size, alibi_slopes, grad_reduce_dtype,
+                                    world_size, impl, softcap, causal, sinks)
         _resolve_scale(softmax_scale)
         if values_checked:
             _check_values(cu_seqlens_q, cu_seqlens_k, world_size, q.shape[0])
@@ -447,14 +525,16 @@ def zigzag_llama3_flash_attn_varlen_func(
                     .shape("the shape of q", q.shape).shape("the shape of k", k.shape)
                     .dtype("the dtype of q", q.dtype).integer("heads_k_stride", heads_k_stride)
                     .flag("causal", causal).real("softmax_scale", effective_scale(softmax_scale, q.shape[-1]))
-                    .flag("deterministic", deterministic)
+                    .flag("deterministic", deterministic).integer("window_size[0]", window[0])
+                    .integer("window_size[1]", window[1]).real("softcap", softcap).flag("sinks", sinks is not None)
                     .dtype("the dtype of the dK/dV reduction (grad_reduce_dtype)",
                            grad_reduce_dtype if grad_reduce_dtype is not None else accumulation_dtype(k.dtype))
                     .tensor_values("cu_seqlens_q", cu_seqlens_q).tensor_values("cu_seqlens_k", cu_seqlens_k)
                     .integer("max_seqlen_q", max_seqlen_q).integer("max_seqlen_k", max_seqlen_k))
     plan = _make_plan(q, k, cu_seqlens_k, max_seqlen_k, heads_k_stride, softmax_scale, causal,
-                      deterministic, grad_reduce_dtype, impl, group, world_size, rank)
-    return sliced_kv_attention(q, k, v, plan, _forward, _backward, return_attn_probs)
+                      deterministic, grad_reduce_dtype, impl, group, world_size, rank,
+                      effective_window(window, bool(causal), None), softcap, sinks)
+    return sliced_kv_attention(q, k, v, plan, _forward, _backward, return_attn_probs, sinks)
 
 
 def zigzag_llama3_flash_attn_varlen_kvpacked_func(
@@ -462,7 +542,7 @@ def zigzag_llama3_flash_attn_varlen_kvpacked_func(
     heads_k_stride: int, local_k_slice: Optional[slice] = None, dropout_p: float = 0.0,
     softmax_scale: Optional[float] = None, causal: bool = True, window_size: Tuple[int, int] = (-1, -1),
     alibi_slopes: Optional[Tensor] = None, deterministic: bool = False, return_attn_probs: bool = False,
-    group: Optional[ProcessGroup] = None, **impl_flags: Any,
+    group: Optional[ProcessGroup] = None, softcap: float = 0.0, sinks: Optional[Tensor] = None, **impl_flags: Any,
 ) -> Union[Tensor, Tuple[Tensor, Tensor, None]]:
     """``zigzag_llama3_flash_attn_varlen_func`` with K and V packed: q ``[T, Hq, D]``, ``kv``
     ``[T, 2, Hk, D]``; impl_flags: its keyword arguments ``use_grouped_attention``,
@@ -472,7 +552,7 @@ def zigzag_llama3_flash_attn_varlen_kvpacked_func(
     return zigzag_llama3_flash_attn_varlen_func(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride,
         local_k_slice, dropout_p, softmax_scale, causal, window_size, alibi_slopes, deterministic,
-        return_attn_probs, group, **impl_flags)
+        return_attn_probs, group, softcap=softcap, sinks=sinks, **impl_flags)
 
 
 def zigzag_llama3_flash_attn_varlen_qkvpacked_func(
@@ -480,7 +560,7 @@ def zigzag_llama3_flash_attn_varlen_qkvpacked_func(
     heads_k_stride: int, local_k_slice: Optional[slice] = None, dropout_p: float = 0.0,
     softmax_scale: Optional[float] = None, causal: bool = True, window_size: Tuple[int, int] = (-1, -1),
     alibi_slopes: Optional[Tensor] = None, deterministic: bool = False, return_attn_probs: bool = False,
-    group: Optional[ProcessGroup] = None, **impl_flags: Any,
+    group: Optional[ProcessGroup] = None, softcap: float = 0.0, sinks: Optional[Tensor] = None, **impl_flags: Any,
 ) -> Union[Tensor, Tuple[Tensor, Tensor, None]]:
     """``zigzag_llama3_flash_attn_varlen_func`` with Q, K and V packed (MHA): ``qkv``
     ``[T, 3, H, D]``; impl_flags as there. Returns ``out`` ``[T, H, D]`` or ``(out, lse, None)``."""
@@ -488,7 +568,7 @@ def zigzag_llama3_flash_attn_varlen_qkvpacked_func(
     return zigzag_llama3_flash_attn_varlen_func(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride,
         local_k_slice, dropout_p, softmax_scale, causal, window_size, alibi_slopes, deterministic,
-        return_attn_probs, group, **impl_flags)
+        return_attn_probs, group, softcap=softcap, sinks=sinks, **impl_flags)
 
 
 def hf_batch_metadata(cu_seqlens: List[int], rank: int, world_size: int) -> Dict[bool, BatchMetadata]:

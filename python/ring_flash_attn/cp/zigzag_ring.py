@@ -47,6 +47,7 @@ def zigzag_ring_flash_attn_func(
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
     deterministic: bool = False, return_attn_probs: bool = False, group: Optional[ProcessGroup] = None,
     seqlens: SeqlensArg = None,
+    softcap: float = 0.0, sinks: Optional[Tensor] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor, None]]:
     """Ring attention over the zigzag layout (upstream's ``zigzag_ring_flash_attn_func``).
 
@@ -54,7 +55,8 @@ def zigzag_ring_flash_attn_func(
     each of the B sequences, rank r holds chunk r then chunk 2N-1-r.
     """
     return ring_attention(ZIGZAG_LAYOUT, q, k, v, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
-                          deterministic, return_attn_probs, group, seqlens)
+                          deterministic, return_attn_probs, group, seqlens,
+                          softcap=softcap, sinks=sinks)
 
 
 @with_batched_args_doc
@@ -63,11 +65,13 @@ def zigzag_ring_flash_attn_kvpacked_func(
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
     deterministic: bool = False, return_attn_probs: bool = False, group: Optional[ProcessGroup] = None,
     seqlens: SeqlensArg = None,
+    softcap: float = 0.0, sinks: Optional[Tensor] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor, None]]:
     """``zigzag_ring_flash_attn_func`` with K and V packed: q ``[B, L, Hq, D]``, kv ``[B, L, 2, Hk, D]``."""
     k, v = unpack_batched_kv(kv)
     return ring_attention(ZIGZAG_LAYOUT, q, k, v, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
-                          deterministic, return_attn_probs, group, seqlens)
+                          deterministic, return_attn_probs, group, seqlens,
+                          softcap=softcap, sinks=sinks)
 
 
 @with_batched_args_doc
@@ -76,11 +80,13 @@ def zigzag_ring_flash_attn_qkvpacked_func(
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
     deterministic: bool = False, return_attn_probs: bool = False, group: Optional[ProcessGroup] = None,
     seqlens: SeqlensArg = None,
+    softcap: float = 0.0, sinks: Optional[Tensor] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor, None]]:
     """``zigzag_ring_flash_attn_func`` with Q, K and V packed (MHA): qkv ``[B, L, 3, H, D]``."""
     q, k, v = unpack_batched_qkv(qkv)
     return ring_attention(ZIGZAG_LAYOUT, q, k, v, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
-                          deterministic, return_attn_probs, group, seqlens)
+                          deterministic, return_attn_probs, group, seqlens,
+                          softcap=softcap, sinks=sinks)
 
 
 @with_varlen_args_doc
@@ -89,6 +95,7 @@ def zigzag_ring_flash_attn_varlen_func(
     softmax_scale: Optional[float] = None, causal: bool = False, window_size: Tuple[int, int] = (-1, -1),
     alibi_slopes: Optional[Tensor] = None, deterministic: bool = False, return_attn_probs: bool = False,
     group: Optional[ProcessGroup] = None, seqlens: SeqlensArg = None,
+    softcap: float = 0.0, sinks: Optional[Tensor] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor, None]]:
     """Ring attention over packed sequences, zigzag layout (upstream's ``zigzag_ring_flash_attn_varlen_func``).
 
@@ -96,7 +103,8 @@ def zigzag_ring_flash_attn_varlen_func(
     holds chunk r then chunk 2N-1-r, as ``zigzag_shard`` lays them out (local lengths even).
     """
     return ring_attention_varlen(ZIGZAG_LAYOUT, q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
-                                 causal, window_size, alibi_slopes, deterministic, return_attn_probs, group, seqlens)
+                                 causal, window_size, alibi_slopes, deterministic, return_attn_probs, group, seqlens,
+                                 softcap=softcap, sinks=sinks)
 
 
 @with_varlen_args_doc
@@ -105,11 +113,13 @@ def zigzag_ring_flash_attn_varlen_kvpacked_func(
     softmax_scale: Optional[float] = None, causal: bool = False, window_size: Tuple[int, int] = (-1, -1),
     alibi_slopes: Optional[Tensor] = None, deterministic: bool = False, return_attn_probs: bool = False,
     group: Optional[ProcessGroup] = None, seqlens: SeqlensArg = None,
+    softcap: float = 0.0, sinks: Optional[Tensor] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor, None]]:
     """``zigzag_ring_flash_attn_varlen_func`` with K and V packed: q ``[T, Hq, D]``, kv ``[T, 2, Hk, D]``."""
     k, v = unpack_varlen_kv(kv)
     return ring_attention_varlen(ZIGZAG_LAYOUT, q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
-                                 causal, window_size, alibi_slopes, deterministic, return_attn_probs, group, seqlens)
+                                 causal, window_size, alibi_slopes, deterministic, return_attn_probs, group, seqlens,
+                                 softcap=softcap, sinks=sinks)
 
 
 @with_varlen_args_doc
@@ -118,8 +128,10 @@ def zigzag_ring_flash_attn_varlen_qkvpacked_func(
     softmax_scale: Optional[float] = None, causal: bool = False, window_size: Tuple[int, int] = (-1, -1),
     alibi_slopes: Optional[Tensor] = None, deterministic: bool = False, return_attn_probs: bool = False,
     group: Optional[ProcessGroup] = None, seqlens: SeqlensArg = None,
+    softcap: float = 0.0, sinks: Optional[Tensor] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor, None]]:
     """``zigzag_ring_flash_attn_varlen_func`` with Q, K and V packed (MHA): qkv ``[T, 3, H, D]``."""
     q, k, v = unpack_varlen_qkv(qkv)
     return ring_attention_varlen(ZIGZAG_LAYOUT, q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
-                                 causal, window_size, alibi_slopes, deterministic, return_attn_probs, group, seqlens)
+                                 causal, window_size, alibi_slopes, deterministic, return_attn_probs, group, seqlens,
+                                 softcap=softcap, sinks=sinks)
