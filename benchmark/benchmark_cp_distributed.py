@@ -152,16 +152,18 @@ def ring_case(scheme: str, seqlen: int, cfg, dtype, device, world: int, rank: in
     cu = torch.tensor([0, T], dtype=torch.int32, device=device)
     plan = re._make_plan(layout, q3, cu, T, None, True, False, None, world, rank)
     kv = torch.stack([k3, v3])
-    tasks = [re._tasks(layout, True, s, (rank - s) % world, rank) for s in range(world)]
-    out, lse = re._block_fwd(plan, q3, kv, "all", "all", True)  # a forward's out / LSE for the backward calls
+    # The engine's own kernel calls of each step (K/V block of rank (rank - s) % world held).
+    tasks = [[(qn, kn, causal, features, (rank - s) % world) for qn, kn, causal, features
+              in re._step_calls(plan, s, (rank - s) % world)] for s in range(world)]
+    out, lse = re._block_fwd(plan, q3, kv, "all", "all", True, rank, {})  # out / LSE for the backward calls
 
     def kernels():
         for step_tasks in tasks:
-            for qn, kn, causal in step_tasks:
-                re._block_fwd(plan, q3, kv, qn, kn, causal)
+            for qn, kn, causal, features, src in step_tasks:
+                re._block_fwd(plan, q3, kv, qn, kn, causal, src, features)
         if backward:
             for step_tasks in tasks:
-                for qn, kn, causal in step_tasks:
+                for qn, kn, causal, _features, _src in step_tasks:
                     qr, kr = plan.rows[qn], plan.rows[kn]
                     ops.grouped_bwd([qr.take(do3)], [qr.take(q3)], kr.take(kv[0]), kr.take(kv[1]), [qr.take(out)],
                                     [qr.take(lse, 1).contiguous()], [qr.cu], kr.cu, [None], [qr.max_seqlen],
