@@ -717,7 +717,8 @@ def test_update_params_padded_errors(clean_adapter):
     q, k, v = _qkv(B=2, S=4)
     out, _ = hf_adapter.llama3_attention_forward(_Attn(), q, k, v, None)  # the contiguous layout takes it
     assert out.shape == (2, 4, 4, 8)
-    with pytest.raises(ValueError, match="zigzag layout cannot take this batch.*row 0: padding 1 \\+ tokens 3"):
+    with pytest.raises(ValueError, match="zigzag layout cannot take this batch.*multiple of 2 \\* world_size = 2.*"
+                       "row 0: padding 1 \\+ tokens 3"):
         hf_adapter.zigzag_llama3_attention_forward(_Attn(), q, k, v, None)
 
 
@@ -774,8 +775,17 @@ def test_shard_and_unshard_padded_batch(world_size):
     # zigzag: of the padding run (4 columns) chunks 0 and 3, of the token run (12) chunks 0 and 3
     assert hf_adapter.shard_padded_batch(cols, mask, "ring_attn_zigzag_llama3", 0, 2).tolist() == [
         [0, 3, 4, 5, 6, 13, 14, 15]]
-    with pytest.raises(ValueError, match="zigzag layout cannot cut this batch"):
-        hf_adapter.shard_padded_batch(cols, torch.tensor([[0] * 3 + [1] * 13]), "ring_attn_zigzag_llama3", 0, 2)
+    # zigzag: a run that is not a multiple of 2N = 4 (padding 3 + tokens 13) is refused, by every rank and by
+    # unshard, rather than cut into parts longer than L / N (the any-length shard would pad each run)
+    uncuttable = torch.tensor([[0] * 3 + [1] * 13])
+    refusal = ("zigzag layout cannot cut this batch: a row has a sequence of 3 tokens .*multiple of 2 \\* "
+               "world_size = 4.*row 0: padding 3 \\+ tokens 13")
+    for r in range(2):
+        with pytest.raises(ValueError, match=refusal):
+            hf_adapter.shard_padded_batch(cols, uncuttable, "ring_attn_zigzag_llama3", r, 2)
+    with pytest.raises(ValueError, match=refusal):
+        hf_adapter.unshard_padded_batch([cols[:, :8], cols[:, 8:]], uncuttable, "ring_attn_zigzag_llama3")
+    assert hf_adapter.shard_padded_batch(cols, uncuttable, "ring_attn_llama3", 1, 2).tolist() == [list(range(8, 16))]
     with pytest.raises(ValueError, match="x: expected a tensor \\[batch, seq, ...\\]"):
         hf_adapter.shard_padded_batch(torch.zeros(2, 16), mask, "ring_attn_llama3", 0, 2)
     with pytest.raises(ValueError, match="rank: expected an int in \\[0, 2\\)"):

@@ -348,10 +348,26 @@ def _row_columns(scheme: ContextParallelScheme, row_cu: List[int], row_length: i
         return torch.arange(rank * per_rank, (rank + 1) * per_rank)
     if scheme.shard is None:
         raise BatchNotSupported(f"the {scheme.layout} layout has no shard helper to cut the rows of a padded batch")
+    if scheme.layout in _SEQUENCE_WISE_LAYOUTS:
+        # The layout's shard helper pads a sequence that is not a multiple of 2N (any-length CP), which
+        # would make the rank's part of the row longer than L / N: the model takes [B, L / N] per rank,
+        # so a padded row is only cut when each of its runs of tokens and of padding divides evenly.
+        two_n = 2 * world_size
+        lengths = [end - start for start, end in zip(row_cu, row_cu[1:])]
+        bad = [n for n in lengths if n % two_n]
+        if bad:
+            raise BatchNotSupported(f"a row has a sequence of {bad[0]} tokens (its run of tokens or a piece of its "
+                                    f"padding), expected every run of tokens and of padding of a padded row to be a "
+                                    f"multiple of 2 * world_size = {two_n}; use the contiguous layout "
+                                    f"({HF_ATTN_LLAMA3!r}) for such batches")
     try:
-        return scheme.shard(torch.arange(row_length), torch.tensor(row_cu, dtype=torch.int32), rank, world_size)
+        columns = scheme.shard(torch.arange(row_length), torch.tensor(row_cu, dtype=torch.int32), rank, world_size)
     except ValueError as e:
         raise BatchNotSupported(str(e)) from None
+    if columns.shape != (per_rank,):  # the rank's part of a row is L / N columns in every layout
+        raise BatchNotSupported(f"the {scheme.layout} layout gives rank {rank} {tuple(columns.shape)} columns of a "
+                                f"row of {row_length}, expected ({per_rank},)")
+    return columns
 
 
 def _columns(scheme: ContextParallelScheme, row_cus: List[List[int]], row_length: int, rank: int,
@@ -376,6 +392,8 @@ def _padded_batch(scheme: ContextParallelScheme, mask: Tensor, spans: List[_Span
     """How ``scheme`` runs a batch of padded rows (``mask`` bool ``[B, L]`` on the host)."""
     rows, length = mask.shape
     row_cus = _scheme_row_sequences(scheme, spans, length, world_size)
+    # the columns first: a row the layout cannot cut is refused by its runs (see _row_columns)
+    local_tokens = mask.gather(1, _columns(scheme, row_cus, length, rank, world_size))
     if scheme.layout in _SEQUENCE_WISE_LAYOUTS:
         flat = [0]
         for b, cu in enumerate(row_cus):
@@ -388,7 +406,6 @@ def _padded_batch(scheme: ContextParallelScheme, mask: Tensor, spans: List[_Span
             if tuple(cu) not in by_cu:
                 by_cu[tuple(cu)] = scheme.hf.prepare_batch(cu, rank, world_size)
             calls.append((b, b + 1, by_cu[tuple(cu)]))
-    local_tokens = mask.gather(1, _columns(scheme, row_cus, length, rank, world_size))
     return _SchemeBatch(calls=calls, local_tokens=local_tokens)
 
 
