@@ -18,6 +18,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 import traceback
@@ -47,6 +48,43 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def package_env() -> Dict[str, str]:
+    """A copy of os.environ whose PYTHONPATH starts with the directory holding the imported
+    ring_flash_attn package, so that a child Python process imports the same package."""
+    import ring_flash_attn as rfa
+
+    env = dict(os.environ)
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(rfa.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([package_root] + [p for p in [env.get("PYTHONPATH")] if p])
+    return env
+
+
+def assert_exit_status(r: subprocess.CompletedProcess, expected: int, stdout_tail: int = 4000,
+                       stderr_tail: int = 3000) -> None:
+    """Fails unless r exited with `expected`, showing the end of its stdout and stderr."""
+    assert r.returncode == expected, \
+        f"exit {r.returncode}\nstdout:\n{r.stdout[-stdout_tail:]}\nstderr:\n{r.stderr[-stderr_tail:]}"
+
+
+def torchrun(script: str, args: List[str], nproc: int, timeout_s: float,
+             stdout_tail: int = 4000) -> subprocess.CompletedProcess:
+    """Runs `script args` under torch.distributed.run with nproc local processes on a free port,
+    fails unless it exits 0, and returns the finished process (text stdout and stderr)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", script, *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=package_env())
+    assert_exit_status(r, 0, stdout_tail=stdout_tail)
+    return r
+
+
+def run_as_single_rank(script: str, timeout_s: float) -> subprocess.CompletedProcess:
+    """Runs a Python script as rank 0 of a world of 1 (the variables torch.distributed.run would
+    set, a free port) and returns the finished process without judging its exit status."""
+    env = package_env()
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    return subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=timeout_s, env=env)
 
 
 def _log_path(out_dir: str, rank: int) -> str:

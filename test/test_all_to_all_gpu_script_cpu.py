@@ -5,29 +5,16 @@ returning a wrong output makes the script report FAIL and exit 1."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import textwrap
 
-import ring_flash_attn as rfa
-from dist_harness import free_port
+from dist_harness import assert_exit_status, run_as_single_rank, torchrun
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _SCRIPT = os.path.join(_HERE, "test_all_to_all_gpu.py")
 
 
-def _env():
-    env = dict(os.environ)
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(rfa.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([package_root] + [p for p in [env.get("PYTHONPATH")] if p])
-    return env
-
-
 def test_every_case_passes_on_two_gloo_ranks():
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", _SCRIPT, "--device", "cpu"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=_env())
-    assert r.returncode == 0, f"exit {r.returncode}\nstdout:\n{r.stdout[-4000:]}\nstderr:\n{r.stderr[-3000:]}"
+    r = torchrun(_SCRIPT, ["--device", "cpu"], nproc=2, timeout_s=180)
     # Ulysses 8 func + kvpacked + qkvpacked, batched 8, hybrid 2 meshes x 3 schemes x 2 + kvpacked
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith(("PASS ", "FAIL "))]
     assert len(lines) == 31 and all(ln.startswith("PASS ") for ln in lines), r.stdout[-4000:]
@@ -50,10 +37,8 @@ def test_a_wrong_output_fails(tmp_path):
         t.rfa.ulysses_flash_attn_varlen_func = scaled
         sys.exit(t.main(["--device", "cpu", "--kinds", "ulysses", "ulysses_batched"]))
     """))
-    env = _env()
-    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    r = subprocess.run([sys.executable, str(driver)], capture_output=True, text=True, timeout=120, env=env)
-    assert r.returncode == 1, f"exit {r.returncode}\nstdout:\n{r.stdout[-4000:]}\nstderr:\n{r.stderr[-3000:]}"
+    r = run_as_single_rank(str(driver), timeout_s=120)
+    assert_exit_status(r, 1)
     failed = [ln for ln in r.stdout.splitlines() if ln.startswith("FAIL ")]
     assert len(failed) == 8 and all(" ulysses " in ln and " func " in ln for ln in failed), r.stdout
     assert "10 PASS / 8 FAIL" in r.stdout
