@@ -18,6 +18,7 @@
 #include <random>
 #include <sstream>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "naive_reference.h"
@@ -669,6 +670,40 @@ inline ::testing::AssertionResult same_bits(const std::string& what, const std::
   if (a.size() != b.size() || std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) != 0)
     return ::testing::AssertionFailure() << what << ": LSE bits differ";
   return ::testing::AssertionSuccess();
+}
+
+// Every group's dQ, then dK and dV, within tol.grad of the float64 reference gradients, and every
+// group's dQ padding untouched (G groups).
+inline void expect_gradients_close(const BackwardResult& bwd, const naive::Gradients& ref, const Tolerance& tol,
+                                   int G) {
+  for (int g = 0; g < G; ++g) {
+    const std::string tag = " (group " + std::to_string(g) + ")";
+    EXPECT_TRUE(close_to_reference("dq" + tag, bwd.dq[g], ref.dq[g], tol.grad));
+    EXPECT_TRUE(padding_untouched("dq" + tag, bwd.dq[g]));
+  }
+  EXPECT_TRUE(close_to_reference("dk", bwd.dk, ref.dk, tol.grad));
+  EXPECT_TRUE(close_to_reference("dv", bwd.dv, ref.dv, tol.grad));
+}
+
+// The forward's out and LSE of every group (G groups) from 4 threads and from 1 thread, bit for bit.
+inline void expect_forward_same_bits_1_vs_4_threads(const ForwardResult& fwd4, const ForwardResult& fwd1, int G) {
+  for (int g = 0; g < G; ++g) {
+    EXPECT_TRUE(same_bits("out, 1 vs 4 threads", fwd4.out[g], fwd1.out[g]));
+    EXPECT_TRUE(same_bits("lse, 1 vs 4 threads", fwd4.lse[g], fwd1.lse[g]));
+  }
+}
+
+// dQ of every group (G groups), dK and dV from 4 threads and from 1 thread, bit for bit.
+inline void expect_backward_same_bits_1_vs_4_threads(const BackwardResult& bwd4, const BackwardResult& bwd1,
+                                                     int G) {
+  for (int g = 0; g < G; ++g) EXPECT_TRUE(same_bits("dq, 1 vs 4 threads", bwd4.dq[g], bwd1.dq[g]));
+  EXPECT_TRUE(same_bits("dk, 1 vs 4 threads", bwd4.dk, bwd1.dk));
+  EXPECT_TRUE(same_bits("dv, 1 vs 4 threads", bwd4.dv, bwd1.dv));
+}
+
+// gtest name of a (CaseSpec, dtype) parameter: "<case>_<dtype>".
+inline std::string case_dtype_name(const ::testing::TestParamInfo<std::tuple<CaseSpec, int>>& info) {
+  return std::get<0>(info.param).name + "_" + dtype_name(std::get<1>(info.param));
 }
 
 }  // namespace ratest

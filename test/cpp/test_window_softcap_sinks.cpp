@@ -196,36 +196,21 @@ TEST_P(WindowSoftcapSinksVsNaive, ForwardBackward) {
 
   const ForwardResult fwd1 = run_forward(in, 1);
   ASSERT_EQ(fwd1.status, RINGATTN_STATUS_OK) << fwd1.error;
-  for (int g = 0; g < G; ++g) {
-    EXPECT_TRUE(same_bits("out, 1 vs 4 threads", fwd.out[g], fwd1.out[g]));
-    EXPECT_TRUE(same_bits("lse, 1 vs 4 threads", fwd.lse[g], fwd1.lse[g]));
-  }
+  expect_forward_same_bits_1_vs_4_threads(fwd, fwd1, G);
 
   const BackwardResult bwd = run_backward(in, fwd, 4);
   ASSERT_EQ(bwd.status, RINGATTN_STATUS_OK) << bwd.error;
   const naive::Gradients ref = naive::backward(np, ng);
-  for (int g = 0; g < G; ++g) {
-    const std::string tag = " (group " + std::to_string(g) + ")";
-    EXPECT_TRUE(close_to_reference("dq" + tag, bwd.dq[g], ref.dq[g], tol.grad));
-    EXPECT_TRUE(padding_untouched("dq" + tag, bwd.dq[g]));
-  }
-  EXPECT_TRUE(close_to_reference("dk", bwd.dk, ref.dk, tol.grad));
-  EXPECT_TRUE(close_to_reference("dv", bwd.dv, ref.dv, tol.grad));
+  expect_gradients_close(bwd, ref, tol, G);
 
   const BackwardResult bwd1 = run_backward(in, fwd1, 1);
   ASSERT_EQ(bwd1.status, RINGATTN_STATUS_OK) << bwd1.error;
-  for (int g = 0; g < G; ++g) EXPECT_TRUE(same_bits("dq, 1 vs 4 threads", bwd.dq[g], bwd1.dq[g]));
-  EXPECT_TRUE(same_bits("dk, 1 vs 4 threads", bwd.dk, bwd1.dk));
-  EXPECT_TRUE(same_bits("dv, 1 vs 4 threads", bwd.dv, bwd1.dv));
-}
-
-std::string case_name(const ::testing::TestParamInfo<std::tuple<CaseSpec, int>>& info) {
-  return std::get<0>(info.param).name + "_" + dtype_name(std::get<1>(info.param));
+  expect_backward_same_bits_1_vs_4_threads(bwd, bwd1, G);
 }
 
 INSTANTIATE_TEST_SUITE_P(CpuBackend, WindowSoftcapSinksVsNaive,
                          ::testing::Combine(::testing::ValuesIn(scenarios()), ::testing::ValuesIn(kAllDtypes)),
-                         case_name);
+                         case_dtype_name);
 
 // ---------------------------------------------------------------------------------------------
 // conventions, small enough to check by hand
