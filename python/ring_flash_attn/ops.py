@@ -495,6 +495,21 @@ def _write_call_pointers(plan: _Plan, k, v, cu_seqlens_k, sinks) -> None:
         ex.metadata_errors = _metadata_errors.word_pointer(index)
 
 
+def _write_group_pointers(gr, g: int, q_list, out_list, lse_list, cu_seqlens_q_list, seqused,
+                          diagonal_shift_list) -> None:
+    """The per-call pointers of group g shared by forward and backward (ringattn_fwd_group /
+    ringattn_bwd_group): q, out, LSE, cu_seqlens_q, and seqused_k / diagonal_shift where given
+    (the plan's key fixes which of those two are present)."""
+    gr.q = q_list[g].data_ptr()
+    gr.out = out_list[g].data_ptr()
+    gr.softmax_lse = lse_list[g].data_ptr()
+    gr.cu_seqlens_q = cu_seqlens_q_list[g].data_ptr()
+    if seqused is not None and seqused[g] is not None:
+        gr.seqused_k = seqused[g].data_ptr()
+    if diagonal_shift_list is not None and diagonal_shift_list[g] is not None:
+        gr.diagonal_shift = diagonal_shift_list[g].data_ptr()
+
+
 def _contiguous_layout(shape, dtype: torch.dtype) -> tuple:
     """(shape, strides, dtype) of a contiguous tensor: the recipe of an output allocated with
     torch.empty_strided at each call (a torch.Size argument or keyword parsing would cost more)."""
@@ -653,14 +668,7 @@ def _run_fwd(q_list, k, v, cu_seqlens_q_list, cu_seqlens_k, seqused_k_list, max_
     _write_call_pointers(plan, k, v, cu_seqlens_k, sinks)
     seqused = seqused_k_list if seqused_k_list else None
     for g, gr in enumerate(plan.groups):
-        gr.q = q_list[g].data_ptr()
-        gr.out = out_list[g].data_ptr()
-        gr.softmax_lse = lse_list[g].data_ptr()
-        gr.cu_seqlens_q = cu_seqlens_q_list[g].data_ptr()
-        if seqused is not None and seqused[g] is not None:
-            gr.seqused_k = seqused[g].data_ptr()
-        if diagonal_shift_list is not None and diagonal_shift_list[g] is not None:
-            gr.diagonal_shift = diagonal_shift_list[g].data_ptr()
+        _write_group_pointers(gr, g, q_list, out_list, lse_list, cu_seqlens_q_list, seqused, diagonal_shift_list)
     _launch(plan, workspace)
     return out_list, lse_list
 
@@ -794,16 +802,9 @@ def _run_bwd(dout_list, q_list, k, v, out_list, lse_list, cu_seqlens_q_list, cu_
     params.dv = dv.data_ptr()
     seqused = seqused_k_list if seqused_k_list else None
     for g, gr in enumerate(plan.groups):
-        gr.q = q_list[g].data_ptr()
-        gr.out = out_list[g].data_ptr()
+        _write_group_pointers(gr, g, q_list, out_list, lse_list, cu_seqlens_q_list, seqused, diagonal_shift_list)
         gr.dout = dout_list[g].data_ptr()
-        gr.softmax_lse = lse_list[g].data_ptr()
         gr.dq = dq_list[g].data_ptr()
-        gr.cu_seqlens_q = cu_seqlens_q_list[g].data_ptr()
-        if seqused is not None and seqused[g] is not None:
-            gr.seqused_k = seqused[g].data_ptr()
-        if diagonal_shift_list is not None and diagonal_shift_list[g] is not None:
-            gr.diagonal_shift = diagonal_shift_list[g].data_ptr()
     _launch(plan, workspace)
     return dq_list, dk, dv
 
