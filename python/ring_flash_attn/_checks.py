@@ -10,25 +10,16 @@ from typing import Optional, Tuple
 NO_WINDOW = (-1, -1)
 
 
-def check_flash_attn_defaults(dropout_p, window_size, alibi_slopes, softcap=0.0, causal: Optional[bool] = None, *,
-                              window_softcap_supported: bool = False) -> Tuple[Tuple[int, int], float]:
-    """flash-attn arguments: NotImplementedError naming the first one that is not supported (in
-    this order: dropout_p, window_size, softcap, alibi_slopes); ValueError for a malformed
-    window_size or softcap. Returns ``(window_size, softcap)`` validated.
-
-    ``window_softcap_supported``: the caller runs local attention and softcapping (the
-    single-device API); callers that do not (yet) leave it False and get NotImplementedError
-    for a window other than (-1, -1) or a softcap other than 0. ``causal``: when given, a window
-    reaching right of the diagonal is refused with it (see check_window_size)."""
+def check_flash_attn_defaults(dropout_p, window_size, alibi_slopes, softcap=0.0,
+                              causal: Optional[bool] = None) -> Tuple[Tuple[int, int], float]:
+    """flash-attn arguments: NotImplementedError naming the first one that is not supported
+    (dropout_p, then alibi_slopes); ValueError for a malformed window_size or softcap. Returns
+    ``(window_size, softcap)`` validated. ``causal``: when given, a window reaching right of the
+    diagonal is refused with it (see check_window_size)."""
     if dropout_p != 0.0:
         raise NotImplementedError(f"dropout_p: dropout is not supported (got {dropout_p}); pass 0.0")
     window = check_window_size(window_size, causal)
-    if not window_softcap_supported and window != NO_WINDOW:
-        raise NotImplementedError(f"window_size: sliding-window attention is not supported yet "
-                                  f"(got {window}); pass (-1, -1)")
     cap = check_softcap(softcap)
-    if not window_softcap_supported and cap != 0.0:
-        raise NotImplementedError(f"softcap: logit soft-capping is not supported yet (got {softcap}); pass 0.0")
     if alibi_slopes is not None:
         raise NotImplementedError("alibi_slopes: ALiBi is not supported; pass None")
     return window, cap

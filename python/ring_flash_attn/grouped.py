@@ -227,8 +227,7 @@ def flash_attn_varlen_func(
     """
     if not (dropout_p == 0.0 and alibi_slopes is None and type(window_size) is tuple and window_size == NO_WINDOW
             and type(softcap) is float and softcap == 0.0):  # the defaults need no check
-        window_size, softcap = check_flash_attn_defaults(dropout_p, window_size, alibi_slopes, softcap, causal,
-                                                         window_softcap_supported=True)
+        window_size, softcap = check_flash_attn_defaults(dropout_p, window_size, alibi_slopes, softcap, causal)
     if block_table is not None:
         raise NotImplementedError("block_table: paged KV cache is not supported; pass None")
     try:

@@ -115,8 +115,7 @@ def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, h
               sinks=None) -> Tuple[slice, Tuple[int, int], float]:
     """Host-side checks of what shapes and Python values tell; returns the normalised k slice,
     the window and the softcap."""
-    window, softcap = check_flash_attn_defaults(dropout_p, window_size, alibi_slopes, softcap, causal,
-                                                window_softcap_supported=True)
+    window, softcap = check_flash_attn_defaults(dropout_p, window_size, alibi_slopes, softcap, causal)
     check_qkv(q, k, v, 3, "[local_tokens, heads, head_dim]")
     check_local_tokens(q, k, v, "the tokens of q: the contiguous layout shards q, k and v alike")
     check_heads(q, k)

@@ -142,8 +142,7 @@ def _validate(q, k, v, dropout_p, window_size, alibi_slopes, layout: RingLayout,
     if layout.even_halves and L % 2:
         raise ValueError(f"q: expected an even local_seqlen for the {layout.name} layout (two chunks of equal "
                          f"length per rank), got {L}")
-    features = check_flash_attn_defaults(dropout_p, window_size, alibi_slopes, softcap, causal,
-                                         window_softcap_supported=True)
+    features = check_flash_attn_defaults(dropout_p, window_size, alibi_slopes, softcap, causal)
     check_sinks(sinks, q.shape[2], q.device)
     return features
 
@@ -153,8 +152,7 @@ def _validate_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p, window_size, al
     check_qkv(q, k, v, 3, "[local_tokens, heads, head_dim]")
     check_local_tokens(q, k, v, "those of q: the layout shards q, k and v alike")
     check_heads(q, k)
-    features = check_flash_attn_defaults(dropout_p, window_size, alibi_slopes, softcap, causal,
-                                         window_softcap_supported=True)
+    features = check_flash_attn_defaults(dropout_p, window_size, alibi_slopes, softcap, causal)
     check_sinks(sinks, q.shape[1], q.device)
     check_cu_seqlens(cu_seqlens, "cu_seqlens", q.device)
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, numbers.Integral) or max_seqlen < 0:

@@ -37,9 +37,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
-__all__ = ["NO_WINDOW", "WindowedCall", "contiguous_key_range", "effective_window", "ring_calls"]
+from .._checks import NO_WINDOW
 
-NO_WINDOW = (-1, -1)
+__all__ = ["NO_WINDOW", "WindowedCall", "contiguous_key_range", "effective_window", "ring_calls"]
 
 
 @dataclass(frozen=True)

@@ -130,8 +130,7 @@ def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, h
     check_python_int(max_seqlen_k, "max_seqlen_k", "the longest global sequence, a hint")
     if local_k_slice is not None and not isinstance(local_k_slice, slice):
         raise ValueError(f"local_k_slice: expected a slice or None, got {type(local_k_slice).__name__}")
-    features = check_flash_attn_defaults(dropout_p, window_size, alibi_slopes, softcap, causal,
-                                         window_softcap_supported=True)
+    features = check_flash_attn_defaults(dropout_p, window_size, alibi_slopes, softcap, causal)
     check_sinks(sinks, q.shape[1], q.device)
     if grad_reduce_dtype is not None and grad_reduce_dtype not in (torch.float32, torch.float64, q.dtype):
         raise ValueError(f"grad_reduce_dtype: expected None, torch.float32, torch.float64 or {q.dtype} "
