@@ -533,13 +533,19 @@ ringattn_status check_no_overlap_with_metadata(const Params& p, std::vector<Foot
   return check_no_overlap(outputs, inputs);
 }
 
+// The checks every call starts with: the params pointer, its exec, its problem.
+template <typename Params>
+ringattn_status check_call_start(const Params* params, bool need_data) {
+  if (params == nullptr) return fail(RINGATTN_STATUS_INVALID_ARGUMENT, "params: expected a non-NULL pointer, got NULL");
+  RINGATTN_TRY(check_exec(params->exec));
+  return check_problem(params->problem, params->exec, need_data);
+}
+
 }  // namespace
 
 ringattn_status validate_fwd(const ringattn_fwd_params* params, bool need_data) {
-  if (params == nullptr) return fail(RINGATTN_STATUS_INVALID_ARGUMENT, "params: expected a non-NULL pointer, got NULL");
+  RINGATTN_TRY(check_call_start(params, need_data));
   const ringattn_fwd_params& p = *params;
-  RINGATTN_TRY(check_exec(p.exec));
-  RINGATTN_TRY(check_problem(p.problem, p.exec, need_data));
   const ringattn_problem& pr = p.problem;
   const BackendLimits lim = limits_for(p.exec.device_type);
   const int d = pr.head_dim, hk = pr.num_heads_k, hq = pr.num_heads_q;
@@ -566,10 +572,8 @@ ringattn_status validate_fwd(const ringattn_fwd_params* params, bool need_data) 
 }
 
 ringattn_status validate_bwd(const ringattn_bwd_params* params, bool need_data) {
-  if (params == nullptr) return fail(RINGATTN_STATUS_INVALID_ARGUMENT, "params: expected a non-NULL pointer, got NULL");
+  RINGATTN_TRY(check_call_start(params, need_data));
   const ringattn_bwd_params& p = *params;
-  RINGATTN_TRY(check_exec(p.exec));
-  RINGATTN_TRY(check_problem(p.problem, p.exec, need_data));
   const ringattn_problem& pr = p.problem;
   const BackendLimits lim = limits_for(p.exec.device_type);
   if (p.deterministic != 0 && p.deterministic != 1)

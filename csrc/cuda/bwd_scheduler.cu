@@ -12,6 +12,8 @@ using metadata_errors::CuSeqlens;
 using work_list::clamp_i;
 using work_list::kThreads;
 
+constexpr size_t kWorkListAlign = 256;  // bytes, of each buffer
+
 // Query tiles (of all groups) that see keys [n*block_n, ...) of sequence b.
 __device__ int32_t block_cost(const BwdSchedulerArgs& args, int b, int32_t n) {
   const int32_t k_start = clamp_i(args.cu_seqlens_k[b], 0, args.total_k);
@@ -49,7 +51,7 @@ __global__ void __launch_bounds__(kThreads) build_bwd_work_list_kernel(const __g
         const int32_t end = clamp_i(args.cu_seqlens_k[b + 1], start, args.total_k);
         return (end - start + args.block_n - 1) / args.block_n;
       },
-      args.block_offsets, scan);
+      args.offsets, scan);
   const int32_t total_items = blocks_total < args.capacity ? blocks_total : args.capacity;
   __syncthreads();
 
@@ -59,9 +61,9 @@ __global__ void __launch_bounds__(kThreads) build_bwd_work_list_kernel(const __g
     int lo = 0, hi = B - 1;
     while (lo < hi) {
       const int mid = (lo + hi + 1) >> 1;
-      if (args.block_offsets[mid] <= i) lo = mid; else hi = mid - 1;
+      if (args.offsets[mid] <= i) lo = mid; else hi = mid - 1;
     }
-    const int32_t n = i - args.block_offsets[lo];
+    const int32_t n = i - args.offsets[lo];
     args.unsorted[i] = BwdKvWorkItem{n, lo};
     args.costs[i] = block_cost(args, lo, n);
   }
@@ -86,8 +88,6 @@ __global__ void __launch_bounds__(kThreads) build_bwd_work_list_kernel(const __g
   if (threadIdx.x == 0) *args.count = total_items;
 }
 
-size_t align256(size_t x) { return (x + 255) & ~size_t{255}; }
-
 }  // namespace
 
 int64_t bwd_kv_capacity(int64_t total_k, int batch_size, int block_n) {
@@ -95,23 +95,13 @@ int64_t bwd_kv_capacity(int64_t total_k, int batch_size, int block_n) {
 }
 
 size_t bwd_scheduler_workspace_bytes(int batch_size, int64_t capacity) {
-  const size_t cap = static_cast<size_t>(capacity);
-  return align256((static_cast<size_t>(batch_size) + 1) * sizeof(int32_t)) + align256(cap * sizeof(int32_t)) +
-         2 * align256(cap * sizeof(BwdKvWorkItem)) + align256(sizeof(int32_t));
+  return work_list_bytes<BwdKvWorkItem>(static_cast<size_t>(batch_size) + 1, static_cast<size_t>(capacity),
+                                        kWorkListAlign);
 }
 
 void carve_bwd_scheduler_workspace(void* workspace, int batch_size, int64_t capacity, BwdSchedulerArgs* args) {
-  const size_t cap = static_cast<size_t>(capacity);
-  char* p = static_cast<char*>(workspace);
-  args->block_offsets = reinterpret_cast<int32_t*>(p);
-  p += align256((static_cast<size_t>(batch_size) + 1) * sizeof(int32_t));
-  args->costs = reinterpret_cast<int32_t*>(p);
-  p += align256(cap * sizeof(int32_t));
-  args->unsorted = reinterpret_cast<BwdKvWorkItem*>(p);
-  p += align256(cap * sizeof(BwdKvWorkItem));
-  args->sorted = reinterpret_cast<BwdKvWorkItem*>(p);
-  p += align256(cap * sizeof(BwdKvWorkItem));
-  args->count = reinterpret_cast<int32_t*>(p);
+  carve_work_list<BwdKvWorkItem>(workspace, static_cast<size_t>(batch_size) + 1, static_cast<size_t>(capacity),
+                                 kWorkListAlign, args);
 }
 
 cudaError_t launch_build_bwd_work_list(const BwdSchedulerArgs& args, cudaStream_t stream) {

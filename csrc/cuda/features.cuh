@@ -18,16 +18,13 @@
 // softmax gradient over the keys (the sink's value is 0).
 #pragma once
 
-#include <cmath>
+#include "cuda/ptx.h"
 
 namespace ringattn {
 namespace cuda {
 
-__device__ __forceinline__ float tanh_approx(float x) {
-  float y;
-  asm("tanh.approx.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
+// The softcap's tanh (ptx.h), for both tiers' kernels.
+using ptx::tanh_approx;
 
 }  // namespace cuda
 }  // namespace ringattn

@@ -13,91 +13,124 @@
 #include "cuda/sm90/bwd_dq_traits.h"
 #include "cuda/sm90/bwd_params.h"
 #include "cuda/sm90/bwd_traits.h"
-#include "cuda/sm90/fwd_launch.h"
+#include "cuda/sm90/fwd_params.h"
+#include "cuda/sm90/fwd_traits.h"
 #endif
 
 namespace ringattn {
 namespace cuda {
 
 // Tier-1 (mma.sync, sm80 and newer) forward kernels.
+namespace sm80 {
+#ifdef RINGATTN_HDIM_64
+cudaError_t launch_fwd_hdim64_fp16(const FwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_fwd_hdim64_fp16_causal(const FwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_fwd_hdim64_fp16_local(const FwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_fwd_hdim64_fp16_local_softcap(const FwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_fwd_hdim64_bf16(const FwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_fwd_hdim64_bf16_causal(const FwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_fwd_hdim64_bf16_local(const FwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_fwd_hdim64_bf16_local_softcap(const FwdKernelParams& params, int num_ctas, cudaStream_t stream);
+#endif
+#ifdef RINGATTN_HDIM_128
+cudaError_t launch_fwd_hdim128_fp16(const FwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_fwd_hdim128_fp16_causal(const FwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_fwd_hdim128_fp16_local(const FwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_fwd_hdim128_fp16_local_softcap(const FwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_fwd_hdim128_bf16(const FwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_fwd_hdim128_bf16_causal(const FwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_fwd_hdim128_bf16_local(const FwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_fwd_hdim128_bf16_local_softcap(const FwdKernelParams& params, int num_ctas, cudaStream_t stream);
+#endif
+#ifdef RINGATTN_HDIM_256
+cudaError_t launch_fwd_hdim256_fp16(const FwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_fwd_hdim256_fp16_causal(const FwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_fwd_hdim256_fp16_local(const FwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_fwd_hdim256_fp16_local_softcap(const FwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_fwd_hdim256_bf16(const FwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_fwd_hdim256_bf16_causal(const FwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_fwd_hdim256_bf16_local(const FwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_fwd_hdim256_bf16_local_softcap(const FwdKernelParams& params, int num_ctas, cudaStream_t stream);
+#endif
+}  // namespace sm80
 const Sm80FwdKernelEntry kSm80FwdKernels[] = {
 #ifdef RINGATTN_HDIM_64
     kernel_entry<sm80::FwdConfig<__half, 64>::Traits, MaskMode::kNone, false>(
         RINGATTN_DTYPE_FP16,
-        &sm80::launch_grouped_fwd<sm80::FwdConfig<__half, 64>::Traits, MaskMode::kNone>),
+        &sm80::launch_fwd_hdim64_fp16),
     kernel_entry<sm80::FwdConfig<__half, 64>::Traits, MaskMode::kCausal, false>(
         RINGATTN_DTYPE_FP16,
-        &sm80::launch_grouped_fwd<sm80::FwdConfig<__half, 64>::Traits, MaskMode::kCausal>),
+        &sm80::launch_fwd_hdim64_fp16_causal),
     kernel_entry<sm80::FwdConfig<__half, 64>::Traits, MaskMode::kLocal, false>(
         RINGATTN_DTYPE_FP16,
-        &sm80::launch_grouped_fwd<sm80::FwdConfig<__half, 64>::Traits, MaskMode::kLocal>),
+        &sm80::launch_fwd_hdim64_fp16_local),
     kernel_entry<sm80::FwdConfig<__half, 64>::Traits, MaskMode::kLocal, true>(
         RINGATTN_DTYPE_FP16,
-        &sm80::launch_grouped_fwd<sm80::FwdConfig<__half, 64>::Traits, MaskMode::kLocal, true>),
+        &sm80::launch_fwd_hdim64_fp16_local_softcap),
     kernel_entry<sm80::FwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kNone, false>(
         RINGATTN_DTYPE_BF16,
-        &sm80::launch_grouped_fwd<sm80::FwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kNone>),
+        &sm80::launch_fwd_hdim64_bf16),
     kernel_entry<sm80::FwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kCausal, false>(
         RINGATTN_DTYPE_BF16,
-        &sm80::launch_grouped_fwd<sm80::FwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kCausal>),
+        &sm80::launch_fwd_hdim64_bf16_causal),
     kernel_entry<sm80::FwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kLocal, false>(
         RINGATTN_DTYPE_BF16,
-        &sm80::launch_grouped_fwd<sm80::FwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kLocal>),
+        &sm80::launch_fwd_hdim64_bf16_local),
     kernel_entry<sm80::FwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kLocal, true>(
         RINGATTN_DTYPE_BF16,
-        &sm80::launch_grouped_fwd<sm80::FwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kLocal, true>),
+        &sm80::launch_fwd_hdim64_bf16_local_softcap),
 #endif
 #ifdef RINGATTN_HDIM_128
     kernel_entry<sm80::FwdConfig<__half, 128>::Traits, MaskMode::kNone, false>(
         RINGATTN_DTYPE_FP16,
-        &sm80::launch_grouped_fwd<sm80::FwdConfig<__half, 128>::Traits, MaskMode::kNone>),
+        &sm80::launch_fwd_hdim128_fp16),
     kernel_entry<sm80::FwdConfig<__half, 128>::Traits, MaskMode::kCausal, false>(
         RINGATTN_DTYPE_FP16,
-        &sm80::launch_grouped_fwd<sm80::FwdConfig<__half, 128>::Traits, MaskMode::kCausal>),
+        &sm80::launch_fwd_hdim128_fp16_causal),
     kernel_entry<sm80::FwdConfig<__half, 128>::Traits, MaskMode::kLocal, false>(
         RINGATTN_DTYPE_FP16,
-        &sm80::launch_grouped_fwd<sm80::FwdConfig<__half, 128>::Traits, MaskMode::kLocal>),
+        &sm80::launch_fwd_hdim128_fp16_local),
     kernel_entry<sm80::FwdConfig<__half, 128>::Traits, MaskMode::kLocal, true>(
         RINGATTN_DTYPE_FP16,
-        &sm80::launch_grouped_fwd<sm80::FwdConfig<__half, 128>::Traits, MaskMode::kLocal, true>),
+        &sm80::launch_fwd_hdim128_fp16_local_softcap),
     kernel_entry<sm80::FwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kNone, false>(
         RINGATTN_DTYPE_BF16,
-        &sm80::launch_grouped_fwd<sm80::FwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kNone>),
+        &sm80::launch_fwd_hdim128_bf16),
     kernel_entry<sm80::FwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kCausal, false>(
         RINGATTN_DTYPE_BF16,
-        &sm80::launch_grouped_fwd<sm80::FwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kCausal>),
+        &sm80::launch_fwd_hdim128_bf16_causal),
     kernel_entry<sm80::FwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kLocal, false>(
         RINGATTN_DTYPE_BF16,
-        &sm80::launch_grouped_fwd<sm80::FwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kLocal>),
+        &sm80::launch_fwd_hdim128_bf16_local),
     kernel_entry<sm80::FwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kLocal, true>(
         RINGATTN_DTYPE_BF16,
-        &sm80::launch_grouped_fwd<sm80::FwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kLocal, true>),
+        &sm80::launch_fwd_hdim128_bf16_local_softcap),
 #endif
 #ifdef RINGATTN_HDIM_256
     kernel_entry<sm80::FwdConfig<__half, 256>::Traits, MaskMode::kNone, false>(
         RINGATTN_DTYPE_FP16,
-        &sm80::launch_grouped_fwd<sm80::FwdConfig<__half, 256>::Traits, MaskMode::kNone>),
+        &sm80::launch_fwd_hdim256_fp16),
     kernel_entry<sm80::FwdConfig<__half, 256>::Traits, MaskMode::kCausal, false>(
         RINGATTN_DTYPE_FP16,
-        &sm80::launch_grouped_fwd<sm80::FwdConfig<__half, 256>::Traits, MaskMode::kCausal>),
+        &sm80::launch_fwd_hdim256_fp16_causal),
     kernel_entry<sm80::FwdConfig<__half, 256>::Traits, MaskMode::kLocal, false>(
         RINGATTN_DTYPE_FP16,
-        &sm80::launch_grouped_fwd<sm80::FwdConfig<__half, 256>::Traits, MaskMode::kLocal>),
+        &sm80::launch_fwd_hdim256_fp16_local),
     kernel_entry<sm80::FwdConfig<__half, 256>::Traits, MaskMode::kLocal, true>(
         RINGATTN_DTYPE_FP16,
-        &sm80::launch_grouped_fwd<sm80::FwdConfig<__half, 256>::Traits, MaskMode::kLocal, true>),
+        &sm80::launch_fwd_hdim256_fp16_local_softcap),
     kernel_entry<sm80::FwdConfig<__nv_bfloat16, 256>::Traits, MaskMode::kNone, false>(
         RINGATTN_DTYPE_BF16,
-        &sm80::launch_grouped_fwd<sm80::FwdConfig<__nv_bfloat16, 256>::Traits, MaskMode::kNone>),
+        &sm80::launch_fwd_hdim256_bf16),
     kernel_entry<sm80::FwdConfig<__nv_bfloat16, 256>::Traits, MaskMode::kCausal, false>(
         RINGATTN_DTYPE_BF16,
-        &sm80::launch_grouped_fwd<sm80::FwdConfig<__nv_bfloat16, 256>::Traits, MaskMode::kCausal>),
+        &sm80::launch_fwd_hdim256_bf16_causal),
     kernel_entry<sm80::FwdConfig<__nv_bfloat16, 256>::Traits, MaskMode::kLocal, false>(
         RINGATTN_DTYPE_BF16,
-        &sm80::launch_grouped_fwd<sm80::FwdConfig<__nv_bfloat16, 256>::Traits, MaskMode::kLocal>),
+        &sm80::launch_fwd_hdim256_bf16_local),
     kernel_entry<sm80::FwdConfig<__nv_bfloat16, 256>::Traits, MaskMode::kLocal, true>(
         RINGATTN_DTYPE_BF16,
-        &sm80::launch_grouped_fwd<sm80::FwdConfig<__nv_bfloat16, 256>::Traits, MaskMode::kLocal, true>),
+        &sm80::launch_fwd_hdim256_bf16_local_softcap),
 #endif
     Sm80FwdKernelEntry{}};
 
@@ -106,154 +139,210 @@ const Sm80FwdKernelEntry* find_sm80_fwd_kernel(int dtype, int head_dim, KernelVa
 }
 
 // Tier-1 backward: dK/dV kernel, deterministic-mode dQ kernel, pre/postprocess.
+namespace sm80 {
+#ifdef RINGATTN_HDIM_64
+cudaError_t launch_bwd_dkdv_hdim64_fp16(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dq_hdim64_fp16(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dkdv_hdim64_fp16_causal(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dq_hdim64_fp16_causal(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dkdv_hdim64_fp16_local(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dq_hdim64_fp16_local(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dkdv_hdim64_fp16_local_softcap(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dq_hdim64_fp16_local_softcap(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dkdv_hdim64_bf16(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dq_hdim64_bf16(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dkdv_hdim64_bf16_causal(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dq_hdim64_bf16_causal(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dkdv_hdim64_bf16_local(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dq_hdim64_bf16_local(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dkdv_hdim64_bf16_local_softcap(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dq_hdim64_bf16_local_softcap(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+#endif
+#ifdef RINGATTN_HDIM_128
+cudaError_t launch_bwd_dkdv_hdim128_fp16(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dq_hdim128_fp16(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dkdv_hdim128_fp16_causal(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dq_hdim128_fp16_causal(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dkdv_hdim128_fp16_local(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dq_hdim128_fp16_local(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dkdv_hdim128_fp16_local_softcap(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dq_hdim128_fp16_local_softcap(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dkdv_hdim128_bf16(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dq_hdim128_bf16(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dkdv_hdim128_bf16_causal(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dq_hdim128_bf16_causal(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dkdv_hdim128_bf16_local(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dq_hdim128_bf16_local(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dkdv_hdim128_bf16_local_softcap(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dq_hdim128_bf16_local_softcap(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+#endif
+#ifdef RINGATTN_HDIM_256
+cudaError_t launch_bwd_dkdv_hdim256_fp16(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dq_hdim256_fp16(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dkdv_hdim256_fp16_causal(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dq_hdim256_fp16_causal(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dkdv_hdim256_fp16_local(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dq_hdim256_fp16_local(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dkdv_hdim256_fp16_local_softcap(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dq_hdim256_fp16_local_softcap(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dkdv_hdim256_bf16(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dq_hdim256_bf16(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dkdv_hdim256_bf16_causal(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dq_hdim256_bf16_causal(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dkdv_hdim256_bf16_local(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dq_hdim256_bf16_local(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dkdv_hdim256_bf16_local_softcap(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dq_hdim256_bf16_local_softcap(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+#endif
+}  // namespace sm80
 const Sm80BwdKernelEntry kSm80BwdKernels[] = {
 #ifdef RINGATTN_HDIM_64
     sm80_bwd_entry<sm80::BwdConfig<__half, 64>::Traits, sm80::BwdConfig<__half, 64>::DqTraits, MaskMode::kNone, false>(
         RINGATTN_DTYPE_FP16,
-        &sm80::launch_grouped_bwd_dkdv<sm80::BwdConfig<__half, 64>::Traits, MaskMode::kNone>,
-        &sm80::launch_grouped_bwd_dq<sm80::BwdConfig<__half, 64>::DqTraits, MaskMode::kNone>,
+        &sm80::launch_bwd_dkdv_hdim64_fp16,
+        &sm80::launch_bwd_dq_hdim64_fp16,
         &launch_bwd_preprocess<__half>,
         &launch_bwd_postprocess<__half>),
     sm80_bwd_entry<sm80::BwdConfig<__half, 64>::Traits, sm80::BwdConfig<__half, 64>::DqTraits, MaskMode::kCausal, false>(
         RINGATTN_DTYPE_FP16,
-        &sm80::launch_grouped_bwd_dkdv<sm80::BwdConfig<__half, 64>::Traits, MaskMode::kCausal>,
-        &sm80::launch_grouped_bwd_dq<sm80::BwdConfig<__half, 64>::DqTraits, MaskMode::kCausal>,
+        &sm80::launch_bwd_dkdv_hdim64_fp16_causal,
+        &sm80::launch_bwd_dq_hdim64_fp16_causal,
         &launch_bwd_preprocess<__half>,
         &launch_bwd_postprocess<__half>),
     sm80_bwd_entry<sm80::BwdConfig<__half, 64>::Traits, sm80::BwdConfig<__half, 64>::DqTraits, MaskMode::kLocal, false>(
         RINGATTN_DTYPE_FP16,
-        &sm80::launch_grouped_bwd_dkdv<sm80::BwdConfig<__half, 64>::Traits, MaskMode::kLocal>,
-        &sm80::launch_grouped_bwd_dq<sm80::BwdConfig<__half, 64>::DqTraits, MaskMode::kLocal>,
+        &sm80::launch_bwd_dkdv_hdim64_fp16_local,
+        &sm80::launch_bwd_dq_hdim64_fp16_local,
         &launch_bwd_preprocess<__half>,
         &launch_bwd_postprocess<__half>),
     sm80_bwd_entry<sm80::BwdConfig<__half, 64>::Traits, sm80::BwdConfig<__half, 64>::DqTraits, MaskMode::kLocal, true>(
         RINGATTN_DTYPE_FP16,
-        &sm80::launch_grouped_bwd_dkdv<sm80::BwdConfig<__half, 64>::Traits, MaskMode::kLocal, true>,
-        &sm80::launch_grouped_bwd_dq<sm80::BwdConfig<__half, 64>::DqTraits, MaskMode::kLocal, true>,
+        &sm80::launch_bwd_dkdv_hdim64_fp16_local_softcap,
+        &sm80::launch_bwd_dq_hdim64_fp16_local_softcap,
         &launch_bwd_preprocess<__half>,
         &launch_bwd_postprocess<__half>),
     sm80_bwd_entry<sm80::BwdConfig<__nv_bfloat16, 64>::Traits, sm80::BwdConfig<__nv_bfloat16, 64>::DqTraits, MaskMode::kNone, false>(
         RINGATTN_DTYPE_BF16,
-        &sm80::launch_grouped_bwd_dkdv<sm80::BwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kNone>,
-        &sm80::launch_grouped_bwd_dq<sm80::BwdConfig<__nv_bfloat16, 64>::DqTraits, MaskMode::kNone>,
+        &sm80::launch_bwd_dkdv_hdim64_bf16,
+        &sm80::launch_bwd_dq_hdim64_bf16,
         &launch_bwd_preprocess<__nv_bfloat16>,
         &launch_bwd_postprocess<__nv_bfloat16>),
     sm80_bwd_entry<sm80::BwdConfig<__nv_bfloat16, 64>::Traits, sm80::BwdConfig<__nv_bfloat16, 64>::DqTraits, MaskMode::kCausal, false>(
         RINGATTN_DTYPE_BF16,
-        &sm80::launch_grouped_bwd_dkdv<sm80::BwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kCausal>,
-        &sm80::launch_grouped_bwd_dq<sm80::BwdConfig<__nv_bfloat16, 64>::DqTraits, MaskMode::kCausal>,
+        &sm80::launch_bwd_dkdv_hdim64_bf16_causal,
+        &sm80::launch_bwd_dq_hdim64_bf16_causal,
         &launch_bwd_preprocess<__nv_bfloat16>,
         &launch_bwd_postprocess<__nv_bfloat16>),
     sm80_bwd_entry<sm80::BwdConfig<__nv_bfloat16, 64>::Traits, sm80::BwdConfig<__nv_bfloat16, 64>::DqTraits, MaskMode::kLocal, false>(
         RINGATTN_DTYPE_BF16,
-        &sm80::launch_grouped_bwd_dkdv<sm80::BwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kLocal>,
-        &sm80::launch_grouped_bwd_dq<sm80::BwdConfig<__nv_bfloat16, 64>::DqTraits, MaskMode::kLocal>,
+        &sm80::launch_bwd_dkdv_hdim64_bf16_local,
+        &sm80::launch_bwd_dq_hdim64_bf16_local,
         &launch_bwd_preprocess<__nv_bfloat16>,
         &launch_bwd_postprocess<__nv_bfloat16>),
     sm80_bwd_entry<sm80::BwdConfig<__nv_bfloat16, 64>::Traits, sm80::BwdConfig<__nv_bfloat16, 64>::DqTraits, MaskMode::kLocal, true>(
         RINGATTN_DTYPE_BF16,
-        &sm80::launch_grouped_bwd_dkdv<sm80::BwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kLocal, true>,
-        &sm80::launch_grouped_bwd_dq<sm80::BwdConfig<__nv_bfloat16, 64>::DqTraits, MaskMode::kLocal, true>,
+        &sm80::launch_bwd_dkdv_hdim64_bf16_local_softcap,
+        &sm80::launch_bwd_dq_hdim64_bf16_local_softcap,
         &launch_bwd_preprocess<__nv_bfloat16>,
         &launch_bwd_postprocess<__nv_bfloat16>),
 #endif
 #ifdef RINGATTN_HDIM_128
     sm80_bwd_entry<sm80::BwdConfig<__half, 128>::Traits, sm80::BwdConfig<__half, 128>::DqTraits, MaskMode::kNone, false>(
         RINGATTN_DTYPE_FP16,
-        &sm80::launch_grouped_bwd_dkdv<sm80::BwdConfig<__half, 128>::Traits, MaskMode::kNone>,
-        &sm80::launch_grouped_bwd_dq<sm80::BwdConfig<__half, 128>::DqTraits, MaskMode::kNone>,
+        &sm80::launch_bwd_dkdv_hdim128_fp16,
+        &sm80::launch_bwd_dq_hdim128_fp16,
         &launch_bwd_preprocess<__half>,
         &launch_bwd_postprocess<__half>),
     sm80_bwd_entry<sm80::BwdConfig<__half, 128>::Traits, sm80::BwdConfig<__half, 128>::DqTraits, MaskMode::kCausal, false>(
         RINGATTN_DTYPE_FP16,
-        &sm80::launch_grouped_bwd_dkdv<sm80::BwdConfig<__half, 128>::Traits, MaskMode::kCausal>,
-        &sm80::launch_grouped_bwd_dq<sm80::BwdConfig<__half, 128>::DqTraits, MaskMode::kCausal>,
+        &sm80::launch_bwd_dkdv_hdim128_fp16_causal,
+        &sm80::launch_bwd_dq_hdim128_fp16_causal,
         &launch_bwd_preprocess<__half>,
         &launch_bwd_postprocess<__half>),
     sm80_bwd_entry<sm80::BwdConfig<__half, 128>::Traits, sm80::BwdConfig<__half, 128>::DqTraits, MaskMode::kLocal, false>(
         RINGATTN_DTYPE_FP16,
-        &sm80::launch_grouped_bwd_dkdv<sm80::BwdConfig<__half, 128>::Traits, MaskMode::kLocal>,
-        &sm80::launch_grouped_bwd_dq<sm80::BwdConfig<__half, 128>::DqTraits, MaskMode::kLocal>,
+        &sm80::launch_bwd_dkdv_hdim128_fp16_local,
+        &sm80::launch_bwd_dq_hdim128_fp16_local,
         &launch_bwd_preprocess<__half>,
         &launch_bwd_postprocess<__half>),
     sm80_bwd_entry<sm80::BwdConfig<__half, 128>::Traits, sm80::BwdConfig<__half, 128>::DqTraits, MaskMode::kLocal, true>(
         RINGATTN_DTYPE_FP16,
-        &sm80::launch_grouped_bwd_dkdv<sm80::BwdConfig<__half, 128>::Traits, MaskMode::kLocal, true>,
-        &sm80::launch_grouped_bwd_dq<sm80::BwdConfig<__half, 128>::DqTraits, MaskMode::kLocal, true>,
+        &sm80::launch_bwd_dkdv_hdim128_fp16_local_softcap,
+        &sm80::launch_bwd_dq_hdim128_fp16_local_softcap,
         &launch_bwd_preprocess<__half>,
         &launch_bwd_postprocess<__half>),
     sm80_bwd_entry<sm80::BwdConfig<__nv_bfloat16, 128>::Traits, sm80::BwdConfig<__nv_bfloat16, 128>::DqTraits, MaskMode::kNone, false>(
         RINGATTN_DTYPE_BF16,
-        &sm80::launch_grouped_bwd_dkdv<sm80::BwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kNone>,
-        &sm80::launch_grouped_bwd_dq<sm80::BwdConfig<__nv_bfloat16, 128>::DqTraits, MaskMode::kNone>,
+        &sm80::launch_bwd_dkdv_hdim128_bf16,
+        &sm80::launch_bwd_dq_hdim128_bf16,
         &launch_bwd_preprocess<__nv_bfloat16>,
         &launch_bwd_postprocess<__nv_bfloat16>),
     sm80_bwd_entry<sm80::BwdConfig<__nv_bfloat16, 128>::Traits, sm80::BwdConfig<__nv_bfloat16, 128>::DqTraits, MaskMode::kCausal, false>(
         RINGATTN_DTYPE_BF16,
-        &sm80::launch_grouped_bwd_dkdv<sm80::BwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kCausal>,
-        &sm80::launch_grouped_bwd_dq<sm80::BwdConfig<__nv_bfloat16, 128>::DqTraits, MaskMode::kCausal>,
+        &sm80::launch_bwd_dkdv_hdim128_bf16_causal,
+        &sm80::launch_bwd_dq_hdim128_bf16_causal,
         &launch_bwd_preprocess<__nv_bfloat16>,
         &launch_bwd_postprocess<__nv_bfloat16>),
     sm80_bwd_entry<sm80::BwdConfig<__nv_bfloat16, 128>::Traits, sm80::BwdConfig<__nv_bfloat16, 128>::DqTraits, MaskMode::kLocal, false>(
         RINGATTN_DTYPE_BF16,
-        &sm80::launch_grouped_bwd_dkdv<sm80::BwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kLocal>,
-        &sm80::launch_grouped_bwd_dq<sm80::BwdConfig<__nv_bfloat16, 128>::DqTraits, MaskMode::kLocal>,
+        &sm80::launch_bwd_dkdv_hdim128_bf16_local,
+        &sm80::launch_bwd_dq_hdim128_bf16_local,
         &launch_bwd_preprocess<__nv_bfloat16>,
         &launch_bwd_postprocess<__nv_bfloat16>),
     sm80_bwd_entry<sm80::BwdConfig<__nv_bfloat16, 128>::Traits, sm80::BwdConfig<__nv_bfloat16, 128>::DqTraits, MaskMode::kLocal, true>(
         RINGATTN_DTYPE_BF16,
-        &sm80::launch_grouped_bwd_dkdv<sm80::BwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kLocal, true>,
-        &sm80::launch_grouped_bwd_dq<sm80::BwdConfig<__nv_bfloat16, 128>::DqTraits, MaskMode::kLocal, true>,
+        &sm80::launch_bwd_dkdv_hdim128_bf16_local_softcap,
+        &sm80::launch_bwd_dq_hdim128_bf16_local_softcap,
         &launch_bwd_preprocess<__nv_bfloat16>,
         &launch_bwd_postprocess<__nv_bfloat16>),
 #endif
 #ifdef RINGATTN_HDIM_256
     sm80_bwd_entry<sm80::BwdConfig<__half, 256>::Traits, sm80::BwdConfig<__half, 256>::DqTraits, MaskMode::kNone, false>(
         RINGATTN_DTYPE_FP16,
-        &sm80::launch_grouped_bwd_dkdv<sm80::BwdConfig<__half, 256>::Traits, MaskMode::kNone>,
-        &sm80::launch_grouped_bwd_dq<sm80::BwdConfig<__half, 256>::DqTraits, MaskMode::kNone>,
+        &sm80::launch_bwd_dkdv_hdim256_fp16,
+        &sm80::launch_bwd_dq_hdim256_fp16,
         &launch_bwd_preprocess<__half>,
         &launch_bwd_postprocess<__half>),
     sm80_bwd_entry<sm80::BwdConfig<__half, 256>::Traits, sm80::BwdConfig<__half, 256>::DqTraits, MaskMode::kCausal, false>(
         RINGATTN_DTYPE_FP16,
-        &sm80::launch_grouped_bwd_dkdv<sm80::BwdConfig<__half, 256>::Traits, MaskMode::kCausal>,
-        &sm80::launch_grouped_bwd_dq<sm80::BwdConfig<__half, 256>::DqTraits, MaskMode::kCausal>,
+        &sm80::launch_bwd_dkdv_hdim256_fp16_causal,
+        &sm80::launch_bwd_dq_hdim256_fp16_causal,
         &launch_bwd_preprocess<__half>,
         &launch_bwd_postprocess<__half>),
     sm80_bwd_entry<sm80::BwdConfig<__half, 256>::Traits, sm80::BwdConfig<__half, 256>::DqTraits, MaskMode::kLocal, false>(
         RINGATTN_DTYPE_FP16,
-        &sm80::launch_grouped_bwd_dkdv<sm80::BwdConfig<__half, 256>::Traits, MaskMode::kLocal>,
-        &sm80::launch_grouped_bwd_dq<sm80::BwdConfig<__half, 256>::DqTraits, MaskMode::kLocal>,
+        &sm80::launch_bwd_dkdv_hdim256_fp16_local,
+        &sm80::launch_bwd_dq_hdim256_fp16_local,
         &launch_bwd_preprocess<__half>,
         &launch_bwd_postprocess<__half>),
     sm80_bwd_entry<sm80::BwdConfig<__half, 256>::Traits, sm80::BwdConfig<__half, 256>::DqTraits, MaskMode::kLocal, true>(
         RINGATTN_DTYPE_FP16,
-        &sm80::launch_grouped_bwd_dkdv<sm80::BwdConfig<__half, 256>::Traits, MaskMode::kLocal, true>,
-        &sm80::launch_grouped_bwd_dq<sm80::BwdConfig<__half, 256>::DqTraits, MaskMode::kLocal, true>,
+        &sm80::launch_bwd_dkdv_hdim256_fp16_local_softcap,
+        &sm80::launch_bwd_dq_hdim256_fp16_local_softcap,
         &launch_bwd_preprocess<__half>,
         &launch_bwd_postprocess<__half>),
     sm80_bwd_entry<sm80::BwdConfig<__nv_bfloat16, 256>::Traits, sm80::BwdConfig<__nv_bfloat16, 256>::DqTraits, MaskMode::kNone, false>(
         RINGATTN_DTYPE_BF16,
-        &sm80::launch_grouped_bwd_dkdv<sm80::BwdConfig<__nv_bfloat16, 256>::Traits, MaskMode::kNone>,
-        &sm80::launch_grouped_bwd_dq<sm80::BwdConfig<__nv_bfloat16, 256>::DqTraits, MaskMode::kNone>,
+        &sm80::launch_bwd_dkdv_hdim256_bf16,
+        &sm80::launch_bwd_dq_hdim256_bf16,
         &launch_bwd_preprocess<__nv_bfloat16>,
         &launch_bwd_postprocess<__nv_bfloat16>),
     sm80_bwd_entry<sm80::BwdConfig<__nv_bfloat16, 256>::Traits, sm80::BwdConfig<__nv_bfloat16, 256>::DqTraits, MaskMode::kCausal, false>(
         RINGATTN_DTYPE_BF16,
-        &sm80::launch_grouped_bwd_dkdv<sm80::BwdConfig<__nv_bfloat16, 256>::Traits, MaskMode::kCausal>,
-        &sm80::launch_grouped_bwd_dq<sm80::BwdConfig<__nv_bfloat16, 256>::DqTraits, MaskMode::kCausal>,
+        &sm80::launch_bwd_dkdv_hdim256_bf16_causal,
+        &sm80::launch_bwd_dq_hdim256_bf16_causal,
         &launch_bwd_preprocess<__nv_bfloat16>,
         &launch_bwd_postprocess<__nv_bfloat16>),
     sm80_bwd_entry<sm80::BwdConfig<__nv_bfloat16, 256>::Traits, sm80::BwdConfig<__nv_bfloat16, 256>::DqTraits, MaskMode::kLocal, false>(
         RINGATTN_DTYPE_BF16,
-        &sm80::launch_grouped_bwd_dkdv<sm80::BwdConfig<__nv_bfloat16, 256>::Traits, MaskMode::kLocal>,
-        &sm80::launch_grouped_bwd_dq<sm80::BwdConfig<__nv_bfloat16, 256>::DqTraits, MaskMode::kLocal>,
+        &sm80::launch_bwd_dkdv_hdim256_bf16_local,
+        &sm80::launch_bwd_dq_hdim256_bf16_local,
         &launch_bwd_preprocess<__nv_bfloat16>,
         &launch_bwd_postprocess<__nv_bfloat16>),
     sm80_bwd_entry<sm80::BwdConfig<__nv_bfloat16, 256>::Traits, sm80::BwdConfig<__nv_bfloat16, 256>::DqTraits, MaskMode::kLocal, true>(
         RINGATTN_DTYPE_BF16,
-        &sm80::launch_grouped_bwd_dkdv<sm80::BwdConfig<__nv_bfloat16, 256>::Traits, MaskMode::kLocal, true>,
-        &sm80::launch_grouped_bwd_dq<sm80::BwdConfig<__nv_bfloat16, 256>::DqTraits, MaskMode::kLocal, true>,
+        &sm80::launch_bwd_dkdv_hdim256_bf16_local_softcap,
+        &sm80::launch_bwd_dq_hdim256_bf16_local_softcap,
         &launch_bwd_preprocess<__nv_bfloat16>,
         &launch_bwd_postprocess<__nv_bfloat16>),
 #endif
@@ -265,84 +354,116 @@ const Sm80BwdKernelEntry* find_sm80_bwd_kernel(int dtype, int head_dim, KernelVa
 
 #ifdef RINGATTN_SM90_TIER
 // Tier-2 (sm90a: TMA + wgmma, warp specialised) forward kernels.
+namespace sm90 {
+#ifdef RINGATTN_HDIM_64
+cudaError_t launch_fwd_hdim64_fp16(const FwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_fwd_hdim64_fp16_causal(const FwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_fwd_hdim64_fp16_local(const FwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_fwd_hdim64_fp16_local_softcap(const FwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_fwd_hdim64_bf16(const FwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_fwd_hdim64_bf16_causal(const FwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_fwd_hdim64_bf16_local(const FwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_fwd_hdim64_bf16_local_softcap(const FwdKernelParams& params, int num_ctas, cudaStream_t stream);
+#endif
+#ifdef RINGATTN_HDIM_128
+cudaError_t launch_fwd_hdim128_fp16(const FwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_fwd_hdim128_fp16_causal(const FwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_fwd_hdim128_fp16_local(const FwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_fwd_hdim128_fp16_local_softcap(const FwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_fwd_hdim128_bf16(const FwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_fwd_hdim128_bf16_causal(const FwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_fwd_hdim128_bf16_local(const FwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_fwd_hdim128_bf16_local_softcap(const FwdKernelParams& params, int num_ctas, cudaStream_t stream);
+#endif
+#ifdef RINGATTN_HDIM_256
+cudaError_t launch_fwd_hdim256_fp16(const FwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_fwd_hdim256_fp16_causal(const FwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_fwd_hdim256_fp16_local(const FwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_fwd_hdim256_fp16_local_softcap(const FwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_fwd_hdim256_bf16(const FwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_fwd_hdim256_bf16_causal(const FwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_fwd_hdim256_bf16_local(const FwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_fwd_hdim256_bf16_local_softcap(const FwdKernelParams& params, int num_ctas, cudaStream_t stream);
+#endif
+}  // namespace sm90
 const Sm90FwdKernelEntry kSm90FwdKernels[] = {
 #ifdef RINGATTN_HDIM_64
     kernel_entry<sm90::FwdConfig<__half, 64>::Traits, MaskMode::kNone, false>(
         RINGATTN_DTYPE_FP16,
-        &sm90::launch_grouped_fwd<sm90::FwdConfig<__half, 64>::Traits, MaskMode::kNone>),
+        &sm90::launch_fwd_hdim64_fp16),
     kernel_entry<sm90::FwdConfig<__half, 64>::Traits, MaskMode::kCausal, false>(
         RINGATTN_DTYPE_FP16,
-        &sm90::launch_grouped_fwd<sm90::FwdConfig<__half, 64>::Traits, MaskMode::kCausal>),
+        &sm90::launch_fwd_hdim64_fp16_causal),
     kernel_entry<sm90::FwdConfig<__half, 64>::Traits, MaskMode::kLocal, false>(
         RINGATTN_DTYPE_FP16,
-        &sm90::launch_grouped_fwd<sm90::FwdConfig<__half, 64>::Traits, MaskMode::kLocal>),
+        &sm90::launch_fwd_hdim64_fp16_local),
     kernel_entry<sm90::FwdConfig<__half, 64>::Traits, MaskMode::kLocal, true>(
         RINGATTN_DTYPE_FP16,
-        &sm90::launch_grouped_fwd<sm90::FwdConfig<__half, 64>::Traits, MaskMode::kLocal, true>),
+        &sm90::launch_fwd_hdim64_fp16_local_softcap),
     kernel_entry<sm90::FwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kNone, false>(
         RINGATTN_DTYPE_BF16,
-        &sm90::launch_grouped_fwd<sm90::FwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kNone>),
+        &sm90::launch_fwd_hdim64_bf16),
     kernel_entry<sm90::FwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kCausal, false>(
         RINGATTN_DTYPE_BF16,
-        &sm90::launch_grouped_fwd<sm90::FwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kCausal>),
+        &sm90::launch_fwd_hdim64_bf16_causal),
     kernel_entry<sm90::FwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kLocal, false>(
         RINGATTN_DTYPE_BF16,
-        &sm90::launch_grouped_fwd<sm90::FwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kLocal>),
+        &sm90::launch_fwd_hdim64_bf16_local),
     kernel_entry<sm90::FwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kLocal, true>(
         RINGATTN_DTYPE_BF16,
-        &sm90::launch_grouped_fwd<sm90::FwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kLocal, true>),
+        &sm90::launch_fwd_hdim64_bf16_local_softcap),
 #endif
 #ifdef RINGATTN_HDIM_128
     kernel_entry<sm90::FwdConfig<__half, 128>::Traits, MaskMode::kNone, false>(
         RINGATTN_DTYPE_FP16,
-        &sm90::launch_grouped_fwd<sm90::FwdConfig<__half, 128>::Traits, MaskMode::kNone>),
+        &sm90::launch_fwd_hdim128_fp16),
     kernel_entry<sm90::FwdConfig<__half, 128>::Traits, MaskMode::kCausal, false>(
         RINGATTN_DTYPE_FP16,
-        &sm90::launch_grouped_fwd<sm90::FwdConfig<__half, 128>::Traits, MaskMode::kCausal>),
+        &sm90::launch_fwd_hdim128_fp16_causal),
     kernel_entry<sm90::FwdConfig<__half, 128>::Traits, MaskMode::kLocal, false>(
         RINGATTN_DTYPE_FP16,
-        &sm90::launch_grouped_fwd<sm90::FwdConfig<__half, 128>::Traits, MaskMode::kLocal>),
+        &sm90::launch_fwd_hdim128_fp16_local),
     kernel_entry<sm90::FwdConfig<__half, 128>::Traits, MaskMode::kLocal, true>(
         RINGATTN_DTYPE_FP16,
-        &sm90::launch_grouped_fwd<sm90::FwdConfig<__half, 128>::Traits, MaskMode::kLocal, true>),
+        &sm90::launch_fwd_hdim128_fp16_local_softcap),
     kernel_entry<sm90::FwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kNone, false>(
         RINGATTN_DTYPE_BF16,
-        &sm90::launch_grouped_fwd<sm90::FwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kNone>),
+        &sm90::launch_fwd_hdim128_bf16),
     kernel_entry<sm90::FwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kCausal, false>(
         RINGATTN_DTYPE_BF16,
-        &sm90::launch_grouped_fwd<sm90::FwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kCausal>),
+        &sm90::launch_fwd_hdim128_bf16_causal),
     kernel_entry<sm90::FwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kLocal, false>(
         RINGATTN_DTYPE_BF16,
-        &sm90::launch_grouped_fwd<sm90::FwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kLocal>),
+        &sm90::launch_fwd_hdim128_bf16_local),
     kernel_entry<sm90::FwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kLocal, true>(
         RINGATTN_DTYPE_BF16,
-        &sm90::launch_grouped_fwd<sm90::FwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kLocal, true>),
+        &sm90::launch_fwd_hdim128_bf16_local_softcap),
 #endif
 #ifdef RINGATTN_HDIM_256
     kernel_entry<sm90::FwdConfig<__half, 256>::Traits, MaskMode::kNone, false>(
         RINGATTN_DTYPE_FP16,
-        &sm90::launch_grouped_fwd<sm90::FwdConfig<__half, 256>::Traits, MaskMode::kNone>),
+        &sm90::launch_fwd_hdim256_fp16),
     kernel_entry<sm90::FwdConfig<__half, 256>::Traits, MaskMode::kCausal, false>(
         RINGATTN_DTYPE_FP16,
-        &sm90::launch_grouped_fwd<sm90::FwdConfig<__half, 256>::Traits, MaskMode::kCausal>),
+        &sm90::launch_fwd_hdim256_fp16_causal),
     kernel_entry<sm90::FwdConfig<__half, 256>::Traits, MaskMode::kLocal, false>(
         RINGATTN_DTYPE_FP16,
-        &sm90::launch_grouped_fwd<sm90::FwdConfig<__half, 256>::Traits, MaskMode::kLocal>),
+        &sm90::launch_fwd_hdim256_fp16_local),
     kernel_entry<sm90::FwdConfig<__half, 256>::Traits, MaskMode::kLocal, true>(
         RINGATTN_DTYPE_FP16,
-        &sm90::launch_grouped_fwd<sm90::FwdConfig<__half, 256>::Traits, MaskMode::kLocal, true>),
+        &sm90::launch_fwd_hdim256_fp16_local_softcap),
     kernel_entry<sm90::FwdConfig<__nv_bfloat16, 256>::Traits, MaskMode::kNone, false>(
         RINGATTN_DTYPE_BF16,
-        &sm90::launch_grouped_fwd<sm90::FwdConfig<__nv_bfloat16, 256>::Traits, MaskMode::kNone>),
+        &sm90::launch_fwd_hdim256_bf16),
     kernel_entry<sm90::FwdConfig<__nv_bfloat16, 256>::Traits, MaskMode::kCausal, false>(
         RINGATTN_DTYPE_BF16,
-        &sm90::launch_grouped_fwd<sm90::FwdConfig<__nv_bfloat16, 256>::Traits, MaskMode::kCausal>),
+        &sm90::launch_fwd_hdim256_bf16_causal),
     kernel_entry<sm90::FwdConfig<__nv_bfloat16, 256>::Traits, MaskMode::kLocal, false>(
         RINGATTN_DTYPE_BF16,
-        &sm90::launch_grouped_fwd<sm90::FwdConfig<__nv_bfloat16, 256>::Traits, MaskMode::kLocal>),
+        &sm90::launch_fwd_hdim256_bf16_local),
     kernel_entry<sm90::FwdConfig<__nv_bfloat16, 256>::Traits, MaskMode::kLocal, true>(
         RINGATTN_DTYPE_BF16,
-        &sm90::launch_grouped_fwd<sm90::FwdConfig<__nv_bfloat16, 256>::Traits, MaskMode::kLocal, true>),
+        &sm90::launch_fwd_hdim256_bf16_local_softcap),
 #endif
     Sm90FwdKernelEntry{}};
 
@@ -351,58 +472,80 @@ const Sm90FwdKernelEntry* find_sm90_fwd_kernel(int dtype, int head_dim, KernelVa
 }
 
 // Tier-2 backward dK/dV kernels (dQ through TMA reduce-add into dq_accum).
+namespace sm90 {
+#ifdef RINGATTN_HDIM_64
+cudaError_t launch_bwd_dkdv_hdim64_fp16(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dkdv_hdim64_fp16_causal(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dkdv_hdim64_fp16_local(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dkdv_hdim64_fp16_local_softcap(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dkdv_hdim64_bf16(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dkdv_hdim64_bf16_causal(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dkdv_hdim64_bf16_local(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dkdv_hdim64_bf16_local_softcap(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+#endif
+#ifdef RINGATTN_HDIM_128
+cudaError_t launch_bwd_dkdv_hdim128_fp16(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dkdv_hdim128_fp16_causal(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dkdv_hdim128_fp16_local(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dkdv_hdim128_fp16_local_softcap(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dkdv_hdim128_bf16(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dkdv_hdim128_bf16_causal(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dkdv_hdim128_bf16_local(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dkdv_hdim128_bf16_local_softcap(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+#endif
+}  // namespace sm90
 const Sm90BwdKernelEntry kSm90BwdKernels[] = {
 #ifdef RINGATTN_HDIM_64
     kernel_entry<sm90::BwdConfig<__half, 64>::Traits, MaskMode::kNone, false>(
         RINGATTN_DTYPE_FP16,
-        &sm90::launch_grouped_bwd_dkdv<sm90::BwdConfig<__half, 64>::Traits, MaskMode::kNone>),
+        &sm90::launch_bwd_dkdv_hdim64_fp16),
     kernel_entry<sm90::BwdConfig<__half, 64>::Traits, MaskMode::kCausal, false>(
         RINGATTN_DTYPE_FP16,
-        &sm90::launch_grouped_bwd_dkdv<sm90::BwdConfig<__half, 64>::Traits, MaskMode::kCausal>),
+        &sm90::launch_bwd_dkdv_hdim64_fp16_causal),
     kernel_entry<sm90::BwdConfig<__half, 64>::Traits, MaskMode::kLocal, false>(
         RINGATTN_DTYPE_FP16,
-        &sm90::launch_grouped_bwd_dkdv<sm90::BwdConfig<__half, 64>::Traits, MaskMode::kLocal>),
+        &sm90::launch_bwd_dkdv_hdim64_fp16_local),
     kernel_entry<sm90::BwdConfig<__half, 64>::Traits, MaskMode::kLocal, true>(
         RINGATTN_DTYPE_FP16,
-        &sm90::launch_grouped_bwd_dkdv<sm90::BwdConfig<__half, 64>::Traits, MaskMode::kLocal, true>),
+        &sm90::launch_bwd_dkdv_hdim64_fp16_local_softcap),
     kernel_entry<sm90::BwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kNone, false>(
         RINGATTN_DTYPE_BF16,
-        &sm90::launch_grouped_bwd_dkdv<sm90::BwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kNone>),
+        &sm90::launch_bwd_dkdv_hdim64_bf16),
     kernel_entry<sm90::BwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kCausal, false>(
         RINGATTN_DTYPE_BF16,
-        &sm90::launch_grouped_bwd_dkdv<sm90::BwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kCausal>),
+        &sm90::launch_bwd_dkdv_hdim64_bf16_causal),
     kernel_entry<sm90::BwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kLocal, false>(
         RINGATTN_DTYPE_BF16,
-        &sm90::launch_grouped_bwd_dkdv<sm90::BwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kLocal>),
+        &sm90::launch_bwd_dkdv_hdim64_bf16_local),
     kernel_entry<sm90::BwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kLocal, true>(
         RINGATTN_DTYPE_BF16,
-        &sm90::launch_grouped_bwd_dkdv<sm90::BwdConfig<__nv_bfloat16, 64>::Traits, MaskMode::kLocal, true>),
+        &sm90::launch_bwd_dkdv_hdim64_bf16_local_softcap),
 #endif
 #ifdef RINGATTN_HDIM_128
     kernel_entry<sm90::BwdConfig<__half, 128>::Traits, MaskMode::kNone, false>(
         RINGATTN_DTYPE_FP16,
-        &sm90::launch_grouped_bwd_dkdv<sm90::BwdConfig<__half, 128>::Traits, MaskMode::kNone>),
+        &sm90::launch_bwd_dkdv_hdim128_fp16),
     kernel_entry<sm90::BwdConfig<__half, 128>::Traits, MaskMode::kCausal, false>(
         RINGATTN_DTYPE_FP16,
-        &sm90::launch_grouped_bwd_dkdv<sm90::BwdConfig<__half, 128>::Traits, MaskMode::kCausal>),
+        &sm90::launch_bwd_dkdv_hdim128_fp16_causal),
     kernel_entry<sm90::BwdConfig<__half, 128>::Traits, MaskMode::kLocal, false>(
         RINGATTN_DTYPE_FP16,
-        &sm90::launch_grouped_bwd_dkdv<sm90::BwdConfig<__half, 128>::Traits, MaskMode::kLocal>),
+        &sm90::launch_bwd_dkdv_hdim128_fp16_local),
     kernel_entry<sm90::BwdConfig<__half, 128>::Traits, MaskMode::kLocal, true>(
         RINGATTN_DTYPE_FP16,
-        &sm90::launch_grouped_bwd_dkdv<sm90::BwdConfig<__half, 128>::Traits, MaskMode::kLocal, true>),
+        &sm90::launch_bwd_dkdv_hdim128_fp16_local_softcap),
     kernel_entry<sm90::BwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kNone, false>(
         RINGATTN_DTYPE_BF16,
-        &sm90::launch_grouped_bwd_dkdv<sm90::BwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kNone>),
+        &sm90::launch_bwd_dkdv_hdim128_bf16),
     kernel_entry<sm90::BwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kCausal, false>(
         RINGATTN_DTYPE_BF16,
-        &sm90::launch_grouped_bwd_dkdv<sm90::BwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kCausal>),
+        &sm90::launch_bwd_dkdv_hdim128_bf16_causal),
     kernel_entry<sm90::BwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kLocal, false>(
         RINGATTN_DTYPE_BF16,
-        &sm90::launch_grouped_bwd_dkdv<sm90::BwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kLocal>),
+        &sm90::launch_bwd_dkdv_hdim128_bf16_local),
     kernel_entry<sm90::BwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kLocal, true>(
         RINGATTN_DTYPE_BF16,
-        &sm90::launch_grouped_bwd_dkdv<sm90::BwdConfig<__nv_bfloat16, 128>::Traits, MaskMode::kLocal, true>),
+        &sm90::launch_bwd_dkdv_hdim128_bf16_local_softcap),
 #endif
     Sm90BwdKernelEntry{}};
 
@@ -411,58 +554,80 @@ const Sm90BwdKernelEntry* find_sm90_bwd_kernel(int dtype, int head_dim, KernelVa
 }
 
 // Tier-2 dQ kernels of the deterministic mode.
+namespace sm90 {
+#ifdef RINGATTN_HDIM_64
+cudaError_t launch_bwd_dq_hdim64_fp16(const BwdDqKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dq_hdim64_fp16_causal(const BwdDqKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dq_hdim64_fp16_local(const BwdDqKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dq_hdim64_fp16_local_softcap(const BwdDqKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dq_hdim64_bf16(const BwdDqKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dq_hdim64_bf16_causal(const BwdDqKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dq_hdim64_bf16_local(const BwdDqKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dq_hdim64_bf16_local_softcap(const BwdDqKernelParams& params, int num_ctas, cudaStream_t stream);
+#endif
+#ifdef RINGATTN_HDIM_128
+cudaError_t launch_bwd_dq_hdim128_fp16(const BwdDqKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dq_hdim128_fp16_causal(const BwdDqKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dq_hdim128_fp16_local(const BwdDqKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dq_hdim128_fp16_local_softcap(const BwdDqKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dq_hdim128_bf16(const BwdDqKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dq_hdim128_bf16_causal(const BwdDqKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dq_hdim128_bf16_local(const BwdDqKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dq_hdim128_bf16_local_softcap(const BwdDqKernelParams& params, int num_ctas, cudaStream_t stream);
+#endif
+}  // namespace sm90
 const Sm90BwdDqKernelEntry kSm90BwdDqKernels[] = {
 #ifdef RINGATTN_HDIM_64
     kernel_entry<sm90::BwdDqConfig<__half, 64>::Traits, MaskMode::kNone, false>(
         RINGATTN_DTYPE_FP16,
-        &sm90::launch_grouped_bwd_dq<sm90::BwdDqConfig<__half, 64>::Traits, MaskMode::kNone>),
+        &sm90::launch_bwd_dq_hdim64_fp16),
     kernel_entry<sm90::BwdDqConfig<__half, 64>::Traits, MaskMode::kCausal, false>(
         RINGATTN_DTYPE_FP16,
-        &sm90::launch_grouped_bwd_dq<sm90::BwdDqConfig<__half, 64>::Traits, MaskMode::kCausal>),
+        &sm90::launch_bwd_dq_hdim64_fp16_causal),
     kernel_entry<sm90::BwdDqConfig<__half, 64>::Traits, MaskMode::kLocal, false>(
         RINGATTN_DTYPE_FP16,
-        &sm90::launch_grouped_bwd_dq<sm90::BwdDqConfig<__half, 64>::Traits, MaskMode::kLocal>),
+        &sm90::launch_bwd_dq_hdim64_fp16_local),
     kernel_entry<sm90::BwdDqConfig<__half, 64>::Traits, MaskMode::kLocal, true>(
         RINGATTN_DTYPE_FP16,
-        &sm90::launch_grouped_bwd_dq<sm90::BwdDqConfig<__half, 64>::Traits, MaskMode::kLocal, true>),
+        &sm90::launch_bwd_dq_hdim64_fp16_local_softcap),
     kernel_entry<sm90::BwdDqConfig<__nv_bfloat16, 64>::Traits, MaskMode::kNone, false>(
         RINGATTN_DTYPE_BF16,
-        &sm90::launch_grouped_bwd_dq<sm90::BwdDqConfig<__nv_bfloat16, 64>::Traits, MaskMode::kNone>),
+        &sm90::launch_bwd_dq_hdim64_bf16),
     kernel_entry<sm90::BwdDqConfig<__nv_bfloat16, 64>::Traits, MaskMode::kCausal, false>(
         RINGATTN_DTYPE_BF16,
-        &sm90::launch_grouped_bwd_dq<sm90::BwdDqConfig<__nv_bfloat16, 64>::Traits, MaskMode::kCausal>),
+        &sm90::launch_bwd_dq_hdim64_bf16_causal),
     kernel_entry<sm90::BwdDqConfig<__nv_bfloat16, 64>::Traits, MaskMode::kLocal, false>(
         RINGATTN_DTYPE_BF16,
-        &sm90::launch_grouped_bwd_dq<sm90::BwdDqConfig<__nv_bfloat16, 64>::Traits, MaskMode::kLocal>),
+        &sm90::launch_bwd_dq_hdim64_bf16_local),
     kernel_entry<sm90::BwdDqConfig<__nv_bfloat16, 64>::Traits, MaskMode::kLocal, true>(
         RINGATTN_DTYPE_BF16,
-        &sm90::launch_grouped_bwd_dq<sm90::BwdDqConfig<__nv_bfloat16, 64>::Traits, MaskMode::kLocal, true>),
+        &sm90::launch_bwd_dq_hdim64_bf16_local_softcap),
 #endif
 #ifdef RINGATTN_HDIM_128
     kernel_entry<sm90::BwdDqConfig<__half, 128>::Traits, MaskMode::kNone, false>(
         RINGATTN_DTYPE_FP16,
-        &sm90::launch_grouped_bwd_dq<sm90::BwdDqConfig<__half, 128>::Traits, MaskMode::kNone>),
+        &sm90::launch_bwd_dq_hdim128_fp16),
     kernel_entry<sm90::BwdDqConfig<__half, 128>::Traits, MaskMode::kCausal, false>(
         RINGATTN_DTYPE_FP16,
-        &sm90::launch_grouped_bwd_dq<sm90::BwdDqConfig<__half, 128>::Traits, MaskMode::kCausal>),
+        &sm90::launch_bwd_dq_hdim128_fp16_causal),
     kernel_entry<sm90::BwdDqConfig<__half, 128>::Traits, MaskMode::kLocal, false>(
         RINGATTN_DTYPE_FP16,
-        &sm90::launch_grouped_bwd_dq<sm90::BwdDqConfig<__half, 128>::Traits, MaskMode::kLocal>),
+        &sm90::launch_bwd_dq_hdim128_fp16_local),
     kernel_entry<sm90::BwdDqConfig<__half, 128>::Traits, MaskMode::kLocal, true>(
         RINGATTN_DTYPE_FP16,
-        &sm90::launch_grouped_bwd_dq<sm90::BwdDqConfig<__half, 128>::Traits, MaskMode::kLocal, true>),
+        &sm90::launch_bwd_dq_hdim128_fp16_local_softcap),
     kernel_entry<sm90::BwdDqConfig<__nv_bfloat16, 128>::Traits, MaskMode::kNone, false>(
         RINGATTN_DTYPE_BF16,
-        &sm90::launch_grouped_bwd_dq<sm90::BwdDqConfig<__nv_bfloat16, 128>::Traits, MaskMode::kNone>),
+        &sm90::launch_bwd_dq_hdim128_bf16),
     kernel_entry<sm90::BwdDqConfig<__nv_bfloat16, 128>::Traits, MaskMode::kCausal, false>(
         RINGATTN_DTYPE_BF16,
-        &sm90::launch_grouped_bwd_dq<sm90::BwdDqConfig<__nv_bfloat16, 128>::Traits, MaskMode::kCausal>),
+        &sm90::launch_bwd_dq_hdim128_bf16_causal),
     kernel_entry<sm90::BwdDqConfig<__nv_bfloat16, 128>::Traits, MaskMode::kLocal, false>(
         RINGATTN_DTYPE_BF16,
-        &sm90::launch_grouped_bwd_dq<sm90::BwdDqConfig<__nv_bfloat16, 128>::Traits, MaskMode::kLocal>),
+        &sm90::launch_bwd_dq_hdim128_bf16_local),
     kernel_entry<sm90::BwdDqConfig<__nv_bfloat16, 128>::Traits, MaskMode::kLocal, true>(
         RINGATTN_DTYPE_BF16,
-        &sm90::launch_grouped_bwd_dq<sm90::BwdDqConfig<__nv_bfloat16, 128>::Traits, MaskMode::kLocal, true>),
+        &sm90::launch_bwd_dq_hdim128_bf16_local_softcap),
 #endif
     Sm90BwdDqKernelEntry{}};
 

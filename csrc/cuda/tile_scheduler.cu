@@ -8,9 +8,10 @@ namespace ringattn {
 namespace cuda {
 namespace {
 
-using metadata_errors::CuSeqlens;
 using work_list::clamp_i;
 using work_list::kThreads;
+
+constexpr size_t kWorkListAlign = 16;  // bytes, of each buffer
 
 __global__ void __launch_bounds__(kThreads) build_work_list_kernel(const __grid_constant__ SchedulerArgs args) {
   __shared__ int32_t scan[kThreads];
@@ -27,7 +28,7 @@ __global__ void __launch_bounds__(kThreads) build_work_list_kernel(const __grid_
         const int32_t end = clamp_i(cu[b + 1], start, args.total_q[g]);
         return (end - start + args.block_m - 1) / args.block_m;
       },
-      args.tile_offsets, scan);
+      args.offsets, scan);
   const int32_t total_items = tiles_total < args.capacity ? tiles_total : args.capacity;
 
   // 2. one item per tile, with its cost (the K/V blocks it reads). The metadata values of every
@@ -37,24 +38,20 @@ __global__ void __launch_bounds__(kThreads) build_work_list_kernel(const __grid_
   for (int p = threadIdx.x; p < pairs; p += kThreads) {
     const int g = p / args.batch_size;
     const int b = p % args.batch_size;
-    const int32_t* cu = args.cu_seqlens_q[g];
-    const int32_t cu_q_b = cu[b], cu_q_next = cu[b + 1];
-    const int32_t cu_k_b = args.cu_seqlens_k[b], cu_k_next = args.cu_seqlens_k[b + 1];
-    errors |= metadata_errors::cu_seqlens_pair<CuSeqlens::kQuery>(cu_q_b, cu_q_next, b, args.batch_size,
-                                                                  args.total_q[g]) |
-              metadata_errors::cu_seqlens_pair<CuSeqlens::kKey>(cu_k_b, cu_k_next, b, args.batch_size, args.total_k);
-    const int32_t q_start = clamp_i(cu_q_b, 0, args.total_q[g]);
-    const int32_t seqlen_q = clamp_i(cu_q_next, q_start, args.total_q[g]) - q_start;
-    const int32_t k_start = clamp_i(cu_k_b, 0, args.total_k);
-    int32_t seqlen_k = clamp_i(cu_k_next, k_start, args.total_k) - k_start;
+    const metadata_errors::SequenceEntries e = metadata_errors::sequence_entries(args, g, b);
+    errors |= e.errors;
+    const int32_t q_start = clamp_i(e.q_begin, 0, args.total_q[g]);
+    const int32_t seqlen_q = clamp_i(e.q_end, q_start, args.total_q[g]) - q_start;
+    const int32_t k_start = clamp_i(e.k_begin, 0, args.total_k);
+    int32_t seqlen_k = clamp_i(e.k_end, k_start, args.total_k) - k_start;
     if (args.seqused_k[g] != nullptr) {
       const int32_t used = args.seqused_k[g][b];
-      errors |= metadata_errors::seqused_k_entry(used, cu_k_b, cu_k_next);
+      errors |= metadata_errors::seqused_k_entry(used, e.k_begin, e.k_end);
       seqlen_k = clamp_i(used, 0, seqlen_k);
     }
     const int32_t* shifts = args.diagonal_shift[g];
     const MaskPolicy<MaskWindow> mask(seqlen_q, seqlen_k, args.window, shifts != nullptr ? shifts[b] : 0);
-    const int32_t first = args.tile_offsets[p];
+    const int32_t first = args.offsets[p];
     const int32_t tiles = (seqlen_q + args.block_m - 1) / args.block_m;
     for (int32_t m = 0; m < tiles; ++m) {
       const int32_t idx = first + m;
@@ -73,8 +70,6 @@ __global__ void __launch_bounds__(kThreads) build_work_list_kernel(const __grid_
   if (threadIdx.x == 0) *args.count = total_items;
 }
 
-size_t align16(size_t x) { return (x + 15) & ~size_t{15}; }
-
 }  // namespace
 
 int64_t work_capacity(const int64_t* total_q, int num_groups, int batch_size, int block_m) {
@@ -85,25 +80,13 @@ int64_t work_capacity(const int64_t* total_q, int num_groups, int batch_size, in
 
 size_t scheduler_workspace_bytes(int num_groups, int batch_size, int64_t capacity) {
   const size_t pairs = static_cast<size_t>(num_groups) * static_cast<size_t>(batch_size);
-  const size_t cap = static_cast<size_t>(capacity);
-  return align16((pairs + 1) * sizeof(int32_t)) + align16(cap * sizeof(int32_t)) +
-         2 * align16(cap * sizeof(WorkItem)) + align16(sizeof(int32_t));
+  return work_list_bytes<WorkItem>(pairs + 1, static_cast<size_t>(capacity), kWorkListAlign);
 }
 
 void carve_scheduler_workspace(void* workspace, int num_groups, int batch_size, int64_t capacity,
                                SchedulerArgs* args) {
   const size_t pairs = static_cast<size_t>(num_groups) * static_cast<size_t>(batch_size);
-  const size_t cap = static_cast<size_t>(capacity);
-  char* p = static_cast<char*>(workspace);
-  args->tile_offsets = reinterpret_cast<int32_t*>(p);
-  p += align16((pairs + 1) * sizeof(int32_t));
-  args->costs = reinterpret_cast<int32_t*>(p);
-  p += align16(cap * sizeof(int32_t));
-  args->unsorted = reinterpret_cast<WorkItem*>(p);
-  p += align16(cap * sizeof(WorkItem));
-  args->sorted = reinterpret_cast<WorkItem*>(p);
-  p += align16(cap * sizeof(WorkItem));
-  args->count = reinterpret_cast<int32_t*>(p);
+  carve_work_list<WorkItem>(workspace, pairs + 1, static_cast<size_t>(capacity), kWorkListAlign, args);
 }
 
 cudaError_t launch_build_work_list(const SchedulerArgs& args, cudaStream_t stream) {

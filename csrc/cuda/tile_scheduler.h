@@ -13,35 +13,13 @@
 #include <cstdint>
 
 #include "cuda/fwd_params.h"
-#include "common/mask.h"
-#include "ringattn/ringattn.h"
+#include "cuda/work_list_inputs.h"
 
 namespace ringattn {
 namespace cuda {
 
-struct SchedulerArgs {
-  const int32_t* cu_seqlens_q[RINGATTN_MAX_GROUPS];
-  const int32_t* seqused_k[RINGATTN_MAX_GROUPS];
-  // Per group, the diagonal shift of each sequence ([B]) or nullptr (0); nullptr when the window
-  // bounds no side.
-  const int32_t* diagonal_shift[RINGATTN_MAX_GROUPS];
-  int32_t total_q[RINGATTN_MAX_GROUPS];
-  const int32_t* cu_seqlens_k;
-  int32_t total_k;
-  int32_t num_groups;
-  int32_t batch_size;
-  int32_t block_m;
-  int32_t block_n;
-  MaskWindow window;  // the kernels' mask (common/mask.h): (-1, -1) none, (-1, 0) causal
-  int32_t capacity;  // upper bound on the number of items (host-computed)
-  uint32_t* metadata_errors;  // ringattn_exec.metadata_errors (NULL: no report)
-  // workspace
-  int32_t* tile_offsets;  // [G*B + 1]
-  int32_t* costs;         // [capacity]
-  WorkItem* unsorted;     // [capacity]
-  WorkItem* sorted;       // [capacity] (output)
-  int32_t* count;         // [1] (output)
-};
+// The query-tile work list: offsets has G*B + 1 entries (per (group, sequence)).
+using SchedulerArgs = WorkListArgs<WorkItem>;
 
 // Upper bound on the number of work items: each sequence adds at most one partial tile.
 int64_t work_capacity(const int64_t* total_q, int num_groups, int batch_size, int block_m);

@@ -26,8 +26,8 @@ int64_t query_tile_capacity(const Params& p, int block_m) {
 // groups' sequence metadata, its mask (window and diagonal shifts: every kernel variant applies
 // the call's), the kernel's block sizes and the item capacity (the workspace pointers are carved
 // separately).
-template <typename Args, typename Params>
-void set_work_list_args(const Params& p, int block_m, int block_n, int64_t capacity, Args* args) {
+template <typename Params>
+void set_work_list_args(const Params& p, int block_m, int block_n, int64_t capacity, WorkListInputs* args) {
   const ringattn_problem& pr = p.problem;
   for (int g = 0; g < pr.num_groups; ++g) {
     args->cu_seqlens_q[g] = p.groups[g].cu_seqlens_q;

@@ -26,10 +26,23 @@ REGISTRY = "csrc/cuda/kernel_registry.cu"
 
 @dataclass(frozen=True)
 class Launch:
-    """One explicitly instantiated launch function: `function<traits, mask mode[, softcap]>(params, ...)`."""
-    function: str  # in the tier's namespace
+    """One kernel's launch function, written into its instantiation file: it instantiates
+    `kernel<traits, mask mode, softcap>` and launches it with the traits' threads and shared memory."""
+    name: str  # the launch functions' name prefix, in the tier's namespace
+    kernel: str  # the __global__ function template (its kernel header), in the tier's namespace
     traits: str  # a str.format pattern over {element} and {hdim}, in the tier's namespace
     params: str  # the kernel parameter struct, in the tier's namespace
+    # All of the unified L1/shared memory as shared memory (launch.h), where two CTAs need it.
+    max_shared_carveout: bool = False
+
+    def function(self, hdim: int, dtype: "Dtype", variant: "Variant") -> str:
+        """The launch function of one (head dim, dtype, variant), in the tier's namespace."""
+        return f"{self.name}_hdim{hdim}_{dtype.name}{variant.suffix}"
+
+    def declaration(self, hdim: int, dtype: "Dtype", variant: "Variant") -> str:
+        """Its signature (without the terminating ; or body)."""
+        return (f"cudaError_t {self.function(hdim, dtype, variant)}(const {self.params}& params, int num_ctas, "
+                f"cudaStream_t stream)")
 
 
 @dataclass(frozen=True)
@@ -67,8 +80,8 @@ class Variant:
     softcap: bool = False  # the launch's `bool kSoftcap` template argument (written only when true)
 
     def template_args(self) -> str:
-        """The launch's template arguments after the traits."""
-        return f"MaskMode::{self.mode}" + (", true" if self.softcap else "")
+        """The kernel's template arguments after the traits."""
+        return f"MaskMode::{self.mode}, {str(self.softcap).lower()}"
 
 
 DTYPES = (Dtype("fp16", "__half", "RINGATTN_DTYPE_FP16"), Dtype("bf16", "__nv_bfloat16", "RINGATTN_DTYPE_BF16"))
@@ -90,7 +103,8 @@ KERNELS = (
         title="Tier-1 (mma.sync, sm80 and newer) forward kernels.",
         tier="sm80", pass_name="fwd", head_dims=(64, 128, 256),
         kernel_headers=("cuda/sm80/fwd_kernel.cuh",), declarations=("cuda/sm80/fwd_traits.h",),
-        launches=(Launch("launch_grouped_fwd", "FwdConfig<{element}, {hdim}>::Traits", "FwdKernelParams"),),
+        launches=(Launch("launch_fwd", "grouped_fwd_kernel", "FwdConfig<{element}, {hdim}>::Traits",
+                         "FwdKernelParams"),),
         table="kSm80FwdKernels", entry_type="Sm80FwdKernelEntry", lookup="find_sm80_fwd_kernel",
         variants=FIXED_MASKS + LOCAL_MASKS, **_SINGLE_ENTRY),
     KernelSet(
@@ -98,8 +112,11 @@ KERNELS = (
         tier="sm80", pass_name="bwd", head_dims=(64, 128, 256),
         kernel_headers=("cuda/sm80/bwd_dq_kernel.cuh", "cuda/sm80/bwd_kernel.cuh"),
         declarations=("cuda/bwd_prepost.h", "cuda/sm80/bwd_traits.h"),
-        launches=(Launch("launch_grouped_bwd_dkdv", "BwdConfig<{element}, {hdim}>::Traits", "BwdKernelParams"),
-                  Launch("launch_grouped_bwd_dq", "BwdConfig<{element}, {hdim}>::DqTraits", "BwdKernelParams")),
+        # dK/dV: all of L1 as shared memory, so that two CTAs of the D=128 tile fit on sm_90.
+        launches=(Launch("launch_bwd_dkdv", "grouped_bwd_dkdv_kernel", "BwdConfig<{element}, {hdim}>::Traits",
+                         "BwdKernelParams", max_shared_carveout=True),
+                  Launch("launch_bwd_dq", "grouped_bwd_dq_kernel", "BwdConfig<{element}, {hdim}>::DqTraits",
+                         "BwdKernelParams")),
         table="kSm80BwdKernels", entry_type="Sm80BwdKernelEntry", lookup="find_sm80_bwd_kernel",
         entry_maker="sm80_bwd_entry<{traits0}, {traits1}, {mask}, {softcap}>",
         entry_args=("{dtype}", "&{launch0}", "&{launch1}", "&launch_bwd_preprocess<{element}>",
@@ -108,8 +125,9 @@ KERNELS = (
     KernelSet(
         title="Tier-2 (sm90a: TMA + wgmma, warp specialised) forward kernels.",
         tier="sm90", pass_name="fwd", head_dims=(64, 128, 256),
-        kernel_headers=("cuda/sm90/fwd_kernel.cuh",), declarations=("cuda/sm90/fwd_launch.h",),
-        launches=(Launch("launch_grouped_fwd", "FwdConfig<{element}, {hdim}>::Traits", "FwdKernelParams"),),
+        kernel_headers=("cuda/sm90/fwd_kernel.cuh",), declarations=("cuda/sm90/fwd_params.h", "cuda/sm90/fwd_traits.h"),
+        launches=(Launch("launch_fwd", "grouped_fwd_kernel", "FwdConfig<{element}, {hdim}>::Traits",
+                         "FwdKernelParams"),),
         table="kSm90FwdKernels", entry_type="Sm90FwdKernelEntry", lookup="find_sm90_fwd_kernel",
         variants=FIXED_MASKS + LOCAL_MASKS, **_SINGLE_ENTRY),
     # Head dim 256 runs tier 1's backward.
@@ -117,7 +135,8 @@ KERNELS = (
         title="Tier-2 backward dK/dV kernels (dQ through TMA reduce-add into dq_accum).",
         tier="sm90", pass_name="bwd", head_dims=(64, 128),
         kernel_headers=("cuda/sm90/bwd_kernel.cuh",), declarations=("cuda/sm90/bwd_traits.h",),
-        launches=(Launch("launch_grouped_bwd_dkdv", "BwdConfig<{element}, {hdim}>::Traits", "BwdKernelParams"),),
+        launches=(Launch("launch_bwd_dkdv", "grouped_bwd_dkdv_kernel", "BwdConfig<{element}, {hdim}>::Traits",
+                         "BwdKernelParams"),),
         table="kSm90BwdKernels", entry_type="Sm90BwdKernelEntry", lookup="find_sm90_bwd_kernel",
         variants=FIXED_MASKS + LOCAL_MASKS, **_SINGLE_ENTRY),
     KernelSet(
@@ -125,7 +144,8 @@ KERNELS = (
         tier="sm90", pass_name="bwd_dq", head_dims=(64, 128),
         kernel_headers=("cuda/sm90/bwd_dq_kernel.cuh",),
         declarations=("cuda/sm90/bwd_dq_traits.h", "cuda/sm90/bwd_params.h"),
-        launches=(Launch("launch_grouped_bwd_dq", "BwdDqConfig<{element}, {hdim}>::Traits", "BwdDqKernelParams"),),
+        launches=(Launch("launch_bwd_dq", "grouped_bwd_dq_kernel", "BwdDqConfig<{element}, {hdim}>::Traits",
+                         "BwdDqKernelParams"),),
         table="kSm90BwdDqKernels", entry_type="Sm90BwdDqKernelEntry", lookup="find_sm90_bwd_dq_kernel",
         variants=FIXED_MASKS + LOCAL_MASKS, **_SINGLE_ENTRY),
 )
@@ -163,12 +183,17 @@ REGISTRY_FOOTER = """
 
 
 def instantiation_file(ks: KernelSet, hdim: int, dtype: Dtype, variant: Variant) -> tuple[str, str]:
-    """(path, text) of the file instantiating one (kernel set, head dim, dtype, variant)."""
+    """(path, text) of the file that instantiates the kernel(s) of one (kernel set, head dim, dtype,
+    variant) and defines their launch functions (declared in the registry)."""
     lines = ""
     for launch in ks.launches:
         traits = launch.traits.format(element=dtype.element, hdim=hdim)
-        lines += (f"template cudaError_t {launch.function}<{traits}, {variant.template_args()}>(\n"
-                  f"    const {launch.params}&, int, cudaStream_t);\n")
+        carveout = ", /*max_shared_carveout=*/true" if launch.max_shared_carveout else ""
+        lines += (f"{launch.declaration(hdim, dtype, variant)} {{\n"
+                  f"  using T = {traits};\n"
+                  f"  return launch_with_smem(&{launch.kernel}<T, {variant.template_args()}>, num_ctas, T::kThreads,\n"
+                  f"                          T::kSmemBytes, stream, params{carveout});\n"
+                  f"}}\n")
     text = INSTANTIATION.format(me=ME, includes="".join(f'#include "{h}"\n' for h in ks.kernel_headers),
                                 tier=ks.tier, instantiations=lines)
     path = (f"csrc/cuda/{ks.tier}/instantiations/"
@@ -183,14 +208,27 @@ def registry_row(ks: KernelSet, hdim: int, dtype: Dtype, variant: Variant) -> st
     for i, launch in enumerate(ks.launches):
         traits = f"{ks.tier}::" + launch.traits.format(element=dtype.element, hdim=hdim)
         fields[f"traits{i}"] = traits
-        fields[f"launch{i}"] = f"{ks.tier}::{launch.function}<{traits}, {variant.template_args()}>"
+        fields[f"launch{i}"] = f"{ks.tier}::{launch.function(hdim, dtype, variant)}"
     args = ",\n        ".join(arg.format(**fields) for arg in ks.entry_args)
     return f"{ks.entry_maker.format(**fields)}(\n        {args})"
 
 
+def launch_declarations(ks: KernelSet) -> str:
+    """The declarations of a kernel set's launch functions (defined in its instantiation files)."""
+    text = f"namespace {ks.tier} {{\n"
+    for hdim in ks.head_dims:
+        text += f"#ifdef RINGATTN_HDIM_{hdim}\n"
+        for dtype in DTYPES:
+            for variant in ks.variants:
+                for launch in ks.launches:
+                    text += f"{launch.declaration(hdim, dtype, variant)};\n"
+        text += "#endif\n"
+    return text + f"}}  // namespace {ks.tier}\n"
+
+
 def registry_table(ks: KernelSet) -> str:
-    """A kernel set's table and lookup function."""
-    text = f"\n// {ks.title}\nconst {ks.entry_type} {ks.table}[] = {{\n"
+    """A kernel set's launch declarations, table and lookup function."""
+    text = f"\n// {ks.title}\n{launch_declarations(ks)}const {ks.entry_type} {ks.table}[] = {{\n"
     for hdim in ks.head_dims:
         text += f"#ifdef RINGATTN_HDIM_{hdim}\n"
         for dtype in DTYPES:

@@ -210,13 +210,6 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_bwd_dq_kernel(const __
 #endif
 }
 
-// Host side: launch one instantiation over `num_ctas` CTAs (query tiles x query heads).
-template <typename T, MaskMode kMask, bool kSoftcap>
-cudaError_t launch_grouped_bwd_dq(const BwdKernelParams& params, int num_ctas, cudaStream_t stream) {
-  return launch_with_smem(&grouped_bwd_dq_kernel<T, kMask, kSoftcap>, num_ctas, T::kThreads, T::kSmemBytes, stream,
-                          params);
-}
-
 }  // namespace sm80
 }  // namespace cuda
 }  // namespace ringattn

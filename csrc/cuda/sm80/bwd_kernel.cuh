@@ -353,14 +353,6 @@ __global__ void __launch_bounds__(T::kThreads, bwd_min_blocks_per_sm<T>())
 #endif
 }
 
-// Host side: launch one instantiation over `num_ctas` CTAs (work items x KV heads).
-template <typename T, MaskMode kMask, bool kSoftcap>
-cudaError_t launch_grouped_bwd_dkdv(const BwdKernelParams& params, int num_ctas, cudaStream_t stream) {
-  // All of the unified L1/shared memory as shared, so two CTAs of the D=128 tile fit on sm_90.
-  return launch_with_smem(&grouped_bwd_dkdv_kernel<T, kMask, kSoftcap>, num_ctas, T::kThreads, T::kSmemBytes, stream,
-                          params, /*max_shared_carveout=*/true);
-}
-
 }  // namespace sm80
 }  // namespace cuda
 }  // namespace ringattn

@@ -109,14 +109,6 @@ struct BwdConfig<Element, 256> {
   using DqTraits = BwdDqTraits<Element, 256, 64, 32, 4>;
 };
 
-// Defined in bwd_kernel.cuh / bwd_dq_kernel.cuh, explicitly instantiated one (head dim, dtype,
-// variant) per file under instantiations/. num_ctas: work-list capacity x heads (KV heads for
-// dK/dV, query heads for dQ). kSoftcap (kLocal only) applies the logit softcap of params.features.
-template <typename T, MaskMode kMask, bool kSoftcap = false>
-cudaError_t launch_grouped_bwd_dkdv(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
-template <typename T, MaskMode kMask, bool kSoftcap = false>
-cudaError_t launch_grouped_bwd_dq(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
-
 }  // namespace sm80
 }  // namespace cuda
 }  // namespace ringattn

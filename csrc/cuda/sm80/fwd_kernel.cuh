@@ -303,13 +303,6 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocksPerSm)
 #endif
 }
 
-// Host side: launch one instantiation over `num_ctas` CTAs (work items x heads).
-template <typename T, MaskMode kMask, bool kSoftcap>
-cudaError_t launch_grouped_fwd(const FwdKernelParams& params, int num_ctas, cudaStream_t stream) {
-  return launch_with_smem(&grouped_fwd_kernel<T, kMask, kSoftcap>, num_ctas, T::kThreads, T::kSmemBytes, stream,
-                          params);
-}
-
 }  // namespace sm80
 }  // namespace cuda
 }  // namespace ringattn

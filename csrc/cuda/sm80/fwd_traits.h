@@ -84,11 +84,6 @@ struct FwdConfig<Element, 256> {
   using Traits = FwdTraits<Element, 256, 128, 32, 8, 1>;
 };
 
-// Defined in fwd_kernel.cuh, explicitly instantiated one per file under instantiations/. kSoftcap
-// (kLocal only) applies the logit softcap of params.features.
-template <typename T, MaskMode kMask, bool kSoftcap = false>
-cudaError_t launch_grouped_fwd(const FwdKernelParams& params, int num_ctas, cudaStream_t stream);
-
 }  // namespace sm80
 }  // namespace cuda
 }  // namespace ringattn

@@ -288,12 +288,6 @@ __global__ void __launch_bounds__(T::kThreads, 1)
 #endif
 }
 
-template <typename T, MaskMode kMask, bool kSoftcap>
-cudaError_t launch_grouped_bwd_dq(const BwdDqKernelParams& params, int num_ctas, cudaStream_t stream) {
-  return launch_with_smem(&grouped_bwd_dq_kernel<T, kMask, kSoftcap>, num_ctas, T::kThreads, T::kSmemBytes, stream,
-                          params);
-}
-
 }  // namespace sm90
 }  // namespace cuda
 }  // namespace ringattn

@@ -489,12 +489,6 @@ __global__ void __launch_bounds__(T::kThreads, 1)
 #endif
 }
 
-template <typename T, MaskMode kMask, bool kSoftcap>
-cudaError_t launch_grouped_bwd_dkdv(const BwdKernelParams& params, int num_ctas, cudaStream_t stream) {
-  return launch_with_smem(&grouped_bwd_dkdv_kernel<T, kMask, kSoftcap>, num_ctas, T::kThreads, T::kSmemBytes, stream,
-                          params);
-}
-
 }  // namespace sm90
 }  // namespace cuda
 }  // namespace ringattn

@@ -30,10 +30,6 @@ struct BwdKernelParams {
 };
 static_assert(sizeof(BwdKernelParams) <= 32764, "kernel parameters fit the 32 KB parameter space");
 
-// kSoftcap (MaskMode::kLocal only) applies the logit softcap of params.features.
-template <typename T, MaskMode kMask, bool kSoftcap = false>
-cudaError_t launch_grouped_bwd_dkdv(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
-
 // The deterministic mode's dQ kernel (bwd_dq_kernel.cuh): the tier-1 parameters (its work list
 // in q_items / q_count) plus its own tensor maps, whose boxes follow its tile shape.
 struct BwdDqKernelParams {
@@ -42,9 +38,6 @@ struct BwdDqKernelParams {
   FeatureParams features;  // as in BwdKernelParams
 };
 static_assert(sizeof(BwdDqKernelParams) <= 32764, "kernel parameters fit the 32 KB parameter space");
-
-template <typename T, MaskMode kMask, bool kSoftcap = false>
-cudaError_t launch_grouped_bwd_dq(const BwdDqKernelParams& params, int num_ctas, cudaStream_t stream);
 
 }  // namespace sm90
 }  // namespace cuda

@@ -31,7 +31,8 @@
 #include "cuda/query_tile_work.h"
 #include "cuda/seqlen_info.h"
 #include "cuda/sm90/fragments.h"
-#include "cuda/sm90/fwd_launch.h"
+#include "cuda/sm90/fwd_params.h"
+#include "cuda/sm90/fwd_traits.h"
 #include "cuda/sm90/mma_loop.h"
 #include "cuda/sm90/named_barriers.h"
 #include "cuda/sm90/pipeline.h"
@@ -364,13 +365,6 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __gri
     }
   }
 #endif
-}
-
-// Host side: launch one instantiation over `num_ctas` CTAs (work items x heads).
-template <typename T, MaskMode kMask, bool kSoftcap>
-cudaError_t launch_grouped_fwd(const FwdKernelParams& params, int num_ctas, cudaStream_t stream) {
-  return launch_with_smem(&grouped_fwd_kernel<T, kMask, kSoftcap>, num_ctas, T::kThreads, T::kSmemBytes, stream,
-                          params);
 }
 
 }  // namespace sm90

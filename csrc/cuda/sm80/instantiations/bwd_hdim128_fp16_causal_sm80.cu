@@ -5,10 +5,16 @@
 namespace ringattn {
 namespace cuda {
 namespace sm80 {
-template cudaError_t launch_grouped_bwd_dkdv<BwdConfig<__half, 128>::Traits, MaskMode::kCausal>(
-    const BwdKernelParams&, int, cudaStream_t);
-template cudaError_t launch_grouped_bwd_dq<BwdConfig<__half, 128>::DqTraits, MaskMode::kCausal>(
-    const BwdKernelParams&, int, cudaStream_t);
+cudaError_t launch_bwd_dkdv_hdim128_fp16_causal(const BwdKernelParams& params, int num_ctas, cudaStream_t stream) {
+  using T = BwdConfig<__half, 128>::Traits;
+  return launch_with_smem(&grouped_bwd_dkdv_kernel<T, MaskMode::kCausal, false>, num_ctas, T::kThreads,
+                          T::kSmemBytes, stream, params, /*max_shared_carveout=*/true);
+}
+cudaError_t launch_bwd_dq_hdim128_fp16_causal(const BwdKernelParams& params, int num_ctas, cudaStream_t stream) {
+  using T = BwdConfig<__half, 128>::DqTraits;
+  return launch_with_smem(&grouped_bwd_dq_kernel<T, MaskMode::kCausal, false>, num_ctas, T::kThreads,
+                          T::kSmemBytes, stream, params);
+}
 }  // namespace sm80
 }  // namespace cuda
 }  // namespace ringattn

@@ -4,8 +4,11 @@
 namespace ringattn {
 namespace cuda {
 namespace sm80 {
-template cudaError_t launch_grouped_fwd<FwdConfig<__nv_bfloat16, 256>::Traits, MaskMode::kLocal, true>(
-    const FwdKernelParams&, int, cudaStream_t);
+cudaError_t launch_fwd_hdim256_bf16_local_softcap(const FwdKernelParams& params, int num_ctas, cudaStream_t stream) {
+  using T = FwdConfig<__nv_bfloat16, 256>::Traits;
+  return launch_with_smem(&grouped_fwd_kernel<T, MaskMode::kLocal, true>, num_ctas, T::kThreads,
+                          T::kSmemBytes, stream, params);
+}
 }  // namespace sm80
 }  // namespace cuda
 }  // namespace ringattn

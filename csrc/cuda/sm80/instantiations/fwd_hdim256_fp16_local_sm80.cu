@@ -4,8 +4,11 @@
 namespace ringattn {
 namespace cuda {
 namespace sm80 {
-template cudaError_t launch_grouped_fwd<FwdConfig<__half, 256>::Traits, MaskMode::kLocal>(
-    const FwdKernelParams&, int, cudaStream_t);
+cudaError_t launch_fwd_hdim256_fp16_local(const FwdKernelParams& params, int num_ctas, cudaStream_t stream) {
+  using T = FwdConfig<__half, 256>::Traits;
+  return launch_with_smem(&grouped_fwd_kernel<T, MaskMode::kLocal, false>, num_ctas, T::kThreads,
+                          T::kSmemBytes, stream, params);
+}
 }  // namespace sm80
 }  // namespace cuda
 }  // namespace ringattn

@@ -4,8 +4,11 @@
 namespace ringattn {
 namespace cuda {
 namespace sm90 {
-template cudaError_t launch_grouped_bwd_dq<BwdDqConfig<__nv_bfloat16, 64>::Traits, MaskMode::kCausal>(
-    const BwdDqKernelParams&, int, cudaStream_t);
+cudaError_t launch_bwd_dq_hdim64_bf16_causal(const BwdDqKernelParams& params, int num_ctas, cudaStream_t stream) {
+  using T = BwdDqConfig<__nv_bfloat16, 64>::Traits;
+  return launch_with_smem(&grouped_bwd_dq_kernel<T, MaskMode::kCausal, false>, num_ctas, T::kThreads,
+                          T::kSmemBytes, stream, params);
+}
 }  // namespace sm90
 }  // namespace cuda
 }  // namespace ringattn

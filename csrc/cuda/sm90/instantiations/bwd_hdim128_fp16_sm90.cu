@@ -4,8 +4,11 @@
 namespace ringattn {
 namespace cuda {
 namespace sm90 {
-template cudaError_t launch_grouped_bwd_dkdv<BwdConfig<__half, 128>::Traits, MaskMode::kNone>(
-    const BwdKernelParams&, int, cudaStream_t);
+cudaError_t launch_bwd_dkdv_hdim128_fp16(const BwdKernelParams& params, int num_ctas, cudaStream_t stream) {
+  using T = BwdConfig<__half, 128>::Traits;
+  return launch_with_smem(&grouped_bwd_dkdv_kernel<T, MaskMode::kNone, false>, num_ctas, T::kThreads,
+                          T::kSmemBytes, stream, params);
+}
 }  // namespace sm90
 }  // namespace cuda
 }  // namespace ringattn
