@@ -226,17 +226,13 @@ bool encode_bwd_tensor_maps(const ringattn_bwd_params& p, int block_m, int block
   for (int g = 0; g < pr.num_groups; ++g) {
     const ringattn_bwd_group& src = p.groups[g];
     if (src.total_q == 0) continue;
-    const std::string prefix = "groups[" + std::to_string(g) + "].";
-    if (!sm90::encode_operand_map(&kp->tma_q[g], prefix + "q", src.q, pr, src.total_q, pr.num_heads_q,
-                                  src.q_row_stride, src.q_head_stride, block_m, why) ||
-        !sm90::encode_operand_map(&kp->tma_do[g], prefix + "dout", src.dout, pr, src.total_q, pr.num_heads_q,
+    if (!sm90::encode_operand_map(&kp->tma_q[g], "q", g, src.q, pr, src.total_q, pr.num_heads_q, src.q_row_stride,
+                                  src.q_head_stride, block_m, why) ||
+        !sm90::encode_operand_map(&kp->tma_do[g], "dout", g, src.dout, pr, src.total_q, pr.num_heads_q,
                                   src.dout_row_stride, src.dout_head_stride, block_m, why))
       return false;
   }
-  return sm90::encode_operand_map(&kp->tma_k, "k", p.k, pr, pr.total_k, pr.num_heads_k, p.k_row_stride,
-                                  p.k_head_stride, block_n, why) &&
-         sm90::encode_operand_map(&kp->tma_v, "v", p.v, pr, pr.total_k, pr.num_heads_k, p.v_row_stride,
-                                  p.v_head_stride, block_n, why);
+  return sm90::encode_kv_maps(p, block_n, &kp->tma_k, &kp->tma_v, why);
 }
 #endif
 

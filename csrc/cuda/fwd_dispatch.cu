@@ -68,14 +68,11 @@ bool encode_fwd_tensor_maps(const ringattn_fwd_params& p, const Sm90FwdKernelEnt
   for (int g = 0; g < pr.num_groups; ++g) {
     const ringattn_fwd_group& src = p.groups[g];
     if (src.total_q == 0) continue;  // no tiles read this map
-    if (!sm90::encode_operand_map(&kp->tma_q[g], "groups[" + std::to_string(g) + "].q", src.q, pr, src.total_q,
-                                  pr.num_heads_q, src.q_row_stride, src.q_head_stride, e.block_m, why))
+    if (!sm90::encode_operand_map(&kp->tma_q[g], "q", g, src.q, pr, src.total_q, pr.num_heads_q, src.q_row_stride,
+                                  src.q_head_stride, e.block_m, why))
       return false;
   }
-  return sm90::encode_operand_map(&kp->tma_k, "k", p.k, pr, pr.total_k, pr.num_heads_k, p.k_row_stride,
-                                  p.k_head_stride, e.block_n, why) &&
-         sm90::encode_operand_map(&kp->tma_v, "v", p.v, pr, pr.total_k, pr.num_heads_k, p.v_row_stride,
-                                  p.v_head_stride, e.block_n, why);
+  return sm90::encode_kv_maps(p, e.block_n, &kp->tma_k, &kp->tma_v, why);
 }
 
 // The forward on tier 2.

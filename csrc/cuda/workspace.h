@@ -17,9 +17,9 @@ namespace cuda {
 // Upper bound on the query-tile work items of a forward or backward call's groups.
 template <typename Params>
 int64_t query_tile_capacity(const Params& p, int block_m) {
-  std::vector<int64_t> total_q(p.problem.num_groups);
+  int64_t total_q[RINGATTN_MAX_GROUPS];  // num_groups <= RINGATTN_MAX_GROUPS (validated)
   for (int g = 0; g < p.problem.num_groups; ++g) total_q[g] = p.groups[g].total_q;
-  return work_capacity(total_q.data(), p.problem.num_groups, p.problem.batch_size, block_m);
+  return work_capacity(total_q, p.problem.num_groups, p.problem.batch_size, block_m);
 }
 
 // What a work list (SchedulerArgs, BwdSchedulerArgs) takes from a forward or backward call: its

@@ -188,11 +188,13 @@ def instantiation_file(ks: KernelSet, hdim: int, dtype: Dtype, variant: Variant)
     lines = ""
     for launch in ks.launches:
         traits = launch.traits.format(element=dtype.element, hdim=hdim)
-        carveout = ", /*max_shared_carveout=*/true" if launch.max_shared_carveout else ""
+        carveout = str(launch.max_shared_carveout).lower()
         lines += (f"{launch.declaration(hdim, dtype, variant)} {{\n"
                   f"  using T = {traits};\n"
+                  f"  static KernelAttributeCache attributes_set;  // launch.h\n"
                   f"  return launch_with_smem(&{launch.kernel}<T, {variant.template_args()}>, num_ctas, T::kThreads,\n"
-                  f"                          T::kSmemBytes, stream, params{carveout});\n"
+                  f"                          T::kSmemBytes, stream, params, /*max_shared_carveout=*/{carveout},\n"
+                  f"                          attributes_set);\n"
                   f"}}\n")
     text = INSTANTIATION.format(me=ME, includes="".join(f'#include "{h}"\n' for h in ks.kernel_headers),
                                 tier=ks.tier, instantiations=lines)

@@ -91,14 +91,14 @@ bool encode_accum_map(CUtensorMap* map, float* base, int head_dim, int64_t token
                               static_cast<int64_t>(heads) * head_dim, head_dim, 32, box_rows, why);
 }
 
-bool encode_operand_map(CUtensorMap* map, const std::string& name, const void* base, const ringattn_problem& pr,
+bool encode_operand_map(CUtensorMap* map, const char* name, int group, const void* base, const ringattn_problem& pr,
                         int64_t tokens, int heads, int64_t row_stride, int64_t head_stride, int box_rows,
                         std::string* why) {
   std::string reason;
   if (encode_token_head_map(map, base, pr.dtype == RINGATTN_DTYPE_BF16, pr.head_dim, tokens, heads, row_stride,
                             head_stride, box_rows, &reason))
     return true;
-  *why = name + ": " + reason;
+  *why = (group >= 0 ? "groups[" + std::to_string(group) + "]." : std::string()) + name + ": " + reason;
   return false;
 }
 

@@ -28,11 +28,23 @@ bool encode_token_head_map(CUtensorMap* map, const void* base, bool bf16, int he
 bool encode_accum_map(CUtensorMap* map, float* base, int head_dim, int64_t tokens, int heads, int box_rows,
                       std::string* why);
 
-// encode_token_head_map of a call's operand (dtype and head dim from `pr`); false with
-// "<name>: <reason>" in *why when TMA cannot address it.
-bool encode_operand_map(CUtensorMap* map, const std::string& name, const void* base, const ringattn_problem& pr,
+// encode_token_head_map of a call's operand `name` of group `group` (-1: a tensor of the call; the
+// dtype and head dim from `pr`); false with "[groups[<group>].]<name>: <reason>" in *why when TMA
+// cannot address it (the message is built only then: this runs at every tier-2 call).
+bool encode_operand_map(CUtensorMap* map, const char* name, int group, const void* base, const ringattn_problem& pr,
                         int64_t tokens, int heads, int64_t row_stride, int64_t head_stride, int box_rows,
                         std::string* why);
+
+// The K and V maps of a forward or backward call (ringattn_fwd_params / ringattn_bwd_params),
+// boxes of block_n keys.
+template <typename CallParams>
+bool encode_kv_maps(const CallParams& p, int block_n, CUtensorMap* tma_k, CUtensorMap* tma_v, std::string* why) {
+  const ringattn_problem& pr = p.problem;
+  return encode_operand_map(tma_k, "k", -1, p.k, pr, pr.total_k, pr.num_heads_k, p.k_row_stride, p.k_head_stride,
+                            block_n, why) &&
+         encode_operand_map(tma_v, "v", -1, p.v, pr, pr.total_k, pr.num_heads_k, p.v_row_stride, p.v_head_stride,
+                            block_n, why);
+}
 
 }  // namespace sm90
 }  // namespace cuda

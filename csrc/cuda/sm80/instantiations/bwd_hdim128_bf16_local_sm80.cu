@@ -7,13 +7,17 @@ namespace cuda {
 namespace sm80 {
 cudaError_t launch_bwd_dkdv_hdim128_bf16_local(const BwdKernelParams& params, int num_ctas, cudaStream_t stream) {
   using T = BwdConfig<__nv_bfloat16, 128>::Traits;
+  static KernelAttributeCache attributes_set;  // launch.h
   return launch_with_smem(&grouped_bwd_dkdv_kernel<T, MaskMode::kLocal, false>, num_ctas, T::kThreads,
-                          T::kSmemBytes, stream, params, /*max_shared_carveout=*/true);
+                          T::kSmemBytes, stream, params, /*max_shared_carveout=*/true,
+                          attributes_set);
 }
 cudaError_t launch_bwd_dq_hdim128_bf16_local(const BwdKernelParams& params, int num_ctas, cudaStream_t stream) {
   using T = BwdConfig<__nv_bfloat16, 128>::DqTraits;
+  static KernelAttributeCache attributes_set;  // launch.h
   return launch_with_smem(&grouped_bwd_dq_kernel<T, MaskMode::kLocal, false>, num_ctas, T::kThreads,
-                          T::kSmemBytes, stream, params);
+                          T::kSmemBytes, stream, params, /*max_shared_carveout=*/false,
+                          attributes_set);
 }
 }  // namespace sm80
 }  // namespace cuda

@@ -7,13 +7,17 @@ namespace cuda {
 namespace sm80 {
 cudaError_t launch_bwd_dkdv_hdim256_fp16(const BwdKernelParams& params, int num_ctas, cudaStream_t stream) {
   using T = BwdConfig<__half, 256>::Traits;
+  static KernelAttributeCache attributes_set;  // launch.h
   return launch_with_smem(&grouped_bwd_dkdv_kernel<T, MaskMode::kNone, false>, num_ctas, T::kThreads,
-                          T::kSmemBytes, stream, params, /*max_shared_carveout=*/true);
+                          T::kSmemBytes, stream, params, /*max_shared_carveout=*/true,
+                          attributes_set);
 }
 cudaError_t launch_bwd_dq_hdim256_fp16(const BwdKernelParams& params, int num_ctas, cudaStream_t stream) {
   using T = BwdConfig<__half, 256>::DqTraits;
+  static KernelAttributeCache attributes_set;  // launch.h
   return launch_with_smem(&grouped_bwd_dq_kernel<T, MaskMode::kNone, false>, num_ctas, T::kThreads,
-                          T::kSmemBytes, stream, params);
+                          T::kSmemBytes, stream, params, /*max_shared_carveout=*/false,
+                          attributes_set);
 }
 }  // namespace sm80
 }  // namespace cuda

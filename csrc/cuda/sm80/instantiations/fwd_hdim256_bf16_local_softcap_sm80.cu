@@ -6,8 +6,10 @@ namespace cuda {
 namespace sm80 {
 cudaError_t launch_fwd_hdim256_bf16_local_softcap(const FwdKernelParams& params, int num_ctas, cudaStream_t stream) {
   using T = FwdConfig<__nv_bfloat16, 256>::Traits;
+  static KernelAttributeCache attributes_set;  // launch.h
   return launch_with_smem(&grouped_fwd_kernel<T, MaskMode::kLocal, true>, num_ctas, T::kThreads,
-                          T::kSmemBytes, stream, params);
+                          T::kSmemBytes, stream, params, /*max_shared_carveout=*/false,
+                          attributes_set);
 }
 }  // namespace sm80
 }  // namespace cuda

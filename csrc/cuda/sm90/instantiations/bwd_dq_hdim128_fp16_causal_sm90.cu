@@ -6,8 +6,10 @@ namespace cuda {
 namespace sm90 {
 cudaError_t launch_bwd_dq_hdim128_fp16_causal(const BwdDqKernelParams& params, int num_ctas, cudaStream_t stream) {
   using T = BwdDqConfig<__half, 128>::Traits;
+  static KernelAttributeCache attributes_set;  // launch.h
   return launch_with_smem(&grouped_bwd_dq_kernel<T, MaskMode::kCausal, false>, num_ctas, T::kThreads,
-                          T::kSmemBytes, stream, params);
+                          T::kSmemBytes, stream, params, /*max_shared_carveout=*/false,
+                          attributes_set);
 }
 }  // namespace sm90
 }  // namespace cuda

@@ -6,8 +6,10 @@ namespace cuda {
 namespace sm90 {
 cudaError_t launch_bwd_dkdv_hdim128_bf16_causal(const BwdKernelParams& params, int num_ctas, cudaStream_t stream) {
   using T = BwdConfig<__nv_bfloat16, 128>::Traits;
+  static KernelAttributeCache attributes_set;  // launch.h
   return launch_with_smem(&grouped_bwd_dkdv_kernel<T, MaskMode::kCausal, false>, num_ctas, T::kThreads,
-                          T::kSmemBytes, stream, params);
+                          T::kSmemBytes, stream, params, /*max_shared_carveout=*/false,
+                          attributes_set);
 }
 }  // namespace sm90
 }  // namespace cuda
