@@ -28,22 +28,12 @@
 namespace ratest {
 namespace {
 
-constexpr int kAllDtypes[] = {RINGATTN_DTYPE_FP32, RINGATTN_DTYPE_FP16, RINGATTN_DTYPE_BF16, RINGATTN_DTYPE_FP64};
-
 // ---------------------------------------------------------------------------------------------
 // the scenarios
 // ---------------------------------------------------------------------------------------------
 
 CaseSpec single(const std::string& name, int lq, int lk, bool causal, int hq = 2, int hk = 1, int dim = 64) {
-  CaseSpec c;
-  c.name = name;
-  c.heads_q = hq;
-  c.heads_k = hk;
-  c.dim = dim;
-  c.causal = causal;
-  c.lk = {lk};
-  c.groups = {GroupSpec{{lq}, {}, 0}};
-  return c;
+  return CaseSpec(name, hq, hk, dim, causal, {lk}, {GroupSpec{{lq}, {}, 0}});
 }
 
 std::vector<CaseSpec> scenarios() {
@@ -62,95 +52,44 @@ std::vector<CaseSpec> scenarios() {
   s.push_back(single("hdim256", 20, 75, false, 2, 1, 256));
 
   // Tile edges: lengths around the 64-row tiles.
-  {
-    CaseSpec c;
-    c.name = "tile_edges_gqa";
-    c.heads_q = 4;
-    c.heads_k = 2;
-    c.dim = 32;
-    c.lk = {64, 129, 63, 128, 65};
-    c.groups = {GroupSpec{{64, 65, 127, 129, 1}, {}, 0}};
-    s.push_back(c);
-  }
+  s.push_back(CaseSpec("tile_edges_gqa", 4, 2, 32, true, {64, 129, 63, 128, 65},
+                       {GroupSpec{{64, 65, 127, 129, 1}, {}, 0}}));
 
   // Varlen, one group: empty and single-token query sequences, an empty key sequence,
   // Lq > Lk and Lq < Lk.
-  for (bool causal : {true, false}) {
-    CaseSpec c;
-    c.name = causal ? "varlen_g1_causal" : "varlen_g1_full";
-    c.heads_q = 4;
-    c.heads_k = 2;
-    c.dim = 64;
-    c.causal = causal;
-    c.lk = {3, 1, 64, 50, 0, 130};
-    c.groups = {GroupSpec{{0, 1, 37, 70, 5, 64}, {}, 0}};
-    s.push_back(c);
-  }
+  for (bool causal : {true, false})
+    s.push_back(CaseSpec(causal ? "varlen_g1_causal" : "varlen_g1_full", 4, 2, 64, causal, {3, 1, 64, 50, 0, 130},
+                         {GroupSpec{{0, 1, 37, 70, 5, 64}, {}, 0}}));
 
   // Two groups with seqused_k (including 0 keys for one sequence).
-  for (bool causal : {true, false}) {
-    CaseSpec c;
-    c.name = causal ? "varlen_g2_seqused_causal" : "varlen_g2_seqused_full";
-    c.heads_q = 2;
-    c.heads_k = 2;
-    c.dim = 64;
-    c.causal = causal;
-    c.lk = {40, 96, 17, 70};
-    c.groups = {GroupSpec{{20, 48, 1, 35}, {20, 48, 0, 35}, 0}, GroupSpec{{20, 48, 9, 0}, {40, 96, 17, 70}, 0}};
-    s.push_back(c);
-  }
+  for (bool causal : {true, false})
+    s.push_back(CaseSpec(causal ? "varlen_g2_seqused_causal" : "varlen_g2_seqused_full", 2, 2, 64, causal,
+                         {40, 96, 17, 70},
+                         {GroupSpec{{20, 48, 1, 35}, {20, 48, 0, 35}, 0}, GroupSpec{{20, 48, 9, 0}, {40, 96, 17, 70}, 0}}));
 
   // Three groups, GQA, mixed NULL and explicit seqused_k, custom scale.
   {
-    CaseSpec c;
-    c.name = "varlen_g3_gqa_scale";
-    c.heads_q = 6;
-    c.heads_k = 2;
-    c.dim = 48;
-    c.causal = true;
+    CaseSpec c("varlen_g3_gqa_scale", 6, 2, 48, true, {50, 0, 81},
+               {GroupSpec{{10, 3, 27}, {10, 0, 27}, 0}, GroupSpec{{25, 0, 27}, {}, 0},
+                GroupSpec{{50, 7, 54}, {30, 0, 81}, 0}});
     c.softmax_scale = 0.37f;
-    c.lk = {50, 0, 81};
-    c.groups = {GroupSpec{{10, 3, 27}, {10, 0, 27}, 0}, GroupSpec{{25, 0, 27}, {}, 0},
-                GroupSpec{{50, 7, 54}, {30, 0, 81}, 0}};
     s.push_back(c);
   }
 
   // MQA with several groups, non-causal.
-  {
-    CaseSpec c;
-    c.name = "varlen_g2_mqa_full";
-    c.heads_q = 4;
-    c.heads_k = 1;
-    c.dim = 32;
-    c.causal = false;
-    c.lk = {33, 7};
-    c.groups = {GroupSpec{{12, 20}, {}, 0}, GroupSpec{{40, 1}, {20, 3}, 0}};
-    s.push_back(c);
-  }
+  s.push_back(CaseSpec("varlen_g2_mqa_full", 4, 1, 32, false, {33, 7},
+                       {GroupSpec{{12, 20}, {}, 0}, GroupSpec{{40, 1}, {20, 3}, 0}}));
 
   // The zigzag llama3 per-rank workload: N = 2 ranks, chunk c = 24, rank 0 holds chunks 0 and
   // 3 of each sequence; the early chunk sees the first (r + 1) c keys, the late one (2N - r) c.
-  {
-    CaseSpec c;
-    c.name = "zigzag_llama3_rank0";
-    c.heads_q = 4;
-    c.heads_k = 2;
-    c.dim = 64;
-    c.causal = true;
-    c.lk = {96, 48};  // global lengths, divisible by 2N
-    c.groups = {GroupSpec{{24, 12}, {24, 12}, 0}, GroupSpec{{24, 12}, {96, 48}, 0}};
-    s.push_back(c);
-  }
+  // Global lengths {96, 48}, divisible by 2N.
+  s.push_back(CaseSpec("zigzag_llama3_rank0", 4, 2, 64, true, {96, 48},
+                       {GroupSpec{{24, 12}, {24, 12}, 0}, GroupSpec{{24, 12}, {96, 48}, 0}}));
 
   // Strided tensors: padded heads and head-major memory, on inputs and on outputs.
   {
-    CaseSpec c;
-    c.name = "strided_padded_and_headmajor";
-    c.heads_q = 4;
-    c.heads_k = 2;
-    c.dim = 40;
-    c.lk = {77, 20};
-    c.groups = {GroupSpec{{60, 33}, {}, 0}, GroupSpec{{5, 20}, {50, 20}, 0}};
+    CaseSpec c("strided_padded_and_headmajor", 4, 2, 40, true, {77, 20},
+               {GroupSpec{{60, 33}, {}, 0}, GroupSpec{{5, 20}, {50, 20}, 0}});
     c.q_layout = Layout::kPaddedHeads;
     c.kv_layout = Layout::kHeadMajor;
     c.out_layout = Layout::kHeadMajor;
@@ -160,27 +99,15 @@ std::vector<CaseSpec> scenarios() {
 
   // Rows after the last sequence (cu_seqlens[B] < total) belong to no sequence.
   {
-    CaseSpec c;
-    c.name = "trailing_rows";
-    c.heads_q = 2;
-    c.heads_k = 1;
-    c.dim = 16;
-    c.lk = {30, 11};
+    CaseSpec c("trailing_rows", 2, 1, 16, true, {30, 11}, {GroupSpec{{9, 14}, {}, 3}, GroupSpec{{2, 11}, {30, 5}, 1}});
     c.extra_k_rows = 5;
-    c.groups = {GroupSpec{{9, 14}, {}, 3}, GroupSpec{{2, 11}, {30, 5}, 1}};
     s.push_back(c);
   }
 
   // Large logits: scores spread over tens of units, so the running max changes between key
   // tiles and the rescale matters.
   {
-    CaseSpec c;
-    c.name = "large_logits";
-    c.heads_q = 2;
-    c.heads_k = 2;
-    c.dim = 64;
-    c.lk = {200, 90};
-    c.groups = {GroupSpec{{150, 90}, {}, 0}};
+    CaseSpec c("large_logits", 2, 2, 64, true, {200, 90}, {GroupSpec{{150, 90}, {}, 0}});
     c.q_amplitude = 24.0;
     s.push_back(c);
   }
@@ -191,55 +118,11 @@ std::vector<CaseSpec> scenarios() {
 // CPU backend vs the naive reference, every scenario x every dtype
 // ---------------------------------------------------------------------------------------------
 
-class CpuVsNaive : public ::testing::TestWithParam<std::tuple<CaseSpec, int>> {};
+class CpuVsNaive : public CaseDtypeTest {};
 
-TEST_P(CpuVsNaive, ForwardBackward) {
-  const CaseSpec& spec = std::get<0>(GetParam());
-  const int dtype = std::get<1>(GetParam());
-  const Tolerance tol = tolerance_for(dtype);
-  const CaseInputs in = make_inputs(spec, dtype, seed_from(spec.name, dtype));
-  const int G = static_cast<int>(spec.groups.size());
+TEST_P(CpuVsNaive, ForwardBackward) { expect_cpu_matches_naive(std::get<0>(GetParam()), std::get<1>(GetParam())); }
 
-  const naive::Problem np = naive_problem(in);
-  const std::vector<naive::Group> ng = naive_groups(in);
-
-  // ---- forward ----
-  const ForwardResult fwd = run_forward(in, 4);
-  ASSERT_EQ(fwd.status, RINGATTN_STATUS_OK) << fwd.error;
-  for (int g = 0; g < G; ++g) {
-    const naive::Forward ref = naive::forward(np, ng[g]);
-    const std::string tag = " (group " + std::to_string(g) + ")";
-    EXPECT_TRUE(close_to_reference("out" + tag, fwd.out[g], ref.out, tol.out));
-    EXPECT_TRUE(lse_close("lse" + tag, fwd.lse[g], ref.lse, tol.lse));
-    EXPECT_TRUE(padding_untouched("out" + tag, fwd.out[g]));
-    // A row without keys is exactly zero (the LSE check above requires -inf there).
-    for (int h = 0; h < spec.heads_q; ++h)
-      for (int64_t row = 0; row < in.total_q[g]; ++row)
-        if (std::isinf(ref.lse[h * in.total_q[g] + row])) {
-          for (int d = 0; d < spec.dim; ++d) ASSERT_EQ(fwd.out[g].get(row, h, d), 0.0) << "row " << row << tag;
-        }
-  }
-
-  const ForwardResult fwd1 = run_forward(in, 1);
-  ASSERT_EQ(fwd1.status, RINGATTN_STATUS_OK) << fwd1.error;
-  expect_forward_same_bits_1_vs_4_threads(fwd, fwd1, G);
-
-  // ---- backward (on the backend's own out and LSE, as autograd does) ----
-  const BackwardResult bwd = run_backward(in, fwd, 4);
-  ASSERT_EQ(bwd.status, RINGATTN_STATUS_OK) << bwd.error;
-  const naive::Gradients ref = naive::backward(np, ng);
-  expect_gradients_close(bwd, ref, tol, G);
-  EXPECT_TRUE(padding_untouched("dk", bwd.dk));
-  EXPECT_TRUE(padding_untouched("dv", bwd.dv));
-
-  const BackwardResult bwd1 = run_backward(in, fwd1, 1);
-  ASSERT_EQ(bwd1.status, RINGATTN_STATUS_OK) << bwd1.error;
-  expect_backward_same_bits_1_vs_4_threads(bwd, bwd1, G);
-}
-
-INSTANTIATE_TEST_SUITE_P(AllFeatures, CpuVsNaive,
-                         ::testing::Combine(::testing::ValuesIn(scenarios()), ::testing::ValuesIn(kAllDtypes)),
-                         case_dtype_name);
+INSTANTIATE_TEST_SUITE_P(AllFeatures, CpuVsNaive, every_dtype(scenarios()), case_dtype_name);
 
 // ---------------------------------------------------------------------------------------------
 // the contract's conventions on a case small enough to work out by hand
@@ -270,20 +153,9 @@ TEST(CpuBackendConventions, CausalIsBottomRightAligned) {
 
 // Keys past seqused_k are never read: NaN there changes nothing, and their dK, dV are exactly 0.
 TEST(CpuBackendConventions, KeysPastSequsedAreNeverRead) {
-  CaseSpec c;
-  c.name = "unused_keys";
-  c.heads_q = 2;
-  c.heads_k = 1;
-  c.dim = 32;
-  c.lk = {80, 50};
-  c.groups = {GroupSpec{{70, 50}, {60, 50}, 0}};
+  const CaseSpec c("unused_keys", 2, 1, 32, true, {80, 50}, {GroupSpec{{70, 50}, {60, 50}, 0}});
   CaseInputs in = make_inputs(c, RINGATTN_DTYPE_FP32, 5);
-  const double nan = std::numeric_limits<double>::quiet_NaN();
-  for (int64_t row = 60; row < 80; ++row)
-    for (int d = 0; d < c.dim; ++d) {
-      in.k.set(row, 0, d, nan);
-      in.v.set(row, 0, d, nan);
-    }
+  set_keys_to_nan(in, 60, 80);
   const Tolerance tol = tolerance_for(RINGATTN_DTYPE_FP32);
   const naive::Problem np = naive_problem(in);
   const std::vector<naive::Group> ng = naive_groups(in);
@@ -326,13 +198,8 @@ TEST(CpuBackendConventions, MaskedKeysNeverContribute) {
 
 // num_threads <= 0 means all hardware threads; the result does not depend on it.
 TEST(CpuBackendConventions, DefaultThreadCountGivesSameBits) {
-  CaseSpec c;
-  c.name = "threads";
-  c.heads_q = 4;
-  c.heads_k = 2;
-  c.dim = 32;
-  c.lk = {130, 70};
-  c.groups = {GroupSpec{{100, 70}, {}, 0}, GroupSpec{{30, 2}, {60, 70}, 0}};
+  const CaseSpec c("threads", 4, 2, 32, true, {130, 70},
+                   {GroupSpec{{100, 70}, {}, 0}, GroupSpec{{30, 2}, {60, 70}, 0}});
   const CaseInputs in = make_inputs(c, RINGATTN_DTYPE_BF16, 7);
   const ForwardResult a = run_forward(in, 0);
   const ForwardResult b = run_forward(in, 3);
@@ -383,6 +250,37 @@ bool row_same_bits(const Tensor3& a, const Tensor3& b, int64_t row, int head) {
   return true;
 }
 
+// Row by row, every head: a (row, head) that `reached(row, head)` names is all NaN in `got`; every
+// other has the bits it has in `clean`.
+template <typename Reached>
+void expect_nan_exactly_where(const std::string& what, const Tensor3& got, const Tensor3& clean, Reached reached) {
+  for (int h = 0; h < got.heads(); ++h)
+    for (int64_t row = 0; row < got.rows(); ++row) {
+      if (reached(row, h)) {
+        ASSERT_TRUE(row_all_nan(got, row, h)) << what << " row " << row << " head " << h;
+      } else {
+        ASSERT_TRUE(row_same_bits(got, clean, row, h)) << what << " row " << row << " head " << h;
+      }
+    }
+}
+
+// The forward of the one group of a poisoned case (`f`) against the clean one (`fc`): out as
+// expect_nan_exactly_where says, and the LSE [heads, rows] likewise NaN or the clean value.
+template <typename Reached>
+void expect_forward_nan_exactly_where(const ForwardResult& f, const ForwardResult& fc, Reached reached) {
+  ASSERT_NO_FATAL_FAILURE(expect_nan_exactly_where("out", f.out[0], fc.out[0], reached));
+  const int64_t rows = f.out[0].rows();
+  for (int h = 0; h < f.out[0].heads(); ++h)
+    for (int64_t row = 0; row < rows; ++row) {
+      const float lse = f.lse[0][h * rows + row];
+      if (reached(row, h)) {
+        ASSERT_TRUE(std::isnan(lse)) << "lse row " << row << " head " << h << ": " << lse;
+      } else {
+        ASSERT_EQ(lse, fc.lse[0][h * rows + row]) << "lse row " << row << " head " << h;
+      }
+    }
+}
+
 // One NaN in one element of q: that row's O and LSE are NaN, its dQ is NaN, and so are dK and
 // dV of every key it sees; every other row and key is bit for bit what it is without the NaN.
 TEST_P(NonFinite, NanInQueryReachesItsRowAndItsGradients) {
@@ -393,36 +291,15 @@ TEST_P(NonFinite, NanInQueryReachesItsRowAndItsGradients) {
   const ForwardResult fc = run_forward(clean, 2), f = run_forward(in, 2);
   ASSERT_EQ(fc.status, RINGATTN_STATUS_OK) << fc.error;
   ASSERT_EQ(f.status, RINGATTN_STATUS_OK) << f.error;
-  for (int h = 0; h < 2; ++h)
-    for (int64_t row = 0; row < 70; ++row) {
-      const float lse = f.lse[0][h * 70 + row];
-      if (row == 40 && h == 1) {
-        EXPECT_TRUE(row_all_nan(f.out[0], row, h)) << "out row 40 head 1";
-        EXPECT_TRUE(std::isnan(lse)) << "lse row 40 head 1: " << lse;
-      } else {
-        ASSERT_TRUE(row_same_bits(f.out[0], fc.out[0], row, h)) << "out row " << row << " head " << h;
-        ASSERT_EQ(lse, fc.lse[0][h * 70 + row]) << "lse row " << row << " head " << h;
-      }
-    }
+  const auto row_40_head_1 = [](int64_t row, int h) { return row == 40 && h == 1; };
+  ASSERT_NO_FATAL_FAILURE(expect_forward_nan_exactly_where(f, fc, row_40_head_1));
   const BackwardResult bc = run_backward(clean, fc, 2), b = run_backward(in, f, 2);
   ASSERT_EQ(bc.status, RINGATTN_STATUS_OK) << bc.error;
   ASSERT_EQ(b.status, RINGATTN_STATUS_OK) << b.error;
-  for (int h = 0; h < 2; ++h)
-    for (int64_t row = 0; row < 70; ++row) {
-      if (row == 40 && h == 1)
-        EXPECT_TRUE(row_all_nan(b.dq[0], row, h)) << "dq row 40 head 1";
-      else
-        ASSERT_TRUE(row_same_bits(b.dq[0], bc.dq[0], row, h)) << "dq row " << row << " head " << h;
-    }
-  for (int64_t key = 0; key < 90; ++key) {
-    if (key <= 60) {  // seen by query row 40
-      ASSERT_TRUE(row_all_nan(b.dk, key, 0)) << "dk key " << key;
-      ASSERT_TRUE(row_all_nan(b.dv, key, 0)) << "dv key " << key;
-    } else {
-      ASSERT_TRUE(row_same_bits(b.dk, bc.dk, key, 0)) << "dk key " << key;
-      ASSERT_TRUE(row_same_bits(b.dv, bc.dv, key, 0)) << "dv key " << key;
-    }
-  }
+  ASSERT_NO_FATAL_FAILURE(expect_nan_exactly_where("dq", b.dq[0], bc.dq[0], row_40_head_1));
+  const auto seen_by_row_40 = [](int64_t key, int) { return key <= 60; };
+  ASSERT_NO_FATAL_FAILURE(expect_nan_exactly_where("dk key", b.dk, bc.dk, seen_by_row_40));
+  ASSERT_NO_FATAL_FAILURE(expect_nan_exactly_where("dv key", b.dv, bc.dv, seen_by_row_40));
 }
 
 // One NaN, or one +inf score, in key 50: every row that sees key 50 (rows 30 ..) gets NaN O and
@@ -439,16 +316,7 @@ TEST_P(NonFinite, NanOrPlusInfKeyReachesTheRowsThatSeeIt) {
     const ForwardResult fc = run_forward(clean, 2), f = run_forward(in, 2);
     ASSERT_EQ(fc.status, RINGATTN_STATUS_OK) << fc.error;
     ASSERT_EQ(f.status, RINGATTN_STATUS_OK) << f.error;
-    for (int h = 0; h < 2; ++h)
-      for (int64_t row = 0; row < 70; ++row) {
-        const float lse = f.lse[0][h * 70 + row];
-        if (row >= 30) {
-          ASSERT_TRUE(row_all_nan(f.out[0], row, h)) << "out row " << row << " head " << h;
-          ASSERT_TRUE(std::isnan(lse)) << "lse row " << row << " head " << h << ": " << lse;
-        } else {
-          ASSERT_TRUE(row_same_bits(f.out[0], fc.out[0], row, h)) << "out row " << row << " head " << h;
-        }
-      }
+    ASSERT_NO_FATAL_FAILURE(expect_forward_nan_exactly_where(f, fc, [](int64_t row, int) { return row >= 30; }));
     const BackwardResult b = run_backward(in, f, 2);
     ASSERT_EQ(b.status, RINGATTN_STATUS_OK) << b.error;
     EXPECT_TRUE(row_all_nan(b.dq[0], 30, 0));
@@ -515,21 +383,6 @@ INSTANTIATE_TEST_SUITE_P(AllDtypes, NonFinite, ::testing::ValuesIn(kAllDtypes),
 // ---------------------------------------------------------------------------------------------
 // host API validation of scalar arguments
 // ---------------------------------------------------------------------------------------------
-
-bool still_poisoned(const Tensor3& t) {
-  for (size_t i = 0; i < t.num_elems(); ++i)
-    if (t.bits_at(i) != poison_bits(t.dtype())) return false;
-  return true;
-}
-
-bool still_poisoned(const std::vector<float>& lse) {
-  for (float x : lse) {
-    uint32_t b;
-    std::memcpy(&b, &x, 4);
-    if (b != kLsePoison) return false;
-  }
-  return true;
-}
 
 // The default scale has its own flag: no float value (0, negative, NaN, inf, a subnormal that a
 // caller's 1e-50 would round to) is taken for "1/sqrt(head_dim)"; each is rejected, naming the
@@ -602,11 +455,6 @@ TEST(HostApiValidation, NegativeMaxSeqlenHintsAreRejected) {
 // CPU backend, which ignores the word and rejects malformed metadata itself
 // ---------------------------------------------------------------------------------------------
 
-void expect_rejected(ringattn_status status, const std::string& error, const std::string& prefix) {
-  EXPECT_EQ(status, RINGATTN_STATUS_INVALID_ARGUMENT) << error;
-  EXPECT_EQ(error.rfind(prefix, 0), 0u) << "message: " << error << "\nexpected it to start with: " << prefix;
-}
-
 TEST(MetadataErrors, EachBitHasItsOwnPhraseNamingItsArgument) {
   EXPECT_STREQ(ringattn_describe_metadata_errors(0), "");
   struct Expect {
@@ -650,13 +498,8 @@ TEST(MetadataErrors, EachBitHasItsOwnPhraseNamingItsArgument) {
 // host check's message (forward and backward) before anything is written, every well-formed one
 // runs; exec.metadata_errors is never touched on CPU.
 TEST(MetadataErrors, CpuBackendRejectsEachMalformedCaseAndIgnoresTheWord) {
-  CaseSpec spec;
-  spec.name = "metadata_cases";
-  spec.heads_q = 2;
-  spec.heads_k = 1;
-  spec.dim = 64;
-  spec.lk = {9, 7};
-  spec.groups = {GroupSpec{{5, 7}, {}, 0}, GroupSpec{{4, 6}, {9, 7}, 0}};
+  const CaseSpec spec("metadata_cases", 2, 1, 64, true, {9, 7},
+                      {GroupSpec{{5, 7}, {}, 0}, GroupSpec{{4, 6}, {9, 7}, 0}});
   const CaseInputs in = make_inputs(spec, RINGATTN_DTYPE_FP32, 25);
   ASSERT_EQ(in.total_q[0], kMetadataCaseTotalQ[0]);
   ASSERT_EQ(in.total_q[1], kMetadataCaseTotalQ[1]);
@@ -693,23 +536,6 @@ TEST(MetadataErrors, CpuBackendRejectsEachMalformedCaseAndIgnoresTheWord) {
 // host API validation of overlapping outputs
 // ---------------------------------------------------------------------------------------------
 
-constexpr uint32_t kFloatPoison = 0x7fdeadbeu;
-
-std::vector<float> poisoned_floats(size_t n) {
-  std::vector<float> v(n);
-  for (float& x : v) std::memcpy(&x, &kFloatPoison, 4);
-  return v;
-}
-
-bool all_poisoned(const std::vector<float>& v) {
-  for (float x : v) {
-    uint32_t b;
-    std::memcpy(&b, &x, 4);
-    if (b != kFloatPoison) return false;
-  }
-  return true;
-}
-
 // fp32, 20 queries and 30 keys of one sequence, Hq = 4, Hk = 2, D = 16.
 CaseInputs alias_case() { return make_inputs(single("alias", 20, 30, true, 4, 2, 16), RINGATTN_DTYPE_FP32, 23); }
 
@@ -734,7 +560,7 @@ TEST(HostApiValidation, OutputOverlappingItselfIsRejected) {
       g[0].out_head_stride = l.head_stride;
     });
     expect_rejected(f.status, f.error, "out (group 0): expected an output whose rows and heads do not overlap");
-    EXPECT_TRUE(all_poisoned(out) && still_poisoned(f.lse[0]));
+    EXPECT_TRUE(still_poisoned(out) && still_poisoned(f.lse[0]));
   }
   // The second layout is fine for the 2 KV heads of dK: accepted, and the values are those of the
   // contiguous run.
@@ -773,7 +599,7 @@ TEST(HostApiValidation, ForwardOutputsOverlappingEachOtherOrAnInputAreRejected) 
     g[0].softmax_lse = out.data() + 20 * 4 * 16 - 8;  // its first 8 floats are out's last row
   });
   expect_rejected(f.status, f.error, "softmax_lse (group 0): expected an output that shares no memory with the output out (group 0)");
-  EXPECT_TRUE(all_poisoned(out));
+  EXPECT_TRUE(still_poisoned(out));
   // The output over the metadata it reads.
   f = run_forward(in, 1, [&](ringattn_fwd_params& p) {
     auto* g = const_cast<ringattn_fwd_group*>(p.groups);
@@ -862,14 +688,8 @@ Format format_of(int dtype) { return dtype == RINGATTN_DTYPE_FP16 ? kHalf : kBf1
 // A problem of `batch` sequences of one query and `keys_per_seq` keys, D = 8, Q = 0 (so every
 // key gets the same weight) and K = 1.
 CaseInputs uniform_weight_problem(int dtype, int batch, int keys_per_seq) {
-  CaseSpec c;
-  c.name = "convert";
-  c.heads_q = 1;
-  c.heads_k = 1;
-  c.dim = 8;
-  c.causal = false;
-  c.lk.assign(batch, keys_per_seq);
-  c.groups = {GroupSpec{std::vector<int>(batch, 1), {}, 0}};
+  const CaseSpec c("convert", 1, 1, 8, false, std::vector<int>(batch, keys_per_seq),
+                   {GroupSpec{std::vector<int>(batch, 1), {}, 0}});
   CaseInputs in = make_inputs(c, dtype, 3);
   for (int64_t r = 0; r < in.total_q[0]; ++r)
     for (int d = 0; d < 8; ++d) in.q[0].set(r, 0, d, 0.0);

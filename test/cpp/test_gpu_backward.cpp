@@ -236,27 +236,15 @@ TEST_F(GpuBackward, MatchesCpuBackendAcrossShapes) {
   for (int dtype : {RINGATTN_DTYPE_FP16, RINGATTN_DTYPE_BF16})
     for (int d : {64, 128, 256})
       for (bool causal : {false, true}) {
-        CaseSpec groups;
-        groups.name = shape_name("groups", d, causal);
-        groups.heads_q = 8;
-        groups.heads_k = 2;
-        groups.dim = d;
-        groups.causal = causal;
-        groups.lk = {256, 203};
-        groups.groups = {GroupSpec{{128, 37}, {128, 150}, 0}, GroupSpec{{128, 113}, {}, 0},
-                         GroupSpec{{5, 64}, {0, 17}, 0}};
+        CaseSpec groups(shape_name("groups", d, causal), 8, 2, d, causal, {256, 203},
+                        {GroupSpec{{128, 37}, {128, 150}, 0}, GroupSpec{{128, 113}, {}, 0},
+                         GroupSpec{{5, 64}, {0, 17}, 0}});
         groups.kv_layout = Layout::kPaddedHeads;
         groups.grad_layout = Layout::kPaddedHeads;
         check_case(groups, dtype, /*deterministic=*/true);
 
-        CaseSpec odd;
-        odd.name = shape_name("odd_mqa", d, causal);
-        odd.heads_q = 4;
-        odd.heads_k = 1;
-        odd.dim = d;
-        odd.causal = causal;
-        odd.lk = {1, 203, 239};
-        odd.groups = {GroupSpec{{1, 113, 239}, {}, 0}};
+        CaseSpec odd(shape_name("odd_mqa", d, causal), 4, 1, d, causal, {1, 203, 239},
+                     {GroupSpec{{1, 113, 239}, {}, 0}});
         odd.q_layout = Layout::kPaddedHeads;
         odd.out_layout = Layout::kPaddedHeads;
         check_case(odd, dtype, /*deterministic=*/false);
@@ -268,16 +256,10 @@ TEST_F(GpuBackward, MatchesCpuBackendAcrossShapes) {
 // after the last sequence in Q and in K/V; a softmax scale other than 1/sqrt(D).
 TEST_F(GpuBackward, ManyGroupsEmptyRowsAndTails) {
   for (bool causal : {true, false}) {
-    CaseSpec c;
-    c.name = std::string("many_groups") + (causal ? "_causal" : "_full");
-    c.heads_q = 8;
-    c.heads_k = 8;
-    c.dim = 128;
-    c.causal = causal;
+    CaseSpec c(std::string("many_groups") + (causal ? "_causal" : "_full"), 8, 8, 128, causal, {100, 0, 64},
+               {GroupSpec{{300, 7, 64}, {}, 3}, GroupSpec{{64, 0, 1}, {0, 0, 64}, 0}, GroupSpec{{200, 3, 5}, {}, 0},
+                GroupSpec{{17, 0, 64}, {100, 0, 3}, 9}});
     c.softmax_scale = causal ? 0.0f : 0.05f;
-    c.lk = {100, 0, 64};
-    c.groups = {GroupSpec{{300, 7, 64}, {}, 3}, GroupSpec{{64, 0, 1}, {0, 0, 64}, 0},
-                GroupSpec{{200, 3, 5}, {}, 0}, GroupSpec{{17, 0, 64}, {100, 0, 3}, 9}};
     c.extra_k_rows = 5;
     c.grad_layout = Layout::kPaddedHeads;
     check_case(c, RINGATTN_DTYPE_BF16, /*deterministic=*/true);
@@ -289,14 +271,8 @@ TEST_F(GpuBackward, ManyGroupsEmptyRowsAndTails) {
 // quick enough for compute-sanitizer (memcheck, racecheck).
 TEST_F(GpuBackward, SmallCases) {
   for (int d : {64, 256}) {
-    CaseSpec c;
-    c.name = shape_name("small", d, true);
-    c.heads_q = 2;
-    c.heads_k = 1;
-    c.dim = d;
-    c.causal = true;
-    c.lk = {70, 33};
-    c.groups = {GroupSpec{{80, 9}, {}, 0}, GroupSpec{{17, 33}, {40, 0}, 0}};
+    const CaseSpec c(shape_name("small", d, true), 2, 1, d, true, {70, 33},
+                     {GroupSpec{{80, 9}, {}, 0}, GroupSpec{{17, 33}, {40, 0}, 0}});
     check_case(c, RINGATTN_DTYPE_BF16, /*deterministic=*/true);
   }
 }
@@ -305,14 +281,7 @@ TEST_F(GpuBackward, SmallCases) {
 // groups in registers), two groups seeing overlapping key ranges (a zigzag rank's halves).
 TEST_F(GpuBackward, LongSequencesTwoGroups) {
   for (int dtype : {RINGATTN_DTYPE_BF16, RINGATTN_DTYPE_FP16}) {
-    CaseSpec c;
-    c.name = "long_zigzag";
-    c.heads_q = 8;
-    c.heads_k = 2;
-    c.dim = 128;
-    c.causal = true;
-    c.lk = {1024};
-    c.groups = {GroupSpec{{512}, {512}, 0}, GroupSpec{{512}, {}, 0}};
+    const CaseSpec c("long_zigzag", 8, 2, 128, true, {1024}, {GroupSpec{{512}, {512}, 0}, GroupSpec{{512}, {}, 0}});
     check_case(c, dtype, /*deterministic=*/true);
   }
 }

@@ -14,6 +14,7 @@
 
 #include "metadata_cases.h"
 #include "ringattn/ringattn.h"
+#include "test_util.h"
 
 #ifdef RINGATTN_TEST_CUDA
 #include <cuda_runtime.h>
@@ -148,42 +149,38 @@ struct CallResult {
   std::string error;
 };
 
+// The fields forward and backward groups share: q, out and the LSE of group g, its metadata.
+template <typename Group>
+void set_group(Group& gr, const Tensors& t, const Metadata& m, int g) {
+  RATEST_SET_STRIDED(gr, q, t.q[g], kHq * kD, kD);
+  RATEST_SET_STRIDED(gr, out, t.out[g], kHq * kD, kD);
+  gr.softmax_lse = t.lse[g];
+  gr.cu_seqlens_q = m.cu_q[g];
+  gr.seqused_k = g == 1 ? m.seqused_k1 : nullptr;
+  gr.total_q = kMetadataCaseTotalQ[g];
+  gr.max_seqlen_q = kMaxSeqlenQ;
+}
+
+// The fields forward and backward params share: the problem, exec, K, V and the groups.
+template <typename Params, typename Group>
+void set_params(Params& p, const Group* groups, const Tensors& t, const Metadata& m, int tier, int check_metadata,
+                uint32_t* word) {
+  p.problem = make_problem(m, check_metadata);
+  p.exec = make_exec(tier, word);
+  RATEST_SET_STRIDED(p, k, t.k, kHk * kD, kD);
+  RATEST_SET_STRIDED(p, v, t.v, kHk * kD, kD);
+  p.groups = groups;
+}
+
 CallResult run_forward(DeviceMemory& mem, const Tensors& t, const Metadata& m, int tier, int check_metadata,
                        uint32_t* word) {
   ringattn_fwd_group groups[kG] = {};
-  for (int g = 0; g < kG; ++g) {
-    ringattn_fwd_group& gr = groups[g];
-    gr.q = t.q[g];
-    gr.q_row_stride = kHq * kD;
-    gr.q_head_stride = kD;
-    gr.out = t.out[g];
-    gr.out_row_stride = kHq * kD;
-    gr.out_head_stride = kD;
-    gr.softmax_lse = t.lse[g];
-    gr.cu_seqlens_q = m.cu_q[g];
-    gr.seqused_k = g == 1 ? m.seqused_k1 : nullptr;
-    gr.total_q = kMetadataCaseTotalQ[g];
-    gr.max_seqlen_q = kMaxSeqlenQ;
-  }
+  for (int g = 0; g < kG; ++g) set_group(groups[g], t, m, g);
   ringattn_fwd_params p{};
-  p.problem = make_problem(m, check_metadata);
-  p.exec = make_exec(tier, word);
-  p.k = t.k;
-  p.k_row_stride = kHk * kD;
-  p.k_head_stride = kD;
-  p.v = t.v;
-  p.v_row_stride = kHk * kD;
-  p.v_head_stride = kD;
-  p.groups = groups;
+  set_params(p, groups, t, m, tier, check_metadata, word);
   CallResult r;
-  size_t bytes = 0;
-  r.status = ringattn_fwd_workspace_size(&p, &bytes);
-  if (r.status == RINGATTN_STATUS_OK) {
-    p.workspace = mem.alloc(bytes);
-    p.workspace_size = bytes;
-    r.status = ringattn_grouped_fwd(&p);
-  }
-  if (r.status != RINGATTN_STATUS_OK) r.error = ringattn_last_error();
+  run_with_workspace(p, ringattn_fwd_workspace_size, ringattn_grouped_fwd, r,
+                     [&](size_t bytes) { return mem.alloc(bytes); });
   return r;
 }
 
@@ -191,51 +188,18 @@ CallResult run_backward(DeviceMemory& mem, const Tensors& t, const Metadata& m, 
                         int deterministic, uint32_t* word) {
   ringattn_bwd_group groups[kG] = {};
   for (int g = 0; g < kG; ++g) {
-    ringattn_bwd_group& gr = groups[g];
-    gr.q = t.q[g];
-    gr.q_row_stride = kHq * kD;
-    gr.q_head_stride = kD;
-    gr.out = t.out[g];
-    gr.out_row_stride = kHq * kD;
-    gr.out_head_stride = kD;
-    gr.dout = t.dout[g];
-    gr.dout_row_stride = kHq * kD;
-    gr.dout_head_stride = kD;
-    gr.softmax_lse = t.lse[g];
-    gr.dq = t.dq[g];
-    gr.dq_row_stride = kHq * kD;
-    gr.dq_head_stride = kD;
-    gr.cu_seqlens_q = m.cu_q[g];
-    gr.seqused_k = g == 1 ? m.seqused_k1 : nullptr;
-    gr.total_q = kMetadataCaseTotalQ[g];
-    gr.max_seqlen_q = kMaxSeqlenQ;
+    set_group(groups[g], t, m, g);
+    RATEST_SET_STRIDED(groups[g], dout, t.dout[g], kHq * kD, kD);
+    RATEST_SET_STRIDED(groups[g], dq, t.dq[g], kHq * kD, kD);
   }
   ringattn_bwd_params p{};
-  p.problem = make_problem(m, check_metadata);
-  p.exec = make_exec(tier, word);
-  p.k = t.k;
-  p.k_row_stride = kHk * kD;
-  p.k_head_stride = kD;
-  p.v = t.v;
-  p.v_row_stride = kHk * kD;
-  p.v_head_stride = kD;
-  p.dk = t.dk;
-  p.dk_row_stride = kHk * kD;
-  p.dk_head_stride = kD;
-  p.dv = t.dv;
-  p.dv_row_stride = kHk * kD;
-  p.dv_head_stride = kD;
-  p.groups = groups;
+  set_params(p, groups, t, m, tier, check_metadata, word);
+  RATEST_SET_STRIDED(p, dk, t.dk, kHk * kD, kD);
+  RATEST_SET_STRIDED(p, dv, t.dv, kHk * kD, kD);
   p.deterministic = deterministic;
   CallResult r;
-  size_t bytes = 0;
-  r.status = ringattn_bwd_workspace_size(&p, &bytes);
-  if (r.status == RINGATTN_STATUS_OK) {
-    p.workspace = mem.alloc(bytes);
-    p.workspace_size = bytes;
-    r.status = ringattn_grouped_bwd(&p);
-  }
-  if (r.status != RINGATTN_STATUS_OK) r.error = ringattn_last_error();
+  run_with_workspace(p, ringattn_bwd_workspace_size, ringattn_grouped_bwd, r,
+                     [&](size_t bytes) { return mem.alloc(bytes); });
   return r;
 }
 
@@ -381,10 +345,9 @@ struct HostStandIns {
   }
 };
 
+// The call that returned `status` (the last one) was rejected, its message starting with `prefix`.
 void expect_rejected_with(ringattn_status status, const std::string& prefix) {
-  const std::string error = ringattn_last_error();
-  EXPECT_EQ(status, RINGATTN_STATUS_INVALID_ARGUMENT) << error;
-  EXPECT_EQ(error.rfind(prefix, 0), 0u) << "message: " << error << "\nexpected it to start with: " << prefix;
+  expect_rejected(status, ringattn_last_error(), prefix);
 }
 
 TEST(MetadataErrorsValidation, MisalignedWordIsRejected) {

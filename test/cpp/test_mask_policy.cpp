@@ -26,15 +26,6 @@ using ringattn::MaskMode;
 using ringattn::MaskPolicy;
 using ringattn::MaskWindow;
 
-// The definition, one pair at a time.
-bool brute_visible(int64_t lq, int64_t lk, int64_t left, int64_t right, int64_t i, int64_t j, int64_t shift) {
-  if (i < 0 || i >= lq || j < 0 || j >= lk) return false;
-  const int64_t diagonal = i + lk - lq + shift;
-  if (left >= 0 && j < diagonal - left) return false;
-  if (right >= 0 && j > diagonal + right) return false;
-  return true;
-}
-
 // The window test alone (rows past the sequence allowed), for key_masked().
 bool brute_key_visible(int64_t lq, int64_t lk, int64_t left, int64_t right, int64_t i, int64_t j, int64_t shift) {
   if (j < 0 || j >= lk) return false;
@@ -42,6 +33,11 @@ bool brute_key_visible(int64_t lq, int64_t lk, int64_t left, int64_t right, int6
   if (left >= 0 && j < diagonal - left) return false;
   if (right >= 0 && j > diagonal + right) return false;
   return true;
+}
+
+// The definition, one pair at a time: a row of the sequence and the window test.
+bool brute_visible(int64_t lq, int64_t lk, int64_t left, int64_t right, int64_t i, int64_t j, int64_t shift) {
+  return i >= 0 && i < lq && brute_key_visible(lq, lk, left, right, i, j, shift);
 }
 
 struct Blocks {
@@ -233,16 +229,31 @@ TEST(MaskPolicy, FixedWindowsMatchRunTimeWindows) {
   }
 }
 
+// Random lengths up to a maximum each and a random window for them.
+struct RandomWindowCase {
+  int lq, lk;
+  int span;  // 2 max(lq, lk) + 2: every bound and shift is drawn within it
+  MaskWindow window;
+};
+
+// Draws lq, then lk, then the window's left and right bounds: a quarter of the bounds unbounded,
+// the rest anywhere from 0 to past both lengths.
+RandomWindowCase random_window_case(std::mt19937& rng, int max_length) {
+  std::uniform_int_distribution<int> length(0, max_length);
+  RandomWindowCase c;
+  c.lq = length(rng);
+  c.lk = length(rng);
+  c.span = 2 * std::max(c.lq, c.lk) + 2;
+  std::uniform_int_distribution<int> bound(-1, c.span);
+  auto draw = [&] { return rng() % 4 == 0 ? -1 : bound(rng); };
+  c.window = MaskWindow{draw(), draw()};
+  return c;
+}
+
 TEST(MaskPolicy, RandomWindowsMatchDefinition) {
   std::mt19937 rng(20261207);
-  std::uniform_int_distribution<int> length(0, 150);
   for (int trial = 0; trial < 200; ++trial) {
-    const int lq = length(rng), lk = length(rng);
-    const int span = 2 * std::max(lq, lk) + 2;
-    std::uniform_int_distribution<int> bound(-1, span);
-    // A quarter of the bounds unbounded, the rest anywhere from 0 to past both lengths.
-    auto draw = [&] { return rng() % 4 == 0 ? -1 : bound(rng); };
-    const MaskWindow window{draw(), draw()};
+    const auto [lq, lk, span, window] = random_window_case(rng, 150);
     check_mask(MaskPolicy<MaskWindow>(lq, lk, window), lq, lk, window.left, window.right);
     check_mask(MaskPolicy<MaskWindow, int64_t>(lq, lk, window), lq, lk, window.left, window.right);
   }
@@ -261,15 +272,9 @@ TEST(MaskPolicy, LocalModeIsARunTimeWindow) {
 
 TEST(MaskPolicy, ShiftedWindowsMatchDefinition) {
   std::mt19937 rng(20260331);
-  std::uniform_int_distribution<int> length(0, 130);
   for (int trial = 0; trial < 200; ++trial) {
-    const int lq = length(rng), lk = length(rng);
-    const int span = 2 * std::max(lq, lk) + 2;
-    std::uniform_int_distribution<int> bound(-1, span);
-    std::uniform_int_distribution<int> shift_of(-span, span);
-    auto draw = [&] { return rng() % 4 == 0 ? -1 : bound(rng); };
-    const MaskWindow window{draw(), draw()};
-    const int shift = shift_of(rng);
+    const auto [lq, lk, span, window] = random_window_case(rng, 130);
+    const int shift = std::uniform_int_distribution<int>(-span, span)(rng);
     check_mask(MaskPolicy<MaskWindow>(lq, lk, window, shift), lq, lk, window.left, window.right, shift);
     check_mask(MaskPolicy<MaskWindow, int64_t>(lq, lk, window, shift), lq, lk, window.left, window.right, shift);
     // Causal with a shift: the right bound 0 of the moved diagonal.

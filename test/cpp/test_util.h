@@ -19,6 +19,7 @@
 #include <sstream>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "naive_reference.h"
@@ -129,7 +130,24 @@ inline uint64_t poison_bits(int dtype) {
     default: return 0x7ff8deadbeef0001ull;
   }
 }
-constexpr uint32_t kLsePoison = 0x7fdeadbeu;
+constexpr uint32_t kLsePoison = 0x7fdeadbeu;  // also of other float32 buffers (poisoned_floats)
+
+// n float32 values, each the NaN pattern kLsePoison.
+inline std::vector<float> poisoned_floats(size_t n) {
+  std::vector<float> v(n);
+  for (float& x : v) std::memcpy(&x, &kLsePoison, 4);
+  return v;
+}
+
+// Every value still the pattern of poisoned_floats: nothing wrote there.
+inline bool still_poisoned(const std::vector<float>& v) {
+  for (float x : v) {
+    uint32_t b;
+    std::memcpy(&b, &x, 4);
+    if (b != kLsePoison) return false;
+  }
+  return true;
+}
 
 // ---------------------------------------------------------------------------------------------
 // host tensors [rows, heads, dim] with arbitrary strides
@@ -274,6 +292,13 @@ class Tensor3 {
   std::vector<uint64_t> storage_;
 };
 
+// Every storage element of t (padding included) still holds the poison: nothing wrote there.
+inline bool still_poisoned(const Tensor3& t) {
+  for (size_t i = 0; i < t.num_elems(); ++i)
+    if (t.bits_at(i) != poison_bits(t.dtype())) return false;
+  return true;
+}
+
 // ---------------------------------------------------------------------------------------------
 // problems
 // ---------------------------------------------------------------------------------------------
@@ -285,6 +310,23 @@ struct GroupSpec {
 };
 
 struct CaseSpec {
+  CaseSpec() = default;
+  // A case with the defaults below for every optional feature: query groups `query_groups` over
+  // key sequences of lengths `key_lengths`, `num_heads_q` query and `num_heads_k` key heads of
+  // `head_dim` values.
+  CaseSpec(std::string case_name, int num_heads_q, int num_heads_k, int head_dim, bool is_causal,
+           std::vector<int> key_lengths, std::vector<GroupSpec> query_groups)
+      : name(std::move(case_name)), heads_q(num_heads_q), heads_k(num_heads_k), dim(head_dim), causal(is_causal),
+        lk(std::move(key_lengths)), groups(std::move(query_groups)) {}
+
+  // Local attention with these bounds (-1 = unbounded).
+  CaseSpec& with_window(int left, int right) {
+    has_window = true;
+    window_left = left;
+    window_right = right;
+    return *this;
+  }
+
   std::string name;
   int heads_q = 2;
   int heads_k = 2;
@@ -376,6 +418,17 @@ inline CaseInputs make_inputs(const CaseSpec& spec, int dtype, uint32_t seed) {
   return in;
 }
 
+// Every K and V value of key rows [first, last) (all heads) becomes NaN.
+inline void set_keys_to_nan(CaseInputs& in, int64_t first, int64_t last) {
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  for (int64_t key = first; key < last; ++key)
+    for (int h = 0; h < in.k.heads(); ++h)
+      for (int d = 0; d < in.k.dim(); ++d) {
+        in.k.set(key, h, d, nan);
+        in.v.set(key, h, d, nan);
+      }
+}
+
 inline ringattn_problem make_problem(const CaseInputs& in) {
   ringattn_problem p{};
   p.dtype = in.dtype;
@@ -415,14 +468,17 @@ struct ForwardResult {
   std::vector<std::vector<float>> lse;  // [G][Hq * total_q]
 };
 
-// Points the tensor `name` of a call's params or group `obj` at `data`, with the strides of the
-// test tensor `t`: obj.name, obj.name_row_stride, obj.name_head_stride.
-#define RATEST_SET_TENSOR(obj, name, data, t)     \
-  do {                                            \
-    (obj).name = (data);                          \
-    (obj).name##_row_stride = (t).row_stride();   \
-    (obj).name##_head_stride = (t).head_stride(); \
+// Points the tensor `name` of a call's params or group `obj` at `data` with these strides (in
+// elements): obj.name, obj.name_row_stride, obj.name_head_stride.
+#define RATEST_SET_STRIDED(obj, name, data, row_stride, head_stride) \
+  do {                                                                \
+    (obj).name = (data);                                              \
+    (obj).name##_row_stride = (row_stride);                           \
+    (obj).name##_head_stride = (head_stride);                         \
   } while (0)
+
+// The same with the strides of the test tensor `t`.
+#define RATEST_SET_TENSOR(obj, name, data, t) RATEST_SET_STRIDED(obj, name, data, (t).row_stride(), (t).head_stride())
 
 // A call's group g (ringattn_fwd_group / ringattn_bwd_group) on the host inputs of group g: q and
 // its strides, cu_seqlens_q, seqused_k (NULL when the case has none), total_q, max_seqlen_q.
@@ -443,22 +499,33 @@ void set_keys_values(Params& p, const CaseInputs& in) {
   RATEST_SET_TENSOR(p, v, in.v.data(), in.v);
 }
 
-// Queries the workspace of a forward or backward call, then runs it into r.status (and r.error
-// when it fails).
-template <typename Params, typename Result>
+// Queries the workspace of a forward or backward call, points the call at `allocate(bytes)`, then
+// runs it into r.status (and r.error when the query or the call fails). `allocate` returns memory
+// that outlives the call.
+template <typename Params, typename Result, typename Allocate>
 void run_with_workspace(Params& p, ringattn_status (*workspace_size)(const Params*, size_t*),
-                        ringattn_status (*run)(const Params*), Result& r) {
+                        ringattn_status (*run)(const Params*), Result& r, Allocate&& allocate) {
   size_t ws_bytes = 0;
   r.status = workspace_size(&p, &ws_bytes);
   if (r.status != RINGATTN_STATUS_OK) {
     r.error = ringattn_last_error();
     return;
   }
-  std::vector<uint64_t> workspace(ws_bytes / 8 + 1);
-  p.workspace = workspace.data();
+  p.workspace = allocate(ws_bytes);
   p.workspace_size = ws_bytes;
   r.status = run(&p);
   if (r.status != RINGATTN_STATUS_OK) r.error = ringattn_last_error();
+}
+
+// The same with a zeroed host workspace.
+template <typename Params, typename Result>
+void run_with_workspace(Params& p, ringattn_status (*workspace_size)(const Params*, size_t*),
+                        ringattn_status (*run)(const Params*), Result& r) {
+  std::vector<uint64_t> workspace;
+  run_with_workspace(p, workspace_size, run, r, [&](size_t bytes) {
+    workspace.assign(bytes / 8 + 1, 0);
+    return static_cast<void*>(workspace.data());
+  });
 }
 
 // Calls ringattn_grouped_fwd on freshly poisoned outputs. `edit`, if given, changes the params
@@ -471,8 +538,7 @@ inline ForwardResult run_forward(const CaseInputs& in, int num_threads,
   for (int g = 0; g < G; ++g) {
     r.out.emplace_back(in.dtype, in.total_q[g], in.spec.heads_q, in.spec.dim, in.spec.out_layout);
     r.out.back().poison();
-    r.lse.emplace_back(static_cast<size_t>(in.total_q[g]) * in.spec.heads_q + 1);  // +1: never a NULL data()
-    for (float& x : r.lse.back()) std::memcpy(&x, &kLsePoison, 4);
+    r.lse.push_back(poisoned_floats(static_cast<size_t>(in.total_q[g]) * in.spec.heads_q + 1));  // +1: never a NULL data()
   }
   for (int g = 0; g < G; ++g) {
     ringattn_fwd_group& gr = groups[g];
@@ -656,6 +722,22 @@ inline ::testing::AssertionResult padding_untouched(const std::string& what, con
   return ::testing::AssertionSuccess();
 }
 
+// A call that returned `status` with message `error` was refused with `expected`, the message
+// starting with `prefix` and, when `actual` is given, naming it.
+inline void expect_refused(ringattn_status status, ringattn_status expected, const std::string& error,
+                           const std::string& prefix, const std::string& actual = "") {
+  EXPECT_EQ(status, expected) << error;
+  EXPECT_EQ(error.rfind(prefix, 0), 0u) << "message: " << error << "\nexpected it to start with: " << prefix;
+  if (!actual.empty()) {
+    EXPECT_NE(error.find(actual), std::string::npos) << "message: " << error << "\nexpected it to name: " << actual;
+  }
+}
+
+// A call rejected as an invalid argument, its message starting with `prefix`.
+inline void expect_rejected(ringattn_status status, const std::string& error, const std::string& prefix) {
+  expect_refused(status, RINGATTN_STATUS_INVALID_ARGUMENT, error, prefix);
+}
+
 inline ::testing::AssertionResult same_bits(const std::string& what, const Tensor3& a, const Tensor3& b) {
   if (a.num_elems() != b.num_elems()) return ::testing::AssertionFailure() << what << ": sizes differ";
   for (size_t i = 0; i < a.num_elems(); ++i)
@@ -699,6 +781,80 @@ inline void expect_backward_same_bits_1_vs_4_threads(const BackwardResult& bwd4,
   for (int g = 0; g < G; ++g) EXPECT_TRUE(same_bits("dq, 1 vs 4 threads", bwd4.dq[g], bwd1.dq[g]));
   EXPECT_TRUE(same_bits("dk, 1 vs 4 threads", bwd4.dk, bwd1.dk));
   EXPECT_TRUE(same_bits("dv, 1 vs 4 threads", bwd4.dv, bwd1.dv));
+}
+
+// The forward and backward of the CPU backend on one case in one dtype, on fresh random inputs,
+// against the float64 reference on the same (rounded) inputs: every output element written and
+// close, stride padding untouched, a row that sees no key exactly 0 with the LSE of its sink (or
+// -inf), and 1 and 4 threads giving the same bits. Backward runs on the backend's own out and
+// LSE, as autograd does.
+inline void expect_cpu_matches_naive(const CaseSpec& spec, int dtype) {
+  const Tolerance tol = tolerance_for(dtype);
+  const CaseInputs in = make_inputs(spec, dtype, seed_from(spec.name, dtype));
+  const int G = static_cast<int>(spec.groups.size());
+  const naive::Problem np = naive_problem(in);
+  const std::vector<naive::Group> ng = naive_groups(in);
+
+  // ---- forward ----
+  const ForwardResult fwd = run_forward(in, 4);
+  ASSERT_EQ(fwd.status, RINGATTN_STATUS_OK) << fwd.error;
+  int64_t rows_without_keys = 0;
+  for (int g = 0; g < G; ++g) {
+    const naive::Forward ref = naive::forward(np, ng[g]);
+    const std::string tag = " (group " + std::to_string(g) + ")";
+    EXPECT_TRUE(close_to_reference("out" + tag, fwd.out[g], ref.out, tol.out));
+    EXPECT_TRUE(lse_close("lse" + tag, fwd.lse[g], ref.lse, tol.lse));
+    EXPECT_TRUE(padding_untouched("out" + tag, fwd.out[g]));
+    // A row whose reference LSE is -inf (no key and no sink, or a row in no sequence) is exactly
+    // zero (the LSE check above requires -inf there).
+    for (int h = 0; h < spec.heads_q; ++h)
+      for (int64_t row = 0; row < in.total_q[g]; ++row)
+        if (std::isinf(ref.lse[h * in.total_q[g] + row])) {
+          for (int d = 0; d < spec.dim; ++d) ASSERT_EQ(fwd.out[g].get(row, h, d), 0.0) << "row " << row << tag;
+        }
+    // A row of a sequence that sees no key: out exactly 0, LSE the sink (or -inf).
+    for (int b = 0; b < static_cast<int>(spec.lk.size()); ++b)
+      for (int h = 0; h < spec.heads_q; ++h)
+        for (int64_t i = 0; i < spec.groups[g].lq[b]; ++i) {
+          if (!naive::attention_row(np, ng[g], b, h, i).keys.empty()) continue;
+          ++rows_without_keys;
+          const int64_t row = in.cu_q[g][b] + i;
+          const float lse = fwd.lse[g][h * in.total_q[g] + row];
+          if (spec.sinks.empty())
+            ASSERT_TRUE(std::isinf(lse) && lse < 0) << "row " << row << tag << ": " << lse;
+          else
+            ASSERT_EQ(lse, spec.sinks[h]) << "row " << row << " head " << h << tag;
+          for (int d = 0; d < spec.dim; ++d) ASSERT_EQ(fwd.out[g].get(row, h, d), 0.0) << "row " << row << tag;
+        }
+  }
+  ::testing::Test::RecordProperty("rows_without_keys", static_cast<int>(rows_without_keys));
+
+  const ForwardResult fwd1 = run_forward(in, 1);
+  ASSERT_EQ(fwd1.status, RINGATTN_STATUS_OK) << fwd1.error;
+  expect_forward_same_bits_1_vs_4_threads(fwd, fwd1, G);
+
+  // ---- backward ----
+  const BackwardResult bwd = run_backward(in, fwd, 4);
+  ASSERT_EQ(bwd.status, RINGATTN_STATUS_OK) << bwd.error;
+  const naive::Gradients ref = naive::backward(np, ng);
+  expect_gradients_close(bwd, ref, tol, G);
+  EXPECT_TRUE(padding_untouched("dk", bwd.dk));
+  EXPECT_TRUE(padding_untouched("dv", bwd.dv));
+
+  const BackwardResult bwd1 = run_backward(in, fwd1, 1);
+  ASSERT_EQ(bwd1.status, RINGATTN_STATUS_OK) << bwd1.error;
+  expect_backward_same_bits_1_vs_4_threads(bwd, bwd1, G);
+}
+
+constexpr int kAllDtypes[] = {RINGATTN_DTYPE_FP32, RINGATTN_DTYPE_FP16, RINGATTN_DTYPE_BF16, RINGATTN_DTYPE_FP64};
+
+// A suite of cases, each run in every dtype: TEST_P(Suite, ...) on
+// `class Suite : public CaseDtypeTest {};`, instantiated with every_dtype(cases) and named by
+// case_dtype_name.
+using CaseDtypeTest = ::testing::TestWithParam<std::tuple<CaseSpec, int>>;
+
+inline auto every_dtype(const std::vector<CaseSpec>& cases) {
+  return ::testing::Combine(::testing::ValuesIn(cases), ::testing::ValuesIn(kAllDtypes));
 }
 
 // gtest name of a (CaseSpec, dtype) parameter: "<case>_<dtype>".

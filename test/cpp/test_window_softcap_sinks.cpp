@@ -22,22 +22,9 @@
 namespace ratest {
 namespace {
 
-constexpr int kAllDtypes[] = {RINGATTN_DTYPE_FP32, RINGATTN_DTYPE_FP16, RINGATTN_DTYPE_BF16, RINGATTN_DTYPE_FP64};
-
 CaseSpec one_sequence(const std::string& name, int lq, int lk, bool causal, int left, int right, int hq = 2,
                       int hk = 1, int dim = 32) {
-  CaseSpec c;
-  c.name = name;
-  c.heads_q = hq;
-  c.heads_k = hk;
-  c.dim = dim;
-  c.causal = causal;
-  c.has_window = true;
-  c.window_left = left;
-  c.window_right = right;
-  c.lk = {lk};
-  c.groups = {GroupSpec{{lq}, {}, 0}};
-  return c;
+  return CaseSpec(name, hq, hk, dim, causal, {lk}, {GroupSpec{{lq}, {}, 0}}).with_window(left, right);
 }
 
 std::vector<CaseSpec> scenarios() {
@@ -58,79 +45,41 @@ std::vector<CaseSpec> scenarios() {
 
   // Diagonal shifts: causal alone (a bound), a window, positive and negative; varlen, GQA.
   {
-    CaseSpec c;
-    c.name = "shift_causal_varlen_gqa";
-    c.heads_q = 4;
-    c.heads_k = 2;
-    c.dim = 32;
-    c.causal = true;
-    c.lk = {100, 64, 30, 0};
-    c.groups = {GroupSpec{{80, 64, 40, 5}, {}, 0}};
+    CaseSpec c("shift_causal_varlen_gqa", 4, 2, 32, true, {100, 64, 30, 0}, {GroupSpec{{80, 64, 40, 5}, {}, 0}});
     c.diagonal_shift = {{-30, 17, 0, 3}};
     s.push_back(c);
   }
   {
-    CaseSpec c;
-    c.name = "shift_window_varlen";
-    c.heads_q = 2;
-    c.heads_k = 2;
-    c.dim = 40;
-    c.causal = false;
-    c.has_window = true;
-    c.window_left = 25;
-    c.window_right = 10;
-    c.lk = {150, 70, 20};
-    c.groups = {GroupSpec{{100, 70, 20}, {}, 2}};
+    CaseSpec c("shift_window_varlen", 2, 2, 40, false, {150, 70, 20}, {GroupSpec{{100, 70, 20}, {}, 2}});
+    c.with_window(25, 10);
     c.diagonal_shift = {{-60, 45, 500}};  // the last moves past every key
     s.push_back(c);
   }
 
   // Softcap: large scores so the cap bends them (tanh saturates), causal and full.
   for (bool causal : {true, false}) {
-    CaseSpec c;
-    c.name = causal ? "softcap_causal" : "softcap_full";
-    c.heads_q = 2;
-    c.heads_k = 1;
-    c.dim = 64;
-    c.causal = causal;
+    CaseSpec c(causal ? "softcap_causal" : "softcap_full", 2, 1, 64, causal, {130, 40}, {GroupSpec{{100, 45}, {}, 0}});
     c.softcap = causal ? 5.0f : 30.0f;
     c.q_amplitude = 8.0;
-    c.lk = {130, 40};
-    c.groups = {GroupSpec{{100, 45}, {}, 0}};
     s.push_back(c);
   }
 
   // Sinks: rows without keys (causal, Lq > Lk) get LSE = the sink; a sink above every score.
   {
-    CaseSpec c;
-    c.name = "sinks_causal_rows_without_keys";
-    c.heads_q = 4;
-    c.heads_k = 2;
-    c.dim = 32;
-    c.causal = true;
+    CaseSpec c("sinks_causal_rows_without_keys", 4, 2, 32, true, {40, 70}, {GroupSpec{{90, 70}, {}, 1}});
     c.sinks = {0.5f, -1.25f, 3.0f, 9.0f};
-    c.lk = {40, 70};
-    c.groups = {GroupSpec{{90, 70}, {}, 1}};
     s.push_back(c);
   }
 
   // Everything at once: two groups over one K/V stream, seqused_k, per-group shifts, a causal
   // window, softcap and sinks, GQA, strided layouts.
   {
-    CaseSpec c;
-    c.name = "window_shift_softcap_sinks_g2_seqused";
-    c.heads_q = 6;
-    c.heads_k = 2;
-    c.dim = 48;
-    c.causal = true;
-    c.has_window = true;
-    c.window_left = 40;
-    c.window_right = -1;
+    CaseSpec c("window_shift_softcap_sinks_g2_seqused", 6, 2, 48, true, {120, 33, 90},
+               {GroupSpec{{60, 33, 70}, {120, 20, 90}, 0}, GroupSpec{{120, 10, 45}, {60, 33, 0}, 3}});
+    c.with_window(40, -1);
     c.softcap = 7.5f;
     c.sinks = {0.3f, -0.7f, 1.1f, 2.5f, -3.0f, 0.0f};
     c.q_amplitude = 3.0;
-    c.lk = {120, 33, 90};
-    c.groups = {GroupSpec{{60, 33, 70}, {120, 20, 90}, 0}, GroupSpec{{120, 10, 45}, {60, 33, 0}, 3}};
     c.diagonal_shift = {{-60, 0, 10}, {}};
     c.q_layout = Layout::kPaddedHeads;
     c.kv_layout = Layout::kHeadMajor;
@@ -138,79 +87,24 @@ std::vector<CaseSpec> scenarios() {
   }
   // The same without causal: a two-sided window and shifts of both signs.
   {
-    CaseSpec c;
-    c.name = "window_shift_softcap_sinks_g2_full";
-    c.heads_q = 2;
-    c.heads_k = 1;
-    c.dim = 32;
-    c.causal = false;
-    c.has_window = true;
-    c.window_left = 12;
-    c.window_right = 70;
+    CaseSpec c("window_shift_softcap_sinks_g2_full", 2, 1, 32, false, {140, 64},
+               {GroupSpec{{100, 64}, {}, 0}, GroupSpec{{70, 30}, {130, 64}, 0}});
+    c.with_window(12, 70);
     c.softcap = 2.0f;
     c.sinks = {-0.5f, 1.5f};
-    c.lk = {140, 64};
-    c.groups = {GroupSpec{{100, 64}, {}, 0}, GroupSpec{{70, 30}, {130, 64}, 0}};
     c.diagonal_shift = {{25, -80}, {-25, 5}};
     s.push_back(c);
   }
   return s;
 }
 
-class WindowSoftcapSinksVsNaive : public ::testing::TestWithParam<std::tuple<CaseSpec, int>> {};
+class WindowSoftcapSinksVsNaive : public CaseDtypeTest {};
 
 TEST_P(WindowSoftcapSinksVsNaive, ForwardBackward) {
-  const CaseSpec& spec = std::get<0>(GetParam());
-  const int dtype = std::get<1>(GetParam());
-  const Tolerance tol = tolerance_for(dtype);
-  const CaseInputs in = make_inputs(spec, dtype, seed_from(spec.name, dtype));
-  const int G = static_cast<int>(spec.groups.size());
-  const naive::Problem np = naive_problem(in);
-  const std::vector<naive::Group> ng = naive_groups(in);
-
-  const ForwardResult fwd = run_forward(in, 4);
-  ASSERT_EQ(fwd.status, RINGATTN_STATUS_OK) << fwd.error;
-  int64_t rows_without_keys = 0;
-  for (int g = 0; g < G; ++g) {
-    const naive::Forward ref = naive::forward(np, ng[g]);
-    const std::string tag = " (group " + std::to_string(g) + ")";
-    EXPECT_TRUE(close_to_reference("out" + tag, fwd.out[g], ref.out, tol.out));
-    EXPECT_TRUE(lse_close("lse" + tag, fwd.lse[g], ref.lse, tol.lse));
-    EXPECT_TRUE(padding_untouched("out" + tag, fwd.out[g]));
-    // A row of a sequence without keys: out exactly 0, LSE the sink (or -inf).
-    for (int b = 0; b < static_cast<int>(spec.lk.size()); ++b)
-      for (int h = 0; h < spec.heads_q; ++h)
-        for (int64_t i = 0; i < spec.groups[g].lq[b]; ++i) {
-          if (!naive::attention_row(np, ng[g], b, h, i).keys.empty()) continue;
-          ++rows_without_keys;
-          const int64_t row = in.cu_q[g][b] + i;
-          const float lse = fwd.lse[g][h * in.total_q[g] + row];
-          if (spec.sinks.empty())
-            ASSERT_TRUE(std::isinf(lse) && lse < 0) << "row " << row << tag << ": " << lse;
-          else
-            ASSERT_EQ(lse, spec.sinks[h]) << "row " << row << " head " << h << tag;
-          for (int d = 0; d < spec.dim; ++d) ASSERT_EQ(fwd.out[g].get(row, h, d), 0.0) << "row " << row << tag;
-        }
-  }
-  RecordProperty("rows_without_keys", static_cast<int>(rows_without_keys));
-
-  const ForwardResult fwd1 = run_forward(in, 1);
-  ASSERT_EQ(fwd1.status, RINGATTN_STATUS_OK) << fwd1.error;
-  expect_forward_same_bits_1_vs_4_threads(fwd, fwd1, G);
-
-  const BackwardResult bwd = run_backward(in, fwd, 4);
-  ASSERT_EQ(bwd.status, RINGATTN_STATUS_OK) << bwd.error;
-  const naive::Gradients ref = naive::backward(np, ng);
-  expect_gradients_close(bwd, ref, tol, G);
-
-  const BackwardResult bwd1 = run_backward(in, fwd1, 1);
-  ASSERT_EQ(bwd1.status, RINGATTN_STATUS_OK) << bwd1.error;
-  expect_backward_same_bits_1_vs_4_threads(bwd, bwd1, G);
+  expect_cpu_matches_naive(std::get<0>(GetParam()), std::get<1>(GetParam()));
 }
 
-INSTANTIATE_TEST_SUITE_P(CpuBackend, WindowSoftcapSinksVsNaive,
-                         ::testing::Combine(::testing::ValuesIn(scenarios()), ::testing::ValuesIn(kAllDtypes)),
-                         case_dtype_name);
+INSTANTIATE_TEST_SUITE_P(CpuBackend, WindowSoftcapSinksVsNaive, every_dtype(scenarios()), case_dtype_name);
 
 // ---------------------------------------------------------------------------------------------
 // conventions, small enough to check by hand
@@ -249,15 +143,9 @@ TEST(WindowConventions, WindowAndShiftAreBottomRightAligned) {
 // A sink adds exp(sink) to the denominator: with Q = 0 and n visible keys, LSE = log(n + e^sink)
 // and O = (sum of the visible V rows) / (n + e^sink); a row without keys has LSE = sink, O = 0.
 TEST(SinkConventions, SinkJoinsTheDenominatorNotTheOutput) {
-  CaseSpec c;
-  c.name = "hand_sink";
-  c.heads_q = 2;
-  c.heads_k = 1;
-  c.dim = 8;
-  c.causal = true;
+  // Row 0 sees no key, row 1 key 0, row 2 keys 0 and 1.
+  CaseSpec c("hand_sink", 2, 1, 8, true, {2}, {GroupSpec{{3}, {}, 0}});
   c.sinks = {0.0f, std::log(3.0f)};
-  c.lk = {2};
-  c.groups = {GroupSpec{{3}, {}, 0}};  // row 0 sees no key, row 1 key 0, row 2 keys 0 and 1
   CaseInputs in = make_inputs(c, RINGATTN_DTYPE_FP64, 4);
   for (int d = 0; d < 8; ++d) {
     for (int r = 0; r < 3; ++r)
@@ -283,16 +171,9 @@ TEST(SinkConventions, SinkJoinsTheDenominatorNotTheOutput) {
 // A softcap bounds every score to (-softcap, softcap): with q.k = +-huge the capped scores are
 // +-softcap, so a row of two keys weighs them e^c : e^-c whatever their magnitude.
 TEST(SoftcapConventions, ScoresAreCappedBeforeTheSoftmax) {
-  CaseSpec c;
-  c.name = "hand_softcap";
-  c.heads_q = 1;
-  c.heads_k = 1;
-  c.dim = 8;
-  c.causal = false;
+  CaseSpec c("hand_softcap", 1, 1, 8, false, {2}, {GroupSpec{{1}, {}, 0}});
   c.softcap = 1.5f;
   c.softmax_scale = 1.0f;
-  c.lk = {2};
-  c.groups = {GroupSpec{{1}, {}, 0}};
   CaseInputs in = make_inputs(c, RINGATTN_DTYPE_FP64, 5);
   for (int d = 0; d < 8; ++d) {
     in.q[0].set(0, 0, d, d == 0 ? 1.0 : 0.0);
@@ -320,12 +201,7 @@ TEST(WindowConventions, KeysOutsideTheWindowAreNeverRead) {
     SCOPED_TRACE(dtype_name(dtype));
     const CaseInputs clean = make_inputs(c, dtype, 6);
     CaseInputs in = make_inputs(c, dtype, 6);
-    const double nan = std::numeric_limits<double>::quiet_NaN();
-    for (int64_t key = 110; key < 300; ++key)
-      for (int d = 0; d < c.dim; ++d) {
-        in.k.set(key, 0, d, nan);
-        in.v.set(key, 0, d, nan);
-      }
+    set_keys_to_nan(in, 110, 300);
     const ForwardResult fc = run_forward(clean, 2), f = run_forward(in, 2);
     ASSERT_EQ(f.status, RINGATTN_STATUS_OK) << f.error;
     EXPECT_TRUE(same_bits("out", f.out[0], fc.out[0]));
@@ -398,28 +274,6 @@ TEST(SinkConventions, NanSinkReachesItsHeadOnly) {
 // host API checks of the new fields
 // ---------------------------------------------------------------------------------------------
 
-bool all_poisoned(const Tensor3& t) {
-  for (size_t i = 0; i < t.num_elems(); ++i)
-    if (t.bits_at(i) != poison_bits(t.dtype())) return false;
-  return true;
-}
-
-bool lse_poisoned(const std::vector<float>& lse) {
-  for (float x : lse) {
-    uint32_t b;
-    std::memcpy(&b, &x, 4);
-    if (b != kLsePoison) return false;
-  }
-  return true;
-}
-
-void expect_message(ringattn_status status, ringattn_status expected, const std::string& error,
-                    const std::string& prefix, const std::string& actual) {
-  EXPECT_EQ(status, expected) << error;
-  EXPECT_EQ(error.rfind(prefix, 0), 0u) << "message: " << error << "\nexpected it to start with: " << prefix;
-  EXPECT_NE(error.find(actual), std::string::npos) << "message: " << error << "\nexpected it to name: " << actual;
-}
-
 // Each bad value is refused, naming the field, what it expects and what it got; nothing is written
 // (forward outputs and backward gradients stay poisoned).
 TEST(WindowSoftcapSinksValidation, BadValuesAreRefusedNamingTheField) {
@@ -470,15 +324,15 @@ TEST(WindowSoftcapSinksValidation, BadValuesAreRefusedNamingTheField) {
       b.edit(p.problem, shift);
       if (shift) const_cast<ringattn_fwd_group*>(p.groups)[0].diagonal_shift = shift;
     });
-    expect_message(f.status, RINGATTN_STATUS_INVALID_ARGUMENT, f.error, b.prefix, b.actual);
-    EXPECT_TRUE(all_poisoned(f.out[0]) && lse_poisoned(f.lse[0]));
+    expect_refused(f.status, RINGATTN_STATUS_INVALID_ARGUMENT, f.error, b.prefix, b.actual);
+    EXPECT_TRUE(still_poisoned(f.out[0]) && still_poisoned(f.lse[0]));
     const BackwardResult bw = run_backward(in, ok, 1, [&](ringattn_bwd_params& p) {
       const int32_t* shift = nullptr;
       b.edit(p.problem, shift);
       if (shift) const_cast<ringattn_bwd_group*>(p.groups)[0].diagonal_shift = shift;
     });
-    expect_message(bw.status, RINGATTN_STATUS_INVALID_ARGUMENT, bw.error, b.prefix, b.actual);
-    EXPECT_TRUE(all_poisoned(bw.dq[0]) && all_poisoned(bw.dk) && all_poisoned(bw.dv));
+    expect_refused(bw.status, RINGATTN_STATUS_INVALID_ARGUMENT, bw.error, b.prefix, b.actual);
+    EXPECT_TRUE(still_poisoned(bw.dq[0]) && still_poisoned(bw.dk) && still_poisoned(bw.dv));
   }
 }
 
@@ -492,14 +346,14 @@ TEST(WindowSoftcapSinksValidation, OutputsOverSinksOrShiftsAreRefused) {
     const_cast<ringattn_fwd_group*>(p.groups)[0].softmax_lse = lse.data();
     p.problem.sinks = lse.data();
   });
-  expect_message(f.status, RINGATTN_STATUS_INVALID_ARGUMENT, f.error,
+  expect_refused(f.status, RINGATTN_STATUS_INVALID_ARGUMENT, f.error,
                  "softmax_lse (group 0): expected an output that shares no memory with the input sinks", "bytes");
   f = run_forward(in, 1, [&](ringattn_fwd_params& p) {
     auto* g = const_cast<ringattn_fwd_group*>(p.groups);
     g[0].softmax_lse = lse.data();
     g[0].diagonal_shift = reinterpret_cast<const int32_t*>(lse.data() + 39);
   });
-  expect_message(f.status, RINGATTN_STATUS_INVALID_ARGUMENT, f.error,
+  expect_refused(f.status, RINGATTN_STATUS_INVALID_ARGUMENT, f.error,
                  "softmax_lse (group 0): expected an output that shares no memory with the input diagonal_shift "
                  "(group 0)",
                  "bytes");
@@ -551,7 +405,7 @@ TEST(WindowSoftcapSinksValidation, CudaRefusesWhatItsKernelsLack) {
     if (feature.supported) {
       EXPECT_EQ(status, RINGATTN_STATUS_OK) << error;
     } else {
-      expect_message(status, RINGATTN_STATUS_UNSUPPORTED, error, std::string(feature.field) + ": expected", "CUDA");
+      expect_refused(status, RINGATTN_STATUS_UNSUPPORTED, error, std::string(feature.field) + ": expected", "CUDA");
     }
   }
 }
