@@ -87,6 +87,36 @@ def run_as_single_rank(script: str, timeout_s: float) -> subprocess.CompletedPro
     return subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=timeout_s, env=env)
 
 
+def verdict_lines(stdout: str) -> List[str]:
+    """The lines of a torchrun test script's output that give a case's verdict ("PASS ..." or
+    "FAIL ...")."""
+    return [ln for ln in stdout.splitlines() if ln.startswith(("PASS ", "FAIL "))]
+
+
+def assert_every_case_passes(script: str, cases: int, nproc: int = 2, timeout_s: float = 180) -> str:
+    """Runs a torchrun test script in its ``--device cpu`` mode on `nproc` gloo ranks: it exits 0,
+    prints `cases` verdict lines, all PASS, and the summary "<cases> PASS / 0 FAIL (world_size
+    <nproc>". Returns its stdout."""
+    r = torchrun(script, ["--device", "cpu"], nproc=nproc, timeout_s=timeout_s)
+    lines = verdict_lines(r.stdout)
+    assert len(lines) == cases and all(ln.startswith("PASS ") for ln in lines), r.stdout[-4000:]
+    assert f"{cases} PASS / 0 FAIL (world_size {nproc}" in r.stdout
+    return r.stdout
+
+
+def run_failing_driver(tmp_path, source: str, timeout_s: float = 120) -> str:
+    """Writes `source` (dedented) to tmp_path/driver.py, runs it as rank 0 of a world of 1 and
+    fails unless it exits with status 1 (a script's verdict that a case failed). Returns its
+    stdout."""
+    import textwrap
+
+    driver = tmp_path / "driver.py"
+    driver.write_text(textwrap.dedent(source))
+    r = run_as_single_rank(str(driver), timeout_s=timeout_s)
+    assert_exit_status(r, 1)
+    return r.stdout
+
+
 def _log_path(out_dir: str, rank: int) -> str:
     return os.path.join(out_dir, f"rank{rank}.log")
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import sys
 import traceback
 from typing import Dict, List
 
@@ -28,8 +27,8 @@ import torch
 import ring_flash_attn as rfa
 from ring_flash_attn.cp import zigzag_layout as zu
 from ring_flash_attn.cp import zigzag_llama3
-from dist_harness import (assert_case_within, CachedSpawns, case_params, CaseWorker, free_port, NoHostReads, rel_err,
-                          spawn_root_fixture)
+from dist_harness import (assert_case_within, CachedSpawns, case_params, CaseWorker, NoHostReads, rel_err,
+                          spawn_root_fixture, torchrun)
 from reference import grouped_attention_reference
 from cases import case_dict, cu_seqlens
 
@@ -489,18 +488,11 @@ def test_distributed_benchmark_runs_on_gloo(tmp_path):
     """benchmark/benchmark_zigzag_distributed.py under torchrun with 2 CPU ranks: exit 0, a table
     per (impl, pass) and one CSV row per (rank, impl, pass) with positive times and their ratio."""
     import csv
-    import subprocess
 
     script = os.path.join(os.path.dirname(_HERE), "benchmark", "benchmark_zigzag_distributed.py")
     out_csv = tmp_path / "zigzag.csv"
-    env = dict(os.environ)
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(rfa.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([package_root] + [p for p in [env.get("PYTHONPATH")] if p])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", script, "--device", "cpu", "--seqlens", "64", "--num-runs", "2",
-           "--warmup", "1", "--csv", str(out_csv)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
-    assert r.returncode == 0, f"exit {r.returncode}\nstdout:\n{r.stdout[-3000:]}\nstderr:\n{r.stderr[-3000:]}"
+    r = torchrun(script, ["--device", "cpu", "--seqlens", "64", "--num-runs", "2", "--warmup", "1", "--csv",
+                          str(out_csv)], nproc=2, timeout_s=180, stdout_tail=3000)
     assert r.stdout.count("Kernels (ms)") == 3 * 2, r.stdout
     with open(out_csv) as f:
         rows = list(csv.DictReader(f))
@@ -517,17 +509,9 @@ def test_distributed_benchmark_runs_on_gloo(tmp_path):
 def test_gpu_script_smoke_on_gloo():
     """test/test_zigzag_llama3_grouped.py (the torchrun GPU test) in its --device cpu mode with 2
     ranks and tiny shapes: every check passes, the no-sync / graph checks are skipped."""
-    import subprocess
-
     script = os.path.join(_HERE, "test_zigzag_llama3_grouped.py")
-    env = dict(os.environ)
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(rfa.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([package_root] + [p for p in [env.get("PYTHONPATH")] if p])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", script, "--device", "cpu", "--seqlens", "64", "--num-heads-q", "4",
-           "--num-heads-k", "2", "--head-dim", "16", "--heads-k-stride", "1", "--varlen-unit", "1",
-           "--seed", str(_SEED)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
-    assert r.returncode == 0, f"exit {r.returncode}\nstdout:\n{r.stdout[-4000:]}\nstderr:\n{r.stderr[-3000:]}"
+    r = torchrun(script, ["--device", "cpu", "--seqlens", "64", "--num-heads-q", "4", "--num-heads-k", "2",
+                          "--head-dim", "16", "--heads-k-stride", "1", "--varlen-unit", "1", "--seed", str(_SEED)],
+                 nproc=2, timeout_s=180)
     # 2 workloads x 3 impls x (out, lse, dq, dk, dv) + 2 x 2 comparisons with the baseline
     assert "34 passed, 1 skipped, 0 failed" in r.stdout, r.stdout[-4000:]
