@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -73,6 +73,56 @@ class Case:
         return Case([conv(q) for q in self.q_list], conv(self.k), conv(self.v),
                     self.cu_seqlens_q_list, self.cu_seqlens_k, self.seqused_k_list,
                     self.max_seqlen_q_list, self.max_seqlen_k, self.seqlens_q, self.seqlens_k)
+
+
+@dataclass
+class FeatureScenario:
+    """A grouped varlen case of the score-feature tests (test_window_softcap_sinks_cpu.py,
+    test_gpu_window_softcap_sinks.py): sequence lengths, heads, the mask (causal, window, per-group
+    diagonal shifts, seqused_k), softcap and whether the heads have sink logits."""
+
+    name: str
+    seqlens_q: List[List[int]]  # [G][B]
+    seqlens_k: List[int]
+    hq: int = 4
+    hk: int = 2
+    dim: int = 32  # head dim of the CPU tests (the GPU tests run every head dim of their list)
+    causal: bool = False
+    window: Tuple[int, int] = (-1, -1)
+    softcap: float = 0.0
+    sinks: bool = False
+    seqused: Optional[List[Optional[List[int]]]] = None
+    shifts: Optional[List[Optional[List[int]]]] = None
+    extra_rows: int = 0  # rows after the last sequence, in every group
+    q_amplitude: float = 1.0  # larger: scores reach the softcap
+    scale: float = 0.0  # 0: 1 / sqrt(head dim)
+    has_rows_without_keys: bool = False  # the case is built to have them (checked)
+
+
+@dataclass
+class FeatureInputs:
+    """The tensors of a FeatureScenario: q per group [total_q_g, Hq, D], k / v [total_k, Hk, D],
+    the metadata, sinks (float32 [Hq] or None) and, where the test draws them with the inputs,
+    the output gradients (like q_list)."""
+
+    q_list: List[Tensor]
+    k: Tensor
+    v: Tensor
+    cu_q_list: List[Tensor]
+    cu_k: Tensor
+    seqused: Optional[List[Optional[Tensor]]]
+    shifts: Optional[List[Optional[Tensor]]]
+    sinks: Optional[Tensor]
+    max_q: List[int]
+    max_k: int
+    douts: List[Tensor] = field(default_factory=list)
+
+    def leaves(self, dtype: torch.dtype) -> Tuple[List[Tensor], Tensor, Tensor, Optional[Tensor]]:
+        """q_list, k, v in `dtype` and float32 sinks, as fresh leaves that require grad."""
+        def leaf(t):
+            return t.detach().to(dtype).requires_grad_(True)
+        sinks = None if self.sinks is None else self.sinks.detach().clone().requires_grad_(True)
+        return [leaf(q) for q in self.q_list], leaf(self.k), leaf(self.v), sinks
 
 
 def make_case(
