@@ -318,16 +318,6 @@ def case_params(cases: Dict[int, List[dict]]) -> list:
     return [pytest.param(ws, c, id=f"w{ws}-{c['id']}") for ws in sorted(cases) for c in cases[ws]]
 
 
-def spawn_root_fixture(name: str):
-    """A module-scoped ``spawn_root`` fixture: a fresh temporary folder named after `name` that the
-    module's spawns write under."""
-    @pytest.fixture(scope="module")
-    def spawn_root(tmp_path_factory):
-        return str(tmp_path_factory.mktemp(name))
-
-    return spawn_root
-
-
 def assert_case_within(per_rank: List[dict], case: dict, quantities, tol: float, seed: int) -> None:
     """Every rank ran `case` without an exception and each of its `quantities` (relative errors)
     is at most `tol`."""
@@ -339,6 +329,33 @@ def assert_case_within(per_rank: List[dict], case: dict, quantities, tol: float,
             err = got[name]
             assert err <= tol, (f"rank {r} of {world_size}, case {case['id']} (seed {seed}): {name} "
                                 f"max|err| / max(1, max|ref|) = {err:.3e} > {tol:.1e}")
+
+
+class SpawnedCases(CachedSpawns):
+    """The distributed cases of a test module: ``cases[world_size]`` run by a CaseWorker (with its
+    `extra` checks) in one spawn per world size per session, each case's result the relative
+    errors of `quantities`. params() gives the pytest parameters (world_size, case);
+    assert_within(world_size, case, spawn_root) checks the case on every rank against tol[dtype]."""
+
+    def __init__(self, name: str, cases: Dict[int, List[dict]], run_case: Callable, seed: int, timeout_s: float,
+                 quantities, tol: Dict[str, float], extra: Optional[Callable] = None):
+        super().__init__(CaseWorker(cases, run_case, extra), seed, name, timeout_s)
+        self.cases, self.quantities, self.tol = cases, quantities, tol
+
+    def params(self) -> list:
+        return case_params(self.cases)
+
+    def assert_within(self, world_size: int, case: dict, spawn_root: str) -> None:
+        assert_case_within(self(world_size, spawn_root), case, self.quantities, self.tol[case["dtype"]], self.seed)
+
+
+def record_check(results: dict, key: str, check: Callable[[], object]) -> None:
+    """results[key] = check(), or the traceback of the exception it raised: a rank's extra check
+    is reported by the test that reads it, not lost with the rank."""
+    try:
+        results[key] = check()
+    except Exception:  # noqa: BLE001 - reported through the results
+        results[key] = traceback.format_exc()
 
 
 class NoHostReads:

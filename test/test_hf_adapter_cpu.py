@@ -49,7 +49,7 @@ import torch
 
 import ring_flash_attn as rfa
 from ring_flash_attn import hf_adapter
-from dist_harness import CachedSpawns, case_params, CaseWorker, free_port, rel_err, spawn_root_fixture
+from dist_harness import CachedSpawns, case_params, CaseWorker, free_port, rel_err
 from cases import cu_seqlens
 
 _SEED = random.SystemRandom().randrange(1 << 30)
@@ -455,7 +455,6 @@ def _run_case(case: dict, seed: int, rank: int, world_size: int) -> Dict[str, fl
 
 
 _results = CachedSpawns(CaseWorker(CASES, _run_case), _SEED, "hf_adapter", _SPAWN_TIMEOUT_S)
-spawn_root = spawn_root_fixture("hf_adapter_dist")
 
 
 def _params(padded: bool, features: bool = False) -> list:
