@@ -23,7 +23,6 @@ shard/unshard round trips, the prepare helpers and the ``seqlens`` argument chec
 
 from __future__ import annotations
 
-import math
 import os
 import random
 from typing import Dict, List, Optional, Tuple

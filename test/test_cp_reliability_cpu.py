@@ -17,7 +17,6 @@ does instead of a silently wrong answer.
 
 from __future__ import annotations
 
-import itertools
 import random
 
 import pytest
