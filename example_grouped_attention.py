@@ -16,38 +16,27 @@ batch 2, fp16). Without a GPU it runs a small configuration on the CPU backend a
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import os
+import sys
 
 import torch
 
 from ring_flash_attn import flash_attn_varlen_func, grouped_flash_attn_varlen_func
 from ring_flash_attn.grouped_python import _flash_attn_varlen_forward_grouped
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmark"))
+from benchmark_grouped_attention import median_call_ms  # noqa: E402  (the benchmarks' timer)
+
 
 def _timer(device: torch.device):
-    if device.type == "cuda":
-        def run(fn, iters):
-            for _ in range(3):
-                fn()
-            times = []
-            for _ in range(iters):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end))
-            return statistics.median(times)
-    else:
-        def run(fn, iters):
+    """run(fn, iters): fn once or a few times untimed, then the median milliseconds of `iters`
+    calls (the benchmarks' timer: CUDA events on a GPU, the host timer on the CPU)."""
+    warmup = 3 if device.type == "cuda" else 1
+
+    def run(fn, iters):
+        for _ in range(warmup):
             fn()
-            times = []
-            for _ in range(iters):
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-            return statistics.median(times)
+        return median_call_ms(fn, iters, device)
     return run
 
 

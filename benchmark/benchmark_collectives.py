@@ -28,10 +28,8 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import sys
-import time
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
@@ -89,26 +87,12 @@ def make_call(collective: str, numel: int, device, world: int, rank: int) -> Cal
 
 def time_call(fn: Callable[[], None], runs: int, warmup: int, device) -> float:
     """Median ms (CUDA events on a GPU, host timer on CPU), ranks in lockstep."""
-    import torch
     import torch.distributed as dist
 
     for _ in range(warmup):
         fn()
     dist.barrier()
-    times: List[float] = []
-    for _ in range(runs):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return gb.median_call_ms(fn, runs, device)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -38,9 +38,7 @@ every rank's row and appends the rows to --csv. A pass the library cannot run
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import shlex
 import sys
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -49,7 +47,7 @@ if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
 import benchmark_grouped_attention as gb  # noqa: E402
-import benchmark_zigzag_distributed as zd  # noqa: E402  (time_calls, CONFIGS, the zigzag llama3 kernels)
+import benchmark_zigzag_distributed as zd  # noqa: E402  (CONFIGS, the zigzag llama3 kernels, the timing)
 
 SCHEMES = ("ring", "zigzag_ring", "stripe", "llama3", "zigzag_llama3", "ulysses", "hybrid")
 PASSES = ("fwd", "fwd_bwd")
@@ -100,12 +98,7 @@ def rank_pairs(scheme: str, seqlen: int, world: int, rank: int, kv_degree: int =
     return rank_pairs(kv_scheme, seqlen, kv_degree, kv_rank) // U
 
 
-class Case:
-    """One scheme's step and kernels-alone functions for one (seqlen, pass) on this rank."""
-
-    def __init__(self, step: Callable[[], None], kernels: Callable[[], None], pairs: int, mesh: str = "",
-                 hs: int = 0):
-        self.step, self.kernels, self.pairs, self.mesh, self.hs = step, kernels, pairs, mesh, hs
+Case = zd.Case  # one scheme's step and kernels-alone functions for one (seqlen, pass) on this rank
 
 
 def _randn(shape, dtype, device, gen):
@@ -327,32 +320,28 @@ def _make_mesh(args, cfg, world: int, say):
     return mesh
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    import torch
-    import torch.distributed as dist
-
-    args = parse_args(argv)
-    on_gpu = gb.distributed_on_gpu(args.device)
-    if on_gpu is None:
-        return gb.EXIT_NO_GPU
+def _fill_defaults(args: argparse.Namespace, on_gpu: bool) -> None:
+    """The defaults that depend on the device: zigzag_distributed's, and its sequence lengths."""
     if args.seqlens is None:
         args.seqlens = [16384, 65536] if on_gpu else [64]
     zd._fill_defaults(args, on_gpu)
     args.batch = 1  # zd.build_inputs reads it
-    device = gb.init_distributed(on_gpu, master_port="29522")
-    rank, world = dist.get_rank(), dist.get_world_size()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    import torch
+
+    args = parse_args(argv)
+    run = gb.start_distributed(args, _fill_defaults, master_port="29522")
+    if run is None:
+        return gb.EXIT_NO_GPU
+    on_gpu, device, rank, world, dtype, env, say = run
     cfg = zd.CONFIGS[args.config]
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    hs = args.heads_k_stride or max(1, cfg.num_heads_k // 2)
-    env = gb.distributed_environment(device, on_gpu)
-    say = gb.rank0_printer(rank)
-    argv_list = list(sys.argv[1:] if argv is None else argv)
+    hs = zd.heads_k_stride(args, cfg)
     say("Context-parallel schemes, distributed: one step per rank vs its kernels alone")
     say(f"world_size {world}, {env['device']} ({env['backend']}), torch {env['torch']}, {args.dtype}, {cfg.label} "
         f"({cfg.num_heads_q} Q heads, {cfg.num_heads_k} KV heads, head_dim {cfg.head_dim}), causal, heads_k_stride {hs}")
-    say("Command: " + f"torchrun --nproc_per_node={world} " + " ".join(
-        shlex.quote(a) for a in ["benchmark/benchmark_cp_distributed.py"] + argv_list))
-    say(f"Date: {datetime.datetime.now():%Y-%m-%d %H:%M:%S}")
+    gb.say_command(say, "benchmark/benchmark_cp_distributed.py", world, argv)
     say(f"Timing: {'CUDA events' if on_gpu else 'host timer (CPU smoke test: the numbers mean nothing)'}, "
         f"{args.warmup} warm-up, median of {args.num_runs}; ratio = step / kernels")
     mesh = _make_mesh(args, cfg, world, say) if "hybrid" in args.schemes else None
@@ -367,69 +356,37 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             for pass_name in args.passes:
                 backward = pass_name == "fwd_bwd"
                 gen = torch.Generator(device=device).manual_seed(1234 + rank)
-                reason = ""
-                try:
+
+                def build(scheme=scheme, backward=backward, gen=gen) -> Case:
                     if scheme in ("ring", "zigzag_ring", "stripe"):
-                        case = ring_case(scheme, seqlen, cfg, dtype, device, world, rank, backward, None, gen)
-                    elif scheme == "llama3":
-                        case = llama3_case(seqlen, cfg, dtype, device, world, rank, backward, hs, None, gen)
-                    elif scheme == "zigzag_llama3":
-                        case = zigzag_llama3_case(seqlen, cfg, dtype, device, world, rank, backward, hs, None, args)
-                    elif scheme == "ulysses":
-                        case = ulysses_case(seqlen, cfg, dtype, device, world, rank, backward, hs, None, gen)
-                    else:
-                        case = hybrid_case(seqlen, cfg, dtype, device, world, rank, backward, hs, mesh, args, gen)
-                    dist.barrier()
-                    step_ms = zd.time_calls(case.step, args.num_runs, args.warmup, device)
-                    kernels_ms = zd.time_calls(case.kernels, args.num_runs, args.warmup, device)
-                    ok = torch.ones(1, device=device)
-                except NotImplementedError as e:
-                    step_ms = kernels_ms = float("nan")
-                    ok = torch.zeros(1, device=device)
-                    reason = str(e).splitlines()[0][:160]
-                    case = None
-                dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-                if ok.item() == 0:
-                    say(f"\nseqlen {seqlen}, {scheme}, {pass_name}: skipped (NotImplementedError"
-                        + (f" on rank 0: {reason})" if reason else " on another rank)"))
+                        return ring_case(scheme, seqlen, cfg, dtype, device, world, rank, backward, None, gen)
+                    if scheme == "llama3":
+                        return llama3_case(seqlen, cfg, dtype, device, world, rank, backward, hs, None, gen)
+                    if scheme == "zigzag_llama3":
+                        return zigzag_llama3_case(seqlen, cfg, dtype, device, world, rank, backward, hs, None, args)
+                    if scheme == "ulysses":
+                        return ulysses_case(seqlen, cfg, dtype, device, world, rank, backward, hs, None, gen)
+                    return hybrid_case(seqlen, cfg, dtype, device, world, rank, backward, hs, mesh, args, gen)
+
+                label = f"seqlen {seqlen}, {scheme}, {pass_name}"
+                timed = zd.time_on_every_rank(build, args, device, world, say, label)
+                if timed is None:
                     continue
-                facts = torch.tensor([step_ms, kernels_ms, float(case.pairs)], dtype=torch.float64, device=device)
-                gathered = [torch.empty_like(facts) for _ in range(world)]
-                dist.all_gather(gathered, facts)
+                case, per_rank = timed
                 if rank == 0:
-                    table = []
-                    for r, t in enumerate(gathered):
-                        s_ms, k_ms, pairs = t.tolist()
-                        flops = gb.attention_flops(int(pairs), cfg.num_heads_q, cfg.head_dim, pass_name)
-                        row = {"device": env["device"], "torch": env["torch"], "backend": env["backend"],
-                               "world_size": str(world), "rank": str(r), "config": args.config, "dtype": args.dtype,
-                               "seqlen": str(seqlen), "scheme": scheme, "mesh": case.mesh,
-                               "heads_k_stride": str(case.hs), "pass": pass_name, "step_ms": f"{s_ms:.4f}",
-                               "kernels_ms": f"{k_ms:.4f}", "ratio": f"{s_ms / k_ms:.3f}" if k_ms > 0 else "",
-                               "step_tflops": f"{flops / (s_ms * 1e9):.3f}" if s_ms > 0 else "",
-                               "kernels_tflops": f"{flops / (k_ms * 1e9):.3f}" if k_ms > 0 else ""}
-                        rows.append(row)
-                        table.append([str(r), f"{s_ms:.3f}", f"{k_ms:.3f}", row["ratio"], row["step_tflops"],
-                                      row["kernels_tflops"]])
+                    def fields(r: int, scheme=scheme, pass_name=pass_name, case=case) -> Dict[str, str]:
+                        return dict(zd.run_fields(env, world, r, args, seqlen), scheme=scheme, mesh=case.mesh,
+                                    heads_k_stride=str(case.hs), **{"pass": pass_name})
+
+                    case_rows, table = zd.rank_report(per_rank, cfg, pass_name, fields)
+                    rows.extend(case_rows)
                     what = f", mesh {case.mesh}" if case.mesh else ""
                     say(f"\nseqlen {seqlen}, {scheme}{what}, pass {pass_name}:")
-                    say(gb.box_table(["Rank", "Step (ms)", "Kernels (ms)", "Ratio", "Step TFLOPS", "Kernels TFLOPS"],
-                                     table, ["r"] * 6))
-                del case
+                    say(table)
+                del case, timed
                 if on_gpu:
                     torch.cuda.empty_cache()
-    if rank == 0 and args.csv and rows:
-        import csv
-
-        os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
-        new = not os.path.exists(args.csv) or os.path.getsize(args.csv) == 0
-        with open(args.csv, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, lineterminator="\n")
-            if new:
-                writer.writeheader()
-            writer.writerows(rows)
-        say(f"\nwrote {len(rows)} rows to {args.csv}")
-    gb.finish_distributed(0)  # does not return
+    gb.finish_distributed_run(run, 0, args.csv, rows, CSV_COLUMNS)  # does not return
     return 0
 
 

@@ -43,7 +43,6 @@ import argparse
 import csv
 import math
 import os
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -52,6 +51,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 import ring_flash_attn as rfa
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
+
+import benchmark_grouped_attention as gb  # noqa: E402  (the timer)
 
 TIER_ENV = "RING_FLASH_ATTN_TIER"
 
@@ -127,20 +132,7 @@ def timer(device: torch.device) -> Callable[[Callable[[], None], int, int], floa
     def run(fn: Callable[[], None], warmup: int, runs: int) -> float:
         for _ in range(warmup):
             fn()
-        times = []
-        for _ in range(runs):
-            if device.type == "cuda":
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                b.synchronize()
-                times.append(a.elapsed_time(b))
-            else:
-                t = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t) * 1e3)
-        return statistics.median(times)
+        return gb.median_call_ms(fn, runs, device)
     return run
 
 

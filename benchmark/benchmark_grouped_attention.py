@@ -93,7 +93,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 # ---- constants -----------------------------------------------------------------------------------
 
@@ -276,13 +276,14 @@ def csv_row(gpu: str, torch_version: str, cuda_version: str, config: str, w: Wor
     }
 
 
-def append_csv(path: str, rows: Sequence[Dict[str, str]]) -> None:
-    """Append rows; write the header first when the file is new or empty."""
+def append_csv(path: str, rows: Sequence[Dict[str, str]], columns: Sequence[str] = CSV_COLUMNS) -> None:
+    """Append rows (dicts keyed by `columns`, this benchmark's by default); write the header first
+    when the file is new or empty."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     new = not os.path.exists(path) or os.path.getsize(path) == 0
     with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, lineterminator="\n")
+        writer = csv.DictWriter(f, fieldnames=columns, lineterminator="\n")
         if new:
             writer.writeheader()
         for r in rows:
@@ -767,6 +768,27 @@ def make_pass_fn(impl: Impl, pass_name: str, inputs, w: Workload):
     return bwd
 
 
+def median_call_ms(fn: Callable[[], object], runs: int, device) -> float:
+    """Median milliseconds of `runs` calls of fn, each timed alone: CUDA events around the call,
+    waited for before the next one, on a CUDA `device`; the host timer otherwise."""
+    import torch
+
+    times: List[float] = []
+    for _ in range(runs):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
 def time_calls(fns: Sequence[Callable], num_runs: int, warmup: int, context: Callable, device=None) -> float:
     """Median milliseconds of num_runs calls, rotating over fns, CUDA events around each call."""
     import torch
@@ -1035,6 +1057,17 @@ def finish_distributed(status: int) -> None:
         os._exit(status)
 
 
+def finish_distributed_run(run: "DistributedRun", status: int, csv_path: Optional[str], rows: Sequence[Dict[str, str]],
+                           columns: Sequence[str]) -> None:
+    """The end of a torchrun-launched benchmark: rank 0 appends `rows` (keyed by `columns`) to
+    csv_path when one is given and there are rows, and says so; then finish_distributed(status),
+    which does not return."""
+    if run.rank == 0 and csv_path and rows:
+        append_csv(csv_path, rows, columns)
+        run.say(f"\nwrote {len(rows)} rows to {csv_path}")
+    finish_distributed(status)
+
+
 def distributed_on_gpu(device: Optional[str]) -> Optional[bool]:
     """Whether a distributed benchmark runs on the GPU: --device cuda, or no --device and a CUDA GPU
     available; None after an error line on stderr when --device cuda finds no CUDA GPU."""
@@ -1085,6 +1118,48 @@ def init_distributed(on_gpu: bool, master_port: str, cpu_threads: Optional[int] 
         device = torch.device("cpu")
         dist.init_process_group("gloo")
     return device
+
+
+class DistributedRun(NamedTuple):
+    """What a torchrun-launched benchmark knows once its process group is up."""
+
+    on_gpu: bool
+    device: object  # torch.device
+    rank: int
+    world_size: int
+    dtype: object  # the torch dtype of --dtype
+    env: Dict[str, str]  # distributed_environment()
+    say: Callable[..., None]  # rank0_printer()
+
+
+def start_distributed(args, prepare: Callable, master_port: str,
+                      cpu_threads: Optional[int] = None) -> Optional[DistributedRun]:
+    """The start of a torchrun-launched benchmark: the GPU or the CPU from args.device
+    (distributed_on_gpu; None, after its error line, when --device cuda finds no GPU: the caller
+    exits with EXIT_NO_GPU), prepare(args, on_gpu) (defaults and checks before any process group),
+    the process group (init_distributed), and the torch dtype of args.dtype (bf16, fp16 or
+    fp32)."""
+    import torch
+    import torch.distributed as dist
+
+    on_gpu = distributed_on_gpu(args.device)
+    if on_gpu is None:
+        return None
+    prepare(args, on_gpu)
+    device = init_distributed(on_gpu, master_port=master_port, cpu_threads=cpu_threads)
+    rank = dist.get_rank()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    return DistributedRun(on_gpu, device, rank, dist.get_world_size(), dtype, distributed_environment(device, on_gpu),
+                          rank0_printer(rank))
+
+
+def say_command(say: Callable[..., None], script: str, world_size: int, argv: Optional[Sequence[str]]) -> None:
+    """The "Command:" line (the torchrun command that reproduces the run of `script`, a path from
+    the repository root, with `argv` or this process's arguments) and the "Date:" line."""
+    argv_list = list(sys.argv[1:] if argv is None else argv)
+    say(f"Command: torchrun --nproc_per_node={world_size} "
+        + " ".join(shlex.quote(a) for a in [script] + argv_list))
+    say(f"Date: {datetime.datetime.now():%Y-%m-%d %H:%M:%S}")
 
 
 def environment(device) -> Dict[str, str]:

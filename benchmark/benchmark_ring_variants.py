@@ -44,9 +44,7 @@ memory) and appends one row per variant to --csv.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import shlex
 import sys
 import time
 from typing import Callable, List, Optional, Sequence
@@ -258,30 +256,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import torch.distributed as dist
 
     args = parse_args(argv)
-    on_gpu = gb.distributed_on_gpu(args.device)
-    if on_gpu is None:
-        return gb.EXIT_NO_GPU
-    _fill_defaults(args, on_gpu)
-    varlen_local_batches(args.seqlen_per_gpu)  # validates --seqlen-per-gpu before any process group
+
+    def prepare(args: argparse.Namespace, on_gpu: bool) -> None:
+        _fill_defaults(args, on_gpu)
+        varlen_local_batches(args.seqlen_per_gpu)  # validates --seqlen-per-gpu before any process group
+
     # On the CPU a smoke test: idle OpenMP workers cost more than they give on tiny tensors.
-    device = gb.init_distributed(on_gpu, master_port="29521", cpu_threads=1)
-    rank, N = dist.get_rank(), dist.get_world_size()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    run = gb.start_distributed(args, prepare, master_port="29521", cpu_threads=1)
+    if run is None:
+        return gb.EXIT_NO_GPU
+    on_gpu, device, rank, N, dtype, env, say = run
     hs = heads_k_stride_for(args.num_kv_heads, args.heads_k_stride)
     pass_name = "fwd" if args.fwd_only else "fwd_bwd"
-    env = gb.distributed_environment(device, on_gpu)
-    say = gb.rank0_printer(rank)
 
-    argv_list = list(sys.argv[1:] if argv is None else argv)
     say("Ring / llama3 context-parallel variants, upstream ring-flash-attention's benchmark setting")
     say(f"world_size {N}, {env['device']} ({env['backend']}), torch {env['torch']}, {args.dtype}, "
         f"{args.num_heads} Q heads / {args.num_kv_heads} KV heads, head_dim {args.head_dim}, "
         f"{'causal' if args.causal else 'non-causal'}, {args.seqlen_per_gpu} tokens per GPU, "
         f"{'forward' if args.fwd_only else 'forward + backward'}, deterministic={args.deterministic}, "
         f"llama3 heads_k_stride {hs}, zigzag llama3 impl {args.zigzag_llama3_impl}")
-    say(f"Command: torchrun --nproc_per_node={N} benchmark/benchmark_ring_variants.py "
-        + " ".join(shlex.quote(a) for a in argv_list))
-    say(f"Date: {datetime.datetime.now():%Y-%m-%d %H:%M:%S}")
+    gb.say_command(say, "benchmark/benchmark_ring_variants.py", N, argv)
     timer = "CUDA events" if on_gpu else "host timer (CPU smoke test: the numbers mean nothing)"
     say(f"Timing: {timer}; {args.warmup} warm-up iterations, then {args.num_iter} timed back to back "
         f"(slowest rank); varlen variants cycle through {len(VARLEN_BOUNDARIES_8K)} batches")
@@ -340,18 +334,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                      table, ["l", "r", "r", "r", "r", "r", "r"]))
     say("TFLOPS/GPU: FlashAttention's count on unmasked (q, k) pairs (fwd 4*D*Hq*pairs, fwd+bwd 3.5x; a causal "
         "sequence of L tokens has L(L+1)/2 pairs), whole global attention / world size / elapsed")
-    if rank == 0 and args.csv and rows:
-        import csv
-
-        os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
-        new = not os.path.exists(args.csv) or os.path.getsize(args.csv) == 0
-        with open(args.csv, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, lineterminator="\n")
-            if new:
-                writer.writeheader()
-            writer.writerows(rows)
-        say(f"wrote {len(rows)} rows to {args.csv}")
-    gb.finish_distributed(status)  # does not return
+    gb.finish_distributed_run(run, status, args.csv, rows, CSV_COLUMNS)  # does not return
     return status
 
 

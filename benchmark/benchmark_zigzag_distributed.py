@@ -35,13 +35,11 @@ NotImplementedError) is reported and skipped.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import shlex
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
@@ -65,28 +63,69 @@ def rank_pairs(seqlen: int, batch: int, world_size: int, rank: int) -> int:
     return batch * (gb.count_pairs(c, (rank + 1) * c) + gb.count_pairs(c, (2 * world_size - rank) * c))
 
 
-def csv_row(env: Dict[str, str], world_size: int, rank: int, args, seqlen: int, hs: int, impl: str,
-            pass_name: str, step_ms: float, kernels_ms: float, flops: float) -> Dict[str, str]:
-    return {
-        "device": env["device"], "torch": env["torch"], "backend": env["backend"], "world_size": str(world_size),
-        "rank": str(rank), "config": args.config, "dtype": args.dtype, "seqlen": str(seqlen), "batch": str(args.batch),
-        "heads_k_stride": str(hs), "impl": impl, "pass": pass_name, "step_ms": f"{step_ms:.4f}",
-        "kernels_ms": f"{kernels_ms:.4f}", "ratio": f"{step_ms / kernels_ms:.3f}" if kernels_ms > 0 else "",
-        "step_tflops": f"{flops / (step_ms * 1e9):.3f}" if step_ms > 0 else "",
-        "kernels_tflops": f"{flops / (kernels_ms * 1e9):.3f}" if kernels_ms > 0 else "",
-    }
+def run_fields(env: Dict[str, str], world_size: int, rank: int, args, seqlen: int) -> Dict[str, str]:
+    """The CSV fields that say where and what ran (this benchmark's and benchmark_cp_distributed.py's)."""
+    return {"device": env["device"], "torch": env["torch"], "backend": env["backend"], "world_size": str(world_size),
+            "rank": str(rank), "config": args.config, "dtype": args.dtype, "seqlen": str(seqlen)}
 
 
-def append_csv(path: str, rows: Sequence[Dict[str, str]]) -> None:
-    import csv
+def timing_fields(step_ms: float, kernels_ms: float, flops: float) -> Dict[str, str]:
+    """The CSV fields of a rank's step and kernels-alone times: ms, their ratio, TFLOPS."""
+    return {"step_ms": f"{step_ms:.4f}", "kernels_ms": f"{kernels_ms:.4f}",
+            "ratio": f"{step_ms / kernels_ms:.3f}" if kernels_ms > 0 else "",
+            "step_tflops": f"{flops / (step_ms * 1e9):.3f}" if step_ms > 0 else "",
+            "kernels_tflops": f"{flops / (kernels_ms * 1e9):.3f}" if kernels_ms > 0 else ""}
 
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    new = not os.path.exists(path) or os.path.getsize(path) == 0
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, lineterminator="\n")
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
+
+class Case:
+    """One timed case on this rank: the whole step and its kernels alone (callables), the rank's
+    unmasked (q, k) pairs (its FLOPs), and what the CSV reports of the call (mesh, heads_k_stride)."""
+
+    def __init__(self, step: Callable[[], None], kernels: Callable[[], None], pairs: int, mesh: str = "",
+                 hs: int = 0):
+        self.step, self.kernels, self.pairs, self.mesh, self.hs = step, kernels, pairs, mesh, hs
+
+
+def time_on_every_rank(build: Callable[[], Case], args, device, world_size: int, say: Callable[..., None],
+                       label: str) -> Optional[Tuple[Case, List[Tuple[float, float, float]]]]:
+    """Builds this rank's case and times its step and kernels (time_calls after a barrier) on
+    every rank in lockstep. Returns (the case, each rank's (step_ms, kernels_ms, pairs)), or None
+    after saying "<label>: skipped" when a rank raised NotImplementedError (with rank 0's reason)."""
+    import torch
+    import torch.distributed as dist
+
+    reason = ""
+    try:
+        case = build()
+        dist.barrier()
+        facts = [time_calls(case.step, args.num_runs, args.warmup, device),
+                 time_calls(case.kernels, args.num_runs, args.warmup, device), float(case.pairs)]
+        ok = torch.ones(1, device=device)
+    except NotImplementedError as e:
+        ok = torch.zeros(1, device=device)
+        reason = str(e).splitlines()[0][:160]
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    if ok.item() == 0:
+        say(f"\n{label}: skipped (NotImplementedError" + (f" on rank 0: {reason})" if reason else " on another rank)"))
+        return None
+    mine = torch.tensor(facts, dtype=torch.float64, device=device)
+    gathered = [torch.empty_like(mine) for _ in range(world_size)]
+    dist.all_gather(gathered, mine)
+    return case, [tuple(t.tolist()) for t in gathered]
+
+
+def rank_report(per_rank: Sequence[Tuple[float, float, float]], cfg, pass_name: str,
+                fields: Callable[[int], Dict[str, str]]) -> Tuple[List[Dict[str, str]], str]:
+    """Rank 0's report of one timed case: a CSV row per rank (fields(rank), then its times, ratio
+    and TFLOPS) and the box table of them."""
+    rows, table = [], []
+    for r, (s_ms, k_ms, pairs) in enumerate(per_rank):
+        flops = gb.attention_flops(int(pairs), cfg.num_heads_q, cfg.head_dim, pass_name)
+        row = dict(fields(r), **timing_fields(s_ms, k_ms, flops))
+        rows.append(row)
+        table.append([str(r), f"{s_ms:.3f}", f"{k_ms:.3f}", row["ratio"], row["step_tflops"], row["kernels_tflops"]])
+    headers = ["Rank", "Step (ms)", "Kernels (ms)", "Ratio", "Step TFLOPS", "Kernels TFLOPS"]
+    return rows, gb.box_table(headers, table, ["r"] * len(headers))
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -211,33 +250,28 @@ def make_kernels(inp, impl: str, pass_name: str, hs: int, reduce_dtype, world_si
     return kernels
 
 
+def heads_k_stride(args, cfg) -> int:
+    """--heads-k-stride, or by default half the model's KV heads (two slices)."""
+    return args.heads_k_stride or max(1, cfg.num_heads_k // 2)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     import torch
-    import torch.distributed as dist
 
     args = parse_args(argv)
-    on_gpu = gb.distributed_on_gpu(args.device)
-    if on_gpu is None:
+    run = gb.start_distributed(args, _fill_defaults, master_port="29518")
+    if run is None:
         return gb.EXIT_NO_GPU
-    _fill_defaults(args, on_gpu)
-    device = gb.init_distributed(on_gpu, master_port="29518")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    on_gpu, device, rank, world, dtype, env, say = run
     cfg = CONFIGS[args.config]
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    hs = args.heads_k_stride or max(1, cfg.num_heads_k // 2)
+    hs = heads_k_stride(args, cfg)
     reduce_dtype = torch.float32 if args.grad_reduce_dtype == "fp32" else dtype  # "same": the dtype of k
-    env = gb.distributed_environment(device, on_gpu)
-    say = gb.rank0_printer(rank)
 
-    argv_list = list(sys.argv[1:] if argv is None else argv)
-    command = f"torchrun --nproc_per_node={world} " + " ".join(
-        shlex.quote(a) for a in ["benchmark/benchmark_zigzag_distributed.py"] + argv_list)
     say("Zigzag llama3 distributed benchmark: one step per rank vs its kernels alone")
     say(f"world_size {world}, {env['device']} ({env['backend']}), torch {env['torch']}, {args.dtype}, "
         f"{cfg.label} ({cfg.num_heads_q} Q heads, {cfg.num_heads_k} KV heads, head_dim {cfg.head_dim}), "
         f"heads_k_stride {hs}, batch {args.batch}, grad reduce {args.grad_reduce_dtype}")
-    say(f"Command: {command}")
-    say(f"Date: {datetime.datetime.now():%Y-%m-%d %H:%M:%S}")
+    gb.say_command(say, "benchmark/benchmark_zigzag_distributed.py", world, argv)
     timer = "CUDA events" if on_gpu else "host timer (CPU smoke test: the numbers mean nothing)"
     say(f"Timing: {timer}, {args.warmup} warm-up, median of {args.num_runs}; ratio = step / kernels")
 
@@ -251,48 +285,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         inp = build_inputs(seqlen, args, cfg, dtype, device, world, rank)
         for impl in args.impls:
             for pass_name in args.passes:
-                step = make_step(inp, impl, pass_name, hs, reduce_dtype, None)
-                kernels = make_kernels(inp, impl, pass_name, hs, reduce_dtype, world, rank)
-                reason = ""
-                try:
-                    dist.barrier()
-                    step_ms = time_calls(step, args.num_runs, args.warmup, device)
-                    kernels_ms = time_calls(kernels, args.num_runs, args.warmup, device)
-                    ok = torch.ones(1, device=device)
-                except NotImplementedError as e:
-                    step_ms = kernels_ms = float("nan")
-                    ok = torch.zeros(1, device=device)
-                    reason = str(e).splitlines()[0][:160]
-                dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-                if ok.item() == 0:
-                    say(f"\nseqlen {seqlen}, {impl}, {pass_name}: skipped (NotImplementedError"
-                        + (f" on rank 0: {reason})" if reason else " on another rank)"))
+                def build(impl=impl, pass_name=pass_name) -> Case:
+                    return Case(make_step(inp, impl, pass_name, hs, reduce_dtype, None),
+                                make_kernels(inp, impl, pass_name, hs, reduce_dtype, world, rank),
+                                rank_pairs(seqlen, args.batch, world, rank))
+
+                timed = time_on_every_rank(build, args, device, world, say, f"seqlen {seqlen}, {impl}, {pass_name}")
+                if timed is None or rank != 0:
                     continue
-                times = torch.tensor([step_ms, kernels_ms], dtype=torch.float64, device=device)
-                gathered = [torch.empty_like(times) for _ in range(world)]
-                dist.all_gather(gathered, times)
-                if rank == 0:
-                    table, my_rows = [], []
-                    for r, t in enumerate(gathered):
-                        s_ms, k_ms = t.tolist()
-                        f = gb.attention_flops(rank_pairs(seqlen, args.batch, world, r), cfg.num_heads_q,
-                                               cfg.head_dim, pass_name)
-                        row = csv_row(env, world, r, args, seqlen, hs, impl, pass_name, s_ms, k_ms, f)
-                        my_rows.append(row)
-                        table.append([str(r), f"{s_ms:.3f}", f"{k_ms:.3f}", row["ratio"], row["step_tflops"],
-                                      row["kernels_tflops"]])
-                    rows.extend(my_rows)
-                    c = seqlen // (2 * world)
-                    say(f"\nseqlen {seqlen} x batch {args.batch} (chunks of {c}), impl {impl}, pass {pass_name}:")
-                    say(gb.box_table(["Rank", "Step (ms)", "Kernels (ms)", "Ratio", "Step TFLOPS", "Kernels TFLOPS"],
-                                     table, ["r", "r", "r", "r", "r", "r"]))
+
+                def fields(r: int, impl=impl, pass_name=pass_name) -> Dict[str, str]:
+                    return dict(run_fields(env, world, r, args, seqlen), batch=str(args.batch),
+                                heads_k_stride=str(hs), impl=impl, **{"pass": pass_name})
+
+                my_rows, table = rank_report(timed[1], cfg, pass_name, fields)
+                rows.extend(my_rows)
+                c = seqlen // (2 * world)
+                say(f"\nseqlen {seqlen} x batch {args.batch} (chunks of {c}), impl {impl}, pass {pass_name}:")
+                say(table)
         del inp
         if on_gpu:
             torch.cuda.empty_cache()
-    if rank == 0 and args.csv and rows:
-        append_csv(args.csv, rows)
-        say(f"\nwrote {len(rows)} rows to {args.csv}")
-    gb.finish_distributed(status)  # does not return
+    gb.finish_distributed_run(run, status, args.csv, rows, CSV_COLUMNS)  # does not return
     return status
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -28,11 +28,114 @@ def case_dict(base: dict, overrides: dict, **fixed) -> dict:
     return c
 
 
+def case_maker(base: dict) -> Callable[..., dict]:
+    """The case constructor of a distributed test module whose cases are global sequence lengths
+    and overrides of the module's defaults `base`: make(case_id, lens, **overrides) ->
+    case_dict(base, overrides, id=case_id, lens=list(lens))."""
+    def make(case_id: str, lens: Sequence[int], **overrides) -> dict:
+        return case_dict(base, overrides, id=case_id, lens=list(lens))
+    return make
+
+
 def cu_seqlens(lengths: Sequence[int], device="cpu") -> Tensor:
     out = [0]
     for n in lengths:
         out.append(out[-1] + n)
     return torch.tensor(out, dtype=torch.int32, device=device)
+
+
+def global_packed_batch(case: dict, gen: torch.Generator) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The global packed batch of a distributed test case (the same on every rank): cu_seqlens of
+    case["lens"] and float64 normals q, k, v, dout [total, H, D] (q and dout with case["Hq"] heads,
+    k and v with case["Hk"], D = case["D"]), drawn from `gen` in the order q, dout, k, v.
+    Returns (cu_seqlens, q, k, v, dout)."""
+    cu = cu_seqlens(case["lens"])
+    total = int(cu[-1])
+    q, dout = (torch.randn(total, case["Hq"], case["D"], generator=gen, dtype=torch.float64) for _ in range(2))
+    k, v = (torch.randn(total, case["Hk"], case["D"], generator=gen, dtype=torch.float64) for _ in range(2))
+    return cu, q, k, v, dout
+
+
+def packed_reference(q: Tensor, k: Tensor, v: Tensor, dout: Tensor, cu: Tensor, softmax_scale=None, causal=True,
+                     window=(-1, -1), softcap: float = 0.0, sinks: Optional[Tensor] = None):
+    """Single-process attention of a whole packed batch (q [T, Hq, D], k / v [T, Hk, D], the same
+    cu_seqlens for queries and keys) on float64 copies of the inputs, and its gradients for the
+    output gradient dout by autograd: (out [T, Hq, D], lse [Hq, T], (dq, dk, dv[, dsinks]))."""
+    leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    if sinks is not None:
+        leaves.append(sinks.detach().double().requires_grad_(True))
+    (out,), (lse,) = grouped_attention_reference([leaves[0]], leaves[1], leaves[2], [cu], cu, None, softmax_scale,
+                                                 causal, tuple(window), softcap,
+                                                 leaves[3] if sinks is not None else None)
+    grads = torch.autograd.grad(out, leaves, dout.double())
+    return out, lse, grads
+
+
+def single_process_batch(seed: int, lens: Sequence[int] = (5, 7, 4), num_heads_q: int = 4, num_heads_k: int = 2,
+                         head_dim: int = 8):
+    """A small packed float64 batch for a scheme's single-process path (no process group): cu_seqlens
+    of `lens`, q [T, Hq, D], k, v [T, Hk, D] as leaves that require grad, and dout like q, drawn
+    from `seed` in the order q, k, v, dout. Returns (cu_seqlens, q, k, v, dout)."""
+    gen = torch.Generator().manual_seed(seed)
+    T = sum(lens)
+    q = torch.randn(T, num_heads_q, head_dim, generator=gen, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(T, num_heads_k, head_dim, generator=gen, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(T, num_heads_k, head_dim, generator=gen, dtype=torch.float64, requires_grad=True)
+    dout = torch.randn(T, num_heads_q, head_dim, generator=gen, dtype=torch.float64)
+    return cu_seqlens(lens), q, k, v, dout
+
+
+def assert_single_process_matches(out: Tensor, lse: Tensor, grads: Sequence[Tensor], batch, causal: bool,
+                                  tol: float = 1e-10) -> None:
+    """A single-process call's out, lse [Hq, T] and gradients (dq, dk, dv) on single_process_batch's
+    `batch` are within `tol` of the float64 reference's (max |x - ref| / max(1, max |ref|))."""
+    from dist_harness import rel_err
+
+    cu, q, k, v, dout = batch
+    ref_out, ref_lse, ref_grads = packed_reference(q, k, v, dout, cu, None, causal)
+    assert rel_err(out, ref_out) <= tol
+    assert rel_err(lse, ref_lse) <= tol
+    for name, g, rg in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert rel_err(g, rg) <= tol, name
+
+
+def varlen_call_args(**over) -> dict:
+    """Keyword arguments of a scheme's varlen function on a valid packed float64 batch (sequences of
+    6 and 10 tokens, 4 query / 2 KV heads, head dim 8), with `over` on top (the bad one of an error
+    test, or the scheme's own arguments)."""
+    cu = cu_seqlens([6, 10])
+    args = dict(q=torch.randn(16, 4, 8, dtype=torch.float64), k=torch.randn(16, 2, 8, dtype=torch.float64),
+                v=torch.randn(16, 2, 8, dtype=torch.float64), cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=10,
+                max_seqlen_k=10)
+    args.update(over)
+    return args
+
+
+# Bad arguments that every context-parallel scheme's varlen function refuses alike, applied to
+# varlen_call_args' batch: (overrides, exception, message pattern).
+VARLEN_ARGUMENT_ERRORS = [
+    (dict(alibi_slopes=torch.zeros(4)), NotImplementedError, r"alibi_slopes"),
+    (dict(dropout_p=0.1), NotImplementedError, r"dropout_p"),
+    (dict(cu_seqlens_k=cu_seqlens([6, 10]).long()), ValueError, r"cu_seqlens_k: expected dtype torch.int32"),
+    (dict(cu_seqlens_q=cu_seqlens([16])), ValueError, r"cu_seqlens_q: expected 3 entries"),
+    (dict(k=torch.randn(16, 2, 8)), ValueError, r"k: expected dtype torch.float64"),
+    (dict(k=torch.randn(14, 2, 8, dtype=torch.float64), v=torch.randn(14, 2, 8, dtype=torch.float64)),
+     ValueError, r"k: expected 16 local tokens"),
+    (dict(q=torch.randn(16, 3, 8, dtype=torch.float64)), ValueError, r"q: expected a number of heads divisible"),
+    (dict(max_seqlen_q=torch.tensor(10)), ValueError, r"max_seqlen_q: expected a Python int"),
+]
+
+
+def assert_packed_forms_need_4d(kvpacked, qkvpacked, *scheme_args) -> None:
+    """A scheme's kvpacked and qkvpacked varlen functions, given 3-D tensors where they take the
+    packed 4-D ones, raise ValueError naming kv / qkv (`scheme_args`: what follows max_seqlen_k)."""
+    import pytest
+
+    a = varlen_call_args()
+    with pytest.raises(ValueError, match=r"kv: expected a 4-D tensor"):
+        kvpacked(a["q"], a["k"], a["cu_seqlens_q"], a["cu_seqlens_k"], 10, 10, *scheme_args)
+    with pytest.raises(ValueError, match=r"qkv: expected a 4-D tensor"):
+        qkvpacked(a["q"], a["cu_seqlens_q"], a["cu_seqlens_k"], 10, 10, *scheme_args)
 
 
 @dataclass
@@ -73,6 +176,56 @@ class Case:
         return Case([conv(q) for q in self.q_list], conv(self.k), conv(self.v),
                     self.cu_seqlens_q_list, self.cu_seqlens_k, self.seqused_k_list,
                     self.max_seqlen_q_list, self.max_seqlen_k, self.seqlens_q, self.seqlens_k)
+
+
+@dataclass
+class FeatureScenario:
+    """A grouped varlen case of the score-feature tests (test_window_softcap_sinks_cpu.py,
+    test_gpu_window_softcap_sinks.py): sequence lengths, heads, the mask (causal, window, per-group
+    diagonal shifts, seqused_k), softcap and whether the heads have sink logits."""
+
+    name: str
+    seqlens_q: List[List[int]]  # [G][B]
+    seqlens_k: List[int]
+    hq: int = 4
+    hk: int = 2
+    dim: int = 32  # head dim of the CPU tests (the GPU tests run every head dim of their list)
+    causal: bool = False
+    window: Tuple[int, int] = (-1, -1)
+    softcap: float = 0.0
+    sinks: bool = False
+    seqused: Optional[List[Optional[List[int]]]] = None
+    shifts: Optional[List[Optional[List[int]]]] = None
+    extra_rows: int = 0  # rows after the last sequence, in every group
+    q_amplitude: float = 1.0  # larger: scores reach the softcap
+    scale: float = 0.0  # 0: 1 / sqrt(head dim)
+    has_rows_without_keys: bool = False  # the case is built to have them (checked)
+
+
+@dataclass
+class FeatureInputs:
+    """The tensors of a FeatureScenario: q per group [total_q_g, Hq, D], k / v [total_k, Hk, D],
+    the metadata, sinks (float32 [Hq] or None) and, where the test draws them with the inputs,
+    the output gradients (like q_list)."""
+
+    q_list: List[Tensor]
+    k: Tensor
+    v: Tensor
+    cu_q_list: List[Tensor]
+    cu_k: Tensor
+    seqused: Optional[List[Optional[Tensor]]]
+    shifts: Optional[List[Optional[Tensor]]]
+    sinks: Optional[Tensor]
+    max_q: List[int]
+    max_k: int
+    douts: List[Tensor] = field(default_factory=list)
+
+    def leaves(self, dtype: torch.dtype) -> Tuple[List[Tensor], Tensor, Tensor, Optional[Tensor]]:
+        """q_list, k, v in `dtype` and float32 sinks, as fresh leaves that require grad."""
+        def leaf(t):
+            return t.detach().to(dtype).requires_grad_(True)
+        sinks = None if self.sinks is None else self.sinks.detach().clone().requires_grad_(True)
+        return [leaf(q) for q in self.q_list], leaf(self.k), leaf(self.v), sinks
 
 
 def make_case(

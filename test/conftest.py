@@ -28,6 +28,13 @@ except ImportError:
     sys.path.insert(0, _PYTHON_DIR)
 
 
+@pytest.fixture(scope="module")
+def spawn_root(tmp_path_factory, request) -> str:
+    """A fresh temporary folder per test module, named after it, under which the module's spawned
+    gloo ranks write their results and logs (test/dist_harness.py)."""
+    return str(tmp_path_factory.mktemp(request.module.__name__))
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
     config.addinivalue_line("markers", "stress: long-running, large-input tests")

@@ -87,6 +87,36 @@ def run_as_single_rank(script: str, timeout_s: float) -> subprocess.CompletedPro
     return subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=timeout_s, env=env)
 
 
+def verdict_lines(stdout: str) -> List[str]:
+    """The lines of a torchrun test script's output that give a case's verdict ("PASS ..." or
+    "FAIL ...")."""
+    return [ln for ln in stdout.splitlines() if ln.startswith(("PASS ", "FAIL "))]
+
+
+def assert_every_case_passes(script: str, cases: int, nproc: int = 2, timeout_s: float = 180) -> str:
+    """Runs a torchrun test script in its ``--device cpu`` mode on `nproc` gloo ranks: it exits 0,
+    prints `cases` verdict lines, all PASS, and the summary "<cases> PASS / 0 FAIL (world_size
+    <nproc>". Returns its stdout."""
+    r = torchrun(script, ["--device", "cpu"], nproc=nproc, timeout_s=timeout_s)
+    lines = verdict_lines(r.stdout)
+    assert len(lines) == cases and all(ln.startswith("PASS ") for ln in lines), r.stdout[-4000:]
+    assert f"{cases} PASS / 0 FAIL (world_size {nproc}" in r.stdout
+    return r.stdout
+
+
+def run_failing_driver(tmp_path, source: str, timeout_s: float = 120) -> str:
+    """Writes `source` (dedented) to tmp_path/driver.py, runs it as rank 0 of a world of 1 and
+    fails unless it exits with status 1 (a script's verdict that a case failed). Returns its
+    stdout."""
+    import textwrap
+
+    driver = tmp_path / "driver.py"
+    driver.write_text(textwrap.dedent(source))
+    r = run_as_single_rank(str(driver), timeout_s=timeout_s)
+    assert_exit_status(r, 1)
+    return r.stdout
+
+
 def _log_path(out_dir: str, rank: int) -> str:
     return os.path.join(out_dir, f"rank{rank}.log")
 
@@ -288,16 +318,6 @@ def case_params(cases: Dict[int, List[dict]]) -> list:
     return [pytest.param(ws, c, id=f"w{ws}-{c['id']}") for ws in sorted(cases) for c in cases[ws]]
 
 
-def spawn_root_fixture(name: str):
-    """A module-scoped ``spawn_root`` fixture: a fresh temporary folder named after `name` that the
-    module's spawns write under."""
-    @pytest.fixture(scope="module")
-    def spawn_root(tmp_path_factory):
-        return str(tmp_path_factory.mktemp(name))
-
-    return spawn_root
-
-
 def assert_case_within(per_rank: List[dict], case: dict, quantities, tol: float, seed: int) -> None:
     """Every rank ran `case` without an exception and each of its `quantities` (relative errors)
     is at most `tol`."""
@@ -309,6 +329,33 @@ def assert_case_within(per_rank: List[dict], case: dict, quantities, tol: float,
             err = got[name]
             assert err <= tol, (f"rank {r} of {world_size}, case {case['id']} (seed {seed}): {name} "
                                 f"max|err| / max(1, max|ref|) = {err:.3e} > {tol:.1e}")
+
+
+class SpawnedCases(CachedSpawns):
+    """The distributed cases of a test module: ``cases[world_size]`` run by a CaseWorker (with its
+    `extra` checks) in one spawn per world size per session, each case's result the relative
+    errors of `quantities`. params() gives the pytest parameters (world_size, case);
+    assert_within(world_size, case, spawn_root) checks the case on every rank against tol[dtype]."""
+
+    def __init__(self, name: str, cases: Dict[int, List[dict]], run_case: Callable, seed: int, timeout_s: float,
+                 quantities, tol: Dict[str, float], extra: Optional[Callable] = None):
+        super().__init__(CaseWorker(cases, run_case, extra), seed, name, timeout_s)
+        self.cases, self.quantities, self.tol = cases, quantities, tol
+
+    def params(self) -> list:
+        return case_params(self.cases)
+
+    def assert_within(self, world_size: int, case: dict, spawn_root: str) -> None:
+        assert_case_within(self(world_size, spawn_root), case, self.quantities, self.tol[case["dtype"]], self.seed)
+
+
+def record_check(results: dict, key: str, check: Callable[[], object]) -> None:
+    """results[key] = check(), or the traceback of the exception it raised: a rank's extra check
+    is reported by the test that reads it, not lost with the rank."""
+    try:
+        results[key] = check()
+    except Exception:  # noqa: BLE001 - reported through the results
+        results[key] = traceback.format_exc()
 
 
 class NoHostReads:

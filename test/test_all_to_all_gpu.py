@@ -17,7 +17,7 @@ GQA 8 query / 2 KV heads (the KV heads are replicated on the all-to-all groups l
 qkvpacked form packs 8 / 8). Per case: the global batch is drawn on every rank from the same seed,
 each rank runs the call on its shard (forward with return_attn_probs=True, backward), the
 results are gathered into global order and rank 0 compares them with the fp32 reference by
-FlashAttention's rule, as test_ring_variants_gpu.py does (its helpers: the pass rule, the NaN
+FlashAttention's rule, as test_ring_variants_gpu.py does (its helpers: the driver, the pass rule, the NaN
 refill of the allocator before every call, the LSE tolerance). Rank 0 prints one PASS/FAIL line
 per case and "P PASS / F FAIL"; the exit status is 1 if a case failed. ``--device cpu`` runs it
 on gloo and the CPU backend with tiny lengths (a smoke test of the script).
@@ -27,11 +27,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import math
 import os
 import sys
-import traceback
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
@@ -46,7 +44,7 @@ except ImportError:
     sys.path.insert(0, os.path.join(os.path.dirname(_HERE), "python"))
 
 import ring_flash_attn as rfa  # noqa: E402
-import test_ring_variants_gpu as rv  # noqa: E402  (reference, pass rule, gather, poison)
+import test_ring_variants_gpu as rv  # noqa: E402  (driver, reference, pass rule, gather, poison)
 
 KINDS = ("ulysses", "ulysses_batched", "hybrid")
 KV_SCHEMES = ("zigzag_llama3", "zigzag_ring", "llama3")
@@ -185,32 +183,16 @@ def run_case(case: Case, seed: int, args, rank: int, N: int, device, poison: rv.
         if device.type == "cuda":
             torch.cuda.synchronize()
     except Exception as e:  # noqa: BLE001 - reported as this case's failure
-        err = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-        if rank == 0 or N == 1:
-            traceback.print_exc()
+        err = rv.failure_line(e, rank, N)
     if not rv._all_ok(not err, device):
         return False, f"run failed: {err or 'on another rank'}"
-    got = {name: rv._gather_rows(t, geo, N, total) for name, t in
-           (("out", out_rows), ("lse", lse_rows), ("dq", dq), ("dk", dk), ("dv", dv))}
-    if rank != 0:
+    verdict = rv.gathered_verdict({"out": out_rows, "lse": lse_rows, "dq": dq, "dk": dk, "dv": dv}, geo, rank, N,
+                                  (q, k, v, dout), case.causal, dtype)
+    if verdict is None:
         return True, ""
-    cu_cpu = torch.tensor(cu_list, dtype=torch.int32)
-    ref32 = rv.reference(q, k, v, dout, cu_cpu, case.causal, torch.float32)
-    reflp = rv.reference(q, k, v, dout, cu_cpu, case.causal, dtype)
-    ok, details = True, [f"mesh {mesh.ulysses_degree}x{mesh.kv_degree}"] if mesh is not None else []
-    for name in ("out", "dq", "dk", "dv"):
-        good, text = rv._pass_rule(name, got[name], ref32[name], reflp[name], dtype, N)
-        ok &= good
-        details.append(text)
-    lse_got = got["lse"].t()
-    if torch.isnan(lse_got).any():
-        ok = False
-        details.append("lse NaN")
-    else:
-        lse_err = (lse_got - ref32["lse"]).abs().max().item()
-        ok &= lse_err <= rv.LSE_TOL
-        details.append(f"lse {lse_err:.1e}")
-    return ok, " ".join(details)
+    ok, details = verdict
+    mesh_text = [f"mesh {mesh.ulysses_degree}x{mesh.kv_degree}"] if mesh is not None else []
+    return ok, " ".join(mesh_text + details)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -227,55 +209,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    import torch.distributed as dist
-
     args = parse_args(argv)
-    on_gpu = args.device == "cuda"
-    if on_gpu and not torch.cuda.is_available():
-        print("test_all_to_all_gpu.py: needs CUDA GPUs (torchrun on a GPU machine; --device cpu for a smoke test)")
-        return 2
-    if args.seqlen_local is None:
-        args.seqlen_local = 113 if on_gpu else 5
-    if args.varlen_local_lens is None:
-        args.varlen_local_lens = [113, 1, 64, 203] if on_gpu else [5, 1, 3]
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29523")
-    timeout = datetime.timedelta(minutes=5)
-    if on_gpu:
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-        dist.init_process_group("nccl", device_id=device, timeout=timeout)
-        device_name = torch.cuda.get_device_name()
-    else:
-        torch.set_num_threads(1)
-        device = torch.device("cpu")
-        dist.init_process_group("gloo", timeout=timeout)
-        device_name = "CPU backend (gloo)"
-    rank, N = dist.get_rank(), dist.get_world_size()
-    if args.seed is None:
-        seed = torch.randint(0, 1 << 30, (1,), device=device)
-        dist.broadcast(seed, 0)
-        args.seed = int(seed.item())
-    cases = build_cases(args.kinds, args.kv_schemes, N)
-    if rank == 0:
-        print(f"all-to-all schemes: world_size {N}, {device_name}, torch {torch.__version__}, {len(cases)} cases, "
-              f"seed {args.seed}", flush=True)
-    poison = rv.Poison(device, not args.no_poison)
-    failed = 0
-    for i, case in enumerate(cases):
-        ok, detail = run_case(case, args.seed + i, args, rank, N, device, poison)
-        flags = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
-        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
-        ok = bool(flags.item())
-        failed += not ok
-        if rank == 0:
-            print(f"{rv.PASS if ok else rv.FAIL}  {case.name}  [{detail}]", flush=True)
-    if rank == 0:
-        print(f"\n{len(cases) - failed} PASS / {failed} FAIL (world_size {N}, seed {args.seed})", flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
-    return 1 if failed else 0
+
+    def header(N: int, device_name: str, num_cases: int) -> str:
+        return (f"all-to-all schemes: world_size {N}, {device_name}, torch {torch.__version__}, {num_cases} cases, "
+                f"seed {args.seed}")
+
+    return rv.script_main(args, "test_all_to_all_gpu.py", 29523, lambda N: build_cases(args.kinds, args.kv_schemes, N),
+                          header, run_case)
 
 
 if __name__ == "__main__":

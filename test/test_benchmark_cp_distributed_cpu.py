@@ -11,22 +11,15 @@ import os
 import subprocess
 import sys
 
-import ring_flash_attn as rfa
-from dist_harness import free_port
+from dist_harness import torchrun
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SCHEMES = ("ring", "zigzag_ring", "stripe", "llama3", "zigzag_llama3", "ulysses", "hybrid")
 
 
 def _torchrun(script: str, *args: str, nproc: int = 2) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(rfa.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([package_root] + [p for p in [env.get("PYTHONPATH")] if p])
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", os.path.join(_ROOT, "benchmark", script), *args]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
-    assert r.returncode == 0, f"exit {r.returncode}\nstdout:\n{r.stdout[-3000:]}\nstderr:\n{r.stderr[-3000:]}"
-    return r
+    return torchrun(os.path.join(_ROOT, "benchmark", script), list(args), nproc=nproc, timeout_s=240,
+                    stdout_tail=3000)
 
 
 def test_cp_distributed_benchmark_every_scheme_on_gloo(tmp_path):

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 import ring_flash_attn as rfa
-from dist_harness import free_port
+from dist_harness import torchrun
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _SCRIPT = os.path.join(os.path.dirname(_HERE), "benchmark", "benchmark_ring_variants.py")
@@ -59,14 +59,7 @@ def test_heads_k_stride_divides_kv_heads():
 
 
 def _torchrun(nproc: int, args, timeout: int = 120) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(rfa.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([package_root] + [p for p in [env.get("PYTHONPATH")] if p])
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", _SCRIPT, "--device", "cpu"] + list(args)
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    assert r.returncode == 0, f"exit {r.returncode}\nstdout:\n{r.stdout[-3000:]}\nstderr:\n{r.stderr[-3000:]}"
-    return r
+    return torchrun(_SCRIPT, ["--device", "cpu"] + list(args), nproc=nproc, timeout_s=timeout, stdout_tail=3000)
 
 
 def _table_rows(stdout: str):

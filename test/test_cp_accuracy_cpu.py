@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import ring_flash_attn as rfa
-from dist_harness import CachedSpawns, finish_rank, init_gloo_group, rel_err, spawn_root_fixture
+from dist_harness import CachedSpawns, finish_rank, init_gloo_group, rel_err
 from cases import cu_seqlens
 
 _SEED = random.SystemRandom().randrange(1 << 30)
@@ -92,7 +92,6 @@ def _worker(rank: int, world_size: int, port: int, seed: int, out_dir: str) -> N
 
 
 _SPAWNS = CachedSpawns(_worker, _SEED, "cp_accuracy", _SPAWN_TIMEOUT_S)
-spawn_root = spawn_root_fixture("cp_accuracy")
 _CACHE: Dict[str, object] = {}
 
 

@@ -23,7 +23,6 @@ shard/unshard round trips, the prepare helpers and the ``seqlens`` argument chec
 
 from __future__ import annotations
 
-import math
 import os
 import random
 from typing import Dict, List, Optional, Tuple
@@ -32,7 +31,7 @@ import pytest
 import torch
 
 import ring_flash_attn as rfa
-from dist_harness import CachedSpawns, finish_rank, init_gloo_group, rel_err, spawn_root_fixture
+from dist_harness import CachedSpawns, finish_rank, init_gloo_group, record_check, rel_err
 from cases import cu_seqlens
 
 _SEED = random.SystemRandom().randrange(1 << 30)
@@ -261,6 +260,14 @@ def _run(case: dict, seed: int, rank: int, world_size: int) -> Dict[str, torch.T
     return got
 
 
+def _zigzag_gather_check(rank: int, world_size: int, seed: int) -> str:
+    """zigzag_gather of padded shards gives the batch back on every rank: "" or what differs."""
+    x = torch.randn(sum(_LONG), 3, generator=torch.Generator().manual_seed(seed))
+    cu = cu_seqlens(_LONG)
+    back = rfa.zigzag_gather(rfa.zigzag_shard(x, cu, rank, world_size), cu)
+    return "" if torch.equal(back, x) else f"differs: max {(back - x).abs().max()}"
+
+
 def _worker(rank: int, world_size: int, port: int, seed: int, out_dir: str) -> None:
     import traceback
 
@@ -276,19 +283,12 @@ def _worker(rank: int, world_size: int, port: int, seed: int, out_dir: str) -> N
                 results[case["id"]] = {"path": path}
             except Exception:  # noqa: BLE001 - reported per case
                 results[case["id"]] = {"exception": traceback.format_exc()}
-        try:  # zigzag_gather of padded shards gives the batch back on every rank
-            x = torch.randn(sum(_LONG), 3, generator=torch.Generator().manual_seed(seed))
-            cu = cu_seqlens(_LONG)
-            back = rfa.zigzag_gather(rfa.zigzag_shard(x, cu, rank, world_size), cu)
-            results["zigzag_gather"] = "" if torch.equal(back, x) else f"differs: max {(back - x).abs().max()}"
-        except Exception:  # noqa: BLE001
-            results["zigzag_gather"] = traceback.format_exc()
+        record_check(results, "zigzag_gather", lambda: _zigzag_gather_check(rank, world_size, seed))
     finally:
         finish_rank(rank, out_dir, results)
 
 
 _SPAWNS = CachedSpawns(_worker, _SEED, "cp_lengths", _SPAWN_TIMEOUT_S)
-spawn_root = spawn_root_fixture("cp_lengths")
 _REFERENCES: Dict[str, Dict[str, torch.Tensor]] = {}
 
 

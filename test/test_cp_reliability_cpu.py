@@ -17,7 +17,6 @@ does instead of a silently wrong answer.
 
 from __future__ import annotations
 
-import itertools
 import random
 
 import pytest
@@ -465,18 +464,13 @@ def _make_spawns():
 _spawns = _make_spawns()
 
 
-@pytest.fixture(scope="module")
-def dist_root(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("cp_reliability_dist"))
-
-
 @pytest.mark.parametrize("world_size,case_id,expected", [
     pytest.param(ws, case_id, expected, id=f"w{ws}-{case_id}") for ws in sorted(DIST_CASES)
     for case_id, _, expected in DIST_CASES[ws]])
-def test_ranks_that_disagree_get_an_error_on_every_rank(world_size, case_id, expected, dist_root):
+def test_ranks_that_disagree_get_an_error_on_every_rank(world_size, case_id, expected, spawn_root):
     import re
 
-    per_rank = _spawns(world_size, dist_root)
+    per_rank = _spawns(world_size, spawn_root)
     for rank, res in enumerate(per_rank):
         got = res["cases"][case_id]
         if expected is None:

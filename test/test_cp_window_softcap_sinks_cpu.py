@@ -24,9 +24,8 @@ import torch
 import ring_flash_attn as rfa
 from ring_flash_attn.cp import ring_engine
 from ring_flash_attn.cp.window import contiguous_key_range, effective_window, ring_calls
-from dist_harness import (assert_case_within, CachedSpawns, case_params, CaseWorker, NoHostReads, rel_err,
-                          spawn_root_fixture)
-from cases import case_dict, cu_seqlens
+from dist_harness import NoHostReads, record_check, rel_err, SpawnedCases
+from cases import case_dict, cu_seqlens, global_packed_batch
 
 _SEED = random.SystemRandom().randrange(1 << 30)
 _SPAWN_TIMEOUT_S = 240
@@ -236,12 +235,9 @@ def _run_case(case: dict, seed: int, rank: int, world_size: int) -> Dict[str, fl
     import torch.distributed as dist
 
     dtype = getattr(torch, case["dtype"])
-    Hq, Hk, D = case["Hq"], case["Hk"], case["D"]
-    cu = cu_seqlens(case["lens"])
-    total = int(cu[-1])
+    Hq = case["Hq"]
     gen = torch.Generator().manual_seed(seed)
-    q_full, dout_full = (torch.randn(total, Hq, D, generator=gen, dtype=torch.float64) for _ in range(2))
-    k_full, v_full = (torch.randn(total, Hk, D, generator=gen, dtype=torch.float64) for _ in range(2))
+    cu, q_full, k_full, v_full, dout_full = global_packed_batch(case, gen)
     # inputs representable in the case's dtype, so that the float64 reference sees the same values
     q_full, k_full, v_full, dout_full = (t.to(dtype).double() for t in (q_full, k_full, v_full, dout_full))
     sinks_full = (torch.randn(Hq, generator=gen, dtype=torch.float32) + 1.0) if case["sinks"] else None
@@ -272,15 +268,11 @@ def _run_case(case: dict, seed: int, rank: int, world_size: int) -> Dict[str, fl
 # ---- which ring steps run under a window ----------------------------------------------------------
 
 
-def _step_calls_check(rank: int, world_size: int, seed: int, results: dict) -> None:
-    """With 4 ranks: the kernel calls of each ring step under a causal window, counted by
-    wrapping the op (results["steps"]: {case: [calls of the forward]} or the failure)."""
-    import traceback
-
+def _forward_calls_per_case(seed: int) -> Dict[str, int]:
+    """The forward kernel calls of one causal call of each case under a window, counted by
+    wrapping the op: {case: calls}."""
     from ring_flash_attn import ops
 
-    if world_size != 4:
-        return
     saved = ops.grouped_fwd
     calls: List[int] = []
 
@@ -300,11 +292,16 @@ def _step_calls_check(rank: int, world_size: int, seed: int, results: dict) -> N
             calls.clear()
             func(x, x, x, causal=True, window_size=window)
             out[name] = len(calls)
-        results["steps"] = out
-    except Exception:  # noqa: BLE001
-        results["steps"] = traceback.format_exc()
     finally:
         ops.grouped_fwd = saved
+    return out
+
+
+def _step_calls_check(rank: int, world_size: int, seed: int, results: dict) -> None:
+    """With 4 ranks: the kernel calls of each ring step under a causal window (results["steps"]:
+    {case: [calls of the forward]} or the failure)."""
+    if world_size == 4:
+        record_check(results, "steps", lambda: _forward_calls_per_case(seed))
 
 
 # Forward kernel calls per rank (N = 4, 8 local tokens, causal). ring, window 3: the diagonal
@@ -323,13 +320,12 @@ _EXPECTED_STEP_CALLS = {
 }
 
 
-_results = CachedSpawns(CaseWorker(CASES, _run_case, _step_calls_check), _SEED, "cp_features", _SPAWN_TIMEOUT_S)
-spawn_root = spawn_root_fixture("cp_features_dist")
+_results = SpawnedCases("cp_features", CASES, _run_case, _SEED, _SPAWN_TIMEOUT_S, _QUANTITIES, _TOL, _step_calls_check)
 
 
-@pytest.mark.parametrize("world_size,case", case_params(CASES))
+@pytest.mark.parametrize("world_size,case", _results.params())
 def test_scheme_with_window_softcap_sinks_matches_single_process(world_size, case, spawn_root):
-    assert_case_within(_results(world_size, spawn_root), case, _QUANTITIES, _TOL[case["dtype"]], _SEED)
+    _results.assert_within(world_size, case, spawn_root)
 
 
 def test_ring_steps_outside_the_window_are_skipped(spawn_root):

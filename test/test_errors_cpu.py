@@ -36,17 +36,48 @@ def test_empty_q_list():
         _call(c)
 
 
-def test_q_not_3d():
-    c = _case()
-    c.q_list[1] = c.q_list[1].flatten(1)
-    with pytest.raises(ValueError, match=r"q_list\[1\]: expected a 3-D tensor"):
-        _call(c)
+def _int32(*values: int) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int32)
 
 
-def test_k_not_3d():
+# One bad input each, rejected in Python or by the library: (id, the case's field, its list index
+# or None, the field's new value from its old one, the message).
+_BAD_INPUTS = [
+    ("q_not_3d", "q_list", 1, lambda t: t.flatten(1), r"q_list\[1\]: expected a 3-D tensor"),
+    ("k_not_3d", "k", None, lambda t: t[None], r"^k: expected a 3-D tensor"),
+    ("mixed_dtypes_q_and_k", "k", None, lambda t: t.half(), r"^k: expected dtype torch.float32 .*got torch.float16"),
+    ("mixed_dtypes_between_groups", "q_list", 1, lambda t: t.double(), r"q_list\[1\]: expected dtype torch.float32"),
+    ("head_dim_differs_between_q_and_k", "q_list", 1, lambda t: torch.randn(t.shape[0], 4, 40),
+     r"q_list\[1\]: expected head_dim 32 \(the head_dim of k\), got 40"),
+    ("v_shape_differs_from_k", "v", None, lambda t: torch.randn(t.shape[0], 1, 32), r"^v: expected the shape of k"),
+    ("heads_differ_between_groups", "q_list", 1, lambda t: torch.randn(t.shape[0], 8, 32),
+     r"q_list\[1\]: expected 4 heads"),
+    ("cu_seqlens_q_wrong_length", "cu_seqlens_q_list", 0, lambda t: t[:2],
+     r"cu_seqlens_q_list\[0\]: expected 3 elements"),
+    ("cu_seqlens_k_too_short", "cu_seqlens_k", None, lambda t: t[:1], r"cu_seqlens_k: expected at least 2 elements"),
+    ("cu_seqlens_not_contiguous", "cu_seqlens_k", None, lambda t: torch.stack([t, t], 1)[:, 0],
+     r"cu_seqlens_k: expected a contiguous tensor"),
+    ("cu_seqlens_k_not_monotone", "cu_seqlens_k", None, lambda t: _int32(0, 10, 9),
+     r"cu_seqlens_k\[2\].*never decrease"),
+    ("cu_seqlens_k_not_starting_at_zero", "cu_seqlens_k", None, lambda t: _int32(1, 10, 17),
+     r"cu_seqlens_k\[0\]: expected 0, got 1"),
+    ("cu_seqlens_k_exceeds_total", "cu_seqlens_k", None, lambda t: _int32(0, 10, 18),
+     r"cu_seqlens_k\[2\].*expected <= the number of tokens in the tensor \(17\), got 18"),
+    ("cu_seqlens_q_exceeds_total", "cu_seqlens_q_list", 1, lambda t: _int32(0, 6, 10),
+     r"cu_seqlens_q_list\[1\]\[2\]: .*\(9\), got 10"),
+    ("cu_seqlens_q_not_monotone", "cu_seqlens_q_list", 0, lambda t: _int32(0, 11, 10),
+     r"cu_seqlens_q_list\[0\]\[2\]: "),
+]
+
+
+@pytest.mark.parametrize("field,index,change,pattern", [pytest.param(*row[1:], id=row[0]) for row in _BAD_INPUTS])
+def test_bad_input_is_rejected(field, index, change, pattern):
     c = _case()
-    c.k = c.k[None]
-    with pytest.raises(ValueError, match=r"^k: expected a 3-D tensor"):
+    if index is None:
+        setattr(c, field, change(getattr(c, field)))
+    else:
+        getattr(c, field)[index] = change(getattr(c, field)[index])
+    with pytest.raises(ValueError, match=pattern):
         _call(c)
 
 
@@ -55,20 +86,6 @@ def test_unsupported_dtype():
     c.q_list = [q.to(torch.int32) for q in c.q_list]
     c.k, c.v = c.k.to(torch.int32), c.v.to(torch.int32)
     with pytest.raises(ValueError, match=r"q_list\[0\]: expected dtype float16, bfloat16, float32 or float64, got torch.int32"):
-        _call(c)
-
-
-def test_mixed_dtypes_q_and_k():
-    c = _case()
-    c.k = c.k.half()
-    with pytest.raises(ValueError, match=r"^k: expected dtype torch.float32 .*got torch.float16"):
-        _call(c)
-
-
-def test_mixed_dtypes_between_groups():
-    c = _case()
-    c.q_list[1] = c.q_list[1].double()
-    with pytest.raises(ValueError, match=r"q_list\[1\]: expected dtype torch.float32"):
         _call(c)
 
 
@@ -85,27 +102,6 @@ def test_last_dim_not_contiguous():
         _call(c)
 
 
-def test_head_dim_differs_between_q_and_k():
-    c = _case()
-    c.q_list[1] = torch.randn(c.q_list[1].shape[0], 4, 40)
-    with pytest.raises(ValueError, match=r"q_list\[1\]: expected head_dim 32 \(the head_dim of k\), got 40"):
-        _call(c)
-
-
-def test_v_shape_differs_from_k():
-    c = _case()
-    c.v = torch.randn(c.v.shape[0], 1, 32)
-    with pytest.raises(ValueError, match=r"^v: expected the shape of k"):
-        _call(c)
-
-
-def test_heads_differ_between_groups():
-    c = _case()
-    c.q_list[1] = torch.randn(c.q_list[1].shape[0], 8, 32)
-    with pytest.raises(ValueError, match=r"q_list\[1\]: expected 4 heads"):
-        _call(c)
-
-
 @pytest.mark.parametrize("bad_dtype", [torch.int64, torch.float32])
 def test_cu_seqlens_wrong_dtype(bad_dtype):
     c = _case()
@@ -115,27 +111,6 @@ def test_cu_seqlens_wrong_dtype(bad_dtype):
     c = _case()
     c.cu_seqlens_q_list[1] = c.cu_seqlens_q_list[1].to(bad_dtype)
     with pytest.raises(ValueError, match=r"cu_seqlens_q_list\[1\]: expected dtype torch.int32"):
-        _call(c)
-
-
-def test_cu_seqlens_q_wrong_length():
-    c = _case()
-    c.cu_seqlens_q_list[0] = c.cu_seqlens_q_list[0][:2]
-    with pytest.raises(ValueError, match=r"cu_seqlens_q_list\[0\]: expected 3 elements"):
-        _call(c)
-
-
-def test_cu_seqlens_k_too_short():
-    c = _case()
-    c.cu_seqlens_k = c.cu_seqlens_k[:1]
-    with pytest.raises(ValueError, match=r"cu_seqlens_k: expected at least 2 elements"):
-        _call(c)
-
-
-def test_cu_seqlens_not_contiguous():
-    c = _case()
-    c.cu_seqlens_k = torch.stack([c.cu_seqlens_k, c.cu_seqlens_k], 1)[:, 0]
-    with pytest.raises(ValueError, match=r"cu_seqlens_k: expected a contiguous tensor"):
         _call(c)
 
 
@@ -256,41 +231,6 @@ def test_max_groups_is_accepted():
         assert torch.all(torch.isfinite(o))
 
 
-def test_cu_seqlens_k_not_monotone():
-    c = _case()
-    c.cu_seqlens_k = torch.tensor([0, 10, 9], dtype=torch.int32)
-    with pytest.raises(ValueError, match=r"cu_seqlens_k\[2\].*never decrease"):
-        _call(c)
-
-
-def test_cu_seqlens_k_not_starting_at_zero():
-    c = _case()
-    c.cu_seqlens_k = torch.tensor([1, 10, 17], dtype=torch.int32)
-    with pytest.raises(ValueError, match=r"cu_seqlens_k\[0\]: expected 0, got 1"):
-        _call(c)
-
-
-def test_cu_seqlens_k_exceeds_total():
-    c = _case()
-    c.cu_seqlens_k = torch.tensor([0, 10, 18], dtype=torch.int32)
-    with pytest.raises(ValueError, match=r"cu_seqlens_k\[2\].*expected <= the number of tokens in the tensor \(17\), got 18"):
-        _call(c)
-
-
-def test_cu_seqlens_q_exceeds_total():
-    c = _case()
-    c.cu_seqlens_q_list[1] = torch.tensor([0, 6, 10], dtype=torch.int32)
-    with pytest.raises(ValueError, match=r"cu_seqlens_q_list\[1\]\[2\]: .*\(9\), got 10"):
-        _call(c)
-
-
-def test_cu_seqlens_q_not_monotone():
-    c = _case()
-    c.cu_seqlens_q_list[0] = torch.tensor([0, 11, 10], dtype=torch.int32)
-    with pytest.raises(ValueError, match=r"cu_seqlens_q_list\[0\]\[2\]: "):
-        _call(c)
-
-
 @pytest.mark.parametrize("used, match", [([11, 3], r"seqused_k_list\[1\]\[0\]: .*\(10\), got 11"),
                                          ([3, -1], r"seqused_k_list\[1\]\[1\]: .*got -1")])
 def test_seqused_k_out_of_range(used, match):
@@ -300,10 +240,7 @@ def test_seqused_k_out_of_range(used, match):
 
 
 def test_backward_rejects_bad_metadata():
-    c = _case()
-    args = c.op_args(causal=True)
-    outs, lses = rfa_ops.grouped_fwd(*args)
-    douts = [torch.randn_like(o) for o in outs]
+    args, outs, lses, douts = _backward_call()
     (q_list, k, v, cu_q, cu_k, seqused, max_q, max_k, scale, causal, det) = args
     bad_cu_k = torch.tensor([0, 12, 11], dtype=torch.int32)
     with pytest.raises(ValueError, match=r"cu_seqlens_k\[2\]"):
@@ -444,24 +381,35 @@ def test_op_errors_name_the_op_arguments():
     assert str(info.value).startswith("k.stride(1): expected a head stride >= head_dim (32)"), info.value
 
 
+def _backward_call(seqused=None):
+    """A forward on a case (causal, seqused_k as given) for the backward tests: (op arguments,
+    outs, lses, douts); the op arguments unpack as (q_list, k, v, cu_q, cu_k, seqused, max_q,
+    max_k, scale, causal, deterministic)."""
+    c = _case(seqused=seqused)
+    args = c.op_args(causal=True)
+    outs, lses = rfa_ops.grouped_fwd(*args)
+    return args, outs, lses, [torch.randn_like(o) for o in outs]
+
+
+def _filled_gradients(q_list, k, v, value: float):
+    """dq per group, dk and dv outputs filled with `value` (SENTINEL: must stay untouched; NaN: must
+    be overwritten)."""
+    return [torch.full_like(q, value) for q in q_list], torch.full_like(k, value), torch.full_like(v, value)
+
+
 # ---- overlapping outputs ------------------------------------------------------------------------
 
 
 def test_backward_rejects_dv_aliasing_dk():
-    c = _case(seqused=[None, [3, 3]])
-    args = c.op_args(causal=True)
-    outs, lses = rfa_ops.grouped_fwd(*args)
-    douts = [torch.randn_like(o) for o in outs]
+    args, outs, lses, douts = _backward_call(seqused=[None, [3, 3]])
     (q_list, k, v, cu_q, cu_k, seqused, max_q, max_k, scale, causal, det) = args
-    dqs = [torch.full_like(q, SENTINEL) for q in q_list]
-    dk = torch.full_like(k, SENTINEL)
+    dqs, dk, dv = _filled_gradients(q_list, k, v, SENTINEL)
     with pytest.raises(ValueError, match=r"^dv: expected an output that shares no memory with the output dk"):
         rfa_ops.bwd_into(douts, q_list, k, v, outs, lses, cu_q, cu_k, seqused, max_q, max_k, scale, causal, det,
                          dqs, dk, dk)
     for t in (*dqs, dk):
         assert torch.all(t == SENTINEL)
     # dq of group 1 over dq of group 0
-    dv = torch.full_like(v, SENTINEL)
     with pytest.raises(ValueError, match=r"^dq_list\[1\]: expected an output that shares no memory with the output "
                                          r"dq_list\[0\]"):
         rfa_ops.bwd_into(douts, q_list, k, v, outs, lses, cu_q, cu_k, seqused, max_q, max_k, scale, causal, det,
@@ -497,10 +445,7 @@ def test_forward_rejects_overlapping_outputs():
 def test_packed_gradient_views_are_accepted():
     """dk and dv as the two halves of one [total_k, 2, Hk, D] tensor interleave without sharing
     an element: accepted, same values as separate tensors."""
-    c = _case()
-    args = c.op_args(causal=True)
-    outs, lses = rfa_ops.grouped_fwd(*args)
-    douts = [torch.randn_like(o) for o in outs]
+    args, outs, lses, douts = _backward_call()
     (q_list, k, v, cu_q, cu_k, seqused, max_q, max_k, scale, causal, det) = args
     ref_dq, ref_dk, ref_dv = rfa_ops.grouped_bwd(douts, q_list, k, v, outs, lses, cu_q, cu_k, seqused, max_q, max_k,
                                                  scale, causal, det)
@@ -542,14 +487,10 @@ def test_rejected_forward_writes_nothing(bad):
 
 
 def test_rejected_backward_writes_nothing():
-    c = _case(seqused=[None, [3, 3]])
-    args = c.op_args(causal=True)
-    outs, lses = rfa_ops.grouped_fwd(*args)
-    douts = [torch.randn_like(o) for o in outs]
+    args, outs, lses, douts = _backward_call(seqused=[None, [3, 3]])
     (q_list, k, v, cu_q, cu_k, seqused, max_q, max_k, scale, causal, det) = args
     seqused = [None, torch.tensor([3, 8], dtype=torch.int32)]
-    dqs = [torch.full_like(q, SENTINEL) for q in q_list]
-    dk, dv = torch.full_like(k, SENTINEL), torch.full_like(v, SENTINEL)
+    dqs, dk, dv = _filled_gradients(q_list, k, v, SENTINEL)
     with pytest.raises(ValueError, match=r"seqused_k_list\[1\]\[1\]: "):
         rfa_ops.bwd_into(douts, q_list, k, v, outs, lses, cu_q, cu_k, seqused, max_q, max_k,
                          scale, causal, det, dqs, dk, dv)
@@ -559,13 +500,9 @@ def test_rejected_backward_writes_nothing():
 
 def test_backward_overwrites_poisoned_gradients():
     # dk/dv are written (not accumulated into) everywhere, including keys no query sees.
-    c = _case(seqused=[[4, 0], [3, 2]])
-    args = c.op_args(causal=True)
-    outs, lses = rfa_ops.grouped_fwd(*args)
-    douts = [torch.randn_like(o) for o in outs]
+    args, outs, lses, douts = _backward_call(seqused=[[4, 0], [3, 2]])
     (q_list, k, v, cu_q, cu_k, seqused, max_q, max_k, scale, causal, det) = args
-    dqs = [torch.full_like(q, math.nan) for q in q_list]
-    dk, dv = torch.full_like(k, math.nan), torch.full_like(v, math.nan)
+    dqs, dk, dv = _filled_gradients(q_list, k, v, math.nan)
     rfa_ops.bwd_into(douts, q_list, k, v, outs, lses, cu_q, cu_k, seqused, max_q, max_k, scale,
                      causal, det, dqs, dk, dv)
     for t in (*dqs, dk, dv):

@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import math
 import zlib
-from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import pytest
 import torch
 from torch import Tensor
 
+from cases import FeatureInputs as Inputs, FeatureScenario as Scenario  # shared with the CPU feature tests
 from cases import assert_pass_rule, cu_seqlens
 from reference import grouped_attention_reference
 
@@ -54,24 +54,6 @@ TIER2_REFUSES_BACKWARD = r"tier 2 cannot run this backward: no tier-2 kernel com
 
 
 # ---- cases -------------------------------------------------------------------------------------
-
-
-@dataclass
-class Scenario:
-    name: str
-    seqlens_q: List[List[int]]  # [G][B]
-    seqlens_k: List[int]
-    hq: int = 4
-    hk: int = 2
-    causal: bool = False
-    window: Tuple[int, int] = (-1, -1)
-    softcap: float = 0.0
-    sinks: bool = False
-    seqused: Optional[List[Optional[List[int]]]] = None
-    shifts: Optional[List[Optional[List[int]]]] = None
-    q_amplitude: float = 1.0  # larger: scores reach the softcap
-    scale: float = 0.0  # 0: 1 / sqrt(head_dim)
-    has_rows_without_keys: bool = False  # the case is built to have them (checked)
 
 
 SCENARIOS = [
@@ -123,21 +105,6 @@ def _poison_allocator(device: torch.device, numel: int = 64 << 20) -> None:
     del blob
 
 
-@dataclass
-class Inputs:
-    q_list: List[Tensor]  # [total_q_g, Hq, D] in the test dtype
-    k: Tensor
-    v: Tensor
-    cu_q_list: List[Tensor]
-    cu_k: Tensor
-    seqused: Optional[List[Optional[Tensor]]]
-    shifts: Optional[List[Optional[Tensor]]]
-    sinks: Optional[Tensor]  # float32 [Hq]
-    douts: List[Tensor]
-    max_q: List[int]
-    max_k: int
-
-
 def make_inputs(sc: Scenario, head_dim: int, dtype: torch.dtype, seed_extra: str = "") -> Inputs:
     gen = torch.Generator(device=DEVICE).manual_seed(zlib.crc32(f"{sc.name}/{head_dim}/{dtype}{seed_extra}".encode()))
 
@@ -159,8 +126,8 @@ def make_inputs(sc: Scenario, head_dim: int, dtype: torch.dtype, seed_extra: str
         # Around the scores' scale, most heads' sink above most scores: the sink takes a visible share.
         sinks = torch.randn(sc.hq, generator=gen, device=DEVICE) + torch.linspace(-1.0, 3.0, sc.hq, device=DEVICE)
     return Inputs(q_list, k, v, [cu_seqlens(lens, DEVICE) for lens in sc.seqlens_q], cu_seqlens(sc.seqlens_k, DEVICE),
-                  as_int32(sc.seqused), as_int32(sc.shifts), sinks, douts, [max(lens) for lens in sc.seqlens_q],
-                  max(sc.seqlens_k))
+                  as_int32(sc.seqused), as_int32(sc.shifts), sinks, [max(lens) for lens in sc.seqlens_q],
+                  max(sc.seqlens_k), douts)
 
 
 def run_op(sc: Scenario, x: Inputs, q_list, k, v, sinks, deterministic: bool = False):
@@ -180,6 +147,26 @@ def run_reference(sc: Scenario, x: Inputs, dtype: torch.dtype, head_dim: int):
     outs, lses = grouped_attention_reference(leaves[:G], leaves[G], leaves[G + 1], x.cu_q_list, x.cu_k, x.seqused,
                                              scale, sc.causal, sc.window, sc.softcap, sinks, x.shifts)
     return leaves, sinks, outs, lses
+
+
+def references(sc: Scenario, x: Inputs, dtype: torch.dtype, head_dim: int):
+    """run_reference in float64 (the reference) and in the test dtype (the same math in low
+    precision, for the pass rule)."""
+    return run_reference(sc, x, torch.float64, head_dim), run_reference(sc, x, dtype, head_dim)
+
+
+def fresh_leaves(x: Inputs) -> Tuple[List[Tensor], Optional[Tensor]]:
+    """Copies of q per group, k and v (one list) and of the sinks (None without) that require grad."""
+    leaves = [t.clone().requires_grad_() for t in (*x.q_list, x.k, x.v)]
+    sinks = None if x.sinks is None else x.sinks.clone().requires_grad_()
+    return leaves, sinks
+
+
+def run_op_on(sc: Scenario, x: Inputs, leaves: List[Tensor], sinks: Optional[Tensor], deterministic: bool = False):
+    """run_op on fresh_leaves' list (q per group, k, v), the allocator refilled with NaN first."""
+    G = len(x.q_list)
+    _poison_allocator(x.k.device)
+    return run_op(sc, x, leaves[:G], leaves[G], leaves[G + 1], sinks, deterministic)
 
 
 def assert_lse_close(name: str, lse: Tensor, ref: Tensor, softcap: float) -> None:
@@ -207,9 +194,12 @@ def assert_sink_gradient(name: str, got: Tensor, ref_hi: Tensor, ref_lp: Tensor)
     assert err <= bound, f"{name}: max|dsinks - ref| = {err:.3e} > {bound:.3e}"
 
 
-def check_forward(sc: Scenario, x: Inputs, outs, lses, ref_hi, lse_hi, ref_lp) -> None:
-    """out by the pass rule, lse close; rows without keys: out = 0 and lse = the head's sink
-    exactly (or -inf without sinks, which assert_lse_close checks)."""
+def check_forward(sc: Scenario, x: Inputs, outs, lses, hi, lp) -> None:
+    """out by the pass rule, lse close (hi, lp: the references' results); rows without keys:
+    out = 0 and lse = the head's sink exactly (or -inf without sinks, which assert_lse_close
+    checks)."""
+    _, _, ref_hi, lse_hi = hi
+    ref_lp = lp[2]
     rows_without_keys = 0
     for g in range(len(outs)):
         assert_pass_rule(f"out[{g}]", outs[g], ref_hi[g], ref_lp[g])
@@ -224,6 +214,22 @@ def check_forward(sc: Scenario, x: Inputs, outs, lses, ref_hi, lse_hi, ref_lp) -
         assert rows_without_keys > 0, f"{sc.name}: the case has no row without keys"
 
 
+def assert_gradients(x: Inputs, grads: Sequence[Tensor], hi, lp) -> None:
+    """The op's gradients (dq per group, dk, dv, then dsinks if given) by the pass rule against
+    autograd through the references (hi, lp: the references' leaves, sinks and outputs)."""
+    G = len(x.q_list)
+    with_sinks = len(grads) > G + 2
+    hi_leaves, hi_sinks, ref_hi, _ = hi
+    lp_leaves, lp_sinks, ref_lp, _ = lp
+    want_hi = torch.autograd.grad(ref_hi, hi_leaves + ([hi_sinks] if with_sinks else []),
+                                  [d.double() for d in x.douts])
+    want_lp = torch.autograd.grad(ref_lp, lp_leaves + ([lp_sinks] if with_sinks else []), x.douts)
+    for i, name in enumerate([f"dq[{g}]" for g in range(G)] + ["dk", "dv"]):
+        assert_pass_rule(name, grads[i], want_hi[i], want_lp[i])
+    if with_sinks:
+        assert_sink_gradient("dsinks", grads[-1], want_hi[-1], want_lp[-1])
+
+
 # ---- forward and backward against the reference, per tier ----------------------------------------
 
 
@@ -235,19 +241,14 @@ def test_forward_backward_against_reference(monkeypatch, tier: str, sc: Scenario
     _use_tier(monkeypatch, tier)
     dt = DTYPES[dtype]
     x = make_inputs(sc, head_dim, dt)
-    G = len(x.q_list)
-    leaves = [t.clone().requires_grad_() for t in (*x.q_list, x.k, x.v)]
-    sinks = None if x.sinks is None else x.sinks.clone().requires_grad_()
-    _poison_allocator(x.k.device)
+    leaves, sinks = fresh_leaves(x)
     if tier == "sm90" and not _tier2_runs(sc, head_dim, forward=True):
         with pytest.raises(NotImplementedError, match=TIER2_REFUSES_FORWARD):
-            run_op(sc, x, leaves[:G], leaves[G], leaves[G + 1], sinks)
+            run_op_on(sc, x, leaves, sinks)
         return
-    outs, lses = run_op(sc, x, leaves[:G], leaves[G], leaves[G + 1], sinks)
-
-    hi_leaves, hi_sinks, ref_hi, lse_hi = run_reference(sc, x, torch.float64, head_dim)
-    lp_leaves, lp_sinks, ref_lp, _ = run_reference(sc, x, dt, head_dim)
-    check_forward(sc, x, outs, lses, ref_hi, lse_hi, ref_lp)
+    outs, lses = run_op_on(sc, x, leaves, sinks)
+    hi, lp = references(sc, x, dt, head_dim)
+    check_forward(sc, x, outs, lses, hi, lp)
 
     inputs = leaves + ([sinks] if sinks is not None else [])
     if tier == "sm90" and not _tier2_runs(sc, head_dim, forward=False):
@@ -255,15 +256,7 @@ def test_forward_backward_against_reference(monkeypatch, tier: str, sc: Scenario
             torch.autograd.grad(outs, inputs, x.douts)
         return
     _poison_allocator(x.k.device)
-    grads = torch.autograd.grad(outs, inputs, x.douts)
-    want_hi = torch.autograd.grad(ref_hi, hi_leaves + ([hi_sinks] if hi_sinks is not None else []),
-                                  [d.double() for d in x.douts])
-    want_lp = torch.autograd.grad(ref_lp, lp_leaves + ([lp_sinks] if lp_sinks is not None else []), x.douts)
-    names = [f"dq[{g}]" for g in range(G)] + ["dk", "dv"]
-    for i, name in enumerate(names):
-        assert_pass_rule(name, grads[i], want_hi[i], want_lp[i])
-    if sinks is not None:
-        assert_sink_gradient("dsinks", grads[-1], want_hi[-1], want_lp[-1])
+    assert_gradients(x, torch.autograd.grad(outs, inputs, x.douts), hi, lp)
 
 
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
@@ -275,23 +268,12 @@ def test_automatic_tier_matches_reference(monkeypatch, sc: Scenario, head_dim: i
     monkeypatch.setenv("RING_FLASH_ATTN_TIER", "auto")
     dt = torch.bfloat16
     x = make_inputs(sc, head_dim, dt, "/auto")
-    G = len(x.q_list)
-    leaves = [t.clone().requires_grad_() for t in (*x.q_list, x.k, x.v)]
-    sinks = None if x.sinks is None else x.sinks.clone().requires_grad_()
-    _poison_allocator(x.k.device)
-    outs, lses = run_op(sc, x, leaves[:G], leaves[G], leaves[G + 1], sinks)
-    hi_leaves, hi_sinks, ref_hi, lse_hi = run_reference(sc, x, torch.float64, head_dim)
-    lp_leaves, lp_sinks, ref_lp, _ = run_reference(sc, x, dt, head_dim)
-    check_forward(sc, x, outs, lses, ref_hi, lse_hi, ref_lp)
+    leaves, sinks = fresh_leaves(x)
+    outs, lses = run_op_on(sc, x, leaves, sinks)
+    hi, lp = references(sc, x, dt, head_dim)
+    check_forward(sc, x, outs, lses, hi, lp)
     inputs = leaves + ([sinks] if sinks is not None else [])
-    grads = torch.autograd.grad(outs, inputs, x.douts)
-    want_hi = torch.autograd.grad(ref_hi, hi_leaves + ([hi_sinks] if hi_sinks is not None else []),
-                                  [d.double() for d in x.douts])
-    want_lp = torch.autograd.grad(ref_lp, lp_leaves + ([lp_sinks] if lp_sinks is not None else []), x.douts)
-    for i, name in enumerate([f"dq[{g}]" for g in range(G)] + ["dk", "dv"]):
-        assert_pass_rule(name, grads[i], want_hi[i], want_lp[i])
-    if sinks is not None:
-        assert_sink_gradient("dsinks", grads[-1], want_hi[-1], want_lp[-1])
+    assert_gradients(x, torch.autograd.grad(outs, inputs, x.douts), hi, lp)
 
 
 # ---- deterministic backward ------------------------------------------------------------------------
@@ -310,22 +292,15 @@ def test_deterministic_backward_is_bit_identical(monkeypatch, tier: str, head_di
     dt = torch.bfloat16
     x = make_inputs(sc, head_dim, dt, "/deterministic")
     G = len(x.q_list)
-    leaves = [t.clone().requires_grad_() for t in (*x.q_list, x.k, x.v)]
-    sinks = x.sinks.clone().requires_grad_()
+    leaves, sinks = fresh_leaves(x)
     runs = []
     for _ in range(3):
-        _poison_allocator(x.k.device)
-        outs, _ = run_op(sc, x, leaves[:G], leaves[G], leaves[G + 1], sinks, deterministic=True)
+        outs, _ = run_op_on(sc, x, leaves, sinks, deterministic=True)
         runs.append(torch.autograd.grad(outs, leaves + [sinks], x.douts))
     for again in runs[1:]:
         for name, a, b in zip([f"dq[{g}]" for g in range(G)] + ["dk", "dv", "dsinks"], runs[0], again):
             assert torch.equal(a, b), f"{name}: the deterministic backward differs between runs"
-    hi_leaves, hi_sinks, ref_hi, _ = run_reference(sc, x, torch.float64, head_dim)
-    lp_leaves, lp_sinks, ref_lp, _ = run_reference(sc, x, dt, head_dim)
-    want_hi = torch.autograd.grad(ref_hi, hi_leaves + [hi_sinks], [d.double() for d in x.douts])
-    want_lp = torch.autograd.grad(ref_lp, lp_leaves + [lp_sinks], x.douts)
-    for i, name in enumerate([f"dq[{g}]" for g in range(G)] + ["dk", "dv"]):
-        assert_pass_rule(name, runs[0][i], want_hi[i], want_lp[i])
+    assert_gradients(x, runs[0], *references(sc, x, dt, head_dim))
 
 
 # ---- key blocks outside every window are skipped --------------------------------------------------
@@ -350,18 +325,13 @@ def test_key_blocks_outside_the_window_are_never_read(monkeypatch, tier: str, he
     k_nan[:700] = float("nan")
     v_nan[:700] = float("nan")
     leaves = [x.q_list[0].clone().requires_grad_(), k_nan.requires_grad_(), v_nan.requires_grad_()]
-    _poison_allocator(x.k.device)
-    outs, lses = run_op(sc, x, leaves[:1], leaves[1], leaves[2], None, deterministic=deterministic)
-    hi_leaves, _, ref_hi, lse_hi = run_reference(sc, x, torch.float64, head_dim)
-    lp_leaves, _, ref_lp, _ = run_reference(sc, x, dt, head_dim)
-    check_forward(sc, x, outs, lses, ref_hi, lse_hi, ref_lp)
+    outs, lses = run_op_on(sc, x, leaves, None, deterministic=deterministic)
+    hi, lp = references(sc, x, dt, head_dim)
+    check_forward(sc, x, outs, lses, hi, lp)
     if tier == "sm90" and not _tier2_runs(sc, head_dim, forward=False):
         return  # the forward is what tier 2 runs here
     grads = torch.autograd.grad(outs, leaves, x.douts)
-    want_hi = torch.autograd.grad(ref_hi, hi_leaves, [d.double() for d in x.douts])
-    want_lp = torch.autograd.grad(ref_lp, lp_leaves, x.douts)
-    for name, a, b, c in zip(("dq", "dk", "dv"), grads, want_hi, want_lp):
-        assert_pass_rule(name, a, b, c)
+    assert_gradients(x, grads, hi, lp)
     assert torch.all(grads[1][:700] == 0) and torch.all(grads[2][:700] == 0)
 
 
@@ -381,9 +351,7 @@ def test_public_api_on_the_gpu():
                                          window_size=(50, 0), softcap=6.0, sinks=sinks, return_attn_probs=True)
     op_outs, op_lses = run_op(sc, x, [q], k, v, sinks)
     assert torch.equal(out, op_outs[0]) and torch.equal(lse, op_lses[0])
-    _, _, ref_hi, lse_hi = run_reference(sc, x, torch.float64, 128)
-    _, _, ref_lp, _ = run_reference(sc, x, dt, 128)
-    check_forward(sc, x, [out], [lse], ref_hi, lse_hi, ref_lp)
+    check_forward(sc, x, [out], [lse], *references(sc, x, dt, 128))
     (out.float() * x.douts[0].float()).sum().backward()
     assert sinks.grad is not None and torch.all(torch.isfinite(sinks.grad)) and sinks.grad.abs().sum() > 0
     assert all(t.grad is not None and torch.all(torch.isfinite(t.grad)) for t in (q, k, v))
@@ -405,14 +373,11 @@ def test_automatic_tier_runs_tier2_on_sm90(monkeypatch, sc: Scenario, head_dim: 
         pytest.skip("tier 2 needs an sm90 card")
     dt = torch.bfloat16
     x = make_inputs(sc, head_dim, dt, "/auto_is_tier2")
-    G = len(x.q_list)
     results = {}
     for tier in ("auto", "sm90", "sm80"):
         monkeypatch.setenv("RING_FLASH_ATTN_TIER", tier)
-        leaves = [t.clone().requires_grad_() for t in (*x.q_list, x.k, x.v)]
-        sinks = None if x.sinks is None else x.sinks.clone().requires_grad_()
-        _poison_allocator(x.k.device)
-        outs, lses = run_op(sc, x, leaves[:G], leaves[G], leaves[G + 1], sinks, deterministic=True)
+        leaves, sinks = fresh_leaves(x)
+        outs, lses = run_op_on(sc, x, leaves, sinks, deterministic=True)
         grads = torch.autograd.grad(outs, leaves + ([sinks] if sinks is not None else []), x.douts)
         results[tier] = (list(outs), list(lses), list(grads))
     for part, name in enumerate(("out", "lse", "grad")):
@@ -443,21 +408,10 @@ def test_tier2_long_windows(monkeypatch, sc: Scenario, head_dim: int, determinis
     _use_tier(monkeypatch, "sm90")
     dt = torch.float16
     x = make_inputs(sc, head_dim, dt, "/long")
-    G = len(x.q_list)
-    leaves = [t.clone().requires_grad_() for t in (*x.q_list, x.k, x.v)]
-    sinks = None if x.sinks is None else x.sinks.clone().requires_grad_()
-    _poison_allocator(x.k.device)
-    outs, lses = run_op(sc, x, leaves[:G], leaves[G], leaves[G + 1], sinks, deterministic=deterministic)
-    hi_leaves, hi_sinks, ref_hi, lse_hi = run_reference(sc, x, torch.float64, head_dim)
-    lp_leaves, lp_sinks, ref_lp, _ = run_reference(sc, x, dt, head_dim)
-    check_forward(sc, x, outs, lses, ref_hi, lse_hi, ref_lp)
+    leaves, sinks = fresh_leaves(x)
+    outs, lses = run_op_on(sc, x, leaves, sinks, deterministic=deterministic)
+    hi, lp = references(sc, x, dt, head_dim)
+    check_forward(sc, x, outs, lses, hi, lp)
     inputs = leaves + ([sinks] if sinks is not None else [])
     _poison_allocator(x.k.device)
-    grads = torch.autograd.grad(outs, inputs, x.douts)
-    want_hi = torch.autograd.grad(ref_hi, hi_leaves + ([hi_sinks] if hi_sinks is not None else []),
-                                  [d.double() for d in x.douts])
-    want_lp = torch.autograd.grad(ref_lp, lp_leaves + ([lp_sinks] if lp_sinks is not None else []), x.douts)
-    for i, name in enumerate([f"dq[{g}]" for g in range(G)] + ["dk", "dv"]):
-        assert_pass_rule(name, grads[i], want_hi[i], want_lp[i])
-    if sinks is not None:
-        assert_sink_gradient("dsinks", grads[-1], want_hi[-1], want_lp[-1])
+    assert_gradients(x, torch.autograd.grad(outs, inputs, x.douts), hi, lp)

@@ -49,7 +49,7 @@ import torch
 
 import ring_flash_attn as rfa
 from ring_flash_attn import hf_adapter
-from dist_harness import CachedSpawns, case_params, CaseWorker, free_port, rel_err, spawn_root_fixture
+from dist_harness import CachedSpawns, case_params, CaseWorker, free_port, rel_err
 from cases import cu_seqlens
 
 _SEED = random.SystemRandom().randrange(1 << 30)
@@ -455,12 +455,32 @@ def _run_case(case: dict, seed: int, rank: int, world_size: int) -> Dict[str, fl
 
 
 _results = CachedSpawns(CaseWorker(CASES, _run_case), _SEED, "hf_adapter", _SPAWN_TIMEOUT_S)
-spawn_root = spawn_root_fixture("hf_adapter_dist")
 
 
 def _params(padded: bool, features: bool = False) -> list:
     return [p for p in case_params(CASES) if bool(p.values[1].get("padded")) == padded
             and bool(p.values[1].get("family")) == features]
+
+
+def _assert_every_rank_within(world_size: int, case: dict, spawn_root: str, quantities, control: str,
+                              control_failure: str) -> None:
+    """Every rank ran `case` without an exception and its `quantities` are within the dtype's
+    tolerance; when case[control] is set (a negative control ran), its logits are more than 100x
+    the tolerance away, or the test fails with control_failure (formatted with the control's
+    value as `what` and its error as `err`)."""
+    _transformers()
+    per_rank = _results(world_size, spawn_root)
+    tol = _TOL[case["dtype"]]
+    for r, res in enumerate(per_rank):
+        got = res["cases"][case["id"]]
+        assert "exception" not in got, f"rank {r} of {world_size} (seed {_SEED}):\n{got.get('exception')}"
+        for what in quantities:
+            assert got[what] <= tol, (f"rank {r}, case {case['id']} (seed {_SEED}): {what} max|err| / max|ref| = "
+                                      f"{got[what]:.3e} > {tol:.1e}")
+        if case[control]:
+            assert got["control_logits"] > 100 * tol, (
+                f"rank {r} (seed {_SEED}): "
+                + control_failure.format(what=case[control], err=f"{got['control_logits']:.3e}"))
 
 
 @pytest.mark.parametrize("world_size,case", _params(padded=False, features=True) + _params(padded=True, features=True))
@@ -469,57 +489,27 @@ def test_hf_attention_features_context_parallel_matches_eager(world_size, case, 
     gpt-oss / ModernBERT models on 2 ranks: logits and every parameter's gradient (the sinks'
     included) against the eager model on each sequence (row) alone; dropping the feature from
     the attention call must be far off."""
-    _transformers()
-    per_rank = _results(world_size, spawn_root)
-    tol = _TOL[case["dtype"]]
-    for r, res in enumerate(per_rank):
-        got = res["cases"][case["id"]]
-        assert "exception" not in got, f"rank {r} of {world_size} (seed {_SEED}):\n{got.get('exception')}"
-        for what in (("logits", "grads") if case.get("padded") else ("logits[0]", "grads[0]")):
-            assert got[what] <= tol, (f"rank {r}, case {case['id']} (seed {_SEED}): {what} max|err| / max|ref| = "
-                                      f"{got[what]:.3e} > {tol:.1e}")
-        if case["feature_control"]:
-            assert got["control_logits"] > 100 * tol, (
-                f"rank {r} (seed {_SEED}): without {case['feature_control']} the logits are within "
-                f"{got['control_logits']:.3e} of the reference: the comparison cannot detect a dropped feature")
+    _assert_every_rank_within(
+        world_size, case, spawn_root, ("logits", "grads") if case.get("padded") else ("logits[0]", "grads[0]"),
+        "feature_control", "without {what} the logits are within {err} of the reference: the comparison cannot "
+        "detect a dropped feature")
 
 
 @pytest.mark.parametrize("world_size,case", _params(padded=False))
 def test_hf_llama_context_parallel_matches_eager(world_size, case, spawn_root):
-    _transformers()
-    per_rank = _results(world_size, spawn_root)
-    tol = _TOL[case["dtype"]]
-    for r, res in enumerate(per_rank):
-        got = res["cases"][case["id"]]
-        assert "exception" not in got, f"rank {r} of {world_size} (seed {_SEED}):\n{got.get('exception')}"
-        for i in range(len(case["batches"])):
-            for what in (f"logits[{i}]", f"grads[{i}]"):
-                err = got[what]
-                assert err <= tol, (f"rank {r}, case {case['id']} (seed {_SEED}): {what} max|err| / max|ref| = "
-                                    f"{err:.3e} > {tol:.1e}")
-        if case["control"]:
-            assert got["control_logits"] > 100 * tol, (
-                f"rank {r} (seed {_SEED}): attention over local tokens only gave logits within "
-                f"{got['control_logits']:.3e} of the reference: the comparison cannot detect missing context")
+    quantities = [f"{what}[{i}]" for i in range(len(case["batches"])) for what in ("logits", "grads")]
+    _assert_every_rank_within(
+        world_size, case, spawn_root, quantities, "control", "attention over local tokens only gave logits within "
+        "{err} of the reference: the comparison cannot detect missing context")
 
 
 @pytest.mark.parametrize("world_size,case", _params(padded=True))
 def test_hf_llama_padded_batch_context_parallel_matches_eager(world_size, case, spawn_root):
     """A batch of padded rows through the model on 2 ranks: logits at the tokens and every
     parameter's gradient against the eager model on each row alone."""
-    _transformers()
-    per_rank = _results(world_size, spawn_root)
-    tol = _TOL[case["dtype"]]
-    for r, res in enumerate(per_rank):
-        got = res["cases"][case["id"]]
-        assert "exception" not in got, f"rank {r} of {world_size} (seed {_SEED}):\n{got.get('exception')}"
-        for what in ("logits", "grads"):
-            assert got[what] <= tol, (f"rank {r}, case {case['id']} (seed {_SEED}): {what} max|err| / max|ref| = "
-                                      f"{got[what]:.3e} > {tol:.1e}")
-        if case["control"]:
-            assert got["control_logits"] > 100 * tol, (
-                f"rank {r} (seed {_SEED}): the rows without their padding described gave logits within "
-                f"{got['control_logits']:.3e} of the reference: the comparison cannot detect ignored padding")
+    _assert_every_rank_within(
+        world_size, case, spawn_root, ("logits", "grads"), "control", "the rows without their padding described "
+        "gave logits within {err} of the reference: the comparison cannot detect ignored padding")
 
 
 # ---- single process -----------------------------------------------------------------------------------

@@ -22,9 +22,8 @@ import torch
 import ring_flash_attn as rfa
 from ring_flash_attn import hf_adapter
 from ring_flash_attn.cp.mesh import HybridLayout
-from dist_harness import assert_case_within, CachedSpawns, case_params, CaseWorker, rel_err, spawn_root_fixture
-from reference import grouped_attention_reference
-from cases import case_dict, cu_seqlens
+from dist_harness import assert_case_within, CachedSpawns, case_params, CaseWorker, rel_err
+from cases import case_maker, cu_seqlens, global_packed_batch, packed_reference
 
 _SEED = random.SystemRandom().randrange(1 << 30)
 _SPAWN_TIMEOUT_S = 240
@@ -38,8 +37,7 @@ _BASE = dict(U=2, kv="zigzag_llama3", Hq=4, Hk=2, D=8, hs=1, uhs=None, dtype="fl
              form="varlen", mesh="world", kind="attention", window=(-1, -1), softcap=0.0, sinks=False)
 
 
-def _case(case_id, lens, **kw):
-    return case_dict(_BASE, kw, id=case_id, lens=list(lens))
+_case = case_maker(_BASE)
 
 
 CASES: Dict[int, List[dict]] = {
@@ -112,28 +110,23 @@ def _make_mesh(case: dict, rank: int, world_size: int):
 
 def _run_attention(case: dict, seed: int, rank: int, world_size: int) -> Dict[str, float]:
     dtype = getattr(torch, case["dtype"])
-    Hq, Hk, D = case["Hq"], case["Hk"], case["D"]
+    Hq = case["Hq"]
     mesh, prank, pworld = _make_mesh(case, rank, world_size)
-    cu = cu_seqlens(case["lens"])
-    total = int(cu[-1])
     gen = torch.Generator().manual_seed(seed + (rank // pworld))  # each parent group its own batch
-    q_full, dout_full = (torch.randn(total, Hq, D, generator=gen, dtype=torch.float64) for _ in range(2))
-    k_full, v_full = (torch.randn(total, Hk, D, generator=gen, dtype=torch.float64) for _ in range(2))
+    cu, q_full, k_full, v_full, dout_full = global_packed_batch(case, gen)
+    total = int(cu[-1])
     if _zigzag_refuses(case, mesh.kv_degree):
         with pytest.raises(ValueError, match=r"multiple of 2 \* world_size"):
             rfa.hybrid_shard(q_full, cu, prank, mesh)
         with pytest.raises(ValueError, match=r"multiple of 2 \* world_size"):
             rfa.hybrid_prepare_cu_seqlens(cu, case["causal"], prank, mesh)
         return {"refused": "odd lengths under the zigzag layout"}
-    ref_in = [t.to(dtype).double().requires_grad_(True) for t in (q_full, k_full, v_full)]
     sinks = None
     if case["sinks"]:  # float32 values, the reference in float64
         sinks = torch.randn(Hq, generator=torch.Generator().manual_seed(seed + 1)).requires_grad_(True)
-        ref_in.append(sinks.detach().double().requires_grad_(True))
-    (ref_out,), (ref_lse,) = grouped_attention_reference(
-        [ref_in[0]], ref_in[1], ref_in[2], [cu], cu, None, case["scale"], case["causal"], tuple(case["window"]),
-        case["softcap"], ref_in[3] if sinks is not None else None)
-    ref_grads = torch.autograd.grad(ref_out, ref_in, dout_full.to(dtype).double())
+    ref_out, ref_lse, ref_grads = packed_reference(*(t.to(dtype) for t in (q_full, k_full, v_full, dout_full)), cu,
+                                                   case["scale"], case["causal"], case["window"], case["softcap"],
+                                                   sinks)
 
     local = lambda t: rfa.hybrid_shard(t, cu, prank, mesh)  # noqa: E731
     # the rows of real tokens (the zigzag layout pads a sequence whose length it cannot cut; its
@@ -191,17 +184,8 @@ def _errors(out, lse, grads, ref_out, ref_lse, ref_grads, local, real) -> Dict[s
 
 def _run_ulysses(case: dict, seed: int, rank: int, world_size: int) -> Dict[str, float]:
     """Plain ``ulysses_flash_attn_varlen_func`` over the whole world."""
-    dtype = getattr(torch, case["dtype"])
-    Hq, Hk, D = case["Hq"], case["Hk"], case["D"]
-    cu = cu_seqlens(case["lens"])
-    total = int(cu[-1])
-    gen = torch.Generator().manual_seed(seed)
-    q_full, dout_full = (torch.randn(total, Hq, D, generator=gen, dtype=torch.float64) for _ in range(2))
-    k_full, v_full = (torch.randn(total, Hk, D, generator=gen, dtype=torch.float64) for _ in range(2))
-    ref_in = [t.clone().requires_grad_(True) for t in (q_full, k_full, v_full)]
-    (ref_out,), (ref_lse,) = grouped_attention_reference([ref_in[0]], ref_in[1], ref_in[2], [cu], cu, None, None,
-                                                         case["causal"])
-    ref_grads = torch.autograd.grad(ref_out, ref_in, dout_full)
+    cu, q_full, k_full, v_full, dout_full = global_packed_batch(case, torch.Generator().manual_seed(seed))
+    ref_out, ref_lse, ref_grads = packed_reference(q_full, k_full, v_full, dout_full, cu, None, case["causal"])
     local = lambda t: rfa.ulysses_shard(t, cu, rank, world_size)  # noqa: E731
     q, k, v = (local(t).requires_grad_(True) for t in (q_full, k_full, v_full))
     meta = rfa.ulysses_prepare_cu_seqlens(cu, case["causal"], rank, world_size)
@@ -277,7 +261,6 @@ def _run_case(case: dict, seed: int, rank: int, world_size: int) -> Dict[str, fl
 
 
 _results = CachedSpawns(CaseWorker(CASES, _run_case), _SEED, "hybrid", _SPAWN_TIMEOUT_S)
-spawn_root = spawn_root_fixture("hybrid_dist")
 
 
 @pytest.mark.parametrize("world_size,case", case_params(CASES))

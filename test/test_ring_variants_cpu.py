@@ -13,14 +13,13 @@ are tested without spawning.
 from __future__ import annotations
 
 import random
-import traceback
 from typing import Callable, Dict, List
 
 import pytest
 import torch
 
 import ring_flash_attn as rfa
-from dist_harness import assert_case_within, CachedSpawns, case_params, CaseWorker, rel_err, spawn_root_fixture
+from dist_harness import record_check, rel_err, SpawnedCases
 from reference import grouped_attention_reference
 from cases import case_dict
 
@@ -274,35 +273,33 @@ def _overlap_check(rank: int, world_size: int) -> List[str]:
 EXPECTED_ORDER_2 = "post11 fwd wait fwd | post11 bwd post12 wait bwd wait post12 wait"
 
 
+def _subgroup_check(seed: int) -> str:
+    """A sub-group (here of the whole world) is used through its group ranks: the same results as
+    the default group ("" or what differs)."""
+    import torch.distributed as dist
+
+    sub = dist.new_group([0, 1])
+    x = torch.randn(1, 4, 2, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    a = rfa.zigzag_ring_flash_attn_func(x, x, x, causal=True, group=sub)
+    b = rfa.zigzag_ring_flash_attn_func(x, x, x, causal=True)
+    return "" if torch.equal(a, b) else "results differ"
+
+
 def _two_rank_checks(rank: int, world_size: int, seed: int, results: dict) -> None:
     """With two ranks: the overlap order and a sub-group call, into results["order"] / ["subgroup"]
     ("" or the failure)."""
-    import torch.distributed as dist
-
     if world_size != 2:
         return
-    try:
-        results["order"] = " ".join(_overlap_check(rank, world_size))
-    except Exception:  # noqa: BLE001
-        results["order"] = traceback.format_exc()
-    # a sub-group (here of the whole world) is used through its group ranks
-    try:
-        sub = dist.new_group([0, 1])
-        x = torch.randn(1, 4, 2, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
-        a = rfa.zigzag_ring_flash_attn_func(x, x, x, causal=True, group=sub)
-        b = rfa.zigzag_ring_flash_attn_func(x, x, x, causal=True)
-        results["subgroup"] = "" if torch.equal(a, b) else "results differ"
-    except Exception:  # noqa: BLE001
-        results["subgroup"] = traceback.format_exc()
+    record_check(results, "order", lambda: " ".join(_overlap_check(rank, world_size)))
+    record_check(results, "subgroup", lambda: _subgroup_check(seed))
 
 
-_results = CachedSpawns(CaseWorker(CASES, _run_case, _two_rank_checks), _SEED, "ring", _SPAWN_TIMEOUT_S)
-spawn_root = spawn_root_fixture("ring_dist")
+_results = SpawnedCases("ring", CASES, _run_case, _SEED, _SPAWN_TIMEOUT_S, _QUANTITIES, _TOL, _two_rank_checks)
 
 
-@pytest.mark.parametrize("world_size,case", case_params(CASES))
+@pytest.mark.parametrize("world_size,case", _results.params())
 def test_ring_variant_matches_full_attention(world_size, case, spawn_root):
-    assert_case_within(_results(world_size, spawn_root), case, _QUANTITIES, _TOL[case["dtype"]], _SEED)
+    _results.assert_within(world_size, case, spawn_root)
 
 
 def test_ring_overlap_order_two_ranks(spawn_root):

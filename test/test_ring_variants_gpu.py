@@ -60,6 +60,7 @@ except ImportError:
     sys.path.insert(0, os.path.join(os.path.dirname(_HERE), "python"))
 
 import ring_flash_attn as rfa  # noqa: E402
+import torchrun_script as ts  # noqa: E402
 from reference import grouped_attention_reference  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -296,6 +297,14 @@ def _all_ok(flag: bool, device) -> bool:
     return bool(t.item())
 
 
+def failure_line(e: BaseException, rank: int, N: int) -> str:
+    """The one-line text of the exception that failed a case's run (its traceback is printed on
+    rank 0, or on the only rank)."""
+    if rank == 0 or N == 1:
+        traceback.print_exc()
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+
+
 def _pass_rule(name: str, got, ref32, reflp, dtype, N: int) -> Tuple[bool, str]:
     if torch.isnan(got).any():
         return False, f"{name} NaN"
@@ -337,9 +346,7 @@ def run_case(case: Case, seed: int, args, rank: int, N: int, device, poison: Poi
         if device.type == "cuda":
             torch.cuda.synchronize()
     except Exception as e:  # noqa: BLE001 - reported as this case's failure
-        err = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-        if rank == 0 or N == 1:
-            traceback.print_exc()
+        err = failure_line(e, rank, N)
     if not _all_ok(not err, device):
         return False, f"run failed: {err or 'on another rank'}"
 
@@ -367,15 +374,28 @@ def run_case(case: Case, seed: int, args, rank: int, N: int, device, poison: Poi
             extra_ok = False
             notes.append("deterministic=True: backward differs between two runs")
 
-    # gather into global order; rank 0 checks against the references
-    got = {name: _gather_rows(t, geo, N, total) for name, t in
-           (("out", out_rows), ("lse", lse_rows), ("dq", dq), ("dk", dk), ("dv", dv))}
-    if rank != 0:
+    verdict = gathered_verdict({"out": out_rows, "lse": lse_rows, "dq": dq, "dk": dk, "dv": dv}, geo, rank, N,
+                               (q, k, v, dout), case.causal, dtype)
+    if verdict is None:
         return extra_ok, ""
+    ok, details = verdict
+    return extra_ok and ok, " ".join(details + notes)
+
+
+def gathered_verdict(rows: Dict[str, torch.Tensor], geo: Geometry, rank: int, N: int, inputs, causal: bool,
+                     dtype) -> Optional[Tuple[bool, List[str]]]:
+    """Gathers every rank's `rows` (out [T, Hq, D], lse [T, Hq], dq, dk, dv of its shard) into
+    global order; rank 0 then compares them with the references of full attention on the global
+    `inputs` (q, k, v, dout): out, dQ, dK, dV by the pass rule, LSE within LSE_TOL of the fp32
+    reference. Returns (ok, one text per quantity) on rank 0, None on the others."""
+    total = geo.cu_global[-1]
+    got = {name: _gather_rows(t, geo, N, total) for name, t in rows.items()}
+    if rank != 0:
+        return None
     cu = torch.tensor(geo.cu_global, dtype=torch.int32)
-    ref32 = reference(q, k, v, dout, cu, case.causal, torch.float32)
-    reflp = reference(q, k, v, dout, cu, case.causal, dtype)
-    ok, details = extra_ok, []
+    ref32 = reference(*inputs, cu, causal, torch.float32)
+    reflp = reference(*inputs, cu, causal, dtype)
+    ok, details = True, []
     for name in ("out", "dq", "dk", "dv"):
         good, text = _pass_rule(name, got[name], ref32[name], reflp[name], dtype, N)
         ok &= good
@@ -388,7 +408,7 @@ def run_case(case: Case, seed: int, args, rank: int, N: int, device, poison: Poi
         lse_err = (lse_got - lse_ref).abs().max().item()
         ok &= lse_err <= LSE_TOL
         details.append(f"lse {lse_err:.1e}")
-    return ok, " ".join(details + notes)
+    return ok, details
 
 
 # ---- driver ---------------------------------------------------------------------------------------
@@ -414,59 +434,53 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+
+    def header(N: int, device_name: str, num_cases: int) -> str:
+        return (f"ring variants: world_size {N}, {device_name}, torch {torch.__version__}, {num_cases} cases, "
+                f"seed {args.seed}, batched local length {args.seqlen_local} x batch {args.batch}, varlen local "
+                f"lengths {args.varlen_local_lens}")
+
+    return script_main(args, "test_ring_variants_gpu.py", 29519,
+                       lambda N: build_cases(args.families, args.forms, args.full), header, run_case)
+
+
+def script_main(args: argparse.Namespace, script: str, default_port: int, make_cases: Callable[[int], list],
+                header: Callable[[int, str, int], str], run_case: Callable) -> int:
+    """The driver of a torchrun case script (this one, test_all_to_all_gpu.py): the default
+    lengths of --seqlen-local and --varlen-local-lens for the device, the process group (on
+    127.0.0.1:default_port for a plain ``python`` run), a seed shared by the ranks, then
+    run_case(case, seed + i, args, rank, N, device, poison) for every case of make_cases(N).
+    Rank 0 prints header(N, device name, number of cases), one PASS/FAIL line per case (the
+    verdict of every rank) and "P PASS / F FAIL"; returns the exit status (1 if a case failed, 2
+    without the GPUs --device cuda asks for)."""
     import torch.distributed as dist
 
-    args = parse_args(argv)
     on_gpu = args.device == "cuda"
-    if on_gpu and not torch.cuda.is_available():
-        print("test_ring_variants_gpu.py: needs CUDA GPUs (run it under torchrun on a GPU machine; "
-              "--device cpu for a smoke test of the script)")
+    if ts.cuda_missing(script, args.device):
         return 2
     if args.seqlen_local is None:
         args.seqlen_local = 113 if on_gpu else 5
     if args.varlen_local_lens is None:
         args.varlen_local_lens = [113, 1, 64, 203] if on_gpu else [5, 1, 3]
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if "RANK" not in os.environ:  # plain `python test/...`: a one-rank group
-        os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29519")
-    timeout = datetime.timedelta(minutes=5)
-    if on_gpu:
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-        dist.init_process_group("nccl", device_id=device, timeout=timeout)
-        device_name = torch.cuda.get_device_name()
-    else:
-        torch.set_num_threads(1)
-        device = torch.device("cpu")
-        dist.init_process_group("gloo", timeout=timeout)
-        device_name = "CPU backend (gloo)"
+    device, device_name = ts.start_process_group(args.device, default_port, timeout=datetime.timedelta(minutes=5),
+                                                 cpu_threads=1)
     rank, N = dist.get_rank(), dist.get_world_size()
-    if args.seed is None:
-        seed = torch.randint(0, 1 << 30, (1,), device=device)
-        dist.broadcast(seed, 0)
-        args.seed = int(seed.item())
-    cases = build_cases(args.families, args.forms, args.full)
+    args.seed = ts.shared_seed(args.seed, device)
+    cases = make_cases(N)
     if rank == 0:
-        print(f"ring variants: world_size {N}, {device_name}, torch {torch.__version__}, {len(cases)} cases, "
-              f"seed {args.seed}, batched local length {args.seqlen_local} x batch {args.batch}, varlen local "
-              f"lengths {args.varlen_local_lens}", flush=True)
+        print(header(N, device_name, len(cases)), flush=True)
 
     poison = Poison(device, not args.no_poison)
-    verdicts: List[Tuple[str, bool, str]] = []
+    failed = 0
     for i, case in enumerate(cases):
         ok, detail = run_case(case, args.seed + i, args, rank, N, device, poison)
         # the verdict of every rank: a rank's own failure (e.g. its deterministic check) counts
-        flags = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
-        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
-        ok = bool(flags.item())
-        verdicts.append((case.name, ok, detail))
+        ok = _all_ok(ok, device)
+        failed += not ok
         if rank == 0:
             print(f"{PASS if ok else FAIL}  {case.name}  [{detail}]", flush=True)
-    failed = sum(1 for _, ok, _ in verdicts if not ok)
-    if rank == 0:
-        print(f"\n{len(verdicts) - failed} PASS / {failed} FAIL (world_size {N}, seed {args.seed})", flush=True)
-    dist.destroy_process_group()
-    return 1 if failed else 0
+    return ts.finish(rank, f"\n{len(cases) - failed} PASS / {failed} FAIL (world_size {N}, seed {args.seed})", failed)
 
 
 if __name__ == "__main__":

@@ -23,11 +23,11 @@ import torch
 import ring_flash_attn as rfa
 from ring_flash_attn.cp import ulysses
 from ring_flash_attn.cp.all_to_all import check_head_split
-from dist_harness import (assert_case_within, CachedSpawns, case_params, CaseWorker, NoHostReads, rel_err,
-                          spawn_root_fixture)
+from dist_harness import assert_case_within, NoHostReads, rel_err, SpawnedCases
 from feature_reference import attention_with_features
 from reference import grouped_attention_reference
-from cases import case_dict, cu_seqlens
+from cases import (VARLEN_ARGUMENT_ERRORS, assert_packed_forms_need_4d, assert_single_process_matches, case_maker,
+                   cu_seqlens, global_packed_batch, single_process_batch, varlen_call_args)
 
 _SEED = random.SystemRandom().randrange(1 << 30)
 _SPAWN_TIMEOUT_S = 180
@@ -36,8 +36,7 @@ _BASE = dict(Hq=4, Hk=2, D=8, stride=None, dtype="float64", causal=True, scale=N
              no_host_reads=False, softcap=0.0, sinks=False, window=(-1, -1), kernel="library")
 
 
-def _case(case_id, lens, **kw):
-    return case_dict(_BASE, kw, id=case_id, lens=list(lens))
+_case = case_maker(_BASE)
 
 
 # forms: "varlen", "kvpacked", "qkvpacked" (packed tokens, lens = the sequences), "batched" (lens =
@@ -142,14 +141,10 @@ def reference(case: dict, q, k, v, cu, dtype):
 
 def _run_case(case: dict, seed: int, rank: int, world_size: int) -> Dict[str, float]:
     dtype = getattr(torch, case["dtype"])
-    Hq, Hk, D = case["Hq"], case["Hk"], case["D"]
+    Hq = case["Hq"]
     batched = case["form"].startswith("batched")
-    cu = cu_seqlens(case["lens"])
-    total = int(cu[-1])
-    T = total // world_size
-    gen = torch.Generator().manual_seed(seed)
-    q_full, dout_full = (torch.randn(total, Hq, D, generator=gen, dtype=torch.float64) for _ in range(2))
-    k_full, v_full = (torch.randn(total, Hk, D, generator=gen, dtype=torch.float64) for _ in range(2))
+    cu, q_full, k_full, v_full, dout_full = global_packed_batch(case, torch.Generator().manual_seed(seed))
+    T = int(cu[-1]) // world_size
     ref_out, ref_lse, leaves = reference(case, q_full, k_full, v_full, cu, dtype)
     ref_grads = torch.autograd.grad(ref_out, leaves, dout_full.to(dtype).double())
 
@@ -234,16 +229,15 @@ def _run_case(case: dict, seed: int, rank: int, world_size: int) -> Dict[str, fl
     return result
 
 
-_results = CachedSpawns(CaseWorker(CASES, _run_case), _SEED, "ulysses", _SPAWN_TIMEOUT_S)
-spawn_root = spawn_root_fixture("ulysses_dist")
+_results = SpawnedCases("ulysses", CASES, _run_case, _SEED, _SPAWN_TIMEOUT_S, _QUANTITIES, _TOL)
 
 
-@pytest.mark.parametrize("world_size,case", case_params(CASES))
+@pytest.mark.parametrize("world_size,case", _results.params())
 def test_ulysses_matches_full_attention(world_size, case, spawn_root):
     per_rank = _results(world_size, spawn_root)
     if all("refused" in res["cases"].get(case["id"], {}) for res in per_rank):
         return  # every rank checked that the scheme refuses the feature the kernels lack (NotImplementedError)
-    assert_case_within(per_rank, case, _QUANTITIES, _TOL[case["dtype"]], _SEED)
+    _results.assert_within(world_size, case, spawn_root)
     if case["sinks"]:  # a float32 gradient (the sinks are a float32 parameter)
         assert_case_within(per_rank, case, ("dsinks",), max(_TOL[case["dtype"]], 1e-6), _SEED)
 
@@ -252,23 +246,15 @@ def test_ulysses_matches_full_attention(world_size, case, spawn_root):
 
 
 def test_ulysses_single_process_matches_reference():
-    gen = torch.Generator().manual_seed(_SEED)
-    cu = cu_seqlens([5, 7, 4])
-    q = torch.randn(16, 4, 8, generator=gen, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(16, 2, 8, generator=gen, dtype=torch.float64, requires_grad=True)
-    v = torch.randn(16, 2, 8, generator=gen, dtype=torch.float64, requires_grad=True)
-    dout = torch.randn(16, 4, 8, generator=gen, dtype=torch.float64)
+    batch = single_process_batch(_SEED)
+    cu, q, k, v, dout = batch
     for causal in (True, False):
         for stride in (None, 1):
             meta = rfa.ulysses_prepare_cu_seqlens(cu, causal, 0, 1)
             out, lse, _ = rfa.ulysses_flash_attn_varlen_func(q, k, v, *meta[:4], stride, meta[4], causal=causal,
                                                              return_attn_probs=True)
             grads = torch.autograd.grad(out, (q, k, v), dout)
-            (ref_out,), (ref_lse,) = grouped_attention_reference([q], k, v, [cu], cu, None, None, causal)
-            ref_grads = torch.autograd.grad(ref_out, (q, k, v), dout)
-            assert rel_err(out, ref_out) <= 1e-10 and rel_err(lse, ref_lse) <= 1e-10
-            for g, rg in zip(grads, ref_grads):
-                assert rel_err(g, rg) <= 1e-10
+            assert_single_process_matches(out, lse, grads, batch, causal)
             # without return_attn_probs: the output alone, the same values
             only = rfa.ulysses_flash_attn_varlen_func(q.detach(), k.detach(), v.detach(), *meta[:4], stride,
                                                       meta[4], causal=causal)
@@ -288,46 +274,26 @@ def test_check_head_split():
         check_head_split(12, 6, 4)
 
 
-def _args(**over):
-    cu = cu_seqlens([6, 10])
-    a = dict(q=torch.randn(16, 4, 8, dtype=torch.float64), k=torch.randn(16, 2, 8, dtype=torch.float64),
-             v=torch.randn(16, 2, 8, dtype=torch.float64), cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=10,
-             max_seqlen_k=10)
-    a.update(over)
-    return a
-
-
 @pytest.mark.parametrize("over,exc,pattern", [
-    (dict(alibi_slopes=torch.zeros(4)), NotImplementedError, r"alibi_slopes"),
-    (dict(dropout_p=0.1), NotImplementedError, r"dropout_p"),
     (dict(window_size=(1, 2, 3)), ValueError, r"window_size: expected a \(left, right\) pair"),
     (dict(softcap=-1.0), ValueError, r"softcap: expected a real >= 0"),
     (dict(sinks=torch.zeros(4, dtype=torch.float64)), ValueError, r"sinks: expected dtype torch.float32"),
     (dict(sinks=torch.zeros(2)), ValueError, r"sinks: expected shape \(4,\)"),
     (dict(heads_k_stride=3), ValueError, r"heads_k_stride: expected a divisor of the 2 KV heads each rank holds"),
     (dict(heads_k_stride=0), ValueError, r"heads_k_stride: expected None or an int >= 1"),
-    (dict(cu_seqlens_k=cu_seqlens([6, 10]).long()), ValueError, r"cu_seqlens_k: expected dtype torch.int32"),
-    (dict(cu_seqlens_q=cu_seqlens([16])), ValueError, r"cu_seqlens_q: expected 3 entries"),
     (dict(cu_seqlens_q=cu_seqlens([6, 8]), cu_seqlens_k=cu_seqlens([6, 8])), ValueError,
      r"cu_seqlens_q: expected the last entry to be 16 \(the GLOBAL cumulative lengths"),
-    (dict(k=torch.randn(16, 2, 8)), ValueError, r"k: expected dtype torch.float64"),
-    (dict(k=torch.randn(14, 2, 8, dtype=torch.float64), v=torch.randn(14, 2, 8, dtype=torch.float64)),
-     ValueError, r"k: expected 16 local tokens"),
-    (dict(q=torch.randn(16, 3, 8, dtype=torch.float64)), ValueError, r"q: expected a number of heads divisible"),
-    (dict(max_seqlen_q=torch.tensor(10)), ValueError, r"max_seqlen_q: expected a Python int"),
     (dict(local_k_slice=(0, 16)), ValueError, r"local_k_slice: expected a slice or None"),
-])
+] + VARLEN_ARGUMENT_ERRORS)
 def test_ulysses_errors(over, exc, pattern):
     with pytest.raises(exc, match=pattern):
-        rfa.ulysses_flash_attn_varlen_func(**_args(**over))
+        rfa.ulysses_flash_attn_varlen_func(**varlen_call_args(**over))
 
 
 def test_ulysses_batched_and_packed_shape_errors():
-    a = _args()
-    with pytest.raises(ValueError, match=r"kv: expected a 4-D tensor"):
-        rfa.ulysses_flash_attn_varlen_kvpacked_func(a["q"], a["k"], a["cu_seqlens_q"], a["cu_seqlens_k"], 10, 10)
-    with pytest.raises(ValueError, match=r"qkv: expected a 4-D tensor"):
-        rfa.ulysses_flash_attn_varlen_qkvpacked_func(a["q"], a["cu_seqlens_q"], a["cu_seqlens_k"], 10, 10)
+    assert_packed_forms_need_4d(rfa.ulysses_flash_attn_varlen_kvpacked_func,
+                                rfa.ulysses_flash_attn_varlen_qkvpacked_func)
+    a = varlen_call_args()
     q = torch.randn(2, 8, 4, 8, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"k: expected batch and local length \(2, 8\)"):
         rfa.ulysses_flash_attn_func(q, torch.randn(1, 16, 2, 8, dtype=torch.float64),

@@ -1,5 +1,6 @@
 """Local attention (window_size), diagonal shifts, logit softcap and sink logits on the CPU backend,
-against a dense float64 reference written from the definitions, through the ops and the public API.
+against the dense float64 reference written from the definitions (test/reference.py), through the ops and the
+public API.
 
 Forward out / lse and backward dq / dk / dv / dsinks on fresh random inputs; float32 and float64
 to a tight tolerance, bfloat16 and float16 by FlashAttention's rule (error at most twice that of
@@ -12,115 +13,23 @@ from __future__ import annotations
 import ctypes
 import math
 import zlib
-from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 import pytest
 import torch
 from torch import Tensor
 
+from cases import FeatureInputs as Inputs, FeatureScenario as Scenario  # shared with the GPU feature tests
 from cases import LOW_PRECISION, assert_lse_close, assert_pass_rule, cu_seqlens, dtype_id
+from reference import grouped_attention_reference
 from ring_flash_attn import _lib, flash_attn_varlen_func, grouped_flash_attn_varlen_func
 from ring_flash_attn import ops as rfa_ops
 from ring_flash_attn.grouped_python import _flash_attn_varlen_forward_grouped
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-NEG_INF = float("-inf")
-
-
-# ---- the reference -----------------------------------------------------------------------------
-
-
-def reference_sequence(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, window: Tuple[int, int],
-                       softcap: float, sinks: Optional[Tensor], shift: int) -> Tuple[Tensor, Tensor]:
-    """One (group, sequence): q [Lq, Hq, D], k / v [Lk, Hk, D], sinks None or [Hq] (dtype of q).
-    Returns (out [Lq, Hq, D], lse [Hq, Lq]), differentiable, in the dtype of q.
-
-    Row i's diagonal key is d = i + Lk - Lq + shift; it sees key j iff d - left <= j <= d + right
-    (-1 = unbounded; causal: right = 0). Scores s = scale * q.k, then softcap * tanh(s / softcap);
-    a sink adds exp(sink) to the denominator. A row without keys: out = 0, lse = sink (or -inf)."""
-    Lq, Hq, D = q.shape
-    Lk, Hk = k.shape[0], k.shape[1]
-    left, right = window
-    if causal:
-        right = 0
-    i = torch.arange(Lq)[:, None]
-    j = torch.arange(Lk)[None, :]
-    diag = i + (Lk - Lq) + shift
-    allowed = torch.ones((Lq, Lk), dtype=torch.bool)
-    if left >= 0:
-        allowed &= j >= diag - left
-    if right >= 0:
-        allowed &= j <= diag + right
-    rep = Hq // Hk
-    k = k.repeat_interleave(rep, dim=1)
-    v = v.repeat_interleave(rep, dim=1)
-    s = torch.einsum("qhd,khd->hqk", q, k) * scale  # [Hq, Lq, Lk]
-    if softcap > 0:
-        s = softcap * torch.tanh(s / softcap)
-    s = s.masked_fill(~allowed, NEG_INF)
-    if sinks is not None:
-        logits = torch.cat([s, sinks[:, None, None].expand(Hq, Lq, 1)], dim=-1)
-        lse = torch.logsumexp(logits, dim=-1)  # [Hq, Lq]; the sink alone for a row without keys
-        probs = torch.exp(s - lse[..., None])  # masked entries: exp(-inf) = 0
-    else:
-        has_key = allowed.any(dim=-1)  # [Lq]
-        s = s.masked_fill(~has_key[:, None], 0.0)  # keeps the softmax of an empty row finite
-        lse = torch.logsumexp(s, dim=-1).masked_fill(~has_key[None, :], NEG_INF)
-        probs = torch.softmax(s, dim=-1) * has_key[:, None].to(s.dtype)
-    out = torch.einsum("hqk,khd->qhd", probs, v)
-    return out, lse
-
-
-def reference(q_list: Sequence[Tensor], k: Tensor, v: Tensor, cu_q_list: Sequence[Tensor], cu_k: Tensor,
-              seqused: Optional[Sequence[Optional[Tensor]]], scale: float, causal: bool, window: Tuple[int, int],
-              softcap: float, sinks: Optional[Tensor], shifts: Optional[Sequence[Optional[Tensor]]]):
-    """Grouped varlen reference: (out_list, lse_list), lse float32 [Hq, total_q_g] (so a loss's
-    gradient through it is rounded where the library's is); rows after the last sequence get
-    out = 0, lse = -inf."""
-    cu_k = cu_k.tolist()
-    B = len(cu_k) - 1
-    outs, lses = [], []
-    for g, q in enumerate(q_list):
-        cu_q = cu_q_list[g].tolist()
-        used = seqused[g].tolist() if seqused is not None and seqused[g] is not None else None
-        shift = shifts[g].tolist() if shifts is not None and shifts[g] is not None else [0] * B
-        out_parts, lse_parts = [], []
-        for b in range(B):
-            lk = used[b] if used is not None else cu_k[b + 1] - cu_k[b]
-            o, l = reference_sequence(q[cu_q[b]:cu_q[b + 1]], k[cu_k[b]:cu_k[b] + lk], v[cu_k[b]:cu_k[b] + lk],
-                                      scale, causal, window, softcap, sinks, shift[b])
-            out_parts.append(o)
-            lse_parts.append(l)
-        tail = q.shape[0] - cu_q[B]
-        if tail > 0:
-            out_parts.append(q.new_zeros((tail,) + tuple(q.shape[1:])) + 0.0 * q[cu_q[B]:])
-            lse_parts.append(torch.full((q.shape[1], tail), NEG_INF, dtype=q.dtype))
-        outs.append(torch.cat(out_parts, dim=0))
-        lses.append(torch.cat(lse_parts, dim=1).float())  # float32, as the library returns it
-    return outs, lses
 
 
 # ---- cases -------------------------------------------------------------------------------------
-
-
-@dataclass
-class Scenario:
-    name: str
-    seqlens_q: List[List[int]]  # [G][B]
-    seqlens_k: List[int]
-    hq: int = 4
-    hk: int = 2
-    dim: int = 32
-    causal: bool = False
-    window: Tuple[int, int] = (-1, -1)
-    softcap: float = 0.0
-    sinks: bool = False
-    seqused: Optional[List[Optional[List[int]]]] = None
-    shifts: Optional[List[Optional[List[int]]]] = None
-    extra_rows: int = 0  # rows after the last sequence, in every group
-    q_amplitude: float = 1.0
-    scale: float = 0.0  # 0: 1 / sqrt(dim)
 
 
 SCENARIOS = [
@@ -138,33 +47,13 @@ SCENARIOS = [
     Scenario("shift_window_two_sided", [[40, 30]], [60, 30], window=(6, 11), shifts=[[-33, 18]]),
     Scenario("softcap_causal", [[50]], [60], causal=True, softcap=3.0, q_amplitude=4.0),
     Scenario("softcap_full_gqa", [[30, 20]], [40, 25], hq=6, hk=2, softcap=10.0, q_amplitude=3.0),
-    Scenario("sinks_rows_without_keys", [[60, 10]], [40, 12], causal=True, sinks=True, extra_rows=3),
+    Scenario("sinks_rows_without_keys", [[60, 10]], [40, 12], causal=True, sinks=True, extra_rows=3,
+             has_rows_without_keys=True),
     Scenario("sinks_window_softcap_gqa_varlen", [[33, 7, 20]], [40, 7, 0], hq=6, hk=2, window=(10, 6),
              softcap=4.0, sinks=True, q_amplitude=2.0),
     Scenario("groups2_seqused_shift_all", [[30, 20], [12, 25]], [45, 25], causal=True, window=(8, 0), softcap=5.0,
              sinks=True, seqused=[None, [30, 11]], shifts=[[3, -4], None], extra_rows=2, scale=0.375),
 ]
-
-
-@dataclass
-class Inputs:
-    q_list: List[Tensor]
-    k: Tensor
-    v: Tensor
-    cu_q_list: List[Tensor]
-    cu_k: Tensor
-    seqused: Optional[List[Optional[Tensor]]]
-    shifts: Optional[List[Optional[Tensor]]]
-    sinks: Optional[Tensor]  # float32 [Hq]
-    max_q: List[int] = field(default_factory=list)
-    max_k: int = 0
-
-    def leaves(self, dtype: torch.dtype) -> Tuple[List[Tensor], Tensor, Tensor, Optional[Tensor]]:
-        """q_list, k, v in `dtype` and float32 sinks, as fresh leaves that require grad."""
-        def leaf(t):
-            return t.detach().to(dtype).requires_grad_(True)
-        sinks = None if self.sinks is None else self.sinks.detach().clone().requires_grad_(True)
-        return [leaf(q) for q in self.q_list], leaf(self.k), leaf(self.v), sinks
 
 
 def make_inputs(sc: Scenario, dtype: torch.dtype) -> Inputs:
@@ -185,8 +74,8 @@ def make_inputs(sc: Scenario, dtype: torch.dtype) -> Inputs:
         sinks = (torch.randn(sc.hq, generator=gen, dtype=torch.float64) + torch.linspace(-1.0, 3.0, sc.hq,
                                                                                          dtype=torch.float64)).float()
     return Inputs(q_list, k, v, [cu_seqlens(lens) for lens in sc.seqlens_q], cu_seqlens(sc.seqlens_k),
-                  as_int32(sc.seqused), as_int32(sc.shifts), sinks,
-                  [max(lens) for lens in sc.seqlens_q], max(sc.seqlens_k))
+                  as_int32(sc.seqused), as_int32(sc.shifts), sinks, [max(lens) for lens in sc.seqlens_q],
+                  max(sc.seqlens_k))
 
 
 def run_op(sc: Scenario, x: Inputs, q_list, k, v, sinks):
@@ -203,8 +92,8 @@ def run_reference(sc: Scenario, x: Inputs, dtype: torch.dtype):
     q_list, k, v, _ = x.leaves(dtype)
     sinks = None if x.sinks is None else x.sinks.detach().to(dtype).requires_grad_(True)
     scale = sc.scale if sc.scale > 0 else 1.0 / math.sqrt(sc.dim)
-    outs, lses = reference(q_list, k, v, x.cu_q_list, x.cu_k, x.seqused, scale, sc.causal, sc.window, sc.softcap,
-                           sinks, x.shifts)
+    outs, lses = grouped_attention_reference(q_list, k, v, x.cu_q_list, x.cu_k, x.seqused, scale, sc.causal,
+                                             sc.window, sc.softcap, sinks, x.shifts)
     return (q_list, k, v), sinks, outs, lses
 
 
@@ -252,7 +141,7 @@ def test_forward_backward_against_reference(sc: Scenario, dtype: torch.dtype):
             rows_without_keys += len(rows)
             assert torch.equal(lses[g][heads, rows], x.sinks[heads]), f"lse[{g}] of rows without keys"
             assert torch.all(outs[g][rows, heads] == 0)
-    if sc.name == "sinks_rows_without_keys":
+    if sc.has_rows_without_keys:
         assert rows_without_keys > 0  # the scenario has them (causal, Lq > Lk)
 
     gen = torch.Generator().manual_seed(7)

@@ -18,8 +18,6 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import sys
-import traceback
 from typing import Dict, List
 
 import pytest
@@ -28,10 +26,9 @@ import torch
 import ring_flash_attn as rfa
 from ring_flash_attn.cp import zigzag_layout as zu
 from ring_flash_attn.cp import zigzag_llama3
-from dist_harness import (assert_case_within, CachedSpawns, case_params, CaseWorker, free_port, NoHostReads, rel_err,
-                          spawn_root_fixture)
-from reference import grouped_attention_reference
-from cases import case_dict, cu_seqlens
+from dist_harness import NoHostReads, record_check, rel_err, SpawnedCases, torchrun
+from cases import (assert_single_process_matches, case_maker, cu_seqlens, global_packed_batch, packed_reference,
+                   single_process_batch)
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _SEED = random.SystemRandom().randrange(1 << 30)
@@ -45,8 +42,7 @@ _BASE = dict(Hq=4, Hk=2, D=8, hs=1, dtype="float64", causal=True, scale=None, re
              no_host_reads=False)
 
 
-def _case(case_id, lens, **kw):
-    return case_dict(_BASE, kw, id=case_id, lens=list(lens))
+_case = case_maker(_BASE)
 
 
 CASES: Dict[int, List[dict]] = {
@@ -98,19 +94,10 @@ def _impl_flags(impl: str) -> dict:
 
 def _run_case(case: dict, seed: int, rank: int, world_size: int) -> Dict[str, float]:
     dtype = getattr(torch, case["dtype"])
-    Hq, Hk, D = case["Hq"], case["Hk"], case["D"]
-    cu = cu_seqlens(case["lens"])
-    total = int(cu[-1])
-    gen = torch.Generator().manual_seed(seed)
-    q_full, dout_full = (torch.randn(total, Hq, D, generator=gen, dtype=torch.float64) for _ in range(2))
-    k_full, v_full = (torch.randn(total, Hk, D, generator=gen, dtype=torch.float64) for _ in range(2))
-
+    cu, q_full, k_full, v_full, dout_full = global_packed_batch(case, torch.Generator().manual_seed(seed))
     # single-process full attention on the unsharded batch (float64, autograd)
-    ref_in = [t.clone().requires_grad_(True) for t in (q_full.to(dtype).double(), k_full.to(dtype).double(),
-                                                       v_full.to(dtype).double())]
-    (ref_out,), (ref_lse,) = grouped_attention_reference(
-        [ref_in[0]], ref_in[1], ref_in[2], [cu], cu, None, case["scale"], case["causal"])
-    ref_dq, ref_dk, ref_dv = torch.autograd.grad(ref_out, ref_in, dout_full.to(dtype).double())
+    ref_out, ref_lse, (ref_dq, ref_dk, ref_dv) = packed_reference(
+        *(t.to(dtype) for t in (q_full, k_full, v_full, dout_full)), cu, case["scale"], case["causal"])
 
     def shard(t):
         return zu.zigzag_shard(t, cu, rank, world_size)
@@ -275,19 +262,15 @@ def _two_rank_checks(rank: int, world_size: int, seed: int, results: dict) -> No
     if world_size != 2:
         return
     results["errors"] = _error_checks(rank, world_size)
-    try:
-        results["order"] = " ".join(_order_check(rank, world_size))
-    except Exception:  # noqa: BLE001
-        results["order"] = traceback.format_exc()
+    record_check(results, "order", lambda: " ".join(_order_check(rank, world_size)))
 
 
-_results = CachedSpawns(CaseWorker(CASES, _run_case, _two_rank_checks), _SEED, "zigzag", _SPAWN_TIMEOUT_S)
-spawn_root = spawn_root_fixture("zigzag_dist")
+_results = SpawnedCases("zigzag", CASES, _run_case, _SEED, _SPAWN_TIMEOUT_S, _QUANTITIES, _TOL, _two_rank_checks)
 
 
-@pytest.mark.parametrize("world_size,case", case_params(CASES))
+@pytest.mark.parametrize("world_size,case", _results.params())
 def test_zigzag_matches_full_attention(world_size, case, spawn_root):
-    assert_case_within(_results(world_size, spawn_root), case, _QUANTITIES, _TOL[case["dtype"]], _SEED)
+    _results.assert_within(world_size, case, spawn_root)
 
 
 @pytest.mark.parametrize("check", ["length-not-multiple-of-2N", "cu_seqlens_k-total", "cu_seqlens_q-global-not-local",
@@ -411,21 +394,12 @@ def test_single_process_matches_full_attention(impl):
     out, lse and gradients against the reference, float64."""
     if __import__("torch.distributed").distributed.is_initialized():
         pytest.skip("a default process group is initialised in this process")
-    gen = torch.Generator().manual_seed(_SEED)
-    lens = [6, 2, 10]
-    cu = cu_seqlens(lens)
-    q = torch.randn(18, 4, 16, generator=gen, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(18, 2, 16, generator=gen, dtype=torch.float64, requires_grad=True)
-    v = torch.randn(18, 2, 16, generator=gen, dtype=torch.float64, requires_grad=True)
-    dout = torch.randn(18, 4, 16, generator=gen, dtype=torch.float64)
+    batch = single_process_batch(_SEED, lens=[6, 2, 10], head_dim=16)
+    cu, q, k, v, dout = batch
     out, lse, _ = rfa.zigzag_llama3_flash_attn_varlen_func(q, k, v, cu, cu, 10, 10, 1, None,
                                                            return_attn_probs=True, **_impl_flags(impl))
-    (ref,), (ref_lse,) = grouped_attention_reference([q], k, v, [cu], cu, None, None, True)
     grads = torch.autograd.grad(out, (q, k, v), dout)
-    ref_grads = torch.autograd.grad(ref, (q, k, v), dout)
-    assert rel_err(out, ref) <= 1e-12 and rel_err(lse, ref_lse) <= 1e-12
-    for name, g, rg in zip("qkv", grads, ref_grads):
-        assert rel_err(g, rg) <= 1e-12, name
+    assert_single_process_matches(out, lse, grads, batch, True, tol=1e-12)
 
 
 def test_single_process_errors():
@@ -489,18 +463,11 @@ def test_distributed_benchmark_runs_on_gloo(tmp_path):
     """benchmark/benchmark_zigzag_distributed.py under torchrun with 2 CPU ranks: exit 0, a table
     per (impl, pass) and one CSV row per (rank, impl, pass) with positive times and their ratio."""
     import csv
-    import subprocess
 
     script = os.path.join(os.path.dirname(_HERE), "benchmark", "benchmark_zigzag_distributed.py")
     out_csv = tmp_path / "zigzag.csv"
-    env = dict(os.environ)
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(rfa.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([package_root] + [p for p in [env.get("PYTHONPATH")] if p])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", script, "--device", "cpu", "--seqlens", "64", "--num-runs", "2",
-           "--warmup", "1", "--csv", str(out_csv)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
-    assert r.returncode == 0, f"exit {r.returncode}\nstdout:\n{r.stdout[-3000:]}\nstderr:\n{r.stderr[-3000:]}"
+    r = torchrun(script, ["--device", "cpu", "--seqlens", "64", "--num-runs", "2", "--warmup", "1", "--csv",
+                          str(out_csv)], nproc=2, timeout_s=180, stdout_tail=3000)
     assert r.stdout.count("Kernels (ms)") == 3 * 2, r.stdout
     with open(out_csv) as f:
         rows = list(csv.DictReader(f))
@@ -517,17 +484,9 @@ def test_distributed_benchmark_runs_on_gloo(tmp_path):
 def test_gpu_script_smoke_on_gloo():
     """test/test_zigzag_llama3_grouped.py (the torchrun GPU test) in its --device cpu mode with 2
     ranks and tiny shapes: every check passes, the no-sync / graph checks are skipped."""
-    import subprocess
-
     script = os.path.join(_HERE, "test_zigzag_llama3_grouped.py")
-    env = dict(os.environ)
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(rfa.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([package_root] + [p for p in [env.get("PYTHONPATH")] if p])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", script, "--device", "cpu", "--seqlens", "64", "--num-heads-q", "4",
-           "--num-heads-k", "2", "--head-dim", "16", "--heads-k-stride", "1", "--varlen-unit", "1",
-           "--seed", str(_SEED)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
-    assert r.returncode == 0, f"exit {r.returncode}\nstdout:\n{r.stdout[-4000:]}\nstderr:\n{r.stderr[-3000:]}"
+    r = torchrun(script, ["--device", "cpu", "--seqlens", "64", "--num-heads-q", "4", "--num-heads-k", "2",
+                          "--head-dim", "16", "--heads-k-stride", "1", "--varlen-unit", "1", "--seed", str(_SEED)],
+                 nproc=2, timeout_s=180)
     # 2 workloads x 3 impls x (out, lse, dq, dk, dv) + 2 x 2 comparisons with the baseline
     assert "34 passed, 1 skipped, 0 failed" in r.stdout, r.stdout[-4000:]

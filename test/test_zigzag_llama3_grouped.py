@@ -49,6 +49,7 @@ except ImportError:
     sys.path.insert(0, os.path.join(os.path.dirname(_HERE), "python"))
 
 import ring_flash_attn as rfa  # noqa: E402
+import torchrun_script as ts  # noqa: E402  (next to this script)
 from ring_flash_attn.cp import zigzag_layout as zu  # noqa: E402
 
 IMPLS = {
@@ -350,27 +351,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     args = parse_args(argv)
     on_gpu = args.device == "cuda"
-    if on_gpu and not torch.cuda.is_available():
-        print("test_zigzag_llama3_grouped.py: needs CUDA GPUs (run it under torchrun on a GPU machine; "
-              "--device cpu for a smoke test of the script)")
+    if ts.cuda_missing("test_zigzag_llama3_grouped.py", args.device):
         return 2
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if "RANK" not in os.environ:  # plain `python test/...`: a one-rank group
-        os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29517")
-    if on_gpu:
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-        dist.init_process_group("nccl", device_id=device)
-        device_name = torch.cuda.get_device_name()
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo")
-        device_name = "CPU backend (gloo)"
+    device, device_name = ts.start_process_group(args.device, 29517)
     rank, world = dist.get_rank(), dist.get_world_size()
-    if args.seed is None:
-        seed = torch.randint(0, 1 << 30, (1,), device=device)
-        dist.broadcast(seed, 0)
-        args.seed = int(seed.item())
+    args.seed = ts.shared_seed(args.seed, device)
     for L in args.seqlens:
         if L % (2 * world):
             raise SystemExit(f"--seqlens: {L} is not a multiple of 2 * world_size = {2 * world}")
@@ -412,10 +397,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if rank == 0:
         for name, (verdict, detail) in merged.items():
             print(f"{verdict}  {name}   [{detail}]", flush=True)
-        print(f"\n{verdicts.count(PASS)} passed, {verdicts.count(SKIP)} skipped, {failed} failed "
-              f"(world_size {world}, seed {args.seed})", flush=True)
-    dist.destroy_process_group()
-    return 1 if failed else 0
+    return ts.finish(rank, f"\n{verdicts.count(PASS)} passed, {verdicts.count(SKIP)} skipped, {failed} failed "
+                           f"(world_size {world}, seed {args.seed})", failed)
 
 
 if __name__ == "__main__":

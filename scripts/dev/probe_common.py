@@ -1,9 +1,14 @@
 """Shared pieces of the kernel-development probes (bench_probe.py, bwd_probe.py, hbm_probe.py):
 the per-rank zigzag workload with Llama3-8B heads in bf16, and a CUDA-event timer."""
+import os
+import sys
 from dataclasses import dataclass
 from typing import Callable, List
 
 import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "benchmark"))
+from benchmark_grouped_attention import median_call_ms  # noqa: E402  (the benchmarks' timer)
 
 HQ, HK, D = 32, 8, 128
 
@@ -48,15 +53,8 @@ def zigzag_rank(L: int, N: int, r: int, requires_grad: bool = False) -> ZigzagRa
 
 
 def bench(fn: Callable[[], object], n: int = 20, warmup: int = 3) -> float:
-    """Median milliseconds of `n` calls, timed with CUDA events after `warmup` calls."""
+    """Median milliseconds of `n` calls, timed with CUDA events after `warmup` calls (the
+    benchmarks' timer)."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(n):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+    return median_call_ms(fn, n, torch.device("cuda"))
