@@ -330,7 +330,7 @@ def packed_module() -> str:
         raise SystemExit(f"{ME}: add the import of {unknown} to IMPORTS")
     typing_names = sorted(n for n in names if IMPORTS.get(n, "").startswith("from typing "))
     plain = sorted({IMPORTS[n] for n in names if n in IMPORTS and not IMPORTS[n].startswith(("from typing ", "from ."))},
-                   key=lambda line: line.split()[1])
+                   key=lambda line: (line.split()[1], line.startswith("from ")))
     local = {IMPORTS[n] for n in names if IMPORTS.get(n, "").startswith("from .")}
     local |= {f"from .{m} import {', '.join(sorted(f.name for f in PACKED if f.module == m))}"
               for m in {f.module for f in PACKED}}
