@@ -13,17 +13,11 @@ from .grouped import flash_attn_varlen_func, grouped_flash_attn_varlen_func
 from .cp.hybrid import (
     HF_ATTN_HYBRID,
     hybrid_flash_attn_varlen_func,
-    hybrid_flash_attn_varlen_kvpacked_func,
-    hybrid_flash_attn_varlen_qkvpacked_func,
     hybrid_prepare_cu_seqlens,
     hybrid_shard,
     hybrid_unshard,
 )
-from .cp.llama3 import (
-    llama3_flash_attn_varlen_func,
-    llama3_flash_attn_varlen_kvpacked_func,
-    llama3_flash_attn_varlen_qkvpacked_func,
-)
+from .cp.llama3 import llama3_flash_attn_varlen_func
 from .cp.llama3_layout import llama3_flash_attn_prepare_cu_seqlens, llama3_shard, llama3_unshard
 from .cp.ring import (
     ring_flash_attn_func,
@@ -43,15 +37,23 @@ from .cp.mesh import (
     hybrid_mesh_from_device_mesh,
     set_active_hybrid_mesh,
 )
+from .cp.packed import (
+    hybrid_flash_attn_varlen_kvpacked_func,
+    hybrid_flash_attn_varlen_qkvpacked_func,
+    llama3_flash_attn_varlen_kvpacked_func,
+    llama3_flash_attn_varlen_qkvpacked_func,
+    ulysses_flash_attn_kvpacked_func,
+    ulysses_flash_attn_qkvpacked_func,
+    ulysses_flash_attn_varlen_kvpacked_func,
+    ulysses_flash_attn_varlen_qkvpacked_func,
+    zigzag_llama3_flash_attn_varlen_kvpacked_func,
+    zigzag_llama3_flash_attn_varlen_qkvpacked_func,
+)
 from .cp.stripe import stripe_flash_attn_func, stripe_flash_attn_kvpacked_func, stripe_flash_attn_qkvpacked_func
 from .cp.ulysses import (
     HF_ATTN_ULYSSES,
     ulysses_flash_attn_func,
-    ulysses_flash_attn_kvpacked_func,
-    ulysses_flash_attn_qkvpacked_func,
     ulysses_flash_attn_varlen_func,
-    ulysses_flash_attn_varlen_kvpacked_func,
-    ulysses_flash_attn_varlen_qkvpacked_func,
     ulysses_prepare_cu_seqlens,
     ulysses_shard,
 )
@@ -64,11 +66,7 @@ from .cp.zigzag_layout import (
     zigzag_shard,
     zigzag_unshard,
 )
-from .cp.zigzag_llama3 import (
-    zigzag_llama3_flash_attn_varlen_func,
-    zigzag_llama3_flash_attn_varlen_kvpacked_func,
-    zigzag_llama3_flash_attn_varlen_qkvpacked_func,
-)
+from .cp.zigzag_llama3 import zigzag_llama3_flash_attn_varlen_func
 from .cp.zigzag_ring import (
     zigzag_ring_flash_attn_func,
     zigzag_ring_flash_attn_kvpacked_func,

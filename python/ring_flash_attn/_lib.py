@@ -1,9 +1,10 @@
 """ctypes binding of ``libringattn`` (include/ringattn/ringattn.h).
 
-The library is plain C: this module mirrors every struct of the header field by field (same order,
-same fixed-width types), declares ``argtypes``/``restype`` once, and loads the shared object lazily
-on first use, so ``import ring_flash_attn`` works (and ``torch.compile`` can trace the ops through
-their fake kernels) on a machine where the library was not built.
+The library is plain C: ``_abi`` mirrors every struct of the header field by field (same order,
+same fixed-width types; generated from the header), and this module declares
+``argtypes``/``restype`` once and loads the shared object lazily on first use, so
+``import ring_flash_attn`` works (and ``torch.compile`` can trace the ops through their fake
+kernels) on a machine where the library was not built.
 
 Search order for the shared object:
   1. the path in the environment variable ``RING_FLASH_ATTN_LIBRARY``;
@@ -19,6 +20,9 @@ import os
 import threading
 from pathlib import Path
 from typing import Callable, List, Optional
+
+# The ctypes mirrors of the header's structs, generated from it (scripts/dev/gen_abi_mirror.py).
+from ._abi import BwdGroup, BwdParams, Exec, FwdGroup, FwdParams, Problem  # noqa: F401 (re-exported)
 
 # ---- constants (keep in step with ringattn.h) ------------------------------------------------
 
@@ -68,148 +72,6 @@ METADATA_ALL_ERRORS = 0x7F
 
 ENV_LIBRARY = "RING_FLASH_ATTN_LIBRARY"
 LIBRARY_NAME = "libringattn.so"
-
-# ---- struct mirrors ----------------------------------------------------------------------------
-
-_i32 = ctypes.c_int32
-_i64 = ctypes.c_int64
-_ptr = ctypes.c_void_p
-_i32p = ctypes.POINTER(ctypes.c_int32)
-# Data pointers inside the structs are declared c_void_p whatever their C pointee type
-# (const int32_t*, float*, const void*): same size and calling convention, and a plain int
-# (tensor.data_ptr()) can be stored without a ctypes.cast, which costs about 1.4 us each.
-# The C type is noted beside each field.
-
-
-class Exec(ctypes.Structure):
-    """``ringattn_exec``: where a call runs."""
-
-    _fields_ = [
-        ("device_type", _i32),
-        ("device_index", _i32),
-        ("stream", _ptr),
-        ("tier", _i32),
-        ("num_threads", _i32),
-        ("metadata_errors", _ptr),  # uint32_t* in device memory, or NULL (ignored on CPU)
-    ]
-
-
-class Problem(ctypes.Structure):
-    """``ringattn_problem``: shape and metadata shared by forward and backward."""
-
-    _fields_ = [
-        ("dtype", _i32),
-        ("batch_size", _i32),
-        ("num_heads_q", _i32),
-        ("num_heads_k", _i32),
-        ("head_dim", _i32),
-        ("num_groups", _i32),
-        ("softmax_scale", ctypes.c_float),  # a normal float32 > 0, or 0 with default_softmax_scale
-        ("default_softmax_scale", _i32),  # 1: use 1/sqrt(head_dim)
-        ("causal", _i32),
-        ("total_k", _i64),
-        ("max_seqlen_k", _i32),
-        ("cu_seqlens_k", _ptr),  # const int32_t*
-        ("check_metadata", _i32),
-        ("has_window", _i32),  # 1: window_left/right apply
-        ("window_left", _i32),  # -1 unbounded, else >= 0
-        ("window_right", _i32),
-        ("softcap", ctypes.c_float),  # 0 = off
-        ("reserved0", _i32),
-        ("reserved1", _i32),
-        ("sinks", _ptr),  # const float* [Hq] or NULL
-    ]
-
-
-class FwdGroup(ctypes.Structure):
-    """``ringattn_fwd_group``: one query group of the forward pass."""
-
-    _fields_ = [
-        ("q", _ptr),
-        ("q_row_stride", _i64),
-        ("q_head_stride", _i64),
-        ("out", _ptr),
-        ("out_row_stride", _i64),
-        ("out_head_stride", _i64),
-        ("softmax_lse", _ptr),  # float* (const float* in bwd)
-        ("cu_seqlens_q", _ptr),  # const int32_t*
-        ("seqused_k", _ptr),  # const int32_t* or NULL
-        ("total_q", _i64),
-        ("max_seqlen_q", _i32),
-        ("reserved", _i32),
-        ("diagonal_shift", _ptr),  # const int32_t* [B] or NULL
-    ]
-
-
-class FwdParams(ctypes.Structure):
-    """``ringattn_fwd_params``."""
-
-    _fields_ = [
-        ("problem", Problem),
-        ("exec", Exec),
-        ("k", _ptr),
-        ("k_row_stride", _i64),
-        ("k_head_stride", _i64),
-        ("v", _ptr),
-        ("v_row_stride", _i64),
-        ("v_head_stride", _i64),
-        ("groups", ctypes.POINTER(FwdGroup)),
-        ("workspace", _ptr),
-        ("workspace_size", ctypes.c_size_t),
-    ]
-
-
-class BwdGroup(ctypes.Structure):
-    """``ringattn_bwd_group``: one query group of the backward pass."""
-
-    _fields_ = [
-        ("q", _ptr),
-        ("q_row_stride", _i64),
-        ("q_head_stride", _i64),
-        ("out", _ptr),
-        ("out_row_stride", _i64),
-        ("out_head_stride", _i64),
-        ("dout", _ptr),
-        ("dout_row_stride", _i64),
-        ("dout_head_stride", _i64),
-        ("softmax_lse", _ptr),  # float* (const float* in bwd)
-        ("dq", _ptr),
-        ("dq_row_stride", _i64),
-        ("dq_head_stride", _i64),
-        ("cu_seqlens_q", _ptr),  # const int32_t*
-        ("seqused_k", _ptr),  # const int32_t* or NULL
-        ("total_q", _i64),
-        ("max_seqlen_q", _i32),
-        ("reserved", _i32),
-        ("diagonal_shift", _ptr),  # const int32_t* [B] or NULL
-    ]
-
-
-class BwdParams(ctypes.Structure):
-    """``ringattn_bwd_params``."""
-
-    _fields_ = [
-        ("problem", Problem),
-        ("exec", Exec),
-        ("k", _ptr),
-        ("k_row_stride", _i64),
-        ("k_head_stride", _i64),
-        ("v", _ptr),
-        ("v_row_stride", _i64),
-        ("v_head_stride", _i64),
-        ("dk", _ptr),
-        ("dk_row_stride", _i64),
-        ("dk_head_stride", _i64),
-        ("dv", _ptr),
-        ("dv_row_stride", _i64),
-        ("dv_head_stride", _i64),
-        ("groups", ctypes.POINTER(BwdGroup)),
-        ("deterministic", _i32),
-        ("reserved", _i32),
-        ("workspace", _ptr),
-        ("workspace_size", ctypes.c_size_t),
-    ]
-
 
 # ---- narrowing to the C types (checked, never wrapped or rounded to a different meaning) --------
 
@@ -263,6 +125,8 @@ def candidate_paths() -> List[Path]:
 def _declare(lib: ctypes.CDLL) -> None:
     """Set argtypes/restype once, so every call is type-checked by ctypes."""
     status = ctypes.c_int  # C enums are int-sized
+    _i32 = ctypes.c_int32
+    _i32p = ctypes.POINTER(ctypes.c_int32)
     decls = {
         "ringattn_grouped_fwd": (status, [ctypes.POINTER(FwdParams)]),
         "ringattn_grouped_bwd": (status, [ctypes.POINTER(BwdParams)]),

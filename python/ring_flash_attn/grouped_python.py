@@ -1,6 +1,6 @@
-"""Grouped attention "through the Python wrapper": the seed's second implementation.
+"""Grouped attention "through the Python wrapper": the package's second implementation.
 
-The seed has three ways to compute G query groups over one K/V stream: one library call per
+The package has three ways to compute G query groups over one K/V stream: one library call per
 group (the baseline), the fused grouped kernel (``grouped_flash_attn_varlen_func``, one launch
 that streams the shared K/V once), and this one, which reaches a single launch WITHOUT a grouped
 kernel: it rewrites the G groups as one plain (G = 1) varlen problem over a batch of G * B

@@ -350,12 +350,8 @@ def _fill_common(params, checked, k, v, cu_seqlens_k, max_seqlen_k, softmax_scal
     p.max_seqlen_k = max_seqlen_k
     p.cu_seqlens_k = cu_seqlens_k.data_ptr()
     p.check_metadata = check_metadata
-    params.k = k.data_ptr()
-    params.k_row_stride = k_stride[0]
-    params.k_head_stride = k_stride[1]
-    params.v = v.data_ptr()
-    params.v_row_stride = v_stride[0]
-    params.v_head_stride = v_stride[1]
+    _set_tensor_fields(params, "k", k, k_stride)
+    _set_tensor_fields(params, "v", v, v_stride)
     # Window, softcap, sinks: a few compares when they are off.
     try:
         left, right = window_size
@@ -388,6 +384,62 @@ def _diagonal_shift_pointers(diagonal_shift_list, G: int, B: int, device: torch.
         _check_int32_vector(shift, f"diagonal_shift_list[{g}]", B, device, "batch_size, one less than cu_seqlens_k")
         pointers.append(shift.data_ptr())
     return pointers
+
+
+# A tensor's fields in the C structs: its data pointer and its row and head strides.
+_TENSOR_FIELDS = {name: (name, f"{name}_row_stride", f"{name}_head_stride")
+                  for name in ("q", "out", "dout", "dq", "k", "v", "dk", "dv")}
+
+
+def _set_tensor_fields(struct, name: str, t: Tensor, stride) -> None:
+    """Writes tensor `t` (strides `stride`, from the checks) into the struct's fields `name`,
+    `name`_row_stride and `name`_head_stride."""
+    pointer, row, head = _TENSOR_FIELDS[name]
+    setattr(struct, pointer, t.data_ptr())
+    setattr(struct, row, stride[0])
+    setattr(struct, head, stride[1])
+
+
+def _new_structs(params_type, group_type, checked, k, v, cu_seqlens_k, max_seqlen_k, softmax_scale, causal,
+                 window_size, softcap, sinks, diagonal_shift_list):
+    """The structs of a forward or backward call: (lib, params with the fields shared by both
+    passes filled (_fill_common), an array of G groups, the diagonal shifts' pointers or None)."""
+    G, B, device = checked[0], checked[1], checked[6]
+    shifts = _diagonal_shift_pointers(diagonal_shift_list, G, B, device)
+    lib = _lib.get()
+    params = params_type()
+    _fill_common(params, checked, k, v, cu_seqlens_k, max_seqlen_k, softmax_scale, causal, window_size, softcap,
+                 sinks)
+    return lib, params, (group_type * G)(), shifts
+
+
+def _fill_group(gr, g: int, checked, q_list, out, out_stride, lse_pointer: int, cu_seqlens_q_list, seqused_k_list,
+                max_seqlen_q_list, shifts) -> None:
+    """The fields of group g shared by ringattn_fwd_group and ringattn_bwd_group, from the
+    checked tensors (out's strides and the LSE's pointer from their checks)."""
+    q_shape, q_stride = checked[7][g]
+    _set_tensor_fields(gr, "q", q_list[g], q_stride)
+    _set_tensor_fields(gr, "out", out, out_stride)
+    gr.softmax_lse = lse_pointer
+    gr.cu_seqlens_q = cu_seqlens_q_list[g].data_ptr()
+    seqused = seqused_k_list[g] if len(seqused_k_list) == checked[0] else None
+    gr.seqused_k = seqused.data_ptr() if seqused is not None else None
+    gr.total_q = q_shape[0]
+    gr.max_seqlen_q = _max_seqlen_q(max_seqlen_q_list, g)
+    if shifts is not None:
+        gr.diagonal_shift = shifts[g]
+
+
+def _finish_plan(lib, params, groups, checked, backward: bool) -> "_Plan":
+    """The plan of the filled structs, with its workspace size queried."""
+    params.groups = groups
+    if backward:
+        plan = _Plan(params, groups, checked[0], checked[6], lib.ringattn_grouped_bwd, "backward")
+        _query_workspace(plan, lib.ringattn_bwd_workspace_size)
+    else:
+        plan = _Plan(params, groups, checked[0], checked[6], lib.ringattn_grouped_fwd, "forward")
+        _query_workspace(plan, lib.ringattn_fwd_workspace_size)
+    return plan
 
 
 # The library names the fields of its C structs ("q (group 1)", "cu_seqlens_q[2] (group 0)",
@@ -597,39 +649,19 @@ def _build_fwd(q_list, k, v, cu_seqlens_q_list, cu_seqlens_k, seqused_k_list, ma
     checked = _validate_common(q_list, k, v, cu_seqlens_q_list, cu_seqlens_k, seqused_k_list,
                                max_seqlen_q_list)
     G, Hq, dtype, device, q_info = checked[0], checked[2], checked[5], checked[6], checked[7]
-    have_seqused = len(seqused_k_list) == G
     _check_list_len("out_list", out_list, G)
     _check_list_len("lse_list", lse_list, G)
-    shifts = _diagonal_shift_pointers(diagonal_shift_list, G, checked[1], device)
-    lib = _lib.get()
-    params = _lib.FwdParams()
-    _fill_common(params, checked, k, v, cu_seqlens_k, max_seqlen_k, softmax_scale, causal, window_size, softcap,
-                 sinks)
-
-    groups = (_lib.FwdGroup * G)()
+    lib, params, groups, shifts = _new_structs(_lib.FwdParams, _lib.FwdGroup, checked, k, v, cu_seqlens_k,
+                                               max_seqlen_k, softmax_scale, causal, window_size, softcap, sinks,
+                                               diagonal_shift_list)
     for g in range(G):
-        q_shape, q_stride = q_info[g]
+        q_shape = q_info[g][0]
         out = out_list[g]
         out_stride = _check_like(out, f"out_list[{g}]", device, dtype, q_shape, f"q_list[{g}]")
-        gr = groups[g]
-        gr.q = q_list[g].data_ptr()
-        gr.q_row_stride = q_stride[0]
-        gr.q_head_stride = q_stride[1]
-        gr.out = out.data_ptr()
-        gr.out_row_stride = out_stride[0]
-        gr.out_head_stride = out_stride[1]
-        gr.softmax_lse = _check_lse(lse_list[g], f"lse_list[{g}]", Hq, q_shape[0], device)
-        gr.cu_seqlens_q = cu_seqlens_q_list[g].data_ptr()
-        seqused = seqused_k_list[g] if have_seqused else None
-        gr.seqused_k = seqused.data_ptr() if seqused is not None else None
-        gr.total_q = q_shape[0]
-        gr.max_seqlen_q = _max_seqlen_q(max_seqlen_q_list, g)
-        if shifts is not None:
-            gr.diagonal_shift = shifts[g]
-    params.groups = groups
-    plan = _Plan(params, groups, G, device, lib.ringattn_grouped_fwd, "forward")
-    _query_workspace(plan, lib.ringattn_fwd_workspace_size)
-    return plan
+        lse_pointer = _check_lse(lse_list[g], f"lse_list[{g}]", Hq, q_shape[0], device)
+        _fill_group(groups[g], g, checked, q_list, out, out_stride, lse_pointer, cu_seqlens_q_list, seqused_k_list,
+                    max_seqlen_q_list, shifts)
+    return _finish_plan(lib, params, groups, checked, backward=False)
 
 
 def _run_fwd(q_list, k, v, cu_seqlens_q_list, cu_seqlens_k, seqused_k_list, max_seqlen_q_list, max_seqlen_k,
@@ -708,58 +740,31 @@ def _build_bwd(dout_list, q_list, k, v, out_list, lse_list, cu_seqlens_q_list, c
     checked = _validate_common(q_list, k, v, cu_seqlens_q_list, cu_seqlens_k, seqused_k_list,
                                max_seqlen_q_list)
     G, Hq, dtype, device, q_info = checked[0], checked[2], checked[5], checked[6], checked[7]
-    have_seqused = len(seqused_k_list) == G
     for name, lst in (("dout_list", dout_list), ("out_list", out_list), ("lse_list", lse_list),
                       ("dq_list", dq_list)):
         _check_list_len(name, lst, G)
     dk_stride = _check_like(dk, "dk", device, dtype, k.shape, "k")
     dv_stride = _check_like(dv, "dv", device, dtype, v.shape, "v")
-    shifts = _diagonal_shift_pointers(diagonal_shift_list, G, checked[1], device)
-    lib = _lib.get()
-    params = _lib.BwdParams()
-    _fill_common(params, checked, k, v, cu_seqlens_k, max_seqlen_k, softmax_scale, causal, window_size, softcap,
-                 sinks)
-    params.dk = dk.data_ptr()
-    params.dk_row_stride = dk_stride[0]
-    params.dk_head_stride = dk_stride[1]
-    params.dv = dv.data_ptr()
-    params.dv_row_stride = dv_stride[0]
-    params.dv_head_stride = dv_stride[1]
+    lib, params, groups, shifts = _new_structs(_lib.BwdParams, _lib.BwdGroup, checked, k, v, cu_seqlens_k,
+                                               max_seqlen_k, softmax_scale, causal, window_size, softcap, sinks,
+                                               diagonal_shift_list)
+    _set_tensor_fields(params, "dk", dk, dk_stride)
+    _set_tensor_fields(params, "dv", dv, dv_stride)
     params.deterministic = 1 if deterministic else 0
-
-    groups = (_lib.BwdGroup * G)()
     for g in range(G):
-        q_shape, q_stride = q_info[g]
+        q_shape = q_info[g][0]
         out, dout, dq = out_list[g], dout_list[g], dq_list[g]
         like = f"q_list[{g}]"
         out_stride = _check_like(out, f"out_list[{g}]", device, dtype, q_shape, like)
         dout_stride = _check_like(dout, f"dout_list[{g}]", device, dtype, q_shape, like)
         dq_stride = _check_like(dq, f"dq_list[{g}]", device, dtype, q_shape, like)
+        lse_pointer = _check_lse(lse_list[g], f"lse_list[{g}]", Hq, q_shape[0], device)
         gr = groups[g]
-        gr.q = q_list[g].data_ptr()
-        gr.q_row_stride = q_stride[0]
-        gr.q_head_stride = q_stride[1]
-        gr.out = out.data_ptr()
-        gr.out_row_stride = out_stride[0]
-        gr.out_head_stride = out_stride[1]
-        gr.dout = dout.data_ptr()
-        gr.dout_row_stride = dout_stride[0]
-        gr.dout_head_stride = dout_stride[1]
-        gr.softmax_lse = _check_lse(lse_list[g], f"lse_list[{g}]", Hq, q_shape[0], device)
-        gr.dq = dq.data_ptr()
-        gr.dq_row_stride = dq_stride[0]
-        gr.dq_head_stride = dq_stride[1]
-        gr.cu_seqlens_q = cu_seqlens_q_list[g].data_ptr()
-        seqused = seqused_k_list[g] if have_seqused else None
-        gr.seqused_k = seqused.data_ptr() if seqused is not None else None
-        gr.total_q = q_shape[0]
-        gr.max_seqlen_q = _max_seqlen_q(max_seqlen_q_list, g)
-        if shifts is not None:
-            gr.diagonal_shift = shifts[g]
-    params.groups = groups
-    plan = _Plan(params, groups, G, device, lib.ringattn_grouped_bwd, "backward")
-    _query_workspace(plan, lib.ringattn_bwd_workspace_size)
-    return plan
+        _fill_group(gr, g, checked, q_list, out, out_stride, lse_pointer, cu_seqlens_q_list, seqused_k_list,
+                    max_seqlen_q_list, shifts)
+        _set_tensor_fields(gr, "dout", dout, dout_stride)
+        _set_tensor_fields(gr, "dq", dq, dq_stride)
+    return _finish_plan(lib, params, groups, checked, backward=True)
 
 
 def _run_bwd(dout_list, q_list, k, v, out_list, lse_list, cu_seqlens_q_list, cu_seqlens_k, seqused_k_list,
@@ -977,13 +982,9 @@ def _save_attention_context(ctx, q_list, k, v, cu_seqlens_q_list, cu_seqlens_k, 
     ctx.save_for_backward(*saved)
     ctx.num_groups = len(q_list)
     ctx.seqused_present = seqused_present
-    ctx.max_seqlen_q_list = list(max_seqlen_q_list)
-    ctx.max_seqlen_k = max_seqlen_k
-    ctx.softmax_scale = softmax_scale
-    ctx.causal = causal
-    ctx.deterministic = deterministic
-    ctx.window_size = window_size
-    ctx.softcap = softcap
+    # The scalar arguments the backward call takes after the metadata tensors.
+    ctx.scalars = (list(max_seqlen_q_list), max_seqlen_k, softmax_scale, causal, deterministic)
+    ctx.window_size, ctx.softcap = window_size, softcap
     ctx.has_sinks = sinks is not None
     ctx.shifts_present = shifts_present
 
@@ -1050,8 +1051,7 @@ def _attention_grads(ctx, grad_out_list, grad_lse_list, sinks_need_grad: bool, e
         # strides 0); the kernel wants a contiguous head dim and non-overlapping rows and heads.
         dout_list.append(torch.zeros_like(out_list[g]) if d is None else d.contiguous())
 
-    meta = (cu_seqlens_q_list, cu_seqlens_k, seqused_k_list, ctx.max_seqlen_q_list,
-            ctx.max_seqlen_k, ctx.softmax_scale, ctx.causal, ctx.deterministic)
+    meta = (cu_seqlens_q_list, cu_seqlens_k, seqused_k_list, *ctx.scalars)
     dq_list, dk, dv = _call_bwd(eager, dout_list, q_list, k, v, out_list, lse_list, meta, features)
     dq_list = list(dq_list)
 

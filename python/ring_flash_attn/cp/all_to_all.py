@@ -30,6 +30,8 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from .deferred import DeferredCollective
+
 __all__ = ["HeadShardedAttention", "HeadShards", "HeadsToSequence", "check_head_split", "head_sharded_attention",
            "sequence_to_heads"]
 
@@ -171,7 +173,7 @@ def sequence_to_heads(shards: HeadShards, fields: Sequence[Field]) -> Iterator[L
         del rows, views
 
 
-class HeadsToSequence:
+class HeadsToSequence(DeferredCollective):
     """The way back: each chunk's head-sharded results go to the ranks that own their tokens,
     asynchronously, one chunk behind (chunk c's all-to-all runs while chunk c+1 is computed;
     its result is copied into the destinations when chunk c+1's is submitted, or at ``finish``).
@@ -180,9 +182,9 @@ class HeadsToSequence:
     written chunk by chunk) and the field's heads per rank ``h`` and per chunk ``w``."""
 
     def __init__(self, shards: HeadShards, destinations: Sequence[Field]):
+        super().__init__()
         self.shards = shards
         self.destinations = list(destinations)
-        self.pending: Optional[Tuple[int, Tensor, Tensor, object]] = None
 
     def submit(self, chunk: int, results: Sequence[Tensor]) -> None:
         """results: per destination, the chunk's head shard ``[U T, w, D]`` (natural order)."""
@@ -196,17 +198,10 @@ class HeadsToSequence:
             send[:, :, offset:offset + w] = _rank_major_rows(y, shards)
             offset += w
         recv, work = _all_to_all(send, shards)
-        self.finish()  # the previous chunk's, which ran while this chunk was computed
-        self.pending = (chunk, recv, send, work)
+        self.defer(chunk, recv, send, work)
 
-    def finish(self) -> None:
-        """Waits for the pending chunk's all-to-all and copies its blocks into the destinations."""
-        if self.pending is None:
-            return
-        chunk, recv, send, work = self.pending
-        self.pending = None
-        if work is not None:
-            work.wait()
+    def complete(self, chunk: int, recv: Tensor) -> None:
+        """Copies a chunk's received blocks into the destinations."""
         U = self.shards.world_size
         offset = 0
         for x, h, w in self.destinations:

@@ -21,6 +21,8 @@ all-gather overlapping the current slice's compute (with one KV head per rank th
 not overlapped); zigzag ring attention block by block around the ring, each step's transfer
 overlapping that step's compute. ``ulysses_heads_k_stride`` cuts the
 all-to-all into chunks that overlap each other's compute too (default: one chunk).
+
+The K/V-packed and Q/K/V-packed forms of the public functions are in ``packed.py`` (generated).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from .rank_agreement import Fingerprint, RankAgreement, device_of, effective_sca
 from .scheme import BatchMetadata, BatchNotSupported
 from .ulysses import check_chunk_stride
 from .validation import (CuSeqlens, as_cu_tensor, check_collective_device, check_cumulative_values, check_heads,
-                         check_local_tokens, check_qkv, metadata_checks_enabled, unpack)
+                         check_local_tokens, check_qkv, metadata_checks_enabled)
 from .zigzag_layout import zigzag_check_cu_seqlens, zigzag_shard, zigzag_unshard
 from .zigzag_llama3 import zigzag_llama3_flash_attn_varlen_func, zigzag_llama3_prepare_cu_seqlens
 from .zigzag_ring import zigzag_ring_flash_attn_varlen_func
@@ -50,9 +52,8 @@ from .zigzag_ring import zigzag_ring_flash_attn_varlen_func
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
-__all__ = ["HF_ATTN_HYBRID", "hf_batch_metadata", "hybrid_flash_attn_varlen_func",
-           "hybrid_flash_attn_varlen_kvpacked_func", "hybrid_flash_attn_varlen_qkvpacked_func",
-           "hybrid_prepare_cu_seqlens", "hybrid_shard", "hybrid_unshard"]
+__all__ = ["HF_ATTN_HYBRID", "hf_batch_metadata", "hybrid_flash_attn_varlen_func", "hybrid_prepare_cu_seqlens",
+           "hybrid_shard", "hybrid_unshard"]
 
 # The name of the scheme in transformers' AttentionInterface (ring_flash_attn.hf_adapter).
 HF_ATTN_HYBRID = "ring_attn_hybrid"
@@ -300,37 +301,3 @@ def hybrid_flash_attn_varlen_func(
     if return_attn_probs:
         return out, lse, None
     return out
-
-
-def hybrid_flash_attn_varlen_kvpacked_func(
-    q: Tensor, kv: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
-    heads_k_stride: int = 1, local_k_slice: Optional[slice] = None, dropout_p: float = 0.0,
-    softmax_scale: Optional[float] = None, causal: bool = True, window_size: Tuple[int, int] = (-1, -1),
-    alibi_slopes: Optional[Tensor] = None, deterministic: bool = False, return_attn_probs: bool = False,
-    group: Union[HybridMesh, ProcessGroup, None] = None, softcap: float = 0.0, sinks: Optional[Tensor] = None,
-    ulysses_heads_k_stride: Optional[int] = None,
-) -> Union[Tensor, Tuple[Tensor, Tensor, None]]:
-    """``hybrid_flash_attn_varlen_func`` with K and V packed: q ``[T, Hq, D]``, ``kv``
-    ``[T, 2, Hk, D]``. Returns ``out`` ``[T, Hq, D]`` or ``(out, lse, None)``."""
-    k, v = unpack(kv, "kv", 2, "[local_tokens, 2, heads_k, head_dim]")
-    return hybrid_flash_attn_varlen_func(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride, local_k_slice, dropout_p,
-        softmax_scale, causal, window_size, alibi_slopes, deterministic, return_attn_probs, group, softcap, sinks,
-        ulysses_heads_k_stride)
-
-
-def hybrid_flash_attn_varlen_qkvpacked_func(
-    qkv: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
-    heads_k_stride: int = 1, local_k_slice: Optional[slice] = None, dropout_p: float = 0.0,
-    softmax_scale: Optional[float] = None, causal: bool = True, window_size: Tuple[int, int] = (-1, -1),
-    alibi_slopes: Optional[Tensor] = None, deterministic: bool = False, return_attn_probs: bool = False,
-    group: Union[HybridMesh, ProcessGroup, None] = None, softcap: float = 0.0, sinks: Optional[Tensor] = None,
-    ulysses_heads_k_stride: Optional[int] = None,
-) -> Union[Tensor, Tuple[Tensor, Tensor, None]]:
-    """``hybrid_flash_attn_varlen_func`` with Q, K and V packed (MHA): ``qkv`` ``[T, 3, H, D]``.
-    Returns ``out`` ``[T, H, D]`` or ``(out, lse, None)``."""
-    q, k, v = unpack(qkv, "qkv", 3, "[local_tokens, 3, heads, head_dim]")
-    return hybrid_flash_attn_varlen_func(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride, local_k_slice, dropout_p,
-        softmax_scale, causal, window_size, alibi_slopes, deterministic, return_attn_probs, group, softcap, sinks,
-        ulysses_heads_k_stride)

@@ -33,6 +33,8 @@ sink counts once per row; the sinks' gradient is the rank's rows' share.
 No host synchronisation in forward or backward: ``max_seqlen_*`` and ``local_k_slice`` are Python
 values from the caller; metadata VALUES are checked on the host only where that is free (CPU) or
 when ``RING_FLASH_ATTN_CHECK_METADATA=1`` asks for it.
+
+The K/V-packed and Q/K/V-packed forms of the public functions are in ``packed.py`` (generated).
 """
 
 from __future__ import annotations
@@ -56,14 +58,13 @@ from .scheme import BatchMetadata
 from .sinks import check_sinks
 from .validation import (check_collective_device, check_cu_seqlens_pair, check_heads, check_heads_k_stride,
                          check_int32_count, check_local_tokens, check_python_int, check_qkv, metadata_checks_enabled,
-                         short_list, unpack)
+                         short_list)
 from .window import contiguous_key_range, effective_window
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
-__all__ = ["HF_ATTN_LLAMA3", "hf_batch_metadata", "llama3_flash_attn_varlen_func",
-           "llama3_flash_attn_varlen_kvpacked_func", "llama3_flash_attn_varlen_qkvpacked_func"]
+__all__ = ["HF_ATTN_LLAMA3", "hf_batch_metadata", "llama3_flash_attn_varlen_func"]
 
 # The name of the scheme in transformers' AttentionInterface (ring_flash_attn.hf_adapter).
 HF_ATTN_LLAMA3 = "ring_attn_llama3"
@@ -365,40 +366,6 @@ def _apply_window(plan: _Plan, window: Optional[Tuple[int, int]], softcap: float
         shift = torch.zeros(cu_q.shape[0] - 1, dtype=torch.int32, device=cu_q.device)
         shift[-1] = last_shift
         plan.features["diagonal_shift_list"] = [shift]
-
-
-def llama3_flash_attn_varlen_kvpacked_func(
-    q: Tensor, kv: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
-    heads_k_stride: int, local_k_slice: Optional[slice], dropout_p: float = 0.0,
-    softmax_scale: Optional[float] = None, causal: bool = False, window_size: Tuple[int, int] = (-1, -1),
-    alibi_slopes: Optional[Tensor] = None, deterministic: bool = False, return_attn_probs: bool = False,
-    group: Optional[ProcessGroup] = None, grad_reduce_dtype: Optional[torch.dtype] = None,
-    softcap: float = 0.0, sinks: Optional[Tensor] = None,
-) -> Union[Tensor, Tuple[Tensor, Tensor, None]]:
-    """``llama3_flash_attn_varlen_func`` with K and V packed: q ``[T, Hq, D]``, ``kv``
-    ``[T, 2, Hk, D]``. Returns ``out`` ``[T, Hq, D]`` or ``(out, lse, None)``."""
-    k, v = unpack(kv, "kv", 2, "[local_tokens, 2, heads_k, head_dim]")
-    return llama3_flash_attn_varlen_func(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride,
-        local_k_slice, dropout_p, softmax_scale, causal, window_size, alibi_slopes, deterministic,
-        return_attn_probs, group, grad_reduce_dtype, softcap, sinks)
-
-
-def llama3_flash_attn_varlen_qkvpacked_func(
-    qkv: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
-    heads_k_stride: int, local_k_slice: Optional[slice], dropout_p: float = 0.0,
-    softmax_scale: Optional[float] = None, causal: bool = False, window_size: Tuple[int, int] = (-1, -1),
-    alibi_slopes: Optional[Tensor] = None, deterministic: bool = False, return_attn_probs: bool = False,
-    group: Optional[ProcessGroup] = None, grad_reduce_dtype: Optional[torch.dtype] = None,
-    softcap: float = 0.0, sinks: Optional[Tensor] = None,
-) -> Union[Tensor, Tuple[Tensor, Tensor, None]]:
-    """``llama3_flash_attn_varlen_func`` with Q, K and V packed (MHA): ``qkv`` ``[T, 3, H, D]``.
-    Returns ``out`` ``[T, H, D]`` or ``(out, lse, None)``."""
-    q, k, v = unpack(qkv, "qkv", 3, "[local_tokens, 3, heads, head_dim]")
-    return llama3_flash_attn_varlen_func(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride,
-        local_k_slice, dropout_p, softmax_scale, causal, window_size, alibi_slopes, deterministic,
-        return_attn_probs, group, grad_reduce_dtype, softcap, sinks)
 
 
 def hf_batch_metadata(cu_seqlens: List[int], rank: int, world_size: int) -> Dict[bool, BatchMetadata]:

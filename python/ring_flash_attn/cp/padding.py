@@ -19,7 +19,7 @@ Everything here is tensor arithmetic on the device of its inputs (no host read).
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -29,7 +29,7 @@ from .validation import CuSeqlens, as_cu_tensor, check_cumulative_values, check_
 
 __all__ = ["LAYOUTS", "SeqlensArg", "checked_cu", "layout_unit", "local_cu_seqlens", "local_positions",
            "padded_lengths", "real_rows", "shard", "shard_rows", "shard_sequences", "split_keys", "split_padding",
-           "split_queries", "split_used", "unshard", "unshard_index", "unshard_sequences"]
+           "split_queries", "split_used", "unshard", "unshard_index", "unshard_sequences", "with_shard_args_doc"]
 
 # The per-sequence layouts: "ring" (contiguous pieces), "zigzag" (chunks r and 2N-1-r), "stripe"
 # (tokens r, r + N, ...).
@@ -242,6 +242,23 @@ def checked_cu(cu_seqlens: CuSeqlens, device: torch.device, total: Optional[int]
     if total is not None and values[-1] != total:
         raise ValueError(f"cu_seqlens: expected the last entry to be {total}{what}, got {values[-1]}")
     return cu
+
+
+# The arguments of the <layout>_shard helpers, documented once: ``with_shard_args_doc`` puts them
+# in place of the line ``{shard_args}`` of a helper's docstring.
+_SHARD_ARGS_DOC = """Args:
+        x: ``[total, ...]`` tokens of all sequences in natural order (any trailing dims); or,
+            with ``cu_seqlens=None``, ``[B, S, ...]``: B sequences of S tokens (dim 1 is sharded).
+        cu_seqlens: GLOBAL cumulative lengths (int32 tensor or list of ints, last entry
+            ``total``; any lengths), or None for a batched ``x``.
+        rank, world_size: which shard, of how many."""
+
+
+def with_shard_args_doc(fn: Callable) -> Callable:
+    """Puts the shared argument documentation of the ``<layout>_shard`` helpers in place of
+    ``{shard_args}`` in fn's docstring."""
+    fn.__doc__ = fn.__doc__.replace("{shard_args}", _SHARD_ARGS_DOC)
+    return fn
 
 
 def shard(layout: str, x: Tensor, cu_seqlens: Optional[CuSeqlens], rank: int, world_size: int) -> Tensor:

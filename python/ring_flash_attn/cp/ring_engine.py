@@ -74,7 +74,7 @@ from .rank_agreement import Fingerprint, RankAgreement, device_of, effective_sca
 from .ring_comm import RingComm
 from .sinks import check_sinks, fold_sinks, sink_gradient
 from .validation import (check_cu_seqlens, check_heads, check_int32_count, check_local_tokens, check_qkv,
-                         metadata_checks_enabled, short_list, unpack)
+                         metadata_checks_enabled, short_list)
 from .window import effective_window, ring_calls
 
 __all__ = [
@@ -82,10 +82,6 @@ __all__ = [
     "Task",
     "ring_attention",
     "ring_attention_varlen",
-    "unpack_batched_kv",
-    "unpack_batched_qkv",
-    "unpack_varlen_kv",
-    "unpack_varlen_qkv",
     "with_batched_args_doc",
     "with_varlen_args_doc",
 ]
@@ -706,26 +702,6 @@ def ring_attention_varlen(layout: RingLayout, q: Tensor, k: Tensor, v: Tensor, c
     if return_attn_probs:
         return out, lse, None
     return out
-
-
-def unpack_batched_kv(kv: Tensor) -> Tuple[Tensor, Tensor]:
-    """k, v views of a packed ``kv [B, L, 2, Hk, D]``."""
-    return unpack(kv, "kv", 2, "[batch, local_seqlen, 2, heads_k, head_dim]")
-
-
-def unpack_batched_qkv(qkv: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """q, k, v views of a packed ``qkv [B, L, 3, H, D]``."""
-    return unpack(qkv, "qkv", 3, "[batch, local_seqlen, 3, heads, head_dim]")
-
-
-def unpack_varlen_kv(kv: Tensor) -> Tuple[Tensor, Tensor]:
-    """k, v views of a packed ``kv [T, 2, Hk, D]``."""
-    return unpack(kv, "kv", 2, "[local_tokens, 2, heads_k, head_dim]")
-
-
-def unpack_varlen_qkv(qkv: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """q, k, v views of a packed ``qkv [T, 3, H, D]``."""
-    return unpack(qkv, "qkv", 3, "[local_tokens, 3, heads, head_dim]")
 
 
 # ---- the argument docs the public functions share ---------------------------------------------------

@@ -14,22 +14,18 @@ from typing import Optional, Sequence
 
 from torch import Tensor
 
-from .padding import checked_cu, local_cu_seqlens, shard, unshard
+from .padding import checked_cu, local_cu_seqlens, shard, unshard, with_shard_args_doc
 from .validation import CuSeqlens, as_cu_tensor, check_world
 
 __all__ = ["ring_local_cu_seqlens", "ring_shard", "ring_unshard"]
 
 
+@with_shard_args_doc
 def ring_shard(x: Tensor, cu_seqlens: Optional[CuSeqlens], rank: int, world_size: int) -> Tensor:
     """Rank ``rank``'s shard of a packed global batch (or of a batch of equal-length sequences)
     in the ring scheme's contiguous layout.
 
-    Args:
-        x: ``[total, ...]`` tokens of all sequences in natural order (any trailing dims); or,
-            with ``cu_seqlens=None``, ``[B, S, ...]``: B sequences of S tokens (dim 1 is sharded).
-        cu_seqlens: GLOBAL cumulative lengths (int32 tensor or list of ints, last entry
-            ``total``; any lengths), or None for a batched ``x``.
-        rank, world_size: which shard, of how many.
+    {shard_args}
 
     Returns a new tensor on x's device: ``[total_local, ...]`` (packed; its local cu_seqlens is
     ``ring_local_cu_seqlens(cu_seqlens, world_size)``) or ``[B, ceil(S / N), ...]`` (batched),

@@ -18,6 +18,8 @@ The attention features of the single-device function pass through: ``softmax_sca
 ``causal``, ``window_size`` and ``softcap`` unchanged, ``sinks`` per head (each rank hands the
 kernel the sinks of the heads it computes; the sinks gradient of a rank is non-zero on those
 heads only, and the data-parallel reduction over ranks sums it as it sums the weights').
+
+The K/V-packed and Q/K/V-packed forms of the public functions are in ``packed.py`` (generated).
 """
 
 from __future__ import annotations
@@ -37,14 +39,12 @@ from .rank_agreement import Fingerprint, RankAgreement, device_of, effective_sca
 from .scheme import BatchMetadata
 from .validation import (CuSeqlens, as_cu_tensor, check_collective_device, check_cu_seqlens_pair,
                          check_cumulative_values, check_heads, check_int32_count, check_local_tokens,
-                         check_python_int, check_qkv, check_world, metadata_checks_enabled, short_list, unpack)
+                         check_python_int, check_qkv, check_world, metadata_checks_enabled, short_list)
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
-__all__ = ["HF_ATTN_ULYSSES", "hf_batch_metadata", "ulysses_flash_attn_func", "ulysses_flash_attn_kvpacked_func",
-           "ulysses_flash_attn_qkvpacked_func", "ulysses_flash_attn_varlen_func",
-           "ulysses_flash_attn_varlen_kvpacked_func", "ulysses_flash_attn_varlen_qkvpacked_func",
+__all__ = ["HF_ATTN_ULYSSES", "hf_batch_metadata", "ulysses_flash_attn_func", "ulysses_flash_attn_varlen_func",
            "ulysses_prepare_cu_seqlens", "ulysses_shard", "check_chunk_stride"]
 
 # The name of the scheme in transformers' AttentionInterface (ring_flash_attn.hf_adapter).
@@ -218,36 +218,6 @@ def ulysses_flash_attn_varlen_func(
     return out
 
 
-def ulysses_flash_attn_varlen_kvpacked_func(
-    q: Tensor, kv: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
-    heads_k_stride: Optional[int] = None, local_k_slice: Optional[slice] = None, dropout_p: float = 0.0,
-    softmax_scale: Optional[float] = None, causal: bool = False, window_size: Tuple[int, int] = (-1, -1),
-    alibi_slopes: Optional[Tensor] = None, deterministic: bool = False, return_attn_probs: bool = False,
-    group: Optional[ProcessGroup] = None, softcap: float = 0.0, sinks: Optional[Tensor] = None,
-) -> Union[Tensor, Tuple[Tensor, Tensor, None]]:
-    """``ulysses_flash_attn_varlen_func`` with K and V packed: q ``[T, Hq, D]``, ``kv``
-    ``[T, 2, Hk, D]``. Returns ``out`` ``[T, Hq, D]`` or ``(out, lse, None)``."""
-    k, v = unpack(kv, "kv", 2, "[local_tokens, 2, heads_k, head_dim]")
-    return ulysses_flash_attn_varlen_func(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride, local_k_slice, dropout_p,
-        softmax_scale, causal, window_size, alibi_slopes, deterministic, return_attn_probs, group, softcap, sinks)
-
-
-def ulysses_flash_attn_varlen_qkvpacked_func(
-    qkv: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
-    heads_k_stride: Optional[int] = None, local_k_slice: Optional[slice] = None, dropout_p: float = 0.0,
-    softmax_scale: Optional[float] = None, causal: bool = False, window_size: Tuple[int, int] = (-1, -1),
-    alibi_slopes: Optional[Tensor] = None, deterministic: bool = False, return_attn_probs: bool = False,
-    group: Optional[ProcessGroup] = None, softcap: float = 0.0, sinks: Optional[Tensor] = None,
-) -> Union[Tensor, Tuple[Tensor, Tensor, None]]:
-    """``ulysses_flash_attn_varlen_func`` with Q, K and V packed (MHA): ``qkv`` ``[T, 3, H, D]``.
-    Returns ``out`` ``[T, H, D]`` or ``(out, lse, None)``."""
-    q, k, v = unpack(qkv, "qkv", 3, "[local_tokens, 3, heads, head_dim]")
-    return ulysses_flash_attn_varlen_func(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride, local_k_slice, dropout_p,
-        softmax_scale, causal, window_size, alibi_slopes, deterministic, return_attn_probs, group, softcap, sinks)
-
-
 # ---- public API: batched [B, L, H, D] ---------------------------------------------------------------
 
 
@@ -289,30 +259,6 @@ def ulysses_flash_attn_func(
     if return_attn_probs:
         return out, lse.view(Hq, B, L).transpose(0, 1), None
     return out
-
-
-def ulysses_flash_attn_kvpacked_func(
-    q: Tensor, kv: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None, causal: bool = False,
-    window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
-    return_attn_probs: bool = False, group: Optional[ProcessGroup] = None, heads_k_stride: Optional[int] = None,
-    softcap: float = 0.0, sinks: Optional[Tensor] = None,
-) -> Union[Tensor, Tuple[Tensor, Tensor, None]]:
-    """``ulysses_flash_attn_func`` with K and V packed: q ``[B, L, Hq, D]``, kv ``[B, L, 2, Hk, D]``."""
-    k, v = unpack(kv, "kv", 2, "[batch, local_seqlen, 2, heads_k, head_dim]")
-    return ulysses_flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
-                                   deterministic, return_attn_probs, group, heads_k_stride, softcap, sinks)
-
-
-def ulysses_flash_attn_qkvpacked_func(
-    qkv: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None, causal: bool = False,
-    window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
-    return_attn_probs: bool = False, group: Optional[ProcessGroup] = None, heads_k_stride: Optional[int] = None,
-    softcap: float = 0.0, sinks: Optional[Tensor] = None,
-) -> Union[Tensor, Tuple[Tensor, Tensor, None]]:
-    """``ulysses_flash_attn_func`` with Q, K and V packed (MHA): qkv ``[B, L, 3, H, D]``."""
-    q, k, v = unpack(qkv, "qkv", 3, "[batch, local_seqlen, 3, heads, head_dim]")
-    return ulysses_flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
-                                   deterministic, return_attn_probs, group, heads_k_stride, softcap, sinks)
 
 
 # ---- layout helpers -----------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numbers
 import os
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -38,6 +38,10 @@ __all__ = [
     "metadata_checks_enabled",
     "short_list",
     "unpack",
+    "unpack_batched_kv",
+    "unpack_batched_qkv",
+    "unpack_varlen_kv",
+    "unpack_varlen_qkv",
 ]
 
 ENV_CHECK_METADATA = "RING_FLASH_ATTN_CHECK_METADATA"
@@ -221,3 +225,23 @@ def unpack(packed, name: str, count: int, layout: str):
         got = tuple(packed.shape) if isinstance(packed, Tensor) else type(packed).__name__
         raise ValueError(f"{name}: expected a {ndim}-D tensor {layout}, got {got}")
     return packed.unbind(-3)
+
+
+def unpack_batched_kv(kv: Tensor) -> Tuple[Tensor, Tensor]:
+    """k, v views of a packed ``kv [B, L, 2, Hk, D]``."""
+    return unpack(kv, "kv", 2, "[batch, local_seqlen, 2, heads_k, head_dim]")
+
+
+def unpack_batched_qkv(qkv: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """q, k, v views of a packed ``qkv [B, L, 3, H, D]``."""
+    return unpack(qkv, "qkv", 3, "[batch, local_seqlen, 3, heads, head_dim]")
+
+
+def unpack_varlen_kv(kv: Tensor) -> Tuple[Tensor, Tensor]:
+    """k, v views of a packed ``kv [T, 2, Hk, D]``."""
+    return unpack(kv, "kv", 2, "[local_tokens, 2, heads_k, head_dim]")
+
+
+def unpack_varlen_qkv(qkv: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """q, k, v views of a packed ``qkv [T, 3, H, D]``."""
+    return unpack(qkv, "qkv", 3, "[local_tokens, 3, heads, head_dim]")

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from .index_maps import sequence_of
-from .padding import checked_cu, local_cu_seqlens, shard, unshard, unshard_index
+from .padding import checked_cu, local_cu_seqlens, shard, unshard, unshard_index, with_shard_args_doc
 from .validation import CuSeqlens, as_cu_tensor, check_world, metadata_checks_enabled
 
 if TYPE_CHECKING:
@@ -155,15 +155,11 @@ def zigzag_gathered_to_global_index(cu_seqlens: Tensor, world_size: int, total_l
 # ---- shard and gather ----------------------------------------------------------------------------
 
 
+@with_shard_args_doc
 def zigzag_shard(x: Tensor, cu_seqlens: Optional[CuSeqlens], rank: int, world_size: int) -> Tensor:
     """Rank ``rank``'s zigzag shard of a packed global batch (or of a batch of equal-length sequences).
 
-    Args:
-        x: ``[total, ...]`` tokens of all sequences in natural order (any trailing dims); or,
-            with ``cu_seqlens=None``, ``[B, S, ...]``: B sequences of S tokens (dim 1 is sharded).
-        cu_seqlens: GLOBAL cumulative lengths (int32 tensor or list of ints, last entry
-            ``total``; any lengths), or None for a batched ``x``.
-        rank, world_size: which shard, of how many.
+    {shard_args}
 
     Returns a new tensor (not a view) on x's device: ``[total_local, ...]`` (packed; its local
     cu_seqlens is ``zigzag_local_cu_seqlens(cu_seqlens, world_size)``) or ``[B, P / N, ...]``

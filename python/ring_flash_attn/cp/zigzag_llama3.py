@@ -47,12 +47,14 @@ no value-dependent Python control flow): every index map and per-group length is
 built from cu_seqlens and host-known sizes, and ``max_seqlen_*`` are Python ints from the caller.
 Metadata VALUES are validated on the host where that is free (CPU tensors) or when
 ``RING_FLASH_ATTN_CHECK_METADATA=1`` asks for it (then it synchronises).
+
+The K/V-packed and Q/K/V-packed forms of the public functions are in ``packed.py`` (generated).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -73,7 +75,7 @@ from .scheme import BatchMetadata, BatchNotSupported
 from .sinks import check_sinks
 from .validation import (check_collective_device, check_cu_seqlens_pair, check_heads, check_heads_k_stride,
                          check_int32_count, check_local_tokens, check_python_int, check_qkv, metadata_checks_enabled,
-                         short_list, unpack)
+                         short_list)
 from .window import effective_window
 from .zigzag_layout import zigzag_check_cu_seqlens, zigzag_gathered_to_global_index, zigzag_llama3_prepare_cu_seqlens
 
@@ -81,9 +83,7 @@ if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
 __all__ = ["HF_ATTN_ZIGZAG_LLAMA3", "hf_batch_metadata", "resolve_impl",
-           "zigzag_llama3_flash_attn_varlen_func", "zigzag_llama3_flash_attn_varlen_kvpacked_func",
-           "zigzag_llama3_flash_attn_varlen_qkvpacked_func", "IMPL_BASELINE", "IMPL_GROUPED_PYTHON",
-           "IMPL_FUSED"]
+           "zigzag_llama3_flash_attn_varlen_func", "IMPL_BASELINE", "IMPL_GROUPED_PYTHON", "IMPL_FUSED"]
 
 IMPL_BASELINE = "baseline"
 IMPL_GROUPED_PYTHON = "grouped_python"
@@ -534,40 +534,6 @@ def zigzag_llama3_flash_attn_varlen_func(
                       deterministic, grad_reduce_dtype, impl, group, world_size, rank,
                       effective_window(window, bool(causal), None), softcap, sinks)
     return sliced_kv_attention(q, k, v, plan, _forward, _backward, return_attn_probs, sinks)
-
-
-def zigzag_llama3_flash_attn_varlen_kvpacked_func(
-    q: Tensor, kv: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
-    heads_k_stride: int, local_k_slice: Optional[slice] = None, dropout_p: float = 0.0,
-    softmax_scale: Optional[float] = None, causal: bool = True, window_size: Tuple[int, int] = (-1, -1),
-    alibi_slopes: Optional[Tensor] = None, deterministic: bool = False, return_attn_probs: bool = False,
-    group: Optional[ProcessGroup] = None, softcap: float = 0.0, sinks: Optional[Tensor] = None, **impl_flags: Any,
-) -> Union[Tensor, Tuple[Tensor, Tensor, None]]:
-    """``zigzag_llama3_flash_attn_varlen_func`` with K and V packed: q ``[T, Hq, D]``, ``kv``
-    ``[T, 2, Hk, D]``; impl_flags: its keyword arguments ``use_grouped_attention``,
-    ``use_triton_grouped``, ``use_fused_kernel``, ``grad_reduce_dtype``. Returns ``out``
-    ``[T, Hq, D]`` or ``(out, lse, None)``."""
-    k, v = unpack(kv, "kv", 2, "[local_tokens, 2, heads_k, head_dim]")
-    return zigzag_llama3_flash_attn_varlen_func(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride,
-        local_k_slice, dropout_p, softmax_scale, causal, window_size, alibi_slopes, deterministic,
-        return_attn_probs, group, softcap=softcap, sinks=sinks, **impl_flags)
-
-
-def zigzag_llama3_flash_attn_varlen_qkvpacked_func(
-    qkv: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
-    heads_k_stride: int, local_k_slice: Optional[slice] = None, dropout_p: float = 0.0,
-    softmax_scale: Optional[float] = None, causal: bool = True, window_size: Tuple[int, int] = (-1, -1),
-    alibi_slopes: Optional[Tensor] = None, deterministic: bool = False, return_attn_probs: bool = False,
-    group: Optional[ProcessGroup] = None, softcap: float = 0.0, sinks: Optional[Tensor] = None, **impl_flags: Any,
-) -> Union[Tensor, Tuple[Tensor, Tensor, None]]:
-    """``zigzag_llama3_flash_attn_varlen_func`` with Q, K and V packed (MHA): ``qkv``
-    ``[T, 3, H, D]``; impl_flags as there. Returns ``out`` ``[T, H, D]`` or ``(out, lse, None)``."""
-    q, k, v = unpack(qkv, "qkv", 3, "[local_tokens, 3, heads, head_dim]")
-    return zigzag_llama3_flash_attn_varlen_func(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride,
-        local_k_slice, dropout_p, softmax_scale, causal, window_size, alibi_slopes, deterministic,
-        return_attn_probs, group, softcap=softcap, sinks=sinks, **impl_flags)
 
 
 def hf_batch_metadata(cu_seqlens: List[int], rank: int, world_size: int) -> Dict[bool, BatchMetadata]:
