@@ -2,7 +2,7 @@
 # The one script sent to the GPU machine: build for the card found there (-j16), run the
 # GoogleTest suite and the pytest `gpu` marker, run the benchmark, print a short table last.
 #
-#   bash scripts/device_run.sh [quick|full|tests|targets|multi|sweep|train]
+#   bash scripts/device_run.sh [quick|full|tests|targets|multi|sweep|train|features|verify]
 #     quick (default): tests + the headline per-rank workload; tests: no benchmark;
 #     full: + stress tests, torchrun zigzag, the full benchmark set; targets: tests + the
 #     headline workloads of docs/performance.md (fused vs fused_sm80 vs baselines); multi: build,
@@ -10,7 +10,10 @@
 #     benchmark at $ZIGZAG_SEQLENS, default the benchmark's own), no single-GPU pytest suites;
 #     sweep: build, then only benchmark/benchmark_fa3_sweep.py ($SWEEP_ARGS); train: build, then
 #     only benchmark/benchmark_training_step.py ($TRAIN_ARGS); features: tests (both tiers), then
-#     benchmark/benchmark_features.py ($FEATURES_ARGS: window / softcap / sinks vs causal).
+#     benchmark/benchmark_features.py ($FEATURES_ARGS: window / softcap / sinks vs causal);
+#     verify: tests (both tiers, no stress), every context-parallel GPU script under torchrun over
+#     the machine's GPUs (zigzag llama3, ring variants, all-to-all/hybrid), the all-scheme
+#     distributed benchmark (step vs kernels alone, $CP_BENCH_ARGS), and the host time per call.
 #
 # Logs and CSVs go to $OUT (the device tool's return folder) or build/device-out.
 # GoogleTest: the GPU machine has no GoogleTest package; this machine copies its sources to
@@ -164,6 +167,26 @@ if { [ "$mode" = full ] || [ "$mode" = tests ] || [ "$mode" = multi ]; } && [ "$
     "${seqlen_arg[@]}" >"$out/zigzag_bench.log" 2>&1
   note "zigzag distributed benchmark ($ngpu GPU, ${ZIGZAG_SEQLENS:-default seqlens}): rc=$? in $(( $(date +%s) - t0 )) s"
   tail -15 "$out/zigzag_bench.log"
+fi
+# Mode verify: the other context-parallel GPU scripts, and the all-scheme distributed benchmark.
+if [ "$mode" = verify ] && [ "${ngpu:-0}" -ge 1 ]; then
+  t0=$(date +%s)
+  torchrun --nproc_per_node="$ngpu" test/test_zigzag_llama3_grouped.py >"$out/zigzag_torchrun.log" 2>&1
+  note "torchrun --nproc_per_node=$ngpu test/test_zigzag_llama3_grouped.py: rc=$? in $(( $(date +%s) - t0 )) s, $(grep -cE '\bPASS' "$out/zigzag_torchrun.log") PASS, $(grep -cE '\bFAIL' "$out/zigzag_torchrun.log") FAIL lines"
+  for script in test/test_ring_variants_gpu.py test/test_all_to_all_gpu.py; do
+    name=$(basename "$script" .py)
+    t0=$(date +%s)
+    timeout 240 torchrun --nproc_per_node="$ngpu" "$script" >"$out/$name.log" 2>&1
+    rc=$?
+    note "torchrun --nproc_per_node=$ngpu $script: rc=$rc in $(( $(date +%s) - t0 )) s, $(grep -cE '\bPASS' "$out/$name.log") PASS, $(grep -cE '\bFAIL' "$out/$name.log") FAIL lines"
+    [ $rc -ne 0 ] && grep -E "FAIL|Error" "$out/$name.log" | head -20
+  done
+  t0=$(date +%s)
+  # shellcheck disable=SC2086  # CP_BENCH_ARGS: several words
+  timeout 240 torchrun --nproc_per_node="$ngpu" benchmark/benchmark_cp_distributed.py --csv "$out/cp_distributed.csv" \
+    ${CP_BENCH_ARGS:-} >"$out/cp_distributed.txt" 2>"$out/cp_distributed_progress.log"
+  note "benchmark_cp_distributed.py ($ngpu GPU, ${CP_BENCH_ARGS:-default set}): rc=$? in $(( $(date +%s) - t0 )) s"
+  cat "$out/cp_distributed.txt"
 fi
 
 # Benchmark: quick = the headline per-rank workload; full = the per-rank workloads (L=64K N=8,
