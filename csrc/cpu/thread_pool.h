@@ -25,8 +25,11 @@ constexpr int64_t kThreadsIfHardwareUnknown = 8;
 // The threads a call runs on: exec.num_threads, where <= 0 means every hardware thread; never
 // more than the hardware threads (a larger request, e.g. torch.set_num_threads(30000), would
 // only start threads that wait for a core) nor more than the tasks; at least 1.
+// The hardware thread count is read once per process: libstdc++'s hardware_concurrency() reads
+// /sys/devices/system/cpu/online at every call, which cost most of a small CPU call (measured
+// about 5 of 5.7 us per forward with no query rows).
 inline int resolve_num_threads(int requested, int64_t num_tasks) {
-  const unsigned hw = std::thread::hardware_concurrency();
+  static const unsigned hw = std::thread::hardware_concurrency();
   const int64_t limit = hw == 0 ? kThreadsIfHardwareUnknown : static_cast<int64_t>(hw);
   int64_t n = requested <= 0 ? limit : std::min<int64_t>(requested, limit);
   n = std::min(n, num_tasks);
