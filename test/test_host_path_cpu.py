@@ -93,14 +93,16 @@ def test_cached_plan_takes_new_data_pointers():
         assert not torch.equal(x, z)
 
 
-def test_cached_op_forward_and_backward_match_cold_calls():
+def test_cached_python_kernels_forward_and_backward_match_cold_calls():
+    # The ops' Python kernels (what torch.ops runs on the ctypes path; with libringattn_torch the
+    # C++ kernels run instead, test_torch_shim_cpu.py compares the two).
     c = _case(torch.float64)
     args = c.op_args(softmax_scale=0.3)
     douts = [torch.randn_like(q) for q in c.q_list]
     runs = []
     for _ in range(3):  # cold, then hits
-        outs, lses = rfa_ops.grouped_fwd(*args)
-        grads = rfa_ops.grouped_bwd(douts, c.q_list, c.k, c.v, outs, lses, *args[3:])
+        outs, lses = rfa_ops._grouped_fwd_kernel(*args)
+        grads = rfa_ops._grouped_bwd_kernel(douts, c.q_list, c.k, c.v, outs, lses, *args[3:])
         runs.append([*outs, *lses, *grads[0], grads[1], grads[2]])
         assert all(t.is_contiguous() for t in runs[-1])
     assert _plan_count(rfa_ops._FWD_PLANS) == 1 and _plan_count(rfa_ops._BWD_PLANS) == 1

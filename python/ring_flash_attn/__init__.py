@@ -103,6 +103,7 @@ __all__ = [
     "llama3_shard",
     "llama3_unshard",
     "ops",
+    "ops_implementation",
     "register_hf_attention",
     "restore_hf_flash_attn",
     "ring_flash_attn_func",
@@ -169,3 +170,14 @@ def library_version() -> str:
     from . import _lib
 
     return _lib.version()
+
+
+def ops_implementation() -> str:
+    """Which kernels ``torch.ops.ring_flash_attn`` (and the public functions) run: ``"torch_shim"``
+    for the C++ kernels of libringattn_torch (over PyTorch's stable ABI), ``"ctypes"`` for the
+    Python kernels that call libringattn through ctypes (when RING_FLASH_ATTN_TORCH_SHIM=0, torch
+    is older than 2.10, or the C++ library was not built or cannot be loaded).
+    ``ring_flash_attn._torch_shim.details()`` says which file, or why not."""
+    from . import _torch_shim
+
+    return _torch_shim.implementation()

@@ -81,7 +81,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from . import _lib, _metadata_errors
+from . import _lib, _metadata_errors, _torch_shim
 from ._host_cache import EnvSetting, PlanCache, current_raw_stream, eager_dispatch_ok
 from ._host_cache import clear_plan_caches as _clear_plan_caches
 
@@ -888,9 +888,15 @@ def _grouped_bwd_kernel(dout_list, q_list, k, v, out_list, lse_list, cu_seqlens_
                     window_size, softcap, sinks, diagonal_shift_list)
 
 
-for _key in ("CPU", "CUDA"):
-    _library.impl("grouped_fwd", _grouped_fwd_kernel, _key)
-    _library.impl("grouped_bwd", _grouped_bwd_kernel, _key)
+# The CPU and CUDA kernels: libringattn_torch's C++ ones for the ops it covers when it can be
+# loaded (_torch_shim; one binary for every torch >= 2.10), else the Python ones above, which call
+# libringattn through ctypes. ring_flash_attn.ops_implementation() says which.
+_KERNELS = {"grouped_fwd": _grouped_fwd_kernel, "grouped_bwd": _grouped_bwd_kernel}
+_SHIM_LOADED = _torch_shim.load(_library, {"grouped_fwd": _FWD_SCHEMA, "grouped_bwd": _BWD_SCHEMA}, _KERNELS)
+for _name, _kernel in _KERNELS.items():
+    if not (_SHIM_LOADED and _name in _torch_shim.SHIM_OPS):
+        for _key in ("CPU", "CUDA"):
+            _library.impl(_name, _kernel, _key)
 
 
 def _validate_features_fake(checked, sinks, diagonal_shift_list) -> None:
