@@ -137,6 +137,102 @@ def test_forward_matches_the_python_kernel(shape_index, feature, dtype, layout):
     assert all(o.is_contiguous() for o in [*outs, *lses])
 
 
+# ---- backward: same bits as the Python kernel -----------------------------------------------------
+
+
+def _bwd_args(fwd_args, fwd_kwargs, layout: str, deterministic: bool, seed: int):
+    """(positional, keyword) arguments of grouped_bwd for a forward call's arguments, with the
+    forward's outputs and random output gradients in `layout`."""
+    outs, lses = rfa_ops._grouped_fwd_kernel(*fwd_args, **fwd_kwargs)
+    gen = torch.Generator().manual_seed(seed)
+    douts = [_strided(torch.randn(o.shape, generator=gen).to(o.dtype), layout, seed + 30 + g)
+             for g, o in enumerate(outs)]
+    outs = [_strided(o, layout, seed + 40 + g) for g, o in enumerate(outs)]
+    (q_list, k, v, cu_q, cu_k, seqused, max_q, max_k, scale, causal, _) = fwd_args
+    args = (douts, q_list, k, v, outs, lses, cu_q, cu_k, seqused, max_q, max_k, scale, causal, deterministic)
+    return args, dict(fwd_kwargs)
+
+
+@needs_shim
+@pytest.mark.parametrize("deterministic", [False, True], ids=["any_order", "deterministic"])
+@pytest.mark.parametrize("layout", ["dense", "heads", "rows"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("feature", list(FEATURES))
+@pytest.mark.parametrize("shape_index", range(len(SHAPES)))
+def test_backward_matches_the_python_kernel(shape_index, feature, dtype, layout, deterministic):
+    seed = 100 * shape_index + 7 * list(FEATURES).index(feature) + DTYPES.index(dtype) + 50
+    fwd_args, fwd_kwargs = _call_args(shape_index, feature, dtype, layout, seed)
+    args, kwargs = _bwd_args(fwd_args, fwd_kwargs, layout, deterministic, seed)
+    (dq_list, dk, dv), calls = _counted(lambda: rfa_ops.grouped_bwd(*args, **kwargs))
+    assert calls == (1, 0)
+    expected_dq, expected_dk, expected_dv = rfa_ops._grouped_bwd_kernel(*args, **kwargs)
+    _assert_same_bits([*dq_list, dk, dv], [*expected_dq, expected_dk, expected_dv])
+    assert all(t.is_contiguous() for t in [*dq_list, dk, dv])
+
+
+@needs_shim
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("feature", ["causal", "sinks_softcap", "shift_seqused"])
+def test_autograd_through_the_ops_matches_the_python_kernels(feature, dtype, monkeypatch):
+    """Forward and backward through torch.ops (register_autograd's wrapper around the C++
+    kernels; a loss on the outputs and the LSEs, so the backward runs twice) against the same
+    autograd formulas over the Python kernels."""
+    fwd_args, fwd_kwargs = _call_args(1, feature, dtype, "heads", seed=61)
+
+    def run(fwd):
+        leaves = [t.detach().clone().requires_grad_() for t in (*fwd_args[0], fwd_args[1], fwd_args[2])]
+        q_list, k, v = leaves[:-2], leaves[-2], leaves[-1]
+        kwargs = dict(fwd_kwargs)
+        if "sinks" in kwargs:
+            kwargs["sinks"] = kwargs["sinks"].detach().clone().requires_grad_()
+            leaves.append(kwargs["sinks"])
+        outs, lses = fwd(q_list, k, v, *fwd_args[3:], **kwargs)
+        gen = torch.Generator().manual_seed(7)
+        loss = sum((o.double() * torch.randn(o.shape, generator=gen, dtype=torch.float64)).sum() for o in outs)
+        loss = loss + sum((torch.where(torch.isfinite(x), x, 0.0).double()
+                           * torch.randn(x.shape, generator=gen, dtype=torch.float64)).sum() for x in lses)
+        return [*outs, *lses, *torch.autograd.grad(loss, leaves)]
+
+    through_ops, calls = _counted(lambda: run(rfa_ops.grouped_fwd))
+    assert calls == (3, 0)  # forward, backward, and the backward of the LSE term, all in C++
+    # The registered autograd's formulas (_save_attention_context, _attention_grads) over the
+    # Python kernels.
+    monkeypatch.setattr(rfa_ops, "_call_bwd", lambda eager, dout_list, q_list, k, v, out_list, lse_list, meta,
+                        features: rfa_ops._grouped_bwd_kernel(dout_list, q_list, k, v, out_list, lse_list, *meta,
+                                                              **(features or {})))
+    python_kernels, calls = _counted(lambda: run(_python_fwd_with_autograd))
+    assert calls == (0, 0)
+    _assert_same_bits(through_ops, python_kernels)
+
+
+class _PythonForward(torch.autograd.Function):
+    """grouped_fwd's Python kernel with the registered autograd's context and backward."""
+
+    @staticmethod
+    def forward(ctx, args, kwargs, *leaves):
+        out_list, lse_list = rfa_ops._grouped_fwd_kernel(*args, **kwargs)
+        (q_list, k, v, cu_q, cu_k, seqused, max_q, max_k, scale, causal, det) = args
+        rfa_ops._save_attention_context(ctx, q_list, k, v, cu_q, cu_k, seqused, max_q, max_k, scale, causal, det,
+                                        kwargs.get("window_size", (-1, -1)), kwargs.get("softcap", 0.0),
+                                        kwargs.get("sinks"), kwargs.get("diagonal_shift_list"), out_list, lse_list)
+        return (*out_list, *lse_list)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        G = ctx.num_groups
+        grad_out = None if all(g is None for g in grads[:G]) else grads[:G]
+        dq_list, dk, dv, dsinks = rfa_ops._attention_grads(ctx, grad_out, grads[G:], ctx.has_sinks, eager=False)
+        return (None, None, *dq_list, dk, dv, *([dsinks] if ctx.has_sinks else []))
+
+
+def _python_fwd_with_autograd(q_list, k, v, *rest, **kwargs):
+    args = (q_list, k, v, *rest)
+    leaves = [*q_list, k, v] + ([kwargs["sinks"]] if "sinks" in kwargs else [])
+    outputs = _PythonForward.apply(args, kwargs, *leaves)
+    G = len(q_list)
+    return list(outputs[:G]), list(outputs[G:])
+
+
 # ---- errors: the Python path's, raised again ------------------------------------------------------
 
 
@@ -231,6 +327,63 @@ def test_forward_errors_are_the_python_kernels(name):
     assert calls == (0, 1)  # handed to the Python kernel, which named the error
 
 
+def _bwd_mutated(name):
+    fwd_args, fwd_kwargs = _fwd_case()
+    args, kwargs = _bwd_args(tuple(fwd_args), fwd_kwargs, "dense", False, seed=4)
+    args = list(args)
+    douts, outs, lses = args[0], args[4], args[5]
+    if name == "dout_shape":
+        args[0] = [douts[0], douts[1][:-1]]
+    elif name == "dout_dtype":
+        args[0] = [douts[0].double(), douts[1]]
+    elif name == "out_entries":
+        args[4] = outs[:1]
+    elif name == "out_last_dim_strided":
+        args[4] = [outs[0], outs[1].transpose(1, 2).contiguous().transpose(1, 2)]
+    elif name == "lse_transposed":
+        args[5] = [lses[0].t().contiguous().t(), lses[1]]
+    elif name == "lse_dtype":
+        args[5] = [lses[0], lses[1].double()]
+    elif name == "lse_shape":
+        args[5] = [lses[0][:, :-1], lses[1]]
+    elif name == "cu_seqlens_k_past_end":
+        args[7] = torch.tensor([0, 9, 30], dtype=torch.int32)
+    else:
+        raise AssertionError(name)
+    return args, kwargs
+
+
+@needs_shim
+@pytest.mark.parametrize("name", ["dout_shape", "dout_dtype", "out_entries", "out_last_dim_strided", "lse_transposed",
+                                  "lse_dtype", "lse_shape", "cu_seqlens_k_past_end"])
+def test_backward_errors_are_the_python_kernels(name):
+    args, kwargs = _bwd_mutated(name)
+    expected = _error_of(lambda: rfa_ops._grouped_bwd_kernel(*args, **kwargs))
+    assert expected is not None and expected[0] is ValueError, expected
+    got, calls = _counted(lambda: _error_of(lambda: rfa_ops.grouped_bwd(*args, **kwargs)))
+    assert got == expected
+    assert calls == (0, 1)
+
+
+@needs_shim
+@pytest.mark.parametrize("feature", ["causal", "sinks_softcap", "shift_seqused"])
+def test_calls_handed_to_the_python_kernels_return_their_outputs(feature):
+    """The Python path behind the C++ kernels (taken e.g. by the first call on a CUDA device)
+    hands back the Python kernels' outputs: forward's two lists, backward's dq list, dk and dv
+    (which its op returns as one list)."""
+    fwd_args, fwd_kwargs = _call_args(2, feature, torch.bfloat16, "rows", seed=71)
+    bwd_args, bwd_kwargs = _bwd_args(fwd_args, fwd_kwargs, "rows", True, seed=71)
+    with _torch_shim.python_path_forced():
+        (outs, lses), fwd_calls = _counted(lambda: rfa_ops.grouped_fwd(*fwd_args, **fwd_kwargs))
+        (dq_list, dk, dv), bwd_calls = _counted(lambda: rfa_ops.grouped_bwd(*bwd_args, **bwd_kwargs))
+    assert fwd_calls == (0, 1) and bwd_calls == (0, 1)
+    expected_outs, expected_lses = rfa_ops._grouped_fwd_kernel(*fwd_args, **fwd_kwargs)
+    expected_dq, expected_dk, expected_dv = rfa_ops._grouped_bwd_kernel(*bwd_args, **bwd_kwargs)
+    _assert_same_bits([*outs, *lses, *dq_list, dk, dv],
+                      [*expected_outs, *expected_lses, *expected_dq, expected_dk, expected_dv])
+    assert _counted(lambda: rfa_ops.grouped_fwd(*fwd_args, **fwd_kwargs))[1] == (1, 0)  # back to C++
+
+
 @needs_shim
 def test_other_exceptions_arrive_as_runtime_error_with_their_message(monkeypatch):
     # A kernel under the stable ABI can raise ValueError (std::invalid_argument) but not
@@ -256,6 +409,23 @@ def test_opcheck_forward(feature):
     torch.library.opcheck(rfa_ops.grouped_fwd, args, kwargs)
 
 
+@needs_shim
+@pytest.mark.parametrize("feature", ["causal", "window_both_sides_softcap", "sinks_softcap", "shift_seqused"])
+def test_opcheck_backward(feature):
+    fwd_args, fwd_kwargs = _call_args(1, feature, torch.float32, "heads", seed=6)
+    args, kwargs = _bwd_args(fwd_args, fwd_kwargs, "heads", True, seed=6)
+    torch.library.opcheck(rfa_ops.grouped_bwd, args, kwargs)
+
+
+@needs_shim
+def test_opcheck_forward_with_gradients():
+    fwd_args, fwd_kwargs = _call_args(1, "sinks_softcap", torch.float64, "dense", seed=8)
+    q_list = [q.requires_grad_() for q in fwd_args[0]]
+    fwd_args = (q_list, fwd_args[1].requires_grad_(), fwd_args[2].requires_grad_(), *fwd_args[3:])
+    fwd_kwargs["sinks"].requires_grad_()
+    torch.library.opcheck(rfa_ops.grouped_fwd, fwd_args, fwd_kwargs)
+
+
 def _compiled_fn(q0, q1, k, v, cu_q0, cu_q1, cu_k):
     outs, lses = grouped_flash_attn_varlen_func([q0, q1], k, v, [cu_q0, cu_q1], cu_k, [7, 9], 12, causal=True,
                                                 return_lse=True, window_size=(5, 0))
@@ -275,6 +445,26 @@ def test_compile_fullgraph_inductor_runs_the_cpp_kernel():
     assert calls == (1, 0)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@needs_shim
+def test_compile_fullgraph_inductor_forward_backward_runs_the_cpp_kernels():
+    args, _ = _call_args(1, "causal", torch.float32, "dense", seed=10)
+    leaves = [t.detach().clone().requires_grad_() for t in (*args[0], args[1], args[2])]
+    cu_q, cu_k = args[3], args[4]
+
+    def loss_fn(q0, q1, k, v):
+        out0, out1, lse1 = _compiled_fn(q0, q1, k, v, *cu_q, cu_k)
+        return out0.square().sum() + (out1 * out1.detach()).sum() + lse1.sum()
+
+    expected = torch.autograd.grad(loss_fn(*leaves), leaves)
+    torch._dynamo.reset()
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="inductor")
+    torch.autograd.grad(compiled(*leaves), leaves)  # compiles
+    got, calls = _counted(lambda: torch.autograd.grad(compiled(*leaves), leaves))
+    assert calls == (3, 0)  # forward, backward, the LSE term's backward
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 # ---- loading ----------------------------------------------------------------------------------------

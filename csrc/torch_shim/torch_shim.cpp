@@ -13,7 +13,7 @@
 // Calls it does not take itself go to the Python path, unchanged: a call that any check rejects,
 // one the library refuses, a CUDA device whose metadata error word Python has not created yet, a
 // $RING_FLASH_ATTN_TIER spelling it does not know. The kernel hands its arguments to the op
-// ring_flash_attn::_grouped_fwd_python / _grouped_bwd_python (same schema, the Python kernel),
+// ring_flash_attn::_grouped_fwd_python / _grouped_bwd_python (same arguments, the Python kernel),
 // which either runs the call or reports its exception here (ringattn_torch_shim_report_error); the
 // kernel then throws it again: ValueError as std::invalid_argument, which reaches Python as
 // ValueError with the same message, anything else as std::runtime_error (RuntimeError, same
@@ -93,6 +93,9 @@ std::atomic<uint32_t*> g_error_words[kMaxCudaDevices] = {};
 // How many calls ran here and how many went to the Python path (ringattn_torch_shim_counts).
 std::atomic<int64_t> g_native_calls{0};
 std::atomic<int64_t> g_python_calls{0};
+
+// Tests: every call takes the Python path (ringattn_torch_shim_force_python_path).
+std::atomic<bool> g_force_python{false};
 
 // The exception of the Python path's last call on this thread (see ringattn_torch_shim_report_error).
 enum PendingKind : int32_t { kNoError = 0, kValueError = 1, kOtherError = 2 };
@@ -594,7 +597,7 @@ constexpr ArgKind kBwdArgs[] = {
     ArgKind::kIntList, ArgKind::kScalar, ArgKind::kScalar, ArgKind::kScalar, ArgKind::kScalar, ArgKind::kIntList,
     ArgKind::kScalar, ArgKind::kOptionalTensor, ArgKind::kOptionalListOfOptionalTensors};
 constexpr size_t kBwdNumArgs = sizeof(kBwdArgs) / sizeof(kBwdArgs[0]);
-constexpr ArgKind kBwdOutputs[] = {ArgKind::kTensorList, ArgKind::kTensor, ArgKind::kTensor};
+constexpr ArgKind kBwdPythonOutputs[] = {ArgKind::kTensorList};  // see split_bwd_outputs
 
 bool run_bwd(const OwnedArgs& a, StableIValue* stack) {
   Common c;
@@ -660,9 +663,9 @@ bool run_bwd(const OwnedArgs& a, StableIValue* stack) {
 
 // ---- the Python path ----------------------------------------------------------------------------
 
-// Hands the call to `op` (the Python kernel, same schema) and moves its outputs into `stack`; throws
-// the exception it reported.
-void run_python(OwnedArgs& a, const char* op, const ArgKind* output_kinds, size_t num_outputs, StableIValue* stack) {
+// Hands the call to `op` (the Python kernel; the op's arguments) and moves its `num_outputs`
+// outputs into `outputs`; throws the exception it reported.
+void run_python(OwnedArgs& a, const char* op, const ArgKind* output_kinds, size_t num_outputs, StableIValue* outputs) {
   g_python_calls.fetch_add(1, std::memory_order_relaxed);
   StableIValue inner[OwnedArgs::kCapacity] = {};
   a.hand_on(inner);
@@ -681,29 +684,59 @@ void run_python(OwnedArgs& a, const char* op, const ArgKind* output_kinds, size_
     if (kind == kValueError) throw std::invalid_argument(message);
     throw std::runtime_error(message);
   }
-  for (size_t i = 0; i < num_outputs; ++i) stack[i] = inner[i];
+  for (size_t i = 0; i < num_outputs; ++i) outputs[i] = inner[i];
 }
 
 void boxed_fwd(StableIValue* stack, uint64_t num_args, uint64_t num_outputs) {
   STD_TORCH_CHECK(num_args == kFwdNumArgs && num_outputs == 2,
                   "ring_flash_attn: grouped_fwd's schema does not match libringattn_torch");
   OwnedArgs args(stack, kFwdArgs, kFwdNumArgs);
-  if (run_fwd(args, stack)) {
+  if (!g_force_python.load(std::memory_order_relaxed) && run_fwd(args, stack)) {
     g_native_calls.fetch_add(1, std::memory_order_relaxed);
     return;
   }
   run_python(args, "ring_flash_attn::_grouped_fwd_python", kFwdOutputs, 2, stack);
 }
 
+// _grouped_bwd_python returns one list [*dq_list, dk, dv]: torch_call_dispatcher (2.10, 2.11)
+// converts each output with the type of the output at the other end of the list, so an op it
+// calls must return outputs of one type. Splits it into grouped_bwd's three outputs.
+void split_bwd_outputs(StableIValue all, StableIValue* stack) {
+  const StableListHandle list = to_value<StableListHandle>(all);
+  size_t n = 0;
+  StableListHandle dq_list = nullptr;
+  if (torch_list_size(list, &n) != AOTI_TORCH_SUCCESS || n < 2 ||
+      torch_new_list_reserve_size(n - 2, &dq_list) != AOTI_TORCH_SUCCESS) {
+    free_arg(ArgKind::kTensorList, all);
+    throw std::runtime_error("ring_flash_attn: _grouped_bwd_python returned no [*dq_list, dk, dv] list");
+  }
+  StableIValue element[3] = {};
+  for (size_t i = 0; i < n; ++i) {
+    StableIValue e = 0;
+    STD_TORCH_CHECK(torch_list_get_item(list, i, &e) == AOTI_TORCH_SUCCESS, "ring_flash_attn: reading a list failed");
+    if (i + 2 < n) {
+      STD_TORCH_CHECK(torch_list_push_back(dq_list, e) == AOTI_TORCH_SUCCESS, "ring_flash_attn: building a list failed");
+    } else {
+      element[i + 2 - n] = e;
+    }
+  }
+  torch_delete_list(list);  // the container only: its tensors moved on
+  stack[0] = from_value(dq_list);
+  stack[1] = element[0];
+  stack[2] = element[1];
+}
+
 void boxed_bwd(StableIValue* stack, uint64_t num_args, uint64_t num_outputs) {
   STD_TORCH_CHECK(num_args == kBwdNumArgs && num_outputs == 3,
                   "ring_flash_attn: grouped_bwd's schema does not match libringattn_torch");
   OwnedArgs args(stack, kBwdArgs, kBwdNumArgs);
-  if (run_bwd(args, stack)) {
+  if (!g_force_python.load(std::memory_order_relaxed) && run_bwd(args, stack)) {
     g_native_calls.fetch_add(1, std::memory_order_relaxed);
     return;
   }
-  run_python(args, "ring_flash_attn::_grouped_bwd_python", kBwdOutputs, 3, stack);
+  StableIValue all = 0;
+  run_python(args, "ring_flash_attn::_grouped_bwd_python", kBwdPythonOutputs, 1, &all);
+  split_bwd_outputs(all, stack);
 }
 
 static_assert(kFwdNumArgs <= OwnedArgs::kCapacity && kBwdNumArgs <= OwnedArgs::kCapacity, "OwnedArgs capacity");
@@ -772,6 +805,12 @@ RINGATTN_TORCH_SHIM_API void ringattn_torch_shim_report_error(int32_t kind, cons
   pending.kind = kind == ringattn::torch_shim::kValueError ? ringattn::torch_shim::kValueError
                                                            : ringattn::torch_shim::kOtherError;
   pending.message = message != nullptr ? message : "";
+}
+
+// For tests: `force` != 0 makes every kernel call take the Python path (as a call on a CUDA device
+// without a metadata error word does), 0 restores the default.
+RINGATTN_TORCH_SHIM_API void ringattn_torch_shim_force_python_path(int32_t force) {
+  ringattn::torch_shim::g_force_python.store(force != 0, std::memory_order_relaxed);
 }
 
 // How many kernel calls ran here (`native`) and how many went to the Python path (`python`), in

@@ -28,12 +28,13 @@ path, so their exceptions keep their exact type.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import threading
 import warnings
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -47,7 +48,7 @@ MIN_TORCH = (2, 10)
 
 # The ops whose CPU and CUDA kernels the C++ library registers (ringattn_torch_shim_register);
 # each also gets `_<name>_python` (the Python kernel, for the calls the C++ kernel hands over).
-SHIM_OPS = ("grouped_fwd",)
+SHIM_OPS = ("grouped_fwd", "grouped_bwd")
 
 _VALUE_ERROR = 1
 _OTHER_ERROR = 2
@@ -82,6 +83,21 @@ def counts() -> Tuple[int, int]:
     return native.value, python.value
 
 
+@contextlib.contextmanager
+def python_path_forced() -> Iterator[None]:
+    """For tests: inside, every call of the C++ kernels takes the Python path (as the first call
+    on a CUDA device does), so its results and errors can be compared. No effect on the ctypes
+    path."""
+    if _shim is None:
+        yield
+        return
+    _shim.ringattn_torch_shim_force_python_path(1)
+    try:
+        yield
+    finally:
+        _shim.ringattn_torch_shim_force_python_path(0)
+
+
 def candidate_paths() -> List[Path]:
     """Where the library is looked for (empty when RING_FLASH_ATTN_TORCH_SHIM=0)."""
     setting = os.environ.get(ENV_TORCH_SHIM, "")
@@ -105,6 +121,7 @@ def _declare(shim: ctypes.CDLL) -> None:
         "ringattn_torch_shim_set_metadata_error_word": (ctypes.c_int32, [ctypes.c_int32, ctypes.c_void_p]),
         "ringattn_torch_shim_report_error": (None, [ctypes.c_int32, ctypes.c_char_p]),
         "ringattn_torch_shim_counts": (None, [ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_int64)]),
+        "ringattn_torch_shim_force_python_path": (None, [ctypes.c_int32]),
     }
     for name, (restype, argtypes) in decls.items():
         fn = getattr(shim, name)
@@ -157,9 +174,24 @@ def _reporting_kernel(kernel: Callable, failed_result: Callable, shim: ctypes.CD
     return run
 
 
-_FAILED_RESULTS = {
-    "grouped_fwd": lambda: ([], []),
-    "grouped_bwd": lambda: ([], torch.empty(0), torch.empty(0)),
+def _bwd_as_one_list(kernel: Callable) -> Callable:
+    """grouped_bwd's Python kernel returning [*dq_list, dk, dv]: the schema of
+    ``_grouped_bwd_python`` has one output type (the C++ kernel calls it through
+    torch_call_dispatcher, which in torch 2.10 and 2.11 converts each output with the type of the
+    output at the other end of the list; outputs of one type are unaffected)."""
+
+    def run(*args):
+        dq_list, dk, dv = kernel(*args)
+        return [*dq_list, dk, dv]
+
+    return run
+
+
+# Per op: the return type of its `_<name>_python` op (None: the op's own), how its Python kernel
+# is adapted to it, and what that kernel returns after reporting an exception.
+_PYTHON_OPS = {
+    "grouped_fwd": (None, lambda kernel: kernel, lambda: ([], [])),
+    "grouped_bwd": ("Tensor[]", _bwd_as_one_list, lambda: []),
 }
 
 
@@ -201,9 +233,13 @@ def load(library: torch.library.Library, schemas: dict, kernels: dict) -> bool:
             return False
         for name in SHIM_OPS:
             schema = schemas[name]
-            for suffix in ("_python", "_native"):
-                library.define(schema.replace(f"{name}(", f"_{name}{suffix}(", 1))
-            python_kernel = _reporting_kernel(kernels[name], _FAILED_RESULTS[name], shim)
+            returns, adapt, failed_result = _PYTHON_OPS[name]
+            python_schema = schema.replace(f"{name}(", f"_{name}_python(", 1)
+            if returns is not None:
+                python_schema = python_schema[: python_schema.rindex("->")] + f"-> {returns}"
+            library.define(python_schema)
+            library.define(schema.replace(f"{name}(", f"_{name}_native(", 1))
+            python_kernel = _reporting_kernel(adapt(kernels[name]), failed_result, shim)
             for key in ("CPU", "CUDA"):
                 library.impl(f"_{name}_python", python_kernel, key)
             if shim.ringattn_torch_shim_register(name.encode()) != 0:
