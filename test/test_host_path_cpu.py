@@ -296,6 +296,7 @@ def test_plans_hold_no_tensor():
         seqused_k_list=c.seqused_k_list, return_lse=True, sinks=sinks, window_size=(4, 0))
     loss = sum(o.sum() for o in out_list) + sum(torch.where(torch.isfinite(x), x, 0.0).sum() for x in lse_list)
     loss.backward()
+    _python_kernel_plans(c, q_list, k, v, sinks)
     assert _plan_count(rfa_ops._FWD_PLANS) >= 2 and _plan_count(rfa_ops._BWD_PLANS) >= 1
 
     watched = [*q_list, k, v, sinks, *out_list, *lse_list, *outs, *lses, c.cu_seqlens_k,
@@ -309,6 +310,16 @@ def test_plans_hold_no_tensor():
         for key, plan in cache._entries().items():
             assert not _contains_tensor(key)
             assert not any(isinstance(getattr(plan, f), torch.Tensor) for f in plan.__slots__)
+
+
+def _python_kernel_plans(c, q_list, k, v, sinks) -> None:
+    """Plans of an allocating forward and a backward with sinks and a window, from the ops' Python
+    kernels (the public call runs libringattn_torch's C++ kernels when it is loaded, which keep no
+    plans); nothing of the calls outlives this function."""
+    args = (q_list, k, v, *c.op_args()[3:])
+    features = dict(window_size=(4, 0), sinks=sinks)
+    outs, lses = rfa_ops._grouped_fwd_kernel(*args, **features)
+    rfa_ops._grouped_bwd_kernel([torch.ones_like(o) for o in outs], q_list, k, v, outs, lses, *args[3:], **features)
 
 
 def _contains_tensor(x) -> bool:

@@ -399,6 +399,75 @@ def test_other_exceptions_arrive_as_runtime_error_with_their_message(monkeypatch
     assert type(info.value) is RuntimeError
 
 
+# ---- the eager path of the public functions --------------------------------------------------------
+
+
+def _public_case():
+    args, kwargs = _call_args(1, "sinks_softcap", torch.float32, "heads", seed=81)
+    return args, kwargs
+
+
+@needs_shim
+def test_public_call_without_grad_runs_the_cpp_kernel():
+    args, kwargs = _public_case()
+    q_list, k, v, cu_q, cu_k, seqused, max_q, max_k, scale, causal, _ = args
+    with torch.no_grad():
+        (outs, lses), calls = _counted(lambda: grouped_flash_attn_varlen_func(
+            q_list, k, v, cu_q, cu_k, max_q, max_k, seqused_k_list=seqused, softmax_scale=scale or None,
+            causal=causal, return_lse=True, **kwargs))
+    assert calls == (1, 0)
+    expected_outs, expected_lses = rfa_ops._grouped_fwd_kernel(*args, **kwargs)
+    _assert_same_bits([*outs, *lses], [*expected_outs, *expected_lses])
+
+
+@needs_shim
+def test_public_call_with_grad_runs_the_cpp_kernels_forward_and_backward(monkeypatch):
+    args, kwargs = _public_case()
+    q_list, k, v, cu_q, cu_k, seqused, max_q, max_k, scale, causal, _ = args
+    leaves = [t.detach().clone().requires_grad_() for t in (*q_list, k, v, kwargs["sinks"])]
+    features = dict(kwargs, sinks=leaves[-1])
+
+    def run():
+        outs, lses = grouped_flash_attn_varlen_func(leaves[:-3], leaves[-3], leaves[-2], cu_q, cu_k, max_q, max_k,
+                                                    seqused_k_list=seqused, softmax_scale=scale or None,
+                                                    causal=causal, return_lse=True, **features)
+        loss = sum((o * o.detach()).sum() for o in outs) + sum(torch.where(torch.isfinite(x), x, 0.0).sum()
+                                                               for x in lses)
+        return [*outs, *lses, *torch.autograd.grad(loss, leaves)]
+
+    eager, calls = _counted(run)
+    assert calls == (3, 0)  # forward, backward, the LSE term's backward
+    monkeypatch.setattr(rfa_ops, "eager_call_ok", lambda *a: False)  # the same call through torch.ops
+    through_ops, calls = _counted(run)
+    assert calls == (3, 0)
+    _assert_same_bits(eager, through_ops)
+
+
+@needs_shim
+def test_public_call_errors_keep_their_exact_type(monkeypatch):
+    """A refused eager call runs again on the Python path, so even a NotImplementedError (which
+    the C++ kernels cannot raise) reaches the caller as itself."""
+    args, kwargs = _mutated("cu_seqlens_q_decreasing")
+    q_list, k, v, cu_q, cu_k, seqused, max_q, max_k, scale, causal, _ = args
+
+    def call():
+        with torch.no_grad():
+            grouped_flash_attn_varlen_func(q_list, k, v, cu_q, cu_k, max_q, max_k, seqused_k_list=seqused,
+                                           causal=causal)
+
+    error, calls = _counted(lambda: _error_of(call))
+    assert error == _error_of(lambda: rfa_ops._grouped_fwd_kernel(*args, **kwargs))
+    assert error[0] is ValueError and "cu_seqlens_q_list[1]" in error[1]
+    assert calls == (0, 1)
+
+    def refuse(*a, **kw):
+        raise NotImplementedError("refused by the test")
+
+    monkeypatch.setattr(rfa_ops, "_run_fwd", refuse)
+    with pytest.raises(NotImplementedError, match="^refused by the test$"):
+        call()
+
+
 # ---- opcheck and torch.compile --------------------------------------------------------------------
 
 

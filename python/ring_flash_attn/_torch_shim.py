@@ -22,8 +22,13 @@ whose kernel is the Python one: it runs the call, or reports its exception to th
 (``ringattn_torch_shim_report_error``), which raises it again with the same message: a ValueError
 stays a ValueError; other exceptions arrive as RuntimeError (PyTorch's stable ABI cannot raise
 NotImplementedError from C++; NotImplementedError is a RuntimeError subclass, and the CPU backend
-never raises it). The package's eager calls (``_eager_calls``) re-run a failed call on the Python
-path, so their exceptions keep their exact type.
+never raises it). The package's eager calls (``eager_calls``) run the same C++ kernels through
+``_grouped_fwd_native`` / ``_grouped_bwd_native`` (no autograd wrapper) and re-run a failed call on
+the Python path, so their exceptions keep their exact type.
+
+CUDA: the C++ kernels read the device's current stream themselves, and each device's metadata
+error word (``_metadata_errors``) once the Python path has created it: the first call on a device
+takes the Python path, which creates the word and hands it over (``_share_error_words``).
 """
 
 from __future__ import annotations
@@ -47,7 +52,8 @@ LIBRARY_NAME = "libringattn_torch.so"
 MIN_TORCH = (2, 10)
 
 # The ops whose CPU and CUDA kernels the C++ library registers (ringattn_torch_shim_register);
-# each also gets `_<name>_python` (the Python kernel, for the calls the C++ kernel hands over).
+# each also gets `_<name>_python` (the Python kernel, for the calls the C++ kernel hands over) and
+# `_<name>_native` (the C++ kernel without autograd, for the eager path).
 SHIM_OPS = ("grouped_fwd", "grouped_bwd")
 
 _VALUE_ERROR = 1
@@ -193,6 +199,38 @@ _PYTHON_OPS = {
     "grouped_fwd": (None, lambda kernel: kernel, lambda: ([], [])),
     "grouped_bwd": ("Tensor[]", _bwd_as_one_list, lambda: []),
 }
+
+
+def eager_calls(run_fwd: Callable, run_bwd: Callable) -> Tuple[Callable, Callable]:
+    """The kernels of the package's eager calls when the C++ kernels are loaded: the same
+    arguments and results as `run_fwd` / `run_bwd` (ops._run_fwd / ops._run_bwd, the Python
+    kernels' bodies), running the C++ kernels through the ops ``_grouped_fwd_native`` /
+    ``_grouped_bwd_native``, which have no autograd wrapper (the eager path runs them without
+    grad or inside its own autograd.Function). A call that raises runs again on the Python path,
+    which raises its exact exception (NotImplementedError too, which the C++ kernels cannot
+    raise); libringattn writes nothing on a refused call, so running it again is safe."""
+    native_fwd = torch.ops.ring_flash_attn._grouped_fwd_native.default
+    native_bwd = torch.ops.ring_flash_attn._grouped_bwd_native.default
+
+    def fwd(q_list, k, v, cu_seqlens_q_list, cu_seqlens_k, seqused_k_list, max_seqlen_q_list, max_seqlen_k,
+            softmax_scale, causal, window_size, softcap, sinks, diagonal_shift_list):
+        try:
+            return native_fwd(q_list, k, v, cu_seqlens_q_list, cu_seqlens_k, seqused_k_list, max_seqlen_q_list,
+                              max_seqlen_k, softmax_scale, causal, False, window_size, softcap, sinks,
+                              diagonal_shift_list)
+        except Exception:  # the Python path raises this call's exception
+            pass
+        return run_fwd(q_list, k, v, cu_seqlens_q_list, cu_seqlens_k, seqused_k_list, max_seqlen_q_list,
+                       max_seqlen_k, softmax_scale, causal, window_size, softcap, sinks, diagonal_shift_list)
+
+    def bwd(*args):
+        try:
+            return native_bwd(*args)
+        except Exception:  # the Python path raises this call's exception
+            pass
+        return run_bwd(*args)
+
+    return fwd, bwd
 
 
 def load(library: torch.library.Library, schemas: dict, kernels: dict) -> bool:
