@@ -316,17 +316,6 @@ def _error_of(fn):
     return None
 
 
-@needs_shim
-@pytest.mark.parametrize("name", BAD_CALLS)
-def test_forward_errors_are_the_python_kernels(name):
-    args, kwargs = _mutated(name)
-    expected = _error_of(lambda: rfa_ops._grouped_fwd_kernel(*args, **kwargs))
-    assert expected is not None and expected[0] is ValueError, expected
-    got, calls = _counted(lambda: _error_of(lambda: rfa_ops.grouped_fwd(*args, **kwargs)))
-    assert got == expected
-    assert calls == (0, 1)  # handed to the Python kernel, which named the error
-
-
 def _bwd_mutated(name):
     fwd_args, fwd_kwargs = _fwd_case()
     args, kwargs = _bwd_args(tuple(fwd_args), fwd_kwargs, "dense", False, seed=4)
@@ -353,16 +342,23 @@ def _bwd_mutated(name):
     return args, kwargs
 
 
+BWD_BAD_CALLS = ["dout_shape", "dout_dtype", "out_entries", "out_last_dim_strided", "lse_transposed", "lse_dtype",
+                 "lse_shape", "cu_seqlens_k_past_end"]
+
+
 @needs_shim
-@pytest.mark.parametrize("name", ["dout_shape", "dout_dtype", "out_entries", "out_last_dim_strided", "lse_transposed",
-                                  "lse_dtype", "lse_shape", "cu_seqlens_k_past_end"])
-def test_backward_errors_are_the_python_kernels(name):
-    args, kwargs = _bwd_mutated(name)
-    expected = _error_of(lambda: rfa_ops._grouped_bwd_kernel(*args, **kwargs))
+@pytest.mark.parametrize("pass_name, name", [("forward", n) for n in BAD_CALLS] + [("backward", n) for n in BWD_BAD_CALLS])
+def test_errors_are_the_python_kernels(pass_name, name):
+    if pass_name == "forward":
+        mutated, op, python_kernel = _mutated, rfa_ops.grouped_fwd, rfa_ops._grouped_fwd_kernel
+    else:
+        mutated, op, python_kernel = _bwd_mutated, rfa_ops.grouped_bwd, rfa_ops._grouped_bwd_kernel
+    args, kwargs = mutated(name)
+    expected = _error_of(lambda: python_kernel(*args, **kwargs))
     assert expected is not None and expected[0] is ValueError, expected
-    got, calls = _counted(lambda: _error_of(lambda: rfa_ops.grouped_bwd(*args, **kwargs)))
+    got, calls = _counted(lambda: _error_of(lambda: op(*args, **kwargs)))
     assert got == expected
-    assert calls == (0, 1)
+    assert calls == (0, 1)  # handed to the Python kernel, which named the error
 
 
 @needs_shim

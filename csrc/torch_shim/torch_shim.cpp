@@ -529,6 +529,31 @@ bool tensor_list(OwnedTensor* tensors, size_t count, StableIValue* value) {
   return true;
 }
 
+// The per-group fields forward and backward share, into either pass's group struct.
+template <typename Group>
+void set_group_common(const GroupCommon& common, Group* gr) {
+  gr->q = common.q;
+  gr->q_row_stride = common.q_row_stride;
+  gr->q_head_stride = common.q_head_stride;
+  gr->cu_seqlens_q = common.cu_seqlens_q;
+  gr->seqused_k = common.seqused_k;
+  gr->total_q = common.total_q;
+  gr->max_seqlen_q = common.max_seqlen_q;
+  gr->diagonal_shift = common.diagonal_shift;
+}
+
+// Asks for the pass's workspace, allocates it and runs the pass; false when the library refuses
+// the call (it then wrote nothing) or the allocation fails.
+template <typename Params>
+bool run_library(Params* params, ringattn_status (*workspace_size)(const Params*, size_t*),
+                 ringattn_status (*run)(const Params*), Device device) {
+  size_t bytes = 0;
+  OwnedTensor workspace;
+  return workspace_size(params, &bytes) == RINGATTN_STATUS_OK &&
+         allocate_workspace(bytes, device, &workspace, &params->workspace, &params->workspace_size) &&
+         run(params) == RINGATTN_STATUS_OK;
+}
+
 // ---- forward ------------------------------------------------------------------------------------
 
 constexpr ArgKind kFwdArgs[] = {
@@ -557,27 +582,14 @@ bool run_fwd(const OwnedArgs& a, StableIValue* stack) {
         !empty_contiguous(2, lse_sizes, codes().float32, c.device, &lses[g]) || !data_ptr(outs[g].get(), &out_ptr) ||
         !data_ptr(lses[g].get(), &lse_ptr))
       return false;
-    const GroupCommon& common = c.groups[g];
     ringattn_fwd_group& gr = groups[g];
-    gr.q = common.q;
-    gr.q_row_stride = common.q_row_stride;
-    gr.q_head_stride = common.q_head_stride;
+    set_group_common(c.groups[g], &gr);
     gr.out = out_ptr;
     if (!new_tensor_strides(outs[g].get(), c, &gr.out_row_stride, &gr.out_head_stride)) return false;
     gr.softmax_lse = static_cast<float*>(lse_ptr);
-    gr.cu_seqlens_q = common.cu_seqlens_q;
-    gr.seqused_k = common.seqused_k;
-    gr.total_q = common.total_q;
-    gr.max_seqlen_q = common.max_seqlen_q;
-    gr.diagonal_shift = common.diagonal_shift;
   }
   params.groups = groups;
-  size_t bytes = 0;
-  OwnedTensor workspace;
-  if (ringattn_fwd_workspace_size(&params, &bytes) != RINGATTN_STATUS_OK ||
-      !allocate_workspace(bytes, c.device, &workspace, &params.workspace, &params.workspace_size) ||
-      ringattn_grouped_fwd(&params) != RINGATTN_STATUS_OK)
-    return false;
+  if (!run_library(&params, ringattn_fwd_workspace_size, ringattn_grouped_fwd, c.device)) return false;
   StableIValue out_list = 0, lse_list = 0;
   if (!tensor_list(outs, G, &out_list)) return false;
   if (!tensor_list(lses, G, &lse_list)) {
@@ -636,23 +648,10 @@ bool run_bwd(const OwnedArgs& a, StableIValue* stack) {
     if (!empty_contiguous(3, q.sizes, c.dtype, c.device, &dqs[g]) || !data_ptr(dqs[g].get(), &gr.dq) ||
         !new_tensor_strides(dqs[g].get(), c, &gr.dq_row_stride, &gr.dq_head_stride))
       return false;
-    const GroupCommon& common = c.groups[g];
-    gr.q = common.q;
-    gr.q_row_stride = common.q_row_stride;
-    gr.q_head_stride = common.q_head_stride;
-    gr.cu_seqlens_q = common.cu_seqlens_q;
-    gr.seqused_k = common.seqused_k;
-    gr.total_q = common.total_q;
-    gr.max_seqlen_q = common.max_seqlen_q;
-    gr.diagonal_shift = common.diagonal_shift;
+    set_group_common(c.groups[g], &gr);
   }
   params.groups = groups;
-  size_t bytes = 0;
-  OwnedTensor workspace;
-  if (ringattn_bwd_workspace_size(&params, &bytes) != RINGATTN_STATUS_OK ||
-      !allocate_workspace(bytes, c.device, &workspace, &params.workspace, &params.workspace_size) ||
-      ringattn_grouped_bwd(&params) != RINGATTN_STATUS_OK)
-    return false;
+  if (!run_library(&params, ringattn_bwd_workspace_size, ringattn_grouped_bwd, c.device)) return false;
   StableIValue dq_list = 0;
   if (!tensor_list(dqs, G, &dq_list)) return false;
   stack[0] = dq_list;
