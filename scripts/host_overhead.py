@@ -12,7 +12,10 @@ Forward layers, each timed over --calls calls after a warm-up (median of --repea
                    call (validation in C, on CUDA the launches; on the CPU backend its compute)
   fwd_into         + the Python checks (or the cached plan's), pointer writes, workspace (outputs given)
   op (no grad)     torch.ops.ring_flash_attn.grouped_fwd: + dispatcher, torch.library's autograd
-                   wrapper, allocation (the path torch.compile'd graphs call)
+                   wrapper, allocation (the path torch.compile'd graphs call); its kernel is
+                   libringattn_torch's C++ one when ring_flash_attn.ops_implementation() is
+                   "torch_shim" (printed in the header; RING_FLASH_ATTN_TORCH_SHIM=0 for the
+                   Python kernel), which the public rows below then run too
   public (no grad) grouped_flash_attn_varlen_func under torch.no_grad() (eager: no dispatcher)
   public (grad)    the same with inputs that require grad (records the autograd node)
   fwd+bwd (grad)   forward + torch.autograd.grad of both groups' outputs
@@ -171,7 +174,7 @@ def main() -> None:
     ]
     print(f"host time per call, {dev} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'CPU backend'}), "
           f"torch {torch.__version__}, 2 groups x {L} tokens, Hq {Hq}, Hk {Hk}, D {D}, {dtype}; "
-          f"median of {args.repeats} x {args.calls} calls")
+          f"median of {args.repeats} x {args.calls} calls; op kernels: {rfa.ops_implementation()}")
     for rows in sections:
         prev = None
         for name, fn in rows:

@@ -93,14 +93,16 @@ def test_cached_plan_takes_new_data_pointers():
         assert not torch.equal(x, z)
 
 
-def test_cached_op_forward_and_backward_match_cold_calls():
+def test_cached_python_kernels_forward_and_backward_match_cold_calls():
+    # The ops' Python kernels (what torch.ops runs on the ctypes path; with libringattn_torch the
+    # C++ kernels run instead, test_torch_shim_cpu.py compares the two).
     c = _case(torch.float64)
     args = c.op_args(softmax_scale=0.3)
     douts = [torch.randn_like(q) for q in c.q_list]
     runs = []
     for _ in range(3):  # cold, then hits
-        outs, lses = rfa_ops.grouped_fwd(*args)
-        grads = rfa_ops.grouped_bwd(douts, c.q_list, c.k, c.v, outs, lses, *args[3:])
+        outs, lses = rfa_ops._grouped_fwd_kernel(*args)
+        grads = rfa_ops._grouped_bwd_kernel(douts, c.q_list, c.k, c.v, outs, lses, *args[3:])
         runs.append([*outs, *lses, *grads[0], grads[1], grads[2]])
         assert all(t.is_contiguous() for t in runs[-1])
     assert _plan_count(rfa_ops._FWD_PLANS) == 1 and _plan_count(rfa_ops._BWD_PLANS) == 1
@@ -294,6 +296,7 @@ def test_plans_hold_no_tensor():
         seqused_k_list=c.seqused_k_list, return_lse=True, sinks=sinks, window_size=(4, 0))
     loss = sum(o.sum() for o in out_list) + sum(torch.where(torch.isfinite(x), x, 0.0).sum() for x in lse_list)
     loss.backward()
+    _python_kernel_plans(c, q_list, k, v, sinks)
     assert _plan_count(rfa_ops._FWD_PLANS) >= 2 and _plan_count(rfa_ops._BWD_PLANS) >= 1
 
     watched = [*q_list, k, v, sinks, *out_list, *lse_list, *outs, *lses, c.cu_seqlens_k,
@@ -307,6 +310,16 @@ def test_plans_hold_no_tensor():
         for key, plan in cache._entries().items():
             assert not _contains_tensor(key)
             assert not any(isinstance(getattr(plan, f), torch.Tensor) for f in plan.__slots__)
+
+
+def _python_kernel_plans(c, q_list, k, v, sinks) -> None:
+    """Plans of an allocating forward and a backward with sinks and a window, from the ops' Python
+    kernels (the public call runs libringattn_torch's C++ kernels when it is loaded, which keep no
+    plans); nothing of the calls outlives this function."""
+    args = (q_list, k, v, *c.op_args()[3:])
+    features = dict(window_size=(4, 0), sinks=sinks)
+    outs, lses = rfa_ops._grouped_fwd_kernel(*args, **features)
+    rfa_ops._grouped_bwd_kernel([torch.ones_like(o) for o in outs], q_list, k, v, outs, lses, *args[3:], **features)
 
 
 def _contains_tensor(x) -> bool:

@@ -7,6 +7,10 @@ them in ``ring_flash_attn.cp.registry``). The HuggingFace adapter (``ring_flash_
 imports transformers only when it is used.
 """
 
+from typing import Optional
+
+import torch
+
 from . import ops
 from ._metadata_errors import check_errors
 from .grouped import flash_attn_varlen_func, grouped_flash_attn_varlen_func
@@ -101,6 +105,7 @@ __all__ = [
     "llama3_shard",
     "llama3_unshard",
     "ops",
+    "ops_implementation",
     "register_hf_attention",
     "restore_hf_flash_attn",
     "ring_flash_attn_func",
@@ -167,3 +172,18 @@ def library_version() -> str:
     from . import _lib
 
     return _lib.version()
+
+
+def ops_implementation(device_type: Optional[str] = None) -> str:
+    """Which kernels ``torch.ops.ring_flash_attn`` (and the public functions) run on tensors of
+    `device_type` ("cpu" or "cuda"; default "cuda" when a GPU is available, else "cpu"):
+    ``"torch_shim"`` for the C++ kernels of libringattn_torch (over PyTorch's stable ABI),
+    ``"ctypes"`` for the Python kernels that call libringattn through ctypes (when
+    RING_FLASH_ATTN_TORCH_SHIM=0, torch is older than 2.10, the C++ library was not built or cannot
+    be loaded, or, for CUDA, unless RING_FLASH_ATTN_TORCH_SHIM=1: CUDA is opt-in until the GPU test
+    suite has run it). ``ring_flash_attn._torch_shim.details()`` says which file, or why not."""
+    from . import _torch_shim
+
+    if device_type is None:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    return _torch_shim.implementation(device_type)

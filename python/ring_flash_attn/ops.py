@@ -45,6 +45,11 @@ Python dispatch costs more per call), for CPU and CUDA with the same Python func
 data pointers, strides, the device index and the current CUDA stream to the C ABI. Outputs and
 workspaces come from PyTorch's allocator. Nothing here reads tensor values on the host: no
 ``.item()``, no device-to-host copies (the metadata value checks are the library's, on request).
+Where libringattn_torch loads (``_torch_shim``, torch >= 2.10), the CPU and CUDA kernels are its
+C++ ones instead: the same checks, structs and library call without Python; a call they do not
+take runs the Python kernel here through the private op ``_grouped_fwd_python`` /
+``_grouped_bwd_python``, and the eager path calls them through ``_grouped_fwd_native`` /
+``_grouped_bwd_native``.
 
 Autograd (``torch.library.register_autograd``): the backward of ``grouped_fwd`` calls
 ``grouped_bwd``; a loss that also uses the LSE outputs gets their gradient through one more
@@ -81,7 +86,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from . import _lib, _metadata_errors
+from . import _lib, _metadata_errors, _torch_shim
 from ._host_cache import EnvSetting, PlanCache, current_raw_stream, eager_dispatch_ok
 from ._host_cache import clear_plan_caches as _clear_plan_caches
 
@@ -893,9 +898,23 @@ def _grouped_bwd_kernel(dout_list, q_list, k, v, out_list, lse_list, cu_seqlens_
                     window_size, softcap, sinks, diagonal_shift_list)
 
 
-for _key in ("CPU", "CUDA"):
-    _library.impl("grouped_fwd", _grouped_fwd_kernel, _key)
-    _library.impl("grouped_bwd", _grouped_bwd_kernel, _key)
+# The CPU and CUDA kernels: libringattn_torch's C++ ones for the ops it covers when it can be
+# loaded (_torch_shim; one binary for every torch >= 2.10), else the Python ones above, which call
+# libringattn through ctypes. ring_flash_attn.ops_implementation() says which.
+_KERNELS = {"grouped_fwd": _grouped_fwd_kernel, "grouped_bwd": _grouped_bwd_kernel}
+_SHIM_LOADED = _torch_shim.load(_library, {"grouped_fwd": _FWD_SCHEMA, "grouped_bwd": _BWD_SCHEMA}, _KERNELS)
+for _name, _kernel in _KERNELS.items():
+    if not (_SHIM_LOADED and _name in _torch_shim.SHIM_OPS):
+        for _key in ("CPU", "CUDA"):
+            _library.impl(_name, _kernel, _key)
+
+# The kernels of the eager path (grouped_fwd_eager, _GroupedAttention, _call_bwd with eager=True):
+# with libringattn_torch, its C++ kernels through ops without an autograd wrapper (a call that
+# raises runs again on the Python path, which raises its exact exception); else the Python ones.
+if _SHIM_LOADED:
+    _eager_fwd, _eager_bwd = _torch_shim.eager_calls(lambda *a: _run_fwd(*a), lambda *a: _run_bwd(*a))
+else:
+    _eager_fwd, _eager_bwd = _run_fwd, _run_bwd
 
 
 def _validate_features_fake(checked, sinks, diagonal_shift_list) -> None:
@@ -1013,8 +1032,8 @@ def _call_bwd(eager: bool, dout_list, q_list, k, v, out_list, lse_list, meta, fe
     _host_cache.eager_dispatch_ok)."""
     if eager:
         f = features or {}
-        return _run_bwd(dout_list, q_list, k, v, out_list, lse_list, *meta, f.get("window_size", (-1, -1)),
-                        f.get("softcap", 0.0), f.get("sinks"), f.get("diagonal_shift_list"))
+        return _eager_bwd(dout_list, q_list, k, v, out_list, lse_list, *meta, f.get("window_size", (-1, -1)),
+                          f.get("softcap", 0.0), f.get("sinks"), f.get("diagonal_shift_list"))
     if features is None:
         return torch.ops.ring_flash_attn.grouped_bwd(dout_list, q_list, k, v, out_list, lse_list, *meta)
     return torch.ops.ring_flash_attn.grouped_bwd(dout_list, q_list, k, v, out_list, lse_list, *meta, **features)
@@ -1205,9 +1224,9 @@ class _GroupedAttention(torch.autograd.Function):
         (cu_seqlens_q_list, cu_seqlens_k, seqused_k_list, max_seqlen_q_list, max_seqlen_k, softmax_scale, causal,
          deterministic, window_size, softcap, diagonal_shift_list) = args
         q_list = list(q_list)
-        out_list, lse_list = _run_fwd(q_list, k, v, cu_seqlens_q_list, cu_seqlens_k, seqused_k_list,
-                                      max_seqlen_q_list, max_seqlen_k, softmax_scale, causal, window_size, softcap,
-                                      sinks, diagonal_shift_list)
+        out_list, lse_list = _eager_fwd(q_list, k, v, cu_seqlens_q_list, cu_seqlens_k, seqused_k_list,
+                                        max_seqlen_q_list, max_seqlen_k, softmax_scale, causal, window_size, softcap,
+                                        sinks, diagonal_shift_list)
         _save_attention_context(ctx, q_list, k, v, cu_seqlens_q_list, cu_seqlens_k, seqused_k_list,
                                 max_seqlen_q_list, max_seqlen_k, softmax_scale, causal, deterministic, window_size,
                                 softcap, sinks, diagonal_shift_list, out_list, lse_list)
@@ -1249,5 +1268,5 @@ def grouped_fwd_eager(q_list: List[Tensor], k: Tensor, v: Tensor, cu_seqlens_q_l
              deterministic, window_size, softcap, diagonal_shift_list), k, v, sinks, *q_list)
         G = len(q_list)
         return list(outputs[:G]), list(outputs[G:])
-    return _run_fwd(q_list, k, v, cu_seqlens_q_list, cu_seqlens_k, seqused_k_list, max_seqlen_q_list, max_seqlen_k,
-                    softmax_scale, causal, window_size, softcap, sinks, diagonal_shift_list)
+    return _eager_fwd(q_list, k, v, cu_seqlens_q_list, cu_seqlens_k, seqused_k_list, max_seqlen_q_list, max_seqlen_k,
+                      softmax_scale, causal, window_size, softcap, sinks, diagonal_shift_list)
