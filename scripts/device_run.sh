@@ -13,7 +13,8 @@
 #     benchmark/benchmark_features.py ($FEATURES_ARGS: window / softcap / sinks vs causal);
 #     verify: tests (both tiers, no stress), every context-parallel GPU script under torchrun over
 #     the machine's GPUs (zigzag llama3, ring variants, all-to-all/hybrid), the all-scheme
-#     distributed benchmark (step vs kernels alone, $CP_BENCH_ARGS), and the host time per call.
+#     distributed benchmark (step vs kernels alone, $CP_BENCH_ARGS), the ops' C++ kernels on
+#     CUDA (RING_FLASH_ATTN_TORCH_SHIM=1: their tests and host time), and the host time per call.
 #
 # Logs and CSVs go to $OUT (the device tool's return folder) or build/device-out.
 # GoogleTest: the GPU machine has no GoogleTest package; this machine copies its sources to
@@ -142,6 +143,22 @@ if [ "$mode" = full ] || [ "$mode" = tests ]; then
   rc=$?
   note "pytest -m stress: rc=$rc, $(tail -1 "$out/pytest_stress.log")"
   [ $rc -ne 0 ] && grep -E "Error|assert|FAILED" "$out/pytest_stress.log" | head -30
+fi
+
+# Mode verify: the ops' C++ kernels (libringattn_torch) on CUDA, which are opt-in until this
+# pass is green: their GPU tests and the suites that go through torch.ops, with them turned on.
+if [ "$mode" = verify ]; then
+  shim_tests=(test/test_torch_shim_gpu.py test/test_host_path_gpu.py test/test_gpu_window_softcap_sinks.py
+              test/test_grouped_flash_attention.py test/test_metadata_errors_gpu.py)
+  RING_FLASH_ATTN_TORCH_SHIM=1 timeout 300 "$py" -m pytest "${shim_tests[@]}" -m "gpu and not stress" -q \
+    -p no:cacheprovider >"$out/pytest_gpu_torch_shim.log" 2>&1
+  rc=$?
+  note "pytest (C++ op kernels on CUDA, RING_FLASH_ATTN_TORCH_SHIM=1): rc=$rc, $(tail -1 "$out/pytest_gpu_torch_shim.log")"
+  [ $rc -ne 0 ] && grep -E "Error|assert|FAILED" "$out/pytest_gpu_torch_shim.log" | head -30
+  RING_FLASH_ATTN_TORCH_SHIM=1 timeout 60 "$py" scripts/host_overhead.py --calls 1000 --repeats 3 \
+    >"$out/host_overhead_torch_shim.txt" 2>&1
+  note "host time per call with the C++ op kernels on CUDA: see host_overhead_torch_shim.txt"
+  cat "$out/host_overhead_torch_shim.txt"
 fi
 
 # Host time per call of each Python layer on a tiny problem (the per-call overhead, docs/performance.md).
