@@ -193,16 +193,17 @@ if [ "$mode" = verify ] && [ "${ngpu:-0}" -ge 1 ]; then
   for script in test/test_ring_variants_gpu.py test/test_all_to_all_gpu.py; do
     name=$(basename "$script" .py)
     t0=$(date +%s)
-    timeout 240 torchrun --nproc_per_node="$ngpu" "$script" >"$out/$name.log" 2>&1
+    timeout 150 torchrun --nproc_per_node="$ngpu" "$script" >"$out/$name.log" 2>&1
     rc=$?
     note "torchrun --nproc_per_node=$ngpu $script: rc=$rc in $(( $(date +%s) - t0 )) s, $(grep -cE '\bPASS' "$out/$name.log") PASS, $(grep -cE '\bFAIL' "$out/$name.log") FAIL lines"
     [ $rc -ne 0 ] && grep -E "FAIL|Error" "$out/$name.log" | head -20
   done
   t0=$(date +%s)
   # shellcheck disable=SC2086  # CP_BENCH_ARGS: several words
-  timeout 240 torchrun --nproc_per_node="$ngpu" benchmark/benchmark_cp_distributed.py --csv "$out/cp_distributed.csv" \
-    ${CP_BENCH_ARGS:-} >"$out/cp_distributed.txt" 2>"$out/cp_distributed_progress.log"
-  note "benchmark_cp_distributed.py ($ngpu GPU, ${CP_BENCH_ARGS:-default set}): rc=$? in $(( $(date +%s) - t0 )) s"
+  cp_args=${CP_BENCH_ARGS:---seqlens 16384 65536 --passes fwd_bwd --num-runs 3 --warmup 1}
+  timeout 200 torchrun --nproc_per_node="$ngpu" benchmark/benchmark_cp_distributed.py --csv "$out/cp_distributed.csv" \
+    $cp_args >"$out/cp_distributed.txt" 2>"$out/cp_distributed_progress.log"
+  note "benchmark_cp_distributed.py ($ngpu GPU, $cp_args): rc=$? in $(( $(date +%s) - t0 )) s"
   cat "$out/cp_distributed.txt"
 fi
 
