@@ -188,7 +188,7 @@ fi
 # Mode verify: the other context-parallel GPU scripts, and the all-scheme distributed benchmark.
 if [ "$mode" = verify ] && [ "${ngpu:-0}" -ge 1 ]; then
   t0=$(date +%s)
-  torchrun --nproc_per_node="$ngpu" test/test_zigzag_llama3_grouped.py >"$out/zigzag_torchrun.log" 2>&1
+  timeout 150 torchrun --nproc_per_node="$ngpu" test/test_zigzag_llama3_grouped.py >"$out/zigzag_torchrun.log" 2>&1
   note "torchrun --nproc_per_node=$ngpu test/test_zigzag_llama3_grouped.py: rc=$? in $(( $(date +%s) - t0 )) s, $(grep -cE '\bPASS' "$out/zigzag_torchrun.log") PASS, $(grep -cE '\bFAIL' "$out/zigzag_torchrun.log") FAIL lines"
   for script in test/test_ring_variants_gpu.py test/test_all_to_all_gpu.py; do
     name=$(basename "$script" .py)
