@@ -763,13 +763,11 @@ RINGATTN_TORCH_SHIM_API const void* ringattn_torch_shim_linked_entry_point(void)
 // The stable ABI version of the PyTorch headers it was built with (TORCH_ABI_VERSION).
 RINGATTN_TORCH_SHIM_API uint64_t ringattn_torch_shim_torch_abi_version(void) { return TORCH_ABI_VERSION; }
 
-// Registers the C++ kernel of `op` ("grouped_fwd" or "grouped_bwd") for CPU and CUDA, for the op
-// and for "_<op>_native" (the same kernel without autograd, for the package's eager calls). Their
-// schemas and "_<op>_python" must be defined first. Returns 0; 1 if registering threw (PyTorch
-// logged why); 2 for another op name. Registering an op again is a no-op.
-// Registers the C++ kernel of `op` ("grouped_fwd" or "grouped_bwd", and its "_<op>_native" twin)
-// for CPU, and for CUDA too when `with_cuda` is non-zero. Returns 0, 1 when PyTorch refused a
-// registration, 2 for an unknown op.
+// Registers the C++ kernel of `op` ("grouped_fwd" or "grouped_bwd") for CPU, and for CUDA too when
+// `with_cuda` is non-zero, for the op and for "_<op>_native" (the same kernel without autograd, for
+// the package's eager calls). Their schemas and "_<op>_python" must be defined first. Returns 0; 1
+// if registering threw (PyTorch logged why); 2 for another op name. Registering an op again is a
+// no-op.
 RINGATTN_TORCH_SHIM_API int32_t ringattn_torch_shim_register(const char* op, int32_t with_cuda) {
   using torch::stable::detail::StableLibrary;
   static std::atomic<bool> fwd_registered{false}, bwd_registered{false};
