@@ -8,7 +8,6 @@
 
 #include <cstdint>
 
-#include "cuda/work_list_inputs.h"
 #include "ringattn/ringattn.h"
 
 namespace ringattn {
@@ -40,21 +39,6 @@ __device__ __forceinline__ uint32_t cu_seqlens_pair(int32_t start, int32_t end, 
 __device__ __forceinline__ uint32_t seqused_k_entry(int32_t used, int32_t k_start, int32_t k_end) {
   const int64_t len_k = static_cast<int64_t>(k_end) - static_cast<int64_t>(k_start);
   return used < 0 || used > len_k ? static_cast<uint32_t>(RINGATTN_METADATA_SEQUSED_K_RANGE) : 0u;
-}
-
-// The cu_seqlens entries of sequence b (of group g's queries and of the keys), as read
-// (unclamped), and the errors of both pairs.
-struct SequenceEntries {
-  int32_t q_begin, q_end, k_begin, k_end;
-  uint32_t errors;
-};
-
-__device__ __forceinline__ SequenceEntries sequence_entries(const WorkListInputs& in, int g, int b) {
-  const int32_t* cu = in.cu_seqlens_q[g];
-  SequenceEntries e{cu[b], cu[b + 1], in.cu_seqlens_k[b], in.cu_seqlens_k[b + 1], 0u};
-  e.errors = cu_seqlens_pair<CuSeqlens::kQuery>(e.q_begin, e.q_end, b, in.batch_size, in.total_q[g]) |
-             cu_seqlens_pair<CuSeqlens::kKey>(e.k_begin, e.k_end, b, in.batch_size, in.total_k);
-  return e;
 }
 
 // A thread's findings into the caller's word (one atomic per thread that found something;

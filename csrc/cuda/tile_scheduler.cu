@@ -8,6 +8,7 @@ namespace ringattn {
 namespace cuda {
 namespace {
 
+using metadata_errors::CuSeqlens;
 using work_list::clamp_i;
 using work_list::kThreads;
 
@@ -38,15 +39,19 @@ __global__ void __launch_bounds__(kThreads) build_work_list_kernel(const __grid_
   for (int p = threadIdx.x; p < pairs; p += kThreads) {
     const int g = p / args.batch_size;
     const int b = p % args.batch_size;
-    const metadata_errors::SequenceEntries e = metadata_errors::sequence_entries(args, g, b);
-    errors |= e.errors;
-    const int32_t q_start = clamp_i(e.q_begin, 0, args.total_q[g]);
-    const int32_t seqlen_q = clamp_i(e.q_end, q_start, args.total_q[g]) - q_start;
-    const int32_t k_start = clamp_i(e.k_begin, 0, args.total_k);
-    int32_t seqlen_k = clamp_i(e.k_end, k_start, args.total_k) - k_start;
+    const int32_t* cu = args.cu_seqlens_q[g];
+    const int32_t cu_q_b = cu[b], cu_q_next = cu[b + 1];
+    const int32_t cu_k_b = args.cu_seqlens_k[b], cu_k_next = args.cu_seqlens_k[b + 1];
+    errors |= metadata_errors::cu_seqlens_pair<CuSeqlens::kQuery>(cu_q_b, cu_q_next, b, args.batch_size,
+                                                                  args.total_q[g]) |
+              metadata_errors::cu_seqlens_pair<CuSeqlens::kKey>(cu_k_b, cu_k_next, b, args.batch_size, args.total_k);
+    const int32_t q_start = clamp_i(cu_q_b, 0, args.total_q[g]);
+    const int32_t seqlen_q = clamp_i(cu_q_next, q_start, args.total_q[g]) - q_start;
+    const int32_t k_start = clamp_i(cu_k_b, 0, args.total_k);
+    int32_t seqlen_k = clamp_i(cu_k_next, k_start, args.total_k) - k_start;
     if (args.seqused_k[g] != nullptr) {
       const int32_t used = args.seqused_k[g][b];
-      errors |= metadata_errors::seqused_k_entry(used, e.k_begin, e.k_end);
+      errors |= metadata_errors::seqused_k_entry(used, cu_k_b, cu_k_next);
       seqlen_k = clamp_i(used, 0, seqlen_k);
     }
     const int32_t* shifts = args.diagonal_shift[g];

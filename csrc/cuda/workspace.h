@@ -5,7 +5,6 @@
 
 #include <cstddef>
 #include <cstdint>
-#include <vector>
 
 #include "cuda/kernel_registry.h"
 #include "cuda/tile_scheduler.h"
