@@ -89,21 +89,10 @@ __global__ void __launch_bounds__(T::kThreads, 1)
   const int kv_head = head / p.q_heads_per_kv_head;
   const int tid = threadIdx.x;
 
-  extern __shared__ __align__(1024) unsigned char smem_raw[];
-  const uint32_t base = (ptx::smem_addr(smem_raw) + 1023u) & ~1023u;
-  const BwdDqSmem<T> sm(base);
+  const BwdDqSmem<T> sm(aligned_dynamic_smem());
   const typename BwdDqSmem<T>::Pipeline kv_pipe = sm.kv_pipe();
   using State = PipelineState<T::kStages>;
-  if (tid == 0) {
-    ptx::mbarrier_init(sm.bar_q(), 1);
-#pragma unroll
-    for (int s = 0; s < T::kStages; ++s) {
-      ptx::mbarrier_init(kv_pipe.full(s), 1);
-      ptx::mbarrier_init(kv_pipe.empty(s), T::kConsumerWarps);
-    }
-    ptx::fence_mbarrier_init();
-  }
-  __syncthreads();
+  init_pipeline_barriers(sm.bar_q(), 1, T::kConsumerWarps, kv_pipe);
 
   const int warpgroup = ptx::warpgroup_index();
   if (warpgroup == 0) {

@@ -117,21 +117,11 @@ __global__ void __launch_bounds__(T::kThreads, 1)
   const int ratio = p.q_heads_per_kv_head;
   const int tid = threadIdx.x;
 
-  extern __shared__ __align__(1024) unsigned char smem_raw[];
-  const uint32_t base = (ptx::smem_addr(smem_raw) + 1023u) & ~1023u;
-  const BwdSmem<T> sm(base);
+  const BwdSmem<T> sm(aligned_dynamic_smem());
   const typename BwdSmem<T>::Pipeline q_pipe = sm.q_pipe();
   using State = PipelineState<T::kStages>;
-  if (tid == 0) {
-    ptx::mbarrier_init(sm.bar_kv(), 1);
-#pragma unroll
-    for (int s = 0; s < T::kStages; ++s) {
-      ptx::mbarrier_init(q_pipe.full(s), 32);  // the producer warp: 31 arrivals + 1 with the TMA bytes
-      ptx::mbarrier_init(q_pipe.empty(s), T::kConsumerWarps);
-    }
-    ptx::fence_mbarrier_init();
-  }
-  __syncthreads();
+  // A Q stage's full barrier waits for the producer warp: 31 arrivals + 1 with the TMA bytes.
+  init_pipeline_barriers(sm.bar_kv(), 32, T::kConsumerWarps, q_pipe);
 
   const int warpgroup = ptx::warpgroup_index();
   if (warpgroup == 0) {

@@ -194,22 +194,9 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __gri
     return;
   }
 
-  extern __shared__ __align__(1024) unsigned char smem_raw[];
-  const uint32_t base = (ptx::smem_addr(smem_raw) + 1023u) & ~1023u;
-  const SmemPlan<T> sm(base);
+  const SmemPlan<T> sm(aligned_dynamic_smem());
   const typename SmemPlan<T>::Pipeline k_pipe = sm.k_pipe(), v_pipe = sm.v_pipe();
-  if (tid == 0) {
-    ptx::mbarrier_init(sm.bar_q(), 1);
-#pragma unroll
-    for (int s = 0; s < T::kStages; ++s) {
-      ptx::mbarrier_init(k_pipe.full(s), 1);
-      ptx::mbarrier_init(v_pipe.full(s), 1);
-      ptx::mbarrier_init(k_pipe.empty(s), T::kConsumerWarps);
-      ptx::mbarrier_init(v_pipe.empty(s), T::kConsumerWarps);
-    }
-    ptx::fence_mbarrier_init();
-  }
-  __syncthreads();
+  init_pipeline_barriers(sm.bar_q(), 1, T::kConsumerWarps, k_pipe, v_pipe);
 
   const int warpgroup = ptx::warpgroup_index();
   if (warpgroup == 0) {

@@ -86,6 +86,34 @@ struct MbarrierPipeline {
   }
 };
 
+// The dynamic shared memory of a tier-2 kernel rounded up to 1024 bytes, the alignment of the
+// 128-byte swizzle's tiles (each kernel's kSmemBytes holds 1024 bytes of slack for it).
+__device__ __forceinline__ uint32_t aligned_dynamic_smem() {
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  return (ptx::smem_addr(smem_raw) + 1023u) & ~1023u;
+}
+
+// The kernel's mbarriers, initialised by thread 0 before the whole CTA goes on: the barrier of the
+// operands loaded once (`once`: one arrival, the producer's, plus its TMA bytes), then, stage by
+// stage, the full barriers of every ring in `rings` (full_arrivals each) and their empty barriers
+// (empty_arrivals each: one per consumer warp).
+template <int kStages, typename... Rings>
+__device__ __forceinline__ void init_pipeline_barriers(uint32_t once, int full_arrivals, int empty_arrivals,
+                                                       const MbarrierPipeline<kStages>& ring, const Rings&... rings) {
+  if (threadIdx.x == 0) {
+    ptx::mbarrier_init(once, 1);
+#pragma unroll
+    for (int s = 0; s < kStages; ++s) {
+      ptx::mbarrier_init(ring.full(s), full_arrivals);
+      (ptx::mbarrier_init(rings.full(s), full_arrivals), ...);
+      ptx::mbarrier_init(ring.empty(s), empty_arrivals);
+      (ptx::mbarrier_init(rings.empty(s), empty_arrivals), ...);
+    }
+    ptx::fence_mbarrier_init();
+  }
+  __syncthreads();
+}
+
 // Consumer: wait for iteration `a` of ring `pipe_a`, then for iteration `b` of ring `pipe_b`
 // (a block whose products read two rings, e.g. K of one iteration and V of the one before).
 // Both parities are computed before the first wait.

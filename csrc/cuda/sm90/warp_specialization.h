@@ -1,5 +1,9 @@
 // The warp specialisation both tier-2 kernels use: warpgroup 0 is the producer (TMA loads),
 // warpgroups 1 and 2 are consumers (wgmma), with the register split that setmaxnreg sets up.
+// Each kernel writes the split inline (setmaxnreg_dec at the top of the producer's branch,
+// setmaxnreg_inc after it): ptxas sizes a warpgroup's code by the setmaxnreg that dominates it,
+// and a helper returning the role (both paths meeting again before the branch on it) left the
+// consumers at the launch cap of 168 registers, with hundreds of bytes of spills.
 #pragma once
 
 namespace ringattn {
