@@ -88,20 +88,7 @@ struct OnlineSoftmax {
   template <int kDTiles>
   __device__ __forceinline__ void finalize(float (&o)[kMTiles][kDTiles][4], float softmax_scale,
                                            float (&lse)[kMTiles][2]) {
-#pragma unroll
-    for (int mt = 0; mt < kMTiles; ++mt)
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const float sum = quad_sum(row_sum[mt][r]);
-        const bool empty = sum == 0.f;  // no key weighs anything; a NaN sum stays NaN (O and LSE)
-        const float inv = empty ? 0.f : 1.f / sum;
-        lse[mt][r] = empty ? -INFINITY : row_max[mt][r] * softmax_scale + logf(sum);
-#pragma unroll
-        for (int dt = 0; dt < kDTiles; ++dt) {
-          o[mt][dt][2 * r] *= inv;
-          o[mt][dt][2 * r + 1] *= inv;
-        }
-      }
+    normalize</*kWithSink=*/false>(o, softmax_scale, 0.f, 0.f, lse);
   }
 
   // finalize() for rows that started with a sink (start_with_sink; `sink` in natural units and
@@ -112,15 +99,29 @@ struct OnlineSoftmax {
   __device__ __forceinline__ void finalize_with_sink(float (&o)[kMTiles][kDTiles][4], float softmax_scale,
                                                      float sink, float sink_in_score_units,
                                                      float (&lse)[kMTiles][2]) {
+    normalize</*kWithSink=*/true>(o, softmax_scale, sink, sink_in_score_units, lse);
+  }
+
+ private:
+  // The body of both finalizes: o /= the row's sum and LSE = (running max in natural units) +
+  // log(sum). The sink's row max is picked before the empty-row test and the plain one inside
+  // it, as each finalize was first written (the machine code of both depends on that order).
+  template <bool kWithSink, int kDTiles>
+  __device__ __forceinline__ void normalize(float (&o)[kMTiles][kDTiles][4], float softmax_scale, float sink,
+                                            float sink_in_score_units, float (&lse)[kMTiles][2]) {
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const float sum = quad_sum(row_sum[mt][r]);
-        const bool empty = sum == 0.f;  // as in finalize()
+        const bool empty = sum == 0.f;  // no key weighs anything; a NaN sum stays NaN (O and LSE)
         const float inv = empty ? 0.f : 1.f / sum;
-        const float max_natural = row_max[mt][r] == sink_in_score_units ? sink : row_max[mt][r] * softmax_scale;
-        lse[mt][r] = empty ? -INFINITY : max_natural + logf(sum);
+        if constexpr (kWithSink) {
+          const float max_natural = row_max[mt][r] == sink_in_score_units ? sink : row_max[mt][r] * softmax_scale;
+          lse[mt][r] = empty ? -INFINITY : max_natural + logf(sum);
+        } else {
+          lse[mt][r] = empty ? -INFINITY : row_max[mt][r] * softmax_scale + logf(sum);
+        }
 #pragma unroll
         for (int dt = 0; dt < kDTiles; ++dt) {
           o[mt][dt][2 * r] *= inv;
