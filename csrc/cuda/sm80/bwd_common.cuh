@@ -66,23 +66,30 @@ __device__ __forceinline__ void red_add_fragments(const float (&acc)[kTiles][4],
   }
 }
 
+// The 16-byte chunks of a [kRows, kHeadDim] tile that thread `tid` of kThreads handles, each as
+// chunk_at(i) with i = row * (kHeadDim / 8) + chunk: consecutive threads take consecutive chunks.
+// (The callers split i into row and chunk themselves: with the row computed where it is tested,
+// the test compiles to the same code as in a plain loop.)
+template <int kHeadDim, int kRows, int kThreads, typename ChunkAt>
+__device__ __forceinline__ void for_each_chunk(int tid, const ChunkAt& chunk_at) {
+  constexpr int kTotal = kRows * (kHeadDim / 8);
+  static_assert(kTotal % kThreads == 0, "tile chunks divide evenly over threads");
+#pragma unroll
+  for (int it = 0; it < kTotal / kThreads; ++it) chunk_at(tid + it * kThreads);
+}
+
 // cp.async a [kRows, kHeadDim] tile of rows `row_stride` elements apart whose first
 // `rows_valid` rows are real; the rest are zeros. All kThreads threads take part.
 template <typename Element, int kHeadDim, int kRows, int kThreads>
 __device__ __forceinline__ void load_rows(Element* smem, const Element* gmem, int64_t row_stride, int rows_valid,
                                           int tid) {
-  constexpr int kChunks = kHeadDim / 8;
-  constexpr int kTotal = kRows * kChunks;
-  static_assert(kTotal % kThreads == 0, "tile chunks divide evenly over threads");
-#pragma unroll
-  for (int it = 0; it < kTotal / kThreads; ++it) {
-    const int i = tid + it * kThreads;
-    const int row = i / kChunks;
-    const int chunk = i % kChunks;
+  for_each_chunk<kHeadDim, kRows, kThreads>(tid, [&](int i) {
+    const int row = i / (kHeadDim / 8);
+    const int chunk = i % (kHeadDim / 8);
     const bool valid = row < rows_valid;
     const Element* src = valid ? gmem + row * row_stride + chunk * 8 : gmem;
     ptx::cp_async_16(ptx::smem_addr(smem + swizzle<kHeadDim>(row, chunk)), src, valid);
-  }
+  });
 }
 
 // cp.async kCount consecutive floats, zero past `valid`.
@@ -96,18 +103,13 @@ __device__ __forceinline__ void load_floats(float* smem, const float* gmem, int 
 template <typename Element, int kHeadDim, int kRows, int kThreads>
 __device__ __forceinline__ void store_rows(Element* gmem, int64_t row_stride, const Element* smem, int rows_valid,
                                            int tid) {
-  constexpr int kChunks = kHeadDim / 8;
-  constexpr int kTotal = kRows * kChunks;
-  static_assert(kTotal % kThreads == 0, "tile chunks divide evenly over threads");
-#pragma unroll
-  for (int it = 0; it < kTotal / kThreads; ++it) {
-    const int i = tid + it * kThreads;
-    const int row = i / kChunks;
-    const int chunk = i % kChunks;
+  for_each_chunk<kHeadDim, kRows, kThreads>(tid, [&](int i) {
+    const int row = i / (kHeadDim / 8);
+    const int chunk = i % (kHeadDim / 8);
     if (row < rows_valid)
       *reinterpret_cast<uint4*>(gmem + row * row_stride + chunk * 8) =
           *reinterpret_cast<const uint4*>(smem + swizzle<kHeadDim>(row, chunk));
-  }
+  });
 }
 
 }  // namespace bwd
