@@ -8,8 +8,8 @@
 //   phase 3  dQ  = dS K (fp32 atomics)     warps = kBlockM/16 (16 queries each) x the rest (head dim)
 // P^T and dS^T pass from phase 1 to phases 2 and 3 through shared memory (dtype).
 //
-// dQ kernel (BwdDqTraits, deterministic mode): the forward's shape; a CTA owns kBlockM query
-// rows (16 per warp) and streams K/V blocks of kBlockN keys.
+// dQ kernel (BwdDqTraits, deterministic mode): the forward's shape (QueryTileTraits, fwd_traits.h);
+// a CTA owns kBlockM query rows (16 per warp) and streams K/V blocks of kBlockN keys.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -18,6 +18,7 @@
 
 #include "common/mask.h"
 #include "cuda/bwd_params.h"
+#include "cuda/sm80/fwd_traits.h"
 
 namespace ringattn {
 namespace cuda {
@@ -68,23 +69,10 @@ struct BwdTraits {
 };
 
 template <typename Element_, int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_>
-struct BwdDqTraits {
-  using Element = Element_;
-  static constexpr int kHeadDim = kHeadDim_;
-  static constexpr int kBlockM = kBlockM_;
-  static constexpr int kBlockN = kBlockN_;
-  static constexpr int kNWarps = kNWarps_;
-  static constexpr int kThreads = kNWarps * 32;
-  static constexpr int kMTiles = kBlockM / (16 * kNWarps);
-  static constexpr int kNTiles = kBlockN / 8;
-  static constexpr int kDTiles = kHeadDim / 8;
-  static constexpr int kChunks = kHeadDim / 8;
+struct BwdDqTraits : QueryTileTraits<Element_, kHeadDim_, kBlockM_, kBlockN_, kNWarps_> {
   // Q, dO, then K and V in two stages each.
-  static constexpr int kSmemElems = 2 * kBlockM * kHeadDim + 4 * kBlockN * kHeadDim;
-  static constexpr int kSmemBytes = kSmemElems * static_cast<int>(sizeof(Element));
-  static_assert(kBlockM % (16 * kNWarps) == 0, "each warp owns whole m16 tiles");
-  static_assert(kBlockN % 16 == 0 && kHeadDim % 16 == 0, "mma k/n granularity");
-  static_assert(kHeadDim >= 64, "the 8-way XOR swizzle needs >= 8 chunks per row");
+  static constexpr int kSmemElems = 2 * kBlockM_ * kHeadDim_ + 4 * kBlockN_ * kHeadDim_;
+  static constexpr int kSmemBytes = kSmemElems * static_cast<int>(sizeof(Element_));
 };
 
 // The configuration used for each head dim. Shared memory: D=64 65 KB, D=128 113 KB, D=256 145 KB

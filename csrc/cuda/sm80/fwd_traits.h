@@ -1,5 +1,7 @@
-// Tile shapes of the tier-1 forward kernel, and the one configuration chosen per
-// (dtype, head dim). Host dispatch reads kBlockM/kBlockN from here to build the work list.
+// Tile shapes of the tier-1 forward kernel (its QueryTileTraits shared with the deterministic dQ
+// kernel), the swizzled shared-memory addressing of every tier-1 kernel, and the one
+// configuration chosen per (dtype, head dim). Host dispatch reads kBlockM/kBlockN from here to
+// build the work list.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -13,30 +15,36 @@ namespace ringattn {
 namespace cuda {
 namespace sm80 {
 
-template <typename Element_, int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_, int kMinBlocksPerSm_,
-          int kStages_ = 1>
-struct FwdTraits {
+// The shape of the query-tile kernels (the forward and the deterministic dQ kernel): a CTA owns
+// kBlockM query rows, kMTiles m16 tiles per warp, and streams K/V blocks of kBlockN keys.
+template <typename Element_, int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_>
+struct QueryTileTraits {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = kBlockM_;
   static constexpr int kBlockN = kBlockN_;
   static constexpr int kNWarps = kNWarps_;
   static constexpr int kThreads = kNWarps * 32;
+  static constexpr int kMTiles = kBlockM / (16 * kNWarps);  // m16 tiles per warp
+  static constexpr int kNTiles = kBlockN / 8;               // n8 tiles of S per warp
+  static constexpr int kDTiles = kHeadDim / 8;              // n8 tiles of O (or dQ) per warp
+  static constexpr int kChunks = kHeadDim / 8;              // 16-byte chunks per row
+  static_assert(kBlockM % (16 * kNWarps) == 0, "each warp owns whole m16 tiles");
+  static_assert(kBlockN % 16 == 0 && kHeadDim % 16 == 0, "mma k/n granularity");
+  static_assert(kHeadDim >= 64, "the 8-way XOR swizzle needs >= 8 chunks per row");
+};
+
+template <typename Element_, int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_, int kMinBlocksPerSm_,
+          int kStages_ = 1>
+struct FwdTraits : QueryTileTraits<Element_, kHeadDim_, kBlockM_, kBlockN_, kNWarps_> {
   static constexpr int kMinBlocksPerSm = kMinBlocksPerSm_;
   // K/V shared-memory stages: 1 = one K and one V buffer (K(n-1) loads during P*V(n), V(n)
   // during Q*K(n)^T, two barriers per block); 2 = double-buffered K and V (the next block loads
   // during the whole current one, one barrier per block).
   static constexpr int kStages = kStages_;
-  static constexpr int kKVTileElems = kBlockN * kHeadDim;
-  static constexpr int kMTiles = kBlockM / (16 * kNWarps);  // m16 tiles per warp
-  static constexpr int kNTiles = kBlockN / 8;               // n8 tiles of S per warp
-  static constexpr int kDTiles = kHeadDim / 8;              // n8 tiles of O per warp
-  static constexpr int kChunks = kHeadDim / 8;              // 16-byte chunks per row
-  static constexpr int kSmemElems = kBlockM * kHeadDim + 2 * kStages * kKVTileElems;
-  static constexpr int kSmemBytes = kSmemElems * static_cast<int>(sizeof(Element));
-  static_assert(kBlockM % (16 * kNWarps) == 0, "each warp owns whole m16 tiles");
-  static_assert(kBlockN % 16 == 0 && kHeadDim % 16 == 0, "mma k/n granularity");
-  static_assert(kHeadDim >= 64, "the 8-way XOR swizzle needs >= 8 chunks per row");
+  static constexpr int kKVTileElems = kBlockN_ * kHeadDim_;
+  static constexpr int kSmemElems = kBlockM_ * kHeadDim_ + 2 * kStages * kKVTileElems;
+  static constexpr int kSmemBytes = kSmemElems * static_cast<int>(sizeof(Element_));
 };
 
 // Element offset of (row, 16-byte chunk) in a swizzled [rows, kHeadDim] tile.
