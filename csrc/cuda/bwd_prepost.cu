@@ -34,6 +34,19 @@ __device__ __forceinline__ uint32_t from_float2(float a, float b, __nv_bfloat16*
   return *reinterpret_cast<uint32_t*>(&h);
 }
 
+// Grid-stride walk of a thread's rows among `rows` (token, head) rows, kLanesPerRow threads to
+// a row: f(r, token, head) with r = token * heads + head. The lanes of a row take the same trip
+// count, so shuffles among them stay legal.
+struct RowWalk {
+  int64_t row_in_block = threadIdx.x / kLanesPerRow;
+  int64_t row_step = static_cast<int64_t>(gridDim.x) * kRowsPerBlock;
+
+  template <typename F>
+  __device__ __forceinline__ void operator()(int64_t rows, int heads, F&& f) const {
+    for (int64_t r = blockIdx.x * kRowsPerBlock + row_in_block; r < rows; r += row_step) f(r, r / heads, r % heads);
+  }
+};
+
 // Dot product of two 8-element chunks in fp32.
 template <typename Element>
 __device__ __forceinline__ float dot8(uint4 a, uint4 b) {
@@ -53,35 +66,30 @@ __device__ __forceinline__ float dot8(uint4 a, uint4 b) {
 template <typename Element>
 __global__ void __launch_bounds__(kThreads) bwd_preprocess_kernel(const __grid_constant__ BwdPrepParams params) {
   const int lane = threadIdx.x % kLanesPerRow;
-  const int64_t row_in_block = threadIdx.x / kLanesPerRow;
+  const RowWalk for_each_row;
   const int chunks = params.head_dim / 8;
-  const int64_t row_step = static_cast<int64_t>(gridDim.x) * kRowsPerBlock;
 
   if (static_cast<int>(blockIdx.y) == params.num_groups) {
     // Key rows after the last sequence: dK = dV = 0.
     const int32_t end = params.cu_seqlens_k[params.batch_size];
     const int64_t keys_end = end < 0 ? 0 : (end > params.total_k ? params.total_k : end);
     const int64_t rows = (static_cast<int64_t>(params.total_k) - keys_end) * params.num_heads_k;
-    for (int64_t r = blockIdx.x * kRowsPerBlock + row_in_block; r < rows; r += row_step) {
-      const int64_t token = keys_end + r / params.num_heads_k;
-      const int64_t h = r % params.num_heads_k;
+    for_each_row(rows, params.num_heads_k, [&](int64_t, int64_t tail_token, int64_t h) {
+      const int64_t token = keys_end + tail_token;
       Element* dk = static_cast<Element*>(params.dk) + token * params.dk_row_stride + h * params.dk_head_stride;
       Element* dv = static_cast<Element*>(params.dv) + token * params.dv_row_stride + h * params.dv_head_stride;
       for (int c = lane; c < chunks; c += kLanesPerRow) {
         *reinterpret_cast<uint4*>(dk + c * 8) = make_uint4(0, 0, 0, 0);
         *reinterpret_cast<uint4*>(dv + c * 8) = make_uint4(0, 0, 0, 0);
       }
-    }
+    });
     return;
   }
 
   const BwdPrepGroupArgs& g = params.groups[blockIdx.y];
   const int hq = params.num_heads_q;
   const int64_t rows = static_cast<int64_t>(g.total_q) * hq;
-  for (int64_t r = blockIdx.x * kRowsPerBlock + row_in_block; r < rows; r += row_step) {
-    // The kLanesPerRow lanes of a row take the same trip count; the shuffles stay among them.
-    const int64_t token = r / hq;
-    const int64_t h = r % hq;
+  for_each_row(rows, hq, [&](int64_t r, int64_t token, int64_t h) {
     const Element* o = static_cast<const Element*>(g.out) + token * g.out_row_stride + h * g.out_head_stride;
     const Element* d = static_cast<const Element*>(g.dout) + token * g.dout_row_stride + h * g.dout_head_stride;
     float* acc = g.ws.dq_accum + r * params.head_dim;
@@ -99,22 +107,19 @@ __global__ void __launch_bounds__(kThreads) bwd_preprocess_kernel(const __grid_c
       g.ws.lse_log2[idx] = lse == -INFINITY ? INFINITY : lse * 1.4426950408889634f;
       g.ws.di[idx] = sum;
     }
-  }
+  });
 }
 
 template <typename Element>
 __global__ void __launch_bounds__(kThreads) bwd_postprocess_kernel(const __grid_constant__ BwdPrepParams params) {
   const int lane = threadIdx.x % kLanesPerRow;
-  const int64_t row_in_block = threadIdx.x / kLanesPerRow;
+  const RowWalk for_each_row;
   const int chunks = params.head_dim / 8;
-  const int64_t row_step = static_cast<int64_t>(gridDim.x) * kRowsPerBlock;
   const BwdPrepGroupArgs& g = params.groups[blockIdx.y];
   const int hq = params.num_heads_q;
   const float scale = params.softmax_scale;
   const int64_t rows = static_cast<int64_t>(g.total_q) * hq;
-  for (int64_t r = blockIdx.x * kRowsPerBlock + row_in_block; r < rows; r += row_step) {
-    const int64_t token = r / hq;
-    const int64_t h = r % hq;
+  for_each_row(rows, hq, [&](int64_t r, int64_t token, int64_t h) {
     Element* dq = static_cast<Element*>(g.dq) + token * g.dq_row_stride + h * g.dq_head_stride;
     const float* acc = g.ws.dq_accum + r * params.head_dim;
     for (int c = lane; c < chunks; c += kLanesPerRow) {
@@ -127,7 +132,7 @@ __global__ void __launch_bounds__(kThreads) bwd_postprocess_kernel(const __grid_
       packed.w = from_float2(y.z * scale, y.w * scale, static_cast<Element*>(nullptr));
       *reinterpret_cast<uint4*>(dq + c * 8) = packed;
     }
-  }
+  });
 }
 
 int64_t max_rows(const BwdPrepParams& p) {
