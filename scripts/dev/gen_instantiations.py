@@ -28,12 +28,21 @@ REGISTRY = "csrc/cuda/kernel_registry.cu"
 class Launch:
     """One kernel's launch function, written into its instantiation file: it instantiates
     `kernel<traits, mask mode, softcap>` and launches it with the traits' threads and shared memory."""
-    name: str  # the launch functions' name prefix, in the tier's namespace
-    kernel: str  # the __global__ function template (its kernel header), in the tier's namespace
+    what: str  # "fwd", "bwd_dkdv", "bwd_dq": names the kernel grouped_<what>_kernel and its launch_<what>_*
     traits: str  # a str.format pattern over {element} and {hdim}, in the tier's namespace
     params: str  # the kernel parameter struct, in the tier's namespace
     # All of the unified L1/shared memory as shared memory (launch.h), where two CTAs need it.
     max_shared_carveout: bool = False
+
+    @property
+    def name(self) -> str:
+        """The launch functions' name prefix, in the tier's namespace."""
+        return f"launch_{self.what}"
+
+    @property
+    def kernel(self) -> str:
+        """The __global__ function template (its kernel header), in the tier's namespace."""
+        return f"grouped_{self.what}_kernel"
 
     def function(self, hdim: int, dtype: "Dtype", variant: "Variant") -> str:
         """The launch function of one (head dim, dtype, variant), in the tier's namespace."""
@@ -43,26 +52,6 @@ class Launch:
         """Its signature (without the terminating ; or body)."""
         return (f"cudaError_t {self.function(hdim, dtype, variant)}(const {self.params}& params, int num_ctas, "
                 f"cudaStream_t stream)")
-
-
-@dataclass(frozen=True)
-class KernelSet:
-    """A (tier, pass) whose kernels are built for each of its head dims, each dtype, each of its variants."""
-    title: str  # the registry table's comment
-    tier: str  # "sm80" (tier 1, mma.sync) or "sm90" (tier 2, sm90a): namespace, folder, file suffix
-    pass_name: str  # file name prefix
-    head_dims: tuple[int, ...]
-    kernel_headers: tuple[str, ...]  # what an instantiation file includes
-    declarations: tuple[str, ...]  # what the registry includes: the launches' declarations, the configs
-    launches: tuple[Launch, ...]  # instantiated together in one file
-    table: str  # registry table: its entry type, name and lookup function
-    entry_type: str
-    lookup: str
-    # A table row is entry_maker(entry_args...) (kernel_registry.h), each a str.format pattern over
-    # {dtype}, {mask}, {softcap}, {element}, and {traits<i>} / {launch<i>} of the i-th launch.
-    entry_maker: str
-    entry_args: tuple[str, ...]
-    variants: tuple["Variant", ...]  # the mask modes / softcap it is built for
 
 
 @dataclass(frozen=True)
@@ -94,8 +83,46 @@ DTYPES = (Dtype("fp16", "__half", "RINGATTN_DTYPE_FP16"), Dtype("bf16", "__nv_bf
 # tanh), which adds one variant per (pass, head dim, dtype) instead of three.
 FIXED_MASKS = (Variant("", "kNone"), Variant("_causal", "kCausal"))
 LOCAL_MASKS = (Variant("_local", "kLocal"), Variant("_local_softcap", "kLocal", softcap=True))
+ALL_VARIANTS = FIXED_MASKS + LOCAL_MASKS
 
-_SINGLE_ENTRY = {"entry_maker": "kernel_entry<{traits0}, {mask}, {softcap}>", "entry_args": ("{dtype}", "&{launch0}")}
+
+@dataclass(frozen=True)
+class KernelSet:
+    """A (tier, pass) whose kernels are built for each of its head dims, each dtype, each of its variants."""
+    title: str  # the registry table's comment
+    tier: str  # "sm80" (tier 1, mma.sync) or "sm90" (tier 2, sm90a): namespace, folder, file suffix
+    pass_name: str  # file name prefix
+    head_dims: tuple[int, ...]
+    kernel_headers: tuple[str, ...]  # what an instantiation file includes
+    declarations: tuple[str, ...]  # what the registry includes: the launches' declarations, the configs
+    launches: tuple[Launch, ...]  # instantiated together in one file
+    # A table row is entry_maker(entry_args...) (kernel_registry.h), each a str.format pattern over
+    # {dtype}, {mask}, {softcap}, {element}, and {traits<i>} / {launch<i>} of the i-th launch; by
+    # default a KernelEntry of the one launch.
+    entry_maker: str = "kernel_entry<{traits0}, {mask}, {softcap}>"
+    entry_args: tuple[str, ...] = ("{dtype}", "&{launch0}")
+    variants: tuple[Variant, ...] = ALL_VARIANTS  # the mask modes / softcap it is built for
+
+    @property
+    def _camel(self) -> str:
+        """Tier and pass in CamelCase ("Sm90BwdDq"), as the registry's names spell them."""
+        return self.tier.capitalize() + "".join(word.capitalize() for word in self.pass_name.split("_"))
+
+    @property
+    def table(self) -> str:
+        """The registry table's name."""
+        return f"k{self._camel}Kernels"
+
+    @property
+    def entry_type(self) -> str:
+        """The table's row type (kernel_registry.h)."""
+        return f"{self._camel}KernelEntry"
+
+    @property
+    def lookup(self) -> str:
+        """The table's lookup function (declared in kernel_registry.h)."""
+        return f"find_{self.tier}_{self.pass_name}_kernel"
+
 
 # The kernel sets. A head dim is one more number in a row's head_dims (and its traits' config).
 KERNELS = (
@@ -103,51 +130,36 @@ KERNELS = (
         title="Tier-1 (mma.sync, sm80 and newer) forward kernels.",
         tier="sm80", pass_name="fwd", head_dims=(64, 128, 256),
         kernel_headers=("cuda/sm80/fwd_kernel.cuh",), declarations=("cuda/sm80/fwd_traits.h",),
-        launches=(Launch("launch_fwd", "grouped_fwd_kernel", "FwdConfig<{element}, {hdim}>::Traits",
-                         "FwdKernelParams"),),
-        table="kSm80FwdKernels", entry_type="Sm80FwdKernelEntry", lookup="find_sm80_fwd_kernel",
-        variants=FIXED_MASKS + LOCAL_MASKS, **_SINGLE_ENTRY),
+        launches=(Launch("fwd", "FwdConfig<{element}, {hdim}>::Traits", "FwdKernelParams"),)),
     KernelSet(
         title="Tier-1 backward: dK/dV kernel, deterministic-mode dQ kernel, pre/postprocess.",
         tier="sm80", pass_name="bwd", head_dims=(64, 128, 256),
         kernel_headers=("cuda/sm80/bwd_dq_kernel.cuh", "cuda/sm80/bwd_kernel.cuh"),
         declarations=("cuda/bwd_prepost.h", "cuda/sm80/bwd_traits.h"),
         # dK/dV: all of L1 as shared memory, so that two CTAs of the D=128 tile fit on sm_90.
-        launches=(Launch("launch_bwd_dkdv", "grouped_bwd_dkdv_kernel", "BwdConfig<{element}, {hdim}>::Traits",
-                         "BwdKernelParams", max_shared_carveout=True),
-                  Launch("launch_bwd_dq", "grouped_bwd_dq_kernel", "BwdConfig<{element}, {hdim}>::DqTraits",
-                         "BwdKernelParams")),
-        table="kSm80BwdKernels", entry_type="Sm80BwdKernelEntry", lookup="find_sm80_bwd_kernel",
+        launches=(Launch("bwd_dkdv", "BwdConfig<{element}, {hdim}>::Traits", "BwdKernelParams",
+                         max_shared_carveout=True),
+                  Launch("bwd_dq", "BwdConfig<{element}, {hdim}>::DqTraits", "BwdKernelParams")),
         entry_maker="sm80_bwd_entry<{traits0}, {traits1}, {mask}, {softcap}>",
         entry_args=("{dtype}", "&{launch0}", "&{launch1}", "&launch_bwd_preprocess<{element}>",
-                    "&launch_bwd_postprocess<{element}>"),
-        variants=FIXED_MASKS + LOCAL_MASKS),
+                    "&launch_bwd_postprocess<{element}>")),
     KernelSet(
         title="Tier-2 (sm90a: TMA + wgmma, warp specialised) forward kernels.",
         tier="sm90", pass_name="fwd", head_dims=(64, 128, 256),
         kernel_headers=("cuda/sm90/fwd_kernel.cuh",), declarations=("cuda/sm90/fwd_params.h", "cuda/sm90/fwd_traits.h"),
-        launches=(Launch("launch_fwd", "grouped_fwd_kernel", "FwdConfig<{element}, {hdim}>::Traits",
-                         "FwdKernelParams"),),
-        table="kSm90FwdKernels", entry_type="Sm90FwdKernelEntry", lookup="find_sm90_fwd_kernel",
-        variants=FIXED_MASKS + LOCAL_MASKS, **_SINGLE_ENTRY),
+        launches=(Launch("fwd", "FwdConfig<{element}, {hdim}>::Traits", "FwdKernelParams"),)),
     # Head dim 256 runs tier 1's backward.
     KernelSet(
         title="Tier-2 backward dK/dV kernels (dQ through TMA reduce-add into dq_accum).",
         tier="sm90", pass_name="bwd", head_dims=(64, 128),
         kernel_headers=("cuda/sm90/bwd_kernel.cuh",), declarations=("cuda/sm90/bwd_traits.h",),
-        launches=(Launch("launch_bwd_dkdv", "grouped_bwd_dkdv_kernel", "BwdConfig<{element}, {hdim}>::Traits",
-                         "BwdKernelParams"),),
-        table="kSm90BwdKernels", entry_type="Sm90BwdKernelEntry", lookup="find_sm90_bwd_kernel",
-        variants=FIXED_MASKS + LOCAL_MASKS, **_SINGLE_ENTRY),
+        launches=(Launch("bwd_dkdv", "BwdConfig<{element}, {hdim}>::Traits", "BwdKernelParams"),)),
     KernelSet(
         title="Tier-2 dQ kernels of the deterministic mode.",
         tier="sm90", pass_name="bwd_dq", head_dims=(64, 128),
         kernel_headers=("cuda/sm90/bwd_dq_kernel.cuh",),
         declarations=("cuda/sm90/bwd_dq_traits.h", "cuda/sm90/bwd_params.h"),
-        launches=(Launch("launch_bwd_dq", "grouped_bwd_dq_kernel", "BwdDqConfig<{element}, {hdim}>::Traits",
-                         "BwdDqKernelParams"),),
-        table="kSm90BwdDqKernels", entry_type="Sm90BwdDqKernelEntry", lookup="find_sm90_bwd_dq_kernel",
-        variants=FIXED_MASKS + LOCAL_MASKS, **_SINGLE_ENTRY),
+        launches=(Launch("bwd_dq", "BwdDqConfig<{element}, {hdim}>::Traits", "BwdDqKernelParams"),)),
 )
 
 # The tier-2 tables exist only in builds with the sm90a kernels (cmake/cuda_kernels.cmake).
