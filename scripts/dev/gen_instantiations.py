@@ -28,25 +28,17 @@ REGISTRY = "csrc/cuda/kernel_registry.cu"
 class Launch:
     """One kernel's launch function, written into its instantiation file: it instantiates
     `kernel<traits, mask mode, softcap>` and launches it with the traits' threads and shared memory."""
-    what: str  # "fwd", "bwd_dkdv", "bwd_dq": names the kernel grouped_<what>_kernel and its launch_<what>_*
+    # "fwd", "bwd_dkdv", "bwd_dq": the kernel is the __global__ function template grouped_<what>_kernel
+    # (of its kernel header), its launch functions launch_<what>_*, both in the tier's namespace.
+    what: str
     traits: str  # a str.format pattern over {element} and {hdim}, in the tier's namespace
     params: str  # the kernel parameter struct, in the tier's namespace
     # All of the unified L1/shared memory as shared memory (launch.h), where two CTAs need it.
     max_shared_carveout: bool = False
 
-    @property
-    def name(self) -> str:
-        """The launch functions' name prefix, in the tier's namespace."""
-        return f"launch_{self.what}"
-
-    @property
-    def kernel(self) -> str:
-        """The __global__ function template (its kernel header), in the tier's namespace."""
-        return f"grouped_{self.what}_kernel"
-
     def function(self, hdim: int, dtype: "Dtype", variant: "Variant") -> str:
         """The launch function of one (head dim, dtype, variant), in the tier's namespace."""
-        return f"{self.name}_hdim{hdim}_{dtype.name}{variant.suffix}"
+        return f"launch_{self.what}_hdim{hdim}_{dtype.name}{variant.suffix}"
 
     def declaration(self, hdim: int, dtype: "Dtype", variant: "Variant") -> str:
         """Its signature (without the terminating ; or body)."""
@@ -103,25 +95,11 @@ class KernelSet:
     entry_args: tuple[str, ...] = ("{dtype}", "&{launch0}")
     variants: tuple[Variant, ...] = ALL_VARIANTS  # the mask modes / softcap it is built for
 
-    @property
-    def _camel(self) -> str:
-        """Tier and pass in CamelCase ("Sm90BwdDq"), as the registry's names spell them."""
-        return self.tier.capitalize() + "".join(word.capitalize() for word in self.pass_name.split("_"))
-
-    @property
-    def table(self) -> str:
-        """The registry table's name."""
-        return f"k{self._camel}Kernels"
-
-    @property
-    def entry_type(self) -> str:
-        """The table's row type (kernel_registry.h)."""
-        return f"{self._camel}KernelEntry"
-
-    @property
-    def lookup(self) -> str:
-        """The table's lookup function (declared in kernel_registry.h)."""
-        return f"find_{self.tier}_{self.pass_name}_kernel"
+    def registry_names(self) -> tuple[str, str, str]:
+        """The set's registry table, its row type and its lookup function (kernel_registry.h), named
+        after tier and pass: kSm90BwdDqKernels, Sm90BwdDqKernelEntry, find_sm90_bwd_dq_kernel."""
+        camel = self.tier.capitalize() + "".join(word.capitalize() for word in self.pass_name.split("_"))
+        return f"k{camel}Kernels", f"{camel}KernelEntry", f"find_{self.tier}_{self.pass_name}_kernel"
 
 
 # The kernel sets. A head dim is one more number in a row's head_dims (and its traits' config).
@@ -201,10 +179,11 @@ def instantiation_file(ks: KernelSet, hdim: int, dtype: Dtype, variant: Variant)
     for launch in ks.launches:
         traits = launch.traits.format(element=dtype.element, hdim=hdim)
         carveout = str(launch.max_shared_carveout).lower()
+        kernel = f"grouped_{launch.what}_kernel<T, {variant.template_args()}>"
         lines += (f"{launch.declaration(hdim, dtype, variant)} {{\n"
                   f"  using T = {traits};\n"
                   f"  static KernelAttributeCache attributes_set;  // launch.h\n"
-                  f"  return launch_with_smem(&{launch.kernel}<T, {variant.template_args()}>, num_ctas, T::kThreads,\n"
+                  f"  return launch_with_smem(&{kernel}, num_ctas, T::kThreads,\n"
                   f"                          T::kSmemBytes, stream, params, /*max_shared_carveout=*/{carveout},\n"
                   f"                          attributes_set);\n"
                   f"}}\n")
@@ -242,16 +221,17 @@ def launch_declarations(ks: KernelSet) -> str:
 
 def registry_table(ks: KernelSet) -> str:
     """A kernel set's launch declarations, table and lookup function."""
-    text = f"\n// {ks.title}\n{launch_declarations(ks)}const {ks.entry_type} {ks.table}[] = {{\n"
+    table, entry_type, lookup = ks.registry_names()
+    text = f"\n// {ks.title}\n{launch_declarations(ks)}const {entry_type} {table}[] = {{\n"
     for hdim in ks.head_dims:
         text += f"#ifdef RINGATTN_HDIM_{hdim}\n"
         for dtype in DTYPES:
             for variant in ks.variants:
                 text += f"    {registry_row(ks, hdim, dtype, variant)},\n"
         text += "#endif\n"
-    text += f"    {ks.entry_type}{{}}}};\n"  # the sentinel: dtype -1
-    text += (f"\nconst {ks.entry_type}* {ks.lookup}(int dtype, int head_dim, KernelVariant variant) {{\n"
-             f"  return find_entry({ks.table}, dtype, head_dim, variant);\n}}\n")
+    text += f"    {entry_type}{{}}}};\n"  # the sentinel: dtype -1
+    text += (f"\nconst {entry_type}* {lookup}(int dtype, int head_dim, KernelVariant variant) {{\n"
+             f"  return find_entry({table}, dtype, head_dim, variant);\n}}\n")
     return text
 
 
