@@ -43,6 +43,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "ringattn/ringattn.h"
 #include "torch_shim/stack_args.h"
@@ -508,16 +509,24 @@ bool tensor_list(OwnedTensor* tensors, size_t count, StableIValue* value) {
   return true;
 }
 
-// Asks for the pass's workspace, allocates it and runs the pass; false when the library refuses
-// the call (it then wrote nothing) or the allocation fails.
-template <typename Params>
-bool run_library(Params* params, ringattn_status (*workspace_size)(const Params*, size_t*),
-                 ringattn_status (*run)(const Params*), Device device) {
+// One library call of a pass (ringattn_fwd_params or ringattn_bwd_params): the shared arguments
+// into the call's structs (read_common), the pass's own through `fill_pass(c, params, groups)`
+// (which allocates the outputs and keeps them), then the workspace the library asks for and the
+// call. False as soon as a step declines the call; the library then wrote nothing.
+template <typename Params, typename FillPass>
+bool run_library(const OwnedArgs& a, const CommonArgIndex& at, ringattn_status (*workspace_size)(const Params*, size_t*),
+                 ringattn_status (*run)(const Params*), FillPass&& fill_pass) {
+  using Group = std::remove_const_t<std::remove_pointer_t<decltype(Params::groups)>>;
+  Common c;
+  Params params{};
+  Group groups[kMaxGroups] = {};
+  if (!read_common(a, at, &c, &params, groups) || !fill_pass(c, params, groups)) return false;
+  params.groups = groups;
   size_t bytes = 0;
   OwnedTensor workspace;
-  return workspace_size(params, &bytes) == RINGATTN_STATUS_OK &&
-         allocate_workspace(bytes, device, &workspace, &params->workspace, &params->workspace_size) &&
-         run(params) == RINGATTN_STATUS_OK;
+  return workspace_size(&params, &bytes) == RINGATTN_STATUS_OK &&
+         allocate_workspace(bytes, c.device, &workspace, &params.workspace, &params.workspace_size) &&
+         run(&params) == RINGATTN_STATUS_OK;
 }
 
 // ---- forward ------------------------------------------------------------------------------------
@@ -532,28 +541,28 @@ constexpr ArgKind kFwdOutputs[] = {ArgKind::kTensorList, ArgKind::kTensorList};
 
 // The forward of a call the checks accept; false (nothing written to `stack`) otherwise.
 bool run_fwd(const OwnedArgs& a, StableIValue* stack) {
-  Common c;
-  ringattn_fwd_params params{};
-  ringattn_fwd_group groups[kMaxGroups] = {};
-  if (!read_common(a, kFwdIndex, &c, &params, groups)) return false;
-  const size_t G = c.num_groups;
+  size_t G = 0;
   OwnedTensor outs[kMaxGroups], lses[kMaxGroups];
-  for (size_t g = 0; g < G; ++g) {
-    const TensorMeta& q = c.q[g];
-    const int64_t lse_sizes[2] = {c.num_heads_q, q.sizes[0]};
-    void* out_ptr = nullptr;
-    void* lse_ptr = nullptr;
-    if (!empty_contiguous(3, q.sizes, c.dtype, c.device, &outs[g]) ||
-        !empty_contiguous(2, lse_sizes, codes().float32, c.device, &lses[g]) || !data_ptr(outs[g].get(), &out_ptr) ||
-        !data_ptr(lses[g].get(), &lse_ptr))
-      return false;
-    ringattn_fwd_group& gr = groups[g];
-    gr.out = out_ptr;
-    if (!new_tensor_strides(outs[g].get(), c, &gr.out_row_stride, &gr.out_head_stride)) return false;
-    gr.softmax_lse = static_cast<float*>(lse_ptr);
-  }
-  params.groups = groups;
-  if (!run_library(&params, ringattn_fwd_workspace_size, ringattn_grouped_fwd, c.device)) return false;
+  // Each group's out and LSE.
+  auto allocate_outputs = [&](const Common& c, ringattn_fwd_params&, ringattn_fwd_group* groups) {
+    G = c.num_groups;
+    for (size_t g = 0; g < G; ++g) {
+      const TensorMeta& q = c.q[g];
+      const int64_t lse_sizes[2] = {c.num_heads_q, q.sizes[0]};
+      void* out_ptr = nullptr;
+      void* lse_ptr = nullptr;
+      if (!empty_contiguous(3, q.sizes, c.dtype, c.device, &outs[g]) ||
+          !empty_contiguous(2, lse_sizes, codes().float32, c.device, &lses[g]) ||
+          !data_ptr(outs[g].get(), &out_ptr) || !data_ptr(lses[g].get(), &lse_ptr))
+        return false;
+      ringattn_fwd_group& gr = groups[g];
+      gr.out = out_ptr;
+      if (!new_tensor_strides(outs[g].get(), c, &gr.out_row_stride, &gr.out_head_stride)) return false;
+      gr.softmax_lse = static_cast<float*>(lse_ptr);
+    }
+    return true;
+  };
+  if (!run_library(a, kFwdIndex, ringattn_fwd_workspace_size, ringattn_grouped_fwd, allocate_outputs)) return false;
   StableIValue out_list = 0, lse_list = 0;
   if (!tensor_list(outs, G, &out_list)) return false;
   if (!tensor_list(lses, G, &lse_list)) {
@@ -576,44 +585,44 @@ constexpr size_t kBwdNumArgs = sizeof(kBwdArgs) / sizeof(kBwdArgs[0]);
 constexpr ArgKind kBwdPythonOutputs[] = {ArgKind::kTensorList};  // see split_bwd_outputs
 
 bool run_bwd(const OwnedArgs& a, StableIValue* stack) {
-  Common c;
-  ringattn_bwd_params params{};
-  ringattn_bwd_group groups[kMaxGroups] = {};
-  if (!read_common(a, kBwdIndex, &c, &params, groups)) return false;
-  const size_t G = c.num_groups;
-  TensorMeta douts[kMaxGroups], outs[kMaxGroups], lses[kMaxGroups];
-  if (!read_tensor_list(a[0], G, douts) || !read_tensor_list(a[4], G, outs) || !read_tensor_list(a[5], G, lses))
-    return false;
-  // dk, dv: new, shaped like k and v (contiguous).
+  size_t G = 0;
   OwnedTensor dk, dv, dqs[kMaxGroups];
-  void* ptr = nullptr;
-  if (!empty_contiguous(3, c.k.sizes, c.dtype, c.device, &dk) || !data_ptr(dk.get(), &params.dk) ||
-      !new_tensor_strides(dk.get(), c, &params.dk_row_stride, &params.dk_head_stride) ||
-      !empty_contiguous(3, c.v.sizes, c.dtype, c.device, &dv) || !data_ptr(dv.get(), &params.dv) ||
-      !new_tensor_strides(dv.get(), c, &params.dv_row_stride, &params.dv_head_stride))
-    return false;
-  params.deterministic = to_value<bool>(a[13]) ? 1 : 0;
+  // dout, out and LSE of each group, deterministic, and the new dk, dv and dQs.
+  auto fill_backward = [&](const Common& c, ringattn_bwd_params& params, ringattn_bwd_group* groups) {
+    G = c.num_groups;
+    TensorMeta douts[kMaxGroups], outs[kMaxGroups], lses[kMaxGroups];
+    if (!read_tensor_list(a[0], G, douts) || !read_tensor_list(a[4], G, outs) || !read_tensor_list(a[5], G, lses))
+      return false;
+    // dk, dv: new, shaped like k and v (contiguous).
+    void* ptr = nullptr;
+    if (!empty_contiguous(3, c.k.sizes, c.dtype, c.device, &dk) || !data_ptr(dk.get(), &params.dk) ||
+        !new_tensor_strides(dk.get(), c, &params.dk_row_stride, &params.dk_head_stride) ||
+        !empty_contiguous(3, c.v.sizes, c.dtype, c.device, &dv) || !data_ptr(dv.get(), &params.dv) ||
+        !new_tensor_strides(dv.get(), c, &params.dv_row_stride, &params.dv_head_stride))
+      return false;
+    params.deterministic = to_value<bool>(a[13]) ? 1 : 0;
 
-  for (size_t g = 0; g < G; ++g) {
-    const TensorMeta& q = c.q[g];
-    ringattn_bwd_group& gr = groups[g];
-    if (!check_3d(outs[g], c.dtype, c.device, &gr.out_row_stride, &gr.out_head_stride) ||
-        !same_sizes(outs[g], q) ||
-        !check_3d(douts[g], c.dtype, c.device, &gr.dout_row_stride, &gr.dout_head_stride) ||
-        !same_sizes(douts[g], q) || !check_lse(lses[g], c.num_heads_q, q.sizes[0], c.device))
-      return false;
-    if (!data_ptr(outs[g].handle, &ptr)) return false;
-    gr.out = ptr;
-    if (!data_ptr(douts[g].handle, &ptr)) return false;
-    gr.dout = ptr;
-    if (!data_ptr(lses[g].handle, &ptr)) return false;
-    gr.softmax_lse = static_cast<const float*>(ptr);
-    if (!empty_contiguous(3, q.sizes, c.dtype, c.device, &dqs[g]) || !data_ptr(dqs[g].get(), &gr.dq) ||
-        !new_tensor_strides(dqs[g].get(), c, &gr.dq_row_stride, &gr.dq_head_stride))
-      return false;
-  }
-  params.groups = groups;
-  if (!run_library(&params, ringattn_bwd_workspace_size, ringattn_grouped_bwd, c.device)) return false;
+    for (size_t g = 0; g < G; ++g) {
+      const TensorMeta& q = c.q[g];
+      ringattn_bwd_group& gr = groups[g];
+      if (!check_3d(outs[g], c.dtype, c.device, &gr.out_row_stride, &gr.out_head_stride) ||
+          !same_sizes(outs[g], q) ||
+          !check_3d(douts[g], c.dtype, c.device, &gr.dout_row_stride, &gr.dout_head_stride) ||
+          !same_sizes(douts[g], q) || !check_lse(lses[g], c.num_heads_q, q.sizes[0], c.device))
+        return false;
+      if (!data_ptr(outs[g].handle, &ptr)) return false;
+      gr.out = ptr;
+      if (!data_ptr(douts[g].handle, &ptr)) return false;
+      gr.dout = ptr;
+      if (!data_ptr(lses[g].handle, &ptr)) return false;
+      gr.softmax_lse = static_cast<const float*>(ptr);
+      if (!empty_contiguous(3, q.sizes, c.dtype, c.device, &dqs[g]) || !data_ptr(dqs[g].get(), &gr.dq) ||
+          !new_tensor_strides(dqs[g].get(), c, &gr.dq_row_stride, &gr.dq_head_stride))
+        return false;
+    }
+    return true;
+  };
+  if (!run_library(a, kBwdIndex, ringattn_bwd_workspace_size, ringattn_grouped_bwd, fill_backward)) return false;
   StableIValue dq_list = 0;
   if (!tensor_list(dqs, G, &dq_list)) return false;
   stack[0] = dq_list;
