@@ -496,9 +496,8 @@ void attend_query_tile(const Shape& s, const View<const T>& q, const View<const 
 }
 
 template <typename T>
-ringattn_status run_forward(const ringattn_fwd_params& p) {
+ringattn_status run_forward(const ringattn_fwd_params& p, const Shape& s) {
   using A = typename Element<T>::Acc;
-  const Shape s = make_shape(p.problem, p.groups);
   const int d = s.head_dim;
   const A scale = resolve_scale<A>(p.problem);
   const View<const T> k = const_view<T>(p.k, p.k_row_stride, p.k_head_stride);
@@ -719,9 +718,8 @@ void dq_query_tile(const Shape& s, const BackwardTensors<T>& x, A scale, const Q
 }
 
 template <typename T>
-ringattn_status run_backward(const ringattn_bwd_params& p) {
+ringattn_status run_backward(const ringattn_bwd_params& p, const Shape& s) {
   using A = typename Element<T>::Acc;
-  const Shape s = make_shape(p.problem, p.groups);
   const int d = s.head_dim;
   const A scale = resolve_scale<A>(p.problem);
 
@@ -793,20 +791,25 @@ ringattn_status run_backward(const ringattn_bwd_params& p) {
   return RINGATTN_STATUS_OK;
 }
 
+// A pass of one dtype: its call params and the problem's geometry (make_shape).
 template <typename Params>
-ringattn_status dispatch(const Params& p, const char* pass,
-                         ringattn_status (*f32)(const Params&), ringattn_status (*f16)(const Params&),
-                         ringattn_status (*bf16)(const Params&), ringattn_status (*f64)(const Params&)) {
+using PassFn = ringattn_status (*)(const Params&, const Shape&);
+
+// Runs the pass's instantiation for the call's dtype on the call's geometry, which every dtype shares.
+template <typename Params>
+ringattn_status dispatch(const Params& p, const char* pass, PassFn<Params> f32, PassFn<Params> f16,
+                         PassFn<Params> bf16, PassFn<Params> f64) {
   // The tile kernels work in chunks of 8 along the head dim (supports_head_dim).
   if (!supports_head_dim(p.problem.head_dim))
     return failf(RINGATTN_STATUS_INTERNAL_ERROR, "CPU backend, %s: head_dim %d reached the backend unvalidated",
                  pass, p.problem.head_dim);
   try {
+    const Shape s = make_shape(p.problem, p.groups);
     switch (p.problem.dtype) {
-      case RINGATTN_DTYPE_FP32: return f32(p);
-      case RINGATTN_DTYPE_FP16: return f16(p);
-      case RINGATTN_DTYPE_BF16: return bf16(p);
-      case RINGATTN_DTYPE_FP64: return f64(p);
+      case RINGATTN_DTYPE_FP32: return f32(p, s);
+      case RINGATTN_DTYPE_FP16: return f16(p, s);
+      case RINGATTN_DTYPE_BF16: return bf16(p, s);
+      case RINGATTN_DTYPE_FP64: return f64(p, s);
       default:
         return failf(RINGATTN_STATUS_INTERNAL_ERROR, "CPU backend, %s: dtype %d reached the backend unvalidated",
                      pass, p.problem.dtype);

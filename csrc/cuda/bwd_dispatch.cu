@@ -2,7 +2,7 @@
 // so that a refused argument or tensor map writes nothing:
 //   plan_bwd_workspace    tier 1's kernels (they size the workspace), the layout, the grid limits
 //   build_bwd_params      the pre/postprocess and kernel parameters
-//   choose_bwd_kernels    the tier (choose_tier, as the forward) and tier 2's kernels
+//   choose_bwd_kernels    the tier (choose_call_tier, as the forward) and tier 2's kernels
 //   build_bwd_work_lists  the dK/dV work list, and the dQ kernel's, for the chosen kernels' blocks
 //   encode_bwd_maps       tier 2's TMA tensor maps
 //   launch_bwd            the launches, in the order bwd_params.h lists
@@ -90,48 +90,34 @@ ringattn_status check_bwd_shared_memory(const ringattn_bwd_params& p, const Sm80
 void build_bwd_params(const ringattn_bwd_params& p, BwdPlan* plan) {
   const ringattn_problem& pr = p.problem;
   char* ws = static_cast<char*>(p.workspace);
-  const float softmax_scale = resolved_softmax_scale(pr);
 
   BwdPrepParams& prep = plan->prep;
   for (int g = 0; g < pr.num_groups; ++g) {
     const ringattn_bwd_group& src = p.groups[g];
     BwdPrepGroupArgs& dst = prep.groups[g];
-    dst.out = src.out;
-    dst.dout = src.dout;
+    RINGATTN_COPY_VIEW(dst, src, out);
+    RINGATTN_COPY_VIEW(dst, src, dout);
+    RINGATTN_COPY_VIEW(dst, src, dq);
     dst.lse = src.softmax_lse;
-    dst.dq = src.dq;
     dst.ws.lse_log2 = reinterpret_cast<float*>(ws + plan->layout.lse_log2[g]);
     dst.ws.di = reinterpret_cast<float*>(ws + plan->layout.di[g]);
     dst.ws.dq_accum = reinterpret_cast<float*>(ws + plan->layout.dq_accum[g]);
-    dst.out_row_stride = src.out_row_stride;
-    dst.out_head_stride = src.out_head_stride;
-    dst.dout_row_stride = src.dout_row_stride;
-    dst.dout_head_stride = src.dout_head_stride;
-    dst.dq_row_stride = src.dq_row_stride;
-    dst.dq_head_stride = src.dq_head_stride;
     dst.total_q = static_cast<int32_t>(src.total_q);
   }
   fill_key_grads(prep, p);
-  prep.cu_seqlens_k = pr.cu_seqlens_k;
-  prep.total_k = static_cast<int32_t>(pr.total_k);
-  prep.batch_size = pr.batch_size;
-  prep.num_groups = pr.num_groups;
-  prep.num_heads_q = pr.num_heads_q;
+  fill_problem_sizes(prep, pr);
   prep.num_heads_k = pr.num_heads_k;
   prep.head_dim = pr.head_dim;
-  prep.softmax_scale = softmax_scale;
 
   sm80::BwdKernelParams& kp = plan->kp;
   for (int g = 0; g < pr.num_groups; ++g) {
     const ringattn_bwd_group& src = p.groups[g];
     BwdGroupArgs& dst = kp.groups[g];
     fill_query_group(dst, src);
-    dst.dout = src.dout;
+    RINGATTN_COPY_VIEW(dst, src, dout);
     dst.lse_log2 = prep.groups[g].ws.lse_log2;
     dst.di = prep.groups[g].ws.di;
     dst.dq_accum = prep.groups[g].ws.dq_accum;
-    dst.dout_row_stride = src.dout_row_stride;
-    dst.dout_head_stride = src.dout_head_stride;
   }
   fill_keys_and_problem(kp, p);
   fill_key_grads(kp, p);
@@ -143,24 +129,16 @@ void build_bwd_params(const ringattn_bwd_params& p, BwdPlan* plan) {
 // The tier (see ringattn_tier) and, on tier 2, its dK/dV kernel and (deterministic mode) dQ
 // kernel. Tier 2 computes dQ with a TMA reduce-add from the dK/dV kernel unless deterministic.
 ringattn_status choose_bwd_kernels(const ringattn_bwd_params& p, BwdPlan* plan) {
-  const ringattn_problem& pr = p.problem;
-  int cc = 0;
-  ringattn_status s = check_device(p.exec.device_index, &cc);
+  Tier2Kernel<ringattn_bwd_params> e90 = nullptr;
+  const ringattn_status s = choose_call_tier(p, "this backward", &e90);
   if (s != RINGATTN_STATUS_OK) return s;
-  bool tier2_kernel = false;
 #ifdef RINGATTN_SM90_TIER
-  const KernelVariant variant = kernel_variant(p, /*forward=*/false);
-  const Sm90BwdKernelEntry* e90 = find_sm90_bwd_kernel(pr.dtype, pr.head_dim, variant);
-  tier2_kernel = e90 != nullptr;
-#endif
-  Tier tier = Tier::kSm80;
-  if ((s = choose_tier(p.exec, cc, tier2_kernel, pr.total_k, "this backward", &tier)) != RINGATTN_STATUS_OK) return s;
-#ifdef RINGATTN_SM90_TIER
-  if (tier == Tier::kSm90) {
+  if (e90 != nullptr) {
+    const ringattn_problem& pr = p.problem;
     plan->e90 = e90;
     plan->dq_kernel = p.deterministic != 0;
     if (p.deterministic != 0) {
-      plan->e90_dq = find_sm90_bwd_dq_kernel(pr.dtype, pr.head_dim, variant);
+      plan->e90_dq = find_sm90_bwd_dq_kernel(pr.dtype, pr.head_dim, kernel_variant(p, /*forward=*/false));
       if (plan->e90_dq == nullptr)
         return failf(RINGATTN_STATUS_UNSUPPORTED, "tier 2 backward: no deterministic dQ kernel compiled for head_dim %d",
                      pr.head_dim);
@@ -171,6 +149,16 @@ ringattn_status choose_bwd_kernels(const ringattn_bwd_params& p, BwdPlan* plan) 
 #endif
   return RINGATTN_STATUS_OK;
 }
+
+#ifdef RINGATTN_SM90_TIER
+// Whether tier 2's backward tiles at head dim kHeadDim are not smaller than tier 1's: its dK/dV
+// kernel's K/V blocks and its dQ kernel's query tiles (the work lists are sized for tier 1's).
+template <int kHeadDim>
+constexpr bool tier2_bwd_tiles_fit() {
+  return sm90::BwdConfig<__half, kHeadDim>::Traits::kBlockN >= sm80::BwdConfig<__half, kHeadDim>::Traits::kBlockN &&
+         sm90::BwdDqConfig<__half, kHeadDim>::Traits::kBlockM >= sm80::BwdConfig<__half, kHeadDim>::DqTraits::kBlockM;
+}
+#endif
 
 // The work lists, carved out of the workspace (bwd_layout sized them for tier 1's blocks; tier 2's
 // are not smaller, so its shorter lists fit).
@@ -183,18 +171,14 @@ void build_bwd_work_lists(const ringattn_bwd_params& p, BwdPlan* plan) {
   int dq_block_m = e.dq_block_m, dq_block_n = e.dq_block_n;
   int64_t dq_capacity = plan->layout.q_capacity;
 #ifdef RINGATTN_SM90_TIER
+  static_assert(tier2_bwd_tiles_fit<64>() && tier2_bwd_tiles_fit<128>(),
+                "tier 2's K/V blocks and dQ query tiles fit the work lists sized for tier 1's");
   if (plan->e90 != nullptr) {
-    static_assert(sm90::BwdConfig<__half, 64>::Traits::kBlockN >= sm80::BwdConfig<__half, 64>::Traits::kBlockN &&
-                      sm90::BwdConfig<__half, 128>::Traits::kBlockN >= sm80::BwdConfig<__half, 128>::Traits::kBlockN,
-                  "tier 2's K/V blocks fit the work list sized for tier 1's");
     block_m = plan->e90->block_m;
     block_n = plan->e90->block_n;
     kv_capacity = bwd_kv_capacity(pr.total_k, pr.batch_size, block_n);
   }
   if (plan->e90_dq != nullptr) {
-    static_assert(sm90::BwdDqConfig<__half, 64>::Traits::kBlockM >= sm80::BwdConfig<__half, 64>::DqTraits::kBlockM &&
-                      sm90::BwdDqConfig<__half, 128>::Traits::kBlockM >= sm80::BwdConfig<__half, 128>::DqTraits::kBlockM,
-                  "tier 2's dQ query tiles fit the work list sized for tier 1's");
     dq_block_m = plan->e90_dq->block_m;
     dq_block_n = plan->e90_dq->block_n;
     dq_capacity = query_tile_capacity(p, dq_block_m);
@@ -270,32 +254,45 @@ ringattn_status encode_bwd_maps(const ringattn_bwd_params& p, BwdPlan* plan) {
   return RINGATTN_STATUS_OK;
 }
 
+// The dK/dV kernel, then, when the plan has a dQ kernel, the dQ work list and the dQ kernel, of
+// one tier: `launch_dkdv` and `launch_dq` launch its kernels, `tier` (" (tier 2, sm90a)" or "")
+// follows the kernel's name in an error.
+template <typename LaunchDkdv, typename LaunchDq>
+ringattn_status launch_bwd_kernels(const BwdPlan& plan, const char* tier, LaunchDkdv&& launch_dkdv, LaunchDq&& launch_dq,
+                                   cudaStream_t stream) {
+  auto failed = [tier](cudaError_t err, const char* kernel) {
+    const std::string what = std::string("launching the grouped backward ") + kernel + " kernel" + tier;
+    return cuda_fail(err, what.c_str());
+  };
+  cudaError_t err;
+  if ((err = launch_dkdv()) != cudaSuccess) return failed(err, "dK/dV");
+  if (!plan.dq_kernel) return RINGATTN_STATUS_OK;
+  if ((err = launch_build_work_list(plan.q_sched, stream)) != cudaSuccess)
+    return cuda_fail(err, "launching the backward dQ work-list kernel");
+  if ((err = launch_dq()) != cudaSuccess) return failed(err, "dQ");
+  return RINGATTN_STATUS_OK;
+}
+
 ringattn_status launch_bwd(const BwdPlan& plan, cudaStream_t stream) {
   const Sm80BwdKernelEntry& e = *plan.e;
+  const int dkdv_ctas = static_cast<int>(plan.dkdv_ctas), dq_ctas = static_cast<int>(plan.dq_ctas);
   cudaError_t err;
   if ((err = e.preprocess(plan.prep, stream)) != cudaSuccess) return cuda_fail(err, "launching the backward preprocess");
   if ((err = launch_build_bwd_work_list(plan.kv_sched, stream)) != cudaSuccess)
     return cuda_fail(err, "launching the backward work-list kernel");
+  ringattn_status s;
 #ifdef RINGATTN_SM90_TIER
-  if (plan.e90 != nullptr) {
-    if ((err = plan.e90->launch(plan.kp90, static_cast<int>(plan.dkdv_ctas), stream)) != cudaSuccess)
-      return cuda_fail(err, "launching the grouped backward dK/dV kernel (tier 2, sm90a)");
-  } else
+  // Tier 2's dQ kernel runs exactly when the plan has one (choose_bwd_kernels: deterministic mode).
+  if (plan.e90 != nullptr)
+    s = launch_bwd_kernels(
+        plan, " (tier 2, sm90a)", [&] { return plan.e90->launch(plan.kp90, dkdv_ctas, stream); },
+        [&] { return plan.e90_dq->launch(plan.kp90_dq, dq_ctas, stream); }, stream);
+  else
 #endif
-      if ((err = e.dkdv(plan.kp, static_cast<int>(plan.dkdv_ctas), stream)) != cudaSuccess)
-    return cuda_fail(err, "launching the grouped backward dK/dV kernel");
-  if (plan.dq_kernel) {
-    if ((err = launch_build_work_list(plan.q_sched, stream)) != cudaSuccess)
-      return cuda_fail(err, "launching the backward dQ work-list kernel");
-#ifdef RINGATTN_SM90_TIER
-    if (plan.e90_dq != nullptr) {
-      if ((err = plan.e90_dq->launch(plan.kp90_dq, static_cast<int>(plan.dq_ctas), stream)) != cudaSuccess)
-        return cuda_fail(err, "launching the grouped backward dQ kernel (tier 2, sm90a)");
-    } else
-#endif
-        if ((err = e.dq(plan.kp, static_cast<int>(plan.dq_ctas), stream)) != cudaSuccess)
-      return cuda_fail(err, "launching the grouped backward dQ kernel");
-  }
+    s = launch_bwd_kernels(
+        plan, "", [&] { return e.dkdv(plan.kp, dkdv_ctas, stream); }, [&] { return e.dq(plan.kp, dq_ctas, stream); },
+        stream);
+  if (s != RINGATTN_STATUS_OK) return s;
   if ((err = e.postprocess(plan.prep, stream)) != cudaSuccess)
     return cuda_fail(err, "launching the backward postprocess");
   return RINGATTN_STATUS_OK;

@@ -32,10 +32,8 @@ FwdKernelParams fwd_kernel_params(const ringattn_fwd_params& p, const SchedulerA
     const ringattn_fwd_group& src = p.groups[g];
     FwdGroupArgs& dst = kp.groups[g];
     fill_query_group(dst, src);
-    dst.out = src.out;
+    RINGATTN_COPY_VIEW(dst, src, out);
     dst.softmax_lse = src.softmax_lse;
-    dst.out_row_stride = src.out_row_stride;
-    dst.out_head_stride = src.out_head_stride;
   }
   fill_keys_and_problem(kp, p);
   kp.work_items = sched.sorted;
@@ -99,22 +97,14 @@ ringattn_status grouped_fwd(const ringattn_fwd_params& p) {
   const ringattn_problem& pr = p.problem;
   ringattn_status s = check_support(p.exec.device_index, pr.dtype, pr.head_dim);
   if (s != RINGATTN_STATUS_OK) return s;
-  int cc = 0;
-  if ((s = check_device(p.exec.device_index, &cc)) != RINGATTN_STATUS_OK) return s;
   DeviceGuard guard(p.exec.device_index);
   if (guard.error() != cudaSuccess) return cuda_fail(guard.error(), "cudaSetDevice");
   cudaStream_t stream = static_cast<cudaStream_t>(p.exec.stream);
 
-  bool tier2_kernel = false;
+  Tier2Kernel<ringattn_fwd_params> e90 = nullptr;
+  if ((s = choose_call_tier(p, "this call", &e90)) != RINGATTN_STATUS_OK) return s;
 #ifdef RINGATTN_SM90_TIER
-  const KernelVariant variant = kernel_variant(p, /*forward=*/true);
-  const Sm90FwdKernelEntry* e90 = find_sm90_fwd_kernel(pr.dtype, pr.head_dim, variant);
-  tier2_kernel = e90 != nullptr;
-#endif
-  Tier tier = Tier::kSm80;
-  if ((s = choose_tier(p.exec, cc, tier2_kernel, pr.total_k, "this call", &tier)) != RINGATTN_STATUS_OK) return s;
-#ifdef RINGATTN_SM90_TIER
-  if (tier == Tier::kSm90) return run_sm90_fwd(p, *e90, stream);
+  if (e90 != nullptr) return run_sm90_fwd(p, *e90, stream);
 #endif
 
   const Sm80FwdKernelEntry* e = sm80_fwd_kernel_or_fail(p);

@@ -1,8 +1,10 @@
-// Host-side filling of the fields that the forward and backward kernel parameters share, from the
+// Host-side code the forward and backward dispatch share: the choice of the tier that runs a call,
+// and the filling of the fields that the forward and backward kernel parameters share, from the
 // validated call parameters (ringattn_fwd_params / ringattn_bwd_params and their groups).
 #pragma once
 
 #include <cstdint>
+#include <utility>
 
 #include "cuda/device_support.h"
 #include "cuda/fwd_params.h"
@@ -12,34 +14,81 @@
 namespace ringattn {
 namespace cuda {
 
+#ifdef RINGATTN_SM90_TIER
+// Tier 2's kernel for a forward call, or its dK/dV kernel for a backward call: nullptr when none
+// is compiled for the call's dtype, head dim and kernel variant.
+inline const Sm90FwdKernelEntry* find_tier2_kernel(const ringattn_fwd_params& p) {
+  return find_sm90_fwd_kernel(p.problem.dtype, p.problem.head_dim, kernel_variant(p, /*forward=*/true));
+}
+inline const Sm90BwdKernelEntry* find_tier2_kernel(const ringattn_bwd_params& p) {
+  return find_sm90_bwd_kernel(p.problem.dtype, p.problem.head_dim, kernel_variant(p, /*forward=*/false));
+}
+#else
+// A build without the sm90a kernels has no tier-2 kernel.
+template <typename CallParams>
+const void* find_tier2_kernel(const CallParams&) {
+  return nullptr;
+}
+#endif
+
+// The pointer to a call's tier-2 kernel (find_tier2_kernel).
+template <typename CallParams>
+using Tier2Kernel = decltype(find_tier2_kernel(std::declval<const CallParams&>()));
+
+// The tier that runs call `p` (choose_tier, for the compute capability of the call's GPU): *tier2
+// gets the tier-2 kernel that runs it, or nullptr when tier 1 does. `call` names the call in
+// choose_tier's refusal.
+template <typename CallParams>
+ringattn_status choose_call_tier(const CallParams& p, const char* call, Tier2Kernel<CallParams>* tier2) {
+  *tier2 = nullptr;
+  int cc = 0;
+  ringattn_status s = check_device(p.exec.device_index, &cc);
+  if (s != RINGATTN_STATUS_OK) return s;
+  const Tier2Kernel<CallParams> kernel = find_tier2_kernel(p);
+  Tier tier = Tier::kSm80;
+  if ((s = choose_tier(p.exec, cc, kernel != nullptr, p.problem.total_k, call, &tier)) != RINGATTN_STATUS_OK) return s;
+  if (tier == Tier::kSm90) *tier2 = kernel;
+  return RINGATTN_STATUS_OK;
+}
+
+// Copies the strided [rows, heads, head_dim] view `name` from `src` to `dst`, whose fields share
+// the call parameters' names: the pointer `name`, `name`_row_stride and `name`_head_stride.
+#define RINGATTN_COPY_VIEW(dst, src, name)                  \
+  do {                                                      \
+    (dst).name = (src).name;                                \
+    (dst).name##_row_stride = (src).name##_row_stride;      \
+    (dst).name##_head_stride = (src).name##_head_stride;    \
+  } while (0)
+
 // A query group's own query views and sizes: q, its strides, cu_seqlens_q, seqused_k, total_q.
 template <typename KernelGroup, typename CallGroup>
 void fill_query_group(KernelGroup& dst, const CallGroup& src) {
-  dst.q = src.q;
+  RINGATTN_COPY_VIEW(dst, src, q);
   dst.cu_seqlens_q = src.cu_seqlens_q;
   dst.seqused_k = src.seqused_k;
-  dst.q_row_stride = src.q_row_stride;
-  dst.q_head_stride = src.q_head_stride;
   dst.total_q = static_cast<int32_t>(src.total_q);
+}
+
+// The problem-wide sizes and the softmax scale (natural units) that the kernel parameters and the
+// backward's pre/postprocess parameters share.
+template <typename Dst>
+void fill_problem_sizes(Dst& dst, const ringattn_problem& pr) {
+  dst.cu_seqlens_k = pr.cu_seqlens_k;
+  dst.total_k = static_cast<int32_t>(pr.total_k);
+  dst.num_groups = pr.num_groups;
+  dst.batch_size = pr.batch_size;
+  dst.num_heads_q = pr.num_heads_q;
+  dst.softmax_scale = resolved_softmax_scale(pr);
 }
 
 // The key/value views and the problem-wide sizes and softmax scale (natural and log2 units).
 template <typename KernelParams, typename CallParams>
 void fill_keys_and_problem(KernelParams& kp, const CallParams& p) {
   const ringattn_problem& pr = p.problem;
-  kp.k = p.k;
-  kp.v = p.v;
-  kp.k_row_stride = p.k_row_stride;
-  kp.k_head_stride = p.k_head_stride;
-  kp.v_row_stride = p.v_row_stride;
-  kp.v_head_stride = p.v_head_stride;
-  kp.cu_seqlens_k = pr.cu_seqlens_k;
-  kp.total_k = static_cast<int32_t>(pr.total_k);
-  kp.num_groups = pr.num_groups;
-  kp.batch_size = pr.batch_size;
-  kp.num_heads_q = pr.num_heads_q;
+  RINGATTN_COPY_VIEW(kp, p, k);
+  RINGATTN_COPY_VIEW(kp, p, v);
+  fill_problem_sizes(kp, pr);
   kp.q_heads_per_kv_head = pr.num_heads_q / pr.num_heads_k;
-  kp.softmax_scale = resolved_softmax_scale(pr);
   kp.softmax_scale_log2 = kp.softmax_scale * 1.4426950408889634f;
 }
 
@@ -61,12 +110,8 @@ void fill_features(FeatureParams& f, const CallParams& p) {
 // The backward's dK/dV outputs and their strides.
 template <typename KernelParams>
 void fill_key_grads(KernelParams& kp, const ringattn_bwd_params& p) {
-  kp.dk = p.dk;
-  kp.dv = p.dv;
-  kp.dk_row_stride = p.dk_row_stride;
-  kp.dk_head_stride = p.dk_head_stride;
-  kp.dv_row_stride = p.dv_row_stride;
-  kp.dv_head_stride = p.dv_head_stride;
+  RINGATTN_COPY_VIEW(kp, p, dk);
+  RINGATTN_COPY_VIEW(kp, p, dv);
 }
 
 }  // namespace cuda

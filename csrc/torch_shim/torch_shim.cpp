@@ -43,6 +43,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "ringattn/ringattn.h"
 #include "torch_shim/stack_args.h"
@@ -299,18 +300,7 @@ struct CommonArgIndex {
 constexpr CommonArgIndex kFwdIndex{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 13, 14};
 constexpr CommonArgIndex kBwdIndex{1, 2, 3, 6, 7, 8, 9, 10, 11, 12, 14, 15, 16, 17};
 
-// The per-group fields forward and backward share.
-struct GroupCommon {
-  const void* q;
-  int64_t q_row_stride, q_head_stride;
-  const int32_t* cu_seqlens_q;
-  const int32_t* seqused_k;
-  int64_t total_q;
-  int32_t max_seqlen_q;
-  const int32_t* diagonal_shift;
-};
-
-// What _validate_common and _fill_common establish.
+// What _validate_common and _fill_common establish besides the fields of the call's structs.
 struct Common {
   size_t num_groups = 0;
   int64_t batch_size = 0, num_heads_q = 0;
@@ -318,22 +308,7 @@ struct Common {
   Device device;
   TensorMeta q[kMaxGroups];
   TensorMeta k, v;
-  const void* k_ptr = nullptr;
-  const void* v_ptr = nullptr;
-  int64_t k_row_stride = 0, k_head_stride = 0, v_row_stride = 0, v_head_stride = 0;
-  GroupCommon groups[kMaxGroups] = {};
 };
-
-// Copies the K/V fields of `c` into the params of either pass.
-template <typename Params>
-void set_kv(const Common& c, Params* params) {
-  params->k = c.k_ptr;
-  params->k_row_stride = c.k_row_stride;
-  params->k_head_stride = c.k_head_stride;
-  params->v = c.v_ptr;
-  params->v_row_stride = c.v_row_stride;
-  params->v_head_stride = c.v_head_stride;
-}
 
 // The row and head strides of a tensor the kernel allocated, as _check_3d hands them on.
 bool new_tensor_strides(AtenTensorHandle tensor, const Common& c, int64_t* row_stride, int64_t* head_stride) {
@@ -370,9 +345,13 @@ bool optional_int32_vector(StableIValue element, int64_t batch_size, Device devi
   return true;
 }
 
-// _validate_common + _fill_common (+ the shared group fields of _build_fwd / _build_bwd). False
-// for anything the Python path would reject or may decide differently.
-bool read_common(const OwnedArgs& a, const CommonArgIndex& at, Common* c, ringattn_problem* p, ringattn_exec* ex) {
+// _validate_common + _fill_common (+ the shared group fields of _build_fwd / _build_bwd), into
+// the params of either pass (problem, exec, K/V) and its first num_groups groups. False for
+// anything the Python path would reject or may decide differently.
+template <typename Params, typename Group>
+bool read_common(const OwnedArgs& a, const CommonArgIndex& at, Common* c, Params* params, Group* groups) {
+  ringattn_problem* p = &params->problem;
+  ringattn_exec* ex = &params->exec;
   ListArg q_list;
   if (!q_list.open(to_value<StableListHandle>(a[at.q_list]))) return false;
   const size_t G = q_list.size();
@@ -391,13 +370,13 @@ bool read_common(const OwnedArgs& a, const CommonArgIndex& at, Common* c, ringat
     return false;
 
   if (!read_meta(tensor_arg(a[at.k]), &c->k) || !read_meta(tensor_arg(a[at.v]), &c->v) ||
-      !check_3d(c->k, c->dtype, c->device, &c->k_row_stride, &c->k_head_stride) ||
-      !check_3d(c->v, c->dtype, c->device, &c->v_row_stride, &c->v_head_stride) || !same_sizes(c->v, c->k) ||
+      !check_3d(c->k, c->dtype, c->device, &params->k_row_stride, &params->k_head_stride) ||
+      !check_3d(c->v, c->dtype, c->device, &params->v_row_stride, &params->v_head_stride) || !same_sizes(c->v, c->k) ||
       q0.dim != 3)
     return false;
   const int64_t Hk = c->k.sizes[1], D = c->k.sizes[2], Hq = q0.sizes[1];
   for (size_t g = 0; g < G; ++g) {
-    GroupCommon& gr = c->groups[g];
+    Group& gr = groups[g];
     if (!check_3d(c->q[g], c->dtype, c->device, &gr.q_row_stride, &gr.q_head_stride) || c->q[g].sizes[1] != Hq ||
         c->q[g].sizes[2] != D)
       return false;
@@ -416,10 +395,10 @@ bool read_common(const OwnedArgs& a, const CommonArgIndex& at, Common* c, ringat
     if (!cu_q.get(g, &element) || !read_meta(tensor_arg(element), &m) || !check_int32_vector(m, B + 1, c->device) ||
         !data_ptr(m.handle, &ptr))
       return false;
-    c->groups[g].cu_seqlens_q = static_cast<const int32_t*>(ptr);
-    c->groups[g].seqused_k = nullptr;
-    if (seqused.size() == G && (!seqused.get(g, &element) ||
-                                !optional_int32_vector(element, B, c->device, &c->groups[g].seqused_k)))
+    groups[g].cu_seqlens_q = static_cast<const int32_t*>(ptr);
+    groups[g].seqused_k = nullptr;
+    if (seqused.size() == G &&
+        (!seqused.get(g, &element) || !optional_int32_vector(element, B, c->device, &groups[g].seqused_k)))
       return false;
   }
 
@@ -449,9 +428,9 @@ bool read_common(const OwnedArgs& a, const CommonArgIndex& at, Common* c, ringat
   p->cu_seqlens_k = static_cast<const int32_t*>(ptr);
   p->check_metadata = check_metadata;
   if (!data_ptr(c->k.handle, &ptr)) return false;
-  c->k_ptr = ptr;
+  params->k = ptr;
   if (!data_ptr(c->v.handle, &ptr)) return false;
-  c->v_ptr = ptr;
+  params->v = ptr;
 
   // Window, softcap, sinks.
   ListArg window;
@@ -484,7 +463,7 @@ bool read_common(const OwnedArgs& a, const CommonArgIndex& at, Common* c, ringat
   ListArg shifts;
   if (shifts_value.has_value() && (!shifts.open(*shifts_value) || shifts.size() != G)) return false;
   for (size_t g = 0; g < G; ++g) {
-    GroupCommon& gr = c->groups[g];
+    Group& gr = groups[g];
     gr.diagonal_shift = nullptr;
     StableIValue element = 0;
     if (shifts_value.has_value() &&
@@ -530,29 +509,24 @@ bool tensor_list(OwnedTensor* tensors, size_t count, StableIValue* value) {
   return true;
 }
 
-// The per-group fields forward and backward share, into either pass's group struct.
-template <typename Group>
-void set_group_common(const GroupCommon& common, Group* gr) {
-  gr->q = common.q;
-  gr->q_row_stride = common.q_row_stride;
-  gr->q_head_stride = common.q_head_stride;
-  gr->cu_seqlens_q = common.cu_seqlens_q;
-  gr->seqused_k = common.seqused_k;
-  gr->total_q = common.total_q;
-  gr->max_seqlen_q = common.max_seqlen_q;
-  gr->diagonal_shift = common.diagonal_shift;
-}
-
-// Asks for the pass's workspace, allocates it and runs the pass; false when the library refuses
-// the call (it then wrote nothing) or the allocation fails.
-template <typename Params>
-bool run_library(Params* params, ringattn_status (*workspace_size)(const Params*, size_t*),
-                 ringattn_status (*run)(const Params*), Device device) {
+// One library call of a pass (ringattn_fwd_params or ringattn_bwd_params): the shared arguments
+// into the call's structs (read_common), the pass's own through `fill_pass(c, params, groups)`
+// (which allocates the outputs and keeps them), then the workspace the library asks for and the
+// call. False as soon as a step declines the call; the library then wrote nothing.
+template <typename Params, typename FillPass>
+bool run_library(const OwnedArgs& a, const CommonArgIndex& at, ringattn_status (*workspace_size)(const Params*, size_t*),
+                 ringattn_status (*run)(const Params*), FillPass&& fill_pass) {
+  using Group = std::remove_const_t<std::remove_pointer_t<decltype(Params::groups)>>;
+  Common c;
+  Params params{};
+  Group groups[kMaxGroups] = {};
+  if (!read_common(a, at, &c, &params, groups) || !fill_pass(c, params, groups)) return false;
+  params.groups = groups;
   size_t bytes = 0;
   OwnedTensor workspace;
-  return workspace_size(params, &bytes) == RINGATTN_STATUS_OK &&
-         allocate_workspace(bytes, device, &workspace, &params->workspace, &params->workspace_size) &&
-         run(params) == RINGATTN_STATUS_OK;
+  return workspace_size(&params, &bytes) == RINGATTN_STATUS_OK &&
+         allocate_workspace(bytes, c.device, &workspace, &params.workspace, &params.workspace_size) &&
+         run(&params) == RINGATTN_STATUS_OK;
 }
 
 // ---- forward ------------------------------------------------------------------------------------
@@ -567,30 +541,28 @@ constexpr ArgKind kFwdOutputs[] = {ArgKind::kTensorList, ArgKind::kTensorList};
 
 // The forward of a call the checks accept; false (nothing written to `stack`) otherwise.
 bool run_fwd(const OwnedArgs& a, StableIValue* stack) {
-  Common c;
-  ringattn_fwd_params params{};
-  if (!read_common(a, kFwdIndex, &c, &params.problem, &params.exec)) return false;
-  set_kv(c, &params);
-  const size_t G = c.num_groups;
+  size_t G = 0;
   OwnedTensor outs[kMaxGroups], lses[kMaxGroups];
-  ringattn_fwd_group groups[kMaxGroups] = {};
-  for (size_t g = 0; g < G; ++g) {
-    const TensorMeta& q = c.q[g];
-    const int64_t lse_sizes[2] = {c.num_heads_q, q.sizes[0]};
-    void* out_ptr = nullptr;
-    void* lse_ptr = nullptr;
-    if (!empty_contiguous(3, q.sizes, c.dtype, c.device, &outs[g]) ||
-        !empty_contiguous(2, lse_sizes, codes().float32, c.device, &lses[g]) || !data_ptr(outs[g].get(), &out_ptr) ||
-        !data_ptr(lses[g].get(), &lse_ptr))
-      return false;
-    ringattn_fwd_group& gr = groups[g];
-    set_group_common(c.groups[g], &gr);
-    gr.out = out_ptr;
-    if (!new_tensor_strides(outs[g].get(), c, &gr.out_row_stride, &gr.out_head_stride)) return false;
-    gr.softmax_lse = static_cast<float*>(lse_ptr);
-  }
-  params.groups = groups;
-  if (!run_library(&params, ringattn_fwd_workspace_size, ringattn_grouped_fwd, c.device)) return false;
+  // Each group's out and LSE.
+  auto allocate_outputs = [&](const Common& c, ringattn_fwd_params&, ringattn_fwd_group* groups) {
+    G = c.num_groups;
+    for (size_t g = 0; g < G; ++g) {
+      const TensorMeta& q = c.q[g];
+      const int64_t lse_sizes[2] = {c.num_heads_q, q.sizes[0]};
+      void* out_ptr = nullptr;
+      void* lse_ptr = nullptr;
+      if (!empty_contiguous(3, q.sizes, c.dtype, c.device, &outs[g]) ||
+          !empty_contiguous(2, lse_sizes, codes().float32, c.device, &lses[g]) ||
+          !data_ptr(outs[g].get(), &out_ptr) || !data_ptr(lses[g].get(), &lse_ptr))
+        return false;
+      ringattn_fwd_group& gr = groups[g];
+      gr.out = out_ptr;
+      if (!new_tensor_strides(outs[g].get(), c, &gr.out_row_stride, &gr.out_head_stride)) return false;
+      gr.softmax_lse = static_cast<float*>(lse_ptr);
+    }
+    return true;
+  };
+  if (!run_library(a, kFwdIndex, ringattn_fwd_workspace_size, ringattn_grouped_fwd, allocate_outputs)) return false;
   StableIValue out_list = 0, lse_list = 0;
   if (!tensor_list(outs, G, &out_list)) return false;
   if (!tensor_list(lses, G, &lse_list)) {
@@ -613,46 +585,44 @@ constexpr size_t kBwdNumArgs = sizeof(kBwdArgs) / sizeof(kBwdArgs[0]);
 constexpr ArgKind kBwdPythonOutputs[] = {ArgKind::kTensorList};  // see split_bwd_outputs
 
 bool run_bwd(const OwnedArgs& a, StableIValue* stack) {
-  Common c;
-  ringattn_bwd_params params{};
-  if (!read_common(a, kBwdIndex, &c, &params.problem, &params.exec)) return false;
-  set_kv(c, &params);
-  const size_t G = c.num_groups;
-  TensorMeta douts[kMaxGroups], outs[kMaxGroups], lses[kMaxGroups];
-  if (!read_tensor_list(a[0], G, douts) || !read_tensor_list(a[4], G, outs) || !read_tensor_list(a[5], G, lses))
-    return false;
-  // dk, dv: new, shaped like k and v (contiguous).
+  size_t G = 0;
   OwnedTensor dk, dv, dqs[kMaxGroups];
-  void* ptr = nullptr;
-  if (!empty_contiguous(3, c.k.sizes, c.dtype, c.device, &dk) || !data_ptr(dk.get(), &params.dk) ||
-      !new_tensor_strides(dk.get(), c, &params.dk_row_stride, &params.dk_head_stride) ||
-      !empty_contiguous(3, c.v.sizes, c.dtype, c.device, &dv) || !data_ptr(dv.get(), &params.dv) ||
-      !new_tensor_strides(dv.get(), c, &params.dv_row_stride, &params.dv_head_stride))
-    return false;
-  params.deterministic = to_value<bool>(a[13]) ? 1 : 0;
+  // dout, out and LSE of each group, deterministic, and the new dk, dv and dQs.
+  auto fill_backward = [&](const Common& c, ringattn_bwd_params& params, ringattn_bwd_group* groups) {
+    G = c.num_groups;
+    TensorMeta douts[kMaxGroups], outs[kMaxGroups], lses[kMaxGroups];
+    if (!read_tensor_list(a[0], G, douts) || !read_tensor_list(a[4], G, outs) || !read_tensor_list(a[5], G, lses))
+      return false;
+    // dk, dv: new, shaped like k and v (contiguous).
+    void* ptr = nullptr;
+    if (!empty_contiguous(3, c.k.sizes, c.dtype, c.device, &dk) || !data_ptr(dk.get(), &params.dk) ||
+        !new_tensor_strides(dk.get(), c, &params.dk_row_stride, &params.dk_head_stride) ||
+        !empty_contiguous(3, c.v.sizes, c.dtype, c.device, &dv) || !data_ptr(dv.get(), &params.dv) ||
+        !new_tensor_strides(dv.get(), c, &params.dv_row_stride, &params.dv_head_stride))
+      return false;
+    params.deterministic = to_value<bool>(a[13]) ? 1 : 0;
 
-  ringattn_bwd_group groups[kMaxGroups] = {};
-  for (size_t g = 0; g < G; ++g) {
-    const TensorMeta& q = c.q[g];
-    ringattn_bwd_group& gr = groups[g];
-    if (!check_3d(outs[g], c.dtype, c.device, &gr.out_row_stride, &gr.out_head_stride) ||
-        !same_sizes(outs[g], q) ||
-        !check_3d(douts[g], c.dtype, c.device, &gr.dout_row_stride, &gr.dout_head_stride) ||
-        !same_sizes(douts[g], q) || !check_lse(lses[g], c.num_heads_q, q.sizes[0], c.device))
-      return false;
-    if (!data_ptr(outs[g].handle, &ptr)) return false;
-    gr.out = ptr;
-    if (!data_ptr(douts[g].handle, &ptr)) return false;
-    gr.dout = ptr;
-    if (!data_ptr(lses[g].handle, &ptr)) return false;
-    gr.softmax_lse = static_cast<const float*>(ptr);
-    if (!empty_contiguous(3, q.sizes, c.dtype, c.device, &dqs[g]) || !data_ptr(dqs[g].get(), &gr.dq) ||
-        !new_tensor_strides(dqs[g].get(), c, &gr.dq_row_stride, &gr.dq_head_stride))
-      return false;
-    set_group_common(c.groups[g], &gr);
-  }
-  params.groups = groups;
-  if (!run_library(&params, ringattn_bwd_workspace_size, ringattn_grouped_bwd, c.device)) return false;
+    for (size_t g = 0; g < G; ++g) {
+      const TensorMeta& q = c.q[g];
+      ringattn_bwd_group& gr = groups[g];
+      if (!check_3d(outs[g], c.dtype, c.device, &gr.out_row_stride, &gr.out_head_stride) ||
+          !same_sizes(outs[g], q) ||
+          !check_3d(douts[g], c.dtype, c.device, &gr.dout_row_stride, &gr.dout_head_stride) ||
+          !same_sizes(douts[g], q) || !check_lse(lses[g], c.num_heads_q, q.sizes[0], c.device))
+        return false;
+      if (!data_ptr(outs[g].handle, &ptr)) return false;
+      gr.out = ptr;
+      if (!data_ptr(douts[g].handle, &ptr)) return false;
+      gr.dout = ptr;
+      if (!data_ptr(lses[g].handle, &ptr)) return false;
+      gr.softmax_lse = static_cast<const float*>(ptr);
+      if (!empty_contiguous(3, q.sizes, c.dtype, c.device, &dqs[g]) || !data_ptr(dqs[g].get(), &gr.dq) ||
+          !new_tensor_strides(dqs[g].get(), c, &gr.dq_row_stride, &gr.dq_head_stride))
+        return false;
+    }
+    return true;
+  };
+  if (!run_library(a, kBwdIndex, ringattn_bwd_workspace_size, ringattn_grouped_bwd, fill_backward)) return false;
   StableIValue dq_list = 0;
   if (!tensor_list(dqs, G, &dq_list)) return false;
   stack[0] = dq_list;
@@ -687,14 +657,19 @@ void run_python(OwnedArgs& a, const char* op, const ArgKind* output_kinds, size_
   for (size_t i = 0; i < num_outputs; ++i) outputs[i] = inner[i];
 }
 
+// Whether `run` (run_fwd / run_bwd) took the call, which it then counts; false when the caller
+// hands the call to the Python path (forced, or the call is not one this library takes).
+bool ran_natively(bool (*run)(const OwnedArgs&, StableIValue*), const OwnedArgs& args, StableIValue* stack) {
+  if (g_force_python.load(std::memory_order_relaxed) || !run(args, stack)) return false;
+  g_native_calls.fetch_add(1, std::memory_order_relaxed);
+  return true;
+}
+
 void boxed_fwd(StableIValue* stack, uint64_t num_args, uint64_t num_outputs) {
   STD_TORCH_CHECK(num_args == kFwdNumArgs && num_outputs == 2,
                   "ring_flash_attn: grouped_fwd's schema does not match libringattn_torch");
   OwnedArgs args(stack, kFwdArgs, kFwdNumArgs);
-  if (!g_force_python.load(std::memory_order_relaxed) && run_fwd(args, stack)) {
-    g_native_calls.fetch_add(1, std::memory_order_relaxed);
-    return;
-  }
+  if (ran_natively(run_fwd, args, stack)) return;
   run_python(args, "ring_flash_attn::_grouped_fwd_python", kFwdOutputs, 2, stack);
 }
 
@@ -730,10 +705,7 @@ void boxed_bwd(StableIValue* stack, uint64_t num_args, uint64_t num_outputs) {
   STD_TORCH_CHECK(num_args == kBwdNumArgs && num_outputs == 3,
                   "ring_flash_attn: grouped_bwd's schema does not match libringattn_torch");
   OwnedArgs args(stack, kBwdArgs, kBwdNumArgs);
-  if (!g_force_python.load(std::memory_order_relaxed) && run_bwd(args, stack)) {
-    g_native_calls.fetch_add(1, std::memory_order_relaxed);
-    return;
-  }
+  if (ran_natively(run_bwd, args, stack)) return;
   StableIValue all = 0;
   run_python(args, "ring_flash_attn::_grouped_bwd_python", kBwdPythonOutputs, 1, &all);
   split_bwd_outputs(all, stack);

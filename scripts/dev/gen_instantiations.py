@@ -28,8 +28,9 @@ REGISTRY = "csrc/cuda/kernel_registry.cu"
 class Launch:
     """One kernel's launch function, written into its instantiation file: it instantiates
     `kernel<traits, mask mode, softcap>` and launches it with the traits' threads and shared memory."""
-    name: str  # the launch functions' name prefix, in the tier's namespace
-    kernel: str  # the __global__ function template (its kernel header), in the tier's namespace
+    # "fwd", "bwd_dkdv", "bwd_dq": the kernel is the __global__ function template grouped_<what>_kernel
+    # (of its kernel header), its launch functions launch_<what>_*, both in the tier's namespace.
+    what: str
     traits: str  # a str.format pattern over {element} and {hdim}, in the tier's namespace
     params: str  # the kernel parameter struct, in the tier's namespace
     # All of the unified L1/shared memory as shared memory (launch.h), where two CTAs need it.
@@ -37,32 +38,12 @@ class Launch:
 
     def function(self, hdim: int, dtype: "Dtype", variant: "Variant") -> str:
         """The launch function of one (head dim, dtype, variant), in the tier's namespace."""
-        return f"{self.name}_hdim{hdim}_{dtype.name}{variant.suffix}"
+        return f"launch_{self.what}_hdim{hdim}_{dtype.name}{variant.suffix}"
 
     def declaration(self, hdim: int, dtype: "Dtype", variant: "Variant") -> str:
         """Its signature (without the terminating ; or body)."""
         return (f"cudaError_t {self.function(hdim, dtype, variant)}(const {self.params}& params, int num_ctas, "
                 f"cudaStream_t stream)")
-
-
-@dataclass(frozen=True)
-class KernelSet:
-    """A (tier, pass) whose kernels are built for each of its head dims, each dtype, each of its variants."""
-    title: str  # the registry table's comment
-    tier: str  # "sm80" (tier 1, mma.sync) or "sm90" (tier 2, sm90a): namespace, folder, file suffix
-    pass_name: str  # file name prefix
-    head_dims: tuple[int, ...]
-    kernel_headers: tuple[str, ...]  # what an instantiation file includes
-    declarations: tuple[str, ...]  # what the registry includes: the launches' declarations, the configs
-    launches: tuple[Launch, ...]  # instantiated together in one file
-    table: str  # registry table: its entry type, name and lookup function
-    entry_type: str
-    lookup: str
-    # A table row is entry_maker(entry_args...) (kernel_registry.h), each a str.format pattern over
-    # {dtype}, {mask}, {softcap}, {element}, and {traits<i>} / {launch<i>} of the i-th launch.
-    entry_maker: str
-    entry_args: tuple[str, ...]
-    variants: tuple["Variant", ...]  # the mask modes / softcap it is built for
 
 
 @dataclass(frozen=True)
@@ -94,8 +75,32 @@ DTYPES = (Dtype("fp16", "__half", "RINGATTN_DTYPE_FP16"), Dtype("bf16", "__nv_bf
 # tanh), which adds one variant per (pass, head dim, dtype) instead of three.
 FIXED_MASKS = (Variant("", "kNone"), Variant("_causal", "kCausal"))
 LOCAL_MASKS = (Variant("_local", "kLocal"), Variant("_local_softcap", "kLocal", softcap=True))
+ALL_VARIANTS = FIXED_MASKS + LOCAL_MASKS
 
-_SINGLE_ENTRY = {"entry_maker": "kernel_entry<{traits0}, {mask}, {softcap}>", "entry_args": ("{dtype}", "&{launch0}")}
+
+@dataclass(frozen=True)
+class KernelSet:
+    """A (tier, pass) whose kernels are built for each of its head dims, each dtype, each of its variants."""
+    title: str  # the registry table's comment
+    tier: str  # "sm80" (tier 1, mma.sync) or "sm90" (tier 2, sm90a): namespace, folder, file suffix
+    pass_name: str  # file name prefix
+    head_dims: tuple[int, ...]
+    kernel_headers: tuple[str, ...]  # what an instantiation file includes
+    declarations: tuple[str, ...]  # what the registry includes: the launches' declarations, the configs
+    launches: tuple[Launch, ...]  # instantiated together in one file
+    # A table row is entry_maker(entry_args...) (kernel_registry.h), each a str.format pattern over
+    # {dtype}, {mask}, {softcap}, {element}, and {traits<i>} / {launch<i>} of the i-th launch; by
+    # default a KernelEntry of the one launch.
+    entry_maker: str = "kernel_entry<{traits0}, {mask}, {softcap}>"
+    entry_args: tuple[str, ...] = ("{dtype}", "&{launch0}")
+    variants: tuple[Variant, ...] = ALL_VARIANTS  # the mask modes / softcap it is built for
+
+    def registry_names(self) -> tuple[str, str, str]:
+        """The set's registry table, its row type and its lookup function (kernel_registry.h), named
+        after tier and pass: kSm90BwdDqKernels, Sm90BwdDqKernelEntry, find_sm90_bwd_dq_kernel."""
+        camel = self.tier.capitalize() + "".join(word.capitalize() for word in self.pass_name.split("_"))
+        return f"k{camel}Kernels", f"{camel}KernelEntry", f"find_{self.tier}_{self.pass_name}_kernel"
+
 
 # The kernel sets. A head dim is one more number in a row's head_dims (and its traits' config).
 KERNELS = (
@@ -103,51 +108,36 @@ KERNELS = (
         title="Tier-1 (mma.sync, sm80 and newer) forward kernels.",
         tier="sm80", pass_name="fwd", head_dims=(64, 128, 256),
         kernel_headers=("cuda/sm80/fwd_kernel.cuh",), declarations=("cuda/sm80/fwd_traits.h",),
-        launches=(Launch("launch_fwd", "grouped_fwd_kernel", "FwdConfig<{element}, {hdim}>::Traits",
-                         "FwdKernelParams"),),
-        table="kSm80FwdKernels", entry_type="Sm80FwdKernelEntry", lookup="find_sm80_fwd_kernel",
-        variants=FIXED_MASKS + LOCAL_MASKS, **_SINGLE_ENTRY),
+        launches=(Launch("fwd", "FwdConfig<{element}, {hdim}>::Traits", "FwdKernelParams"),)),
     KernelSet(
         title="Tier-1 backward: dK/dV kernel, deterministic-mode dQ kernel, pre/postprocess.",
         tier="sm80", pass_name="bwd", head_dims=(64, 128, 256),
         kernel_headers=("cuda/sm80/bwd_dq_kernel.cuh", "cuda/sm80/bwd_kernel.cuh"),
         declarations=("cuda/bwd_prepost.h", "cuda/sm80/bwd_traits.h"),
         # dK/dV: all of L1 as shared memory, so that two CTAs of the D=128 tile fit on sm_90.
-        launches=(Launch("launch_bwd_dkdv", "grouped_bwd_dkdv_kernel", "BwdConfig<{element}, {hdim}>::Traits",
-                         "BwdKernelParams", max_shared_carveout=True),
-                  Launch("launch_bwd_dq", "grouped_bwd_dq_kernel", "BwdConfig<{element}, {hdim}>::DqTraits",
-                         "BwdKernelParams")),
-        table="kSm80BwdKernels", entry_type="Sm80BwdKernelEntry", lookup="find_sm80_bwd_kernel",
+        launches=(Launch("bwd_dkdv", "BwdConfig<{element}, {hdim}>::Traits", "BwdKernelParams",
+                         max_shared_carveout=True),
+                  Launch("bwd_dq", "BwdConfig<{element}, {hdim}>::DqTraits", "BwdKernelParams")),
         entry_maker="sm80_bwd_entry<{traits0}, {traits1}, {mask}, {softcap}>",
         entry_args=("{dtype}", "&{launch0}", "&{launch1}", "&launch_bwd_preprocess<{element}>",
-                    "&launch_bwd_postprocess<{element}>"),
-        variants=FIXED_MASKS + LOCAL_MASKS),
+                    "&launch_bwd_postprocess<{element}>")),
     KernelSet(
         title="Tier-2 (sm90a: TMA + wgmma, warp specialised) forward kernels.",
         tier="sm90", pass_name="fwd", head_dims=(64, 128, 256),
         kernel_headers=("cuda/sm90/fwd_kernel.cuh",), declarations=("cuda/sm90/fwd_params.h", "cuda/sm90/fwd_traits.h"),
-        launches=(Launch("launch_fwd", "grouped_fwd_kernel", "FwdConfig<{element}, {hdim}>::Traits",
-                         "FwdKernelParams"),),
-        table="kSm90FwdKernels", entry_type="Sm90FwdKernelEntry", lookup="find_sm90_fwd_kernel",
-        variants=FIXED_MASKS + LOCAL_MASKS, **_SINGLE_ENTRY),
+        launches=(Launch("fwd", "FwdConfig<{element}, {hdim}>::Traits", "FwdKernelParams"),)),
     # Head dim 256 runs tier 1's backward.
     KernelSet(
         title="Tier-2 backward dK/dV kernels (dQ through TMA reduce-add into dq_accum).",
         tier="sm90", pass_name="bwd", head_dims=(64, 128),
         kernel_headers=("cuda/sm90/bwd_kernel.cuh",), declarations=("cuda/sm90/bwd_traits.h",),
-        launches=(Launch("launch_bwd_dkdv", "grouped_bwd_dkdv_kernel", "BwdConfig<{element}, {hdim}>::Traits",
-                         "BwdKernelParams"),),
-        table="kSm90BwdKernels", entry_type="Sm90BwdKernelEntry", lookup="find_sm90_bwd_kernel",
-        variants=FIXED_MASKS + LOCAL_MASKS, **_SINGLE_ENTRY),
+        launches=(Launch("bwd_dkdv", "BwdConfig<{element}, {hdim}>::Traits", "BwdKernelParams"),)),
     KernelSet(
         title="Tier-2 dQ kernels of the deterministic mode.",
         tier="sm90", pass_name="bwd_dq", head_dims=(64, 128),
         kernel_headers=("cuda/sm90/bwd_dq_kernel.cuh",),
         declarations=("cuda/sm90/bwd_dq_traits.h", "cuda/sm90/bwd_params.h"),
-        launches=(Launch("launch_bwd_dq", "grouped_bwd_dq_kernel", "BwdDqConfig<{element}, {hdim}>::Traits",
-                         "BwdDqKernelParams"),),
-        table="kSm90BwdDqKernels", entry_type="Sm90BwdDqKernelEntry", lookup="find_sm90_bwd_dq_kernel",
-        variants=FIXED_MASKS + LOCAL_MASKS, **_SINGLE_ENTRY),
+        launches=(Launch("bwd_dq", "BwdDqConfig<{element}, {hdim}>::Traits", "BwdDqKernelParams"),)),
 )
 
 # The tier-2 tables exist only in builds with the sm90a kernels (cmake/cuda_kernels.cmake).
@@ -189,10 +179,11 @@ def instantiation_file(ks: KernelSet, hdim: int, dtype: Dtype, variant: Variant)
     for launch in ks.launches:
         traits = launch.traits.format(element=dtype.element, hdim=hdim)
         carveout = str(launch.max_shared_carveout).lower()
+        kernel = f"grouped_{launch.what}_kernel<T, {variant.template_args()}>"
         lines += (f"{launch.declaration(hdim, dtype, variant)} {{\n"
                   f"  using T = {traits};\n"
                   f"  static KernelAttributeCache attributes_set;  // launch.h\n"
-                  f"  return launch_with_smem(&{launch.kernel}<T, {variant.template_args()}>, num_ctas, T::kThreads,\n"
+                  f"  return launch_with_smem(&{kernel}, num_ctas, T::kThreads,\n"
                   f"                          T::kSmemBytes, stream, params, /*max_shared_carveout=*/{carveout},\n"
                   f"                          attributes_set);\n"
                   f"}}\n")
@@ -230,16 +221,17 @@ def launch_declarations(ks: KernelSet) -> str:
 
 def registry_table(ks: KernelSet) -> str:
     """A kernel set's launch declarations, table and lookup function."""
-    text = f"\n// {ks.title}\n{launch_declarations(ks)}const {ks.entry_type} {ks.table}[] = {{\n"
+    table, entry_type, lookup = ks.registry_names()
+    text = f"\n// {ks.title}\n{launch_declarations(ks)}const {entry_type} {table}[] = {{\n"
     for hdim in ks.head_dims:
         text += f"#ifdef RINGATTN_HDIM_{hdim}\n"
         for dtype in DTYPES:
             for variant in ks.variants:
                 text += f"    {registry_row(ks, hdim, dtype, variant)},\n"
         text += "#endif\n"
-    text += f"    {ks.entry_type}{{}}}};\n"  # the sentinel: dtype -1
-    text += (f"\nconst {ks.entry_type}* {ks.lookup}(int dtype, int head_dim, KernelVariant variant) {{\n"
-             f"  return find_entry({ks.table}, dtype, head_dim, variant);\n}}\n")
+    text += f"    {entry_type}{{}}}};\n"  # the sentinel: dtype -1
+    text += (f"\nconst {entry_type}* {lookup}(int dtype, int head_dim, KernelVariant variant) {{\n"
+             f"  return find_entry({table}, dtype, head_dim, variant);\n}}\n")
     return text
 
 
