@@ -12,7 +12,9 @@ metadata):
      sequence lengths) rank r holds tokens ``[r T/N, (r+1) T/N)``;
    * ``"ring_attn_zigzag_llama3"`` (``HF_ATTN_ZIGZAG_LLAMA3``): the ZIGZAG layout of
      ``zigzag_llama3_flash_attn_varlen_func`` (``zigzag_shard``; every sequence length a multiple
-     of 2N; causal work balanced across ranks).
+     of 2N; causal work balanced across ranks);
+   * ``"ring_attn_ulysses"`` (``HF_ATTN_ULYSSES``) and ``"ring_attn_hybrid"``
+     (``HF_ATTN_HYBRID``, on the active hybrid mesh): the all-to-all schemes (docs/all-to-all.md).
 
    Build the model with ``attn_implementation=HF_ATTN_LLAMA3`` (or switch an existing one with
    ``model.set_attn_implementation(...)``). Neither name contains "flash": transformers treats
@@ -793,8 +795,8 @@ def _attention_function(attn_implementation: str) -> Callable[..., Tuple[Tensor,
 def register_hf_attention(process_group: Optional[ProcessGroup] = None, heads_k_stride: int = 1) -> Tuple[str, ...]:
     """Register the attention implementations of the context-parallel schemes in transformers'
     ``AttentionInterface`` (every scheme of ``ring_flash_attn.cp.registry`` with an ``hf``
-    binding: ``"ring_attn_llama3"`` and ``"ring_attn_zigzag_llama3"``) and set the group and
-    ``heads_k_stride`` they use.
+    binding: ``"ring_attn_llama3"``, ``"ring_attn_zigzag_llama3"``, ``"ring_attn_ulysses"`` and
+    ``"ring_attn_hybrid"``) and set the group and ``heads_k_stride`` they use.
 
     Args:
         process_group: the context-parallel group (None: the default group).
@@ -807,8 +809,8 @@ def register_hf_attention(process_group: Optional[ProcessGroup] = None, heads_k_
     the batch given to ``update_ring_flash_attn_params`` (transformers drops a 2-D mask for an
     implementation without a mask function).
 
-    Returns the registered names in registry order, ``(HF_ATTN_LLAMA3, HF_ATTN_ZIGZAG_LLAMA3)``,
-    the names to pass as ``attn_implementation``. Calling it again replaces the group and stride
+    Returns the registered names in registry order, ``(HF_ATTN_LLAMA3, HF_ATTN_ZIGZAG_LLAMA3,
+    HF_ATTN_ULYSSES, HF_ATTN_HYBRID)``, the names to pass as ``attn_implementation``. Calling it again replaces the group and stride
     (shared with ``substitute_hf_flash_attn``). Raises ImportError without transformers.
     """
     transformers = _transformers()
