@@ -137,19 +137,28 @@ def timer(device: torch.device) -> Callable[[Callable[[], None], int, int], floa
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
-    ap.add_argument("--tiers", nargs="+", default=["sm80", "sm90"], choices=("sm80", "sm90", "auto"))
-    ap.add_argument("--seqlens", nargs="+", type=int, default=[16384, 65536])
-    ap.add_argument("--window", type=int, default=4096)
-    ap.add_argument("--softcap", type=float, default=50.0)
-    ap.add_argument("--heads", nargs=2, type=int, default=[32, 8], metavar=("HQ", "HK"))
-    ap.add_argument("--head-dim", type=int, default=128)
-    ap.add_argument("--passes", nargs="+", default=["fwd", "fwd_bwd"], choices=("fwd", "fwd_bwd"))
-    ap.add_argument("--variants", nargs="+", default=None, help="names to keep (default: all)")
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--num-runs", type=int, default=10)
-    ap.add_argument("--csv", default=None)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 epilog="Rows, metrics and the spot check: the docstring at the top of "
+                                        "benchmark/benchmark_features.py.")
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                    help="cpu: the measurement path on the CPU backend, host timers (default: cuda)")
+    ap.add_argument("--tiers", nargs="+", default=["sm80", "sm90"], choices=("sm80", "sm90", "auto"),
+                    help="GPU kernel tiers, each through $RING_FLASH_ATTN_TIER (default: sm80 sm90)")
+    ap.add_argument("--seqlens", nargs="+", type=int, default=[16384, 65536],
+                    help="sequence lengths, one sequence per call (default: 16384 65536)")
+    ap.add_argument("--window", type=int, default=4096, help="W of the window_<W> row, window_size = (W, 0) "
+                                                                 "(default: 4096)")
+    ap.add_argument("--softcap", type=float, default=50.0, help="C of the softcap_<C> rows (default: 50)")
+    ap.add_argument("--heads", nargs=2, type=int, default=[32, 8], metavar=("HQ", "HK"),
+                    help="query and KV heads (default: 32 8)")
+    ap.add_argument("--head-dim", type=int, default=128, help="default: 128")
+    ap.add_argument("--passes", nargs="+", default=["fwd", "fwd_bwd"], choices=("fwd", "fwd_bwd"),
+                    help="default: fwd fwd_bwd")
+    ap.add_argument("--variants", nargs="+", default=None,
+                    help="row names to keep: causal, window_<W>, softcap_<C>, sinks, softcap_sinks (default: all)")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed calls first (default: 3)")
+    ap.add_argument("--num-runs", type=int, default=10, help="timed calls, median reported (default: 10)")
+    ap.add_argument("--csv", default=None, help="write the rows to this CSV at the end (default: none)")
     return ap.parse_args(argv)
 
 

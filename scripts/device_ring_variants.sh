@@ -13,6 +13,11 @@
 # logs and CSVs go to $OUT (the device tool's return folder) or build/device-out; a short summary
 # is printed last. Exit status: 1 if the correctness run or a benchmark failed.
 set -uo pipefail
+case "${1:-}" in
+  "") ;;
+  -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
+  *) echo "device_ring_variants.sh: takes no arguments (NPROC=N in the environment; --help), got '$1'" >&2; exit 2 ;;
+esac
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 out="${OUT:-$root/build/device-out}"

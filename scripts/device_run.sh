@@ -22,6 +22,12 @@
 #   mkdir -p .device && cp -r /usr/src/googletest .device/
 set -uo pipefail
 mode="${1:-quick}"
+case "$mode" in
+  quick|full|tests|targets|multi|sweep|train|features|verify) ;;
+  -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
+  *) echo "device_run.sh: unknown mode '$mode' (expected quick, full, tests, targets, multi, sweep, train," \
+          "features or verify; --help describes them)" >&2; exit 2 ;;
+esac
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 out="${OUT:-$root/build/device-out}"

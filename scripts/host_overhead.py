@@ -89,10 +89,13 @@ class _NoOpAttention(torch.autograd.Function):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--calls", type=int, default=2000)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 epilog="The layers timed: the docstring at the top of scripts/host_overhead.py.")
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="default: cuda when a GPU is available, else cpu")
+    ap.add_argument("--calls", type=int, default=2000,
+                    help="calls per timed repeat of a layer; a quarter for fwd+bwd and the autograd floor (default: 2000)")
+    ap.add_argument("--repeats", type=int, default=5, help="repeats, median reported (default: 5)")
     ap.add_argument("--chunk", type=int, default=32, help="calls between two (untimed) synchronisations")
     ap.add_argument("--cprofile", action="store_true", help="print cProfile's top functions of fwd+bwd (grad)")
     args = ap.parse_args()

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""Quick first look at the tier-2 (sm90a) forward on the device, before the full suites: a few
+"""Quick first look at the tier-2 (sm90a) kernels on the device, before the full suites: a few
 varlen shapes on both tiers against an fp32 reference (max errors), forward and backward, then one timing of each tier
 next to PyTorch's SDPA at L=16384 (one group, full causal). Run under `timeout`: a pipeline bug
-shows up as a hang. Prints one line per check; exit code 1 if any check fails.
+shows up as a hang. Prints one line per check; exit code 1 if any check fails, 2 without a CUDA GPU.
 
     RING_FLASH_ATTN_LIBRARY=build/device/libringattn.so PYTHONPATH=python python scripts/tier2_smoke.py
     ... --timing-only      (the timing alone)
@@ -120,6 +120,13 @@ def timing(L=16384, hq=32, hk=8, d=128, iters=20):
 
 
 def main():
+    if "-h" in sys.argv or "--help" in sys.argv:
+        print(__doc__)
+        return 0
+    if not torch.cuda.is_available():
+        print("tier2_smoke.py: needs a CUDA GPU (an sm90 card for the tier-2 checks); none is available",
+              file=sys.stderr)
+        return 2
     print(f"GPU: {torch.cuda.get_device_name()} cc {torch.cuda.get_device_capability()}", flush=True)
     if "--timing-only" in sys.argv:
         timing()
