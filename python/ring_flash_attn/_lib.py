@@ -183,7 +183,7 @@ def _load() -> ctypes.CDLL:
         "ring_flash_attn: cannot load the native library libringattn.so. Looked in:\n  "
         + "\n  ".join(tried)
         + f"\nBuild and install it with `pip install .` from the repository root, or build it "
-        "with CMake (cmake -S . -B build && cmake --build build) and set "
+        "with CMake (cmake -S . -B build -G Ninja && cmake --build build) and set "
         f"{ENV_LIBRARY}=/path/to/libringattn.so."
     )
 
