@@ -447,18 +447,26 @@ def print_thresholds(model: Model, token_list: Sequence[int], gpu_list: Sequence
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Scaling model of the context-parallel schemes (see the module doc)")
-    p.add_argument("--models", nargs="+", choices=sorted(MODELS), default=sorted(MODELS))
-    p.add_argument("--tokens", type=int, nargs="+", default=[131072, 262144, 524288, 1048576])
-    p.add_argument("--gpus", type=int, nargs="+", default=[8, 16, 32, 64, 128, 256, 512, 1024])
-    p.add_argument("--gpus-per-node", type=int, default=8)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog="Inputs and the model: the docstring at the top of scripts/scaling_model.py "
+                                       "and docs/scaling.md.")
+    p.add_argument("--models", nargs="+", choices=sorted(MODELS), default=sorted(MODELS),
+                   help="attention shapes (default: both)")
+    p.add_argument("--tokens", type=int, nargs="+", default=[131072, 262144, 524288, 1048576],
+                   help="sequence lengths S (default: 131072 262144 524288 1048576)")
+    p.add_argument("--gpus", type=int, nargs="+", default=[8, 16, 32, 64, 128, 256, 512, 1024],
+                   help="GPU counts N (default: 8 to 1024, powers of 2)")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="default: 8")
     p.add_argument("--nvlink-gbps", type=float, default=DATASHEET_GBPS["intra"],
-                   help="datasheet rate inside a node, GB/s per direction per GPU")
-    p.add_argument("--ib-gbps", type=float, default=DATASHEET_GBPS["inter"], help="datasheet rate across nodes, GB/s per GPU")
+                   help="datasheet rate inside a node, GB/s per direction per GPU (default: 450)")
+    p.add_argument("--ib-gbps", type=float, default=DATASHEET_GBPS["inter"],
+                   help="datasheet rate across nodes, GB/s per GPU (default: 50)")
     p.add_argument("--measured-links", default=None,
                    help="JSON of measured GB/s per GPU: all_gather_intra, all_to_all_intra, ... (benchmark_collectives.py)")
-    p.add_argument("--fwd-tflops", type=float, default=MEASURED_FWD_TFLOPS)
-    p.add_argument("--fwd-bwd-tflops", type=float, default=MEASURED_FWD_BWD_TFLOPS)
+    p.add_argument("--fwd-tflops", type=float, default=MEASURED_FWD_TFLOPS,
+                   help=f"forward kernel rate (default: {MEASURED_FWD_TFLOPS:g}, measured on one H200)")
+    p.add_argument("--fwd-bwd-tflops", type=float, default=MEASURED_FWD_BWD_TFLOPS,
+                   help=f"forward + backward kernel rate (default: {MEASURED_FWD_BWD_TFLOPS:g}, measured on one H200)")
     p.add_argument("--grad-bytes", type=int, default=2, choices=(2, 4),
                    help="bytes per element of the dK/dV traffic (2: bf16, the default; 4: fp32)")
     p.add_argument("--csv", default=None, help="write every (model, tokens, GPUs, scheme) row here")
