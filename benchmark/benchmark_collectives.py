@@ -45,7 +45,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default cuda if available")
     p.add_argument("--sizes-mb", type=float, nargs="+", default=None,
                    help="per-rank buffer sizes in MB (default 8 64 256 on cuda, 1 on cpu)")
-    p.add_argument("--collectives", nargs="+", choices=COLLECTIVES, default=list(COLLECTIVES))
+    p.add_argument("--collectives", nargs="+", choices=COLLECTIVES, default=list(COLLECTIVES), help="default: all")
     p.add_argument("--num-runs", type=int, default=None, help="timed calls (median); default 20 on cuda, 3 on cpu")
     p.add_argument("--warmup", type=int, default=None, help="default 5 on cuda, 1 on cpu")
     p.add_argument("--json", default=None, help="write the largest size's bus bandwidths here (rank 0)")

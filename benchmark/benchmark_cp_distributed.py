@@ -58,12 +58,12 @@ CSV_COLUMNS = ("device", "torch", "backend", "world_size", "rank", "config", "dt
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Every CP scheme: step vs kernels alone per rank (launch with torchrun)")
     p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default cuda if available")
-    p.add_argument("--schemes", nargs="+", choices=SCHEMES, default=list(SCHEMES))
+    p.add_argument("--schemes", nargs="+", choices=SCHEMES, default=list(SCHEMES), help="default: all")
     p.add_argument("--seqlens", type=int, nargs="+", default=None,
                    help="global sequence lengths (multiples of 2 * world_size); default 16384 65536 on cuda, 64 on cpu")
     p.add_argument("--config", choices=sorted(zd.CONFIGS), default=None, help="default llama3-8b on cuda, tiny on cpu")
     p.add_argument("--dtype", choices=zd.DTYPES, default=None, help="default bf16 on cuda, fp32 on cpu")
-    p.add_argument("--passes", nargs="+", choices=PASSES, default=list(PASSES))
+    p.add_argument("--passes", nargs="+", choices=PASSES, default=list(PASSES), help="default: both")
     p.add_argument("--heads-k-stride", type=int, default=None,
                    help="KV heads per all-gather slice / all-to-all chunk (default Hk / 2, capped to what divides)")
     p.add_argument("--ulysses-degree", type=int, default=None, help="hybrid: ranks per all-to-all group")

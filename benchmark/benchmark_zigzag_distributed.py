@@ -135,11 +135,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--seqlens", type=int, nargs="+", default=None,
                    help="global sequence lengths (multiples of 2 * world_size); "
                         "default 16384 65536 on cuda, 256 on cpu")
-    p.add_argument("--batch", type=int, default=1, help="sequences of each length in the packed batch")
+    p.add_argument("--batch", type=int, default=1, help="sequences of each length in the packed batch (default: 1)")
     p.add_argument("--config", choices=sorted(CONFIGS), default=None, help="default llama3-8b on cuda, tiny on cpu")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="default bf16 on cuda, fp32 on cpu")
-    p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
-    p.add_argument("--passes", nargs="+", choices=PASSES, default=list(PASSES))
+    p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS), help="default: all")
+    p.add_argument("--passes", nargs="+", choices=PASSES, default=list(PASSES), help="default: both")
     p.add_argument("--heads-k-stride", type=int, default=None, help="KV heads per all-gather slice (default Hk / 2)")
     p.add_argument("--grad-reduce-dtype", choices=("same", "fp32"), default="same",
                    help="dtype of the dK/dV reduce-scatter: the dtype of k (same) or fp32 (the library's default)")
