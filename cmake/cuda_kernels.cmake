@@ -96,4 +96,7 @@ endif()
 
 target_sources(ringattn PRIVATE $<TARGET_OBJECTS:ringattn_cuda>)
 target_link_libraries(ringattn PRIVATE CUDA::cudart_static)
+# The shared library compiles no CUDA source itself, but the Makefile generators still ask every
+# target that links CUDA objects for its architectures ("CUDA_ARCHITECTURES is empty").
+set_target_properties(ringattn PROPERTIES CUDA_ARCHITECTURES "${_ringattn_cuda_archs}")
 message(STATUS "ringattn: CUDA archs ${_ringattn_cuda_archs}, head dims ${RINGATTN_HEAD_DIMS}")
