@@ -57,6 +57,11 @@ CASES: Dict[int, List[dict]] = {
         _case("1x4-zigzag-only", [8, 16, 8], U=1),
         _case("2x2-device-mesh", [8, 12, 4, 8], mesh="device_mesh"),
         _case("2x2-zigzag-odd-lengths", [5, 11, 3, 13]),
+        # totals the layout cannot cut into equal parts: a padding sequence after the last one
+        _case("2x2-llama3-odd-total", [5, 11, 3, 12], kv="llama3"),
+        _case("2x2-zigzag-odd-total-noncausal", [1, 7, 45], causal=False),
+        _case("2x2-zigzag-ring-odd-total", [5, 11, 3, 12], kv="zigzag_ring"),
+        _case("4x1-ulysses-only-odd-total", [5, 11, 3, 12], U=4, Hk=4),
         # window, softcap and sinks through the all-to-all and the scheme across
         _case("2x2-zigzag-window-softcap-sinks", [8, 12, 4, 8], window=(3, 0), softcap=2.0, sinks=True),
         _case("2x2-llama3-noncausal-window-sinks", [5, 11, 3, 13], kv="llama3", causal=False, window=(2, 4),
@@ -73,6 +78,8 @@ CASES: Dict[int, List[dict]] = {
         _case("4x2-zigzag-ring-replicated-causal", [12, 4, 16], U=4, Hq=8, Hk=2, kv="zigzag_ring"),
         _case("4x2-llama3-odd-noncausal", [7, 13, 2, 10], U=4, kv="llama3", causal=False),
         _case("2x2-on-each-half", [8, 12, 4, 8], mesh="halves"),
+        _case("4x2-zigzag-odd-total-window-sinks", [1, 7, 45], U=4, Hq=8, Hk=2, window=(9, 0), sinks=True),
+        _case("2x4-llama3-odd-total", [1, 7, 45], kv="llama3"),
         _case("ulysses-8-replicated-odd", [7, 13, 2, 10], U=8, Hq=8, Hk=2, kind="ulysses"),
     ],
 }
@@ -329,8 +336,6 @@ def test_hybrid_layout_helpers():
     meta = rfa.hybrid_prepare_cu_seqlens(cu, True, 3, layout)
     want = rfa.zigzag_llama3_prepare_cu_seqlens(cu, True, 1, 2)
     assert torch.equal(meta[0], want[0]) and torch.equal(meta[1], want[1]) and meta[2:] == want[2:]
-    with pytest.raises(ValueError, match=r"cu_seqlens: expected a total length divisible by the 4 ranks"):
-        rfa.hybrid_prepare_cu_seqlens(cu_seqlens([6, 8]), True, 0, contiguous)
     with pytest.raises(ValueError, match=r"rank: expected an int in \[0, 4\)"):
         layout.coordinates(4)
     with pytest.raises(ValueError, match=r"kv_scheme: expected one of \['zigzag_llama3', 'llama3', 'zigzag_ring'\]"):
@@ -339,6 +344,69 @@ def test_hybrid_layout_helpers():
         HybridLayout(0, 2)
     with pytest.raises(ValueError, match=r"shards: expected 4 tensors"):
         rfa.hybrid_unshard(parts[:3], cu, layout)
+
+
+def _hybrid_parts_by_hand(x, lens, layout):
+    """The hybrid layout written out from its definition (independent of the helpers): the global
+    batch with each sequence (zigzag) padded to a multiple of 2K and, where a KV part would not
+    cut into U equal pieces, a zero padding sequence after the last one; KV part a = the zigzag
+    chunks a and 2K-1-a of every sequence (or the contiguous piece a); rank (a, u) gets piece u."""
+    U, K = layout.ulysses_degree, layout.kv_degree
+    zigzag = layout.kv_scheme != "llama3"
+    seqs, start = [], 0
+    for n in lens:
+        s = x[start:start + n]
+        start += n
+        if zigzag:
+            P = -(-n // (2 * K)) * 2 * K
+            s = torch.cat([s, torch.zeros(P - n, *x.shape[1:], dtype=x.dtype)])
+        seqs.append(s)
+    if zigzag:
+        m = 0
+        while (sum(len(s) for s in seqs) // K + 2 * m) % U:
+            m += 1
+        if m:
+            seqs.append(torch.zeros(2 * K * m, *x.shape[1:], dtype=x.dtype))
+        parts = []
+        for a in range(K):
+            chunks = []
+            for s in seqs:
+                c = len(s) // (2 * K)
+                chunks += [s[a * c:(a + 1) * c], s[(2 * K - 1 - a) * c:(2 * K - a) * c]]
+            parts.append(torch.cat(chunks))
+    else:
+        flat = torch.cat(seqs)
+        N = U * K
+        flat = torch.cat([flat, torch.zeros(-len(flat) % N, *x.shape[1:], dtype=x.dtype)])
+        per = len(flat) // K
+        parts = [flat[a * per:(a + 1) * per] for a in range(K)]
+    out = []
+    for a in range(K):
+        T = len(parts[a]) // U
+        assert T * U == len(parts[a])
+        out += [parts[a][u * T:(u + 1) * T] for u in range(U)]
+    return out
+
+
+@pytest.mark.parametrize("U,K,kv", [(2, 2, "zigzag_llama3"), (4, 2, "zigzag_ring"), (3, 2, "zigzag_llama3"),
+                                    (2, 3, "llama3"), (4, 2, "llama3"), (2, 4, "zigzag_llama3")])
+@pytest.mark.parametrize("lens", [[5, 11, 3, 13], [1, 7, 45], [6], [9, 1, 22, 3, 1]])
+def test_hybrid_layout_any_total(U, K, kv, lens):
+    """Any total and sequence lengths: the shard helper against the layout written out by hand,
+    the round trip, and the metadata (the KV scheme's, of the lengths with the padding sequence)."""
+    layout = HybridLayout(U, K, kv)
+    T = sum(lens)
+    x = torch.arange(1, T * 2 + 1).view(T, 2)
+    cu = cu_seqlens(lens)
+    want = _hybrid_parts_by_hand(x, lens, layout)
+    parts = [rfa.hybrid_shard(x, cu, r, layout) for r in range(U * K)]
+    for r, (got, expected) in enumerate(zip(parts, want)):
+        assert torch.equal(got, expected), (r, got.shape, expected.shape)
+    assert torch.equal(rfa.hybrid_unshard(parts, cu, layout), x)
+    for r in range(U * K):
+        # the KV scheme's metadata describes the rank's KV part: U pieces of the rank's length
+        cu_q = rfa.hybrid_prepare_cu_seqlens(cu, True, r, layout)[0]
+        assert int(cu_q[-1]) == U * len(parts[r]), (r, cu_q)
 
 
 def test_hybrid_needs_a_mesh():

@@ -55,6 +55,8 @@ CASES: Dict[int, List[dict]] = {
         # score features: compared with the reference when the kernels take them, else refused
         _case("sinks-softcap-causal", [5, 11, 3, 13], sinks=True, softcap=2.0),
         _case("window-causal", [5, 11, 3, 13], window=(3, 0)),
+        _case("odd-total-causal", [5, 11, 3, 12]),  # 31 tokens: one padding row on rank 1
+        _case("odd-total-kvpacked-noncausal", [1, 7, 45], causal=False, form="kvpacked"),
         # the same features through a differentiable Python stand-in for the single-device kernel:
         # checks the scheme's plumbing (each rank's sinks slice, dsinks per head) whatever the kernels do
         _case("features-python-kernel", [5, 11, 3, 13], Hq=4, Hk=1, sinks=True, softcap=2.0, window=(4, 0),
@@ -65,6 +67,7 @@ CASES: Dict[int, List[dict]] = {
         _case("gqa-chunks-noncausal", [7, 13, 2, 10], Hq=8, Hk=8, stride=1, causal=False),
         _case("mqa-fp32-causal", [9, 23], Hq=4, Hk=1, dtype="float32"),
         _case("batched-causal", [8, 8], Hq=8, Hk=4, form="batched"),
+        _case("odd-total-replicated-window-sinks", [1, 7, 45], Hq=8, Hk=2, window=(9, 0), sinks=True),
     ],
 }
 
@@ -144,7 +147,8 @@ def _run_case(case: dict, seed: int, rank: int, world_size: int) -> Dict[str, fl
     Hq = case["Hq"]
     batched = case["form"].startswith("batched")
     cu, q_full, k_full, v_full, dout_full = global_packed_batch(case, torch.Generator().manual_seed(seed))
-    T = int(cu[-1]) // world_size
+    total = int(cu[-1])
+    T = -(-total // world_size)  # rows per rank; the last ranks' rows past the total are padding
     ref_out, ref_lse, leaves = reference(case, q_full, k_full, v_full, cu, dtype)
     ref_grads = torch.autograd.grad(ref_out, leaves, dout_full.to(dtype).double())
 
@@ -160,7 +164,7 @@ def _run_case(case: dict, seed: int, rank: int, world_size: int) -> Dict[str, fl
         rows = torch.cat([torch.arange(b * L_global + rank * L, b * L_global + (rank + 1) * L) for b in range(B)])
         local = lambda t: t[rows].to(dtype).view(B, L, *t.shape[1:])  # noqa: E731
     else:
-        rows = torch.arange(rank * T, (rank + 1) * T)
+        rows = torch.arange(rank * T, min((rank + 1) * T, total))  # the rank's real rows (a prefix of its piece)
         local = lambda t: rfa.ulysses_shard(t, cu, rank, world_size).to(dtype)  # noqa: E731
     q, k, v, dout = (local(t) for t in (q_full, k_full, v_full, dout_full))
     cu_q, cu_k, max_q, max_k, k_slice = rfa.ulysses_prepare_cu_seqlens(cu, case["causal"], rank, world_size)
@@ -216,6 +220,10 @@ def _run_case(case: dict, seed: int, rank: int, world_size: int) -> Dict[str, fl
         out, grads = flat(out), [flat(g) for g in grads[:3]]
         assert lse.shape == (B, Hq, L)
         lse = lse.transpose(0, 1).reshape(Hq, B * L)
+    if not batched:
+        assert out.shape[0] == T and lse.shape == (Hq, T)
+        n = rows.numel()  # compare the real rows; the padding rows are a sequence of their own
+        out, lse, grads = out[:n], lse[:, :n], [g[:n] for g in grads[:3]] + list(grads[3:])
     assert out.dtype == dtype and lse.dtype == torch.float32 and lse.shape == (Hq, rows.numel())
     result = {"out": rel_err(out, ref_out[rows]), "lse": rel_err(lse, ref_lse[:, rows]),
               "dq": rel_err(grads[0], ref_grads[0][rows]), "dk": rel_err(grads[1], ref_grads[1][rows]),
@@ -307,16 +315,40 @@ def test_ulysses_layout_helpers():
     x = torch.arange(32 * 3).view(32, 3)
     parts = [rfa.ulysses_shard(x, cu, r, 4) for r in range(4)]
     assert torch.equal(torch.cat(parts), x)
+    assert torch.equal(rfa.ulysses_unshard(parts, cu), x)
     meta = rfa.ulysses_prepare_cu_seqlens(cu, True, 2, 4)
     assert torch.equal(meta[0], cu) and torch.equal(meta[1], cu) and meta[2:] == (13, 13, slice(None))
-    with pytest.raises(ValueError, match=r"cu_seqlens: expected a total length divisible by world_size 3, got 32"):
-        rfa.ulysses_prepare_cu_seqlens(cu, True, 0, 3)
     with pytest.raises(ValueError, match=r"max_seqlen: expected >= the longest sequence \(13\), got 12"):
         rfa.ulysses_prepare_cu_seqlens(cu, True, 0, 4, max_seqlen=12)
-    with pytest.raises(ValueError, match=r"x: expected a token count divisible by world_size 3"):
-        rfa.ulysses_shard(x, cu, 0, 3)
     with pytest.raises(ValueError, match=r"cu_seqlens: expected the last entry to be 32"):
         rfa.ulysses_shard(x, cu_seqlens([5, 11]), 0, 4)
+
+
+def test_ulysses_layout_any_total():
+    """A total that N does not divide: each rank holds ceil(T / N) rows, the last ranks' rows past
+    T are zero padding, described by one more sequence in the metadata; unshard drops them."""
+    lens = [5, 11, 3, 13]  # T = 32
+    cu = cu_seqlens(lens)
+    x = torch.arange(1, 32 * 3 + 1).view(32, 3)  # no zero row among the real ones
+    for N in (3, 5, 7):
+        per_rank = -(-32 // N)
+        padded = torch.cat([x, torch.zeros(per_rank * N - 32, 3, dtype=x.dtype)])
+        parts = [rfa.ulysses_shard(x, cu, r, N) for r in range(N)]
+        for r, part in enumerate(parts):
+            assert torch.equal(part, padded[r * per_rank:(r + 1) * per_rank]), (N, r)
+        assert torch.equal(rfa.ulysses_unshard(parts, cu), x)
+        cu_q, cu_k, max_q, max_k, k_slice = rfa.ulysses_prepare_cu_seqlens(cu, True, 0, N)
+        want = cu_seqlens(lens + [per_rank * N - 32])
+        assert torch.equal(cu_q, want) and torch.equal(cu_k, want), (N, cu_q)
+        assert (max_q, max_k, k_slice) == (13, 13, slice(None))
+    # the no-host-read form (max_seqlen given; checks off): the padding entry computed on the
+    # device, appended even when empty
+    import ring_flash_attn.cp.ulysses as ulysses
+    with NoHostReads(ulysses):
+        cu_q, _, max_q, _, _ = rfa.ulysses_prepare_cu_seqlens(cu, True, 0, 3, max_seqlen=13)
+        cu_even, _, _, _, _ = rfa.ulysses_prepare_cu_seqlens(cu, True, 0, 4, max_seqlen=13)
+    assert torch.equal(cu_q, cu_seqlens(lens + [1])) and max_q == 13
+    assert torch.equal(cu_even, cu_seqlens(lens + [0]))
 
 
 def test_ulysses_registry_entry():

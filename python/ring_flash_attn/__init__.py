@@ -60,6 +60,7 @@ from .cp.ulysses import (
     ulysses_flash_attn_varlen_func,
     ulysses_prepare_cu_seqlens,
     ulysses_shard,
+    ulysses_unshard,
 )
 from .cp.ring_layout import ring_local_cu_seqlens, ring_shard, ring_unshard
 from .cp.stripe_layout import stripe_shard, stripe_unshard
@@ -164,6 +165,7 @@ __all__ = [
     "ulysses_flash_attn_varlen_qkvpacked_func",
     "ulysses_prepare_cu_seqlens",
     "ulysses_shard",
+    "ulysses_unshard",
 ]
 
 

@@ -44,7 +44,7 @@ from .rank_agreement import Fingerprint, RankAgreement, device_of, effective_sca
 from .scheme import BatchMetadata, BatchNotSupported
 from .ulysses import check_chunk_stride
 from .validation import (CuSeqlens, as_cu_tensor, check_collective_device, check_cumulative_values, check_heads,
-                         check_local_tokens, check_qkv, metadata_checks_enabled)
+                         check_local_tokens, check_qkv, metadata_checks_enabled, short_list)
 from .zigzag_layout import zigzag_check_cu_seqlens, zigzag_shard, zigzag_unshard
 from .zigzag_llama3 import zigzag_llama3_flash_attn_varlen_func, zigzag_llama3_prepare_cu_seqlens
 from .zigzag_ring import zigzag_ring_flash_attn_varlen_func
@@ -64,9 +64,12 @@ def _zigzag_ring_with_llama3_signature(q: Tensor, k: Tensor, v: Tensor, cu_seqle
                                        max_seqlen_q: int, max_seqlen_k: int, heads_k_stride: int,
                                        local_k_slice: Optional[slice], **kwargs):
     """``zigzag_ring_flash_attn_varlen_func`` called with zigzag llama3's metadata: its LOCAL
-    ``cu_seqlens_q`` and ``max_seqlen_q`` are what the ring takes (``heads_k_stride`` and the
-    GLOBAL ``cu_seqlens_k`` are not used: the ring passes every KV head's block at each step)."""
-    return zigzag_ring_flash_attn_varlen_func(q, k, v, cu_seqlens_q, max_seqlen_q, **kwargs)
+    ``cu_seqlens_q`` and ``max_seqlen_q`` are what the ring takes, and the GLOBAL ``cu_seqlens_k``
+    (the real lengths) gives the ring's ``seqlens``, so the rows the zigzag layout pads a sequence
+    with are masked (``heads_k_stride`` is not used: the ring passes every KV head's block at each
+    step)."""
+    seqlens = cu_seqlens_k[1:] - cu_seqlens_k[:-1]
+    return zigzag_ring_flash_attn_varlen_func(q, k, v, cu_seqlens_q, max_seqlen_q, seqlens=seqlens, **kwargs)
 
 
 # kv_scheme -> (the function called with llama3's signature, the public function whose parameters
@@ -93,27 +96,50 @@ def _layout_of(mesh: Union[HybridLayout, HybridMesh]) -> HybridLayout:
 # ---- layout helpers ------------------------------------------------------------------------------
 
 
+def _padded_values(values: List[int], layout: HybridLayout) -> List[int]:
+    """The GLOBAL cumulative lengths the hybrid layout runs on: ``values`` (checked), plus a padding
+    sequence of its own after the last one when the KV groups' parts would not cut into U equal
+    pieces. Contiguous across (llama3): the total padded to a multiple of N (as ``llama3_shard``
+    over N ranks). Zigzag across: the zigzag layout pads each sequence to a multiple of 2K, so
+    each KV part has ``P = sum(padded lengths) / K`` rows, an even number; a padding sequence of
+    ``2 K m`` rows adds 2m rows to each part, and the smallest m in [0, U) with ``(P + 2m) % U ==
+    0`` exists (U odd: 2 is invertible mod U; U even: P and the shortfall are even)."""
+    check_cumulative_values(values, "cu_seqlens")
+    U, K, N = layout.ulysses_degree, layout.kv_degree, layout.world_size
+    total = values[-1]
+    if not _is_zigzag(layout.kv_scheme):
+        padded = -(-total // N) * N
+        return values if padded == total else values + [padded]
+    unit = 2 * K
+    part = sum(-(-(b - a) // unit) * unit for a, b in zip(values, values[1:])) // K
+    m = next(m for m in range(U) if (part + 2 * m) % U == 0)
+    return values if m == 0 else values + [total + unit * m]
+
+
 def hybrid_shard(x: Tensor, cu_seqlens: CuSeqlens, rank: int, mesh: Union[HybridLayout, HybridMesh]) -> Tensor:
     """Rank ``rank``'s part of a packed global batch x ``[T_g, ...]`` (natural order) in the
-    hybrid layout: the KV scheme's shard for KV coordinate a (``zigzag_shard`` for zigzag llama3,
-    the contiguous piece for llama3), then its contiguous piece u of U. ``cu_seqlens``: the GLOBAL
-    cumulative lengths. Returns a new tensor ``[T_g / N, ...]``."""
+    hybrid layout: the KV scheme's shard for KV coordinate a (``zigzag_shard`` for zigzag llama3
+    and zigzag ring, the contiguous piece for llama3), then its contiguous piece u of U.
+    ``cu_seqlens``: the GLOBAL cumulative lengths (last entry T_g); any total and sequence
+    lengths: where the layout cannot cut them evenly, zero rows pad the sequences (zigzag) and a
+    padding sequence of its own follows the last one (``hybrid_prepare_cu_seqlens`` describes
+    both). Returns a new tensor ``[T, ...]``, the same T on every rank; undo with
+    ``hybrid_unshard``. Reads the lengths on the host (a setup step)."""
     layout = _layout_of(mesh)
     a, u = layout.coordinates(rank)
     U, K = layout.ulysses_degree, layout.kv_degree
     if not isinstance(x, Tensor) or x.dim() < 1:
         raise ValueError(f"x: expected a tensor with a token dim 0, got {getattr(x, 'shape', type(x).__name__)}")
-    if x.shape[0] % layout.world_size:
-        raise ValueError(f"x: expected a token count divisible by the {layout.world_size} ranks of the mesh "
-                         f"(ulysses_degree {U} x kv_degree {K}), got {x.shape[0]}")
+    values = as_cu_tensor(cu_seqlens, "cu_seqlens").tolist()
+    check_cumulative_values(values, "cu_seqlens")
+    if values[-1] != x.shape[0]:
+        raise ValueError(f"cu_seqlens: expected the last entry to be {x.shape[0]} (the rows of x), got {values[-1]}")
+    padded = _padded_values(values, layout)
+    if len(padded) != len(values):
+        x = torch.cat([x, x.new_zeros((padded[-1] - values[-1],) + tuple(x.shape[1:]))])
     if _is_zigzag(layout.kv_scheme):
-        part = zigzag_shard(x, cu_seqlens, a, K)
+        part = zigzag_shard(x, padded, a, K)
     else:
-        cu = as_cu_tensor(cu_seqlens, "cu_seqlens")
-        values = cu.tolist()
-        check_cumulative_values(values, "cu_seqlens")
-        if values[-1] != x.shape[0]:
-            raise ValueError(f"cu_seqlens: expected the last entry to be {x.shape[0]} (the rows of x), got {values[-1]}")
         per_kv = x.shape[0] // K
         part = x[a * per_kv:(a + 1) * per_kv]
     T = part.shape[0] // U
@@ -122,16 +148,19 @@ def hybrid_shard(x: Tensor, cu_seqlens: CuSeqlens, rank: int, mesh: Union[Hybrid
 
 def hybrid_unshard(shards: Sequence[Tensor], cu_seqlens: CuSeqlens, mesh: Union[HybridLayout, HybridMesh]) -> Tensor:
     """The inverse of ``hybrid_shard``: the N ranks' parts (rank order) -> the global batch in
-    natural order. Pure tensor ops (no communication)."""
+    natural order without the padding. Pure tensor ops (no communication) but for reading the
+    lengths on the host."""
     layout = _layout_of(mesh)
     shards = list(shards)
     if len(shards) != layout.world_size:
         raise ValueError(f"shards: expected {layout.world_size} tensors (one per rank of the mesh), got {len(shards)}")
+    values = as_cu_tensor(cu_seqlens, "cu_seqlens").tolist()
+    padded = _padded_values(values, layout)
     U, K = layout.ulysses_degree, layout.kv_degree
     parts = [torch.cat(shards[a * U:(a + 1) * U]) for a in range(K)]
     if _is_zigzag(layout.kv_scheme):
-        return zigzag_unshard(parts, cu_seqlens)
-    return torch.cat(parts)
+        return zigzag_unshard(parts, padded)[:values[-1]]
+    return torch.cat(parts)[:values[-1]]
 
 
 def hybrid_prepare_cu_seqlens(
@@ -139,25 +168,25 @@ def hybrid_prepare_cu_seqlens(
     max_seqlen: Optional[int] = None,
 ) -> Tuple[Tensor, Tensor, int, int, slice]:
     """What ``hybrid_flash_attn_varlen_func`` takes on parent rank ``rank``, from the GLOBAL
-    cu_seqlens: the KV scheme's metadata for the rank's KV coordinate a over the ``kv_degree``
-    ranks, ``(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, local_k_slice)``
-    (``zigzag_llama3_prepare_cu_seqlens(cu_seqlens, causal, a, K, max_seqlen)`` for both zigzag
-    schemes, or ``llama3_flash_attn_prepare_cu_seqlens(cu_seqlens, causal, a, K)``). The total
-    must be divisible by the mesh's N ranks; the zigzag layout also needs every sequence length a
-    multiple of 2K."""
+    cu_seqlens (any total and sequence lengths): the KV scheme's metadata for the rank's KV
+    coordinate a over the ``kv_degree`` ranks, ``(cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+    max_seqlen_k, local_k_slice)`` (``zigzag_llama3_prepare_cu_seqlens(cu, causal, a, K,
+    max_seqlen)`` for both zigzag schemes, or ``llama3_flash_attn_prepare_cu_seqlens(cu, causal,
+    a, K)``) of the layout's cumulative lengths ``cu``: the given ones, plus the padding sequence
+    of ``hybrid_shard`` where the layout needs one. Reads the values on the host (one
+    device-to-host copy for a CUDA tensor: a setup step)."""
     layout = _layout_of(mesh)
     a, _ = layout.coordinates(rank)
     cu = as_cu_tensor(cu_seqlens, "cu_seqlens")
-    if not isinstance(cu_seqlens, Tensor) or metadata_checks_enabled(cu.device):
-        values = cu.tolist()
-        check_cumulative_values(values, "cu_seqlens")
-        if values[-1] % layout.world_size:
-            raise ValueError(f"cu_seqlens: expected a total length divisible by the {layout.world_size} ranks of the "
-                             f"mesh (ulysses_degree {layout.ulysses_degree} x kv_degree {layout.kv_degree}), got "
-                             f"{values[-1]}")
+    values = cu.tolist()
+    padded = _padded_values(values, layout)
+    if len(padded) != len(values):
+        cu = torch.tensor(padded, dtype=torch.int32, device=cu.device)
+        if max_seqlen is not None:
+            max_seqlen = max(int(max_seqlen), padded[-1] - padded[-2])
     if _is_zigzag(layout.kv_scheme):
-        return zigzag_llama3_prepare_cu_seqlens(cu_seqlens, causal, a, layout.kv_degree, max_seqlen)
-    return llama3_flash_attn_prepare_cu_seqlens(cu_seqlens, causal, a, layout.kv_degree)
+        return zigzag_llama3_prepare_cu_seqlens(cu, causal, a, layout.kv_degree, max_seqlen)
+    return llama3_flash_attn_prepare_cu_seqlens(cu, causal, a, layout.kv_degree)
 
 
 def hf_batch_metadata(cu_seqlens: List[int], rank: int, world_size: int) -> Dict[bool, BatchMetadata]:
@@ -174,6 +203,12 @@ def hf_batch_metadata(cu_seqlens: List[int], rank: int, world_size: int) -> Dict
     try:
         if _is_zigzag(layout.kv_scheme):
             zigzag_check_cu_seqlens(cu_seqlens, layout.kv_degree)
+        values = list(cu_seqlens)
+        if len(_padded_values(values, layout)) != len(values):
+            # the model's inputs are the ranks' equal cuts of the batch: no room for hybrid_shard's padding
+            raise ValueError(f"cu_seqlens: expected a batch the hybrid layout (ulysses_degree {layout.ulysses_degree} "
+                             f"x kv_degree {layout.kv_degree}, {layout.kv_scheme} across) cuts into equal parts "
+                             f"without a padding sequence, got the lengths {short_list(values)}")
         return {c: hybrid_prepare_cu_seqlens(cu_seqlens, c, rank, layout) for c in (True, False)}
     except ValueError as e:
         raise BatchNotSupported(str(e)) from None
@@ -238,7 +273,7 @@ def hybrid_flash_attn_varlen_func(
 
     Args:
         q: ``[T, Hq, D]``, k, v: ``[T, Hk, D]``: the rank's ``hybrid_shard`` of the packed batch
-            (T = T_g / N); Hq divisible by U; Hk a multiple or a divisor of U.
+            (the same T on every rank); Hq divisible by U; Hk a multiple or a divisor of U.
         cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, local_k_slice: the KV scheme's
             metadata for the rank's KV coordinate, as ``hybrid_prepare_cu_seqlens`` returns it
             (it describes the KV group's part, U T tokens).

@@ -20,7 +20,7 @@ from .ring_layout import ring_local_cu_seqlens, ring_shard, ring_unshard
 from .scheme import ContextParallelScheme, HFBinding
 from .stripe import stripe_flash_attn_func
 from .ulysses import (HF_ATTN_ULYSSES, ulysses_flash_attn_func, ulysses_flash_attn_varlen_func,
-                      ulysses_prepare_cu_seqlens, ulysses_shard)
+                      ulysses_prepare_cu_seqlens, ulysses_shard, ulysses_unshard)
 from .ulysses import hf_batch_metadata as ulysses_hf_batch_metadata
 from .stripe_layout import stripe_shard, stripe_unshard
 from .zigzag_layout import zigzag_llama3_prepare_cu_seqlens, zigzag_local_cu_seqlens, zigzag_shard, zigzag_unshard
@@ -109,9 +109,9 @@ register_scheme(ContextParallelScheme(
 
 register_scheme(ContextParallelScheme(
     name="ulysses", layout="contiguous",
-    summary="all-to-all from sequence to head shards, rank r holds tokens [r T/N, (r+1) T/N) of the packed batch",
+    summary="all-to-all from sequence to head shards, rank r holds tokens [r T/N, (r+1) T/N) of the packed batch (padded to N T)",
     func=ulysses_flash_attn_func, varlen_func=ulysses_flash_attn_varlen_func, shard=ulysses_shard,
-    prepare_cu_seqlens=ulysses_prepare_cu_seqlens,
+    unshard=ulysses_unshard, prepare_cu_seqlens=ulysses_prepare_cu_seqlens,
     hf=HFBinding(attn_implementation=HF_ATTN_ULYSSES, prepare_batch=ulysses_hf_batch_metadata)))
 
 register_scheme(ContextParallelScheme(

@@ -1,8 +1,10 @@
 """Ulysses context parallelism: all-to-all from sequence shards to head shards and back.
 
-Layout (contiguous, as llama3's): N ranks; the packed batch (total T_g tokens, divisible by N;
-sequences of any length) is cut into N pieces of T = T_g / N tokens and rank r holds tokens
-``[r T, (r+1) T)``. The batched form ``[B, L, H, D]``: rank r holds tokens ``[r L, (r+1) L)`` of
+Layout (contiguous, as llama3's): N ranks; the packed batch (total T_g tokens, any sequence
+lengths) is cut into N pieces of T = ceil(T_g / N) tokens and rank r holds tokens ``[r T, (r+1) T)``.
+When N does not divide T_g, the N T - T_g < N rows after the last sequence are padding
+(``ulysses_shard`` fills them with zeros) and form a sequence of their own in the metadata
+(``ulysses_prepare_cu_seqlens``), so no real token sees them; ``ulysses_unshard`` drops them. The batched form ``[B, L, H, D]``: rank r holds tokens ``[r L, (r+1) L)`` of
 each of the B sequences.
 
 Per chunk of ``heads_k_stride`` KV heads (``all_to_all``): one all-to-all gives each rank every
@@ -24,7 +26,7 @@ The K/V-packed and Q/K/V-packed forms of the public functions are in ``packed.py
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -33,6 +35,7 @@ from .._checks import check_flash_attn_defaults, check_window_size
 from ..grouped import _resolve_scale, flash_attn_varlen_func
 from .all_to_all import HeadShards, check_head_split, head_sharded_attention
 from .features import check_softcap, feature_kwargs
+from .llama3_layout import llama3_shard, llama3_unshard
 from .sinks import check_sinks
 from .process_group import resolve_group
 from .rank_agreement import Fingerprint, RankAgreement, device_of, effective_scale
@@ -45,7 +48,7 @@ if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
 __all__ = ["HF_ATTN_ULYSSES", "hf_batch_metadata", "ulysses_flash_attn_func", "ulysses_flash_attn_varlen_func",
-           "ulysses_prepare_cu_seqlens", "ulysses_shard", "check_chunk_stride"]
+           "ulysses_prepare_cu_seqlens", "ulysses_shard", "ulysses_unshard", "check_chunk_stride"]
 
 # The name of the scheme in transformers' AttentionInterface (ring_flash_attn.hf_adapter).
 HF_ATTN_ULYSSES = "ring_attn_ulysses"
@@ -164,8 +167,9 @@ def ulysses_flash_attn_varlen_func(
             query heads and its gradient summed back); same dtype and device; any token/head
             strides.
         cu_seqlens_q, cu_seqlens_k: int32 ``[B + 1]`` on q's device: the GLOBAL cumulative
-            lengths of the packed batch (``cu_seqlens[-1] == N T``; sequences of any length),
-            as ``ulysses_prepare_cu_seqlens`` returns them.
+            lengths of the layout (``cu_seqlens[-1] == N T``: the packed batch and, when N does
+            not divide its total, the padding rows as a sequence of their own; sequences of any
+            length), as ``ulysses_prepare_cu_seqlens`` returns them.
         max_seqlen_q, max_seqlen_k: Python ints, the longest GLOBAL sequence (hints).
         heads_k_stride: KV heads of a rank's head shard per all-to-all chunk (divides
             ``max(Hk, N) / N``); None: one chunk. With more than one chunk, a chunk's
@@ -265,22 +269,19 @@ def ulysses_flash_attn_func(
 
 
 def ulysses_shard(x: Tensor, cu_seqlens: CuSeqlens, rank: int, world_size: int) -> Tensor:
-    """Rank ``rank``'s piece of a packed global batch in the contiguous layout: rows
-    ``[rank T, (rank+1) T)`` of x ``[N T, ...]`` (a new tensor). ``cu_seqlens`` (the GLOBAL
-    cumulative lengths) is checked for a total equal to x's rows; any sequence lengths."""
-    check_world(world_size, rank)
-    if not isinstance(x, Tensor) or x.dim() < 1:
-        raise ValueError(f"x: expected a tensor with a token dim 0, got {getattr(x, 'shape', type(x).__name__)}")
-    if x.shape[0] % world_size:
-        raise ValueError(f"x: expected a token count divisible by world_size {world_size}, got {x.shape[0]}")
-    cu = as_cu_tensor(cu_seqlens, "cu_seqlens")
-    if not isinstance(cu_seqlens, Tensor) or metadata_checks_enabled(cu.device):
-        values = cu.tolist()
-        check_cumulative_values(values, "cu_seqlens")
-        if values[-1] != x.shape[0]:
-            raise ValueError(f"cu_seqlens: expected the last entry to be {x.shape[0]} (the rows of x), got {values[-1]}")
-    T = x.shape[0] // world_size
-    return x[rank * T:(rank + 1) * T].clone()
+    """Rank ``rank``'s piece of a packed global batch ``x [total, ...]`` in the contiguous layout
+    (``cu_seqlens``: the GLOBAL cumulative lengths, last entry ``total``; any total and sequence
+    lengths): rows ``[r T, (r+1) T)`` of x padded with zero rows to ``N T``, ``T = ceil(total / N)``
+    (the padding rows form a sequence of their own in ``ulysses_prepare_cu_seqlens``'s metadata).
+    A new tensor ``[T, ...]``; undo with ``ulysses_unshard``. Reads the lengths on the host (a
+    setup step). The same layout as ``llama3_shard``."""
+    return llama3_shard(x, cu_seqlens, rank, world_size)
+
+
+def ulysses_unshard(shards: Sequence[Tensor], cu_seqlens: CuSeqlens) -> Tensor:
+    """The inverse of ``ulysses_shard``: N local pieces (rank order) -> the global batch without
+    the padding rows. Pure tensor ops (no communication)."""
+    return llama3_unshard(shards, cu_seqlens)
 
 
 def ulysses_prepare_cu_seqlens(
@@ -289,23 +290,31 @@ def ulysses_prepare_cu_seqlens(
 ) -> Tuple[Tensor, Tensor, int, int, slice]:
     """What ``ulysses_flash_attn_varlen_func`` takes, from the GLOBAL cu_seqlens, in llama3's order:
     ``(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, local_k_slice)`` = the global
-    cumulative lengths (int32, twice), the longest sequence (twice) and ``slice(None)``. The same
-    on every rank (``rank`` and ``causal`` are accepted for the shared signature). The total must
-    be divisible by ``world_size``; sequences of any length. Reads the values on the host (one
-    device-to-host copy for a CUDA tensor) unless ``max_seqlen`` is given for a CUDA tensor."""
+    cumulative lengths of the layout (int32, twice), the longest sequence (twice) and
+    ``slice(None)``. The same on every rank (``rank`` and ``causal`` are accepted for the shared
+    signature). Any total and sequence lengths: when ``world_size`` does not divide the total T,
+    the metadata has one more sequence, the ``N ceil(T / N) - T`` padding rows of
+    ``ulysses_shard``. Reads the values on the host (one device-to-host copy for a CUDA tensor)
+    unless ``max_seqlen`` is given for a CUDA tensor; then the padding entry is computed on the
+    device and always appended (an empty sequence when N divides T)."""
     check_world(world_size, rank)
     cu = as_cu_tensor(cu_seqlens, "cu_seqlens")
     if max_seqlen is None or not isinstance(cu_seqlens, Tensor) or metadata_checks_enabled(cu.device):
         values = cu.tolist()
         check_cumulative_values(values, "cu_seqlens")
-        if values[-1] % world_size:
-            raise ValueError(f"cu_seqlens: expected a total length divisible by world_size {world_size}, got "
-                             f"{values[-1]}")
         longest = max(b - a for a, b in zip(values, values[1:]))
         if max_seqlen is not None and int(max_seqlen) < longest:
             raise ValueError(f"max_seqlen: expected >= the longest sequence ({longest}), got {max_seqlen}")
-        if max_seqlen is None:
-            max_seqlen = longest
+        padded = -(-values[-1] // world_size) * world_size
+        if padded != values[-1]:  # the padding rows: a sequence of their own
+            cu = torch.tensor(values + [padded], dtype=torch.int32, device=cu.device)
+            longest = max(longest, padded - values[-1])
+        max_seqlen = longest if max_seqlen is None else max(int(max_seqlen), padded - values[-1])
+    else:  # no host read: the padding entry from the last one, on the device
+        last = cu[-1:].to(torch.int64)
+        padded = torch.div(last + (world_size - 1), world_size, rounding_mode="floor") * world_size
+        cu = torch.cat([cu, padded.to(torch.int32)])
+        max_seqlen = max(int(max_seqlen), world_size - 1)
     max_seqlen = int(max_seqlen)
     return cu, cu, max_seqlen, max_seqlen, slice(None)
 
