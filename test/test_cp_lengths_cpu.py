@@ -338,8 +338,7 @@ def test_any_length_matches_one_process(world_size: int, case: dict, spawn_root:
 
 @pytest.mark.parametrize("world_size", _WORLD_SIZES)
 def test_zigzag_gather_of_padded_shards(world_size: int, spawn_root: str):
-    for r, res in enumerate(_SPAWNS(world_size, spawn_root)):
-        assert res["zigzag_gather"] == "", f"rank {r} of {world_size}: {res['zigzag_gather']}"
+    _SPAWNS.assert_each_rank(world_size, spawn_root, "zigzag_gather", "")
 
 
 # ---- without spawning ---------------------------------------------------------------------------------
