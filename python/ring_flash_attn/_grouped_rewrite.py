@@ -32,6 +32,11 @@ keeps its own query and key lengths, so its own bottom-right alignment. With sin
 (a sequence without keys here) would get lse = its sink; it is set back to -inf, on the device.
 """
 
+# The docstrings of this module and of forward_as_one_call are also those of grouped_python.py,
+# which scripts/dev/gen_grouped_python.py writes: _flash_attn_varlen_forward_grouped, with the
+# signature of grouped_flash_attn_varlen_func (less return_lse and deterministic), calling
+# forward_as_one_call with every argument.
+
 from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple
@@ -39,10 +44,9 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ._checks import NO_WINDOW
-from .grouped import grouped_flash_attn_varlen_func
+from .grouped import single_group_attention
 
-__all__ = ["_flash_attn_varlen_forward_grouped"]
+__all__ = ["forward_as_one_call"]
 
 
 def _check_lists(q_list, cu_seqlens_q_list, max_seqlen_q_list, seqused_k_list, k, cu_seqlens_k) -> int:
@@ -91,21 +95,11 @@ def _check_lists(q_list, cu_seqlens_q_list, max_seqlen_q_list, seqused_k_list, k
     return G
 
 
-def _flash_attn_varlen_forward_grouped(
-    q_list: Sequence[Tensor],
-    k: Tensor,
-    v: Tensor,
-    cu_seqlens_q_list: Sequence[Tensor],
-    cu_seqlens_k: Tensor,
-    max_seqlen_q_list: Sequence[int],
-    max_seqlen_k: int,
-    seqused_k_list: Optional[Sequence[Optional[Tensor]]] = None,
-    softmax_scale: Optional[float] = None,
-    causal: bool = True,
-    window_size: Tuple[int, int] = NO_WINDOW,
-    softcap: float = 0.0,
-    sinks: Optional[Tensor] = None,
-) -> Tuple[List[Tensor], List[Tensor]]:
+def forward_as_one_call(q_list: Sequence[Tensor], k: Tensor, v: Tensor, cu_seqlens_q_list: Sequence[Tensor],
+                        cu_seqlens_k: Tensor, max_seqlen_q_list: Sequence[int], max_seqlen_k: int,
+                        seqused_k_list: Optional[Sequence[Optional[Tensor]]], softmax_scale: Optional[float],
+                        causal: bool, window_size: Tuple[int, int], softcap: float,
+                        sinks: Optional[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
     """Grouped varlen attention as ONE plain (G = 1) library call over G * B sequences.
 
     Same arguments and results as ``grouped_flash_attn_varlen_func(..., return_lse=True)``;
@@ -170,23 +164,9 @@ def _flash_attn_varlen_forward_grouped(
 
     # max_seqlen_* are hints to the library (it never sizes anything by them); the tail
     # sequences are not counted in them.
-    out_all, lse_all = grouped_flash_attn_varlen_func(
-        [q_all],
-        k_all,
-        v_all,
-        [cu_q_all],
-        cu_k_all,
-        [max(int(m) for m in max_seqlen_q_list)],
-        max_seqlen_k,
-        seqused_k_list=[used_all],
-        softmax_scale=softmax_scale,
-        causal=causal,
-        return_lse=True,
-        window_size=window_size,
-        softcap=softcap,
-        sinks=sinks,
-    )
-    out_all, lse_all = out_all[0], lse_all[0]
+    out_all, lse_all = single_group_attention(q_all, k_all, v_all, cu_q_all, cu_k_all,
+                                              max(int(m) for m in max_seqlen_q_list), max_seqlen_k, used_all,
+                                              softmax_scale, causal, False, window_size, softcap, sinks)
 
     out_list = list(out_all.split(total_q, dim=0))
     lse_list = []
