@@ -49,10 +49,10 @@ def function_def(tree: ast.Module, module: str, name: str) -> ast.FunctionDef:
 
 def docstring_literal(source: str, body: List[ast.stmt], what: str) -> str:
     """The docstring of a module or function body as written (quotes and indentation included)."""
-    first = body[0] if body else None
-    if not (isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str)):
+    first = body[0].value if body and isinstance(body[0], ast.Expr) else None
+    if not (isinstance(first, ast.Constant) and isinstance(first.value, str)):
         raise SystemExit(f"{ME}: {what} has no docstring")
-    return ast.get_source_segment(source, first.value)
+    return ast.get_source_segment(source, first)
 
 
 def parameters(node: ast.FunctionDef) -> List[Tuple[str, str, str]]:
@@ -95,7 +95,8 @@ def grouped_python() -> str:
              f"from .{IMPLEMENTATION[0][:-len('.py')]} import {IMPLEMENTATION[1]}", "",
              f'__all__ = ["{ENTRY}"]', "", "",
              f"def {ENTRY}(",
-             *[f"    {name}: {annotation}{f' = {default}' if default else ''}," for name, annotation, default in params],
+             *[f"    {name}: {annotation}{f' = {default}' if default else ''}," for name, annotation, default in
+               params],
              f") -> {returns}:",
              "    " + docstring_literal(impl_source, impl.body, IMPLEMENTATION[1]),
              *wrap_list([p[0] for p in params], call, " " * len(call), ")")]
