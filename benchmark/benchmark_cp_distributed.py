@@ -332,18 +332,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import torch
 
     args = parse_args(argv)
-    run = gb.start_distributed(args, _fill_defaults, master_port="29522")
-    if run is None:
+    started = zd.start_model_run(args, _fill_defaults, master_port="29522")
+    if started is None:
         return gb.EXIT_NO_GPU
+    run, cfg, hs = started
     on_gpu, device, rank, world, dtype, env, say = run
-    cfg = zd.CONFIGS[args.config]
-    hs = zd.heads_k_stride(args, cfg)
-    say("Context-parallel schemes, distributed: one step per rank vs its kernels alone")
-    say(f"world_size {world}, {env['device']} ({env['backend']}), torch {env['torch']}, {args.dtype}, {cfg.label} "
-        f"({cfg.num_heads_q} Q heads, {cfg.num_heads_k} KV heads, head_dim {cfg.head_dim}), causal, heads_k_stride {hs}")
-    gb.say_command(say, "benchmark/benchmark_cp_distributed.py", world, argv)
-    say(f"Timing: {'CUDA events' if on_gpu else 'host timer (CPU smoke test: the numbers mean nothing)'}, "
-        f"{args.warmup} warm-up, median of {args.num_runs}; ratio = step / kernels")
+    zd.say_model_header(run, args, cfg, "Context-parallel schemes, distributed: one step per rank vs its kernels alone",
+                        f"causal, heads_k_stride {hs}", "benchmark/benchmark_cp_distributed.py", argv)
     mesh = _make_mesh(args, cfg, world, say) if "hybrid" in args.schemes else None
 
     rows: List[Dict[str, str]] = []

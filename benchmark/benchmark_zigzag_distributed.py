@@ -255,25 +255,46 @@ def heads_k_stride(args, cfg) -> int:
     return args.heads_k_stride or max(1, cfg.num_heads_k // 2)
 
 
+def start_model_run(args, fill_defaults: Callable, master_port: str
+                    ) -> Optional[Tuple[gb.DistributedRun, gb.ModelConfig, int]]:
+    """The start of a benchmark of one model over torchrun ranks: gb.start_distributed (with
+    ``fill_defaults(args, on_gpu)``), then the model of --config and the run's heads_k_stride
+    (heads_k_stride()). Returns (run, model config, heads_k_stride), or None when
+    gb.start_distributed gives None (the caller exits with gb.EXIT_NO_GPU)."""
+    run = gb.start_distributed(args, fill_defaults, master_port=master_port)
+    if run is None:
+        return None
+    cfg = CONFIGS[args.config]
+    return run, cfg, heads_k_stride(args, cfg)
+
+
+def say_model_header(run: gb.DistributedRun, args, cfg: gb.ModelConfig, title: str, settings: str, script: str,
+                     argv: Optional[Sequence[str]]) -> None:
+    """The lines before the tables (rank 0): `title`; world size, device, backend, torch, dtype and
+    the model, then `settings` (the benchmark's own); the Command and Date lines of `script`; the
+    timing (--warmup, median of --num-runs, ratio = step / kernels)."""
+    env, say = run.env, run.say
+    say(title)
+    say(f"world_size {run.world_size}, {env['device']} ({env['backend']}), torch {env['torch']}, {args.dtype}, "
+        f"{cfg.label} ({cfg.num_heads_q} Q heads, {cfg.num_heads_k} KV heads, head_dim {cfg.head_dim}), {settings}")
+    gb.say_command(say, script, run.world_size, argv)
+    timer = "CUDA events" if run.on_gpu else "host timer (CPU smoke test: the numbers mean nothing)"
+    say(f"Timing: {timer}, {args.warmup} warm-up, median of {args.num_runs}; ratio = step / kernels")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     import torch
 
     args = parse_args(argv)
-    run = gb.start_distributed(args, _fill_defaults, master_port="29518")
-    if run is None:
+    started = start_model_run(args, _fill_defaults, master_port="29518")
+    if started is None:
         return gb.EXIT_NO_GPU
+    run, cfg, hs = started
     on_gpu, device, rank, world, dtype, env, say = run
-    cfg = CONFIGS[args.config]
-    hs = heads_k_stride(args, cfg)
     reduce_dtype = torch.float32 if args.grad_reduce_dtype == "fp32" else dtype  # "same": the dtype of k
-
-    say("Zigzag llama3 distributed benchmark: one step per rank vs its kernels alone")
-    say(f"world_size {world}, {env['device']} ({env['backend']}), torch {env['torch']}, {args.dtype}, "
-        f"{cfg.label} ({cfg.num_heads_q} Q heads, {cfg.num_heads_k} KV heads, head_dim {cfg.head_dim}), "
-        f"heads_k_stride {hs}, batch {args.batch}, grad reduce {args.grad_reduce_dtype}")
-    gb.say_command(say, "benchmark/benchmark_zigzag_distributed.py", world, argv)
-    timer = "CUDA events" if on_gpu else "host timer (CPU smoke test: the numbers mean nothing)"
-    say(f"Timing: {timer}, {args.warmup} warm-up, median of {args.num_runs}; ratio = step / kernels")
+    say_model_header(run, args, cfg, "Zigzag llama3 distributed benchmark: one step per rank vs its kernels alone",
+                     f"heads_k_stride {hs}, batch {args.batch}, grad reduce {args.grad_reduce_dtype}",
+                     "benchmark/benchmark_zigzag_distributed.py", argv)
 
     rows: List[Dict[str, str]] = []
     status = 0

@@ -278,6 +278,13 @@ class CachedSpawns:
                 raise
         return self._results[world_size]
 
+    def assert_each_rank(self, world_size: int, tmp_root: str, key: str, expected) -> None:
+        """results[key] of every rank (an extra check's result: see record_check, a traceback when
+        the check raised) equals `expected`, or ``expected(rank)`` when it is callable."""
+        for r, res in enumerate(self(world_size, tmp_root)):
+            want = expected(r) if callable(expected) else expected
+            assert res[key] == want, f"rank {r} of {world_size}, {key}:\n got      {res[key]}\n expected {want}"
+
 
 def run_cases(cases: List[dict], run_case: Callable, seed: int, rank: int, world_size: int) -> Dict[str, dict]:
     """run_case(case, seed + i, rank, world_size) for every case; an exception is recorded (as its

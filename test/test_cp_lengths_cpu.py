@@ -106,22 +106,19 @@ _HELPERS = {  # scheme -> (shard, unshard): (x, cu_seqlens or None, rank, N), (s
     "llama3": (rfa.llama3_shard, rfa.llama3_unshard),
     "zigzag_llama3": (rfa.zigzag_shard, rfa.zigzag_unshard),
 }
-_RING_FUNCS = {  # (form, packed) -> function, for the ring-style schemes
-    ("ring", "varlen"): (rfa.ring_flash_attn_varlen_func, rfa.ring_flash_attn_varlen_kvpacked_func,
-                         rfa.ring_flash_attn_varlen_qkvpacked_func),
-    ("ring", "batched"): (rfa.ring_flash_attn_func, rfa.ring_flash_attn_kvpacked_func,
-                          rfa.ring_flash_attn_qkvpacked_func),
-    ("zigzag", "varlen"): (rfa.zigzag_ring_flash_attn_varlen_func, rfa.zigzag_ring_flash_attn_varlen_kvpacked_func,
-                           rfa.zigzag_ring_flash_attn_varlen_qkvpacked_func),
-    ("zigzag", "batched"): (rfa.zigzag_ring_flash_attn_func, rfa.zigzag_ring_flash_attn_kvpacked_func,
-                            rfa.zigzag_ring_flash_attn_qkvpacked_func),
-    ("stripe", "batched"): (rfa.stripe_flash_attn_func, rfa.stripe_flash_attn_kvpacked_func,
-                            rfa.stripe_flash_attn_qkvpacked_func),
-    ("llama3", "varlen"): (rfa.llama3_flash_attn_varlen_func, rfa.llama3_flash_attn_varlen_kvpacked_func,
-                           rfa.llama3_flash_attn_varlen_qkvpacked_func),
-    ("zigzag_llama3", "varlen"): (rfa.zigzag_llama3_flash_attn_varlen_func,
-                                  rfa.zigzag_llama3_flash_attn_varlen_kvpacked_func,
-                                  rfa.zigzag_llama3_flash_attn_varlen_qkvpacked_func),
+# scheme -> (its functions' name prefix, its forms): the functions are
+# <prefix>_flash_attn[_varlen][_kvpacked | _qkvpacked]_func
+_FUNCTION_NAMES = {
+    "ring": ("ring", ("varlen", "batched")),
+    "zigzag": ("zigzag_ring", ("varlen", "batched")),
+    "stripe": ("stripe", ("batched",)),
+    "llama3": ("llama3", ("varlen",)),
+    "zigzag_llama3": ("zigzag_llama3", ("varlen",)),
+}
+_RING_FUNCS = {  # (scheme, form) -> its (plain, K/V-packed, Q/K/V-packed) functions
+    (scheme, form): tuple(getattr(rfa, f"{prefix}_flash_attn{'_varlen' if form == 'varlen' else ''}{packed}_func")
+                          for packed in ("", "_kvpacked", "_qkvpacked"))
+    for scheme, (prefix, forms) in _FUNCTION_NAMES.items() for form in forms
 }
 
 
@@ -338,8 +335,7 @@ def test_any_length_matches_one_process(world_size: int, case: dict, spawn_root:
 
 @pytest.mark.parametrize("world_size", _WORLD_SIZES)
 def test_zigzag_gather_of_padded_shards(world_size: int, spawn_root: str):
-    for r, res in enumerate(_SPAWNS(world_size, spawn_root)):
-        assert res["zigzag_gather"] == "", f"rank {r} of {world_size}: {res['zigzag_gather']}"
+    _SPAWNS.assert_each_rank(world_size, spawn_root, "zigzag_gather", "")
 
 
 # ---- without spawning ---------------------------------------------------------------------------------

@@ -329,11 +329,9 @@ def test_scheme_with_window_softcap_sinks_matches_single_process(world_size, cas
 
 
 def test_ring_steps_outside_the_window_are_skipped(spawn_root):
-    for r, res in enumerate(_results(4, spawn_root)):
-        assert isinstance(res["steps"], dict), f"rank {r}:\n{res['steps']}"
-        for name, expected in _EXPECTED_STEP_CALLS.items():
-            assert res["steps"][name] == expected[r], (f"rank {r}, {name}: {res['steps'][name]} forward kernel "
-                                                       f"calls, expected {expected[r]}")
+    """Forward kernel calls of each case on every rank: {case: calls}."""
+    _results.assert_each_rank(4, spawn_root, "steps",
+                              lambda r: {name: calls[r] for name, calls in _EXPECTED_STEP_CALLS.items()})
 
 
 # ---- single process ---------------------------------------------------------------------------------

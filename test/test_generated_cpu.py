@@ -22,7 +22,8 @@ def run_generator(name: str, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_every_generator_is_covered() -> None:
-    assert {"gen_abi_mirror.py", "gen_cp_api.py", "gen_instantiations.py", "gen_wgmma.py"} <= set(GENERATORS), GENERATORS
+    assert {"gen_abi_mirror.py", "gen_cp_api.py", "gen_grouped_python.py", "gen_instantiations.py",
+            "gen_wgmma.py"} <= set(GENERATORS), GENERATORS
 
 
 @pytest.mark.parametrize("name", GENERATORS)

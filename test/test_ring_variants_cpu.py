@@ -303,13 +303,11 @@ def test_ring_variant_matches_full_attention(world_size, case, spawn_root):
 
 
 def test_ring_overlap_order_two_ranks(spawn_root):
-    for r, res in enumerate(_results(2, spawn_root)):
-        assert res["order"] == EXPECTED_ORDER_2, f"rank {r}:\n got      {res['order']}\n expected {EXPECTED_ORDER_2}"
+    _results.assert_each_rank(2, spawn_root, "order", EXPECTED_ORDER_2)
 
 
 def test_ring_subgroup_two_ranks(spawn_root):
-    for r, res in enumerate(_results(2, spawn_root)):
-        assert res["subgroup"] == "", f"rank {r}: {res['subgroup']}"
+    _results.assert_each_rank(2, spawn_root, "subgroup", "")
 
 
 # ---- single process (no process group: world size 1) ---------------------------------------------

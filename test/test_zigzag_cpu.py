@@ -284,8 +284,7 @@ def test_zigzag_errors_two_ranks(check, spawn_root):
 
 def test_zigzag_overlap_order_two_ranks(spawn_root):
     """Communication is issued ahead of the kernels it overlaps with (see EXPECTED_ORDER)."""
-    for r, res in enumerate(_results(2, spawn_root)):
-        assert res["order"] == EXPECTED_ORDER, f"rank {r}:\n got      {res['order']}\n expected {EXPECTED_ORDER}"
+    _results.assert_each_rank(2, spawn_root, "order", EXPECTED_ORDER)
 
 
 # ---- single-process: helpers ---------------------------------------------------------------------

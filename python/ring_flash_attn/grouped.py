@@ -184,6 +184,22 @@ def grouped_flash_attn_varlen_func(
     return out_list
 
 
+def single_group_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                           max_seqlen_q: int, max_seqlen_k: int, seqused_k: Optional[Tensor],
+                           softmax_scale: Optional[float], causal: bool, deterministic: bool,
+                           window_size: Tuple[int, int], softcap: float,
+                           sinks: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """``grouped_flash_attn_varlen_func`` with one query group (G = 1): ``(out [total_q, Hq, D],
+    lse [Hq, total_q] float32)``, the arguments as there with the group's entries unwrapped
+    (seqused_k: None or int32 ``[B]``). Errors name the grouped function's arguments
+    (``q_list[0]``, ...)."""
+    out_list, lse_list = grouped_flash_attn_varlen_func(
+        [q], k, v, [cu_seqlens_q], cu_seqlens_k, [max_seqlen_q], max_seqlen_k,
+        seqused_k_list=None if seqused_k is None else [seqused_k], softmax_scale=softmax_scale, causal=causal,
+        return_lse=True, deterministic=deterministic, window_size=window_size, softcap=softcap, sinks=sinks)
+    return out_list[0], lse_list[0]
+
+
 def flash_attn_varlen_func(
     q: Tensor,
     k: Tensor,
@@ -231,25 +247,11 @@ def flash_attn_varlen_func(
     if block_table is not None:
         raise NotImplementedError("block_table: paged KV cache is not supported; pass None")
     try:
-        out_list, lse_list = grouped_flash_attn_varlen_func(
-            [q],
-            k,
-            v,
-            [cu_seqlens_q],
-            cu_seqlens_k,
-            [max_seqlen_q],
-            max_seqlen_k,
-            softmax_scale=softmax_scale,
-            causal=causal,
-            return_lse=True,
-            deterministic=deterministic,
-            window_size=window_size,
-            softcap=softcap,
-            sinks=sinks,
-        )
+        out, lse = single_group_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, None,
+                                          softmax_scale, causal, deterministic, window_size, softcap, sinks)
     except (ValueError, NotImplementedError) as e:
         _rename_arguments(e, _single_group_names)
         raise
     if return_attn_probs:
-        return out_list[0], lse_list[0], None
-    return out_list[0]
+        return out, lse, None
+    return out
