@@ -3,12 +3,12 @@
 A packed batch of sequences whose lengths do not divide N (or 2N): 1, 7, 1000 and 4093 tokens
 for one case per scheme, shorter ones for the other forms (batched, kv/qkv-packed, not causal,
 the zigzag llama3 implementations). Every rank shards the GLOBAL batch with its scheme's helper
-(``ring_shard``, ``zigzag_shard``, ``stripe_shard``, ``llama3_shard``: each sequence, or the
-packed total, padded), fills the padding rows of q, k, v and dout with NaN (the schemes must mask
+(``ring_shard``, ``zigzag_shard``, ``stripe_shard``, ``llama3_shard``, ``ulysses_shard``,
+``hybrid_shard``: each sequence, or the packed total, padded), fills the padding rows of q, k, v and dout with NaN (the schemes must mask
 padding through lengths, never read it), runs the scheme on 2, 3, 4 and 8 gloo ranks and saves its
 local out, LSE, dQ, dK and dV. This process then checks that the padding rows got out = 0, LSE =
--inf and zero gradients (llama3: the padding is a sequence of its own, only the real rows are
-checked), puts the shards back together with the scheme's unshard helper and compares them with
+-inf and zero gradients (llama3, Ulysses and the hybrid's trailing padding: a sequence of its
+own, only the real rows are checked), puts the shards back together with the scheme's unshard helper and compares them with
 ONE process's result: the library's single-device attention on the unsharded batch, in float64.
 
 Cases with a window, a softcap and sink logits (``window`` / ``softcap`` / ``sinks``) check that
@@ -45,7 +45,10 @@ _LONG = [1, 7, 1000, 4093]  # the lengths of the issue: none divides 2N for N in
 _SHORT = [1, 7, 45, 128]  # total 181: padding on every world size for llama3 too
 
 _BASE = dict(form="varlen", packed=None, causal=True, Hq=2, Hk=1, D=16, impl=None, dtype="float32",
-             window=(-1, -1), softcap=0.0, sinks=False)
+             window=(-1, -1), softcap=0.0, sinks=False, kv="zigzag_llama3")
+# the all-to-all schemes cut the query heads over the ranks (Ulysses) or the Ulysses degree
+# (hybrid: 2 when N is even, else N): 24 query heads divide over every world size here
+_A2A = dict(Hq=24, Hk=1)
 
 
 def _case(case_id: str, scheme: str, lens: List[int], **kw) -> dict:
@@ -97,6 +100,12 @@ CASES = [
     _case("grouped-python-noncausal-left-window-softcap-sinks", "zigzag_llama3", _SHORT, impl="grouped_python",
           causal=False, window=(9, -1), softcap=2.0, sinks=True),
     _case("fused-window-sinks", "zigzag_llama3", _LONG, impl="fused", window=(30, 0), sinks=True),
+    # the all-to-all schemes: the packed total padded to the layout (a padding sequence of its own)
+    _case("long", "ulysses", _LONG, **_A2A),
+    _case("kvpacked-noncausal-window", "ulysses", _SHORT, packed="kv", causal=False, window=(20, 5), **_A2A),
+    _case("long", "hybrid", _LONG, **_A2A),
+    _case("llama3-noncausal", "hybrid", _SHORT, kv="llama3", causal=False, **_A2A),
+    _case("zigzag-ring-qkvpacked", "hybrid", _SHORT, kv="zigzag_ring", packed="qkv", Hq=24, Hk=24),
 ]
 
 _HELPERS = {  # scheme -> (shard, unshard): (x, cu_seqlens or None, rank, N), (shards, cu_seqlens or None[, S])
@@ -105,7 +114,11 @@ _HELPERS = {  # scheme -> (shard, unshard): (x, cu_seqlens or None, rank, N), (s
     "stripe": (rfa.stripe_shard, rfa.stripe_unshard),
     "llama3": (rfa.llama3_shard, rfa.llama3_unshard),
     "zigzag_llama3": (rfa.zigzag_shard, rfa.zigzag_unshard),
+    "ulysses": (rfa.ulysses_shard, rfa.ulysses_unshard),
 }
+# the padding of these schemes' packed total is a sequence of its own (it attends to itself), so
+# its rows are not checked for zeros and keep zeros in a sinks case (see _run)
+_OWN_PADDING_SEQUENCE = ("llama3", "ulysses", "hybrid")
 # scheme -> (its functions' name prefix, its forms): the functions are
 # <prefix>_flash_attn[_varlen][_kvpacked | _qkvpacked]_func
 _FUNCTION_NAMES = {
@@ -114,6 +127,8 @@ _FUNCTION_NAMES = {
     "stripe": ("stripe", ("batched",)),
     "llama3": ("llama3", ("varlen",)),
     "zigzag_llama3": ("zigzag_llama3", ("varlen",)),
+    "ulysses": ("ulysses", ("varlen",)),
+    "hybrid": ("hybrid", ("varlen",)),
 }
 _RING_FUNCS = {  # (scheme, form) -> its (plain, K/V-packed, Q/K/V-packed) functions
     (scheme, form): tuple(getattr(rfa, f"{prefix}_flash_attn{'_varlen' if form == 'varlen' else ''}{packed}_func")
@@ -192,7 +207,17 @@ def _packed(x: torch.Tensor, lens: List[int]) -> torch.Tensor:
 # ---- a rank's run ----------------------------------------------------------------------------------
 
 
+def _hybrid_layout(case: dict, world_size: int):
+    """The hybrid cases' mesh shape: Ulysses degree 2 when N is even, else N (one KV group)."""
+    from ring_flash_attn.cp.mesh import HybridLayout
+
+    U = 2 if world_size % 2 == 0 else world_size
+    return HybridLayout(U, world_size // U, case["kv"])
+
+
 def _shard(case: dict, x: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    if case["scheme"] == "hybrid":
+        return rfa.hybrid_shard(x, cu_seqlens(case["lens"]), rank, _hybrid_layout(case, world_size))
     shard = _HELPERS[case["scheme"]][0]
     if case["form"] == "batched":
         return shard(_batched(x, case["lens"]), None, rank, world_size)
@@ -210,7 +235,7 @@ def _run(case: dict, seed: int, rank: int, world_size: int) -> Dict[str, torch.T
     # sequence of its own that attends to itself, and the sinks' gradient sums over every row,
     # so there the padding rows keep llama3_shard's zeros and get dout = 0 (a loss that ignores
     # them), as in a real run
-    fill = 0.0 if scheme == "llama3" and case["sinks"] else float("nan")
+    fill = 0.0 if scheme in _OWN_PADDING_SEQUENCE and case["sinks"] else float("nan")
     ql, kl, vl, dl = (_shard(case, t, rank, world_size).masked_fill(~real[..., None, None], fill)
                       for t in (q, k, v, dout))
     func, kvpacked, qkvpacked = _RING_FUNCS[(scheme, form)]
@@ -227,6 +252,14 @@ def _run(case: dict, seed: int, rank: int, world_size: int) -> Dict[str, torch.T
         else:
             local_cu = (rfa.ring_local_cu_seqlens if scheme == "ring" else rfa.zigzag_local_cu_seqlens)(cu, world_size)
             args, kw["seqlens"] = (local_cu, int((local_cu[1:] - local_cu[:-1]).max())), cu[1:] - cu[:-1]
+    elif scheme == "ulysses":
+        meta = rfa.ulysses_prepare_cu_seqlens(cu, causal, rank, world_size)
+        args = tuple(meta[:4]) + (None, meta[4])
+    elif scheme == "hybrid":
+        layout = _hybrid_layout(case, world_size)
+        kw["group"] = rfa.hybrid_mesh(layout.ulysses_degree, kv_scheme=layout.kv_scheme)
+        meta = rfa.hybrid_prepare_cu_seqlens(cu, causal, rank, layout)
+        args = tuple(meta[:4]) + (1, meta[4])
     else:
         prepare = (rfa.llama3_flash_attn_prepare_cu_seqlens if scheme == "llama3"
                    else rfa.zigzag_llama3_prepare_cu_seqlens)
@@ -304,9 +337,10 @@ def test_any_length_matches_one_process(world_size: int, case: dict, spawn_root:
         got.append(torch.load(entry["path"]))
     where = f"{case['id']} on {world_size} ranks (seed {seed})"
     scheme, form, lens = case["scheme"], case["form"], case["lens"]
-    # padding rows: out 0, lse -inf, no gradient (llama3: a sequence of its own, not checked)
+    # padding rows: out 0, lse -inf, no gradient (llama3, Ulysses, the hybrid's trailing padding:
+    # a sequence of its own, not checked)
     assert any((~g["real"]).any() for g in got), f"{where}: no padding row on any rank"
-    if scheme != "llama3":
+    if scheme not in _OWN_PADDING_SEQUENCE:
         for r, g in enumerate(got):
             pad = ~g["real"]
             for name in ("out", "dq", "dk", "dv"):
@@ -317,13 +351,15 @@ def test_any_length_matches_one_process(world_size: int, case: dict, spawn_root:
                 assert torch.equal(g["lse"][pad], want_lse), f"{where}, rank {r}: lse of padding rows is not the sink"
             else:
                 assert torch.isneginf(g["lse"][pad]).all(), f"{where}, rank {r}: lse of padding rows is not -inf"
-    unshard = _HELPERS[scheme][1]
     for name in ("out", "lse", "dq", "dk", "dv"):
         shards = [g[name] for g in got]
-        if form == "batched":
+        if scheme == "hybrid":
+            glob = rfa.hybrid_unshard(shards, cu_seqlens(lens), _hybrid_layout(case, world_size))
+        elif form == "batched":
+            unshard = _HELPERS[scheme][1]
             glob = _packed(unshard(shards, None, max(lens)), lens)
         else:
-            glob = unshard(shards, cu_seqlens(lens))
+            glob = _HELPERS[scheme][1](shards, cu_seqlens(lens))
         want = ref[name].t() if name == "lse" else ref[name]
         err, tol = rel_err(glob, want), _TOL[case["dtype"]]
         assert err <= tol, f"{where}: {name} max|err| / max(1, max|ref|) = {err:.3e} > {tol:.1e}"
