@@ -16,12 +16,13 @@
 
 namespace {
 
-// problem, exec and the six K/V fields of params struct `Params` (forward or backward) at the
-// offsets they had as flat fields k .. v_head_stride: 136 + 8 i.
+// Params struct `Params` (forward or backward) is `size` bytes, 8-byte aligned, and has problem,
+// exec and the six K/V fields at the offsets they had as flat fields k .. v_head_stride: 136 + 8 i.
 template <typename Params>
-constexpr bool front_at_previous_offsets() {
+constexpr bool size_and_front_pinned(size_t size) {
   constexpr size_t kv = offsetof(Params, kv);
-  return offsetof(Params, problem) == 0 && offsetof(Params, exec) == 104 && kv == 136 &&
+  return sizeof(Params) == size && alignof(Params) == 8 && offsetof(Params, problem) == 0 &&
+         offsetof(Params, exec) == 104 && kv == 136 &&
          kv + offsetof(ringattn_kv, k) == 136 && kv + offsetof(ringattn_kv, k_row_stride) == 144 &&
          kv + offsetof(ringattn_kv, k_head_stride) == 152 && kv + offsetof(ringattn_kv, v) == 160 &&
          kv + offsetof(ringattn_kv, v_row_stride) == 168 && kv + offsetof(ringattn_kv, v_head_stride) == 176;
@@ -32,16 +33,12 @@ constexpr bool front_at_previous_offsets() {
 RINGATTN_PIN(sizeof(ringattn_kv), 48);
 RINGATTN_PIN(alignof(ringattn_kv), 8);
 
-RINGATTN_PIN(sizeof(ringattn_fwd_params), 208);
-RINGATTN_PIN(alignof(ringattn_fwd_params), 8);
-RINGATTN_PIN(front_at_previous_offsets<ringattn_fwd_params>(), true);
+RINGATTN_PIN(size_and_front_pinned<ringattn_fwd_params>(208), true);
 RINGATTN_PIN(offsetof(ringattn_fwd_params, groups), 184);
 RINGATTN_PIN(offsetof(ringattn_fwd_params, workspace), 192);
 RINGATTN_PIN(offsetof(ringattn_fwd_params, workspace_size), 200);
 
-RINGATTN_PIN(sizeof(ringattn_bwd_params), 264);
-RINGATTN_PIN(alignof(ringattn_bwd_params), 8);
-RINGATTN_PIN(front_at_previous_offsets<ringattn_bwd_params>(), true);
+RINGATTN_PIN(size_and_front_pinned<ringattn_bwd_params>(264), true);
 RINGATTN_PIN(offsetof(ringattn_bwd_params, dk), 184);
 RINGATTN_PIN(offsetof(ringattn_bwd_params, dk_row_stride), 192);
 RINGATTN_PIN(offsetof(ringattn_bwd_params, dk_head_stride), 200);
