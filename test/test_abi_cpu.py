@@ -1,8 +1,9 @@
 """The ctypes mirrors of include/ringattn/ringattn.h and the library loader.
 
 The struct layouts are checked against the C compiler's own sizeof/offsetof of the real header
-(skipped when no C compiler is found), so a header change that the Python mirror misses fails
-here rather than as memory corruption.
+(skipped when no C compiler is found), every member of a struct member too (``kv.k`` of
+``ringattn_fwd_params``), so a header change that the Python mirror misses fails here rather
+than as memory corruption.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ INCLUDE = REPO / "include"
 STRUCTS = {
     "ringattn_exec": _lib.Exec,
     "ringattn_problem": _lib.Problem,
+    "ringattn_kv": _lib.KV,
     "ringattn_fwd_group": _lib.FwdGroup,
     "ringattn_fwd_params": _lib.FwdParams,
     "ringattn_bwd_group": _lib.BwdGroup,
@@ -43,6 +45,12 @@ METADATA_CONSTANTS = {
 }
 
 
+def _member_paths(struct) -> list:
+    """``member.field`` of every field of every struct-typed member of ctypes struct `struct`."""
+    return [f"{name}.{inner}" for name, ctype in struct._fields_ if issubclass(ctype, ctypes.Structure)
+            for inner, _ in ctype._fields_]
+
+
 def _compiler():
     for cc in (os.environ.get("CC"), "cc", "gcc", "clang"):
         if cc and shutil.which(cc):
@@ -61,6 +69,8 @@ def c_layout(tmp_path_factory):
         lines.append(f'  printf("{cname} sizeof %zu\\n", sizeof({cname}));')
         for field, _ in struct._fields_:
             lines.append(f'  printf("{cname} {field} %zu\\n", offsetof({cname}, {field}));')
+        for path in _member_paths(struct):
+            lines.append(f'  printf("{cname} {path} %zu\\n", offsetof({cname}, {path}));')
     for const in ("RINGATTN_ABI_VERSION", "RINGATTN_MAX_GROUPS", "RINGATTN_STATUS_INVALID_ARGUMENT",
                   "RINGATTN_STATUS_UNSUPPORTED", "RINGATTN_STATUS_CUDA_ERROR",
                   "RINGATTN_STATUS_INTERNAL_ERROR", "RINGATTN_DTYPE_FP32", "RINGATTN_DTYPE_FP16",
@@ -87,6 +97,10 @@ def test_struct_layout_matches_header(c_layout, cname):
     assert ctypes.sizeof(struct) == c_layout[(cname, "sizeof")], f"sizeof({cname})"
     for field, _ in struct._fields_:
         assert getattr(struct, field).offset == c_layout[(cname, field)], f"{cname}.{field}"
+    for path in _member_paths(struct):
+        outer, inner = path.split(".")
+        offset = getattr(struct, outer).offset + getattr(dict(struct._fields_)[outer], inner).offset
+        assert offset == c_layout[(cname, path)], f"{cname}.{path}"
 
 
 def test_constants_match_header(c_layout):

@@ -408,8 +408,8 @@ def test_cuda_accepts_each_feature():
         pr.dtype, pr.batch_size, pr.num_heads_q, pr.num_heads_k = _lib.DTYPE_BF16, 1, 2, 1
         pr.head_dim, pr.num_groups, pr.default_softmax_scale, pr.causal = 64, 1, 1, 1
         pr.total_k, pr.max_seqlen_k, pr.cu_seqlens_k = 64, 64, cu.data_ptr()
-        p.k, p.k_row_stride, p.k_head_stride = kv.data_ptr(), 64, 64
-        p.v, p.v_row_stride, p.v_head_stride = kv.data_ptr(), 64, 64
+        p.kv.k, p.kv.k_row_stride, p.kv.k_head_stride = kv.data_ptr(), 64, 64
+        p.kv.v, p.kv.v_row_stride, p.kv.v_head_stride = kv.data_ptr(), 64, 64
         groups = (_lib.FwdGroup * 1)()
         g = groups[0]
         g.q, g.q_row_stride, g.q_head_stride = q.data_ptr(), 128, 64

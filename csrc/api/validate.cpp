@@ -479,8 +479,8 @@ void add_metadata_footprints(const ringattn_problem& pr, const Group* groups, st
 
 int64_t lse_bytes(const ringattn_problem& pr, int64_t total_q) { return static_cast<int64_t>(pr.num_heads_q) * total_q * 4; }
 
-// The TensorArg of the tensor `name` of a call's params or group `obj`: its pointer obj.name and
-// strides obj.name_row_stride / obj.name_head_stride, named "name" in messages.
+// The TensorArg of the tensor `name` of a call's params, K/V (ringattn_kv) or group `obj`: its
+// pointer obj.name and strides obj.name_row_stride / obj.name_head_stride, named "name" in messages.
 #define RINGATTN_TENSOR_ARG(obj, name, group, rows, heads) \
   TensorArg { #name, group, (obj).name, rows, (obj).name##_row_stride, (obj).name##_head_stride, heads }
 
@@ -549,7 +549,8 @@ ringattn_status validate_fwd(const ringattn_fwd_params* params, bool need_data) 
   const ringattn_problem& pr = p.problem;
   const BackendLimits lim = limits_for(p.exec.device_type);
   const int d = pr.head_dim, hk = pr.num_heads_k, hq = pr.num_heads_q;
-  const TensorArg k = RINGATTN_TENSOR_ARG(p, k, -1, pr.total_k, hk), v = RINGATTN_TENSOR_ARG(p, v, -1, pr.total_k, hk);
+  const TensorArg k = RINGATTN_TENSOR_ARG(p.kv, k, -1, pr.total_k, hk);
+  const TensorArg v = RINGATTN_TENSOR_ARG(p.kv, v, -1, pr.total_k, hk);
   // The group's q and out.
   auto group_tensors = [&](int g) {
     const ringattn_fwd_group& gr = p.groups[g];
@@ -579,7 +580,8 @@ ringattn_status validate_bwd(const ringattn_bwd_params* params, bool need_data) 
   if (p.deterministic != 0 && p.deterministic != 1)
     return failf(RINGATTN_STATUS_INVALID_ARGUMENT, "deterministic: expected 0 or 1, got %d", p.deterministic);
   const int d = pr.head_dim, hk = pr.num_heads_k, hq = pr.num_heads_q;
-  const TensorArg k = RINGATTN_TENSOR_ARG(p, k, -1, pr.total_k, hk), v = RINGATTN_TENSOR_ARG(p, v, -1, pr.total_k, hk);
+  const TensorArg k = RINGATTN_TENSOR_ARG(p.kv, k, -1, pr.total_k, hk);
+  const TensorArg v = RINGATTN_TENSOR_ARG(p.kv, v, -1, pr.total_k, hk);
   const TensorArg dk = RINGATTN_TENSOR_ARG(p, dk, -1, pr.total_k, hk);
   const TensorArg dv = RINGATTN_TENSOR_ARG(p, dv, -1, pr.total_k, hk);
   // The group's q, out, dout and dq.

@@ -500,8 +500,8 @@ ringattn_status run_forward(const ringattn_fwd_params& p, const Shape& s) {
   using A = typename Element<T>::Acc;
   const int d = s.head_dim;
   const A scale = resolve_scale<A>(p.problem);
-  const View<const T> k = const_view<T>(p.k, p.k_row_stride, p.k_head_stride);
-  const View<const T> v = const_view<T>(p.v, p.v_row_stride, p.v_head_stride);
+  const View<const T> k = const_view<T>(p.kv.k, p.kv.k_row_stride, p.kv.k_head_stride);
+  const View<const T> v = const_view<T>(p.kv.v, p.kv.v_row_stride, p.kv.v_head_stride);
   std::vector<View<const T>> q(s.groups);
   std::vector<View<T>> out(s.groups);
   for (int g = 0; g < s.groups; ++g) {
@@ -724,8 +724,8 @@ ringattn_status run_backward(const ringattn_bwd_params& p, const Shape& s) {
   const A scale = resolve_scale<A>(p.problem);
 
   BackwardTensors<T> x;
-  x.k = const_view<T>(p.k, p.k_row_stride, p.k_head_stride);
-  x.v = const_view<T>(p.v, p.v_row_stride, p.v_head_stride);
+  x.k = const_view<T>(p.kv.k, p.kv.k_row_stride, p.kv.k_head_stride);
+  x.v = const_view<T>(p.kv.v, p.kv.v_row_stride, p.kv.v_head_stride);
   x.dk = mutable_view<T>(p.dk, p.dk_row_stride, p.dk_head_stride);
   x.dv = mutable_view<T>(p.dv, p.dv_row_stride, p.dv_head_stride);
   x.q.resize(s.groups);

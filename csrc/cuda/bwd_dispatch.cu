@@ -216,7 +216,7 @@ bool encode_bwd_tensor_maps(const ringattn_bwd_params& p, int block_m, int block
                                   src.dout_row_stride, src.dout_head_stride, block_m, why))
       return false;
   }
-  return sm90::encode_kv_maps(p, block_n, &kp->tma_k, &kp->tma_v, why);
+  return sm90::encode_kv_maps(p.kv, pr, block_n, &kp->tma_k, &kp->tma_v, why);
 }
 #endif
 

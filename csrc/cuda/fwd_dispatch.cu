@@ -70,7 +70,7 @@ bool encode_fwd_tensor_maps(const ringattn_fwd_params& p, const Sm90FwdKernelEnt
                                   src.q_head_stride, e.block_m, why))
       return false;
   }
-  return sm90::encode_kv_maps(p, e.block_n, &kp->tma_k, &kp->tma_v, why);
+  return sm90::encode_kv_maps(p.kv, pr, e.block_n, &kp->tma_k, &kp->tma_v, why);
 }
 
 // The forward on tier 2.

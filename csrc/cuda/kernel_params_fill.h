@@ -85,8 +85,8 @@ void fill_problem_sizes(Dst& dst, const ringattn_problem& pr) {
 template <typename KernelParams, typename CallParams>
 void fill_keys_and_problem(KernelParams& kp, const CallParams& p) {
   const ringattn_problem& pr = p.problem;
-  RINGATTN_COPY_VIEW(kp, p, k);
-  RINGATTN_COPY_VIEW(kp, p, v);
+  RINGATTN_COPY_VIEW(kp, p.kv, k);
+  RINGATTN_COPY_VIEW(kp, p.kv, v);
   fill_problem_sizes(kp, pr);
   kp.q_heads_per_kv_head = pr.num_heads_q / pr.num_heads_k;
   kp.softmax_scale_log2 = kp.softmax_scale * 1.4426950408889634f;

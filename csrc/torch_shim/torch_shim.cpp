@@ -352,6 +352,7 @@ template <typename Params, typename Group>
 bool read_common(const OwnedArgs& a, const CommonArgIndex& at, Common* c, Params* params, Group* groups) {
   ringattn_problem* p = &params->problem;
   ringattn_exec* ex = &params->exec;
+  ringattn_kv* kv = &params->kv;
   ListArg q_list;
   if (!q_list.open(to_value<StableListHandle>(a[at.q_list]))) return false;
   const size_t G = q_list.size();
@@ -370,8 +371,8 @@ bool read_common(const OwnedArgs& a, const CommonArgIndex& at, Common* c, Params
     return false;
 
   if (!read_meta(tensor_arg(a[at.k]), &c->k) || !read_meta(tensor_arg(a[at.v]), &c->v) ||
-      !check_3d(c->k, c->dtype, c->device, &params->k_row_stride, &params->k_head_stride) ||
-      !check_3d(c->v, c->dtype, c->device, &params->v_row_stride, &params->v_head_stride) || !same_sizes(c->v, c->k) ||
+      !check_3d(c->k, c->dtype, c->device, &kv->k_row_stride, &kv->k_head_stride) ||
+      !check_3d(c->v, c->dtype, c->device, &kv->v_row_stride, &kv->v_head_stride) || !same_sizes(c->v, c->k) ||
       q0.dim != 3)
     return false;
   const int64_t Hk = c->k.sizes[1], D = c->k.sizes[2], Hq = q0.sizes[1];
@@ -428,9 +429,9 @@ bool read_common(const OwnedArgs& a, const CommonArgIndex& at, Common* c, Params
   p->cu_seqlens_k = static_cast<const int32_t*>(ptr);
   p->check_metadata = check_metadata;
   if (!data_ptr(c->k.handle, &ptr)) return false;
-  params->k = ptr;
+  kv->k = ptr;
   if (!data_ptr(c->v.handle, &ptr)) return false;
-  params->v = ptr;
+  kv->v = ptr;
 
   // Window, softcap, sinks.
   ListArg window;

@@ -56,7 +56,11 @@ extern "C" {
  * 3: ringattn_exec.metadata_errors (a device word where GPU calls flag malformed cu_seqlens /
  *    seqused_k without a host sync) and ringattn_describe_metadata_errors.
  * 4: ringattn_problem.has_window / window_left / window_right / softcap / sinks (local
- *    attention, logit softcap, per-head sink logits) and the groups' diagonal_shift. */
+ *    attention, logit softcap, per-head sink logits) and the groups' diagonal_shift.
+ * A change that moves no byte keeps the number: grouping the K/V fields of ringattn_fwd_params
+ * and ringattn_bwd_params into one member kv (ringattn_kv) at the same offsets kept ABI 4
+ * (source code must write p.kv.k for p.k; binaries are unaffected). csrc/api/abi_layout.cpp
+ * pins the layout of the params structs. */
 #define RINGATTN_ABI_VERSION 4
 /* The most query groups one call takes. */
 #define RINGATTN_MAX_GROUPS 16
@@ -188,6 +192,19 @@ typedef struct {
   const float* sinks;
 } ringattn_problem;
 
+/* The one K/V stream that every query group of a call reads (forward and backward alike):
+ * K and V are [total_k, Hk, D] = [problem.total_k, problem.num_heads_k, problem.head_dim], of
+ * dtype problem.dtype, in the memory of the call's device (exec.device_type / device_index).
+ * Strides in elements, the head dim contiguous; K and V may have different strides. */
+typedef struct {
+  const void* k;
+  int64_t k_row_stride;
+  int64_t k_head_stride;
+  const void* v;
+  int64_t v_row_stride;
+  int64_t v_head_stride;
+} ringattn_kv;
+
 /* One query group of the forward pass. */
 typedef struct {
   const void* q;          /* [total_q, Hq, D] */
@@ -212,12 +229,7 @@ typedef struct {
 typedef struct {
   ringattn_problem problem;
   ringattn_exec exec;
-  const void* k;
-  int64_t k_row_stride;
-  int64_t k_head_stride;
-  const void* v;
-  int64_t v_row_stride;
-  int64_t v_head_stride;
+  ringattn_kv kv;
   const ringattn_fwd_group* groups; /* [num_groups] (host memory) */
   void* workspace;                  /* on the call's device, >= ringattn_fwd_workspace_size */
   size_t workspace_size;
@@ -251,12 +263,7 @@ typedef struct {
 typedef struct {
   ringattn_problem problem;
   ringattn_exec exec;
-  const void* k;
-  int64_t k_row_stride;
-  int64_t k_head_stride;
-  const void* v;
-  int64_t v_row_stride;
-  int64_t v_head_stride;
+  ringattn_kv kv;
   void* dk; /* [total_k, Hk, D], dtype of k: sum over groups (and over the query heads of each KV head) */
   int64_t dk_row_stride;
   int64_t dk_head_stride;

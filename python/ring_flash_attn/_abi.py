@@ -9,7 +9,7 @@ a ctypes.cast, which costs about 1.4 us each. The C type is noted beside each su
 
 import ctypes
 
-__all__ = ["Exec", "Problem", "FwdGroup", "FwdParams", "BwdGroup", "BwdParams"]
+__all__ = ["Exec", "Problem", "KV", "FwdGroup", "FwdParams", "BwdGroup", "BwdParams"]
 
 
 class Exec(ctypes.Structure):
@@ -52,6 +52,19 @@ class Problem(ctypes.Structure):
     ]
 
 
+class KV(ctypes.Structure):
+    """``ringattn_kv``: the K and V that every query group of a call reads."""
+
+    _fields_ = [
+        ("k", ctypes.c_void_p),  # const void*
+        ("k_row_stride", ctypes.c_int64),
+        ("k_head_stride", ctypes.c_int64),
+        ("v", ctypes.c_void_p),  # const void*
+        ("v_row_stride", ctypes.c_int64),
+        ("v_head_stride", ctypes.c_int64),
+    ]
+
+
 class FwdGroup(ctypes.Structure):
     """``ringattn_fwd_group``: one query group of the forward pass."""
 
@@ -78,12 +91,7 @@ class FwdParams(ctypes.Structure):
     _fields_ = [
         ("problem", Problem),
         ("exec", Exec),
-        ("k", ctypes.c_void_p),  # const void*
-        ("k_row_stride", ctypes.c_int64),
-        ("k_head_stride", ctypes.c_int64),
-        ("v", ctypes.c_void_p),  # const void*
-        ("v_row_stride", ctypes.c_int64),
-        ("v_head_stride", ctypes.c_int64),
+        ("kv", KV),
         ("groups", ctypes.POINTER(FwdGroup)),
         ("workspace", ctypes.c_void_p),  # void*
         ("workspace_size", ctypes.c_size_t),
@@ -122,12 +130,7 @@ class BwdParams(ctypes.Structure):
     _fields_ = [
         ("problem", Problem),
         ("exec", Exec),
-        ("k", ctypes.c_void_p),  # const void*
-        ("k_row_stride", ctypes.c_int64),
-        ("k_head_stride", ctypes.c_int64),
-        ("v", ctypes.c_void_p),  # const void*
-        ("v_row_stride", ctypes.c_int64),
-        ("v_head_stride", ctypes.c_int64),
+        ("kv", KV),
         ("dk", ctypes.c_void_p),  # void*
         ("dk_row_stride", ctypes.c_int64),
         ("dk_head_stride", ctypes.c_int64),

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable, List, Optional
 
 # The ctypes mirrors of the header's structs, generated from it (scripts/dev/gen_abi_mirror.py).
-from ._abi import BwdGroup, BwdParams, Exec, FwdGroup, FwdParams, Problem  # noqa: F401 (re-exported)
+from ._abi import KV, BwdGroup, BwdParams, Exec, FwdGroup, FwdParams, Problem  # noqa: F401 (re-exported)
 
 # ---- constants (keep in step with ringattn.h) ------------------------------------------------
 

@@ -330,8 +330,8 @@ def _max_seqlen_q(max_seqlen_q_list: Sequence[int], g: int) -> int:
 
 def _fill_common(params, checked, k, v, cu_seqlens_k, max_seqlen_k, softmax_scale, causal, window_size, softcap,
                  sinks) -> None:
-    """The ringattn_problem, ringattn_exec and K/V fields shared by forward and backward. Every
-    value is checked before it is narrowed to its C type."""
+    """The ringattn_problem, ringattn_exec and ringattn_kv members shared by forward and backward.
+    Every value is checked before it is narrowed to its C type."""
     G, B, Hq, Hk, D, dtype, device, _, k_stride, v_stride = checked
     for name, value, what in (("cu_seqlens_k", B + 1, "entries (batch_size + 1)"), ("q_list[0]", Hq, "heads"),
                               ("k", Hk, "heads"), ("k", D, "elements in the head dim")):
@@ -355,8 +355,9 @@ def _fill_common(params, checked, k, v, cu_seqlens_k, max_seqlen_k, softmax_scal
     p.max_seqlen_k = max_seqlen_k
     p.cu_seqlens_k = cu_seqlens_k.data_ptr()
     p.check_metadata = check_metadata
-    _set_tensor_fields(params, "k", k, k_stride)
-    _set_tensor_fields(params, "v", v, v_stride)
+    kv = params.kv
+    _set_tensor_fields(kv, "k", k, k_stride)
+    _set_tensor_fields(kv, "v", v, v_stride)
     # Window, softcap, sinks: a few compares when they are off.
     try:
         left, right = window_size
@@ -492,7 +493,7 @@ class _Plan:
     """The C structs of one call key, built through the full validation on the key's first call.
     A later call with the same key writes its data pointers (and CUDA stream) and runs."""
 
-    __slots__ = ("params", "ref", "problem", "exec", "group_array", "groups", "workspace_size", "device",
+    __slots__ = ("params", "ref", "problem", "exec", "kv", "group_array", "groups", "workspace_size", "device",
                  "cuda_index", "run", "pass_name", "out_alloc", "extra_alloc")
 
     def __init__(self, params, group_array, G: int, device: torch.device, run, pass_name: str) -> None:
@@ -500,6 +501,7 @@ class _Plan:
         self.ref = ctypes.byref(params)
         self.problem = params.problem
         self.exec = params.exec
+        self.kv = params.kv  # a view into params: writing its fields writes the call's struct
         self.group_array = group_array
         self.groups = [group_array[g] for g in range(G)]
         self.workspace_size = 0
@@ -538,9 +540,9 @@ def _launch(plan: _Plan, workspace: Optional[Tensor]) -> None:
 
 def _write_call_pointers(plan: _Plan, k, v, cu_seqlens_k, sinks) -> None:
     """The per-call fields shared by forward and backward: K/V and metadata pointers, stream."""
-    params = plan.params
-    params.k = k.data_ptr()
-    params.v = v.data_ptr()
+    kv = plan.kv
+    kv.k = k.data_ptr()
+    kv.v = v.data_ptr()
     problem = plan.problem
     problem.cu_seqlens_k = cu_seqlens_k.data_ptr()
     if sinks is not None:

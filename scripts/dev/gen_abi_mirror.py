@@ -24,6 +24,7 @@ OUT = "python/ring_flash_attn/_abi.py"
 STRUCTS = {
     "ringattn_exec": ("Exec", "``ringattn_exec``: where a call runs."),
     "ringattn_problem": ("Problem", "``ringattn_problem``: shape and metadata shared by forward and backward."),
+    "ringattn_kv": ("KV", "``ringattn_kv``: the K and V that every query group of a call reads."),
     "ringattn_fwd_group": ("FwdGroup", "``ringattn_fwd_group``: one query group of the forward pass."),
     "ringattn_fwd_params": ("FwdParams", "``ringattn_fwd_params``."),
     "ringattn_bwd_group": ("BwdGroup", "``ringattn_bwd_group``: one query group of the backward pass."),
@@ -63,11 +64,15 @@ def struct_members(header: str) -> Dict[str, List[tuple]]:
     return structs
 
 
-def field(name: str, ctype: str) -> str:
-    """One ``_fields_`` entry for a member of C type ``ctype``."""
+def field(name: str, ctype: str, defined: List[str]) -> str:
+    """One ``_fields_`` entry for a member of C type ``ctype``; ``defined``: the mirrored structs
+    already written (a struct member names its class, which must come first)."""
     base = ctype.replace("const ", "").rstrip("*")
     pointer = ctype.endswith("*")
     if base in STRUCTS:
+        if base not in defined:
+            raise SystemExit(f"{ME}: the member `{name}` uses {base} before it is mirrored: list {base} "
+                             f"earlier in STRUCTS (the header's order of definition)")
         py = STRUCTS[base][0]
         return f'("{name}", ctypes.POINTER({py})),' if pointer else f'("{name}", {py}),'
     if pointer:
@@ -83,8 +88,10 @@ def generate() -> Dict[str, str]:
     if missing:
         raise SystemExit(f"{ME}: {HEADER} defines no struct {missing}")
     parts = [PREAMBLE]
+    defined: List[str] = []
     for cname, (py, doc) in STRUCTS.items():
-        entries = "\n".join(f"        {field(name, ctype)}" for name, ctype in structs[cname])
+        entries = "\n".join(f"        {field(name, ctype, defined)}" for name, ctype in structs[cname])
+        defined.append(cname)
         parts.append(f'\nclass {py}(ctypes.Structure):\n    """{doc}"""\n\n    _fields_ = [\n{entries}\n    ]\n')
     return {OUT: "\n".join(parts)}
 

@@ -670,10 +670,10 @@ TEST(HostApiValidation, PackedViewsThatShareNoElementAreAccepted) {
         kv[key * 2 * Hk * D + Hk * D + h * D + d] = static_cast<float>(in.v.get(key, h, d));
       }
   const ForwardResult fp = run_forward(in, 1, [&](ringattn_fwd_params& p) {
-    p.k = kv.data();
-    p.v = kv.data() + Hk * D;
-    p.k_row_stride = p.v_row_stride = 2 * Hk * D;
-    p.k_head_stride = p.v_head_stride = D;
+    p.kv.k = kv.data();
+    p.kv.v = kv.data() + Hk * D;
+    p.kv.k_row_stride = p.kv.v_row_stride = 2 * Hk * D;
+    p.kv.k_head_stride = p.kv.v_head_stride = D;
   });
   ASSERT_EQ(fp.status, RINGATTN_STATUS_OK) << fp.error;
   EXPECT_TRUE(same_bits("out", fp.out[0], f.out[0]));

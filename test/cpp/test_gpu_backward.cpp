@@ -94,8 +94,8 @@ BackwardResult run_backward_gpu(const CaseInputs& in, const ForwardResult& fwd, 
   p.problem.cu_seqlens_k = mem.upload(in.cu_k);
   p.exec.device_type = RINGATTN_DEVICE_CUDA;
   p.exec.device_index = 0;
-  RATEST_SET_TENSOR(p, k, mem.upload(in.k), in.k);
-  RATEST_SET_TENSOR(p, v, mem.upload(in.v), in.v);
+  RATEST_SET_TENSOR(p.kv, k, mem.upload(in.k), in.k);
+  RATEST_SET_TENSOR(p.kv, v, mem.upload(in.v), in.v);
   void* d_dk = mem.upload(r.dk);
   void* d_dv = mem.upload(r.dv);
   RATEST_SET_TENSOR(p, dk, d_dk, r.dk);

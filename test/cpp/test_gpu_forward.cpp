@@ -132,8 +132,8 @@ void run_case(const Case& c, uint32_t seed) {
   p.problem.default_softmax_scale = 1;  // 1/sqrt(D)
   p.problem.total_k = total_k;
   p.problem.max_seqlen_k = *std::max_element(c.seqlens_k.begin(), c.seqlens_k.end());
-  p.k_row_stride = p.v_row_stride = kv_row_stride;
-  p.k_head_stride = p.v_head_stride = kv_head_stride;
+  p.kv.k_row_stride = p.kv.v_row_stride = kv_row_stride;
+  p.kv.k_head_stride = p.kv.v_head_stride = kv_head_stride;
   for (int g = 0; g < G; ++g) {
     out_cpu[g].assign(q[g].size(), 0x7fff);
     lse_cpu[g].assign(std::max<int64_t>(total_q[g], 1) * c.hq, NAN);
@@ -149,8 +149,8 @@ void run_case(const Case& c, uint32_t seed) {
     gr.max_seqlen_q = *std::max_element(c.seqlens_q[g].begin(), c.seqlens_q[g].end());
   }
   p.exec.device_type = RINGATTN_DEVICE_CPU;
-  p.k = k.data();
-  p.v = v.data();
+  p.kv.k = k.data();
+  p.kv.v = v.data();
   p.problem.cu_seqlens_k = cu_k.data();
   p.groups = groups.data();
   ASSERT_EQ(ringattn_grouped_fwd(&p), RINGATTN_STATUS_OK) << ringattn_last_error();
@@ -181,8 +181,8 @@ void run_case(const Case& c, uint32_t seed) {
   }
   p.exec.device_type = RINGATTN_DEVICE_CUDA;
   p.exec.device_index = 0;
-  p.k = upload(k.data(), k.size() * 2);
-  p.v = upload(v.data(), v.size() * 2);
+  p.kv.k = upload(k.data(), k.size() * 2);
+  p.kv.v = upload(v.data(), v.size() * 2);
   p.problem.cu_seqlens_k = static_cast<const int32_t*>(upload(cu_k.data(), cu_k.size() * 4));
   p.problem.check_metadata = 1;
   p.groups = dgroups.data();

@@ -167,8 +167,8 @@ void set_params(Params& p, const Group* groups, const Tensors& t, const Metadata
                 uint32_t* word) {
   p.problem = make_problem(m, check_metadata);
   p.exec = make_exec(tier, word);
-  RATEST_SET_STRIDED(p, k, t.k, kHk * kD, kD);
-  RATEST_SET_STRIDED(p, v, t.v, kHk * kD, kD);
+  RATEST_SET_STRIDED(p.kv, k, t.k, kHk * kD, kD);
+  RATEST_SET_STRIDED(p.kv, v, t.v, kHk * kD, kD);
   p.groups = groups;
 }
 
@@ -337,10 +337,10 @@ struct HostStandIns {
     params.problem.max_seqlen_k = 8;
     params.problem.cu_seqlens_k = cu_k.data();
     params.exec.device_type = RINGATTN_DEVICE_CUDA;
-    params.k = k.data();
-    params.k_row_stride = params.k_head_stride = 64;
-    params.v = v.data();
-    params.v_row_stride = params.v_head_stride = 64;
+    params.kv.k = k.data();
+    params.kv.k_row_stride = params.kv.k_head_stride = 64;
+    params.kv.v = v.data();
+    params.kv.v_row_stride = params.kv.v_head_stride = 64;
     params.groups = &group;
   }
 };

@@ -468,8 +468,8 @@ struct ForwardResult {
   std::vector<std::vector<float>> lse;  // [G][Hq * total_q]
 };
 
-// Points the tensor `name` of a call's params or group `obj` at `data` with these strides (in
-// elements): obj.name, obj.name_row_stride, obj.name_head_stride.
+// Points the tensor `name` of a call's params, K/V (ringattn_kv) or group `obj` at `data` with these
+// strides (in elements): obj.name, obj.name_row_stride, obj.name_head_stride.
 #define RATEST_SET_STRIDED(obj, name, data, row_stride, head_stride) \
   do {                                                                \
     (obj).name = (data);                                              \
@@ -492,11 +492,10 @@ void set_group_queries(Group& gr, const CaseInputs& in, int g) {
   gr.max_seqlen_q = max_len(in.spec.groups[g].lq);
 }
 
-// A call's K and V (ringattn_fwd_params / ringattn_bwd_params) on the host inputs.
-template <typename Params>
-void set_keys_values(Params& p, const CaseInputs& in) {
-  RATEST_SET_TENSOR(p, k, in.k.data(), in.k);
-  RATEST_SET_TENSOR(p, v, in.v.data(), in.v);
+// A call's K and V (the kv of ringattn_fwd_params / ringattn_bwd_params) on the host inputs.
+inline void set_keys_values(ringattn_kv& kv, const CaseInputs& in) {
+  RATEST_SET_TENSOR(kv, k, in.k.data(), in.k);
+  RATEST_SET_TENSOR(kv, v, in.v.data(), in.v);
 }
 
 // Queries the workspace of a forward or backward call, points the call at `allocate(bytes)`, then
@@ -550,7 +549,7 @@ inline ForwardResult run_forward(const CaseInputs& in, int num_threads,
   ringattn_fwd_params p{};
   p.problem = make_problem(in);
   p.exec = cpu_exec(num_threads);
-  set_keys_values(p, in);
+  set_keys_values(p.kv, in);
   p.groups = groups.data();
   if (edit) edit(p);
   run_with_workspace(p, ringattn_fwd_workspace_size, ringattn_grouped_fwd, r);
@@ -598,7 +597,7 @@ inline BackwardResult run_backward(const CaseInputs& in, const ForwardResult& fw
   ringattn_bwd_params p{};
   p.problem = make_problem(in);
   p.exec = cpu_exec(num_threads);
-  set_keys_values(p, in);
+  set_keys_values(p.kv, in);
   RATEST_SET_TENSOR(p, dk, r.dk.data(), r.dk);
   RATEST_SET_TENSOR(p, dv, r.dv.data(), r.dv);
   p.groups = groups.data();

@@ -396,7 +396,7 @@ TEST(WindowSoftcapSinksValidation, CudaRefusesWhatItsKernelsLack) {
     ringattn_fwd_params p{};
     p.problem = make_problem(in);
     p.exec.device_type = RINGATTN_DEVICE_CUDA;
-    set_keys_values(p, in);
+    set_keys_values(p.kv, in);
     p.groups = groups.data();
     feature.edit(p);
     size_t bytes = 0;

@@ -102,6 +102,14 @@ bool encode_operand_map(CUtensorMap* map, const char* name, int group, const voi
   return false;
 }
 
+bool encode_kv_maps(const ringattn_kv& kv, const ringattn_problem& pr, int block_n, CUtensorMap* tma_k,
+                    CUtensorMap* tma_v, std::string* why) {
+  return encode_operand_map(tma_k, "k", -1, kv.k, pr, pr.total_k, pr.num_heads_k, kv.k_row_stride, kv.k_head_stride,
+                            block_n, why) &&
+         encode_operand_map(tma_v, "v", -1, kv.v, pr, pr.total_k, pr.num_heads_k, kv.v_row_stride, kv.v_head_stride,
+                            block_n, why);
+}
+
 }  // namespace sm90
 }  // namespace cuda
 }  // namespace ringattn

@@ -35,16 +35,9 @@ bool encode_operand_map(CUtensorMap* map, const char* name, int group, const voi
                         int64_t tokens, int heads, int64_t row_stride, int64_t head_stride, int box_rows,
                         std::string* why);
 
-// The K and V maps of a forward or backward call (ringattn_fwd_params / ringattn_bwd_params),
-// boxes of block_n keys.
-template <typename CallParams>
-bool encode_kv_maps(const CallParams& p, int block_n, CUtensorMap* tma_k, CUtensorMap* tma_v, std::string* why) {
-  const ringattn_problem& pr = p.problem;
-  return encode_operand_map(tma_k, "k", -1, p.k, pr, pr.total_k, pr.num_heads_k, p.k_row_stride, p.k_head_stride,
-                            block_n, why) &&
-         encode_operand_map(tma_v, "v", -1, p.v, pr, pr.total_k, pr.num_heads_k, p.v_row_stride, p.v_head_stride,
-                            block_n, why);
-}
+// The K and V maps of a forward or backward call (its kv and problem), boxes of block_n keys.
+bool encode_kv_maps(const ringattn_kv& kv, const ringattn_problem& pr, int block_n, CUtensorMap* tma_k,
+                    CUtensorMap* tma_v, std::string* why);
 
 }  // namespace sm90
 }  // namespace cuda
