@@ -29,7 +29,7 @@ from cases import cu_seqlens
 _SEED = random.SystemRandom().randrange(1 << 30)
 _SPAWN_TIMEOUT_S = 600
 _RATIO = 1.25
-_S, _H, _D = 2048, 4, 64
+_S, _H, _D = 2048, 8, 64  # 8 heads: Ulysses cuts them over up to 8 ranks
 _WORLD_SIZES = [1, 2, 4, pytest.param(8, marks=pytest.mark.eight_ranks)]
 _QUANTITIES = ("out", "dq", "dk", "dv")
 # (name, the scheme's shard/unshard layout, extra keyword arguments)
@@ -41,9 +41,24 @@ SCHEMES = [
     ("zigzag_llama3", "zigzag", {}),
     ("zigzag_llama3_fused", "zigzag", {"use_fused_kernel": True}),
     ("zigzag_llama3_grouped_python", "zigzag", {"use_grouped_attention": True}),
+    ("ulysses", "ulysses", {}),
+    ("hybrid", "hybrid", {}),
 ]
+
+
+def _hybrid_layout(world_size: int):
+    """Ulysses degree 2 across zigzag llama3 (the hybrid's default scheme), or 1 on one rank."""
+    from ring_flash_attn.cp.mesh import HybridLayout
+
+    U = 2 if world_size % 2 == 0 else 1
+    return HybridLayout(U, world_size // U)
+
+
 _SHARD = {"ring": (rfa.ring_shard, rfa.ring_unshard), "zigzag": (rfa.zigzag_shard, rfa.zigzag_unshard),
-          "stripe": (rfa.stripe_shard, rfa.stripe_unshard), "llama3": (rfa.llama3_shard, rfa.llama3_unshard)}
+          "stripe": (rfa.stripe_shard, rfa.stripe_unshard), "llama3": (rfa.llama3_shard, rfa.llama3_unshard),
+          "ulysses": (rfa.ulysses_shard, rfa.ulysses_unshard),
+          "hybrid": (lambda x, cu, rank, n: rfa.hybrid_shard(x, cu, rank, _hybrid_layout(n)),
+                     lambda shards, cu: rfa.hybrid_unshard(shards, cu, _hybrid_layout(len(shards))))}
 
 
 def _inputs(seed: int):
@@ -66,6 +81,14 @@ def _run(name: str, layout: str, extra: dict, seed: int, rank: int, world_size: 
     elif name == "llama3":
         cu_q, cu_k, mq, mk, ks = rfa.llama3_flash_attn_prepare_cu_seqlens(cu, True, rank, world_size)
         out = rfa.llama3_flash_attn_varlen_func(ql, kl, vl, cu_q, cu_k, mq, mk, 1, ks, causal=True)
+    elif name == "ulysses":
+        cu_q, cu_k, mq, mk, ks = rfa.ulysses_prepare_cu_seqlens(cu, True, rank, world_size)
+        out = rfa.ulysses_flash_attn_varlen_func(ql, kl, vl, cu_q, cu_k, mq, mk, None, ks, causal=True)
+    elif name == "hybrid":
+        layout = _hybrid_layout(world_size)
+        mesh = rfa.hybrid_mesh(layout.ulysses_degree, kv_scheme=layout.kv_scheme)
+        cu_q, cu_k, mq, mk, ks = rfa.hybrid_prepare_cu_seqlens(cu, True, rank, layout)
+        out = rfa.hybrid_flash_attn_varlen_func(ql, kl, vl, cu_q, cu_k, mq, mk, 1, ks, causal=True, group=mesh)
     else:
         cu_q, cu_k, mq, mk, ks = rfa.zigzag_llama3_prepare_cu_seqlens(cu, True, rank, world_size)
         out = rfa.zigzag_llama3_flash_attn_varlen_func(ql, kl, vl, cu_q, cu_k, mq, mk, 1, ks, causal=True, **extra)
