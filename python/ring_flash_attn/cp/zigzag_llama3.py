@@ -362,7 +362,9 @@ def _bwd_slice(plan: _Plan, s: int, dout_g, q_g, out_g, lse_slice, dq_g, k_s, v_
     cu_q_all, cu_k_all, used_all = plan.combined
     k2 = torch.cat([k_s, k_s])
     v2 = torch.cat([v_s, v_s])
-    lse_all = lse_slice.permute(1, 0, 2).reshape(hq, 2 * half)
+    # a copy: with one row per group (half == 1) reshape returns a transposed view, and the
+    # kernel takes a contiguous LSE
+    lse_all = lse_slice.permute(1, 0, 2).reshape(hq, 2 * half).contiguous()
     dkv2 = torch.empty((2 * Tg, 2, hs, D), dtype=dtype, device=device)
     features = plan.kernel_features(qsl, ())
     if plan.shifts is not None:
