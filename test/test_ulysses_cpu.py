@@ -284,7 +284,7 @@ def test_check_head_split():
 
 @pytest.mark.parametrize("over,exc,pattern", [
     (dict(window_size=(1, 2, 3)), ValueError, r"window_size: expected a \(left, right\) pair"),
-    (dict(softcap=-1.0), ValueError, r"softcap: expected a real >= 0"),
+    (dict(softcap=-1.0), ValueError, r"softcap: expected a finite float >= 0"),
     (dict(sinks=torch.zeros(4, dtype=torch.float64)), ValueError, r"sinks: expected dtype torch.float32"),
     (dict(sinks=torch.zeros(2)), ValueError, r"sinks: expected shape \(4,\)"),
     (dict(heads_k_stride=3), ValueError, r"heads_k_stride: expected a divisor of the 2 KV heads each rank holds"),

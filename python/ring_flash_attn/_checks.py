@@ -7,6 +7,8 @@ import math
 import numbers
 from typing import Optional, Tuple
 
+from . import _lib
+
 NO_WINDOW = (-1, -1)
 
 
@@ -48,11 +50,15 @@ def check_window_size(window_size, causal: Optional[bool] = None) -> Tuple[int, 
 
 
 def check_softcap(softcap) -> float:
-    """softcap as flash-attn takes it: a real number >= 0, 0 meaning off. Returns it as a float;
-    ValueError naming softcap for anything else (negative, NaN, inf, a bool, a string)."""
+    """softcap as flash-attn takes it: a real number >= 0, 0 meaning off, whose float32 value (the
+    kernels' field) is 0 or a finite normal number. Returns it as a float; ValueError naming
+    softcap for anything else (negative, NaN, inf, a bool, a string, 1e-45 or 1e39: float32
+    subnormal or infinite)."""
     if isinstance(softcap, (bool, str, bytes)) or not isinstance(softcap, numbers.Real):
         raise ValueError(f"softcap: expected a float >= 0 (0 = off), got {softcap!r}")
     value = float(softcap)
     if not (math.isfinite(value) and value >= 0.0):
         raise ValueError(f"softcap: expected a finite float >= 0 (0 = off), got {softcap!r}")
+    if value != 0.0:
+        _lib.float32_scale(value, "softcap")  # raises, naming softcap and its float32 value
     return value

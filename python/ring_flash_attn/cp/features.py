@@ -7,10 +7,11 @@ feature yet refuses it with a clear error instead of a TypeError."""
 from __future__ import annotations
 
 import inspect
-import numbers
 from typing import Callable, Dict, Optional
 
 from torch import Tensor
+
+from .. import _checks
 
 __all__ = ["accepts_keyword", "check_softcap", "feature_kwargs"]
 
@@ -25,10 +26,10 @@ def accepts_keyword(fn: Callable, name: str) -> bool:
 
 
 def check_softcap(softcap) -> float:
-    """softcap is a real >= 0 (0: off); returns it as a float."""
-    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not softcap >= 0.0:
-        raise ValueError(f"softcap: expected a real >= 0 (0 turns soft-capping off), got {softcap!r}")
-    return float(softcap)
+    """softcap is a finite real >= 0 (0: off) whose float32 value is 0 or normal, the kernels'
+    rule (``_checks.check_softcap``, shared with the single-device functions); returns it as a
+    float. Checked before any communication: the kernels would refuse it after."""
+    return _checks.check_softcap(softcap)
 
 
 def feature_kwargs(fn: Callable, fn_name: str, softcap: float, sinks: Optional[Tensor]) -> Dict[str, object]:

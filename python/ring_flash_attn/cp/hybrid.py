@@ -37,6 +37,8 @@ from ..grouped import _resolve_scale
 from .all_to_all import HeadShards, check_head_split, head_sharded_attention
 from .features import check_softcap, feature_kwargs
 from .sinks import check_sinks
+from . import llama3 as llama3_module
+from . import zigzag_llama3 as zigzag_llama3_module
 from .llama3 import llama3_flash_attn_varlen_func
 from .llama3_layout import llama3_flash_attn_prepare_cu_seqlens
 from .mesh import HybridLayout, HybridMesh, active_hybrid_mesh
@@ -47,7 +49,8 @@ from .validation import (CuSeqlens, as_cu_tensor, check_collective_device, check
                          check_local_tokens, check_qkv, metadata_checks_enabled, short_list)
 from .zigzag_layout import zigzag_check_cu_seqlens, zigzag_shard, zigzag_unshard
 from .zigzag_llama3 import zigzag_llama3_flash_attn_varlen_func, zigzag_llama3_prepare_cu_seqlens
-from .zigzag_ring import zigzag_ring_flash_attn_varlen_func
+from .ring_engine import _validate_varlen as _validate_ring_varlen
+from .zigzag_ring import ZIGZAG_LAYOUT, zigzag_ring_flash_attn_varlen_func
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -257,6 +260,38 @@ def _resolve_mesh(group) -> HybridMesh:
     return mesh
 
 
+def _check_kv_scheme_arguments(layout: HybridLayout, kv_rank: int, q: Tensor, shards: HeadShards, cu_seqlens_q,
+                               cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride, local_k_slice,
+                               window: Tuple[int, int], softcap: float, causal: bool) -> None:
+    """The K/V scheme's own checks of its metadata arguments (cu_seqlens_q / _k, the max_seqlen
+    hints, local_k_slice; their values where metadata_checks_enabled), run before the all-to-all
+    on stand-ins of the head shards that scheme gets after it (``[U T, heads of a chunk, D]``,
+    expanded: no memory). The scheme checks them again when it runs; an error there would come
+    after the all-to-all, leaving the ranks in the middle of a collective."""
+    U, K = layout.ulysses_degree, layout.kv_degree
+    rows, D = shards.total_heads_sharded, q.shape[-1]
+
+    def stand_in(heads: int) -> Tensor:
+        return q.new_empty((1, 1, 1)).expand(rows, heads, D)
+
+    q_s, k_s = stand_in(shards.heads_q_per_chunk), stand_in(shards.heads_k_stride)
+    values = metadata_checks_enabled(q.device)
+    if layout.kv_scheme == "llama3":
+        k_slice, _, _ = llama3_module._validate(q_s, k_s, k_s, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                                heads_k_stride, local_k_slice, 0.0, window, None, K, softcap, causal)
+        if values:
+            llama3_module._check_values(cu_seqlens_q, cu_seqlens_k, rows, k_slice, kv_rank, causal)
+    elif layout.kv_scheme == "zigzag_llama3":
+        zigzag_llama3_module._validate(q_s, k_s, k_s, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                       heads_k_stride, local_k_slice, 0.0, window, None, None, K,
+                                       zigzag_llama3_module.IMPL_BASELINE, softcap, causal)
+        if values:
+            zigzag_llama3_module._check_values(cu_seqlens_q, cu_seqlens_k, K, rows)
+    else:  # zigzag ring: its LOCAL cu_seqlens and max_seqlen are cu_seqlens_q and max_seqlen_q
+        _validate_ring_varlen(q_s, k_s, k_s, cu_seqlens_q, max_seqlen_q, 0.0, window, None, ZIGZAG_LAYOUT, softcap,
+                              causal)
+
+
 # ---- public API ------------------------------------------------------------------------------------------
 
 
@@ -301,7 +336,7 @@ def hybrid_flash_attn_varlen_func(
     fn, public_fn = _KV_FUNCTIONS[layout.kv_scheme]
     with agreement.validating():
         check_flash_attn_defaults(dropout_p, (-1, -1), alibi_slopes)
-        window = check_window_size(window_size)
+        window = check_window_size(window_size, bool(causal))
         softcap = check_softcap(softcap)
         check_qkv(q, k, v, 3, "[local_tokens, heads, head_dim]")
         check_local_tokens(q, k, v, "the tokens of q: the hybrid layout shards q, k and v alike")
@@ -320,6 +355,8 @@ def hybrid_flash_attn_varlen_func(
         shards = HeadShards(group=mesh.ulysses_group, world_size=U, rank=mesh.ulysses_rank, total_local=q.shape[0],
                             batch=1, num_heads_q=q.shape[1], num_heads_k=k.shape[1], kv_replicas=replicas,
                             heads_k_stride=chunk)
+        _check_kv_scheme_arguments(layout, mesh.kv_rank, q, shards, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                   max_seqlen_k, heads_k_stride, local_k_slice, window, softcap, bool(causal))
     agreement.check(lambda: Fingerprint()
                     .shape("the shape of q", q.shape).shape("the shape of k", k.shape)
                     .dtype("the dtype of q", q.dtype).integer("heads_k_stride", heads_k_stride)

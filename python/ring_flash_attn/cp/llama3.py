@@ -55,10 +55,10 @@ from .process_group import resolve_group
 from .rank_agreement import Fingerprint, RankAgreement, device_of, effective_scale
 from .reduce_scatter import SliceReduceScatter
 from .scheme import BatchMetadata
-from .sinks import check_sinks
+from .sinks import check_sinks, contiguous_sinks
 from .validation import (check_collective_device, check_cu_seqlens_pair, check_heads, check_heads_k_stride,
                          check_int32_count, check_local_tokens, check_python_int, check_qkv, metadata_checks_enabled,
-                         short_list)
+                         short_list, with_contiguous_head_dim)
 from .window import contiguous_key_range, effective_window
 
 if TYPE_CHECKING:
@@ -336,6 +336,8 @@ def llama3_flash_attn_varlen_func(
                     .real("softcap", softcap).flag("sinks", sinks is not None)
                     .local("sequence boundaries", _boundary_facts(q_values, k_values, q.shape[0], k_slice, rank)),
                     _boundaries_agree(bool(causal), q.shape[0]))
+    # the kernels read q and the sinks as they are (K/V arrive in gathered copies)
+    q, sinks = with_contiguous_head_dim(q), contiguous_sinks(sinks)
     plan = _Plan(
         group=group, world_size=world_size, rank=rank, total_local=q.shape[0], num_heads_q=q.shape[1],
         num_heads_k=k.shape[1], heads_k_stride=int(heads_k_stride), scale=scale,

@@ -74,7 +74,7 @@ from .rank_agreement import Fingerprint, RankAgreement, device_of, effective_sca
 from .ring_comm import RingComm
 from .sinks import check_sinks, fold_sinks, sink_gradient
 from .validation import (check_cu_seqlens, check_heads, check_int32_count, check_local_tokens, check_qkv,
-                         metadata_checks_enabled, short_list)
+                         metadata_checks_enabled, short_list, with_contiguous_head_dim)
 from .window import effective_window, ring_calls
 
 __all__ = [
@@ -662,6 +662,7 @@ def ring_attention(layout: RingLayout, q: Tensor, k: Tensor, v: Tensor, dropout_
     cu = torch.arange(0, (B + 1) * L, max(L, 1), dtype=torch.int32, device=q.device)[: B + 1] if L > 0 \
         else torch.zeros(B + 1, dtype=torch.int32, device=q.device)
     q3, k3, v3 = q.reshape(B * L, Hq, D), k.reshape(B * L, Hk, D), v.reshape(B * L, Hk, D)
+    q3 = with_contiguous_head_dim(q3)  # the kernels read q as it is (K/V travel in a stacked copy)
     plan = _make_plan(layout, q3, cu, L, softmax_scale, causal, deterministic, group, world_size, rank, lengths,
                       window, softcap, sinks is not None, [L], L)
     out, lse = _RingAttention.apply(q3, k3, v3, cu, plan, sinks)
@@ -696,6 +697,7 @@ def ring_attention_varlen(layout: RingLayout, q: Tensor, k: Tensor, v: Tensor, c
     if window != (-1, -1) and metadata_checks_enabled(device_of(q)):  # free on CPU: exact step skipping
         cu = cu_seqlens.tolist()
         host_lengths = [b - a for a, b in zip(cu, cu[1:])]
+    q = with_contiguous_head_dim(q)  # the kernels read q as it is (K/V travel in a stacked copy)
     plan = _make_plan(layout, q, cu_seqlens, int(max_seqlen), softmax_scale, causal, deterministic, group,
                       world_size, rank, lengths, window, softcap, sinks is not None, host_lengths)
     out, lse = _RingAttention.apply(q, k, v, cu_seqlens, plan, sinks)

@@ -28,7 +28,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["check_sinks", "fold_sinks", "sink_gradient"]
+__all__ = ["check_sinks", "contiguous_sinks", "fold_sinks", "sink_gradient"]
 
 
 def check_sinks(sinks: Optional[Tensor], num_heads_q: int, device: torch.device) -> None:
@@ -46,6 +46,14 @@ def check_sinks(sinks: Optional[Tensor], num_heads_q: int, device: torch.device)
                          f"{tuple(sinks.shape)}")
     if sinks.device != device:
         raise ValueError(f"sinks: expected a tensor on {device} (the device of q), got {sinks.device}")
+
+
+def contiguous_sinks(sinks: Optional[Tensor]) -> Optional[Tensor]:
+    """The sinks as the kernels take them (contiguous): sinks itself, or a copy of a strided view
+    (differentiable: its gradient flows back to sinks). None stays None."""
+    if sinks is None or sinks.is_contiguous():
+        return sinks
+    return sinks.contiguous()
 
 
 def fold_sinks(out: Tensor, lse: Tensor, sinks: Tensor) -> Tuple[Tensor, Tensor]:

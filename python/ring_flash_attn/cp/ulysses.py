@@ -95,10 +95,11 @@ def check_chunk_stride(heads_k_stride, heads_k_local: int, name: str = "heads_k_
     return heads_k_stride
 
 
-def _validate_common(q, k, v, dropout_p, window_size, alibi_slopes, softcap, sinks, world_size, layout) -> int:
+def _validate_common(q, k, v, dropout_p, window_size, alibi_slopes, softcap, sinks, world_size, layout,
+                     causal) -> int:
     """Checks shared by the varlen and batched forms; returns the KV replication factor."""
     check_flash_attn_defaults(dropout_p, (-1, -1), alibi_slopes)
-    check_window_size(window_size)
+    check_window_size(window_size, bool(causal))
     check_softcap(softcap)
     ndim = 3 if layout.startswith("[local_tokens") else 4
     check_qkv(q, k, v, ndim, layout)
@@ -196,7 +197,7 @@ def ulysses_flash_attn_varlen_func(
     agreement = RankAgreement("ulysses_flash_attn_varlen_func", group, world_size, device_of(q), values_checked)
     with agreement.validating():
         replicas = _validate_common(q, k, v, dropout_p, window_size, alibi_slopes, softcap, sinks, world_size,
-                                    "[local_tokens, heads, head_dim]")
+                                    "[local_tokens, heads, head_dim]", causal)
         T = q.shape[0]
         check_int32_count(world_size * T, "q", f"tokens of the packed batch (world_size {world_size} x {T} local "
                                                f"tokens)")
@@ -243,7 +244,7 @@ def ulysses_flash_attn_func(
                               metadata_checks_enabled(device_of(q)))
     with agreement.validating():
         replicas = _validate_common(q, k, v, dropout_p, window_size, alibi_slopes, softcap, sinks, world_size,
-                                    "[batch, local_seqlen, heads, head_dim]")
+                                    "[batch, local_seqlen, heads, head_dim]", causal)
         B, L = q.shape[0], q.shape[1]
         check_int32_count(world_size * B * L, "q", f"tokens of the batch (world_size {world_size} x {B} x {L})")
         _resolve_scale(softmax_scale)

@@ -18,6 +18,9 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from .. import _lib
+from ..ops import dtype_code
+
 __all__ = [
     "ENV_CHECK_METADATA",
     "INT32_MAX",
@@ -31,6 +34,7 @@ __all__ = [
     "check_heads_k_stride",
     "check_int32_count",
     "check_int32_values",
+    "check_kernel_support",
     "check_local_tokens",
     "check_python_int",
     "check_qkv",
@@ -42,6 +46,7 @@ __all__ = [
     "unpack_batched_qkv",
     "unpack_varlen_kv",
     "unpack_varlen_qkv",
+    "with_contiguous_head_dim",
 ]
 
 ENV_CHECK_METADATA = "RING_FLASH_ATTN_CHECK_METADATA"
@@ -168,7 +173,13 @@ def check_python_int(value, name: str, what: str) -> int:
 
 def check_qkv(q, k, v, ndim: int, layout: str) -> None:
     """q, k, v are tensors of `ndim` dims (described by `layout`, e.g. "[local_tokens, heads,
-    head_dim]"); k and v on q's device, in q's dtype, and v shaped like k."""
+    head_dim]"); q in a dtype of the kernels, k and v on q's device, in q's dtype, and v shaped
+    like k; the backend of q's device runs that dtype and head_dim (``check_kernel_support``).
+
+    Every scheme calls this before its first communication: an argument that the kernels would
+    refuse must be refused here, on every rank alike, since a kernel call that raises after a
+    collective has started leaves the ranks in the middle of it (the next call on the group then
+    hangs or times out)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise ValueError(f"{name}: expected a Tensor, got {type(t).__name__}")
@@ -176,6 +187,7 @@ def check_qkv(q, k, v, ndim: int, layout: str) -> None:
             raise ValueError(f"{name}: expected a {ndim}-D tensor {layout}, got shape {tuple(t.shape)}")
     if layout.startswith("[batch") and q.shape[0] == 0:
         raise ValueError(f"q: expected a batch of at least one sequence {layout}, got shape {tuple(q.shape)}")
+    dtype_code(q.dtype, "q")
     for name, t in (("k", k), ("v", v)):
         if t.device != q.device:
             raise ValueError(f"{name}: expected a tensor on {q.device} (the device of q), got {t.device}")
@@ -183,6 +195,29 @@ def check_qkv(q, k, v, ndim: int, layout: str) -> None:
             raise ValueError(f"{name}: expected dtype {q.dtype} (the dtype of q), got {t.dtype}")
     if v.shape != k.shape:
         raise ValueError(f"v: expected the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    check_kernel_support(q)
+
+
+def check_kernel_support(q: Tensor) -> None:
+    """The backend of q's device runs attention in q's dtype at q's head_dim (the last dim): on
+    CPU a multiple of 8 in [8, 256], on CUDA the head dims compiled in and float16 / bfloat16.
+    ValueError (NotImplementedError for what this build or device lacks) with the library's
+    message, naming head_dim or the device. Other devices (a meta tensor of a single-process
+    call) are left to the kernels."""
+    device = q.device
+    if device.type == "cpu":
+        _lib.check_support(_lib.DEVICE_CPU, 0, dtype_code(q.dtype, "q"), q.shape[-1])
+    elif device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        _lib.check_support(_lib.DEVICE_CUDA, index, dtype_code(q.dtype, "q"), q.shape[-1])
+
+
+def with_contiguous_head_dim(t: Tensor) -> Tensor:
+    """t itself when its last dim (head_dim) is contiguous, as the kernels take it (any token and
+    head strides), else a copy that is (differentiable: its gradient flows back to t)."""
+    if t.shape[-1] <= 1 or t.numel() == 0 or t.stride(-1) == 1:
+        return t
+    return t.contiguous()
 
 
 def check_local_tokens(q: Tensor, k: Tensor, v: Tensor, why: str) -> None:
@@ -199,7 +234,11 @@ def check_heads(q: Tensor, k: Tensor) -> None:
     if k.shape[-1] != D:
         raise ValueError(f"k: expected head_dim {D} (the head_dim of q), got {k.shape[-1]}")
     Hq, Hk = q.shape[-2], k.shape[-2]
-    if Hk == 0 or Hq % Hk:
+    if Hq == 0:
+        raise ValueError(f"q: expected at least one head, got shape {tuple(q.shape)}")
+    if Hk == 0:
+        raise ValueError(f"k: expected at least one KV head, got shape {tuple(k.shape)}")
+    if Hq % Hk:
         raise ValueError(f"q: expected a number of heads divisible by the KV heads of k ({Hk}), got {Hq}")
 
 

@@ -72,7 +72,7 @@ from .process_group import resolve_group
 from .rank_agreement import Fingerprint, RankAgreement, device_of, effective_scale
 from .reduce_scatter import SliceReduceScatter
 from .scheme import BatchMetadata, BatchNotSupported
-from .sinks import check_sinks
+from .sinks import check_sinks, contiguous_sinks
 from .validation import (check_collective_device, check_cu_seqlens_pair, check_heads, check_heads_k_stride,
                          check_int32_count, check_local_tokens, check_python_int, check_qkv, metadata_checks_enabled,
                          short_list)
@@ -532,6 +532,7 @@ def zigzag_llama3_flash_attn_varlen_func(
                            grad_reduce_dtype if grad_reduce_dtype is not None else accumulation_dtype(k.dtype))
                     .tensor_values("cu_seqlens_q", cu_seqlens_q).tensor_values("cu_seqlens_k", cu_seqlens_k)
                     .integer("max_seqlen_q", max_seqlen_q).integer("max_seqlen_k", max_seqlen_k))
+    sinks = contiguous_sinks(sinks)  # the kernels read the sinks as they are (q: in grouped order)
     plan = _make_plan(q, k, cu_seqlens_k, max_seqlen_k, heads_k_stride, softmax_scale, causal,
                       deterministic, grad_reduce_dtype, impl, group, world_size, rank,
                       effective_window(window, bool(causal), None), softcap, sinks)
