@@ -19,6 +19,10 @@ rule (at most twice the error of the same math in that dtype, plus one rounding)
   heads_k_stride), Ulysses (varlen, batched) and the hybrid on every mesh of the world with each
   K/V scheme across; plain, kv- and qkv-packed forms. Padding rows must get out = 0, LSE = -inf
   (with sinks: the sink) and zero gradients, and hold NaN in the inputs (never read).
+* The HuggingFace adapter's attention functions (llama3, zigzag llama3, Ulysses), called as
+  transformers calls them, on a packed row or a batch of padded rows (left / right / both-sided
+  padding, mixed lengths, empty rows), with sliding_window, softcap, s_aux and is_causal
+  (``fuzz_hf``): single process and on 2 and 3 ranks; zeros at padding.
 * Bad arguments (single process and on 2 / 3 ranks): a ValueError / NotImplementedError naming
   the argument, raised on every rank before any communication (a late error leaves the ranks in
   the middle of a collective: the next call on the group hangs or times out), and the layouts the
@@ -30,9 +34,9 @@ Seeds: a fresh base seed per session (printed with every failure), or the one of
 ``python -c "import sys; sys.path.insert(0, 'test'); from fuzz_single import *;
 print(check_single(draw_single(SEED)))"``.
 
-Size: by default a fixed number of cases (about 20 s on 2 cores, most of it starting the gloo
+Size: by default a fixed number of cases (about 12 s on 2 cores, most of it starting the gloo
 ranks). ``RING_FLASH_ATTN_FUZZ_CASES=<n>`` runs n cases of each kind instead (single process,
-one-rank schemes, and per world size): a longer sweep, e.g. 2000 (about 3 minutes).
+one-rank schemes, HF adapter, and per world size): a longer sweep, e.g. 1000.
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ import ring_flash_attn as rfa
 from cases import cu_seqlens
 from dist_harness import CachedSpawns, CaseWorker, record_check
 from fuzz_cp import Meshes, bad_argument_items, draw_cp, run_bad_argument, run_cp_case, tolerance, valid_calls
+from fuzz_hf import draw_hf, run_hf_case
+from fuzz_hf import tolerance as hf_tolerance
 from fuzz_single import check_single, draw_single
 
 _ENV_CASES = "RING_FLASH_ATTN_FUZZ_CASES"
@@ -58,6 +64,7 @@ _SEED = int(os.environ[_ENV_SEED]) if os.environ.get(_ENV_SEED) else random.Syst
 _SINGLE_CASES = _SWEEP or 160
 _ONE_RANK_CASES = _SWEEP or 40
 _CP_CASES = {2: _SWEEP or 30, 3: _SWEEP or 24}
+_HF_CASES = _SWEEP or 12  # single process, and per world size
 _SPAWN_TIMEOUT_S = 600 if _SWEEP else 300
 
 
@@ -89,6 +96,16 @@ def test_schemes_without_process_group(index):
     errors = run_cp_case(cfg, 0, 1, None)
     bad = {k: v for k, v in errors.items() if not v <= tolerance(cfg)}
     assert not bad, _repro(f"{cfg}\nerrors over the bound {tolerance(cfg):.1e}: {bad}", seed)
+
+
+@pytest.mark.parametrize("index", range(_HF_CASES))
+def test_hf_attention_without_process_group(index):
+    _no_default_group()
+    seed = _SEED + 200_000 + index
+    cfg = draw_hf(seed, 1)
+    errors = run_hf_case(cfg, 0, 1)
+    bad = {k: v for k, v in errors.items() if not v <= hf_tolerance(cfg)}
+    assert not bad, _repro(f"{cfg}\nerrors over the bound {hf_tolerance(cfg):.1e}: {bad}", seed)
 
 
 def _single_args(**over) -> dict:
@@ -180,12 +197,17 @@ def test_rejected_call_writes_nothing(over, pattern):
 
 
 def _cp_cases() -> Dict[int, List[dict]]:
+    """The cases of each world size: the schemes' ("kind" "cp") and the HF adapter's ("hf")."""
     cases = {}
     for N, count in _CP_CASES.items():
         cases[N] = []
         for i in range(count):
             cfg = draw_cp(_SEED + 1000 * N + i, N)
-            cfg["id"] = f"{i}-{cfg['scheme']}-{cfg['form']}-{cfg['packed'] or 'plain'}-{cfg['dtype']}"
+            cfg.update(kind="cp", id=f"{i}-{cfg['scheme']}-{cfg['form']}-{cfg['packed'] or 'plain'}-{cfg['dtype']}")
+            cases[N].append(cfg)
+        for i in range(_HF_CASES):
+            cfg = draw_hf(_SEED + 300_000 + 1000 * N + i, N)
+            cfg.update(kind="hf", id=f"hf{i}-{cfg['impl']}-{cfg['mode']}-{cfg['dtype']}")
             cases[N].append(cfg)
     return cases
 
@@ -200,8 +222,14 @@ def _meshes(world_size: int) -> Meshes:
     return _MESHES[world_size]
 
 
-def _run_cp_case(cfg: dict, _seed: int, rank: int, world_size: int) -> Dict[str, float]:
+def _run_case(cfg: dict, _seed: int, rank: int, world_size: int) -> Dict[str, float]:
+    if cfg["kind"] == "hf":
+        return run_hf_case(cfg, rank, world_size)
     return run_cp_case(cfg, rank, world_size, _meshes(world_size))
+
+
+def _tolerance(cfg: dict) -> float:
+    return hf_tolerance(cfg) if cfg["kind"] == "hf" else tolerance(cfg)
 
 
 def _bad_arguments(rank: int, world_size: int, _seed: int, results: dict) -> None:
@@ -222,20 +250,20 @@ def _bad_arguments(rank: int, world_size: int, _seed: int, results: dict) -> Non
 
 
 _CASES = _cp_cases()
-_spawns = CachedSpawns(CaseWorker(_CASES, _run_cp_case, _bad_arguments), _SEED, "fuzz", _SPAWN_TIMEOUT_S)
+_spawns = CachedSpawns(CaseWorker(_CASES, _run_case, _bad_arguments), _SEED, "fuzz", _SPAWN_TIMEOUT_S)
 
 
 @pytest.mark.parametrize("world_size,case",
                          [pytest.param(N, c, id=f"w{N}-{c['id']}") for N in sorted(_CASES) for c in _CASES[N]])
-def test_schemes_on_gloo_ranks(world_size, case, spawn_root):
+def test_schemes_and_hf_attention_on_gloo_ranks(world_size, case, spawn_root):
     per_rank = _spawns(world_size, spawn_root)
     for r, res in enumerate(per_rank):
         got = res["cases"][case["id"]]
         assert "exception" not in got, _repro(f"rank {r} of {world_size}: {case}\n{got.get('exception')}",
                                               case["seed"])
-        bad = {k: v for k, v in got.items() if not v <= tolerance(case)}
+        bad = {k: v for k, v in got.items() if not v <= _tolerance(case)}
         assert not bad, _repro(f"rank {r} of {world_size}: {case}\nerrors over the bound "
-                               f"{tolerance(case):.1e} (inf: a NaN, a wrong padding row or outside the "
+                               f"{_tolerance(case):.1e} (inf: a NaN, a wrong padding row or outside the "
                                f"low-precision rule): {bad}", case["seed"])
 
 
