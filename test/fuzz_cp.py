@@ -24,6 +24,9 @@ from reference import grouped_attention_reference
 
 SCHEMES = ("ring", "zigzag", "stripe", "llama3", "zigzag_llama3", "ulysses", "hybrid")
 KV_SCHEMES = ("zigzag_llama3", "llama3", "zigzag_ring")
+# schemes whose padding rows (where the layout cannot cut the packed total evenly) form a sequence
+# of their own: they attend to each other, their outputs are meaningless, they need dout = 0
+OWN_SEQUENCE_PADDING = ("llama3", "ulysses", "hybrid")
 LENGTHS = (0, 1, 1, 2, 3, 5, 7, 8, 11, 12, 13, 16, 17, 23, 24, 31, 37, 64, 67, 97, 131)
 
 # the value of the expanded output gradient (that of out.sum() * 0.75)
@@ -76,14 +79,6 @@ def draw_cp(seed: int, world_size: int, scheme: Optional[str] = None) -> dict:
     if scheme == "ulysses" and form == "batched":
         S = N * rng.choice([1, 2, 3, 5, 8])
         lens = [S] * B
-    if scheme in ("ulysses", "hybrid"):
-        if mesh and mesh[2] in ("zigzag_llama3", "zigzag_ring"):
-            unit = 2 * mesh[1]
-            lens = [max(unit, n + (-n) % unit) for n in lens]  # the hybrid's zigzag needs multiples of 2K
-            while sum(lens) % N:
-                lens.append(unit)
-        elif sum(lens) % N:
-            lens.append(N - sum(lens) % N)  # a short last sequence makes the total divisible
     causal = rng.random() < 0.6
     longest = max(lens)
     window = (-1, -1)
@@ -99,11 +94,8 @@ def draw_cp(seed: int, world_size: int, scheme: Optional[str] = None) -> dict:
     # how the rank's inputs and output gradient are laid out: dense, or strided views (a slice of
     # a wider projection; the expanded gradient of out.sum(); a transposed gradient)
     layout = rng.choice(["dense", "dense", "strided", "expanded_dout", "transposed_dout"])
-    if layout == "expanded_dout" and (scheme == "llama3" or dtype in ("bfloat16", "float16")):
-        # llama3's padding rows (a sequence of their own) must get dout = 0; and a constant dout
-        # makes the backward's rowsum(dO * O) over the rounded O cancel against dO.V, an error of
-        # every implementation that the low-precision rule's baseline does not measure
-        layout = "dense"
+    if layout == "expanded_dout" and scheme in OWN_SEQUENCE_PADDING:
+        layout = "dense"  # padding rows that are a sequence of their own must get dout = 0
     chunk = None  # the all-to-all schemes' chunk of KV heads
     if scheme in ("ulysses", "hybrid"):
         local = max(Hk, U) // U
@@ -112,7 +104,7 @@ def draw_cp(seed: int, world_size: int, scheme: Optional[str] = None) -> dict:
                 lens=lens, causal=causal, window=window,
                 softcap=rng.choice([0.0, 0.0, _float32_value(rng.uniform(0.5, 4.0))]),
                 sinks=rng.random() < 0.35,
-                scale=None if rng.random() < 0.7 else _float32_value(rng.uniform(0.1, 1.0 / math.sqrt(D))),
+                scale=None if rng.random() < 0.7 else _float32_value(rng.uniform(0.05, 1.5)),
                 impl=rng.choice([None, "fused", "grouped"]) if scheme == "zigzag_llama3" else None,
                 hs=hs, dtype=dtype, layout=layout, chunk=chunk, deterministic=rng.random() < 0.2,
                 grad_reduce=rng.random() < 0.2 and scheme in ("llama3", "zigzag_llama3"),
@@ -138,14 +130,21 @@ def global_batch(cfg: dict):
     return cu, q, k, v, dout, sinks
 
 
-def reference(cfg: dict, q, k, v, dout, sinks, cu, dtype: torch.dtype) -> Dict[str, Tensor]:
-    """reference.py's attention of the global batch computed in `dtype` and its gradients."""
+def reference(cfg: dict, q, k, v, dout, sinks, cu, dtype: torch.dtype,
+              rounded_to: Optional[torch.dtype] = None) -> Dict[str, Tensor]:
+    """reference.py's attention of the global batch computed in `dtype` and its gradients.
+    rounded_to: the gradients the exact backward gets when its ``D = rowsum(dO * O)`` reads O
+    rounded to that dtype, as a low-precision backward does (see fuzz_single.reference_single)."""
     leaves = [t.to(dtype).requires_grad_(True) for t in (q, k, v)]
     s = None if sinks is None else sinks.to(dtype).requires_grad_(True)
     (out,), (lse,) = grouped_attention_reference([leaves[0]], leaves[1], leaves[2], [cu], cu, None, cfg["scale"],
                                                  cfg["causal"], tuple(cfg["window"]), cfg["softcap"], s)
     inputs = leaves + ([s] if s is not None else [])
-    grads = torch.autograd.grad(out, inputs, dout.to(dtype), allow_unused=True)  # empty sequences: unused
+    loss = (out * dout.to(dtype)).sum()
+    if rounded_to is not None:
+        shift = ((out.detach() - out.detach().to(rounded_to).to(dtype)) * dout.to(dtype)).sum(-1).t()  # [Hq, T]
+        loss = loss + (torch.where(torch.isfinite(lse), lse.to(dtype), torch.zeros_like(lse, dtype=dtype)) * shift).sum()
+    grads = torch.autograd.grad(loss, inputs, allow_unused=True)  # empty sequences: unused
     grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
     return dict(out=out.detach(), lse=lse.detach(), dq=grads[0], dk=grads[1], dv=grads[2],
                 dsinks=grads[3] if s is not None else None)
@@ -310,7 +309,10 @@ def run_cp_case(cfg: dict, rank: int, N: int, meshes: Optional[Meshes]) -> Dict[
     if cfg["layout"] == "expanded_dout":
         dout = torch.full_like(dout, EXPANDED_DOUT)
     ref = reference(cfg, q, k, v, dout, sinks, cu, torch.float64)
-    lp = reference(cfg, q, k, v, dout, sinks, cu, dtype) if dtype in LOW_PRECISION else None
+    lp = rounded = None
+    if dtype in LOW_PRECISION:
+        lp = reference(cfg, q, k, v, dout, sinks, cu, dtype)
+        rounded = reference(cfg, q, k, v, dout, sinks, cu, torch.float64, rounded_to=dtype)
     T = q.shape[0]
     ids = _shard(cfg, torch.arange(1, T + 1, dtype=torch.float64)[:, None], cu, rank, N, meshes)
     ids = ids.reshape(-1).long() - 1  # -1: a padding row
@@ -319,8 +321,8 @@ def run_cp_case(cfg: dict, rank: int, N: int, meshes: Optional[Meshes]) -> Dict[
 
     def local(t: Tensor) -> Tensor:
         x = _shard(cfg, t, cu, rank, N, meshes).to(dtype)
-        # padding rows: NaN (never read) except llama3's, whose padding is a sequence of its own
-        if cfg["scheme"] != "llama3":
+        # padding rows: NaN (never read), except where the padding is a sequence of its own
+        if cfg["scheme"] not in OWN_SEQUENCE_PADDING:
             flat = x.view((-1,) + tuple(x.shape[-2:]))
             flat[~real] = float("nan")
         return x
@@ -342,31 +344,35 @@ def run_cp_case(cfg: dict, rank: int, N: int, meshes: Optional[Meshes]) -> Dict[
         dsinks = grads[-1].clone()
         if dist.is_initialized():
             dist.all_reduce(dsinks)  # each rank's share: the sum is the gradient
-        results["dsinks"] = _error(dsinks, ref["dsinks"], None if lp is None else lp["dsinks"], torch.float32, cfg)
+        results["dsinks"] = _error(dsinks, ref["dsinks"], None if lp is None else lp["dsinks"], torch.float32, cfg,
+                                   None if rounded is None else rounded["dsinks"])
     flat = lambda t: t.reshape((-1,) + tuple(t.shape[-2:]))  # noqa: E731
     for name, got in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv)):
         g = flat(got.detach())
         r = ref[name].index_select(0, src[real])
         r_lp = None if lp is None else lp[name].index_select(0, src[real])
-        results[name] = _error(g[real], r, r_lp, dtype, cfg)
-        if cfg["scheme"] != "llama3" and (~real).any():
+        r_rounded = None if rounded is None or name == "out" else rounded[name].index_select(0, src[real])
+        results[name] = _error(g[real], r, r_lp, dtype, cfg, r_rounded)
+        if cfg["scheme"] not in OWN_SEQUENCE_PADDING and (~real).any():
             bad = g[~real]
             results[f"{name}_padding"] = float("inf") if not torch.equal(bad, torch.zeros_like(bad)) else 0.0
     if lse is None:
         return results
     lse_ref = ref["lse"].t().index_select(0, src[real])
     results["lse"] = _lse_error(lse[real], lse_ref)
-    if cfg["scheme"] != "llama3" and (~real).any():
+    if cfg["scheme"] not in OWN_SEQUENCE_PADDING and (~real).any():
         pad = lse[~real]
         want = torch.full_like(pad, -math.inf) if sinks is None else sinks.expand_as(pad)
         results["lse_padding"] = 0.0 if torch.equal(pad, want) else float("inf")
     return results
 
 
-def _error(got: Tensor, ref: Tensor, ref_lp: Optional[Tensor], dtype: torch.dtype, cfg: dict) -> float:
+def _error(got: Tensor, ref: Tensor, ref_lp: Optional[Tensor], dtype: torch.dtype, cfg: dict,
+           ref_rounded: Optional[Tensor] = None) -> float:
     """max|got - ref| / max(1, max|ref|) for fp32 / fp64 (checked against TOL); for fp16 / bf16
     the same ratio when within FlashAttention's rule (2x the same math in the dtype + one
-    rounding), else inf. NaN: inf."""
+    rounding, plus 2x what the rounded O alone brings into a gradient: its distance to
+    `ref_rounded`), else inf. NaN: inf."""
     if got.shape != ref.shape:
         return float("inf")
     if got.numel() == 0:
@@ -378,6 +384,8 @@ def _error(got: Tensor, ref: Tensor, ref_lp: Optional[Tensor], dtype: torch.dtyp
     err = (g - r).abs().max().item()
     if cfg["dtype"] in ("bfloat16", "float16"):
         base = (ref_lp.detach().double() - r).abs().max().item()
+        if ref_rounded is not None:
+            base += (ref_rounded.detach().double() - r).abs().max().item()
         low = getattr(torch, cfg["dtype"])
         bound = 2.0 * base + torch.finfo(low).eps * scale
         return err / scale if err <= bound else float("inf")

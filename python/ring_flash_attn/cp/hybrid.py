@@ -45,10 +45,12 @@ from .mesh import HybridLayout, HybridMesh, active_hybrid_mesh
 from .rank_agreement import Fingerprint, RankAgreement, device_of, effective_scale
 from .scheme import BatchMetadata, BatchNotSupported
 from .ulysses import check_chunk_stride
-from .validation import (CuSeqlens, as_cu_tensor, check_collective_device, check_cumulative_values, check_heads,
-                         check_local_tokens, check_qkv, metadata_checks_enabled, short_list)
+from .validation import (CuSeqlens, as_cu_tensor, check_collective_device, check_cu_seqlens_pair,
+                         check_cumulative_values, check_heads, check_local_tokens, check_qkv, metadata_checks_enabled,
+                         short_list)
 from .zigzag_layout import zigzag_check_cu_seqlens, zigzag_shard, zigzag_unshard
 from .zigzag_llama3 import zigzag_llama3_flash_attn_varlen_func, zigzag_llama3_prepare_cu_seqlens
+from .ring_engine import _resolve_seqlens as _resolve_ring_seqlens
 from .ring_engine import _validate_varlen as _validate_ring_varlen
 from .zigzag_ring import ZIGZAG_LAYOUT, zigzag_ring_flash_attn_varlen_func
 
@@ -287,9 +289,14 @@ def _check_kv_scheme_arguments(layout: HybridLayout, kv_rank: int, q: Tensor, sh
                                        zigzag_llama3_module.IMPL_BASELINE, softcap, causal)
         if values:
             zigzag_llama3_module._check_values(cu_seqlens_q, cu_seqlens_k, K, rows)
-    else:  # zigzag ring: its LOCAL cu_seqlens and max_seqlen are cu_seqlens_q and max_seqlen_q
+    else:  # zigzag ring: its LOCAL cu_seqlens and max_seqlen are cu_seqlens_q and max_seqlen_q, its
+        # seqlens the lengths of cu_seqlens_k (_zigzag_ring_with_llama3_signature)
+        check_cu_seqlens_pair(cu_seqlens_q, cu_seqlens_k, q.device)
         _validate_ring_varlen(q_s, k_s, k_s, cu_seqlens_q, max_seqlen_q, 0.0, window, None, ZIGZAG_LAYOUT, softcap,
                               causal)
+        if values:
+            local = cu_seqlens_q.to(torch.int64)
+            _resolve_ring_seqlens(cu_seqlens_k[1:] - cu_seqlens_k[:-1], local[1:] - local[:-1], K, q.device, None)
 
 
 # ---- public API ------------------------------------------------------------------------------------------
