@@ -49,6 +49,7 @@ import pytest
 import torch
 
 import ring_flash_attn as rfa
+from ring_flash_attn.grouped_python import _flash_attn_varlen_forward_grouped
 from cases import cu_seqlens
 from dist_harness import CachedSpawns, CaseWorker, record_check
 from fuzz_cp import Meshes, bad_argument_items, draw_cp, run_bad_argument, run_cp_case, tolerance, valid_calls
@@ -191,6 +192,56 @@ def test_rejected_call_writes_nothing(over, pattern):
     with pytest.raises(ValueError, match=pattern):
         rfa.ops.fwd_into(**call)
     assert bool((call["out_list"][0] == 7.0).all()) and bool((call["lse_list"][0] == 7.0).all())
+
+
+def _grouped_args(**over) -> dict:
+    """A valid two-group call (float32; sequences of 5 and 7 keys, the groups' queries 5 + 7 and
+    3 + 3 rows), with `over` on top."""
+    gen = torch.Generator().manual_seed(_SEED + 1)
+    args = dict(q_list=[torch.randn(12, 4, 16, generator=gen), torch.randn(6, 4, 16, generator=gen)],
+                k=torch.randn(12, 2, 16, generator=gen), v=torch.randn(12, 2, 16, generator=gen),
+                cu_seqlens_q_list=[cu_seqlens([5, 7]), cu_seqlens([3, 3])], cu_seqlens_k=cu_seqlens([5, 7]),
+                max_seqlen_q_list=[7, 3], max_seqlen_k=7)
+    args.update(over)
+    return args
+
+
+# (name, overrides of _grouped_args, message pattern): bad arguments of a grouped call; the fused
+# function and the Python rewrite must both refuse them, naming the caller's argument
+GROUPED_BAD_ARGUMENTS = [
+    ("q1-dtype", dict(q_list=[_T(12, 4, 16), _T(6, 4, 16, dtype=torch.float64)]),
+     r"^q_list\[1\]: expected dtype torch.float32"),
+    ("q1-device", dict(q_list=[_T(12, 4, 16), _T(6, 4, 16, device="meta")]), r"^q_list\[1\]: expected a tensor on cpu"),
+    ("cu_seqlens_q1-past-q", dict(cu_seqlens_q_list=[cu_seqlens([5, 7]), _ints(0, 3, 7)]),
+     r"cu_seqlens_q_list\[1\]\[2\]: expected <="),
+    ("cu_seqlens_q1-decreasing", dict(cu_seqlens_q_list=[cu_seqlens([5, 7]), _ints(0, 4, 3)]),
+     r"cu_seqlens_q_list\[1\]\[2\]: expected >="),
+    ("cu_seqlens_q1-first", dict(cu_seqlens_q_list=[cu_seqlens([5, 7]), _ints(1, 4, 6)]),
+     r"cu_seqlens_q_list\[1\]\[0\]: expected 0"),
+    ("cu_seqlens_q0-int64", dict(cu_seqlens_q_list=[cu_seqlens([5, 7]).long(), cu_seqlens([3, 3])]),
+     r"^cu_seqlens_q_list\[0\]: expected dtype torch.int32"),
+    ("cu_seqlens_q1-strided", dict(cu_seqlens_q_list=[cu_seqlens([5, 7]), _ints(0, 9, 3, 9, 6, 9)[::2]]),
+     r"^cu_seqlens_q_list\[1\]: expected a contiguous tensor"),
+    ("cu_seqlens_k-int64", dict(cu_seqlens_k=cu_seqlens([5, 7]).long()), r"^cu_seqlens_k: expected dtype torch.int32"),
+    ("cu_seqlens_k-past-k", dict(cu_seqlens_k=_ints(0, 5, 13)), r"cu_seqlens_k\[2\]: expected <="),
+    ("seqused_k1-past", dict(seqused_k_list=[None, _ints(6, 1)]), r"seqused_k_list\[1\]\[0\]: expected 0 to"),
+    ("seqused_k1-negative", dict(seqused_k_list=[None, _ints(1, -1)]), r"seqused_k_list\[1\]\[1\]: expected 0 to"),
+    ("seqused_k0-int64", dict(seqused_k_list=[_ints(1, 2).long(), None]),
+     r"^seqused_k_list\[0\]: expected dtype torch.int32"),
+]
+
+
+@pytest.mark.parametrize("name,over,pattern", GROUPED_BAD_ARGUMENTS, ids=[c[0] for c in GROUPED_BAD_ARGUMENTS])
+@pytest.mark.parametrize("implementation", ["fused", "grouped_python"])
+def test_grouped_bad_arguments(implementation, name, over, pattern):
+    """The Python rewrite (one G = 1 call over a combined batch) used to report some of these
+    about its combined arrays (e.g. 'cu_seqlens_q_list[0][6]: expected >= cu_seqlens_q[5]' for a
+    bad entry of group 1), blamed k for a q_list[1] of another dtype, and took int64 metadata and
+    a first cu_seqlens_q_list[g] entry other than 0 (group g's row 0 then became part of the
+    previous group's rows after its last sequence: a silently wrong output)."""
+    func = rfa.grouped_flash_attn_varlen_func if implementation == "fused" else _flash_attn_varlen_forward_grouped
+    with pytest.raises(ValueError, match=pattern):
+        func(**_grouped_args(**over))
 
 
 # ---- context parallelism on 2 and 3 gloo ranks --------------------------------------------------------

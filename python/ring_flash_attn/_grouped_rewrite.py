@@ -39,6 +39,7 @@ keeps its own query and key lengths, so its own bottom-right alignment. With sin
 
 from __future__ import annotations
 
+import os
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -46,7 +47,7 @@ from torch import Tensor
 
 from .grouped import single_group_attention
 
-__all__ = ["forward_as_one_call"]
+__all__ = ["combined_call", "forward_as_one_call"]
 
 
 def _check_lists(q_list, cu_seqlens_q_list, max_seqlen_q_list, seqused_k_list, k, cu_seqlens_k) -> int:
@@ -92,7 +93,65 @@ def _check_lists(q_list, cu_seqlens_q_list, max_seqlen_q_list, seqused_k_list, k
                 f"seqused_k_list[{g}]: expected None or a 1-D int32 tensor of {nb - 1} entries "
                 f"(batch_size), got {getattr(s, 'shape', type(s).__name__)}"
             )
+    # What the combined call cannot name: the groups' dtypes and devices (torch.cat would promote
+    # or refuse them), the metadata's dtype and layout (the combined arrays are new int32 tensors)
+    q0 = q_list[0]
+    for g in range(1, G):
+        if q_list[g].dtype != q0.dtype:
+            raise ValueError(f"q_list[{g}]: expected dtype {q0.dtype} (the dtype of q_list[0]), got {q_list[g].dtype}")
+        if q_list[g].device != q0.device:
+            raise ValueError(f"q_list[{g}]: expected a tensor on {q0.device} (the device of q_list[0]), got "
+                             f"{q_list[g].device}")
+    metadata = [("cu_seqlens_k", cu_seqlens_k)] + [(f"cu_seqlens_q_list[{g}]", cu_seqlens_q_list[g]) for g in range(G)]
+    if seqused_k_list is not None:
+        metadata += [(f"seqused_k_list[{g}]", s) for g, s in enumerate(seqused_k_list) if s is not None]
+    for name, t in metadata:
+        if t.dtype != torch.int32:
+            raise ValueError(f"{name}: expected dtype torch.int32, got {t.dtype}")
+        if t.shape[0] > 1 and t.stride(0) != 1:
+            raise ValueError(f"{name}: expected a contiguous tensor, got stride {t.stride(0)}")
+        if t.device != q0.device:
+            raise ValueError(f"{name}: expected a tensor on {q0.device} (the device of q_list[0]), got {t.device}")
     return G
+
+
+def _check_cumulative(values: List[int], name: str, tokens: int) -> None:
+    """values (host ints) are the cumulative lengths `name` of a tensor of `tokens` rows: the
+    first 0, none smaller than the one before, none past the rows (the library's checks and
+    wording, for the caller's argument)."""
+    if values[0] != 0:
+        raise ValueError(f"{name}[0]: expected 0, got {values[0]}")
+    for i in range(1, len(values)):
+        if values[i] < values[i - 1]:
+            raise ValueError(f"{name}[{i}]: expected >= {name}[{i - 1}] ({values[i - 1]}) (cumulative lengths never "
+                             f"decrease), got {values[i]}")
+    if values[-1] > tokens:
+        raise ValueError(f"{name}[{len(values) - 1}]: expected <= the number of tokens in the tensor ({tokens}), got "
+                         f"{values[-1]}")
+
+
+def _check_values(cu_seqlens_q_list, cu_seqlens_k: Tensor, seqused_k_list, total_q: List[int], total_k: int) -> None:
+    """The metadata VALUES of every group, checked against its own tensors and named as the caller
+    passed them: the library sees only the combined arrays, whose entries it would name instead,
+    and in which a group's cu_seqlens_q_list[g] not starting at 0 is no error (its first rows
+    would silently join the previous group's rows after its last sequence)."""
+    k_values = cu_seqlens_k.tolist()
+    _check_cumulative(k_values, "cu_seqlens_k", total_k)
+    lengths = [b - a for a, b in zip(k_values, k_values[1:])]
+    for g, cu in enumerate(cu_seqlens_q_list):
+        _check_cumulative(cu.tolist(), f"cu_seqlens_q_list[{g}]", total_q[g])
+        used = None if seqused_k_list is None else seqused_k_list[g]
+        if used is not None:
+            for b, (n, length) in enumerate(zip(used.tolist(), lengths)):
+                if not 0 <= n <= length:
+                    raise ValueError(f"seqused_k_list[{g}][{b}]: expected 0 to the key length of sequence {b} from "
+                                     f"cu_seqlens_k ({length}), got {n}")
+
+
+def _values_readable(device: torch.device) -> bool:
+    """Whether metadata values are checked on the host: always on CPU (free), on CUDA only with
+    RING_FLASH_ATTN_CHECK_METADATA=1 (a sync), as the library does."""
+    return device.type == "cpu" or os.environ.get("RING_FLASH_ATTN_CHECK_METADATA", "0") == "1"
 
 
 def forward_as_one_call(q_list: Sequence[Tensor], k: Tensor, v: Tensor, cu_seqlens_q_list: Sequence[Tensor],
@@ -130,6 +189,21 @@ def forward_as_one_call(q_list: Sequence[Tensor], k: Tensor, v: Tensor, cu_seqle
     """
     q_list = list(q_list)
     G = _check_lists(q_list, cu_seqlens_q_list, max_seqlen_q_list, seqused_k_list, k, cu_seqlens_k)
+    if _values_readable(q_list[0].device):
+        _check_values(cu_seqlens_q_list, cu_seqlens_k, seqused_k_list, [int(q.shape[0]) for q in q_list],
+                      int(k.shape[0]))
+    return combined_call(q_list, k, v, cu_seqlens_q_list, cu_seqlens_k, max_seqlen_q_list, max_seqlen_k,
+                         seqused_k_list, softmax_scale, causal, window_size, softcap, sinks)
+
+
+def combined_call(q_list: List[Tensor], k: Tensor, v: Tensor, cu_seqlens_q_list: Sequence[Tensor],
+                  cu_seqlens_k: Tensor, max_seqlen_q_list: Sequence[int], max_seqlen_k: int,
+                  seqused_k_list: Optional[Sequence[Optional[Tensor]]], softmax_scale: Optional[float],
+                  causal: bool, window_size: Tuple[int, int], softcap: float,
+                  sinks: Optional[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
+    """forward_as_one_call without its argument checks, for a caller whose metadata is its own
+    and already checked (zigzag llama3's): no host read of a tensor value."""
+    G = len(q_list)
     total_q = [int(q.shape[0]) for q in q_list]
     total_k = int(k.shape[0])
 

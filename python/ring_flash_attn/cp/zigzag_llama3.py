@@ -62,7 +62,7 @@ from torch import Tensor
 from .. import ops
 from .._checks import check_flash_attn_defaults
 from ..grouped import _resolve_scale
-from ..grouped_python import _flash_attn_varlen_forward_grouped
+from .._grouped_rewrite import combined_call
 from .all_gather import KVSlicePlan, gather_kv_slices, sliced_kv_attention
 from .index_maps import inverse_permutation, sequence_of
 from .llama3 import HF_ATTN_LLAMA3
@@ -319,10 +319,12 @@ def _fwd_slice(plan: _Plan, q_pair, k_s, v_s, out_pair, lse_pair, qsl: slice = s
             out_pair[g].copy_(out_all[g * half:(g + 1) * half])
             lse_pair[g].copy_(lse_all[:, g * half:(g + 1) * half])
     else:
-        outs, lses = _flash_attn_varlen_forward_grouped(
-            list(q_pair), k_s, v_s, cu_q, cu_k, [mq, mq], mk,
-            seqused_k_list=used, softmax_scale=plan.softmax_scale, causal=plan.causal,
-            **plan.kernel_features(qsl, ()))
+        # the rewrite of grouped_python._flash_attn_varlen_forward_grouped, without its argument
+        # checks (this metadata is the plan's own; on CPU they would read values on the host)
+        features = plan.kernel_features(qsl, ())
+        outs, lses = combined_call(list(q_pair), k_s, v_s, cu_q, cu_k, [mq, mq], mk, used, plan.softmax_scale,
+                                   plan.causal, features.get("window_size", (-1, -1)), features.get("softcap", 0.0),
+                                   features.get("sinks"))
         for g in range(2):
             out_pair[g].copy_(outs[g])
             lse_pair[g].copy_(lses[g])
