@@ -332,6 +332,32 @@ def test_schemes_bad_arguments_on_gloo_ranks(world_size, spawn_root):
 # ---- regressions ------------------------------------------------------------------------------------
 
 
+def test_compile_fullgraph_with_window_softcap_sinks():
+    """torch.compile(fullgraph=True) of flash_attn_varlen_func with a window, a softcap and sinks,
+    forward and backward, equals the eager call. (A softcap check through ctypes' c_float, which
+    Dynamo cannot trace, broke the graph.)"""
+    gen = torch.Generator().manual_seed(_SEED + 2)
+    cu = cu_seqlens([5, 9, 3])
+    q = torch.randn(17, 4, 16, generator=gen, requires_grad=True)
+    k, v = (torch.randn(17, 2, 16, generator=gen, requires_grad=True) for _ in range(2))
+    sinks = torch.randn(4, generator=gen, requires_grad=True)
+
+    def loss_fn(q, k, v, sinks):
+        out, lse, _ = rfa.flash_attn_varlen_func(q, k, v, cu, cu, 9, 9, causal=True, window_size=(3, 0), softcap=2.0,
+                                                 sinks=sinks, return_attn_probs=True)
+        return (out * 2).sum() + torch.where(torch.isfinite(lse), lse, 0.0).sum()
+
+    expected = loss_fn(q, k, v, sinks)
+    expected_grads = torch.autograd.grad(expected, (q, k, v, sinks))
+    torch._dynamo.reset()
+    got = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")(q, k, v, sinks)
+    got_grads = torch.autograd.grad(got, (q, k, v, sinks))
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    for a, b in zip(got_grads, expected_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+
 @pytest.mark.parametrize("length", [1, 2])
 def test_zigzag_llama3_grouped_python_one_row_per_group(length):
     """zigzag llama3 with use_grouped_attention on a batch whose two query groups hold one row

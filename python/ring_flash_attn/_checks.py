@@ -59,6 +59,6 @@ def check_softcap(softcap) -> float:
     value = float(softcap)
     if not (math.isfinite(value) and value >= 0.0):
         raise ValueError(f"softcap: expected a finite float >= 0 (0 = off), got {softcap!r}")
-    if value != 0.0:
-        _lib.float32_scale(value, "softcap")  # raises, naming softcap and its float32 value
+    if value != 0.0 and not 2e-38 <= value <= 3e38:  # else float32 rounds it to a normal number
+        _lib.float32_scale(value, "softcap")  # raises unless its float32 value is normal, naming softcap
     return value
