@@ -108,7 +108,9 @@ def draw_cp(seed: int, world_size: int, scheme: Optional[str] = None) -> dict:
                 impl=rng.choice([None, "fused", "grouped"]) if scheme == "zigzag_llama3" else None,
                 hs=hs, dtype=dtype, layout=layout, chunk=chunk, deterministic=rng.random() < 0.2,
                 grad_reduce=rng.random() < 0.2 and scheme in ("llama3", "zigzag_llama3"),
-                return_lse=rng.random() < 0.8)
+                return_lse=rng.random() < 0.8,
+                # the max_seqlen arguments are hints: the results must not depend on them
+                hints=rng.choice(["exact", "exact", "exact", "zero", "small", "large"]))
 
 
 # ---- the global batch and its reference ------------------------------------------------------------
@@ -265,6 +267,7 @@ def _call(cfg: dict, q: Tensor, k: Tensor, v: Tensor, cu: Tensor, rank: int, N: 
         names = ("hybrid_flash_attn_varlen_func", "hybrid_flash_attn_varlen_kvpacked_func",
                  "hybrid_flash_attn_varlen_qkvpacked_func")
     plain, kvpacked, qkvpacked = (getattr(rfa, n) for n in names)
+    args = _with_hints(args, cfg["hints"], scheme)
     strided = cfg["layout"] == "strided"
 
     def leaf(t: Tensor):
@@ -297,6 +300,16 @@ def _call(cfg: dict, q: Tensor, k: Tensor, v: Tensor, cu: Tensor, rank: int, N: 
     # lse: varlen [Hq, T]; batched [B, Hq, L] -> [B * L, Hq] like out's rows
     lse_rows = lse.transpose(-1, -2).reshape(-1, lse.shape[-2])
     return out, lse_rows, leaves, unpack
+
+
+def _with_hints(args: tuple, hints: str, scheme: str) -> tuple:
+    """The positional arguments of a varlen call with its max_seqlen hints replaced ("exact":
+    as computed; "zero"; "small": a third; "large": 1000 more)."""
+    if hints == "exact" or not args:
+        return args
+    change = {"zero": lambda m: 0, "small": lambda m: m // 3, "large": lambda m: m + 1000}[hints]
+    positions = (1,) if scheme in ("ring", "zigzag") else (2, 3)  # (cu, max_seqlen) / (cu_q, cu_k, max_q, max_k, ...)
+    return tuple(change(a) if i in positions else a for i, a in enumerate(args))
 
 
 def run_cp_case(cfg: dict, rank: int, N: int, meshes: Optional[Meshes]) -> Dict[str, float]:
