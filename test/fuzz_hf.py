@@ -93,7 +93,21 @@ def _global_rows(cfg: dict):
 
 def run_hf_case(cfg: dict, rank: int, N: int) -> Dict[str, float]:
     """One configuration on this rank: {quantity: relative error} (inf: NaN, or a nonzero value
-    at padding)."""
+    at padding). Runs with the adapter's group and heads_k_stride at their defaults (the default
+    group, 1: what register_hf_attention() sets; whatever an earlier test registered is put back
+    after) and leaves the batch it set."""
+    from ring_flash_attn import hf_adapter
+
+    state = hf_adapter._STATE
+    saved = (state.group, state.heads_k_stride)
+    state.group, state.heads_k_stride = None, 1
+    try:
+        return _run_hf_case(cfg, rank, N)
+    finally:
+        state.group, state.heads_k_stride = saved
+
+
+def _run_hf_case(cfg: dict, rank: int, N: int) -> Dict[str, float]:
     import torch.distributed as dist
 
     from ring_flash_attn import hf_adapter
