@@ -153,6 +153,12 @@ def reference_single(cfg: dict, inp: SingleInputs, dtype: torch.dtype,
             shift = ((o.detach() - o_r.to(dtype)) * d.to(dtype)).sum(-1).t()  # D - D_rounded, [Hq, rows]
             finite = torch.isfinite(l)
             loss = loss + (torch.where(finite, l.to(dtype), torch.zeros_like(l, dtype=dtype)) * shift).sum()
+    return _results(loss, q, k, v, sinks, outs, lses)
+
+
+def _results(loss: Tensor, q: List[Tensor], k: Tensor, v: Tensor, sinks: Optional[Tensor], outs, lses) -> dict:
+    """{"out", "lse", "dq" (per group), "dk", "dv", "dsinks" (None without sinks)}: the outputs
+    and the gradients of `loss` (zero for a leaf it does not use, e.g. keys no query sees)."""
     leaves = q + [k, v] + ([sinks] if sinks is not None else [])
     grads = torch.autograd.grad(loss, leaves, allow_unused=True)
     grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves)]
@@ -217,12 +223,7 @@ def run_single(cfg: dict, inp: SingleInputs) -> Dict[str, object]:
     if cfg["lse_loss"]:
         loss = loss + sum((torch.where(torch.isfinite(l), l, torch.zeros_like(l)).double() * d).sum()
                           for l, d in zip(lses, inp.dlse))
-    leaves = q + [k, v] + ([sinks] if sinks is not None else [])
-    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-    grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves)]
-    G = len(q)
-    return dict(out=[o.detach() for o in outs], lse=[l.detach() for l in lses], dq=grads[:G], dk=grads[G],
-                dv=grads[G + 1], dsinks=grads[G + 2] if sinks is not None else None)
+    return _results(loss, q, k, v, sinks, outs, lses)
 
 
 def _compare(name: str, got: Tensor, ref_hi: Tensor, ref_lp: Optional[Tensor], dtype: torch.dtype,
