@@ -37,6 +37,21 @@ def case_maker(base: dict) -> Callable[..., dict]:
     return make
 
 
+def feature_kwargs(window=(-1, -1), softcap: float = 0.0, sinks: Optional[Tensor] = None,
+                   window_as: Callable = tuple) -> dict:
+    """The ``window_size`` / ``softcap`` / ``sinks`` keywords of a call, only those set (a window
+    other than (-1, -1), a non-zero softcap, sinks given); ``window_as`` makes the window the type
+    the callee takes (a tuple for the public functions, a list for the op)."""
+    kw = {}
+    if tuple(window) != (-1, -1):
+        kw["window_size"] = window_as(window)
+    if softcap:
+        kw["softcap"] = softcap
+    if sinks is not None:
+        kw["sinks"] = sinks
+    return kw
+
+
 def cu_seqlens(lengths: Sequence[int], device="cpu") -> Tensor:
     out = [0]
     for n in lengths:

@@ -16,7 +16,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import Tensor
 
-from cases import LOW_PRECISION, TIGHT_TOL, cu_seqlens
+from cases import LOW_PRECISION, TIGHT_TOL, cu_seqlens, feature_kwargs
 from reference import grouped_attention_reference
 
 DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64")
@@ -206,13 +206,7 @@ def run_single(cfg: dict, inp: SingleInputs) -> Dict[str, object]:
     elif entry == "op":
         G = len(q)
         seqused = list(inp.seqused) if inp.seqused is not None else [None] * G
-        kwargs = {}
-        if tuple(cfg["window"]) != (-1, -1):
-            kwargs["window_size"] = list(cfg["window"])
-        if cfg["softcap"]:
-            kwargs["softcap"] = cfg["softcap"]
-        if sinks is not None:
-            kwargs["sinks"] = sinks
+        kwargs = feature_kwargs(cfg["window"], cfg["softcap"], sinks, window_as=list)
         scale = 0.0 if cfg["scale"] is None else float(cfg["scale"])
         outs, lses = torch.ops.ring_flash_attn.grouped_fwd(q, k, v, inp.cu_q, inp.cu_k, seqused, inp.max_q,
                                                           inp.max_k, scale, cfg["causal"], cfg["deterministic"],

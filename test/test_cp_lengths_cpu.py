@@ -32,7 +32,7 @@ import torch
 
 import ring_flash_attn as rfa
 from dist_harness import CachedSpawns, finish_rank, init_gloo_group, record_check, rel_err
-from cases import cu_seqlens
+from cases import cu_seqlens, feature_kwargs
 
 _SEED = random.SystemRandom().randrange(1 << 30)
 _SPAWN_TIMEOUT_S = 600
@@ -159,14 +159,7 @@ def _sinks(case: dict, seed: int) -> Optional[torch.Tensor]:
 
 def _features(case: dict, sinks: Optional[torch.Tensor]) -> dict:
     """The window / softcap / sinks keywords of the case (only those set)."""
-    kw = {}
-    if tuple(case["window"]) != (-1, -1):
-        kw["window_size"] = tuple(case["window"])
-    if case["softcap"]:
-        kw["softcap"] = case["softcap"]
-    if sinks is not None:
-        kw["sinks"] = sinks
-    return kw
+    return feature_kwargs(case["window"], case["softcap"], sinks)
 
 
 def _reference(case: dict, seed: int) -> Dict[str, torch.Tensor]:

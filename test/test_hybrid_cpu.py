@@ -23,7 +23,7 @@ import ring_flash_attn as rfa
 from ring_flash_attn import hf_adapter
 from ring_flash_attn.cp.mesh import HybridLayout
 from dist_harness import assert_case_within, CachedSpawns, case_params, CaseWorker, rel_err
-from cases import case_maker, cu_seqlens, global_packed_batch, packed_reference
+from cases import case_maker, cu_seqlens, feature_kwargs, global_packed_batch, packed_reference
 
 _SEED = random.SystemRandom().randrange(1 << 30)
 _SPAWN_TIMEOUT_S = 240
@@ -142,11 +142,7 @@ def _run_attention(case: dict, seed: int, rank: int, world_size: int) -> Dict[st
     q, k, v, dout = (local(t).to(dtype) for t in (q_full, k_full, v_full, dout_full))
     meta = rfa.hybrid_prepare_cu_seqlens(cu, case["causal"], prank, mesh)
     kw = dict(softmax_scale=case["scale"], causal=case["causal"], return_attn_probs=True, group=mesh,
-              ulysses_heads_k_stride=case["uhs"])
-    if tuple(case["window"]) != (-1, -1):
-        kw["window_size"] = tuple(case["window"])
-    if case["softcap"]:
-        kw["softcap"] = case["softcap"]
+              ulysses_heads_k_stride=case["uhs"], **feature_kwargs(case["window"], case["softcap"]))
     if sinks is not None:
         import torch.distributed as dist
 

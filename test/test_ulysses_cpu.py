@@ -27,7 +27,7 @@ from dist_harness import assert_case_within, NoHostReads, rel_err, SpawnedCases
 from feature_reference import attention_with_features
 from reference import grouped_attention_reference
 from cases import (VARLEN_ARGUMENT_ERRORS, assert_packed_forms_need_4d, assert_single_process_matches, case_maker,
-                   cu_seqlens, global_packed_batch, single_process_batch, varlen_call_args)
+                   cu_seqlens, feature_kwargs, global_packed_batch, single_process_batch, varlen_call_args)
 
 _SEED = random.SystemRandom().randrange(1 << 30)
 _SPAWN_TIMEOUT_S = 180
@@ -76,12 +76,7 @@ _QUANTITIES = ("out", "lse", "dq", "dk", "dv")
 
 
 def _features(case: dict) -> dict:
-    kw = {}
-    if case["softcap"]:
-        kw["softcap"] = case["softcap"]
-    if tuple(case["window"]) != (-1, -1):
-        kw["window_size"] = tuple(case["window"])
-    return kw
+    return feature_kwargs(case["window"], case["softcap"])
 
 
 def _python_kernel(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=None,
