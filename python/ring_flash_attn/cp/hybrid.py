@@ -40,8 +40,9 @@ from .sinks import check_sinks
 from . import llama3 as llama3_module
 from . import zigzag_llama3 as zigzag_llama3_module
 from .llama3 import llama3_flash_attn_varlen_func
-from .llama3_layout import llama3_flash_attn_prepare_cu_seqlens
+from .llama3_layout import _padded_total, llama3_flash_attn_prepare_cu_seqlens
 from .mesh import HybridLayout, HybridMesh, active_hybrid_mesh
+from .padding import layout_unit, padded_lengths
 from .rank_agreement import Fingerprint, RankAgreement, device_of, effective_scale
 from .scheme import BatchMetadata, BatchNotSupported
 from .ulysses import check_chunk_stride
@@ -113,10 +114,10 @@ def _padded_values(values: List[int], layout: HybridLayout) -> List[int]:
     U, K, N = layout.ulysses_degree, layout.kv_degree, layout.world_size
     total = values[-1]
     if not _is_zigzag(layout.kv_scheme):
-        padded = -(-total // N) * N
+        padded = _padded_total(total, N)
         return values if padded == total else values + [padded]
-    unit = 2 * K
-    part = sum(-(-(b - a) // unit) * unit for a, b in zip(values, values[1:])) // K
+    unit = layout_unit("zigzag", K)
+    part = int(padded_lengths(torch.tensor(values[1:]) - torch.tensor(values[:-1]), unit).sum()) // K
     m = next(m for m in range(U) if (part + 2 * m) % U == 0)
     return values if m == 0 else values + [total + unit * m]
 
@@ -136,10 +137,9 @@ def hybrid_shard(x: Tensor, cu_seqlens: CuSeqlens, rank: int, mesh: Union[Hybrid
     if not isinstance(x, Tensor) or x.dim() < 1:
         raise ValueError(f"x: expected a tensor with a token dim 0, got {getattr(x, 'shape', type(x).__name__)}")
     values = as_cu_tensor(cu_seqlens, "cu_seqlens").tolist()
-    check_cumulative_values(values, "cu_seqlens")
+    padded = _padded_values(values, layout)  # checks the values
     if values[-1] != x.shape[0]:
         raise ValueError(f"cu_seqlens: expected the last entry to be {x.shape[0]} (the rows of x), got {values[-1]}")
-    padded = _padded_values(values, layout)
     if len(padded) != len(values):
         x = torch.cat([x, x.new_zeros((padded[-1] - values[-1],) + tuple(x.shape[1:]))])
     if _is_zigzag(layout.kv_scheme):

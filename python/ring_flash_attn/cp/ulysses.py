@@ -1,11 +1,12 @@
 """Ulysses context parallelism: all-to-all from sequence shards to head shards and back.
 
 Layout (contiguous, as llama3's): N ranks; the packed batch (total T_g tokens, any sequence
-lengths) is cut into N pieces of T = ceil(T_g / N) tokens and rank r holds tokens ``[r T, (r+1) T)``.
-When N does not divide T_g, the N T - T_g < N rows after the last sequence are padding
-(``ulysses_shard`` fills them with zeros) and form a sequence of their own in the metadata
-(``ulysses_prepare_cu_seqlens``), so no real token sees them; ``ulysses_unshard`` drops them. The batched form ``[B, L, H, D]``: rank r holds tokens ``[r L, (r+1) L)`` of
-each of the B sequences.
+lengths) is cut into N pieces of T = ceil(T_g / N) tokens and rank r holds tokens
+``[r T, (r+1) T)``. When N does not divide T_g, the N T - T_g < N rows after the last sequence
+are padding (``ulysses_shard`` fills them with zeros) and form a sequence of their own in the
+metadata (``ulysses_prepare_cu_seqlens``), so no real token sees them; ``ulysses_unshard`` drops
+them. The batched form ``[B, L, H, D]``: rank r holds tokens ``[r L, (r+1) L)`` of each of the B
+sequences.
 
 Per chunk of ``heads_k_stride`` KV heads (``all_to_all``): one all-to-all gives each rank every
 token of its Hq/N query heads and their KV heads (KV heads replicated when Hk < N); the rank then
@@ -35,7 +36,8 @@ from .._checks import check_flash_attn_defaults, check_window_size
 from ..grouped import _resolve_scale, flash_attn_varlen_func
 from .all_to_all import HeadShards, check_head_split, head_sharded_attention
 from .features import check_softcap, feature_kwargs
-from .llama3_layout import llama3_shard, llama3_unshard
+from .llama3_layout import _padded_total, llama3_shard, llama3_unshard
+from .padding import padded_lengths
 from .sinks import check_sinks
 from .process_group import resolve_group
 from .rank_agreement import Fingerprint, RankAgreement, device_of, effective_scale
@@ -306,15 +308,12 @@ def ulysses_prepare_cu_seqlens(
         longest = max(b - a for a, b in zip(values, values[1:]))
         if max_seqlen is not None and int(max_seqlen) < longest:
             raise ValueError(f"max_seqlen: expected >= the longest sequence ({longest}), got {max_seqlen}")
-        padded = -(-values[-1] // world_size) * world_size
+        padded = _padded_total(values[-1], world_size)
         if padded != values[-1]:  # the padding rows: a sequence of their own
             cu = torch.tensor(values + [padded], dtype=torch.int32, device=cu.device)
-            longest = max(longest, padded - values[-1])
-        max_seqlen = longest if max_seqlen is None else max(int(max_seqlen), padded - values[-1])
+        max_seqlen = max(longest if max_seqlen is None else int(max_seqlen), padded - values[-1])
     else:  # no host read: the padding entry from the last one, on the device
-        last = cu[-1:].to(torch.int64)
-        padded = torch.div(last + (world_size - 1), world_size, rounding_mode="floor") * world_size
-        cu = torch.cat([cu, padded.to(torch.int32)])
+        cu = torch.cat([cu, padded_lengths(cu[-1:], world_size).to(torch.int32)])
         max_seqlen = max(int(max_seqlen), world_size - 1)
     max_seqlen = int(max_seqlen)
     return cu, cu, max_seqlen, max_seqlen, slice(None)
