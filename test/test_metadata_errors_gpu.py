@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ring_flash_attn import _lib, _metadata_errors, check_errors, flash_attn_varlen_func, grouped_flash_attn_varlen_func
+from ring_flash_attn import _lib, _metadata_errors, _torch_shim, check_errors, flash_attn_varlen_func, grouped_flash_attn_varlen_func
 
 pytestmark = pytest.mark.gpu
 
@@ -195,15 +195,27 @@ def test_first_call_inside_a_capture_warns_and_passes_no_word(monkeypatch):
     cu_q, cu_k = _cu([0, 40, 30, 64]), _cu([0, 24, 40, 64])
     flash_attn_varlen_func(q, k, v, cu_k, cu_k, 40, 40, causal=True)  # warm-up, well formed
     assert check_errors() is None
-    # As if no call had run on the device yet (monkeypatch restores the real word afterwards).
+    # As if no call had run on the device yet (monkeypatch restores the real word afterwards),
+    # in the C++ op kernels too when they serve CUDA (RING_FLASH_ATTN_TORCH_SHIM=1): they hold
+    # the word the Python path handed them, and take the Python path while they have none.
+    index = q.device.index
+    real_pointer = _metadata_errors._pointers[index]
+    shim = _torch_shim._shim if _torch_shim._cuda_registered else None
     monkeypatch.setattr(_metadata_errors, "_words", {})
     monkeypatch.setattr(_metadata_errors, "_pointers", {})
     monkeypatch.setattr(_metadata_errors, "_warned_capture", False)
-    graph = torch.cuda.CUDAGraph()
-    with pytest.warns(RuntimeWarning, match="being captured into a CUDA graph"):
-        with torch.cuda.graph(graph):
-            flash_attn_varlen_func(q, k, v, cu_q, cu_k, 40, 40, causal=True)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert _metadata_errors._words == {}
-    assert check_errors() is None
+    if shim is not None:
+        monkeypatch.setattr(_torch_shim, "_shared_words", {})
+        assert shim.ringattn_torch_shim_set_metadata_error_word(index, None) == 0
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with pytest.warns(RuntimeWarning, match="being captured into a CUDA graph"):
+            with torch.cuda.graph(graph):
+                flash_attn_varlen_func(q, k, v, cu_q, cu_k, 40, 40, causal=True)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert _metadata_errors._words == {}
+        assert check_errors() is None
+    finally:
+        if shim is not None:  # the C++ kernels get the real word back
+            shim.ringattn_torch_shim_set_metadata_error_word(index, real_pointer)

@@ -8,6 +8,10 @@
 #   git archive <commit> | (mkdir -p .device/old_src && tar -x -C .device/old_src)   # here
 #   bash scripts/dev/ab_compare.sh [OLD_SRC]                                          # there
 #   AB_ROWS="--seqlens 65536 --world-size 8 --rank 0 --passes fwd" bash scripts/dev/ab_compare.sh
+#   AB_BENCH=features AB_ROWS="--tiers sm90 --seqlens 16384 --passes fwd" bash scripts/dev/ab_compare.sh
+# AB_BENCH: grouped (default; benchmark_grouped_attention.py, --impls from AB_IMPLS) or features
+# (benchmark_features.py: window / softcap / sinks rows). The old tree's build/device library is
+# reused when it is there (branch_check.sh builds it once for all branches).
 set -uo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$root"
@@ -23,20 +27,51 @@ build() {  # src build_dir
     cmake --build "$2" -j16 >"$out/$(basename "$2")_build.log" 2>&1
 }
 t0=$(date +%s)
-build "$old" "$root/build/ab-old" || { tail -20 "$out/ab-old_build.log"; exit 1; }
+old_lib="$old/build/device/libringattn.so"
+if [ ! -f "$old_lib" ]; then
+  build "$old" "$root/build/ab-old" || { tail -20 "$out/ab-old_build.log"; exit 1; }
+  old_lib="$root/build/ab-old/libringattn.so"
+fi
 [ -f build/device/libringattn.so ] || build "$root" "$root/build/device" || { tail -20 "$out/device_build.log"; exit 1; }
 echo "== builds: $(( $(date +%s) - t0 )) s"
 rows_default="--seqlens 65536 --world-size 8 --rank 0 7 --passes fwd fwd_bwd --num-runs 10 --warmup 2"
+bench="${AB_BENCH:-grouped}"
 side() {  # name src lib round
-  RING_FLASH_ATTN_LIBRARY="$3" PYTHONPATH="$2/python" "$py" "$2/benchmark/benchmark_grouped_attention.py" \
-    ${AB_ROWS:-$rows_default} --impls ${AB_IMPLS:-fused fused_sm80} --csv "$out/ab_$1.csv" \
-    >"$out/ab_$1_$4.log" 2>&1
+  if [ "$bench" = features ]; then
+    RING_FLASH_ATTN_LIBRARY="$3" PYTHONPATH="$2/python" "$py" "$2/benchmark/benchmark_features.py" \
+      ${AB_ROWS:---tiers sm90 --seqlens 16384 --passes fwd} --csv "$out/ab_$1_$4.csv" >"$out/ab_$1_$4.log" 2>&1
+  else
+    RING_FLASH_ATTN_LIBRARY="$3" PYTHONPATH="$2/python" "$py" "$2/benchmark/benchmark_grouped_attention.py" \
+      ${AB_ROWS:-$rows_default} --impls ${AB_IMPLS:-fused fused_sm80} --csv "$out/ab_$1.csv" \
+      >"$out/ab_$1_$4.log" 2>&1
+  fi
   echo "== $1 round $4: rc=$?"
 }
 for round in 1 2; do
-  side old "$old" "$root/build/ab-old/libringattn.so" $round
+  side old "$old" "$old_lib" $round
   side new "$root" "$root/build/device/libringattn.so" $round
 done
+if [ "$bench" = features ]; then
+  "$py" - "$out" <<'PYEOF'
+import csv, glob, os, sys, statistics
+def load(side):
+    d = {}
+    for p in sorted(glob.glob(os.path.join(sys.argv[1], f"ab_{side}_*.csv"))):
+        for r in csv.DictReader(open(p)):
+            if r["status"] != "ok":
+                continue
+            d.setdefault((int(r["seqlen"]), r["tier"], r["variant"], r["pass"]), []).append(float(r["time_ms"]))
+    return d
+old, new = load("old"), load("new")
+print(f"{'L':>6} {'tier':5} {'variant':14} {'pass':7} {'old ms (runs)':>26} {'new ms (runs)':>26} {'old/new':>7}")
+for k in sorted(old):
+    if k not in new: continue
+    o, n = old[k], new[k]
+    print(f"{k[0]:>6} {k[1]:5} {k[2]:14} {k[3]:7} {statistics.median(o):8.3f} {str([round(x, 3) for x in o]):>17} "
+          f"{statistics.median(n):8.3f} {str([round(x, 3) for x in n]):>17} {statistics.median(o)/statistics.median(n):7.3f}")
+PYEOF
+  exit 0
+fi
 "$py" - "$out/ab_old.csv" "$out/ab_new.csv" <<'PYEOF'
 import csv, sys, statistics
 def load(p):
