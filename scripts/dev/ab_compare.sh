@@ -12,6 +12,8 @@
 # AB_BENCH: grouped (default; benchmark_grouped_attention.py, --impls from AB_IMPLS) or features
 # (benchmark_features.py: window / softcap / sinks rows). The old tree's build/device library is
 # reused when it is there (branch_check.sh builds it once for all branches).
+#   AB_SWEEP="--head-dims 64 128 --seqlens 512 2048 8192 --passes fwd" bash scripts/dev/ab_compare.sh
+#     (also rows of benchmark_fa3_sweep.py, our kernels only, for short and non-causal shapes)
 set -uo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$root"
@@ -47,10 +49,35 @@ side() {  # name src lib round
   fi
   echo "== $1 round $4: rc=$?"
 }
+sweep_side() {  # name src lib round
+  RING_FLASH_ATTN_LIBRARY="$3" PYTHONPATH="$2/python" "$py" "$2/benchmark/benchmark_fa3_sweep.py" \
+    $AB_SWEEP --impls ours --num-runs 10 --warmup 3 --csv "$out/sweep_$1.csv" >"$out/sweep_$1_$4.log" 2>&1
+  echo "== sweep $1 round $4: rc=$?"
+}
 for round in 1 2; do
   side old "$old" "$old_lib" $round
   side new "$root" "$root/build/device/libringattn.so" $round
+  if [ -n "${AB_SWEEP:-}" ]; then
+    sweep_side old "$old" "$old_lib" $round
+    sweep_side new "$root" "$root/build/device/libringattn.so" $round
+  fi
 done
+if [ -n "${AB_SWEEP:-}" ]; then
+  "$py" - "$out/sweep_old.csv" "$out/sweep_new.csv" <<'PYEOF'
+import csv, sys, statistics
+def load(p):
+    d = {}
+    for r in csv.DictReader(open(p)):
+        d.setdefault((int(r["head_dim"]), int(r["seqlen"]), r["causal"], r["pass"]), []).append(float(r["tflops"]))
+    return d
+old, new = load(sys.argv[1]), load(sys.argv[2])
+print(f"{'D':>4} {'L':>6} {'causal':>6} {'pass':8} {'old TFLOPS':>11} {'new TFLOPS':>11} {'new/old':>7}")
+for k in sorted(old):
+    if k in new:
+        o, n = statistics.median(old[k]), statistics.median(new[k])
+        print(f"{k[0]:>4} {k[1]:>6} {k[2]:>6} {k[3]:8} {o:11.1f} {n:11.1f} {n / o:7.3f}")
+PYEOF
+fi
 if [ "$bench" = features ]; then
   "$py" - "$out" <<'PYEOF'
 import csv, glob, os, sys, statistics

@@ -13,7 +13,7 @@
 # the GPU tests (tier auto: tier 2 wherever it has a kernel on an H100/H200; `-m "gpu and not stress"`, the files in
 # BRANCH_TESTS_<name with - as _> or BRANCH_TESTS, default the single-device GPU suites), and
 # scripts/dev/ab_compare.sh of the branch (new) against the current tree (old) with the branch's
-# own rows: AB_ROWS_<name> / AB_BENCH_<name> when set (ab_compare.sh says what they mean), and
+# own rows: AB_ROWS_<name> / AB_BENCH_<name> / AB_SWEEP_<name> when set (ab_compare.sh says what they mean), and
 # BRANCH_EXTRA_<name>, a command run in the branch's tree with its library (a sanitizer run, say)
 # after its tests. The current tree is built once
 # (build/device, as device_run.sh builds it). One summary line per step, last.
@@ -69,9 +69,9 @@ for b in ${BRANCHES:-}; do
        timeout 240 bash -c "${!extra_var}") >"$out/${b}_extra.log" 2>&1
     note "$b: extra command rc=$?: $(tail -1 "$out/${b}_extra.log")"
   fi
-  rows_var="AB_ROWS_$key"; bench_var="AB_BENCH_$key"
+  rows_var="AB_ROWS_$key"; bench_var="AB_BENCH_$key"; sweep_var="AB_SWEEP_$key"
   left=$(( deadline - ($(date +%s) - t0) ))
-  (cd "$src" && OUT="$out/ab_$b" AB_ROWS="${!rows_var:-${AB_ROWS:-}}" AB_BENCH="${!bench_var:-}" \
+  (cd "$src" && OUT="$out/ab_$b" AB_ROWS="${!rows_var:-${AB_ROWS:-}}" AB_BENCH="${!bench_var:-}" AB_SWEEP="${!sweep_var:-}" \
      timeout $(( left > 30 ? left : 30 )) bash scripts/dev/ab_compare.sh "$root") >"$out/${b}_ab.log" 2>&1
   note "$b: A/B rc=$? (table in ${b}_ab.log)"
   tail -25 "$out/${b}_ab.log"
