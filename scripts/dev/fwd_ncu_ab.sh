@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Kernel development: ncu of ONE tier-2 forward launch (the per-rank zigzag row by default) from
+# two source trees, side by side. ncu locks the clocks at base (--clock-control base, its
+# default), so the two durations compare without the H200's power-cap drift.
+#   bash scripts/dev/fwd_ncu_ab.sh OLD_TREE NEW_TREE     # each with build/device/libringattn.so
+#   NCU_ROWS="--seqlens 65536 --world-size 8 --rank 7" bash scripts/dev/fwd_ncu_ab.sh ...
+set -uo pipefail
+old="${1:?old tree}"; new="${2:?new tree}"
+out="${OUT:-build/ncu-out}"
+mkdir -p "$out"
+rows="${NCU_ROWS:---seqlens 65536 --world-size 8 --rank 7}"
+for side in old new; do
+  tree="${!side}"
+  # shellcheck disable=SC2086  # NCU_ROWS: several words
+  RING_FLASH_ATTN_LIBRARY="$tree/build/device/libringattn.so" PYTHONPATH="$tree/python" \
+    timeout 240 ncu --kernel-name regex:grouped_fwd_kernel --launch-skip 2 --launch-count 1 \
+    --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats \
+    --section SchedulerStats --section Occupancy --section LaunchStats --section InstructionStats \
+    python3 "$tree/benchmark/benchmark_grouped_attention.py" $rows --passes fwd --impls fused \
+    --num-runs 2 --warmup 1 --no-check --output-dir "$out/bench_$side" >"$out/ncu_fwd_$side.txt" 2>&1
+  echo "== ncu $side rc=$?"
+done
+python3 - "$out/ncu_fwd_old.txt" "$out/ncu_fwd_new.txt" <<'PYEOF'
+import re, sys
+def metrics(path):
+    d = {}
+    for line in open(path, errors="replace"):
+        m = re.match(r"\s{4}(\S.*?\S)\s{2,}(\S+)\s{2,}([\d.,]+)\s*$", line)
+        if m and m.group(1) not in d:
+            d[m.group(1)] = (m.group(2), m.group(3))
+    return d
+old, new = metrics(sys.argv[1]), metrics(sys.argv[2])
+print(f"{'metric':48s} {'unit':10s} {'old':>14s} {'new':>14s}")
+for k, (unit, v) in old.items():
+    if k in new:
+        print(f"{k[:48]:48s} {unit[:10]:10s} {v:>14s} {new[k][1]:>14s}")
+PYEOF
