@@ -85,6 +85,10 @@ ringattn_status run_sm90_fwd(const ringattn_fwd_params& p, const Sm90FwdKernelEn
   const ringattn_status s = launch_fwd_work_list(p, e.block_m, e.block_n, stream, &kp.base, &num_ctas);
   if (s != RINGATTN_STATUS_OK) return s;
   fill_features(kp.features, p);
+  // Persistent grid: one CTA per SM (the kernel's shared memory and registers allow no second),
+  // each walking its share of the tiles (sm90/fwd_kernel.cuh); one CTA per tile when fewer.
+  const int sms = device_sm_count(p.exec.device_index);
+  if (sms > 0 && num_ctas > sms) num_ctas = sms;
   const cudaError_t err = e.launch(kp, static_cast<int>(num_ctas), stream);
   if (err != cudaSuccess) return cuda_fail(err, "launching the grouped forward kernel (tier 2, sm90a)");
   return RINGATTN_STATUS_OK;

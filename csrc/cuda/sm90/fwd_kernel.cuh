@@ -1,11 +1,12 @@
 // Tier-2 grouped varlen attention forward for sm90a: TMA loads on an mbarrier pipeline, wgmma
 // for both products, warp specialisation.
 //
-// One CTA computes one 128-row query tile of one (group, sequence, head), taken from the same
-// longest-first work list as tier 1 (heads of one item are consecutive CTAs, so the query heads
-// of one KV head read the same K/V from L2 at about the same time).
-//   warpgroup 0 (producer, 24 registers): one thread loads Q once, then K and V block by block,
-//     from the last block to the first, into kStages stages guarded by full/empty mbarriers.
+// A CTA computes 128-row query tiles of (group, sequence, head), taken from the same longest-first
+// work list as tier 1 (the heads of one item are consecutive entries, so the query heads of one
+// KV head read the same K/V from L2 at about the same time). The grid is persistent: one CTA per
+// SM walks the list with a stride of the grid size (grouped_fwd_kernel below).
+//   warpgroup 0 (producer, 24 registers): one thread loads each tile's Q, then K and V block by
+//     block, from the last block to the first, into kStages stages guarded by full/empty mbarriers.
 //   warpgroups 1, 2 (consumers, 240 registers): 64 query rows each. S = Q K^T (wgmma, both
 //     operands in shared memory), masking, online softmax in registers, O += P V (wgmma, P from
 //     registers, V transposed from shared memory). The softmax of block n overlaps the P V
@@ -68,23 +69,32 @@ struct IssueOrder {
 template <typename T>
 struct SmemPlan {
   using Pipeline = MbarrierPipeline<T::kStages>;
+  using QPipeline = MbarrierPipeline<1>;
   uint32_t q, k, v, bars;
   __device__ __forceinline__ explicit SmemPlan(uint32_t base)
       : q(base + T::kOffQ), k(base + T::kOffK), v(base + T::kOffV), bars(base + T::kOffBarriers) {}
   __device__ __forceinline__ uint32_t bar_q() const { return bars; }
-  // Entry 0 is bar_q; then full K, empty K, full V, empty V, kStages entries each.
+  // Entry 0 is bar_q (Q's full barrier); then full K, empty K, full V, empty V, kStages entries
+  // each; last Q's empty barrier.
   __device__ __forceinline__ Pipeline k_pipe() const { return {bars, 1, 1 + T::kStages}; }
   __device__ __forceinline__ Pipeline v_pipe() const { return {bars, 1 + 2 * T::kStages, 1 + 3 * T::kStages}; }
+  // Q: a one-stage ring, one use per tile.
+  __device__ __forceinline__ QPipeline q_pipe() const { return {bars, 0, 1 + 4 * T::kStages}; }
   __device__ __forceinline__ uint32_t k_stage(int s) const { return k + s * T::kKVBytes; }
   __device__ __forceinline__ uint32_t v_stage(int s) const { return v + s * T::kKVBytes; }
 };
 
-// The producer: one thread. Block i of the tile's loop (key block n = n_block_max - 1 - i, down to
-// n_block_min) goes to the stage of pipeline iteration i, once the consumers released that stage.
+// The producer: one thread. Tile loop iteration q_iteration of the CTA: Q once the consumers
+// released the previous tile's (no wait for the first), then block i of the tile (key block
+// n = n_block_max - 1 - i, down to n_block_min) into the stage of ring iteration kv_iteration + i,
+// once the consumers released that stage.
 template <typename T>
 __device__ __forceinline__ void produce(const FwdKernelParams& params, const SmemPlan<T>& sm, int group, int head,
-                                        int kv_head, int q_token0, int k_token0, int n_block_min, int n_block_max) {
+                                        int kv_head, int q_token0, int k_token0, int n_block_min, int n_block_max,
+                                        int kv_iteration, int q_iteration) {
   const void* tma_q = &params.tma_q[group];
+  ptx::prefetch_tensor_map(tma_q);
+  sm.q_pipe().producer_acquire(PipelineState<1>(q_iteration));
   ptx::mbarrier_arrive_expect_tx(sm.bar_q(), T::kQBytes);
 #pragma unroll
   for (int cb = 0; cb < T::kColBlocks; ++cb)
@@ -92,7 +102,7 @@ __device__ __forceinline__ void produce(const FwdKernelParams& params, const Sme
   const typename SmemPlan<T>::Pipeline k_pipe = sm.k_pipe(), v_pipe = sm.v_pipe();
   for (int i = 0; i < n_block_max - n_block_min; ++i) {
     const int n = n_block_max - 1 - i;
-    const PipelineState<T::kStages> st(i);
+    const PipelineState<T::kStages> st(kv_iteration + i);
     const int s = st.stage();
     const int token = k_token0 + n * T::kBlockN;
     k_pipe.producer_acquire(st);
@@ -147,6 +157,43 @@ struct ConsumerTile {
   }
 };
 
+// The query tile of work-list entry `tile` (tile = item * num_heads_q + head) as both the
+// producer and the consumers of a CTA see it: its sequence, rows and key blocks. `has_rows` is
+// false for a tile past its sequence's rows (nothing to do); `n_block_max <= n_block_min` for a
+// tile whose rows see no key (O = 0, LSE = -inf or the sink, nothing loaded).
+template <typename T, MaskMode kMask>
+struct FwdTile {
+  int head, group, batch, row0, kv_head;
+  SeqLenInfo seq;
+  bool has_rows;
+  int n_block_min, n_block_max;
+
+  __device__ __forceinline__ FwdTile(const FwdKernelParams& params, int tile) : FwdTile(params, tile, params.base) {}
+
+ private:
+  __device__ __forceinline__ FwdTile(const FwdKernelParams& params, int tile, const cuda::FwdKernelParams& p)
+      : head(tile % p.num_heads_q),
+        group(p.work_items[tile / p.num_heads_q].group_and_mblock & 15),
+        batch(p.work_items[tile / p.num_heads_q].batch),
+        row0((p.work_items[tile / p.num_heads_q].group_and_mblock >> 4) * T::kBlockM),
+        kv_head(head / p.q_heads_per_kv_head),
+        seq(p.groups[group].cu_seqlens_q, p.groups[group].total_q, p.cu_seqlens_k, p.total_k, p.groups[group].seqused_k,
+            batch),
+        has_rows(row0 < seq.seqlen_q) {
+    // Key blocks [n_block_min, n_block_max) of the tile. n_block_min is the constant 0 when no row's
+    // keys can start past key 0 (kNone, kCausal), so the loops are those of a walk down to block 0.
+    const int m_block = row0 / T::kBlockM;
+    const Mask<kMask> seq_mask = seq.mask<kMask>(params.features, group, batch);
+    n_block_min = Mask<kMask>::kKeysStartAtZero ? 0 : seq_mask.n_block_min(m_block, T::kBlockM, T::kBlockN);
+    n_block_max = seq_mask.n_block_max(m_block, T::kBlockM, T::kBlockN);
+  }
+};
+
+// Persistent grid: CTA c takes the tiles c, c + gridDim.x, c + 2 gridDim.x, ... of the sorted
+// list (the host launches min(tiles, SMs) CTAs; with one CTA per tile it is the plain grid). The
+// K/V rings run on across a CTA's tiles (iteration numbers continue), and Q is a one-stage ring:
+// the consumers release it once the tile's last S = Q K^T is done, so the producer loads the next
+// tile's Q and first K/V blocks while the consumers finish P V and write the output.
 template <typename T, MaskMode kMask, bool kSoftcap>
 __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __grid_constant__ FwdKernelParams params) {
   static_assert(!kSoftcap || kMask == MaskMode::kLocal, "the softcap is compiled into kLocal kernels only");
@@ -154,48 +201,20 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __gri
   constexpr bool kLocal = kMask == MaskMode::kLocal;
   using Element = typename T::Element;
   using Tile = ConsumerTile<T>;
-  constexpr int kBlockM = T::kBlockM;
+  using Work = FwdTile<T, kMask>;
   constexpr int kBlockN = T::kBlockN;
   constexpr int kNTiles = Tile::kNTiles;
   constexpr int kDTiles = Tile::kDTiles;
   constexpr int kPSteps = Tile::kPSteps;
   const cuda::FwdKernelParams& p = params.base;
-
-  const int num_heads_q = p.num_heads_q;
-  QueryTileWork work;
-  if (!work.decode(p.work_items, p.work_count, num_heads_q)) return;
-  const int head = work.head, group = work.group, m_block = work.m_block;
-  const FwdGroupArgs& g = p.groups[group];
-  const SeqLenInfo seq(g.cu_seqlens_q, g.total_q, p.cu_seqlens_k, p.total_k, g.seqused_k, work.batch);
-  const int row0 = m_block * kBlockM;
-  if (row0 >= seq.seqlen_q) return;
-  const int rows_valid = min(kBlockM, seq.seqlen_q - row0);
-  const int kv_head = head / p.q_heads_per_kv_head;
+  const int num_tiles = *p.work_count * p.num_heads_q;
+  if (static_cast<int>(blockIdx.x) >= num_tiles) return;  // the grid is sized for the list's capacity
   const int tid = threadIdx.x;
-
-  Element* out_tile = static_cast<Element*>(g.out) + (seq.q_start + row0) * g.out_row_stride + head * g.out_head_stride;
-  float* lse_tile = g.softmax_lse + static_cast<int64_t>(head) * g.total_q + seq.q_start + row0;
-
-  const Mask<kMask> seq_mask = seq.mask<kMask>(params.features, group, work.batch);
-  // Key blocks [n_block_min, n_block_max) of this tile. n_block_min is the constant 0 when no
-  // row's keys can start past key 0 (kNone, kCausal), so the loops below are those of a walk
-  // down to block 0.
-  const int n_block_min = Mask<kMask>::kKeysStartAtZero ? 0 : seq_mask.n_block_min(m_block, kBlockM, kBlockN);
-  const int n_block_max = seq_mask.n_block_max(m_block, kBlockM, kBlockN);
-  if (n_block_max <= n_block_min) {  // no row of this tile sees a key: O = 0, LSE = -inf (or the sink)
-    constexpr int kChunks = T::kHeadDim / 8;
-    for (int i = tid; i < rows_valid * kChunks; i += T::kThreads)
-      *reinterpret_cast<uint4*>(out_tile + (i / kChunks) * g.out_row_stride + (i % kChunks) * 8) = make_uint4(0, 0, 0, 0);
-    float empty_lse = -INFINITY;
-    if constexpr (kLocal) {
-      if (params.features.sinks != nullptr) empty_lse = params.features.sinks[head];
-    }
-    for (int row = tid; row < rows_valid; row += T::kThreads) lse_tile[row] = empty_lse;
-    return;
-  }
 
   const SmemPlan<T> sm(aligned_dynamic_smem());
   const typename SmemPlan<T>::Pipeline k_pipe = sm.k_pipe(), v_pipe = sm.v_pipe();
+  const typename SmemPlan<T>::QPipeline q_pipe = sm.q_pipe();
+  if (tid == 0) ptx::mbarrier_init(q_pipe.empty(0), T::kConsumerWarps);  // published by the init below
   init_pipeline_barriers(sm.bar_q(), 1, T::kConsumerWarps, k_pipe, v_pipe);
 
   const int warpgroup = ptx::warpgroup_index();
@@ -203,10 +222,17 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __gri
     // ---------------- producer ----------------
     ptx::setmaxnreg_dec<T::kProducerRegs>();
     if (tid == 0) {
-      ptx::prefetch_tensor_map(&params.tma_q[group]);
       ptx::prefetch_tensor_map(&params.tma_k);
       ptx::prefetch_tensor_map(&params.tma_v);
-      produce<T>(params, sm, group, head, kv_head, seq.q_start + row0, seq.k_start, n_block_min, n_block_max);
+      int kv_iteration = 0, q_iteration = 0;
+      for (int t = blockIdx.x; t < num_tiles; t += gridDim.x) {
+        const Work w(params, t);
+        if (!w.has_rows || w.n_block_max <= w.n_block_min) continue;
+        produce<T>(params, sm, w.group, w.head, w.kv_head, w.seq.q_start + w.row0, w.seq.k_start, w.n_block_min,
+                   w.n_block_max, kv_iteration, q_iteration);
+        kv_iteration += w.n_block_max - w.n_block_min;
+        ++q_iteration;
+      }
     }
     return;
   }
@@ -218,137 +244,169 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __gri
   const int warp_in_wg = (tid / 32) & 3;
   const bool arrive_lane = lane == 0;
   const Tile tile{sm, wg};
-  // This thread's two query rows, within the sequence, and its first key column in a block.
-  const int my_row = row0 + wg * 64 + warp_in_wg * 16 + (lane >> 2);
-  const int my_col = (lane & 3) * 2;
-  const int wg_row0 = row0 + wg * 64;
-
-  float o[kDTiles][4];
-#pragma unroll
-  for (int dt = 0; dt < kDTiles; ++dt)
-#pragma unroll
-    for (int c = 0; c < 4; ++c) o[dt][c] = 0.f;
-  float s[kNTiles][4];
-  uint32_t pfrag[kPSteps][4];
-  RowSoftmax softmax;
-
-  // Masks key columns past the sequence and outside each row's window (common/mask.h).
-  auto mask = [&](int n) {
-    const int col0 = n * kBlockN;
-    if (!seq_mask.tile_needs_key_mask(wg_row0, 64, col0, kBlockN)) return;
-#pragma unroll
-    for (int nt = 0; nt < kNTiles; ++nt)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        const int row = my_row + ((c >> 1) << 3);
-        const int col = col0 + nt * 8 + my_col + (c & 1);
-        if (seq_mask.key_masked(row, col)) s[nt][c] = -INFINITY;
-      }
-  };
-  // Softcap (kSoftcap): the scores become t = tanh(s * softcap_scale) before the mask, and the
-  // softmax takes them with the softcap's scale (softcap.cuh).
-  auto softcap = [&]() {
-    if constexpr (kSoftcap) softcap_scores(s, params.features.softcap_scale);
-  };
+  const IssueOrder order{T::kPingPong, wg};
+  using State = PipelineState<T::kStages>;
+  using QState = PipelineState<1>;
   float score_scale_log2 = p.softmax_scale_log2;
   if constexpr (kSoftcap) score_scale_log2 = params.features.softcap_log2;
-  // P (fp32 in s) -> the register A operand of P V.
-  auto convert_p = [&]() { pack_a_fragments<Element>(s, pfrag); };
-  // In the block holding the sequence's last key, zero the V rows past it (both consumer
-  // warpgroups share the work and meet at a barrier: each one's P V reads all of them), then
-  // make them visible to wgmma. Both warpgroups reach this for the same blocks.
-  auto zero_v_tail = [&](int n, int stage) {
-    const int valid = seq.seqlen_k - n * kBlockN;
-    if (valid >= kBlockN) return;
-    ptx::zero_swizzled_rows(sm.v_stage(stage), T::kKVColBlockBytes, T::kColBlocks, valid < 0 ? 0 : valid, kBlockN,
-                            tid - 128, 256);
-    ptx::fence_proxy_async_shared();
-    ptx::named_barrier_sync(barrier_id(NamedBarrier::kFwdVZeroed), 256);
-  };
 
-  const IssueOrder order{T::kPingPong, wg};
-  order.start();
-  ptx::mbarrier_wait_parity(sm.bar_q(), 0);
+  int kv_iteration = 0, q_iteration = 0;
+  for (int t = blockIdx.x; t < num_tiles; t += gridDim.x) {
+    const Work w(params, t);
+    if (!w.has_rows) continue;
+    const int head = w.head, row0 = w.row0, n_block_min = w.n_block_min, n_block_max = w.n_block_max;
+    const SeqLenInfo& seq = w.seq;
+    const FwdGroupArgs& g = p.groups[w.group];
+    const int rows_valid = min(T::kBlockM, seq.seqlen_q - row0);
+    Element* out_tile = static_cast<Element*>(g.out) + (seq.q_start + row0) * g.out_row_stride + head * g.out_head_stride;
+    float* lse_tile = g.softmax_lse + static_cast<int64_t>(head) * g.total_q + seq.q_start + row0;
 
-  // Block i of the loop is key block n = n_block_max - 1 - i, pipeline iteration i of both rings,
-  // for i in [0, n_blocks).
-  using State = PipelineState<T::kStages>;
-  const int n_blocks = n_block_max - n_block_min;
-  float correction[2];
-  {
-    const int n = n_block_max - 1;
-    const State st(0);
-    const int stage = st.stage();
-    k_pipe.consumer_wait(st);
-    order.wait_turn();
-    tile.issue_qk(s, stage);
-    order.pass_turn(false);
-    ptx::wgmma_wait_group<0>();
-    fence_accumulator(s);
-    k_pipe.consumer_release(stage, arrive_lane);
-    softcap();
-    mask(n);
-    softmax.update(s, score_scale_log2, correction);
-    convert_p();
-  }
-  for (int i = 1; i < n_blocks; ++i) {
-    const int n = n_block_max - 1 - i;
-    const State st(i), prev = st.prev();  // S(n) reads K of st, P V(n+1) V of prev
-    const int stage = st.stage(), prev_stage = prev.stage();
-    consumer_wait(k_pipe, st, v_pipe, prev);
-    zero_v_tail(n + 1, prev_stage);
-    order.wait_turn();
-    tile.issue_qk(s, stage);
-    tile.issue_pv(o, pfrag, prev_stage);
-    order.pass_turn(false);
-    ptx::wgmma_wait_group<1>();  // S(n) is in; P V(n+1) may still run
-    fence_accumulator(s);
-    k_pipe.consumer_release(stage, arrive_lane);
-    softcap();
-    mask(n);
-    softmax.update(s, score_scale_log2, correction);
-    ptx::wgmma_wait_group<0>();
-    fence_accumulator(o);
-    v_pipe.consumer_release(prev_stage, arrive_lane);
-#pragma unroll
-    for (int dt = 0; dt < kDTiles; ++dt) {
-      o[dt][0] *= correction[0];
-      o[dt][1] *= correction[0];
-      o[dt][2] *= correction[1];
-      o[dt][3] *= correction[1];
+    if (n_block_max <= n_block_min) {  // no row of this tile sees a key: O = 0, LSE = -inf (or the sink)
+      constexpr int kChunks = T::kHeadDim / 8;
+      const int ctid = tid - 128;  // the consumers' own numbering
+      for (int i = ctid; i < rows_valid * kChunks; i += 256)
+        *reinterpret_cast<uint4*>(out_tile + (i / kChunks) * g.out_row_stride + (i % kChunks) * 8) = make_uint4(0, 0, 0, 0);
+      float empty_lse = -INFINITY;
+      if constexpr (kLocal) {
+        if (params.features.sinks != nullptr) empty_lse = params.features.sinks[head];
+      }
+      for (int row = ctid; row < rows_valid; row += 256) lse_tile[row] = empty_lse;
+      continue;
     }
-    convert_p();
-  }
-  {
-    const State st(n_block_max - 1 - n_block_min);  // the last block's (this form keeps kNone / kCausal's code)
-    const int stage = st.stage();
-    v_pipe.consumer_wait(st);
-    zero_v_tail(n_block_min, stage);
-    order.wait_turn();
-    tile.issue_pv(o, pfrag, stage);
-    order.pass_turn(true);
-    ptx::wgmma_wait_group<0>();
-    fence_accumulator(o);
-    v_pipe.consumer_release(stage, arrive_lane);
-  }
+    const Mask<kMask> seq_mask = seq.mask<kMask>(params.features, w.group, w.batch);
 
-  // ---------------- epilogue: normalise, store O and the LSE ----------------
-  float lse[2];
-  if constexpr (kLocal) {
-    const float sink = params.features.sinks != nullptr ? params.features.sinks[head] : -INFINITY;
-    softmax.finalize_with_sink(o, kSoftcap ? params.features.softcap : p.softmax_scale, sink, lse);
-  } else {
-    softmax.finalize(o, p.softmax_scale, lse);
-  }
+    // This thread's two query rows, within the sequence, and its first key column in a block.
+    const int my_row = row0 + wg * 64 + warp_in_wg * 16 + (lane >> 2);
+    const int my_col = (lane & 3) * 2;
+    const int wg_row0 = row0 + wg * 64;
+
+    float o[kDTiles][4];
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int row = my_row + r * 8 - row0;  // within the tile
-    if (row < rows_valid) {
-      Element* dst = out_tile + row * g.out_row_stride + my_col;
+    for (int dt = 0; dt < kDTiles; ++dt)
 #pragma unroll
-      for (int dt = 0; dt < kDTiles; ++dt)
-        *reinterpret_cast<uint32_t*>(dst + dt * 8) = ptx::pack2<Element>(o[dt][2 * r], o[dt][2 * r + 1]);
-      if ((lane & 3) == 0) lse_tile[row] = lse[r];
+      for (int c = 0; c < 4; ++c) o[dt][c] = 0.f;
+    float s[kNTiles][4];
+    uint32_t pfrag[kPSteps][4];
+    RowSoftmax softmax;
+
+    // Masks key columns past the sequence and outside each row's window (common/mask.h).
+    auto mask = [&](int n) {
+      const int col0 = n * kBlockN;
+      if (!seq_mask.tile_needs_key_mask(wg_row0, 64, col0, kBlockN)) return;
+#pragma unroll
+      for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const int row = my_row + ((c >> 1) << 3);
+          const int col = col0 + nt * 8 + my_col + (c & 1);
+          if (seq_mask.key_masked(row, col)) s[nt][c] = -INFINITY;
+        }
+    };
+    // Softcap (kSoftcap): the scores become t = tanh(s * softcap_scale) before the mask, and the
+    // softmax takes them with the softcap's scale (softcap.cuh).
+    auto softcap = [&]() {
+      if constexpr (kSoftcap) softcap_scores(s, params.features.softcap_scale);
+    };
+    // P (fp32 in s) -> the register A operand of P V.
+    auto convert_p = [&]() { pack_a_fragments<Element>(s, pfrag); };
+    // In the block holding the sequence's last key, zero the V rows past it (both consumer
+    // warpgroups share the work and meet at a barrier: each one's P V reads all of them), then
+    // make them visible to wgmma. Both warpgroups reach this for the same blocks.
+    auto zero_v_tail = [&](int n, int stage) {
+      const int valid = seq.seqlen_k - n * kBlockN;
+      if (valid >= kBlockN) return;
+      ptx::zero_swizzled_rows(sm.v_stage(stage), T::kKVColBlockBytes, T::kColBlocks, valid < 0 ? 0 : valid, kBlockN,
+                              tid - 128, 256);
+      ptx::fence_proxy_async_shared();
+      ptx::named_barrier_sync(barrier_id(NamedBarrier::kFwdVZeroed), 256);
+    };
+
+    order.start();
+    q_pipe.consumer_wait(QState(q_iteration));
+
+    // Block i of the loop is key block n = n_block_max - 1 - i, pipeline iteration
+    // kv_iteration + i of both rings, for i in [0, n_blocks).
+    const int n_blocks = n_block_max - n_block_min;
+    float correction[2];
+    {
+      const int n = n_block_max - 1;
+      const State st(kv_iteration);
+      const int stage = st.stage();
+      k_pipe.consumer_wait(st);
+      order.wait_turn();
+      tile.issue_qk(s, stage);
+      order.pass_turn(false);
+      ptx::wgmma_wait_group<0>();
+      fence_accumulator(s);
+      k_pipe.consumer_release(stage, arrive_lane);
+      softcap();
+      mask(n);
+      softmax.update(s, score_scale_log2, correction);
+      convert_p();
+    }
+    for (int i = 1; i < n_blocks; ++i) {
+      const int n = n_block_max - 1 - i;
+      const State st(kv_iteration + i), prev = st.prev();  // S(n) reads K of st, P V(n+1) V of prev
+      const int stage = st.stage(), prev_stage = prev.stage();
+      consumer_wait(k_pipe, st, v_pipe, prev);
+      zero_v_tail(n + 1, prev_stage);
+      order.wait_turn();
+      tile.issue_qk(s, stage);
+      tile.issue_pv(o, pfrag, prev_stage);
+      order.pass_turn(false);
+      ptx::wgmma_wait_group<1>();  // S(n) is in; P V(n+1) may still run
+      fence_accumulator(s);
+      k_pipe.consumer_release(stage, arrive_lane);
+      softcap();
+      mask(n);
+      softmax.update(s, score_scale_log2, correction);
+      ptx::wgmma_wait_group<0>();
+      fence_accumulator(o);
+      v_pipe.consumer_release(prev_stage, arrive_lane);
+#pragma unroll
+      for (int dt = 0; dt < kDTiles; ++dt) {
+        o[dt][0] *= correction[0];
+        o[dt][1] *= correction[0];
+        o[dt][2] *= correction[1];
+        o[dt][3] *= correction[1];
+      }
+      convert_p();
+    }
+    // Every S of the tile is done: Q's stage goes back to the producer (the next tile's Q).
+    q_pipe.consumer_release(0, arrive_lane);
+    {
+      const State st(kv_iteration + n_blocks - 1);  // the last block's
+      const int stage = st.stage();
+      v_pipe.consumer_wait(st);
+      zero_v_tail(n_block_min, stage);
+      order.wait_turn();
+      tile.issue_pv(o, pfrag, stage);
+      order.pass_turn(true);
+      ptx::wgmma_wait_group<0>();
+      fence_accumulator(o);
+      v_pipe.consumer_release(stage, arrive_lane);
+    }
+    kv_iteration += n_blocks;
+    ++q_iteration;
+
+    // ---------------- epilogue: normalise, store O and the LSE ----------------
+    float lse[2];
+    if constexpr (kLocal) {
+      const float sink = params.features.sinks != nullptr ? params.features.sinks[head] : -INFINITY;
+      softmax.finalize_with_sink(o, kSoftcap ? params.features.softcap : p.softmax_scale, sink, lse);
+    } else {
+      softmax.finalize(o, p.softmax_scale, lse);
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = my_row + r * 8 - row0;  // within the tile
+      if (row < rows_valid) {
+        Element* dst = out_tile + row * g.out_row_stride + my_col;
+#pragma unroll
+        for (int dt = 0; dt < kDTiles; ++dt)
+          *reinterpret_cast<uint32_t*>(dst + dt * 8) = ptx::pack2<Element>(o[dt][2 * r], o[dt][2 * r + 1]);
+        if ((lane & 3) == 0) lse_tile[row] = lse[r];
+      }
     }
   }
 #endif

@@ -35,7 +35,7 @@ struct FwdTraits : WarpSpecialization {
   static constexpr uint32_t kOffK = kOffQ + kQBytes;
   static constexpr uint32_t kOffV = kOffK + kStages * kKVBytes;
   static constexpr uint32_t kOffBarriers = kOffV + kStages * kKVBytes;
-  static constexpr int kNumBarriers = 1 + 4 * kStages;  // Q, full/empty of K and V per stage
+  static constexpr int kNumBarriers = 2 + 4 * kStages;  // Q full, full/empty of K and V per stage, Q empty
   static constexpr int kSmemBytes = 1024 /* alignment slack */ + kOffBarriers + 8 * kNumBarriers;
 
   static_assert(sizeof(Element) == 2, "16-bit elements");
