@@ -70,9 +70,13 @@ template <typename T>
 struct SmemPlan {
   using Pipeline = MbarrierPipeline<T::kStages>;
   using QPipeline = MbarrierPipeline<1>;
-  uint32_t q, k, v, bars;
+  uint32_t q, k, v, bars, tile_slot;
   __device__ __forceinline__ explicit SmemPlan(uint32_t base)
-      : q(base + T::kOffQ), k(base + T::kOffK), v(base + T::kOffV), bars(base + T::kOffBarriers) {}
+      : q(base + T::kOffQ),
+        k(base + T::kOffK),
+        v(base + T::kOffV),
+        bars(base + T::kOffBarriers),
+        tile_slot(base + T::kOffTileSlot) {}
   __device__ __forceinline__ uint32_t bar_q() const { return bars; }
   // Entry 0 is bar_q (Q's full barrier); then full K, empty K, full V, empty V, kStages entries
   // each; last Q's empty barrier.
@@ -84,17 +88,15 @@ struct SmemPlan {
   __device__ __forceinline__ uint32_t v_stage(int s) const { return v + s * T::kKVBytes; }
 };
 
-// The producer: one thread. Tile loop iteration q_iteration of the CTA: Q once the consumers
-// released the previous tile's (no wait for the first), then block i of the tile (key block
-// n = n_block_max - 1 - i, down to n_block_min) into the stage of ring iteration kv_iteration + i,
-// once the consumers released that stage.
+// The producer's loads of one tile (one thread, Q's stage already acquired): Q, then block i of
+// the tile (key block n = n_block_max - 1 - i, down to n_block_min) into the stage of ring
+// iteration kv_iteration + i, once the consumers released that stage.
 template <typename T>
 __device__ __forceinline__ void produce(const FwdKernelParams& params, const SmemPlan<T>& sm, int group, int head,
                                         int kv_head, int q_token0, int k_token0, int n_block_min, int n_block_max,
-                                        int kv_iteration, int q_iteration) {
+                                        int kv_iteration) {
   const void* tma_q = &params.tma_q[group];
   ptx::prefetch_tensor_map(tma_q);
-  sm.q_pipe().producer_acquire(PipelineState<1>(q_iteration));
   ptx::mbarrier_arrive_expect_tx(sm.bar_q(), T::kQBytes);
 #pragma unroll
   for (int cb = 0; cb < T::kColBlocks; ++cb)
@@ -157,14 +159,14 @@ struct ConsumerTile {
   }
 };
 
-// The query tile of work-list entry `tile` (tile = item * num_heads_q + head) as both the
-// producer and the consumers of a CTA see it: its sequence, rows and key blocks. `has_rows` is
-// false for a tile past its sequence's rows (nothing to do); `n_block_max <= n_block_min` for a
-// tile whose rows see no key (O = 0, LSE = -inf or the sink, nothing loaded).
+// The query tile of work-list entry `tile` (tile = item * num_heads_q + head), decoded by the
+// producer: its sequence, rows, mask and key blocks. `has_rows` is false for a tile past its
+// sequence's rows (nothing to do); n_block_max <= n_block_min for a tile whose rows see no key.
 template <typename T, MaskMode kMask>
 struct FwdTile {
   int head, group, batch, row0, kv_head;
   SeqLenInfo seq;
+  Mask<kMask> mask;
   bool has_rows;
   int n_block_min, n_block_max;
 
@@ -179,21 +181,36 @@ struct FwdTile {
         kv_head(head / p.q_heads_per_kv_head),
         seq(p.groups[group].cu_seqlens_q, p.groups[group].total_q, p.cu_seqlens_k, p.total_k, p.groups[group].seqused_k,
             batch),
+        mask(seq.mask<kMask>(params.features, group, batch)),
         has_rows(row0 < seq.seqlen_q) {
-    // Key blocks [n_block_min, n_block_max) of the tile. n_block_min is the constant 0 when no row's
-    // keys can start past key 0 (kNone, kCausal), so the loops are those of a walk down to block 0.
+    // Key blocks [n_block_min, n_block_max). n_block_min is the constant 0 when no row's keys can
+    // start past key 0 (kNone, kCausal), so the loops are those of a walk down to block 0.
     const int m_block = row0 / T::kBlockM;
-    const Mask<kMask> seq_mask = seq.mask<kMask>(params.features, group, batch);
-    n_block_min = Mask<kMask>::kKeysStartAtZero ? 0 : seq_mask.n_block_min(m_block, T::kBlockM, T::kBlockN);
-    n_block_max = seq_mask.n_block_max(m_block, T::kBlockM, T::kBlockN);
+    n_block_min = Mask<kMask>::kKeysStartAtZero ? 0 : mask.n_block_min(m_block, T::kBlockM, T::kBlockN);
+    n_block_max = mask.n_block_max(m_block, T::kBlockM, T::kBlockN);
   }
+};
+
+// What the producer tells the consumers about their next tile, in shared memory: written before
+// the producer's arrival on Q's full barrier (release), read by the consumers after their wait on
+// it (acquire) and copied to registers before they release Q's stage. head < 0: no more tiles.
+template <MaskMode kMask>
+struct FwdTileSlot {
+  int32_t head;
+  int32_t group;
+  int32_t row0;
+  int32_t q_start;
+  int32_t n_block_min, n_block_max;  // n_block_max <= n_block_min: no row sees a key (nothing loaded)
+  Mask<kMask> mask;                  // of the tile's sequence (its lengths, diagonal and window)
 };
 
 // Persistent grid: CTA c takes the tiles c, c + gridDim.x, c + 2 gridDim.x, ... of the sorted
 // list (the host launches min(tiles, SMs) CTAs; with one CTA per tile it is the plain grid). The
-// K/V rings run on across a CTA's tiles (iteration numbers continue), and Q is a one-stage ring:
-// the consumers release it once the tile's last S = Q K^T is done, so the producer loads the next
-// tile's Q and first K/V blocks while the consumers finish P V and write the output.
+// producer thread decodes each tile (work item, sequence lengths, key-block range) and hands it
+// to the consumers through a shared-memory slot that travels with Q: Q is a one-stage ring whose
+// stage the consumers release once the tile's last S = Q K^T is done, so the producer decodes
+// and loads the next tile's Q and first K/V blocks while the consumers finish P V and write the
+// output. The K/V rings run on across a CTA's tiles (ring iteration numbers continue).
 template <typename T, MaskMode kMask, bool kSoftcap>
 __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __grid_constant__ FwdKernelParams params) {
   static_assert(!kSoftcap || kMask == MaskMode::kLocal, "the softcap is compiled into kLocal kernels only");
@@ -202,6 +219,7 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __gri
   using Element = typename T::Element;
   using Tile = ConsumerTile<T>;
   using Work = FwdTile<T, kMask>;
+  static_assert(sizeof(FwdTileSlot<kMask>) <= T::kTileSlotBytes, "the tile slot fits its shared-memory space");
   constexpr int kBlockN = T::kBlockN;
   constexpr int kNTiles = Tile::kNTiles;
   constexpr int kDTiles = Tile::kDTiles;
@@ -224,15 +242,30 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __gri
     if (tid == 0) {
       ptx::prefetch_tensor_map(&params.tma_k);
       ptx::prefetch_tensor_map(&params.tma_v);
+      FwdTileSlot<kMask>* slot = static_cast<FwdTileSlot<kMask>*>(__cvta_shared_to_generic(sm.tile_slot));
       int kv_iteration = 0, q_iteration = 0;
       for (int t = blockIdx.x; t < num_tiles; t += gridDim.x) {
         const Work w(params, t);
-        if (!w.has_rows || w.n_block_max <= w.n_block_min) continue;
+        if (!w.has_rows) continue;
+        q_pipe.producer_acquire(PipelineState<1>(q_iteration++));  // the consumers copied the last slot
+        slot->head = w.head;
+        slot->group = w.group;
+        slot->row0 = w.row0;
+        slot->q_start = w.seq.q_start;
+        slot->n_block_min = w.n_block_min;
+        slot->n_block_max = w.n_block_max;
+        slot->mask = w.mask;
+        if (w.n_block_max <= w.n_block_min) {  // nothing to load: the arrival alone publishes the slot
+          ptx::mbarrier_arrive(sm.bar_q());
+          continue;
+        }
         produce<T>(params, sm, w.group, w.head, w.kv_head, w.seq.q_start + w.row0, w.seq.k_start, w.n_block_min,
-                   w.n_block_max, kv_iteration, q_iteration);
+                   w.n_block_max, kv_iteration);
         kv_iteration += w.n_block_max - w.n_block_min;
-        ++q_iteration;
       }
+      q_pipe.producer_acquire(PipelineState<1>(q_iteration));
+      slot->head = -1;  // no more tiles
+      ptx::mbarrier_arrive(sm.bar_q());
     }
     return;
   }
@@ -250,18 +283,22 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __gri
   float score_scale_log2 = p.softmax_scale_log2;
   if constexpr (kSoftcap) score_scale_log2 = params.features.softcap_log2;
 
-  int kv_iteration = 0, q_iteration = 0;
-  for (int t = blockIdx.x; t < num_tiles; t += gridDim.x) {
-    const Work w(params, t);
-    if (!w.has_rows) continue;
-    const int head = w.head, row0 = w.row0, n_block_min = w.n_block_min, n_block_max = w.n_block_max;
-    const SeqLenInfo& seq = w.seq;
-    const FwdGroupArgs& g = p.groups[w.group];
-    const int rows_valid = min(T::kBlockM, seq.seqlen_q - row0);
-    Element* out_tile = static_cast<Element*>(g.out) + (seq.q_start + row0) * g.out_row_stride + head * g.out_head_stride;
-    float* lse_tile = g.softmax_lse + static_cast<int64_t>(head) * g.total_q + seq.q_start + row0;
+  const FwdTileSlot<kMask>* slot = static_cast<const FwdTileSlot<kMask>*>(__cvta_shared_to_generic(sm.tile_slot));
+  int kv_iteration = 0;
+  for (int q_iteration = 0;; ++q_iteration) {
+    q_pipe.consumer_wait(QState(q_iteration));
+    const int head = slot->head;
+    if (head < 0) break;  // the producer's end marker
+    const int group = slot->group, row0 = slot->row0, q_start = slot->q_start;
+    const int n_block_min = slot->n_block_min, n_block_max = slot->n_block_max;
+    const Mask<kMask> seq_mask = slot->mask;
+    const FwdGroupArgs& g = p.groups[group];
+    const int rows_valid = min(T::kBlockM, seq_mask.seqlen_q - row0);
+    Element* out_tile = static_cast<Element*>(g.out) + (q_start + row0) * g.out_row_stride + head * g.out_head_stride;
+    float* lse_tile = g.softmax_lse + static_cast<int64_t>(head) * g.total_q + q_start + row0;
 
     if (n_block_max <= n_block_min) {  // no row of this tile sees a key: O = 0, LSE = -inf (or the sink)
+      q_pipe.consumer_release(0, arrive_lane);  // the slot is copied; no Q was loaded
       constexpr int kChunks = T::kHeadDim / 8;
       const int ctid = tid - 128;  // the consumers' own numbering
       for (int i = ctid; i < rows_valid * kChunks; i += 256)
@@ -273,7 +310,6 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __gri
       for (int row = ctid; row < rows_valid; row += 256) lse_tile[row] = empty_lse;
       continue;
     }
-    const Mask<kMask> seq_mask = seq.mask<kMask>(params.features, w.group, w.batch);
 
     // This thread's two query rows, within the sequence, and its first key column in a block.
     const int my_row = row0 + wg * 64 + warp_in_wg * 16 + (lane >> 2);
@@ -313,7 +349,7 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __gri
     // warpgroups share the work and meet at a barrier: each one's P V reads all of them), then
     // make them visible to wgmma. Both warpgroups reach this for the same blocks.
     auto zero_v_tail = [&](int n, int stage) {
-      const int valid = seq.seqlen_k - n * kBlockN;
+      const int valid = seq_mask.seqlen_k - n * kBlockN;
       if (valid >= kBlockN) return;
       ptx::zero_swizzled_rows(sm.v_stage(stage), T::kKVColBlockBytes, T::kColBlocks, valid < 0 ? 0 : valid, kBlockN,
                               tid - 128, 256);
@@ -322,7 +358,6 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __gri
     };
 
     order.start();
-    q_pipe.consumer_wait(QState(q_iteration));
 
     // Block i of the loop is key block n = n_block_max - 1 - i, pipeline iteration
     // kv_iteration + i of both rings, for i in [0, n_blocks).
@@ -387,7 +422,6 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __gri
       v_pipe.consumer_release(stage, arrive_lane);
     }
     kv_iteration += n_blocks;
-    ++q_iteration;
 
     // ---------------- epilogue: normalise, store O and the LSE ----------------
     float lse[2];

@@ -36,7 +36,10 @@ struct FwdTraits : WarpSpecialization {
   static constexpr uint32_t kOffV = kOffK + kStages * kKVBytes;
   static constexpr uint32_t kOffBarriers = kOffV + kStages * kKVBytes;
   static constexpr int kNumBarriers = 2 + 4 * kStages;  // Q full, full/empty of K and V per stage, Q empty
-  static constexpr int kSmemBytes = 1024 /* alignment slack */ + kOffBarriers + 8 * kNumBarriers;
+  // The producer's description of the consumers' next tile (FwdTileSlot in fwd_kernel.cuh).
+  static constexpr uint32_t kOffTileSlot = kOffBarriers + 8 * kNumBarriers;
+  static constexpr int kTileSlotBytes = 64;
+  static constexpr int kSmemBytes = 1024 /* alignment slack */ + kOffTileSlot + kTileSlotBytes;
 
   static_assert(sizeof(Element) == 2, "16-bit elements");
   static_assert(kHeadDim % 64 == 0, "head dim in 64-element column blocks");
