@@ -44,7 +44,7 @@ FwdKernelParams fwd_kernel_params(const ringattn_fwd_params& p, const SchedulerA
 // Builds the kernel parameters of a forward with block_m x block_n tiles and launches its
 // work-list kernel; *num_ctas gets the forward kernel's grid.
 ringattn_status launch_fwd_work_list(const ringattn_fwd_params& p, int block_m, int block_n, cudaStream_t stream,
-                                     FwdKernelParams* kp, int64_t* num_ctas) {
+                                     FwdKernelParams* kp, int64_t* num_ctas, int32_t** tile_counter = nullptr) {
   const ringattn_problem& pr = p.problem;
   const int64_t capacity = query_tile_capacity(p, block_m);
   *num_ctas = capacity * pr.num_heads_q;
@@ -53,6 +53,7 @@ ringattn_status launch_fwd_work_list(const ringattn_fwd_params& p, int block_m, 
                  static_cast<long long>(capacity), pr.num_heads_q, INT32_MAX);
   const SchedulerArgs sched = query_tile_scheduler(p, block_m, block_n, capacity, p.workspace);
   *kp = fwd_kernel_params(p, sched);
+  if (tile_counter != nullptr) *tile_counter = sched.count + 1;  // zeroed by the work-list kernel
   const cudaError_t err = launch_build_work_list(sched, stream);
   if (err != cudaSuccess) return cuda_fail(err, "launching the work-list kernel");
   return RINGATTN_STATUS_OK;
@@ -82,11 +83,11 @@ ringattn_status run_sm90_fwd(const ringattn_fwd_params& p, const Sm90FwdKernelEn
   if (!encode_fwd_tensor_maps(p, e, &kp, &why))
     return failf(RINGATTN_STATUS_CUDA_ERROR, "tier 2 forward: encoding a TMA tensor map failed: %s", why.c_str());
   int64_t num_ctas = 0;
-  const ringattn_status s = launch_fwd_work_list(p, e.block_m, e.block_n, stream, &kp.base, &num_ctas);
+  const ringattn_status s = launch_fwd_work_list(p, e.block_m, e.block_n, stream, &kp.base, &num_ctas, &kp.tile_counter);
   if (s != RINGATTN_STATUS_OK) return s;
   fill_features(kp.features, p);
-  // Persistent grid: one CTA per SM (the kernel's shared memory and registers allow no second),
-  // each walking its share of the tiles (sm90/fwd_kernel.cuh); one CTA per tile when fewer.
+  // Persistent grid: one CTA per SM (its registers allow no second), each taking tiles from the
+  // list until none is left (sm90/fwd_kernel.cuh); one CTA per tile when there are fewer.
   const int sms = device_sm_count(p.exec.device_index);
   if (sms > 0 && num_ctas > sms) num_ctas = sms;
   const cudaError_t err = e.launch(kp, static_cast<int>(num_ctas), stream);

@@ -4,7 +4,7 @@
 // A CTA computes 128-row query tiles of (group, sequence, head), taken from the same longest-first
 // work list as tier 1 (the heads of one item are consecutive entries, so the query heads of one
 // KV head read the same K/V from L2 at about the same time). The grid is persistent: one CTA per
-// SM walks the list with a stride of the grid size (grouped_fwd_kernel below).
+// SM takes tiles from the list until none is left (grouped_fwd_kernel below).
 //   warpgroup 0 (producer, 24 registers): one thread loads each tile's Q, then K and V block by
 //     block, from the last block to the first, into kStages stages guarded by full/empty mbarriers.
 //   warpgroups 1, 2 (consumers, 240 registers): 64 query rows each. S = Q K^T (wgmma, both
@@ -29,7 +29,6 @@
 
 #include "cuda/launch.h"
 #include "cuda/ptx.h"
-#include "cuda/query_tile_work.h"
 #include "cuda/seqlen_info.h"
 #include "cuda/sm90/fragments.h"
 #include "cuda/sm90/fwd_params.h"
@@ -48,19 +47,24 @@ namespace sm90 {
 
 // Ping-pong between the two consumer warpgroups: each waits for its turn before issuing a block's
 // products and hands the turn over right after, so one warpgroup's softmax runs while the other's
-// products keep the tensor cores busy. Warpgroup 1 gives warpgroup 0 the first turn and skips its
-// last hand-over, so every bar.sync meets exactly one bar.arrive.
+// products keep the tensor cores busy. The turn circulates over all the CTA's tiles: warpgroup 1
+// gives warpgroup 0 the first turn (start, once), every issue round ends with a hand-over, and
+// warpgroup 0 takes the last hand-over after its last tile (finish), so every bar.sync meets
+// exactly one bar.arrive. Tiles without key blocks take no turn.
 struct IssueOrder {
   bool enabled;
   int wg;
   __device__ __forceinline__ void wait_turn() const {
     if (enabled) ptx::named_barrier_sync(barrier_id(NamedBarrier::kFwdIssueWg0, wg), 256);
   }
-  __device__ __forceinline__ void pass_turn(bool last) const {
-    if (enabled && !(last && wg == 1)) ptx::named_barrier_arrive(barrier_id(NamedBarrier::kFwdIssueWg0, wg ^ 1), 256);
+  __device__ __forceinline__ void pass_turn() const {
+    if (enabled) ptx::named_barrier_arrive(barrier_id(NamedBarrier::kFwdIssueWg0, wg ^ 1), 256);
   }
   __device__ __forceinline__ void start() const {
     if (enabled && wg == 1) ptx::named_barrier_arrive(barrier_id(NamedBarrier::kFwdIssueWg0), 256);
+  }
+  __device__ __forceinline__ void finish() const {
+    if (enabled && wg == 0) wait_turn();
   }
 };
 
@@ -204,9 +208,10 @@ struct FwdTileSlot {
   Mask<kMask> mask;                  // of the tile's sequence (its lengths, diagonal and window)
 };
 
-// Persistent grid: CTA c takes the tiles c, c + gridDim.x, c + 2 gridDim.x, ... of the sorted
-// list (the host launches min(tiles, SMs) CTAs; with one CTA per tile it is the plain grid). The
-// producer thread decodes each tile (work item, sequence lengths, key-block range) and hands it
+// Persistent grid: the host launches min(tiles, SMs) CTAs; CTA c takes tile c of the sorted list
+// first and then, until none is left, the next tile not yet taken (params.tile_counter), so the
+// tiles go out longest first to whichever CTA is free (an SM busy with another kernel, e.g. a
+// collective's, takes fewer). With one CTA per tile it is the plain grid. The producer thread decodes each tile (work item, sequence lengths, key-block range) and hands it
 // to the consumers through a shared-memory slot that travels with Q: Q is a one-stage ring whose
 // stage the consumers release once the tile's last S = Q K^T is done, so the producer decodes
 // and loads the next tile's Q and first K/V blocks while the consumers finish P V and write the
@@ -244,7 +249,13 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __gri
       ptx::prefetch_tensor_map(&params.tma_v);
       FwdTileSlot<kMask>* slot = static_cast<FwdTileSlot<kMask>*>(__cvta_shared_to_generic(sm.tile_slot));
       int kv_iteration = 0, q_iteration = 0;
-      for (int t = blockIdx.x; t < num_tiles; t += gridDim.x) {
+      // Tiles in list order (longest first) to whichever CTA asks first: the first one by blockIdx.x,
+      // the next ones from the counter (unsigned: no overflow near INT32_MAX tiles).
+      const auto next_tile = [&]() {
+        return static_cast<int>(min(atomicAdd(reinterpret_cast<unsigned*>(params.tile_counter), 1u) + gridDim.x,
+                                    static_cast<unsigned>(num_tiles)));
+      };
+      for (int t = blockIdx.x; t < num_tiles; t = next_tile()) {
         const Work w(params, t);
         if (!w.has_rows) continue;
         q_pipe.producer_acquire(PipelineState<1>(q_iteration++));  // the consumers copied the last slot
@@ -285,12 +296,18 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __gri
 
   const FwdTileSlot<kMask>* slot = static_cast<const FwdTileSlot<kMask>*>(__cvta_shared_to_generic(sm.tile_slot));
   int kv_iteration = 0;
+  order.start();
   for (int q_iteration = 0;; ++q_iteration) {
     q_pipe.consumer_wait(QState(q_iteration));
     const int head = slot->head;
-    if (head < 0) break;  // the producer's end marker
+    if (head < 0) {  // the producer's end marker
+      order.finish();
+      break;
+    }
     const int group = slot->group, row0 = slot->row0, q_start = slot->q_start;
-    const int n_block_min = slot->n_block_min, n_block_max = slot->n_block_max;
+    // n_block_min stays the constant 0 where no row's keys can start past key 0 (kNone, kCausal).
+    const int n_block_min = Mask<kMask>::kKeysStartAtZero ? 0 : slot->n_block_min;
+    const int n_block_max = slot->n_block_max;
     const Mask<kMask> seq_mask = slot->mask;
     const FwdGroupArgs& g = p.groups[group];
     const int rows_valid = min(T::kBlockM, seq_mask.seqlen_q - row0);
@@ -357,8 +374,6 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __gri
       ptx::named_barrier_sync(barrier_id(NamedBarrier::kFwdVZeroed), 256);
     };
 
-    order.start();
-
     // Block i of the loop is key block n = n_block_max - 1 - i, pipeline iteration
     // kv_iteration + i of both rings, for i in [0, n_blocks).
     const int n_blocks = n_block_max - n_block_min;
@@ -370,7 +385,7 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __gri
       k_pipe.consumer_wait(st);
       order.wait_turn();
       tile.issue_qk(s, stage);
-      order.pass_turn(false);
+      order.pass_turn();
       ptx::wgmma_wait_group<0>();
       fence_accumulator(s);
       k_pipe.consumer_release(stage, arrive_lane);
@@ -388,7 +403,7 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __gri
       order.wait_turn();
       tile.issue_qk(s, stage);
       tile.issue_pv(o, pfrag, prev_stage);
-      order.pass_turn(false);
+      order.pass_turn();
       ptx::wgmma_wait_group<1>();  // S(n) is in; P V(n+1) may still run
       fence_accumulator(s);
       k_pipe.consumer_release(stage, arrive_lane);
@@ -416,7 +431,7 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __gri
       zero_v_tail(n_block_min, stage);
       order.wait_turn();
       tile.issue_pv(o, pfrag, stage);
-      order.pass_turn(true);
+      order.pass_turn();
       ptx::wgmma_wait_group<0>();
       fence_accumulator(o);
       v_pipe.consumer_release(stage, arrive_lane);
