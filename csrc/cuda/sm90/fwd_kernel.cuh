@@ -73,38 +73,42 @@ struct IssueOrder {
 template <typename T>
 struct SmemPlan {
   using Pipeline = MbarrierPipeline<T::kStages>;
-  using QPipeline = MbarrierPipeline<1>;
-  uint32_t q, k, v, bars, tile_slot;
+  using QPipeline = MbarrierPipeline<T::kQStages>;
+  uint32_t q, k, v, bars, tile_slots;
   __device__ __forceinline__ explicit SmemPlan(uint32_t base)
       : q(base + T::kOffQ),
         k(base + T::kOffK),
         v(base + T::kOffV),
         bars(base + T::kOffBarriers),
-        tile_slot(base + T::kOffTileSlot) {}
-  __device__ __forceinline__ uint32_t bar_q() const { return bars; }
-  // Entry 0 is bar_q (Q's full barrier); then full K, empty K, full V, empty V, kStages entries
-  // each; last Q's empty barrier.
-  __device__ __forceinline__ Pipeline k_pipe() const { return {bars, 1, 1 + T::kStages}; }
-  __device__ __forceinline__ Pipeline v_pipe() const { return {bars, 1 + 2 * T::kStages, 1 + 3 * T::kStages}; }
-  // Q: a one-stage ring, one use per tile.
-  __device__ __forceinline__ QPipeline q_pipe() const { return {bars, 0, 1 + 4 * T::kStages}; }
+        tile_slots(base + T::kOffTileSlots) {}
+  // Barrier entries: Q full (kQStages), then full K, empty K, full V, empty V (kStages each), then
+  // Q empty (kQStages).
+  __device__ __forceinline__ Pipeline k_pipe() const { return {bars, T::kQStages, T::kQStages + T::kStages}; }
+  __device__ __forceinline__ Pipeline v_pipe() const {
+    return {bars, T::kQStages + 2 * T::kStages, T::kQStages + 3 * T::kStages};
+  }
+  // Q: a ring of kQStages stages, one use per tile (with the tile's slot).
+  __device__ __forceinline__ QPipeline q_pipe() const { return {bars, 0, T::kQStages + 4 * T::kStages}; }
+  __device__ __forceinline__ uint32_t q_stage(int s) const { return q + s * T::kQBytes; }
   __device__ __forceinline__ uint32_t k_stage(int s) const { return k + s * T::kKVBytes; }
   __device__ __forceinline__ uint32_t v_stage(int s) const { return v + s * T::kKVBytes; }
+  __device__ __forceinline__ uint32_t tile_slot(int s) const { return tile_slots + s * T::kTileSlotBytes; }
 };
 
-// The producer's loads of one tile (one thread, Q's stage already acquired): Q, then block i of
-// the tile (key block n = n_block_max - 1 - i, down to n_block_min) into the stage of ring
-// iteration kv_iteration + i, once the consumers released that stage.
+// The producer's loads of one tile (one thread, Q stage `q_stage` already acquired): Q, then
+// block i of the tile (key block n = n_block_max - 1 - i, down to n_block_min) into the stage of
+// ring iteration kv_iteration + i, once the consumers released that stage.
 template <typename T>
 __device__ __forceinline__ void produce(const FwdKernelParams& params, const SmemPlan<T>& sm, int group, int head,
                                         int kv_head, int q_token0, int k_token0, int n_block_min, int n_block_max,
-                                        int kv_iteration) {
+                                        int kv_iteration, int q_stage) {
   const void* tma_q = &params.tma_q[group];
   ptx::prefetch_tensor_map(tma_q);
-  ptx::mbarrier_arrive_expect_tx(sm.bar_q(), T::kQBytes);
+  const uint32_t q_full = sm.q_pipe().full(q_stage);
+  ptx::mbarrier_arrive_expect_tx(q_full, T::kQBytes);
 #pragma unroll
   for (int cb = 0; cb < T::kColBlocks; ++cb)
-    ptx::tma_load_3d(sm.q + cb * T::kQColBlockBytes, tma_q, sm.bar_q(), cb * 64, head, q_token0);
+    ptx::tma_load_3d(sm.q_stage(q_stage) + cb * T::kQColBlockBytes, tma_q, q_full, cb * 64, head, q_token0);
   const typename SmemPlan<T>::Pipeline k_pipe = sm.k_pipe(), v_pipe = sm.v_pipe();
   for (int i = 0; i < n_block_max - n_block_min; ++i) {
     const int n = n_block_max - 1 - i;
@@ -139,8 +143,8 @@ struct ConsumerTile {
   // Operand descriptors per k step (mma_loop.h): the tile's base descriptor advanced by a
   // constant per step (one add, not a descriptor rebuilt from the address per k step).
   // Q rows [64 wg, 64 wg + 64) and K of stage s as K-major operands.
-  __device__ __forceinline__ KMajorSteps<T::kQColBlockBytes> q_steps() const {
-    return {ptx::smem_desc_sw128(sm.q + wg * 64 * 128, 16, 1024)};
+  __device__ __forceinline__ KMajorSteps<T::kQColBlockBytes> q_steps(int q_stage) const {
+    return {ptx::smem_desc_sw128(sm.q_stage(q_stage) + wg * 64 * 128, 16, 1024)};
   }
   __device__ __forceinline__ KMajorSteps<T::kKVColBlockBytes> k_steps(int s) const {
     return {ptx::smem_desc_sw128(sm.k_stage(s), 16, 1024)};
@@ -151,9 +155,9 @@ struct ConsumerTile {
     return {ptx::smem_desc_sw128(sm.v_stage(s), T::kKVColBlockBytes, 1024)};
   }
 
-  __device__ __forceinline__ void issue_qk(float (&s)[kNTiles][4], int stage) const {
+  __device__ __forceinline__ void issue_qk(float (&s)[kNTiles][4], int q_stage, int stage) const {
     ptx::wgmma_fence();
-    mma_ss<Element, kQKSteps, MmaInit::kOverwrite>(s, q_steps(), k_steps(stage));
+    mma_ss<Element, kQKSteps, MmaInit::kOverwrite>(s, q_steps(q_stage), k_steps(stage));
     ptx::wgmma_commit_group();
   }
   __device__ __forceinline__ void issue_pv(float (&o)[kDTiles][4], const uint32_t (&p)[kPSteps][4], int stage) const {
@@ -224,7 +228,7 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __gri
   using Element = typename T::Element;
   using Tile = ConsumerTile<T>;
   using Work = FwdTile<T, kMask>;
-  static_assert(sizeof(FwdTileSlot<kMask>) <= T::kTileSlotBytes, "the tile slot fits its shared-memory space");
+  static_assert(sizeof(FwdTileSlot<kMask>) <= T::kTileSlotBytes, "a tile slot fits its shared-memory space");
   constexpr int kBlockN = T::kBlockN;
   constexpr int kNTiles = Tile::kNTiles;
   constexpr int kDTiles = Tile::kDTiles;
@@ -237,8 +241,11 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __gri
   const SmemPlan<T> sm(aligned_dynamic_smem());
   const typename SmemPlan<T>::Pipeline k_pipe = sm.k_pipe(), v_pipe = sm.v_pipe();
   const typename SmemPlan<T>::QPipeline q_pipe = sm.q_pipe();
-  if (tid == 0) ptx::mbarrier_init(q_pipe.empty(0), T::kConsumerWarps);  // published by the init below
-  init_pipeline_barriers(sm.bar_q(), 1, T::kConsumerWarps, k_pipe, v_pipe);
+  if (tid == 0) {  // the Q ring's barriers but stage 0's full one; published by the init below
+    for (int qs = 1; qs < T::kQStages; ++qs) ptx::mbarrier_init(q_pipe.full(qs), 1);
+    for (int qs = 0; qs < T::kQStages; ++qs) ptx::mbarrier_init(q_pipe.empty(qs), T::kConsumerWarps);
+  }
+  init_pipeline_barriers(q_pipe.full(0), 1, T::kConsumerWarps, k_pipe, v_pipe);
 
   const int warpgroup = ptx::warpgroup_index();
   if (warpgroup == 0) {
@@ -247,7 +254,7 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __gri
     if (tid == 0) {
       ptx::prefetch_tensor_map(&params.tma_k);
       ptx::prefetch_tensor_map(&params.tma_v);
-      FwdTileSlot<kMask>* slot = static_cast<FwdTileSlot<kMask>*>(__cvta_shared_to_generic(sm.tile_slot));
+      using QState = PipelineState<T::kQStages>;
       int kv_iteration = 0, q_iteration = 0;
       // Tiles in list order (longest first) to whichever CTA asks first: the first one by blockIdx.x,
       // the next ones from the counter (unsigned: no overflow near INT32_MAX tiles).
@@ -258,7 +265,10 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __gri
       for (int t = blockIdx.x; t < num_tiles; t = next_tile()) {
         const Work w(params, t);
         if (!w.has_rows) continue;
-        q_pipe.producer_acquire(PipelineState<1>(q_iteration++));  // the consumers copied the last slot
+        const QState qs(q_iteration++);
+        const int q_stage = qs.stage();
+        q_pipe.producer_acquire(qs);  // the consumers copied the stage's last slot and are done with its Q
+        FwdTileSlot<kMask>* slot = static_cast<FwdTileSlot<kMask>*>(__cvta_shared_to_generic(sm.tile_slot(q_stage)));
         slot->head = w.head;
         slot->group = w.group;
         slot->row0 = w.row0;
@@ -267,16 +277,17 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __gri
         slot->n_block_max = w.n_block_max;
         slot->mask = w.mask;
         if (w.n_block_max <= w.n_block_min) {  // nothing to load: the arrival alone publishes the slot
-          ptx::mbarrier_arrive(sm.bar_q());
+          ptx::mbarrier_arrive(q_pipe.full(q_stage));
           continue;
         }
         produce<T>(params, sm, w.group, w.head, w.kv_head, w.seq.q_start + w.row0, w.seq.k_start, w.n_block_min,
-                   w.n_block_max, kv_iteration);
+                   w.n_block_max, kv_iteration, q_stage);
         kv_iteration += w.n_block_max - w.n_block_min;
       }
-      q_pipe.producer_acquire(PipelineState<1>(q_iteration));
-      slot->head = -1;  // no more tiles
-      ptx::mbarrier_arrive(sm.bar_q());
+      const QState qs(q_iteration);
+      q_pipe.producer_acquire(qs);
+      static_cast<FwdTileSlot<kMask>*>(__cvta_shared_to_generic(sm.tile_slot(qs.stage())))->head = -1;  // the end
+      ptx::mbarrier_arrive(q_pipe.full(qs.stage()));
     }
     return;
   }
@@ -290,15 +301,18 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __gri
   const Tile tile{sm, wg};
   const IssueOrder order{T::kPingPong, wg};
   using State = PipelineState<T::kStages>;
-  using QState = PipelineState<1>;
+  using QState = PipelineState<T::kQStages>;
   float score_scale_log2 = p.softmax_scale_log2;
   if constexpr (kSoftcap) score_scale_log2 = params.features.softcap_log2;
 
-  const FwdTileSlot<kMask>* slot = static_cast<const FwdTileSlot<kMask>*>(__cvta_shared_to_generic(sm.tile_slot));
   int kv_iteration = 0;
   order.start();
   for (int q_iteration = 0;; ++q_iteration) {
-    q_pipe.consumer_wait(QState(q_iteration));
+    const QState qs(q_iteration);
+    const int q_stage = qs.stage();
+    q_pipe.consumer_wait(qs);
+    const FwdTileSlot<kMask>* slot =
+        static_cast<const FwdTileSlot<kMask>*>(__cvta_shared_to_generic(sm.tile_slot(q_stage)));
     const int head = slot->head;
     if (head < 0) {  // the producer's end marker
       order.finish();
@@ -315,7 +329,7 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __gri
     float* lse_tile = g.softmax_lse + static_cast<int64_t>(head) * g.total_q + q_start + row0;
 
     if (n_block_max <= n_block_min) {  // no row of this tile sees a key: O = 0, LSE = -inf (or the sink)
-      q_pipe.consumer_release(0, arrive_lane);  // the slot is copied; no Q was loaded
+      q_pipe.consumer_release(q_stage, arrive_lane);  // the slot is copied; no Q was loaded
       constexpr int kChunks = T::kHeadDim / 8;
       const int ctid = tid - 128;  // the consumers' own numbering
       for (int i = ctid; i < rows_valid * kChunks; i += 256)
@@ -384,7 +398,7 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __gri
       const int stage = st.stage();
       k_pipe.consumer_wait(st);
       order.wait_turn();
-      tile.issue_qk(s, stage);
+      tile.issue_qk(s, q_stage, stage);
       order.pass_turn();
       ptx::wgmma_wait_group<0>();
       fence_accumulator(s);
@@ -401,7 +415,7 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __gri
       consumer_wait(k_pipe, st, v_pipe, prev);
       zero_v_tail(n + 1, prev_stage);
       order.wait_turn();
-      tile.issue_qk(s, stage);
+      tile.issue_qk(s, q_stage, stage);
       tile.issue_pv(o, pfrag, prev_stage);
       order.pass_turn();
       ptx::wgmma_wait_group<1>();  // S(n) is in; P V(n+1) may still run
@@ -422,8 +436,8 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __gri
       }
       convert_p();
     }
-    // Every S of the tile is done: Q's stage goes back to the producer (the next tile's Q).
-    q_pipe.consumer_release(0, arrive_lane);
+    // Every S of the tile is done: Q's stage goes back to the producer (a later tile's Q).
+    q_pipe.consumer_release(q_stage, arrive_lane);
     {
       const State st(kv_iteration + n_blocks - 1);  // the last block's
       const int stage = st.stage();

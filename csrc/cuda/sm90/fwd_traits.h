@@ -30,16 +30,20 @@ struct FwdTraits : WarpSpecialization {
   static constexpr uint32_t kKVBytes = kBlockN * kHeadDim * sizeof(Element);  // one K or V stage
   static constexpr uint32_t kQColBlockBytes = kBlockM * 128;
   static constexpr uint32_t kKVColBlockBytes = kBlockN * 128;
+  // Q stages of the persistent grid (fwd_kernel.cuh): two where they fit next to the K/V stages
+  // (D 64 and 128), so the next tile's Q loads while this tile still runs; one at D 256.
+  static constexpr int kQStages = 2 * kQBytes + 2 * kStages * kKVBytes + 4096 <= 227 * 1024 ? 2 : 1;
   // Offsets from the 1024-byte aligned base.
   static constexpr uint32_t kOffQ = 0;
-  static constexpr uint32_t kOffK = kOffQ + kQBytes;
+  static constexpr uint32_t kOffK = kOffQ + kQStages * kQBytes;
   static constexpr uint32_t kOffV = kOffK + kStages * kKVBytes;
   static constexpr uint32_t kOffBarriers = kOffV + kStages * kKVBytes;
-  static constexpr int kNumBarriers = 2 + 4 * kStages;  // Q full, full/empty of K and V per stage, Q empty
-  // The producer's description of the consumers' next tile (FwdTileSlot in fwd_kernel.cuh).
-  static constexpr uint32_t kOffTileSlot = kOffBarriers + 8 * kNumBarriers;
+  // Q full (kQStages), full/empty of K and V (kStages each), Q empty (kQStages)
+  static constexpr int kNumBarriers = 2 * kQStages + 4 * kStages;
+  // The producer's description of a tile for the consumers, one per Q stage (FwdTileSlot).
+  static constexpr uint32_t kOffTileSlots = kOffBarriers + 8 * kNumBarriers;
   static constexpr int kTileSlotBytes = 64;
-  static constexpr int kSmemBytes = 1024 /* alignment slack */ + kOffTileSlot + kTileSlotBytes;
+  static constexpr int kSmemBytes = 1024 /* alignment slack */ + kOffTileSlots + kQStages * kTileSlotBytes;
 
   static_assert(sizeof(Element) == 2, "16-bit elements");
   static_assert(kHeadDim % 64 == 0, "head dim in 64-element column blocks");
