@@ -16,6 +16,7 @@
 #include "cuda/workspace.h"
 #ifdef RINGATTN_SM90_TIER
 #include "cuda/sm90/fwd_params.h"
+#include "cuda/sm90/fwd_traits.h"
 #include "cuda/sm90/tma_host.h"
 #endif
 
@@ -83,15 +84,17 @@ ringattn_status run_sm90_fwd(const ringattn_fwd_params& p, const Sm90FwdKernelEn
   if (!encode_fwd_tensor_maps(p, e, &kp, &why))
     return failf(RINGATTN_STATUS_CUDA_ERROR, "tier 2 forward: encoding a TMA tensor map failed: %s", why.c_str());
   int64_t num_ctas = 0;
-  const ringattn_status s = launch_fwd_work_list(p, e.block_m, e.block_n, stream, &kp.base, &num_ctas, &kp.tile_counter);
+  int32_t* tile_counter = nullptr;
+  const ringattn_status s = launch_fwd_work_list(p, e.block_m, e.block_n, stream, &kp.base, &num_ctas, &tile_counter);
   if (s != RINGATTN_STATUS_OK) return s;
   fill_features(kp.features, p);
-  // Persistent grid where tiles are short, their fixed cost then a large share: one CTA per SM
-  // (its registers allow no second), each taking tiles from the list until none is left
-  // (sm90/fwd_kernel.cuh). Short: rows see at most kPersistentMaxKeys keys (max_seqlen_k, a
-  // hint, or the window's span). Measured on an H200 (docs/perf-log.md, 2026-12-05): +6 to +47%
-  // forward at L = 512-2048, but -5% at rank 7 of the per-rank zigzag rows (L = 64K), so long
-  // tiles keep one CTA each (the same kernel: it then walks one tile).
+  // The persistent kernel where tiles are short, their fixed cost then a large share, and there
+  // are more tiles than SMs: one CTA per SM (its registers allow no second), each taking tiles from
+  // the list until none is left (sm90/fwd_kernel.cuh); the kernel knows it by the tile counter.
+  // Short: rows see at most kPersistentMaxKeys keys (max_seqlen_k, a hint, or the window's span).
+  // Long tiles keep the one-CTA-per-tile kernel. Measured on an H200 (docs/perf-log.md,
+  // 2026-12-05): the persistent grid +6 to +47% forward at L = 512-2048, but -2 to -5% at the
+  // per-rank zigzag rows (L = 64K).
   constexpr int64_t kPersistentMaxKeys = 16384;
   const ringattn_problem& pr = p.problem;
   int64_t keys = pr.max_seqlen_k;
@@ -99,8 +102,13 @@ ringattn_status run_sm90_fwd(const ringattn_fwd_params& p, const Sm90FwdKernelEn
     const int64_t span = static_cast<int64_t>(pr.window_left) + (pr.causal ? 0 : pr.window_right) + 1;
     keys = span < keys ? span : keys;
   }
-  const int sms = keys <= kPersistentMaxKeys ? device_sm_count(p.exec.device_index) : 0;
-  if (sms > 0 && num_ctas > sms) num_ctas = sms;
+  if (keys <= kPersistentMaxKeys && sm90::has_persistent_fwd(pr.head_dim)) {
+    const int sms = device_sm_count(p.exec.device_index);
+    if (sms > 0 && num_ctas > sms) {
+      num_ctas = sms;
+      kp.tile_counter = tile_counter;
+    }
+  }
   const cudaError_t err = e.launch(kp, static_cast<int>(num_ctas), stream);
   if (err != cudaSuccess) return cuda_fail(err, "launching the grouped forward kernel (tier 2, sm90a)");
   return RINGATTN_STATUS_OK;

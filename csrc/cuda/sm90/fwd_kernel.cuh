@@ -29,6 +29,7 @@
 
 #include "cuda/launch.h"
 #include "cuda/ptx.h"
+#include "cuda/query_tile_work.h"
 #include "cuda/seqlen_info.h"
 #include "cuda/sm90/fragments.h"
 #include "cuda/sm90/fwd_params.h"
@@ -47,18 +48,19 @@ namespace sm90 {
 
 // Ping-pong between the two consumer warpgroups: each waits for its turn before issuing a block's
 // products and hands the turn over right after, so one warpgroup's softmax runs while the other's
-// products keep the tensor cores busy. The turn circulates over all the CTA's tiles: warpgroup 1
-// gives warpgroup 0 the first turn (start, once), every issue round ends with a hand-over, and
-// warpgroup 0 takes the last hand-over after its last tile (finish), so every bar.sync meets
-// exactly one bar.arrive. Tiles without key blocks take no turn.
+// products keep the tensor cores busy. Warpgroup 1 gives warpgroup 0 the first turn (start, once).
+// One tile per CTA: warpgroup 1 skips its last hand-over (pass_turn(true)). Persistent grid: the
+// turn circulates over all the CTA's tiles, every issue round ends with a hand-over
+// (pass_turn(false)) and warpgroup 0 takes the last one after its last tile (finish). Either way
+// every bar.sync meets exactly one bar.arrive; tiles without key blocks take no turn.
 struct IssueOrder {
   bool enabled;
   int wg;
   __device__ __forceinline__ void wait_turn() const {
     if (enabled) ptx::named_barrier_sync(barrier_id(NamedBarrier::kFwdIssueWg0, wg), 256);
   }
-  __device__ __forceinline__ void pass_turn() const {
-    if (enabled) ptx::named_barrier_arrive(barrier_id(NamedBarrier::kFwdIssueWg0, wg ^ 1), 256);
+  __device__ __forceinline__ void pass_turn(bool last) const {
+    if (enabled && !(last && wg == 1)) ptx::named_barrier_arrive(barrier_id(NamedBarrier::kFwdIssueWg0, wg ^ 1), 256);
   }
   __device__ __forceinline__ void start() const {
     if (enabled && wg == 1) ptx::named_barrier_arrive(barrier_id(NamedBarrier::kFwdIssueWg0), 256);
@@ -103,7 +105,6 @@ __device__ __forceinline__ void produce(const FwdKernelParams& params, const Sme
                                         int kv_head, int q_token0, int k_token0, int n_block_min, int n_block_max,
                                         int kv_iteration, int q_stage) {
   const void* tma_q = &params.tma_q[group];
-  ptx::prefetch_tensor_map(tma_q);
   const uint32_t q_full = sm.q_pipe().full(q_stage);
   ptx::mbarrier_arrive_expect_tx(q_full, T::kQBytes);
 #pragma unroll
@@ -212,40 +213,280 @@ struct FwdTileSlot {
   Mask<kMask> mask;                  // of the tile's sequence (its lengths, diagonal and window)
 };
 
-// Persistent grid: the host launches min(tiles, SMs) CTAs; CTA c takes tile c of the sorted list
-// first and then, until none is left, the next tile not yet taken (params.tile_counter), so the
-// tiles go out longest first to whichever CTA is free (an SM busy with another kernel, e.g. a
-// collective's, takes fewer). With one CTA per tile it is the plain grid. The producer thread decodes each tile (work item, sequence lengths, key-block range) and hands it
-// to the consumers through a shared-memory slot that travels with Q: Q is a one-stage ring whose
-// stage the consumers release once the tile's last S = Q K^T is done, so the producer decodes
-// and loads the next tile's Q and first K/V blocks while the consumers finish P V and write the
-// output. The K/V rings run on across a CTA's tiles (ring iteration numbers continue).
-template <typename T, MaskMode kMask, bool kSoftcap>
-__global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __grid_constant__ FwdKernelParams params) {
-  static_assert(!kSoftcap || kMask == MaskMode::kLocal, "the softcap is compiled into kLocal kernels only");
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// A tile no row of which sees a key: O = 0 and LSE = -inf (or the head's sink), written by
+// num_threads threads, this one numbered `thread` among them.
+template <typename T, MaskMode kMask>
+__device__ __forceinline__ void write_empty_tile(const FwdKernelParams& params, const FwdGroupArgs& g,
+                                                 typename T::Element* out_tile, float* lse_tile, int head,
+                                                 int rows_valid, int thread, int num_threads) {
+  constexpr int kChunks = T::kHeadDim / 8;
+  for (int i = thread; i < rows_valid * kChunks; i += num_threads)
+    *reinterpret_cast<uint4*>(out_tile + (i / kChunks) * g.out_row_stride + (i % kChunks) * 8) = make_uint4(0, 0, 0, 0);
+  float empty_lse = -INFINITY;
+  if constexpr (kMask == MaskMode::kLocal) {
+    if (params.features.sinks != nullptr) empty_lse = params.features.sinks[head];
+  }
+  for (int row = thread; row < rows_valid; row += num_threads) lse_tile[row] = empty_lse;
+}
+
+// One consumer warpgroup's work on one tile whose Q (stage q_stage) has landed: the main loop over
+// key blocks [n_block_min, n_block_max) (ring iterations kv_iteration, kv_iteration + 1, ...),
+// then the epilogue (normalise, store O and the LSE). kPersistent: Q's stage goes back to the
+// producer once the tile's last S is done, and the issue turn circulates to the next tile.
+template <typename T, MaskMode kMask, bool kSoftcap, bool kPersistent>
+__device__ __forceinline__ void consume_tile(const FwdKernelParams& params, const SmemPlan<T>& sm,
+                                             const IssueOrder& order, int q_stage, int kv_iteration, int head,
+                                             int group, int row0, int q_start, int n_block_min, int n_block_max,
+                                             const Mask<kMask>& seq_mask) {
   constexpr bool kLocal = kMask == MaskMode::kLocal;
   using Element = typename T::Element;
   using Tile = ConsumerTile<T>;
-  using Work = FwdTile<T, kMask>;
-  static_assert(sizeof(FwdTileSlot<kMask>) <= T::kTileSlotBytes, "a tile slot fits its shared-memory space");
+  using State = PipelineState<T::kStages>;
   constexpr int kBlockN = T::kBlockN;
   constexpr int kNTiles = Tile::kNTiles;
   constexpr int kDTiles = Tile::kDTiles;
   constexpr int kPSteps = Tile::kPSteps;
+  const cuda::FwdKernelParams& p = params.base;
+  const typename SmemPlan<T>::Pipeline k_pipe = sm.k_pipe(), v_pipe = sm.v_pipe();
+  const int tid = threadIdx.x;
+  const int wg = order.wg;
+  const int lane = tid & 31;
+  const int warp_in_wg = (tid / 32) & 3;
+  const bool arrive_lane = lane == 0;
+  const Tile tile{sm, wg};
+  float score_scale_log2 = p.softmax_scale_log2;
+  if constexpr (kSoftcap) score_scale_log2 = params.features.softcap_log2;
+
+  // This thread's two query rows, within the sequence, and its first key column in a block.
+  const int my_row = row0 + wg * 64 + warp_in_wg * 16 + (lane >> 2);
+  const int my_col = (lane & 3) * 2;
+  const int wg_row0 = row0 + wg * 64;
+
+  float o[kDTiles][4];
+#pragma unroll
+  for (int dt = 0; dt < kDTiles; ++dt)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) o[dt][c] = 0.f;
+  float s[kNTiles][4];
+  uint32_t pfrag[kPSteps][4];
+  RowSoftmax softmax;
+
+  // Masks key columns past the sequence and outside each row's window (common/mask.h).
+  auto mask = [&](int n) {
+    const int col0 = n * kBlockN;
+    if (!seq_mask.tile_needs_key_mask(wg_row0, 64, col0, kBlockN)) return;
+#pragma unroll
+    for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int row = my_row + ((c >> 1) << 3);
+        const int col = col0 + nt * 8 + my_col + (c & 1);
+        if (seq_mask.key_masked(row, col)) s[nt][c] = -INFINITY;
+      }
+  };
+  // Softcap (kSoftcap): the scores become t = tanh(s * softcap_scale) before the mask, and the
+  // softmax takes them with the softcap's scale (softcap.cuh).
+  auto softcap = [&]() {
+    if constexpr (kSoftcap) softcap_scores(s, params.features.softcap_scale);
+  };
+  // P (fp32 in s) -> the register A operand of P V.
+  auto convert_p = [&]() { pack_a_fragments<Element>(s, pfrag); };
+  // In the block holding the sequence's last key, zero the V rows past it (both consumer
+  // warpgroups share the work and meet at a barrier: each one's P V reads all of them), then
+  // make them visible to wgmma. Both warpgroups reach this for the same blocks.
+  auto zero_v_tail = [&](int n, int stage) {
+    const int valid = seq_mask.seqlen_k - n * kBlockN;
+    if (valid >= kBlockN) return;
+    ptx::zero_swizzled_rows(sm.v_stage(stage), T::kKVColBlockBytes, T::kColBlocks, valid < 0 ? 0 : valid, kBlockN,
+                            tid - 128, 256);
+    ptx::fence_proxy_async_shared();
+    ptx::named_barrier_sync(barrier_id(NamedBarrier::kFwdVZeroed), 256);
+  };
+
+  // Block i of the loop is key block n = n_block_max - 1 - i, ring iteration kv_iteration + i of
+  // both rings, for i in [0, n_blocks).
+  const int n_blocks = n_block_max - n_block_min;
+  float correction[2];
+  {
+    const int n = n_block_max - 1;
+    const State st(kv_iteration);
+    const int stage = st.stage();
+    k_pipe.consumer_wait(st);
+    order.wait_turn();
+    tile.issue_qk(s, q_stage, stage);
+    order.pass_turn(false);
+    ptx::wgmma_wait_group<0>();
+    fence_accumulator(s);
+    k_pipe.consumer_release(stage, arrive_lane);
+    softcap();
+    mask(n);
+    softmax.update(s, score_scale_log2, correction);
+    convert_p();
+  }
+  for (int i = 1; i < n_blocks; ++i) {
+    const int n = n_block_max - 1 - i;
+    const State st(kv_iteration + i), prev = st.prev();  // S(n) reads K of st, P V(n+1) V of prev
+    const int stage = st.stage(), prev_stage = prev.stage();
+    consumer_wait(k_pipe, st, v_pipe, prev);
+    zero_v_tail(n + 1, prev_stage);
+    order.wait_turn();
+    tile.issue_qk(s, q_stage, stage);
+    tile.issue_pv(o, pfrag, prev_stage);
+    order.pass_turn(false);
+    ptx::wgmma_wait_group<1>();  // S(n) is in; P V(n+1) may still run
+    fence_accumulator(s);
+    k_pipe.consumer_release(stage, arrive_lane);
+    softcap();
+    mask(n);
+    softmax.update(s, score_scale_log2, correction);
+    ptx::wgmma_wait_group<0>();
+    fence_accumulator(o);
+    v_pipe.consumer_release(prev_stage, arrive_lane);
+#pragma unroll
+    for (int dt = 0; dt < kDTiles; ++dt) {
+      o[dt][0] *= correction[0];
+      o[dt][1] *= correction[0];
+      o[dt][2] *= correction[1];
+      o[dt][3] *= correction[1];
+    }
+    convert_p();
+  }
+  // Every S of the tile is done: Q's stage goes back to the producer (a later tile's Q).
+  if constexpr (kPersistent) sm.q_pipe().consumer_release(q_stage, arrive_lane);
+  {
+    const State st(kv_iteration + n_blocks - 1);  // the last block's
+    const int stage = st.stage();
+    v_pipe.consumer_wait(st);
+    zero_v_tail(n_block_min, stage);
+    order.wait_turn();
+    tile.issue_pv(o, pfrag, stage);
+    order.pass_turn(!kPersistent);
+    ptx::wgmma_wait_group<0>();
+    fence_accumulator(o);
+    v_pipe.consumer_release(stage, arrive_lane);
+  }
+
+  // ---------------- epilogue: normalise, store O and the LSE ----------------
+  // (Where the tile's output goes is worked out here, not before the loop: no registers held
+  // through it.)
+  const FwdGroupArgs& g = p.groups[group];
+  const int rows_valid = min(T::kBlockM, seq_mask.seqlen_q - row0);
+  Element* out_tile = static_cast<Element*>(g.out) + (q_start + row0) * g.out_row_stride + head * g.out_head_stride;
+  float* lse_tile = g.softmax_lse + static_cast<int64_t>(head) * g.total_q + q_start + row0;
+  float lse[2];
+  if constexpr (kLocal) {
+    const float sink = params.features.sinks != nullptr ? params.features.sinks[head] : -INFINITY;
+    softmax.finalize_with_sink(o, kSoftcap ? params.features.softcap : p.softmax_scale, sink, lse);
+  } else {
+    softmax.finalize(o, p.softmax_scale, lse);
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = my_row + r * 8 - row0;  // within the tile
+    if (row < rows_valid) {
+      Element* dst = out_tile + row * g.out_row_stride + my_col;
+#pragma unroll
+      for (int dt = 0; dt < kDTiles; ++dt)
+        *reinterpret_cast<uint32_t*>(dst + dt * 8) = ptx::pack2<Element>(o[dt][2 * r], o[dt][2 * r + 1]);
+      if ((lane & 3) == 0) lse_tile[row] = lse[r];
+    }
+  }
+}
+
+// One CTA per tile: CTA b computes tile b of the sorted list (the grid of long tiles, where a
+// tile's fixed cost is a small share of its time).
+template <typename T, MaskMode kMask, bool kSoftcap>
+__global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __grid_constant__ FwdKernelParams params) {
+  static_assert(!kSoftcap || kMask == MaskMode::kLocal, "the softcap is compiled into kLocal kernels only");
+  static_assert(T::kQStages == 1, "one tile per CTA: one Q stage");
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using Element = typename T::Element;
+  constexpr int kBlockM = T::kBlockM;
+  constexpr int kBlockN = T::kBlockN;
+  const cuda::FwdKernelParams& p = params.base;
+
+  const int num_heads_q = p.num_heads_q;
+  QueryTileWork work;
+  if (!work.decode(p.work_items, p.work_count, num_heads_q)) return;
+  const int head = work.head, group = work.group, m_block = work.m_block;
+  const FwdGroupArgs& g = p.groups[group];
+  const SeqLenInfo seq(g.cu_seqlens_q, g.total_q, p.cu_seqlens_k, p.total_k, g.seqused_k, work.batch);
+  const int row0 = m_block * kBlockM;
+  if (row0 >= seq.seqlen_q) return;
+  const int kv_head = head / p.q_heads_per_kv_head;
+  const int tid = threadIdx.x;
+
+  const Mask<kMask> seq_mask = seq.mask<kMask>(params.features, group, work.batch);
+  // Key blocks [n_block_min, n_block_max) of this tile. n_block_min is the constant 0 when no
+  // row's keys can start past key 0 (kNone, kCausal), so the loops are those of a walk down to
+  // block 0.
+  const int n_block_min = Mask<kMask>::kKeysStartAtZero ? 0 : seq_mask.n_block_min(m_block, kBlockM, kBlockN);
+  const int n_block_max = seq_mask.n_block_max(m_block, kBlockM, kBlockN);
+  if (n_block_max <= n_block_min) {  // no row of this tile sees a key
+    Element* out_tile = static_cast<Element*>(g.out) + (seq.q_start + row0) * g.out_row_stride + head * g.out_head_stride;
+    float* lse_tile = g.softmax_lse + static_cast<int64_t>(head) * g.total_q + seq.q_start + row0;
+    write_empty_tile<T, kMask>(params, g, out_tile, lse_tile, head, min(kBlockM, seq.seqlen_q - row0), tid, T::kThreads);
+    return;
+  }
+
+  const SmemPlan<T> sm(aligned_dynamic_smem());
+  const typename SmemPlan<T>::QPipeline q_pipe = sm.q_pipe();
+  init_pipeline_barriers(q_pipe.full(0), 1, T::kConsumerWarps, sm.k_pipe(), sm.v_pipe());
+
+  const int warpgroup = ptx::warpgroup_index();
+  if (warpgroup == 0) {
+    // ---------------- producer ----------------
+    ptx::setmaxnreg_dec<T::kProducerRegs>();
+    if (tid == 0) {
+      ptx::prefetch_tensor_map(&params.tma_q[group]);
+      ptx::prefetch_tensor_map(&params.tma_k);
+      ptx::prefetch_tensor_map(&params.tma_v);
+      produce<T>(params, sm, group, head, kv_head, seq.q_start + row0, seq.k_start, n_block_min, n_block_max,
+                 /*kv_iteration=*/0, /*q_stage=*/0);
+    }
+    return;
+  }
+
+  // ---------------- consumers ----------------
+  ptx::setmaxnreg_inc<T::kConsumerRegs>();
+  const IssueOrder order{T::kPingPong, warpgroup - 1};
+  order.start();
+  q_pipe.consumer_wait(PipelineState<T::kQStages>(0));
+  consume_tile<T, kMask, kSoftcap, /*kPersistent=*/false>(params, sm, order, /*q_stage=*/0, /*kv_iteration=*/0, head,
+                                                         group, row0, seq.q_start, n_block_min, n_block_max, seq_mask);
+#endif
+}
+
+// Persistent grid, for short tiles (their fixed cost a large share of their time): the host
+// launches min(tiles, SMs) CTAs; CTA c takes tile c of the sorted list first and then, until none
+// is left, the next tile not yet taken (params.tile_counter), so the tiles go out longest first
+// to whichever CTA is free (an SM busy with another kernel, e.g. a collective's, takes fewer).
+// The producer thread decodes each tile (work item, sequence lengths, key-block range) and hands
+// it to the consumers through a shared-memory slot that travels with Q: Q is a ring of kQStages
+// stages whose stage the consumers release once the tile's last S = Q K^T is done, so the producer
+// decodes and loads the next tile's Q and first K/V blocks while the consumers finish P V and
+// write the output. The K/V rings run on across a CTA's tiles (ring iteration numbers continue).
+template <typename T, MaskMode kMask, bool kSoftcap>
+__global__ void __launch_bounds__(T::kThreads, 1)
+    grouped_fwd_persistent_kernel(const __grid_constant__ FwdKernelParams params) {
+  static_assert(!kSoftcap || kMask == MaskMode::kLocal, "the softcap is compiled into kLocal kernels only");
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using Element = typename T::Element;
+  using Work = FwdTile<T, kMask>;
+  static_assert(sizeof(FwdTileSlot<kMask>) <= T::kTileSlotBytes, "a tile slot fits its shared-memory space");
   const cuda::FwdKernelParams& p = params.base;
   const int num_tiles = *p.work_count * p.num_heads_q;
   if (static_cast<int>(blockIdx.x) >= num_tiles) return;  // the grid is sized for the list's capacity
   const int tid = threadIdx.x;
 
   const SmemPlan<T> sm(aligned_dynamic_smem());
-  const typename SmemPlan<T>::Pipeline k_pipe = sm.k_pipe(), v_pipe = sm.v_pipe();
   const typename SmemPlan<T>::QPipeline q_pipe = sm.q_pipe();
+  using QState = PipelineState<T::kQStages>;
   if (tid == 0) {  // the Q ring's barriers but stage 0's full one; published by the init below
     for (int qs = 1; qs < T::kQStages; ++qs) ptx::mbarrier_init(q_pipe.full(qs), 1);
     for (int qs = 0; qs < T::kQStages; ++qs) ptx::mbarrier_init(q_pipe.empty(qs), T::kConsumerWarps);
   }
-  init_pipeline_barriers(q_pipe.full(0), 1, T::kConsumerWarps, k_pipe, v_pipe);
+  init_pipeline_barriers(q_pipe.full(0), 1, T::kConsumerWarps, sm.k_pipe(), sm.v_pipe());
 
   const int warpgroup = ptx::warpgroup_index();
   if (warpgroup == 0) {
@@ -254,7 +495,6 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __gri
     if (tid == 0) {
       ptx::prefetch_tensor_map(&params.tma_k);
       ptx::prefetch_tensor_map(&params.tma_v);
-      using QState = PipelineState<T::kQStages>;
       int kv_iteration = 0, q_iteration = 0;
       // Tiles in list order (longest first) to whichever CTA asks first: the first one by blockIdx.x,
       // the next ones from the counter (unsigned: no overflow near INT32_MAX tiles).
@@ -280,6 +520,7 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __gri
           ptx::mbarrier_arrive(q_pipe.full(q_stage));
           continue;
         }
+        ptx::prefetch_tensor_map(&params.tma_q[w.group]);
         produce<T>(params, sm, w.group, w.head, w.kv_head, w.seq.q_start + w.row0, w.seq.k_start, w.n_block_min,
                    w.n_block_max, kv_iteration, q_stage);
         kv_iteration += w.n_block_max - w.n_block_min;
@@ -294,17 +535,8 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __gri
 
   // ---------------- consumers ----------------
   ptx::setmaxnreg_inc<T::kConsumerRegs>();
-  const int wg = warpgroup - 1;
-  const int lane = tid & 31;
-  const int warp_in_wg = (tid / 32) & 3;
-  const bool arrive_lane = lane == 0;
-  const Tile tile{sm, wg};
-  const IssueOrder order{T::kPingPong, wg};
-  using State = PipelineState<T::kStages>;
-  using QState = PipelineState<T::kQStages>;
-  float score_scale_log2 = p.softmax_scale_log2;
-  if constexpr (kSoftcap) score_scale_log2 = params.features.softcap_log2;
-
+  const IssueOrder order{T::kPingPong, warpgroup - 1};
+  const bool arrive_lane = (tid & 31) == 0;
   int kv_iteration = 0;
   order.start();
   for (int q_iteration = 0;; ++q_iteration) {
@@ -323,156 +555,39 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __gri
     const int n_block_min = Mask<kMask>::kKeysStartAtZero ? 0 : slot->n_block_min;
     const int n_block_max = slot->n_block_max;
     const Mask<kMask> seq_mask = slot->mask;
-    const FwdGroupArgs& g = p.groups[group];
-    const int rows_valid = min(T::kBlockM, seq_mask.seqlen_q - row0);
-    Element* out_tile = static_cast<Element*>(g.out) + (q_start + row0) * g.out_row_stride + head * g.out_head_stride;
-    float* lse_tile = g.softmax_lse + static_cast<int64_t>(head) * g.total_q + q_start + row0;
-
-    if (n_block_max <= n_block_min) {  // no row of this tile sees a key: O = 0, LSE = -inf (or the sink)
+    if (n_block_max <= n_block_min) {  // no row of this tile sees a key
       q_pipe.consumer_release(q_stage, arrive_lane);  // the slot is copied; no Q was loaded
-      constexpr int kChunks = T::kHeadDim / 8;
-      const int ctid = tid - 128;  // the consumers' own numbering
-      for (int i = ctid; i < rows_valid * kChunks; i += 256)
-        *reinterpret_cast<uint4*>(out_tile + (i / kChunks) * g.out_row_stride + (i % kChunks) * 8) = make_uint4(0, 0, 0, 0);
-      float empty_lse = -INFINITY;
-      if constexpr (kLocal) {
-        if (params.features.sinks != nullptr) empty_lse = params.features.sinks[head];
-      }
-      for (int row = ctid; row < rows_valid; row += 256) lse_tile[row] = empty_lse;
+      const FwdGroupArgs& g = p.groups[group];
+      Element* out_tile = static_cast<Element*>(g.out) + (q_start + row0) * g.out_row_stride + head * g.out_head_stride;
+      float* lse_tile = g.softmax_lse + static_cast<int64_t>(head) * g.total_q + q_start + row0;
+      write_empty_tile<T, kMask>(params, g, out_tile, lse_tile, head, min(T::kBlockM, seq_mask.seqlen_q - row0),
+                                 tid - 128, 256);
       continue;
     }
-
-    // This thread's two query rows, within the sequence, and its first key column in a block.
-    const int my_row = row0 + wg * 64 + warp_in_wg * 16 + (lane >> 2);
-    const int my_col = (lane & 3) * 2;
-    const int wg_row0 = row0 + wg * 64;
-
-    float o[kDTiles][4];
-#pragma unroll
-    for (int dt = 0; dt < kDTiles; ++dt)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) o[dt][c] = 0.f;
-    float s[kNTiles][4];
-    uint32_t pfrag[kPSteps][4];
-    RowSoftmax softmax;
-
-    // Masks key columns past the sequence and outside each row's window (common/mask.h).
-    auto mask = [&](int n) {
-      const int col0 = n * kBlockN;
-      if (!seq_mask.tile_needs_key_mask(wg_row0, 64, col0, kBlockN)) return;
-#pragma unroll
-      for (int nt = 0; nt < kNTiles; ++nt)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          const int row = my_row + ((c >> 1) << 3);
-          const int col = col0 + nt * 8 + my_col + (c & 1);
-          if (seq_mask.key_masked(row, col)) s[nt][c] = -INFINITY;
-        }
-    };
-    // Softcap (kSoftcap): the scores become t = tanh(s * softcap_scale) before the mask, and the
-    // softmax takes them with the softcap's scale (softcap.cuh).
-    auto softcap = [&]() {
-      if constexpr (kSoftcap) softcap_scores(s, params.features.softcap_scale);
-    };
-    // P (fp32 in s) -> the register A operand of P V.
-    auto convert_p = [&]() { pack_a_fragments<Element>(s, pfrag); };
-    // In the block holding the sequence's last key, zero the V rows past it (both consumer
-    // warpgroups share the work and meet at a barrier: each one's P V reads all of them), then
-    // make them visible to wgmma. Both warpgroups reach this for the same blocks.
-    auto zero_v_tail = [&](int n, int stage) {
-      const int valid = seq_mask.seqlen_k - n * kBlockN;
-      if (valid >= kBlockN) return;
-      ptx::zero_swizzled_rows(sm.v_stage(stage), T::kKVColBlockBytes, T::kColBlocks, valid < 0 ? 0 : valid, kBlockN,
-                              tid - 128, 256);
-      ptx::fence_proxy_async_shared();
-      ptx::named_barrier_sync(barrier_id(NamedBarrier::kFwdVZeroed), 256);
-    };
-
-    // Block i of the loop is key block n = n_block_max - 1 - i, pipeline iteration
-    // kv_iteration + i of both rings, for i in [0, n_blocks).
-    const int n_blocks = n_block_max - n_block_min;
-    float correction[2];
-    {
-      const int n = n_block_max - 1;
-      const State st(kv_iteration);
-      const int stage = st.stage();
-      k_pipe.consumer_wait(st);
-      order.wait_turn();
-      tile.issue_qk(s, q_stage, stage);
-      order.pass_turn();
-      ptx::wgmma_wait_group<0>();
-      fence_accumulator(s);
-      k_pipe.consumer_release(stage, arrive_lane);
-      softcap();
-      mask(n);
-      softmax.update(s, score_scale_log2, correction);
-      convert_p();
-    }
-    for (int i = 1; i < n_blocks; ++i) {
-      const int n = n_block_max - 1 - i;
-      const State st(kv_iteration + i), prev = st.prev();  // S(n) reads K of st, P V(n+1) V of prev
-      const int stage = st.stage(), prev_stage = prev.stage();
-      consumer_wait(k_pipe, st, v_pipe, prev);
-      zero_v_tail(n + 1, prev_stage);
-      order.wait_turn();
-      tile.issue_qk(s, q_stage, stage);
-      tile.issue_pv(o, pfrag, prev_stage);
-      order.pass_turn();
-      ptx::wgmma_wait_group<1>();  // S(n) is in; P V(n+1) may still run
-      fence_accumulator(s);
-      k_pipe.consumer_release(stage, arrive_lane);
-      softcap();
-      mask(n);
-      softmax.update(s, score_scale_log2, correction);
-      ptx::wgmma_wait_group<0>();
-      fence_accumulator(o);
-      v_pipe.consumer_release(prev_stage, arrive_lane);
-#pragma unroll
-      for (int dt = 0; dt < kDTiles; ++dt) {
-        o[dt][0] *= correction[0];
-        o[dt][1] *= correction[0];
-        o[dt][2] *= correction[1];
-        o[dt][3] *= correction[1];
-      }
-      convert_p();
-    }
-    // Every S of the tile is done: Q's stage goes back to the producer (a later tile's Q).
-    q_pipe.consumer_release(q_stage, arrive_lane);
-    {
-      const State st(kv_iteration + n_blocks - 1);  // the last block's
-      const int stage = st.stage();
-      v_pipe.consumer_wait(st);
-      zero_v_tail(n_block_min, stage);
-      order.wait_turn();
-      tile.issue_pv(o, pfrag, stage);
-      order.pass_turn();
-      ptx::wgmma_wait_group<0>();
-      fence_accumulator(o);
-      v_pipe.consumer_release(stage, arrive_lane);
-    }
-    kv_iteration += n_blocks;
-
-    // ---------------- epilogue: normalise, store O and the LSE ----------------
-    float lse[2];
-    if constexpr (kLocal) {
-      const float sink = params.features.sinks != nullptr ? params.features.sinks[head] : -INFINITY;
-      softmax.finalize_with_sink(o, kSoftcap ? params.features.softcap : p.softmax_scale, sink, lse);
-    } else {
-      softmax.finalize(o, p.softmax_scale, lse);
-    }
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int row = my_row + r * 8 - row0;  // within the tile
-      if (row < rows_valid) {
-        Element* dst = out_tile + row * g.out_row_stride + my_col;
-#pragma unroll
-        for (int dt = 0; dt < kDTiles; ++dt)
-          *reinterpret_cast<uint32_t*>(dst + dt * 8) = ptx::pack2<Element>(o[dt][2 * r], o[dt][2 * r + 1]);
-        if ((lane & 3) == 0) lse_tile[row] = lse[r];
-      }
-    }
+    consume_tile<T, kMask, kSoftcap, /*kPersistent=*/true>(params, sm, order, q_stage, kv_iteration, head, group, row0,
+                                                          q_start, n_block_min, n_block_max, seq_mask);
+    kv_iteration += n_block_max - n_block_min;
   }
 #endif
+}
+
+// The launch of one (traits, mask, softcap) forward: the persistent kernel when the host gave the
+// call a tile counter (fwd_dispatch.cu: short tiles, head dims of has_persistent_fwd), else one CTA
+// per tile. Each kernel's
+// shared-memory attribute is set once (launch.h).
+template <typename T, MaskMode kMask, bool kSoftcap>
+cudaError_t launch_grouped_fwd(const FwdKernelParams& params, int num_ctas, cudaStream_t stream) {
+  if constexpr (has_persistent_fwd(T::kHeadDim)) {
+    if (params.tile_counter != nullptr) {
+      using TP = PersistentFwdTraits<T>;
+      static KernelAttributeCache persistent_attributes_set;
+      return launch_with_smem(&grouped_fwd_persistent_kernel<TP, kMask, kSoftcap>, num_ctas, TP::kThreads,
+                              TP::kSmemBytes, stream, params, /*max_shared_carveout=*/false, persistent_attributes_set);
+    }
+  }
+  static KernelAttributeCache attributes_set;
+  return launch_with_smem(&grouped_fwd_kernel<T, kMask, kSoftcap>, num_ctas, T::kThreads, T::kSmemBytes, stream,
+                          params, /*max_shared_carveout=*/false, attributes_set);
 }
 
 }  // namespace sm90
