@@ -3,8 +3,10 @@
 //
 // A CTA computes 128-row query tiles of (group, sequence, head), taken from the same longest-first
 // work list as tier 1 (the heads of one item are consecutive entries, so the query heads of one
-// KV head read the same K/V from L2 at about the same time). The grid is persistent: one CTA per
-// SM takes tiles from the list until none is left (grouped_fwd_kernel below).
+// KV head read the same K/V from L2 at about the same time). Two kernels share the consumers'
+// body (consume_tile): grouped_fwd_kernel, one CTA per tile, and grouped_fwd_persistent_kernel,
+// one CTA per SM taking tiles from the list until none is left (for short tiles; the host picks,
+// launch_grouped_fwd at the end).
 //   warpgroup 0 (producer, 24 registers): one thread loads each tile's Q, then K and V block by
 //     block, from the last block to the first, into kStages stages guarded by full/empty mbarriers.
 //   warpgroups 1, 2 (consumers, 240 registers): 64 query rows each. S = Q K^T (wgmma, both
