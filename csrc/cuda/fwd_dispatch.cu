@@ -92,10 +92,10 @@ ringattn_status run_sm90_fwd(const ringattn_fwd_params& p, const Sm90FwdKernelEn
   // are more tiles than SMs: one CTA per SM (its registers allow no second), each taking tiles from
   // the list until none is left (sm90/fwd_kernel.cuh); the kernel knows it by the tile counter.
   // Short: rows see at most kPersistentMaxKeys keys (max_seqlen_k, a hint, or the window's span).
-  // Long tiles keep the one-CTA-per-tile kernel. Measured on an H200 (docs/perf-log.md,
-  // 2026-12-05): the persistent grid +6 to +47% forward at L = 512-2048, but -2 to -5% at the
-  // per-rank zigzag rows (L = 64K).
-  constexpr int64_t kPersistentMaxKeys = 16384;
+  // Longer tiles keep the one-CTA-per-tile kernel. Measured on an H200 (docs/perf-log.md,
+  // 2026-12-05): the persistent kernel +13 to +38% forward at L = 512-2048, -1 to -2.5% at
+  // L = 8192-16384.
+  constexpr int64_t kPersistentMaxKeys = 4096;
   const ringattn_problem& pr = p.problem;
   int64_t keys = pr.max_seqlen_k;
   if (pr.has_window && pr.window_left >= 0 && (pr.causal || pr.window_right >= 0)) {
