@@ -365,6 +365,23 @@ def test_non_finite_rows_follow_ieee_like_the_cpu_backend(monkeypatch, tier, hea
     assert torch.isnan(q.grad[nan_row, 1]).all(), "dQ of the NaN row is NaN"
 
 
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_tier2_forward_many_tiles_per_cta(monkeypatch, head_dim):
+    """The persistent tier-2 forward: many more tiles than SMs, so every CTA walks many tiles of
+    mixed lengths (its Q and K/V rings wrap across tiles, tiles without keys sit among them via
+    seqused_k = 0), two groups, GQA; against the float32 reference."""
+    if not _is_sm90():
+        pytest.skip("tier 2 needs an sm90 card")
+    monkeypatch.setenv("RING_FLASH_ATTN_TIER", "sm90")
+    torch.manual_seed(29 + head_dim)
+    gen = torch.Generator().manual_seed(head_dim)
+    lens_q = [[int(x) for x in torch.randint(1, 700, (48,), generator=gen)] for _ in range(2)]
+    lens_k = [int(x) for x in torch.randint(1, 900, (48,), generator=gen)]
+    seqused = [None, [0 if b % 7 == 0 else n for b, n in enumerate(lens_k)]]
+    for causal in (True, False):
+        _run_and_check(lens_q, lens_k, 16, 4, head_dim, torch.bfloat16, causal, seqused=seqused)
+
+
 def test_tiers_agree_on_a_long_sequence(monkeypatch):
     if not _is_sm90():
         pytest.skip("tier 2 needs an sm90 card")

@@ -3,6 +3,7 @@
 // host copies of the metadata checks.
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <mutex>
 #include <string>
 
@@ -115,6 +116,23 @@ ringattn_status check_device(int device_index, int* cc) {
   }
   if (entry.status != RINGATTN_STATUS_OK) return fail(entry.status, entry.message);
   return RINGATTN_STATUS_OK;
+}
+
+int device_sm_count(int device_index) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> counts[kMaxDevices];  // 0: not read yet
+  const bool cached = device_index >= 0 && device_index < kMaxDevices;
+  if (cached) {
+    const int n = counts[device_index].load(std::memory_order_relaxed);
+    if (n > 0) return n;
+  }
+  int n = 0;
+  if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device_index) != cudaSuccess || n < 1) {
+    cudaGetLastError();  // leave no sticky error behind: the caller falls back to one CTA per tile
+    return 0;
+  }
+  if (cached) counts[device_index].store(n, std::memory_order_relaxed);
+  return n;
 }
 
 ringattn_status check_support(int device_index, int dtype, int head_dim) {

@@ -50,6 +50,9 @@ class DeviceGuard {
 // (major * 10 + minor).
 ringattn_status check_device(int device_index, int* cc = nullptr);
 
+// The device's number of SMs (read once per device), or 0 when the runtime does not say.
+int device_sm_count(int device_index);
+
 // The GPU kernel tiers (ringattn_tier): tier 1 (mma.sync, sm80 and newer), tier 2 (sm90a).
 enum class Tier { kSm80, kSm90 };
 

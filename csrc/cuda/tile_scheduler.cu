@@ -12,7 +12,8 @@ using metadata_errors::CuSeqlens;
 using work_list::clamp_i;
 using work_list::kThreads;
 
-constexpr size_t kWorkListAlign = 16;  // bytes, of each buffer
+constexpr size_t kWorkListAlign = 16;  // bytes, of each buffer (the count's holds the forward's tile counter too)
+static_assert(kWorkListAlign >= 2 * sizeof(int32_t), "the count and the tile counter share one buffer");
 
 __global__ void __launch_bounds__(kThreads) build_work_list_kernel(const __grid_constant__ SchedulerArgs args) {
   __shared__ int32_t scan[kThreads];
@@ -72,7 +73,12 @@ __global__ void __launch_bounds__(kThreads) build_work_list_kernel(const __grid_
 
   // 3. longest first.
   work_list::sort_by_cost_desc(args.unsorted, args.costs, total_items, args.sorted);
-  if (threadIdx.x == 0) *args.count = total_items;
+  if (threadIdx.x == 0) {
+    args.count[0] = total_items;
+    // The persistent tier-2 forward's tile counter (sm90/fwd_kernel.cuh), next to the count in
+    // the same 16-byte buffer: zero before every forward.
+    args.count[1] = 0;
+  }
 }
 
 }  // namespace

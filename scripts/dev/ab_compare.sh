@@ -51,7 +51,7 @@ side() {  # name src lib round
 }
 sweep_side() {  # name src lib round
   RING_FLASH_ATTN_LIBRARY="$3" PYTHONPATH="$2/python" "$py" "$2/benchmark/benchmark_fa3_sweep.py" \
-    $AB_SWEEP --impls ours --num-runs 10 --warmup 3 --csv "$out/sweep_$1.csv" >"$out/sweep_$1_$4.log" 2>&1
+    $AB_SWEEP --impls ours --num-runs 10 --warmup 3 --csv "$out/sweep_$1_$4.csv" >"$out/sweep_$1_$4.log" 2>&1
   echo "== sweep $1 round $4: rc=$?"
 }
 for round in 1 2; do
@@ -63,14 +63,20 @@ for round in 1 2; do
   fi
 done
 if [ -n "${AB_SWEEP:-}" ]; then
-  "$py" - "$out/sweep_old.csv" "$out/sweep_new.csv" <<'PYEOF'
+  "$py" - "$out"/sweep_old_[12].csv -- "$out"/sweep_new_[12].csv <<'PYEOF'
 import csv, sys, statistics
-def load(p):
+def load(paths):  # every round's rows; a row whose status is not ok is reported, not measured
     d = {}
-    for r in csv.DictReader(open(p)):
-        d.setdefault((int(r["head_dim"]), int(r["seqlen"]), r["causal"], r["pass"]), []).append(float(r["tflops"]))
+    for p in paths:
+        for r in csv.DictReader(open(p)):
+            key = (int(r["head_dim"]), int(r["seqlen"]), r["causal"], r["pass"])
+            if r.get("status", "ok") != "ok":
+                print(f"{p}: {key} status {r['status']}")
+                continue
+            d.setdefault(key, []).append(float(r["tflops"]))
     return d
-old, new = load(sys.argv[1]), load(sys.argv[2])
+cut = sys.argv.index("--")
+old, new = load(sys.argv[1:cut]), load(sys.argv[cut + 1:])
 print(f"{'D':>4} {'L':>6} {'causal':>6} {'pass':8} {'old TFLOPS':>11} {'new TFLOPS':>11} {'new/old':>7}")
 for k in sorted(old):
     if k in new:

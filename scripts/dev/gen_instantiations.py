@@ -35,6 +35,10 @@ class Launch:
     params: str  # the kernel parameter struct, in the tier's namespace
     # All of the unified L1/shared memory as shared memory (launch.h), where two CTAs need it.
     max_shared_carveout: bool = False
+    # A function template (of the kernel header) that picks and launches the kernel itself,
+    # `launcher<traits, mask mode, softcap>(params, num_ctas, stream)`; empty: the launch function
+    # launches grouped_<what>_kernel.
+    launcher: str = ""
 
     def function(self, hdim: int, dtype: "Dtype", variant: "Variant") -> str:
         """The launch function of one (head dim, dtype, variant), in the tier's namespace."""
@@ -125,7 +129,9 @@ KERNELS = (
         title="Tier-2 (sm90a: TMA + wgmma, warp specialised) forward kernels.",
         tier="sm90", pass_name="fwd", head_dims=(64, 128, 256),
         kernel_headers=("cuda/sm90/fwd_kernel.cuh",), declarations=("cuda/sm90/fwd_params.h", "cuda/sm90/fwd_traits.h"),
-        launches=(Launch("fwd", "FwdConfig<{element}, {hdim}>::Traits", "FwdKernelParams"),)),
+        # One CTA per tile, or the persistent grid where the host chose it (launch_grouped_fwd).
+        launches=(Launch("fwd", "FwdConfig<{element}, {hdim}>::Traits", "FwdKernelParams",
+                         launcher="launch_grouped_fwd"),)),
     # Head dim 256 runs tier 1's backward.
     KernelSet(
         title="Tier-2 backward dK/dV kernels (dQ through TMA reduce-add into dq_accum).",
@@ -179,6 +185,11 @@ def instantiation_file(ks: KernelSet, hdim: int, dtype: Dtype, variant: Variant)
     for launch in ks.launches:
         traits = launch.traits.format(element=dtype.element, hdim=hdim)
         carveout = str(launch.max_shared_carveout).lower()
+        if launch.launcher:
+            lines += (f"{launch.declaration(hdim, dtype, variant)} {{\n"
+                      f"  return {launch.launcher}<{traits}, {variant.template_args()}>(params, num_ctas, stream);\n"
+                      f"}}\n")
+            continue
         kernel = f"grouped_{launch.what}_kernel<T, {variant.template_args()}>"
         lines += (f"{launch.declaration(hdim, dtype, variant)} {{\n"
                   f"  using T = {traits};\n"

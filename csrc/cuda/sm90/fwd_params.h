@@ -20,8 +20,11 @@ struct FwdKernelParams {
   CUtensorMap tma_k;
   CUtensorMap tma_v;
   // The optional features (window, diagonal shifts, sinks, softcap), read by the kLocal kernels
-  // only. Last, so every field before it keeps its offset.
+  // only.
   FeatureParams features;
+  // The persistent grid's tile counter (zeroed by the work-list kernel): a CTA's tiles after its
+  // first (blockIdx.x) are gridDim.x + the values it takes from here.
+  int32_t* tile_counter;
 };
 static_assert(sizeof(FwdKernelParams) <= 4096, "kernel parameters fit the 4 KB parameter space");
 

@@ -14,7 +14,9 @@ namespace ringattn {
 namespace cuda {
 namespace sm90 {
 
-template <typename Element_, int kHeadDim_, int kBlockN_, int kStages_>
+// kQStages_: stages of the Q ring (fwd_kernel.cuh): 1 for one tile per CTA; the persistent grid
+// takes PersistentFwdTraits below.
+template <typename Element_, int kHeadDim_, int kBlockN_, int kStages_, int kQStages_ = 1>
 struct FwdTraits : WarpSpecialization {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;
@@ -30,13 +32,18 @@ struct FwdTraits : WarpSpecialization {
   static constexpr uint32_t kKVBytes = kBlockN * kHeadDim * sizeof(Element);  // one K or V stage
   static constexpr uint32_t kQColBlockBytes = kBlockM * 128;
   static constexpr uint32_t kKVColBlockBytes = kBlockN * 128;
+  static constexpr int kQStages = kQStages_;
   // Offsets from the 1024-byte aligned base.
   static constexpr uint32_t kOffQ = 0;
-  static constexpr uint32_t kOffK = kOffQ + kQBytes;
+  static constexpr uint32_t kOffK = kOffQ + kQStages * kQBytes;
   static constexpr uint32_t kOffV = kOffK + kStages * kKVBytes;
   static constexpr uint32_t kOffBarriers = kOffV + kStages * kKVBytes;
-  static constexpr int kNumBarriers = 1 + 4 * kStages;  // Q, full/empty of K and V per stage
-  static constexpr int kSmemBytes = 1024 /* alignment slack */ + kOffBarriers + 8 * kNumBarriers;
+  // Q full (kQStages), full/empty of K and V (kStages each), Q empty (kQStages)
+  static constexpr int kNumBarriers = 2 * kQStages + 4 * kStages;
+  // The producer's description of a tile for the consumers, one per Q stage (FwdTileSlot).
+  static constexpr uint32_t kOffTileSlots = kOffBarriers + 8 * kNumBarriers;
+  static constexpr int kTileSlotBytes = 64;
+  static constexpr int kSmemBytes = 1024 /* alignment slack */ + kOffTileSlots + kQStages * kTileSlotBytes;
 
   static_assert(sizeof(Element) == 2, "16-bit elements");
   static_assert(kHeadDim % 64 == 0, "head dim in 64-element column blocks");
@@ -44,6 +51,18 @@ struct FwdTraits : WarpSpecialization {
   static_assert(kQBytes % 1024 == 0 && kKVBytes % 1024 == 0, "1024-byte aligned tiles");
   static_assert(kSmemBytes <= 227 * 1024, "fits an H100's shared memory");
 };
+
+// The persistent grid's traits (fwd_kernel.cuh): two Q stages where they fit next to the K/V stages
+// (D 64 and 128), so the next tile's Q loads while this tile still runs; one at D 256.
+template <typename T>
+using PersistentFwdTraits =
+    FwdTraits<typename T::Element, T::kHeadDim, T::kBlockN, T::kStages,
+              2 * T::kQBytes + 2 * T::kStages * T::kKVBytes + 4096 <= 227 * 1024 ? 2 : 1>;
+
+// Head dims with a persistent forward kernel: 64 and 128. At 256 the consumers' registers are
+// full with one tile (its persistent loop spilled) and Q has one stage, so it keeps one CTA per
+// tile. The host asks for it (a tile counter) only where this holds (fwd_dispatch.cu).
+constexpr bool has_persistent_fwd(int head_dim) { return head_dim <= 128; }
 
 // The configuration used per (dtype, head dim).
 template <typename Element, int kHeadDim>

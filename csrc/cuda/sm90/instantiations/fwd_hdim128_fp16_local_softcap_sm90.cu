@@ -5,11 +5,7 @@ namespace ringattn {
 namespace cuda {
 namespace sm90 {
 cudaError_t launch_fwd_hdim128_fp16_local_softcap(const FwdKernelParams& params, int num_ctas, cudaStream_t stream) {
-  using T = FwdConfig<__half, 128>::Traits;
-  static KernelAttributeCache attributes_set;  // launch.h
-  return launch_with_smem(&grouped_fwd_kernel<T, MaskMode::kLocal, true>, num_ctas, T::kThreads,
-                          T::kSmemBytes, stream, params, /*max_shared_carveout=*/false,
-                          attributes_set);
+  return launch_grouped_fwd<FwdConfig<__half, 128>::Traits, MaskMode::kLocal, true>(params, num_ctas, stream);
 }
 }  // namespace sm90
 }  // namespace cuda
