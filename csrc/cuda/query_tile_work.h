@@ -1,8 +1,6 @@
-// The query tile a CTA of a query-tile kernel owns (the tier-2 forward and deterministic dQ
-// kernels): CTA blockIdx.x = item * num_heads_q + head over the longest-first work list
+// The query tile a CTA of a query-tile kernel owns (the forward and deterministic dQ kernels of
+// both tiers): CTA blockIdx.x = item * num_heads_q + head over the longest-first work list
 // (tile_scheduler.cu), each item a (group, m_block, batch) with group_and_mblock = (m_block << 4) | group.
-// The tier-1 kernels still decode it inline: routing them through this changed their register
-// allocation (SASS), which needs a device run to judge.
 #pragma once
 
 #include <cstdint>
