@@ -12,21 +12,19 @@ namespace cuda {
 
 struct QueryTileWork {
   int head;
-  int group;
-  int m_block;
-  int batch;
+  WorkItem item;
 
   // False for a CTA past the list's current length (the grid is sized for its capacity).
   __device__ __forceinline__ bool decode(const WorkItem* items, const int32_t* count, int num_heads_q) {
     const int item_index = blockIdx.x / num_heads_q;
     if (item_index >= *count) return false;
     head = blockIdx.x % num_heads_q;
-    const WorkItem item = items[item_index];
-    group = item.group_and_mblock & 15;
-    m_block = item.group_and_mblock >> 4;
-    batch = item.batch;
+    item = items[item_index];
     return true;
   }
+  __device__ __forceinline__ int group() const { return item.group_and_mblock & 15; }
+  __device__ __forceinline__ int m_block() const { return item.group_and_mblock >> 4; }
+  __device__ __forceinline__ int batch() const { return item.batch; }
 };
 
 }  // namespace cuda

@@ -48,14 +48,14 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_bwd_dq_kernel(const __
   const int num_heads_q = params.num_heads_q;
   QueryTileWork work;
   if (!work.decode(params.q_items, params.q_count, num_heads_q)) return;
-  const int head = work.head, group = work.group, m_block = work.m_block;
+  const int head = work.head, group = work.group(), m_block = work.m_block();
   const BwdGroupArgs& g = params.groups[group];
-  const SeqLenInfo seq(g.cu_seqlens_q, g.total_q, params.cu_seqlens_k, params.total_k, g.seqused_k, work.batch);
+  const SeqLenInfo seq(g.cu_seqlens_q, g.total_q, params.cu_seqlens_k, params.total_k, g.seqused_k, work.batch());
   const int row0 = m_block * kBlockM;
   if (row0 >= seq.seqlen_q) return;
   const int rows_valid = min(kBlockM, seq.seqlen_q - row0);
   // A tile that sees no key keeps dQ = 0 (dq_accum was zeroed by the preprocess).
-  const Mask<kMask> seq_mask = seq.mask<kMask>(params.features, group, work.batch);
+  const Mask<kMask> seq_mask = seq.mask<kMask>(params.features, group, work.batch());
   // Key blocks [n_block_min, n_block_max) of this tile; n_block_min is the constant 0 when no row's
   // keys can start past key 0, so the loop bounds below stay compile-time constants then.
   const int n_block_min = Mask<kMask>::kKeysStartAtZero ? 0 : seq_mask.n_block_min(m_block, kBlockM, kBlockN);
