@@ -1,8 +1,6 @@
-// The query tile a CTA of a query-tile kernel owns (the tier-2 forward and deterministic dQ
-// kernels): CTA blockIdx.x = item * num_heads_q + head over the longest-first work list
+// The query tile a CTA of a query-tile kernel owns (the forward and deterministic dQ kernels of
+// both tiers): CTA blockIdx.x = item * num_heads_q + head over the longest-first work list
 // (tile_scheduler.cu), each item a (group, m_block, batch) with group_and_mblock = (m_block << 4) | group.
-// The tier-1 kernels still decode it inline: routing them through this changed their register
-// allocation (SASS), which needs a device run to judge.
 #pragma once
 
 #include <cstdint>
@@ -14,21 +12,19 @@ namespace cuda {
 
 struct QueryTileWork {
   int head;
-  int group;
-  int m_block;
-  int batch;
+  WorkItem item;
 
   // False for a CTA past the list's current length (the grid is sized for its capacity).
   __device__ __forceinline__ bool decode(const WorkItem* items, const int32_t* count, int num_heads_q) {
     const int item_index = blockIdx.x / num_heads_q;
     if (item_index >= *count) return false;
     head = blockIdx.x % num_heads_q;
-    const WorkItem item = items[item_index];
-    group = item.group_and_mblock & 15;
-    m_block = item.group_and_mblock >> 4;
-    batch = item.batch;
+    item = items[item_index];
     return true;
   }
+  __device__ __forceinline__ int group() const { return item.group_and_mblock & 15; }
+  __device__ __forceinline__ int m_block() const { return item.group_and_mblock >> 4; }
+  __device__ __forceinline__ int batch() const { return item.batch; }
 };
 
 }  // namespace cuda

@@ -21,6 +21,7 @@
 #include "cuda/features.cuh"
 #include "cuda/launch.h"
 #include "cuda/ptx.h"
+#include "cuda/query_tile_work.h"
 #include "cuda/seqlen_info.h"
 #include "cuda/sm80/bwd_common.cuh"
 #include "cuda/sm80/bwd_traits.h"
@@ -45,19 +46,16 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_bwd_dq_kernel(const __
   constexpr uint32_t kKvBytes = kBlockN * kHeadDim * sizeof(Element);  // one K or V stage
 
   const int num_heads_q = params.num_heads_q;
-  const int item_index = blockIdx.x / num_heads_q;
-  if (item_index >= *params.q_count) return;
-  const int head = blockIdx.x % num_heads_q;
-  const WorkItem item = params.q_items[item_index];
-  const int group = item.group_and_mblock & 15;
-  const int m_block = item.group_and_mblock >> 4;
+  QueryTileWork work;
+  if (!work.decode(params.q_items, params.q_count, num_heads_q)) return;
+  const int head = work.head, group = work.group(), m_block = work.m_block();
   const BwdGroupArgs& g = params.groups[group];
-  const SeqLenInfo seq(g.cu_seqlens_q, g.total_q, params.cu_seqlens_k, params.total_k, g.seqused_k, item.batch);
+  const SeqLenInfo seq(g.cu_seqlens_q, g.total_q, params.cu_seqlens_k, params.total_k, g.seqused_k, work.batch());
   const int row0 = m_block * kBlockM;
   if (row0 >= seq.seqlen_q) return;
   const int rows_valid = min(kBlockM, seq.seqlen_q - row0);
   // A tile that sees no key keeps dQ = 0 (dq_accum was zeroed by the preprocess).
-  const Mask<kMask> seq_mask = seq.mask<kMask>(params.features, group, item.batch);
+  const Mask<kMask> seq_mask = seq.mask<kMask>(params.features, group, work.batch());
   // Key blocks [n_block_min, n_block_max) of this tile; n_block_min is the constant 0 when no row's
   // keys can start past key 0, so the loop bounds below stay compile-time constants then.
   const int n_block_min = Mask<kMask>::kKeysStartAtZero ? 0 : seq_mask.n_block_min(m_block, kBlockM, kBlockN);

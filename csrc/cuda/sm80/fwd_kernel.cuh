@@ -26,6 +26,7 @@
 #include "cuda/fwd_params.h"
 #include "cuda/launch.h"
 #include "cuda/ptx.h"
+#include "cuda/query_tile_work.h"
 #include "cuda/seqlen_info.h"
 #include "cuda/sm80/fwd_traits.h"
 #include "cuda/sm80/mma_fragments.cuh"
@@ -65,15 +66,11 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocksPerSm)
   constexpr int kNTiles = T::kNTiles;
   constexpr int kDTiles = T::kDTiles;
 
-  const int num_heads_q = params.num_heads_q;
-  const int item_index = blockIdx.x / num_heads_q;
-  if (item_index >= *params.work_count) return;
-  const int head = blockIdx.x % num_heads_q;
-  const WorkItem item = params.work_items[item_index];
-  const int group = item.group_and_mblock & 15;
-  const int m_block = item.group_and_mblock >> 4;
+  QueryTileWork work;
+  if (!work.decode(params.work_items, params.work_count, params.num_heads_q)) return;
+  const int head = work.head, group = work.group(), m_block = work.m_block();
   const FwdGroupArgs& g = params.groups[group];
-  const SeqLenInfo seq(g.cu_seqlens_q, g.total_q, params.cu_seqlens_k, params.total_k, g.seqused_k, item.batch);
+  const SeqLenInfo seq(g.cu_seqlens_q, g.total_q, params.cu_seqlens_k, params.total_k, g.seqused_k, work.batch());
   const int row0 = m_block * kBlockM;  // first query row of this tile, within the sequence
   if (row0 >= seq.seqlen_q) return;
   const int rows_valid = min(kBlockM, seq.seqlen_q - row0);
@@ -86,7 +83,7 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocksPerSm)
   Element* out_tile = static_cast<Element*>(g.out) + (seq.q_start + row0) * g.out_row_stride + head * g.out_head_stride;
   float* lse_tile = g.softmax_lse + static_cast<int64_t>(head) * g.total_q + seq.q_start + row0;
 
-  const Mask<kMask> seq_mask = seq.mask<kMask>(params.features, group, item.batch);
+  const Mask<kMask> seq_mask = seq.mask<kMask>(params.features, group, work.batch());
   // Key blocks [n_block_min, n_block_max) of this tile; n_block_min is the constant 0 when no row's
   // keys can start past key 0, so the loop bounds below stay compile-time constants then.
   const int n_block_min = Mask<kMask>::kKeysStartAtZero ? 0 : seq_mask.n_block_min(m_block, kBlockM, kBlockN);

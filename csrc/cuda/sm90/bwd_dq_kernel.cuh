@@ -75,14 +75,14 @@ __global__ void __launch_bounds__(T::kThreads, 1)
   const int num_heads_q = p.num_heads_q;
   QueryTileWork work;
   if (!work.decode(p.q_items, p.q_count, num_heads_q)) return;
-  const int head = work.head, group = work.group, m_block = work.m_block;
+  const int head = work.head, group = work.group(), m_block = work.m_block();
   const BwdGroupArgs& g = p.groups[group];
-  const SeqLenInfo seq(g.cu_seqlens_q, g.total_q, p.cu_seqlens_k, p.total_k, g.seqused_k, work.batch);
+  const SeqLenInfo seq(g.cu_seqlens_q, g.total_q, p.cu_seqlens_k, p.total_k, g.seqused_k, work.batch());
   const int row0 = m_block * kBlockM;
   if (row0 >= seq.seqlen_q) return;
   // Key blocks [n_block_min, n_block_max) (n_block_min the constant 0 for kNone / kCausal). A
   // tile that sees no key keeps dQ = 0 (dq_accum was zeroed by the preprocess).
-  const Mask<kMask> seq_mask = seq.mask<kMask>(params.features, group, work.batch);
+  const Mask<kMask> seq_mask = seq.mask<kMask>(params.features, group, work.batch());
   const int n_block_min = Mask<kMask>::kKeysStartAtZero ? 0 : seq_mask.n_block_min(m_block, kBlockM, kBlockN);
   const int n_block_max = seq_mask.n_block_max(m_block, kBlockM, kBlockN);
   if (n_block_max <= n_block_min) return;

@@ -410,15 +410,15 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __gri
   const int num_heads_q = p.num_heads_q;
   QueryTileWork work;
   if (!work.decode(p.work_items, p.work_count, num_heads_q)) return;
-  const int head = work.head, group = work.group, m_block = work.m_block;
+  const int head = work.head, group = work.group(), m_block = work.m_block();
   const FwdGroupArgs& g = p.groups[group];
-  const SeqLenInfo seq(g.cu_seqlens_q, g.total_q, p.cu_seqlens_k, p.total_k, g.seqused_k, work.batch);
+  const SeqLenInfo seq(g.cu_seqlens_q, g.total_q, p.cu_seqlens_k, p.total_k, g.seqused_k, work.batch());
   const int row0 = m_block * kBlockM;
   if (row0 >= seq.seqlen_q) return;
   const int kv_head = head / p.q_heads_per_kv_head;
   const int tid = threadIdx.x;
 
-  const Mask<kMask> seq_mask = seq.mask<kMask>(params.features, group, work.batch);
+  const Mask<kMask> seq_mask = seq.mask<kMask>(params.features, group, work.batch());
   // Key blocks [n_block_min, n_block_max) of this tile. n_block_min is the constant 0 when no
   // row's keys can start past key 0 (kNone, kCausal), so the loops are those of a walk down to
   // block 0.
