@@ -13,7 +13,7 @@ for side in old new; do
   tree="${!side}"
   # shellcheck disable=SC2086  # NCU_ROWS: several words
   RING_FLASH_ATTN_LIBRARY="$tree/build/device/libringattn.so" PYTHONPATH="$tree/python" \
-    timeout 240 ncu --kernel-name regex:grouped_fwd_(persistent_)?kernel --launch-skip 2 --launch-count 1 \
+    timeout 240 ncu --kernel-name 'regex:grouped_fwd_(persistent_)?kernel' --launch-skip 2 --launch-count 1 \
     --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats \
     --section SchedulerStats --section Occupancy --section LaunchStats --section InstructionStats \
     python3 "$tree/benchmark/benchmark_grouped_attention.py" $rows --passes fwd --impls fused \
