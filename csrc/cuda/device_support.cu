@@ -3,7 +3,6 @@
 // host copies of the metadata checks.
 #include <cuda_runtime.h>
 
-#include <atomic>
 #include <mutex>
 #include <string>
 
@@ -57,9 +56,10 @@ struct DeviceSupport {
   ringattn_status status = RINGATTN_STATUS_OK;
   std::string message;
   int cc = 0;  // compute capability, major * 10 + minor
+  int sm_count = 0;  // streaming multiprocessors
 };
 
-ringattn_status check_device_uncached(int device_index, int* cc_out) {
+ringattn_status check_device_uncached(int device_index, int* cc_out, int* sm_count_out) {
   int count = 0;
   cudaError_t err = cudaGetDeviceCount(&count);
   if (err != cudaSuccess)
@@ -73,6 +73,7 @@ ringattn_status check_device_uncached(int device_index, int* cc_out) {
     return cuda_fail(err, "cudaGetDeviceProperties");
   const int cc = prop.major * 10 + prop.minor;
   *cc_out = cc;
+  *sm_count_out = prop.multiProcessorCount;
   if (cc < 80)
     return failf(RINGATTN_STATUS_UNSUPPORTED,
                  "GPU %d (%s) has compute capability %d.%d; libringattn needs 8.0 or newer (Ampere, Ada, Hopper)",
@@ -95,19 +96,20 @@ ringattn_status check_device_uncached(int device_index, int* cc_out) {
 
 }  // namespace
 
-ringattn_status check_device(int device_index, int* cc) {
+ringattn_status check_device(int device_index, int* cc, int* sm_count) {
   constexpr int kMaxDevices = 64;
   static std::mutex mutex;
   static DeviceSupport cache[kMaxDevices];
-  int scratch = 0;
-  if (cc == nullptr) cc = &scratch;
-  if (device_index >= kMaxDevices) return check_device_uncached(device_index, cc);
+  int scratch_cc = 0, scratch_sm_count = 0;
+  if (cc == nullptr) cc = &scratch_cc;
+  if (sm_count == nullptr) sm_count = &scratch_sm_count;
+  if (device_index >= kMaxDevices) return check_device_uncached(device_index, cc, sm_count);
   std::lock_guard<std::mutex> lock(mutex);
   DeviceSupport& entry = cache[device_index];
+  if (!entry.checked) entry.status = check_device_uncached(device_index, &entry.cc, &entry.sm_count);
   *cc = entry.cc;
+  *sm_count = entry.sm_count;
   if (!entry.checked) {
-    entry.status = check_device_uncached(device_index, &entry.cc);
-    *cc = entry.cc;
     entry.message = entry.status == RINGATTN_STATUS_OK ? std::string() : std::string(last_error());
     // A missing device can appear later (CUDA_VISIBLE_DEVICES is read once, but a driver
     // error may be transient): cache only definite answers about an existing device.
@@ -119,20 +121,8 @@ ringattn_status check_device(int device_index, int* cc) {
 }
 
 int device_sm_count(int device_index) {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> counts[kMaxDevices];  // 0: not read yet
-  const bool cached = device_index >= 0 && device_index < kMaxDevices;
-  if (cached) {
-    const int n = counts[device_index].load(std::memory_order_relaxed);
-    if (n > 0) return n;
-  }
-  int n = 0;
-  if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device_index) != cudaSuccess || n < 1) {
-    cudaGetLastError();  // leave no sticky error behind: the caller falls back to one CTA per tile
-    return 0;
-  }
-  if (cached) counts[device_index].store(n, std::memory_order_relaxed);
-  return n;
+  int sm_count = 0;
+  return check_device(device_index, nullptr, &sm_count) == RINGATTN_STATUS_OK ? sm_count : 0;
 }
 
 ringattn_status check_support(int device_index, int dtype, int head_dim) {

@@ -46,11 +46,12 @@ class DeviceGuard {
 };
 
 // Whether the device exists, is new enough and has a kernel image in this build; checked once
-// per device and cached with its message. *cc (optional) gets its compute capability
-// (major * 10 + minor).
-ringattn_status check_device(int device_index, int* cc = nullptr);
+// per device and cached with its message. *cc and *sm_count (optional) get its compute
+// capability (major * 10 + minor) and its number of SMs.
+ringattn_status check_device(int device_index, int* cc = nullptr, int* sm_count = nullptr);
 
-// The device's number of SMs (read once per device), or 0 when the runtime does not say.
+// The device's number of SMs (from check_device's per-device cache), or 0 when the device
+// cannot run our kernels.
 int device_sm_count(int device_index);
 
 // The GPU kernel tiers (ringattn_tier): tier 1 (mma.sync, sm80 and newer), tier 2 (sm90a).
