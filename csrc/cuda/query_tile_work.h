@@ -14,12 +14,17 @@ struct QueryTileWork {
   int head;
   WorkItem item;
 
-  // False for a CTA past the list's current length (the grid is sized for its capacity).
+  // Entry `tile` of the list, tile = item * num_heads_q + head (below the list's length times
+  // num_heads_q).
+  static __device__ __forceinline__ QueryTileWork at(const WorkItem* items, unsigned tile, int num_heads_q) {
+    return {static_cast<int>(tile % num_heads_q), items[static_cast<int>(tile / num_heads_q)]};
+  }
+  // This CTA's entry (blockIdx.x); false for a CTA past the list's current length (the grid is
+  // sized for its capacity).
   __device__ __forceinline__ bool decode(const WorkItem* items, const int32_t* count, int num_heads_q) {
     const int item_index = blockIdx.x / num_heads_q;
     if (item_index >= *count) return false;
-    head = blockIdx.x % num_heads_q;
-    item = items[item_index];
+    *this = at(items, blockIdx.x, num_heads_q);
     return true;
   }
   __device__ __forceinline__ int group() const { return item.group_and_mblock & 15; }

@@ -181,14 +181,16 @@ struct FwdTile {
   bool has_rows;
   int n_block_min, n_block_max;
 
-  __device__ __forceinline__ FwdTile(const FwdKernelParams& params, int tile) : FwdTile(params, tile, params.base) {}
+  __device__ __forceinline__ FwdTile(const FwdKernelParams& params, int tile)
+      : FwdTile(params, QueryTileWork::at(params.base.work_items, tile, params.base.num_heads_q), params.base) {}
 
  private:
-  __device__ __forceinline__ FwdTile(const FwdKernelParams& params, int tile, const cuda::FwdKernelParams& p)
-      : head(tile % p.num_heads_q),
-        group(p.work_items[tile / p.num_heads_q].group_and_mblock & 15),
-        batch(p.work_items[tile / p.num_heads_q].batch),
-        row0((p.work_items[tile / p.num_heads_q].group_and_mblock >> 4) * T::kBlockM),
+  __device__ __forceinline__ FwdTile(const FwdKernelParams& params, const QueryTileWork& work,
+                                     const cuda::FwdKernelParams& p)
+      : head(work.head),
+        group(work.group()),
+        batch(work.batch()),
+        row0(work.m_block() * T::kBlockM),
         kv_head(head / p.q_heads_per_kv_head),
         seq(p.groups[group].cu_seqlens_q, p.groups[group].total_q, p.cu_seqlens_k, p.total_k, p.groups[group].seqused_k,
             batch),
