@@ -20,6 +20,16 @@ struct FwdGroupArgs {
   int64_t out_row_stride, out_head_stride;
   int32_t total_q;
   int32_t pad;
+
+  // Where a query tile (head `head`, rows from row0 of the sequence that starts at packed token
+  // q_start) writes its output rows and their LSE.
+  template <typename Element>
+  RINGATTN_HOST_DEVICE RINGATTN_FORCEINLINE Element* out_tile(int q_start, int row0, int head) const {
+    return static_cast<Element*>(out) + (q_start + row0) * out_row_stride + head * out_head_stride;
+  }
+  RINGATTN_HOST_DEVICE RINGATTN_FORCEINLINE float* lse_tile(int q_start, int row0, int head) const {
+    return softmax_lse + static_cast<int64_t>(head) * total_q + q_start + row0;
+  }
 };
 
 // One unit of work: a query tile of one (group, sequence). Heads are spread over blockIdx.

@@ -80,8 +80,8 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocksPerSm)
   const int lane = tid & 31;
   const int warp = tid >> 5;
 
-  Element* out_tile = static_cast<Element*>(g.out) + (seq.q_start + row0) * g.out_row_stride + head * g.out_head_stride;
-  float* lse_tile = g.softmax_lse + static_cast<int64_t>(head) * g.total_q + seq.q_start + row0;
+  Element* out_tile = g.out_tile<Element>(seq.q_start, row0, head);
+  float* lse_tile = g.lse_tile(seq.q_start, row0, head);
 
   const Mask<kMask> seq_mask = seq.mask<kMask>(params.features, group, work.batch());
   // Key blocks [n_block_min, n_block_max) of this tile; n_block_min is the constant 0 when no row's

@@ -375,8 +375,8 @@ __device__ __forceinline__ void consume_tile(const FwdKernelParams& params, cons
   // through it.)
   const FwdGroupArgs& g = p.groups[group];
   const int rows_valid = min(T::kBlockM, seq_mask.seqlen_q - row0);
-  Element* out_tile = static_cast<Element*>(g.out) + (q_start + row0) * g.out_row_stride + head * g.out_head_stride;
-  float* lse_tile = g.softmax_lse + static_cast<int64_t>(head) * g.total_q + q_start + row0;
+  Element* out_tile = g.out_tile<Element>(q_start, row0, head);
+  float* lse_tile = g.lse_tile(q_start, row0, head);
   float lse[2];
   if constexpr (kLocal) {
     const float sink = params.features.sinks != nullptr ? params.features.sinks[head] : -INFINITY;
@@ -427,8 +427,8 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __gri
   const int n_block_min = Mask<kMask>::kKeysStartAtZero ? 0 : seq_mask.n_block_min(m_block, kBlockM, kBlockN);
   const int n_block_max = seq_mask.n_block_max(m_block, kBlockM, kBlockN);
   if (n_block_max <= n_block_min) {  // no row of this tile sees a key
-    Element* out_tile = static_cast<Element*>(g.out) + (seq.q_start + row0) * g.out_row_stride + head * g.out_head_stride;
-    float* lse_tile = g.softmax_lse + static_cast<int64_t>(head) * g.total_q + seq.q_start + row0;
+    Element* out_tile = g.out_tile<Element>(seq.q_start, row0, head);
+    float* lse_tile = g.lse_tile(seq.q_start, row0, head);
     write_empty_tile<T, kMask>(params, g, out_tile, lse_tile, head, min(kBlockM, seq.seqlen_q - row0), tid, T::kThreads);
     return;
   }
@@ -562,8 +562,8 @@ __global__ void __launch_bounds__(T::kThreads, 1)
     if (n_block_max <= n_block_min) {  // no row of this tile sees a key
       q_pipe.consumer_release(q_stage, arrive_lane);  // the slot is copied; no Q was loaded
       const FwdGroupArgs& g = p.groups[group];
-      Element* out_tile = static_cast<Element*>(g.out) + (q_start + row0) * g.out_row_stride + head * g.out_head_stride;
-      float* lse_tile = g.softmax_lse + static_cast<int64_t>(head) * g.total_q + q_start + row0;
+      Element* out_tile = g.out_tile<Element>(q_start, row0, head);
+      float* lse_tile = g.lse_tile(q_start, row0, head);
       write_empty_tile<T, kMask>(params, g, out_tile, lse_tile, head, min(T::kBlockM, seq_mask.seqlen_q - row0),
                                  tid - 128, 256);
       continue;
