@@ -62,62 +62,15 @@ for round in 1 2; do
     sweep_side new "$root" "$root/build/device/libringattn.so" $round
   fi
 done
+# The tables (scripts/dev/ab_table.py: medians of both rounds, speed-up > 1 when new is faster).
+table="$root/scripts/dev/ab_table.py"
 if [ -n "${AB_SWEEP:-}" ]; then
-  "$py" - "$out"/sweep_old_[12].csv -- "$out"/sweep_new_[12].csv <<'PYEOF'
-import csv, sys, statistics
-def load(paths):  # every round's rows; a row whose status is not ok is reported, not measured
-    d = {}
-    for p in paths:
-        for r in csv.DictReader(open(p)):
-            key = (int(r["head_dim"]), int(r["seqlen"]), r["causal"], r["pass"])
-            if r.get("status", "ok") != "ok":
-                print(f"{p}: {key} status {r['status']}")
-                continue
-            d.setdefault(key, []).append(float(r["tflops"]))
-    return d
-cut = sys.argv.index("--")
-old, new = load(sys.argv[1:cut]), load(sys.argv[cut + 1:])
-print(f"{'D':>4} {'L':>6} {'causal':>6} {'pass':8} {'old TFLOPS':>11} {'new TFLOPS':>11} {'new/old':>7}")
-for k in sorted(old):
-    if k in new:
-        o, n = statistics.median(old[k]), statistics.median(new[k])
-        print(f"{k[0]:>4} {k[1]:>6} {k[2]:>6} {k[3]:8} {o:11.1f} {n:11.1f} {n / o:7.3f}")
-PYEOF
+  "$py" "$table" --keys head_dim,seqlen,causal,pass --metric tflops "$out"/sweep_old_[12].csv -- "$out"/sweep_new_[12].csv
 fi
 if [ "$bench" = features ]; then
-  "$py" - "$out" <<'PYEOF'
-import csv, glob, os, sys, statistics
-def load(side):
-    d = {}
-    for p in sorted(glob.glob(os.path.join(sys.argv[1], f"ab_{side}_*.csv"))):
-        for r in csv.DictReader(open(p)):
-            if r["status"] != "ok":
-                continue
-            d.setdefault((int(r["seqlen"]), r["tier"], r["variant"], r["pass"]), []).append(float(r["time_ms"]))
-    return d
-old, new = load("old"), load("new")
-print(f"{'L':>6} {'tier':5} {'variant':14} {'pass':7} {'old ms (runs)':>26} {'new ms (runs)':>26} {'old/new':>7}")
-for k in sorted(old):
-    if k not in new: continue
-    o, n = old[k], new[k]
-    print(f"{k[0]:>6} {k[1]:5} {k[2]:14} {k[3]:7} {statistics.median(o):8.3f} {str([round(x, 3) for x in o]):>17} "
-          f"{statistics.median(n):8.3f} {str([round(x, 3) for x in n]):>17} {statistics.median(o)/statistics.median(n):7.3f}")
-PYEOF
-  exit 0
+  "$py" "$table" --keys seqlen,tier,variant,pass --metric time_ms --lower-is-better \
+    "$out"/ab_old_[12].csv -- "$out"/ab_new_[12].csv
+else
+  "$py" "$table" --keys seqlen,world_size,rank,num_groups,impl,pass --metric tflops \
+    "$out/ab_old.csv" -- "$out/ab_new.csv"
 fi
-"$py" - "$out/ab_old.csv" "$out/ab_new.csv" <<'PYEOF'
-import csv, sys, statistics
-def load(p):
-    d = {}
-    for r in csv.DictReader(open(p)):
-        k = (r["seqlen"], r["world_size"], r["rank"], r["num_groups"], r["impl"], r["pass"])
-        d.setdefault(k, []).append(float(r["tflops"]))
-    return d
-old, new = load(sys.argv[1]), load(sys.argv[2])
-print(f"{'L':>6} {'N':>2} {'r':>2} {'G':>2} {'impl':12} {'pass':8} {'old TFLOPS (runs)':>22} {'new TFLOPS (runs)':>22} {'new/old':>7}")
-for k in sorted(old, key=lambda k: (int(k[0]), k[4], k[5], k[2])):
-    if k not in new: continue
-    o, n = old[k], new[k]
-    print(f"{k[0]:>6} {k[1]:>2} {k[2]:>2} {k[3]:>2} {k[4]:12} {k[5]:8} {statistics.median(o):8.1f} {str([round(x) for x in o]):>13} "
-          f"{statistics.median(n):8.1f} {str([round(x) for x in n]):>13} {statistics.median(n)/statistics.median(o):7.3f}")
-PYEOF
