@@ -397,3 +397,45 @@ def test_host_overhead_script_runs_on_cpu():
         assert line is not None, f"no row {name!r} in:\n{res.stdout}"
         us = float(line.split(" us")[0].split()[-1])
         assert us > 0.0, line
+
+
+# ---- scripts/dev/ncu_table.py -------------------------------------------------------------------
+
+_NCU_REPORT = """==PROF== Connected to process 123
+  grouped_fwd_kernel(FwdKernelParams) (1024, 1, 1)x(384, 1, 1), Context 1, Stream 7, Device 0, CC 9.0
+    Section: GPU Speed Of Light Throughput
+    ----------------------- ----------- ------------
+    Metric Name             Metric Unit Metric Value
+    ----------------------- ----------- ------------
+    DRAM Frequency                  Ghz         {freq}
+    Duration                         ms        {dur}
+    Compute (SM) Throughput           %        {sm}
+    ----------------------- ----------- ------------
+    Duration                         ms        99.99
+"""
+
+
+def test_ncu_table_puts_reports_side_by_side(tmp_path):
+    """ncu_table.py (used by scripts/dev/fwd_ncu_ab.sh and features_ncu.sh): one row per metric of
+    the first report, the first value of each metric, '-' where a report lacks it."""
+    a = tmp_path / "a.txt"
+    b = tmp_path / "b.txt"
+    a.write_text(_NCU_REPORT.format(freq="2.62", dur="33.74", sm="57.77"))
+    b.write_text(_NCU_REPORT.format(freq="2.62", dur="25.08", sm="55.81").replace(
+        "    Compute (SM) Throughput           %        55.81\n", ""))
+    script = os.path.join(_ROOT, "scripts", "dev", "ncu_table.py")
+    res = subprocess.run([sys.executable, script, f"causal={a}", f"window={b}"], capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 0, res.stderr
+    rows = {line[:48].strip(): line.split() for line in res.stdout.splitlines()[1:]}
+    assert res.stdout.splitlines()[0].split()[-2:] == ["causal", "window"]
+    assert rows["Duration"][-2:] == ["33.74", "25.08"]  # the first launch's, not the later 99.99
+    assert rows["Compute (SM) Throughput"][-2:] == ["57.77", "-"]
+    assert rows["DRAM Frequency"][-2:] == ["2.62", "2.62"]
+    missing = subprocess.run([sys.executable, script, f"x={tmp_path / 'none.txt'}"], capture_output=True, text=True,
+                             timeout=60)
+    assert missing.returncode == 1 and "no report" in missing.stderr
+    empty = tmp_path / "empty.txt"
+    empty.write_text("==ERROR== no kernel profiled\n")
+    res = subprocess.run([sys.executable, script, str(empty)], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1 and "no metric lines" in res.stderr

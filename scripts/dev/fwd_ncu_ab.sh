@@ -20,18 +20,4 @@ for side in old new; do
     --num-runs 2 --warmup 1 --no-check --output-dir "$out/bench_$side" >"$out/ncu_fwd_$side.txt" 2>&1
   echo "== ncu $side rc=$?"
 done
-python3 - "$out/ncu_fwd_old.txt" "$out/ncu_fwd_new.txt" <<'PYEOF'
-import re, sys
-def metrics(path):
-    d = {}
-    for line in open(path, errors="replace"):
-        m = re.match(r"\s{4}(\S.*?\S)\s{2,}(\S+)\s{2,}([\d.,]+)\s*$", line)
-        if m and m.group(1) not in d:
-            d[m.group(1)] = (m.group(2), m.group(3))
-    return d
-old, new = metrics(sys.argv[1]), metrics(sys.argv[2])
-print(f"{'metric':48s} {'unit':10s} {'old':>14s} {'new':>14s}")
-for k, (unit, v) in old.items():
-    if k in new:
-        print(f"{k[:48]:48s} {unit[:10]:10s} {v:>14s} {new[k][1]:>14s}")
-PYEOF
+python3 "$(dirname "$0")/ncu_table.py" old="$out/ncu_fwd_old.txt" new="$out/ncu_fwd_new.txt"
