@@ -789,8 +789,11 @@ def median_call_ms(fn: Callable[[], object], runs: int, device) -> float:
     return statistics.median(times)
 
 
-def time_calls(fns: Sequence[Callable], num_runs: int, warmup: int, context: Callable, device=None) -> float:
-    """Median milliseconds of num_runs calls, rotating over fns, CUDA events around each call."""
+def time_calls(fns: Sequence[Callable], num_runs: int, warmup: int, context: Callable, device=None,
+               host_ms: Optional[List[float]] = None) -> float:
+    """Median milliseconds of num_runs calls, rotating over fns, CUDA events around each call.
+    host_ms: a list that receives the host's mean time per call of the timed loop (on CUDA, when
+    it is well below the median, the GPU set the pace and the events span the kernels alone)."""
     import torch
 
     with context():
@@ -806,12 +809,75 @@ def time_calls(fns: Sequence[Callable], num_runs: int, warmup: int, context: Cal
         torch.cuda.synchronize()
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(num_runs)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(num_runs)]
+        t0 = time.perf_counter()
         for i in range(num_runs):
             starts[i].record()
             fns[i % len(fns)]()
             ends[i].record()
+        if host_ms is not None:
+            host_ms.append((time.perf_counter() - t0) * 1e3 / num_runs)
         torch.cuda.synchronize()
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+
+
+_SLEEP_CYCLES_PER_MS: Dict[int, float] = {}
+
+
+def sleep_cycles_per_ms() -> float:
+    """GPU clock cycles torch.cuda._sleep spins per millisecond on the current device, measured
+    once per device with CUDA events (the clock of the moment: H200s cap it under load)."""
+    import torch
+
+    device = torch.cuda.current_device()
+    if device not in _SLEEP_CYCLES_PER_MS:
+        cycles = 2_000_000
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        torch.cuda._sleep(cycles)
+        end.record()
+        end.synchronize()
+        _SLEEP_CYCLES_PER_MS[device] = cycles / max(start.elapsed_time(end), 1e-3)
+    return _SLEEP_CYCLES_PER_MS[device]
+
+
+def time_calls_queued(fns: Sequence[Callable], num_runs: int, warmup: int, context: Callable) -> Tuple[float, float]:
+    """The GPU's time per call with the host's time taken out: (median milliseconds between the
+    CUDA events around each call, milliseconds the GPU waited for the host in between).
+
+    time_calls measures what a caller sees: a call whose host work takes longer than its kernels
+    keeps the GPU waiting, and the events then span the host's time. Here the stream is first
+    held busy (torch.cuda._sleep) for longer than the host needs to queue all num_runs calls, so
+    that every call is queued before the GPU reaches it, and the events span only the kernels. The
+    hold is sized from an untimed pass over the same calls; if the GPU still waited between two
+    calls (the second value, normally ~0), the hold is doubled and the timing repeated once."""
+    import torch
+
+    with context():
+        for i in range(warmup):
+            fns[i % len(fns)]()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for i in range(num_runs):
+            fns[i % len(fns)]()
+        host_ms = (time.perf_counter() - t0) * 1e3
+        torch.cuda.synchronize()
+        hold_ms = 1.5 * host_ms + 2.0
+        for _ in range(2):
+            starts = [torch.cuda.Event(enable_timing=True) for _ in range(num_runs)]
+            ends = [torch.cuda.Event(enable_timing=True) for _ in range(num_runs)]
+            torch.cuda._sleep(int(sleep_cycles_per_ms() * hold_ms))
+            for i in range(num_runs):
+                starts[i].record()
+                fns[i % len(fns)]()
+                ends[i].record()
+            torch.cuda.synchronize()
+            idle_ms = sum(max(0.0, ends[i].elapsed_time(starts[i + 1])) for i in range(num_runs - 1))
+            per_call = statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+            if idle_ms <= 0.01 * per_call * num_runs:
+                break
+            hold_ms *= 2.0
+    return per_call, idle_ms
 
 
 def _try_first_call(impl: Impl, inputs, pass_name: str, w: Workload):

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import subprocess
@@ -439,3 +440,69 @@ def test_ncu_table_puts_reports_side_by_side(tmp_path):
     empty.write_text("==ERROR== no kernel profiled\n")
     res = subprocess.run([sys.executable, script, str(empty)], capture_output=True, text=True, timeout=60)
     assert res.returncode == 1 and "no metric lines" in res.stderr
+
+
+# ---- time_calls / time_calls_queued on a simulated GPU stream ------------------------------------
+
+
+class _FakeStream:
+    """One CUDA stream and the host, on two simulated clocks (ms): a call costs the host host_ms,
+    then queues kernel_ms of GPU work; an event completes when the stream reaches it."""
+
+    def __init__(self, host_ms: float, kernel_ms: float, cycles_per_ms: float = 1.5e6):
+        self.host = 0.0
+        self.gpu = 0.0  # when the stream's queued work ends
+        self.host_ms, self.kernel_ms, self.cycles_per_ms = host_ms, kernel_ms, cycles_per_ms
+        stream = self
+
+        class Event:
+            def __init__(self, enable_timing: bool = False):
+                self.stamp = None
+
+            def record(self):
+                stream.gpu = max(stream.gpu, stream.host)
+                self.stamp = stream.gpu
+
+            def synchronize(self):
+                stream.host = max(stream.host, self.stamp)
+
+            def elapsed_time(self, other):
+                return other.stamp - self.stamp
+
+        self.Event = Event
+
+    def call(self):
+        self.host += self.host_ms
+        self.gpu = max(self.gpu, self.host) + self.kernel_ms
+
+    def sleep(self, cycles):
+        self.gpu = max(self.gpu, self.host) + cycles / self.cycles_per_ms
+
+    def synchronize(self):
+        self.host = max(self.host, self.gpu)
+
+    def install(self, monkeypatch):
+        monkeypatch.setattr(torch.cuda, "Event", self.Event)
+        monkeypatch.setattr(torch.cuda, "_sleep", self.sleep)
+        monkeypatch.setattr(torch.cuda, "synchronize", self.synchronize)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        monkeypatch.setattr(bench.time, "perf_counter", lambda: self.host / 1e3)
+        monkeypatch.setattr(bench, "_SLEEP_CYCLES_PER_MS", {})
+
+
+@pytest.mark.parametrize("host_ms,kernel_ms", [(1.0, 0.3), (0.2, 0.5)])
+def test_queued_timing_takes_the_host_out(monkeypatch, host_ms, kernel_ms):
+    """time_calls sees the larger of the host's and the kernels' time per call (a host-bound call
+    keeps the GPU waiting); time_calls_queued holds the stream until every call is queued and sees
+    the kernels' time alone, with no GPU wait between calls; time_calls reports the host's time
+    per call when asked."""
+    stream = _FakeStream(host_ms, kernel_ms)
+    stream.install(monkeypatch)
+    device = torch.device("cuda")
+    host = []
+    seen = bench.time_calls([stream.call], 20, 3, contextlib.nullcontext, device, host)
+    assert seen == pytest.approx(max(host_ms, kernel_ms))
+    assert host == [pytest.approx(host_ms)]
+    assert bench.sleep_cycles_per_ms() == pytest.approx(1.5e6)
+    gpu, idle = bench.time_calls_queued([stream.call], 20, 0, contextlib.nullcontext)
+    assert gpu == pytest.approx(kernel_ms) and idle == pytest.approx(0.0)

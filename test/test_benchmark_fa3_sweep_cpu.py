@@ -18,6 +18,7 @@ import csv
 import io
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -231,6 +232,46 @@ def test_table_cells_ratio_missing_and_failed():
     assert "ours/best" not in alone and alone.splitlines()[4].split() == ["512", "32", "|", "500.0"]
 
 
+def test_host_bound_calls_are_marked_and_the_kernel_table_uses_gpu_time(tmp_path):
+    """A call whose time exceeds its kernels' time alone (gpu_time_ms, host queued ahead) by more
+    than HOST_BOUND_RATIO is marked 'h' in the call-time table; --table-time gpu shows the kernels'
+    TFLOPS; gpu_time_ms survives the CSV."""
+    shape = sweep.Shape(128, 512, 32, 16)
+    ours = sweep.Case(shape, True, "fwd_bwd", "ours")
+    cud = sweep.Case(shape, True, "fwd_bwd", "sdpa_cudnn")
+    flops = sweep.case_flops(ours)
+    slow_host = sweep.Measurement.of(ours, flops / 100e12 * 1e3, gpu_time_ms=flops / 400e12 * 1e3)  # 100 vs 400
+    kernels = sweep.Measurement.of(cud, flops / 250e12 * 1e3, gpu_time_ms=flops / 260e12 * 1e3)  # within 1.15x
+    assert slow_host.host_bound and not kernels.host_bound
+    assert slow_host.gpu_tflops == pytest.approx(400.0) and slow_host.rate("gpu") == pytest.approx(400.0)
+    unmeasured = sweep.Measurement.of(cud, 1.0)
+    assert not unmeasured.host_bound and unmeasured.rate("gpu") is None
+    variants = [("fwd_bwd", True)]
+    call = sweep.format_table([slow_host, kernels], 128, ["ours", "sdpa_cudnn"], variants).splitlines()
+    assert call[4].split() == ["512", "32", "|", "100.0h", "250.0", "0.40x"]
+    gpu = sweep.format_table([slow_host, kernels], 128, ["ours", "sdpa_cudnn"], variants, table_time="gpu")
+    assert "kernels alone" in gpu.splitlines()[0]
+    assert gpu.splitlines()[4].split() == ["512", "32", "|", "400.0", "260.0", "1.54x"]
+    assert sweep.host_bound_lines([slow_host, kernels], "call")[0].startswith("h: host-bound call")
+    assert "ours 1" in sweep.host_bound_lines([slow_host, kernels], "call")[0]
+    assert sweep.host_bound_lines([kernels], "call") == []
+    # the CSV keeps the kernels' time; a CSV without the columns (older runs) reads as not measured
+    path = str(tmp_path / "fa3_sweep.csv")
+    sink = sweep.CsvSink(path)
+    for m in (slow_host, kernels, unmeasured):
+        sink.write(m.csv_row({"gpu": "x"}, "bf16"))
+    sink.close()
+    back, _ = sweep.read_csv(path)
+    assert back[0].gpu_time_ms == pytest.approx(slow_host.gpu_time_ms, abs=1e-4) and back[0].host_bound
+    assert back[2].gpu_time_ms is None and back[2].gpu_tflops is None
+    old = tmp_path / "old.csv"
+    header = [c for c in sweep.CSV_COLUMNS if c not in ("gpu_time_ms", "gpu_tflops")]
+    row = slow_host.csv_row({"gpu": "x"}, "bf16")
+    old.write_text(",".join(header) + "\n" + ",".join(row[c] for c in header) + "\n")
+    (m_old,), _ = sweep.read_csv(str(old))
+    assert m_old.gpu_time_ms is None and not m_old.host_bound
+
+
 def test_best_other_ratio():
     ms = {m.impl: m for m in sample_measurements()[:2]}
     assert sweep.best_other_ratio(ms) == pytest.approx(0.8, abs=1e-6)
@@ -335,10 +376,17 @@ def test_dry_run_end_to_end(tmp_path):
     else:
         assert os.path.getsize(png_path) > 0 and f"Plot: {png_path}" in r.stdout
 
+    # the fake host time makes the shortest fwd+bwd calls host-bound: marked, with the footnote
+    assert "h: host-bound call" in r.stdout and re.search(r"\b\d+\.\dh\b", tables_text(r.stdout))
+    assert all(row["gpu_time_ms"] and float(row["gpu_time_ms"]) <= float(row["time_ms"]) for row in rows)
+
     # --from-csv prints the same tables again
     again = run_script("--from-csv", csv_path, "--plot", "")
     assert again.returncode == 0, again.stderr + again.stdout
     assert tables_text(again.stdout) == tables_text(r.stdout)
+    kernels = run_script("--from-csv", csv_path, "--plot", "", "--table-time", "gpu")
+    assert kernels.returncode == 0, kernels.stderr + kernels.stdout
+    assert "TFLOPS of the kernels alone (host queued ahead)" in kernels.stdout and "h: host-bound" not in kernels.stdout
 
 
 def test_dry_run_selects_subsets(tmp_path):
