@@ -71,6 +71,10 @@ SCENARIOS = [
     Scenario("window_left_rows_without_keys", [[400]], [100], causal=True, window=(9, -1),
              has_rows_without_keys=True),
     Scenario("window_right_only", [[300]], [200], window=(-1, 40)),
+    # Sides near INT32_MAX (a common spelling of "unbounded"): row + diagonal + side must not wrap
+    # in the kernels' int32 arithmetic (it did: such rows got O = 0, LSE = -inf).
+    Scenario("window_int32_max_right", [[300, 90]], [260, 90], window=(64, 2**31 - 1)),
+    Scenario("window_int32_max_both_shift", [[256]], [384], window=(2**31 - 1, 2**31 - 1), shifts=[[100]]),
     Scenario("shift_causal", [[300, 90]], [400, 90], causal=True, shifts=[[-150, 40]]),
     Scenario("shift_window_two_sided_mqa", [[256, 64]], [512, 64], hq=4, hk=1, window=(30, 70), shifts=[[200, -10]]),
     Scenario("softcap_causal", [[384]], [384], causal=True, softcap=5.0, q_amplitude=4.0),

@@ -20,13 +20,19 @@
 namespace ringattn {
 namespace cuda {
 
+// The largest window side the kernels are given. They compute row + diagonal offset +- side in
+// int32 (common/mask.h), which a side near INT32_MAX (a common spelling of "unbounded") would
+// wrap, silently masking every key of the row. Any side of at least 2^30 reaches past every key
+// of a call whose lengths and diagonal shifts stay below 2^29, so clamping changes no mask there.
+constexpr int32_t kMaxKernelWindowSide = int32_t{1} << 30;
+
 // The window a call's mask applies: the problem's window with causal as a right bound of 0;
-// (-1, -1) when nothing bounds the keys.
+// (-1, -1) when nothing bounds the keys; sides clamped to kMaxKernelWindowSide.
 inline MaskWindow call_window(const ringattn_problem& pr) {
   MaskWindow w{-1, -1};
   if (pr.has_window != 0) {
-    w.left = pr.window_left;
-    w.right = pr.window_right;
+    w.left = pr.window_left < kMaxKernelWindowSide ? pr.window_left : kMaxKernelWindowSide;
+    w.right = pr.window_right < kMaxKernelWindowSide ? pr.window_right : kMaxKernelWindowSide;
   }
   if (pr.causal != 0) w.right = 0;
   return w;
