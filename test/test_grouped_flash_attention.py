@@ -330,6 +330,50 @@ def test_unused_kv_rows_may_hold_nan(monkeypatch, tier):
         _check(f"nan tail causal={causal}", outs[0], ref32[0], ref_lp[0])
 
 
+@pytest.mark.parametrize("deterministic", [False, True], ids=["dq_default", "deterministic"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("tier", ["sm80", "sm90"])
+def test_backward_of_a_partial_tile_ignores_the_rows_after_it(monkeypatch, tier, head_dim, causal, deterministic):
+    """Sequence A's gradients are those of A alone when the rows after its last, partial query
+    tile get a NaN output gradient (sequence B's rows, and padding rows after the last sequence):
+    kernels load whole tiles of those rows (dO, LSE, Di), and must drop them by selection, never
+    multiply them in (0 * NaN = NaN)."""
+    if tier == "sm90" and not _is_sm90():
+        pytest.skip("tier 2 needs an sm90 card")
+    monkeypatch.setenv("RING_FLASH_ATTN_TIER", tier)
+    torch.manual_seed(31 + head_dim + 2 * causal)
+    lens_q, lens_k, pad, hq, hk = [100, 70], [130, 90], 30, 8, 2  # A's last tile is partial at 64 and 128 rows
+    dtype = torch.bfloat16
+    q = torch.randn(sum(lens_q) + pad, hq, head_dim, device="cuda", dtype=dtype)
+    k = torch.randn(sum(lens_k), hk, head_dim, device="cuda", dtype=dtype)
+    v = torch.randn(sum(lens_k), hk, head_dim, device="cuda", dtype=dtype)
+    cu_q = cu_seqlens(lens_q, "cuda")
+    cu_k = cu_seqlens(lens_k, "cuda")
+    dout = torch.randn_like(q)
+    dout[lens_q[0]:] = float("nan")
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    _poison_allocator(k.device)
+    out = grouped_flash_attn_varlen_func([q], k, v, [cu_q], cu_k, [max(lens_q)], max(lens_k), causal=causal,
+                                         deterministic=deterministic)[0]
+    dq, dk, dv = torch.autograd.grad(out, leaves, dout)
+    na, nk = lens_q[0], lens_k[0]
+    cu_a = cu_seqlens([na], "cuda")
+    cu_ka = cu_seqlens([nk], "cuda")
+
+    def reference(cast):
+        rq = q.detach()[:na].to(cast).requires_grad_()
+        rk, rv = (t.detach()[:nk].to(cast).requires_grad_() for t in (k, v))
+        outs, _ = grouped_attention_reference([rq], rk, rv, [cu_a], cu_ka, None, None, causal)
+        torch.autograd.backward(outs, [dout[:na].to(cast)])
+        return rq.grad, rk.grad, rv.grad
+
+    ref32, ref_lp = reference(torch.float32), reference(dtype)
+    for name, got, r32, rlp in zip(("dq of A", "dk of A's keys", "dv of A's keys"), (dq[:na], dk[:nk], dv[:nk]),
+                                   ref32, ref_lp):
+        _check(name, got, r32, rlp)
+
+
 @pytest.mark.parametrize("tier", ["sm80", "sm90"])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_non_finite_rows_follow_ieee_like_the_cpu_backend(monkeypatch, tier, head_dim):
