@@ -30,14 +30,14 @@ sweep goes on; an error that leaves the CUDA context unusable stops the measurem
 was measured before is still reported.
 
 Timing: CUDA events around each call, --warmup untimed calls first (the first call, which
-surfaces errors, among them), the median of --num-runs: the call's time, what a caller sees. A
-call whose host work (Python, autograd, launches) takes longer than its kernels keeps the GPU
-waiting, and its time is then the host's. So where the host's time per call is over half the
-call's, the calls are timed again with the stream held busy (torch.cuda._sleep) until all of them
-are queued: the kernels' time alone (CSV gpu_time_ms / gpu_tflops; the call's time where the host
-already ran ahead). A call more than 1.15x slower than its kernels is host-bound: 'h' in the
-tables. --table-time gpu fills the tables with the kernels' rates; --no-gpu-time skips the second
-timing. When one input set (Q, K, V, output, and
+surfaces errors, among them), the median of --num-runs: the call's time, what a caller sees; the
+host's time per call (mean over the timed calls) goes to the CSV's host_ms. A call whose host
+work (Python, autograd, launches) takes longer than its kernels keeps the GPU waiting, and its
+time is then the host's. So where host_ms is over half the call's time, the calls are timed again
+with the stream held busy (torch.cuda._sleep) until all of them are queued: the kernels' time
+alone (CSV gpu_time_ms / gpu_tflops; the call's time where the host already ran ahead). A call
+more than 1.15x slower than its kernels is host-bound: 'h' in the tables. --table-time gpu fills
+the tables with the kernels' rates; --no-gpu-time skips the second timing. When one input set (Q, K, V, output, and
 for fwd_bwd dO and the gradients) is smaller than twice the L2 cache, the calls rotate through 3
 input sets so that L2 does not hold the inputs between calls. Inputs and dO are torch.randn.
 
@@ -107,7 +107,8 @@ DTYPE_NAMES = ("bf16", "fp16")
 CHECK_TOLERANCE = {"bf16": 2e-2, "fp16": 1e-2}
 CHECK_HEADS = 2  # heads of the first sequence compared against the fp32 reference
 CSV_COLUMNS = ("gpu", "torch", "cuda", "library", "dtype", "head_dim", "num_heads", "seqlen", "batch", "causal",
-               "impl", "pass", "time_ms", "tflops", "gpu_time_ms", "gpu_tflops", "check_max_abs_diff", "status")
+               "impl", "pass", "time_ms", "tflops", "gpu_time_ms", "gpu_tflops", "host_ms", "check_max_abs_diff",
+               "status")
 # A call is host-bound when its time (what a caller sees) exceeds the GPU's time for it (host
 # queued ahead) by more than this factor: its host work, not its kernels, set the pace.
 HOST_BOUND_RATIO = 1.15
@@ -317,6 +318,7 @@ class Measurement:
     status: str = "ok"
     gpu_time_ms: Optional[float] = None  # the kernels' time alone (host queued ahead); None: not measured
     gpu_tflops: Optional[float] = None
+    host_ms: Optional[float] = None  # the host's time per call (mean over the timed calls); None: not measured
 
     @property
     def failed(self) -> bool:
@@ -334,12 +336,12 @@ class Measurement:
 
     @classmethod
     def of(cls, case: Case, time_ms: float, check_diff: Optional[float] = None, status: str = "ok",
-           gpu_time_ms: Optional[float] = None) -> "Measurement":
+           gpu_time_ms: Optional[float] = None, host_ms: Optional[float] = None) -> "Measurement":
         s = case.shape
         flops = case_flops(case)
         return cls(s.head_dim, s.num_heads, s.seqlen, s.batch, case.causal, case.impl, case.pass_name, time_ms,
                    tflops_of(flops, time_ms), check_diff, status, gpu_time_ms,
-                   None if gpu_time_ms is None else tflops_of(flops, gpu_time_ms))
+                   None if gpu_time_ms is None else tflops_of(flops, gpu_time_ms), host_ms)
 
     def csv_row(self, env: Dict[str, str], dtype: str) -> Dict[str, str]:
         return {
@@ -359,6 +361,7 @@ class Measurement:
             "tflops": f"{self.tflops:.2f}",
             "gpu_time_ms": "" if self.gpu_time_ms is None else f"{self.gpu_time_ms:.4f}",
             "gpu_tflops": "" if self.gpu_tflops is None else f"{self.gpu_tflops:.2f}",
+            "host_ms": "" if self.host_ms is None else f"{self.host_ms:.4f}",
             "check_max_abs_diff": "" if self.check_diff is None else f"{self.check_diff:.3e}",
             "status": self.status,
         }
@@ -368,11 +371,12 @@ class Measurement:
         diff = row.get("check_max_abs_diff", "").strip()
         gpu_ms = (row.get("gpu_time_ms") or "").strip()  # absent in CSVs written before the column
         gpu_tflops = (row.get("gpu_tflops") or "").strip()
+        host_ms = (row.get("host_ms") or "").strip()
         return cls(int(row["head_dim"]), int(row.get("num_heads") or 0), int(row["seqlen"]), int(row["batch"]),
                    row["causal"].strip().lower() in ("1", "true", "yes"), row["impl"], row["pass"],
                    float(row["time_ms"]), float(row["tflops"]), float(diff) if diff else None,
                    row.get("status", "ok") or "ok", float(gpu_ms) if gpu_ms else None,
-                   float(gpu_tflops) if gpu_tflops else None)
+                   float(gpu_tflops) if gpu_tflops else None, float(host_ms) if host_ms else None)
 
 
 class CsvSink:
@@ -940,9 +944,10 @@ class Sweep:
         if text not in self.notes:
             self.notes[text] = None
 
-    def record(self, case: Case, time_ms: float, gpu_time_ms: Optional[float] = None) -> Measurement:
+    def record(self, case: Case, time_ms: float, gpu_time_ms: Optional[float] = None,
+               host_ms: Optional[float] = None) -> Measurement:
         diff, status = self.checks.get((case.shape, case.causal, case.impl), (None, "ok"))
-        m = Measurement.of(case, time_ms, diff, status, gpu_time_ms)
+        m = Measurement.of(case, time_ms, diff, status, gpu_time_ms, host_ms)
         self.measurements.append(m)
         self.sink.write(m.csv_row(self.env, self.args.dtype))
         return m
@@ -1062,7 +1067,7 @@ class Sweep:
                 if self.device.type == "cuda" and not cuda_usable():
                     raise
                 self.checks[key] = (None, f"unchecked: {short_reason(e, 120)}")
-        return self.record(case, time_ms, gpu_ms)
+        return self.record(case, time_ms, gpu_ms, host_ms[0] if host_ms and self.device.type == "cuda" else None)
 
     def check(self, case: Case, runner: Runner, inputs, references: Dict[bool, object]) -> Tuple[float, str]:
         """One forward call on the first input set against the fp32 reference (computed once per
@@ -1251,7 +1256,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     progress.finished(c, "skipped: dry run")
                     continue
                 gpu_ms = fake_time_ms(c)
-                m = Measurement.of(c, max(gpu_ms, FAKE_HOST_MS[c.pass_name]), gpu_time_ms=gpu_ms)
+                m = Measurement.of(c, max(gpu_ms, FAKE_HOST_MS[c.pass_name]), gpu_time_ms=gpu_ms,
+                                   host_ms=FAKE_HOST_MS[c.pass_name])
                 measurements.append(m)
                 sink.write(m.csv_row(env, args.dtype))
                 progress.finished(c, f"{m.time_ms:.3f} ms, {m.tflops:.1f} TFLOPS (fake)")

@@ -240,7 +240,8 @@ def test_host_bound_calls_are_marked_and_the_kernel_table_uses_gpu_time(tmp_path
     ours = sweep.Case(shape, True, "fwd_bwd", "ours")
     cud = sweep.Case(shape, True, "fwd_bwd", "sdpa_cudnn")
     flops = sweep.case_flops(ours)
-    slow_host = sweep.Measurement.of(ours, flops / 100e12 * 1e3, gpu_time_ms=flops / 400e12 * 1e3)  # 100 vs 400
+    slow_host = sweep.Measurement.of(ours, flops / 100e12 * 1e3, gpu_time_ms=flops / 400e12 * 1e3,
+                                     host_ms=flops / 100e12 * 1e3)  # 100 vs 400
     kernels = sweep.Measurement.of(cud, flops / 250e12 * 1e3, gpu_time_ms=flops / 260e12 * 1e3)  # within 1.15x
     assert slow_host.host_bound and not kernels.host_bound
     assert slow_host.gpu_tflops == pytest.approx(400.0) and slow_host.rate("gpu") == pytest.approx(400.0)
@@ -263,9 +264,10 @@ def test_host_bound_calls_are_marked_and_the_kernel_table_uses_gpu_time(tmp_path
     sink.close()
     back, _ = sweep.read_csv(path)
     assert back[0].gpu_time_ms == pytest.approx(slow_host.gpu_time_ms, abs=1e-4) and back[0].host_bound
+    assert back[0].host_ms == pytest.approx(slow_host.host_ms, abs=1e-4) and back[1].host_ms is None
     assert back[2].gpu_time_ms is None and back[2].gpu_tflops is None
     old = tmp_path / "old.csv"
-    header = [c for c in sweep.CSV_COLUMNS if c not in ("gpu_time_ms", "gpu_tflops")]
+    header = [c for c in sweep.CSV_COLUMNS if c not in ("gpu_time_ms", "gpu_tflops", "host_ms")]
     row = slow_host.csv_row({"gpu": "x"}, "bf16")
     old.write_text(",".join(header) + "\n" + ",".join(row[c] for c in header) + "\n")
     (m_old,), _ = sweep.read_csv(str(old))
