@@ -22,8 +22,12 @@ namespace cuda {
 
 // The largest window side the kernels are given. They compute row + diagonal offset +- side in
 // int32 (common/mask.h), which a side near INT32_MAX (a common spelling of "unbounded") would
-// wrap, silently masking every key of the row. Any side of at least 2^30 reaches past every key
-// of a call whose lengths and diagonal shifts stay below 2^29, so clamping changes no mask there.
+// wrap, silently masking every key of the row. Clamped to 2^30, a right side still reaches every
+// key unless a sequence has more than 2^30 queries, a left side every key unless it has more than
+// 2^30 keys (without a diagonal shift; the context-parallel shifts move these bounds by at most
+// their size), so the clamp changes no mask of a call that fits a GPU's memory with room to spare
+// (2^30 keys of one head at head dim 64 are 128 GiB); the int32 arithmetic of such longer
+// windowed sequences is a limit of the GPU kernels (docs/api.md).
 constexpr int32_t kMaxKernelWindowSide = int32_t{1} << 30;
 
 // The window a call's mask applies: the problem's window with causal as a right bound of 0;
