@@ -10,8 +10,10 @@
 #   BRANCHES="persist-fwd softcap-exp2" bash scripts/dev/branch_check.sh
 #
 # Per branch, within BRANCH_DEADLINE_S seconds each (default 420): its build (archs of the card),
-# the GPU tests (tier auto: tier 2 wherever it has a kernel on an H100/H200; `-m "gpu and not stress"`, the files in
-# BRANCH_TESTS_<name with - as _> or BRANCH_TESTS, default the single-device GPU suites), and
+# the GPU tests (`-m "gpu and not stress"`, the files in BRANCH_TESTS_<name with - as _> or
+# BRANCH_TESTS, default the single-device GPU suites; at each $RING_FLASH_ATTN_TIER of
+# BRANCH_TIERS_<name> or BRANCH_TIERS, default "auto": tier 2 wherever it has a kernel on an
+# H100/H200; "auto sm80" runs tier 1 too), and
 # scripts/dev/ab_compare.sh of the branch (new) against the current tree (old) with the branch's
 # own rows: AB_ROWS_<name> / AB_BENCH_<name> / AB_SWEEP_<name> when set (ab_compare.sh says what they mean), and
 # BRANCH_EXTRA_<name>, a command run in the branch's tree with its library (a sanitizer run, say)
@@ -56,12 +58,17 @@ for b in ${BRANCHES:-}; do
   note "$b: built in $(( $(date +%s) - t0 )) s, $spills kernels with spills"
   tests_var="BRANCH_TESTS_$key"
   tests="${!tests_var:-${BRANCH_TESTS:-$default_tests}}"
-  left=$(( deadline - ($(date +%s) - t0) ))
-  (cd "$src" && RING_FLASH_ATTN_LIBRARY="$src/build/device/libringattn.so" \
-     PYTHONPATH="$src/python" timeout $(( left > 60 ? left / 2 : 30 )) "$py" -m pytest -q -x -p no:cacheprovider \
-     -m "gpu and not stress" $tests) >"$out/${b}_tests.log" 2>&1
-  rc=$?
-  note "$b: GPU tests (tier auto: 2 where it has a kernel) rc=$rc: $(tail -1 "$out/${b}_tests.log")"
+  tiers_var="BRANCH_TIERS_$key"
+  rc=0
+  for tier in ${!tiers_var:-${BRANCH_TIERS:-auto}}; do
+    left=$(( deadline - ($(date +%s) - t0) ))
+    (cd "$src" && RING_FLASH_ATTN_TIER="$tier" RING_FLASH_ATTN_LIBRARY="$src/build/device/libringattn.so" \
+       PYTHONPATH="$src/python" timeout $(( left > 60 ? left / 2 : 30 )) "$py" -m pytest -q -x -p no:cacheprovider \
+       -m "gpu and not stress" $tests) >"$out/${b}_tests_$tier.log" 2>&1
+    rc=$?
+    note "$b: GPU tests (tier $tier) rc=$rc: $(tail -1 "$out/${b}_tests_$tier.log")"
+    [ $rc -ne 0 ] && break
+  done
   [ $rc -ne 0 ] && continue  # no timing of a branch that fails its tests
   extra_var="BRANCH_EXTRA_$key"
   if [ -n "${!extra_var:-}" ]; then
