@@ -209,9 +209,9 @@ def tflops_of(flops: float, time_ms: float) -> float:
 
 def calls_per_case(num_runs: int, warmup: int, check: bool, gpu_time: bool = False) -> int:
     """Calls of one measurement: warm-up (at least the first call), timed, the fwd_bwd dO draw
-    and the correctness check counted as one more each; with gpu_time, the queued-ahead timing's
-    untimed and timed passes."""
-    return max(1, warmup) + num_runs + 1 + (1 if check else 0) + (2 * num_runs if gpu_time else 0)
+    and the correctness check counted as one more each; with gpu_time, the queued-ahead timing
+    (once; twice where the first hold was too short)."""
+    return max(1, warmup) + num_runs + 1 + (1 if check else 0) + (num_runs if gpu_time else 0)
 
 
 def estimate_seconds(cases: Sequence[Case], num_runs: int, warmup: int, check: bool = True,
@@ -1049,13 +1049,14 @@ class Sweep:
             warnings.simplefilter("ignore")
             time_ms = time_calls(calls, self.args.num_runs, max(0, self.args.warmup - 1), runner.context,
                                  self.device, host_ms)
-            if self.device.type == "cuda" and not self.args.no_gpu_time and host_ms[0] < 0.5 * time_ms:
-                gpu_ms = time_ms  # the host queued ahead already: the events spanned the kernels alone
-            elif self.device.type == "cuda" and not self.args.no_gpu_time:
-                gpu_ms, idle_ms = time_calls_queued(calls, self.args.num_runs, 0, runner.context)
-                if idle_ms > 0.01 * gpu_ms * self.args.num_runs:
-                    self.note(f"{case.describe()}: the GPU still waited {idle_ms:.3f} ms for the host in the "
-                              f"queued-ahead timing (its gpu_time_ms includes that)")
+            if self.device.type == "cuda" and not self.args.no_gpu_time:
+                if host_ms[0] < 0.5 * time_ms:
+                    gpu_ms = time_ms  # the host queued ahead already: the events spanned the kernels alone
+                else:
+                    gpu_ms, idle_ms = time_calls_queued(calls, self.args.num_runs, host_ms[0], runner.context)
+                    if idle_ms > 0.01 * gpu_ms * self.args.num_runs:
+                        self.note(f"{case.describe()}: the GPU still waited {idle_ms:.3f} ms for the host in "
+                                  f"the queued-ahead timing (its gpu_time_ms includes that)")
         del calls
         key = (case.shape, case.causal, case.impl)
         if not self.args.no_check and key not in self.checks:
@@ -1067,7 +1068,7 @@ class Sweep:
                 if self.device.type == "cuda" and not cuda_usable():
                     raise
                 self.checks[key] = (None, f"unchecked: {short_reason(e, 120)}")
-        return self.record(case, time_ms, gpu_ms, host_ms[0] if host_ms and self.device.type == "cuda" else None)
+        return self.record(case, time_ms, gpu_ms, host_ms[0] if host_ms else None)  # host_ms: CUDA only
 
     def check(self, case: Case, runner: Runner, inputs, references: Dict[bool, object]) -> Tuple[float, str]:
         """One forward call on the first input set against the fp32 reference (computed once per

@@ -807,17 +807,25 @@ def time_calls(fns: Sequence[Callable], num_runs: int, warmup: int, context: Cal
                 times.append((time.perf_counter() - t) * 1e3)
             return statistics.median(times)
         torch.cuda.synchronize()
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(num_runs)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(num_runs)]
         t0 = time.perf_counter()
-        for i in range(num_runs):
-            starts[i].record()
-            fns[i % len(fns)]()
-            ends[i].record()
+        starts, ends = _evented_calls(fns, num_runs)
         if host_ms is not None:
             host_ms.append((time.perf_counter() - t0) * 1e3 / num_runs)
         torch.cuda.synchronize()
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+
+
+def _evented_calls(fns: Sequence[Callable], num_runs: int):
+    """num_runs calls rotating over fns, each between two recorded CUDA events: (starts, ends)."""
+    import torch
+
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(num_runs)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(num_runs)]
+    for i in range(num_runs):
+        starts[i].record()
+        fns[i % len(fns)]()
+        ends[i].record()
+    return starts, ends
 
 
 _SLEEP_CYCLES_PER_MS: Dict[int, float] = {}
@@ -841,7 +849,8 @@ def sleep_cycles_per_ms() -> float:
     return _SLEEP_CYCLES_PER_MS[device]
 
 
-def time_calls_queued(fns: Sequence[Callable], num_runs: int, warmup: int, context: Callable) -> Tuple[float, float]:
+def time_calls_queued(fns: Sequence[Callable], num_runs: int, host_ms_per_call: float,
+                      context: Callable) -> Tuple[float, float]:
     """The GPU's time per call with the host's time taken out: (median milliseconds between the
     CUDA events around each call, milliseconds the GPU waited for the host in between).
 
@@ -849,28 +858,16 @@ def time_calls_queued(fns: Sequence[Callable], num_runs: int, warmup: int, conte
     keeps the GPU waiting, and the events then span the host's time. Here the stream is first
     held busy (torch.cuda._sleep) for longer than the host needs to queue all num_runs calls, so
     that every call is queued before the GPU reaches it, and the events span only the kernels. The
-    hold is sized from an untimed pass over the same calls; if the GPU still waited between two
-    calls (the second value, normally ~0), the hold is doubled and the timing repeated once."""
+    hold is sized from host_ms_per_call (what time_calls measured for the same calls, already
+    warmed up); if the GPU still waited between two calls (the second value, normally ~0), the
+    hold is doubled and the timing repeated once."""
     import torch
 
     with context():
-        for i in range(warmup):
-            fns[i % len(fns)]()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for i in range(num_runs):
-            fns[i % len(fns)]()
-        host_ms = (time.perf_counter() - t0) * 1e3
-        torch.cuda.synchronize()
-        hold_ms = 1.5 * host_ms + 2.0
+        hold_ms = 1.5 * host_ms_per_call * num_runs + 2.0
         for _ in range(2):
-            starts = [torch.cuda.Event(enable_timing=True) for _ in range(num_runs)]
-            ends = [torch.cuda.Event(enable_timing=True) for _ in range(num_runs)]
             torch.cuda._sleep(int(sleep_cycles_per_ms() * hold_ms))
-            for i in range(num_runs):
-                starts[i].record()
-                fns[i % len(fns)]()
-                ends[i].record()
+            starts, ends = _evented_calls(fns, num_runs)
             torch.cuda.synchronize()
             idle_ms = sum(max(0.0, ends[i].elapsed_time(starts[i + 1])) for i in range(num_runs - 1))
             per_call = statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
