@@ -98,8 +98,9 @@ ringattn_status run_sm90_fwd(const ringattn_fwd_params& p, const Sm90FwdKernelEn
   constexpr int64_t kPersistentMaxKeys = 4096;
   const ringattn_problem& pr = p.problem;
   int64_t keys = pr.max_seqlen_k;
-  if (pr.has_window && pr.window_left >= 0 && (pr.causal || pr.window_right >= 0)) {
-    const int64_t span = static_cast<int64_t>(pr.window_left) + (pr.causal ? 0 : pr.window_right) + 1;
+  const MaskWindow window = call_window(pr);  // causal as a right side of 0
+  if (window.left >= 0 && window.right >= 0) {
+    const int64_t span = static_cast<int64_t>(window.left) + window.right + 1;
     keys = span < keys ? span : keys;
   }
   if (keys <= kPersistentMaxKeys && sm90::has_persistent_fwd(pr.head_dim)) {
