@@ -86,18 +86,17 @@ typedef enum {
 } ringattn_device_type;
 
 /* GPU kernel tier. AUTO picks the fastest compiled tier for the card: tier 2 (SM90: TMA + wgmma,
- * warp specialised) on sm90 cards when the build has sm_90a kernels for the dtype, head dim
- * (forward: 64/128/256; backward: 64/128) and the call's features, and total_k > 0, else tier 1
- * (SM80: mma.sync, every sm80+ card). Tier 2 has no kernels yet for the features of ABI 4: a
- * window other than none or causal, a diagonal_shift with a bounded window, softcap > 0, and (in
- * the forward) sinks; AUTO runs such calls on tier 1, which has them all. Every operand the API accepts on a GPU is one TMA can address (16-byte aligned
- * bases, strides in multiples of 8 elements), so a tensor map the driver still refuses is
- * reported as RINGATTN_STATUS_CUDA_ERROR, not silently run on tier 1. In the backward, tier 2
- * adds dQ with TMA reduce-add (fp32, order not fixed); in deterministic mode tier 2's dQ kernel
- * computes it per query tile in a fixed order.
+ * warp specialised) on sm90 cards when the build has sm_90a kernels for the dtype and head dim
+ * (forward: 64/128/256; backward: 64/128) and total_k > 0, else tier 1 (SM80: mma.sync, every
+ * sm80+ card). Both tiers run every feature of ABI 4 (windows, diagonal shifts, softcap, sinks).
+ * Every operand the API accepts on a GPU is one TMA can address (16-byte aligned bases, strides
+ * in multiples of 8 elements), so a tensor map the driver still refuses is reported as
+ * RINGATTN_STATUS_CUDA_ERROR, not silently run on tier 1. In the backward, tier 2 adds dQ with
+ * TMA reduce-add (fp32, order not fixed); in deterministic mode tier 2's dQ kernel computes it
+ * per query tile in a fixed order.
  * SM80 forces tier 1 (for comparison); SM90 forces tier 2 and fails with
  * RINGATTN_STATUS_UNSUPPORTED, saying why, where tier 2 has no kernel (the backward at head_dim
- * 256, the features above, total_k == 0, a card other than sm90). The GPU calls make the device's primary context
+ * 256, total_k == 0, a card other than sm90). The GPU calls make the device's primary context
  * current on the calling thread (cudaSetDevice). */
 typedef enum {
   RINGATTN_TIER_AUTO = 0,
