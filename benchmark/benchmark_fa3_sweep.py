@@ -18,6 +18,8 @@ Implementations (--impls; names as in the CSV):
 
   ours        ring_flash_attn.flash_attn_varlen_func: one varlen call over the batch (cu_seqlens of
               B equal lengths) on [B*L, H, D] tensors; fwd_bwd through autograd
+  ours_deterministic  the same with deterministic=True (a fixed-order dQ); only when named in
+              --impls. The tables' ours/best ratio compares ours with the other libraries only
   sdpa_flash  torch.nn.functional.scaled_dot_product_attention under
               torch.nn.attention.sdpa_kernel([SDPBackend.FLASH_ATTENTION]) on [B, H, L, D] views
               of the same tensors (is_causal)
@@ -94,8 +96,11 @@ from benchmark_grouped_attention import format_elapsed as format_duration  # noq
 
 # ---- constants -----------------------------------------------------------------------------------
 
-IMPLS = ("ours", "sdpa_flash", "sdpa_cudnn", "fa3")
-IMPL_LABELS = {"ours": "ours", "sdpa_flash": "flash", "sdpa_cudnn": "cudnn", "fa3": "fa3"}  # table columns
+IMPLS = ("ours", "ours_deterministic", "sdpa_flash", "sdpa_cudnn", "fa3")
+DEFAULT_IMPLS = ("ours", "sdpa_flash", "sdpa_cudnn", "fa3")  # ours_deterministic on request
+OUR_IMPLS = ("ours", "ours_deterministic")
+IMPL_LABELS = {"ours": "ours", "ours_deterministic": "ours det", "sdpa_flash": "flash", "sdpa_cudnn": "cudnn",
+               "fa3": "fa3"}  # table columns
 PASSES = ("fwd", "fwd_bwd")
 PASS_LABELS = {"fwd": "fwd", "fwd_bwd": "fwd+bwd"}
 CAUSAL_CHOICES = {"both": (True, False), "yes": (True,), "no": (False,)}
@@ -434,7 +439,8 @@ def best_other_ratio(cells: Dict[str, Measurement], table_time: str = "call") ->
     """ours' TFLOPS over the best other implementation's (by the call's or the kernels' time),
     None when either is missing."""
     ours = cells.get("ours")
-    others = [m.rate(table_time) for name, m in cells.items() if name != "ours" and m.rate(table_time) is not None]
+    others = [m.rate(table_time) for name, m in cells.items()
+              if name not in OUR_IMPLS and m.rate(table_time) is not None]
     if ours is None or ours.rate(table_time) is None or not others or max(others) <= 0:
         return None
     return ours.rate(table_time) / max(others)
@@ -459,7 +465,7 @@ def format_table(measurements: Sequence[Measurement], head_dim: int, impls: Sequ
         cell.setdefault((m.seqlen, m.pass_name, m.causal), {})[m.impl] = m
         batch[m.seqlen] = m.batch
     ratio_label = "ours/best"
-    show_ratio = "ours" in impls and len(impls) > 1
+    show_ratio = "ours" in impls and any(i not in OUR_IMPLS for i in impls)
     block_headers = [IMPL_LABELS.get(i, i) for i in impls] + ([ratio_label] if show_ratio else [])
 
     rows: List[List[str]] = []
@@ -551,8 +557,9 @@ def plot_panels(measurements: Sequence[Measurement]) -> "OrderedDict[Tuple[int, 
     return out
 
 
-PLOT_COLORS = {"ours": "tab:red", "sdpa_flash": "tab:blue", "sdpa_cudnn": "tab:green", "fa3": "tab:purple"}
-PLOT_MARKERS = {"ours": "o", "sdpa_flash": "s", "sdpa_cudnn": "^", "fa3": "D"}
+PLOT_COLORS = {"ours": "tab:red", "ours_deterministic": "tab:orange", "sdpa_flash": "tab:blue",
+               "sdpa_cudnn": "tab:green", "fa3": "tab:purple"}
+PLOT_MARKERS = {"ours": "o", "ours_deterministic": "v", "sdpa_flash": "s", "sdpa_cudnn": "^", "fa3": "D"}
 
 
 def save_plot(measurements: Sequence[Measurement], path: str, title: str) -> Optional[str]:
@@ -612,7 +619,8 @@ def default_paths(output_dir: str, gpu: str, stamp: str) -> Tuple[str, str]:
 
 # ---- dry run (pure Python) -----------------------------------------------------------------------
 
-FAKE_PEAK_TFLOPS = {"ours": 600.0, "sdpa_flash": 380.0, "sdpa_cudnn": 620.0, "fa3": 650.0}
+FAKE_PEAK_TFLOPS = {"ours": 600.0, "ours_deterministic": 540.0, "sdpa_flash": 380.0, "sdpa_cudnn": 620.0,
+                    "fa3": 650.0}
 
 
 # --dry-run's made-up host time per call: short fake calls come out host-bound, as real ones do.
@@ -645,8 +653,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--causal", choices=sorted(CAUSAL_CHOICES), default="both",
                    help="causal mask: yes, no or both (default: %(default)s)")
     p.add_argument("--passes", nargs="+", choices=PASSES, default=list(PASSES), help="default: %(default)s")
-    p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS),
-                   help="implementations (default: all; unavailable ones are skipped with a note)")
+    p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(DEFAULT_IMPLS),
+                   help="implementations (default: %(default)s; unavailable ones are skipped with a note)")
     p.add_argument("--num-runs", type=int, default=20, help="timed calls, median reported (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=5,
                    help="untimed calls first, the first call included (default: %(default)s)")
@@ -752,7 +760,8 @@ def make_runner(impl: str, shape: Shape, causal: bool, device, cache: Dict[str, 
     import torch
 
     B, L, H, D = shape.batch, shape.seqlen, shape.num_heads, shape.head_dim
-    if impl == "ours":
+    if impl in OUR_IMPLS:
+        deterministic = impl == "ours_deterministic"
         if "ours" not in cache:
             try:
                 import ring_flash_attn as rfa
@@ -768,7 +777,7 @@ def make_runner(impl: str, shape: Shape, causal: bool, device, cache: Dict[str, 
         cu = torch.arange(B + 1, device=device, dtype=torch.int32) * L
 
         def forward_ours(q, k, v):
-            return rfa.flash_attn_varlen_func(q, k, v, cu, cu, L, L, causal=causal)
+            return rfa.flash_attn_varlen_func(q, k, v, cu, cu, L, L, causal=causal, deterministic=deterministic)
 
         return Runner(forward_ours, lambda out: out)
     if impl in ("sdpa_flash", "sdpa_cudnn"):
@@ -865,7 +874,7 @@ def reference_attention(q, k, v, causal: bool, chunk: int = 1024):
 
 def check_output(out_varlen, reference, shape: Shape, impl: str, tolerance: float) -> Tuple[float, str]:
     """(max |out - reference| on the checked slice, status): FAIL for a non-finite output anywhere,
-    and for `ours` for a difference above `tolerance`."""
+    and for ours (either mode) for a difference above `tolerance`."""
     import torch
 
     if not bool(torch.isfinite(out_varlen).all()):
@@ -875,7 +884,7 @@ def check_output(out_varlen, reference, shape: Shape, impl: str, tolerance: floa
     diff = float((out_varlen[: shape.seqlen, :h].float() - reference).abs().max())
     if not math.isfinite(diff):
         return diff, "FAIL: non-finite difference"
-    if impl == "ours" and diff > tolerance:
+    if impl in OUR_IMPLS and diff > tolerance:
         return diff, f"FAIL: max |out - reference| {diff:.3e} > {tolerance:g}"
     return diff, "ok"
 

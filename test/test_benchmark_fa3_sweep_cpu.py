@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import math
 import os
@@ -85,7 +86,7 @@ def test_build_shapes_rejects_shapes_that_do_not_divide(kwargs, match):
 
 def test_cases_run_variant_by_variant():
     shapes = sweep.build_shapes([64, 128], [512])
-    cases = sweep.build_cases(shapes, sweep.CAUSAL_CHOICES["both"], sweep.PASSES, sweep.IMPLS)
+    cases = sweep.build_cases(shapes, sweep.CAUSAL_CHOICES["both"], sweep.PASSES, sweep.DEFAULT_IMPLS)
     assert len(cases) == 2 * 2 * 2 * 4
     first = [(c.shape.head_dim, c.pass_name, c.causal, c.impl) for c in cases[:5]]
     assert first == [(64, "fwd", True, "ours"), (64, "fwd", True, "sdpa_flash"), (64, "fwd", True, "sdpa_cudnn"),
@@ -112,7 +113,7 @@ def test_flops_match_hand_computed_values():
 
 def test_default_sweep_is_estimated_within_four_minutes():
     shapes = sweep.build_shapes(sweep.DEFAULT_HEAD_DIMS, sweep.DEFAULT_SEQLENS)
-    cases = sweep.build_cases(shapes, (True, False), sweep.PASSES, sweep.IMPLS)
+    cases = sweep.build_cases(shapes, (True, False), sweep.PASSES, sweep.DEFAULT_IMPLS)
     args = sweep.parse_args([])
     estimate = sweep.estimate_seconds(cases, args.num_runs, args.warmup)
     assert len(cases) == 288
@@ -279,6 +280,10 @@ def test_best_other_ratio():
     assert sweep.best_other_ratio(ms) == pytest.approx(0.8, abs=1e-6)
     assert sweep.best_other_ratio({"ours": ms["ours"]}) is None
     assert sweep.best_other_ratio({"sdpa_cudnn": ms["sdpa_cudnn"]}) is None
+    # Our deterministic mode is not one of the "others" ours is compared with.
+    det = dataclasses.replace(ms["ours"], impl="ours_deterministic", time_ms=ms["ours"].time_ms / 4)
+    assert sweep.best_other_ratio({**ms, "ours_deterministic": det}) == pytest.approx(0.8, abs=1e-6)
+    assert sweep.best_other_ratio({"ours": ms["ours"], "ours_deterministic": det}) is None
 
 
 def test_plot_panels_group_by_head_dim_and_pass():
@@ -437,6 +442,24 @@ def test_cpu_device_runs_the_measurement_path(tmp_path):
     assert "fa3 skipped (8 measurements" in r.stdout
     assert "Correctness (max |out - fp32 reference|" in r.stdout
     assert "[32/32]" in r.stderr  # ours, flash, cuDNN, fa3 x 2 L x 2 flags x 2 passes
+
+
+def test_cpu_device_runs_the_deterministic_mode_on_request(tmp_path):
+    """ours_deterministic runs only when named: its own column, checked against the reference like
+    ours, and left out of the ours/best ratio (whose "best" is another library)."""
+    csv_path = str(tmp_path / "fa3_sweep.csv")
+    r = run_script("--device", "cpu", *TINY, "--seqlens", "64", "--causal", "yes", "--impls", "ours",
+                   "ours_deterministic", "--csv", csv_path, "--plot", "")
+    assert r.returncode == 0, r.stderr + r.stdout
+    _, rows = read_rows(csv_path)
+    assert {(row["impl"], row["pass"]) for row in rows} == {(i, p) for i in ("ours", "ours_deterministic")
+                                                           for p in sweep.PASSES}
+    for row in rows:
+        assert row["status"] == "ok" and 0 < float(row["check_max_abs_diff"]) < sweep.CHECK_TOLERANCE["bf16"], row
+    tables = tables_text(r.stdout)
+    assert "ours det" in tables and "ours/best" not in tables
+    defaults = sweep.parse_args([]).impls
+    assert "ours_deterministic" not in defaults and "ours" in defaults
 
 
 def test_cpu_device_failed_check_sets_exit_status(tmp_path, monkeypatch, capsys):
