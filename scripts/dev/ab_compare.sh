@@ -13,7 +13,8 @@
 # (benchmark_features.py: window / softcap / sinks rows). The old tree's build/device library is
 # reused when it is there (branch_check.sh builds it once for all branches).
 #   AB_SWEEP="--head-dims 64 128 --seqlens 512 2048 8192 --passes fwd" bash scripts/dev/ab_compare.sh
-#     (also rows of benchmark_fa3_sweep.py, our kernels only, for short and non-causal shapes)
+#     (also rows of benchmark_fa3_sweep.py, our kernels only, for short and non-causal shapes;
+#     AB_SWEEP_IMPLS="ours ours_deterministic" adds the deterministic backward)
 set -uo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$root"
@@ -51,7 +52,7 @@ side() {  # name src lib round
 }
 sweep_side() {  # name src lib round
   RING_FLASH_ATTN_LIBRARY="$3" PYTHONPATH="$2/python" "$py" "$2/benchmark/benchmark_fa3_sweep.py" \
-    $AB_SWEEP --impls ours --num-runs 10 --warmup 3 --csv "$out/sweep_$1_$4.csv" >"$out/sweep_$1_$4.log" 2>&1
+    $AB_SWEEP --impls ${AB_SWEEP_IMPLS:-ours} --num-runs 10 --warmup 3 --csv "$out/sweep_$1_$4.csv" >"$out/sweep_$1_$4.log" 2>&1
   echo "== sweep $1 round $4: rc=$?"
 }
 for round in 1 2; do
