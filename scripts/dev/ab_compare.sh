@@ -66,7 +66,7 @@ done
 # The tables (scripts/dev/ab_table.py: medians of both rounds, speed-up > 1 when new is faster).
 table="$root/scripts/dev/ab_table.py"
 if [ -n "${AB_SWEEP:-}" ]; then
-  "$py" "$table" --keys head_dim,seqlen,causal,pass --metric tflops "$out"/sweep_old_[12].csv -- "$out"/sweep_new_[12].csv
+  "$py" "$table" --keys head_dim,seqlen,causal,pass,impl --metric tflops "$out"/sweep_old_[12].csv -- "$out"/sweep_new_[12].csv
 fi
 if [ "$bench" = features ]; then
   "$py" "$table" --keys seqlen,tier,variant,pass --metric time_ms --lower-is-better \
