@@ -44,7 +44,7 @@ struct Blocks {
   int m, n;
 };
 
-constexpr Blocks kBlocks[] = {{1, 1}, {5, 7}, {16, 16}, {64, 64}, {64, 128}, {128, 64}, {128, 128}};
+constexpr Blocks kBlocks[] = {{1, 1}, {5, 7}, {16, 16}, {64, 64}, {64, 128}, {128, 32}, {128, 64}, {128, 128}};
 
 std::string describe(int64_t lq, int64_t lk, int64_t left, int64_t right, int64_t shift) {
   return "Lq=" + std::to_string(lq) + " Lk=" + std::to_string(lk) + " window=(" + std::to_string(left) + ", " +
