@@ -89,6 +89,22 @@ def test_single_device_entry_points(index):
     assert not failures, _repro(f"{cfg}\n" + "\n".join(failures), seed)
 
 
+# Cases a fuzz campaign once failed, kept (their configurations are drawn from these seeds).
+REGRESSION_SEEDS = [
+    # fp32, D = 256, scale 0.85, queries of amplitude 3: scores near 100; dK was off by 9.4e-5
+    # (bound 8e-5) with head-dim sums in one running total, 7.9e-5 with them in chunks, and the
+    # bound now grows with the scores' magnitude (fuzz_single.score_magnitude).
+    780903,
+]
+
+
+@pytest.mark.parametrize("seed", REGRESSION_SEEDS)
+def test_single_device_regressions(seed):
+    cfg = draw_single(seed)
+    failures = check_single(cfg)
+    assert not failures, _repro(f"{cfg}\n" + "\n".join(failures), seed)
+
+
 @pytest.mark.parametrize("index", range(_ONE_RANK_CASES))
 def test_schemes_without_process_group(index):
     _no_default_group()
