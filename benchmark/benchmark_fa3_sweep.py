@@ -51,7 +51,7 @@ Correctness spot check (--no-check turns it off): once per (shape, causal flag, 
 a forward call's output on the first sequence and the first 2 heads against an fp32 reference
 computed here (chunked softmax(Q K^T / sqrt(D)) V); its max |difference| goes to the CSV column
 check_max_abs_diff. A non-finite value anywhere in the output fails every row of that
-implementation at that shape and causal flag; for `ours` so does a difference above 2e-2 (bf16)
+implementation at that shape and causal flag; for ours (either mode) so does a difference above 2e-2 (bf16)
 or 1e-2 (fp16). Failed rows say FAIL in the status column and the table, and the exit status is 1.
 
 Output: a header on stdout, then per head dim a table (rows L; per variant -- causal fwd,
@@ -653,8 +653,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--causal", choices=sorted(CAUSAL_CHOICES), default="both",
                    help="causal mask: yes, no or both (default: %(default)s)")
     p.add_argument("--passes", nargs="+", choices=PASSES, default=list(PASSES), help="default: %(default)s")
-    p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(DEFAULT_IMPLS),
-                   help="implementations (default: %(default)s; unavailable ones are skipped with a note)")
+    p.add_argument("--impls", nargs="+", choices=IMPLS, default=None,
+                   help=f"implementations (default: {' '.join(DEFAULT_IMPLS)}; with --from-csv, every one in the "
+                        f"CSV; unavailable ones are skipped with a note)")
     p.add_argument("--num-runs", type=int, default=20, help="timed calls, median reported (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=5,
                    help="untimed calls first, the first call included (default: %(default)s)")
@@ -1168,6 +1169,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     if args.from_csv:
         measurements, env = read_csv(args.from_csv)
+        if args.impls is None:
+            args.impls = list(IMPLS)
         head_dims = sorted({m.head_dim for m in measurements})
         if env.get("dtype"):
             args.dtype = env["dtype"]
@@ -1185,6 +1188,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       [p for p in PASSES if any(m.pass_name == p for m in measurements)],
                       [c for c in (True, False) if any(m.causal == c for m in measurements)])
 
+    if args.impls is None:
+        args.impls = list(DEFAULT_IMPLS)
     shapes = build_shapes(args.head_dims, args.seqlens, args.tokens, args.hidden)
     cases = build_cases(shapes, causal_flags, args.passes, args.impls)
 

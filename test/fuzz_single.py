@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from cases import LOW_PRECISION, TIGHT_TOL, cu_seqlens, feature_kwargs
+from reference import _visible as visible_pairs
 from reference import grouped_attention_reference
 
 DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64")
@@ -222,22 +223,31 @@ def run_single(cfg: dict, inp: SingleInputs) -> Dict[str, object]:
 
 
 def score_magnitude(cfg: dict, inp: SingleInputs) -> float:
-    """The largest |score| any (query, key) pair of the case can have: |scale * q.k| over every
-    pair of the query head and its KV head (the softcap bounds it by the softcap). A softmax
-    recomputed from a stored float32 LSE, as every FlashAttention backward recomputes it, rounds
-    each exponent score - lse at that magnitude: the error of P = exp(score - lse), and of the
-    gradients, grows with it (fp32 at D = 256 with a scale of 0.85 and queries of amplitude 3:
-    scores near 100, dK off by 8e-5 where PyTorch's fp32 softmax, which never subtracts an LSE,
-    is off by 1.4e-5)."""
+    """The largest |score| of a (query, key) pair the case's mask lets attend: |scale * q.k| of
+    each query head with its KV head, per sequence, over the visible pairs (keys up to seqused_k;
+    the softcap bounds it by the softcap). A softmax recomputed from a stored float32 LSE, as
+    every FlashAttention backward recomputes it, rounds each exponent score - lse at that
+    magnitude: the error of P = exp(score - lse), and of the gradients, grows with it (fp32 at
+    D = 256 with a scale of 0.85 and queries of amplitude 3: scores near 100, dK off by 8e-5 where
+    PyTorch's fp32 softmax, which never subtracts an LSE, is off by 1.4e-5)."""
     D, Hk = cfg["D"], cfg["Hk"]
     scale = cfg["scale"] if cfg["scale"] is not None else 1.0 / math.sqrt(D)
+    cu_k = inp.cu_k.tolist()
     best = 0.0
-    k = inp.k
-    for q in inp.q:
-        if q.shape[0] == 0 or k.shape[0] == 0:
-            continue
-        qg = q.view(q.shape[0], Hk, -1, D)
-        best = max(best, torch.einsum("nhrd,mhd->hrnm", qg, k).abs().max().item() * scale)
+    for g, q in enumerate(inp.q):
+        cu_q = inp.cu_q[g].tolist()
+        used = None if inp.seqused is None or inp.seqused[g] is None else inp.seqused[g].tolist()
+        for b in range(len(cu_k) - 1):
+            lk = cu_k[b + 1] - cu_k[b] if used is None else used[b]
+            qb = q[cu_q[b]:cu_q[b + 1]]
+            kb = inp.k[cu_k[b]:cu_k[b] + lk]
+            if qb.shape[0] == 0 or kb.shape[0] == 0:
+                continue
+            allowed = visible_pairs(qb.shape[0], kb.shape[0], cfg["causal"], tuple(cfg["window"]), 0, qb.device)
+            if not allowed.any():
+                continue
+            scores = torch.einsum("nhrd,mhd->hrnm", qb.view(qb.shape[0], Hk, -1, D), kb).abs() * scale
+            best = max(best, scores[..., allowed].max().item())
     if cfg["softcap"] > 0:
         best = min(best, cfg["softcap"])
     return best

@@ -458,8 +458,11 @@ def test_cpu_device_runs_the_deterministic_mode_on_request(tmp_path):
         assert row["status"] == "ok" and 0 < float(row["check_max_abs_diff"]) < sweep.CHECK_TOLERANCE["bf16"], row
     tables = tables_text(r.stdout)
     assert "ours det" in tables and "ours/best" not in tables
-    defaults = sweep.parse_args([]).impls
-    assert "ours_deterministic" not in defaults and "ours" in defaults
+    assert "ours_deterministic" not in sweep.DEFAULT_IMPLS and "ours" in sweep.DEFAULT_IMPLS
+    # Read back, the CSV's tables have every implementation it holds (no --impls given).
+    again = run_script("--from-csv", csv_path, "--plot", "")
+    assert again.returncode == 0, again.stderr + again.stdout
+    assert tables_text(again.stdout).startswith(tables)
 
 
 def test_cpu_device_failed_check_sets_exit_status(tmp_path, monkeypatch, capsys):

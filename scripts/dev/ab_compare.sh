@@ -14,7 +14,8 @@
 # reused when it is there (branch_check.sh builds it once for all branches).
 #   AB_SWEEP="--head-dims 64 128 --seqlens 512 2048 8192 --passes fwd" bash scripts/dev/ab_compare.sh
 #     (also rows of benchmark_fa3_sweep.py, our kernels only, for short and non-causal shapes;
-#     AB_SWEEP_IMPLS="ours ours_deterministic" adds the deterministic backward)
+#     AB_SWEEP_IMPLS="ours ours_deterministic" adds the deterministic backward; both trees' sweep
+#     scripts must know every name in it: ours_deterministic exists from commit f4473d8 on)
 set -uo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$root"
