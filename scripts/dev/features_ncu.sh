@@ -8,6 +8,8 @@
 #   NCU_VARIANTS="causal window_4096" NCU_SEQLEN=16384 bash scripts/dev/features_ncu.sh
 set -uo pipefail
 cd "$(dirname "$0")/../.."
+# shellcheck source=scripts/dev/ncu_launch.sh
+source scripts/dev/ncu_launch.sh
 out="${OUT:-build/ncu-out}"
 mkdir -p "$out"
 variants="${NCU_VARIANTS:-causal window_4096 softcap_50}"
@@ -18,12 +20,9 @@ for variant in $variants; do
   report="$out/ncu_features_${variant}.txt"
   # Launch 0 of the kernel is the row's spot-check forward, 1 its warm-up: profile the second.
   RING_FLASH_ATTN_LIBRARY="$lib" PYTHONPATH="$PWD/python" \
-    timeout 240 ncu --kernel-name 'regex:grouped_fwd_(persistent_)?kernel' --launch-skip 1 --launch-count 1 \
-    --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats \
-    --section SchedulerStats --section Occupancy --section LaunchStats --section InstructionStats \
-    --section MemoryWorkloadAnalysis \
+    ncu_one_launch 'regex:grouped_fwd_(persistent_)?kernel' 1 "$report" \
     python3 benchmark/benchmark_features.py --tiers sm90 --passes fwd --seqlens "$seqlen" \
-    --variants "$variant" --warmup 1 --num-runs 1 >"$report" 2>&1
+    --variants "$variant" --warmup 1 --num-runs 1
   echo "== ncu $variant rc=$? ($report)"
   columns+=("$variant=$report")
 done

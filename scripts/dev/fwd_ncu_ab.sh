@@ -6,6 +6,8 @@
 #   NCU_ROWS="--seqlens 65536 --world-size 8 --rank 7" bash scripts/dev/fwd_ncu_ab.sh ...
 set -uo pipefail
 old="${1:?old tree}"; new="${2:?new tree}"
+# shellcheck source=scripts/dev/ncu_launch.sh
+source "$(dirname "$0")/ncu_launch.sh"
 out="${OUT:-build/ncu-out}"
 mkdir -p "$out"
 rows="${NCU_ROWS:---seqlens 65536 --world-size 8 --rank 7}"
@@ -13,11 +15,9 @@ for side in old new; do
   tree="${!side}"
   # shellcheck disable=SC2086  # NCU_ROWS: several words
   RING_FLASH_ATTN_LIBRARY="$tree/build/device/libringattn.so" PYTHONPATH="$tree/python" \
-    timeout 240 ncu --kernel-name 'regex:grouped_fwd_(persistent_)?kernel' --launch-skip 2 --launch-count 1 \
-    --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats \
-    --section SchedulerStats --section Occupancy --section LaunchStats --section InstructionStats \
+    ncu_one_launch 'regex:grouped_fwd_(persistent_)?kernel' 2 "$out/ncu_fwd_$side.txt" \
     python3 "$tree/benchmark/benchmark_grouped_attention.py" $rows --passes fwd --impls fused \
-    --num-runs 2 --warmup 1 --no-check --output-dir "$out/bench_$side" >"$out/ncu_fwd_$side.txt" 2>&1
+    --num-runs 2 --warmup 1 --no-check --output-dir "$out/bench_$side"
   echo "== ncu $side rc=$?"
 done
 python3 "$(dirname "$0")/ncu_table.py" old="$out/ncu_fwd_old.txt" new="$out/ncu_fwd_new.txt"

@@ -9,6 +9,8 @@
 # A cell is impl:head_dim:seqlen:causal (causal yes or no); impl ours or sdpa_cudnn.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
+# shellcheck source=scripts/dev/ncu_launch.sh
+source scripts/dev/ncu_launch.sh
 out="${OUT:-build/ncu-out}"
 mkdir -p "$out"
 cells="${NCU_CELLS:-ours:128:16384:yes ours:128:16384:no sdpa_cudnn:128:16384:no}"
@@ -25,13 +27,9 @@ for cell in $cells; do
   report="$out/ncu_sweep_${impl}_d${hdim}_l${seqlen}_causal_${causal}.txt"
   # --no-check: no spot-check call; launch 0 is the warm-up call, 1 the timed one: profile that.
   RING_FLASH_ATTN_LIBRARY="$lib" PYTHONPATH="$PWD/python" \
-    timeout 240 ncu --kernel-name "$kernel" --launch-skip 1 --launch-count 1 \
-    --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats \
-    --section SchedulerStats --section Occupancy --section LaunchStats --section InstructionStats \
-    --section MemoryWorkloadAnalysis \
+    ncu_one_launch "$kernel" 1 "$report" \
     python3 benchmark/benchmark_fa3_sweep.py --impls "$impl" --head-dims "$hdim" --seqlens "$seqlen" \
-    --causal "$causal" --passes fwd --warmup 1 --num-runs 1 --no-check --no-gpu-time --csv "" --plot "" \
-    >"$report" 2>&1
+    --causal "$causal" --passes fwd --warmup 1 --num-runs 1 --no-check --no-gpu-time --csv "" --plot ""
   echo "== ncu $cell rc=$? ($report)"
   columns+=("${impl}_d${hdim}_${seqlen}_${causal}=$report")
 done
