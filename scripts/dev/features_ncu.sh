@@ -10,16 +10,13 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=scripts/dev/ncu_launch.sh
 source scripts/dev/ncu_launch.sh
-out="${OUT:-build/ncu-out}"
-mkdir -p "$out"
 variants="${NCU_VARIANTS:-causal window_4096 softcap_50}"
 seqlen="${NCU_SEQLEN:-65536}"
-lib="${RING_FLASH_ATTN_LIBRARY:-$PWD/build/device/libringattn.so}"
 columns=()
 for variant in $variants; do
-  report="$out/ncu_features_${variant}.txt"
+  report="$ncu_out/ncu_features_${variant}.txt"
   # Launch 0 of the kernel is the row's spot-check forward, 1 its warm-up: profile the second.
-  RING_FLASH_ATTN_LIBRARY="$lib" PYTHONPATH="$PWD/python" \
+  RING_FLASH_ATTN_LIBRARY="$ncu_lib" PYTHONPATH="$PWD/python" \
     ncu_one_launch 'regex:grouped_fwd_(persistent_)?kernel' 1 "$report" \
     python3 benchmark/benchmark_features.py --tiers sm90 --passes fwd --seqlens "$seqlen" \
     --variants "$variant" --warmup 1 --num-runs 1

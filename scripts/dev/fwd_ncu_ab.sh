@@ -8,8 +8,7 @@ set -uo pipefail
 old="${1:?old tree}"; new="${2:?new tree}"
 # shellcheck source=scripts/dev/ncu_launch.sh
 source "$(dirname "$0")/ncu_launch.sh"
-out="${OUT:-build/ncu-out}"
-mkdir -p "$out"
+out="$ncu_out"
 rows="${NCU_ROWS:---seqlens 65536 --world-size 8 --rank 7}"
 for side in old new; do
   tree="${!side}"

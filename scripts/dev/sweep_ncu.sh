@@ -11,10 +11,7 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=scripts/dev/ncu_launch.sh
 source scripts/dev/ncu_launch.sh
-out="${OUT:-build/ncu-out}"
-mkdir -p "$out"
 cells="${NCU_CELLS:-ours:128:16384:yes ours:128:16384:no sdpa_cudnn:128:16384:no}"
-lib="${RING_FLASH_ATTN_LIBRARY:-$PWD/build/device/libringattn.so}"
 columns=()
 for cell in $cells; do
   IFS=: read -r impl hdim seqlen causal <<<"$cell"
@@ -24,9 +21,9 @@ for cell in $cells; do
     *) echo "sweep_ncu.sh: cell $cell: impl must be ours or sdpa_cudnn" >&2; exit 2 ;;
   esac
   case "$causal" in yes|no) ;; *) echo "sweep_ncu.sh: cell $cell: causal must be yes or no" >&2; exit 2 ;; esac
-  report="$out/ncu_sweep_${impl}_d${hdim}_l${seqlen}_causal_${causal}.txt"
+  report="$ncu_out/ncu_sweep_${impl}_d${hdim}_l${seqlen}_causal_${causal}.txt"
   # --no-check: no spot-check call; launch 0 is the warm-up call, 1 the timed one: profile that.
-  RING_FLASH_ATTN_LIBRARY="$lib" PYTHONPATH="$PWD/python" \
+  RING_FLASH_ATTN_LIBRARY="$ncu_lib" PYTHONPATH="$PWD/python" \
     ncu_one_launch "$kernel" 1 "$report" \
     python3 benchmark/benchmark_fa3_sweep.py --impls "$impl" --head-dims "$hdim" --seqlens "$seqlen" \
     --causal "$causal" --passes fwd --warmup 1 --num-runs 1 --no-check --no-gpu-time --csv "" --plot ""
