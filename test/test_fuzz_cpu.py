@@ -82,22 +82,15 @@ def _no_default_group():
 # ---- single process --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("index", range(_SINGLE_CASES))
-def test_single_device_entry_points(index):
-    seed = _SEED + index
+def _check_single_seed(seed: int) -> None:
     cfg = draw_single(seed)
     failures = check_single(cfg)
     assert not failures, _repro(f"{cfg}\n" + "\n".join(failures), seed)
 
 
-# Cases a fuzz campaign once failed, kept (their configurations are drawn from these seeds).
-REGRESSION_SEEDS = [
-    # fp32, D = 256, scale 0.85, queries of amplitude 3: scores near 100; dK was off by 9.4e-5
-    # (bound 8e-5) with head-dim sums in one running total, 7.9e-5 with them in chunks, and the
-    # bound now grows with the scores' magnitude (fuzz_single.score_magnitude). The chunks
-    # themselves are held by test_fp32_head_dim_sums_lose_few_roundings.
-    780903,
-]
+@pytest.mark.parametrize("index", range(_SINGLE_CASES))
+def test_single_device_entry_points(index):
+    _check_single_seed(_SEED + index)
 
 
 def test_fp32_head_dim_sums_lose_few_roundings():
@@ -138,11 +131,19 @@ def test_rows_that_see_one_key_have_exactly_zero_dq_dk(dtype, head_dim):
     assert torch.isfinite(dv).all() and dv.abs().max() > 0
 
 
+# Cases a fuzz campaign once failed, kept (their configurations are drawn from these seeds).
+REGRESSION_SEEDS = [
+    # fp32, D = 256, scale 0.85, queries of amplitude 3: scores near 100; dK was off by 9.4e-5
+    # (bound 8e-5) with head-dim sums in one running total, 7.9e-5 with them in chunks, and the
+    # bound now grows with the scores' magnitude (fuzz_single.score_magnitude). The chunks
+    # themselves are held by test_fp32_head_dim_sums_lose_few_roundings.
+    780903,
+]
+
+
 @pytest.mark.parametrize("seed", REGRESSION_SEEDS)
 def test_single_device_regressions(seed):
-    cfg = draw_single(seed)
-    failures = check_single(cfg)
-    assert not failures, _repro(f"{cfg}\n" + "\n".join(failures), seed)
+    _check_single_seed(seed)
 
 
 @pytest.mark.parametrize("index", range(_ONE_RANK_CASES))

@@ -95,10 +95,10 @@ inline A chunked_dot(const A* a, const A* b, int n) {
 }
 
 // c[r * ldc + j] = sum_d a[r * dim + d] * bt[d * ldb + j], summed over d in chunks (as
-// chunked_dot), for r < m, j < n. a is row-major [m, dim]; bt is the transposed right operand [dim, ldb]. The tile is
-// computed in whole register blocks: rows up to m rounded up to kRows and columns up to n
-// rounded up to kCols, so a, bt and c must hold that many (the scratch tiles are allocated at
-// full tile size); the extra entries are never read.
+// chunked_dot), for r < m, j < n. a is row-major [m, dim]; bt is the transposed right operand
+// [dim, ldb]. The tile is computed in whole register blocks: rows up to m rounded up to kRows and
+// columns up to n rounded up to kCols, so a, bt and c must hold that many (the scratch tiles are
+// allocated at full tile size); the extra entries are never read.
 template <typename A>
 void matmul_a_bt(const A* a, int m, const A* bt, int ldb, int n, int dim, A* c, int ldc) {
   constexpr int R = Blocking<A>::kRows;

@@ -53,7 +53,8 @@ side() {  # name src lib round
 }
 sweep_side() {  # name src lib round
   RING_FLASH_ATTN_LIBRARY="$3" PYTHONPATH="$2/python" "$py" "$2/benchmark/benchmark_fa3_sweep.py" \
-    $AB_SWEEP --impls ${AB_SWEEP_IMPLS:-ours} --num-runs 10 --warmup 3 --csv "$out/sweep_$1_$4.csv" >"$out/sweep_$1_$4.log" 2>&1
+    $AB_SWEEP --impls ${AB_SWEEP_IMPLS:-ours} --num-runs 10 --warmup 3 --csv "$out/sweep_$1_$4.csv" \
+    >"$out/sweep_$1_$4.log" 2>&1
   echo "== sweep $1 round $4: rc=$?"
 }
 for round in 1 2; do

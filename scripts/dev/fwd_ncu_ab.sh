@@ -8,15 +8,14 @@ set -uo pipefail
 old="${1:?old tree}"; new="${2:?new tree}"
 # shellcheck source=scripts/dev/ncu_launch.sh
 source "$(dirname "$0")/ncu_launch.sh"
-out="$ncu_out"
 rows="${NCU_ROWS:---seqlens 65536 --world-size 8 --rank 7}"
 for side in old new; do
   tree="${!side}"
   # shellcheck disable=SC2086  # NCU_ROWS: several words
   RING_FLASH_ATTN_LIBRARY="$tree/build/device/libringattn.so" PYTHONPATH="$tree/python" \
-    ncu_one_launch 'regex:grouped_fwd_(persistent_)?kernel' 2 "$out/ncu_fwd_$side.txt" \
+    ncu_one_launch 'regex:grouped_fwd_(persistent_)?kernel' 2 "$ncu_out/ncu_fwd_$side.txt" \
     python3 "$tree/benchmark/benchmark_grouped_attention.py" $rows --passes fwd --impls fused \
-    --num-runs 2 --warmup 1 --no-check --output-dir "$out/bench_$side"
+    --num-runs 2 --warmup 1 --no-check --output-dir "$ncu_out/bench_$side"
   echo "== ncu $side rc=$?"
 done
-python3 "$(dirname "$0")/ncu_table.py" old="$out/ncu_fwd_old.txt" new="$out/ncu_fwd_new.txt"
+python3 "$(dirname "$0")/ncu_table.py" old="$ncu_out/ncu_fwd_old.txt" new="$ncu_out/ncu_fwd_new.txt"
