@@ -2,12 +2,12 @@
 # Checks kernel branches waiting for a GPU, in ONE device call (device time is scarce and H200
 # clocks move between calls, so each branch is timed against the current tree in the same run).
 #
-# Here, before the call: export each branch's tree (it travels as an ignored folder, named in the
-# call's carry list with .device/googletest):
-#   for b in persist-fwd softcap-exp2; do rm -rf .device/branches/$b; mkdir -p .device/branches/$b
-#     git archive $b | tar -x -C .device/branches/$b; done
+# Here, before the call: export each pending change's tree (scripts/dev/pending.sh export NAME:
+# main's files with pending/NAME.patch applied, in .device/branches/NAME; it travels as an ignored
+# folder, named in the call's carry list with .device/googletest):
+#   bash scripts/dev/pending.sh export head-run window-mask
 # There:
-#   BRANCHES="persist-fwd softcap-exp2" bash scripts/dev/branch_check.sh
+#   BRANCHES="head-run window-mask" bash scripts/dev/branch_check.sh
 #
 # Per branch, within BRANCH_DEADLINE_S seconds each (default 420): its build (archs of the card),
 # the GPU tests (`-m "gpu and not stress"`, the files in BRANCH_TESTS_<name with - as _> or
@@ -49,7 +49,7 @@ fi
 for b in ${BRANCHES:-}; do
   src="$root/.device/branches/$b"
   key="${b//-/_}"
-  if [ ! -d "$src" ]; then note "$b: no tree at .device/branches/$b (git archive it here first)"; continue; fi
+  if [ ! -d "$src" ]; then note "$b: no tree at .device/branches/$b (scripts/dev/pending.sh export $b here first)"; continue; fi
   t0=$(date +%s)
   if ! build "$src" "$src/build/device" "$out/${b}_build.log"; then
     tail -20 "$out/${b}_build.log"; note "$b: build FAILED"; continue
