@@ -140,7 +140,7 @@ KERNELS = (
         launches=(Launch("bwd_dkdv", "BwdConfig<{element}, {hdim}>::Traits", "BwdKernelParams"),)),
     KernelSet(
         title="Tier-2 dQ kernels of the deterministic mode.",
-        tier="sm90", pass_name="bwd_dq", head_dims=(64, 128),
+        tier="sm90", pass_name="bwd_dq", head_dims=(64, 128, 256),
         kernel_headers=("cuda/sm90/bwd_dq_kernel.cuh",),
         declarations=("cuda/sm90/bwd_dq_traits.h", "cuda/sm90/bwd_params.h"),
         launches=(Launch("bwd_dq", "BwdDqConfig<{element}, {hdim}>::Traits", "BwdDqKernelParams"),)),
