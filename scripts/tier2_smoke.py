@@ -6,7 +6,7 @@ shows up as a hang. Prints one line per check; exit code 1 if any check fails, 2
 
     RING_FLASH_ATTN_LIBRARY=build/device/libringattn.so PYTHONPATH=python python scripts/tier2_smoke.py
     ... --timing-only      (the timing alone)
-    ... --tiny             (two small tier-2 cases per head dim, no timing: for compute-sanitizer)
+    ... --tiny             (small tier-2 cases per head dim, no timing: for compute-sanitizer)
 """
 import os
 import sys
@@ -139,6 +139,8 @@ def main():
             ok &= check_bwd("sm90", d, True, torch.bfloat16, [300, 1, 129], [513, 129, 64])
         ok &= check_bwd("sm90", 128, True, torch.bfloat16, [300, 1, 129], [513, 129, 64], deterministic=True)
         ok &= check("sm90", 256, True, torch.bfloat16, [300, 1, 129], [513, 129, 64])
+        ok &= check_bwd("sm90", 256, True, torch.bfloat16, [300, 1, 129], [513, 129, 64])
+        ok &= check_bwd("sm90", 256, False, torch.float16, [300, 1, 129], [513, 129, 64], deterministic=True)
         print("SMOKE " + ("PASS" if ok else "FAIL"), flush=True)
         return 0 if ok else 1
     for d in (64, 128):
@@ -160,6 +162,11 @@ def main():
     ok &= check_bwd("sm90", 64, True, torch.bfloat16, [300, 1, 129], [513, 129, 64], deterministic=True)
     ok &= check_bwd("sm90", 64, False, torch.bfloat16, [1000, 77], [1000, 700], deterministic=True)
     ok &= check_bwd("sm90", 128, True, torch.float16, [2048], [2048], hq=16, hk=4)
+    # Head dim 256: the dK/dV kernel's head-split loop, and the dQ kernel with 32-key blocks.
+    for causal in (True, False):
+        ok &= check_bwd("sm90", 256, causal, torch.bfloat16, [300, 1, 129], [513, 129, 64])
+        ok &= check_bwd("sm90", 256, causal, torch.float16, [1000, 77], [1000, 700], deterministic=True)
+    ok &= check_bwd("sm90", 256, True, torch.bfloat16, [2048], [2048], hq=16, hk=4)
     print(f"checks took {time.time() - t0:.1f} s", flush=True)
     if ok:
         timing()

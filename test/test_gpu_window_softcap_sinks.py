@@ -14,11 +14,13 @@ keys: out = 0 and lse = the sink exactly); GQA, MQA, varlen, two groups with seq
 64 / 128 / 256; fp16 / bf16; the deterministic backward run to run; key blocks outside every
 window holding NaN (they must never be read).
 
-Tier 2 (sm90a) has every variant (fixed masks, kLocal, kLocal with the softcap); it has no
-backward at head dim 256, where a backward forced onto it must fail with NotImplementedError naming
-why (the automatic choice runs tier 1 there). On an sm90 card the automatic choice runs the feature
-calls on tier 2 (checked bit for bit against the forced tier), and long windows walk many key
-blocks that start far past block 0 (both tier-2 pipelines wrap several times).
+Tier 2 (sm90a) has every variant (fixed masks, kLocal, kLocal with the softcap) at every head
+dim, forward and backward (head dim 256: the dK/dV kernel's head-split main loop and a dQ kernel
+with 32-key blocks); a call forced onto a tier-2 kernel that does not exist would fail with
+NotImplementedError naming why (TIER2_NO_BACKWARD_HEAD_DIMS, now empty). On an sm90 card the
+automatic choice runs the feature calls on tier 2 (checked bit for bit against the forced tier),
+and long windows walk many key blocks that start far past block 0 (both tier-2 pipelines wrap
+several times).
 """
 
 from __future__ import annotations
@@ -45,8 +47,8 @@ DEVICE = "cuda"
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 HEAD_DIMS = [64, 128, 256]
 
-# Tier 2 has no backward at this head dim (tier 1 runs it).
-TIER2_NO_BACKWARD_HEAD_DIMS = (256,)
+# Head dims where tier 2 has no backward (tier 1 runs it): none since the head-dim-256 backward.
+TIER2_NO_BACKWARD_HEAD_DIMS: Tuple[int, ...] = ()
 
 # Tier 2's refusal ("exec.tier: RINGATTN_TIER_SM90 requested, but tier 2 cannot run ...").
 TIER2_REFUSES_FORWARD = r"tier 2 cannot run this call: no tier-2 kernel compiled for this dtype and head_dim"
@@ -368,7 +370,7 @@ def test_public_api_on_the_gpu():
 # ---- tier 2: the automatic choice and long walks --------------------------------------------------
 
 
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("sc", [s for s in SCENARIOS if s.name in ("window_asymmetric_varlen", "softcap_causal",
                                                                    "sinks_shift_empty_tiles",
                                                                    "groups_seqused_everything")],
@@ -408,7 +410,7 @@ LONG_SCENARIOS = [
 
 
 @pytest.mark.parametrize("deterministic", [False, True], ids=["dq_default", "deterministic"])
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("sc", LONG_SCENARIOS, ids=lambda s: s.name)
 def test_tier2_long_windows(monkeypatch, sc: Scenario, head_dim: int, deterministic: bool):
     """Tier 2 on windows that start many blocks past key 0 and span many blocks: forward and

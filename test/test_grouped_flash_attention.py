@@ -255,9 +255,10 @@ def test_backward_seqused_zero_and_single_tokens():
                    seqused=[[1, 0, 100], [0, 400, 3]])
 
 
-def test_backward_deterministic_is_bit_identical():
+@pytest.mark.parametrize("head_dim", [128, 256])
+def test_backward_deterministic_is_bit_identical(head_dim):
     torch.manual_seed(29)
-    ours, leaves, douts, first = _backward_case([[512, 64], [512, 300]], [2048, 300], 16, 4, 128,
+    ours, leaves, douts, first = _backward_case([[512, 64], [512, 300]], [2048, 300], 16, 4, head_dim,
                                                 torch.bfloat16, True, seqused=[[512, 64], None],
                                                 deterministic=True)
     for _ in range(3):
@@ -332,7 +333,7 @@ def test_unused_kv_rows_may_hold_nan(monkeypatch, tier):
 
 @pytest.mark.parametrize("deterministic", [False, True], ids=["dq_default", "deterministic"])
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("tier", ["sm80", "sm90"])
 def test_backward_of_a_partial_tile_ignores_the_rows_after_it(monkeypatch, tier, head_dim, causal, deterministic):
     """Sequence A's gradients are those of A alone when the rows after its last, partial query
@@ -344,6 +345,7 @@ def test_backward_of_a_partial_tile_ignores_the_rows_after_it(monkeypatch, tier,
     monkeypatch.setenv("RING_FLASH_ATTN_TIER", tier)
     torch.manual_seed(31 + head_dim + 2 * causal)
     lens_q, lens_k, pad, hq, hk = [100, 70], [130, 90], 30, 8, 2  # A's last tile is partial at 64 and 128 rows
+    # (and A's last key block at 64 and 128 keys)
     dtype = torch.bfloat16
     q = torch.randn(sum(lens_q) + pad, hq, head_dim, device="cuda", dtype=dtype)
     k = torch.randn(sum(lens_k), hk, head_dim, device="cuda", dtype=dtype)
@@ -375,7 +377,7 @@ def test_backward_of_a_partial_tile_ignores_the_rows_after_it(monkeypatch, tier,
 
 
 @pytest.mark.parametrize("tier", ["sm80", "sm90"])
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
 def test_non_finite_rows_follow_ieee_like_the_cpu_backend(monkeypatch, tier, head_dim):
     """A NaN in one query row makes that row's O and LSE NaN (and only that row's); a row whose
     visible scores are all -inf (every key weighs 0) is empty, O = 0 and LSE = -inf; the backward
@@ -442,128 +444,44 @@ def test_tiers_agree_on_a_long_sequence(monkeypatch):
     assert (outs["sm80"].float() - outs["sm90"].float()).abs().max().item() < 2e-2
 
 
-def test_forced_tier2_explains_what_it_cannot_run(monkeypatch):
-    """Forcing tier 2 where it has no kernel (the backward at head dim 256) fails with the reason
-    instead of falling back; auto runs the same backward on tier 1. (Every stride the API accepts
-    on a GPU, multiples of 8 elements, is one TMA can address, so head dim is what decides.)"""
+@pytest.mark.parametrize("deterministic", [False, True], ids=["dq_default", "deterministic"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_tier2_backward_head_dim_256(monkeypatch, dtype, causal, deterministic):
+    """The forced tier-2 backward at head dim 256 (the dK/dV kernel's head-split main loop and, in
+    deterministic mode, the dQ kernel with 32-key blocks): two groups, GQA, seqused_k (0 too), odd
+    lengths and sequences shorter than one tile, and one long sequence whose key blocks each see
+    many query tiles of several heads and groups (the Q/dO stages and the P^T/dS^T buffers wrap
+    many times); against the float32 reference, and bit-identical run to run when deterministic."""
+    if not _is_sm90():
+        pytest.skip("tier 2 needs an sm90 card")
+    monkeypatch.setenv("RING_FLASH_ATTN_TIER", "sm90")
+    torch.manual_seed(37 + causal + 2 * deterministic)
+    ours, leaves, douts, first = _backward_case([[1100, 1, 77, 200], [1100, 63, 5, 129]], [1100, 65, 130, 1],
+                                                16, 4, 256, DTYPES[dtype], causal,
+                                                seqused=[None, [1000, 0, 130, 1]], deterministic=deterministic)
+    if deterministic:
+        again = _grads(ours, leaves, douts)
+        for a, b in zip(first, again):
+            assert torch.equal(a, b), "deterministic backward differs between runs"
+
+
+def test_forced_tier2_runs_the_head_dim_256_backward(monkeypatch):
+    """Tier 2 has the backward at every head dim now (it once refused head dim 256): forcing it
+    runs the call, and its bits are the automatic tier's on an sm90 card (deterministic mode, so
+    that the comparison can fail: tier 1 computes in another order)."""
     if not _is_sm90():
         pytest.skip("tier 2 needs an sm90 card")
     torch.manual_seed(23)
     q_list, k, v, cu_q, cu_k = _make([[256]], [256], 4, 4, 256, torch.bfloat16)
     leaves = [t.requires_grad_() for t in (q_list[0], k, v)]
     dout = torch.randn_like(q_list[0])
+    grads = {}
+    for tier in ("sm90", "auto"):
+        monkeypatch.setenv("RING_FLASH_ATTN_TIER", tier)
+        out = flash_attn_varlen_func(*leaves, cu_q[0], cu_k, 256, 256, causal=True, deterministic=True)
+        grads[tier] = torch.autograd.grad(out, leaves, dout)
+    for a, b in zip(grads["sm90"], grads["auto"]):
+        assert torch.equal(a, b), "the automatic tier does not run tier 2's head-dim-256 backward"
     monkeypatch.setenv("RING_FLASH_ATTN_TIER", "sm90")
-    out = flash_attn_varlen_func(*leaves, cu_q[0], cu_k, 256, 256, causal=True)  # the forward has tier 2
-    with pytest.raises(NotImplementedError, match="tier 2 cannot run this backward: no tier-2 kernel"):
-        torch.autograd.grad(out, leaves, dout)
-    monkeypatch.setenv("RING_FLASH_ATTN_TIER", "auto")
     _backward_case([[256]], [256], 4, 4, 256, torch.bfloat16, True)
-
-
-def test_bad_tier_name_is_rejected(monkeypatch):
-    monkeypatch.setenv("RING_FLASH_ATTN_TIER", "sm75")
-    q_list, k, v, cu_q, cu_k = _make([[16]], [16], 2, 2, 64, torch.bfloat16)
-    with pytest.raises(ValueError, match="RING_FLASH_ATTN_TIER"):
-        flash_attn_varlen_func(q_list[0], k, v, cu_q[0], cu_k, 16, 16)
-
-
-@pytest.mark.parametrize("tier", ["sm80", "sm90"])
-@pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic_dq", "deterministic"])
-def test_forced_tier_backward_matches_reference(monkeypatch, tier, head_dim, causal, deterministic):
-    """Each tier's backward on its own: K/V blocks partly past their sequence, overlapping groups
-    with seqused_k, GQA, query tiles partly past their sequence; both dQ paths."""
-    if tier == "sm90" and not _is_sm90():
-        pytest.skip("tier 2 needs an sm90 card")
-    monkeypatch.setenv("RING_FLASH_ATTN_TIER", tier)
-    torch.manual_seed(head_dim * 3 + causal)
-    _backward_case([[300, 1, 129], [77, 200, 5]], [513, 129, 64], 16, 4, head_dim, torch.bfloat16, causal,
-                   seqused=[None, [400, 0, 60]], deterministic=deterministic)
-
-
-def test_tier2_backward_long_sequence_fp16(monkeypatch):
-    if not _is_sm90():
-        pytest.skip("tier 2 needs an sm90 card")
-    monkeypatch.setenv("RING_FLASH_ATTN_TIER", "sm90")
-    torch.manual_seed(37)
-    _backward_case([[2048, 1000]], [2048, 3000], 8, 2, 128, torch.float16, True)
-
-
-@pytest.mark.parametrize("deterministic", [False, True], ids=["dq_in_dkdv", "deterministic"])
-@pytest.mark.parametrize("head_dim", [64, 128, 256])
-@pytest.mark.parametrize("tier", ["auto", "sm80"])
-def test_backward_keys_past_seqused_may_hold_nan(monkeypatch, tier, head_dim, deterministic):
-    """Keys in [seqused_k, sequence end) (an unused KV-cache tail) and after the last sequence may
-    hold NaN: no query sees them, so they must reach no gradient (dQ = dS K and dS = P (dP - Di)
-    would turn a masked 0 into NaN if those K/V rows were read). Two groups with different
-    seqused_k: keys one group uses and the other does not are real data."""
-    monkeypatch.setenv("RING_FLASH_ATTN_TIER", tier)
-    torch.manual_seed(43 + head_dim)
-    hq, hk, dtype = 8, 2, torch.bfloat16
-    lens_q = [[300, 1, 129, 50], [64, 200, 7, 70]]
-    lens_k = [513, 129, 64, 70]
-    used = [[400, 0, 60, 69], [300, 129, 1, 20]]
-    used_k = sum(lens_k)
-    q_list = [torch.randn(sum(l), hq, head_dim, device="cuda", dtype=dtype) for l in lens_q]
-    douts = [torch.randn_like(q) for q in q_list]
-    k = torch.randn(used_k + 9, hk, head_dim, device="cuda", dtype=dtype)
-    v = torch.randn_like(k)
-    cu_q = [cu_seqlens(l, "cuda") for l in lens_q]
-    cu_k = cu_seqlens(lens_k, "cuda")
-    seqused = [torch.tensor(u, dtype=torch.int32, device="cuda") for u in used]
-    k_clean, v_clean = k.clone(), v.clone()
-    for b in range(len(lens_k)):  # keys no group uses: NaN
-        first_unused = int(cu_k[b]) + max(u[b] for u in used)
-        k[first_unused:int(cu_k[b + 1])] = float("nan")
-        v[first_unused:int(cu_k[b + 1])] = float("nan")
-    k[used_k:] = float("nan")
-    v[used_k:] = float("nan")
-    leaves = [t.clone().requires_grad_() for t in (*q_list, k, v)]
-    outs = grouped_flash_attn_varlen_func(leaves[:2], leaves[2], leaves[3], cu_q, cu_k,
-                                          [max(l) for l in lens_q], max(lens_k), seqused_k_list=seqused,
-                                          causal=True, deterministic=deterministic)
-    got = torch.autograd.grad(outs, leaves, douts)
-
-    def reference(cast):
-        xs = [t.to(cast).requires_grad_() for t in (*q_list, k_clean, v_clean)]
-        o, _ = grouped_attention_reference(xs[:2], xs[2], xs[3], cu_q, cu_k, seqused, None, True)
-        return torch.autograd.grad(o, xs, [d.to(cast) for d in douts])
-
-    r32, rlp = reference(torch.float32), reference(dtype)
-    for name, a, b32, blp in zip(("dq[0]", "dq[1]", "dk", "dv"), got, r32, rlp):
-        _check(name, a, b32, blp)
-
-
-@pytest.mark.parametrize("deterministic", [False, True], ids=["dq_in_dkdv", "deterministic"])
-@pytest.mark.parametrize("tier", ["auto", "sm80"])
-def test_backward_padding_rows_may_hold_nan(monkeypatch, tier, deterministic):
-    """Query rows after the last sequence (cu_seqlens_q[B] < total_q) may hold NaN in q and dout:
-    they belong to no sequence and must not reach dK/dV or another row's dQ (tier 2 loads whole
-    64-row query tiles in the dK/dV kernel and 128-row tiles in the deterministic dQ kernel)."""
-    monkeypatch.setenv("RING_FLASH_ATTN_TIER", tier)
-    torch.manual_seed(41)
-    d, hq, hk = 128, 8, 2
-    lens_q, lens_k = [100, 150], [200, 150]
-    used_q = sum(lens_q)
-    q = torch.randn(used_q + 50, hq, d, device="cuda", dtype=torch.bfloat16)
-    dout = torch.randn_like(q)
-    q[used_q:] = float("nan")
-    dout[used_q:] = float("nan")
-    k = torch.randn(sum(lens_k), hk, d, device="cuda", dtype=torch.bfloat16)
-    v = torch.randn(sum(lens_k), hk, d, device="cuda", dtype=torch.bfloat16)
-    cu_q, cu_k = cu_seqlens(lens_q, "cuda"), cu_seqlens(lens_k, "cuda")
-    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    outs = grouped_flash_attn_varlen_func([leaves[0]], leaves[1], leaves[2], [cu_q], cu_k, [150], 200, causal=True,
-                                          deterministic=deterministic)
-    dq, dk, dv = torch.autograd.grad(outs[0], leaves, dout)
-
-    def reference(cast):
-        xs = [q[:used_q].to(cast).requires_grad_(), k.to(cast).requires_grad_(), v.to(cast).requires_grad_()]
-        (o,), _ = grouped_attention_reference([xs[0]], xs[1], xs[2], [cu_q], cu_k, None, None, True)
-        return torch.autograd.grad(o, xs, dout[:used_q].to(cast))
-
-    r32, rlp = reference(torch.float32), reference(torch.bfloat16)
-    _check("dq (sequence rows)", dq[:used_q], r32[0], rlp[0])
-    _check("dk", dk, r32[1], rlp[1])
-    _check("dv", dv, r32[2], rlp[2])

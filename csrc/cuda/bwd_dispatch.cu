@@ -171,7 +171,7 @@ void build_bwd_work_lists(const ringattn_bwd_params& p, BwdPlan* plan) {
   int dq_block_m = e.dq_block_m, dq_block_n = e.dq_block_n;
   int64_t dq_capacity = plan->layout.q_capacity;
 #ifdef RINGATTN_SM90_TIER
-  static_assert(tier2_bwd_tiles_fit<64>() && tier2_bwd_tiles_fit<128>(),
+  static_assert(tier2_bwd_tiles_fit<64>() && tier2_bwd_tiles_fit<128>() && tier2_bwd_tiles_fit<256>(),
                 "tier 2's K/V blocks and dQ query tiles fit the work lists sized for tier 1's");
   if (plan->e90 != nullptr) {
     block_m = plan->e90->block_m;

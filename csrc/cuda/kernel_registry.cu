@@ -493,6 +493,16 @@ cudaError_t launch_bwd_dkdv_hdim128_bf16_causal(const BwdKernelParams& params, i
 cudaError_t launch_bwd_dkdv_hdim128_bf16_local(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
 cudaError_t launch_bwd_dkdv_hdim128_bf16_local_softcap(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
 #endif
+#ifdef RINGATTN_HDIM_256
+cudaError_t launch_bwd_dkdv_hdim256_fp16(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dkdv_hdim256_fp16_causal(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dkdv_hdim256_fp16_local(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dkdv_hdim256_fp16_local_softcap(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dkdv_hdim256_bf16(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dkdv_hdim256_bf16_causal(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dkdv_hdim256_bf16_local(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dkdv_hdim256_bf16_local_softcap(const BwdKernelParams& params, int num_ctas, cudaStream_t stream);
+#endif
 }  // namespace sm90
 const Sm90BwdKernelEntry kSm90BwdKernels[] = {
 #ifdef RINGATTN_HDIM_64
@@ -547,6 +557,32 @@ const Sm90BwdKernelEntry kSm90BwdKernels[] = {
         RINGATTN_DTYPE_BF16,
         &sm90::launch_bwd_dkdv_hdim128_bf16_local_softcap),
 #endif
+#ifdef RINGATTN_HDIM_256
+    kernel_entry<sm90::BwdConfig<__half, 256>::Traits, MaskMode::kNone, false>(
+        RINGATTN_DTYPE_FP16,
+        &sm90::launch_bwd_dkdv_hdim256_fp16),
+    kernel_entry<sm90::BwdConfig<__half, 256>::Traits, MaskMode::kCausal, false>(
+        RINGATTN_DTYPE_FP16,
+        &sm90::launch_bwd_dkdv_hdim256_fp16_causal),
+    kernel_entry<sm90::BwdConfig<__half, 256>::Traits, MaskMode::kLocal, false>(
+        RINGATTN_DTYPE_FP16,
+        &sm90::launch_bwd_dkdv_hdim256_fp16_local),
+    kernel_entry<sm90::BwdConfig<__half, 256>::Traits, MaskMode::kLocal, true>(
+        RINGATTN_DTYPE_FP16,
+        &sm90::launch_bwd_dkdv_hdim256_fp16_local_softcap),
+    kernel_entry<sm90::BwdConfig<__nv_bfloat16, 256>::Traits, MaskMode::kNone, false>(
+        RINGATTN_DTYPE_BF16,
+        &sm90::launch_bwd_dkdv_hdim256_bf16),
+    kernel_entry<sm90::BwdConfig<__nv_bfloat16, 256>::Traits, MaskMode::kCausal, false>(
+        RINGATTN_DTYPE_BF16,
+        &sm90::launch_bwd_dkdv_hdim256_bf16_causal),
+    kernel_entry<sm90::BwdConfig<__nv_bfloat16, 256>::Traits, MaskMode::kLocal, false>(
+        RINGATTN_DTYPE_BF16,
+        &sm90::launch_bwd_dkdv_hdim256_bf16_local),
+    kernel_entry<sm90::BwdConfig<__nv_bfloat16, 256>::Traits, MaskMode::kLocal, true>(
+        RINGATTN_DTYPE_BF16,
+        &sm90::launch_bwd_dkdv_hdim256_bf16_local_softcap),
+#endif
     Sm90BwdKernelEntry{}};
 
 const Sm90BwdKernelEntry* find_sm90_bwd_kernel(int dtype, int head_dim, KernelVariant variant) {
@@ -574,6 +610,16 @@ cudaError_t launch_bwd_dq_hdim128_bf16(const BwdDqKernelParams& params, int num_
 cudaError_t launch_bwd_dq_hdim128_bf16_causal(const BwdDqKernelParams& params, int num_ctas, cudaStream_t stream);
 cudaError_t launch_bwd_dq_hdim128_bf16_local(const BwdDqKernelParams& params, int num_ctas, cudaStream_t stream);
 cudaError_t launch_bwd_dq_hdim128_bf16_local_softcap(const BwdDqKernelParams& params, int num_ctas, cudaStream_t stream);
+#endif
+#ifdef RINGATTN_HDIM_256
+cudaError_t launch_bwd_dq_hdim256_fp16(const BwdDqKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dq_hdim256_fp16_causal(const BwdDqKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dq_hdim256_fp16_local(const BwdDqKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dq_hdim256_fp16_local_softcap(const BwdDqKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dq_hdim256_bf16(const BwdDqKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dq_hdim256_bf16_causal(const BwdDqKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dq_hdim256_bf16_local(const BwdDqKernelParams& params, int num_ctas, cudaStream_t stream);
+cudaError_t launch_bwd_dq_hdim256_bf16_local_softcap(const BwdDqKernelParams& params, int num_ctas, cudaStream_t stream);
 #endif
 }  // namespace sm90
 const Sm90BwdDqKernelEntry kSm90BwdDqKernels[] = {
@@ -628,6 +674,32 @@ const Sm90BwdDqKernelEntry kSm90BwdDqKernels[] = {
     kernel_entry<sm90::BwdDqConfig<__nv_bfloat16, 128>::Traits, MaskMode::kLocal, true>(
         RINGATTN_DTYPE_BF16,
         &sm90::launch_bwd_dq_hdim128_bf16_local_softcap),
+#endif
+#ifdef RINGATTN_HDIM_256
+    kernel_entry<sm90::BwdDqConfig<__half, 256>::Traits, MaskMode::kNone, false>(
+        RINGATTN_DTYPE_FP16,
+        &sm90::launch_bwd_dq_hdim256_fp16),
+    kernel_entry<sm90::BwdDqConfig<__half, 256>::Traits, MaskMode::kCausal, false>(
+        RINGATTN_DTYPE_FP16,
+        &sm90::launch_bwd_dq_hdim256_fp16_causal),
+    kernel_entry<sm90::BwdDqConfig<__half, 256>::Traits, MaskMode::kLocal, false>(
+        RINGATTN_DTYPE_FP16,
+        &sm90::launch_bwd_dq_hdim256_fp16_local),
+    kernel_entry<sm90::BwdDqConfig<__half, 256>::Traits, MaskMode::kLocal, true>(
+        RINGATTN_DTYPE_FP16,
+        &sm90::launch_bwd_dq_hdim256_fp16_local_softcap),
+    kernel_entry<sm90::BwdDqConfig<__nv_bfloat16, 256>::Traits, MaskMode::kNone, false>(
+        RINGATTN_DTYPE_BF16,
+        &sm90::launch_bwd_dq_hdim256_bf16),
+    kernel_entry<sm90::BwdDqConfig<__nv_bfloat16, 256>::Traits, MaskMode::kCausal, false>(
+        RINGATTN_DTYPE_BF16,
+        &sm90::launch_bwd_dq_hdim256_bf16_causal),
+    kernel_entry<sm90::BwdDqConfig<__nv_bfloat16, 256>::Traits, MaskMode::kLocal, false>(
+        RINGATTN_DTYPE_BF16,
+        &sm90::launch_bwd_dq_hdim256_bf16_local),
+    kernel_entry<sm90::BwdDqConfig<__nv_bfloat16, 256>::Traits, MaskMode::kLocal, true>(
+        RINGATTN_DTYPE_BF16,
+        &sm90::launch_bwd_dq_hdim256_bf16_local_softcap),
 #endif
     Sm90BwdDqKernelEntry{}};
 

@@ -132,15 +132,15 @@ KERNELS = (
         # One CTA per tile, or the persistent grid where the host chose it (launch_grouped_fwd).
         launches=(Launch("fwd", "FwdConfig<{element}, {hdim}>::Traits", "FwdKernelParams",
                          launcher="launch_grouped_fwd"),)),
-    # Head dim 256 runs tier 1's backward.
+    # Head dims 64 and 128 run the key-split main loop, 256 the head-split one (bwd_kernel.cuh).
     KernelSet(
         title="Tier-2 backward dK/dV kernels (dQ through TMA reduce-add into dq_accum).",
-        tier="sm90", pass_name="bwd", head_dims=(64, 128),
+        tier="sm90", pass_name="bwd", head_dims=(64, 128, 256),
         kernel_headers=("cuda/sm90/bwd_kernel.cuh",), declarations=("cuda/sm90/bwd_traits.h",),
         launches=(Launch("bwd_dkdv", "BwdConfig<{element}, {hdim}>::Traits", "BwdKernelParams"),)),
     KernelSet(
         title="Tier-2 dQ kernels of the deterministic mode.",
-        tier="sm90", pass_name="bwd_dq", head_dims=(64, 128),
+        tier="sm90", pass_name="bwd_dq", head_dims=(64, 128, 256),
         kernel_headers=("cuda/sm90/bwd_dq_kernel.cuh",),
         declarations=("cuda/sm90/bwd_dq_traits.h", "cuda/sm90/bwd_params.h"),
         launches=(Launch("bwd_dq", "BwdDqConfig<{element}, {hdim}>::Traits", "BwdDqKernelParams"),)),

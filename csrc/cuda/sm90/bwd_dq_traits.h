@@ -3,8 +3,10 @@
 //
 // A CTA owns kBlockM = 128 query rows of one (group, sequence, query head), like the forward:
 // warpgroup 0 is the producer, consumer warpgroup w (1 or 2) owns rows [64 (w-1), +64). It
-// streams the K/V blocks the tile sees (kBlockN = 64 keys) in a fixed order. Q, dO, K and V are
-// stored as TMA writes them (128-byte swizzle, [D/64][rows][64]), the wgmma operand layout.
+// streams the K/V blocks the tile sees (kBlockN = 64 keys; 32 at head dim 256, where a consumer
+// thread holds 128 dQ accumulator registers and Q and dO take 128 KB of shared memory) in a fixed
+// order. Q, dO, K and V are stored as TMA writes them (128-byte swizzle, [D/64][rows][64]), the
+// wgmma operand layout.
 #pragma once
 
 #include <cstdint>
@@ -20,7 +22,7 @@ struct BwdDqTraits : WarpSpecialization {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = 128;  // query rows per CTA, 64 per consumer warpgroup
-  static constexpr int kBlockN = 64;   // keys per K/V block
+  static constexpr int kBlockN = kHeadDim == 256 ? 32 : 64;  // keys per K/V block
   static constexpr int kStages = 3;    // K/V stages (K and V of a block share one)
   static constexpr int kColBlocks = kHeadDim / 64;
 
@@ -37,7 +39,8 @@ struct BwdDqTraits : WarpSpecialization {
   static constexpr int kSmemBytes = 1024 /* alignment slack */ + kOffBarriers + 8 * kNumBarriers;
 
   static_assert(sizeof(Element) == 2, "16-bit elements");
-  static_assert(kHeadDim == 64 || kHeadDim == 128, "the 64 x kHeadDim dQ accumulator of a warpgroup fits its registers");
+  static_assert(kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256,
+                "the 64 x kHeadDim dQ accumulator of a warpgroup fits its registers");
   static_assert(kQBytes % 1024 == 0 && kKVBytes % 1024 == 0, "1024-byte aligned tiles");
   static_assert(kSmemBytes <= 227 * 1024, "fits an H100's shared memory");
 };

@@ -1,7 +1,9 @@
-// Tile shapes and shared-memory plan of the tier-2 (sm90a) backward dK/dV kernel.
+// Tile shapes and shared-memory plans of the tier-2 (sm90a) backward dK/dV kernel, one per main
+// loop (bwd_kernel.cuh): BwdTraits (key split, head dims 64 and 128) and BwdHeadSplitTraits
+// (head split, head dim 256); BwdConfig picks by head dim.
 //
-// A CTA owns kBlockN = 128 keys of one (sequence, KV head) and walks kBlockM = 64-row query
-// tiles. Warpgroup 0 is the producer; consumer warpgroup w (1 or 2) owns keys [64 (w-1), +64).
+// BwdTraits: a CTA owns kBlockN = 128 keys of one (sequence, KV head) and walks kBlockM = 64-row
+// query tiles. Warpgroup 0 is the producer; consumer warpgroup w (1 or 2) owns keys [64 (w-1), +64).
 // K, V, Q and dO tiles are stored as TMA writes them (128-byte swizzle, [D/64][rows][64]).
 // dS^T goes to shared memory as [keys][64 queries] rows of 128 bytes with the same swizzle,
 // double-buffered (tile t in buffer t & 1), where the dQ product reads it as an M-major operand.
@@ -30,6 +32,7 @@ struct BwdTraits : WarpSpecialization {
   static constexpr int kStages = 2;
 #endif
   static constexpr int kColBlocks = kHeadDim / 64;
+  static constexpr bool kHeadSplit = false;  // the key-split main loop (bwd_mainloop_keysplit.cuh)
 
   static constexpr uint32_t kKVBytes = kBlockN * kHeadDim * sizeof(Element);
   static constexpr uint32_t kQBytes = kBlockM * kHeadDim * sizeof(Element);  // one Q or dO stage
@@ -60,9 +63,67 @@ struct BwdTraits : WarpSpecialization {
   static_assert(kOffDqStage % 1024 == 0, "swizzled dQ staging boxes start 1024-byte aligned");
 };
 
+// BwdHeadSplitTraits (bwd_mainloop_headsplit.cuh): a CTA owns kBlockN = 64 keys and walks
+// kBlockM = 64-row query tiles. Consumer warpgroup w (0 or 1 below) computes S^T and dP^T of all
+// 64 keys and queries [32 w, +32) of the tile, writes its part of P^T and dS^T ([keys][64
+// queries], 128-byte swizzle, double-buffered by tile t & 1) to shared memory, and after a
+// barrier between the two computes head-dim columns [128 w, +128) of dV, dK (registers: 2 x 64
+// per thread) and dQ. Q/dO have two stages; a warpgroup stages its fp32 dQ for the TMA
+// reduce-add in the Q and dO column blocks of the stage it has just finished reading (columns
+// [128 w, +128) of both: 32 KB, its 64 x 128 fp32 dQ), so no separate staging buffer is needed.
+template <typename Element_, int kHeadDim_>
+struct BwdHeadSplitTraits : WarpSpecialization {
+  using Element = Element_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = 64;  // query rows per step (one 128-byte row of P^T / dS^T)
+  static constexpr int kBlockN = 64;  // keys per CTA
+  static constexpr int kStages = 2;   // Q/dO/LSE/Di stages
+  static constexpr int kColBlocks = kHeadDim / 64;
+  static constexpr bool kHeadSplit = true;
+  static constexpr int kQueriesPerWarpgroup = kBlockM / kNumConsumerWarpgroups;       // S^T / dP^T columns
+  static constexpr int kColsPerWarpgroup = kHeadDim / kNumConsumerWarpgroups;         // dK / dV / dQ columns
+  static constexpr int kColBlocksPerWarpgroup = kColsPerWarpgroup / 64;
+
+  static constexpr uint32_t kKVBytes = kBlockN * kHeadDim * sizeof(Element);
+  static constexpr uint32_t kQBytes = kBlockM * kHeadDim * sizeof(Element);  // one Q or dO stage
+  static constexpr uint32_t kKVColBlockBytes = kBlockN * 128;
+  static constexpr uint32_t kQColBlockBytes = kBlockM * 128;
+  static constexpr uint32_t kDsBytes = kBlockN * kBlockM * sizeof(Element);  // one P^T or dS^T buffer
+  static constexpr uint32_t kStatBytes = 2 * kBlockM * sizeof(float);       // LSE (log2) and Di of a stage
+  static constexpr uint32_t kOffK = 0;
+  static constexpr uint32_t kOffV = kOffK + kKVBytes;
+  static constexpr uint32_t kOffQ = kOffV + kKVBytes;
+  static constexpr uint32_t kOffDo = kOffQ + kStages * kQBytes;
+  static constexpr uint32_t kOffPt = kOffDo + kStages * kQBytes;
+  static constexpr uint32_t kOffDs = kOffPt + 2 * kDsBytes;
+  static constexpr uint32_t kOffStats = kOffDs + 2 * kDsBytes;
+  // dQ staging: box j of warpgroup w ([kBlockM rows][32 floats], 128-byte swizzle, columns
+  // kColsPerWarpgroup * w + 32 j) in the stage's Q column block kColBlocksPerWarpgroup * w + j
+  // (j < kDqBoxesInQ), else in its dO column block kColBlocksPerWarpgroup * w + j - kDqBoxesInQ.
+  static constexpr uint32_t kDqBoxBytes = kBlockM * 128;
+  static constexpr int kDqBoxes = kColsPerWarpgroup / 32;
+  static constexpr int kDqBoxesInQ = kColBlocksPerWarpgroup;
+  static constexpr uint32_t kOffBarriers = kOffStats + kStages * kStatBytes;
+  static constexpr int kNumBarriers = 1 + 2 * kStages;  // K/V, full/empty per Q stage
+  static constexpr int kSmemBytes = 1024 + kOffBarriers + 8 * kNumBarriers;
+
+  static_assert(sizeof(Element) == 2, "16-bit elements");
+  static_assert(kHeadDim == 256, "the head-split loop is laid out for head dim 256");
+  static_assert(kBlockM * sizeof(Element) == 128, "one P^T / dS^T row is one 128-byte swizzle row");
+  static_assert(kDqBoxBytes == kQColBlockBytes && kDqBoxes == 2 * kColBlocksPerWarpgroup,
+                "a warpgroup's dQ boxes fill its Q and dO column blocks of a stage exactly");
+  static_assert(kQBytes % 1024 == 0 && kOffPt % 1024 == 0 && kOffDs % 1024 == 0 && kDsBytes % 1024 == 0,
+                "swizzled tiles start 1024-byte aligned");
+  static_assert(kSmemBytes <= 227 * 1024, "fits an H100's shared memory");
+};
+
 template <typename Element, int kHeadDim>
 struct BwdConfig {
   using Traits = BwdTraits<Element, kHeadDim>;
+};
+template <typename Element>
+struct BwdConfig<Element, 256> {
+  using Traits = BwdHeadSplitTraits<Element, 256>;
 };
 
 }  // namespace sm90

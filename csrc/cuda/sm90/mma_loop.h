@@ -56,6 +56,14 @@ __device__ __forceinline__ void mma_ss_tt(float (&d)[kNTiles][4], const ADesc& a
     ptx::Wgmma<Element, kNTiles * 8>::ss_tt(d, a_desc(kk), b_desc(kk), mma_scale_d<kInit>(kk));
 }
 
+// A and B from shared memory, A K-major, B MN-major (transposed).
+template <typename Element, int kSteps, MmaInit kInit, int kNTiles, typename ADesc, typename BDesc>
+__device__ __forceinline__ void mma_ss_tb(float (&d)[kNTiles][4], const ADesc& a_desc, const BDesc& b_desc) {
+#pragma unroll
+  for (int kk = 0; kk < kSteps; ++kk)
+    ptx::Wgmma<Element, kNTiles * 8>::ss_tb(d, a_desc(kk), b_desc(kk), mma_scale_d<kInit>(kk));
+}
+
 // A from registers (a[kk]: the 16-bit A fragment of step kk), B from shared memory, MN-major.
 template <typename Element, MmaInit kInit, int kNTiles, int kSteps, typename BDesc>
 __device__ __forceinline__ void mma_rs_tb(float (&d)[kNTiles][4], const uint32_t (&a)[kSteps][4], const BDesc& b_desc) {

@@ -27,6 +27,10 @@ enum class NamedBarrier : int {
   kBwdDsWritten0 = 3,    // + dS buffer (t & 1): the other warpgroup's dS^T half is written
   kBwdDsFree0 = 5,       // + dS buffer (t & 1): the dQ product has read the buffer
   kBwdDqStage0 = 7,      // + consumer warpgroup: its dQ staging boxes are written / free
+  // ---- backward dK/dV, head-split main loop (head dim 256), bwd_mainloop_headsplit.cuh ----
+  // (kBwdKZeroed and kBwdQTailZeroed as above)
+  kBwdPdsWritten = 3,     // both warpgroups wrote their queries' P^T and dS^T of the tile
+  kBwdHsDqStage0 = 4,     // + consumer warpgroup: its dQ staging boxes are written
   // ---- backward dQ (deterministic mode), bwd_dq_kernel.cuh ----
   kBwdDqKZeroed = 1,     // K rows past the sequence zeroed
 };
@@ -55,6 +59,12 @@ constexpr NamedBarrierRange kBwdNamedBarriers[] = {
     {NamedBarrier::kBwdDsFree0, kBwdDsBuffers},
     {NamedBarrier::kBwdDqStage0, WarpSpecialization::kNumConsumerWarpgroups},
 };
+constexpr NamedBarrierRange kBwdHeadSplitNamedBarriers[] = {
+    {NamedBarrier::kBwdKZeroed, 1},
+    {NamedBarrier::kBwdQTailZeroed, 1},
+    {NamedBarrier::kBwdPdsWritten, 1},
+    {NamedBarrier::kBwdHsDqStage0, WarpSpecialization::kNumConsumerWarpgroups},
+};
 constexpr NamedBarrierRange kBwdDqNamedBarriers[] = {
     {NamedBarrier::kBwdDqKZeroed, 1},
 };
@@ -80,6 +90,8 @@ static_assert(named_barriers_valid(kFwdNamedBarriers),
               "forward kernel: named-barrier ids must be distinct, above 0 (__syncthreads) and below 16");
 static_assert(named_barriers_valid(kBwdNamedBarriers),
               "dK/dV kernel: named-barrier ids must be distinct, above 0 (__syncthreads) and below 16");
+static_assert(named_barriers_valid(kBwdHeadSplitNamedBarriers),
+              "dK/dV kernel, head-split loop: named-barrier ids must be distinct, above 0 (__syncthreads) and below 16");
 static_assert(named_barriers_valid(kBwdDqNamedBarriers),
               "dQ kernel: named-barrier ids must be distinct, above 0 (__syncthreads) and below 16");
 

@@ -1,0 +1,127 @@
+// What the two main loops of the tier-2 (sm90a) dK/dV kernel share (bwd_kernel.cuh): the
+// shared-memory plan's addresses, small shared-memory accessors, and the producer warp, which
+// loads K and V once and then, per query tile the cursor walks, Q and dO by TMA and the tile's
+// LSE (log2 units) and Di by plain loads (zeros past the sequence) into the Q/dO stages.
+//   bwd_mainloop_keysplit.cuh   head dims 64 and 128: 128 keys per CTA, 64 per consumer warpgroup
+//   bwd_mainloop_headsplit.cuh  head dim 256: 64 keys per CTA, the head dim split between the
+//                               consumer warpgroups
+// Both traits (bwd_traits.h) give the offsets this file reads: K, V, the Q/dO stages, the LSE/Di
+// stages and the barriers.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda/ptx.h"
+#include "cuda/query_tile_cursor.h"
+#include "cuda/seqlen_info.h"
+#include "cuda/sm90/bwd_params.h"
+#include "cuda/sm90/pipeline.h"
+#include "cuda/sm90/ptx_sm90.h"
+
+namespace ringattn {
+namespace cuda {
+namespace sm90 {
+
+template <typename T>
+struct BwdSmem {
+  using Pipeline = MbarrierPipeline<T::kStages>;
+  uint32_t base, k, v, q, dout, ds, stats, bars;
+  __device__ __forceinline__ explicit BwdSmem(uint32_t base_)
+      : base(base_),
+        k(base_ + T::kOffK),
+        v(base_ + T::kOffV),
+        q(base_ + T::kOffQ),
+        dout(base_ + T::kOffDo),
+        ds(base_ + T::kOffDs),
+        stats(base_ + T::kOffStats),
+        bars(base_ + T::kOffBarriers) {}
+  __device__ __forceinline__ uint32_t bar_kv() const { return bars; }
+  // The ring of Q / dO / LSE / Di stages (sm90/pipeline.h): entries 1.. of the barrier array.
+  __device__ __forceinline__ Pipeline q_pipe() const { return {bars, 1, 1 + T::kStages}; }
+  __device__ __forceinline__ uint32_t q_stage(int s) const { return q + s * T::kQBytes; }
+  __device__ __forceinline__ uint32_t do_stage(int s) const { return dout + s * T::kQBytes; }
+  __device__ __forceinline__ uint32_t ds_buf(int b) const { return ds + b * T::kDsBytes; }
+  __device__ __forceinline__ uint32_t lse_stage(int s) const { return stats + s * T::kStatBytes; }
+  __device__ __forceinline__ uint32_t di_stage(int s) const { return stats + s * T::kStatBytes + T::kBlockM * 4; }
+  // Key-split loop: a consumer warpgroup's dQ staging boxes.
+  __device__ __forceinline__ uint32_t dq_stage(int wg) const { return base + T::kOffDqStage + wg * T::kDqStageBytes; }
+  // Head-split loop: the P^T double buffer.
+  __device__ __forceinline__ uint32_t pt_buf(int b) const { return base + T::kOffPt + b * T::kDsBytes; }
+};
+
+__device__ __forceinline__ float2 ld_shared_f2(uint32_t addr) {
+  float2 v;
+  asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "r"(addr));
+  return v;
+}
+__device__ __forceinline__ void st_shared_f32(uint32_t addr, float v) {
+  asm volatile("st.shared.f32 [%0], %1;\n" ::"r"(addr), "f"(v) : "memory");
+}
+__device__ __forceinline__ void st_shared_f2(uint32_t addr, float x, float y) {
+  asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr), "f"(x), "f"(y) : "memory");
+}
+__device__ __forceinline__ void st_shared_u32(uint32_t addr, uint32_t v) {
+  asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
+}
+
+// The producer warp (lane 0 .. 31 of warpgroup 0) of the dK/dV kernel for keys [key0, key0 +
+// kBlockN) of sequence b (its keys start at token k_start) and KV head kv_head: K and V once,
+// when some query tile sees the block (the consumers wait for them only then, and a CTA must not
+// exit with a bulk copy into its shared memory still in flight); then, per query tile of the
+// cursor, Q and dO by TMA and the tile's LSE / Di rows into the tile's stage.
+template <typename T, MaskMode kMask>
+__device__ __forceinline__ void produce_bwd_tiles(const BwdKernelParams& params, const BwdSmem<T>& sm,
+                                                  const typename BwdSmem<T>::Pipeline& q_pipe, int b, int key0,
+                                                  int kv_head, int32_t k_start, int lane) {
+  using Cursor = QueryTileCursor<T::kBlockM, T::kBlockN, kMask>;
+  using State = PipelineState<T::kStages>;
+  constexpr int kBlockM = T::kBlockM;
+  const cuda::BwdKernelParams& p = params.base;
+  const FeatureParams& features = params.features;
+  const int ratio = p.q_heads_per_kv_head;
+  Cursor cur;
+  cur.start(p, features, b, key0);
+  if (lane == 0 && cur.valid(p)) {
+    ptx::mbarrier_arrive_expect_tx(sm.bar_kv(), 2 * T::kKVBytes);
+#pragma unroll
+    for (int cb = 0; cb < T::kColBlocks; ++cb) {
+      ptx::tma_load_3d(sm.k + cb * T::kKVColBlockBytes, &params.maps.tma_k, sm.bar_kv(), cb * 64, kv_head, k_start + key0);
+      ptx::tma_load_3d(sm.v + cb * T::kKVColBlockBytes, &params.maps.tma_v, sm.bar_kv(), cb * 64, kv_head, k_start + key0);
+    }
+  }
+  for (int t = 0; cur.valid(p); ++t) {
+    const State q_state(t);
+    const int s = q_state.stage();
+    q_pipe.producer_acquire(q_state);
+    const BwdGroupArgs& g = p.groups[cur.group];
+    const int head = kv_head * ratio + cur.head_in_kv;
+    const int row0 = cur.m_block * kBlockM;
+    const int rows_valid = min(kBlockM, cur.seqlen_q - row0);
+    const int token0 = cur.q_start + row0;
+    const int64_t stat0 = static_cast<int64_t>(head) * g.total_q + token0;
+    for (int i = lane; i < kBlockM; i += 32) {
+      const bool ok = i < rows_valid;
+      st_shared_f32(sm.lse_stage(s) + 4 * i, ok ? g.lse_log2[stat0 + i] : 0.f);
+      st_shared_f32(sm.di_stage(s) + 4 * i, ok ? g.di[stat0 + i] : 0.f);
+    }
+    if (lane == 0) {
+      ptx::mbarrier_arrive_expect_tx(q_pipe.full(s), 2 * T::kQBytes);
+#pragma unroll
+      for (int cb = 0; cb < T::kColBlocks; ++cb) {
+        ptx::tma_load_3d(sm.q_stage(s) + cb * T::kQColBlockBytes, &params.maps.tma_q[cur.group], q_pipe.full(s), cb * 64,
+                         head, token0);
+        ptx::tma_load_3d(sm.do_stage(s) + cb * T::kQColBlockBytes, &params.maps.tma_do[cur.group], q_pipe.full(s),
+                         cb * 64, head, token0);
+      }
+    } else {
+      ptx::mbarrier_arrive(q_pipe.full(s));
+    }
+    cur.next(p, features, b, key0);
+  }
+}
+
+}  // namespace sm90
+}  // namespace cuda
+}  // namespace ringattn

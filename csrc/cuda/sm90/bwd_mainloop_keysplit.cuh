@@ -1,0 +1,362 @@
+// The key-split main loop of the tier-2 (sm90a) dK/dV kernel (bwd_kernel.cuh), head dims 64 and
+// 128: the consumer warpgroups of a CTA that owns kBlockN = 128 keys, 64 keys each.
+//   Per query tile: S^T = K Q^T and dP^T = V dO^T (wgmma, shared-memory operands), P^T =
+//   exp2(S^T scale - LSE), dS^T = P^T (dP^T - Di) with masked entries exactly 0; dV += P^T dO
+//   and dK += dS^T Q (wgmma, P^T/dS^T from registers, dO/Q transposed); dS^T to shared memory.
+//   dQ = dS K over all 128 keys is computed by the consumers in turn (tile t by consumer wg =
+//   t & 1, all head-dim columns, once the other has written its dS^T half), staged in fp32 in
+//   shared memory and added to the group's dq_accum by TMA reduce-add (one bulk operation per
+//   64 x 32 box, issued by one thread); the other warpgroup goes on to the next tile without
+//   waiting, so the two are not held in lock step (skipped in deterministic mode, where the
+//   tier-2 dQ kernel, bwd_dq_kernel.cuh, computes dQ).
+//   Epilogue: dK * scale and dV of this thread's keys, plain stores.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "cuda/ptx.h"
+#include "cuda/query_tile_cursor.h"
+#include "cuda/seqlen_info.h"
+#include "cuda/sm90/bwd_common.cuh"
+#include "cuda/sm90/bwd_params.h"
+#include "cuda/sm90/fragments.h"
+#include "cuda/sm90/named_barriers.h"
+#include "cuda/sm90/pipeline.h"
+#include "cuda/sm90/ptx_sm90.h"
+#include "cuda/sm90/softcap.cuh"
+#include "cuda/sm90/wgmma.h"
+
+namespace ringattn {
+namespace cuda {
+namespace sm90 {
+
+// The consumer warpgroups' part of the dK/dV kernel for keys [key0, key0 + kBlockN) of sequence
+// b (keys_valid of them in the sequence, which starts at token k_start), KV head kv_head;
+// warpgroup: 1 or 2.
+template <typename T, MaskMode kMask, bool kSoftcap>
+__device__ __forceinline__ void consume_bwd_keysplit(const BwdKernelParams& params, const BwdSmem<T>& sm,
+                                                     const typename BwdSmem<T>::Pipeline& q_pipe, int b, int key0,
+                                                     int kv_head, int32_t k_start, int keys_valid, int warpgroup) {
+  using Element = typename T::Element;
+  constexpr int kHeadDim = T::kHeadDim;
+  constexpr int kBlockM = T::kBlockM;
+  constexpr int kBlockN = T::kBlockN;
+  constexpr int kSTiles = kBlockM / 8;   // S^T / dP^T accumulators: n8 fragments (queries)
+  constexpr int kDTiles = kHeadDim / 8;  // dK / dV accumulators
+  constexpr int kQSteps = kBlockM / 16;  // k-steps over queries (dV, dK)
+  constexpr int kDSteps = kHeadDim / 16;  // k-steps over the head dim (S^T, dP^T)
+  using Cursor = QueryTileCursor<kBlockM, kBlockN, kMask>;
+  using State = PipelineState<T::kStages>;
+  const cuda::BwdKernelParams& p = params.base;
+  const FeatureParams& features = params.features;  // kLocal: the window and diagonal shifts (cursor)
+  const int ratio = p.q_heads_per_kv_head;
+  const int wg = warpgroup - 1;
+  const int tid = threadIdx.x;
+  const int ctid = tid - 128;  // 0 .. 255
+  const int lane = tid & 31;
+  const int warp_in_wg = (tid / 32) & 3;
+  const int key_local = wg * 64 + warp_in_wg * 16 + (lane >> 2);  // this thread's first key in the block
+  const int qcol = (lane & 3) * 2;                                 // this thread's first query column in an n8 fragment
+
+  float dk[kDTiles][4], dv[kDTiles][4];
+#pragma unroll
+  for (int i = 0; i < kDTiles; ++i)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) dk[i][c] = dv[i][c] = 0.f;
+
+  Cursor cur;
+  cur.start(p, features, b, key0);
+  if (cur.valid(p)) {
+    ptx::mbarrier_wait_parity(sm.bar_kv(), 0);
+    // Zero K rows past the keys some group uses (past the sequence, or past every group's
+    // seqused_k, where they may hold NaN): dQ = dS K reads them. V rows there only reach masked
+    // entries of dP^T, which are selected to 0.
+    const int keys_in_use = max(0, min(keys_valid, keys_used_by_any_group(p, b) - key0));
+    if (keys_in_use < kBlockN) {
+      ptx::zero_swizzled_rows(sm.k, T::kKVColBlockBytes, T::kColBlocks, keys_in_use, kBlockN, ctid, 256);
+      ptx::fence_proxy_async_shared();
+      ptx::named_barrier_sync(barrier_id(NamedBarrier::kBwdKZeroed), 256);
+    }
+
+    // Descriptors (see fwd_kernel.cuh for the layouts): one per operand tile, advanced by
+    // constant byte offsets per k step.
+    const uint64_t k_a_desc0 = ptx::smem_desc_sw128(sm.k + wg * 64 * 128, 16, 1024);
+    const uint64_t v_a_desc0 = ptx::smem_desc_sw128(sm.v + wg * 64 * 128, 16, 1024);
+    auto kv_a_desc = [&](uint64_t desc0, int kk) {  // K or V rows of this warpgroup as the K-major A operand
+      return ptx::desc_advance(desc0, (kk / 4) * T::kKVColBlockBytes + (kk % 4) * 32);
+    };
+    auto qdo_b_desc = [&](uint64_t desc0, int kk) {  // Q or dO as the K-major B operand (N = queries); desc0: (tile, 16, 1024)
+      return ptx::desc_advance(desc0, (kk / 4) * T::kQColBlockBytes + (kk % 4) * 32);
+    };
+    auto qdo_bt_desc = [&](uint64_t desc0, int kk) {  // Q or dO as the MN-major B operand (K = queries, N = head dim); desc0: (tile, kQColBlockBytes, 1024)
+      return ptx::desc_advance(desc0, kk * 2048);
+    };
+
+    // dS^T rows of this thread's keys into a 128-byte swizzled [keys][64 queries] tile.
+    auto store_ds_t = [&](uint32_t ds_tile, const uint32_t (&dsfrag)[kQSteps][4]) {
+#pragma unroll
+      for (int nt = 0; nt < kSTiles; ++nt)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int key = key_local + r * 8;
+          const int byte = (nt * 8 + qcol) * 2;
+          st_shared_u32(ds_tile + key * 128 + (((byte >> 4) ^ (key & 7)) << 4) + (byte & 15),
+                        r == 0 ? dsfrag[nt / 2][(nt & 1) * 2] : dsfrag[nt / 2][(nt & 1) * 2 + 1]);
+        }
+    };
+    // Writes one column part (kTiles * 8 columns from h * kTiles * 8) of
+    // this warpgroup's dQ tile into its fp32 staging boxes ([64 rows][32 floats], 128-byte
+    // swizzle; rows past the sequence as 0, so the next sequence's rows get exactly +0), then one
+    // thread adds the boxes to dq_accum with TMA reduce-add.
+    auto stage_and_reduce_dq = [&](const auto& dq, int h, const Cursor& c, int head, int row0) {
+      constexpr int kTiles = sizeof(dq) / sizeof(dq[0]);
+      constexpr int kBoxes = kTiles / 4;  // 32 columns = 4 n8 tiles per box
+      const uint32_t stage = sm.dq_stage(wg);
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int row = warp_in_wg * 16 + (lane >> 2) + r * 8;
+        const bool ok = row0 + row < c.seqlen_q;
+#pragma unroll
+        for (int dt = 0; dt < kTiles; ++dt) {
+          const int box = h * kBoxes + dt / 4;
+          const int byte = (dt % 4) * 32 + (lane & 3) * 8;
+          const uint32_t addr = stage + box * T::kDqBoxBytes + row * 128 + ((((byte >> 4) ^ (row & 7))) << 4) + (byte & 15);
+          st_shared_f2(addr, ok ? dq[dt][2 * r] : 0.f, ok ? dq[dt][2 * r + 1] : 0.f);
+        }
+      }
+      ptx::fence_proxy_async_shared();
+      ptx::named_barrier_sync(barrier_id(NamedBarrier::kBwdDqStage0, wg), 128);
+      if (ctid % 128 == 0) {
+#pragma unroll
+        for (int bx = 0; bx < kBoxes; ++bx)
+          ptx::tma_reduce_add_3d(&params.tma_dq[c.group], stage + (h * kBoxes + bx) * T::kDqBoxBytes,
+                                 (h * kBoxes + bx) * 32, head, c.q_start + row0);
+        ptx::bulk_commit_group();
+      }
+    };
+
+    int num_tiles = 0;  // tiles walked, for the kDsFree drain after the loop
+    for (int t = 0; cur.valid(p); ++t, ++num_tiles) {
+      const State q_state(t);
+      const int s = q_state.stage();
+      q_pipe.consumer_wait(q_state);
+      const uint32_t q_tile = sm.q_stage(s);
+      const uint32_t do_tile = sm.do_stage(s);
+      {
+        // Rows of a partial query tile past the sequence are the next sequence's or padding (TMA
+        // fills zeros only past the tensor): zero them in Q and dO, since P^T dO and dS^T Q
+        // multiply them by 0 and 0 * NaN would reach dK/dV. Both warpgroups, same condition.
+        const int rows_valid = cur.seqlen_q - cur.m_block * kBlockM;
+        if (rows_valid < kBlockM) {
+          ptx::zero_swizzled_rows(q_tile, T::kQColBlockBytes, T::kColBlocks, rows_valid, kBlockM, ctid, 256);
+          ptx::zero_swizzled_rows(do_tile, T::kQColBlockBytes, T::kColBlocks, rows_valid, kBlockM, ctid, 256);
+          ptx::fence_proxy_async_shared();
+          ptx::named_barrier_sync(barrier_id(NamedBarrier::kBwdQTailZeroed), 256);
+        }
+      }
+
+      // ---- S^T = K Q^T, dP^T = V dO^T ----
+      float st[kSTiles][4], dpt[kSTiles][4];
+      const uint64_t q_b_desc0 = ptx::smem_desc_sw128(q_tile, 16, 1024);
+      const uint64_t do_b_desc0 = ptx::smem_desc_sw128(do_tile, 16, 1024);
+      ptx::wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kDSteps; ++kk)
+        ptx::Wgmma<Element, kBlockM>::ss(st, kv_a_desc(k_a_desc0, kk), qdo_b_desc(q_b_desc0, kk), kk > 0 ? 1 : 0);
+      ptx::wgmma_commit_group();
+      ptx::wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kDSteps; ++kk)
+        ptx::Wgmma<Element, kBlockM>::ss(dpt, kv_a_desc(v_a_desc0, kk), qdo_b_desc(do_b_desc0, kk), kk > 0 ? 1 : 0);
+      ptx::wgmma_commit_group();
+
+      const int row0 = cur.m_block * kBlockM;
+      const Mask<kMask> seq_mask = cur.mask();
+      const bool need_mask = seq_mask.tile_needs_mask(row0, kBlockM, key0, kBlockN);
+
+      ptx::wgmma_wait_group<1>();
+      fence_accumulator(st);
+      // The mask of entry (nt, c): key row r = c >> 1 of this thread, query row0 + j with
+      // j = nt * 8 + qcol + (c & 1). Entry visible iff the key is in the sequence and
+      // lo_r <= query < hi_r (the rows that see the key: lo_r = Mask::row_begin_unclamped,
+      // hi_r = Mask::row_end), i.e. iff (unsigned)(j + row_bias[r]) < width[r]. Made opaque
+      // after the wait: the test depends on indices only, and the compiler would otherwise hoist
+      // it above the wgmma and run it, predicated, on every tile.
+      int row_bias[2], width[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int key = key0 + key_local + r * 8;
+        const int lo = seq_mask.row_begin_unclamped(key);
+        row_bias[r] = row0 - lo;
+        width[r] = key < cur.seqlen_k ? max(seq_mask.row_end(key) - lo, 0) : 0;
+        asm volatile("" : "+r"(row_bias[r]), "+r"(width[r]));
+      }
+      auto masked = [&](int nt, int c) {
+        return static_cast<uint32_t>(nt * 8 + qcol + (c & 1) + row_bias[c >> 1]) >= static_cast<uint32_t>(width[c >> 1]);
+      };
+      if constexpr (kSoftcap) {
+        // t = tanh(S^T * softcap_scale) in place while dP^T is still being computed; P^T and dS^T
+        // follow once it has landed, both from t (no third accumulator-sized array: the hdim-128
+        // kernel has no registers to spare for one).
+#pragma unroll
+        for (int nt = 0; nt < kSTiles; ++nt)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) st[nt][c] = tanh_approx(st[nt][c] * features.softcap_scale);
+      } else {
+        // P^T = exp2(S^T * scale_log2 - LSE_log2[query]); masked entries 0.
+#pragma unroll
+        for (int nt = 0; nt < kSTiles; ++nt) {
+          const float2 l = ld_shared_f2(sm.lse_stage(s) + 4 * (nt * 8 + qcol));
+#pragma unroll
+          for (int c = 0; c < 4; ++c)
+            st[nt][c] = ptx::exp2_approx(fmaf(st[nt][c], p.softmax_scale_log2, -((c & 1) ? l.y : l.x)));
+        }
+        if (need_mask) zero_masked(st, masked);
+      }
+      ptx::wgmma_wait_group<0>();
+      fence_accumulator(dpt);
+      if constexpr (kSoftcap) {
+        // P^T = exp2(t * softcap_log2 - LSE_log2[query]), dS^T = P^T (1 - t^2) (dP^T - Di[query]);
+        // masked entries 0 in both (selected: dP^T there may be garbage).
+#pragma unroll
+        for (int nt = 0; nt < kSTiles; ++nt) {
+          const float2 l = ld_shared_f2(sm.lse_stage(s) + 4 * (nt * 8 + qcol));
+          const float2 d = ld_shared_f2(sm.di_stage(s) + 4 * (nt * 8 + qcol));
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            const float t = st[nt][c];
+            const float prob = ptx::exp2_approx(fmaf(t, features.softcap_log2, -((c & 1) ? l.y : l.x)));
+            st[nt][c] = prob;
+            dpt[nt][c] = prob * fmaf(-t, t, 1.f) * (dpt[nt][c] - ((c & 1) ? d.y : d.x));
+          }
+        }
+        if (need_mask) zero_masked(st, masked);
+      } else {
+        // dS^T = P^T (dP^T - Di[query]); masked entries 0 (selected: dP^T there may be garbage).
+#pragma unroll
+        for (int nt = 0; nt < kSTiles; ++nt) {
+          const float2 d = ld_shared_f2(sm.di_stage(s) + 4 * (nt * 8 + qcol));
+#pragma unroll
+          for (int c = 0; c < 4; ++c) dpt[nt][c] = st[nt][c] * (dpt[nt][c] - ((c & 1) ? d.y : d.x));
+        }
+      }
+      if (need_mask) zero_masked(dpt, masked);
+      uint32_t pfrag[kQSteps][4], dsfrag[kQSteps][4];
+#pragma unroll
+      for (int kk = 0; kk < kQSteps; ++kk) {
+        pack_a_fragment<Element>(st, kk, pfrag[kk]);
+        pack_a_fragment<Element>(dpt, kk, dsfrag[kk]);
+      }
+
+      // ---- dQ alternates between the warpgroups: warpgroup (t & 1) computes all of dQ = dS K
+      // for tile t; the other only writes its dS^T half and goes on (bar.arrive), so the two
+      // warpgroups are not held in lock step. ds_buf(t & 1) is reused at t + 2: the writer of
+      // the next use waits (kDsFree) until the dQ product of t has read it.
+      const bool dq_wg = p.accumulate_dq && (t & 1) == wg;
+      if (p.accumulate_dq) {
+        const uint32_t ds_tile = sm.ds_buf(t & 1);
+        if (!dq_wg && t >= 2) ptx::named_barrier_sync(barrier_id(NamedBarrier::kBwdDsFree0, t & 1), 256);
+        store_ds_t(ds_tile, dsfrag);
+        ptx::fence_proxy_async_shared();
+        if (!dq_wg) ptx::named_barrier_arrive(barrier_id(NamedBarrier::kBwdDsWritten0, t & 1), 256);
+      }
+      const uint64_t do_bt_desc0 = ptx::smem_desc_sw128(do_tile, T::kQColBlockBytes, 1024);
+      const uint64_t q_bt_desc0 = ptx::smem_desc_sw128(q_tile, T::kQColBlockBytes, 1024);
+      ptx::wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kQSteps; ++kk) ptx::Wgmma<Element, kHeadDim>::rs_tb(dv, pfrag[kk], qdo_bt_desc(do_bt_desc0, kk), 1);
+#pragma unroll
+      for (int kk = 0; kk < kQSteps; ++kk) ptx::Wgmma<Element, kHeadDim>::rs_tb(dk, dsfrag[kk], qdo_bt_desc(q_bt_desc0, kk), 1);
+      ptx::wgmma_commit_group();
+      if (dq_wg) {
+        const uint32_t ds_tile = sm.ds_buf(t & 1);
+        ptx::named_barrier_sync(barrier_id(NamedBarrier::kBwdDsWritten0, t & 1), 256);
+        // This warpgroup's staging boxes are free once its previous tile's reduce has read them.
+        if (ctid % 128 == 0) ptx::bulk_wait_group_read<0>();
+        ptx::named_barrier_sync(barrier_id(NamedBarrier::kBwdDqStage0, wg), 128);
+        ptx::wgmma_wait_group<0>();
+        q_pipe.consumer_release(s, lane == 0);
+        // At head dim >= 128, dQ in two column halves (one commit group each): the first is
+        // added while the second is computed.
+        constexpr int kDqSplit = kHeadDim >= 128 ? 2 : 1;
+        constexpr int kPartTiles = kDTiles / kDqSplit;
+        float dq[kDqSplit][kPartTiles][4];
+        ptx::wgmma_fence();
+        const uint64_t ds_a_desc0 = ptx::smem_desc_sw128(ds_tile, T::kDsBytes, 1024);
+        const uint64_t k_b_desc0 = ptx::smem_desc_sw128(sm.k, T::kKVColBlockBytes, 1024);
+#pragma unroll
+        for (int h = 0; h < kDqSplit; ++h) {
+#pragma unroll
+          for (int kk = 0; kk < kBlockN / 16; ++kk) {
+            const uint64_t a = ptx::desc_advance(ds_a_desc0, kk * 2048);
+            const uint64_t bk = ptx::desc_advance(k_b_desc0, h * T::kKVColBlockBytes + kk * 2048);
+            ptx::Wgmma<Element, kPartTiles * 8>::ss_tt(dq[h], a, bk, kk > 0 ? 1 : 0);
+          }
+          ptx::wgmma_commit_group();
+        }
+        const int head = kv_head * ratio + cur.head_in_kv;
+#pragma unroll
+        for (int h = 0; h < kDqSplit; ++h) {
+          if (h + 1 < kDqSplit)
+            ptx::wgmma_wait_group<1>();
+          else
+            ptx::wgmma_wait_group<0>();
+          fence_accumulator(dq[h]);
+          if (h + 1 == kDqSplit)
+            ptx::named_barrier_arrive(barrier_id(NamedBarrier::kBwdDsFree0, t & 1), 256);
+          stage_and_reduce_dq(dq[h], h, cur, head, row0);
+        }
+      } else {
+        ptx::wgmma_wait_group<0>();
+        q_pipe.consumer_release(s, lane == 0);
+      }
+      cur.next(p, features, b, key0);
+    }
+    // A CTA must not exit while a TMA reduce still reads its shared memory (or is unfinished).
+    if (p.accumulate_dq && ctid % 128 == 0) ptx::bulk_wait_group<0>();
+    // The kDsFree arrivals of the last two tiles have no writer waiting at t + 2: consume them.
+    if (p.accumulate_dq) {
+      for (int t = max(num_tiles - 2, 0); t < num_tiles; ++t)
+        if ((t & 1) != wg) ptx::named_barrier_sync(barrier_id(NamedBarrier::kBwdDsFree0, t & 1), 256);
+    }
+    fence_accumulator(dk);
+    fence_accumulator(dv);
+  }
+
+  // ---- epilogue: dK * scale and dV, rows of this thread's keys (zeros where no query saw them) ----
+  int32_t block_k_start = k_start;
+  int block_keys = keys_valid;
+  int my_key = key_local;
+  if constexpr (kMask == MaskMode::kLocal) {
+    // Read again rather than held across the tile loop, whose run-time mask needs the registers
+    // (they would be spilled). The empty asm keeps the compiler from reusing the first loads.
+    asm volatile("" ::: "memory");
+    block_k_start = SeqLenInfo::clamp(p.cu_seqlens_k[b], 0, p.total_k);
+    block_keys = min(kBlockN, SeqLenInfo::clamp(p.cu_seqlens_k[b + 1], block_k_start, p.total_k) - block_k_start - key0);
+    const int thread = threadIdx.x;
+    my_key = (thread / 128 - 1) * 64 + ((thread / 32) & 3) * 16 + ((thread & 31) >> 2);
+  }
+  const int64_t key_row0 = static_cast<int64_t>(block_k_start) + key0;
+  Element* dk_blk = static_cast<Element*>(p.dk) + key_row0 * p.dk_row_stride + kv_head * p.dk_head_stride;
+  Element* dv_blk = static_cast<Element*>(p.dv) + key_row0 * p.dv_row_stride + kv_head * p.dv_head_stride;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int key = my_key + r * 8;
+    if (key < block_keys) {
+#pragma unroll
+      for (int dt = 0; dt < kDTiles; ++dt) {
+        *reinterpret_cast<uint32_t*>(dk_blk + key * p.dk_row_stride + dt * 8 + qcol) =
+            ptx::pack2<Element>(dk[dt][2 * r] * p.softmax_scale, dk[dt][2 * r + 1] * p.softmax_scale);
+        *reinterpret_cast<uint32_t*>(dv_blk + key * p.dv_row_stride + dt * 8 + qcol) =
+            ptx::pack2<Element>(dv[dt][2 * r], dv[dt][2 * r + 1]);
+      }
+    }
+  }
+}
+
+}  // namespace sm90
+}  // namespace cuda
+}  // namespace ringattn
