@@ -198,6 +198,7 @@ void build_bwd_work_lists(const ringattn_bwd_params& p, BwdPlan* plan) {
     plan->dq_ctas = dq_capacity * pr.num_heads_q;
     plan->kp.q_items = plan->q_sched.sorted;
     plan->kp.q_count = plan->q_sched.count;
+    plan->kp.dq_tile_head_run = tile_head_run(pr, p.exec.device_index, dq_capacity);
   }
 }
 

@@ -57,9 +57,10 @@ struct DeviceSupport {
   std::string message;
   int cc = 0;  // compute capability, major * 10 + minor
   int sm_count = 0;  // streaming multiprocessors
+  int64_t l2_bytes = 0;
 };
 
-ringattn_status check_device_uncached(int device_index, int* cc_out, int* sm_count_out) {
+ringattn_status check_device_uncached(int device_index, int* cc_out, int* sm_count_out, int64_t* l2_bytes_out) {
   int count = 0;
   cudaError_t err = cudaGetDeviceCount(&count);
   if (err != cudaSuccess)
@@ -74,6 +75,7 @@ ringattn_status check_device_uncached(int device_index, int* cc_out, int* sm_cou
   const int cc = prop.major * 10 + prop.minor;
   *cc_out = cc;
   *sm_count_out = prop.multiProcessorCount;
+  *l2_bytes_out = prop.l2CacheSize;
   if (cc < 80)
     return failf(RINGATTN_STATUS_UNSUPPORTED,
                  "GPU %d (%s) has compute capability %d.%d; libringattn needs 8.0 or newer (Ampere, Ada, Hopper)",
@@ -96,19 +98,22 @@ ringattn_status check_device_uncached(int device_index, int* cc_out, int* sm_cou
 
 }  // namespace
 
-ringattn_status check_device(int device_index, int* cc, int* sm_count) {
+ringattn_status check_device(int device_index, int* cc, int* sm_count, int64_t* l2_bytes) {
   constexpr int kMaxDevices = 64;
   static std::mutex mutex;
   static DeviceSupport cache[kMaxDevices];
   int scratch_cc = 0, scratch_sm_count = 0;
+  int64_t scratch_l2_bytes = 0;
   if (cc == nullptr) cc = &scratch_cc;
   if (sm_count == nullptr) sm_count = &scratch_sm_count;
-  if (device_index >= kMaxDevices) return check_device_uncached(device_index, cc, sm_count);
+  if (l2_bytes == nullptr) l2_bytes = &scratch_l2_bytes;
+  if (device_index >= kMaxDevices) return check_device_uncached(device_index, cc, sm_count, l2_bytes);
   std::lock_guard<std::mutex> lock(mutex);
   DeviceSupport& entry = cache[device_index];
-  if (!entry.checked) entry.status = check_device_uncached(device_index, &entry.cc, &entry.sm_count);
+  if (!entry.checked) entry.status = check_device_uncached(device_index, &entry.cc, &entry.sm_count, &entry.l2_bytes);
   *cc = entry.cc;
   *sm_count = entry.sm_count;
+  *l2_bytes = entry.l2_bytes;
   if (!entry.checked) {
     entry.message = entry.status == RINGATTN_STATUS_OK ? std::string() : std::string(last_error());
     // A missing device can appear later (CUDA_VISIBLE_DEVICES is read once, but a driver
@@ -123,6 +128,11 @@ ringattn_status check_device(int device_index, int* cc, int* sm_count) {
 int device_sm_count(int device_index) {
   int sm_count = 0;
   return check_device(device_index, nullptr, &sm_count) == RINGATTN_STATUS_OK ? sm_count : 0;
+}
+
+int64_t device_l2_bytes(int device_index) {
+  int64_t l2_bytes = 0;
+  return check_device(device_index, nullptr, nullptr, &l2_bytes) == RINGATTN_STATUS_OK ? l2_bytes : 0;
 }
 
 ringattn_status check_support(int device_index, int dtype, int head_dim) {

@@ -54,6 +54,7 @@ ringattn_status launch_fwd_work_list(const ringattn_fwd_params& p, int block_m, 
                  static_cast<long long>(capacity), pr.num_heads_q, INT32_MAX);
   const SchedulerArgs sched = query_tile_scheduler(p, block_m, block_n, capacity, p.workspace);
   *kp = fwd_kernel_params(p, sched);
+  kp->tile_head_run = tile_head_run(pr, p.exec.device_index, capacity);
   if (tile_counter != nullptr) *tile_counter = sched.count + 1;  // zeroed by the work-list kernel
   const cudaError_t err = launch_build_work_list(sched, stream);
   if (err != cudaSuccess) return cuda_fail(err, "launching the work-list kernel");

@@ -54,6 +54,7 @@ struct FwdKernelParams {
   float softmax_scale_log2;  // softmax_scale * log2(e)
   const WorkItem* work_items;  // sorted, longest first
   const int32_t* work_count;   // number of valid items
+  int32_t tile_head_run;       // the list's items per head run (query_tile_work.h), >= 1
 };
 
 // The optional features of a call, read only by the kernels of MaskMode::kLocal (window, diagonal

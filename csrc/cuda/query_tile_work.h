@@ -1,10 +1,12 @@
 // The query tile a CTA of a query-tile kernel owns (the forward and deterministic dQ kernels of
-// both tiers): CTA blockIdx.x = item * num_heads_q + head over the longest-first work list
-// (tile_scheduler.cu), each item a (group, m_block, batch) with group_and_mblock = (m_block << 4) | group.
+// both tiers), over the longest-first work list (tile_scheduler.cu), each item a (group, m_block,
+// batch) with group_and_mblock = (m_block << 4) | group; the tile index names an item and a head
+// as common/tile_order.h says.
 #pragma once
 
 #include <cstdint>
 
+#include "common/tile_order.h"
 #include "cuda/fwd_params.h"
 
 namespace ringattn {
@@ -14,17 +16,20 @@ struct QueryTileWork {
   int head;
   WorkItem item;
 
-  // Entry `tile` of the list, tile = item * num_heads_q + head (below the list's length times
-  // num_heads_q).
-  static __device__ __forceinline__ QueryTileWork at(const WorkItem* items, unsigned tile, int num_heads_q) {
-    return {static_cast<int>(tile % num_heads_q), items[static_cast<int>(tile / num_heads_q)]};
+  // Entry `tile` of a list of `count` items (tile below count * num_heads_q).
+  static __device__ __forceinline__ QueryTileWork at(const WorkItem* items, unsigned tile, int count, int num_heads_q,
+                                                     int head_run) {
+    int item_index = 0, head = 0;
+    split_query_tile(tile, count, num_heads_q, head_run, &item_index, &head);
+    return {head, items[item_index]};
   }
   // This CTA's entry (blockIdx.x); false for a CTA past the list's current length (the grid is
   // sized for its capacity).
-  __device__ __forceinline__ bool decode(const WorkItem* items, const int32_t* count, int num_heads_q) {
-    const int item_index = blockIdx.x / num_heads_q;
-    if (item_index >= *count) return false;
-    *this = at(items, blockIdx.x, num_heads_q);
+  __device__ __forceinline__ bool decode(const WorkItem* items, const int32_t* count_ptr, int num_heads_q,
+                                         int head_run) {
+    const int count = *count_ptr;
+    if (blockIdx.x >= static_cast<unsigned>(count) * static_cast<unsigned>(num_heads_q)) return false;
+    *this = at(items, blockIdx.x, count, num_heads_q, head_run);
     return true;
   }
   __device__ __forceinline__ int group() const { return item.group_and_mblock & 15; }

@@ -1,6 +1,11 @@
 #include "cuda/tile_scheduler.h"
 
+#include <cstdlib>
+
 #include "common/mask.h"
+#include "common/tile_order.h"
+#include "cuda/device_support.h"
+#include "cuda/kernel_registry.h"
 #include "cuda/metadata_errors.cuh"
 #include "cuda/work_list_sort.cuh"
 
@@ -98,6 +103,24 @@ void carve_scheduler_workspace(void* workspace, int num_groups, int batch_size, 
                                SchedulerArgs* args) {
   const size_t pairs = static_cast<size_t>(num_groups) * static_cast<size_t>(batch_size);
   carve_work_list<WorkItem>(workspace, pairs + 1, static_cast<size_t>(capacity), kWorkListAlign, args);
+}
+
+int tile_head_run(const ringattn_problem& pr, int device_index, int64_t capacity) {
+  static const int forced = [] {
+    const char* v = std::getenv("RING_FLASH_ATTN_TILE_HEAD_RUN");
+    const long n = v != nullptr ? std::strtol(v, nullptr, 10) : 0;
+    return n > 0 && n < (1L << 20) ? static_cast<int>(n) : 0;
+  }();
+  if (forced > 0) return forced;
+  int64_t keys = pr.max_seqlen_k > 0 ? pr.max_seqlen_k : pr.total_k;
+  const MaskWindow window = call_window(pr);
+  if (window.left >= 0 && window.right >= 0) {
+    const int64_t span = static_cast<int64_t>(window.left) + window.right + 1;
+    keys = span < keys ? span : keys;
+  }
+  const int64_t kv_bytes_per_head = 2 * keys * pr.head_dim * 2;  // K and V, 2-byte elements
+  return choose_tile_head_run(device_sm_count(device_index), device_l2_bytes(device_index), kv_bytes_per_head,
+                              pr.num_heads_q, pr.num_heads_q / pr.num_heads_k, capacity);
 }
 
 cudaError_t launch_build_work_list(const SchedulerArgs& args, cudaStream_t stream) {

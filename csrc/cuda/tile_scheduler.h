@@ -31,6 +31,12 @@ void carve_scheduler_workspace(void* workspace, int num_groups, int batch_size, 
 
 cudaError_t launch_build_work_list(const SchedulerArgs& args, cudaStream_t stream);
 
+// Items per head run of a call's query-tile list (common/tile_order.h: the order the forward and
+// deterministic dQ kernels walk it in), from the device's SMs and L2 and the K/V bytes of one head
+// over the longest sequence (or the window's span). RING_FLASH_ATTN_TILE_HEAD_RUN, a positive
+// integer, overrides the choice (kernel development: to time one order against another).
+int tile_head_run(const ringattn_problem& pr, int device_index, int64_t capacity);
+
 // For capability checks: whether a kernel image exists for the current device.
 cudaError_t probe_kernel_image();
 

@@ -47,7 +47,7 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_bwd_dq_kernel(const __
 
   const int num_heads_q = params.num_heads_q;
   QueryTileWork work;
-  if (!work.decode(params.q_items, params.q_count, num_heads_q)) return;
+  if (!work.decode(params.q_items, params.q_count, num_heads_q, params.dq_tile_head_run)) return;
   const int head = work.head, group = work.group(), m_block = work.m_block();
   const BwdGroupArgs& g = params.groups[group];
   const SeqLenInfo seq(g.cu_seqlens_q, g.total_q, params.cu_seqlens_k, params.total_k, g.seqused_k, work.batch());

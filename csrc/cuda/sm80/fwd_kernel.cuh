@@ -67,7 +67,7 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocksPerSm)
   constexpr int kDTiles = T::kDTiles;
 
   QueryTileWork work;
-  if (!work.decode(params.work_items, params.work_count, params.num_heads_q)) return;
+  if (!work.decode(params.work_items, params.work_count, params.num_heads_q, params.tile_head_run)) return;
   const int head = work.head, group = work.group(), m_block = work.m_block();
   const FwdGroupArgs& g = params.groups[group];
   const SeqLenInfo seq(g.cu_seqlens_q, g.total_q, params.cu_seqlens_k, params.total_k, g.seqused_k, work.batch());
@@ -260,7 +260,8 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocksPerSm)
   if constexpr (kMask == MaskMode::kLocal) {
     const float score_scale = kSoftcap ? params.features.softcap : params.softmax_scale;
     // The head again from the CTA index (keeps no register alive across the loop for it).
-    const int sink_head = static_cast<int>(blockIdx.x % static_cast<unsigned>(params.num_heads_q));
+    int sink_item = 0, sink_head = 0;
+    split_query_tile(blockIdx.x, *params.work_count, params.num_heads_q, params.tile_head_run, &sink_item, &sink_head);
     const float sink = params.features.sinks != nullptr ? params.features.sinks[sink_head] : -INFINITY;
     softmax.template finalize_with_sink<kDTiles>(o, score_scale, sink, sink / score_scale, lse);
   } else {

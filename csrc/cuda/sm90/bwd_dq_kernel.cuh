@@ -74,7 +74,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
 
   const int num_heads_q = p.num_heads_q;
   QueryTileWork work;
-  if (!work.decode(p.q_items, p.q_count, num_heads_q)) return;
+  if (!work.decode(p.q_items, p.q_count, num_heads_q, p.dq_tile_head_run)) return;
   const int head = work.head, group = work.group(), m_block = work.m_block();
   const BwdGroupArgs& g = p.groups[group];
   const SeqLenInfo seq(g.cu_seqlens_q, g.total_q, p.cu_seqlens_k, p.total_k, g.seqused_k, work.batch());

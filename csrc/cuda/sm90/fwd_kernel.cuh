@@ -170,8 +170,8 @@ struct ConsumerTile {
   }
 };
 
-// The query tile of work-list entry `tile` (tile = item * num_heads_q + head), decoded by the
-// producer: its sequence, rows, mask and key blocks. `has_rows` is false for a tile past its
+// The query tile of work-list entry `tile` of a list of `count` items (query_tile_work.h says
+// how a tile index names an item and a head), decoded by the producer: its sequence, rows, mask and key blocks. `has_rows` is false for a tile past its
 // sequence's rows (nothing to do); n_block_max <= n_block_min for a tile whose rows see no key.
 template <typename T, MaskMode kMask>
 struct FwdTile {
@@ -181,8 +181,9 @@ struct FwdTile {
   bool has_rows;
   int n_block_min, n_block_max;
 
-  __device__ __forceinline__ FwdTile(const FwdKernelParams& params, int tile)
-      : FwdTile(params, QueryTileWork::at(params.base.work_items, tile, params.base.num_heads_q), params.base) {}
+  __device__ __forceinline__ FwdTile(const FwdKernelParams& params, int tile, int count)
+      : FwdTile(params, QueryTileWork::at(params.base.work_items, tile, count, params.base.num_heads_q,
+                                          params.base.tile_head_run), params.base) {}
 
  private:
   __device__ __forceinline__ FwdTile(const FwdKernelParams& params, const QueryTileWork& work,
@@ -411,7 +412,7 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __gri
 
   const int num_heads_q = p.num_heads_q;
   QueryTileWork work;
-  if (!work.decode(p.work_items, p.work_count, num_heads_q)) return;
+  if (!work.decode(p.work_items, p.work_count, num_heads_q, p.tile_head_run)) return;
   const int head = work.head, group = work.group(), m_block = work.m_block();
   const FwdGroupArgs& g = p.groups[group];
   const SeqLenInfo seq(g.cu_seqlens_q, g.total_q, p.cu_seqlens_k, p.total_k, g.seqused_k, work.batch());
@@ -479,7 +480,8 @@ __global__ void __launch_bounds__(T::kThreads, 1)
   using Work = FwdTile<T, kMask>;
   static_assert(sizeof(FwdTileSlot<kMask>) <= T::kTileSlotBytes, "a tile slot fits its shared-memory space");
   const cuda::FwdKernelParams& p = params.base;
-  const int num_tiles = *p.work_count * p.num_heads_q;
+  const int count = *p.work_count;
+  const int num_tiles = count * p.num_heads_q;
   if (static_cast<int>(blockIdx.x) >= num_tiles) return;  // the grid is sized for the list's capacity
   const int tid = threadIdx.x;
 
@@ -507,7 +509,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
                                     static_cast<unsigned>(num_tiles)));
       };
       for (int t = blockIdx.x; t < num_tiles; t = next_tile()) {
-        const Work w(params, t);
+        const Work w(params, t, count);
         if (!w.has_rows) continue;
         const QState qs(q_iteration++);
         const int q_stage = qs.stage();
