@@ -70,11 +70,12 @@ def run_fields(env: Dict[str, str], world_size: int, rank: int, args, seqlen: in
 
 
 def timing_fields(step_ms: float, kernels_ms: float, flops: float) -> Dict[str, str]:
-    """The CSV fields of a rank's step and kernels-alone times: ms, their ratio, TFLOPS."""
+    """The CSV fields of a rank's step and kernels-alone times: ms, their ratio, TFLOPS (to 5
+    significant digits, not 3 decimals: a tiny CPU run is well below 0.001 TFLOPS and would print 0)."""
     return {"step_ms": f"{step_ms:.4f}", "kernels_ms": f"{kernels_ms:.4f}",
             "ratio": f"{step_ms / kernels_ms:.3f}" if kernels_ms > 0 else "",
-            "step_tflops": f"{flops / (step_ms * 1e9):.3f}" if step_ms > 0 else "",
-            "kernels_tflops": f"{flops / (kernels_ms * 1e9):.3f}" if kernels_ms > 0 else ""}
+            "step_tflops": f"{flops / (step_ms * 1e9):.5g}" if step_ms > 0 else "",
+            "kernels_tflops": f"{flops / (kernels_ms * 1e9):.5g}" if kernels_ms > 0 else ""}
 
 
 class Case:
