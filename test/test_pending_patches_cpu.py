@@ -48,4 +48,4 @@ def test_check_fails_for_a_patch_without_notes(tmp_path: Path) -> None:
 def test_unknown_command_names_the_expected_ones() -> None:
     result = run_pending("bogus")
     assert result.returncode == 2
-    assert "expected save, check, export or branch" in result.stderr
+    assert "expected save, check, export, combine or branch" in result.stderr

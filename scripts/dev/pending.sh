@@ -12,6 +12,9 @@
 #   bash scripts/dev/pending.sh export [NAME ...]    # .device/branches/NAME: this tree's tracked
 #                                                    # files with the patch applied, the folder that
 #                                                    # scripts/dev/branch_check.sh builds on the device
+#   bash scripts/dev/pending.sh combine NAME P1 P2 ... # .device/branches/NAME: this tree with patches
+#                                                    # P1, P2, ... applied in that order (one build
+#                                                    # and one GPU test run for several changes)
 #   bash scripts/dev/pending.sh branch NAME          # a local branch NAME from main with the patch
 #                                                    # committed (to work on it; save it again after)
 # NAME defaults to every patch in the folder.
@@ -68,6 +71,19 @@ case "$cmd" in
       echo "exported .device/branches/$n"
     done
     ;;
+  combine)
+    [ $# -ge 2 ] || { echo "pending.sh combine: expected NAME P1 [P2 ...]" >&2; exit 2; }
+    name="$1"; shift
+    for n in "$@"; do need_patch "$n"; done
+    dst="$root/.device/branches/$name"
+    rm -rf "$dst"; mkdir -p "$dst"
+    git archive HEAD | tar -x -C "$dst"
+    for n in "$@"; do
+      git apply --directory=".device/branches/$name" "$dir/$n.patch" ||
+        { echo "pending.sh combine: $n does not apply after the ones before it" >&2; exit 1; }
+    done
+    echo "exported .device/branches/$name ($*)"
+    ;;
   branch)
     [ $# -eq 1 ] || { echo "pending.sh branch: expected NAME" >&2; exit 2; }
     need_patch "$1"
@@ -77,5 +93,5 @@ case "$cmd" in
     echo "on branch $1"
     ;;
   -h|--help|"") usage; [ -n "$cmd" ] ;;
-  *) echo "pending.sh: unknown command '$cmd' (expected save, check, export or branch)" >&2; exit 2 ;;
+  *) echo "pending.sh: unknown command '$cmd' (expected save, check, export, combine or branch)" >&2; exit 2 ;;
 esac
