@@ -21,7 +21,10 @@ def run_pending(*args: str, pending_dir: Path | None = None) -> subprocess.Compl
 
 def test_every_pending_patch_applies_and_has_its_notes() -> None:
     result = run_pending("check")
-    assert result.returncode == 0, f"scripts/dev/pending.sh check failed:\n{result.stdout}{result.stderr}"
+    assert result.returncode == 0, (
+        f"scripts/dev/pending.sh check failed:\n{result.stdout}{result.stderr}\nTo bring a patch up to date: "
+        "bash scripts/dev/pending.sh branch NAME $(git log -1 --format=%h -- scripts/dev/pending/NAME.patch), "
+        "git rebase main, bash scripts/dev/pending.sh save NAME")
     patches = sorted(p.stem for p in (ROOT / "scripts" / "dev" / "pending").glob("*.patch"))
     reported = sorted(line.split()[1] for line in result.stdout.splitlines() if line.startswith("ok "))
     assert reported == patches, f"checked {reported}, folder holds {patches}"

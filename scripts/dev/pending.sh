@@ -15,8 +15,12 @@
 #   bash scripts/dev/pending.sh combine NAME P1 P2 ... # .device/branches/NAME: this tree with patches
 #                                                    # P1, P2, ... applied in that order (one build
 #                                                    # and one GPU test run for several changes)
-#   bash scripts/dev/pending.sh branch NAME          # a local branch NAME from main with the patch
-#                                                    # committed (to work on it; save it again after)
+#   bash scripts/dev/pending.sh branch NAME [BASE]   # a local branch NAME from BASE (default main)
+#                                                    # with the patch committed (to work on it; save
+#                                                    # it again after). A patch that no longer
+#                                                    # applies to main: BASE = the commit that saved
+#                                                    # it (git log -1 --format=%h -- its .patch), then
+#                                                    # git rebase main, then save again
 # NAME defaults to every patch in the folder.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
@@ -85,10 +89,13 @@ case "$cmd" in
     echo "exported .device/branches/$name ($*)"
     ;;
   branch)
-    [ $# -eq 1 ] || { echo "pending.sh branch: expected NAME" >&2; exit 2; }
+    [ $# -ge 1 ] && [ $# -le 2 ] || { echo "pending.sh branch: expected NAME [BASE]" >&2; exit 2; }
     need_patch "$1"
-    git switch -c "$1" main
-    git apply --index "$dir/$1.patch"
+    tmp=$(mktemp)  # the patch as it is in this checkout, whatever BASE holds
+    cp "$dir/$1.patch" "$tmp"
+    git switch -c "$1" "${2:-main}"
+    git apply --index "$tmp"
+    rm -f "$tmp"
     git commit -q -m "$1 (from scripts/dev/pending/$1.patch)"
     echo "on branch $1"
     ;;
