@@ -106,6 +106,26 @@ __device__ __forceinline__ void zero_query_tail_rows(uint32_t q_tile, uint32_t d
   }
 }
 
+// The mask of a [keys][queries] accumulator (S^T, P^T, dP^T, dS^T) of one consumer thread:
+// entry (nt, c) is key first_key + 8 r (r = c >> 1), query first_query + j with j = nt * 8 +
+// qcol + (c & 1). The entry is visible iff the key is in the sequence and lo_r <= query < hi_r
+// (the rows that see the key: lo_r = Mask::row_begin_unclamped, hi_r = Mask::row_end), i.e. iff
+// (unsigned)(j + row_bias[r]) < width[r]. Called after the wait for S^T, and the two made opaque
+// there: the test depends on indices only, and the compiler would otherwise hoist it above the
+// wgmma and run it, predicated, on every tile.
+template <typename SeqMask>
+__device__ __forceinline__ void key_row_mask_bounds(const SeqMask& seq_mask, int first_query, int first_key,
+                                                    int seqlen_k, int (&row_bias)[2], int (&width)[2]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int key = first_key + r * 8;
+    const int lo = seq_mask.row_begin_unclamped(key);
+    row_bias[r] = first_query - lo;
+    width[r] = key < seqlen_k ? max(seq_mask.row_end(key) - lo, 0) : 0;
+    asm volatile("" : "+r"(row_bias[r]), "+r"(width[r]));
+  }
+}
+
 // The producer warp (lane 0 .. 31 of warpgroup 0) of the dK/dV kernel for keys [key0, key0 +
 // kBlockN) of sequence b (its keys start at token k_start) and KV head kv_head: K and V once,
 // when some query tile sees the block (the consumers wait for them only then, and a CTA must not

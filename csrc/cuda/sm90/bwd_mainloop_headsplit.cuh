@@ -174,18 +174,10 @@ __device__ __forceinline__ void consume_bwd_headsplit(const BwdKernelParams& par
 
       ptx::wgmma_wait_group<1>();
       fence_accumulator(st);
-      // Entry (nt, c): key key0 + key_local + 8 (c >> 1), query row0 + q_first + j with j = nt * 8
-      // + qcol + (c & 1); visible iff (unsigned)(j + row_bias[r]) < width[r] (as in the key-split
-      // loop; opaque after the wait so that the test is not hoisted above the wgmma).
+      // Entry (nt, c) of S^T / dP^T masked iff masked(nt, c): this thread's keys against this
+      // warpgroup's queries from row0 + q_first (key_row_mask_bounds).
       int row_bias[2], width[2];
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int key = key0 + key_local + r * 8;
-        const int lo = seq_mask.row_begin_unclamped(key);
-        row_bias[r] = row0 + q_first - lo;
-        width[r] = key < cur.seqlen_k ? max(seq_mask.row_end(key) - lo, 0) : 0;
-        asm volatile("" : "+r"(row_bias[r]), "+r"(width[r]));
-      }
+      key_row_mask_bounds(seq_mask, row0 + q_first, key0 + key_local, cur.seqlen_k, row_bias, width);
       auto masked = [&](int nt, int c) {
         return static_cast<uint32_t>(nt * 8 + qcol + (c & 1) + row_bias[c >> 1]) >= static_cast<uint32_t>(width[c >> 1]);
       };

@@ -157,21 +157,10 @@ __device__ __forceinline__ void consume_bwd_keysplit(const BwdKernelParams& para
 
       ptx::wgmma_wait_group<1>();
       fence_accumulator(st);
-      // The mask of entry (nt, c): key row r = c >> 1 of this thread, query row0 + j with
-      // j = nt * 8 + qcol + (c & 1). Entry visible iff the key is in the sequence and
-      // lo_r <= query < hi_r (the rows that see the key: lo_r = Mask::row_begin_unclamped,
-      // hi_r = Mask::row_end), i.e. iff (unsigned)(j + row_bias[r]) < width[r]. Made opaque
-      // after the wait: the test depends on indices only, and the compiler would otherwise hoist
-      // it above the wgmma and run it, predicated, on every tile.
+      // Entry (nt, c) of S^T / dP^T masked iff masked(nt, c): this thread's keys against the tile's
+      // queries from row0 (key_row_mask_bounds).
       int row_bias[2], width[2];
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int key = key0 + key_local + r * 8;
-        const int lo = seq_mask.row_begin_unclamped(key);
-        row_bias[r] = row0 - lo;
-        width[r] = key < cur.seqlen_k ? max(seq_mask.row_end(key) - lo, 0) : 0;
-        asm volatile("" : "+r"(row_bias[r]), "+r"(width[r]));
-      }
+      key_row_mask_bounds(seq_mask, row0, key0 + key_local, cur.seqlen_k, row_bias, width);
       auto masked = [&](int nt, int c) {
         return static_cast<uint32_t>(nt * 8 + qcol + (c & 1) + row_bias[c >> 1]) >= static_cast<uint32_t>(width[c >> 1]);
       };
