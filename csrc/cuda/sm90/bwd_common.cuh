@@ -17,6 +17,7 @@
 #include "cuda/query_tile_cursor.h"
 #include "cuda/seqlen_info.h"
 #include "cuda/sm90/bwd_params.h"
+#include "cuda/sm90/named_barriers.h"
 #include "cuda/sm90/pipeline.h"
 #include "cuda/sm90/ptx_sm90.h"
 
@@ -64,6 +65,65 @@ __device__ __forceinline__ void st_shared_f2(uint32_t addr, float x, float y) {
 }
 __device__ __forceinline__ void st_shared_u32(uint32_t addr, uint32_t v) {
   asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
+}
+
+// ---- Pieces both consumer main loops run the same way ----
+
+// The dK and dV accumulators of a consumer thread, zeroed before the first query tile.
+template <int kDTiles>
+__device__ __forceinline__ void zero_dkdv_accumulators(float (&dk)[kDTiles][4], float (&dv)[kDTiles][4]) {
+#pragma unroll
+  for (int i = 0; i < kDTiles; ++i)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) dk[i][c] = dv[i][c] = 0.f;
+}
+
+// Zeroes the K rows of the block past the keys some group uses (past the sequence, or past every
+// group's seqused_k, where they may hold NaN): dQ = dS K reads them. V rows there only reach
+// masked entries of dP^T, which are selected to 0. Both consumer warpgroups (ctid 0 .. 255), once
+// K has landed.
+template <typename T>
+__device__ __forceinline__ void zero_unused_key_rows(const cuda::BwdKernelParams& p, const BwdSmem<T>& sm, int b,
+                                                     int key0, int keys_valid, int ctid) {
+  const int keys_in_use = max(0, min(keys_valid, keys_used_by_any_group(p, b) - key0));
+  if (keys_in_use < T::kBlockN) {
+    ptx::zero_swizzled_rows(sm.k, T::kKVColBlockBytes, T::kColBlocks, keys_in_use, T::kBlockN, ctid, 256);
+    ptx::fence_proxy_async_shared();
+    ptx::named_barrier_sync(barrier_id(NamedBarrier::kBwdKZeroed), 256);
+  }
+}
+
+// Rows of a partial query tile past the sequence are the next sequence's or padding (TMA fills
+// zeros only past the tensor): zeroes them in the stage's Q and dO, since P^T dO and dS^T Q
+// multiply them by 0 and 0 * NaN would reach dK/dV. Both consumer warpgroups, same condition.
+template <typename T>
+__device__ __forceinline__ void zero_query_tail_rows(uint32_t q_tile, uint32_t do_tile, int rows_valid, int ctid) {
+  if (rows_valid < T::kBlockM) {
+    ptx::zero_swizzled_rows(q_tile, T::kQColBlockBytes, T::kColBlocks, rows_valid, T::kBlockM, ctid, 256);
+    ptx::zero_swizzled_rows(do_tile, T::kQColBlockBytes, T::kColBlocks, rows_valid, T::kBlockM, ctid, 256);
+    ptx::fence_proxy_async_shared();
+    ptx::named_barrier_sync(barrier_id(NamedBarrier::kBwdQTailZeroed), 256);
+  }
+}
+
+// The mask of a [keys][queries] accumulator (S^T, P^T, dP^T, dS^T) of one consumer thread:
+// entry (nt, c) is key first_key + 8 r (r = c >> 1), query first_query + j with j = nt * 8 +
+// qcol + (c & 1). The entry is visible iff the key is in the sequence and lo_r <= query < hi_r
+// (the rows that see the key: lo_r = Mask::row_begin_unclamped, hi_r = Mask::row_end), i.e. iff
+// (unsigned)(j + row_bias[r]) < width[r]. Called after the wait for S^T, and the two made opaque
+// there: the test depends on indices only, and the compiler would otherwise hoist it above the
+// wgmma and run it, predicated, on every tile.
+template <typename SeqMask>
+__device__ __forceinline__ void key_row_mask_bounds(const SeqMask& seq_mask, int first_query, int first_key,
+                                                    int seqlen_k, int (&row_bias)[2], int (&width)[2]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int key = first_key + r * 8;
+    const int lo = seq_mask.row_begin_unclamped(key);
+    row_bias[r] = first_query - lo;
+    width[r] = key < seqlen_k ? max(seq_mask.row_end(key) - lo, 0) : 0;
+    asm volatile("" : "+r"(row_bias[r]), "+r"(width[r]));
+  }
 }
 
 // The producer warp (lane 0 .. 31 of warpgroup 0) of the dK/dV kernel for keys [key0, key0 +

@@ -62,24 +62,13 @@ __device__ __forceinline__ void consume_bwd_keysplit(const BwdKernelParams& para
   const int qcol = (lane & 3) * 2;                                 // this thread's first query column in an n8 fragment
 
   float dk[kDTiles][4], dv[kDTiles][4];
-#pragma unroll
-  for (int i = 0; i < kDTiles; ++i)
-#pragma unroll
-    for (int c = 0; c < 4; ++c) dk[i][c] = dv[i][c] = 0.f;
+  zero_dkdv_accumulators(dk, dv);
 
   Cursor cur;
   cur.start(p, features, b, key0);
   if (cur.valid(p)) {
     ptx::mbarrier_wait_parity(sm.bar_kv(), 0);
-    // Zero K rows past the keys some group uses (past the sequence, or past every group's
-    // seqused_k, where they may hold NaN): dQ = dS K reads them. V rows there only reach masked
-    // entries of dP^T, which are selected to 0.
-    const int keys_in_use = max(0, min(keys_valid, keys_used_by_any_group(p, b) - key0));
-    if (keys_in_use < kBlockN) {
-      ptx::zero_swizzled_rows(sm.k, T::kKVColBlockBytes, T::kColBlocks, keys_in_use, kBlockN, ctid, 256);
-      ptx::fence_proxy_async_shared();
-      ptx::named_barrier_sync(barrier_id(NamedBarrier::kBwdKZeroed), 256);
-    }
+    zero_unused_key_rows(p, sm, b, key0, keys_valid, ctid);
 
     // Descriptors (see fwd_kernel.cuh for the layouts): one per operand tile, advanced by
     // constant byte offsets per k step.
@@ -145,18 +134,7 @@ __device__ __forceinline__ void consume_bwd_keysplit(const BwdKernelParams& para
       q_pipe.consumer_wait(q_state);
       const uint32_t q_tile = sm.q_stage(s);
       const uint32_t do_tile = sm.do_stage(s);
-      {
-        // Rows of a partial query tile past the sequence are the next sequence's or padding (TMA
-        // fills zeros only past the tensor): zero them in Q and dO, since P^T dO and dS^T Q
-        // multiply them by 0 and 0 * NaN would reach dK/dV. Both warpgroups, same condition.
-        const int rows_valid = cur.seqlen_q - cur.m_block * kBlockM;
-        if (rows_valid < kBlockM) {
-          ptx::zero_swizzled_rows(q_tile, T::kQColBlockBytes, T::kColBlocks, rows_valid, kBlockM, ctid, 256);
-          ptx::zero_swizzled_rows(do_tile, T::kQColBlockBytes, T::kColBlocks, rows_valid, kBlockM, ctid, 256);
-          ptx::fence_proxy_async_shared();
-          ptx::named_barrier_sync(barrier_id(NamedBarrier::kBwdQTailZeroed), 256);
-        }
-      }
+      zero_query_tail_rows<T>(q_tile, do_tile, cur.seqlen_q - cur.m_block * kBlockM, ctid);
 
       // ---- S^T = K Q^T, dP^T = V dO^T ----
       float st[kSTiles][4], dpt[kSTiles][4];
@@ -179,21 +157,10 @@ __device__ __forceinline__ void consume_bwd_keysplit(const BwdKernelParams& para
 
       ptx::wgmma_wait_group<1>();
       fence_accumulator(st);
-      // The mask of entry (nt, c): key row r = c >> 1 of this thread, query row0 + j with
-      // j = nt * 8 + qcol + (c & 1). Entry visible iff the key is in the sequence and
-      // lo_r <= query < hi_r (the rows that see the key: lo_r = Mask::row_begin_unclamped,
-      // hi_r = Mask::row_end), i.e. iff (unsigned)(j + row_bias[r]) < width[r]. Made opaque
-      // after the wait: the test depends on indices only, and the compiler would otherwise hoist
-      // it above the wgmma and run it, predicated, on every tile.
+      // Entry (nt, c) of S^T / dP^T masked iff masked(nt, c): this thread's keys against the tile's
+      // queries from row0 (key_row_mask_bounds).
       int row_bias[2], width[2];
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int key = key0 + key_local + r * 8;
-        const int lo = seq_mask.row_begin_unclamped(key);
-        row_bias[r] = row0 - lo;
-        width[r] = key < cur.seqlen_k ? max(seq_mask.row_end(key) - lo, 0) : 0;
-        asm volatile("" : "+r"(row_bias[r]), "+r"(width[r]));
-      }
+      key_row_mask_bounds(seq_mask, row0, key0 + key_local, cur.seqlen_k, row_bias, width);
       auto masked = [&](int nt, int c) {
         return static_cast<uint32_t>(nt * 8 + qcol + (c & 1) + row_bias[c >> 1]) >= static_cast<uint32_t>(width[c >> 1]);
       };
