@@ -34,6 +34,24 @@ names() {
 need_patch() {
   [ -f "$dir/$1.patch" ] || { echo "pending.sh: no patch named '$1' (expected $dir/$1.patch)" >&2; exit 2; }
 }
+# .device/branches/NAME: this tree's tracked files with patches P1, P2, ... applied in order.
+export_tree() {  # NAME P1 [P2 ...]
+  local name="$1" n
+  shift
+  for n in "$@"; do need_patch "$n"; done
+  local dst="$root/.device/branches/$name"
+  rm -rf "$dst"; mkdir -p "$dst"
+  git archive HEAD | tar -x -C "$dst"
+  local before=""
+  for n in "$@"; do
+    # From the repository root with --directory: git apply run inside a subfolder of a work tree
+    # skips, silently, every path outside that subfolder.
+    git apply --directory=".device/branches/$name" "$dir/$n.patch" ||
+      { echo "pending.sh: $n does not apply to this tree${before:+ after$before}" >&2; exit 1; }
+    before="$before $n"
+  done
+  echo "exported .device/branches/$name ($*)"
+}
 cmd="${1:-}"
 [ $# -gt 0 ] && shift
 case "$cmd" in
@@ -64,29 +82,11 @@ case "$cmd" in
     exit $rc
     ;;
   export)
-    for n in $(names "$@"); do
-      need_patch "$n"
-      dst="$root/.device/branches/$n"
-      rm -rf "$dst"; mkdir -p "$dst"
-      git archive HEAD | tar -x -C "$dst"
-      # From the repository root with --directory: git apply run inside a subfolder of a work tree
-      # skips, silently, every path outside that subfolder.
-      git apply --directory=".device/branches/$n" "$dir/$n.patch"
-      echo "exported .device/branches/$n"
-    done
+    for n in $(names "$@"); do export_tree "$n" "$n"; done
     ;;
   combine)
     [ $# -ge 2 ] || { echo "pending.sh combine: expected NAME P1 [P2 ...]" >&2; exit 2; }
-    name="$1"; shift
-    for n in "$@"; do need_patch "$n"; done
-    dst="$root/.device/branches/$name"
-    rm -rf "$dst"; mkdir -p "$dst"
-    git archive HEAD | tar -x -C "$dst"
-    for n in "$@"; do
-      git apply --directory=".device/branches/$name" "$dir/$n.patch" ||
-        { echo "pending.sh combine: $n does not apply after the ones before it" >&2; exit 1; }
-    done
-    echo "exported .device/branches/$name ($*)"
+    export_tree "$@"
     ;;
   branch)
     [ $# -ge 1 ] && [ $# -le 2 ] || { echo "pending.sh branch: expected NAME [BASE]" >&2; exit 2; }
