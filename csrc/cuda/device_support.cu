@@ -130,11 +130,6 @@ int device_sm_count(int device_index) {
   return check_device(device_index, nullptr, &sm_count) == RINGATTN_STATUS_OK ? sm_count : 0;
 }
 
-int64_t device_l2_bytes(int device_index) {
-  int64_t l2_bytes = 0;
-  return check_device(device_index, nullptr, nullptr, &l2_bytes) == RINGATTN_STATUS_OK ? l2_bytes : 0;
-}
-
 ringattn_status check_support(int device_index, int dtype, int head_dim) {
   const ringattn_status s = check_device(device_index);
   if (s != RINGATTN_STATUS_OK) return s;

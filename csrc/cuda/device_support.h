@@ -50,10 +50,9 @@ class DeviceGuard {
 // capability (major * 10 + minor), its number of SMs and its L2 cache size.
 ringattn_status check_device(int device_index, int* cc = nullptr, int* sm_count = nullptr, int64_t* l2_bytes = nullptr);
 
-// The device's number of SMs and L2 bytes (from check_device's per-device cache), or 0 when the
-// device cannot run our kernels.
+// The device's number of SMs (from check_device's per-device cache), or 0 when the device
+// cannot run our kernels.
 int device_sm_count(int device_index);
-int64_t device_l2_bytes(int device_index);
 
 // The GPU kernel tiers (ringattn_tier): tier 1 (mma.sync, sm80 and newer), tier 2 (sm90a).
 enum class Tier { kSm80, kSm90 };

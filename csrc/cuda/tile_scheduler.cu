@@ -105,12 +105,30 @@ void carve_scheduler_workspace(void* workspace, int num_groups, int batch_size, 
   carve_work_list<WorkItem>(workspace, pairs + 1, static_cast<size_t>(capacity), kWorkListAlign, args);
 }
 
+namespace {
+
+// A run length forced by environment variable `name` (kernel development), read once by each
+// caller's static: the positive integer below 2^20 it holds, else 0 (not forced).
+int forced_head_run(const char* name) {
+  const char* v = std::getenv(name);
+  const long n = v != nullptr ? std::strtol(v, nullptr, 10) : 0;
+  return n > 0 && n < (1L << 20) ? static_cast<int>(n) : 0;
+}
+
+// choose_tile_head_run with the device's SMs and L2 (one look at check_device's per-device cache);
+// 1, the head-fastest order, where the device cannot be read.
+int head_run_on_device(int device_index, int64_t bytes_per_head, int num_heads, int heads_per_shared_head,
+                       int64_t capacity) {
+  int sm_count = 0;
+  int64_t l2_bytes = 0;
+  if (check_device(device_index, nullptr, &sm_count, &l2_bytes) != RINGATTN_STATUS_OK) return 1;
+  return choose_tile_head_run(sm_count, l2_bytes, bytes_per_head, num_heads, heads_per_shared_head, capacity);
+}
+
+}  // namespace
+
 int tile_head_run(const ringattn_problem& pr, int device_index, int64_t capacity) {
-  static const int forced = [] {
-    const char* v = std::getenv("RING_FLASH_ATTN_TILE_HEAD_RUN");
-    const long n = v != nullptr ? std::strtol(v, nullptr, 10) : 0;
-    return n > 0 && n < (1L << 20) ? static_cast<int>(n) : 0;
-  }();
+  static const int forced = forced_head_run("RING_FLASH_ATTN_TILE_HEAD_RUN");
   if (forced > 0) return forced;
   int64_t keys = pr.max_seqlen_k > 0 ? pr.max_seqlen_k : pr.total_k;
   const MaskWindow window = call_window(pr);
@@ -119,8 +137,8 @@ int tile_head_run(const ringattn_problem& pr, int device_index, int64_t capacity
     keys = span < keys ? span : keys;
   }
   const int64_t kv_bytes_per_head = 2 * keys * pr.head_dim * 2;  // K and V, 2-byte elements
-  return choose_tile_head_run(device_sm_count(device_index), device_l2_bytes(device_index), kv_bytes_per_head,
-                              pr.num_heads_q, pr.num_heads_q / pr.num_heads_k, capacity);
+  return head_run_on_device(device_index, kv_bytes_per_head, pr.num_heads_q, pr.num_heads_q / pr.num_heads_k,
+                            capacity);
 }
 
 cudaError_t launch_build_work_list(const SchedulerArgs& args, cudaStream_t stream) {
