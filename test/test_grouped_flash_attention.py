@@ -376,6 +376,25 @@ def test_backward_of_a_partial_tile_ignores_the_rows_after_it(monkeypatch, tier,
         _check(name, got, r32, rlp)
 
 
+@pytest.mark.parametrize("deterministic", [False, True], ids=["dq_default", "deterministic"])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("tier", ["sm80", "sm90"])
+def test_backward_stats_rows_padded_past_total_q(monkeypatch, tier, head_dim, deterministic):
+    """The backward keeps each head's LSE / Di row padded to a multiple of 4 tokens (tier 2's dK/dV
+    kernel loads a tile's rows by TMA, which needs 16-byte aligned row strides): groups whose
+    total_q is 3, 1, 2 and 1 past a multiple of 4, with a last tile running past total_q (TMA
+    fills zeros there), rows that see no key (LSE +inf) and GQA, against the reference at every
+    head (a head read at another head's offset would be wrong from the second head on). On tier 2
+    head dims 64 and 128 run the dK/dV kernel's key-split main loop, 256 its head-split loop:
+    both get the rows from the same producer (bwd_common.cuh)."""
+    if tier == "sm90" and not _is_sm90():
+        pytest.skip("tier 2 needs an sm90 card")
+    monkeypatch.setenv("RING_FLASH_ATTN_TIER", tier)
+    torch.manual_seed(37 + head_dim + deterministic)
+    _backward_case([[61, 2, 0], [130, 1, 6], [5, 197, 0], [0, 0, 1]], [150, 7, 260], 12, 4, head_dim,
+                   torch.bfloat16, True, deterministic=deterministic)
+
+
 @pytest.mark.parametrize("tier", ["sm80", "sm90"])
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 def test_non_finite_rows_follow_ieee_like_the_cpu_backend(monkeypatch, tier, head_dim):

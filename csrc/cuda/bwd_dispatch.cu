@@ -221,9 +221,10 @@ bool encode_bwd_tensor_maps(const ringattn_bwd_params& p, int block_m, int block
 }
 #endif
 
-// Tier 2's tensor maps: the operands of its dK/dV kernel and of its dQ kernel, and the dq_accum
-// maps of the reduce-add; then its kernels' parameters (tier 1's, which are final here, and the
-// maps). As in the forward, a refused tensor map is an error, not a reason to run tier 1.
+// Tier 2's tensor maps: the operands of its dK/dV kernel and of its dQ kernel, the LSE/Di rows
+// the dK/dV kernel loads, and the dq_accum maps of the reduce-add; then its kernels' parameters
+// (tier 1's, which are final here, and the maps). As in the forward, a refused tensor map is an
+// error, not a reason to run tier 1.
 ringattn_status encode_bwd_maps(const ringattn_bwd_params& p, BwdPlan* plan) {
 #ifdef RINGATTN_SM90_TIER
   if (plan->e90 == nullptr) return RINGATTN_STATUS_OK;
@@ -235,6 +236,14 @@ ringattn_status encode_bwd_maps(const ringattn_bwd_params& p, BwdPlan* plan) {
       !encode_bwd_tensor_maps(p, plan->e90_dq->block_m, plan->e90_dq->block_n, &plan->kp90_dq.maps, &why))
     return failf(RINGATTN_STATUS_CUDA_ERROR, "tier 2 backward: encoding a TMA tensor map of the dQ kernel failed: %s",
                  why.c_str());
+  for (int g = 0; g < pr.num_groups; ++g) {
+    const BwdGroupArgs& kg = plan->kp.groups[g];
+    if (p.groups[g].total_q > 0 &&
+        !sm90::encode_rows_map(&plan->kp90.tma_stats[g], kg.lse_log2, p.groups[g].total_q, 2 * int64_t{pr.num_heads_q},
+                               kg.stat_row_stride(), bwd_stat_box_cols(plan->e90->block_m), &why))
+      return failf(RINGATTN_STATUS_CUDA_ERROR, "tier 2 backward: encoding the LSE/Di tensor map of group %d failed: %s",
+                   g, why.c_str());
+  }
   if (plan->kp.accumulate_dq) {
     for (int g = 0; g < pr.num_groups; ++g) {
       if (p.groups[g].total_q > 0 &&

@@ -17,16 +17,20 @@
 
 #include <cstdint>
 
+#include "cuda/bwd_stat_rows.h"  // bwd_stat_row_stride, the tier-2 kernel's LSE/Di boxes
 #include "cuda/fwd_params.h"
 #include "ringattn/ringattn.h"
 
 namespace ringattn {
 namespace cuda {
 
-// Per-group workspace arrays (fp32), carved by the host dispatch.
+// Per-group workspace arrays (fp32), carved by the host dispatch. lse_log2 and di are one
+// [2][Hq][stat_row_stride] array (di = lse_log2 + Hq * stat_row_stride): head h's row of either
+// holds total_q values, then padding up to stat_row_stride (bwd_stat_row_stride, bwd_stat_rows.h),
+// which the tier-2 dK/dV kernel's TMA needs (16-byte aligned rows: one 2-D tensor map over both).
 struct BwdGroupWorkspace {
-  float* lse_log2;  // [Hq, total_q]: LSE * log2(e); +inf for a row that sees no key (P = 0)
-  float* di;        // [Hq, total_q]: rowsum(dO * O)
+  float* lse_log2;  // [Hq, stat_row_stride]: LSE * log2(e); +inf for a row that sees no key (P = 0)
+  float* di;        // [Hq, stat_row_stride]: rowsum(dO * O)
   float* dq_accum;  // [total_q, Hq, D]: unscaled sum_j dS_ij K_j
 };
 
@@ -42,6 +46,14 @@ struct BwdGroupArgs {
   int64_t dout_row_stride, dout_head_stride;
   int32_t total_q;
   int32_t pad;
+  // Of lse_log2 and di (BwdGroupWorkspace): token t of head h at h * stat_row_stride() + t.
+  RINGATTN_HOST_DEVICE RINGATTN_FORCEINLINE int64_t stat_row_stride() const { return bwd_stat_row_stride(total_q); }
+  // h * stat_row_stride() for a head h >= 0, as one unsigned 32 x 32 -> 64-bit product (the
+  // stride is below 2^32): the same instructions as the unpadded h * total_q of before.
+  RINGATTN_HOST_DEVICE RINGATTN_FORCEINLINE int64_t stat_row(int h) const {
+    const uint32_t stride = (static_cast<uint32_t>(total_q) + 3u) & ~3u;
+    return static_cast<int64_t>(static_cast<uint64_t>(static_cast<uint32_t>(h)) * stride);
+  }
 };
 
 // One unit of work of the dK/dV kernel: a K/V block of one sequence. KV heads are spread over
@@ -101,6 +113,14 @@ struct BwdPrepGroupArgs {
   int64_t dq_row_stride, dq_head_stride;
   int32_t total_q;
   int32_t pad;
+  // Of ws.lse_log2 and ws.di: token t of head h at h * stat_row_stride() + t.
+  RINGATTN_HOST_DEVICE RINGATTN_FORCEINLINE int64_t stat_row_stride() const { return bwd_stat_row_stride(total_q); }
+  // h * stat_row_stride() for a head h >= 0, as one unsigned 32 x 32 -> 64-bit product (the
+  // stride is below 2^32): the same instructions as the unpadded h * total_q of before.
+  RINGATTN_HOST_DEVICE RINGATTN_FORCEINLINE int64_t stat_row(int h) const {
+    const uint32_t stride = (static_cast<uint32_t>(total_q) + 3u) & ~3u;
+    return static_cast<int64_t>(static_cast<uint64_t>(static_cast<uint32_t>(h)) * stride);
+  }
 };
 
 struct BwdPrepParams {

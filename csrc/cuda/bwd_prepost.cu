@@ -101,8 +101,8 @@ __global__ void __launch_bounds__(kThreads) bwd_preprocess_kernel(const __grid_c
     }
     sum = lane_group_sum<kLanesPerRow>(sum);
     if (lane == 0) {
-      const int64_t idx = h * g.total_q + token;
-      const float lse = g.lse[idx];
+      const float lse = g.lse[h * g.total_q + token];                // the forward's [Hq, total_q]
+      const int64_t idx = g.stat_row(static_cast<int>(h)) + token;  // rows padded (bwd_params.h)
       // A row that saw no key has LSE = -inf; +inf makes every P = exp2(s - lse) of it 0.
       g.ws.lse_log2[idx] = lse == -INFINITY ? INFINITY : lse * 1.4426950408889634f;
       g.ws.di[idx] = sum;

@@ -3,6 +3,7 @@
 
 #include "common/backends.h"
 #include "common/error.h"
+#include "cuda/bwd_params.h"
 #include "cuda/bwd_scheduler.h"
 #include "cuda/kernel_registry.h"
 #include "cuda/tile_scheduler.h"
@@ -48,10 +49,11 @@ BwdWorkspaceLayout bwd_layout(const ringattn_bwd_params& p, const Sm80BwdKernelE
   size_t at = 0;
   for (int g = 0; g < pr.num_groups; ++g) {
     const size_t rows = static_cast<size_t>(p.groups[g].total_q) * static_cast<size_t>(pr.num_heads_q);
+    // LSE and Di rows padded to bwd_stat_row_stride, Di's right after LSE's (one array, bwd_params.h).
+    const size_t stat_elems = static_cast<size_t>(bwd_stat_row_stride(p.groups[g].total_q)) * pr.num_heads_q;
     l.lse_log2[g] = at;
-    at += align256(rows * sizeof(float));
-    l.di[g] = at;
-    at += align256(rows * sizeof(float));
+    l.di[g] = at + stat_elems * sizeof(float);
+    at += align256(2 * stat_elems * sizeof(float));
     l.dq_accum[g] = at;
     at += align256(rows * static_cast<size_t>(pr.head_dim) * sizeof(float));
   }

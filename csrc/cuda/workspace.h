@@ -57,8 +57,8 @@ SchedulerArgs query_tile_scheduler(const Params& p, int block_m, int block_n, in
 
 // Where everything of one backward call lives in its workspace (byte offsets, 256-aligned).
 struct BwdWorkspaceLayout {
-  size_t lse_log2[RINGATTN_MAX_GROUPS];  // [Hq, total_q] fp32
-  size_t di[RINGATTN_MAX_GROUPS];        // [Hq, total_q] fp32
+  size_t lse_log2[RINGATTN_MAX_GROUPS];  // [Hq, stat_row_stride] fp32 (bwd_params.h: BwdGroupWorkspace)
+  size_t di[RINGATTN_MAX_GROUPS];        // [Hq, stat_row_stride] fp32, right after lse_log2's rows
   size_t dq_accum[RINGATTN_MAX_GROUPS];  // [total_q, Hq, D] fp32
   size_t kv_scheduler;                   // dK/dV work list
   size_t q_scheduler;                    // deterministic dQ work list (the forward's)

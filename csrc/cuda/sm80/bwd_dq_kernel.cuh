@@ -105,7 +105,7 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_bwd_dq_kernel(const __
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int row = warp_row0 + mt * 16 + (lane >> 2) + r * 8;
-      const int64_t idx = static_cast<int64_t>(head) * g.total_q + token0 + row;
+      const int64_t idx = g.stat_row(head) + token0 + row;
       lse[mt][r] = row < rows_valid ? g.lse_log2[idx] : INFINITY;
       di[mt][r] = row < rows_valid ? g.di[idx] : 0.f;
     }

@@ -124,7 +124,7 @@ __global__ void __launch_bounds__(T::kThreads, bwd_min_blocks_per_sm<T>())
         sdO + stage * T::kQElems,
         static_cast<const Element*>(g.dout) + token0 * g.dout_row_stride + head * g.dout_head_stride,
         g.dout_row_stride, rows_valid, tid);
-    const int64_t stat0 = static_cast<int64_t>(head) * g.total_q + token0;
+    const int64_t stat0 = g.stat_row(head) + token0;
     bwd::load_floats<kBlockM, kThreads>(sLse + stage * kBlockM, g.lse_log2 + stat0, rows_valid, tid);
     bwd::load_floats<kBlockM, kThreads>(sDi + stage * kBlockM, g.di + stat0, rows_valid, tid);
   };

@@ -1,7 +1,7 @@
 // What the two main loops of the tier-2 (sm90a) dK/dV kernel share (bwd_kernel.cuh): the
-// shared-memory plan's addresses, small shared-memory accessors, and the producer warp, which
-// loads K and V once and then, per query tile the cursor walks, Q and dO by TMA and the tile's
-// LSE (log2 units) and Di by plain loads (zeros past the sequence) into the Q/dO stages.
+// shared-memory plan's addresses, small shared-memory accessors, and the producer thread, which
+// loads K and V once and then, per query tile the cursor walks, Q, dO and the tile's LSE (log2
+// units) and Di rows by TMA into the Q/dO stages, all on the stage's full barrier.
 //   bwd_mainloop_keysplit.cuh   head dims 64 and 128: 128 keys per CTA, 64 per consumer warpgroup
 //   bwd_mainloop_headsplit.cuh  head dim 256: 64 keys per CTA, the head dim split between the
 //                               consumer warpgroups
@@ -13,6 +13,7 @@
 
 #include <cstdint>
 
+#include "cuda/bwd_stat_rows.h"
 #include "cuda/ptx.h"
 #include "cuda/query_tile_cursor.h"
 #include "cuda/seqlen_info.h"
@@ -44,21 +45,27 @@ struct BwdSmem {
   __device__ __forceinline__ uint32_t q_stage(int s) const { return q + s * T::kQBytes; }
   __device__ __forceinline__ uint32_t do_stage(int s) const { return dout + s * T::kQBytes; }
   __device__ __forceinline__ uint32_t ds_buf(int b) const { return ds + b * T::kDsBytes; }
+  // A stage's LSE and Di boxes (kStatBox floats from the tile's first token rounded down to 16
+  // bytes); the tile's row starts bwd_stat_box_shift(token0) floats in: stat_row_shift.
   __device__ __forceinline__ uint32_t lse_stage(int s) const { return stats + s * T::kStatBytes; }
-  __device__ __forceinline__ uint32_t di_stage(int s) const { return stats + s * T::kStatBytes + T::kBlockM * 4; }
+  __device__ __forceinline__ uint32_t di_stage(int s) const { return stats + s * T::kStatBytes + T::kStatSlotBytes; }
   // Key-split loop: a consumer warpgroup's dQ staging boxes.
   __device__ __forceinline__ uint32_t dq_stage(int wg) const { return base + T::kOffDqStage + wg * T::kDqStageBytes; }
   // Head-split loop: the P^T double buffer.
   __device__ __forceinline__ uint32_t pt_buf(int b) const { return base + T::kOffPt + b * T::kDsBytes; }
 };
 
-__device__ __forceinline__ float2 ld_shared_f2(uint32_t addr) {
+// Two consecutive floats at a 4-byte aligned address (two loads: ld.shared.v2 needs 8 bytes).
+__device__ __forceinline__ float2 ld_shared_f32x2(uint32_t addr) {
   float2 v;
-  asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "r"(addr));
+  asm volatile("ld.shared.f32 %0, [%2];\n\tld.shared.f32 %1, [%2+4];\n" : "=f"(v.x), "=f"(v.y) : "r"(addr));
   return v;
 }
-__device__ __forceinline__ void st_shared_f32(uint32_t addr, float v) {
-  asm volatile("st.shared.f32 [%0], %1;\n" ::"r"(addr), "f"(v) : "memory");
+// Bytes from the start of a stage's LSE / Di box to the current tile's first row: the tile's
+// first token q_start + 64 m is q_start mod 4 floats past the box's 16-byte aligned start
+// (bwd_stat_rows.h). 0 .. 12, so the consumers' reads of a row are 4-byte aligned only.
+__device__ __forceinline__ uint32_t stat_row_shift(int32_t q_start) {
+  return 4u * static_cast<uint32_t>(bwd_stat_box_shift(q_start));
 }
 __device__ __forceinline__ void st_shared_f2(uint32_t addr, float x, float y) {
   asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr), "f"(x), "f"(y) : "memory");
@@ -126,15 +133,19 @@ __device__ __forceinline__ void key_row_mask_bounds(const SeqMask& seq_mask, int
   }
 }
 
-// The producer warp (lane 0 .. 31 of warpgroup 0) of the dK/dV kernel for keys [key0, key0 +
+// The producer thread (thread 0 of warpgroup 0) of the dK/dV kernel for keys [key0, key0 +
 // kBlockN) of sequence b (its keys start at token k_start) and KV head kv_head: K and V once,
 // when some query tile sees the block (the consumers wait for them only then, and a CTA must not
 // exit with a bulk copy into its shared memory still in flight); then, per query tile of the
-// cursor, Q and dO by TMA and the tile's LSE / Di rows into the tile's stage.
+// cursor, Q, dO and the tile's LSE / Di rows by TMA into the tile's stage, on its full barrier
+// (arrival count 1: everything the consumers read of a stage is written by TMA, whose completion
+// on the barrier compute-sanitizer's racecheck follows). LSE / Di of rows past the sequence in a
+// partial tile are the next sequence's values, or zeros past total_q (TMA fill): every entry of
+// such a row is masked (selected to 0), as in the tile's Q and dO tail.
 template <typename T, MaskMode kMask>
 __device__ __forceinline__ void produce_bwd_tiles(const BwdKernelParams& params, const BwdSmem<T>& sm,
                                                   const typename BwdSmem<T>::Pipeline& q_pipe, int b, int key0,
-                                                  int kv_head, int32_t k_start, int lane) {
+                                                  int kv_head, int32_t k_start) {
   using Cursor = QueryTileCursor<T::kBlockM, T::kBlockN, kMask>;
   using State = PipelineState<T::kStages>;
   constexpr int kBlockM = T::kBlockM;
@@ -143,7 +154,7 @@ __device__ __forceinline__ void produce_bwd_tiles(const BwdKernelParams& params,
   const int ratio = p.q_heads_per_kv_head;
   Cursor cur;
   cur.start(p, features, b, key0);
-  if (lane == 0 && cur.valid(p)) {
+  if (cur.valid(p)) {
     ptx::mbarrier_arrive_expect_tx(sm.bar_kv(), 2 * T::kKVBytes);
 #pragma unroll
     for (int cb = 0; cb < T::kColBlocks; ++cb) {
@@ -155,29 +166,24 @@ __device__ __forceinline__ void produce_bwd_tiles(const BwdKernelParams& params,
     const State q_state(t);
     const int s = q_state.stage();
     q_pipe.producer_acquire(q_state);
-    const BwdGroupArgs& g = p.groups[cur.group];
     const int head = kv_head * ratio + cur.head_in_kv;
-    const int row0 = cur.m_block * kBlockM;
-    const int rows_valid = min(kBlockM, cur.seqlen_q - row0);
-    const int token0 = cur.q_start + row0;
-    const int64_t stat0 = static_cast<int64_t>(head) * g.total_q + token0;
-    for (int i = lane; i < kBlockM; i += 32) {
-      const bool ok = i < rows_valid;
-      st_shared_f32(sm.lse_stage(s) + 4 * i, ok ? g.lse_log2[stat0 + i] : 0.f);
-      st_shared_f32(sm.di_stage(s) + 4 * i, ok ? g.di[stat0 + i] : 0.f);
-    }
-    if (lane == 0) {
-      ptx::mbarrier_arrive_expect_tx(q_pipe.full(s), 2 * T::kQBytes);
+    const int token0 = cur.q_start + cur.m_block * kBlockM;
+    ptx::mbarrier_arrive_expect_tx(q_pipe.full(s), 2 * T::kQBytes + T::kStatTxBytes);
 #pragma unroll
-      for (int cb = 0; cb < T::kColBlocks; ++cb) {
-        ptx::tma_load_3d(sm.q_stage(s) + cb * T::kQColBlockBytes, &params.maps.tma_q[cur.group], q_pipe.full(s), cb * 64,
-                         head, token0);
-        ptx::tma_load_3d(sm.do_stage(s) + cb * T::kQColBlockBytes, &params.maps.tma_do[cur.group], q_pipe.full(s),
-                         cb * 64, head, token0);
-      }
-    } else {
-      ptx::mbarrier_arrive(q_pipe.full(s));
+    for (int cb = 0; cb < T::kColBlocks; ++cb) {
+      ptx::tma_load_3d(sm.q_stage(s) + cb * T::kQColBlockBytes, &params.maps.tma_q[cur.group], q_pipe.full(s), cb * 64,
+                       head, token0);
+      ptx::tma_load_3d(sm.do_stage(s) + cb * T::kQColBlockBytes, &params.maps.tma_do[cur.group], q_pipe.full(s), cb * 64,
+                       head, token0);
     }
+    // The tile's LSE and Di rows: one box of tma_stats each (kStatBox tokens), rows head and
+    // Hq + head of the group's stats map; tokens past total_q read as 0. The box starts at token0
+    // rounded down to 16 bytes: TMA raises an illegal instruction for an innermost coordinate
+    // that is not 16-byte aligned, and a varlen sequence's q_start is any integer (the consumers
+    // read the tile's row stat_row_shift(q_start) bytes in).
+    const int32_t box0 = bwd_stat_box_start(token0);
+    ptx::tma_load_2d(sm.lse_stage(s), &params.tma_stats[cur.group], q_pipe.full(s), box0, head);
+    ptx::tma_load_2d(sm.di_stage(s), &params.tma_stats[cur.group], q_pipe.full(s), box0, p.num_heads_q + head);
     cur.next(p, features, b, key0);
   }
 }

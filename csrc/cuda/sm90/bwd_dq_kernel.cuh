@@ -141,7 +141,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
   for (int r = 0; r < 2; ++r) {
     const int row = my_row + 8 * r;
     const bool ok = row < seq.seqlen_q;
-    const int64_t idx = static_cast<int64_t>(head) * g.total_q + seq.q_start + row;
+    const int64_t idx = g.stat_row(head) + seq.q_start + row;
     lse[r] = ok ? g.lse_log2[idx] : INFINITY;
     di[r] = ok ? g.di[idx] : 0.f;
   }

@@ -4,9 +4,10 @@
 // One CTA owns one K/V block of kBlockN keys of one (sequence, KV head) (the dK/dV work list,
 // longest first) and walks every (group, query head of this KV head, 64-row query tile) that sees
 // the block, so dK and dV accumulate across all groups in registers and are written once.
-//   warpgroup 0 (producer, bwd_common.cuh): loads K and V once; per query tile, Q and dO by TMA
-//     and the tile's LSE (log2 units) and Di by plain loads (zeros past the sequence), into the
-//     Q/dO stages.
+//   warpgroup 0 (producer, one thread, bwd_common.cuh): loads K and V once; per query tile, Q,
+//     dO and the tile's LSE (log2 units) and Di rows by TMA on the stage's full barrier, into the
+//     Q/dO stages. LSE/Di of rows past the sequence are the next sequence's or zeros past total_q:
+//     every entry of such a row is masked (selected to 0), as in a tile's Q and dO tail.
 //   warpgroups 1, 2 (consumers): one of two main loops, chosen by the traits (bwd_traits.h):
 //     bwd_mainloop_keysplit.cuh   head dims 64, 128: 128 keys per CTA, 64 per warpgroup, each
 //                                 warpgroup all head-dim columns of its keys' dK and dV
@@ -67,15 +68,17 @@ __global__ void __launch_bounds__(T::kThreads, 1)
 
   const BwdSmem<T> sm(aligned_dynamic_smem());
   const typename BwdSmem<T>::Pipeline q_pipe = sm.q_pipe();
-  // A Q stage's full barrier waits for the producer warp: 31 arrivals + 1 with the TMA bytes.
-  init_pipeline_barriers(sm.bar_kv(), 32, T::kConsumerWarps, q_pipe);
+  // A Q stage's full barrier waits for the producer thread: one arrival with the TMA bytes (Q, dO,
+  // LSE and Di: everything the consumers read of a stage is written by TMA, whose completion on
+  // the barrier compute-sanitizer's racecheck follows).
+  init_pipeline_barriers(sm.bar_kv(), 1, T::kConsumerWarps, q_pipe);
 
   const int warpgroup = ptx::warpgroup_index();
   if (warpgroup == 0) {
-    // ---------------- producer (warp 0) ----------------
+    // ---------------- producer (thread 0) ----------------
     ptx::setmaxnreg_dec<T::kProducerRegs>();
-    if (tid >= 32) return;
-    produce_bwd_tiles<T, kMask>(params, sm, q_pipe, b, key0, kv_head, k_start, tid);
+    if (tid != 0) return;
+    produce_bwd_tiles<T, kMask>(params, sm, q_pipe, b, key0, kv_head, k_start);
     return;
   }
 

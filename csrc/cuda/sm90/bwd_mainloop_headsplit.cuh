@@ -181,8 +181,11 @@ __device__ __forceinline__ void consume_bwd_headsplit(const BwdKernelParams& par
       auto masked = [&](int nt, int c) {
         return static_cast<uint32_t>(nt * 8 + qcol + (c & 1) + row_bias[c >> 1]) >= static_cast<uint32_t>(width[c >> 1]);
       };
-      const uint32_t lse_row = sm.lse_stage(s) + 4 * (q_first + qcol);
-      const uint32_t di_row = sm.di_stage(s) + 4 * (q_first + qcol);
+      // This thread's LSE / Di entries of the tile: from the tile's first row in the stage's boxes
+      // (stat_row_shift: 4-byte aligned, hence ld_shared_f32x2).
+      const uint32_t row_off = stat_row_shift(cur.q_start) + 4 * (q_first + qcol);
+      const uint32_t lse_row = sm.lse_stage(s) + row_off;
+      const uint32_t di_row = sm.di_stage(s) + row_off;
       if constexpr (kSoftcap) {
         // t = tanh(S^T * softcap_scale) in place while dP^T is still being computed.
 #pragma unroll
@@ -193,7 +196,7 @@ __device__ __forceinline__ void consume_bwd_headsplit(const BwdKernelParams& par
         // P^T = exp2(S^T * scale_log2 - LSE_log2[query]); masked entries 0.
 #pragma unroll
         for (int nt = 0; nt < kSTiles; ++nt) {
-          const float2 l = ld_shared_f2(lse_row + 4 * nt * 8);
+          const float2 l = ld_shared_f32x2(lse_row + 4 * nt * 8);
 #pragma unroll
           for (int c = 0; c < 4; ++c)
             st[nt][c] = ptx::exp2_approx(fmaf(st[nt][c], p.softmax_scale_log2, -((c & 1) ? l.y : l.x)));
@@ -206,8 +209,8 @@ __device__ __forceinline__ void consume_bwd_headsplit(const BwdKernelParams& par
         // P^T = exp2(t * softcap_log2 - LSE_log2[query]), dS^T = P^T (1 - t^2) (dP^T - Di[query]).
 #pragma unroll
         for (int nt = 0; nt < kSTiles; ++nt) {
-          const float2 l = ld_shared_f2(lse_row + 4 * nt * 8);
-          const float2 d = ld_shared_f2(di_row + 4 * nt * 8);
+          const float2 l = ld_shared_f32x2(lse_row + 4 * nt * 8);
+          const float2 d = ld_shared_f32x2(di_row + 4 * nt * 8);
 #pragma unroll
           for (int c = 0; c < 4; ++c) {
             const float tc = st[nt][c];
@@ -221,7 +224,7 @@ __device__ __forceinline__ void consume_bwd_headsplit(const BwdKernelParams& par
         // dS^T = P^T (dP^T - Di[query]).
 #pragma unroll
         for (int nt = 0; nt < kSTiles; ++nt) {
-          const float2 d = ld_shared_f2(di_row + 4 * nt * 8);
+          const float2 d = ld_shared_f32x2(di_row + 4 * nt * 8);
 #pragma unroll
           for (int c = 0; c < 4; ++c) dpt[nt][c] = st[nt][c] * (dpt[nt][c] - ((c & 1) ? d.y : d.x));
         }

@@ -11,6 +11,7 @@
 
 #include <cstdint>
 
+#include "cuda/bwd_stat_rows.h"
 #include "cuda/sm90/bwd_params.h"
 #include "cuda/sm90/warp_specialization.h"
 
@@ -39,19 +40,27 @@ struct BwdTraits : WarpSpecialization {
   static constexpr uint32_t kKVColBlockBytes = kBlockN * 128;
   static constexpr uint32_t kQColBlockBytes = kBlockM * 128;
   static constexpr uint32_t kDsBytes = kBlockN * kBlockM * sizeof(Element);
-  static constexpr uint32_t kStatBytes = 2 * kBlockM * sizeof(float);  // LSE (log2) and Di of a stage
+  // LSE (log2) and Di of a stage (bwd_stat_rows.h): one TMA box each of kStatBox tokens from the
+  // tile's first token rounded down to 16 bytes (the tile's row starts bwd_stat_box_shift floats
+  // in), each in a 128-byte aligned slot (a TMA destination), Di's slot after LSE's.
+  static constexpr int kStatBox = bwd_stat_box_cols(kBlockM);
+  static constexpr uint32_t kStatSlotBytes = (kStatBox * sizeof(float) + 127) / 128 * 128;
+  static constexpr uint32_t kStatBytes = 2 * kStatSlotBytes;                 // one stage
+  static constexpr uint32_t kStatTxBytes = 2 * kStatBox * sizeof(float);     // its TMA bytes
   static constexpr uint32_t kOffK = 0;
   static constexpr uint32_t kOffV = kOffK + kKVBytes;
   static constexpr uint32_t kOffQ = kOffV + kKVBytes;
   static constexpr uint32_t kOffDo = kOffQ + kStages * kQBytes;
   static constexpr uint32_t kOffDs = kOffDo + kStages * kQBytes;
-  static constexpr uint32_t kOffStats = kOffDs + 2 * kDsBytes;
   // dQ: per consumer warpgroup, its dQ tile in fp32 as kHeadDim / 32 boxes of [kBlockM rows][32
   // floats] with the 128-byte swizzle, what the TMA reduce-add into dq_accum reads.
   static constexpr uint32_t kDqBoxBytes = kBlockM * 128;
   static constexpr uint32_t kDqStageBytes = (kHeadDim / 32) * kDqBoxBytes;
-  static constexpr uint32_t kOffDqStage = (kOffStats + kStages * kStatBytes + 1023) / 1024 * 1024;
-  static constexpr uint32_t kOffBarriers = kOffDqStage + kNumConsumerWarpgroups * kDqStageBytes;
+  static constexpr uint32_t kOffDqStage = (kOffDs + 2 * kDsBytes + 1023) / 1024 * 1024;
+  // The LSE/Di stages after the dQ staging (they need 128-byte alignment only, which would cost
+  // the 1024-byte rounding of kOffDqStage a whole 1 KB before it: D=128 would not fit).
+  static constexpr uint32_t kOffStats = kOffDqStage + kNumConsumerWarpgroups * kDqStageBytes;
+  static constexpr uint32_t kOffBarriers = kOffStats + kStages * kStatBytes;
   static constexpr int kNumBarriers = 1 + 2 * kStages;  // K/V, full/empty per Q stage
   static constexpr int kSmemBytes = 1024 + kOffBarriers + 8 * kNumBarriers;
 
@@ -61,6 +70,13 @@ struct BwdTraits : WarpSpecialization {
   static_assert(kBlockM * sizeof(Element) == 128, "one dS^T row is one 128-byte swizzle row");
   static_assert(kSmemBytes <= 227 * 1024, "fits an H100's shared memory");
   static_assert(kOffDqStage % 1024 == 0, "swizzled dQ staging boxes start 1024-byte aligned");
+  static_assert(kOffStats % 128 == 0 && kStatSlotBytes % 128 == 0,
+                "every LSE / Di slot (a TMA destination) starts 128-byte aligned");
+  static_assert(kStatBox <= 256 && (kStatBox * sizeof(float)) % 16 == 0 &&
+                    kStatBox >= kBlockM + kStatAlignFloats - 1 && kStatBox * sizeof(float) <= kStatSlotBytes &&
+                    kBlockM % kStatAlignFloats == 0,
+                "an LSE / Di row of a tile, shifted by up to 3 floats (q_start % 4: kBlockM is a multiple of 4), "
+                "is one TMA box (at most 256 elements, a multiple of 16 bytes) that fits its slot");
 };
 
 // BwdHeadSplitTraits (bwd_mainloop_headsplit.cuh): a CTA owns kBlockN = 64 keys and walks
@@ -89,7 +105,12 @@ struct BwdHeadSplitTraits : WarpSpecialization {
   static constexpr uint32_t kKVColBlockBytes = kBlockN * 128;
   static constexpr uint32_t kQColBlockBytes = kBlockM * 128;
   static constexpr uint32_t kDsBytes = kBlockN * kBlockM * sizeof(Element);  // one P^T or dS^T buffer
-  static constexpr uint32_t kStatBytes = 2 * kBlockM * sizeof(float);       // LSE (log2) and Di of a stage
+  // LSE (log2) and Di of a stage: as in BwdTraits (one box of kStatBox tokens each, 128-byte
+  // aligned slots).
+  static constexpr int kStatBox = bwd_stat_box_cols(kBlockM);
+  static constexpr uint32_t kStatSlotBytes = (kStatBox * sizeof(float) + 127) / 128 * 128;
+  static constexpr uint32_t kStatBytes = 2 * kStatSlotBytes;              // one stage
+  static constexpr uint32_t kStatTxBytes = 2 * kStatBox * sizeof(float);  // its TMA bytes
   static constexpr uint32_t kOffK = 0;
   static constexpr uint32_t kOffV = kOffK + kKVBytes;
   static constexpr uint32_t kOffQ = kOffV + kKVBytes;
@@ -115,6 +136,13 @@ struct BwdHeadSplitTraits : WarpSpecialization {
   static_assert(kQBytes % 1024 == 0 && kOffPt % 1024 == 0 && kOffDs % 1024 == 0 && kDsBytes % 1024 == 0,
                 "swizzled tiles start 1024-byte aligned");
   static_assert(kSmemBytes <= 227 * 1024, "fits an H100's shared memory");
+  static_assert(kOffStats % 128 == 0 && kStatSlotBytes % 128 == 0,
+                "every LSE / Di slot (a TMA destination) starts 128-byte aligned");
+  static_assert(kStatBox <= 256 && (kStatBox * sizeof(float)) % 16 == 0 &&
+                    kStatBox >= kBlockM + kStatAlignFloats - 1 && kStatBox * sizeof(float) <= kStatSlotBytes &&
+                    kBlockM % kStatAlignFloats == 0,
+                "an LSE / Di row of a tile, shifted by up to 3 floats (q_start % 4: kBlockM is a multiple of 4), "
+                "is one TMA box (at most 256 elements, a multiple of 16 bytes) that fits its slot");
 };
 
 template <typename Element, int kHeadDim>

@@ -42,6 +42,14 @@ __device__ __forceinline__ void mbarrier_wait_parity(uint32_t bar, uint32_t pari
   }
 }
 
+// ---- TMA: 2-D tiled bulk tensor copy global -> shared, completing on an mbarrier ----
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const void* tensor_map, uint32_t bar, int32_t c0, int32_t c1) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(
+          dst),
+      "l"(reinterpret_cast<uint64_t>(tensor_map)), "r"(c0), "r"(c1), "r"(bar)
+      : "memory");
+}
 // ---- TMA: 3-D tiled bulk tensor copy global -> shared, completing on an mbarrier ----
 __device__ __forceinline__ void tma_load_3d(uint32_t dst, const void* tensor_map, uint32_t bar, int32_t c0, int32_t c1,
                                             int32_t c2) {

@@ -91,6 +91,45 @@ bool encode_accum_map(CUtensorMap* map, float* base, int head_dim, int64_t token
                               static_cast<int64_t>(heads) * head_dim, head_dim, 32, box_rows, why);
 }
 
+bool encode_rows_map(CUtensorMap* map, const float* base, int64_t cols, int64_t rows, int64_t row_stride, int box_cols,
+                     std::string* why) {
+  if (reinterpret_cast<uintptr_t>(base) % 16 != 0) {
+    *why = "base pointer not 16-byte aligned";
+    return false;
+  }
+  if (cols <= 0 || rows <= 0) {
+    *why = "empty tensor";
+    return false;
+  }
+  if (row_stride < cols || row_stride % 4 != 0) {
+    *why = "row stride " + std::to_string(row_stride) + " not a multiple of 4 elements of at least " +
+           std::to_string(cols);
+    return false;
+  }
+  if (box_cols < 4 || box_cols > 256 || box_cols % 4 != 0) {
+    *why = "box of " + std::to_string(box_cols) + " columns (expected a multiple of 4 up to 256)";
+    return false;
+  }
+  if (cols > (int64_t{1} << 32) || rows > (int64_t{1} << 32) || row_stride * 4 >= (int64_t{1} << 40)) {
+    *why = "tensor too large for TMA";
+    return false;
+  }
+  PFN_cuTensorMapEncodeTiled_v12000 fn = encode_fn(why);
+  if (fn == nullptr) return false;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(row_stride * 4)};
+  const cuuint32_t box[2] = {static_cast<cuuint32_t>(box_cols), 1};
+  const cuuint32_t elem_strides[2] = {1, 1};
+  const CUresult r = fn(map, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 2, const_cast<float*>(base), dims, strides, box,
+                        elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE,
+                        CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS) {
+    *why = "cuTensorMapEncodeTiled returned error " + std::to_string(static_cast<int>(r));
+    return false;
+  }
+  return true;
+}
+
 bool encode_operand_map(CUtensorMap* map, const char* name, int group, const void* base, const ringattn_problem& pr,
                         int64_t tokens, int heads, int64_t row_stride, int64_t head_stride, int box_rows,
                         std::string* why) {

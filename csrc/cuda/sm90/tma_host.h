@@ -28,6 +28,14 @@ bool encode_token_head_map(CUtensorMap* map, const void* base, bool bf16, int he
 bool encode_accum_map(CUtensorMap* map, float* base, int head_dim, int64_t tokens, int heads, int box_rows,
                       std::string* why);
 
+// Tensor map over `rows` fp32 rows of `cols` values each, row r starting row_stride elements after
+// row r - 1 (a multiple of 4: 16 bytes), no swizzle; boxes of box_cols x 1 (box_cols * 4 bytes a
+// multiple of 16, box_cols <= 256); coordinates (column, row), the column a multiple of 4 (a box
+// must start 16-byte aligned in the innermost dimension, or the copy raises an illegal instruction
+// on the device: bwd_stat_rows.h). Columns past `cols` read as 0.
+bool encode_rows_map(CUtensorMap* map, const float* base, int64_t cols, int64_t rows, int64_t row_stride, int box_cols,
+                     std::string* why);
+
 // encode_token_head_map of a call's operand `name` of group `group` (-1: a tensor of the call; the
 // dtype and head dim from `pr`); false with "[groups[<group>].]<name>: <reason>" in *why when TMA
 // cannot address it (the message is built only then: this runs at every tier-2 call).
