@@ -192,6 +192,10 @@ void build_bwd_work_lists(const ringattn_bwd_params& p, BwdPlan* plan) {
   plan->kp.accumulate_dq = plan->dq_kernel ? 0 : 1;
   plan->kp.kv_items = kv.sorted;
   plan->kp.kv_count = kv.count;
+  int64_t q_rows = 0;  // the query rows one K/V block can see: every group's, over its longest sequence
+  for (int g = 0; g < pr.num_groups; ++g)
+    q_rows += p.groups[g].max_seqlen_q > 0 ? p.groups[g].max_seqlen_q : p.groups[g].total_q;
+  plan->kp.kv_tile_head_run = kv_block_head_run(pr, q_rows, p.exec.device_index, kv_capacity);
 
   if (plan->dq_kernel) {
     plan->q_sched = query_tile_scheduler(p, dq_block_m, dq_block_n, dq_capacity, ws + plan->layout.q_scheduler);

@@ -84,6 +84,8 @@ struct BwdKernelParams {
   float softmax_scale_log2;  // softmax_scale * log2(e)
   int32_t accumulate_dq;     // dK/dV kernel adds dQ into dq_accum (0 in deterministic mode)
   int32_t dq_tile_head_run;  // deterministic dQ kernel: items per head run of q_items (query_tile_work.h)
+  int32_t kv_tile_head_run;  // dK/dV kernel: K/V blocks per K/V-head run of kv_items (common/tile_order.h)
+  int32_t pad;
   const BwdKvWorkItem* kv_items;  // dK/dV kernel: sorted, most work first
   const int32_t* kv_count;
   const WorkItem* q_items;  // deterministic dQ kernel (the forward's query-tile work list)

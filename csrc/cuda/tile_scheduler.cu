@@ -141,6 +141,15 @@ int tile_head_run(const ringattn_problem& pr, int device_index, int64_t capacity
                             capacity);
 }
 
+int kv_block_head_run(const ringattn_problem& pr, int64_t q_rows, int device_index, int64_t capacity) {
+  static const int forced = forced_head_run("RING_FLASH_ATTN_KV_HEAD_RUN");
+  if (forced > 0) return forced;
+  const int q_per_kv = pr.num_heads_q / pr.num_heads_k;
+  // Q and dO rows of the K/V head's q_per_kv query heads, 2-byte elements.
+  const int64_t bytes_per_kv_head = 2 * q_rows * pr.head_dim * 2 * q_per_kv;
+  return head_run_on_device(device_index, bytes_per_kv_head, pr.num_heads_k, 1, capacity);
+}
+
 cudaError_t launch_build_work_list(const SchedulerArgs& args, cudaStream_t stream) {
   build_work_list_kernel<<<1, kThreads, 0, stream>>>(args);
   return cudaGetLastError();

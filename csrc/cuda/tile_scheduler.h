@@ -37,6 +37,12 @@ cudaError_t launch_build_work_list(const SchedulerArgs& args, cudaStream_t strea
 // integer, overrides the choice (kernel development: to time one order against another).
 int tile_head_run(const ringattn_problem& pr, int device_index, int64_t capacity);
 
+// The same for the dK/dV kernel's K/V-block list (common/tile_order.h, the head a K/V head): runs
+// long enough that the Q/dO rows the K/V heads in flight read (q_rows: the query rows of all
+// groups one K/V block can see, over the longest sequences) fit in half the L2.
+// RING_FLASH_ATTN_KV_HEAD_RUN, a positive integer, overrides the choice.
+int kv_block_head_run(const ringattn_problem& pr, int64_t q_rows, int device_index, int64_t capacity);
+
 // For capability checks: whether a kernel image exists for the current device.
 cudaError_t probe_kernel_image();
 

@@ -23,6 +23,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "common/tile_order.h"
 #include "cuda/bwd_params.h"
 #include "cuda/features.cuh"
 #include "cuda/launch.h"
@@ -79,9 +80,11 @@ __global__ void __launch_bounds__(T::kThreads, bwd_min_blocks_per_sm<T>())
   constexpr uint32_t kPBytes = T::kPElems * sizeof(Element);
   constexpr uint32_t kDoOffset = kStages * kQBytes;  // sdO - sQ
 
-  const int item_index = blockIdx.x / params.num_heads_k;
-  if (item_index >= *params.kv_count) return;
-  const int kv_head = blockIdx.x % params.num_heads_k;
+  // CTA -> (K/V block, K/V head) in runs of kv_tile_head_run blocks per head (common/tile_order.h).
+  const int kv_count = *params.kv_count;
+  if (blockIdx.x >= static_cast<unsigned>(kv_count) * static_cast<unsigned>(params.num_heads_k)) return;
+  int item_index = 0, kv_head = 0;
+  split_query_tile(blockIdx.x, kv_count, params.num_heads_k, params.kv_tile_head_run, &item_index, &kv_head);
   const BwdKvWorkItem item = params.kv_items[item_index];
   const int b = item.batch;
   const int key0 = item.n_block * kBlockN;  // first key of the block, within the sequence

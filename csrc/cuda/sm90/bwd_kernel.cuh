@@ -31,6 +31,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "common/tile_order.h"
 #include "cuda/launch.h"
 #include "cuda/ptx.h"
 #include "cuda/seqlen_info.h"
@@ -54,9 +55,11 @@ __global__ void __launch_bounds__(T::kThreads, 1)
   constexpr int kBlockN = T::kBlockN;
   const cuda::BwdKernelParams& p = params.base;
 
-  const int item_index = blockIdx.x / p.num_heads_k;
-  if (item_index >= *p.kv_count) return;
-  const int kv_head = blockIdx.x % p.num_heads_k;
+  // CTA -> (K/V block, K/V head) in runs of kv_tile_head_run blocks per head (common/tile_order.h).
+  const int kv_count = *p.kv_count;
+  if (blockIdx.x >= static_cast<unsigned>(kv_count) * static_cast<unsigned>(p.num_heads_k)) return;
+  int item_index = 0, kv_head = 0;
+  split_query_tile(blockIdx.x, kv_count, p.num_heads_k, p.kv_tile_head_run, &item_index, &kv_head);
   const BwdKvWorkItem item = p.kv_items[item_index];
   const int b = item.batch;
   const int key0 = item.n_block * kBlockN;
