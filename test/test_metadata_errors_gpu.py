@@ -219,3 +219,62 @@ def test_first_call_inside_a_capture_warns_and_passes_no_word(monkeypatch):
     finally:
         if shim is not None:  # the C++ kernels get the real word back
             shim.ringattn_torch_shim_set_metadata_error_word(index, real_pointer)
+
+
+# ---- work lists whose sums pass 2^32 (64-bit prefix sums, saturated offsets) ---------------------
+# Malformed, overlapping cu_seqlens [0, T, 0, T, ..., T]: every other sequence spans the whole
+# tensor (the others are empty once clamped), 2^20 of them of T = 2^20 tokens, so the tiles or key
+# blocks add up to 2^33-2^34 (tiles of 64-128 rows, blocks of 64-128 keys): an int32 sum wraps to
+# exactly 0 (an empty list) through negative offsets (items written out of bounds). The work list
+# keeps the items below its capacity (what well-formed metadata could need): those are the first
+# sequences', which cover every row of the tensor. About 0.3 GB of tensors per test.
+_BIG_TOKENS = 1 << 20
+_BIG_FULL = 1 << 20
+
+
+def _overlapping_cu(full: int, tokens: int) -> list:
+    return [0] + [tokens, 0] * (full - 1) + [tokens]
+
+
+def _poison(numel: int = 128 << 20) -> None:
+    """NaN in the caching allocator's free blocks, so an output the kernels never write stays NaN."""
+    blob = torch.full((numel,), float("nan"), dtype=torch.float32, device="cuda")
+    del blob
+
+
+def test_query_tile_list_past_2_to_the_32_tiles(tier):
+    """Every row of q lies in sequence 0, which sees no key: O = 0 and LSE = -inf on every row
+    (none left NaN), the decrease is reported, and a well-formed call after it is unharmed."""
+    batch = 2 * _BIG_FULL - 1
+    cu_q = _cu(_overlapping_cu(_BIG_FULL, _BIG_TOKENS))
+    cu_k = _cu([0] * batch + [1])  # one key, in the last sequence (whose tiles lie past the capacity)
+    q, k, v = (t.detach() for t in _qkv(_BIG_TOKENS, 1, 5))
+    assert check_errors() is None
+    _poison()
+    out, lse, _ = flash_attn_varlen_func(q, k, v, cu_q, cu_k, _BIG_TOKENS, 1, causal=False, return_attn_probs=True)
+    torch.cuda.synchronize()
+    _assert_reports(_lib.METADATA_CU_SEQLENS_Q_DECREASING)
+    assert bool((out == 0).all()), "rows left unwritten (NaN) or wrong"
+    assert bool(torch.isneginf(lse).all()), "LSE rows left unwritten (NaN) or wrong"
+    del out, lse, q, k, v
+    _forward_then_backward(0, _varlen([0, 20, 40, 64], [0, 24, 40, 64]))
+
+
+def test_key_block_list_past_2_to_the_32_blocks(tier):
+    """Every key row lies in sequence 0, whose blocks no query sees: the backward's dK/dV list keeps
+    the blocks below its capacity, so dK = dV = 0 on every row (none left NaN)."""
+    batch = 2 * _BIG_FULL - 1
+    cu_k = _cu(_overlapping_cu(_BIG_FULL, _BIG_TOKENS))
+    cu_q = _cu([0] * batch + [1])  # one query, in the last sequence
+    q, k, v = _qkv(1, _BIG_TOKENS, 6)
+    out = flash_attn_varlen_func(q, k, v, cu_q, cu_k, 1, _BIG_TOKENS, causal=False)
+    torch.cuda.synchronize()
+    _assert_reports(_lib.METADATA_CU_SEQLENS_K_DECREASING)
+    _poison()
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    torch.cuda.synchronize()
+    _assert_reports(_lib.METADATA_CU_SEQLENS_K_DECREASING)
+    assert bool((dk == 0).all()) and bool((dv == 0).all()), "key rows left unwritten (NaN) or wrong"
+    assert bool(torch.isfinite(dq).all())
+    del out, dq, dk, dv, q, k, v
+    _forward_then_backward(0, _varlen([0, 20, 40, 64], [0, 24, 40, 64]))

@@ -14,6 +14,7 @@ namespace cuda {
 namespace {
 
 using metadata_errors::CuSeqlens;
+using work_list::blocks_of;
 using work_list::clamp_i;
 using work_list::kThreads;
 
@@ -21,30 +22,32 @@ constexpr size_t kWorkListAlign = 16;  // bytes, of each buffer (the count's hol
 static_assert(kWorkListAlign >= 2 * sizeof(int32_t), "the count and the tile counter share one buffer");
 
 __global__ void __launch_bounds__(kThreads) build_work_list_kernel(const __grid_constant__ SchedulerArgs args) {
-  __shared__ int32_t scan[kThreads];
-  const int pairs = args.num_groups * args.batch_size;
+  __shared__ int64_t scan[kThreads];
+  // (group, sequence) pairs: G * B passes INT32_MAX for B past 2^27.
+  const int64_t pairs = static_cast<int64_t>(args.num_groups) * args.batch_size;
 
-  // 1. tiles per (group, sequence), exclusive prefix sums into tile_offsets.
-  const int32_t tiles_total = work_list::block_exclusive_offsets(
+  // 1. tiles per (group, sequence), exclusive prefix sums into tile_offsets (64-bit sums,
+  // saturated at the capacity: malformed, overlapping sequences may add up past INT32_MAX).
+  const int64_t tiles_total = work_list::block_exclusive_offsets(
       pairs,
-      [&](int p) {
-        const int g = p / args.batch_size;
-        const int b = p % args.batch_size;
+      [&](int64_t p) {
+        const int g = static_cast<int>(p / args.batch_size);
+        const int b = static_cast<int>(p % args.batch_size);
         const int32_t* cu = args.cu_seqlens_q[g];
         const int32_t start = clamp_i(cu[b], 0, args.total_q[g]);
         const int32_t end = clamp_i(cu[b + 1], start, args.total_q[g]);
-        return (end - start + args.block_m - 1) / args.block_m;
+        return blocks_of(end - start, args.block_m);
       },
-      args.offsets, scan);
-  const int32_t total_items = tiles_total < args.capacity ? tiles_total : args.capacity;
+      args.offsets, args.capacity, scan);
+  const int32_t total_items = work_list::saturated_offset(tiles_total, args.capacity);
 
   // 2. one item per tile, with its cost (the K/V blocks it reads). The metadata values of every
   // (group, sequence) pass through here: malformed ones are reported (metadata_errors.cuh), and
   // clamped to the tensors like everywhere else.
   uint32_t errors = 0;
-  for (int p = threadIdx.x; p < pairs; p += kThreads) {
-    const int g = p / args.batch_size;
-    const int b = p % args.batch_size;
+  for (int64_t p = threadIdx.x; p < pairs; p += kThreads) {
+    const int g = static_cast<int>(p / args.batch_size);
+    const int b = static_cast<int>(p % args.batch_size);
     const int32_t* cu = args.cu_seqlens_q[g];
     const int32_t cu_q_b = cu[b], cu_q_next = cu[b + 1];
     const int32_t cu_k_b = args.cu_seqlens_k[b], cu_k_next = args.cu_seqlens_k[b + 1];
@@ -61,17 +64,21 @@ __global__ void __launch_bounds__(kThreads) build_work_list_kernel(const __grid_
       seqlen_k = clamp_i(used, 0, seqlen_k);
     }
     const int32_t* shifts = args.diagonal_shift[g];
-    const MaskPolicy<MaskWindow> mask(seqlen_q, seqlen_k, args.window, shifts != nullptr ? shifts[b] : 0);
-    const int32_t first = args.offsets[p];
-    const int32_t tiles = (seqlen_q + args.block_m - 1) / args.block_m;
-    for (int32_t m = 0; m < tiles; ++m) {
-      const int32_t idx = first + m;
-      if (idx >= total_items) break;
-      // The key blocks the tile reads (common/mask.h), as the kernels walk them.
-      const int32_t blocks = mask.n_block_max(m, args.block_m, args.block_n) - mask.n_block_min(m, args.block_m, args.block_n);
-      args.unsorted[idx] = WorkItem{(m << 4) | g, b};
-      args.costs[idx] = blocks > 0 ? blocks : 0;
-    }
+    const int32_t shift = shifts != nullptr ? shifts[b] : 0;
+    const int32_t first = args.offsets[p];  // <= total_items (saturated)
+    const int32_t tiles = work_list::items_below(first, blocks_of(seqlen_q, args.block_m), total_items);
+    // The tiles' items [first, first + tiles), each with the key blocks it reads (common/mask.h),
+    // as the kernels walk them.
+    auto place_tiles = [&](const auto& mask) {
+      for (int32_t m = 0; m < tiles; ++m) {
+        args.unsorted[first + m] = WorkItem{(m << 4) | g, b};
+        args.costs[first + m] = work_list::query_tile_cost(mask, m, args.block_m, args.block_n);
+      }
+    };
+    if (work_list::mask_fits_int32(seqlen_q, seqlen_k))
+      place_tiles(MaskPolicy<MaskWindow>(seqlen_q, seqlen_k, args.window, shift));
+    else
+      place_tiles(MaskPolicy<MaskWindow, int64_t>(seqlen_q, seqlen_k, args.window, shift));
   }
   metadata_errors::report(args.metadata_errors, errors);
   __syncthreads();

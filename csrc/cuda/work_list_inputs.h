@@ -27,7 +27,7 @@ struct WorkListInputs {
   int32_t block_m;  // query rows per tile (forward, dQ) or per inner step of the dK/dV kernel
   int32_t block_n;  // keys per block
   MaskWindow window;  // the kernels' mask (common/mask.h): (-1, -1) none, (-1, 0) causal
-  int32_t capacity;  // upper bound on the number of items (host-computed)
+  int32_t capacity;  // upper bound on the number of items (host-computed, <= INT32_MAX)
   uint32_t* metadata_errors;  // ringattn_exec.metadata_errors (NULL: no report)
 };
 
@@ -37,7 +37,7 @@ struct WorkListInputs {
 // (Derived from WorkListInputs alone: a second base class changes the builders' machine code.)
 template <typename Item>
 struct WorkListArgs : WorkListInputs {
-  int32_t* offsets;  // [num_offsets]
+  int32_t* offsets;  // [num_offsets], saturated at capacity (sums of 64 bits: work_list_math.h)
   int32_t* costs;    // [capacity]
   Item* unsorted;    // [capacity]
   Item* sorted;      // [capacity] (output)

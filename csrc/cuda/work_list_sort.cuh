@@ -1,10 +1,14 @@
 // Device-side pieces shared by the work-list kernels (tile_scheduler.cu for query tiles,
-// bwd_scheduler.cu for K/V blocks). Each list is built by ONE block of kThreads threads.
+// bwd_scheduler.cu for K/V blocks). Each list is built by ONE block of kThreads threads. Sums over
+// sequences are 64-bit and loop indices that step by kThreads towards a bound near INT32_MAX are
+// 64-bit (work_list_math.h says why).
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <cstdint>
+
+#include "cuda/work_list_math.h"
 
 namespace ringattn {
 namespace cuda {
@@ -19,31 +23,34 @@ __device__ __forceinline__ int32_t clamp_i(int32_t x, int32_t lo, int32_t hi) {
 }
 
 // In-place inclusive scan of kThreads values in shared memory (Hillis-Steele).
-__device__ __forceinline__ void block_inclusive_scan(int32_t* v) {
+template <typename T>
+__device__ __forceinline__ void block_inclusive_scan(T* v) {
   for (int offset = 1; offset < kThreads; offset <<= 1) {
-    const int32_t add = threadIdx.x >= offset ? v[threadIdx.x - offset] : 0;
+    const T add = threadIdx.x >= offset ? v[threadIdx.x - offset] : 0;
     __syncthreads();
     v[threadIdx.x] += add;
     __syncthreads();
   }
 }
 
-// Exclusive prefix sums of count(i), i in [0, n), into offsets[0..n] (offsets[n] = total);
-// returns the total. `scan` is kThreads ints of shared scratch.
+// Exclusive prefix sums of count(i) (>= 0), i in [0, n), summed in 64 bits, into offsets[0..n]
+// (offsets[n] = total) saturated at `cap` (saturated_offset); returns the 64-bit total. `scan` is
+// kThreads int64s of shared scratch.
 template <typename CountFn>
-__device__ __forceinline__ int32_t block_exclusive_offsets(int n, CountFn count, int32_t* offsets, int32_t* scan) {
-  int32_t carry = 0;
-  for (int base = 0; base < n; base += kThreads) {
-    const int i = base + threadIdx.x;
-    const int32_t c = i < n ? count(i) : 0;
+__device__ __forceinline__ int64_t block_exclusive_offsets(int64_t n, CountFn count, int32_t* offsets, int32_t cap,
+                                                           int64_t* scan) {
+  int64_t carry = 0;
+  for (int64_t base = 0; base < n; base += kThreads) {
+    const int64_t i = base + threadIdx.x;
+    const int64_t c = i < n ? count(i) : 0;
     scan[threadIdx.x] = c;
     __syncthreads();
     block_inclusive_scan(scan);
-    if (i < n) offsets[i] = carry + scan[threadIdx.x] - c;
+    if (i < n) offsets[i] = saturated_offset(carry + scan[threadIdx.x] - c, cap);
     carry += scan[kThreads - 1];
     __syncthreads();
   }
-  if (threadIdx.x == 0) offsets[n] = carry;
+  if (threadIdx.x == 0) offsets[n] = saturated_offset(carry, cap);
   return carry;
 }
 
@@ -62,11 +69,11 @@ __device__ __forceinline__ void sort_by_cost_desc(const Item* unsorted, const in
   if (tid == 0) max_cost = 0;
   for (int i = tid; i < kBuckets; i += kThreads) buckets[i] = 0;
   __syncthreads();
-  for (int32_t i = tid; i < n; i += kThreads) atomicMax(&max_cost, costs[i]);
+  for (int64_t i = tid; i < n; i += kThreads) atomicMax(&max_cost, costs[i]);
   __syncthreads();
   int shift = 0;
   while ((max_cost >> shift) >= kBuckets) ++shift;
-  for (int32_t i = tid; i < n; i += kThreads) atomicAdd(&buckets[costs[i] >> shift], 1);
+  for (int64_t i = tid; i < n; i += kThreads) atomicAdd(&buckets[costs[i] >> shift], 1);
   __syncthreads();
 
   // Bucket start positions, most expensive bucket first: thread t owns the two buckets
@@ -83,7 +90,7 @@ __device__ __forceinline__ void sort_by_cost_desc(const Item* unsorted, const in
   buckets[top - 1] = start + c_hi;
   __syncthreads();
 
-  for (int32_t i = tid; i < n; i += kThreads) sorted[atomicAdd(&buckets[costs[i] >> shift], 1)] = unsorted[i];
+  for (int64_t i = tid; i < n; i += kThreads) sorted[atomicAdd(&buckets[costs[i] >> shift], 1)] = unsorted[i];
 }
 
 }  // namespace work_list

@@ -8,6 +8,7 @@
 
 #include "cuda/kernel_registry.h"
 #include "cuda/tile_scheduler.h"
+#include "cuda/work_list_math.h"
 #include "ringattn/ringattn.h"
 
 namespace ringattn {
@@ -41,7 +42,9 @@ void set_work_list_args(const Params& p, int block_m, int block_n, int64_t capac
   args->block_m = block_m;
   args->block_n = block_n;
   args->window = call_window(pr);
-  args->capacity = static_cast<int32_t>(capacity);
+  // Callers refuse a grid past INT32_MAX CTAs first (capacity x heads), so this saturation never
+  // bites; it replaces a truncating cast.
+  args->capacity = work_list::capacity_i32(capacity);
   args->metadata_errors = p.exec.metadata_errors;
 }
 
