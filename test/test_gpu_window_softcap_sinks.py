@@ -8,11 +8,12 @@ one rounding unit); the LSE is fp32 and close in absolute terms. Inputs are fres
 the caching allocator is filled with NaN before each call (an output element left unwritten shows
 up as NaN) and NaN never passes.
 
-Cases: windows (0, 0), (1, 1), small, larger than the sequence, one-sided, asymmetric, causal with
-a window; diagonal shifts (whole query tiles without keys included); softcap; sinks (rows without
-keys: out = 0 and lse = the sink exactly); GQA, MQA, varlen, two groups with seqused_k; head dims
-64 / 128 / 256; fp16 / bf16; the deterministic backward run to run; key blocks outside every
-window holding NaN (they must never be read).
+Cases: windows (0, 0), (1, 1), (0, wide), small, larger than the sequence, one-sided, asymmetric,
+causal with a window (edges on block boundaries too); diagonal shifts (whole query tiles without
+keys included, at the start and past the last key); softcap; sinks (rows without keys: out = 0
+and lse = the sink exactly); GQA, MQA, varlen, two groups with seqused_k; head dims 64 / 128 /
+256; fp16 / bf16; the deterministic backward run to run; key blocks outside every window holding
+NaN (they must never be read).
 
 Tier 2 (sm90a) has every variant (fixed masks, kLocal, kLocal with the softcap) at every head
 dim, forward and backward (head dim 256: the dK/dV kernel's head-split main loop and a dQ kernel
@@ -73,6 +74,14 @@ SCENARIOS = [
     Scenario("window_left_rows_without_keys", [[400]], [100], causal=True, window=(9, -1),
              has_rows_without_keys=True),
     Scenario("window_right_only", [[300]], [200], window=(-1, 40)),
+    # Tier 2's kLocal kernels mask a block by each row's key run (common/mask.h key_run_from):
+    # a left side of 0 with a wide right one; a window edge on block boundaries (rows see 129
+    # keys, 128-key blocks); rows whose window starts past the sequence's last key (their run's
+    # start lies beyond its end, which the sequence's length caps).
+    Scenario("window_left_0_right_wide", [[260]], [390], window=(0, 100)),
+    Scenario("window_block_aligned_causal", [[512]], [512], causal=True, window=(128, -1)),
+    Scenario("window_rows_past_last_key", [[300]], [300], window=(20, 5), shifts=[[150]],
+             has_rows_without_keys=True),
     # Sides near INT32_MAX (a common spelling of "unbounded"): row + diagonal + side must not wrap
     # in the kernels' int32 arithmetic (it did: such rows got O = 0, LSE = -inf).
     Scenario("window_int32_max_right", [[300, 90]], [260, 90], window=(64, 2**31 - 1)),

@@ -164,6 +164,18 @@ struct MaskPolicy {
     return hi > lo ? hi - lo : 0;
   }
 
+  // Row i's keys relative to key j0 (0 <= j0): key j0 + k (with 0 <= j0 + k) is visible to row i
+  // iff first <= k < end, i.e. the run [key_begin(i), key_end(i)) shifted by -j0 (end clamped to
+  // 0 first, so neither difference overflows; first >= end when the row sees no key). What the
+  // kLocal kernels compare a block's column offsets against: two comparisons per entry instead of
+  // key_masked's whole rule.
+  RINGATTN_HOST_DEVICE RINGATTN_FORCEINLINE void key_run_from(Int i, Int j0, Int& first, Int& end) const {
+    const Int begin = key_begin(i);
+    const Int last_end = key_end(i);
+    first = begin - j0;
+    end = (last_end > 0 ? last_end : 0) - j0;
+  }
+
   // ---- the rows that see one key: [row_begin(j), row_end(j)), none when row_end <= row_begin ----
 
   // First row whose window reaches key j, not clamped to the sequence: may be negative (then the

@@ -91,6 +91,16 @@ void check_mask(const M& mask, int64_t lq, int64_t lk, int64_t left, int64_t rig
     prev_end = end;
     for (int64_t j = 0; j < lk; ++j)
       ASSERT_EQ(begin <= j && j < end, brute_visible(lq, lk, left, right, i, j)) << "i=" << i << " j=" << j;
+    // The same run relative to a block's first key j0 (what the kLocal kernels compare column
+    // offsets against): key j0 + k is visible iff first <= k < end, keys past the sequence
+    // included (masked).
+    for (int64_t j0 = 0; j0 <= lk + 2; j0 += 3) {
+      Int first = 0, run_end = 0;
+      mask.key_run_from(static_cast<Int>(i), static_cast<Int>(j0), first, run_end);
+      for (int64_t k = -j0; j0 + k < lk + 3; ++k)
+        ASSERT_EQ(first <= k && k < run_end, brute_key_visible(lq, lk, left, right, i, j0 + k))
+            << "i=" << i << " j0=" << j0 << " k=" << k;
+    }
     std::vector<int64_t> seen_before(lk + 3, 0);  // visible keys of the row below j
     for (int64_t j = 0; j + 1 < lk + 3; ++j) seen_before[j + 1] = seen_before[j] + brute_visible(lq, lk, left, right, i, j);
     for (int64_t j0 = 0; j0 <= lk; j0 += 3)
@@ -280,6 +290,19 @@ TEST(MaskPolicy, ShiftedWindowsMatchDefinition) {
     // Causal with a shift: the right bound 0 of the moved diagonal.
     check_mask(Mask<MaskMode::kLocal>(lq, lk, MaskWindow{-1, 0}, shift), lq, lk, -1, 0, shift);
   }
+}
+
+// Sides at 2^30, where call_window (cuda/kernel_registry.h) clamps larger ones (INT32_MAX spells
+// "unbounded"): the int32 policy's arithmetic (row + diagonal + side, the runs relative to a
+// block's first key) must not wrap.
+TEST(MaskPolicy, ClampedSidesMatchDefinition) {
+  constexpr int kSide = 1 << 30;
+  for (const auto& [lq, lk] : length_pairs())
+    for (int shift : {-250, 0, 130}) {
+      check_mask(MaskPolicy<MaskWindow>(lq, lk, MaskWindow{kSide, kSide}, shift), lq, lk, kSide, kSide, shift);
+      check_mask(MaskPolicy<MaskWindow>(lq, lk, MaskWindow{64, kSide}, shift), lq, lk, 64, kSide, shift);
+      check_mask(MaskPolicy<MaskWindow>(lq, lk, MaskWindow{kSide, 3}, shift), lq, lk, kSide, 3, shift);
+    }
 }
 
 TEST(MaskPolicy, BlocksCovering) {

@@ -280,14 +280,31 @@ __device__ __forceinline__ void consume_tile(const FwdKernelParams& params, cons
   auto mask = [&](int n) {
     const int col0 = n * kBlockN;
     if (!seq_mask.tile_needs_key_mask(wg_row0, 64, col0, kBlockN)) return;
+    if constexpr (kLocal) {
+      // The run-time window: each of the thread's two rows sees one run of keys, taken once per
+      // block relative to the thread's first column (key_run_from), so an entry at the constant
+      // column offset k is visible iff first <= k < end: two comparisons with an immediate and a
+      // select, instead of key_masked's rule per entry (window sides, diagonal, sequence end).
+      int first[2], end[2];
 #pragma unroll
-    for (int nt = 0; nt < kNTiles; ++nt)
+      for (int r = 0; r < 2; ++r) seq_mask.key_run_from(my_row + 8 * r, col0 + my_col, first[r], end[r]);
 #pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        const int row = my_row + ((c >> 1) << 3);
-        const int col = col0 + nt * 8 + my_col + (c & 1);
-        if (seq_mask.key_masked(row, col)) s[nt][c] = -INFINITY;
-      }
+      for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const int k = nt * 8 + (c & 1);
+          if ((k < first[c >> 1]) | (k >= end[c >> 1])) s[nt][c] = -INFINITY;
+        }
+    } else {
+#pragma unroll
+      for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const int row = my_row + ((c >> 1) << 3);
+          const int col = col0 + nt * 8 + my_col + (c & 1);
+          if (seq_mask.key_masked(row, col)) s[nt][c] = -INFINITY;
+        }
+    }
   };
   // Softcap (kSoftcap): the scores become t = tanh(s * softcap_scale) before the mask, and the
   // softmax takes them with the softcap's scale (softcap.cuh).
