@@ -415,6 +415,10 @@ LONG_SCENARIOS = [
     # Two-sided window with softcap and sinks over long rows.
     Scenario("long_window_two_sided_softcap_sinks", [[1536, 300]], [1536, 500], hq=4, hk=2, window=(400, 250),
              softcap=10.0, sinks=True, q_amplitude=2.0),
+    # The benchmark's window row, (4096, 0): tiles of 4096 + 128 keys (33 key blocks), which the
+    # forward runs on its persistent kernel (cuda/fwd_grid_choice.h) when there are more tiles
+    # than SMs: 48 x 4 = 192 here, against 132 SMs on an H100 / H200.
+    Scenario("long_window_4096_causal_persistent", [[6144]], [6144], hq=4, hk=2, causal=True, window=(4096, -1)),
 ]
 
 

@@ -9,6 +9,7 @@
 #include "common/backends.h"
 #include "common/error.h"
 #include "cuda/device_support.h"
+#include "cuda/fwd_grid_choice.h"
 #include "cuda/fwd_params.h"
 #include "cuda/kernel_params_fill.h"
 #include "cuda/kernel_registry.h"
@@ -92,19 +93,12 @@ ringattn_status run_sm90_fwd(const ringattn_fwd_params& p, const Sm90FwdKernelEn
   // The persistent kernel where tiles are short, their fixed cost then a large share, and there
   // are more tiles than SMs: one CTA per SM (its registers allow no second), each taking tiles from
   // the list until none is left (sm90/fwd_kernel.cuh); the kernel knows it by the tile counter.
-  // Short: rows see at most kPersistentMaxKeys keys (max_seqlen_k, a hint, or the window's span).
-  // Longer tiles keep the one-CTA-per-tile kernel. Measured on an H200 (docs/perf-log.md,
-  // 2026-12-05): the persistent kernel +13 to +38% forward at L = 512-2048, -1 to -2.5% at
-  // L = 8192-16384.
-  constexpr int64_t kPersistentMaxKeys = 4096;
+  // Short: a tile's rows see at most kPersistentFwdMaxTileKeys = 33 blocks of 128 keys together
+  // (max_seqlen_k, a hint, or the window's span plus the tile's rows); fwd_grid_choice.h has the
+  // H200 measurements behind that number. Longer tiles keep the one-CTA-per-tile kernel.
   const ringattn_problem& pr = p.problem;
-  int64_t keys = pr.max_seqlen_k;
   const MaskWindow window = call_window(pr);  // causal as a right side of 0
-  if (window.left >= 0 && window.right >= 0) {
-    const int64_t span = static_cast<int64_t>(window.left) + window.right + 1;
-    keys = span < keys ? span : keys;
-  }
-  if (keys <= kPersistentMaxKeys && sm90::has_persistent_fwd(pr.head_dim)) {
+  if (fwd_tiles_are_short(pr.max_seqlen_k, window, e.block_m) && sm90::has_persistent_fwd(pr.head_dim)) {
     const int sms = device_sm_count(p.exec.device_index);
     if (sms > 0 && num_ctas > sms) {
       num_ctas = sms;
