@@ -52,3 +52,9 @@ def test_unknown_command_names_the_expected_ones() -> None:
     result = run_pending("bogus")
     assert result.returncode == 2
     assert "expected save, check, export, combine or branch" in result.stderr
+
+
+def test_check_passes_and_says_so_when_nothing_is_pending(tmp_path: Path) -> None:
+    result = run_pending("check", pending_dir=tmp_path / "absent")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "no pending patches" in result.stdout

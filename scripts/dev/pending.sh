@@ -74,6 +74,7 @@ case "$cmd" in
     ;;
   check)
     rc=0
+    [ -n "$(names "$@")" ] || echo "no pending patches in $dir"
     for n in $(names "$@"); do
       need_patch "$n"
       if [ ! -f "$dir/$n.md" ]; then echo "FAIL $n: no $n.md beside the patch"; rc=1; continue; fi
