@@ -19,8 +19,28 @@ namespace ringattn {
 namespace cuda {
 namespace sm90 {
 
+// LSE (log2) and Di of one Q/dO stage of a tile of kStatBlockM query rows (bwd_stat_rows.h): one
+// TMA box each of kStatBox tokens from the tile's first token rounded down to 16 bytes (the tile's
+// row starts bwd_stat_box_shift floats in), each in a 128-byte aligned slot (a TMA destination),
+// Di's slot after LSE's. Shared by both traits below; each places the stages (kOffStats) itself.
+template <int kStatBlockM_>
+struct BwdStatStage {
+  static constexpr int kStatBlockM = kStatBlockM_;
+  static constexpr int kStatBox = bwd_stat_box_cols(kStatBlockM);
+  static constexpr uint32_t kStatSlotBytes = (kStatBox * sizeof(float) + 127) / 128 * 128;
+  static constexpr uint32_t kStatBytes = 2 * kStatSlotBytes;              // one stage
+  static constexpr uint32_t kStatTxBytes = 2 * kStatBox * sizeof(float);  // its TMA bytes
+
+  static_assert(kStatSlotBytes % 128 == 0, "every LSE / Di slot (a TMA destination) is a multiple of 128 bytes");
+  static_assert(kStatBox <= 256 && (kStatBox * sizeof(float)) % 16 == 0 &&
+                    kStatBox >= kStatBlockM + kStatAlignFloats - 1 && kStatBox * sizeof(float) <= kStatSlotBytes &&
+                    kStatBlockM % kStatAlignFloats == 0,
+                "an LSE / Di row of a tile, shifted by up to 3 floats (q_start % 4: kBlockM is a multiple of 4), "
+                "is one TMA box (at most 256 elements, a multiple of 16 bytes) that fits its slot");
+};
+
 template <typename Element_, int kHeadDim_>
-struct BwdTraits : WarpSpecialization {
+struct BwdTraits : WarpSpecialization, BwdStatStage<64> {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = 64;   // query rows per step (one 128-byte row of dS^T)
@@ -40,13 +60,6 @@ struct BwdTraits : WarpSpecialization {
   static constexpr uint32_t kKVColBlockBytes = kBlockN * 128;
   static constexpr uint32_t kQColBlockBytes = kBlockM * 128;
   static constexpr uint32_t kDsBytes = kBlockN * kBlockM * sizeof(Element);
-  // LSE (log2) and Di of a stage (bwd_stat_rows.h): one TMA box each of kStatBox tokens from the
-  // tile's first token rounded down to 16 bytes (the tile's row starts bwd_stat_box_shift floats
-  // in), each in a 128-byte aligned slot (a TMA destination), Di's slot after LSE's.
-  static constexpr int kStatBox = bwd_stat_box_cols(kBlockM);
-  static constexpr uint32_t kStatSlotBytes = (kStatBox * sizeof(float) + 127) / 128 * 128;
-  static constexpr uint32_t kStatBytes = 2 * kStatSlotBytes;                 // one stage
-  static constexpr uint32_t kStatTxBytes = 2 * kStatBox * sizeof(float);     // its TMA bytes
   static constexpr uint32_t kOffK = 0;
   static constexpr uint32_t kOffV = kOffK + kKVBytes;
   static constexpr uint32_t kOffQ = kOffV + kKVBytes;
@@ -70,13 +83,8 @@ struct BwdTraits : WarpSpecialization {
   static_assert(kBlockM * sizeof(Element) == 128, "one dS^T row is one 128-byte swizzle row");
   static_assert(kSmemBytes <= 227 * 1024, "fits an H100's shared memory");
   static_assert(kOffDqStage % 1024 == 0, "swizzled dQ staging boxes start 1024-byte aligned");
-  static_assert(kOffStats % 128 == 0 && kStatSlotBytes % 128 == 0,
-                "every LSE / Di slot (a TMA destination) starts 128-byte aligned");
-  static_assert(kStatBox <= 256 && (kStatBox * sizeof(float)) % 16 == 0 &&
-                    kStatBox >= kBlockM + kStatAlignFloats - 1 && kStatBox * sizeof(float) <= kStatSlotBytes &&
-                    kBlockM % kStatAlignFloats == 0,
-                "an LSE / Di row of a tile, shifted by up to 3 floats (q_start % 4: kBlockM is a multiple of 4), "
-                "is one TMA box (at most 256 elements, a multiple of 16 bytes) that fits its slot");
+  static_assert(kOffStats % 128 == 0, "every LSE / Di slot (a TMA destination) starts 128-byte aligned");
+  static_assert(kStatBlockM == kBlockM, "the LSE / Di boxes are sized for this tile's query rows");
 };
 
 // BwdHeadSplitTraits (bwd_mainloop_headsplit.cuh): a CTA owns kBlockN = 64 keys and walks
@@ -88,7 +96,7 @@ struct BwdTraits : WarpSpecialization {
 // reduce-add in the Q and dO column blocks of the stage it has just finished reading (columns
 // [128 w, +128) of both: 32 KB, its 64 x 128 fp32 dQ), so no separate staging buffer is needed.
 template <typename Element_, int kHeadDim_>
-struct BwdHeadSplitTraits : WarpSpecialization {
+struct BwdHeadSplitTraits : WarpSpecialization, BwdStatStage<64> {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = 64;  // query rows per step (one 128-byte row of P^T / dS^T)
@@ -105,12 +113,6 @@ struct BwdHeadSplitTraits : WarpSpecialization {
   static constexpr uint32_t kKVColBlockBytes = kBlockN * 128;
   static constexpr uint32_t kQColBlockBytes = kBlockM * 128;
   static constexpr uint32_t kDsBytes = kBlockN * kBlockM * sizeof(Element);  // one P^T or dS^T buffer
-  // LSE (log2) and Di of a stage: as in BwdTraits (one box of kStatBox tokens each, 128-byte
-  // aligned slots).
-  static constexpr int kStatBox = bwd_stat_box_cols(kBlockM);
-  static constexpr uint32_t kStatSlotBytes = (kStatBox * sizeof(float) + 127) / 128 * 128;
-  static constexpr uint32_t kStatBytes = 2 * kStatSlotBytes;              // one stage
-  static constexpr uint32_t kStatTxBytes = 2 * kStatBox * sizeof(float);  // its TMA bytes
   static constexpr uint32_t kOffK = 0;
   static constexpr uint32_t kOffV = kOffK + kKVBytes;
   static constexpr uint32_t kOffQ = kOffV + kKVBytes;
@@ -136,13 +138,8 @@ struct BwdHeadSplitTraits : WarpSpecialization {
   static_assert(kQBytes % 1024 == 0 && kOffPt % 1024 == 0 && kOffDs % 1024 == 0 && kDsBytes % 1024 == 0,
                 "swizzled tiles start 1024-byte aligned");
   static_assert(kSmemBytes <= 227 * 1024, "fits an H100's shared memory");
-  static_assert(kOffStats % 128 == 0 && kStatSlotBytes % 128 == 0,
-                "every LSE / Di slot (a TMA destination) starts 128-byte aligned");
-  static_assert(kStatBox <= 256 && (kStatBox * sizeof(float)) % 16 == 0 &&
-                    kStatBox >= kBlockM + kStatAlignFloats - 1 && kStatBox * sizeof(float) <= kStatSlotBytes &&
-                    kBlockM % kStatAlignFloats == 0,
-                "an LSE / Di row of a tile, shifted by up to 3 floats (q_start % 4: kBlockM is a multiple of 4), "
-                "is one TMA box (at most 256 elements, a multiple of 16 bytes) that fits its slot");
+  static_assert(kOffStats % 128 == 0, "every LSE / Di slot (a TMA destination) starts 128-byte aligned");
+  static_assert(kStatBlockM == kBlockM, "the LSE / Di boxes are sized for this tile's query rows");
 };
 
 template <typename Element, int kHeadDim>
