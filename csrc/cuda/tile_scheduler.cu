@@ -5,6 +5,7 @@
 #include "common/mask.h"
 #include "common/tile_order.h"
 #include "cuda/device_support.h"
+#include "cuda/fwd_grid_choice.h"
 #include "cuda/kernel_registry.h"
 #include "cuda/metadata_errors.cuh"
 #include "cuda/work_list_sort.cuh"
@@ -137,12 +138,8 @@ int head_run_on_device(int device_index, int64_t bytes_per_head, int num_heads, 
 int tile_head_run(const ringattn_problem& pr, int device_index, int64_t capacity) {
   static const int forced = forced_head_run("RING_FLASH_ATTN_TILE_HEAD_RUN");
   if (forced > 0) return forced;
-  int64_t keys = pr.max_seqlen_k > 0 ? pr.max_seqlen_k : pr.total_k;
-  const MaskWindow window = call_window(pr);
-  if (window.left >= 0 && window.right >= 0) {
-    const int64_t span = static_cast<int64_t>(window.left) + window.right + 1;
-    keys = span < keys ? span : keys;
-  }
+  // Keys one query row sees (a one-row tile): the window's span where both sides are bounded.
+  const int64_t keys = fwd_tile_keys(pr.max_seqlen_k > 0 ? pr.max_seqlen_k : pr.total_k, call_window(pr), 1);
   const int64_t kv_bytes_per_head = 2 * keys * pr.head_dim * 2;  // K and V, 2-byte elements
   return head_run_on_device(device_index, kv_bytes_per_head, pr.num_heads_q, pr.num_heads_q / pr.num_heads_k,
                             capacity);
