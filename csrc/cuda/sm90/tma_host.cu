@@ -29,15 +29,37 @@ PFN_cuTensorMapEncodeTiled_v12000 encode_fn(std::string* why) {
   return fn;
 }
 
+// TMA needs a 16-byte aligned global address.
+bool base_is_aligned(const void* base, std::string* why) {
+  if (reinterpret_cast<uintptr_t>(base) % 16 == 0) return true;
+  *why = "base pointer not 16-byte aligned";
+  return false;
+}
+
+// cuTensorMapEncodeTiled of a rank-`rank` tensor (dims innermost first, strides in bytes of
+// dimensions 1..rank-1), element strides 1, no interleave, L2 promotion 256B, no OOB fill.
+bool encode_tiled(CUtensorMap* map, CUtensorMapDataType dtype, cuuint32_t rank, const void* base,
+                  const cuuint64_t* dims, const cuuint64_t* strides, const cuuint32_t* box, CUtensorMapSwizzle swizzle,
+                  std::string* why) {
+  PFN_cuTensorMapEncodeTiled_v12000 fn = encode_fn(why);
+  if (fn == nullptr) return false;
+  const cuuint32_t elem_strides[3] = {1, 1, 1};
+  const CUresult r = fn(map, dtype, rank, const_cast<void*>(base), dims, strides, box, elem_strides,
+                        CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                        CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS) {
+    *why = "cuTensorMapEncodeTiled returned error " + std::to_string(static_cast<int>(r));
+    return false;
+  }
+  return true;
+}
+
 // A [tokens, heads, head_dim] tensor of `elem_bytes`-byte elements (element strides row_stride,
 // head_stride; the last dimension contiguous), boxes of box_cols x 1 x box_rows, 128-byte swizzle.
 bool encode_token_head_3d(CUtensorMap* map, CUtensorMapDataType dtype, int64_t elem_bytes, const void* base,
                           int head_dim, int64_t tokens, int heads, int64_t row_stride, int64_t head_stride,
                           int box_cols, int box_rows, std::string* why) {
-  if (reinterpret_cast<uintptr_t>(base) % 16 != 0) {
-    *why = "base pointer not 16-byte aligned";
-    return false;
-  }
+  if (!base_is_aligned(base, why)) return false;
   if (tokens <= 0 || heads <= 0) {
     *why = "empty tensor";
     return false;
@@ -55,22 +77,12 @@ bool encode_token_head_3d(CUtensorMap* map, CUtensorMapDataType dtype, int64_t e
     *why = "more than 2^31 - 1 tokens";
     return false;
   }
-  PFN_cuTensorMapEncodeTiled_v12000 fn = encode_fn(why);
-  if (fn == nullptr) return false;
   const cuuint64_t dims[3] = {static_cast<cuuint64_t>(head_dim), static_cast<cuuint64_t>(heads),
                               static_cast<cuuint64_t>(tokens)};
   const cuuint64_t strides[2] = {static_cast<cuuint64_t>(head_stride * elem_bytes),
                                  static_cast<cuuint64_t>(row_stride * elem_bytes)};
   const cuuint32_t box[3] = {static_cast<cuuint32_t>(box_cols), 1, static_cast<cuuint32_t>(box_rows)};
-  const cuuint32_t elem_strides[3] = {1, 1, 1};
-  const CUresult r = fn(map, dtype, 3, const_cast<void*>(base), dims, strides, box, elem_strides,
-                        CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                        CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  if (r != CUDA_SUCCESS) {
-    *why = "cuTensorMapEncodeTiled returned error " + std::to_string(static_cast<int>(r));
-    return false;
-  }
-  return true;
+  return encode_tiled(map, dtype, 3, base, dims, strides, box, CU_TENSOR_MAP_SWIZZLE_128B, why);
 }
 
 }  // namespace
@@ -93,10 +105,7 @@ bool encode_accum_map(CUtensorMap* map, float* base, int head_dim, int64_t token
 
 bool encode_rows_map(CUtensorMap* map, const float* base, int64_t cols, int64_t rows, int64_t row_stride, int box_cols,
                      std::string* why) {
-  if (reinterpret_cast<uintptr_t>(base) % 16 != 0) {
-    *why = "base pointer not 16-byte aligned";
-    return false;
-  }
+  if (!base_is_aligned(base, why)) return false;
   if (cols <= 0 || rows <= 0) {
     *why = "empty tensor";
     return false;
@@ -114,20 +123,11 @@ bool encode_rows_map(CUtensorMap* map, const float* base, int64_t cols, int64_t 
     *why = "tensor too large for TMA";
     return false;
   }
-  PFN_cuTensorMapEncodeTiled_v12000 fn = encode_fn(why);
-  if (fn == nullptr) return false;
   const cuuint64_t dims[2] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows)};
   const cuuint64_t strides[1] = {static_cast<cuuint64_t>(row_stride * 4)};
   const cuuint32_t box[2] = {static_cast<cuuint32_t>(box_cols), 1};
-  const cuuint32_t elem_strides[2] = {1, 1};
-  const CUresult r = fn(map, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 2, const_cast<float*>(base), dims, strides, box,
-                        elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE,
-                        CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  if (r != CUDA_SUCCESS) {
-    *why = "cuTensorMapEncodeTiled returned error " + std::to_string(static_cast<int>(r));
-    return false;
-  }
-  return true;
+  return encode_tiled(map, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 2, base, dims, strides, box, CU_TENSOR_MAP_SWIZZLE_NONE,
+                      why);
 }
 
 bool encode_operand_map(CUtensorMap* map, const char* name, int group, const void* base, const ringattn_problem& pr,
