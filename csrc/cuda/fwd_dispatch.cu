@@ -77,6 +77,22 @@ bool encode_fwd_tensor_maps(const ringattn_fwd_params& p, const Sm90FwdKernelEnt
   return sm90::encode_kv_maps(p.kv, pr, e.block_n, &kp->tma_k, &kp->tma_v, why);
 }
 
+// The persistent kernel's O maps (sm90/fwd_params.h: tma_o), boxes of 64 rows (one consumer
+// warpgroup's). A group whose output TMA cannot address keeps the kernel's per-thread stores (its
+// bit of tma_o_groups stays clear): a slower path, not an error.
+void encode_fwd_output_maps(const ringattn_fwd_params& p, sm90::FwdKernelParams* kp) {
+  const ringattn_problem& pr = p.problem;
+  std::string ignored;
+  kp->tma_o_groups = 0;
+  for (int g = 0; g < pr.num_groups; ++g) {
+    const ringattn_fwd_group& dst = p.groups[g];
+    if (dst.total_q == 0) continue;
+    if (sm90::encode_operand_map(&kp->tma_o[g], "out", g, dst.out, pr, dst.total_q, pr.num_heads_q,
+                                 dst.out_row_stride, dst.out_head_stride, /*box_rows=*/64, &ignored))
+      kp->tma_o_groups |= 1u << g;
+  }
+}
+
 // The forward on tier 2.
 ringattn_status run_sm90_fwd(const ringattn_fwd_params& p, const Sm90FwdKernelEntry& e, cudaStream_t stream) {
   sm90::FwdKernelParams kp{};
@@ -103,6 +119,7 @@ ringattn_status run_sm90_fwd(const ringattn_fwd_params& p, const Sm90FwdKernelEn
     if (sms > 0 && num_ctas > sms) {
       num_ctas = sms;
       kp.tile_counter = tile_counter;
+      encode_fwd_output_maps(p, &kp);
     }
   }
   const cudaError_t err = e.launch(kp, static_cast<int>(num_ctas), stream);

@@ -77,6 +77,10 @@ struct Case {
   std::vector<std::vector<int>> seqlens_q;  // [group][b]
   std::vector<int> seqlens_k;               // [b]
   std::vector<std::vector<int>> seqused_k;  // [group][b], empty = all keys
+  // The GPU's output with padded strides (head stride D + 8, row stride Hq (D + 8) + 16): the
+  // padding must stay as poisoned, and the tier-2 persistent kernel's TMA stores of O must
+  // follow both strides.
+  bool padded_out = false;
 };
 
 std::string name_of(const Case& c) {
@@ -166,12 +170,18 @@ void run_case(const Case& c, uint32_t seed) {
   };
   std::vector<ringattn_fwd_group> dgroups = groups;
   std::vector<void*> d_out(G), d_lse(G);
+  const int64_t out_head_stride = c.padded_out ? D + 8 : D;
+  const int64_t out_row_stride = c.padded_out ? c.hq * out_head_stride + 16 : c.hq * D;
+  std::vector<size_t> out_elems(G);
   for (int g = 0; g < G; ++g) {
     ringattn_fwd_group& gr = dgroups[g];
     gr.q = upload(q[g].data(), q[g].size() * 2);
     // Poison: 0xFFFF is NaN in both fp16 and bf16.
-    std::vector<uint16_t> poison(q[g].size(), 0xffff);
+    out_elems[g] = static_cast<size_t>(std::max<int64_t>(total_q[g], 1) * out_row_stride);
+    std::vector<uint16_t> poison(out_elems[g], 0xffff);
     d_out[g] = upload(poison.data(), poison.size() * 2);
+    gr.out_row_stride = out_row_stride;
+    gr.out_head_stride = out_head_stride;
     std::vector<float> lpoison(lse_cpu[g].size(), NAN);
     d_lse[g] = upload(lpoison.data(), lpoison.size() * 4);
     gr.out = d_out[g];
@@ -195,19 +205,25 @@ void run_case(const Case& c, uint32_t seed) {
 
   const float tol = c.dtype == RINGATTN_DTYPE_BF16 ? 2e-2f : 4e-3f;
   for (int g = 0; g < G; ++g) {
-    std::vector<uint16_t> out_gpu(q[g].size());
+    std::vector<uint16_t> out_gpu(out_elems[g]);
     std::vector<float> lse_gpu(lse_cpu[g].size());
     ASSERT_EQ(cudaMemcpy(out_gpu.data(), d_out[g], out_gpu.size() * 2, cudaMemcpyDeviceToHost), cudaSuccess);
     ASSERT_EQ(cudaMemcpy(lse_gpu.data(), d_lse[g], lse_gpu.size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
     float max_ref = 0.f, max_err = 0.f;
+    std::vector<bool> written(out_elems[g], false);
     for (int64_t i = 0; i < total_q[g] * c.hq * D; ++i) {
+      const int64_t t = i / (c.hq * D), h = (i / D) % c.hq, d = i % D;
+      const int64_t at = t * out_row_stride + h * out_head_stride + d;
+      written[at] = true;
       const float ref = from_half_bits(out_cpu[g][i], c.dtype);
-      const float got = from_half_bits(out_gpu[i], c.dtype);
+      const float got = from_half_bits(out_gpu[at], c.dtype);
       ASSERT_FALSE(std::isnan(got)) << name_of(c) << " group " << g << " output " << i << " not written / NaN";
       max_ref = std::max(max_ref, std::fabs(ref));
       max_err = std::max(max_err, std::fabs(got - ref));
     }
     EXPECT_LE(max_err, tol * std::max(max_ref, 1e-3f)) << name_of(c) << " group " << g;
+    for (size_t i = 0; i < out_elems[g]; ++i)
+      if (!written[i]) ASSERT_EQ(out_gpu[i], 0xffff) << name_of(c) << " group " << g << " padding element " << i << " written";
     for (int64_t i = 0; i < total_q[g] * c.hq; ++i) {
       const int64_t h = i / std::max<int64_t>(total_q[g], 1);
       const int64_t t = i % std::max<int64_t>(total_q[g], 1);
@@ -253,6 +269,22 @@ TEST_F(GpuForward, ManyGroupsAndEmptyRows) {
   Case f = c;
   f.causal = false;
   run_case(f, 100);
+}
+
+TEST_F(GpuForward, PersistentPartialTilesNextToFullOnesAndPaddedOutput) {
+  // Many short tiles (16 heads: more tiles than SMs, so tier 2 takes its persistent kernel, whose
+  // full 64-row halves of a tile go out by TMA stores), where sequences end inside a tile right
+  // before a full tile of the next sequence (200 = 128 + 64 + 8, 77 < 64 + 64, 64 = one half,
+  // 1), into an output with padded head and row strides.
+  // (Head dims 64 and 128: those of the persistent kernel.)
+  for (int d : {64, 128})
+    for (bool causal : {false, true}) {
+      Case c{RINGATTN_DTYPE_BF16, d, 16, 4, causal,
+             {{200, 256, 77, 64, 1, 300, 129, 191}, {128, 65, 200, 3, 256, 64, 400, 127}},
+             {256, 300, 77, 128, 40, 300, 200, 191}, {{}, {256, 0, 70, 128, 40, 299, 200, 1}}};
+      c.padded_out = true;
+      run_case(c, 500 + d + causal);
+    }
 }
 
 }  // namespace

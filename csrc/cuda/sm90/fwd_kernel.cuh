@@ -234,15 +234,48 @@ __device__ __forceinline__ void write_empty_tile(const FwdKernelParams& params, 
   for (int row = thread; row < rows_valid; row += num_threads) lse_tile[row] = empty_lse;
 }
 
+// The persistent kernel's O store through shared memory and TMA (consume_tile's epilogue): a
+// consumer warpgroup whose 64 query rows all lie in the sequence writes its normalised O into its
+// own 64 rows of the tile's Q stage (it alone read them, and its last S = Q K^T is done), in the
+// layout TMA reads with the 128-byte swizzle, and one thread (the warpgroup's first) stores them
+// with a TMA store per 64-column block, so the next tile's main loop starts while the store
+// drains. A warpgroup with rows past the sequence's end keeps the per-thread stores: TMA clips a
+// box only at the tensor's end, and in a varlen batch the rows past one sequence's end are the
+// next sequence's, written by another tile. The stage goes back to the producer only once the
+// store has read it: the issuing thread's warp arrives on the stage's empty barrier late
+// (flush_o_store, at the next tile's first S or before the CTA leaves), the other seven warps as
+// before, once the tile's last S is done.
+template <MaskMode kMask>
+__device__ __forceinline__ bool store_o_by_tma(const FwdKernelParams& params, int group, int wg_row0,
+                                               const Mask<kMask>& seq_mask) {
+  return ((params.tma_o_groups >> group) & 1u) != 0 && seq_mask.seqlen_q - wg_row0 >= 64;
+}
+// The issuing thread's deferred release of the Q stage its last TMA store of O read (pending_release,
+// -1: none; only that thread ever holds one): waits until the store has read shared memory
+// (`full`: until its writes are done too, before the CTA exits), then arrives for its warp.
+template <typename T, bool kFull = false>
+__device__ __forceinline__ void flush_o_store(const SmemPlan<T>& sm, int& pending_release) {
+  if (pending_release < 0) return;
+  if constexpr (kFull) {
+    ptx::bulk_wait_group<0>();
+  } else {
+    ptx::bulk_wait_group_read<0>();
+  }
+  ptx::mbarrier_arrive(sm.q_pipe().empty(pending_release));
+  pending_release = -1;
+}
+
 // One consumer warpgroup's work on one tile whose Q (stage q_stage) has landed: the main loop over
 // key blocks [n_block_min, n_block_max) (ring iterations kv_iteration, kv_iteration + 1, ...),
 // then the epilogue (normalise, store O and the LSE). kPersistent: Q's stage goes back to the
-// producer once the tile's last S is done, and the issue turn circulates to the next tile.
+// producer once the tile's last S is done (or, where this warpgroup's O goes out by a TMA store,
+// for its first warp once that store has read it: pending_release, store_o_by_tma above), and the
+// issue turn circulates to the next tile.
 template <typename T, MaskMode kMask, bool kSoftcap, bool kPersistent>
 __device__ __forceinline__ void consume_tile(const FwdKernelParams& params, const SmemPlan<T>& sm,
                                              const IssueOrder& order, int q_stage, int kv_iteration, int head,
                                              int group, int row0, int q_start, int n_block_min, int n_block_max,
-                                             const Mask<kMask>& seq_mask) {
+                                             const Mask<kMask>& seq_mask, int& pending_release) {
   constexpr bool kLocal = kMask == MaskMode::kLocal;
   using Element = typename T::Element;
   using Tile = ConsumerTile<T>;
@@ -337,6 +370,8 @@ __device__ __forceinline__ void consume_tile(const FwdKernelParams& params, cons
     order.wait_turn();
     tile.issue_qk(s, q_stage, stage);
     order.pass_turn(false);
+    // The previous tile's O store (if any) has had its time; its Q stage goes back while S runs.
+    if constexpr (kPersistent) flush_o_store(sm, pending_release);
     ptx::wgmma_wait_group<0>();
     fence_accumulator(s);
     k_pipe.consumer_release(stage, arrive_lane);
@@ -373,8 +408,12 @@ __device__ __forceinline__ void consume_tile(const FwdKernelParams& params, cons
     }
     convert_p();
   }
-  // Every S of the tile is done: Q's stage goes back to the producer (a later tile's Q).
-  if constexpr (kPersistent) sm.q_pipe().consumer_release(q_stage, arrive_lane);
+  // Every S of the tile is done: Q's stage goes back to the producer (a later tile's Q), but for
+  // the first warp of a warpgroup that stages its O there (it arrives once the store read it).
+  if constexpr (kPersistent) {
+    const bool stages_o = warp_in_wg == 0 && store_o_by_tma<kMask>(params, group, wg_row0, seq_mask);
+    sm.q_pipe().consumer_release(q_stage, arrive_lane && !stages_o);
+  }
   {
     const State st(kv_iteration + n_blocks - 1);  // the last block's
     const int stage = st.stage();
@@ -401,6 +440,38 @@ __device__ __forceinline__ void consume_tile(const FwdKernelParams& params, cons
     softmax.finalize_with_sink(o, kSoftcap ? params.features.softcap : p.softmax_scale, sink, lse);
   } else {
     softmax.finalize(o, p.softmax_scale, lse);
+  }
+  if constexpr (kPersistent) {
+    if (store_o_by_tma<kMask>(params, group, wg_row0, seq_mask)) {
+      const int bar = barrier_id(NamedBarrier::kFwdOStaged0, wg);
+      ptx::named_barrier_sync(bar, 128);  // every warp of this warpgroup is done reading its Q rows
+      const uint32_t staged = sm.q_stage(q_stage) + wg * 64 * 128;  // this warpgroup's 64 rows
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int row = warp_in_wg * 16 + (lane >> 2) + r * 8;  // within the warpgroup's rows
+        const uint32_t row_addr = staged + row * 128 + (lane & 3) * 4;
+#pragma unroll
+        for (int dt = 0; dt < kDTiles; ++dt) {
+          // Column block dt / 8, 16-byte chunk dt % 8 of the row, swizzled by the row's index mod 8.
+          const uint32_t addr = row_addr + (dt / 8) * T::kQColBlockBytes + (((dt % 8) ^ (row & 7)) << 4);
+          ptx::st_shared_u32(addr, ptx::pack2<Element>(o[dt][2 * r], o[dt][2 * r + 1]));
+        }
+      }
+      ptx::fence_proxy_async_shared();    // the stores above, visible to the TMA store
+      ptx::named_barrier_sync(bar, 128);  // ... from every thread of the warpgroup
+      if ((tid & 127) == 0) {
+#pragma unroll
+        for (int cb = 0; cb < T::kColBlocks; ++cb)
+          ptx::tma_store_3d(&params.tma_o[group], staged + cb * T::kQColBlockBytes, cb * 64, head, q_start + wg_row0);
+        ptx::bulk_commit_group();
+        pending_release = q_stage;
+      }
+      if ((lane & 3) == 0) {
+        lse_tile[my_row - row0] = lse[0];
+        lse_tile[my_row + 8 - row0] = lse[1];
+      }
+      return;
+    }
   }
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -474,8 +545,10 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __gri
   const IssueOrder order{T::kPingPong, warpgroup - 1};
   order.start();
   q_pipe.consumer_wait(PipelineState<T::kQStages>(0));
+  int no_pending_release = -1;  // (only the persistent kernel stores O by TMA)
   consume_tile<T, kMask, kSoftcap, /*kPersistent=*/false>(params, sm, order, /*q_stage=*/0, /*kv_iteration=*/0, head,
-                                                         group, row0, seq.q_start, n_block_min, n_block_max, seq_mask);
+                                                         group, row0, seq.q_start, n_block_min, n_block_max, seq_mask,
+                                                         no_pending_release);
 #endif
 }
 
@@ -488,6 +561,8 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __gri
 // stages whose stage the consumers release once the tile's last S = Q K^T is done, so the producer
 // decodes and loads the next tile's Q and first K/V blocks while the consumers finish P V and
 // write the output. The K/V rings run on across a CTA's tiles (ring iteration numbers continue).
+// A consumer warpgroup whose 64 rows all lie in the sequence writes O through its rows of the
+// tile's Q stage and a TMA store (store_o_by_tma), overlapping the next tile's main loop.
 template <typename T, MaskMode kMask, bool kSoftcap>
 __global__ void __launch_bounds__(T::kThreads, 1)
     grouped_fwd_persistent_kernel(const __grid_constant__ FwdKernelParams params) {
@@ -496,6 +571,9 @@ __global__ void __launch_bounds__(T::kThreads, 1)
   using Element = typename T::Element;
   using Work = FwdTile<T, kMask>;
   static_assert(sizeof(FwdTileSlot<kMask>) <= T::kTileSlotBytes, "a tile slot fits its shared-memory space");
+  // A Q stage that holds a tile's O for its TMA store goes back only during the next tile's first
+  // S (flush_o_store): the next tile's Q needs a stage of its own.
+  static_assert(T::kQStages >= 2, "the persistent kernel's O stores need two Q stages");
   const cuda::FwdKernelParams& p = params.base;
   const int count = *p.work_count;
   const int num_tiles = count * p.num_heads_q;
@@ -561,6 +639,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
   const IssueOrder order{T::kPingPong, warpgroup - 1};
   const bool arrive_lane = (tid & 31) == 0;
   int kv_iteration = 0;
+  int pending_release = -1;  // the Q stage this thread's last TMA store of O reads (flush_o_store)
   order.start();
   for (int q_iteration = 0;; ++q_iteration) {
     const QState qs(q_iteration);
@@ -571,6 +650,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
     const int head = slot->head;
     if (head < 0) {  // the producer's end marker
       order.finish();
+      flush_o_store<T, /*kFull=*/true>(sm, pending_release);
       break;
     }
     const int group = slot->group, row0 = slot->row0, q_start = slot->q_start;
@@ -579,6 +659,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
     const int n_block_max = slot->n_block_max;
     const Mask<kMask> seq_mask = slot->mask;
     if (n_block_max <= n_block_min) {  // no row of this tile sees a key
+      flush_o_store(sm, pending_release);
       q_pipe.consumer_release(q_stage, arrive_lane);  // the slot is copied; no Q was loaded
       const FwdGroupArgs& g = p.groups[group];
       Element* out_tile = g.out_tile<Element>(q_start, row0, head);
@@ -588,7 +669,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
       continue;
     }
     consume_tile<T, kMask, kSoftcap, /*kPersistent=*/true>(params, sm, order, q_stage, kv_iteration, head, group, row0,
-                                                          q_start, n_block_min, n_block_max, seq_mask);
+                                                          q_start, n_block_min, n_block_max, seq_mask, pending_release);
     kv_iteration += n_block_max - n_block_min;
   }
 #endif

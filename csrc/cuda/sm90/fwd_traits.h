@@ -53,7 +53,9 @@ struct FwdTraits : WarpSpecialization {
 };
 
 // The persistent grid's traits (fwd_kernel.cuh): two Q stages where they fit next to the K/V stages
-// (D 64 and 128), so the next tile's Q loads while this tile still runs; one at D 256.
+// (D 64 and 128), so the next tile's Q loads while this tile still runs; one at D 256. A stage
+// also holds its tile's O for the TMA store once the tile's last S is done (no shared memory of
+// its own: fwd_kernel.cuh, store_o_by_tma), which is why that kernel needs the second stage.
 template <typename T>
 using PersistentFwdTraits =
     FwdTraits<typename T::Element, T::kHeadDim, T::kBlockN, T::kStages,

@@ -21,6 +21,7 @@ enum class NamedBarrier : int {
   // ---- forward, fwd_kernel.cuh ----
   kFwdVZeroed = 1,    // both consumer warpgroups zeroed the V rows past the sequence
   kFwdIssueWg0 = 3,   // + consumer warpgroup: that warpgroup's turn to issue its products (ping-pong)
+  kFwdOStaged0 = 5,   // + consumer warpgroup: its Q rows are free / its O rows are staged (TMA store)
   // ---- backward dK/dV, bwd_kernel.cuh ----
   kBwdKZeroed = 1,       // K rows past the keys in use zeroed
   kBwdQTailZeroed = 2,   // Q and dO rows past the sequence zeroed
@@ -51,6 +52,7 @@ constexpr int kBwdDsBuffers = 2;  // the dK/dV kernel's dS^T double buffer, inde
 constexpr NamedBarrierRange kFwdNamedBarriers[] = {
     {NamedBarrier::kFwdVZeroed, 1},
     {NamedBarrier::kFwdIssueWg0, WarpSpecialization::kNumConsumerWarpgroups},
+    {NamedBarrier::kFwdOStaged0, WarpSpecialization::kNumConsumerWarpgroups},
 };
 constexpr NamedBarrierRange kBwdNamedBarriers[] = {
     {NamedBarrier::kBwdKZeroed, 1},

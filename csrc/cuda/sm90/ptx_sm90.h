@@ -69,6 +69,20 @@ __device__ __forceinline__ void tma_reduce_add_3d(const void* tensor_map, uint32
       "r"(src), "r"(c0), "r"(c1), "r"(c2)
       : "memory");
 }
+// ---- TMA: 3-D tiled bulk tensor copy shared -> global (bulk-group completion) ----
+// Stores a box from shared memory (laid out as the map's swizzle says); the parts of the box
+// outside the tensor's bounds are not written. The caller orders the threads' stores into `src`
+// before it (fence_proxy_async_shared + a barrier) and waits (bulk_wait_group_read) before `src`
+// is written again.
+__device__ __forceinline__ void tma_store_3d(const void* tensor_map, uint32_t src, int32_t c0, int32_t c1, int32_t c2) {
+  asm volatile("cp.async.bulk.tensor.3d.global.shared::cta.bulk_group [%0, {%2, %3, %4}], [%1];\n" ::"l"(
+                   reinterpret_cast<uint64_t>(tensor_map)),
+               "r"(src), "r"(c0), "r"(c1), "r"(c2)
+               : "memory");
+}
+__device__ __forceinline__ void st_shared_u32(uint32_t addr, uint32_t v) {
+  asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
+}
 __device__ __forceinline__ void bulk_commit_group() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
 // Waits until at most N of this thread's bulk groups have not finished reading their shared memory.
 template <int N>
