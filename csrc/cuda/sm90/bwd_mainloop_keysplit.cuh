@@ -3,6 +3,9 @@
 //   Per query tile: S^T = K Q^T and dP^T = V dO^T (wgmma, shared-memory operands), P^T =
 //   exp2(S^T scale - LSE), dS^T = P^T (dP^T - Di) with masked entries exactly 0; dV += P^T dO
 //   and dK += dS^T Q (wgmma, P^T/dS^T from registers, dO/Q transposed); dS^T to shared memory.
+//   Without the softcap, dV is issued as soon as P^T is final (before the wait for dP^T), so it
+//   runs while dS^T is computed and stored; dK follows the dS^T store. With the softcap, P^T is
+//   computed after dP^T has landed, and dV and dK are issued together.
 //   dQ = dS K over all 128 keys is computed by the consumers in turn (tile t by consumer wg =
 //   t & 1, all head-dim columns, once the other has written its dS^T half), staged in fp32 in
 //   shared memory and added to the group's dq_accum by TMA reduce-add (one bulk operation per
@@ -188,7 +191,23 @@ __device__ __forceinline__ void consume_bwd_keysplit(const BwdKernelParams& para
         }
         if (need_mask) zero_masked(st, masked);
       }
-      ptx::wgmma_wait_group<0>();
+      // Without the softcap P^T is final here: dV += P^T dO is issued now (its own commit group,
+      // behind dP^T), so the tensor pipe works on it while dS^T is computed and stored; the fp32
+      // P^T stays for dS^T. The softcap path computes P^T only once dP^T has landed (below).
+      uint32_t pfrag[kQSteps][4], dsfrag[kQSteps][4];
+      const uint64_t do_bt_desc0 = ptx::smem_desc_sw128(do_tile, T::kQColBlockBytes, 1024);
+      const uint64_t q_bt_desc0 = ptx::smem_desc_sw128(q_tile, T::kQColBlockBytes, 1024);
+      if constexpr (!kSoftcap) {
+#pragma unroll
+        for (int kk = 0; kk < kQSteps; ++kk) pack_a_fragment<Element>(st, kk, pfrag[kk]);
+        ptx::wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < kQSteps; ++kk) ptx::Wgmma<Element, kHeadDim>::rs_tb(dv, pfrag[kk], qdo_bt_desc(do_bt_desc0, kk), 1);
+        ptx::wgmma_commit_group();
+        ptx::wgmma_wait_group<1>();  // dP^T (groups complete in order; dV may still run)
+      } else {
+        ptx::wgmma_wait_group<0>();
+      }
       fence_accumulator(dpt);
       if constexpr (kSoftcap) {
         // P^T = exp2(t * softcap_log2 - LSE_log2[query]), dS^T = P^T (1 - t^2) (dP^T - Di[query]);
@@ -216,10 +235,9 @@ __device__ __forceinline__ void consume_bwd_keysplit(const BwdKernelParams& para
         }
       }
       if (need_mask) zero_masked(dpt, masked);
-      uint32_t pfrag[kQSteps][4], dsfrag[kQSteps][4];
 #pragma unroll
       for (int kk = 0; kk < kQSteps; ++kk) {
-        pack_a_fragment<Element>(st, kk, pfrag[kk]);
+        if constexpr (kSoftcap) pack_a_fragment<Element>(st, kk, pfrag[kk]);
         pack_a_fragment<Element>(dpt, kk, dsfrag[kk]);
       }
 
@@ -235,11 +253,11 @@ __device__ __forceinline__ void consume_bwd_keysplit(const BwdKernelParams& para
         ptx::fence_proxy_async_shared();
         if (!dq_wg) ptx::named_barrier_arrive(barrier_id(NamedBarrier::kBwdDsWritten0, t & 1), 256);
       }
-      const uint64_t do_bt_desc0 = ptx::smem_desc_sw128(do_tile, T::kQColBlockBytes, 1024);
-      const uint64_t q_bt_desc0 = ptx::smem_desc_sw128(q_tile, T::kQColBlockBytes, 1024);
       ptx::wgmma_fence();
+      if constexpr (kSoftcap) {
 #pragma unroll
-      for (int kk = 0; kk < kQSteps; ++kk) ptx::Wgmma<Element, kHeadDim>::rs_tb(dv, pfrag[kk], qdo_bt_desc(do_bt_desc0, kk), 1);
+        for (int kk = 0; kk < kQSteps; ++kk) ptx::Wgmma<Element, kHeadDim>::rs_tb(dv, pfrag[kk], qdo_bt_desc(do_bt_desc0, kk), 1);
+      }
 #pragma unroll
       for (int kk = 0; kk < kQSteps; ++kk) ptx::Wgmma<Element, kHeadDim>::rs_tb(dk, dsfrag[kk], qdo_bt_desc(q_bt_desc0, kk), 1);
       ptx::wgmma_commit_group();
