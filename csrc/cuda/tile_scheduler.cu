@@ -1,6 +1,11 @@
 #include "cuda/tile_scheduler.h"
 
+#include <cerrno>
+#include <cstdio>
 #include <cstdlib>
+#include <mutex>
+#include <set>
+#include <string>
 
 #include "common/mask.h"
 #include "common/tile_order.h"
@@ -115,13 +120,29 @@ void carve_scheduler_workspace(void* workspace, int num_groups, int batch_size, 
 
 namespace {
 
-// A run length forced by environment variable `name` (kernel development), read once by each
-// caller's static: the positive integer below 2^20 it holds, else 0 (not forced).
-int forced_head_run(const char* name) {
+}  // namespace
+
+long env_override(const char* name, long lo, long hi, long unset) {
   const char* v = std::getenv(name);
-  const long n = v != nullptr ? std::strtol(v, nullptr, 10) : 0;
-  return n > 0 && n < (1L << 20) ? static_cast<int>(n) : 0;
+  if (v == nullptr || *v == '\0') return unset;
+  char* end = nullptr;
+  errno = 0;
+  const long n = std::strtol(v, &end, 10);
+  if (errno == 0 && end != v && *end == '\0' && n >= lo && n <= hi) return n;
+  static std::mutex mutex;
+  static std::set<std::string> reported;
+  std::lock_guard<std::mutex> lock(mutex);
+  if (reported.insert(std::string(name) + "=" + v).second)
+    std::fprintf(stderr, "ringattn: %s='%s' ignored: expected an integer in [%ld, %ld]\n", name, v, lo, hi);
+  return unset;
 }
+
+namespace {
+
+// A run length forced by environment variable `name` (kernel development), read once by each
+// caller's static: the integer in [1, 2^20) it holds, else 0 (not forced; env_override reports a
+// value it cannot take).
+int forced_head_run(const char* name) { return static_cast<int>(env_override(name, 1, (1L << 20) - 1, 0)); }
 
 // choose_tile_head_run with the device's SMs and L2 (one look at check_device's per-device cache);
 // 1, the head-fastest order, where the device cannot be read.

@@ -43,6 +43,13 @@ int tile_head_run(const ringattn_problem& pr, int device_index, int64_t capacity
 // RING_FLASH_ATTN_KV_HEAD_RUN, a positive integer, overrides the choice.
 int kv_block_head_run(const ringattn_problem& pr, int64_t q_rows, int device_index, int64_t capacity);
 
+// A kernel-development override read from environment variable `name`: its integer value in
+// [lo, hi], or `unset` where the variable is unset or empty. Any other value (not an integer,
+// trailing characters, out of range) is reported on stderr, once per variable and value, and
+// ignored: these variables time one order against another, and a typo must not time the default
+// under another label unnoticed.
+long env_override(const char* name, long lo, long hi, long unset);
+
 // For capability checks: whether a kernel image exists for the current device.
 cudaError_t probe_kernel_image();
 
