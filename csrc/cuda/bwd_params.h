@@ -48,12 +48,8 @@ struct BwdGroupArgs {
   int32_t pad;
   // Of lse_log2 and di (BwdGroupWorkspace): token t of head h at h * stat_row_stride() + t.
   RINGATTN_HOST_DEVICE RINGATTN_FORCEINLINE int64_t stat_row_stride() const { return bwd_stat_row_stride(total_q); }
-  // h * stat_row_stride() for a head h >= 0, as one unsigned 32 x 32 -> 64-bit product (the
-  // stride is below 2^32): the same instructions as the unpadded h * total_q of before.
-  RINGATTN_HOST_DEVICE RINGATTN_FORCEINLINE int64_t stat_row(int h) const {
-    const uint32_t stride = (static_cast<uint32_t>(total_q) + 3u) & ~3u;
-    return static_cast<int64_t>(static_cast<uint64_t>(static_cast<uint32_t>(h)) * stride);
-  }
+  // h * stat_row_stride() for a head h >= 0 (bwd_stat_row: one 32 x 32 -> 64-bit product).
+  RINGATTN_HOST_DEVICE RINGATTN_FORCEINLINE int64_t stat_row(int h) const { return bwd_stat_row(total_q, h); }
 };
 
 // One unit of work of the dK/dV kernel: a K/V block of one sequence. KV heads are spread over
@@ -117,12 +113,8 @@ struct BwdPrepGroupArgs {
   int32_t pad;
   // Of ws.lse_log2 and ws.di: token t of head h at h * stat_row_stride() + t.
   RINGATTN_HOST_DEVICE RINGATTN_FORCEINLINE int64_t stat_row_stride() const { return bwd_stat_row_stride(total_q); }
-  // h * stat_row_stride() for a head h >= 0, as one unsigned 32 x 32 -> 64-bit product (the
-  // stride is below 2^32): the same instructions as the unpadded h * total_q of before.
-  RINGATTN_HOST_DEVICE RINGATTN_FORCEINLINE int64_t stat_row(int h) const {
-    const uint32_t stride = (static_cast<uint32_t>(total_q) + 3u) & ~3u;
-    return static_cast<int64_t>(static_cast<uint64_t>(static_cast<uint32_t>(h)) * stride);
-  }
+  // h * stat_row_stride() for a head h >= 0 (bwd_stat_row: one 32 x 32 -> 64-bit product).
+  RINGATTN_HOST_DEVICE RINGATTN_FORCEINLINE int64_t stat_row(int h) const { return bwd_stat_row(total_q, h); }
 };
 
 struct BwdPrepParams {

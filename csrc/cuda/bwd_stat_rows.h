@@ -33,6 +33,14 @@ RINGATTN_HOST_DEVICE RINGATTN_FORCEINLINE constexpr int64_t bwd_stat_row_stride(
   return (total_q + (kStatAlignFloats - 1)) & ~int64_t{kStatAlignFloats - 1};
 }
 
+// h * bwd_stat_row_stride(total_q) for a head h >= 0 and 0 <= total_q < 2^31, as one unsigned
+// 32 x 32 -> 64-bit product (the stride is below 2^32): the same instructions as the unpadded
+// h * total_q of before.
+RINGATTN_HOST_DEVICE RINGATTN_FORCEINLINE int64_t bwd_stat_row(int32_t total_q, int h) {
+  const uint32_t stride = (static_cast<uint32_t>(total_q) + 3u) & ~3u;
+  return static_cast<int64_t>(static_cast<uint64_t>(static_cast<uint32_t>(h)) * stride);
+}
+
 // Width in tokens of the TMA box over one LSE or Di row of a query tile of block_m rows: every
 // start shift 0 .. 3 leaves the tile's block_m tokens inside it (block_m + 3 rounded up to a
 // multiple of 4, so box_cols * 4 bytes is a multiple of 16; block_m = 64: 68 tokens, 272 bytes).
