@@ -15,6 +15,7 @@ namespace {
 using ringattn::cuda::bwd_stat_box_cols;
 using ringattn::cuda::bwd_stat_box_shift;
 using ringattn::cuda::bwd_stat_box_start;
+using ringattn::cuda::bwd_stat_row;
 using ringattn::cuda::bwd_stat_row_stride;
 
 TEST(BwdStatRows, RowStrideIsSixteenByteAlignedAndTight) {
@@ -70,6 +71,18 @@ TEST(BwdStatRows, EveryTileBoxStartsAlignedAndHoldsTheTile) {
   for (int block_m : {61, 64, 128}) {
     for (int32_t q_start = 0; q_start <= 300; ++q_start)
       for (int32_t len : {1, 2, 3, 5, 63, 64, 65, 127, 200}) check_tiles({0, q_start, q_start + len}, block_m);
+  }
+}
+
+TEST(BwdStatRows, RowOffsetIsHeadTimesPaddedStride) {
+  // bwd_stat_row's 32 x 32 -> 64-bit product against the plain 64-bit formula, up to the largest
+  // total_q (2^31 - 1, stride 2^31) and heads whose offsets pass 2^32.
+  for (int64_t total_q : {int64_t{0}, int64_t{1}, int64_t{3}, int64_t{4}, int64_t{5}, int64_t{478},
+                          int64_t{1} << 20, (int64_t{1} << 31) - 5, (int64_t{1} << 31) - 1}) {
+    for (int h : {0, 1, 2, 7, 31, 255, 1023, 65535}) {
+      ASSERT_EQ(bwd_stat_row(static_cast<int32_t>(total_q), h), h * bwd_stat_row_stride(total_q))
+          << "total_q " << total_q << ", head " << h;
+    }
   }
 }
 
