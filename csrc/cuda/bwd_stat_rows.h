@@ -37,7 +37,8 @@ RINGATTN_HOST_DEVICE RINGATTN_FORCEINLINE constexpr int64_t bwd_stat_row_stride(
 // 32 x 32 -> 64-bit product (the stride is below 2^32): the same instructions as the unpadded
 // h * total_q of before.
 RINGATTN_HOST_DEVICE RINGATTN_FORCEINLINE int64_t bwd_stat_row(int32_t total_q, int h) {
-  const uint32_t stride = (static_cast<uint32_t>(total_q) + 3u) & ~3u;
+  constexpr uint32_t kRound = kStatAlignFloats - 1;  // bwd_stat_row_stride's rounding, in 32 bits
+  const uint32_t stride = (static_cast<uint32_t>(total_q) + kRound) & ~kRound;
   return static_cast<int64_t>(static_cast<uint64_t>(static_cast<uint32_t>(h)) * stride);
 }
 

@@ -118,10 +118,6 @@ void carve_scheduler_workspace(void* workspace, int num_groups, int batch_size, 
   carve_work_list<WorkItem>(workspace, pairs + 1, static_cast<size_t>(capacity), kWorkListAlign, args);
 }
 
-namespace {
-
-}  // namespace
-
 long env_override(const char* name, long lo, long hi, long unset) {
   const char* v = std::getenv(name);
   if (v == nullptr || *v == '\0') return unset;

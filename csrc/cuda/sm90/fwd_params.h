@@ -1,7 +1,7 @@
 // Parameters of the tier-2 (sm90a) forward kernel: the parameters both tiers share plus TMA
-// tensor maps of Q (one per group), K and V, encoded on the host (tma_host.h), and the call's
-// optional features, and for the persistent kernel tensor maps of O (one per group). Passed by value as a __grid_constant__ kernel parameter, so the tensor maps
-// live in the parameter space TMA reads.
+// tensor maps of Q (one per group), K and V, encoded on the host (tma_host.h), the call's optional
+// features, and for the persistent kernel tensor maps of O (one per group). Passed by value as a
+// __grid_constant__ kernel parameter, so the tensor maps live in the parameter space TMA reads.
 #pragma once
 
 #include <cuda.h>
