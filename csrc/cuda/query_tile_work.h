@@ -8,6 +8,7 @@
 
 #include "common/tile_order.h"
 #include "cuda/fwd_params.h"
+#include "cuda/seqlen_info.h"
 
 namespace ringattn {
 namespace cuda {
@@ -35,6 +36,35 @@ struct QueryTileWork {
   __device__ __forceinline__ int group() const { return item.group_and_mblock & 15; }
   __device__ __forceinline__ int m_block() const { return item.group_and_mblock >> 4; }
   __device__ __forceinline__ int batch() const { return item.batch; }
+};
+
+// The query tile of a decoded entry (QueryTileWork) in the terms a query-tile kernel uses: its
+// head, group, batch index and m_block, the group's arguments, the offsets and lengths of its
+// sequence (SeqLenInfo) and its rows. Params: the kernel's FwdKernelParams or BwdKernelParams;
+// GroupArgs: their FwdGroupArgs or BwdGroupArgs. has_rows is false for a tile that starts at or
+// after the end of its sequence (nothing to do). The order of the members' initialisation is
+// that of the kernels' prologues before (and their machine code with it).
+template <typename GroupArgs, int kBlockM>
+struct QueryTile {
+  int head, group, m_block, batch;
+  const GroupArgs& g;  // params.groups[group]
+  SeqLenInfo seq;
+  int row0;  // first query row of the tile, within the sequence
+  bool has_rows;
+
+  template <typename Params>
+  __device__ __forceinline__ QueryTile(const Params& params, const QueryTileWork& work)
+      : head(work.head),
+        group(work.group()),
+        m_block(work.m_block()),
+        batch(work.batch()),
+        g(params.groups[group]),
+        seq(g.cu_seqlens_q, g.total_q, params.cu_seqlens_k, params.total_k, g.seqused_k, batch),
+        row0(m_block * kBlockM),
+        has_rows(row0 < seq.seqlen_q) {}
+  // Rows of the tile in the sequence (kBlockM but for the sequence's last tile); for a tile with
+  // rows.
+  __device__ __forceinline__ int rows_valid() const { return min(kBlockM, seq.seqlen_q - row0); }
 };
 
 }  // namespace cuda

@@ -48,20 +48,18 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_bwd_dq_kernel(const __
   const int num_heads_q = params.num_heads_q;
   QueryTileWork work;
   if (!work.decode(params.q_items, params.q_count, num_heads_q, params.dq_tile_head_run)) return;
-  const int head = work.head, group = work.group(), m_block = work.m_block();
-  const BwdGroupArgs& g = params.groups[group];
-  const SeqLenInfo seq(g.cu_seqlens_q, g.total_q, params.cu_seqlens_k, params.total_k, g.seqused_k, work.batch());
-  const int row0 = m_block * kBlockM;
-  if (row0 >= seq.seqlen_q) return;
-  const int rows_valid = min(kBlockM, seq.seqlen_q - row0);
+  const QueryTile<BwdGroupArgs, kBlockM> tile(params, work);
+  if (!tile.has_rows) return;
+  const BwdGroupArgs& g = tile.g;
+  const int rows_valid = tile.rows_valid();
   // A tile that sees no key keeps dQ = 0 (dq_accum was zeroed by the preprocess).
-  const Mask<kMask> seq_mask = seq.mask<kMask>(params.features, group, work.batch());
+  const Mask<kMask> seq_mask = tile.seq.mask<kMask>(params.features, tile.group, tile.batch);
   // Key blocks [n_block_min, n_block_max) of this tile; n_block_min is the constant 0 when no row's
   // keys can start past key 0, so the loop bounds below stay compile-time constants then.
-  const int n_block_min = Mask<kMask>::kKeysStartAtZero ? 0 : seq_mask.n_block_min(m_block, kBlockM, kBlockN);
-  const int n_block_max = seq_mask.n_block_max(m_block, kBlockM, kBlockN);
+  const int n_block_min = Mask<kMask>::kKeysStartAtZero ? 0 : seq_mask.n_block_min(tile.m_block, kBlockM, kBlockN);
+  const int n_block_max = seq_mask.n_block_max(tile.m_block, kBlockM, kBlockN);
   if (n_block_max <= n_block_min) return;
-  const int kv_head = head / params.q_heads_per_kv_head;
+  const int kv_head = tile.head / params.q_heads_per_kv_head;
 
   const int tid = threadIdx.x;
   const int lane = tid & 31;
@@ -73,25 +71,27 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_bwd_dq_kernel(const __
   Element* sK = sdO + kBlockM * kHeadDim;  // [2][kBlockN][kHeadDim]
   Element* sV = sK + 2 * kBlockN * kHeadDim;  // [2][kBlockN][kHeadDim]
 
-  const int64_t token0 = static_cast<int64_t>(seq.q_start) + row0;
-  const Element* k_seq = static_cast<const Element*>(params.k) + static_cast<int64_t>(seq.k_start) * params.k_row_stride +
+  const int64_t token0 = static_cast<int64_t>(tile.seq.q_start) + tile.row0;
+  const Element* k_seq = static_cast<const Element*>(params.k) +
+                         static_cast<int64_t>(tile.seq.k_start) * params.k_row_stride +
                          kv_head * params.k_head_stride;
-  const Element* v_seq = static_cast<const Element*>(params.v) + static_cast<int64_t>(seq.k_start) * params.v_row_stride +
+  const Element* v_seq = static_cast<const Element*>(params.v) +
+                         static_cast<int64_t>(tile.seq.k_start) * params.v_row_stride +
                          kv_head * params.v_head_stride;
   auto load_kv = [&](int n, int stage) {
     bwd::load_rows<Element, kHeadDim, kBlockN, kThreads>(sK + stage * kBlockN * kHeadDim,
                                                          k_seq + n * kBlockN * params.k_row_stride,
-                                                         params.k_row_stride, seq.seqlen_k - n * kBlockN, tid);
+                                                         params.k_row_stride, tile.seq.seqlen_k - n * kBlockN, tid);
     bwd::load_rows<Element, kHeadDim, kBlockN, kThreads>(sV + stage * kBlockN * kHeadDim,
                                                          v_seq + n * kBlockN * params.v_row_stride,
-                                                         params.v_row_stride, seq.seqlen_k - n * kBlockN, tid);
+                                                         params.v_row_stride, tile.seq.seqlen_k - n * kBlockN, tid);
   };
 
   bwd::load_rows<Element, kHeadDim, kBlockM, kThreads>(
-      sQ, static_cast<const Element*>(g.q) + token0 * g.q_row_stride + head * g.q_head_stride, g.q_row_stride,
+      sQ, static_cast<const Element*>(g.q) + token0 * g.q_row_stride + tile.head * g.q_head_stride, g.q_row_stride,
       rows_valid, tid);
   bwd::load_rows<Element, kHeadDim, kBlockM, kThreads>(
-      sdO, static_cast<const Element*>(g.dout) + token0 * g.dout_row_stride + head * g.dout_head_stride,
+      sdO, static_cast<const Element*>(g.dout) + token0 * g.dout_row_stride + tile.head * g.dout_head_stride,
       g.dout_row_stride, rows_valid, tid);
   load_kv(n_block_min, n_block_min & 1);  // K/V block n lives in stage n & 1
   ptx::cp_async_commit();
@@ -105,7 +105,7 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_bwd_dq_kernel(const __
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int row = warp_row0 + mt * 16 + (lane >> 2) + r * 8;
-      const int64_t idx = g.stat_row(head) + token0 + row;
+      const int64_t idx = g.stat_row(tile.head) + token0 + row;
       lse[mt][r] = row < rows_valid ? g.lse_log2[idx] : INFINITY;
       di[mt][r] = row < rows_valid ? g.di[idx] : 0.f;
     }
@@ -159,7 +159,7 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_bwd_dq_kernel(const __
 
     // ---- P and dS (masked entries: 0) ----
     const int col0 = n * kBlockN;
-    const bool need_mask = seq_mask.tile_needs_key_mask(row0, kBlockM, col0, kBlockN);
+    const bool need_mask = seq_mask.tile_needs_key_mask(tile.row0, kBlockM, col0, kBlockN);
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
@@ -176,7 +176,7 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_bwd_dq_kernel(const __
             p = ptx::exp2_approx(fmaf(s[mt][nt][c], params.softmax_scale_log2, -lse[mt][r]));
           }
           if (need_mask) {
-            const int row = row0 + warp_row0 + mt * 16 + (lane >> 2) + r * 8;
+            const int row = tile.row0 + warp_row0 + mt * 16 + (lane >> 2) + r * 8;
             const int col = col0 + nt * 8 + 2 * (lane & 3) + (c & 1);
             if (seq_mask.key_masked(row, col)) p = 0.f;  // dS = 0 too (t stays: 1 - t^2 multiplies a 0)
           }
@@ -200,7 +200,7 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_bwd_dq_kernel(const __
     for (int r = 0; r < 2; ++r) {
       const int row = warp_row0 + mt * 16 + (lane >> 2) + r * 8;
       if (row >= rows_valid) continue;
-      float* dst = g.dq_accum + ((token0 + row) * num_heads_q + head) * kHeadDim + 2 * (lane & 3);
+      float* dst = g.dq_accum + ((token0 + row) * num_heads_q + tile.head) * kHeadDim + 2 * (lane & 3);
 #pragma unroll
       for (int dt = 0; dt < kDTiles; ++dt)
         *reinterpret_cast<float2*>(dst + dt * 8) = make_float2(dq[mt][dt][2 * r], dq[mt][dt][2 * r + 1]);

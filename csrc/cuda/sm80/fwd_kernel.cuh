@@ -68,26 +68,24 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocksPerSm)
 
   QueryTileWork work;
   if (!work.decode(params.work_items, params.work_count, params.num_heads_q, params.tile_head_run)) return;
-  const int head = work.head, group = work.group(), m_block = work.m_block();
-  const FwdGroupArgs& g = params.groups[group];
-  const SeqLenInfo seq(g.cu_seqlens_q, g.total_q, params.cu_seqlens_k, params.total_k, g.seqused_k, work.batch());
-  const int row0 = m_block * kBlockM;  // first query row of this tile, within the sequence
-  if (row0 >= seq.seqlen_q) return;
-  const int rows_valid = min(kBlockM, seq.seqlen_q - row0);
-  const int kv_head = head / params.q_heads_per_kv_head;
+  const QueryTile<FwdGroupArgs, kBlockM> tile(params, work);
+  if (!tile.has_rows) return;
+  const int rows_valid = tile.rows_valid();
+  const int kv_head = tile.head / params.q_heads_per_kv_head;
+  const FwdGroupArgs& g = tile.g;
 
   const int tid = threadIdx.x;
   const int lane = tid & 31;
   const int warp = tid >> 5;
 
-  Element* out_tile = g.out_tile<Element>(seq.q_start, row0, head);
-  float* lse_tile = g.lse_tile(seq.q_start, row0, head);
+  Element* out_tile = g.out_tile<Element>(tile.seq.q_start, tile.row0, tile.head);
+  float* lse_tile = g.lse_tile(tile.seq.q_start, tile.row0, tile.head);
 
-  const Mask<kMask> seq_mask = seq.mask<kMask>(params.features, group, work.batch());
+  const Mask<kMask> seq_mask = tile.seq.mask<kMask>(params.features, tile.group, tile.batch);
   // Key blocks [n_block_min, n_block_max) of this tile; n_block_min is the constant 0 when no row's
   // keys can start past key 0, so the loop bounds below stay compile-time constants then.
-  const int n_block_min = Mask<kMask>::kKeysStartAtZero ? 0 : seq_mask.n_block_min(m_block, kBlockM, kBlockN);
-  const int n_block_max = seq_mask.n_block_max(m_block, kBlockM, kBlockN);
+  const int n_block_min = Mask<kMask>::kKeysStartAtZero ? 0 : seq_mask.n_block_min(tile.m_block, kBlockM, kBlockN);
+  const int n_block_max = seq_mask.n_block_max(tile.m_block, kBlockM, kBlockN);
   if (n_block_max <= n_block_min) {
     // No query row of this tile sees a key: O = 0, LSE = -inf (the head's sink logit with sinks).
     for (int i = tid; i < rows_valid * T::kChunks; i += T::kThreads) {
@@ -96,7 +94,7 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocksPerSm)
       *reinterpret_cast<uint4*>(out_tile + row * g.out_row_stride + chunk * 8) = make_uint4(0, 0, 0, 0);
     }
     if constexpr (kMask == MaskMode::kLocal) {
-      const float empty_lse = params.features.sinks != nullptr ? params.features.sinks[head] : -INFINITY;
+      const float empty_lse = params.features.sinks != nullptr ? params.features.sinks[tile.head] : -INFINITY;
       for (int row = tid; row < rows_valid; row += T::kThreads) lse_tile[row] = empty_lse;
     } else {
       for (int row = tid; row < rows_valid; row += T::kThreads) lse_tile[row] = -INFINITY;
@@ -109,18 +107,21 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocksPerSm)
   Element* sK = sQ + kBlockM * kHeadDim;     // [kStages][kBlockN, kHeadDim]
   Element* sV = sK + T::kStages * T::kKVTileElems;  // [kStages][kBlockN, kHeadDim]
 
-  const Element* q_tile = static_cast<const Element*>(g.q) + (seq.q_start + row0) * g.q_row_stride + head * g.q_head_stride;
-  const Element* k_seq = static_cast<const Element*>(params.k) + seq.k_start * params.k_row_stride + kv_head * params.k_head_stride;
-  const Element* v_seq = static_cast<const Element*>(params.v) + seq.k_start * params.v_row_stride + kv_head * params.v_head_stride;
+  const Element* q_tile =
+      static_cast<const Element*>(g.q) + (tile.seq.q_start + tile.row0) * g.q_row_stride + tile.head * g.q_head_stride;
+  const Element* k_seq =
+      static_cast<const Element*>(params.k) + tile.seq.k_start * params.k_row_stride + kv_head * params.k_head_stride;
+  const Element* v_seq =
+      static_cast<const Element*>(params.v) + tile.seq.k_start * params.v_row_stride + kv_head * params.v_head_stride;
 
   // K/V block n lives in stage n % kStages.
   auto load_k = [&](int n) {
     load_tile<T, kBlockN>(sK + (n % T::kStages) * T::kKVTileElems, k_seq + n * kBlockN * params.k_row_stride, params.k_row_stride,
-                          seq.seqlen_k - n * kBlockN, tid);
+                          tile.seq.seqlen_k - n * kBlockN, tid);
   };
   auto load_v = [&](int n) {
     load_tile<T, kBlockN>(sV + (n % T::kStages) * T::kKVTileElems, v_seq + n * kBlockN * params.v_row_stride, params.v_row_stride,
-                          seq.seqlen_k - n * kBlockN, tid);
+                          tile.seq.seqlen_k - n * kBlockN, tid);
   };
 
   load_tile<T, kBlockM>(sQ, q_tile, g.q_row_stride, rows_valid, tid);
@@ -134,8 +135,8 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocksPerSm)
   if constexpr (kMask == MaskMode::kLocal) {
     // The head's sink logit counts as one more key of every row (value 0).
     if (params.features.sinks != nullptr)
-      softmax.start_with_sink(params.features.sinks[head] / (kSoftcap ? params.features.softcap : params.softmax_scale),
-                              lane);
+      softmax.start_with_sink(
+          params.features.sinks[tile.head] / (kSoftcap ? params.features.softcap : params.softmax_scale), lane);
   }
 
   const int warp_row0 = warp * kMTiles * 16;  // first row of this warp within the tile
@@ -191,7 +192,7 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocksPerSm)
 
     // ---- mask the keys past the end and outside each row's window (common/mask.h) ----
     const int col0 = n * kBlockN;
-    if (seq_mask.tile_needs_key_mask(row0, kBlockM, col0, kBlockN)) {
+    if (seq_mask.tile_needs_key_mask(tile.row0, kBlockM, col0, kBlockN)) {
       if constexpr (kMask == MaskMode::kLocal) {
         // A run-time window: each of the thread's rows sees the keys [key_begin, key_end), two
         // compares per entry (the same test as key_masked for a row in the sequence).
@@ -199,7 +200,7 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocksPerSm)
         for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
           for (int r = 0; r < 2; ++r) {
-            const int row = row0 + warp_row0 + mt * 16 + (lane >> 2) + r * 8;
+            const int row = tile.row0 + warp_row0 + mt * 16 + (lane >> 2) + r * 8;
             const int first = seq_mask.key_begin(row) - col0 - ((lane & 3) << 1);
             const int end = seq_mask.key_end(row) - col0 - ((lane & 3) << 1);
 #pragma unroll
@@ -217,7 +218,7 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocksPerSm)
           for (int nt = 0; nt < kNTiles; ++nt)
 #pragma unroll
             for (int c = 0; c < 4; ++c) {
-              const int row = row0 + warp_row0 + mt * 16 + (lane >> 2) + ((c >> 1) << 3);
+              const int row = tile.row0 + warp_row0 + mt * 16 + (lane >> 2) + ((c >> 1) << 3);
               const int col = col0 + nt * 8 + ((lane & 3) << 1) + (c & 1);
               if (seq_mask.key_masked(row, col)) s[mt][nt][c] = -INFINITY;
             }

@@ -75,18 +75,16 @@ __global__ void __launch_bounds__(T::kThreads, 1)
   const int num_heads_q = p.num_heads_q;
   QueryTileWork work;
   if (!work.decode(p.q_items, p.q_count, num_heads_q, p.dq_tile_head_run)) return;
-  const int head = work.head, group = work.group(), m_block = work.m_block();
-  const BwdGroupArgs& g = p.groups[group];
-  const SeqLenInfo seq(g.cu_seqlens_q, g.total_q, p.cu_seqlens_k, p.total_k, g.seqused_k, work.batch());
-  const int row0 = m_block * kBlockM;
-  if (row0 >= seq.seqlen_q) return;
+  const QueryTile<BwdGroupArgs, kBlockM> tile(p, work);
+  if (!tile.has_rows) return;
+  const BwdGroupArgs& g = tile.g;
   // Key blocks [n_block_min, n_block_max) (n_block_min the constant 0 for kNone / kCausal). A
   // tile that sees no key keeps dQ = 0 (dq_accum was zeroed by the preprocess).
-  const Mask<kMask> seq_mask = seq.mask<kMask>(params.features, group, work.batch());
-  const int n_block_min = Mask<kMask>::kKeysStartAtZero ? 0 : seq_mask.n_block_min(m_block, kBlockM, kBlockN);
-  const int n_block_max = seq_mask.n_block_max(m_block, kBlockM, kBlockN);
+  const Mask<kMask> seq_mask = tile.seq.mask<kMask>(params.features, tile.group, tile.batch);
+  const int n_block_min = Mask<kMask>::kKeysStartAtZero ? 0 : seq_mask.n_block_min(tile.m_block, kBlockM, kBlockN);
+  const int n_block_max = seq_mask.n_block_max(tile.m_block, kBlockM, kBlockN);
   if (n_block_max <= n_block_min) return;
-  const int kv_head = head / p.q_heads_per_kv_head;
+  const int kv_head = tile.head / p.q_heads_per_kv_head;
   const int tid = threadIdx.x;
 
   const BwdDqSmem<T> sm(aligned_dynamic_smem());
@@ -99,21 +97,23 @@ __global__ void __launch_bounds__(T::kThreads, 1)
     // ---------------- producer (one thread) ----------------
     ptx::setmaxnreg_dec<T::kProducerRegs>();
     if (tid == 0) {
-      ptx::prefetch_tensor_map(&params.maps.tma_q[group]);
-      ptx::prefetch_tensor_map(&params.maps.tma_do[group]);
+      ptx::prefetch_tensor_map(&params.maps.tma_q[tile.group]);
+      ptx::prefetch_tensor_map(&params.maps.tma_do[tile.group]);
       ptx::prefetch_tensor_map(&params.maps.tma_k);
       ptx::prefetch_tensor_map(&params.maps.tma_v);
-      const int q_token0 = seq.q_start + row0;
+      const int q_token0 = tile.seq.q_start + tile.row0;
       ptx::mbarrier_arrive_expect_tx(sm.bar_q(), 2 * T::kQBytes);
 #pragma unroll
       for (int cb = 0; cb < T::kColBlocks; ++cb) {
-        ptx::tma_load_3d(sm.q + cb * T::kQColBlockBytes, &params.maps.tma_q[group], sm.bar_q(), cb * 64, head, q_token0);
-        ptx::tma_load_3d(sm.dout + cb * T::kQColBlockBytes, &params.maps.tma_do[group], sm.bar_q(), cb * 64, head, q_token0);
+        ptx::tma_load_3d(sm.q + cb * T::kQColBlockBytes, &params.maps.tma_q[tile.group], sm.bar_q(), cb * 64, tile.head,
+                         q_token0);
+        ptx::tma_load_3d(sm.dout + cb * T::kQColBlockBytes, &params.maps.tma_do[tile.group], sm.bar_q(), cb * 64,
+                         tile.head, q_token0);
       }
       for (int n = n_block_min; n < n_block_max; ++n) {
         const State st(n - n_block_min);
         const int s = st.stage();
-        const int token = seq.k_start + n * kBlockN;
+        const int token = tile.seq.k_start + n * kBlockN;
         kv_pipe.producer_acquire(st);
         ptx::mbarrier_arrive_expect_tx(kv_pipe.full(s), 2 * T::kKVBytes);
 #pragma unroll
@@ -132,7 +132,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
   const int ctid = tid - 128;  // 0 .. 255
   const int lane = tid & 31;
   const int warp_in_wg = (tid / 32) & 3;
-  const int my_row = row0 + wg * 64 + warp_in_wg * 16 + (lane >> 2);  // this thread's first row (+8: its second)
+  const int my_row = tile.row0 + wg * 64 + warp_in_wg * 16 + (lane >> 2);  // this thread's first row (+8: its second)
   const int qcol = (lane & 3) * 2;  // this thread's first key column in an n8 fragment
 
   // LSE (log2 units) and Di of this thread's two rows; rows past the sequence: LSE = +inf (P = 0).
@@ -140,8 +140,8 @@ __global__ void __launch_bounds__(T::kThreads, 1)
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int row = my_row + 8 * r;
-    const bool ok = row < seq.seqlen_q;
-    const int64_t idx = g.stat_row(head) + seq.q_start + row;
+    const bool ok = row < tile.seq.seqlen_q;
+    const int64_t idx = g.stat_row(tile.head) + tile.seq.q_start + row;
     lse[r] = ok ? g.lse_log2[idx] : INFINITY;
     di[r] = ok ? g.di[idx] : 0.f;
   }
@@ -170,7 +170,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
     const uint32_t k_tile = sm.k_stage(s);
     const uint32_t v_tile = sm.v_stage(s);
     const int col0 = n * kBlockN;
-    const int keys_valid = seq.seqlen_k - col0;
+    const int keys_valid = tile.seq.seqlen_k - col0;
     if (keys_valid < kBlockN) {  // both warpgroups reach this for the same block
       ptx::zero_swizzled_rows(k_tile, T::kKVColBlockBytes, T::kColBlocks, keys_valid, kBlockN, ctid, 256);
       ptx::fence_proxy_async_shared();
@@ -200,7 +200,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
     // row's key_begin and width[r] its number of keys (0 when none), both relative to column j = 0.
     // Made opaque after the wait so the index-only test is not hoisted above the wgmma (see the
     // dK/dV kernel); run only on blocks that need it.
-    const bool need_mask = seq_mask.tile_needs_key_mask(row0 + wg * 64, 64, col0, kBlockN);
+    const bool need_mask = seq_mask.tile_needs_key_mask(tile.row0 + wg * 64, 64, col0, kBlockN);
     int width[2];
     [[maybe_unused]] int first_key[2];
 #pragma unroll
@@ -268,8 +268,9 @@ __global__ void __launch_bounds__(T::kThreads, 1)
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int row = my_row + 8 * r;
-    if (row >= seq.seqlen_q) continue;
-    float* dst = g.dq_accum + ((static_cast<int64_t>(seq.q_start) + row) * num_heads_q + head) * kHeadDim + qcol;
+    if (row >= tile.seq.seqlen_q) continue;
+    float* dst =
+        g.dq_accum + ((static_cast<int64_t>(tile.seq.q_start) + row) * num_heads_q + tile.head) * kHeadDim + qcol;
 #pragma unroll
     for (int dt = 0; dt < kDTiles; ++dt)
       *reinterpret_cast<float2*>(dst + dt * 8) = make_float2(dq[dt][2 * r], dq[dt][2 * r + 1]);

@@ -501,24 +501,22 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __gri
   const int num_heads_q = p.num_heads_q;
   QueryTileWork work;
   if (!work.decode(p.work_items, p.work_count, num_heads_q, p.tile_head_run)) return;
-  const int head = work.head, group = work.group(), m_block = work.m_block();
-  const FwdGroupArgs& g = p.groups[group];
-  const SeqLenInfo seq(g.cu_seqlens_q, g.total_q, p.cu_seqlens_k, p.total_k, g.seqused_k, work.batch());
-  const int row0 = m_block * kBlockM;
-  if (row0 >= seq.seqlen_q) return;
-  const int kv_head = head / p.q_heads_per_kv_head;
+  const QueryTile<FwdGroupArgs, kBlockM> tile(p, work);
+  if (!tile.has_rows) return;
+  const FwdGroupArgs& g = tile.g;
+  const int kv_head = tile.head / p.q_heads_per_kv_head;
   const int tid = threadIdx.x;
 
-  const Mask<kMask> seq_mask = seq.mask<kMask>(params.features, group, work.batch());
+  const Mask<kMask> seq_mask = tile.seq.mask<kMask>(params.features, tile.group, tile.batch);
   // Key blocks [n_block_min, n_block_max) of this tile. n_block_min is the constant 0 when no
   // row's keys can start past key 0 (kNone, kCausal), so the loops are those of a walk down to
   // block 0.
-  const int n_block_min = Mask<kMask>::kKeysStartAtZero ? 0 : seq_mask.n_block_min(m_block, kBlockM, kBlockN);
-  const int n_block_max = seq_mask.n_block_max(m_block, kBlockM, kBlockN);
+  const int n_block_min = Mask<kMask>::kKeysStartAtZero ? 0 : seq_mask.n_block_min(tile.m_block, kBlockM, kBlockN);
+  const int n_block_max = seq_mask.n_block_max(tile.m_block, kBlockM, kBlockN);
   if (n_block_max <= n_block_min) {  // no row of this tile sees a key
-    Element* out_tile = g.out_tile<Element>(seq.q_start, row0, head);
-    float* lse_tile = g.lse_tile(seq.q_start, row0, head);
-    write_empty_tile<T, kMask>(params, g, out_tile, lse_tile, head, min(kBlockM, seq.seqlen_q - row0), tid, T::kThreads);
+    Element* out_tile = g.out_tile<Element>(tile.seq.q_start, tile.row0, tile.head);
+    float* lse_tile = g.lse_tile(tile.seq.q_start, tile.row0, tile.head);
+    write_empty_tile<T, kMask>(params, g, out_tile, lse_tile, tile.head, tile.rows_valid(), tid, T::kThreads);
     return;
   }
 
@@ -531,11 +529,11 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __gri
     // ---------------- producer ----------------
     ptx::setmaxnreg_dec<T::kProducerRegs>();
     if (tid == 0) {
-      ptx::prefetch_tensor_map(&params.tma_q[group]);
+      ptx::prefetch_tensor_map(&params.tma_q[tile.group]);
       ptx::prefetch_tensor_map(&params.tma_k);
       ptx::prefetch_tensor_map(&params.tma_v);
-      produce<T>(params, sm, group, head, kv_head, seq.q_start + row0, seq.k_start, n_block_min, n_block_max,
-                 /*kv_iteration=*/0, /*q_stage=*/0);
+      produce<T>(params, sm, tile.group, tile.head, kv_head, tile.seq.q_start + tile.row0, tile.seq.k_start,
+                 n_block_min, n_block_max, /*kv_iteration=*/0, /*q_stage=*/0);
     }
     return;
   }
@@ -546,9 +544,9 @@ __global__ void __launch_bounds__(T::kThreads, 1) grouped_fwd_kernel(const __gri
   order.start();
   q_pipe.consumer_wait(PipelineState<T::kQStages>(0));
   int no_pending_release = -1;  // (only the persistent kernel stores O by TMA)
-  consume_tile<T, kMask, kSoftcap, /*kPersistent=*/false>(params, sm, order, /*q_stage=*/0, /*kv_iteration=*/0, head,
-                                                         group, row0, seq.q_start, n_block_min, n_block_max, seq_mask,
-                                                         no_pending_release);
+  consume_tile<T, kMask, kSoftcap, /*kPersistent=*/false>(params, sm, order, /*q_stage=*/0, /*kv_iteration=*/0,
+                                                         tile.head, tile.group, tile.row0, tile.seq.q_start,
+                                                         n_block_min, n_block_max, seq_mask, no_pending_release);
 #endif
 }
 
