@@ -43,7 +43,10 @@ struct QueryTileWork {
 // sequence (SeqLenInfo) and its rows. Params: the kernel's FwdKernelParams or BwdKernelParams;
 // GroupArgs: their FwdGroupArgs or BwdGroupArgs. has_rows is false for a tile that starts at or
 // after the end of its sequence (nothing to do). The order of the members' initialisation is
-// that of the kernels' prologues before (and their machine code with it).
+// that of the kernels' prologues before (and their machine code with it). The key-block range
+// stays in the kernels: for kNone / kCausal their n_block_min is a const int set to the constant
+// 0 (common/mask.h), which the loops use as a compile-time bound; returned by a member function it
+// is no constant expression, and the machine code changed (tried: sm80 forward D=128 causal).
 template <typename GroupArgs, int kBlockM>
 struct QueryTile {
   int head, group, m_block, batch;
