@@ -74,7 +74,7 @@ __device__ __forceinline__ void st_shared_u32(uint32_t addr, uint32_t v) {
   asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
 }
 
-// ---- Pieces both consumer main loops run the same way ----
+// ---- Pieces both consumer main loops run the same way (the larger ones: bwd_mainloop_common.cuh) ----
 
 // The dK and dV accumulators of a consumer thread, zeroed before the first query tile.
 template <int kDTiles>

@@ -34,6 +34,7 @@
 #include "cuda/query_tile_cursor.h"
 #include "cuda/seqlen_info.h"
 #include "cuda/sm90/bwd_common.cuh"
+#include "cuda/sm90/bwd_mainloop_common.cuh"
 #include "cuda/sm90/bwd_params.h"
 #include "cuda/sm90/fragments.h"
 #include "cuda/sm90/mma_loop.h"
@@ -84,14 +85,8 @@ __device__ __forceinline__ void consume_bwd_headsplit(const BwdKernelParams& par
   const int cb_first = wg * T::kColBlocksPerWarpgroup;  // the column block holding it
 
   float dk[kDTiles][4], dv[kDTiles][4];
-  zero_dkdv_accumulators(dk, dv);
-
   Cursor cur;
-  cur.start(p, features, b, key0);
-  if (cur.valid(p)) {
-    ptx::mbarrier_wait_parity(sm.bar_kv(), 0);
-    zero_unused_key_rows(p, sm, b, key0, keys_valid, ctid);
-
+  if (start_key_block(params, sm, cur, b, key0, keys_valid, ctid, dk, dv)) {
     // K and V (all 64 keys) as the K-major A operand of S^T and dP^T.
     const KMajorSteps<T::kKVColBlockBytes> k_a{ptx::smem_desc_sw128(sm.k, 16, 1024)};
     const KMajorSteps<T::kKVColBlockBytes> v_a{ptx::smem_desc_sw128(sm.v, 16, 1024)};
@@ -115,28 +110,8 @@ __device__ __forceinline__ void consume_bwd_headsplit(const BwdKernelParams& par
     // part 0, its dO for part 1), then one thread adds them to dq_accum by TMA reduce-add.
     auto stage_and_reduce_dq = [&](const float (&dq)[kDqPartTiles][4], int h, uint32_t region, const Cursor& c,
                                    int head, int row0) {
-      const uint32_t boxes = region + cb_first * T::kQColBlockBytes;
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int row = warp_in_wg * 16 + (lane >> 2) + r * 8;
-        const bool ok = row0 + row < c.seqlen_q;
-#pragma unroll
-        for (int dt = 0; dt < kDqPartTiles; ++dt) {
-          const int byte = (dt % 4) * 32 + (lane & 3) * 8;
-          const uint32_t addr =
-              boxes + (dt / 4) * T::kDqBoxBytes + row * 128 + (((byte >> 4) ^ (row & 7)) << 4) + (byte & 15);
-          st_shared_f2(addr, ok ? dq[dt][2 * r] : 0.f, ok ? dq[dt][2 * r + 1] : 0.f);
-        }
-      }
-      ptx::fence_proxy_async_shared();
-      ptx::named_barrier_sync(barrier_id(NamedBarrier::kBwdHsDqStage0, wg), 128);
-      if (ctid % 128 == 0) {
-#pragma unroll
-        for (int bx = 0; bx < 2; ++bx)
-          ptx::tma_reduce_add_3d(&params.tma_dq[c.group], boxes + bx * T::kDqBoxBytes, col_first + h * 64 + bx * 32,
-                                 head, c.q_start + row0);
-        ptx::bulk_commit_group();
-      }
+      stage_and_reduce_dq_boxes<T>(params, c, dq, region + cb_first * T::kQColBlockBytes, 0, col_first + h * 64, head,
+                                   row0, NamedBarrier::kBwdHsDqStage0, wg, warp_in_wg, lane, ctid);
     };
 
     int t = 0;
@@ -286,37 +261,12 @@ __device__ __forceinline__ void consume_bwd_headsplit(const BwdKernelParams& par
     fence_accumulator(dv);
   }
 
-  // ---- epilogue: dK * scale and dV, rows of this thread's keys, columns C_w (zeros where no
-  // query saw them) ----
-  int32_t block_k_start = k_start;
-  int block_keys = keys_valid;
-  int my_key = key_local;
-  int my_col = col_first + qcol;
-  if constexpr (kMask == MaskMode::kLocal) {
-    // Read again rather than held across the tile loop (as in the key-split loop).
-    asm volatile("" ::: "memory");
-    block_k_start = SeqLenInfo::clamp(p.cu_seqlens_k[b], 0, p.total_k);
-    block_keys = min(kBlockN, SeqLenInfo::clamp(p.cu_seqlens_k[b + 1], block_k_start, p.total_k) - block_k_start - key0);
-    const int thread = threadIdx.x;
-    my_key = ((thread / 32) & 3) * 16 + ((thread & 31) >> 2);
-    my_col = (thread / 128 - 1) * T::kColsPerWarpgroup + (thread & 3) * 2;
-  }
-  const int64_t key_row0 = static_cast<int64_t>(block_k_start) + key0;
-  Element* dk_blk = static_cast<Element*>(p.dk) + key_row0 * p.dk_row_stride + kv_head * p.dk_head_stride + my_col;
-  Element* dv_blk = static_cast<Element*>(p.dv) + key_row0 * p.dv_row_stride + kv_head * p.dv_head_stride + my_col;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int key = my_key + r * 8;
-    if (key < block_keys) {
-#pragma unroll
-      for (int dt = 0; dt < kDTiles; ++dt) {
-        *reinterpret_cast<uint32_t*>(dk_blk + key * p.dk_row_stride + dt * 8) =
-            ptx::pack2<Element>(dk[dt][2 * r] * p.softmax_scale, dk[dt][2 * r + 1] * p.softmax_scale);
-        *reinterpret_cast<uint32_t*>(dv_blk + key * p.dv_row_stride + dt * 8) =
-            ptx::pack2<Element>(dv[dt][2 * r], dv[dt][2 * r + 1]);
-      }
-    }
-  }
+  // ---- epilogue: dK * scale and dV, rows of this thread's keys, columns C_w (the thread's key and
+  // column again from threadIdx with kLocal, as in the key-split loop) ----
+  store_dkdv<T, kMask>(p, b, key0, kv_head, k_start, keys_valid, key_local, col_first + qcol, 0, [](int thread) {
+    return make_int2(((thread / 32) & 3) * 16 + ((thread & 31) >> 2),
+                     (thread / 128 - 1) * T::kColsPerWarpgroup + (thread & 3) * 2);
+  }, dk, dv);
 }
 
 }  // namespace sm90

@@ -24,6 +24,7 @@
 #include "cuda/query_tile_cursor.h"
 #include "cuda/seqlen_info.h"
 #include "cuda/sm90/bwd_common.cuh"
+#include "cuda/sm90/bwd_mainloop_common.cuh"
 #include "cuda/sm90/bwd_params.h"
 #include "cuda/sm90/fragments.h"
 #include "cuda/sm90/named_barriers.h"
@@ -65,14 +66,8 @@ __device__ __forceinline__ void consume_bwd_keysplit(const BwdKernelParams& para
   const int qcol = (lane & 3) * 2;                                 // this thread's first query column in an n8 fragment
 
   float dk[kDTiles][4], dv[kDTiles][4];
-  zero_dkdv_accumulators(dk, dv);
-
   Cursor cur;
-  cur.start(p, features, b, key0);
-  if (cur.valid(p)) {
-    ptx::mbarrier_wait_parity(sm.bar_kv(), 0);
-    zero_unused_key_rows(p, sm, b, key0, keys_valid, ctid);
-
+  if (start_key_block(params, sm, cur, b, key0, keys_valid, ctid, dk, dv)) {
     // Descriptors (see fwd_kernel.cuh for the layouts): one per operand tile, advanced by
     // constant byte offsets per k step.
     const uint64_t k_a_desc0 = ptx::smem_desc_sw128(sm.k + wg * 64 * 128, 16, 1024);
@@ -104,30 +99,9 @@ __device__ __forceinline__ void consume_bwd_keysplit(const BwdKernelParams& para
     // swizzle; rows past the sequence as 0, so the next sequence's rows get exactly +0), then one
     // thread adds the boxes to dq_accum with TMA reduce-add.
     auto stage_and_reduce_dq = [&](const auto& dq, int h, const Cursor& c, int head, int row0) {
-      constexpr int kTiles = sizeof(dq) / sizeof(dq[0]);
-      constexpr int kBoxes = kTiles / 4;  // 32 columns = 4 n8 tiles per box
-      const uint32_t stage = sm.dq_stage(wg);
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int row = warp_in_wg * 16 + (lane >> 2) + r * 8;
-        const bool ok = row0 + row < c.seqlen_q;
-#pragma unroll
-        for (int dt = 0; dt < kTiles; ++dt) {
-          const int box = h * kBoxes + dt / 4;
-          const int byte = (dt % 4) * 32 + (lane & 3) * 8;
-          const uint32_t addr = stage + box * T::kDqBoxBytes + row * 128 + ((((byte >> 4) ^ (row & 7))) << 4) + (byte & 15);
-          st_shared_f2(addr, ok ? dq[dt][2 * r] : 0.f, ok ? dq[dt][2 * r + 1] : 0.f);
-        }
-      }
-      ptx::fence_proxy_async_shared();
-      ptx::named_barrier_sync(barrier_id(NamedBarrier::kBwdDqStage0, wg), 128);
-      if (ctid % 128 == 0) {
-#pragma unroll
-        for (int bx = 0; bx < kBoxes; ++bx)
-          ptx::tma_reduce_add_3d(&params.tma_dq[c.group], stage + (h * kBoxes + bx) * T::kDqBoxBytes,
-                                 (h * kBoxes + bx) * 32, head, c.q_start + row0);
-        ptx::bulk_commit_group();
-      }
+      constexpr int kBoxes = sizeof(dq) / sizeof(dq[0]) / 4;  // 32 columns = 4 n8 tiles per box
+      stage_and_reduce_dq_boxes<T>(params, c, dq, sm.dq_stage(wg), h * kBoxes, 0, head, row0, NamedBarrier::kBwdDqStage0,
+                                   wg, warp_in_wg, lane, ctid);
     };
 
     int num_tiles = 0;  // tiles walked, for the kDsFree drain after the loop
@@ -316,35 +290,11 @@ __device__ __forceinline__ void consume_bwd_keysplit(const BwdKernelParams& para
     fence_accumulator(dv);
   }
 
-  // ---- epilogue: dK * scale and dV, rows of this thread's keys (zeros where no query saw them) ----
-  int32_t block_k_start = k_start;
-  int block_keys = keys_valid;
-  int my_key = key_local;
-  if constexpr (kMask == MaskMode::kLocal) {
-    // Read again rather than held across the tile loop, whose run-time mask needs the registers
-    // (they would be spilled). The empty asm keeps the compiler from reusing the first loads.
-    asm volatile("" ::: "memory");
-    block_k_start = SeqLenInfo::clamp(p.cu_seqlens_k[b], 0, p.total_k);
-    block_keys = min(kBlockN, SeqLenInfo::clamp(p.cu_seqlens_k[b + 1], block_k_start, p.total_k) - block_k_start - key0);
-    const int thread = threadIdx.x;
-    my_key = (thread / 128 - 1) * 64 + ((thread / 32) & 3) * 16 + ((thread & 31) >> 2);
-  }
-  const int64_t key_row0 = static_cast<int64_t>(block_k_start) + key0;
-  Element* dk_blk = static_cast<Element*>(p.dk) + key_row0 * p.dk_row_stride + kv_head * p.dk_head_stride;
-  Element* dv_blk = static_cast<Element*>(p.dv) + key_row0 * p.dv_row_stride + kv_head * p.dv_head_stride;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int key = my_key + r * 8;
-    if (key < block_keys) {
-#pragma unroll
-      for (int dt = 0; dt < kDTiles; ++dt) {
-        *reinterpret_cast<uint32_t*>(dk_blk + key * p.dk_row_stride + dt * 8 + qcol) =
-            ptx::pack2<Element>(dk[dt][2 * r] * p.softmax_scale, dk[dt][2 * r + 1] * p.softmax_scale);
-        *reinterpret_cast<uint32_t*>(dv_blk + key * p.dv_row_stride + dt * 8 + qcol) =
-            ptx::pack2<Element>(dv[dt][2 * r], dv[dt][2 * r + 1]);
-      }
-    }
-  }
+  // ---- epilogue: dK * scale and dV, rows of this thread's keys (zeros where no query saw them),
+  // all columns from qcol; with kLocal the key again from threadIdx ----
+  store_dkdv<T, kMask>(p, b, key0, kv_head, k_start, keys_valid, key_local, 0, qcol, [](int thread) {
+    return make_int2((thread / 128 - 1) * 64 + ((thread / 32) & 3) * 16 + ((thread & 31) >> 2), 0);
+  }, dk, dv);
 }
 
 }  // namespace sm90
