@@ -422,6 +422,45 @@ LONG_SCENARIOS = [
 ]
 
 
+def _varlen_lengths(seed: int, count: int, high: int) -> List[int]:
+    gen = torch.Generator().manual_seed(seed)
+    return [int(x) for x in torch.randint(1, high, (count,), generator=gen)]
+
+
+# The persistent forward's list by L2 sections (common/tile_order.h): window calls with many more
+# tiles than SMs (40 sequences, 16 query heads), costs varying inside each sequence.
+SECTION_SCENARIOS = [
+    Scenario("sections_causal_window_shift_sinks", [_varlen_lengths(1, 40, 600), _varlen_lengths(2, 40, 600)],
+             _varlen_lengths(3, 40, 700), hq=16, hk=4, causal=True, window=(200, -1), sinks=True,
+             shifts=[None, [(b % 5) * 37 - 60 for b in range(40)]]),
+    Scenario("sections_two_sided_softcap", [_varlen_lengths(4, 40, 500)], _varlen_lengths(5, 40, 500), hq=16, hk=2,
+             window=(130, 70), softcap=12.0, seqused=[[0 if b % 8 == 3 else n for b, n in
+                                                       enumerate(_varlen_lengths(5, 40, 500))]]),
+]
+
+
+@pytest.mark.parametrize("section_keys", ["auto", "1", "257"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("sc", SECTION_SCENARIOS, ids=lambda s: s.name)
+def test_tier2_forward_list_in_l2_sections(monkeypatch, sc: Scenario, head_dim: int, section_keys: str):
+    """Window calls on the persistent tier-2 forward with its list in L2 sections (auto: the
+    library's choice; forced with RING_FLASH_ATTN_TILE_SECTION_KEYS: 1 key asks for as many sections
+    as the list's sort holds, 257 for sections of a few sequences): the forward against the
+    reference."""
+    _use_tier(monkeypatch, "sm90")
+    if section_keys == "auto":
+        monkeypatch.delenv("RING_FLASH_ATTN_TILE_SECTION_KEYS", raising=False)
+    else:
+        monkeypatch.setenv("RING_FLASH_ATTN_TILE_SECTION_KEYS", section_keys)
+    dt = torch.bfloat16
+    x = make_inputs(sc, head_dim, dt, "/sections" + section_keys)
+    leaves, sinks = fresh_leaves(x)
+    with torch.no_grad():
+        outs, lses = run_op_on(sc, x, leaves, sinks)
+    hi, lp = references(sc, x, dt, head_dim)
+    check_forward(sc, x, outs, lses, hi, lp)
+
+
 @pytest.mark.parametrize("deterministic", [False, True], ids=["dq_default", "deterministic"])
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("sc", LONG_SCENARIOS, ids=lambda s: s.name)

@@ -447,6 +447,55 @@ def test_tier2_forward_many_tiles_per_cta(monkeypatch, head_dim):
         _run_and_check(lens_q, lens_k, 16, 4, head_dim, torch.bfloat16, causal, seqused=seqused)
 
 
+@pytest.mark.parametrize("section_keys", ["auto", "0", "300", "1"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_tier2_forward_list_in_l2_sections(monkeypatch, head_dim, section_keys):
+    """The persistent tier-2 forward's list by L2 sections (common/tile_order.h; forced with
+    RING_FLASH_ATTN_TILE_SECTION_KEYS: 0 none, 300 keys, 1 as many sections as the list's sort
+    holds; auto: the library's choice, a few sections for the causal call and none for the other):
+    every tile computed once, whatever the order. Varlen, two groups, GQA, tiles without keys, causal and not, against the
+    float32 reference."""
+    if not _is_sm90():
+        pytest.skip("tier 2 needs an sm90 card")
+    monkeypatch.setenv("RING_FLASH_ATTN_TIER", "sm90")
+    if section_keys == "auto":
+        monkeypatch.delenv("RING_FLASH_ATTN_TILE_SECTION_KEYS", raising=False)
+    else:
+        monkeypatch.setenv("RING_FLASH_ATTN_TILE_SECTION_KEYS", section_keys)
+    torch.manual_seed(41 + head_dim)
+    gen = torch.Generator().manual_seed(7 * head_dim + len(section_keys))
+    lens_q = [[int(x) for x in torch.randint(1, 600, (40,), generator=gen)] for _ in range(2)]
+    lens_k = [int(x) for x in torch.randint(1, 800, (40,), generator=gen)]
+    seqused = [[0 if b % 9 == 4 else n for b, n in enumerate(lens_k)], None]
+    for causal in (True, False):
+        _run_and_check(lens_q, lens_k, 16, 4, head_dim, torch.bfloat16, causal, seqused=seqused)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_tier2_forward_sweep_shape_in_l2_sections(monkeypatch, head_dim):
+    """The FlashAttention-3 sweep's short causal call (32 sequences of 512, 2048 hidden), whose
+    automatic choice on an H100 / H200 (50 MB L2) has several L2 sections of sequences; the same
+    call without sections gives the same output bit for bit (each tile's arithmetic does not depend
+    on the order tiles run in)."""
+    if not _is_sm90():
+        pytest.skip("tier 2 needs an sm90 card")
+    monkeypatch.setenv("RING_FLASH_ATTN_TIER", "sm90")
+    monkeypatch.delenv("RING_FLASH_ATTN_TILE_SECTION_KEYS", raising=False)
+    torch.manual_seed(53 + head_dim)
+    heads = 2048 // head_dim
+    q_list, k, v, cu_q, cu_k = _make([[512] * 32], [512] * 32, heads, heads, head_dim, torch.bfloat16)
+    outs = {}
+    for keys in ("auto", "0"):
+        if keys != "auto":
+            monkeypatch.setenv("RING_FLASH_ATTN_TILE_SECTION_KEYS", keys)
+        _poison_allocator(k.device)
+        outs[keys] = flash_attn_varlen_func(q_list[0], k, v, cu_q[0], cu_k, 512, 512, causal=True)
+    ref32, _ = grouped_attention_reference([q_list[0].float()], k.float(), v.float(), cu_q, cu_k, None, None, True)
+    ref_lp, _ = grouped_attention_reference(q_list, k, v, cu_q, cu_k, None, None, True)
+    _check("auto sections", outs["auto"], ref32[0], ref_lp[0])
+    assert torch.equal(outs["auto"], outs["0"]), "the list's order changed a result"
+
+
 def test_tiers_agree_on_a_long_sequence(monkeypatch):
     if not _is_sm90():
         pytest.skip("tier 2 needs an sm90 card")

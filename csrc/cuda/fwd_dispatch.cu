@@ -44,16 +44,19 @@ FwdKernelParams fwd_kernel_params(const ringattn_fwd_params& p, const SchedulerA
 }
 
 // Builds the kernel parameters of a forward with block_m x block_n tiles and launches its
-// work-list kernel; *num_ctas gets the forward kernel's grid.
+// work-list kernel (longest first, per L2 section where `sections` has them: common/tile_order.h);
+// *num_ctas gets the forward kernel's grid.
 ringattn_status launch_fwd_work_list(const ringattn_fwd_params& p, int block_m, int block_n, cudaStream_t stream,
-                                     FwdKernelParams* kp, int64_t* num_ctas, int32_t** tile_counter = nullptr) {
+                                     FwdKernelParams* kp, int64_t* num_ctas, int32_t** tile_counter = nullptr,
+                                     const TileListSections& sections = TileListSections{}) {
   const ringattn_problem& pr = p.problem;
   const int64_t capacity = query_tile_capacity(p, block_m);
   *num_ctas = capacity * pr.num_heads_q;
   if (*num_ctas > INT32_MAX)
     return failf(RINGATTN_STATUS_INVALID_ARGUMENT, "total_q: %lld query tiles x %d heads exceed the grid limit of %d CTAs",
                  static_cast<long long>(capacity), pr.num_heads_q, INT32_MAX);
-  const SchedulerArgs sched = query_tile_scheduler(p, block_m, block_n, capacity, p.workspace);
+  SchedulerArgs sched = query_tile_scheduler(p, block_m, block_n, capacity, p.workspace);
+  sched.sections = sections;
   *kp = fwd_kernel_params(p, sched);
   kp->tile_head_run = tile_head_run(pr, p.exec.device_index, capacity);
   if (tile_counter != nullptr) *tile_counter = sched.count + 1;  // zeroed by the work-list kernel
@@ -101,26 +104,33 @@ ringattn_status run_sm90_fwd(const ringattn_fwd_params& p, const Sm90FwdKernelEn
   std::string why;
   if (!encode_fwd_tensor_maps(p, e, &kp, &why))
     return failf(RINGATTN_STATUS_CUDA_ERROR, "tier 2 forward: encoding a TMA tensor map failed: %s", why.c_str());
-  int64_t num_ctas = 0;
-  int32_t* tile_counter = nullptr;
-  const ringattn_status s = launch_fwd_work_list(p, e.block_m, e.block_n, stream, &kp.base, &num_ctas, &tile_counter);
-  if (s != RINGATTN_STATUS_OK) return s;
-  fill_features(kp.features, p);
   // The persistent kernel where tiles are short, their fixed cost then a large share, and there
   // are more tiles than SMs: one CTA per SM (its registers allow no second), each taking tiles from
   // the list until none is left (sm90/fwd_kernel.cuh); the kernel knows it by the tile counter.
   // Short: a tile's rows see at most kPersistentFwdMaxTileKeys = 33 blocks of 128 keys together
   // (max_seqlen_k, a hint, or the window's span plus the tile's rows); fwd_grid_choice.h has the
-  // H200 measurements behind that number. Longer tiles keep the one-CTA-per-tile kernel.
+  // H200 measurements behind that number. Longer tiles keep the one-CTA-per-tile kernel. Its list
+  // is longest first per L2 section of sequences (fwd_tile_list_sections: causal and window calls),
+  // so the tiles of one sequence, whose costs differ, run close enough to share its K/V in L2.
   const ringattn_problem& pr = p.problem;
   const MaskWindow window = call_window(pr);  // causal as a right side of 0
-  if (fwd_tiles_are_short(pr.max_seqlen_k, window, e.block_m) && sm90::has_persistent_fwd(pr.head_dim)) {
-    const int sms = device_sm_count(p.exec.device_index);
-    if (sms > 0 && num_ctas > sms) {
-      num_ctas = sms;
-      kp.tile_counter = tile_counter;
-      encode_fwd_output_maps(p, &kp);
-    }
+  int sms = 0;
+  if (fwd_tiles_are_short(pr.max_seqlen_k, window, e.block_m) && sm90::has_persistent_fwd(pr.head_dim))
+    sms = device_sm_count(p.exec.device_index);
+  // The grid launch_fwd_work_list sizes: a CTA per possible tile.
+  const bool persistent = sms > 0 && query_tile_capacity(p, e.block_m) * pr.num_heads_q > sms;
+  const TileListSections sections =
+      persistent ? fwd_tile_list_sections(pr, p.exec.device_index, e.block_m, e.block_n) : TileListSections{};
+  int64_t num_ctas = 0;
+  int32_t* tile_counter = nullptr;
+  const ringattn_status s =
+      launch_fwd_work_list(p, e.block_m, e.block_n, stream, &kp.base, &num_ctas, &tile_counter, sections);
+  if (s != RINGATTN_STATUS_OK) return s;
+  fill_features(kp.features, p);
+  if (persistent) {
+    num_ctas = sms;
+    kp.tile_counter = tile_counter;
+    encode_fwd_output_maps(p, &kp);
   }
   const cudaError_t err = e.launch(kp, static_cast<int>(num_ctas), stream);
   if (err != cudaSuccess) return cuda_fail(err, "launching the grouped forward kernel (tier 2, sm90a)");

@@ -73,12 +73,14 @@ __global__ void __launch_bounds__(kThreads) build_work_list_kernel(const __grid_
     const int32_t shift = shifts != nullptr ? shifts[b] : 0;
     const int32_t first = args.offsets[p];  // <= total_items (saturated)
     const int32_t tiles = work_list::items_below(first, blocks_of(seqlen_q, args.block_m), total_items);
-    // The tiles' items [first, first + tiles), each with the key blocks it reads (common/mask.h),
-    // as the kernels walk them.
+    // The tiles' items [first, first + tiles), each with its sort key: the key blocks it reads
+    // (common/mask.h), as the kernels walk them, and where the call has L2 sections, its
+    // sequence's section before that (common/tile_order.h).
+    const TileSortKey sort_key(args.sections, k_start, args.total_k);
     auto place_tiles = [&](const auto& mask) {
       for (int32_t m = 0; m < tiles; ++m) {
         args.unsorted[first + m] = WorkItem{(m << 4) | g, b};
-        args.costs[first + m] = work_list::query_tile_cost(mask, m, args.block_m, args.block_n);
+        args.costs[first + m] = sort_key(work_list::query_tile_cost(mask, m, args.block_m, args.block_n));
       }
     };
     if (work_list::mask_fits_int32(seqlen_q, seqlen_k))
@@ -89,7 +91,7 @@ __global__ void __launch_bounds__(kThreads) build_work_list_kernel(const __grid_
   metadata_errors::report(args.metadata_errors, errors);
   __syncthreads();
 
-  // 3. longest first.
+  // 3. longest first (per L2 section where the call has them).
   work_list::sort_by_cost_desc(args.unsorted, args.costs, total_items, args.sorted);
   if (threadIdx.x == 0) {
     args.count[0] = total_items;
@@ -169,6 +171,29 @@ int kv_block_head_run(const ringattn_problem& pr, int64_t q_rows, int device_ind
   // Q and dO rows of the K/V head's q_per_kv query heads, 2-byte elements.
   const int64_t bytes_per_kv_head = 2 * q_rows * pr.head_dim * 2 * q_per_kv;
   return head_run_on_device(device_index, bytes_per_kv_head, pr.num_heads_k, 1, capacity);
+}
+
+TileListSections fwd_tile_list_sections(const ringattn_problem& pr, int device_index, int block_m, int block_n) {
+  // Read at each call (unlike the run lengths above), so a test can set it per call.
+  const long forced_keys = env_override("RING_FLASH_ATTN_TILE_SECTION_KEYS", 0, INT32_MAX, -1);  // -1: not forced
+  if (forced_keys == 0) return TileListSections{};
+  const MaskWindow window = call_window(pr);
+  if (forced_keys < 0 && window.left < 0 && window.right < 0) return TileListSections{};  // every tile of a sequence costs the same
+  int64_t keys = forced_keys;
+  if (forced_keys < 0) {
+    int sm_count = 0;
+    int64_t l2_bytes = 0;
+    if (check_device(device_index, nullptr, &sm_count, &l2_bytes) != RINGATTN_STATUS_OK || l2_bytes <= 0)
+      return TileListSections{};
+    const int64_t kv_bytes_per_key = 2 * static_cast<int64_t>(pr.num_heads_k) * pr.head_dim * 2;  // K and V, 2 bytes
+    keys = kv_bytes_per_key > 0 ? (l2_bytes / 4) / kv_bytes_per_key : 0;
+    if (keys < 1) keys = 1;
+  }
+  // The costliest tile: the blocks of the keys one tile sees (the call's hint, else every key),
+  // one more where they do not start on a block boundary.
+  const int64_t tile_keys = fwd_tile_keys(pr.max_seqlen_k > 0 ? pr.max_seqlen_k : pr.total_k, window, block_m);
+  const int64_t max_cost = (tile_keys + block_n - 1) / block_n + 1;
+  return choose_tile_list_sections(keys, pr.total_k, max_cost, work_list::kBuckets);
 }
 
 cudaError_t launch_build_work_list(const SchedulerArgs& args, cudaStream_t stream) {

@@ -4,7 +4,9 @@
 // Work item = (group, sequence, query tile). Every tile is an item (one that sees no key writes
 // O = 0 and its LSE). Cost = number of K/V blocks the tile reads, [n_block_min, n_block_max) of
 // the mask policy. Items are sorted by cost, largest first, so the causal tail and the long
-// group's tiles start in the first wave and the cheap tiles fill the last one.
+// group's tiles start in the first wave and the cheap tiles fill the last one; for the tier-2
+// persistent forward, longest first per L2 section of sequences (common/tile_order.h,
+// TileListSections), so the tiles of one sequence read its keys and values from L2.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -12,14 +14,18 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "common/tile_order.h"
 #include "cuda/fwd_params.h"
 #include "cuda/work_list_inputs.h"
 
 namespace ringattn {
 namespace cuda {
 
-// The query-tile work list: offsets has G*B + 1 entries (per (group, sequence)).
-using SchedulerArgs = WorkListArgs<WorkItem>;
+// The query-tile work list: offsets has G*B + 1 entries (per (group, sequence)). `sections`: the
+// list's L2 sections (none unless the caller asks: fwd_tile_list_sections).
+struct SchedulerArgs : WorkListArgs<WorkItem> {
+  TileListSections sections;
+};
 
 // Upper bound on the number of work items: each sequence adds at most one partial tile.
 int64_t work_capacity(const int64_t* total_q, int num_groups, int batch_size, int block_m);
@@ -49,6 +55,15 @@ int kv_block_head_run(const ringattn_problem& pr, int64_t q_rows, int device_ind
 // ignored: these variables time one order against another, and a typo must not time the default
 // under another label unnoticed.
 long env_override(const char* name, long lo, long hi, long unset);
+
+// The L2 sections of a tier-2 persistent forward's list (common/tile_order.h): sections of a
+// quarter of the L2 in K/V bytes (both tensors, every K/V head, 2-byte elements) where the call's
+// mask bounds a side of the rows' keys (causal, windows: a sequence's tiles differ in cost, so a
+// list sorted over the whole call runs them far apart); none otherwise, or where the device's L2
+// cannot be read. RING_FLASH_ATTN_TILE_SECTION_KEYS (kernel development, read at each call) forces
+// a section length of at least that many key positions (a positive integer) or no sections (0),
+// whatever the mask; a value env_override cannot take is reported and ignored.
+TileListSections fwd_tile_list_sections(const ringattn_problem& pr, int device_index, int block_m, int block_n);
 
 // For capability checks: whether a kernel image exists for the current device.
 cudaError_t probe_kernel_image();

@@ -1,15 +1,16 @@
 // The key-split main loop of the tier-2 (sm90a) dK/dV kernel (bwd_kernel.cuh), head dims 64 and
 // 128: the consumer warpgroups of a CTA that owns kBlockN = 128 keys, 64 keys each.
-//   Per query tile: S^T = K Q^T and dP^T = V dO^T (wgmma, shared-memory operands), P^T =
+//   Per query tile: S^T = K Q^T and dP^T = V dO^T (wgmma; shared-memory operands at head dim
+//   128, K and V from registers at head dim 64, loaded once per CTA), P^T =
 //   exp2(S^T scale - LSE), dS^T = P^T (dP^T - Di) with masked entries exactly 0; dV += P^T dO
 //   and dK += dS^T Q (wgmma, P^T/dS^T from registers, dO/Q transposed); dS^T to shared memory.
 //   Without the softcap, dV is issued as soon as P^T is final (before the wait for dP^T), so it
 //   runs while dS^T is computed and stored; dK follows the dS^T store. With the softcap, P^T is
 //   computed after dP^T has landed, and dV and dK are issued together.
 //   dQ = dS K over all 128 keys is computed by the consumers in turn (tile t by consumer wg =
-//   t & 1, all head-dim columns, once the other has written its dS^T half), staged in fp32 in
-//   shared memory and added to the group's dq_accum by TMA reduce-add (one bulk operation per
-//   64 x 32 box, issued by one thread); the other warpgroup goes on to the next tile without
+//   t & 1, all head-dim columns as one wgmma chain, once the other has written its dS^T half),
+//   staged in fp32 in shared memory and added to the group's dq_accum by TMA reduce-add (one
+//   bulk operation per 64 x 32 box, issued by one thread); the other warpgroup goes on to the next tile without
 //   waiting, so the two are not held in lock step (skipped in deterministic mode, where the
 //   tier-2 dQ kernel, bwd_dq_kernel.cuh, computes dQ).
 //   Epilogue: dK * scale and dV of this thread's keys, plain stores.
@@ -75,6 +76,25 @@ __device__ __forceinline__ void consume_bwd_keysplit(const BwdKernelParams& para
     auto kv_a_desc = [&](uint64_t desc0, int kk) {  // K or V rows of this warpgroup as the K-major A operand
       return ptx::desc_advance(desc0, (kk / 4) * T::kKVColBlockBytes + (kk % 4) * 32);
     };
+    // At head dim 64, S^T and dP^T take K and V from registers (RS wgmma): the A fragments of
+    // this warp's 16 keys, read once by ldmatrix (after the K rows past the keys in use have been
+    // zeroed), so a tile's S^T and dP^T read only Q and dO from shared memory (8 KB less per
+    // product and warpgroup, 32 KB per tile). 32 registers per thread; at head dim 128 they would
+    // be 64, which do not fit under 240.
+    constexpr bool kKVInRegs = kHeadDim == 64;
+    uint32_t kfrag[kKVInRegs ? kDSteps : 1][4], vfrag[kKVInRegs ? kDSteps : 1][4];
+    if constexpr (kKVInRegs) {
+      // ldmatrix.x4: lanes 8 i .. 8 i + 7 give the rows of matrix i (i = 0..3: keys +0 / +8,
+      // columns +0 / +8 of the k step), so register i is the A fragment's a[i].
+      const int row = wg * 64 + warp_in_wg * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+#pragma unroll
+      for (int kk = 0; kk < kDSteps; ++kk) {
+        const int chunk = (kk % 4) * 2 + (lane >> 4);
+        const uint32_t off = (kk / 4) * T::kKVColBlockBytes + row * 128 + ((chunk ^ (row & 7)) << 4);
+        ptx::ldmatrix_x4(sm.k + off, kfrag[kk][0], kfrag[kk][1], kfrag[kk][2], kfrag[kk][3]);
+        ptx::ldmatrix_x4(sm.v + off, vfrag[kk][0], vfrag[kk][1], vfrag[kk][2], vfrag[kk][3]);
+      }
+    }
     auto qdo_b_desc = [&](uint64_t desc0, int kk) {  // Q or dO as the K-major B operand (N = queries); desc0: (tile, 16, 1024)
       return ptx::desc_advance(desc0, (kk / 4) * T::kQColBlockBytes + (kk % 4) * 32);
     };
@@ -119,13 +139,21 @@ __device__ __forceinline__ void consume_bwd_keysplit(const BwdKernelParams& para
       const uint64_t do_b_desc0 = ptx::smem_desc_sw128(do_tile, 16, 1024);
       ptx::wgmma_fence();
 #pragma unroll
-      for (int kk = 0; kk < kDSteps; ++kk)
-        ptx::Wgmma<Element, kBlockM>::ss(st, kv_a_desc(k_a_desc0, kk), qdo_b_desc(q_b_desc0, kk), kk > 0 ? 1 : 0);
+      for (int kk = 0; kk < kDSteps; ++kk) {
+        if constexpr (kKVInRegs)
+          ptx::Wgmma<Element, kBlockM>::rs(st, kfrag[kk], qdo_b_desc(q_b_desc0, kk), kk > 0 ? 1 : 0);
+        else
+          ptx::Wgmma<Element, kBlockM>::ss(st, kv_a_desc(k_a_desc0, kk), qdo_b_desc(q_b_desc0, kk), kk > 0 ? 1 : 0);
+      }
       ptx::wgmma_commit_group();
       ptx::wgmma_fence();
 #pragma unroll
-      for (int kk = 0; kk < kDSteps; ++kk)
-        ptx::Wgmma<Element, kBlockM>::ss(dpt, kv_a_desc(v_a_desc0, kk), qdo_b_desc(do_b_desc0, kk), kk > 0 ? 1 : 0);
+      for (int kk = 0; kk < kDSteps; ++kk) {
+        if constexpr (kKVInRegs)
+          ptx::Wgmma<Element, kBlockM>::rs(dpt, vfrag[kk], qdo_b_desc(do_b_desc0, kk), kk > 0 ? 1 : 0);
+        else
+          ptx::Wgmma<Element, kBlockM>::ss(dpt, kv_a_desc(v_a_desc0, kk), qdo_b_desc(do_b_desc0, kk), kk > 0 ? 1 : 0);
+      }
       ptx::wgmma_commit_group();
 
       const int row0 = cur.m_block * kBlockM;
@@ -243,36 +271,22 @@ __device__ __forceinline__ void consume_bwd_keysplit(const BwdKernelParams& para
         ptx::named_barrier_sync(barrier_id(NamedBarrier::kBwdDqStage0, wg), 128);
         ptx::wgmma_wait_group<0>();
         q_pipe.consumer_release(s, lane == 0);
-        // At head dim >= 128, dQ in two column halves (one commit group each): the first is
-        // added while the second is computed.
-        constexpr int kDqSplit = kHeadDim >= 128 ? 2 : 1;
-        constexpr int kPartTiles = kDTiles / kDqSplit;
-        float dq[kDqSplit][kPartTiles][4];
+        // dQ = dS K as one m64n<kHeadDim>k16 chain over the 128 keys: each k step reads its dS
+        // slice once for all head-dim columns (at D=128, 48 KB of shared memory per tile where two
+        // 64-column chains read 64 KB: the SS products run at the shared-memory port's rate).
+        float dq[kDTiles][4];
         ptx::wgmma_fence();
         const uint64_t ds_a_desc0 = ptx::smem_desc_sw128(ds_tile, T::kDsBytes, 1024);
         const uint64_t k_b_desc0 = ptx::smem_desc_sw128(sm.k, T::kKVColBlockBytes, 1024);
 #pragma unroll
-        for (int h = 0; h < kDqSplit; ++h) {
-#pragma unroll
-          for (int kk = 0; kk < kBlockN / 16; ++kk) {
-            const uint64_t a = ptx::desc_advance(ds_a_desc0, kk * 2048);
-            const uint64_t bk = ptx::desc_advance(k_b_desc0, h * T::kKVColBlockBytes + kk * 2048);
-            ptx::Wgmma<Element, kPartTiles * 8>::ss_tt(dq[h], a, bk, kk > 0 ? 1 : 0);
-          }
-          ptx::wgmma_commit_group();
-        }
-        const int head = kv_head * ratio + cur.head_in_kv;
-#pragma unroll
-        for (int h = 0; h < kDqSplit; ++h) {
-          if (h + 1 < kDqSplit)
-            ptx::wgmma_wait_group<1>();
-          else
-            ptx::wgmma_wait_group<0>();
-          fence_accumulator(dq[h]);
-          if (h + 1 == kDqSplit)
-            ptx::named_barrier_arrive(barrier_id(NamedBarrier::kBwdDsFree0, t & 1), 256);
-          stage_and_reduce_dq(dq[h], h, cur, head, row0);
-        }
+        for (int kk = 0; kk < kBlockN / 16; ++kk)
+          ptx::Wgmma<Element, kHeadDim>::ss_tt(dq, ptx::desc_advance(ds_a_desc0, kk * 2048),
+                                                ptx::desc_advance(k_b_desc0, kk * 2048), kk > 0 ? 1 : 0);
+        ptx::wgmma_commit_group();
+        ptx::wgmma_wait_group<0>();
+        fence_accumulator(dq);
+        ptx::named_barrier_arrive(barrier_id(NamedBarrier::kBwdDsFree0, t & 1), 256);
+        stage_and_reduce_dq(dq, 0, cur, kv_head * ratio + cur.head_in_kv, row0);
       } else {
         ptx::wgmma_wait_group<0>();
         q_pipe.consumer_release(s, lane == 0);

@@ -79,7 +79,7 @@ struct BwdTraits : WarpSpecialization, BwdStatStage<64> {
 
   static_assert(sizeof(Element) == 2, "16-bit elements");
   static_assert(kHeadDim == 64 || kHeadDim == 128,
-                "the dQ product splits the head dim into 64-column halves of K's column blocks (64 or 128 only)");
+                "the key-split loop: head dims 64 and 128 (dQ is one m64n<kHeadDim> chain over K's column blocks)");
   static_assert(kBlockM * sizeof(Element) == 128, "one dS^T row is one 128-byte swizzle row");
   static_assert(kSmemBytes <= 227 * 1024, "fits an H100's shared memory");
   static_assert(kOffDqStage % 1024 == 0, "swizzled dQ staging boxes start 1024-byte aligned");
