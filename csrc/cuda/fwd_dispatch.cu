@@ -44,24 +44,30 @@ FwdKernelParams fwd_kernel_params(const ringattn_fwd_params& p, const SchedulerA
 }
 
 // Builds the kernel parameters of a forward with block_m x block_n tiles and launches its
-// work-list kernel (longest first, per L2 section where `sections` has them: common/tile_order.h);
-// *num_ctas gets the forward kernel's grid.
+// work-list kernel; *num_ctas gets the forward kernel's grid: a CTA per possible tile, or
+// `persistent_ctas` where that is positive and fewer. In the persistent case the list is longest
+// first per L2 section (fwd_tile_list_sections, common/tile_order.h) and *tile_counter (required
+// then) gets the counter the persistent kernel takes tiles by; else it stays nullptr.
 ringattn_status launch_fwd_work_list(const ringattn_fwd_params& p, int block_m, int block_n, cudaStream_t stream,
-                                     FwdKernelParams* kp, int64_t* num_ctas, int32_t** tile_counter = nullptr,
-                                     const TileListSections& sections = TileListSections{}) {
+                                     FwdKernelParams* kp, int64_t* num_ctas, int persistent_ctas = 0,
+                                     int32_t** tile_counter = nullptr) {
   const ringattn_problem& pr = p.problem;
   const int64_t capacity = query_tile_capacity(p, block_m);
   *num_ctas = capacity * pr.num_heads_q;
   if (*num_ctas > INT32_MAX)
     return failf(RINGATTN_STATUS_INVALID_ARGUMENT, "total_q: %lld query tiles x %d heads exceed the grid limit of %d CTAs",
                  static_cast<long long>(capacity), pr.num_heads_q, INT32_MAX);
+  const bool persistent = persistent_ctas > 0 && *num_ctas > persistent_ctas;
   SchedulerArgs sched = query_tile_scheduler(p, block_m, block_n, capacity, p.workspace);
-  sched.sections = sections;
+  if (persistent) sched.sections = fwd_tile_list_sections(pr, p.exec.device_index, block_m, block_n);
   *kp = fwd_kernel_params(p, sched);
   kp->tile_head_run = tile_head_run(pr, p.exec.device_index, capacity);
-  if (tile_counter != nullptr) *tile_counter = sched.count + 1;  // zeroed by the work-list kernel
   const cudaError_t err = launch_build_work_list(sched, stream);
   if (err != cudaSuccess) return cuda_fail(err, "launching the work-list kernel");
+  if (persistent) {
+    *num_ctas = persistent_ctas;
+    *tile_counter = sched.count + 1;  // zeroed by the work-list kernel
+  }
   return RINGATTN_STATUS_OK;
 }
 
@@ -117,18 +123,13 @@ ringattn_status run_sm90_fwd(const ringattn_fwd_params& p, const Sm90FwdKernelEn
   int sms = 0;
   if (fwd_tiles_are_short(pr.max_seqlen_k, window, e.block_m) && sm90::has_persistent_fwd(pr.head_dim))
     sms = device_sm_count(p.exec.device_index);
-  // The grid launch_fwd_work_list sizes: a CTA per possible tile.
-  const bool persistent = sms > 0 && query_tile_capacity(p, e.block_m) * pr.num_heads_q > sms;
-  const TileListSections sections =
-      persistent ? fwd_tile_list_sections(pr, p.exec.device_index, e.block_m, e.block_n) : TileListSections{};
   int64_t num_ctas = 0;
-  int32_t* tile_counter = nullptr;
+  int32_t* tile_counter = nullptr;  // set where the grid is persistent
   const ringattn_status s =
-      launch_fwd_work_list(p, e.block_m, e.block_n, stream, &kp.base, &num_ctas, &tile_counter, sections);
+      launch_fwd_work_list(p, e.block_m, e.block_n, stream, &kp.base, &num_ctas, sms, &tile_counter);
   if (s != RINGATTN_STATUS_OK) return s;
   fill_features(kp.features, p);
-  if (persistent) {
-    num_ctas = sms;
+  if (tile_counter != nullptr) {
     kp.tile_counter = tile_counter;
     encode_fwd_output_maps(p, &kp);
   }
